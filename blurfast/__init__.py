@@ -1,0 +1,4 @@
+"""blurfast: blur diffusion (coarse-to-fine image synthesis) with its own DCT kernels."""
+__version__ = "0.1.0"
+
+from .ops import dct2, idct2, spectral, gaussian_blur  # noqa: F401
