@@ -1,22 +1,332 @@
-"""TEMPORARY: public op signatures delegating to the reference (kernels land next)."""
-from . import reference as _ref
+"""The public ops: dct2, idct2, spectral (the fused frequency-space op), gaussian_blur.
+
+Three layers, as in flash-attention: ``torch.library`` custom ops (``blurfast::*``, with
+fake and autograd registrations) call the kernels through raw pointers; the plain
+functions at the bottom validate arguments and are what users call.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._backend import _C, DTYPE_CODES, HAS_CUDA_KERNELS
 from .schedules import blur_eigenvalues_2d
 
+__all__ = ["dct2", "idct2", "spectral", "gaussian_blur", "normal_like"]
 
-def dct2(x):
-    return _ref.dct2(x)
-
-
-def idct2(X):
-    return _ref.idct2(X)
+_SEED_LIMIT = 2 ** 63
 
 
-def spectral(x, a, x2=None, a2=None, g=None, noise=None, *, seed=None, offset=0, return_noise=False):
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _planes(x: Tensor) -> int:
+    h, w = x.shape[-2:]
+    return x.numel() // (h * w) if h * w else 0
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+# ---------------------------------------------------------------- kernel calls (real tensors)
+
+def _run_dct2(x: Tensor, inverse: bool) -> Tensor:
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    x = x.contiguous()
+    h, w = x.shape[-2:]
+    if x.device.type == "cpu":
+        if x.dtype in (torch.float16, torch.bfloat16):   # float32 arithmetic
+            return _run_dct2(x.float(), inverse).to(x.dtype)
+        _C.dct2_cpu(x.data_ptr(), out.data_ptr(), _planes(x), h, w, DTYPE_CODES[x.dtype],
+                    inverse, torch.get_num_threads())
+    else:
+        ws = torch.empty(_C.dct2_workspace_elems(_planes(x), h, w),
+                         dtype=_compute_dtype(x.dtype), device=x.device)
+        _C.dct2_cuda(x.data_ptr(), out.data_ptr(), ws.data_ptr(), _planes(x), h, w,
+                     DTYPE_CODES[x.dtype], inverse, x.device.index, _stream(x.device))
+    return out
+
+
+def _map_arg(m: Optional[Tensor], x: Tensor, ct: torch.dtype):
+    """A map broadcastable to x as (tensor (mod, H, W), (ptr, div, mod)).
+
+    Data plane p uses map plane (p // div) % mod: this covers maps whose non-broadcast
+    leading dims form one block (e.g. (B,1,H,W), (1,C,H,W), (H,W)); any other
+    broadcasting is materialized.
+    """
+    if m is None:
+        return None, None
+    h, w = x.shape[-2:]
+    lead = tuple(x.shape[:-2])
+    m = m.reshape((1,) * (x.dim() - m.dim()) + tuple(m.shape))
+    varying = [i for i in range(len(lead)) if m.shape[i] != 1]
+    if varying and any(m.shape[i] != lead[i] for i in range(varying[0], varying[-1] + 1)):
+        m = m.expand(lead + tuple(m.shape[-2:]))
+        varying = list(range(len(lead)))
+    mod = div = 1
+    if varying:
+        for i in range(varying[0], varying[-1] + 1):
+            mod *= lead[i]
+        for i in range(varying[-1] + 1, len(lead)):
+            div *= lead[i]
+    t = m.expand(tuple(m.shape[:-2]) + (h, w)).to(ct).contiguous().reshape(mod, h, w)
+    return t, (t.data_ptr(), div, mod)
+
+
+def _run_spectral(x, a, x2, a2, g, noise, seed, offset, return_noise):
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    noise_px = (torch.empty(x.shape, dtype=x.dtype, device=x.device) if return_noise
+                else x.new_empty((0,)))
+    if out.numel() == 0:
+        return out, noise_px
+    io_dtype = x.dtype
+    if x.device.type == "cpu" and io_dtype in (torch.float16, torch.bfloat16):
+        o, n = _run_spectral(x.float(), a, None if x2 is None else x2.float(), a2, g,
+                             noise, seed, offset, return_noise)
+        return o.to(io_dtype), n.to(io_dtype)
+    ct = _compute_dtype(io_dtype)
+    x = x.contiguous()
+    x2 = None if x2 is None else x2.contiguous()
+    keep = []                               # converted maps stay alive during the call
+    refs = []
+    for m in (a, a2, g):
+        t, ref = _map_arg(m, x, ct)
+        keep.append(t)
+        refs.append(ref)
+    zb = None if noise is None else noise.to(ct).expand(x.shape).contiguous()
+    h, w = x.shape[-2:]
+    args = (_planes(x), h, w, DTYPE_CODES[io_dtype], x.data_ptr(),
+            0 if x2 is None else x2.data_ptr(), refs[0], refs[1], refs[2],
+            0 if zb is None else zb.data_ptr(), seed, offset, out.data_ptr(),
+            noise_px.data_ptr() if return_noise else 0)
+    if x.device.type == "cpu":
+        _C.spectral_cpu(*args, torch.get_num_threads())
+    else:
+        ws = torch.empty(_C.spectral_workspace_elems(_planes(x), h, w), dtype=ct, device=x.device)
+        _C.spectral_cuda(*args, ws.data_ptr(), x.device.index, _stream(x.device))
+    return out, noise_px
+
+
+def _run_normal(x: Tensor, seed: int, offset: int) -> Tensor:
+    ct = _compute_dtype(x.dtype)
+    out = torch.empty(x.shape, dtype=ct, device=x.device)
+    if out.numel():
+        if x.device.type == "cpu":
+            _C.normal_cpu(out.data_ptr(), out.numel(), DTYPE_CODES[ct], seed, offset)
+        else:
+            _C.normal_cuda(out.data_ptr(), out.numel(), DTYPE_CODES[ct], seed, offset,
+                           x.device.index, _stream(x.device))
+    return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("blurfast::dct2", mutates_args=())
+def _dct2_op(x: Tensor) -> Tensor:
+    return _run_dct2(x, False)
+
+
+@torch.library.custom_op("blurfast::idct2", mutates_args=())
+def _idct2_op(x: Tensor) -> Tensor:
+    return _run_dct2(x, True)
+
+
+@torch.library.custom_op("blurfast::spectral", mutates_args=())
+def _spectral_op(x: Tensor, a: Tensor, x2: Optional[Tensor], a2: Optional[Tensor],
+                 g: Optional[Tensor], noise: Optional[Tensor], seed: int, offset: int,
+                 return_noise: bool) -> tuple[Tensor, Tensor]:
+    return _run_spectral(x, a, x2, a2, g, noise, seed, offset, return_noise)
+
+
+@torch.library.custom_op("blurfast::normal_like", mutates_args=())
+def _normal_op(x: Tensor, seed: int, offset: int) -> Tensor:
+    return _run_normal(x, seed, offset)
+
+
+@_dct2_op.register_fake
+def _(x):
+    return x.new_empty(x.shape)
+
+
+@_idct2_op.register_fake
+def _(x):
+    return x.new_empty(x.shape)
+
+
+@_spectral_op.register_fake
+def _(x, a, x2, a2, g, noise, seed, offset, return_noise):
+    return x.new_empty(x.shape), x.new_empty(x.shape if return_noise else (0,))
+
+
+@_normal_op.register_fake
+def _(x, seed, offset):
+    return x.new_empty(x.shape)
+
+
+# The transforms are orthonormal: the adjoint of dct2 is idct2 and vice versa.
+_dct2_op.register_autograd(lambda ctx, grad: _idct2_op(grad))
+_idct2_op.register_autograd(lambda ctx, grad: _dct2_op(grad))
+
+
+def _spectral_setup(ctx, inputs, output):
+    x, a, x2, a2, g, noise, seed, offset, return_noise = inputs
+    ctx.save_for_backward(x, a, x2, a2, g, noise)
+    ctx.seed, ctx.offset = seed, offset
+
+
+def _reduce_to(t: Tensor, like: Tensor) -> Tensor:
+    """Sums a broadcast gradient back to the shape of ``like``."""
+    lead = t.dim() - like.dim()
+    if lead > 0:
+        t = t.sum(dim=tuple(range(lead)))
+    dims = tuple(i for i, n in enumerate(like.shape) if n == 1 and t.shape[i] != 1)
+    return (t.sum(dim=dims, keepdim=True) if dims else t).to(like.dtype)
+
+
+def _spectral_backward(ctx, grad_out, grad_noise):
+    # out = idct2(Z), Z = a*X + a2*X2 + g*zb, X = dct2(x): every map is self-adjoint.
+    x, a, x2, a2, g, noise = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    gz = _dct2_op(grad_out)
+    grad = [None] * 9
+    if need[0]:
+        grad[0] = _spectral_op(grad_out, a, None, None, None, None, 0, 0, False)[0]
+    if need[1]:
+        grad[1] = _reduce_to(gz * _dct2_op(x), a)
+    if x2 is not None and need[2]:
+        grad[2] = _spectral_op(grad_out, a2, None, None, None, None, 0, 0, False)[0]
+    if x2 is not None and need[3]:
+        grad[3] = _reduce_to(gz * _dct2_op(x2), a2)
+    if g is not None and need[4]:
+        zb = noise if noise is not None else _normal_op(x, ctx.seed, ctx.offset)
+        grad[4] = _reduce_to(gz * zb, g)
+    if noise is not None and need[5]:
+        gn = (gz * g) if g is not None else torch.zeros_like(gz)
+        if grad_noise is not None and grad_noise.numel():
+            gn = gn + _dct2_op(grad_noise)
+        grad[5] = _reduce_to(gn, noise)
+    return tuple(grad)
+
+
+_spectral_op.register_autograd(_spectral_backward, setup_context=_spectral_setup)
+
+
+# ---------------------------------------------------------------- validation and public API
+
+_DTYPE_NAMES = "float32, float64, float16 or bfloat16"
+
+
+def _check_data(name: str, t, min_dim: int = 2) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in DTYPE_CODES:
+        raise TypeError(f"{name}: expected dtype {_DTYPE_NAMES}, got {t.dtype}")
+    if t.dim() < min_dim:
+        raise ValueError(f"{name}: expected at least {min_dim} dims (..., H, W), got shape "
+                         f"{tuple(t.shape)}")
+    if t.device.type == "cuda" and not HAS_CUDA_KERNELS:
+        raise ValueError(f"{name}: is a CUDA tensor, but this blurfast was built without CUDA "
+                         "kernels (reinstall with BLURFAST_CUDA=1 where nvcc is available)")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: expected a CPU or CUDA tensor, got device {t.device}")
+
+
+def _check_map(name: str, m, x: Tensor) -> None:
+    if not isinstance(m, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(m).__name__}")
+    if not (m.dtype.is_floating_point):
+        raise TypeError(f"{name}: expected a floating-point map, got {m.dtype}")
+    if m.device != x.device:
+        raise ValueError(f"{name}: is on {m.device} but x is on {x.device}")
+    try:
+        ok = torch.broadcast_shapes(m.shape, x.shape) == x.shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name}: shape {tuple(m.shape)} does not broadcast to x's shape "
+                         f"{tuple(x.shape)}")
+
+
+def _check_int(name: str, v, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v < hi:
+        raise ValueError(f"{name}: expected an int in [{lo}, {hi}), got {v!r}")
+    return v
+
+
+def dct2(x: Tensor) -> Tensor:
+    """Orthonormal 2-D DCT-II over the last two dims (``scipy.fft.dctn(norm="ortho")``)."""
+    _check_data("x", x)
+    return _dct2_op(x)
+
+
+def idct2(X: Tensor) -> Tensor:
+    """Inverse of :func:`dct2` (orthonormal 2-D DCT-III) over the last two dims."""
+    _check_data("X", X)
+    return _idct2_op(X)
+
+
+def spectral(x: Tensor, a: Tensor, x2: Optional[Tensor] = None, a2: Optional[Tensor] = None,
+             g: Optional[Tensor] = None, noise: Optional[Tensor] = None, *,
+             seed: Optional[int] = None, offset: int = 0, return_noise: bool = False):
+    """The fused frequency-space op: ``idct2(a*dct2(x) + a2*dct2(x2) + g*zb)``.
+
+    ``a``, ``a2`` and ``g`` are frequency maps broadcastable to ``x`` (e.g. (B,1,H,W) or
+    (H,W)); ``x2`` has the shape of ``x``. ``zb`` is ``noise`` (frequency space,
+    broadcastable to ``x``) when given, else standard normals made in the kernel from
+    ``(seed, offset)`` by Philox4x32-10: element ``i`` (flat index) of ``x`` takes stream
+    position ``offset + i``, on CPU and CUDA alike. ``seed=None`` draws one from torch's
+    global generator. With ``return_noise=True`` returns ``(out, idct2(zb))``.
+    """
+    _check_data("x", x)
+    _check_map("a", a, x)
+    if (x2 is None) != (a2 is None):
+        raise ValueError("x2, a2: give both or neither")
+    if x2 is not None:
+        _check_data("x2", x2)
+        if x2.shape != x.shape or x2.device != x.device:
+            raise ValueError(f"x2: expected shape {tuple(x.shape)} on {x.device}, got "
+                             f"{tuple(x2.shape)} on {x2.device}")
+        _check_map("a2", a2, x)
+    if g is not None:
+        _check_map("g", g, x)
+    if noise is not None:
+        _check_map("noise", noise, x)
+        if g is None and not return_noise:
+            raise ValueError("noise: given but unused (pass g and/or return_noise=True)")
     if seed is None:
-        seed = 0
-    return _ref.spectral(x, a, x2, a2, g, noise, seed=seed, offset=offset, return_noise=return_noise)
+        seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+    seed = _check_int("seed", seed, 0, _SEED_LIMIT)
+    offset = _check_int("offset", offset, 0, _SEED_LIMIT)
+    out, noise_px = _spectral_op(x, a, x2, a2, g, noise, seed, offset, bool(return_noise))
+    return (out, noise_px) if return_noise else out
 
 
-def gaussian_blur(x, sigma, kind="discrete"):
-    d = blur_eigenvalues_2d(tuple(x.shape[-2:]), sigma, kind).to(x.device)
-    return spectral(x, d)
+def normal_like(x: Tensor, seed: int, offset: int = 0) -> Tensor:
+    """The in-kernel noise stream as a tensor shaped like ``x`` (element i: position offset+i)."""
+    _check_data("x", x, min_dim=0)
+    return _normal_op(x, _check_int("seed", seed, 0, _SEED_LIMIT),
+                      _check_int("offset", offset, 0, _SEED_LIMIT))
+
+
+@functools.lru_cache(maxsize=32)
+def _blur_map(h: int, w: int, sigma, kind: str) -> Tensor:
+    return blur_eigenvalues_2d((h, w), sigma, kind)
+
+
+def gaussian_blur(x: Tensor, sigma, kind: str = "discrete") -> Tensor:
+    """Gaussian blur of the last two dims through the DCT.
+
+    ``kind="discrete"`` equals ``scipy.ndimage.gaussian_filter(x, sigma, mode="reflect")``
+    (truncate=4); ``sigma`` is a number or (sigma_h, sigma_w).
+    """
+    _check_data("x", x)
+    sig = tuple(float(s) for s in sigma) if isinstance(sigma, (tuple, list)) else float(sigma)
+    d = _blur_map(x.shape[-2], x.shape[-1], sig, kind)
+    return spectral(x, d.to(device=x.device, dtype=_compute_dtype(x.dtype)), seed=0)

@@ -45,3 +45,111 @@ def blur_eigenvalues_2d(size, sigma, kind: str = "discrete") -> torch.Tensor:
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     sh, sw = (sigma, sigma) if not isinstance(sigma, (tuple, list)) else tuple(sigma)
     return gaussian_eigenvalues(h, sh, kind)[:, None] * gaussian_eigenvalues(w, sw, kind)[None, :]
+
+
+# --------------------------------------------------------------------------
+# Schedules of the process (DESIGN.md 2.2). Arrays are indexed by step i = 0..N;
+# index 0 is the clean image (beta_0 = 0, f(0) = 0).
+
+NOISE_SCHEDULES = ("linear", "cosine", "exp")
+BLUR_SCHEDULES = ("linear", "log", "quadratic", "cubic", "quartic", "triangular")
+KERNELS = ("discrete", "continuous")
+MAX_BETA = 0.999
+# Floor of the 2-D eigenvalue map d, so that d ** (2 F) and log d stay finite.
+EIG_FLOOR = 1e-3
+
+__all__ += ["NOISE_SCHEDULES", "BLUR_SCHEDULES", "KERNELS", "MAX_BETA", "EIG_FLOOR",
+            "noise_betas", "log_alpha_bar", "blur_f", "process_eigenvalues"]
+
+
+def _check_steps(num_steps):
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
+        raise ValueError(f"num_steps: expected an int >= 2, got {num_steps!r}")
+
+
+def noise_betas(name: str, num_steps: int, beta_min: float = 1e-4,
+                beta_max: float = 0.02) -> torch.Tensor:
+    """``beta_i`` for i = 0..N as an (N+1,) float64 tensor with ``beta_0 = 0``.
+
+    ``linear``: linspace(beta_min, beta_max, N). ``cosine``: Nichol & Dhariwal,
+    ``1 - c(i/N)/c((i-1)/N)`` with ``c(t) = cos^2((t + 0.008)/1.008 * pi/2)``.
+    ``exp``: ``1 - e(i)/e(i-1)`` with ``e(i) = 1 - g(i)/g(N)``,
+    ``g(i) = exp(5 i/N - 5) + 1e-4``. cosine and exp are capped at 0.999.
+    """
+    _check_steps(num_steps)
+    n = num_steps
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    if name == "linear":
+        for nm, v in (("beta_min", beta_min), ("beta_max", beta_max)):
+            if not (isinstance(v, (int, float)) and 0 <= v < 1):
+                raise ValueError(f"{nm}: expected a number in [0, 1), got {v!r}")
+        if beta_min > beta_max:
+            raise ValueError(f"beta_min: expected <= beta_max ({beta_max}), got {beta_min}")
+        b = torch.linspace(beta_min, beta_max, n, dtype=torch.float64)
+    elif name == "cosine":
+        def c(t):
+            return torch.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        b = (1 - c(i / n) / c((i - 1) / n)).clamp(max=MAX_BETA)
+    elif name == "exp":
+        def g(j):
+            return torch.exp(5 * j / n - 5) + 1e-4
+
+        def e(j):
+            return 1 - g(j) / g(torch.tensor(float(n), dtype=torch.float64))
+        b = (1 - e(i) / e(i - 1)).clamp(max=MAX_BETA)
+    else:
+        raise ValueError(f"noise_schedule: expected one of {NOISE_SCHEDULES}, got {name!r}")
+    return torch.cat([torch.zeros(1, dtype=torch.float64), b])
+
+
+def log_alpha_bar(betas: torch.Tensor) -> torch.Tensor:
+    """``log alpha_bar_i = sum_{j<=i} log(1 - beta_j)`` (same indexing as ``betas``)."""
+    return torch.cumsum(torch.log1p(-betas), 0)
+
+
+def blur_f(name: str, num_steps: int, f_1: float, f_N: float) -> torch.Tensor:
+    """Blur exponents ``f(i)`` for i = 0..N as an (N+1,) float64 tensor, ``f(0) = 0``.
+
+    ``f_1 = (sigma_min/sigma)^2``, ``f_N = (sigma_max/sigma)^2``; the f-types of
+    DESIGN.md 2.2 (the paper's code conventions).
+    """
+    _check_steps(num_steps)
+    n = num_steps
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+
+    def f_linear(j):
+        return (f_N - f_1) * (j - 1) / (n - 1) + f_1
+
+    if name == "linear":
+        f = f_linear(i)
+    elif name == "log":
+        def L(x):
+            return torch.log(x + 1e-6) / (10 * math.log(n))
+        f = (f_N - f_1) * L(i) / L(torch.tensor(float(n), dtype=torch.float64)) + f_1
+    elif name == "quadratic":
+        a = (f_N - f_1) / (n ** 2 - 1)
+        f = a * i ** 2 + (f_1 - a)
+    elif name == "cubic":
+        f = (f_N - f_1) * i ** 3 / n ** 3 + f_1
+    elif name == "quartic":
+        f = (f_N - f_1) * i ** 4 / n ** 4 + f_1
+    elif name == "triangular":
+        f = torch.where(i < n / 2, f_linear(i), f_linear(n - i))
+    else:
+        raise ValueError(f"blur_schedule: expected one of {BLUR_SCHEDULES}, got {name!r}")
+    return torch.cat([torch.zeros(1, dtype=torch.float64), f])
+
+
+def process_eigenvalues(size, sigma: float, kind: str = "discrete",
+                        coarse_to_fine: bool = True, floor: float = EIG_FLOOR) -> torch.Tensor:
+    """The (H, W) float64 map ``d`` of the process, floored at ``floor``.
+
+    ``d = blur_eigenvalues_2d(size, sigma, kind)``; ``coarse_to_fine=False`` (the
+    fine-to-coarse ablation) uses ``1 - d``. Values are clamped to [floor, 1].
+    """
+    if kind not in KERNELS:
+        raise ValueError(f"kernel: expected one of {KERNELS}, got {kind!r}")
+    d = blur_eigenvalues_2d(size, sigma, kind)
+    if not coarse_to_fine:
+        d = 1 - d
+    return d.clamp(min=floor, max=1.0)

@@ -1,0 +1,285 @@
+"""The blur diffusion process (DESIGN.md 2.3 and 2.4).
+
+Per DCT frequency the forward process is a variance-preserving diffusion with
+``Abar_i = alpha_bar_i * d ** (2 F_i)``. Only ``log Abar`` is stored, in closed
+form: per-step scalars ``log alpha_bar_i`` and ``F_i`` plus one (H, W) map
+``log d``, so memory is O(N + H*W). Every map applied to data is computed in
+float64 from ``log Abar`` and cast once to the data's dtype, and every
+application is one call of the fused op :func:`blurfast.ops.spectral`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import ops
+from . import schedules as S
+
+__all__ = ["BlurDiffusion", "TARGETS"]
+
+TARGETS = ("eps", "std", "score")
+_SEED_RANGE = 2 ** 62
+
+
+def _random_seed() -> int:
+    """A seed drawn from torch's default generator (so torch.manual_seed governs it)."""
+    return int(torch.randint(0, _SEED_RANGE, ()).item())
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class BlurDiffusion:
+    """Blur diffusion of Lee et al. (arXiv 2207.11192), with its schedules.
+
+    ``resolution`` is an int or (H, W). ``sigma_max=0`` gives plain DDPM;
+    ``coarse_to_fine=False`` replaces ``d`` by ``1 - d`` (the fine-to-coarse
+    ablation). ``BlurDiffusion(**diff.config)`` rebuilds an equal process.
+    Steps are i = 0..N; ``Abar_0 = 1``.
+    """
+
+    def __init__(self, resolution=64, channels=3, num_steps=1000,
+                 noise_schedule="linear", beta_min=1e-4, beta_max=0.02,
+                 blur_schedule="quartic", sigma=0.4, sigma_min=0.0, sigma_max=0.15,
+                 kernel="discrete", coarse_to_fine=True):
+        if isinstance(resolution, (list, tuple)):
+            if len(resolution) != 2:
+                raise ValueError(f"resolution: expected an int or (H, W), got {resolution!r}")
+            h, w = resolution
+        else:
+            h = w = resolution
+        for v in (h, w):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"resolution: expected positive ints, got {resolution!r}")
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels: expected a positive int, got {channels!r}")
+        if not (_is_real(sigma) and sigma > 0):
+            raise ValueError(f"sigma: expected a finite number > 0, got {sigma!r}")
+        for nm, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
+            if not (_is_real(v) and v >= 0):
+                raise ValueError(f"{nm}: expected a finite number >= 0, got {v!r}")
+        if not isinstance(coarse_to_fine, bool):
+            raise ValueError(f"coarse_to_fine: expected a bool, got {coarse_to_fine!r}")
+        self.H, self.W = h, w
+        self.channels = channels
+        self.num_steps = num_steps
+        self._config = dict(
+            resolution=(h if h == w else (h, w)), channels=channels, num_steps=num_steps,
+            noise_schedule=noise_schedule, beta_min=beta_min, beta_max=beta_max,
+            blur_schedule=blur_schedule, sigma=sigma, sigma_min=sigma_min,
+            sigma_max=sigma_max, kernel=kernel, coarse_to_fine=coarse_to_fine)
+
+        # (N+1,) float64 per-step scalars; index 0 is the clean image.
+        self.betas = S.noise_betas(noise_schedule, num_steps, beta_min, beta_max)
+        self.log_alpha_bar = S.log_alpha_bar(self.betas)
+        self.f = S.blur_f(blur_schedule, num_steps, (sigma_min / sigma) ** 2,
+                          (sigma_max / sigma) ** 2)
+        self.F = torch.cumsum(self.f, 0)
+        # (H, W) float64: log of the floored blur eigenvalues.
+        self.log_d = torch.log(S.process_eigenvalues((h, w), sigma, kernel, coarse_to_fine))
+        self._log_d_on = {}
+
+        # log A_i = log(1 - beta_i) + 2 f(i) log d must be < 0 for every i >= 1 and
+        # frequency (Abar strictly decreasing, so 1 - Abar_i > 0 for i >= 1). It is
+        # affine in log d, so its maximum is at the largest or the smallest log d.
+        lb = torch.log1p(-self.betas[1:])
+        worst = torch.maximum(lb + 2 * self.f[1:] * self.log_d.max(),
+                              lb + 2 * self.f[1:] * self.log_d.min()).max().item()
+        if not worst < 0:
+            raise ValueError("beta_min: the schedules give a step with A_i >= 1 (neither "
+                             "noise nor blur); use beta_min > 0")
+
+    # ------------------------------------------------------------------ config
+    @property
+    def config(self) -> dict:
+        """Plain dict of the constructor arguments; ``BlurDiffusion(**config)`` rebuilds it."""
+        return dict(self._config)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self._config.items())
+        return f"BlurDiffusion({args})"
+
+    def __eq__(self, other):
+        return isinstance(other, BlurDiffusion) and other._config == self._config
+
+    __hash__ = None
+
+    @property
+    def shape(self):
+        """(C, H, W) of one image."""
+        return (self.channels, self.H, self.W)
+
+    # ------------------------------------------------------------ validation
+    def check_t(self, t, name: str = "t", low: int = 0, batch: Optional[int] = None,
+                device=None) -> torch.Tensor:
+        """``t`` as an int64 (B,) tensor with ``low <= t <= N``; ValueError otherwise."""
+        if isinstance(t, int) and not isinstance(t, bool):
+            t = torch.tensor([t] if batch is None else [t] * batch, dtype=torch.int64)
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype.is_floating_point \
+                or t.dtype.is_complex or t.dtype == torch.bool:
+            raise ValueError(f"{name}: expected an integer tensor of shape (B,), got "
+                             f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+        if batch is not None and t.shape[0] != batch:
+            raise ValueError(f"{name}: expected shape ({batch},), got {tuple(t.shape)}")
+        if t.numel() and (int(t.min()) < low or int(t.max()) > self.num_steps):
+            raise ValueError(f"{name}: expected steps in [{low}, {self.num_steps}], got "
+                             f"[{int(t.min())}, {int(t.max())}]")
+        t = t.to(torch.int64)
+        return t if device is None else t.to(device)
+
+    def check_x(self, x, name: str = "x0") -> None:
+        """ValueError unless ``x`` is a floating (B, C, H, W) tensor of this process."""
+        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+            raise ValueError(f"{name}: expected a floating-point tensor, got {type(x).__name__}"
+                             f" {getattr(x, 'dtype', '')}")
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f"{name}: expected shape (B, {self.channels}, {self.H}, {self.W}), "
+                             f"got {tuple(x.shape)}")
+
+    # ------------------------------------------------------------ schedule maps
+    def _log_d(self, device) -> torch.Tensor:
+        key = str(torch.device(device))
+        if key not in self._log_d_on:
+            self._log_d_on[key] = self.log_d.to(device)
+        return self._log_d_on[key]
+
+    def log_abar(self, t, device=None) -> torch.Tensor:
+        """(len(t), H, W) float64: ``log Abar_t = log alpha_bar_t + 2 F_t log d``, t in 0..N."""
+        t = self.check_t(t)
+        dev = t.device if device is None else torch.device(device)
+        la = self.log_alpha_bar[t.cpu()].to(dev)
+        F = self.F[t.cpu()].to(dev)
+        return la[:, None, None] + 2 * F[:, None, None] * self._log_d(dev)
+
+    def log_a(self, t, device=None) -> torch.Tensor:
+        """(len(t), H, W) float64: the one-step ``log A_t = log(1 - beta_t) + 2 f(t) log d``, t in 1..N."""
+        t = self.check_t(t, low=1)
+        dev = t.device if device is None else torch.device(device)
+        lb = torch.log1p(-self.betas[t.cpu()]).to(dev)
+        f = self.f[t.cpu()].to(dev)
+        return lb[:, None, None] + 2 * f[:, None, None] * self._log_d(dev)
+
+    def _lab(self, t, x) -> torch.Tensor:
+        """(B, 1, H, W) float64 log Abar_t on x's device (t validated against x's batch)."""
+        t = self.check_t(t, low=0, batch=x.shape[0])
+        return self.log_abar(t, device=x.device)[:, None]
+
+    @staticmethod
+    def cast(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A float64 coefficient map cast once to x's dtype and device."""
+        return m.to(device=x.device, dtype=x.dtype)
+
+    # --------------------------------------------------------------- forward
+    def q_sample(self, x0, t, noise=None, seed=None, offset: int = 0):
+        """``(x_t, eps)`` with ``xb_t = sqrt(Abar_t) xb_0 + sqrt(1 - Abar_t) eb``; t in 1..N.
+
+        ``noise`` is pixel-space eps (returned unchanged); when None, eps comes from
+        the fused op's Philox stream at ``(seed, offset)`` (seed None: drawn from
+        torch's default generator). One call of the fused op either way.
+        """
+        self.check_x(x0)
+        t = self.check_t(t, low=1, batch=x0.shape[0])
+        lab = self.log_abar(t, device=x0.device)[:, None]
+        a = self.cast(torch.exp(0.5 * lab), x0)
+        g = self.cast(torch.sqrt(-torch.expm1(lab)), x0)
+        if noise is not None:
+            if not isinstance(noise, torch.Tensor) or noise.shape != x0.shape:
+                raise ValueError(f"noise: expected a tensor of shape {tuple(x0.shape)}, got "
+                                 f"{tuple(getattr(noise, 'shape', ())) or type(noise).__name__}")
+            return ops.spectral(x0, a, noise.to(x0.dtype), g), noise
+        seed = _random_seed() if seed is None else int(seed)
+        return ops.spectral(x0, a, g=g, seed=seed, offset=offset, return_noise=True)
+
+    def prior_sample(self, shape, t: Optional[int] = None, seed: int = 0, offset: int = 0,
+                     dtype=torch.float32, device="cpu") -> torch.Tensor:
+        """Draw of the prior at step t (default N-1, as the paper's sampler starts):
+        ``x_t = idct2(sqrt(1 - Abar_t) zb)``, i.e. N(0, U diag(1 - Abar_t) U^T)."""
+        shape = tuple(shape)
+        if len(shape) != 4 or shape[1:] != self.shape:
+            raise ValueError(f"shape: expected (B, {self.channels}, {self.H}, {self.W}), "
+                             f"got {shape}")
+        t = self.num_steps - 1 if t is None else t
+        t = self.check_t(t, low=1, batch=shape[0])
+        z = torch.zeros(shape, dtype=dtype, device=device)
+        lab = self.log_abar(t[:1], device=device)[:, None]
+        g = self.cast(torch.sqrt(-torch.expm1(lab)), z)
+        return ops.spectral(z, torch.zeros_like(g), g=g, seed=int(seed), offset=offset)
+
+    # ---------------------------------------------------------- conversions
+    # Each is one fused call; names say from -> to. x_t, eps, std, score are pixel space.
+    def eps_to_x0(self, x_t, eps, t) -> torch.Tensor:
+        """``x0 = idct2((xb_t - sqrt(1 - Abar) eb) / sqrt(Abar))``; unstable where Abar is tiny."""
+        lab = self._lab(t, x_t)
+        a = torch.exp(-0.5 * lab)
+        b = -torch.sqrt(-torch.expm1(lab)) * a
+        return ops.spectral(x_t, self.cast(a, x_t), eps.to(x_t.dtype), self.cast(b, x_t))
+
+    def x0_to_eps(self, x_t, x0, t) -> torch.Tensor:
+        """``eps = idct2((xb_t - sqrt(Abar) xb0) / sqrt(1 - Abar))``, t in 1..N."""
+        t = self.check_t(t, low=1, batch=x_t.shape[0])
+        lab = self._lab(t, x_t)
+        s = torch.rsqrt(-torch.expm1(lab))
+        return ops.spectral(x_t, self.cast(s, x_t), x0.to(x_t.dtype),
+                            self.cast(-torch.exp(0.5 * lab) * s, x_t))
+
+    def eps_to_score(self, eps, t) -> torch.Tensor:
+        """``score = -idct2((1 - Abar)^(-1/2) eb)`` (paper Eq. 15), t in 1..N."""
+        t = self.check_t(t, low=1, batch=eps.shape[0])
+        return ops.spectral(eps, self.cast(-torch.rsqrt(-torch.expm1(self._lab(t, eps))), eps))
+
+    def score_to_eps(self, score, t) -> torch.Tensor:
+        """Inverse of :meth:`eps_to_score`: ``eps = -idct2(sqrt(1 - Abar) score_b)``."""
+        t = self.check_t(t, low=1, batch=score.shape[0])
+        return ops.spectral(score, self.cast(-torch.sqrt(-torch.expm1(self._lab(t, score))), score))
+
+    def eps_to_std(self, eps, t) -> torch.Tensor:
+        """``std = idct2(sqrt(1 - Abar) eb)``: the noise part of x_t."""
+        return ops.spectral(eps, self.cast(torch.sqrt(-torch.expm1(self._lab(t, eps))), eps))
+
+    def std_to_eps(self, std, t) -> torch.Tensor:
+        """Inverse of :meth:`eps_to_std`, t in 1..N."""
+        t = self.check_t(t, low=1, batch=std.shape[0])
+        return ops.spectral(std, self.cast(torch.rsqrt(-torch.expm1(self._lab(t, std))), std))
+
+    def eps_model(self, model, target: str = "eps"):
+        """Wrap a model trained on ``target`` so that it returns eps (what samplers call)."""
+        if target == "eps":
+            return model
+        if target == "std":
+            return lambda x, t: self.std_to_eps(model(x, t), t)
+        if target == "score":
+            return lambda x, t: self.score_to_eps(model(x, t), t)
+        raise ValueError(f"target: expected one of {TARGETS}, got {target!r}")
+
+    # ----------------------------------------------------------------- loss
+    def sample_t(self, batch: int, device="cpu") -> torch.Tensor:
+        """Training steps, uniform on 1..N-1 (the paper's code), from torch's generator."""
+        return torch.randint(1, self.num_steps, (batch,), dtype=torch.int64).to(device)
+
+    def loss(self, model, x0, t=None, target: str = "eps", seed=None) -> torch.Tensor:
+        """Mean squared error of ``model(x_t, t)`` against the target (DESIGN.md 2.4).
+
+        ``eps``: eps (paper Eq. 18); ``std``: ``idct2(sqrt(1 - Abar) eb)``;
+        ``score``: ``-idct2((1 - Abar)^(-1/2) eb)``. ``t`` None draws 1..N-1.
+        """
+        if target not in TARGETS:
+            raise ValueError(f"target: expected one of {TARGETS}, got {target!r}")
+        self.check_x(x0)
+        t = self.sample_t(x0.shape[0], x0.device) if t is None else \
+            self.check_t(t, low=1, batch=x0.shape[0], device=x0.device)
+        x_t, eps = self.q_sample(x0, t, seed=seed)
+        with torch.no_grad():
+            if target == "eps":
+                y = eps
+            elif target == "std":
+                y = self.eps_to_std(eps, t)
+            else:
+                y = self.eps_to_score(eps, t)
+        pred = model(x_t, t)
+        if pred.shape != y.shape:
+            raise ValueError(f"model: expected an output of shape {tuple(y.shape)}, "
+                             f"got {tuple(pred.shape)}")
+        return torch.mean((pred.float() - y.float()) ** 2)

@@ -1,0 +1,120 @@
+// pybind11 module blurfast._C: thin wrappers passing raw pointers (Python ints) to the
+// kernel library. No libtorch: Python passes data_ptr(), sizes and the stream handle.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "blurfast.h"
+#include "common.h"
+
+namespace py = pybind11;
+using namespace blurfast;
+
+namespace {
+
+const void* cptr(uintptr_t p) { return reinterpret_cast<const void*>(p); }
+void* mptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
+
+MapRef map_ref(py::object m) {
+  MapRef r;
+  if (m.is_none()) return r;
+  auto t = m.cast<std::tuple<uintptr_t, int64_t, int64_t>>();
+  r.ptr = cptr(std::get<0>(t));
+  r.div = std::get<1>(t);
+  r.mod = std::get<2>(t);
+  return r;
+}
+
+SpectralParams spectral_params(int64_t planes, int64_t H, int64_t W, int dtype, uintptr_t x1,
+                               uintptr_t x2, py::object a1, py::object a2, py::object g,
+                               uintptr_t zb, uint64_t seed, uint64_t offset, uintptr_t out,
+                               uintptr_t noise_out) {
+  SpectralParams p;
+  p.planes = planes;
+  p.H = H;
+  p.W = W;
+  p.dtype = dtype;
+  p.x1 = cptr(x1);
+  p.x2 = cptr(x2);
+  p.a1 = map_ref(a1);
+  p.a2 = map_ref(a2);
+  p.g = map_ref(g);
+  p.zb = cptr(zb);
+  p.seed = seed;
+  p.offset = offset;
+  p.out = mptr(out);
+  p.noise_out = mptr(noise_out);
+  return p;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "blurfast kernels (raw-pointer API; see blurfast/ops.py)";
+  m.attr("has_cuda") =
+#ifdef BLURFAST_WITH_CUDA
+      true;
+  m.attr("cuda_archs") = std::string(BLURFAST_CUDA_ARCHS);
+#else
+      false;
+  m.attr("cuda_archs") = std::string("");
+#endif
+
+  m.def("philox4x32_10", [](std::array<uint32_t, 4> ctr, std::array<uint32_t, 2> key) {
+    philox4x32_10(ctr.data(), key[0], key[1]);
+    return ctr;
+  }, "Philox4x32-10 of one counter block (for known-answer tests).");
+
+  m.def("dct2_cpu", [](uintptr_t in, uintptr_t out, int64_t planes, int64_t H, int64_t W,
+                       int dtype, bool inverse, int num_threads) {
+    py::gil_scoped_release nogil;
+    dct2_cpu(cptr(in), mptr(out), planes, H, W, dtype, inverse, num_threads);
+  });
+  m.def("spectral_cpu", [](int64_t planes, int64_t H, int64_t W, int dtype, uintptr_t x1,
+                           uintptr_t x2, py::object a1, py::object a2, py::object g, uintptr_t zb,
+                           uint64_t seed, uint64_t offset, uintptr_t out, uintptr_t noise_out,
+                           int num_threads) {
+    SpectralParams p = spectral_params(planes, H, W, dtype, x1, x2, a1, a2, g, zb, seed, offset,
+                                       out, noise_out);
+    py::gil_scoped_release nogil;
+    spectral_cpu(p, num_threads);
+  });
+  m.def("normal_cpu", [](uintptr_t out, int64_t n, int dtype, uint64_t seed, uint64_t offset) {
+    py::gil_scoped_release nogil;
+    normal_cpu(mptr(out), n, dtype, seed, offset);
+  });
+
+#ifdef BLURFAST_WITH_CUDA
+  m.def("dct2_workspace_elems", &dct2_workspace_elems);
+  m.def("spectral_workspace_elems", [](int64_t planes, int64_t H, int64_t W) {
+    SpectralParams p;
+    p.planes = planes;
+    p.H = H;
+    p.W = W;
+    return spectral_workspace_elems(p);
+  });
+  m.def("dct2_cuda", [](uintptr_t in, uintptr_t out, uintptr_t ws, int64_t planes, int64_t H,
+                        int64_t W, int dtype, bool inverse, int device, uintptr_t stream) {
+    py::gil_scoped_release nogil;
+    dct2_cuda(cptr(in), mptr(out), mptr(ws), planes, H, W, dtype, inverse, device, mptr(stream));
+  });
+  m.def("spectral_cuda", [](int64_t planes, int64_t H, int64_t W, int dtype, uintptr_t x1,
+                            uintptr_t x2, py::object a1, py::object a2, py::object g, uintptr_t zb,
+                            uint64_t seed, uint64_t offset, uintptr_t out, uintptr_t noise_out,
+                            uintptr_t ws, int device, uintptr_t stream) {
+    SpectralParams p = spectral_params(planes, H, W, dtype, x1, x2, a1, a2, g, zb, seed, offset,
+                                       out, noise_out);
+    py::gil_scoped_release nogil;
+    spectral_cuda(p, mptr(ws), device, mptr(stream));
+  });
+  m.def("normal_cuda", [](uintptr_t out, int64_t n, int dtype, uint64_t seed, uint64_t offset,
+                          int device, uintptr_t stream) {
+    py::gil_scoped_release nogil;
+    normal_cuda(mptr(out), n, dtype, seed, offset, device, mptr(stream));
+  });
+#endif
+}

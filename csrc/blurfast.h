@@ -1,0 +1,54 @@
+// blurfast kernel library: torch-free C++ API (raw pointers, sizes, streams).
+//
+// Layout: every tensor is a contiguous stack of `planes` planes of H x W.
+// Transforms are the orthonormal 2-D DCT-II (forward) and DCT-III (inverse).
+#pragma once
+#include <cstdint>
+
+namespace blurfast {
+
+// Element types of inputs and outputs. Arithmetic is float64 for kF64, else float32.
+enum DType : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
+
+// A frequency map of shape (mod, H, W) in the compute type: plane p of the data
+// uses map plane (p / div) % mod. ptr == nullptr means "term absent".
+struct MapRef {
+  const void* ptr = nullptr;
+  int64_t div = 1;
+  int64_t mod = 1;
+};
+
+// out = idct2(a1 * dct2(x1) + a2 * dct2(x2) + g * zb), optionally noise_out = idct2(zb).
+// zb is `zb` (compute type, frequency space) when given, else Philox normals:
+// element e = offset + flat_index uses philox_normal(seed, e).
+struct SpectralParams {
+  int64_t planes = 0, H = 0, W = 0;
+  int dtype = kF32;                 // type of x1, x2, out, noise_out
+  const void* x1 = nullptr;
+  const void* x2 = nullptr;         // optional
+  MapRef a1, a2, g;                 // a2 only with x2; g optional
+  const void* zb = nullptr;         // optional given noise (compute type)
+  uint64_t seed = 0, offset = 0;
+  void* out = nullptr;
+  void* noise_out = nullptr;        // optional
+};
+
+// CPU (dtype kF32 or kF64). num_threads <= 0: all hardware threads.
+void dct2_cpu(const void* in, void* out, int64_t planes, int64_t H, int64_t W, int dtype,
+              bool inverse, int num_threads);
+void spectral_cpu(const SpectralParams& p, int num_threads);
+void normal_cpu(void* out, int64_t n, int dtype, uint64_t seed, uint64_t offset);
+
+#ifdef BLURFAST_WITH_CUDA
+// CUDA (any DType). `workspace` holds at least workspace_elems(...) compute-type
+// elements; `stream` is a cudaStream_t; kernels run on `device`.
+int64_t dct2_workspace_elems(int64_t planes, int64_t H, int64_t W);
+int64_t spectral_workspace_elems(const SpectralParams& p);
+void dct2_cuda(const void* in, void* out, void* workspace, int64_t planes, int64_t H, int64_t W,
+               int dtype, bool inverse, int device, void* stream);
+void spectral_cuda(const SpectralParams& p, void* workspace, int device, void* stream);
+void normal_cuda(void* out, int64_t n, int dtype, uint64_t seed, uint64_t offset, int device,
+                 void* stream);
+#endif
+
+}  // namespace blurfast

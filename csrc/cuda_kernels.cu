@@ -1,0 +1,202 @@
+// CUDA kernels: correct, simple versions (speed is issue 6).
+//
+// A 2-D transform is two launches of one kernel that transforms the last axis and
+// transposes: (P, R, N) -> (P, N, R). DCT matrix tiles are computed in the kernel from
+// dct_coef, so no tables live on the device.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "blurfast.h"
+#include "common.h"
+
+namespace blurfast {
+namespace {
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string("blurfast CUDA: ") + what + ": " +
+                                                 cudaGetErrorString(e));
+}
+
+template <typename C, typename T> __device__ __forceinline__ C load(const T* p) { return (C)*p; }
+template <> __device__ __forceinline__ float load<float, __half>(const __half* p) {
+  return __half2float(*p);
+}
+template <> __device__ __forceinline__ float load<float, __nv_bfloat16>(const __nv_bfloat16* p) {
+  return __bfloat162float(*p);
+}
+template <typename T, typename C> __device__ __forceinline__ void store(T* p, C v) { *p = (T)v; }
+template <> __device__ __forceinline__ void store<__half, float>(__half* p, float v) {
+  *p = __float2half_rn(v);
+}
+template <> __device__ __forceinline__ void store<__nv_bfloat16, float>(__nv_bfloat16* p, float v) {
+  *p = __float2bfloat16_rn(v);
+}
+
+constexpr int TS = 16;
+
+// out[p, l, r] = sum_n in[p, r, n] * M[l, n], M = C (forward) or C^T (inverse), C of size N.
+template <typename Tin, typename Tout, typename C>
+__global__ void axis_transform(const Tin* __restrict__ in, Tout* __restrict__ out, int64_t R,
+                               int64_t N, bool inverse) {
+  __shared__ C xs[TS][TS + 1];
+  __shared__ C ms[TS][TS + 1];
+  const int64_t tiles_r = (R + TS - 1) / TS, tiles_n = (N + TS - 1) / TS;
+  int64_t b = blockIdx.x;
+  const int64_t tn = b % tiles_n;
+  b /= tiles_n;
+  const int64_t tr = b % tiles_r;
+  const int64_t p = b / tiles_r;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t r0 = tr * TS, l0 = tn * TS;
+  const Tin* src = in + p * R * N;
+  C acc = 0;
+  for (int64_t n0 = 0; n0 < N; n0 += TS) {
+    const int64_t rr = r0 + ty, nn = n0 + tx, ll = l0 + ty;
+    xs[ty][tx] = (rr < R && nn < N) ? load<C>(src + rr * N + nn) : C(0);
+    ms[ty][tx] = (ll < N && nn < N) ? (C)(inverse ? dct_coef(nn, ll, N) : dct_coef(ll, nn, N))
+                                    : C(0);
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < TS; ++j) acc += xs[tx][j] * ms[ty][j];
+    __syncthreads();
+  }
+  const int64_t r = r0 + tx, l = l0 + ty;
+  if (r < R && l < N) store(out + p * R * N + l * R + r, acc);
+}
+
+template <typename Tin, typename Tout, typename C>
+void launch_axis(const void* in, void* out, int64_t P, int64_t R, int64_t N, bool inverse,
+                 cudaStream_t s) {
+  const int64_t blocks = P * ((R + TS - 1) / TS) * ((N + TS - 1) / TS);
+  if (blocks == 0) return;
+  if (blocks > 0x7fffffffLL) throw std::invalid_argument("blurfast CUDA: tensor too large");
+  axis_transform<Tin, Tout, C><<<(unsigned)blocks, dim3(TS, TS), 0, s>>>(
+      (const Tin*)in, (Tout*)out, R, N, inverse);
+  check(cudaGetLastError(), "axis_transform launch");
+}
+
+// 2-D transform: in (P,H,W) -> tmp (P,W,H) -> out (P,H,W).
+template <typename Tin, typename Tout, typename C>
+void transform2d(const void* in, void* out, C* tmp, int64_t P, int64_t H, int64_t W, bool inverse,
+                 cudaStream_t s) {
+  launch_axis<Tin, C, C>(in, tmp, P, H, W, inverse, s);
+  launch_axis<C, Tout, C>(tmp, out, P, W, H, inverse, s);
+}
+
+template <typename C>
+__device__ __forceinline__ C map_at(const MapRef& m, int64_t p, int64_t f, int64_t hw) {
+  return ((const C*)m.ptr)[map_plane(p, m.div, m.mod) * hw + f];
+}
+
+// z = a1*f1 + a2*f2 + g*zb, in place in f1; zb also stored to zb_out when asked.
+template <typename C>
+__global__ void combine(C* f1, const C* f2, MapRef a1, MapRef a2, MapRef g, const C* zb_given,
+                        C* zb_out, uint64_t seed, uint64_t offset, int64_t total, int64_t hw) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t p = i / hw, f = i % hw;
+    C z = map_at<C>(a1, p, f, hw) * f1[i];
+    if (f2) z += map_at<C>(a2, p, f, hw) * f2[i];
+    if (g.ptr || zb_out) {
+      const C n = zb_given ? zb_given[i] : (C)philox_normal(seed, offset + (uint64_t)i);
+      if (g.ptr) z += map_at<C>(g, p, f, hw) * n;
+      if (zb_out) zb_out[i] = n;
+    }
+    f1[i] = z;
+  }
+}
+
+template <typename C>
+__global__ void normal_kernel(C* out, int64_t n, uint64_t seed, uint64_t offset) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)gridDim.x * blockDim.x)
+    out[i] = (C)philox_normal(seed, offset + (uint64_t)i);
+}
+
+unsigned grid_for(int64_t n) {
+  int64_t b = (n + 255) / 256;
+  return (unsigned)(b < 65535 ? (b > 0 ? b : 1) : 65535);
+}
+
+template <typename T, typename C>
+void spectral_typed(const SpectralParams& sp, C* ws, cudaStream_t s) {
+  const int64_t P = sp.planes, H = sp.H, W = sp.W, n = P * H * W;
+  if (n == 0) return;
+  C* tmp = ws;
+  C* f1 = ws + n;
+  C* f2 = sp.x2 ? ws + 2 * n : nullptr;
+  C* zb = sp.noise_out ? ws + 3 * n : nullptr;
+  transform2d<T, C, C>(sp.x1, f1, tmp, P, H, W, false, s);
+  if (f2) transform2d<T, C, C>(sp.x2, f2, tmp, P, H, W, false, s);
+  combine<C><<<grid_for(n), 256, 0, s>>>(f1, f2, sp.a1, sp.a2, sp.g, (const C*)sp.zb, zb, sp.seed,
+                                         sp.offset, n, H * W);
+  check(cudaGetLastError(), "combine launch");
+  transform2d<C, T, C>(f1, sp.out, tmp, P, H, W, true, s);
+  if (zb) transform2d<C, T, C>(zb, sp.noise_out, tmp, P, H, W, true, s);
+}
+
+template <typename IO, typename Compute>
+struct Types {
+  using T = IO;
+  using C = Compute;
+};
+
+// Calls f(Types<T, C>{}) for the I/O type T and compute type C of dtype.
+template <typename F>
+void dispatch(int dtype, F&& f) {
+  switch (dtype) {
+    case kF32: f(Types<float, float>{}); break;
+    case kF64: f(Types<double, double>{}); break;
+    case kF16: f(Types<__half, float>{}); break;
+    case kBF16: f(Types<__nv_bfloat16, float>{}); break;
+    default: throw std::invalid_argument("blurfast CUDA: unknown dtype code");
+  }
+}
+
+void set_device(int device) { check(cudaSetDevice(device), "cudaSetDevice"); }
+
+}  // namespace
+
+int64_t dct2_workspace_elems(int64_t planes, int64_t H, int64_t W) { return planes * H * W; }
+
+int64_t spectral_workspace_elems(const SpectralParams& p) { return 4 * p.planes * p.H * p.W; }
+
+void dct2_cuda(const void* in, void* out, void* workspace, int64_t planes, int64_t H, int64_t W,
+               int dtype, bool inverse, int device, void* stream) {
+  set_device(device);
+  auto s = (cudaStream_t)stream;
+  dispatch(dtype, [&](auto types) {
+    using T = typename decltype(types)::T;
+    using C = typename decltype(types)::C;
+    transform2d<T, T, C>(in, out, (C*)workspace, planes, H, W, inverse, s);
+  });
+}
+
+void spectral_cuda(const SpectralParams& p, void* workspace, int device, void* stream) {
+  set_device(device);
+  dispatch(p.dtype, [&](auto types) {
+    using T = typename decltype(types)::T;
+    using C = typename decltype(types)::C;
+    spectral_typed<T, C>(p, (C*)workspace, (cudaStream_t)stream);
+  });
+}
+
+void normal_cuda(void* out, int64_t n, int dtype, uint64_t seed, uint64_t offset, int device,
+                 void* stream) {
+  set_device(device);
+  if (n == 0) return;
+  auto s = (cudaStream_t)stream;
+  if (dtype == kF64)
+    normal_kernel<double><<<grid_for(n), 256, 0, s>>>((double*)out, n, seed, offset);
+  else if (dtype == kF32)
+    normal_kernel<float><<<grid_for(n), 256, 0, s>>>((float*)out, n, seed, offset);
+  else
+    throw std::invalid_argument("blurfast CUDA: normal_cuda takes float32 or float64");
+  check(cudaGetLastError(), "normal launch");
+}
+
+}  // namespace blurfast
