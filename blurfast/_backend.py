@@ -19,6 +19,15 @@ CUDA_ARCHS: list[str] = [a for a in str(_C.cuda_archs).split(",") if a]
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 
+def describe_archs(archs=None) -> str:
+    """CMake architecture entries as people read them: '80-real' -> sm_80, '90' -> sm_90 + PTX."""
+    out = []
+    for a in CUDA_ARCHS if archs is None else archs:
+        num = a.split("-")[0]
+        out.append(f"sm_{num}" if a.endswith("-real") else f"sm_{num} + PTX compute_{num}")
+    return ", ".join(out)
+
+
 def backend_for(device) -> str:
     """Name of the implementation that serves tensors on ``device``."""
     dev = torch.device(device)

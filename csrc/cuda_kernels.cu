@@ -157,7 +157,18 @@ void dispatch(int dtype, F&& f) {
   }
 }
 
-void set_device(int device) { check(cudaSetDevice(device), "cudaSetDevice"); }
+// Makes `device` current for the call and restores the caller's device afterwards.
+struct DeviceGuard {
+  int prev = -1;
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&prev), "cudaGetDevice");
+    if (prev != device) check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    int now = -1;
+    if (cudaGetDevice(&now) == cudaSuccess && now != prev) cudaSetDevice(prev);
+  }
+};
 
 }  // namespace
 
@@ -167,7 +178,7 @@ int64_t spectral_workspace_elems(const SpectralParams& p) { return 4 * p.planes 
 
 void dct2_cuda(const void* in, void* out, void* workspace, int64_t planes, int64_t H, int64_t W,
                int dtype, bool inverse, int device, void* stream) {
-  set_device(device);
+  DeviceGuard guard(device);
   auto s = (cudaStream_t)stream;
   dispatch(dtype, [&](auto types) {
     using T = typename decltype(types)::T;
@@ -177,7 +188,7 @@ void dct2_cuda(const void* in, void* out, void* workspace, int64_t planes, int64
 }
 
 void spectral_cuda(const SpectralParams& p, void* workspace, int device, void* stream) {
-  set_device(device);
+  DeviceGuard guard(device);
   dispatch(p.dtype, [&](auto types) {
     using T = typename decltype(types)::T;
     using C = typename decltype(types)::C;
@@ -187,7 +198,7 @@ void spectral_cuda(const SpectralParams& p, void* workspace, int device, void* s
 
 void normal_cuda(void* out, int64_t n, int dtype, uint64_t seed, uint64_t offset, int device,
                  void* stream) {
-  set_device(device);
+  DeviceGuard guard(device);
   if (n == 0) return;
   auto s = (cudaStream_t)stream;
   if (dtype == kF64)

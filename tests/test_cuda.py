@@ -1,0 +1,122 @@
+"""CUDA kernels against the float64 reference and the CPU kernels (skipped without a GPU)."""
+import pytest
+import torch
+
+import blurfast as bf
+from blurfast import reference as ref
+from blurfast.ops import normal_like
+from conftest import rel_err
+
+pytestmark = pytest.mark.cuda
+
+SIZES = [(8, 8), (16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (1, 1), (7, 12), (33, 20)]
+
+
+def _rand(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+@pytest.mark.parametrize("hw", SIZES)
+def test_dct2_cuda_float32(hw):
+    x = _rand(3, 3, *hw)
+    for fn, rfn in ((bf.dct2, ref.dct2), (bf.idct2, ref.idct2)):
+        y = fn(x.cuda())
+        assert y.is_cuda and y.dtype == torch.float32
+        assert rel_err(y, rfn(x.double())) <= 2e-6
+        assert rel_err(y, fn(x)) <= 2e-6
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (7, 12)])
+def test_dct2_cuda_float64(hw):
+    x = _rand(2, 3, *hw, dtype=torch.float64)
+    assert rel_err(bf.dct2(x.cuda()), ref.dct2(x)) <= 1e-13
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hw", [(64, 64), (33, 20)])
+def test_dct2_cuda_half_io(dtype, hw):
+    x = _rand(2, 3, *hw).to(dtype)
+    y = bf.dct2(x.cuda())
+    assert y.dtype == dtype
+    want = ref.dct2(x.double())
+    # float32 arithmetic, one rounding to the half type at the end: at most the error of
+    # rounding the exact result (plus float32 noise).
+    err_kernel = rel_err(y, want)
+    err_rounding = rel_err(want.to(dtype), want)
+    assert err_kernel <= 2 * err_rounding + 2e-6
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (256, 256), (7, 12)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_spectral_cuda_generated_noise(hw, dtype):
+    b = 4
+    x, x2 = _rand(b, 3, *hw, dtype=dtype), _rand(b, 3, *hw, dtype=dtype, seed=1)
+    a, a2, g = torch.rand(b, 1, *hw), torch.rand(1, 1, *hw), torch.rand(b, 1, 1, 1)
+    cu = [t.cuda() for t in (x, a, x2, a2, g)]
+    out, npx = bf.spectral(*cu[:4], g=cu[4], seed=99, offset=12, return_noise=True)
+    out_cpu, npx_cpu = bf.spectral(x, a, x2, a2, g=g, seed=99, offset=12, return_noise=True)
+    want, want_n = ref.spectral(x.double(), a, x2.double(), a2, g=g, seed=99, offset=12,
+                                return_noise=True)
+    tol = {torch.float32: 2e-6, torch.float64: 1e-13, torch.bfloat16: 1e-2}[dtype]
+    assert out.dtype == dtype
+    assert rel_err(out, want) <= tol and rel_err(npx, want_n) <= tol
+    assert rel_err(out, out_cpu) <= tol and rel_err(npx, npx_cpu) <= tol
+
+
+def test_spectral_cuda_given_noise_and_broadcast_maps():
+    x, zb = _rand(2, 3, 4, 16, 16), _rand(2, 3, 4, 16, 16, seed=2)
+    a = torch.rand(2, 1, 4, 16, 16)          # materialized broadcast
+    g = torch.rand(1, 3, 1, 16, 16)
+    out = bf.spectral(x.cuda(), a.cuda(), g=g.cuda(), noise=zb.cuda())
+    assert rel_err(out, ref.spectral(x.double(), a, g=g, noise=zb.double())) <= 2e-6
+
+
+def test_noise_same_on_cpu_and_cuda():
+    x = torch.zeros(64, 3, 37, 41)
+    z_cpu = normal_like(x, seed=2 ** 33 + 5, offset=11)
+    z_gpu = normal_like(x.cuda(), seed=2 ** 33 + 5, offset=11)
+    assert (z_cpu - z_gpu.cpu()).abs().max() <= 1e-6
+    z64 = normal_like(x.double().cuda(), seed=7)
+    assert (z64.cpu() - ref.philox_normal(x.shape, 7, 0, torch.float64)).abs().max() <= 1e-12
+
+
+def test_cuda_non_contiguous_empty_and_stream():
+    x = _rand(3, 32, 48).cuda().transpose(-1, -2)
+    assert rel_err(bf.dct2(x), ref.dct2(x.double().cpu())) <= 2e-6
+    assert bf.dct2(torch.empty(0, 3, 8, 8, device="cuda")).shape == (0, 3, 8, 8)
+    s = torch.cuda.Stream()
+    y = _rand(8, 3, 64, 64).cuda()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(s):
+        out = bf.dct2(y)
+    s.synchronize()
+    assert rel_err(out, ref.dct2(y.double().cpu())) <= 2e-6
+
+
+def test_cuda_maps_on_other_device_rejected():
+    with pytest.raises(ValueError, match="a: is on cpu"):
+        bf.spectral(torch.zeros(8, 8, device="cuda"), torch.ones(8, 8))
+
+
+def test_cuda_gradcheck_and_opcheck():
+    d = dict(dtype=torch.float64, device="cuda")
+    x = torch.randn(2, 2, 5, 6, **d, requires_grad=True)
+    a = torch.rand(2, 1, 5, 6, **d, requires_grad=True)
+    g = torch.rand(5, 6, **d, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, a, g: bf.spectral(x, a, g=g, seed=3), (x, a, g))
+    from torch.library import opcheck
+    xf = torch.randn(2, 3, 8, 8, device="cuda", requires_grad=True)
+    opcheck(torch.ops.blurfast.dct2.default, (xf,))
+    opcheck(torch.ops.blurfast.spectral.default,
+            (xf, torch.rand(2, 1, 8, 8, device="cuda"), None, None,
+             torch.rand(8, 8, device="cuda"), None, 1, 0, True))
+
+
+def test_cuda_compile_fullgraph():
+    @torch.compile(fullgraph=True)
+    def f(x, a, g):
+        return bf.spectral(x, a, g=g, seed=5) * 2
+
+    x, a, g = _rand(2, 3, 32, 32).cuda(), torch.rand(2, 1, 32, 32).cuda(), torch.rand(32, 32).cuda()
+    assert torch.allclose(f(x, a, g), bf.spectral(x, a, g=g, seed=5) * 2, atol=1e-5)

@@ -1,0 +1,310 @@
+"""The ops and CPU kernels against the float64 reference, and the reference against scipy."""
+import math
+
+import numpy as np
+import pytest
+import scipy.fft
+import scipy.ndimage
+import torch
+
+import blurfast as bf
+from blurfast import reference as ref
+from blurfast.ops import normal_like
+from conftest import rel_err
+
+FAST_SIZES = [8, 16, 32, 64, 128, 256]
+ODD_SIZES = [(1, 1), (7, 12), (33, 20), (1, 9), (5, 1), (3, 100)]
+
+
+def _rand(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+# --------------------------------------------------------------- reference vs scipy
+
+@pytest.mark.parametrize("hw", [(8, 8), (64, 64), (7, 12), (33, 20), (1, 1), (256, 256)])
+def test_reference_matches_scipy(hw):
+    x = _rand(2, 3, *hw, dtype=torch.float64)
+    want = scipy.fft.dctn(x.numpy(), axes=(-2, -1), norm="ortho")
+    assert np.abs(ref.dct2(x).numpy() - want).max() <= 1e-12 * max(1.0, np.abs(want).max())
+    back = scipy.fft.idctn(want, axes=(-2, -1), norm="ortho")
+    assert np.abs(ref.idct2(torch.from_numpy(want)).numpy() - back).max() <= 1e-12 * np.abs(back).max()
+
+
+def test_reference_matrix_is_orthonormal():
+    for n in (1, 5, 64):
+        c = ref.dct_matrix(n)
+        assert torch.allclose(c @ c.T, torch.eye(n, dtype=torch.float64), atol=1e-14)
+
+
+# --------------------------------------------------------------- CPU kernels vs reference
+
+@pytest.mark.parametrize("n", FAST_SIZES)
+def test_dct2_fast_paths_float32(n):
+    x = _rand(2, 3, n, n, seed=n)
+    want = ref.dct2(x.double())
+    assert rel_err(bf.dct2(x), want) <= 2e-6
+    assert rel_err(bf.idct2(x), ref.idct2(x.double())) <= 2e-6
+
+
+@pytest.mark.parametrize("hw", ODD_SIZES)
+def test_dct2_generic_sizes_float32(hw):
+    x = _rand(4, *hw)
+    assert rel_err(bf.dct2(x), ref.dct2(x.double())) <= 2e-6
+    assert rel_err(bf.idct2(x), ref.idct2(x.double())) <= 2e-6
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (7, 12), (256, 256)])
+def test_dct2_float64(hw):
+    x = _rand(2, *hw, dtype=torch.float64)
+    want = torch.from_numpy(scipy.fft.dctn(x.numpy(), axes=(-2, -1), norm="ortho"))
+    assert rel_err(bf.dct2(x), want) <= 1e-13
+    assert bf.dct2(x).dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dct2_half_types_use_float32_arithmetic(dtype):
+    x = _rand(2, 3, 32, 32).to(dtype)
+    y = bf.dct2(x)
+    assert y.dtype == dtype
+    # Exactly the float32 result rounded once to the half type.
+    assert torch.equal(y, bf.dct2(x.float()).to(dtype))
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (5, 2, 3, 8, 8), (2, 1, 1, 7, 12)])
+def test_any_rank(shape):
+    x = _rand(*shape)
+    assert bf.dct2(x).shape == x.shape
+    assert rel_err(bf.dct2(x), ref.dct2(x.double())) <= 2e-6
+
+
+def test_round_trip_and_parseval():
+    x = _rand(3, 3, 64, 64)
+    assert (bf.idct2(bf.dct2(x)) - x).abs().max() < 1e-5
+    X = bf.dct2(x.double())
+    assert torch.allclose((X ** 2).sum((-2, -1)), (x.double() ** 2).sum((-2, -1)), rtol=1e-12)
+
+
+def test_non_contiguous_and_empty():
+    x = _rand(3, 32, 48)
+    xt = x.transpose(-1, -2)                 # (3, 48, 32), not contiguous
+    assert not xt.is_contiguous()
+    assert rel_err(bf.dct2(xt), ref.dct2(xt.double())) <= 2e-6
+    e = torch.empty(0, 3, 8, 8)
+    assert bf.dct2(e).shape == e.shape
+    assert bf.spectral(e, torch.ones(8, 8), g=torch.ones(8, 8), seed=1).shape == e.shape
+
+
+# --------------------------------------------------------------- the fused op
+
+def _maps(b, h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(*s, generator=g) for s in [(b, 1, h, w), (1, 1, h, w), (b, 1, 1, 1)]]
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (64, 64), (7, 12), (1, 1)])
+def test_spectral_two_inputs_given_noise(hw):
+    b = 4
+    x, x2, zb = _rand(b, 3, *hw, seed=1), _rand(b, 3, *hw, seed=2), _rand(b, 3, *hw, seed=3)
+    a, a2, g = _maps(b, *hw)
+    out, npx = bf.spectral(x, a, x2, a2, g, zb, return_noise=True)
+    want, want_n = ref.spectral(x.double(), a, x2.double(), a2, g, zb.double(), return_noise=True)
+    assert rel_err(out, want) <= 2e-6
+    assert rel_err(npx, want_n) <= 2e-6
+
+
+@pytest.mark.parametrize("map_shape", [(4, 3, 16, 16), (1, 3, 16, 16), (16, 16), (4, 1, 1, 16),
+                                       (4, 1, 1, 1), (1, 3, 1, 1), (4, 3, 1, 1)])
+def test_spectral_map_broadcasting(map_shape):
+    x = _rand(4, 3, 16, 16)
+    a = torch.rand(map_shape, generator=torch.Generator().manual_seed(7))
+    assert rel_err(bf.spectral(x, a), ref.spectral(x.double(), a)) <= 2e-6
+
+
+def test_spectral_materialized_broadcast():
+    # Varying dims 0 and 2 with a broadcast dim between them: cannot be a (div, mod) view.
+    x = _rand(2, 3, 4, 8, 8)
+    a = torch.rand(2, 1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert rel_err(bf.spectral(x, a), ref.spectral(x.double(), a)) <= 2e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spectral_generated_noise_matches_reference(dtype):
+    x = _rand(3, 3, 16, 24, dtype=dtype)
+    a, _, g = _maps(3, 16, 24)
+    out, npx = bf.spectral(x, a, g=g, seed=12345, offset=77, return_noise=True)
+    want, want_n = ref.spectral(x, a, g=g, seed=12345, offset=77, return_noise=True)
+    tol = 1e-13 if dtype == torch.float64 else 2e-6
+    assert out.dtype == dtype
+    assert rel_err(out, want) <= tol and rel_err(npx, want_n) <= tol
+
+
+def test_noise_stream_is_positional():
+    x = torch.zeros(2, 3, 8, 8)
+    full = normal_like(x, seed=9)
+    # The second sample alone, with its offset, gets the same numbers.
+    part = normal_like(x[1:], seed=9, offset=3 * 64)
+    assert torch.equal(full[1:], part)
+    assert torch.equal(full, normal_like(x, seed=9))
+    assert not torch.equal(full, normal_like(x, seed=10))
+
+
+def test_spectral_q_sample_form():
+    """q_sample with given pixel noise = idct2(sqrt(ab) X0 + sqrt(1-ab) dct2(eps))."""
+    x0, eps = _rand(2, 3, 16, 16, seed=4), _rand(2, 3, 16, 16, seed=5)
+    ab = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    out = bf.spectral(x0, ab.sqrt(), eps, (1 - ab).sqrt())
+    want = ref.idct2(ab.sqrt() * ref.dct2(x0.double()) + (1 - ab).sqrt() * ref.dct2(eps.double()))
+    assert rel_err(out, want) <= 2e-6
+
+
+# --------------------------------------------------------------- Philox
+
+KAT = [  # Random123 kat_vectors, philox4x32 10: counter, key, expected
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("ctr,key,want", KAT)
+def test_philox_known_answers(ctr, key, want):
+    from blurfast._backend import _C
+    assert tuple(_C.philox4x32_10(list(ctr), list(key))) == want
+    assert tuple(int(v) for v in ref.philox4x32(ctr, key)) == want
+
+
+def test_kernel_noise_equals_reference_noise():
+    x = torch.zeros(1000, 37)
+    seed = 2 ** 40 + 17
+    k = normal_like(x.double(), seed=seed, offset=5)
+    r = ref.philox_normal(x.shape, seed, 5, torch.float64)
+    assert (k - r).abs().max() <= 1e-12
+    assert (normal_like(x, seed=seed, offset=5) - r.float()).abs().max() <= 1e-6
+
+
+def test_noise_statistics():
+    n = 1_000_000
+    z = normal_like(torch.zeros(n, dtype=torch.float64), seed=3).numpy()
+    se = 1 / math.sqrt(n)
+    assert abs(z.mean()) < 5 * se
+    assert abs(z.var() - 1) < 5 * math.sqrt(2 / n)
+    assert abs((z ** 3).mean()) < 5 * math.sqrt(15 / n)
+    assert abs((z ** 4).mean() - 3) < 5 * math.sqrt(96 / n)
+    # Kolmogorov-Smirnov against the normal CDF; neighbours uncorrelated.
+    from scipy import stats
+    assert stats.kstest(z[:200_000], "norm").pvalue > 1e-4
+    assert abs(np.corrcoef(z[:-1], z[1:])[0, 1]) < 5 * se
+
+
+# --------------------------------------------------------------- gaussian blur
+
+@pytest.mark.parametrize("hw,sigma", [((32, 32), 1.0), ((7, 12), 2.5), ((33, 20), 0.4),
+                                      ((64, 64), 3.0), ((4, 4), 10.0), ((16, 24), (1.0, 2.0))])
+def test_gaussian_blur_matches_scipy(hw, sigma):
+    x = _rand(2, 3, *hw, dtype=torch.float64)
+    want = np.stack([[scipy.ndimage.gaussian_filter(c, sigma, mode="reflect") for c in s]
+                     for s in x.numpy()])
+    assert np.abs(bf.gaussian_blur(x, sigma).numpy() - want).max() <= 1e-12
+    assert rel_err(bf.gaussian_blur(x.float(), sigma), torch.from_numpy(want)) <= 2e-6
+
+
+# --------------------------------------------------------------- autograd, opcheck, compile
+
+def test_gradcheck_dct2():
+    x = _rand(2, 5, 6, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(bf.dct2, (x,))
+    assert torch.autograd.gradcheck(bf.idct2, (x,))
+
+
+def test_gradcheck_spectral_all_inputs():
+    d = dict(dtype=torch.float64)
+    x, x2 = _rand(2, 2, 5, 6, **d), _rand(2, 2, 5, 6, seed=1, **d)
+    a, a2 = torch.rand(2, 1, 5, 6, **d), torch.rand(5, 6, **d)
+    g, zb = torch.rand(1, 1, 5, 6, **d), _rand(2, 2, 5, 6, seed=2, **d)
+    ins = [t.requires_grad_() for t in (x, a, x2, a2, g, zb)]
+
+    def f(x, a, x2, a2, g, zb):
+        out, n = bf.spectral(x, a, x2, a2, g, zb, return_noise=True)
+        return out, n
+    assert torch.autograd.gradcheck(f, ins)
+
+    def f_gen(x, a, g):   # generated noise: gradient of g uses the regenerated stream
+        return bf.spectral(x, a, g=g, seed=4, offset=2)
+    assert torch.autograd.gradcheck(f_gen, (x, a, g))
+
+
+def test_opcheck():
+    from torch.library import opcheck
+    x = _rand(2, 3, 8, 8).requires_grad_()
+    opcheck(torch.ops.blurfast.dct2.default, (x,))
+    opcheck(torch.ops.blurfast.idct2.default, (x,))
+    a = torch.rand(2, 1, 8, 8, requires_grad=True)
+    g = torch.rand(8, 8)
+    opcheck(torch.ops.blurfast.spectral.default, (x, a, x.detach() * 2, a, g, None, 3, 0, True))
+    opcheck(torch.ops.blurfast.spectral.default, (x, a, None, None, g, _rand(2, 3, 8, 8), 3, 0, False))
+    opcheck(torch.ops.blurfast.normal_like.default, (x.detach(), 1, 0))
+
+
+def test_torch_compile_fullgraph():
+    def step(x, a, g):
+        y = bf.dct2(x) * 2
+        return bf.spectral(bf.idct2(y), a, g=g, seed=7) + 1
+
+    compiled = torch.compile(step, fullgraph=True)   # inductor, forward and backward
+    x, a, g = _rand(2, 3, 16, 16), torch.rand(2, 1, 16, 16), torch.rand(16, 16)
+    xc = x.clone().requires_grad_()
+    xe = x.clone().requires_grad_()
+    out_c, out_e = compiled(xc, a, g), step(xe, a, g)
+    assert torch.allclose(out_c, out_e, atol=1e-5)
+    (out_c ** 2).sum().backward()
+    (out_e ** 2).sum().backward()
+    assert torch.allclose(xc.grad, xe.grad, atol=1e-4)
+
+
+def test_training_backward_matches_reference():
+    x = _rand(4, 3, 16, 16).requires_grad_()
+    a = torch.rand(4, 1, 16, 16)
+    w = _rand(4, 3, 16, 16, seed=9)
+    (bf.spectral(x, a) * w).sum().backward()
+    xr = x.detach().double().requires_grad_()
+    (ref.spectral(xr, a) * w.double()).sum().backward()
+    assert rel_err(x.grad, xr.grad) <= 2e-6
+
+
+# --------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("call,exc,words", [
+    (lambda: bf.dct2(torch.zeros(5)), ValueError, "x: expected at least 2 dims"),
+    (lambda: bf.dct2(torch.zeros(4, 4, dtype=torch.int64)), TypeError, "x: expected dtype"),
+    (lambda: bf.dct2([[1.0]]), TypeError, "x: expected a torch.Tensor"),
+    (lambda: bf.idct2(torch.zeros(3)), ValueError, "X: expected at least 2 dims"),
+    (lambda: bf.spectral(torch.zeros(2, 3, 8, 8), torch.ones(2, 8, 8)), ValueError, "a: shape"),
+    (lambda: bf.spectral(torch.zeros(2, 3, 8, 8), torch.ones(8, 8), g=torch.ones(2, 2, 8, 8)),
+     ValueError, "g: shape"),
+    (lambda: bf.spectral(torch.zeros(8, 8), torch.ones(8, 8), torch.zeros(8, 8)), ValueError,
+     "x2, a2"),
+    (lambda: bf.spectral(torch.zeros(8, 8), torch.ones(8, 8), torch.zeros(4, 4), torch.ones(8, 8)),
+     ValueError, "x2: expected shape"),
+    (lambda: bf.spectral(torch.zeros(8, 8), torch.ones(8, 8, dtype=torch.int32)), TypeError, "a:"),
+    (lambda: bf.spectral(torch.zeros(8, 8), torch.ones(8, 8), g=torch.ones(8, 8), seed=-1),
+     ValueError, "seed"),
+    (lambda: bf.spectral(torch.zeros(8, 8), torch.ones(8, 8), noise=torch.ones(8, 8)), ValueError,
+     "noise: given but unused"),
+    (lambda: bf.spectral(torch.zeros(8, 8), torch.ones(8, 8, device="meta")), ValueError,
+     "a: is on meta"),
+])
+def test_bad_input_names_the_argument(call, exc, words):
+    with pytest.raises(exc, match=words):
+        call()
+
+
+def test_cuda_tensor_without_cuda_kernels(monkeypatch):
+    import blurfast.ops as ops
+    monkeypatch.setattr(ops, "HAS_CUDA_KERNELS", False)
+    fake_cuda = torch.empty(2, 2, device="meta")
+    monkeypatch.setattr(type(fake_cuda), "device", property(lambda self: torch.device("cuda", 0)))
+    with pytest.raises(ValueError, match="built without CUDA kernels"):
+        ops._check_data("x", fake_cuda)
