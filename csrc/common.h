@@ -37,19 +37,53 @@ BF_HD void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
   }
 }
 
-// Standard normal number e of the stream `seed`: lane e % 4 of Box-Muller applied to
-// Philox(counter = (b lo, b hi, 0, 0), key = seed), b = e / 4. Computed in double.
-BF_HD double philox_normal(uint64_t seed, uint64_t e) {
-  const double two_pi = 6.283185307179586476925286766559;
-  uint64_t b = e >> 2;
-  uint32_t c[4] = {(uint32_t)b, (uint32_t)(b >> 32), 0u, 0u};
+// The four 32-bit words of Philox block b of stream `seed`: counter (b lo, b hi, 0, 0),
+// key (seed lo, seed hi).
+BF_HD void philox_block(uint64_t seed, uint64_t b, uint32_t c[4]) {
+  c[0] = (uint32_t)b;
+  c[1] = (uint32_t)(b >> 32);
+  c[2] = 0u;
+  c[3] = 0u;
   philox4x32_10(c, (uint32_t)seed, (uint32_t)(seed >> 32));
-  int lane = (int)(e & 3);
-  int pair = lane & 2;                              // lanes 0,1 use c[0],c[1]; 2,3 use c[2],c[3]
-  double u1 = ((double)c[pair] + 0.5) * 2.3283064365386963e-10;      // 2^-32
-  double u2 = ((double)c[pair + 1] + 0.5) * 2.3283064365386963e-10;
-  double r = sqrt(-2.0 * log(u1));
-  return (lane & 1) ? r * sin(two_pi * u2) : r * cos(two_pi * u2);
+}
+
+// Box-Muller in double on two words: r cos(2 pi u2) and/or r sin(2 pi u2), r = sqrt(-2 ln u1).
+BF_HD void box_muller(uint32_t w1, uint32_t w2, double* cos_part, double* sin_part) {
+  const double two_pi = 6.283185307179586476925286766559;
+  const double u1 = ((double)w1 + 0.5) * 2.3283064365386963e-10;  // 2^-32: u in (0, 1)
+  const double u2 = ((double)w2 + 0.5) * 2.3283064365386963e-10;
+  const double r = sqrt(-2.0 * log(u1));
+  if (cos_part) *cos_part = r * cos(two_pi * u2);
+  if (sin_part) *sin_part = r * sin(two_pi * u2);
+}
+
+// Standard normal number e of the stream `seed`: lane e % 4 of Box-Muller applied to
+// Philox block e / 4 (lanes 0, 1 from words 0, 1; lanes 2, 3 from words 2, 3).
+BF_HD double philox_normal(uint64_t seed, uint64_t e) {
+  uint32_t c[4];
+  philox_block(seed, e >> 2, c);
+  const int lane = (int)(e & 3), pair = lane & 2;
+  double z;
+  if (lane & 1)
+    box_muller(c[pair], c[pair + 1], nullptr, &z);
+  else
+    box_muller(c[pair], c[pair + 1], &z, nullptr);
+  return z;
+}
+
+// out[i] = philox_normal(seed, e0 + i) for i < n, one Philox block per four numbers.
+template <typename T>
+inline void philox_normal_fill(uint64_t seed, uint64_t e0, int64_t n, T* out) {
+  int64_t i = 0;
+  while (i < n) {
+    const uint64_t e = e0 + (uint64_t)i;
+    uint32_t c[4];
+    philox_block(seed, e >> 2, c);
+    double z[4];
+    box_muller(c[0], c[1], &z[0], &z[1]);
+    box_muller(c[2], c[3], &z[2], &z[3]);
+    for (int lane = (int)(e & 3); lane < 4 && i < n; ++lane, ++i) out[i] = (T)z[lane];
+  }
 }
 
 // Index of the map plane that data plane p uses.

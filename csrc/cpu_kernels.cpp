@@ -36,28 +36,60 @@ const DctTable<T>& dct_table(int64_t n) {
 
 // y = Mh * x * Mw^T for one H x W plane, as two passes of row updates (axpy form,
 // vectorizable without reassociation). row_m is Mw^T (W x W), col_m is Mh (H x H).
+// Rows are updated RB at a time so that each matrix row loaded serves RB rows.
 // NH/NW > 0 fix the sizes at compile time (the fast paths).
+constexpr int RB = 4;
+
 template <typename T, int NH, int NW>
 void transform_plane(const T* x, T* y, int64_t H_, int64_t W_, const T* row_m, const T* col_m,
                      T* tmp) {
   const int64_t H = NH > 0 ? NH : H_;
   const int64_t W = NW > 0 ? NW : W_;
-  for (int64_t r = 0; r < H; ++r) {
+  // Pass 1: tmp[r, :] = sum_i x[r, i] * row_m[i, :].
+  int64_t r = 0;
+  for (; r + RB <= H; r += RB) {
     T* t = tmp + r * W;
-    const T* xr = x + r * W;
+    for (int64_t l = 0; l < RB * W; ++l) t[l] = 0;
+    for (int64_t i = 0; i < W; ++i) {
+      const T* m = row_m + i * W;
+      T v[RB];
+      for (int j = 0; j < RB; ++j) v[j] = x[(r + j) * W + i];
+      for (int64_t l = 0; l < W; ++l) {
+        const T ml = m[l];
+        for (int j = 0; j < RB; ++j) t[j * W + l] += v[j] * ml;
+      }
+    }
+  }
+  for (; r < H; ++r) {
+    T* t = tmp + r * W;
     for (int64_t l = 0; l < W; ++l) t[l] = 0;
     for (int64_t i = 0; i < W; ++i) {
-      const T v = xr[i];
+      const T v = x[r * W + i];
       const T* m = row_m + i * W;
       for (int64_t l = 0; l < W; ++l) t[l] += v * m[l];
     }
   }
-  for (int64_t k = 0; k < H; ++k) {
+  // Pass 2: y[k, :] = sum_r col_m[k, r] * tmp[r, :].
+  int64_t k = 0;
+  for (; k + RB <= H; k += RB) {
+    T* yk = y + k * W;
+    for (int64_t l = 0; l < RB * W; ++l) yk[l] = 0;
+    for (int64_t rr = 0; rr < H; ++rr) {
+      const T* t = tmp + rr * W;
+      T c[RB];
+      for (int j = 0; j < RB; ++j) c[j] = col_m[(k + j) * H + rr];
+      for (int64_t l = 0; l < W; ++l) {
+        const T tl = t[l];
+        for (int j = 0; j < RB; ++j) yk[j * W + l] += c[j] * tl;
+      }
+    }
+  }
+  for (; k < H; ++k) {
     T* yk = y + k * W;
     for (int64_t l = 0; l < W; ++l) yk[l] = 0;
-    for (int64_t r = 0; r < H; ++r) {
-      const T v = col_m[k * H + r];
-      const T* t = tmp + r * W;
+    for (int64_t rr = 0; rr < H; ++rr) {
+      const T v = col_m[k * H + rr];
+      const T* t = tmp + rr * W;
       for (int64_t l = 0; l < W; ++l) yk[l] += v * t[l];
     }
   }
@@ -168,8 +200,7 @@ void spectral_impl(const SpectralParams& sp, int num_threads) {
         if (zb_given) {
           std::copy(zb_given + p * hw, zb_given + (p + 1) * hw, zb.begin());
         } else {
-          const uint64_t e0 = sp.offset + (uint64_t)(p * hw);
-          for (int64_t i = 0; i < hw; ++i) zb[i] = (T)philox_normal(sp.seed, e0 + (uint64_t)i);
+          philox_normal_fill(sp.seed, sp.offset + (uint64_t)(p * hw), hw, zb.data());
         }
         if (sp.g.ptr) {
           const T* g = map_ptr<T>(sp.g, p, hw);
@@ -208,13 +239,10 @@ void spectral_cpu(const SpectralParams& p, int num_threads) {
 
 void normal_cpu(void* out, int64_t n, int dtype, uint64_t seed, uint64_t offset) {
   check_cpu_dtype(dtype);
-  for (int64_t i = 0; i < n; ++i) {
-    double z = philox_normal(seed, offset + (uint64_t)i);
-    if (dtype == kF64)
-      static_cast<double*>(out)[i] = z;
-    else
-      static_cast<float*>(out)[i] = (float)z;
-  }
+  if (dtype == kF64)
+    philox_normal_fill(seed, offset, n, static_cast<double*>(out));
+  else
+    philox_normal_fill(seed, offset, n, static_cast<float*>(out));
 }
 
 }  // namespace blurfast
