@@ -5,7 +5,7 @@ import torch
 import blurfast as bf
 from blurfast import reference as ref
 from blurfast.ops import normal_like
-from conftest import rel_err
+from bfutil import rel_err
 
 pytestmark = pytest.mark.cuda
 

@@ -10,7 +10,7 @@ import torch
 import blurfast as bf
 from blurfast import reference as ref
 from blurfast.ops import normal_like
-from conftest import rel_err
+from bfutil import rel_err
 
 FAST_SIZES = [8, 16, 32, 64, 128, 256]
 ODD_SIZES = [(1, 1), (7, 12), (33, 20), (1, 9), (5, 1), (3, 100)]

@@ -1,0 +1,21 @@
+#!/usr/bin/env python
+"""Plain benchmark runner (no pytest): times every case with CUDA events and writes JSON.
+
+    python benchmarks/run.py --device cuda --quick --json benchmarks/results/h100.json
+    python benchmarks/run.py --device cpu --quick
+
+A thin wrapper of :func:`blurfast.bench.run` (also ``python -m blurfast.bench``);
+see benchmarks/README.md for what each column means.
+"""
+import os
+import sys
+
+try:
+    import blurfast  # noqa: F401  (the installed package, when there is one)
+except ImportError:   # a source checkout: import the package next to this folder
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from blurfast.bench import main, run  # noqa: E402,F401
+
+if __name__ == "__main__":
+    sys.exit(main())

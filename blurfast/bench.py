@@ -1,0 +1,716 @@
+"""Kernel throughput benchmark: blurfast against its peers, one JSON shape.
+
+Used by ``benchmarks/run.py`` (and ``python -m blurfast.bench``), by the
+pytest-benchmark suite in ``benchmarks/`` and by ``scripts/gpu_check.sh``.
+
+Cases (float32 in and out; maps are (B, 1, H, W) per-sample coefficients):
+
+* ``dct2``, ``idct2``: orthonormal 2-D DCT-II / DCT-III over the last two dims.
+* ``q_sample``: read x0, write x_t and eps (DESIGN.md 2.3):
+  ``x_t = idct2(a * dct2(x0) + g * zb)``, ``eps = idct2(zb)``, zb ~ N(0, I).
+* ``sampler_step``: read x_t and eps_theta, write x_{t-1} (DESIGN.md 2.5):
+  ``idct2(c1 * dct2(x_t) + c2 * dct2(eps_theta) + sig * zb)``.
+
+Implementations (the peers are our own code, written from the mathematics):
+
+* ``blurfast``: ``blurfast.dct2`` / ``idct2`` / ``spectral`` (whatever backend
+  the installed package dispatches to).
+* ``torch_fp32``: DCT as two matrix products with cached DCT matrices (the way
+  ``blurfast.reference`` computes it), cuBLAS in IEEE fp32; q_sample and the
+  sampler step composed from it with ``torch.randn`` noise.
+* ``torch_tf32``: the same with TF32 matmuls allowed (CUDA only).
+* ``torch_fft``: DCT by reordering + complex FFT + twiddle along each of the
+  two dims (Makhoul's method, as the torch-dct package does it).
+* ``cupy``: ``cupyx.scipy.fft.dctn`` / ``idctn`` with ``norm="ortho"`` (dct2 and
+  idct2 only; CUDA only, where cupy imports).
+
+Traffic is the minimum number of bytes a call must move: every input tensor
+read once and every output written once; the coefficient maps are *not*
+counted (a kernel can compute them from per-sample scalars and one (H, W) map,
+DESIGN.md section 4 and issue 6 count the same way).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import functools
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+__all__ = [
+    "CASES", "IMPLS", "CUDA_SHAPES", "CUDA_EXTRA_SHAPES", "CPU_SHAPES",
+    "matmul_dct2", "matmul_idct2", "fft_dct2", "fft_idct2",
+    "ref_q_sample", "ref_sampler_step", "tf32_matmul",
+    "get_impl", "impl_function", "make_inputs", "traffic_bytes",
+    "measure_copy_gbps", "time_call", "num_input_sets", "run", "dumps", "format_table",
+    "main",
+]
+
+CASES = ("dct2", "idct2", "q_sample", "sampler_step")
+IMPLS = ("blurfast", "torch_fp32", "torch_tf32", "torch_fft", "cupy")
+CUDA_SHAPES = ((256, 3, 64, 64), (64, 3, 256, 256), (16, 3, 64, 64))
+CUDA_EXTRA_SHAPES = ((256, 3, 32, 32), (64, 3, 128, 128))   # full (not --quick) runs
+CPU_SHAPES = ((8, 3, 64, 64), (2, 3, 256, 256))
+
+_SEED = 1234          # noise seed for the blurfast fused op in timed calls
+
+
+# ----------------------------------------------------------------------------
+# Peer 1: matrix-product DCT (torch matmul)
+# ----------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=64)
+def _dct_mat(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """Orthonormal DCT-II matrix C (n, n), built in float64: X = C @ x."""
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    i = torch.arange(n, dtype=torch.float64)[None, :]
+    c = torch.cos(math.pi * (2.0 * i + 1.0) * k / (2.0 * n)) * math.sqrt(2.0 / n)
+    c[0, :] = math.sqrt(1.0 / n)
+    return c.to(device=device, dtype=dtype).contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _dct_mat_t(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    return _dct_mat(n, dtype, device).t().contiguous()
+
+
+def matmul_dct2(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal 2-D DCT-II over the last two dims: ``C_H @ x @ C_W^T``."""
+    dev = str(x.device)
+    ch = _dct_mat(x.shape[-2], x.dtype, dev)
+    cwt = _dct_mat_t(x.shape[-1], x.dtype, dev)
+    return torch.matmul(torch.matmul(ch, x), cwt)
+
+
+def matmul_idct2(X: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`matmul_dct2`: ``C_H^T @ X @ C_W``."""
+    dev = str(X.device)
+    cht = _dct_mat_t(X.shape[-2], X.dtype, dev)
+    cw = _dct_mat(X.shape[-1], X.dtype, dev)
+    return torch.matmul(torch.matmul(cht, X), cw)
+
+
+@contextlib.contextmanager
+def tf32_matmul(enabled: bool):
+    """Allow (or forbid) TF32 in cuBLAS fp32 matmuls inside the block; restores after.
+
+    torch >= 2.9 has ``torch.backends.cuda.matmul.fp32_precision`` and refuses
+    mixed use of it and the legacy ``allow_tf32`` flag, so the new API is used
+    where it exists.
+    """
+    m = torch.backends.cuda.matmul
+    if hasattr(m, "fp32_precision"):
+        prev = m.fp32_precision
+        m.fp32_precision = "tf32" if enabled else "ieee"
+        try:
+            yield
+        finally:
+            m.fp32_precision = prev
+    else:
+        prev = m.allow_tf32
+        m.allow_tf32 = bool(enabled)
+        try:
+            yield
+        finally:
+            m.allow_tf32 = prev
+
+
+# ----------------------------------------------------------------------------
+# Peer 2: FFT DCT (reorder + FFT + twiddle per dim, Makhoul 1980)
+# ----------------------------------------------------------------------------
+#
+# Unnormalized DCT-II: Y[k] = sum_n x[n] cos(pi (2n+1) k / (2N)). Reorder
+# v = (x[0], x[2], x[4], ..., x[5], x[3], x[1]) (evens, then odds reversed);
+# then Y[k] = Re(exp(-i pi k / (2N)) * FFT(v)[k]). Orthonormal: X[k] = s_k Y[k].
+# Inverse: with Y = X / s_k and V = FFT(v) Hermitian, exp(-i pi k/(2N)) V[k] =
+# Y[k] - i Y[N-k] (Y[N] := 0), so V[k] = exp(i pi k/(2N)) (Y[k] - i Y[N-k]),
+# v = irfft(V), and x is v un-reordered.
+
+@functools.lru_cache(maxsize=64)
+def _fft_consts(n: int, dtype: torch.dtype, device: str):
+    """(twiddle exp(-i pi k/2N) as complex, scale s_k) for real ``dtype``."""
+    k = torch.arange(n, dtype=torch.float64)
+    ang = -math.pi * k / (2.0 * n)
+    tw = torch.complex(torch.cos(ang), torch.sin(ang))
+    s = torch.full((n,), math.sqrt(2.0 / n), dtype=torch.float64)
+    s[0] = math.sqrt(1.0 / n)
+    cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
+    return tw.to(device=device, dtype=cdt), s.to(device=device, dtype=dtype)
+
+
+def _fft_dct_last(x: torch.Tensor) -> torch.Tensor:
+    n = x.shape[-1]
+    tw, s = _fft_consts(n, x.dtype, str(x.device))
+    v = torch.cat([x[..., ::2], x[..., 1::2].flip(-1)], dim=-1)
+    V = torch.fft.fft(v, dim=-1)
+    return torch.real(V * tw) * s
+
+
+def _fft_idct_last(X: torch.Tensor) -> torch.Tensor:
+    n = X.shape[-1]
+    tw, s = _fft_consts(n, X.dtype, str(X.device))
+    Y = X / s
+    Yrev = torch.cat([torch.zeros_like(Y[..., :1]), Y[..., 1:].flip(-1)], dim=-1)
+    V = torch.complex(Y, -Yrev) * tw.conj()
+    v = torch.fft.irfft(V[..., : n // 2 + 1], n=n, dim=-1)
+    x = torch.empty_like(v)
+    ne = n - n // 2                      # number of even-indexed samples
+    x[..., ::2] = v[..., :ne]
+    x[..., 1::2] = v[..., ne:].flip(-1)
+    return x
+
+
+def fft_dct2(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal 2-D DCT-II via FFTs: last dim, then the second-to-last."""
+    y = _fft_dct_last(x)
+    return _fft_dct_last(y.transpose(-1, -2)).transpose(-1, -2)
+
+
+def fft_idct2(X: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`fft_dct2`."""
+    y = _fft_idct_last(X)
+    return _fft_idct_last(y.transpose(-1, -2)).transpose(-1, -2)
+
+
+# ----------------------------------------------------------------------------
+# Peer 3: the torch reference composition of the fused op
+# ----------------------------------------------------------------------------
+
+def ref_q_sample(x0, a, g, *, dct2=matmul_dct2, idct2=matmul_idct2, noise=None):
+    """``(idct2(a*dct2(x0) + g*zb), idct2(zb))``; zb = ``noise`` or ``torch.randn``."""
+    zb = torch.randn_like(x0) if noise is None else noise
+    return idct2(a * dct2(x0) + g * zb), idct2(zb)
+
+
+def ref_sampler_step(x_t, eps, c1, c2, sig, *, dct2=matmul_dct2, idct2=matmul_idct2,
+                     noise=None):
+    """``idct2(c1*dct2(x_t) + c2*dct2(eps) + sig*zb)``; zb = ``noise`` or ``torch.randn``."""
+    zb = torch.randn_like(x_t) if noise is None else noise
+    return idct2(c1 * dct2(x_t) + c2 * dct2(eps) + sig * zb)
+
+
+# ----------------------------------------------------------------------------
+# Implementations table
+# ----------------------------------------------------------------------------
+
+def _cupy():
+    try:
+        import cupy  # noqa: F401
+        import cupyx.scipy.fft  # noqa: F401
+        return cupy
+    except Exception:  # ImportError, or a cupy that cannot find its CUDA libraries
+        return None
+
+
+@dataclass
+class Impl:
+    name: str
+    functions: Callable[[], dict]                 # case -> callable (lazy imports)
+    cuda_only: bool = False
+    needs_cupy: bool = False
+    context: Callable[[torch.device], contextlib.AbstractContextManager] = \
+        field(default=lambda device: contextlib.nullcontext())
+    convert: Callable[[tuple], tuple] = field(default=lambda args: args)
+
+    def available(self, device) -> tuple[bool, str]:
+        device = torch.device(device)
+        if self.cuda_only and device.type != "cuda":
+            return False, "CUDA only"
+        if self.needs_cupy and _cupy() is None:
+            return False, "cupy not importable"
+        return True, ""
+
+
+def _blurfast_functions():
+    import blurfast as bf
+    return {
+        "dct2": bf.dct2,
+        "idct2": bf.idct2,
+        "q_sample": lambda x0, a, g: bf.spectral(x0, a, g=g, seed=_SEED, return_noise=True),
+        "sampler_step": lambda x_t, eps, c1, c2, sig: bf.spectral(x_t, c1, eps, c2, g=sig,
+                                                                  seed=_SEED),
+    }
+
+
+def _torch_functions(dct2, idct2):
+    return {
+        "dct2": dct2,
+        "idct2": idct2,
+        "q_sample": functools.partial(ref_q_sample, dct2=dct2, idct2=idct2),
+        "sampler_step": functools.partial(ref_sampler_step, dct2=dct2, idct2=idct2),
+    }
+
+
+def _cupy_functions():
+    import cupyx.scipy.fft as cfft
+    return {
+        "dct2": lambda x: cfft.dctn(x, type=2, axes=(-2, -1), norm="ortho"),
+        "idct2": lambda X: cfft.idctn(X, type=2, axes=(-2, -1), norm="ortho"),
+    }
+
+
+def _cupy_context(device):
+    """Run cupy on torch's current stream, so CUDA events bracket its work."""
+    cupy = _cupy()
+    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
+    return _nested(cupy.cuda.Device(torch.device(device).index or 0), stream)
+
+
+@contextlib.contextmanager
+def _nested(*cms):
+    with contextlib.ExitStack() as st:
+        for cm in cms:
+            st.enter_context(cm)
+        yield
+
+
+def _cupy_convert(args):
+    """Zero-copy views of torch tensors as cupy arrays (done outside the timed calls)."""
+    import torch.utils.dlpack
+    cupy = _cupy()
+    torch.cuda.synchronize()
+    out = []
+    for a in args:
+        try:
+            out.append(cupy.from_dlpack(a))
+        except Exception:   # stream handshake refused: fall back to a legacy capsule
+            out.append(cupy.from_dlpack(torch.utils.dlpack.to_dlpack(a)))
+    return tuple(out)
+
+
+def _tf32_context(enabled):
+    def ctx(device):
+        if torch.device(device).type == "cuda":
+            return tf32_matmul(enabled)
+        return contextlib.nullcontext()
+    return ctx
+
+
+_IMPLS = {
+    "blurfast": Impl("blurfast", _blurfast_functions),
+    "torch_fp32": Impl("torch_fp32", lambda: _torch_functions(matmul_dct2, matmul_idct2),
+                       context=_tf32_context(False)),
+    "torch_tf32": Impl("torch_tf32", lambda: _torch_functions(matmul_dct2, matmul_idct2),
+                       cuda_only=True, context=_tf32_context(True)),
+    "torch_fft": Impl("torch_fft", lambda: _torch_functions(fft_dct2, fft_idct2)),
+    "cupy": Impl("cupy", _cupy_functions, cuda_only=True, needs_cupy=True,
+                 context=_cupy_context, convert=_cupy_convert),
+}
+
+
+def get_impl(name: str) -> Impl:
+    if name not in _IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {name!r}")
+    return _IMPLS[name]
+
+
+def impl_function(impl: str, case: str):
+    """The callable for (impl, case), or None where that impl has no such case."""
+    if case not in CASES:
+        raise ValueError(f"case: expected one of {CASES}, got {case!r}")
+    return get_impl(impl).functions().get(case)
+
+
+# ----------------------------------------------------------------------------
+# Inputs and traffic
+# ----------------------------------------------------------------------------
+
+def make_inputs(case: str, shape, device, seed: int = 0, dtype=torch.float32) -> tuple:
+    """Positional arguments of ``case`` for one call (values are plausible, not special)."""
+    b, c, h, w = shape
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*s):
+        return torch.randn(*s, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+
+    def coef(lo, hi):       # (B, 1, H, W) map with values in [lo, hi]
+        u = torch.rand(b, 1, h, w, generator=gen, dtype=torch.float32)
+        return (lo + (hi - lo) * u).to(device=device, dtype=dtype)
+
+    if case in ("dct2", "idct2"):
+        return (randn(b, c, h, w),)
+    if case == "q_sample":
+        a = coef(0.05, 0.99)
+        return (randn(b, c, h, w), a, torch.sqrt(1 - a * a))
+    if case == "sampler_step":
+        return (randn(b, c, h, w), randn(b, c, h, w), coef(0.9, 1.1), coef(-0.1, 0.0),
+                coef(0.0, 0.2))
+    raise ValueError(f"case: expected one of {CASES}, got {case!r}")
+
+
+def traffic_bytes(case: str, shape, itemsize: int = 4) -> int:
+    """Minimum bytes moved: image-sized inputs read once, outputs written once."""
+    n = math.prod(shape) * itemsize
+    return {"dct2": 2 * n, "idct2": 2 * n, "q_sample": 3 * n, "sampler_step": 3 * n}[case]
+
+
+def _set_bytes(args) -> int:
+    return sum(a.numel() * a.element_size() for a in args)
+
+
+# ----------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=8)
+def _sleep_cycles_per_us(device_index: int) -> Optional[float]:
+    """GPU clock cycles per microsecond of ``torch.cuda._sleep`` (None if unavailable)."""
+    if not hasattr(torch.cuda, "_sleep"):
+        return None
+    with torch.cuda.device(device_index):
+        torch.cuda._sleep(1000)
+        torch.cuda.synchronize()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        cycles = 20_000_000
+        s.record()
+        torch.cuda._sleep(cycles)
+        e.record()
+        torch.cuda.synchronize()
+        us = s.elapsed_time(e) * 1000.0
+    return cycles / us if us > 0 else None
+
+
+def time_call(fn, arg_sets, device, iters: int, warmup: int) -> dict:
+    """Time ``fn(*arg_sets[i % len(arg_sets)])``.
+
+    Returns ``{"median_us", "wall_us", "iters"}``:
+
+    * CUDA: ``median_us`` is the median over ``iters`` calls of the GPU time of
+      one call, from CUDA events recorded around it, with the stream first
+      given a spin kernel long enough for the host to queue all the calls (so
+      host launch overhead does not show; this is the device time of the
+      call's kernels). ``wall_us`` is host wall-clock per call over ``iters``
+      back-to-back calls ended by a synchronize (what a Python loop pays,
+      launch overhead included).
+    * CPU: ``median_us`` is the median of per-call wall-clock times;
+      ``wall_us`` their mean.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            return _time_call_cuda(fn, arg_sets, device, iters, warmup)
+    k = len(arg_sets)
+    for i in range(max(warmup, 1)):
+        fn(*arg_sets[i % k])
+    ts = []
+    for i in range(iters):
+        t0 = time.perf_counter()
+        fn(*arg_sets[i % k])
+        ts.append((time.perf_counter() - t0) * 1e6)
+    return {"median_us": statistics.median(ts), "wall_us": statistics.fmean(ts),
+            "iters": iters}
+
+
+def _time_call_cuda(fn, arg_sets, device, iters, warmup):
+    k = len(arg_sets)
+    for i in range(max(warmup, 1)):
+        fn(*arg_sets[i % k])
+    torch.cuda.synchronize(device)
+
+    # Host wall-clock per call (steady state, launch overhead included).
+    t0 = time.perf_counter()
+    for i in range(iters):
+        fn(*arg_sets[i % k])
+    enqueue_us = (time.perf_counter() - t0) * 1e6 / iters
+    torch.cuda.synchronize(device)
+    wall_us = (time.perf_counter() - t0) * 1e6 / iters
+
+    # Device time per call: queue everything behind a spin kernel, then events.
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    cpu = _sleep_cycles_per_us(device.index if device.index is not None
+                               else torch.cuda.current_device())
+    if cpu is not None:
+        # Enough spin for the host to enqueue all calls (it took enqueue_us
+        # per call above, events add a little), capped at 0.5 s.
+        lead_us = min(2.0 * enqueue_us * iters + 500.0, 500_000.0)
+        torch.cuda._sleep(int(lead_us * cpu))
+    for i in range(iters):
+        starts[i].record()
+        fn(*arg_sets[i % k])
+        ends[i].record()
+    torch.cuda.synchronize(device)
+    ts = [s.elapsed_time(e) * 1000.0 for s, e in zip(starts, ends)]
+    return {"median_us": statistics.median(ts), "wall_us": wall_us, "iters": iters}
+
+
+def _l2_bytes(device) -> int:
+    device = torch.device(device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return int(getattr(props, "L2_cache_size", 0) or 50 * 2**20)
+    return 0
+
+
+def num_input_sets(set_bytes: int, device, max_sets: int = 256,
+                   max_bytes: int = 2 * 2**30) -> int:
+    """How many distinct input sets to rotate through so that each call reads
+    data not touched for at least twice the L2 size (CUDA); 1 on CPU."""
+    l2 = _l2_bytes(device)
+    if l2 == 0 or set_bytes == 0:
+        return 1
+    k = math.ceil(2 * l2 / set_bytes)
+    k = min(k, max_sets, max(1, max_bytes // set_bytes))
+    return max(k, 2)
+
+
+def measure_copy_gbps(device, nbytes: Optional[int] = None, iters: int = 20) -> float:
+    """Device-to-device copy bandwidth in GB/s (bytes read + bytes written), median."""
+    device = torch.device(device)
+    if nbytes is None:
+        nbytes = 512 * 2**20 if device.type == "cuda" else 32 * 2**20
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            nbytes = min(nbytes, max(free // 8, 16 * 2**20))
+    n = nbytes // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    if device.type != "cuda":
+        iters = min(iters, 5)
+    res = time_call(lambda: dst.copy_(src), [()], device, iters=iters, warmup=3)
+    return 2 * n * 4 / (res["median_us"] * 1e-6) / 1e9
+
+
+# ----------------------------------------------------------------------------
+# Runner
+# ----------------------------------------------------------------------------
+
+def _driver_version() -> Optional[str]:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0].strip()
+    except Exception:
+        pass
+    return None
+
+
+def _device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu: {platform.processor() or platform.machine()} ({os.cpu_count()} logical cores)"
+
+
+def _blurfast_version() -> Optional[str]:
+    try:
+        import blurfast
+        return getattr(blurfast, "__version__", None)
+    except Exception as e:  # pragma: no cover - reported, not raised
+        return f"import failed: {e}"
+
+
+def _parse_shape(s) -> tuple:
+    if isinstance(s, str):
+        parts = s.lower().replace("x", ",").split(",")
+        s = [int(p) for p in parts if p.strip()]
+    s = tuple(int(v) for v in s)
+    if len(s) != 4 or min(s) < 1:
+        raise ValueError(f"shape: expected four positive sizes B,C,H,W, got {s!r}")
+    return s
+
+
+def run(device=None, quick: bool = False, *, cases=None, impls=None, shapes=None,
+        iters: Optional[int] = None, warmup: Optional[int] = None,
+        json_path=None, print_table: bool = True, file=None) -> dict:
+    """Time every (case, shape, impl); return (and optionally write) the results dict.
+
+    ``device``: "cuda" (default when available) or "cpu". ``quick``: fewer
+    iterations and, on CUDA, only the three shapes of issue 6 (a full run adds
+    32x32 and 128x128). ``cases``/``impls``/``shapes`` restrict the run.
+    Rows that cannot run (impl unavailable, or an exception) go to ``skipped``.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' requested but torch.cuda.is_available() is False")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    is_cuda = device.type == "cuda"
+
+    cases = tuple(cases) if cases else CASES
+    impls = tuple(impls) if impls else IMPLS
+    for c in cases:
+        if c not in CASES:
+            raise ValueError(f"cases: unknown case {c!r}; expected some of {CASES}")
+    for i in impls:
+        get_impl(i)
+    if shapes:
+        shapes = tuple(_parse_shape(s) for s in shapes)
+    elif is_cuda:
+        shapes = CUDA_SHAPES if quick else CUDA_SHAPES + CUDA_EXTRA_SHAPES
+    else:
+        shapes = CPU_SHAPES
+    if iters is None:
+        iters = (30 if quick else 200) if is_cuda else (3 if quick else 10)
+    if warmup is None:
+        warmup = (5 if quick else 20) if is_cuda else 1
+
+    torch.manual_seed(0)
+    copy_gbps = measure_copy_gbps(device)
+    result = {
+        "gpu": _device_name(device),
+        "driver": _driver_version() if is_cuda else None,
+        "torch": torch.__version__,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "copy_gbps": round(copy_gbps, 1),
+        "rows": [],
+        "device": device.type,
+        "cuda_runtime": torch.version.cuda,
+        "blurfast": _blurfast_version(),
+        "quick": bool(quick),
+        "iters": iters,
+        "cpu_threads": torch.get_num_threads(),
+        "timing": ("median_us: CUDA-event device time per call, host launch overhead hidden; "
+                   "wall_us: host wall-clock per call in a back-to-back loop"
+                   if is_cuda else "median_us: median wall-clock per call; wall_us: mean"),
+        "traffic": "image-sized inputs read once + outputs written once; maps not counted",
+        "skipped": [],
+    }
+
+    for case in cases:
+        for shape in shapes:
+            nbytes = traffic_bytes(case, shape)
+            base = make_inputs(case, shape, device)
+            nsets = num_input_sets(_set_bytes(base), device) if is_cuda else 1
+            arg_sets = [base] + [tuple(a.clone() for a in base) for _ in range(nsets - 1)]
+            case_rows = []
+            for impl_name in impls:
+                impl = get_impl(impl_name)
+                ok, why = impl.available(device)
+                fn = None
+                if ok:
+                    try:
+                        fn = impl.functions().get(case)
+                    except Exception as e:      # an impl that fails to import is an error
+                        result["skipped"].append({"case": case, "shape": list(shape),
+                                                  "impl": impl_name,
+                                                  "reason": f"{type(e).__name__}: {e}"[:500],
+                                                  "error": True})
+                        continue
+                    else:
+                        if fn is None:
+                            ok, why = False, f"no {case} in {impl_name}"
+                if not ok:
+                    result["skipped"].append({"case": case, "shape": list(shape),
+                                              "impl": impl_name, "reason": why,
+                                              "error": False})
+                    continue
+                try:
+                    with impl.context(device):
+                        sets = [impl.convert(a) for a in arg_sets]
+                        t = time_call(fn, sets, device, iters=iters, warmup=warmup)
+                    del sets
+                except Exception as e:
+                    result["skipped"].append({"case": case, "shape": list(shape),
+                                              "impl": impl_name,
+                                              "reason": f"{type(e).__name__}: {e}"[:500],
+                                              "error": True})
+                    continue
+                gbps = nbytes / (t["median_us"] * 1e-6) / 1e9
+                case_rows.append({
+                    "case": case, "shape": list(shape), "impl": impl_name,
+                    "median_us": round(t["median_us"], 2),
+                    "gbps": round(gbps, 2),
+                    "copy_fraction": round(gbps / copy_gbps, 4),
+                    "speedup_vs_torch_fp32": None,
+                    "wall_us": round(t["wall_us"], 2),
+                    "bytes": nbytes,
+                })
+            ref = next((r for r in case_rows if r["impl"] == "torch_fp32"), None)
+            if ref is not None:
+                for r in case_rows:
+                    r["speedup_vs_torch_fp32"] = round(ref["median_us"] / r["median_us"], 3)
+            result["rows"].extend(case_rows)
+            del arg_sets, base
+            if is_cuda:
+                torch.cuda.empty_cache()
+
+    if json_path:
+        d = os.path.dirname(os.path.abspath(json_path))
+        os.makedirs(d, exist_ok=True)
+        with open(json_path, "w") as f:
+            f.write(dumps(result))
+    if print_table:
+        print(format_table(result), file=file or sys.stdout)
+    return result
+
+
+def dumps(result: dict) -> str:
+    """JSON text of a results dict, one row per line (diff-friendly)."""
+    head = {k: v for k, v in result.items() if k not in ("rows", "skipped")}
+    parts = [json.dumps(head, indent=1)[:-2]]
+    for key in ("rows", "skipped"):
+        items = result.get(key, [])
+        body = ",\n".join("  " + json.dumps(r) for r in items)
+        parts.append(f',\n "{key}": [\n{body}\n ]' if items else f',\n "{key}": []')
+    return "".join(parts) + "\n}\n"
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{result['gpu']} | torch {result['torch']} | driver {result['driver']} | "
+             f"{result['date']}",
+             f"device copy: {result['copy_gbps']:.1f} GB/s (read + write)"]
+    hdr = f"{'case':<13}{'shape':<16}{'impl':<11}{'median_us':>11}{'wall_us':>11}" \
+          f"{'GB/s':>9}{'copy%':>8}{'vs fp32':>9}"
+    lines += [hdr, "-" * len(hdr)]
+    for r in result["rows"]:
+        sp = r["speedup_vs_torch_fp32"]
+        lines.append(f"{r['case']:<13}{'x'.join(map(str, r['shape'])):<16}{r['impl']:<11}"
+                     f"{r['median_us']:>11.1f}{r['wall_us']:>11.1f}{r['gbps']:>9.1f}"
+                     f"{100 * r['copy_fraction']:>7.1f}%"
+                     f"{(f'{sp:.2f}x' if sp is not None else '-'):>9}")
+    seen = {}
+    for s in result["skipped"]:
+        seen.setdefault((s["impl"], s["reason"]), []).append(
+            f"{s['case']} {'x'.join(map(str, s['shape']))}")
+    for (impl, reason), where in seen.items():
+        lines.append(f"skipped {impl} ({len(where)} rows, e.g. {where[0]}): {reason}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="blurfast bench", description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cuda when available, else cpu")
+    p.add_argument("--quick", action="store_true", help="fewer iterations and shapes")
+    p.add_argument("--json", dest="json_path", default=None, help="write the results here")
+    p.add_argument("--cases", nargs="+", choices=CASES, default=None)
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=None)
+    p.add_argument("--shapes", nargs="+", default=None, metavar="BxCxHxW",
+                   help="e.g. 16x3x64x64 (overrides the default shapes)")
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 when blurfast or a torch peer raised (cupy errors are only "
+                        "reported: they depend on the machine's cupy install)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); 1 gives steadier CPU numbers "
+                        "on a shared machine")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    res = run(a.device, a.quick, cases=a.cases, impls=a.impls, shapes=a.shapes, iters=a.iters,
+              warmup=a.warmup, json_path=a.json_path)
+    errors = [s for s in res["skipped"] if s.get("error")]
+    if errors:
+        print(f"{len(errors)} row(s) raised an exception (see 'skipped')", file=sys.stderr)
+    return 1 if (a.strict and [s for s in errors if s["impl"] != "cupy"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+#!/usr/bin/env bash
+# GPU check for blurfast, for a machine with an NVIDIA GPU and no network.
+#
+#   bash scripts/gpu_check.sh            # results in ./gpu_results
+#   OUT=/some/dir bash scripts/gpu_check.sh
+#
+# Steps (each with its own timeout, all within GPU_CHECK_BUDGET seconds; a
+# failing step is logged and the next one runs):
+#   env        nvidia-smi, driver, python/torch/CUDA/tool versions, date
+#   build      BLURFAST_CUDA=1 pip install --no-build-isolation --no-deps -v .
+#   ext        make the source tree import the built blurfast._C (tests run from here)
+#   info       python -m blurfast info
+#   tests      pytest tests -m cuda (log + junit xml)
+#   bench      python benchmarks/run.py --device cuda --quick --strict --json $OUT/bench.json
+#              (--strict: fails when blurfast or a torch peer raised)
+#   memcheck   compute-sanitizer --tool memcheck  python scripts/sanitizer_case.py
+#   racecheck  compute-sanitizer --tool racecheck python scripts/sanitizer_case.py
+# Output in $OUT: <step>.log for each step, gpu_check.log (the running log),
+# summary.txt (PASS/FAIL per step), junit-cuda.xml, bench.json and a copy of it
+# named for the card and date under results/ (commit it to benchmarks/results/).
+# Exit code 0 only when every step that ran passed (GPU_CHECK_SKIP skips steps).
+#
+# Environment knobs:
+#   OUT                    output folder (default gpu_results)
+#   PYTHON                 interpreter (default: python, else python3)
+#   GPU_CHECK_BUDGET       seconds for the whole script (default 280)
+#   GPU_CHECK_SKIP         space-separated step names to skip, e.g. "build racecheck"
+#   BLURFAST_CUDA_ARCHS    passed to the build; when unset, this script builds only
+#                          for the GPU present (e.g. "90" on an H100) to save time;
+#                          GPU_CHECK_ALL_ARCHS=1 keeps the package's default list.
+set -euo pipefail
+
+OUT=${OUT:-gpu_results}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+PY=${PYTHON:-$(command -v python || command -v python3 || echo python3)}
+BUDGET=${GPU_CHECK_BUDGET:-280}
+SKIP=${GPU_CHECK_SKIP:-}
+START=$SECONDS
+FAILED=0
+LOG=$OUT/gpu_check.log
+SUMMARY=$OUT/summary.txt
+: > "$LOG"
+: > "$SUMMARY"
+export PY OUT ROOT
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+# nvcc and compute-sanitizer where CUDA installs them, if they are not on PATH.
+CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+for d in "$CUDA_HOME/bin" "$CUDA_HOME/compute-sanitizer"; do
+  if [[ -d "$d" && ":$PATH:" != *":$d:"* ]]; then PATH="$PATH:$d"; fi
+done
+export PATH
+
+log() { echo "[gpu_check $(date -u +%H:%M:%S) +$((SECONDS - START))s] $*" | tee -a "$LOG"; }
+
+# step NAME TIMEOUT_S CMD [ARGS...]: run CMD with stdout+stderr to $OUT/NAME.log.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  if [[ " $SKIP " == *" $name "* ]]; then
+    log "SKIP $name (GPU_CHECK_SKIP)"
+    echo "$name SKIPPED" >> "$SUMMARY"
+    return 0
+  fi
+  local left=$((BUDGET - (SECONDS - START) - 3))
+  if [[ $left -lt $limit ]]; then limit=$left; fi
+  if [[ $limit -lt 10 ]]; then
+    log "FAIL $name: not started, the ${BUDGET}s budget is spent"
+    echo "$name FAIL not started (budget spent)" >> "$SUMMARY"
+    FAILED=1
+    return 0
+  fi
+  log "RUN  $name (timeout ${limit}s): $*"
+  local t0=$SECONDS rc=0
+  timeout -k 5 "$limit" "$@" > "$OUT/$name.log" 2>&1 || rc=$?
+  local dt=$((SECONDS - t0))
+  if [[ $rc -eq 0 ]]; then
+    log "PASS $name (${dt}s)"
+    echo "$name PASS ${dt}s" >> "$SUMMARY"
+  else
+    local why="exit code $rc"
+    if [[ $rc -eq 124 || $rc -eq 137 ]]; then why="timed out after ${limit}s"; fi
+    log "FAIL $name: $why (${dt}s); last lines of $name.log:"
+    tail -n 20 "$OUT/$name.log" | sed 's/^/    /' | tee -a "$LOG"
+    echo "$name FAIL $why ${dt}s" >> "$SUMMARY"
+    FAILED=1
+  fi
+}
+
+env_info() {
+  set +e
+  echo "date (UTC): $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "host: $(hostname)"
+  echo "repo: $ROOT"
+  if command -v git > /dev/null && git -C "$ROOT" rev-parse HEAD > /dev/null 2>&1; then
+    echo "commit: $(git -C "$ROOT" rev-parse HEAD) $(git -C "$ROOT" status --porcelain | wc -l) changed files"
+  fi
+  echo "== nvidia-smi"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap,clocks.max.sm,clocks.max.mem --format=csv
+  nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+  echo "== python: $PY"
+  "$PY" -c "
+import sys, platform, torch
+print('python', sys.version.split()[0], platform.platform())
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print('device', torch.cuda.get_device_name(0), 'cc', '%d.%d' % (p.major, p.minor),
+          'mem GiB %.1f' % (p.total_memory / 2**30), 'SMs', p.multi_processor_count,
+          'L2 MiB', getattr(p, 'L2_cache_size', 0) / 2**20)
+"
+  for mod in numpy scipy pybind11 cupy pytest pytest_benchmark; do
+    "$PY" -c "import $mod; print('$mod', getattr($mod, '__version__', '?'))" 2>&1 | tail -n 1
+  done
+  echo "== tools"
+  for t in nvcc cmake ninja compute-sanitizer gcc; do
+    if command -v "$t" > /dev/null; then
+      echo "$t: $("$t" --version 2>&1 | grep -m1 -iE 'release|version|[0-9]+\.[0-9]+')"
+    else echo "$t: not found"; fi
+  done
+  return 0
+}
+export -f env_info
+
+build() {
+  set -euo pipefail
+  local archs=${BLURFAST_CUDA_ARCHS:-}
+  if [[ -z "$archs" && "${GPU_CHECK_ALL_ARCHS:-0}" != 1 ]]; then
+    archs=$("$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.major}{p.minor}')" 2>/dev/null || true)
+  fi
+  echo "BLURFAST_CUDA=1 BLURFAST_CUDA_ARCHS=${archs:-<package default>}"
+  # The machine has no network: no build isolation, no dependency resolution.
+  # PIP_BREAK_SYSTEM_PACKAGES lets pip install into a distro-managed Python.
+  env BLURFAST_CUDA=1 ${archs:+BLURFAST_CUDA_ARCHS=$archs} PIP_BREAK_SYSTEM_PACKAGES=1 \
+    CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
+    "$PY" -m pip install --no-build-isolation --no-deps -v .
+}
+export -f build
+
+# After a non-editable install the compiled module is in site-packages, but
+# python run from the repository root imports the source tree first; copy the
+# built extension next to the sources (the copy is git-ignored).
+ext() {
+  set -euo pipefail
+  local so
+  so=$(cd / && "$PY" -c "import blurfast._C as c; print(c.__file__)")
+  echo "installed extension: $so"
+  if [[ "$(dirname "$so")" != "$ROOT/blurfast" ]]; then
+    cp -f "$so" "$ROOT/blurfast/"
+    echo "copied to $ROOT/blurfast/"
+  fi
+  "$PY" -c "import blurfast, blurfast._C as c; print('source tree imports', blurfast.__file__, c.__file__)"
+  # Without a GPU or without CUDA kernels the CUDA tests would all skip and pass.
+  "$PY" -c "
+import torch, blurfast._C as c
+assert torch.cuda.is_available(), 'torch sees no CUDA device'
+assert getattr(c, 'has_cuda', True), 'blurfast._C was built without CUDA kernels'
+print('CUDA kernels:', getattr(c, 'cuda_archs', '?'), 'GPU:', torch.cuda.get_device_name())
+"
+}
+export -f ext
+
+log "blurfast GPU check: repo $ROOT, output $OUT, budget ${BUDGET}s, python $PY"
+
+step env 40 bash -c env_info
+step build 170 bash -c build
+step ext 30 bash -c ext
+step info 40 "$PY" -m blurfast info
+rm -f "$OUT/junit-cuda.xml" "$OUT/bench.json"
+step tests 75 "$PY" -m pytest tests -m cuda -p no:cacheprovider -q -rs \
+  --junitxml="$OUT/junit-cuda.xml"
+if [[ -f "$OUT/junit-cuda.xml" ]]; then
+  counts=$("$PY" - "$OUT/junit-cuda.xml" <<'EOF' || true
+import sys, xml.etree.ElementTree as ET
+r = ET.parse(sys.argv[1]).getroot()
+s = r if r.tag == "testsuite" else r.find("testsuite")
+print(" ".join(f"{k}={s.get(k)}" for k in ("tests", "failures", "errors", "skipped")))
+EOF
+  )
+  log "tests junit: $counts"
+  echo "tests junit: $counts" >> "$SUMMARY"
+fi
+step bench 75 "$PY" benchmarks/run.py --device cuda --quick --strict \
+  --json "$OUT/bench.json"
+if [[ -f "$OUT/bench.json" ]]; then
+  name=$("$PY" - "$OUT/bench.json" <<'EOF' || true
+import json, re, sys
+d = json.load(open(sys.argv[1]))
+gpu = re.sub(r"[^A-Za-z0-9]+", "-", d.get("gpu", "gpu")).strip("-").lower()
+print(f"{gpu}-{d.get('date', '')[:10]}.json")
+EOF
+  )
+  if [[ -n "$name" ]]; then
+    mkdir -p "$OUT/results" && cp -f "$OUT/bench.json" "$OUT/results/$name"
+    log "bench results: $OUT/bench.json (copy: results/$name, commit under benchmarks/results/)"
+  fi
+fi
+step memcheck 75 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+  --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py
+step racecheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck \
+  --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py
+
+log "done in $((SECONDS - START))s; summary:"
+sed 's/^/    /' "$SUMMARY" | tee -a "$LOG"
+if [[ $FAILED -ne 0 ]]; then
+  log "RESULT: FAIL"
+  exit 1
+fi
+log "RESULT: PASS"
+exit 0

@@ -1,0 +1,111 @@
+"""Small CUDA workload for compute-sanitizer (memcheck, racecheck), also a correctness check.
+
+Calls blurfast.dct2 / idct2 / spectral on CUDA at a few sizes (fast-path squares,
+odd sizes, an empty batch, a non-contiguous input, broadcast maps), copies the
+results back and compares them with blurfast.reference on the CPU in float64.
+Exits 0 when every case ran and matched, 1 on a mismatch or an exception, 2
+when there is no CUDA device. Run it under the sanitizer with the caching
+allocator off, so out-of-bounds accesses land outside real allocations:
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+        --error-exitcode 3 python scripts/sanitizer_case.py
+"""
+import argparse
+import sys
+import traceback
+
+import torch
+
+SHAPES = [
+    (2, 3, 8, 8), (2, 3, 16, 16), (2, 3, 32, 32), (2, 3, 64, 64), (1, 3, 128, 128),
+    (1, 2, 256, 256), (1, 1, 1, 1), (2, 1, 7, 12), (1, 2, 33, 20), (0, 3, 16, 16),
+]
+REL_TOL = 1e-5          # float32 kernels vs float64 reference, relative to max |ref|
+
+
+def _rel_err(got, want):
+    want = want.double()
+    scale = max(want.abs().max().item(), 1e-30) if want.numel() else 1.0
+    return ((got.cpu().double() - want).abs().max().item() / scale) if want.numel() else 0.0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--max-hw", type=int, default=256, help="skip shapes with H or W above this")
+    p.add_argument("--device", default="cuda", help="cuda (default); cpu only to test this script")
+    a = p.parse_args(argv)
+    dev = torch.device(a.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 2
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    import blurfast as bf
+    from blurfast import reference as ref
+
+    gen = torch.Generator().manual_seed(0)
+    failures = 0
+
+    def check(name, fn):
+        nonlocal failures
+        try:
+            err = fn()
+            sync()
+            ok = err <= REL_TOL
+            print(f"{'ok  ' if ok else 'FAIL'} {name}: max rel err {err:.2e}", flush=True)
+            failures += not ok
+        except Exception:
+            failures += 1
+            print(f"FAIL {name}: exception", flush=True)
+            traceback.print_exc()
+
+    for shape in SHAPES:
+        b, c, h, w = shape
+        if max(h, w) > a.max_hw:
+            continue
+        tag = "x".join(map(str, shape))
+        x = torch.randn(*shape, generator=gen)
+        x2 = torch.randn(*shape, generator=gen)
+        am = torch.rand(b, 1, h, w, generator=gen)
+        gm = torch.sqrt(1 - am * am)
+        bm = -0.1 * torch.rand(b, 1, h, w, generator=gen)
+        s1 = torch.rand(1, 1, h, w, generator=gen)
+        zb = torch.randn(*shape, generator=gen)
+        xc, x2c, amc, gmc, bmc, s1c, zbc = (t.to(dev) for t in (x, x2, am, gm, bm, s1, zb))
+
+        check(f"dct2 {tag}", lambda: _rel_err(bf.dct2(xc), ref.dct2(x.double())))
+        check(f"idct2 {tag}", lambda: _rel_err(bf.idct2(xc), ref.idct2(x.double())))
+
+        def q_sample():
+            out, eps = bf.spectral(xc, amc, g=gmc, seed=7, offset=3, return_noise=True)
+            r_out, r_eps = ref.spectral(x.double(), am.double(), g=gm.double(), seed=7,
+                                        offset=3, return_noise=True)
+            return max(_rel_err(out, r_out), _rel_err(eps, r_eps))
+        check(f"spectral q_sample {tag}", q_sample)
+
+        def sampler_step():
+            out = bf.spectral(xc, amc, x2c, bmc, g=s1c, seed=11)
+            r = ref.spectral(x.double(), am.double(), x2.double(), bm.double(),
+                             g=s1.double(), seed=11)
+            return _rel_err(out, r)
+        check(f"spectral sampler_step {tag}", sampler_step)
+
+        def given_noise():
+            out = bf.spectral(xc, s1c, g=gmc, noise=zbc)
+            r = ref.spectral(x.double(), s1.double(), g=gm.double(), noise=zb.double())
+            return _rel_err(out, r)
+        check(f"spectral given noise {tag}", given_noise)
+
+    # Non-contiguous input (a transposed view) and a rank-2 input.
+    xt = torch.randn(2, 3, 32, 16, generator=gen)
+    check("dct2 non-contiguous", lambda: _rel_err(bf.dct2(xt.to(dev).transpose(-1, -2)),
+                                                  ref.dct2(xt.double().transpose(-1, -2))))
+    x2d = torch.randn(64, 64, generator=gen)
+    check("idct2 rank 2", lambda: _rel_err(bf.idct2(x2d.to(dev)), ref.idct2(x2d.double())))
+
+    sync()
+    print(f"{failures} failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

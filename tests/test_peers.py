@@ -1,0 +1,212 @@
+"""The benchmark peers compute the right thing (so speedups compare correct code).
+
+Peers live in blurfast.bench (re-exported by benchmarks/peers.py): torch matmul
+DCT, torch.fft DCT (Makhoul reorder + FFT + twiddle), the torch reference
+compositions of q_sample and the sampler step, and cupyx.scipy.fft on CUDA.
+"""
+import json
+import math
+
+import pytest
+import torch
+
+scipy_fft = pytest.importorskip("scipy.fft")
+
+from blurfast import bench, reference
+
+SIZES = [(1, 1), (2, 2), (7, 12), (8, 8), (33, 20), (16, 16), (64, 64), (5, 128)]
+
+
+def _x(shape, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def _scipy_dct2(x):
+    return torch.from_numpy(scipy_fft.dctn(x.double().numpy(), type=2, axes=(-2, -1),
+                                           norm="ortho"))
+
+
+def _scipy_idct2(X):
+    return torch.from_numpy(scipy_fft.idctn(X.double().numpy(), type=2, axes=(-2, -1),
+                                            norm="ortho"))
+
+
+@pytest.mark.parametrize("hw", SIZES)
+@pytest.mark.parametrize("peer", ["matmul", "fft"])
+def test_peer_dct_float64_matches_scipy(peer, hw):
+    dct2 = {"matmul": bench.matmul_dct2, "fft": bench.fft_dct2}[peer]
+    idct2 = {"matmul": bench.matmul_idct2, "fft": bench.fft_idct2}[peer]
+    x = _x((2, 3) + hw)
+    X = dct2(x)
+    assert X.dtype == torch.float64 and X.shape == x.shape
+    torch.testing.assert_close(X, _scipy_dct2(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(idct2(x), _scipy_idct2(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(idct2(X), x, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (33, 20), (64, 64), (256, 256)])
+@pytest.mark.parametrize("peer", ["matmul", "fft"])
+def test_peer_dct_float32_matches_scipy(peer, hw):
+    dct2 = {"matmul": bench.matmul_dct2, "fft": bench.fft_dct2}[peer]
+    idct2 = {"matmul": bench.matmul_idct2, "fft": bench.fft_idct2}[peer]
+    x = _x((2, 3) + hw, torch.float32)
+    X = dct2(x)
+    assert X.dtype == torch.float32
+    ref = _scipy_dct2(x)
+    scale = ref.abs().max().item()
+    assert (X.double() - ref).abs().max().item() <= 2e-6 * scale
+    ref_i = _scipy_idct2(x)
+    assert (idct2(x).double() - ref_i).abs().max().item() <= 2e-6 * ref_i.abs().max().item()
+
+
+def test_peer_dct_noncontiguous_and_rank():
+    x = _x((3, 2, 16, 8)).transpose(-1, -2)          # non-contiguous, (3, 2, 8, 16)
+    for f in (bench.matmul_dct2, bench.fft_dct2):
+        torch.testing.assert_close(f(x), _scipy_dct2(x), rtol=0, atol=1e-12)
+    x2 = _x((12, 20))                                # rank 2
+    for f in (bench.matmul_dct2, bench.fft_dct2):
+        torch.testing.assert_close(f(x2), _scipy_dct2(x2), rtol=0, atol=1e-12)
+
+
+def test_ref_q_sample_matches_reference_spectral():
+    b, c, h, w = 2, 3, 16, 12
+    x0 = _x((b, c, h, w), seed=1)
+    a = torch.rand(b, 1, h, w, dtype=torch.float64)
+    g = torch.sqrt(1 - a * a)
+    zb = _x((b, c, h, w), seed=2)
+    for dct2, idct2 in ((bench.matmul_dct2, bench.matmul_idct2),
+                        (bench.fft_dct2, bench.fft_idct2)):
+        xt, eps = bench.ref_q_sample(x0, a, g, dct2=dct2, idct2=idct2, noise=zb)
+        xt_r, eps_r = reference.spectral(x0, a, g=g, noise=zb, return_noise=True)
+        torch.testing.assert_close(xt, xt_r, rtol=0, atol=1e-12)
+        torch.testing.assert_close(eps, eps_r, rtol=0, atol=1e-12)
+    # pixel noise is the orthonormal inverse of unit normals: unit variance
+    xt, eps = bench.ref_q_sample(torch.zeros(4, 3, 32, 32), torch.ones(4, 1, 32, 32),
+                                 torch.zeros(4, 1, 32, 32))
+    assert abs(eps.std().item() - 1.0) < 0.05
+
+
+def test_ref_sampler_step_matches_reference_spectral():
+    b, c, h, w = 2, 3, 8, 16
+    xt, eps, zb = _x((b, c, h, w), seed=3), _x((b, c, h, w), seed=4), _x((b, c, h, w), seed=5)
+    c1 = 1 + 0.1 * torch.rand(b, 1, h, w, dtype=torch.float64)
+    c2 = -0.1 * torch.rand(b, 1, h, w, dtype=torch.float64)
+    sig = 0.2 * torch.rand(1, 1, h, w, dtype=torch.float64)
+    want = reference.spectral(xt, c1, eps, c2, g=sig, noise=zb)
+    for dct2, idct2 in ((bench.matmul_dct2, bench.matmul_idct2),
+                        (bench.fft_dct2, bench.fft_idct2)):
+        got = bench.ref_sampler_step(xt, eps, c1, c2, sig, dct2=dct2, idct2=idct2, noise=zb)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", bench.CASES)
+def test_every_cpu_impl_runs_each_case_with_right_shapes(case):
+    shape = (2, 3, 8, 8)
+    args = bench.make_inputs(case, shape, "cpu")
+    outs = {}
+    for impl in ("blurfast", "torch_fp32", "torch_fft"):
+        out = bench.impl_function(impl, case)(*args)
+        out = out if isinstance(out, tuple) else (out,)
+        assert all(o.shape == shape and o.dtype == torch.float32 for o in out)
+        outs[impl] = out
+    if case in ("dct2", "idct2"):      # deterministic: all three agree
+        for impl in ("torch_fp32", "torch_fft"):
+            torch.testing.assert_close(outs[impl][0], outs["blurfast"][0], rtol=0, atol=1e-5)
+
+
+def test_traffic_bytes():
+    n = 256 * 3 * 64 * 64 * 4
+    assert bench.traffic_bytes("dct2", (256, 3, 64, 64)) == 2 * n
+    assert bench.traffic_bytes("q_sample", (256, 3, 64, 64)) == 3 * n
+    assert bench.traffic_bytes("sampler_step", (256, 3, 64, 64)) == 3 * n
+    # DESIGN.md section 4: dct2 floor 8.5 us and q_sample floor 12.7 us at 2960 GB/s
+    assert math.isclose(bench.traffic_bytes("dct2", (256, 3, 64, 64)) / 2960e9 * 1e6, 8.5,
+                        abs_tol=0.05)
+    assert math.isclose(bench.traffic_bytes("q_sample", (256, 3, 64, 64)) / 2960e9 * 1e6,
+                        12.75, abs_tol=0.05)
+
+
+def test_run_cpu_writes_issue6_json_shape(tmp_path):
+    path = tmp_path / "bench.json"
+    res = bench.run("cpu", quick=True, cases=["dct2", "q_sample"],
+                    impls=["blurfast", "torch_fp32", "torch_fft", "torch_tf32", "cupy"],
+                    shapes=["1x3x8x8"], iters=2, warmup=1, json_path=str(path),
+                    print_table=False)
+    on_disk = json.loads(path.read_text())
+    assert on_disk == json.loads(json.dumps(res))
+    for key in ("gpu", "driver", "torch", "date", "copy_gbps", "rows"):
+        assert key in on_disk
+    assert on_disk["copy_gbps"] > 0
+    rows = on_disk["rows"]
+    assert {(r["case"], r["impl"]) for r in rows} == {
+        (c, i) for c in ("dct2", "q_sample") for i in ("blurfast", "torch_fp32", "torch_fft")}
+    for r in rows:
+        assert set(r) >= {"case", "shape", "impl", "median_us", "gbps", "copy_fraction",
+                          "speedup_vs_torch_fp32"}
+        assert r["shape"] == [1, 3, 8, 8]
+        assert r["median_us"] > 0 and r["gbps"] >= 0 and r["copy_fraction"] >= 0
+        if r["impl"] == "torch_fp32":
+            assert r["speedup_vs_torch_fp32"] == 1.0
+    skipped = {(s["impl"], s["reason"]) for s in on_disk["skipped"]}
+    assert ("torch_tf32", "CUDA only") in skipped and ("cupy", "CUDA only") in skipped
+    assert not [s for s in on_disk["skipped"] if s["error"]]
+    assert "median_us" in bench.format_table(res)
+
+
+def test_num_input_sets_rotates_past_l2(monkeypatch):
+    monkeypatch.setattr(bench, "_l2_bytes", lambda device: 50 * 2**20)
+    k = bench.num_input_sets(12 * 2**20, "cuda")
+    assert k * 12 * 2**20 >= 2 * 50 * 2**20
+    assert bench.num_input_sets(200 * 2**20, "cuda") == 2
+    assert bench.num_input_sets(1000, "cuda") == 256
+
+
+def _cuda():
+    return torch.cuda.is_available()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _cuda(), reason="no CUDA device")
+@pytest.mark.parametrize("hw", [(64, 64), (256, 256), (33, 20)])
+def test_cuda_peers_match_scipy(hw):
+    x = _x((2, 3) + hw, torch.float32)
+    ref = _scipy_dct2(x)
+    tol = 1e-5 * ref.abs().max().item()      # peers: float32 rounding (cuBLAS, cuFFT)
+    xc = x.cuda()
+    with bench.tf32_matmul(False):
+        assert (bench.matmul_dct2(xc).cpu().double() - ref).abs().max().item() <= tol
+    assert (bench.fft_dct2(xc).cpu().double() - ref).abs().max().item() <= tol
+    with bench.tf32_matmul(True):   # TF32: ~1e-3 relative
+        assert (bench.matmul_dct2(xc).cpu().double() - ref).abs().max().item() <= 1e-2 * \
+            ref.abs().max().item()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _cuda(), reason="no CUDA device")
+@pytest.mark.parametrize("hw", [(64, 64), (256, 256), (33, 20)])
+def test_cuda_cupy_peer_matches_scipy(hw):
+    impl = bench.get_impl("cupy")
+    ok, why = impl.available("cuda")
+    if not ok:
+        pytest.skip(why)
+    x = _x((2, 3) + hw, torch.float32)
+    ref, ref_i = _scipy_dct2(x), _scipy_idct2(x)
+    with impl.context(torch.device("cuda")):
+        (xcp,) = impl.convert((x.cuda(),))
+        got = torch.from_dlpack(bench.impl_function("cupy", "dct2")(xcp)).cpu().double()
+        got_i = torch.from_dlpack(bench.impl_function("cupy", "idct2")(xcp)).cpu().double()
+    assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    assert (got_i - ref_i).abs().max().item() <= 1e-5 * ref_i.abs().max().item()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _cuda(), reason="no CUDA device")
+def test_cuda_bench_run_smoke(tmp_path):
+    res = bench.run("cuda", quick=True, cases=["dct2", "q_sample"], shapes=["4x3x64x64"],
+                    iters=3, warmup=1, json_path=str(tmp_path / "b.json"), print_table=False)
+    assert res["gpu"] == torch.cuda.get_device_name()
+    assert res["copy_gbps"] > 0
+    impls = {r["impl"] for r in res["rows"]}
+    assert {"blurfast", "torch_fp32", "torch_tf32", "torch_fft"} <= impls
+    assert not [s for s in res["skipped"] if s["error"] and s["impl"] != "cupy"], res["skipped"]
