@@ -1,4 +1,7 @@
-"""The ``blurfast`` command line. ``blurfast info`` reports the build and the backends."""
+"""The ``blurfast`` command line: info, prepare, train, sample, fid, bench, demo.
+
+Each command's options are documented by ``blurfast COMMAND --help``.
+"""
 from __future__ import annotations
 
 import argparse
@@ -31,15 +34,72 @@ def _info(args) -> int:
     return 0
 
 
+def _add_fid(sub) -> None:
+    s = sub.add_parser("fid", help="FID of generated samples against reference data (clean-fid)",
+                       description="FID with clean-fid's resizing and InceptionV3. Reference "
+                       "statistics are computed once, with the training preprocessing, and "
+                       "cached under $BLURFAST_CACHE/fid (default ~/.cache/blurfast/fid).")
+    s.add_argument("--samples", required=True, help="folder of images or .npz of uint8 (N,H,W,C)")
+    s.add_argument("--ref", required=True,
+                   help="image folder, LSUN lmdb, prepared .npy array, or STATS.npz (mu, sigma)")
+    s.add_argument("--n", type=int, default=10_000, help="images used from each side (default 10000)")
+    s.add_argument("--resolution", type=int, default=None,
+                   help="reference preprocessing resolution (default: the samples')")
+    s.add_argument("--resize", choices=["squash", "center-crop"], default="squash",
+                   help="reference preprocessing, as for training (default squash, the paper's)")
+    s.add_argument("--inception", default=None,
+                   help="clean-fid's inception-2015-12-05.pt (file or folder); default where "
+                        "clean-fid keeps it (/tmp)")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    s.add_argument("--batch", type=int, default=64)
+    s.add_argument("--save-stats", default=None, help="also write the reference mu/sigma here")
+    s.add_argument("--no-cache", action="store_true", help="do not read or write the stats cache")
+    s.set_defaults(func=_fid)
+
+
+def _fid(args) -> int:
+    import torch
+
+    from . import evaluation as ev
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.n is not None and args.n < 2:
+        raise SystemExit("--n: expected at least 2")
+    extractor = ev.inception_extractor(args.inception, device=device)
+    value = ev.fid(args.samples, args.ref, n=args.n, resolution=args.resolution,
+                   resize=args.resize, feature_extractor=extractor, device=device,
+                   batch_size=args.batch, cache=not args.no_cache)
+    if args.save_stats:        # the statistics fid() just used (from the cache when enabled)
+        res = args.resolution or int(next(iter(ev.load_images(args.samples, 1))).shape[0])
+        ev.save_statistics(args.save_stats, *ev.reference_statistics(
+            args.ref, res, args.resize, args.n, extractor, device, args.batch,
+            not args.no_cache, progress=False))
+    print(f"FID {value:.4f}")
+    return 0
+
+
+# Commands whose own parser takes the rest of the command line.
+_PASSTHROUGH = {
+    "bench": ("kernels, a sampler step and a training step against the torch reference",
+              "blurfast.bench"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blurfast", description="Blur diffusion toolkit.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     s = sub.add_parser("info", help="version, compiled kernels, GPUs and the backend of each op")
     s.set_defaults(func=_info)
+    _add_fid(sub)
+    for name, (help_text, _) in _PASSTHROUGH.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     return p
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _PASSTHROUGH:
+        import importlib
+        return importlib.import_module(_PASSTHROUGH[argv[0]][1]).main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -1,0 +1,230 @@
+"""FID: clean-fid's resizing and InceptionV3 features, our own loop and statistics cache.
+
+Only clean-fid's torchvision-free parts are used (its PIL bicubic "clean" resizer and
+the InceptionV3 TorchScript weights it downloads to ``/tmp/inception-2015-12-05.pt``),
+so FID works offline once that file is present, and in environments without torchvision.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+
+__all__ = ["INCEPTION_FILE", "default_inception_path", "inception_extractor", "features",
+           "statistics", "save_statistics", "frechet_distance", "reference_statistics", "fid", "load_images"]
+
+INCEPTION_FILE = "inception-2015-12-05.pt"
+FEATURE_SIZE = 299            # clean-fid resizes every image to 299x299 (PIL bicubic)
+
+
+def default_inception_path() -> Path:
+    """Where clean-fid keeps its InceptionV3 weights."""
+    return Path(tempfile.gettempdir()) / INCEPTION_FILE
+
+
+def _cleanfid():
+    try:
+        from cleanfid import downloads_helper, resize
+    except ImportError as e:
+        raise ImportError("FID needs clean-fid: pip install clean-fid (or pip install "
+                          "'blurfast[fid]')") from e
+    return downloads_helper, resize
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    host = urlparse(url).hostname
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def inception_extractor(path=None, device="cpu", download: bool = True) -> Callable:
+    """clean-fid's InceptionV3 as ``f(x) -> (B, 2048)`` for float x (B,3,299,299) in [0, 255].
+
+    ``path``: a weights file or a folder holding ``inception-2015-12-05.pt``; default
+    clean-fid's own location. A missing file is downloaded (as clean-fid does) only when
+    ``download`` is true and the network answers; otherwise this fails at once, naming
+    the file and where to put it.
+    """
+    p = default_inception_path() if path is None else Path(path)
+    if p.is_dir():
+        p = p / INCEPTION_FILE
+    if not p.is_file():
+        helper, _ = _cleanfid()
+        url = helper.inception_url
+        if not (download and _reachable(url)):
+            raise FileNotFoundError(
+                f"inception: InceptionV3 weights not found at {p}. Without network access, "
+                f"copy clean-fid's {INCEPTION_FILE} (from {url}) to {p}, or pass "
+                f"--inception PATH (a file or a folder holding {INCEPTION_FILE}).")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(helper.check_download_inception(fpath=tempfile.mkdtemp(dir=p.parent)))
+        os.replace(tmp, p)
+        tmp.parent.rmdir()
+    net = torch.jit.load(str(p), map_location=device).eval()
+
+    @torch.no_grad()
+    def extract(x: torch.Tensor) -> torch.Tensor:
+        # clean-fid's normalization for the 299x299 input, then the pooled features.
+        return net.layers.forward((x - 128) / 128).reshape(x.shape[0], -1)
+
+    extract.name = f"inception:{p.name}"
+    return extract
+
+
+def load_images(path, n: Optional[int] = None) -> Iterable[np.ndarray]:
+    """Samples as uint8 (H, W, C) arrays: an .npz (key ``images`` or the first array,
+    (N, H, W, C)) or a folder of image files (sorted by name)."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".npz":
+        with np.load(p) as z:
+            arr = z["images"] if "images" in z.files else z[z.files[0]]
+        if arr.ndim != 4 or arr.dtype != np.uint8:
+            raise ValueError(f"samples: expected uint8 (N, H, W, C) in {p}, got {arr.dtype} "
+                             f"{arr.shape}")
+        return list(arr[:n])
+    if p.is_dir():
+        from PIL import Image
+        exts = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in exts)
+        files = [f for f in files if not f.name.startswith("contact_sheet")]
+        if not files:
+            raise ValueError(f"samples: no images in {p}")
+        return (np.asarray(Image.open(f).convert("RGB")) for f in files[:n])
+    raise ValueError(f"samples: expected a folder of images or an .npz file, got {str(path)!r}")
+
+
+def features(images: Iterable[np.ndarray], extractor: Callable, batch_size: int = 64,
+             device="cpu", total: Optional[int] = None, progress: bool = True,
+             desc: str = "features") -> np.ndarray:
+    """Features (N, D) float64 of uint8 (H, W, C) images, resized as clean-fid does."""
+    from tqdm.auto import tqdm
+    _, resize = _cleanfid()
+    resizer = resize.build_resizer("clean")
+    feats, batch = [], []
+
+    def flush():
+        x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).to(device)
+        feats.append(extractor(x).double().cpu().numpy())
+        batch.clear()
+
+    for img in tqdm(images, total=total, desc=desc, unit="img", disable=not progress):
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=2)
+        if img.shape[2] == 1:
+            img = np.repeat(img, 3, axis=2)
+        batch.append(np.asarray(resizer(img), dtype=np.float32))
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    if not feats:
+        raise ValueError("images: none given")
+    return np.concatenate(feats)
+
+
+def statistics(feats: np.ndarray):
+    """Mean and covariance of features (N, D), float64."""
+    if feats.shape[0] < 2:
+        raise ValueError(f"feats: need at least 2 images, got {feats.shape[0]}")
+    return feats.mean(0), np.cov(feats, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Fréchet distance between two Gaussians (the FID formula)."""
+    from .testing import gaussian_frechet_distance
+    return gaussian_frechet_distance(mu1, sigma1, mu2, sigma2)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("BLURFAST_CACHE") or Path.home() / ".cache" / "blurfast"
+    return Path(root) / "fid"
+
+
+def save_statistics(path, mu, sigma) -> None:
+    """Writes (mu, sigma) as an .npz that ``--ref`` accepts (temp file + rename)."""
+    _save_npz(Path(path), mu=mu, sigma=sigma)
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    os.close(fd)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def reference_statistics(ref, resolution: int, resize: str = "squash", n: Optional[int] = None,
+                         extractor: Optional[Callable] = None, device="cpu",
+                         batch_size: int = 64, cache: bool = True, progress: bool = True):
+    """(mu, sigma) of a reference: a STATS .npz (keys mu, sigma), or a dataset that
+    :func:`blurfast.data.open_dataset` reads (image folder, LSUN lmdb, prepared array),
+    preprocessed as for training (``resolution``, ``resize``). Computed once, then cached
+    as .npz under ``$BLURFAST_CACHE/fid`` (default ``~/.cache/blurfast/fid``)."""
+    p = Path(ref)
+    if p.is_file() and p.suffix == ".npz":
+        with np.load(p) as z:
+            if "mu" not in z.files or "sigma" not in z.files:
+                raise ValueError(f"ref: {p} is an .npz without 'mu' and 'sigma'")
+            return z["mu"], z["sigma"]
+    from .data import open_dataset
+    extractor = extractor or inception_extractor(device=device)
+    ds = open_dataset(p, resolution=resolution, resize=resize)
+    count = len(ds) if n is None else min(n, len(ds))
+    stat = p.stat()
+    key = json.dumps({"path": str(p.resolve()), "mtime": stat.st_mtime_ns, "size": stat.st_size,
+                      "resolution": resolution, "resize": resize, "n": count,
+                      "features": getattr(extractor, "name", repr(extractor))}, sort_keys=True)
+    cached = _cache_dir() / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".npz")
+    if cache and cached.is_file():
+        with np.load(cached) as z:
+            return z["mu"], z["sigma"]
+    imgs = (np.asarray(ds[i]) for i in range(count))
+    mu, sigma = statistics(features(imgs, extractor, batch_size, device, total=count,
+                                    progress=progress, desc="reference features"))
+    if cache:
+        _save_npz(cached, mu=mu, sigma=sigma, key=np.array(key))
+    return mu, sigma
+
+
+def fid(samples, ref, n: Optional[int] = 10_000, resolution: Optional[int] = None,
+        resize: str = "squash", inception=None, feature_extractor: Optional[Callable] = None,
+        device="cpu", batch_size: int = 64, cache: bool = True, progress: bool = True) -> float:
+    """FID between generated ``samples`` (folder or .npz) and a reference (see
+    :func:`reference_statistics`), on the first ``n`` images of each.
+    ``feature_extractor`` replaces InceptionV3 (a callable on float (B,3,299,299) in
+    [0, 255]); ``resolution`` defaults to the samples' own."""
+    extractor = feature_extractor or inception_extractor(inception, device=device)
+    imgs = load_images(samples, n)
+    imgs = iter(imgs)
+    first = next(imgs, None)
+    if first is None:
+        raise ValueError(f"samples: no images in {samples}")
+    res = resolution or int(first.shape[0])
+
+    def all_imgs():
+        yield first
+        yield from imgs
+    mu_s, sig_s = statistics(features(all_imgs(), extractor, batch_size, device,
+                                      progress=progress, desc="sample features"))
+    mu_r, sig_r = reference_statistics(ref, res, resize, n, extractor, device, batch_size,
+                                       cache, progress)
+    if mu_r.shape != mu_s.shape:
+        raise ValueError(f"ref: statistics of {mu_r.shape[0]} features, samples give "
+                         f"{mu_s.shape[0]}")
+    return frechet_distance(mu_s, sig_s, mu_r, sig_r)
