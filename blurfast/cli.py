@@ -54,6 +54,9 @@ def _add_fid(sub) -> None:
     s.add_argument("--batch", type=int, default=64)
     s.add_argument("--save-stats", default=None, help="also write the reference mu/sigma here")
     s.add_argument("--no-cache", action="store_true", help="do not read or write the stats cache")
+    s.add_argument("--features", default=None, metavar="MODULE:FUNCTION",
+                   help="a custom feature extractor instead of InceptionV3 (a function of float "
+                        "images (B,3,299,299) in [0,255] returning (B, D) features)")
     s.set_defaults(func=_fid)
 
 
@@ -64,7 +67,12 @@ def _fid(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.n is not None and args.n < 2:
         raise SystemExit("--n: expected at least 2")
-    extractor = ev.inception_extractor(args.inception, device=device)
+    if args.features:
+        import importlib
+        mod, _, fn = args.features.partition(":")
+        extractor = getattr(importlib.import_module(mod), fn or "features")
+    else:
+        extractor = ev.inception_extractor(args.inception, device=device)
     value = ev.fid(args.samples, args.ref, n=args.n, resolution=args.resolution,
                    resize=args.resize, feature_extractor=extractor, device=device,
                    batch_size=args.batch, cache=not args.no_cache)
@@ -74,6 +82,47 @@ def _fid(args) -> int:
             args.ref, res, args.resize, args.n, extractor, device, args.batch,
             not args.no_cache, progress=False))
     print(f"FID {value:.4f}")
+    return 0
+
+
+def _add_sample(sub) -> None:
+    s = sub.add_parser("sample", help="sample images from a trained run (EMA weights)",
+                       description="Samples images from a checkpoint. Image i's noise depends "
+                       "only on (seed, i), so the same command gives the same images on one "
+                       "process or several under torchrun (ranks split the batches).")
+    s.add_argument("--ckpt", required=True,
+                   help="run directory (its newest valid checkpoint), checkpoint directory, "
+                        "or .safetensors file")
+    s.add_argument("--n", type=int, default=10_000, help="number of images (default 10000)")
+    s.add_argument("--sampler", default="ddim",
+                   help="ddim (default), ancestral, reverse_sde (the paper's) or exp2m")
+    s.add_argument("--steps", type=int, default=100,
+                   help="model calls (default 100; 0 = the full chain N-1..1)")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (default 0)")
+    s.add_argument("--spacing", default="uniform", choices=["uniform", "quadratic"])
+    s.add_argument("--batch", type=int, default=256, help="images per batch (default 256)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--format", dest="fmt", choices=["png", "npz"], default="png")
+    s.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cuda if available")
+    s.add_argument("--precision", choices=["bf16", "fp32"], default=None,
+                   help="default: bf16 on CUDA, fp32 on CPU")
+    s.add_argument("--raw-weights", action="store_true",
+                   help="use the raw model weights instead of the EMA weights")
+    s.add_argument("--cuda-graph", action="store_true",
+                   help="replay each step's model call from a CUDA graph")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=_sample)
+
+
+def _sample(args) -> int:
+    from .generate import generate
+    generate(args.ckpt, args.n, args.out, sampler=args.sampler,
+             steps=None if args.steps == 0 else args.steps, eta=args.eta, spacing=args.spacing,
+             batch=args.batch, seed=args.seed, fmt=args.fmt, device=args.device,
+             ema=not args.raw_weights, precision=args.precision, cuda_graph=args.cuda_graph,
+             progress=not args.no_progress)
     return 0
 
 
@@ -89,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     s = sub.add_parser("info", help="version, compiled kernels, GPUs and the backend of each op")
     s.set_defaults(func=_info)
+    from . import cli_train
+    cli_train.register(sub)
+    _add_sample(sub)
     _add_fid(sub)
     for name, (help_text, _) in _PASSTHROUGH.items():
         sub.add_parser(name, help=help_text, add_help=False)

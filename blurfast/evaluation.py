@@ -18,6 +18,8 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
+from .fileio import save_npz
+
 __all__ = ["INCEPTION_FILE", "default_inception_path", "inception_extractor", "features",
            "statistics", "save_statistics", "frechet_distance", "reference_statistics", "fid", "load_images"]
 
@@ -153,20 +155,7 @@ def _cache_dir() -> Path:
 
 def save_statistics(path, mu, sigma) -> None:
     """Writes (mu, sigma) as an .npz that ``--ref`` accepts (temp file + rename)."""
-    _save_npz(Path(path), mu=mu, sigma=sigma)
-
-
-def _save_npz(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_npz(path, mu=mu, sigma=sigma)
 
 
 def reference_statistics(ref, resolution: int, resize: str = "squash", n: Optional[int] = None,
@@ -198,7 +187,7 @@ def reference_statistics(ref, resolution: int, resize: str = "squash", n: Option
     mu, sigma = statistics(features(imgs, extractor, batch_size, device, total=count,
                                     progress=progress, desc="reference features"))
     if cache:
-        _save_npz(cached, mu=mu, sigma=sigma, key=np.array(key))
+        save_npz(cached, mu=mu, sigma=sigma, key=np.array(key))
     return mu, sigma
 
 

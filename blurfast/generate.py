@@ -1,0 +1,198 @@
+"""``blurfast sample``: many images from a trained run, reproducible across process counts.
+
+Image ``i`` of a run draws all its noise (the prior and every sampler step) at Philox
+positions fixed by ``(seed, i)``: its batch starts at ``offset = first_index * C*H*W``.
+Batches of ``batch`` consecutive indices are dealt to ranks round-robin, so one process
+and N processes under torchrun compute exactly the same batches.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from . import viz
+from .fileio import save_npz
+from .sampling import SAMPLERS, STEP_OFFSET, timesteps
+
+__all__ = ["resolve_checkpoint", "generate", "GraphedModel"]
+
+SHEET_NAME = "contact_sheet.png"
+
+
+def resolve_checkpoint(path) -> Path:
+    """A run directory (its newest valid checkpoint), a checkpoint directory, or a
+    ``.safetensors`` file."""
+    p = Path(path)
+    if (p / "checkpoints").is_dir():
+        for _, c in ckpt.list_checkpoints(p / "checkpoints"):
+            try:
+                ckpt.verify(c)
+                return c
+            except ckpt.CheckpointError as e:
+                import warnings
+                warnings.warn(f"skipping a damaged checkpoint: {e}", stacklevel=2)
+        raise ValueError(f"ckpt: no valid checkpoint under {p / 'checkpoints'}")
+    if not p.exists():
+        raise ValueError(f"ckpt: {str(path)!r} does not exist")
+    return p
+
+
+class GraphedModel:
+    """``model(x, t)`` replayed from a CUDA graph captured on the first call of each shape."""
+
+    def __init__(self, model):
+        self.model = model
+        self.graphs = {}
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype)
+        if key not in self.graphs:
+            sx, st = x.clone(), t.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):                      # warm-up outside the graph
+                    self.model(sx, st)
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = self.model(sx, st)
+            self.graphs[key] = (g, sx, st, out)
+        g, sx, st, out = self.graphs[key]
+        sx.copy_(x)
+        st.copy_(t)
+        g.replay()
+        return out.clone()
+
+
+def _images_uint8(x: torch.Tensor, pixel_range: str) -> np.ndarray:
+    if pixel_range == "0,1":
+        x = x * 2 - 1
+    return np.stack([viz.to_uint8(xi) for xi in x])
+
+
+def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int] = 100,
+             eta: float = 0.0, spacing="uniform", batch: int = 256, seed: int = 0,
+             fmt: str = "png", device: Optional[str] = None, ema: bool = True,
+             precision: Optional[str] = None, cuda_graph: bool = False,
+             progress: bool = True) -> Path:
+    """Samples ``n`` images into ``out`` (PNG files ``NNNNNN.png`` or ``samples.npz`` with
+    uint8 ``images`` (N, H, W, C)) plus ``contact_sheet.png``; returns ``out``.
+
+    ``steps=None`` runs the full chain; ``precision`` ``bf16`` (default on CUDA) or
+    ``fp32``; ``cuda_graph`` replays the model call of each step from a CUDA graph.
+    Under torchrun every rank computes its share and rank 0 writes the sheet.
+    """
+    from tqdm.auto import tqdm
+
+    from .training import _setup_distributed
+
+    for name, v, lo in (("n", n, 1), ("batch", batch, 1), ("seed", seed, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+    if fmt not in ("png", "npz"):
+        raise ValueError(f"fmt: expected 'png' or 'npz', got {fmt!r}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler: expected one of {tuple(SAMPLERS)}, got {sampler!r}")
+    if precision not in (None, "bf16", "fp32"):
+        raise ValueError(f"precision: expected 'bf16', 'fp32' or None, got {precision!r}")
+    path = resolve_checkpoint(ckpt_path)
+    rank, world, dev, owns_group = _setup_distributed(device)
+    try:
+        model, diff, config = ckpt.load_model(path, ema=ema, device=dev)
+        pixel_range = config.get("pixel_range", "-1,1")
+        chw = diff.channels * diff.H * diff.W
+        if n * chw >= STEP_OFFSET:
+            raise ValueError(f"n: at most {STEP_OFFSET // chw - 1} images of this size, got {n}")
+        if cuda_graph and dev.type != "cuda":
+            raise ValueError("cuda_graph: needs device cuda")
+        precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
+        net = GraphedModel(model) if cuda_graph else model
+        seq = timesteps(diff, steps if isinstance(spacing, str) else None, spacing)
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        batches = [(b0, min(n, b0 + batch)) for b0 in range(0, n, batch)][rank::world]
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16"
+                    else contextlib.nullcontext())
+        kept = []
+        bar = tqdm(total=sum(b1 - b0 for b0, b1 in batches), unit="img", disable=not progress
+                   or rank != 0, desc=f"{sampler} {len(seq)} steps")
+        t0 = time.perf_counter()
+        for b0, b1 in batches:
+            offset = b0 * chw
+            x = diff.prior_sample((b1 - b0,) + diff.shape, seq[0], seed=seed, offset=offset,
+                                  device=dev)
+            with torch.no_grad(), autocast:
+                x = SAMPLERS[sampler](net, diff, x, seq, eta=eta, seed=seed, offset=offset,
+                                      progress=False)
+            imgs = _images_uint8(x.float(), pixel_range)
+            if fmt == "png":
+                for i, img in enumerate(imgs):
+                    viz.save_png(img, out / f"{b0 + i:06d}.png")
+            else:
+                kept.append((b0, imgs))
+            bar.update(b1 - b0)
+            bar.set_postfix(img_per_s=f"{bar.n / (time.perf_counter() - t0):.2f}")
+        bar.close()
+        if fmt == "npz":
+            _save_parts(out, kept, rank, world, n)
+        if world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+        if rank == 0:
+            _contact_sheet(out, fmt, min(n, 64))
+            if progress:
+                print(f"wrote {n} images to {out} ({fmt}) and {out / SHEET_NAME}")
+        return out
+    finally:
+        if owns_group:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _save_parts(out: Path, kept, rank: int, world: int, n: int) -> None:
+    """One ``samples.npz`` in index order; under torchrun each rank writes a part and
+    rank 0 merges them."""
+    idx = np.concatenate([np.arange(b0, b0 + len(imgs)) for b0, imgs in kept]) if kept else \
+        np.zeros(0, np.int64)
+    arr = np.concatenate([imgs for _, imgs in kept]) if kept else None
+    if world == 1:
+        save_npz(out / "samples.npz", images=arr)
+        return
+    import torch.distributed as dist
+    part = out / f".part-{rank}.npz"
+    if arr is not None:
+        save_npz(part, images=arr, index=idx)
+    dist.barrier()
+    if rank == 0:
+        parts = [out / f".part-{r}.npz" for r in range(world)]
+        loaded = [np.load(p) for p in parts if p.exists()]
+        images = np.concatenate([z["images"] for z in loaded])
+        order = np.argsort(np.concatenate([z["index"] for z in loaded]))
+        save_npz(out / "samples.npz", images=images[order])
+        for z in loaded:
+            z.close()
+        for p in parts:
+            p.unlink(missing_ok=True)
+
+
+def _contact_sheet(out: Path, fmt: str, count: int) -> None:
+    if fmt == "png":
+        from PIL import Image
+        imgs = [np.asarray(Image.open(out / f"{i:06d}.png")) for i in range(count)]
+    else:
+        with np.load(out / "samples.npz") as z:
+            imgs = list(z["images"][:count])
+    imgs = [i[..., None] if i.ndim == 2 else i for i in imgs]
+    cols = math.ceil(math.sqrt(count))
+    tiles = [torch.tensor(i).permute(2, 0, 1).float() / 127.5 - 1 for i in imgs]
+    rows = [tiles[r:r + cols] for r in range(0, count, cols)]
+    viz.save_png(viz.grid(rows), out / SHEET_NAME)

@@ -1,0 +1,104 @@
+"""The commands people run: train -> sample -> fid end to end, and sampling that gives the
+same images on one process and on two gloo processes."""
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from blurfast import cli
+from blurfast.generate import SHEET_NAME, generate
+from train_helpers import TINY, made_photos
+
+pytest.importorskip("cleanfid")
+
+
+def pooled_features(x: torch.Tensor) -> torch.Tensor:
+    """The test's feature extractor (stands in for InceptionV3): 4x4 average pooling."""
+    return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run trained for a few steps through the CLI, on images the test makes."""
+    root = tmp_path_factory.mktemp("cli")
+    data = made_photos(root / "photos", 24, size=16)
+    out = root / "run"
+    argv = ["train", "--data", str(data), "--out", str(out), "--preset", "small",
+            "--resolution", "16", "--batch-size", "4", "--steps", "3", "--device", "cpu",
+            "--num-steps", "40", "--save-every", "3", "--sample-every", "1000",
+            "--sample-steps", "4", "--no-progress"]
+    for k, v in TINY.items():
+        argv += [f"--{k.replace('_', '-')}", *(map(str, v) if isinstance(v, tuple) else [str(v)])]
+    assert cli.main(argv) == 0
+    return root
+
+
+def _read_pngs(folder, n):
+    return np.stack([np.asarray(Image.open(folder / f"{i:06d}.png")) for i in range(n)])
+
+
+def test_cli_train_sample_fid(run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BLURFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(os.path.dirname(__file__))
+    out = tmp_path / "samples"
+    assert cli.main(["sample", "--ckpt", str(run_dir / "run"), "--n", "12", "--steps", "3",
+                     "--batch", "5", "--seed", "3", "--out", str(out), "--no-progress"]) == 0
+    imgs = _read_pngs(out, 12)
+    assert imgs.shape == (12, 16, 16, 3) and imgs.std() > 0
+    assert (out / SHEET_NAME).is_file()
+    assert cli.main(["sample", "--ckpt", str(run_dir / "run"), "--n", "12", "--steps", "3",
+                     "--batch", "4", "--seed", "3", "--format", "npz", "--out",
+                     str(tmp_path / "npz"), "--no-progress"]) == 0
+    with np.load(tmp_path / "npz" / "samples.npz") as z:
+        # Other batch size, other format: the same images (noise is per image index).
+        np.testing.assert_array_equal(z["images"], imgs)
+    capsys.readouterr()
+    assert cli.main(["fid", "--samples", str(out), "--ref", str(run_dir / "photos"),
+                     "--n", "12", "--features", "test_generate:pooled_features",
+                     "--device", "cpu"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("FID ") and float(line.split()[1]) > 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_give_the_same_images(run_dir, tmp_path):
+    kw = dict(n=7, steps=3, batch=2, seed=11, sampler="ancestral", progress=False, device="cpu")
+    generate(run_dir / "run", out=tmp_path / "one", **kw)
+    script = textwrap.dedent(f"""
+        import torch
+        torch.set_num_threads(1)
+        from blurfast.generate import generate
+        generate({str(run_dir / 'run')!r}, out={str(tmp_path / 'two')!r}, **{kw!r})
+    """)
+    port = str(_free_port())
+    procs = []
+    for r in range(2):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+               "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)}
+        procs.append(subprocess.Popen([sys.executable, "-c", script], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        log, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, log
+    np.testing.assert_array_equal(_read_pngs(tmp_path / "two", 7), _read_pngs(tmp_path / "one", 7))
+    assert (tmp_path / "two" / SHEET_NAME).is_file()
+
+
+def test_sample_rejects_bad_arguments(run_dir, tmp_path):
+    with pytest.raises(ValueError, match="n:"):
+        generate(run_dir / "run", 0, tmp_path)
+    with pytest.raises(ValueError, match="sampler:"):
+        generate(run_dir / "run", 2, tmp_path, sampler="euler")
+    with pytest.raises(ValueError, match="ckpt:"):
+        generate(tmp_path / "missing", 2, tmp_path)
