@@ -2,3 +2,6 @@
 __version__ = "0.1.0"
 
 from .ops import dct2, idct2, spectral, gaussian_blur  # noqa: F401
+from .diffusion import BlurDiffusion  # noqa: F401
+from .sampling import sample  # noqa: F401
+from . import schedules, viz, models, data, training, checkpoint  # noqa: F401

@@ -683,12 +683,48 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(result: dict, path) -> None:
+    """Bar chart of the median times (log scale): one group per case and shape, one bar
+    per implementation. Needs matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("--plot needs matplotlib: pip install matplotlib") from e
+    from .fileio import atomic_path
+    rows = result["rows"]
+    groups = list(dict.fromkeys(f"{r['case']}\n{'x'.join(map(str, r['shape']))}" for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    width = 0.8 / max(1, len(impls))
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups)), 4.5))
+    for j, impl in enumerate(impls):
+        xs, ys = [], []
+        for r in rows:
+            if r["impl"] == impl:
+                xs.append(groups.index(f"{r['case']}\n{'x'.join(map(str, r['shape']))}")
+                          + (j - (len(impls) - 1) / 2) * width)
+                ys.append(r["median_us"])
+        ax.bar(xs, ys, width, label=impl)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("median time per call (µs, log scale)")
+    ax.set_title(f"blurfast bench on {result.get('gpu') or result.get('device')}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="blurfast bench", description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda when available, else cpu")
     p.add_argument("--quick", action="store_true", help="fewer iterations and shapes")
     p.add_argument("--json", dest="json_path", default=None, help="write the results here")
+    p.add_argument("--plot", default=None, help="write a bar chart (PNG) of the times here")
     p.add_argument("--cases", nargs="+", choices=CASES, default=None)
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=None)
     p.add_argument("--shapes", nargs="+", default=None, metavar="BxCxHxW",
@@ -706,6 +742,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     res = run(a.device, a.quick, cases=a.cases, impls=a.impls, shapes=a.shapes, iters=a.iters,
               warmup=a.warmup, json_path=a.json_path)
+    if a.plot:
+        plot(res, a.plot)
+        print(f"plot: {a.plot}")
     errors = [s for s in res["skipped"] if s.get("error")]
     if errors:
         print(f"{len(errors)} row(s) raised an exception (see 'skipped')", file=sys.stderr)

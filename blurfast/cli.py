@@ -130,6 +130,8 @@ def _sample(args) -> int:
 _PASSTHROUGH = {
     "bench": ("kernels, a sampler step and a training step against the torch reference",
               "blurfast.bench"),
+    "demo": ("train, sample, draw and benchmark on built-in photographs (about 10 min on a CPU)",
+             "blurfast.demo"),
 }
 
 

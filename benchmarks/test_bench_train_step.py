@@ -1,0 +1,93 @@
+"""pytest-benchmark case: the complete training step of paper64 at 64x64 (process,
+forward, backward, gradient clipping, Adam, EMA), images/s at batch 16 and 64.
+
+``baseline``: fp32 eager, the process through the pure-PyTorch reference DCT
+(``blurfast.reference``, fp32 matmuls), torch's default (foreach) Adam and a
+per-parameter EMA loop, as the paper's code does. The others are
+:class:`blurfast.training.TrainStep` configurations: ``bf16`` (autocast +
+channels_last, eager), ``graphs`` (bf16 + one CUDA graph per step) and ``fast``
+(bf16 + torch.compile + CUDA graph: what ``blurfast train --compile --cuda-graphs``
+runs). CUDA only; each round is one step, timed with a synchronize::
+
+    python -m pytest benchmarks/test_bench_train_step.py --bench-rounds 30
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blurfast import reference as R
+from blurfast.diffusion import BlurDiffusion
+from blurfast.models import UNet
+from blurfast.training import TrainStep
+
+CONFIGS = ("baseline", "bf16", "graphs", "fast")
+EMA = 0.9999
+
+
+def _baseline(model, diff, batch, device):
+    """The paper-style step: returns a function of a float batch x0 (B, 3, 64, 64)."""
+    opt = torch.optim.Adam(model.parameters(), lr=5e-5)
+    ema = [p.detach().clone() for p in model.parameters()]
+
+    def step(x0):
+        t = torch.randint(1, diff.num_steps, (batch,))
+        lab = diff.log_abar(t, device=device)[:, None]
+        a, g = torch.exp(0.5 * lab).float(), torch.sqrt(-torch.expm1(lab)).float()
+        eps = torch.randn_like(x0)
+        x_t = R.idct2(a * R.dct2(x0) + g * R.dct2(eps))
+        loss = F.mse_loss(model(x_t, t.to(device)), eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for e, p in zip(ema, model.parameters()):
+                e.mul_(EMA).add_(p, alpha=1 - EMA)
+    return step
+
+
+@pytest.mark.parametrize("batch", [16, 64])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_train_step(benchmark, bench_device, bench_rounds, config, batch):
+    if bench_device.type != "cuda":
+        pytest.skip("the training-step benchmark runs paper64 on a GPU only")
+    torch.manual_seed(0)
+    model = UNet.from_preset("paper64", resolution=64, channels=3)
+    diff = BlurDiffusion(resolution=64)
+    x_u8 = torch.randint(0, 256, (batch, 64, 64, 3), dtype=torch.uint8).pin_memory()
+    flip = torch.zeros(batch, dtype=torch.bool).pin_memory()
+    t = torch.randint(1, diff.num_steps, (batch,)).pin_memory()
+    if config == "baseline":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        model = model.to(bench_device)
+        x0 = (x_u8.to(bench_device).permute(0, 3, 1, 2).float() / 127.5 - 1).contiguous()
+        run_step = _baseline(model, diff, batch, bench_device)
+
+        def one():
+            run_step(x0)
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+        stepper = TrainStep(model, diff, device=bench_device, precision="bf16",
+                            channels_last=True, compile=config == "fast",
+                            cuda_graphs=config in ("graphs", "fast"))
+
+        def one():
+            stepper(x_u8, flip, t, 1, 0)
+
+    def target():
+        one()
+        torch.cuda.synchronize(bench_device)
+
+    for _ in range(5):                     # compile, capture, cuDNN autotuning
+        target()
+    benchmark.group = f"train step paper64 64x64 batch {batch}"
+    benchmark.extra_info.update({"config": config, "batch": batch,
+                                 "device": torch.cuda.get_device_name(bench_device)})
+    benchmark.pedantic(target, rounds=bench_rounds, warmup_rounds=2, iterations=1)
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None:                  # None under --benchmark-disable
+        benchmark.extra_info["images_per_s"] = round(batch / stats.stats.median, 1)
+        benchmark.extra_info["ms_per_step"] = round(stats.stats.median * 1e3, 2)

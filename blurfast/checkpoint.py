@@ -1,0 +1,216 @@
+"""Training checkpoints: one directory per saved step, written atomically.
+
+``RUN_DIR/checkpoints/step_000005000/`` holds
+
+- ``model.safetensors`` and ``ema.safetensors``: the weights (the run's config as
+  JSON in the metadata, so either file alone rebuilds the model);
+- ``state.pt``: optimizer state, step, counters and config, a plain torch file
+  that loads with ``weights_only=True``;
+- ``manifest.json``, written last: size and SHA-256 of the three files.
+
+A checkpoint is written into a hidden temporary directory, synced, and renamed;
+a reader therefore sees whole checkpoints only, and checks every file against the
+manifest before using it. Damage gives :class:`CheckpointError` naming the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+__all__ = ["CheckpointError", "save", "load", "list_checkpoints", "latest_valid", "verify",
+           "load_model"]
+
+FORMAT = 1
+_NAME = re.compile(r"^step_(\d{9})$")
+_TMP_PREFIX = ".tmp-"
+FILES = ("model.safetensors", "ema.safetensors", "state.pt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is incomplete, damaged or not a blurfast checkpoint."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _cpu_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+
+
+def save(ckpt_dir, step: int, model: torch.nn.Module, ema: torch.nn.Module,
+         state: dict, config: dict, keep: Optional[int] = None) -> Path:
+    """Writes checkpoint ``step`` under ``ckpt_dir``; then deletes all but the newest
+    ``keep`` checkpoints (None: keep all). Returns the checkpoint's directory."""
+    from safetensors.torch import save_file
+
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 10 ** 9:
+        raise ValueError(f"step: expected an int in [0, 1e9), got {step!r}")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ValueError(f"keep: expected a positive int or None, got {keep!r}")
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ckpt_dir.glob(_TMP_PREFIX + "*"):       # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    final = ckpt_dir / f"step_{step:09d}"
+    tmp = ckpt_dir / f"{_TMP_PREFIX}step_{step:09d}-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        meta = {"format": str(FORMAT), "step": str(step), "config": json.dumps(config)}
+        save_file(_cpu_state(model), str(tmp / "model.safetensors"), metadata=meta)
+        save_file(_cpu_state(ema), str(tmp / "ema.safetensors"), metadata=meta)
+        torch.save({"format": FORMAT, "step": step, "config": config, **state}, tmp / "state.pt")
+        manifest = {"format": FORMAT, "step": step,
+                    "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)}
+                              for n in FILES}}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        for n in FILES + ("manifest.json",):
+            _fsync(tmp / n)
+        if final.exists():                                 # same step saved again
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync(ckpt_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep is not None:
+        for old in list_checkpoints(ckpt_dir)[keep:]:
+            shutil.rmtree(old[1], ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_dir) -> List[Tuple[int, Path]]:
+    """(step, directory) of every checkpoint under ``ckpt_dir``, newest first (unverified)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for p in ckpt_dir.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found, reverse=True)
+
+
+def verify(path) -> dict:
+    """The manifest of the checkpoint at ``path`` after checking every file's size and
+    SHA-256 against it; CheckpointError saying what is wrong otherwise."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path}: not a directory")
+    mf = path / "manifest.json"
+    if not mf.is_file():
+        raise CheckpointError(f"checkpoint {path}: incomplete (no manifest.json); the save "
+                              f"was probably interrupted")
+    try:
+        manifest = json.loads(mf.read_text())
+        files = manifest["files"]
+        if manifest.get("format") != FORMAT or set(files) != set(FILES):
+            raise KeyError("format")
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path}: manifest.json is damaged or of an unknown "
+                              f"format ({e})") from None
+    for n in FILES:
+        f = path / n
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path}: {n} is missing")
+        size = f.stat().st_size
+        if size != files[n]["bytes"]:
+            raise CheckpointError(f"checkpoint {path}: {n} is damaged (size {size} bytes, "
+                                  f"expected {files[n]['bytes']}); it was truncated or replaced")
+        if _sha256(f) != files[n]["sha256"]:
+            raise CheckpointError(f"checkpoint {path}: {n} is damaged (SHA-256 does not match "
+                                  f"the manifest)")
+    return manifest
+
+
+def _load_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], dict]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        config = json.loads(meta["config"])
+    except Exception as e:        # safetensors raises its own error types; re-raised clearly
+        raise CheckpointError(f"{path}: cannot read the weights ({type(e).__name__}: {e})") \
+            from None
+    return tensors, config
+
+
+def load(path) -> dict:
+    """A verified checkpoint: dict with ``model`` and ``ema`` (state dicts), ``step``,
+    ``config`` and the rest of ``state.pt``. CheckpointError if it is damaged."""
+    path = Path(path)
+    verify(path)
+    model, _ = _load_weights(path / "model.safetensors")
+    ema, _ = _load_weights(path / "ema.safetensors")
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:       # torch raises several types for a bad file; re-raised clearly
+        raise CheckpointError(f"checkpoint {path}: state.pt cannot be loaded "
+                              f"({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path}: state.pt is not a blurfast checkpoint")
+    return {**state, "model": model, "ema": ema, "path": str(path)}
+
+
+def latest_valid(ckpt_dir) -> Optional[dict]:
+    """The newest checkpoint under ``ckpt_dir`` that loads; damaged ones are skipped
+    with a warning. None when there is none."""
+    for step, p in list_checkpoints(ckpt_dir):
+        try:
+            return load(p)
+        except CheckpointError as e:
+            warnings.warn(f"skipping a damaged checkpoint: {e}", stacklevel=2)
+    return None
+
+
+def load_model(path, ema: bool = True, device="cpu"):
+    """``(model, diffusion, config)`` from a checkpoint directory or one of its
+    ``.safetensors`` files; the EMA weights by default. For sampling."""
+    from .diffusion import BlurDiffusion
+    from .models import UNet
+
+    path = Path(path)
+    if path.is_dir():
+        verify(path)
+        path = path / ("ema.safetensors" if ema else "model.safetensors")
+    elif not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file or directory")
+    tensors, config = _load_weights(path)
+    try:
+        model = UNet(**config["model"])
+        model.load_state_dict(tensors)
+        diff = BlurDiffusion(**config["diffusion"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: weights do not match the stored config ({e})") from None
+    return model.to(device).eval(), diff, config

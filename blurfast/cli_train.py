@@ -1,0 +1,226 @@
+"""The ``blurfast train`` and ``blurfast prepare`` subcommands (see docs/training.md).
+
+``train`` takes flags and/or a YAML/JSON config file whose keys are the keyword
+arguments of :func:`blurfast.training.train` (``model`` and ``diffusion`` as
+nested mappings); flags given on the command line override the file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .data import PIXEL_RANGES, RESIZE_MODES
+from .diffusion import TARGETS
+from .models import PRESETS
+from .schedules import BLUR_SCHEDULES, KERNELS, NOISE_SCHEDULES
+
+__all__ = ["register", "load_config", "train_kwargs"]
+
+_S = argparse.SUPPRESS
+
+# Flags that go into train()'s nested `model` and `diffusion` dicts.
+_MODEL_KEYS = ("base_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
+               "num_heads", "dropout", "freq_input")
+_DIFFUSION_KEYS = ("num_steps", "noise_schedule", "beta_min", "beta_max", "blur_schedule",
+                   "sigma", "sigma_min", "sigma_max", "kernel", "coarse_to_fine")
+
+
+def _none_or(kind):
+    def parse(s):
+        return None if s.lower() in ("none", "off", "0") else kind(s)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a U-Net on blur diffusion (one GPU, CPU, or torchrun + DDP)",
+        description="Train a blur diffusion model. Flags override the --config file; the "
+                    "resolved config is printed and saved as RUN_DIR/config.json.",
+        argument_default=_S)
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of train() arguments")
+    g = p.add_argument_group("data and run")
+    g.add_argument("--data", metavar="PATH",
+                   help="prepared .npy array, LSUN lmdb directory or image folder")
+    g.add_argument("--out", metavar="RUN_DIR", help="run directory")
+    g.add_argument("--resume", metavar="auto|CKPT",
+                   help="'auto': newest valid checkpoint of RUN_DIR; or a checkpoint directory")
+    g.add_argument("--resolution", type=int)
+    g.add_argument("--channels", type=int)
+    g.add_argument("--resize", choices=RESIZE_MODES,
+                   help="for image folders and lmdb read directly")
+    g.add_argument("--pixel-range", dest="pixel_range", choices=PIXEL_RANGES)
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                   help="random horizontal flips (default on)")
+    g.add_argument("--num-workers", dest="num_workers", type=int)
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", choices=sorted(PRESETS))
+    g.add_argument("--base-channels", dest="base_channels", type=int)
+    g.add_argument("--channel-mult", dest="channel_mult", type=int, nargs="+")
+    g.add_argument("--num-res-blocks", dest="num_res_blocks", type=int)
+    g.add_argument("--attention-resolutions", dest="attention_resolutions", type=int, nargs="*")
+    g.add_argument("--num-heads", dest="num_heads", type=int)
+    g.add_argument("--dropout", type=float)
+    g.add_argument("--freq-input", dest="freq_input", action=argparse.BooleanOptionalAction,
+                   help="also feed dct2(x_t) to the model")
+    g = p.add_argument_group("diffusion (BlurDiffusion arguments)")
+    g.add_argument("--num-steps", dest="num_steps", type=int)
+    g.add_argument("--noise-schedule", dest="noise_schedule", choices=NOISE_SCHEDULES)
+    g.add_argument("--beta-min", dest="beta_min", type=float)
+    g.add_argument("--beta-max", dest="beta_max", type=float)
+    g.add_argument("--blur-schedule", dest="blur_schedule", choices=BLUR_SCHEDULES)
+    g.add_argument("--sigma", type=float)
+    g.add_argument("--sigma-min", dest="sigma_min", type=float)
+    g.add_argument("--sigma-max", dest="sigma_max", type=float)
+    g.add_argument("--kernel", choices=KERNELS)
+    g.add_argument("--coarse-to-fine", dest="coarse_to_fine",
+                   action=argparse.BooleanOptionalAction)
+    g.add_argument("--target", choices=TARGETS)
+    g = p.add_argument_group("optimization")
+    g.add_argument("--batch-size", dest="batch_size", type=int, help="per process")
+    g.add_argument("--steps", type=int, help="step to stop at")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--optimizer", choices=["adam", "adamw"])
+    g.add_argument("--betas", type=float, nargs=2)
+    g.add_argument("--weight-decay", dest="weight_decay", type=float)
+    g.add_argument("--adam-eps", dest="adam_eps", type=float)
+    g.add_argument("--warmup", type=int, help="linear learning-rate warmup steps")
+    g.add_argument("--grad-clip", dest="grad_clip", type=_none_or(float),
+                   help="max gradient norm, or 'none'")
+    g.add_argument("--ema-decay", dest="ema_decay", type=float)
+    g.add_argument("--ema-halflife-kimg", dest="ema_halflife_kimg", type=float,
+                   help="EMA half-life in thousands of images (instead of --ema-decay)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--max-nonfinite", dest="max_nonfinite", type=int)
+    g = p.add_argument_group("speed")
+    g.add_argument("--device", choices=["cpu", "cuda"])
+    g.add_argument("--precision", choices=["bf16", "fp32"])
+    g.add_argument("--channels-last", dest="channels_last",
+                   action=argparse.BooleanOptionalAction)
+    g.add_argument("--tf32", action=argparse.BooleanOptionalAction)
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction)
+    g.add_argument("--cuda-graphs", dest="cuda_graphs", action=argparse.BooleanOptionalAction,
+                   help="capture the whole step in a CUDA graph (one GPU)")
+    g = p.add_argument_group("logging and checkpoints")
+    g.add_argument("--log-every", dest="log_every", type=int)
+    g.add_argument("--save-every", dest="save_every", type=int)
+    g.add_argument("--keep", type=int, help="checkpoints kept")
+    g.add_argument("--sample-every", dest="sample_every", type=int)
+    g.add_argument("--sample-count", dest="sample_count", type=int)
+    g.add_argument("--sample-steps", dest="sample_steps", type=int)
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction)
+    p.set_defaults(func=_train_main)
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser(
+        "prepare", help="decode an image folder or LSUN lmdb into a uint8 .npy array",
+        description="Decode every image of SRC once into OUT, a memory-mappable uint8 array "
+                    "(N, R, R, C). Unreadable images are skipped and reported.")
+    p.add_argument("src", metavar="SRC", help="image folder or LSUN <category>_<split>_lmdb")
+    p.add_argument("out", metavar="OUT", help="output .npy file")
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--resize", choices=RESIZE_MODES, default="squash",
+                   help="squash: the paper's preprocessing; center-crop: the usual one")
+    p.add_argument("--channels", type=int, choices=[1, 3], default=3)
+    p.add_argument("--workers", type=int, default=None, help="decoding processes")
+    p.add_argument("--limit", type=int, default=None, help="only the first N images")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_prepare_main)
+
+
+def register(subparsers) -> None:
+    """Adds ``train`` and ``prepare`` to an argparse subparsers object."""
+    _add_train(subparsers)
+    _add_prepare(subparsers)
+
+
+def load_config(path) -> dict:
+    """A mapping of train() arguments from a .yaml/.yml/.json file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValueError(f"config: cannot read {str(path)!r} ({e.strerror})") from None
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+            cfg = yaml.safe_load(text)
+        else:
+            cfg = json.loads(text)
+    except Exception as e:      # yaml and json raise their own error types
+        raise ValueError(f"config: {str(path)!r} does not parse ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config: {str(path)!r} must hold a mapping of train() arguments")
+    return cfg
+
+
+def train_kwargs(args: argparse.Namespace) -> dict:
+    """The keyword arguments of train(): the config file, then the flags given."""
+    import inspect
+
+    from .training import train
+
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
+    file_cfg = load_config(args.config) if getattr(args, "config", None) else {}
+    kw = dict(file_cfg)
+    allowed = set(inspect.signature(train).parameters)
+    unknown = sorted(set(kw) - allowed)
+    if unknown:
+        raise ValueError(f"config: unknown keys {unknown}; expected train() arguments")
+    for group, keys in (("model", _MODEL_KEYS), ("diffusion", _DIFFUSION_KEYS)):
+        sub = {k: given.pop(k) for k in keys if k in given}
+        if sub:
+            kw[group] = {**(kw.get(group) or {}), **sub}
+    kw.update(given)
+    # A half-life replaces the decay of a lower layer (the file, or train()'s default).
+    if "ema_halflife_kimg" in given and "ema_decay" not in given:
+        kw["ema_decay"] = None
+    elif kw.get("ema_halflife_kimg") is not None and "ema_decay" not in kw:
+        kw["ema_decay"] = None
+    for k in ("channel_mult", "attention_resolutions"):
+        if k in (kw.get("model") or {}):
+            kw["model"][k] = tuple(kw["model"][k])
+    missing = [k for k in ("data", "out") if k not in kw]
+    if missing:
+        raise ValueError(f"{', '.join(missing)}: required (as --{missing[0]} or in --config)")
+    return kw
+
+
+def _train_main(args) -> int:
+    from .training import NonFiniteError, train
+
+    try:
+        result = train(**train_kwargs(args))
+    except NonFiniteError as e:
+        print(f"blurfast train: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError) as e:       # CheckpointError included
+        print(f"blurfast train: error: {e}", file=sys.stderr)
+        return 2
+    if result["stopped_by"] == "SIGINT":
+        return 130
+    if result["stopped_by"] is not None:
+        return 143
+    print(f"done: step {result['step']}, loss {result['loss']:.4f}, "
+          f"checkpoint {result['checkpoint']}")
+    return 0
+
+
+def _prepare_main(args) -> int:
+    from .data import prepare
+
+    try:
+        r = prepare(args.src, args.out, resolution=args.resolution, resize=args.resize,
+                    channels=args.channels, workers=args.workers, progress=args.progress,
+                    limit=args.limit)
+    except (ValueError, TypeError) as e:
+        print(f"blurfast prepare: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {r['path']}: {r['written']} images of shape {r['shape'][1:]}, "
+          f"{r['skipped']} unreadable skipped")
+    for line in r["bad"]:
+        print(f"  unreadable: {line}")
+    return 0

@@ -1,0 +1,377 @@
+"""Training data: image folders, LSUN lmdb databases and prepared uint8 arrays.
+
+Every dataset yields images as uint8 arrays (H, W, C) at the training resolution;
+``__getitems__`` returns a batch as one uint8 tensor (B, H, W, C). Pixels are
+scaled to floats (and flipped) on the training device, see :func:`to_float`.
+
+``prepare`` decodes a source once into a ``.npy`` file of shape (N, H, W, C),
+which :class:`PreparedArray` memory-maps: an epoch then costs no image decoding.
+"""
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import struct
+import sys
+import warnings
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["IMAGE_EXTENSIONS", "RESIZE_MODES", "PIXEL_RANGES", "ImageFolder", "LSUNLmdb",
+           "PreparedArray", "open_dataset", "prepare", "to_float", "PrepareReport"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+RESIZE_MODES = ("squash", "center-crop")
+PIXEL_RANGES = ("-1,1", "0,1")
+
+
+def _check_resolution(resolution) -> int:
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+        raise ValueError(f"resolution: expected a positive int, got {resolution!r}")
+    return resolution
+
+
+def _check_resize(resize) -> str:
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize: expected one of {RESIZE_MODES}, got {resize!r}")
+    return resize
+
+
+def decode(data: bytes, resolution: int, resize: str, channels: int = 3) -> np.ndarray:
+    """Encoded image bytes -> uint8 (resolution, resolution, channels).
+
+    ``squash`` resizes the whole image to a square (the paper's preprocessing);
+    ``center-crop`` takes the central square first. Bicubic, antialiased (Pillow).
+    """
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB" if channels == 3 else "L")
+        if resize == "center-crop":
+            w, h = im.size
+            s = min(w, h)
+            left, top = (w - s) // 2, (h - s) // 2
+            im = im.crop((left, top, left + s, top + s))
+        if im.size != (resolution, resolution):
+            im = im.resize((resolution, resolution), Image.BICUBIC)
+        a = np.asarray(im, dtype=np.uint8)
+    return a[:, :, None] if a.ndim == 2 else a
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """Base of the sources that decode images on the fly."""
+
+    def __init__(self, resolution: int, resize: str, channels: int):
+        self.resolution = _check_resolution(resolution)
+        self.resize = _check_resize(resize)
+        if channels not in (1, 3):
+            raise ValueError(f"channels: expected 1 or 3, got {channels!r}")
+        self.channels = channels
+
+    def raw(self, i: int) -> bytes:
+        raise NotImplementedError
+
+    def name(self, i: int) -> str:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return decode(self.raw(i), self.resolution, self.resize, self.channels)
+
+    def __getitems__(self, indices: Sequence[int]) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self[int(i)] for i in indices]))
+
+
+class ImageFolder(_Decoded):
+    """All .jpg/.jpeg/.png/.webp files under ``root`` (recursive, sorted paths)."""
+
+    def __init__(self, root, resolution: int = 64, resize: str = "center-crop",
+                 channels: int = 3):
+        super().__init__(resolution, resize, channels)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"root: {str(root)!r} is not a directory")
+        self.files = sorted(p for p in self.root.rglob("*")
+                            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not self.files:
+            raise ValueError(f"root: no {'/'.join(IMAGE_EXTENSIONS)} files under {str(root)!r}")
+
+    def __len__(self):
+        return len(self.files)
+
+    def raw(self, i):
+        return self.files[i].read_bytes()
+
+    def name(self, i):
+        return str(self.files[i])
+
+
+_LMDB_ENVS = {}      # (path, pid) -> read-only environment opened by that process
+
+
+def _close_inherited_envs() -> None:
+    """In a forked child: close the parent's environments so the child may open its
+    own (lmdb refuses a second open of the same files in one process). They were
+    opened with lock=False, so closing them touches no lock state shared with the
+    parent."""
+    for key in [k for k in _LMDB_ENVS if k[1] != os.getpid()]:
+        _LMDB_ENVS.pop(key).close()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_envs)
+
+
+def is_lmdb(path) -> bool:
+    return (Path(path) / "data.mdb").is_file()
+
+
+class LSUNLmdb(_Decoded):
+    """An LSUN database as distributed (``<category>_<split>_lmdb``: keys are image
+    ids, values encoded images). The environment is opened per process, read-only."""
+
+    def __init__(self, path, resolution: int = 64, resize: str = "center-crop",
+                 channels: int = 3, progress: bool = False):
+        super().__init__(resolution, resize, channels)
+        self.path = str(path)
+        if not is_lmdb(path):
+            raise ValueError(f"path: {self.path!r} is not an lmdb database (no data.mdb)")
+        with self.env().begin() as txn:
+            n = txn.stat()["entries"]
+            keys = txn.cursor().iternext(keys=True, values=False)
+            if progress:
+                from tqdm import tqdm
+                keys = tqdm(keys, total=n, desc="lmdb keys", unit="key")
+            self.keys = list(keys)
+        if not self.keys:
+            raise ValueError(f"path: the lmdb database {self.path!r} is empty")
+
+    def env(self):
+        # lmdb allows one open environment per path and process: share it.
+        key = (os.path.realpath(self.path), os.getpid())
+        if key not in _LMDB_ENVS:
+            import lmdb
+            _LMDB_ENVS[key] = lmdb.open(self.path, readonly=True, lock=False,
+                                        readahead=False, meminit=False, max_readers=256)
+        return _LMDB_ENVS[key]
+
+    def __len__(self):
+        return len(self.keys)
+
+    def raw(self, i):
+        with self.env().begin() as txn:
+            v = txn.get(self.keys[i])
+        if v is None:
+            raise KeyError(f"key {self.keys[i]!r} vanished from {self.path}")
+        return v
+
+    def name(self, i):
+        return f"{self.path}:{self.keys[i].decode(errors='replace')}"
+
+
+class PreparedArray(torch.utils.data.Dataset):
+    """A ``.npy`` uint8 array (N, H, W, C) written by :func:`prepare`, memory-mapped
+    (opened lazily in each process, so DataLoader workers share the page cache)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        try:
+            a = np.load(self.path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"path: {self.path!r} is not a readable .npy array ({e})") from None
+        if a.dtype != np.uint8 or a.ndim != 4 or a.shape[1] != a.shape[2] \
+                or a.shape[3] not in (1, 3) or a.shape[0] == 0:
+            raise ValueError(f"path: expected a non-empty uint8 array (N, R, R, 1 or 3), got "
+                             f"{a.dtype} {a.shape} in {self.path!r}")
+        self.length, self.resolution, _, self.channels = a.shape
+        self._a, self._pid = a, os.getpid()
+
+    def array(self) -> np.ndarray:
+        if self._a is None or self._pid != os.getpid():
+            self._a, self._pid = np.load(self.path, mmap_mode="r"), os.getpid()
+        return self._a
+
+    def __getstate__(self):
+        return {**self.__dict__, "_a": None, "_pid": None}
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        return np.asarray(self.array()[int(i)])
+
+    def __getitems__(self, indices: Sequence[int]) -> torch.Tensor:
+        idx = np.asarray(indices, dtype=np.int64)
+        order = np.argsort(idx, kind="stable")     # read the file front to back
+        out = np.empty((len(idx),) + self.array().shape[1:], dtype=np.uint8)
+        out[order] = self.array()[idx[order]]
+        return torch.from_numpy(out)
+
+
+def open_dataset(path, resolution: Optional[int] = None, resize: str = "center-crop",
+                 channels: int = 3, progress: bool = False):
+    """The dataset at ``path``: a ``.npy`` file from :func:`prepare`, an lmdb
+    directory, or an image folder. For a prepared array ``resolution`` and
+    ``channels`` must match the file (None: take the file's)."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"data: {str(path)!r} does not exist")
+    if p.is_file():
+        ds = PreparedArray(p)
+        if resolution is not None and resolution != ds.resolution:
+            raise ValueError(f"resolution: {resolution} differs from the prepared array's "
+                             f"{ds.resolution} ({p}); prepare it again at {resolution}")
+        if channels != ds.channels:
+            raise ValueError(f"channels: {channels} differs from the prepared array's "
+                             f"{ds.channels} ({p})")
+        return ds
+    if resolution is None:
+        raise ValueError("resolution: needed for an image folder or lmdb source")
+    if is_lmdb(p):
+        return LSUNLmdb(p, resolution, resize, channels, progress=progress)
+    return ImageFolder(p, resolution, resize, channels)
+
+
+def to_float(batch: torch.Tensor, flip: Optional[torch.Tensor] = None,
+             pixel_range: str = "-1,1") -> torch.Tensor:
+    """uint8 (B, H, W, C) -> float32 (B, C, H, W) in channels_last layout, scaled to
+    [-1, 1] or [0, 1]; images where ``flip`` (B,) bool is True are mirrored left-right."""
+    if pixel_range not in PIXEL_RANGES:
+        raise ValueError(f"pixel_range: expected one of {PIXEL_RANGES}, got {pixel_range!r}")
+    x = batch.permute(0, 3, 1, 2).float()
+    if flip is not None:
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x / 127.5 - 1 if pixel_range == "-1,1" else x / 255
+
+
+# ---------------------------------------------------------------------------- prepare
+
+class PrepareReport(dict):
+    """What :func:`prepare` did: ``written``, ``skipped`` (count), ``bad`` (names and
+    errors of the first unreadable images), ``shape``, ``path``."""
+
+
+_worker_src = None
+
+
+def _init_worker(src):
+    global _worker_src
+    _worker_src = src
+
+
+def _decode_one(i: int):
+    try:
+        return i, _worker_src[i], None
+    except Exception as e:            # any unreadable image is skipped and reported
+        return i, None, f"{type(e).__name__}: {e}"
+
+
+def _npy_header(shape, length: Optional[int] = None) -> bytes:
+    """The .npy (version 1.0) header of a uint8 C-order array of ``shape``, padded
+    with spaces to ``length`` bytes when given."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+              "fortran_order": False, "shape": tuple(shape)})
+    h = buf.getvalue()
+    if length is None or length == len(h):
+        return h
+    if length < len(h):
+        raise ValueError(f"length: the header needs {len(h)} bytes, got {length}")
+    # magic (6) + version (2) + little-endian uint16 length (2) + dict, '\n'-terminated
+    body = h[10:-1] + b" " * (length - len(h)) + b"\n"
+    return h[:8] + struct.pack("<H", len(body)) + body
+
+
+def _shrink_npy(path: Path, n_alloc: int, n: int, shape) -> None:
+    """Keeps the first n of the n_alloc rows of the .npy at ``path``: a new header of
+    the old length, then truncation."""
+    old = len(_npy_header((n_alloc,) + shape))
+    with open(path, "r+b") as f:
+        f.write(_npy_header((n,) + shape, old))
+        f.truncate(old + n * int(np.prod(shape)))
+
+
+def prepare(src, out, resolution: int = 64, resize: str = "squash", channels: int = 3,
+            workers: Optional[int] = None, progress: bool = True, max_reported: int = 20,
+            limit: Optional[int] = None) -> PrepareReport:
+    """Decodes every image of ``src`` (image folder or LSUN lmdb) into ``out``, a
+    ``.npy`` uint8 array (N, resolution, resolution, channels), in source order.
+
+    Unreadable images are skipped and counted (never a crash); the names of the first
+    ``max_reported`` are returned. The array is written to ``out`` + ``.tmp`` and
+    renamed when complete. ``limit`` keeps only the first ``limit`` images.
+    """
+    out = Path(out)
+    if out.suffix != ".npy":
+        raise ValueError(f"out: expected a path ending in .npy, got {str(out)!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                or workers < 0):
+        raise ValueError(f"workers: expected an int >= 0, got {workers!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit: expected a positive int, got {limit!r}")
+    _check_resolution(resolution)
+    _check_resize(resize)
+    p = Path(src)
+    if not p.is_dir():
+        raise ValueError(f"src: {str(src)!r} is not a directory (image folder or lmdb)")
+    source = (LSUNLmdb(p, resolution, resize, channels, progress=progress) if is_lmdb(p)
+              else ImageFolder(p, resolution, resize, channels))
+    n_alloc = len(source) if limit is None else min(limit, len(source))
+    shape = (resolution, resolution, channels)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n_alloc,) + shape)
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    bad: List[str] = []
+    skipped = written = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=n_alloc, desc=f"prepare {p.name}", unit="img")
+    try:
+        if workers > 0:
+            ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(source,))
+            results = pool.imap(_decode_one, range(n_alloc), chunksize=64)
+        else:
+            _init_worker(source)
+            pool, results = None, map(_decode_one, range(n_alloc))
+        try:
+            for i, a, err in results:
+                if err is None:
+                    arr[written] = a
+                    written += 1
+                else:
+                    skipped += 1
+                    if len(bad) < max_reported:
+                        bad.append(f"{source.name(i)}: {err}")
+                if bar is not None:
+                    bar.update(1)
+                    if skipped:
+                        bar.set_postfix(skipped=skipped, refresh=False)
+        finally:
+            if pool is not None:
+                pool.terminate()
+        if written == 0:
+            raise ValueError(f"src: none of the {n_alloc} images of {str(src)!r} could be read "
+                             f"(first: {bad[0] if bad else '-'})")
+        arr.flush()
+        del arr
+        if written < n_alloc:
+            _shrink_npy(tmp, n_alloc, written, shape)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if skipped:
+        warnings.warn(f"prepare: skipped {skipped} unreadable image(s) of {n_alloc}; first: "
+                      f"{bad[0]}", stacklevel=2)
+    return PrepareReport(path=str(out), written=written, skipped=skipped, bad=bad,
+                         shape=(written,) + shape)

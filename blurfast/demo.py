@@ -1,0 +1,144 @@
+"""``blurfast demo``: the whole job on an embedded default, in about ten minutes on a CPU.
+
+With no data it trains the ``small`` U-Net on random crops of the CC0 photographs that
+scikit-image ships, samples a grid, draws the forward process and a coarse-to-fine
+reverse run, and runs the quick kernel benchmark.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+# RGB photographs bundled in scikit-image's package data (no download).
+SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+                  "motorcycle_right.png", "hubble_deep_field.jpg", "retina.jpg", "ihc.png")
+
+
+def skimage_crops(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """n random square crops (side 64 to 256 pixels) of scikit-image's photographs,
+    resized to ``size``: uint8 (n, size, size, 3)."""
+    try:
+        import skimage
+    except ImportError as e:
+        raise ImportError("the demo's default data needs scikit-image: pip install "
+                          "scikit-image (or pass --data PATH)") from e
+    from PIL import Image
+    folder = Path(skimage.__file__).parent / "data"
+    photos = [np.asarray(Image.open(folder / f).convert("RGB")) for f in SKIMAGE_PHOTOS
+              if (folder / f).is_file()]
+    if not photos:
+        raise FileNotFoundError(f"no bundled photographs found in {folder}")
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, size, size, 3), np.uint8)
+    for i in range(n):
+        img = photos[rng.integers(len(photos))]
+        h, w = img.shape[:2]
+        side = int(rng.integers(min(64, h, w), min(256, h, w) + 1))
+        y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        crop = Image.fromarray(img[y:y + side, x:x + side]).resize((size, size), Image.LANCZOS)
+        out[i] = np.asarray(crop)
+    return out
+
+
+def run(out="blurfast-demo", minutes: float = 6.0, data: Optional[str] = None,
+        resolution: Optional[int] = None, device: Optional[str] = None, smoke: bool = False,
+        bench: bool = True) -> dict:
+    """Runs the demo into ``out``; returns the paths it wrote. ``minutes`` is the training
+    budget; ``smoke`` shrinks everything to seconds (for tests)."""
+    from . import viz
+    from .bench import main as bench_main
+    from .checkpoint import load_model
+    from .data import open_dataset
+    from .fileio import atomic_path
+    from .generate import resolve_checkpoint
+    from .sampling import sample
+    from .training import train
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device == "cuda"
+    res = resolution or (16 if smoke else 64 if cuda else 32)
+    paths = {}
+
+    # 1. Data: the given dataset, or crops of scikit-image's photographs as a prepared array.
+    if data is None:
+        arr = skimage_crops(64 if smoke else 4096, res)
+        data = out / "data" / f"skimage_crops_{res}.npy"
+        with atomic_path(data, suffix=".npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, arr)
+        print(f"[demo] data: {len(arr)} crops of scikit-image's photographs -> {data}")
+    ds = open_dataset(data, resolution=res)
+
+    # 2. Train for the time budget: a few steps to time one, then the rest (resumed).
+    run_dir = out / "run"
+    n_steps = 40 if smoke else 1000
+    kw = dict(data=str(data), out=str(run_dir), preset="small", resolution=res,
+              batch_size=16, lr=2e-4, ema_decay=0.99, device=device,
+              diffusion=dict(num_steps=n_steps), save_every=10 ** 6, sample_every=10 ** 6,
+              sample_steps=10 if smoke else 50, log_every=10, keep=1, progress=not smoke)
+    if smoke:
+        kw["model"] = dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1)
+    first = 2 if smoke else 5
+    t0 = time.perf_counter()
+    train(steps=first, **kw)
+    per_step = (time.perf_counter() - t0) / first
+    total = first + 1 if smoke else max(first + 1, int(minutes * 60 / per_step))
+    print(f"[demo] training {total} steps (about {per_step:.2f} s each) -> {run_dir}")
+    train(steps=total, resume="auto", **kw)
+    paths["run"] = run_dir
+
+    # 3. Pictures: samples, the forward process, a coarse-to-fine reverse run.
+    model, diff, _ = load_model(resolve_checkpoint(run_dir), ema=True, device=device)
+    steps = 5 if smoke else 50
+    x = sample(model, diff, (16,) + diff.shape, sampler="ddim", steps=steps, seed=0,
+               progress=not smoke, device=device)
+    paths["samples"] = out / "samples.png"
+    viz.save_png(viz.grid([list(x[r * 4:(r + 1) * 4]) for r in range(4)]), paths["samples"])
+    photos = torch.from_numpy(np.stack([np.asarray(ds[i]) for i in range(4)]))
+    x0 = photos.permute(0, 3, 1, 2).float() / 127.5 - 1
+    paths["forward"] = out / "forward_strip.png"
+    viz.forward_strip(diff, x0, path=paths["forward"])
+    paths["trajectory"] = out / "trajectory.png"
+    viz.trajectory(model, diff, (4,) + diff.shape, path=paths["trajectory"], steps=steps,
+                   device=device)
+
+    # 4. The quick benchmark.
+    if bench:
+        paths["bench_json"], paths["bench_plot"] = out / "bench.json", out / "bench.png"
+        bench_args = ["--quick", "--device", device, "--json", str(paths["bench_json"]),
+                      "--plot", str(paths["bench_plot"])]
+        if smoke:
+            bench_args += ["--cases", "dct2", "--shapes", "2x3x16x16", "--iters", "2",
+                           "--warmup", "1"]
+        bench_main(bench_args)
+
+    print(f"\n[demo] done in {(time.perf_counter() - t_start) / 60:.1f} min. Results:")
+    for k, v in paths.items():
+        print(f"  {k:<11} {v}")
+    return paths
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="blurfast demo", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="blurfast-demo", help="output folder (default blurfast-demo)")
+    p.add_argument("--minutes", type=float, default=6.0,
+                   help="training time budget in minutes (default 6)")
+    p.add_argument("--data", default=None,
+                   help="image folder, LSUN lmdb or prepared .npy (default: scikit-image's photos)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="default 64 on a GPU, 32 on a CPU")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--no-bench", action="store_true", help="skip the quick benchmark")
+    p.add_argument("--smoke", action="store_true", help="tiny everything, seconds (for tests)")
+    a = p.parse_args(argv)
+    if a.minutes <= 0:
+        p.error("--minutes: expected a positive number")
+    run(a.out, a.minutes, a.data, a.resolution, a.device, a.smoke, not a.no_bench)
+    return 0

@@ -1,0 +1,243 @@
+"""The denoiser: an ADM-style U-Net (Dhariwal & Nichol 2021) predicting pixel-space eps.
+
+Residual blocks with GroupNorm and scale-shift timestep conditioning, multi-head
+self-attention through ``F.scaled_dot_product_attention`` at chosen resolutions,
+strided-conv downsampling, nearest + conv upsampling, and skip connections from
+every block of the encoder to the decoder. ``model(x, t)``: x (B, C, H, W), t the
+integer steps (B,).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+
+__all__ = ["UNet", "PRESETS", "timestep_embedding"]
+
+# Named configurations: paper64 is the model of Lee et al. (121.06 M parameters at any
+# resolution); small (5.4 M) is for CPU runs.
+PRESETS = {
+    "paper64": dict(base_channels=128, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
+                    attention_resolutions=(16, 8), num_heads=4, dropout=0.0),
+    "small": dict(base_channels=32, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
+                  attention_resolutions=(8,), num_heads=4, dropout=0.0),
+}
+
+_GROUPS = 32
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """(B, dim) sinusoidal embedding of the steps t (B,): [cos(t w_k), sin(t w_k)],
+    w_k = max_period^(-k / (dim/2))."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) *
+                      torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.to(torch.float32)[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def _zero(m: nn.Module) -> nn.Module:
+    for p in m.parameters():
+        nn.init.zeros_(p)
+    return m
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, then GroupNorm scaled and shifted by the timestep
+    embedding, SiLU, dropout, zero-initialized conv; 1x1 conv on the skip when the
+    channel count changes."""
+
+    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_GROUPS, cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * cout)
+        self.norm2 = nn.GroupNorm(_GROUPS, cout)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the H*W positions, residual, zero-initialized output."""
+
+    def __init__(self, ch: int, heads: int):
+        super().__init__()
+        if ch % heads:
+            raise ValueError(f"num_heads: {heads} does not divide the {ch} channels")
+        self.heads = heads
+        self.norm = nn.GroupNorm(_GROUPS, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = _zero(nn.Conv2d(ch, ch, 1))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)           # each (B, heads, HW, c/heads)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(o.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Level(nn.Module):
+    """A ResBlock, optionally followed by attention."""
+
+    def __init__(self, cin, cout, emb_dim, dropout, attn, heads):
+        super().__init__()
+        self.res = ResBlock(cin, cout, emb_dim, dropout)
+        self.attn = Attention(cout, heads) if attn else None
+
+    def forward(self, x, emb):
+        x = self.res(x, emb)
+        return self.attn(x) if self.attn is not None else x
+
+
+def _positive_int(name, v):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    return v
+
+
+class UNet(nn.Module):
+    """ADM-style U-Net: eps_theta(x_t, t).
+
+    ``resolution``: input side (square, divisible by 2^(levels-1)); ``channels``:
+    image channels; ``channel_mult``: width of each level in units of
+    ``base_channels``; ``attention_resolutions``: feature-map sides that get
+    self-attention; ``freq_input``: also feed ``dct2(x_t)`` as extra input channels
+    (the paper code's ``freq_feat``). ``UNet(**model.config)`` rebuilds the model.
+    """
+
+    def __init__(self, resolution: int = 64, channels: int = 3, base_channels: int = 128,
+                 channel_mult: Sequence[int] = (1, 2, 3, 4), num_res_blocks: int = 3,
+                 attention_resolutions: Sequence[int] = (16, 8), num_heads: int = 4,
+                 dropout: float = 0.0, freq_input: bool = False):
+        super().__init__()
+        _positive_int("resolution", resolution)
+        _positive_int("channels", channels)
+        _positive_int("base_channels", base_channels)
+        _positive_int("num_res_blocks", num_res_blocks)
+        _positive_int("num_heads", num_heads)
+        if base_channels % _GROUPS:
+            raise ValueError(f"base_channels: expected a multiple of {_GROUPS}, "
+                             f"got {base_channels}")
+        channel_mult = tuple(channel_mult)
+        if not channel_mult:
+            raise ValueError("channel_mult: expected at least one level")
+        for m in channel_mult:
+            _positive_int("channel_mult", m)
+        attention_resolutions = tuple(attention_resolutions)
+        for r in attention_resolutions:
+            _positive_int("attention_resolutions", r)
+        if resolution % 2 ** (len(channel_mult) - 1):
+            raise ValueError(f"resolution: {resolution} is not divisible by "
+                             f"2^{len(channel_mult) - 1} ({len(channel_mult)} levels)")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+                or not 0 <= dropout < 1:
+            raise ValueError(f"dropout: expected a number in [0, 1), got {dropout!r}")
+        if not isinstance(freq_input, bool):
+            raise TypeError(f"freq_input: expected a bool, got {type(freq_input).__name__}")
+        self.config = dict(resolution=resolution, channels=channels, base_channels=base_channels,
+                           channel_mult=list(channel_mult), num_res_blocks=num_res_blocks,
+                           attention_resolutions=list(attention_resolutions),
+                           num_heads=num_heads, dropout=float(dropout), freq_input=freq_input)
+        self.resolution, self.channels, self.freq_input = resolution, channels, freq_input
+        self.base_channels = base_channels
+        emb_dim = 4 * base_channels
+        self.time_embed = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(),
+                                        nn.Linear(emb_dim, emb_dim))
+        cin = channels * (2 if freq_input else 1)
+        self.input = nn.Conv2d(cin, base_channels, 3, padding=1)
+
+        ch, res = base_channels, resolution
+        skips = [ch]
+        self.down = nn.ModuleList()
+        for i, m in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                self.down.append(_Level(ch, m * base_channels, emb_dim, dropout,
+                                        res in attention_resolutions, num_heads))
+                ch = m * base_channels
+                skips.append(ch)
+            if i < len(channel_mult) - 1:
+                self.down.append(Downsample(ch))
+                res //= 2
+                skips.append(ch)
+        self.mid = nn.ModuleList([_Level(ch, ch, emb_dim, dropout, True, num_heads),
+                                  _Level(ch, ch, emb_dim, dropout, False, num_heads)])
+        self.up = nn.ModuleList()
+        for i, m in reversed(list(enumerate(channel_mult))):
+            for j in range(num_res_blocks + 1):
+                self.up.append(_Level(ch + skips.pop(), m * base_channels, emb_dim, dropout,
+                                      res in attention_resolutions, num_heads))
+                ch = m * base_channels
+            if i > 0:
+                self.up.append(Upsample(ch))
+                res *= 2
+        self.out = nn.Sequential(nn.GroupNorm(_GROUPS, ch), nn.SiLU(),
+                                 _zero(nn.Conv2d(ch, channels, 3, padding=1)))
+
+    @classmethod
+    def from_preset(cls, name: str, resolution: int = 64, channels: int = 3, **overrides):
+        """A named configuration (``PRESETS``), any of its entries replaced by ``overrides``."""
+        if name not in PRESETS:
+            raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}")
+        unknown = set(overrides) - set(PRESETS[name]) - {"freq_input"}
+        if unknown:
+            raise TypeError(f"overrides: unknown UNet arguments {sorted(unknown)}")
+        return cls(resolution=resolution, channels=channels, **{**PRESETS[name], **overrides})
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or tuple(x.shape[1:]) != (self.channels, self.resolution, self.resolution):
+            raise ValueError(f"x: expected shape (B, {self.channels}, {self.resolution}, "
+                             f"{self.resolution}), got {tuple(x.shape)}")
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t: expected shape ({x.shape[0]},), got {tuple(t.shape)}")
+        emb = self.time_embed(timestep_embedding(t, self.base_channels))
+        if self.freq_input:
+            x = torch.cat([x, ops.dct2(x)], dim=1)
+        h = self.input(x)
+        hs = [h]
+        for layer in self.down:
+            h = layer(h) if isinstance(layer, Downsample) else layer(h, emb)
+            hs.append(h)
+        for layer in self.mid:
+            h = layer(h, emb)
+        for layer in self.up:
+            if isinstance(layer, Upsample):
+                h = layer(h)
+            else:
+                h = layer(torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h)

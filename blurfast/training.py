@@ -1,0 +1,674 @@
+"""Training of blur diffusion models: :func:`train` and the step it repeats.
+
+Randomness is a function of ``(seed, step)`` alone: the data order (one
+permutation per epoch), the steps ``t``, the flips and the Philox noise of step
+``s`` are drawn for the whole global batch, and each rank takes its slice (the
+noise of rank r starts at Philox offset ``r * b * C*H*W``). So a resumed run
+retraces an uninterrupted one exactly, and k processes with per-process batch b
+draw the same examples, steps and noise as one process with batch k*b.
+
+:class:`TrainStep` is the complete step (process, forward, backward, gradient
+clipping, fused Adam, EMA) with no host synchronization: a non-finite gradient
+skips the update on the device (the optimizer's ``found_inf``), and the counters
+are read only at log points. With ``cuda_graphs=True`` the whole step is
+captured once in a CUDA graph and replayed.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import signal
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from . import data as D
+from . import ops
+from .diffusion import TARGETS, BlurDiffusion
+from .models import PRESETS, UNet
+
+__all__ = ["train", "TrainStep", "step_draws", "StepBatches", "NonFiniteError"]
+
+_SEED_MASK = 2 ** 62 - 1
+_GRAPH_WARMUP = 3          # eager steps (on a side stream) before the capture
+LOG_FIELDS = ["step", "images", "loss", "grad_norm", "lr", "nonfinite", "images_per_s",
+              "elapsed_s"]
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def derive_seed(*ints: int) -> int:
+    """A 62-bit seed from a tuple of non-negative ints (NumPy's SeedSequence hash)."""
+    a, b = np.random.SeedSequence(list(ints)).generate_state(2, np.uint32)
+    return ((int(a) << 32) | int(b)) & _SEED_MASK
+
+
+def step_draws(seed: int, step: int, global_batch: int, num_steps: int, rank: int = 0,
+               local_batch: Optional[int] = None):
+    """``(t, flip, noise_seed)`` of one step: t uniform on 1..N-1 and flips drawn for
+    the whole global batch, this rank's slice returned; the noise seed is shared."""
+    g = torch.Generator().manual_seed(derive_seed(seed, step, 1))
+    t = torch.randint(1, num_steps, (global_batch,), generator=g)
+    flip = torch.randint(0, 2, (global_batch,), generator=g).bool()
+    b = global_batch if local_batch is None else local_batch
+    sl = slice(rank * b, rank * b + b)
+    return t[sl], flip[sl], derive_seed(seed, step, 2)
+
+
+class StepBatches:
+    """Batch sampler: dataset indices of this rank for steps ``start..stop-1``.
+
+    The examples form an endless sequence of epochs, each a permutation seeded by
+    ``(seed, epoch)``; step s takes positions ``[s*B, (s+1)*B)`` of it (B the global
+    batch) and rank r the r-th slice of size b.
+    """
+
+    def __init__(self, n: int, global_batch: int, local_batch: int, rank: int, seed: int,
+                 start: int, stop: int):
+        self.n, self.B, self.b, self.rank, self.seed = n, global_batch, local_batch, rank, seed
+        self.start, self.stop = start, stop
+        self._perms = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+            g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, 0))
+            self._perms[epoch] = torch.randperm(self.n, generator=g)
+        return self._perms[epoch]
+
+    def indices(self, step: int):
+        pos = step * self.B + self.rank * self.b + torch.arange(self.b)
+        epochs = pos // self.n
+        return [int(self._perm(int(e))[int(p)]) for e, p in zip(epochs, pos % self.n)]
+
+    def __iter__(self):
+        for s in range(self.start, self.stop):
+            yield self.indices(s)
+
+    def __len__(self):
+        return self.stop - self.start
+
+
+def _collate(batch: torch.Tensor) -> torch.Tensor:
+    """The datasets' ``__getitems__`` already returns the batch tensor."""
+    return batch
+
+
+class _ProcessMaps:
+    """``log Abar_t`` on the device for a device tensor t, without host
+    synchronization (so it can be captured in a CUDA graph): the closed form
+    ``log alpha_bar_t + 2 F_t log d`` of DESIGN.md 2.3 from the process's tables."""
+
+    def __init__(self, diff: BlurDiffusion, device):
+        self.log_alpha_bar = diff.log_alpha_bar.to(device)
+        self.F = diff.F.to(device)
+        self.log_d = diff.log_d.to(device)
+
+    def log_abar(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) float64."""
+        return (self.log_alpha_bar[t][:, None, None, None]
+                + 2 * self.F[t][:, None, None, None] * self.log_d)
+
+
+class TrainStep:
+    """One optimization step, repeated by :func:`train` (and by the benchmarks).
+
+    Call with a uint8 batch (b, H, W, C), flips (b,) bool, steps t (b,) and the
+    Philox ``(noise_seed, noise_offset)``. Nothing is read back to the host; see
+    :meth:`read_stats`. ``ddp``: wrap the model in DistributedDataParallel (the
+    process group must exist). ``cuda_graphs``: capture the whole step after
+    ``_GRAPH_WARMUP`` eager steps; the noise then comes from torch's generator
+    (graph-safe) instead of the Philox stream.
+    """
+
+    def __init__(self, model: UNet, diff: BlurDiffusion, *, device, target: str = "eps",
+                 lr: float = 5e-5, optimizer: str = "adam", betas=(0.9, 0.999),
+                 weight_decay: float = 0.0, adam_eps: float = 1e-8, grad_clip=1.0,
+                 ema_beta: float = 0.9999, precision: str = "fp32",
+                 channels_last: bool = False, compile: bool = False,
+                 cuda_graphs: bool = False, flip: bool = True, pixel_range: str = "-1,1",
+                 ddp: bool = False):
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        if target not in TARGETS:
+            raise ValueError(f"target: expected one of {TARGETS}, got {target!r}")
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision: expected 'fp32' or 'bf16', got {precision!r}")
+        if optimizer not in ("adam", "adamw"):
+            raise ValueError(f"optimizer: expected 'adam' or 'adamw', got {optimizer!r}")
+        if pixel_range not in D.PIXEL_RANGES:
+            raise ValueError(f"pixel_range: expected one of {D.PIXEL_RANGES}, got {pixel_range!r}")
+        if cuda_graphs and not cuda:
+            raise ValueError("cuda_graphs: needs a CUDA device")
+        if cuda_graphs and ddp:
+            raise ValueError("cuda_graphs: not supported with several processes (DDP); use "
+                             "compile=True there")
+        self.target, self.flip, self.pixel_range = target, flip, pixel_range
+        self.cuda_graphs = cuda_graphs
+        self.amp = precision == "bf16"
+        self.max_norm = float("inf") if not grad_clip else float(grad_clip)
+        self.ema_w = 1.0 - float(ema_beta)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+        self.model = model.to(self.device, memory_format=self.memory_format)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.params = list(self.model.parameters())
+        self.ema_params = list(self.ema.parameters())
+        self.proc = _ProcessMaps(diff, self.device)
+
+        fwd = self.model
+        if ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            fwd = DDP(self.model, device_ids=[self.device.index] if cuda else None,
+                      gradient_as_bucket_view=True)
+        self.forward = torch.compile(fwd) if compile else fwd
+
+        # A tensor learning rate lets a captured step see updates of it.
+        self._lr = torch.tensor(float(lr), device=self.device) if cuda_graphs else float(lr)
+        cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
+        self.opt = cls(self.params, lr=self._lr, betas=tuple(betas), eps=adam_eps,
+                       weight_decay=weight_decay, fused=True, capturable=cuda_graphs)
+        # loss sum, finite losses, consecutive skipped steps, all skipped steps,
+        # grad-norm sum, applied steps
+        self._stats = torch.zeros(6, dtype=torch.float64, device=self.device)
+        self._graph = None
+        self._warm = 0
+        self._static = None
+
+    # ------------------------------------------------------------------ the step
+    def set_lr(self, lr: float) -> None:
+        for g in self.opt.param_groups:
+            if isinstance(self._lr, torch.Tensor):
+                g["lr"] = self._lr
+                self._lr.fill_(lr)
+            else:
+                g["lr"] = float(lr)
+
+    def noised(self, x0, t, noise_seed: int = 0, noise_offset: int = 0):
+        """``(x_t, target)`` of clean images x0 at steps t (device tensors): x_t =
+        ``q_sample(x0, t)`` with the Philox noise at ``(noise_seed, noise_offset)``
+        (torch's generator under ``cuda_graphs``), the target per ``self.target``."""
+        lab = self.proc.log_abar(t)
+        a = torch.exp(0.5 * lab).float()
+        g = torch.sqrt(-torch.expm1(lab)).float()
+        if self.cuda_graphs:
+            eps = torch.randn_like(x0)
+            x_t = ops.spectral(x0, a, eps, g, seed=0)
+        else:
+            x_t, eps = ops.spectral(x0, a, g=g, seed=noise_seed, offset=noise_offset,
+                                    return_noise=True)
+        if self.target == "eps":
+            return x_t, eps
+        # std: idct2(sqrt(1 - Abar) eb); score: -idct2((1 - Abar)^(-1/2) eb)
+        m = g if self.target == "std" else -torch.rsqrt(-torch.expm1(lab)).float()
+        return x_t, ops.spectral(eps, m, seed=0)
+
+    def _body(self, x_u8, flip, t, noise_seed: int, noise_offset: int) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        x0 = D.to_float(x_u8, flip if self.flip else None, self.pixel_range)
+        x_t, y = self.noised(x0, t, noise_seed, noise_offset)
+        x_t = x_t.contiguous(memory_format=self.memory_format)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp,
+                            cache_enabled=not self.cuda_graphs):
+            pred = self.forward(x_t, t)
+        loss = F.mse_loss(pred.float(), y)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
+        skip = (~torch.isfinite(norm)).float()
+        self.opt.found_inf = skip            # fused Adam leaves params and state as they are
+        self.opt.step()
+        torch._foreach_lerp_(self.ema_params, self.params, (1 - skip) * self.ema_w)
+        ok = torch.isfinite(loss)
+        s = self._stats
+        s[0] += torch.where(ok, loss.detach().double(), 0.0)
+        s[1] += ok.double()
+        s[2].add_(skip.double()).mul_(skip.double())
+        s[3] += skip.double()
+        s[4] += torch.where(skip.bool(), 0.0, norm.detach().double())
+        s[5] += 1 - skip.double()
+
+    def __call__(self, x_u8: torch.Tensor, flip: torch.Tensor, t: torch.Tensor,
+                 noise_seed: int = 0, noise_offset: int = 0) -> None:
+        nb = self.device.type == "cuda"
+        if not self.cuda_graphs:
+            self._body(x_u8.to(self.device, non_blocking=nb), flip.to(self.device, non_blocking=nb),
+                       t.to(self.device, non_blocking=nb), noise_seed, noise_offset)
+            return
+        if self._static is None:
+            self._static = [torch.empty(v.shape, dtype=v.dtype, device=self.device)
+                            for v in (x_u8, flip, t)]
+        for dst, src in zip(self._static, (x_u8, flip, t)):
+            if dst.shape != src.shape:
+                raise ValueError(f"x_u8, flip, t: a captured step needs the shapes of its "
+                                 f"first call, got {tuple(src.shape)} for {tuple(dst.shape)}")
+            dst.copy_(src, non_blocking=True)
+        if self._warm < _GRAPH_WARMUP:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._body(*self._static, 0, 0)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self._warm += 1
+            return
+        if self._graph is None:
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._body(*self._static, 0, 0)
+        self._graph.replay()
+
+    # ------------------------------------------------------------ bookkeeping
+    def read_stats(self, all_reduce: bool = False) -> dict:
+        """Means since the last read: the loss over finite losses (summed over the
+        process group first when ``all_reduce``), the gradient norm over applied
+        steps; and the skipped-step counters. Synchronizes with the device."""
+        s = self._stats.clone()
+        if all_reduce:
+            import torch.distributed as dist
+            part = s[:2].contiguous()
+            dist.all_reduce(part)
+            s[:2] = part
+        loss_sum, loss_n, consec, skipped, norm_sum, norm_n = s.tolist()
+        self._stats[[0, 1, 4, 5]] = 0
+        return {"loss": loss_sum / loss_n if loss_n else float("nan"),
+                "grad_norm": norm_sum / norm_n if norm_n else float("nan"),
+                "consecutive_skipped": int(consec), "skipped_total": int(skipped)}
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.opt.state_dict(), "stats": self._stats.cpu()}
+
+    def load_state_dict(self, state: dict, model_sd: dict, ema_sd: dict) -> None:
+        self.model.load_state_dict(model_sd)
+        self.ema.load_state_dict(ema_sd)
+        self.opt.load_state_dict(state["optimizer"])
+        if isinstance(self._lr, torch.Tensor):
+            for g in self.opt.param_groups:
+                g["lr"] = self._lr
+        self._stats.copy_(state["stats"])
+
+
+# ---------------------------------------------------------------------------- train()
+
+def _setup_distributed(device: Optional[str]):
+    """(rank, world, device, owns_group) from torchrun's environment (WORLD_SIZE, RANK,
+    LOCAL_RANK) or an existing process group; NCCL on CUDA, gloo on CPU."""
+    import torch.distributed as dist
+
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    initialized = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if initialized else env_world
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cpu', 'cuda' or None, got {device!r}")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device: 'cuda' was asked for but torch sees no GPU")
+        dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    owns = False
+    if world > 1 and not initialized:
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        owns = True
+    rank = dist.get_rank() if world > 1 else 0
+    return rank, world, dev, owns
+
+
+def _check_int(name, v, lo=1):
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+    return v
+
+
+def _check_num(name, v, lo=None, lo_open=False, hi=None, hi_open=False, none_ok=False):
+    if v is None and none_ok:
+        return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+            or (lo is not None and (v <= lo if lo_open else v < lo)) \
+            or (hi is not None and (v >= hi if hi_open else v > hi)):
+        bounds = [f"{'>' if lo_open else '>='} {lo}" if lo is not None else "",
+                  f"{'<' if hi_open else '<='} {hi}" if hi is not None else ""]
+        raise ValueError(f"{name}: expected a finite number "
+                         f"{' and '.join(b for b in bounds if b)}"
+                         f"{' or None' if none_ok else ''}, got {v!r}")
+    return v
+
+
+class _Signals:
+    """SIGTERM/SIGINT set a flag (checked between steps); a second SIGINT aborts."""
+
+    def __init__(self):
+        self.received = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class _Log:
+    """log.csv (and TensorBoard when installed), rank 0 only. On resume the rows
+    after the resumed step are dropped (they belong to the lost part of the run)."""
+
+    def __init__(self, out: Path, start: int):
+        self.path = out / "log.csv"
+        rows = []
+        if start > 0 and self.path.is_file():
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
+        with open(self.path.with_name(".log.csv.tmp"), "w", newline="") as f:
+            w = csv.DictWriter(f, LOG_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(self.path.with_name(".log.csv.tmp"), self.path)
+        self._f = open(self.path, "a", newline="")
+        self._w = csv.DictWriter(self._f, LOG_FIELDS)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1)
+        except ImportError:
+            self.tb = None
+
+    def write(self, row: dict) -> None:
+        self._w.writerow(row)
+        self._f.flush()
+        if self.tb is not None:
+            for k in ("loss", "grad_norm", "lr", "images_per_s", "nonfinite"):
+                self.tb.add_scalar(k, row[k], row["step"])
+
+    def close(self) -> None:
+        self._f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _save_samples(ema, diff, path: Path, count: int, steps: int, pixel_range: str, device):
+    from . import sampling, viz
+
+    was_training = ema.training
+    ema.eval()
+    x = sampling.sample(ema, diff, (count,) + diff.shape, sampler="ddim", steps=steps,
+                        seed=0, progress=False, device=device)
+    ema.train(was_training)
+    if pixel_range == "0,1":
+        x = x * 2 - 1
+    ncol = max(1, int(math.sqrt(count)))
+    imgs = list(x.float().cpu())
+    viz.save_png(viz.grid([imgs[i:i + ncol] for i in range(0, count, ncol)]), path)
+
+
+def train(*, data, out, preset: str = "small", resolution: int = 64, channels: int = 3,
+          model: Optional[dict] = None, diffusion: Optional[dict] = None, target: str = "eps",
+          batch_size: int = 16, steps: int = 600_000, lr: float = 5e-5, optimizer: str = "adam",
+          betas=(0.9, 0.999), weight_decay: float = 0.0, adam_eps: float = 1e-8,
+          warmup: int = 0, grad_clip: Optional[float] = 1.0, ema_decay: Optional[float] = 0.9999,
+          ema_halflife_kimg: Optional[float] = None, flip: bool = True,
+          pixel_range: str = "-1,1", resize: str = "center-crop", seed: int = 0,
+          device: Optional[str] = None, precision: Optional[str] = None,
+          channels_last: Optional[bool] = None, tf32: bool = True, compile: bool = False,
+          cuda_graphs: bool = False, num_workers: Optional[int] = None, log_every: int = 100,
+          save_every: int = 5000, keep: int = 3, sample_every: int = 10_000,
+          sample_count: int = 64, sample_steps: int = 100, resume: Optional[str] = None,
+          max_nonfinite: int = 100, progress: bool = True) -> dict:
+    """Trains a U-Net on blur diffusion; see docs/training.md for every argument.
+
+    ``data``: a ``.npy`` from :func:`blurfast.data.prepare`, an LSUN lmdb directory
+    or an image folder. ``out``: the run directory (``config.json``, ``log.csv``,
+    ``checkpoints/``, ``samples/``). ``batch_size`` is per process; under torchrun
+    the global batch is ``batch_size * WORLD_SIZE``. ``steps``: the step to stop at
+    (a resumed run continues up to it). ``resume``: None (start fresh; the run
+    directory must hold no checkpoint), ``"auto"`` (the newest valid checkpoint of
+    ``out``, else start fresh) or a checkpoint directory.
+
+    Returns a dict: ``step``, ``loss`` (mean of the last log interval),
+    ``skipped`` (non-finite steps), ``checkpoint`` (path of the last save),
+    ``stopped_by`` (None or the signal's name), ``model`` and ``ema`` (modules).
+    """
+    args = dict(locals())
+    # ---------------------------------------------------------------- arguments
+    if preset not in PRESETS:
+        raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
+    _check_int("resolution", resolution)
+    _check_int("channels", channels)
+    _check_int("batch_size", batch_size)
+    _check_int("steps", steps)
+    _check_num("lr", lr, 0, lo_open=True)
+    if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
+        raise ValueError(f"betas: expected two numbers, got {betas!r}")
+    for b in betas:
+        _check_num("betas", b, 0, hi=1, hi_open=True)
+    _check_num("weight_decay", weight_decay, 0)
+    _check_num("adam_eps", adam_eps, 0, lo_open=True)
+    _check_int("warmup", warmup, 0)
+    _check_num("grad_clip", grad_clip, 0, lo_open=True, none_ok=True)
+    if (ema_decay is None) == (ema_halflife_kimg is None):
+        raise ValueError("ema_decay, ema_halflife_kimg: give exactly one")
+    _check_num("ema_decay", ema_decay, 0, hi=1, hi_open=True, none_ok=True)
+    _check_num("ema_halflife_kimg", ema_halflife_kimg, 0, lo_open=True, none_ok=True)
+    for name in ("flip", "tf32", "compile", "cuda_graphs", "progress"):
+        if not isinstance(args[name], bool):
+            raise TypeError(f"{name}: expected a bool, got {type(args[name]).__name__}")
+    if channels_last is not None and not isinstance(channels_last, bool):
+        raise TypeError(f"channels_last: expected a bool or None, got {channels_last!r}")
+    if precision not in (None, "fp32", "bf16"):
+        raise ValueError(f"precision: expected 'bf16', 'fp32' or None, got {precision!r}")
+    if num_workers is not None:
+        _check_int("num_workers", num_workers, 0)
+    for name in ("log_every", "save_every", "keep", "sample_every", "sample_count",
+                 "sample_steps", "max_nonfinite"):
+        _check_int(name, args[name])
+    _check_int("seed", seed, 0)
+    if model is not None and not isinstance(model, dict):
+        raise TypeError(f"model: expected a dict of UNet arguments, got {type(model).__name__}")
+    if diffusion is not None and not isinstance(diffusion, dict):
+        raise TypeError(f"diffusion: expected a dict of BlurDiffusion arguments, got "
+                        f"{type(diffusion).__name__}")
+    if resume is not None and not isinstance(resume, (str, os.PathLike)):
+        raise TypeError(f"resume: expected None, 'auto' or a path, got {resume!r}")
+    for k in ("resolution", "channels"):
+        if diffusion and k in diffusion and diffusion[k] != args[k]:
+            raise ValueError(f"diffusion: its {k} {diffusion[k]!r} differs from {k}={args[k]!r}")
+    diff = BlurDiffusion(**{**(diffusion or {}), "resolution": resolution, "channels": channels})
+    torch.manual_seed(seed)                  # the same initial weights on every rank
+    net = UNet.from_preset(preset, resolution=resolution, channels=channels, **(model or {}))
+
+    # ---------------------------------------------------------------- devices
+    rank, world, dev, owns_group = _setup_distributed(device)
+    cuda = dev.type == "cuda"
+    try:
+        precision = precision or ("bf16" if cuda else "fp32")
+        channels_last = cuda if channels_last is None else channels_last
+        if cuda and tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        global_batch = batch_size * world
+        config = {k: v for k, v in args.items() if k not in ("progress",)}
+        config.update(data=str(data), out=str(out), resume=None if resume is None else str(resume),
+                      betas=list(betas), precision=precision, channels_last=channels_last,
+                      model=net.config, diffusion=diff.config, world_size=world,
+                      global_batch=global_batch, device=str(dev.type))
+        config = json.loads(json.dumps(config))    # plain JSON types, as stored
+        return _run(config, net, diff, rank, world, dev, progress)
+    finally:
+        if owns_group:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
+         progress: bool) -> dict:
+    cuda = dev.type == "cuda"
+    main = rank == 0
+    out = Path(cfg["out"])
+    ck_dir = out / "checkpoints"
+    dataset = D.open_dataset(cfg["data"], cfg["resolution"], cfg["resize"], cfg["channels"],
+                             progress=main and progress)
+
+    # ------------------------------------------------------------ resume
+    state = None
+    if cfg["resume"] is None:
+        if ckpt.list_checkpoints(ck_dir):
+            raise ValueError(f"out: {out} already holds checkpoints; pass resume='auto' to "
+                             f"continue that run, or choose another directory")
+    elif cfg["resume"] == "auto":
+        state = ckpt.latest_valid(ck_dir)
+    else:
+        state = ckpt.load(cfg["resume"])
+    if state is not None:
+        old = state["config"]
+        for k in ("model", "diffusion", "target"):
+            if old.get(k) != cfg[k]:
+                raise ValueError(f"resume: the checkpoint {state['path']} has {k} {old.get(k)!r}, "
+                                 f"this run {cfg[k]!r}")
+        changed = sorted(k for k in cfg if k not in ("resume", "steps", "out") and
+                         old.get(k) != cfg[k])
+        if changed and main:
+            warnings.warn("resume: settings changed since the checkpoint: " +
+                          ", ".join(f"{k} {old.get(k)!r} -> {cfg[k]!r}" for k in changed),
+                          stacklevel=3)
+    start = 0 if state is None else int(state["step"])
+    if start >= cfg["steps"]:
+        raise ValueError(f"steps: {cfg['steps']} is not beyond the resumed step {start}")
+
+    if cfg["ema_decay"] is not None:
+        ema_beta = cfg["ema_decay"]
+    else:
+        ema_beta = 0.5 ** (cfg["global_batch"] / (cfg["ema_halflife_kimg"] * 1000))
+    stepper = TrainStep(net, diff, device=dev, target=cfg["target"], lr=cfg["lr"],
+                        optimizer=cfg["optimizer"], betas=cfg["betas"],
+                        weight_decay=cfg["weight_decay"], adam_eps=cfg["adam_eps"],
+                        grad_clip=cfg["grad_clip"], ema_beta=ema_beta,
+                        precision=cfg["precision"], channels_last=cfg["channels_last"],
+                        compile=cfg["compile"], cuda_graphs=cfg["cuda_graphs"],
+                        flip=cfg["flip"], pixel_range=cfg["pixel_range"], ddp=world > 1)
+    if state is not None:
+        stepper.load_state_dict(state, state["model"], state["ema"])
+        if main:
+            print(f"resuming from {state['path']} (step {start})", flush=True)
+
+    if main:
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        ck_dir.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(cfg, indent=2)
+        ckpt.write_text_atomic(out / "config.json", text + "\n")
+        if progress:
+            print(f"config (saved to {out / 'config.json'}):\n{text}", flush=True)
+        log = _Log(out, start)
+
+    workers = cfg["num_workers"]
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1) if cuda else 0
+    sampler = StepBatches(len(dataset), cfg["global_batch"], cfg["batch_size"], rank,
+                          cfg["seed"], start, cfg["steps"])
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                         collate_fn=_collate, pin_memory=cuda,
+                                         prefetch_factor=4 if workers else None)
+    noise_offset = rank * cfg["batch_size"] * int(np.prod(diff.shape))
+
+    def lr_at(step):
+        return cfg["lr"] * min(1.0, (step + 1) / cfg["warmup"]) if cfg["warmup"] else cfg["lr"]
+
+    def save(step):
+        # No generator states: every random stream is a function of (config seed, step).
+        return ckpt.save(ck_dir, step, stepper.model, stepper.ema, stepper.state_dict(), cfg,
+                         keep=cfg["keep"])
+
+    bar = None
+    if main and progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg["steps"], initial=start, desc="train", unit="step",
+                   dynamic_ncols=True)
+    step, last_path, last = start, None, {"loss": float("nan"), "skipped_total": 0}
+    t_log, step_log = time.perf_counter(), start
+    t0 = t_log
+    stopped_by = None
+    try:
+        with _Signals() as sig:
+            for batch in loader:
+                t, flip, noise_seed = step_draws(cfg["seed"], step, cfg["global_batch"],
+                                                 diff.num_steps, rank, cfg["batch_size"])
+                torch.manual_seed(derive_seed(cfg["seed"], step, 3, rank))   # dropout
+                stepper.set_lr(lr_at(step))
+                stepper(batch, flip, t, noise_seed, noise_offset)
+                step += 1
+                if bar is not None:
+                    bar.update(1)
+                at_log = step % cfg["log_every"] == 0 or step == cfg["steps"]
+                stop_now = False
+                if at_log:
+                    last = stepper.read_stats(all_reduce=world > 1)
+                    now = time.perf_counter()
+                    ips = (step - step_log) * cfg["global_batch"] / max(now - t_log, 1e-9)
+                    t_log, step_log = now, step
+                    if main:
+                        log.write({"step": step, "images": step * cfg["global_batch"],
+                                   "loss": f"{last['loss']:.6g}",
+                                   "grad_norm": f"{last['grad_norm']:.6g}",
+                                   "lr": f"{lr_at(step - 1):.6g}",
+                                   "nonfinite": last["skipped_total"],
+                                   "images_per_s": f"{ips:.1f}",
+                                   "elapsed_s": f"{now - t0:.1f}"})
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{ips:.0f}",
+                                            skipped=last["skipped_total"])
+                    if last["consecutive_skipped"] >= cfg["max_nonfinite"]:
+                        raise NonFiniteError(
+                            f"the loss or gradient was non-finite in "
+                            f"{last['consecutive_skipped']} consecutive steps (up to step "
+                            f"{step}); stopping. Lower lr, check the data, or resume from an "
+                            f"earlier checkpoint in {ck_dir}")
+                if world > 1:
+                    if at_log:           # every rank stops at the same step
+                        import torch.distributed as dist
+                        flag = torch.tensor([float(sig.received is not None)], device=dev)
+                        dist.all_reduce(flag)
+                        stop_now = flag.item() > 0
+                else:
+                    stop_now = sig.received is not None
+                if main and (step % cfg["save_every"] == 0 or step == cfg["steps"] or stop_now):
+                    last_path = save(step)
+                if main and (step % cfg["sample_every"] == 0 or step == cfg["steps"]):
+                    _save_samples(stepper.ema, diff, out / "samples" / f"step_{step:09d}.png",
+                                  cfg["sample_count"], cfg["sample_steps"], cfg["pixel_range"],
+                                  dev)
+                if stop_now:
+                    stopped_by = sig.received or "signal on another rank"
+                    if main:
+                        print(f"\n{stopped_by}: saved {last_path}; continue with "
+                              f"resume='auto'", flush=True)
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+        if main:
+            log.close()
+    return {"step": step, "loss": last["loss"], "skipped": last["skipped_total"],
+            "checkpoint": None if last_path is None else str(last_path),
+            "stopped_by": stopped_by, "model": stepper.model, "ema": stepper.ema}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Decode LSUN lmdb databases once into memory-mapped uint8 arrays for training.
+#
+#   scripts/prepare_lsun.sh LSUN_DIR OUT_DIR [CATEGORY ...]
+#
+# LSUN_DIR holds the databases as distributed (<category>_train_lmdb, e.g. from
+# https://github.com/fyu/lsun: `python download.py -c church_outdoor`, then unzip).
+# CATEGORY defaults to church_outdoor and bedroom. Writes OUT_DIR/<category>_64.npy
+# at 64x64 with the paper's preprocessing (resize without cropping: --resize squash).
+# RESOLUTION and RESIZE may be set in the environment (e.g. RESIZE=center-crop).
+set -euo pipefail
+
+if [ $# -lt 2 ]; then
+  sed -n '2,10p' "$0"
+  exit 2
+fi
+LSUN_DIR=$1
+OUT_DIR=$2
+shift 2
+CATEGORIES=("$@")
+[ ${#CATEGORIES[@]} -gt 0 ] || CATEGORIES=(church_outdoor bedroom)
+RESOLUTION=${RESOLUTION:-64}
+RESIZE=${RESIZE:-squash}
+
+mkdir -p "$OUT_DIR"
+for c in "${CATEGORIES[@]}"; do
+  src="$LSUN_DIR/${c}_train_lmdb"
+  if [ ! -f "$src/data.mdb" ]; then
+    echo "prepare_lsun.sh: $src/data.mdb not found (download and unzip ${c}_train_lmdb.zip)" >&2
+    exit 1
+  fi
+  blurfast prepare "$src" "$OUT_DIR/${c}_${RESOLUTION}.npy" \
+    --resolution "$RESOLUTION" --resize "$RESIZE"
+done

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# LSUN church 64x64, the paper's settings (see train_lsun_church64.sh) on several GPUs
+# of one machine: torchrun + DistributedDataParallel (NCCL). The global batch stays
+# the paper's 16 unless GLOBAL_BATCH is set; each GPU takes GLOBAL_BATCH / NGPUS.
+# torch.compile is on; CUDA graphs are for one GPU only.
+#
+#   NGPUS=8 [GLOBAL_BATCH=64] scripts/train_lsun_church64_multigpu.sh DATA RUN_DIR [flags]
+#
+# With a larger GLOBAL_BATCH consider a larger --lr and fewer --steps.
+set -euo pipefail
+
+if [ $# -lt 2 ]; then
+  sed -n '2,10p' "$0"
+  exit 2
+fi
+DATA=$1
+OUT=$2
+shift 2
+NGPUS=${NGPUS:-$(nvidia-smi -L | wc -l)}
+GLOBAL_BATCH=${GLOBAL_BATCH:-16}
+if [ $((GLOBAL_BATCH % NGPUS)) -ne 0 ]; then
+  echo "GLOBAL_BATCH=$GLOBAL_BATCH is not divisible by NGPUS=$NGPUS" >&2
+  exit 2
+fi
+
+exec torchrun --standalone --nproc_per_node="$NGPUS" -m blurfast train \
+  --data "$DATA" --out "$OUT" --resume auto \
+  --preset paper64 --resolution 64 --resize squash --pixel-range 0,1 --flip \
+  --num-steps 1000 --noise-schedule linear --beta-min 1e-4 --beta-max 0.02 \
+  --blur-schedule quartic --sigma 0.4 --sigma-min 0 --sigma-max 0.15 --target eps \
+  --batch-size $((GLOBAL_BATCH / NGPUS)) --steps 600000 --lr 5e-5 --optimizer adam \
+  --grad-clip 1.0 --ema-decay 0.9999 \
+  --device cuda --precision bf16 --compile --no-cuda-graphs \
+  --log-every 100 --save-every 5000 --keep 3 --sample-every 10000 --sample-count 64 \
+  "$@"

@@ -1,0 +1,207 @@
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from blurfast import data as D
+from blurfast.training import StepBatches
+
+from train_helpers import CIFAR, cifar_photos, made_photos
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _webp(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="WEBP", lossless=True)
+    return buf.getvalue()
+
+
+def test_decode_squash_and_center_crop():
+    # 8 x 24 image: left third red, middle green, right third blue.
+    a = np.zeros((8, 24, 3), np.uint8)
+    a[:, :8, 0] = a[:, 8:16, 1] = a[:, 16:, 2] = 255
+    crop = D.decode(_png(a), 8, "center-crop")
+    assert crop.shape == (8, 8, 3)
+    assert (crop[..., 1] == 255).all() and (crop[..., [0, 2]] == 0).all()   # the middle only
+    sq = D.decode(_png(a), 6, "squash")
+    assert sq.shape == (6, 6, 3)
+    assert sq[:, 0, 0].min() > 200 and sq[:, 3, 1].min() > 200 and sq[:, 5, 2].min() > 200
+    gray = D.decode(_png(a), 8, "squash", channels=1)
+    assert gray.shape == (8, 8, 1)
+
+
+def test_image_folder_is_recursive_and_sorted(tmp_path):
+    made_photos(tmp_path / "a" / "b", 3, size=20)
+    made_photos(tmp_path / "c", 2, size=20, seed=1)
+    (tmp_path / "notes.txt").write_text("not an image")
+    ds = D.ImageFolder(tmp_path, resolution=16)
+    assert len(ds) == 5
+    assert [p.relative_to(tmp_path).as_posix() for p in ds.files][:2] == \
+        ["a/b/00000.png", "a/b/00001.jpg"]
+    batch = ds.__getitems__([4, 0])
+    assert batch.dtype == torch.uint8 and batch.shape == (2, 16, 16, 3)
+    np.testing.assert_array_equal(batch[1].numpy(), ds[0])
+    with pytest.raises(ValueError, match="root"):
+        D.ImageFolder(tmp_path / "missing", 16)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="root"):
+        D.ImageFolder(tmp_path / "empty", 16)
+
+
+def _build_lmdb(path, images, corrupt_at=None):
+    import lmdb
+
+    env = lmdb.open(str(path), map_size=1 << 26)
+    keys = []
+    with env.begin(write=True) as txn:
+        for i, a in enumerate(images):
+            key = f"{i * 7919:040x}".encode()      # LSUN keys: hex image ids
+            txn.put(key, b"not an image" if i == corrupt_at else _webp(a))
+            keys.append(key)
+    env.close()
+    return sorted(keys)
+
+
+def test_lsun_lmdb_reader(tmp_path):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (16, 24, 3), dtype=np.uint8) for _ in range(5)]
+    db = tmp_path / "church_outdoor_train_lmdb"
+    keys = _build_lmdb(db, images)
+    ds = D.LSUNLmdb(db, resolution=16, resize="center-crop")
+    assert len(ds) == 5 and ds.keys == keys
+    by_key = {f"{i * 7919:040x}".encode(): a for i, a in enumerate(images)}
+    for i, k in enumerate(ds.keys):
+        want = by_key[k][:, 4:20]                 # the central 16x16 square, no resampling
+        np.testing.assert_array_equal(ds[i], want)
+    # Pickled (as for DataLoader workers) it still reads: the environment is not pickled.
+    ds2 = pickle.loads(pickle.dumps(ds))
+    np.testing.assert_array_equal(ds2.__getitems__([3]).numpy()[0], ds[3])
+    # Forked DataLoader workers open their own environment (lmdb forbids sharing one).
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=[[4, 0], [2, 1, 3]], num_workers=2,
+                                         collate_fn=lambda b: b)
+    got = torch.cat(list(loader))
+    np.testing.assert_array_equal(got.numpy(), np.stack([ds[i] for i in (4, 0, 2, 1, 3)]))
+    assert isinstance(D.open_dataset(db, 16), D.LSUNLmdb)
+
+
+def test_prepare_from_lmdb_skips_a_corrupt_value(tmp_path):
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (12, 12, 3), dtype=np.uint8) for _ in range(4)]
+    db = tmp_path / "bedroom_train_lmdb"
+    _build_lmdb(db, images, corrupt_at=2)
+    with pytest.warns(UserWarning, match="skipped 1"):
+        r = D.prepare(db, tmp_path / "bed.npy", resolution=12, workers=2, progress=False)
+    assert r["written"] == 3 and r["skipped"] == 1
+    assert f"{2 * 7919:040x}" in r["bad"][0]
+    arr = np.load(tmp_path / "bed.npy")
+    ds = D.LSUNLmdb(db, 12)
+    good = [ds[i] for i in range(4) if ds.keys[i] != f"{2 * 7919:040x}".encode()]
+    np.testing.assert_array_equal(arr, np.stack(good))
+
+
+def test_prepare_folder_with_one_corrupt_file(tmp_path):
+    src = made_photos(tmp_path / "src", 6, size=24)
+    (src / "00003.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        r = D.prepare(src, tmp_path / "out.npy", resolution=16, resize="squash", workers=2,
+                      progress=False)
+    assert r["written"] == 5 and r["skipped"] == 1 and r["shape"] == (5, 16, 16, 3)
+    assert "00003.jpg" in r["bad"][0]
+    arr = np.load(tmp_path / "out.npy", mmap_mode="r")
+    want = [D.decode((src / f"{i:05d}.{'jpg' if i % 2 else 'png'}").read_bytes(), 16, "squash")
+            for i in (0, 1, 2, 4, 5)]
+    np.testing.assert_array_equal(arr, np.stack(want))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npy", "src"]   # no temp left
+    ds = D.open_dataset(tmp_path / "out.npy")
+    assert isinstance(ds, D.PreparedArray) and len(ds) == 5 and ds.resolution == 16
+
+
+@pytest.mark.skipif(not CIFAR.exists(), reason="CIFAR-10 archive not present")
+def test_prepare_real_photos(tmp_path):
+    src = cifar_photos(tmp_path / "cifar", 40)
+    r = D.prepare(src, tmp_path / "c.npy", resolution=32, workers=0, progress=False)
+    assert r["written"] == 40 and r["skipped"] == 0
+    arr = np.load(tmp_path / "c.npy")
+    with Image.open(src / "00007.jpg") as im:
+        np.testing.assert_array_equal(arr[7], np.asarray(im.convert("RGB")))   # 32 -> 32: as is
+
+
+def test_npy_header_padding_loads(tmp_path):
+    a = np.arange(2 * 3 * 3 * 1, dtype=np.uint8).reshape(2, 3, 3, 1)
+    h = D._npy_header(a.shape)
+    for length in (len(h), len(h) + 64, len(h) + 5):
+        (tmp_path / "p.npy").write_bytes(D._npy_header(a.shape, length) + a.tobytes())
+        np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), a)
+    with pytest.raises(ValueError, match="length"):
+        D._npy_header(a.shape, len(h) - 1)
+
+
+def test_prepare_bad_arguments(tmp_path):
+    src = made_photos(tmp_path / "src", 2, size=8)
+    with pytest.raises(ValueError, match="out"):
+        D.prepare(src, tmp_path / "o.bin", progress=False)
+    with pytest.raises(ValueError, match="resize"):
+        D.prepare(src, tmp_path / "o.npy", resize="stretch", progress=False)
+    with pytest.raises(ValueError, match="resolution"):
+        D.prepare(src, tmp_path / "o.npy", resolution=0, progress=False)
+    with pytest.raises(ValueError, match="src"):
+        D.prepare(tmp_path / "none", tmp_path / "o.npy", progress=False)
+    for f in src.iterdir():
+        f.write_bytes(b"junk")
+    with pytest.raises(ValueError, match="none of the 2 images"):
+        D.prepare(src, tmp_path / "o.npy", workers=0, progress=False)
+    assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
+
+
+def test_prepared_array_batches_and_checks(tmp_path):
+    a = np.random.default_rng(0).integers(0, 256, (7, 4, 4, 3), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", a)
+    ds = D.PreparedArray(tmp_path / "a.npy")
+    np.testing.assert_array_equal(ds.__getitems__([5, 1, 5, 0]).numpy(), a[[5, 1, 5, 0]])
+    ds2 = pickle.loads(pickle.dumps(ds))
+    np.testing.assert_array_equal(ds2[6], a[6])
+    with pytest.raises(ValueError, match="resolution"):
+        D.open_dataset(tmp_path / "a.npy", resolution=8)
+    np.save(tmp_path / "f.npy", a.astype(np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        D.PreparedArray(tmp_path / "f.npy")
+    (tmp_path / "bad.npy").write_bytes(b"nope")
+    with pytest.raises(ValueError, match="path"):
+        D.PreparedArray(tmp_path / "bad.npy")
+    with pytest.raises(ValueError, match="data"):
+        D.open_dataset(tmp_path / "missing.npy")
+
+
+def test_to_float_scales_and_flips():
+    b = torch.arange(2 * 2 * 3 * 3, dtype=torch.uint8).reshape(2, 2, 3, 3)   # B, H, W, C
+    x = D.to_float(b, torch.tensor([False, True]))
+    assert x.shape == (2, 3, 2, 3) and x.is_contiguous(memory_format=torch.channels_last)
+    ref = b.permute(0, 3, 1, 2).float() / 127.5 - 1
+    torch.testing.assert_close(x[0], ref[0])
+    torch.testing.assert_close(x[1], ref[1].flip(-1))
+    torch.testing.assert_close(D.to_float(b, pixel_range="0,1"), b.permute(0, 3, 1, 2) / 255)
+    assert D.to_float(torch.full((1, 1, 1, 1), 255, dtype=torch.uint8)).item() == 1.0
+    with pytest.raises(ValueError, match="pixel_range"):
+        D.to_float(b, pixel_range="0,255")
+
+
+def test_step_batches_cover_each_epoch_and_split_the_global_batch():
+    n, B = 10, 4
+    one = StepBatches(n, B, B, 0, seed=3, start=0, stop=5)
+    flat = [i for batch in one for i in batch]           # 20 positions = 2 epochs
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
+    assert flat[:10] != flat[10:]                        # a new permutation per epoch
+    r0 = StepBatches(n, B, 2, 0, seed=3, start=0, stop=5)
+    r1 = StepBatches(n, B, 2, 1, seed=3, start=0, stop=5)
+    for s, (a, b) in enumerate(zip(r0, r1)):
+        assert a + b == one.indices(s)
+    assert list(StepBatches(n, B, B, 0, seed=3, start=3, stop=5)) == list(one)[3:]
+    assert StepBatches(n, B, B, 0, seed=4, start=0, stop=1).indices(0) != one.indices(0)

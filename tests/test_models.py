@@ -1,0 +1,131 @@
+import pytest
+import torch
+
+import blurfast as bf
+from blurfast.models import UNet, timestep_embedding
+
+from train_helpers import TINY
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_paper64_has_the_papers_parameter_count():
+    with torch.device("meta"):
+        m = UNet.from_preset("paper64", resolution=64, channels=3)
+    assert abs(m.num_parameters() - 121.1e6) / 121.1e6 < 0.02
+    assert m.config["channel_mult"] == [1, 2, 3, 4] and m.config["num_res_blocks"] == 3
+    assert sum(isinstance(x, torch.nn.Module) and x.__class__.__name__ == "Attention"
+               for x in m.modules()) == 3 * 2 + 4 * 2 + 1   # 16x16, 8x8 (down and up), middle
+
+
+def test_small_has_a_few_million_parameters():
+    with torch.device("meta"):
+        m = UNet.from_preset("small", resolution=32)
+    assert 2e6 < m.num_parameters() < 10e6
+
+
+def test_forward_shape_and_zero_output_at_init():
+    m = UNet(resolution=16, channels=3, **TINY)
+    x = torch.randn(2, 3, 16, 16)
+    y = m(x, torch.tensor([1, 999]))
+    assert y.shape == x.shape
+    assert torch.count_nonzero(y) == 0        # zero-initialized output conv: eps_theta = 0
+
+
+def test_output_depends_on_t_and_x():
+    torch.manual_seed(0)
+    m = UNet(resolution=16, channels=1, **TINY)
+    for p in m.parameters():                   # leave the zero init behind
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(1, 1, 16, 16)
+    a = m(x, torch.tensor([10]))
+    assert not torch.allclose(a, m(x, torch.tensor([500])))
+    assert not torch.allclose(a, m(x + 0.1, torch.tensor([10])))
+
+
+def test_freq_input_feeds_the_dct_of_x():
+    torch.manual_seed(0)
+    m = UNet(resolution=16, channels=3, freq_input=True, **TINY)
+    assert m.input.weight.shape[1] == 6
+    ref = UNet(resolution=16, channels=3, **TINY)
+    ref.load_state_dict({k: v for k, v in m.state_dict().items() if k != "input.weight"},
+                        strict=False)
+    # With the pixel half of the input conv equal and the DCT half zero, the two agree;
+    # with the DCT half set, m equals ref fed through an input conv on dct2(x) too.
+    for p in m.out.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    ref.out.load_state_dict(m.out.state_dict())
+    with torch.no_grad():
+        ref.input.weight.copy_(m.input.weight[:, :3])
+        w_dct = m.input.weight[:, 3:].clone()
+        m.input.weight[:, 3:] = 0
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    torch.testing.assert_close(m(x, t), ref(x, t))
+    with torch.no_grad():
+        m.input.weight[:, 3:] = w_dct
+    assert not torch.allclose(m(x, t), ref(x, t))
+    # With the pixel half zero, m(x) is ref(dct2(x)): the extra channels are dct2(x_t).
+    with torch.no_grad():
+        m.input.weight[:, :3] = 0
+        ref.input.weight.copy_(w_dct)
+    torch.testing.assert_close(m(x, t), ref(bf.dct2(x), t))
+
+
+def test_channels_last_gives_the_same_output():
+    torch.manual_seed(0)
+    m = UNet(resolution=16, channels=3, **TINY)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 50])
+    a = m(x, t)
+    m = m.to(memory_format=torch.channels_last)
+    b = m(x.contiguous(memory_format=torch.channels_last), t)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_timestep_embedding_values():
+    e = timestep_embedding(torch.tensor([0, 3]), 8)
+    assert e.shape == (2, 8)
+    torch.testing.assert_close(e[0], torch.tensor([1.0] * 4 + [0.0] * 4))
+    w = torch.tensor([10000 ** (-k / 4) for k in range(4)])
+    torch.testing.assert_close(e[1], torch.cat([torch.cos(3 * w), torch.sin(3 * w)]))
+
+
+def test_config_rebuilds_the_model():
+    m = UNet.from_preset("small", resolution=32, channels=1, dropout=0.1)
+    m2 = UNet(**m.config)
+    assert m2.config == m.config
+    m2.load_state_dict(m.state_dict())
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(resolution=20, channel_mult=(1, 2, 2, 2)), "resolution"),
+    (dict(base_channels=48), "base_channels"),
+    (dict(channel_mult=()), "channel_mult"),
+    (dict(num_res_blocks=0), "num_res_blocks"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(num_heads=3), "num_heads"),
+])
+def test_bad_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        UNet(**{**dict(resolution=16, **TINY), **kwargs})
+
+
+def test_bad_preset_and_overrides():
+    with pytest.raises(ValueError, match="preset"):
+        UNet.from_preset("huge")
+    with pytest.raises(TypeError, match="overrides"):
+        UNet.from_preset("small", resolution=32, widht=3)
+    with pytest.raises(TypeError, match="freq_input"):
+        UNet(resolution=16, freq_input=1, **TINY)
+    m = UNet(resolution=16, **TINY)
+    with pytest.raises(ValueError, match="x"):
+        m(torch.zeros(1, 3, 32, 32), torch.tensor([1]))
+    with pytest.raises(ValueError, match="t"):
+        m(torch.zeros(2, 3, 16, 16), torch.tensor([1]))

@@ -1,0 +1,453 @@
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import blurfast
+from blurfast import checkpoint as ckpt
+from blurfast import cli_train, data as D, training
+from blurfast.diffusion import BlurDiffusion
+from blurfast.models import UNet
+
+from train_helpers import CIFAR, TINY, cifar_photos, made_photos
+
+REPO = Path(blurfast.__file__).resolve().parents[1]
+
+# Settings of the short runs: 16x16 images, a 0.7 M-parameter U-Net.
+KW = dict(resolution=16, batch_size=4, lr=1e-3, ema_decay=0.9, model=TINY, log_every=1,
+          save_every=2, sample_every=1000, sample_count=4, sample_steps=2, progress=False,
+          device="cpu")
+KW_SEED = 0          # train()'s default seed: the initial weights come from it
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def made16(tmp_path_factory):
+    d = tmp_path_factory.mktemp("made")
+    D.prepare(made_photos(d / "src", 64), d / "made16.npy", resolution=16, workers=0,
+              progress=False)
+    return d / "made16.npy"
+
+
+@pytest.fixture(scope="module")
+def cifar16(tmp_path_factory):
+    if not CIFAR.exists():
+        pytest.skip("CIFAR-10 archive not present")
+    d = tmp_path_factory.mktemp("cifar")
+    D.prepare(cifar_photos(d / "src", 512), d / "cifar16.npy", resolution=16, workers=0,
+              progress=False)
+    return d / "cifar16.npy"
+
+
+@pytest.fixture(scope="module")
+def reference_run(made16, tmp_path_factory):
+    """An uninterrupted 6-step run: the state that stopped-and-resumed runs must reach."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    return training.train(data=str(made16), out=str(out), steps=6, **KW)
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def _child(script: str, env_extra=None, **popen):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **popen)
+
+
+# ------------------------------------------------------------------------ learning
+
+@pytest.mark.parametrize("photos", ["cifar16", "made16"])
+def test_loss_goes_down_on_photographs(photos, request, tmp_path):
+    path = request.getfixturevalue(photos)
+    diff = BlurDiffusion(resolution=16)
+    x0 = D.to_float(torch.from_numpy(np.load(path)[-32:]))          # held-out order: fixed
+    t = torch.linspace(1, 999, 32).long()
+
+    def held_out_loss(model):
+        with torch.no_grad():
+            return diff.loss(model.eval(), x0, t=t, seed=1234).item()
+
+    torch.manual_seed(0)
+    before = held_out_loss(UNet.from_preset("small", resolution=16, **TINY))
+    res = training.train(data=str(path), out=str(tmp_path / "run"), steps=60,
+                         **{**KW, "batch_size": 16, "lr": 2e-3, "log_every": 10,
+                            "save_every": 60})
+    after = held_out_loss(res["model"])
+    assert before > 0.9                      # eps_theta = 0 at init: loss = E[eps^2]
+    assert after < 0.3 * before               # measured: 0.99 -> 0.09 (CIFAR), 0.11 (made)
+    rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert rows[0].split(",")[:3] == ["step", "images", "loss"] and len(rows) == 7
+    assert float(rows[-1].split(",")[2]) < float(rows[1].split(",")[2])
+    assert (tmp_path / "run" / "samples" / "step_000000060.png").is_file()
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["diffusion"]["blur_schedule"] == "quartic" and cfg["model"]["num_res_blocks"] == 1
+
+
+def test_step_process_matches_blur_diffusion():
+    diff = BlurDiffusion(resolution=16, num_steps=100, sigma_max=0.3)
+    t = torch.tensor([1, 7, 50, 99])
+    maps = training._ProcessMaps(diff, "cpu")
+    torch.testing.assert_close(maps.log_abar(t)[:, 0], diff.log_abar(t), rtol=0, atol=0)
+    x0 = torch.rand(4, 3, 16, 16) * 2 - 1
+    for target, conv in (("eps", None), ("std", diff.eps_to_std), ("score", diff.eps_to_score)):
+        step = training.TrainStep(UNet(resolution=16, **TINY), diff, device="cpu",
+                                  target=target)
+        x_t, y = step.noised(x0, t, noise_seed=77, noise_offset=4096)
+        want_x, eps = diff.q_sample(x0, t, seed=77, offset=4096)
+        torch.testing.assert_close(x_t, want_x)
+        torch.testing.assert_close(y, eps if conv is None else conv(eps, t))
+
+
+# ------------------------------------------------------------------------ resume
+
+def test_resume_is_bit_exact(made16, reference_run, tmp_path):
+    out = tmp_path / "run"
+    training.train(data=str(made16), out=str(out), steps=3, **KW)
+    res = training.train(data=str(made16), out=str(out), steps=6, resume="auto", **KW)
+    assert res["step"] == 6
+    _same_weights(res["model"], reference_run["model"])
+    _same_weights(res["ema"], reference_run["ema"])
+    # keep=3: steps 2, 3 (the stop), 4 and 6 were saved; the three newest remain
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [6, 4, 3]
+    steps = [int(r.split(",")[0]) for r in (out / "log.csv").read_text().splitlines()[1:]]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigkill_during_save_resumes_from_the_last_good_checkpoint(made16, reference_run,
+                                                                   tmp_path):
+    out = tmp_path / "run"
+    # The child dies (SIGKILL) inside its second save, after state.pt is written and
+    # before the manifest and the rename.
+    p = _child(f"""
+        import os, signal, torch
+        torch.set_num_threads(1)
+        from blurfast import checkpoint, training
+        real, calls = torch.save, []
+        def save_then_die(*a, **k):
+            real(*a, **k)
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        checkpoint.torch.save = save_then_die
+        training.train(data={str(made16)!r}, out={str(out)!r}, steps=6, **{KW!r})
+    """)
+    log, _ = p.communicate(timeout=300)
+    assert p.returncode == -signal.SIGKILL, log
+    names = sorted(x.name for x in (out / "checkpoints").iterdir())
+    assert names[0].startswith(".tmp-step_000000004") and names[1:] == ["step_000000002"]
+    with pytest.raises(ckpt.CheckpointError, match="incomplete"):
+        ckpt.load(next((out / "checkpoints").glob(".tmp-*")))
+    res = training.train(data=str(made16), out=str(out), steps=6, resume="auto", **KW)
+    _same_weights(res["model"], reference_run["model"])
+    _same_weights(res["ema"], reference_run["ema"])
+    assert not list((out / "checkpoints").glob(".tmp-*"))      # the stale temp is gone
+
+
+def test_damaged_checkpoints(made16, reference_run, tmp_path):
+    out = tmp_path / "run"
+    training.train(data=str(made16), out=str(out), steps=4, **KW)
+    newest = out / "checkpoints" / "step_000000004"
+    raw = bytearray((newest / "model.safetensors").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (newest / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ckpt.CheckpointError, match=r"model\.safetensors is damaged"):
+        ckpt.load(newest)
+    with pytest.raises(ckpt.CheckpointError, match="model.safetensors is damaged"):
+        training.train(data=str(made16), out=str(out), steps=6, resume=str(newest), **KW)
+    # resume='auto' warns, falls back to step 2, and still lands on the reference
+    with pytest.warns(UserWarning, match="skipping a damaged checkpoint"):
+        res = training.train(data=str(made16), out=str(out), steps=6, resume="auto", **KW)
+    _same_weights(res["model"], reference_run["model"])
+
+
+def test_damaged_files_give_clear_errors(made16, tmp_path):
+    out = tmp_path / "run"
+    training.train(data=str(made16), out=str(out), steps=2, **KW)
+    c = out / "checkpoints" / "step_000000002"
+    with open(c / "state.pt", "r+b") as f:                # truncated
+        f.truncate(100)
+    with pytest.raises(ckpt.CheckpointError, match=r"state\.pt is damaged \(size 100"):
+        ckpt.load(c)
+    # A file that was bad when written (manifest agrees with it): torch's error, wrapped.
+    (c / "state.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    m = json.loads((c / "manifest.json").read_text())
+    m["files"]["state.pt"] = {"bytes": (c / "state.pt").stat().st_size,
+                              "sha256": ckpt._sha256(c / "state.pt")}
+    (c / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ckpt.CheckpointError, match=r"state\.pt cannot be loaded"):
+        ckpt.load(c)
+    (c / "manifest.json").write_text("{")
+    with pytest.raises(ckpt.CheckpointError, match="manifest.json is damaged"):
+        ckpt.load(c)
+    with pytest.raises(ckpt.CheckpointError, match="not a directory"):
+        ckpt.load(out / "nothing")
+
+
+def test_load_model_for_sampling(reference_run):
+    model, diff, cfg = ckpt.load_model(reference_run["checkpoint"])
+    _same_weights(model, reference_run["ema"])
+    assert diff == BlurDiffusion(resolution=16) and cfg["steps"] == 6
+    raw, _, _ = ckpt.load_model(Path(reference_run["checkpoint"]) / "model.safetensors",
+                                ema=False)
+    _same_weights(raw, reference_run["model"])
+
+
+# ------------------------------------------------------------------------ DDP
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_gloo_processes_match_one_process(made16, tmp_path):
+    kw = {**KW, "batch_size": 2, "save_every": 1000}
+    script = f"""
+        import os, torch
+        torch.set_num_threads(1)
+        from blurfast import training
+        r = training.train(data={str(made16)!r}, out={str(tmp_path / 'ddp')!r}, steps=4, **{kw!r})
+        torch.save(r["model"].state_dict(), {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
+    """
+    port = str(_free_port())
+    procs = [_child(script, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                             "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    for p in procs:
+        log, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, log
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k             # identical on both ranks
+    cfg = json.loads((tmp_path / "ddp" / "config.json").read_text())
+    assert cfg["world_size"] == 2 and cfg["global_batch"] == 4
+    one = training.train(data=str(made16), out=str(tmp_path / "one"), steps=4,
+                         **{**kw, "batch_size": 4})
+    # The same examples, steps and noise: the logged losses (all-reduced over the ranks)
+    # agree to rounding, and so do the weights. Adam turns a rounding-level gradient
+    # into a step of up to lr, so weights are compared at 2% of lr * steps.
+    losses = [[float(r.split(",")[2]) for r in (tmp_path / d / "log.csv").read_text()
+               .splitlines()[1:]] for d in ("ddp", "one")]
+    assert len(losses[0]) == 4
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    torch.manual_seed(KW_SEED)
+    init = UNet(**one["model"].config).state_dict()
+    moved = 0.0
+    for k, v in one["model"].state_dict().items():
+        torch.testing.assert_close(r0[k], v, rtol=0, atol=0.02 * kw["lr"] * 4)
+        moved = max(moved, (v - init[k]).abs().max().item())
+    assert moved > 0.5 * kw["lr"] * 4                    # and training did move them
+
+
+# ------------------------------------------------------------------------ non-finite
+
+def test_a_skipped_step_changes_nothing():
+    diff = BlurDiffusion(resolution=16)
+    torch.manual_seed(0)
+    step = training.TrainStep(UNet(resolution=16, **TINY), diff, device="cpu", lr=1e-3,
+                              ema_beta=0.5)
+    x = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8)
+    t, flip = torch.tensor([5, 50, 500, 900]), torch.tensor([True, False, True, False])
+    step(x, flip, t, 1, 0)
+    before = ([p.clone() for p in step.params], [p.clone() for p in step.ema_params],
+              [v.clone() for s in step.opt.state.values() for v in s.values()])
+    real = step.model.forward
+    step.model.forward = lambda x, t: real(x, t) * float("nan")
+    step(x, flip, t, 2, 0)
+    after = (step.params, step.ema_params,
+             [v for s in step.opt.state.values() for v in s.values()])
+    for a, b in zip(before, after):
+        for u, v in zip(a, b):
+            assert torch.equal(u, v)
+    st = step.read_stats()
+    assert st["skipped_total"] == 1 and st["consecutive_skipped"] == 1
+    assert np.isfinite(st["loss"])                        # the mean of the finite step
+    step.model.forward = real
+    step(x, flip, t, 3, 0)
+    assert not all(torch.equal(u, v) for u, v in zip(before[0], step.params))
+    st = step.read_stats()
+    assert st["skipped_total"] == 1 and st["consecutive_skipped"] == 0
+
+
+def test_non_finite_steps_are_counted_then_stop_the_run(made16, tmp_path, monkeypatch):
+    real = UNet.forward
+    calls = []
+
+    def sometimes_nan(self, x, t):
+        calls.append(1)
+        y = real(self, x, t)
+        return y * float("nan") if len(calls) in (2, 3) else y
+
+    monkeypatch.setattr(UNet, "forward", sometimes_nan)
+    res = training.train(data=str(made16), out=str(tmp_path / "a"), steps=5,
+                         **{**KW, "sample_every": 1000, "sample_count": 1, "sample_steps": 1})
+    assert res["skipped"] == 2 and res["step"] == 5
+    assert all(torch.isfinite(p).all() for p in res["model"].parameters())
+
+    monkeypatch.setattr(UNet, "forward", lambda self, x, t: real(self, x, t) * float("nan"))
+    with pytest.raises(training.NonFiniteError, match="non-finite in 3 consecutive steps"):
+        training.train(data=str(made16), out=str(tmp_path / "b"), steps=50,
+                       **{**KW, "max_nonfinite": 3})
+
+
+# ------------------------------------------------------------------------ signals, CLI
+
+def _parser():
+    p = argparse.ArgumentParser(prog="blurfast")
+    cli_train.register(p.add_subparsers(dest="command"))
+    return p
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(made16, tmp_path):
+    out = tmp_path / "run"
+    p = _child(f"""
+        import argparse, sys, torch
+        torch.set_num_threads(1)
+        from blurfast import cli_train
+        ap = argparse.ArgumentParser()
+        cli_train.register(ap.add_subparsers())
+        a = ap.parse_args(["train", "--data", {str(made16)!r}, "--out", {str(out)!r},
+                           "--resolution", "16", "--batch-size", "2", "--steps", "100000",
+                           "--base-channels", "32", "--channel-mult", "1", "2",
+                           "--num-res-blocks", "1", "--log-every", "1", "--save-every",
+                           "100000", "--no-progress", "--device", "cpu"])
+        sys.exit(a.func(a))
+    """)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        log = out / "log.csv"
+        if log.is_file() and len(log.read_text().splitlines()) > 3:
+            break
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    text, _ = p.communicate(timeout=120)
+    assert p.returncode == 143, text
+    assert "SIGTERM: saved" in text
+    (step, path), = ckpt.list_checkpoints(out / "checkpoints")
+    assert step >= 3 and ckpt.load(path)["step"] == step
+
+
+def test_cli_config_file_and_flags(made16, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(textwrap.dedent(f"""
+        data: {made16}
+        resolution: 16
+        batch_size: 2
+        steps: 2
+        lr: 0.002
+        model: {{base_channels: 32, channel_mult: [1, 2], num_res_blocks: 1}}
+        diffusion: {{blur_schedule: cubic, sigma_max: 0.2}}
+        sample_count: 1
+        sample_steps: 1
+    """))
+    a = _parser().parse_args(["train", "--config", str(cfg), "--out", str(tmp_path / "r"),
+                              "--sigma-max", "0.1", "--ema-halflife-kimg", "0.5",
+                              "--grad-clip", "none", "--no-flip", "--no-progress",
+                              "--device", "cpu"])
+    kw = cli_train.train_kwargs(a)
+    assert kw["diffusion"] == {"blur_schedule": "cubic", "sigma_max": 0.1}
+    assert kw["lr"] == 0.002 and kw["ema_decay"] is None and kw["ema_halflife_kimg"] == 0.5
+    assert kw["grad_clip"] is None and kw["flip"] is False
+    assert kw["model"]["channel_mult"] == (1, 2)
+    assert a.func(a) == 0
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["diffusion"]["sigma_max"] == 0.1 and saved["diffusion"]["blur_schedule"] == "cubic"
+    assert saved["ema_halflife_kimg"] == 0.5 and saved["grad_clip"] is None
+
+    (tmp_path / "bad.json").write_text(json.dumps({"data": "x", "lr_typo": 1}))
+    a = _parser().parse_args(["train", "--config", str(tmp_path / "bad.json"), "--out", "o"])
+    with pytest.raises(ValueError, match="lr_typo"):
+        cli_train.train_kwargs(a)
+    a = _parser().parse_args(["train", "--out", str(tmp_path / "o"), "--data",
+                              str(made16), "--steps", "0"])
+    assert a.func(a) == 2                                 # ValueError -> exit code 2
+
+
+def test_cli_prepare(tmp_path, capsys):
+    src = made_photos(tmp_path / "src", 4, size=20)
+    (src / "00002.png").write_bytes(b"broken")
+    a = _parser().parse_args(["prepare", str(src), str(tmp_path / "o.npy"), "--resolution",
+                              "8", "--resize", "center-crop", "--workers", "0", "--no-progress"])
+    with pytest.warns(UserWarning):
+        assert a.func(a) == 0
+    text = capsys.readouterr().out
+    assert "3 images" in text and "1 unreadable skipped" in text and "00002.png" in text
+    assert np.load(tmp_path / "o.npy").shape == (3, 8, 8, 3)
+
+
+# ------------------------------------------------------------------------ arguments
+
+@pytest.mark.parametrize("change, name", [
+    (dict(steps=0), "steps"),
+    (dict(preset="huge"), "preset"),
+    (dict(lr=-1.0), "lr"),
+    (dict(ema_halflife_kimg=10.0), "ema_decay, ema_halflife_kimg"),
+    (dict(diffusion=dict(resolution=32)), "diffusion"),
+    (dict(device="tpu"), "device"),
+    (dict(cuda_graphs=True), "cuda_graphs"),
+    (dict(pixel_range="0,255"), "pixel_range"),
+    (dict(betas=(0.9,)), "betas"),
+    (dict(keep=0), "keep"),
+])
+def test_bad_arguments_name_the_argument(made16, tmp_path, change, name):
+    with pytest.raises(ValueError, match=name):
+        training.train(data=str(made16), out=str(tmp_path / "r"), **{**KW, "steps": 1, **change})
+
+
+def test_type_errors_and_existing_runs(made16, tmp_path):
+    with pytest.raises(TypeError, match="flip"):
+        training.train(data=str(made16), out=str(tmp_path / "r"), steps=1, **{**KW, "flip": 1})
+    with pytest.raises(TypeError, match="model"):
+        training.train(data=str(made16), out=str(tmp_path / "r"), steps=1,
+                       **{**KW, "model": [1]})
+    training.train(data=str(made16), out=str(tmp_path / "r"), steps=2, **KW)
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        training.train(data=str(made16), out=str(tmp_path / "r"), steps=4, **KW)
+    with pytest.raises(ValueError, match="steps"):
+        training.train(data=str(made16), out=str(tmp_path / "r"), steps=2, resume="auto", **KW)
+    with pytest.raises(ValueError, match="resume: the checkpoint .* has model"):
+        training.train(data=str(made16), out=str(tmp_path / "r"), steps=4, resume="auto",
+                       **{**KW, "model": {**TINY, "num_res_blocks": 2}})
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager():
+    # torch.compile of the model (with the dct2 custom op of freq_input) and channels_last
+    # change nothing but rounding. Minutes on CPU: compiling dominates.
+    diff = BlurDiffusion(resolution=16)
+    x = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8)
+    t, flip = torch.tensor([5, 50, 500, 900]), torch.tensor([True, False, True, False])
+    stats = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        step = training.TrainStep(UNet(resolution=16, freq_input=True, **TINY), diff,
+                                  device="cpu", lr=1e-3, compile=compiled,
+                                  channels_last=compiled)
+        for i in range(2):
+            step(x, flip, t, i, 0)
+        stats.append(step.read_stats())
+    assert stats[1]["loss"] == pytest.approx(stats[0]["loss"], rel=1e-5)
+    assert stats[1]["grad_norm"] == pytest.approx(stats[0]["grad_norm"], rel=1e-4)
