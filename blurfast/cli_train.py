@@ -111,6 +111,16 @@ def _add_train(sub) -> None:
     g.add_argument("--sample-count", dest="sample_count", type=int)
     g.add_argument("--sample-steps", dest="sample_steps", type=int)
     g.add_argument("--progress", action=argparse.BooleanOptionalAction)
+    g = p.add_argument_group("FID during training")
+    g.add_argument("--fid-every", dest="fid_every", type=int,
+                   help="FID every that many steps (and at the end); keeps RUN_DIR/best/")
+    g.add_argument("--fid-ref", dest="fid_ref", metavar="PATH",
+                   help="reference: image folder, lmdb, prepared .npy or STATS.npz")
+    g.add_argument("--fid-n", dest="fid_n", type=int, help="samples per FID (default 1000)")
+    g.add_argument("--fid-steps", dest="fid_steps", type=int,
+                   help="DDIM model calls per sample (default 100)")
+    g.add_argument("--inception", metavar="PATH",
+                   help="clean-fid's inception-2015-12-05.pt (default: clean-fid's location)")
     p.set_defaults(func=_train_main)
 
 

@@ -217,3 +217,40 @@ def fid(samples, ref, n: Optional[int] = 10_000, resolution: Optional[int] = Non
         raise ValueError(f"ref: statistics of {mu_r.shape[0]} features, samples give "
                          f"{mu_s.shape[0]}")
     return frechet_distance(mu_s, sig_s, mu_r, sig_r)
+
+
+class FidMonitor:
+    """FID of a model's samples during training: ``monitor(model, diff) -> float``.
+
+    ``n`` images from ``sampler`` with ``steps`` model calls (seed fixed, so successive
+    values compare the weights only) against the reference statistics of ``ref``,
+    computed once. ``feature_extractor`` replaces InceptionV3 (tests)."""
+
+    def __init__(self, ref, *, resolution: int, resize: str, n: int = 1000, steps: int = 100,
+                 sampler: str = "ddim", batch: int = 64, pixel_range: str = "-1,1",
+                 inception=None, feature_extractor: Optional[Callable] = None, device="cpu"):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise ValueError(f"fid_n: expected an int >= 2, got {n!r}")
+        self.ref, self.resolution, self.resize, self.n = ref, resolution, resize, n
+        self.steps, self.sampler, self.batch, self.device = steps, sampler, batch, device
+        self.pixel_range = pixel_range
+        self.extractor = feature_extractor or inception_extractor(inception, device=device)
+        self._ref_stats = None
+
+    def __call__(self, model, diff) -> float:
+        from .generate import sample_batches
+        from .sampling import timesteps
+        if self._ref_stats is None:
+            self._ref_stats = reference_statistics(self.ref, self.resolution, self.resize,
+                                                   self.n, self.extractor, self.device,
+                                                   progress=False)
+        seq = timesteps(diff, min(self.steps, diff.num_steps - 1))
+        batches = [(b0, min(self.n, b0 + self.batch)) for b0 in range(0, self.n, self.batch)]
+        precision = "bf16" if torch.device(self.device).type == "cuda" else "fp32"
+        imgs = (img for _, b in sample_batches(model, diff, batches, sampler=self.sampler,
+                                               seq=seq, eta=0.0, seed=0, device=self.device,
+                                               precision=precision,
+                                               pixel_range=self.pixel_range) for img in b)
+        mu, sigma = statistics(features(imgs, self.extractor, self.batch, self.device,
+                                        progress=False))
+        return frechet_distance(mu, sigma, *self._ref_stats)

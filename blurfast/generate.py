@@ -22,7 +22,7 @@ from . import viz
 from .fileio import save_npz
 from .sampling import SAMPLERS, STEP_OFFSET, timesteps
 
-__all__ = ["resolve_checkpoint", "generate", "GraphedModel"]
+__all__ = ["resolve_checkpoint", "generate", "sample_batches", "GraphedModel"]
 
 SHEET_NAME = "contact_sheet.png"
 
@@ -79,6 +79,23 @@ def _images_uint8(x: torch.Tensor, pixel_range: str) -> np.ndarray:
     return np.stack([viz.to_uint8(xi) for xi in x])
 
 
+def sample_batches(model, diff, batches, *, sampler: str, seq, eta: float, seed: int, device,
+                   precision: str, pixel_range: str):
+    """Yields ``(first_index, uint8 images (b, H, W, C))`` for each index range
+    ``(b0, b1)`` of ``batches``; image i's noise sits at Philox offset ``i * C*H*W``."""
+    chw = diff.channels * diff.H * diff.W
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext())
+    for b0, b1 in batches:
+        offset = b0 * chw
+        x = diff.prior_sample((b1 - b0,) + diff.shape, seq[0], seed=seed, offset=offset,
+                              device=device)
+        with torch.no_grad(), autocast:
+            x = SAMPLERS[sampler](model, diff, x, seq, eta=eta, seed=seed, offset=offset,
+                                  progress=False)
+        yield b0, _images_uint8(x.float(), pixel_range)
+
+
 def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int] = 100,
              eta: float = 0.0, spacing="uniform", batch: int = 256, seed: int = 0,
              fmt: str = "png", device: Optional[str] = None, ema: bool = True,
@@ -120,26 +137,19 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         batches = [(b0, min(n, b0 + batch)) for b0 in range(0, n, batch)][rank::world]
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16"
-                    else contextlib.nullcontext())
         kept = []
         bar = tqdm(total=sum(b1 - b0 for b0, b1 in batches), unit="img", disable=not progress
                    or rank != 0, desc=f"{sampler} {len(seq)} steps")
         t0 = time.perf_counter()
-        for b0, b1 in batches:
-            offset = b0 * chw
-            x = diff.prior_sample((b1 - b0,) + diff.shape, seq[0], seed=seed, offset=offset,
-                                  device=dev)
-            with torch.no_grad(), autocast:
-                x = SAMPLERS[sampler](net, diff, x, seq, eta=eta, seed=seed, offset=offset,
-                                      progress=False)
-            imgs = _images_uint8(x.float(), pixel_range)
+        for b0, imgs in sample_batches(net, diff, batches, sampler=sampler, seq=seq, eta=eta,
+                                       seed=seed, device=dev, precision=precision,
+                                       pixel_range=pixel_range):
             if fmt == "png":
                 for i, img in enumerate(imgs):
                     viz.save_png(img, out / f"{b0 + i:06d}.png")
             else:
                 kept.append((b0, imgs))
-            bar.update(b1 - b0)
+            bar.update(len(imgs))
             bar.set_postfix(img_per_s=f"{bar.n / (time.perf_counter() - t0):.2f}")
         bar.close()
         if fmt == "npz":

@@ -300,8 +300,9 @@ def spectral(x: Tensor, a: Tensor, x2: Optional[Tensor] = None, a2: Optional[Ten
         _check_map("noise", noise, x)
         if g is None and not return_noise:
             raise ValueError("noise: given but unused (pass g and/or return_noise=True)")
-    if seed is None:
-        seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+    generates = noise is None and (g is not None or return_noise)
+    if seed is None:      # drawn only when noise is made: no host sync otherwise
+        seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if generates else 0
     seed = _check_int("seed", seed, 0, _SEED_LIMIT)
     offset = _check_int("offset", offset, 0, _SEED_LIMIT)
     out, noise_px = _spectral_op(x, a, x2, a2, g, noise, seed, offset, bool(return_noise))

@@ -435,7 +435,9 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
           cuda_graphs: bool = False, num_workers: Optional[int] = None, log_every: int = 100,
           save_every: int = 5000, keep: int = 3, sample_every: int = 10_000,
           sample_count: int = 64, sample_steps: int = 100, resume: Optional[str] = None,
-          max_nonfinite: int = 100, progress: bool = True) -> dict:
+          max_nonfinite: int = 100, fid_every: Optional[int] = None, fid_ref=None,
+          fid_n: int = 1000, fid_steps: int = 100, inception: Optional[str] = None,
+          progress: bool = True) -> dict:
     """Trains a U-Net on blur diffusion; see docs/training.md for every argument.
 
     ``data``: a ``.npy`` from :func:`blurfast.data.prepare`, an LSUN lmdb directory
@@ -445,6 +447,10 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     (a resumed run continues up to it). ``resume``: None (start fresh; the run
     directory must hold no checkpoint), ``"auto"`` (the newest valid checkpoint of
     ``out``, else start fresh) or a checkpoint directory.
+
+    ``fid_every``: every that many steps (and at the end), FID of ``fid_n`` EMA samples
+    (DDIM, ``fid_steps`` calls) against ``fid_ref`` (see :func:`blurfast.evaluation.fid`),
+    logged to ``fid.csv``; the best so far is kept as ``RUN_DIR/best/``.
 
     Returns a dict: ``step``, ``loss`` (mean of the last log interval),
     ``skipped`` (non-finite steps), ``checkpoint`` (path of the last save),
@@ -484,6 +490,12 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
                  "sample_steps", "max_nonfinite"):
         _check_int(name, args[name])
     _check_int("seed", seed, 0)
+    if fid_every is not None:
+        _check_int("fid_every", fid_every)
+        _check_int("fid_n", fid_n, 2)
+        _check_int("fid_steps", fid_steps)
+        if fid_ref is None:
+            raise ValueError("fid_ref: needed with fid_every (reference data or STATS.npz)")
     if model is not None and not isinstance(model, dict):
         raise TypeError(f"model: expected a dict of UNet arguments, got {type(model).__name__}")
     if diffusion is not None and not isinstance(diffusion, dict):
@@ -511,6 +523,7 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
         global_batch = batch_size * world
         config = {k: v for k, v in args.items() if k not in ("progress",)}
         config.update(data=str(data), out=str(out), resume=None if resume is None else str(resume),
+                      fid_ref=None if fid_ref is None else str(fid_ref),
                       betas=list(betas), precision=precision, channels_last=channels_last,
                       model=net.config, diffusion=diff.config, world_size=world,
                       global_batch=global_batch, device=str(dev.type))
@@ -520,6 +533,30 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
         if owns_group:
             import torch.distributed as dist
             dist.destroy_process_group()
+
+
+class _FidLog:
+    """``fid.csv`` (step, fid): appended line by line; the best value survives resumes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.best = float("inf")
+        if path.is_file():
+            for row in path.read_text().splitlines()[1:]:
+                try:
+                    self.best = min(self.best, float(row.split(",")[1]))
+                except (IndexError, ValueError):
+                    pass
+        else:
+            path.write_text("step,fid\n")
+
+    def add(self, step: int, value: float) -> bool:
+        with open(self.path, "a") as f:
+            f.write(f"{step},{value:.6g}\n")
+        if value < self.best:
+            self.best = value
+            return True
+        return False
 
 
 def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
@@ -581,6 +618,14 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
         if progress:
             print(f"config (saved to {out / 'config.json'}):\n{text}", flush=True)
         log = _Log(out, start)
+
+    fid = None
+    if main and cfg.get("fid_every"):
+        from .evaluation import FidMonitor
+        fid = FidMonitor(cfg["fid_ref"], resolution=cfg["resolution"], resize=cfg["resize"],
+                         n=cfg["fid_n"], steps=cfg["fid_steps"], batch=4 * cfg["batch_size"],
+                         pixel_range=cfg["pixel_range"], inception=cfg["inception"], device=dev)
+        fid_log = _FidLog(out / "fid.csv")
 
     workers = cfg["num_workers"]
     if workers is None:
@@ -654,6 +699,13 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                     stop_now = sig.received is not None
                 if main and (step % cfg["save_every"] == 0 or step == cfg["steps"] or stop_now):
                     last_path = save(step)
+                if fid is not None and (step % cfg["fid_every"] == 0 or step == cfg["steps"]):
+                    value = fid(stepper.ema, diff)
+                    if fid_log.add(step, value):          # the best so far
+                        ckpt.save(out / "best", step, stepper.model, stepper.ema,
+                                  stepper.state_dict(), cfg, keep=1)
+                    if bar is not None:
+                        bar.write(f"step {step}: FID {value:.3f} (best {fid_log.best:.3f})")
                 if main and (step % cfg["sample_every"] == 0 or step == cfg["steps"]):
                     _save_samples(stepper.ema, diff, out / "samples" / f"step_{step:09d}.png",
                                   cfg["sample_count"], cfg["sample_steps"], cfg["pixel_range"],

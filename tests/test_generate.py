@@ -102,3 +102,22 @@ def test_sample_rejects_bad_arguments(run_dir, tmp_path):
         generate(run_dir / "run", 2, tmp_path, sampler="euler")
     with pytest.raises(ValueError, match="ckpt:"):
         generate(tmp_path / "missing", 2, tmp_path)
+
+
+def test_training_fid_every_keeps_the_best(run_dir, tmp_path, monkeypatch):
+    from blurfast import checkpoint, evaluation, training
+    monkeypatch.setenv("BLURFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(evaluation, "inception_extractor",
+                        lambda path=None, device="cpu", download=True: pooled_features)
+    out = tmp_path / "run"
+    training.train(data=str(run_dir / "photos"), out=str(out), preset="small", resolution=16,
+                   model=TINY, diffusion=dict(num_steps=40), batch_size=4, steps=4,
+                   device="cpu", save_every=100, sample_every=100, sample_steps=2,
+                   fid_every=2, fid_ref=str(run_dir / "photos"), fid_n=6, fid_steps=2,
+                   progress=False)
+    rows = [r.split(",") for r in (out / "fid.csv").read_text().splitlines()[1:]]
+    assert [int(r[0]) for r in rows] == [2, 4]
+    values = [float(r[1]) for r in rows]
+    assert all(v > 0 for v in values)
+    best = checkpoint.list_checkpoints(out / "best")
+    assert len(best) == 1 and best[0][0] == [2, 4][values.index(min(values))]
