@@ -150,16 +150,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Runs a command. Bad input (ValueError, TypeError, FileNotFoundError) is reported in one
+    line with exit code 2; BLURFAST_DEBUG=1 shows the traceback instead."""
+    import os
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _PASSTHROUGH:
         import importlib
-        return importlib.import_module(_PASSTHROUGH[argv[0]][1]).main(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
+        run = lambda: importlib.import_module(_PASSTHROUGH[argv[0]][1]).main(argv[1:])  # noqa: E731
+    else:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        run = lambda: args.func(args)  # noqa: E731
+    try:
+        return run()
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        if os.environ.get("BLURFAST_DEBUG"):
+            raise
+        print(f"blurfast {argv[0]}: error: {e}", file=sys.stderr)
         return 2
-    return args.func(args)
 
 
 if __name__ == "__main__":
