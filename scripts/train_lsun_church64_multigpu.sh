@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# LSUN church 64x64, the paper's settings (see train_lsun_church64.sh) on several GPUs
+# LSUN church 64x64, the paper's settings (see train_lsun64.sh) on several GPUs
 # of one machine: torchrun + DistributedDataParallel (NCCL). The global batch stays
 # the paper's 16 unless GLOBAL_BATCH is set; each GPU takes GLOBAL_BATCH / NGPUS.
 # torch.compile is on; CUDA graphs are for one GPU only.
