@@ -170,7 +170,7 @@ step build 170 bash -c build
 step ext 30 bash -c ext
 step info 40 "$PY" -m blurfast info
 rm -f "$OUT/junit-cuda.xml" "$OUT/bench.json"
-step tests 75 "$PY" -m pytest tests -m cuda -p no:cacheprovider -q -rs \
+step tests 110 "$PY" -m pytest tests -m cuda -p no:cacheprovider -q -rs \
   --junitxml="$OUT/junit-cuda.xml"
 if [[ -f "$OUT/junit-cuda.xml" ]]; then
   counts=$("$PY" - "$OUT/junit-cuda.xml" <<'EOF' || true
