@@ -1,7 +1,6 @@
 """The CUDA-only paths of training and sampling (bf16, CUDA graphs); skipped without a GPU."""
 import numpy as np
 import pytest
-import torch
 
 from train_helpers import TINY, made_photos
 
