@@ -652,9 +652,9 @@ def run(device=None, quick: bool = False, *, cases=None, impls=None, shapes=None
 
 def dumps(result: dict) -> str:
     """JSON text of a results dict, one row per line (diff-friendly)."""
-    head = {k: v for k, v in result.items() if k not in ("rows", "skipped")}
+    head = {k: v for k, v in result.items() if k not in ("rows", "model_steps", "skipped")}
     parts = [json.dumps(head, indent=1)[:-2]]
-    for key in ("rows", "skipped"):
+    for key in ("rows", "model_steps", "skipped"):
         items = result.get(key, [])
         body = ",\n".join("  " + json.dumps(r) for r in items)
         parts.append(f',\n "{key}": [\n{body}\n ]' if items else f',\n "{key}": []')
@@ -725,6 +725,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer iterations and shapes")
     p.add_argument("--json", dest="json_path", default=None, help="write the results here")
     p.add_argument("--plot", default=None, help="write a bar chart (PNG) of the times here")
+    p.add_argument("--steps", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time a whole training step and sampler step (model included) "
+                        "against the paper-style baseline (default on)")
     p.add_argument("--cases", nargs="+", choices=CASES, default=None)
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=None)
     p.add_argument("--shapes", nargs="+", default=None, metavar="BxCxHxW",
@@ -741,7 +744,15 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     res = run(a.device, a.quick, cases=a.cases, impls=a.impls, shapes=a.shapes, iters=a.iters,
-              warmup=a.warmup, json_path=a.json_path)
+              warmup=a.warmup, json_path=None)
+    if a.steps:
+        from .bench_steps import format_steps, run_steps
+        res["model_steps"] = run_steps(a.device, a.quick)
+        print(format_steps(res["model_steps"]))
+    if a.json_path:
+        from .fileio import atomic_path
+        with atomic_path(a.json_path, suffix=".json") as tmp:
+            tmp.write_text(dumps(res))
     if a.plot:
         plot(res, a.plot)
         print(f"plot: {a.plot}")

@@ -116,7 +116,7 @@ def run(out="blurfast-demo", minutes: float = 6.0, data: Optional[str] = None,
                       "--plot", str(paths["bench_plot"])]
         if smoke:
             bench_args += ["--cases", "dct2", "--shapes", "2x3x16x16", "--iters", "2",
-                           "--warmup", "1"]
+                           "--warmup", "1", "--no-steps"]
         bench_main(bench_args)
 
     print(f"\n[demo] done in {(time.perf_counter() - t_start) / 60:.1f} min. Results:")

@@ -1,0 +1,140 @@
+"""Whole-step benchmarks: one training step and one sampler step (model + process) of
+blurfast against the paper-style PyTorch baseline, on the same device in the same run.
+
+Baseline: fp32 eager, the process through the pure-PyTorch reference DCT
+(``blurfast.reference``), torch.randn noise, torch's default Adam and a per-parameter
+EMA loop, as the paper's code does. blurfast: :class:`blurfast.training.TrainStep` (bf16
+autocast, channels_last and one CUDA graph per step on a GPU; fp32 eager on a CPU) and a
+sampler step through the fused op. Times are host wall-clock per step of back-to-back
+steps (launch overhead included: at small batches that is what a run pays).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import reference as R
+from .bench import time_call
+from .diffusion import BlurDiffusion
+from .models import UNet
+
+__all__ = ["reference_train_step", "run_steps", "format_steps", "EMA"]
+
+EMA = 0.9999
+
+
+def reference_train_step(model, diff: BlurDiffusion, batch: int, device):
+    """The paper-style step as a function of a float batch x0 (B, C, H, W)."""
+    opt = torch.optim.Adam(model.parameters(), lr=5e-5)
+    ema = [p.detach().clone() for p in model.parameters()]
+
+    def step(x0):
+        t = torch.randint(1, diff.num_steps, (batch,))
+        lab = diff.log_abar(t, device=device)[:, None]
+        a, g = torch.exp(0.5 * lab).float(), torch.sqrt(-torch.expm1(lab)).float()
+        eps = torch.randn_like(x0)
+        x_t = R.idct2(a * R.dct2(x0) + g * R.dct2(eps))
+        loss = F.mse_loss(model(x_t, t.to(device)), eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for e, p in zip(ema, model.parameters()):
+                e.mul_(EMA).add_(p, alpha=1 - EMA)
+    return step
+
+
+def _sampler_coefs(diff: BlurDiffusion, batch: int, device):
+    """DDIM (eta 1) coefficient maps of one step 500 -> 490, float32 (B, 1, H, W)."""
+    from .sampling import _ddim_coefs
+    lab = diff.log_abar(torch.tensor([500, 490]), device=device)[:, None, None]
+    ca, ce, cz = _ddim_coefs(lab[0], lab[1], 500, 490, 1.0)
+    return [m.float().expand(batch, 1, diff.H, diff.W).contiguous() for m in (ca, ce, cz)]
+
+
+def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[str] = None,
+              resolution: Optional[int] = None, iters: Optional[int] = None) -> list:
+    """Rows ``{case, preset, shape, impl, ms_per_step, images_per_s, speedup_vs_torch_fp32}``
+    for cases ``train_step`` and ``sampler_step_model``; impls ``torch_fp32`` (baseline)
+    and ``blurfast``. Defaults: paper64 at 64x64, batch 16 and 64 on a GPU (16 only with
+    ``quick``); the small U-Net at 32x32, batch 8 on a CPU."""
+    from .training import TrainStep
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    preset = preset or ("paper64" if cuda else "small")
+    res = resolution or (64 if cuda else 32)
+    if batches is None:
+        batches = ((16,) if quick else (16, 64)) if cuda else (8,)
+    iters = iters or ((20 if quick else 50) if cuda else 3)
+    diff = BlurDiffusion(resolution=res)
+    rows = []
+    for batch in batches:
+        shape = [batch, 3, res, res]
+        x_u8 = torch.randint(0, 256, (batch, res, res, 3), dtype=torch.uint8)
+        flip = torch.zeros(batch, dtype=torch.bool)
+        t = torch.randint(1, diff.num_steps, (batch,))
+        x0 = (x_u8.permute(0, 3, 1, 2).float() / 127.5 - 1).contiguous().to(device)
+        if cuda:
+            x_u8, flip, t = x_u8.pin_memory(), flip.pin_memory(), t.pin_memory()
+        ca, ce, cz = _sampler_coefs(diff, batch, device)
+        t_dev = torch.full((batch,), 500, device=device)
+        timed = {}
+        for impl in ("torch_fp32", "blurfast"):
+            torch.manual_seed(0)
+            model = UNet.from_preset(preset, resolution=res, channels=3).to(device)
+            if impl == "torch_fp32":
+                prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+                train = reference_train_step(model, diff, batch, device)
+
+                def train_fn(train=train):
+                    train(x0)
+
+                def sample_fn(model=model):
+                    with torch.no_grad():
+                        eps = model(x0, t_dev)
+                        R.idct2(ca * R.dct2(x0) + ce * R.dct2(eps)
+                                + cz * R.dct2(torch.randn_like(x0)))
+            else:
+                prev = None
+                if cuda:
+                    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+                stepper = TrainStep(model, diff, device=device,
+                                    precision="bf16" if cuda else "fp32", channels_last=cuda,
+                                    cuda_graphs=cuda)
+
+                def train_fn(stepper=stepper):
+                    stepper(x_u8, flip, t, 1, 0)
+
+                def sample_fn(model=model):
+                    from . import ops
+                    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                         enabled=cuda):
+                        eps = model(x0, t_dev)
+                    ops.spectral(x0, ca, eps.float(), ce, cz, seed=1)
+            for case, fn in (("train_step", train_fn), ("sampler_step_model", sample_fn)):
+                r = time_call(fn, [()], device, iters=iters, warmup=3 if cuda else 1)
+                timed[(case, impl)] = r["wall_us"] / 1e3
+            if prev is not None:
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+            del model
+        for (case, impl), ms in timed.items():
+            rows.append({"case": case, "preset": preset, "shape": shape, "impl": impl,
+                         "ms_per_step": round(ms, 3),
+                         "images_per_s": round(batch / (ms / 1e3), 1),
+                         "speedup_vs_torch_fp32": round(timed[(case, "torch_fp32")] / ms, 3)})
+    return rows
+
+
+def format_steps(rows) -> str:
+    hdr = f"{'case':<20}{'model':<9}{'shape':<14}{'impl':<11}{'ms/step':>10}{'img/s':>10}" \
+          f"{'vs fp32':>9}"
+    lines = [hdr, "-" * len(hdr)]
+    for r in rows:
+        lines.append(f"{r['case']:<20}{r['preset']:<9}{'x'.join(map(str, r['shape'])):<14}"
+                     f"{r['impl']:<11}{r['ms_per_step']:>10.2f}{r['images_per_s']:>10.1f}"
+                     f"{r['speedup_vs_torch_fp32']:>8.2f}x")
+    return "\n".join(lines)
