@@ -13,37 +13,13 @@ runs). CUDA only; each round is one step, timed with a synchronize::
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
-from blurfast import reference as R
+from blurfast.bench_steps import reference_train_step
 from blurfast.diffusion import BlurDiffusion
 from blurfast.models import UNet
 from blurfast.training import TrainStep
 
 CONFIGS = ("baseline", "bf16", "graphs", "fast")
-EMA = 0.9999
-
-
-def _baseline(model, diff, batch, device):
-    """The paper-style step: returns a function of a float batch x0 (B, 3, 64, 64)."""
-    opt = torch.optim.Adam(model.parameters(), lr=5e-5)
-    ema = [p.detach().clone() for p in model.parameters()]
-
-    def step(x0):
-        t = torch.randint(1, diff.num_steps, (batch,))
-        lab = diff.log_abar(t, device=device)[:, None]
-        a, g = torch.exp(0.5 * lab).float(), torch.sqrt(-torch.expm1(lab)).float()
-        eps = torch.randn_like(x0)
-        x_t = R.idct2(a * R.dct2(x0) + g * R.dct2(eps))
-        loss = F.mse_loss(model(x_t, t.to(device)), eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            for e, p in zip(ema, model.parameters()):
-                e.mul_(EMA).add_(p, alpha=1 - EMA)
-    return step
 
 
 @pytest.mark.parametrize("batch", [16, 64])
@@ -62,7 +38,7 @@ def test_train_step(benchmark, bench_device, bench_rounds, config, batch):
         torch.backends.cudnn.allow_tf32 = False
         model = model.to(bench_device)
         x0 = (x_u8.to(bench_device).permute(0, 3, 1, 2).float() / 127.5 - 1).contiguous()
-        run_step = _baseline(model, diff, batch, bench_device)
+        run_step = reference_train_step(model, diff, batch, bench_device)
 
         def one():
             run_step(x0)
