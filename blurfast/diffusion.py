@@ -282,4 +282,5 @@ class BlurDiffusion:
         if pred.shape != y.shape:
             raise ValueError(f"model: expected an output of shape {tuple(y.shape)}, "
                              f"got {tuple(pred.shape)}")
-        return torch.mean((pred.float() - y.float()) ** 2)
+        err = pred - y.to(pred.dtype)
+        return torch.mean(err.to(torch.promote_types(err.dtype, torch.float32)) ** 2)

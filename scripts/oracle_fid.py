@@ -14,7 +14,6 @@ exact draws' distance is the sampler's error. Groups of rows run separately
 import argparse
 import glob
 import json
-import math
 import os
 import time
 
@@ -33,6 +32,7 @@ GROUPS = {
     "ddim": ("ddim", None, "prior", "uniform"),
     "ddim_exact_start": ("ddim", None, "exact", "uniform"),
     "ddim_stoch30": ("ddim", 0.3, "prior", "uniform"),
+    "ddim_stoch30_quad": ("ddim", 0.3, "prior", "quadratic"),
     "exp2m": ("exp2m", None, "prior", "uniform"),
     "exp2m_stoch30": ("exp2m", 0.3, "prior", "uniform"),
     "exp2m_stoch30_quad": ("exp2m", 0.3, "prior", "quadratic"),

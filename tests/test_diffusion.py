@@ -1,0 +1,264 @@
+"""BlurDiffusion against float64 formulas written here from DESIGN.md 2.2-2.4 (numpy/scipy)."""
+import math
+
+import numpy as np
+import pytest
+import scipy.fft
+import scipy.ndimage
+import torch
+
+from blurfast.diffusion import BlurDiffusion
+from blurfast.schedules import EIG_FLOOR
+
+H, W, C, N = 16, 12, 3, 1000
+
+
+def dct2(x):
+    return scipy.fft.dctn(x, axes=(-2, -1), norm="ortho")
+
+
+def idct2(x):
+    return scipy.fft.idctn(x, axes=(-2, -1), norm="ortho")
+
+
+def eig1d(n, sigma):
+    """Eigenvalues of scipy's reflect-mode 1-D Gaussian filter in the DCT-II basis."""
+    g = scipy.ndimage.gaussian_filter1d(np.eye(n), sigma, axis=0, mode="reflect")
+    c = scipy.fft.dct(np.eye(n), axis=0, norm="ortho")
+    m = c @ g @ c.T
+    assert np.abs(m - np.diag(np.diag(m))).max() < 1e-12    # diagonal in this basis
+    return np.diag(m)
+
+
+def log_abar_truth(h=H, w=W, n=N, beta=(1e-4, 0.02), sigma=0.4, smax=0.15):
+    """(N+1, H, W) log Abar for the linear noise and quartic blur schedules."""
+    la = np.concatenate([[0.0], np.cumsum(np.log(1 - np.linspace(*beta, n)))])
+    i = np.arange(1, n + 1)
+    f = (smax / sigma) ** 2 * (i / n) ** 4
+    F = np.concatenate([[0.0], np.cumsum(f)])
+    d = np.clip(np.outer(eig1d(h, sigma), eig1d(w, sigma)), EIG_FLOOR, 1)
+    return la[:, None, None] + 2 * F[:, None, None] * np.log(d)
+
+
+@pytest.fixture(scope="module")
+def diff():
+    return BlurDiffusion(resolution=(H, W), channels=C, num_steps=N)
+
+
+def test_config_round_trip():
+    for kw in [dict(), dict(resolution=(8, 12), channels=1, num_steps=50,
+                            noise_schedule="cosine", blur_schedule="log", sigma=0.5,
+                            sigma_min=0.01, sigma_max=0.3, kernel="continuous",
+                            coarse_to_fine=False),
+               dict(noise_schedule="exp", blur_schedule="triangular", sigma_max=0.0)]:
+        d = BlurDiffusion(**kw)
+        cfg = d.config
+        assert isinstance(cfg, dict)
+        d2 = BlurDiffusion(**cfg)
+        assert d2.config == cfg and d2 == d
+        torch.testing.assert_close(d2.log_abar(torch.arange(0, d.num_steps + 1, 7)),
+                                   d.log_abar(torch.arange(0, d.num_steps + 1, 7)),
+                                   rtol=0, atol=0)
+        for k, v in kw.items():
+            assert cfg[k] == v
+
+
+def test_log_abar_equals_definition(diff):
+    t = torch.tensor([0, 1, 2, 10, 500, 999, 1000])
+    got = diff.log_abar(t)
+    assert got.dtype == torch.float64 and got.shape == (len(t), H, W)
+    np.testing.assert_allclose(got.numpy(), log_abar_truth()[t.numpy()], rtol=1e-9, atol=1e-12)
+
+
+def test_log_abar_is_the_product_of_steps(diff):
+    # Abar_i = prod_{j<=i} A_j with the one-step A_j = (1 - beta_j) d^(2 f(j)).
+    la = torch.cumsum(diff.log_a(torch.arange(1, N + 1)), 0)
+    torch.testing.assert_close(la[[0, 99, 999]], diff.log_abar(torch.tensor([1, 100, 1000])),
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_memory_is_o_n_plus_hw():
+    d = BlurDiffusion(resolution=64, num_steps=1000)
+    sizes = [v.numel() for v in vars(d).values() if isinstance(v, torch.Tensor)]
+    assert max(sizes) <= max(1001, 64 * 64)
+    assert sum(sizes) <= 10 * (1001 + 64 * 64)
+
+
+def test_q_sample_given_noise_equals_formula(diff):
+    rng = np.random.default_rng(0)
+    x0 = rng.uniform(-1, 1, (5, C, H, W))
+    eps = rng.standard_normal((5, C, H, W))
+    t = np.array([1, 7, 300, 999, 1000])
+    lab = log_abar_truth()[t][:, None]
+    want = idct2(np.exp(lab / 2) * dct2(x0) + np.sqrt(1 - np.exp(lab)) * dct2(eps))
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
+        e = torch.tensor(eps, dtype=dtype)
+        xt, e_out = diff.q_sample(torch.tensor(x0, dtype=dtype), torch.tensor(t), noise=e)
+        assert e_out is e and xt.dtype == dtype
+        np.testing.assert_allclose(xt.double().numpy(), want, rtol=0, atol=tol)
+
+
+def test_q_sample_generated_noise_is_the_returned_eps(diff):
+    x0 = torch.rand(4, C, H, W, dtype=torch.float64) * 2 - 1
+    t = torch.tensor([3, 30, 300, 1000])
+    xt, eps = diff.q_sample(x0, t, seed=11)
+    xt2, _ = diff.q_sample(x0, t, noise=eps)
+    torch.testing.assert_close(xt, xt2, rtol=0, atol=1e-12)
+    xt3, eps3 = diff.q_sample(x0, t, seed=11)
+    assert torch.equal(xt3, xt) and torch.equal(eps3, eps)
+    assert not torch.equal(diff.q_sample(x0, t, seed=12)[1], eps)
+
+
+@pytest.mark.parametrize("step", [50, 400, 900])
+def test_q_sample_per_frequency_moments(diff, step):
+    # n draws of x_t for one fixed x0: per coefficient the mean is sqrt(Abar) xb0 and
+    # the variance 1 - Abar. 5-sigma bounds on each of the C*H*W coefficients (a false
+    # alarm anywhere has probability < 4e-4 per test).
+    n = 4000
+    x0 = torch.rand(1, C, H, W, dtype=torch.float64) * 2 - 1
+    t = torch.full((n,), step)
+    xt, _ = diff.q_sample(x0.expand(n, -1, -1, -1), t, seed=step)
+    xb = dct2(xt.numpy())
+    abar = np.exp(log_abar_truth()[step])
+    mean_err = (xb.mean(0) - np.sqrt(abar) * dct2(x0.numpy())[0]) / np.sqrt((1 - abar) / n)
+    assert np.abs(mean_err).max() < 5
+    var_err = (xb.var(0, ddof=1) / (1 - abar) - 1) / math.sqrt(2 / (n - 1))
+    assert np.abs(var_err).max() < 5
+
+
+def test_variance_preserving_for_unit_variance_data(diff):
+    # x0 with iid N(0, 1) pixels has unit-variance DCT coefficients, and so has x_t.
+    n = 3000
+    x0 = torch.randn(n, C, H, W, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([1, 200, 600, 1000]).repeat_interleave(n // 4)
+    xt, _ = diff.q_sample(x0, t, seed=3)
+    for k in range(4):
+        xb = dct2(xt[k * n // 4:(k + 1) * n // 4].numpy())
+        m = n // 4
+        z = (xb.var(0, ddof=1) - 1) / math.sqrt(2 / (m - 1))
+        assert np.abs(z).max() < 5
+
+
+def test_sigma_max_zero_is_ddpm():
+    d = BlurDiffusion(resolution=8, channels=3, num_steps=N, sigma_max=0.0)
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, N))
+    t = np.array([1, 10, 100, 999, 1000])
+    np.testing.assert_allclose(np.exp(d.log_abar(torch.tensor(t)).numpy()),
+                               np.broadcast_to(abar[t - 1][:, None, None], (5, 8, 8)), rtol=1e-10)
+    rng = np.random.default_rng(1)
+    x0, eps = rng.uniform(-1, 1, (5, 3, 8, 8)), rng.standard_normal((5, 3, 8, 8))
+    want = np.sqrt(abar[t - 1])[:, None, None, None] * x0 + \
+        np.sqrt(1 - abar[t - 1])[:, None, None, None] * eps
+    xt, _ = d.q_sample(torch.tensor(x0), torch.tensor(t), noise=torch.tensor(eps))
+    np.testing.assert_allclose(xt.numpy(), want, rtol=0, atol=1e-12)
+
+
+def test_fine_to_coarse_destroys_low_frequencies_first():
+    c2f = BlurDiffusion(resolution=16, coarse_to_fine=True).log_abar(torch.tensor([500]))[0]
+    f2c = BlurDiffusion(resolution=16, coarse_to_fine=False).log_abar(torch.tensor([500]))[0]
+    assert c2f[0, 0] > c2f[-1, -1]           # coarse-to-fine: DC keeps the most signal
+    assert f2c[0, 0] < f2c[-1, -1]
+    la = np.log(np.cumprod(1 - np.linspace(1e-4, 0.02, N)))[499]
+    assert c2f[0, 0].item() == pytest.approx(la, rel=1e-12)     # d(DC) = 1
+
+
+# ------------------------------------------------------------ conversions
+def test_conversions_match_definitions(diff):
+    rng = np.random.default_rng(2)
+    x0, eps = rng.uniform(-1, 1, (3, C, H, W)), rng.standard_normal((3, C, H, W))
+    t = np.array([2, 333, 999])
+    lab = log_abar_truth()[t][:, None]
+    abar = np.exp(lab)
+    tt = torch.tensor(t)
+    xt, _ = diff.q_sample(torch.tensor(x0), tt, noise=torch.tensor(eps))
+    e = torch.tensor(eps)
+    # x0 from eps, and back
+    np.testing.assert_allclose(diff.eps_to_x0(xt, e, tt).numpy(), x0, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(diff.x0_to_eps(xt, torch.tensor(x0), tt).numpy(), eps,
+                               rtol=0, atol=1e-9)
+    # score of q(x_t | x0) = N(U sqrt(Abar) xb0, U diag(1 - Abar) U^T): -Sigma^-1 (x_t - mean)
+    score = -idct2((dct2(xt.numpy()) - np.sqrt(abar) * dct2(x0)) / (1 - abar))
+    np.testing.assert_allclose(diff.eps_to_score(e, tt).numpy(), score, rtol=1e-9, atol=1e-9)
+    std = idct2(np.sqrt(1 - abar) * dct2(eps))
+    np.testing.assert_allclose(diff.eps_to_std(e, tt).numpy(), std, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(diff.std_to_eps(torch.tensor(std), tt).numpy(), eps, atol=1e-10)
+    np.testing.assert_allclose(diff.score_to_eps(torch.tensor(score), tt).numpy(), eps,
+                               atol=1e-9)
+
+
+# -------------------------------------------------------------------- loss
+class Affine(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.3, dtype=torch.float64))
+        self.seen = []
+
+    def forward(self, x, t):
+        self.seen.append(t.clone())
+        return self.w * x
+
+
+@pytest.mark.parametrize("target", ["eps", "std", "score"])
+def test_loss_targets(diff, target):
+    rng = np.random.default_rng(3)
+    x0 = torch.tensor(rng.uniform(-1, 1, (4, C, H, W)))
+    t = torch.tensor([1, 10, 500, 999])
+    model = Affine()
+    loss = diff.loss(model, x0, t, target=target, seed=9)
+    xt, eps = diff.q_sample(x0, t, seed=9)
+    lab = log_abar_truth()[t.numpy()][:, None]
+    y = {"eps": eps.numpy(),
+         "std": idct2(np.sqrt(1 - np.exp(lab)) * dct2(eps.numpy())),
+         "score": -idct2(dct2(eps.numpy()) / np.sqrt(1 - np.exp(lab)))}[target]
+    assert loss.item() == pytest.approx(np.mean((0.3 * xt.numpy() - y) ** 2), rel=1e-10)
+    loss.backward()
+    want_grad = np.mean(2 * (0.3 * xt.numpy() - y) * xt.numpy())
+    assert model.w.grad.item() == pytest.approx(want_grad, rel=1e-9)
+
+
+def test_loss_draws_steps_uniformly_from_1_to_n_minus_1():
+    d = BlurDiffusion(resolution=4, channels=1, num_steps=5)
+    model = Affine()
+    torch.manual_seed(0)
+    for _ in range(200):
+        d.loss(model, torch.zeros(10, 1, 4, 4, dtype=torch.float64))
+    t = torch.cat(model.seen)
+    counts = torch.bincount(t, minlength=6).tolist()
+    assert counts[0] == 0 and counts[5] == 0
+    # 2000 draws over 4 values: each count ~ Binomial(2000, 1/4), sd 19.4; 5 sd bound.
+    assert all(abs(c - 500) < 5 * 19.4 for c in counts[1:5])
+
+
+# -------------------------------------------------------------- arguments
+def test_bad_arguments_raise_value_error_naming_them(diff):
+    x0 = torch.zeros(2, C, H, W)
+    with pytest.raises(ValueError, match="t"):
+        diff.q_sample(x0, torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="t"):
+        diff.q_sample(x0, torch.tensor([5, N + 1]))
+    with pytest.raises(ValueError, match="t"):
+        diff.q_sample(x0, torch.tensor([5.0, 6.0]))
+    with pytest.raises(ValueError, match="t"):
+        diff.q_sample(x0, torch.tensor([5, 6, 7]))
+    with pytest.raises(ValueError, match="t"):
+        diff.log_abar(torch.tensor([N + 1]))
+    with pytest.raises(ValueError, match="x0"):
+        diff.q_sample(torch.zeros(2, C, W, H), torch.tensor([5, 6]))
+    with pytest.raises(ValueError, match="x0"):
+        diff.q_sample(torch.zeros(C, H, W), torch.tensor([5]))
+    with pytest.raises(ValueError, match="noise"):
+        diff.q_sample(x0, torch.tensor([5, 6]), noise=torch.zeros(2, C, H, W + 1))
+    with pytest.raises(ValueError, match="target"):
+        diff.loss(lambda x, t: x, x0, target="v")
+    for kw, name in [(dict(noise_schedule="sigmoid"), "noise_schedule"),
+                     (dict(blur_schedule="gauss"), "blur_schedule"),
+                     (dict(kernel="box"), "kernel"),
+                     (dict(resolution=0), "resolution"),
+                     (dict(resolution=(4, 4, 4)), "resolution"),
+                     (dict(channels=0), "channels"),
+                     (dict(num_steps=1), "num_steps"),
+                     (dict(sigma=0.0), "sigma"),
+                     (dict(sigma_max=-0.1), "sigma_max"),
+                     (dict(beta_min=0.0, sigma_max=0.0), "beta_min")]:
+        with pytest.raises(ValueError, match=name):
+            BlurDiffusion(**kw)

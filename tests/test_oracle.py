@@ -1,0 +1,118 @@
+"""The Gaussian-mixture oracle against numerical integration, and the Fréchet distance."""
+import math
+
+import numpy as np
+import pytest
+import scipy.fft
+import scipy.integrate
+import scipy.linalg
+import scipy.stats
+import torch
+
+from blurfast.diffusion import BlurDiffusion
+from blurfast.testing import (GaussianMixtureOracle, example_oracle, frechet_distance,
+                              gaussian_frechet_distance)
+
+
+def _npdf(x, m, v):
+    return math.exp(-0.5 * (x - m) ** 2 / v) / math.sqrt(2 * math.pi * v)
+
+
+def test_oracle_is_the_conditional_mean_in_1d():
+    # E[eps | x_t] = int eps(x0) p(x0) N(x_t; sqrt(Abar) x0, 1 - Abar) dx0 / int (same, no eps)
+    d = BlurDiffusion(resolution=1, channels=1, num_steps=100)
+    mu, var, w = np.array([-1.0, 0.5, 2.0]), np.array([0.04, 0.2, 0.01]), np.array([0.2, 0.5, 0.3])
+    o = GaussianMixtureOracle(d, torch.tensor(mu).view(3, 1, 1, 1),
+                              torch.tensor(var).view(3, 1, 1, 1), torch.tensor(w))
+    for t in (2, 30, 90):
+        abar = math.exp(d.log_abar(torch.tensor([t])).item())
+        for x in (-1.3, 0.1, 1.7):
+            def dens(x0):
+                p0 = sum(wk * _npdf(x0, m, v) for wk, m, v in zip(w, mu, var))
+                return p0 * _npdf(x, math.sqrt(abar) * x0, 1 - abar)
+            eps = lambda x0: (x - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
+            pts = list(mu)
+            num = scipy.integrate.quad(lambda z: eps(z) * dens(z), -8, 8, points=pts, limit=200)[0]
+            den = scipy.integrate.quad(dens, -8, 8, points=pts, limit=200)[0]
+            got = o(torch.tensor([[[[x]]]], dtype=torch.float64), torch.tensor([t])).item()
+            assert got == pytest.approx(num / den, rel=1e-6, abs=1e-8)
+
+
+def test_oracle_is_the_conditional_mean_in_2d_with_blur():
+    # Two pixels (1 x 2 image): the DCT mixes them and the two frequencies diffuse at
+    # different speeds; integrate over x0 in pixel space with the explicit DCT matrix.
+    d = BlurDiffusion(resolution=(1, 2), channels=1, num_steps=50, sigma=0.4, sigma_max=0.6,
+                      blur_schedule="linear")
+    u = scipy.fft.dct(np.eye(2), axis=0, norm="ortho")          # xb = u @ x
+    means = np.array([[0.8, -0.4], [-0.5, 0.3]])
+    variances = np.array([[0.05, 0.2], [0.1, 0.03]])            # per frequency
+    w = np.array([0.4, 0.6])
+    o = GaussianMixtureOracle(d, torch.tensor(means).view(2, 1, 1, 2),
+                              torch.tensor(variances).view(2, 1, 1, 2), torch.tensor(w))
+    t = 30
+    abar = np.exp(d.log_abar(torch.tensor([t]))[0, 0].numpy())     # (2,) per frequency
+    assert abs(abar[0] - abar[1]) > 0.05                            # blur acts
+    x = np.array([0.3, -0.2])
+    xb = u @ x
+    covs = [u.T @ np.diag(v) @ u for v in variances]         # pixel-space covariances
+    precs = [np.linalg.inv(c) for c in covs]
+    norms = [1 / (2 * np.pi * math.sqrt(np.linalg.det(c))) for c in covs]
+
+    def dens(x1, x0):
+        z = np.array([x0, x1])
+        r = xb - np.sqrt(abar) * (u @ z)
+        lik = math.exp(-0.5 * np.sum(r ** 2 / (1 - abar))) / (2 * np.pi * math.sqrt(np.prod(1 - abar)))
+        prior = sum(wk * nk * math.exp(-0.5 * (z - m) @ pk @ (z - m))
+                    for wk, nk, pk, m in zip(w, norms, precs, means))
+        return prior * lik
+
+    def eps(z):
+        return u.T @ ((xb - np.sqrt(abar) * (u @ z)) / np.sqrt(1 - abar))
+
+    lim = (-3, 3)
+    den = scipy.integrate.dblquad(dens, *lim, *lim, epsabs=1e-10)[0]
+    want = [scipy.integrate.dblquad(lambda x1, x0: eps(np.array([x0, x1]))[j] * dens(x1, x0),
+                                    *lim, *lim, epsabs=1e-10)[0] / den for j in range(2)]
+    got = o(torch.tensor(x).view(1, 1, 1, 2), torch.tensor([t])).view(2).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_example_oracle_draws_have_its_moments():
+    d = BlurDiffusion(resolution=16, channels=3)
+    o = example_oracle(d)
+    n = 4000
+    x, labels = o.sample(n, seed=3, return_labels=True)
+    xb = scipy.fft.dctn(x.numpy(), axes=(-2, -1), norm="ortho")
+    m, var, m4 = (a.numpy() for a in o.coef_moments())
+    assert np.abs((xb.mean(0) - m) / np.sqrt(var / n)).max() < 5
+    se_var = np.sqrt((m4 - var ** 2) / n)
+    assert np.abs((xb.var(0) - var) / se_var).max() < 5
+    # The components are separated: the posterior at t = 0 recovers every label.
+    resp = o.responsibilities(x, torch.zeros(n, dtype=torch.int64))
+    assert torch.equal(resp.argmax(1), labels)
+    w = o.weights.numpy()
+    counts = np.bincount(labels.numpy(), minlength=3) / n
+    assert np.all(np.abs(counts - w) < 5 * np.sqrt(w * (1 - w) / n))
+
+
+def test_gaussian_frechet_distance_equals_scipy_sqrtm_formula():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((6, 6)), rng.standard_normal((6, 6))
+    s1, s2 = a @ a.T + 0.1 * np.eye(6), b @ b.T
+    m1, m2 = rng.standard_normal(6), rng.standard_normal(6)
+    want = np.sum((m1 - m2) ** 2) + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    assert gaussian_frechet_distance(m1, s1, m2, s2) == pytest.approx(want, rel=1e-9)
+    assert gaussian_frechet_distance(m1, s1, m1, s1) == pytest.approx(0, abs=1e-9)
+    x = torch.tensor(rng.standard_normal((50, 6)))
+    assert frechet_distance(x, x) == pytest.approx(0, abs=1e-9)
+    assert frechet_distance(x, x + 1) == pytest.approx(6, rel=1e-9)   # pure mean shift
+
+
+def test_oracle_bad_arguments():
+    d = BlurDiffusion(resolution=4, channels=1, num_steps=10)
+    with pytest.raises(ValueError, match="means"):
+        GaussianMixtureOracle(d, torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="variances"):
+        GaussianMixtureOracle(d, torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4))
+    with pytest.raises(ValueError, match="weights"):
+        GaussianMixtureOracle(d, torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4), [1.0, -1.0])

@@ -1,0 +1,297 @@
+"""Samplers against step formulas written here (numpy, float64, scipy DCT), and on the oracle."""
+import math
+
+import numpy as np
+import pytest
+import scipy.fft
+import torch
+
+from blurfast.diffusion import BlurDiffusion
+from blurfast.reference import philox_normal
+from blurfast.sampling import (STEP_OFFSET, ancestral, ddim, eta_first, sample,
+                               timesteps)
+from blurfast.testing import GaussianMixtureOracle, example_oracle
+
+
+def dct2(x):
+    return scipy.fft.dctn(x, axes=(-2, -1), norm="ortho")
+
+
+def idct2(x):
+    return scipy.fft.idctn(x, axes=(-2, -1), norm="ortho")
+
+
+def toy_model(x, t):
+    """A deterministic, nonlinear, step-dependent stand-in for a network."""
+    return torch.tanh(x) * (0.5 + t.view(-1, 1, 1, 1) / 100.0) + 0.1 * x.flip(-1)
+
+
+def zb(shape, seed, k):
+    """The frequency-space noise the fused op draws at step k (k = 0: the prior)."""
+    return philox_normal(shape, seed, k * STEP_OFFSET, torch.float64).numpy()
+
+
+def abar_of(diff, t):
+    return np.exp(diff.log_abar(torch.tensor([t]))[0].numpy())      # (H, W)
+
+
+def reference_run(kind, diff, shape, steps, seed, eta=0.0):
+    """Samplers from DESIGN.md 2.5 written through x0 and the posterior, in numpy."""
+    x = idct2(np.sqrt(1 - abar_of(diff, steps[0])) * zb(shape, seed, 0))
+    for k, (i, s) in enumerate(zip(steps, steps[1:] + [0]), start=1):
+        e = toy_model(torch.tensor(x), torch.full((shape[0],), i)).numpy()
+        ai, as_ = abar_of(diff, i), abar_of(diff, s)
+        xb, eb = dct2(x), dct2(e)
+        x0b = (xb - np.sqrt(1 - ai) * eb) / np.sqrt(ai)
+        z = zb(shape, seed, k)
+        a = ai / as_                                   # one step's A (from s to i)
+        if kind == "reverse_sde":                      # paper Eq. 20
+            out = (2 - np.sqrt(a)) * xb - (1 - a) / np.sqrt(1 - ai) * eb
+            if i > 2 and s > 0:
+                out = out + np.sqrt(1 - a) * z
+        elif kind == "ancestral":                      # DDPM posterior, alpha -> A
+            mean = np.sqrt(as_) * (1 - a) / (1 - ai) * x0b + np.sqrt(a) * (1 - as_) / (1 - ai) * xb
+            out = mean + (np.sqrt((1 - as_) / (1 - ai) * (1 - a)) * z if s > 0 else 0)
+        else:                                          # DDIM
+            sig = eta * np.sqrt((1 - as_) / (1 - ai) * (1 - ai / as_))
+            out = np.sqrt(as_) * x0b + np.sqrt(1 - as_ - sig ** 2) * eb + (sig * z if s > 0 else 0)
+        x = idct2(out)
+    return x
+
+
+@pytest.fixture(scope="module")
+def small():
+    return BlurDiffusion(resolution=(8, 6), channels=3, num_steps=40, beta_min=1e-3,
+                         beta_max=0.3, sigma_max=0.6)
+
+
+SHAPE = (3, 3, 8, 6)
+
+
+@pytest.mark.parametrize("kind,steps,eta", [
+    ("reverse_sde", None, 0.0), ("reverse_sde", 9, 0.0), ("ancestral", None, 0.0),
+    ("ancestral", 7, 0.0), ("ddim", 7, 0.0), ("ddim", 12, 0.6), ("ddim", None, 1.0)])
+def test_samplers_equal_reference_formulas(small, kind, steps, eta):
+    seq = timesteps(small, steps)
+    got = sample(toy_model, small, SHAPE, sampler=kind, steps=steps, eta=eta, seed=7,
+                 progress=False, dtype=torch.float64)
+    want = reference_run(kind, small, SHAPE, seq, 7, eta)
+    # float64 rounding, relative to the largest value (the toy model is no denoiser:
+    # its x0 carries 1/sqrt(Abar) ~ 1e4, so values reach ~1e3).
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-12 * np.abs(want).max())
+
+
+def test_float32_samplers_follow_float64(small):
+    for kind in ("reverse_sde", "ancestral", "ddim", "exp2m"):
+        a = sample(toy_model, small, SHAPE, sampler=kind, steps=10, seed=1, progress=False)
+        b = sample(toy_model, small, SHAPE, sampler=kind, steps=10, seed=1, progress=False,
+                   dtype=torch.float64)
+        assert a.dtype == torch.float32
+        # float32 rounding (6e-8) over 10 steps, relative to the largest value
+        assert (a.double() - b).abs().max() < 1e-5 * b.abs().max()
+
+
+def test_sigma_max_zero_ancestral_is_ddpm():
+    # DDPM (Ho et al.) written in pixel space: with f = 0 every map is a scalar and the
+    # pixel noise is idct2 of the op's frequency noise.
+    n_steps = 50
+    d = BlurDiffusion(resolution=8, channels=3, num_steps=n_steps, beta_min=1e-3,
+                      beta_max=0.25, sigma_max=0.0)
+    beta = np.linspace(1e-3, 0.25, n_steps)
+    alpha = 1 - beta
+    abar = np.cumprod(alpha)                           # abar[t-1] is alpha_bar_t
+    shape = (4, 3, 8, 8)
+    x = math.sqrt(1 - abar[n_steps - 2]) * idct2(zb(shape, 5, 0))
+    for k, t in enumerate(range(n_steps - 1, 0, -1), start=1):
+        e = toy_model(torch.tensor(x), torch.full((4,), t)).numpy()
+        x = (x - beta[t - 1] / math.sqrt(1 - abar[t - 1]) * e) / math.sqrt(alpha[t - 1])
+        if t > 1:
+            var = (1 - abar[t - 2]) / (1 - abar[t - 1]) * beta[t - 1]
+            x = x + math.sqrt(var) * idct2(zb(shape, 5, k))
+    got = sample(toy_model, d, shape, sampler="ancestral", steps=None, seed=5, progress=False,
+                 dtype=torch.float64)
+    np.testing.assert_allclose(got.numpy(), x, rtol=0, atol=1e-12 * np.abs(x).max())
+
+
+def test_ancestral_is_ddim_with_eta_one(small):
+    seq = timesteps(small, 11)
+    x = small.prior_sample(SHAPE, seq[0], seed=2, dtype=torch.float64)
+    a = ancestral(toy_model, small, x, seq, seed=2, progress=False)
+    b = ddim(toy_model, small, x, seq, eta=1.0, seed=2, progress=False)
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-11)
+
+
+# ---------------------------------------------------------------- exp2m
+def gaussian_flow_error(diff, sampler, steps):
+    """Mean error against the exact probability-flow map for Gaussian data N(mu, diag v):
+    per coefficient x0 = mu + sqrt(v / (Abar v + 1 - Abar)) (x_T - sqrt(Abar) mu)."""
+    gen = torch.Generator().manual_seed(0)
+    c, h, w = diff.shape
+    mub = 3 * torch.randn(1, c, h, w, dtype=torch.float64, generator=gen)
+    v = 0.01 + torch.rand(1, c, h, w, dtype=torch.float64, generator=gen)
+    o = GaussianMixtureOracle(diff, scipy.fft.idctn(mub.numpy(), axes=(-2, -1), norm="ortho"), v)
+    seq = timesteps(diff, steps, "quadratic")
+    x = diff.prior_sample((8, c, h, w), seq[0], seed=3, dtype=torch.float64)
+    out = sample(o, diff, (8, c, h, w), sampler=sampler, steps=steps, spacing="quadratic",
+                 progress=False, x_init=x)
+    ab = torch.exp(diff.log_abar(torch.tensor([seq[0]])))[0]
+    xb = torch.tensor(dct2(x.numpy()))
+    want = mub + torch.sqrt(v / (ab * v + 1 - ab)) * (xb - torch.sqrt(ab) * mub)
+    return (torch.tensor(dct2(out.numpy())) - want).abs().mean().item()
+
+
+def test_exp2m_is_second_order_and_ddim_first_order():
+    # Quadratic spacing: with uniform steps in t the last steps stay long in lambda
+    # (h ~ log(t_prev / t)), which delays the asymptotic order.
+    d = BlurDiffusion(resolution=8, channels=3, num_steps=1000)
+    e = {(s, k): gaussian_flow_error(d, s, k) for s in ("ddim", "exp2m") for k in (20, 40, 80)}
+    ddim_order = math.log2(e["ddim", 40] / e["ddim", 80])
+    exp2m_order = math.log2(e["exp2m", 40] / e["exp2m", 80])
+    print(f"\nGaussian flow mean error: {e}; order ddim {ddim_order:.2f}, exp2m {exp2m_order:.2f}")
+    assert 0.7 < ddim_order < 1.3
+    assert exp2m_order > 1.7
+    assert all(e["exp2m", k] < e["ddim", k] / 5 for k in (20, 40, 80))
+
+
+# ------------------------------------------------------------ timesteps
+def test_timesteps():
+    d = BlurDiffusion(resolution=4, channels=1, num_steps=1000)
+    assert timesteps(d) == list(range(999, 0, -1))
+    for spacing in ("uniform", "quadratic"):
+        for k in (1, 2, 10, 250, 999):
+            seq = timesteps(d, k, spacing)
+            assert len(seq) == k and seq[0] == 999 and (k == 1 or seq[-1] == 1)
+            assert all(a > b for a, b in zip(seq, seq[1:]))
+    assert timesteps(d, 4, "uniform") == [999, 666, 334, 1]    # round(1 + 998 k/3)
+    q = timesteps(d, 10, "quadratic")
+    assert q == [round(1 + 998 * (j / 9) ** 2) for j in range(9, -1, -1)]
+    assert timesteps(d, spacing=[900, 500, 20]) == [900, 500, 20]
+    assert eta_first(10, 0.3) == [1.0] * 3 + [0.0] * 7
+
+
+def test_same_seed_same_images(small):
+    for kind in ("reverse_sde", "ancestral", "ddim", "exp2m"):
+        kw = dict(sampler=kind, steps=8, eta=0.5, progress=False)
+        a = sample(toy_model, small, SHAPE, seed=3, **kw)
+        b = sample(toy_model, small, SHAPE, seed=3, **kw)
+        c = sample(toy_model, small, SHAPE, seed=4, **kw)
+        assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_callback_sees_every_step_and_x0_hat(small):
+    seen = []
+    sample(toy_model, small, SHAPE, sampler="ddim", steps=6, seed=0, progress=False,
+           callback=lambda i, x, x0: seen.append((i, x.clone(), x0.clone())))
+    assert [i for i, _, _ in seen] == timesteps(small, 6)
+    for i, x, x0 in seen:
+        t = torch.full((3,), i)
+        torch.testing.assert_close(x0, small.eps_to_x0(x, toy_model(x, t), t))
+
+
+def test_bad_arguments(small):
+    kw = dict(progress=False)
+    with pytest.raises(ValueError, match="sampler"):
+        sample(toy_model, small, SHAPE, sampler="euler", steps=5, **kw)
+    with pytest.raises(ValueError, match="steps"):
+        sample(toy_model, small, SHAPE, steps=40, **kw)
+    with pytest.raises(ValueError, match="steps"):
+        sample(toy_model, small, SHAPE, steps=0, **kw)
+    with pytest.raises(ValueError, match="spacing"):
+        sample(toy_model, small, SHAPE, steps=5, spacing="cosine", **kw)
+    with pytest.raises(ValueError, match="spacing"):
+        sample(toy_model, small, SHAPE, spacing=[5, 10], **kw)
+    with pytest.raises(ValueError, match="spacing"):
+        sample(toy_model, small, SHAPE, spacing=[50, 10], **kw)
+    with pytest.raises(ValueError, match="eta"):
+        sample(toy_model, small, SHAPE, steps=5, eta=1.5, **kw)
+    with pytest.raises(ValueError, match="eta"):
+        sample(toy_model, small, SHAPE, steps=5, eta=[0.0] * 4, **kw)
+    with pytest.raises(ValueError, match="shape"):
+        sample(toy_model, small, (3, 3, 8, 8), steps=5, **kw)
+    with pytest.raises(ValueError, match="model"):
+        sample(lambda x, t: x[:, :1], small, SHAPE, steps=5, **kw)
+    with pytest.raises(ValueError, match="x_init"):
+        sample(toy_model, small, SHAPE, steps=5, x_init=torch.zeros(2, 3, 8, 6), **kw)
+
+
+# ------------------------------------------------------------ on the oracle
+@pytest.fixture(scope="module")
+def oracle_setup():
+    # The paper's process; component variances >= 0.2, where the samplers' own variance
+    # loss on low-variance coefficients (their last steps output posterior means) stays
+    # below 2% (ancestral, 999 steps), well inside the statistical tolerance below.
+    d = BlurDiffusion(resolution=16, channels=3, num_steps=1000)
+    return d, example_oracle(d, floor=0.2)
+
+
+def moment_z_scores(oracle, x):
+    """Largest |z| of the component weights (binomial) and of each DCT coefficient's
+    mean and variance (standard errors from the mixture's own second/fourth moments)."""
+    n = x.shape[0]
+    lab = oracle.responsibilities(x, torch.zeros(n, dtype=torch.int64)).argmax(1)
+    w = oracle.weights.numpy()
+    w_hat = np.bincount(lab.numpy(), minlength=len(w)) / n
+    zw = np.abs(w_hat - w) / np.sqrt(w * (1 - w) / n)
+    xb = dct2(x.double().numpy())
+    m, var, m4 = (a.numpy() for a in oracle.coef_moments())
+    zm = np.abs(xb.mean(0) - m) / np.sqrt(var / n)
+    zv = np.abs(xb.var(0) - var) / np.sqrt((m4 - var ** 2) / n)
+    return zw.max(), zm.max(), zv.max()
+
+
+FIRST30 = "first30"       # eta = 1 on the first 30% of the steps (scripts/oracle_fid.py)
+ORACLE_CASES = [
+    # sampler, steps (None: full chain), spacing, eta, samples. On this mixture the
+    # samplers' own variance bias is at most 3% (ancestral, 250 quadratic steps), a third
+    # of a standard error at these sample sizes.
+    ("ddim", 250, "quadratic", 0.0, 500),
+    ("exp2m", 100, "quadratic", FIRST30, 1000),
+    ("reverse_sde", 250, "quadratic", 0.0, 300),
+    ("ancestral", 250, "quadratic", 0.0, 300),
+    pytest.param("reverse_sde", None, "uniform", 0.0, 2000, marks=pytest.mark.slow),
+    pytest.param("ancestral", None, "uniform", 0.0, 2000, marks=pytest.mark.slow),
+    pytest.param("ddim", None, "uniform", 0.0, 2000, marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("kind,steps,spacing,eta,n", ORACLE_CASES)
+def test_samplers_match_the_mixture(oracle_setup, kind, steps, spacing, eta, n):
+    d, o = oracle_setup
+    nsteps = len(timesteps(d, steps, spacing))
+    eta = eta_first(nsteps, 0.3) if eta == FIRST30 else eta
+    x = sample(o, d, (n,) + d.shape, sampler=kind, steps=steps, spacing=spacing, eta=eta,
+               seed=11, progress=False)
+    zw, zm, zv = moment_z_scores(o, x)
+    fd_exact = o.frechet_distance(o.sample(n, seed=12).float())
+    print(f"\n{kind} ({nsteps} calls, {spacing}, n={n}): FD {o.frechet_distance(x):.3f} "
+          f"(exact draws {fd_exact:.3f}); max |z|: weights {zw:.1f}, means {zm:.1f}, "
+          f"variances {zv:.1f}")
+    # 5 sigma on 3 weights and on 768 means and variances each (false alarm < 1e-3).
+    assert zw < 5 and zm < 5 and zv < 5
+
+
+def test_fd_table_small():
+    """A cheap version of scripts/oracle_fid.py (the same image-like mixture, 100
+    samples): prints the Fréchet distances. At this size the distance is dominated by
+    its finite-sample bias, so the check is on a statistic that is not: the fraction of
+    the high-frequency variance a sampler keeps (which must grow with the steps)."""
+    d = BlurDiffusion(resolution=16, channels=3, num_steps=1000)
+    o = example_oracle(d)
+    n = 100
+    _, var, _ = o.coef_moments()
+    k = np.add.outer(np.arange(16), np.arange(16)) >= 16
+
+    def kept(x):
+        return float(np.mean(dct2(x.double().numpy()).var(0)[:, k] / var.numpy()[:, k]))
+
+    fd, keep = {}, {}
+    x = o.sample(n, seed=3).float()
+    fd["exact", 0], keep["exact", 0] = o.frechet_distance(x), kept(x)
+    for kind in ("ddim", "ancestral"):
+        for st in (10, 25, 50, 100, 250):
+            x = sample(o, d, (n,) + d.shape, sampler=kind, steps=st, seed=4, progress=False)
+            fd[kind, st], keep[kind, st] = o.frechet_distance(x), kept(x)
+    print(f"\nn={n}: " + ", ".join(f"{k} {s}: FD {fd[k, s]:.2f}, HF variance kept {keep[k, s]:.2f}"
+                                  for k, s in fd))
+    for kind in ("ddim", "ancestral"):
+        assert keep[kind, 10] < keep[kind, 100] < keep[kind, 250] + 0.05

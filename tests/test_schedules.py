@@ -1,0 +1,132 @@
+"""Schedules and blur eigenvalues against scipy and formulas written here in numpy."""
+
+import numpy as np
+import pytest
+import scipy.fft
+import scipy.ndimage
+
+from blurfast import schedules as S
+
+
+def _apply_eigs(d, x):
+    """idct2(d * dct2(x)) with scipy's orthonormal DCT, float64."""
+    return scipy.fft.idctn(d * scipy.fft.dctn(x, axes=(-2, -1), norm="ortho"),
+                           axes=(-2, -1), norm="ortho")
+
+
+@pytest.mark.parametrize("size,sigma", [((16, 16), 0.4), ((16, 16), 1.0), ((12, 20), 0.7),
+                                        ((32, 9), 1.5), ((20, 20), 2.5), ((7, 13), 0.4)])
+def test_discrete_eigenvalues_equal_scipy_gaussian_filter(size, sigma):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3) + size)
+    d = S.blur_eigenvalues_2d(size, sigma).numpy()
+    want = scipy.ndimage.gaussian_filter(x, sigma=(0, 0, sigma, sigma), mode="reflect",
+                                         truncate=4.0)
+    np.testing.assert_allclose(_apply_eigs(d, x), want, rtol=0, atol=1e-12)
+
+
+def test_anisotropic_sigma_equals_scipy():
+    x = np.random.default_rng(1).standard_normal((10, 14))
+    d = S.blur_eigenvalues_2d((10, 14), (0.8, 1.6)).numpy()
+    want = scipy.ndimage.gaussian_filter(x, sigma=(0.8, 1.6), mode="reflect")
+    np.testing.assert_allclose(_apply_eigs(d, x), want, rtol=0, atol=1e-12)
+
+
+def test_continuous_eigenvalues_approach_discrete_for_wide_kernels():
+    # The sampled Gaussian's spectrum is the periodized continuous one; for sigma = 2
+    # the aliases and the 4-sigma truncation are below 1e-3.
+    n, sigma = 64, 2.0
+    cont = S.gaussian_eigenvalues(n, sigma, "continuous").numpy()
+    k = np.arange(n)
+    np.testing.assert_allclose(cont, np.exp(-0.5 * (sigma * np.pi * k / n) ** 2), atol=1e-15)
+    disc = S.gaussian_eigenvalues(n, sigma, "discrete").numpy()
+    assert np.max(np.abs(cont - disc)) < 1e-3
+
+
+def test_process_eigenvalues_floor_and_fine_to_coarse():
+    d = S.blur_eigenvalues_2d(16, 0.4).numpy()
+    c2f = S.process_eigenvalues(16, 0.4).numpy()
+    np.testing.assert_array_equal(c2f, np.clip(d, S.EIG_FLOOR, 1))
+    f2c = S.process_eigenvalues(16, 0.4, coarse_to_fine=False).numpy()
+    np.testing.assert_array_equal(f2c, np.clip(1 - d, S.EIG_FLOOR, 1))
+    assert f2c[0, 0] == S.EIG_FLOOR            # DC of 1 - d is 0: floored
+    wide = S.process_eigenvalues(16, 6.0, kind="continuous").numpy()
+    assert wide.min() == S.EIG_FLOOR and wide.max() == 1.0
+
+
+# ------------------------------------------------------------------ noise
+N = 1000
+
+
+def test_linear_betas():
+    b = S.noise_betas("linear", N, 1e-4, 0.02).numpy()
+    assert b.shape == (N + 1,) and b[0] == 0
+    np.testing.assert_allclose(b[1:], np.linspace(1e-4, 0.02, N), rtol=1e-15, atol=0)
+
+
+def test_cosine_alpha_bar_telescopes_to_nichol_dhariwal():
+    # prod_{j<=i} (1 - beta_j) = c(i/N) / c(0) wherever the 0.999 cap is inactive.
+    def c(t):
+        return np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2
+    b = S.noise_betas("cosine", N).numpy()
+    la = S.log_alpha_bar(S.noise_betas("cosine", N)).numpy()
+    i = np.arange(N + 1)
+    uncapped = np.concatenate([[True], b[1:] < 0.999])
+    last = np.argmin(uncapped) - 1 if not uncapped.all() else N
+    np.testing.assert_allclose(np.exp(la[:last + 1]), c(i[:last + 1] / N) / c(0), rtol=1e-10)
+    assert b.max() == pytest.approx(0.999) and b[-1] == pytest.approx(0.999)
+
+
+def test_exp_schedule():
+    def g(i):
+        return np.exp(5 * i / N - 5) + 1e-4
+    e = 1 - g(np.arange(N + 1)) / g(N)
+    b = S.noise_betas("exp", N).numpy()
+    want = np.minimum(1 - e[1:] / e[:-1], 0.999)
+    np.testing.assert_allclose(b[1:], want, rtol=1e-12, atol=1e-15)
+    # alpha_bar_i = e(i)/e(0) below the cap; the last step is capped (e(N) = 0).
+    la = S.log_alpha_bar(S.noise_betas("exp", N)).numpy()
+    np.testing.assert_allclose(np.exp(la[1:N]), e[1:N] / e[0], rtol=1e-9)
+    assert b[N] == 0.999
+
+
+# ------------------------------------------------------------------ blur
+F1, FN = 0.0, (0.15 / 0.4) ** 2
+
+
+@pytest.mark.parametrize("name", S.BLUR_SCHEDULES)
+def test_blur_f_formulas(name):
+    f1, fN = 0.01, FN
+    i = np.arange(1, N + 1, dtype=np.float64)
+    lin = (fN - f1) * (i - 1) / (N - 1) + f1
+    want = {
+        "linear": lin,
+        "log": (fN - f1) * np.log(i + 1e-6) / np.log(N + 1e-6) + f1,
+        "quadratic": (fN - f1) / (N ** 2 - 1) * (i ** 2 - 1) + f1,
+        "cubic": (fN - f1) * (i / N) ** 3 + f1,
+        "quartic": (fN - f1) * (i / N) ** 4 + f1,
+        "triangular": np.where(i < N / 2, lin, (fN - f1) * (N - i - 1) / (N - 1) + f1),
+    }[name]
+    f = S.blur_f(name, N, f1, fN).numpy()
+    assert f.shape == (N + 1,) and f[0] == 0
+    np.testing.assert_allclose(f[1:], want, rtol=1e-12, atol=1e-15)
+    if name in ("linear", "quadratic", "log"):
+        # endpoints f_1, f_N (log: f(1) = f_1 + (f_N - f_1) ln(1 + 1e-6)/ln N = f_1 + 1.9e-8)
+        assert f[1] == pytest.approx(f1, abs=3e-8) and f[N] == pytest.approx(fN, rel=1e-12)
+
+
+def test_paper_default_f_N():
+    assert S.blur_f("quartic", N, F1, FN)[N].item() == pytest.approx(0.140625)
+
+
+@pytest.mark.parametrize("fn,args,argname", [
+    (S.noise_betas, ("sigmoid", N), "noise_schedule"),
+    (S.blur_f, ("gaussian", N, 0.0, 0.1), "blur_schedule"),
+    (S.process_eigenvalues, (16, 0.4, "box"), "kernel"),
+    (S.noise_betas, ("linear", 1), "num_steps"),
+    (S.noise_betas, ("linear", N, 0.03, 0.02), "beta_min"),
+    (S.noise_betas, ("linear", N, 1e-4, 1.5), "beta_max"),
+])
+def test_bad_arguments_name_themselves(fn, args, argname):
+    with pytest.raises(ValueError, match=argname):
+        fn(*args)
