@@ -80,7 +80,7 @@ class BlurDiffusion:
         self.F = torch.cumsum(self.f, 0)
         # (H, W) float64: log of the floored blur eigenvalues.
         self.log_d = torch.log(S.process_eigenvalues((h, w), sigma, kernel, coarse_to_fine))
-        self._log_d_on = {}
+        self._tables_on = {}
 
         # log A_i = log(1 - beta_i) + 2 f(i) log d must be < 0 for every i >= 1 and
         # frequency (Abar strictly decreasing, so 1 - Abar_i > 0 for i >= 1). It is
@@ -140,19 +140,27 @@ class BlurDiffusion:
                              f"got {tuple(x.shape)}")
 
     # ------------------------------------------------------------ schedule maps
-    def _log_d(self, device) -> torch.Tensor:
+    def _tables(self, device):
+        """(log alpha_bar, F, log d) on ``device``, copied once per device."""
         key = str(torch.device(device))
-        if key not in self._log_d_on:
-            self._log_d_on[key] = self.log_d.to(device)
-        return self._log_d_on[key]
+        if key not in self._tables_on:
+            self._tables_on[key] = tuple(a.to(device) for a in (self.log_alpha_bar, self.F,
+                                                                 self.log_d))
+        return self._tables_on[key]
+
+    def _log_d(self, device) -> torch.Tensor:
+        return self._tables(device)[2]
+
+    def log_abar_unchecked(self, t: torch.Tensor) -> torch.Tensor:
+        """``log_abar`` for an int64 tensor t already known to be in 0..N, on t's device,
+        with no validation and no host synchronization (safe inside a CUDA graph)."""
+        la, F, log_d = self._tables(t.device)
+        return la[t][:, None, None] + 2 * F[t][:, None, None] * log_d
 
     def log_abar(self, t, device=None) -> torch.Tensor:
         """(len(t), H, W) float64: ``log Abar_t = log alpha_bar_t + 2 F_t log d``, t in 0..N."""
         t = self.check_t(t)
-        dev = t.device if device is None else torch.device(device)
-        la = self.log_alpha_bar[t.cpu()].to(dev)
-        F = self.F[t.cpu()].to(dev)
-        return la[:, None, None] + 2 * F[:, None, None] * self._log_d(dev)
+        return self.log_abar_unchecked(t if device is None else t.to(device))
 
     def log_a(self, t, device=None) -> torch.Tensor:
         """(len(t), H, W) float64: the one-step ``log A_t = log(1 - beta_t) + 2 f(t) log d``, t in 1..N."""

@@ -107,22 +107,6 @@ def _collate(batch: torch.Tensor) -> torch.Tensor:
     return batch
 
 
-class _ProcessMaps:
-    """``log Abar_t`` on the device for a device tensor t, without host
-    synchronization (so it can be captured in a CUDA graph): the closed form
-    ``log alpha_bar_t + 2 F_t log d`` of DESIGN.md 2.3 from the process's tables."""
-
-    def __init__(self, diff: BlurDiffusion, device):
-        self.log_alpha_bar = diff.log_alpha_bar.to(device)
-        self.F = diff.F.to(device)
-        self.log_d = diff.log_d.to(device)
-
-    def log_abar(self, t: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) float64."""
-        return (self.log_alpha_bar[t][:, None, None, None]
-                + 2 * self.F[t][:, None, None, None] * self.log_d)
-
-
 class TrainStep:
     """One optimization step, repeated by :func:`train` (and by the benchmarks).
 
@@ -167,7 +151,7 @@ class TrainStep:
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.params = list(self.model.parameters())
         self.ema_params = list(self.ema.parameters())
-        self.proc = _ProcessMaps(diff, self.device)
+        self.diff = diff
 
         fwd = self.model
         if ddp:
@@ -201,7 +185,7 @@ class TrainStep:
         """``(x_t, target)`` of clean images x0 at steps t (device tensors): x_t =
         ``q_sample(x0, t)`` with the Philox noise at ``(noise_seed, noise_offset)``
         (torch's generator under ``cuda_graphs``), the target per ``self.target``."""
-        lab = self.proc.log_abar(t)
+        lab = self.diff.log_abar_unchecked(t)[:, None]   # (B, 1, H, W)
         a = torch.exp(0.5 * lab).float()
         g = torch.sqrt(-torch.expm1(lab)).float()
         if self.cuda_graphs:

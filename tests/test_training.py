@@ -108,8 +108,6 @@ def test_loss_goes_down_on_photographs(photos, request, tmp_path):
 def test_step_process_matches_blur_diffusion():
     diff = BlurDiffusion(resolution=16, num_steps=100, sigma_max=0.3)
     t = torch.tensor([1, 7, 50, 99])
-    maps = training._ProcessMaps(diff, "cpu")
-    torch.testing.assert_close(maps.log_abar(t)[:, 0], diff.log_abar(t), rtol=0, atol=0)
     x0 = torch.rand(4, 3, 16, 16) * 2 - 1
     for target, conv in (("eps", None), ("std", diff.eps_to_std), ("score", diff.eps_to_score)):
         step = training.TrainStep(UNet(resolution=16, **TINY), diff, device="cpu",
