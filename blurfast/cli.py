@@ -95,10 +95,15 @@ def _add_sample(sub) -> None:
                         "or .safetensors file")
     s.add_argument("--n", type=int, default=10_000, help="number of images (default 10000)")
     s.add_argument("--sampler", default="ddim",
-                   help="ddim (default), ancestral, reverse_sde (the paper's) or exp2m")
+                   choices=["ddim", "ancestral", "reverse_sde", "exp2m"],
+                   help="ddim (default), ancestral, reverse_sde (the paper's) or exp2m (second "
+                        "order, best at 25-100 steps)")
     s.add_argument("--steps", type=int, default=100,
                    help="model calls (default 100; 0 = the full chain N-1..1)")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (default 0)")
+    s.add_argument("--stochastic-first", type=float, default=0.0, metavar="FRACTION",
+                   help="eta=1 on this first fraction of the steps, then --eta (ddim and exp2m; "
+                        "0.3 corrects the prior's error, see docs/process.md)")
     s.add_argument("--spacing", default="uniform", choices=["uniform", "quadratic"])
     s.add_argument("--batch", type=int, default=256, help="images per batch (default 256)")
     s.add_argument("--seed", type=int, default=0)
@@ -118,8 +123,14 @@ def _add_sample(sub) -> None:
 
 def _sample(args) -> int:
     from .generate import generate
+    from .sampling import eta_first
+    eta = args.eta
+    if args.stochastic_first:
+        if args.steps == 0:
+            raise ValueError("--stochastic-first: needs --steps > 0")
+        eta = [max(e, args.eta) for e in eta_first(args.steps, args.stochastic_first)]
     generate(args.ckpt, args.n, args.out, sampler=args.sampler,
-             steps=None if args.steps == 0 else args.steps, eta=args.eta, spacing=args.spacing,
+             steps=None if args.steps == 0 else args.steps, eta=eta, spacing=args.spacing,
              batch=args.batch, seed=args.seed, fmt=args.fmt, device=args.device,
              ema=not args.raw_weights, precision=args.precision, cuda_graph=args.cuda_graph,
              progress=not args.no_progress)

@@ -96,14 +96,14 @@ def sample_batches(model, diff, batches, *, sampler: str, seq, eta: float, seed:
 
 
 def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int] = 100,
-             eta: float = 0.0, spacing="uniform", batch: int = 256, seed: int = 0,
+             eta=0.0, spacing="uniform", batch: int = 256, seed: int = 0,
              fmt: str = "png", device: Optional[str] = None, ema: bool = True,
              precision: Optional[str] = None, cuda_graph: bool = False,
              progress: bool = True) -> Path:
     """Samples ``n`` images into ``out`` (PNG files ``NNNNNN.png`` or ``samples.npz`` with
     uint8 ``images`` (N, H, W, C)) plus ``contact_sheet.png``; returns ``out``.
 
-    ``steps=None`` runs the full chain; ``precision`` ``bf16`` (default on CUDA) or
+    ``eta``: a number or one per step; ``steps=None`` runs the full chain; ``precision`` ``bf16`` (default on CUDA) or
     ``fp32``; ``cuda_graph`` replays the model call of each step from a CUDA graph.
     Under torchrun every rank computes its share and rank 0 writes the sheet.
     """
