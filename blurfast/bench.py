@@ -655,7 +655,9 @@ def dumps(result: dict) -> str:
     head = {k: v for k, v in result.items() if k not in ("rows", "model_steps", "skipped")}
     parts = [json.dumps(head, indent=1)[:-2]]
     for key in ("rows", "model_steps", "skipped"):
-        items = result.get(key, [])
+        if key not in result:
+            continue
+        items = result[key]
         body = ",\n".join("  " + json.dumps(r) for r in items)
         parts.append(f',\n "{key}": [\n{body}\n ]' if items else f',\n "{key}": []')
     return "".join(parts) + "\n}\n"

@@ -87,6 +87,7 @@ def test_two_gloo_processes_give_the_same_images(run_dir, tmp_path):
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)}
         procs.append(subprocess.Popen([sys.executable, "-c", script], env=env,
+                                      cwd=os.path.dirname(__file__),   # not the source tree
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for p in procs:
         log, _ = p.communicate(timeout=300)

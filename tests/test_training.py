@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-import blurfast
 from blurfast import checkpoint as ckpt
 from blurfast import cli_train, data as D, training
 from blurfast.diffusion import BlurDiffusion
@@ -21,7 +20,6 @@ from blurfast.models import UNet
 
 from train_helpers import CIFAR, TINY, cifar_photos, made_photos
 
-REPO = Path(blurfast.__file__).resolve().parents[1]
 
 # Settings of the short runs: 16x16 images, a 0.7 M-parameter U-Net.
 KW = dict(resolution=16, batch_size=4, lr=1e-3, ema_decay=0.9, model=TINY, log_every=1,
@@ -69,11 +67,12 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 
 def _child(script: str, env_extra=None, **popen):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-           **(env_extra or {})}
+    # Run from tests/: from the repository root, `python -c` would import the source tree
+    # (without the compiled _C of a non-editable install) instead of the installed package.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            **popen)
+                            cwd=Path(__file__).parent, **popen)
 
 
 # ------------------------------------------------------------------------ learning
