@@ -103,7 +103,7 @@ def run(out="blurfast-demo", minutes: float = 6.0, data: Optional[str] = None,
     model, diff, _ = load_model(resolve_checkpoint(run_dir), ema=True, device=device)
     steps = 5 if smoke else 50
     x = sample(model, diff, (16,) + diff.shape, sampler="ddim", steps=steps, seed=0,
-               progress=not smoke, device=device)
+               progress=not smoke, device=device, clip=(-1.0, 1.0))
     paths["samples"] = out / "samples.png"
     viz.save_png(viz.grid([list(x[r * 4:(r + 1) * 4]) for r in range(4)]), paths["samples"])
     photos = torch.from_numpy(np.stack([np.asarray(ds[i]) for i in range(4)]))
@@ -112,7 +112,7 @@ def run(out="blurfast-demo", minutes: float = 6.0, data: Optional[str] = None,
     viz.forward_strip(diff, x0, path=paths["forward"])
     paths["trajectory"] = out / "trajectory.png"
     viz.trajectory(model, diff, (4,) + diff.shape, path=paths["trajectory"], steps=steps,
-                   device=device)
+                   device=device, clip=(-1.0, 1.0))
 
     # 4. The quick benchmark.
     if bench:

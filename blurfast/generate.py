@@ -19,7 +19,7 @@ import torch
 from . import checkpoint as ckpt
 from . import viz
 from .fileio import save_npz
-from .sampling import SAMPLERS, STEP_OFFSET, timesteps
+from .sampling import SAMPLERS, STEP_OFFSET, clip_x0, timesteps
 
 __all__ = ["resolve_checkpoint", "generate", "sample_batches", "GraphedModel"]
 
@@ -78,10 +78,18 @@ def _images_uint8(x: torch.Tensor, pixel_range: str) -> np.ndarray:
     return np.stack([viz.to_uint8(xi) for xi in x])
 
 
-def sample_batches(model, diff, batches, *, sampler: str, seq, eta: float, seed: int, device,
-                   precision: str, pixel_range: str):
+def data_range(pixel_range: str):
+    """(lo, hi) of a run's pixel range: what :func:`blurfast.sampling.clip_x0` clamps to."""
+    return (0.0, 1.0) if pixel_range == "0,1" else (-1.0, 1.0)
+
+
+def sample_batches(model, diff, batches, *, sampler: str, seq, eta, seed: int, device,
+                   precision: str, pixel_range: str, clip: bool = True):
     """Yields ``(first_index, uint8 images (b, H, W, C))`` for each index range
-    ``(b0, b1)`` of ``batches``; image i's noise sits at Philox offset ``i * C*H*W``."""
+    ``(b0, b1)`` of ``batches``; image i's noise sits at Philox offset ``i * C*H*W``.
+    ``clip``: clamp the model's x0 estimate to the data range."""
+    if clip:
+        model = clip_x0(model, diff, *data_range(pixel_range))
     chw = diff.channels * diff.H * diff.W
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
@@ -98,13 +106,14 @@ def sample_batches(model, diff, batches, *, sampler: str, seq, eta: float, seed:
 def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int] = 100,
              eta=0.0, spacing="uniform", batch: int = 256, seed: int = 0,
              fmt: str = "png", device: Optional[str] = None, ema: bool = True,
-             precision: Optional[str] = None, cuda_graph: bool = False,
+             precision: Optional[str] = None, cuda_graph: bool = False, clip: bool = True,
              progress: bool = True) -> Path:
     """Samples ``n`` images into ``out`` (PNG files ``NNNNNN.png`` or ``samples.npz`` with
     uint8 ``images`` (N, H, W, C)) plus ``contact_sheet.png``; returns ``out``.
 
     ``eta``: a number or one per step; ``steps=None`` runs the full chain; ``precision`` ``bf16`` (default on CUDA) or
-    ``fp32``; ``cuda_graph`` replays the model call of each step from a CUDA graph.
+    ``fp32``; ``cuda_graph`` replays the model call of each step from a CUDA graph;
+    ``clip`` clamps the model's x0 estimate to the data range (default on).
     Under torchrun every rank computes its share and rank 0 writes the sheet.
     """
     from tqdm.auto import tqdm
@@ -142,7 +151,7 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
         t0 = time.perf_counter()
         for b0, imgs in sample_batches(net, diff, batches, sampler=sampler, seq=seq, eta=eta,
                                        seed=seed, device=dev, precision=precision,
-                                       pixel_range=pixel_range):
+                                       pixel_range=pixel_range, clip=clip):
             if fmt == "png":
                 for i, img in enumerate(imgs):
                     viz.save_png(img, out / f"{b0 + i:06d}.png")

@@ -397,8 +397,9 @@ def _save_samples(ema, diff, path: Path, count: int, steps: int, pixel_range: st
 
     was_training = ema.training
     ema.eval()
+    from .generate import data_range
     x = sampling.sample(ema, diff, (count,) + diff.shape, sampler="ddim", steps=steps,
-                        seed=0, progress=False, device=device)
+                        seed=0, progress=False, device=device, clip=data_range(pixel_range))
     ema.train(was_training)
     if pixel_range == "0,1":
         x = x * 2 - 1

@@ -122,3 +122,19 @@ def test_training_fid_every_keeps_the_best(run_dir, tmp_path, monkeypatch):
     assert all(v > 0 for v in values)
     best = checkpoint.list_checkpoints(out / "best")
     assert len(best) == 1 and best[0][0] == [2, 4][values.index(min(values))]
+
+
+def test_clip_x0_clamps_only_out_of_range_estimates():
+    from blurfast.diffusion import BlurDiffusion
+    from blurfast.sampling import clip_x0
+    diff = BlurDiffusion(resolution=8, num_steps=100)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 3, 8, 8, generator=g) - 0.5               # inside [-1, 1]
+    t = torch.tensor([5, 30, 60, 99])
+    x_t, eps = diff.q_sample(x0, t, seed=1)
+    exact = clip_x0(lambda x, tt: eps, diff)
+    torch.testing.assert_close(exact(x_t, t), eps, rtol=0, atol=1e-3)
+    wrong = clip_x0(lambda x, tt: eps * 3 + 1, diff)
+    x0_hat = diff.eps_to_x0(x_t, wrong(x_t, t), t)
+    assert x0_hat.abs().max() <= 1 + 1e-3                          # clamped estimate
+    assert diff.eps_to_x0(x_t, eps * 3 + 1, t).abs().max() > 2     # which was out of range
