@@ -4,15 +4,7 @@ import torch
 import blurfast as bf
 from blurfast.models import UNet, timestep_embedding
 
-from train_helpers import TINY
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from train_helpers import TINY, one_thread  # noqa: F401  (autouse fixture)
 
 
 def test_paper64_has_the_papers_parameter_count():

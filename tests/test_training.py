@@ -18,7 +18,7 @@ from blurfast import cli_train, data as D, training
 from blurfast.diffusion import BlurDiffusion
 from blurfast.models import UNet
 
-from train_helpers import CIFAR, TINY, cifar_photos, made_photos
+from train_helpers import CIFAR, TINY, cifar_photos, made_photos, one_thread  # noqa: F401
 
 
 # Settings of the short runs: 16x16 images, a 0.7 M-parameter U-Net.
@@ -26,14 +26,6 @@ KW = dict(resolution=16, batch_size=4, lr=1e-3, ema_decay=0.9, model=TINY, log_e
           save_every=2, sample_every=1000, sample_count=4, sample_steps=2, progress=False,
           device="cpu")
 KW_SEED = 0          # train()'s default seed: the initial weights come from it
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,8 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-32-jpeg.tar.gz"
 
@@ -45,3 +47,12 @@ def made_photos(dest: Path, n: int, size: int = 32, seed: int = 0) -> Path:
         pic = Image.fromarray((img * 255).clip(0, 255).astype(np.uint8))
         pic.save(dest / (f"{i:05d}.jpg" if i % 2 else f"{i:05d}.png"))
     return dest
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread for a test module (imported by the modules that want it)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
