@@ -3,7 +3,8 @@
 Used by ``benchmarks/run.py`` (and ``python -m blurfast.bench``), by the
 pytest-benchmark suite in ``benchmarks/`` and by ``scripts/gpu_check.sh``.
 
-Cases (float32 in and out; maps are (B, 1, H, W) per-sample coefficients):
+Cases (float32 in and out, and bfloat16 in and out for blurfast on CUDA; maps are
+(B, 1, H, W) float32 per-sample coefficients):
 
 * ``dct2``, ``idct2``: orthonormal 2-D DCT-II / DCT-III over the last two dims.
 * ``q_sample``: read x0, write x_t and eps (DESIGN.md 2.3):
@@ -15,6 +16,8 @@ Implementations (the peers are our own code, written from the mathematics):
 
 * ``blurfast``: ``blurfast.dct2`` / ``idct2`` / ``spectral`` (whatever backend
   the installed package dispatches to).
+* ``blurfast_simple``: the same with the fused whole-plane CUDA kernel turned off
+  (``BLURFAST_CUDA_KERNELS=simple``): the simple multi-launch kernels (CUDA only).
 * ``torch_fp32``: DCT as two matrix products with cached DCT matrices (the way
   ``blurfast.reference`` computes it), cuBLAS in IEEE fp32; q_sample and the
   sampler step composed from it with ``torch.randn`` noise.
@@ -49,7 +52,7 @@ from typing import Callable, Optional
 import torch
 
 __all__ = [
-    "CASES", "IMPLS", "CUDA_SHAPES", "CUDA_EXTRA_SHAPES", "CPU_SHAPES",
+    "CASES", "IMPLS", "DTYPES", "CUDA_SHAPES", "CUDA_EXTRA_SHAPES", "CPU_SHAPES",
     "matmul_dct2", "matmul_idct2", "fft_dct2", "fft_idct2",
     "ref_q_sample", "ref_sampler_step", "tf32_matmul",
     "get_impl", "impl_function", "make_inputs", "traffic_bytes",
@@ -58,7 +61,8 @@ __all__ = [
 ]
 
 CASES = ("dct2", "idct2", "q_sample", "sampler_step")
-IMPLS = ("blurfast", "torch_fp32", "torch_tf32", "torch_fft", "cupy")
+IMPLS = ("blurfast", "blurfast_simple", "torch_fp32", "torch_tf32", "torch_fft", "cupy")
+DTYPES = ("float32", "bfloat16")      # bfloat16 rows: blurfast impls on CUDA only
 CUDA_SHAPES = ((256, 3, 64, 64), (64, 3, 256, 256), (16, 3, 64, 64))
 CUDA_EXTRA_SHAPES = ((256, 3, 32, 32), (64, 3, 128, 128))   # full (not --quick) runs
 CPU_SHAPES = ((8, 3, 64, 64), (2, 3, 256, 256))
@@ -219,6 +223,7 @@ class Impl:
     functions: Callable[[], dict]                 # case -> callable (lazy imports)
     cuda_only: bool = False
     needs_cupy: bool = False
+    dtypes: tuple = ("float32",)                  # I/O types it is timed with
     context: Callable[[torch.device], contextlib.AbstractContextManager] = \
         field(default=lambda device: contextlib.nullcontext())
     convert: Callable[[tuple], tuple] = field(default=lambda args: args)
@@ -289,6 +294,20 @@ def _cupy_convert(args):
     return tuple(out)
 
 
+@contextlib.contextmanager
+def _simple_kernels(device):
+    """Turn blurfast's fused whole-plane CUDA kernel off (read by the C++ per call)."""
+    old = os.environ.get("BLURFAST_CUDA_KERNELS")
+    os.environ["BLURFAST_CUDA_KERNELS"] = "simple"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["BLURFAST_CUDA_KERNELS"]
+        else:
+            os.environ["BLURFAST_CUDA_KERNELS"] = old
+
+
 def _tf32_context(enabled):
     def ctx(device):
         if torch.device(device).type == "cuda":
@@ -298,7 +317,9 @@ def _tf32_context(enabled):
 
 
 _IMPLS = {
-    "blurfast": Impl("blurfast", _blurfast_functions),
+    "blurfast": Impl("blurfast", _blurfast_functions, dtypes=DTYPES),
+    "blurfast_simple": Impl("blurfast_simple", _blurfast_functions, cuda_only=True,
+                            dtypes=DTYPES, context=_simple_kernels),
     "torch_fp32": Impl("torch_fp32", lambda: _torch_functions(matmul_dct2, matmul_idct2),
                        context=_tf32_context(False)),
     "torch_tf32": Impl("torch_tf32", lambda: _torch_functions(matmul_dct2, matmul_idct2),
@@ -334,9 +355,9 @@ def make_inputs(case: str, shape, device, seed: int = 0, dtype=torch.float32) ->
     def randn(*s):
         return torch.randn(*s, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
 
-    def coef(lo, hi):       # (B, 1, H, W) map with values in [lo, hi]
+    def coef(lo, hi):       # (B, 1, H, W) float32 map with values in [lo, hi]
         u = torch.rand(b, 1, h, w, generator=gen, dtype=torch.float32)
-        return (lo + (hi - lo) * u).to(device=device, dtype=dtype)
+        return (lo + (hi - lo) * u).to(device=device)
 
     if case in ("dct2", "idct2"):
         return (randn(b, c, h, w),)
@@ -445,6 +466,26 @@ def _time_call_cuda(fn, arg_sets, device, iters, warmup):
     return {"median_us": statistics.median(ts), "wall_us": wall_us, "iters": iters}
 
 
+def count_launches(fn, args, device) -> Optional[int]:
+    """CUDA kernels one call of ``fn(*args)`` launches, from the torch profiler (None
+    on CPU or when the profiler is unavailable)."""
+    if torch.device(device).type != "cuda":
+        return None
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        fn(*args)                                  # caches, allocator, lazy init
+        torch.cuda.synchronize(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn(*args)
+            torch.cuda.synchronize(device)
+        kinds = {"cuda", "privateuse1"}
+        return sum(1 for e in prof.events()
+                   if str(getattr(e, "device_type", "")).split(".")[-1].lower() in kinds
+                   and not e.name.startswith(("Memcpy", "Memset", "cudaMem")))
+    except Exception:
+        return None
+
+
 def _l2_bytes(device) -> int:
     device = torch.device(device)
     if device.type == "cuda":
@@ -523,14 +564,73 @@ def _parse_shape(s) -> tuple:
     return s
 
 
+def _time_impls(case, shape, dtype_name, impls, device, iters, warmup, copy_gbps,
+                skipped) -> list:
+    """Rows for one (case, shape, dtype) across ``impls``; rows that cannot run are
+    appended to ``skipped``."""
+    is_cuda = device.type == "cuda"
+    dtype = getattr(torch, dtype_name)
+    nbytes = traffic_bytes(case, shape, itemsize=dtype.itemsize)
+    base = make_inputs(case, shape, device, dtype=dtype)
+    nsets = num_input_sets(_set_bytes(base), device) if is_cuda else 1
+    arg_sets = [base] + [tuple(a.clone() for a in base) for _ in range(nsets - 1)]
+    rows = []
+
+    def skip(impl_name, reason, error):
+        skipped.append({"case": case, "shape": list(shape), "impl": impl_name,
+                        "dtype": dtype_name, "reason": reason[:500], "error": error})
+
+    for impl_name in impls:
+        impl = get_impl(impl_name)
+        ok, why = impl.available(device)
+        if ok and dtype_name not in impl.dtypes:
+            continue                     # e.g. bfloat16 for a float32-only peer
+        if not ok:
+            skip(impl_name, why, False)
+            continue
+        try:
+            fn = impl.functions().get(case)
+        except Exception as e:           # an impl that fails to import is an error
+            skip(impl_name, f"{type(e).__name__}: {e}", True)
+            continue
+        if fn is None:
+            skip(impl_name, f"no {case} in {impl_name}", False)
+            continue
+        try:
+            with impl.context(device):
+                sets = [impl.convert(a) for a in arg_sets]
+                t = time_call(fn, sets, device, iters=iters, warmup=warmup)
+                launches = count_launches(fn, sets[0], device)
+            del sets
+        except Exception as e:
+            skip(impl_name, f"{type(e).__name__}: {e}", True)
+            continue
+        gbps = nbytes / (t["median_us"] * 1e-6) / 1e9
+        rows.append({
+            "case": case, "shape": list(shape), "impl": impl_name, "dtype": dtype_name,
+            "median_us": round(t["median_us"], 2),
+            "gbps": round(gbps, 2),
+            "copy_fraction": round(gbps / copy_gbps, 4),
+            "speedup_vs_torch_fp32": None,
+            "wall_us": round(t["wall_us"], 2),
+            "bytes": nbytes,
+            "launches": launches,
+        })
+    del arg_sets, base
+    if is_cuda:
+        torch.cuda.empty_cache()
+    return rows
+
+
 def run(device=None, quick: bool = False, *, cases=None, impls=None, shapes=None,
-        iters: Optional[int] = None, warmup: Optional[int] = None,
+        dtypes=None, iters: Optional[int] = None, warmup: Optional[int] = None,
         json_path=None, print_table: bool = True, file=None) -> dict:
     """Time every (case, shape, impl); return (and optionally write) the results dict.
 
     ``device``: "cuda" (default when available) or "cpu". ``quick``: fewer
     iterations and, on CUDA, only the three shapes of issue 6 (a full run adds
-    32x32 and 128x128). ``cases``/``impls``/``shapes`` restrict the run.
+    32x32 and 128x128). ``cases``/``impls``/``shapes``/``dtypes`` restrict the run
+    (default dtypes: float32, plus bfloat16 on CUDA for the impls that take it).
     Rows that cannot run (impl unavailable, or an exception) go to ``skipped``.
     """
     if device is None:
@@ -549,6 +649,11 @@ def run(device=None, quick: bool = False, *, cases=None, impls=None, shapes=None
             raise ValueError(f"cases: unknown case {c!r}; expected some of {CASES}")
     for i in impls:
         get_impl(i)
+    if dtypes is None:
+        dtypes = DTYPES if is_cuda else ("float32",)
+    for d in dtypes:
+        if d not in DTYPES:
+            raise ValueError(f"dtypes: unknown dtype {d!r}; expected some of {DTYPES}")
     if shapes:
         shapes = tuple(_parse_shape(s) for s in shapes)
     elif is_cuda:
@@ -579,66 +684,22 @@ def run(device=None, quick: bool = False, *, cases=None, impls=None, shapes=None
                    "wall_us: host wall-clock per call in a back-to-back loop"
                    if is_cuda else "median_us: median wall-clock per call; wall_us: mean"),
         "traffic": "image-sized inputs read once + outputs written once; maps not counted",
+        "launches": "CUDA kernels per call, counted by the torch profiler",
         "skipped": [],
     }
 
     for case in cases:
         for shape in shapes:
-            nbytes = traffic_bytes(case, shape)
-            base = make_inputs(case, shape, device)
-            nsets = num_input_sets(_set_bytes(base), device) if is_cuda else 1
-            arg_sets = [base] + [tuple(a.clone() for a in base) for _ in range(nsets - 1)]
             case_rows = []
-            for impl_name in impls:
-                impl = get_impl(impl_name)
-                ok, why = impl.available(device)
-                fn = None
-                if ok:
-                    try:
-                        fn = impl.functions().get(case)
-                    except Exception as e:      # an impl that fails to import is an error
-                        result["skipped"].append({"case": case, "shape": list(shape),
-                                                  "impl": impl_name,
-                                                  "reason": f"{type(e).__name__}: {e}"[:500],
-                                                  "error": True})
-                        continue
-                    else:
-                        if fn is None:
-                            ok, why = False, f"no {case} in {impl_name}"
-                if not ok:
-                    result["skipped"].append({"case": case, "shape": list(shape),
-                                              "impl": impl_name, "reason": why,
-                                              "error": False})
-                    continue
-                try:
-                    with impl.context(device):
-                        sets = [impl.convert(a) for a in arg_sets]
-                        t = time_call(fn, sets, device, iters=iters, warmup=warmup)
-                    del sets
-                except Exception as e:
-                    result["skipped"].append({"case": case, "shape": list(shape),
-                                              "impl": impl_name,
-                                              "reason": f"{type(e).__name__}: {e}"[:500],
-                                              "error": True})
-                    continue
-                gbps = nbytes / (t["median_us"] * 1e-6) / 1e9
-                case_rows.append({
-                    "case": case, "shape": list(shape), "impl": impl_name,
-                    "median_us": round(t["median_us"], 2),
-                    "gbps": round(gbps, 2),
-                    "copy_fraction": round(gbps / copy_gbps, 4),
-                    "speedup_vs_torch_fp32": None,
-                    "wall_us": round(t["wall_us"], 2),
-                    "bytes": nbytes,
-                })
-            ref = next((r for r in case_rows if r["impl"] == "torch_fp32"), None)
+            for dtype_name in dtypes:
+                case_rows += _time_impls(case, shape, dtype_name, impls, device, iters, warmup,
+                                         copy_gbps, result["skipped"])
+            ref = next((r for r in case_rows
+                        if r["impl"] == "torch_fp32" and r["dtype"] == "float32"), None)
             if ref is not None:
                 for r in case_rows:
                     r["speedup_vs_torch_fp32"] = round(ref["median_us"] / r["median_us"], 3)
             result["rows"].extend(case_rows)
-            del arg_sets, base
-            if is_cuda:
-                torch.cuda.empty_cache()
 
     if json_path:
         d = os.path.dirname(os.path.abspath(json_path))
@@ -667,15 +728,18 @@ def format_table(result: dict) -> str:
     lines = [f"{result['gpu']} | torch {result['torch']} | driver {result['driver']} | "
              f"{result['date']}",
              f"device copy: {result['copy_gbps']:.1f} GB/s (read + write)"]
-    hdr = f"{'case':<13}{'shape':<16}{'impl':<11}{'median_us':>11}{'wall_us':>11}" \
-          f"{'GB/s':>9}{'copy%':>8}{'vs fp32':>9}"
+    hdr = f"{'case':<13}{'shape':<16}{'impl':<16}{'dtype':<9}{'median_us':>10}" \
+          f"{'wall_us':>10}{'GB/s':>9}{'copy%':>8}{'vs fp32':>9}{'launch':>7}"
     lines += [hdr, "-" * len(hdr)]
     for r in result["rows"]:
         sp = r["speedup_vs_torch_fp32"]
-        lines.append(f"{r['case']:<13}{'x'.join(map(str, r['shape'])):<16}{r['impl']:<11}"
-                     f"{r['median_us']:>11.1f}{r['wall_us']:>11.1f}{r['gbps']:>9.1f}"
+        nl = r.get("launches")
+        lines.append(f"{r['case']:<13}{'x'.join(map(str, r['shape'])):<16}{r['impl']:<16}"
+                     f"{r.get('dtype', 'float32'):<9}"
+                     f"{r['median_us']:>10.1f}{r['wall_us']:>10.1f}{r['gbps']:>9.1f}"
                      f"{100 * r['copy_fraction']:>7.1f}%"
-                     f"{(f'{sp:.2f}x' if sp is not None else '-'):>9}")
+                     f"{(f'{sp:.2f}x' if sp is not None else '-'):>9}"
+                     f"{(str(nl) if nl is not None else '-'):>7}")
     seen = {}
     for s in result["skipped"]:
         seen.setdefault((s["impl"], s["reason"]), []).append(
@@ -696,16 +760,23 @@ def plot(result: dict, path) -> None:
         raise ImportError("--plot needs matplotlib: pip install matplotlib") from e
     from .fileio import atomic_path
     rows = result["rows"]
-    groups = list(dict.fromkeys(f"{r['case']}\n{'x'.join(map(str, r['shape']))}" for r in rows))
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
+
+    def group(r):
+        return f"{r['case']}\n{'x'.join(map(str, r['shape']))}"
+
+    def label(r):                           # bfloat16 rows get their own bars
+        d = r.get("dtype", "float32")
+        return r["impl"] if d == "float32" else f"{r['impl']} {d}"
+
+    groups = list(dict.fromkeys(group(r) for r in rows))
+    impls = list(dict.fromkeys(label(r) for r in rows))
     width = 0.8 / max(1, len(impls))
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups)), 4.5))
     for j, impl in enumerate(impls):
         xs, ys = [], []
         for r in rows:
-            if r["impl"] == impl:
-                xs.append(groups.index(f"{r['case']}\n{'x'.join(map(str, r['shape']))}")
-                          + (j - (len(impls) - 1) / 2) * width)
+            if label(r) == impl:
+                xs.append(groups.index(group(r)) + (j - (len(impls) - 1) / 2) * width)
                 ys.append(r["median_us"])
         ax.bar(xs, ys, width, label=impl)
     ax.set_xticks(range(len(groups)))
@@ -732,6 +803,8 @@ def main(argv=None) -> int:
                         "against the paper-style baseline (default on)")
     p.add_argument("--cases", nargs="+", choices=CASES, default=None)
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=None)
+    p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=None,
+                   help="I/O types (default: float32, plus bfloat16 on CUDA)")
     p.add_argument("--shapes", nargs="+", default=None, metavar="BxCxHxW",
                    help="e.g. 16x3x64x64 (overrides the default shapes)")
     p.add_argument("--iters", type=int, default=None)
@@ -745,7 +818,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    res = run(a.device, a.quick, cases=a.cases, impls=a.impls, shapes=a.shapes, iters=a.iters,
+    res = run(a.device, a.quick, cases=a.cases, impls=a.impls, shapes=a.shapes,
+              dtypes=a.dtypes, iters=a.iters,
               warmup=a.warmup, json_path=None)
     if a.steps:
         from .bench_steps import format_steps, run_steps

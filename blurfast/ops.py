@@ -47,7 +47,8 @@ def _run_dct2(x: Tensor, inverse: bool) -> Tensor:
         _C.dct2_cpu(x.data_ptr(), out.data_ptr(), _planes(x), h, w, DTYPE_CODES[x.dtype],
                     inverse, torch.get_num_threads())
     else:
-        ws = torch.empty(_C.dct2_workspace_elems(_planes(x), h, w),
+        ws = torch.empty(_C.dct2_workspace_elems(x.data_ptr(), out.data_ptr(), _planes(x), h, w,
+                                                 DTYPE_CODES[x.dtype], x.device.index),
                          dtype=_compute_dtype(x.dtype), device=x.device)
         _C.dct2_cuda(x.data_ptr(), out.data_ptr(), ws.data_ptr(), _planes(x), h, w,
                      DTYPE_CODES[x.dtype], inverse, x.device.index, _stream(x.device))
@@ -80,6 +81,28 @@ def _map_arg(m: Optional[Tensor], x: Tensor, ct: torch.dtype):
     return t, (t.data_ptr(), div, mod)
 
 
+def spectral_kernel_args(x, a, x2, a2, g, noise, seed, offset, out, noise_out):
+    """The raw-pointer argument tuple of ``_C.spectral_*`` and the tensors it points into
+    (keep them alive until the kernel has run)."""
+    ct = _compute_dtype(x.dtype)
+    x = x.contiguous()
+    x2 = None if x2 is None else x2.contiguous()
+    keep = [x, x2]
+    refs = []
+    for m in (a, a2, g):
+        t, ref = _map_arg(m, x, ct)
+        keep.append(t)
+        refs.append(ref)
+    zb = None if noise is None else noise.to(ct).expand(x.shape).contiguous()
+    keep.append(zb)
+    h, w = x.shape[-2:]
+    args = (_planes(x), h, w, DTYPE_CODES[x.dtype], x.data_ptr(),
+            0 if x2 is None else x2.data_ptr(), refs[0], refs[1], refs[2],
+            0 if zb is None else zb.data_ptr(), seed, offset, out.data_ptr(),
+            0 if noise_out is None else noise_out.data_ptr())
+    return args, keep
+
+
 def _run_spectral(x, a, x2, a2, g, noise, seed, offset, return_noise):
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     noise_px = (torch.empty(x.shape, dtype=x.dtype, device=x.device) if return_noise
@@ -91,25 +114,14 @@ def _run_spectral(x, a, x2, a2, g, noise, seed, offset, return_noise):
         o, n = _run_spectral(x.float(), a, None if x2 is None else x2.float(), a2, g,
                              noise, seed, offset, return_noise)
         return o.to(io_dtype), n.to(io_dtype)
+    args, keep = spectral_kernel_args(x, a, x2, a2, g, noise, seed, offset, out,
+                                      noise_px if return_noise else None)
     ct = _compute_dtype(io_dtype)
-    x = x.contiguous()
-    x2 = None if x2 is None else x2.contiguous()
-    keep = []                               # converted maps stay alive during the call
-    refs = []
-    for m in (a, a2, g):
-        t, ref = _map_arg(m, x, ct)
-        keep.append(t)
-        refs.append(ref)
-    zb = None if noise is None else noise.to(ct).expand(x.shape).contiguous()
-    h, w = x.shape[-2:]
-    args = (_planes(x), h, w, DTYPE_CODES[io_dtype], x.data_ptr(),
-            0 if x2 is None else x2.data_ptr(), refs[0], refs[1], refs[2],
-            0 if zb is None else zb.data_ptr(), seed, offset, out.data_ptr(),
-            noise_px.data_ptr() if return_noise else 0)
     if x.device.type == "cpu":
         _C.spectral_cpu(*args, torch.get_num_threads())
     else:
-        ws = torch.empty(_C.spectral_workspace_elems(_planes(x), h, w), dtype=ct, device=x.device)
+        ws = torch.empty(_C.spectral_workspace_elems(*args, x.device.index), dtype=ct,
+                         device=x.device)
         _C.spectral_cuda(*args, ws.data_ptr(), x.device.index, _stream(x.device))
     return out, noise_px
 

@@ -83,19 +83,43 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     spectral_cpu(p, num_threads);
   });
+  m.def("plane_emulate", [](int64_t planes, int64_t H, int64_t W, int dtype, uintptr_t x1,
+                            uintptr_t x2, py::object a1, py::object a2, py::object g,
+                            uintptr_t zb, uint64_t seed, uint64_t offset, uintptr_t out,
+                            uintptr_t noise_out, int mode, int64_t grid, bool reverse_threads) {
+    SpectralParams p = spectral_params(planes, H, W, dtype, x1, x2, a1, a2, g, zb, seed, offset,
+                                       out, noise_out);
+    py::gil_scoped_release nogil;
+    plane_emulate(p, mode, grid, reverse_threads);
+  }, "CPU emulation of the fused whole-plane CUDA kernel (tests only).");
   m.def("normal_cpu", [](uintptr_t out, int64_t n, int dtype, uint64_t seed, uint64_t offset) {
     py::gil_scoped_release nogil;
     normal_cpu(mptr(out), n, dtype, seed, offset);
   });
 
 #ifdef BLURFAST_WITH_CUDA
-  m.def("dct2_workspace_elems", &dct2_workspace_elems);
-  m.def("spectral_workspace_elems", [](int64_t planes, int64_t H, int64_t W) {
-    SpectralParams p;
-    p.planes = planes;
-    p.H = H;
-    p.W = W;
-    return spectral_workspace_elems(p);
+  m.def("dct2_workspace_elems", [](uintptr_t in, uintptr_t out, int64_t planes, int64_t H,
+                                   int64_t W, int dtype, int device) {
+    return dct2_workspace_elems(cptr(in), cptr(out), planes, H, W, dtype, device);
+  });
+  m.def("dct2_kernel_name", [](uintptr_t in, uintptr_t out, int64_t planes, int64_t H, int64_t W,
+                               int dtype, int device) {
+    return std::string(dct2_kernel_name(cptr(in), cptr(out), planes, H, W, dtype, device));
+  });
+  m.def("spectral_workspace_elems", [](int64_t planes, int64_t H, int64_t W, int dtype,
+                                       uintptr_t x1, uintptr_t x2, py::object a1, py::object a2,
+                                       py::object g, uintptr_t zb, uint64_t seed, uint64_t offset,
+                                       uintptr_t out, uintptr_t noise_out, int device) {
+    return spectral_workspace_elems(spectral_params(planes, H, W, dtype, x1, x2, a1, a2, g, zb,
+                                                    seed, offset, out, noise_out), device);
+  });
+  m.def("spectral_kernel_name", [](int64_t planes, int64_t H, int64_t W, int dtype, uintptr_t x1,
+                                   uintptr_t x2, py::object a1, py::object a2, py::object g,
+                                   uintptr_t zb, uint64_t seed, uint64_t offset, uintptr_t out,
+                                   uintptr_t noise_out, int device) {
+    return std::string(spectral_kernel_name(spectral_params(planes, H, W, dtype, x1, x2, a1, a2,
+                                                            g, zb, seed, offset, out, noise_out),
+                                            device));
   });
   m.def("dct2_cuda", [](uintptr_t in, uintptr_t out, uintptr_t ws, int64_t planes, int64_t H,
                         int64_t W, int dtype, bool inverse, int device, uintptr_t stream) {

@@ -39,11 +39,23 @@ void dct2_cpu(const void* in, void* out, int64_t planes, int64_t H, int64_t W, i
 void spectral_cpu(const SpectralParams& p, int num_threads);
 void normal_cpu(void* out, int64_t n, int dtype, uint64_t seed, uint64_t offset);
 
+// Test hook: runs the fused whole-plane CUDA program (plane_program.h) on the CPU, for
+// float32 and H = W in {32, 64, 128}. mode: 0 dct2 (x1 -> out), 1 idct2, 2 spectral.
+// grid: number of blocks; reverse_threads: run each phase's threads last to first.
+void plane_emulate(const SpectralParams& p, int mode, int64_t grid, bool reverse_threads);
+
 #ifdef BLURFAST_WITH_CUDA
 // CUDA (any DType). `workspace` holds at least workspace_elems(...) compute-type
-// elements; `stream` is a cudaStream_t; kernels run on `device`.
-int64_t dct2_workspace_elems(int64_t planes, int64_t H, int64_t W);
-int64_t spectral_workspace_elems(const SpectralParams& p);
+// elements (0 when the fused whole-plane kernel serves the call); `stream` is a
+// cudaStream_t; kernels run on `device`. Environment BLURFAST_CUDA_KERNELS=simple turns
+// the fused kernel off (for comparisons).
+int64_t dct2_workspace_elems(const void* in, const void* out, int64_t planes, int64_t H,
+                             int64_t W, int dtype, int device);
+int64_t spectral_workspace_elems(const SpectralParams& p, int device);
+// Which kernel serves a call: "plane" (fused, one launch) or "simple" (several launches).
+const char* dct2_kernel_name(const void* in, const void* out, int64_t planes, int64_t H,
+                             int64_t W, int dtype, int device);
+const char* spectral_kernel_name(const SpectralParams& p, int device);
 void dct2_cuda(const void* in, void* out, void* workspace, int64_t planes, int64_t H, int64_t W,
                int dtype, bool inverse, int device, void* stream);
 void spectral_cuda(const SpectralParams& p, void* workspace, int device, void* stream);

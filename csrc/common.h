@@ -49,12 +49,21 @@ BF_HD void philox_block(uint64_t seed, uint64_t b, uint32_t c[4]) {
 
 // Box-Muller in double on two words: r cos(2 pi u2) and/or r sin(2 pi u2), r = sqrt(-2 ln u1).
 BF_HD void box_muller(uint32_t w1, uint32_t w2, double* cos_part, double* sin_part) {
-  const double two_pi = 6.283185307179586476925286766559;
   const double u1 = ((double)w1 + 0.5) * 2.3283064365386963e-10;  // 2^-32: u in (0, 1)
   const double u2 = ((double)w2 + 0.5) * 2.3283064365386963e-10;
   const double r = sqrt(-2.0 * log(u1));
+#ifdef __CUDA_ARCH__
+  // sincospi needs no argument reduction (no local-memory slow path); it and libm's
+  // cos(2 pi u2) agree to within a few double ulps.
+  double s, c;
+  sincospi(2.0 * u2, &s, &c);
+  if (cos_part) *cos_part = r * c;
+  if (sin_part) *sin_part = r * s;
+#else
+  const double two_pi = 6.283185307179586476925286766559;
   if (cos_part) *cos_part = r * cos(two_pi * u2);
   if (sin_part) *sin_part = r * sin(two_pi * u2);
+#endif
 }
 
 // Standard normal number e of the stream `seed`: lane e % 4 of Box-Muller applied to
@@ -62,12 +71,13 @@ BF_HD void box_muller(uint32_t w1, uint32_t w2, double* cos_part, double* sin_pa
 BF_HD double philox_normal(uint64_t seed, uint64_t e) {
   uint32_t c[4];
   philox_block(seed, e >> 2, c);
-  const int lane = (int)(e & 3), pair = lane & 2;
+  const int lane = (int)(e & 3);
+  const uint32_t w1 = lane < 2 ? c[0] : c[2], w2 = lane < 2 ? c[1] : c[3];  // no dynamic index
   double z;
   if (lane & 1)
-    box_muller(c[pair], c[pair + 1], nullptr, &z);
+    box_muller(w1, w2, nullptr, &z);
   else
-    box_muller(c[pair], c[pair + 1], &z, nullptr);
+    box_muller(w1, w2, &z, nullptr);
   return z;
 }
 

@@ -1,6 +1,7 @@
-// CUDA kernels: correct, simple versions (speed is issue 6).
+// CUDA entry points. Calls the fused whole-plane kernel (cuda_fast.cu) serves go there;
+// every other call runs the simple kernels below.
 //
-// A 2-D transform is two launches of one kernel that transforms the last axis and
+// Simple kernels: a 2-D transform is two launches of one kernel that transforms the last axis and
 // transposes: (P, R, N) -> (P, N, R). DCT matrix tiles are computed in the kernel from
 // dct_coef, so no tables live on the device.
 #include <cuda_bf16.h>
@@ -12,6 +13,7 @@
 
 #include "blurfast.h"
 #include "common.h"
+#include "cuda_fast.h"
 
 namespace blurfast {
 namespace {
@@ -172,14 +174,49 @@ struct DeviceGuard {
 
 }  // namespace
 
-int64_t dct2_workspace_elems(int64_t planes, int64_t H, int64_t W) { return planes * H * W; }
+namespace {
 
-int64_t spectral_workspace_elems(const SpectralParams& p) { return 4 * p.planes * p.H * p.W; }
+plane::Job dct2_job(const void* in, const void* out, int64_t planes, bool inverse) {
+  SpectralParams p;
+  p.planes = planes;
+  p.x1 = in;
+  p.out = const_cast<void*>(out);
+  return plane::make_job(p, inverse ? plane::kIdct2 : plane::kDct2);
+}
+
+}  // namespace
+
+int64_t dct2_workspace_elems(const void* in, const void* out, int64_t planes, int64_t H,
+                             int64_t W, int dtype, int device) {
+  DeviceGuard guard(device);
+  // Forward and inverse need the same buffers, so either job answers for both.
+  if (plane::plane_applies(dct2_job(in, out, planes, false), H, W, dtype, device)) return 0;
+  return planes * H * W;
+}
+
+int64_t spectral_workspace_elems(const SpectralParams& p, int device) {
+  DeviceGuard guard(device);
+  if (plane::plane_applies(plane::make_job(p, plane::kSpectral), p.H, p.W, p.dtype, device))
+    return 0;
+  return 4 * p.planes * p.H * p.W;
+}
+
+const char* dct2_kernel_name(const void* in, const void* out, int64_t planes, int64_t H,
+                             int64_t W, int dtype, int device) {
+  return dct2_workspace_elems(in, out, planes, H, W, dtype, device) == 0 && planes * H * W > 0
+             ? "plane" : "simple";
+}
+
+const char* spectral_kernel_name(const SpectralParams& p, int device) {
+  return spectral_workspace_elems(p, device) == 0 && p.planes * p.H * p.W > 0 ? "plane"
+                                                                                : "simple";
+}
 
 void dct2_cuda(const void* in, void* out, void* workspace, int64_t planes, int64_t H, int64_t W,
                int dtype, bool inverse, int device, void* stream) {
   DeviceGuard guard(device);
   auto s = (cudaStream_t)stream;
+  if (plane::plane_launch(dct2_job(in, out, planes, inverse), H, W, dtype, device, s)) return;
   dispatch(dtype, [&](auto types) {
     using T = typename decltype(types)::T;
     using C = typename decltype(types)::C;
@@ -189,6 +226,9 @@ void dct2_cuda(const void* in, void* out, void* workspace, int64_t planes, int64
 
 void spectral_cuda(const SpectralParams& p, void* workspace, int device, void* stream) {
   DeviceGuard guard(device);
+  if (plane::plane_launch(plane::make_job(p, plane::kSpectral), p.H, p.W, p.dtype, device,
+                          (cudaStream_t)stream))
+    return;
   dispatch(p.dtype, [&](auto types) {
     using T = typename decltype(types)::T;
     using C = typename decltype(types)::C;

@@ -1,8 +1,10 @@
 """Small CUDA workload for compute-sanitizer (memcheck, racecheck), also a correctness check.
 
-Calls blurfast.dct2 / idct2 / spectral on CUDA at a few sizes (fast-path squares,
-odd sizes, an empty batch, a non-contiguous input, broadcast maps), copies the
-results back and compares them with blurfast.reference on the CPU in float64.
+Calls blurfast.dct2 / idct2 / spectral on CUDA at a few sizes (the fused
+whole-plane kernel's squares 32, 64, 128 in float32 and bfloat16, the same squares
+again with the simple kernels, odd sizes, an empty batch, a non-contiguous input,
+broadcast maps, a batch large enough that blocks loop over plane groups), copies
+the results back and compares them with blurfast.reference on the CPU in float64.
 Exits 0 when every case ran and matched, 1 on a mismatch or an exception, 2
 when there is no CUDA device. Run it under the sanitizer with the caching
 allocator off, so out-of-bounds accesses land outside real allocations:
@@ -11,6 +13,7 @@ allocator off, so out-of-bounds accesses land outside real allocations:
         --error-exitcode 3 python scripts/sanitizer_case.py
 """
 import argparse
+import os
 import sys
 import traceback
 
@@ -20,7 +23,9 @@ SHAPES = [
     (2, 3, 8, 8), (2, 3, 16, 16), (2, 3, 32, 32), (2, 3, 64, 64), (1, 3, 128, 128),
     (1, 2, 256, 256), (1, 1, 1, 1), (2, 1, 7, 12), (1, 2, 33, 20), (0, 3, 16, 16),
 ]
+SQUARES = [(2, 3, 32, 32), (2, 3, 64, 64), (1, 3, 128, 128)]
 REL_TOL = 1e-5          # float32 kernels vs float64 reference, relative to max |ref|
+BF16_TOL = 1e-2         # bfloat16 I/O: one rounding of the result
 
 
 def _rel_err(got, want):
@@ -45,12 +50,12 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(0)
     failures = 0
 
-    def check(name, fn):
+    def check(name, fn, tol=REL_TOL):
         nonlocal failures
         try:
             err = fn()
             sync()
-            ok = err <= REL_TOL
+            ok = err <= tol
             print(f"{'ok  ' if ok else 'FAIL'} {name}: max rel err {err:.2e}", flush=True)
             failures += not ok
         except Exception:
@@ -58,11 +63,21 @@ def main(argv=None):
             print(f"FAIL {name}: exception", flush=True)
             traceback.print_exc()
 
-    for shape in SHAPES:
+    runs = [(shape, torch.float32, "") for shape in SHAPES]
+    runs += [(shape, torch.bfloat16, "") for shape in SQUARES]
+    runs += [(shape, torch.float32, "simple") for shape in SQUARES]
+    runs += [((400, 3, 32, 32), torch.float32, "")]     # more plane groups than blocks
+    for shape, dtype, kernels in runs:
         b, c, h, w = shape
         if max(h, w) > a.max_hw:
             continue
-        tag = "x".join(map(str, shape))
+        if kernels:
+            os.environ["BLURFAST_CUDA_KERNELS"] = kernels
+        else:
+            os.environ.pop("BLURFAST_CUDA_KERNELS", None)
+        tol = BF16_TOL if dtype == torch.bfloat16 else REL_TOL
+        tag = "x".join(map(str, shape)) + (" bfloat16" if dtype == torch.bfloat16 else "") + \
+            (f" ({kernels} kernels)" if kernels else "")
         x = torch.randn(*shape, generator=gen)
         x2 = torch.randn(*shape, generator=gen)
         am = torch.rand(b, 1, h, w, generator=gen)
@@ -70,30 +85,32 @@ def main(argv=None):
         bm = -0.1 * torch.rand(b, 1, h, w, generator=gen)
         s1 = torch.rand(1, 1, h, w, generator=gen)
         zb = torch.randn(*shape, generator=gen)
-        xc, x2c, amc, gmc, bmc, s1c, zbc = (t.to(dev) for t in (x, x2, am, gm, bm, s1, zb))
+        xc, x2c = x.to(dev, dtype), x2.to(dev, dtype)
+        amc, gmc, bmc, s1c, zbc = (t.to(dev) for t in (am, gm, bm, s1, zb))
 
-        check(f"dct2 {tag}", lambda: _rel_err(bf.dct2(xc), ref.dct2(x.double())))
-        check(f"idct2 {tag}", lambda: _rel_err(bf.idct2(xc), ref.idct2(x.double())))
+        check(f"dct2 {tag}", lambda: _rel_err(bf.dct2(xc), ref.dct2(x.double())), tol)
+        check(f"idct2 {tag}", lambda: _rel_err(bf.idct2(xc), ref.idct2(x.double())), tol)
 
         def q_sample():
             out, eps = bf.spectral(xc, amc, g=gmc, seed=7, offset=3, return_noise=True)
             r_out, r_eps = ref.spectral(x.double(), am.double(), g=gm.double(), seed=7,
                                         offset=3, return_noise=True)
             return max(_rel_err(out, r_out), _rel_err(eps, r_eps))
-        check(f"spectral q_sample {tag}", q_sample)
+        check(f"spectral q_sample {tag}", q_sample, tol)
 
         def sampler_step():
             out = bf.spectral(xc, amc, x2c, bmc, g=s1c, seed=11)
             r = ref.spectral(x.double(), am.double(), x2.double(), bm.double(),
                              g=s1.double(), seed=11)
             return _rel_err(out, r)
-        check(f"spectral sampler_step {tag}", sampler_step)
+        check(f"spectral sampler_step {tag}", sampler_step, tol)
 
         def given_noise():
             out = bf.spectral(xc, s1c, g=gmc, noise=zbc)
             r = ref.spectral(x.double(), s1.double(), g=gm.double(), noise=zb.double())
             return _rel_err(out, r)
-        check(f"spectral given noise {tag}", given_noise)
+        check(f"spectral given noise {tag}", given_noise, tol)
+    os.environ.pop("BLURFAST_CUDA_KERNELS", None)
 
     # Non-contiguous input (a transposed view) and a rank-2 input.
     xt = torch.randn(2, 3, 32, 16, generator=gen)

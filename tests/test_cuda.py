@@ -120,3 +120,80 @@ def test_cuda_compile_fullgraph():
 
     x, a, g = _rand(2, 3, 32, 32).cuda(), torch.rand(2, 1, 32, 32).cuda(), torch.rand(32, 32).cuda()
     assert torch.allclose(f(x, a, g), bf.spectral(x, a, g=g, seed=5) * 2, atol=1e-5)
+
+
+# ---------------------------------------------------------------- fused whole-plane kernel
+
+_PLANES_PER_BLOCK = {32: 4, 64: 2, 128: 1}
+
+
+def _plane_kernel_fits(n: int, buffers: int) -> bool:
+    """Whether this GPU's opt-in shared memory holds the fused kernel's tables and buffers."""
+    optin = getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", None)
+    if optin is None:
+        pytest.skip("torch does not report shared_memory_per_block_optin")
+    need = 4 * (2 * (n // 2) ** 2 + buffers * _PLANES_PER_BLOCK[n] * n * n)
+    return need <= optin
+
+
+def _kernel_names(x, a, x2=None, a2=None, g=None, return_noise=False):
+    from blurfast._backend import _C
+    from blurfast.ops import spectral_kernel_args
+    h, w = x.shape[-2:]
+    planes = x.numel() // (h * w)
+    code = {torch.float32: 0, torch.float16: 2, torch.bfloat16: 3}[x.dtype]
+    out = torch.empty_like(x)
+    dct = _C.dct2_kernel_name(x.data_ptr(), out.data_ptr(), planes, h, w, code, x.device.index)
+    args, keep = spectral_kernel_args(x, a, x2, a2, g, None, 1, 0, out,
+                                      torch.empty_like(x) if return_noise else None)
+    return dct, _C.spectral_kernel_name(*args, x.device.index)
+
+
+@pytest.mark.parametrize("n", [32, 64, 128])
+def test_plane_kernel_serves_square_sizes(n):
+    x = torch.randn(4, 3, n, n, device="cuda")
+    a = torch.rand(4, 1, n, n, device="cuda")
+    dct, step = _kernel_names(x, a, x.clone(), a, g=a, return_noise=False)
+    assert dct == ("plane" if _plane_kernel_fits(n, 2) else "simple")
+    assert step == ("plane" if _plane_kernel_fits(n, 3) else "simple")
+    assert _kernel_names(torch.randn(4, 3, 48, 48, device="cuda"),
+                         torch.rand(48, 48, device="cuda")) == ("simple", "simple")
+
+
+@pytest.mark.parametrize("n", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plane_and_simple_kernels_agree(n, dtype, monkeypatch):
+    b = 5                                    # 15 planes: partial plane groups
+    x, x2 = _rand(b, 3, n, n, dtype=dtype), _rand(b, 3, n, n, dtype=dtype, seed=1)
+    a, a2, g = torch.rand(b, 1, n, n), torch.rand(1, 3, n, n) - 0.5, torch.rand(b, 1, 1, 1)
+    cu = [t.cuda() for t in (x, a, x2, a2, g)]
+    kw = dict(seed=123, offset=2 ** 41 + 8, return_noise=True)
+    fast = bf.spectral(*cu[:4], g=cu[4], **kw)
+    fast_dct = bf.dct2(cu[0]), bf.idct2(cu[0])
+    monkeypatch.setenv("BLURFAST_CUDA_KERNELS", "simple")
+    assert _kernel_names(cu[0], cu[1])[0] == "simple"
+    slow = bf.spectral(*cu[:4], g=cu[4], **kw)
+    slow_dct = bf.dct2(cu[0]), bf.idct2(cu[0])
+    want = ref.spectral(x.double(), a, x2.double(), a2, g=g, **kw)
+    want_dct = ref.dct2(x.double()), ref.idct2(x.double())
+    for got_f, got_s, w in zip(fast + fast_dct, slow + slow_dct, want + want_dct):
+        if dtype == torch.float32:
+            assert rel_err(got_f, w) <= 2e-6 and rel_err(got_s, w) <= 2e-6
+        else:   # one rounding to bfloat16 at the end dominates
+            bound = 2 * rel_err(w.to(dtype), w) + 2e-6
+            assert rel_err(got_f, w) <= bound and rel_err(got_s, w) <= bound
+
+
+def test_plane_kernel_many_planes_and_misaligned_input():
+    # 6000 planes of 32x32: more plane groups than resident blocks, so blocks loop.
+    x = _rand(2000, 3, 32, 32)
+    a = torch.rand(2000, 1, 32, 32)
+    out, eps = bf.spectral(x.cuda(), a.cuda(), g=(1 - a * a).sqrt().cuda(), seed=4,
+                           return_noise=True)
+    want, want_e = ref.spectral(x.double(), a, g=(1 - a * a).sqrt(), seed=4, return_noise=True)
+    assert rel_err(out, want) <= 2e-6 and rel_err(eps, want_e) <= 2e-6
+    # A view 4 bytes into its storage cannot take float4 loads: the simple kernels serve it.
+    flat = _rand(3 * 64 * 64 + 1).cuda()
+    xv = flat[1:].view(3, 64, 64)
+    assert _kernel_names(xv, torch.ones(64, 64, device="cuda"))[0] == "simple"
+    assert rel_err(bf.dct2(xv), ref.dct2(flat[1:].view(3, 64, 64).double().cpu())) <= 2e-6

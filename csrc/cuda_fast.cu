@@ -1,0 +1,213 @@
+// The fused whole-plane kernel: plane_program.h run as one CUDA launch per call.
+//
+// One block of 256 threads holds Geom<N>::kPPB planes in shared memory; blocks loop over
+// plane groups (grid = resident blocks), so the DCT tables are built once per block.
+// Serves float32, float16 and bfloat16 I/O with float arithmetic for H = W in
+// {32, 64, 128} when the shared memory fits (N = 128 needs Hopper's 227 KiB).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <type_traits>
+
+#include "cuda_fast.h"
+#include "plane_program.h"
+
+namespace blurfast {
+namespace plane {
+
+template <> BF_HD void load4<__half>(const __half* p, float v[4]) {
+#ifdef __CUDA_ARCH__
+  const uint2 raw = *reinterpret_cast<const uint2*>(p);
+  const float2 lo = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
+  const float2 hi = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
+  v[0] = lo.x; v[1] = lo.y; v[2] = hi.x; v[3] = hi.y;
+#else
+  for (int q = 0; q < 4; ++q) v[q] = __half2float(p[q]);
+#endif
+}
+
+template <> BF_HD void store4<__half>(__half* p, const float v[4]) {
+#ifdef __CUDA_ARCH__
+  const __half2 lo = __floats2half2_rn(v[0], v[1]), hi = __floats2half2_rn(v[2], v[3]);
+  uint2 raw;
+  raw.x = *reinterpret_cast<const unsigned*>(&lo);
+  raw.y = *reinterpret_cast<const unsigned*>(&hi);
+  *reinterpret_cast<uint2*>(p) = raw;
+#else
+  for (int q = 0; q < 4; ++q) p[q] = __float2half_rn(v[q]);
+#endif
+}
+
+template <> BF_HD void load4<__nv_bfloat16>(const __nv_bfloat16* p, float v[4]) {
+#ifdef __CUDA_ARCH__
+  const uint2 raw = *reinterpret_cast<const uint2*>(p);
+  const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+  const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+  v[0] = lo.x; v[1] = lo.y; v[2] = hi.x; v[3] = hi.y;
+#else
+  for (int q = 0; q < 4; ++q) v[q] = __bfloat162float(p[q]);
+#endif
+}
+
+template <> BF_HD void store4<__nv_bfloat16>(__nv_bfloat16* p, const float v[4]) {
+#ifdef __CUDA_ARCH__
+  const __nv_bfloat162 lo = __floats2bfloat162_rn(v[0], v[1]);
+  const __nv_bfloat162 hi = __floats2bfloat162_rn(v[2], v[3]);
+  uint2 raw;
+  raw.x = *reinterpret_cast<const unsigned*>(&lo);
+  raw.y = *reinterpret_cast<const unsigned*>(&hi);
+  *reinterpret_cast<uint2*>(p) = raw;
+#else
+  for (int q = 0; q < 4; ++q) p[q] = __float2bfloat16_rn(v[q]);
+#endif
+}
+
+namespace {
+
+struct GpuCtx {
+  __device__ int64_t block() const { return blockIdx.x; }
+  __device__ int64_t grid() const { return gridDim.x; }
+  template <typename F>
+  __device__ void phase(F&& f) {
+    f((int)threadIdx.x);
+    __syncthreads();
+  }
+};
+
+// Blocks per SM the register budget is sized for: the shared memory of a call with three
+// buffers allows 4 (N = 32), 2 (N = 64) and 1 (N = 128).
+template <int N>
+constexpr int kMinBlocks = N == 128 ? 1 : 2;
+
+template <int N, typename T>
+__global__ void __launch_bounds__(256, kMinBlocks<N>) plane_kernel(Job job) {
+  extern __shared__ float4 smem4[];
+  GpuCtx ctx;
+  run_program<N, T>(ctx, job, reinterpret_cast<float*>(smem4));
+}
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("blurfast CUDA (plane kernel): ") + what + ": " +
+                             cudaGetErrorString(e));
+}
+
+// Resident blocks per SM of one instantiation at a given shared-memory size; 0 when it
+// does not fit. Cached per (device, kernel, bytes).
+int blocks_per_sm(const void* kernel, int device, int64_t bytes) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, const void*, int64_t>, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(device, kernel, bytes);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int optin = 0, nb = 0;
+  check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+        "cudaDeviceGetAttribute");
+  if (bytes <= optin) {
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes),
+          "cudaFuncSetAttribute");
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kernel, 256, (size_t)bytes),
+          "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  }
+  cache[key] = nb;
+  return nb;
+}
+
+int sm_count(int device) {
+  int n = 0;
+  check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "SM count");
+  return n;
+}
+
+bool aligned(const void* p, size_t bytes) { return ((uintptr_t)p % bytes) == 0; }
+
+bool disabled_by_env() {
+  const char* v = std::getenv("BLURFAST_CUDA_KERNELS");
+  return v && std::strcmp(v, "simple") == 0;
+}
+
+template <int N, typename T>
+const void* kernel_ptr() {
+  return reinterpret_cast<const void*>(&plane_kernel<N, T>);
+}
+
+// Calls f(std::integral_constant<int, N>, (T*)nullptr) for the plane size and I/O type;
+// false when no instantiation exists.
+template <typename F>
+bool with_kernel(int64_t n, int dtype, F&& f) {
+  auto by_type = [&](auto size) -> bool {
+    switch (dtype) {
+      case kF32: return f(size, (float*)nullptr);
+      case kF16: return f(size, (__half*)nullptr);
+      case kBF16: return f(size, (__nv_bfloat16*)nullptr);
+      default: return false;
+    }
+  };
+  switch (n) {
+    case 32: return by_type(std::integral_constant<int, 32>{});
+    case 64: return by_type(std::integral_constant<int, 64>{});
+    case 128: return by_type(std::integral_constant<int, 128>{});
+    default: return false;
+  }
+}
+
+// The plan for a call: the kernel fits and every pointer is aligned for vector access.
+struct Plan {
+  bool ok = false;
+  int64_t bytes = 0;
+  int per_sm = 0;
+};
+
+Plan make_plan(const Job& job, int64_t H, int64_t W, int dtype, int device) {
+  Plan plan;
+  if (disabled_by_env() || H != W || job.planes <= 0) return plan;
+  const size_t io = dtype == kF32 ? 16 : 8;   // bytes of four I/O elements
+  for (const void* p : {job.x1, job.x2, (const void*)job.out, (const void*)job.noise_out})
+    if (p && !aligned(p, io)) return plan;
+  for (const void* p : {job.a1.ptr, job.a2.ptr, job.g.ptr, (const void*)job.zb})
+    if (p && !aligned(p, 16)) return plan;
+  if (job.mode == kSpectral && !job.a1.ptr) return plan;
+  with_kernel(H, dtype, [&](auto size, auto* t) {
+    constexpr int N = decltype(size)::value;
+    using T = std::remove_pointer_t<decltype(t)>;
+    plan.bytes = Geom<N>::smem_floats(buffers_needed(job)) * (int64_t)sizeof(float);
+    plan.per_sm = blocks_per_sm(kernel_ptr<N, T>(), device, plan.bytes);
+    plan.ok = plan.per_sm > 0;
+    return true;
+  });
+  return plan;
+}
+
+}  // namespace
+
+bool plane_applies(const Job& job, int64_t H, int64_t W, int dtype, int device) {
+  return make_plan(job, H, W, dtype, device).ok;
+}
+
+bool plane_launch(const Job& job, int64_t H, int64_t W, int dtype, int device,
+                  cudaStream_t stream) {
+  const Plan plan = make_plan(job, H, W, dtype, device);
+  if (!plan.ok) return false;
+  return with_kernel(H, dtype, [&](auto size, auto* t) {
+    constexpr int N = decltype(size)::value;
+    using T = std::remove_pointer_t<decltype(t)>;
+    const int64_t groups = (job.planes + Geom<N>::kPPB - 1) / Geom<N>::kPPB;
+    const int64_t resident = (int64_t)plan.per_sm * sm_count(device);
+    const unsigned grid = (unsigned)(groups < resident ? groups : resident);
+    plane_kernel<N, T><<<grid, Geom<N>::kThreads, (size_t)plan.bytes, stream>>>(job);
+    check(cudaGetLastError(), "launch");
+    return true;
+  });
+}
+
+}  // namespace plane
+}  // namespace blurfast

@@ -1,0 +1,355 @@
+// The fused whole-plane program: every plane of a call is transformed, combined and
+// transformed back inside one thread block's shared memory, so each input is read once
+// and each output written once.
+//
+// The program is written once, as a sequence of phases separated by block barriers
+// (Ctx::phase runs a lambda for every thread, then syncs). cuda_fast.cu runs it as a
+// CUDA kernel; emulate.cpp runs the same code on the CPU, thread by thread, so its
+// indexing is tested without a GPU.
+//
+// Square planes N x N, N in {32, 64, 128}, float arithmetic. A 1-D transform of length N
+// uses the even/odd split: X[2k] = sum_{n<N/2} C[2k][n] (x[n] + x[N-1-n]) and
+// X[2k+1] = sum_{n<N/2} C[2k+1][n] (x[n] - x[N-1-n]), two (N/2)^2 products instead of
+// one N^2 product. Each pass transforms the rows of a plane and writes the result
+// transposed, so two passes make a 2-D transform.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#include "blurfast.h"
+#include "common.h"
+
+#ifdef __CUDACC__
+#define BF_UNROLL _Pragma("unroll")
+#define BF_NO_UNROLL _Pragma("unroll 1")   // keeps register use within the occupancy budget
+#else
+#define BF_UNROLL
+#define BF_NO_UNROLL
+#endif
+
+namespace blurfast {
+namespace plane {
+
+enum Mode : int { kDct2 = 0, kIdct2 = 1, kSpectral = 2 };
+
+// One call. x1/x2/out/noise_out have the I/O type; maps and zb are float.
+struct Job {
+  int mode = kSpectral;
+  int64_t planes = 0;
+  const void* x1 = nullptr;
+  const void* x2 = nullptr;
+  MapRef a1, a2, g;
+  const float* zb = nullptr;
+  uint64_t seed = 0, offset = 0;
+  void* out = nullptr;
+  void* noise_out = nullptr;
+};
+
+// Work split for plane size N with PPB planes per block: each warp owns 8 output
+// columns of both halves of one plane; its lanes own rows lane + 32 i.
+template <int N_>
+struct Geom {
+  static constexpr int N = N_;
+  static constexpr int kPPB = N <= 32 ? 4 : (N == 64 ? 2 : 1);
+  static constexpr int kWarpsPerPlane = N / 16;
+  static constexpr int kThreads = 32 * kWarpsPerPlane * kPPB;   // 256
+  static constexpr int kRows = N / 32;                           // rows per lane
+  static constexpr int kHalf = N / 2;
+  static constexpr int kPlane = N * N;
+  static constexpr int kTable = kHalf * kHalf;
+  static constexpr int kChunksPerThread = kPPB * kPlane / 4 / kThreads;
+  static_assert(N == 32 || N == 64 || N == 128, "plane program: N must be 32, 64 or 128");
+  static_assert(kPPB * kPlane % (4 * kThreads) == 0, "chunks must divide evenly");
+  // Shared memory: tables Ef, Of, then nbuf buffers of kPPB planes.
+  static constexpr int64_t smem_floats(int nbuf) { return 2 * kTable + nbuf * kPPB * kPlane; }
+};
+
+// Shared-memory index of plane element (row, col): columns XOR-swizzled in groups of
+// four by row % 8, so row-wise float4 reads by 32 lanes on 32 rows and column-wise
+// scalar writes are both free of bank conflicts.
+template <int N>
+BF_HD int sidx(int row, int col) {
+  return row * N + (col ^ ((row & 7) << 2));
+}
+
+BF_HD void ld4(const float* p, float v[4]) {
+#ifdef __CUDA_ARCH__
+  const float4 t = *reinterpret_cast<const float4*>(p);
+  v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
+#else
+  std::memcpy(v, p, 4 * sizeof(float));
+#endif
+}
+
+BF_HD void st4(float* p, const float v[4]) {
+#ifdef __CUDA_ARCH__
+  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+#else
+  std::memcpy(p, v, 4 * sizeof(float));
+#endif
+}
+
+// Four consecutive I/O elements <-> float. float here; cuda_fast.cu adds half, bfloat16.
+template <typename T> BF_HD void load4(const T* p, float v[4]);
+template <typename T> BF_HD void store4(T* p, const float v[4]);
+template <> BF_HD void load4<float>(const float* p, float v[4]) { ld4(p, v); }
+template <> BF_HD void store4<float>(float* p, const float v[4]) { st4(p, v); }
+
+// philox_normal(seed, e + q) for q < 4; one Philox block when e is a multiple of 4.
+BF_HD void philox_normal4(uint64_t seed, uint64_t e, float z[4]) {
+  if ((e & 3) == 0) {
+    uint32_t c[4];
+    philox_block(seed, e >> 2, c);
+    double d[4];
+    box_muller(c[0], c[1], &d[0], &d[1]);
+    box_muller(c[2], c[3], &d[2], &d[3]);
+    for (int q = 0; q < 4; ++q) z[q] = (float)d[q];
+  } else {
+    for (int q = 0; q < 4; ++q) z[q] = (float)philox_normal(seed, e + (uint64_t)q);
+  }
+}
+
+// Ef[k][n] = C[2k][n], Of[k][n] = C[2k+1][n] for k, n < N/2.
+template <int N>
+BF_HD void fill_tables(float* Ef, float* Of, int tid, int nthreads) {
+  constexpr int H = N / 2;
+  for (int i = tid; i < H * H; i += nthreads) {
+    const int k = i / H, n = i % H;
+    Ef[i] = (float)dct_coef(2 * k, n, N);
+    Of[i] = (float)dct_coef(2 * k + 1, n, N);
+  }
+}
+
+// Forward pass on one plane: D^T = rows of S times C^T. Warp column group j owns
+// outputs 2k and 2k+1 for k in [8j, 8j+8).
+template <int N>
+BF_HD void forward_pass(const float* S, float* D, const float* Ef, const float* Of, int j,
+                        int lane) {
+  constexpr int R = N / 32, H = N / 2;
+  const int k0 = 8 * j;
+  float ae[R][8], ao[R][8];
+  BF_UNROLL for (int i = 0; i < R; ++i) BF_UNROLL for (int q = 0; q < 8; ++q) ae[i][q] = ao[i][q] = 0.f;
+  for (int m = 0; m < H; m += 4) {
+    float e[R][4], o[R][4];
+    BF_UNROLL for (int i = 0; i < R; ++i) {
+      const int r = lane + 32 * i;
+      float a[4], b[4];                       // x[m..m+3] and x[N-4-m..N-1-m]
+      ld4(S + sidx<N>(r, m), a);
+      ld4(S + sidx<N>(r, N - 4 - m), b);
+      BF_UNROLL for (int t = 0; t < 4; ++t) {
+        e[i][t] = a[t] + b[3 - t];
+        o[i][t] = a[t] - b[3 - t];
+      }
+    }
+    BF_UNROLL for (int q = 0; q < 8; ++q) {
+      float te[4], to[4];
+      ld4(Ef + (k0 + q) * H + m, te);
+      ld4(Of + (k0 + q) * H + m, to);
+      BF_UNROLL for (int i = 0; i < R; ++i) BF_UNROLL for (int t = 0; t < 4; ++t) {
+        ae[i][q] += e[i][t] * te[t];
+        ao[i][q] += o[i][t] * to[t];
+      }
+    }
+  }
+  BF_UNROLL for (int i = 0; i < R; ++i) BF_UNROLL for (int q = 0; q < 8; ++q) {
+    const int r = lane + 32 * i, k = k0 + q;
+    D[sidx<N>(2 * k, r)] = ae[i][q];
+    D[sidx<N>(2 * k + 1, r)] = ao[i][q];
+  }
+}
+
+// Inverse pass on one plane: u[n] = sum_k C[2k][n] X[2k], v[n] = sum_k C[2k+1][n] X[2k+1];
+// x[n] = u + v, x[N-1-n] = u - v. Warp column group j owns n in [8j, 8j+8).
+template <int N>
+BF_HD void inverse_pass(const float* S, float* D, const float* Ef, const float* Of, int j,
+                        int lane) {
+  constexpr int R = N / 32, H = N / 2;
+  const int n0 = 8 * j;
+  float u[R][8], v[R][8];
+  BF_UNROLL for (int i = 0; i < R; ++i) BF_UNROLL for (int q = 0; q < 8; ++q) u[i][q] = v[i][q] = 0.f;
+  for (int k = 0; k < H; k += 4) {
+    float ev[R][4], od[R][4];                 // X[2k..2k+7] split by parity
+    BF_UNROLL for (int i = 0; i < R; ++i) {
+      const int r = lane + 32 * i;
+      float s0[4], s1[4];
+      ld4(S + sidx<N>(r, 2 * k), s0);
+      ld4(S + sidx<N>(r, 2 * k + 4), s1);
+      ev[i][0] = s0[0]; ev[i][1] = s0[2]; ev[i][2] = s1[0]; ev[i][3] = s1[2];
+      od[i][0] = s0[1]; od[i][1] = s0[3]; od[i][2] = s1[1]; od[i][3] = s1[3];
+    }
+    BF_UNROLL for (int t = 0; t < 4; ++t) {
+      float te[8], to[8];
+      ld4(Ef + (k + t) * H + n0, te);
+      ld4(Ef + (k + t) * H + n0 + 4, te + 4);
+      ld4(Of + (k + t) * H + n0, to);
+      ld4(Of + (k + t) * H + n0 + 4, to + 4);
+      BF_UNROLL for (int i = 0; i < R; ++i) BF_UNROLL for (int q = 0; q < 8; ++q) {
+        u[i][q] += ev[i][t] * te[q];
+        v[i][q] += od[i][t] * to[q];
+      }
+    }
+  }
+  BF_UNROLL for (int i = 0; i < R; ++i) BF_UNROLL for (int q = 0; q < 8; ++q) {
+    const int r = lane + 32 * i, n = n0 + q;
+    D[sidx<N>(n, r)] = u[i][q] + v[i][q];
+    D[sidx<N>(N - 1 - n, r)] = u[i][q] - v[i][q];
+  }
+}
+
+// Global plane group p0 .. p0+kPPB-1 <-> buffer (planes past `planes` read as zero and
+// are not written). Thread tid moves float4 chunks tid, tid + kThreads, ...; all loads
+// are issued before the first shared-memory store.
+template <int N, typename T>
+BF_HD void load_group(const T* src, float* buf, int64_t p0, int64_t planes, int tid) {
+  using G = Geom<N>;
+  float v[G::kChunksPerThread][4];
+  BF_UNROLL for (int u = 0; u < G::kChunksPerThread; ++u) {
+    const int c = tid + u * G::kThreads, s = c / (G::kPlane / 4), f = (c % (G::kPlane / 4)) * 4;
+    v[u][0] = v[u][1] = v[u][2] = v[u][3] = 0.f;
+    if (p0 + s < planes) load4<T>(src + (p0 + s) * G::kPlane + f, v[u]);
+  }
+  BF_UNROLL for (int u = 0; u < G::kChunksPerThread; ++u) {
+    const int c = tid + u * G::kThreads, s = c / (G::kPlane / 4), f = (c % (G::kPlane / 4)) * 4;
+    st4(buf + s * G::kPlane + sidx<N>(f / N, f % N), v[u]);
+  }
+}
+
+template <int N, typename T>
+BF_HD void store_group(const float* buf, T* dst, int64_t p0, int64_t planes, int tid) {
+  using G = Geom<N>;
+  BF_UNROLL for (int u = 0; u < G::kChunksPerThread; ++u) {
+    const int c = tid + u * G::kThreads, s = c / (G::kPlane / 4), f = (c % (G::kPlane / 4)) * 4;
+    if (p0 + s >= planes) continue;
+    float v[4];
+    ld4(buf + s * G::kPlane + sidx<N>(f / N, f % N), v);
+    store4<T>(dst + (p0 + s) * G::kPlane + f, v);
+  }
+}
+
+template <int N>
+BF_HD const float* map_ptr(const MapRef& m, int64_t p) {
+  return (const float*)m.ptr + map_plane(p, m.div, m.mod) * (int64_t)N * N;
+}
+
+// Frequency space, in place in A: A = a1 A + a2 C + g zb; C = zb when noise is returned.
+template <int N>
+BF_HD void combine_group(const Job& job, float* A, float* C, int64_t p0, int tid) {
+  using G = Geom<N>;
+  const bool want_noise = job.g.ptr || job.noise_out;
+  BF_NO_UNROLL for (int u = 0; u < G::kChunksPerThread; ++u) {
+    const int c = tid + u * G::kThreads, s = c / (G::kPlane / 4), f = (c % (G::kPlane / 4)) * 4;
+    const int64_t p = p0 + s;
+    if (p >= job.planes) continue;
+    const int at = s * G::kPlane + sidx<N>(f / N, f % N);
+    float x[4], m[4], z[4];
+    ld4(A + at, x);
+    ld4(map_ptr<N>(job.a1, p) + f, m);
+    BF_UNROLL for (int q = 0; q < 4; ++q) z[q] = m[q] * x[q];
+    if (job.x2) {
+      ld4(C + at, x);
+      ld4(map_ptr<N>(job.a2, p) + f, m);
+      BF_UNROLL for (int q = 0; q < 4; ++q) z[q] += m[q] * x[q];
+    }
+    if (want_noise) {
+      float n[4];
+      const int64_t e = p * G::kPlane + f;
+      if (job.zb)
+        ld4(job.zb + e, n);
+      else
+        philox_normal4(job.seed, job.offset + (uint64_t)e, n);
+      if (job.g.ptr) {
+        ld4(map_ptr<N>(job.g, p) + f, m);
+        BF_UNROLL for (int q = 0; q < 4; ++q) z[q] += m[q] * n[q];
+      }
+      if (job.noise_out) st4(C + at, n);
+    }
+    st4(A + at, z);
+  }
+}
+
+inline Job make_job(const SpectralParams& p, int mode) {
+  Job j;
+  j.mode = mode;
+  j.planes = p.planes;
+  j.x1 = p.x1;
+  j.out = p.out;
+  if (mode == kSpectral) {
+    j.x2 = p.x2;
+    j.a1 = p.a1;
+    j.a2 = p.a2;
+    j.g = p.g;
+    j.zb = (const float*)p.zb;
+    j.seed = p.seed;
+    j.offset = p.offset;
+    j.noise_out = p.noise_out;
+  }
+  return j;
+}
+
+// Buffers a call needs: a third one holds x2 or the noise.
+inline int buffers_needed(const Job& job) {
+  return job.mode == kSpectral && (job.x2 || job.noise_out) ? 3 : 2;
+}
+
+// The whole program for one block. `sm` holds Geom<N>::smem_floats(buffers_needed(job))
+// floats. Blocks take plane groups blockIdx, blockIdx + gridDim, ...
+template <int N, typename T, typename Ctx>
+BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
+  using G = Geom<N>;
+  float* Ef = sm;
+  float* Of = sm + G::kTable;
+  auto buf = [sm](int b) { return sm + 2 * G::kTable + b * G::kPPB * G::kPlane; };
+  // Every pass: warp w works on plane slot w / kWarpsPerPlane, column group w % kWarpsPerPlane.
+  auto forward = [&](int src, int dst) {
+    ctx.phase([&](int tid) {
+      const int w = tid / 32, s = w / G::kWarpsPerPlane;
+      forward_pass<N>(buf(src) + s * G::kPlane, buf(dst) + s * G::kPlane, Ef, Of,
+                      w % G::kWarpsPerPlane, tid % 32);
+    });
+  };
+  auto inverse = [&](int src, int dst) {
+    ctx.phase([&](int tid) {
+      const int w = tid / 32, s = w / G::kWarpsPerPlane;
+      inverse_pass<N>(buf(src) + s * G::kPlane, buf(dst) + s * G::kPlane, Ef, Of,
+                      w % G::kWarpsPerPlane, tid % 32);
+    });
+  };
+
+  ctx.phase([&](int tid) { fill_tables<N>(Ef, Of, tid, G::kThreads); });
+  const int64_t groups = (job.planes + G::kPPB - 1) / G::kPPB;
+  for (int64_t grp = ctx.block(); grp < groups; grp += ctx.grid()) {
+    const int64_t p0 = grp * G::kPPB;
+    ctx.phase([&](int tid) {
+      load_group<N, T>((const T*)job.x1, buf(0), p0, job.planes, tid);
+      if (job.mode == kSpectral && job.x2)
+        load_group<N, T>((const T*)job.x2, buf(2), p0, job.planes, tid);
+    });
+    if (job.mode == kIdct2) {
+      inverse(0, 1);
+      inverse(1, 0);
+    } else {
+      forward(0, 1);
+      forward(1, 0);
+    }
+    if (job.mode == kSpectral) {
+      if (job.x2) {
+        forward(2, 1);
+        forward(1, 2);
+      }
+      ctx.phase([&](int tid) { combine_group<N>(job, buf(0), buf(2), p0, tid); });
+      inverse(0, 1);
+      inverse(1, 0);
+    }
+    ctx.phase([&](int tid) { store_group<N, T>(buf(0), (T*)job.out, p0, job.planes, tid); });
+    if (job.mode == kSpectral && job.noise_out) {
+      inverse(2, 1);
+      inverse(1, 2);
+      ctx.phase([&](int tid) {
+        store_group<N, T>(buf(2), (T*)job.noise_out, p0, job.planes, tid);
+      });
+    }
+  }
+}
+
+}  // namespace plane
+}  // namespace blurfast

@@ -1,0 +1,118 @@
+"""The fused whole-plane CUDA program, run on the CPU by its emulator (csrc/emulate.cpp).
+
+The emulator executes the kernel's own phase code (csrc/plane_program.h) thread by
+thread, so these tests check its indexing, shared-memory layout, even/odd transform,
+plane grouping, persistent block loop and noise numbering without a GPU. Shared memory
+starts as NaN (a read of an unwritten value poisons the output), and running each
+phase's threads in reverse order must give bit-identical results (a thread reading what
+another thread writes in the same phase would change them).
+"""
+import pytest
+import torch
+
+from blurfast import reference as ref
+from blurfast._backend import _C
+from blurfast.ops import spectral_kernel_args
+from bfutil import rel_err
+
+SIZES = (32, 64, 128)
+DCT2, IDCT2, SPECTRAL = 0, 1, 2
+
+
+def _rand(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).float()
+
+
+def emulate_dct(x, inverse, grid=2, reverse=False):
+    out = torch.empty_like(x)
+    n = x.shape[-1]
+    _C.plane_emulate(x.numel() // (n * n), n, n, 0, x.data_ptr(), 0, None, None, None, 0, 0,
+                     0, out.data_ptr(), 0, IDCT2 if inverse else DCT2, grid, reverse)
+    return out
+
+
+def emulate_spectral(x, a, x2=None, a2=None, g=None, noise=None, *, seed=0, offset=0,
+                     return_noise=False, grid=2, reverse=False):
+    out = torch.empty_like(x)
+    noise_px = torch.empty_like(x) if return_noise else None
+    args, keep = spectral_kernel_args(x, a, x2, a2, g, noise, seed, offset, out, noise_px)
+    _C.plane_emulate(*args, SPECTRAL, grid, reverse)
+    del keep
+    return (out, noise_px) if return_noise else out
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("planes", [1, 5])
+def test_dct2_and_idct2_against_float64(n, planes):
+    # 5 planes: a partial last plane group for every planes-per-block (4, 2, 1).
+    x = _rand(planes, n, n)
+    for inverse, want in ((False, ref.dct2(x.double())), (True, ref.idct2(x.double()))):
+        y = emulate_dct(x, inverse, grid=2)
+        assert torch.isfinite(y).all()
+        assert rel_err(y, want) <= 2e-6
+        assert torch.equal(y, emulate_dct(x, inverse, grid=3, reverse=True))
+
+
+def test_round_trip_and_basis_vectors():
+    n = 32
+    eye = torch.zeros(n * n, n, n)
+    eye.view(n * n, n * n).fill_diagonal_(1.0)
+    basis = emulate_dct(eye, inverse=True)            # rows of the 2-D DCT matrix
+    c = ref.dct_matrix(n, torch.float64, "cpu")
+    want = torch.einsum("ki,lj->klij", c, c).reshape(n * n, n, n)
+    assert rel_err(basis, want) <= 2e-6
+    x = _rand(3, 64, 64)
+    assert rel_err(emulate_dct(emulate_dct(x, False), True), x) <= 4e-6
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_spectral_generated_noise_two_inputs(n):
+    b, c = 3, 3                                     # 9 planes
+    x, x2 = _rand(b, c, n, n), _rand(b, c, n, n, seed=1)
+    a = torch.rand(b, 1, n, n, generator=torch.Generator().manual_seed(2))
+    a2 = torch.rand(1, c, n, n, generator=torch.Generator().manual_seed(3))
+    g = torch.rand(b, 1, 1, 1, generator=torch.Generator().manual_seed(4))
+    kw = dict(seed=99, offset=12, return_noise=True)
+    out, npx = emulate_spectral(x, a, x2, a2, g, **kw)
+    want, want_n = ref.spectral(x.double(), a, x2.double(), a2, g=g, **kw)
+    assert rel_err(out, want) <= 2e-6
+    assert rel_err(npx, want_n) <= 2e-6
+    out_r, npx_r = emulate_spectral(x, a, x2, a2, g, grid=4, reverse=True, **kw)
+    assert torch.equal(out, out_r) and torch.equal(npx, npx_r)
+
+
+@pytest.mark.parametrize("offset", [0, 5, 2 ** 40 + 3])
+def test_spectral_noise_numbering(offset):
+    # Element e of the call uses philox_normal(seed, offset + e), whether or not offset
+    # is a multiple of four (the kernel's one-block-per-four-numbers path and its
+    # fallback must agree with the reference).
+    n = 32
+    x = torch.zeros(2, n, n)
+    out, npx = emulate_spectral(x, torch.zeros(n, n), g=torch.ones(()), seed=7,
+                                offset=offset, return_noise=True)
+    want = ref.idct2(ref.philox_normal((2, n, n), seed=7, offset=offset))
+    assert rel_err(npx, want) <= 2e-6
+    assert rel_err(out, want) <= 2e-6
+
+
+def test_spectral_given_noise_and_single_input():
+    n = 64
+    x = _rand(4, 2, n, n)
+    a = torch.rand(n, n, generator=torch.Generator().manual_seed(5))
+    zb = _rand(4, 2, n, n, seed=6)
+    g = torch.rand(4, 2, 1, 1, generator=torch.Generator().manual_seed(7))
+    out, npx = emulate_spectral(x, a, g=g, noise=zb, return_noise=True)
+    want, want_n = ref.spectral(x.double(), a, g=g, noise=zb.double(), return_noise=True)
+    assert rel_err(out, want) <= 2e-6 and rel_err(npx, want_n) <= 2e-6
+    plain = emulate_spectral(x, a)                    # no noise term at all
+    assert rel_err(plain, ref.spectral(x.double(), a)) <= 2e-6
+
+
+def test_emulator_rejects_unsupported_calls():
+    x = torch.zeros(1, 48, 48)
+    with pytest.raises(ValueError, match="32, 64 or 128"):
+        emulate_dct(x, False)
+    with pytest.raises(ValueError, match="float32"):
+        _C.plane_emulate(1, 32, 32, 1, x.data_ptr(), 0, None, None, None, 0, 0, 0,
+                         x.data_ptr(), 0, DCT2, 1, False)
