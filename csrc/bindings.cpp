@@ -92,6 +92,11 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     plane_emulate(p, mode, grid, reverse_threads);
   }, "CPU emulation of the fused whole-plane CUDA kernel (tests only).");
+  m.def("strip_emulate", [](uintptr_t in, uintptr_t out, int64_t planes, int64_t rows, int64_t L,
+                            bool inverse, int64_t grid, bool reverse_threads) {
+    py::gil_scoped_release nogil;
+    strip_emulate(cptr(in), mptr(out), planes, rows, L, inverse, grid, reverse_threads);
+  }, "CPU emulation of the strip CUDA kernel (tests only).");
   m.def("normal_cpu", [](uintptr_t out, int64_t n, int dtype, uint64_t seed, uint64_t offset) {
     py::gil_scoped_release nogil;
     normal_cpu(mptr(out), n, dtype, seed, offset);

@@ -43,6 +43,10 @@ void normal_cpu(void* out, int64_t n, int dtype, uint64_t seed, uint64_t offset)
 // float32 and H = W in {32, 64, 128}. mode: 0 dct2 (x1 -> out), 1 idct2, 2 spectral.
 // grid: number of blocks; reverse_threads: run each phase's threads last to first.
 void plane_emulate(const SpectralParams& p, int mode, int64_t grid, bool reverse_threads);
+// Test hook: runs the strip CUDA program (strip_program.h) on the CPU, float32:
+// in (planes, rows, L) -> out (planes, L, rows), each row transformed, rows % 32 == 0.
+void strip_emulate(const void* in, void* out, int64_t planes, int64_t rows, int64_t L,
+                   bool inverse, int64_t grid, bool reverse_threads);
 
 #ifdef BLURFAST_WITH_CUDA
 // CUDA (any DType). `workspace` holds at least workspace_elems(...) compute-type

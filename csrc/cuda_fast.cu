@@ -1,9 +1,14 @@
-// The fused whole-plane kernel: plane_program.h run as one CUDA launch per call.
+// The fast CUDA kernels: the programs of plane_program.h and strip_program.h as kernels.
 //
-// One block of 256 threads holds Geom<N>::kPPB planes in shared memory; blocks loop over
-// plane groups (grid = resident blocks), so the DCT tables are built once per block.
-// Serves float32, float16 and bfloat16 I/O with float arithmetic for H = W in
-// {32, 64, 128} when the shared memory fits (N = 128 needs Hopper's 227 KiB).
+// Whole-plane kernel: one launch per call. A block of 256 threads holds Geom<N>::kPPB
+// planes in shared memory; blocks loop over plane groups (grid = resident blocks), so
+// the DCT tables are built once per block. Serves float32, float16 and bfloat16 I/O with
+// float arithmetic for H = W in {32, 64, 128} when the shared memory fits (N = 128
+// needs Hopper's 227 KiB).
+//
+// Strip kernel: one 1-D pass with transposed output (two make a 2-D transform); the
+// simple path (cuda_kernels.cu) uses it for rows of 32, 64, 128 or 256 elements, 256 x 256
+// planes included.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -19,6 +24,7 @@
 
 #include "cuda_fast.h"
 #include "plane_program.h"
+#include "strip_program.h"
 
 namespace blurfast {
 namespace plane {
@@ -80,6 +86,16 @@ struct GpuCtx {
     f((int)threadIdx.x);
     __syncthreads();
   }
+  // State a thread keeps from one phase to a later one: its own registers.
+  template <typename T>
+  struct PerThread {
+    T v;
+    __device__ T& operator()(int) { return v; }
+  };
+  template <typename T>
+  __device__ PerThread<T> per_thread() const {
+    return PerThread<T>{};
+  }
 };
 
 // Blocks per SM the register budget is sized for: the shared memory of a call with three
@@ -94,6 +110,13 @@ __global__ void __launch_bounds__(256, kMinBlocks<N>) plane_kernel(Job job) {
   run_program<N, T>(ctx, job, reinterpret_cast<float*>(smem4));
 }
 
+template <int L, typename Tin, typename Tout>
+__global__ void __launch_bounds__(StripGeom<L>::kThreads) strip_kernel(StripJob job) {
+  extern __shared__ float4 smem4[];
+  GpuCtx ctx;
+  run_strips<L, Tin, Tout>(ctx, job, reinterpret_cast<float*>(smem4));
+}
+
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess)
     throw std::runtime_error(std::string("blurfast CUDA (plane kernel): ") + what + ": " +
@@ -102,11 +125,11 @@ void check(cudaError_t e, const char* what) {
 
 // Resident blocks per SM of one instantiation at a given shared-memory size; 0 when it
 // does not fit. Cached per (device, kernel, bytes).
-int blocks_per_sm(const void* kernel, int device, int64_t bytes) {
+int blocks_per_sm(const void* kernel, int threads, int device, int64_t bytes) {
   static std::mutex mu;
   static std::map<std::tuple<int, const void*, int64_t>, int> cache;
   std::lock_guard<std::mutex> lock(mu);
-  const auto key = std::make_tuple(device, kernel, bytes);
+  const auto key = std::make_tuple(device, kernel, bytes);  // (kernel fixes threads)
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
   int optin = 0, nb = 0;
@@ -115,7 +138,7 @@ int blocks_per_sm(const void* kernel, int device, int64_t bytes) {
   if (bytes <= optin) {
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes),
           "cudaFuncSetAttribute");
-    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kernel, 256, (size_t)bytes),
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kernel, threads, (size_t)bytes),
           "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
   }
   cache[key] = nb;
@@ -180,14 +203,63 @@ Plan make_plan(const Job& job, int64_t H, int64_t W, int dtype, int device) {
     constexpr int N = decltype(size)::value;
     using T = std::remove_pointer_t<decltype(t)>;
     plan.bytes = Geom<N>::smem_floats(buffers_needed(job)) * (int64_t)sizeof(float);
-    plan.per_sm = blocks_per_sm(kernel_ptr<N, T>(), device, plan.bytes);
+    plan.per_sm = blocks_per_sm(kernel_ptr<N, T>(), Geom<N>::kThreads, device, plan.bytes);
     plan.ok = plan.per_sm > 0;
     return true;
   });
   return plan;
 }
 
+// Calls f(std::integral_constant<int, L>) for a strip row length; false for others.
+template <typename F>
+bool with_length(int64_t n, F&& f) {
+  switch (n) {
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    case 256: return f(std::integral_constant<int, 256>{});
+    default: return false;
+  }
+}
+
 }  // namespace
+
+template <typename Tin, typename Tout>
+bool strip_launch(const void* in, void* out, int64_t planes, int64_t rows, int64_t L,
+                  bool inverse, int device, cudaStream_t stream) {
+  if (disabled_by_env() || rows % 32 != 0 || planes * rows == 0) return false;
+  if (!aligned(in, 4 * sizeof(Tin)) || !aligned(out, 4 * sizeof(Tout))) return false;
+  return with_length(L, [&](auto size) {
+    constexpr int N = decltype(size)::value;
+    using G = StripGeom<N>;
+    const void* kernel = reinterpret_cast<const void*>(&strip_kernel<N, Tin, Tout>);
+    const int64_t bytes = G::kSmemFloats * (int64_t)sizeof(float);
+    const int per_sm = blocks_per_sm(kernel, G::kThreads, device, bytes);
+    if (per_sm == 0) return false;
+    const int64_t strips = planes * (rows / 32), resident = (int64_t)per_sm * sm_count(device);
+    StripJob job;
+    job.in = in;
+    job.out = out;
+    job.planes = planes;
+    job.rows = rows;
+    job.inverse = inverse;
+    strip_kernel<N, Tin, Tout><<<(unsigned)(strips < resident ? strips : resident), G::kThreads,
+                                 (size_t)bytes, stream>>>(job);
+    check(cudaGetLastError(), "strip launch");
+    return true;
+  });
+}
+
+template bool strip_launch<float, float>(const void*, void*, int64_t, int64_t, int64_t, bool, int,
+                                         cudaStream_t);
+template bool strip_launch<__half, float>(const void*, void*, int64_t, int64_t, int64_t, bool,
+                                          int, cudaStream_t);
+template bool strip_launch<__nv_bfloat16, float>(const void*, void*, int64_t, int64_t, int64_t,
+                                                 bool, int, cudaStream_t);
+template bool strip_launch<float, __half>(const void*, void*, int64_t, int64_t, int64_t, bool,
+                                          int, cudaStream_t);
+template bool strip_launch<float, __nv_bfloat16>(const void*, void*, int64_t, int64_t, int64_t,
+                                                 bool, int, cudaStream_t);
 
 bool plane_applies(const Job& job, int64_t H, int64_t W, int dtype, int device) {
   return make_plan(job, H, W, dtype, device).ok;

@@ -1,4 +1,4 @@
-// Entry points of the fused whole-plane CUDA kernel (cuda_fast.cu), for cuda_kernels.cu.
+// Entry points of the fast CUDA kernels (cuda_fast.cu), for cuda_kernels.cu.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -13,6 +13,15 @@ bool plane_applies(const Job& job, int64_t H, int64_t W, int dtype, int device);
 // Launches it when it applies; returns false (and does nothing) otherwise.
 bool plane_launch(const Job& job, int64_t H, int64_t W, int dtype, int device,
                   cudaStream_t stream);
+
+// One strip pass (strip_program.h): in (planes, rows, L) of Tin -> out (planes, L, rows)
+// of Tout, float arithmetic. Launches and returns true when L is 32, 64, 128 or 256,
+// rows % 32 == 0, the pointers allow vector access and the shared memory fits; else
+// returns false and does nothing. Instantiated for (float, float) and for a 16-bit type
+// (__half, __nv_bfloat16) on one side with float on the other.
+template <typename Tin, typename Tout>
+bool strip_launch(const void* in, void* out, int64_t planes, int64_t rows, int64_t L,
+                  bool inverse, int device, cudaStream_t stream);
 
 }  // namespace plane
 }  // namespace blurfast

@@ -10,6 +10,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "blurfast.h"
 #include "common.h"
@@ -70,9 +71,13 @@ __global__ void axis_transform(const Tin* __restrict__ in, Tout* __restrict__ ou
   if (r < R && l < N) store(out + p * R * N + l * R + r, acc);
 }
 
+// One axis pass; the strip kernel (cuda_fast.cu) takes it where it applies.
 template <typename Tin, typename Tout, typename C>
 void launch_axis(const void* in, void* out, int64_t P, int64_t R, int64_t N, bool inverse,
-                 cudaStream_t s) {
+                 cudaStream_t s, int device) {
+  if constexpr (std::is_same<C, float>::value) {
+    if (plane::strip_launch<Tin, Tout>(in, out, P, R, N, inverse, device, s)) return;
+  }
   const int64_t blocks = P * ((R + TS - 1) / TS) * ((N + TS - 1) / TS);
   if (blocks == 0) return;
   if (blocks > 0x7fffffffLL) throw std::invalid_argument("blurfast CUDA: tensor too large");
@@ -84,9 +89,9 @@ void launch_axis(const void* in, void* out, int64_t P, int64_t R, int64_t N, boo
 // 2-D transform: in (P,H,W) -> tmp (P,W,H) -> out (P,H,W).
 template <typename Tin, typename Tout, typename C>
 void transform2d(const void* in, void* out, C* tmp, int64_t P, int64_t H, int64_t W, bool inverse,
-                 cudaStream_t s) {
-  launch_axis<Tin, C, C>(in, tmp, P, H, W, inverse, s);
-  launch_axis<C, Tout, C>(tmp, out, P, W, H, inverse, s);
+                 cudaStream_t s, int device) {
+  launch_axis<Tin, C, C>(in, tmp, P, H, W, inverse, s, device);
+  launch_axis<C, Tout, C>(tmp, out, P, W, H, inverse, s, device);
 }
 
 template <typename C>
@@ -125,20 +130,20 @@ unsigned grid_for(int64_t n) {
 }
 
 template <typename T, typename C>
-void spectral_typed(const SpectralParams& sp, C* ws, cudaStream_t s) {
+void spectral_typed(const SpectralParams& sp, C* ws, cudaStream_t s, int device) {
   const int64_t P = sp.planes, H = sp.H, W = sp.W, n = P * H * W;
   if (n == 0) return;
   C* tmp = ws;
   C* f1 = ws + n;
   C* f2 = sp.x2 ? ws + 2 * n : nullptr;
   C* zb = sp.noise_out ? ws + 3 * n : nullptr;
-  transform2d<T, C, C>(sp.x1, f1, tmp, P, H, W, false, s);
-  if (f2) transform2d<T, C, C>(sp.x2, f2, tmp, P, H, W, false, s);
+  transform2d<T, C, C>(sp.x1, f1, tmp, P, H, W, false, s, device);
+  if (f2) transform2d<T, C, C>(sp.x2, f2, tmp, P, H, W, false, s, device);
   combine<C><<<grid_for(n), 256, 0, s>>>(f1, f2, sp.a1, sp.a2, sp.g, (const C*)sp.zb, zb, sp.seed,
                                          sp.offset, n, H * W);
   check(cudaGetLastError(), "combine launch");
-  transform2d<C, T, C>(f1, sp.out, tmp, P, H, W, true, s);
-  if (zb) transform2d<C, T, C>(zb, sp.noise_out, tmp, P, H, W, true, s);
+  transform2d<C, T, C>(f1, sp.out, tmp, P, H, W, true, s, device);
+  if (zb) transform2d<C, T, C>(zb, sp.noise_out, tmp, P, H, W, true, s, device);
 }
 
 template <typename IO, typename Compute>
@@ -220,7 +225,7 @@ void dct2_cuda(const void* in, void* out, void* workspace, int64_t planes, int64
   dispatch(dtype, [&](auto types) {
     using T = typename decltype(types)::T;
     using C = typename decltype(types)::C;
-    transform2d<T, T, C>(in, out, (C*)workspace, planes, H, W, inverse, s);
+    transform2d<T, T, C>(in, out, (C*)workspace, planes, H, W, inverse, s, device);
   });
 }
 
@@ -232,7 +237,7 @@ void spectral_cuda(const SpectralParams& p, void* workspace, int device, void* s
   dispatch(p.dtype, [&](auto types) {
     using T = typename decltype(types)::T;
     using C = typename decltype(types)::C;
-    spectral_typed<T, C>(p, (C*)workspace, (cudaStream_t)stream);
+    spectral_typed<T, C>(p, (C*)workspace, (cudaStream_t)stream, device);
   });
 }
 

@@ -10,6 +10,7 @@
 
 #include "blurfast.h"
 #include "plane_program.h"
+#include "strip_program.h"
 
 namespace blurfast {
 namespace {
@@ -26,6 +27,16 @@ struct EmuCtx {
       for (int t = threads - 1; t >= 0; --t) f(t);
     else
       for (int t = 0; t < threads; ++t) f(t);
+  }
+  // State a thread keeps in registers from one phase to a later one: one copy per thread.
+  template <typename T>
+  struct PerThread {
+    std::vector<T> v;
+    T& operator()(int t) { return v[t]; }
+  };
+  template <typename T>
+  PerThread<T> per_thread() const {
+    return PerThread<T>{std::vector<T>(threads)};
   }
 };
 
@@ -44,7 +55,41 @@ void emulate(const plane::Job& job, int64_t grid, bool reverse) {
   }
 }
 
+template <int L>
+void emulate_strips(const plane::StripJob& job, int64_t grid, bool reverse) {
+  using G = plane::StripGeom<L>;
+  std::vector<float> sm(G::kSmemFloats);
+  for (int64_t b = 0; b < grid; ++b) {
+    std::fill(sm.begin(), sm.end(), std::numeric_limits<float>::quiet_NaN());
+    EmuCtx ctx;
+    ctx.blk = b;
+    ctx.grd = grid;
+    ctx.threads = G::kThreads;
+    ctx.reverse = reverse;
+    plane::run_strips<L, float, float>(ctx, job, sm.data());
+  }
+}
+
 }  // namespace
+
+void strip_emulate(const void* in, void* out, int64_t planes, int64_t rows, int64_t L,
+                   bool inverse, int64_t grid, bool reverse_threads) {
+  if (rows % 32 != 0) throw std::invalid_argument("strip_emulate: rows must be a multiple of 32");
+  if (grid < 1) throw std::invalid_argument("strip_emulate: grid must be >= 1");
+  plane::StripJob job;
+  job.in = in;
+  job.out = out;
+  job.planes = planes;
+  job.rows = rows;
+  job.inverse = inverse;
+  switch (L) {
+    case 32: emulate_strips<32>(job, grid, reverse_threads); break;
+    case 64: emulate_strips<64>(job, grid, reverse_threads); break;
+    case 128: emulate_strips<128>(job, grid, reverse_threads); break;
+    case 256: emulate_strips<256>(job, grid, reverse_threads); break;
+    default: throw std::invalid_argument("strip_emulate: L must be 32, 64, 128 or 256");
+  }
+}
 
 void plane_emulate(const SpectralParams& p, int mode, int64_t grid, bool reverse_threads) {
   if (p.dtype != kF32) throw std::invalid_argument("plane_emulate: float32 only");

@@ -7,25 +7,14 @@
 // CUDA kernel; emulate.cpp runs the same code on the CPU, thread by thread, so its
 // indexing is tested without a GPU.
 //
-// Square planes N x N, N in {32, 64, 128}, float arithmetic. A 1-D transform of length N
-// uses the even/odd split: X[2k] = sum_{n<N/2} C[2k][n] (x[n] + x[N-1-n]) and
-// X[2k+1] = sum_{n<N/2} C[2k+1][n] (x[n] - x[N-1-n]), two (N/2)^2 products instead of
-// one N^2 product. Each pass transforms the rows of a plane and writes the result
-// transposed, so two passes make a 2-D transform.
+// Square planes N x N, N in {32, 64, 128}, float arithmetic; the 1-D passes of
+// line_passes.h, each writing its result transposed, so two passes make a 2-D transform.
 #pragma once
 #include <cstdint>
-#include <cstring>
 
 #include "blurfast.h"
 #include "common.h"
-
-#ifdef __CUDACC__
-#define BF_UNROLL _Pragma("unroll")
-#define BF_NO_UNROLL _Pragma("unroll 1")   // keeps register use within the occupancy budget
-#else
-#define BF_UNROLL
-#define BF_NO_UNROLL
-#endif
+#include "line_passes.h"
 
 namespace blurfast {
 namespace plane {
@@ -64,37 +53,6 @@ struct Geom {
   static constexpr int64_t smem_floats(int nbuf) { return 2 * kTable + nbuf * kPPB * kPlane; }
 };
 
-// Shared-memory index of plane element (row, col): columns XOR-swizzled in groups of
-// four by row % 8, so row-wise float4 reads by 32 lanes on 32 rows and column-wise
-// scalar writes are both free of bank conflicts.
-template <int N>
-BF_HD int sidx(int row, int col) {
-  return row * N + (col ^ ((row & 7) << 2));
-}
-
-BF_HD void ld4(const float* p, float v[4]) {
-#ifdef __CUDA_ARCH__
-  const float4 t = *reinterpret_cast<const float4*>(p);
-  v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
-#else
-  std::memcpy(v, p, 4 * sizeof(float));
-#endif
-}
-
-BF_HD void st4(float* p, const float v[4]) {
-#ifdef __CUDA_ARCH__
-  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
-#else
-  std::memcpy(p, v, 4 * sizeof(float));
-#endif
-}
-
-// Four consecutive I/O elements <-> float. float here; cuda_fast.cu adds half, bfloat16.
-template <typename T> BF_HD void load4(const T* p, float v[4]);
-template <typename T> BF_HD void store4(T* p, const float v[4]);
-template <> BF_HD void load4<float>(const float* p, float v[4]) { ld4(p, v); }
-template <> BF_HD void store4<float>(float* p, const float v[4]) { st4(p, v); }
-
 // philox_normal(seed, e + q) for q < 4; one Philox block when e is a multiple of 4.
 BF_HD void philox_normal4(uint64_t seed, uint64_t e, float z[4]) {
   if ((e & 3) == 0) {
@@ -106,93 +64,6 @@ BF_HD void philox_normal4(uint64_t seed, uint64_t e, float z[4]) {
     for (int q = 0; q < 4; ++q) z[q] = (float)d[q];
   } else {
     for (int q = 0; q < 4; ++q) z[q] = (float)philox_normal(seed, e + (uint64_t)q);
-  }
-}
-
-// Ef[k][n] = C[2k][n], Of[k][n] = C[2k+1][n] for k, n < N/2.
-template <int N>
-BF_HD void fill_tables(float* Ef, float* Of, int tid, int nthreads) {
-  constexpr int H = N / 2;
-  for (int i = tid; i < H * H; i += nthreads) {
-    const int k = i / H, n = i % H;
-    Ef[i] = (float)dct_coef(2 * k, n, N);
-    Of[i] = (float)dct_coef(2 * k + 1, n, N);
-  }
-}
-
-// Forward pass on one plane: D^T = rows of S times C^T. Warp column group j owns
-// outputs 2k and 2k+1 for k in [8j, 8j+8).
-template <int N>
-BF_HD void forward_pass(const float* S, float* D, const float* Ef, const float* Of, int j,
-                        int lane) {
-  constexpr int R = N / 32, H = N / 2;
-  const int k0 = 8 * j;
-  float ae[R][8], ao[R][8];
-  BF_UNROLL for (int i = 0; i < R; ++i) BF_UNROLL for (int q = 0; q < 8; ++q) ae[i][q] = ao[i][q] = 0.f;
-  for (int m = 0; m < H; m += 4) {
-    float e[R][4], o[R][4];
-    BF_UNROLL for (int i = 0; i < R; ++i) {
-      const int r = lane + 32 * i;
-      float a[4], b[4];                       // x[m..m+3] and x[N-4-m..N-1-m]
-      ld4(S + sidx<N>(r, m), a);
-      ld4(S + sidx<N>(r, N - 4 - m), b);
-      BF_UNROLL for (int t = 0; t < 4; ++t) {
-        e[i][t] = a[t] + b[3 - t];
-        o[i][t] = a[t] - b[3 - t];
-      }
-    }
-    BF_UNROLL for (int q = 0; q < 8; ++q) {
-      float te[4], to[4];
-      ld4(Ef + (k0 + q) * H + m, te);
-      ld4(Of + (k0 + q) * H + m, to);
-      BF_UNROLL for (int i = 0; i < R; ++i) BF_UNROLL for (int t = 0; t < 4; ++t) {
-        ae[i][q] += e[i][t] * te[t];
-        ao[i][q] += o[i][t] * to[t];
-      }
-    }
-  }
-  BF_UNROLL for (int i = 0; i < R; ++i) BF_UNROLL for (int q = 0; q < 8; ++q) {
-    const int r = lane + 32 * i, k = k0 + q;
-    D[sidx<N>(2 * k, r)] = ae[i][q];
-    D[sidx<N>(2 * k + 1, r)] = ao[i][q];
-  }
-}
-
-// Inverse pass on one plane: u[n] = sum_k C[2k][n] X[2k], v[n] = sum_k C[2k+1][n] X[2k+1];
-// x[n] = u + v, x[N-1-n] = u - v. Warp column group j owns n in [8j, 8j+8).
-template <int N>
-BF_HD void inverse_pass(const float* S, float* D, const float* Ef, const float* Of, int j,
-                        int lane) {
-  constexpr int R = N / 32, H = N / 2;
-  const int n0 = 8 * j;
-  float u[R][8], v[R][8];
-  BF_UNROLL for (int i = 0; i < R; ++i) BF_UNROLL for (int q = 0; q < 8; ++q) u[i][q] = v[i][q] = 0.f;
-  for (int k = 0; k < H; k += 4) {
-    float ev[R][4], od[R][4];                 // X[2k..2k+7] split by parity
-    BF_UNROLL for (int i = 0; i < R; ++i) {
-      const int r = lane + 32 * i;
-      float s0[4], s1[4];
-      ld4(S + sidx<N>(r, 2 * k), s0);
-      ld4(S + sidx<N>(r, 2 * k + 4), s1);
-      ev[i][0] = s0[0]; ev[i][1] = s0[2]; ev[i][2] = s1[0]; ev[i][3] = s1[2];
-      od[i][0] = s0[1]; od[i][1] = s0[3]; od[i][2] = s1[1]; od[i][3] = s1[3];
-    }
-    BF_UNROLL for (int t = 0; t < 4; ++t) {
-      float te[8], to[8];
-      ld4(Ef + (k + t) * H + n0, te);
-      ld4(Ef + (k + t) * H + n0 + 4, te + 4);
-      ld4(Of + (k + t) * H + n0, to);
-      ld4(Of + (k + t) * H + n0 + 4, to + 4);
-      BF_UNROLL for (int i = 0; i < R; ++i) BF_UNROLL for (int q = 0; q < 8; ++q) {
-        u[i][q] += ev[i][t] * te[q];
-        v[i][q] += od[i][t] * to[q];
-      }
-    }
-  }
-  BF_UNROLL for (int i = 0; i < R; ++i) BF_UNROLL for (int q = 0; q < 8; ++q) {
-    const int r = lane + 32 * i, n = n0 + q;
-    D[sidx<N>(n, r)] = u[i][q] + v[i][q];
-    D[sidx<N>(N - 1 - n, r)] = u[i][q] - v[i][q];
   }
 }
 
@@ -303,14 +174,14 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
   auto forward = [&](int src, int dst) {
     ctx.phase([&](int tid) {
       const int w = tid / 32, s = w / G::kWarpsPerPlane;
-      forward_pass<N>(buf(src) + s * G::kPlane, buf(dst) + s * G::kPlane, Ef, Of,
+      forward_pass<N, N / 32>(buf(src) + s * G::kPlane, buf(dst) + s * G::kPlane, Ef, Of,
                       w % G::kWarpsPerPlane, tid % 32);
     });
   };
   auto inverse = [&](int src, int dst) {
     ctx.phase([&](int tid) {
       const int w = tid / 32, s = w / G::kWarpsPerPlane;
-      inverse_pass<N>(buf(src) + s * G::kPlane, buf(dst) + s * G::kPlane, Ef, Of,
+      inverse_pass<N, N / 32>(buf(src) + s * G::kPlane, buf(dst) + s * G::kPlane, Ef, Of,
                       w % G::kWarpsPerPlane, tid % 32);
     });
   };

@@ -1,10 +1,11 @@
 """Small CUDA workload for compute-sanitizer (memcheck, racecheck), also a correctness check.
 
-Calls blurfast.dct2 / idct2 / spectral on CUDA at a few sizes (the fused
-whole-plane kernel's squares 32, 64, 128 in float32 and bfloat16, the same squares
-again with the simple kernels, odd sizes, an empty batch, a non-contiguous input,
-broadcast maps, a batch large enough that blocks loop over plane groups), copies
-the results back and compares them with blurfast.reference on the CPU in float64.
+Calls blurfast.dct2 / idct2 / spectral on CUDA at a few sizes (the fused whole-plane
+kernel's squares 32, 64, 128 in float32 and bfloat16; the strip kernel at 256 x 256 and
+64 x 128; the same squares again with the simple kernels; odd sizes, an empty batch, a
+non-contiguous input, broadcast maps, a batch large enough that blocks loop over plane
+groups), copies the results back and compares them with blurfast.reference on the CPU
+in float64.
 Exits 0 when every case ran and matched, 1 on a mismatch or an exception, 2
 when there is no CUDA device. Run it under the sanitizer with the caching
 allocator off, so out-of-bounds accesses land outside real allocations:
@@ -22,6 +23,7 @@ import torch
 SHAPES = [
     (2, 3, 8, 8), (2, 3, 16, 16), (2, 3, 32, 32), (2, 3, 64, 64), (1, 3, 128, 128),
     (1, 2, 256, 256), (1, 1, 1, 1), (2, 1, 7, 12), (1, 2, 33, 20), (0, 3, 16, 16),
+    (1, 2, 64, 128),
 ]
 SQUARES = [(2, 3, 32, 32), (2, 3, 64, 64), (1, 3, 128, 128)]
 REL_TOL = 1e-5          # float32 kernels vs float64 reference, relative to max |ref|

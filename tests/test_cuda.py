@@ -9,7 +9,8 @@ from bfutil import rel_err
 
 pytestmark = pytest.mark.cuda
 
-SIZES = [(8, 8), (16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (1, 1), (7, 12), (33, 20)]
+SIZES = [(8, 8), (16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (1, 1), (7, 12), (33, 20),
+         (64, 128), (96, 256)]   # the last two: strip kernels on both axes
 
 
 def _rand(*shape, dtype=torch.float32, seed=0):

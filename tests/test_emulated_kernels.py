@@ -1,8 +1,9 @@
-"""The fused whole-plane CUDA program, run on the CPU by its emulator (csrc/emulate.cpp).
+"""The fast CUDA programs, run on the CPU by their emulator (csrc/emulate.cpp).
 
-The emulator executes the kernel's own phase code (csrc/plane_program.h) thread by
-thread, so these tests check its indexing, shared-memory layout, even/odd transform,
-plane grouping, persistent block loop and noise numbering without a GPU. Shared memory
+The emulator executes the kernels' own phase code (csrc/plane_program.h: the fused
+whole-plane kernel; csrc/strip_program.h: the strip pass) thread by thread, so these
+tests check their indexing, shared-memory layout, even/odd transform, plane grouping,
+persistent block loop, prefetching and noise numbering without a GPU. Shared memory
 starts as NaN (a read of an unwritten value poisons the output), and running each
 phase's threads in reverse order must give bit-identical results (a thread reading what
 another thread writes in the same phase would change them).
@@ -116,3 +117,40 @@ def test_emulator_rejects_unsupported_calls():
     with pytest.raises(ValueError, match="float32"):
         _C.plane_emulate(1, 32, 32, 1, x.data_ptr(), 0, None, None, None, 0, 0, 0,
                          x.data_ptr(), 0, DCT2, 1, False)
+
+
+def emulate_strips(x, inverse, grid=2, reverse=False):
+    planes, rows, length = x.shape
+    out = torch.empty(planes, length, rows)
+    _C.strip_emulate(x.data_ptr(), out.data_ptr(), planes, rows, length, inverse, grid, reverse)
+    return out
+
+
+@pytest.mark.parametrize("length", [32, 64, 128, 256])
+def test_strip_pass_against_float64(length):
+    # 3 planes of 96 rows: 9 strips, so with grid 2 and 4 blocks loop and prefetch.
+    x = _rand(3, 96, length)
+    c = ref.dct_matrix(length, torch.float64, "cpu")
+    for inverse in (False, True):
+        m = c.T if inverse else c
+        want = torch.einsum("kn,prn->pkr", m, x.double())
+        got = emulate_strips(x, inverse, grid=2)
+        assert torch.isfinite(got).all()
+        assert rel_err(got, want) <= 2e-6
+        assert torch.equal(got, emulate_strips(x, inverse, grid=4, reverse=True))
+
+
+def test_two_strip_passes_make_dct2_of_256_planes():
+    x = _rand(2, 256, 256)
+    y = emulate_strips(emulate_strips(x, False), False)
+    assert rel_err(y, ref.dct2(x.double())) <= 2e-6
+    z = emulate_strips(emulate_strips(y, True), True)
+    assert rel_err(z, x) <= 4e-6
+
+
+def test_strip_emulator_rejects_unsupported_calls():
+    x = torch.zeros(1, 48, 64)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        emulate_strips(x, False)
+    with pytest.raises(ValueError, match="32, 64, 128 or 256"):
+        emulate_strips(torch.zeros(1, 32, 48), False)
