@@ -56,7 +56,7 @@ __all__ = [
     "matmul_dct2", "matmul_idct2", "fft_dct2", "fft_idct2",
     "ref_q_sample", "ref_sampler_step", "tf32_matmul",
     "get_impl", "impl_function", "make_inputs", "traffic_bytes",
-    "measure_copy_gbps", "time_call", "num_input_sets", "run", "dumps", "format_table",
+    "measure_copy_gbps", "time_call", "num_input_sets", "run", "run_header", "dumps", "format_table",
     "main",
 ]
 
@@ -622,6 +622,40 @@ def _time_impls(case, shape, dtype_name, impls, device, iters, warmup, copy_gbps
     return rows
 
 
+def run_header(device=None, quick: bool = False, iters: Optional[int] = None) -> dict:
+    """The results dict without rows: card, driver, torch, date, copy bandwidth."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' requested but torch.cuda.is_available() is False")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    is_cuda = device.type == "cuda"
+    copy_gbps = measure_copy_gbps(device)
+    result = {
+        "gpu": _device_name(device),
+        "driver": _driver_version() if is_cuda else None,
+        "torch": torch.__version__,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "copy_gbps": round(copy_gbps, 1),
+        "rows": [],
+        "device": device.type,
+        "cuda_runtime": torch.version.cuda,
+        "blurfast": _blurfast_version(),
+        "quick": bool(quick),
+        "iters": iters,
+        "cpu_threads": torch.get_num_threads(),
+        "timing": ("median_us: CUDA-event device time per call, host launch overhead hidden; "
+                   "wall_us: host wall-clock per call in a back-to-back loop"
+                   if is_cuda else "median_us: median wall-clock per call; wall_us: mean"),
+        "traffic": "image-sized inputs read once + outputs written once; maps not counted",
+        "launches": "CUDA kernels per call, counted by the torch profiler",
+        "skipped": [],
+    }
+    return result
+
+
 def run(device=None, quick: bool = False, *, cases=None, impls=None, shapes=None,
         dtypes=None, iters: Optional[int] = None, warmup: Optional[int] = None,
         json_path=None, print_table: bool = True, file=None) -> dict:
@@ -666,28 +700,8 @@ def run(device=None, quick: bool = False, *, cases=None, impls=None, shapes=None
         warmup = (5 if quick else 20) if is_cuda else 1
 
     torch.manual_seed(0)
-    copy_gbps = measure_copy_gbps(device)
-    result = {
-        "gpu": _device_name(device),
-        "driver": _driver_version() if is_cuda else None,
-        "torch": torch.__version__,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "copy_gbps": round(copy_gbps, 1),
-        "rows": [],
-        "device": device.type,
-        "cuda_runtime": torch.version.cuda,
-        "blurfast": _blurfast_version(),
-        "quick": bool(quick),
-        "iters": iters,
-        "cpu_threads": torch.get_num_threads(),
-        "timing": ("median_us: CUDA-event device time per call, host launch overhead hidden; "
-                   "wall_us: host wall-clock per call in a back-to-back loop"
-                   if is_cuda else "median_us: median wall-clock per call; wall_us: mean"),
-        "traffic": "image-sized inputs read once + outputs written once; maps not counted",
-        "launches": "CUDA kernels per call, counted by the torch profiler",
-        "skipped": [],
-    }
-
+    result = run_header(device, quick=quick, iters=iters)
+    copy_gbps = result["copy_gbps"]
     for case in cases:
         for shape in shapes:
             case_rows = []
@@ -798,9 +812,15 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer iterations and shapes")
     p.add_argument("--json", dest="json_path", default=None, help="write the results here")
     p.add_argument("--plot", default=None, help="write a bar chart (PNG) of the times here")
+    p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the kernel cases (default on; --no-kernels with --steps times "
+                        "only the model steps)")
     p.add_argument("--steps", action=argparse.BooleanOptionalAction, default=True,
                    help="also time a whole training step and sampler step (model included) "
                         "against the paper-style baseline (default on)")
+    p.add_argument("--step-batches", nargs="+", type=int, default=None, metavar="B",
+                   help="batch sizes of the model steps (default: 16 and 64 on a GPU, 16 "
+                        "with --quick; 8 on a CPU)")
     p.add_argument("--cases", nargs="+", choices=CASES, default=None)
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=None)
     p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=None,
@@ -818,12 +838,16 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    res = run(a.device, a.quick, cases=a.cases, impls=a.impls, shapes=a.shapes,
-              dtypes=a.dtypes, iters=a.iters,
-              warmup=a.warmup, json_path=None)
+    if not (a.kernels or a.steps):
+        p.error("nothing to time: --no-kernels needs --steps")
+    if a.kernels:
+        res = run(a.device, a.quick, cases=a.cases, impls=a.impls, shapes=a.shapes,
+                  dtypes=a.dtypes, iters=a.iters, warmup=a.warmup, json_path=None)
+    else:
+        res = run_header(a.device)
     if a.steps:
         from .bench_steps import format_steps, run_steps
-        res["model_steps"] = run_steps(a.device, a.quick)
+        res["model_steps"] = run_steps(a.device, a.quick, batches=a.step_batches)
         print(format_steps(res["model_steps"]))
     if a.json_path:
         from .fileio import atomic_path

@@ -11,19 +11,24 @@
 #   ext        make the source tree import the built blurfast._C (tests run from here)
 #   info       python -m blurfast info
 #   tests      pytest tests -m cuda (log + junit xml)
-#   bench      python benchmarks/run.py --device cuda --quick --strict --json $OUT/bench.json
+#   bench      kernel table of issue 6 (3 shapes, float32 + bfloat16, every impl):
+#              benchmarks/run.py --device cuda --quick --no-steps --strict -> bench.json
 #              (--strict: fails when blurfast or a torch peer raised)
+#   steps      whole training step and sampler step of paper64 at batch 16 and 64 against
+#              the paper-style fp32 baseline (issue 4's goal) -> steps.json
 #   memcheck   compute-sanitizer --tool memcheck  python scripts/sanitizer_case.py
 #   racecheck  compute-sanitizer --tool racecheck python scripts/sanitizer_case.py
+#   bench_extra  32x32 and 128x128 rows (blurfast, blurfast_simple, torch_fp32)
 # Output in $OUT: <step>.log for each step, gpu_check.log (the running log),
-# summary.txt (PASS/FAIL per step), junit-cuda.xml, bench.json and a copy of it
-# named for the card and date under results/ (commit it to benchmarks/results/).
+# summary.txt (PASS/FAIL per step), junit-cuda.xml, bench*.json, steps.json, and
+# results/<card>-<date>.json: all rows and model steps in one file (commit it to
+# benchmarks/results/).
 # Exit code 0 only when every step that ran passed (GPU_CHECK_SKIP skips steps).
 #
 # Environment knobs:
 #   OUT                    output folder (default gpu_results)
 #   PYTHON                 interpreter (default: python, else python3)
-#   GPU_CHECK_BUDGET       seconds for the whole script (default 280)
+#   GPU_CHECK_BUDGET       seconds for the whole script (default 330)
 #   GPU_CHECK_SKIP         space-separated step names to skip, e.g. "build racecheck"
 #   BLURFAST_CUDA_ARCHS    passed to the build; when unset, this script builds only
 #                          for the GPU present (e.g. "90" on an H100) to save time;
@@ -37,7 +42,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
 PY=${PYTHON:-$(command -v python || command -v python3 || echo python3)}
-BUDGET=${GPU_CHECK_BUDGET:-280}
+BUDGET=${GPU_CHECK_BUDGET:-330}
 SKIP=${GPU_CHECK_SKIP:-}
 START=$SECONDS
 FAILED=0
@@ -183,25 +188,25 @@ EOF
   log "tests junit: $counts"
   echo "tests junit: $counts" >> "$SUMMARY"
 fi
-step bench 75 "$PY" benchmarks/run.py --device cuda --quick --strict \
+step bench 90 "$PY" benchmarks/run.py --device cuda --quick --no-steps --strict \
   --json "$OUT/bench.json"
-if [[ -f "$OUT/bench.json" ]]; then
-  name=$("$PY" - "$OUT/bench.json" <<'EOF' || true
-import json, re, sys
-d = json.load(open(sys.argv[1]))
-gpu = re.sub(r"[^A-Za-z0-9]+", "-", d.get("gpu", "gpu")).strip("-").lower()
-print(f"{gpu}-{d.get('date', '')[:10]}.json")
-EOF
-  )
-  if [[ -n "$name" ]]; then
-    mkdir -p "$OUT/results" && cp -f "$OUT/bench.json" "$OUT/results/$name"
-    log "bench results: $OUT/bench.json (copy: results/$name, commit under benchmarks/results/)"
-  fi
-fi
-step memcheck 75 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+step steps 70 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps \
+  --step-batches 16 64 --json "$OUT/steps.json"
+step memcheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
   --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py
 step racecheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck \
   --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py
+step bench_extra 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
+  --shapes 256x3x32x32 64x3x128x128 --impls blurfast blurfast_simple torch_fp32 \
+  --json "$OUT/bench_extra.json"
+
+# One results file: the kernel rows of both bench runs and the model steps.
+if [[ -f "$OUT/bench.json" ]]; then
+  name=$("$PY" scripts/merge_results.py "$OUT" || true)
+  if [[ -n "$name" ]]; then
+    log "results: $OUT/results/$name (commit it under benchmarks/results/)"
+  fi
+fi
 
 log "done in $((SECONDS - START))s; summary:"
 sed 's/^/    /' "$SUMMARY" | tee -a "$LOG"

@@ -1,0 +1,33 @@
+"""Merge gpu_check.sh's bench.json, bench_extra.json and steps.json (in the folder given)
+into results/<card>-<date>.json there, in blurfast.bench's JSON shape; prints the name."""
+import json
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from blurfast.bench import dumps  # noqa: E402
+
+
+def main(out: str) -> str:
+    d = json.load(open(os.path.join(out, "bench.json")))
+    extra = os.path.join(out, "bench_extra.json")
+    if os.path.exists(extra):
+        e = json.load(open(extra))
+        d["rows"] += e["rows"]
+        d["skipped"] += e["skipped"]
+    steps = os.path.join(out, "steps.json")
+    if os.path.exists(steps):
+        d["model_steps"] = json.load(open(steps)).get("model_steps", [])
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", d.get("gpu", "gpu")).strip("-").lower()
+    name = f"{gpu}-{d.get('date', '')[:10]}.json"
+    os.makedirs(os.path.join(out, "results"), exist_ok=True)
+    path = os.path.join(out, "results", name)
+    with open(path + ".tmp", "w") as f:
+        f.write(dumps(d))
+    os.replace(path + ".tmp", path)
+    return name
+
+
+if __name__ == "__main__":
+    print(main(sys.argv[1]))
