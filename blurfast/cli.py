@@ -19,12 +19,19 @@ def _info(args) -> int:
     print(f"python {platform.python_version()}, torch {torch.__version__}")
     if HAS_CUDA_KERNELS:
         print(f"CUDA kernels: compiled for {describe_archs()}")
+        print("  fused, one launch per call: square planes 32, 64, 128 with float32, float16 or\n"
+              "  bfloat16 I/O (at 128: 160 KiB of shared memory per block, 224 KiB with x2 or\n"
+              "  returned noise); strip passes for sides 32..256; simple kernels otherwise.\n"
+              "  BLURFAST_CUDA_KERNELS=simple forces the simple kernels.")
     else:
         print("CUDA kernels: not compiled (CPU kernels only)")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             cap = torch.cuda.get_device_capability(i)
-            print(f"GPU {i}: {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]})")
+            smem = getattr(torch.cuda.get_device_properties(i), "shared_memory_per_block_optin",
+                           None)
+            extra = f", {smem // 1024} KiB shared memory per block" if smem else ""
+            print(f"GPU {i}: {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]}{extra})")
     else:
         print("GPU: none seen by torch")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
