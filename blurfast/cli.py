@@ -20,7 +20,7 @@ def _info(args) -> int:
     if HAS_CUDA_KERNELS:
         print(f"CUDA kernels: compiled for {describe_archs()}")
         print("  fused, one launch per call: square planes 32, 64, 128 with float32, float16 or\n"
-              "  bfloat16 I/O (at 128: 160 KiB of shared memory per block, 224 KiB with x2 or\n"
+              "  bfloat16 I/O (at 128: 152 KiB of shared memory per block, 216 KiB with x2 or\n"
               "  returned noise); strip passes for sides 32..256; simple kernels otherwise.\n"
               "  BLURFAST_CUDA_KERNELS=simple forces the simple kernels.")
     else:

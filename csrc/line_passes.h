@@ -2,10 +2,8 @@
 // strip_program.h): the swizzled shared-memory layout, vector access, and the two
 // 1-D passes. Host and device code alike (BF_HD), so the CPU emulator runs them too.
 //
-// A 1-D transform of length L uses the even/odd split: X[2k] = sum_{n<L/2} C[2k][n]
-// (x[n] + x[L-1-n]) and X[2k+1] = sum_{n<L/2} C[2k+1][n] (x[n] - x[L-1-n]): two (L/2)^2
-// products instead of one L^2 product, with the tables Ef = C[2k][n], Of = C[2k+1][n]
-// in shared memory.
+// A 1-D transform of length L uses two levels of the even/odd split (see the passes
+// below): 3 L^2 / 8 multiply-adds per row, with the tables in shared memory.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -66,93 +64,156 @@ BF_HD float dct_coef_f(int k, int i, int n) {
 #endif
 }
 
-// Ef[k][n] = C[2k][n], Of[k][n] = C[2k+1][n] for k, n < L/2 (L: transform length).
+// The pass tables for transform length L, in shared memory: odd[k][n] = C[2k+1][n] for
+// k, n < L/2; ee[k][n] = C[4k][n] and eo[k][n] = C[4k+2][n] for k, n < L/4.
+struct Tables {
+  float* odd;
+  float* ee;
+  float* eo;
+};
+
 template <int L>
-BF_HD void fill_tables(float* Ef, float* Of, int tid, int nthreads) {
-  constexpr int H = L / 2;
-  for (int i = tid; i < H * H; i += nthreads) {
-    const int k = i / H, n = i % H;
-    Ef[i] = dct_coef_f(2 * k, n, L);
-    Of[i] = dct_coef_f(2 * k + 1, n, L);
+struct TableSize {
+  static constexpr int kOdd = (L / 2) * (L / 2), kQuarter = (L / 4) * (L / 4);
+  static constexpr int kFloats = kOdd + 2 * kQuarter;   // 3 L^2 / 8, a multiple of 4
+};
+
+template <int L>
+BF_HD Tables tables_at(float* sm) {
+  return Tables{sm, sm + TableSize<L>::kOdd, sm + TableSize<L>::kOdd + TableSize<L>::kQuarter};
+}
+
+template <int L>
+BF_HD void fill_tables(const Tables& t, int tid, int nthreads) {
+  constexpr int H = L / 2, Q = L / 4;
+  for (int i = tid; i < H * H; i += nthreads) t.odd[i] = dct_coef_f(2 * (i / H) + 1, i % H, L);
+  for (int i = tid; i < Q * Q; i += nthreads) {
+    t.ee[i] = dct_coef_f(4 * (i / Q), i % Q, L);
+    t.eo[i] = dct_coef_f(4 * (i / Q) + 2, i % Q, L);
   }
 }
 
-// A pass transforms 32 R rows of length L held in S (rows of L floats) and writes the
-// result transposed into D (rows of 32 R floats). Lanes own rows lane + 32 i, i < R.
+// Passes. A pass transforms 32 R rows of length L held in S (rows of L floats) and
+// writes the result transposed into D (rows of 32 R floats). Lanes own rows lane + 32 i,
+// i < R; warp j of the L/16 warps on a plane owns a fixed set of outputs.
+//
+// Two levels of the even/odd split. With e[n] = x[n] + x[L-1-n], o[n] = x[n] - x[L-1-n]
+// (n < L/2), and then ee[n] = e[n] + e[L/2-1-n], eo[n] = e[n] - e[L/2-1-n] (n < L/4):
+//   X[2k+1] = sum_{n<L/2} C[2k+1][n] o[n],
+//   X[4k]   = sum_{n<L/4} C[4k][n] ee[n],   X[4k+2] = sum_{n<L/4} C[4k+2][n] eo[n],
+// 3 L^2 / 8 multiply-adds per row instead of L^2 / 2 (one level) or L^2 (none).
 
-// Forward pass: D^T = rows of S times C^T. Warp column group j owns outputs 2k and 2k+1
-// for k in [8j, 8j+8).
+// Forward: warp j owns X[2k+1] for k in [8j, 8j+8) and X[4k], X[4k+2] for k in [4j, 4j+4).
 template <int L, int R>
-BF_HD void forward_pass(const float* S, float* D, const float* Ef, const float* Of, int j,
-                        int lane) {
-  constexpr int H = L / 2, N = L;
-  const int k0 = 8 * j;
-  float ae[R][8], ao[R][8];
-  BF_UNROLL for (int i = 0; i < R; ++i) BF_UNROLL for (int q = 0; q < 8; ++q) ae[i][q] = ao[i][q] = 0.f;
-  for (int m = 0; m < H; m += 4) {
-    float e[R][4], o[R][4];
+BF_HD void forward_pass(const float* S, float* D, const Tables& T, int j, int lane) {
+  constexpr int H = L / 2, Q = L / 4;
+  const int k0 = 8 * j, k1 = 4 * j;
+  float ao[R][8], aee[R][4], aeo[R][4];
+  BF_UNROLL for (int i = 0; i < R; ++i) {
+    BF_UNROLL for (int q = 0; q < 8; ++q) ao[i][q] = 0.f;
+    BF_UNROLL for (int q = 0; q < 4; ++q) aee[i][q] = aeo[i][q] = 0.f;
+  }
+  for (int m = 0; m < Q; m += 4) {
+    const int mm = H - 4 - m;                 // the mirror chunk within the first half
+    float olo[R][4], ohi[R][4], ee[R][4], eo[R][4];
     BF_UNROLL for (int i = 0; i < R; ++i) {
       const int r = lane + 32 * i;
-      float a[4], b[4];                       // x[m..m+3] and x[N-4-m..N-1-m]
-      ld4(S + sidx<N>(r, m), a);
-      ld4(S + sidx<N>(r, N - 4 - m), b);
+      float a[4], b[4], c[4], d[4];
+      ld4(S + sidx<L>(r, m), a);              // x[m+t];      partner x[L-1-m-t] = b[3-t]
+      ld4(S + sidx<L>(r, L - 4 - m), b);
+      ld4(S + sidx<L>(r, mm), c);             // x[mm+t];     partner x[L-1-mm-t] = d[3-t]
+      ld4(S + sidx<L>(r, H + m), d);
+      float elo[4], ehi[4];
       BF_UNROLL for (int t = 0; t < 4; ++t) {
-        e[i][t] = a[t] + b[3 - t];
-        o[i][t] = a[t] - b[3 - t];
+        elo[t] = a[t] + b[3 - t];
+        olo[i][t] = a[t] - b[3 - t];
+        ehi[t] = c[t] + d[3 - t];
+        ohi[i][t] = c[t] - d[3 - t];
+      }
+      BF_UNROLL for (int t = 0; t < 4; ++t) { // e[m+t] with e[H-1-m-t] = ehi[3-t]
+        ee[i][t] = elo[t] + ehi[3 - t];
+        eo[i][t] = elo[t] - ehi[3 - t];
       }
     }
     BF_UNROLL for (int q = 0; q < 8; ++q) {
+      float tl[4], th[4];
+      ld4(T.odd + (k0 + q) * H + m, tl);
+      ld4(T.odd + (k0 + q) * H + mm, th);
+      BF_UNROLL for (int i = 0; i < R; ++i) BF_UNROLL for (int t = 0; t < 4; ++t)
+        ao[i][q] += olo[i][t] * tl[t] + ohi[i][t] * th[t];
+    }
+    BF_UNROLL for (int q = 0; q < 4; ++q) {
       float te[4], to[4];
-      ld4(Ef + (k0 + q) * H + m, te);
-      ld4(Of + (k0 + q) * H + m, to);
+      ld4(T.ee + (k1 + q) * Q + m, te);
+      ld4(T.eo + (k1 + q) * Q + m, to);
       BF_UNROLL for (int i = 0; i < R; ++i) BF_UNROLL for (int t = 0; t < 4; ++t) {
-        ae[i][q] += e[i][t] * te[t];
-        ao[i][q] += o[i][t] * to[t];
+        aee[i][q] += ee[i][t] * te[t];
+        aeo[i][q] += eo[i][t] * to[t];
       }
     }
   }
-  BF_UNROLL for (int i = 0; i < R; ++i) BF_UNROLL for (int q = 0; q < 8; ++q) {
-    const int r = lane + 32 * i, k = k0 + q;
-    D[sidx<32 * R>(2 * k, r)] = ae[i][q];
-    D[sidx<32 * R>(2 * k + 1, r)] = ao[i][q];
+  BF_UNROLL for (int i = 0; i < R; ++i) {
+    const int r = lane + 32 * i;
+    BF_UNROLL for (int q = 0; q < 8; ++q) D[sidx<32 * R>(2 * (k0 + q) + 1, r)] = ao[i][q];
+    BF_UNROLL for (int q = 0; q < 4; ++q) {
+      D[sidx<32 * R>(4 * (k1 + q), r)] = aee[i][q];
+      D[sidx<32 * R>(4 * (k1 + q) + 2, r)] = aeo[i][q];
+    }
   }
 }
 
-// Inverse pass: u[n] = sum_k C[2k][n] X[2k], v[n] = sum_k C[2k+1][n] X[2k+1];
-// x[n] = u + v, x[L-1-n] = u - v. Warp column group j owns n in [8j, 8j+8).
+// Inverse: u[n] = sum_k C[2k][n] X[2k] = uu[n] + uv[n] and u[L/2-1-n] = uu[n] - uv[n]
+// (n < L/4), with uu[n] = sum_k C[4k][n] X[4k], uv[n] = sum_k C[4k+2][n] X[4k+2];
+// v[n] = sum_k C[2k+1][n] X[2k+1]; x[n] = u[n] + v[n], x[L-1-n] = u[n] - v[n] (n < L/2).
+// Warp j owns n in [4j, 4j+4) and their mirrors L/2-1-n (and the outputs L-1-n of both).
 template <int L, int R>
-BF_HD void inverse_pass(const float* S, float* D, const float* Ef, const float* Of, int j,
-                        int lane) {
-  constexpr int H = L / 2, N = L;
-  const int n0 = 8 * j;
-  float u[R][8], v[R][8];
-  BF_UNROLL for (int i = 0; i < R; ++i) BF_UNROLL for (int q = 0; q < 8; ++q) u[i][q] = v[i][q] = 0.f;
-  for (int k = 0; k < H; k += 4) {
-    float ev[R][4], od[R][4];                 // X[2k..2k+7] split by parity
+BF_HD void inverse_pass(const float* S, float* D, const Tables& T, int j, int lane) {
+  constexpr int H = L / 2, Q = L / 4;
+  const int n0 = 4 * j, n1 = H - 4 - 4 * j;   // v columns: [n0, n0+4) and [n1, n1+4)
+  float v[R][8], uu[R][4], uv[R][4];
+  BF_UNROLL for (int i = 0; i < R; ++i) {
+    BF_UNROLL for (int q = 0; q < 8; ++q) v[i][q] = 0.f;
+    BF_UNROLL for (int q = 0; q < 4; ++q) uu[i][q] = uv[i][q] = 0.f;
+  }
+  for (int c = 0; c < L / 8; ++c) {           // X[8c .. 8c+7]
+    float od[R][4], e0[R][2], e2[R][2];
     BF_UNROLL for (int i = 0; i < R; ++i) {
       const int r = lane + 32 * i;
       float s0[4], s1[4];
-      ld4(S + sidx<N>(r, 2 * k), s0);
-      ld4(S + sidx<N>(r, 2 * k + 4), s1);
-      ev[i][0] = s0[0]; ev[i][1] = s0[2]; ev[i][2] = s1[0]; ev[i][3] = s1[2];
-      od[i][0] = s0[1]; od[i][1] = s0[3]; od[i][2] = s1[1]; od[i][3] = s1[3];
+      ld4(S + sidx<L>(r, 8 * c), s0);
+      ld4(S + sidx<L>(r, 8 * c + 4), s1);
+      od[i][0] = s0[1]; od[i][1] = s0[3]; od[i][2] = s1[1]; od[i][3] = s1[3];  // X[2(4c+t)+1]
+      e0[i][0] = s0[0]; e0[i][1] = s1[0];     // X[4(2c+t)]
+      e2[i][0] = s0[2]; e2[i][1] = s1[2];     // X[4(2c+t)+2]
     }
     BF_UNROLL for (int t = 0; t < 4; ++t) {
-      float te[8], to[8];
-      ld4(Ef + (k + t) * H + n0, te);
-      ld4(Ef + (k + t) * H + n0 + 4, te + 4);
-      ld4(Of + (k + t) * H + n0, to);
-      ld4(Of + (k + t) * H + n0 + 4, to + 4);
-      BF_UNROLL for (int i = 0; i < R; ++i) BF_UNROLL for (int q = 0; q < 8; ++q) {
-        u[i][q] += ev[i][t] * te[q];
-        v[i][q] += od[i][t] * to[q];
+      float tl[4], th[4];
+      ld4(T.odd + (4 * c + t) * H + n0, tl);
+      ld4(T.odd + (4 * c + t) * H + n1, th);
+      BF_UNROLL for (int i = 0; i < R; ++i) BF_UNROLL for (int q = 0; q < 4; ++q) {
+        v[i][q] += od[i][t] * tl[q];
+        v[i][4 + q] += od[i][t] * th[q];
+      }
+    }
+    BF_UNROLL for (int t = 0; t < 2; ++t) {
+      float te[4], to[4];
+      ld4(T.ee + (2 * c + t) * Q + n0, te);
+      ld4(T.eo + (2 * c + t) * Q + n0, to);
+      BF_UNROLL for (int i = 0; i < R; ++i) BF_UNROLL for (int q = 0; q < 4; ++q) {
+        uu[i][q] += e0[i][t] * te[q];
+        uv[i][q] += e2[i][t] * to[q];
       }
     }
   }
-  BF_UNROLL for (int i = 0; i < R; ++i) BF_UNROLL for (int q = 0; q < 8; ++q) {
-    const int r = lane + 32 * i, n = n0 + q;
-    D[sidx<32 * R>(n, r)] = u[i][q] + v[i][q];
-    D[sidx<32 * R>(N - 1 - n, r)] = u[i][q] - v[i][q];
+  BF_UNROLL for (int i = 0; i < R; ++i) BF_UNROLL for (int q = 0; q < 4; ++q) {
+    const int r = lane + 32 * i;
+    const int n = n0 + q, nm = H - 1 - n;     // nm = n1 + 3 - q
+    const float un = uu[i][q] + uv[i][q], um = uu[i][q] - uv[i][q];
+    const float vn = v[i][q], vm = v[i][4 + 3 - q];
+    D[sidx<32 * R>(n, r)] = un + vn;
+    D[sidx<32 * R>(L - 1 - n, r)] = un - vn;
+    D[sidx<32 * R>(nm, r)] = um + vm;
+    D[sidx<32 * R>(L - 1 - nm, r)] = um - vm;
   }
 }
 

@@ -43,14 +43,13 @@ struct Geom {
   static constexpr int kWarpsPerPlane = N / 16;
   static constexpr int kThreads = 32 * kWarpsPerPlane * kPPB;   // 256
   static constexpr int kRows = N / 32;                           // rows per lane
-  static constexpr int kHalf = N / 2;
   static constexpr int kPlane = N * N;
-  static constexpr int kTable = kHalf * kHalf;
+  static constexpr int kTables = TableSize<N>::kFloats;
   static constexpr int kChunksPerThread = kPPB * kPlane / 4 / kThreads;
   static_assert(N == 32 || N == 64 || N == 128, "plane program: N must be 32, 64 or 128");
   static_assert(kPPB * kPlane % (4 * kThreads) == 0, "chunks must divide evenly");
-  // Shared memory: tables Ef, Of, then nbuf buffers of kPPB planes.
-  static constexpr int64_t smem_floats(int nbuf) { return 2 * kTable + nbuf * kPPB * kPlane; }
+  // Shared memory: the pass tables, then nbuf buffers of kPPB planes.
+  static constexpr int64_t smem_floats(int nbuf) { return kTables + nbuf * kPPB * kPlane; }
 };
 
 // philox_normal(seed, e + q) for q < 4; one Philox block when e is a multiple of 4.
@@ -167,26 +166,25 @@ inline int buffers_needed(const Job& job) {
 template <int N, typename T, typename Ctx>
 BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
   using G = Geom<N>;
-  float* Ef = sm;
-  float* Of = sm + G::kTable;
-  auto buf = [sm](int b) { return sm + 2 * G::kTable + b * G::kPPB * G::kPlane; };
+  const Tables tab = tables_at<N>(sm);
+  auto buf = [sm](int b) { return sm + G::kTables + b * G::kPPB * G::kPlane; };
   // Every pass: warp w works on plane slot w / kWarpsPerPlane, column group w % kWarpsPerPlane.
   auto forward = [&](int src, int dst) {
     ctx.phase([&](int tid) {
       const int w = tid / 32, s = w / G::kWarpsPerPlane;
-      forward_pass<N, N / 32>(buf(src) + s * G::kPlane, buf(dst) + s * G::kPlane, Ef, Of,
-                      w % G::kWarpsPerPlane, tid % 32);
+      forward_pass<N, N / 32>(buf(src) + s * G::kPlane, buf(dst) + s * G::kPlane, tab,
+                              w % G::kWarpsPerPlane, tid % 32);
     });
   };
   auto inverse = [&](int src, int dst) {
     ctx.phase([&](int tid) {
       const int w = tid / 32, s = w / G::kWarpsPerPlane;
-      inverse_pass<N, N / 32>(buf(src) + s * G::kPlane, buf(dst) + s * G::kPlane, Ef, Of,
-                      w % G::kWarpsPerPlane, tid % 32);
+      inverse_pass<N, N / 32>(buf(src) + s * G::kPlane, buf(dst) + s * G::kPlane, tab,
+                              w % G::kWarpsPerPlane, tid % 32);
     });
   };
 
-  ctx.phase([&](int tid) { fill_tables<N>(Ef, Of, tid, G::kThreads); });
+  ctx.phase([&](int tid) { fill_tables<N>(tab, tid, G::kThreads); });
   const int64_t groups = (job.planes + G::kPPB - 1) / G::kPPB;
   for (int64_t grp = ctx.block(); grp < groups; grp += ctx.grid()) {
     const int64_t p0 = grp * G::kPPB;

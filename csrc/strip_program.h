@@ -21,10 +21,10 @@ struct StripGeom {
   static constexpr int L = L_;
   static constexpr int kWarps = L / 16;          // column groups of 8 in each half
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kTable = (L / 2) * (L / 2);
+  static constexpr int kTables = TableSize<L>::kFloats;
   static constexpr int kBuf = 32 * L;            // one strip
   static constexpr int kChunks = kBuf / 4 / kThreads;
-  static constexpr int64_t kSmemFloats = 2 * kTable + 2 * kBuf;
+  static constexpr int64_t kSmemFloats = kTables + 2 * kBuf;
   static_assert(L == 32 || L == 64 || L == 128 || L == 256, "strip program: L in 32..256");
   static_assert(kBuf % (4 * kThreads) == 0, "chunks must divide evenly");
 };
@@ -45,9 +45,8 @@ struct StripPrefetch {
 template <int L, typename Tin, typename Tout, typename Ctx>
 BF_HD void run_strips(Ctx& ctx, const StripJob& job, float* sm) {
   using G = StripGeom<L>;
-  float* Ef = sm;
-  float* Of = sm + G::kTable;
-  float* S = sm + 2 * G::kTable;
+  const Tables tab = tables_at<L>(sm);
+  float* S = sm + G::kTables;
   float* D = S + G::kBuf;
   const int64_t per_plane = job.rows / 32, strips = job.planes * per_plane;
   auto pre = ctx.template per_thread<StripPrefetch<L>>();
@@ -58,7 +57,7 @@ BF_HD void run_strips(Ctx& ctx, const StripJob& job, float* sm) {
       load4<Tin>(src + 4 * (tid + u * G::kThreads), pre(tid).v[u]);
   };
 
-  ctx.phase([&](int tid) { fill_tables<L>(Ef, Of, tid, G::kThreads); });
+  ctx.phase([&](int tid) { fill_tables<L>(tab, tid, G::kThreads); });
   int64_t st = ctx.block();
   if (st < strips) ctx.phase([&](int tid) { fetch(st, tid); });
   for (; st < strips; st += ctx.grid()) {
@@ -71,9 +70,9 @@ BF_HD void run_strips(Ctx& ctx, const StripJob& job, float* sm) {
     ctx.phase([&](int tid) {
       if (st + ctx.grid() < strips) fetch(st + ctx.grid(), tid);
       if (job.inverse)
-        inverse_pass<L, 1>(S, D, Ef, Of, tid / 32, tid % 32);
+        inverse_pass<L, 1>(S, D, tab, tid / 32, tid % 32);
       else
-        forward_pass<L, 1>(S, D, Ef, Of, tid / 32, tid % 32);
+        forward_pass<L, 1>(S, D, tab, tid / 32, tid % 32);
     });
     ctx.phase([&](int tid) {
       const int64_t p = st / per_plane, r0 = (st % per_plane) * 32;

@@ -133,7 +133,7 @@ def _plane_kernel_fits(n: int, buffers: int) -> bool:
     optin = getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", None)
     if optin is None:
         pytest.skip("torch does not report shared_memory_per_block_optin")
-    need = 4 * (2 * (n // 2) ** 2 + buffers * _PLANES_PER_BLOCK[n] * n * n)
+    need = 4 * (3 * n * n // 8 + buffers * _PLANES_PER_BLOCK[n] * n * n)   # tables + planes
     return need <= optin
 
 
