@@ -86,11 +86,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("plane_emulate", [](int64_t planes, int64_t H, int64_t W, int dtype, uintptr_t x1,
                             uintptr_t x2, py::object a1, py::object a2, py::object g,
                             uintptr_t zb, uint64_t seed, uint64_t offset, uintptr_t out,
-                            uintptr_t noise_out, int mode, int64_t grid, bool reverse_threads) {
+                            uintptr_t noise_out, int mode, int64_t grid, bool reverse_threads,
+                            int split) {
     SpectralParams p = spectral_params(planes, H, W, dtype, x1, x2, a1, a2, g, zb, seed, offset,
                                        out, noise_out);
     py::gil_scoped_release nogil;
-    plane_emulate(p, mode, grid, reverse_threads);
+    plane_emulate(p, mode, grid, reverse_threads, split);
   }, "CPU emulation of the fused whole-plane CUDA kernel (tests only).");
   m.def("strip_emulate", [](uintptr_t in, uintptr_t out, int64_t planes, int64_t rows, int64_t L,
                             bool inverse, int64_t grid, bool reverse_threads) {

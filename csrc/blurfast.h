@@ -41,8 +41,10 @@ void normal_cpu(void* out, int64_t n, int dtype, uint64_t seed, uint64_t offset)
 
 // Test hook: runs the fused whole-plane CUDA program (plane_program.h) on the CPU, for
 // float32 and H = W in {32, 64, 128}. mode: 0 dct2 (x1 -> out), 1 idct2, 2 spectral.
-// grid: number of blocks; reverse_threads: run each phase's threads last to first.
-void plane_emulate(const SpectralParams& p, int mode, int64_t grid, bool reverse_threads);
+// grid: number of blocks; reverse_threads: run each phase's threads last to first;
+// split: the work split (1, or 2 for N >= 64: each plane's rows over twice the warps).
+void plane_emulate(const SpectralParams& p, int mode, int64_t grid, bool reverse_threads,
+                   int split);
 // Test hook: runs the strip CUDA program (strip_program.h) on the CPU, float32:
 // in (planes, rows, L) -> out (planes, L, rows), each row transformed, rows % 32 == 0.
 void strip_emulate(const void* in, void* out, int64_t planes, int64_t rows, int64_t L,

@@ -1,8 +1,9 @@
 // The fast CUDA kernels: the programs of plane_program.h and strip_program.h as kernels.
 //
-// Whole-plane kernel: one launch per call. A block of 256 threads holds Geom<N>::kPPB
-// planes in shared memory; blocks loop over plane groups (grid = resident blocks), so
-// the DCT tables are built once per block. Serves float32, float16 and bfloat16 I/O with
+// Whole-plane kernel: one launch per call. A block holds Geom::kPPB planes in shared
+// memory; blocks loop over plane groups (grid = resident blocks), so the DCT tables are
+// built once per block. Calls with fewer plane groups than SMs take the split geometry
+// (one plane per block, each plane's rows over twice the warps). Serves float32, float16 and bfloat16 I/O with
 // float arithmetic for H = W in {32, 64, 128} when the shared memory fits (N = 128
 // needs Hopper's 227 KiB).
 //
@@ -98,16 +99,16 @@ struct GpuCtx {
   }
 };
 
-// Blocks per SM the register budget is sized for: the shared memory of a call with three
-// buffers allows 4 (N = 32), 2 (N = 64) and 1 (N = 128).
-template <int N>
-constexpr int kMinBlocks = N == 128 ? 1 : 2;
+// Blocks per SM the register budget is sized for: 2 where the shared memory of a call
+// with three buffers allows 2 or more (N = 32, 64 with split 1), else 1.
+template <typename G>
+constexpr int kMinBlocks = G::N == 128 || G::kSplit == 2 ? 1 : 2;
 
-template <int N, typename T>
-__global__ void __launch_bounds__(256, kMinBlocks<N>) plane_kernel(Job job) {
+template <typename G, typename T>
+__global__ void __launch_bounds__(G::kThreads, kMinBlocks<G>) plane_kernel(Job job) {
   extern __shared__ float4 smem4[];
   GpuCtx ctx;
-  run_program<N, T>(ctx, job, reinterpret_cast<float*>(smem4));
+  run_program<G, T>(ctx, job, reinterpret_cast<float*>(smem4));
 }
 
 template <int L, typename Tin, typename Tout>
@@ -158,10 +159,6 @@ bool disabled_by_env() {
   return v && std::strcmp(v, "simple") == 0;
 }
 
-template <int N, typename T>
-const void* kernel_ptr() {
-  return reinterpret_cast<const void*>(&plane_kernel<N, T>);
-}
 
 // Calls f(std::integral_constant<int, N>, (T*)nullptr) for the plane size and I/O type;
 // false when no instantiation exists.
@@ -186,9 +183,21 @@ bool with_kernel(int64_t n, int dtype, F&& f) {
 // The plan for a call: the kernel fits and every pointer is aligned for vector access.
 struct Plan {
   bool ok = false;
+  int split = 1;        // Geom's kSplit
   int64_t bytes = 0;
   int per_sm = 0;
 };
+
+template <typename G, typename T>
+Plan plan_for(const Job& job, int device) {
+  Plan plan;
+  plan.split = G::kSplit;
+  plan.bytes = G::smem_floats(buffers_needed(job)) * (int64_t)sizeof(float);
+  plan.per_sm = blocks_per_sm(reinterpret_cast<const void*>(&plane_kernel<G, T>), G::kThreads,
+                              device, plan.bytes);
+  plan.ok = plan.per_sm > 0;
+  return plan;
+}
 
 Plan make_plan(const Job& job, int64_t H, int64_t W, int dtype, int device) {
   Plan plan;
@@ -202,9 +211,15 @@ Plan make_plan(const Job& job, int64_t H, int64_t W, int dtype, int device) {
   with_kernel(H, dtype, [&](auto size, auto* t) {
     constexpr int N = decltype(size)::value;
     using T = std::remove_pointer_t<decltype(t)>;
-    plan.bytes = Geom<N>::smem_floats(buffers_needed(job)) * (int64_t)sizeof(float);
-    plan.per_sm = blocks_per_sm(kernel_ptr<N, T>(), Geom<N>::kThreads, device, plan.bytes);
-    plan.ok = plan.per_sm > 0;
+    // Fewer plane groups than SMs: split each plane's rows over twice the warps.
+    if constexpr (N >= 64) {
+      const int64_t groups = (job.planes + Geom<N>::kPPB - 1) / Geom<N>::kPPB;
+      if (groups < sm_count(device)) {
+        plan = plan_for<Geom<N, 2>, T>(job, device);
+        if (plan.ok) return true;
+      }
+    }
+    plan = plan_for<Geom<N, 1>, T>(job, device);
     return true;
   });
   return plan;
@@ -269,15 +284,22 @@ bool plane_launch(const Job& job, int64_t H, int64_t W, int dtype, int device,
                   cudaStream_t stream) {
   const Plan plan = make_plan(job, H, W, dtype, device);
   if (!plan.ok) return false;
-  return with_kernel(H, dtype, [&](auto size, auto* t) {
-    constexpr int N = decltype(size)::value;
+  const int64_t resident = (int64_t)plan.per_sm * sm_count(device);
+  auto launch = [&](auto geom, auto* t) {
+    using G = decltype(geom);
     using T = std::remove_pointer_t<decltype(t)>;
-    const int64_t groups = (job.planes + Geom<N>::kPPB - 1) / Geom<N>::kPPB;
-    const int64_t resident = (int64_t)plan.per_sm * sm_count(device);
+    const int64_t groups = (job.planes + G::kPPB - 1) / G::kPPB;
     const unsigned grid = (unsigned)(groups < resident ? groups : resident);
-    plane_kernel<N, T><<<grid, Geom<N>::kThreads, (size_t)plan.bytes, stream>>>(job);
+    plane_kernel<G, T><<<grid, G::kThreads, (size_t)plan.bytes, stream>>>(job);
     check(cudaGetLastError(), "launch");
     return true;
+  };
+  return with_kernel(H, dtype, [&](auto size, auto* t) {
+    constexpr int N = decltype(size)::value;
+    if constexpr (N >= 64) {
+      if (plan.split == 2) return launch(Geom<N, 2>{}, t);
+    }
+    return launch(Geom<N, 1>{}, t);
   });
 }
 

@@ -40,9 +40,8 @@ struct EmuCtx {
   }
 };
 
-template <int N>
+template <typename G>
 void emulate(const plane::Job& job, int64_t grid, bool reverse) {
-  using G = plane::Geom<N>;
   std::vector<float> sm(G::smem_floats(plane::buffers_needed(job)));
   for (int64_t b = 0; b < grid; ++b) {
     std::fill(sm.begin(), sm.end(), std::numeric_limits<float>::quiet_NaN());
@@ -51,7 +50,7 @@ void emulate(const plane::Job& job, int64_t grid, bool reverse) {
     ctx.grd = grid;
     ctx.threads = G::kThreads;
     ctx.reverse = reverse;
-    plane::run_program<N, float>(ctx, job, sm.data());
+    plane::run_program<G, float>(ctx, job, sm.data());
   }
 }
 
@@ -91,17 +90,27 @@ void strip_emulate(const void* in, void* out, int64_t planes, int64_t rows, int6
   }
 }
 
-void plane_emulate(const SpectralParams& p, int mode, int64_t grid, bool reverse_threads) {
+void plane_emulate(const SpectralParams& p, int mode, int64_t grid, bool reverse_threads,
+                   int split) {
+  using plane::Geom;
   if (p.dtype != kF32) throw std::invalid_argument("plane_emulate: float32 only");
   if (p.H != p.W) throw std::invalid_argument("plane_emulate: square planes only");
   if (grid < 1) throw std::invalid_argument("plane_emulate: grid must be >= 1");
+  if (p.H != 32 && p.H != 64 && p.H != 128)
+    throw std::invalid_argument("plane_emulate: H = W must be 32, 64 or 128");
+  if (split != 1 && !(split == 2 && p.H >= 64))
+    throw std::invalid_argument("plane_emulate: split must be 1, or 2 for H = W >= 64");
   const plane::Job job = plane::make_job(p, mode);
-  switch (p.H) {
-    case 32: emulate<32>(job, grid, reverse_threads); break;
-    case 64: emulate<64>(job, grid, reverse_threads); break;
-    case 128: emulate<128>(job, grid, reverse_threads); break;
-    default: throw std::invalid_argument("plane_emulate: H = W must be 32, 64 or 128");
-  }
+  if (p.H == 32)
+    emulate<Geom<32>>(job, grid, reverse_threads);
+  else if (p.H == 64 && split == 1)
+    emulate<Geom<64>>(job, grid, reverse_threads);
+  else if (p.H == 64)
+    emulate<Geom<64, 2>>(job, grid, reverse_threads);
+  else if (split == 1)
+    emulate<Geom<128>>(job, grid, reverse_threads);
+  else
+    emulate<Geom<128, 2>>(job, grid, reverse_threads);
 }
 
 }  // namespace blurfast

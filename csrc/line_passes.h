@@ -93,9 +93,10 @@ BF_HD void fill_tables(const Tables& t, int tid, int nthreads) {
   }
 }
 
-// Passes. A pass transforms 32 R rows of length L held in S (rows of L floats) and
-// writes the result transposed into D (rows of 32 R floats). Lanes own rows lane + 32 i,
-// i < R; warp j of the L/16 warps on a plane owns a fixed set of outputs.
+// Passes. A pass transforms rows of length L held in S (rows of L floats) and writes the
+// result transposed into D (rows of DW floats, DW = the number of rows in S). A warp
+// owns rows row0 + lane + 32 i, i < R, and, as warp j of the L/16 column groups, a
+// fixed set of outputs.
 //
 // Two levels of the even/odd split. With e[n] = x[n] + x[L-1-n], o[n] = x[n] - x[L-1-n]
 // (n < L/2), and then ee[n] = e[n] + e[L/2-1-n], eo[n] = e[n] - e[L/2-1-n] (n < L/4):
@@ -104,8 +105,8 @@ BF_HD void fill_tables(const Tables& t, int tid, int nthreads) {
 // 3 L^2 / 8 multiply-adds per row instead of L^2 / 2 (one level) or L^2 (none).
 
 // Forward: warp j owns X[2k+1] for k in [8j, 8j+8) and X[4k], X[4k+2] for k in [4j, 4j+4).
-template <int L, int R>
-BF_HD void forward_pass(const float* S, float* D, const Tables& T, int j, int lane) {
+template <int L, int R, int DW>
+BF_HD void forward_pass(const float* S, float* D, const Tables& T, int j, int row0, int lane) {
   constexpr int H = L / 2, Q = L / 4;
   const int k0 = 8 * j, k1 = 4 * j;
   float ao[R][8], aee[R][4], aeo[R][4];
@@ -117,7 +118,7 @@ BF_HD void forward_pass(const float* S, float* D, const Tables& T, int j, int la
     const int mm = H - 4 - m;                 // the mirror chunk within the first half
     float olo[R][4], ohi[R][4], ee[R][4], eo[R][4];
     BF_UNROLL for (int i = 0; i < R; ++i) {
-      const int r = lane + 32 * i;
+      const int r = row0 + lane + 32 * i;
       float a[4], b[4], c[4], d[4];
       ld4(S + sidx<L>(r, m), a);              // x[m+t];      partner x[L-1-m-t] = b[3-t]
       ld4(S + sidx<L>(r, L - 4 - m), b);
@@ -153,11 +154,11 @@ BF_HD void forward_pass(const float* S, float* D, const Tables& T, int j, int la
     }
   }
   BF_UNROLL for (int i = 0; i < R; ++i) {
-    const int r = lane + 32 * i;
-    BF_UNROLL for (int q = 0; q < 8; ++q) D[sidx<32 * R>(2 * (k0 + q) + 1, r)] = ao[i][q];
+    const int r = row0 + lane + 32 * i;
+    BF_UNROLL for (int q = 0; q < 8; ++q) D[sidx<DW>(2 * (k0 + q) + 1, r)] = ao[i][q];
     BF_UNROLL for (int q = 0; q < 4; ++q) {
-      D[sidx<32 * R>(4 * (k1 + q), r)] = aee[i][q];
-      D[sidx<32 * R>(4 * (k1 + q) + 2, r)] = aeo[i][q];
+      D[sidx<DW>(4 * (k1 + q), r)] = aee[i][q];
+      D[sidx<DW>(4 * (k1 + q) + 2, r)] = aeo[i][q];
     }
   }
 }
@@ -166,8 +167,8 @@ BF_HD void forward_pass(const float* S, float* D, const Tables& T, int j, int la
 // (n < L/4), with uu[n] = sum_k C[4k][n] X[4k], uv[n] = sum_k C[4k+2][n] X[4k+2];
 // v[n] = sum_k C[2k+1][n] X[2k+1]; x[n] = u[n] + v[n], x[L-1-n] = u[n] - v[n] (n < L/2).
 // Warp j owns n in [4j, 4j+4) and their mirrors L/2-1-n (and the outputs L-1-n of both).
-template <int L, int R>
-BF_HD void inverse_pass(const float* S, float* D, const Tables& T, int j, int lane) {
+template <int L, int R, int DW>
+BF_HD void inverse_pass(const float* S, float* D, const Tables& T, int j, int row0, int lane) {
   constexpr int H = L / 2, Q = L / 4;
   const int n0 = 4 * j, n1 = H - 4 - 4 * j;   // v columns: [n0, n0+4) and [n1, n1+4)
   float v[R][8], uu[R][4], uv[R][4];
@@ -178,7 +179,7 @@ BF_HD void inverse_pass(const float* S, float* D, const Tables& T, int j, int la
   for (int c = 0; c < L / 8; ++c) {           // X[8c .. 8c+7]
     float od[R][4], e0[R][2], e2[R][2];
     BF_UNROLL for (int i = 0; i < R; ++i) {
-      const int r = lane + 32 * i;
+      const int r = row0 + lane + 32 * i;
       float s0[4], s1[4];
       ld4(S + sidx<L>(r, 8 * c), s0);
       ld4(S + sidx<L>(r, 8 * c + 4), s1);
@@ -206,14 +207,14 @@ BF_HD void inverse_pass(const float* S, float* D, const Tables& T, int j, int la
     }
   }
   BF_UNROLL for (int i = 0; i < R; ++i) BF_UNROLL for (int q = 0; q < 4; ++q) {
-    const int r = lane + 32 * i;
+    const int r = row0 + lane + 32 * i;
     const int n = n0 + q, nm = H - 1 - n;     // nm = n1 + 3 - q
     const float un = uu[i][q] + uv[i][q], um = uu[i][q] - uv[i][q];
     const float vn = v[i][q], vm = v[i][4 + 3 - q];
-    D[sidx<32 * R>(n, r)] = un + vn;
-    D[sidx<32 * R>(L - 1 - n, r)] = un - vn;
-    D[sidx<32 * R>(nm, r)] = um + vm;
-    D[sidx<32 * R>(L - 1 - nm, r)] = um - vm;
+    D[sidx<DW>(n, r)] = un + vn;
+    D[sidx<DW>(L - 1 - n, r)] = un - vn;
+    D[sidx<DW>(nm, r)] = um + vm;
+    D[sidx<DW>(L - 1 - nm, r)] = um - vm;
   }
 }
 

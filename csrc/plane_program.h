@@ -34,19 +34,24 @@ struct Job {
   void* noise_out = nullptr;
 };
 
-// Work split for plane size N with PPB planes per block: each warp owns 8 output
-// columns of both halves of one plane; its lanes own rows lane + 32 i.
-template <int N_>
+// Work split for plane size N. Each warp owns one column group (line_passes.h) of one
+// plane, for all its rows (kSplit = 1: kPPB planes per block of 256 threads, for
+// throughput) or for half of them (kSplit = 2: one plane per block, twice the warps, half
+// the work per warp: for calls with fewer plane groups than SMs).
+template <int N_, int Split = 1>
 struct Geom {
   static constexpr int N = N_;
-  static constexpr int kPPB = N <= 32 ? 4 : (N == 64 ? 2 : 1);
-  static constexpr int kWarpsPerPlane = N / 16;
-  static constexpr int kThreads = 32 * kWarpsPerPlane * kPPB;   // 256
-  static constexpr int kRows = N / 32;                           // rows per lane
+  static constexpr int kSplit = Split;
+  static constexpr int kPPB = Split == 2 ? 1 : (N <= 32 ? 4 : (N == 64 ? 2 : 1));
+  static constexpr int kGroups = N / 16;                         // column groups per plane
+  static constexpr int kWarpsPerPlane = kGroups * Split;
+  static constexpr int kThreads = 32 * kWarpsPerPlane * kPPB;
+  static constexpr int kRows = N / 32 / Split;                   // rows per lane
   static constexpr int kPlane = N * N;
   static constexpr int kTables = TableSize<N>::kFloats;
   static constexpr int kChunksPerThread = kPPB * kPlane / 4 / kThreads;
   static_assert(N == 32 || N == 64 || N == 128, "plane program: N must be 32, 64 or 128");
+  static_assert(Split == 1 || (Split == 2 && N >= 64), "plane program: split 2 needs N >= 64");
   static_assert(kPPB * kPlane % (4 * kThreads) == 0, "chunks must divide evenly");
   // Shared memory: the pass tables, then nbuf buffers of kPPB planes.
   static constexpr int64_t smem_floats(int nbuf) { return kTables + nbuf * kPPB * kPlane; }
@@ -69,9 +74,9 @@ BF_HD void philox_normal4(uint64_t seed, uint64_t e, float z[4]) {
 // Global plane group p0 .. p0+kPPB-1 <-> buffer (planes past `planes` read as zero and
 // are not written). Thread tid moves float4 chunks tid, tid + kThreads, ...; all loads
 // are issued before the first shared-memory store.
-template <int N, typename T>
+template <typename G, typename T>
 BF_HD void load_group(const T* src, float* buf, int64_t p0, int64_t planes, int tid) {
-  using G = Geom<N>;
+  constexpr int N = G::N;
   float v[G::kChunksPerThread][4];
   BF_UNROLL for (int u = 0; u < G::kChunksPerThread; ++u) {
     const int c = tid + u * G::kThreads, s = c / (G::kPlane / 4), f = (c % (G::kPlane / 4)) * 4;
@@ -84,9 +89,9 @@ BF_HD void load_group(const T* src, float* buf, int64_t p0, int64_t planes, int 
   }
 }
 
-template <int N, typename T>
+template <typename G, typename T>
 BF_HD void store_group(const float* buf, T* dst, int64_t p0, int64_t planes, int tid) {
-  using G = Geom<N>;
+  constexpr int N = G::N;
   BF_UNROLL for (int u = 0; u < G::kChunksPerThread; ++u) {
     const int c = tid + u * G::kThreads, s = c / (G::kPlane / 4), f = (c % (G::kPlane / 4)) * 4;
     if (p0 + s >= planes) continue;
@@ -102,9 +107,9 @@ BF_HD const float* map_ptr(const MapRef& m, int64_t p) {
 }
 
 // Frequency space, in place in A: A = a1 A + a2 C + g zb; C = zb when noise is returned.
-template <int N>
+template <typename G>
 BF_HD void combine_group(const Job& job, float* A, float* C, int64_t p0, int tid) {
-  using G = Geom<N>;
+  constexpr int N = G::N;
   const bool want_noise = job.g.ptr || job.noise_out;
   BF_NO_UNROLL for (int u = 0; u < G::kChunksPerThread; ++u) {
     const int c = tid + u * G::kThreads, s = c / (G::kPlane / 4), f = (c % (G::kPlane / 4)) * 4;
@@ -161,26 +166,28 @@ inline int buffers_needed(const Job& job) {
   return job.mode == kSpectral && (job.x2 || job.noise_out) ? 3 : 2;
 }
 
-// The whole program for one block. `sm` holds Geom<N>::smem_floats(buffers_needed(job))
-// floats. Blocks take plane groups blockIdx, blockIdx + gridDim, ...
-template <int N, typename T, typename Ctx>
+// The whole program for one block of geometry G (a Geom). `sm` holds
+// G::smem_floats(buffers_needed(job)) floats. Blocks take plane groups blockIdx,
+// blockIdx + gridDim, ...
+template <typename G, typename T, typename Ctx>
 BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
-  using G = Geom<N>;
+  constexpr int N = G::N;
   const Tables tab = tables_at<N>(sm);
   auto buf = [sm](int b) { return sm + G::kTables + b * G::kPPB * G::kPlane; };
-  // Every pass: warp w works on plane slot w / kWarpsPerPlane, column group w % kWarpsPerPlane.
+  // Every pass: warp w works on plane slot w / kWarpsPerPlane; within it, on column
+  // group wp % kGroups of rows from 32 kRows (wp / kGroups) on (wp = w % kWarpsPerPlane).
   auto forward = [&](int src, int dst) {
     ctx.phase([&](int tid) {
-      const int w = tid / 32, s = w / G::kWarpsPerPlane;
-      forward_pass<N, N / 32>(buf(src) + s * G::kPlane, buf(dst) + s * G::kPlane, tab,
-                              w % G::kWarpsPerPlane, tid % 32);
+      const int w = tid / 32, s = w / G::kWarpsPerPlane, wp = w % G::kWarpsPerPlane;
+      forward_pass<N, G::kRows, N>(buf(src) + s * G::kPlane, buf(dst) + s * G::kPlane, tab,
+                                   wp % G::kGroups, 32 * G::kRows * (wp / G::kGroups), tid % 32);
     });
   };
   auto inverse = [&](int src, int dst) {
     ctx.phase([&](int tid) {
-      const int w = tid / 32, s = w / G::kWarpsPerPlane;
-      inverse_pass<N, N / 32>(buf(src) + s * G::kPlane, buf(dst) + s * G::kPlane, tab,
-                              w % G::kWarpsPerPlane, tid % 32);
+      const int w = tid / 32, s = w / G::kWarpsPerPlane, wp = w % G::kWarpsPerPlane;
+      inverse_pass<N, G::kRows, N>(buf(src) + s * G::kPlane, buf(dst) + s * G::kPlane, tab,
+                                   wp % G::kGroups, 32 * G::kRows * (wp / G::kGroups), tid % 32);
     });
   };
 
@@ -189,9 +196,9 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
   for (int64_t grp = ctx.block(); grp < groups; grp += ctx.grid()) {
     const int64_t p0 = grp * G::kPPB;
     ctx.phase([&](int tid) {
-      load_group<N, T>((const T*)job.x1, buf(0), p0, job.planes, tid);
+      load_group<G, T>((const T*)job.x1, buf(0), p0, job.planes, tid);
       if (job.mode == kSpectral && job.x2)
-        load_group<N, T>((const T*)job.x2, buf(2), p0, job.planes, tid);
+        load_group<G, T>((const T*)job.x2, buf(2), p0, job.planes, tid);
     });
     if (job.mode == kIdct2) {
       inverse(0, 1);
@@ -205,16 +212,16 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
         forward(2, 1);
         forward(1, 2);
       }
-      ctx.phase([&](int tid) { combine_group<N>(job, buf(0), buf(2), p0, tid); });
+      ctx.phase([&](int tid) { combine_group<G>(job, buf(0), buf(2), p0, tid); });
       inverse(0, 1);
       inverse(1, 0);
     }
-    ctx.phase([&](int tid) { store_group<N, T>(buf(0), (T*)job.out, p0, job.planes, tid); });
+    ctx.phase([&](int tid) { store_group<G, T>(buf(0), (T*)job.out, p0, job.planes, tid); });
     if (job.mode == kSpectral && job.noise_out) {
       inverse(2, 1);
       inverse(1, 2);
       ctx.phase([&](int tid) {
-        store_group<N, T>(buf(2), (T*)job.noise_out, p0, job.planes, tid);
+        store_group<G, T>(buf(2), (T*)job.noise_out, p0, job.planes, tid);
       });
     }
   }

@@ -70,9 +70,9 @@ BF_HD void run_strips(Ctx& ctx, const StripJob& job, float* sm) {
     ctx.phase([&](int tid) {
       if (st + ctx.grid() < strips) fetch(st + ctx.grid(), tid);
       if (job.inverse)
-        inverse_pass<L, 1>(S, D, tab, tid / 32, tid % 32);
+        inverse_pass<L, 1, 32>(S, D, tab, tid / 32, 0, tid % 32);
       else
-        forward_pass<L, 1>(S, D, tab, tid / 32, tid % 32);
+        forward_pass<L, 1, 32>(S, D, tab, tid / 32, 0, tid % 32);
     });
     ctx.phase([&](int tid) {
       const int64_t p = st / per_plane, r0 = (st % per_plane) * 32;

@@ -17,6 +17,7 @@ from blurfast.ops import spectral_kernel_args
 from bfutil import rel_err
 
 SIZES = (32, 64, 128)
+GEOMETRIES = [(32, 1), (64, 1), (64, 2), (128, 1), (128, 2)]   # (N, split)
 DCT2, IDCT2, SPECTRAL = 0, 1, 2
 
 
@@ -25,34 +26,34 @@ def _rand(*shape, seed=0):
     return torch.randn(*shape, generator=g, dtype=torch.float64).float()
 
 
-def emulate_dct(x, inverse, grid=2, reverse=False):
+def emulate_dct(x, inverse, grid=2, reverse=False, split=1):
     out = torch.empty_like(x)
     n = x.shape[-1]
     _C.plane_emulate(x.numel() // (n * n), n, n, 0, x.data_ptr(), 0, None, None, None, 0, 0,
-                     0, out.data_ptr(), 0, IDCT2 if inverse else DCT2, grid, reverse)
+                     0, out.data_ptr(), 0, IDCT2 if inverse else DCT2, grid, reverse, split)
     return out
 
 
 def emulate_spectral(x, a, x2=None, a2=None, g=None, noise=None, *, seed=0, offset=0,
-                     return_noise=False, grid=2, reverse=False):
+                     return_noise=False, grid=2, reverse=False, split=1):
     out = torch.empty_like(x)
     noise_px = torch.empty_like(x) if return_noise else None
     args, keep = spectral_kernel_args(x, a, x2, a2, g, noise, seed, offset, out, noise_px)
-    _C.plane_emulate(*args, SPECTRAL, grid, reverse)
+    _C.plane_emulate(*args, SPECTRAL, grid, reverse, split)
     del keep
     return (out, noise_px) if return_noise else out
 
 
-@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("n,split", GEOMETRIES)
 @pytest.mark.parametrize("planes", [1, 5])
-def test_dct2_and_idct2_against_float64(n, planes):
+def test_dct2_and_idct2_against_float64(n, split, planes):
     # 5 planes: a partial last plane group for every planes-per-block (4, 2, 1).
     x = _rand(planes, n, n)
     for inverse, want in ((False, ref.dct2(x.double())), (True, ref.idct2(x.double()))):
-        y = emulate_dct(x, inverse, grid=2)
+        y = emulate_dct(x, inverse, grid=2, split=split)
         assert torch.isfinite(y).all()
         assert rel_err(y, want) <= 2e-6
-        assert torch.equal(y, emulate_dct(x, inverse, grid=3, reverse=True))
+        assert torch.equal(y, emulate_dct(x, inverse, grid=3, reverse=True, split=split))
 
 
 def test_round_trip_and_basis_vectors():
@@ -67,19 +68,19 @@ def test_round_trip_and_basis_vectors():
     assert rel_err(emulate_dct(emulate_dct(x, False), True), x) <= 4e-6
 
 
-@pytest.mark.parametrize("n", SIZES)
-def test_spectral_generated_noise_two_inputs(n):
+@pytest.mark.parametrize("n,split", GEOMETRIES)
+def test_spectral_generated_noise_two_inputs(n, split):
     b, c = 3, 3                                     # 9 planes
     x, x2 = _rand(b, c, n, n), _rand(b, c, n, n, seed=1)
     a = torch.rand(b, 1, n, n, generator=torch.Generator().manual_seed(2))
     a2 = torch.rand(1, c, n, n, generator=torch.Generator().manual_seed(3))
     g = torch.rand(b, 1, 1, 1, generator=torch.Generator().manual_seed(4))
     kw = dict(seed=99, offset=12, return_noise=True)
-    out, npx = emulate_spectral(x, a, x2, a2, g, **kw)
+    out, npx = emulate_spectral(x, a, x2, a2, g, split=split, **kw)
     want, want_n = ref.spectral(x.double(), a, x2.double(), a2, g=g, **kw)
     assert rel_err(out, want) <= 2e-6
     assert rel_err(npx, want_n) <= 2e-6
-    out_r, npx_r = emulate_spectral(x, a, x2, a2, g, grid=4, reverse=True, **kw)
+    out_r, npx_r = emulate_spectral(x, a, x2, a2, g, grid=4, reverse=True, split=split, **kw)
     assert torch.equal(out, out_r) and torch.equal(npx, npx_r)
 
 
@@ -116,7 +117,9 @@ def test_emulator_rejects_unsupported_calls():
         emulate_dct(x, False)
     with pytest.raises(ValueError, match="float32"):
         _C.plane_emulate(1, 32, 32, 1, x.data_ptr(), 0, None, None, None, 0, 0, 0,
-                         x.data_ptr(), 0, DCT2, 1, False)
+                         x.data_ptr(), 0, DCT2, 1, False, 1)
+    with pytest.raises(ValueError, match="split"):
+        emulate_dct(torch.zeros(1, 32, 32), False, split=2)
 
 
 def emulate_strips(x, inverse, grid=2, reverse=False):
