@@ -3,8 +3,8 @@
 Calls blurfast.dct2 / idct2 / spectral on CUDA at a few sizes (the fused whole-plane
 kernel's squares 32, 64, 128 in float32 and bfloat16; the strip kernel at 256 x 256 and
 64 x 128; the same squares again with the simple kernels; odd sizes, an empty batch, a
-non-contiguous input, broadcast maps, a batch large enough that blocks loop over plane
-groups), copies the results back and compares them with blurfast.reference on the CPU
+non-contiguous input, broadcast maps, batches large enough for the throughput geometry
+and for blocks that loop over plane groups), copies the results back and compares them with blurfast.reference on the CPU
 in float64.
 Exits 0 when every case ran and matched, 1 on a mismatch or an exception, 2
 when there is no CUDA device. Run it under the sanitizer with the caching
@@ -69,6 +69,7 @@ def main(argv=None):
     runs += [(shape, torch.bfloat16, "") for shape in SQUARES]
     runs += [(shape, torch.float32, "simple") for shape in SQUARES]
     runs += [((400, 3, 32, 32), torch.float32, "")]     # more plane groups than blocks
+    runs += [((150, 3, 64, 64), torch.float32, "")]     # more plane groups than SMs
     for shape, dtype, kernels in runs:
         b, c, h, w = shape
         if max(h, w) > a.max_hw:

@@ -185,14 +185,19 @@ def test_plane_and_simple_kernels_agree(n, dtype, monkeypatch):
             assert rel_err(got_f, w) <= bound and rel_err(got_s, w) <= bound
 
 
-def test_plane_kernel_many_planes_and_misaligned_input():
-    # 6000 planes of 32x32: more plane groups than resident blocks, so blocks loop.
-    x = _rand(2000, 3, 32, 32)
-    a = torch.rand(2000, 1, 32, 32)
+@pytest.mark.parametrize("shape", [(2000, 3, 32, 32), (300, 3, 64, 64), (200, 1, 128, 128)])
+def test_plane_kernel_many_planes(shape):
+    # More plane groups than SMs (the throughput geometry, not the split one) and than
+    # resident blocks, so blocks loop over plane groups.
+    b, c, h, w = shape
+    x, a = _rand(*shape), torch.rand(b, 1, h, w)
     out, eps = bf.spectral(x.cuda(), a.cuda(), g=(1 - a * a).sqrt().cuda(), seed=4,
                            return_noise=True)
     want, want_e = ref.spectral(x.double(), a, g=(1 - a * a).sqrt(), seed=4, return_noise=True)
     assert rel_err(out, want) <= 2e-6 and rel_err(eps, want_e) <= 2e-6
+
+
+def test_plane_kernel_misaligned_input_falls_back():
     # A view 4 bytes into its storage cannot take float4 loads: the simple kernels serve it.
     flat = _rand(3 * 64 * 64 + 1).cuda()
     xv = flat[1:].view(3, 64, 64)
