@@ -146,9 +146,16 @@ int blocks_per_sm(const void* kernel, int threads, int device, int64_t bytes) {
   return nb;
 }
 
+// Cached: launches inside CUDA-graph capture then make no attribute queries.
 int sm_count(int device) {
+  static std::mutex mu;
+  static std::map<int, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
   int n = 0;
   check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "SM count");
+  cache[device] = n;
   return n;
 }
 

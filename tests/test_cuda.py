@@ -203,3 +203,18 @@ def test_plane_kernel_misaligned_input_falls_back():
     xv = flat[1:].view(3, 64, 64)
     assert _kernel_names(xv, torch.ones(64, 64, device="cuda"))[0] == "simple"
     assert rel_err(bf.dct2(xv), ref.dct2(flat[1:].view(3, 64, 64).double().cpu())) <= 2e-6
+
+
+def test_plane_kernel_first_call_inside_cuda_graph_capture():
+    # float16 at 128 with a second input and returned noise: no other test plans this
+    # kernel, so its first plan (shared-memory attribute, occupancy query) happens
+    # during capture here.
+    x, x2 = _rand(2, 3, 128, 128, dtype=torch.float16).cuda(), _rand(2, 3, 128, 128).half().cuda()
+    a, g = torch.rand(2, 1, 128, 128).cuda(), torch.rand(128, 128).cuda()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, eps = bf.spectral(x, a, x2, a, g=g, seed=9, return_noise=True)
+    graph.replay()
+    torch.cuda.synchronize()
+    want, want_e = bf.spectral(x, a, x2, a, g=g, seed=9, return_noise=True)
+    assert torch.equal(out, want) and torch.equal(eps, want_e)
