@@ -22,6 +22,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "cuda_fast.h"
 #include "plane_program.h"
@@ -124,11 +125,15 @@ void check(cudaError_t e, const char* what) {
                              cudaGetErrorString(e));
 }
 
-// Resident blocks per SM of one instantiation at a given shared-memory size; 0 when it
-// does not fit. Cached per (device, kernel, bytes).
-int blocks_per_sm(const void* kernel, int threads, int device, int64_t bytes) {
+// Resident blocks per SM of one instantiation when a call uses `bytes` of shared memory;
+// 0 when that does not fit. `max_bytes` (>= bytes) is the most any call of this kernel
+// uses: the kernel's dynamic shared-memory limit is raised to it once, so a later call
+// with more bytes than an earlier one still launches. Cached per (device, kernel, bytes).
+int blocks_per_sm(const void* kernel, int threads, int device, int64_t bytes,
+                  int64_t max_bytes) {
   static std::mutex mu;
   static std::map<std::tuple<int, const void*, int64_t>, int> cache;
+  static std::map<std::pair<int, const void*>, int64_t> limit;   // attribute set so far
   std::lock_guard<std::mutex> lock(mu);
   const auto key = std::make_tuple(device, kernel, bytes);  // (kernel fixes threads)
   auto it = cache.find(key);
@@ -137,8 +142,13 @@ int blocks_per_sm(const void* kernel, int threads, int device, int64_t bytes) {
   check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
         "cudaDeviceGetAttribute");
   if (bytes <= optin) {
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes),
-          "cudaFuncSetAttribute");
+    const int64_t want = max_bytes <= optin ? max_bytes : bytes;
+    int64_t& have = limit[std::make_pair(device, kernel)];
+    if (have < want) {
+      check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)want),
+            "cudaFuncSetAttribute");
+      have = want;
+    }
     check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kernel, threads, (size_t)bytes),
           "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
   }
@@ -201,7 +211,7 @@ Plan plan_for(const Job& job, int device) {
   plan.split = G::kSplit;
   plan.bytes = G::smem_floats(buffers_needed(job)) * (int64_t)sizeof(float);
   plan.per_sm = blocks_per_sm(reinterpret_cast<const void*>(&plane_kernel<G, T>), G::kThreads,
-                              device, plan.bytes);
+                              device, plan.bytes, G::smem_floats(3) * (int64_t)sizeof(float));
   plan.ok = plan.per_sm > 0;
   return plan;
 }
@@ -256,7 +266,7 @@ bool strip_launch(const void* in, void* out, int64_t planes, int64_t rows, int64
     using G = StripGeom<N>;
     const void* kernel = reinterpret_cast<const void*>(&strip_kernel<N, Tin, Tout>);
     const int64_t bytes = G::kSmemFloats * (int64_t)sizeof(float);
-    const int per_sm = blocks_per_sm(kernel, G::kThreads, device, bytes);
+    const int per_sm = blocks_per_sm(kernel, G::kThreads, device, bytes, bytes);
     if (per_sm == 0) return false;
     const int64_t strips = planes * (rows / 32), resident = (int64_t)per_sm * sm_count(device);
     StripJob job;
