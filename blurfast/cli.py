@@ -187,6 +187,9 @@ def main(argv=None) -> int:
         run = lambda: args.func(args)  # noqa: E731
     try:
         return run()
+    except BrokenPipeError:          # output piped into e.g. `head`, which exited
+        sys.stderr.close()           # nothing more can be written; exit quietly
+        return 0
     except (ValueError, TypeError, FileNotFoundError) as e:
         if os.environ.get("BLURFAST_DEBUG"):
             raise
