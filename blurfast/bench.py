@@ -622,8 +622,8 @@ def _time_impls(case, shape, dtype_name, impls, device, iters, warmup, copy_gbps
     return rows
 
 
-def run_header(device=None, quick: bool = False, iters: Optional[int] = None) -> dict:
-    """The results dict without rows: card, driver, torch, date, copy bandwidth."""
+def _resolve_device(device) -> torch.device:
+    """``device`` as a torch.device with an index on CUDA (default: cuda when available)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -631,6 +631,12 @@ def run_header(device=None, quick: bool = False, iters: Optional[int] = None) ->
         raise ValueError("device: 'cuda' requested but torch.cuda.is_available() is False")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def run_header(device=None, quick: bool = False, iters: Optional[int] = None) -> dict:
+    """The results dict without rows: card, driver, torch, date, copy bandwidth."""
+    device = _resolve_device(device)
     is_cuda = device.type == "cuda"
     copy_gbps = measure_copy_gbps(device)
     result = {
@@ -667,13 +673,7 @@ def run(device=None, quick: bool = False, *, cases=None, impls=None, shapes=None
     (default dtypes: float32, plus bfloat16 on CUDA for the impls that take it).
     Rows that cannot run (impl unavailable, or an exception) go to ``skipped``.
     """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: 'cuda' requested but torch.cuda.is_available() is False")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _resolve_device(device)
     is_cuda = device.type == "cuda"
 
     cases = tuple(cases) if cases else CASES

@@ -40,33 +40,32 @@ struct EmuCtx {
   }
 };
 
-template <typename G>
-void emulate(const plane::Job& job, int64_t grid, bool reverse) {
-  std::vector<float> sm(G::smem_floats(plane::buffers_needed(job)));
+// Runs block_program(ctx, smem) for blocks 0 .. grid-1, shared memory poisoned first.
+template <typename F>
+void run_blocks(int64_t smem_floats, int threads, int64_t grid, bool reverse, F&& block_program) {
+  std::vector<float> sm(smem_floats);
   for (int64_t b = 0; b < grid; ++b) {
     std::fill(sm.begin(), sm.end(), std::numeric_limits<float>::quiet_NaN());
     EmuCtx ctx;
     ctx.blk = b;
     ctx.grd = grid;
-    ctx.threads = G::kThreads;
+    ctx.threads = threads;
     ctx.reverse = reverse;
-    plane::run_program<G, float>(ctx, job, sm.data());
+    block_program(ctx, sm.data());
   }
+}
+
+template <typename G>
+void emulate(const plane::Job& job, int64_t grid, bool reverse) {
+  run_blocks(G::smem_floats(plane::buffers_needed(job)), G::kThreads, grid, reverse,
+             [&](EmuCtx& ctx, float* sm) { plane::run_program<G, float>(ctx, job, sm); });
 }
 
 template <int L>
 void emulate_strips(const plane::StripJob& job, int64_t grid, bool reverse) {
   using G = plane::StripGeom<L>;
-  std::vector<float> sm(G::kSmemFloats);
-  for (int64_t b = 0; b < grid; ++b) {
-    std::fill(sm.begin(), sm.end(), std::numeric_limits<float>::quiet_NaN());
-    EmuCtx ctx;
-    ctx.blk = b;
-    ctx.grd = grid;
-    ctx.threads = G::kThreads;
-    ctx.reverse = reverse;
-    plane::run_strips<L, float, float>(ctx, job, sm.data());
-  }
+  run_blocks(G::kSmemFloats, G::kThreads, grid, reverse,
+             [&](EmuCtx& ctx, float* sm) { plane::run_strips<L, float, float>(ctx, job, sm); });
 }
 
 }  // namespace
