@@ -1,5 +1,7 @@
 // CPU kernels: separable matrix DCT per plane, the fused spectral op, Philox normals.
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -41,8 +43,9 @@ const DctTable<T>& dct_table(int64_t n) {
 constexpr int RB = 4;
 
 template <typename T, int NH, int NW>
-void transform_plane(const T* x, T* y, int64_t H_, int64_t W_, const T* row_m, const T* col_m,
-                     T* tmp) {
+__attribute__((always_inline)) inline void transform_plane_body(const T* x, T* y, int64_t H_,
+                                                                int64_t W_, const T* row_m,
+                                                                const T* col_m, T* tmp) {
   const int64_t H = NH > 0 ? NH : H_;
   const int64_t W = NW > 0 ? NW : W_;
   // Pass 1: tmp[r, :] = sum_i x[r, i] * row_m[i, :].
@@ -95,24 +98,57 @@ void transform_plane(const T* x, T* y, int64_t H_, int64_t W_, const T* row_m, c
   }
 }
 
+// The same code compiled twice: for the baseline x86-64 (SSE2) and, chosen at run time
+// where the CPU has them, for AVX2 with FMA (wider vectors, fused multiply-adds).
+template <typename T, int NH, int NW>
+void transform_plane(const T* x, T* y, int64_t H, int64_t W, const T* row_m, const T* col_m,
+                     T* tmp) {
+  transform_plane_body<T, NH, NW>(x, y, H, W, row_m, col_m, tmp);
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define BLURFAST_AVX2_CLONES 1
+template <typename T, int NH, int NW>
+__attribute__((target("avx2,fma"))) void transform_plane_avx2(const T* x, T* y, int64_t H,
+                                                              int64_t W, const T* row_m,
+                                                              const T* col_m, T* tmp) {
+  transform_plane_body<T, NH, NW>(x, y, H, W, row_m, col_m, tmp);
+}
+
+// BLURFAST_CPU_KERNELS=baseline turns the AVX2 code off (read per call, for tests).
+bool use_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* v = std::getenv("BLURFAST_CPU_KERNELS");
+  return has && !(v && std::strcmp(v, "baseline") == 0);
+}
+#endif
+
 template <typename T>
 using PlaneFn = void (*)(const T*, T*, int64_t, int64_t, const T*, const T*, T*);
+
+template <typename T, int NH, int NW>
+PlaneFn<T> best_plane_fn() {
+#ifdef BLURFAST_AVX2_CLONES
+  if (use_avx2_fma()) return transform_plane_avx2<T, NH, NW>;
+#endif
+  return transform_plane<T, NH, NW>;
+}
 
 // Fast paths for square powers of two 8..256; the generic path for every other size.
 template <typename T>
 PlaneFn<T> plane_fn(int64_t H, int64_t W) {
   if (H == W) {
     switch (H) {
-      case 8: return transform_plane<T, 8, 8>;
-      case 16: return transform_plane<T, 16, 16>;
-      case 32: return transform_plane<T, 32, 32>;
-      case 64: return transform_plane<T, 64, 64>;
-      case 128: return transform_plane<T, 128, 128>;
-      case 256: return transform_plane<T, 256, 256>;
+      case 8: return best_plane_fn<T, 8, 8>();
+      case 16: return best_plane_fn<T, 16, 16>();
+      case 32: return best_plane_fn<T, 32, 32>();
+      case 64: return best_plane_fn<T, 64, 64>();
+      case 128: return best_plane_fn<T, 128, 128>();
+      case 256: return best_plane_fn<T, 256, 256>();
       default: break;
     }
   }
-  return transform_plane<T, 0, 0>;
+  return best_plane_fn<T, 0, 0>();
 }
 
 // A 2-D transform of one size and direction, with its matrices bound.

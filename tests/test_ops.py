@@ -40,8 +40,19 @@ def test_reference_matrix_is_orthonormal():
 
 # --------------------------------------------------------------- CPU kernels vs reference
 
+# Both builds of the CPU transform: AVX2 + FMA where the CPU has them, and the baseline.
+ISAS = ["default", "baseline"]
+
+
+@pytest.fixture(params=ISAS)
+def cpu_isa(request, monkeypatch):
+    if request.param == "baseline":
+        monkeypatch.setenv("BLURFAST_CPU_KERNELS", "baseline")
+    return request.param
+
+
 @pytest.mark.parametrize("n", FAST_SIZES)
-def test_dct2_fast_paths_float32(n):
+def test_dct2_fast_paths_float32(n, cpu_isa):
     x = _rand(2, 3, n, n, seed=n)
     want = ref.dct2(x.double())
     assert rel_err(bf.dct2(x), want) <= 2e-6
@@ -49,14 +60,14 @@ def test_dct2_fast_paths_float32(n):
 
 
 @pytest.mark.parametrize("hw", ODD_SIZES)
-def test_dct2_generic_sizes_float32(hw):
+def test_dct2_generic_sizes_float32(hw, cpu_isa):
     x = _rand(4, *hw)
     assert rel_err(bf.dct2(x), ref.dct2(x.double())) <= 2e-6
     assert rel_err(bf.idct2(x), ref.idct2(x.double())) <= 2e-6
 
 
 @pytest.mark.parametrize("hw", [(64, 64), (7, 12), (256, 256)])
-def test_dct2_float64(hw):
+def test_dct2_float64(hw, cpu_isa):
     x = _rand(2, *hw, dtype=torch.float64)
     want = torch.from_numpy(scipy.fft.dctn(x.numpy(), axes=(-2, -1), norm="ortho"))
     assert rel_err(bf.dct2(x), want) <= 1e-13
