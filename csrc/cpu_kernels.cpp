@@ -16,13 +16,23 @@
 namespace blurfast {
 namespace {
 
-// DCT-II matrix C (n x n, C[k*n+i]) and its transpose, cached per (n, type).
+// DCT-II matrix C (n x n, C[k*n+i]) and its transpose, cached per (n, type); for even n
+// also its even and odd rows on the first half of the columns (the even/odd split):
+// ev[k][i] = C[2k][i], od[k][i] = C[2k+1][i] and their transposes, k, i < n/2.
 template <typename T>
 struct DctTable {
-  std::vector<T> c, ct;
+  std::vector<T> c, ct, ev, od, evt, odt;
   explicit DctTable(int64_t n) : c(n * n), ct(n * n) {
     for (int64_t k = 0; k < n; ++k)
       for (int64_t i = 0; i < n; ++i) c[k * n + i] = ct[i * n + k] = (T)dct_coef(k, i, n);
+    if (n % 2) return;
+    const int64_t h = n / 2;
+    ev.resize(h * h), od.resize(h * h), evt.resize(h * h), odt.resize(h * h);
+    for (int64_t k = 0; k < h; ++k)
+      for (int64_t i = 0; i < h; ++i) {
+        ev[k * h + i] = evt[i * h + k] = c[2 * k * n + i];
+        od[k * h + i] = odt[i * h + k] = c[(2 * k + 1) * n + i];
+      }
   }
 };
 
@@ -36,18 +46,15 @@ const DctTable<T>& dct_table(int64_t n) {
   return *slot;
 }
 
-// y = Mh * x * Mw^T for one H x W plane, as two passes of row updates (axpy form,
-// vectorizable without reassociation). row_m is Mw^T (W x W), col_m is Mh (H x H).
+// y = Mh * x * Mw^T for one H x W plane of any size, as two passes of row updates (axpy
+// form, vectorizable without reassociation). row_m is Mw^T (W x W), col_m is Mh (H x H).
 // Rows are updated RB at a time so that each matrix row loaded serves RB rows.
-// NH/NW > 0 fix the sizes at compile time (the fast paths).
 constexpr int RB = 4;
 
-template <typename T, int NH, int NW>
-__attribute__((always_inline)) inline void transform_plane_body(const T* x, T* y, int64_t H_,
-                                                                int64_t W_, const T* row_m,
+template <typename T>
+__attribute__((always_inline)) inline void transform_plane_body(const T* x, T* y, int64_t H,
+                                                                int64_t W, const T* row_m,
                                                                 const T* col_m, T* tmp) {
-  const int64_t H = NH > 0 ? NH : H_;
-  const int64_t W = NW > 0 ? NW : W_;
   // Pass 1: tmp[r, :] = sum_i x[r, i] * row_m[i, :].
   int64_t r = 0;
   for (; r + RB <= H; r += RB) {
@@ -98,22 +105,153 @@ __attribute__((always_inline)) inline void transform_plane_body(const T* x, T* y
   }
 }
 
-// The same code compiled twice: for the baseline x86-64 (SSE2) and, chosen at run time
-// where the CPU has them, for AVX2 with FMA (wider vectors, fused multiply-adds).
-template <typename T, int NH, int NW>
-void transform_plane(const T* x, T* y, int64_t H, int64_t W, const T* row_m, const T* col_m,
-                     T* tmp) {
-  transform_plane_body<T, NH, NW>(x, y, H, W, row_m, col_m, tmp);
-}
+// The even/odd split for square N x N planes, N even (the fast paths): a 1-D transform of
+// length N is two (N/2)^2 products, X[2k] = sum_{i<N/2} C[2k][i] (x[i] + x[N-1-i]) and
+// X[2k+1] = sum_{i<N/2} C[2k+1][i] (x[i] - x[N-1-i]); the inverse forms u (from the even
+// X) and v (from the odd X) and writes x[i] = u + v, x[N-1-i] = u - v. Half the
+// multiply-adds of transform_plane_body. `tmp` holds 2 N^2 elements.
+template <typename T, int N>
+struct EvenOdd {
+  static constexpr int H = N / 2;
 
+  // acc[j][0..H) = sum_i in[j][i] * m[i][0..H) for RB rows j (m: H x H, row-major).
+  __attribute__((always_inline)) static inline void rows_times(const T (*in)[H], const T* m, T (*acc)[H]) {
+    for (int j = 0; j < RB; ++j)
+      for (int l = 0; l < H; ++l) acc[j][l] = 0;
+    for (int i = 0; i < H; ++i) {
+      const T* mi = m + i * H;
+      T v[RB];
+      for (int j = 0; j < RB; ++j) v[j] = in[j][i];
+      for (int l = 0; l < H; ++l) {
+        const T ml = mi[l];
+        for (int j = 0; j < RB; ++j) acc[j][l] += v[j] * ml;
+      }
+    }
+  }
+
+  // out[k][:] = sum_{r<H} m[k][r] * in[r][:] for k in [k0, k0+RB) (rows of N elements).
+  __attribute__((always_inline)) static inline void combine_rows(const T* m, const T* in, int k0, T* out[RB]) {
+    for (int j = 0; j < RB; ++j)
+      for (int l = 0; l < N; ++l) out[j][l] = 0;
+    for (int r = 0; r < H; ++r) {
+      const T* row = in + r * N;
+      T c[RB];
+      for (int j = 0; j < RB; ++j) c[j] = m[(k0 + j) * H + r];
+      for (int l = 0; l < N; ++l) {
+        const T v = row[l];
+        for (int j = 0; j < RB; ++j) out[j][l] += c[j] * v;
+      }
+    }
+  }
+
+  __attribute__((always_inline)) static inline void forward(const T* x, T* y, const DctTable<T>& t, T* tmp) {
+    T* s = tmp + N * N;                       // e rows then o rows, for the column pass
+    for (int r = 0; r < N; r += RB) {          // rows: tmp[r][:] = C x[r][:]
+      T e[RB][H], o[RB][H], ae[RB][H], ao[RB][H];
+      for (int j = 0; j < RB; ++j)
+        for (int i = 0; i < H; ++i) {
+          const T a = x[(r + j) * N + i], b = x[(r + j) * N + N - 1 - i];
+          e[j][i] = a + b;
+          o[j][i] = a - b;
+        }
+      rows_times(e, t.evt.data(), ae);
+      rows_times(o, t.odt.data(), ao);
+      for (int j = 0; j < RB; ++j)
+        for (int k = 0; k < H; ++k) {
+          tmp[(r + j) * N + 2 * k] = ae[j][k];
+          tmp[(r + j) * N + 2 * k + 1] = ao[j][k];
+        }
+    }
+    for (int r = 0; r < H; ++r)                // columns: y = C tmp
+      for (int l = 0; l < N; ++l) {
+        const T a = tmp[r * N + l], b = tmp[(N - 1 - r) * N + l];
+        s[r * N + l] = a + b;
+        s[(H + r) * N + l] = a - b;
+      }
+    for (int k = 0; k < H; k += RB) {
+      T* ye[RB];
+      T* yo[RB];
+      for (int j = 0; j < RB; ++j) {
+        ye[j] = y + 2 * (k + j) * N;
+        yo[j] = y + (2 * (k + j) + 1) * N;
+      }
+      combine_rows(t.ev.data(), s, k, ye);
+      combine_rows(t.od.data(), s + H * N, k, yo);
+    }
+  }
+
+  __attribute__((always_inline)) static inline void inverse(const T* x, T* y, const DctTable<T>& t, T* tmp) {
+    T* s = tmp + N * N;                       // u rows then v rows, for the column pass
+    for (int r = 0; r < N; r += RB) {          // rows: tmp[r][:] = C^T x[r][:]
+      T xe[RB][H], xo[RB][H], u[RB][H], v[RB][H];
+      for (int j = 0; j < RB; ++j)
+        for (int k = 0; k < H; ++k) {
+          xe[j][k] = x[(r + j) * N + 2 * k];
+          xo[j][k] = x[(r + j) * N + 2 * k + 1];
+        }
+      rows_times(xe, t.ev.data(), u);
+      rows_times(xo, t.od.data(), v);
+      for (int j = 0; j < RB; ++j)
+        for (int i = 0; i < H; ++i) {
+          tmp[(r + j) * N + i] = u[j][i] + v[j][i];
+          tmp[(r + j) * N + N - 1 - i] = u[j][i] - v[j][i];
+        }
+    }
+    // columns: u[i][:] = sum_k C[2k][i] tmp[2k][:], v[i][:] = sum_k C[2k+1][i] tmp[2k+1][:]
+    for (int k = 0; k < H; ++k)
+      for (int l = 0; l < N; ++l) {
+        s[k * N + l] = tmp[2 * k * N + l];
+        s[(H + k) * N + l] = tmp[(2 * k + 1) * N + l];
+      }
+    for (int i = 0; i < H; i += RB) {
+      T* u[RB];
+      T* v[RB];
+      for (int j = 0; j < RB; ++j) {
+        u[j] = tmp + (i + j) * N;              // tmp is free again: u and v land there
+        v[j] = tmp + (H + i + j) * N;
+      }
+      combine_rows(t.evt.data(), s, i, u);
+      combine_rows(t.odt.data(), s + H * N, i, v);
+    }
+    for (int i = 0; i < H; ++i)
+      for (int l = 0; l < N; ++l) {
+        const T a = tmp[i * N + l], b = tmp[(H + i) * N + l];
+        y[i * N + l] = a + b;
+        y[(N - 1 - i) * N + l] = a - b;
+      }
+  }
+};
+
+// Plane transforms. Generic: dense products (any H, W). Square: the even/odd split
+// (square powers of two 8..256). Both are compiled twice: for the baseline x86-64 (SSE2)
+// and, chosen at run time where the CPU has them, for AVX2 with FMA.
+template <typename T>
+struct PlaneArgs {
+  int64_t H, W;
+  const T *row_m, *col_m;       // generic
+  const DctTable<T>* table;     // square
+};
+
+template <typename T>
+using PlaneFn = void (*)(const T*, T*, const PlaneArgs<T>&, T*);
+
+#define BLURFAST_PLANE_FNS(SUFFIX, ATTR)                                                   \
+  template <typename T>                                                                    \
+  ATTR void generic_plane##SUFFIX(const T* x, T* y, const PlaneArgs<T>& a, T* tmp) {       \
+    transform_plane_body<T>(x, y, a.H, a.W, a.row_m, a.col_m, tmp);                        \
+  }                                                                                        \
+  template <typename T, int N, bool Inverse>                                               \
+  ATTR void square_plane##SUFFIX(const T* x, T* y, const PlaneArgs<T>& a, T* tmp) {        \
+    if (Inverse)                                                                           \
+      EvenOdd<T, N>::inverse(x, y, *a.table, tmp);                                         \
+    else                                                                                   \
+      EvenOdd<T, N>::forward(x, y, *a.table, tmp);                                         \
+  }
+
+BLURFAST_PLANE_FNS(, )
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define BLURFAST_AVX2_CLONES 1
-template <typename T, int NH, int NW>
-__attribute__((target("avx2,fma"))) void transform_plane_avx2(const T* x, T* y, int64_t H,
-                                                              int64_t W, const T* row_m,
-                                                              const T* col_m, T* tmp) {
-  transform_plane_body<T, NH, NW>(x, y, H, W, row_m, col_m, tmp);
-}
+BLURFAST_PLANE_FNS(_avx2, __attribute__((target("avx2,fma"))))
 
 // BLURFAST_CPU_KERNELS=baseline turns the AVX2 code off (read per call, for tests).
 bool use_avx2_fma() {
@@ -122,49 +260,50 @@ bool use_avx2_fma() {
   return has && !(v && std::strcmp(v, "baseline") == 0);
 }
 #endif
+#undef BLURFAST_PLANE_FNS
 
-template <typename T>
-using PlaneFn = void (*)(const T*, T*, int64_t, int64_t, const T*, const T*, T*);
-
-template <typename T, int NH, int NW>
-PlaneFn<T> best_plane_fn() {
+template <typename T, int N, bool Inverse>
+PlaneFn<T> square_fn() {
 #ifdef BLURFAST_AVX2_CLONES
-  if (use_avx2_fma()) return transform_plane_avx2<T, NH, NW>;
+  if (use_avx2_fma()) return square_plane_avx2<T, N, Inverse>;
 #endif
-  return transform_plane<T, NH, NW>;
+  return square_plane<T, N, Inverse>;
 }
 
-// Fast paths for square powers of two 8..256; the generic path for every other size.
-template <typename T>
+template <typename T, bool Inverse>
 PlaneFn<T> plane_fn(int64_t H, int64_t W) {
   if (H == W) {
     switch (H) {
-      case 8: return best_plane_fn<T, 8, 8>();
-      case 16: return best_plane_fn<T, 16, 16>();
-      case 32: return best_plane_fn<T, 32, 32>();
-      case 64: return best_plane_fn<T, 64, 64>();
-      case 128: return best_plane_fn<T, 128, 128>();
-      case 256: return best_plane_fn<T, 256, 256>();
+      case 8: return square_fn<T, 8, Inverse>();
+      case 16: return square_fn<T, 16, Inverse>();
+      case 32: return square_fn<T, 32, Inverse>();
+      case 64: return square_fn<T, 64, Inverse>();
+      case 128: return square_fn<T, 128, Inverse>();
+      case 256: return square_fn<T, 256, Inverse>();
       default: break;
     }
   }
-  return best_plane_fn<T, 0, 0>();
+#ifdef BLURFAST_AVX2_CLONES
+  if (use_avx2_fma()) return generic_plane_avx2<T>;
+#endif
+  return generic_plane<T>;
 }
 
-// A 2-D transform of one size and direction, with its matrices bound.
+// A 2-D transform of one size and direction, with its matrices bound. `tmp` of the call
+// holds 2 H W elements.
 template <typename T>
 struct Transform {
   PlaneFn<T> fn;
-  int64_t H, W;
-  const T *row_m, *col_m;
-  Transform(int64_t H_, int64_t W_, bool inverse) : fn(plane_fn<T>(H_, W_)), H(H_), W(W_) {
+  PlaneArgs<T> args;
+  Transform(int64_t H, int64_t W, bool inverse)
+      : fn(inverse ? plane_fn<T, true>(H, W) : plane_fn<T, false>(H, W)) {
     const DctTable<T>& th = dct_table<T>(H);
     const DctTable<T>& tw = dct_table<T>(W);
     // forward: y = C_H x C_W^T; inverse: y = C_H^T x C_W.
-    row_m = inverse ? tw.c.data() : tw.ct.data();
-    col_m = inverse ? th.ct.data() : th.c.data();
+    args = PlaneArgs<T>{H, W, inverse ? tw.c.data() : tw.ct.data(),
+                        inverse ? th.ct.data() : th.c.data(), &th};
   }
-  void operator()(const T* x, T* y, T* tmp) const { fn(x, y, H, W, row_m, col_m, tmp); }
+  void operator()(const T* x, T* y, T* tmp) const { fn(x, y, args, tmp); }
 };
 
 // Runs body(first_plane, last_plane) over [0, planes) on up to num_threads threads.
@@ -201,7 +340,7 @@ void dct2_impl(const T* in, T* out, int64_t planes, int64_t H, int64_t W, bool i
   const int64_t hw = H * W;
   Transform<T> tr(H, W, inverse);
   parallel_planes(planes, hw * (H + W), num_threads, [&](int64_t lo, int64_t hi) {
-    std::vector<T> tmp(hw);
+    std::vector<T> tmp(2 * hw);
     for (int64_t p = lo; p < hi; ++p) tr(in + p * hw, out + p * hw, tmp.data());
   });
 }
@@ -222,7 +361,7 @@ void spectral_impl(const SpectralParams& sp, int num_threads) {
   T* noise_out = static_cast<T*>(sp.noise_out);
   const bool need_zb = sp.g.ptr != nullptr || noise_out != nullptr;
   parallel_planes(sp.planes, hw * (H + W) * 4, num_threads, [&](int64_t lo, int64_t hi) {
-    std::vector<T> tmp(hw), z(hw), f(hw), zb(hw);
+    std::vector<T> tmp(2 * hw), z(hw), f(hw), zb(hw);
     for (int64_t p = lo; p < hi; ++p) {
       fwd(x1 + p * hw, z.data(), tmp.data());
       const T* a1 = map_ptr<T>(sp.a1, p, hw);
