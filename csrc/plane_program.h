@@ -74,8 +74,10 @@ BF_HD void philox_normal4(uint64_t seed, uint64_t e, float z[4]) {
 // Global plane group p0 .. p0+kPPB-1 <-> buffer (planes past `planes` read as zero and
 // are not written). Thread tid moves float4 chunks tid, tid + kThreads, ...; all loads
 // are issued before the first shared-memory store.
-template <typename G, typename T>
-BF_HD void load_group(const T* src, float* buf, int64_t p0, int64_t planes, int tid) {
+// `while_waiting()` runs between issuing the loads and storing what they bring.
+template <typename G, typename T, typename F>
+BF_HD void load_group(const T* src, float* buf, int64_t p0, int64_t planes, int tid,
+                      F&& while_waiting) {
   constexpr int N = G::N;
   float v[G::kChunksPerThread][4];
   BF_UNROLL for (int u = 0; u < G::kChunksPerThread; ++u) {
@@ -83,6 +85,7 @@ BF_HD void load_group(const T* src, float* buf, int64_t p0, int64_t planes, int 
     v[u][0] = v[u][1] = v[u][2] = v[u][3] = 0.f;
     if (p0 + s < planes) load4<T>(src + (p0 + s) * G::kPlane + f, v[u]);
   }
+  while_waiting();
   BF_UNROLL for (int u = 0; u < G::kChunksPerThread; ++u) {
     const int c = tid + u * G::kThreads, s = c / (G::kPlane / 4), f = (c % (G::kPlane / 4)) * 4;
     st4(buf + s * G::kPlane + sidx<N>(f / N, f % N), v[u]);
@@ -106,9 +109,29 @@ BF_HD const float* map_ptr(const MapRef& m, int64_t p) {
   return (const float*)m.ptr + map_plane(p, m.div, m.mod) * (int64_t)N * N;
 }
 
-// Frequency space, in place in A: A = a1 A + a2 C + g zb; C = zb when noise is returned.
+// The noise zb of the plane group (given, or Philox), into C at the plane layout.
 template <typename G>
-BF_HD void combine_group(const Job& job, float* A, float* C, int64_t p0, int tid) {
+BF_HD void noise_group(const Job& job, float* C, int64_t p0, int tid) {
+  constexpr int N = G::N;
+  BF_NO_UNROLL for (int u = 0; u < G::kChunksPerThread; ++u) {
+    const int c = tid + u * G::kThreads, s = c / (G::kPlane / 4), f = (c % (G::kPlane / 4)) * 4;
+    const int64_t p = p0 + s;
+    if (p >= job.planes) continue;
+    float n[4];
+    const int64_t e = p * G::kPlane + f;
+    if (job.zb)
+      ld4(job.zb + e, n);
+    else
+      philox_normal4(job.seed, job.offset + (uint64_t)e, n);
+    st4(C + s * G::kPlane + sidx<N>(f / N, f % N), n);
+  }
+}
+
+// Frequency space, in place in A: A = a1 A + a2 C + g zb; C = zb when noise is returned.
+// noise_in_c: noise_group has already put zb in C (calls without x2).
+template <typename G>
+BF_HD void combine_group(const Job& job, float* A, float* C, int64_t p0, int tid,
+                         bool noise_in_c) {
   constexpr int N = G::N;
   const bool want_noise = job.g.ptr || job.noise_out;
   BF_NO_UNROLL for (int u = 0; u < G::kChunksPerThread; ++u) {
@@ -128,7 +151,9 @@ BF_HD void combine_group(const Job& job, float* A, float* C, int64_t p0, int tid
     if (want_noise) {
       float n[4];
       const int64_t e = p * G::kPlane + f;
-      if (job.zb)
+      if (noise_in_c)
+        ld4(C + at, n);
+      else if (job.zb)
         ld4(job.zb + e, n);
       else
         philox_normal4(job.seed, job.offset + (uint64_t)e, n);
@@ -136,7 +161,7 @@ BF_HD void combine_group(const Job& job, float* A, float* C, int64_t p0, int tid
         ld4(map_ptr<N>(job.g, p) + f, m);
         BF_UNROLL for (int q = 0; q < 4; ++q) z[q] += m[q] * n[q];
       }
-      if (job.noise_out) st4(C + at, n);
+      if (job.noise_out && !noise_in_c) st4(C + at, n);
     }
     st4(A + at, z);
   }
@@ -191,14 +216,23 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
     });
   };
 
+  // Only in the split geometry with 256 threads (N = 64): there the block is alone on its
+  // SM, nothing else hides the loads, and the registers suffice. Elsewhere ptxas showed
+  // the early noise raising register spills.
+  constexpr bool kEarlyNoiseFits = G::kSplit == 2 && G::kThreads <= 256;
+  const bool early_noise = kEarlyNoiseFits && job.mode == kSpectral && !job.x2 && job.noise_out;
   ctx.phase([&](int tid) { fill_tables<N>(tab, tid, G::kThreads); });
   const int64_t groups = (job.planes + G::kPPB - 1) / G::kPPB;
   for (int64_t grp = ctx.block(); grp < groups; grp += ctx.grid()) {
     const int64_t p0 = grp * G::kPPB;
     ctx.phase([&](int tid) {
-      load_group<G, T>((const T*)job.x1, buf(0), p0, job.planes, tid);
+      // Without x2 the third buffer is free until the combine: the noise goes there while
+      // the loads of x1 are in flight.
+      load_group<G, T>((const T*)job.x1, buf(0), p0, job.planes, tid, [&] {
+        if (early_noise) noise_group<G>(job, buf(2), p0, tid);
+      });
       if (job.mode == kSpectral && job.x2)
-        load_group<G, T>((const T*)job.x2, buf(2), p0, job.planes, tid);
+        load_group<G, T>((const T*)job.x2, buf(2), p0, job.planes, tid, [] {});
     });
     if (job.mode == kIdct2) {
       inverse(0, 1);
@@ -212,7 +246,7 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
         forward(2, 1);
         forward(1, 2);
       }
-      ctx.phase([&](int tid) { combine_group<G>(job, buf(0), buf(2), p0, tid); });
+      ctx.phase([&](int tid) { combine_group<G>(job, buf(0), buf(2), p0, tid, early_noise); });
       inverse(0, 1);
       inverse(1, 0);
     }

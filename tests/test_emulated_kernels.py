@@ -85,30 +85,35 @@ def test_spectral_generated_noise_two_inputs(n, split):
 
 
 @pytest.mark.parametrize("offset", [0, 5, 2 ** 40 + 3])
-def test_spectral_noise_numbering(offset):
+@pytest.mark.parametrize("n,split", [(32, 1), (64, 2)])   # (64, 2): noise made early
+def test_spectral_noise_numbering(offset, n, split):
     # Element e of the call uses philox_normal(seed, offset + e), whether or not offset
     # is a multiple of four (the kernel's one-block-per-four-numbers path and its
     # fallback must agree with the reference).
-    n = 32
     x = torch.zeros(2, n, n)
     out, npx = emulate_spectral(x, torch.zeros(n, n), g=torch.ones(()), seed=7,
-                                offset=offset, return_noise=True)
+                                offset=offset, return_noise=True, split=split)
     want = ref.idct2(ref.philox_normal((2, n, n), seed=7, offset=offset))
     assert rel_err(npx, want) <= 2e-6
     assert rel_err(out, want) <= 2e-6
 
 
-def test_spectral_given_noise_and_single_input():
+@pytest.mark.parametrize("split", [1, 2])
+def test_spectral_given_noise_and_single_input(split):
     n = 64
     x = _rand(4, 2, n, n)
     a = torch.rand(n, n, generator=torch.Generator().manual_seed(5))
     zb = _rand(4, 2, n, n, seed=6)
     g = torch.rand(4, 2, 1, 1, generator=torch.Generator().manual_seed(7))
-    out, npx = emulate_spectral(x, a, g=g, noise=zb, return_noise=True)
+    out, npx = emulate_spectral(x, a, g=g, noise=zb, return_noise=True, split=split)
     want, want_n = ref.spectral(x.double(), a, g=g, noise=zb.double(), return_noise=True)
     assert rel_err(out, want) <= 2e-6 and rel_err(npx, want_n) <= 2e-6
-    plain = emulate_spectral(x, a)                    # no noise term at all
+    plain = emulate_spectral(x, a, split=split)       # no noise term at all
     assert rel_err(plain, ref.spectral(x.double(), a)) <= 2e-6
+    # Noise drawn but not returned: two buffers, the noise made in the combine step
+    # (with it returned, it is made early, while the loads are in flight).
+    drawn = emulate_spectral(x, a, g=g, seed=3, offset=8, split=split)
+    assert rel_err(drawn, ref.spectral(x.double(), a, g=g, seed=3, offset=8)) <= 2e-6
 
 
 def test_emulator_rejects_unsupported_calls():
