@@ -55,7 +55,7 @@ __all__ = [
     "CASES", "IMPLS", "DTYPES", "CUDA_SHAPES", "CUDA_EXTRA_SHAPES", "CPU_SHAPES",
     "matmul_dct2", "matmul_idct2", "fft_dct2", "fft_idct2",
     "ref_q_sample", "ref_sampler_step", "tf32_matmul",
-    "get_impl", "impl_function", "make_inputs", "traffic_bytes",
+    "get_impl", "impl_function", "make_inputs", "traffic_bytes", "targets", "TARGETS",
     "measure_copy_gbps", "time_call", "num_input_sets", "run", "run_header", "dumps", "format_table",
     "main",
 ]
@@ -714,6 +714,7 @@ def run(device=None, quick: bool = False, *, cases=None, impls=None, shapes=None
                 for r in case_rows:
                     r["speedup_vs_torch_fp32"] = round(ref["median_us"] / r["median_us"], 3)
             result["rows"].extend(case_rows)
+    result["targets"] = targets(result)
 
     if json_path:
         d = os.path.dirname(os.path.abspath(json_path))
@@ -725,11 +726,71 @@ def run(device=None, quick: bool = False, *, cases=None, impls=None, shapes=None
     return result
 
 
+# Issue 6's goals for blurfast's float32 rows: (case, shape) -> (share of copy, speedup
+# over torch_fp32); and for every op at the paper's batch, one launch within 12 µs.
+TARGETS = {
+    ("dct2", (256, 3, 64, 64)): (0.75, 5.0),
+    ("dct2", (64, 3, 256, 256)): (0.60, 5.0),
+    ("q_sample", (256, 3, 64, 64)): (0.70, 10.0),
+    ("q_sample", (64, 3, 256, 256)): (0.55, 10.0),
+    ("sampler_step", (256, 3, 64, 64)): (0.60, 10.0),
+    ("sampler_step", (64, 3, 256, 256)): (0.60, 10.0),
+}
+SMALL_BATCH = ((16, 3, 64, 64), 12.0)     # shape, most µs per call (and one launch)
+TRAIN_STEP_SPEEDUP = 5.0                  # issue 4: whole training step, batch 16, paper64
+
+
+def targets(result: dict) -> list:
+    """Issue 6's goals against the measured ``blurfast`` float32 rows of ``result``, and
+    issue 4's against its ``model_steps``: ``{case, shape, goal, got, met}`` per row that
+    has a goal (none on CPU)."""
+    if result.get("device") != "cuda":
+        return []
+    out = []
+    for r in result["rows"]:
+        if r["impl"] != "blurfast" or r.get("dtype", "float32") != "float32":
+            continue
+        shape = tuple(r["shape"])
+        if (r["case"], shape) in TARGETS:
+            frac, speed = TARGETS[(r["case"], shape)]
+            got_speed = r["speedup_vs_torch_fp32"]
+            out.append({
+                "case": r["case"], "shape": list(shape),
+                "goal": f">= {frac:.0%} of copy and >= {speed:g}x torch_fp32",
+                "got": f"{r['copy_fraction']:.0%} of copy, "
+                       + (f"{got_speed:.2f}x" if got_speed is not None else "no torch_fp32 row"),
+                "met": bool(r["copy_fraction"] >= frac and got_speed is not None
+                            and got_speed >= speed),
+            })
+        elif shape == SMALL_BATCH[0]:
+            launches = r.get("launches")
+            out.append({
+                "case": r["case"], "shape": list(shape),
+                "goal": f"one launch, <= {SMALL_BATCH[1]:g} µs",
+                "got": f"{launches if launches is not None else '?'} launch(es), "
+                       f"{r['median_us']:.1f} µs",
+                "met": bool(launches == 1 and r["median_us"] <= SMALL_BATCH[1]),
+            })
+    for r in result.get("model_steps", []):
+        if (r["case"] == "train_step" and r["impl"] == "blurfast" and r["shape"][0] == 16
+                and r.get("preset") == "paper64"):
+            speed = r["speedup_vs_torch_fp32"]
+            out.append({
+                "case": "train_step", "shape": list(r["shape"]),
+                "goal": f">= {TRAIN_STEP_SPEEDUP:g}x the paper-style fp32 step (issue 4)",
+                "got": f"{speed:.2f}x, {r['images_per_s']} images/s"
+                       if speed is not None else "no baseline row",
+                "met": bool(speed is not None and speed >= TRAIN_STEP_SPEEDUP),
+            })
+    return out
+
+
 def dumps(result: dict) -> str:
     """JSON text of a results dict, one row per line (diff-friendly)."""
-    head = {k: v for k, v in result.items() if k not in ("rows", "model_steps", "skipped")}
+    lists = ("rows", "model_steps", "targets", "skipped")
+    head = {k: v for k, v in result.items() if k not in lists}
     parts = [json.dumps(head, indent=1)[:-2]]
-    for key in ("rows", "model_steps", "skipped"):
+    for key in lists:
         if key not in result:
             continue
         items = result[key]
@@ -760,6 +821,12 @@ def format_table(result: dict) -> str:
             f"{s['case']} {'x'.join(map(str, s['shape']))}")
     for (impl, reason), where in seen.items():
         lines.append(f"skipped {impl} ({len(where)} rows, e.g. {where[0]}): {reason}")
+    goals = targets(result)
+    if goals:
+        lines.append("goals (issue 6: blurfast float32 kernels; issue 4: training step):")
+        for t in goals:
+            lines.append(f"  {'MET ' if t['met'] else 'MISS'} {t['case']:<13}"
+                         f"{'x'.join(map(str, t['shape'])):<16}{t['goal']}: {t['got']}")
     return "\n".join(lines)
 
 
@@ -849,6 +916,7 @@ def main(argv=None) -> int:
         from .bench_steps import format_steps, run_steps
         res["model_steps"] = run_steps(a.device, a.quick, batches=a.step_batches)
         print(format_steps(res["model_steps"]))
+    res["targets"] = targets(res)
     if a.json_path:
         from .fileio import atomic_path
         with atomic_path(a.json_path, suffix=".json") as tmp:

@@ -1,12 +1,13 @@
 """Merge gpu_check.sh's bench.json, bench_extra.json and steps.json (in the folder given)
-into results/<card>-<date>.json there, in blurfast.bench's JSON shape; prints the name."""
+into results/<card>-<date>.json there, in blurfast.bench's JSON shape, with the goals of
+issues 4 and 6 judged over all rows (``targets``); prints the name."""
 import json
 import os
 import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from blurfast.bench import dumps  # noqa: E402
+from blurfast.bench import dumps, targets  # noqa: E402
 
 
 def main(out: str) -> str:
@@ -19,6 +20,7 @@ def main(out: str) -> str:
     steps = os.path.join(out, "steps.json")
     if os.path.exists(steps):
         d["model_steps"] = json.load(open(steps)).get("model_steps", [])
+    d["targets"] = targets(d)
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", d.get("gpu", "gpu")).strip("-").lower()
     name = f"{gpu}-{d.get('date', '')[:10]}.json"
     os.makedirs(os.path.join(out, "results"), exist_ok=True)

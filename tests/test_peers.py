@@ -154,6 +154,39 @@ def test_run_cpu_writes_issue6_json_shape(tmp_path):
     assert "median_us" in bench.format_table(res)
 
 
+def test_targets_judge_issue6_goals_from_rows():
+    def row(case, shape, impl="blurfast", us=10.0, frac=0.8, speed=6.0, launches=1,
+            dtype="float32"):
+        return {"case": case, "shape": list(shape), "impl": impl, "dtype": dtype,
+                "median_us": us, "copy_fraction": frac, "speedup_vs_torch_fp32": speed,
+                "launches": launches}
+    res = {"device": "cuda", "rows": [
+        row("dct2", (256, 3, 64, 64)),                                   # met
+        row("q_sample", (256, 3, 64, 64), frac=0.72, speed=9.5),          # speedup short
+        row("q_sample", (256, 3, 64, 64), impl="torch_fp32"),            # not judged
+        row("dct2", (64, 3, 256, 256), dtype="bfloat16"),                # not judged
+        row("sampler_step", (16, 3, 64, 64), us=11.0),                   # met
+        row("q_sample", (16, 3, 64, 64), us=9.0, launches=3),            # three launches
+        row("dct2", (8, 3, 64, 64)),                                     # no goal
+    ]}
+    got = {(t["case"], tuple(t["shape"])): t["met"] for t in bench.targets(res)}
+    assert got == {("dct2", (256, 3, 64, 64)): True, ("q_sample", (256, 3, 64, 64)): False,
+                   ("sampler_step", (16, 3, 64, 64)): True,
+                   ("q_sample", (16, 3, 64, 64)): False}
+    assert "MISS q_sample" in bench.format_table({**res, "gpu": "g", "torch": "t",
+                                                  "driver": "d", "date": "x",
+                                                  "copy_gbps": 1.0, "skipped": [],
+                                                  "rows": [dict(r, gbps=1.0, wall_us=1.0)
+                                                           for r in res["rows"]]})
+    assert bench.targets({**res, "device": "cpu"}) == []
+    steps = [{"case": "train_step", "preset": "paper64", "shape": [16, 3, 64, 64],
+              "impl": "blurfast", "speedup_vs_torch_fp32": 5.4, "images_per_s": 700.0},
+             {"case": "train_step", "preset": "paper64", "shape": [64, 3, 64, 64],
+              "impl": "blurfast", "speedup_vs_torch_fp32": 2.0, "images_per_s": 900.0}]
+    judged = bench.targets({"device": "cuda", "rows": [], "model_steps": steps})
+    assert [(t["shape"][0], t["met"]) for t in judged] == [(16, True)]
+
+
 def test_num_input_sets_rotates_past_l2(monkeypatch):
     monkeypatch.setattr(bench, "_l2_bytes", lambda device: 50 * 2**20)
     k = bench.num_input_sets(12 * 2**20, "cuda")
