@@ -16,6 +16,9 @@ Implementations (the peers are our own code, written from the mathematics):
 
 * ``blurfast``: ``blurfast.dct2`` / ``idct2`` / ``spectral`` (whatever backend
   the installed package dispatches to).
+* ``blurfast_dense``: the same with the fused kernel's dense passes instead of the
+  fast ones (``BLURFAST_CUDA_KERNELS=dense``; CUDA only): the A/B of the two pass
+  families, benchmarks/NOTES.md.
 * ``blurfast_simple``: the same with the fused whole-plane CUDA kernel turned off
   (``BLURFAST_CUDA_KERNELS=simple``): the simple multi-launch kernels (CUDA only).
 * ``torch_fp32``: DCT as two matrix products with cached DCT matrices (the way
@@ -61,7 +64,8 @@ __all__ = [
 ]
 
 CASES = ("dct2", "idct2", "q_sample", "sampler_step")
-IMPLS = ("blurfast", "blurfast_simple", "torch_fp32", "torch_tf32", "torch_fft", "cupy")
+IMPLS = ("blurfast", "blurfast_dense", "blurfast_simple", "torch_fp32", "torch_tf32",
+         "torch_fft", "cupy")
 DTYPES = ("float32", "bfloat16")      # bfloat16 rows: blurfast impls on CUDA only
 CUDA_SHAPES = ((256, 3, 64, 64), (64, 3, 256, 256), (16, 3, 64, 64))
 CUDA_EXTRA_SHAPES = ((256, 3, 32, 32), (64, 3, 128, 128))   # full (not --quick) runs
@@ -294,18 +298,20 @@ def _cupy_convert(args):
     return tuple(out)
 
 
-@contextlib.contextmanager
-def _simple_kernels(device):
-    """Turn blurfast's fused whole-plane CUDA kernel off (read by the C++ per call)."""
-    old = os.environ.get("BLURFAST_CUDA_KERNELS")
-    os.environ["BLURFAST_CUDA_KERNELS"] = "simple"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["BLURFAST_CUDA_KERNELS"]
-        else:
-            os.environ["BLURFAST_CUDA_KERNELS"] = old
+def _kernels_env(value):
+    """Context factory: BLURFAST_CUDA_KERNELS=value (read by the C++ on every call)."""
+    @contextlib.contextmanager
+    def ctx(device):
+        old = os.environ.get("BLURFAST_CUDA_KERNELS")
+        os.environ["BLURFAST_CUDA_KERNELS"] = value
+        try:
+            yield
+        finally:
+            if old is None:
+                del os.environ["BLURFAST_CUDA_KERNELS"]
+            else:
+                os.environ["BLURFAST_CUDA_KERNELS"] = old
+    return ctx
 
 
 def _tf32_context(enabled):
@@ -318,8 +324,10 @@ def _tf32_context(enabled):
 
 _IMPLS = {
     "blurfast": Impl("blurfast", _blurfast_functions, dtypes=DTYPES),
+    "blurfast_dense": Impl("blurfast_dense", _blurfast_functions, cuda_only=True,
+                           dtypes=DTYPES, context=_kernels_env("dense")),
     "blurfast_simple": Impl("blurfast_simple", _blurfast_functions, cuda_only=True,
-                            dtypes=DTYPES, context=_simple_kernels),
+                            dtypes=DTYPES, context=_kernels_env("simple")),
     "torch_fp32": Impl("torch_fp32", lambda: _torch_functions(matmul_dct2, matmul_idct2),
                        context=_tf32_context(False)),
     "torch_tf32": Impl("torch_tf32", lambda: _torch_functions(matmul_dct2, matmul_idct2),

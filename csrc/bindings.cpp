@@ -68,6 +68,11 @@ PYBIND11_MODULE(_C, m) {
     philox4x32_10(ctr.data(), key[0], key[1]);
     return ctr;
   }, "Philox4x32-10 of one counter block (for known-answer tests).");
+  m.def("box_muller_f", [](uint32_t w1, uint32_t w2) {
+    float c = 0.f, s = 0.f;
+    box_muller_f(w1, w2, &c, &s);
+    return std::make_pair(c, s);
+  }, "Float Box-Muller of two Philox words: (r cos, r sin) (for tests).");
 
   m.def("dct2_cpu", [](uintptr_t in, uintptr_t out, int64_t planes, int64_t H, int64_t W,
                        int dtype, bool inverse, int num_threads) {
@@ -87,16 +92,16 @@ PYBIND11_MODULE(_C, m) {
                             uintptr_t x2, py::object a1, py::object a2, py::object g,
                             uintptr_t zb, uint64_t seed, uint64_t offset, uintptr_t out,
                             uintptr_t noise_out, int mode, int64_t grid, bool reverse_threads,
-                            int split) {
+                            int split, bool fast) {
     SpectralParams p = spectral_params(planes, H, W, dtype, x1, x2, a1, a2, g, zb, seed, offset,
                                        out, noise_out);
     py::gil_scoped_release nogil;
-    plane_emulate(p, mode, grid, reverse_threads, split);
+    plane_emulate(p, mode, grid, reverse_threads, split, fast);
   }, "CPU emulation of the fused whole-plane CUDA kernel (tests only).");
   m.def("strip_emulate", [](uintptr_t in, uintptr_t out, int64_t planes, int64_t rows, int64_t L,
-                            bool inverse, int64_t grid, bool reverse_threads) {
+                            bool inverse, int64_t grid, bool reverse_threads, bool fast) {
     py::gil_scoped_release nogil;
-    strip_emulate(cptr(in), mptr(out), planes, rows, L, inverse, grid, reverse_threads);
+    strip_emulate(cptr(in), mptr(out), planes, rows, L, inverse, grid, reverse_threads, fast);
   }, "CPU emulation of the strip CUDA kernel (tests only).");
   m.def("normal_cpu", [](uintptr_t out, int64_t n, int dtype, uint64_t seed, uint64_t offset) {
     py::gil_scoped_release nogil;

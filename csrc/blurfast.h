@@ -20,7 +20,7 @@ struct MapRef {
 
 // out = idct2(a1 * dct2(x1) + a2 * dct2(x2) + g * zb), optionally noise_out = idct2(zb).
 // zb is `zb` (compute type, frequency space) when given, else Philox normals:
-// element e = offset + flat_index uses philox_normal(seed, e).
+// element e = offset + flat_index uses philox_normal<C>(seed, e), C the compute type.
 struct SpectralParams {
   int64_t planes = 0, H = 0, W = 0;
   int dtype = kF32;                 // type of x1, x2, out, noise_out
@@ -42,13 +42,15 @@ void normal_cpu(void* out, int64_t n, int dtype, uint64_t seed, uint64_t offset)
 // Test hook: runs the fused whole-plane CUDA program (plane_program.h) on the CPU, for
 // float32 and H = W in {32, 64, 128}. mode: 0 dct2 (x1 -> out), 1 idct2, 2 spectral.
 // grid: number of blocks; reverse_threads: run each phase's threads last to first;
-// split: the work split (1, or 2 for N >= 64: each plane's rows over twice the warps).
+// split: the work split (1, or 2 for N >= 64: one plane per block); fast: the fast passes
+// (two threads per row, O(N log N); split 2 only at N = 64) instead of the dense ones.
 void plane_emulate(const SpectralParams& p, int mode, int64_t grid, bool reverse_threads,
-                   int split);
-// Test hook: runs the strip CUDA program (strip_program.h) on the CPU, float32:
-// in (planes, rows, L) -> out (planes, L, rows), each row transformed, rows % 32 == 0.
+                   int split, bool fast);
+// Test hook: runs the strip CUDA programs (strip_program.h) on the CPU, float32:
+// in (planes, rows, L) -> out (planes, L, rows), each row transformed, rows % 32 == 0;
+// fast: run_fast_strips, else run_strips (dense passes).
 void strip_emulate(const void* in, void* out, int64_t planes, int64_t rows, int64_t L,
-                   bool inverse, int64_t grid, bool reverse_threads);
+                   bool inverse, int64_t grid, bool reverse_threads, bool fast);
 
 #ifdef BLURFAST_WITH_CUDA
 // CUDA (any DType). `workspace` holds at least workspace_elems(...) compute-type

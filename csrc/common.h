@@ -1,8 +1,10 @@
 // Formulas shared by the CPU and CUDA kernels: DCT matrix entries and Philox normals.
-// Both backends call these same functions, so they agree bit for bit up to libm.
+// Both backends call these same functions: in double they agree bit for bit up to libm,
+// in float (box_muller_f) bit for bit.
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #ifdef __CUDACC__
 #define BF_HD __host__ __device__ __forceinline__
@@ -66,33 +68,119 @@ BF_HD void box_muller(uint32_t w1, uint32_t w2, double* cos_part, double* sin_pa
 #endif
 }
 
+// Box-Muller in float, for kernels that compute in float: the same two numbers as
+// box_muller to float accuracy (tests/test_ops.py bounds the difference), several times
+// cheaper than double on GPUs. Every multiply-add is an explicit fma and every other
+// product is exact or feeds no addition, so no compiler contraction can change a result:
+// CPU and CUDA give the same bits.
+//   -2 ln u1: u1 = m 2^e with m in [sqrt(1/2), sqrt(2)), ln m = 2 atanh(s), s = (m-1)/(m+1);
+//   cos, sin of 2 pi u2: the nearest quarter turn from the integer, then the Taylor series
+//   on [-pi/4, pi/4] (truncation below 2e-9).
+BF_HD float fma_f(float a, float b, float c) {
+#ifdef __CUDA_ARCH__
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
+BF_HD float neg2_log_u(uint32_t w) {      // -2 ln u, u = (w + 1/2) 2^-32
+  // u > sqrt(1/2): ln u = ln(1 + f) with f = -(1 - u), 1 - u made from ~w (so small
+  // -ln u keep their relative accuracy); else u = m 2^e, f = m - 1, m in [sqrt(1/2), sqrt(2)).
+  const float u = fma_f((float)w, 0x1p-32f, 0x1p-33f);   // exact product, one rounding
+  uint32_t bits;
+  memcpy(&bits, &u, sizeof bits);
+  int e = (int)(bits >> 23) - 127;         // u >= 2^-33 is a normal float
+  bits = (bits & 0x7FFFFFu) | 0x3F800000u;
+  float m;
+  memcpy(&m, &bits, sizeof m);             // [1, 2)
+  if (m > 1.41421356f) {
+    m *= 0.5f;
+    e += 1;
+  }
+  const bool near_one = w >= 0xB504F334u;  // u > sqrt(1/2)
+  const float f = near_one ? -fma_f((float)~w, 0x1p-32f, 0x1p-33f) : m - 1.0f;   // exact
+  if (near_one) e = 0;
+  const float s = f / (2.0f + f), s2 = s * s;                  // |s| <= 0.1716
+  float p = fma_f(s2, 2.0f / 11.0f, 2.0f / 9.0f);
+  p = fma_f(s2, p, 2.0f / 7.0f);
+  p = fma_f(s2, p, 2.0f / 5.0f);
+  p = fma_f(s2, p, 2.0f / 3.0f);
+  const float ln_m = fma_f(s * s2, p, s + s);
+  const float ln2_hi = 0.693145751953125f, ln2_lo = 1.42860682030941723212e-6f;
+  return -2.0f * fma_f((float)e, ln2_hi, fma_f((float)e, ln2_lo, ln_m));
+}
+
+BF_HD void box_muller_f(uint32_t w1, uint32_t w2, float* cos_part, float* sin_part) {
+  const float r = sqrtf(neg2_log_u(w1));
+  // 2 pi u2 = (pi/2) (q + (d + 1/2) / 2^30): quarter turn q (mod 4), d in [-2^29, 2^29).
+  const uint32_t q = (w2 + (1u << 29)) >> 30;
+  const int32_t d = (int32_t)(w2 - (q << 30));
+  const float k = 1.57079632679489662f * 0x1p-30f;
+  const float x = fma_f((float)d, k, 0.5f * k), x2 = x * x;
+  float ps = fma_f(x2, 1.0f / 362880.0f, -1.0f / 5040.0f);
+  ps = fma_f(x2, ps, 1.0f / 120.0f);
+  ps = fma_f(x2, ps, -1.0f / 6.0f);
+  const float sn = fma_f(x * x2, ps, x);
+  float pc = fma_f(x2, -1.0f / 3628800.0f, 1.0f / 40320.0f);
+  pc = fma_f(x2, pc, -1.0f / 720.0f);
+  pc = fma_f(x2, pc, 1.0f / 24.0f);
+  pc = fma_f(x2, pc, -0.5f);
+  const float cs = fma_f(x2, pc, 1.0f);
+  const int quarter = (int)(q & 3);        // (cos, sin) of q pi/2 + x
+  const float c = quarter == 0 ? cs : quarter == 1 ? -sn : quarter == 2 ? -cs : sn;
+  const float sv = quarter == 0 ? sn : quarter == 1 ? cs : quarter == 2 ? -sn : -cs;
+  if (cos_part) *cos_part = r * c;
+  if (sin_part) *sin_part = r * sv;
+}
+
 // Standard normal number e of the stream `seed`: lane e % 4 of Box-Muller applied to
-// Philox block e / 4 (lanes 0, 1 from words 0, 1; lanes 2, 3 from words 2, 3).
-BF_HD double philox_normal(uint64_t seed, uint64_t e) {
+// Philox block e / 4 (lanes 0, 1 from words 0, 1; lanes 2, 3 from words 2, 3), evaluated
+// in T (double: box_muller; float: box_muller_f).
+template <typename T = double>
+BF_HD T philox_normal(uint64_t seed, uint64_t e) {
   uint32_t c[4];
   philox_block(seed, e >> 2, c);
   const int lane = (int)(e & 3);
   const uint32_t w1 = lane < 2 ? c[0] : c[2], w2 = lane < 2 ? c[1] : c[3];  // no dynamic index
-  double z;
-  if (lane & 1)
-    box_muller(w1, w2, nullptr, &z);
-  else
-    box_muller(w1, w2, &z, nullptr);
+  T z;
+  if constexpr (sizeof(T) == sizeof(float)) {
+    if (lane & 1)
+      box_muller_f(w1, w2, nullptr, &z);
+    else
+      box_muller_f(w1, w2, &z, nullptr);
+  } else {
+    if (lane & 1)
+      box_muller(w1, w2, nullptr, &z);
+    else
+      box_muller(w1, w2, &z, nullptr);
+  }
   return z;
 }
 
-// out[i] = philox_normal(seed, e0 + i) for i < n, one Philox block per four numbers.
+// The four normals of Philox block b, evaluated in T.
+template <typename T>
+BF_HD void philox_normal_block(uint64_t seed, uint64_t b, T z[4]) {
+  uint32_t c[4];
+  philox_block(seed, b, c);
+  if constexpr (sizeof(T) == sizeof(float)) {
+    box_muller_f(c[0], c[1], &z[0], &z[1]);
+    box_muller_f(c[2], c[3], &z[2], &z[3]);
+  } else {
+    box_muller(c[0], c[1], &z[0], &z[1]);
+    box_muller(c[2], c[3], &z[2], &z[3]);
+  }
+}
+
+// out[i] = philox_normal<T>(seed, e0 + i) for i < n, one Philox block per four numbers.
 template <typename T>
 inline void philox_normal_fill(uint64_t seed, uint64_t e0, int64_t n, T* out) {
   int64_t i = 0;
   while (i < n) {
     const uint64_t e = e0 + (uint64_t)i;
-    uint32_t c[4];
-    philox_block(seed, e >> 2, c);
-    double z[4];
-    box_muller(c[0], c[1], &z[0], &z[1]);
-    box_muller(c[2], c[3], &z[2], &z[3]);
-    for (int lane = (int)(e & 3); lane < 4 && i < n; ++lane, ++i) out[i] = (T)z[lane];
+    T z[4];
+    philox_normal_block<T>(seed, e >> 2, z);
+    for (int lane = (int)(e & 3); lane < 4 && i < n; ++lane, ++i) out[i] = z[lane];
   }
 }
 

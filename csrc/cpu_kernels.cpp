@@ -246,6 +246,9 @@ using PlaneFn = void (*)(const T*, T*, const PlaneArgs<T>&, T*);
       EvenOdd<T, N>::inverse(x, y, *a.table, tmp);                                         \
     else                                                                                   \
       EvenOdd<T, N>::forward(x, y, *a.table, tmp);                                         \
+  }                                                                                        \
+  ATTR void normal_fill##SUFFIX(uint64_t seed, uint64_t e0, int64_t n, float* out) {       \
+    philox_normal_fill<float>(seed, e0, n, out);                                           \
   }
 
 BLURFAST_PLANE_FNS(, )
@@ -261,6 +264,19 @@ bool use_avx2_fma() {
 }
 #endif
 #undef BLURFAST_PLANE_FNS
+
+// out[i] = philox_normal<T>(seed, e0 + i): float through the AVX2 build where it runs (the
+// fmas of box_muller_f inline there; the bits are the same either way).
+inline void fill_normals(uint64_t seed, uint64_t e0, int64_t n, float* out) {
+#ifdef BLURFAST_AVX2_CLONES
+  if (use_avx2_fma()) return normal_fill_avx2(seed, e0, n, out);
+#endif
+  normal_fill(seed, e0, n, out);
+}
+
+inline void fill_normals(uint64_t seed, uint64_t e0, int64_t n, double* out) {
+  philox_normal_fill<double>(seed, e0, n, out);
+}
 
 template <typename T, int N, bool Inverse>
 PlaneFn<T> square_fn() {
@@ -375,7 +391,7 @@ void spectral_impl(const SpectralParams& sp, int num_threads) {
         if (zb_given) {
           std::copy(zb_given + p * hw, zb_given + (p + 1) * hw, zb.begin());
         } else {
-          philox_normal_fill(sp.seed, sp.offset + (uint64_t)(p * hw), hw, zb.data());
+          fill_normals(sp.seed, sp.offset + (uint64_t)(p * hw), hw, zb.data());
         }
         if (sp.g.ptr) {
           const T* g = map_ptr<T>(sp.g, p, hw);
@@ -415,9 +431,9 @@ void spectral_cpu(const SpectralParams& p, int num_threads) {
 void normal_cpu(void* out, int64_t n, int dtype, uint64_t seed, uint64_t offset) {
   check_cpu_dtype(dtype);
   if (dtype == kF64)
-    philox_normal_fill(seed, offset, n, static_cast<double*>(out));
+    fill_normals(seed, offset, n, static_cast<double*>(out));
   else
-    philox_normal_fill(seed, offset, n, static_cast<float*>(out));
+    fill_normals(seed, offset, n, static_cast<float*>(out));
 }
 
 }  // namespace blurfast

@@ -1,15 +1,16 @@
 // The fast CUDA kernels: the programs of plane_program.h and strip_program.h as kernels.
 //
 // Whole-plane kernel: one launch per call. A block holds Geom::kPPB planes in shared
-// memory; blocks loop over plane groups (grid = resident blocks), so the DCT tables are
-// built once per block. Calls with fewer plane groups than SMs take the split geometry
-// (one plane per block, each plane's rows over twice the warps). Serves float32, float16 and bfloat16 I/O with
-// float arithmetic for H = W in {32, 64, 128} when the shared memory fits (N = 128
-// needs Hopper's 227 KiB).
+// memory; blocks loop over plane groups (grid = resident blocks). Calls with fewer plane
+// groups than SMs take the split geometry (one plane per block). Serves float32, float16
+// and bfloat16 I/O with float arithmetic for H = W in {32, 64, 128} when the shared memory
+// fits (N = 128 with three buffers needs Hopper's 227 KiB).
+// Passes (line_passes.h): fast by default; BLURFAST_CUDA_KERNELS=dense takes the dense
+// ones (tables in shared memory, built once per block), =simple no fused kernel at all.
 //
-// Strip kernel: one 1-D pass with transposed output (two make a 2-D transform); the
-// simple path (cuda_kernels.cu) uses it for rows of 32, 64, 128 or 256 elements, 256 x 256
-// planes included.
+// Strip kernels: one 1-D pass with transposed output (two make a 2-D transform); the
+// simple path (cuda_kernels.cu) uses them for rows of 32, 64, 128 or 256 elements, 256 x 256
+// planes included. Fast passes by default, dense with BLURFAST_CUDA_KERNELS=dense.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -52,6 +53,11 @@ template <> BF_HD void store4<__half>(__half* p, const float v[4]) {
 #else
   for (int q = 0; q < 4; ++q) p[q] = __float2half_rn(v[q]);
 #endif
+}
+
+template <> BF_HD void store1<__half>(__half* p, float v) { *p = __float2half_rn(v); }
+template <> BF_HD void store1<__nv_bfloat16>(__nv_bfloat16* p, float v) {
+  *p = __float2bfloat16_rn(v);
 }
 
 template <> BF_HD void load4<__nv_bfloat16>(const __nv_bfloat16* p, float v[4]) {
@@ -119,6 +125,13 @@ __global__ void __launch_bounds__(StripGeom<L>::kThreads) strip_kernel(StripJob 
   run_strips<L, Tin, Tout>(ctx, job, reinterpret_cast<float*>(smem4));
 }
 
+template <int L, typename Tin, typename Tout>
+__global__ void __launch_bounds__(FastStripGeom<L>::kThreads) fast_strip_kernel(StripJob job) {
+  extern __shared__ float4 smem4[];
+  GpuCtx ctx;
+  run_fast_strips<L, Tin, Tout>(ctx, job, reinterpret_cast<float*>(smem4));
+}
+
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess)
     throw std::runtime_error(std::string("blurfast CUDA (plane kernel): ") + what + ": " +
@@ -171,9 +184,14 @@ int sm_count(int device) {
 
 bool aligned(const void* p, size_t bytes) { return ((uintptr_t)p % bytes) == 0; }
 
-bool disabled_by_env() {
+// BLURFAST_CUDA_KERNELS: unset or "fast", "dense", "simple" (no fused or strip kernel).
+enum class Choice { kFast, kDense, kSimple };
+
+Choice choice_from_env() {
   const char* v = std::getenv("BLURFAST_CUDA_KERNELS");
-  return v && std::strcmp(v, "simple") == 0;
+  if (v && std::strcmp(v, "simple") == 0) return Choice::kSimple;
+  if (v && std::strcmp(v, "dense") == 0) return Choice::kDense;
+  return Choice::kFast;
 }
 
 
@@ -201,6 +219,7 @@ bool with_kernel(int64_t n, int dtype, F&& f) {
 struct Plan {
   bool ok = false;
   int split = 1;        // Geom's kSplit
+  bool fast = true;     // Geom's kFast
   int64_t bytes = 0;
   int per_sm = 0;
 };
@@ -209,6 +228,7 @@ template <typename G, typename T>
 Plan plan_for(const Job& job, int device) {
   Plan plan;
   plan.split = G::kSplit;
+  plan.fast = G::kFast;
   plan.bytes = G::smem_floats(buffers_needed(job)) * (int64_t)sizeof(float);
   plan.per_sm = blocks_per_sm(reinterpret_cast<const void*>(&plane_kernel<G, T>), G::kThreads,
                               device, plan.bytes, G::smem_floats(3) * (int64_t)sizeof(float));
@@ -218,7 +238,8 @@ Plan plan_for(const Job& job, int device) {
 
 Plan make_plan(const Job& job, int64_t H, int64_t W, int dtype, int device) {
   Plan plan;
-  if (disabled_by_env() || H != W || job.planes <= 0) return plan;
+  const Choice choice = choice_from_env();
+  if (choice == Choice::kSimple || H != W || job.planes <= 0) return plan;
   const size_t io = dtype == kF32 ? 16 : 8;   // bytes of four I/O elements
   for (const void* p : {job.x1, job.x2, (const void*)job.out, (const void*)job.noise_out})
     if (p && !aligned(p, io)) return plan;
@@ -228,13 +249,19 @@ Plan make_plan(const Job& job, int64_t H, int64_t W, int dtype, int device) {
   with_kernel(H, dtype, [&](auto size, auto* t) {
     constexpr int N = decltype(size)::value;
     using T = std::remove_pointer_t<decltype(t)>;
-    // Fewer plane groups than SMs: split each plane's rows over twice the warps.
-    if constexpr (N >= 64) {
-      const int64_t groups = (job.planes + Geom<N>::kPPB - 1) / Geom<N>::kPPB;
-      if (groups < sm_count(device)) {
-        plan = plan_for<Geom<N, 2>, T>(job, device);
-        if (plan.ok) return true;
+    // Fewer plane groups than SMs: one plane per block (split 2). Fast passes at N = 128
+    // already hold one plane per block.
+    const int64_t groups = (job.planes + Geom<N>::kPPB - 1) / Geom<N>::kPPB;
+    const bool split = N >= 64 && groups < sm_count(device);
+    if (choice == Choice::kFast) {
+      if constexpr (N == 64) {
+        if (split && (plan = plan_for<Geom<N, 2, true>, T>(job, device)).ok) return true;
       }
+      plan = plan_for<Geom<N, 1, true>, T>(job, device);
+      return true;
+    }
+    if constexpr (N >= 64) {
+      if (split && (plan = plan_for<Geom<N, 2>, T>(job, device)).ok) return true;
     }
     plan = plan_for<Geom<N, 1>, T>(job, device);
     return true;
@@ -259,26 +286,37 @@ bool with_length(int64_t n, F&& f) {
 template <typename Tin, typename Tout>
 bool strip_launch(const void* in, void* out, int64_t planes, int64_t rows, int64_t L,
                   bool inverse, int device, cudaStream_t stream) {
-  if (disabled_by_env() || rows % 32 != 0 || planes * rows == 0) return false;
+  const Choice choice = choice_from_env();
+  if (choice == Choice::kSimple || rows % 32 != 0 || planes * rows == 0) return false;
   if (!aligned(in, 4 * sizeof(Tin)) || !aligned(out, 4 * sizeof(Tout))) return false;
-  return with_length(L, [&](auto size) {
-    constexpr int N = decltype(size)::value;
-    using G = StripGeom<N>;
-    const void* kernel = reinterpret_cast<const void*>(&strip_kernel<N, Tin, Tout>);
-    const int64_t bytes = G::kSmemFloats * (int64_t)sizeof(float);
-    const int per_sm = blocks_per_sm(kernel, G::kThreads, device, bytes, bytes);
+  StripJob job;
+  job.in = in;
+  job.out = out;
+  job.planes = planes;
+  job.rows = rows;
+  job.inverse = inverse;
+  // Launches `kernel` with grid = min(work items, resident blocks).
+  auto launch = [&](auto kernel, int threads, int64_t bytes, int64_t items) {
+    const int per_sm = blocks_per_sm(reinterpret_cast<const void*>(kernel), threads, device,
+                                     bytes, bytes);
     if (per_sm == 0) return false;
-    const int64_t strips = planes * (rows / 32), resident = (int64_t)per_sm * sm_count(device);
-    StripJob job;
-    job.in = in;
-    job.out = out;
-    job.planes = planes;
-    job.rows = rows;
-    job.inverse = inverse;
-    strip_kernel<N, Tin, Tout><<<(unsigned)(strips < resident ? strips : resident), G::kThreads,
-                                 (size_t)bytes, stream>>>(job);
+    const int64_t resident = (int64_t)per_sm * sm_count(device);
+    kernel<<<(unsigned)(items < resident ? items : resident), threads, (size_t)bytes, stream>>>(
+        job);
     check(cudaGetLastError(), "strip launch");
     return true;
+  };
+  return with_length(L, [&](auto size) {
+    constexpr int N = decltype(size)::value;
+    if (choice == Choice::kFast) {
+      using G = FastStripGeom<N>;
+      return launch(&fast_strip_kernel<N, Tin, Tout>, G::kThreads,
+                    G::kSmemFloats * (int64_t)sizeof(float),
+                    (planes * rows + G::kRows - 1) / G::kRows);
+    }
+    using G = StripGeom<N>;
+    return launch(&strip_kernel<N, Tin, Tout>, G::kThreads,
+                  G::kSmemFloats * (int64_t)sizeof(float), planes * (rows / 32));
   });
 }
 
@@ -313,6 +351,12 @@ bool plane_launch(const Job& job, int64_t H, int64_t W, int dtype, int device,
   };
   return with_kernel(H, dtype, [&](auto size, auto* t) {
     constexpr int N = decltype(size)::value;
+    if (plan.fast) {
+      if constexpr (N == 64) {
+        if (plan.split == 2) return launch(Geom<N, 2, true>{}, t);
+      }
+      return launch(Geom<N, 1, true>{}, t);
+    }
     if constexpr (N >= 64) {
       if (plan.split == 2) return launch(Geom<N, 2>{}, t);
     }

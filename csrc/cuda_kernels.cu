@@ -109,7 +109,7 @@ __global__ void combine(C* f1, const C* f2, MapRef a1, MapRef a2, MapRef g, cons
     C z = map_at<C>(a1, p, f, hw) * f1[i];
     if (f2) z += map_at<C>(a2, p, f, hw) * f2[i];
     if (g.ptr || zb_out) {
-      const C n = zb_given ? zb_given[i] : (C)philox_normal(seed, offset + (uint64_t)i);
+      const C n = zb_given ? zb_given[i] : philox_normal<C>(seed, offset + (uint64_t)i);
       if (g.ptr) z += map_at<C>(g, p, f, hw) * n;
       if (zb_out) zb_out[i] = n;
     }
@@ -121,7 +121,7 @@ template <typename C>
 __global__ void normal_kernel(C* out, int64_t n, uint64_t seed, uint64_t offset) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
        i += (int64_t)gridDim.x * blockDim.x)
-    out[i] = (C)philox_normal(seed, offset + (uint64_t)i);
+    out[i] = philox_normal<C>(seed, offset + (uint64_t)i);
 }
 
 unsigned grid_for(int64_t n) {

@@ -62,7 +62,14 @@ void emulate(const plane::Job& job, int64_t grid, bool reverse) {
 }
 
 template <int L>
-void emulate_strips(const plane::StripJob& job, int64_t grid, bool reverse) {
+void emulate_strips(const plane::StripJob& job, int64_t grid, bool reverse, bool fast) {
+  if (fast) {
+    using G = plane::FastStripGeom<L>;
+    run_blocks(G::kSmemFloats, G::kThreads, grid, reverse, [&](EmuCtx& ctx, float* sm) {
+      plane::run_fast_strips<L, float, float>(ctx, job, sm);
+    });
+    return;
+  }
   using G = plane::StripGeom<L>;
   run_blocks(G::kSmemFloats, G::kThreads, grid, reverse,
              [&](EmuCtx& ctx, float* sm) { plane::run_strips<L, float, float>(ctx, job, sm); });
@@ -71,7 +78,7 @@ void emulate_strips(const plane::StripJob& job, int64_t grid, bool reverse) {
 }  // namespace
 
 void strip_emulate(const void* in, void* out, int64_t planes, int64_t rows, int64_t L,
-                   bool inverse, int64_t grid, bool reverse_threads) {
+                   bool inverse, int64_t grid, bool reverse_threads, bool fast) {
   if (rows % 32 != 0) throw std::invalid_argument("strip_emulate: rows must be a multiple of 32");
   if (grid < 1) throw std::invalid_argument("strip_emulate: grid must be >= 1");
   plane::StripJob job;
@@ -81,35 +88,39 @@ void strip_emulate(const void* in, void* out, int64_t planes, int64_t rows, int6
   job.rows = rows;
   job.inverse = inverse;
   switch (L) {
-    case 32: emulate_strips<32>(job, grid, reverse_threads); break;
-    case 64: emulate_strips<64>(job, grid, reverse_threads); break;
-    case 128: emulate_strips<128>(job, grid, reverse_threads); break;
-    case 256: emulate_strips<256>(job, grid, reverse_threads); break;
+    case 32: emulate_strips<32>(job, grid, reverse_threads, fast); break;
+    case 64: emulate_strips<64>(job, grid, reverse_threads, fast); break;
+    case 128: emulate_strips<128>(job, grid, reverse_threads, fast); break;
+    case 256: emulate_strips<256>(job, grid, reverse_threads, fast); break;
     default: throw std::invalid_argument("strip_emulate: L must be 32, 64, 128 or 256");
   }
 }
 
 void plane_emulate(const SpectralParams& p, int mode, int64_t grid, bool reverse_threads,
-                   int split) {
+                   int split, bool fast) {
   using plane::Geom;
   if (p.dtype != kF32) throw std::invalid_argument("plane_emulate: float32 only");
   if (p.H != p.W) throw std::invalid_argument("plane_emulate: square planes only");
   if (grid < 1) throw std::invalid_argument("plane_emulate: grid must be >= 1");
   if (p.H != 32 && p.H != 64 && p.H != 128)
     throw std::invalid_argument("plane_emulate: H = W must be 32, 64 or 128");
-  if (split != 1 && !(split == 2 && p.H >= 64))
-    throw std::invalid_argument("plane_emulate: split must be 1, or 2 for H = W >= 64");
+  if (split != 1 && !(split == 2 && (p.H == 64 || (p.H == 128 && !fast))))
+    throw std::invalid_argument(
+        "plane_emulate: split must be 1, or 2 for H = W = 64 (and 128 with dense passes)");
   const plane::Job job = plane::make_job(p, mode);
-  if (p.H == 32)
-    emulate<Geom<32>>(job, grid, reverse_threads);
-  else if (p.H == 64 && split == 1)
-    emulate<Geom<64>>(job, grid, reverse_threads);
-  else if (p.H == 64)
-    emulate<Geom<64, 2>>(job, grid, reverse_threads);
-  else if (split == 1)
-    emulate<Geom<128>>(job, grid, reverse_threads);
-  else
-    emulate<Geom<128, 2>>(job, grid, reverse_threads);
+  const int64_t n = p.H;
+  if (fast) {
+    if (n == 32) emulate<Geom<32, 1, true>>(job, grid, reverse_threads);
+    if (n == 64 && split == 1) emulate<Geom<64, 1, true>>(job, grid, reverse_threads);
+    if (n == 64 && split == 2) emulate<Geom<64, 2, true>>(job, grid, reverse_threads);
+    if (n == 128) emulate<Geom<128, 1, true>>(job, grid, reverse_threads);
+    return;
+  }
+  if (n == 32) emulate<Geom<32>>(job, grid, reverse_threads);
+  if (n == 64 && split == 1) emulate<Geom<64>>(job, grid, reverse_threads);
+  if (n == 64 && split == 2) emulate<Geom<64, 2>>(job, grid, reverse_threads);
+  if (n == 128 && split == 1) emulate<Geom<128>>(job, grid, reverse_threads);
+  if (n == 128 && split == 2) emulate<Geom<128, 2>>(job, grid, reverse_threads);
 }
 
 }  // namespace blurfast

@@ -2,13 +2,17 @@
 // strip_program.h): the swizzled shared-memory layout, vector access, and the two
 // 1-D passes. Host and device code alike (BF_HD), so the CPU emulator runs them too.
 //
-// A 1-D transform of length L uses two levels of the even/odd split (see the passes
-// below): 3 L^2 / 8 multiply-adds per row, with the tables in shared memory.
+// Two families of passes:
+// - dense: two levels of the even/odd split, then products with tables in shared memory,
+//   3 L^2 / 8 multiply-adds per row; a warp owns a group of outputs of 32 R rows;
+// - fast: two threads per row, each an O(L log L) transform on its registers
+//   (fast_dct.h); no tables.
 #pragma once
 #include <cstdint>
 #include <cstring>
 
 #include "common.h"
+#include "fast_dct.h"
 
 #ifdef __CUDACC__
 #define BF_UNROLL _Pragma("unroll")
@@ -47,11 +51,14 @@ BF_HD void st4(float* p, const float v[4]) {
 #endif
 }
 
-// Four consecutive I/O elements <-> float. float here; cuda_fast.cu adds half, bfloat16.
+// Four consecutive I/O elements <-> float, and one float -> I/O element. float here;
+// cuda_fast.cu adds half, bfloat16.
 template <typename T> BF_HD void load4(const T* p, float v[4]);
 template <typename T> BF_HD void store4(T* p, const float v[4]);
+template <typename T> BF_HD void store1(T* p, float v);
 template <> BF_HD void load4<float>(const float* p, float v[4]) { ld4(p, v); }
 template <> BF_HD void store4<float>(float* p, const float v[4]) { st4(p, v); }
+template <> BF_HD void store1<float>(float* p, float v) { *p = v; }
 
 // DCT matrix entry C[k][i] of a power-of-two size n in float. On the GPU from cospif of
 // the exactly reduced angle (exact argument: n is a power of two), within 2 ulp.
@@ -216,6 +223,76 @@ BF_HD void inverse_pass(const float* S, float* D, const Tables& T, int j, int ro
     D[sidx<DW>(nm, r)] = um + vm;
     D[sidx<DW>(L - 1 - nm, r)] = um - vm;
   }
+}
+
+// Fast passes: two threads per row. Thread `role` of row r of S (rows of L floats) makes
+// half of the transform of that row in registers (fast_dct.h for the split):
+// Forward, with e[n] = x[n] + x[L-1-n], o[n] = x[n] - x[L-1-n], both scaled to the
+// orthonormal DCT: role 0: h[k] = X[2k] = DCT-II_{L/2}(e)[k]; role 1: h[k] = X[2k+1] =
+// DCT-IV_{L/2}(o)[k].
+template <int L>
+BF_HD void fast_forward_row(const float* S, int role, int r, float* h) {
+  constexpr int H = L / 2, E = 1 - fastdct::log2i(L), E0 = -fastdct::log2i(L);
+  auto fold = [&](float sign) {             // h[n] = x[n] + sign x[L-1-n]
+    fastdct::static_for<H / 4>([&](auto c_) {
+      constexpr int c = 4 * decltype(c_)::value;
+      float a[4], b[4];
+      ld4(S + sidx<L>(r, c), a);            // x[c+t]; its partner x[L-1-c-t] is b[3-t]
+      ld4(S + sidx<L>(r, L - 4 - c), b);
+      BF_UNROLL for (int t = 0; t < 4; ++t) h[c + t] = a[t] + sign * b[3 - t];
+    });
+  };
+  if (role == 0) {
+    fold(1.f);
+    fastdct::dct2<H, E, E0>(h);
+  } else {
+    fold(-1.f);
+    fastdct::dct4<H, E>(h);
+  }
+}
+
+// Inverse: role 0: h = u = DCT-III_{L/2}(X[0], X[2], ..); role 1: h = w =
+// DCT-IV_{L/2}(X[1], X[3], ..). The pixels are x[n] = u[n] + w[n], x[L-1-n] = u[n] - w[n]
+// (n < L/2): a butterfly across the two threads, left to the caller.
+template <int L>
+BF_HD void fast_inverse_row(const float* S, int role, int r, float* h) {
+  constexpr int H = L / 2, E = 1 - fastdct::log2i(L), E0 = -fastdct::log2i(L);
+  auto pick = [&](auto first_) {            // h[k] = X[2k + first]
+    constexpr int first = decltype(first_)::value;
+    fastdct::static_for<L / 4>([&](auto c_) {
+      constexpr int c = decltype(c_)::value;
+      float a[4];
+      ld4(S + sidx<L>(r, 4 * c), a);
+      h[2 * c] = a[first];
+      h[2 * c + 1] = a[first + 2];
+    });
+  };
+  if (role == 0) {
+    pick(std::integral_constant<int, 0>{});
+    fastdct::dct3<H, E, E0>(h);
+  } else {
+    pick(std::integral_constant<int, 1>{});
+    fastdct::dct4<H, E>(h);
+  }
+}
+
+// The fast passes of the plane program: the row's half transform, written transposed
+// into D (rows of DW floats).
+template <int L, int DW>
+BF_HD void fast_forward_pass(const float* S, float* D, int role, int r) {
+  float h[L / 2];
+  fast_forward_row<L>(S, role, r, h);
+  BF_UNROLL for (int k = 0; k < L / 2; ++k) D[sidx<DW>(2 * k + role, r)] = h[k];
+}
+
+// Inverse, output in mirrored form: u at rows n < L/2 of D, w at rows L-1-n. The
+// butterfly commutes with the pass along the other axis, so after two passes
+// store_mirrored_group (plane_program.h) applies both axes' butterflies at once.
+template <int L, int DW>
+BF_HD void fast_inverse_pass(const float* S, float* D, int role, int r) {
+  float h[L / 2];
+  fast_inverse_row<L>(S, role, r, h);
+  BF_UNROLL for (int n = 0; n < L / 2; ++n) D[sidx<DW>(role == 0 ? n : L - 1 - n, r)] = h[n];
 }
 
 }  // namespace plane

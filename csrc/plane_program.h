@@ -34,40 +34,41 @@ struct Job {
   void* noise_out = nullptr;
 };
 
-// Work split for plane size N. Each warp owns one column group (line_passes.h) of one
-// plane, for all its rows (kSplit = 1: kPPB planes per block of 256 threads, for
-// throughput) or for half of them (kSplit = 2: one plane per block, twice the warps, half
-// the work per warp: for calls with fewer plane groups than SMs).
-template <int N_, int Split = 1>
+// Work split for plane size N and a pass family (line_passes.h).
+// Dense passes: each warp owns one column group of one plane, for all its rows (kSplit =
+// 1: kPPB planes per block of 256 threads, for throughput) or for half of them (kSplit =
+// 2: one plane per block, twice the warps, half the work per warp: for calls with fewer
+// plane groups than SMs).
+// Fast passes: two threads per row (the first kPPB N threads make the even halves, the
+// rest the odd halves); kSplit = 2 is one plane per block, 2 N threads (N = 64 only: at
+// N = 128 that is already the throughput geometry).
+template <int N_, int Split = 1, bool Fast = false>
 struct Geom {
   static constexpr int N = N_;
   static constexpr int kSplit = Split;
+  static constexpr bool kFast = Fast;
   static constexpr int kPPB = Split == 2 ? 1 : (N <= 32 ? 4 : (N == 64 ? 2 : 1));
   static constexpr int kGroups = N / 16;                         // column groups per plane
   static constexpr int kWarpsPerPlane = kGroups * Split;
-  static constexpr int kThreads = 32 * kWarpsPerPlane * kPPB;
+  static constexpr int kThreads = Fast ? 2 * N * kPPB : 32 * kWarpsPerPlane * kPPB;
   static constexpr int kRows = N / 32 / Split;                   // rows per lane
   static constexpr int kPlane = N * N;
-  static constexpr int kTables = TableSize<N>::kFloats;
+  static constexpr int kTables = Fast ? 0 : TableSize<N>::kFloats;
   static constexpr int kChunksPerThread = kPPB * kPlane / 4 / kThreads;
   static_assert(N == 32 || N == 64 || N == 128, "plane program: N must be 32, 64 or 128");
   static_assert(Split == 1 || (Split == 2 && N >= 64), "plane program: split 2 needs N >= 64");
-  static_assert(kPPB * kPlane % (4 * kThreads) == 0, "chunks must divide evenly");
+  static_assert(!(Fast && Split == 2 && N == 128), "fast passes: N = 128 has no split 2");
+  static_assert(kPPB * kPlane % (16 * kThreads) == 0, "chunks must divide evenly");
   // Shared memory: the pass tables, then nbuf buffers of kPPB planes.
   static constexpr int64_t smem_floats(int nbuf) { return kTables + nbuf * kPPB * kPlane; }
 };
 
-// philox_normal(seed, e + q) for q < 4; one Philox block when e is a multiple of 4.
+// philox_normal<float>(seed, e + q) for q < 4; one Philox block when e is a multiple of 4.
 BF_HD void philox_normal4(uint64_t seed, uint64_t e, float z[4]) {
   if ((e & 3) == 0) {
-    uint32_t c[4];
-    philox_block(seed, e >> 2, c);
-    double d[4];
-    box_muller(c[0], c[1], &d[0], &d[1]);
-    box_muller(c[2], c[3], &d[2], &d[3]);
-    for (int q = 0; q < 4; ++q) z[q] = (float)d[q];
+    philox_normal_block<float>(seed, e >> 2, z);
   } else {
-    for (int q = 0; q < 4; ++q) z[q] = (float)philox_normal(seed, e + (uint64_t)q);
+    for (int q = 0; q < 4; ++q) z[q] = philox_normal<float>(seed, e + (uint64_t)q);
   }
 }
 
@@ -101,6 +102,40 @@ BF_HD void store_group(const float* buf, T* dst, int64_t p0, int64_t planes, int
     float v[4];
     ld4(buf + s * G::kPlane + sidx<N>(f / N, f % N), v);
     store4<T>(dst + (p0 + s) * G::kPlane + f, v);
+  }
+}
+
+// Stores a plane group that two fast inverse passes left in mirrored form along both
+// axes (fast_inverse_pass): with y the buffer, x[n] = y[n] + y[N-1-n] and
+// x[N-1-n] = y[n] - y[N-1-n] for n < N/2, along rows and along columns. A thread takes
+// the four float4 chunks that mirror each other: rows r, N-1-r; columns c.., N-4-c...
+template <typename G, typename T>
+BF_HD void store_mirrored_group(const float* buf, T* dst, int64_t p0, int64_t planes, int tid) {
+  constexpr int N = G::N, Q = N / 8, kPerPlane = (N / 2) * Q;   // chunks in a half row
+  BF_UNROLL for (int u = 0; u < G::kChunksPerThread / 4; ++u) {
+    const int i = tid + u * G::kThreads, s = i / kPerPlane, r = (i % kPerPlane) / Q;
+    const int c = 4 * (i % Q), rm = N - 1 - r, cm = N - 4 - c;
+    if (p0 + s >= planes) continue;
+    const float* B = buf + s * G::kPlane;
+    float a[4], b[4], d[4], e[4];               // element t of b, e: column N-1-c-(3-t)
+    ld4(B + sidx<N>(r, c), a);
+    ld4(B + sidx<N>(r, cm), b);
+    ld4(B + sidx<N>(rm, c), d);
+    ld4(B + sidx<N>(rm, cm), e);
+    float x00[4], x01[4], x10[4], x11[4];       // rows r / rm, columns c.. / cm..
+    BF_UNROLL for (int t = 0; t < 4; ++t) {
+      const float sp = a[t] + b[3 - t], sm = a[t] - b[3 - t];   // row r, columns c+t, N-1-c-t
+      const float tp = d[t] + e[3 - t], tm = d[t] - e[3 - t];   // row rm
+      x00[t] = sp + tp;
+      x10[t] = sp - tp;
+      x01[3 - t] = sm + tm;
+      x11[3 - t] = sm - tm;
+    }
+    T* out = dst + (p0 + s) * G::kPlane;
+    store4<T>(out + r * N + c, x00);
+    store4<T>(out + r * N + cm, x01);
+    store4<T>(out + rm * N + c, x10);
+    store4<T>(out + rm * N + cm, x11);
   }
 }
 
@@ -199,20 +234,41 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
   constexpr int N = G::N;
   const Tables tab = tables_at<N>(sm);
   auto buf = [sm](int b) { return sm + G::kTables + b * G::kPPB * G::kPlane; };
-  // Every pass: warp w works on plane slot w / kWarpsPerPlane; within it, on column
+  // Dense passes: warp w works on plane slot w / kWarpsPerPlane; within it, on column
   // group wp % kGroups of rows from 32 kRows (wp / kGroups) on (wp = w % kWarpsPerPlane).
-  auto forward = [&](int src, int dst) {
+  // Fast passes: thread tid is role tid / (kPPB N) of row tid % (kPPB N) of the group.
+  constexpr int kRowsPerBlock = G::kPPB * N;
+  auto pass = [&](int src, int dst, bool inv) {
     ctx.phase([&](int tid) {
-      const int w = tid / 32, s = w / G::kWarpsPerPlane, wp = w % G::kWarpsPerPlane;
-      forward_pass<N, G::kRows, N>(buf(src) + s * G::kPlane, buf(dst) + s * G::kPlane, tab,
-                                   wp % G::kGroups, 32 * G::kRows * (wp / G::kGroups), tid % 32);
+      if constexpr (G::kFast) {
+        const int q = tid % kRowsPerBlock, role = tid / kRowsPerBlock;
+        const float* S = buf(src) + (q / N) * G::kPlane;
+        float* D = buf(dst) + (q / N) * G::kPlane;
+        if (inv)
+          fast_inverse_pass<N, N>(S, D, role, q % N);
+        else
+          fast_forward_pass<N, N>(S, D, role, q % N);
+      } else {
+        const int w = tid / 32, wp = w % G::kWarpsPerPlane;
+        const float* S = buf(src) + (w / G::kWarpsPerPlane) * G::kPlane;
+        float* D = buf(dst) + (w / G::kWarpsPerPlane) * G::kPlane;
+        const int j = wp % G::kGroups, row0 = 32 * G::kRows * (wp / G::kGroups);
+        if (inv)
+          inverse_pass<N, G::kRows, N>(S, D, tab, j, row0, tid % 32);
+        else
+          forward_pass<N, G::kRows, N>(S, D, tab, j, row0, tid % 32);
+      }
     });
   };
-  auto inverse = [&](int src, int dst) {
+  auto forward = [&](int src, int dst) { pass(src, dst, false); };
+  auto inverse = [&](int src, int dst) { pass(src, dst, true); };
+  // After two inverse passes: fast ones leave the mirrored form (store_mirrored_group).
+  auto store_inverse = [&](int src, void* dst, int64_t p0) {
     ctx.phase([&](int tid) {
-      const int w = tid / 32, s = w / G::kWarpsPerPlane, wp = w % G::kWarpsPerPlane;
-      inverse_pass<N, G::kRows, N>(buf(src) + s * G::kPlane, buf(dst) + s * G::kPlane, tab,
-                                   wp % G::kGroups, 32 * G::kRows * (wp / G::kGroups), tid % 32);
+      if constexpr (G::kFast)
+        store_mirrored_group<G, T>(buf(src), (T*)dst, p0, job.planes, tid);
+      else
+        store_group<G, T>(buf(src), (T*)dst, p0, job.planes, tid);
     });
   };
 
@@ -221,7 +277,7 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
   // the early noise raising register spills.
   constexpr bool kEarlyNoiseFits = G::kSplit == 2 && G::kThreads <= 256;
   const bool early_noise = kEarlyNoiseFits && job.mode == kSpectral && !job.x2 && job.noise_out;
-  ctx.phase([&](int tid) { fill_tables<N>(tab, tid, G::kThreads); });
+  if constexpr (!G::kFast) ctx.phase([&](int tid) { fill_tables<N>(tab, tid, G::kThreads); });
   const int64_t groups = (job.planes + G::kPPB - 1) / G::kPPB;
   for (int64_t grp = ctx.block(); grp < groups; grp += ctx.grid()) {
     const int64_t p0 = grp * G::kPPB;
@@ -237,6 +293,7 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
     if (job.mode == kIdct2) {
       inverse(0, 1);
       inverse(1, 0);
+      store_inverse(0, job.out, p0);
     } else {
       forward(0, 1);
       forward(1, 0);
@@ -249,14 +306,14 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
       ctx.phase([&](int tid) { combine_group<G>(job, buf(0), buf(2), p0, tid, early_noise); });
       inverse(0, 1);
       inverse(1, 0);
+      store_inverse(0, job.out, p0);
     }
-    ctx.phase([&](int tid) { store_group<G, T>(buf(0), (T*)job.out, p0, job.planes, tid); });
+    if (job.mode == kDct2)
+      ctx.phase([&](int tid) { store_group<G, T>(buf(0), (T*)job.out, p0, job.planes, tid); });
     if (job.mode == kSpectral && job.noise_out) {
       inverse(2, 1);
       inverse(1, 2);
-      ctx.phase([&](int tid) {
-        store_group<G, T>(buf(2), (T*)job.noise_out, p0, job.planes, tid);
-      });
+      store_inverse(2, job.noise_out, p0);
     }
   }
 }

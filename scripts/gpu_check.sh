@@ -18,7 +18,7 @@
 #              the paper-style fp32 baseline (issue 4's goal) -> steps.json
 #   memcheck   compute-sanitizer --tool memcheck  python scripts/sanitizer_case.py
 #   racecheck  compute-sanitizer --tool racecheck python scripts/sanitizer_case.py
-#   bench_extra  32x32 and 128x128 rows (blurfast, blurfast_simple, torch_fp32)
+#   bench_extra  32x32 and 128x128 rows (blurfast, blurfast_dense, blurfast_simple, torch_fp32)
 # Output in $OUT: <step>.log for each step, gpu_check.log (the running log),
 # summary.txt (PASS/FAIL per step), junit-cuda.xml, bench*.json, steps.json, and
 # results/<card>-<date>.json: all rows and model steps in one file (commit it to
@@ -197,7 +197,7 @@ step memcheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool m
 step racecheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck \
   --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py
 step bench_extra 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
-  --shapes 256x3x32x32 64x3x128x128 --impls blurfast blurfast_simple torch_fp32 \
+  --shapes 256x3x32x32 64x3x128x128 --impls blurfast blurfast_dense blurfast_simple torch_fp32 \
   --json "$OUT/bench_extra.json"
 
 # One results file: the kernel rows of both bench runs and the model steps.

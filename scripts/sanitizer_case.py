@@ -2,7 +2,7 @@
 
 Calls blurfast.dct2 / idct2 / spectral on CUDA at a few sizes (the fused whole-plane
 kernel's squares 32, 64, 128 in float32 and bfloat16; the strip kernel at 256 x 256 and
-64 x 128; the same squares again with the simple kernels; odd sizes, an empty batch, a
+64 x 128; the same squares again with the dense passes and with the simple kernels; odd sizes, an empty batch, a
 non-contiguous input, broadcast maps, batches large enough for the throughput geometry
 and for blocks that loop over plane groups), copies the results back and compares them with blurfast.reference on the CPU
 in float64.
@@ -23,7 +23,7 @@ import torch
 SHAPES = [
     (2, 3, 8, 8), (2, 3, 16, 16), (2, 3, 32, 32), (2, 3, 64, 64), (1, 3, 128, 128),
     (1, 2, 256, 256), (1, 1, 1, 1), (2, 1, 7, 12), (1, 2, 33, 20), (0, 3, 16, 16),
-    (1, 2, 64, 128),
+    (1, 2, 64, 128), (1, 3, 96, 256), (1, 1, 32, 64),   # strip passes with partial blocks
 ]
 SQUARES = [(2, 3, 32, 32), (2, 3, 64, 64), (1, 3, 128, 128)]
 REL_TOL = 1e-5          # float32 kernels vs float64 reference, relative to max |ref|
@@ -67,9 +67,11 @@ def main(argv=None):
 
     runs = [(shape, torch.float32, "") for shape in SHAPES]
     runs += [(shape, torch.bfloat16, "") for shape in SQUARES]
+    runs += [(shape, torch.float32, "dense") for shape in SQUARES]
     runs += [(shape, torch.float32, "simple") for shape in SQUARES]
     runs += [((400, 3, 32, 32), torch.float32, "")]     # more plane groups than blocks
     runs += [((150, 3, 64, 64), torch.float32, "")]     # more plane groups than SMs
+    runs += [((150, 3, 64, 64), torch.float32, "dense")]
     for shape, dtype, kernels in runs:
         b, c, h, w = shape
         if max(h, w) > a.max_hw:
@@ -80,7 +82,7 @@ def main(argv=None):
             os.environ.pop("BLURFAST_CUDA_KERNELS", None)
         tol = BF16_TOL if dtype == torch.bfloat16 else REL_TOL
         tag = "x".join(map(str, shape)) + (" bfloat16" if dtype == torch.bfloat16 else "") + \
-            (f" ({kernels} kernels)" if kernels else "")
+            (f" (BLURFAST_CUDA_KERNELS={kernels})" if kernels else "")
         x = torch.randn(*shape, generator=gen)
         x2 = torch.randn(*shape, generator=gen)
         am = torch.rand(b, 1, h, w, generator=gen)

@@ -77,7 +77,7 @@ def test_noise_same_on_cpu_and_cuda():
     x = torch.zeros(64, 3, 37, 41)
     z_cpu = normal_like(x, seed=2 ** 33 + 5, offset=11)
     z_gpu = normal_like(x.cuda(), seed=2 ** 33 + 5, offset=11)
-    assert (z_cpu - z_gpu.cpu()).abs().max() <= 1e-6
+    assert torch.equal(z_cpu, z_gpu.cpu())     # float Box-Muller: the same bits (common.h)
     z64 = normal_like(x.double().cuda(), seed=7)
     assert (z64.cpu() - ref.philox_normal(x.shape, 7, 0, torch.float64)).abs().max() <= 1e-12
 
@@ -128,12 +128,14 @@ def test_cuda_compile_fullgraph():
 _PLANES_PER_BLOCK = {32: 4, 64: 2, 128: 1}
 
 
-def _plane_kernel_fits(n: int, buffers: int) -> bool:
-    """Whether this GPU's opt-in shared memory holds the fused kernel's tables and buffers."""
+def _plane_kernel_fits(n: int, buffers: int, dense: bool = False) -> bool:
+    """Whether this GPU's opt-in shared memory holds the fused kernel's buffers (and, with
+    the dense passes, their tables)."""
     optin = getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", None)
     if optin is None:
         pytest.skip("torch does not report shared_memory_per_block_optin")
-    need = 4 * (3 * n * n // 8 + buffers * _PLANES_PER_BLOCK[n] * n * n)   # tables + planes
+    tables = 3 * n * n // 8 if dense else 0
+    need = 4 * (tables + buffers * _PLANES_PER_BLOCK[n] * n * n)
     return need <= optin
 
 
@@ -150,20 +152,25 @@ def _kernel_names(x, a, x2=None, a2=None, g=None, return_noise=False):
     return dct, _C.spectral_kernel_name(*args, x.device.index)
 
 
+@pytest.mark.parametrize("passes", ["fast", "dense"])
 @pytest.mark.parametrize("n", [32, 64, 128])
-def test_plane_kernel_serves_square_sizes(n):
+def test_plane_kernel_serves_square_sizes(n, passes, monkeypatch):
+    monkeypatch.setenv("BLURFAST_CUDA_KERNELS", passes)
     x = torch.randn(4, 3, n, n, device="cuda")
     a = torch.rand(4, 1, n, n, device="cuda")
     dct, step = _kernel_names(x, a, x.clone(), a, g=a, return_noise=False)
-    assert dct == ("plane" if _plane_kernel_fits(n, 2) else "simple")
-    assert step == ("plane" if _plane_kernel_fits(n, 3) else "simple")
+    dense = passes == "dense"
+    assert dct == ("plane" if _plane_kernel_fits(n, 2, dense) else "simple")
+    assert step == ("plane" if _plane_kernel_fits(n, 3, dense) else "simple")
     assert _kernel_names(torch.randn(4, 3, 48, 48, device="cuda"),
                          torch.rand(48, 48, device="cuda")) == ("simple", "simple")
 
 
+@pytest.mark.parametrize("passes", ["fast", "dense"])
 @pytest.mark.parametrize("n", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_plane_and_simple_kernels_agree(n, dtype, monkeypatch):
+def test_plane_and_simple_kernels_agree(n, dtype, passes, monkeypatch):
+    monkeypatch.setenv("BLURFAST_CUDA_KERNELS", passes)
     b = 5                                    # 15 planes: partial plane groups
     x, x2 = _rand(b, 3, n, n, dtype=dtype), _rand(b, 3, n, n, dtype=dtype, seed=1)
     a, a2, g = torch.rand(b, 1, n, n), torch.rand(1, 3, n, n) - 0.5, torch.rand(b, 1, 1, 1)
@@ -185,8 +192,10 @@ def test_plane_and_simple_kernels_agree(n, dtype, monkeypatch):
             assert rel_err(got_f, w) <= bound and rel_err(got_s, w) <= bound
 
 
+@pytest.mark.parametrize("passes", ["fast", "dense"])
 @pytest.mark.parametrize("shape", [(2000, 3, 32, 32), (300, 3, 64, 64), (200, 1, 128, 128)])
-def test_plane_kernel_many_planes(shape):
+def test_plane_kernel_many_planes(shape, passes, monkeypatch):
+    monkeypatch.setenv("BLURFAST_CUDA_KERNELS", passes)
     # More plane groups than SMs (the throughput geometry, not the split one) and than
     # resident blocks, so blocks loop over plane groups.
     b, c, h, w = shape

@@ -17,7 +17,10 @@ from blurfast.ops import spectral_kernel_args
 from bfutil import rel_err
 
 SIZES = (32, 64, 128)
-GEOMETRIES = [(32, 1), (64, 1), (64, 2), (128, 1), (128, 2)]   # (N, split)
+# (N, split, fast): dense passes in every geometry; fast passes (no split 2 at 128).
+GEOMETRIES = [(32, 1, False), (64, 1, False), (64, 2, False), (128, 1, False), (128, 2, False),
+              (32, 1, True), (64, 1, True), (64, 2, True), (128, 1, True)]
+GEOMETRY_IDS = [f"{n}-split{s}-{'fast' if f else 'dense'}" for n, s, f in GEOMETRIES]
 DCT2, IDCT2, SPECTRAL = 0, 1, 2
 
 
@@ -26,93 +29,100 @@ def _rand(*shape, seed=0):
     return torch.randn(*shape, generator=g, dtype=torch.float64).float()
 
 
-def emulate_dct(x, inverse, grid=2, reverse=False, split=1):
+def emulate_dct(x, inverse, grid=2, reverse=False, split=1, fast=False):
     out = torch.empty_like(x)
     n = x.shape[-1]
     _C.plane_emulate(x.numel() // (n * n), n, n, 0, x.data_ptr(), 0, None, None, None, 0, 0,
-                     0, out.data_ptr(), 0, IDCT2 if inverse else DCT2, grid, reverse, split)
+                     0, out.data_ptr(), 0, IDCT2 if inverse else DCT2, grid, reverse, split,
+                     fast)
     return out
 
 
 def emulate_spectral(x, a, x2=None, a2=None, g=None, noise=None, *, seed=0, offset=0,
-                     return_noise=False, grid=2, reverse=False, split=1):
+                     return_noise=False, grid=2, reverse=False, split=1, fast=False):
     out = torch.empty_like(x)
     noise_px = torch.empty_like(x) if return_noise else None
     args, keep = spectral_kernel_args(x, a, x2, a2, g, noise, seed, offset, out, noise_px)
-    _C.plane_emulate(*args, SPECTRAL, grid, reverse, split)
+    _C.plane_emulate(*args, SPECTRAL, grid, reverse, split, fast)
     del keep
     return (out, noise_px) if return_noise else out
 
 
-@pytest.mark.parametrize("n,split", GEOMETRIES)
+@pytest.mark.parametrize("n,split,fast", GEOMETRIES, ids=GEOMETRY_IDS)
 @pytest.mark.parametrize("planes", [1, 5])
-def test_dct2_and_idct2_against_float64(n, split, planes):
+def test_dct2_and_idct2_against_float64(n, split, fast, planes):
     # 5 planes: a partial last plane group for every planes-per-block (4, 2, 1).
     x = _rand(planes, n, n)
     for inverse, want in ((False, ref.dct2(x.double())), (True, ref.idct2(x.double()))):
-        y = emulate_dct(x, inverse, grid=2, split=split)
+        y = emulate_dct(x, inverse, grid=2, split=split, fast=fast)
         assert torch.isfinite(y).all()
         assert rel_err(y, want) <= 2e-6
-        assert torch.equal(y, emulate_dct(x, inverse, grid=3, reverse=True, split=split))
+        assert torch.equal(y, emulate_dct(x, inverse, grid=3, reverse=True, split=split,
+                                          fast=fast))
 
 
-def test_round_trip_and_basis_vectors():
-    n = 32
-    eye = torch.zeros(n * n, n, n)
-    eye.view(n * n, n * n).fill_diagonal_(1.0)
-    basis = emulate_dct(eye, inverse=True)            # rows of the 2-D DCT matrix
-    c = ref.dct_matrix(n, torch.float64, "cpu")
-    want = torch.einsum("ki,lj->klij", c, c).reshape(n * n, n, n)
-    assert rel_err(basis, want) <= 2e-6
+@pytest.mark.parametrize("fast", [False, True], ids=["dense", "fast"])
+def test_round_trip_and_basis_vectors(fast):
+    # Every basis vector: an index or sign slip in any butterfly or twiddle shows up here.
+    for n in (32, 64):
+        eye = torch.zeros(n * n, n, n)
+        eye.view(n * n, n * n).fill_diagonal_(1.0)
+        c = ref.dct_matrix(n, torch.float64, "cpu")
+        want = torch.einsum("ki,lj->klij", c, c)       # basis (k, l) at pixel (i, j)
+        assert rel_err(emulate_dct(eye, inverse=True, fast=fast),
+                       want.reshape(n * n, n, n)) <= 2e-6
+        assert rel_err(emulate_dct(eye, inverse=False, fast=fast),
+                       want.permute(2, 3, 0, 1).reshape(n * n, n, n)) <= 2e-6
     x = _rand(3, 64, 64)
-    assert rel_err(emulate_dct(emulate_dct(x, False), True), x) <= 4e-6
+    assert rel_err(emulate_dct(emulate_dct(x, False, fast=fast), True, fast=fast), x) <= 4e-6
 
 
-@pytest.mark.parametrize("n,split", GEOMETRIES)
-def test_spectral_generated_noise_two_inputs(n, split):
+@pytest.mark.parametrize("n,split,fast", GEOMETRIES, ids=GEOMETRY_IDS)
+def test_spectral_generated_noise_two_inputs(n, split, fast):
     b, c = 3, 3                                     # 9 planes
     x, x2 = _rand(b, c, n, n), _rand(b, c, n, n, seed=1)
     a = torch.rand(b, 1, n, n, generator=torch.Generator().manual_seed(2))
     a2 = torch.rand(1, c, n, n, generator=torch.Generator().manual_seed(3))
     g = torch.rand(b, 1, 1, 1, generator=torch.Generator().manual_seed(4))
     kw = dict(seed=99, offset=12, return_noise=True)
-    out, npx = emulate_spectral(x, a, x2, a2, g, split=split, **kw)
+    out, npx = emulate_spectral(x, a, x2, a2, g, split=split, fast=fast, **kw)
     want, want_n = ref.spectral(x.double(), a, x2.double(), a2, g=g, **kw)
     assert rel_err(out, want) <= 2e-6
     assert rel_err(npx, want_n) <= 2e-6
-    out_r, npx_r = emulate_spectral(x, a, x2, a2, g, grid=4, reverse=True, split=split, **kw)
+    out_r, npx_r = emulate_spectral(x, a, x2, a2, g, grid=4, reverse=True, split=split,
+                                    fast=fast, **kw)
     assert torch.equal(out, out_r) and torch.equal(npx, npx_r)
 
 
 @pytest.mark.parametrize("offset", [0, 5, 2 ** 40 + 3])
-@pytest.mark.parametrize("n,split", [(32, 1), (64, 2)])   # (64, 2): noise made early
-def test_spectral_noise_numbering(offset, n, split):
+@pytest.mark.parametrize("n,split,fast", [(32, 1, False), (64, 2, False), (64, 2, True)])
+def test_spectral_noise_numbering(offset, n, split, fast):   # split 2: noise made early
     # Element e of the call uses philox_normal(seed, offset + e), whether or not offset
     # is a multiple of four (the kernel's one-block-per-four-numbers path and its
     # fallback must agree with the reference).
     x = torch.zeros(2, n, n)
     out, npx = emulate_spectral(x, torch.zeros(n, n), g=torch.ones(()), seed=7,
-                                offset=offset, return_noise=True, split=split)
+                                offset=offset, return_noise=True, split=split, fast=fast)
     want = ref.idct2(ref.philox_normal((2, n, n), seed=7, offset=offset))
     assert rel_err(npx, want) <= 2e-6
     assert rel_err(out, want) <= 2e-6
 
 
-@pytest.mark.parametrize("split", [1, 2])
-def test_spectral_given_noise_and_single_input(split):
+@pytest.mark.parametrize("split,fast", [(1, False), (2, False), (1, True), (2, True)])
+def test_spectral_given_noise_and_single_input(split, fast):
     n = 64
     x = _rand(4, 2, n, n)
     a = torch.rand(n, n, generator=torch.Generator().manual_seed(5))
     zb = _rand(4, 2, n, n, seed=6)
     g = torch.rand(4, 2, 1, 1, generator=torch.Generator().manual_seed(7))
-    out, npx = emulate_spectral(x, a, g=g, noise=zb, return_noise=True, split=split)
+    out, npx = emulate_spectral(x, a, g=g, noise=zb, return_noise=True, split=split, fast=fast)
     want, want_n = ref.spectral(x.double(), a, g=g, noise=zb.double(), return_noise=True)
     assert rel_err(out, want) <= 2e-6 and rel_err(npx, want_n) <= 2e-6
-    plain = emulate_spectral(x, a, split=split)       # no noise term at all
+    plain = emulate_spectral(x, a, split=split, fast=fast)       # no noise term at all
     assert rel_err(plain, ref.spectral(x.double(), a)) <= 2e-6
     # Noise drawn but not returned: two buffers, the noise made in the combine step
     # (with it returned, it is made early, while the loads are in flight).
-    drawn = emulate_spectral(x, a, g=g, seed=3, offset=8, split=split)
+    drawn = emulate_spectral(x, a, g=g, seed=3, offset=8, split=split, fast=fast)
     assert rel_err(drawn, ref.spectral(x.double(), a, g=g, seed=3, offset=8)) <= 2e-6
 
 
@@ -122,37 +132,44 @@ def test_emulator_rejects_unsupported_calls():
         emulate_dct(x, False)
     with pytest.raises(ValueError, match="float32"):
         _C.plane_emulate(1, 32, 32, 1, x.data_ptr(), 0, None, None, None, 0, 0, 0,
-                         x.data_ptr(), 0, DCT2, 1, False, 1)
+                         x.data_ptr(), 0, DCT2, 1, False, 1, False)
     with pytest.raises(ValueError, match="split"):
         emulate_dct(torch.zeros(1, 32, 32), False, split=2)
+    with pytest.raises(ValueError, match="split"):
+        emulate_dct(torch.zeros(1, 128, 128), False, split=2, fast=True)
 
 
-def emulate_strips(x, inverse, grid=2, reverse=False):
+def emulate_strips(x, inverse, grid=2, reverse=False, fast=False):
     planes, rows, length = x.shape
     out = torch.empty(planes, length, rows)
-    _C.strip_emulate(x.data_ptr(), out.data_ptr(), planes, rows, length, inverse, grid, reverse)
+    _C.strip_emulate(x.data_ptr(), out.data_ptr(), planes, rows, length, inverse, grid, reverse,
+                     fast)
     return out
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["dense", "fast"])
 @pytest.mark.parametrize("length", [32, 64, 128, 256])
-def test_strip_pass_against_float64(length):
-    # 3 planes of 96 rows: 9 strips, so with grid 2 and 4 blocks loop and prefetch.
-    x = _rand(3, 96, length)
+def test_strip_pass_against_float64(length, fast):
+    # Dense: 3 planes of 96 rows are 9 strips of 32, so with grid 2 and 4 blocks loop and
+    # prefetch. Fast: blocks of 64 to 256 rows, the last one partial, blocks looping.
+    planes, rows = (3, 96) if not fast else (3, {32: 352, 64: 352, 128: 224, 256: 96}[length])
+    x = _rand(planes, rows, length)
     c = ref.dct_matrix(length, torch.float64, "cpu")
     for inverse in (False, True):
         m = c.T if inverse else c
         want = torch.einsum("kn,prn->pkr", m, x.double())
-        got = emulate_strips(x, inverse, grid=2)
+        got = emulate_strips(x, inverse, grid=2, fast=fast)
         assert torch.isfinite(got).all()
         assert rel_err(got, want) <= 2e-6
-        assert torch.equal(got, emulate_strips(x, inverse, grid=4, reverse=True))
+        assert torch.equal(got, emulate_strips(x, inverse, grid=4, reverse=True, fast=fast))
 
 
-def test_two_strip_passes_make_dct2_of_256_planes():
+@pytest.mark.parametrize("fast", [False, True], ids=["dense", "fast"])
+def test_two_strip_passes_make_dct2_of_256_planes(fast):
     x = _rand(2, 256, 256)
-    y = emulate_strips(emulate_strips(x, False), False)
+    y = emulate_strips(emulate_strips(x, False, fast=fast), False, fast=fast)
     assert rel_err(y, ref.dct2(x.double())) <= 2e-6
-    z = emulate_strips(emulate_strips(y, True), True)
+    z = emulate_strips(emulate_strips(y, True, fast=fast), True, fast=fast)
     assert rel_err(z, x) <= 4e-6
 
 
