@@ -10,6 +10,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "common.h"
 #include "fast_dct.h"
@@ -225,64 +226,66 @@ BF_HD void inverse_pass(const float* S, float* D, const Tables& T, int j, int ro
   }
 }
 
-// Fast passes: two threads per row. Thread `role` of row r of S (rows of L floats) makes
+// Fast passes: two threads per row. Thread Role of row r of S (rows of L floats) makes
 // half of the transform of that row in registers (fast_dct.h for the split):
 // Forward, with e[n] = x[n] + x[L-1-n], o[n] = x[n] - x[L-1-n], both scaled to the
-// orthonormal DCT: role 0: h[k] = X[2k] = DCT-II_{L/2}(e)[k]; role 1: h[k] = X[2k+1] =
+// orthonormal DCT: Role 0: h[k] = X[2k] = DCT-II_{L/2}(e)[k]; Role 1: h[k] = X[2k+1] =
 // DCT-IV_{L/2}(o)[k].
-template <int L>
-BF_HD void fast_forward_row(const float* S, int role, int r, float* h) {
+template <int L, int Role>
+BF_HD void fast_forward_row(const float* S, int r, float* h) {
   constexpr int H = L / 2, E = 1 - fastdct::log2i(L), E0 = -fastdct::log2i(L);
-  auto fold = [&](float sign) {             // h[n] = x[n] + sign x[L-1-n]
-    fastdct::static_for<H / 4>([&](auto c_) {
-      constexpr int c = 4 * decltype(c_)::value;
-      float a[4], b[4];
-      ld4(S + sidx<L>(r, c), a);            // x[c+t]; its partner x[L-1-c-t] is b[3-t]
-      ld4(S + sidx<L>(r, L - 4 - c), b);
-      BF_UNROLL for (int t = 0; t < 4; ++t) h[c + t] = a[t] + sign * b[3 - t];
-    });
-  };
-  if (role == 0) {
-    fold(1.f);
+  fastdct::static_for<H / 4>([&](auto c_) {
+    constexpr int c = 4 * decltype(c_)::value;
+    float a[4], b[4];
+    ld4(S + sidx<L>(r, c), a);              // x[c+t]; its partner x[L-1-c-t] is b[3-t]
+    ld4(S + sidx<L>(r, L - 4 - c), b);
+    BF_UNROLL for (int t = 0; t < 4; ++t) h[c + t] = Role == 0 ? a[t] + b[3 - t] : a[t] - b[3 - t];
+  });
+  if constexpr (Role == 0)
     fastdct::dct2<H, E, E0>(h);
-  } else {
-    fold(-1.f);
+  else
     fastdct::dct4<H, E>(h);
-  }
 }
 
-// Inverse: role 0: h = u = DCT-III_{L/2}(X[0], X[2], ..); role 1: h = w =
+// Inverse: Role 0: h = u = DCT-III_{L/2}(X[0], X[2], ..); Role 1: h = w =
 // DCT-IV_{L/2}(X[1], X[3], ..). The pixels are x[n] = u[n] + w[n], x[L-1-n] = u[n] - w[n]
 // (n < L/2): a butterfly across the two threads, left to the caller.
-template <int L>
-BF_HD void fast_inverse_row(const float* S, int role, int r, float* h) {
+template <int L, int Role>
+BF_HD void fast_inverse_row(const float* S, int r, float* h) {
   constexpr int H = L / 2, E = 1 - fastdct::log2i(L), E0 = -fastdct::log2i(L);
-  auto pick = [&](auto first_) {            // h[k] = X[2k + first]
-    constexpr int first = decltype(first_)::value;
-    fastdct::static_for<L / 4>([&](auto c_) {
-      constexpr int c = decltype(c_)::value;
-      float a[4];
-      ld4(S + sidx<L>(r, 4 * c), a);
-      h[2 * c] = a[first];
-      h[2 * c + 1] = a[first + 2];
-    });
-  };
-  if (role == 0) {
-    pick(std::integral_constant<int, 0>{});
+  fastdct::static_for<L / 4>([&](auto c_) {
+    constexpr int c = decltype(c_)::value;
+    float a[4];
+    ld4(S + sidx<L>(r, 4 * c), a);
+    h[2 * c] = a[Role];
+    h[2 * c + 1] = a[Role + 2];
+  });
+  if constexpr (Role == 0)
     fastdct::dct3<H, E, E0>(h);
-  } else {
-    pick(std::integral_constant<int, 1>{});
+  else
     fastdct::dct4<H, E>(h);
-  }
+}
+
+// f(std::integral_constant<int, role>{}) for role 0 or 1: each role's code is compiled
+// on its own (with the role a runtime value across shared code, ptxas spilled).
+template <typename F>
+BF_HD void with_role(int role, F&& f) {
+  if (role == 0)
+    f(std::integral_constant<int, 0>{});
+  else
+    f(std::integral_constant<int, 1>{});
 }
 
 // The fast passes of the plane program: the row's half transform, written transposed
 // into D (rows of DW floats).
 template <int L, int DW>
 BF_HD void fast_forward_pass(const float* S, float* D, int role, int r) {
-  float h[L / 2];
-  fast_forward_row<L>(S, role, r, h);
-  BF_UNROLL for (int k = 0; k < L / 2; ++k) D[sidx<DW>(2 * k + role, r)] = h[k];
+  with_role(role, [&](auto role_) {
+    constexpr int kRole = decltype(role_)::value;
+    float h[L / 2];
+    fast_forward_row<L, kRole>(S, r, h);
+    BF_UNROLL for (int k = 0; k < L / 2; ++k) D[sidx<DW>(2 * k + kRole, r)] = h[k];
+  });
 }
 
 // Inverse, output in mirrored form: u at rows n < L/2 of D, w at rows L-1-n. The
@@ -290,9 +293,12 @@ BF_HD void fast_forward_pass(const float* S, float* D, int role, int r) {
 // store_mirrored_group (plane_program.h) applies both axes' butterflies at once.
 template <int L, int DW>
 BF_HD void fast_inverse_pass(const float* S, float* D, int role, int r) {
-  float h[L / 2];
-  fast_inverse_row<L>(S, role, r, h);
-  BF_UNROLL for (int n = 0; n < L / 2; ++n) D[sidx<DW>(role == 0 ? n : L - 1 - n, r)] = h[n];
+  with_role(role, [&](auto role_) {
+    constexpr int kRole = decltype(role_)::value;
+    float h[L / 2];
+    fast_inverse_row<L, kRole>(S, r, h);
+    BF_UNROLL for (int n = 0; n < L / 2; ++n) D[sidx<DW>(kRole == 0 ? n : L - 1 - n, r)] = h[n];
+  });
 }
 
 }  // namespace plane

@@ -11,6 +11,7 @@
 // line_passes.h, each writing its result transposed, so two passes make a 2-D transform.
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 #include "blurfast.h"
 #include "common.h"
@@ -238,13 +239,15 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
   // group wp % kGroups of rows from 32 kRows (wp / kGroups) on (wp = w % kWarpsPerPlane).
   // Fast passes: thread tid is role tid / (kPPB N) of row tid % (kPPB N) of the group.
   constexpr int kRowsPerBlock = G::kPPB * N;
-  auto pass = [&](int src, int dst, bool inv) {
+  // `inverse_` is a std::integral_constant: a runtime flag here made ptxas spill.
+  auto pass = [&](int src, int dst, auto inverse_) {
+    constexpr bool inv = decltype(inverse_)::value;
     ctx.phase([&](int tid) {
       if constexpr (G::kFast) {
         const int q = tid % kRowsPerBlock, role = tid / kRowsPerBlock;
         const float* S = buf(src) + (q / N) * G::kPlane;
         float* D = buf(dst) + (q / N) * G::kPlane;
-        if (inv)
+        if constexpr (inv)
           fast_inverse_pass<N, N>(S, D, role, q % N);
         else
           fast_forward_pass<N, N>(S, D, role, q % N);
@@ -253,15 +256,15 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
         const float* S = buf(src) + (w / G::kWarpsPerPlane) * G::kPlane;
         float* D = buf(dst) + (w / G::kWarpsPerPlane) * G::kPlane;
         const int j = wp % G::kGroups, row0 = 32 * G::kRows * (wp / G::kGroups);
-        if (inv)
+        if constexpr (inv)
           inverse_pass<N, G::kRows, N>(S, D, tab, j, row0, tid % 32);
         else
           forward_pass<N, G::kRows, N>(S, D, tab, j, row0, tid % 32);
       }
     });
   };
-  auto forward = [&](int src, int dst) { pass(src, dst, false); };
-  auto inverse = [&](int src, int dst) { pass(src, dst, true); };
+  auto forward = [&](int src, int dst) { pass(src, dst, std::false_type{}); };
+  auto inverse = [&](int src, int dst) { pass(src, dst, std::true_type{}); };
   // After two inverse passes: fast ones leave the mirrored form (store_mirrored_group).
   auto store_inverse = [&](int src, void* dst, int64_t p0) {
     ctx.phase([&](int tid) {

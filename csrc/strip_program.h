@@ -142,7 +142,7 @@ BF_HD void run_fast_strips(Ctx& ctx, const StripJob& job, float* S) {
         const int q = tid % G::kRows, role = tid / G::kRows;
         if (q >= nrows) return;
         float h[H];
-        fast_forward_row<L>(S, role, q, h);
+        with_role(role, [&](auto role_) { fast_forward_row<L, decltype(role_)::value>(S, q, h); });
         Tout* dst = out_row(g0 + q) + role * job.rows;
         BF_UNROLL for (int k = 0; k < H; ++k) store1<Tout>(dst + 2 * k * job.rows, h[k]);
       });
@@ -150,7 +150,11 @@ BF_HD void run_fast_strips(Ctx& ctx, const StripJob& job, float* S) {
     }
     // Rows past nrows (zeros) are transformed too: keep is then written on every path, so
     // the compiler sees it dead between iterations.
-    ctx.phase([&](int tid) { fast_inverse_row<L>(S, tid / G::kRows, tid % G::kRows, keep(tid).h); });
+    ctx.phase([&](int tid) {
+      with_role(tid / G::kRows, [&](auto role_) {
+        fast_inverse_row<L, decltype(role_)::value>(S, tid % G::kRows, keep(tid).h);
+      });
+    });
     // u and w through shared memory (row q of S: u in columns [0, L/2), w after it), then
     // x[n] = u[n] + w[n] (role 0) and x[L-1-n] = u[n] - w[n] (role 1).
     ctx.phase([&](int tid) {
