@@ -182,6 +182,19 @@ int sm_count(int device) {
   return n;
 }
 
+// Cached, like sm_count.
+int64_t l2_bytes(int device) {
+  static std::mutex mu;
+  static std::map<int, int64_t> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  int n = 0;
+  check(cudaDeviceGetAttribute(&n, cudaDevAttrL2CacheSize, device), "L2 size");
+  cache[device] = n;
+  return n;
+}
+
 bool aligned(const void* p, size_t bytes) { return ((uintptr_t)p % bytes) == 0; }
 
 // BLURFAST_CUDA_KERNELS: unset or "fast", "dense", "simple" (no fused or strip kernel).
@@ -330,6 +343,8 @@ template bool strip_launch<float, __half>(const void*, void*, int64_t, int64_t, 
                                           int, cudaStream_t);
 template bool strip_launch<float, __nv_bfloat16>(const void*, void*, int64_t, int64_t, int64_t,
                                                  bool, int, cudaStream_t);
+
+int64_t l2_cache_bytes(int device) { return l2_bytes(device); }
 
 bool plane_applies(const Job& job, int64_t H, int64_t W, int dtype, int device) {
   return make_plan(job, H, W, dtype, device).ok;

@@ -23,5 +23,8 @@ template <typename Tin, typename Tout>
 bool strip_launch(const void* in, void* out, int64_t planes, int64_t rows, int64_t L,
                   bool inverse, int device, cudaStream_t stream);
 
+// The L2 cache size of `device` in bytes (cached).
+int64_t l2_cache_bytes(int device);
+
 }  // namespace plane
 }  // namespace blurfast

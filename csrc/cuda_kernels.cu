@@ -86,12 +86,20 @@ void launch_axis(const void* in, void* out, int64_t P, int64_t R, int64_t N, boo
   check(cudaGetLastError(), "axis_transform launch");
 }
 
-// 2-D transform: in (P,H,W) -> tmp (P,W,H) -> out (P,H,W).
+// 2-D transform: in (P,H,W) -> tmp (P,W,H) -> out (P,H,W). Planes go in chunks of about
+// a third of the L2 cache, so that tmp is read back from L2 rather than from memory
+// (64x3x256x256 float32: 3 chunks of 64 planes, each still enough blocks to fill an H100).
 template <typename Tin, typename Tout, typename C>
 void transform2d(const void* in, void* out, C* tmp, int64_t P, int64_t H, int64_t W, bool inverse,
                  cudaStream_t s, int device) {
-  launch_axis<Tin, C, C>(in, tmp, P, H, W, inverse, s, device);
-  launch_axis<C, Tout, C>(tmp, out, P, W, H, inverse, s, device);
+  const int64_t hw = H * W, plane_bytes = hw * (int64_t)sizeof(C);
+  const int64_t budget = plane::l2_cache_bytes(device) / 3;
+  const int64_t chunk = budget == 0 ? P : (plane_bytes < budget ? budget / plane_bytes : 1);
+  for (int64_t p0 = 0; p0 < P; p0 += chunk) {
+    const int64_t n = P - p0 < chunk ? P - p0 : chunk;
+    launch_axis<Tin, C, C>((const Tin*)in + p0 * hw, tmp, n, H, W, inverse, s, device);
+    launch_axis<C, Tout, C>(tmp, (Tout*)out + p0 * hw, n, W, H, inverse, s, device);
+  }
 }
 
 template <typename C>

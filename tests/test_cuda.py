@@ -206,6 +206,24 @@ def test_plane_kernel_many_planes(shape, passes, monkeypatch):
     assert rel_err(out, want) <= 2e-6 and rel_err(eps, want_e) <= 2e-6
 
 
+@pytest.mark.parametrize("passes", ["fast", "dense"])
+def test_strip_path_in_l2_sized_chunks(passes, monkeypatch):
+    # More than a third of the L2 cache of 256 x 256 planes: transform2d goes in chunks of
+    # planes (cuda_kernels.cu), the last one partial; dct2, idct2 and the fused op.
+    monkeypatch.setenv("BLURFAST_CUDA_KERNELS", passes)
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2 ** 20)
+    planes = l2 // 3 // (256 * 256 * 4) * 2 + 3
+    x = _rand(planes, 256, 256).cuda()
+    a = torch.rand(planes, 1, 1).cuda()
+    xd = x.double()          # the reference on the GPU, in float64
+    assert rel_err(bf.dct2(x), ref.dct2(xd)) <= 2e-6
+    assert rel_err(bf.idct2(x), ref.idct2(xd)) <= 2e-6
+    out, eps = bf.spectral(x, a, g=(1 - a * a).sqrt(), seed=3, return_noise=True)
+    want, want_e = ref.spectral(xd, a.double(), g=(1 - a * a).sqrt().double(), seed=3,
+                                return_noise=True)
+    assert rel_err(out, want) <= 2e-6 and rel_err(eps, want_e) <= 2e-6
+
+
 def test_plane_kernel_misaligned_input_falls_back():
     # A view 4 bytes into its storage cannot take float4 loads: the simple kernels serve it.
     flat = _rand(3 * 64 * 64 + 1).cuda()
