@@ -102,6 +102,15 @@ class StepBatches:
         return self.stop - self.start
 
 
+def ema_update_(ema_params, params, weight: torch.Tensor) -> None:
+    """``ema += weight * (param - ema)`` for every pair, ``weight`` a 0-dim device tensor.
+
+    The weight goes in as a list (the Tensor[] overload of ``_foreach_lerp_``): a single
+    tensor would bind to the Scalar overload, which reads it back to the host, a sync
+    that CUDA-graph capture forbids."""
+    torch._foreach_lerp_(ema_params, params, [weight] * len(ema_params))
+
+
 def _collate(batch: torch.Tensor) -> torch.Tensor:
     """The datasets' ``__getitems__`` already returns the batch tensor."""
     return batch
@@ -214,7 +223,7 @@ class TrainStep:
         skip = (~torch.isfinite(norm)).float()
         self.opt.found_inf = skip            # fused Adam leaves params and state as they are
         self.opt.step()
-        torch._foreach_lerp_(self.ema_params, self.params, (1 - skip) * self.ema_w)
+        ema_update_(self.ema_params, self.params, (1 - skip) * self.ema_w)
         ok = torch.isfinite(loss)
         s = self._stats
         s[0] += torch.where(ok, loss.detach().double(), 0.0)

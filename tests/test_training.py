@@ -253,6 +253,21 @@ def test_ddp_two_gloo_processes_match_one_process(made16, tmp_path):
 
 # ------------------------------------------------------------------------ non-finite
 
+def test_ema_update_formula_and_no_host_read():
+    # ema += w (p - ema) with w a 0-dim tensor. On the meta device any read of w's value
+    # fails, so this also shows the update never reads it back to the host (a sync that
+    # CUDA-graph capture of the training step forbids).
+    g = torch.Generator().manual_seed(0)
+    params, ema = ([torch.randn(*shape, generator=g, dtype=torch.float64)
+                    for shape in ((3, 4), (5,))] for _ in range(2))
+    want = [e + 0.3 * (p - e) for e, p in zip(ema, params)]
+    training.ema_update_(ema, params, torch.tensor(0.3, dtype=torch.float64))
+    for e, w in zip(ema, want):
+        assert torch.allclose(e, w, rtol=0, atol=1e-15)
+    meta = [t.to("meta") for t in ema]
+    training.ema_update_(meta, [t.to("meta") for t in params], torch.tensor(0.3, device="meta"))
+
+
 def test_a_skipped_step_changes_nothing():
     diff = BlurDiffusion(resolution=16)
     torch.manual_seed(0)
