@@ -3,7 +3,8 @@
 // Runs the same phase code the kernel runs, one thread after another, block after block.
 // Shared memory starts as NaN, so a read of a value no thread wrote shows up in the
 // output; running the threads of each phase in reverse order changes the result of any
-// phase in which one thread reads what another writes (a missing barrier).
+// phase in which one thread reads what another writes (a missing barrier); vector and
+// I/O accesses outside the call's buffers throw (line_passes.h, emu_check).
 #include <limits>
 #include <stdexcept>
 #include <vector>
@@ -41,9 +42,17 @@ struct EmuCtx {
 };
 
 // Runs block_program(ctx, smem) for blocks 0 .. grid-1, shared memory poisoned first.
+// `memory`: the call's buffers; shared memory is added, and every checked access of the
+// program must fall inside one of them (line_passes.h, emu_check).
 template <typename F>
-void run_blocks(int64_t smem_floats, int threads, int64_t grid, bool reverse, F&& block_program) {
+void run_blocks(int64_t smem_floats, int threads, int64_t grid, bool reverse,
+                std::vector<plane::EmuRange> memory, F&& block_program) {
   std::vector<float> sm(smem_floats);
+  memory.push_back({(const char*)sm.data(), (const char*)(sm.data() + sm.size()), true});
+  struct Scope {                   // sets the checked list for this thread, always resets it
+    explicit Scope(const std::vector<plane::EmuRange>* m) { plane::emu_memory = m; }
+    ~Scope() { plane::emu_memory = nullptr; }
+  } scope(&memory);
   for (int64_t b = 0; b < grid; ++b) {
     std::fill(sm.begin(), sm.end(), std::numeric_limits<float>::quiet_NaN());
     EmuCtx ctx;
@@ -55,23 +64,44 @@ void run_blocks(int64_t smem_floats, int threads, int64_t grid, bool reverse, F&
   }
 }
 
+// The buffer [p, p + floats) as a range (none for a null pointer).
+void add_range(std::vector<plane::EmuRange>& m, const void* p, int64_t floats, bool writable) {
+  if (p) m.push_back({(const char*)p, (const char*)p + floats * (int64_t)sizeof(float), writable});
+}
+
+std::vector<plane::EmuRange> job_memory(const plane::Job& job, int64_t hw) {
+  std::vector<plane::EmuRange> m;
+  const int64_t n = job.planes * hw;
+  add_range(m, job.x1, n, false);
+  add_range(m, job.x2, n, false);
+  add_range(m, job.zb, n, false);
+  for (const MapRef* a : {&job.a1, &job.a2, &job.g}) add_range(m, a->ptr, a->mod * hw, false);
+  add_range(m, job.out, n, true);
+  add_range(m, job.noise_out, n, true);
+  return m;
+}
+
 template <typename G>
 void emulate(const plane::Job& job, int64_t grid, bool reverse) {
   run_blocks(G::smem_floats(plane::buffers_needed(job)), G::kThreads, grid, reverse,
+             job_memory(job, (int64_t)G::N * G::N),
              [&](EmuCtx& ctx, float* sm) { plane::run_program<G, float>(ctx, job, sm); });
 }
 
 template <int L>
 void emulate_strips(const plane::StripJob& job, int64_t grid, bool reverse, bool fast) {
+  std::vector<plane::EmuRange> memory;
+  add_range(memory, job.in, job.planes * job.rows * L, false);
+  add_range(memory, job.out, job.planes * job.rows * L, true);
   if (fast) {
     using G = plane::FastStripGeom<L>;
-    run_blocks(G::kSmemFloats, G::kThreads, grid, reverse, [&](EmuCtx& ctx, float* sm) {
+    run_blocks(G::kSmemFloats, G::kThreads, grid, reverse, memory, [&](EmuCtx& ctx, float* sm) {
       plane::run_fast_strips<L, float, float>(ctx, job, sm);
     });
     return;
   }
   using G = plane::StripGeom<L>;
-  run_blocks(G::kSmemFloats, G::kThreads, grid, reverse,
+  run_blocks(G::kSmemFloats, G::kThreads, grid, reverse, memory,
              [&](EmuCtx& ctx, float* sm) { plane::run_strips<L, float, float>(ctx, job, sm); });
 }
 

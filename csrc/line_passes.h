@@ -10,7 +10,10 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
+#include <vector>
 
 #include "common.h"
 #include "fast_dct.h"
@@ -35,11 +38,37 @@ BF_HD int sidx(int row, int col) {
   return row * W + (col ^ ((row & 7) << 2));
 }
 
+#ifndef __CUDA_ARCH__
+// The emulator (emulate.cpp) lists the memory a call may touch: its inputs and maps
+// (read only), its outputs and the block's shared memory. On the host, ld4, st4 and
+// store1 check every access against that list and throw outside it: an out-of-bounds
+// read whose values go unused would otherwise pass unseen. No list (nullptr): no checks.
+struct EmuRange {
+  const char* lo;
+  const char* hi;
+  bool writable;
+};
+inline thread_local const std::vector<EmuRange>* emu_memory = nullptr;
+
+inline void emu_check(const void* p, size_t bytes, bool write) {
+  if (!emu_memory) return;
+  const char* c = static_cast<const char*>(p);
+  for (const EmuRange& r : *emu_memory)
+    if (c >= r.lo && c + bytes <= r.hi) {
+      if (write && !r.writable) throw std::out_of_range("emulated kernel: write to an input");
+      return;
+    }
+  throw std::out_of_range(std::string("emulated kernel: ") + (write ? "write" : "read") +
+                          " outside every buffer of the call");
+}
+#endif
+
 BF_HD void ld4(const float* p, float v[4]) {
 #ifdef __CUDA_ARCH__
   const float4 t = *reinterpret_cast<const float4*>(p);
   v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
 #else
+  emu_check(p, 4 * sizeof(float), false);
   std::memcpy(v, p, 4 * sizeof(float));
 #endif
 }
@@ -48,6 +77,7 @@ BF_HD void st4(float* p, const float v[4]) {
 #ifdef __CUDA_ARCH__
   *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
 #else
+  emu_check(p, 4 * sizeof(float), true);
   std::memcpy(p, v, 4 * sizeof(float));
 #endif
 }
@@ -59,7 +89,12 @@ template <typename T> BF_HD void store4(T* p, const float v[4]);
 template <typename T> BF_HD void store1(T* p, float v);
 template <> BF_HD void load4<float>(const float* p, float v[4]) { ld4(p, v); }
 template <> BF_HD void store4<float>(float* p, const float v[4]) { st4(p, v); }
-template <> BF_HD void store1<float>(float* p, float v) { *p = v; }
+template <> BF_HD void store1<float>(float* p, float v) {
+#ifndef __CUDA_ARCH__
+  emu_check(p, sizeof(float), true);
+#endif
+  *p = v;
+}
 
 // DCT matrix entry C[k][i] of a power-of-two size n in float. On the GPU from cospif of
 // the exactly reduced angle (exact argument: n is a power of two), within 2 ulp.
