@@ -15,6 +15,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -228,6 +229,17 @@ bool with_kernel(int64_t n, int dtype, F&& f) {
   }
 }
 
+// Time of a call in units of one plane on a whole SM, for a geometry with `ppb` planes per
+// block and `per_sm` resident blocks: rounds of blocks, each a plane group on a share of
+// its SM. It counts the last, partial wave (768 planes at N = 64 on 132 SMs: 8 for 2
+// planes per block and 2 blocks per SM, 6 for 1 plane per block and 3 blocks per SM).
+int64_t wave_cost(int64_t planes, int ppb, int per_sm, int sms) {
+  const int64_t groups = (planes + ppb - 1) / ppb, slots = (int64_t)per_sm * sms;
+  const int64_t rounds = (groups + slots - 1) / slots;
+  const int64_t share = std::min<int64_t>(per_sm, (groups + sms - 1) / sms);
+  return rounds * ppb * share;
+}
+
 // The plan for a call: the kernel fits and every pointer is aligned for vector access.
 struct Plan {
   bool ok = false;
@@ -264,13 +276,20 @@ Plan make_plan(const Job& job, int64_t H, int64_t W, int dtype, int device) {
     using T = std::remove_pointer_t<decltype(t)>;
     // Fewer plane groups than SMs: one plane per block (split 2). Fast passes at N = 128
     // already hold one plane per block.
+    const int sms = sm_count(device);
     const int64_t groups = (job.planes + Geom<N>::kPPB - 1) / Geom<N>::kPPB;
-    const bool split = N >= 64 && groups < sm_count(device);
+    const bool split = N >= 64 && groups < sms;
     if (choice == Choice::kFast) {
-      if constexpr (N == 64) {
-        if (split && (plan = plan_for<Geom<N, 2, true>, T>(job, device)).ok) return true;
-      }
       plan = plan_for<Geom<N, 1, true>, T>(job, device);
+      if constexpr (N == 64) {
+        // More groups than SMs: split 2 still wins when its last wave of blocks is the
+        // fuller one (wave_cost below), e.g. 768 planes on 132 SMs.
+        const Plan one = plan_for<Geom<N, 2, true>, T>(job, device);
+        if (one.ok && (split || !plan.ok ||
+                       wave_cost(job.planes, 1, one.per_sm, sms) <
+                           wave_cost(job.planes, Geom<N, 1, true>::kPPB, plan.per_sm, sms)))
+          plan = one;
+      }
       return true;
     }
     if constexpr (N >= 64) {
