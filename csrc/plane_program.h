@@ -239,7 +239,7 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
   // group wp % kGroups of rows from 32 kRows (wp / kGroups) on (wp = w % kWarpsPerPlane).
   // Fast passes: thread tid is role tid / (kPPB N) of row tid % (kPPB N) of the group.
   constexpr int kRowsPerBlock = G::kPPB * N;
-  // `inverse_` is a std::integral_constant: a runtime flag here made ptxas spill.
+  // `inverse_`: std::true_type or std::false_type, so each phase holds one pass's code.
   auto pass = [&](int src, int dst, auto inverse_) {
     constexpr bool inv = decltype(inverse_)::value;
     ctx.phase([&](int tid) {
