@@ -247,7 +247,9 @@ using PlaneFn = void (*)(const T*, T*, const PlaneArgs<T>&, T*);
     else                                                                                   \
       EvenOdd<T, N>::forward(x, y, *a.table, tmp);                                         \
   }                                                                                        \
-  ATTR void normal_fill##SUFFIX(uint64_t seed, uint64_t e0, int64_t n, float* out) {       \
+  /* flatten: inlined here, so it is compiled for this function's target */               \
+  ATTR __attribute__((flatten)) void normal_fill##SUFFIX(uint64_t seed, uint64_t e0,        \
+                                                         int64_t n, float* out) {          \
     philox_normal_fill<float>(seed, e0, n, out);                                           \
   }
 
