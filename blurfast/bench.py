@@ -680,6 +680,9 @@ def run(device=None, quick: bool = False, *, cases=None, impls=None, shapes=None
     32x32 and 128x128). ``cases``/``impls``/``shapes``/``dtypes`` restrict the run
     (default dtypes: float32, plus bfloat16 on CUDA for the impls that take it).
     Rows that cannot run (impl unavailable, or an exception) go to ``skipped``.
+    ``json_path``: written (atomically) after every case and shape with the rows so far
+    and ``"partial": true``, and at the end without it, so a run cut short by a time
+    limit still leaves its finished rows.
     """
     device = _resolve_device(device)
     is_cuda = device.type == "cuda"
@@ -722,16 +725,22 @@ def run(device=None, quick: bool = False, *, cases=None, impls=None, shapes=None
                 for r in case_rows:
                     r["speedup_vs_torch_fp32"] = round(ref["median_us"] / r["median_us"], 3)
             result["rows"].extend(case_rows)
+            if json_path:
+                _write_json(json_path, dict(result, partial=True, targets=targets(result)))
     result["targets"] = targets(result)
 
     if json_path:
-        d = os.path.dirname(os.path.abspath(json_path))
-        os.makedirs(d, exist_ok=True)
-        with open(json_path, "w") as f:
-            f.write(dumps(result))
+        _write_json(json_path, result)
     if print_table:
         print(format_table(result), file=file or sys.stdout)
     return result
+
+
+def _write_json(path, result: dict) -> None:
+    from .fileio import atomic_path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path, suffix=".json") as tmp:
+        tmp.write_text(dumps(result))
 
 
 # Issue 6's goals for blurfast's float32 rows: (case, shape) -> (share of copy, speedup
@@ -917,7 +926,7 @@ def main(argv=None) -> int:
         p.error("nothing to time: --no-kernels needs --steps")
     if a.kernels:
         res = run(a.device, a.quick, cases=a.cases, impls=a.impls, shapes=a.shapes,
-                  dtypes=a.dtypes, iters=a.iters, warmup=a.warmup, json_path=None)
+                  dtypes=a.dtypes, iters=a.iters, warmup=a.warmup, json_path=a.json_path)
     else:
         res = run_header(a.device)
     if a.steps:
@@ -926,9 +935,7 @@ def main(argv=None) -> int:
         print(format_steps(res["model_steps"]))
     res["targets"] = targets(res)
     if a.json_path:
-        from .fileio import atomic_path
-        with atomic_path(a.json_path, suffix=".json") as tmp:
-            tmp.write_text(dumps(res))
+        _write_json(a.json_path, res)
     if a.plot:
         plot(res, a.plot)
         print(f"plot: {a.plot}")

@@ -13,7 +13,8 @@
 #   tests      pytest tests -m cuda (log + junit xml)
 #   bench      kernel table of issue 6 (3 shapes, float32 + bfloat16, every impl):
 #              benchmarks/run.py --device cuda --quick --no-steps --strict -> bench.json
-#              (--strict: fails when blurfast or a torch peer raised)
+#              (--strict: fails when blurfast or a torch peer raised; the JSON is
+#              rewritten after every case and shape, so a timeout keeps finished rows)
 #   steps      whole training step and sampler step of paper64 at batch 16 and 64 against
 #              the paper-style fp32 baseline (issue 4's goal) -> steps.json
 #   memcheck   compute-sanitizer --tool memcheck  python scripts/sanitizer_case.py

@@ -1,6 +1,7 @@
 """Merge gpu_check.sh's bench.json, bench_extra.json and steps.json (in the folder given)
 into results/<card>-<date>.json there, in blurfast.bench's JSON shape, with the goals of
-issues 4 and 6 judged over all rows (``targets``); prints the name."""
+issues 4 and 6 judged over all rows (``targets``); prints the name. A bench cut short by
+its time limit leaves the rows it finished, marked ``"partial": true``, which is kept."""
 import json
 import os
 import re
@@ -17,6 +18,8 @@ def main(out: str) -> str:
         e = json.load(open(extra))
         d["rows"] += e["rows"]
         d["skipped"] += e["skipped"]
+        if e.get("partial"):     # a run cut short by its time limit: the rows it finished
+            d["partial"] = True
     steps = os.path.join(out, "steps.json")
     if os.path.exists(steps):
         d["model_steps"] = json.load(open(steps)).get("model_steps", [])

@@ -127,6 +127,29 @@ def test_traffic_bytes():
                         12.75, abs_tol=0.05)
 
 
+def test_run_leaves_finished_rows_when_cut_short(tmp_path, monkeypatch):
+    # gpu_check.sh runs the bench under a time limit: every finished (case, shape) group
+    # is already on disk, marked partial, when a later one is cut off.
+    path = tmp_path / "bench.json"
+    real, calls = bench._time_impls, []
+
+    def cut_after_first(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) > 1:
+            raise KeyboardInterrupt          # what a timeout's signal looks like here
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "_time_impls", cut_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run("cpu", quick=True, cases=["dct2", "idct2"], impls=["blurfast", "torch_fp32"],
+                  shapes=["1x3x8x8"], iters=2, warmup=1, json_path=str(path),
+                  print_table=False)
+    on_disk = json.loads(path.read_text())
+    assert on_disk["partial"] is True
+    assert {(r["case"], r["impl"]) for r in on_disk["rows"]} == {
+        ("dct2", "blurfast"), ("dct2", "torch_fp32")}
+
+
 def test_run_cpu_writes_issue6_json_shape(tmp_path):
     path = tmp_path / "bench.json"
     res = bench.run("cpu", quick=True, cases=["dct2", "q_sample"],
