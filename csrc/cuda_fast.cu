@@ -170,30 +170,22 @@ int blocks_per_sm(const void* kernel, int threads, int device, int64_t bytes,
   return nb;
 }
 
-// Cached: launches inside CUDA-graph capture then make no attribute queries.
-int sm_count(int device) {
+// A device attribute, cached: launches inside CUDA-graph capture then make no queries.
+int device_attr(int device, cudaDeviceAttr attr, const char* what) {
   static std::mutex mu;
-  static std::map<int, int> cache;
+  static std::map<std::pair<int, int>, int> cache;
   std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(device);
+  const auto key = std::make_pair(device, (int)attr);
+  auto it = cache.find(key);
   if (it != cache.end()) return it->second;
-  int n = 0;
-  check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "SM count");
-  cache[device] = n;
-  return n;
+  int v = 0;
+  check(cudaDeviceGetAttribute(&v, attr, device), what);
+  cache[key] = v;
+  return v;
 }
 
-// Cached, like sm_count.
-int64_t l2_bytes(int device) {
-  static std::mutex mu;
-  static std::map<int, int64_t> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(device);
-  if (it != cache.end()) return it->second;
-  int n = 0;
-  check(cudaDeviceGetAttribute(&n, cudaDevAttrL2CacheSize, device), "L2 size");
-  cache[device] = n;
-  return n;
+int sm_count(int device) {
+  return device_attr(device, cudaDevAttrMultiProcessorCount, "SM count");
 }
 
 bool aligned(const void* p, size_t bytes) { return ((uintptr_t)p % bytes) == 0; }
@@ -363,7 +355,9 @@ template bool strip_launch<float, __half>(const void*, void*, int64_t, int64_t, 
 template bool strip_launch<float, __nv_bfloat16>(const void*, void*, int64_t, int64_t, int64_t,
                                                  bool, int, cudaStream_t);
 
-int64_t l2_cache_bytes(int device) { return l2_bytes(device); }
+int64_t l2_cache_bytes(int device) {
+  return device_attr(device, cudaDevAttrL2CacheSize, "L2 size");
+}
 
 bool plane_applies(const Job& job, int64_t H, int64_t W, int dtype, int device) {
   return make_plan(job, H, W, dtype, device).ok;
