@@ -19,6 +19,9 @@ Implementations (the peers are our own code, written from the mathematics):
 * ``blurfast_dense``: the same with the fused kernel's dense passes instead of the
   fast ones (``BLURFAST_CUDA_KERNELS=dense``; CUDA only): the A/B of the two pass
   families, benchmarks/NOTES.md.
+* ``blurfast_prefetch``, ``blurfast_occ``, ``blurfast_prefetch_occ``: variants of the
+  fast kernels on trial (``BLURFAST_CUDA_KERNELS=fast+prefetch`` and so on; CUDA only,
+  not run unless named in ``impls``): benchmarks/NOTES.md.
 * ``blurfast_simple``: the same with the fused whole-plane CUDA kernel turned off
   (``BLURFAST_CUDA_KERNELS=simple``): the simple multi-launch kernels (CUDA only).
 * ``torch_fp32``: DCT as two matrix products with cached DCT matrices (the way
@@ -55,7 +58,7 @@ from typing import Callable, Optional
 import torch
 
 __all__ = [
-    "CASES", "IMPLS", "DTYPES", "CUDA_SHAPES", "CUDA_EXTRA_SHAPES", "CPU_SHAPES",
+    "CASES", "IMPLS", "VARIANT_IMPLS", "DTYPES", "CUDA_SHAPES", "CUDA_EXTRA_SHAPES", "CPU_SHAPES",
     "matmul_dct2", "matmul_idct2", "fft_dct2", "fft_idct2",
     "ref_q_sample", "ref_sampler_step", "tf32_matmul",
     "get_impl", "impl_function", "make_inputs", "traffic_bytes", "targets", "TARGETS",
@@ -66,6 +69,7 @@ __all__ = [
 CASES = ("dct2", "idct2", "q_sample", "sampler_step")
 IMPLS = ("blurfast", "blurfast_dense", "blurfast_simple", "torch_fp32", "torch_tf32",
          "torch_fft", "cupy")
+VARIANT_IMPLS = ("blurfast_prefetch", "blurfast_occ", "blurfast_prefetch_occ")
 DTYPES = ("float32", "bfloat16")      # bfloat16 rows: blurfast impls on CUDA only
 CUDA_SHAPES = ((256, 3, 64, 64), (64, 3, 256, 256), (16, 3, 64, 64))
 CUDA_EXTRA_SHAPES = ((256, 3, 32, 32), (64, 3, 128, 128))   # full (not --quick) runs
@@ -326,6 +330,9 @@ _IMPLS = {
     "blurfast": Impl("blurfast", _blurfast_functions, dtypes=DTYPES),
     "blurfast_dense": Impl("blurfast_dense", _blurfast_functions, cuda_only=True,
                            dtypes=DTYPES, context=_kernels_env("dense")),
+    **{f"blurfast_{v}": Impl(f"blurfast_{v}", _blurfast_functions, cuda_only=True,
+                             dtypes=DTYPES, context=_kernels_env("fast+" + v.replace("_", "+")))
+       for v in ("prefetch", "occ", "prefetch_occ")},
     "blurfast_simple": Impl("blurfast_simple", _blurfast_functions, cuda_only=True,
                             dtypes=DTYPES, context=_kernels_env("simple")),
     "torch_fp32": Impl("torch_fp32", lambda: _torch_functions(matmul_dct2, matmul_idct2),
@@ -340,7 +347,7 @@ _IMPLS = {
 
 def get_impl(name: str) -> Impl:
     if name not in _IMPLS:
-        raise ValueError(f"impl: expected one of {IMPLS}, got {name!r}")
+        raise ValueError(f"impl: expected one of {IMPLS + VARIANT_IMPLS}, got {name!r}")
     return _IMPLS[name]
 
 
@@ -906,7 +913,8 @@ def main(argv=None) -> int:
                    help="batch sizes of the model steps (default: 16 and 64 on a GPU, 16 "
                         "with --quick; 8 on a CPU)")
     p.add_argument("--cases", nargs="+", choices=CASES, default=None)
-    p.add_argument("--impls", nargs="+", choices=IMPLS, default=None)
+    p.add_argument("--impls", nargs="+", choices=IMPLS + VARIANT_IMPLS, default=None,
+                   help="default: all but the variants on trial")
     p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=None,
                    help="I/O types (default: float32, plus bfloat16 on CUDA)")
     p.add_argument("--shapes", nargs="+", default=None, metavar="BxCxHxW",

@@ -92,11 +92,11 @@ PYBIND11_MODULE(_C, m) {
                             uintptr_t x2, py::object a1, py::object a2, py::object g,
                             uintptr_t zb, uint64_t seed, uint64_t offset, uintptr_t out,
                             uintptr_t noise_out, int mode, int64_t grid, bool reverse_threads,
-                            int split, bool fast) {
+                            int split, bool fast, bool prefetch) {
     SpectralParams p = spectral_params(planes, H, W, dtype, x1, x2, a1, a2, g, zb, seed, offset,
                                        out, noise_out);
     py::gil_scoped_release nogil;
-    plane_emulate(p, mode, grid, reverse_threads, split, fast);
+    plane_emulate(p, mode, grid, reverse_threads, split, fast, prefetch);
   }, "CPU emulation of the fused whole-plane CUDA kernel (tests only).");
   m.def("strip_emulate", [](uintptr_t in, uintptr_t out, int64_t planes, int64_t rows, int64_t L,
                             bool inverse, int64_t grid, bool reverse_threads, bool fast) {

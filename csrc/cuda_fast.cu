@@ -105,12 +105,28 @@ struct GpuCtx {
   __device__ PerThread<T> per_thread() const {
     return PerThread<T>{};
   }
+  // 16 bytes global -> shared without registers (cp.async, sm_80 and later; L2 only).
+  __device__ void copy16_async(float* dst, const float* src) {
+#if __CUDA_ARCH__ >= 800
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
+#else
+    *reinterpret_cast<float4*>(dst) = *reinterpret_cast<const float4*>(src);
+#endif
+  }
+  // Until this thread's asynchronous copies have landed.
+  __device__ void wait_async() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+  }
 };
 
-// Blocks per SM the register budget is sized for: 2 where the shared memory of a call
-// with three buffers allows 2 or more (N = 32, 64 with split 1), else 1.
+// Blocks per SM the register budget is sized for: G::kOcc when given; else 2 where the
+// shared memory of a call with three buffers allows 2 or more (N = 32, 64 with split 1),
+// else 1.
 template <typename G>
-constexpr int kMinBlocks = G::N == 128 || G::kSplit == 2 ? 1 : 2;
+constexpr int kMinBlocks = G::kOcc ? G::kOcc : G::N == 128 || G::kSplit == 2 ? 1 : 2;
 
 template <typename G, typename T>
 __global__ void __launch_bounds__(G::kThreads, kMinBlocks<G>) plane_kernel(Job job) {
@@ -191,15 +207,30 @@ int sm_count(int device) {
 bool aligned(const void* p, size_t bytes) { return ((uintptr_t)p % bytes) == 0; }
 
 // BLURFAST_CUDA_KERNELS: unset or "fast", "dense", "simple" (no fused or strip kernel).
+// Variants of "fast" under trial (benchmarks/NOTES.md), joined by '+':
+//   "fast+occ"       the one-plane geometry at N = 64 capped for 4 blocks per SM;
+//   "fast+prefetch"  the next plane group's x1 copied into shared memory during this one
+//                    (float I/O, where the extra buffer fits).
 enum class Choice { kFast, kDense, kSimple };
 
-Choice choice_from_env() {
+struct Options {
+  Choice choice = Choice::kFast;
+  bool occ = false, prefetch = false;
+};
+
+Options options_from_env() {
+  Options o;
   const char* v = std::getenv("BLURFAST_CUDA_KERNELS");
-  if (v && std::strcmp(v, "simple") == 0) return Choice::kSimple;
-  if (v && std::strcmp(v, "dense") == 0) return Choice::kDense;
-  return Choice::kFast;
+  if (!v) return o;
+  const std::string s(v);
+  if (s == "simple") o.choice = Choice::kSimple;
+  if (s == "dense") o.choice = Choice::kDense;
+  o.occ = s.find("+occ") != std::string::npos;
+  o.prefetch = s.find("+prefetch") != std::string::npos;
+  return o;
 }
 
+Choice choice_from_env() { return options_from_env().choice; }
 
 // Calls f(std::integral_constant<int, N>, (T*)nullptr) for the plane size and I/O type;
 // false when no instantiation exists.
@@ -237,25 +268,33 @@ struct Plan {
   bool ok = false;
   int split = 1;        // Geom's kSplit
   bool fast = true;     // Geom's kFast
+  int occ = 0;          // Geom's kOcc
+  bool prefetch = false;
   int64_t bytes = 0;
   int per_sm = 0;
 };
 
+// With prefetch where asked for and it fits (float I/O, shared memory), else without.
 template <typename G, typename T>
-Plan plan_for(const Job& job, int device) {
+Plan plan_for(Job job, int device, bool prefetch) {
   Plan plan;
   plan.split = G::kSplit;
   plan.fast = G::kFast;
+  plan.occ = G::kOcc;
+  job.prefetch = prefetch && std::is_same<T, float>::value;
+  plan.prefetch = job.prefetch;
   plan.bytes = G::smem_floats(buffers_needed(job)) * (int64_t)sizeof(float);
   plan.per_sm = blocks_per_sm(reinterpret_cast<const void*>(&plane_kernel<G, T>), G::kThreads,
-                              device, plan.bytes, G::smem_floats(3) * (int64_t)sizeof(float));
+                              device, plan.bytes, G::smem_floats(4) * (int64_t)sizeof(float));
   plan.ok = plan.per_sm > 0;
+  if (!plan.ok && job.prefetch) return plan_for<G, T>(job, device, false);
   return plan;
 }
 
 Plan make_plan(const Job& job, int64_t H, int64_t W, int dtype, int device) {
   Plan plan;
-  const Choice choice = choice_from_env();
+  const Options opt = options_from_env();
+  const Choice choice = opt.choice;
   if (choice == Choice::kSimple || H != W || job.planes <= 0) return plan;
   const size_t io = dtype == kF32 ? 16 : 8;   // bytes of four I/O elements
   for (const void* p : {job.x1, job.x2, (const void*)job.out, (const void*)job.noise_out})
@@ -263,6 +302,8 @@ Plan make_plan(const Job& job, int64_t H, int64_t W, int dtype, int device) {
   for (const void* p : {job.a1.ptr, job.a2.ptr, job.g.ptr, (const void*)job.zb})
     if (p && !aligned(p, 16)) return plan;
   if (job.mode == kSpectral && !job.a1.ptr) return plan;
+  for (const MapRef* m : {&job.a1, &job.a2, &job.g})   // 32-bit map offsets (GroupMaps)
+    if (m->ptr && m->mod * H * W >= ((int64_t)1 << 31)) return plan;
   with_kernel(H, dtype, [&](auto size, auto* t) {
     constexpr int N = decltype(size)::value;
     using T = std::remove_pointer_t<decltype(t)>;
@@ -272,11 +313,12 @@ Plan make_plan(const Job& job, int64_t H, int64_t W, int dtype, int device) {
     const int64_t groups = (job.planes + Geom<N>::kPPB - 1) / Geom<N>::kPPB;
     const bool split = N >= 64 && groups < sms;
     if (choice == Choice::kFast) {
-      plan = plan_for<Geom<N, 1, true>, T>(job, device);
+      plan = plan_for<Geom<N, 1, true>, T>(job, device, opt.prefetch);
       if constexpr (N == 64) {
         // More groups than SMs: split 2 still wins when its last wave of blocks is the
         // fuller one (wave_cost below), e.g. 768 planes on 132 SMs.
-        const Plan one = plan_for<Geom<N, 2, true>, T>(job, device);
+        const Plan one = opt.occ ? plan_for<Geom<N, 2, true, 4>, T>(job, device, opt.prefetch)
+                                 : plan_for<Geom<N, 2, true>, T>(job, device, opt.prefetch);
         if (one.ok && (split || !plan.ok ||
                        wave_cost(job.planes, 1, one.per_sm, sms) <
                            wave_cost(job.planes, Geom<N, 1, true>::kPPB, plan.per_sm, sms)))
@@ -285,9 +327,9 @@ Plan make_plan(const Job& job, int64_t H, int64_t W, int dtype, int device) {
       return true;
     }
     if constexpr (N >= 64) {
-      if (split && (plan = plan_for<Geom<N, 2>, T>(job, device)).ok) return true;
+      if (split && (plan = plan_for<Geom<N, 2>, T>(job, device, false)).ok) return true;
     }
-    plan = plan_for<Geom<N, 1>, T>(job, device);
+    plan = plan_for<Geom<N, 1>, T>(job, device, false);
     return true;
   });
   return plan;
@@ -368,12 +410,14 @@ bool plane_launch(const Job& job, int64_t H, int64_t W, int dtype, int device,
   const Plan plan = make_plan(job, H, W, dtype, device);
   if (!plan.ok) return false;
   const int64_t resident = (int64_t)plan.per_sm * sm_count(device);
+  Job run = job;
+  run.prefetch = plan.prefetch;
   auto launch = [&](auto geom, auto* t) {
     using G = decltype(geom);
     using T = std::remove_pointer_t<decltype(t)>;
-    const int64_t groups = (job.planes + G::kPPB - 1) / G::kPPB;
+    const int64_t groups = (run.planes + G::kPPB - 1) / G::kPPB;
     const unsigned grid = (unsigned)(groups < resident ? groups : resident);
-    plane_kernel<G, T><<<grid, G::kThreads, (size_t)plan.bytes, stream>>>(job);
+    plane_kernel<G, T><<<grid, G::kThreads, (size_t)plan.bytes, stream>>>(run);
     check(cudaGetLastError(), "launch");
     return true;
   };
@@ -381,6 +425,7 @@ bool plane_launch(const Job& job, int64_t H, int64_t W, int dtype, int device,
     constexpr int N = decltype(size)::value;
     if (plan.fast) {
       if constexpr (N == 64) {
+        if (plan.split == 2 && plan.occ == 4) return launch(Geom<N, 2, true, 4>{}, t);
         if (plan.split == 2) return launch(Geom<N, 2, true>{}, t);
       }
       return launch(Geom<N, 1, true>{}, t);

@@ -39,6 +39,14 @@ struct EmuCtx {
   PerThread<T> per_thread() const {
     return PerThread<T>{std::vector<T>(threads)};
   }
+  // An asynchronous copy lands at once here: the program may read it only after
+  // wait_async and a barrier anyway.
+  void copy16_async(float* dst, const float* src) {
+    float v[4];
+    plane::ld4(src, v);
+    plane::st4(dst, v);
+  }
+  void wait_async() {}
 };
 
 // Runs block_program(ctx, smem) for blocks 0 .. grid-1, shared memory poisoned first.
@@ -127,7 +135,7 @@ void strip_emulate(const void* in, void* out, int64_t planes, int64_t rows, int6
 }
 
 void plane_emulate(const SpectralParams& p, int mode, int64_t grid, bool reverse_threads,
-                   int split, bool fast) {
+                   int split, bool fast, bool prefetch) {
   using plane::Geom;
   if (p.dtype != kF32) throw std::invalid_argument("plane_emulate: float32 only");
   if (p.H != p.W) throw std::invalid_argument("plane_emulate: square planes only");
@@ -137,7 +145,8 @@ void plane_emulate(const SpectralParams& p, int mode, int64_t grid, bool reverse
   if (split != 1 && !(split == 2 && (p.H == 64 || (p.H == 128 && !fast))))
     throw std::invalid_argument(
         "plane_emulate: split must be 1, or 2 for H = W = 64 (and 128 with dense passes)");
-  const plane::Job job = plane::make_job(p, mode);
+  plane::Job job = plane::make_job(p, mode);
+  job.prefetch = prefetch;
   const int64_t n = p.H;
   if (fast) {
     if (n == 32) emulate<Geom<32, 1, true>>(job, grid, reverse_threads);

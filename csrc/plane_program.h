@@ -33,6 +33,9 @@ struct Job {
   uint64_t seed = 0, offset = 0;
   void* out = nullptr;
   void* noise_out = nullptr;
+  // Load the next plane group's x1 into a spare buffer (Ctx::copy16_async) while this
+  // group is transformed. Float I/O only; the host sets it (BLURFAST_CUDA_KERNELS).
+  bool prefetch = false;
 };
 
 // Work split for plane size N and a pass family (line_passes.h).
@@ -43,11 +46,14 @@ struct Job {
 // Fast passes: two threads per row (the first kPPB N threads make the even halves, the
 // rest the odd halves); kSplit = 2 is one plane per block, 2 N threads (N = 64 only: at
 // N = 128 that is already the throughput geometry).
-template <int N_, int Split = 1, bool Fast = false>
+// Occ (CUDA only): blocks per SM the kernel's registers are capped for (0: the default of
+// cuda_fast.cu's kMinBlocks).
+template <int N_, int Split = 1, bool Fast = false, int Occ = 0>
 struct Geom {
   static constexpr int N = N_;
   static constexpr int kSplit = Split;
   static constexpr bool kFast = Fast;
+  static constexpr int kOcc = Occ;
   static constexpr int kPPB = Split == 2 ? 1 : (N <= 32 ? 4 : (N == 64 ? 2 : 1));
   static constexpr int kGroups = N / 16;                         // column groups per plane
   static constexpr int kWarpsPerPlane = kGroups * Split;
@@ -140,17 +146,51 @@ BF_HD void store_mirrored_group(const float* buf, T* dst, int64_t p0, int64_t pl
   }
 }
 
-template <int N>
-BF_HD const float* map_ptr(const MapRef& m, int64_t p) {
-  return (const float*)m.ptr + map_plane(p, m.div, m.mod) * (int64_t)N * N;
-}
+// Chunk u (< kChunksPerThread) of thread tid in a plane group: plane slot u / kUPP, float4
+// at element f of that plane. A thread's chunks never straddle planes (kThreads divides a
+// plane's chunk count), so with u unrolled the slot is a compile-time constant.
+template <typename G>
+struct Chunks {
+  static constexpr int kUPP = G::kPlane / 4 / G::kThreads;     // chunks per plane per thread
+  static_assert(G::kPlane / 4 % G::kThreads == 0, "a thread's chunks must not straddle planes");
+  static constexpr BF_HD int slot(int u) { return u / kUPP; }
+  static BF_HD int elem(int u, int tid) { return 4 * (tid + (u % kUPP) * G::kThreads); }
+};
+
+// Element offsets of the maps of each plane of the group, computed once per group (the
+// plane-to-map index is a 64-bit division). 32-bit, as few registers as possible: the
+// compiler may hoist them above the passes (the host only plans a fused call whose maps
+// have under 2^31 elements). Planes past the end get offset 0.
+template <typename G>
+struct GroupMaps {
+  int32_t a1[G::kPPB], a2[G::kPPB], g[G::kPPB];
+  BF_HD GroupMaps(const Job& job, int64_t p0) {
+    BF_UNROLL for (int s = 0; s < G::kPPB; ++s) {
+      const int64_t p = p0 + s < job.planes ? p0 + s : 0;
+      a1[s] = (int32_t)(map_plane(p, job.a1.div, job.a1.mod) * G::kPlane);
+      a2[s] = job.x2 ? (int32_t)(map_plane(p, job.a2.div, job.a2.mod) * G::kPlane) : 0;
+      g[s] = job.g.ptr ? (int32_t)(map_plane(p, job.g.div, job.g.mod) * G::kPlane) : 0;
+    }
+  }
+  // v[s] for a run-time s, by selects (a dynamic index would put v in local memory).
+  static BF_HD int32_t pick(const int32_t (&v)[G::kPPB], int s) {
+    int32_t r = v[0];
+    BF_UNROLL for (int i = 1; i < G::kPPB; ++i) r = s == i ? v[i] : r;
+    return r;
+  }
+};
 
 // The noise zb of the plane group (given, or Philox), into C at the plane layout.
 template <typename G>
 BF_HD void noise_group(const Job& job, float* C, int64_t p0, int tid) {
   constexpr int N = G::N;
-  BF_NO_UNROLL for (int u = 0; u < G::kChunksPerThread; ++u) {
-    const int c = tid + u * G::kThreads, s = c / (G::kPlane / 4), f = (c % (G::kPlane / 4)) * 4;
+  using K = Chunks<G>;
+  // Unrolled by two: two independent Philox blocks in flight per thread.
+#ifdef __CUDA_ARCH__
+#pragma unroll 2
+#endif
+  for (int u = 0; u < G::kChunksPerThread; ++u) {
+    const int s = K::slot(u), f = K::elem(u, tid);
     const int64_t p = p0 + s;
     if (p >= job.planes) continue;
     float n[4];
@@ -165,41 +205,55 @@ BF_HD void noise_group(const Job& job, float* C, int64_t p0, int tid) {
 
 // Frequency space, in place in A: A = a1 A + a2 C + g zb; C = zb when noise is returned.
 // noise_in_c: noise_group has already put zb in C (calls without x2).
+// Chunks go in batches of kBatch: the batch's map loads are all issued before the first
+// is used, so the threads wait for global memory once per batch, not once per chunk.
 template <typename G>
 BF_HD void combine_group(const Job& job, float* A, float* C, int64_t p0, int tid,
                          bool noise_in_c) {
-  constexpr int N = G::N;
+  constexpr int N = G::N, kU = G::kChunksPerThread, kBatch = kU < 4 ? kU : 4;
+  static_assert(kU % kBatch == 0, "batches must divide the chunks");
+  using K = Chunks<G>;
   const bool want_noise = job.g.ptr || job.noise_out;
-  BF_NO_UNROLL for (int u = 0; u < G::kChunksPerThread; ++u) {
-    const int c = tid + u * G::kThreads, s = c / (G::kPlane / 4), f = (c % (G::kPlane / 4)) * 4;
-    const int64_t p = p0 + s;
-    if (p >= job.planes) continue;
-    const int at = s * G::kPlane + sidx<N>(f / N, f % N);
-    float x[4], m[4], z[4];
-    ld4(A + at, x);
-    ld4(map_ptr<N>(job.a1, p) + f, m);
-    BF_UNROLL for (int q = 0; q < 4; ++q) z[q] = m[q] * x[q];
-    if (job.x2) {
-      ld4(C + at, x);
-      ld4(map_ptr<N>(job.a2, p) + f, m);
-      BF_UNROLL for (int q = 0; q < 4; ++q) z[q] += m[q] * x[q];
+  const GroupMaps<G> maps(job, p0);
+  const float* a1 = (const float*)job.a1.ptr;
+  const float* a2 = (const float*)job.a2.ptr;
+  const float* g = (const float*)job.g.ptr;
+  BF_NO_UNROLL for (int u0 = 0; u0 < kU; u0 += kBatch) {
+    float m1[kBatch][4], m2[kBatch][4], mg[kBatch][4];
+    BF_UNROLL for (int b = 0; b < kBatch; ++b) {
+      const int s = K::slot(u0 + b), f = K::elem(u0 + b, tid);
+      BF_UNROLL for (int q = 0; q < 4; ++q) m1[b][q] = m2[b][q] = mg[b][q] = 0.f;
+      if (p0 + s >= job.planes) continue;
+      ld4(a1 + maps.pick(maps.a1, s) + f, m1[b]);
+      if (job.x2) ld4(a2 + maps.pick(maps.a2, s) + f, m2[b]);
+      if (g) ld4(g + maps.pick(maps.g, s) + f, mg[b]);
     }
-    if (want_noise) {
-      float n[4];
-      const int64_t e = p * G::kPlane + f;
-      if (noise_in_c)
-        ld4(C + at, n);
-      else if (job.zb)
-        ld4(job.zb + e, n);
-      else
-        philox_normal4(job.seed, job.offset + (uint64_t)e, n);
-      if (job.g.ptr) {
-        ld4(map_ptr<N>(job.g, p) + f, m);
-        BF_UNROLL for (int q = 0; q < 4; ++q) z[q] += m[q] * n[q];
+    BF_UNROLL for (int b = 0; b < kBatch; ++b) {
+      const int s = K::slot(u0 + b), f = K::elem(u0 + b, tid);
+      const int64_t p = p0 + s;
+      if (p >= job.planes) continue;
+      const int at = s * G::kPlane + sidx<N>(f / N, f % N);
+      float x[4], z[4];
+      ld4(A + at, x);
+      BF_UNROLL for (int q = 0; q < 4; ++q) z[q] = m1[b][q] * x[q];
+      if (job.x2) {
+        ld4(C + at, x);
+        BF_UNROLL for (int q = 0; q < 4; ++q) z[q] += m2[b][q] * x[q];
       }
-      if (job.noise_out && !noise_in_c) st4(C + at, n);
+      if (want_noise) {
+        float n[4];
+        const int64_t e = p * G::kPlane + f;
+        if (noise_in_c)
+          ld4(C + at, n);
+        else if (job.zb)
+          ld4(job.zb + e, n);
+        else
+          philox_normal4(job.seed, job.offset + (uint64_t)e, n);
+        if (g) BF_UNROLL for (int q = 0; q < 4; ++q) z[q] += mg[b][q] * n[q];
+        if (job.noise_out && !noise_in_c) st4(C + at, n);
+      }
+      st4(A + at, z);
     }
-    st4(A + at, z);
   }
 }
 
@@ -222,9 +276,30 @@ inline Job make_job(const SpectralParams& p, int mode) {
   return j;
 }
 
-// Buffers a call needs: a third one holds x2 or the noise.
-inline int buffers_needed(const Job& job) {
-  return job.mode == kSpectral && (job.x2 || job.noise_out) ? 3 : 2;
+// Buffers a call needs: a third one holds x2 or the noise; the last one, with prefetch,
+// receives the next group's x1.
+BF_HD int buffers_needed(const Job& job) {
+  return (job.mode == kSpectral && (job.x2 || job.noise_out) ? 3 : 2) + (job.prefetch ? 1 : 0);
+}
+
+// Starts copying plane group p0's x1 (float I/O) into buf: one 16-byte asynchronous copy
+// per chunk; chunks of planes past the end are zeroed. The data may be read only after
+// ctx.wait_async() in every thread and a barrier.
+template <typename G, typename Ctx>
+BF_HD void prefetch_group(Ctx& ctx, const float* src, float* buf, int64_t p0, int64_t planes,
+                          int tid) {
+  constexpr int N = G::N;
+  using K = Chunks<G>;
+  BF_UNROLL for (int u = 0; u < G::kChunksPerThread; ++u) {
+    const int s = K::slot(u), f = K::elem(u, tid);
+    float* dst = buf + s * G::kPlane + sidx<N>(f / N, f % N);
+    if (p0 + s < planes) {
+      ctx.copy16_async(dst, src + (p0 + s) * G::kPlane + f);
+    } else {
+      const float zero[4] = {0.f, 0.f, 0.f, 0.f};
+      st4(dst, zero);
+    }
+  }
 }
 
 // The whole program for one block of geometry G (a Geom). `sm` holds
@@ -234,7 +309,14 @@ template <typename G, typename T, typename Ctx>
 BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
   constexpr int N = G::N;
   const Tables tab = tables_at<N>(sm);
-  auto buf = [sm](int b) { return sm + G::kTables + b * G::kPPB * G::kPlane; };
+  // With prefetch, buffer 0 (x1 and the result) and the last buffer (the next group's x1)
+  // trade places after every group: `first` and `spare` are their physical slots.
+  const int spare_slot = buffers_needed(job) - 1;
+  int first = 0, spare = spare_slot;
+  auto buf = [sm, &first, &spare, spare_slot](int b) {
+    const int slot = b == 0 ? first : b == spare_slot ? spare : b;
+    return sm + G::kTables + slot * G::kPPB * G::kPlane;
+  };
   // Dense passes: warp w works on plane slot w / kWarpsPerPlane; within it, on column
   // group wp % kGroups of rows from 32 kRows (wp / kGroups) on (wp = w % kWarpsPerPlane).
   // Fast passes: thread tid is role tid / (kPPB N) of row tid % (kPPB N) of the group.
@@ -283,13 +365,29 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
   if constexpr (!G::kFast) ctx.phase([&](int tid) { fill_tables<N>(tab, tid, G::kThreads); });
   const int64_t groups = (job.planes + G::kPPB - 1) / G::kPPB;
   for (int64_t grp = ctx.block(); grp < groups; grp += ctx.grid()) {
-    const int64_t p0 = grp * G::kPPB;
+    const int64_t p0 = grp * G::kPPB, next = p0 + ctx.grid() * G::kPPB;
+    const bool prefetched = job.prefetch && grp != ctx.block();   // x1 is in the spare slot
+    if (prefetched) {
+      const int t = first;
+      first = spare;
+      spare = t;
+    }
     ctx.phase([&](int tid) {
       // Without x2 the third buffer is free until the combine: the noise goes there while
       // the loads of x1 are in flight.
-      load_group<G, T>((const T*)job.x1, buf(0), p0, job.planes, tid, [&] {
+      auto meanwhile = [&] {
+        if constexpr (std::is_same<T, float>::value) {
+          if (job.prefetch && next < job.planes)
+            prefetch_group<G>(ctx, (const float*)job.x1, buf(spare_slot), next, job.planes, tid);
+        }
         if (early_noise) noise_group<G>(job, buf(2), p0, tid);
-      });
+      };
+      if (prefetched) {
+        ctx.wait_async();          // this thread's copies into buffer 0 have landed
+        meanwhile();
+      } else {
+        load_group<G, T>((const T*)job.x1, buf(0), p0, job.planes, tid, meanwhile);
+      }
       if (job.mode == kSpectral && job.x2)
         load_group<G, T>((const T*)job.x2, buf(2), p0, job.planes, tid, [] {});
     });

@@ -15,8 +15,13 @@
 #              benchmarks/run.py --device cuda --quick --no-steps --strict -> bench.json
 #              (--strict: fails when blurfast or a torch peer raised; the JSON is
 #              rewritten after every case and shape, so a timeout keeps finished rows)
+#   bench_variants  the fast kernels' variants on trial (BLURFAST_CUDA_KERNELS=fast+prefetch,
+#              fast+occ, fast+prefetch+occ) beside blurfast and torch_fp32, float32, the
+#              plane-kernel shapes -> bench_variants.json
 #   steps      whole training step and sampler step of paper64 at batch 16 and 64 against
 #              the paper-style fp32 baseline (issue 4's goal) -> steps.json
+#   profile    training step of paper64 at batch 16 in several configurations, and the
+#              kernels taking the most GPU time (scripts/profile_step.py) -> profile_step.txt
 #   memcheck   compute-sanitizer --tool memcheck  python scripts/sanitizer_case.py
 #   racecheck  compute-sanitizer --tool racecheck python scripts/sanitizer_case.py
 #   bench_extra  32x32 and 128x128 rows (blurfast, blurfast_dense, blurfast_simple, torch_fp32)
@@ -191,8 +196,13 @@ EOF
 fi
 step bench 90 "$PY" benchmarks/run.py --device cuda --quick --no-steps --strict \
   --json "$OUT/bench.json"
+step bench_variants 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
+  --shapes 256x3x64x64 16x3x64x64 256x3x32x32 64x3x128x128 --dtypes float32 \
+  --impls blurfast blurfast_prefetch blurfast_occ blurfast_prefetch_occ torch_fp32 \
+  --json "$OUT/bench_variants.json"
 step steps 70 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps \
   --step-batches 16 64 --json "$OUT/steps.json"
+step profile 60 "$PY" scripts/profile_step.py --batch 16 --out "$OUT/profile_step.txt"
 step memcheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
   --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py
 step racecheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck \
@@ -200,6 +210,7 @@ step racecheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool 
 step bench_extra 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
   --shapes 256x3x32x32 64x3x128x128 --impls blurfast blurfast_dense blurfast_simple torch_fp32 \
   --json "$OUT/bench_extra.json"
+
 
 # One results file: the kernel rows of both bench runs and the model steps.
 if [[ -f "$OUT/bench.json" ]]; then

@@ -1,5 +1,6 @@
-"""Merge gpu_check.sh's bench.json, bench_extra.json and steps.json (in the folder given)
-into results/<card>-<date>.json there, in blurfast.bench's JSON shape, with the goals of
+"""Merge gpu_check.sh's bench.json, bench_extra.json, bench_variants.json and steps.json
+(in the folder given) into results/<card>-<date>.json there, in blurfast.bench's JSON
+shape, with the goals of
 issues 4 and 6 judged over all rows (``targets``); prints the name. A bench cut short by
 its time limit leaves the rows it finished, marked ``"partial": true``, which is kept."""
 import json
@@ -13,8 +14,10 @@ from blurfast.bench import dumps, targets  # noqa: E402
 
 def main(out: str) -> str:
     d = json.load(open(os.path.join(out, "bench.json")))
-    extra = os.path.join(out, "bench_extra.json")
-    if os.path.exists(extra):
+    for name in ("bench_extra.json", "bench_variants.json"):
+        extra = os.path.join(out, name)
+        if not os.path.exists(extra):
+            continue
         e = json.load(open(extra))
         d["rows"] += e["rows"]
         d["skipped"] += e["skipped"]

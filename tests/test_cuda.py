@@ -152,21 +152,26 @@ def _kernel_names(x, a, x2=None, a2=None, g=None, return_noise=False):
     return dct, _C.spectral_kernel_name(*args, x.device.index)
 
 
-@pytest.mark.parametrize("passes", ["fast", "dense"])
+# The kernel choices of BLURFAST_CUDA_KERNELS with a fused whole-plane kernel; the '+'
+# variants are on trial (cuda_fast.cu, benchmarks/NOTES.md).
+PLANE_CHOICES = ["fast", "dense", "fast+prefetch+occ"]
+
+
+@pytest.mark.parametrize("passes", PLANE_CHOICES)
 @pytest.mark.parametrize("n", [32, 64, 128])
 def test_plane_kernel_serves_square_sizes(n, passes, monkeypatch):
     monkeypatch.setenv("BLURFAST_CUDA_KERNELS", passes)
     x = torch.randn(4, 3, n, n, device="cuda")
     a = torch.rand(4, 1, n, n, device="cuda")
     dct, step = _kernel_names(x, a, x.clone(), a, g=a, return_noise=False)
-    dense = passes == "dense"
+    dense = passes == "dense"       # the prefetch falls back to no prefetch where it does not fit
     assert dct == ("plane" if _plane_kernel_fits(n, 2, dense) else "simple")
     assert step == ("plane" if _plane_kernel_fits(n, 3, dense) else "simple")
     assert _kernel_names(torch.randn(4, 3, 48, 48, device="cuda"),
                          torch.rand(48, 48, device="cuda")) == ("simple", "simple")
 
 
-@pytest.mark.parametrize("passes", ["fast", "dense"])
+@pytest.mark.parametrize("passes", PLANE_CHOICES)
 @pytest.mark.parametrize("n", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_plane_and_simple_kernels_agree(n, dtype, passes, monkeypatch):
@@ -192,7 +197,7 @@ def test_plane_and_simple_kernels_agree(n, dtype, passes, monkeypatch):
             assert rel_err(got_f, w) <= bound and rel_err(got_s, w) <= bound
 
 
-@pytest.mark.parametrize("passes", ["fast", "dense"])
+@pytest.mark.parametrize("passes", PLANE_CHOICES)
 @pytest.mark.parametrize("shape", [(2000, 3, 32, 32), (300, 3, 64, 64), (200, 1, 128, 128)])
 def test_plane_kernel_many_planes(shape, passes, monkeypatch):
     monkeypatch.setenv("BLURFAST_CUDA_KERNELS", passes)
@@ -204,6 +209,36 @@ def test_plane_kernel_many_planes(shape, passes, monkeypatch):
                            return_noise=True)
     want, want_e = ref.spectral(x.double(), a, g=(1 - a * a).sqrt(), seed=4, return_noise=True)
     assert rel_err(out, want) <= 2e-6 and rel_err(eps, want_e) <= 2e-6
+
+
+@pytest.mark.parametrize("shape", [(1000, 3, 32, 32), (700, 3, 64, 64), (300, 1, 128, 128),
+                                   (33, 3, 64, 64)])
+def test_prefetch_and_occupancy_variants(shape, monkeypatch):
+    # Prefetch moves the same numbers earlier: bit-identical to the plain fast kernel, with
+    # blocks looping over many plane groups (the prefetch path) and a partial last group.
+    # The occupancy cap may change the compiler's instruction choices: within 2e-6.
+    b, c, h, w = shape
+    x, x2 = _rand(*shape).cuda(), _rand(*shape, seed=1).cuda()
+    a, g = torch.rand(b, 1, h, w).cuda(), torch.rand(b, 1, 1, 1).cuda()
+    calls = {
+        "dct2": lambda: (bf.dct2(x),), "idct2": lambda: (bf.idct2(x),),
+        "q_sample": lambda: bf.spectral(x, a, g=g, seed=8, return_noise=True),
+        "step": lambda: (bf.spectral(x, a, x2, a, g=g, seed=8),),
+    }
+    got = {}
+    for choice in ("fast", "fast+prefetch", "fast+occ", "fast+prefetch+occ"):
+        monkeypatch.setenv("BLURFAST_CUDA_KERNELS", choice)
+        got[choice] = {k: f() for k, f in calls.items()}
+    for k in calls:
+        for u, v in zip(got["fast"][k], got["fast+prefetch"][k]):
+            assert torch.equal(u, v), k
+        for u, v in zip(got["fast"][k], got["fast+prefetch+occ"][k]):
+            assert rel_err(v, u.double()) <= 2e-6, k
+        for u, v in zip(got["fast+occ"][k], got["fast+prefetch+occ"][k]):
+            assert torch.equal(u, v), k
+    want = ref.spectral(x.double().cpu(), a.cpu(), g=g.cpu(), seed=8, return_noise=True)
+    for u, w_ in zip(got["fast+prefetch+occ"]["q_sample"], want):
+        assert rel_err(u, w_) <= 2e-6
 
 
 @pytest.mark.parametrize("passes", ["fast", "dense"])

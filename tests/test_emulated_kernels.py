@@ -29,21 +29,22 @@ def _rand(*shape, seed=0):
     return torch.randn(*shape, generator=g, dtype=torch.float64).float()
 
 
-def emulate_dct(x, inverse, grid=2, reverse=False, split=1, fast=False):
+def emulate_dct(x, inverse, grid=2, reverse=False, split=1, fast=False, prefetch=False):
     out = torch.empty_like(x)
     n = x.shape[-1]
     _C.plane_emulate(x.numel() // (n * n), n, n, 0, x.data_ptr(), 0, None, None, None, 0, 0,
                      0, out.data_ptr(), 0, IDCT2 if inverse else DCT2, grid, reverse, split,
-                     fast)
+                     fast, prefetch)
     return out
 
 
 def emulate_spectral(x, a, x2=None, a2=None, g=None, noise=None, *, seed=0, offset=0,
-                     return_noise=False, grid=2, reverse=False, split=1, fast=False):
+                     return_noise=False, grid=2, reverse=False, split=1, fast=False,
+                     prefetch=False):
     out = torch.empty_like(x)
     noise_px = torch.empty_like(x) if return_noise else None
     args, keep = spectral_kernel_args(x, a, x2, a2, g, noise, seed, offset, out, noise_px)
-    _C.plane_emulate(*args, SPECTRAL, grid, reverse, split, fast)
+    _C.plane_emulate(*args, SPECTRAL, grid, reverse, split, fast, prefetch)
     del keep
     return (out, noise_px) if return_noise else out
 
@@ -126,13 +127,42 @@ def test_spectral_given_noise_and_single_input(split, fast):
     assert rel_err(drawn, ref.spectral(x.double(), a, g=g, seed=3, offset=8)) <= 2e-6
 
 
+FAST_GEOMETRIES = [(n, s, f) for n, s, f in GEOMETRIES if f]
+
+
+@pytest.mark.parametrize("n,split,fast", FAST_GEOMETRIES,
+                         ids=[i for i, g in zip(GEOMETRY_IDS, GEOMETRIES) if g[2]])
+def test_prefetch_of_the_next_plane_group(n, split, fast):
+    # "fast+prefetch": blocks copy the next group's x1 into a spare buffer, which then
+    # trades places with buffer 0. 11 planes, grid 2 and 3: every block loops over several
+    # groups (4, 2 or 1 planes each), the last group partial; results must equal the
+    # plain program's bit for bit, for every mode and with the early noise.
+    x, x2 = _rand(11, n, n), _rand(11, n, n, seed=1)
+    a, a2 = torch.rand(n, n, generator=torch.Generator().manual_seed(2)), torch.rand(n, n)
+    g = torch.rand(11, 1, 1)
+    for grid in (2, 3):
+        for inverse in (False, True):
+            plain = emulate_dct(x, inverse, grid=grid, split=split, fast=fast)
+            assert torch.equal(emulate_dct(x, inverse, grid=grid, split=split, fast=fast,
+                                           prefetch=True), plain)
+        kw = dict(seed=5, offset=4, grid=grid, split=split, fast=fast)
+        for args, rn in (((x, a), True), ((x, a, x2, a2), False), ((x, a), False)):
+            plain = emulate_spectral(*args, g=g, return_noise=rn, **kw)
+            got = emulate_spectral(*args, g=g, return_noise=rn, prefetch=True, **kw)
+            for p_, q_ in zip(plain if rn else (plain,), got if rn else (got,)):
+                assert torch.equal(p_, q_)
+    want = ref.spectral(x.double(), a, g=g, seed=5, offset=4)
+    assert rel_err(emulate_spectral(x, a, g=g, seed=5, offset=4, grid=3, reverse=True,
+                                    split=split, fast=fast, prefetch=True), want) <= 2e-6
+
+
 def test_emulator_rejects_unsupported_calls():
     x = torch.zeros(1, 48, 48)
     with pytest.raises(ValueError, match="32, 64 or 128"):
         emulate_dct(x, False)
     with pytest.raises(ValueError, match="float32"):
         _C.plane_emulate(1, 32, 32, 1, x.data_ptr(), 0, None, None, None, 0, 0, 0,
-                         x.data_ptr(), 0, DCT2, 1, False, 1, False)
+                         x.data_ptr(), 0, DCT2, 1, False, 1, False, False)
     with pytest.raises(ValueError, match="split"):
         emulate_dct(torch.zeros(1, 32, 32), False, split=2)
     with pytest.raises(ValueError, match="split"):

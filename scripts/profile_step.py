@@ -1,0 +1,103 @@
+"""Where a training step's GPU time goes (a development aid for issue 4; CUDA only).
+
+    python scripts/profile_step.py --batch 16 --out /tmp/profile_step.txt
+
+1. Times TrainStep (paper64 by default) in several configurations, same process: the
+   benchmark's fast one (bf16 autocast, channels_last, CUDA graph) and each with one
+   setting changed, so the cost of each setting shows.
+2. Profiles a few eager steps of the fast configuration with torch.profiler and prints
+   the kernels that take the most GPU time.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from blurfast.diffusion import BlurDiffusion  # noqa: E402
+from blurfast.models import UNet  # noqa: E402
+from blurfast.training import TrainStep  # noqa: E402
+
+CONFIGS = {   # name: TrainStep keyword arguments
+    "bf16 + channels_last + graph": dict(precision="bf16", channels_last=True, cuda_graphs=True),
+    "bf16 + graph (NCHW)": dict(precision="bf16", channels_last=False, cuda_graphs=True),
+    "bf16 + channels_last, eager": dict(precision="bf16", channels_last=True, cuda_graphs=False),
+    "fp32 (TF32) + graph (NCHW)": dict(precision="fp32", channels_last=False, cuda_graphs=True),
+}
+
+
+def make_step(preset, res, batch, **kw):
+    torch.manual_seed(0)
+    diff = BlurDiffusion(resolution=res)
+    model = UNet.from_preset(preset, resolution=res, channels=3)
+    step = TrainStep(model, diff, device="cuda", **kw)
+    x = torch.randint(0, 256, (batch, res, res, 3), dtype=torch.uint8).pin_memory()
+    flip = torch.zeros(batch, dtype=torch.bool).pin_memory()
+    t = torch.randint(1, diff.num_steps, (batch,)).pin_memory()
+    return lambda: step(x, flip, t, 1, 0)
+
+
+def ms_per_step(fn, warmup, iters):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters * 1e3
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="paper64")
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--rows", type=int, default=30, help="kernels listed by the profiler")
+    p.add_argument("--out", help="also write the report here")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_step.py: needs a CUDA device", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    lines = [f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {a.preset} "
+             f"{a.resolution}x{a.resolution}, batch {a.batch}"]
+    print(lines[0], flush=True)
+    for name, kw in CONFIGS.items():
+        fn = make_step(a.preset, a.resolution, a.batch, **kw)
+        ms = ms_per_step(fn, warmup=5, iters=a.iters)
+        lines.append(f"{name:32s} {ms:8.2f} ms/step  {a.batch / ms * 1e3:8.1f} images/s")
+        print(lines[-1], flush=True)
+        del fn
+        torch.cuda.empty_cache()
+
+    from torch.profiler import ProfilerActivity, profile
+    fn = make_step(a.preset, a.resolution, a.batch, precision="bf16", channels_last=True)
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    ka = prof.key_averages()
+    for key in ("self_device_time_total", "self_cuda_time_total"):
+        try:
+            table = ka.table(sort_by=key, row_limit=a.rows, max_name_column_width=70)
+            break
+        except (AttributeError, KeyError, ValueError):
+            table = None
+    lines += ["", "torch.profiler, 3 eager steps of bf16 + channels_last, by GPU time:", table or "?"]
+    print("\n".join(lines[-3:]), flush=True)
+    if a.out:
+        with open(a.out + ".tmp", "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(a.out + ".tmp", a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
