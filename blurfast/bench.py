@@ -19,9 +19,10 @@ Implementations (the peers are our own code, written from the mathematics):
 * ``blurfast_dense``: the same with the fused kernel's dense passes instead of the
   fast ones (``BLURFAST_CUDA_KERNELS=dense``; CUDA only): the A/B of the two pass
   families, benchmarks/NOTES.md.
-* ``blurfast_prefetch``, ``blurfast_occ``, ``blurfast_prefetch_occ``: variants of the
-  fast kernels on trial (``BLURFAST_CUDA_KERNELS=fast+prefetch`` and so on; CUDA only,
-  not run unless named in ``impls``): benchmarks/NOTES.md.
+* ``blurfast_prefetch``, ``blurfast_noprefetch``: the fast kernel prefetching the next
+  plane group in every call, or in none (``BLURFAST_CUDA_KERNELS=fast+prefetch`` or
+  ``fast+noprefetch``; by default it does in calls with two buffers). CUDA only, run
+  only when named in ``impls``: the A/B of benchmarks/NOTES.md.
 * ``blurfast_simple``: the same with the fused whole-plane CUDA kernel turned off
   (``BLURFAST_CUDA_KERNELS=simple``): the simple multi-launch kernels (CUDA only).
 * ``torch_fp32``: DCT as two matrix products with cached DCT matrices (the way
@@ -69,7 +70,7 @@ __all__ = [
 CASES = ("dct2", "idct2", "q_sample", "sampler_step")
 IMPLS = ("blurfast", "blurfast_dense", "blurfast_simple", "torch_fp32", "torch_tf32",
          "torch_fft", "cupy")
-VARIANT_IMPLS = ("blurfast_prefetch", "blurfast_occ", "blurfast_prefetch_occ")
+VARIANT_IMPLS = ("blurfast_prefetch", "blurfast_noprefetch")
 DTYPES = ("float32", "bfloat16")      # bfloat16 rows: blurfast impls on CUDA only
 CUDA_SHAPES = ((256, 3, 64, 64), (64, 3, 256, 256), (16, 3, 64, 64))
 CUDA_EXTRA_SHAPES = ((256, 3, 32, 32), (64, 3, 128, 128))   # full (not --quick) runs
@@ -331,8 +332,8 @@ _IMPLS = {
     "blurfast_dense": Impl("blurfast_dense", _blurfast_functions, cuda_only=True,
                            dtypes=DTYPES, context=_kernels_env("dense")),
     **{f"blurfast_{v}": Impl(f"blurfast_{v}", _blurfast_functions, cuda_only=True,
-                             dtypes=DTYPES, context=_kernels_env("fast+" + v.replace("_", "+")))
-       for v in ("prefetch", "occ", "prefetch_occ")},
+                             dtypes=DTYPES, context=_kernels_env("fast+" + v))
+       for v in ("prefetch", "noprefetch")},
     "blurfast_simple": Impl("blurfast_simple", _blurfast_functions, cuda_only=True,
                             dtypes=DTYPES, context=_kernels_env("simple")),
     "torch_fp32": Impl("torch_fp32", lambda: _torch_functions(matmul_dct2, matmul_idct2),

@@ -4,7 +4,7 @@ blurfast against the paper-style PyTorch baseline, on the same device in the sam
 Baseline: fp32 eager, the process through the pure-PyTorch reference DCT
 (``blurfast.reference``), torch.randn noise, torch's default Adam and a per-parameter
 EMA loop, as the paper's code does. blurfast: :class:`blurfast.training.TrainStep` (bf16
-autocast, channels_last and one CUDA graph per step on a GPU; fp32 eager on a CPU) and a
+autocast and one CUDA graph per step on a GPU; fp32 eager on a CPU) and a
 sampler step through the fused op. Times are host wall-clock per step of back-to-back
 steps (launch overhead included: at small batches that is what a run pays).
 """
@@ -103,7 +103,7 @@ def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[s
                 if cuda:
                     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
                 stepper = TrainStep(model, diff, device=device,
-                                    precision="bf16" if cuda else "fp32", channels_last=cuda,
+                                    precision="bf16" if cuda else "fp32", channels_last=False,
                                     cuda_graphs=cuda)
 
                 def train_fn(stepper=stepper):

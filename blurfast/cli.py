@@ -22,8 +22,9 @@ def _info(args) -> int:
         print("  fused, one launch per call: square planes 32, 64, 128 with float32, float16 or\n"
               "  bfloat16 I/O (at 128: 128 KiB of shared memory per block, 192 KiB with x2 or\n"
               "  returned noise); strip passes for sides 32..256; simple kernels otherwise.\n"
-              "  BLURFAST_CUDA_KERNELS=dense: the previous (dense) passes; =simple: the simple\n"
-              "  kernels only.")
+              "  BLURFAST_CUDA_KERNELS=dense: the previous (dense) passes; =fast+prefetch or\n"
+              "  =fast+noprefetch: prefetch the next plane group in every call or in none;\n"
+              "  =simple: the simple kernels only.")
     else:
         print("CUDA kernels: not compiled (CPU kernels only)")
     if torch.cuda.is_available():

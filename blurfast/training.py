@@ -509,7 +509,10 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     cuda = dev.type == "cuda"
     try:
         precision = precision or ("bf16" if cuda else "fp32")
-        channels_last = cuda if channels_last is None else channels_last
+        # Off by default: on an H100 (paper64, batch 16, bf16, CUDA graph) channels_last
+        # took 49.0 ms per step against 41.7 in NCHW (GroupNorm's layout copies);
+        # benchmarks/results/logs/2026-11-26-v4-profile_step.txt.
+        channels_last = bool(channels_last)
         if cuda and tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True

@@ -122,11 +122,11 @@ struct GpuCtx {
   }
 };
 
-// Blocks per SM the register budget is sized for: G::kOcc when given; else 2 where the
-// shared memory of a call with three buffers allows 2 or more (N = 32, 64 with split 1),
-// else 1.
+// Blocks per SM the register budget is sized for: 2 where the shared memory of a call
+// with three buffers allows 2 or more (N = 32, 64 with split 1), else 1. (A cap of 4
+// blocks at N = 64 split, 128 registers, measured slower: benchmarks/NOTES.md.)
 template <typename G>
-constexpr int kMinBlocks = G::kOcc ? G::kOcc : G::N == 128 || G::kSplit == 2 ? 1 : 2;
+constexpr int kMinBlocks = G::N == 128 || G::kSplit == 2 ? 1 : 2;
 
 template <typename G, typename T>
 __global__ void __launch_bounds__(G::kThreads, kMinBlocks<G>) plane_kernel(Job job) {
@@ -207,15 +207,16 @@ int sm_count(int device) {
 bool aligned(const void* p, size_t bytes) { return ((uintptr_t)p % bytes) == 0; }
 
 // BLURFAST_CUDA_KERNELS: unset or "fast", "dense", "simple" (no fused or strip kernel).
-// Variants of "fast" under trial (benchmarks/NOTES.md), joined by '+':
-//   "fast+occ"       the one-plane geometry at N = 64 capped for 4 blocks per SM;
-//   "fast+prefetch"  the next plane group's x1 copied into shared memory during this one
-//                    (float I/O, where the extra buffer fits).
+// The fast kernel prefetches (the next plane group's x1 copied into a spare buffer while
+// this group is transformed; float I/O, where it fits) in calls with two buffers, where it
+// measured faster; "fast+prefetch" prefetches in every call and "fast+noprefetch" in none
+// (the A/B of benchmarks/NOTES.md).
 enum class Choice { kFast, kDense, kSimple };
+enum class Prefetch { kTwoBuffers, kAll, kNone };
 
 struct Options {
   Choice choice = Choice::kFast;
-  bool occ = false, prefetch = false;
+  Prefetch prefetch = Prefetch::kTwoBuffers;
 };
 
 Options options_from_env() {
@@ -225,8 +226,8 @@ Options options_from_env() {
   const std::string s(v);
   if (s == "simple") o.choice = Choice::kSimple;
   if (s == "dense") o.choice = Choice::kDense;
-  o.occ = s.find("+occ") != std::string::npos;
-  o.prefetch = s.find("+prefetch") != std::string::npos;
+  if (s == "fast+prefetch") o.prefetch = Prefetch::kAll;
+  if (s == "fast+noprefetch") o.prefetch = Prefetch::kNone;
   return o;
 }
 
@@ -268,7 +269,6 @@ struct Plan {
   bool ok = false;
   int split = 1;        // Geom's kSplit
   bool fast = true;     // Geom's kFast
-  int occ = 0;          // Geom's kOcc
   bool prefetch = false;
   int64_t bytes = 0;
   int per_sm = 0;
@@ -280,7 +280,6 @@ Plan plan_for(Job job, int device, bool prefetch) {
   Plan plan;
   plan.split = G::kSplit;
   plan.fast = G::kFast;
-  plan.occ = G::kOcc;
   job.prefetch = prefetch && std::is_same<T, float>::value;
   plan.prefetch = job.prefetch;
   plan.bytes = G::smem_floats(buffers_needed(job)) * (int64_t)sizeof(float);
@@ -304,6 +303,8 @@ Plan make_plan(const Job& job, int64_t H, int64_t W, int dtype, int device) {
   if (job.mode == kSpectral && !job.a1.ptr) return plan;
   for (const MapRef* m : {&job.a1, &job.a2, &job.g})   // 32-bit map offsets (GroupMaps)
     if (m->ptr && m->mod * H * W >= ((int64_t)1 << 31)) return plan;
+  const bool prefetch = opt.prefetch == Prefetch::kAll ||
+                        (opt.prefetch == Prefetch::kTwoBuffers && buffers_needed(job) == 2);
   with_kernel(H, dtype, [&](auto size, auto* t) {
     constexpr int N = decltype(size)::value;
     using T = std::remove_pointer_t<decltype(t)>;
@@ -312,13 +313,16 @@ Plan make_plan(const Job& job, int64_t H, int64_t W, int dtype, int device) {
     const int sms = sm_count(device);
     const int64_t groups = (job.planes + Geom<N>::kPPB - 1) / Geom<N>::kPPB;
     const bool split = N >= 64 && groups < sms;
-    if (choice == Choice::kFast) {
-      plan = plan_for<Geom<N, 1, true>, T>(job, device, opt.prefetch);
+    // The fused op with fewer plane groups than SMs at N = 64 runs on the dense passes'
+    // split geometry, whose 256 threads per plane (against 128) measured faster there:
+    // 18.2 against 21.1 µs for q_sample at 16x3x64x64 on an H100 (benchmarks/NOTES.md).
+    const bool small_fused = N == 64 && split && job.mode == kSpectral;
+    if (choice == Choice::kFast && !small_fused) {
+      plan = plan_for<Geom<N, 1, true>, T>(job, device, prefetch);
       if constexpr (N == 64) {
         // More groups than SMs: split 2 still wins when its last wave of blocks is the
         // fuller one (wave_cost below), e.g. 768 planes on 132 SMs.
-        const Plan one = opt.occ ? plan_for<Geom<N, 2, true, 4>, T>(job, device, opt.prefetch)
-                                 : plan_for<Geom<N, 2, true>, T>(job, device, opt.prefetch);
+        const Plan one = plan_for<Geom<N, 2, true>, T>(job, device, prefetch);
         if (one.ok && (split || !plan.ok ||
                        wave_cost(job.planes, 1, one.per_sm, sms) <
                            wave_cost(job.planes, Geom<N, 1, true>::kPPB, plan.per_sm, sms)))
@@ -425,7 +429,6 @@ bool plane_launch(const Job& job, int64_t H, int64_t W, int dtype, int device,
     constexpr int N = decltype(size)::value;
     if (plan.fast) {
       if constexpr (N == 64) {
-        if (plan.split == 2 && plan.occ == 4) return launch(Geom<N, 2, true, 4>{}, t);
         if (plan.split == 2) return launch(Geom<N, 2, true>{}, t);
       }
       return launch(Geom<N, 1, true>{}, t);

@@ -46,14 +46,11 @@ struct Job {
 // Fast passes: two threads per row (the first kPPB N threads make the even halves, the
 // rest the odd halves); kSplit = 2 is one plane per block, 2 N threads (N = 64 only: at
 // N = 128 that is already the throughput geometry).
-// Occ (CUDA only): blocks per SM the kernel's registers are capped for (0: the default of
-// cuda_fast.cu's kMinBlocks).
-template <int N_, int Split = 1, bool Fast = false, int Occ = 0>
+template <int N_, int Split = 1, bool Fast = false>
 struct Geom {
   static constexpr int N = N_;
   static constexpr int kSplit = Split;
   static constexpr bool kFast = Fast;
-  static constexpr int kOcc = Occ;
   static constexpr int kPPB = Split == 2 ? 1 : (N <= 32 ? 4 : (N == 64 ? 2 : 1));
   static constexpr int kGroups = N / 16;                         // column groups per plane
   static constexpr int kWarpsPerPlane = kGroups * Split;

@@ -3,7 +3,7 @@
 Calls blurfast.dct2 / idct2 / spectral on CUDA at a few sizes (the fused whole-plane
 kernel's squares 32, 64, 128 in float32 and bfloat16; the strip kernel at 256 x 256 and
 64 x 128; the same squares again with the dense passes and with the simple kernels; the
-prefetch and occupancy variants on many planes; odd sizes, an empty batch, a
+prefetching fused op on many planes; odd sizes, an empty batch, a
 non-contiguous input, broadcast maps, batches large enough for the throughput geometry
 and for blocks that loop over plane groups), copies the results back and compares them with blurfast.reference on the CPU
 in float64.
@@ -73,10 +73,9 @@ def main(argv=None):
     runs += [((400, 3, 32, 32), torch.float32, "")]     # more plane groups than blocks
     runs += [((150, 3, 64, 64), torch.float32, "")]     # more plane groups than SMs
     runs += [((150, 3, 64, 64), torch.float32, "dense")]
-    # The variants on trial: prefetching blocks (looping over plane groups) and the
-    # occupancy cap.
-    runs += [((400, 3, 32, 32), torch.float32, "fast+prefetch+occ")]
-    runs += [((300, 3, 64, 64), torch.float32, "fast+prefetch+occ")]
+    # Prefetching blocks looping over plane groups, in the fused op too (fast+prefetch).
+    runs += [((400, 3, 32, 32), torch.float32, "fast+prefetch")]
+    runs += [((300, 3, 64, 64), torch.float32, "fast+prefetch")]
     runs += [((150, 1, 128, 128), torch.float32, "fast+prefetch")]
     for shape, dtype, kernels in runs:
         b, c, h, w = shape
