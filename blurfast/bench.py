@@ -21,7 +21,9 @@ Implementations (the peers are our own code, written from the mathematics):
   families, benchmarks/NOTES.md.
 * ``blurfast_prefetch``, ``blurfast_noprefetch``: the fast kernel prefetching the next
   plane group in every call, or in none (``BLURFAST_CUDA_KERNELS=fast+prefetch`` or
-  ``fast+noprefetch``; by default it does in calls with two buffers). CUDA only, run
+  ``fast+noprefetch``; by default it does in calls with two buffers).
+  ``blurfast_wide``: calls with fewer plane groups than SMs at 64 x 64 on the fast
+  passes' wide geometry (``fast+wide``) instead of the dense split one. CUDA only, run
   only when named in ``impls``: the A/B of benchmarks/NOTES.md.
 * ``blurfast_simple``: the same with the fused whole-plane CUDA kernel turned off
   (``BLURFAST_CUDA_KERNELS=simple``): the simple multi-launch kernels (CUDA only).
@@ -70,7 +72,7 @@ __all__ = [
 CASES = ("dct2", "idct2", "q_sample", "sampler_step")
 IMPLS = ("blurfast", "blurfast_dense", "blurfast_simple", "torch_fp32", "torch_tf32",
          "torch_fft", "cupy")
-VARIANT_IMPLS = ("blurfast_prefetch", "blurfast_noprefetch")
+VARIANT_IMPLS = ("blurfast_prefetch", "blurfast_noprefetch", "blurfast_wide")
 DTYPES = ("float32", "bfloat16")      # bfloat16 rows: blurfast impls on CUDA only
 CUDA_SHAPES = ((256, 3, 64, 64), (64, 3, 256, 256), (16, 3, 64, 64))
 CUDA_EXTRA_SHAPES = ((256, 3, 32, 32), (64, 3, 128, 128))   # full (not --quick) runs
@@ -333,7 +335,7 @@ _IMPLS = {
                            dtypes=DTYPES, context=_kernels_env("dense")),
     **{f"blurfast_{v}": Impl(f"blurfast_{v}", _blurfast_functions, cuda_only=True,
                              dtypes=DTYPES, context=_kernels_env("fast+" + v))
-       for v in ("prefetch", "noprefetch")},
+       for v in ("prefetch", "noprefetch", "wide")},
     "blurfast_simple": Impl("blurfast_simple", _blurfast_functions, cuda_only=True,
                             dtypes=DTYPES, context=_kernels_env("simple")),
     "torch_fp32": Impl("torch_fp32", lambda: _torch_functions(matmul_dct2, matmul_idct2),
@@ -768,14 +770,18 @@ TRAIN_STEP_SPEEDUP = 5.0                  # issue 4: whole training step, batch 
 def targets(result: dict) -> list:
     """Issue 6's goals against the measured ``blurfast`` float32 rows of ``result``, and
     issue 4's against its ``model_steps``: ``{case, shape, goal, got, met}`` per row that
-    has a goal (none on CPU)."""
+    has a goal (none on CPU). Where a merged result has the same row twice (several
+    bench runs), the first one counts."""
     if result.get("device") != "cuda":
         return []
-    out = []
+    out, seen = [], set()
     for r in result["rows"]:
         if r["impl"] != "blurfast" or r.get("dtype", "float32") != "float32":
             continue
         shape = tuple(r["shape"])
+        if (r["case"], shape) in seen:
+            continue
+        seen.add((r["case"], shape))
         if (r["case"], shape) in TARGETS:
             frac, speed = TARGETS[(r["case"], shape)]
             got_speed = r["speedup_vs_torch_fp32"]

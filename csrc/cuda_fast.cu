@@ -1,4 +1,6 @@
-// The fast CUDA kernels: the programs of plane_program.h and strip_program.h as kernels.
+// The fast CUDA kernels' host side: which kernel and geometry serve a call, and their
+// launch. The kernels themselves are in cuda_fast_kernels.cuh, compiled in one
+// translation unit per I/O type (cuda_fast_f32.cu, cuda_fast_f16.cu, cuda_fast_bf16.cu).
 //
 // Whole-plane kernel: one launch per call. A block holds Geom::kPPB planes in shared
 // memory; blocks loop over plane groups (grid = resident blocks). Calls with fewer plane
@@ -27,127 +29,11 @@
 #include <utility>
 
 #include "cuda_fast.h"
-#include "plane_program.h"
-#include "strip_program.h"
+#include "cuda_fast_kernels.h"
 
 namespace blurfast {
 namespace plane {
-
-template <> BF_HD void load4<__half>(const __half* p, float v[4]) {
-#ifdef __CUDA_ARCH__
-  const uint2 raw = *reinterpret_cast<const uint2*>(p);
-  const float2 lo = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
-  const float2 hi = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
-  v[0] = lo.x; v[1] = lo.y; v[2] = hi.x; v[3] = hi.y;
-#else
-  for (int q = 0; q < 4; ++q) v[q] = __half2float(p[q]);
-#endif
-}
-
-template <> BF_HD void store4<__half>(__half* p, const float v[4]) {
-#ifdef __CUDA_ARCH__
-  const __half2 lo = __floats2half2_rn(v[0], v[1]), hi = __floats2half2_rn(v[2], v[3]);
-  uint2 raw;
-  raw.x = *reinterpret_cast<const unsigned*>(&lo);
-  raw.y = *reinterpret_cast<const unsigned*>(&hi);
-  *reinterpret_cast<uint2*>(p) = raw;
-#else
-  for (int q = 0; q < 4; ++q) p[q] = __float2half_rn(v[q]);
-#endif
-}
-
-template <> BF_HD void store1<__half>(__half* p, float v) { *p = __float2half_rn(v); }
-template <> BF_HD void store1<__nv_bfloat16>(__nv_bfloat16* p, float v) {
-  *p = __float2bfloat16_rn(v);
-}
-
-template <> BF_HD void load4<__nv_bfloat16>(const __nv_bfloat16* p, float v[4]) {
-#ifdef __CUDA_ARCH__
-  const uint2 raw = *reinterpret_cast<const uint2*>(p);
-  const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
-  const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
-  v[0] = lo.x; v[1] = lo.y; v[2] = hi.x; v[3] = hi.y;
-#else
-  for (int q = 0; q < 4; ++q) v[q] = __bfloat162float(p[q]);
-#endif
-}
-
-template <> BF_HD void store4<__nv_bfloat16>(__nv_bfloat16* p, const float v[4]) {
-#ifdef __CUDA_ARCH__
-  const __nv_bfloat162 lo = __floats2bfloat162_rn(v[0], v[1]);
-  const __nv_bfloat162 hi = __floats2bfloat162_rn(v[2], v[3]);
-  uint2 raw;
-  raw.x = *reinterpret_cast<const unsigned*>(&lo);
-  raw.y = *reinterpret_cast<const unsigned*>(&hi);
-  *reinterpret_cast<uint2*>(p) = raw;
-#else
-  for (int q = 0; q < 4; ++q) p[q] = __float2bfloat16_rn(v[q]);
-#endif
-}
-
 namespace {
-
-struct GpuCtx {
-  __device__ int64_t block() const { return blockIdx.x; }
-  __device__ int64_t grid() const { return gridDim.x; }
-  template <typename F>
-  __device__ void phase(F&& f) {
-    f((int)threadIdx.x);
-    __syncthreads();
-  }
-  // State a thread keeps from one phase to a later one: its own registers.
-  template <typename T>
-  struct PerThread {
-    T v;
-    __device__ T& operator()(int) { return v; }
-  };
-  template <typename T>
-  __device__ PerThread<T> per_thread() const {
-    return PerThread<T>{};
-  }
-  // 16 bytes global -> shared without registers (cp.async, sm_80 and later; L2 only).
-  __device__ void copy16_async(float* dst, const float* src) {
-#if __CUDA_ARCH__ >= 800
-    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
-#else
-    *reinterpret_cast<float4*>(dst) = *reinterpret_cast<const float4*>(src);
-#endif
-  }
-  // Until this thread's asynchronous copies have landed.
-  __device__ void wait_async() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_all;\n" ::: "memory");
-#endif
-  }
-};
-
-// Blocks per SM the register budget is sized for: 2 where the shared memory of a call
-// with three buffers allows 2 or more (N = 32, 64 with split 1), else 1. (A cap of 4
-// blocks at N = 64 split, 128 registers, measured slower: benchmarks/NOTES.md.)
-template <typename G>
-constexpr int kMinBlocks = G::N == 128 || G::kSplit == 2 ? 1 : 2;
-
-template <typename G, typename T>
-__global__ void __launch_bounds__(G::kThreads, kMinBlocks<G>) plane_kernel(Job job) {
-  extern __shared__ float4 smem4[];
-  GpuCtx ctx;
-  run_program<G, T>(ctx, job, reinterpret_cast<float*>(smem4));
-}
-
-template <int L, typename Tin, typename Tout>
-__global__ void __launch_bounds__(StripGeom<L>::kThreads) strip_kernel(StripJob job) {
-  extern __shared__ float4 smem4[];
-  GpuCtx ctx;
-  run_strips<L, Tin, Tout>(ctx, job, reinterpret_cast<float*>(smem4));
-}
-
-template <int L, typename Tin, typename Tout>
-__global__ void __launch_bounds__(FastStripGeom<L>::kThreads) fast_strip_kernel(StripJob job) {
-  extern __shared__ float4 smem4[];
-  GpuCtx ctx;
-  run_fast_strips<L, Tin, Tout>(ctx, job, reinterpret_cast<float*>(smem4));
-}
 
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess)
@@ -210,13 +96,16 @@ bool aligned(const void* p, size_t bytes) { return ((uintptr_t)p % bytes) == 0; 
 // The fast kernel prefetches (the next plane group's x1 copied into a spare buffer while
 // this group is transformed; float I/O, where it fits) in calls with two buffers, where it
 // measured faster; "fast+prefetch" prefetches in every call and "fast+noprefetch" in none
-// (the A/B of benchmarks/NOTES.md).
+// (the A/B of benchmarks/NOTES.md). "fast+wide" serves calls with fewer plane groups than
+// SMs at N = 64 with the fast passes' wide geometry (256 threads per plane) instead of
+// the dense passes' split geometry, on trial.
 enum class Choice { kFast, kDense, kSimple };
 enum class Prefetch { kTwoBuffers, kAll, kNone };
 
 struct Options {
   Choice choice = Choice::kFast;
   Prefetch prefetch = Prefetch::kTwoBuffers;
+  bool wide = false;
 };
 
 Options options_from_env() {
@@ -228,6 +117,7 @@ Options options_from_env() {
   if (s == "dense") o.choice = Choice::kDense;
   if (s == "fast+prefetch") o.prefetch = Prefetch::kAll;
   if (s == "fast+noprefetch") o.prefetch = Prefetch::kNone;
+  o.wide = s == "fast+wide";
   return o;
 }
 
@@ -283,7 +173,7 @@ Plan plan_for(Job job, int device, bool prefetch) {
   job.prefetch = prefetch && std::is_same<T, float>::value;
   plan.prefetch = job.prefetch;
   plan.bytes = G::smem_floats(buffers_needed(job)) * (int64_t)sizeof(float);
-  plan.per_sm = blocks_per_sm(reinterpret_cast<const void*>(&plane_kernel<G, T>), G::kThreads,
+  plan.per_sm = blocks_per_sm(PlaneKernel<G, T>::ptr(), G::kThreads,
                               device, plan.bytes, G::smem_floats(4) * (int64_t)sizeof(float));
   plan.ok = plan.per_sm > 0;
   if (!plan.ok && job.prefetch) return plan_for<G, T>(job, device, false);
@@ -317,6 +207,12 @@ Plan make_plan(const Job& job, int64_t H, int64_t W, int dtype, int device) {
     // split geometry, whose 256 threads per plane (against 128) measured faster there:
     // 18.2 against 21.1 µs for q_sample at 16x3x64x64 on an H100 (benchmarks/NOTES.md).
     const bool small_fused = N == 64 && split && job.mode == kSpectral;
+    if constexpr (N == 64) {
+      if (choice == Choice::kFast && opt.wide && split) {
+        plan = plan_for<Geom<N, 4, true>, T>(job, device, prefetch);
+        return true;
+      }
+    }
     if (choice == Choice::kFast && !small_fused) {
       plan = plan_for<Geom<N, 1, true>, T>(job, device, prefetch);
       if constexpr (N == 64) {
@@ -365,14 +261,13 @@ bool strip_launch(const void* in, void* out, int64_t planes, int64_t rows, int64
   job.planes = planes;
   job.rows = rows;
   job.inverse = inverse;
-  // Launches `kernel` with grid = min(work items, resident blocks).
+  // Launches kernel K with grid = min(work items, resident blocks).
   auto launch = [&](auto kernel, int threads, int64_t bytes, int64_t items) {
-    const int per_sm = blocks_per_sm(reinterpret_cast<const void*>(kernel), threads, device,
-                                     bytes, bytes);
+    using K = decltype(kernel);
+    const int per_sm = blocks_per_sm(K::ptr(), threads, device, bytes, bytes);
     if (per_sm == 0) return false;
     const int64_t resident = (int64_t)per_sm * sm_count(device);
-    kernel<<<(unsigned)(items < resident ? items : resident), threads, (size_t)bytes, stream>>>(
-        job);
+    K::launch((unsigned)(items < resident ? items : resident), (size_t)bytes, stream, job);
     check(cudaGetLastError(), "strip launch");
     return true;
   };
@@ -380,12 +275,12 @@ bool strip_launch(const void* in, void* out, int64_t planes, int64_t rows, int64
     constexpr int N = decltype(size)::value;
     if (choice == Choice::kFast) {
       using G = FastStripGeom<N>;
-      return launch(&fast_strip_kernel<N, Tin, Tout>, G::kThreads,
+      return launch(StripKernel<N, Tin, Tout, true>{}, G::kThreads,
                     G::kSmemFloats * (int64_t)sizeof(float),
                     (planes * rows + G::kRows - 1) / G::kRows);
     }
     using G = StripGeom<N>;
-    return launch(&strip_kernel<N, Tin, Tout>, G::kThreads,
+    return launch(StripKernel<N, Tin, Tout, false>{}, G::kThreads,
                   G::kSmemFloats * (int64_t)sizeof(float), planes * (rows / 32));
   });
 }
@@ -421,7 +316,7 @@ bool plane_launch(const Job& job, int64_t H, int64_t W, int dtype, int device,
     using T = std::remove_pointer_t<decltype(t)>;
     const int64_t groups = (run.planes + G::kPPB - 1) / G::kPPB;
     const unsigned grid = (unsigned)(groups < resident ? groups : resident);
-    plane_kernel<G, T><<<grid, G::kThreads, (size_t)plan.bytes, stream>>>(run);
+    PlaneKernel<G, T>::launch(grid, (size_t)plan.bytes, stream, run);
     check(cudaGetLastError(), "launch");
     return true;
   };
@@ -430,6 +325,7 @@ bool plane_launch(const Job& job, int64_t H, int64_t W, int dtype, int device,
     if (plan.fast) {
       if constexpr (N == 64) {
         if (plan.split == 2) return launch(Geom<N, 2, true>{}, t);
+        if (plan.split == 4) return launch(Geom<N, 4, true>{}, t);
       }
       return launch(Geom<N, 1, true>{}, t);
     }

@@ -142,9 +142,11 @@ void plane_emulate(const SpectralParams& p, int mode, int64_t grid, bool reverse
   if (grid < 1) throw std::invalid_argument("plane_emulate: grid must be >= 1");
   if (p.H != 32 && p.H != 64 && p.H != 128)
     throw std::invalid_argument("plane_emulate: H = W must be 32, 64 or 128");
-  if (split != 1 && !(split == 2 && (p.H == 64 || (p.H == 128 && !fast))))
+  if (split != 1 && !(split == 2 && (p.H == 64 || (p.H == 128 && !fast))) &&
+      !(split == 4 && p.H == 64 && fast))
     throw std::invalid_argument(
-        "plane_emulate: split must be 1, or 2 for H = W = 64 (and 128 with dense passes)");
+        "plane_emulate: split must be 1, or 2 for H = W = 64 (and 128 with dense passes), or "
+        "4 for H = W = 64 with fast passes");
   plane::Job job = plane::make_job(p, mode);
   job.prefetch = prefetch;
   const int64_t n = p.H;
@@ -152,6 +154,7 @@ void plane_emulate(const SpectralParams& p, int mode, int64_t grid, bool reverse
     if (n == 32) emulate<Geom<32, 1, true>>(job, grid, reverse_threads);
     if (n == 64 && split == 1) emulate<Geom<64, 1, true>>(job, grid, reverse_threads);
     if (n == 64 && split == 2) emulate<Geom<64, 2, true>>(job, grid, reverse_threads);
+    if (n == 64 && split == 4) emulate<Geom<64, 4, true>>(job, grid, reverse_threads);
     if (n == 128) emulate<Geom<128, 1, true>>(job, grid, reverse_threads);
     return;
   }

@@ -45,22 +45,26 @@ struct Job {
 // plane groups than SMs).
 // Fast passes: two threads per row (the first kPPB N threads make the even halves, the
 // rest the odd halves); kSplit = 2 is one plane per block, 2 N threads (N = 64 only: at
-// N = 128 that is already the throughput geometry).
+// N = 128 that is already the throughput geometry); kSplit = 4 ("wide", N = 64 only) is
+// one plane per block with 4 N threads: the passes take the first 2 N, and all of them
+// share the loads, the noise, the combine step and the stores.
 template <int N_, int Split = 1, bool Fast = false>
 struct Geom {
   static constexpr int N = N_;
   static constexpr int kSplit = Split;
   static constexpr bool kFast = Fast;
-  static constexpr int kPPB = Split == 2 ? 1 : (N <= 32 ? 4 : (N == 64 ? 2 : 1));
+  static constexpr int kPPB = Split >= 2 ? 1 : (N <= 32 ? 4 : (N == 64 ? 2 : 1));
   static constexpr int kGroups = N / 16;                         // column groups per plane
   static constexpr int kWarpsPerPlane = kGroups * Split;
-  static constexpr int kThreads = Fast ? 2 * N * kPPB : 32 * kWarpsPerPlane * kPPB;
+  static constexpr int kPassThreads = Fast ? 2 * N * kPPB : 32 * kWarpsPerPlane * kPPB;
+  static constexpr int kThreads = Fast && Split == 4 ? 2 * kPassThreads : kPassThreads;
   static constexpr int kRows = N / 32 / Split;                   // rows per lane
   static constexpr int kPlane = N * N;
   static constexpr int kTables = Fast ? 0 : TableSize<N>::kFloats;
   static constexpr int kChunksPerThread = kPPB * kPlane / 4 / kThreads;
   static_assert(N == 32 || N == 64 || N == 128, "plane program: N must be 32, 64 or 128");
-  static_assert(Split == 1 || (Split == 2 && N >= 64), "plane program: split 2 needs N >= 64");
+  static_assert(Split == 1 || (Split == 2 && N >= 64) || (Split == 4 && Fast && N == 64),
+                "plane program: split 2 needs N >= 64, split 4 the fast passes at N = 64");
   static_assert(!(Fast && Split == 2 && N == 128), "fast passes: N = 128 has no split 2");
   static_assert(kPPB * kPlane % (16 * kThreads) == 0, "chunks must divide evenly");
   // Shared memory: the pass tables, then nbuf buffers of kPPB planes.
@@ -323,6 +327,7 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
     constexpr bool inv = decltype(inverse_)::value;
     ctx.phase([&](int tid) {
       if constexpr (G::kFast) {
+        if (G::kThreads > G::kPassThreads && tid >= G::kPassThreads) return;   // wide
         const int q = tid % kRowsPerBlock, role = tid / kRowsPerBlock;
         const float* S = buf(src) + (q / N) * G::kPlane;
         float* D = buf(dst) + (q / N) * G::kPlane;
@@ -357,7 +362,7 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
   // Only in the split geometry with 256 threads (N = 64): there the block is alone on its
   // SM, nothing else hides the loads, and the registers suffice. Elsewhere ptxas showed
   // the early noise raising register spills.
-  constexpr bool kEarlyNoiseFits = G::kSplit == 2 && G::kThreads <= 256;
+  constexpr bool kEarlyNoiseFits = G::kSplit >= 2 && G::kThreads <= 256;
   const bool early_noise = kEarlyNoiseFits && job.mode == kSpectral && !job.x2 && job.noise_out;
   if constexpr (!G::kFast) ctx.phase([&](int tid) { fill_tables<N>(tab, tid, G::kThreads); });
   const int64_t groups = (job.planes + G::kPPB - 1) / G::kPPB;

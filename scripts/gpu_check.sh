@@ -15,10 +15,10 @@
 #              benchmarks/run.py --device cuda --quick --no-steps --strict -> bench.json
 #              (--strict: fails when blurfast or a torch peer raised; the JSON is
 #              rewritten after every case and shape, so a timeout keeps finished rows)
-#   bench_variants  the fast kernel prefetching in every call or in none
-#              (BLURFAST_CUDA_KERNELS=fast+prefetch, fast+noprefetch) beside blurfast,
-#              blurfast_dense and torch_fp32, float32, the plane-kernel shapes
-#              -> bench_variants.json
+#   bench_variants  the fast kernel prefetching in every call or in none, and its wide
+#              geometry for small calls (BLURFAST_CUDA_KERNELS=fast+prefetch,
+#              fast+noprefetch, fast+wide) beside blurfast, blurfast_dense and torch_fp32,
+#              float32, the plane-kernel shapes -> bench_variants.json
 #   steps      whole training step and sampler step of paper64 at batch 16 and 64 against
 #              the paper-style fp32 baseline (issue 4's goal) -> steps.json
 #   profile    training step of paper64 at batch 16 in several configurations, and the
@@ -199,7 +199,8 @@ step bench 90 "$PY" benchmarks/run.py --device cuda --quick --no-steps --strict 
   --json "$OUT/bench.json"
 step bench_variants 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
   --shapes 256x3x64x64 16x3x64x64 256x3x32x32 64x3x128x128 --dtypes float32 \
-  --impls blurfast blurfast_prefetch blurfast_noprefetch blurfast_dense torch_fp32 \
+  --impls blurfast blurfast_prefetch blurfast_noprefetch blurfast_wide blurfast_dense \
+  torch_fp32 \
   --json "$OUT/bench_variants.json"
 step steps 70 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps \
   --step-batches 16 64 --json "$OUT/steps.json"

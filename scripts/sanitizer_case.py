@@ -77,6 +77,7 @@ def main(argv=None):
     runs += [((400, 3, 32, 32), torch.float32, "fast+prefetch")]
     runs += [((300, 3, 64, 64), torch.float32, "fast+prefetch")]
     runs += [((150, 1, 128, 128), torch.float32, "fast+prefetch")]
+    runs += [((16, 3, 64, 64), torch.float32, "fast+wide")]          # the wide geometry
     for shape, dtype, kernels in runs:
         b, c, h, w = shape
         if max(h, w) > a.max_hw:

@@ -5,7 +5,7 @@ The fast kernels are phase programs (docs/kernels.md): each phase ends at a bloc
 The passes are straight-line code, so a pass's static count is what each thread runs.
 
     nvcc -std=c++17 -O3 -arch=sm_90 --expt-relaxed-constexpr -Icsrc -cubin \\
-        -o /tmp/k.cubin csrc/cuda_fast.cu
+        -o /tmp/k.cubin csrc/cuda_fast_f32.cu
     nvdisasm -c /tmp/k.cubin > /tmp/k.sass
     python scripts/sass_phases.py /tmp/k.sass "plane_kernel<Geom<64, 1, true>, float>"
 

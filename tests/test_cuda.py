@@ -154,7 +154,7 @@ def _kernel_names(x, a, x2=None, a2=None, g=None, return_noise=False):
 
 # The kernel choices of BLURFAST_CUDA_KERNELS with a fused whole-plane kernel ("fast"
 # prefetches in two-buffer calls, "fast+prefetch" in all; cuda_fast.cu).
-PLANE_CHOICES = ["fast", "dense", "fast+prefetch"]
+PLANE_CHOICES = ["fast", "dense", "fast+prefetch", "fast+wide"]
 
 
 @pytest.mark.parametrize("passes", PLANE_CHOICES)
@@ -213,11 +213,11 @@ def test_plane_kernel_many_planes(shape, passes, monkeypatch):
 
 @pytest.mark.parametrize("shape", [(1000, 3, 32, 32), (700, 3, 64, 64), (300, 1, 128, 128),
                                    (33, 3, 64, 64)])
-def test_prefetch_changes_no_bit(shape, monkeypatch):
+def test_prefetch_and_wide_change_no_bit(shape, monkeypatch):
     # Prefetching moves the same numbers earlier: with blocks looping over many plane
     # groups (the prefetch path) and a partial last group, every call gives the same bits
     # whether the fast kernel prefetches in no call, in two-buffer calls (the default) or
-    # in all.
+    # in all. The wide geometry too, where the plain fast kernel serves the call.
     b, c, h, w = shape
     x, x2 = _rand(*shape).cuda(), _rand(*shape, seed=1).cuda()
     a, g = torch.rand(b, 1, h, w).cuda(), torch.rand(b, 1, 1, 1).cuda()
@@ -227,17 +227,25 @@ def test_prefetch_changes_no_bit(shape, monkeypatch):
         "step": lambda: (bf.spectral(x, a, x2, a, g=g, seed=8),),
     }
     got = {}
-    for choice in ("fast+noprefetch", "fast", "fast+prefetch"):
+    for choice in ("fast+noprefetch", "fast", "fast+prefetch", "fast+wide"):
         monkeypatch.setenv("BLURFAST_CUDA_KERNELS", choice)
         got[choice] = {k: f() for k, f in calls.items()}
     for k in calls:
         for choice in ("fast", "fast+prefetch"):
             for u, v in zip(got["fast+noprefetch"][k], got[choice][k]):
                 assert torch.equal(u, v), (k, choice)
+        # The wide geometry (fewer plane groups than SMs at 64) runs the same arithmetic as
+        # the fast split geometry; other calls do not change with it.
+        if k in ("dct2", "idct2") or h != 64 or b * c >= torch.cuda.get_device_properties(
+                0).multi_processor_count:
+            for u, v in zip(got["fast+noprefetch"][k], got["fast+wide"][k]):
+                assert torch.equal(u, v), (k, "fast+wide")
     want = ref.spectral(x.double().cpu(), a.cpu(), g=g.cpu(), seed=8, return_noise=True)
     for u, w_ in zip(got["fast+prefetch"]["q_sample"], want):
         assert rel_err(u, w_) <= 2e-6
     assert rel_err(got["fast"]["dct2"][0], ref.dct2(x.double().cpu())) <= 2e-6
+    for u, w_ in zip(got["fast+wide"]["q_sample"], want):
+        assert rel_err(u, w_) <= 2e-6
 
 
 @pytest.mark.parametrize("passes", ["fast", "dense"])

@@ -17,9 +17,10 @@ from blurfast.ops import spectral_kernel_args
 from bfutil import rel_err
 
 SIZES = (32, 64, 128)
-# (N, split, fast): dense passes in every geometry; fast passes (no split 2 at 128).
+# (N, split, fast): dense passes in every geometry; fast passes (no split 2 at 128; split
+# 4, the wide geometry, at 64 only).
 GEOMETRIES = [(32, 1, False), (64, 1, False), (64, 2, False), (128, 1, False), (128, 2, False),
-              (32, 1, True), (64, 1, True), (64, 2, True), (128, 1, True)]
+              (32, 1, True), (64, 1, True), (64, 2, True), (64, 4, True), (128, 1, True)]
 GEOMETRY_IDS = [f"{n}-split{s}-{'fast' if f else 'dense'}" for n, s, f in GEOMETRIES]
 DCT2, IDCT2, SPECTRAL = 0, 1, 2
 
@@ -96,7 +97,8 @@ def test_spectral_generated_noise_two_inputs(n, split, fast):
 
 
 @pytest.mark.parametrize("offset", [0, 5, 2 ** 40 + 3])
-@pytest.mark.parametrize("n,split,fast", [(32, 1, False), (64, 2, False), (64, 2, True)])
+@pytest.mark.parametrize("n,split,fast", [(32, 1, False), (64, 2, False), (64, 2, True),
+                                          (64, 4, True)])
 def test_spectral_noise_numbering(offset, n, split, fast):   # split 2: noise made early
     # Element e of the call uses philox_normal(seed, offset + e), whether or not offset
     # is a multiple of four (the kernel's one-block-per-four-numbers path and its
@@ -109,7 +111,8 @@ def test_spectral_noise_numbering(offset, n, split, fast):   # split 2: noise ma
     assert rel_err(out, want) <= 2e-6
 
 
-@pytest.mark.parametrize("split,fast", [(1, False), (2, False), (1, True), (2, True)])
+@pytest.mark.parametrize("split,fast", [(1, False), (2, False), (1, True), (2, True),
+                                        (4, True)])
 def test_spectral_given_noise_and_single_input(split, fast):
     n = 64
     x = _rand(4, 2, n, n)
@@ -167,6 +170,8 @@ def test_emulator_rejects_unsupported_calls():
         emulate_dct(torch.zeros(1, 32, 32), False, split=2)
     with pytest.raises(ValueError, match="split"):
         emulate_dct(torch.zeros(1, 128, 128), False, split=2, fast=True)
+    with pytest.raises(ValueError, match="split"):
+        emulate_dct(torch.zeros(1, 64, 64), False, split=4, fast=False)
 
 
 def emulate_strips(x, inverse, grid=2, reverse=False, fast=False):
