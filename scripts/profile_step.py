@@ -2,11 +2,11 @@
 
     python scripts/profile_step.py --batch 16 --out /tmp/profile_step.txt
 
-1. Times TrainStep (paper64 by default) in several configurations, same process: the
-   benchmark's fast one (bf16 autocast, channels_last, CUDA graph) and each with one
-   setting changed, so the cost of each setting shows.
-2. Profiles a few eager steps of the fast configuration with torch.profiler and prints
-   the kernels that take the most GPU time.
+1. Times TrainStep (paper64 by default) in several configurations, same process: bf16
+   autocast or fp32 (TF32), channels_last or NCHW, CUDA graph or eager, and with
+   ``--compile`` torch.compile plus the graph, so the cost of each setting shows.
+2. Profiles a few eager steps of the default configuration (bf16, NCHW) with
+   torch.profiler and prints the kernels that take the most GPU time.
 """
 import argparse
 import os
@@ -57,6 +57,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--rows", type=int, default=30, help="kernels listed by the profiler")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile of the model with the CUDA graph (compiling "
+                        "paper64 takes minutes)")
     p.add_argument("--out", help="also write the report here")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -66,7 +69,11 @@ def main(argv=None):
     lines = [f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {a.preset} "
              f"{a.resolution}x{a.resolution}, batch {a.batch}"]
     print(lines[0], flush=True)
-    for name, kw in CONFIGS.items():
+    configs = dict(CONFIGS)
+    if a.compile:
+        configs["bf16 + compile + graph (NCHW)"] = dict(precision="bf16", compile=True,
+                                                        cuda_graphs=True)
+    for name, kw in configs.items():
         fn = make_step(a.preset, a.resolution, a.batch, **kw)
         ms = ms_per_step(fn, warmup=5, iters=a.iters)
         lines.append(f"{name:32s} {ms:8.2f} ms/step  {a.batch / ms * 1e3:8.1f} images/s")
@@ -75,7 +82,7 @@ def main(argv=None):
         torch.cuda.empty_cache()
 
     from torch.profiler import ProfilerActivity, profile
-    fn = make_step(a.preset, a.resolution, a.batch, precision="bf16", channels_last=True)
+    fn = make_step(a.preset, a.resolution, a.batch, precision="bf16", channels_last=False)
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -90,7 +97,8 @@ def main(argv=None):
             break
         except (AttributeError, KeyError, ValueError):
             table = None
-    lines += ["", "torch.profiler, 3 eager steps of bf16 + channels_last, by GPU time:", table or "?"]
+    lines += ["", "torch.profiler, 3 eager steps of bf16 (NCHW, the default), by GPU time:",
+              table or "?"]
     print("\n".join(lines[-3:]), flush=True)
     if a.out:
         with open(a.out + ".tmp", "w") as f:
