@@ -327,6 +327,7 @@ def test_training_backward_matches_reference():
     (lambda: bf.spectral(torch.zeros(2, 3, 8, 8), torch.ones(2, 8, 8)), ValueError, "a: shape"),
     (lambda: bf.spectral(torch.zeros(2, 3, 8, 8), torch.ones(8, 8), g=torch.ones(2, 2, 8, 8)),
      ValueError, "g: shape"),
+    (lambda: bf.spectral(torch.zeros(3, 8, 8), torch.ones(1, 3, 8, 8)), ValueError, "a: shape"),
     (lambda: bf.spectral(torch.zeros(8, 8), torch.ones(8, 8), torch.zeros(8, 8)), ValueError,
      "x2, a2"),
     (lambda: bf.spectral(torch.zeros(8, 8), torch.ones(8, 8), torch.zeros(4, 4), torch.ones(8, 8)),
