@@ -98,6 +98,16 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     plane_emulate(p, mode, grid, reverse_threads, split, fast, prefetch);
   }, "CPU emulation of the fused whole-plane CUDA kernel (tests only).");
+  m.def("combine_emulate", [](int64_t planes, int64_t H, int64_t W, int dtype, uintptr_t f1,
+                              uintptr_t f2, py::object a1, py::object a2, py::object g,
+                              uintptr_t zb, uint64_t seed, uint64_t offset, uintptr_t out,
+                              uintptr_t zb_out) {
+    (void)out;
+    SpectralParams p = spectral_params(planes, H, W, dtype, f1, f2, a1, a2, g, zb, seed, offset,
+                                       0, zb_out);
+    py::gil_scoped_release nogil;
+    combine_emulate(p);
+  }, "CPU emulation of the CUDA path's frequency-space combine, in place in f1 (tests only).");
   m.def("strip_emulate", [](uintptr_t in, uintptr_t out, int64_t planes, int64_t rows, int64_t L,
                             bool inverse, int64_t grid, bool reverse_threads, bool fast) {
     py::gil_scoped_release nogil;

@@ -51,6 +51,9 @@ void plane_emulate(const SpectralParams& p, int mode, int64_t grid, bool reverse
 // fast: run_fast_strips, else run_strips (dense passes).
 void strip_emulate(const void* in, void* out, int64_t planes, int64_t rows, int64_t L,
                    bool inverse, int64_t grid, bool reverse_threads, bool fast);
+// Test hook: runs the CUDA path's frequency-space combine (combine.h) on the CPU, float32
+// or float64: x1 holds f1 and receives the result, x2 is f2, noise_out receives zb.
+void combine_emulate(const SpectralParams& p);
 
 #ifdef BLURFAST_WITH_CUDA
 // CUDA (any DType). `workspace` holds at least workspace_elems(...) compute-type

@@ -184,6 +184,17 @@ BF_HD void philox_normal_block(uint64_t seed, uint64_t b, T z[4]) {
   }
 }
 
+// z[q] = philox_normal<T>(seed, e + q) for q < 4: one Philox block when e is a multiple
+// of 4, else four.
+template <typename T>
+BF_HD void philox_normal4(uint64_t seed, uint64_t e, T z[4]) {
+  if ((e & 3) == 0) {
+    philox_normal_block<T>(seed, e >> 2, z);
+  } else {
+    for (int q = 0; q < 4; ++q) z[q] = philox_normal<T>(seed, e + (uint64_t)q);
+  }
+}
+
 // out[i] = philox_normal<T>(seed, e0 + i) for i < n, one Philox block per four numbers.
 // The whole blocks in the middle are a loop without branches, which compilers vectorise
 // (with -fno-math-errno -fno-trapping-math, as CMakeLists.txt builds the CPU code).

@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "blurfast.h"
+#include "combine.h"
 #include "common.h"
 #include "cuda_fast.h"
 
@@ -102,26 +103,15 @@ void transform2d(const void* in, void* out, C* tmp, int64_t P, int64_t H, int64_
   }
 }
 
+// combine.h's quads: blocks along x cover a plane, along y take planes y, y + gridDim.y, ...
 template <typename C>
-__device__ __forceinline__ C map_at(const MapRef& m, int64_t p, int64_t f, int64_t hw) {
-  return ((const C*)m.ptr)[map_plane(p, m.div, m.mod) * hw + f];
-}
-
-// z = a1*f1 + a2*f2 + g*zb, in place in f1; zb also stored to zb_out when asked.
-template <typename C>
-__global__ void combine(C* f1, const C* f2, MapRef a1, MapRef a2, MapRef g, const C* zb_given,
-                        C* zb_out, uint64_t seed, uint64_t offset, int64_t total, int64_t hw) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
-       i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t p = i / hw, f = i % hw;
-    C z = map_at<C>(a1, p, f, hw) * f1[i];
-    if (f2) z += map_at<C>(a2, p, f, hw) * f2[i];
-    if (g.ptr || zb_out) {
-      const C n = zb_given ? zb_given[i] : philox_normal<C>(seed, offset + (uint64_t)i);
-      if (g.ptr) z += map_at<C>(g, p, f, hw) * n;
-      if (zb_out) zb_out[i] = n;
-    }
-    f1[i] = z;
+__global__ void combine_kernel(CombineJob<C> job) {
+  const int64_t quads = combine_quads(job);
+  for (int64_t p = blockIdx.y; p < job.planes; p += gridDim.y) {
+    const PlaneMaps<C> maps(job, p);
+    for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < quads;
+         k += (int64_t)gridDim.x * blockDim.x)
+      combine_quad(job, maps, p, k);
   }
 }
 
@@ -147,8 +137,10 @@ void spectral_typed(const SpectralParams& sp, C* ws, cudaStream_t s, int device)
   C* zb = sp.noise_out ? ws + 3 * n : nullptr;
   transform2d<T, C, C>(sp.x1, f1, tmp, P, H, W, false, s, device);
   if (f2) transform2d<T, C, C>(sp.x2, f2, tmp, P, H, W, false, s, device);
-  combine<C><<<grid_for(n), 256, 0, s>>>(f1, f2, sp.a1, sp.a2, sp.g, (const C*)sp.zb, zb, sp.seed,
-                                         sp.offset, n, H * W);
+  const CombineJob<C> cj = combine_job(sp, f1, f2, zb);
+  const int64_t bx = (combine_quads(cj) + 255) / 256;
+  combine_kernel<C><<<dim3((unsigned)(bx < 1024 ? bx : 1024), (unsigned)(P < 65535 ? P : 65535)),
+                      256, 0, s>>>(cj);
   check(cudaGetLastError(), "combine launch");
   transform2d<C, T, C>(f1, sp.out, tmp, P, H, W, true, s, device);
   if (zb) transform2d<C, T, C>(zb, sp.noise_out, tmp, P, H, W, true, s, device);

@@ -1,4 +1,5 @@
-// CPU emulation of the fused whole-plane CUDA program (plane_program.h), for tests.
+// CPU emulation of the CUDA programs (plane_program.h, strip_program.h, combine.h), for
+// tests.
 //
 // Runs the same phase code the kernel runs, one thread after another, block after block.
 // Shared memory starts as NaN, so a read of a value no thread wrote shows up in the
@@ -10,6 +11,7 @@
 #include <vector>
 
 #include "blurfast.h"
+#include "combine.h"
 #include "plane_program.h"
 #include "strip_program.h"
 
@@ -113,7 +115,40 @@ void emulate_strips(const plane::StripJob& job, int64_t grid, bool reverse, bool
              [&](EmuCtx& ctx, float* sm) { plane::run_strips<L, float, float>(ctx, job, sm); });
 }
 
+template <typename C>
+void emulate_combine(const SpectralParams& p) {
+  const CombineJob<C> job = combine_job<C>(p, (C*)const_cast<void*>(p.x1), (const C*)p.x2,
+                                           (C*)p.noise_out);
+  const int64_t hw = job.hw, n = job.planes * hw, w = sizeof(C) / sizeof(float);
+  std::vector<plane::EmuRange> m;
+  add_range(m, job.f1, n * w, true);
+  add_range(m, job.f2, n * w, false);
+  add_range(m, job.zb, n * w, false);
+  for (const MapRef* a : {&job.a1, &job.a2, &job.g}) add_range(m, a->ptr, a->mod * hw * w, false);
+  add_range(m, job.zb_out, n * w, true);
+  plane::emu_memory = &m;
+  try {
+    for (int64_t q = 0; q < job.planes; ++q) {
+      const PlaneMaps<C> maps(job, q);
+      for (int64_t k = 0; k < combine_quads(job); ++k) combine_quad(job, maps, q, k);
+    }
+  } catch (...) {
+    plane::emu_memory = nullptr;
+    throw;
+  }
+  plane::emu_memory = nullptr;
+}
+
 }  // namespace
+
+void combine_emulate(const SpectralParams& p) {
+  if (p.dtype == kF32)
+    emulate_combine<float>(p);
+  else if (p.dtype == kF64)
+    emulate_combine<double>(p);
+  else
+    throw std::invalid_argument("combine_emulate: float32 or float64 only");
+}
 
 void strip_emulate(const void* in, void* out, int64_t planes, int64_t rows, int64_t L,
                    bool inverse, int64_t grid, bool reverse_threads, bool fast) {

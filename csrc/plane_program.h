@@ -71,15 +71,6 @@ struct Geom {
   static constexpr int64_t smem_floats(int nbuf) { return kTables + nbuf * kPPB * kPlane; }
 };
 
-// philox_normal<float>(seed, e + q) for q < 4; one Philox block when e is a multiple of 4.
-BF_HD void philox_normal4(uint64_t seed, uint64_t e, float z[4]) {
-  if ((e & 3) == 0) {
-    philox_normal_block<float>(seed, e >> 2, z);
-  } else {
-    for (int q = 0; q < 4; ++q) z[q] = philox_normal<float>(seed, e + (uint64_t)q);
-  }
-}
-
 // Global plane group p0 .. p0+kPPB-1 <-> buffer (planes past `planes` read as zero and
 // are not written). Thread tid moves float4 chunks tid, tid + kThreads, ...; all loads
 // are issued before the first shared-memory store.

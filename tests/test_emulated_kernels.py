@@ -214,3 +214,50 @@ def test_strip_emulator_rejects_unsupported_calls():
         emulate_strips(x, False)
     with pytest.raises(ValueError, match="32, 64, 128 or 256"):
         emulate_strips(torch.zeros(1, 32, 48), False)
+
+
+# --------------------------------------------------------------- the CUDA path's combine
+
+def emulate_combine(f1, a, f2=None, a2=None, g=None, noise=None, *, seed=0, offset=0,
+                    return_noise=False):
+    """combine.h run on the CPU: (a1 f1 + a2 f2 + g zb, zb or None), f1 not modified."""
+    f1 = f1.clone()
+    zb_out = torch.empty_like(f1) if return_noise else None
+    args, keep = spectral_kernel_args(f1, a, f2, a2, g, noise, seed, offset, f1, zb_out)
+    _C.combine_emulate(*args)
+    del keep
+    return f1, zb_out
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float64, 1e-13)],
+                         ids=["float32", "float64"])
+@pytest.mark.parametrize("hw", [(8, 8), (5, 7)], ids=["quads", "ragged"])   # 35 % 4 = 3
+@pytest.mark.parametrize("offset", [0, 3])
+def test_combine_quads_against_the_formula(dtype, tol, hw, offset):
+    # Each quad's elements share a Philox block and the planes' map offsets: the noise
+    # numbering (offset not a multiple of four, planes whose size is not), the plane -> map
+    # indexing of broadcast maps and the last, partial quad of a plane are what can go
+    # wrong. The truth is the formula in float64, noise from the Python Philox.
+    shape = (3, 2) + hw
+    f1, f2 = _rand(*shape).to(dtype), _rand(*shape, seed=1).to(dtype)
+    gen = torch.Generator().manual_seed(2)
+    a = torch.rand((3, 1) + hw, generator=gen, dtype=torch.float64)    # per sample
+    a2 = torch.rand((2,) + hw, generator=gen, dtype=torch.float64)     # per channel
+    g = torch.rand(3, 2, 1, 1, generator=gen, dtype=torch.float64)     # per plane
+    zb = ref.philox_normal(shape, seed=9, offset=offset, dtype=torch.float64)
+    got, got_zb = emulate_combine(f1, a, f2, a2, g, seed=9, offset=offset, return_noise=True)
+    want = a * f1.double() + a2 * f2.double() + g * zb
+    assert got.dtype == dtype and rel_err(got, want) <= tol
+    assert rel_err(got_zb, zb) <= tol
+    # Given noise, no x2, noise not returned; and no noise term at all.
+    given = _rand(*shape, seed=3).to(dtype)
+    got, none = emulate_combine(f1, a, g=g, noise=given)
+    assert none is None and rel_err(got, a * f1.double() + g * given.double()) <= tol
+    got, _ = emulate_combine(f1, a)
+    assert rel_err(got, a * f1.double()) <= tol
+
+
+def test_combine_emulator_rejects_other_types():
+    x = torch.zeros(1, 4, 4, dtype=torch.float16)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        emulate_combine(x, torch.ones(4, 4))
