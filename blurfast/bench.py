@@ -803,11 +803,11 @@ def targets(result: dict) -> list:
                 "met": bool(launches == 1 and r["median_us"] <= SMALL_BATCH[1]),
             })
     for r in result.get("model_steps", []):
-        if (r["case"] == "train_step" and r["impl"] == "blurfast" and r["shape"][0] == 16
-                and r.get("preset") == "paper64"):
+        if (r["case"] == "train_step" and r["impl"] in ("blurfast", "blurfast_compile")
+                and r["shape"][0] == 16 and r.get("preset") == "paper64"):
             speed = r["speedup_vs_torch_fp32"]
             out.append({
-                "case": "train_step", "shape": list(r["shape"]),
+                "case": "train_step", "shape": list(r["shape"]), "impl": r["impl"],
                 "goal": f">= {TRAIN_STEP_SPEEDUP:g}x the paper-style fp32 step (issue 4)",
                 "got": f"{speed:.2f}x, {r['images_per_s']} images/s"
                        if speed is not None else "no baseline row",
@@ -904,6 +904,7 @@ def plot(result: dict, path) -> None:
 
 
 def main(argv=None) -> int:
+    from .bench_steps import STEP_IMPLS, format_steps, run_steps
     p = argparse.ArgumentParser(prog="blurfast bench", description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda when available, else cpu")
@@ -919,6 +920,10 @@ def main(argv=None) -> int:
     p.add_argument("--step-batches", nargs="+", type=int, default=None, metavar="B",
                    help="batch sizes of the model steps (default: 16 and 64 on a GPU, 16 "
                         "with --quick; 8 on a CPU)")
+    p.add_argument("--step-impls", nargs="+", default=None, metavar="IMPL",
+                   choices=STEP_IMPLS,
+                   help="model-step configurations besides the baseline (default: blurfast; "
+                        "blurfast_compile adds torch.compile, which takes minutes to compile)")
     p.add_argument("--cases", nargs="+", choices=CASES, default=None)
     p.add_argument("--impls", nargs="+", choices=IMPLS + VARIANT_IMPLS, default=None,
                    help="default: all but the variants on trial")
@@ -945,8 +950,8 @@ def main(argv=None) -> int:
     else:
         res = run_header(a.device)
     if a.steps:
-        from .bench_steps import format_steps, run_steps
-        res["model_steps"] = run_steps(a.device, a.quick, batches=a.step_batches)
+        res["model_steps"] = run_steps(a.device, a.quick, batches=a.step_batches,
+                                       impls=a.step_impls or ("torch_fp32", "blurfast"))
         print(format_steps(res["model_steps"]))
     res["targets"] = targets(res)
     if a.json_path:

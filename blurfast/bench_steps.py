@@ -20,7 +20,7 @@ from .bench import time_call
 from .diffusion import BlurDiffusion
 from .models import UNet
 
-__all__ = ["reference_train_step", "run_steps", "format_steps", "EMA"]
+__all__ = ["reference_train_step", "run_steps", "format_steps", "EMA", "STEP_IMPLS"]
 
 EMA = 0.9999
 
@@ -55,13 +55,23 @@ def _sampler_coefs(diff: BlurDiffusion, batch: int, device):
     return [m.float().expand(batch, 1, diff.H, diff.W).contiguous() for m in (ca, ce, cz)]
 
 
+STEP_IMPLS = ("torch_fp32", "blurfast", "blurfast_compile")
+
+
 def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[str] = None,
-              resolution: Optional[int] = None, iters: Optional[int] = None) -> list:
+              resolution: Optional[int] = None, iters: Optional[int] = None,
+              impls=("torch_fp32", "blurfast")) -> list:
     """Rows ``{case, preset, shape, impl, ms_per_step, images_per_s, speedup_vs_torch_fp32}``
-    for cases ``train_step`` and ``sampler_step_model``; impls ``torch_fp32`` (baseline)
-    and ``blurfast``. Defaults: paper64 at 64x64, batch 16 and 64 on a GPU (16 only with
+    for cases ``train_step`` and ``sampler_step_model``; impls ``torch_fp32`` (the
+    baseline, always timed), ``blurfast`` and ``blurfast_compile`` (the model under
+    ``torch.compile`` inside the same CUDA graph; training step only, compiling takes
+    minutes). Defaults: paper64 at 64x64, batch 16 and 64 on a GPU (16 only with
     ``quick``); the small U-Net at 32x32, batch 8 on a CPU."""
     from .training import TrainStep
+    for impl in impls:
+        if impl not in STEP_IMPLS:
+            raise ValueError(f"impls: expected names from {STEP_IMPLS}, got {impl!r}")
+    impls = ["torch_fp32"] + [i for i in STEP_IMPLS[1:] if i in impls]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     preset = preset or ("paper64" if cuda else "small")
@@ -82,7 +92,7 @@ def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[s
         ca, ce, cz = _sampler_coefs(diff, batch, device)
         t_dev = torch.full((batch,), 500, device=device)
         timed = {}
-        for impl in ("torch_fp32", "blurfast"):
+        for impl in impls:
             torch.manual_seed(0)
             model = UNet.from_preset(preset, resolution=res, channels=3).to(device)
             if impl == "torch_fp32":
@@ -104,7 +114,7 @@ def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[s
                     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
                 stepper = TrainStep(model, diff, device=device,
                                     precision="bf16" if cuda else "fp32", channels_last=False,
-                                    cuda_graphs=cuda)
+                                    cuda_graphs=cuda, compile=impl == "blurfast_compile")
 
                 def train_fn(stepper=stepper):
                     stepper(x_u8, flip, t, 1, 0)
@@ -115,7 +125,8 @@ def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[s
                                                          enabled=cuda):
                         eps = model(x0, t_dev)
                     ops.spectral(x0, ca, eps.float(), ce, cz, seed=1)
-            for case, fn in (("train_step", train_fn), ("sampler_step_model", sample_fn)):
+            cases = [("train_step", train_fn), ("sampler_step_model", sample_fn)]
+            for case, fn in cases[:1] if impl == "blurfast_compile" else cases:
                 r = time_call(fn, [()], device, iters=iters, warmup=3 if cuda else 1)
                 timed[(case, impl)] = r["wall_us"] / 1e3
             if prev is not None:
@@ -130,11 +141,11 @@ def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[s
 
 
 def format_steps(rows) -> str:
-    hdr = f"{'case':<20}{'model':<9}{'shape':<14}{'impl':<11}{'ms/step':>10}{'img/s':>10}" \
+    hdr = f"{'case':<20}{'model':<9}{'shape':<14}{'impl':<18}{'ms/step':>10}{'img/s':>10}" \
           f"{'vs fp32':>9}"
     lines = [hdr, "-" * len(hdr)]
     for r in rows:
         lines.append(f"{r['case']:<20}{r['preset']:<9}{'x'.join(map(str, r['shape'])):<14}"
-                     f"{r['impl']:<11}{r['ms_per_step']:>10.2f}{r['images_per_s']:>10.1f}"
+                     f"{r['impl']:<18}{r['ms_per_step']:>10.2f}{r['images_per_s']:>10.1f}"
                      f"{r['speedup_vs_torch_fp32']:>8.2f}x")
     return "\n".join(lines)

@@ -11,6 +11,8 @@
 #   ext        make the source tree import the built blurfast._C (tests run from here)
 #   info       python -m blurfast info
 #   tests      pytest tests -m cuda (log + junit xml)
+#   memcheck   compute-sanitizer --tool memcheck  python scripts/sanitizer_case.py
+#   racecheck  compute-sanitizer --tool racecheck python scripts/sanitizer_case.py
 #   bench      kernel table of issue 6 (3 shapes, float32 + bfloat16, every impl):
 #              benchmarks/run.py --device cuda --quick --no-steps --strict -> bench.json
 #              (--strict: fails when blurfast or a torch peer raised; the JSON is
@@ -21,10 +23,10 @@
 #              float32, the plane-kernel shapes -> bench_variants.json
 #   steps      whole training step and sampler step of paper64 at batch 16 and 64 against
 #              the paper-style fp32 baseline (issue 4's goal) -> steps.json
+#   steps_compile  the training step at batch 16 with torch.compile inside the CUDA graph,
+#              beside blurfast and the baseline (timed again, same run) -> steps_compile.json
 #   profile    training step of paper64 at batch 16 in several configurations, and the
 #              kernels taking the most GPU time (scripts/profile_step.py) -> profile_step.txt
-#   memcheck   compute-sanitizer --tool memcheck  python scripts/sanitizer_case.py
-#   racecheck  compute-sanitizer --tool racecheck python scripts/sanitizer_case.py
 #   bench_extra  32x32 and 128x128 rows (blurfast, blurfast_dense, blurfast_simple, torch_fp32)
 # Output in $OUT: <step>.log for each step, gpu_check.log (the running log),
 # summary.txt (PASS/FAIL per step), junit-cuda.xml, bench*.json, steps.json, and
@@ -35,8 +37,9 @@
 # Environment knobs:
 #   OUT                    output folder (default gpu_results)
 #   PYTHON                 interpreter (default: python, else python3)
-#   GPU_CHECK_BUDGET       seconds for the whole script (default 380; on an H100 the v4
-#                          run, steps and bench_extra skipped, ran out at 335 during racecheck)
+#   GPU_CHECK_BUDGET       seconds for the whole script (default 560: one device call of
+#                          at most 600 s; on an H100 the v4 run spent 149 s building,
+#                          66 s testing, 61 s in the benches and 29 s profiling)
 #   GPU_CHECK_SKIP         space-separated step names to skip, e.g. "build racecheck"
 #   BLURFAST_CUDA_ARCHS    passed to the build; when unset, this script builds only
 #                          for the GPU present (e.g. "90" on an H100) to save time;
@@ -50,7 +53,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
 PY=${PYTHON:-$(command -v python || command -v python3 || echo python3)}
-BUDGET=${GPU_CHECK_BUDGET:-380}
+BUDGET=${GPU_CHECK_BUDGET:-560}
 SKIP=${GPU_CHECK_SKIP:-}
 START=$SECONDS
 FAILED=0
@@ -196,6 +199,10 @@ EOF
   log "tests junit: $counts"
   echo "tests junit: $counts" >> "$SUMMARY"
 fi
+step memcheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+  --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py
+step racecheck 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck \
+  --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py
 step bench 90 "$PY" benchmarks/run.py --device cuda --quick --no-steps --strict \
   --json "$OUT/bench.json"
 step bench_variants 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
@@ -205,11 +212,9 @@ step bench_variants 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps 
   --json "$OUT/bench_variants.json"
 step steps 70 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps \
   --step-batches 16 64 --json "$OUT/steps.json"
+step steps_compile 200 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps \
+  --step-batches 16 --step-impls blurfast blurfast_compile --json "$OUT/steps_compile.json"
 step profile 60 "$PY" scripts/profile_step.py --batch 16 --out "$OUT/profile_step.txt"
-step memcheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
-  --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py
-step racecheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck \
-  --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py
 step bench_extra 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
   --shapes 256x3x32x32 64x3x128x128 --impls blurfast blurfast_dense blurfast_simple torch_fp32 \
   --json "$OUT/bench_extra.json"

@@ -1,5 +1,5 @@
-"""Merge gpu_check.sh's bench.json, bench_extra.json, bench_variants.json and steps.json
-(in the folder given) into results/<card>-<date>.json there, in blurfast.bench's JSON
+"""Merge gpu_check.sh's bench.json, bench_extra.json, bench_variants.json, steps.json and
+steps_compile.json (in the folder given) into results/<card>-<date>.json there, in blurfast.bench's JSON
 shape, with the goals of
 issues 4 and 6 judged over all rows (``targets``); prints the name. A bench cut short by
 its time limit leaves the rows it finished, marked ``"partial": true``, which is kept."""
@@ -23,9 +23,12 @@ def main(out: str) -> str:
         d["skipped"] += e["skipped"]
         if e.get("partial"):     # a run cut short by its time limit: the rows it finished
             d["partial"] = True
-    steps = os.path.join(out, "steps.json")
-    if os.path.exists(steps):
-        d["model_steps"] = json.load(open(steps)).get("model_steps", [])
+    d["model_steps"] = []
+    for name in ("steps.json", "steps_compile.json"):   # each with its own baseline rows
+        steps = os.path.join(out, name)
+        if os.path.exists(steps):
+            rows = json.load(open(steps)).get("model_steps", [])
+            d["model_steps"] += [dict(r, run=name[:-5]) for r in rows]
     d["targets"] = targets(d)
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", d.get("gpu", "gpu")).strip("-").lower()
     name = f"{gpu}-{d.get('date', '')[:10]}.json"

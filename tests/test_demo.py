@@ -36,6 +36,8 @@ def test_model_steps_against_the_baseline():
     for r in rows:
         assert r["ms_per_step"] > 0 and r["shape"] == [2, 3, 16, 16]
         assert r["images_per_s"] == pytest.approx(2 / (r["ms_per_step"] / 1e3), rel=1e-3, abs=0.051)  # rounded to 0.1
+    with pytest.raises(ValueError, match="impls"):
+        run_steps("cpu", batches=(2,), resolution=16, iters=1, impls=("blurfast_eager",))
 
 
 def test_demo_smoke(tmp_path):
