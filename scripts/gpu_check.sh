@@ -23,6 +23,9 @@
 #              float32, the plane-kernel shapes -> bench_variants.json
 #   steps      whole training step and sampler step of paper64 at batch 16 and 64 against
 #              the paper-style fp32 baseline (issue 4's goal) -> steps.json
+#   ncu        Nsight Compute (clocks left alone): speed of light, occupancy, stall reasons
+#              and their source lines for the kernels of scripts/ncu_case.py -> ncu.log,
+#              ncu.ncu-rep
 #   steps_compile  the training step at batch 16 with torch.compile inside the CUDA graph,
 #              beside blurfast and the baseline (timed again, same run) -> steps_compile.json
 #   profile    training step of paper64 at batch 16 in several configurations, and the
@@ -68,6 +71,12 @@ CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 for d in "$CUDA_HOME/bin" "$CUDA_HOME/compute-sanitizer"; do
   if [[ -d "$d" && ":$PATH:" != *":$d:"* ]]; then PATH="$PATH:$d"; fi
 done
+# ncu: Nsight Compute's own folder when it is not on PATH.
+if ! command -v ncu > /dev/null; then
+  for d in /opt/nvidia/nsight-compute/* "$CUDA_HOME"/nsight-compute*; do
+    if [[ -x "$d/ncu" ]]; then PATH="$PATH:$d"; break; fi
+  done
+fi
 export PATH
 
 log() { echo "[gpu_check $(date -u +%H:%M:%S) +$((SECONDS - START))s] $*" | tee -a "$LOG"; }
@@ -132,7 +141,7 @@ if torch.cuda.is_available():
     "$PY" -c "import $mod; print('$mod', getattr($mod, '__version__', '?'))" 2>&1 | tail -n 1
   done
   echo "== tools"
-  for t in nvcc cmake ninja compute-sanitizer gcc; do
+  for t in nvcc cmake ninja compute-sanitizer ncu gcc; do
     if command -v "$t" > /dev/null; then
       echo "$t: $("$t" --version 2>&1 | grep -m1 -iE 'release|version|[0-9]+\.[0-9]+')"
     else echo "$t: not found"; fi
@@ -212,6 +221,10 @@ step bench_variants 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps 
   --json "$OUT/bench_variants.json"
 step steps 70 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps \
   --step-batches 16 64 --json "$OUT/steps.json"
+step ncu 90 ncu --profile-from-start off --clock-control none --nvtx \
+  --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+  --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters \
+  --export "$OUT/ncu" --force-overwrite "$PY" scripts/ncu_case.py
 step steps_compile 200 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps \
   --step-batches 16 --step-impls blurfast blurfast_compile --json "$OUT/steps_compile.json"
 step profile 60 "$PY" scripts/profile_step.py --batch 16 --out "$OUT/profile_step.txt"
