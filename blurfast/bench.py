@@ -23,8 +23,11 @@ Implementations (the peers are our own code, written from the mathematics):
   plane group in every call, or in none (``BLURFAST_CUDA_KERNELS=fast+prefetch`` or
   ``fast+noprefetch``; by default it does in calls with two buffers).
   ``blurfast_wide``: calls with fewer plane groups than SMs at 64 x 64 on the fast
-  passes' wide geometry (``fast+wide``) instead of the dense split one. CUDA only, run
-  only when named in ``impls``: the A/B of benchmarks/NOTES.md.
+  passes' wide geometry (``fast+wide``) instead of the dense split one.
+  ``blurfast_cluster``, ``blurfast_cluster8``: float32 256 x 256 planes on the cluster
+  kernel (``fast+cluster``, ``fast+cluster8``: 4 or 8 blocks per cluster, sm_90) instead
+  of the strip passes. CUDA only, run only when named in ``impls``: the A/B of
+  benchmarks/NOTES.md.
 * ``blurfast_simple``: the same with the fused whole-plane CUDA kernel turned off
   (``BLURFAST_CUDA_KERNELS=simple``): the simple multi-launch kernels (CUDA only).
 * ``torch_fp32``: DCT as two matrix products with cached DCT matrices (the way
@@ -72,7 +75,8 @@ __all__ = [
 CASES = ("dct2", "idct2", "q_sample", "sampler_step")
 IMPLS = ("blurfast", "blurfast_dense", "blurfast_simple", "torch_fp32", "torch_tf32",
          "torch_fft", "cupy")
-VARIANT_IMPLS = ("blurfast_prefetch", "blurfast_noprefetch", "blurfast_wide")
+VARIANT_IMPLS = ("blurfast_prefetch", "blurfast_noprefetch", "blurfast_wide", "blurfast_cluster",
+                 "blurfast_cluster8")
 DTYPES = ("float32", "bfloat16")      # bfloat16 rows: blurfast impls on CUDA only
 CUDA_SHAPES = ((256, 3, 64, 64), (64, 3, 256, 256), (16, 3, 64, 64))
 CUDA_EXTRA_SHAPES = ((256, 3, 32, 32), (64, 3, 128, 128))   # full (not --quick) runs
@@ -335,7 +339,7 @@ _IMPLS = {
                            dtypes=DTYPES, context=_kernels_env("dense")),
     **{f"blurfast_{v}": Impl(f"blurfast_{v}", _blurfast_functions, cuda_only=True,
                              dtypes=DTYPES, context=_kernels_env("fast+" + v))
-       for v in ("prefetch", "noprefetch", "wide")},
+       for v in ("prefetch", "noprefetch", "wide", "cluster", "cluster8")},
     "blurfast_simple": Impl("blurfast_simple", _blurfast_functions, cuda_only=True,
                             dtypes=DTYPES, context=_kernels_env("simple")),
     "torch_fp32": Impl("torch_fp32", lambda: _torch_functions(matmul_dct2, matmul_idct2),

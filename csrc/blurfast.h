@@ -46,6 +46,10 @@ void normal_cpu(void* out, int64_t n, int dtype, uint64_t seed, uint64_t offset)
 // (two threads per row, O(N log N); split 2 only at N = 64) instead of the dense ones.
 void plane_emulate(const SpectralParams& p, int mode, int64_t grid, bool reverse_threads,
                    int split, bool fast, bool prefetch);
+// Test hook: runs the cluster CUDA program for 256 x 256 planes (cluster_program.h) on the
+// CPU, float32: `clusters` clusters of `ctas` (4 or 8) blocks; mode as plane_emulate.
+void cluster_emulate(const SpectralParams& p, int mode, int64_t clusters, bool reverse_threads,
+                     int ctas);
 // Test hook: runs the strip CUDA programs (strip_program.h) on the CPU, float32:
 // in (planes, rows, L) -> out (planes, L, rows), each row transformed, rows % 32 == 0;
 // fast: run_fast_strips, else run_strips (dense passes).

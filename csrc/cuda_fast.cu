@@ -13,6 +13,9 @@
 // Strip kernels: one 1-D pass with transposed output (two make a 2-D transform); the
 // simple path (cuda_kernels.cu) uses them for rows of 32, 64, 128 or 256 elements, 256 x 256
 // planes included. Fast passes by default, dense with BLURFAST_CUDA_KERNELS=dense.
+//
+// Cluster kernel (on trial, BLURFAST_CUDA_KERNELS=fast+cluster): float32 256 x 256 planes
+// in one launch, each plane spread over the blocks of a thread-block cluster.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -98,7 +101,9 @@ bool aligned(const void* p, size_t bytes) { return ((uintptr_t)p % bytes) == 0; 
 // measured faster; "fast+prefetch" prefetches in every call and "fast+noprefetch" in none
 // (the A/B of benchmarks/NOTES.md). "fast+wide" serves calls with fewer plane groups than
 // SMs at N = 64 with the fast passes' wide geometry (256 threads per plane) instead of
-// the dense passes' split geometry, on trial.
+// the dense passes' split geometry, on trial. "fast+cluster" ("fast+cluster8") serves
+// float32 256 x 256 planes with the cluster kernel (cluster_program.h), 4 (8) blocks per
+// cluster, on sm_90 and later, instead of the strip passes: on trial.
 enum class Choice { kFast, kDense, kSimple };
 enum class Prefetch { kTwoBuffers, kAll, kNone };
 
@@ -106,6 +111,7 @@ struct Options {
   Choice choice = Choice::kFast;
   Prefetch prefetch = Prefetch::kTwoBuffers;
   bool wide = false;
+  int cluster = 0;     // blocks per cluster of the 256 x 256 cluster kernel; 0: strip passes
 };
 
 Options options_from_env() {
@@ -118,6 +124,8 @@ Options options_from_env() {
   if (s == "fast+prefetch") o.prefetch = Prefetch::kAll;
   if (s == "fast+noprefetch") o.prefetch = Prefetch::kNone;
   o.wide = s == "fast+wide";
+  if (s == "fast+cluster") o.cluster = 4;
+  if (s == "fast+cluster8") o.cluster = 8;
   return o;
 }
 
@@ -162,7 +170,35 @@ struct Plan {
   bool prefetch = false;
   int64_t bytes = 0;
   int per_sm = 0;
+  int cluster = 0;      // > 0: the cluster kernel, this many blocks per cluster
+  int clusters = 0;     // clusters resident at once
 };
+
+// Clusters of ClusterKernel<G, float> resident at once with `bytes` per block, cached per
+// (device, bytes).
+template <typename G>
+int resident_clusters(int device, int64_t bytes) {
+  static std::mutex mu;
+  static std::map<std::pair<int, int64_t>, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_pair(device, bytes);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  return cache[key] = ClusterKernel<G, float>::max_clusters((size_t)bytes);
+}
+
+// The cluster kernel for float32 256 x 256 planes, where asked for and possible.
+template <typename G>
+Plan cluster_plan(const Job& job, int device) {
+  Plan plan;
+  if (device_attr(device, cudaDevAttrComputeCapabilityMajor, "compute capability") < 9)
+    return plan;
+  plan.cluster = G::kCtas;
+  plan.bytes = G::smem_floats(cluster_buffers(job)) * (int64_t)sizeof(float);
+  plan.clusters = resident_clusters<G>(device, plan.bytes);
+  plan.ok = plan.clusters > 0;
+  return plan;
+}
 
 // With prefetch where asked for and it fits (float I/O, shared memory), else without.
 template <typename G, typename T>
@@ -193,6 +229,9 @@ Plan make_plan(const Job& job, int64_t H, int64_t W, int dtype, int device) {
   if (job.mode == kSpectral && !job.a1.ptr) return plan;
   for (const MapRef* m : {&job.a1, &job.a2, &job.g})   // 32-bit map offsets (GroupMaps)
     if (m->ptr && m->mod * H * W >= ((int64_t)1 << 31)) return plan;
+  if (H == 256 && dtype == kF32 && choice == Choice::kFast && opt.cluster)
+    return opt.cluster == 8 ? cluster_plan<ClusterGeom<8>>(job, device)
+                            : cluster_plan<ClusterGeom<4>>(job, device);
   const bool prefetch = opt.prefetch == Prefetch::kAll ||
                         (opt.prefetch == Prefetch::kTwoBuffers && buffers_needed(job) == 2);
   with_kernel(H, dtype, [&](auto size, auto* t) {
@@ -310,6 +349,15 @@ bool plane_launch(const Job& job, int64_t H, int64_t W, int dtype, int device,
                   cudaStream_t stream) {
   const Plan plan = make_plan(job, H, W, dtype, device);
   if (!plan.ok) return false;
+  if (plan.cluster) {
+    const unsigned clusters = (unsigned)(job.planes < plan.clusters ? job.planes : plan.clusters);
+    if (plan.cluster == 8)
+      ClusterKernel<ClusterGeom<8>, float>::launch(clusters, (size_t)plan.bytes, stream, job);
+    else
+      ClusterKernel<ClusterGeom<4>, float>::launch(clusters, (size_t)plan.bytes, stream, job);
+    check(cudaGetLastError(), "cluster launch");
+    return true;
+  }
   const int64_t resident = (int64_t)plan.per_sm * sm_count(device);
   Job run = job;
   run.prefetch = plan.prefetch;

@@ -5,6 +5,7 @@ namespace blurfast {
 namespace plane {
 
 BLURFAST_PLANE_KERNELS(float)
+BLURFAST_CLUSTER_KERNELS(float)
 BLURFAST_STRIP_KERNELS(float, float)
 
 }  // namespace plane

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "blurfast.h"
+#include "cluster_program.h"
 #include "combine.h"
 #include "plane_program.h"
 #include "strip_program.h"
@@ -115,6 +116,47 @@ void emulate_strips(const plane::StripJob& job, int64_t grid, bool reverse, bool
              [&](EmuCtx& ctx, float* sm) { plane::run_strips<L, float, float>(ctx, job, sm); });
 }
 
+// A cluster of `ctas` blocks: each phase runs every thread of every block (last to first
+// with `reverse`), as the cluster barrier after each phase on the GPU allows.
+struct ClusterEmuCtx : EmuCtx {
+  int64_t cl = 0, ncl = 1;
+  int ctas = 0;
+  std::vector<std::vector<float>>* sms = nullptr;
+  int64_t cluster() const { return cl; }
+  int64_t clusters() const { return ncl; }
+  float* smem(int, int rank) { return (*sms)[rank].data(); }
+  template <typename F>
+  void phase(F&& f) {
+    for (int i = 0; i < ctas; ++i)
+      for (int t = 0; t < threads; ++t)
+        f(reverse ? ctas - 1 - i : i, reverse ? threads - 1 - t : t);
+  }
+};
+
+template <typename G>
+void emulate_cluster(const plane::Job& job, int64_t clusters, bool reverse) {
+  std::vector<std::vector<float>> sms(G::kCtas,
+                                      std::vector<float>(G::smem_floats(plane::cluster_buffers(job))));
+  std::vector<plane::EmuRange> memory = job_memory(job, (int64_t)G::N * G::N);
+  for (const auto& sm : sms)
+    memory.push_back({(const char*)sm.data(), (const char*)(sm.data() + sm.size()), true});
+  struct Scope {
+    explicit Scope(const std::vector<plane::EmuRange>* m) { plane::emu_memory = m; }
+    ~Scope() { plane::emu_memory = nullptr; }
+  } scope(&memory);
+  for (int64_t c = 0; c < clusters; ++c) {
+    for (auto& sm : sms) std::fill(sm.begin(), sm.end(), std::numeric_limits<float>::quiet_NaN());
+    ClusterEmuCtx ctx;
+    ctx.cl = c;
+    ctx.ncl = clusters;
+    ctx.ctas = G::kCtas;
+    ctx.threads = G::kThreads;
+    ctx.reverse = reverse;
+    ctx.sms = &sms;
+    plane::run_cluster_program<G, float>(ctx, job);
+  }
+}
+
 template <typename C>
 void emulate_combine(const SpectralParams& p) {
   const CombineJob<C> job = combine_job<C>(p, (C*)const_cast<void*>(p.x1), (const C*)p.x2,
@@ -148,6 +190,20 @@ void combine_emulate(const SpectralParams& p) {
     emulate_combine<double>(p);
   else
     throw std::invalid_argument("combine_emulate: float32 or float64 only");
+}
+
+void cluster_emulate(const SpectralParams& p, int mode, int64_t clusters, bool reverse_threads,
+                     int ctas) {
+  if (p.dtype != kF32) throw std::invalid_argument("cluster_emulate: float32 only");
+  if (p.H != 256 || p.W != 256) throw std::invalid_argument("cluster_emulate: H = W = 256 only");
+  if (clusters < 1) throw std::invalid_argument("cluster_emulate: clusters must be >= 1");
+  const plane::Job job = plane::make_job(p, mode);
+  if (ctas == 4)
+    emulate_cluster<plane::ClusterGeom<4>>(job, clusters, reverse_threads);
+  else if (ctas == 8)
+    emulate_cluster<plane::ClusterGeom<8>>(job, clusters, reverse_threads);
+  else
+    throw std::invalid_argument("cluster_emulate: ctas must be 4 or 8");
 }
 
 void strip_emulate(const void* in, void* out, int64_t planes, int64_t rows, int64_t L,

@@ -21,6 +21,8 @@
 #              geometry for small calls (BLURFAST_CUDA_KERNELS=fast+prefetch,
 #              fast+noprefetch, fast+wide) beside blurfast, blurfast_dense and torch_fp32,
 #              float32, the plane-kernel shapes -> bench_variants.json
+#   bench_cluster  float32 256 x 256 planes on the cluster kernel (fast+cluster,
+#              fast+cluster8) beside the strip passes and torch_fp32 -> bench_cluster.json
 #   steps      whole training step and sampler step of paper64 at batch 16 and 64 against
 #              the paper-style fp32 baseline (issue 4's goal) -> steps.json
 #   ncu        Nsight Compute (clocks left alone): speed of light, occupancy, stall reasons
@@ -219,6 +221,10 @@ step bench_variants 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps 
   --impls blurfast blurfast_prefetch blurfast_noprefetch blurfast_wide blurfast_dense \
   torch_fp32 \
   --json "$OUT/bench_variants.json"
+step bench_cluster 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
+  --shapes 64x3x256x256 16x3x256x256 --dtypes float32 \
+  --impls blurfast blurfast_cluster blurfast_cluster8 torch_fp32 \
+  --json "$OUT/bench_cluster.json"
 step steps 70 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps \
   --step-batches 16 64 --json "$OUT/steps.json"
 step ncu 90 ncu --profile-from-start off --clock-control none --nvtx \

@@ -1,5 +1,5 @@
-"""Merge gpu_check.sh's bench.json, bench_extra.json, bench_variants.json, steps.json and
-steps_compile.json (in the folder given) into results/<card>-<date>.json there, in blurfast.bench's JSON
+"""Merge gpu_check.sh's bench.json, bench_extra.json, bench_variants.json, bench_cluster.json,
+steps.json and steps_compile.json (in the folder given) into results/<card>-<date>.json there, in blurfast.bench's JSON
 shape, with the goals of
 issues 4 and 6 judged over all rows (``targets``); prints the name. A bench cut short by
 its time limit leaves the rows it finished, marked ``"partial": true``, which is kept."""
@@ -14,7 +14,7 @@ from blurfast.bench import dumps, targets  # noqa: E402
 
 def main(out: str) -> str:
     d = json.load(open(os.path.join(out, "bench.json")))
-    for name in ("bench_extra.json", "bench_variants.json"):
+    for name in ("bench_extra.json", "bench_variants.json", "bench_cluster.json"):
         extra = os.path.join(out, name)
         if not os.path.exists(extra):
             continue

@@ -10,8 +10,8 @@ exactly these launches (gpu_check.sh's ``ncu`` step):
 
 Cases (float32): the fused op at 256x3x64x64 (one-plane geometry, q_sample with the
 noise returned) and at 16x3x64x64 (the default small-call geometry and fast+wide),
-dct2 at 256x3x64x64 (prefetching), and q_sample at 64x3x256x256 (strip passes and the
-combine step). Exits 2 without a CUDA device.
+dct2 at 256x3x64x64 (prefetching), q_sample at 64x3x256x256 (strip passes and the
+combine step), and q_sample and dct2 there on the cluster kernel (fast+cluster). Exits 2 without a CUDA device.
 """
 import os
 import sys
@@ -49,6 +49,8 @@ def main() -> int:
         ("q_sample 16x3x64x64", None, q_sample((16, 3, 64, 64))),
         ("q_sample 16x3x64x64 fast+wide", "fast+wide", q_sample((16, 3, 64, 64))),
         ("q_sample 64x3x256x256", None, q_sample((64, 3, 256, 256))),
+        ("q_sample 64x3x256x256 fast+cluster", "fast+cluster", q_sample((64, 3, 256, 256))),
+        ("dct2 64x3x256x256 fast+cluster", "fast+cluster", dct2((64, 3, 256, 256))),
     ]
 
     def run(kernels, fn):

@@ -261,3 +261,64 @@ def test_combine_emulator_rejects_other_types():
     x = torch.zeros(1, 4, 4, dtype=torch.float16)
     with pytest.raises(ValueError, match="float32 or float64"):
         emulate_combine(x, torch.ones(4, 4))
+
+
+# ----------------------------------------------- the cluster program for 256 x 256 planes
+
+def emulate_cluster(x, mode, a=None, x2=None, a2=None, g=None, noise=None, *, seed=0,
+                    offset=0, return_noise=False, clusters=2, reverse=False, ctas=4):
+    out = torch.empty_like(x)
+    noise_px = torch.empty_like(x) if return_noise else None
+    args, keep = spectral_kernel_args(x, a if a is not None else torch.ones(()), x2, a2, g,
+                                      noise, seed, offset, out, noise_px)
+    if mode != SPECTRAL:
+        args = args[:6] + (None, None, None, 0, 0, 0) + args[12:]
+    _C.cluster_emulate(*args, mode, clusters, reverse, ctas)
+    del keep
+    return (out, noise_px) if return_noise else out
+
+
+@pytest.mark.parametrize("ctas", [4, 8])
+def test_cluster_dct2_and_idct2_against_float64(ctas):
+    # 3 planes on 2 clusters: the second cluster loops over no plane after its first.
+    x = _rand(3, 256, 256)
+    for mode, want in ((DCT2, ref.dct2(x.double())), (IDCT2, ref.idct2(x.double()))):
+        y = emulate_cluster(x, mode, ctas=ctas)
+        assert rel_err(y, want) <= 2e-6, mode
+        # Every thread of every block in reverse order: a phase whose threads read what
+        # others write in that phase (a missing barrier) would change the bits.
+        assert torch.equal(y, emulate_cluster(x, mode, clusters=3, reverse=True, ctas=ctas))
+
+
+@pytest.mark.parametrize("ctas", [4, 8])
+@pytest.mark.parametrize("offset", [0, 6])
+def test_cluster_spectral_against_float64(ctas, offset):
+    b = 3                                           # 3 planes, maps broadcast per sample
+    x, x2 = _rand(b, 1, 256, 256), _rand(b, 1, 256, 256, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    a = torch.rand(b, 1, 256, 256, generator=gen)
+    a2 = torch.rand(256, 256, generator=gen) - 0.5
+    g = torch.rand(b, 1, 1, 1, generator=gen)
+    # q_sample: noise drawn and returned (made while the loads are in flight).
+    out, npx = emulate_cluster(x, SPECTRAL, a, g=g, seed=5, offset=offset, return_noise=True,
+                               ctas=ctas)
+    want, want_n = ref.spectral(x.double(), a, g=g, seed=5, offset=offset, return_noise=True)
+    assert rel_err(out, want) <= 2e-6 and rel_err(npx, want_n) <= 2e-6
+    # Sampler step: x2, noise drawn in the combine step and not returned; in reverse.
+    got = emulate_cluster(x, SPECTRAL, a, x2, a2, g, seed=5, offset=offset, clusters=1,
+                          reverse=True, ctas=ctas)
+    want = ref.spectral(x.double(), a, x2.double(), a2, g=g, seed=5, offset=offset)
+    assert rel_err(got, want) <= 2e-6
+    # x2 and returned noise together (the third buffer is reused); given noise.
+    zb = _rand(b, 1, 256, 256, seed=3)
+    out, npx = emulate_cluster(x, SPECTRAL, a, x2, a2, g, zb, return_noise=True, ctas=ctas)
+    want, want_n = ref.spectral(x.double(), a, x2.double(), a2, g=g, noise=zb.double(),
+                                return_noise=True)
+    assert rel_err(out, want) <= 2e-6 and rel_err(npx, want_n) <= 2e-6
+
+
+def test_cluster_emulator_rejects_unsupported_calls():
+    with pytest.raises(ValueError, match="256"):
+        emulate_cluster(torch.zeros(1, 128, 128), DCT2)
+    with pytest.raises(ValueError, match="ctas"):
+        emulate_cluster(torch.zeros(1, 256, 256), DCT2, ctas=2)
