@@ -147,11 +147,10 @@ BF_HD void run_cluster_program(Ctx& ctx, const Job& job) {
       st4(B + sidx<N>(l, f), n);
     }
   };
-  // Frequency space, in place in buffer 0: a1 A + a2 C + g zb; C = zb when the noise is
-  // returned (combine_group of plane_program.h, for the rows of one block).
+  // Frequency space, in place in buffer 0 (combine_group of plane_program.h, for the rows
+  // of one block; combine_chunk for the arithmetic).
   auto combine = [&](int j, int64_t p, int tid, bool noise_in_c) {
     constexpr int kBatch = 4;
-    const bool want_noise = job.g.ptr || job.noise_out;
     const PlaneOffsets off(job, p, kPlane);
     float* A = buf(j, j, 0);
     float* C = buf(j, j, 2);
@@ -169,27 +168,8 @@ BF_HD void run_cluster_program(Ctx& ctx, const Job& job) {
       BF_UNROLL for (int b = 0; b < kBatch; ++b) {
         int l, f;
         cluster_chunk<G>(u0 + b, tid, l, f);
-        const int s = sidx<N>(l, f);
-        float x[4], z[4];
-        ld4(A + s, x);
-        BF_UNROLL for (int q = 0; q < 4; ++q) z[q] = m1[b][q] * x[q];
-        if (job.x2) {
-          ld4(C + s, x);
-          BF_UNROLL for (int q = 0; q < 4; ++q) z[q] += m2[b][q] * x[q];
-        }
-        if (want_noise) {
-          float n[4];
-          const int64_t e = p * kPlane + G::row_of(j, l) * N + f;
-          if (noise_in_c)
-            ld4(C + s, n);
-          else if (job.zb)
-            ld4(job.zb + e, n);
-          else
-            philox_normal4(job.seed, job.offset + (uint64_t)e, n);
-          if (job.g.ptr) BF_UNROLL for (int q = 0; q < 4; ++q) z[q] += mg[b][q] * n[q];
-          if (job.noise_out && !noise_in_c) st4(C + s, n);
-        }
-        st4(A + s, z);
+        combine_chunk(job, A, C, sidx<N>(l, f), p * kPlane + G::row_of(j, l) * N + f, m1[b],
+                      m2[b], mg[b], noise_in_c);
       }
     }
   };

@@ -195,6 +195,33 @@ BF_HD void noise_group(const Job& job, float* C, int64_t p0, int tid) {
   }
 }
 
+// One float4 chunk of the frequency-space step, at `at` in A and C: A = m1 A + m2 C + mg zb,
+// zb the noise of elements e .. e+3 of the call (from C when noise_in_c, else given or
+// Philox); C = zb when noise is returned. m2 is used with x2, mg with g.
+BF_HD void combine_chunk(const Job& job, float* A, float* C, int at, int64_t e,
+                         const float m1[4], const float m2[4], const float mg[4],
+                         bool noise_in_c) {
+  float x[4], z[4];
+  ld4(A + at, x);
+  BF_UNROLL for (int q = 0; q < 4; ++q) z[q] = m1[q] * x[q];
+  if (job.x2) {
+    ld4(C + at, x);
+    BF_UNROLL for (int q = 0; q < 4; ++q) z[q] += m2[q] * x[q];
+  }
+  if (job.g.ptr || job.noise_out) {
+    float n[4];
+    if (noise_in_c)
+      ld4(C + at, n);
+    else if (job.zb)
+      ld4(job.zb + e, n);
+    else
+      philox_normal4(job.seed, job.offset + (uint64_t)e, n);
+    if (job.g.ptr) BF_UNROLL for (int q = 0; q < 4; ++q) z[q] += mg[q] * n[q];
+    if (job.noise_out && !noise_in_c) st4(C + at, n);
+  }
+  st4(A + at, z);
+}
+
 // Frequency space, in place in A: A = a1 A + a2 C + g zb; C = zb when noise is returned.
 // noise_in_c: noise_group has already put zb in C (calls without x2).
 // Chunks go in batches of kBatch: the batch's map loads are all issued before the first
@@ -205,7 +232,6 @@ BF_HD void combine_group(const Job& job, float* A, float* C, int64_t p0, int tid
   constexpr int N = G::N, kU = G::kChunksPerThread, kBatch = kU < 4 ? kU : 4;
   static_assert(kU % kBatch == 0, "batches must divide the chunks");
   using K = Chunks<G>;
-  const bool want_noise = job.g.ptr || job.noise_out;
   const GroupMaps<G> maps(job, p0);
   const float* a1 = (const float*)job.a1.ptr;
   const float* a2 = (const float*)job.a2.ptr;
@@ -224,27 +250,8 @@ BF_HD void combine_group(const Job& job, float* A, float* C, int64_t p0, int tid
       const int s = K::slot(u0 + b), f = K::elem(u0 + b, tid);
       const int64_t p = p0 + s;
       if (p >= job.planes) continue;
-      const int at = s * G::kPlane + sidx<N>(f / N, f % N);
-      float x[4], z[4];
-      ld4(A + at, x);
-      BF_UNROLL for (int q = 0; q < 4; ++q) z[q] = m1[b][q] * x[q];
-      if (job.x2) {
-        ld4(C + at, x);
-        BF_UNROLL for (int q = 0; q < 4; ++q) z[q] += m2[b][q] * x[q];
-      }
-      if (want_noise) {
-        float n[4];
-        const int64_t e = p * G::kPlane + f;
-        if (noise_in_c)
-          ld4(C + at, n);
-        else if (job.zb)
-          ld4(job.zb + e, n);
-        else
-          philox_normal4(job.seed, job.offset + (uint64_t)e, n);
-        if (g) BF_UNROLL for (int q = 0; q < 4; ++q) z[q] += mg[b][q] * n[q];
-        if (job.noise_out && !noise_in_c) st4(C + at, n);
-      }
-      st4(A + at, z);
+      combine_chunk(job, A, C, s * G::kPlane + sidx<N>(f / N, f % N), p * G::kPlane + f,
+                    m1[b], m2[b], mg[b], noise_in_c);
     }
   }
 }
