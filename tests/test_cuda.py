@@ -48,7 +48,8 @@ def test_dct2_cuda_half_io(dtype, hw):
     assert err_kernel <= 2 * err_rounding + 2e-6
 
 
-@pytest.mark.parametrize("hw", [(64, 64), (256, 256), (7, 12)])
+# (5, 7): planes of 35, so the combine step's quads straddle no plane but end ragged.
+@pytest.mark.parametrize("hw", [(64, 64), (256, 256), (7, 12), (5, 7)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_spectral_cuda_generated_noise(hw, dtype):
     b = 4
