@@ -22,8 +22,8 @@ Implementations (the peers are our own code, written from the mathematics):
 * ``blurfast_prefetch``, ``blurfast_noprefetch``: the fast kernel prefetching the next
   plane group in every call, or in none (``BLURFAST_CUDA_KERNELS=fast+prefetch`` or
   ``fast+noprefetch``; by default it does in calls with two buffers).
-  ``blurfast_wide``: calls with fewer plane groups than SMs at 64 x 64 on the fast
-  passes' wide geometry (``fast+wide``) instead of the dense split one.
+  ``blurfast_wide``: every call at 64 x 64 on the fast passes' wide geometry
+  (``fast+wide``, 256 threads per plane).
   ``blurfast_cluster``, ``blurfast_cluster8``: float32 256 x 256 planes on the cluster
   kernel (``fast+cluster``, ``fast+cluster8``: 4 or 8 blocks per cluster, sm_90) instead
   of the strip passes. CUDA only, run only when named in ``impls``: the A/B of

@@ -99,9 +99,8 @@ bool aligned(const void* p, size_t bytes) { return ((uintptr_t)p % bytes) == 0; 
 // The fast kernel prefetches (the next plane group's x1 copied into a spare buffer while
 // this group is transformed; float I/O, where it fits) in calls with two buffers, where it
 // measured faster; "fast+prefetch" prefetches in every call and "fast+noprefetch" in none
-// (the A/B of benchmarks/NOTES.md). "fast+wide" serves calls with fewer plane groups than
-// SMs at N = 64 with the fast passes' wide geometry (256 threads per plane) instead of
-// the dense passes' split geometry, on trial. "fast+cluster" ("fast+cluster8") serves
+// (the A/B of benchmarks/NOTES.md). "fast+wide" serves every call at N = 64 with the fast
+// passes' wide geometry (256 threads per plane, one plane per block), on trial. "fast+cluster" ("fast+cluster8") serves
 // float32 256 x 256 planes with the cluster kernel (cluster_program.h), 4 (8) blocks per
 // cluster, on sm_90 and later, instead of the strip passes: on trial.
 enum class Choice { kFast, kDense, kSimple };
@@ -247,7 +246,7 @@ Plan make_plan(const Job& job, int64_t H, int64_t W, int dtype, int device) {
     // 18.2 against 21.1 µs for q_sample at 16x3x64x64 on an H100 (benchmarks/NOTES.md).
     const bool small_fused = N == 64 && split && job.mode == kSpectral;
     if constexpr (N == 64) {
-      if (choice == Choice::kFast && opt.wide && split) {
+      if (choice == Choice::kFast && opt.wide) {
         plan = plan_for<Geom<N, 4, true>, T>(job, device, prefetch);
         return true;
       }

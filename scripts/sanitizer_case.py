@@ -73,6 +73,7 @@ def main(argv=None):
     runs += [((300, 3, 64, 64), torch.float32, "fast+prefetch")]
     runs += [((150, 1, 128, 128), torch.float32, "fast+prefetch")]
     runs += [((16, 3, 64, 64), torch.float32, "fast+wide")]          # the wide geometry
+    runs += [((150, 3, 64, 64), torch.float32, "fast+wide")]         # its blocks looping
     runs += [((3, 1, 256, 256), torch.float32, "fast+cluster")]      # the cluster kernel
     runs += [((1, 3, 256, 256), torch.float32, "fast+cluster8")]
     runs += [(shape, torch.float32, "") for shape in SHAPES]

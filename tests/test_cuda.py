@@ -235,8 +235,9 @@ def test_prefetch_and_wide_change_no_bit(shape, monkeypatch):
         for choice in ("fast", "fast+prefetch"):
             for u, v in zip(got["fast+noprefetch"][k], got[choice][k]):
                 assert torch.equal(u, v), (k, choice)
-        # The wide geometry (fewer plane groups than SMs at 64) runs the same arithmetic as
-        # the fast split geometry; other calls do not change with it.
+        # The wide geometry (every call at 64) runs the same arithmetic as the other fast
+        # geometries: the same bits, except where the default takes the dense passes'
+        # split geometry (fused calls with fewer plane groups than SMs).
         if k in ("dct2", "idct2") or h != 64 or b * c >= torch.cuda.get_device_properties(
                 0).multi_processor_count:
             for u, v in zip(got["fast+noprefetch"][k], got["fast+wide"][k]):
