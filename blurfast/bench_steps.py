@@ -3,13 +3,17 @@ blurfast against the paper-style PyTorch baseline, on the same device in the sam
 
 Baseline: fp32 eager, the process through the pure-PyTorch reference DCT
 (``blurfast.reference``), torch.randn noise, torch's default Adam and a per-parameter
-EMA loop, as the paper's code does. blurfast: :class:`blurfast.training.TrainStep` (bf16
-autocast and one CUDA graph per step on a GPU; fp32 eager on a CPU) and a
-sampler step through the fused op. Times are host wall-clock per step of back-to-back
+EMA loop, as the paper's code does; timed twice, with torch's default backend flags
+(``torch_default``: TF32 convolutions, as a script that sets no flag runs; issue 4's
+goal is judged against it) and in IEEE float32 throughout (``torch_fp32``). blurfast:
+:class:`blurfast.training.TrainStep` (bf16 autocast and one CUDA graph per step on a
+GPU, TF32 and cuDNN autotuning as :func:`blurfast.training.train` sets them; fp32 eager
+on a CPU) and a sampler step through the fused op. Times are host wall-clock per step of back-to-back
 steps (launch overhead included: at small batches that is what a run pays).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -20,7 +24,8 @@ from .bench import time_call
 from .diffusion import BlurDiffusion
 from .models import UNet
 
-__all__ = ["reference_train_step", "run_steps", "format_steps", "EMA", "STEP_IMPLS"]
+__all__ = ["reference_train_step", "run_steps", "format_steps", "EMA", "STEP_IMPLS",
+           "BASELINES", "BACKEND_FLAGS", "backend_flags"]
 
 EMA = 0.9999
 
@@ -55,23 +60,57 @@ def _sampler_coefs(diff: BlurDiffusion, batch: int, device):
     return [m.float().expand(batch, 1, diff.H, diff.W).contiguous() for m in (ca, ce, cz)]
 
 
-STEP_IMPLS = ("torch_fp32", "blurfast", "blurfast_compile")
+STEP_IMPLS = ("torch_default", "torch_fp32", "blurfast", "blurfast_compile")
+BASELINES = ("torch_default", "torch_fp32")
+
+# Backend flags of each configuration on CUDA: (matmul TF32, cuDNN TF32, cuDNN benchmark).
+# torch_default leaves torch's defaults (TF32 convolutions, IEEE matmuls, no autotuning),
+# as a script that sets none of them runs; torch_fp32 is IEEE float32 throughout; blurfast
+# sets what train() sets.
+BACKEND_FLAGS = {"torch_default": (False, True, False), "torch_fp32": (False, False, False),
+          "blurfast": (True, True, True), "blurfast_compile": (True, True, True)}
+
+
+class backend_flags:
+    """Sets the backend flags of configuration ``impl`` (a key of BACKEND_FLAGS) for the
+    block, and restores the previous ones after it."""
+
+    def __init__(self, impl: str):
+        self.flags = BACKEND_FLAGS[impl]
+
+    def _get(self):
+        b = torch.backends
+        return b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark
+
+    def _set(self, flags):
+        b = torch.backends
+        b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark = flags
+
+    def __enter__(self):
+        self.prev = self._get()
+        self._set(self.flags)
+
+    def __exit__(self, *exc):
+        self._set(self.prev)
 
 
 def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[str] = None,
               resolution: Optional[int] = None, iters: Optional[int] = None,
-              impls=("torch_fp32", "blurfast")) -> list:
-    """Rows ``{case, preset, shape, impl, ms_per_step, images_per_s, speedup_vs_torch_fp32}``
-    for cases ``train_step`` and ``sampler_step_model``; impls ``torch_fp32`` (the
-    baseline, always timed), ``blurfast`` and ``blurfast_compile`` (the model under
-    ``torch.compile`` inside the same CUDA graph; training step only, compiling takes
-    minutes). Defaults: paper64 at 64x64, batch 16 and 64 on a GPU (16 only with
+              impls=("blurfast",)) -> list:
+    """Rows ``{case, preset, shape, impl, flags, ms_per_step, images_per_s,
+    speedup_vs_torch_default, speedup_vs_torch_fp32}`` for cases ``train_step`` and
+    ``sampler_step_model``. The two baselines are always timed: ``torch_default`` (torch's
+    default backend flags, TF32 convolutions) and ``torch_fp32`` (IEEE float32
+    throughout). Besides them, from ``impls``: ``blurfast`` and ``blurfast_compile`` (the
+    model under ``torch.compile`` inside the same CUDA graph; training step only,
+    compiling takes minutes). ``flags`` records (matmul TF32, cuDNN TF32, cuDNN benchmark)
+    on CUDA. Defaults: paper64 at 64x64, batch 16 and 64 on a GPU (16 only with
     ``quick``); the small U-Net at 32x32, batch 8 on a CPU."""
     from .training import TrainStep
     for impl in impls:
         if impl not in STEP_IMPLS:
             raise ValueError(f"impls: expected names from {STEP_IMPLS}, got {impl!r}")
-    impls = ["torch_fp32"] + [i for i in STEP_IMPLS[1:] if i in impls]
+    impls = list(BASELINES) + [i for i in STEP_IMPLS if i in impls and i not in BASELINES]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     preset = preset or ("paper64" if cuda else "small")
@@ -95,57 +134,55 @@ def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[s
         for impl in impls:
             torch.manual_seed(0)
             model = UNet.from_preset(preset, resolution=res, channels=3).to(device)
-            if impl == "torch_fp32":
-                prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-                train = reference_train_step(model, diff, batch, device)
+            with backend_flags(impl) if cuda else contextlib.nullcontext():
+                if impl in BASELINES:
+                    train = reference_train_step(model, diff, batch, device)
 
-                def train_fn(train=train):
-                    train(x0)
+                    def train_fn(train=train):
+                        train(x0)
 
-                def sample_fn(model=model):
-                    with torch.no_grad():
-                        eps = model(x0, t_dev)
-                        R.idct2(ca * R.dct2(x0) + ce * R.dct2(eps)
-                                + cz * R.dct2(torch.randn_like(x0)))
-            else:
-                prev = None
-                if cuda:
-                    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-                stepper = TrainStep(model, diff, device=device,
-                                    precision="bf16" if cuda else "fp32", channels_last=False,
-                                    cuda_graphs=cuda, compile=impl == "blurfast_compile")
+                    def sample_fn(model=model):
+                        with torch.no_grad():
+                            eps = model(x0, t_dev)
+                            R.idct2(ca * R.dct2(x0) + ce * R.dct2(eps)
+                                    + cz * R.dct2(torch.randn_like(x0)))
+                else:
+                    stepper = TrainStep(model, diff, device=device,
+                                        precision="bf16" if cuda else "fp32",
+                                        channels_last=False, cuda_graphs=cuda,
+                                        compile=impl == "blurfast_compile")
 
-                def train_fn(stepper=stepper):
-                    stepper(x_u8, flip, t, 1, 0)
+                    def train_fn(stepper=stepper):
+                        stepper(x_u8, flip, t, 1, 0)
 
-                def sample_fn(model=model):
-                    from . import ops
-                    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                         enabled=cuda):
-                        eps = model(x0, t_dev)
-                    ops.spectral(x0, ca, eps.float(), ce, cz, seed=1)
-            cases = [("train_step", train_fn), ("sampler_step_model", sample_fn)]
-            for case, fn in cases[:1] if impl == "blurfast_compile" else cases:
-                r = time_call(fn, [()], device, iters=iters, warmup=3 if cuda else 1)
-                timed[(case, impl)] = r["wall_us"] / 1e3
-            if prev is not None:
-                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+                    def sample_fn(model=model):
+                        from . import ops
+                        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                             enabled=cuda):
+                            eps = model(x0, t_dev)
+                        ops.spectral(x0, ca, eps.float(), ce, cz, seed=1)
+                cases = [("train_step", train_fn), ("sampler_step_model", sample_fn)]
+                for case, fn in cases[:1] if impl == "blurfast_compile" else cases:
+                    r = time_call(fn, [()], device, iters=iters, warmup=3 if cuda else 1)
+                    timed[(case, impl)] = r["wall_us"] / 1e3
             del model
         for (case, impl), ms in timed.items():
             rows.append({"case": case, "preset": preset, "shape": shape, "impl": impl,
+                         "flags": list(BACKEND_FLAGS[impl]) if cuda else None,
                          "ms_per_step": round(ms, 3),
                          "images_per_s": round(batch / (ms / 1e3), 1),
-                         "speedup_vs_torch_fp32": round(timed[(case, "torch_fp32")] / ms, 3)})
+                         **{f"speedup_vs_{b}": round(timed[(case, b)] / ms, 3)
+                            for b in BASELINES}})
     return rows
 
 
 def format_steps(rows) -> str:
     hdr = f"{'case':<20}{'model':<9}{'shape':<14}{'impl':<18}{'ms/step':>10}{'img/s':>10}" \
-          f"{'vs fp32':>9}"
+          f"{'vs default':>12}{'vs fp32':>9}"
     lines = [hdr, "-" * len(hdr)]
     for r in rows:
         lines.append(f"{r['case']:<20}{r['preset']:<9}{'x'.join(map(str, r['shape'])):<14}"
                      f"{r['impl']:<18}{r['ms_per_step']:>10.2f}{r['images_per_s']:>10.1f}"
+                     f"{r['speedup_vs_torch_default']:>11.2f}x"
                      f"{r['speedup_vs_torch_fp32']:>8.2f}x")
     return "\n".join(lines)

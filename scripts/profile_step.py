@@ -65,7 +65,10 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("profile_step.py: needs a CUDA device", file=sys.stderr)
         return 2
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    # The flags train() sets (TF32, cuDNN autotuning).
+    from blurfast.bench_steps import BACKEND_FLAGS
+    b = torch.backends
+    b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark = BACKEND_FLAGS["blurfast"]
     lines = [f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {a.preset} "
              f"{a.resolution}x{a.resolution}, batch {a.batch}"]
     print(lines[0], flush=True)

@@ -32,7 +32,8 @@ def test_model_steps_against_the_baseline():
     from blurfast.bench_steps import run_steps
     rows = run_steps("cpu", batches=(2,), resolution=16, iters=1)
     assert {(r["case"], r["impl"]) for r in rows} == {
-        (c, i) for c in ("train_step", "sampler_step_model") for i in ("torch_fp32", "blurfast")}
+        (c, i) for c in ("train_step", "sampler_step_model")
+        for i in ("torch_default", "torch_fp32", "blurfast")}
     for r in rows:
         assert r["ms_per_step"] > 0 and r["shape"] == [2, 3, 16, 16]
         assert r["images_per_s"] == pytest.approx(2 / (r["ms_per_step"] / 1e3), rel=1e-3, abs=0.051)  # rounded to 0.1

@@ -203,16 +203,23 @@ def test_targets_judge_issue6_goals_from_rows():
                                                            for r in res["rows"]]})
     assert bench.targets({**res, "device": "cpu"}) == []
     steps = [{"case": "train_step", "preset": "paper64", "shape": [16, 3, 64, 64],
-              "impl": "blurfast", "speedup_vs_torch_fp32": 5.4, "images_per_s": 700.0},
+              "impl": "blurfast", "speedup_vs_torch_fp32": 7.0,
+              "speedup_vs_torch_default": 5.4, "images_per_s": 700.0},
              {"case": "train_step", "preset": "paper64", "shape": [64, 3, 64, 64],
               "impl": "blurfast", "speedup_vs_torch_fp32": 2.0, "images_per_s": 900.0},
              {"case": "train_step", "preset": "paper64", "shape": [16, 3, 64, 64],
-              "impl": "blurfast_compile", "speedup_vs_torch_fp32": 4.9, "images_per_s": 650.0},
+              "impl": "blurfast_compile", "speedup_vs_torch_fp32": 6.5,
+              "speedup_vs_torch_default": 4.9, "images_per_s": 650.0},
              {"case": "train_step", "preset": "paper64", "shape": [16, 3, 64, 64],
               "impl": "torch_fp32", "speedup_vs_torch_fp32": 1.0, "images_per_s": 130.0}]
     judged = bench.targets({"device": "cuda", "rows": [], "model_steps": steps})
     assert [(t["impl"], t["shape"][0], t["met"]) for t in judged] == [
         ("blurfast", 16, True), ("blurfast_compile", 16, False)]
+    # A row of a run before the torch_default baseline existed: judged against torch_fp32.
+    old = [dict(steps[0], speedup_vs_torch_fp32=4.0)]
+    del old[0]["speedup_vs_torch_default"]
+    judged = bench.targets({"device": "cuda", "rows": [], "model_steps": old})
+    assert [(t["met"], "torch_fp32" in t["goal"]) for t in judged] == [(False, True)]
 
 
 def test_num_input_sets_rotates_past_l2(monkeypatch):
