@@ -46,6 +46,10 @@
 #                          at most 600 s; on an H100 the v4 run spent 149 s building,
 #                          66 s testing, 61 s in the benches and 29 s profiling)
 #   GPU_CHECK_SKIP         space-separated step names to skip, e.g. "build racecheck"
+#   GPU_CHECK_ONLY         space-separated step names to run, the others skipped: a second
+#                          call on a machine where the first one built, e.g.
+#                          "ext steps_compile profile" (every step together takes longer
+#                          than one 600 s device call)
 #   BLURFAST_CUDA_ARCHS    passed to the build; when unset, this script builds only
 #                          for the GPU present (e.g. "90" on an H100) to save time;
 #                          GPU_CHECK_ALL_ARCHS=1 keeps the package's default list.
@@ -60,6 +64,7 @@ cd "$ROOT"
 PY=${PYTHON:-$(command -v python || command -v python3 || echo python3)}
 BUDGET=${GPU_CHECK_BUDGET:-560}
 SKIP=${GPU_CHECK_SKIP:-}
+ONLY=${GPU_CHECK_ONLY:-}
 START=$SECONDS
 FAILED=0
 LOG=$OUT/gpu_check.log
@@ -87,8 +92,8 @@ log() { echo "[gpu_check $(date -u +%H:%M:%S) +$((SECONDS - START))s] $*" | tee 
 step() {
   local name=$1 limit=$2
   shift 2
-  if [[ " $SKIP " == *" $name "* ]]; then
-    log "SKIP $name (GPU_CHECK_SKIP)"
+  if [[ " $SKIP " == *" $name "* || ( -n "$ONLY" && " $ONLY " != *" $name "* ) ]]; then
+    log "SKIP $name (GPU_CHECK_SKIP / GPU_CHECK_ONLY)"
     echo "$name SKIPPED" >> "$SUMMARY"
     return 0
   fi
@@ -225,7 +230,7 @@ step bench_cluster 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
   --shapes 64x3x256x256 16x3x256x256 --dtypes float32 \
   --impls blurfast blurfast_cluster blurfast_cluster8 torch_fp32 \
   --json "$OUT/bench_cluster.json"
-step steps 70 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps \
+step steps 100 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps \
   --step-batches 16 64 --json "$OUT/steps.json"
 step ncu 90 ncu --profile-from-start off --clock-control none --nvtx \
   --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
