@@ -24,7 +24,7 @@ Implementations (the peers are our own code, written from the mathematics):
   ``fast+noprefetch``; by default it does in calls with two buffers).
   ``blurfast_wide``: every call at 64 x 64 on the fast passes' wide geometry
   (``fast+wide``, 256 threads per plane).
-  ``blurfast_cluster``, ``blurfast_cluster8``: float32 256 x 256 planes on the cluster
+  ``blurfast_cluster``, ``blurfast_cluster8``: 256 x 256 planes on the cluster
   kernel (``fast+cluster``, ``fast+cluster8``: 4 or 8 blocks per cluster, sm_90) instead
   of the strip passes. CUDA only, run only when named in ``impls``: the A/B of
   benchmarks/NOTES.md.

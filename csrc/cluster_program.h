@@ -103,7 +103,8 @@ BF_HD void run_cluster_program(Ctx& ctx, const Job& job) {
   // Rows of plane p -> buffer b of block j. Float I/O: asynchronous 16-byte copies
   // straight into shared memory, so no registers are held while they are in flight (with
   // loads through registers, ptxas spilled); the caller waits (ctx.wait_async) before the
-  // phase's barrier. Other types: through registers, half the chunks at a time.
+  // phase's barrier. Other types: through registers, a quarter of the chunks at a time
+  // (with half, ptxas spilled).
   auto load_rows = [&](const T* src, int j, int b, int64_t p, int tid) {
     float* B = buf(j, j, b);
     if constexpr (std::is_same<T, float>::value) {
@@ -113,17 +114,17 @@ BF_HD void run_cluster_program(Ctx& ctx, const Job& job) {
         ctx.copy16_async(B + sidx<N>(l, f), src + p * kPlane + G::row_of(j, l) * N + f);
       }
     } else {
-      constexpr int kHalfChunks = G::kChunks / 2;
-      BF_UNROLL for (int h = 0; h < 2; ++h) {
-        float v[kHalfChunks][4];
-        BF_UNROLL for (int u = 0; u < kHalfChunks; ++u) {
+      constexpr int kPart = G::kChunks / 4;
+      BF_UNROLL for (int h = 0; h < 4; ++h) {
+        float v[kPart][4];
+        BF_UNROLL for (int u = 0; u < kPart; ++u) {
           int l, f;
-          cluster_chunk<G>(h * kHalfChunks + u, tid, l, f);
+          cluster_chunk<G>(h * kPart + u, tid, l, f);
           load4<T>(src + p * kPlane + G::row_of(j, l) * N + f, v[u]);
         }
-        BF_UNROLL for (int u = 0; u < kHalfChunks; ++u) {
+        BF_UNROLL for (int u = 0; u < kPart; ++u) {
           int l, f;
-          cluster_chunk<G>(h * kHalfChunks + u, tid, l, f);
+          cluster_chunk<G>(h * kPart + u, tid, l, f);
           st4(B + sidx<N>(l, f), v[u]);
         }
       }

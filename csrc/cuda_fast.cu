@@ -14,8 +14,8 @@
 // simple path (cuda_kernels.cu) uses them for rows of 32, 64, 128 or 256 elements, 256 x 256
 // planes included. Fast passes by default, dense with BLURFAST_CUDA_KERNELS=dense.
 //
-// Cluster kernel (on trial, BLURFAST_CUDA_KERNELS=fast+cluster): float32 256 x 256 planes
-// in one launch, each plane spread over the blocks of a thread-block cluster.
+// Cluster kernel (on trial, BLURFAST_CUDA_KERNELS=fast+cluster): 256 x 256 planes in one
+// launch, each plane spread over the blocks of a thread-block cluster.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -100,9 +100,10 @@ bool aligned(const void* p, size_t bytes) { return ((uintptr_t)p % bytes) == 0; 
 // this group is transformed; float I/O, where it fits) in calls with two buffers, where it
 // measured faster; "fast+prefetch" prefetches in every call and "fast+noprefetch" in none
 // (the A/B of benchmarks/NOTES.md). "fast+wide" serves every call at N = 64 with the fast
-// passes' wide geometry (256 threads per plane, one plane per block), on trial. "fast+cluster" ("fast+cluster8") serves
-// float32 256 x 256 planes with the cluster kernel (cluster_program.h), 4 (8) blocks per
-// cluster, on sm_90 and later, instead of the strip passes: on trial.
+// passes' wide geometry (256 threads per plane, one plane per block), on trial.
+// "fast+cluster" ("fast+cluster8") serves 256 x 256 planes with the cluster kernel
+// (cluster_program.h), 4 (8) blocks per cluster, on sm_90 and later, instead of the strip
+// passes: on trial.
 enum class Choice { kFast, kDense, kSimple };
 enum class Prefetch { kTwoBuffers, kAll, kNone };
 
@@ -130,17 +131,23 @@ Options options_from_env() {
 
 Choice choice_from_env() { return options_from_env().choice; }
 
+// Calls f((T*)nullptr) for the I/O type T of dtype; false for types without fast kernels.
+template <typename F>
+bool with_io_type(int dtype, F&& f) {
+  switch (dtype) {
+    case kF32: return f((float*)nullptr);
+    case kF16: return f((__half*)nullptr);
+    case kBF16: return f((__nv_bfloat16*)nullptr);
+    default: return false;
+  }
+}
+
 // Calls f(std::integral_constant<int, N>, (T*)nullptr) for the plane size and I/O type;
 // false when no instantiation exists.
 template <typename F>
 bool with_kernel(int64_t n, int dtype, F&& f) {
   auto by_type = [&](auto size) -> bool {
-    switch (dtype) {
-      case kF32: return f(size, (float*)nullptr);
-      case kF16: return f(size, (__half*)nullptr);
-      case kBF16: return f(size, (__nv_bfloat16*)nullptr);
-      default: return false;
-    }
+    return with_io_type(dtype, [&](auto* t) { return f(size, t); });
   };
   switch (n) {
     case 32: return by_type(std::integral_constant<int, 32>{});
@@ -173,28 +180,35 @@ struct Plan {
   int clusters = 0;     // clusters resident at once
 };
 
-// Clusters of ClusterKernel<G, float> resident at once with `bytes` per block, cached per
-// (device, bytes).
-template <typename G>
+// Clusters of ClusterKernel<G, T> resident at once with `bytes` per block, cached per
+// (device, kernel, bytes).
+template <typename G, typename T>
 int resident_clusters(int device, int64_t bytes) {
   static std::mutex mu;
-  static std::map<std::pair<int, int64_t>, int> cache;
+  static std::map<std::tuple<int, const void*, int64_t>, int> cache;
   std::lock_guard<std::mutex> lock(mu);
-  const auto key = std::make_pair(device, bytes);
+  const auto key = std::make_tuple(device, ClusterKernel<G, T>::ptr(), bytes);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
-  return cache[key] = ClusterKernel<G, float>::max_clusters((size_t)bytes);
+  return cache[key] = ClusterKernel<G, T>::max_clusters((size_t)bytes);
 }
 
-// The cluster kernel for float32 256 x 256 planes, where asked for and possible.
-template <typename G>
-Plan cluster_plan(const Job& job, int device) {
+// The cluster kernel for 256 x 256 planes with K blocks per cluster, where possible.
+template <typename T>
+Plan cluster_plan(const Job& job, int K, int device) {
   Plan plan;
   if (device_attr(device, cudaDevAttrComputeCapabilityMajor, "compute capability") < 9)
     return plan;
-  plan.cluster = G::kCtas;
-  plan.bytes = G::smem_floats(cluster_buffers(job)) * (int64_t)sizeof(float);
-  plan.clusters = resident_clusters<G>(device, plan.bytes);
+  auto plan_for = [&](auto geom) {
+    using G = decltype(geom);
+    plan.cluster = G::kCtas;
+    plan.bytes = G::smem_floats(cluster_buffers(job)) * (int64_t)sizeof(float);
+    plan.clusters = resident_clusters<G, T>(device, plan.bytes);
+  };
+  if (K == 8)
+    plan_for(ClusterGeom<8>{});
+  else
+    plan_for(ClusterGeom<4>{});
   plan.ok = plan.clusters > 0;
   return plan;
 }
@@ -228,9 +242,13 @@ Plan make_plan(const Job& job, int64_t H, int64_t W, int dtype, int device) {
   if (job.mode == kSpectral && !job.a1.ptr) return plan;
   for (const MapRef* m : {&job.a1, &job.a2, &job.g})   // 32-bit map offsets (GroupMaps)
     if (m->ptr && m->mod * H * W >= ((int64_t)1 << 31)) return plan;
-  if (H == 256 && dtype == kF32 && choice == Choice::kFast && opt.cluster)
-    return opt.cluster == 8 ? cluster_plan<ClusterGeom<8>>(job, device)
-                            : cluster_plan<ClusterGeom<4>>(job, device);
+  if (H == 256 && choice == Choice::kFast && opt.cluster) {
+    with_io_type(dtype, [&](auto* t) {
+      plan = cluster_plan<std::remove_pointer_t<decltype(t)>>(job, opt.cluster, device);
+      return true;
+    });
+    return plan;
+  }
   const bool prefetch = opt.prefetch == Prefetch::kAll ||
                         (opt.prefetch == Prefetch::kTwoBuffers && buffers_needed(job) == 2);
   with_kernel(H, dtype, [&](auto size, auto* t) {
@@ -350,12 +368,16 @@ bool plane_launch(const Job& job, int64_t H, int64_t W, int dtype, int device,
   if (!plan.ok) return false;
   if (plan.cluster) {
     const unsigned clusters = (unsigned)(job.planes < plan.clusters ? job.planes : plan.clusters);
-    if (plan.cluster == 8)
-      ClusterKernel<ClusterGeom<8>, float>::launch(clusters, (size_t)plan.bytes, stream, job);
-    else
-      ClusterKernel<ClusterGeom<4>, float>::launch(clusters, (size_t)plan.bytes, stream, job);
-    check(cudaGetLastError(), "cluster launch");
-    return true;
+    return with_io_type(dtype, [&](auto* t) {
+      using T = std::remove_pointer_t<decltype(t)>;
+      check(plan.cluster == 8
+                ? ClusterKernel<ClusterGeom<8>, T>::launch(clusters, (size_t)plan.bytes, stream,
+                                                           job)
+                : ClusterKernel<ClusterGeom<4>, T>::launch(clusters, (size_t)plan.bytes, stream,
+                                                           job),
+            "cluster launch");
+      return true;
+    });
   }
   const int64_t resident = (int64_t)plan.per_sm * sm_count(device);
   Job run = job;

@@ -223,11 +223,11 @@ int ClusterKernel<G, T>::max_clusters(size_t bytes) {
 }
 
 template <typename G, typename T>
-void ClusterKernel<G, T>::launch(unsigned clusters, size_t bytes, cudaStream_t stream,
-                                 const Job& job) {
+cudaError_t ClusterKernel<G, T>::launch(unsigned clusters, size_t bytes, cudaStream_t stream,
+                                        const Job& job) {
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t cfg = cluster_config<G>(clusters, bytes, stream, &attr);
-  (void)cudaLaunchKernelEx(&cfg, gpu::cluster_kernel<G, T>, job);   // the caller checks
+  return cudaLaunchKernelEx(&cfg, gpu::cluster_kernel<G, T>, job);
 }
 
 template <int L, typename Tin, typename Tout, bool Fast>

@@ -26,7 +26,8 @@ struct ClusterKernel {
   // Clusters that fit on the current device at once with `bytes` of shared memory per
   // block (0: none); sets the kernel's shared-memory limit first.
   static int max_clusters(size_t bytes);
-  static void launch(unsigned clusters, size_t bytes, cudaStream_t stream, const Job& job);
+  static cudaError_t launch(unsigned clusters, size_t bytes, cudaStream_t stream,
+                            const Job& job);
 };
 
 // The strip kernel (fast or dense passes) for rows of L, Tin -> Tout.

@@ -21,8 +21,9 @@
 #              geometry for small calls (BLURFAST_CUDA_KERNELS=fast+prefetch,
 #              fast+noprefetch, fast+wide) beside blurfast, blurfast_dense and torch_fp32,
 #              float32, the plane-kernel shapes -> bench_variants.json
-#   bench_cluster  float32 256 x 256 planes on the cluster kernel (fast+cluster,
-#              fast+cluster8) beside the strip passes and torch_fp32 -> bench_cluster.json
+#   bench_cluster  256 x 256 planes (float32, bfloat16) on the cluster kernel
+#              (fast+cluster, fast+cluster8) beside the strip passes and torch_fp32
+#              -> bench_cluster.json
 #   steps      whole training step and sampler step of paper64 at batch 16 and 64 against
 #              the paper-style fp32 baseline (issue 4's goal) -> steps.json
 #   ncu        Nsight Compute (clocks left alone): speed of light, occupancy, stall reasons
@@ -227,7 +228,7 @@ step bench_variants 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps 
   torch_fp32 \
   --json "$OUT/bench_variants.json"
 step bench_cluster 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
-  --shapes 64x3x256x256 16x3x256x256 --dtypes float32 \
+  --shapes 64x3x256x256 16x3x256x256 --dtypes float32 bfloat16 \
   --impls blurfast blurfast_cluster blurfast_cluster8 torch_fp32 \
   --json "$OUT/bench_cluster.json"
 step steps 100 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps \

@@ -76,6 +76,7 @@ def main(argv=None):
     runs += [((150, 3, 64, 64), torch.float32, "fast+wide")]         # its blocks looping
     runs += [((3, 1, 256, 256), torch.float32, "fast+cluster")]      # the cluster kernel
     runs += [((1, 3, 256, 256), torch.float32, "fast+cluster8")]
+    runs += [((2, 1, 256, 256), torch.bfloat16, "fast+cluster")]
     runs += [(shape, torch.float32, "") for shape in SHAPES]
     runs += [(shape, torch.bfloat16, "") for shape in SQUARES]
     runs += [(shape, torch.float32, "dense") for shape in SQUARES]
