@@ -11,7 +11,7 @@
 // Ctx for this program: cluster() and clusters() number the clusters; phase(f) runs
 // f(block rank, thread) for every thread of every block of the cluster, then waits at a
 // cluster-wide barrier; smem(j, rank) is block `rank`'s shared memory as block j sees it;
-// copy16_async and wait_async are plane_program.h's.
+// copy16_async and wait_async as in the plane program's Ctx.
 // cuda_fast_kernels.cuh runs it as a cluster kernel; emulate.cpp runs the blocks of a
 // cluster phase by phase on the CPU.
 #pragma once

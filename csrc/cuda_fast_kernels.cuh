@@ -129,7 +129,8 @@ struct ClusterCtx : GpuCtx {
 
 // Blocks per SM the register budget is sized for: 2 where the shared memory of a call
 // with three buffers allows 2 or more (N = 32, 64 with split 1), else 1. (A cap of 4
-// blocks at N = 64 split, 128 registers, measured slower: benchmarks/NOTES.md.)
+// blocks at N = 64 split, 128 registers, was tried in version 4; that measurement timed
+// another geometry, so the cap is untested: benchmarks/NOTES.md.)
 template <typename G>
 constexpr int kMinBlocks = G::N == 128 || G::kSplit >= 2 ? 1 : 2;
 
