@@ -27,8 +27,8 @@
 #   steps      whole training step and sampler step of paper64 at batch 16 and 64 against
 #              the paper-style fp32 baseline (issue 4's goal) -> steps.json
 #   ncu        Nsight Compute (clocks left alone): speed of light, occupancy, stall reasons
-#              and their source lines for the kernels of scripts/ncu_case.py -> ncu.log,
-#              ncu.ncu-rep
+#              and their source lines for the kernels of scripts/ncu_case.py, one ncu run
+#              per case -> ncu.log, ncu-<case>.ncu-rep
 #   steps_compile  the training step at batch 16 with torch.compile inside the CUDA graph,
 #              beside blurfast and the baseline (timed again, same run) -> steps_compile.json
 #   profile    training step of paper64 at batch 16 in several configurations, and the
@@ -196,6 +196,24 @@ print('CUDA kernels:', getattr(c, 'cuda_archs', '?'), 'GPU:', torch.cuda.get_dev
 }
 export -f ext
 
+# One ncu run per case of scripts/ncu_case.py, each with its own report (ncu-<k>.ncu-rep),
+# so a time limit loses only the cases it cuts; the text goes to ncu.log.
+ncu_cases() {
+  set -uo pipefail
+  local n k rc=0
+  n=$("$PY" scripts/ncu_case.py --list | wc -l)
+  for ((k = 0; k < n; k++)); do
+    echo "== case $k: $("$PY" scripts/ncu_case.py --list | sed -n "$((k + 1))p")"
+    ncu --profile-from-start off --clock-control none --nvtx \
+      --section SpeedOfLight --section Occupancy --section LaunchStats \
+      --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+      --section SourceCounters --export "$OUT/ncu-$k" --force-overwrite \
+      "$PY" scripts/ncu_case.py --case "$k" || rc=1
+  done
+  return $rc
+}
+export -f ncu_cases
+
 log "blurfast GPU check: repo $ROOT, output $OUT, budget ${BUDGET}s, python $PY"
 
 step env 40 bash -c env_info
@@ -233,10 +251,7 @@ step bench_cluster 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
   --json "$OUT/bench_cluster.json"
 step steps 100 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps \
   --step-batches 16 64 --json "$OUT/steps.json"
-step ncu 90 ncu --profile-from-start off --clock-control none --nvtx \
-  --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-  --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters \
-  --export "$OUT/ncu" --force-overwrite "$PY" scripts/ncu_case.py
+step ncu 90 bash -c ncu_cases
 step steps_compile 200 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps \
   --step-batches 16 --step-impls blurfast blurfast_compile --json "$OUT/steps_compile.json"
 step profile 60 "$PY" scripts/profile_step.py --batch 16 --out "$OUT/profile_step.txt"

@@ -3,15 +3,15 @@
 Every case runs once to warm up (allocation, planning, the shared-memory attribute);
 then, between ``cudaProfilerStart`` and ``cudaProfilerStop``, each case runs once more
 with nothing else on the GPU, so an ncu run with ``--profile-from-start off`` profiles
-exactly these launches (gpu_check.sh's ``ncu`` step):
+exactly these launches. gpu_check.sh's ``ncu`` step profiles one case per ncu run
+(``--case K``), each with its own report, so a time limit loses only the cases it cuts:
 
     ncu --profile-from-start off --clock-control none --section SpeedOfLight \\
-        --section Occupancy --section WarpStateStats python scripts/ncu_case.py
+        --section Occupancy --section WarpStateStats python scripts/ncu_case.py --case 0
 
-Cases (float32): the fused op at 256x3x64x64 (one-plane geometry, q_sample with the
-noise returned) and at 16x3x64x64 (the default small-call geometry and fast+wide),
-dct2 at 256x3x64x64 (prefetching), q_sample at 64x3x256x256 (strip passes and the
-combine step), and q_sample and dct2 there on the cluster kernel (fast+cluster). Exits 2 without a CUDA device.
+The cases are CASES below (float32; q_sample returns its noise), the most wanted first:
+the fused op on the default geometries at 64 x 64, dct2, and the 256 x 256 paths (strip
+passes with the combine step, and the cluster kernel). Exits 2 without a CUDA device.
 """
 import os
 import sys
@@ -20,8 +20,29 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# (name, call, shape, BLURFAST_CUDA_KERNELS or None), the most wanted first.
+CASES = [
+    ("q_sample 256x3x64x64", "q_sample", (256, 3, 64, 64), None),
+    ("q_sample 16x3x64x64", "q_sample", (16, 3, 64, 64), None),
+    ("dct2 256x3x64x64", "dct2", (256, 3, 64, 64), None),
+    ("q_sample 64x3x256x256 fast+cluster", "q_sample", (64, 3, 256, 256), "fast+cluster"),
+    ("q_sample 64x3x256x256", "q_sample", (64, 3, 256, 256), None),
+    ("q_sample 16x3x64x64 fast+wide", "q_sample", (16, 3, 64, 64), "fast+wide"),
+    ("dct2 64x3x256x256 fast+cluster", "dct2", (64, 3, 256, 256), "fast+cluster"),
+]
+CASE_NAMES = [c[0] for c in CASES]
 
-def main() -> int:
+
+def main(argv=None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--case", type=int, default=None,
+                   help="profile only case number CASE (0-based); --list prints them")
+    p.add_argument("--list", action="store_true", help="print the cases, one per line")
+    a = p.parse_args(argv)
+    if a.list:
+        print("\n".join(CASE_NAMES))
+        return 0
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
@@ -43,15 +64,11 @@ def main() -> int:
         x, _, _ = inputs(shape)
         return lambda: bf.dct2(x)
 
-    cases = [  # (name, BLURFAST_CUDA_KERNELS or None, call)
-        ("q_sample 256x3x64x64", None, q_sample((256, 3, 64, 64))),
-        ("dct2 256x3x64x64", None, dct2((256, 3, 64, 64))),
-        ("q_sample 16x3x64x64", None, q_sample((16, 3, 64, 64))),
-        ("q_sample 16x3x64x64 fast+wide", "fast+wide", q_sample((16, 3, 64, 64))),
-        ("q_sample 64x3x256x256", None, q_sample((64, 3, 256, 256))),
-        ("q_sample 64x3x256x256 fast+cluster", "fast+cluster", q_sample((64, 3, 256, 256))),
-        ("dct2 64x3x256x256 fast+cluster", "fast+cluster", dct2((64, 3, 256, 256))),
-    ]
+    makers = {"q_sample": q_sample, "dct2": dct2}
+    cases = [(name, kernels, makers[case](shape)) for name, case, shape, kernels in CASES
+             if a.case is None or CASES.index((name, case, shape, kernels)) == a.case]
+    if not cases:
+        p.error(f"--case: expected 0 .. {len(CASES) - 1}, got {a.case}")
 
     def run(kernels, fn):
         if kernels:
