@@ -10,9 +10,11 @@
 #   build      BLURFAST_CUDA=1 pip install --no-build-isolation --no-deps -v .
 #   ext        make the source tree import the built blurfast._C (tests run from here)
 #   info       python -m blurfast info
-#   tests      pytest tests -m cuda (log + junit xml)
+#   tests      pytest tests -m cuda, but the cluster kernel's (log + junit xml)
+#   tests_cluster  the cluster kernel's CUDA tests, in their own process
 #   memcheck   compute-sanitizer --tool memcheck  python scripts/sanitizer_case.py
-#   racecheck  compute-sanitizer --tool racecheck python scripts/sanitizer_case.py
+#   racecheck  compute-sanitizer --tool racecheck python scripts/sanitizer_case.py, but
+#              the cluster kernel's cases, which racecheck_cluster runs on their own
 #   bench      kernel table of issue 6 (3 shapes, float32 + bfloat16, every impl):
 #              benchmarks/run.py --device cuda --quick --no-steps --strict -> bench.json
 #              (--strict: fails when blurfast or a torch peer raised; the JSON is
@@ -220,24 +222,36 @@ step env 40 bash -c env_info
 step build 170 bash -c build
 step ext 30 bash -c ext
 step info 40 "$PY" -m blurfast info
-rm -f "$OUT/junit-cuda.xml" "$OUT/bench.json"
-step tests 110 "$PY" -m pytest tests -m cuda -p no:cacheprovider -q -rs \
-  --junitxml="$OUT/junit-cuda.xml"
-if [[ -f "$OUT/junit-cuda.xml" ]]; then
-  counts=$("$PY" - "$OUT/junit-cuda.xml" <<'EOF' || true
+rm -f "$OUT"/junit-*.xml "$OUT/bench.json"
+# junit_counts NAME: the counts of $OUT/junit-NAME.xml into the log and the summary.
+junit_counts() {
+  [[ -f "$OUT/junit-$1.xml" ]] || return 0
+  local counts
+  counts=$("$PY" - "$OUT/junit-$1.xml" <<'EOF' || true
 import sys, xml.etree.ElementTree as ET
 r = ET.parse(sys.argv[1]).getroot()
 s = r if r.tag == "testsuite" else r.find("testsuite")
 print(" ".join(f"{k}={s.get(k)}" for k in ("tests", "failures", "errors", "skipped")))
 EOF
   )
-  log "tests junit: $counts"
-  echo "tests junit: $counts" >> "$SUMMARY"
-fi
+  log "$1 junit: $counts"
+  echo "$1 junit: $counts" >> "$SUMMARY"
+}
+# The cluster kernel's tests run in a process of their own, after the others: a fault in
+# a kernel that has never run would leave the CUDA context unusable for every later test.
+step tests 110 "$PY" -m pytest tests -m cuda -k "not cluster" -p no:cacheprovider -q -rs \
+  --junitxml="$OUT/junit-cuda.xml"
+junit_counts cuda
+step tests_cluster 40 "$PY" -m pytest tests -m cuda -k cluster -p no:cacheprovider -q -rs \
+  --junitxml="$OUT/junit-cluster.xml"
+junit_counts cluster
 step memcheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
   --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py
 step racecheck 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck \
-  --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py
+  --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py --cluster exclude
+step racecheck_cluster 40 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer \
+  --tool racecheck --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py \
+  --cluster only
 step bench 90 "$PY" benchmarks/run.py --device cuda --quick --no-steps --strict \
   --json "$OUT/bench.json"
 step bench_variants 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
