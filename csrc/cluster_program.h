@@ -32,6 +32,7 @@ struct ClusterGeom {
   static constexpr int kThreads = 2 * kRows;          // two per row, as the fast passes
   static constexpr int kPart = kRows * N;             // floats of one buffer
   static constexpr int kChunks = kPart / 4 / kThreads;
+  static constexpr int kPPB = 1, kPlane = N * N;      // one plane at a time (GroupMaps)
   static_assert(Ctas == 4 || Ctas == 8, "cluster program: 4 or 8 blocks per cluster");
   static constexpr int64_t smem_floats(int nbuf) { return (int64_t)nbuf * kPart; }
   // Global row of local row l of block j: the first half counts up from j kHalf, the
@@ -60,16 +61,6 @@ BF_HD void cluster_chunk(int u, int tid, int& l, int& f) {
   l = c / (G::N / 4);
   f = 4 * (c % (G::N / 4));
 }
-
-// The map offsets (in elements) of plane p, as GroupMaps computes them for a group.
-struct PlaneOffsets {
-  int64_t a1 = 0, a2 = 0, g = 0;
-  BF_HD PlaneOffsets(const Job& job, int64_t p, int64_t plane) {
-    a1 = map_plane(p, job.a1.div, job.a1.mod) * plane;
-    if (job.x2) a2 = map_plane(p, job.a2.div, job.a2.mod) * plane;
-    if (job.g.ptr) g = map_plane(p, job.g.div, job.g.mod) * plane;
-  }
-};
 
 template <typename G, typename T, typename Ctx>
 BF_HD void run_cluster_program(Ctx& ctx, const Job& job) {
@@ -152,7 +143,7 @@ BF_HD void run_cluster_program(Ctx& ctx, const Job& job) {
   // of one block; combine_chunk for the arithmetic).
   auto combine = [&](int j, int64_t p, int tid, bool noise_in_c) {
     constexpr int kBatch = 4;
-    const PlaneOffsets off(job, p, kPlane);
+    const GroupMaps<G> maps(job, p);
     float* A = buf(j, j, 0);
     float* C = buf(j, j, 2);
     BF_NO_UNROLL for (int u0 = 0; u0 < G::kChunks; u0 += kBatch) {
@@ -162,9 +153,9 @@ BF_HD void run_cluster_program(Ctx& ctx, const Job& job) {
         cluster_chunk<G>(u0 + b, tid, l, f);
         const int64_t at = G::row_of(j, l) * N + f;
         BF_UNROLL for (int q = 0; q < 4; ++q) m2[b][q] = mg[b][q] = 0.f;
-        ld4((const float*)job.a1.ptr + off.a1 + at, m1[b]);
-        if (job.x2) ld4((const float*)job.a2.ptr + off.a2 + at, m2[b]);
-        if (job.g.ptr) ld4((const float*)job.g.ptr + off.g + at, mg[b]);
+        ld4((const float*)job.a1.ptr + maps.a1[0] + at, m1[b]);
+        if (job.x2) ld4((const float*)job.a2.ptr + maps.a2[0] + at, m2[b]);
+        if (job.g.ptr) ld4((const float*)job.g.ptr + maps.g[0] + at, mg[b]);
       }
       BF_UNROLL for (int b = 0; b < kBatch; ++b) {
         int l, f;
