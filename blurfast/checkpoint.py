@@ -63,7 +63,10 @@ def write_text_atomic(path, text: str) -> None:
 
 
 def _cpu_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    # A copy always: parameters are views of one buffer in training (safetensors refuses
+    # tensors that share storage).
+    return {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+            for k, v in module.state_dict().items()}
 
 
 def save(ckpt_dir, step: int, model: torch.nn.Module, ema: torch.nn.Module,

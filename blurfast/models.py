@@ -225,7 +225,7 @@ class UNet(nn.Module):
                              f"{self.resolution}), got {tuple(x.shape)}")
         if t.shape != (x.shape[0],):
             raise ValueError(f"t: expected shape ({x.shape[0]},), got {tuple(t.shape)}")
-        emb = self.time_embed(timestep_embedding(t, self.base_channels))
+        emb = self.time_embed(timestep_embedding(t, self.base_channels).to(x.dtype))
         if self.freq_input:
             x = torch.cat([x, ops.dct2(x)], dim=1)
         h = self.input(x)

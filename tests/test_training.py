@@ -251,6 +251,65 @@ def test_ddp_two_gloo_processes_match_one_process(made16, tmp_path):
     assert moved > 0.5 * kw["lr"] * 4                    # and training did move them
 
 
+# ------------------------------------------------------------------------ the update
+
+@pytest.mark.parametrize("grad_clip", [0.05, None])
+def test_step_is_clip_adam_and_ema_done_by_hand(grad_clip):
+    # The step against the textbook update in float64: the gradient scaled by
+    # min(1, clip / (norm + 1e-6)), one Adam step, then ema += (1 - beta) (param - ema).
+    # Adam's first moment after one step is (1 - beta1) times the clipped gradient, so
+    # it shows the clipping directly (Adam's own step is nearly blind to the scale).
+    import copy
+    import torch.nn.functional as F
+    diff = BlurDiffusion(resolution=16)
+    torch.manual_seed(0)
+    model = UNet(resolution=16, **TINY)
+    ref = copy.deepcopy(model).double()
+    step = training.TrainStep(model, diff, device="cpu", lr=1e-3, grad_clip=grad_clip,
+                              ema_beta=0.75, flip=False)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=g)
+    t, flip = torch.tensor([3, 40, 400, 990]), torch.zeros(4, dtype=torch.bool)
+    step(x, flip, t, 5, 0)
+
+    x_t, y = step.noised(D.to_float(x), t, 5, 0)
+    F.mse_loss(ref(x_t.double(), t), y.double()).backward()
+    grads = [p.grad for p in ref.parameters()]
+    norm = torch.stack([gr.pow(2).sum() for gr in grads]).sum().sqrt().item()
+    scale = 1.0 if grad_clip is None else min(1.0, grad_clip / (norm + 1e-6))
+    assert (scale < 0.5) == (grad_clip is not None)      # the clip binds where it is set
+    for p, gr, e in zip(ref.parameters(), grads, step.ema_params):
+        gc = gr * scale
+        new = p - 1e-3 * gc / (gc.abs() + 1e-8)     # Adam's first step, bias-corrected
+        torch.testing.assert_close(e.double(), p + 0.25 * (new - p), rtol=1e-5, atol=1e-7)
+    # float32 against float64 gradients: compared as whole vectors
+    m = torch.cat([step.opt.state[q]["exp_avg"].double().flatten() for q in step.params])
+    want = 0.1 * scale * torch.cat([gr.flatten() for gr in grads])
+    assert (m - want).norm() <= 1e-4 * want.norm()
+    assert step.read_stats()["grad_norm"] == pytest.approx(norm, rel=1e-4)
+
+
+def test_flat_parameters_keep_values_and_strides():
+    torch.manual_seed(0)
+    m = UNet(resolution=16, **TINY).to(memory_format=torch.channels_last)
+    before = [(p.detach().clone(), p.stride()) for p in m.parameters()]
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 500])
+    y = m(x, t)
+    flat = training.flatten_params_(m)
+    assert flat is not None and flat.numel() >= sum(p.numel() for p in m.parameters())
+    for p, (v, stride) in zip(m.parameters(), before):
+        assert p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+        assert p.stride() == stride and torch.equal(p, v)
+        assert (p.data_ptr() - flat.data_ptr()) % 512 == 0
+    assert torch.equal(m(x, t), y)
+    with torch.no_grad():                     # the buffer and the parameters are one
+        flat.mul_(2)
+    assert all(torch.equal(p, 2 * v) for p, (v, _) in zip(m.parameters(), before))
+    assert flat.count_nonzero() == sum(int(v.count_nonzero()) for v, _ in before)
+    mixed = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).double())
+    assert training.flatten_params_(mixed) is None
+
+
 # ------------------------------------------------------------------------ non-finite
 
 def test_ema_update_formula_and_no_host_read():
