@@ -23,7 +23,8 @@ Implementations (the peers are our own code, written from the mathematics):
   plane group in every call, or in none (``BLURFAST_CUDA_KERNELS=fast+prefetch`` or
   ``fast+noprefetch``; by default it does in calls with two buffers).
   ``blurfast_wide``: every call at 64 x 64 on the fast passes' wide geometry
-  (``fast+wide``, 256 threads per plane).
+  (``fast+wide``, 256 threads per plane). ``blurfast_occ``: every float32 call at
+  64 x 64 on the one-plane geometry compiled for 4 blocks per SM (``fast+occ``).
   ``blurfast_cluster``, ``blurfast_cluster8``: 256 x 256 planes on the cluster
   kernel (``fast+cluster``, ``fast+cluster8``: 4 or 8 blocks per cluster, sm_90) instead
   of the strip passes. CUDA only, run only when named in ``impls``: the A/B of
@@ -75,8 +76,8 @@ __all__ = [
 CASES = ("dct2", "idct2", "q_sample", "sampler_step")
 IMPLS = ("blurfast", "blurfast_dense", "blurfast_simple", "torch_fp32", "torch_tf32",
          "torch_fft", "cupy")
-VARIANT_IMPLS = ("blurfast_prefetch", "blurfast_noprefetch", "blurfast_wide", "blurfast_cluster",
-                 "blurfast_cluster8")
+VARIANT_IMPLS = ("blurfast_prefetch", "blurfast_noprefetch", "blurfast_wide", "blurfast_occ",
+                 "blurfast_cluster", "blurfast_cluster8")
 DTYPES = ("float32", "bfloat16")      # bfloat16 rows: blurfast impls on CUDA only
 CUDA_SHAPES = ((256, 3, 64, 64), (64, 3, 256, 256), (16, 3, 64, 64))
 CUDA_EXTRA_SHAPES = ((256, 3, 32, 32), (64, 3, 128, 128))   # full (not --quick) runs
@@ -339,7 +340,7 @@ _IMPLS = {
                            dtypes=DTYPES, context=_kernels_env("dense")),
     **{f"blurfast_{v}": Impl(f"blurfast_{v}", _blurfast_functions, cuda_only=True,
                              dtypes=DTYPES, context=_kernels_env("fast+" + v))
-       for v in ("prefetch", "noprefetch", "wide", "cluster", "cluster8")},
+       for v in ("prefetch", "noprefetch", "wide", "occ", "cluster", "cluster8")},
     "blurfast_simple": Impl("blurfast_simple", _blurfast_functions, cuda_only=True,
                             dtypes=DTYPES, context=_kernels_env("simple")),
     "torch_fp32": Impl("torch_fp32", lambda: _torch_functions(matmul_dct2, matmul_idct2),

@@ -103,7 +103,8 @@ bool aligned(const void* p, size_t bytes) { return ((uintptr_t)p % bytes) == 0; 
 // passes' wide geometry (256 threads per plane, one plane per block), on trial.
 // "fast+cluster" ("fast+cluster8") serves 256 x 256 planes with the cluster kernel
 // (cluster_program.h), 4 (8) blocks per cluster, on sm_90 and later, instead of the strip
-// passes: on trial.
+// passes: on trial. "fast+occ" serves every call at N = 64 with float I/O on the one-plane
+// geometry compiled for 4 blocks per SM (128 registers, against 3 blocks), on trial.
 enum class Choice { kFast, kDense, kSimple };
 enum class Prefetch { kTwoBuffers, kAll, kNone };
 
@@ -111,6 +112,7 @@ struct Options {
   Choice choice = Choice::kFast;
   Prefetch prefetch = Prefetch::kTwoBuffers;
   bool wide = false;
+  bool occ = false;
   int cluster = 0;     // blocks per cluster of the 256 x 256 cluster kernel; 0: strip passes
 };
 
@@ -124,6 +126,7 @@ Options options_from_env() {
   if (s == "fast+prefetch") o.prefetch = Prefetch::kAll;
   if (s == "fast+noprefetch") o.prefetch = Prefetch::kNone;
   o.wide = s == "fast+wide";
+  o.occ = s == "fast+occ";
   if (s == "fast+cluster") o.cluster = 4;
   if (s == "fast+cluster8") o.cluster = 8;
   return o;
@@ -174,6 +177,7 @@ struct Plan {
   int split = 1;        // Geom's kSplit
   bool fast = true;     // Geom's kFast
   bool prefetch = false;
+  bool capped = false;  // Capped<Geom, 4> (fast+occ)
   int64_t bytes = 0;
   int per_sm = 0;
   int cluster = 0;      // > 0: the cluster kernel, this many blocks per cluster
@@ -267,6 +271,13 @@ Plan make_plan(const Job& job, int64_t H, int64_t W, int dtype, int device) {
       if (choice == Choice::kFast && opt.wide) {
         plan = plan_for<Geom<N, 4, true>, T>(job, device, prefetch);
         return true;
+      }
+      if constexpr (std::is_same<T, float>::value) {
+        if (choice == Choice::kFast && opt.occ) {
+          plan = plan_for<Capped<Geom<N, 2, true>, 4>, T>(job, device, prefetch);
+          plan.capped = true;
+          return true;
+        }
       }
     }
     if (choice == Choice::kFast && !small_fused) {
@@ -395,6 +406,9 @@ bool plane_launch(const Job& job, int64_t H, int64_t W, int dtype, int device,
     constexpr int N = decltype(size)::value;
     if (plan.fast) {
       if constexpr (N == 64) {
+        if constexpr (std::is_same<std::remove_pointer_t<decltype(t)>, float>::value) {
+          if (plan.capped) return launch(Capped<Geom<N, 2, true>, 4>{}, t);
+        }
         if (plan.split == 2) return launch(Geom<N, 2, true>{}, t);
         if (plan.split == 4) return launch(Geom<N, 4, true>{}, t);
       }

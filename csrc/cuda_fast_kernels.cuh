@@ -128,14 +128,20 @@ struct ClusterCtx : GpuCtx {
 };
 
 // Blocks per SM the register budget is sized for: 2 where the shared memory of a call
-// with three buffers allows 2 or more (N = 32, 64 with split 1), else 1. (A cap of 4
-// blocks at N = 64 split, 128 registers, was tried in version 4; that measurement timed
-// another geometry, so the cap is untested: benchmarks/NOTES.md.)
+// with three buffers allows 2 or more (N = 32, 64 with split 1), else 1; a Capped
+// geometry's own count (4 blocks at N = 64 split 2 timed another geometry in version 4,
+// so that cap is on trial again as fast+occ: benchmarks/NOTES.md).
 template <typename G>
-constexpr int kMinBlocks = G::N == 128 || G::kSplit >= 2 ? 1 : 2;
+struct MinBlocks {
+  static constexpr int value = G::N == 128 || G::kSplit >= 2 ? 1 : 2;
+};
+template <typename G, int Blocks>
+struct MinBlocks<Capped<G, Blocks>> {
+  static constexpr int value = Blocks;
+};
 
 template <typename G, typename T>
-__global__ void __launch_bounds__(G::kThreads, kMinBlocks<G>) plane_kernel(Job job) {
+__global__ void __launch_bounds__(G::kThreads, MinBlocks<G>::value) plane_kernel(Job job) {
   extern __shared__ float4 smem4[];
   GpuCtx ctx;
   run_program<G, T>(ctx, job, reinterpret_cast<float*>(smem4));

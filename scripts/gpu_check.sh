@@ -19,9 +19,10 @@
 #              benchmarks/run.py --device cuda --quick --no-steps --strict -> bench.json
 #              (--strict: fails when blurfast or a torch peer raised; the JSON is
 #              rewritten after every case and shape, so a timeout keeps finished rows)
-#   bench_variants  the fast kernel prefetching in every call or in none, and its wide
-#              geometry for small calls (BLURFAST_CUDA_KERNELS=fast+prefetch,
-#              fast+noprefetch, fast+wide) beside blurfast, blurfast_dense and torch_fp32,
+#   bench_variants  the fast kernel prefetching in every call or in none, its wide
+#              geometry and its one-plane geometry capped for 4 blocks per SM at 64 x 64
+#              (BLURFAST_CUDA_KERNELS=fast+prefetch, fast+noprefetch, fast+wide, fast+occ)
+#              beside blurfast, blurfast_dense and torch_fp32,
 #              float32, the plane-kernel shapes -> bench_variants.json
 #   bench_cluster  256 x 256 planes (float32, bfloat16) on the cluster kernel
 #              (fast+cluster, fast+cluster8) beside the strip passes and torch_fp32
@@ -256,7 +257,7 @@ step bench 90 "$PY" benchmarks/run.py --device cuda --quick --no-steps --strict 
   --json "$OUT/bench.json"
 step bench_variants 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
   --shapes 256x3x64x64 16x3x64x64 256x3x32x32 64x3x128x128 --dtypes float32 \
-  --impls blurfast blurfast_prefetch blurfast_noprefetch blurfast_wide blurfast_dense \
+  --impls blurfast blurfast_prefetch blurfast_noprefetch blurfast_wide blurfast_occ blurfast_dense \
   torch_fp32 \
   --json "$OUT/bench_variants.json"
 step bench_cluster 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps \

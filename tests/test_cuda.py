@@ -155,7 +155,7 @@ def _kernel_names(x, a, x2=None, a2=None, g=None, return_noise=False):
 
 # The kernel choices of BLURFAST_CUDA_KERNELS with a fused whole-plane kernel ("fast"
 # prefetches in two-buffer calls, "fast+prefetch" in all; cuda_fast.cu).
-PLANE_CHOICES = ["fast", "dense", "fast+prefetch", "fast+wide"]
+PLANE_CHOICES = ["fast", "dense", "fast+prefetch", "fast+wide", "fast+occ"]
 
 
 @pytest.mark.parametrize("passes", PLANE_CHOICES)
@@ -218,7 +218,8 @@ def test_prefetch_and_wide_change_no_bit(shape, monkeypatch):
     # Prefetching moves the same numbers earlier: with blocks looping over many plane
     # groups (the prefetch path) and a partial last group, every call gives the same bits
     # whether the fast kernel prefetches in no call, in two-buffer calls (the default) or
-    # in all. The wide geometry too, where the plain fast kernel serves the call.
+    # in all. The wide geometry and the capped one-plane geometry (fast+occ) too, where the
+    # plain fast kernel serves the call.
     b, c, h, w = shape
     x, x2 = _rand(*shape).cuda(), _rand(*shape, seed=1).cuda()
     a, g = torch.rand(b, 1, h, w).cuda(), torch.rand(b, 1, 1, 1).cuda()
@@ -228,7 +229,7 @@ def test_prefetch_and_wide_change_no_bit(shape, monkeypatch):
         "step": lambda: (bf.spectral(x, a, x2, a, g=g, seed=8),),
     }
     got = {}
-    for choice in ("fast+noprefetch", "fast", "fast+prefetch", "fast+wide"):
+    for choice in ("fast+noprefetch", "fast", "fast+prefetch", "fast+wide", "fast+occ"):
         monkeypatch.setenv("BLURFAST_CUDA_KERNELS", choice)
         got[choice] = {k: f() for k, f in calls.items()}
     for k in calls:
@@ -240,8 +241,9 @@ def test_prefetch_and_wide_change_no_bit(shape, monkeypatch):
         # split geometry (fused calls with fewer plane groups than SMs).
         if k in ("dct2", "idct2") or h != 64 or b * c >= torch.cuda.get_device_properties(
                 0).multi_processor_count:
-            for u, v in zip(got["fast+noprefetch"][k], got["fast+wide"][k]):
-                assert torch.equal(u, v), (k, "fast+wide")
+            for choice in ("fast+wide", "fast+occ"):
+                for u, v in zip(got["fast+noprefetch"][k], got[choice][k]):
+                    assert torch.equal(u, v), (k, choice)
     want = ref.spectral(x.double().cpu(), a.cpu(), g=g.cpu(), seed=8, return_noise=True)
     for u, w_ in zip(got["fast+prefetch"]["q_sample"], want):
         assert rel_err(u, w_) <= 2e-6
