@@ -960,8 +960,14 @@ def main(argv=None) -> int:
     else:
         res = run_header(a.device)
     if a.steps:
+        def save_partial(rows):      # a run cut short by a time limit keeps these rows
+            if a.json_path:
+                _write_json(a.json_path, dict(res, model_steps=rows, partial=True))
+        errors = []
         res["model_steps"] = run_steps(a.device, a.quick, batches=a.step_batches,
-                                       impls=a.step_impls or ("blurfast",))
+                                       impls=a.step_impls or ("blurfast",), errors=errors,
+                                       on_progress=save_partial)
+        res["skipped"] = res.get("skipped", []) + errors
         print(format_steps(res["model_steps"]))
     res["targets"] = targets(res)
     if a.json_path:

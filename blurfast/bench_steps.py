@@ -14,6 +14,7 @@ steps (launch overhead included: at small batches that is what a run pays).
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Optional
 
 import torch
@@ -96,7 +97,7 @@ class backend_flags:
 
 def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[str] = None,
               resolution: Optional[int] = None, iters: Optional[int] = None,
-              impls=("blurfast",)) -> list:
+              impls=("blurfast",), errors: Optional[list] = None, on_progress=None) -> list:
     """Rows ``{case, preset, shape, impl, flags, ms_per_step, images_per_s,
     speedup_vs_torch_default, speedup_vs_torch_fp32}`` for cases ``train_step`` and
     ``sampler_step_model``. The two baselines are always timed: ``torch_default`` (torch's
@@ -105,8 +106,12 @@ def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[s
     model under ``torch.compile`` inside the same CUDA graph; training step only,
     compiling takes minutes). ``flags`` records (matmul TF32, cuDNN TF32, cuDNN benchmark)
     on CUDA. Defaults: paper64 at 64x64, batch 16 and 64 on a GPU (16 only with
-    ``quick``); the small U-Net at 32x32, batch 8 on a CPU."""
-    from .training import TrainStep
+    ``quick``); the small U-Net at 32x32, batch 8 on a CPU.
+
+    ``errors``: a list; an exception of a blurfast configuration is then appended to it
+    (``{case, impl, shape, reason, error}``) and the run goes on without its rows, where
+    otherwise it is raised (a baseline's always is). ``on_progress(rows)``: called with
+    the rows so far after each configuration, so a run cut short keeps them."""
     for impl in impls:
         if impl not in STEP_IMPLS:
             raise ValueError(f"impls: expected names from {STEP_IMPLS}, got {impl!r}")
@@ -132,47 +137,77 @@ def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[s
         t_dev = torch.full((batch,), 500, device=device)
         timed = {}
         for impl in impls:
-            torch.manual_seed(0)
-            model = UNet.from_preset(preset, resolution=res, channels=3).to(device)
-            with backend_flags(impl) if cuda else contextlib.nullcontext():
-                if impl in BASELINES:
-                    train = reference_train_step(model, diff, batch, device)
+            try:
+                _time_impl(impl, timed, preset, res, batch, diff, device, iters,
+                           x_u8, flip, t, x0, t_dev, (ca, ce, cz))
+            except Exception as e:
+                if errors is None or impl in BASELINES:
+                    raise
+                errors.append({"case": "train_step", "impl": impl, "shape": shape,
+                               "reason": f"{type(e).__name__}: {e}"[:500], "error": True})
+                print(f"{impl} at batch {batch}: {type(e).__name__}: {e}", file=sys.stderr)
+            done = _rows(timed, preset, shape, cuda)
+            if on_progress is not None:
+                on_progress(rows + done)
+        rows += done
+    return rows
 
-                    def train_fn(train=train):
-                        train(x0)
 
-                    def sample_fn(model=model):
-                        with torch.no_grad():
-                            eps = model(x0, t_dev)
-                            R.idct2(ca * R.dct2(x0) + ce * R.dct2(eps)
-                                    + cz * R.dct2(torch.randn_like(x0)))
-                else:
-                    stepper = TrainStep(model, diff, device=device,
-                                        precision="bf16" if cuda else "fp32",
-                                        channels_last=False, cuda_graphs=cuda,
-                                        compile=impl == "blurfast_compile")
+def _time_impl(impl, timed, preset, res, batch, diff, device, iters, x_u8, flip, t, x0,
+               t_dev, coefs) -> None:
+    """Times configuration ``impl``'s training step (and sampler step) into ``timed``:
+    {(case, impl): ms}."""
+    from .training import TrainStep
+    cuda = device.type == "cuda"
+    ca, ce, cz = coefs
+    torch.manual_seed(0)
+    model = UNet.from_preset(preset, resolution=res, channels=3).to(device)
+    with backend_flags(impl) if cuda else contextlib.nullcontext():
+        if impl in BASELINES:
+            train = reference_train_step(model, diff, batch, device)
 
-                    def train_fn(stepper=stepper):
-                        stepper(x_u8, flip, t, 1, 0)
+            def train_fn(train=train):
+                train(x0)
 
-                    def sample_fn(model=model):
-                        from . import ops
-                        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                             enabled=cuda):
-                            eps = model(x0, t_dev)
-                        ops.spectral(x0, ca, eps.float(), ce, cz, seed=1)
-                cases = [("train_step", train_fn), ("sampler_step_model", sample_fn)]
-                for case, fn in cases[:1] if impl == "blurfast_compile" else cases:
-                    r = time_call(fn, [()], device, iters=iters, warmup=3 if cuda else 1)
-                    timed[(case, impl)] = r["wall_us"] / 1e3
-            del model
-        for (case, impl), ms in timed.items():
-            rows.append({"case": case, "preset": preset, "shape": shape, "impl": impl,
-                         "flags": list(BACKEND_FLAGS[impl]) if cuda else None,
-                         "ms_per_step": round(ms, 3),
-                         "images_per_s": round(batch / (ms / 1e3), 1),
-                         **{f"speedup_vs_{b}": round(timed[(case, b)] / ms, 3)
-                            for b in BASELINES}})
+            def sample_fn(model=model):
+                with torch.no_grad():
+                    eps = model(x0, t_dev)
+                    R.idct2(ca * R.dct2(x0) + ce * R.dct2(eps)
+                            + cz * R.dct2(torch.randn_like(x0)))
+        else:
+            stepper = TrainStep(model, diff, device=device,
+                                precision="bf16" if cuda else "fp32",
+                                channels_last=False, cuda_graphs=cuda,
+                                compile=impl == "blurfast_compile")
+
+            def train_fn(stepper=stepper):
+                stepper(x_u8, flip, t, 1, 0)
+
+            def sample_fn(model=model):
+                from . import ops
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                     enabled=cuda):
+                    eps = model(x0, t_dev)
+                ops.spectral(x0, ca, eps.float(), ce, cz, seed=1)
+        cases = [("train_step", train_fn), ("sampler_step_model", sample_fn)]
+        for case, fn in cases[:1] if impl == "blurfast_compile" else cases:
+            r = time_call(fn, [()], device, iters=iters, warmup=3 if cuda else 1)
+            timed[(case, impl)] = r["wall_us"] / 1e3
+
+
+def _rows(timed: dict, preset: str, shape: list, cuda: bool) -> list:
+    """The rows of one batch's {(case, impl): ms}; a speedup is None where its baseline
+    has no time (yet)."""
+    rows = []
+    batch = shape[0]
+    for (case, impl), ms in timed.items():
+        rows.append({"case": case, "preset": preset, "shape": shape, "impl": impl,
+                     "flags": list(BACKEND_FLAGS[impl]) if cuda else None,
+                     "ms_per_step": round(ms, 3),
+                     "images_per_s": round(batch / (ms / 1e3), 1),
+                     **{f"speedup_vs_{b}": (round(timed[(case, b)] / ms, 3)
+                                            if (case, b) in timed else None)
+                        for b in BASELINES}})
     return rows
 
 

@@ -12,9 +12,6 @@
 #   info       python -m blurfast info
 #   tests      pytest tests -m cuda, but the cluster kernel's (log + junit xml)
 #   tests_cluster  the cluster kernel's CUDA tests, in their own process
-#   memcheck   compute-sanitizer --tool memcheck  python scripts/sanitizer_case.py
-#   racecheck  compute-sanitizer --tool racecheck python scripts/sanitizer_case.py, but
-#              the cluster kernel's cases, which racecheck_cluster runs on their own
 #   bench      kernel table of issue 6 (3 shapes, float32 + bfloat16, every impl):
 #              benchmarks/run.py --device cuda --quick --no-steps --strict -> bench.json
 #              (--strict: fails when blurfast or a torch peer raised; the JSON is
@@ -27,13 +24,20 @@
 #   bench_cluster  256 x 256 planes (float32, bfloat16) on the cluster kernel
 #              (fast+cluster, fast+cluster8) beside the strip passes and torch_fp32
 #              -> bench_cluster.json
-#   steps      whole training step and sampler step of paper64 at batch 16 and 64 against
-#              the paper-style fp32 baseline (issue 4's goal) -> steps.json
+#   steps      issue 4's goal: the whole training step of paper64 at batch 16 against the
+#              paper-style fp32 baselines, blurfast with and without torch.compile inside
+#              the CUDA graph (compiling takes minutes; every finished configuration is in
+#              steps.json at once, and one that fails is recorded and skipped)
+#   memcheck   compute-sanitizer --tool memcheck  python scripts/sanitizer_case.py
+#   racecheck_cluster  compute-sanitizer --tool racecheck on the cluster kernel's cases
+#   --- the steps below rarely fit in the first 600 s call: run them in a second one
+#   steps64    the training and sampler steps at batch 64, baselines and blurfast
+#              -> steps64.json
 #   ncu        Nsight Compute (clocks left alone): speed of light, occupancy, stall reasons
 #              and their source lines for the kernels of scripts/ncu_case.py, one ncu run
 #              per case -> ncu.log, ncu-<case>.ncu-rep
-#   steps_compile  the training step at batch 16 with torch.compile inside the CUDA graph,
-#              beside blurfast and the baseline (timed again, same run) -> steps_compile.json
+#   racecheck  compute-sanitizer --tool racecheck python scripts/sanitizer_case.py, but
+#              the cluster kernel's cases
 #   profile    training step of paper64 at batch 16 in several configurations, and the
 #              kernels taking the most GPU time (scripts/profile_step.py) -> profile_step.txt
 #   bench_extra  32x32 and 128x128 rows (blurfast, blurfast_dense, blurfast_simple, torch_fp32)
@@ -51,9 +55,9 @@
 #                          66 s testing, 61 s in the benches and 29 s profiling)
 #   GPU_CHECK_SKIP         space-separated step names to skip, e.g. "build racecheck"
 #   GPU_CHECK_ONLY         space-separated step names to run, the others skipped: a second
-#                          call on a machine where the first one built, e.g.
-#                          "ext steps_compile profile" (every step together takes longer
-#                          than one 600 s device call)
+#                          call on the machine where the first one built, e.g.
+#                          "env ext steps64 ncu racecheck profile bench_extra" (every step
+#                          together takes longer than one 600 s device call)
 #   BLURFAST_CUDA_ARCHS    passed to the build; when unset, this script builds only
 #                          for the GPU present (e.g. "90" on an H100) to save time;
 #                          GPU_CHECK_ALL_ARCHS=1 keeps the package's default list.
@@ -246,13 +250,6 @@ junit_counts cuda
 step tests_cluster 40 "$PY" -m pytest tests -m cuda -k cluster -p no:cacheprovider -q -rs \
   --junitxml="$OUT/junit-cluster.xml"
 junit_counts cluster
-step memcheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
-  --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py
-step racecheck 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck \
-  --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py --cluster exclude
-step racecheck_cluster 40 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer \
-  --tool racecheck --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py \
-  --cluster only
 step bench 90 "$PY" benchmarks/run.py --device cuda --quick --no-steps --strict \
   --json "$OUT/bench.json"
 step bench_variants 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
@@ -264,19 +261,28 @@ step bench_cluster 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
   --shapes 64x3x256x256 16x3x256x256 --dtypes float32 bfloat16 \
   --impls blurfast blurfast_cluster blurfast_cluster8 torch_fp32 \
   --json "$OUT/bench_cluster.json"
-step steps 100 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps \
-  --step-batches 16 64 --json "$OUT/steps.json"
+step steps 240 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps --strict \
+  --step-batches 16 --step-impls blurfast blurfast_compile --json "$OUT/steps.json"
+step memcheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+  --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py
+step racecheck_cluster 40 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer \
+  --tool racecheck --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py \
+  --cluster only
+step steps64 60 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps --strict \
+  --step-batches 64 --json "$OUT/steps64.json"
 step ncu 90 bash -c ncu_cases
-step steps_compile 200 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps \
-  --step-batches 16 --step-impls blurfast blurfast_compile --json "$OUT/steps_compile.json"
+step racecheck 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck \
+  --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py --cluster exclude
 step profile 60 "$PY" scripts/profile_step.py --batch 16 --out "$OUT/profile_step.txt"
 step bench_extra 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
   --shapes 256x3x32x32 64x3x128x128 --impls blurfast blurfast_dense blurfast_simple torch_fp32 \
   --json "$OUT/bench_extra.json"
 
 
-# One results file: the kernel rows of both bench runs and the model steps.
-if [[ -f "$OUT/bench.json" ]]; then
+# One results file: the kernel rows of the bench runs and the model steps (of a second
+# call too, when its files are copied into the first call's folder and this is rerun:
+# python scripts/merge_results.py FOLDER).
+if compgen -G "$OUT/bench*.json" > /dev/null || compgen -G "$OUT/steps*.json" > /dev/null; then
   name=$("$PY" scripts/merge_results.py "$OUT" || true)
   if [[ -n "$name" ]]; then
     log "results: $OUT/results/$name (commit it under benchmarks/results/)"

@@ -41,6 +41,59 @@ def test_model_steps_against_the_baseline():
         run_steps("cpu", batches=(2,), resolution=16, iters=1, impls=("blurfast_eager",))
 
 
+def test_model_steps_go_on_past_a_failing_configuration(monkeypatch):
+    # A configuration that raises (a compile or capture failure on a GPU) is recorded and
+    # the baselines' rows are kept; every finished configuration is handed on at once.
+    from blurfast import training
+    from blurfast.bench_steps import run_steps
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("capture failed")
+    monkeypatch.setattr(training, "TrainStep", broken)
+    errors, seen = [], []
+    rows = run_steps("cpu", batches=(2,), resolution=16, iters=1, errors=errors,
+                     on_progress=lambda r: seen.append([(x["impl"], x["speedup_vs_torch_fp32"])
+                                                        for x in r]))
+    assert {r["impl"] for r in rows} == {"torch_default", "torch_fp32"}
+    assert [(e["impl"], e["shape"]) for e in errors] == [("blurfast", [2, 3, 16, 16])]
+    assert "capture failed" in errors[0]["reason"]
+    assert [len(s) for s in seen] == [2, 4, 4]
+    assert seen[0][0] == ("torch_default", None)          # its baseline not timed yet
+    with pytest.raises(RuntimeError, match="capture failed"):
+        run_steps("cpu", batches=(2,), resolution=16, iters=1)
+
+
+def test_merge_results_of_two_device_calls(tmp_path):
+    # gpu_check.sh's files of a first call (kernels, batch-16 steps cut short) and of a
+    # second (batch 64) in one folder: one results file, every row once, step rows tagged
+    # with their run, and the cut marked.
+    import runpy
+    from pathlib import Path
+    merge = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "merge_results.py"),
+                           run_name="merge")["main"]
+    head = {"gpu": "NVIDIA H100 80GB HBM3", "driver": "580", "torch": "2.11",
+            "date": "2026-11-26T20:00:00+00:00", "device": "cuda", "copy_gbps": 2960.0}
+    row = {"case": "dct2", "shape": [2, 3, 64, 64], "impl": "torch_fp32", "median_us": 5.0}
+    step = {"case": "train_step", "preset": "paper64", "impl": "torch_fp32",
+            "ms_per_step": 100.0, "images_per_s": 160.0}
+    files = {"bench.json": dict(head, rows=[row], skipped=[]),
+             "bench_variants.json": dict(head, rows=[dict(row, impl="blurfast_occ")],
+                                         skipped=[{"impl": "x", "error": False}]),
+             "steps.json": dict(head, rows=[], skipped=[], partial=True,
+                                model_steps=[dict(step, shape=[16, 3, 64, 64])]),
+             "steps64.json": dict(head, rows=[], skipped=[],
+                                  model_steps=[dict(step, shape=[64, 3, 64, 64])])}
+    for name, d in files.items():
+        (tmp_path / name).write_text(json.dumps(d))
+    name = merge(str(tmp_path))
+    assert name == "nvidia-h100-80gb-hbm3-2026-11-26.json"
+    got = json.loads((tmp_path / "results" / name).read_text())
+    assert [r["impl"] for r in got["rows"]] == ["torch_fp32", "blurfast_occ"]
+    assert [(r["run"], r["shape"][0]) for r in got["model_steps"]] == [("steps", 16),
+                                                                       ("steps64", 64)]
+    assert got["partial"] is True and len(got["skipped"]) == 1 and got["driver"] == "580"
+
+
 def test_demo_smoke(tmp_path):
     pytest.importorskip("skimage")
     out = tmp_path / "demo"
