@@ -216,6 +216,12 @@ ncu_cases() {
       --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
       --section SourceCounters --export "$OUT/ncu-$k" --force-overwrite \
       "$PY" scripts/ncu_case.py --case "$k" || rc=1
+    # The report as text here, and its raw metrics as CSV (no ncu on the development
+    # machine to open the report).
+    if [[ -f "$OUT/ncu-$k.ncu-rep" ]]; then
+      ncu --import "$OUT/ncu-$k.ncu-rep" --page details || true
+      ncu --import "$OUT/ncu-$k.ncu-rep" --page raw --csv > "$OUT/ncu-$k.csv" || true
+    fi
   done
   return $rc
 }
