@@ -25,6 +25,8 @@ def _info(args) -> int:
               "  BLURFAST_CUDA_KERNELS=dense: the previous (dense) passes; =fast+prefetch or\n"
               "  =fast+noprefetch: prefetch the next plane group in every call or in none;\n"
               "  =fast+wide: calls at 64 x 64 on the fast passes, 256 threads per plane;\n"
+              "  =fast+occ: float32 calls at 64 x 64 on the one-plane geometry compiled\n"
+              "  for 4 blocks per SM;\n"
               "  =fast+cluster (=fast+cluster8): 256 x 256 planes in one launch on\n"
               "  thread-block clusters of 4 (8) blocks (sm_90 and later);\n"
               "  =simple: the simple kernels only.")
