@@ -225,7 +225,7 @@ Plan plan_for(Job job, int device, bool prefetch) {
   plan.fast = G::kFast;
   job.prefetch = prefetch && std::is_same<T, float>::value;
   plan.prefetch = job.prefetch;
-  plan.bytes = G::smem_floats(buffers_needed(job)) * (int64_t)sizeof(float);
+  plan.bytes = G::smem_floats(buffers_of<G>(job)) * (int64_t)sizeof(float);
   plan.per_sm = blocks_per_sm(PlaneKernel<G, T>::ptr(), G::kThreads,
                               device, plan.bytes, G::smem_floats(4) * (int64_t)sizeof(float));
   plan.ok = plan.per_sm > 0;

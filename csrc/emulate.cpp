@@ -94,7 +94,7 @@ std::vector<plane::EmuRange> job_memory(const plane::Job& job, int64_t hw) {
 
 template <typename G>
 void emulate(const plane::Job& job, int64_t grid, bool reverse) {
-  run_blocks(G::smem_floats(plane::buffers_needed(job)), G::kThreads, grid, reverse,
+  run_blocks(G::smem_floats(plane::buffers_of<G>(job)), G::kThreads, grid, reverse,
              job_memory(job, (int64_t)G::N * G::N),
              [&](EmuCtx& ctx, float* sm) { plane::run_program<G, float>(ctx, job, sm); });
 }

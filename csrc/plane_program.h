@@ -281,6 +281,21 @@ BF_HD int buffers_needed(const Job& job) {
   return (job.mode == kSpectral && (job.x2 || job.noise_out) ? 3 : 2) + (job.prefetch ? 1 : 0);
 }
 
+// The wide geometry (passes on the first kPassThreads threads) runs a fused call's two
+// independent transforms side by side, the second on the other threads, with a fourth
+// buffer: x1's and x2's forward transforms, and the result's and the noise's inverse ones.
+template <typename G>
+BF_HD bool pairs_transforms(const Job& job) {
+  return G::kFast && G::kThreads > G::kPassThreads && job.mode == kSpectral &&
+         (job.x2 || job.noise_out) && !job.prefetch;
+}
+
+// Buffers of a call on geometry G.
+template <typename G>
+BF_HD int buffers_of(const Job& job) {
+  return buffers_needed(job) + (pairs_transforms<G>(job) ? 1 : 0);
+}
+
 // Starts copying plane group p0's x1 (float I/O) into buf: one 16-byte asynchronous copy
 // per chunk; chunks of planes past the end are zeroed. The data may be read only after
 // ctx.wait_async() in every thread and a barrier.
@@ -302,7 +317,7 @@ BF_HD void prefetch_group(Ctx& ctx, const float* src, float* buf, int64_t p0, in
 }
 
 // The whole program for one block of geometry G (a Geom). `sm` holds
-// G::smem_floats(buffers_needed(job)) floats. Blocks take plane groups blockIdx,
+// G::smem_floats(buffers_of<G>(job)) floats. Blocks take plane groups blockIdx,
 // blockIdx + gridDim, ...
 template <typename G, typename T, typename Ctx>
 BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
@@ -310,7 +325,7 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
   const Tables tab = tables_at<N>(sm);
   // With prefetch, buffer 0 (x1 and the result) and the last buffer (the next group's x1)
   // trade places after every group: `first` and `spare` are their physical slots.
-  const int spare_slot = buffers_needed(job) - 1;
+  const int spare_slot = buffers_of<G>(job) - 1;
   int first = 0, spare = spare_slot;
   auto buf = [sm, &first, &spare, spare_slot](int b) {
     const int slot = b == 0 ? first : b == spare_slot ? spare : b;
@@ -320,6 +335,7 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
   // group wp % kGroups of rows from 32 kRows (wp / kGroups) on (wp = w % kWarpsPerPlane).
   // Fast passes: thread tid is role tid / (kPPB N) of row tid % (kPPB N) of the group.
   constexpr int kRowsPerBlock = G::kPPB * N;
+  constexpr bool kWide = G::kFast && G::kThreads > G::kPassThreads;
   // `inverse_`: std::true_type or std::false_type, so each phase holds one pass's code.
   auto pass = [&](int src, int dst, auto inverse_) {
     constexpr bool inv = decltype(inverse_)::value;
@@ -356,6 +372,31 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
         store_group<G, T>(buf(src), (T*)dst, p0, job.planes, tid);
     });
   };
+  // Wide geometry (pairs_transforms): a pass of src into dst on the pass threads, and of
+  // src2 into dst2 on the others; the two results' stores in one phase.
+  auto pass_pair = [&](int src, int dst, int src2, int dst2, auto inverse_) {
+    constexpr bool inv = decltype(inverse_)::value;
+    ctx.phase([&](int tid) {
+      const bool second = tid >= G::kPassThreads;
+      const int t = second ? tid - G::kPassThreads : tid;
+      const int q = t % kRowsPerBlock, role = t / kRowsPerBlock;
+      const float* S = buf(second ? src2 : src) + (q / N) * G::kPlane;
+      float* D = buf(second ? dst2 : dst) + (q / N) * G::kPlane;
+      if constexpr (inv)
+        fast_inverse_pass<N, N>(S, D, role, q % N);
+      else
+        fast_forward_pass<N, N>(S, D, role, q % N);
+    });
+  };
+  auto store_pair = [&](int src, void* dst, int src2, void* dst2, int64_t p0) {
+    ctx.phase([&](int tid) {
+      if constexpr (kWide) {
+        store_mirrored_group<G, T>(buf(src), (T*)dst, p0, job.planes, tid);
+        store_mirrored_group<G, T>(buf(src2), (T*)dst2, p0, job.planes, tid);
+      }
+    });
+  };
+  const bool pair = pairs_transforms<G>(job);
 
   // Only in the split geometry with 256 threads (N = 64): there the block is alone on its
   // SM, nothing else hides the loads, and the registers suffice. Elsewhere ptxas showed
@@ -395,16 +436,25 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
       inverse(0, 1);
       inverse(1, 0);
       store_inverse(0, job.out, p0);
+    } else if (kWide && pair && job.x2) {   // x1 and x2 side by side (3: x2's scratch)
+      pass_pair(0, 1, 2, 3, std::false_type{});
+      pass_pair(1, 0, 3, 2, std::false_type{});
     } else {
       forward(0, 1);
       forward(1, 0);
     }
     if (job.mode == kSpectral) {
-      if (job.x2) {
+      if (job.x2 && !pair) {
         forward(2, 1);
         forward(1, 2);
       }
       ctx.phase([&](int tid) { combine_group<G>(job, buf(0), buf(2), p0, tid, early_noise); });
+      if (kWide && pair && job.noise_out) {   // the result and the noise side by side
+        pass_pair(0, 1, 2, 3, std::true_type{});
+        pass_pair(1, 0, 3, 2, std::true_type{});
+        store_pair(0, job.out, 2, job.noise_out, p0);
+        continue;
+      }
       inverse(0, 1);
       inverse(1, 0);
       store_inverse(0, job.out, p0);
