@@ -55,6 +55,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -489,9 +490,24 @@ def _time_call_cuda(fn, arg_sets, device, iters, warmup):
     return {"median_us": statistics.median(ts), "wall_us": wall_us, "iters": iters}
 
 
-def count_launches(fn, args, device) -> Optional[int]:
-    """CUDA kernels one call of ``fn(*args)`` launches, from the torch profiler (None
-    on CPU or when the profiler is unavailable)."""
+def short_kernel_name(name: str) -> str:
+    """A CUDA kernel's name without its return type, namespaces and parameter list:
+    ``plane_kernel<Geom<64, 2, true>, float>`` (which geometry served a call)."""
+    name = re.sub(r"^void ", "", name)
+    name = re.sub(r"\b[A-Za-z_]\w*::", "", name)
+    if name.endswith(")"):                       # the parameter list
+        depth = 0
+        for i in range(len(name) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(name[i], 0)
+            if depth == 0:
+                name = name[:i]
+                break
+    return name[:160]
+
+
+def launched_kernels(fn, args, device) -> Optional[list]:
+    """Short names of the CUDA kernels one call of ``fn(*args)`` launches, in order, from
+    the torch profiler (None on CPU or when the profiler is unavailable)."""
     if torch.device(device).type != "cuda":
         return None
     try:
@@ -502,9 +518,9 @@ def count_launches(fn, args, device) -> Optional[int]:
             fn(*args)
             torch.cuda.synchronize(device)
         kinds = {"cuda", "privateuse1"}
-        return sum(1 for e in prof.events()
-                   if str(getattr(e, "device_type", "")).split(".")[-1].lower() in kinds
-                   and not e.name.startswith(("Memcpy", "Memset", "cudaMem")))
+        return [short_kernel_name(e.name) for e in prof.events()
+                if str(getattr(e, "device_type", "")).split(".")[-1].lower() in kinds
+                and not e.name.startswith(("Memcpy", "Memset", "cudaMem"))]
     except Exception:
         return None
 
@@ -623,7 +639,7 @@ def _time_impls(case, shape, dtype_name, impls, device, iters, warmup, copy_gbps
             with impl.context(device):
                 sets = [impl.convert(a) for a in arg_sets]
                 t = time_call(fn, sets, device, iters=iters, warmup=warmup)
-                launches = count_launches(fn, sets[0], device)
+                kernels = launched_kernels(fn, sets[0], device)
             del sets
         except Exception as e:
             skip(impl_name, f"{type(e).__name__}: {e}", True)
@@ -637,7 +653,8 @@ def _time_impls(case, shape, dtype_name, impls, device, iters, warmup, copy_gbps
             "speedup_vs_torch_fp32": None,
             "wall_us": round(t["wall_us"], 2),
             "bytes": nbytes,
-            "launches": launches,
+            "launches": None if kernels is None else len(kernels),
+            "kernels": kernels,
         })
     del arg_sets, base
     if is_cuda:
@@ -679,7 +696,8 @@ def run_header(device=None, quick: bool = False, iters: Optional[int] = None) ->
                    "wall_us: host wall-clock per call in a back-to-back loop"
                    if is_cuda else "median_us: median wall-clock per call; wall_us: mean"),
         "traffic": "image-sized inputs read once + outputs written once; maps not counted",
-        "launches": "CUDA kernels per call, counted by the torch profiler",
+        "launches": "CUDA kernels per call, counted by the torch profiler; kernels: their "
+                    "names (for blurfast's, the geometry that served the call)",
         "skipped": [],
     }
     return result

@@ -94,6 +94,20 @@ def test_merge_results_of_two_device_calls(tmp_path):
     assert got["partial"] is True and len(got["skipped"]) == 1 and got["driver"] == "580"
 
 
+def test_kernel_names_in_bench_rows_are_short():
+    # Each CUDA row lists the kernels a call launched, so a variant's row shows which
+    # geometry actually served it (a tie in the plan once timed another one).
+    from blurfast.bench import short_kernel_name
+    assert short_kernel_name(
+        "void blurfast::plane::gpu::plane_kernel<blurfast::plane::Capped<blurfast::plane::"
+        "Geom<64, 2, true>, 4>, float>(blurfast::plane::Job)") == \
+        "plane_kernel<Capped<Geom<64, 2, true>, 4>, float>"
+    assert short_kernel_name("void at::native::elementwise_kernel<128, 2, at::native::"
+                             "Functor<float> >(int, at::native::Functor<float>)") == \
+        "elementwise_kernel<128, 2, Functor<float> >"
+    assert short_kernel_name("sm90_xmma_gemm_f32f32_nn") == "sm90_xmma_gemm_f32f32_nn"
+
+
 def test_demo_smoke(tmp_path):
     pytest.importorskip("skimage")
     out = tmp_path / "demo"
