@@ -45,9 +45,10 @@ void check(cudaError_t e, const char* what) {
 }
 
 // Resident blocks per SM of one instantiation when a call uses `bytes` of shared memory;
-// 0 when that does not fit. `max_bytes` (>= bytes) is the most any call of this kernel
-// uses: the kernel's dynamic shared-memory limit is raised to it once, so a later call
-// with more bytes than an earlier one still launches. Cached per (device, kernel, bytes).
+// 0 when that does not fit. `max_bytes` is the most a call of this kernel usually uses:
+// the kernel's dynamic shared-memory limit is raised to it (or to `bytes`, when more) at
+// once, so a later call with more bytes than an earlier one still launches. Cached per
+// (device, kernel, bytes).
 int blocks_per_sm(const void* kernel, int threads, int device, int64_t bytes,
                   int64_t max_bytes) {
   static std::mutex mu;
@@ -61,7 +62,7 @@ int blocks_per_sm(const void* kernel, int threads, int device, int64_t bytes,
   check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
         "cudaDeviceGetAttribute");
   if (bytes <= optin) {
-    const int64_t want = max_bytes <= optin ? max_bytes : bytes;
+    const int64_t want = std::max(bytes, std::min<int64_t>(max_bytes, optin));
     int64_t& have = limit[std::make_pair(device, kernel)];
     if (have < want) {
       check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)want),

@@ -226,22 +226,31 @@ BF_HD void combine_chunk(const Job& job, float* A, float* C, int at, int64_t e,
 // noise_in_c: noise_group has already put zb in C (calls without x2).
 // Chunks go in batches of kBatch: the batch's map loads are all issued before the first
 // is used, so the threads wait for global memory once per batch, not once per chunk.
-template <typename G>
+// kMapsIn: the maps a1 and g of the group's one plane are in shared memory (copy_maps),
+// plainly laid out, at maps_in and maps_in + kPlane; there is no x2.
+template <typename G, bool kMapsIn = false>
 BF_HD void combine_group(const Job& job, float* A, float* C, int64_t p0, int tid,
-                         bool noise_in_c) {
+                         bool noise_in_c, const float* maps_in = nullptr) {
   constexpr int N = G::N, kU = G::kChunksPerThread, kBatch = kU < 4 ? kU : 4;
   static_assert(kU % kBatch == 0, "batches must divide the chunks");
+  static_assert(!kMapsIn || G::kPPB == 1, "maps in shared memory: one plane per group");
   using K = Chunks<G>;
-  const GroupMaps<G> maps(job, p0);
-  const float* a1 = (const float*)job.a1.ptr;
+  const GroupMaps<G> maps(job, kMapsIn ? 0 : p0);
+  const float* a1 = kMapsIn ? maps_in : (const float*)job.a1.ptr;
   const float* a2 = (const float*)job.a2.ptr;
-  const float* g = (const float*)job.g.ptr;
+  const float* g = kMapsIn ? (job.g.ptr ? maps_in + G::kPlane : nullptr)
+                           : (const float*)job.g.ptr;
   BF_NO_UNROLL for (int u0 = 0; u0 < kU; u0 += kBatch) {
     float m1[kBatch][4], m2[kBatch][4], mg[kBatch][4];
     BF_UNROLL for (int b = 0; b < kBatch; ++b) {
       const int s = K::slot(u0 + b), f = K::elem(u0 + b, tid);
       BF_UNROLL for (int q = 0; q < 4; ++q) m1[b][q] = m2[b][q] = mg[b][q] = 0.f;
       if (p0 + s >= job.planes) continue;
+      if constexpr (kMapsIn) {
+        ld4(a1 + f, m1[b]);
+        if (g) ld4(g + f, mg[b]);
+        continue;
+      }
       ld4(a1 + maps.pick(maps.a1, s) + f, m1[b]);
       if (job.x2) ld4(a2 + maps.pick(maps.a2, s) + f, m2[b]);
       if (g) ld4(g + maps.pick(maps.g, s) + f, mg[b]);
@@ -290,10 +299,35 @@ BF_HD bool pairs_transforms(const Job& job) {
          (job.x2 || job.noise_out) && !job.prefetch;
 }
 
-// Buffers of a call on geometry G.
+// The wide geometry, a fused call without x2: the threads the forward passes leave idle
+// copy the plane's maps a1 and g into shared memory meanwhile (copy_maps), so the
+// combine step finds them there instead of waiting for global memory.
+template <typename G>
+BF_HD bool maps_early(const Job& job) {
+  return G::kFast && G::kThreads > G::kPassThreads && job.mode == kSpectral && !job.x2 &&
+         !job.prefetch;
+}
+
+// Buffers of a call on geometry G: buffers_needed, the fourth of paired transforms, then
+// the early maps (one buffer holds a1 and g: the wide geometry has one plane per group).
 template <typename G>
 BF_HD int buffers_of(const Job& job) {
-  return buffers_needed(job) + (pairs_transforms<G>(job) ? 1 : 0);
+  return buffers_needed(job) + (pairs_transforms<G>(job) ? 1 : 0) +
+         (maps_early<G>(job) ? (job.g.ptr ? 2 : 1) : 0);
+}
+
+// Half `half` (0: a1, 1: g) of the early maps of plane p into dst (plain layout), by the
+// threads t = 0 .. kThreads - kPassThreads - 1.
+template <typename G>
+BF_HD void copy_maps(const Job& job, float* dst, int64_t p, int half, int t) {
+  constexpr int kIdle = G::kThreads - G::kPassThreads, kU = G::kPlane / 4 / kIdle;
+  static_assert(G::kPlane / 4 % kIdle == 0, "the idle threads must share the map evenly");
+  const MapRef& m = half ? job.g : job.a1;
+  if (!m.ptr || p >= job.planes) return;
+  const float* src = (const float*)m.ptr + map_plane(p, m.div, m.mod) * G::kPlane;
+  float v[kU][4];
+  BF_UNROLL for (int u = 0; u < kU; ++u) ld4(src + 4 * (t + u * kIdle), v[u]);
+  BF_UNROLL for (int u = 0; u < kU; ++u) st4(dst + 4 * (t + u * kIdle), v[u]);
 }
 
 // Starts copying plane group p0's x1 (float I/O) into buf: one 16-byte asynchronous copy
@@ -388,6 +422,21 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
         fast_forward_pass<N, N>(S, D, role, q % N);
     });
   };
+  // A forward pass of src into dst on the pass threads while the others copy half `half`
+  // of plane p0's maps into buffer maps_at (copy_maps).
+  auto forward_copying = [&](int src, int dst, int maps_at, int half, int64_t p0) {
+    ctx.phase([&](int tid) {
+      if constexpr (kWide) {
+        if (tid >= G::kPassThreads) {
+          copy_maps<G>(job, buf(maps_at) + half * G::kPlane, p0, half, tid - G::kPassThreads);
+          return;
+        }
+        const int q = tid % kRowsPerBlock, role = tid / kRowsPerBlock;
+        fast_forward_pass<N, N>(buf(src) + (q / N) * G::kPlane, buf(dst) + (q / N) * G::kPlane,
+                                role, q % N);
+      }
+    });
+  };
   auto store_pair = [&](int src, void* dst, int src2, void* dst2, int64_t p0) {
     ctx.phase([&](int tid) {
       if constexpr (kWide) {
@@ -397,12 +446,25 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
     });
   };
   const bool pair = pairs_transforms<G>(job);
+  const bool early_maps = maps_early<G>(job);
+  const int maps_at = buffers_needed(job) + (pair ? 1 : 0);     // their buffer (early_maps)
 
   // Only in the split geometry with 256 threads (N = 64): there the block is alone on its
   // SM, nothing else hides the loads, and the registers suffice. Elsewhere ptxas showed
   // the early noise raising register spills.
   constexpr bool kEarlyNoiseFits = G::kSplit >= 2 && G::kThreads <= 256;
   const bool early_noise = kEarlyNoiseFits && job.mode == kSpectral && !job.x2 && job.noise_out;
+  auto combine = [&](int64_t p0) {
+    if constexpr (kWide) {
+      if (early_maps) {
+        ctx.phase([&](int tid) {
+          combine_group<G, true>(job, buf(0), buf(2), p0, tid, early_noise, buf(maps_at));
+        });
+        return;
+      }
+    }
+    ctx.phase([&](int tid) { combine_group<G>(job, buf(0), buf(2), p0, tid, early_noise); });
+  };
   if constexpr (!G::kFast) ctx.phase([&](int tid) { fill_tables<N>(tab, tid, G::kThreads); });
   const int64_t groups = (job.planes + G::kPPB - 1) / G::kPPB;
   for (int64_t grp = ctx.block(); grp < groups; grp += ctx.grid()) {
@@ -439,6 +501,9 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
     } else if (kWide && pair && job.x2) {   // x1 and x2 side by side (3: x2's scratch)
       pass_pair(0, 1, 2, 3, std::false_type{});
       pass_pair(1, 0, 3, 2, std::false_type{});
+    } else if (kWide && early_maps) {
+      forward_copying(0, 1, maps_at, 0, p0);
+      forward_copying(1, 0, maps_at, 1, p0);
     } else {
       forward(0, 1);
       forward(1, 0);
@@ -448,7 +513,7 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
         forward(2, 1);
         forward(1, 2);
       }
-      ctx.phase([&](int tid) { combine_group<G>(job, buf(0), buf(2), p0, tid, early_noise); });
+      combine(p0);
       if (kWide && pair && job.noise_out) {   // the result and the noise side by side
         pass_pair(0, 1, 2, 3, std::true_type{});
         pass_pair(1, 0, 3, 2, std::true_type{});
