@@ -226,8 +226,8 @@ BF_HD void combine_chunk(const Job& job, float* A, float* C, int at, int64_t e,
 // noise_in_c: noise_group has already put zb in C (calls without x2).
 // Chunks go in batches of kBatch: the batch's map loads are all issued before the first
 // is used, so the threads wait for global memory once per batch, not once per chunk.
-// kMapsIn: the maps a1 and g of the group's one plane are in shared memory (copy_maps),
-// plainly laid out, at maps_in and maps_in + kPlane; there is no x2.
+// kMapsIn: the maps of the group's one plane are in shared memory (copy_maps_async), in
+// plain layout: a1 at maps_in, then a2 (with x2), then g.
 template <typename G, bool kMapsIn = false>
 BF_HD void combine_group(const Job& job, float* A, float* C, int64_t p0, int tid,
                          bool noise_in_c, const float* maps_in = nullptr) {
@@ -236,9 +236,10 @@ BF_HD void combine_group(const Job& job, float* A, float* C, int64_t p0, int tid
   static_assert(!kMapsIn || G::kPPB == 1, "maps in shared memory: one plane per group");
   using K = Chunks<G>;
   const GroupMaps<G> maps(job, kMapsIn ? 0 : p0);
+  const int in_g = job.x2 ? 2 : 1;                        // g's place among maps_in
   const float* a1 = kMapsIn ? maps_in : (const float*)job.a1.ptr;
-  const float* a2 = (const float*)job.a2.ptr;
-  const float* g = kMapsIn ? (job.g.ptr ? maps_in + G::kPlane : nullptr)
+  const float* a2 = kMapsIn ? maps_in + G::kPlane : (const float*)job.a2.ptr;
+  const float* g = kMapsIn ? (job.g.ptr ? maps_in + in_g * G::kPlane : nullptr)
                            : (const float*)job.g.ptr;
   BF_NO_UNROLL for (int u0 = 0; u0 < kU; u0 += kBatch) {
     float m1[kBatch][4], m2[kBatch][4], mg[kBatch][4];
@@ -248,6 +249,7 @@ BF_HD void combine_group(const Job& job, float* A, float* C, int64_t p0, int tid
       if (p0 + s >= job.planes) continue;
       if constexpr (kMapsIn) {
         ld4(a1 + f, m1[b]);
+        if (job.x2) ld4(a2 + f, m2[b]);
         if (g) ld4(g + f, mg[b]);
         continue;
       }
@@ -299,35 +301,41 @@ BF_HD bool pairs_transforms(const Job& job) {
          (job.x2 || job.noise_out) && !job.prefetch;
 }
 
-// The wide geometry, a fused call without x2: the threads the forward passes leave idle
-// copy the plane's maps a1 and g into shared memory meanwhile (copy_maps), so the
-// combine step finds them there instead of waiting for global memory.
+// The wide geometry, a fused call: the plane's maps are copied into shared memory with
+// the loads of x1 (copy_maps_async), so the combine step finds them there instead of
+// waiting for global memory once more.
 template <typename G>
 BF_HD bool maps_early(const Job& job) {
-  return G::kFast && G::kThreads > G::kPassThreads && job.mode == kSpectral && !job.x2 &&
-         !job.prefetch;
+  return G::kFast && G::kThreads > G::kPassThreads && job.mode == kSpectral && !job.prefetch;
 }
 
+// The early maps of a call: a1, a2 with x2, g when given (a buffer each: the wide
+// geometry has one plane per group).
+BF_HD int early_map_count(const Job& job) { return 1 + (job.x2 ? 1 : 0) + (job.g.ptr ? 1 : 0); }
+
 // Buffers of a call on geometry G: buffers_needed, the fourth of paired transforms, then
-// the early maps (one buffer holds a1 and g: the wide geometry has one plane per group).
+// the early maps.
 template <typename G>
 BF_HD int buffers_of(const Job& job) {
   return buffers_needed(job) + (pairs_transforms<G>(job) ? 1 : 0) +
-         (maps_early<G>(job) ? (job.g.ptr ? 2 : 1) : 0);
+         (maps_early<G>(job) ? early_map_count(job) : 0);
 }
 
-// Half `half` (0: a1, 1: g) of the early maps of plane p into dst (plain layout), by the
-// threads t = 0 .. kThreads - kPassThreads - 1.
-template <typename G>
-BF_HD void copy_maps(const Job& job, float* dst, int64_t p, int half, int t) {
-  constexpr int kIdle = G::kThreads - G::kPassThreads, kU = G::kPlane / 4 / kIdle;
-  static_assert(G::kPlane / 4 % kIdle == 0, "the idle threads must share the map evenly");
-  const MapRef& m = half ? job.g : job.a1;
-  if (!m.ptr || p >= job.planes) return;
-  const float* src = (const float*)m.ptr + map_plane(p, m.div, m.mod) * G::kPlane;
-  float v[kU][4];
-  BF_UNROLL for (int u = 0; u < kU; ++u) ld4(src + 4 * (t + u * kIdle), v[u]);
-  BF_UNROLL for (int u = 0; u < kU; ++u) st4(dst + 4 * (t + u * kIdle), v[u]);
+// Starts copying plane p's maps (a1, then a2 with x2, then g) into dst, plain layout, one
+// 16-byte asynchronous copy per chunk; read only after ctx.wait_async() and a barrier.
+template <typename G, typename Ctx>
+BF_HD void copy_maps_async(Ctx& ctx, const Job& job, float* dst, int64_t p, int tid) {
+  if (p >= job.planes) return;
+  auto copy = [&](const MapRef& m, float* to) {
+    const float* src = (const float*)m.ptr + map_plane(p, m.div, m.mod) * G::kPlane;
+    BF_UNROLL for (int u = 0; u < G::kChunksPerThread; ++u) {
+      const int f = 4 * (tid + u * G::kThreads);
+      ctx.copy16_async(to + f, src + f);
+    }
+  };
+  copy(job.a1, dst);
+  if (job.x2) copy(job.a2, dst + G::kPlane);
+  if (job.g.ptr) copy(job.g, dst + (job.x2 ? 2 : 1) * G::kPlane);
 }
 
 // Starts copying plane group p0's x1 (float I/O) into buf: one 16-byte asynchronous copy
@@ -422,21 +430,6 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
         fast_forward_pass<N, N>(S, D, role, q % N);
     });
   };
-  // A forward pass of src into dst on the pass threads while the others copy half `half`
-  // of plane p0's maps into buffer maps_at (copy_maps).
-  auto forward_copying = [&](int src, int dst, int maps_at, int half, int64_t p0) {
-    ctx.phase([&](int tid) {
-      if constexpr (kWide) {
-        if (tid >= G::kPassThreads) {
-          copy_maps<G>(job, buf(maps_at) + half * G::kPlane, p0, half, tid - G::kPassThreads);
-          return;
-        }
-        const int q = tid % kRowsPerBlock, role = tid / kRowsPerBlock;
-        fast_forward_pass<N, N>(buf(src) + (q / N) * G::kPlane, buf(dst) + (q / N) * G::kPlane,
-                                role, q % N);
-      }
-    });
-  };
   auto store_pair = [&](int src, void* dst, int src2, void* dst2, int64_t p0) {
     ctx.phase([&](int tid) {
       if constexpr (kWide) {
@@ -485,6 +478,9 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
         }
         if (early_noise) noise_group<G>(job, buf(2), p0, tid);
       };
+      if constexpr (kWide) {
+        if (early_maps) copy_maps_async<G>(ctx, job, buf(maps_at), p0, tid);
+      }
       if (prefetched) {
         ctx.wait_async();          // this thread's copies into buffer 0 have landed
         meanwhile();
@@ -493,6 +489,9 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
       }
       if (job.mode == kSpectral && job.x2)
         load_group<G, T>((const T*)job.x2, buf(2), p0, job.planes, tid, [] {});
+      if constexpr (kWide) {
+        if (early_maps) ctx.wait_async();      // the maps, before the phase's barrier
+      }
     });
     if (job.mode == kIdct2) {
       inverse(0, 1);
@@ -501,9 +500,6 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
     } else if (kWide && pair && job.x2) {   // x1 and x2 side by side (3: x2's scratch)
       pass_pair(0, 1, 2, 3, std::false_type{});
       pass_pair(1, 0, 3, 2, std::false_type{});
-    } else if (kWide && early_maps) {
-      forward_copying(0, 1, maps_at, 0, p0);
-      forward_copying(1, 0, maps_at, 1, p0);
     } else {
       forward(0, 1);
       forward(1, 0);
