@@ -56,8 +56,9 @@
 #   GPU_CHECK_SKIP         space-separated step names to skip, e.g. "build racecheck"
 #   GPU_CHECK_ONLY         space-separated step names to run, the others skipped: a second
 #                          call on the machine where the first one built, e.g.
-#                          "env ext steps64 ncu racecheck profile bench_extra" (every step
-#                          together takes longer than one 600 s device call)
+#                          "env ext steps64 ncu racecheck profile bench_extra", with memcheck
+#                          and racecheck_cluster too when the first call's budget cut them
+#                          (every step together takes longer than one 600 s device call)
 #   BLURFAST_CUDA_ARCHS    passed to the build; when unset, this script builds only
 #                          for the GPU present (e.g. "90" on an H100) to save time;
 #                          GPU_CHECK_ALL_ARCHS=1 keeps the package's default list.
@@ -250,7 +251,7 @@ EOF
 }
 # The cluster kernel's tests run in a process of their own, after the others: a fault in
 # a kernel that has never run would leave the CUDA context unusable for every later test.
-step tests 110 "$PY" -m pytest tests -m cuda -k "not cluster" -p no:cacheprovider -q -rs \
+step tests 130 "$PY" -m pytest tests -m cuda -k "not cluster" -p no:cacheprovider -q -rs \
   --junitxml="$OUT/junit-cuda.xml"
 junit_counts cuda
 step tests_cluster 40 "$PY" -m pytest tests -m cuda -k cluster -p no:cacheprovider -q -rs \
