@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -133,13 +133,12 @@ def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[s
         x0 = (x_u8.permute(0, 3, 1, 2).float() / 127.5 - 1).contiguous().to(device)
         if cuda:
             x_u8, flip, t = x_u8.pin_memory(), flip.pin_memory(), t.pin_memory()
-        ca, ce, cz = _sampler_coefs(diff, batch, device)
-        t_dev = torch.full((batch,), 500, device=device)
+        inputs = _StepInputs(x_u8, flip, t, x0, torch.full((batch,), 500, device=device),
+                             _sampler_coefs(diff, batch, device))
         timed = {}
         for impl in impls:
             try:
-                _time_impl(impl, timed, preset, res, batch, diff, device, iters,
-                           x_u8, flip, t, x0, t_dev, (ca, ce, cz))
+                _time_impl(impl, timed, preset, diff, device, iters, inputs)
             except Exception as e:
                 if errors is None or impl in BASELINES:
                     raise
@@ -153,13 +152,24 @@ def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[s
     return rows
 
 
-def _time_impl(impl, timed, preset, res, batch, diff, device, iters, x_u8, flip, t, x0,
-               t_dev, coefs) -> None:
+class _StepInputs(NamedTuple):
+    """One batch's inputs: the training step's (uint8 images, flips, steps) and the
+    sampler step's (float images, steps, DDIM coefficient maps)."""
+    x_u8: torch.Tensor
+    flip: torch.Tensor
+    t: torch.Tensor
+    x0: torch.Tensor
+    t_dev: torch.Tensor
+    coefs: list
+
+
+def _time_impl(impl, timed, preset, diff, device, iters, inputs: _StepInputs) -> None:
     """Times configuration ``impl``'s training step (and sampler step) into ``timed``:
     {(case, impl): ms}."""
     from .training import _GRAPH_WARMUP, TrainStep
     cuda = device.type == "cuda"
-    ca, ce, cz = coefs
+    x_u8, flip, t, x0, t_dev, (ca, ce, cz) = inputs
+    batch, res = x0.shape[0], x0.shape[-1]
     torch.manual_seed(0)
     model = UNet.from_preset(preset, resolution=res, channels=3).to(device)
     with backend_flags(impl) if cuda else contextlib.nullcontext():

@@ -222,6 +222,11 @@ BF_HD void combine_chunk(const Job& job, float* A, float* C, int at, int64_t e,
   st4(A + at, z);
 }
 
+// The early maps of a call: a1, a2 with x2, g when given, in that order (a buffer each:
+// the wide geometry has one plane per group; maps_early below).
+BF_HD int early_g_index(const Job& job) { return job.x2 ? 2 : 1; }
+BF_HD int early_map_count(const Job& job) { return early_g_index(job) + (job.g.ptr ? 1 : 0); }
+
 // Frequency space, in place in A: A = a1 A + a2 C + g zb; C = zb when noise is returned.
 // noise_in_c: noise_group has already put zb in C (calls without x2).
 // Chunks go in batches of kBatch: the batch's map loads are all issued before the first
@@ -236,10 +241,10 @@ BF_HD void combine_group(const Job& job, float* A, float* C, int64_t p0, int tid
   static_assert(!kMapsIn || G::kPPB == 1, "maps in shared memory: one plane per group");
   using K = Chunks<G>;
   const GroupMaps<G> maps(job, kMapsIn ? 0 : p0);
-  const int in_g = job.x2 ? 2 : 1;                        // g's place among maps_in
   const float* a1 = kMapsIn ? maps_in : (const float*)job.a1.ptr;
   const float* a2 = kMapsIn ? maps_in + G::kPlane : (const float*)job.a2.ptr;
-  const float* g = kMapsIn ? (job.g.ptr ? maps_in + in_g * G::kPlane : nullptr)
+  const float* g = kMapsIn ? (job.g.ptr ? maps_in + early_g_index(job) * G::kPlane
+                                          : nullptr)
                            : (const float*)job.g.ptr;
   BF_NO_UNROLL for (int u0 = 0; u0 < kU; u0 += kBatch) {
     float m1[kBatch][4], m2[kBatch][4], mg[kBatch][4];
@@ -309,10 +314,6 @@ BF_HD bool maps_early(const Job& job) {
   return G::kFast && G::kThreads > G::kPassThreads && job.mode == kSpectral && !job.prefetch;
 }
 
-// The early maps of a call: a1, a2 with x2, g when given (a buffer each: the wide
-// geometry has one plane per group).
-BF_HD int early_map_count(const Job& job) { return 1 + (job.x2 ? 1 : 0) + (job.g.ptr ? 1 : 0); }
-
 // Buffers of a call on geometry G: buffers_needed, the fourth of paired transforms, then
 // the early maps.
 template <typename G>
@@ -335,7 +336,7 @@ BF_HD void copy_maps_async(Ctx& ctx, const Job& job, float* dst, int64_t p, int 
   };
   copy(job.a1, dst);
   if (job.x2) copy(job.a2, dst + G::kPlane);
-  if (job.g.ptr) copy(job.g, dst + (job.x2 ? 2 : 1) * G::kPlane);
+  if (job.g.ptr) copy(job.g, dst + early_g_index(job) * G::kPlane);
 }
 
 // Starts copying plane group p0's x1 (float I/O) into buf: one 16-byte asynchronous copy
