@@ -1,0 +1,116 @@
+"""scripts/gpu_check.sh, read on the CPU: a GPU session has 15 minutes, so a mistyped flag,
+an impl name the bench does not know or a pytest selection that picks nothing must fail
+here, not there. Each Python command of the script is parsed by its own argument parser."""
+import argparse
+import re
+import runpy
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blurfast.bench import _parse_shape
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+
+
+def _steps():
+    """(name, words) of every `step NAME TIMEOUT CMD...` line, continuations joined."""
+    text = re.sub(r"\\\n\s*", " ", SCRIPT.read_text())
+    out = []
+    for line in text.splitlines():
+        m = re.match(r"step (\w+) \d+ (.*)$", line.strip())
+        if m:
+            out.append((m.group(1), shlex.split(m.group(2))))
+    return out
+
+
+def _python_args(words, out_dir):
+    """The words after `"$PY"`, with $OUT replaced; None for a command not run by Python."""
+    if "$PY" not in words:
+        return None
+    args = words[words.index("$PY") + 1:]
+    return [w.replace("$OUT", str(out_dir)) for w in args]
+
+
+class _Parsed(Exception):
+    def __init__(self, ns):
+        super().__init__()
+        self.ns = ns
+
+
+def _parse_only(monkeypatch):
+    """Make every argparse parser stop right after a successful parse."""
+    original = argparse.ArgumentParser.parse_args
+
+    def parse(self, args=None, namespace=None):
+        raise _Parsed(original(self, args, namespace))
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse)
+
+
+def test_every_step_is_listed_and_every_selection_names_steps():
+    names = [n for n, _ in _steps()]
+    assert len(names) == len(set(names)) and len(names) >= 15, names
+    header = SCRIPT.read_text().split("set -euo pipefail")[0]
+    for n in names:                               # the header documents every step
+        assert re.search(rf"^#\s+{n}\s", header, re.M), f"step {n} missing from the header"
+    # The second call's GPU_CHECK_ONLY examples (header and NOTES) name real steps.
+    notes = (ROOT / "benchmarks" / "NOTES.md").read_text()
+    selections = re.findall(r'"((?:[a-z0-9_]+ )+[a-z0-9_]+)"', header + notes)
+    only = [s for s in selections if s.startswith("env ")]
+    assert only, "no GPU_CHECK_ONLY example found"
+    for s in only:
+        assert set(s.split()) <= set(names), s
+
+
+def test_python_commands_parse(monkeypatch, tmp_path):
+    _parse_only(monkeypatch)
+    parsed = []
+    for name, words in _steps():
+        args = _python_args(words, tmp_path)
+        if args is None or args[0] == "-m":
+            continue
+        path = ROOT / args[0]
+        assert path.is_file(), f"step {name}: {args[0]} does not exist"
+        main = runpy.run_path(str(path), run_name="gpu_check_test")["main"]
+        try:
+            main(args[1:])
+        except SystemExit as e:                   # argparse's error exit
+            pytest.fail(f"step {name}: {shlex.join(args)} does not parse ({e})")
+        except _Parsed as p:
+            parsed.append(name)
+            for shape in getattr(p.ns, "shapes", None) or ():
+                _parse_shape(shape)
+        else:
+            pytest.fail(f"step {name}: main returned without parsing its arguments")
+    assert {"bench", "bench_variants", "bench_cluster", "steps", "steps64", "memcheck",
+            "racecheck", "racecheck_cluster", "profile", "bench_extra"} <= set(parsed)
+
+
+def test_ncu_cases_list(tmp_path):
+    # The ncu step counts the cases from --list and profiles each with --case K.
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "ncu_case.py"), "--list"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(out) >= 5 and all(out)
+
+
+def test_pytest_selections_split_the_cuda_tests():
+    # `tests` and `tests_cluster` together run every CUDA test, each exactly once.
+    sel = {n: w for n, w in _steps() if n in ("tests", "tests_cluster")}
+    assert set(sel) == {"tests", "tests_cluster"}
+
+    def collected(words):
+        args = words[words.index("-m") + 2:]             # after "-m pytest"
+        args = [a for a in args if a != "-q" and not a.startswith("--junitxml")]
+        r = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", *args],
+                           cwd=ROOT, capture_output=True, text=True)
+        ids = {ln for ln in r.stdout.splitlines() if "::" in ln}
+        assert r.returncode == 0 and ids, r.stdout[-2000:] + r.stderr[-2000:]
+        return ids
+
+    main, cluster = collected(sel["tests"]), collected(sel["tests_cluster"])
+    all_cuda = collected(["-m", "pytest", "tests", "-m", "cuda", "-p", "no:cacheprovider"])
+    assert not main & cluster and main | cluster == all_cuda
