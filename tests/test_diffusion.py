@@ -153,6 +153,23 @@ def test_sigma_max_zero_is_ddpm():
     np.testing.assert_allclose(xt.numpy(), want, rtol=0, atol=1e-12)
 
 
+def test_scaled_sigmas_give_the_same_process_at_twice_the_side():
+    # docs/training.md, "Larger images": with the continuous kernel, sigma, sigma_min and
+    # sigma_max doubled at 128 x 128 give DCT index k (k/2 cycles across the image) the
+    # process it has at 64 x 64, since exp(-(2s pi k / 128)^2 / 2) = exp(-(s pi k / 64)^2 / 2).
+    kw = dict(num_steps=100, blur_schedule="quartic", kernel="continuous")
+    small = BlurDiffusion(resolution=64, sigma=0.4, sigma_min=0.05, sigma_max=0.15, **kw)
+    large = BlurDiffusion(resolution=128, sigma=0.8, sigma_min=0.1, sigma_max=0.3, **kw)
+    t = torch.tensor([1, 37, 100])
+    np.testing.assert_allclose(large.log_abar(t)[:, :64, :64].numpy(),
+                               small.log_abar(t).numpy(), rtol=1e-12, atol=1e-12)
+    # the discrete kernel at 0.4 pixel is far from Gaussian, so there the two differ
+    kw["kernel"] = "discrete"
+    small = BlurDiffusion(resolution=64, sigma=0.4, sigma_max=0.15, **kw)
+    large = BlurDiffusion(resolution=128, sigma=0.8, sigma_max=0.3, **kw)
+    assert (large.log_abar(torch.tensor([100]))[:, :64, :64] - small.log_abar(torch.tensor([100]))).abs().max() > 1
+
+
 def test_fine_to_coarse_destroys_low_frequencies_first():
     c2f = BlurDiffusion(resolution=16, coarse_to_fine=True).log_abar(torch.tensor([500]))[0]
     f2c = BlurDiffusion(resolution=16, coarse_to_fine=False).log_abar(torch.tensor([500]))[0]

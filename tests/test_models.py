@@ -16,6 +16,30 @@ def test_paper64_has_the_papers_parameter_count():
                for x in m.modules()) == 3 * 2 + 4 * 2 + 1   # 16x16, 8x8 (down and up), middle
 
 
+def test_larger_configs_in_the_docs_keep_attention_at_16_and_8():
+    # docs/training.md, "Larger images": one level per doubling keeps paper64's attention
+    # blocks (16x16 and 8x8, down and up, and the middle) at 128 and 256; the table's
+    # parameter counts are the model's.
+    import re
+    from pathlib import Path
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    rows = re.findall(r"^  \| (\d+) \| `--preset paper64(?: --channel-mult ([\d ]+))?` \| "
+                      r"([\d.]+) M \|$", doc, re.M)
+    assert [r[0] for r in rows] == ["64", "128", "256"]
+    for res, mult, count in rows:
+        mult = tuple(int(m) for m in mult.split()) if mult else (1, 2, 3, 4)
+        with torch.device("meta"):
+            m = UNet.from_preset("paper64", resolution=int(res), channel_mult=mult)
+        assert round(m.num_parameters() / 1e6, 2) == float(count)
+        sides = []
+        for blk in m.modules():
+            if blk.__class__.__name__ == "Attention":
+                blk.register_forward_hook(lambda mod, args, out: sides.append(out.shape[-1]))
+        with torch.device("meta"):
+            m(torch.zeros(1, 3, int(res), int(res)), torch.zeros(1, dtype=torch.long))
+        assert sorted(sides) == sorted([16] * 7 + [8] * 7 + [int(res) >> (len(mult) - 1)])
+
+
 def test_small_has_a_few_million_parameters():
     with torch.device("meta"):
         m = UNet.from_preset("small", resolution=32)
