@@ -79,6 +79,9 @@ IMPLS = ("blurfast", "blurfast_dense", "blurfast_simple", "torch_fp32", "torch_t
          "torch_fft", "cupy")
 VARIANT_IMPLS = ("blurfast_prefetch", "blurfast_noprefetch", "blurfast_wide", "blurfast_occ",
                  "blurfast_cluster", "blurfast_cluster8")
+# Timed and untimed calls per row: {device type: (full run, --quick)}.
+ITERS = {"cuda": (200, 30), "cpu": (10, 3)}
+WARMUP = {"cuda": (20, 5), "cpu": (1, 1)}
 DTYPES = ("float32", "bfloat16")      # bfloat16 rows: blurfast impls on CUDA only
 CUDA_SHAPES = ((256, 3, 64, 64), (64, 3, 256, 256), (16, 3, 64, 64))
 CUDA_EXTRA_SHAPES = ((256, 3, 32, 32), (64, 3, 128, 128))   # full (not --quick) runs
@@ -738,10 +741,11 @@ def run(device=None, quick: bool = False, *, cases=None, impls=None, shapes=None
         shapes = CUDA_SHAPES if quick else CUDA_SHAPES + CUDA_EXTRA_SHAPES
     else:
         shapes = CPU_SHAPES
+    kind = "cuda" if is_cuda else "cpu"
     if iters is None:
-        iters = (30 if quick else 200) if is_cuda else (3 if quick else 10)
+        iters = ITERS[kind][quick]
     if warmup is None:
-        warmup = (5 if quick else 20) if is_cuda else 1
+        warmup = WARMUP[kind][quick]
 
     torch.manual_seed(0)
     result = run_header(device, quick=quick, iters=iters)
@@ -952,15 +956,22 @@ def main(argv=None) -> int:
                    help="model-step configurations besides the two baselines, which are "
                         "always timed (default: blurfast; blurfast_compile adds torch.compile, "
                         "which takes minutes to compile)")
-    p.add_argument("--cases", nargs="+", choices=CASES, default=None)
+    p.add_argument("--cases", nargs="+", choices=CASES, default=None, metavar="CASE",
+                   help=f"default: all of {', '.join(CASES)}")
     p.add_argument("--impls", nargs="+", choices=IMPLS + VARIANT_IMPLS, default=None,
-                   help="default: all but the variants on trial")
+                   metavar="IMPL", help=f"default: {', '.join(IMPLS)}; variants on trial: "
+                                        f"{', '.join(VARIANT_IMPLS)}")
     p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=None,
                    help="I/O types (default: float32, plus bfloat16 on CUDA)")
     p.add_argument("--shapes", nargs="+", default=None, metavar="BxCxHxW",
                    help="e.g. 16x3x64x64 (overrides the default shapes)")
-    p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None,
+                   help="timed calls per row, median reported (default: CUDA "
+                        "{0[cuda][0]}, {0[cuda][1]} with --quick; CPU {0[cpu][0]}, "
+                        "{0[cpu][1]} with --quick)".format(ITERS))
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed calls first (default: CUDA {0[cuda][0]}, {0[cuda][1]} with "
+                        "--quick; CPU {0[cpu][0]})".format(WARMUP))
     p.add_argument("--strict", action="store_true",
                    help="exit 1 when blurfast or a torch peer raised (cupy errors are only "
                         "reported: they depend on the machine's cupy install)")

@@ -65,7 +65,7 @@ def _add_fid(sub) -> None:
                    help="clean-fid's inception-2015-12-05.pt (file or folder); default where "
                         "clean-fid keeps it (/tmp)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    s.add_argument("--batch", type=int, default=64)
+    s.add_argument("--batch", type=int, default=64, help="images per Inception batch (default 64)")
     s.add_argument("--save-stats", default=None, help="also write the reference mu/sigma here")
     s.add_argument("--no-cache", action="store_true", help="do not read or write the stats cache")
     s.add_argument("--features", default=None, metavar="MODULE:FUNCTION",
@@ -118,11 +118,14 @@ def _add_sample(sub) -> None:
     s.add_argument("--stochastic-first", type=float, default=0.0, metavar="FRACTION",
                    help="eta=1 on this first fraction of the steps, then --eta (ddim and exp2m; "
                         "0.3 corrects the prior's error, see docs/process.md)")
-    s.add_argument("--spacing", default="uniform", choices=["uniform", "quadratic"])
+    s.add_argument("--spacing", default="uniform", choices=["uniform", "quadratic"],
+                   help="which steps of 1..N the model is called at (default uniform)")
     s.add_argument("--batch", type=int, default=256, help="images per batch (default 256)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0,
+                   help="with the image index, fixes all of an image's noise (default 0)")
     s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--format", dest="fmt", choices=["png", "npz"], default="png")
+    s.add_argument("--format", dest="fmt", choices=["png", "npz"], default="png",
+                   help="one PNG per image, or one .npz of uint8 (N, H, W, C) (default png)")
     s.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda if available")
     s.add_argument("--precision", choices=["bf16", "fp32"], default=None,
@@ -133,7 +136,7 @@ def _add_sample(sub) -> None:
                    help="replay each step's model call from a CUDA graph")
     s.add_argument("--no-clip", action="store_true",
                    help="do not clamp the model's x0 estimate to the data range")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_sample)
 
 

@@ -47,81 +47,133 @@ def _add_train(sub) -> None:
     g.add_argument("--out", metavar="RUN_DIR", help="run directory")
     g.add_argument("--resume", metavar="auto|CKPT",
                    help="'auto': newest valid checkpoint of RUN_DIR; or a checkpoint directory")
-    g.add_argument("--resolution", type=int)
-    g.add_argument("--channels", type=int)
+    g.add_argument("--resolution", type=int, help="image side; must match a prepared array")
+    g.add_argument("--channels", type=int, help="image channels")
     g.add_argument("--resize", choices=RESIZE_MODES,
                    help="for image folders and lmdb read directly")
-    g.add_argument("--pixel-range", dest="pixel_range", choices=PIXEL_RANGES)
+    g.add_argument("--pixel-range", dest="pixel_range", choices=PIXEL_RANGES,
+                   help="pixel values the model sees; the paper's code used 0,1")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction,
-                   help="random horizontal flips (default on)")
-    g.add_argument("--num-workers", dest="num_workers", type=int)
+                   help="random horizontal flips")
+    g.add_argument("--num-workers", dest="num_workers", type=int,
+                   help="DataLoader processes (default: 4 on CUDA, 0 on CPU)")
     g = p.add_argument_group("model")
-    g.add_argument("--preset", choices=sorted(PRESETS))
-    g.add_argument("--base-channels", dest="base_channels", type=int)
-    g.add_argument("--channel-mult", dest="channel_mult", type=int, nargs="+")
-    g.add_argument("--num-res-blocks", dest="num_res_blocks", type=int)
-    g.add_argument("--attention-resolutions", dest="attention_resolutions", type=int, nargs="*")
-    g.add_argument("--num-heads", dest="num_heads", type=int)
-    g.add_argument("--dropout", type=float)
+    g.add_argument("--preset", choices=sorted(PRESETS),
+                   help="named U-Net configuration; the flags below override its entries")
+    g.add_argument("--base-channels", dest="base_channels", type=int,
+                   help="channels of the first level (a multiple of 32)")
+    g.add_argument("--channel-mult", dest="channel_mult", type=int, nargs="+", metavar="M",
+                   help="width of each level in base channels; one level per entry")
+    g.add_argument("--num-res-blocks", dest="num_res_blocks", type=int,
+                   help="residual blocks per level")
+    g.add_argument("--attention-resolutions", dest="attention_resolutions", type=int,
+                   nargs="*", metavar="R",
+                   help="feature-map sides with self-attention (none: only the middle)")
+    g.add_argument("--num-heads", dest="num_heads", type=int, help="attention heads")
+    g.add_argument("--dropout", type=float, help="dropout in the residual blocks")
     g.add_argument("--freq-input", dest="freq_input", action=argparse.BooleanOptionalAction,
                    help="also feed dct2(x_t) to the model")
     g = p.add_argument_group("diffusion (BlurDiffusion arguments)")
-    g.add_argument("--num-steps", dest="num_steps", type=int)
-    g.add_argument("--noise-schedule", dest="noise_schedule", choices=NOISE_SCHEDULES)
-    g.add_argument("--beta-min", dest="beta_min", type=float)
-    g.add_argument("--beta-max", dest="beta_max", type=float)
-    g.add_argument("--blur-schedule", dest="blur_schedule", choices=BLUR_SCHEDULES)
-    g.add_argument("--sigma", type=float)
-    g.add_argument("--sigma-min", dest="sigma_min", type=float)
-    g.add_argument("--sigma-max", dest="sigma_max", type=float)
-    g.add_argument("--kernel", choices=KERNELS)
+    g.add_argument("--num-steps", dest="num_steps", type=int, help="N, the diffusion steps")
+    g.add_argument("--noise-schedule", dest="noise_schedule", choices=NOISE_SCHEDULES,
+                   help="beta_i")
+    g.add_argument("--beta-min", dest="beta_min", type=float, help="first beta (linear)")
+    g.add_argument("--beta-max", dest="beta_max", type=float, help="last beta (linear)")
+    g.add_argument("--blur-schedule", dest="blur_schedule", choices=BLUR_SCHEDULES,
+                   help="f(i), the blur added at step i")
+    g.add_argument("--sigma", type=float, help="blur kernel width in pixels")
+    g.add_argument("--sigma-min", dest="sigma_min", type=float,
+                   help="blur width of step 1 in pixels: f(1) = (sigma_min / sigma)^2")
+    g.add_argument("--sigma-max", dest="sigma_max", type=float,
+                   help="blur width of step N in pixels: f(N) = (sigma_max / sigma)^2")
+    g.add_argument("--kernel", choices=KERNELS,
+                   help="sampled Gaussian (as scipy's gaussian_filter) or the heat equation")
     g.add_argument("--coarse-to-fine", dest="coarse_to_fine",
-                   action=argparse.BooleanOptionalAction)
-    g.add_argument("--target", choices=TARGETS)
+                   action=argparse.BooleanOptionalAction,
+                   help="off: the paper's fine-to-coarse ablation")
+    g.add_argument("--target", choices=TARGETS, help="training target (DESIGN.md 2.4)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--batch-size", dest="batch_size", type=int, help="per process")
-    g.add_argument("--steps", type=int, help="step to stop at")
-    g.add_argument("--lr", type=float)
-    g.add_argument("--optimizer", choices=["adam", "adamw"])
-    g.add_argument("--betas", type=float, nargs=2)
-    g.add_argument("--weight-decay", dest="weight_decay", type=float)
-    g.add_argument("--adam-eps", dest="adam_eps", type=float)
+    g.add_argument("--batch-size", dest="batch_size", type=int,
+                   help="per process; the global batch is this times the processes")
+    g.add_argument("--steps", type=int, help="step to stop at (a resumed run goes on to it)")
+    g.add_argument("--lr", type=float, help="learning rate")
+    g.add_argument("--optimizer", choices=["adam", "adamw"], help="fused implementation")
+    g.add_argument("--betas", type=float, nargs=2, metavar=("B1", "B2"), help="Adam betas")
+    g.add_argument("--weight-decay", dest="weight_decay", type=float, help="weight decay")
+    g.add_argument("--adam-eps", dest="adam_eps", type=float, help="Adam epsilon")
     g.add_argument("--warmup", type=int, help="linear learning-rate warmup steps")
     g.add_argument("--grad-clip", dest="grad_clip", type=_none_or(float),
                    help="max gradient norm, or 'none'")
-    g.add_argument("--ema-decay", dest="ema_decay", type=float)
+    g.add_argument("--ema-decay", dest="ema_decay", type=float, help="EMA decay per step")
     g.add_argument("--ema-halflife-kimg", dest="ema_halflife_kimg", type=float,
                    help="EMA half-life in thousands of images (instead of --ema-decay)")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--max-nonfinite", dest="max_nonfinite", type=int)
+    g.add_argument("--seed", type=int, help="all randomness derives from it")
+    g.add_argument("--max-nonfinite", dest="max_nonfinite", type=int,
+                   help="stop after this many non-finite losses in a row")
     g = p.add_argument_group("speed")
-    g.add_argument("--device", choices=["cpu", "cuda"])
-    g.add_argument("--precision", choices=["bf16", "fp32"])
+    g.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
+    g.add_argument("--precision", choices=["bf16", "fp32"],
+                   help="bf16 autocast or fp32 (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--channels-last", dest="channels_last",
-                   action=argparse.BooleanOptionalAction)
-    g.add_argument("--tf32", action=argparse.BooleanOptionalAction)
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction)
+                   action=argparse.BooleanOptionalAction,
+                   help="channels_last memory format (default off: NCHW measured faster)")
+    g.add_argument("--tf32", action=argparse.BooleanOptionalAction,
+                   help="TF32 for fp32 matrix products and convolutions")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the model (compiling takes minutes)")
     g.add_argument("--cuda-graphs", dest="cuda_graphs", action=argparse.BooleanOptionalAction,
                    help="capture the whole step in a CUDA graph (one GPU)")
     g = p.add_argument_group("logging and checkpoints")
-    g.add_argument("--log-every", dest="log_every", type=int)
-    g.add_argument("--save-every", dest="save_every", type=int)
+    g.add_argument("--log-every", dest="log_every", type=int, help="steps between log rows")
+    g.add_argument("--save-every", dest="save_every", type=int,
+                   help="steps between checkpoints (also at the end and on SIGTERM/SIGINT)")
     g.add_argument("--keep", type=int, help="checkpoints kept")
-    g.add_argument("--sample-every", dest="sample_every", type=int)
-    g.add_argument("--sample-count", dest="sample_count", type=int)
-    g.add_argument("--sample-steps", dest="sample_steps", type=int)
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction)
+    g.add_argument("--sample-every", dest="sample_every", type=int,
+                   help="steps between sample grids of the EMA weights")
+    g.add_argument("--sample-count", dest="sample_count", type=int, help="images per grid")
+    g.add_argument("--sample-steps", dest="sample_steps", type=int,
+                   help="DDIM steps of the grids")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                   help="progress bar and the printed config")
     g = p.add_argument_group("FID during training")
     g.add_argument("--fid-every", dest="fid_every", type=int,
                    help="FID every that many steps (and at the end); keeps RUN_DIR/best/")
     g.add_argument("--fid-ref", dest="fid_ref", metavar="PATH",
                    help="reference: image folder, lmdb, prepared .npy or STATS.npz")
-    g.add_argument("--fid-n", dest="fid_n", type=int, help="samples per FID (default 1000)")
+    g.add_argument("--fid-n", dest="fid_n", type=int, help="samples per FID")
     g.add_argument("--fid-steps", dest="fid_steps", type=int,
-                   help="DDIM model calls per sample (default 100)")
+                   help="DDIM model calls per sample")
     g.add_argument("--inception", metavar="PATH",
                    help="clean-fid's inception-2015-12-05.pt (default: clean-fid's location)")
+    _show_defaults(p)
     p.set_defaults(func=_train_main)
+
+
+def _show_defaults(parser) -> None:
+    """Appends "(default: X)" to each flag's help, X read off train(), BlurDiffusion and
+    UNet, so that the help cannot disagree with them."""
+    import inspect
+
+    from .diffusion import BlurDiffusion
+    from .models import UNet
+    from .training import train
+
+    def defaults(fn, keys=None):
+        return {k: v.default for k, v in inspect.signature(fn).parameters.items()
+                if v.default is not inspect.Parameter.empty and (keys is None or k in keys)}
+    known = {**defaults(train), **defaults(BlurDiffusion, _DIFFUSION_KEYS)}
+    in_presets = set().union(*PRESETS.values())
+    for k, v in defaults(UNet, _MODEL_KEYS).items():
+        known[k] = "the preset's" if k in in_presets else v
+    for a in parser._actions:
+        v = known.get(a.dest)
+        if v is None or not a.help or "default" in a.help:
+            continue
+        if isinstance(v, bool):
+            v = "on" if v else "off"
+        elif isinstance(v, (tuple, list)):
+            v = " ".join(map(str, v))
+        a.help += f" (default: {v})"
 
 
 def _add_prepare(sub) -> None:
@@ -131,13 +183,15 @@ def _add_prepare(sub) -> None:
                     "(N, R, R, C). Unreadable images are skipped and reported.")
     p.add_argument("src", metavar="SRC", help="image folder or LSUN <category>_<split>_lmdb")
     p.add_argument("out", metavar="OUT", help="output .npy file")
-    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--resolution", type=int, default=64, help="side of the square images (default 64)")
     p.add_argument("--resize", choices=RESIZE_MODES, default="squash",
                    help="squash: the paper's preprocessing; center-crop: the usual one")
-    p.add_argument("--channels", type=int, choices=[1, 3], default=3)
+    p.add_argument("--channels", type=int, choices=[1, 3], default=3,
+                   help="1: grayscale, 3: RGB (default 3)")
     p.add_argument("--workers", type=int, default=None, help="decoding processes")
     p.add_argument("--limit", type=int, default=None, help="only the first N images")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar")
     p.set_defaults(func=_prepare_main)
 
 

@@ -139,7 +139,8 @@ def main(argv=None) -> int:
                    help="image folder, LSUN lmdb or prepared .npy (default: scikit-image's photos)")
     p.add_argument("--resolution", type=int, default=None,
                    help="default 64 on a GPU, 32 on a CPU")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cuda if available")
     p.add_argument("--no-bench", action="store_true", help="skip the quick benchmark")
     p.add_argument("--smoke", action="store_true", help="tiny everything, seconds (for tests)")
     a = p.parse_args(argv)

@@ -118,3 +118,19 @@ def test_demo_smoke(tmp_path):
     assert list((out / "run" / "checkpoints").iterdir())
     strip = _png(out / "forward_strip.png")
     assert strip.shape[0] >= 4 * 16                   # one row per photograph
+
+
+@pytest.mark.parametrize("command", ["info", "train", "prepare", "sample", "fid", "bench", "demo"])
+def test_every_flag_of_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    lines = text.split("options:", 1)[1].splitlines()
+    for i, line in enumerate(lines):
+        if not line.startswith("  -"):
+            continue
+        flag, _, rest = line.strip().partition("  ")      # argparse puts help 2+ spaces on
+        described = rest.strip() or (i + 1 < len(lines) and lines[i + 1].startswith(" " * 6)
+                                     and not lines[i + 1].lstrip().startswith("-"))
+        assert described, f"blurfast {command}: {flag} has no help"

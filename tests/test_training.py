@@ -449,6 +449,38 @@ def test_cli_config_file_and_flags(made16, tmp_path):
     assert a.func(a) == 2                                 # ValueError -> exit code 2
 
 
+def test_train_help_documents_every_flag_with_the_documented_default():
+    # Every flag of `blurfast train --help` says what it does, and the default it shows
+    # (read off train() and BlurDiffusion) is the one docs/training.md's tables give.
+    import re
+    from pathlib import Path
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    train_p = sub.choices["train"]
+    shown = {}
+    for a in train_p._actions:
+        assert a.help, f"{a.option_strings} has no help"
+        m = re.search(r"\(default: ([^)]*)\)$", a.help)
+        if m:
+            shown[a.option_strings[0]] = m.group(1)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    doc = doc[doc.index("### Flags (and `train()` arguments)"):doc.index("### The step")]
+    compared = 0
+    for line in doc.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        m = re.fullmatch(r"`(--[a-z0-9-]+)(?:/--no-[a-z0-9-]+)?`(?: \(.*\))?", cells[0])
+        if not m or m.group(1) not in shown:
+            continue
+        flag = m.group(1)
+        want = cells[2 if len(cells) == 4 else 1].replace("`", "")  # flag, train(), default, meaning
+        got = shown[flag]
+        try:
+            assert float(want) == float(got), flag
+        except ValueError:
+            assert want.split()[0] == got.split()[0], (flag, want, got)
+        compared += 1
+    assert compared >= 25, compared
+
+
 def test_cli_prepare(tmp_path, capsys):
     src = made_photos(tmp_path / "src", 4, size=20)
     (src / "00002.png").write_bytes(b"broken")
