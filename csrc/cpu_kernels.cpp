@@ -1,4 +1,4 @@
-// CPU kernels: separable matrix DCT per plane, the fused spectral op, Philox normals.
+// CPU kernels: separable DCT per plane, the fused spectral op, Philox normals.
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -7,11 +7,13 @@
 #include <mutex>
 #include <stdexcept>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "blurfast.h"
 #include "common.h"
+#include "cpu_vector_passes.h"
 
 namespace blurfast {
 namespace {
@@ -105,7 +107,7 @@ __attribute__((always_inline)) inline void transform_plane_body(const T* x, T* y
   }
 }
 
-// The even/odd split for square N x N planes, N even (the fast paths): a 1-D transform of
+// The even/odd split for square N x N float64 planes, N even: a 1-D transform of
 // length N is two (N/2)^2 products, X[2k] = sum_{i<N/2} C[2k][i] (x[i] + x[N-1-i]) and
 // X[2k+1] = sum_{i<N/2} C[2k+1][i] (x[i] - x[N-1-i]); the inverse forms u (from the even
 // X) and v (from the odd X) and writes x[i] = u + v, x[N-1-i] = u - v. Half the
@@ -222,20 +224,31 @@ struct EvenOdd {
   }
 };
 
-// Plane transforms. Generic: dense products (any H, W). Square: the even/odd split
-// (square powers of two 8..256). Both are compiled twice: for the baseline x86-64 (SSE2)
-// and, chosen at run time where the CPU has them, for AVX2 with FMA.
+// Plane transforms. Vector: float32 planes whose sides are powers of two 8..256, a
+// column pass then a row pass (cpu_vector_passes.h). Square: the even/odd split (float64
+// square powers of two 8..256). Generic: dense products (any other H, W). All are
+// compiled twice: for the baseline x86-64 (SSE2) and, chosen at run time where the CPU
+// has them, for AVX2 with FMA.
+using PassFn = void (*)(const float*, float*, int64_t);
+
 template <typename T>
 struct PlaneArgs {
   int64_t H, W;
   const T *row_m, *col_m;       // generic
   const DctTable<T>* table;     // square
+  PassFn column, row;           // vector: along H, then along W
 };
 
 template <typename T>
 using PlaneFn = void (*)(const T*, T*, const PlaneArgs<T>&, T*);
 
-#define BLURFAST_PLANE_FNS(SUFFIX, ATTR)                                                   \
+// The second pass works in place on the first one's output.
+void vector_plane(const float* x, float* y, const PlaneArgs<float>& a, float*) {
+  a.column(x, y, a.W);
+  a.row(y, y, a.H);
+}
+
+#define BLURFAST_PLANE_FNS(SUFFIX, ATTR, VEC)                                              \
   template <typename T>                                                                    \
   ATTR void generic_plane##SUFFIX(const T* x, T* y, const PlaneArgs<T>& a, T* tmp) {       \
     transform_plane_body<T>(x, y, a.H, a.W, a.row_m, a.col_m, tmp);                        \
@@ -251,12 +264,22 @@ using PlaneFn = void (*)(const T*, T*, const PlaneArgs<T>&, T*);
   ATTR __attribute__((flatten)) void normal_fill##SUFFIX(uint64_t seed, uint64_t e0,        \
                                                          int64_t n, float* out) {          \
     philox_normal_fill<float>(seed, e0, n, out);                                           \
+  }                                                                                        \
+  template <int N, bool Inverse>                                                           \
+  ATTR __attribute__((flatten)) void column_pass##SUFFIX(const float* in, float* out,      \
+                                                         int64_t w) {                      \
+    cpuvec::column_pass<cpuvec::VEC, N, Inverse>(in, out, w);                              \
+  }                                                                                        \
+  template <int N, bool Inverse>                                                           \
+  ATTR __attribute__((flatten)) void row_pass##SUFFIX(const float* in, float* out,         \
+                                                      int64_t rows) {                      \
+    cpuvec::row_pass<cpuvec::VEC, N, Inverse>(in, out, rows);                              \
   }
 
-BLURFAST_PLANE_FNS(, )
+BLURFAST_PLANE_FNS(, , V4)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define BLURFAST_AVX2_CLONES 1
-BLURFAST_PLANE_FNS(_avx2, __attribute__((target("avx2,fma"))))
+BLURFAST_PLANE_FNS(_avx2, __attribute__((target("avx2,fma"))), V8)
 
 // BLURFAST_CPU_KERNELS=baseline turns the AVX2 code off (read per call, for tests).
 bool use_avx2_fma() {
@@ -288,9 +311,33 @@ PlaneFn<T> square_fn() {
   return square_plane<T, N, Inverse>;
 }
 
+// The vector pass of length n along columns (Row: along rows), or null for other n.
+template <bool Inverse, bool Row>
+PassFn vector_pass(int64_t n) {
+#ifdef BLURFAST_AVX2_CLONES
+#define BF_PICK(N)                                                                        \
+  return Row ? (use_avx2_fma() ? row_pass_avx2<N, Inverse> : row_pass<N, Inverse>)        \
+             : (use_avx2_fma() ? column_pass_avx2<N, Inverse> : column_pass<N, Inverse>)
+#else
+#define BF_PICK(N) return Row ? row_pass<N, Inverse> : column_pass<N, Inverse>
+#endif
+  switch (n) {
+    case 8: BF_PICK(8);
+    case 16: BF_PICK(16);
+    case 32: BF_PICK(32);
+    case 64: BF_PICK(64);
+    case 128: BF_PICK(128);
+    case 256: BF_PICK(256);
+    default: return nullptr;
+  }
+#undef BF_PICK
+}
+
 template <typename T, bool Inverse>
 PlaneFn<T> plane_fn(int64_t H, int64_t W) {
-  if (H == W) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (vector_pass<Inverse, false>(H) && vector_pass<Inverse, true>(W)) return vector_plane;
+  } else if (H == W) {
     switch (H) {
       case 8: return square_fn<T, 8, Inverse>();
       case 16: return square_fn<T, 16, Inverse>();
@@ -319,7 +366,9 @@ struct Transform {
     const DctTable<T>& tw = dct_table<T>(W);
     // forward: y = C_H x C_W^T; inverse: y = C_H^T x C_W.
     args = PlaneArgs<T>{H, W, inverse ? tw.c.data() : tw.ct.data(),
-                        inverse ? th.ct.data() : th.c.data(), &th};
+                        inverse ? th.ct.data() : th.c.data(), &th,
+                        inverse ? vector_pass<true, false>(H) : vector_pass<false, false>(H),
+                        inverse ? vector_pass<true, true>(W) : vector_pass<false, true>(W)};
   }
   void operator()(const T* x, T* y, T* tmp) const { fn(x, y, args, tmp); }
 };

@@ -1,6 +1,8 @@
 // Fast 1-D DCTs on one thread's registers, O(M log M): DCT-II, its transpose DCT-III,
-// and DCT-IV, of power-of-two lengths M <= 128. Host and device code alike (BF_HD): the
-// fast passes of line_passes.h use them, and the CPU emulator runs them too.
+// and DCT-IV, of power-of-two lengths M <= 256. Host and device code alike (BF_HD): the
+// fast passes of line_passes.h use them, and the CPU emulator runs them too. The element
+// type V is float, or on the CPU a vector of floats (cpu_vector_passes.h: one line per
+// lane); the twiddles are float constants either way.
 //
 // Unnormalised kernels, with a scale g = 2^(E/2):
 //   DCT-II   X[k] = g_k sum_n x[n] cos(pi (2n+1) k / 2M),  g_0 = 2^(E0/2), g_k = g (k > 0)
@@ -79,8 +81,8 @@ constexpr double pow_sqrt2(int e) {
 }
 
 // (re, im) = 2^(E/2) e^(-i pi P/Q) (a + i b). Unscaled rotations by 0 and pi/2 cost nothing.
-template <int P, int Q, int E>
-BF_HD void rotate(float a, float b, float& re, float& im) {
+template <int P, int Q, int E, typename V>
+BF_HD void rotate(V a, V b, V& re, V& im) {
   if constexpr (E == 0 && P % (2 * Q) == 0) {
     re = a;
     im = b;
@@ -96,14 +98,14 @@ BF_HD void rotate(float a, float b, float& re, float& im) {
 }
 
 // In-place forward FFT Z[k] = sum_n z[n] e^(-2 pi i n k / P); Z[k] lands at bit_reverse(k).
-template <int P>
-BF_HD void fft(float* re, float* im) {
+template <int P, typename V>
+BF_HD void fft(V* re, V* im) {
   static_for<log2i(P)>([&](auto stage) {
     constexpr int s = P >> (decltype(stage)::value + 1);         // butterfly span
     static_for<P / 2>([&](auto u) {
       constexpr int j = decltype(u)::value % s;
       constexpr int i0 = (decltype(u)::value / s) * 2 * s + j, i1 = i0 + s;
-      const float ar = re[i0], ai = im[i0], br = re[i1], bi = im[i1];
+      const V ar = re[i0], ai = im[i0], br = re[i1], bi = im[i1];
       re[i0] = ar + br;
       im[i0] = ai + bi;
       rotate<j, s, 0>(ar - br, ai - bi, re[i1], im[i1]);        // times e^(-i pi j / s)
@@ -112,14 +114,14 @@ BF_HD void fft(float* re, float* im) {
 }
 
 // DCT-IV of v[0 .. M-1], in place.
-template <int M, int E>
-BF_HD void dct4(float* v) {
+template <int M, int E, typename V>
+BF_HD void dct4(V* v) {
   if constexpr (M == 1) {
     constexpr float c = (float)(pow_sqrt2(E) * cospi_ratio(1, 4));
     v[0] *= c;
   } else {
     constexpr int P = M / 2;
-    float re[P], im[P];
+    V re[P], im[P];
     static_for<P>([&](auto n_) {
       constexpr int n = decltype(n_)::value;
       rotate<n, M, 0>(v[2 * n], v[M - 1 - 2 * n], re[n], im[n]);
@@ -127,7 +129,7 @@ BF_HD void dct4(float* v) {
     fft<P>(re, im);
     static_for<P>([&](auto k_) {
       constexpr int k = decltype(k_)::value, at = bit_reverse(k, log2i(P));
-      float sr, si;
+      V sr, si;
       rotate<4 * k + 1, 4 * M, E>(re[at], im[at], sr, si);
       v[2 * k] = sr;
       v[M - 1 - 2 * k] = -si;
@@ -136,13 +138,13 @@ BF_HD void dct4(float* v) {
 }
 
 // DCT-II of x[0 .. M-1], in place.
-template <int M, int E, int E0>
-BF_HD void dct2(float* x) {
+template <int M, int E, int E0, typename V>
+BF_HD void dct2(V* x) {
   if constexpr (M == 1) {
     if constexpr (E0 != 0) x[0] *= (float)pow_sqrt2(E0);
   } else {
     constexpr int H = M / 2;
-    float e[H], o[H];
+    V e[H], o[H];
     static_for<H>([&](auto n_) {
       constexpr int n = decltype(n_)::value;
       e[n] = x[n] + x[M - 1 - n];
@@ -159,13 +161,13 @@ BF_HD void dct2(float* x) {
 }
 
 // DCT-III (the transpose of dct2<M, E, E0>) of X[0 .. M-1], in place.
-template <int M, int E, int E0>
-BF_HD void dct3(float* x) {
+template <int M, int E, int E0, typename V>
+BF_HD void dct3(V* x) {
   if constexpr (M == 1) {
     if constexpr (E0 != 0) x[0] *= (float)pow_sqrt2(E0);
   } else {
     constexpr int H = M / 2;
-    float e[H], o[H];
+    V e[H], o[H];
     static_for<H>([&](auto k_) {
       constexpr int k = decltype(k_)::value;
       e[k] = x[2 * k];
