@@ -71,6 +71,23 @@ def test_dct2_vector_passes_within_twice_torchs_error(hw, cpu_isa):
         assert err <= 2e-6 and err <= 2 * rel_err(theirs(x), want), (ours.__name__, err)
 
 
+def test_cpu_results_do_not_depend_on_the_thread_count():
+    # 16x3x256x256 is estimated at several ms, so with 2 threads the planes are split
+    # between two (csrc/cpu_kernels.cpp, parallel_planes); each plane's bits stay the same.
+    x = _rand(16, 3, 256, 256)
+    a = torch.rand(16, 1, 256, 256, generator=torch.Generator().manual_seed(1))
+    before = torch.get_num_threads()
+    got = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got.append((bf.dct2(x), bf.idct2(x), *bf.spectral(x, a, g=a, seed=5, return_noise=True)))
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(*got):
+        assert torch.equal(one, two)
+
+
 @pytest.mark.parametrize("hw", ODD_SIZES)
 def test_dct2_generic_sizes_float32(hw, cpu_isa):
     x = _rand(4, *hw)
