@@ -80,8 +80,8 @@ IMPLS = ("blurfast", "blurfast_dense", "blurfast_simple", "torch_fp32", "torch_t
 VARIANT_IMPLS = ("blurfast_prefetch", "blurfast_noprefetch", "blurfast_wide", "blurfast_occ",
                  "blurfast_cluster", "blurfast_cluster8")
 # Timed and untimed calls per row: {device type: (full run, --quick)}.
-ITERS = {"cuda": (200, 30), "cpu": (10, 3)}
-WARMUP = {"cuda": (20, 5), "cpu": (1, 1)}
+ITERS = {"cuda": (200, 30), "cpu": (20, 10)}
+WARMUP = {"cuda": (20, 5), "cpu": (3, 3)}
 DTYPES = ("float32", "bfloat16")      # bfloat16 rows: blurfast impls on CUDA only
 CUDA_SHAPES = ((256, 3, 64, 64), (64, 3, 256, 256), (16, 3, 64, 64))
 CUDA_EXTRA_SHAPES = ((256, 3, 32, 32), (64, 3, 128, 128))   # full (not --quick) runs
