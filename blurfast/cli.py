@@ -32,6 +32,12 @@ def _info(args) -> int:
               "  =simple: the simple kernels only.")
     else:
         print("CUDA kernels: not compiled (CPU kernels only)")
+    from . import _C
+    lanes = {"avx2": "AVX2 + FMA build, 8 lanes", "baseline": "baseline x86-64 build, 4 lanes",
+             "portable": "portable build, 4 lanes"}
+    print(f"CPU kernels: {lanes.get(_C.cpu_build(), _C.cpu_build())}: float32 planes with\n"
+          "  power-of-two sides 8..256 on the vector passes, matrix products otherwise;\n"
+          "  BLURFAST_CPU_KERNELS=baseline: the baseline build.")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             cap = torch.cuda.get_device_capability(i)

@@ -127,6 +127,8 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     normal_cpu(mptr(out), n, dtype, seed, offset);
   });
+  m.def("cpu_build", [] { return std::string(cpu_build()); },
+        "The build of the CPU kernels that serves calls now: 'avx2', 'baseline' or 'portable'.");
 
 #ifdef BLURFAST_WITH_CUDA
   m.def("dct2_workspace_elems", [](uintptr_t in, uintptr_t out, int64_t planes, int64_t H,

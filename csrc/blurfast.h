@@ -38,6 +38,9 @@ void dct2_cpu(const void* in, void* out, int64_t planes, int64_t H, int64_t W, i
               bool inverse, int num_threads);
 void spectral_cpu(const SpectralParams& p, int num_threads);
 void normal_cpu(void* out, int64_t n, int dtype, uint64_t seed, uint64_t offset);
+// Which build of the CPU kernels serves calls now: on x86-64 "avx2" (AVX2 + FMA) or
+// "baseline"; elsewhere "portable".
+const char* cpu_build();
 
 // Test hook: runs the fused whole-plane CUDA program (plane_program.h) on the CPU, for
 // float32 and H = W in {32, 64, 128}. mode: 0 dct2 (x1 -> out), 1 idct2, 2 spectral.

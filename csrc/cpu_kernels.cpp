@@ -20,23 +20,13 @@
 namespace blurfast {
 namespace {
 
-// DCT-II matrix C (n x n, C[k*n+i]) and its transpose, cached per (n, type); for even n
-// also its even and odd rows on the first half of the columns (the even/odd split):
-// ev[k][i] = C[2k][i], od[k][i] = C[2k+1][i] and their transposes, k, i < n/2.
+// DCT-II matrix C (n x n, C[k*n+i]) and its transpose, cached per (n, type).
 template <typename T>
 struct DctTable {
-  std::vector<T> c, ct, ev, od, evt, odt;
+  std::vector<T> c, ct;
   explicit DctTable(int64_t n) : c(n * n), ct(n * n) {
     for (int64_t k = 0; k < n; ++k)
       for (int64_t i = 0; i < n; ++i) c[k * n + i] = ct[i * n + k] = (T)dct_coef(k, i, n);
-    if (n % 2) return;
-    const int64_t h = n / 2;
-    ev.resize(h * h), od.resize(h * h), evt.resize(h * h), odt.resize(h * h);
-    for (int64_t k = 0; k < h; ++k)
-      for (int64_t i = 0; i < h; ++i) {
-        ev[k * h + i] = evt[i * h + k] = c[2 * k * n + i];
-        od[k * h + i] = odt[i * h + k] = c[(2 * k + 1) * n + i];
-      }
   }
 };
 
@@ -109,188 +99,57 @@ __attribute__((always_inline)) inline void transform_plane_body(const T* x, T* y
   }
 }
 
-// The even/odd split for square N x N float64 planes, N even: a 1-D transform of
-// length N is two (N/2)^2 products, X[2k] = sum_{i<N/2} C[2k][i] (x[i] + x[N-1-i]) and
-// X[2k+1] = sum_{i<N/2} C[2k+1][i] (x[i] - x[N-1-i]); the inverse forms u (from the even
-// X) and v (from the odd X) and writes x[i] = u + v, x[N-1-i] = u - v. Half the
-// multiply-adds of transform_plane_body. `tmp` holds 2 N^2 elements.
-template <typename T, int N>
-struct EvenOdd {
-  static constexpr int H = N / 2;
-
-  // acc[j][0..H) = sum_i in[j][i] * m[i][0..H) for RB rows j (m: H x H, row-major).
-  __attribute__((always_inline)) static inline void rows_times(const T (*in)[H], const T* m, T (*acc)[H]) {
-    for (int j = 0; j < RB; ++j)
-      for (int l = 0; l < H; ++l) acc[j][l] = 0;
-    for (int i = 0; i < H; ++i) {
-      const T* mi = m + i * H;
-      T v[RB];
-      for (int j = 0; j < RB; ++j) v[j] = in[j][i];
-      for (int l = 0; l < H; ++l) {
-        const T ml = mi[l];
-        for (int j = 0; j < RB; ++j) acc[j][l] += v[j] * ml;
-      }
-    }
-  }
-
-  // out[k][:] = sum_{r<H} m[k][r] * in[r][:] for k in [k0, k0+RB) (rows of N elements).
-  __attribute__((always_inline)) static inline void combine_rows(const T* m, const T* in, int k0, T* out[RB]) {
-    for (int j = 0; j < RB; ++j)
-      for (int l = 0; l < N; ++l) out[j][l] = 0;
-    for (int r = 0; r < H; ++r) {
-      const T* row = in + r * N;
-      T c[RB];
-      for (int j = 0; j < RB; ++j) c[j] = m[(k0 + j) * H + r];
-      for (int l = 0; l < N; ++l) {
-        const T v = row[l];
-        for (int j = 0; j < RB; ++j) out[j][l] += c[j] * v;
-      }
-    }
-  }
-
-  __attribute__((always_inline)) static inline void forward(const T* x, T* y, const DctTable<T>& t, T* tmp) {
-    T* s = tmp + N * N;                       // e rows then o rows, for the column pass
-    for (int r = 0; r < N; r += RB) {          // rows: tmp[r][:] = C x[r][:]
-      T e[RB][H], o[RB][H], ae[RB][H], ao[RB][H];
-      for (int j = 0; j < RB; ++j)
-        for (int i = 0; i < H; ++i) {
-          const T a = x[(r + j) * N + i], b = x[(r + j) * N + N - 1 - i];
-          e[j][i] = a + b;
-          o[j][i] = a - b;
-        }
-      rows_times(e, t.evt.data(), ae);
-      rows_times(o, t.odt.data(), ao);
-      for (int j = 0; j < RB; ++j)
-        for (int k = 0; k < H; ++k) {
-          tmp[(r + j) * N + 2 * k] = ae[j][k];
-          tmp[(r + j) * N + 2 * k + 1] = ao[j][k];
-        }
-    }
-    for (int r = 0; r < H; ++r)                // columns: y = C tmp
-      for (int l = 0; l < N; ++l) {
-        const T a = tmp[r * N + l], b = tmp[(N - 1 - r) * N + l];
-        s[r * N + l] = a + b;
-        s[(H + r) * N + l] = a - b;
-      }
-    for (int k = 0; k < H; k += RB) {
-      T* ye[RB];
-      T* yo[RB];
-      for (int j = 0; j < RB; ++j) {
-        ye[j] = y + 2 * (k + j) * N;
-        yo[j] = y + (2 * (k + j) + 1) * N;
-      }
-      combine_rows(t.ev.data(), s, k, ye);
-      combine_rows(t.od.data(), s + H * N, k, yo);
-    }
-  }
-
-  __attribute__((always_inline)) static inline void inverse(const T* x, T* y, const DctTable<T>& t, T* tmp) {
-    T* s = tmp + N * N;                       // u rows then v rows, for the column pass
-    for (int r = 0; r < N; r += RB) {          // rows: tmp[r][:] = C^T x[r][:]
-      T xe[RB][H], xo[RB][H], u[RB][H], v[RB][H];
-      for (int j = 0; j < RB; ++j)
-        for (int k = 0; k < H; ++k) {
-          xe[j][k] = x[(r + j) * N + 2 * k];
-          xo[j][k] = x[(r + j) * N + 2 * k + 1];
-        }
-      rows_times(xe, t.ev.data(), u);
-      rows_times(xo, t.od.data(), v);
-      for (int j = 0; j < RB; ++j)
-        for (int i = 0; i < H; ++i) {
-          tmp[(r + j) * N + i] = u[j][i] + v[j][i];
-          tmp[(r + j) * N + N - 1 - i] = u[j][i] - v[j][i];
-        }
-    }
-    // columns: u[i][:] = sum_k C[2k][i] tmp[2k][:], v[i][:] = sum_k C[2k+1][i] tmp[2k+1][:]
-    for (int k = 0; k < H; ++k)
-      for (int l = 0; l < N; ++l) {
-        s[k * N + l] = tmp[2 * k * N + l];
-        s[(H + k) * N + l] = tmp[(2 * k + 1) * N + l];
-      }
-    for (int i = 0; i < H; i += RB) {
-      T* u[RB];
-      T* v[RB];
-      for (int j = 0; j < RB; ++j) {
-        u[j] = tmp + (i + j) * N;              // tmp is free again: u and v land there
-        v[j] = tmp + (H + i + j) * N;
-      }
-      combine_rows(t.evt.data(), s, i, u);
-      combine_rows(t.odt.data(), s + H * N, i, v);
-    }
-    for (int i = 0; i < H; ++i)
-      for (int l = 0; l < N; ++l) {
-        const T a = tmp[i * N + l], b = tmp[(H + i) * N + l];
-        y[i * N + l] = a + b;
-        y[(N - 1 - i) * N + l] = a - b;
-      }
-  }
-};
-
-// Plane transforms. Vector: float32 planes whose sides are powers of two 8..256, a
-// column pass then a row pass (cpu_vector_passes.h). Square: the even/odd split (float64
-// square powers of two 8..256). Generic: dense products (any other H, W). All are
-// compiled twice: for the baseline x86-64 (SSE2) and, chosen at run time where the CPU
-// has them, for AVX2 with FMA.
-using PassFn = void (*)(const float*, float*, int64_t);
+// Plane transforms. Vector: planes whose sides are powers of two 8..256, a column pass
+// then a row pass (cpu_vector_passes.h). Generic: dense products (any other H, W). Both
+// are compiled twice: for the baseline x86-64 (SSE2) and, chosen at run time where the
+// CPU has them, for AVX2 with FMA.
+template <typename T>
+using PassFn = void (*)(const T*, T*, int64_t);
 
 template <typename T>
 struct PlaneArgs {
   int64_t H, W;
   const T *row_m, *col_m;       // generic
-  const DctTable<T>* table;     // square
-  PassFn column, row;           // vector: along H, then along W
+  PassFn<T> column, row;        // vector: along H, then along W
 };
 
 template <typename T>
 using PlaneFn = void (*)(const T*, T*, const PlaneArgs<T>&, T*);
 
 // The second pass works in place on the first one's output.
-void vector_plane(const float* x, float* y, const PlaneArgs<float>& a, float*) {
+template <typename T>
+void vector_plane(const T* x, T* y, const PlaneArgs<T>& a, T*) {
   a.column(x, y, a.W);
   a.row(y, y, a.H);
 }
 
-// vector_plane as a PlaneFn<T> (null for other T), to tell which path a transform took.
-template <typename T>
-PlaneFn<T> vector_plane_fn() {
-  if constexpr (std::is_same<T, float>::value)
-    return vector_plane;
-  else
-    return nullptr;
-}
-
-#define BLURFAST_PLANE_FNS(SUFFIX, ATTR, VEC)                                              \
+// FVEC, DVEC: the build's float and double vector types (16 bytes baseline, 32 AVX2).
+#define BLURFAST_PLANE_FNS(SUFFIX, ATTR, FVEC, DVEC)                                       \
   template <typename T>                                                                    \
   ATTR void generic_plane##SUFFIX(const T* x, T* y, const PlaneArgs<T>& a, T* tmp) {       \
     transform_plane_body<T>(x, y, a.H, a.W, a.row_m, a.col_m, tmp);                        \
-  }                                                                                        \
-  template <typename T, int N, bool Inverse>                                               \
-  ATTR void square_plane##SUFFIX(const T* x, T* y, const PlaneArgs<T>& a, T* tmp) {        \
-    if (Inverse)                                                                           \
-      EvenOdd<T, N>::inverse(x, y, *a.table, tmp);                                         \
-    else                                                                                   \
-      EvenOdd<T, N>::forward(x, y, *a.table, tmp);                                         \
   }                                                                                        \
   /* flatten: inlined here, so it is compiled for this function's target */               \
   ATTR __attribute__((flatten)) void normal_fill##SUFFIX(uint64_t seed, uint64_t e0,        \
                                                          int64_t n, float* out) {          \
     philox_normal_fill<float>(seed, e0, n, out);                                           \
   }                                                                                        \
-  template <int N, bool Inverse>                                                           \
-  ATTR __attribute__((flatten)) void column_pass##SUFFIX(const float* in, float* out,      \
-                                                         int64_t w) {                      \
-    cpuvec::column_pass<cpuvec::VEC, N, Inverse>(in, out, w);                              \
+  template <typename T>                                                                    \
+  using Vec##SUFFIX = std::conditional_t<std::is_same<T, float>::value, cpuvec::FVEC,       \
+                                         cpuvec::DVEC>;                                    \
+  template <typename T, int N, bool Inverse>                                               \
+  ATTR __attribute__((flatten)) void column_pass##SUFFIX(const T* in, T* out, int64_t w) { \
+    cpuvec::column_pass<Vec##SUFFIX<T>, N, Inverse>(in, out, w);                           \
   }                                                                                        \
-  template <int N, bool Inverse>                                                           \
-  ATTR __attribute__((flatten)) void row_pass##SUFFIX(const float* in, float* out,         \
-                                                      int64_t rows) {                      \
-    cpuvec::row_pass<cpuvec::VEC, N, Inverse>(in, out, rows);                              \
+  template <typename T, int N, bool Inverse>                                               \
+  ATTR __attribute__((flatten)) void row_pass##SUFFIX(const T* in, T* out, int64_t rows) { \
+    cpuvec::row_pass<Vec##SUFFIX<T>, N, Inverse>(in, out, rows);                           \
   }
 
-BLURFAST_PLANE_FNS(, , V4)
+BLURFAST_PLANE_FNS(, , F4, D2)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define BLURFAST_AVX2_CLONES 1
-BLURFAST_PLANE_FNS(_avx2, __attribute__((target("avx2,fma"))), V8)
+BLURFAST_PLANE_FNS(_avx2, __attribute__((target("avx2,fma"))), F8, D4)
 
 // BLURFAST_CPU_KERNELS=baseline turns the AVX2 code off (read per call, for tests).
 bool use_avx2_fma() {
@@ -314,23 +173,16 @@ inline void fill_normals(uint64_t seed, uint64_t e0, int64_t n, double* out) {
   philox_normal_fill<double>(seed, e0, n, out);
 }
 
-template <typename T, int N, bool Inverse>
-PlaneFn<T> square_fn() {
-#ifdef BLURFAST_AVX2_CLONES
-  if (use_avx2_fma()) return square_plane_avx2<T, N, Inverse>;
-#endif
-  return square_plane<T, N, Inverse>;
-}
-
 // The vector pass of length n along columns (Row: along rows), or null for other n.
-template <bool Inverse, bool Row>
-PassFn vector_pass(int64_t n) {
+template <typename T, bool Inverse, bool Row>
+PassFn<T> vector_pass(int64_t n) {
 #ifdef BLURFAST_AVX2_CLONES
 #define BF_PICK(N)                                                                        \
-  return Row ? (use_avx2_fma() ? row_pass_avx2<N, Inverse> : row_pass<N, Inverse>)        \
-             : (use_avx2_fma() ? column_pass_avx2<N, Inverse> : column_pass<N, Inverse>)
+  return Row ? (use_avx2_fma() ? row_pass_avx2<T, N, Inverse> : row_pass<T, N, Inverse>)  \
+             : (use_avx2_fma() ? column_pass_avx2<T, N, Inverse>                          \
+                               : column_pass<T, N, Inverse>)
 #else
-#define BF_PICK(N) return Row ? row_pass<N, Inverse> : column_pass<N, Inverse>
+#define BF_PICK(N) return Row ? row_pass<T, N, Inverse> : column_pass<T, N, Inverse>
 #endif
   switch (n) {
     case 8: BF_PICK(8);
@@ -344,54 +196,46 @@ PassFn vector_pass(int64_t n) {
 #undef BF_PICK
 }
 
-template <typename T, bool Inverse>
-PlaneFn<T> plane_fn(int64_t H, int64_t W) {
-  if constexpr (std::is_same<T, float>::value) {
-    if (vector_pass<Inverse, false>(H) && vector_pass<Inverse, true>(W)) return vector_plane;
-  } else if (H == W) {
-    switch (H) {
-      case 8: return square_fn<T, 8, Inverse>();
-      case 16: return square_fn<T, 16, Inverse>();
-      case 32: return square_fn<T, 32, Inverse>();
-      case 64: return square_fn<T, 64, Inverse>();
-      case 128: return square_fn<T, 128, Inverse>();
-      case 256: return square_fn<T, 256, Inverse>();
-      default: break;
-    }
-  }
+template <typename T>
+PlaneFn<T> generic_fn() {
 #ifdef BLURFAST_AVX2_CLONES
   if (use_avx2_fma()) return generic_plane_avx2<T>;
 #endif
   return generic_plane<T>;
 }
 
-// Rough one-thread costs in nanoseconds, read off this project's 2-core EPYC (AVX2 build):
-// what parallel_planes weighs against starting a thread (60 to 80 µs there).
+// Rough one-thread costs in nanoseconds, read off this project's 2-core EPYC (AVX2 build,
+// float; double takes twice as long): what parallel_planes weighs against starting a
+// thread (60 to 80 µs there).
 constexpr double kNsPerButterfly = 0.1;   // vector passes: per element and log2 stage
 constexpr double kNsPerMultiplyAdd = 0.1; // matrix products
 constexpr double kNsPerNormal = 3.0;      // a float normal (Philox + Box-Muller)
 
-// A 2-D transform of one size and direction, with its matrices bound. `tmp` of the call
-// holds 2 H W elements; `ns` is the rough cost of one plane.
+// A 2-D transform of one size and direction. `tmp` of the call holds 2 H W elements;
+// `ns` is the rough cost of one plane.
 template <typename T>
 struct Transform {
   PlaneFn<T> fn;
-  PlaneArgs<T> args;
+  PlaneArgs<T> args{};
   double ns;
-  Transform(int64_t H, int64_t W, bool inverse)
-      : fn(inverse ? plane_fn<T, true>(H, W) : plane_fn<T, false>(H, W)) {
+  Transform(int64_t H, int64_t W, bool inverse) {
+    const double hw = (double)(H * W), width = sizeof(T) / 4;
+    args.H = H;
+    args.W = W;
+    args.column = inverse ? vector_pass<T, true, false>(H) : vector_pass<T, false, false>(H);
+    args.row = inverse ? vector_pass<T, true, true>(W) : vector_pass<T, false, true>(W);
+    if (args.column && args.row) {
+      fn = vector_plane<T>;
+      ns = kNsPerButterfly * width * hw * (std::log2((double)H) + std::log2((double)W));
+      return;
+    }
+    // forward: y = C_H x C_W^T; inverse: y = C_H^T x C_W.
     const DctTable<T>& th = dct_table<T>(H);
     const DctTable<T>& tw = dct_table<T>(W);
-    // forward: y = C_H x C_W^T; inverse: y = C_H^T x C_W.
-    args = PlaneArgs<T>{H, W, inverse ? tw.c.data() : tw.ct.data(),
-                        inverse ? th.ct.data() : th.c.data(), &th,
-                        inverse ? vector_pass<true, false>(H) : vector_pass<false, false>(H),
-                        inverse ? vector_pass<true, true>(W) : vector_pass<false, true>(W)};
-    const double hw = (double)(H * W);
-    if (fn == vector_plane_fn<T>())
-      ns = kNsPerButterfly * hw * (std::log2((double)H) + std::log2((double)W));
-    else
-      ns = kNsPerMultiplyAdd * hw * (double)(H + W) / (H == W ? 2 : 1);
+    args.row_m = inverse ? tw.c.data() : tw.ct.data();
+    args.col_m = inverse ? th.ct.data() : th.c.data();
+    fn = generic_fn<T>();
+    ns = kNsPerMultiplyAdd * width * hw * (double)(H + W);
   }
   void operator()(const T* x, T* y, T* tmp) const { fn(x, y, args, tmp); }
 };
@@ -505,6 +349,14 @@ void spectral_cpu(const SpectralParams& p, int num_threads) {
     spectral_impl<double>(p, num_threads);
   else
     spectral_impl<float>(p, num_threads);
+}
+
+const char* cpu_build() {
+#ifdef BLURFAST_AVX2_CLONES
+  return use_avx2_fma() ? "avx2" : "baseline";
+#else
+  return "portable";  // not x86-64: one build, 4-lane vectors
+#endif
 }
 
 void normal_cpu(void* out, int64_t n, int dtype, uint64_t seed, uint64_t offset) {

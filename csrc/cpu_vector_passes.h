@@ -1,7 +1,7 @@
-// The CPU's float32 passes for power-of-two sides 8 .. 256: fast_dct.h's O(N log N) 1-D
-// transforms run on vectors of L floats, one line per lane (GCC / Clang vector
-// extensions; cpu_kernels.cpp compiles them for baseline x86-64 with L = 4 and for
-// AVX2 + FMA with L = 8).
+// The CPU's passes for power-of-two sides 8 .. 256: fast_dct.h's O(N log N) 1-D transforms
+// run on vectors of L floats or doubles, one line per lane (GCC / Clang vector extensions;
+// cpu_kernels.cpp compiles them for baseline x86-64 with 16-byte vectors and for
+// AVX2 + FMA with 32-byte ones).
 // - A pass along columns loads L adjacent columns as one vector per row.
 // - A pass along rows takes L rows at a time and transposes L x L blocks in registers on
 //   the way in and on the way out.
@@ -9,6 +9,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "fast_dct.h"
@@ -16,23 +17,28 @@
 namespace blurfast {
 namespace cpuvec {
 
-// 8 floats for the AVX2 build, 4 for the baseline (SSE2) one, where 32-byte shuffles
+// 32 bytes for the AVX2 build, 16 for the baseline (SSE2) one, where 32-byte shuffles
 // would be done element by element.
-typedef float V8 __attribute__((vector_size(32)));
-typedef float V4 __attribute__((vector_size(16)));
+typedef float F8 __attribute__((vector_size(32)));
+typedef float F4 __attribute__((vector_size(16)));
+typedef double D4 __attribute__((vector_size(32)));
+typedef double D2 __attribute__((vector_size(16)));
 
 template <typename V>
-constexpr int lanes = sizeof(V) / sizeof(float);
+using lane_t = typename fastdct::Lane<V>::type;
 
 template <typename V>
-inline V load(const float* p) {
+constexpr int lanes = sizeof(V) / sizeof(lane_t<V>);
+
+template <typename V>
+inline V load(const lane_t<V>* p) {
   V v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
 template <typename V>
-inline void store(float* p, const V& v) { std::memcpy(p, &v, sizeof v); }
+inline void store(lane_t<V>* p, const V& v) { std::memcpy(p, &v, sizeof v); }
 
 // Lane c of the two results of a transpose round exchanging row bit M with column bit M,
 // as an index into the concatenation of rows a = r[i] and b = r[i | M] (L lanes each).
@@ -48,8 +54,9 @@ inline void transpose_round(V* r, std::integer_sequence<int, C...>) {
 #if defined(__clang__)
     r[i] = __builtin_shufflevector(a, b, round_lo(L, M, C)...);
     r[i | M] = __builtin_shufflevector(a, b, round_hi(L, M, C)...);
-#else  // GCC before 12 has only __builtin_shuffle, with a mask vector
-    typedef int Mask __attribute__((vector_size(sizeof(V))));
+#else  // GCC before 12 has only __builtin_shuffle, with a mask of lane-sized integers
+    using I = std::conditional_t<sizeof(lane_t<V>) == 4, int32_t, int64_t>;
+    typedef I Mask __attribute__((vector_size(sizeof(V))));
     r[i] = __builtin_shuffle(a, b, Mask{round_lo(L, M, C)...});
     r[i | M] = __builtin_shuffle(a, b, Mask{round_hi(L, M, C)...});
 #endif
@@ -62,8 +69,8 @@ inline void transpose(V* r) {
   constexpr int L = lanes<V>;
   using Lanes = std::make_integer_sequence<int, L>;
   transpose_round<1>(r, Lanes{});
-  transpose_round<2>(r, Lanes{});
-  if constexpr (L == 8) transpose_round<4>(r, Lanes{});
+  if constexpr (L >= 4) transpose_round<2>(r, Lanes{});
+  if constexpr (L >= 8) transpose_round<4>(r, Lanes{});
 }
 
 // The orthonormal DCT-II (Inverse: its transpose, DCT-III) of the N lines in x, in place.
@@ -76,9 +83,9 @@ inline void transform(V* x) {
     fastdct::dct2<N, E, E0>(x);
 }
 
-// Along the columns of an N x w block (rows of w floats, w a multiple of the lanes).
+// Along the columns of an N x w block (rows of w elements, w a multiple of the lanes).
 template <typename V, int N, bool Inverse>
-inline void column_pass(const float* in, float* out, int64_t w) {
+inline void column_pass(const lane_t<V>* in, lane_t<V>* out, int64_t w) {
   for (int64_t c = 0; c < w; c += lanes<V>) {
     V x[N];
     for (int n = 0; n < N; ++n) x[n] = load<V>(in + n * w + c);
@@ -89,7 +96,7 @@ inline void column_pass(const float* in, float* out, int64_t w) {
 
 // Along the rows of a rows x N block (rows a multiple of the lanes).
 template <typename V, int N, bool Inverse>
-inline void row_pass(const float* in, float* out, int64_t rows) {
+inline void row_pass(const lane_t<V>* in, lane_t<V>* out, int64_t rows) {
   constexpr int L = lanes<V>;
   for (int64_t r = 0; r < rows; r += L) {
     V x[N];

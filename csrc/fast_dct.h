@@ -1,8 +1,8 @@
 // Fast 1-D DCTs on one thread's registers, O(M log M): DCT-II, its transpose DCT-III,
 // and DCT-IV, of power-of-two lengths M <= 256. Host and device code alike (BF_HD): the
 // fast passes of line_passes.h use them, and the CPU emulator runs them too. The element
-// type V is float, or on the CPU a vector of floats (cpu_vector_passes.h: one line per
-// lane); the twiddles are float constants either way.
+// type V is float, or on the CPU a vector of floats or doubles (cpu_vector_passes.h: one
+// line per lane); the twiddles are constants of V's lane type.
 //
 // Unnormalised kernels, with a scale g = 2^(E/2):
 //   DCT-II   X[k] = g_k sum_n x[n] cos(pi (2n+1) k / 2M),  g_0 = 2^(E0/2), g_k = g (k > 0)
@@ -19,7 +19,7 @@
 //   Y[M-1-2k] = -Im S[k]. Only rotations, so the rounding error grows as log M.
 // - The FFT: radix 2, decimation in frequency, output in bit-reversed order.
 //
-// Every loop runs over template constants (static_for), so each twiddle is a float constant
+// Every loop runs over template constants (static_for), so each twiddle is a constant
 // computed at compile time, and each array index is fixed, so the arrays stay in registers.
 #pragma once
 #include <type_traits>
@@ -73,6 +73,20 @@ constexpr double cospi_ratio(long long p, long long q) {
 
 constexpr double sinpi_ratio(long long p, long long q) { return cospi_ratio(2 * p - q, 2 * q); }
 
+// The lane type of V: V itself for a scalar, its element type for a GCC vector.
+template <typename V>
+struct Lane {
+  using type = std::remove_cv_t<std::remove_reference_t<decltype(std::declval<V&>()[0])>>;
+};
+template <>
+struct Lane<float> {
+  using type = float;
+};
+template <>
+struct Lane<double> {
+  using type = double;
+};
+
 // 2^(e/2).
 constexpr double pow_sqrt2(int e) {
   double r = (e % 2 != 0) ? 1.41421356237309504880 : 1.0;
@@ -90,8 +104,9 @@ BF_HD void rotate(V a, V b, V& re, V& im) {
     re = b;
     im = -a;
   } else {
-    constexpr float c = (float)(pow_sqrt2(E) * cospi_ratio(P, Q));
-    constexpr float s = (float)(pow_sqrt2(E) * sinpi_ratio(P, Q));
+    using S = typename Lane<V>::type;
+    constexpr S c = (S)(pow_sqrt2(E) * cospi_ratio(P, Q));
+    constexpr S s = (S)(pow_sqrt2(E) * sinpi_ratio(P, Q));
     re = a * c + b * s;
     im = b * c - a * s;
   }
@@ -117,7 +132,8 @@ BF_HD void fft(V* re, V* im) {
 template <int M, int E, typename V>
 BF_HD void dct4(V* v) {
   if constexpr (M == 1) {
-    constexpr float c = (float)(pow_sqrt2(E) * cospi_ratio(1, 4));
+    using S = typename Lane<V>::type;
+    constexpr S c = (S)(pow_sqrt2(E) * cospi_ratio(1, 4));
     v[0] *= c;
   } else {
     constexpr int P = M / 2;
@@ -141,7 +157,7 @@ BF_HD void dct4(V* v) {
 template <int M, int E, int E0, typename V>
 BF_HD void dct2(V* x) {
   if constexpr (M == 1) {
-    if constexpr (E0 != 0) x[0] *= (float)pow_sqrt2(E0);
+    if constexpr (E0 != 0) x[0] *= (typename Lane<V>::type)pow_sqrt2(E0);
   } else {
     constexpr int H = M / 2;
     V e[H], o[H];
@@ -164,7 +180,7 @@ BF_HD void dct2(V* x) {
 template <int M, int E, int E0, typename V>
 BF_HD void dct3(V* x) {
   if constexpr (M == 1) {
-    if constexpr (E0 != 0) x[0] *= (float)pow_sqrt2(E0);
+    if constexpr (E0 != 0) x[0] *= (typename Lane<V>::type)pow_sqrt2(E0);
   } else {
     constexpr int H = M / 2;
     V e[H], o[H];

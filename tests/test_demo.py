@@ -134,3 +134,16 @@ def test_every_flag_of_every_command_has_help(command, capsys):
         described = rest.strip() or (i + 1 < len(lines) and lines[i + 1].startswith(" " * 6)
                                      and not lines[i + 1].lstrip().startswith("-"))
         assert described, f"blurfast {command}: {flag} has no help"
+
+
+def test_info_names_the_cpu_build_and_each_ops_backend(capsys, monkeypatch):
+    assert cli.main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "blurfast " in text and "op spectral" in text and "cpu: C++ CPU kernels" in text
+    from blurfast import _C
+    if _C.cpu_build() == "portable":
+        return                                   # not x86-64: one build only
+    assert ("AVX2 + FMA build" in text) == (_C.cpu_build() == "avx2")
+    monkeypatch.setenv("BLURFAST_CPU_KERNELS", "baseline")
+    assert cli.main(["info"]) == 0
+    assert "CPU kernels: baseline x86-64 build" in capsys.readouterr().out
