@@ -211,13 +211,14 @@ constexpr double kNsPerButterfly = 0.1;   // vector passes: per element and log2
 constexpr double kNsPerMultiplyAdd = 0.1; // matrix products
 constexpr double kNsPerNormal = 3.0;      // a float normal (Philox + Box-Muller)
 
-// A 2-D transform of one size and direction. `tmp` of the call holds 2 H W elements;
+// A 2-D transform of one size and direction. `tmp` of the call holds tmp_elems elements;
 // `ns` is the rough cost of one plane.
 template <typename T>
 struct Transform {
   PlaneFn<T> fn;
   PlaneArgs<T> args{};
   double ns;
+  int64_t tmp_elems = 0;
   Transform(int64_t H, int64_t W, bool inverse) {
     const double hw = (double)(H * W), width = sizeof(T) / 4;
     args.H = H;
@@ -236,6 +237,7 @@ struct Transform {
     args.col_m = inverse ? th.ct.data() : th.c.data();
     fn = generic_fn<T>();
     ns = kNsPerMultiplyAdd * width * hw * (double)(H + W);
+    tmp_elems = 2 * H * W;
   }
   void operator()(const T* x, T* y, T* tmp) const { fn(x, y, args, tmp); }
 };
@@ -277,7 +279,7 @@ void dct2_impl(const T* in, T* out, int64_t planes, int64_t H, int64_t W, bool i
   const int64_t hw = H * W;
   Transform<T> tr(H, W, inverse);
   parallel_planes(planes, tr.ns, num_threads, [&](int64_t lo, int64_t hi) {
-    std::vector<T> tmp(2 * hw);
+    std::vector<T> tmp(tr.tmp_elems);
     for (int64_t p = lo; p < hi; ++p) tr(in + p * hw, out + p * hw, tmp.data());
   });
 }
@@ -300,7 +302,8 @@ void spectral_impl(const SpectralParams& sp, int num_threads) {
   const double plane_ns = fwd.ns * (x2 ? 2 : 1) + inv.ns * (noise_out ? 2 : 1) +
                           (need_zb && !zb_given ? kNsPerNormal * (double)hw : 0.0);
   parallel_planes(sp.planes, plane_ns, num_threads, [&](int64_t lo, int64_t hi) {
-    std::vector<T> tmp(2 * hw), z(hw), f(hw), zb(hw);
+    std::vector<T> tmp(std::max(fwd.tmp_elems, inv.tmp_elems)), z(hw), f(x2 ? hw : 0),
+        zb(need_zb ? hw : 0);
     for (int64_t p = lo; p < hi; ++p) {
       fwd(x1 + p * hw, z.data(), tmp.data());
       const T* a1 = map_ptr<T>(sp.a1, p, hw);
