@@ -33,9 +33,10 @@ def _info(args) -> int:
     else:
         print("CUDA kernels: not compiled (CPU kernels only)")
     from . import _C
-    lanes = {"avx2": "AVX2 + FMA build, 8 lanes", "baseline": "baseline x86-64 build, 4 lanes",
-             "portable": "portable build, 4 lanes"}
-    print(f"CPU kernels: {lanes.get(_C.cpu_build(), _C.cpu_build())}: float32 planes with\n"
+    builds = {"avx2": "AVX2 + FMA build (vectors of 8 floats or 4 doubles)",
+              "baseline": "baseline x86-64 build (vectors of 4 floats or 2 doubles)",
+              "portable": "portable build (vectors of 4 floats or 2 doubles)"}
+    print(f"CPU kernels: {builds.get(_C.cpu_build(), _C.cpu_build())}: planes with\n"
           "  power-of-two sides 8..256 on the vector passes, matrix products otherwise;\n"
           "  BLURFAST_CPU_KERNELS=baseline: the baseline build.")
     if torch.cuda.is_available():
