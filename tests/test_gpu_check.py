@@ -90,7 +90,7 @@ def test_python_commands_parse(monkeypatch, tmp_path):
             "racecheck", "racecheck_cluster", "profile", "bench_extra"} <= set(parsed)
 
 
-def test_ncu_cases_list(tmp_path):
+def test_ncu_cases_list():
     # The ncu step counts the cases from --list and profiles each with --case K.
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "ncu_case.py"), "--list"],
                          capture_output=True, text=True, check=True).stdout.splitlines()
