@@ -141,6 +141,9 @@ def _add_sample(sub) -> None:
                    help="use the raw model weights instead of the EMA weights")
     s.add_argument("--cuda-graph", action="store_true",
                    help="replay each step's model call from a CUDA graph")
+    s.add_argument("--compile", action="store_true",
+                   help="run the model under torch.compile (compiling takes a minute or more; "
+                        "pays off over thousands of model calls)")
     s.add_argument("--no-clip", action="store_true",
                    help="do not clamp the model's x0 estimate to the data range")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -159,7 +162,7 @@ def _sample(args) -> int:
              steps=None if args.steps == 0 else args.steps, eta=eta, spacing=args.spacing,
              batch=args.batch, seed=args.seed, fmt=args.fmt, device=args.device,
              ema=not args.raw_weights, precision=args.precision, cuda_graph=args.cuda_graph,
-             clip=not args.no_clip,
+             compile=args.compile, clip=not args.no_clip,
              progress=not args.no_progress)
     return 0
 

@@ -106,13 +106,15 @@ def sample_batches(model, diff, batches, *, sampler: str, seq, eta, seed: int, d
 def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int] = 100,
              eta=0.0, spacing="uniform", batch: int = 256, seed: int = 0,
              fmt: str = "png", device: Optional[str] = None, ema: bool = True,
-             precision: Optional[str] = None, cuda_graph: bool = False, clip: bool = True,
-             progress: bool = True) -> Path:
+             precision: Optional[str] = None, cuda_graph: bool = False, compile: bool = False,
+             clip: bool = True, progress: bool = True) -> Path:
     """Samples ``n`` images into ``out`` (PNG files ``NNNNNN.png`` or ``samples.npz`` with
     uint8 ``images`` (N, H, W, C)) plus ``contact_sheet.png``; returns ``out``.
 
     ``eta``: a number or one per step; ``steps=None`` runs the full chain; ``precision`` ``bf16`` (default on CUDA) or
     ``fp32``; ``cuda_graph`` replays the model call of each step from a CUDA graph;
+    ``compile`` runs the model under ``torch.compile`` (one compilation per batch size,
+    inside the graph when both are set);
     ``clip`` clamps the model's x0 estimate to the data range (default on).
     Under torchrun every rank computes its share and rank 0 writes the sheet.
     """
@@ -140,7 +142,8 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
         if cuda_graph and dev.type != "cuda":
             raise ValueError("cuda_graph: needs device cuda")
         precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
-        net = GraphedModel(model) if cuda_graph else model
+        net = torch.compile(model, dynamic=False) if compile else model
+        net = GraphedModel(net) if cuda_graph else net
         seq = timesteps(diff, steps if isinstance(spacing, str) else None, spacing)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

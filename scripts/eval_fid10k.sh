@@ -9,11 +9,12 @@
 # resized as the run's config says) or a STATS.npz. Environment: NPROC (GPUs, through
 # torchrun; default 1), BATCH (default 256), SEED (default 0), N (default 10000),
 # INCEPTION (path of inception-2015-12-05.pt; default clean-fid's /tmp copy),
-# OUT (default RUN_DIR/fid10k). Results: OUT/fid10k.txt, one line per sampler.
+# OUT (default RUN_DIR/fid10k), SAMPLE_ARGS (more `blurfast sample` flags, for example
+# "--cuda-graph --compile"). Results: OUT/fid10k.txt, one line per sampler.
 set -euo pipefail
 
 if [ $# -ne 2 ]; then
-  sed -n '2,12p' "$0"
+  sed -n '2,13p' "$0"
   exit 2
 fi
 RUN=$1
@@ -39,7 +40,7 @@ for spec in "reverse_sde 0" "ddim 100"; do
   read -r sampler steps <<< "$spec"
   dir="$OUT/${sampler}_${steps}"
   "${SAMPLE[@]}" --ckpt "$RUN" --n "$N" --sampler "$sampler" --steps "$steps" \
-    --batch "$BATCH" --seed "$SEED" --format npz --out "$dir"
+    --batch "$BATCH" --seed "$SEED" --format npz --out "$dir" ${SAMPLE_ARGS:-}
   value=$(blurfast fid --samples "$dir/samples.npz" "${FID_ARGS[@]}" | tail -n 1)
   echo "$sampler steps=${steps/#0/full} $value" | tee -a "$OUT/fid10k.txt"
 done

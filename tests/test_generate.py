@@ -96,6 +96,18 @@ def test_two_gloo_processes_give_the_same_images(run_dir, tmp_path):
     assert (tmp_path / "two" / SHEET_NAME).is_file()
 
 
+def test_compiled_model_gives_the_same_images(run_dir, tmp_path):
+    # Batches of 3 and 2: two compilations (one per shape). Inductor's CPU code may round
+    # differently from eager, so a pixel may move by one level, no more.
+    kw = dict(n=5, steps=3, batch=3, seed=5, sampler="ddim", progress=False, device="cpu")
+    generate(run_dir / "run", out=tmp_path / "eager", **kw)
+    generate(run_dir / "run", out=tmp_path / "compiled", compile=True, **kw)
+    eager = _read_pngs(tmp_path / "eager", 5).astype(int)
+    compiled = _read_pngs(tmp_path / "compiled", 5).astype(int)
+    assert np.abs(compiled - eager).max() <= 1
+    assert (compiled != eager).mean() < 0.01
+
+
 def test_sample_rejects_bad_arguments(run_dir, tmp_path):
     with pytest.raises(ValueError, match="n:"):
         generate(run_dir / "run", 0, tmp_path)
