@@ -403,11 +403,14 @@ class _Signals:
 
 
 class _Log:
-    """log.csv (and TensorBoard when installed), rank 0 only. On resume the rows
-    after the resumed step are dropped (they belong to the lost part of the run)."""
+    """log.csv (and TensorBoard when installed) and the curves drawn from it, rank 0 only.
+    On resume the rows after the resumed step are dropped (they belong to the lost part
+    of the run)."""
 
     def __init__(self, out: Path, start: int):
+        self.out = out
         self.path = out / "log.csv"
+        self.draw_curves = True
         rows = []
         if start > 0 and self.path.is_file():
             with open(self.path, newline="") as f:
@@ -431,6 +434,18 @@ class _Log:
         if self.tb is not None:
             for k in ("loss", "grad_norm", "lr", "images_per_s", "nonfinite"):
                 self.tb.add_scalar(k, row[k], row["step"])
+
+    def draw(self) -> None:
+        """curves.png from log.csv (and fid.csv); a failure, matplotlib missing among
+        them, warns once and never stops the run."""
+        if not self.draw_curves:
+            return
+        from . import viz
+        try:
+            viz.training_curves(self.out)
+        except Exception as e:
+            self.draw_curves = False
+            warnings.warn(f"curves.png: not drawn ({type(e).__name__}: {e})", stacklevel=2)
 
     def close(self) -> None:
         self._f.close()
@@ -744,6 +759,8 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                     _save_samples(stepper.ema, diff, out / "samples" / f"step_{step:09d}.png",
                                   cfg["sample_count"], cfg["sample_steps"], cfg["pixel_range"],
                                   dev)
+                if main and (step % cfg["sample_every"] == 0 or step == cfg["steps"] or stop_now):
+                    log.draw()
                 if stop_now:
                     stopped_by = sig.received or "signal on another rank"
                     if main:

@@ -1,10 +1,14 @@
-"""Pictures of the process: the forward strip and a reverse run's x0_hat over time.
+"""Pictures: the forward strip, a reverse run's x0_hat over time, a run's curves.
 
 Images are (C, H, W) or (B, C, H, W) tensors with values in [-1, 1] (C = 1 or 3);
-a picture is a uint8 (H', W', C) array, written as PNG through Pillow.
+a picture is a uint8 (H', W', C) array, written as PNG through Pillow. The curves
+(:func:`training_curves`) are drawn with matplotlib.
 """
 from __future__ import annotations
 
+import csv
+import math
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -12,7 +16,7 @@ import torch
 
 from .diffusion import BlurDiffusion
 
-__all__ = ["to_uint8", "grid", "save_png", "forward_strip", "trajectory"]
+__all__ = ["to_uint8", "grid", "save_png", "forward_strip", "trajectory", "training_curves"]
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -105,3 +109,78 @@ def trajectory(model, diff: BlurDiffusion, shape, path=None, sampler: str = "ddi
     if path is not None:
         save_png(pic, path)
     return pic, shown
+
+
+def _read_columns(path: Path, names: Sequence[str]) -> dict:
+    """Columns ``names`` of a CSV file as float lists (a cell that is not a number: nan)."""
+    cols = {n: [] for n in names}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            for n in names:
+                try:
+                    cols[n].append(float(row.get(n) or "nan"))
+                except ValueError:
+                    cols[n].append(math.nan)
+    return cols
+
+
+def _smooth(values: Sequence[float], rows: int) -> list:
+    """Exponential moving average with a half-life of ``rows`` rows; non-finite values
+    are left out of it."""
+    w = 0.5 ** (1.0 / max(rows, 1e-9))
+    out, acc, norm = [], 0.0, 0.0
+    for v in values:
+        if math.isfinite(v):
+            acc, norm = w * acc + (1 - w) * v, w * norm + (1 - w)
+        out.append(acc / norm if norm else math.nan)
+    return out
+
+
+def training_curves(run_dir, path=None) -> Path:
+    """``RUN_DIR/curves.png`` (or ``path``): loss (log scale, with a moving average),
+    gradient norm and images/s against the step, from ``log.csv``, and FID from
+    ``fid.csv`` when the run scores itself. Needs matplotlib; returns the path."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("training_curves needs matplotlib: pip install matplotlib") from e
+    from .fileio import atomic_path
+
+    run_dir = Path(run_dir)
+    log_path = run_dir / "log.csv"
+    if not log_path.is_file():
+        raise ValueError(f"run_dir: no log.csv in {run_dir}")
+    log = _read_columns(log_path, ["step", "loss", "grad_norm", "images_per_s"])
+    fid_path = run_dir / "fid.csv"
+    fid = _read_columns(fid_path, ["step", "fid"]) if fid_path.is_file() else None
+    panels = [("loss", "loss (log scale)"), ("grad_norm", "gradient norm (before clipping)"),
+              ("images_per_s", "images/s")]
+    n = len(panels) + (1 if fid and fid["step"] else 0)
+    fig, axes = plt.subplots(n, 1, figsize=(7, 2.2 * n), sharex=True, squeeze=False)
+    axes = axes[:, 0]
+    half_life = max(1, len(log["step"]) // 50)
+    for ax, (key, title) in zip(axes, panels):
+        if key == "images_per_s":       # already a mean over each log interval
+            ax.plot(log["step"], log[key], lw=1.2, color="C0")
+        else:
+            ax.plot(log["step"], log[key], lw=0.6, alpha=0.4, color="C0")
+            ax.plot(log["step"], _smooth(log[key], half_life), lw=1.4, color="C0")
+        if key == "loss" and any(v > 0 for v in log[key] if math.isfinite(v)):
+            ax.set_yscale("log")
+        ax.set_ylabel(title, fontsize=8)
+        ax.grid(alpha=0.3)
+    if n > len(panels):
+        ax = axes[-1]
+        ax.plot(fid["step"], fid["fid"], "o-", ms=3, color="C1")
+        ax.set_ylabel("FID", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("step")
+    fig.suptitle(f"{run_dir.name}: {len(log['step'])} log rows", fontsize=9)
+    fig.tight_layout()
+    path = Path(path) if path is not None else run_dir / "curves.png"
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path

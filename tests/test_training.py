@@ -92,6 +92,7 @@ def test_loss_goes_down_on_photographs(photos, request, tmp_path):
     assert rows[0].split(",")[:3] == ["step", "images", "loss"] and len(rows) == 7
     assert float(rows[-1].split(",")[2]) < float(rows[1].split(",")[2])
     assert (tmp_path / "run" / "samples" / "step_000000060.png").is_file()
+    assert (tmp_path / "run" / "curves.png").is_file()
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["diffusion"]["blur_schedule"] == "quartic" and cfg["model"]["num_res_blocks"] == 1
 
@@ -374,10 +375,29 @@ def test_non_finite_steps_are_counted_then_stop_the_run(made16, tmp_path, monkey
     assert res["skipped"] == 2 and res["step"] == 5
     assert all(torch.isfinite(p).all() for p in res["model"].parameters())
 
+    assert (tmp_path / "a" / "curves.png").is_file()      # log.csv with nan losses
+
     monkeypatch.setattr(UNet, "forward", lambda self, x, t: real(self, x, t) * float("nan"))
     with pytest.raises(training.NonFiniteError, match="non-finite in 3 consecutive steps"):
         training.train(data=str(made16), out=str(tmp_path / "b"), steps=50,
                        **{**KW, "max_nonfinite": 3})
+
+
+def test_curves_that_cannot_be_drawn_warn_once_and_the_run_goes_on(made16, tmp_path,
+                                                                  monkeypatch):
+    from blurfast import viz
+    calls = []
+
+    def no_matplotlib(run_dir):
+        calls.append(run_dir)
+        raise ImportError("training_curves needs matplotlib: pip install matplotlib")
+
+    monkeypatch.setattr(viz, "training_curves", no_matplotlib)
+    with pytest.warns(UserWarning, match="curves.png: not drawn .*matplotlib") as got:
+        res = training.train(data=str(made16), out=str(tmp_path / "r"), steps=4,
+                             **{**KW, "sample_every": 2})
+    assert res["step"] == 4 and len(calls) == 1
+    assert sum("curves.png" in str(w.message) for w in got) == 1
 
 
 # ------------------------------------------------------------------------ signals, CLI

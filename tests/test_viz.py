@@ -1,4 +1,5 @@
-"""Pictures: the forward strip and the reverse trajectory, and coarse-to-fine synthesis."""
+"""Pictures: the forward strip and the reverse trajectory, coarse-to-fine synthesis, and a
+run's curves."""
 import numpy as np
 import pytest
 import scipy.fft
@@ -72,3 +73,38 @@ def test_reverse_run_is_coarse_to_fine(diff):
 
     mid = sorted(hats)[len(hats) // 2]
     assert rel_err(mid, low) < 0.1 < 0.5 < rel_err(mid, high)
+
+
+def test_smooth_has_the_half_life_and_skips_non_finite_values():
+    # A step from 0 to 1: halfway after one half-life, 3/4 after two (exact EMA).
+    values = [0.0] * 200 + [1.0] * 20
+    out = viz._smooth(values, 5)
+    np.testing.assert_allclose([out[204], out[209]], [0.5, 0.75], rtol=1e-12)
+    # A nan row changes nothing: the average just before it is carried over.
+    out = viz._smooth([2.0, float("nan"), 2.0], 3)
+    np.testing.assert_allclose(out, [2.0, 2.0, 2.0], rtol=1e-12)
+    assert np.isnan(viz._smooth([float("nan")], 3)[0])
+
+
+@pytest.mark.parametrize("with_fid", [False, True])
+def test_training_curves(tmp_path, with_fid):
+    pytest.importorskip("matplotlib")
+    rows = ["step,images,loss,grad_norm,lr,nonfinite,images_per_s,elapsed_s"]
+    for s in range(1, 41):
+        loss = "nan" if s == 7 else f"{1.0 / s:.6g}"
+        rows.append(f"{s},{4 * s},{loss},{0.5 + 0.01 * s},1e-3,{int(s >= 7)},{100 + s},{s}")
+    (tmp_path / "log.csv").write_text("\n".join(rows) + "\n")
+    if with_fid:
+        (tmp_path / "fid.csv").write_text("step,fid\n20,80.5\n40,61.25\n")
+    path = viz.training_curves(tmp_path)
+    assert path == tmp_path / "curves.png"
+    with Image.open(path) as im:
+        # One panel per curve, 2.2 inches each at 100 dpi: FID adds the fourth.
+        assert im.size == (700, 880 if with_fid else 660)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_training_curves_needs_a_log(tmp_path):
+    pytest.importorskip("matplotlib")
+    with pytest.raises(ValueError, match="run_dir: no log.csv"):
+        viz.training_curves(tmp_path)
