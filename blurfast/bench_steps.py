@@ -8,8 +8,10 @@ EMA loop, as the paper's code does; timed twice, with torch's default backend fl
 goal is judged against it) and in IEEE float32 throughout (``torch_fp32``). blurfast:
 :class:`blurfast.training.TrainStep` (bf16 autocast and one CUDA graph per step on a
 GPU, TF32 and cuDNN autotuning as :func:`blurfast.training.train` sets them; fp32 eager
-on a CPU) and a sampler step through the fused op. Times are host wall-clock per step of back-to-back
-steps (launch overhead included: at small batches that is what a run pays).
+on a CPU) and a sampler step through the fused op (its model call replayed from a CUDA graph
+on a GPU, as ``blurfast sample --cuda-graph`` runs it; eager in the v3 and v4 results). Times
+are host wall-clock per step of back-to-back steps (launch overhead included: at small
+batches that is what a run pays).
 """
 from __future__ import annotations
 
@@ -193,11 +195,14 @@ def _time_impl(impl, timed, preset, diff, device, iters, inputs: _StepInputs) ->
             def train_fn(stepper=stepper):
                 stepper(x_u8, flip, t, 1, 0)
 
-            def sample_fn(model=model):
+            from .generate import GraphedModel
+            net = GraphedModel(model) if cuda else model     # captures on its first call
+
+            def sample_fn(net=net):
                 from . import ops
                 with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
                                                      enabled=cuda):
-                    eps = model(x0, t_dev)
+                    eps = net(x0, t_dev)
                 ops.spectral(x0, ca, eps.float(), ce, cz, seed=1)
         cases = [("train_step", train_fn), ("sampler_step_model", sample_fn)]
         for case, fn in cases[:1] if impl == "blurfast_compile" else cases:

@@ -45,24 +45,35 @@ def resolve_checkpoint(path) -> Path:
 
 
 class GraphedModel:
-    """``model(x, t)`` replayed from a CUDA graph captured on the first call of each shape."""
+    """``model(x, t)`` replayed from a CUDA graph captured on the first call of each shape
+    (and autocast state).
+
+    Under autocast the warm-up and the capture run with autocast's weight cache off, so
+    the graph casts the weights itself: a cached cast would belong to the caller's
+    autocast region, whose end frees it while the graph still reads it."""
 
     def __init__(self, model):
         self.model = model
         self.graphs = {}
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        key = (tuple(x.shape), x.dtype)
+        dev = x.device.type
+        amp = torch.is_autocast_enabled(dev)
+        amp_dtype = torch.get_autocast_dtype(dev) if amp else None
+        key = (tuple(x.shape), x.dtype, amp_dtype)
         if key not in self.graphs:
             sx, st = x.clone(), t.clone()
+            def uncached():
+                return (torch.autocast(dev, dtype=amp_dtype, cache_enabled=False) if amp
+                        else contextlib.nullcontext())
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), uncached():
                 for _ in range(2):                      # warm-up outside the graph
                     self.model(sx, st)
             torch.cuda.current_stream().wait_stream(side)
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
+            with torch.cuda.graph(g), uncached():
                 out = self.model(sx, st)
             self.graphs[key] = (g, sx, st, out)
         g, sx, st, out = self.graphs[key]

@@ -39,3 +39,34 @@ def test_sample_cuda_graph_matches_eager(photos, tmp_path):
     a = np.load(tmp_path / "eager" / "samples.npz")["images"].astype(int)
     b = np.load(tmp_path / "graph" / "samples.npz")["images"].astype(int)
     assert np.abs(a - b).max() <= 1          # the same computation, replayed
+
+
+def test_graphed_model_under_autocast_outlives_the_callers_autocast_region():
+    # A graph captured inside an autocast region must not read that region's cached bf16
+    # weights: they are freed when the region ends. Fill the freed blocks with nan, then
+    # replay in a new region.
+    import torch
+    from blurfast.generate import GraphedModel
+    from blurfast.models import UNet
+    torch.manual_seed(0)
+    model = UNet.from_preset("small", resolution=16, **TINY).cuda()
+    for p in model.parameters():                  # the zero-initialized convs too
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(3, 3, 16, 16, device="cuda")
+    t = torch.tensor([5, 200, 900], device="cuda")
+    net = GraphedModel(model)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        want = model(x, t).float()
+        first = net(x, t).float()
+    junk = [torch.full(p.shape, float("nan"), dtype=torch.bfloat16, device="cuda")
+            for p in model.parameters() for _ in range(2)]
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        again = net(x, t).float()
+    del junk
+    assert torch.isfinite(again).all()
+    tol = dict(rtol=0, atol=1e-2 * want.abs().max().item())   # the same kernels, replayed
+    torch.testing.assert_close(first, want, **tol)
+    torch.testing.assert_close(again, want, **tol)
+    with torch.no_grad():                         # no autocast: a graph of its own
+        plain = model(x, t)
+        torch.testing.assert_close(net(x, t), plain, rtol=0, atol=1e-4 * plain.abs().max().item())
