@@ -1,4 +1,6 @@
 """The CUDA-only paths of training and sampling (bf16, CUDA graphs); skipped without a GPU."""
+import json
+
 import numpy as np
 import pytest
 
@@ -12,7 +14,7 @@ def photos(tmp_path_factory):
     return made_photos(tmp_path_factory.mktemp("gpu") / "photos", 32, size=16)
 
 
-@pytest.mark.parametrize("cuda_graphs", [False, True])
+@pytest.mark.parametrize("cuda_graphs", [False, True, None])
 def test_train_on_cuda_bf16(photos, tmp_path, cuda_graphs):
     from blurfast import checkpoint, training
     r = training.train(data=str(photos), out=str(tmp_path / "run"), preset="small",
@@ -21,6 +23,8 @@ def test_train_on_cuda_bf16(photos, tmp_path, cuda_graphs):
                        cuda_graphs=cuda_graphs, log_every=4, save_every=12, sample_every=12,
                        sample_steps=3, sample_count=4, progress=False)
     assert r["step"] == 12 and np.isfinite(r["loss"]) and r["skipped"] == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["cuda_graphs"] is (cuda_graphs is not False)     # None: on with one GPU
     model, diff, _ = checkpoint.load_model(r["checkpoint"], device="cuda")
     assert next(model.parameters()).is_cuda
 

@@ -542,7 +542,12 @@ def test_type_errors_and_existing_runs(made16, tmp_path):
     with pytest.raises(TypeError, match="model"):
         training.train(data=str(made16), out=str(tmp_path / "r"), steps=1,
                        **{**KW, "model": [1]})
+    with pytest.raises(TypeError, match="cuda_graphs"):
+        training.train(data=str(made16), out=str(tmp_path / "r"), steps=1,
+                       **{**KW, "cuda_graphs": "yes"})
     training.train(data=str(made16), out=str(tmp_path / "r"), steps=2, **KW)
+    # cuda_graphs=None (the default) resolves to off on a CPU, and the config says so.
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["cuda_graphs"] is False
     with pytest.raises(ValueError, match="already holds checkpoints"):
         training.train(data=str(made16), out=str(tmp_path / "r"), steps=4, **KW)
     with pytest.raises(ValueError, match="steps"):
