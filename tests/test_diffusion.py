@@ -190,9 +190,11 @@ def test_conversions_match_definitions(diff):
     xt, _ = diff.q_sample(torch.tensor(x0), tt, noise=torch.tensor(eps))
     e = torch.tensor(eps)
     # x0 from eps, and back
-    np.testing.assert_allclose(diff.eps_to_x0(xt, e, tt).numpy(), x0, rtol=0, atol=1e-6)
+    # eps_to_x0 divides by sqrt(Abar), 3.7e-7 at t = 999's highest frequency: double
+    # rounding grows to 1e-9 there (measured 9.8e-10)
+    np.testing.assert_allclose(diff.eps_to_x0(xt, e, tt).numpy(), x0, rtol=0, atol=1e-8)
     np.testing.assert_allclose(diff.x0_to_eps(xt, torch.tensor(x0), tt).numpy(), eps,
-                               rtol=0, atol=1e-9)
+                               rtol=0, atol=1e-12)
     # score of q(x_t | x0) = N(U sqrt(Abar) xb0, U diag(1 - Abar) U^T): -Sigma^-1 (x_t - mean)
     score = -idct2((dct2(xt.numpy()) - np.sqrt(abar) * dct2(x0)) / (1 - abar))
     np.testing.assert_allclose(diff.eps_to_score(e, tt).numpy(), score, rtol=1e-9, atol=1e-9)
@@ -249,21 +251,21 @@ def test_loss_draws_steps_uniformly_from_1_to_n_minus_1():
 # -------------------------------------------------------------- arguments
 def test_bad_arguments_raise_value_error_naming_them(diff):
     x0 = torch.zeros(2, C, H, W)
-    with pytest.raises(ValueError, match="t"):
+    with pytest.raises(ValueError, match=r"^t: expected"):
         diff.q_sample(x0, torch.tensor([0, 5]))
-    with pytest.raises(ValueError, match="t"):
+    with pytest.raises(ValueError, match=r"^t: expected"):
         diff.q_sample(x0, torch.tensor([5, N + 1]))
-    with pytest.raises(ValueError, match="t"):
+    with pytest.raises(ValueError, match=r"^t: expected"):
         diff.q_sample(x0, torch.tensor([5.0, 6.0]))
-    with pytest.raises(ValueError, match="t"):
+    with pytest.raises(ValueError, match=r"^t: expected"):
         diff.q_sample(x0, torch.tensor([5, 6, 7]))
-    with pytest.raises(ValueError, match="t"):
+    with pytest.raises(ValueError, match=r"^t: expected"):
         diff.log_abar(torch.tensor([N + 1]))
-    with pytest.raises(ValueError, match="x0"):
+    with pytest.raises(ValueError, match=r"^x0:"):
         diff.q_sample(torch.zeros(2, C, W, H), torch.tensor([5, 6]))
-    with pytest.raises(ValueError, match="x0"):
+    with pytest.raises(ValueError, match=r"^x0:"):
         diff.q_sample(torch.zeros(C, H, W), torch.tensor([5]))
-    with pytest.raises(ValueError, match="noise"):
+    with pytest.raises(ValueError, match=r"^noise:"):
         diff.q_sample(x0, torch.tensor([5, 6]), noise=torch.zeros(2, C, H, W + 1))
     with pytest.raises(ValueError, match="target"):
         diff.loss(lambda x, t: x, x0, target="v")

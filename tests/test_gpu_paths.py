@@ -29,13 +29,16 @@ def test_train_on_cuda_bf16(photos, tmp_path, cuda_graphs):
     assert next(model.parameters()).is_cuda
 
 
-def test_sample_cuda_graph_matches_eager(photos, tmp_path):
+def test_sample_cuda_graph_matches_eager(photos, tmp_path, monkeypatch):
+    import torch
     from blurfast import training
     from blurfast.generate import generate
+    from blurfast.models import UNet
+    # lr 1e-2 and EMA decay 0: the sampled weights' output is far from zero (test_generate).
     r = training.train(data=str(photos), out=str(tmp_path / "run"), preset="small",
                        resolution=16, model=TINY, diffusion=dict(num_steps=40), batch_size=8,
-                       steps=2, device="cuda", save_every=2, sample_every=100, sample_steps=3,
-                       progress=False)
+                       steps=2, lr=1e-2, ema_decay=0.0, device="cuda", save_every=2,
+                       sample_every=100, sample_steps=3, progress=False)
     kw = dict(n=6, steps=4, batch=3, seed=5, fmt="npz", device="cuda", precision="fp32",
               progress=False)
     generate(r["checkpoint"], out=tmp_path / "eager", **kw)
@@ -43,6 +46,10 @@ def test_sample_cuda_graph_matches_eager(photos, tmp_path):
     a = np.load(tmp_path / "eager" / "samples.npz")["images"].astype(int)
     b = np.load(tmp_path / "graph" / "samples.npz")["images"].astype(int)
     assert np.abs(a - b).max() <= 1          # the same computation, replayed
+    monkeypatch.setattr(UNet, "forward", lambda self, x, t: torch.zeros_like(x))
+    generate(r["checkpoint"], out=tmp_path / "zero", **kw)
+    z = np.load(tmp_path / "zero" / "samples.npz")["images"].astype(int)
+    assert np.abs(a - z).mean() > 5          # the model's output is in the images
 
 
 def test_graphed_model_under_autocast_outlives_the_callers_autocast_region():

@@ -141,7 +141,7 @@ def test_bad_preset_and_overrides():
     with pytest.raises(TypeError, match="freq_input"):
         UNet(resolution=16, freq_input=1, **TINY)
     m = UNet(resolution=16, **TINY)
-    with pytest.raises(ValueError, match="x"):
+    with pytest.raises(ValueError, match=r"^x: expected"):
         m(torch.zeros(1, 3, 32, 32), torch.tensor([1]))
-    with pytest.raises(ValueError, match="t"):
+    with pytest.raises(ValueError, match=r"^t: expected"):
         m(torch.zeros(2, 3, 16, 16), torch.tensor([1]))

@@ -168,7 +168,13 @@ def test_run_cpu_writes_issue6_json_shape(tmp_path):
         assert set(r) >= {"case", "shape", "impl", "median_us", "gbps", "copy_fraction",
                           "speedup_vs_torch_fp32"}
         assert r["shape"] == [1, 3, 8, 8]
-        assert r["median_us"] > 0 and r["gbps"] >= 0 and r["copy_fraction"] >= 0
+        assert r["median_us"] > 0
+        # bytes moved per second, and that as a share of the run's copy bandwidth (the
+        # file rounds them to 2 and 4 decimals)
+        gbps = r["bytes"] / r["median_us"] / 1e3
+        assert r["gbps"] == pytest.approx(gbps, rel=1e-3, abs=0.005)
+        assert r["copy_fraction"] == pytest.approx(gbps / on_disk["copy_gbps"], rel=1e-3,
+                                                   abs=5e-5)
         if r["impl"] == "torch_fp32":
             assert r["speedup_vs_torch_fp32"] == 1.0
     skipped = {(s["impl"], s["reason"]) for s in on_disk["skipped"]}

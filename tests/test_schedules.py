@@ -116,7 +116,12 @@ def test_blur_f_formulas(name):
 
 
 def test_paper_default_f_N():
-    assert S.blur_f("quartic", N, F1, FN)[N].item() == pytest.approx(0.140625)
+    # BlurDiffusion's defaults are the paper's: quartic blur up to f_N = (0.15 / 0.4)^2.
+    from blurfast.diffusion import BlurDiffusion
+    f = BlurDiffusion().f
+    assert f.shape == (N + 1,) and f[N].item() == pytest.approx(0.140625, rel=1e-12)
+    np.testing.assert_allclose(f[1:].numpy(), 0.140625 * (np.arange(1, N + 1) / N) ** 4,
+                               rtol=1e-12)
 
 
 @pytest.mark.parametrize("fn,args,argname", [

@@ -101,6 +101,13 @@ def test_training_curves(tmp_path, with_fid):
     with Image.open(path) as im:
         # One panel per curve, 2.2 inches each at 100 dpi: FID adds the fourth.
         assert im.size == (700, 880 if with_fid else 660)
+        pic = np.asarray(im.convert("RGB")).astype(int)
+    # Each panel has its curve drawn: pixels of matplotlib's first colour (C0, the log's
+    # curves) in the first three panels, of C1 (FID) in the fourth.
+    bands = np.array_split(pic, 4 if with_fid else 3, axis=0)
+    colours = [(31, 119, 180)] * 3 + [(255, 127, 14)]
+    for band, c in zip(bands, colours):
+        assert (np.abs(band - np.array(c)).sum(-1) < 40).sum() > 100
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
