@@ -7,9 +7,9 @@ Cases (float32 in and out, and bfloat16 in and out for blurfast on CUDA; maps ar
 (B, 1, H, W) float32 per-sample coefficients):
 
 * ``dct2``, ``idct2``: orthonormal 2-D DCT-II / DCT-III over the last two dims.
-* ``q_sample``: read x0, write x_t and eps (DESIGN.md 2.3):
+* ``q_sample``: read x0, write x_t and eps (docs/process.md section 4):
   ``x_t = idct2(a * dct2(x0) + g * zb)``, ``eps = idct2(zb)``, zb ~ N(0, I).
-* ``sampler_step``: read x_t and eps_theta, write x_{t-1} (DESIGN.md 2.5):
+* ``sampler_step``: read x_t and eps_theta, write x_{t-1} (docs/process.md section 6):
   ``idct2(c1 * dct2(x_t) + c2 * dct2(eps_theta) + sig * zb)``.
 
 Implementations (the peers are our own code, written from the mathematics):
@@ -43,7 +43,7 @@ Implementations (the peers are our own code, written from the mathematics):
 Traffic is the minimum number of bytes a call must move: every input tensor
 read once and every output written once; the coefficient maps are *not*
 counted (a kernel can compute them from per-sample scalars and one (H, W) map,
-DESIGN.md section 4 and issue 6 count the same way).
+the floors in benchmarks/NOTES.md count the same way).
 """
 from __future__ import annotations
 

@@ -91,7 +91,7 @@ def _add_train(sub) -> None:
     g.add_argument("--coarse-to-fine", dest="coarse_to_fine",
                    action=argparse.BooleanOptionalAction,
                    help="off: the paper's fine-to-coarse ablation")
-    g.add_argument("--target", choices=TARGETS, help="training target (DESIGN.md 2.4)")
+    g.add_argument("--target", choices=TARGETS, help="training target (docs/process.md section 5)")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", dest="batch_size", type=int,
                    help="per process; the global batch is this times the processes")

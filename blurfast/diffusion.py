@@ -1,4 +1,4 @@
-"""The blur diffusion process (DESIGN.md 2.3 and 2.4).
+"""The blur diffusion process (docs/process.md sections 4 and 5).
 
 Per DCT frequency the forward process is a variance-preserving diffusion with
 ``Abar_i = alpha_bar_i * d ** (2 F_i)``. Only ``log Abar`` is stored, in closed
@@ -268,7 +268,7 @@ class BlurDiffusion:
         return torch.randint(1, self.num_steps, (batch,), dtype=torch.int64).to(device)
 
     def loss(self, model, x0, t=None, target: str = "eps", seed=None) -> torch.Tensor:
-        """Mean squared error of ``model(x_t, t)`` against the target (DESIGN.md 2.4).
+        """Mean squared error of ``model(x_t, t)`` against the target (docs/process.md section 5).
 
         ``eps``: eps (paper Eq. 18); ``std``: ``idct2(sqrt(1 - Abar) eb)``;
         ``score``: ``-idct2((1 - Abar)^(-1/2) eb)``. ``t`` None draws 1..N-1.

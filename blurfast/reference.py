@@ -1,7 +1,7 @@
 """Pure-PyTorch reference: the specification every kernel is tested against.
 
 Everything here is written for clarity, works on any device and in float64, and
-is itself tested against scipy. Conventions (see DESIGN.md, section 2):
+is itself tested against scipy. Conventions (see docs/process.md, "The mathematics"):
 
 * ``dct2`` is the orthonormal 2-D DCT-II over the last two dims, ``idct2`` its
   inverse (DCT-III); both as products with cached DCT matrices.

@@ -1,4 +1,4 @@
-"""Samplers of blur diffusion (DESIGN.md 2.5).
+"""Samplers of blur diffusion (docs/process.md section 6).
 
 Every sampler is a flat function with one signature (k-diffusion style)::
 

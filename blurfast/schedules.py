@@ -1,6 +1,6 @@
 """Blur eigenvalues and the noise and blur schedules of the process (float64).
 
-DESIGN.md 2.1 and 2.2 are the specification.
+docs/process.md sections 2 and 3 are the specification.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def blur_eigenvalues_2d(size, sigma, kind: str = "discrete") -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------
-# Schedules of the process (DESIGN.md 2.2). Arrays are indexed by step i = 0..N;
+# Schedules of the process (docs/process.md section 3). Arrays are indexed by step i = 0..N;
 # index 0 is the clean image (beta_0 = 0, f(0) = 0).
 
 NOISE_SCHEDULES = ("linear", "cosine", "exp")
@@ -111,7 +111,7 @@ def blur_f(name: str, num_steps: int, f_1: float, f_N: float) -> torch.Tensor:
     """Blur exponents ``f(i)`` for i = 0..N as an (N+1,) float64 tensor, ``f(0) = 0``.
 
     ``f_1 = (sigma_min/sigma)^2``, ``f_N = (sigma_max/sigma)^2``; the f-types of
-    DESIGN.md 2.2 (the paper's code conventions).
+    docs/process.md section 3 (the paper's code conventions).
     """
     _check_steps(num_steps)
     n = num_steps

@@ -1,4 +1,4 @@
-"""An exact eps model for testing samplers, and the Fréchet distance (DESIGN.md 2.6).
+"""An exact eps model for testing samplers, and the Fréchet distance (docs/process.md section 6).
 
 Data: a mixture of Gaussians ``x0 ~ sum_k w_k N(mu_k, U diag(v_k) U^T)`` whose
 covariances are diagonal in the DCT basis. Under the blur diffusion each

@@ -52,7 +52,7 @@
 #   PYTHON                 interpreter (default: python, else python3)
 #   GPU_CHECK_BUDGET       seconds for the whole script (default 560: one device call of
 #                          at most 600 s; on an H100 the v4 run spent 149 s building,
-#                          66 s testing, 61 s in the benches and 29 s profiling)
+#                          66 s testing, 32 s in the benches and 29 s profiling)
 #   GPU_CHECK_SKIP         space-separated step names to skip, e.g. "build racecheck"
 #   GPU_CHECK_ONLY         space-separated step names to run, the others skipped: a second
 #                          call on the machine where the first one built, e.g.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# LSUN at 64x64 with the paper's settings (Lee et al. 2022, DESIGN.md 2.2):
+# LSUN at 64x64 with the paper's settings (Lee et al. 2022; docs/process.md section 3):
 # N = 1000 steps, linear noise (beta 1e-4 .. 0.02), quartic blur, sigma 0.4,
 # sigma_max 0.15; the paper64 U-Net; Adam, lr 5e-5, batch 16, EMA 0.9999; STEPS
 # iterations (default 600K as for church; the bedroom recipe sets 450K); pixels in

@@ -1,4 +1,4 @@
-"""BlurDiffusion against float64 formulas written here from DESIGN.md 2.2-2.4 (numpy/scipy)."""
+"""BlurDiffusion against float64 formulas written here from docs/process.md sections 3-5 (numpy/scipy)."""
 import math
 
 import numpy as np

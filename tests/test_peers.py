@@ -120,7 +120,7 @@ def test_traffic_bytes():
     assert bench.traffic_bytes("dct2", (256, 3, 64, 64)) == 2 * n
     assert bench.traffic_bytes("q_sample", (256, 3, 64, 64)) == 3 * n
     assert bench.traffic_bytes("sampler_step", (256, 3, 64, 64)) == 3 * n
-    # DESIGN.md section 4: dct2 floor 8.5 us and q_sample floor 12.7 us at 2960 GB/s
+    # benchmarks/NOTES.md, "Floors": dct2 floor 8.5 us and q_sample floor 12.7 us at 2960 GB/s
     assert math.isclose(bench.traffic_bytes("dct2", (256, 3, 64, 64)) / 2960e9 * 1e6, 8.5,
                         abs_tol=0.05)
     assert math.isclose(bench.traffic_bytes("q_sample", (256, 3, 64, 64)) / 2960e9 * 1e6,

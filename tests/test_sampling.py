@@ -36,7 +36,7 @@ def abar_of(diff, t):
 
 
 def reference_run(kind, diff, shape, steps, seed, eta=0.0):
-    """Samplers from DESIGN.md 2.5 written through x0 and the posterior, in numpy."""
+    """Samplers from docs/process.md section 6 written through x0 and the posterior, in numpy."""
     x = idct2(np.sqrt(1 - abar_of(diff, steps[0])) * zb(shape, seed, 0))
     for k, (i, s) in enumerate(zip(steps, steps[1:] + [0]), start=1):
         e = toy_model(torch.tensor(x), torch.full((shape[0],), i)).numpy()
