@@ -253,13 +253,14 @@ class BlurDiffusion:
         return ops.spectral(std, self.cast(torch.rsqrt(-torch.expm1(self._lab(t, std))), std))
 
     def eps_model(self, model, target: str = "eps"):
-        """Wrap a model trained on ``target`` so that it returns eps (what samplers call)."""
+        """Wrap a model trained on ``target`` so that it returns eps (what samplers call);
+        the prediction is converted in ``x``'s dtype (float32 under bf16 autocast)."""
         if target == "eps":
             return model
         if target == "std":
-            return lambda x, t: self.std_to_eps(model(x, t), t)
+            return lambda x, t: self.std_to_eps(model(x, t).to(x.dtype), t)
         if target == "score":
-            return lambda x, t: self.score_to_eps(model(x, t), t)
+            return lambda x, t: self.score_to_eps(model(x, t).to(x.dtype), t)
         raise ValueError(f"target: expected one of {TARGETS}, got {target!r}")
 
     # ----------------------------------------------------------------- loss

@@ -146,6 +146,7 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
     rank, world, dev, owns_group = _setup_distributed(device)
     try:
         model, diff, config = ckpt.load_model(path, ema=ema, device=dev)
+        model = diff.eps_model(model, config.get("target", "eps"))   # samplers call eps
         pixel_range = config.get("pixel_range", "-1,1")
         chw = diff.channels * diff.H * diff.W
         if n * chw >= STEP_OFFSET:

@@ -453,14 +453,16 @@ class _Log:
             self.tb.close()
 
 
-def _save_samples(ema, diff, path: Path, count: int, steps: int, pixel_range: str, device):
+def _save_samples(ema, diff, path: Path, count: int, steps: int, pixel_range: str, target: str,
+                  device):
     from . import sampling, viz
 
     was_training = ema.training
     ema.eval()
     from .generate import data_range
-    x = sampling.sample(ema, diff, (count,) + diff.shape, sampler="ddim", steps=steps,
-                        seed=0, progress=False, device=device, clip=data_range(pixel_range))
+    x = sampling.sample(diff.eps_model(ema, target), diff, (count,) + diff.shape, sampler="ddim",
+                        steps=steps, seed=0, progress=False, device=device,
+                        clip=data_range(pixel_range))
     ema.train(was_training)
     if pixel_range == "0,1":
         x = x * 2 - 1
@@ -757,7 +759,7 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                 if main and (step % cfg["save_every"] == 0 or step == cfg["steps"] or stop_now):
                     last_path = save(step)
                 if fid is not None and (step % cfg["fid_every"] == 0 or step == cfg["steps"]):
-                    value = fid(stepper.ema, diff)
+                    value = fid(diff.eps_model(stepper.ema, cfg["target"]), diff)
                     if fid_log.add(step, value):          # the best so far
                         ckpt.save(out / "best", step, stepper.model, stepper.ema,
                                   stepper.state_dict(), cfg, keep=1)
@@ -766,7 +768,7 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                 if main and (step % cfg["sample_every"] == 0 or step == cfg["steps"]):
                     _save_samples(stepper.ema, diff, out / "samples" / f"step_{step:09d}.png",
                                   cfg["sample_count"], cfg["sample_steps"], cfg["pixel_range"],
-                                  dev)
+                                  cfg["target"], dev)
                 if main and (step % cfg["sample_every"] == 0 or step == cfg["steps"] or stop_now):
                     log.draw()
                 if stop_now:

@@ -144,6 +144,33 @@ def test_compiled_model_gives_the_same_images(run_dir, tmp_path, monkeypatch):
     assert np.abs(eager - zero).mean() > 5          # the model's output is in the images
 
 
+def test_a_std_model_is_sampled_through_its_eps(run_dir, tmp_path, monkeypatch):
+    # A run trained on target "std" predicts idct2(sqrt(1 - Abar) eb); generate must turn
+    # that into eps before a sampler sees it. The same function f, as the eps prediction of
+    # the eps run and as the std prediction of a std run with the same process: the same
+    # images.
+    from blurfast import training
+    from blurfast.diffusion import BlurDiffusion
+    from blurfast.models import UNet
+    training.train(data=str(run_dir / "photos"), out=str(tmp_path / "std"), preset="small",
+                   resolution=16, model=TINY, diffusion=dict(num_steps=40), target="std",
+                   batch_size=4, steps=1, device="cpu", save_every=1, sample_every=100,
+                   sample_steps=2, progress=False)
+    diff = BlurDiffusion(resolution=16, num_steps=40)
+
+    def f(x, t):
+        return 0.3 * x + 0.1
+
+    kw = dict(n=3, steps=4, seed=2, sampler="ddim", fmt="npz", device="cpu", progress=False)
+    monkeypatch.setattr(UNet, "forward", lambda self, x, t: f(x, t))
+    generate(run_dir / "run", out=tmp_path / "as_eps", **kw)
+    monkeypatch.setattr(UNet, "forward", lambda self, x, t: diff.eps_to_std(f(x, t), t))
+    generate(tmp_path / "std", out=tmp_path / "as_std", **kw)
+    a, b = (np.load(tmp_path / d / "samples.npz")["images"].astype(int)
+            for d in ("as_eps", "as_std"))
+    assert np.abs(a - b).max() <= 1
+
+
 def test_sample_rejects_bad_arguments(run_dir, tmp_path):
     with pytest.raises(ValueError, match="n:"):
         generate(run_dir / "run", 0, tmp_path)
