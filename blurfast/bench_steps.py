@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import reference as R
 from .bench import time_call
-from .diffusion import BlurDiffusion
+from .diffusion import BlurDiffusion, scales
 from .models import UNet
 
 __all__ = ["reference_train_step", "run_steps", "format_steps", "EMA", "STEP_IMPLS",
@@ -40,8 +40,7 @@ def reference_train_step(model, diff: BlurDiffusion, batch: int, device):
 
     def step(x0):
         t = torch.randint(1, diff.num_steps, (batch,))
-        lab = diff.log_abar(t, device=device)[:, None]
-        a, g = torch.exp(0.5 * lab).float(), torch.sqrt(-torch.expm1(lab)).float()
+        a, g = (m.float() for m in scales(diff.log_abar(t, device=device)[:, None]))
         eps = torch.randn_like(x0)
         x_t = R.idct2(a * R.dct2(x0) + g * R.dct2(eps))
         loss = F.mse_loss(model(x_t, t.to(device)), eps)

@@ -17,10 +17,17 @@ import torch
 from . import ops
 from . import schedules as S
 
-__all__ = ["BlurDiffusion", "TARGETS"]
+__all__ = ["BlurDiffusion", "TARGETS", "scales"]
 
 TARGETS = ("eps", "std", "score")
 _SEED_RANGE = 2 ** 62
+
+
+def scales(lab: torch.Tensor):
+    """``(sqrt(Abar), sqrt(1 - Abar))`` from ``lab = log Abar``: the forward process's
+    signal and noise maps (docs/process.md section 4); expm1 keeps 1 - Abar accurate
+    where Abar is close to 1."""
+    return torch.exp(0.5 * lab), torch.sqrt(-torch.expm1(lab))
 
 
 def _random_seed() -> int:
@@ -190,9 +197,7 @@ class BlurDiffusion:
         """
         self.check_x(x0)
         t = self.check_t(t, low=1, batch=x0.shape[0])
-        lab = self.log_abar(t, device=x0.device)[:, None]
-        a = self.cast(torch.exp(0.5 * lab), x0)
-        g = self.cast(torch.sqrt(-torch.expm1(lab)), x0)
+        a, g = (self.cast(m, x0) for m in scales(self.log_abar(t, device=x0.device)[:, None]))
         if noise is not None:
             if not isinstance(noise, torch.Tensor) or noise.shape != x0.shape:
                 raise ValueError(f"noise: expected a tensor of shape {tuple(x0.shape)}, got "
@@ -212,45 +217,42 @@ class BlurDiffusion:
         t = self.num_steps - 1 if t is None else t
         t = self.check_t(t, low=1, batch=shape[0])
         z = torch.zeros(shape, dtype=dtype, device=device)
-        lab = self.log_abar(t[:1], device=device)[:, None]
-        g = self.cast(torch.sqrt(-torch.expm1(lab)), z)
+        g = self.cast(scales(self.log_abar(t[:1], device=device)[:, None])[1], z)
         return ops.spectral(z, torch.zeros_like(g), g=g, seed=int(seed), offset=offset)
 
     # ---------------------------------------------------------- conversions
     # Each is one fused call; names say from -> to. x_t, eps, std, score are pixel space.
     def eps_to_x0(self, x_t, eps, t) -> torch.Tensor:
         """``x0 = idct2((xb_t - sqrt(1 - Abar) eb) / sqrt(Abar))``; unstable where Abar is tiny."""
-        lab = self._lab(t, x_t)
-        a = torch.exp(-0.5 * lab)
-        b = -torch.sqrt(-torch.expm1(lab)) * a
+        sa, g = scales(self._lab(t, x_t))
+        a = 1 / sa
+        b = -g * a
         return ops.spectral(x_t, self.cast(a, x_t), eps.to(x_t.dtype), self.cast(b, x_t))
 
     def x0_to_eps(self, x_t, x0, t) -> torch.Tensor:
         """``eps = idct2((xb_t - sqrt(Abar) xb0) / sqrt(1 - Abar))``, t in 1..N."""
         t = self.check_t(t, low=1, batch=x_t.shape[0])
-        lab = self._lab(t, x_t)
-        s = torch.rsqrt(-torch.expm1(lab))
-        return ops.spectral(x_t, self.cast(s, x_t), x0.to(x_t.dtype),
-                            self.cast(-torch.exp(0.5 * lab) * s, x_t))
+        sa, g = scales(self._lab(t, x_t))
+        return ops.spectral(x_t, self.cast(1 / g, x_t), x0.to(x_t.dtype), self.cast(-sa / g, x_t))
 
     def eps_to_score(self, eps, t) -> torch.Tensor:
         """``score = -idct2((1 - Abar)^(-1/2) eb)`` (paper Eq. 15), t in 1..N."""
         t = self.check_t(t, low=1, batch=eps.shape[0])
-        return ops.spectral(eps, self.cast(-torch.rsqrt(-torch.expm1(self._lab(t, eps))), eps))
+        return ops.spectral(eps, self.cast(-1 / scales(self._lab(t, eps))[1], eps))
 
     def score_to_eps(self, score, t) -> torch.Tensor:
         """Inverse of :meth:`eps_to_score`: ``eps = -idct2(sqrt(1 - Abar) score_b)``."""
         t = self.check_t(t, low=1, batch=score.shape[0])
-        return ops.spectral(score, self.cast(-torch.sqrt(-torch.expm1(self._lab(t, score))), score))
+        return ops.spectral(score, self.cast(-scales(self._lab(t, score))[1], score))
 
     def eps_to_std(self, eps, t) -> torch.Tensor:
         """``std = idct2(sqrt(1 - Abar) eb)``: the noise part of x_t."""
-        return ops.spectral(eps, self.cast(torch.sqrt(-torch.expm1(self._lab(t, eps))), eps))
+        return ops.spectral(eps, self.cast(scales(self._lab(t, eps))[1], eps))
 
     def std_to_eps(self, std, t) -> torch.Tensor:
         """Inverse of :meth:`eps_to_std`, t in 1..N."""
         t = self.check_t(t, low=1, batch=std.shape[0])
-        return ops.spectral(std, self.cast(torch.rsqrt(-torch.expm1(self._lab(t, std))), std))
+        return ops.spectral(std, self.cast(1 / scales(self._lab(t, std))[1], std))
 
     def eps_model(self, model, target: str = "eps"):
         """Wrap a model trained on ``target`` so that it returns eps (what samplers call);

@@ -17,7 +17,7 @@ import math
 import torch
 
 from . import ops
-from .diffusion import BlurDiffusion
+from .diffusion import BlurDiffusion, scales
 
 __all__ = ["GaussianMixtureOracle", "example_oracle", "frechet_distance",
            "gaussian_frechet_distance"]
@@ -103,9 +103,9 @@ class GaussianMixtureOracle:
         xb0 = self.mean_coefs[labels] + torch.sqrt(self.variances[labels]) * z0
         if t:
             t = self.diff.check_t(t, low=1, batch=n)
-            lab = self.diff.log_abar(t)[:, None]
+            sa, g = scales(self.diff.log_abar(t)[:, None])
             z = torch.randn((n,) + self.diff.shape, dtype=torch.float64, generator=gen)
-            xb0 = torch.exp(0.5 * lab) * xb0 + torch.sqrt(-torch.expm1(lab)) * z
+            xb0 = sa * xb0 + g * z
         x = ops.idct2(xb0)
         return (x, labels) if return_labels else x
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import data as D
 from . import ops
-from .diffusion import TARGETS, BlurDiffusion
+from .diffusion import TARGETS, BlurDiffusion, scales
 from .models import PRESETS, UNet
 
 __all__ = ["train", "TrainStep", "step_draws", "StepBatches", "NonFiniteError"]
@@ -227,9 +227,7 @@ class TrainStep:
         """``(x_t, target)`` of clean images x0 at steps t (device tensors): x_t =
         ``q_sample(x0, t)`` with the Philox noise at ``(noise_seed, noise_offset)``
         (torch's generator under ``cuda_graphs``), the target per ``self.target``."""
-        lab = self.diff.log_abar_unchecked(t)[:, None]   # (B, 1, H, W)
-        a = torch.exp(0.5 * lab).float()
-        g = torch.sqrt(-torch.expm1(lab)).float()
+        a, g = (m.float() for m in scales(self.diff.log_abar_unchecked(t)[:, None]))
         if self.cuda_graphs:
             eps = torch.randn_like(x0)
             x_t = ops.spectral(x0, a, eps, g, seed=0)
@@ -239,7 +237,7 @@ class TrainStep:
         if self.target == "eps":
             return x_t, eps
         # std: idct2(sqrt(1 - Abar) eb); score: -idct2((1 - Abar)^(-1/2) eb)
-        m = g if self.target == "std" else -torch.rsqrt(-torch.expm1(lab)).float()
+        m = g if self.target == "std" else -1 / g
         return x_t, ops.spectral(eps, m, seed=0)
 
     def _body(self, x_u8, flip, t, noise_seed: int, noise_offset: int) -> None:
