@@ -227,7 +227,8 @@ class TrainStep:
         """``(x_t, target)`` of clean images x0 at steps t (device tensors): x_t =
         ``q_sample(x0, t)`` with the Philox noise at ``(noise_seed, noise_offset)``
         (torch's generator under ``cuda_graphs``), the target per ``self.target``."""
-        a, g = (m.float() for m in scales(self.diff.log_abar_unchecked(t)[:, None]))
+        sa, g64 = scales(self.diff.log_abar_unchecked(t)[:, None])    # float64 maps
+        a, g = sa.float(), g64.float()
         if self.cuda_graphs:
             eps = torch.randn_like(x0)
             x_t = ops.spectral(x0, a, eps, g, seed=0)
@@ -237,7 +238,7 @@ class TrainStep:
         if self.target == "eps":
             return x_t, eps
         # std: idct2(sqrt(1 - Abar) eb); score: -idct2((1 - Abar)^(-1/2) eb)
-        m = g if self.target == "std" else -1 / g
+        m = g if self.target == "std" else (-1 / g64).float()
         return x_t, ops.spectral(eps, m, seed=0)
 
     def _body(self, x_u8, flip, t, noise_seed: int, noise_offset: int) -> None:
