@@ -305,6 +305,8 @@ def spectral(x: Tensor, a: Tensor, x2: Optional[Tensor] = None, a2: Optional[Ten
         if x2.shape != x.shape or x2.device != x.device:
             raise ValueError(f"x2: expected shape {tuple(x.shape)} on {x.device}, got "
                              f"{tuple(x2.shape)} on {x2.device}")
+        if x2.dtype != x.dtype:
+            raise TypeError(f"x2: expected x's dtype {x.dtype}, got {x2.dtype}")
         _check_map("a2", a2, x)
     if g is not None:
         _check_map("g", g, x)
@@ -340,6 +342,12 @@ def gaussian_blur(x: Tensor, sigma, kind: str = "discrete") -> Tensor:
     (truncate=4); ``sigma`` is a number or (sigma_h, sigma_w).
     """
     _check_data("x", x)
-    sig = tuple(float(s) for s in sigma) if isinstance(sigma, (tuple, list)) else float(sigma)
+    pair = isinstance(sigma, (tuple, list))
+    try:
+        sig = tuple(float(s) for s in sigma) if pair else float(sigma)
+    except (TypeError, ValueError):
+        sig = None
+    if sig is None or (pair and len(sig) != 2):
+        raise ValueError(f"sigma: expected a number or (sigma_h, sigma_w), got {sigma!r}")
     d = _blur_map(x.shape[-2], x.shape[-1], sig, kind)
     return spectral(x, d.to(device=x.device, dtype=_compute_dtype(x.dtype)), seed=0)

@@ -370,6 +370,11 @@ def test_training_backward_matches_reference():
      "noise: given but unused"),
     (lambda: bf.spectral(torch.zeros(8, 8), torch.ones(8, 8, device="meta")), ValueError,
      "a: is on meta"),
+    (lambda: bf.spectral(torch.zeros(8, 8), torch.ones(8, 8), torch.zeros(8, 8).double(),
+                         torch.ones(8, 8)), TypeError, "x2: expected x's dtype torch.float32"),
+    (lambda: bf.gaussian_blur(torch.zeros(8, 8), "abc"), ValueError, "sigma: expected"),
+    (lambda: bf.gaussian_blur(torch.zeros(8, 8), (1.0, 2.0, 3.0)), ValueError, "sigma: expected"),
+    (lambda: bf.gaussian_blur(torch.zeros(8, 8), None), ValueError, "sigma: expected"),
 ])
 def test_bad_input_names_the_argument(call, exc, words):
     with pytest.raises(exc, match=words):
