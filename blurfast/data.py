@@ -22,11 +22,16 @@ import numpy as np
 import torch
 
 __all__ = ["IMAGE_EXTENSIONS", "RESIZE_MODES", "PIXEL_RANGES", "ImageFolder", "LSUNLmdb",
-           "PreparedArray", "open_dataset", "prepare", "to_float", "PrepareReport"]
+           "PreparedArray", "open_dataset", "prepare", "to_float", "PrepareReport",
+           "UnreadableImage"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 RESIZE_MODES = ("squash", "center-crop")
 PIXEL_RANGES = ("-1,1", "0,1")
+
+
+class UnreadableImage(ValueError):
+    """An image of a dataset that Pillow cannot decode; the message names it."""
 
 
 def _check_resolution(resolution) -> int:
@@ -79,10 +84,26 @@ class _Decoded(torch.utils.data.Dataset):
         raise NotImplementedError
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return decode(self.raw(i), self.resolution, self.resize, self.channels)
+        """Image i; :class:`UnreadableImage` when it cannot be decoded."""
+        try:
+            return decode(self.raw(i), self.resolution, self.resize, self.channels)
+        except Exception as e:             # Pillow raises several kinds on bad data
+            raise UnreadableImage(f"{self.name(i)}: cannot be decoded "
+                                  f"({type(e).__name__}: {e})") from None
+
+    def readable(self, i: int) -> np.ndarray:
+        """Image i, or where it cannot be decoded the next one that can (the same one
+        every time, so runs stay reproducible), with a warning naming the skipped file."""
+        for k in range(len(self)):
+            try:
+                return self[(i + k) % len(self)]
+            except UnreadableImage as e:
+                warnings.warn(f"data: skipping {e}; `blurfast prepare` leaves such images "
+                              f"out once and for all", stacklevel=2)
+        raise ValueError("data: not one image of the dataset can be decoded")
 
     def __getitems__(self, indices: Sequence[int]) -> torch.Tensor:
-        return torch.from_numpy(np.stack([self[int(i)] for i in indices]))
+        return torch.from_numpy(np.stack([self.readable(int(i)) for i in indices]))
 
 
 class ImageFolder(_Decoded):

@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 from urllib.parse import urlparse
@@ -102,7 +103,15 @@ def load_images(path, n: Optional[int] = None) -> Iterable[np.ndarray]:
         files = [f for f in files if not f.name.startswith("contact_sheet")]
         if not files:
             raise ValueError(f"samples: no images in {p}")
-        return (np.asarray(Image.open(f).convert("RGB")) for f in files[:n])
+        def decoded():
+            for f in files[:n]:
+                try:
+                    with Image.open(f) as im:
+                        yield np.asarray(im.convert("RGB"))
+                except Exception as e:     # Pillow raises several kinds on bad data
+                    warnings.warn(f"samples: skipping {f}: cannot be decoded "
+                                  f"({type(e).__name__}: {e})", stacklevel=2)
+        return decoded()
     raise ValueError(f"samples: expected a folder of images or an .npz file, got {str(path)!r}")
 
 
@@ -171,7 +180,7 @@ def reference_statistics(ref, resolution: int, resize: str = "squash", n: Option
             if "mu" not in z.files or "sigma" not in z.files:
                 raise ValueError(f"ref: {p} is an .npz without 'mu' and 'sigma'")
             return z["mu"], z["sigma"]
-    from .data import open_dataset
+    from .data import UnreadableImage, open_dataset
     extractor = extractor or inception_extractor(device=device)
     ds = open_dataset(p, resolution=resolution, resize=resize)
     count = len(ds) if n is None else min(n, len(ds))
@@ -183,8 +192,13 @@ def reference_statistics(ref, resolution: int, resize: str = "squash", n: Option
     if cache and cached.is_file():
         with np.load(cached) as z:
             return z["mu"], z["sigma"]
-    imgs = (np.asarray(ds[i]) for i in range(count))
-    mu, sigma = statistics(features(imgs, extractor, batch_size, device, total=count,
+    def imgs():
+        for i in range(count):
+            try:
+                yield np.asarray(ds[i])
+            except UnreadableImage as e:
+                warnings.warn(f"ref: skipping {e}", stacklevel=3)
+    mu, sigma = statistics(features(imgs(), extractor, batch_size, device, total=count,
                                     progress=progress, desc="reference features"))
     if cache:
         save_npz(cached, mu=mu, sigma=sigma, key=np.array(key))

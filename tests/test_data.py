@@ -124,6 +124,27 @@ def test_prepare_folder_with_one_corrupt_file(tmp_path):
     assert isinstance(ds, D.PreparedArray) and len(ds) == 5 and ds.resolution == 16
 
 
+def test_a_folder_with_unreadable_images_trains_on_the_others(tmp_path):
+    # Read directly (not prepared), an image Pillow cannot decode raises an error naming
+    # it; a batch takes the next readable image in its place, the same one every time,
+    # and warns.
+    src = made_photos(tmp_path / "src", 5, size=16)
+    (src / "00001.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    (src / "00002.png").write_bytes(b"not an image")
+    ds = D.ImageFolder(src, resolution=16)
+    with pytest.raises(D.UnreadableImage, match="00001.jpg: cannot be decoded"):
+        ds[1]
+    with pytest.warns(UserWarning, match="data: skipping .*00002.png") as got:
+        batch = ds.__getitems__([0, 1, 2, 4])
+    assert sum("00001.jpg" in str(w.message) for w in got) >= 1
+    want = np.stack([ds[0], ds[3], ds[3], ds[4]])          # 1 and 2 -> 3
+    np.testing.assert_array_equal(batch.numpy(), want)
+    for name in ("00000.png", "00003.jpg", "00004.png"):
+        (src / name).write_bytes(b"broken too")
+    with pytest.raises(ValueError, match="not one image"), pytest.warns(UserWarning):
+        ds.__getitems__([0])
+
+
 @pytest.mark.skipif(not CIFAR.exists(), reason="CIFAR-10 archive not present")
 def test_prepare_real_photos(tmp_path):
     src = cifar_photos(tmp_path / "cifar", 40)

@@ -85,3 +85,28 @@ def test_missing_inception_offline_names_file_and_path(tmp_path, monkeypatch):
 def test_bad_samples_path(tmp_path):
     with pytest.raises(ValueError, match="samples:"):
         list(ev.load_images(tmp_path / "nope"))
+
+
+def test_unreadable_images_are_skipped_with_a_warning(tmp_path):
+    # One broken file among the samples and one among the reference images: the FID is
+    # that of the two folders without them, and each skip is named in a warning.
+    rng = np.random.default_rng(2)
+    a = rng.integers(0, 256, size=(60, 16, 16, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) // 2 + 60, 0, 255).astype(np.uint8)
+    _write_images(tmp_path / "a", a)
+    _write_images(tmp_path / "b", b)
+    _write_images(tmp_path / "a_clean", np.delete(a, 7, axis=0))
+    _write_images(tmp_path / "b_clean", np.delete(b, 30, axis=0))
+    (tmp_path / "a" / "00007.png").write_bytes(b"not an image")
+    (tmp_path / "b" / "00030.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+
+    def mean_features(x):
+        return x.mean(dim=(2, 3))
+    kw = dict(n=None, feature_extractor=mean_features, cache=False, progress=False)
+    with pytest.warns(UserWarning) as got:
+        d = ev.fid(tmp_path / "a", tmp_path / "b", **kw)
+    text = " ".join(str(w.message) for w in got)
+    assert "samples: skipping" in text and "00007.png" in text
+    assert "ref: skipping" in text and "00030.png" in text
+    assert d == pytest.approx(ev.fid(tmp_path / "a_clean", tmp_path / "b_clean", **kw),
+                              rel=1e-9)
