@@ -460,8 +460,8 @@ def _save_samples(ema, diff, path: Path, count: int, steps: int, pixel_range: st
     ema.eval()
     from .generate import data_range
     x = sampling.sample(diff.eps_model(ema, target), diff, (count,) + diff.shape, sampler="ddim",
-                        steps=steps, seed=0, progress=False, device=device,
-                        clip=data_range(pixel_range))
+                        steps=min(steps, diff.num_steps - 1), seed=0, progress=False,
+                        device=device, clip=data_range(pixel_range))
     ema.train(was_training)
     if pixel_range == "0,1":
         x = x * 2 - 1

@@ -383,6 +383,14 @@ def test_non_finite_steps_are_counted_then_stop_the_run(made16, tmp_path, monkey
                        **{**KW, "max_nonfinite": 3})
 
 
+def test_sample_grids_of_a_short_chain(made16, tmp_path):
+    # --sample-steps (default 100) beyond the chain's N - 1 = 19 calls: the grid takes 19.
+    res = training.train(data=str(made16), out=str(tmp_path / "r"), steps=2,
+                         diffusion=dict(num_steps=20),
+                         **{**KW, "sample_every": 2, "sample_steps": 100})
+    assert res["step"] == 2 and (tmp_path / "r" / "samples" / "step_000000002.png").is_file()
+
+
 def test_curves_that_cannot_be_drawn_warn_once_and_the_run_goes_on(made16, tmp_path,
                                                                   monkeypatch):
     from blurfast import viz
