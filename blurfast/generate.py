@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -36,7 +37,6 @@ def resolve_checkpoint(path) -> Path:
                 ckpt.verify(c)
                 return c
             except ckpt.CheckpointError as e:
-                import warnings
                 warnings.warn(f"skipping a damaged checkpoint: {e}", stacklevel=2)
         raise ValueError(f"ckpt: no valid checkpoint under {p / 'checkpoints'}")
     if not p.exists():
@@ -181,6 +181,8 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
             import torch.distributed as dist
             dist.barrier()
         if rank == 0:
+            if fmt == "png":
+                _remove_stale_pngs(out, n)
             _contact_sheet(out, fmt, min(n, 64))
             if progress:
                 print(f"wrote {n} images to {out} ({fmt}) and {out / SHEET_NAME}")
@@ -189,6 +191,17 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
         if owns_group:
             import torch.distributed as dist
             dist.destroy_process_group()
+
+
+def _remove_stale_pngs(out: Path, n: int) -> None:
+    """Removes ``NNNNNN.png`` files numbered n or above, left by an earlier, larger run
+    into the same folder (FID would count them), and says how many."""
+    stale = [f for f in out.glob("[0-9]" * 6 + ".png") if int(f.stem) >= n]
+    for f in stale:
+        f.unlink()
+    if stale:
+        warnings.warn(f"out: removed {len(stale)} samples numbered {n} and above that an "
+                      f"earlier run left in {out}", stacklevel=3)
 
 
 def _save_parts(out: Path, kept, rank: int, world: int, n: int) -> None:

@@ -171,6 +171,16 @@ def test_a_std_model_is_sampled_through_its_eps(run_dir, tmp_path, monkeypatch):
     assert np.abs(a - b).max() <= 1
 
 
+def test_a_smaller_run_into_the_same_folder_removes_the_stale_samples(run_dir, tmp_path):
+    kw = dict(steps=2, seed=1, progress=False, device="cpu")
+    generate(run_dir / "run", 4, tmp_path, **kw)
+    (tmp_path / "notes.png").write_bytes(b"kept")
+    with pytest.warns(UserWarning, match="removed 2 samples numbered 2 and above"):
+        generate(run_dir / "run", 2, tmp_path, **kw)
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == \
+        ["000000.png", "000001.png", SHEET_NAME, "notes.png"]
+
+
 def test_sample_rejects_bad_arguments(run_dir, tmp_path):
     with pytest.raises(ValueError, match="n:"):
         generate(run_dir / "run", 0, tmp_path)
