@@ -202,6 +202,23 @@ def register(subparsers) -> None:
     _add_prepare(subparsers)
 
 
+
+def _yaml_load(text: str):
+    """yaml.safe_load, except that numbers like 1e-4 and 5E+3 are floats: YAML 1.1 (what
+    PyYAML reads) wants a dot and a signed exponent, so a config's ``lr: 1e-4`` would
+    otherwise be the string '1e-4'."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)
+
 def load_config(path) -> dict:
     """A mapping of train() arguments from a .yaml/.yml/.json file."""
     path = Path(path)
@@ -211,8 +228,7 @@ def load_config(path) -> dict:
         raise ValueError(f"config: cannot read {str(path)!r} ({e.strerror})") from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-            cfg = yaml.safe_load(text)
+            cfg = _yaml_load(text)
         else:
             cfg = json.loads(text)
     except Exception as e:      # yaml and json raise their own error types

@@ -452,7 +452,8 @@ def test_cli_config_file_and_flags(made16, tmp_path):
         resolution: 16
         batch_size: 2
         steps: 2
-        lr: 0.002
+        lr: 2e-3
+        adam_eps: 1E-7
         model: {{base_channels: 32, channel_mult: [1, 2], num_res_blocks: 1}}
         diffusion: {{blur_schedule: cubic, sigma_max: 0.2}}
         sample_count: 1
@@ -464,7 +465,9 @@ def test_cli_config_file_and_flags(made16, tmp_path):
                               "--device", "cpu"])
     kw = cli_train.train_kwargs(a)
     assert kw["diffusion"] == {"blur_schedule": "cubic", "sigma_max": 0.1}
-    assert kw["lr"] == 0.002 and kw["ema_decay"] is None and kw["ema_halflife_kimg"] == 0.5
+    # 2e-3 is a float, though YAML 1.1 (PyYAML) would read it as a string
+    assert kw["lr"] == 0.002 and kw["adam_eps"] == 1e-7
+    assert kw["ema_decay"] is None and kw["ema_halflife_kimg"] == 0.5
     assert kw["grad_clip"] is None and kw["flip"] is False
     assert kw["model"]["channel_mult"] == (1, 2)
     assert a.func(a) == 0
