@@ -131,6 +131,13 @@ def verify(path) -> dict:
         raise CheckpointError(f"checkpoint {path}: not a directory")
     mf = path / "manifest.json"
     if not mf.is_file():
+        if (path / "checkpoints").is_dir():
+            raise CheckpointError(f"checkpoint {path}: is a run directory; name one of the "
+                                  f"step_* folders under {path / 'checkpoints'}, or continue "
+                                  f"that run with resume 'auto'")
+        if not any((path / f).exists() for f in FILES):
+            raise CheckpointError(f"checkpoint {path}: not a checkpoint directory (none of "
+                                  f"manifest.json, {', '.join(FILES)})")
         raise CheckpointError(f"checkpoint {path}: incomplete (no manifest.json); the save "
                               f"was probably interrupted")
     try:

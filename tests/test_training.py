@@ -193,6 +193,11 @@ def test_damaged_files_give_clear_errors(made16, tmp_path):
         ckpt.load(c)
     with pytest.raises(ckpt.CheckpointError, match="not a directory"):
         ckpt.load(out / "nothing")
+    with pytest.raises(ckpt.CheckpointError, match="is a run directory; name one of"):
+        training.train(data=str(made16), out=str(tmp_path / "r2"), steps=4, resume=str(out),
+                       **KW)
+    with pytest.raises(ckpt.CheckpointError, match="not a checkpoint directory"):
+        ckpt.load(out / "samples")
 
 
 def test_load_model_for_sampling(reference_run):
