@@ -192,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Runs a command. Bad input (ValueError, TypeError, FileNotFoundError) is reported in one
-    line with exit code 2; BLURFAST_DEBUG=1 shows the traceback instead."""
+    """Runs a command. Bad input (ValueError, TypeError) and file-system errors (OSError: a
+    missing file, a file where a folder belongs, no permission) are reported in one line
+    with exit code 2; BLURFAST_DEBUG=1 shows the traceback instead."""
     import os
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _PASSTHROUGH:
@@ -211,7 +212,7 @@ def main(argv=None) -> int:
     except BrokenPipeError:          # output piped into e.g. `head`, which exited
         sys.stderr.close()           # nothing more can be written; exit quietly
         return 0
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, OSError) as e:
         if os.environ.get("BLURFAST_DEBUG"):
             raise
         print(f"blurfast {argv[0]}: error: {e}", file=sys.stderr)

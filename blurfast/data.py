@@ -160,13 +160,18 @@ class LSUNLmdb(_Decoded):
         self.path = str(path)
         if not is_lmdb(path):
             raise ValueError(f"path: {self.path!r} is not an lmdb database (no data.mdb)")
-        with self.env().begin() as txn:
-            n = txn.stat()["entries"]
-            keys = txn.cursor().iternext(keys=True, values=False)
-            if progress:
-                from tqdm import tqdm
-                keys = tqdm(keys, total=n, desc="lmdb keys", unit="key")
-            self.keys = list(keys)
+        import lmdb
+        try:
+            with self.env().begin() as txn:
+                n = txn.stat()["entries"]
+                keys = txn.cursor().iternext(keys=True, values=False)
+                if progress:
+                    from tqdm import tqdm
+                    keys = tqdm(keys, total=n, desc="lmdb keys", unit="key")
+                self.keys = list(keys)
+        except lmdb.Error as e:
+            raise ValueError(f"path: {self.path!r} cannot be read as an lmdb database "
+                             f"({type(e).__name__}: {e})") from None
         if not self.keys:
             raise ValueError(f"path: the lmdb database {self.path!r} is empty")
 

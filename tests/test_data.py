@@ -90,6 +90,11 @@ def test_lsun_lmdb_reader(tmp_path):
     got = torch.cat(list(loader))
     np.testing.assert_array_equal(got.numpy(), np.stack([ds[i] for i in (4, 0, 2, 1, 3)]))
     assert isinstance(D.open_dataset(db, 16), D.LSUNLmdb)
+    bad = tmp_path / "bad_lmdb"
+    bad.mkdir()
+    (bad / "data.mdb").write_bytes(b"not an lmdb file" * 512)
+    with pytest.raises(ValueError, match="cannot be read as an lmdb database"):
+        D.LSUNLmdb(bad, resolution=16)
 
 
 def test_prepare_from_lmdb_skips_a_corrupt_value(tmp_path):

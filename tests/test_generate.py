@@ -181,6 +181,14 @@ def test_a_smaller_run_into_the_same_folder_removes_the_stale_samples(run_dir, t
         ["000000.png", "000001.png", SHEET_NAME, "notes.png"]
 
 
+def test_cli_reports_file_system_errors_in_one_line(run_dir, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    assert cli.main(["sample", "--ckpt", str(run_dir / "run"), "--n", "1", "--steps", "1",
+                     "--out", str(tmp_path / "a_file"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("blurfast sample: error:") and "a_file" in err[0]
+
+
 def test_sample_rejects_bad_arguments(run_dir, tmp_path):
     with pytest.raises(ValueError, match="n:"):
         generate(run_dir / "run", 0, tmp_path)
