@@ -167,6 +167,20 @@ def save_statistics(path, mu, sigma) -> None:
     save_npz(path, mu=mu, sigma=sigma)
 
 
+def _fingerprint(p: Path) -> str:
+    """Size and modification time of a file, or of every file under a folder (a digest):
+    the cached statistics of a reference are used only while this is unchanged."""
+    if not p.is_dir():
+        st = p.stat()
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    h = hashlib.sha1()
+    for f in sorted(p.rglob("*")):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.relative_to(p).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 def reference_statistics(ref, resolution: int, resize: str = "squash", n: Optional[int] = None,
                          extractor: Optional[Callable] = None, device="cpu",
                          batch_size: int = 64, cache: bool = True, progress: bool = True):
@@ -184,8 +198,7 @@ def reference_statistics(ref, resolution: int, resize: str = "squash", n: Option
     extractor = extractor or inception_extractor(device=device)
     ds = open_dataset(p, resolution=resolution, resize=resize)
     count = len(ds) if n is None else min(n, len(ds))
-    stat = p.stat()
-    key = json.dumps({"path": str(p.resolve()), "mtime": stat.st_mtime_ns, "size": stat.st_size,
+    key = json.dumps({"path": str(p.resolve()), "files": _fingerprint(p),
                       "resolution": resolution, "resize": resize, "n": count,
                       "features": getattr(extractor, "name", repr(extractor))}, sort_keys=True)
     cached = _cache_dir() / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".npz")

@@ -70,6 +70,13 @@ def test_fid_folders_with_custom_extractor(tmp_path, monkeypatch):
     np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
     assert ev.fid(tmp_path / "a", tmp_path / "stats.npz", feature_extractor=ext,
                   progress=False) == pytest.approx(d_dir, rel=1e-9)
+    # An image of the reference overwritten in place (the folder's own mtime stays): the
+    # cache no longer serves the old statistics.
+    with open(tmp_path / "b" / "00003.png", "r+b") as f:
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(f, format="PNG")
+    mu2, _ = ev.reference_statistics(tmp_path / "b", 16, "squash", None, ext, progress=False)
+    assert len(list((tmp_path / "cache" / "fid").glob("*.npz"))) == 3
+    assert not np.allclose(mu2, mu)
 
 
 def test_missing_inception_offline_names_file_and_path(tmp_path, monkeypatch):
