@@ -151,6 +151,10 @@ class UNet(nn.Module):
         if base_channels % _GROUPS:
             raise ValueError(f"base_channels: expected a multiple of {_GROUPS}, "
                              f"got {base_channels}")
+        for name, v in (("channel_mult", channel_mult),
+                        ("attention_resolutions", attention_resolutions)):
+            if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+                raise TypeError(f"{name}: expected a sequence of ints, got {v!r}")
         channel_mult = tuple(channel_mult)
         if not channel_mult:
             raise ValueError("channel_mult: expected at least one level")

@@ -545,11 +545,19 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
         _check_int("fid_steps", fid_steps)
         if fid_ref is None:
             raise ValueError("fid_ref: needed with fid_every (reference data or STATS.npz)")
+    for name in ("data", "out"):
+        if not isinstance(args[name], (str, os.PathLike)):
+            raise TypeError(f"{name}: expected a path, got {args[name]!r}")
     if model is not None and not isinstance(model, dict):
         raise TypeError(f"model: expected a dict of UNet arguments, got {type(model).__name__}")
     if diffusion is not None and not isinstance(diffusion, dict):
         raise TypeError(f"diffusion: expected a dict of BlurDiffusion arguments, got "
                         f"{type(diffusion).__name__}")
+    import inspect
+    for name, given, cls in (("model", model, UNet), ("diffusion", diffusion, BlurDiffusion)):
+        unknown = sorted(set(given or {}) - set(inspect.signature(cls).parameters))
+        if unknown:
+            raise TypeError(f"{name}: unknown {cls.__name__} arguments {unknown}")
     if resume is not None and not isinstance(resume, (str, os.PathLike)):
         raise TypeError(f"resume: expected None, 'auto' or a path, got {resume!r}")
     for k in ("resolution", "channels"):

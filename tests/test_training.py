@@ -561,6 +561,17 @@ def test_type_errors_and_existing_runs(made16, tmp_path):
     with pytest.raises(TypeError, match="cuda_graphs"):
         training.train(data=str(made16), out=str(tmp_path / "r"), steps=1,
                        **{**KW, "cuda_graphs": "yes"})
+    with pytest.raises(TypeError, match="^out: expected a path, got None"):
+        training.train(data=str(made16), out=None, steps=1, **KW)
+    with pytest.raises(TypeError, match=r"^model: unknown UNet arguments \['widht'\]"):
+        training.train(data=str(made16), out=str(tmp_path / "r"), steps=1,
+                       **{**KW, "model": {**TINY, "widht": 3}})
+    with pytest.raises(TypeError, match=r"^diffusion: unknown BlurDiffusion arguments"):
+        training.train(data=str(made16), out=str(tmp_path / "r"), steps=1,
+                       **{**KW, "diffusion": {"bogus": 1}})
+    with pytest.raises(TypeError, match="^channel_mult: expected a sequence"):
+        training.train(data=str(made16), out=str(tmp_path / "r"), steps=1,
+                       **{**KW, "model": {**TINY, "channel_mult": 2}})
     training.train(data=str(made16), out=str(tmp_path / "r"), steps=2, **KW)
     # cuda_graphs=None (the default) resolves to off on a CPU, and the config says so.
     assert json.loads((tmp_path / "r" / "config.json").read_text())["cuda_graphs"] is False
