@@ -64,15 +64,17 @@ def _add_fid(sub) -> None:
     s.add_argument("--ref", required=True,
                    help="image folder, LSUN lmdb, prepared .npy array, or STATS.npz (mu, sigma)")
     s.add_argument("--n", type=int, default=10_000, help="images used from each side (default 10000)")
-    s.add_argument("--resolution", type=int, default=None,
+    s.add_argument("--resolution", type=_positive_int, default=None,
                    help="reference preprocessing resolution (default: the samples')")
     s.add_argument("--resize", choices=["squash", "center-crop"], default="squash",
                    help="reference preprocessing, as for training (default squash, the paper's)")
     s.add_argument("--inception", default=None,
                    help="clean-fid's inception-2015-12-05.pt (file or folder); default where "
                         "clean-fid keeps it (/tmp)")
-    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    s.add_argument("--batch", type=int, default=64, help="images per Inception batch (default 64)")
+    s.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cuda if available")
+    s.add_argument("--batch", type=_positive_int, default=64,
+                   help="images per Inception batch (default 64)")
     s.add_argument("--save-stats", default=None, help="also write the reference mu/sigma here")
     s.add_argument("--no-cache", action="store_true", help="do not read or write the stats cache")
     s.add_argument("--features", default=None, metavar="MODULE:FUNCTION",
@@ -81,17 +83,34 @@ def _add_fid(sub) -> None:
     s.set_defaults(func=_fid)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return v
+
+
 def _fid(args) -> int:
     import torch
 
     from . import evaluation as ev
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device: 'cuda' was asked for but torch sees no GPU")
     if args.n is not None and args.n < 2:
         raise SystemExit("--n: expected at least 2")
     if args.features:
         import importlib
         mod, _, fn = args.features.partition(":")
-        extractor = getattr(importlib.import_module(mod), fn or "features")
+        try:
+            extractor = getattr(importlib.import_module(mod), fn or "features")
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"--features: cannot load {args.features!r} ({e}); give "
+                             f"MODULE:FUNCTION with MODULE importable (on PYTHONPATH)") from None
     else:
         extractor = ev.inception_extractor(args.inception, device=device)
     value = ev.fid(args.samples, args.ref, n=args.n, resolution=args.resolution,

@@ -74,7 +74,11 @@ def inception_extractor(path=None, device="cpu", download: bool = True) -> Calla
         tmp = Path(helper.check_download_inception(fpath=tempfile.mkdtemp(dir=p.parent)))
         os.replace(tmp, p)
         tmp.parent.rmdir()
-    net = torch.jit.load(str(p), map_location=device).eval()
+    try:
+        net = torch.jit.load(str(p), map_location=device).eval()
+    except Exception as e:           # torch raises several kinds for a bad file
+        raise ValueError(f"inception: {p} cannot be loaded as clean-fid's TorchScript "
+                         f"InceptionV3 ({type(e).__name__}: {e})") from None
 
     @torch.no_grad()
     def extract(x: torch.Tensor) -> torch.Tensor:
@@ -90,11 +94,15 @@ def load_images(path, n: Optional[int] = None) -> Iterable[np.ndarray]:
     (N, H, W, C)) or a folder of image files (sorted by name)."""
     p = Path(path)
     if p.is_file() and p.suffix == ".npz":
-        with np.load(p) as z:
-            arr = z["images"] if "images" in z.files else z[z.files[0]]
-        if arr.ndim != 4 or arr.dtype != np.uint8:
-            raise ValueError(f"samples: expected uint8 (N, H, W, C) in {p}, got {arr.dtype} "
-                             f"{arr.shape}")
+        try:
+            with np.load(p) as z:
+                arr = z["images"] if "images" in z.files else z[z.files[0]]
+        except Exception as e:       # a damaged or empty archive
+            raise ValueError(f"samples: {p} is not a readable .npz of images "
+                             f"({type(e).__name__}: {e})") from None
+        if arr.ndim != 4 or arr.dtype != np.uint8 or arr.shape[3] not in (1, 3):
+            raise ValueError(f"samples: expected uint8 (N, H, W, 1 or 3) in {p}, got "
+                             f"{arr.dtype} {arr.shape}")
         return list(arr[:n])
     if p.is_dir():
         from PIL import Image
@@ -190,10 +198,20 @@ def reference_statistics(ref, resolution: int, resize: str = "squash", n: Option
     as .npz under ``$BLURFAST_CACHE/fid`` (default ``~/.cache/blurfast/fid``)."""
     p = Path(ref)
     if p.is_file() and p.suffix == ".npz":
-        with np.load(p) as z:
-            if "mu" not in z.files or "sigma" not in z.files:
-                raise ValueError(f"ref: {p} is an .npz without 'mu' and 'sigma'")
-            return z["mu"], z["sigma"]
+        try:
+            with np.load(p) as z:
+                stats = {k: z[k] for k in ("mu", "sigma") if k in z.files}
+        except Exception as e:       # a damaged archive
+            raise ValueError(f"ref: {p} is not a readable .npz ({type(e).__name__}: {e})") \
+                from None
+        if len(stats) != 2:
+            raise ValueError(f"ref: {p} is an .npz without 'mu' and 'sigma'")
+        mu, sigma = stats["mu"], stats["sigma"]
+        if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2 or not (
+                np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise ValueError(f"ref: {p} needs finite mu (D,) and sigma (D, D), got shapes "
+                             f"{mu.shape} and {sigma.shape}")
+        return mu, sigma
     from .data import UnreadableImage, open_dataset
     extractor = extractor or inception_extractor(device=device)
     ds = open_dataset(p, resolution=resolution, resize=resize)

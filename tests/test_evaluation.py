@@ -117,3 +117,31 @@ def test_unreadable_images_are_skipped_with_a_warning(tmp_path):
     assert "ref: skipping" in text and "00030.png" in text
     assert d == pytest.approx(ev.fid(tmp_path / "a_clean", tmp_path / "b_clean", **kw),
                               rel=1e-9)
+
+
+def test_damaged_inputs_name_themselves(tmp_path):
+    (tmp_path / "cut.npz").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(ValueError, match="samples: .*cut.npz is not a readable .npz"):
+        list(ev.load_images(tmp_path / "cut.npz"))
+    np.savez(tmp_path / "empty.npz")
+    with pytest.raises(ValueError, match="samples: .*empty.npz is not a readable .npz"):
+        list(ev.load_images(tmp_path / "empty.npz"))
+    np.savez(tmp_path / "two.npz", images=np.zeros((4, 8, 8, 2), np.uint8))
+    with pytest.raises(ValueError, match=r"samples: expected uint8 \(N, H, W, 1 or 3\)"):
+        list(ev.load_images(tmp_path / "two.npz"))
+    np.savez(tmp_path / "nan.npz", mu=np.full(3, np.nan), sigma=np.eye(3))
+    with pytest.raises(ValueError, match="ref: .*needs finite mu"):
+        ev.reference_statistics(tmp_path / "nan.npz", 16)
+    (tmp_path / "bad.pt").write_bytes(b"not torchscript")
+    with pytest.raises(ValueError, match="inception: .*bad.pt cannot be loaded"):
+        ev.inception_extractor(tmp_path / "bad.pt")
+
+
+def test_cli_fid_bad_options(tmp_path, capsys):
+    from blurfast import cli
+    args = ["fid", "--samples", str(tmp_path), "--ref", str(tmp_path)]
+    assert cli.main(args + ["--features", "no_such_module:f", "--device", "cpu"]) == 2
+    assert "--features: cannot load 'no_such_module:f'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(args + ["--batch", "0"])
+    assert "expected a positive int, got '0'" in capsys.readouterr().err
