@@ -597,12 +597,15 @@ def _blurfast_version() -> Optional[str]:
 
 
 def _parse_shape(s) -> tuple:
-    if isinstance(s, str):
-        parts = s.lower().replace("x", ",").split(",")
-        s = [int(p) for p in parts if p.strip()]
-    s = tuple(int(v) for v in s)
+    given = s
+    try:
+        if isinstance(s, str):
+            s = [int(p) for p in s.lower().replace("x", ",").split(",") if p.strip()]
+        s = tuple(int(v) for v in s)
+    except (TypeError, ValueError):
+        s = ()
     if len(s) != 4 or min(s) < 1:
-        raise ValueError(f"shape: expected four positive sizes B,C,H,W, got {s!r}")
+        raise ValueError(f"shape: expected four positive sizes B,C,H,W, got {given!r}")
     return s
 
 
@@ -936,6 +939,7 @@ def plot(result: dict, path) -> None:
 
 def main(argv=None) -> int:
     from .bench_steps import STEP_IMPLS, format_steps, run_steps
+    from .cli import nonnegative_int, positive_int
     p = argparse.ArgumentParser(prog="blurfast bench", description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda when available, else cpu")
@@ -948,7 +952,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", action=argparse.BooleanOptionalAction, default=True,
                    help="also time a whole training step and sampler step (model included) "
                         "against the paper-style baseline (default on)")
-    p.add_argument("--step-batches", nargs="+", type=int, default=None, metavar="B",
+    p.add_argument("--step-batches", nargs="+", type=positive_int, default=None, metavar="B",
                    help="batch sizes of the model steps (default: 16 and 64 on a GPU, 16 "
                         "with --quick; 8 on a CPU)")
     p.add_argument("--step-impls", nargs="+", default=None, metavar="IMPL",
@@ -965,17 +969,17 @@ def main(argv=None) -> int:
                    help="I/O types (default: float32, plus bfloat16 on CUDA)")
     p.add_argument("--shapes", nargs="+", default=None, metavar="BxCxHxW",
                    help="e.g. 16x3x64x64 (overrides the default shapes)")
-    p.add_argument("--iters", type=int, default=None,
+    p.add_argument("--iters", type=positive_int, default=None,
                    help="timed calls per row, median reported (default: CUDA "
                         "{0[cuda][0]}, {0[cuda][1]} with --quick; CPU {0[cpu][0]}, "
                         "{0[cpu][1]} with --quick)".format(ITERS))
-    p.add_argument("--warmup", type=int, default=None,
+    p.add_argument("--warmup", type=nonnegative_int, default=None,
                    help="untimed calls first (default: CUDA {0[cuda][0]}, {0[cuda][1]} with "
                         "--quick; CPU {0[cpu][0]})".format(WARMUP))
     p.add_argument("--strict", action="store_true",
                    help="exit 1 when blurfast or a torch peer raised (cupy errors are only "
                         "reported: they depend on the machine's cupy install)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's); 1 gives steadier CPU numbers "
                         "on a shared machine")
     a = p.parse_args(argv)

@@ -64,7 +64,7 @@ def _add_fid(sub) -> None:
     s.add_argument("--ref", required=True,
                    help="image folder, LSUN lmdb, prepared .npy array, or STATS.npz (mu, sigma)")
     s.add_argument("--n", type=int, default=10_000, help="images used from each side (default 10000)")
-    s.add_argument("--resolution", type=_positive_int, default=None,
+    s.add_argument("--resolution", type=positive_int, default=None,
                    help="reference preprocessing resolution (default: the samples')")
     s.add_argument("--resize", choices=["squash", "center-crop"], default="squash",
                    help="reference preprocessing, as for training (default squash, the paper's)")
@@ -73,7 +73,7 @@ def _add_fid(sub) -> None:
                         "clean-fid keeps it (/tmp)")
     s.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda if available")
-    s.add_argument("--batch", type=_positive_int, default=64,
+    s.add_argument("--batch", type=positive_int, default=64,
                    help="images per Inception batch (default 64)")
     s.add_argument("--save-stats", default=None, help="also write the reference mu/sigma here")
     s.add_argument("--no-cache", action="store_true", help="do not read or write the stats cache")
@@ -83,14 +83,23 @@ def _add_fid(sub) -> None:
     s.set_defaults(func=_fid)
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     """argparse type: an int >= 1."""
+    return _int_at_least(text, 1, "a positive int")
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    return _int_at_least(text, 0, "an int >= 0")
+
+
+def _int_at_least(text: str, lo: int, what: str) -> int:
     try:
         v = int(text)
     except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+        v = lo - 1
+    if v < lo:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return v
 
 

@@ -147,3 +147,20 @@ def test_info_names_the_cpu_build_and_each_ops_backend(capsys, monkeypatch):
     monkeypatch.setenv("BLURFAST_CPU_KERNELS", "baseline")
     assert cli.main(["info"]) == 0
     assert "CPU kernels: baseline x86-64 build" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--iters", "0"], "argument --iters: expected a positive int, got '0'"),
+    (["--threads", "-1"], "argument --threads: expected a positive int"),
+    (["--step-batches", "-2"], "argument --step-batches: expected a positive int"),
+    (["--warmup", "-1"], "argument --warmup: expected an int >= 0"),
+])
+def test_bench_rejects_bad_numbers(args, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--device", "cpu"] + args)
+    assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_bench_names_a_bad_shape(capsys):
+    assert cli.main(["bench", "--device", "cpu", "--no-steps", "--shapes", "axbxcxd"]) == 2
+    assert "shape: expected four positive sizes B,C,H,W, got 'axbxcxd'" in capsys.readouterr().err
