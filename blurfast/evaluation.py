@@ -25,7 +25,6 @@ __all__ = ["INCEPTION_FILE", "default_inception_path", "inception_extractor", "f
            "statistics", "save_statistics", "frechet_distance", "reference_statistics", "fid", "load_images"]
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
-FEATURE_SIZE = 299            # clean-fid resizes every image to 299x299 (PIL bicubic)
 
 
 def default_inception_path() -> Path:

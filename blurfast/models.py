@@ -19,8 +19,9 @@ from . import ops
 
 __all__ = ["UNet", "PRESETS", "timestep_embedding"]
 
-# Named configurations: paper64 is the model of Lee et al. (121.06 M parameters at any
-# resolution); small (5.4 M) is for CPU runs.
+# Named configurations: paper64 is the model of Lee et al. (121.06 M parameters at 64 x 64;
+# the count changes with the sides that get attention); small (5.59 M at 64 x 64, 5.44 M at
+# 32 x 32) is for CPU runs.
 PRESETS = {
     "paper64": dict(base_channels=128, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
                     attention_resolutions=(16, 8), num_heads=4, dropout=0.0),

@@ -262,7 +262,7 @@ def sample(model, diff: BlurDiffusion, shape, sampler: str = "ddim", steps: Opti
            dtype=torch.float32, device=None, clip=None) -> torch.Tensor:
     """Samples (B, C, H, W) of ``model`` (eps in pixel space) under ``diff``.
 
-    ``sampler``: ``reverse_sde`` | ``ancestral`` | ``ddim``; ``steps``: model calls
+    ``sampler``: ``reverse_sde`` | ``ancestral`` | ``ddim`` | ``exp2m``; ``steps``: model calls
     (None: the full chain N-1..1); ``spacing``: see :func:`timesteps` (an explicit
     list of steps overrides ``steps``). Starts from
     the prior at the first step (``diff.prior_sample``) unless ``x_init`` (the state

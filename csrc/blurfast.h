@@ -45,8 +45,10 @@ const char* cpu_build();
 // Test hook: runs the fused whole-plane CUDA program (plane_program.h) on the CPU, for
 // float32 and H = W in {32, 64, 128}. mode: 0 dct2 (x1 -> out), 1 idct2, 2 spectral.
 // grid: number of blocks; reverse_threads: run each phase's threads last to first;
-// split: the work split (1, or 2 for N >= 64: one plane per block); fast: the fast passes
-// (two threads per row, O(N log N); split 2 only at N = 64) instead of the dense ones.
+// split: the work split (1; 2 at N = 64, and at 128 with the dense passes: one plane per
+// block; 4 at N = 64 with the fast passes: the wide geometry); fast: the fast passes (two
+// threads per row, O(N log N)) instead of the dense ones; prefetch: copy the next plane
+// group's input while working on this one (prefetch_group in plane_program.h).
 void plane_emulate(const SpectralParams& p, int mode, int64_t grid, bool reverse_threads,
                    int split, bool fast, bool prefetch);
 // Test hook: runs the cluster CUDA program for 256 x 256 planes (cluster_program.h) on the
