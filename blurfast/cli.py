@@ -66,7 +66,8 @@ def _add_fid(sub) -> None:
     s.add_argument("--n", type=int, default=10_000, help="images used from each side (default 10000)")
     s.add_argument("--resolution", type=positive_int, default=None,
                    help="reference preprocessing resolution (default: the samples')")
-    s.add_argument("--resize", choices=["squash", "center-crop"], default="squash",
+    from .data import RESIZE_MODES
+    s.add_argument("--resize", choices=RESIZE_MODES, default="squash",
                    help="reference preprocessing, as for training (default squash, the paper's)")
     s.add_argument("--inception", default=None,
                    help="clean-fid's inception-2015-12-05.pt (file or folder); default where "
@@ -143,8 +144,8 @@ def _add_sample(sub) -> None:
                    help="run directory (its newest valid checkpoint), checkpoint directory, "
                         "or .safetensors file")
     s.add_argument("--n", type=int, default=10_000, help="number of images (default 10000)")
-    s.add_argument("--sampler", default="ddim",
-                   choices=["ddim", "ancestral", "reverse_sde", "exp2m"],
+    from .sampling import SAMPLERS
+    s.add_argument("--sampler", default="ddim", choices=list(SAMPLERS),
                    help="ddim (default), ancestral, reverse_sde (the paper's) or exp2m (second "
                         "order, best at 25-100 steps)")
     s.add_argument("--steps", type=int, default=100,

@@ -25,7 +25,7 @@ __all__ = ["IMAGE_EXTENSIONS", "RESIZE_MODES", "PIXEL_RANGES", "ImageFolder", "L
            "PreparedArray", "open_dataset", "prepare", "to_float", "PrepareReport",
            "UnreadableImage"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 RESIZE_MODES = ("squash", "center-crop")
 PIXEL_RANGES = ("-1,1", "0,1")
 
@@ -107,7 +107,7 @@ class _Decoded(torch.utils.data.Dataset):
 
 
 class ImageFolder(_Decoded):
-    """All .jpg/.jpeg/.png/.webp files under ``root`` (recursive, sorted paths)."""
+    """All .jpg/.jpeg/.png/.webp/.bmp files under ``root`` (recursive, sorted paths)."""
 
     def __init__(self, root, resolution: int = 64, resize: str = "center-crop",
                  channels: int = 3):

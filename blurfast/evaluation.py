@@ -105,9 +105,11 @@ def load_images(path, n: Optional[int] = None) -> Iterable[np.ndarray]:
         return list(arr[:n])
     if p.is_dir():
         from PIL import Image
-        exts = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+        from .data import IMAGE_EXTENSIONS
+        from .generate import SHEET_NAME
+        exts = set(IMAGE_EXTENSIONS)
         files = sorted(f for f in p.rglob("*") if f.suffix.lower() in exts)
-        files = [f for f in files if not f.name.startswith("contact_sheet")]
+        files = [f for f in files if f.name != SHEET_NAME]
         if not files:
             raise ValueError(f"samples: no images in {p}")
         def decoded():
