@@ -54,14 +54,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def write_text_atomic(path, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _cpu_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
     # A copy always: parameters are views of one buffer in training (safetensors refuses
     # tensors that share storage).

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_path", "save_npz"]
+__all__ = ["atomic_path", "save_npz", "write_text"]
 
 
 @contextlib.contextmanager
@@ -17,8 +17,10 @@ def atomic_path(path, suffix: str = ".tmp"):
     removed otherwise."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
+    # Created as open() creates files (0o666 less the umask; mkstemp would make it 0o600),
+    # under a name no other writer uses.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -31,3 +33,9 @@ def save_npz(path, **arrays) -> None:
     """``np.savez`` to ``path`` atomically (the name is kept as given)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
+
+
+def write_text(path, text: str) -> None:
+    """``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import data as D
 from . import ops
+from .fileio import write_text
 from .diffusion import TARGETS, BlurDiffusion, scales
 from .models import PRESETS, UNet
 
@@ -680,7 +681,7 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
         (out / "samples").mkdir(parents=True, exist_ok=True)
         ck_dir.mkdir(parents=True, exist_ok=True)
         text = json.dumps(cfg, indent=2)
-        ckpt.write_text_atomic(out / "config.json", text + "\n")
+        write_text(out / "config.json", text + "\n")
         if progress:
             print(f"config (saved to {out / 'config.json'}):\n{text}", flush=True)
         log = _Log(out, start)

@@ -46,12 +46,12 @@ def grid(rows: Sequence[Sequence[torch.Tensor]], pad: int = 1) -> np.ndarray:
 
 def save_png(picture: np.ndarray, path) -> None:
     """Writes a (H, W, 1 or 3) uint8 picture as PNG (temp file + rename)."""
-    import os
     from PIL import Image
+
+    from .fileio import atomic_path
     pic = picture[..., 0] if picture.shape[-1] == 1 else picture
-    tmp = f"{os.fspath(path)}.tmp"
-    Image.fromarray(pic).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(pic).save(tmp, format="PNG")
 
 
 def _batch(x0: torch.Tensor, diff: BlurDiffusion) -> torch.Tensor:

@@ -115,3 +115,14 @@ def test_training_curves_needs_a_log(tmp_path):
     pytest.importorskip("matplotlib")
     with pytest.raises(ValueError, match="run_dir: no log.csv"):
         viz.training_curves(tmp_path)
+
+
+def test_pictures_are_written_whole_with_the_usual_permissions(tmp_path):
+    import os
+    viz.save_png(np.zeros((4, 4, 3), np.uint8), tmp_path / "a.png")
+    (tmp_path / "plain").write_bytes(b"")
+    assert os.stat(tmp_path / "a.png").st_mode == os.stat(tmp_path / "plain").st_mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "plain"]   # no temp left
+    with pytest.raises(TypeError):
+        viz.save_png(np.zeros((4, 4, 5), np.uint8), tmp_path / "b.png")    # Pillow refuses
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "plain"]
