@@ -10,6 +10,7 @@ application is one call of the fused op :func:`blurfast.ops.spectral`.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -20,7 +21,6 @@ from . import schedules as S
 __all__ = ["BlurDiffusion", "TARGETS", "scales"]
 
 TARGETS = ("eps", "std", "score")
-_SEED_RANGE = 2 ** 62
 
 
 def scales(lab: torch.Tensor):
@@ -28,11 +28,6 @@ def scales(lab: torch.Tensor):
     signal and noise maps (docs/process.md section 4); expm1 keeps 1 - Abar accurate
     where Abar is close to 1."""
     return torch.exp(0.5 * lab), torch.sqrt(-torch.expm1(lab))
-
-
-def _random_seed() -> int:
-    """A seed drawn from torch's default generator (so torch.manual_seed governs it)."""
-    return int(torch.randint(0, _SEED_RANGE, ()).item())
 
 
 def _is_real(v) -> bool:
@@ -203,7 +198,11 @@ class BlurDiffusion:
                 raise ValueError(f"noise: expected a tensor of shape {tuple(x0.shape)}, got "
                                  f"{tuple(getattr(noise, 'shape', ())) or type(noise).__name__}")
             return ops.spectral(x0, a, noise.to(x0.dtype), g), noise
-        seed = _random_seed() if seed is None else int(seed)
+        if seed is not None:            # None: the op draws one from torch's generator
+            try:
+                seed = operator.index(seed)  # numpy ints too, not floats or strings
+            except TypeError:
+                raise TypeError(f"seed: expected an int or None, got {seed!r}") from None
         return ops.spectral(x0, a, g=g, seed=seed, offset=offset, return_noise=True)
 
     def prior_sample(self, shape, t: Optional[int] = None, seed: int = 0, offset: int = 0,
