@@ -26,6 +26,7 @@ from . import reference as R
 from .bench import time_call
 from .diffusion import BlurDiffusion, scales
 from .models import UNet
+from .training import BACKEND_FLAGS as TRAIN_FLAGS
 
 __all__ = ["reference_train_step", "run_steps", "format_steps", "EMA", "STEP_IMPLS",
            "BASELINES", "BACKEND_FLAGS", "backend_flags"]
@@ -70,7 +71,7 @@ BASELINES = ("torch_default", "torch_fp32")
 # as a script that sets none of them runs; torch_fp32 is IEEE float32 throughout; blurfast
 # sets what train() sets.
 BACKEND_FLAGS = {"torch_default": (False, True, False), "torch_fp32": (False, False, False),
-          "blurfast": (True, True, True), "blurfast_compile": (True, True, True)}
+                 "blurfast": TRAIN_FLAGS, "blurfast_compile": TRAIN_FLAGS}
 
 
 class backend_flags:

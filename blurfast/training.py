@@ -42,6 +42,8 @@ __all__ = ["train", "TrainStep", "step_draws", "StepBatches", "NonFiniteError"]
 
 _SEED_MASK = 2 ** 62 - 1
 _GRAPH_WARMUP = 3          # eager steps (on a side stream) before the capture
+# What train() sets on CUDA unless tf32=False: (matmul TF32, cuDNN TF32, cuDNN autotuning).
+BACKEND_FLAGS = (True, True, True)
 LOG_FIELDS = ["step", "images", "loss", "grad_norm", "lr", "nonfinite", "images_per_s",
               "elapsed_s"]
 
@@ -583,9 +585,8 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
         if cuda_graphs is None:
             cuda_graphs = cuda and world == 1
         if cuda and tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cudnn.benchmark = True
+            b = torch.backends
+            b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark = BACKEND_FLAGS
         global_batch = batch_size * world
         config = {k: v for k, v in args.items() if k not in ("progress",)}
         config.update(data=str(data), out=str(out), resume=None if resume is None else str(resume),
