@@ -9,16 +9,9 @@ import torch
 
 from blurfast.diffusion import BlurDiffusion
 from blurfast.schedules import EIG_FLOOR
+from bfutil import dct2, idct2
 
 H, W, C, N = 16, 12, 3, 1000
-
-
-def dct2(x):
-    return scipy.fft.dctn(x, axes=(-2, -1), norm="ortho")
-
-
-def idct2(x):
-    return scipy.fft.idctn(x, axes=(-2, -1), norm="ortho")
 
 
 def eig1d(n, sigma):

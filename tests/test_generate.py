@@ -1,7 +1,6 @@
 """The commands people run: train -> sample -> fid end to end, and sampling that gives the
 same images on one process and on two gloo processes."""
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ from PIL import Image
 
 from blurfast import cli
 from blurfast.generate import SHEET_NAME, generate
+from bfutil import free_port
 from train_helpers import TINY, made_photos
 
 pytest.importorskip("cleanfid")
@@ -100,12 +100,6 @@ def test_cli_train_sample_fid(run_dir, tmp_path, capsys, monkeypatch):
         independent_fid(imgs, run_dir / "photos", 12), rel=1e-4)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_processes_give_the_same_images(run_dir, tmp_path):
     kw = dict(n=7, steps=3, batch=2, seed=11, sampler="ancestral", progress=False, device="cpu")
     generate(run_dir / "run", out=tmp_path / "one", **kw)
@@ -115,7 +109,7 @@ def test_two_gloo_processes_give_the_same_images(run_dir, tmp_path):
         from blurfast.generate import generate
         generate({str(run_dir / 'run')!r}, out={str(tmp_path / 'two')!r}, **{kw!r})
     """)
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for r in range(2):
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,

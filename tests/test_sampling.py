@@ -11,14 +11,7 @@ from blurfast.reference import philox_normal
 from blurfast.sampling import (STEP_OFFSET, ancestral, ddim, eta_first, sample,
                                timesteps)
 from blurfast.testing import GaussianMixtureOracle, example_oracle
-
-
-def dct2(x):
-    return scipy.fft.dctn(x, axes=(-2, -1), norm="ortho")
-
-
-def idct2(x):
-    return scipy.fft.idctn(x, axes=(-2, -1), norm="ortho")
+from bfutil import dct2, idct2
 
 
 def toy_model(x, t):

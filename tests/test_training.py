@@ -2,7 +2,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ from blurfast import cli_train, data as D, training
 from blurfast.diffusion import BlurDiffusion
 from blurfast.models import UNet
 
+from bfutil import free_port
 from train_helpers import CIFAR, TINY, cifar_photos, made_photos, one_thread  # noqa: F401
 
 
@@ -211,12 +211,6 @@ def test_load_model_for_sampling(reference_run):
 
 # ------------------------------------------------------------------------ DDP
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_gloo_processes_match_one_process(made16, tmp_path):
     # adam_eps = 1: the update lr m / (sqrt(v) + 1) is then smooth in the gradient. With
     # eps = 1e-8, a weight whose gradient is at rounding level gets a step of up to lr in
@@ -229,7 +223,7 @@ def test_ddp_two_gloo_processes_match_one_process(made16, tmp_path):
         r = training.train(data={str(made16)!r}, out={str(tmp_path / 'ddp')!r}, steps=4, **{kw!r})
         torch.save(r["model"].state_dict(), {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
     """
-    port = str(_free_port())
+    port = str(free_port())
     procs = [_child(script, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                              "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)})
              for r in range(2)]
