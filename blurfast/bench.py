@@ -65,6 +65,8 @@ from typing import Callable, Optional
 
 import torch
 
+from . import reference as R
+
 __all__ = [
     "CASES", "IMPLS", "VARIANT_IMPLS", "DTYPES", "CUDA_SHAPES", "CUDA_EXTRA_SHAPES", "CPU_SHAPES",
     "matmul_dct2", "matmul_idct2", "fft_dct2", "fft_idct2",
@@ -94,14 +96,9 @@ _SEED = 1234          # noise seed for the blurfast fused op in timed calls
 # Peer 1: matrix-product DCT (torch matmul)
 # ----------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=64)
 def _dct_mat(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
-    """Orthonormal DCT-II matrix C (n, n), built in float64: X = C @ x."""
-    k = torch.arange(n, dtype=torch.float64)[:, None]
-    i = torch.arange(n, dtype=torch.float64)[None, :]
-    c = torch.cos(math.pi * (2.0 * i + 1.0) * k / (2.0 * n)) * math.sqrt(2.0 / n)
-    c[0, :] = math.sqrt(1.0 / n)
-    return c.to(device=device, dtype=dtype).contiguous()
+    """Orthonormal DCT-II matrix C (n, n), built in float64: X = C @ x (the reference's)."""
+    return R.dct_matrix(n, dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=64)
