@@ -23,7 +23,7 @@ import torch
 
 __all__ = ["IMAGE_EXTENSIONS", "RESIZE_MODES", "PIXEL_RANGES", "ImageFolder", "LSUNLmdb",
            "PreparedArray", "open_dataset", "prepare", "to_float", "PrepareReport",
-           "UnreadableImage"]
+           "UnreadableImage", "data_range", "to_unit_range"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 RESIZE_MODES = ("squash", "center-crop")
@@ -271,6 +271,16 @@ def to_float(batch: torch.Tensor, flip: Optional[torch.Tensor] = None,
     if flip is not None:
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
     return x / 127.5 - 1 if pixel_range == "-1,1" else x / 255
+
+
+def data_range(pixel_range: str):
+    """(lo, hi) of a run's pixel range: what :func:`blurfast.sampling.clip_x0` clamps to."""
+    return (0.0, 1.0) if pixel_range == "0,1" else (-1.0, 1.0)
+
+
+def to_unit_range(x: torch.Tensor, pixel_range: str) -> torch.Tensor:
+    """Images in a run's pixel range -> [-1, 1], where pictures are drawn."""
+    return x * 2 - 1 if pixel_range == "0,1" else x
 
 
 # ---------------------------------------------------------------------------- prepare

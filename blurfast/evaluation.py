@@ -22,7 +22,8 @@ import torch
 from .fileio import save_npz
 
 __all__ = ["INCEPTION_FILE", "default_inception_path", "inception_extractor", "features",
-           "statistics", "save_statistics", "frechet_distance", "reference_statistics", "fid", "load_images"]
+           "statistics", "save_statistics", "frechet_distance", "gaussian_frechet_distance",
+           "reference_statistics", "fid", "load_images"]
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 
@@ -160,9 +161,21 @@ def statistics(feats: np.ndarray):
     return feats.mean(0), np.cov(feats, rowvar=False)
 
 
+def _sqrt_psd(a: torch.Tensor) -> torch.Tensor:
+    w, v = torch.linalg.eigh(a)
+    return (v * w.clamp(min=0).sqrt()) @ v.T
+
+
+def gaussian_frechet_distance(mu1, cov1, mu2, cov2) -> float:
+    """``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^{1/2} S2 S1^{1/2})^{1/2})`` in float64."""
+    mu1, mu2, cov1, cov2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, mu2, cov1, cov2))
+    s1h = _sqrt_psd(cov1)
+    cross = torch.linalg.eigvalsh(s1h @ cov2 @ s1h).clamp(min=0).sqrt().sum()
+    return float(((mu1 - mu2) ** 2).sum() + torch.trace(cov1) + torch.trace(cov2) - 2 * cross)
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """Fréchet distance between two Gaussians (the FID formula)."""
-    from .testing import gaussian_frechet_distance
     return gaussian_frechet_distance(mu1, sigma1, mu2, sigma2)
 
 

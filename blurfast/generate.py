@@ -19,6 +19,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import viz
+from .data import data_range, to_unit_range
 from .fileio import save_npz
 from .sampling import SAMPLERS, STEP_OFFSET, clip_x0, timesteps
 
@@ -84,14 +85,7 @@ class GraphedModel:
 
 
 def _images_uint8(x: torch.Tensor, pixel_range: str) -> np.ndarray:
-    if pixel_range == "0,1":
-        x = x * 2 - 1
-    return np.stack([viz.to_uint8(xi) for xi in x])
-
-
-def data_range(pixel_range: str):
-    """(lo, hi) of a run's pixel range: what :func:`blurfast.sampling.clip_x0` clamps to."""
-    return (0.0, 1.0) if pixel_range == "0,1" else (-1.0, 1.0)
+    return np.stack([viz.to_uint8(xi) for xi in to_unit_range(x, pixel_range)])
 
 
 def sample_batches(model, diff, batches, *, sampler: str, seq, eta, seed: int, device,
@@ -131,7 +125,7 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
     """
     from tqdm.auto import tqdm
 
-    from .training import _setup_distributed
+    from .distributed import setup_processes
 
     for name, v, lo in (("n", n, 1), ("batch", batch, 1), ("seed", seed, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -143,7 +137,7 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
     if precision not in (None, "bf16", "fp32"):
         raise ValueError(f"precision: expected 'bf16', 'fp32' or None, got {precision!r}")
     path = resolve_checkpoint(ckpt_path)
-    rank, world, dev, owns_group = _setup_distributed(device)
+    rank, world, dev, owns_group = setup_processes(device)
     try:
         model, diff, config = ckpt.load_model(path, ema=ema, device=dev)
         model = diff.eps_model(model, config.get("target", "eps"))   # samplers call eps

@@ -17,6 +17,7 @@ import math
 import torch
 
 from . import ops
+from .evaluation import gaussian_frechet_distance
 from .diffusion import BlurDiffusion, scales
 
 __all__ = ["GaussianMixtureOracle", "example_oracle", "frechet_distance",
@@ -135,19 +136,6 @@ class GaussianMixtureOracle:
         xb = ops.dct2(samples.to(torch.float64)).flatten(1)
         m, cov = self.moments()
         return gaussian_frechet_distance(xb.mean(0), torch.cov(xb.T), m, cov)
-
-
-def _sqrt_psd(a: torch.Tensor) -> torch.Tensor:
-    w, v = torch.linalg.eigh(a)
-    return (v * w.clamp(min=0).sqrt()) @ v.T
-
-
-def gaussian_frechet_distance(mu1, cov1, mu2, cov2) -> float:
-    """``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^{1/2} S2 S1^{1/2})^{1/2})`` in float64."""
-    mu1, mu2, cov1, cov2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, mu2, cov1, cov2))
-    s1h = _sqrt_psd(cov1)
-    cross = torch.linalg.eigvalsh(s1h @ cov2 @ s1h).clamp(min=0).sqrt().sum()
-    return float(((mu1 - mu2) ** 2).sum() + torch.trace(cov1) + torch.trace(cov2) - 2 * cross)
 
 
 def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import data as D
 from . import ops
+from .distributed import setup_processes
 from .fileio import write_text
 from .diffusion import TARGETS, BlurDiffusion, scales
 from .models import PRESETS, UNet
@@ -333,34 +334,6 @@ class TrainStep:
 
 # ---------------------------------------------------------------------------- train()
 
-def _setup_distributed(device: Optional[str]):
-    """(rank, world, device, owns_group) from torchrun's environment (WORLD_SIZE, RANK,
-    LOCAL_RANK) or an existing process group; NCCL on CUDA, gloo on CPU."""
-    import torch.distributed as dist
-
-    env_world = int(os.environ.get("WORLD_SIZE", "1"))
-    initialized = dist.is_available() and dist.is_initialized()
-    world = dist.get_world_size() if initialized else env_world
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device: expected 'cpu', 'cuda' or None, got {device!r}")
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device: 'cuda' was asked for but torch sees no GPU")
-        dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
-        torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
-    owns = False
-    if world > 1 and not initialized:
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
-        owns = True
-    rank = dist.get_rank() if world > 1 else 0
-    return rank, world, dev, owns
-
-
 def _check_int(name, v, lo=1):
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
@@ -461,15 +434,12 @@ def _save_samples(ema, diff, path: Path, count: int, steps: int, pixel_range: st
 
     was_training = ema.training
     ema.eval()
-    from .generate import data_range
     x = sampling.sample(diff.eps_model(ema, target), diff, (count,) + diff.shape, sampler="ddim",
                         steps=min(steps, diff.num_steps - 1), seed=0, progress=False,
-                        device=device, clip=data_range(pixel_range))
+                        device=device, clip=D.data_range(pixel_range))
     ema.train(was_training)
-    if pixel_range == "0,1":
-        x = x * 2 - 1
     ncol = max(1, int(math.sqrt(count)))
-    imgs = list(x.float().cpu())
+    imgs = list(D.to_unit_range(x, pixel_range).float().cpu())
     viz.save_png(viz.grid([imgs[i:i + ncol] for i in range(0, count, ncol)]), path)
 
 
@@ -571,7 +541,7 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     net = UNet.from_preset(preset, resolution=resolution, channels=channels, **(model or {}))
 
     # ---------------------------------------------------------------- devices
-    rank, world, dev, owns_group = _setup_distributed(device)
+    rank, world, dev, owns_group = setup_processes(device)
     cuda = dev.type == "cuda"
     try:
         precision = precision or ("bf16" if cuda else "fp32")

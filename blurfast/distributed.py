@@ -1,0 +1,37 @@
+"""Processes under torchrun: which rank this is, how many there are, which device it uses."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+__all__ = ["setup_processes"]
+
+
+def setup_processes(device: Optional[str]):
+    """(rank, world, device, owns_group) from torchrun's environment (WORLD_SIZE, RANK,
+    LOCAL_RANK) or an existing process group; NCCL on CUDA, gloo on CPU."""
+    import torch.distributed as dist
+
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    initialized = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if initialized else env_world
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cpu', 'cuda' or None, got {device!r}")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device: 'cuda' was asked for but torch sees no GPU")
+        dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    owns = False
+    if world > 1 and not initialized:
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        owns = True
+    rank = dist.get_rank() if world > 1 else 0
+    return rank, world, dev, owns
