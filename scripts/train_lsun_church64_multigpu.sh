@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# LSUN church 64x64, the paper's settings (see train_lsun64.sh) on several GPUs
+# LSUN church 64x64, the paper's settings (scripts/lsun64_paper.yaml) on several GPUs
 # of one machine: torchrun + DistributedDataParallel (NCCL). The global batch stays
 # the paper's 16 unless GLOBAL_BATCH is set; each GPU takes GLOBAL_BATCH / NGPUS.
 # torch.compile is on; CUDA graphs are for one GPU only.
@@ -24,12 +24,5 @@ if [ $((GLOBAL_BATCH % NGPUS)) -ne 0 ]; then
 fi
 
 exec torchrun --standalone --nproc_per_node="$NGPUS" -m blurfast train \
-  --data "$DATA" --out "$OUT" --resume auto \
-  --preset paper64 --resolution 64 --resize squash --pixel-range 0,1 --flip \
-  --num-steps 1000 --noise-schedule linear --beta-min 1e-4 --beta-max 0.02 \
-  --blur-schedule quartic --sigma 0.4 --sigma-min 0 --sigma-max 0.15 --target eps \
-  --batch-size $((GLOBAL_BATCH / NGPUS)) --steps 600000 --lr 5e-5 --optimizer adam \
-  --grad-clip 1.0 --ema-decay 0.9999 \
-  --device cuda --precision bf16 --compile --no-cuda-graphs \
-  --log-every 100 --save-every 5000 --keep 3 --sample-every 10000 --sample-count 64 \
-  "$@"
+  --config "$(dirname "$0")/lsun64_paper.yaml" --data "$DATA" --out "$OUT" --resume auto \
+  --batch-size $((GLOBAL_BATCH / NGPUS)) --device cuda --no-cuda-graphs "$@"

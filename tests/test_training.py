@@ -596,3 +596,47 @@ def test_compiled_step_matches_eager():
         stats.append(step.read_stats())
     assert stats[1]["loss"] == pytest.approx(stats[0]["loss"], rel=1e-5)
     assert stats[1]["grad_norm"] == pytest.approx(stats[0]["grad_norm"], rel=1e-4)
+
+
+# ------------------------------------------------------------------------ recipes
+
+def _recipe_argv(script: str, tmp_path: Path, env_extra=None) -> list:
+    """The `blurfast train` arguments a recipe script runs, caught by stand-ins for
+    blurfast and torchrun put first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    catch = f'#!/bin/sh\nprintf "%s\\n" "$@" > "{tmp_path}/argv"\n'
+    for name in ("blurfast", "torchrun"):
+        (bin_dir / name).write_text(catch)
+        (bin_dir / name).chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", **(env_extra or {})}
+    subprocess.run(["bash", str(root / "scripts" / script), "DATA.npy", "RUN"], env=env,
+                   check=True)
+    argv = (tmp_path / "argv").read_text().splitlines()
+    if script.endswith("multigpu.sh"):               # torchrun's own options, then the module
+        argv = argv[argv.index("blurfast") + 1:]
+    return argv
+
+
+@pytest.mark.parametrize("script, env, steps, batch, graphs", [
+    ("train_lsun_church64.sh", {}, 600_000, 16, True),
+    ("train_lsun_bedroom64.sh", {}, 450_000, 16, True),
+    ("train_lsun_church64_multigpu.sh", {"NGPUS": "8"}, 600_000, 2, False),
+])
+def test_recipes_run_the_papers_settings(tmp_path, script, env, steps, batch, graphs):
+    # The paper's LSUN 64x64 settings (Lee et al. 2022, section 5 and its code), written
+    # out here: what each recipe must hand to train().
+    a = _parser().parse_args(_recipe_argv(script, tmp_path, env))
+    kw = cli_train.train_kwargs(a)
+    assert kw["diffusion"] == dict(num_steps=1000, noise_schedule="linear", beta_min=1e-4,
+                                   beta_max=0.02, blur_schedule="quartic", sigma=0.4,
+                                   sigma_min=0.0, sigma_max=0.15)
+    assert (kw["preset"], kw["resolution"], kw["resize"], kw["pixel_range"]) == \
+        ("paper64", 64, "squash", "0,1")
+    assert (kw["lr"], kw["optimizer"], kw["ema_decay"], kw["grad_clip"]) == \
+        (5e-5, "adam", 0.9999, 1.0)
+    assert kw["batch_size"] * int(env.get("NGPUS", 1)) == 16 and kw["batch_size"] == batch
+    assert kw["steps"] == steps and kw["target"] == "eps" and kw["flip"] is True
+    assert kw["cuda_graphs"] is graphs and kw["compile"] is True
+    assert (kw["data"], kw["out"], kw["resume"]) == ("DATA.npy", "RUN", "auto")
