@@ -130,12 +130,8 @@ BF_HD void run_cluster_program(Ctx& ctx, const Job& job) {
     for (int u = 0; u < G::kChunks; ++u) {
       int l, f;
       cluster_chunk<G>(u, tid, l, f);
-      const int64_t e = p * kPlane + G::row_of(j, l) * N + f;
       float n[4];
-      if (job.zb)
-        ld4(job.zb + e, n);
-      else
-        philox_normal4(job.seed, job.offset + (uint64_t)e, n);
+      noise4(job, p * kPlane + G::row_of(j, l) * N + f, n);
       st4(B + sidx<N>(l, f), n);
     }
   };

@@ -172,6 +172,14 @@ struct GroupMaps {
   }
 };
 
+// The noise of elements e .. e+3 of a call: given (zb), else the call's Philox stream.
+BF_HD void noise4(const Job& job, int64_t e, float n[4]) {
+  if (job.zb)
+    ld4(job.zb + e, n);
+  else
+    philox_normal4(job.seed, job.offset + (uint64_t)e, n);
+}
+
 // The noise zb of the plane group (given, or Philox), into C at the plane layout.
 template <typename G>
 BF_HD void noise_group(const Job& job, float* C, int64_t p0, int tid) {
@@ -186,11 +194,7 @@ BF_HD void noise_group(const Job& job, float* C, int64_t p0, int tid) {
     const int64_t p = p0 + s;
     if (p >= job.planes) continue;
     float n[4];
-    const int64_t e = p * G::kPlane + f;
-    if (job.zb)
-      ld4(job.zb + e, n);
-    else
-      philox_normal4(job.seed, job.offset + (uint64_t)e, n);
+    noise4(job, p * G::kPlane + f, n);
     st4(C + s * G::kPlane + sidx<N>(f / N, f % N), n);
   }
 }
@@ -212,10 +216,8 @@ BF_HD void combine_chunk(const Job& job, float* A, float* C, int at, int64_t e,
     float n[4];
     if (noise_in_c)
       ld4(C + at, n);
-    else if (job.zb)
-      ld4(job.zb + e, n);
     else
-      philox_normal4(job.seed, job.offset + (uint64_t)e, n);
+      noise4(job, e, n);
     if (job.g.ptr) BF_UNROLL for (int q = 0; q < 4; ++q) z[q] += mg[q] * n[q];
     if (job.noise_out && !noise_in_c) st4(C + at, n);
   }
