@@ -25,6 +25,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .checks import check_int
+
 __all__ = ["CheckpointError", "save", "load", "list_checkpoints", "latest_valid", "verify",
            "load_model"]
 
@@ -67,10 +69,8 @@ def save(ckpt_dir, step: int, model: torch.nn.Module, ema: torch.nn.Module,
     ``keep`` checkpoints (None: keep all). Returns the checkpoint's directory."""
     from safetensors.torch import save_file
 
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 10 ** 9:
-        raise ValueError(f"step: expected an int in [0, 1e9), got {step!r}")
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-        raise ValueError(f"keep: expected a positive int or None, got {keep!r}")
+    check_int("step", step, 0, 10 ** 9 - 1)      # step_NNNNNNNNN: nine digits
+    check_int("keep", keep, none_ok=True)
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     for stale in ckpt_dir.glob(_TMP_PREFIX + "*"):       # left by a save that was killed

@@ -21,6 +21,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+from .checks import check_int
+
 __all__ = ["IMAGE_EXTENSIONS", "RESIZE_MODES", "PIXEL_RANGES", "ImageFolder", "LSUNLmdb",
            "PreparedArray", "open_dataset", "prepare", "to_float", "PrepareReport",
            "UnreadableImage", "data_range", "to_unit_range"]
@@ -32,12 +34,6 @@ PIXEL_RANGES = ("-1,1", "0,1")
 
 class UnreadableImage(ValueError):
     """An image of a dataset that Pillow cannot decode; the message names it."""
-
-
-def _check_resolution(resolution) -> int:
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
-        raise ValueError(f"resolution: expected a positive int, got {resolution!r}")
-    return resolution
 
 
 def _check_resize(resize) -> str:
@@ -71,7 +67,7 @@ class _Decoded(torch.utils.data.Dataset):
     """Base of the sources that decode images on the fly."""
 
     def __init__(self, resolution: int, resize: str, channels: int):
-        self.resolution = _check_resolution(resolution)
+        self.resolution = check_int("resolution", resolution)
         self.resize = _check_resize(resize)
         if channels not in (1, 3):
             raise ValueError(f"channels: expected 1 or 3, got {channels!r}")
@@ -344,12 +340,9 @@ def prepare(src, out, resolution: int = 64, resize: str = "squash", channels: in
     out = Path(out)
     if out.suffix != ".npy":
         raise ValueError(f"out: expected a path ending in .npy, got {str(out)!r}")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
-                                or workers < 0):
-        raise ValueError(f"workers: expected an int >= 0, got {workers!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit: expected a positive int, got {limit!r}")
-    _check_resolution(resolution)
+    check_int("workers", workers, 0, none_ok=True)
+    check_int("limit", limit, none_ok=True)
+    check_int("resolution", resolution)
     _check_resize(resize)
     p = Path(src)
     if not p.is_dir():

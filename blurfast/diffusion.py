@@ -17,6 +17,7 @@ import torch
 
 from . import ops
 from . import schedules as S
+from .checks import check_int
 
 __all__ = ["BlurDiffusion", "TARGETS", "scales"]
 
@@ -56,8 +57,7 @@ class BlurDiffusion:
         for v in (h, w):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"resolution: expected positive ints, got {resolution!r}")
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"channels: expected a positive int, got {channels!r}")
+        check_int("channels", channels)
         if not (_is_real(sigma) and sigma > 0):
             raise ValueError(f"sigma: expected a finite number > 0, got {sigma!r}")
         for nm, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):

@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
+from .checks import check_int
 from .fileio import save_npz
 
 __all__ = ["INCEPTION_FILE", "default_inception_path", "inception_extractor", "features",
@@ -288,8 +289,7 @@ class FidMonitor:
     def __init__(self, ref, *, resolution: int, resize: str, n: int = 1000, steps: int = 100,
                  sampler: str = "ddim", batch: int = 64, pixel_range: str = "-1,1",
                  inception=None, feature_extractor: Optional[Callable] = None, device="cpu"):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-            raise ValueError(f"fid_n: expected an int >= 2, got {n!r}")
+        check_int("fid_n", n, 2)
         self.ref, self.resolution, self.resize, self.n = ref, resolution, resize, n
         self.steps, self.sampler, self.batch, self.device = steps, sampler, batch, device
         self.pixel_range = pixel_range

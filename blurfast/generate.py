@@ -19,6 +19,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import viz
+from .checks import check_int
 from .data import data_range, to_unit_range
 from .fileio import save_npz
 from .sampling import SAMPLERS, STEP_OFFSET, clip_x0, timesteps
@@ -128,8 +129,7 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
     from .distributed import setup_processes
 
     for name, v, lo in (("n", n, 1), ("batch", batch, 1), ("seed", seed, 0)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+        check_int(name, v, lo)
     if fmt not in ("png", "npz"):
         raise ValueError(f"fmt: expected 'png' or 'npz', got {fmt!r}")
     if sampler not in SAMPLERS:

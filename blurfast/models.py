@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .checks import check_int
 
 __all__ = ["UNet", "PRESETS", "timestep_embedding"]
 
@@ -123,12 +124,6 @@ class _Level(nn.Module):
         return self.attn(x) if self.attn is not None else x
 
 
-def _positive_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name}: expected a positive int, got {v!r}")
-    return v
-
-
 class UNet(nn.Module):
     """ADM-style U-Net: eps_theta(x_t, t).
 
@@ -144,11 +139,11 @@ class UNet(nn.Module):
                  attention_resolutions: Sequence[int] = (16, 8), num_heads: int = 4,
                  dropout: float = 0.0, freq_input: bool = False):
         super().__init__()
-        _positive_int("resolution", resolution)
-        _positive_int("channels", channels)
-        _positive_int("base_channels", base_channels)
-        _positive_int("num_res_blocks", num_res_blocks)
-        _positive_int("num_heads", num_heads)
+        check_int("resolution", resolution)
+        check_int("channels", channels)
+        check_int("base_channels", base_channels)
+        check_int("num_res_blocks", num_res_blocks)
+        check_int("num_heads", num_heads)
         if base_channels % _GROUPS:
             raise ValueError(f"base_channels: expected a multiple of {_GROUPS}, "
                              f"got {base_channels}")
@@ -160,10 +155,10 @@ class UNet(nn.Module):
         if not channel_mult:
             raise ValueError("channel_mult: expected at least one level")
         for m in channel_mult:
-            _positive_int("channel_mult", m)
+            check_int("channel_mult", m)
         attention_resolutions = tuple(attention_resolutions)
         for r in attention_resolutions:
-            _positive_int("attention_resolutions", r)
+            check_int("attention_resolutions", r)
         if resolution % 2 ** (len(channel_mult) - 1):
             raise ValueError(f"resolution: {resolution} is not divisible by "
                              f"2^{len(channel_mult) - 1} ({len(channel_mult)} levels)")

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .checks import check_int
 from ._backend import _C, DTYPE_CODES, HAS_CUDA_KERNELS
 from .schedules import blur_eigenvalues_2d
 
@@ -266,12 +267,6 @@ def _check_map(name: str, m, x: Tensor) -> None:
                          f"{tuple(x.shape)}")
 
 
-def _check_int(name: str, v, lo: int, hi: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v < hi:
-        raise ValueError(f"{name}: expected an int in [{lo}, {hi}), got {v!r}")
-    return v
-
-
 def dct2(x: Tensor) -> Tensor:
     """Orthonormal 2-D DCT-II over the last two dims (``scipy.fft.dctn(norm="ortho")``)."""
     _check_data("x", x)
@@ -317,8 +312,8 @@ def spectral(x: Tensor, a: Tensor, x2: Optional[Tensor] = None, a2: Optional[Ten
     generates = noise is None and (g is not None or return_noise)
     if seed is None:      # drawn only when noise is made: no host sync otherwise
         seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if generates else 0
-    seed = _check_int("seed", seed, 0, _SEED_LIMIT)
-    offset = _check_int("offset", offset, 0, _SEED_LIMIT)
+    seed = check_int("seed", seed, 0, _SEED_LIMIT - 1)
+    offset = check_int("offset", offset, 0, _SEED_LIMIT - 1)
     out, noise_px = _spectral_op(x, a, x2, a2, g, noise, seed, offset, bool(return_noise))
     return (out, noise_px) if return_noise else out
 
@@ -326,8 +321,8 @@ def spectral(x: Tensor, a: Tensor, x2: Optional[Tensor] = None, a2: Optional[Ten
 def normal_like(x: Tensor, seed: int, offset: int = 0) -> Tensor:
     """The in-kernel noise stream as a tensor shaped like ``x`` (element i: position offset+i)."""
     _check_data("x", x, min_dim=0)
-    return _normal_op(x, _check_int("seed", seed, 0, _SEED_LIMIT),
-                      _check_int("offset", offset, 0, _SEED_LIMIT))
+    return _normal_op(x, check_int("seed", seed, 0, _SEED_LIMIT - 1),
+                      check_int("offset", offset, 0, _SEED_LIMIT - 1))
 
 
 @functools.lru_cache(maxsize=32)

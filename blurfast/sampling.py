@@ -22,6 +22,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 from . import ops
+from .checks import check_int
 from .diffusion import BlurDiffusion
 
 __all__ = ["sample", "clip_x0", "timesteps", "reverse_sde", "ancestral", "ddim", "exp2m", "eta_first",
@@ -58,8 +59,7 @@ def timesteps(diff: BlurDiffusion, steps: Optional[int] = None,
         return seq
     if steps is None:
         steps = n - 1
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= n - 1:
-        raise ValueError(f"steps: expected an int in [1, {n - 1}], got {steps!r}")
+    check_int("steps", steps, 1, n - 1)
     if steps == 1:
         return [n - 1]
     k = torch.arange(steps, dtype=torch.float64) / (steps - 1)
@@ -233,8 +233,7 @@ def eta_first(steps: int, fraction: float, eta: float = 1.0) -> List[float]:
     Stochastic first steps let DDIM / exp2m correct the prior's error (it ignores
     ``sqrt(Abar) x0``, which matters at low frequencies) before the ODE takes over.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: expected a positive int, got {steps!r}")
+    check_int("steps", steps)
     if not 0 <= fraction <= 1:
         raise ValueError(f"fraction: expected a number in [0, 1], got {fraction!r}")
     k = math.ceil(fraction * steps - 1e-9)

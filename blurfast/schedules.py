@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from .checks import check_int
+
 __all__ = ["gaussian_eigenvalues", "blur_eigenvalues_2d"]
 
 
@@ -63,8 +65,7 @@ __all__ += ["NOISE_SCHEDULES", "BLUR_SCHEDULES", "KERNELS", "MAX_BETA", "EIG_FLO
 
 
 def _check_steps(num_steps):
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
-        raise ValueError(f"num_steps: expected an int >= 2, got {num_steps!r}")
+    check_int("num_steps", num_steps, 2)
 
 
 def noise_betas(name: str, num_steps: int, beta_min: float = 1e-4,

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import data as D
 from . import ops
+from .checks import check_int, check_number
 from .distributed import setup_processes
 from .fileio import write_text
 from .diffusion import TARGETS, BlurDiffusion, scales
@@ -334,26 +335,6 @@ class TrainStep:
 
 # ---------------------------------------------------------------------------- train()
 
-def _check_int(name, v, lo=1):
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
-    return v
-
-
-def _check_num(name, v, lo=None, lo_open=False, hi=None, hi_open=False, none_ok=False):
-    if v is None and none_ok:
-        return v
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-            or (lo is not None and (v <= lo if lo_open else v < lo)) \
-            or (hi is not None and (v >= hi if hi_open else v > hi)):
-        bounds = [f"{'>' if lo_open else '>='} {lo}" if lo is not None else "",
-                  f"{'<' if hi_open else '<='} {hi}" if hi is not None else ""]
-        raise ValueError(f"{name}: expected a finite number "
-                         f"{' and '.join(b for b in bounds if b)}"
-                         f"{' or None' if none_ok else ''}, got {v!r}")
-    return v
-
-
 class _Signals:
     """SIGTERM/SIGINT set a flag (checked between steps); a second SIGINT aborts."""
 
@@ -481,23 +462,23 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     # ---------------------------------------------------------------- arguments
     if preset not in PRESETS:
         raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
-    _check_int("resolution", resolution)
-    _check_int("channels", channels)
-    _check_int("batch_size", batch_size)
-    _check_int("steps", steps)
-    _check_num("lr", lr, 0, lo_open=True)
+    check_int("resolution", resolution)
+    check_int("channels", channels)
+    check_int("batch_size", batch_size)
+    check_int("steps", steps)
+    check_number("lr", lr, 0, lo_open=True)
     if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
         raise ValueError(f"betas: expected two numbers, got {betas!r}")
     for b in betas:
-        _check_num("betas", b, 0, hi=1, hi_open=True)
-    _check_num("weight_decay", weight_decay, 0)
-    _check_num("adam_eps", adam_eps, 0, lo_open=True)
-    _check_int("warmup", warmup, 0)
-    _check_num("grad_clip", grad_clip, 0, lo_open=True, none_ok=True)
+        check_number("betas", b, 0, hi=1, hi_open=True)
+    check_number("weight_decay", weight_decay, 0)
+    check_number("adam_eps", adam_eps, 0, lo_open=True)
+    check_int("warmup", warmup, 0)
+    check_number("grad_clip", grad_clip, 0, lo_open=True, none_ok=True)
     if (ema_decay is None) == (ema_halflife_kimg is None):
         raise ValueError("ema_decay, ema_halflife_kimg: give exactly one")
-    _check_num("ema_decay", ema_decay, 0, hi=1, hi_open=True, none_ok=True)
-    _check_num("ema_halflife_kimg", ema_halflife_kimg, 0, lo_open=True, none_ok=True)
+    check_number("ema_decay", ema_decay, 0, hi=1, hi_open=True, none_ok=True)
+    check_number("ema_halflife_kimg", ema_halflife_kimg, 0, lo_open=True, none_ok=True)
     for name in ("flip", "tf32", "compile", "progress"):
         if not isinstance(args[name], bool):
             raise TypeError(f"{name}: expected a bool, got {type(args[name]).__name__}")
@@ -507,15 +488,15 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     if precision not in (None, "fp32", "bf16"):
         raise ValueError(f"precision: expected 'bf16', 'fp32' or None, got {precision!r}")
     if num_workers is not None:
-        _check_int("num_workers", num_workers, 0)
+        check_int("num_workers", num_workers, 0)
     for name in ("log_every", "save_every", "keep", "sample_every", "sample_count",
                  "sample_steps", "max_nonfinite"):
-        _check_int(name, args[name])
-    _check_int("seed", seed, 0)
+        check_int(name, args[name])
+    check_int("seed", seed, 0)
     if fid_every is not None:
-        _check_int("fid_every", fid_every)
-        _check_int("fid_n", fid_n, 2)
-        _check_int("fid_steps", fid_steps)
+        check_int("fid_every", fid_every)
+        check_int("fid_n", fid_n, 2)
+        check_int("fid_steps", fid_steps)
         if fid_ref is None:
             raise ValueError("fid_ref: needed with fid_every (reference data or STATS.npz)")
     for name in ("data", "out"):

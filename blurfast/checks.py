@@ -1,0 +1,37 @@
+"""Argument checks used across the package; each error names the argument and says what
+was expected."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+__all__ = ["check_int", "check_number"]
+
+
+def check_int(name: str, v, lo: int = 1, hi: Optional[int] = None, none_ok: bool = False):
+    """``v`` when it is an int (a bool is not) with ``lo <= v`` and, given ``hi``,
+    ``v <= hi`` (or None with ``none_ok``); else ValueError naming ``name``."""
+    if v is None and none_ok:
+        return v
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        want = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name}: expected an int {want}{' or None' if none_ok else ''}, "
+                         f"got {v!r}")
+    return v
+
+
+def check_number(name: str, v, lo=None, lo_open: bool = False, hi=None, hi_open: bool = False,
+                 none_ok: bool = False):
+    """``v`` when it is a finite int or float (a bool is not) within the bounds given
+    (open or closed at each end), or None with ``none_ok``; else ValueError naming it."""
+    if v is None and none_ok:
+        return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+            or (lo is not None and (v <= lo if lo_open else v < lo)) \
+            or (hi is not None and (v >= hi if hi_open else v > hi)):
+        bounds = [f"{'>' if lo_open else '>='} {lo}" if lo is not None else "",
+                  f"{'<' if hi_open else '<='} {hi}" if hi is not None else ""]
+        raise ValueError(f"{name}: expected a finite number "
+                         f"{' and '.join(b for b in bounds if b)}"
+                         f"{' or None' if none_ok else ''}, got {v!r}")
+    return v
