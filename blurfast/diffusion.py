@@ -178,6 +178,14 @@ class BlurDiffusion:
         return self.log_abar(t, device=x.device)[:, None]
 
     @staticmethod
+    def _like(name: str, v, x: torch.Tensor) -> torch.Tensor:
+        """``v`` when it is a tensor of x's shape; else ValueError naming it."""
+        if not isinstance(v, torch.Tensor) or v.shape != x.shape:
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"{name}: expected a tensor of shape {tuple(x.shape)}, got {got}")
+        return v
+
+    @staticmethod
     def cast(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """A float64 coefficient map cast once to x's dtype and device."""
         return m.to(device=x.device, dtype=x.dtype)
@@ -226,12 +234,14 @@ class BlurDiffusion:
         sa, g = scales(self._lab(t, x_t))
         a = 1 / sa
         b = -g * a
+        eps = self._like("eps", eps, x_t)
         return ops.spectral(x_t, self.cast(a, x_t), eps.to(x_t.dtype), self.cast(b, x_t))
 
     def x0_to_eps(self, x_t, x0, t) -> torch.Tensor:
         """``eps = idct2((xb_t - sqrt(Abar) xb0) / sqrt(1 - Abar))``, t in 1..N."""
         t = self.check_t(t, low=1, batch=x_t.shape[0])
         sa, g = scales(self._lab(t, x_t))
+        x0 = self._like("x0", x0, x_t)
         return ops.spectral(x_t, self.cast(1 / g, x_t), x0.to(x_t.dtype), self.cast(-sa / g, x_t))
 
     def eps_to_score(self, eps, t) -> torch.Tensor:

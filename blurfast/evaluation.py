@@ -258,6 +258,7 @@ def fid(samples, ref, n: Optional[int] = 10_000, resolution: Optional[int] = Non
     :func:`reference_statistics`), on the first ``n`` images of each.
     ``feature_extractor`` replaces InceptionV3 (a callable on float (B,3,299,299) in
     [0, 255]); ``resolution`` defaults to the samples' own."""
+    check_int("n", n, 2, none_ok=True)
     extractor = feature_extractor or inception_extractor(inception, device=device)
     imgs = load_images(samples, n)
     imgs = iter(imgs)

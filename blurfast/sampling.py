@@ -17,6 +17,7 @@ the prior in :func:`sample` uses ``offset`` itself. Same seed, same images.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, List, Optional, Sequence, Union
 
 import torch
@@ -152,8 +153,8 @@ def _run(coefs: Callable, model, diff: BlurDiffusion, x: torch.Tensor, steps: Se
     if not steps or any(not 1 <= int(s) <= n for s in steps) or \
             any(a <= b for a, b in zip(steps, steps[1:])):
         raise ValueError(f"timesteps: expected strictly decreasing steps in [1, {n}], got {steps!r}")
-    etas = [eta] * len(steps) if isinstance(eta, (int, float)) else list(eta)
-    if len(etas) != len(steps) or not all(isinstance(e, (int, float)) and 0 <= e <= 1
+    etas = [eta] * len(steps) if isinstance(eta, numbers.Real) else list(eta)
+    if len(etas) != len(steps) or not all(isinstance(e, numbers.Real) and 0 <= e <= 1
                                           for e in etas):
         raise ValueError(f"eta: expected a number in [0, 1] or {len(steps)} of them (one per "
                          f"step), got {eta!r}")

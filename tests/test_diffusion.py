@@ -262,6 +262,10 @@ def test_bad_arguments_raise_value_error_naming_them(diff):
         diff.q_sample(x0, torch.tensor([5, 6]), noise=torch.zeros(2, C, H, W + 1))
     with pytest.raises(ValueError, match="target"):
         diff.loss(lambda x, t: x, x0, target="v")
+    with pytest.raises(ValueError, match=r"^eps: expected a tensor of shape"):
+        diff.eps_to_x0(x0, torch.zeros(2, C, H, W + 1), torch.tensor([5, 6]))
+    with pytest.raises(ValueError, match=r"^x0: expected a tensor of shape"):
+        diff.x0_to_eps(x0, None, torch.tensor([5, 6]))
     for kw, name in [(dict(noise_schedule="sigmoid"), "noise_schedule"),
                      (dict(blur_schedule="gauss"), "blur_schedule"),
                      (dict(kernel="box"), "kernel"),

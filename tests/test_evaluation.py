@@ -92,6 +92,8 @@ def test_missing_inception_offline_names_file_and_path(tmp_path, monkeypatch):
 def test_bad_samples_path(tmp_path):
     with pytest.raises(ValueError, match="samples:"):
         list(ev.load_images(tmp_path / "nope"))
+    with pytest.raises(ValueError, match=r"^n: expected an int >= 2 or None, got -1"):
+        ev.fid(tmp_path, tmp_path, n=-1)
 
 
 def test_unreadable_images_are_skipped_with_a_warning(tmp_path):

@@ -112,6 +112,9 @@ def test_ancestral_is_ddim_with_eta_one(small):
     a = ancestral(toy_model, small, x, seq, seed=2, progress=False)
     b = ddim(toy_model, small, x, seq, eta=1.0, seed=2, progress=False)
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-11)
+    # numpy's numbers are numbers too
+    c = ddim(toy_model, small, x, seq, eta=np.float32(1.0), seed=2, progress=False)
+    assert torch.equal(b, c)
 
 
 # ---------------------------------------------------------------- exp2m
