@@ -9,6 +9,7 @@ integer steps (B,).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import torch
@@ -192,6 +193,12 @@ class UNet(nn.Module):
                 self.down.append(Downsample(ch))
                 res //= 2
                 skips.append(ch)
+        sides = [resolution // 2 ** i for i in range(len(channel_mult))]
+        unused = sorted(set(attention_resolutions) - set(sides), reverse=True)
+        if unused:
+            warnings.warn(f"attention_resolutions: {unused} match none of the feature-map "
+                          f"sides {sides}, so those get no attention (add levels to "
+                          f"channel_mult to reach them)", stacklevel=2)
         self.mid = nn.ModuleList([_Level(ch, ch, emb_dim, dropout, True, num_heads),
                                   _Level(ch, ch, emb_dim, dropout, False, num_heads)])
         self.up = nn.ModuleList()

@@ -145,3 +145,10 @@ def test_bad_preset_and_overrides():
         m(torch.zeros(1, 3, 32, 32), torch.tensor([1]))
     with pytest.raises(ValueError, match=r"^t: expected"):
         m(torch.zeros(2, 3, 16, 16), torch.tensor([1]))
+
+
+def test_attention_sides_the_model_never_has_are_named():
+    # paper64's attention at 16 and 8 needs levels down to 8: at 256 with its 4 levels
+    # (sides 256 .. 32) it would silently get none.
+    with pytest.warns(UserWarning, match=r"attention_resolutions: \[16, 8\] match none"):
+        UNet.from_preset("paper64", resolution=256)
