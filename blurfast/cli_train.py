@@ -291,8 +291,13 @@ def _train_main(args) -> int:
 
 
 def _prepare_main(args) -> int:
+    import signal
+
     from .data import prepare
 
+    def terminate(signum, frame):      # as Ctrl-C: prepare removes its temporary file
+        raise SystemExit(128 + signum)
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         r = prepare(args.src, args.out, resolution=args.resolution, resize=args.resize,
                     channels=args.channels, workers=args.workers, progress=args.progress,
@@ -300,6 +305,8 @@ def _prepare_main(args) -> int:
     except (ValueError, TypeError) as e:
         print(f"blurfast prepare: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"wrote {r['path']}: {r['written']} images of shape {r['shape'][1:]}, "
           f"{r['skipped']} unreadable skipped")
     for line in r["bad"]:

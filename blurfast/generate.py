@@ -97,7 +97,8 @@ def sample_batches(model, diff, batches, *, sampler: str, seq, eta, seed: int, d
     if clip:
         model = clip_x0(model, diff, *data_range(pixel_range))
     chw = diff.channels * diff.H * diff.W
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16"
+    autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+                if precision == "bf16"
                 else contextlib.nullcontext())
     for b0, b1 in batches:
         offset = b0 * chw

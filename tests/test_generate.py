@@ -183,6 +183,29 @@ def test_cli_reports_file_system_errors_in_one_line(run_dir, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("blurfast sample: error:") and "a_file" in err[0]
 
 
+def test_bf16_on_the_cpu_is_bf16(run_dir, tmp_path, monkeypatch):
+    # --precision bf16 on a CPU runs the model under CPU autocast (it ran under CUDA's,
+    # which a CPU ignores with a warning): the model sees bf16 convolutions.
+    import warnings
+    kw = dict(n=2, steps=2, seed=4, fmt="npz", device="cpu", progress=False)
+    seen = []
+    import blurfast.models as M
+    real = M.UNet.forward
+
+    def spy(self, x, t):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real(self, x, t)
+    monkeypatch.setattr(M.UNet, "forward", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(run_dir / "run", out=tmp_path / "bf16", precision="bf16", **kw)
+    assert seen and all(seen)
+    generate(run_dir / "run", out=tmp_path / "fp32", precision="fp32", **kw)
+    assert seen[-1] is False
+    a, b = (np.load(tmp_path / d / "samples.npz")["images"].astype(int) for d in ("bf16", "fp32"))
+    assert np.abs(a - b).mean() < 8                 # bf16 rounding, not another image
+
+
 def test_sample_rejects_bad_arguments(run_dir, tmp_path):
     with pytest.raises(ValueError, match="n:"):
         generate(run_dir / "run", 0, tmp_path)

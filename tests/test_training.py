@@ -444,6 +444,28 @@ def test_sigterm_saves_a_checkpoint_and_exits(made16, tmp_path):
     assert step >= 3 and ckpt.load(path)["step"] == step
 
 
+def test_sigterm_during_prepare_leaves_no_file(tmp_path):
+    # The child sends itself SIGTERM while decoding its fifth image: the command exits
+    # 143 and neither the array nor its temporary file is left.
+    src = made_photos(tmp_path / "src", 12, size=16)
+    p = _child(f"""
+        import os, signal, sys
+        from blurfast import cli, data
+        real, calls = data.decode, []
+        def decode(*a, **k):
+            calls.append(1)
+            if len(calls) == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(*a, **k)
+        data.decode = decode
+        sys.exit(cli.main(["prepare", {str(src)!r}, {str(tmp_path / "out.npy")!r},
+                           "--resolution", "16", "--workers", "0", "--no-progress"]))
+    """)
+    log, _ = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, log
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["src"]
+
+
 def test_cli_config_file_and_flags(made16, tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(textwrap.dedent(f"""
