@@ -1,8 +1,8 @@
 """The comparison implementations ("peers") the kernels are benchmarked against.
 
-They are defined in :mod:`blurfast.bench` so that the runner also works from an
-installed package (``blurfast bench``), where this directory does not exist;
-this module re-exports them for use from ``benchmarks/``. All are our own code,
+They are defined in :mod:`blurfast.bench_peers` (the impl table in :mod:`blurfast.bench`)
+so that the runner also works from an installed package (``blurfast bench``), where this
+directory does not exist; this module re-exports them for use from ``benchmarks/``. All are our own code,
 written from the mathematics, and tested against scipy in ``tests/test_peers.py``:
 
 * ``matmul_dct2`` / ``matmul_idct2``: ``C_H @ x @ C_W^T`` with cached orthonormal
@@ -16,11 +16,10 @@ written from the mathematics, and tested against scipy in ``tests/test_peers.py`
 * cupy: ``cupyx.scipy.fft.dctn`` / ``idctn`` with ``norm="ortho"``
   (``impl_function("cupy", "dct2")``), where cupy imports.
 """
-from blurfast.bench import (  # noqa: F401
+from blurfast.bench import get_impl, impl_function  # noqa: F401
+from blurfast.bench_peers import (  # noqa: F401
     fft_dct2,
     fft_idct2,
-    get_impl,
-    impl_function,
     matmul_dct2,
     matmul_idct2,
     ref_q_sample,

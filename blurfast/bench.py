@@ -12,7 +12,8 @@ Cases (float32 in and out, and bfloat16 in and out for blurfast on CUDA; maps ar
 * ``sampler_step``: read x_t and eps_theta, write x_{t-1} (docs/process.md section 6):
   ``idct2(c1 * dct2(x_t) + c2 * dct2(eps_theta) + sig * zb)``.
 
-Implementations (the peers are our own code, written from the mathematics):
+Implementations (the peers are our own code, written from the mathematics, in
+``blurfast/bench_peers.py``; the timing is ``blurfast/bench_timing.py``):
 
 * ``blurfast``: ``blurfast.dct2`` / ``idct2`` / ``spectral`` (whatever backend
   the installed package dispatches to).
@@ -55,17 +56,16 @@ import json
 import math
 import os
 import platform
-import re
-import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
-from . import reference as R
+from .bench_peers import (fft_dct2, fft_idct2, matmul_dct2, matmul_idct2, ref_q_sample,
+                          ref_sampler_step, tf32_matmul)
+from .bench_timing import launched_kernels, measure_copy_gbps, num_input_sets, time_call
 
 __all__ = [
     "CASES", "IMPLS", "VARIANT_IMPLS", "DTYPES", "CUDA_SHAPES", "CUDA_EXTRA_SHAPES", "CPU_SHAPES",
@@ -90,135 +90,6 @@ CUDA_EXTRA_SHAPES = ((256, 3, 32, 32), (64, 3, 128, 128))   # full (not --quick)
 CPU_SHAPES = ((8, 3, 64, 64), (2, 3, 256, 256))
 
 _SEED = 1234          # noise seed for the blurfast fused op in timed calls
-
-
-# ----------------------------------------------------------------------------
-# Peer 1: matrix-product DCT (torch matmul)
-# ----------------------------------------------------------------------------
-
-def _dct_mat(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
-    """Orthonormal DCT-II matrix C (n, n), built in float64: X = C @ x (the reference's)."""
-    return R.dct_matrix(n, dtype=dtype, device=device)
-
-
-@functools.lru_cache(maxsize=64)
-def _dct_mat_t(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
-    return _dct_mat(n, dtype, device).t().contiguous()
-
-
-def matmul_dct2(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal 2-D DCT-II over the last two dims: ``C_H @ x @ C_W^T``."""
-    dev = str(x.device)
-    ch = _dct_mat(x.shape[-2], x.dtype, dev)
-    cwt = _dct_mat_t(x.shape[-1], x.dtype, dev)
-    return torch.matmul(torch.matmul(ch, x), cwt)
-
-
-def matmul_idct2(X: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`matmul_dct2`: ``C_H^T @ X @ C_W``."""
-    dev = str(X.device)
-    cht = _dct_mat_t(X.shape[-2], X.dtype, dev)
-    cw = _dct_mat(X.shape[-1], X.dtype, dev)
-    return torch.matmul(torch.matmul(cht, X), cw)
-
-
-@contextlib.contextmanager
-def tf32_matmul(enabled: bool):
-    """Allow (or forbid) TF32 in cuBLAS fp32 matmuls inside the block; restores after.
-
-    torch >= 2.9 has ``torch.backends.cuda.matmul.fp32_precision`` and refuses
-    mixed use of it and the legacy ``allow_tf32`` flag, so the new API is used
-    where it exists.
-    """
-    m = torch.backends.cuda.matmul
-    if hasattr(m, "fp32_precision"):
-        prev = m.fp32_precision
-        m.fp32_precision = "tf32" if enabled else "ieee"
-        try:
-            yield
-        finally:
-            m.fp32_precision = prev
-    else:
-        prev = m.allow_tf32
-        m.allow_tf32 = bool(enabled)
-        try:
-            yield
-        finally:
-            m.allow_tf32 = prev
-
-
-# ----------------------------------------------------------------------------
-# Peer 2: FFT DCT (reorder + FFT + twiddle per dim, Makhoul 1980)
-# ----------------------------------------------------------------------------
-#
-# Unnormalized DCT-II: Y[k] = sum_n x[n] cos(pi (2n+1) k / (2N)). Reorder
-# v = (x[0], x[2], x[4], ..., x[5], x[3], x[1]) (evens, then odds reversed);
-# then Y[k] = Re(exp(-i pi k / (2N)) * FFT(v)[k]). Orthonormal: X[k] = s_k Y[k].
-# Inverse: with Y = X / s_k and V = FFT(v) Hermitian, exp(-i pi k/(2N)) V[k] =
-# Y[k] - i Y[N-k] (Y[N] := 0), so V[k] = exp(i pi k/(2N)) (Y[k] - i Y[N-k]),
-# v = irfft(V), and x is v un-reordered.
-
-@functools.lru_cache(maxsize=64)
-def _fft_consts(n: int, dtype: torch.dtype, device: str):
-    """(twiddle exp(-i pi k/2N) as complex, scale s_k) for real ``dtype``."""
-    k = torch.arange(n, dtype=torch.float64)
-    ang = -math.pi * k / (2.0 * n)
-    tw = torch.complex(torch.cos(ang), torch.sin(ang))
-    s = torch.full((n,), math.sqrt(2.0 / n), dtype=torch.float64)
-    s[0] = math.sqrt(1.0 / n)
-    cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
-    return tw.to(device=device, dtype=cdt), s.to(device=device, dtype=dtype)
-
-
-def _fft_dct_last(x: torch.Tensor) -> torch.Tensor:
-    n = x.shape[-1]
-    tw, s = _fft_consts(n, x.dtype, str(x.device))
-    v = torch.cat([x[..., ::2], x[..., 1::2].flip(-1)], dim=-1)
-    V = torch.fft.fft(v, dim=-1)
-    return torch.real(V * tw) * s
-
-
-def _fft_idct_last(X: torch.Tensor) -> torch.Tensor:
-    n = X.shape[-1]
-    tw, s = _fft_consts(n, X.dtype, str(X.device))
-    Y = X / s
-    Yrev = torch.cat([torch.zeros_like(Y[..., :1]), Y[..., 1:].flip(-1)], dim=-1)
-    V = torch.complex(Y, -Yrev) * tw.conj()
-    v = torch.fft.irfft(V[..., : n // 2 + 1], n=n, dim=-1)
-    x = torch.empty_like(v)
-    ne = n - n // 2                      # number of even-indexed samples
-    x[..., ::2] = v[..., :ne]
-    x[..., 1::2] = v[..., ne:].flip(-1)
-    return x
-
-
-def fft_dct2(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal 2-D DCT-II via FFTs: last dim, then the second-to-last."""
-    y = _fft_dct_last(x)
-    return _fft_dct_last(y.transpose(-1, -2)).transpose(-1, -2)
-
-
-def fft_idct2(X: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`fft_dct2`."""
-    y = _fft_idct_last(X)
-    return _fft_idct_last(y.transpose(-1, -2)).transpose(-1, -2)
-
-
-# ----------------------------------------------------------------------------
-# Peer 3: the torch reference composition of the fused op
-# ----------------------------------------------------------------------------
-
-def ref_q_sample(x0, a, g, *, dct2=matmul_dct2, idct2=matmul_idct2, noise=None):
-    """``(idct2(a*dct2(x0) + g*zb), idct2(zb))``; zb = ``noise`` or ``torch.randn``."""
-    zb = torch.randn_like(x0) if noise is None else noise
-    return idct2(a * dct2(x0) + g * zb), idct2(zb)
-
-
-def ref_sampler_step(x_t, eps, c1, c2, sig, *, dct2=matmul_dct2, idct2=matmul_idct2,
-                     noise=None):
-    """``idct2(c1*dct2(x_t) + c2*dct2(eps) + sig*zb)``; zb = ``noise`` or ``torch.randn``."""
-    zb = torch.randn_like(x_t) if noise is None else noise
-    return idct2(c1 * dct2(x_t) + c2 * dct2(eps) + sig * zb)
 
 
 # ----------------------------------------------------------------------------
@@ -402,164 +273,6 @@ def traffic_bytes(case: str, shape, itemsize: int = 4) -> int:
 
 def _set_bytes(args) -> int:
     return sum(a.numel() * a.element_size() for a in args)
-
-
-# ----------------------------------------------------------------------------
-# Timing
-# ----------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=8)
-def _sleep_cycles_per_us(device_index: int) -> Optional[float]:
-    """GPU clock cycles per microsecond of ``torch.cuda._sleep`` (None if unavailable)."""
-    if not hasattr(torch.cuda, "_sleep"):
-        return None
-    with torch.cuda.device(device_index):
-        torch.cuda._sleep(1000)
-        torch.cuda.synchronize()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        cycles = 20_000_000
-        s.record()
-        torch.cuda._sleep(cycles)
-        e.record()
-        torch.cuda.synchronize()
-        us = s.elapsed_time(e) * 1000.0
-    return cycles / us if us > 0 else None
-
-
-def time_call(fn, arg_sets, device, iters: int, warmup: int) -> dict:
-    """Time ``fn(*arg_sets[i % len(arg_sets)])``.
-
-    Returns ``{"median_us", "wall_us", "iters"}``:
-
-    * CUDA: ``median_us`` is the median over ``iters`` calls of the GPU time of
-      one call, from CUDA events recorded around it, with the stream first
-      given a spin kernel long enough for the host to queue all the calls (so
-      host launch overhead does not show; this is the device time of the
-      call's kernels). ``wall_us`` is host wall-clock per call over ``iters``
-      back-to-back calls ended by a synchronize (what a Python loop pays,
-      launch overhead included).
-    * CPU: ``median_us`` is the median of per-call wall-clock times;
-      ``wall_us`` their mean.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            return _time_call_cuda(fn, arg_sets, device, iters, warmup)
-    k = len(arg_sets)
-    for i in range(max(warmup, 1)):
-        fn(*arg_sets[i % k])
-    ts = []
-    for i in range(iters):
-        t0 = time.perf_counter()
-        fn(*arg_sets[i % k])
-        ts.append((time.perf_counter() - t0) * 1e6)
-    return {"median_us": statistics.median(ts), "wall_us": statistics.fmean(ts),
-            "iters": iters}
-
-
-def _time_call_cuda(fn, arg_sets, device, iters, warmup):
-    k = len(arg_sets)
-    for i in range(max(warmup, 1)):
-        fn(*arg_sets[i % k])
-    torch.cuda.synchronize(device)
-
-    # Host wall-clock per call (steady state, launch overhead included).
-    t0 = time.perf_counter()
-    for i in range(iters):
-        fn(*arg_sets[i % k])
-    enqueue_us = (time.perf_counter() - t0) * 1e6 / iters
-    torch.cuda.synchronize(device)
-    wall_us = (time.perf_counter() - t0) * 1e6 / iters
-
-    # Device time per call: queue everything behind a spin kernel, then events.
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    cpu = _sleep_cycles_per_us(device.index if device.index is not None
-                               else torch.cuda.current_device())
-    if cpu is not None:
-        # Enough spin for the host to enqueue all calls (it took enqueue_us
-        # per call above, events add a little), capped at 0.5 s.
-        lead_us = min(2.0 * enqueue_us * iters + 500.0, 500_000.0)
-        torch.cuda._sleep(int(lead_us * cpu))
-    for i in range(iters):
-        starts[i].record()
-        fn(*arg_sets[i % k])
-        ends[i].record()
-    torch.cuda.synchronize(device)
-    ts = [s.elapsed_time(e) * 1000.0 for s, e in zip(starts, ends)]
-    return {"median_us": statistics.median(ts), "wall_us": wall_us, "iters": iters}
-
-
-def short_kernel_name(name: str) -> str:
-    """A CUDA kernel's name without its return type, namespaces and parameter list:
-    ``plane_kernel<Geom<64, 2, true>, float>`` (which geometry served a call)."""
-    name = re.sub(r"^void ", "", name)
-    name = re.sub(r"\b[A-Za-z_]\w*::", "", name)
-    if name.endswith(")"):                       # the parameter list
-        depth = 0
-        for i in range(len(name) - 1, -1, -1):
-            depth += {")": 1, "(": -1}.get(name[i], 0)
-            if depth == 0:
-                name = name[:i]
-                break
-    return name[:160]
-
-
-def launched_kernels(fn, args, device) -> Optional[list]:
-    """Short names of the CUDA kernels one call of ``fn(*args)`` launches, in order, from
-    the torch profiler (None on CPU or when the profiler is unavailable)."""
-    if torch.device(device).type != "cuda":
-        return None
-    try:
-        from torch.profiler import ProfilerActivity, profile
-        fn(*args)                                  # caches, allocator, lazy init
-        torch.cuda.synchronize(device)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn(*args)
-            torch.cuda.synchronize(device)
-        kinds = {"cuda", "privateuse1"}
-        return [short_kernel_name(e.name) for e in prof.events()
-                if str(getattr(e, "device_type", "")).split(".")[-1].lower() in kinds
-                and not e.name.startswith(("Memcpy", "Memset", "cudaMem"))]
-    except Exception:
-        return None
-
-
-def _l2_bytes(device) -> int:
-    device = torch.device(device)
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return int(getattr(props, "L2_cache_size", 0) or 50 * 2**20)
-    return 0
-
-
-def num_input_sets(set_bytes: int, device, max_sets: int = 256,
-                   max_bytes: int = 2 * 2**30) -> int:
-    """How many distinct input sets to rotate through so that each call reads
-    data not touched for at least twice the L2 size (CUDA); 1 on CPU."""
-    l2 = _l2_bytes(device)
-    if l2 == 0 or set_bytes == 0:
-        return 1
-    k = math.ceil(2 * l2 / set_bytes)
-    k = min(k, max_sets, max(1, max_bytes // set_bytes))
-    return max(k, 2)
-
-
-def measure_copy_gbps(device, nbytes: Optional[int] = None, iters: int = 20) -> float:
-    """Device-to-device copy bandwidth in GB/s (bytes read + bytes written), median."""
-    device = torch.device(device)
-    if nbytes is None:
-        nbytes = 512 * 2**20 if device.type == "cuda" else 32 * 2**20
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            nbytes = min(nbytes, max(free // 8, 16 * 2**20))
-    n = nbytes // 4
-    src = torch.ones(n, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    if device.type != "cuda":
-        iters = min(iters, 5)
-    res = time_call(lambda: dst.copy_(src), [()], device, iters=iters, warmup=3)
-    return 2 * n * 4 / (res["median_us"] * 1e-6) / 1e9
 
 
 # ----------------------------------------------------------------------------

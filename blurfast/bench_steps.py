@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference as R
-from .bench import time_call
+from .bench_timing import time_call
 from .diffusion import BlurDiffusion, scales
 from .models import UNet
 from .training import BACKEND_FLAGS as TRAIN_FLAGS

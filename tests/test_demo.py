@@ -97,7 +97,7 @@ def test_merge_results_of_two_device_calls(tmp_path):
 def test_kernel_names_in_bench_rows_are_short():
     # Each CUDA row lists the kernels a call launched, so a variant's row shows which
     # geometry actually served it (a tie in the plan once timed another one).
-    from blurfast.bench import short_kernel_name
+    from blurfast.bench_timing import short_kernel_name
     assert short_kernel_name(
         "void blurfast::plane::gpu::plane_kernel<blurfast::plane::Capped<blurfast::plane::"
         "Geom<64, 2, true>, 4>, float>(blurfast::plane::Job)") == \

@@ -229,11 +229,12 @@ def test_targets_judge_issue6_goals_from_rows():
 
 
 def test_num_input_sets_rotates_past_l2(monkeypatch):
-    monkeypatch.setattr(bench, "_l2_bytes", lambda device: 50 * 2**20)
-    k = bench.num_input_sets(12 * 2**20, "cuda")
+    from blurfast import bench_timing
+    monkeypatch.setattr(bench_timing, "_l2_bytes", lambda device: 50 * 2**20)
+    k = bench_timing.num_input_sets(12 * 2**20, "cuda")
     assert k * 12 * 2**20 >= 2 * 50 * 2**20
-    assert bench.num_input_sets(200 * 2**20, "cuda") == 2
-    assert bench.num_input_sets(1000, "cuda") == 256
+    assert bench_timing.num_input_sets(200 * 2**20, "cuda") == 2
+    assert bench_timing.num_input_sets(1000, "cuda") == 256
 
 
 def _cuda():
