@@ -114,6 +114,7 @@ def load_images(path, n: Optional[int] = None) -> Iterable[np.ndarray]:
         files = [f for f in files if f.name != SHEET_NAME]
         if not files:
             raise ValueError(f"samples: no images in {p}")
+
         def decoded():
             for f in files[:n]:
                 try:
@@ -238,6 +239,7 @@ def reference_statistics(ref, resolution: int, resize: str = "squash", n: Option
     if cache and cached.is_file():
         with np.load(cached) as z:
             return z["mu"], z["sigma"]
+
     def imgs():
         for i in range(count):
             try:

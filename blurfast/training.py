@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import inspect
 import json
 import math
 import os
@@ -507,7 +508,6 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     if diffusion is not None and not isinstance(diffusion, dict):
         raise TypeError(f"diffusion: expected a dict of BlurDiffusion arguments, got "
                         f"{type(diffusion).__name__}")
-    import inspect
     for name, given, cls in (("model", model, UNet), ("diffusion", diffusion, BlurDiffusion)):
         unknown = sorted(set(given or {}) - set(inspect.signature(cls).parameters))
         if unknown:

@@ -140,10 +140,8 @@ def training_curves(run_dir, path=None) -> Path:
     """``RUN_DIR/curves.png`` (or ``path``): loss (log scale, with a moving average),
     gradient norm and images/s against the step, from ``log.csv``, and FID from
     ``fid.csv`` when the run scores itself. Needs matplotlib; returns the path."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:        # a Figure of its own: no pyplot state, no backend switch in the caller
+        from matplotlib.figure import Figure
     except ImportError as e:
         raise ImportError("training_curves needs matplotlib: pip install matplotlib") from e
     from .fileio import atomic_path
@@ -158,8 +156,8 @@ def training_curves(run_dir, path=None) -> Path:
     panels = [("loss", "loss (log scale)"), ("grad_norm", "gradient norm (before clipping)"),
               ("images_per_s", "images/s")]
     n = len(panels) + (1 if fid and fid["step"] else 0)
-    fig, axes = plt.subplots(n, 1, figsize=(7, 2.2 * n), sharex=True, squeeze=False)
-    axes = axes[:, 0]
+    fig = Figure(figsize=(7, 2.2 * n))
+    axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
     half_life = max(1, len(log["step"]) // 50)
     for ax, (key, title) in zip(axes, panels):
         if key == "images_per_s":       # already a mean over each log interval
@@ -182,5 +180,4 @@ def training_curves(run_dir, path=None) -> Path:
     path = Path(path) if path is not None else run_dir / "curves.png"
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
     return path
