@@ -1,6 +1,7 @@
 """Processes under torchrun: which rank this is, how many there are, which device it uses."""
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Optional
 
@@ -31,7 +32,11 @@ def setup_processes(device: Optional[str]):
         dev = torch.device("cpu")
     owns = False
     if world > 1 and not initialized:
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        # Rank 0 alone samples for FID, draws grids and saves checkpoints while the others
+        # wait in the next step's all-reduce: NCCL's default 10-minute watchdog would
+        # abort a run whose FID takes longer.
+        dist.init_process_group("nccl" if device == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=2))
         owns = True
     rank = dist.get_rank() if world > 1 else 0
     return rank, world, dev, owns

@@ -75,7 +75,7 @@ class GraphedModel:
                     self.model(sx, st)
             torch.cuda.current_stream().wait_stream(side)
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g), uncached():
+            with torch.cuda.graph(g, capture_error_mode="thread_local"), uncached():
                 out = self.model(sx, st)
             self.graphs[key] = (g, sx, st, out)
         g, sx, st, out = self.graphs[key]
@@ -141,7 +141,6 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
     rank, world, dev, owns_group = setup_processes(device)
     try:
         model, diff, config = ckpt.load_model(path, ema=ema, device=dev)
-        model = diff.eps_model(model, config.get("target", "eps"))   # samplers call eps
         pixel_range = config.get("pixel_range", "-1,1")
         chw = diff.channels * diff.H * diff.W
         if n * chw >= STEP_OFFSET:
@@ -151,6 +150,9 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
         precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
         net = torch.compile(model, dynamic=False) if compile else model
         net = GraphedModel(net) if cuda_graph else net
+        # Samplers call eps; a std or score model's output is converted outside the graph
+        # (the conversion checks t on the host, which a capture forbids).
+        net = diff.eps_model(net, config.get("target", "eps"))
         seq = timesteps(diff, steps if isinstance(spacing, str) else None, spacing)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -211,8 +211,9 @@ class TrainStep:
         # A tensor learning rate lets a captured step see updates of it.
         self._lr = torch.tensor(float(lr), device=self.device) if cuda_graphs else float(lr)
         cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
-        self.opt = cls(self.params, lr=self._lr, betas=tuple(betas), eps=adam_eps,
-                       weight_decay=weight_decay, fused=True, capturable=cuda_graphs)
+        self._group_settings = dict(betas=tuple(betas), eps=adam_eps, weight_decay=weight_decay,
+                                    capturable=cuda_graphs)
+        self.opt = cls(self.params, lr=self._lr, fused=True, **self._group_settings)
         # loss sum, finite losses, consecutive skipped steps, all skipped steps,
         # grad-norm sum, applied steps
         self._stats = torch.zeros(6, dtype=torch.float64, device=self.device)
@@ -300,7 +301,10 @@ class TrainStep:
             return
         if self._graph is None:
             self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
+            # thread_local: the DataLoader's pin-memory thread queries CUDA events while
+            # it pins the next batch, which the default ("global") mode counts as an
+            # illegal call during this capture and invalidates it.
+            with torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
                 self._body(*self._static, 0, 0)
         self._graph.replay()
 
@@ -328,8 +332,11 @@ class TrainStep:
         self.model.load_state_dict(model_sd)
         self.ema.load_state_dict(ema_sd)
         self.opt.load_state_dict(state["optimizer"])
-        if isinstance(self._lr, torch.Tensor):
-            for g in self.opt.param_groups:
+        # load_state_dict restores the checkpoint's group settings; this run's win (a run
+        # saved without CUDA graphs resumed with them needs capturable, for one).
+        for g in self.opt.param_groups:
+            g.update(self._group_settings)
+            if isinstance(self._lr, torch.Tensor):
                 g["lr"] = self._lr
         self._stats.copy_(state["stats"])
 

@@ -293,6 +293,27 @@ def test_step_is_clip_adam_and_ema_done_by_hand(grad_clip):
     assert step.read_stats()["grad_norm"] == pytest.approx(norm, rel=1e-4)
 
 
+def test_resumed_step_keeps_its_own_optimizer_settings():
+    # Optimizer.load_state_dict restores the saved groups' settings; a resumed run's own
+    # betas, eps, weight decay and capturable (CUDA graphs or not) must win.
+    diff = BlurDiffusion(resolution=16)
+    torch.manual_seed(0)
+    old = training.TrainStep(UNet(resolution=16, **TINY), diff, device="cpu", lr=1e-3,
+                             betas=(0.9, 0.99), adam_eps=1e-8, weight_decay=0.0)
+    x = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8)
+    old(x, torch.zeros(2, dtype=torch.bool), torch.tensor([5, 50]), 1, 0)
+    state = old.state_dict()
+    state["optimizer"]["param_groups"][0]["capturable"] = True     # as saved by a graphed run
+    new = training.TrainStep(UNet(resolution=16, **TINY), diff, device="cpu", lr=1e-3,
+                             betas=(0.8, 0.999), adam_eps=1e-6, weight_decay=0.01)
+    new.load_state_dict(state, old.model.state_dict(), old.ema.state_dict())
+    g = new.opt.param_groups[0]
+    assert (g["betas"], g["eps"], g["weight_decay"], g["capturable"]) == \
+        ((0.8, 0.999), 1e-6, 0.01, False)
+    assert torch.equal(new.opt.state[new.params[0]]["exp_avg"],
+                       old.opt.state[old.params[0]]["exp_avg"])       # the moments are kept
+
+
 def test_flat_parameters_keep_values_and_strides():
     torch.manual_seed(0)
     m = UNet(resolution=16, **TINY).to(memory_format=torch.channels_last)
