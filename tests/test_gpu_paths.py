@@ -59,28 +59,38 @@ def test_graphed_model_under_autocast_outlives_the_callers_autocast_region():
     import torch
     from blurfast.generate import GraphedModel
     from blurfast.models import UNet
-    torch.manual_seed(0)
-    model = UNet.from_preset("small", resolution=16, **TINY).cuda()
-    for p in model.parameters():                  # the zero-initialized convs too
-        torch.nn.init.normal_(p, std=0.05)
-    x = torch.randn(3, 3, 16, 16, device="cuda")
-    t = torch.tensor([5, 200, 900], device="cuda")
-    net = GraphedModel(model)
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        want = model(x, t).float()
-        first = net(x, t).float()
-    junk = [torch.full(p.shape, float("nan"), dtype=torch.bfloat16, device="cuda")
-            for p in model.parameters() for _ in range(2)]
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        again = net(x, t).float()
-    del junk
-    assert torch.isfinite(again).all()
-    tol = dict(rtol=0, atol=1e-2 * want.abs().max().item())   # the same kernels, replayed
-    torch.testing.assert_close(first, want, **tol)
-    torch.testing.assert_close(again, want, **tol)
-    with torch.no_grad():                         # no autocast: a graph of its own
-        plain = model(x, t)
-        torch.testing.assert_close(net(x, t), plain, rtol=0, atol=1e-4 * plain.abs().max().item())
+    b = torch.backends
+    flags = b.cudnn.benchmark, b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32
+    # train() in an earlier test turned autotuning on: eager and captured calls could then
+    # pick different convolution algorithms. Off here, both run the same kernels.
+    b.cudnn.benchmark = b.cudnn.allow_tf32 = b.cuda.matmul.allow_tf32 = False
+    try:
+        torch.manual_seed(0)
+        model = UNet.from_preset("small", resolution=16, **TINY).cuda()
+        for p in model.parameters():                  # the zero-initialized convs too
+            torch.nn.init.normal_(p, std=0.05)
+        x = torch.randn(3, 3, 16, 16, device="cuda")
+        t = torch.tensor([5, 200, 900], device="cuda")
+        net = GraphedModel(model)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            want = model(x, t).float()
+            first = net(x, t).float()
+        junk = [torch.full(p.shape, float("nan"), dtype=torch.bfloat16, device="cuda")
+                for p in model.parameters() for _ in range(2)]
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            again = net(x, t).float()
+        del junk
+        assert torch.isfinite(again).all()
+        tol = dict(rtol=0, atol=1e-2 * want.abs().max().item())   # the same kernels, replayed
+        torch.testing.assert_close(first, want, **tol)
+        torch.testing.assert_close(again, want, **tol)
+        with torch.no_grad():                         # no autocast: a graph of its own
+            plain = model(x, t)
+            got = net(x, t)
+        assert got.dtype == torch.float32 and len(net.graphs) == 2
+        torch.testing.assert_close(got, plain, rtol=0, atol=1e-4 * plain.abs().max().item())
+    finally:
+        b.cudnn.benchmark, b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = flags
 
 
 def test_graphed_sampling_of_a_std_run(photos, tmp_path):
