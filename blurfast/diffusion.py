@@ -252,7 +252,7 @@ class BlurDiffusion:
     def score_to_eps(self, score, t) -> torch.Tensor:
         """Inverse of :meth:`eps_to_score`: ``eps = -idct2(sqrt(1 - Abar) score_b)``."""
         t = self.check_t(t, low=1, batch=score.shape[0])
-        return ops.spectral(score, self.cast(-scales(self._lab(t, score))[1], score))
+        return self._to_eps_unchecked(score, t, "score")
 
     def eps_to_std(self, eps, t) -> torch.Tensor:
         """``std = idct2(sqrt(1 - Abar) eb)``: the noise part of x_t."""
@@ -261,18 +261,24 @@ class BlurDiffusion:
     def std_to_eps(self, std, t) -> torch.Tensor:
         """Inverse of :meth:`eps_to_std`, t in 1..N."""
         t = self.check_t(t, low=1, batch=std.shape[0])
-        return ops.spectral(std, self.cast(1 / scales(self._lab(t, std))[1], std))
+        return self._to_eps_unchecked(std, t, "std")
+
+    def _to_eps_unchecked(self, y, t, target: str) -> torch.Tensor:
+        """eps from a ``std`` or ``score`` prediction ``y``, for an int64 t already known to be
+        in 1..N: no validation and no host synchronization."""
+        g = scales(self.log_abar_unchecked(t.to(y.device))[:, None])[1]
+        return ops.spectral(y, self.cast(1 / g if target == "std" else -g, y))
 
     def eps_model(self, model, target: str = "eps"):
         """Wrap a model trained on ``target`` so that it returns eps (what samplers call);
-        the prediction is converted in ``x``'s dtype (float32 under bf16 autocast)."""
+        the prediction is converted in ``x``'s dtype (float32 under bf16 autocast). The
+        wrapper trusts ``t`` (int64, 1..N, as the samplers pass it): checking it would
+        synchronize with the GPU once per call."""
         if target == "eps":
             return model
-        if target == "std":
-            return lambda x, t: self.std_to_eps(model(x, t).to(x.dtype), t)
-        if target == "score":
-            return lambda x, t: self.score_to_eps(model(x, t).to(x.dtype), t)
-        raise ValueError(f"target: expected one of {TARGETS}, got {target!r}")
+        if target not in TARGETS:
+            raise ValueError(f"target: expected one of {TARGETS}, got {target!r}")
+        return lambda x, t: self._to_eps_unchecked(model(x, t).to(x.dtype), t, target)
 
     # ----------------------------------------------------------------- loss
     def sample_t(self, batch: int, device="cpu") -> torch.Tensor:

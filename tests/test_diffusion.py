@@ -198,6 +198,24 @@ def test_conversions_match_definitions(diff):
                                atol=1e-9)
 
 
+@pytest.mark.parametrize("target", ["std", "score"])
+def test_eps_model_converts_without_checking_t(diff, target, monkeypatch):
+    # The wrapped model is what samplers call each step: it must give eps without the
+    # host-side check of t (a GPU synchronization per call).
+    rng = np.random.default_rng(4)
+    eps = torch.tensor(rng.standard_normal((3, C, H, W)))
+    t = torch.tensor([1, 400, 1000])
+    to_target = diff.eps_to_std if target == "std" else diff.eps_to_score
+    pred = to_target(eps, t)
+    wrapped = diff.eps_model(lambda x, tt: pred, target)
+
+    def no_check(*args, **kwargs):
+        raise AssertionError("check_t called")
+    monkeypatch.setattr(diff, "check_t", no_check)
+    np.testing.assert_allclose(wrapped(torch.zeros_like(eps), t).numpy(), eps.numpy(),
+                               rtol=0, atol=1e-9)
+
+
 # -------------------------------------------------------------------- loss
 class Affine(torch.nn.Module):
     def __init__(self):
