@@ -39,8 +39,9 @@ namespace plane {
 namespace {
 
 void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string("blurfast CUDA (plane kernel): ") + what + ": " +
+  if (e == cudaSuccess) return;
+  (void)cudaGetLastError();   // clear the slot, or the next call's launch check reports e
+  throw std::runtime_error(std::string("blurfast CUDA (plane kernel): ") + what + ": " +
                              cudaGetErrorString(e));
 }
 

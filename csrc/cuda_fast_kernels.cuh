@@ -212,6 +212,13 @@ cudaLaunchConfig_t cluster_config(unsigned clusters, size_t bytes, cudaStream_t 
 template <typename G, typename T>
 int ClusterKernel<G, T>::max_clusters(size_t bytes) {
   auto kernel = &gpu::cluster_kernel<G, T>;
+  // Compiled from PTX for an architecture below sm_90 (a build without sm_90 code, run
+  // on Hopper through the driver's JIT), the kernel's body is the trap: plan none.
+  cudaFuncAttributes fa;
+  if (cudaFuncGetAttributes(&fa, kernel) != cudaSuccess || fa.ptxVersion < 90) {
+    (void)cudaGetLastError();
+    return 0;
+  }
   // The limit is the most any call uses (three buffers), so that a later call with more
   // bytes than an earlier one still launches.
   const int most = (int)(G::smem_floats(3) * sizeof(float));

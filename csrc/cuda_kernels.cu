@@ -21,8 +21,9 @@ namespace blurfast {
 namespace {
 
 void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw std::runtime_error(std::string("blurfast CUDA: ") + what + ": " +
-                                                 cudaGetErrorString(e));
+  if (e == cudaSuccess) return;
+  (void)cudaGetLastError();   // clear the slot, or the next call's launch check reports e
+  throw std::runtime_error(std::string("blurfast CUDA: ") + what + ": " + cudaGetErrorString(e));
 }
 
 template <typename C, typename T> __device__ __forceinline__ C load(const T* p) { return (C)*p; }
@@ -87,15 +88,24 @@ void launch_axis(const void* in, void* out, int64_t P, int64_t R, int64_t N, boo
   check(cudaGetLastError(), "axis_transform launch");
 }
 
-// 2-D transform: in (P,H,W) -> tmp (P,W,H) -> out (P,H,W). Planes go in chunks of about
-// a third of the L2 cache, so that tmp is read back from L2 rather than from memory
-// (64x3x256x256 float32: 3 chunks of 64 planes, each still enough blocks to fill an H100).
+// Planes per chunk of transform2d: about a third of the L2 cache, so that its tmp is
+// read back from L2 rather than from memory (64x3x256x256 float32: 3 chunks of 64 planes,
+// each still enough blocks to fill an H100); at most P. `csize`: bytes of the compute type.
+int64_t chunk_planes(int64_t P, int64_t H, int64_t W, int64_t csize, int device) {
+  const int64_t plane_bytes = H * W * csize;
+  const int64_t budget = plane::l2_cache_bytes(device) / 3;
+  const int64_t chunk = budget == 0 ? P : (plane_bytes < budget ? budget / plane_bytes : 1);
+  return chunk < P ? chunk : P;
+}
+
+int64_t compute_size(int dtype) { return dtype == kF64 ? 8 : 4; }
+
+// 2-D transform: in (P,H,W) -> tmp (chunk,W,H) -> out (P,H,W), chunk by chunk.
 template <typename Tin, typename Tout, typename C>
 void transform2d(const void* in, void* out, C* tmp, int64_t P, int64_t H, int64_t W, bool inverse,
                  cudaStream_t s, int device) {
-  const int64_t hw = H * W, plane_bytes = hw * (int64_t)sizeof(C);
-  const int64_t budget = plane::l2_cache_bytes(device) / 3;
-  const int64_t chunk = budget == 0 ? P : (plane_bytes < budget ? budget / plane_bytes : 1);
+  const int64_t hw = H * W;
+  const int64_t chunk = chunk_planes(P, H, W, sizeof(C), device);
   for (int64_t p0 = 0; p0 < P; p0 += chunk) {
     const int64_t n = P - p0 < chunk ? P - p0 : chunk;
     launch_axis<Tin, C, C>((const Tin*)in + p0 * hw, tmp, n, H, W, inverse, s, device);
@@ -131,10 +141,11 @@ template <typename T, typename C>
 void spectral_typed(const SpectralParams& sp, C* ws, cudaStream_t s, int device) {
   const int64_t P = sp.planes, H = sp.H, W = sp.W, n = P * H * W;
   if (n == 0) return;
+  // The workspace (spectral_workspace_elems): tmp, then f1, f2 (with x2), zb (with noise_out).
   C* tmp = ws;
-  C* f1 = ws + n;
-  C* f2 = sp.x2 ? ws + 2 * n : nullptr;
-  C* zb = sp.noise_out ? ws + 3 * n : nullptr;
+  C* f1 = ws + chunk_planes(P, H, W, sizeof(C), device) * H * W;
+  C* f2 = sp.x2 ? f1 + n : nullptr;
+  C* zb = sp.noise_out ? f1 + (f2 ? 2 : 1) * n : nullptr;
   transform2d<T, C, C>(sp.x1, f1, tmp, P, H, W, false, s, device);
   if (f2) transform2d<T, C, C>(sp.x2, f2, tmp, P, H, W, false, s, device);
   const CombineJob<C> cj = combine_job(sp, f1, f2, zb);
@@ -196,15 +207,30 @@ int64_t dct2_workspace_elems(const void* in, const void* out, int64_t planes, in
   DeviceGuard guard(device);
   // Forward and inverse need the same buffers, so either job answers for both.
   if (plane::plane_applies(dct2_job(in, out, planes, false), H, W, dtype, device)) return 0;
-  return planes * H * W;
+  return chunk_planes(planes, H, W, compute_size(dtype), device) * H * W;   // transform2d's tmp
 }
 
 int64_t spectral_workspace_elems(const SpectralParams& p, int device) {
   DeviceGuard guard(device);
   if (plane::plane_applies(plane::make_job(p, plane::kSpectral), p.H, p.W, p.dtype, device))
     return 0;
-  return 4 * p.planes * p.H * p.W;
+  const int64_t n = p.planes * p.H * p.W;   // spectral_typed's tmp, f1, f2, zb
+  return chunk_planes(p.planes, p.H, p.W, compute_size(p.dtype), device) * p.H * p.W +
+         (1 + (p.x2 ? 1 : 0) + (p.noise_out ? 1 : 0)) * n;
 }
+
+namespace {
+
+// The simple path's buffers come from the caller: a null one means the workspace query and
+// the call disagreed (BLURFAST_CUDA_KERNELS changed between them).
+void require_workspace(const void* workspace, int64_t elems) {
+  if (!workspace && elems > 0)
+    throw std::invalid_argument(
+        "blurfast CUDA: the simple kernels need a workspace (query *_workspace_elems with the "
+        "same arguments and BLURFAST_CUDA_KERNELS as the call), and none was given");
+}
+
+}  // namespace
 
 const char* dct2_kernel_name(const void* in, const void* out, int64_t planes, int64_t H,
                              int64_t W, int dtype, int device) {
@@ -222,6 +248,7 @@ void dct2_cuda(const void* in, void* out, void* workspace, int64_t planes, int64
   DeviceGuard guard(device);
   auto s = (cudaStream_t)stream;
   if (plane::plane_launch(dct2_job(in, out, planes, inverse), H, W, dtype, device, s)) return;
+  require_workspace(workspace, planes * H * W);
   dispatch(dtype, [&](auto types) {
     using T = typename decltype(types)::T;
     using C = typename decltype(types)::C;
@@ -234,6 +261,7 @@ void spectral_cuda(const SpectralParams& p, void* workspace, int device, void* s
   if (plane::plane_launch(plane::make_job(p, plane::kSpectral), p.H, p.W, p.dtype, device,
                           (cudaStream_t)stream))
     return;
+  require_workspace(workspace, p.planes * p.H * p.W);
   dispatch(p.dtype, [&](auto types) {
     using T = typename decltype(types)::T;
     using C = typename decltype(types)::C;

@@ -302,6 +302,26 @@ def test_cluster_kernel_against_float64(shape, dtype, choice, monkeypatch):
     assert close(out, want) and close(eps, want_e)
 
 
+@pytest.mark.parametrize("planes", [2, 192])
+def test_simple_path_workspace_is_one_chunk_plus_the_spectra(planes):
+    # The transform-by-transform path (256 x 256 by default) holds one L2-sized chunk of
+    # transposed planes, and one full spectrum per input and for the returned noise.
+    from blurfast._backend import _C
+    from blurfast.ops import spectral_kernel_args
+    x = torch.zeros(planes, 256, 256, device="cuda")
+    hw, n = 256 * 256, planes * 256 * 256
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    chunk = min(planes, max(1, (l2 // 3) // (hw * 4)))
+    a = torch.ones(256, 256, device="cuda")
+    for x2, noise_out, spectra in ((None, None, 1), (x, None, 2), (None, torch.empty_like(x), 2),
+                                   (x, torch.empty_like(x), 3)):
+        args, keep = spectral_kernel_args(x, a, x2, None if x2 is None else a, a, None, 1, 0,
+                                          torch.empty_like(x), noise_out)
+        assert _C.spectral_workspace_elems(*args, 0) == chunk * hw + spectra * n
+    assert _C.dct2_workspace_elems(x.data_ptr(), x.data_ptr(), planes, 256, 256, 0, 0) == \
+        chunk * hw
+
+
 def test_plane_kernel_misaligned_input_falls_back():
     # A view 4 bytes into its storage cannot take float4 loads: the simple kernels serve it.
     flat = _rand(3 * 64 * 64 + 1).cuda()
