@@ -13,7 +13,7 @@ def _info(args) -> int:
     import torch
 
     from . import __version__
-    from ._backend import HAS_CUDA_KERNELS, backend_for, describe_archs
+    from ._backend import HAS_CUDA_KERNELS, archs_run_on, backend_for, describe_archs
 
     print(f"blurfast {__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}")
@@ -45,7 +45,10 @@ def _info(args) -> int:
             smem = getattr(torch.cuda.get_device_properties(i), "shared_memory_per_block_optin",
                            None)
             extra = f", {smem // 1024} KiB shared memory per block" if smem else ""
-            print(f"GPU {i}: {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]}{extra})")
+            runs = archs_run_on(cap) if HAS_CUDA_KERNELS else None
+            note = {True: "", None: "", False: "; this build has no code for it: rebuild with "
+                    f"BLURFAST_CUDA_ARCHS={cap[0]}{cap[1]}"}[runs]
+            print(f"GPU {i}: {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]}{extra}{note})")
     else:
         print("GPU: none seen by torch")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

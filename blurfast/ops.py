@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .checks import check_int
-from ._backend import _C, DTYPE_CODES, HAS_CUDA_KERNELS
+from ._backend import _C, DTYPE_CODES, HAS_CUDA_KERNELS, check_cuda_device
 from .schedules import blur_eigenvalues_2d
 
 __all__ = ["dct2", "idct2", "spectral", "gaussian_blur", "normal_like"]
@@ -35,6 +35,23 @@ def _stream(device: torch.device) -> int:
 
 
 # ---------------------------------------------------------------- kernel calls (real tensors)
+
+def _on_device_of_x(run):
+    """A kernel call run with its tensor's CUDA device current (the kernels allocate nothing
+    and use the current device's stream). torch's guard restores the caller's device without
+    creating a CUDA context there, which a switch inside the extension could not promise."""
+    @functools.wraps(run)
+    def call(x, *args):
+        if x.device.type == "cuda":
+            check_cuda_device(x.device.index)
+            if torch.cuda.current_device() != x.device.index:
+                with torch.cuda.device(x.device):
+                    return run(x, *args)
+        return run(x, *args)
+    return call
+
+
+@_on_device_of_x
 
 def _run_dct2(x: Tensor, inverse: bool) -> Tensor:
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -104,6 +121,7 @@ def spectral_kernel_args(x, a, x2, a2, g, noise, seed, offset, out, noise_out):
     return args, keep
 
 
+@_on_device_of_x
 def _run_spectral(x, a, x2, a2, g, noise, seed, offset, return_noise):
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     noise_px = (torch.empty(x.shape, dtype=x.dtype, device=x.device) if return_noise
@@ -127,6 +145,7 @@ def _run_spectral(x, a, x2, a2, g, noise, seed, offset, return_noise):
     return out, noise_px
 
 
+@_on_device_of_x
 def _run_normal(x: Tensor, seed: int, offset: int) -> Tensor:
     ct = _compute_dtype(x.dtype)
     out = torch.empty(x.shape, dtype=ct, device=x.device)
@@ -207,7 +226,8 @@ def _spectral_backward(ctx, grad_out, grad_noise):
     # out = idct2(Z), Z = a*X + a2*X2 + g*zb, X = dct2(x): every map is self-adjoint.
     x, a, x2, a2, g, noise = ctx.saved_tensors
     need = ctx.needs_input_grad
-    gz = _dct2_op(grad_out)
+    # gz, the output gradient in frequency space, only for the maps' and noise's gradients
+    gz = _dct2_op(grad_out) if any(need[i] for i in (1, 3, 4, 5)) else None
     grad = [None] * 9
     if need[0]:
         grad[0] = _spectral_op(grad_out, a, None, None, None, None, 0, 0, False)[0]
@@ -326,8 +346,9 @@ def normal_like(x: Tensor, seed: int, offset: int = 0) -> Tensor:
 
 
 @functools.lru_cache(maxsize=32)
-def _blur_map(h: int, w: int, sigma, kind: str) -> Tensor:
-    return blur_eigenvalues_2d((h, w), sigma, kind)
+def _blur_map(h: int, w: int, sigma, kind: str, device: torch.device, dtype: torch.dtype):
+    # Kept on its device: a copy from the host in each call would wait for the GPU.
+    return blur_eigenvalues_2d((h, w), sigma, kind).to(device=device, dtype=dtype)
 
 
 def gaussian_blur(x: Tensor, sigma, kind: str = "discrete") -> Tensor:
@@ -344,5 +365,5 @@ def gaussian_blur(x: Tensor, sigma, kind: str = "discrete") -> Tensor:
         sig = None
     if sig is None or (pair and len(sig) != 2):
         raise ValueError(f"sigma: expected a number or (sigma_h, sigma_w), got {sigma!r}")
-    d = _blur_map(x.shape[-2], x.shape[-1], sig, kind)
-    return spectral(x, d.to(device=x.device, dtype=_compute_dtype(x.dtype)), seed=0)
+    d = _blur_map(x.shape[-2], x.shape[-1], sig, kind, x.device, _compute_dtype(x.dtype))
+    return spectral(x, d, seed=0)

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+import torch
 
 from blurfast import cli
 
@@ -147,6 +148,23 @@ def test_info_names_the_cpu_build_and_each_ops_backend(capsys, monkeypatch):
     monkeypatch.setenv("BLURFAST_CPU_KERNELS", "baseline")
     assert cli.main(["info"]) == 0
     assert "CPU kernels: baseline x86-64 build" in capsys.readouterr().out
+
+
+def test_info_names_a_gpu_this_build_cannot_run_on(capsys, monkeypatch):
+    import types
+    import blurfast._backend as backend
+    monkeypatch.setattr(backend, "HAS_CUDA_KERNELS", True)
+    monkeypatch.setattr(backend, "CUDA_ARCHS", ["80-real", "90"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: [(7, 5), (9, 0)][i])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: ["Tesla T4", "H100"][i])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace())
+    assert cli.main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "GPU 0: Tesla T4 (sm_75; this build has no code for it: rebuild with " \
+           "BLURFAST_CUDA_ARCHS=75)" in text
+    assert "GPU 1: H100 (sm_90)\n" in text
 
 
 @pytest.mark.parametrize("args, words", [

@@ -348,6 +348,21 @@ def test_training_backward_matches_reference():
     assert rel_err(x.grad, xr.grad) <= 2e-6
 
 
+def test_backward_to_x_alone_transforms_nothing_extra(monkeypatch):
+    # With only x requiring grad the backward is one spectral call: the frequency-space
+    # output gradient (for the maps and the noise) is not computed.
+    import blurfast.ops as ops
+    calls = []
+    real = ops._dct2_op
+    monkeypatch.setattr(ops, "_dct2_op", lambda t: calls.append(1) or real(t))
+    x = _rand(2, 3, 8, 8).requires_grad_()
+    bf.spectral(x, torch.rand(2, 1, 8, 8), g=torch.rand(2, 1, 1, 1), seed=1).sum().backward()
+    assert calls == []
+    a = torch.rand(2, 1, 8, 8).requires_grad_()
+    bf.spectral(x, a).sum().backward()
+    assert len(calls) == 2            # gz and dct2(x), for a's gradient
+
+
 # --------------------------------------------------------------- errors
 
 @pytest.mark.parametrize("call,exc,words", [
@@ -388,3 +403,37 @@ def test_cuda_tensor_without_cuda_kernels(monkeypatch):
     monkeypatch.setattr(type(fake_cuda), "device", property(lambda self: torch.device("cuda", 0)))
     with pytest.raises(ValueError, match="built without CUDA kernels"):
         ops._check_data("x", fake_cuda)
+
+
+# The rules of NVIDIA's CUDA compatibility guide, by hand: real code sm_XY runs on
+# capability X.y for y >= Y; PTX compute_XY on every capability >= X.Y; sm_XYa only on X.Y.
+@pytest.mark.parametrize("cap,archs,runs", [
+    ((7, 5), ["80-real", "86-real", "89-real", "90"], False),     # T4: default build
+    ((8, 0), ["80-real", "86-real", "89-real", "90"], True),
+    ((8, 7), ["80-real", "86-real", "89-real", "90"], True),      # Orin: sm_80 code
+    ((12, 0), ["80-real", "86-real", "89-real", "90"], True),     # Blackwell: PTX 90
+    ((8, 6), ["90"], False),
+    ((8, 0), ["86-real"], False),
+    ((9, 0), ["80-real"], False),                                  # no sm_80 code on sm_90
+    ((9, 0), ["80-virtual"], True),
+    ((10, 0), ["90a-real"], False),
+    ((9, 0), ["90a-real"], True),
+    ((9, 0), ["native"], None),                                    # unknown: not refused
+])
+def test_archs_run_on(cap, archs, runs):
+    from blurfast._backend import archs_run_on
+    assert archs_run_on(cap, archs) is runs
+
+
+def test_gpu_without_code_in_this_build_is_named(monkeypatch):
+    import blurfast._backend as backend
+    monkeypatch.setattr(backend, "CUDA_ARCHS", ["80-real", "90"])
+    monkeypatch.setattr(backend, "_DEVICES_CHECKED", set())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Tesla T4")
+    with pytest.raises(RuntimeError, match=r"cuda:1 \(Tesla T4, compute capability 7\.5\)\. "
+                                           r"Rebuild with BLURFAST_CUDA_ARCHS"):
+        backend.check_cuda_device(1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (8, 6))
+    backend.check_cuda_device(1)
+    assert backend._DEVICES_CHECKED == {1}
