@@ -52,7 +52,6 @@ def _on_device_of_x(run):
 
 
 @_on_device_of_x
-
 def _run_dct2(x: Tensor, inverse: bool) -> Tensor:
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
