@@ -1,11 +1,11 @@
 """pytest-benchmark configuration for the kernel benchmarks.
 
-Run from the repository root (after ``pip install .`` or with the root on
-``PYTHONPATH``)::
+Run from the repository root, after ``pip install .``, with plain ``pytest`` (``python -m``
+would import the source tree, which has no compiled ``_C``)::
 
-    python -m pytest benchmarks                      # CUDA when available, else CPU
-    python -m pytest benchmarks --bench-device cpu --bench-rounds 3
-    python -m pytest benchmarks -k "dct2 and 64x3x256x256" --benchmark-json out.json
+    pytest benchmarks                      # CUDA when available, else CPU
+    pytest benchmarks --bench-device cpu --bench-rounds 3
+    pytest benchmarks -k "dct2 and 64x3x256x256" --benchmark-json out.json
 
 The normal test run (``pytest tests``) never collects this directory.
 """

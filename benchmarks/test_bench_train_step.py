@@ -11,7 +11,7 @@ graph per step) and ``fast`` (bf16 + torch.compile + CUDA graph: what
 ``blurfast train --compile --cuda-graphs`` runs). CUDA only; each round is one step,
 timed with a synchronize::
 
-    python -m pytest benchmarks/test_bench_train_step.py --bench-rounds 30
+    pytest benchmarks/test_bench_train_step.py --bench-rounds 30
 """
 import pytest
 import torch

@@ -295,7 +295,19 @@ def _device_name(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu: {platform.processor() or platform.machine()} ({os.cpu_count()} logical cores)"
+    return f"cpu: {_cpu_model()} ({os.cpu_count()} logical cores)"
+
+
+def _cpu_model() -> str:
+    """The processor's name ("model name" of /proc/cpuinfo on Linux), else the machine type."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _blurfast_version() -> Optional[str]:

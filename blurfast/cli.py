@@ -210,7 +210,9 @@ _PASSTHROUGH = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     p = argparse.ArgumentParser(prog="blurfast", description="Blur diffusion toolkit.")
+    p.add_argument("--version", action="version", version=f"blurfast {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     s = sub.add_parser("info", help="version, compiled kernels, GPUs and the backend of each op")
     s.set_defaults(func=_info)

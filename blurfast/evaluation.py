@@ -38,8 +38,9 @@ def _cleanfid():
     try:
         from cleanfid import downloads_helper, resize
     except ImportError as e:
-        raise ImportError("FID needs clean-fid: pip install clean-fid (or pip install "
-                          "'blurfast[fid]')") from e
+        raise ImportError("FID needs clean-fid: pip install 'blurfast[fid]' && pip install "
+                          "--no-deps clean-fid (--no-deps: its torchvision requirement would "
+                          "replace your torch)") from e
     return downloads_helper, resize
 
 

@@ -150,6 +150,14 @@ def test_info_names_the_cpu_build_and_each_ops_backend(capsys, monkeypatch):
     assert "CPU kernels: baseline x86-64 build" in capsys.readouterr().out
 
 
+def test_version(capsys):
+    import blurfast
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"blurfast {blurfast.__version__}\n"
+
+
 def test_info_names_a_gpu_this_build_cannot_run_on(capsys, monkeypatch):
     import types
     import blurfast._backend as backend
