@@ -28,7 +28,7 @@ import torch
 from .checks import check_int
 
 __all__ = ["CheckpointError", "save", "load", "list_checkpoints", "latest_valid", "verify",
-           "load_model"]
+           "load_model", "stored_config"]
 
 FORMAT = 1
 _NAME = re.compile(r"^step_(\d{9})$")
@@ -166,6 +166,28 @@ def _load_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], dict]:
         raise CheckpointError(f"{path}: cannot read the weights ({type(e).__name__}: {e})") \
             from None
     return tensors, config
+
+
+def stored_config(path) -> dict:
+    """The run config stored in the checkpoint directory ``path``, read from the metadata
+    of its ``model.safetensors`` (no weights loaded, no file checked against the
+    manifest); CheckpointError saying what is wrong otherwise."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    f = path / "model.safetensors"
+    if not f.is_file():
+        verify(path)            # says why: a run directory, no checkpoint, incomplete
+        raise CheckpointError(f"checkpoint {path}: model.safetensors is missing")
+    try:
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            config = json.loads((sf.metadata() or {})["config"])
+    except Exception as e:        # safetensors raises its own error types; re-raised clearly
+        raise CheckpointError(f"{f}: cannot read the stored config ({type(e).__name__}: "
+                              f"{e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{f}: the stored config is not a mapping")
+    return config
 
 
 def load(path) -> dict:

@@ -2,7 +2,8 @@
 
 ``train`` takes flags and/or a YAML/JSON config file whose keys are the keyword
 arguments of :func:`blurfast.training.train` (``model`` and ``diffusion`` as
-nested mappings); flags given on the command line override the file.
+nested mappings); flags given on the command line override the file. With
+``--resume``, the saved run's arguments come first and both override them.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from .diffusion import TARGETS
 from .models import PRESETS
 from .schedules import BLUR_SCHEDULES, KERNELS, NOISE_SCHEDULES
 
-__all__ = ["register", "load_config", "train_kwargs"]
+__all__ = ["register", "load_config", "saved_config", "train_kwargs"]
 
 _S = argparse.SUPPRESS
 
@@ -37,8 +38,10 @@ def _none_or(kind):
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train", help="train a U-Net on blur diffusion (one GPU, CPU, or torchrun + DDP)",
-        description="Train a blur diffusion model. Flags override the --config file; the "
-                    "resolved config is printed and saved as RUN_DIR/config.json.",
+        description="Train a blur diffusion model. Flags override the --config file; with "
+                    "--resume, both override the saved run's arguments (so `blurfast train "
+                    "--out RUN_DIR --resume auto` continues a run). The resolved config is "
+                    "printed and saved as RUN_DIR/config.json.",
         argument_default=_S)
     p.add_argument("--config", metavar="FILE", help="YAML or JSON file of train() arguments")
     g = p.add_argument_group("data and run")
@@ -46,7 +49,10 @@ def _add_train(sub) -> None:
                    help="prepared .npy array, LSUN lmdb directory or image folder")
     g.add_argument("--out", metavar="RUN_DIR", help="run directory")
     g.add_argument("--resume", metavar="auto|CKPT",
-                   help="'auto': newest valid checkpoint of RUN_DIR; or a checkpoint directory")
+                   help="'auto': newest valid checkpoint of RUN_DIR; or a checkpoint "
+                        "directory. The saved run's arguments are the base (all but "
+                        "--device, --precision, --cuda-graphs, --num-workers); what is given "
+                        "here overrides them")
     g.add_argument("--resolution", type=int, help="image side; must match a prepared array")
     g.add_argument("--channels", type=int, help="image channels")
     g.add_argument("--resize", choices=RESIZE_MODES,
@@ -95,7 +101,9 @@ def _add_train(sub) -> None:
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", dest="batch_size", type=int,
                    help="per process; the global batch is this times the processes")
-    g.add_argument("--steps", type=int, help="step to stop at (a resumed run goes on to it)")
+    g.add_argument("--steps", type=int,
+                   help="step to stop at (a resumed run goes on to it; one there already "
+                        "says so and exits 0)")
     g.add_argument("--lr", type=float, help="learning rate")
     g.add_argument("--optimizer", choices=["adam", "adamw"], help="fused implementation")
     g.add_argument("--betas", type=float, nargs=2, metavar=("B1", "B2"), help="Adam betas")
@@ -238,28 +246,85 @@ def load_config(path) -> dict:
     return cfg
 
 
+# train() arguments that describe the machine rather than the run: a resumed run
+# defaults them anew instead of taking the saved ones.
+MACHINE_KEYS = ("device", "precision", "cuda_graphs", "num_workers")
+
+
+def saved_config(resume, out) -> dict:
+    """The train() arguments a resumed run starts from: those in RUN_DIR/config.json for
+    ``resume='auto'`` (none when the file is absent), those stored in the checkpoint
+    otherwise; less ``out``, ``resume`` and :data:`MACHINE_KEYS`, and less the resolution
+    and channels of the model and diffusion entries (the top-level ones hold them)."""
+    import inspect
+
+    from . import checkpoint as ckpt
+    from .training import train
+
+    if str(resume) == "auto":
+        path = Path(out) / "config.json"
+        if not path.is_file():
+            return {}
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"resume: cannot read the run's saved arguments {str(path)!r} "
+                             f"({e})") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"resume: {str(path)!r} does not hold a mapping of arguments")
+    else:
+        cfg = ckpt.stored_config(resume)
+    allowed = set(inspect.signature(train).parameters) - {"out", "resume", *MACHINE_KEYS}
+    base = {k: v for k, v in cfg.items() if k in allowed}
+    for group in ("model", "diffusion"):
+        if isinstance(base.get(group), dict):
+            base[group] = {k: v for k, v in base[group].items()
+                           if k not in ("resolution", "channels")}
+    return base
+
+
+def _layer(kw: dict, layer: dict) -> None:
+    """Puts ``layer``'s arguments over ``kw``: ``model`` and ``diffusion`` merged entry by
+    entry; one of ema_decay and ema_halflife_kimg replaces the other of a lower layer."""
+    for group in ("model", "diffusion"):
+        if group in layer:
+            kw[group] = {**(kw.get(group) or {}), **(layer[group] or {})}
+    kw.update({k: v for k, v in layer.items() if k not in ("model", "diffusion")})
+    for one, other in (("ema_decay", "ema_halflife_kimg"), ("ema_halflife_kimg", "ema_decay")):
+        if layer.get(one) is not None and other not in layer:
+            kw[other] = None
+
+
 def train_kwargs(args: argparse.Namespace) -> dict:
-    """The keyword arguments of train(): the config file, then the flags given."""
+    """The keyword arguments of train(): the saved run's (with --resume, see
+    :func:`saved_config`), then the config file's, then the flags given (argparse keeps
+    only those: the parser's default is SUPPRESS)."""
     import inspect
 
     from .training import train
 
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
     file_cfg = load_config(args.config) if getattr(args, "config", None) else {}
-    kw = dict(file_cfg)
     allowed = set(inspect.signature(train).parameters)
-    unknown = sorted(set(kw) - allowed)
+    unknown = sorted(set(file_cfg) - allowed)
     if unknown:
         raise ValueError(f"config: unknown keys {unknown}; expected train() arguments")
+    flags = {k: v for k, v in given.items() if k not in _MODEL_KEYS + _DIFFUSION_KEYS}
     for group, keys in (("model", _MODEL_KEYS), ("diffusion", _DIFFUSION_KEYS)):
-        sub = {k: given.pop(k) for k in keys if k in given}
+        sub = {k: given[k] for k in keys if k in given}
         if sub:
-            kw[group] = {**(kw.get(group) or {}), **sub}
-    kw.update(given)
-    # A half-life replaces the decay of a lower layer (the file, or train()'s default).
-    if "ema_halflife_kimg" in given and "ema_decay" not in given:
-        kw["ema_decay"] = None
-    elif kw.get("ema_halflife_kimg") is not None and "ema_decay" not in kw:
+            flags[group] = sub
+    explicit = {**file_cfg, **flags}
+    base = {}
+    if explicit.get("resume") is not None and "out" in explicit:
+        base = saved_config(explicit["resume"], explicit["out"])
+        if "preset" in explicit:          # a preset given anew defines the model anew
+            base.pop("model", None)
+    kw = {}
+    for layer in (base, file_cfg, flags):
+        _layer(kw, layer)
+    # A half-life given anywhere replaces train()'s default decay.
+    if kw.get("ema_halflife_kimg") is not None and "ema_decay" not in kw:
         kw["ema_decay"] = None
     for k in ("channel_mult", "attention_resolutions"):
         if k in (kw.get("model") or {}):
@@ -285,6 +350,8 @@ def _train_main(args) -> int:
         return 130
     if result["stopped_by"] is not None:
         return 143
+    if result["steps_run"] == 0:         # already at its final step; train() said so
+        return 0
     print(f"done: step {result['step']}, loss {result['loss']:.4f}, "
           f"checkpoint {result['checkpoint']}")
     return 0

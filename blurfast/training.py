@@ -462,9 +462,12 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     (DDIM, ``fid_steps`` calls) against ``fid_ref`` (see :func:`blurfast.evaluation.fid`),
     logged to ``fid.csv``; the best so far is kept as ``RUN_DIR/best/``.
 
-    Returns a dict: ``step``, ``loss`` (mean of the last log interval),
-    ``skipped`` (non-finite steps), ``checkpoint`` (path of the last save),
-    ``stopped_by`` (None or the signal's name), ``model`` and ``ema`` (modules).
+    Returns a dict: ``step``, ``steps_run`` (steps this call trained), ``loss`` (mean of
+    the last log interval), ``skipped`` (non-finite steps), ``checkpoint`` (path of the
+    last save), ``stopped_by`` (None or the signal's name), ``model`` and ``ema``
+    (modules). A run resumed at its final step (``steps`` equal to the checkpoint's)
+    trains nothing and says so: ``steps_run`` 0, ``loss`` nan, ``checkpoint`` the one
+    resumed, and the modules hold its weights.
     """
     args = dict(locals())
     # ---------------------------------------------------------------- arguments
@@ -585,14 +588,27 @@ class _FidLog:
         return False
 
 
+def _fixed_differences(old: dict, new: dict) -> list:
+    """``(key, old value, new value)`` for each entry of the model, the diffusion and the
+    target that differs between a checkpoint's config ``old`` and a run's ``new``; nested
+    entries as ``model.base_channels``."""
+    found = []
+    for k in ("model", "diffusion", "target"):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += [(f"{k}.{e}", a.get(e), b.get(e)) for e in sorted(set(a) | set(b))
+                      if a.get(e) != b.get(e)]
+        elif a != b:
+            found.append((k, a, b))
+    return found
+
+
 def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
          progress: bool) -> dict:
     cuda = dev.type == "cuda"
     main = rank == 0
     out = Path(cfg["out"])
     ck_dir = out / "checkpoints"
-    dataset = D.open_dataset(cfg["data"], cfg["resolution"], cfg["resize"], cfg["channels"],
-                             progress=main and progress)
 
     # ------------------------------------------------------------ resume
     state = None
@@ -606,10 +622,13 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
         state = ckpt.load(cfg["resume"])
     if state is not None:
         old = state["config"]
-        for k in ("model", "diffusion", "target"):
-            if old.get(k) != cfg[k]:
-                raise ValueError(f"resume: the checkpoint {state['path']} has {k} {old.get(k)!r}, "
-                                 f"this run {cfg[k]!r}")
+        fixed = _fixed_differences(old, cfg)
+        if fixed:
+            raise ValueError(
+                "resume: " + "; ".join(f"{k} {new!r} differs from the checkpoint's {was!r}"
+                                       for k, was, new in fixed) +
+                f" ({state['path']}); a resumed run keeps the checkpoint's model, diffusion "
+                f"and target: leave these as they were, or train into a new directory")
         changed = sorted(k for k in cfg if k not in ("resume", "steps", "out") and
                          old.get(k) != cfg[k])
         if changed and main:
@@ -617,8 +636,21 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                           ", ".join(f"{k} {old.get(k)!r} -> {cfg[k]!r}" for k in changed),
                           stacklevel=3)
     start = 0 if state is None else int(state["step"])
-    if start >= cfg["steps"]:
-        raise ValueError(f"steps: {cfg['steps']} is not beyond the resumed step {start}")
+    if start > cfg["steps"]:
+        raise ValueError(f"steps: {cfg['steps']} is below the resumed step {start} "
+                         f"({state['path']}); give {start} or more")
+    if start == cfg["steps"]:
+        if main:
+            print(f"{out}: already at its final step {start} ({state['path']}); nothing to "
+                  f"train (a larger steps, --steps, trains on)", flush=True)
+        net.load_state_dict(state["model"])
+        ema = copy.deepcopy(net).eval().requires_grad_(False)
+        ema.load_state_dict(state["ema"])
+        return {"step": start, "steps_run": 0, "loss": float("nan"),
+                "skipped": int(state["stats"][3]), "checkpoint": str(state["path"]),
+                "stopped_by": None, "model": net.to(dev), "ema": ema.to(dev)}
+    dataset = D.open_dataset(cfg["data"], cfg["resolution"], cfg["resize"], cfg["channels"],
+                             progress=main and progress)
 
     if cfg["ema_decay"] is not None:
         ema_beta = cfg["ema_decay"]
@@ -749,6 +781,7 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
             bar.close()
         if main:
             log.close()
-    return {"step": step, "loss": last["loss"], "skipped": last["skipped_total"],
+    return {"step": step, "steps_run": step - start, "loss": last["loss"],
+            "skipped": last["skipped_total"],
             "checkpoint": None if last_path is None else str(last_path),
             "stopped_by": stopped_by, "model": stepper.model, "ema": stepper.ema}

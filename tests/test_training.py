@@ -526,6 +526,73 @@ def test_cli_config_file_and_flags(made16, tmp_path):
     assert a.func(a) == 2                                 # ValueError -> exit code 2
 
 
+def test_cli_resume_starts_from_the_saved_run(made16, tmp_path, capsys):
+    # A resumed run's arguments: the saved run's, then the --config file's, then the flags
+    # given; argparse's defaults (resolution 64, lr 5e-5, ...) never replace saved values.
+    out = tmp_path / "r"
+    first = ["train", "--data", str(made16), "--out", str(out), "--resolution", "16",
+             "--batch-size", "2", "--steps", "2", "--lr", "2e-3", "--base-channels", "32",
+             "--channel-mult", "1", "2", "--num-res-blocks", "1", "--sigma-max", "0.2",
+             "--ema-halflife-kimg", "0.5", "--log-every", "1", "--sample-count", "1",
+             "--sample-steps", "1", "--no-progress", "--device", "cpu"]
+    a = _parser().parse_args(first)
+    assert a.func(a) == 0
+    saved = json.loads((out / "config.json").read_text())
+
+    def kwargs(*argv):
+        return cli_train.train_kwargs(_parser().parse_args(["train", "--out", str(out), *argv]))
+
+    kw = kwargs("--resume", "auto", "--steps", "3")
+    assert (kw["data"], kw["resolution"], kw["batch_size"], kw["lr"], kw["steps"]) == \
+        (str(made16), 16, 2, 0.002, 3)
+    assert kw["model"] == {"base_channels": 32, "channel_mult": (1, 2), "num_res_blocks": 1,
+                           "attention_resolutions": (8,), "num_heads": 4, "dropout": 0.0,
+                           "freq_input": False}
+    assert kw["diffusion"]["sigma_max"] == 0.2 and "resolution" not in kw["diffusion"]
+    assert (kw["ema_decay"], kw["ema_halflife_kimg"]) == (None, 0.5)
+    assert "device" not in kw and "precision" not in kw        # this machine's defaults
+    kw = kwargs("--resume", "auto", "--lr", "1e-3", "--ema-decay", "0.9")
+    assert (kw["lr"], kw["ema_decay"], kw["ema_halflife_kimg"]) == (0.001, 0.9, None)
+    (tmp_path / "c.yaml").write_text("lr: 5.0e-4\nbatch_size: 4\n")
+    kw = kwargs("--resume", "auto", "--config", str(tmp_path / "c.yaml"), "--batch-size", "1")
+    assert (kw["lr"], kw["batch_size"], kw["resolution"]) == (0.0005, 1, 16)
+    step2 = out / "checkpoints" / "step_000000002"
+    kw = cli_train.train_kwargs(_parser().parse_args(
+        ["train", "--out", str(tmp_path / "fork"), "--resume", str(step2)]))
+    assert (kw["data"], kw["resolution"], kw["steps"]) == (str(made16), 16, 2)
+    assert "resolution" not in kw["model"]
+
+    capsys.readouterr()
+    a = _parser().parse_args(["train", "--out", str(out), "--resume", "auto", "--steps", "3"])
+    assert a.func(a) == 0
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [3, 2]
+    now = json.loads((out / "config.json").read_text())
+    assert {k: v for k, v in now.items() if k not in ("resume", "steps")} == \
+        {k: v for k, v in saved.items() if k not in ("resume", "steps")}
+
+    # Explicit values the checkpoint cannot take: the differing keys alone, both values.
+    a = _parser().parse_args(["train", "--out", str(out), "--resume", "auto", "--steps", "4",
+                              "--base-channels", "64", "--sigma-max", "0.3"])
+    assert a.func(a) == 2
+    err = capsys.readouterr().err
+    assert "model.base_channels 64 differs from the checkpoint's 32" in err
+    assert "diffusion.sigma_max 0.3 differs from the checkpoint's 0.2" in err
+    assert "num_res_blocks" not in err and "blur_schedule" not in err
+
+    # At its final step already: a line saying so, exit code 0, nothing trained.
+    a = _parser().parse_args(["train", "--out", str(out), "--resume", "auto"])
+    assert a.func(a) == 0
+    text = capsys.readouterr().out
+    assert f"{out}: already at its final step 3" in text and "done:" not in text
+    res = training.train(data=str(made16), out=str(out), resume="auto", steps=3, **{
+        **KW, "batch_size": 2, "lr": 2e-3, "diffusion": {"sigma_max": 0.2}})
+    assert res["steps_run"] == 0 and res["step"] == 3
+    assert res["checkpoint"] == str(out / "checkpoints" / "step_000000003")
+    ema, _, _ = ckpt.load_model(out / "checkpoints" / "step_000000003")
+    _same_weights(res["ema"], ema)
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [3, 2]
+
+
 def test_train_help_documents_every_flag_with_the_documented_default():
     # Every flag of `blurfast train --help` says what it does, and the default it shows
     # (read off train() and BlurDiffusion) is the one docs/training.md's tables give.
@@ -614,9 +681,10 @@ def test_type_errors_and_existing_runs(made16, tmp_path):
     assert json.loads((tmp_path / "r" / "config.json").read_text())["cuda_graphs"] is False
     with pytest.raises(ValueError, match="already holds checkpoints"):
         training.train(data=str(made16), out=str(tmp_path / "r"), steps=4, **KW)
-    with pytest.raises(ValueError, match="steps"):
-        training.train(data=str(made16), out=str(tmp_path / "r"), steps=2, resume="auto", **KW)
-    with pytest.raises(ValueError, match="resume: the checkpoint .* has model"):
+    with pytest.raises(ValueError, match="^steps: 1 is below the resumed step 2"):
+        training.train(data=str(made16), out=str(tmp_path / "r"), steps=1, resume="auto", **KW)
+    with pytest.raises(ValueError, match=r"^resume: model.num_res_blocks 2 differs from the "
+                                         r"checkpoint's 1 \("):
         training.train(data=str(made16), out=str(tmp_path / "r"), steps=4, resume="auto",
                        **{**KW, "model": {**TINY, "num_res_blocks": 2}})
 
