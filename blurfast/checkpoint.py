@@ -126,7 +126,7 @@ def verify(path) -> dict:
         if (path / "checkpoints").is_dir():
             raise CheckpointError(f"checkpoint {path}: is a run directory; name one of the "
                                   f"step_* folders under {path / 'checkpoints'}, or continue "
-                                  f"that run with resume 'auto'")
+                                  f"that run with resume='auto' (--resume auto)")
         if not any((path / f).exists() for f in FILES):
             raise CheckpointError(f"checkpoint {path}: not a checkpoint directory (none of "
                                   f"manifest.json, {', '.join(FILES)})")

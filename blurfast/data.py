@@ -106,15 +106,16 @@ class ImageFolder(_Decoded):
     """All .jpg/.jpeg/.png/.webp/.bmp files under ``root`` (recursive, sorted paths)."""
 
     def __init__(self, root, resolution: int = 64, resize: str = "center-crop",
-                 channels: int = 3):
+                 channels: int = 3, *, arg: str = "root"):
+        # arg: the argument its errors name (a caller's own, e.g. "data (--data)")
         super().__init__(resolution, resize, channels)
         self.root = Path(root)
         if not self.root.is_dir():
-            raise ValueError(f"root: {str(root)!r} is not a directory")
+            raise ValueError(f"{arg}: {str(root)!r} is not a directory")
         self.files = sorted(p for p in self.root.rglob("*")
                             if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not self.files:
-            raise ValueError(f"root: no {'/'.join(IMAGE_EXTENSIONS)} files under {str(root)!r}")
+            raise ValueError(f"{arg}: no {'/'.join(IMAGE_EXTENSIONS)} files under {str(root)!r}")
 
     def __len__(self):
         return len(self.files)
@@ -151,11 +152,12 @@ class LSUNLmdb(_Decoded):
     ids, values encoded images). The environment is opened per process, read-only."""
 
     def __init__(self, path, resolution: int = 64, resize: str = "center-crop",
-                 channels: int = 3, progress: bool = False):
+                 channels: int = 3, progress: bool = False, *, arg: str = "path"):
+        # arg: the argument its errors name (a caller's own, e.g. "data (--data)")
         super().__init__(resolution, resize, channels)
         self.path = str(path)
         if not is_lmdb(path):
-            raise ValueError(f"path: {self.path!r} is not an lmdb database (no data.mdb)")
+            raise ValueError(f"{arg}: {self.path!r} is not an lmdb database (no data.mdb)")
         import lmdb
         try:
             with self.env().begin() as txn:
@@ -166,10 +168,10 @@ class LSUNLmdb(_Decoded):
                     keys = tqdm(keys, total=n, desc="lmdb keys", unit="key")
                 self.keys = list(keys)
         except lmdb.Error as e:
-            raise ValueError(f"path: {self.path!r} cannot be read as an lmdb database "
+            raise ValueError(f"{arg}: {self.path!r} cannot be read as an lmdb database "
                              f"({type(e).__name__}: {e})") from None
         if not self.keys:
-            raise ValueError(f"path: the lmdb database {self.path!r} is empty")
+            raise ValueError(f"{arg}: the lmdb database {self.path!r} is empty")
 
     def env(self):
         # lmdb allows one open environment per path and process: share it.
@@ -198,15 +200,16 @@ class PreparedArray(torch.utils.data.Dataset):
     """A ``.npy`` uint8 array (N, H, W, C) written by :func:`prepare`, memory-mapped
     (opened lazily in each process, so DataLoader workers share the page cache)."""
 
-    def __init__(self, path):
+    def __init__(self, path, *, arg: str = "path"):
+        # arg: the argument its errors name (a caller's own, e.g. "data (--data)")
         self.path = str(path)
         try:
             a = np.load(self.path, mmap_mode="r")
         except (OSError, ValueError) as e:
-            raise ValueError(f"path: {self.path!r} is not a readable .npy array ({e})") from None
+            raise ValueError(f"{arg}: {self.path!r} is not a readable .npy array ({e})") from None
         if a.dtype != np.uint8 or a.ndim != 4 or a.shape[1] != a.shape[2] \
                 or a.shape[3] not in (1, 3) or a.shape[0] == 0:
-            raise ValueError(f"path: expected a non-empty uint8 array (N, R, R, 1 or 3), got "
+            raise ValueError(f"{arg}: expected a non-empty uint8 array (N, R, R, 1 or 3), got "
                              f"{a.dtype} {a.shape} in {self.path!r}")
         self.length, self.resolution, _, self.channels = a.shape
         self._a, self._pid = a, os.getpid()
@@ -234,15 +237,17 @@ class PreparedArray(torch.utils.data.Dataset):
 
 
 def open_dataset(path, resolution: Optional[int] = None, resize: str = "center-crop",
-                 channels: int = 3, progress: bool = False):
+                 channels: int = 3, progress: bool = False, *, arg: Optional[str] = None):
     """The dataset at ``path``: a ``.npy`` file from :func:`prepare`, an lmdb
     directory, or an image folder. For a prepared array ``resolution`` and
-    ``channels`` must match the file (None: take the file's)."""
+    ``channels`` must match the file (None: take the file's). ``arg``: the argument
+    that errors about ``path`` name (default: "data", and the dataset classes' own)."""
     p = Path(path)
+    named = {} if arg is None else {"arg": arg}
     if not p.exists():
-        raise ValueError(f"data: {str(path)!r} does not exist")
+        raise ValueError(f"{arg or 'data'}: {str(path)!r} does not exist")
     if p.is_file():
-        ds = PreparedArray(p)
+        ds = PreparedArray(p, **named)
         if resolution is not None and resolution != ds.resolution:
             raise ValueError(f"resolution: {resolution} differs from the prepared array's "
                              f"{ds.resolution} ({p}); prepare it again at {resolution}")
@@ -253,8 +258,8 @@ def open_dataset(path, resolution: Optional[int] = None, resize: str = "center-c
     if resolution is None:
         raise ValueError("resolution: needed for an image folder or lmdb source")
     if is_lmdb(p):
-        return LSUNLmdb(p, resolution, resize, channels, progress=progress)
-    return ImageFolder(p, resolution, resize, channels)
+        return LSUNLmdb(p, resolution, resize, channels, progress=progress, **named)
+    return ImageFolder(p, resolution, resize, channels, **named)
 
 
 def to_float(batch: torch.Tensor, flip: Optional[torch.Tensor] = None,
@@ -347,8 +352,8 @@ def prepare(src, out, resolution: int = 64, resize: str = "squash", channels: in
     p = Path(src)
     if not p.is_dir():
         raise ValueError(f"src: {str(src)!r} is not a directory (image folder or lmdb)")
-    source = (LSUNLmdb(p, resolution, resize, channels, progress=progress) if is_lmdb(p)
-              else ImageFolder(p, resolution, resize, channels))
+    source = (LSUNLmdb(p, resolution, resize, channels, progress=progress, arg="src")
+              if is_lmdb(p) else ImageFolder(p, resolution, resize, channels, arg="src"))
     n_alloc = len(source) if limit is None else min(limit, len(source))
     shape = (resolution, resolution, channels)
     out.parent.mkdir(parents=True, exist_ok=True)

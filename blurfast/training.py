@@ -509,7 +509,8 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
         check_int("fid_n", fid_n, 2)
         check_int("fid_steps", fid_steps)
         if fid_ref is None:
-            raise ValueError("fid_ref: needed with fid_every (reference data or STATS.npz)")
+            raise ValueError("fid_ref (--fid-ref): needed with fid_every (--fid-every): "
+                             "reference data or STATS.npz")
     for name in ("data", "out"):
         if not isinstance(args[name], (str, os.PathLike)):
             raise TypeError(f"{name}: expected a path, got {args[name]!r}")
@@ -614,8 +615,9 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
     state = None
     if cfg["resume"] is None:
         if ckpt.list_checkpoints(ck_dir):
-            raise ValueError(f"out: {out} already holds checkpoints; pass resume='auto' to "
-                             f"continue that run, or choose another directory")
+            raise ValueError(f"out: {out} already holds checkpoints; pass resume='auto' "
+                             f"(--resume auto) to continue that run, or choose another "
+                             f"directory")
     elif cfg["resume"] == "auto":
         state = ckpt.latest_valid(ck_dir)
     else:
@@ -642,7 +644,7 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
     if start == cfg["steps"]:
         if main:
             print(f"{out}: already at its final step {start} ({state['path']}); nothing to "
-                  f"train (a larger steps, --steps, trains on)", flush=True)
+                  f"train (raise steps, --steps, to go on)", flush=True)
         net.load_state_dict(state["model"])
         ema = copy.deepcopy(net).eval().requires_grad_(False)
         ema.load_state_dict(state["ema"])
@@ -650,7 +652,7 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                 "skipped": int(state["stats"][3]), "checkpoint": str(state["path"]),
                 "stopped_by": None, "model": net.to(dev), "ema": ema.to(dev)}
     dataset = D.open_dataset(cfg["data"], cfg["resolution"], cfg["resize"], cfg["channels"],
-                             progress=main and progress)
+                             progress=main and progress, arg="data (--data)")
 
     if cfg["ema_decay"] is not None:
         ema_beta = cfg["ema_decay"]
@@ -774,7 +776,8 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                     stopped_by = sig.received or "signal on another rank"
                     if main:
                         print(f"\n{stopped_by}: saved {last_path}; continue with "
-                              f"resume='auto'", flush=True)
+                              f"resume='auto' (blurfast train --out {out} --resume auto)",
+                              flush=True)
                     break
     finally:
         if bar is not None:

@@ -193,7 +193,8 @@ def test_damaged_files_give_clear_errors(made16, tmp_path):
         ckpt.load(c)
     with pytest.raises(ckpt.CheckpointError, match="not a directory"):
         ckpt.load(out / "nothing")
-    with pytest.raises(ckpt.CheckpointError, match="is a run directory; name one of"):
+    with pytest.raises(ckpt.CheckpointError, match=r"is a run directory; name one of .* "
+                                                   r"resume='auto' \(--resume auto\)$"):
         training.train(data=str(made16), out=str(tmp_path / "r2"), steps=4, resume=str(out),
                        **KW)
     with pytest.raises(ckpt.CheckpointError, match="not a checkpoint directory"):
@@ -461,6 +462,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(made16, tmp_path):
     text, _ = p.communicate(timeout=120)
     assert p.returncode == 143, text
     assert "SIGTERM: saved" in text
+    assert f"continue with resume='auto' (blurfast train --out {out} --resume auto)" in text
     (step, path), = ckpt.list_checkpoints(out / "checkpoints")
     assert step >= 3 and ckpt.load(path)["step"] == step
 
@@ -650,10 +652,25 @@ def test_cli_prepare(tmp_path, capsys):
     (dict(pixel_range="0,255"), "pixel_range"),
     (dict(betas=(0.9,)), "betas"),
     (dict(keep=0), "keep"),
+    (dict(fid_every=2), r"^fid_ref \(--fid-ref\): needed with fid_every \(--fid-every\)"),
 ])
 def test_bad_arguments_name_the_argument(made16, tmp_path, change, name):
     with pytest.raises(ValueError, match=name):
         training.train(data=str(made16), out=str(tmp_path / "r"), **{**KW, "steps": 1, **change})
+
+
+def test_data_errors_name_the_flag_too(tmp_path, capsys):
+    # An image folder with no images, given as train()'s data or as --data: the error
+    # names both forms of the argument; prepare's names its SRC.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"^data \(--data\): no \.jpg/.* files under "):
+        training.train(data=str(tmp_path / "empty"), out=str(tmp_path / "r"), steps=1, **KW)
+    a = _parser().parse_args(["train", "--data", str(tmp_path / "empty"), "--out",
+                              str(tmp_path / "r"), "--resolution", "16", "--device", "cpu"])
+    assert a.func(a) == 2
+    assert capsys.readouterr().err.startswith("blurfast train: error: data (--data): no .jpg")
+    with pytest.raises(ValueError, match=r"^src: no \.jpg/.* files under "):
+        D.prepare(tmp_path / "empty", tmp_path / "o.npy", progress=False)
 
 
 def test_type_errors_and_existing_runs(made16, tmp_path):
@@ -679,7 +696,8 @@ def test_type_errors_and_existing_runs(made16, tmp_path):
     training.train(data=str(made16), out=str(tmp_path / "r"), steps=2, **KW)
     # cuda_graphs=None (the default) resolves to off on a CPU, and the config says so.
     assert json.loads((tmp_path / "r" / "config.json").read_text())["cuda_graphs"] is False
-    with pytest.raises(ValueError, match="already holds checkpoints"):
+    with pytest.raises(ValueError, match=r"already holds checkpoints; pass resume='auto' "
+                                         r"\(--resume auto\)"):
         training.train(data=str(made16), out=str(tmp_path / "r"), steps=4, **KW)
     with pytest.raises(ValueError, match="^steps: 1 is below the resumed step 2"):
         training.train(data=str(made16), out=str(tmp_path / "r"), steps=1, resume="auto", **KW)
