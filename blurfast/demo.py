@@ -7,6 +7,8 @@ reverse run, and runs the quick kernel benchmark.
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -45,6 +47,22 @@ def skimage_crops(n: int, size: int, seed: int = 0) -> np.ndarray:
     return out
 
 
+def _clear_previous_run(run_dir: Path) -> None:
+    """Removes the training run of an earlier demo at ``run_dir`` (a directory holding a
+    blurfast config.json), saying so; refuses a non-empty ``run_dir`` that is not one."""
+    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+        return
+    try:
+        ours = "diffusion" in json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise ValueError(f"out: {run_dir} exists and is not a blurfast run directory (no "
+                         f"readable config.json); remove it or choose another --out")
+    print(f"[demo] replacing the previous demo run in {run_dir}")
+    shutil.rmtree(run_dir)
+
+
 def run(out="blurfast-demo", minutes: float = 6.0, data: Optional[str] = None,
         resolution: Optional[int] = None, device: Optional[str] = None, smoke: bool = False,
         bench: bool = True) -> dict:
@@ -78,17 +96,18 @@ def run(out="blurfast-demo", minutes: float = 6.0, data: Optional[str] = None,
 
     # 2. Train for the time budget: a few steps to time one, then the rest (resumed).
     run_dir = out / "run"
+    _clear_previous_run(run_dir)
     n_steps = 40 if smoke else 1000
     kw = dict(data=str(data), out=str(run_dir), preset="small", resolution=res,
               batch_size=16, lr=2e-4, ema_decay=0.99, device=device,
               diffusion=dict(num_steps=n_steps), save_every=10 ** 6, sample_every=10 ** 6,
-              sample_count=16, sample_steps=10 if smoke else 25, log_every=10, keep=1,
-              progress=not smoke)
+              sample_count=16, sample_steps=10 if smoke else 25, log_every=10, keep=1)
     if smoke:
         kw["model"] = dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1)
     first = 2 if smoke else 10
     t0 = time.perf_counter()
-    train(steps=first, **kw)
+    print(f"[demo] timing {first} training steps")
+    train(steps=first, progress=False, **kw)        # the resumed run prints the config
     # Seconds per step from the run's own log (start-up and the sample grid excluded).
     last = (run_dir / "log.csv").read_text().splitlines()[-1].split(",")
     per_step = float(last[-1]) / first if float(last[-1]) > 0 else \
@@ -131,7 +150,9 @@ def run(out="blurfast-demo", minutes: float = 6.0, data: Optional[str] = None,
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="blurfast demo", description=__doc__.splitlines()[0])
+    # The docstring's first paragraph, without its reST quotes.
+    description = " ".join(__doc__.split("\n\n")[0].split()).replace("``", "")
+    p = argparse.ArgumentParser(prog="blurfast demo", description=description)
     p.add_argument("--out", default="blurfast-demo", help="output folder (default blurfast-demo)")
     p.add_argument("--minutes", type=float, default=6.0,
                    help="training time budget in minutes (default 6)")

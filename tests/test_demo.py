@@ -109,10 +109,11 @@ def test_kernel_names_in_bench_rows_are_short():
     assert short_kernel_name("sm90_xmma_gemm_f32f32_nn") == "sm90_xmma_gemm_f32f32_nn"
 
 
-def test_demo_smoke(tmp_path):
+def test_demo_smoke(tmp_path, capsys):
     pytest.importorskip("skimage")
     out = tmp_path / "demo"
     assert cli.main(["demo", "--smoke", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("config (saved to") == 1
     for name in ("samples.png", "forward_strip.png", "trajectory.png", "bench.png"):
         _png(out / name)
     assert json.loads((out / "bench.json").read_text())["rows"]
@@ -121,12 +122,36 @@ def test_demo_smoke(tmp_path):
     assert strip.shape[0] >= 4 * 16                   # one row per photograph
 
 
+def test_demo_again_replaces_its_own_run_only(tmp_path, capsys):
+    # A second demo into the same --out replaces the first one's run directory and says
+    # so; a run directory that is not blurfast's is left alone, with an error.
+    pytest.importorskip("skimage")
+    out = tmp_path / "demo"
+    argv = ["demo", "--smoke", "--no-bench", "--out", str(out)]
+    assert cli.main(argv) == 0
+    (out / "run" / "checkpoints" / "marker").write_text("from the first demo")
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert f"[demo] replacing the previous demo run in {out / 'run'}" in text
+    assert text.count("config (saved to") == 1
+    assert not (out / "run" / "checkpoints" / "marker").exists()
+    assert [p.name for p in (out / "run" / "checkpoints").iterdir()] == ["step_000000003"]
+    other = tmp_path / "other"
+    (other / "run").mkdir(parents=True)
+    (other / "run" / "notes.txt").write_text("mine")
+    assert cli.main(["demo", "--smoke", "--no-bench", "--out", str(other)]) == 2
+    assert "not a blurfast run directory" in capsys.readouterr().err
+    assert (other / "run" / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize("command", ["info", "train", "prepare", "sample", "fid", "bench", "demo"])
 def test_every_flag_of_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([command, "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
+    assert "``" not in text, f"blurfast {command} --help shows reST quotes"
     lines = text.split("options:", 1)[1].splitlines()
     for i, line in enumerate(lines):
         if not line.startswith("  -"):
