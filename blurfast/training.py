@@ -418,15 +418,27 @@ class _Log:
 
 
 def _save_samples(ema, diff, path: Path, count: int, steps: int, pixel_range: str, target: str,
-                  device):
+                  device, progress: bool = False):
+    """A grid of ``count`` DDIM samples of the EMA weights, written to ``path``; with
+    ``progress``, a bar over the model calls (cleared when done)."""
+    from tqdm import tqdm
+
     from . import sampling, viz
 
+    steps = min(steps, diff.num_steps - 1)
+    bar = tqdm(total=len(sampling.timesteps(diff, steps)), disable=not progress, leave=False,
+               desc=f"sample grid {path.name} ({count} images)", unit="call",
+               dynamic_ncols=True)
     was_training = ema.training
     ema.eval()
-    x = sampling.sample(diff.eps_model(ema, target), diff, (count,) + diff.shape, sampler="ddim",
-                        steps=min(steps, diff.num_steps - 1), seed=0, progress=False,
-                        device=device, clip=D.data_range(pixel_range))
-    ema.train(was_training)
+    try:
+        x = sampling.sample(diff.eps_model(ema, target), diff, (count,) + diff.shape,
+                            sampler="ddim", steps=steps, seed=0, progress=False,
+                            callback=lambda *_: bar.update(1), device=device,
+                            clip=D.data_range(pixel_range))
+    finally:
+        bar.close()
+        ema.train(was_training)
     ncol = max(1, int(math.sqrt(count)))
     imgs = list(D.to_unit_range(x, pixel_range).float().cpu())
     viz.save_png(viz.grid([imgs[i:i + ncol] for i in range(0, count, ncol)]), path)
@@ -713,6 +725,7 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
     step, last_path, last = start, None, {"loss": float("nan"), "skipped_total": 0}
     t_log, step_log = time.perf_counter(), start
     t0 = t_log
+    paused = 0.0         # seconds of FID and sample grids since the last log row
     stopped_by = None
     try:
         with _Signals() as sig:
@@ -730,8 +743,9 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                 if at_log:
                     last = stepper.read_stats(all_reduce=world > 1)
                     now = time.perf_counter()
-                    ips = (step - step_log) * cfg["global_batch"] / max(now - t_log, 1e-9)
-                    t_log, step_log = now, step
+                    ips = ((step - step_log) * cfg["global_batch"] /
+                           max(now - t_log - paused, 1e-9))       # training alone
+                    t_log, step_log, paused = now, step, 0.0
                     if main:
                         log.write({"step": step, "images": step * cfg["global_batch"],
                                    "loss": f"{last['loss']:.6g}",
@@ -759,17 +773,25 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                     stop_now = sig.received is not None
                 if main and (step % cfg["save_every"] == 0 or step == cfg["steps"] or stop_now):
                     last_path = save(step)
-                if fid is not None and (step % cfg["fid_every"] == 0 or step == cfg["steps"]):
+                at_fid = fid is not None and (step % cfg["fid_every"] == 0 or
+                                              step == cfg["steps"])
+                at_grid = main and (step % cfg["sample_every"] == 0 or step == cfg["steps"])
+                t_eval = time.perf_counter()
+                if at_fid:
                     value = fid(diff.eps_model(stepper.ema, cfg["target"]), diff)
                     if fid_log.add(step, value):          # the best so far
                         ckpt.save(out / "best", step, stepper.model, stepper.ema,
                                   stepper.state_dict(), cfg, keep=1)
                     if bar is not None:
                         bar.write(f"step {step}: FID {value:.3f} (best {fid_log.best:.3f})")
-                if main and (step % cfg["sample_every"] == 0 or step == cfg["steps"]):
+                if at_grid:
                     _save_samples(stepper.ema, diff, out / "samples" / f"step_{step:09d}.png",
                                   cfg["sample_count"], cfg["sample_steps"], cfg["pixel_range"],
-                                  cfg["target"], dev)
+                                  cfg["target"], dev, progress=bar is not None)
+                if at_fid or at_grid:
+                    paused += time.perf_counter() - t_eval
+                    if bar is not None:
+                        bar.unpause()     # the step bar's rate: training steps alone
                 if main and (step % cfg["sample_every"] == 0 or step == cfg["steps"] or stop_now):
                     log.draw()
                 if stop_now:

@@ -412,6 +412,30 @@ def test_sample_grids_of_a_short_chain(made16, tmp_path):
     assert res["step"] == 2 and (tmp_path / "r" / "samples" / "step_000000002.png").is_file()
 
 
+def test_sample_grids_show_progress_and_stay_out_of_images_per_s(made16, tmp_path, capsys,
+                                                                monkeypatch):
+    # A grid drawn mid-run shows a bar of its own, and log.csv's images_per_s of the next
+    # interval counts the training alone: the grid (slowed by 1.5 s here) is left out.
+    from blurfast import sampling
+    real, pause = sampling.sample, 1.5
+
+    def slow_sample(*a, **k):
+        time.sleep(pause)
+        return real(*a, **k)
+
+    monkeypatch.setattr(sampling, "sample", slow_sample)
+    out = tmp_path / "r"
+    training.train(data=str(made16), out=str(out), steps=3, **{
+        **KW, "sample_every": 2, "save_every": 1000, "progress": True})
+    assert "sample grid step_000000002.png (4 images)" in capsys.readouterr().err
+    rows = (out / "log.csv").read_text().splitlines()[1:]
+    step3 = dict(zip(training.LOG_FIELDS, rows[2].split(",")))
+    step2 = dict(zip(training.LOG_FIELDS, rows[1].split(",")))
+    wall = float(step3["elapsed_s"]) - float(step2["elapsed_s"])       # grid included
+    trained = KW["batch_size"] / float(step3["images_per_s"])          # seconds of step 3
+    assert wall > pause and trained < wall - pause + 0.2, (wall, trained)
+
+
 def test_curves_that_cannot_be_drawn_warn_once_and_the_run_goes_on(made16, tmp_path,
                                                                   monkeypatch):
     from blurfast import viz
