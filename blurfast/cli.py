@@ -225,10 +225,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """warnings.showwarning of the command line: ``blurfast: warning: MESSAGE``, one line,
+    without the source location."""
+    text = " ".join(str(message).splitlines())
+    try:
+        print(f"blurfast: warning: {text}", file=sys.stderr if file is None else file)
+    except OSError:                  # stderr gone (a closed pipe): the warning is lost
+        pass
+
+
 def main(argv=None) -> int:
     """Runs a command. Bad input (ValueError, TypeError) and file-system errors (OSError: a
     missing file, a file where a folder belongs, no permission) are reported in one line
-    with exit code 2; BLURFAST_DEBUG=1 shows the traceback instead."""
+    with exit code 2; BLURFAST_DEBUG=1 shows the traceback instead. Warnings print as
+    ``blurfast: warning: MESSAGE`` while the command runs (as before once it returns)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _main(argv)
+
+
+def _main(argv) -> int:
     import os
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _PASSTHROUGH:

@@ -360,6 +360,7 @@ def _train_main(args) -> int:
 
 def _prepare_main(args) -> int:
     import signal
+    import warnings
 
     from .data import prepare
 
@@ -367,9 +368,11 @@ def _prepare_main(args) -> int:
         raise SystemExit(128 + signum)
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        r = prepare(args.src, args.out, resolution=args.resolution, resize=args.resize,
-                    channels=args.channels, workers=args.workers, progress=args.progress,
-                    limit=args.limit)
+        with warnings.catch_warnings():     # the report below says it all
+            warnings.filterwarnings("ignore", "prepare: skipped", UserWarning)
+            r = prepare(args.src, args.out, resolution=args.resolution, resize=args.resize,
+                        channels=args.channels, workers=args.workers, progress=args.progress,
+                        limit=args.limit)
     except (ValueError, TypeError) as e:
         print(f"blurfast prepare: error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import multiprocessing
 import os
+import re
 import struct
 import sys
 import warnings
@@ -84,8 +85,11 @@ class _Decoded(torch.utils.data.Dataset):
         try:
             return decode(self.raw(i), self.resolution, self.resize, self.channels)
         except Exception as e:             # Pillow raises several kinds on bad data
+            # Pillow names the in-memory buffer it read from; name the image instead.
+            detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", repr(self.name(i)),
+                            str(e))
             raise UnreadableImage(f"{self.name(i)}: cannot be decoded "
-                                  f"({type(e).__name__}: {e})") from None
+                                  f"({type(e).__name__}: {detail})") from None
 
     def readable(self, i: int) -> np.ndarray:
         """Image i, or where it cannot be decoded the next one that can (the same one
@@ -300,10 +304,13 @@ def _init_worker(src):
 
 
 def _decode_one(i: int):
+    """``(i, image, None)``, or ``(i, None, why)`` for an image that cannot be read."""
     try:
         return i, _worker_src[i], None
+    except UnreadableImage as e:      # names the image already
+        return i, None, str(e)
     except Exception as e:            # any unreadable image is skipped and reported
-        return i, None, f"{type(e).__name__}: {e}"
+        return i, None, f"{_worker_src.name(i)}: {type(e).__name__}: {e}"
 
 
 def _npy_header(shape, length: Optional[int] = None) -> bytes:
@@ -382,7 +389,7 @@ def prepare(src, out, resolution: int = 64, resize: str = "squash", channels: in
                 else:
                     skipped += 1
                     if len(bad) < max_reported:
-                        bad.append(f"{source.name(i)}: {err}")
+                        bad.append(err)
                 if bar is not None:
                     bar.update(1)
                     if skipped:

@@ -651,16 +651,34 @@ def test_train_help_documents_every_flag_with_the_documented_default():
     assert compared >= 25, compared
 
 
-def test_cli_prepare(tmp_path, capsys):
+def test_cli_prepare_reports_once_and_warnings_are_one_line(tmp_path, capsys):
+    # prepare reports a bad image once (no warning repeating it), naming the file, not
+    # Pillow's in-memory buffer; a warning (train reading that image) prints as one line
+    # 'blurfast: warning: ...', and only while the command runs.
+    import warnings
+    from blurfast import cli
     src = made_photos(tmp_path / "src", 4, size=20)
     (src / "00002.png").write_bytes(b"broken")
-    a = _parser().parse_args(["prepare", str(src), str(tmp_path / "o.npy"), "--resolution",
-                              "8", "--resize", "center-crop", "--workers", "0", "--no-progress"])
-    with pytest.warns(UserWarning):
-        assert a.func(a) == 0
-    text = capsys.readouterr().out
-    assert "3 images" in text and "1 unreadable skipped" in text and "00002.png" in text
+    before = warnings.showwarning
+    assert cli.main(["prepare", str(src), str(tmp_path / "o.npy"), "--resolution", "8",
+                     "--resize", "center-crop", "--workers", "0", "--no-progress"]) == 0
+    got = capsys.readouterr()
+    assert "3 images" in got.out and "1 unreadable skipped" in got.out
+    assert f"  unreadable: {src / '00002.png'}: cannot be decoded (UnidentifiedImageError: " \
+           f"cannot identify image file {str(src / '00002.png')!r})" in got.out.splitlines()
+    assert "BytesIO" not in got.out and got.err == ""
     assert np.load(tmp_path / "o.npy").shape == (3, 8, 8, 3)
+
+    assert cli.main(["train", "--data", str(src), "--out", str(tmp_path / "r"), "--resolution",
+                     "8", "--batch-size", "4", "--steps", "1", "--base-channels", "32",
+                     "--channel-mult", "1", "2", "--num-res-blocks", "1", "--sample-count",
+                     "1", "--sample-steps", "1", "--no-progress", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"blurfast: warning: data: skipping {src / '00002.png'}: cannot be decoded "
+                   f"(UnidentifiedImageError: cannot identify image file "
+                   f"{str(src / '00002.png')!r}); `blurfast prepare` leaves such images out "
+                   f"once and for all"]
+    assert warnings.showwarning is before
 
 
 # ------------------------------------------------------------------------ arguments
