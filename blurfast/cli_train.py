@@ -190,7 +190,8 @@ def _add_prepare(sub) -> None:
     p = sub.add_parser(
         "prepare", help="decode an image folder or LSUN lmdb into a uint8 .npy array",
         description="Decode every image of SRC once into OUT, a memory-mappable uint8 array "
-                    "(N, R, R, C). Unreadable images are skipped and reported.")
+                    "(N, R, R, C). Unreadable images are skipped and reported. An existing "
+                    "OUT is kept unless --overwrite is given.")
     p.add_argument("src", metavar="SRC", help="image folder or LSUN <category>_<split>_lmdb")
     p.add_argument("out", metavar="OUT", help="output .npy file")
     p.add_argument("--resolution", type=int, default=64, help="side of the square images (default 64)")
@@ -200,6 +201,7 @@ def _add_prepare(sub) -> None:
                    help="1: grayscale, 3: RGB (default 3)")
     p.add_argument("--workers", type=int, default=None, help="decoding processes")
     p.add_argument("--limit", type=int, default=None, help="only the first N images")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar")
     p.set_defaults(func=_prepare_main)
@@ -372,7 +374,7 @@ def _prepare_main(args) -> int:
             warnings.filterwarnings("ignore", "prepare: skipped", UserWarning)
             r = prepare(args.src, args.out, resolution=args.resolution, resize=args.resize,
                         channels=args.channels, workers=args.workers, progress=args.progress,
-                        limit=args.limit)
+                        limit=args.limit, overwrite=args.overwrite)
     except (ValueError, TypeError) as e:
         print(f"blurfast prepare: error: {e}", file=sys.stderr)
         return 2

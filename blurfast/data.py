@@ -341,17 +341,23 @@ def _shrink_npy(path: Path, n_alloc: int, n: int, shape) -> None:
 
 def prepare(src, out, resolution: int = 64, resize: str = "squash", channels: int = 3,
             workers: Optional[int] = None, progress: bool = True, max_reported: int = 20,
-            limit: Optional[int] = None) -> PrepareReport:
+            limit: Optional[int] = None, overwrite: bool = False) -> PrepareReport:
     """Decodes every image of ``src`` (image folder or LSUN lmdb) into ``out``, a
     ``.npy`` uint8 array (N, resolution, resolution, channels), in source order.
 
     Unreadable images are skipped and counted (never a crash); the names of the first
     ``max_reported`` are returned. The array is written to ``out`` + ``.tmp`` and
-    renamed when complete. ``limit`` keeps only the first ``limit`` images.
+    renamed when complete. ``limit`` keeps only the first ``limit`` images. An existing
+    ``out`` is an error unless ``overwrite``.
     """
     out = Path(out)
     if out.suffix != ".npy":
         raise ValueError(f"out: expected a path ending in .npy, got {str(out)!r}")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite: expected a bool, got {type(overwrite).__name__}")
+    if out.exists() and not overwrite:
+        raise ValueError(f"out: {str(out)!r} exists; pass overwrite=True (--overwrite) to "
+                         f"replace it")
     check_int("workers", workers, 0, none_ok=True)
     check_int("limit", limit, none_ok=True)
     check_int("resolution", resolution)

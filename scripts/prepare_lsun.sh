@@ -7,11 +7,12 @@
 # https://github.com/fyu/lsun: `python download.py -c church_outdoor`, then unzip).
 # CATEGORY defaults to church_outdoor and bedroom. Writes OUT_DIR/<category>_64.npy
 # at 64x64 with the paper's preprocessing (resize without cropping: --resize squash).
-# RESOLUTION and RESIZE may be set in the environment (e.g. RESIZE=center-crop).
+# RESOLUTION and RESIZE may be set in the environment (e.g. RESIZE=center-crop). An
+# array already in OUT_DIR is kept; OVERWRITE=1 decodes it again.
 set -euo pipefail
 
 if [ $# -lt 2 ]; then
-  sed -n '2,10p' "$0"
+  sed -n '2,11p' "$0"
   exit 2
 fi
 LSUN_DIR=$1
@@ -29,6 +30,14 @@ for c in "${CATEGORIES[@]}"; do
     echo "prepare_lsun.sh: $src/data.mdb not found (download and unzip ${c}_train_lmdb.zip)" >&2
     exit 1
   fi
-  blurfast prepare "$src" "$OUT_DIR/${c}_${RESOLUTION}.npy" \
-    --resolution "$RESOLUTION" --resize "$RESIZE"
+  out="$OUT_DIR/${c}_${RESOLUTION}.npy"
+  extra=()
+  if [ -e "$out" ]; then
+    if [ "${OVERWRITE:-0}" != 1 ]; then
+      echo "prepare_lsun.sh: $out exists, kept (OVERWRITE=1 to decode it again)"
+      continue
+    fi
+    extra=(--overwrite)
+  fi
+  blurfast prepare "$src" "$out" --resolution "$RESOLUTION" --resize "$RESIZE" ${extra[@]+"${extra[@]}"}
 done

@@ -180,6 +180,12 @@ def test_prepare_bad_arguments(tmp_path):
         D.prepare(src, tmp_path / "o.npy", resolution=0, progress=False)
     with pytest.raises(ValueError, match="src"):
         D.prepare(tmp_path / "none", tmp_path / "o.npy", progress=False)
+    (tmp_path / "there.npy").write_bytes(b"keep")
+    with pytest.raises(ValueError, match=r"^out: .*there\.npy' exists; pass overwrite=True"):
+        D.prepare(src, tmp_path / "there.npy", workers=0, progress=False)
+    assert (tmp_path / "there.npy").read_bytes() == b"keep"
+    with pytest.raises(TypeError, match="^overwrite: expected a bool"):
+        D.prepare(src, tmp_path / "there.npy", workers=0, progress=False, overwrite=1)
     for f in src.iterdir():
         f.write_bytes(b"junk")
     with pytest.raises(ValueError, match="none of the 2 images"):

@@ -681,6 +681,52 @@ def test_cli_prepare_reports_once_and_warnings_are_one_line(tmp_path, capsys):
     assert warnings.showwarning is before
 
 
+def test_prepare_keeps_an_existing_array_unless_told(tmp_path, capsys):
+    # A second prepare into the same OUT (here: --limit 2 after 4 images) is refused,
+    # naming OUT and --overwrite, and leaves the array as it was; --overwrite replaces it.
+    from blurfast import cli
+    src = made_photos(tmp_path / "src", 4, size=8)
+    out = tmp_path / "o.npy"
+    argv = ["prepare", str(src), str(out), "--resolution", "8", "--workers", "0",
+            "--no-progress"]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    assert cli.main(argv + ["--limit", "2"]) == 2
+    assert capsys.readouterr().err == (f"blurfast prepare: error: out: {str(out)!r} exists; "
+                                       f"pass overwrite=True (--overwrite) to replace it\n")
+    assert np.load(out).shape == (4, 8, 8, 3)
+    assert cli.main(argv + ["--limit", "2", "--overwrite"]) == 0
+    assert np.load(out).shape == (2, 8, 8, 3)
+
+
+def test_prepare_lsun_script_keeps_prepared_arrays(tmp_path):
+    # scripts/prepare_lsun.sh run again skips the arrays it made (a stand-in blurfast
+    # records each call); OVERWRITE=1 decodes them again with --overwrite.
+    (tmp_path / "lsun" / "church_outdoor_train_lmdb").mkdir(parents=True)
+    (tmp_path / "lsun" / "church_outdoor_train_lmdb" / "data.mdb").write_bytes(b"")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "blurfast").write_text(f'#!/bin/sh\necho "$@" >> "{tmp_path}/calls"\n'
+                                      f'touch "$3"\n')
+    (bin_dir / "blurfast").chmod(0o755)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "prepare_lsun.sh"
+
+    def run(**env):
+        return subprocess.run(["bash", str(script), str(tmp_path / "lsun"),
+                               str(tmp_path / "data"), "church_outdoor"], check=True,
+                              capture_output=True, text=True,
+                              env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                                   **env}).stdout
+    out = tmp_path / "data" / "church_outdoor_64.npy"
+    run()
+    assert "exists, kept (OVERWRITE=1" in run()
+    run(OVERWRITE="1")
+    src = tmp_path / "lsun" / "church_outdoor_train_lmdb"
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        f"prepare {src} {out} --resolution 64 --resize squash",
+        f"prepare {src} {out} --resolution 64 --resize squash --overwrite"]
+
+
 # ------------------------------------------------------------------------ arguments
 
 @pytest.mark.parametrize("change, name", [
