@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -355,8 +356,9 @@ def _train_main(args) -> int:
         return 143
     if result["steps_run"] == 0:         # already at its final step; train() said so
         return 0
-    print(f"done: step {result['step']}, loss {result['loss']:.4f}, "
-          f"checkpoint {result['checkpoint']}")
+    if os.environ.get("RANK", "0") == "0":       # torchrun's other ranks stay quiet
+        print(f"done: step {result['step']}, loss {result['loss']:.4f}, "
+              f"checkpoint {result['checkpoint']}")
     return 0
 
 

@@ -256,6 +256,31 @@ def test_ddp_two_gloo_processes_match_one_process(made16, tmp_path):
     assert moved > 1000 * atol                           # and training did move them
 
 
+def test_cli_under_two_processes_prints_on_rank_0_only(made16, tmp_path):
+    # `torchrun -m blurfast train` with two gloo processes: the closing line comes once.
+    argv = ["train", "--data", str(made16), "--out", str(tmp_path / "r"), "--resolution", "16",
+            "--batch-size", "2", "--steps", "2", "--base-channels", "32", "--channel-mult",
+            "1", "2", "--num-res-blocks", "1", "--sample-count", "1", "--sample-steps", "1",
+            "--no-progress", "--device", "cpu"]
+    script = f"""
+        import sys, torch
+        torch.set_num_threads(1)
+        from blurfast import cli
+        sys.exit(cli.main({argv!r}))
+    """
+    port = str(free_port())
+    procs = [_child(script, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                             "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    logs = []
+    for p in procs:
+        log, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, log
+        logs.append(log)
+    assert logs[0].count("done: step 2, loss ") == 1
+    assert "done:" not in logs[1]
+
+
 # ------------------------------------------------------------------------ the update
 
 @pytest.mark.parametrize("grad_clip", [0.05, None])
