@@ -136,6 +136,9 @@ def _smooth(values: Sequence[float], rows: int) -> list:
     return out
 
 
+_MARKED_ROWS = 20       # log rows up to which the curves mark each point
+
+
 def training_curves(run_dir, path=None) -> Path:
     """``RUN_DIR/curves.png`` (or ``path``): loss (log scale, with a moving average),
     gradient norm and images/s against the step, from ``log.csv``, and FID from
@@ -159,12 +162,14 @@ def training_curves(run_dir, path=None) -> Path:
     fig = Figure(figsize=(7, 2.2 * n))
     axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
     half_life = max(1, len(log["step"]) // 50)
+    # Points marked while there are few: a line through one point draws nothing.
+    dots = dict(marker="o", ms=4) if len(log["step"]) <= _MARKED_ROWS else {}
     for ax, (key, title) in zip(axes, panels):
         if key == "images_per_s":       # already a mean over each log interval
-            ax.plot(log["step"], log[key], lw=1.2, color="C0")
+            ax.plot(log["step"], log[key], lw=1.2, color="C0", **dots)
         else:
             ax.plot(log["step"], log[key], lw=0.6, alpha=0.4, color="C0")
-            ax.plot(log["step"], _smooth(log[key], half_life), lw=1.4, color="C0")
+            ax.plot(log["step"], _smooth(log[key], half_life), lw=1.4, color="C0", **dots)
         if key == "loss" and any(v > 0 for v in log[key] if math.isfinite(v)):
             ax.set_yscale("log")
         ax.set_ylabel(title, fontsize=8)
@@ -175,7 +180,9 @@ def training_curves(run_dir, path=None) -> Path:
         ax.set_ylabel("FID", fontsize=8)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("step")
-    fig.suptitle(f"{run_dir.name}: {len(log['step'])} log rows", fontsize=9)
+    rows = len(log["step"])
+    fig.suptitle(f"{run_dir.resolve().name}: {rows} log row{'s' if rows != 1 else ''}",
+                 fontsize=9)
     fig.tight_layout()
     path = Path(path) if path is not None else run_dir / "curves.png"
     with atomic_path(path, suffix=".png") as tmp:

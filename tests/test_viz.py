@@ -111,6 +111,19 @@ def test_training_curves(tmp_path, with_fid):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_training_curves_of_a_single_log_row_show_its_point(tmp_path):
+    # One log row (and one FID row): each panel shows its point, pixels of its colour.
+    pytest.importorskip("matplotlib")
+    (tmp_path / "log.csv").write_text("step,images,loss,grad_norm,lr,nonfinite,images_per_s,"
+                                      "elapsed_s\n20,80,0.9,0.7,1e-3,0,12.5,8.0\n")
+    (tmp_path / "fid.csv").write_text("step,fid\n20,300.5\n")
+    with Image.open(viz.training_curves(tmp_path)) as im:
+        pic = np.asarray(im.convert("RGB")).astype(int)
+    colours = [(31, 119, 180)] * 3 + [(255, 127, 14)]
+    for band, c in zip(np.array_split(pic, 4, axis=0), colours):
+        assert (np.abs(band - np.array(c)).sum(-1) < 40).sum() > 10
+
+
 def test_training_curves_needs_a_log(tmp_path):
     pytest.importorskip("matplotlib")
     with pytest.raises(ValueError, match="run_dir: no log.csv"):
