@@ -523,6 +523,14 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
         if fid_ref is None:
             raise ValueError("fid_ref (--fid-ref): needed with fid_every (--fid-every): "
                              "reference data or STATS.npz")
+    elif fid_ref is not None:
+        raise ValueError("fid_ref (--fid-ref): given without fid_every (--fid-every), so no "
+                         "FID would be scored; give fid_every too, or leave fid_ref out")
+    if fid_ref is not None:
+        if not isinstance(fid_ref, (str, os.PathLike)):
+            raise TypeError(f"fid_ref: expected a path, got {fid_ref!r}")
+        if not Path(fid_ref).exists():
+            raise ValueError(f"fid_ref (--fid-ref): {str(fid_ref)!r} does not exist")
     for name in ("data", "out"):
         if not isinstance(args[name], (str, os.PathLike)):
             raise TypeError(f"{name}: expected a path, got {args[name]!r}")
@@ -682,6 +690,13 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
         if main:
             print(f"resuming from {state['path']} (step {start})", flush=True)
 
+    fid = None          # set up before anything is written: a failure leaves no run behind
+    if main and cfg.get("fid_every"):
+        from .evaluation import FidMonitor
+        fid = FidMonitor(cfg["fid_ref"], resolution=cfg["resolution"], resize=cfg["resize"],
+                         n=cfg["fid_n"], steps=cfg["fid_steps"], batch=4 * cfg["batch_size"],
+                         pixel_range=cfg["pixel_range"], inception=cfg["inception"], device=dev)
+
     if main:
         (out / "samples").mkdir(parents=True, exist_ok=True)
         ck_dir.mkdir(parents=True, exist_ok=True)
@@ -691,12 +706,7 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
             print(f"config (saved to {out / 'config.json'}):\n{text}", flush=True)
         log = _Log(out, start)
 
-    fid = None
-    if main and cfg.get("fid_every"):
-        from .evaluation import FidMonitor
-        fid = FidMonitor(cfg["fid_ref"], resolution=cfg["resolution"], resize=cfg["resize"],
-                         n=cfg["fid_n"], steps=cfg["fid_steps"], batch=4 * cfg["batch_size"],
-                         pixel_range=cfg["pixel_range"], inception=cfg["inception"], device=dev)
+    if fid is not None:
         fid_log = _FidLog(out / "fid.csv")
 
     workers = cfg["num_workers"]

@@ -766,6 +766,9 @@ def test_prepare_lsun_script_keeps_prepared_arrays(tmp_path):
     (dict(betas=(0.9,)), "betas"),
     (dict(keep=0), "keep"),
     (dict(fid_every=2), r"^fid_ref \(--fid-ref\): needed with fid_every \(--fid-every\)"),
+    (dict(fid_ref="ref.npz"), r"^fid_ref \(--fid-ref\): given without fid_every \(--fid-every\)"),
+    (dict(fid_every=2, fid_ref="/no/such/ref"), r"^fid_ref \(--fid-ref\): '/no/such/ref' does "
+                                                r"not exist"),
 ])
 def test_bad_arguments_name_the_argument(made16, tmp_path, change, name):
     with pytest.raises(ValueError, match=name):
@@ -784,6 +787,20 @@ def test_data_errors_name_the_flag_too(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("blurfast train: error: data (--data): no .jpg")
     with pytest.raises(ValueError, match=r"^src: no \.jpg/.* files under "):
         D.prepare(tmp_path / "empty", tmp_path / "o.npy", progress=False)
+
+
+def test_a_failed_fid_setup_leaves_no_run_directory(made16, tmp_path, monkeypatch):
+    # The Inception weights missing: the error, and no skeleton of a run left behind.
+    from blurfast import evaluation
+
+    def missing(path=None, device="cpu", download=True):
+        raise FileNotFoundError("inception: InceptionV3 weights not found at /nowhere")
+
+    monkeypatch.setattr(evaluation, "inception_extractor", missing)
+    with pytest.raises(FileNotFoundError, match="^inception: InceptionV3 weights not found"):
+        training.train(data=str(made16), out=str(tmp_path / "r"), steps=2, fid_every=2,
+                       fid_ref=str(made16), **KW)
+    assert not (tmp_path / "r").exists()
 
 
 def test_type_errors_and_existing_runs(made16, tmp_path):
