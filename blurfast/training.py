@@ -28,6 +28,11 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+try:
+    import fcntl
+except ImportError:          # not on Windows
+    fcntl = None
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -366,6 +371,36 @@ class _Signals:
             signal.signal(s, h)
 
 
+class _RunLock:
+    """An exclusive lock on ``RUN_DIR/.lock`` (``fcntl.flock``, released when the process
+    ends, however it ends) held while a run writes into RUN_DIR; the file holds the
+    holder's pid. Another process training into RUN_DIR gets a ValueError naming it."""
+
+    def __init__(self, out: Path):
+        out.mkdir(parents=True, exist_ok=True)
+        self._f = open(out / ".lock", "a+")
+        if fcntl is None:            # no flock on this platform: no lock
+            return
+        try:
+            fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._f.seek(0)
+            holder = self._f.read().strip()
+            self._f.close()
+            raise ValueError(f"out: {out} is in use by another training process"
+                             f"{f' (pid {holder})' if holder.isdigit() else ''}; wait for it "
+                             f"to end, or choose another directory") from None
+        self._f.seek(0)
+        self._f.truncate()
+        self._f.write(f"{os.getpid()}\n")
+        self._f.flush()
+
+    def release(self) -> None:
+        if fcntl is not None:
+            fcntl.flock(self._f, fcntl.LOCK_UN)
+        self._f.close()
+
+
 class _Log:
     """log.csv (and TensorBoard when installed) and the curves drawn from it, rank 0 only.
     On resume the rows after the resumed step are dropped (they belong to the lost part
@@ -697,18 +732,6 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                          n=cfg["fid_n"], steps=cfg["fid_steps"], batch=4 * cfg["batch_size"],
                          pixel_range=cfg["pixel_range"], inception=cfg["inception"], device=dev)
 
-    if main:
-        (out / "samples").mkdir(parents=True, exist_ok=True)
-        ck_dir.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(cfg, indent=2)
-        write_text(out / "config.json", text + "\n")
-        if progress:
-            print(f"config (saved to {out / 'config.json'}):\n{text}", flush=True)
-        log = _Log(out, start)
-
-    if fid is not None:
-        fid_log = _FidLog(out / "fid.csv")
-
     workers = cfg["num_workers"]
     if workers is None:
         workers = min(4, os.cpu_count() or 1) if cuda else 0
@@ -727,17 +750,28 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
         return ckpt.save(ck_dir, step, stepper.model, stepper.ema, stepper.state_dict(), cfg,
                          keep=cfg["keep"])
 
-    bar = None
-    if main and progress:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg["steps"], initial=start, desc="train", unit="step",
-                   dynamic_ncols=True)
-    step, last_path, last = start, None, {"loss": float("nan"), "skipped_total": 0}
-    t_log, step_log = time.perf_counter(), start
-    t0 = t_log
-    paused = 0.0         # seconds of FID and sample grids since the last log row
-    stopped_by = None
+    lock = _RunLock(out) if main else None      # before the first write into RUN_DIR
+    bar = log = None
     try:
+        if main:
+            (out / "samples").mkdir(parents=True, exist_ok=True)
+            ck_dir.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(cfg, indent=2)
+            write_text(out / "config.json", text + "\n")
+            if progress:
+                print(f"config (saved to {out / 'config.json'}):\n{text}", flush=True)
+            log = _Log(out, start)
+        if fid is not None:
+            fid_log = _FidLog(out / "fid.csv")
+        if main and progress:
+            from tqdm import tqdm
+            bar = tqdm(total=cfg["steps"], initial=start, desc="train", unit="step",
+                       dynamic_ncols=True)
+        step, last_path, last = start, None, {"loss": float("nan"), "skipped_total": 0}
+        t_log, step_log = time.perf_counter(), start
+        t0 = t_log
+        paused = 0.0         # seconds of FID and sample grids since the last log row
+        stopped_by = None
         with _Signals() as sig:
             for batch in loader:
                 t, flip, noise_seed = step_draws(cfg["seed"], step, cfg["global_batch"],
@@ -814,8 +848,10 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
     finally:
         if bar is not None:
             bar.close()
-        if main:
+        if log is not None:
             log.close()
+        if lock is not None:
+            lock.release()
     return {"step": step, "steps_run": step - start, "loss": last["loss"],
             "skipped": last["skipped_total"],
             "checkpoint": None if last_path is None else str(last_path),

@@ -516,6 +516,38 @@ def test_sigterm_saves_a_checkpoint_and_exits(made16, tmp_path):
     assert step >= 3 and ckpt.load(path)["step"] == step
 
 
+def test_a_second_process_cannot_train_into_a_run_in_progress(made16, tmp_path):
+    # While one process trains into RUN_DIR, another (here this one) is refused, naming
+    # the directory and the holder, and writes nothing there.
+    out = tmp_path / "run"
+    p = _child(f"""
+        import torch
+        torch.set_num_threads(1)
+        from blurfast import training
+        training.train(data={str(made16)!r}, out={str(out)!r}, steps=100000,
+                       **{{**{KW!r}, "save_every": 100000}})
+    """)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (
+                (out / "log.csv").is_file() and len((out / "log.csv").read_text().splitlines()) > 2):
+            assert p.poll() is None, p.communicate()[0]
+            time.sleep(0.2)
+        config = (out / "config.json").read_text()
+        with pytest.raises(ValueError, match=f"^out: {out} is in use by another training "
+                                             rf"process \(pid {p.pid}\); wait for it"):
+            training.train(data=str(made16), out=str(out), steps=3, resume="auto",
+                           **{**KW, "lr": 0.5})
+        assert (out / "config.json").read_text() == config
+    finally:
+        p.send_signal(signal.SIGTERM)
+        text, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, text
+    res = training.train(data=str(made16), out=str(out), steps=ckpt.list_checkpoints(
+        out / "checkpoints")[0][0] + 1, resume="auto", **{**KW, "save_every": 100000})
+    assert res["steps_run"] == 1                 # the lock was released: the run goes on
+
+
 def test_sigterm_during_prepare_leaves_no_file(tmp_path):
     # The child sends itself SIGTERM while decoding its fifth image: the command exits
     # 143 and neither the array nor its temporary file is left.
