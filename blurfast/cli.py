@@ -146,7 +146,11 @@ def _add_sample(sub) -> None:
     s.add_argument("--ckpt", required=True,
                    help="run directory (its newest valid checkpoint), checkpoint directory, "
                         "or .safetensors file")
-    s.add_argument("--n", type=int, default=10_000, help="number of images (default 10000)")
+    # --n is also a prefix of torchrun's --nnodes, --nproc-per-node, ...: torchrun rejects it
+    # as ambiguous even after the module name, so the long name comes first.
+    s.add_argument("--num-samples", "--n", dest="n", type=int, default=10_000,
+                   help="number of images (default 10000); --n is short for it, but torchrun "
+                        "refuses --n, so write --num-samples under torchrun")
     from .sampling import SAMPLERS
     s.add_argument("--sampler", default="ddim", choices=list(SAMPLERS),
                    help="ddim (default), ancestral, reverse_sde (the paper's) or exp2m (second "

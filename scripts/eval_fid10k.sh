@@ -39,7 +39,7 @@ if [ -n "${INCEPTION:-}" ]; then FID_ARGS+=(--inception "$INCEPTION"); fi
 for spec in "reverse_sde 0" "ddim 100"; do
   read -r sampler steps <<< "$spec"
   dir="$OUT/${sampler}_${steps}"
-  "${SAMPLE[@]}" --ckpt "$RUN" --n "$N" --sampler "$sampler" --steps "$steps" \
+  "${SAMPLE[@]}" --ckpt "$RUN" --num-samples "$N" --sampler "$sampler" --steps "$steps" \
     --batch "$BATCH" --seed "$SEED" --format npz --out "$dir" ${SAMPLE_ARGS:-}
   value=$(blurfast fid --samples "$dir/samples.npz" "${FID_ARGS[@]}" | tail -n 1)
   echo "$sampler steps=${steps/#0/full} $value" | tee -a "$OUT/fid10k.txt"

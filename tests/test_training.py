@@ -910,6 +910,52 @@ def _recipe_argv(script: str, tmp_path: Path, env_extra=None) -> list:
     return argv
 
 
+def _subcommand_actions(command: str):
+    """(option strings, values to pass) of each option of `blurfast COMMAND`, read off
+    the CLI's own parser."""
+    from blurfast import cli
+    sub = next(a for a in cli.build_parser()._actions
+               if isinstance(a, argparse._SubParsersAction)).choices[command]
+    for action in sub._actions:
+        if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
+            count = 0
+        else:
+            count = action.nargs if isinstance(action.nargs, int) else 1
+        yield action.option_strings, ["1"] * count
+
+
+@pytest.mark.parametrize("command, plain_only", [("sample", {"--n"}), ("train", set())])
+def test_every_flag_passes_through_torchrun(command, plain_only):
+    # torchrun's parser classifies every argument, also those after the module, and stops
+    # at an ambiguous prefix of its own options (--n: --nnodes, --nproc-per-node, ...).
+    # Every option has a spelling torchrun passes on; only `plain_only` aliases fail.
+    from torch.distributed.run import get_args_parser
+
+    def refuse(message):
+        raise ValueError(message)
+    actions = list(_subcommand_actions(command))
+    assert len(actions) > 10
+    rejected = set()
+    for flags, values in actions:
+        passed = []
+        for flag in flags:
+            tail = [command, flag, *values]
+            tp = get_args_parser()
+            tp.error = refuse
+            try:
+                a = tp.parse_args(["--standalone", "--nproc-per-node=2", "-m", "blurfast",
+                                   *tail])
+            except ValueError as e:
+                assert "ambiguous option" in str(e)
+                rejected.add(flag)
+                continue
+            assert (a.module, a.training_script, a.training_script_args) == \
+                (True, "blurfast", tail)
+            passed.append(flag)
+        assert passed, f"torchrun rejects every spelling of blurfast {command} {flags}"
+    assert rejected == plain_only
+
+
 @pytest.mark.parametrize("script, env, steps, batch, graphs", [
     ("train_lsun_church64.sh", {}, 600_000, 16, True),
     ("train_lsun_bedroom64.sh", {}, 450_000, 16, True),
