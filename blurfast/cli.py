@@ -72,6 +72,9 @@ def _add_fid(sub) -> None:
     from .data import RESIZE_MODES
     s.add_argument("--resize", choices=RESIZE_MODES, default="squash",
                    help="reference preprocessing, as for training (default squash, the paper's)")
+    s.add_argument("--channels", type=int, choices=[1, 3], default=None,
+                   help="reference channels, as for training (default: a prepared array's "
+                        "own; folders and lmdb are read as RGB)")
     s.add_argument("--inception", default=None,
                    help="clean-fid's inception-2015-12-05.pt (file or folder); default where "
                         "clean-fid keeps it (/tmp)")
@@ -128,12 +131,12 @@ def _fid(args) -> int:
         extractor = ev.inception_extractor(args.inception, device=device)
     value = ev.fid(args.samples, args.ref, n=args.n, resolution=args.resolution,
                    resize=args.resize, feature_extractor=extractor, device=device,
-                   batch_size=args.batch, cache=not args.no_cache)
+                   batch_size=args.batch, cache=not args.no_cache, channels=args.channels)
     if args.save_stats:        # the statistics fid() just used (from the cache when enabled)
         res = args.resolution or int(next(iter(ev.load_images(args.samples, 1))).shape[0])
         ev.save_statistics(args.save_stats, *ev.reference_statistics(
             args.ref, res, args.resize, args.n, extractor, device, args.batch,
-            not args.no_cache, progress=False))
+            not args.no_cache, progress=False, channels=args.channels))
     print(f"FID {value:.4f}")
     return 0
 

@@ -241,11 +241,13 @@ class PreparedArray(torch.utils.data.Dataset):
 
 
 def open_dataset(path, resolution: Optional[int] = None, resize: str = "center-crop",
-                 channels: int = 3, progress: bool = False, *, arg: Optional[str] = None):
+                 channels: Optional[int] = 3, progress: bool = False, *,
+                 arg: Optional[str] = None):
     """The dataset at ``path``: a ``.npy`` file from :func:`prepare`, an lmdb
     directory, or an image folder. For a prepared array ``resolution`` and
-    ``channels`` must match the file (None: take the file's). ``arg``: the argument
-    that errors about ``path`` name (default: "data", and the dataset classes' own)."""
+    ``channels`` must match the file (None: take the file's); folders and lmdb are
+    decoded to ``channels`` (None: 3). ``arg``: the argument that errors about ``path``
+    name (default: "data", and the dataset classes' own)."""
     p = Path(path)
     named = {} if arg is None else {"arg": arg}
     if not p.exists():
@@ -255,12 +257,13 @@ def open_dataset(path, resolution: Optional[int] = None, resize: str = "center-c
         if resolution is not None and resolution != ds.resolution:
             raise ValueError(f"resolution: {resolution} differs from the prepared array's "
                              f"{ds.resolution} ({p}); prepare it again at {resolution}")
-        if channels != ds.channels:
+        if channels is not None and channels != ds.channels:
             raise ValueError(f"channels: {channels} differs from the prepared array's "
                              f"{ds.channels} ({p})")
         return ds
     if resolution is None:
         raise ValueError("resolution: needed for an image folder or lmdb source")
+    channels = 3 if channels is None else channels
     if is_lmdb(p):
         return LSUNLmdb(p, resolution, resize, channels, progress=progress, **named)
     return ImageFolder(p, resolution, resize, channels, **named)

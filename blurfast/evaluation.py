@@ -24,7 +24,7 @@ from .fileio import save_npz
 
 __all__ = ["INCEPTION_FILE", "default_inception_path", "inception_extractor", "features",
            "statistics", "save_statistics", "frechet_distance", "gaussian_frechet_distance",
-           "reference_statistics", "fid", "load_images"]
+           "check_reference", "reference_statistics", "fid", "load_images"]
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 
@@ -206,12 +206,31 @@ def _fingerprint(p: Path) -> str:
     return h.hexdigest()
 
 
+def check_reference(ref, resolution: int, channels: Optional[int] = None,
+                    name: str = "ref") -> None:
+    """Fails now, naming the argument (``name``), where :func:`reference_statistics` would
+    fail after the expensive work: a missing path, or a prepared array of another size or
+    channel count."""
+    p = Path(ref)
+    if not p.exists():
+        raise ValueError(f"{name}: {str(ref)!r} does not exist")
+    if p.is_file() and p.suffix != ".npz":
+        from .data import open_dataset
+        try:
+            open_dataset(p, resolution=resolution, channels=channels)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+
+
 def reference_statistics(ref, resolution: int, resize: str = "squash", n: Optional[int] = None,
                          extractor: Optional[Callable] = None, device="cpu",
-                         batch_size: int = 64, cache: bool = True, progress: bool = True):
+                         batch_size: int = 64, cache: bool = True, progress: bool = True,
+                         channels: Optional[int] = None):
     """(mu, sigma) of a reference: a STATS .npz (keys mu, sigma), or a dataset that
     :func:`blurfast.data.open_dataset` reads (image folder, LSUN lmdb, prepared array),
-    preprocessed as for training (``resolution``, ``resize``). Computed once, then cached
+    preprocessed as for training (``resolution``, ``resize``, ``channels``: None takes a
+    prepared array's own and decodes folders and lmdb as RGB; grayscale images are
+    repeated to the 3 channels of InceptionV3, as samples are). Computed once, then cached
     as .npz under ``$BLURFAST_CACHE/fid`` (default ``~/.cache/blurfast/fid``)."""
     p = Path(ref)
     if p.is_file() and p.suffix == ".npz":
@@ -231,10 +250,11 @@ def reference_statistics(ref, resolution: int, resize: str = "squash", n: Option
         return mu, sigma
     from .data import UnreadableImage, open_dataset
     extractor = extractor or inception_extractor(device=device)
-    ds = open_dataset(p, resolution=resolution, resize=resize)
+    ds = open_dataset(p, resolution=resolution, resize=resize, channels=channels)
     count = len(ds) if n is None else min(n, len(ds))
     key = json.dumps({"path": str(p.resolve()), "files": _fingerprint(p),
-                      "resolution": resolution, "resize": resize, "n": count,
+                      "resolution": resolution, "resize": resize, "channels": ds.channels,
+                      "n": count,
                       "features": getattr(extractor, "name", repr(extractor))}, sort_keys=True)
     cached = _cache_dir() / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".npz")
     if cache and cached.is_file():
@@ -256,11 +276,13 @@ def reference_statistics(ref, resolution: int, resize: str = "squash", n: Option
 
 def fid(samples, ref, n: Optional[int] = 10_000, resolution: Optional[int] = None,
         resize: str = "squash", inception=None, feature_extractor: Optional[Callable] = None,
-        device="cpu", batch_size: int = 64, cache: bool = True, progress: bool = True) -> float:
+        device="cpu", batch_size: int = 64, cache: bool = True, progress: bool = True,
+        channels: Optional[int] = None) -> float:
     """FID between generated ``samples`` (folder or .npz) and a reference (see
     :func:`reference_statistics`), on the first ``n`` images of each.
     ``feature_extractor`` replaces InceptionV3 (a callable on float (B,3,299,299) in
-    [0, 255]); ``resolution`` defaults to the samples' own."""
+    [0, 255]); ``resolution`` defaults to the samples' own; ``resolution``, ``resize`` and
+    ``channels`` preprocess a reference dataset (see :func:`reference_statistics`)."""
     check_int("n", n, 2, none_ok=True)
     extractor = feature_extractor or inception_extractor(inception, device=device)
     imgs = load_images(samples, n)
@@ -276,7 +298,7 @@ def fid(samples, ref, n: Optional[int] = 10_000, resolution: Optional[int] = Non
     mu_s, sig_s = statistics(features(all_imgs(), extractor, batch_size, device,
                                       progress=progress, desc="sample features"))
     mu_r, sig_r = reference_statistics(ref, res, resize, n, extractor, device, batch_size,
-                                       cache, progress)
+                                       cache, progress, channels)
     if mu_r.shape != mu_s.shape:
         raise ValueError(f"ref: statistics of {mu_r.shape[0]} features, samples give "
                          f"{mu_s.shape[0]}")
@@ -288,13 +310,17 @@ class FidMonitor:
 
     ``n`` images from ``sampler`` with ``steps`` model calls (seed fixed, so successive
     values compare the weights only) against the reference statistics of ``ref``,
-    computed once. ``feature_extractor`` replaces InceptionV3 (tests)."""
+    computed once (``resolution``, ``resize``, ``channels``: the run's preprocessing).
+    ``feature_extractor`` replaces InceptionV3 (tests)."""
 
-    def __init__(self, ref, *, resolution: int, resize: str, n: int = 1000, steps: int = 100,
-                 sampler: str = "ddim", batch: int = 64, pixel_range: str = "-1,1",
-                 inception=None, feature_extractor: Optional[Callable] = None, device="cpu"):
+    def __init__(self, ref, *, resolution: int, resize: str, channels: int,
+                 n: int = 1000, steps: int = 100, sampler: str = "ddim", batch: int = 64,
+                 pixel_range: str = "-1,1", inception=None,
+                 feature_extractor: Optional[Callable] = None, device="cpu"):
         check_int("fid_n", n, 2)
         self.ref, self.resolution, self.resize, self.n = ref, resolution, resize, n
+        self.channels = channels
+        check_reference(ref, resolution, channels, name="fid_ref")
         self.steps, self.sampler, self.batch, self.device = steps, sampler, batch, device
         self.pixel_range = pixel_range
         self.extractor = feature_extractor or inception_extractor(inception, device=device)
@@ -306,7 +332,7 @@ class FidMonitor:
         if self._ref_stats is None:
             self._ref_stats = reference_statistics(self.ref, self.resolution, self.resize,
                                                    self.n, self.extractor, self.device,
-                                                   progress=False)
+                                                   progress=False, channels=self.channels)
         seq = timesteps(diff, min(self.steps, diff.num_steps - 1))
         batches = [(b0, min(self.n, b0 + self.batch)) for b0 in range(0, self.n, self.batch)]
         precision = "bf16" if torch.device(self.device).type == "cuda" else "fp32"

@@ -729,6 +729,7 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
     if main and cfg.get("fid_every"):
         from .evaluation import FidMonitor
         fid = FidMonitor(cfg["fid_ref"], resolution=cfg["resolution"], resize=cfg["resize"],
+                         channels=cfg["channels"],
                          n=cfg["fid_n"], steps=cfg["fid_steps"], batch=4 * cfg["batch_size"],
                          pixel_range=cfg["pixel_range"], inception=cfg["inception"], device=dev)
 

@@ -6,11 +6,11 @@
 #   scripts/eval_fid10k.sh RUN_DIR REF
 #
 # REF: the training data (prepared .npy, LSUN lmdb or image folder; folders and lmdb are
-# resized as the run's config says) or a STATS.npz. Environment: NPROC (GPUs, through
-# torchrun; default 1), BATCH (default 256), SEED (default 0), N (default 10000),
-# INCEPTION (path of inception-2015-12-05.pt; default clean-fid's /tmp copy),
-# OUT (default RUN_DIR/fid10k), SAMPLE_ARGS (more `blurfast sample` flags, for example
-# "--cuda-graph --compile"). Results: OUT/fid10k.txt, one line per sampler.
+# resized and read in the channels the run's config says) or a STATS.npz. Environment:
+# NPROC (GPUs, through torchrun; default 1), BATCH (default 256), SEED (default 0),
+# N (default 10000), INCEPTION (path of inception-2015-12-05.pt; default clean-fid's /tmp
+# copy), OUT (default RUN_DIR/fid10k), SAMPLE_ARGS (more `blurfast sample` flags, for
+# example "--cuda-graph --compile"). Results: OUT/fid10k.txt, one line per sampler.
 set -euo pipefail
 
 if [ $# -ne 2 ]; then
@@ -26,14 +26,18 @@ SEED=${SEED:-0}
 OUT=${OUT:-$RUN/fid10k}
 mkdir -p "$OUT"
 
-RESIZE=$(python -c "import json,sys; print(json.load(open(sys.argv[1])).get('resize', 'squash'))" \
-  "$RUN/config.json")
+# The run's own preprocessing of the reference (config.json holds every train() argument).
+run_config() {
+  python -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$RUN/config.json" "$1"
+}
+RESIZE=$(run_config resize)
+CHANNELS=$(run_config channels)
 if [ "$NPROC" -gt 1 ]; then
   SAMPLE=(torchrun --standalone --nproc_per_node="$NPROC" -m blurfast sample)
 else
   SAMPLE=(blurfast sample)
 fi
-FID_ARGS=(--ref "$REF" --n "$N" --resize "$RESIZE")
+FID_ARGS=(--ref "$REF" --n "$N" --resize "$RESIZE" --channels "$CHANNELS")
 if [ -n "${INCEPTION:-}" ]; then FID_ARGS+=(--inception "$INCEPTION"); fi
 
 for spec in "reverse_sde 0" "ddim 100"; do

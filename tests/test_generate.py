@@ -24,18 +24,27 @@ def mean_features(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=(2, 3))
 
 
-def independent_fid(samples, ref_folder, n: int) -> float:
-    """FID of mean_features between uint8 (H, W, C) samples and the first n images of a
-    folder, computed here: clean-fid's resizer, numpy statistics, scipy's sqrtm."""
+def folder_images(folder, n: int) -> list:
+    """The first n images of a folder, uint8 (H, W, 3)."""
+    files = sorted(f for f in folder.rglob("*")
+                   if f.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"})[:n]
+    return [np.asarray(Image.open(f).convert("RGB")) for f in files]
+
+
+def independent_fid(samples, refs) -> float:
+    """FID of mean_features between two lists of uint8 (H, W, 1 or 3) images, computed
+    here: grayscale as Pillow converts it to RGB, clean-fid's resizer, numpy statistics,
+    scipy's sqrtm."""
     import scipy.linalg
     from cleanfid.resize import build_resizer
     rs = build_resizer("clean")
-    files = sorted(f for f in ref_folder.rglob("*")
-                   if f.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"})[:n]
-    refs = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+
+    def rgb(i):
+        return np.asarray(Image.fromarray(i[:, :, 0]).convert("RGB")) if i.shape[2] == 1 else i
 
     def feats(imgs):
-        return np.stack([np.asarray(rs(i), dtype=np.float64).mean(axis=(0, 1)) for i in imgs])
+        return np.stack([np.asarray(rs(rgb(i)), dtype=np.float64).mean(axis=(0, 1))
+                         for i in imgs])
     f1, f2 = feats(samples), feats(refs)
     s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
     covmean = scipy.linalg.sqrtm(s1 @ s2).real
@@ -97,7 +106,7 @@ def test_cli_train_sample_fid(run_dir, tmp_path, capsys, monkeypatch):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("FID ")
     assert float(line.split()[1]) == pytest.approx(
-        independent_fid(imgs, run_dir / "photos", 12), rel=1e-4)
+        independent_fid(imgs, folder_images(run_dir / "photos", 12)), rel=1e-4)
 
 
 def test_two_gloo_processes_give_the_same_images(run_dir, tmp_path):
@@ -237,7 +246,7 @@ def test_training_fid_every_keeps_the_best(run_dir, tmp_path, monkeypatch):
              progress=False)
     with np.load(tmp_path / "again" / "samples.npz") as z:
         again = list(z["images"])
-    assert min(values) == pytest.approx(independent_fid(again, run_dir / "photos", 6), rel=1e-4)
+    assert min(values) == pytest.approx(independent_fid(again, folder_images(run_dir / "photos", 6)), rel=1e-4)
 
 
 def test_clip_x0_clamps_only_out_of_range_estimates():
@@ -255,3 +264,44 @@ def test_clip_x0_clamps_only_out_of_range_estimates():
     x0_hat = diff.eps_to_x0(x_t, wrong(x_t, t), t)
     assert x0_hat.abs().max() <= 1 + 1e-5                          # clamped (measured 1 + 1.3e-6)
     assert diff.eps_to_x0(x_t, eps * 3 + 1, t).abs().max() > 2     # which was out of range
+
+
+def test_a_grayscale_run_scores_against_its_grayscale_reference(run_dir, tmp_path, monkeypatch,
+                                                                capsys):
+    # prepare --channels 1, train --channels 1 --fid-every, sample, fid: the reference is
+    # read with its one channel (it failed as "channels: 3 differs from ... 1").
+    from blurfast import checkpoint, data, evaluation, training
+    monkeypatch.setenv("BLURFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(os.path.dirname(__file__))
+    monkeypatch.setattr(evaluation, "inception_extractor",
+                        lambda path=None, device="cpu", download=True: mean_features)
+    gray, rgb = tmp_path / "gray16.npy", tmp_path / "rgb16.npy"
+    for path, channels in ((gray, 1), (rgb, 3)):
+        data.prepare(run_dir / "photos", path, resolution=16, channels=channels, workers=0,
+                     progress=False)
+    kw = dict(preset="small", resolution=16, channels=1, model=TINY,
+              diffusion=dict(num_steps=40), batch_size=4, steps=2, device="cpu",
+              save_every=100, sample_every=100, sample_steps=2, fid_every=2, fid_n=6,
+              fid_steps=2, progress=False)
+    # An RGB reference for a grayscale run: refused before the first step.
+    with pytest.raises(ValueError, match=r"^fid_ref: channels: 1 differs from the prepared "
+                                         r"array's 3"):
+        training.train(data=str(gray), out=str(tmp_path / "rgb_ref"), fid_ref=str(rgb), **kw)
+    assert not list((tmp_path / "rgb_ref").rglob("*.safetensors"))
+    out = tmp_path / "run"
+    training.train(data=str(gray), out=str(out), fid_ref=str(gray), **kw)
+    logged = float((out / "fid.csv").read_text().splitlines()[1].split(",")[1])
+    [(step, best)] = checkpoint.list_checkpoints(out / "best")
+    generate(best, 6, tmp_path / "s", steps=2, seed=0, fmt="npz", device="cpu",
+             progress=False)
+    with np.load(tmp_path / "s" / "samples.npz") as z:
+        imgs = list(z["images"])
+    assert step == 2 and imgs[0].shape == (16, 16, 1)
+    want = independent_fid(imgs, list(np.load(gray)[:6]))
+    assert logged == pytest.approx(want, rel=1e-4)
+    capsys.readouterr()
+    assert cli.main(["fid", "--samples", str(tmp_path / "s" / "samples.npz"), "--ref",
+                     str(gray), "--n", "6", "--features", "test_generate:mean_features",
+                     "--device", "cpu"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert float(line.split()[1]) == pytest.approx(want, rel=1e-4)
