@@ -154,16 +154,18 @@ def _add_sample(sub) -> None:
     s.add_argument("--num-samples", "--n", dest="n", type=int, default=10_000,
                    help="number of images (default 10000); --n is short for it, but torchrun "
                         "refuses --n, so write --num-samples under torchrun")
-    from .sampling import SAMPLERS
+    from .sampling import ETA_SAMPLERS, SAMPLERS
     s.add_argument("--sampler", default="ddim", choices=list(SAMPLERS),
                    help="ddim (default), ancestral, reverse_sde (the paper's) or exp2m (second "
                         "order, best at 25-100 steps)")
     s.add_argument("--steps", type=int, default=100,
                    help="model calls (default 100; 0 = the full chain N-1..1)")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (default 0)")
+    eta_samplers = " and ".join(ETA_SAMPLERS)
+    s.add_argument("--eta", type=float, default=0.0,
+                   help=f"DDIM eta in [0, 1] ({eta_samplers} only; default 0)")
     s.add_argument("--stochastic-first", type=float, default=0.0, metavar="FRACTION",
-                   help="eta=1 on this first fraction of the steps, then --eta (ddim and exp2m; "
-                        "0.3 corrects the prior's error, see docs/process.md)")
+                   help=f"eta=1 on this first fraction of the steps, then --eta ({eta_samplers} "
+                        "only; 0.3 corrects the prior's error, see docs/process.md)")
     s.add_argument("--spacing", default="uniform", choices=["uniform", "quadratic"],
                    help="which steps of 1..N the model is called at (default uniform)")
     s.add_argument("--batch", type=int, default=256, help="images per batch (default 256)")
@@ -192,7 +194,9 @@ def _add_sample(sub) -> None:
 
 def _sample(args) -> int:
     from .generate import generate
-    from .sampling import eta_first
+    from .sampling import check_eta, eta_first
+    check_eta(args.sampler, args.eta, "--eta")
+    check_eta(args.sampler, args.stochastic_first, "--stochastic-first")
     eta = args.eta
     if args.stochastic_first:
         if args.steps == 0:

@@ -22,7 +22,7 @@ from . import viz
 from .checks import check_int
 from .data import data_range, to_unit_range
 from .fileio import save_npz
-from .sampling import SAMPLERS, STEP_OFFSET, clip_x0, timesteps
+from .sampling import SAMPLERS, STEP_OFFSET, check_eta, clip_x0, timesteps
 
 __all__ = ["resolve_checkpoint", "generate", "sample_batches", "GraphedModel"]
 
@@ -118,7 +118,7 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
     """Samples ``n`` images into ``out`` (PNG files ``NNNNNN.png`` or ``samples.npz`` with
     uint8 ``images`` (N, H, W, C)) plus ``contact_sheet.png``; returns ``out``.
 
-    ``eta``: a number or one per step; ``steps=None`` runs the full chain; ``precision`` ``bf16`` (default on CUDA) or
+    ``eta``: a number or one per step (ddim and exp2m); ``steps=None`` runs the full chain; ``precision`` ``bf16`` (default on CUDA) or
     ``fp32``; ``cuda_graph`` replays the model call of each step from a CUDA graph;
     ``compile`` runs the model under ``torch.compile`` (one compilation per batch size,
     inside the graph when both are set);
@@ -135,6 +135,7 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
         raise ValueError(f"fmt: expected 'png' or 'npz', got {fmt!r}")
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {tuple(SAMPLERS)}, got {sampler!r}")
+    check_eta(sampler, eta)
     if precision not in (None, "bf16", "fp32"):
         raise ValueError(f"precision: expected 'bf16', 'fp32' or None, got {precision!r}")
     path = resolve_checkpoint(ckpt_path)

@@ -27,11 +27,28 @@ from .checks import check_int
 from .diffusion import BlurDiffusion
 
 __all__ = ["sample", "clip_x0", "timesteps", "reverse_sde", "ancestral", "ddim", "exp2m", "eta_first",
-           "SAMPLERS",
+           "check_eta", "SAMPLERS", "ETA_SAMPLERS",
            "STEP_OFFSET"]
 
 # Philox counter distance between the noise of consecutive steps (elements per step < 2**40).
 STEP_OFFSET = 2 ** 40
+
+# The samplers that take eta; reverse_sde and ancestral have their own fixed noise.
+ETA_SAMPLERS = ("ddim", "exp2m")
+
+
+def check_eta(sampler: str, eta, name: str = "eta") -> None:
+    """Raises, naming ``name``, when ``eta`` (a number or one per step) is nonzero for a
+    sampler that has no eta: it would be ignored."""
+    if sampler in ETA_SAMPLERS:
+        return
+    try:
+        zero = all(e == 0 for e in ([eta] if isinstance(eta, numbers.Real) else eta))
+    except TypeError:
+        zero = False
+    if not zero:
+        raise ValueError(f"{name}: only {' and '.join(ETA_SAMPLERS)} take it, not {sampler}; "
+                         f"got {eta!r}")
 
 
 def timesteps(diff: BlurDiffusion, steps: Optional[int] = None,
@@ -194,14 +211,18 @@ def _run(coefs: Callable, model, diff: BlurDiffusion, x: torch.Tensor, steps: Se
 
 def reverse_sde(model, diff, x, timesteps, *, eta=0.0, seed=0, offset=0, callback=None,
                 progress=True):
-    """The paper's reverse diffusion (Eq. 20); on a subsequence A_i becomes Abar_i/Abar_s."""
+    """The paper's reverse diffusion (Eq. 20); on a subsequence A_i becomes Abar_i/Abar_s.
+    No eta: a nonzero one raises."""
+    check_eta("reverse_sde", eta)
     return _run(_reverse_sde_coefs, model, diff, x, timesteps, 0.0, seed, offset, callback,
                 progress, "reverse_sde")
 
 
 def ancestral(model, diff, x, timesteps, *, eta=0.0, seed=0, offset=0, callback=None,
               progress=True):
-    """Ancestral sampling from the per-frequency Gaussian posterior q(x_s | x_i, x0_hat)."""
+    """Ancestral sampling from the per-frequency Gaussian posterior q(x_s | x_i, x0_hat).
+    No eta (it is DDIM's eta = 1): a nonzero one raises."""
+    check_eta("ancestral", eta)
     return _run(_ancestral_coefs, model, diff, x, timesteps, 0.0, seed, offset, callback,
                 progress, "ancestral")
 
@@ -262,7 +283,8 @@ def sample(model, diff: BlurDiffusion, shape, sampler: str = "ddim", steps: Opti
            dtype=torch.float32, device=None, clip=None) -> torch.Tensor:
     """Samples (B, C, H, W) of ``model`` (eps in pixel space) under ``diff``.
 
-    ``sampler``: ``reverse_sde`` | ``ancestral`` | ``ddim`` | ``exp2m``; ``steps``: model calls
+    ``sampler``: ``reverse_sde`` | ``ancestral`` | ``ddim`` | ``exp2m``; ``eta``: ddim and
+    exp2m only (a number or one per step; nonzero with the others raises); ``steps``: model calls
     (None: the full chain N-1..1); ``spacing``: see :func:`timesteps` (an explicit
     list of steps overrides ``steps``). Starts from
     the prior at the first step (``diff.prior_sample``) unless ``x_init`` (the state
@@ -272,6 +294,7 @@ def sample(model, diff: BlurDiffusion, shape, sampler: str = "ddim", steps: Opti
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {tuple(SAMPLERS)}, got {sampler!r}")
+    check_eta(sampler, eta)
     if clip is not None:
         model = clip_x0(model, diff, *clip)
     seq = timesteps(diff, steps if isinstance(spacing, str) else None, spacing)

@@ -8,8 +8,8 @@ import torch
 
 from blurfast.diffusion import BlurDiffusion
 from blurfast.reference import philox_normal
-from blurfast.sampling import (STEP_OFFSET, ancestral, ddim, eta_first, sample,
-                               timesteps)
+from blurfast.sampling import (ETA_SAMPLERS, SAMPLERS, STEP_OFFSET, ancestral, ddim, eta_first,
+                               sample, timesteps)
 from blurfast.testing import GaussianMixtureOracle, example_oracle
 from bfutil import dct2, idct2
 
@@ -167,11 +167,35 @@ def test_timesteps():
 
 def test_same_seed_same_images(small):
     for kind in ("reverse_sde", "ancestral", "ddim", "exp2m"):
-        kw = dict(sampler=kind, steps=8, eta=0.5, progress=False)
+        kw = dict(sampler=kind, steps=8, eta=0.5 if kind in ETA_SAMPLERS else 0.0,
+                  progress=False)
         a = sample(toy_model, small, SHAPE, seed=3, **kw)
         b = sample(toy_model, small, SHAPE, seed=3, **kw)
         c = sample(toy_model, small, SHAPE, seed=4, **kw)
         assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("kind", ["reverse_sde", "ancestral"])
+def test_an_eta_the_sampler_has_not_is_an_error(small, kind, tmp_path, capsys):
+    # These samplers have no eta: one given was ignored (the same images as without).
+    x = small.prior_sample(SHAPE, 7, seed=1)
+    plain = SAMPLERS[kind](toy_model, small, x, [7, 4, 1], seed=2, progress=False)
+    zeros = SAMPLERS[kind](toy_model, small, x, [7, 4, 1], eta=[0.0] * 3, seed=2,
+                           progress=False)
+    assert torch.equal(plain, zeros)
+    for eta in (0.5, eta_first(3, 0.3)):
+        with pytest.raises(ValueError, match=f"^eta: only ddim and exp2m take it, not {kind}"):
+            sample(toy_model, small, SHAPE, sampler=kind, steps=3, eta=eta, progress=False)
+        with pytest.raises(ValueError, match=f"^eta: only ddim and exp2m take it, not {kind}"):
+            SAMPLERS[kind](toy_model, small, x, [7, 4, 1], eta=eta, progress=False)
+    from blurfast import cli
+    base = ["sample", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "out"),
+            "--sampler", kind]
+    for flag in ("--eta", "--stochastic-first"):
+        assert cli.main(base + [flag, "0.3"]) == 2
+        assert capsys.readouterr().err == (f"blurfast sample: error: {flag}: only ddim and "
+                                           f"exp2m take it, not {kind}; got 0.3\n")
+    assert not (tmp_path / "out").exists()
 
 
 def test_callback_sees_every_step_and_x0_hat(small):
