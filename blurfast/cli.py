@@ -63,7 +63,8 @@ def _add_fid(sub) -> None:
                        description="FID with clean-fid's resizing and InceptionV3. Reference "
                        "statistics are computed once, with the training preprocessing, and "
                        "cached under $BLURFAST_CACHE/fid (default ~/.cache/blurfast/fid).")
-    s.add_argument("--samples", required=True, help="folder of images or .npz of uint8 (N,H,W,C)")
+    s.add_argument("--samples", default=None,
+                   help="folder of images or .npz of uint8 (N,H,W,C); required but with --check")
     s.add_argument("--ref", required=True,
                    help="image folder, LSUN lmdb, prepared .npy array, or STATS.npz (mu, sigma)")
     s.add_argument("--n", type=int, default=10_000, help="images used from each side (default 10000)")
@@ -87,6 +88,9 @@ def _add_fid(sub) -> None:
     s.add_argument("--features", default=None, metavar="MODULE:FUNCTION",
                    help="a custom feature extractor instead of InceptionV3 (a function of float "
                         "images (B,3,299,299) in [0,255] returning (B, D) features)")
+    s.add_argument("--check", action="store_true",
+                   help="only load the feature extractor (InceptionV3: its weights, found or "
+                        "downloaded) and check --ref, then exit: run it before making samples")
     s.set_defaults(func=_fid)
 
 
@@ -129,6 +133,13 @@ def _fid(args) -> int:
                              f"MODULE:FUNCTION with MODULE importable (on PYTHONPATH)") from None
     else:
         extractor = ev.inception_extractor(args.inception, device=device)
+    if args.check:
+        ev.check_reference(args.ref, args.resolution, args.channels, name="--ref")
+        print(f"ok: features {getattr(extractor, 'name', args.features)} loaded on {device}, "
+              f"reference {args.ref} found")
+        return 0
+    if args.samples is None:
+        raise ValueError("--samples: required (a folder of images or .npz), except with --check")
     value = ev.fid(args.samples, args.ref, n=args.n, resolution=args.resolution,
                    resize=args.resize, feature_extractor=extractor, device=device,
                    batch_size=args.batch, cache=not args.no_cache, channels=args.channels)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # FID-10K of a trained run, the paper's protocol: 10,000 samples from the EMA weights with
-# the paper's reverse diffusion sampler over the full chain (N-1 model calls), and with
-# DDIM at 100 steps; each scored with clean-fid's InceptionV3 against REF.
+# the paper's reverse diffusion sampler over the full chain (N-1 model calls), and with DDIM
+# at 100 steps; each scored with clean-fid's InceptionV3 (loaded first) against REF.
 #
 #   scripts/eval_fid10k.sh RUN_DIR REF
 #
@@ -30,6 +30,7 @@ mkdir -p "$OUT"
 run_config() {
   python -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$RUN/config.json" "$1"
 }
+RESOLUTION=$(run_config resolution)
 RESIZE=$(run_config resize)
 CHANNELS=$(run_config channels)
 if [ "$NPROC" -gt 1 ]; then
@@ -37,8 +38,11 @@ if [ "$NPROC" -gt 1 ]; then
 else
   SAMPLE=(blurfast sample)
 fi
-FID_ARGS=(--ref "$REF" --n "$N" --resize "$RESIZE" --channels "$CHANNELS")
+FID_ARGS=(--ref "$REF" --n "$N" --resolution "$RESOLUTION" --resize "$RESIZE"
+          --channels "$CHANNELS")
 if [ -n "${INCEPTION:-}" ]; then FID_ARGS+=(--inception "$INCEPTION"); fi
+# InceptionV3's weights and REF, checked before the samples are made.
+blurfast fid --check "${FID_ARGS[@]}"
 
 for spec in "reverse_sde 0" "ddim 100"; do
   read -r sampler steps <<< "$spec"

@@ -147,3 +147,36 @@ def test_cli_fid_bad_options(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(args + ["--batch", "0"])
     assert "expected a positive int, got '0'" in capsys.readouterr().err
+
+
+def test_cli_fid_check_loads_the_features_and_finds_the_reference(tmp_path, monkeypatch,
+                                                                  capsys):
+    # `blurfast fid --check`: what eval_fid10k.sh runs before making samples. It fails,
+    # in one line, where the FID after sampling would.
+    import os
+    from blurfast import cli
+    monkeypatch.syspath_prepend(os.path.dirname(__file__))
+    monkeypatch.setattr(ev, "_reachable", lambda url, timeout=3.0: False)
+    np.save(tmp_path / "ref16.npy", np.zeros((4, 16, 16, 1), np.uint8))
+    ref = ["--ref", str(tmp_path / "ref16.npy"), "--device", "cpu"]
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    assert cli.main(["fid", "--check", "--inception", str(weights)] + ref) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("blurfast fid: error: inception: ")
+    assert str(weights / ev.INCEPTION_FILE) in err[0]
+    assert not list(weights.iterdir())
+    features = ["--features", "test_evaluation:_pool_features"]
+    assert cli.main(["fid", "--check"] + features + ref) == 0
+    assert capsys.readouterr().out.startswith("ok: ")
+    for extra, words in [
+            (["--ref", str(tmp_path / "nope.npy")], f"--ref: {str(tmp_path / 'nope.npy')!r} "
+                                                    f"does not exist"),
+            (["--resolution", "32"], "--ref: resolution: 32 differs from the prepared "
+                                     "array's 16"),
+            (["--channels", "3"], "--ref: channels: 3 differs from the prepared array's 1")]:
+        assert cli.main(["fid", "--check"] + features + ref + extra) == 2
+        assert capsys.readouterr().err.startswith(f"blurfast fid: error: {words}")
+    assert cli.main(["fid"] + features + ref) == 2
+    assert capsys.readouterr().err == ("blurfast fid: error: --samples: required (a folder of "
+                                       "images or .npz), except with --check\n")

@@ -977,3 +977,57 @@ def test_recipes_run_the_papers_settings(tmp_path, script, env, steps, batch, gr
     assert kw["steps"] == steps and kw["target"] == "eps" and kw["flip"] is True
     assert kw["cuda_graphs"] is graphs and kw["compile"] is True
     assert (kw["data"], kw["out"], kw["resume"]) == ("DATA.npy", "RUN", "auto")
+
+
+def _eval_fid10k_calls(tmp_path: Path, env_extra: dict):
+    """Runs scripts/eval_fid10k.sh with stand-ins for blurfast and torchrun that log each
+    call (its arguments, tab-separated); the blurfast stand-in prints an FID and fails
+    `fid --check` when FAIL_CHECK is set. Returns the process and the calls."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir(parents=True)
+    for name in ("blurfast", "torchrun"):
+        (bin_dir / name).write_text(textwrap.dedent(f"""\
+            #!/bin/sh
+            {{ printf %s {name}; for a in "$@"; do printf '\\t%s' "$a"; done; echo; }} >> "{log}"
+            if [ "$1 $2" = "fid --check" ] && [ -n "${{FAIL_CHECK:-}}" ]; then
+              echo "blurfast fid: error: inception: weights not found" >&2; exit 2
+            fi
+            if [ "{name} $1" = "blurfast fid" ]; then echo "FID 1.5"; fi
+            """))
+        (bin_dir / name).chmod(0o755)
+    run = tmp_path / "RUN"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(dict(resolution=16, resize="center-crop",
+                                                     channels=1, steps=5)))
+    root = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ["PATH"]])
+    p = subprocess.run(["bash", str(root / "scripts" / "eval_fid10k.sh"), str(run), "REF.npy"],
+                       env={**os.environ, "PATH": path, **env_extra}, capture_output=True,
+                       text=True)
+    calls = [line.split("\t") for line in log.read_text().splitlines()] if log.exists() else []
+    return p, calls
+
+
+def test_eval_fid10k_checks_inception_and_the_reference_before_sampling(tmp_path):
+    from torch.distributed.run import get_args_parser
+
+    from blurfast import cli
+    p, calls = _eval_fid10k_calls(tmp_path, {"NPROC": "2", "N": "12"})
+    assert p.returncode == 0, p.stderr
+    fid_args = ["--ref", "REF.npy", "--n", "12", "--resolution", "16", "--resize",
+                "center-crop", "--channels", "1"]
+    assert calls[0] == ["blurfast", "fid", "--check", *fid_args]
+    assert [c[:2] for c in calls[1:]] == [["torchrun", "--standalone"], ["blurfast", "fid"]] * 2
+    for (sampler, steps), sample, fid in zip([("reverse_sde", 0), ("ddim", 100)],
+                                             calls[1::2], calls[2::2]):
+        t = get_args_parser().parse_args(sample[1:])       # torchrun's parser takes them
+        a = cli.build_parser().parse_args(t.training_script_args)
+        assert (t.training_script, a.command, a.n, a.sampler, a.steps, a.fmt) == \
+            ("blurfast", "sample", 12, sampler, steps, "npz")
+        assert fid[1:] == ["fid", "--samples", f"{a.out}/samples.npz", *fid_args]
+    assert (tmp_path / "RUN" / "fid10k" / "fid10k.txt").read_text() == \
+        "reverse_sde steps=full FID 1.5\nddim steps=100 FID 1.5\n"
+    # Weights missing: the script stops at the check, before any sample is made.
+    p, calls = _eval_fid10k_calls(tmp_path / "fail", {"FAIL_CHECK": "1"})
+    assert p.returncode == 2 and "inception: weights not found" in p.stderr
+    assert [c[:3] for c in calls] == [["blurfast", "fid", "--check"]]
