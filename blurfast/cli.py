@@ -62,7 +62,10 @@ def _add_fid(sub) -> None:
     s = sub.add_parser("fid", help="FID of generated samples against reference data (clean-fid)",
                        description="FID with clean-fid's resizing and InceptionV3. Reference "
                        "statistics are computed once, with the training preprocessing, and "
-                       "cached under $BLURFAST_CACHE/fid (default ~/.cache/blurfast/fid).")
+                       "cached under $BLURFAST_CACHE/fid (default ~/.cache/blurfast/fid). "
+                       "Prints the images used from each side, then the FID; warns when a "
+                       "side has no more images than InceptionV3 has features (2048): the FID "
+                       "is then biased high.")
     s.add_argument("--samples", default=None,
                    help="folder of images or .npz of uint8 (N,H,W,C); required but with --check")
     s.add_argument("--ref", required=True,
@@ -83,7 +86,8 @@ def _add_fid(sub) -> None:
                    help="default: cuda if available")
     s.add_argument("--batch", type=positive_int, default=64,
                    help="images per Inception batch (default 64)")
-    s.add_argument("--save-stats", default=None, help="also write the reference mu/sigma here")
+    s.add_argument("--save-stats", default=None,
+                   help="also write the reference mu/sigma (and image count) here")
     s.add_argument("--no-cache", action="store_true", help="do not read or write the stats cache")
     s.add_argument("--features", default=None, metavar="MODULE:FUNCTION",
                    help="a custom feature extractor instead of InceptionV3 (a function of float "
@@ -121,8 +125,9 @@ def _fid(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device: 'cuda' was asked for but torch sees no GPU")
-    if args.n is not None and args.n < 2:
-        raise SystemExit("--n: expected at least 2")
+    if args.n < 2:
+        raise ValueError(f"--n: expected an int >= 2, got {args.n}")
+    ev.check_reference(args.ref, args.resolution, args.channels, name="--ref")
     if args.features:
         import importlib
         mod, _, fn = args.features.partition(":")
@@ -134,20 +139,28 @@ def _fid(args) -> int:
     else:
         extractor = ev.inception_extractor(args.inception, device=device)
     if args.check:
-        ev.check_reference(args.ref, args.resolution, args.channels, name="--ref")
         print(f"ok: features {getattr(extractor, 'name', args.features)} loaded on {device}, "
               f"reference {args.ref} found")
         return 0
     if args.samples is None:
         raise ValueError("--samples: required (a folder of images or .npz), except with --check")
-    value = ev.fid(args.samples, args.ref, n=args.n, resolution=args.resolution,
-                   resize=args.resize, feature_extractor=extractor, device=device,
-                   batch_size=args.batch, cache=not args.no_cache, channels=args.channels)
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = ev.fid(args.samples, args.ref, n=args.n, resolution=args.resolution,
+                       resize=args.resize, feature_extractor=extractor, device=device,
+                       batch_size=args.batch, cache=not args.no_cache, channels=args.channels)
+    for w in caught:           # one line each, after the progress bars
+        print(f"blurfast fid: warning: {w.message}", file=sys.stderr)
     if args.save_stats:        # the statistics fid() just used (from the cache when enabled)
         res = args.resolution or int(next(iter(ev.load_images(args.samples, 1))).shape[0])
-        ev.save_statistics(args.save_stats, *ev.reference_statistics(
+        mu, sigma, _ = ev._reference_statistics(
             args.ref, res, args.resize, args.n, extractor, device, args.batch,
-            not args.no_cache, progress=False, channels=args.channels))
+            not args.no_cache, False, args.channels)
+        ev.save_statistics(args.save_stats, mu, sigma, value.ref)
+    print(f"samples: {value.samples} images from {args.samples}")
+    print(f"reference: statistics of {args.ref} (image count not recorded)" if value.ref is None
+          else f"reference: {value.ref} images from {args.ref}")
     print(f"FID {value:.4f}")
     return 0
 

@@ -24,7 +24,7 @@ from .fileio import save_npz
 
 __all__ = ["INCEPTION_FILE", "default_inception_path", "inception_extractor", "features",
            "statistics", "save_statistics", "frechet_distance", "gaussian_frechet_distance",
-           "check_reference", "reference_statistics", "fid", "load_images"]
+           "check_reference", "reference_statistics", "fid", "FidValue", "load_images"]
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 
@@ -187,9 +187,10 @@ def _cache_dir() -> Path:
     return Path(root) / "fid"
 
 
-def save_statistics(path, mu, sigma) -> None:
-    """Writes (mu, sigma) as an .npz that ``--ref`` accepts (temp file + rename)."""
-    save_npz(path, mu=mu, sigma=sigma)
+def save_statistics(path, mu, sigma, n: Optional[int] = None) -> None:
+    """Writes (mu, sigma), and ``n`` the image count when given, as an .npz that ``--ref``
+    accepts (temp file + rename)."""
+    save_npz(path, mu=mu, sigma=sigma, **({} if n is None else {"n": np.array(n)}))
 
 
 def _fingerprint(p: Path) -> str:
@@ -232,22 +233,30 @@ def reference_statistics(ref, resolution: int, resize: str = "squash", n: Option
     prepared array's own and decodes folders and lmdb as RGB; grayscale images are
     repeated to the 3 channels of InceptionV3, as samples are). Computed once, then cached
     as .npz under ``$BLURFAST_CACHE/fid`` (default ``~/.cache/blurfast/fid``)."""
+    return _reference_statistics(ref, resolution, resize, n, extractor, device, batch_size,
+                                 cache, progress, channels)[:2]
+
+
+def _reference_statistics(ref, resolution, resize, n, extractor, device, batch_size, cache,
+                          progress, channels):
+    """:func:`reference_statistics` and the count of images behind them (None where a
+    STATS .npz does not record it)."""
     p = Path(ref)
     if p.is_file() and p.suffix == ".npz":
         try:
             with np.load(p) as z:
-                stats = {k: z[k] for k in ("mu", "sigma") if k in z.files}
+                stats = {k: z[k] for k in ("mu", "sigma", "n") if k in z.files}
         except Exception as e:       # a damaged archive
             raise ValueError(f"ref: {p} is not a readable .npz ({type(e).__name__}: {e})") \
                 from None
-        if len(stats) != 2:
+        if "mu" not in stats or "sigma" not in stats:
             raise ValueError(f"ref: {p} is an .npz without 'mu' and 'sigma'")
         mu, sigma = stats["mu"], stats["sigma"]
         if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2 or not (
                 np.isfinite(mu).all() and np.isfinite(sigma).all()):
             raise ValueError(f"ref: {p} needs finite mu (D,) and sigma (D, D), got shapes "
                              f"{mu.shape} and {sigma.shape}")
-        return mu, sigma
+        return mu, sigma, int(stats["n"]) if "n" in stats else None
     from .data import UnreadableImage, open_dataset
     extractor = extractor or inception_extractor(device=device)
     ds = open_dataset(p, resolution=resolution, resize=resize, channels=channels)
@@ -259,7 +268,7 @@ def reference_statistics(ref, resolution: int, resize: str = "squash", n: Option
     cached = _cache_dir() / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".npz")
     if cache and cached.is_file():
         with np.load(cached) as z:
-            return z["mu"], z["sigma"]
+            return z["mu"], z["sigma"], int(z["n"]) if "n" in z.files else None
 
     def imgs():
         for i in range(count):
@@ -267,22 +276,33 @@ def reference_statistics(ref, resolution: int, resize: str = "squash", n: Option
                 yield np.asarray(ds[i])
             except UnreadableImage as e:
                 warnings.warn(f"ref: skipping {e}", stacklevel=3)
-    mu, sigma = statistics(features(imgs(), extractor, batch_size, device, total=count,
-                                    progress=progress, desc="reference features"))
+    feats = features(imgs(), extractor, batch_size, device, total=count, progress=progress,
+                     desc="reference features")
+    mu, sigma = statistics(feats)
     if cache:
-        save_npz(cached, mu=mu, sigma=sigma, key=np.array(key))
-    return mu, sigma
+        save_npz(cached, mu=mu, sigma=sigma, n=np.array(len(feats)), key=np.array(key))
+    return mu, sigma, len(feats)
+
+
+class FidValue(float):
+    """An FID (a float) with the image counts behind it: ``samples``, and ``ref`` (None
+    for reference statistics that do not record theirs)."""
+    samples: int
+    ref: Optional[int]
 
 
 def fid(samples, ref, n: Optional[int] = 10_000, resolution: Optional[int] = None,
         resize: str = "squash", inception=None, feature_extractor: Optional[Callable] = None,
         device="cpu", batch_size: int = 64, cache: bool = True, progress: bool = True,
-        channels: Optional[int] = None) -> float:
+        channels: Optional[int] = None) -> FidValue:
     """FID between generated ``samples`` (folder or .npz) and a reference (see
-    :func:`reference_statistics`), on the first ``n`` images of each.
-    ``feature_extractor`` replaces InceptionV3 (a callable on float (B,3,299,299) in
-    [0, 255]); ``resolution`` defaults to the samples' own; ``resolution``, ``resize`` and
-    ``channels`` preprocess a reference dataset (see :func:`reference_statistics`)."""
+    :func:`reference_statistics`), on the first ``n`` images of each; a :class:`FidValue`
+    (a float with the image counts). ``feature_extractor`` replaces InceptionV3 (a
+    callable on float (B,3,299,299) in [0, 255]); ``resolution`` defaults to the samples'
+    own; ``resolution``, ``resize`` and ``channels`` preprocess a reference dataset (see
+    :func:`reference_statistics`). The reference path is checked before any features are
+    computed. Warns when a side has no more images than features (2048 for InceptionV3):
+    its covariance is then singular and the FID biased high."""
     check_int("n", n, 2, none_ok=True)
     extractor = feature_extractor or inception_extractor(inception, device=device)
     imgs = load_images(samples, n)
@@ -291,18 +311,29 @@ def fid(samples, ref, n: Optional[int] = 10_000, resolution: Optional[int] = Non
     if first is None:
         raise ValueError(f"samples: no images in {samples}")
     res = resolution or int(first.shape[0])
+    check_reference(ref, res, channels)
 
     def all_imgs():
         yield first
         yield from imgs
-    mu_s, sig_s = statistics(features(all_imgs(), extractor, batch_size, device,
-                                      progress=progress, desc="sample features"))
-    mu_r, sig_r = reference_statistics(ref, res, resize, n, extractor, device, batch_size,
-                                       cache, progress, channels)
+    feats = features(all_imgs(), extractor, batch_size, device, progress=progress,
+                     desc="sample features")
+    mu_s, sig_s = statistics(feats)
+    mu_r, sig_r, n_ref = _reference_statistics(ref, res, resize, n, extractor, device,
+                                               batch_size, cache, progress, channels)
     if mu_r.shape != mu_s.shape:
         raise ValueError(f"ref: statistics of {mu_r.shape[0]} features, samples give "
                          f"{mu_s.shape[0]}")
-    return frechet_distance(mu_s, sig_s, mu_r, sig_r)
+    dim = feats.shape[1]
+    few = [f"{k} {side}" for k, side in ((len(feats), "samples"), (n_ref, "reference images"))
+           if k is not None and k <= dim]
+    if few:           # N images give a covariance of rank N - 1 at most
+        warnings.warn(f"fid: {' and '.join(few)} for {dim} features: a covariance of no more "
+                      f"images than features is singular and the FID biased high; use well "
+                      f"over {dim} (10000 is usual)", stacklevel=2)
+    value = FidValue(frechet_distance(mu_s, sig_s, mu_r, sig_r))
+    value.samples, value.ref = len(feats), n_ref
+    return value
 
 
 class FidMonitor:

@@ -180,3 +180,63 @@ def test_cli_fid_check_loads_the_features_and_finds_the_reference(tmp_path, monk
     assert cli.main(["fid"] + features + ref) == 2
     assert capsys.readouterr().err == ("blurfast fid: error: --samples: required (a folder of "
                                        "images or .npz), except with --check\n")
+
+
+def _mean_features(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel means: 3 features."""
+    return x.mean(dim=(2, 3))
+
+
+def _never(x: torch.Tensor) -> torch.Tensor:
+    raise AssertionError("features computed")
+
+
+def test_cli_fid_prints_the_image_counts_and_warns_on_too_few(tmp_path, monkeypatch, capsys):
+    import os
+    from blurfast import cli
+    from cleanfid.resize import build_resizer
+    monkeypatch.setenv("BLURFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(os.path.dirname(__file__))
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 256, size=(30, 16, 16, 3), dtype=np.uint8)
+    b = rng.integers(0, 200, size=(40, 16, 16, 3), dtype=np.uint8)
+    _write_images(tmp_path / "a", a)
+    _write_images(tmp_path / "b", b)
+    rs = build_resizer("clean")
+
+    def feats(imgs, fn):
+        x = torch.from_numpy(np.stack([rs(i) for i in imgs])).permute(0, 3, 1, 2)
+        return fn(x).double().numpy()
+    samples, ref, stats = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "b.npz")
+    base = ["fid", "--samples", samples, "--device", "cpu", "--n", "100"]
+    pool = ["--features", "test_evaluation:_pool_features"]
+    # 48 features from 30 and 40 images: singular covariances, one warning line.
+    want = _scipy_fid(feats(a, _pool_features), feats(b, _pool_features))
+    for where, ref_line in ((["--ref", ref, "--save-stats", stats],
+                             f"reference: 40 images from {ref}"),
+                            (["--ref", stats], f"reference: 40 images from {stats}")):
+        assert cli.main(base + pool + where) == 0
+        out, err = capsys.readouterr()
+        assert out.splitlines()[-3:-1] == [f"samples: 30 images from {samples}", ref_line]
+        assert float(out.splitlines()[-1].split()[1]) == pytest.approx(want, rel=1e-6)
+        assert [line for line in err.splitlines() if "warning" in line] == [
+            "blurfast fid: warning: fid: 30 samples and 40 reference images for 48 "
+            "features: a covariance of no more images than features is singular and the "
+            "FID biased high; use well over 48 (10000 is usual)"]
+    # 3 features: enough images, no warning. Statistics without a count say so.
+    assert cli.main(base + ["--ref", ref, "--features", "test_evaluation:_mean_features"]) == 0
+    out, err = capsys.readouterr()
+    assert "warning" not in err and out.splitlines()[-3] == f"samples: 30 images from {samples}"
+    np.savez(tmp_path / "bare.npz", **{k: v for k, v in np.load(stats).items() if k != "n"})
+    assert cli.main(base + pool + ["--ref", str(tmp_path / "bare.npz")]) == 0
+    assert capsys.readouterr().out.splitlines()[-2] == \
+        f"reference: statistics of {tmp_path / 'bare.npz'} (image count not recorded)"
+    # Bad input: one line, exit 2, before any features are computed.
+    never = ["--features", "test_evaluation:_never"]
+    nope = str(tmp_path / "nope.npy")
+    for args, line in ((["--n", "1", "--ref", ref], "--n: expected an int >= 2, got 1"),
+                       (["--ref", nope], f"--ref: {nope!r} does not exist")):
+        assert cli.main(base + never + args) == 2
+        assert capsys.readouterr().err == f"blurfast fid: error: {line}\n"
+    with pytest.raises(ValueError, match=f"^ref: {nope!r} does not exist"):
+        ev.fid(samples, nope, feature_extractor=_never, progress=False)
