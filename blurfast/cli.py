@@ -73,9 +73,11 @@ def _add_fid(sub) -> None:
     s.add_argument("--n", type=int, default=10_000, help="images used from each side (default 10000)")
     s.add_argument("--resolution", type=positive_int, default=None,
                    help="reference preprocessing resolution (default: the samples')")
-    from .data import RESIZE_MODES
-    s.add_argument("--resize", choices=RESIZE_MODES, default="squash",
-                   help="reference preprocessing, as for training (default squash, the paper's)")
+    from .data import DEFAULT_RESIZE, RESIZE_MODES
+    s.add_argument("--resize", choices=RESIZE_MODES, default=DEFAULT_RESIZE,
+                   help=f"reference preprocessing of folders and lmdb, as for training: give "
+                        f"the run's (default {DEFAULT_RESIZE}, as train's; a prepared array is "
+                        f"used as it is)")
     s.add_argument("--channels", type=int, choices=[1, 3], default=None,
                    help="reference channels, as for training (default: a prepared array's "
                         "own; folders and lmdb are read as RGB)")

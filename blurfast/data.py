@@ -24,12 +24,14 @@ import torch
 
 from .checks import check_int
 
-__all__ = ["IMAGE_EXTENSIONS", "RESIZE_MODES", "PIXEL_RANGES", "ImageFolder", "LSUNLmdb",
-           "PreparedArray", "open_dataset", "prepare", "to_float", "PrepareReport",
+__all__ = ["IMAGE_EXTENSIONS", "RESIZE_MODES", "DEFAULT_RESIZE", "PIXEL_RANGES", "ImageFolder",
+           "LSUNLmdb", "PreparedArray", "open_dataset", "prepare", "to_float", "PrepareReport",
            "UnreadableImage", "data_range", "to_unit_range"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 RESIZE_MODES = ("squash", "center-crop")
+# How training (and FID, unless told the run's) reads image folders and lmdb.
+DEFAULT_RESIZE = "center-crop"
 PIXEL_RANGES = ("-1,1", "0,1")
 
 
@@ -109,7 +111,7 @@ class _Decoded(torch.utils.data.Dataset):
 class ImageFolder(_Decoded):
     """All .jpg/.jpeg/.png/.webp/.bmp files under ``root`` (recursive, sorted paths)."""
 
-    def __init__(self, root, resolution: int = 64, resize: str = "center-crop",
+    def __init__(self, root, resolution: int = 64, resize: str = DEFAULT_RESIZE,
                  channels: int = 3, *, arg: str = "root"):
         # arg: the argument its errors name (a caller's own, e.g. "data (--data)")
         super().__init__(resolution, resize, channels)
@@ -155,7 +157,7 @@ class LSUNLmdb(_Decoded):
     """An LSUN database as distributed (``<category>_<split>_lmdb``: keys are image
     ids, values encoded images). The environment is opened per process, read-only."""
 
-    def __init__(self, path, resolution: int = 64, resize: str = "center-crop",
+    def __init__(self, path, resolution: int = 64, resize: str = DEFAULT_RESIZE,
                  channels: int = 3, progress: bool = False, *, arg: str = "path"):
         # arg: the argument its errors name (a caller's own, e.g. "data (--data)")
         super().__init__(resolution, resize, channels)
@@ -240,7 +242,7 @@ class PreparedArray(torch.utils.data.Dataset):
         return torch.from_numpy(out)
 
 
-def open_dataset(path, resolution: Optional[int] = None, resize: str = "center-crop",
+def open_dataset(path, resolution: Optional[int] = None, resize: str = DEFAULT_RESIZE,
                  channels: Optional[int] = 3, progress: bool = False, *,
                  arg: Optional[str] = None):
     """The dataset at ``path``: a ``.npy`` file from :func:`prepare`, an lmdb

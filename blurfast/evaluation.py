@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .checks import check_int
+from .data import DEFAULT_RESIZE
 from .fileio import save_npz
 
 __all__ = ["INCEPTION_FILE", "default_inception_path", "inception_extractor", "features",
@@ -223,10 +224,10 @@ def check_reference(ref, resolution: int, channels: Optional[int] = None,
             raise ValueError(f"{name}: {e}") from None
 
 
-def reference_statistics(ref, resolution: int, resize: str = "squash", n: Optional[int] = None,
-                         extractor: Optional[Callable] = None, device="cpu",
-                         batch_size: int = 64, cache: bool = True, progress: bool = True,
-                         channels: Optional[int] = None):
+def reference_statistics(ref, resolution: int, resize: str = DEFAULT_RESIZE,
+                         n: Optional[int] = None, extractor: Optional[Callable] = None,
+                         device="cpu", batch_size: int = 64, cache: bool = True,
+                         progress: bool = True, channels: Optional[int] = None):
     """(mu, sigma) of a reference: a STATS .npz (keys mu, sigma), or a dataset that
     :func:`blurfast.data.open_dataset` reads (image folder, LSUN lmdb, prepared array),
     preprocessed as for training (``resolution``, ``resize``, ``channels``: None takes a
@@ -292,9 +293,9 @@ class FidValue(float):
 
 
 def fid(samples, ref, n: Optional[int] = 10_000, resolution: Optional[int] = None,
-        resize: str = "squash", inception=None, feature_extractor: Optional[Callable] = None,
-        device="cpu", batch_size: int = 64, cache: bool = True, progress: bool = True,
-        channels: Optional[int] = None) -> FidValue:
+        resize: str = DEFAULT_RESIZE, inception=None,
+        feature_extractor: Optional[Callable] = None, device="cpu", batch_size: int = 64,
+        cache: bool = True, progress: bool = True, channels: Optional[int] = None) -> FidValue:
     """FID between generated ``samples`` (folder or .npz) and a reference (see
     :func:`reference_statistics`), on the first ``n`` images of each; a :class:`FidValue`
     (a float with the image counts). ``feature_extractor`` replaces InceptionV3 (a

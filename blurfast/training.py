@@ -485,7 +485,7 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
           betas=(0.9, 0.999), weight_decay: float = 0.0, adam_eps: float = 1e-8,
           warmup: int = 0, grad_clip: Optional[float] = 1.0, ema_decay: Optional[float] = 0.9999,
           ema_halflife_kimg: Optional[float] = None, flip: bool = True,
-          pixel_range: str = "-1,1", resize: str = "center-crop", seed: int = 0,
+          pixel_range: str = "-1,1", resize: str = D.DEFAULT_RESIZE, seed: int = 0,
           device: Optional[str] = None, precision: Optional[str] = None,
           channels_last: Optional[bool] = None, tf32: bool = True, compile: bool = False,
           cuda_graphs: Optional[bool] = None, num_workers: Optional[int] = None,

@@ -46,9 +46,8 @@ def test_fid_folders_with_custom_extractor(tmp_path, monkeypatch):
     np.savez(tmp_path / "a.npz", images=a)
     ext = _pool_features
 
-    same = ev.fid(tmp_path / "a", tmp_path / "a", feature_extractor=ext, resize="squash",
-                  progress=False)
-    scale = np.trace(ev.reference_statistics(tmp_path / "a", 16, "squash", None, ext,
+    same = ev.fid(tmp_path / "a", tmp_path / "a", feature_extractor=ext, progress=False)
+    scale = np.trace(ev.reference_statistics(tmp_path / "a", 16, n=None, extractor=ext,
                                              progress=False)[1])
     assert abs(same) < 1e-9 * scale      # zero up to float64 rounding of the matrix roots
     # The folder, the npz and an independent computation of the same features agree.
@@ -66,7 +65,7 @@ def test_fid_folders_with_custom_extractor(tmp_path, monkeypatch):
     # The reference statistics were cached once and are reused.
     cached = list((tmp_path / "cache" / "fid").glob("*.npz"))
     assert len(cached) == 2          # refs a and b
-    mu, sigma = ev.reference_statistics(tmp_path / "b", 16, "squash", None, ext, progress=False)
+    mu, sigma = ev.reference_statistics(tmp_path / "b", 16, n=None, extractor=ext, progress=False)
     np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
     assert ev.fid(tmp_path / "a", tmp_path / "stats.npz", feature_extractor=ext,
                   progress=False) == pytest.approx(d_dir, rel=1e-9)
@@ -74,7 +73,7 @@ def test_fid_folders_with_custom_extractor(tmp_path, monkeypatch):
     # cache no longer serves the old statistics.
     with open(tmp_path / "b" / "00003.png", "r+b") as f:
         Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(f, format="PNG")
-    mu2, _ = ev.reference_statistics(tmp_path / "b", 16, "squash", None, ext, progress=False)
+    mu2, _ = ev.reference_statistics(tmp_path / "b", 16, n=None, extractor=ext, progress=False)
     assert len(list((tmp_path / "cache" / "fid").glob("*.npz"))) == 3
     assert not np.allclose(mu2, mu)
 
@@ -240,3 +239,35 @@ def test_cli_fid_prints_the_image_counts_and_warns_on_too_few(tmp_path, monkeypa
         assert capsys.readouterr().err == f"blurfast fid: error: {line}\n"
     with pytest.raises(ValueError, match=f"^ref: {nope!r} does not exist"):
         ev.fid(samples, nope, feature_extractor=_never, progress=False)
+
+
+def test_fid_reads_a_reference_folder_as_training_does_by_default(tmp_path, monkeypatch,
+                                                                  capsys):
+    # Wide 24x16 reference images at resolution 16: training's default center crop is the
+    # middle 16 columns, no resampling; the fid default was squash (a bicubic resize).
+    import inspect
+    import os
+    from blurfast import cli, training
+    monkeypatch.setenv("BLURFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(os.path.dirname(__file__))
+    rng = np.random.default_rng(4)
+    wide = rng.integers(0, 256, size=(12, 16, 24, 3), dtype=np.uint8)
+    wide[:, :, :4] = wide[:, :, 20:] = 255        # white side bands, which a crop drops
+    a = rng.integers(0, 256, size=(12, 16, 16, 3), dtype=np.uint8)
+    _write_images(tmp_path / "ref", wide)
+    np.savez(tmp_path / "a.npz", images=a)
+
+    def mean_feats(imgs):
+        from cleanfid.resize import build_resizer
+        rs = build_resizer("clean")
+        return np.stack([np.asarray(rs(i), dtype=np.float64).mean(axis=(0, 1)) for i in imgs])
+    cropped = _scipy_fid(mean_feats(a), mean_feats(wide[:, :, 4:20]))
+    kw = dict(feature_extractor=_mean_features, progress=False)
+    assert ev.fid(tmp_path / "a.npz", tmp_path / "ref", **kw) == pytest.approx(cropped, rel=1e-6)
+    squashed = ev.fid(tmp_path / "a.npz", tmp_path / "ref", resize="squash", **kw)
+    assert abs(squashed - cropped) > 0.1 * cropped
+    assert cli.main(["fid", "--samples", str(tmp_path / "a.npz"), "--ref", str(tmp_path / "ref"),
+                     "--device", "cpu", "--features", "test_evaluation:_mean_features"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert float(line.split()[1]) == pytest.approx(cropped, abs=1e-4)     # printed to 4 places
+    assert inspect.signature(training.train).parameters["resize"].default == "center-crop"
