@@ -4,8 +4,9 @@
     python benchmarks/run.py --device cuda --quick --json benchmarks/results/h100.json
     python benchmarks/run.py --device cpu --quick
 
-A thin wrapper of :func:`blurfast.bench.run` (also ``python -m blurfast.bench``);
-see benchmarks/README.md for what each column means.
+A thin wrapper of :func:`blurfast.bench.run`, run as ``blurfast bench`` (also
+``python -m blurfast.bench``): bad input is one line and exit code 2 (BLURFAST_DEBUG=1
+shows the traceback); see benchmarks/README.md for what each column means.
 """
 import os
 import sys
@@ -15,7 +16,8 @@ try:
 except ImportError:   # a source checkout: import the package next to this folder
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from blurfast.bench import main, run  # noqa: E402,F401
+from blurfast.bench import run  # noqa: E402,F401
+from blurfast.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -215,3 +215,21 @@ def test_bench_rejects_bad_numbers(args, words, capsys):
 def test_bench_names_a_bad_shape(capsys):
     assert cli.main(["bench", "--device", "cpu", "--no-steps", "--shapes", "axbxcxd"]) == 2
     assert "shape: expected four positive sizes B,C,H,W, got 'axbxcxd'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", [["benchmarks/run.py"], ["-m", "blurfast.bench"]])
+def test_bench_scripts_report_a_missing_gpu_in_one_line(how, tmp_path):
+    # As `blurfast bench --device cuda` does; CUDA hidden, so also on a GPU machine.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, *(str(root / h) if h.endswith(".py") else h for h in how),
+           "--device", "cuda", "--quick"]
+    env = {k: v for k, v in os.environ.items() if k != "BLURFAST_DEBUG"}
+    p = subprocess.run(cmd, env={**env, "CUDA_VISIBLE_DEVICES": ""}, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert (p.returncode, p.stdout, p.stderr) == (
+        2, "", "blurfast bench: error: device: 'cuda' requested but "
+               "torch.cuda.is_available() is False\n")
