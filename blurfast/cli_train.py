@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from .data import PIXEL_RANGES, RESIZE_MODES
+from .data import DEFAULT_RESIZE, PIXEL_RANGES, RESIZE_MODES
 from .diffusion import TARGETS
 from .models import PRESETS
 from .schedules import BLUR_SCHEDULES, KERNELS, NOISE_SCHEDULES
@@ -196,8 +196,9 @@ def _add_prepare(sub) -> None:
     p.add_argument("src", metavar="SRC", help="image folder or LSUN <category>_<split>_lmdb")
     p.add_argument("out", metavar="OUT", help="output .npy file")
     p.add_argument("--resolution", type=int, default=64, help="side of the square images (default 64)")
-    p.add_argument("--resize", choices=RESIZE_MODES, default="squash",
-                   help="squash: the paper's preprocessing; center-crop: the usual one")
+    p.add_argument("--resize", choices=RESIZE_MODES, default=DEFAULT_RESIZE,
+                   help=f"squash: the paper's preprocessing; center-crop: the usual one "
+                        f"(default {DEFAULT_RESIZE}, as train and fid)")
     p.add_argument("--channels", type=int, choices=[1, 3], default=3,
                    help="1: grayscale, 3: RGB (default 3)")
     p.add_argument("--workers", type=int, default=None, help="decoding processes")

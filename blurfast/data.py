@@ -344,7 +344,7 @@ def _shrink_npy(path: Path, n_alloc: int, n: int, shape) -> None:
         f.truncate(old + n * int(np.prod(shape)))
 
 
-def prepare(src, out, resolution: int = 64, resize: str = "squash", channels: int = 3,
+def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channels: int = 3,
             workers: Optional[int] = None, progress: bool = True, max_reported: int = 20,
             limit: Optional[int] = None, overwrite: bool = False) -> PrepareReport:
     """Decodes every image of ``src`` (image folder or LSUN lmdb) into ``out``, a
