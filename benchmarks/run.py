@@ -17,7 +17,13 @@ except ImportError:   # a source checkout: import the package next to this folde
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from blurfast.bench import run  # noqa: E402,F401
-from blurfast.cli import main  # noqa: E402
+from blurfast.cli import main as cli_main  # noqa: E402
+
+
+def main(argv=None) -> int:
+    """``blurfast bench`` with ``argv`` (default: this script's arguments)."""
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
+
 
 if __name__ == "__main__":
-    sys.exit(main(["bench", *sys.argv[1:]]))
+    sys.exit(main())
