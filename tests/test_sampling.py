@@ -198,6 +198,14 @@ def test_an_eta_the_sampler_has_not_is_an_error(small, kind, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_stochastic_first_out_of_range_names_the_flag(tmp_path, capsys):
+    from blurfast import cli
+    assert cli.main(["sample", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "out"),
+                     "--stochastic-first", "1.5"]) == 2
+    assert capsys.readouterr().err == ("blurfast sample: error: --stochastic-first: expected "
+                                       "a fraction in [0, 1], got 1.5\n")
+
+
 def test_callback_sees_every_step_and_x0_hat(small):
     seen = []
     sample(toy_model, small, SHAPE, sampler="ddim", steps=6, seed=0, progress=False,
