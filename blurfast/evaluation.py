@@ -131,8 +131,9 @@ def load_images(path, n: Optional[int] = None) -> Iterable[np.ndarray]:
 
 def features(images: Iterable[np.ndarray], extractor: Callable, batch_size: int = 64,
              device="cpu", total: Optional[int] = None, progress: bool = True,
-             desc: str = "features") -> np.ndarray:
-    """Features (N, D) float64 of uint8 (H, W, C) images, resized as clean-fid does."""
+             desc: str = "features", leave: bool = True) -> np.ndarray:
+    """Features (N, D) float64 of uint8 (H, W, C) images, resized as clean-fid does;
+    ``progress``: a bar over the images (``leave``: kept when done)."""
     from tqdm.auto import tqdm
     _, resize = _cleanfid()
     resizer = resize.build_resizer("clean")
@@ -143,7 +144,8 @@ def features(images: Iterable[np.ndarray], extractor: Callable, batch_size: int 
         feats.append(extractor(x).double().cpu().numpy())
         batch.clear()
 
-    for img in tqdm(images, total=total, desc=desc, unit="img", disable=not progress):
+    for img in tqdm(images, total=total, desc=desc, unit="img", disable=not progress,
+                    leave=leave):
         if img.ndim == 2:
             img = np.repeat(img[..., None], 3, axis=2)
         if img.shape[2] == 1:
@@ -358,13 +360,15 @@ class FidMonitor:
         self.extractor = feature_extractor or inception_extractor(inception, device=device)
         self._ref_stats = None
 
-    def __call__(self, model, diff) -> float:
+    def __call__(self, model, diff, progress: bool = False) -> float:
+        """The FID of ``model`` (eps) under ``diff``; ``progress``: bars over the reference's
+        features (the first call) and the samples (cleared when done)."""
         from .generate import sample_batches
         from .sampling import timesteps
         if self._ref_stats is None:
             self._ref_stats = reference_statistics(self.ref, self.resolution, self.resize,
                                                    self.n, self.extractor, self.device,
-                                                   progress=False, channels=self.channels)
+                                                   progress=progress, channels=self.channels)
         seq = timesteps(diff, min(self.steps, diff.num_steps - 1))
         batches = [(b0, min(self.n, b0 + self.batch)) for b0 in range(0, self.n, self.batch)]
         precision = "bf16" if torch.device(self.device).type == "cuda" else "fp32"
@@ -373,5 +377,6 @@ class FidMonitor:
                                                precision=precision,
                                                pixel_range=self.pixel_range) for img in b)
         mu, sigma = statistics(features(imgs, self.extractor, self.batch, self.device,
-                                        progress=False))
+                                        total=self.n, progress=progress, leave=False,
+                                        desc=f"FID: sampling {self.n} images"))
         return frechet_distance(mu, sigma, *self._ref_stats)

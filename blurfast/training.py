@@ -823,7 +823,8 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                 at_grid = main and (step % cfg["sample_every"] == 0 or step == cfg["steps"])
                 t_eval = time.perf_counter()
                 if at_fid:
-                    value = fid(diff.eps_model(stepper.ema, cfg["target"]), diff)
+                    value = fid(diff.eps_model(stepper.ema, cfg["target"]), diff,
+                                progress=bar is not None)
                     if fid_log.add(step, value):          # the best so far
                         ckpt.save(out / "best", step, stepper.model, stepper.ema,
                                   stepper.state_dict(), cfg, keep=1)

@@ -271,3 +271,25 @@ def test_fid_reads_a_reference_folder_as_training_does_by_default(tmp_path, monk
     line = capsys.readouterr().out.splitlines()[-1]
     assert float(line.split()[1]) == pytest.approx(cropped, abs=1e-4)     # printed to 4 places
     assert inspect.signature(training.train).parameters["resize"].default == "center-crop"
+
+
+def test_fid_monitor_shows_its_work_when_asked(tmp_path, monkeypatch, capsys):
+    # Training's FID points (fid_n samples, then their features) show bars when the run
+    # shows progress, and nothing otherwise.
+    from blurfast import BlurDiffusion
+    monkeypatch.setenv("BLURFAST_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(5)
+    _write_images(tmp_path / "ref", rng.integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8))
+    diff = BlurDiffusion(resolution=8, num_steps=10)
+    mon = ev.FidMonitor(tmp_path / "ref", resolution=8, resize="center-crop", channels=3, n=4,
+                        steps=2, batch=2, feature_extractor=_mean_features)
+    zero = lambda x, t: torch.zeros_like(x)           # noqa: E731
+    quiet = mon(zero, diff)
+    assert capsys.readouterr().err == ""
+    assert mon(zero, diff, progress=True) == pytest.approx(quiet, rel=1e-9)
+    assert "FID: sampling 4 images" in capsys.readouterr().err
+    monkeypatch.setenv("BLURFAST_CACHE", str(tmp_path / "cache2"))    # not cached yet
+    fresh = ev.FidMonitor(tmp_path / "ref", resolution=8, resize="center-crop", channels=3, n=4,
+                          steps=2, batch=2, feature_extractor=_mean_features)
+    fresh(zero, diff, progress=True)
+    assert "reference features" in capsys.readouterr().err
