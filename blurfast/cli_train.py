@@ -144,7 +144,7 @@ def _add_train(sub) -> None:
     g.add_argument("--sample-steps", dest="sample_steps", type=int,
                    help="DDIM steps of the grids")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction,
-                   help="progress bars (training steps, each sample grid) and the printed "
+                   help="progress bars (training steps, each sample grid and FID point) and the printed "
                         "config")
     g = p.add_argument_group("FID during training")
     g.add_argument("--fid-every", dest="fid_every", type=int,
