@@ -144,8 +144,8 @@ def _add_train(sub) -> None:
     g.add_argument("--sample-steps", dest="sample_steps", type=int,
                    help="DDIM steps of the grids")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction,
-                   help="progress bars (training steps, each sample grid and FID point) and the printed "
-                        "config")
+                   help="progress bars (training steps, each sample grid and FID point) "
+                        "and the printed config")
     g = p.add_argument_group("FID during training")
     g.add_argument("--fid-every", dest="fid_every", type=int,
                    help="FID every that many steps (and at the end); keeps RUN_DIR/best/")
