@@ -119,10 +119,10 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
     uint8 ``images`` (N, H, W, C)) plus ``contact_sheet.png``; returns ``out``.
 
     ``eta``: a number or one per step (ddim and exp2m); ``steps=None`` runs the full
-    chain; ``precision`` ``bf16`` (default on CUDA) or ``fp32``; ``cuda_graph`` replays the model call of each step from a CUDA graph;
-    ``compile`` runs the model under ``torch.compile`` (one compilation per batch size,
-    inside the graph when both are set);
-    ``clip`` clamps the model's x0 estimate to the data range (default on).
+    chain; ``precision`` ``bf16`` (default on CUDA) or ``fp32``; ``cuda_graph`` replays
+    the model call of each step from a CUDA graph; ``compile`` runs the model under
+    ``torch.compile`` (one compilation per batch size, inside the graph when both are
+    set); ``clip`` clamps the model's x0 estimate to the data range (default on).
     Under torchrun every rank computes its share and rank 0 writes the sheet.
     """
     from tqdm.auto import tqdm
