@@ -379,6 +379,7 @@ class _RunLock:
     def __init__(self, out: Path):
         out.mkdir(parents=True, exist_ok=True)
         self._f = open(out / ".lock", "a+")
+        self._locked = False
         if fcntl is None:            # no flock on this platform: no lock
             return
         try:
@@ -390,13 +391,18 @@ class _RunLock:
             raise ValueError(f"out: {out} is in use by another training process"
                              f"{f' (pid {holder})' if holder.isdigit() else ''}; wait for it "
                              f"to end, or choose another directory") from None
+        except OSError as e:         # a file system without locks (ENOLCK): run unlocked
+            warnings.warn(f"out: cannot lock {out / '.lock'} ({e}); nothing stops another "
+                          f"process from training into {out} at the same time", stacklevel=3)
+            return
+        self._locked = True
         self._f.seek(0)
         self._f.truncate()
         self._f.write(f"{os.getpid()}\n")
         self._f.flush()
 
     def release(self) -> None:
-        if fcntl is not None:
+        if fcntl is not None and self._locked:
             fcntl.flock(self._f, fcntl.LOCK_UN)
         self._f.close()
 

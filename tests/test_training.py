@@ -548,6 +548,19 @@ def test_a_second_process_cannot_train_into_a_run_in_progress(made16, tmp_path):
     assert res["steps_run"] == 1                 # the lock was released: the run goes on
 
 
+def test_a_file_system_without_locks_trains_unlocked_with_a_warning(made16, tmp_path,
+                                                                     monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(f, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="out: cannot lock .*No locks available"):
+        res = training.train(data=str(made16), out=str(tmp_path / "r"), steps=2, **KW)
+    assert res["steps_run"] == 2
+
+
 def test_sigterm_during_prepare_leaves_no_file(tmp_path):
     # The child sends itself SIGTERM while decoding its fifth image: the command exits
     # 143 and neither the array nor its temporary file is left.
