@@ -79,8 +79,8 @@ def _add_fid(sub) -> None:
                         f"the run's (default {DEFAULT_RESIZE}, as train's; a prepared array is "
                         f"used as it is)")
     s.add_argument("--channels", type=int, choices=[1, 3], default=None,
-                   help="reference channels, as for training (default: a prepared array's "
-                        "own; folders and lmdb are read as RGB)")
+                   help="image channels (default: the samples' own); a reference folder or "
+                        "lmdb is read so, a prepared array or STATS.npz must match")
     s.add_argument("--inception", default=None,
                    help="clean-fid's inception-2015-12-05.pt (file or folder); default where "
                         "clean-fid keeps it (/tmp)")
@@ -153,12 +153,12 @@ def _fid(args) -> int:
                        resize=args.resize, feature_extractor=extractor, device=device,
                        batch_size=args.batch, cache=not args.no_cache, channels=args.channels)
     for w in caught:           # one line each, after the progress bars
-        print(f"blurfast fid: warning: {w.message}", file=sys.stderr)
+        print(f"blurfast: warning: {w.message}", file=sys.stderr)
     if args.save_stats:        # the statistics fid() just used (from the cache when enabled)
         res = args.resolution or int(next(iter(ev.load_images(args.samples, 1))).shape[0])
         mu, sigma, _ = ev._reference_statistics(
             args.ref, res, args.resize, args.n, extractor, device, args.batch,
-            not args.no_cache, False, args.channels)
+            not args.no_cache, False, value.channels)
         ev.save_statistics(args.save_stats, mu, sigma, value.ref)
     print(f"samples: {value.samples} images from {args.samples}")
     print(f"reference: statistics of {args.ref} (image count not recorded)" if value.ref is None

@@ -120,8 +120,10 @@ def load_images(path, n: Optional[int] = None) -> Iterable[np.ndarray]:
         def decoded():
             for f in files[:n]:
                 try:
-                    with Image.open(f) as im:
-                        yield np.asarray(im.convert("RGB"))
+                    with Image.open(f) as im:     # grayscale kept as (H, W, 1)
+                        gray = im.mode in ("1", "L", "I", "I;16", "F")
+                        yield (np.asarray(im.convert("L"))[..., None] if gray
+                               else np.asarray(im.convert("RGB")))
                 except Exception as e:     # Pillow raises several kinds on bad data
                     warnings.warn(f"samples: skipping {f}: cannot be decoded "
                                   f"({type(e).__name__}: {e})", stacklevel=2)
@@ -289,9 +291,10 @@ def _reference_statistics(ref, resolution, resize, n, extractor, device, batch_s
 
 class FidValue(float):
     """An FID (a float) with the image counts behind it: ``samples``, and ``ref`` (None
-    for reference statistics that do not record theirs)."""
+    for reference statistics that do not record theirs); ``channels``: the images'."""
     samples: int
     ref: Optional[int]
+    channels: int
 
 
 def fid(samples, ref, n: Optional[int] = 10_000, resolution: Optional[int] = None,
@@ -301,9 +304,10 @@ def fid(samples, ref, n: Optional[int] = 10_000, resolution: Optional[int] = Non
     """FID between generated ``samples`` (folder or .npz) and a reference (see
     :func:`reference_statistics`), on the first ``n`` images of each; a :class:`FidValue`
     (a float with the image counts). ``feature_extractor`` replaces InceptionV3 (a
-    callable on float (B,3,299,299) in [0, 255]); ``resolution`` defaults to the samples'
-    own; ``resolution``, ``resize`` and ``channels`` preprocess a reference dataset (see
-    :func:`reference_statistics`). The reference path is checked before any features are
+    callable on float (B,3,299,299) in [0, 255]); ``resolution`` and ``channels`` default
+    to the samples' own (a reference of other channels is refused, grayscale samples read
+    a folder as grayscale); ``resolution``, ``resize`` and ``channels`` preprocess a
+    reference dataset (see :func:`reference_statistics`). The reference path is checked before any features are
     computed. Warns when a side has no more images than features (2048 for InceptionV3):
     its covariance is then singular and the FID biased high."""
     check_int("n", n, 2, none_ok=True)
@@ -314,6 +318,11 @@ def fid(samples, ref, n: Optional[int] = 10_000, resolution: Optional[int] = Non
     if first is None:
         raise ValueError(f"samples: no images in {samples}")
     res = resolution or int(first.shape[0])
+    own = int(first.shape[2])          # the samples' channels, the reference's too
+    if channels is None:
+        channels = own
+    elif channels != own:
+        raise ValueError(f"channels: {channels} differs from the samples' {own} ({samples})")
     check_reference(ref, res, channels)
 
     def all_imgs():
@@ -335,7 +344,7 @@ def fid(samples, ref, n: Optional[int] = 10_000, resolution: Optional[int] = Non
                       f"images than features is singular and the FID biased high; use well "
                       f"over {dim} (10000 is usual)", stacklevel=2)
     value = FidValue(frechet_distance(mu_s, sig_s, mu_r, sig_r))
-    value.samples, value.ref = len(feats), n_ref
+    value.samples, value.ref, value.channels = len(feats), n_ref, channels
     return value
 
 

@@ -219,7 +219,7 @@ def test_cli_fid_prints_the_image_counts_and_warns_on_too_few(tmp_path, monkeypa
         assert out.splitlines()[-3:-1] == [f"samples: 30 images from {samples}", ref_line]
         assert float(out.splitlines()[-1].split()[1]) == pytest.approx(want, rel=1e-6)
         assert [line for line in err.splitlines() if "warning" in line] == [
-            "blurfast fid: warning: fid: 30 samples and 40 reference images for 48 "
+            "blurfast: warning: fid: 30 samples and 40 reference images for 48 "
             "features: a covariance of no more images than features is singular and the "
             "FID biased high; use well over 48 (10000 is usual)"]
     # 3 features: enough images, no warning. Statistics without a count say so.
@@ -293,3 +293,30 @@ def test_fid_monitor_shows_its_work_when_asked(tmp_path, monkeypatch, capsys):
                           steps=2, batch=2, feature_extractor=_mean_features)
     fresh(zero, diff, progress=True)
     assert "reference features" in capsys.readouterr().err
+
+
+def test_fid_reads_the_reference_with_the_samples_channels(tmp_path, monkeypatch):
+    # Gray samples against an RGB folder: the folder is read as gray (the same FID as
+    # against gray copies of it); against an RGB prepared array: refused, naming channels.
+    from blurfast import data
+    monkeypatch.setenv("BLURFAST_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(6)
+    rgb = rng.integers(0, 256, size=(10, 8, 8, 3), dtype=np.uint8)
+    _write_images(tmp_path / "rgb", rgb)
+    for i, a in enumerate(rgb):
+        (tmp_path / "gray").mkdir(exist_ok=True)
+        Image.fromarray(a).convert("L").save(tmp_path / "gray" / f"{i:05d}.png")
+    samples = tmp_path / "s"
+    samples.mkdir()
+    for i, a in enumerate(rng.integers(0, 256, size=(9, 8, 8), dtype=np.uint8)):
+        Image.fromarray(a, mode="L").save(samples / f"{i:06d}.png")
+    kw = dict(feature_extractor=_pool_features, progress=False, cache=False)
+    value = ev.fid(samples, tmp_path / "rgb", **kw)
+    assert value.channels == 1
+    assert value == pytest.approx(float(ev.fid(samples, tmp_path / "gray", **kw)), rel=1e-9)
+    data.prepare(tmp_path / "rgb", tmp_path / "rgb.npy", resolution=8, workers=0,
+                 progress=False)
+    with pytest.raises(ValueError, match="^ref: channels: 1 differs from the prepared"):
+        ev.fid(samples, tmp_path / "rgb.npy", **kw)
+    with pytest.raises(ValueError, match="^channels: 3 differs from the samples' 1"):
+        ev.fid(samples, tmp_path / "rgb", channels=3, **kw)
