@@ -249,9 +249,17 @@ _PASSTHROUGH = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, ``PROG: error: MESSAGE (PROG --help lists the
+    options)``, exit code 2; the commands' parsers are of this class too."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    p = argparse.ArgumentParser(prog="blurfast", description="Blur diffusion toolkit.")
+    p = _Parser(prog="blurfast", description="Blur diffusion toolkit.")
     p.add_argument("--version", action="version", version=f"blurfast {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     s = sub.add_parser("info", help="version, compiled kernels, GPUs and the backend of each op")
@@ -262,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fid(sub)
     for name, (help_text, _) in _PASSTHROUGH.items():
         sub.add_parser(name, help=help_text, add_help=False)
+    p.commands = sub.choices
     return p
 
 
@@ -294,7 +303,10 @@ def _main(argv) -> int:
         run = lambda: importlib.import_module(_PASSTHROUGH[argv[0]][1]).main(argv[1:])  # noqa: E731
     else:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:                    # named by the command they were given to
+            command = parser.commands.get(getattr(args, "command", None), parser)
+            command.error(f"unrecognized arguments: {' '.join(extra)}")
         if not getattr(args, "func", None):
             parser.print_help()
             return 2

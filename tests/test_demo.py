@@ -175,6 +175,22 @@ def test_info_names_the_cpu_build_and_each_ops_backend(capsys, monkeypatch):
     assert "CPU kernels: baseline x86-64 build" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv, prefix", [
+    (["sample", "--ckpt", "r", "--out", "x", "--bogus"],
+     "blurfast sample: error: unrecognized arguments: --bogus"),
+    (["train", "--out", "r", "--bogus", "1"], "blurfast train: error: unrecognized arguments"),
+    (["sample", "--ckpt", "r", "--sampler", "foo"],
+     "blurfast sample: error: argument --sampler: invalid choice: 'foo'"),
+    (["nosuch"], "blurfast: error: argument COMMAND: invalid choice: 'nosuch'"),
+])
+def test_argument_errors_are_one_line_naming_the_command(argv, prefix, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(prefix) and err.count("\n") == 1, err
+    assert err.rstrip().endswith("--help lists the options)")
+
+
 def test_version(capsys):
     import blurfast
     with pytest.raises(SystemExit) as e:
