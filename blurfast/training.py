@@ -420,6 +420,8 @@ class _Log:
         if start > 0 and self.path.is_file():
             with open(self.path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
+        # elapsed_s goes on from the resumed step's row: the time of the run's earlier parts
+        self.elapsed0 = float(rows[-1]["elapsed_s"]) if rows else 0.0
         with open(self.path.with_name(".log.csv.tmp"), "w", newline="") as f:
             w = csv.DictWriter(f, LOG_FIELDS)
             w.writeheader()
@@ -804,7 +806,7 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                                    "lr": f"{lr_at(step - 1):.6g}",
                                    "nonfinite": last["skipped_total"],
                                    "images_per_s": f"{ips:.1f}",
-                                   "elapsed_s": f"{now - t0:.1f}"})
+                                   "elapsed_s": f"{log.elapsed0 + now - t0:.1f}"})
                         if bar is not None:
                             bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{ips:.0f}",
                                             skipped=last["skipped_total"])

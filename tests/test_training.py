@@ -121,8 +121,12 @@ def test_resume_is_bit_exact(made16, reference_run, tmp_path):
     _same_weights(res["ema"], reference_run["ema"])
     # keep=3: steps 2, 3 (the stop), 4 and 6 were saved; the three newest remain
     assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [6, 4, 3]
-    steps = [int(r.split(",")[0]) for r in (out / "log.csv").read_text().splitlines()[1:]]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    rows = [dict(zip(training.LOG_FIELDS, r.split(",")))
+            for r in (out / "log.csv").read_text().splitlines()[1:]]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    # elapsed_s goes on from the resumed step's row: it never falls
+    elapsed = [float(r["elapsed_s"]) for r in rows]
+    assert elapsed == sorted(elapsed) and elapsed[3] >= elapsed[2], elapsed
 
 
 def test_sigkill_during_save_resumes_from_the_last_good_checkpoint(made16, reference_run,
