@@ -114,7 +114,8 @@ def run(out="blurfast-demo", minutes: float = 6.0, data: Optional[str] = None,
         (time.perf_counter() - t0) / first
     budget = minutes * 60 - (time.perf_counter() - t_start)
     total = first + 1 if smoke else max(first + 1, first + int(budget / per_step))
-    print(f"[demo] training {total} steps (about {per_step:.2f} s each) -> {run_dir}")
+    print(f"[demo] training to step {total}, {total - first} more (about {per_step:.2f} s "
+          f"each) -> {run_dir}")
     train(steps=total, resume="auto", **kw)
     paths["run"] = run_dir
 

@@ -138,6 +138,9 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
     check_eta(sampler, eta)
     if precision not in (None, "bf16", "fp32"):
         raise ValueError(f"precision: expected 'bf16', 'fp32' or None, got {precision!r}")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"out (--out): {str(out)!r} is a file; expected a folder for the "
+                         f"images (made if missing)")
     path = resolve_checkpoint(ckpt_path)
     rank, world, dev, owns_group = setup_processes(device)
     try:
@@ -151,8 +154,8 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
         precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
         net = torch.compile(model, dynamic=False) if compile else model
         net = GraphedModel(net) if cuda_graph else net
-        # Samplers call eps; a std or score model's output is converted outside the graph
-        # (the conversion checks t on the host, which a capture forbids).
+        # Samplers call eps; a std or score model's output is converted after the network
+        # (outside its graph or compilation).
         net = diff.eps_model(net, config.get("target", "eps"))
         seq = timesteps(diff, steps if isinstance(spacing, str) else None, spacing)
         out = Path(out)

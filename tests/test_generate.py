@@ -222,6 +222,10 @@ def test_sample_rejects_bad_arguments(run_dir, tmp_path):
         generate(run_dir / "run", 2, tmp_path, sampler="euler")
     with pytest.raises(ValueError, match="ckpt:"):
         generate(tmp_path / "missing", 2, tmp_path)
+    (tmp_path / "a.npy").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"^out \(--out\): '.*a\.npy' is a file; expected a "
+                                         r"folder"):
+        generate(run_dir / "run", 2, tmp_path / "a.npy")
 
 
 def test_training_fid_every_keeps_the_best(run_dir, tmp_path, monkeypatch):
