@@ -146,14 +146,9 @@ def _fid(args) -> int:
         return 0
     if args.samples is None:
         raise ValueError("--samples: required (a folder of images or .npz), except with --check")
-    import warnings
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        value = ev.fid(args.samples, args.ref, n=args.n, resolution=args.resolution,
-                       resize=args.resize, feature_extractor=extractor, device=device,
-                       batch_size=args.batch, cache=not args.no_cache, channels=args.channels)
-    for w in caught:           # one line each, after the progress bars
-        print(f"blurfast: warning: {w.message}", file=sys.stderr)
+    value = ev.fid(args.samples, args.ref, n=args.n, resolution=args.resolution,
+                   resize=args.resize, feature_extractor=extractor, device=device,
+                   batch_size=args.batch, cache=not args.no_cache, channels=args.channels)
     if args.save_stats:        # the statistics fid() just used (from the cache when enabled)
         res = args.resolution or int(next(iter(ev.load_images(args.samples, 1))).shape[0])
         mu, sigma, _ = ev._reference_statistics(
