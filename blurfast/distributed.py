@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["setup_processes"]
+__all__ = ["setup_processes", "teardown_processes"]
 
 
 def setup_processes(device: Optional[str]):
@@ -40,3 +40,16 @@ def setup_processes(device: Optional[str]):
         owns = True
     rank = dist.get_rank() if world > 1 else 0
     return rank, world, dev, owns
+
+
+def teardown_processes(owns: bool, finished: bool) -> None:
+    """Ends the process group that :func:`setup_processes` made (``owns``). Ranks that
+    ``finished`` first meet at a barrier, so that none tears down while a peer still works
+    (rank 0 saves and draws last): a gloo rank whose peer has closed its connections can
+    abort on the way out. After an error, no barrier: the others may never come."""
+    if not owns:
+        return
+    import torch.distributed as dist
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()

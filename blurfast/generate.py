@@ -127,7 +127,7 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
     """
     from tqdm.auto import tqdm
 
-    from .distributed import setup_processes
+    from .distributed import setup_processes, teardown_processes
 
     for name, v, lo in (("n", n, 1), ("batch", batch, 1), ("seed", seed, 0)):
         check_int(name, v, lo)
@@ -143,6 +143,7 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
                          f"images (made if missing)")
     path = resolve_checkpoint(ckpt_path)
     rank, world, dev, owns_group = setup_processes(device)
+    finished = False
     try:
         model, diff, config = ckpt.load_model(path, ema=ema, device=dev)
         pixel_range = config.get("pixel_range", "-1,1")
@@ -187,11 +188,10 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
             _contact_sheet(out, fmt, min(n, 64))
             if progress:
                 print(f"wrote {n} images to {out} ({fmt}) and {out / SHEET_NAME}")
+        finished = True
         return out
     finally:
-        if owns_group:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+        teardown_processes(owns_group, finished)
 
 
 def _remove_stale_pngs(out: Path, n: int) -> None:

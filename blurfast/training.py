@@ -41,7 +41,7 @@ from . import checkpoint as ckpt
 from . import data as D
 from . import ops
 from .checks import check_int, check_number
-from .distributed import setup_processes
+from .distributed import setup_processes, teardown_processes
 from .fileio import write_text
 from .diffusion import TARGETS, BlurDiffusion, scales
 from .models import PRESETS, UNet
@@ -598,6 +598,7 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     # ---------------------------------------------------------------- devices
     rank, world, dev, owns_group = setup_processes(device)
     cuda = dev.type == "cuda"
+    finished = False
     try:
         precision = precision or ("bf16" if cuda else "fp32")
         # Off by default: on an H100 (paper64, batch 16, bf16, CUDA graph) channels_last
@@ -621,11 +622,11 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
                       model=net.config, diffusion=diff.config, world_size=world,
                       global_batch=global_batch, device=str(dev.type))
         config = json.loads(json.dumps(config))    # plain JSON types, as stored
-        return _run(config, net, diff, rank, world, dev, progress)
+        result = _run(config, net, diff, rank, world, dev, progress)
+        finished = True
+        return result
     finally:
-        if owns_group:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+        teardown_processes(owns_group, finished)
 
 
 class _FidLog:
