@@ -231,18 +231,25 @@ class BlurDiffusion:
     # Each is one fused call; names say from -> to. x_t, eps, std, score are pixel space.
     def eps_to_x0(self, x_t, eps, t) -> torch.Tensor:
         """``x0 = idct2((xb_t - sqrt(1 - Abar) eb) / sqrt(Abar))``; unstable where Abar is tiny."""
-        sa, g = scales(self._lab(t, x_t))
-        a = 1 / sa
-        b = -g * a
-        eps = self._like("eps", eps, x_t)
-        return ops.spectral(x_t, self.cast(a, x_t), eps.to(x_t.dtype), self.cast(b, x_t))
+        lab = self._lab(t, x_t)
+        return self.eps_to_x0_at(x_t, self._like("eps", eps, x_t), lab)
 
     def x0_to_eps(self, x_t, x0, t) -> torch.Tensor:
         """``eps = idct2((xb_t - sqrt(Abar) xb0) / sqrt(1 - Abar))``, t in 1..N."""
         t = self.check_t(t, low=1, batch=x_t.shape[0])
-        sa, g = scales(self._lab(t, x_t))
-        x0 = self._like("x0", x0, x_t)
-        return ops.spectral(x_t, self.cast(1 / g, x_t), x0.to(x_t.dtype), self.cast(-sa / g, x_t))
+        return self.x0_to_eps_at(x_t, self._like("x0", x0, x_t), self._lab(t, x_t))
+
+    # The same two conversions at a given float64 log Abar map ((B or 1, 1, H, W), on x_t's
+    # device), unchecked: no host synchronization, for the samplers' inner loop.
+    def eps_to_x0_at(self, x_t, eps, lab) -> torch.Tensor:
+        sa, g = scales(lab)
+        a = 1 / sa
+        return ops.spectral(x_t, self.cast(a, x_t), eps.to(x_t.dtype), self.cast(-g * a, x_t))
+
+    def x0_to_eps_at(self, x_t, x0, lab) -> torch.Tensor:
+        sa, g = scales(lab)
+        return ops.spectral(x_t, self.cast(1 / g, x_t), x0.to(x_t.dtype),
+                            self.cast(-sa / g, x_t))
 
     def eps_to_score(self, eps, t) -> torch.Tensor:
         """``score = -idct2((1 - Abar)^(-1/2) eb)`` (paper Eq. 15), t in 1..N."""

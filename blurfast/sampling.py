@@ -190,7 +190,7 @@ def _run(coefs: Callable, model, diff: BlurDiffusion, x: torch.Tensor, steps: Se
                                  f"{tuple(getattr(eps, 'shape', ())) or type(eps).__name__}")
             eps = eps.to(x.dtype)
             if callback is not None:
-                callback(i, x, diff.eps_to_x0(x, eps, t))
+                callback(i, x, diff.eps_to_x0_at(x, eps, lab[k - 1]))
             if multistep and eps_prev is not None and etas[k - 1] == 0:
                 ca, ce, cp = _exp2m_coefs(lab[k - 1], lab[k], lab[k - 2], i, s)
                 x_new = ops.spectral(x, diff.cast(ca, x), eps, diff.cast(ce, x),
@@ -271,9 +271,10 @@ def clip_x0(model, diff: BlurDiffusion, lo: float = -1.0, hi: float = 1.0):
     ``sqrt(Abar_s / Abar_t)``, huge at the high frequencies a blur process empties; the
     clamp keeps an imperfect model's samples in range. The exact model is unaffected
     wherever its x0 estimate already lies in [lo, hi]."""
-    def clipped(x, t):
+    def clipped(x, t):          # t as the samplers pass it: not checked (a host sync)
         eps = model(x, t).to(x.dtype)
-        return diff.x0_to_eps(x, diff.eps_to_x0(x, eps, t).clamp(lo, hi), t)
+        lab = diff.log_abar_unchecked(t.to(x.device))[:, None]
+        return diff.x0_to_eps_at(x, diff.eps_to_x0_at(x, eps, lab).clamp(lo, hi), lab)
     return clipped
 
 

@@ -216,6 +216,22 @@ def test_callback_sees_every_step_and_x0_hat(small):
         torch.testing.assert_close(x0, small.eps_to_x0(x, toy_model(x, t), t))
 
 
+def test_the_step_loop_with_clip_and_callback_never_checks_t(small, monkeypatch):
+    # check_t reads t back to the host: on a GPU, a synchronization. The setup may check;
+    # the loop (model, clip, callback, update) must not, so the count of checks is the
+    # same for 2 steps and for 6.
+    calls = []
+    check = small.check_t
+    monkeypatch.setattr(small, "check_t", lambda *a, **k: (calls.append(1), check(*a, **k))[1])
+
+    def checks(steps):
+        calls.clear()
+        sample(toy_model, small, SHAPE, sampler="ddim", steps=steps, seed=0, progress=False,
+               clip=(-1, 1), callback=lambda i, x, x0: None)
+        return len(calls)
+    assert checks(2) == checks(6)
+
+
 def test_bad_arguments(small):
     kw = dict(progress=False)
     with pytest.raises(ValueError, match="sampler"):

@@ -520,6 +520,41 @@ def test_sigterm_saves_a_checkpoint_and_exits(made16, tmp_path):
     assert step >= 3 and ckpt.load(path)["step"] == step
 
 
+def test_ctrl_c_with_loader_workers_saves_a_checkpoint_and_exits(made16, tmp_path):
+    # A terminal's Ctrl-C sends SIGINT to the whole process group, the DataLoader's
+    # workers too. The run must still save and exit as for SIGTERM, not die on
+    # "DataLoader worker exited unexpectedly" when its next batch is not queued.
+    out = tmp_path / "run"
+    p = _child(f"""
+        import argparse, sys, time, torch
+        torch.set_num_threads(1)
+        from blurfast import cli_train, data
+        # Loading slower than a step: the run waits on its workers when the signal comes.
+        get = data.PreparedArray.__getitems__
+        data.PreparedArray.__getitems__ = lambda self, i: (time.sleep(0.3), get(self, i))[1]
+        ap = argparse.ArgumentParser()
+        cli_train.register(ap.add_subparsers())
+        a = ap.parse_args(["train", "--data", {str(made16)!r}, "--out", {str(out)!r},
+                           "--resolution", "16", "--batch-size", "2", "--steps", "100000",
+                           "--base-channels", "32", "--channel-mult", "1", "2",
+                           "--num-res-blocks", "1", "--log-every", "1", "--save-every",
+                           "100000", "--no-progress", "--device", "cpu", "--num-workers", "2"])
+        sys.exit(a.func(a))
+    """, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        log = out / "log.csv"
+        if log.is_file() and len(log.read_text().splitlines()) > 3:
+            break
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGINT)
+    text, _ = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGINT, text
+    assert "SIGINT: saved" in text
+    (step, path), = ckpt.list_checkpoints(out / "checkpoints")
+    assert step >= 3 and ckpt.load(path)["step"] == step
+
+
 def test_a_second_process_cannot_train_into_a_run_in_progress(made16, tmp_path):
     # While one process trains into RUN_DIR, another (here this one) is refused, naming
     # the directory and the holder, and writes nothing there.
