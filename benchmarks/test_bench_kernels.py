@@ -3,7 +3,8 @@
 Each case records in ``benchmark.extra_info`` the minimum traffic in bytes, the
 GB/s that traffic gives at the median time, and that as a share of the
 device-to-device copy bandwidth measured in the same session. Times here are
-host wall-clock per call, with ``torch.cuda.synchronize`` inside the timed
+host wall-clock per call (of calls whose output was first checked against a float64
+truth, as the runner does), with ``torch.cuda.synchronize`` inside the timed
 function on CUDA (launch overhead and the synchronize included); the CUDA-event
 device times are what ``benchmarks/run.py`` reports.
 """
@@ -26,6 +27,9 @@ def test_kernel(benchmark, bench_device, bench_rounds, copy_gbps, case, shape, i
     is_cuda = bench_device.type == "cuda"
 
     base = bench.make_inputs(case, shape, bench_device)
+    # Once, before timing: the output against the float64 truth (blurfast/bench_check.py);
+    # a wrong output fails the case instead of timing a wrong computation.
+    bench.check_impl(impl, case, fn, base, bench_device)
     nsets = bench.num_input_sets(bench._set_bytes(base), bench_device) if is_cuda else 1
     arg_sets = [base] + [tuple(a.clone() for a in base) for _ in range(nsets - 1)]
 

@@ -41,6 +41,10 @@ Implementations (the peers are our own code, written from the mathematics, in
 * ``cupy``: ``cupyx.scipy.fft.dctn`` / ``idctn`` with ``norm="ortho"`` (dct2 and
   idct2 only; CUDA only, where cupy imports).
 
+Before a row is timed, one call's output is checked against a float64 truth
+(``blurfast/bench_check.py``); a row that fails is not timed but listed in ``skipped``
+with ``error`` and ``wrong_output`` set (``--strict`` exits 1 on it).
+
 Traffic is the minimum number of bytes a call must move: every input tensor
 read once and every output written once; the coefficient maps are *not*
 counted (a kernel can compute them from per-sample scalars and one (H, W) map,
@@ -65,13 +69,14 @@ import torch
 
 from .bench_peers import (fft_dct2, fft_idct2, matmul_dct2, matmul_idct2, ref_q_sample,
                           ref_sampler_step, tf32_matmul)
+from .bench_check import CHECK_TOL, WrongOutput, check_output
 from .bench_timing import launched_kernels, measure_copy_gbps, num_input_sets, time_call
 
 __all__ = [
     "CASES", "IMPLS", "VARIANT_IMPLS", "DTYPES", "CUDA_SHAPES", "CUDA_EXTRA_SHAPES", "CPU_SHAPES",
     "matmul_dct2", "matmul_idct2", "fft_dct2", "fft_idct2",
     "ref_q_sample", "ref_sampler_step", "tf32_matmul",
-    "get_impl", "impl_function", "make_inputs", "traffic_bytes", "targets", "TARGETS",
+    "get_impl", "impl_function", "check_impl", "CHECK_TOL", "WrongOutput", "make_inputs", "traffic_bytes", "targets", "TARGETS",
     "measure_copy_gbps", "time_call", "num_input_sets", "run", "run_header", "dumps", "format_table",
     "main",
 ]
@@ -115,6 +120,9 @@ class Impl:
     context: Callable[[torch.device], contextlib.AbstractContextManager] = \
         field(default=lambda device: contextlib.nullcontext())
     convert: Callable[[tuple], tuple] = field(default=lambda args: args)
+    # Bound of the one-time output check (blurfast/bench_check.py) where the arithmetic
+    # is coarser than the I/O type says (TF32 matmuls); None: CHECK_TOL of the I/O type.
+    check_tol: Optional[float] = None
 
     def available(self, device) -> tuple[bool, str]:
         device = torch.device(device)
@@ -218,7 +226,8 @@ _IMPLS = {
     "torch_fp32": Impl("torch_fp32", lambda: _torch_functions(matmul_dct2, matmul_idct2),
                        context=_tf32_context(False)),
     "torch_tf32": Impl("torch_tf32", lambda: _torch_functions(matmul_dct2, matmul_idct2),
-                       cuda_only=True, context=_tf32_context(True)),
+                       cuda_only=True, context=_tf32_context(True),
+                       check_tol=CHECK_TOL["tf32"]),
     "torch_fft": Impl("torch_fft", lambda: _torch_functions(fft_dct2, fft_idct2)),
     "cupy": Impl("cupy", _cupy_functions, cuda_only=True, needs_cupy=True,
                  context=_cupy_context, convert=_cupy_convert),
@@ -229,6 +238,23 @@ def get_impl(name: str) -> Impl:
     if name not in _IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS + VARIANT_IMPLS}, got {name!r}")
     return _IMPLS[name]
+
+
+def check_impl(impl_name: str, case: str, fn, args: tuple, device=None) -> None:
+    """The one-time output check of a row (blurfast/bench_check.py): call ``fn`` (the
+    impl's function for ``case``) on the torch inputs ``args`` converted for the impl,
+    inside the impl's context where ``device`` is given, and compare with the float64
+    truth; raise :class:`WrongOutput`, naming the row and the error, when they disagree."""
+    impl = get_impl(impl_name)
+    dtype = str(args[0].dtype).replace("torch.", "")
+    tol = impl.check_tol if impl.check_tol is not None else CHECK_TOL[dtype]
+    ctx = impl.context(torch.device(device)) if device is not None else contextlib.nullcontext()
+    with ctx:
+        why = check_output(case, fn, args, tol, convert=impl.convert)
+    if why:
+        shape = "x".join(map(str, args[0].shape))
+        raise WrongOutput(f"{case} {shape} {dtype} {impl_name}: wrong output, not timed: "
+                          f"{why}")
 
 
 def impl_function(impl: str, case: str):
@@ -365,10 +391,15 @@ def _time_impls(case, shape, dtype_name, impls, device, iters, warmup, copy_gbps
             continue
         try:
             with impl.context(device):
+                check_impl(impl_name, case, fn, base)     # once per row, before timing
                 sets = [impl.convert(a) for a in arg_sets]
                 t = time_call(fn, sets, device, iters=iters, warmup=warmup)
                 kernels = launched_kernels(fn, sets[0], device)
             del sets
+        except WrongOutput as e:          # recorded as an error; --strict fails on it
+            skip(impl_name, f"WrongOutput: {e}", True)
+            skipped[-1]["wrong_output"] = True
+            continue
         except Exception as e:
             skip(impl_name, f"{type(e).__name__}: {e}", True)
             continue
@@ -440,7 +471,8 @@ def run(device=None, quick: bool = False, *, cases=None, impls=None, shapes=None
     iterations and, on CUDA, only the three shapes of issue 6 (a full run adds
     32x32 and 128x128). ``cases``/``impls``/``shapes``/``dtypes`` restrict the run
     (default dtypes: float32, plus bfloat16 on CUDA for the impls that take it).
-    Rows that cannot run (impl unavailable, or an exception) go to ``skipped``.
+    Rows that cannot run (impl unavailable, an exception, or an output that fails the
+    one-time check against the float64 truth, blurfast/bench_check.py) go to ``skipped``.
     ``json_path``: written (atomically) after every case and shape with the rows so far
     and ``"partial": true``, and at the end without it, so a run cut short by a time
     limit still leaves its finished rows.
@@ -699,7 +731,8 @@ def main(argv=None) -> int:
                    help="untimed calls first (default: CUDA {0[cuda][0]}, {0[cuda][1]} with "
                         "--quick; CPU {0[cpu][0]})".format(WARMUP))
     p.add_argument("--strict", action="store_true",
-                   help="exit 1 when blurfast or a torch peer raised (cupy errors are only "
+                   help="exit 1 when blurfast or a torch peer raised, or any impl's output "
+                        "failed the check before timing (other cupy errors are only "
                         "reported: they depend on the machine's cupy install)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's); 1 gives steadier CPU numbers "
@@ -731,9 +764,16 @@ def main(argv=None) -> int:
         plot(res, a.plot)
         print(f"plot: {a.plot}")
     errors = [s for s in res["skipped"] if s.get("error")]
+    wrong = [s for s in errors if s.get("wrong_output")]
     if errors:
-        print(f"{len(errors)} row(s) raised an exception (see 'skipped')", file=sys.stderr)
-    return 1 if (a.strict and [s for s in errors if s["impl"] != "cupy"]) else 0
+        print(f"{len(errors)} row(s) raised an exception (see 'skipped')"
+              + (f", {len(wrong)} of them a wrong output" if wrong else ""), file=sys.stderr)
+    for s in wrong:
+        print(s["reason"], file=sys.stderr)
+    # A wrong output fails --strict whatever the impl (cupy's too: its speed would mean
+    # nothing); other cupy errors depend on the machine's cupy install.
+    return 1 if (a.strict and [s for s in errors
+                               if s["impl"] != "cupy" or s.get("wrong_output")]) else 0
 
 
 if __name__ == "__main__":       # as `blurfast bench`: bad input in one line, exit 2

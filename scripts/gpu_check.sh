@@ -14,7 +14,8 @@
 #   tests_cluster  the cluster kernel's CUDA tests, in their own process
 #   bench      kernel table of issue 6 (3 shapes, float32 + bfloat16, every impl):
 #              benchmarks/run.py --device cuda --quick --no-steps --strict -> bench.json
-#              (--strict: fails when blurfast or a torch peer raised; the JSON is
+#              (--strict: fails when blurfast or a torch peer raised, or any row's output
+#              failed the check against a float64 truth made before timing it; the JSON is
 #              rewritten after every case and shape, so a timeout keeps finished rows)
 #   bench_variants  the fast kernel prefetching in every call or in none, its wide
 #              geometry and its one-plane geometry capped for 4 blocks per SM at 64 x 64

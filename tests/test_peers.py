@@ -7,12 +7,14 @@ compositions of q_sample and the sampler step, and cupyx.scipy.fft on CUDA.
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 scipy_fft = pytest.importorskip("scipy.fft")
 
 from blurfast import bench, reference
+from blurfast.ops import normal_like
 
 SIZES = [(1, 1), (2, 2), (7, 12), (8, 8), (33, 20), (16, 16), (64, 64), (5, 128)]
 
@@ -100,19 +102,161 @@ def test_ref_sampler_step_matches_reference_spectral():
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
+# --- every implementation the bench times on a CPU, every case, against float64 scipy ---
+
+def _cpu_impls():
+    """The impls the bench can time on a CPU (the blurfast_* variants and TF32 are CUDA only,
+    cupy needs CUDA): each is checked below."""
+    return [i for i in bench.IMPLS + bench.VARIANT_IMPLS if bench.get_impl(i).available("cpu")[0]]
+
+
+def _call_with_known_noise(impl, case, args):
+    """``(outputs, zb)``: the impl's outputs (a tuple) on ``args`` and, for the noisy cases,
+    the frequency-space noise ``zb`` it drew (None for the DCTs), obtained apart from the
+    impl's call: the blurfast impls draw Philox normals from the bench's fixed seed; the
+    torch peers draw ``torch.randn_like``
+    from torch's global generator first thing, so reseeding it and drawing again gives the
+    same numbers. (``normal_like`` in float64 is that Philox stream, which
+    tests/test_cuda.py checks against ``reference.philox_normal``, a slow pure-torch
+    version.)"""
+    fn = bench.impl_function(impl, case)
+    if case in ("dct2", "idct2"):
+        return (fn(*args),), None
+    if impl.startswith("blurfast"):
+        out = fn(*args)
+        zb = normal_like(args[0].double(), seed=bench._SEED)
+    else:
+        with torch.random.fork_rng():
+            torch.manual_seed(1234)
+            out = fn(*args)
+            torch.manual_seed(1234)
+            zb = torch.randn(args[0].shape, dtype=torch.float32).double()
+    return (out if isinstance(out, tuple) else (out,)), zb.numpy()
+
+
+def _truth(case, args, zb):
+    """The float64 truth of ``case`` (scipy's orthonormal DCT and the case's formula), a
+    tuple of arrays like the impl's outputs."""
+    f = [a.double().numpy() for a in args]
+    dct2 = lambda v: scipy_fft.dctn(v, type=2, axes=(-2, -1), norm="ortho")    # noqa: E731
+    idct2 = lambda v: scipy_fft.idctn(v, type=2, axes=(-2, -1), norm="ortho")  # noqa: E731
+    if case == "dct2":
+        return (dct2(f[0]),)
+    if case == "idct2":
+        return (idct2(f[0]),)
+    if case == "q_sample":
+        x0, a, g = f
+        noise = idct2(zb)                     # the pixel-space noise, returned as eps
+        return idct2(a * dct2(x0) + g * dct2(noise)), noise
+    x, eps, c1, c2, sig = f
+    return (idct2(c1 * dct2(x) + c2 * dct2(eps) + sig * zb),)
+
+
+# float32 bound, max |out - truth| / max |truth|: float32 rounding. The torch float32 peer
+# (IEEE float32 matmuls, K-term dot products twice per transform) reaches at most 5e-7
+# (8.4 units of 2**-24) on these shapes, and the test asserts it stays within half the
+# bound, so the bound is at least twice the peer's own error; 2e-6 is also the bound
+# tests/test_cuda.py holds the CUDA kernels to. A dropped or wrong term (e.g. the sampler
+# step without its eps term) is off by ~1e-1.
+TOL_F32 = 2e-6
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 33, 20), (2, 3, 64, 64),
+                                   (1, 1, 256, 256)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("case", bench.CASES)
-def test_every_cpu_impl_runs_each_case_with_right_shapes(case):
-    shape = (2, 3, 8, 8)
+def test_every_cpu_impl_computes_each_case(case, shape):
+    impls = _cpu_impls()
+    assert {"blurfast", "torch_fp32", "torch_fft"} <= set(impls)
     args = bench.make_inputs(case, shape, "cpu")
-    outs = {}
-    for impl in ("blurfast", "torch_fp32", "torch_fft"):
-        out = bench.impl_function(impl, case)(*args)
-        out = out if isinstance(out, tuple) else (out,)
-        assert all(o.shape == shape and o.dtype == torch.float32 for o in out)
-        outs[impl] = out
-    if case in ("dct2", "idct2"):      # deterministic: all three agree
-        for impl in ("torch_fp32", "torch_fft"):
-            torch.testing.assert_close(outs[impl][0], outs["blurfast"][0], rtol=0, atol=1e-5)
+    errs = {}
+    for impl in impls:
+        outs, zb = _call_with_known_noise(impl, case, args)
+        want = _truth(case, args, zb)
+        assert len(outs) == len(want), impl
+        assert all(o.shape == shape and o.dtype == torch.float32 for o in outs), impl
+        errs[impl] = max(np.abs(o.double().numpy() - w).max() / np.abs(w).max()
+                         for o, w in zip(outs, want))
+    assert errs["torch_fp32"] <= TOL_F32 / 2, errs
+    assert max(errs.values()) <= TOL_F32, errs
+
+
+# --- the bench's own one-time check (blurfast/bench_check.py) ---
+
+def _planted(name):
+    """Wrong versions of blurfast's bench functions, each one plausible bug."""
+    import blurfast as bf
+    s = bench._SEED
+    good = bench.get_impl("blurfast").functions()
+    return {
+        "sampler_step without its eps term": ("sampler_step",
+            lambda x, e, c1, c2, sig: bf.spectral(x, c1, g=sig, seed=s)),
+        "sampler_step without its noise": ("sampler_step",
+            lambda x, e, c1, c2, sig: bf.spectral(x, c1, e, c2)),
+        "sampler_step with twice the noise": ("sampler_step",
+            lambda x, e, c1, c2, sig: bf.spectral(x, c1, e, c2, g=2 * sig, seed=s)),
+        "sampler_step with c1 and c2 swapped": ("sampler_step",
+            lambda x, e, c1, c2, sig: bf.spectral(x, c2, e, c1, g=sig, seed=s)),
+        "q_sample returning other noise than it used": ("q_sample",
+            lambda x0, a, g: (good["q_sample"](x0, a, g)[0],
+                              bf.spectral(x0, a, g=g, seed=s + 1, return_noise=True)[1])),
+        "q_sample with a and g swapped": ("q_sample",
+            lambda x0, a, g: bf.spectral(x0, g, g=a, seed=s, return_noise=True)),
+        "q_sample without noise": ("q_sample",
+            lambda x0, a, g: (bf.spectral(x0, a), torch.zeros_like(x0))),
+        "dct2 computing idct2": ("dct2", bf.idct2),
+        "idct2 off by a scale": ("idct2", lambda X: 1.001 * bf.idct2(X)),
+    }[name]
+
+
+PLANTS = ["sampler_step without its eps term", "sampler_step without its noise",
+          "sampler_step with twice the noise", "sampler_step with c1 and c2 swapped",
+          "q_sample returning other noise than it used", "q_sample with a and g swapped",
+          "q_sample without noise", "dct2 computing idct2", "idct2 off by a scale"]
+
+
+@pytest.mark.parametrize("plant", PLANTS)
+def test_bench_check_refuses_a_planted_bug(plant):
+    case, fn = _planted(plant)
+    args = bench.make_inputs(case, (2, 3, 16, 16), "cpu")
+    with pytest.raises(bench.WrongOutput, match=f"{case} 2x3x16x16 float32 blurfast"):
+        bench.check_impl("blurfast", case, fn, args, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", bench.CASES)
+def test_bench_check_passes_the_cpu_impls(case, dtype):
+    # float32 dct2 and q_sample: checked in every run, test_run_cpu_writes_issue6_json_shape
+    if dtype == torch.float32 and case in ("dct2", "q_sample"):
+        return
+    for impl in _cpu_impls():
+        if str(dtype).replace("torch.", "") not in bench.get_impl(impl).dtypes:
+            continue
+        args = bench.make_inputs(case, (2, 3, 32, 32), "cpu", dtype=dtype)
+        bench.check_impl(impl, case, bench.impl_function(impl, case), args, "cpu")
+
+
+def test_bench_run_does_not_time_a_wrong_impl_and_strict_fails(monkeypatch, capsys):
+    import dataclasses
+    case, fn = _planted("sampler_step without its eps term")
+    spec = bench.get_impl("blurfast")
+    good = spec.functions
+
+    def planted():
+        return dict(good(), sampler_step=fn)
+
+    monkeypatch.setitem(bench._IMPLS, "blurfast", dataclasses.replace(spec, functions=planted))
+    monkeypatch.setattr(bench, "measure_copy_gbps", lambda device: 1.0)   # not under test
+    res = bench.run("cpu", quick=True, cases=["sampler_step"], impls=["blurfast", "torch_fp32"],
+                    shapes=["1x3x16x16"], iters=1, warmup=0, print_table=False)
+    assert [r["impl"] for r in res["rows"]] == ["torch_fp32"]        # the peer is timed
+    (s,) = res["skipped"]
+    assert s["impl"] == "blurfast" and s["case"] == "sampler_step" and s["error"]
+    assert s["wrong_output"] and "wrong output" in s["reason"] and "sig = 0" in s["reason"]
+    argv = ["--device", "cpu", "--cases", "sampler_step", "--impls", "blurfast",
+            "--shapes", "1x3x16x16", "--iters", "1", "--warmup", "0", "--no-steps"]
+    assert bench.main(argv + ["--strict"]) == 1
+    assert "sampler_step 1x3x16x16 float32 blurfast: wrong output" in capsys.readouterr().err
+    assert bench.main(argv) == 0           # reported, but only --strict fails on it
 
 
 def test_traffic_bytes():
@@ -273,6 +417,35 @@ def test_cuda_cupy_peer_matches_scipy(hw):
         got_i = torch.from_dlpack(bench.impl_function("cupy", "idct2")(xcp)).cpu().double()
     assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
     assert (got_i - ref_i).abs().max().item() <= 1e-5 * ref_i.abs().max().item()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _cuda(), reason="no CUDA device")
+@pytest.mark.parametrize("shape", [(16, 3, 64, 64), (2, 3, 256, 256)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("case", bench.CASES)
+def test_cuda_every_impl_passes_the_bench_check(case, shape):
+    # every impl the GPU bench can time, variants on trial included, in each I/O type
+    device = torch.device("cuda", torch.cuda.current_device())
+    checked = []
+    for impl in bench.IMPLS + bench.VARIANT_IMPLS:
+        spec = bench.get_impl(impl)
+        fn = spec.functions().get(case) if spec.available(device)[0] else None
+        if fn is None:
+            continue
+        for dtype in spec.dtypes:
+            args = bench.make_inputs(case, shape, device, dtype=getattr(torch, dtype))
+            try:
+                bench.check_impl(impl, case, fn, args, device)
+            except bench.WrongOutput:
+                raise
+            except Exception:                # a variant this card cannot run (the bench
+                if impl in bench.VARIANT_IMPLS:  # reports it): nothing to check
+                    continue
+                raise
+            checked.append((impl, dtype))
+    assert {("blurfast", "float32"), ("blurfast", "bfloat16"), ("torch_fp32", "float32"),
+            ("torch_tf32", "float32"), ("torch_fft", "float32")} <= set(checked)
 
 
 @pytest.mark.cuda
