@@ -104,14 +104,21 @@ def run(out="blurfast-demo", minutes: float = 6.0, data: Optional[str] = None,
               sample_count=16, sample_steps=10 if smoke else 25, log_every=10, keep=1)
     if smoke:
         kw["model"] = dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1)
-    first = 2 if smoke else 10
+    first = 2 if smoke else 20
     t0 = time.perf_counter()
     print(f"[demo] timing {first} training steps")
     train(steps=first, progress=False, **kw)        # the resumed run prints the config
-    # Seconds per step from the run's own log (start-up and the sample grid excluded).
-    last = (run_dir / "log.csv").read_text().splitlines()[-1].split(",")
-    per_step = float(last[-1]) / first if float(last[-1]) > 0 else \
-        (time.perf_counter() - t0) / first
+    # Seconds per step from the run's own log (start-up and the sample grid excluded): the
+    # last 10 steps where there are two log rows, leaving out the first steps' warm-up
+    # (on a GPU: CUDA graph capture, cuDNN's search).
+    elapsed = [float(r.split(",")[-1])
+               for r in (run_dir / "log.csv").read_text().splitlines()[1:]]
+    if len(elapsed) >= 2 and elapsed[-1] > elapsed[-2]:
+        per_step = (elapsed[-1] - elapsed[-2]) / kw["log_every"]
+    elif elapsed and elapsed[-1] > 0:
+        per_step = elapsed[-1] / first
+    else:
+        per_step = (time.perf_counter() - t0) / first
     budget = minutes * 60 - (time.perf_counter() - t_start)
     total = first + 1 if smoke else max(first + 1, first + int(budget / per_step))
     print(f"[demo] training to step {total}, {total - first} more (about {per_step:.2f} s "

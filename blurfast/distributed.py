@@ -51,5 +51,15 @@ def teardown_processes(owns: bool, finished: bool) -> None:
         return
     import torch.distributed as dist
     if finished:
-        dist.barrier()
+        barrier()
     dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """``dist.barrier()``; on NCCL with this process's GPU named (else NCCL guesses it from
+    the rank, and torch warns)."""
+    import torch.distributed as dist
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()

@@ -78,7 +78,10 @@ def inception_extractor(path=None, device="cpu", download: bool = True) -> Calla
         os.replace(tmp, p)
         tmp.parent.rmdir()
     try:
-        net = torch.jit.load(str(p), map_location=device).eval()
+        with warnings.catch_warnings():
+            # clean-fid's weights exist only as TorchScript; newer torch deprecates loading it
+            warnings.filterwarnings("ignore", message=".*torch.jit")
+            net = torch.jit.load(str(p), map_location=device).eval()
     except Exception as e:           # torch raises several kinds for a bad file
         raise ValueError(f"inception: {p} cannot be loaded as clean-fid's TorchScript "
                          f"InceptionV3 ({type(e).__name__}: {e})") from None

@@ -48,7 +48,7 @@ def resolve_checkpoint(path) -> Path:
 
 class GraphedModel:
     """``model(x, t)`` replayed from a CUDA graph captured on the first call of each shape
-    (and autocast state).
+    (and dtype, device, autocast and grad mode).
 
     Under autocast the warm-up and the capture run with autocast's weight cache off, so
     the graph casts the weights itself: a cached cast would belong to the caller's
@@ -59,10 +59,14 @@ class GraphedModel:
         self.graphs = {}
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.cuda.device(x.device):       # capture and replay on x's GPU
+            return self._call(x, t)
+
+    def _call(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         dev = x.device.type
         amp = torch.is_autocast_enabled(dev)
         amp_dtype = torch.get_autocast_dtype(dev) if amp else None
-        key = (tuple(x.shape), x.dtype, amp_dtype)
+        key = (tuple(x.shape), x.dtype, x.device, amp_dtype, torch.is_grad_enabled())
         if key not in self.graphs:
             sx, st = x.clone(), t.clone()
             def uncached():
@@ -127,7 +131,7 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
     """
     from tqdm.auto import tqdm
 
-    from .distributed import setup_processes, teardown_processes
+    from .distributed import barrier, setup_processes, teardown_processes
 
     for name, v, lo in (("n", n, 1), ("batch", batch, 1), ("seed", seed, 0)):
         check_int(name, v, lo)
@@ -180,8 +184,7 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
         if fmt == "npz":
             _save_parts(out, kept, rank, world, n)
         if world > 1:
-            import torch.distributed as dist
-            dist.barrier()
+            barrier()
         if rank == 0:
             if fmt == "png":
                 _remove_stale_pngs(out, n)
@@ -214,11 +217,11 @@ def _save_parts(out: Path, kept, rank: int, world: int, n: int) -> None:
     if world == 1:
         save_npz(out / "samples.npz", images=arr)
         return
-    import torch.distributed as dist
+    from .distributed import barrier
     part = out / f".part-{rank}.npz"
     if arr is not None:
         save_npz(part, images=arr, index=idx)
-    dist.barrier()
+    barrier()
     if rank == 0:
         parts = [out / f".part-{r}.npz" for r in range(world)]
         loaded = [np.load(p) for p in parts if p.exists()]

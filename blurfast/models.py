@@ -89,7 +89,13 @@ class Attention(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)           # each (B, heads, HW, c/heads)
+        qkv = qkv.transpose(-1, -2)                        # q, k, v: (B, heads, HW, c/heads)
+        # The fused attention kernels (flash, memory-efficient) need the last dimension
+        # dense, and SDPA silently falls back to its unfused math otherwise; dense already
+        # when x is channels_last.
+        if qkv.stride(-1) != 1:
+            qkv = qkv.contiguous()
+        q, k, v = qkv.unbind(1)
         o = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj(o.transpose(-1, -2).reshape(b, c, h, w))
 

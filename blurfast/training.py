@@ -5,7 +5,10 @@ permutation per epoch), the steps ``t``, the flips and the Philox noise of step
 ``s`` are drawn for the whole global batch, and each rank takes its slice (the
 noise of rank r starts at Philox offset ``r * b * C*H*W``). So a resumed run
 retraces an uninterrupted one exactly, and k processes with per-process batch b
-draw the same examples, steps and noise as one process with batch k*b.
+draw the same examples, steps and noise as one process with batch k*b. A captured
+step (``cuda_graphs``, one process) draws its noise from torch's generator instead,
+seeded from ``(seed, step)``: still a function of the step, but other noise than an
+uncaptured or multi-process run's.
 
 :class:`TrainStep` is the complete step (process, forward, backward, gradient
 clipping, fused Adam, EMA) with no host synchronization: a non-finite gradient
@@ -156,6 +159,14 @@ def _collate(batch: torch.Tensor) -> torch.Tensor:
     return batch
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    """A loader worker leaves Ctrl-C (sent to the terminal's whole process group) to the
+    training process, which saves and stops; a worker that died of it would fail the
+    batch the process still waits for. (Forked workers inherit the process's handler;
+    workers started by spawn or forkserver do not.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class TrainStep:
     """One optimization step, repeated by :func:`train` (and by the benchmarks).
 
@@ -299,7 +310,10 @@ class TrainStep:
         if self._warm < _GRAPH_WARMUP:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), warnings.catch_warnings():
+                # torch's advice to drop capturable=True when a step runs uncaptured:
+                # these warm-up steps are meant to run so.
+                warnings.filterwarnings("ignore", message=".*capturable=True")
                 self._body(*self._static, 0, 0)
             torch.cuda.current_stream(self.device).wait_stream(side)
             self._warm += 1
@@ -749,6 +763,7 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                           cfg["seed"], start, cfg["steps"])
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                          collate_fn=_collate, pin_memory=cuda,
+                                         worker_init_fn=_ignore_sigint if workers else None,
                                          prefetch_factor=4 if workers else None)
     noise_offset = rank * cfg["batch_size"] * int(np.prod(diff.shape))
 

@@ -10,7 +10,8 @@
 #   build      BLURFAST_CUDA=1 pip install --no-build-isolation --no-deps -v .
 #   ext        make the source tree import the built blurfast._C (tests run from here)
 #   info       python -m blurfast info
-#   tests      pytest tests -m cuda, but the cluster kernel's (log + junit xml)
+#   tests      pytest tests -m cuda, but the cluster kernel's and test_gpu_paths.py's
+#              (log, one line per test, + junit xml)
 #   tests_cluster  the cluster kernel's CUDA tests, in their own process
 #   bench      kernel table of issue 6 (3 shapes, float32 + bfloat16, every impl):
 #              benchmarks/run.py --device cuda --quick --no-steps --strict -> bench.json
@@ -32,6 +33,8 @@
 #   memcheck   compute-sanitizer --tool memcheck  python scripts/sanitizer_case.py
 #   racecheck_cluster  compute-sanitizer --tool racecheck on the cluster kernel's cases
 #   --- the steps below rarely fit in the first 600 s call: run them in a second one
+#   tests_paths  tests/test_gpu_paths.py: train() end to end (CUDA graphs, bf16) and the
+#              sampler's graphed model
 #   steps64    the training and sampler steps at batch 64, baselines and blurfast
 #              -> steps64.json
 #   ncu        Nsight Compute (clocks left alone): speed of light, occupancy, stall reasons
@@ -57,7 +60,7 @@
 #   GPU_CHECK_SKIP         space-separated step names to skip, e.g. "build racecheck"
 #   GPU_CHECK_ONLY         space-separated step names to run, the others skipped: a second
 #                          call on the machine where the first one built, e.g.
-#                          "env ext steps64 ncu racecheck profile bench_extra", with memcheck
+#                          "env ext tests_paths steps64 ncu racecheck profile bench_extra", with memcheck
 #                          and racecheck_cluster too when the first call's budget cut them
 #                          (every step together takes longer than one 600 s device call)
 #   BLURFAST_CUDA_ARCHS    passed to the build; when unset, this script builds only
@@ -252,10 +255,11 @@ EOF
 }
 # The cluster kernel's tests run in a process of their own, after the others: a fault in
 # a kernel that has never run would leave the CUDA context unusable for every later test.
-step tests 130 "$PY" -m pytest tests -m cuda -k "not cluster" -p no:cacheprovider -q -rs \
-  --junitxml="$OUT/junit-cuda.xml"
+# -v: a step cut by its timeout writes no junit file, but its log names each test's outcome.
+step tests 130 "$PY" -m pytest tests -m cuda -k "not cluster and not test_gpu_paths" \
+  -p no:cacheprovider -v -rs --durations=10 --junitxml="$OUT/junit-cuda.xml"
 junit_counts cuda
-step tests_cluster 40 "$PY" -m pytest tests -m cuda -k cluster -p no:cacheprovider -q -rs \
+step tests_cluster 40 "$PY" -m pytest tests -m cuda -k cluster -p no:cacheprovider -v -rs \
   --junitxml="$OUT/junit-cluster.xml"
 junit_counts cluster
 step bench 90 "$PY" benchmarks/run.py --device cuda --quick --no-steps --strict \
@@ -276,6 +280,9 @@ step memcheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool m
 step racecheck_cluster 40 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer \
   --tool racecheck --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py \
   --cluster only
+step tests_paths 120 "$PY" -m pytest tests -m cuda -k test_gpu_paths -p no:cacheprovider -v \
+  -rs --durations=10 --junitxml="$OUT/junit-paths.xml"
+junit_counts paths
 step steps64 60 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps --strict \
   --step-batches 64 --json "$OUT/steps64.json"
 step ncu 90 bash -c ncu_cases

@@ -98,14 +98,15 @@ def test_ncu_cases_list():
 
 
 def test_pytest_selections_split_the_cuda_tests():
-    # `tests` and `tests_cluster` together run every CUDA test, each exactly once.
-    sel = {n: w for n, w in _steps() if n in ("tests", "tests_cluster")}
-    assert set(sel) == {"tests", "tests_cluster"}
+    # `tests`, `tests_cluster` and `tests_paths` together run every CUDA test, each once.
+    names = ("tests", "tests_cluster", "tests_paths")
+    sel = {n: w for n, w in _steps() if n in names}
+    assert set(sel) == set(names)
 
     def collected(words):
         args = words[words.index("-m") + 2:]             # after "-m pytest"
         args = [str(ROOT / a) if a == "tests" else a for a in args
-                if a != "-q" and not a.startswith("--junitxml")]
+                if a not in ("-q", "-v") and not a.startswith(("--junitxml", "--durations"))]
         # From tests/: `python -m pytest` puts its folder first on sys.path, and the
         # repository root would shadow an installed (non-editable) blurfast.
         r = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", *args],
@@ -114,6 +115,6 @@ def test_pytest_selections_split_the_cuda_tests():
         assert r.returncode == 0 and ids, r.stdout[-2000:] + r.stderr[-2000:]
         return ids
 
-    main, cluster = collected(sel["tests"]), collected(sel["tests_cluster"])
+    parts = [collected(sel[n]) for n in names]
     all_cuda = collected(["-m", "pytest", "tests", "-m", "cuda", "-p", "no:cacheprovider"])
-    assert not main & cluster and main | cluster == all_cuda
+    assert sum(map(len, parts)) == len(all_cuda) and set().union(*parts) == all_cuda
