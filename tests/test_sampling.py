@@ -367,9 +367,12 @@ def test_samplers_match_the_mixture(oracle_setup, kind, steps, spacing, eta, n):
 
 def test_fd_table_small():
     """A cheap version of scripts/oracle_fid.py (the same image-like mixture, 100
-    samples): prints the Fréchet distances. At this size the distance is dominated by
-    its finite-sample bias, so the check is on a statistic that is not: the fraction of
-    the high-frequency variance a sampler keeps (which must grow with the steps)."""
+    samples): prints the Fréchet distances, as a table only. At this size the distance
+    is dominated by its finite-sample bias (exact draws score 17.1, above every sampler:
+    losing variance lowers the bias), so nothing is asserted on it; the oracle's
+    moments and Fréchet distance are tested in test_oracle.py. The check is on a
+    statistic that is not biased so: the fraction of the high-frequency variance a
+    sampler keeps, which must grow with every increase in steps."""
     d = BlurDiffusion(resolution=16, channels=3, num_steps=1000)
     o = example_oracle(d)
     n = 100
@@ -388,5 +391,10 @@ def test_fd_table_small():
             fd[kind, st], keep[kind, st] = o.frechet_distance(x), kept(x)
     print(f"\nn={n}: " + ", ".join(f"{k} {s}: FD {fd[k, s]:.2f}, HF variance kept {keep[k, s]:.2f}"
                                   for k, s in fd))
+    # Measured kept: ddim 0.13, 0.39, 0.63, 0.79, 0.91; ancestral 0.08, 0.29, 0.48, 0.64,
+    # 0.82 (exact draws 0.98). Each gap (>= 0.12) is many times the sampling error of an
+    # average over 360 coefficients (~0.14 / sqrt(360) = 0.007 if they were independent).
+    steps = (10, 25, 50, 100, 250)
     for kind in ("ddim", "ancestral"):
-        assert keep[kind, 10] < keep[kind, 100] < keep[kind, 250] + 0.05
+        assert all(keep[kind, a] < keep[kind, b] for a, b in zip(steps, steps[1:]))
+        assert keep[kind, 250] < keep["exact", 0] + 0.05
