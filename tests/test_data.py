@@ -9,7 +9,7 @@ from PIL import Image
 from blurfast import data as D
 from blurfast.training import StepBatches
 
-from train_helpers import CIFAR, cifar_photos, made_photos
+from train_helpers import CIFAR, CIFAR_SKIP, cifar_photos, made_photos
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -150,7 +150,7 @@ def test_a_folder_with_unreadable_images_trains_on_the_others(tmp_path):
         ds.__getitems__([0])
 
 
-@pytest.mark.skipif(not CIFAR.exists(), reason="CIFAR-10 archive not present")
+@pytest.mark.skipif(not CIFAR.exists(), reason=CIFAR_SKIP)
 def test_prepare_real_photos(tmp_path):
     src = cifar_photos(tmp_path / "cifar", 40)
     r = D.prepare(src, tmp_path / "c.npy", resolution=32, workers=0, progress=False)

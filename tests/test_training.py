@@ -18,7 +18,7 @@ from blurfast.diffusion import BlurDiffusion
 from blurfast.models import UNet
 
 from bfutil import free_port
-from train_helpers import CIFAR, TINY, cifar_photos, made_photos, one_thread  # noqa: F401
+from train_helpers import CIFAR, CIFAR_SKIP, TINY, cifar_photos, made_photos, one_thread  # noqa: F401
 
 
 # Settings of the short runs: 16x16 images, a 0.7 M-parameter U-Net.
@@ -39,7 +39,7 @@ def made16(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cifar16(tmp_path_factory):
     if not CIFAR.exists():
-        pytest.skip("CIFAR-10 archive not present")
+        pytest.skip(CIFAR_SKIP)
     d = tmp_path_factory.mktemp("cifar")
     D.prepare(cifar_photos(d / "src", 512), d / "cifar16.npy", resolution=16, workers=0,
               progress=False)

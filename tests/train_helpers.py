@@ -1,6 +1,7 @@
 """Photographs and tiny-model settings shared by the model, data and training tests."""
 from __future__ import annotations
 
+import os
 import tarfile
 from pathlib import Path
 
@@ -8,7 +9,23 @@ import numpy as np
 import pytest
 import torch
 
-CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-32-jpeg.tar.gz"
+# The CIFAR-10 JPEG archive of the tests that use real photographs. Its folder is
+# $BLURFAST_TEST_DATA when set, else shared/data beside the checkout (../shared/data from
+# the repository root); without the file those tests skip, saying where they looked.
+CIFAR_NAME = "cifar10-32-jpeg.tar.gz"
+TEST_DATA_ENV = "BLURFAST_TEST_DATA"
+
+
+def cifar_archive() -> Path:
+    """Where the CIFAR-10 archive is looked for."""
+    folder = os.environ.get(TEST_DATA_ENV) or \
+        Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(folder).expanduser() / CIFAR_NAME
+
+
+CIFAR = cifar_archive()
+CIFAR_SKIP = (f"CIFAR-10 archive not found at {CIFAR} (set {TEST_DATA_ENV} to the folder "
+              f"that holds {CIFAR_NAME})")
 
 # A U-Net small enough for CPU tests (0.7 M parameters at 16x16).
 TINY = dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1)
