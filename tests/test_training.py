@@ -490,55 +490,27 @@ def _parser():
     return p
 
 
-def test_sigterm_saves_a_checkpoint_and_exits(made16, tmp_path):
+@pytest.mark.parametrize("how", ["sigterm", "ctrl_c"])
+def test_a_signal_saves_a_checkpoint_and_exits(made16, tmp_path, how):
+    # SIGTERM to the process; or a terminal's Ctrl-C: SIGINT to the whole process group,
+    # the DataLoader's workers too, while the run waits on them (loading slower than a
+    # step). The run saves and exits either way.
     out = tmp_path / "run"
-    p = _child(f"""
-        import argparse, sys, torch
-        torch.set_num_threads(1)
-        from blurfast import cli_train
-        ap = argparse.ArgumentParser()
-        cli_train.register(ap.add_subparsers())
-        a = ap.parse_args(["train", "--data", {str(made16)!r}, "--out", {str(out)!r},
-                           "--resolution", "16", "--batch-size", "2", "--steps", "100000",
-                           "--base-channels", "32", "--channel-mult", "1", "2",
-                           "--num-res-blocks", "1", "--log-every", "1", "--save-every",
-                           "100000", "--no-progress", "--device", "cpu"])
-        sys.exit(a.func(a))
-    """)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        log = out / "log.csv"
-        if log.is_file() and len(log.read_text().splitlines()) > 3:
-            break
-        time.sleep(0.2)
-    p.send_signal(signal.SIGTERM)
-    text, _ = p.communicate(timeout=120)
-    assert p.returncode == 143, text
-    assert "SIGTERM: saved" in text
-    assert f"continue with resume='auto' (blurfast train --out {out} --resume auto)" in text
-    (step, path), = ckpt.list_checkpoints(out / "checkpoints")
-    assert step >= 3 and ckpt.load(path)["step"] == step
-
-
-def test_ctrl_c_with_loader_workers_saves_a_checkpoint_and_exits(made16, tmp_path):
-    # A terminal's Ctrl-C sends SIGINT to the whole process group, the DataLoader's
-    # workers too. The run must still save and exit as for SIGTERM, not die on
-    # "DataLoader worker exited unexpectedly" when its next batch is not queued.
-    out = tmp_path / "run"
+    workers = ["--num-workers", "2"] if how == "ctrl_c" else []
     p = _child(f"""
         import argparse, sys, time, torch
         torch.set_num_threads(1)
         from blurfast import cli_train, data
-        # Loading slower than a step: the run waits on its workers when the signal comes.
-        get = data.PreparedArray.__getitems__
-        data.PreparedArray.__getitems__ = lambda self, i: (time.sleep(0.3), get(self, i))[1]
+        if {how == "ctrl_c"!r}:
+            get = data.PreparedArray.__getitems__
+            data.PreparedArray.__getitems__ = lambda self, i: (time.sleep(0.3), get(self, i))[1]
         ap = argparse.ArgumentParser()
         cli_train.register(ap.add_subparsers())
         a = ap.parse_args(["train", "--data", {str(made16)!r}, "--out", {str(out)!r},
                            "--resolution", "16", "--batch-size", "2", "--steps", "100000",
                            "--base-channels", "32", "--channel-mult", "1", "2",
                            "--num-res-blocks", "1", "--log-every", "1", "--save-every",
-                           "100000", "--no-progress", "--device", "cpu", "--num-workers", "2"])
+                           "100000", "--no-progress", "--device", "cpu", *{workers!r}])
         sys.exit(a.func(a))
     """, start_new_session=True)
     deadline = time.time() + 120
@@ -547,10 +519,15 @@ def test_ctrl_c_with_loader_workers_saves_a_checkpoint_and_exits(made16, tmp_pat
         if log.is_file() and len(log.read_text().splitlines()) > 3:
             break
         time.sleep(0.2)
-    os.killpg(p.pid, signal.SIGINT)
+    if how == "ctrl_c":
+        os.killpg(p.pid, signal.SIGINT)
+    else:
+        p.send_signal(signal.SIGTERM)
+    sig = signal.SIGINT if how == "ctrl_c" else signal.SIGTERM
     text, _ = p.communicate(timeout=120)
-    assert p.returncode == 128 + signal.SIGINT, text
-    assert "SIGINT: saved" in text
+    assert p.returncode == 128 + sig, text
+    assert f"{sig.name}: saved" in text
+    assert f"continue with resume='auto' (blurfast train --out {out} --resume auto)" in text
     (step, path), = ckpt.list_checkpoints(out / "checkpoints")
     assert step >= 3 and ckpt.load(path)["step"] == step
 
