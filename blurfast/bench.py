@@ -76,7 +76,8 @@ __all__ = [
     "CASES", "IMPLS", "VARIANT_IMPLS", "DTYPES", "CUDA_SHAPES", "CUDA_EXTRA_SHAPES", "CPU_SHAPES",
     "matmul_dct2", "matmul_idct2", "fft_dct2", "fft_idct2",
     "ref_q_sample", "ref_sampler_step", "tf32_matmul",
-    "get_impl", "impl_function", "check_impl", "CHECK_TOL", "WrongOutput", "make_inputs", "traffic_bytes", "targets", "TARGETS",
+    "get_impl", "impl_function", "check_impl", "CHECK_TOL", "WrongOutput", "make_inputs",
+    "traffic_bytes", "targets", "TARGETS",
     "measure_copy_gbps", "time_call", "num_input_sets", "run", "run_header", "dumps", "format_table",
     "main",
 ]
