@@ -92,12 +92,11 @@ def noise_betas(name: str, num_steps: int, beta_min: float = 1e-4,
             return torch.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
         b = (1 - c(i / n) / c((i - 1) / n)).clamp(max=MAX_BETA)
     elif name == "exp":
-        def g(j):
-            return torch.exp(5 * j / n - 5) + 1e-4
-
-        def e(j):
-            return 1 - g(j) / g(torch.tensor(float(n), dtype=torch.float64))
-        b = (1 - e(i) / e(i - 1)).clamp(max=MAX_BETA)
+        # 1 - e(i)/e(i-1) = (g(i) - g(i-1)) / (g(N) - g(i-1)); with a = 5 (i-1)/N - 5 that is
+        # exp(a) expm1(5/N) / -expm1(a), free of the cancellation of the plain form (and a
+        # written so as not to cancel either).
+        a = -5 * (n - i + 1) / n
+        b = (torch.exp(a) * math.expm1(5 / n) / -torch.expm1(a)).clamp(max=MAX_BETA)
     else:
         raise ValueError(f"noise_schedule: expected one of {NOISE_SCHEDULES}, got {name!r}")
     return torch.cat([torch.zeros(1, dtype=torch.float64), b])
