@@ -87,13 +87,17 @@ def test_cuda_non_contiguous_empty_and_stream():
     x = _rand(3, 32, 48).cuda().transpose(-1, -2)
     assert rel_err(bf.dct2(x), ref.dct2(x.double().cpu())) <= 2e-6
     assert bf.dct2(torch.empty(0, 3, 8, 8, device="cuda")).shape == (0, 3, 8, 8)
+    # On a side stream whose input is ready only after a long kernel: a launch on any
+    # other stream (torch's are non-blocking) would read it too early.
     s = torch.cuda.Stream()
     y = _rand(8, 3, 64, 64).cuda()
     torch.cuda.synchronize()
     with torch.cuda.stream(s):
-        out = bf.dct2(y)
+        torch.cuda._sleep(50_000_000)           # tens of ms of spinning on s
+        y2 = y * 2
+        out = bf.dct2(y2)
     s.synchronize()
-    assert rel_err(out, ref.dct2(y.double().cpu())) <= 2e-6
+    assert rel_err(out, ref.dct2(2 * y.double().cpu())) <= 2e-6
 
 
 def test_cuda_maps_on_other_device_rejected():
