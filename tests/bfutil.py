@@ -7,6 +7,8 @@ import numpy as np
 import scipy.fft
 import torch
 
+from blurfast.reference import _compute_dtype   # the precision blurfast computes a dtype in
+
 
 def _long_double(t) -> np.ndarray:
     if isinstance(t, torch.Tensor):
@@ -50,10 +52,6 @@ def assert_within_twice_torch(got, want, torch_same_dtype, what: str = "") -> fl
         f"{what}: error {err:.3g} > twice max(torch's {peer:.3g}, {got.dtype} rounding "
         f"{floor:.3g})")
     return err
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @functools.lru_cache(maxsize=32)
