@@ -7,7 +7,7 @@ import numpy as np
 import scipy.fft
 import torch
 
-from blurfast.reference import _compute_dtype   # the precision blurfast computes a dtype in
+import blurfast.reference as ref
 
 
 def _long_double(t) -> np.ndarray:
@@ -55,28 +55,12 @@ def assert_within_twice_torch(got, want, torch_same_dtype, what: str = "") -> fl
 
 
 @functools.lru_cache(maxsize=32)
-def _accurate_dct_matrix(n: int) -> torch.Tensor:
-    # The angle pi (2i+1) k / (2n) reduced exactly in integers first: reference.dct_matrix's
-    # float64 angles carry an error of order 1e-16 * pi n, 4e-14 in its DCT at n = 256,
-    # which as the float64 peer would let a 5e-14 error pass.
-    k = torch.arange(n, dtype=torch.int64)[:, None]
-    i = torch.arange(n, dtype=torch.int64)[None, :]
-    m = ((2 * i + 1) * k) % (4 * n)
-    c = torch.cos(math.pi * m.to(torch.float64) / (2 * n)) * math.sqrt(2.0 / n)
-    c[0] = math.sqrt(1.0 / n)
-    return c
-
-
 def torch_dct2(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """PyTorch's matrix DCT (idct2 with ``inverse``) in the precision blurfast uses for x's
     dtype (float32 for float32 and half types: one rounding to the half type at the end),
-    with matrices from exactly reduced angles rounded once to that precision. The
-    same-precision peer of the twice-torch rule."""
-    ct = _compute_dtype(x.dtype)
-    ch = _accurate_dct_matrix(x.shape[-2]).to(ct)
-    cw = _accurate_dct_matrix(x.shape[-1]).to(ct)
-    y = ch.T @ x.to(ct) @ cw if inverse else ch @ x.to(ct) @ cw.T
-    return y.to(x.dtype)
+    with matrices from exactly reduced angles rounded once to that precision: the
+    reference's. The same-precision peer of the twice-torch rule."""
+    return ref.idct2(x) if inverse else ref.dct2(x)
 
 
 def _fft_dct_1d(x: torch.Tensor, inverse: bool) -> torch.Tensor:
@@ -109,7 +93,7 @@ def torch_spectral(x, a, x2=None, a2=None, g=None, zb=None, return_noise=False):
     """``idct2(a dct2(x) + a2 dct2(x2) + g zb)`` in PyTorch in blurfast's precision for x's
     dtype (maps and the frequency-space noise ``zb`` rounded to it, as the kernels take
     them); with ``return_noise`` also ``idct2(zb)``. The peer of the fused op."""
-    ct = _compute_dtype(x.dtype)
+    ct = ref._compute_dtype(x.dtype)   # the precision blurfast computes x's dtype in
     z = a.to(ct) * torch_dct2(x.to(ct))
     if x2 is not None:
         z = z + a2.to(ct) * torch_dct2(x2.to(ct))
@@ -133,7 +117,6 @@ def truth_philox_normal(shape, seed: int, offset: int = 0) -> np.ndarray:
     """The noise stream's numbers (blurfast.reference's Philox words and Box-Muller) in long
     double: the truth against which reference.philox_normal's float64 Box-Muller (torch's
     log, cos, sin) is the same-precision peer of the kernels' float64 one."""
-    from blurfast import reference as ref
     n = math.prod(shape)
     e = torch.arange(n, dtype=torch.int64) + int(offset)
     b, lane = e >> 2, (e & 3).numpy()
