@@ -421,10 +421,35 @@ class _RunLock:
         self._f.close()
 
 
+def _rows_up_to(path: Path, fields: list, start: int) -> list:
+    """The rows (dicts of strings) of the CSV log ``path``, headed by ``fields``, whose step
+    is at most ``start``. A row counts only when whole: a crash while it was appended
+    leaves it without its newline (it may still parse, cut inside its last number), and
+    rows that do not parse as numbers are dropped too. ValueError naming the file when it
+    cannot be read or its header is not ``fields``."""
+    try:
+        lines = path.read_text().split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot be read ({e}); move it away to resume") from None
+    if lines[0] != ",".join(fields):
+        raise ValueError(f"{path}: the header {lines[0]!r} is not {','.join(fields)!r}; the "
+                         f"file is damaged or not this run's log: move it away to resume")
+    rows = []
+    for line in lines[1:-1]:     # lines[-1]: empty after the last newline, else torn
+        cells = line.split(",")
+        try:
+            step, _ = int(cells[0]), [float(c) for c in cells[1:]]
+        except ValueError:
+            continue
+        if len(cells) == len(fields) and step <= start:
+            rows.append(dict(zip(fields, cells)))
+    return rows
+
+
 class _Log:
     """log.csv (and TensorBoard when installed) and the curves drawn from it, rank 0 only.
     On resume the rows after the resumed step are dropped (they belong to the lost part
-    of the run)."""
+    of the run), and so are rows that a crash left torn."""
 
     def __init__(self, out: Path, start: int):
         self.out = out
@@ -432,8 +457,7 @@ class _Log:
         self.draw_curves = True
         rows = []
         if start > 0 and self.path.is_file():
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
+            rows = _rows_up_to(self.path, LOG_FIELDS, start)
         # elapsed_s goes on from the resumed step's row: the time of the run's earlier parts
         self.elapsed0 = float(rows[-1]["elapsed_s"]) if rows else 0.0
         with open(self.path.with_name(".log.csv.tmp"), "w", newline="") as f:

@@ -129,6 +129,28 @@ def test_resume_is_bit_exact(made16, reference_run, tmp_path):
     assert elapsed == sorted(elapsed) and elapsed[3] >= elapsed[2], elapsed
 
 
+def test_a_torn_log_row_is_dropped_on_resume(made16, tmp_path):
+    # A crash while a row is appended leaves it torn: a bare "1" (of "1x,..."), or a row
+    # cut inside its last number, which still parses (only the missing newline tells).
+    # Resuming drops either, and the rows after the resumed step; a log.csv damaged
+    # beyond that is named.
+    out, log = tmp_path / "run", tmp_path / "run" / "log.csv"
+
+    def steps():
+        return [int(r.split(",")[0]) for r in log.read_text().splitlines()[1:]]
+    training.train(data=str(made16), out=str(out), steps=2, **KW)
+    with open(log, "a") as f:
+        f.write("1")
+    training.train(data=str(made16), out=str(out), steps=3, resume="auto", **KW)
+    assert steps() == [1, 2, 3]
+    log.write_text(log.read_text()[:-2])          # row 3 without its newline and last digit
+    training.train(data=str(made16), out=str(out), steps=4, resume="auto", **KW)
+    assert steps() == [1, 2, 4]
+    log.write_text("stp,images\n" + log.read_text().split("\n", 1)[1])
+    with pytest.raises(ValueError, match=r"log\.csv: .*header"):
+        training.train(data=str(made16), out=str(out), steps=5, resume="auto", **KW)
+
+
 def test_sigkill_during_save_resumes_from_the_last_good_checkpoint(made16, reference_run,
                                                                    tmp_path):
     out = tmp_path / "run"
