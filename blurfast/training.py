@@ -57,6 +57,7 @@ _GRAPH_WARMUP = 3          # eager steps (on a side stream) before the capture
 BACKEND_FLAGS = (True, True, True)
 LOG_FIELDS = ["step", "images", "loss", "grad_norm", "lr", "nonfinite", "images_per_s",
               "elapsed_s"]
+FID_FIELDS = ["step", "fid"]
 
 
 class NonFiniteError(RuntimeError):
@@ -668,19 +669,15 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
 
 
 class _FidLog:
-    """``fid.csv`` (step, fid): appended line by line; the best value survives resumes."""
+    """``fid.csv`` (step, fid): appended line by line; on resume cut as log.csv is (to the
+    resumed step, torn rows dropped), the best value of the rows kept going on."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, start: int):
         self.path = path
-        self.best = float("inf")
-        if path.is_file():
-            for row in path.read_text().splitlines()[1:]:
-                try:
-                    self.best = min(self.best, float(row.split(",")[1]))
-                except (IndexError, ValueError):
-                    pass
-        else:
-            path.write_text("step,fid\n")
+        rows = _rows_up_to(path, FID_FIELDS, start) if start > 0 and path.is_file() else []
+        self.best = min((float(r["fid"]) for r in rows), default=float("inf"))
+        lines = [",".join(FID_FIELDS)] + [f"{r['step']},{r['fid']}" for r in rows]
+        write_text(path, "".join(line + "\n" for line in lines))
 
     def add(self, step: int, value: float) -> bool:
         with open(self.path, "a") as f:
@@ -811,7 +808,7 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                 print(f"config (saved to {out / 'config.json'}):\n{text}", flush=True)
             log = _Log(out, start)
         if fid is not None:
-            fid_log = _FidLog(out / "fid.csv")
+            fid_log = _FidLog(out / "fid.csv", start)
         if main and progress:
             from tqdm import tqdm
             bar = tqdm(total=cfg["steps"], initial=start, desc="train", unit="step",

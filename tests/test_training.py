@@ -151,6 +151,31 @@ def test_a_torn_log_row_is_dropped_on_resume(made16, tmp_path):
         training.train(data=str(made16), out=str(out), steps=5, resume="auto", **KW)
 
 
+def test_fid_log_is_cut_to_the_resumed_step_and_torn_rows_are_dropped(made16, tmp_path,
+                                                                        monkeypatch):
+    # fid.csv as log.csv: on resume the rows of the lost part go, and a torn last row
+    # ("6,35.2" cut to "6,0") neither counts as the best nor joins the next row.
+    from blurfast import evaluation
+    monkeypatch.setenv("BLURFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(evaluation, "inception_extractor",
+                        lambda path=None, device="cpu", download=True:
+                        lambda x: x.mean(dim=(2, 3)))
+    out, fid_csv = tmp_path / "run", tmp_path / "run" / "fid.csv"
+    kw = {**KW, "fid_every": 2, "fid_ref": str(made16), "fid_n": 6, "fid_steps": 2}
+    training.train(data=str(made16), out=str(out), steps=4, **kw)
+    first = fid_csv.read_text().splitlines()[1:]
+    assert [r.split(",")[0] for r in first] == ["2", "4"]
+    import shutil
+    shutil.rmtree(out / "checkpoints" / "step_000000004")       # lost: resumed from step 2
+    with open(fid_csv, "a") as f:
+        f.write("6,0")
+    training.train(data=str(made16), out=str(out), steps=4, resume="auto", **kw)
+    rows = [r.split(",") for r in fid_csv.read_text().splitlines()[1:]]
+    assert [r[0] for r in rows] == ["2", "4"] and rows[0] == first[0].split(",")
+    # the best so far after the resume: from the whole rows alone
+    assert training._FidLog(fid_csv, 4).best == min(float(r[1]) for r in rows)
+
+
 def test_sigkill_during_save_resumes_from_the_last_good_checkpoint(made16, reference_run,
                                                                    tmp_path):
     out = tmp_path / "run"
