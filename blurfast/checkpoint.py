@@ -137,6 +137,10 @@ def verify(path) -> dict:
         files = manifest["files"]
         if manifest.get("format") != FORMAT or set(files) != set(FILES):
             raise KeyError("format")
+        expected = {n: (files[n]["bytes"], files[n]["sha256"]) for n in FILES}
+        for n, (size, digest) in expected.items():
+            if type(size) is not int or not isinstance(digest, str):
+                raise TypeError(f"{n}: expected an int 'bytes' and a string 'sha256'")
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path}: manifest.json is damaged or of an unknown "
                               f"format ({e})") from None
@@ -145,10 +149,10 @@ def verify(path) -> dict:
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path}: {n} is missing")
         size = f.stat().st_size
-        if size != files[n]["bytes"]:
+        if size != expected[n][0]:
             raise CheckpointError(f"checkpoint {path}: {n} is damaged (size {size} bytes, "
-                                  f"expected {files[n]['bytes']}); it was truncated or replaced")
-        if _sha256(f) != files[n]["sha256"]:
+                                  f"expected {expected[n][0]}); it was truncated or replaced")
+        if _sha256(f) != expected[n][1]:
             raise CheckpointError(f"checkpoint {path}: {n} is damaged (SHA-256 does not match "
                                   f"the manifest)")
     return manifest

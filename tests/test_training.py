@@ -252,6 +252,30 @@ def test_damaged_files_give_clear_errors(made16, tmp_path):
         ckpt.load(out / "samples")
 
 
+def test_a_malformed_manifest_is_a_damaged_checkpoint(made16, tmp_path):
+    # Entries without a size or hash, of the wrong type, or not mappings: CheckpointError
+    # (was a KeyError or TypeError), so the newest valid checkpoint is used instead.
+    from blurfast.generate import resolve_checkpoint
+    out = tmp_path / "run"
+    training.train(data=str(made16), out=str(out), steps=4, **KW)
+    newest, older = (out / "checkpoints" / f"step_00000000{s}" for s in (4, 2))
+    good = json.loads((newest / "manifest.json").read_text())
+    entry = good["files"]["state.pt"]
+    for files in ({**good["files"], "state.pt": {"bytes": entry["bytes"]}},
+                  {**good["files"], "state.pt": {"sha256": entry["sha256"]}},
+                  {**good["files"], "state.pt": {**entry, "bytes": str(entry["bytes"])}},
+                  {**good["files"], "state.pt": {**entry, "sha256": 0}},
+                  {**good["files"], "state.pt": [entry["bytes"], entry["sha256"]]},
+                  list(good["files"])):
+        (newest / "manifest.json").write_text(json.dumps({**good, "files": files}))
+        with pytest.raises(ckpt.CheckpointError, match=r"manifest\.json is damaged"):
+            ckpt.verify(newest)
+        with pytest.warns(UserWarning, match="skipping a damaged checkpoint"):
+            assert ckpt.latest_valid(out / "checkpoints")["path"] == str(older)
+        with pytest.warns(UserWarning, match="skipping a damaged checkpoint"):
+            assert resolve_checkpoint(out) == older
+
+
 def test_load_model_for_sampling(reference_run):
     model, diff, cfg = ckpt.load_model(reference_run["checkpoint"])
     _same_weights(model, reference_run["ema"])
