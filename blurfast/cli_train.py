@@ -31,7 +31,7 @@ _DIFFUSION_KEYS = ("num_steps", "noise_schedule", "beta_min", "beta_max", "blur_
 
 def _none_or(kind):
     def parse(s):
-        return None if s.lower() in ("none", "off", "0") else kind(s)
+        return None if s.lower() == "none" else kind(s)
     parse.__name__ = kind.__name__
     return parse
 
@@ -112,7 +112,7 @@ def _add_train(sub) -> None:
     g.add_argument("--adam-eps", dest="adam_eps", type=float, help="Adam epsilon")
     g.add_argument("--warmup", type=int, help="linear learning-rate warmup steps")
     g.add_argument("--grad-clip", dest="grad_clip", type=_none_or(float),
-                   help="max gradient norm, or 'none'")
+                   help="max gradient norm (> 0), or 'none' for no clipping")
     g.add_argument("--ema-decay", dest="ema_decay", type=float, help="EMA decay per step")
     g.add_argument("--ema-halflife-kimg", dest="ema_halflife_kimg", type=float,
                    help="EMA half-life in thousands of images (instead of --ema-decay)")

@@ -969,6 +969,24 @@ def test_type_errors_and_existing_runs(made16, tmp_path):
                        **{**KW, "model": {**TINY, "num_res_blocks": 2}})
 
 
+def _cli_error(tmp_path, capsys, *argv) -> str:
+    """stderr of a `blurfast train` that must fail (exit 2) in one line before it reads
+    its data, which does not exist."""
+    a = _parser().parse_args(["train", "--data", str(tmp_path / "none.npy"), "--out",
+                              str(tmp_path / "r"), "--device", "cpu", *argv])
+    assert a.func(a) == 2
+    text = capsys.readouterr().err
+    assert text.count("\n") == 1, text
+    return text
+
+
+def test_cli_grad_clip_0_is_refused_as_by_train(tmp_path, capsys):
+    # 0 meant no clipping on the command line while train(grad_clip=0) refuses it; 'none'
+    # is the documented way.
+    assert _cli_error(tmp_path, capsys, "--grad-clip", "0") == (
+        "blurfast train: error: grad_clip: expected a finite number > 0 or None, got 0.0\n")
+
+
 @pytest.mark.slow
 def test_compiled_step_matches_eager():
     # torch.compile of the model (with the dct2 custom op of freq_input) and channels_last
