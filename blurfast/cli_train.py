@@ -290,10 +290,13 @@ def saved_config(resume, out) -> dict:
 
 def _layer(kw: dict, layer: dict) -> None:
     """Puts ``layer``'s arguments over ``kw``: ``model`` and ``diffusion`` merged entry by
-    entry; one of ema_decay and ema_halflife_kimg replaces the other of a lower layer."""
+    entry (one that is not a dict replaces the lower one, for train() to refuse); one of
+    ema_decay and ema_halflife_kimg replaces the other of a lower layer."""
     for group in ("model", "diffusion"):
-        if group in layer:
-            kw[group] = {**(kw.get(group) or {}), **(layer[group] or {})}
+        if isinstance(layer.get(group), dict):
+            kw[group] = {**(kw.get(group) or {}), **layer[group]}
+        elif layer.get(group) is not None:
+            kw[group] = layer[group]
     kw.update({k: v for k, v in layer.items() if k not in ("model", "diffusion")})
     for one, other in (("ema_decay", "ema_halflife_kimg"), ("ema_halflife_kimg", "ema_decay")):
         if layer.get(one) is not None and other not in layer:
@@ -332,7 +335,7 @@ def train_kwargs(args: argparse.Namespace) -> dict:
     if kw.get("ema_halflife_kimg") is not None and "ema_decay" not in kw:
         kw["ema_decay"] = None
     for k in ("channel_mult", "attention_resolutions"):
-        if k in (kw.get("model") or {}):
+        if isinstance(kw.get("model"), dict) and isinstance(kw["model"].get(k), list):
             kw["model"][k] = tuple(kw["model"][k])
     missing = [k for k in ("data", "out") if k not in kw]
     if missing:

@@ -987,6 +987,18 @@ def test_cli_grad_clip_0_is_refused_as_by_train(tmp_path, capsys):
         "blurfast train: error: grad_clip: expected a finite number > 0 or None, got 0.0\n")
 
 
+def test_cli_config_groups_of_the_wrong_type_name_the_key(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    for text, msg in (("model: [1, 2]\n", "model: expected a dict of UNet arguments, got list"),
+                      ("model: {channel_mult: 4}\n", "channel_mult: expected a sequence of "
+                                                     "ints, got 4"),
+                      ("diffusion: 3\n", "diffusion: expected a dict of BlurDiffusion "
+                                         "arguments, got int")):
+        cfg.write_text(text)
+        assert _cli_error(tmp_path, capsys, "--config", str(cfg)) == \
+            f"blurfast train: error: {msg}\n"
+
+
 @pytest.mark.slow
 def test_compiled_step_matches_eager():
     # torch.compile of the model (with the dct2 custom op of freq_input) and channels_last
