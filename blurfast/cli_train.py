@@ -232,6 +232,21 @@ def _yaml_load(text: str):
         list("-+0123456789."))
     return yaml.load(text, Loader=Loader)
 
+
+def _parse_error(e: Exception) -> str:
+    """A YAML or JSON parser's error in one line: the problem and where (line, column)."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"{e.msg} (line {e.lineno}, column {e.colno})"
+    mark = getattr(e, "problem_mark", None)             # yaml's MarkedYAMLError
+    if mark is None:
+        return " ".join(str(e).split())
+    text = f"{e.problem} (line {mark.line + 1}, column {mark.column + 1}"
+    if e.context and e.context_mark is not None:
+        text += (f"; {e.context} at line {e.context_mark.line + 1}, column "
+                 f"{e.context_mark.column + 1}")
+    return text + ")"
+
+
 def load_config(path) -> dict:
     """A mapping of train() arguments from a .yaml/.yml/.json file."""
     path = Path(path)
@@ -245,7 +260,7 @@ def load_config(path) -> dict:
         else:
             cfg = json.loads(text)
     except Exception as e:      # yaml and json raise their own error types
-        raise ValueError(f"config: {str(path)!r} does not parse ({e})") from None
+        raise ValueError(f"config: {str(path)!r} does not parse: {_parse_error(e)}") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"config: {str(path)!r} must hold a mapping of train() arguments")
     return cfg

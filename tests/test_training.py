@@ -999,6 +999,19 @@ def test_cli_config_groups_of_the_wrong_type_name_the_key(tmp_path, capsys):
             f"blurfast train: error: {msg}\n"
 
 
+def test_cli_config_that_does_not_parse_is_one_line_with_the_position(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lr: 1e-3\n  batch_size: 2\n")
+    assert _cli_error(tmp_path, capsys, "--config", str(cfg)) == (
+        f"blurfast train: error: config: {str(cfg)!r} does not parse: mapping values are not "
+        f"allowed here (line 2, column 13)\n")
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"lr": 1e-3,\n "batch_size": }')
+    assert _cli_error(tmp_path, capsys, "--config", str(cfg)) == (
+        f"blurfast train: error: config: {str(cfg)!r} does not parse: Expecting value "
+        f"(line 2, column 16)\n")
+
+
 @pytest.mark.slow
 def test_compiled_step_matches_eager():
     # torch.compile of the model (with the dct2 custom op of freq_input) and channels_last
