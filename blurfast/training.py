@@ -25,6 +25,7 @@ import json
 import math
 import os
 import signal
+import tempfile
 import threading
 import time
 import warnings
@@ -526,6 +527,19 @@ def _save_samples(ema, diff, path: Path, count: int, steps: int, pixel_range: st
     viz.save_png(viz.grid([imgs[i:i + ncol] for i in range(0, count, ncol)]), path)
 
 
+def _check_run_dir(out) -> None:
+    """ValueError naming ``out`` when the run directory cannot be created or written into,
+    with the system's reason: a folder is made and removed in the nearest existing folder
+    of its path, as the run would make its own."""
+    p = Path(out)
+    base = next(q for q in (p, *p.parents) if os.path.lexists(q))
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".blurfast-probe-", dir=base))
+    except OSError as e:
+        raise ValueError(f"out (--out): cannot create run directory {str(out)!r}: "
+                         f"{e.strerror}: {str(base)!r}") from None
+
+
 def train(*, data, out, preset: str = "small", resolution: int = 64, channels: int = 3,
           model: Optional[dict] = None, diffusion: Optional[dict] = None, target: str = "eps",
           batch_size: int = 16, steps: int = 600_000, lr: float = 5e-5, optimizer: str = "adam",
@@ -627,6 +641,7 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
             raise TypeError(f"{name}: unknown {cls.__name__} arguments {unknown}")
     if resume is not None and not isinstance(resume, (str, os.PathLike)):
         raise TypeError(f"resume: expected None, 'auto' or a path, got {resume!r}")
+    _check_run_dir(out)
     for k in ("resolution", "channels"):
         if diffusion and k in diffusion and diffusion[k] != args[k]:
             raise ValueError(f"diffusion: its {k} {diffusion[k]!r} differs from {k}={args[k]!r}")

@@ -969,6 +969,24 @@ def test_type_errors_and_existing_runs(made16, tmp_path):
                        **{**KW, "model": {**TINY, "num_res_blocks": 2}})
 
 
+def test_an_out_that_cannot_be_made_is_named_before_the_data_is_read(made16, tmp_path,
+                                                                     monkeypatch, capsys):
+    def opened(*a, **k):
+        raise AssertionError("the data was opened first")
+    monkeypatch.setattr(D, "open_dataset", opened)
+    (tmp_path / "afile").write_text("")
+    for out in (tmp_path / "afile" / "run", tmp_path / "afile"):
+        with pytest.raises(ValueError, match=rf"^out \(--out\): cannot create run directory "
+                                             rf"'{out}': Not a directory: '.*afile'$"):
+            training.train(data=str(made16), out=str(out), steps=1, **KW)
+    a = _parser().parse_args(["train", "--data", str(made16), "--out",
+                              str(tmp_path / "afile" / "run"), "--device", "cpu"])
+    assert a.func(a) == 2
+    assert capsys.readouterr().err.startswith("blurfast train: error: out (--out): cannot "
+                                              "create run directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]     # the probe is gone
+
+
 def _cli_error(tmp_path, capsys, *argv) -> str:
     """stderr of a `blurfast train` that must fail (exit 2) in one line before it reads
     its data, which does not exist."""
