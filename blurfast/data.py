@@ -26,7 +26,7 @@ from .checks import check_int
 
 __all__ = ["IMAGE_EXTENSIONS", "RESIZE_MODES", "DEFAULT_RESIZE", "PIXEL_RANGES", "ImageFolder",
            "LSUNLmdb", "PreparedArray", "open_dataset", "prepare", "to_float", "PrepareReport",
-           "UnreadableImage", "data_range", "to_unit_range"]
+           "UnreadableImage", "data_range", "to_unit_range", "check_resize"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 RESIZE_MODES = ("squash", "center-crop")
@@ -39,9 +39,10 @@ class UnreadableImage(ValueError):
     """An image of a dataset that Pillow cannot decode; the message names it."""
 
 
-def _check_resize(resize) -> str:
+def check_resize(resize, name: str = "resize") -> str:
+    """``resize`` when it is one of :data:`RESIZE_MODES`; else ValueError naming ``name``."""
     if resize not in RESIZE_MODES:
-        raise ValueError(f"resize: expected one of {RESIZE_MODES}, got {resize!r}")
+        raise ValueError(f"{name}: expected one of {RESIZE_MODES}, got {resize!r}")
     return resize
 
 
@@ -71,7 +72,7 @@ class _Decoded(torch.utils.data.Dataset):
 
     def __init__(self, resolution: int, resize: str, channels: int):
         self.resolution = check_int("resolution", resolution)
-        self.resize = _check_resize(resize)
+        self.resize = check_resize(resize)
         if channels not in (1, 3):
             raise ValueError(f"channels: expected 1 or 3, got {channels!r}")
         self.channels = channels
@@ -366,7 +367,7 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
     check_int("workers", workers, 0, none_ok=True)
     check_int("limit", limit, none_ok=True)
     check_int("resolution", resolution)
-    _check_resize(resize)
+    check_resize(resize)
     p = Path(src)
     if not p.is_dir():
         raise ValueError(f"src: {str(src)!r} is not a directory (image folder or lmdb)")

@@ -612,6 +612,8 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
                  "sample_steps", "max_nonfinite"):
         check_int(name, args[name])
     check_int("seed", seed, 0)
+    # resize now, whatever the data: a folder fid_ref would read it only at the first FID
+    D.check_resize(resize)
     if fid_every is not None:
         check_int("fid_every", fid_every)
         check_int("fid_n", fid_n, 2)
