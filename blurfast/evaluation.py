@@ -166,9 +166,11 @@ def features(images: Iterable[np.ndarray], extractor: Callable, batch_size: int 
 
 
 def statistics(feats: np.ndarray):
-    """Mean and covariance of features (N, D), float64."""
-    if feats.shape[0] < 2:
-        raise ValueError(f"feats: need at least 2 images, got {feats.shape[0]}")
+    """Mean and covariance of features (N, D) of N >= 2 images, float64."""
+    feats = np.asarray(feats)
+    if feats.ndim != 2 or feats.shape[0] < 2:
+        raise ValueError(f"feats: expected features (N, D) of N >= 2 images, got shape "
+                         f"{feats.shape}")
     return feats.mean(0), np.cov(feats, rowvar=False)
 
 
@@ -177,17 +179,47 @@ def _sqrt_psd(a: torch.Tensor) -> torch.Tensor:
     return (v * w.clamp(min=0).sqrt()) @ v.T
 
 
+def _gaussians(args, names):
+    """``args`` (mu1, cov1, mu2, cov2) as float64 tensors: finite, each mu (D,) and each
+    cov (D, D), one D; else ValueError naming the first that is not (``names``)."""
+    out = []
+    for i, (a, name) in enumerate(zip(args, names)):
+        try:
+            t = torch.as_tensor(a, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):     # not numbers
+            raise ValueError(f"{name}: expected an array of numbers, got "
+                             f"{type(a).__name__}") from None
+        if i == 0 and (t.dim() != 1 or len(t) == 0):
+            raise ValueError(f"{name}: expected shape (D,), D >= 1, got {tuple(t.shape)}")
+        d = len(out[0]) if out else len(t)
+        want = (d,) if i % 2 == 0 else (d, d)
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name}: expected shape {want} ({names[0]} has D = {d}), got "
+                             f"{tuple(t.shape)}")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name}: expected finite values (statistics of N >= 2 samples: "
+                             f"one sample has no covariance)")
+        out.append(t)
+    return out
+
+
 def gaussian_frechet_distance(mu1, cov1, mu2, cov2) -> float:
-    """``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^{1/2} S2 S1^{1/2})^{1/2})`` in float64."""
-    mu1, mu2, cov1, cov2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, mu2, cov1, cov2))
+    """``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^{1/2} S2 S1^{1/2})^{1/2})`` in float64 for
+    finite mu (D,) and cov (D, D)."""
+    return _frechet((mu1, cov1, mu2, cov2), ("mu1", "cov1", "mu2", "cov2"))
+
+
+def _frechet(args, names) -> float:
+    mu1, cov1, mu2, cov2 = _gaussians(args, names)
     s1h = _sqrt_psd(cov1)
     cross = torch.linalg.eigvalsh(s1h @ cov2 @ s1h).clamp(min=0).sqrt().sum()
     return float(((mu1 - mu2) ** 2).sum() + torch.trace(cov1) + torch.trace(cov2) - 2 * cross)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """Fréchet distance between two Gaussians (the FID formula)."""
-    return gaussian_frechet_distance(mu1, sigma1, mu2, sigma2)
+    """Fréchet distance between two Gaussians (the FID formula): finite mu (D,) and
+    sigma (D, D), as :func:`statistics` gives."""
+    return _frechet((mu1, sigma1, mu2, sigma2), ("mu1", "sigma1", "mu2", "sigma2"))
 
 
 def _cache_dir() -> Path:

@@ -139,7 +139,14 @@ class GaussianMixtureOracle:
 
 
 def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Fréchet distance between the Gaussian fits of two batches (B, ...) of samples."""
+    """Fréchet distance between the Gaussian fits of two batches (B, ...) of B >= 2
+    finite samples."""
+    for name, a in (("x", x), ("y", y)):
+        got = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+        if not isinstance(a, torch.Tensor) or a.dim() < 2 or a.shape[0] < 2:
+            raise ValueError(f"{name}: expected a tensor (B, ...) of B >= 2 samples, got {got}")
+        if not torch.isfinite(a).all():
+            raise ValueError(f"{name}: expected finite values")
     x = x.to(torch.float64).flatten(1)
     y = y.to(torch.float64).flatten(1)
     if x.shape[1] != y.shape[1]:

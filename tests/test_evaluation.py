@@ -323,3 +323,36 @@ def test_fid_reads_the_reference_with_the_samples_channels(tmp_path, monkeypatch
         ev.fid(samples, tmp_path / "rgb.npy", **kw)
     with pytest.raises(ValueError, match="^channels: 3 differs from the samples' 1"):
         ev.fid(samples, tmp_path / "rgb", channels=3, **kw)
+
+
+def test_frechet_distance_names_what_is_not_two_gaussians():
+    # Shapes that do not fit, NaN, a vector for a covariance, one sample per side: torch
+    # errors (RuntimeError, LinAlgError) or a NaN distance, naming nothing.
+    from blurfast import testing
+    mu, eye = np.zeros(3), np.eye(3)
+    for args, words in [
+            ((mu, eye, np.zeros(4), np.eye(4)), r"mu2: expected shape \(3,\) \(mu1 has D = 3\), "
+                                                r"got \(4,\)"),
+            ((mu, np.full((3, 3), np.nan), mu, eye), r"sigma1: expected finite values"),
+            ((mu, np.ones(3), mu, eye), r"sigma1: expected shape \(3, 3\) \(mu1 has D = 3\), "
+                                        r"got \(3,\)"),
+            ((eye, eye, mu, eye), r"mu1: expected shape \(D,\), D >= 1, got \(3, 3\)"),
+            ((mu, eye, mu, "eye"), r"sigma2: expected an array of numbers, got str")]:
+        with pytest.raises(ValueError, match=f"^{words}"):
+            ev.frechet_distance(*args)
+    with pytest.raises(ValueError, match=r"^cov2: expected shape \(3, 3\)"):
+        ev.gaussian_frechet_distance(mu, eye, mu, np.eye(2))
+    one = np.ones((1, 3))
+    with pytest.raises(ValueError, match=r"^feats: expected features \(N, D\) of N >= 2 images, "
+                                         r"got shape \(1, 3\)"):
+        ev.statistics(one)
+    with pytest.warns(RuntimeWarning):                   # numpy: no degrees of freedom
+        cov = np.cov(one, rowvar=False)
+    with pytest.raises(ValueError, match="^sigma2: expected finite values .*N >= 2 samples"):
+        ev.frechet_distance(mu, eye, one[0], cov)
+    x = torch.randn(5, 3)
+    with pytest.raises(ValueError, match=r"^y: expected a tensor \(B, ...\) of B >= 2 samples, "
+                                         r"got \(1, 3\)"):
+        testing.frechet_distance(x, x[:1])
+    with pytest.raises(ValueError, match="^x: expected finite values"):
+        testing.frechet_distance(x / 0 * 0, x)
