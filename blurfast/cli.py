@@ -88,8 +88,9 @@ def _add_fid(sub) -> None:
                    help="default: cuda if available")
     s.add_argument("--batch", type=positive_int, default=64,
                    help="images per Inception batch (default 64)")
-    s.add_argument("--save-stats", default=None,
-                   help="also write the reference mu/sigma (and image count) here")
+    s.add_argument("--save-stats", default=None, metavar="STATS.npz",
+                   help="also write the reference mu/sigma (and image count) here, for --ref; "
+                        "checked before any work")
     s.add_argument("--no-cache", action="store_true", help="do not read or write the stats cache")
     s.add_argument("--features", default=None, metavar="MODULE:FUNCTION",
                    help="a custom feature extractor instead of InceptionV3 (a function of float "
@@ -124,11 +125,14 @@ def _fid(args) -> int:
     import torch
 
     from . import evaluation as ev
+    from .fileio import check_writable
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device: 'cuda' was asked for but torch sees no GPU")
     if args.n < 2:
         raise ValueError(f"--n: expected an int >= 2, got {args.n}")
+    if args.save_stats:
+        check_writable(args.save_stats, "--save-stats")
     ev.check_reference(args.ref, args.resolution, args.channels, name="--ref")
     if args.features:
         import importlib
@@ -148,13 +152,8 @@ def _fid(args) -> int:
         raise ValueError("--samples: required (a folder of images or .npz), except with --check")
     value = ev.fid(args.samples, args.ref, n=args.n, resolution=args.resolution,
                    resize=args.resize, feature_extractor=extractor, device=device,
-                   batch_size=args.batch, cache=not args.no_cache, channels=args.channels)
-    if args.save_stats:        # the statistics fid() just used (from the cache when enabled)
-        res = args.resolution or int(next(iter(ev.load_images(args.samples, 1))).shape[0])
-        mu, sigma, _ = ev._reference_statistics(
-            args.ref, res, args.resize, args.n, extractor, device, args.batch,
-            not args.no_cache, False, value.channels)
-        ev.save_statistics(args.save_stats, mu, sigma, value.ref)
+                   batch_size=args.batch, cache=not args.no_cache, channels=args.channels,
+                   save_stats=args.save_stats or None)
     print(f"samples: {value.samples} images from {args.samples}")
     print(f"reference: statistics of {args.ref} (image count not recorded)" if value.ref is None
           else f"reference: {value.ref} images from {args.ref}")

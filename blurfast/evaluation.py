@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from .checks import check_int
-from .data import DEFAULT_RESIZE
-from .fileio import save_npz
+from .data import DEFAULT_RESIZE, _check_resize
+from .fileio import check_writable, save_npz
 
 __all__ = ["INCEPTION_FILE", "default_inception_path", "inception_extractor", "features",
            "statistics", "save_statistics", "frechet_distance", "gaussian_frechet_distance",
@@ -140,6 +140,7 @@ def features(images: Iterable[np.ndarray], extractor: Callable, batch_size: int 
     """Features (N, D) float64 of uint8 (H, W, C) images, resized as clean-fid does;
     ``progress``: a bar over the images (``leave``: kept when done)."""
     from tqdm.auto import tqdm
+    check_int("batch_size", batch_size, 1)
     _, resize = _cleanfid()
     resizer = resize.build_resizer("clean")
     feats, batch = [], []
@@ -281,6 +282,8 @@ def _reference_statistics(ref, resolution, resize, n, extractor, device, batch_s
                           progress, channels):
     """:func:`reference_statistics` and the count of images behind them (None where a
     STATS .npz does not record it)."""
+    _check_resize(resize)
+    check_int("batch_size", batch_size, 1)
     p = Path(ref)
     if p.is_file() and p.suffix == ".npz":
         try:
@@ -335,17 +338,24 @@ class FidValue(float):
 def fid(samples, ref, n: Optional[int] = 10_000, resolution: Optional[int] = None,
         resize: str = DEFAULT_RESIZE, inception=None,
         feature_extractor: Optional[Callable] = None, device="cpu", batch_size: int = 64,
-        cache: bool = True, progress: bool = True, channels: Optional[int] = None) -> FidValue:
+        cache: bool = True, progress: bool = True, channels: Optional[int] = None,
+        save_stats=None) -> FidValue:
     """FID between generated ``samples`` (folder or .npz) and a reference (see
     :func:`reference_statistics`), on the first ``n`` images of each; a :class:`FidValue`
     (a float with the image counts). ``feature_extractor`` replaces InceptionV3 (a
     callable on float (B,3,299,299) in [0, 255]); ``resolution`` and ``channels`` default
     to the samples' own (a reference of other channels is refused, grayscale samples read
     a folder as grayscale); ``resolution``, ``resize`` and ``channels`` preprocess a
-    reference dataset (see :func:`reference_statistics`). The reference path is checked before any features are
-    computed. Warns when a side has no more images than features (2048 for InceptionV3):
-    its covariance is then singular and the FID biased high."""
+    reference dataset (see :func:`reference_statistics`); ``save_stats``: a path where the
+    reference statistics (and image count) are also written, as :func:`save_statistics`.
+    The arguments, the reference path and the ``save_stats`` folder are checked before any
+    features are computed. Warns when a side has no more images than features (2048 for
+    InceptionV3): its covariance is then singular and the FID biased high."""
     check_int("n", n, 2, none_ok=True)
+    check_int("batch_size", batch_size, 1)
+    _check_resize(resize)
+    if save_stats is not None:
+        check_writable(save_stats, "save_stats (--save-stats)")
     extractor = feature_extractor or inception_extractor(inception, device=device)
     imgs = load_images(samples, n)
     imgs = iter(imgs)
@@ -380,6 +390,8 @@ def fid(samples, ref, n: Optional[int] = 10_000, resolution: Optional[int] = Non
                       f"over {dim} (10000 is usual)", stacklevel=2)
     value = FidValue(frechet_distance(mu_s, sig_s, mu_r, sig_r))
     value.samples, value.ref, value.channels = len(feats), n_ref, channels
+    if save_stats is not None:
+        save_statistics(save_stats, mu_r, sig_r, n_ref)
     return value
 
 

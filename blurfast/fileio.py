@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_path", "save_npz", "write_text"]
+__all__ = ["atomic_path", "check_writable", "save_npz", "write_text"]
 
 
 @contextlib.contextmanager
@@ -27,6 +27,22 @@ def atomic_path(path, suffix: str = ".tmp"):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_writable(path, name: str) -> None:
+    """Fails now, naming ``name``, where writing the file ``path`` later would: a folder
+    at ``path``, or a parent that cannot be made or written (a file in the way, no
+    permission). Creates nothing."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{name}: {str(path)!r} is a folder; expected a file path")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:   # the nearest that exists
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{name}: cannot write {str(path)!r}: {str(parent)!r} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{name}: cannot write {str(path)!r}: no permission in {str(parent)!r}")
 
 
 def save_npz(path, **arrays) -> None:

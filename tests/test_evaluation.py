@@ -356,3 +356,78 @@ def test_frechet_distance_names_what_is_not_two_gaussians():
         testing.frechet_distance(x, x[:1])
     with pytest.raises(ValueError, match="^x: expected finite values"):
         testing.frechet_distance(x / 0 * 0, x)
+
+
+def _samples_and_prepared_ref(tmp_path):
+    _write_images(tmp_path / "s", np.zeros((4, 16, 16, 3), np.uint8))
+    np.save(tmp_path / "ref16.npy", np.zeros((4, 16, 16, 3), np.uint8))
+    return tmp_path / "s", tmp_path / "ref16.npy"
+
+
+def test_fid_checks_resize_at_once(tmp_path):
+    # A prepared array does not use resize: 'bogus' was accepted.
+    s, ref = _samples_and_prepared_ref(tmp_path)
+    with pytest.raises(ValueError, match=r"^resize: expected one of \('squash', 'center-crop'\), "
+                                         r"got 'bogus'"):
+        ev.fid(s, ref, resize="bogus", feature_extractor=_never, progress=False, cache=False)
+    with pytest.raises(ValueError, match="^resize: "):
+        ev.reference_statistics(ref, 16, resize="bogus", extractor=_never, cache=False)
+
+
+def test_batch_size_and_the_features_of_statistics_are_checked(tmp_path):
+    # batch_size 0 and -3 were accepted (0: one batch of everything); statistics of a
+    # vector returned scalars.
+    s, ref = _samples_and_prepared_ref(tmp_path)
+    kw = dict(feature_extractor=_never, progress=False, cache=False)
+    for bad in (0, -3, 2.0):
+        with pytest.raises(ValueError, match=f"^batch_size: expected an int >= 1, got {bad}"):
+            ev.fid(s, ref, batch_size=bad, **kw)
+    with pytest.raises(ValueError, match="^batch_size: expected an int >= 1, got 0"):
+        ev.features([np.zeros((8, 8, 3), np.uint8)], _mean_features, batch_size=0,
+                    progress=False)
+    with pytest.raises(ValueError, match=r"^feats: expected features \(N, D\) of N >= 2 "
+                                         r"images, got shape \(5,\)"):
+        ev.statistics(np.zeros(5))
+
+
+_fed = []
+
+
+def _counted_features(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel means, the images of each call counted in _fed."""
+    _fed.append(x.shape[0])
+    return x.mean(dim=(2, 3))
+
+
+def test_cli_fid_save_stats_is_checked_first_and_the_statistics_are_reused(tmp_path,
+                                                                          monkeypatch, capsys):
+    # --save-stats somewhere unwritable failed after every feature was computed; with
+    # --no-cache the reference features were computed a second time (without a bar).
+    import os
+    from blurfast import cli
+    monkeypatch.setenv("BLURFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(os.path.dirname(__file__))
+    rng = np.random.default_rng(8)
+    _write_images(tmp_path / "a", rng.integers(0, 256, size=(12, 16, 16, 3), dtype=np.uint8))
+    _write_images(tmp_path / "b", rng.integers(0, 256, size=(15, 16, 16, 3), dtype=np.uint8))
+    (tmp_path / "afile").write_text("")
+    bad, stats = tmp_path / "afile" / "st.npz", tmp_path / "st.npz"
+    base = ["fid", "--samples", str(tmp_path / "a"), "--ref", str(tmp_path / "b"), "--device",
+            "cpu", "--no-cache"]
+    assert cli.main(base + ["--features", "test_evaluation:_never", "--save-stats", str(bad)]) == 2
+    assert capsys.readouterr().err == (f"blurfast fid: error: --save-stats: cannot write "
+                                       f"{str(bad)!r}: {str(tmp_path / 'afile')!r} is not a "
+                                       f"folder\n")
+    with pytest.raises(ValueError, match=r"^save_stats \(--save-stats\): cannot write"):
+        ev.fid(tmp_path / "a", tmp_path / "b", feature_extractor=_never, save_stats=bad)
+    _fed.clear()
+    assert cli.main(base + ["--features", "test_evaluation:_counted_features",
+                            "--save-stats", str(stats)]) == 0
+    assert sum(_fed) == 12 + 15                    # each image once
+    mu, sigma = ev.reference_statistics(tmp_path / "b", 16, extractor=_mean_features,
+                                        cache=False, progress=False)
+    with np.load(stats) as z:
+        np.testing.assert_array_equal(z["mu"], mu)
+        np.testing.assert_array_equal(z["sigma"], sigma)
+        assert int(z["n"]) == 15
+    assert not list(tmp_path.glob("cache/fid/*"))
