@@ -278,6 +278,26 @@ def reference_statistics(ref, resolution: int, resize: str = DEFAULT_RESIZE,
                                  cache, progress, channels)[:2]
 
 
+def _read_statistics(p: Path):
+    """(mu, sigma, n or None) from a statistics .npz; ValueError naming ``p`` and what is
+    wrong."""
+    try:
+        with np.load(p) as z:
+            stats = {k: z[k] for k in ("mu", "sigma", "n") if k in z.files}
+    except Exception as e:       # a damaged archive
+        raise ValueError(f"{p} is not a readable .npz ({type(e).__name__}: {e})") from None
+    if "mu" not in stats or "sigma" not in stats:
+        raise ValueError(f"{p} is an .npz without 'mu' and 'sigma'")
+    mu, sigma, n = stats["mu"], stats["sigma"], stats.get("n")
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2 or not all(
+            a.dtype.kind in "fiu" and np.isfinite(a).all() for a in (mu, sigma)):
+        raise ValueError(f"{p} needs finite mu (D,) and sigma (D, D), got shapes "
+                         f"{mu.shape} and {sigma.shape}")
+    if n is not None and (n.shape != () or n.dtype.kind not in "iu"):
+        raise ValueError(f"{p}: n is not an image count ({n.dtype} {n.shape})")
+    return mu, sigma, None if n is None else int(n)
+
+
 def _reference_statistics(ref, resolution, resize, n, extractor, device, batch_size, cache,
                           progress, channels):
     """:func:`reference_statistics` and the count of images behind them (None where a
@@ -287,19 +307,9 @@ def _reference_statistics(ref, resolution, resize, n, extractor, device, batch_s
     p = Path(ref)
     if p.is_file() and p.suffix == ".npz":
         try:
-            with np.load(p) as z:
-                stats = {k: z[k] for k in ("mu", "sigma", "n") if k in z.files}
-        except Exception as e:       # a damaged archive
-            raise ValueError(f"ref: {p} is not a readable .npz ({type(e).__name__}: {e})") \
-                from None
-        if "mu" not in stats or "sigma" not in stats:
-            raise ValueError(f"ref: {p} is an .npz without 'mu' and 'sigma'")
-        mu, sigma = stats["mu"], stats["sigma"]
-        if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2 or not (
-                np.isfinite(mu).all() and np.isfinite(sigma).all()):
-            raise ValueError(f"ref: {p} needs finite mu (D,) and sigma (D, D), got shapes "
-                             f"{mu.shape} and {sigma.shape}")
-        return mu, sigma, int(stats["n"]) if "n" in stats else None
+            return _read_statistics(p)
+        except ValueError as e:
+            raise ValueError(f"ref: {e}") from None
     from .data import UnreadableImage, open_dataset
     extractor = extractor or inception_extractor(device=device)
     ds = open_dataset(p, resolution=resolution, resize=resize, channels=channels)
@@ -310,8 +320,12 @@ def _reference_statistics(ref, resolution, resize, n, extractor, device, batch_s
                       "features": getattr(extractor, "name", repr(extractor))}, sort_keys=True)
     cached = _cache_dir() / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".npz")
     if cache and cached.is_file():
-        with np.load(cached) as z:
-            return z["mu"], z["sigma"], int(z["n"]) if "n" in z.files else None
+        try:
+            return _read_statistics(cached)
+        except ValueError as e:
+            cached.unlink(missing_ok=True)
+            warnings.warn(f"fid: removed a damaged entry of the statistics cache, computing it "
+                          f"again: {e}", stacklevel=3)
 
     def imgs():
         for i in range(count):

@@ -390,6 +390,30 @@ def test_batch_size_and_the_features_of_statistics_are_checked(tmp_path):
         ev.statistics(np.zeros(5))
 
 
+def test_a_damaged_cache_entry_is_named_removed_and_computed_again(tmp_path, monkeypatch):
+    # A damaged file in the statistics cache failed every FID against that reference
+    # (BadZipFile, or "contains pickled (object) data"), naming no file.
+    import re
+    monkeypatch.setenv("BLURFAST_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(7)
+    _write_images(tmp_path / "b", rng.integers(0, 256, size=(10, 16, 16, 3), dtype=np.uint8))
+    kw = dict(n=None, extractor=_mean_features, progress=False)
+    mu, sigma = ev.reference_statistics(tmp_path / "b", 16, **kw)
+    [entry] = (tmp_path / "cache" / "fid").glob("*.npz")
+    for damage in ("cut", "object"):
+        if damage == "cut":
+            entry.write_bytes(entry.read_bytes()[:100])
+        else:
+            np.savez(entry, mu=np.array([None], dtype=object), sigma=np.eye(1))
+        with pytest.warns(UserWarning, match=f"^fid: removed a damaged entry of the statistics "
+                                             f"cache, computing it again: {re.escape(str(entry))}"):
+            again = ev.reference_statistics(tmp_path / "b", 16, **kw)
+        np.testing.assert_array_equal(again[0], mu)
+        np.testing.assert_array_equal(again[1], sigma)
+        with np.load(entry) as z:                      # written anew
+            np.testing.assert_array_equal(z["mu"], mu)
+
+
 _fed = []
 
 
