@@ -5,7 +5,14 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-__all__ = ["check_int", "check_number"]
+__all__ = ["check_bool", "check_int", "check_number"]
+
+
+def check_bool(name: str, v) -> bool:
+    """``v`` when it is a bool; else TypeError naming ``name``."""
+    if not isinstance(v, bool):
+        raise TypeError(f"{name}: expected a bool, got {v!r}")
+    return v
 
 
 def check_int(name: str, v, lo: int = 1, hi: Optional[int] = None, none_ok: bool = False):

@@ -217,12 +217,12 @@ def _sample(args) -> int:
     from .generate import generate
     from .sampling import check_eta, eta_first
     check_eta(args.sampler, args.eta, "--eta")
+    if not 0 <= args.stochastic_first <= 1:
+        raise ValueError(f"--stochastic-first: expected a fraction in [0, 1], got "
+                         f"{args.stochastic_first}")
     check_eta(args.sampler, args.stochastic_first, "--stochastic-first")
     eta = args.eta
     if args.stochastic_first:
-        if not 0 <= args.stochastic_first <= 1:
-            raise ValueError(f"--stochastic-first: expected a fraction in [0, 1], got "
-                             f"{args.stochastic_first}")
         if args.steps == 0:
             raise ValueError("--stochastic-first: needs --steps > 0")
         eta = [max(e, args.eta) for e in eta_first(args.steps, args.stochastic_first)]

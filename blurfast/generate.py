@@ -19,7 +19,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import viz
-from .checks import check_int
+from .checks import check_bool, check_int
 from .data import data_range, to_unit_range
 from .fileio import save_npz
 from .sampling import SAMPLERS, STEP_OFFSET, check_eta, clip_x0, timesteps
@@ -140,6 +140,9 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {tuple(SAMPLERS)}, got {sampler!r}")
     check_eta(sampler, eta)
+    for name, v in (("ema", ema), ("cuda_graph", cuda_graph), ("compile", compile),
+                    ("clip", clip), ("progress", progress)):
+        check_bool(name, v)
     if precision not in (None, "bf16", "fp32"):
         raise ValueError(f"precision: expected 'bf16', 'fp32' or None, got {precision!r}")
     if Path(out).exists() and not Path(out).is_dir():
@@ -163,6 +166,7 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
         # (outside its graph or compilation).
         net = diff.eps_model(net, config.get("target", "eps"))
         seq = timesteps(diff, steps if isinstance(spacing, str) else None, spacing)
+        check_eta(sampler, eta, steps=len(seq))
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         batches = [(b0, min(n, b0 + batch)) for b0 in range(0, n, batch)][rank::world]

@@ -37,18 +37,25 @@ STEP_OFFSET = 2 ** 40
 ETA_SAMPLERS = ("ddim", "exp2m")
 
 
-def check_eta(sampler: str, eta, name: str = "eta") -> None:
-    """Raises, naming ``name``, when ``eta`` (a number or one per step) is nonzero for a
-    sampler that has no eta: it would be ignored."""
-    if sampler in ETA_SAMPLERS:
-        return
+def check_eta(sampler: str, eta, name: str = "eta", steps: Optional[int] = None) -> List[float]:
+    """The per-step etas of ``eta``: a number in [0, 1], or one per step (``steps`` of
+    them, when given). Raises, naming ``name``, otherwise, and when ``eta`` is nonzero
+    for a sampler that has no eta: it would be ignored."""
+    scalar = isinstance(eta, numbers.Real)
     try:
-        zero = all(e == 0 for e in ([eta] if isinstance(eta, numbers.Real) else eta))
+        etas = [eta] if scalar else list(eta)
     except TypeError:
-        zero = False
-    if not zero:
+        etas = None
+    if sampler not in ETA_SAMPLERS and (etas is None or any(e != 0 for e in etas)):
         raise ValueError(f"{name}: only {' and '.join(ETA_SAMPLERS)} take it, not {sampler}; "
                          f"got {eta!r}")
+    if etas is None or (steps is not None and not scalar and len(etas) != steps) or not all(
+            isinstance(e, numbers.Real) and not isinstance(e, bool) and 0 <= e <= 1
+            for e in etas):
+        per_step = "" if scalar else \
+            f" or {steps if steps is not None else 'a list'} of them (one per step)"
+        raise ValueError(f"{name}: expected a number in [0, 1]{per_step}, got {eta!r}")
+    return etas * steps if scalar and steps is not None else etas
 
 
 def timesteps(diff: BlurDiffusion, steps: Optional[int] = None,
@@ -170,11 +177,7 @@ def _run(coefs: Callable, model, diff: BlurDiffusion, x: torch.Tensor, steps: Se
     if not steps or any(not 1 <= int(s) <= n for s in steps) or \
             any(a <= b for a, b in zip(steps, steps[1:])):
         raise ValueError(f"timesteps: expected strictly decreasing steps in [1, {n}], got {steps!r}")
-    etas = [eta] * len(steps) if isinstance(eta, numbers.Real) else list(eta)
-    if len(etas) != len(steps) or not all(isinstance(e, numbers.Real) and 0 <= e <= 1
-                                          for e in etas):
-        raise ValueError(f"eta: expected a number in [0, 1] or {len(steps)} of them (one per "
-                         f"step), got {eta!r}")
+    etas = check_eta(desc, eta, steps=len(steps))          # desc: the sampler's name
     if x.numel() >= STEP_OFFSET:
         raise ValueError(f"x: at most {STEP_OFFSET - 1} elements per batch, got {x.numel()}")
     b, dev = x.shape[0], x.device

@@ -228,6 +228,24 @@ def test_sample_rejects_bad_arguments(run_dir, tmp_path):
         generate(run_dir / "run", 2, tmp_path / "a.npy")
 
 
+def test_eta_and_the_switches_are_checked_before_the_checkpoint_is_read(tmp_path, capsys):
+    # An eta out of [0, 1] failed inside the sampler, after the checkpoint was loaded and
+    # --out made, naming eta, not --eta; a string for a bool was taken as true.
+    missing = tmp_path / "no_run"
+    for eta in (1.5, float("nan"), [0.5, 2.0]):
+        with pytest.raises(ValueError, match=r"^eta: expected a number in \[0, 1\]"):
+            generate(missing, 2, tmp_path / "o", eta=eta)
+    for name in ("ema", "clip", "cuda_graph", "compile", "progress"):
+        with pytest.raises(TypeError, match=f"^{name}: expected a bool, got 'x'"):
+            generate(missing, 2, tmp_path / "o", **{name: "x"})
+    for value in ("1.5", "nan"):
+        assert cli.main(["sample", "--ckpt", str(missing), "--out", str(tmp_path / "o"),
+                         "--eta", value]) == 2
+        assert capsys.readouterr().err == (f"blurfast sample: error: --eta: expected a number "
+                                           f"in [0, 1], got {float(value)}\n")
+    assert not (tmp_path / "o").exists()
+
+
 def test_training_fid_every_keeps_the_best(run_dir, tmp_path, monkeypatch):
     from blurfast import checkpoint, evaluation, training
     monkeypatch.setenv("BLURFAST_CACHE", str(tmp_path / "cache"))
