@@ -209,7 +209,8 @@ def _add_sample(sub) -> None:
     s.add_argument("--no-clip", action="store_true",
                    help="do not clamp the model's x0 estimate to the data range")
     s.add_argument("--no-progress", action="store_true",
-                   help="no progress bar and no closing summary line")
+                   help="no progress bar (one tick per model call, images done beside it) and "
+                        "no closing summary line")
     s.set_defaults(func=_sample)
 
 

@@ -94,12 +94,20 @@ def _images_uint8(x: torch.Tensor, pixel_range: str) -> np.ndarray:
 
 
 def sample_batches(model, diff, batches, *, sampler: str, seq, eta, seed: int, device,
-                   precision: str, pixel_range: str, clip: bool = True):
+                   precision: str, pixel_range: str, clip: bool = True, on_step=None):
     """Yields ``(first_index, uint8 images (b, H, W, C))`` for each index range
     ``(b0, b1)`` of ``batches``; image i's noise sits at Philox offset ``i * C*H*W``.
-    ``clip``: clamp the model's x0 estimate to the data range."""
+    ``clip``: clamp the model's x0 estimate to the data range; ``on_step()``: called
+    after each model call (one per sampler step)."""
     if clip:
         model = clip_x0(model, diff, *data_range(pixel_range))
+    if on_step is not None:
+        inner = model
+
+        def model(x, t):
+            out = inner(x, t)
+            on_step()
+            return out
     chw = diff.channels * diff.H * diff.W
     autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
                 if precision == "bf16"
@@ -170,20 +178,24 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         batches = [(b0, min(n, b0 + batch)) for b0 in range(0, n, batch)][rank::world]
+        mine = sum(b1 - b0 for b0, b1 in batches)
         kept = []
-        bar = tqdm(total=sum(b1 - b0 for b0, b1 in batches), unit="img", disable=not progress
-                   or rank != 0, desc=f"{sampler} {len(seq)} steps")
-        t0 = time.perf_counter()
+        # One tick per model call: the bar moves within a batch (a full chain is long).
+        bar = tqdm(total=len(batches) * len(seq), unit="step", disable=not progress
+                   or rank != 0, desc=f"{sampler} {len(seq)} steps x {len(batches)} batches")
+        done, t0 = 0, time.perf_counter()
         for b0, imgs in sample_batches(net, diff, batches, sampler=sampler, seq=seq, eta=eta,
                                        seed=seed, device=dev, precision=precision,
-                                       pixel_range=pixel_range, clip=clip):
+                                       pixel_range=pixel_range, clip=clip,
+                                       on_step=lambda: bar.update(1)):
             if fmt == "png":
                 for i, img in enumerate(imgs):
                     viz.save_png(img, out / f"{b0 + i:06d}.png")
             else:
                 kept.append((b0, imgs))
-            bar.update(len(imgs))
-            bar.set_postfix(img_per_s=f"{bar.n / (time.perf_counter() - t0):.2f}")
+            done += len(imgs)
+            bar.set_postfix(images=f"{done}/{mine}",
+                            img_per_s=f"{done / (time.perf_counter() - t0):.2f}")
         bar.close()
         if fmt == "npz":
             _save_parts(out, kept, rank, world, n)

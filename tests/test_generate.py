@@ -246,6 +246,30 @@ def test_eta_and_the_switches_are_checked_before_the_checkpoint_is_read(tmp_path
     assert not (tmp_path / "o").exists()
 
 
+def test_the_bar_moves_with_every_model_call(run_dir, tmp_path, monkeypatch):
+    # The full chain (--steps 0) on a CPU: the bar counted finished batches, so it sat at 0
+    # through the whole first batch. It now ticks once a model call, images in the postfix.
+    import tqdm.auto
+    from blurfast.models import UNet
+    bars, seen = [], []
+
+    class Bar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+    real = UNet.forward
+
+    def spy(self, x, t):
+        seen.append(bars[0].n)                  # generate's bar, made before the first batch
+        return real(self, x, t)
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    monkeypatch.setattr(UNet, "forward", spy)
+    generate(run_dir / "run", 3, tmp_path, steps=None, batch=2, fmt="npz", device="cpu")
+    assert seen == list(range(2 * 39))          # 2 batches of N - 1 = 39 model calls
+    assert bars[0].n == bars[0].total == 2 * 39
+    assert "images=3/3" in str(bars[0].postfix)
+
+
 def test_training_fid_every_keeps_the_best(run_dir, tmp_path, monkeypatch):
     from blurfast import checkpoint, evaluation, training
     monkeypatch.setenv("BLURFAST_CACHE", str(tmp_path / "cache"))
