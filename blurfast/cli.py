@@ -67,10 +67,14 @@ def _add_fid(sub) -> None:
                        "side has no more images than InceptionV3 has features (2048): the FID "
                        "is then biased high.")
     s.add_argument("--samples", default=None,
-                   help="folder of images or .npz of uint8 (N,H,W,C); required but with --check")
+                   help="folder of images or .npz of uint8 (N,H,W,C); required but with --check. "
+                        "A folder made by blurfast sample gives the images its samples.json "
+                        "lists; an unfinished one is refused")
     s.add_argument("--ref", required=True,
                    help="image folder, LSUN lmdb, prepared .npy array, or STATS.npz (mu, sigma)")
-    s.add_argument("--n", type=int, default=10_000, help="images used from each side (default 10000)")
+    s.add_argument("--n", type=int, default=10_000,
+                   help="images used from each side (default 10000); more than a folder made "
+                        "by blurfast sample holds is an error")
     s.add_argument("--resolution", type=positive_int, default=None,
                    help="reference preprocessing resolution (default: the samples')")
     from .data import DEFAULT_RESIZE, RESIZE_MODES
@@ -191,7 +195,10 @@ def _add_sample(sub) -> None:
     s.add_argument("--batch", type=int, default=256, help="images per batch (default 256)")
     s.add_argument("--seed", type=int, default=0,
                    help="with the image index, fixes all of an image's noise (default 0)")
-    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--out", required=True,
+                   help="output folder; its samples.json, rewritten last, says whether the run "
+                        "finished (fid refuses it until then); images of an earlier run "
+                        "numbered --n or above are removed")
     s.add_argument("--format", dest="fmt", choices=["png", "npz"], default="png",
                    help="one PNG per image, or one .npz of uint8 (N, H, W, C) (default png)")
     s.add_argument("--device", choices=["cpu", "cuda"], default=None,

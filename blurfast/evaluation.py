@@ -97,8 +97,33 @@ def inception_extractor(path=None, device="cpu", download: bool = True) -> Calla
 
 def load_images(path, n: Optional[int] = None) -> Iterable[np.ndarray]:
     """Samples as uint8 (H, W, C) arrays: an .npz (key ``images`` or the first array,
-    (N, H, W, C)) or a folder of image files (sorted by name)."""
+    (N, H, W, C)) or a folder of image files (sorted by name). A ``blurfast sample``
+    output (its folder, or the ``samples.npz`` in it) is read as its manifest says: the
+    images that run made, none other; an unfinished run, or ``n`` above its count, is
+    refused."""
+    from .generate import MANIFEST_NAME, NPZ_NAME, SHEET_NAME, read_manifest
     p = Path(path)
+    folder = p if p.is_dir() else p.parent if p.name == NPZ_NAME else None
+    run = read_manifest(folder) if folder is not None else None
+    if run is not None and p.is_file() and run["format"] != "npz":
+        run = None                   # a samples.npz that the folder's last run did not write
+    files = None
+    if run is not None:
+        if not run["complete"]:
+            raise ValueError(f"samples: {folder} holds an unfinished `blurfast sample` run (its "
+                             f"{MANIFEST_NAME} says so): interrupted, or still running; run "
+                             f"it again to completion")
+        if n is not None and n > run["n"]:
+            raise ValueError(f"n (--n): expected at most {run['n']}, the images that "
+                             f"`blurfast sample` made in {folder}; got {n}")
+        if run["format"] == "npz":
+            p = folder / NPZ_NAME
+        else:
+            files = [folder / f"{i:06d}.png" for i in range(run["n"])]
+            missing = [f for f in files if not f.is_file()]
+            if missing:
+                raise ValueError(f"samples: {missing[0]} is missing ({len(missing)} of the "
+                                 f"{run['n']} images that `blurfast sample` made in {folder})")
     if p.is_file() and p.suffix == ".npz":
         try:
             with np.load(p) as z:
@@ -113,10 +138,10 @@ def load_images(path, n: Optional[int] = None) -> Iterable[np.ndarray]:
     if p.is_dir():
         from PIL import Image
         from .data import IMAGE_EXTENSIONS
-        from .generate import SHEET_NAME
-        exts = set(IMAGE_EXTENSIONS)
-        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in exts)
-        files = [f for f in files if f.name != SHEET_NAME]
+        if files is None:
+            exts = set(IMAGE_EXTENSIONS)
+            files = sorted(f for f in p.rglob("*") if f.suffix.lower() in exts)
+            files = [f for f in files if f.name != SHEET_NAME]
         if not files:
             raise ValueError(f"samples: no images in {p}")
 

@@ -8,6 +8,7 @@ and N processes under torchrun compute exactly the same batches.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 import warnings
@@ -21,12 +22,18 @@ from . import checkpoint as ckpt
 from . import viz
 from .checks import check_bool, check_int
 from .data import data_range, to_unit_range
-from .fileio import save_npz
+from .fileio import save_npz, write_text
 from .sampling import SAMPLERS, STEP_OFFSET, check_eta, clip_x0, timesteps
 
-__all__ = ["resolve_checkpoint", "generate", "sample_batches", "GraphedModel"]
+__all__ = ["resolve_checkpoint", "generate", "sample_batches", "GraphedModel",
+           "read_manifest"]
 
 SHEET_NAME = "contact_sheet.png"
+NPZ_NAME = "samples.npz"
+# Written first with "complete": false, rewritten last with true: a folder whose run was
+# interrupted (or is still running) says so.
+MANIFEST_NAME = "samples.json"
+MADE_BY = "blurfast sample"
 
 
 def resolve_checkpoint(path) -> Path:
@@ -129,13 +136,17 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
              clip: bool = True, progress: bool = True) -> Path:
     """Samples ``n`` images into ``out`` (PNG files ``NNNNNN.png`` or ``samples.npz`` with
     uint8 ``images`` (N, H, W, C)) plus ``contact_sheet.png``; returns ``out``.
+    ``samples.json``, written before the first image with ``"complete": false`` and
+    rewritten last with ``true``, records the count, seed, sampler and checkpoint:
+    ``fid`` refuses an unfinished folder, and more images than it holds.
 
     ``eta``: a number or one per step (ddim and exp2m); ``steps=None`` runs the full
     chain; ``precision`` ``bf16`` (default on CUDA) or ``fp32``; ``cuda_graph`` replays
     the model call of each step from a CUDA graph; ``compile`` runs the model under
     ``torch.compile`` (one compilation per batch size, inside the graph when both are
     set); ``clip`` clamps the model's x0 estimate to the data range (default on).
-    Under torchrun every rank computes its share and rank 0 writes the sheet.
+    Under torchrun every rank computes its share and rank 0 writes the sheet and the
+    manifest.
     """
     from tqdm.auto import tqdm
 
@@ -176,8 +187,14 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
         seq = timesteps(diff, steps if isinstance(spacing, str) else None, spacing)
         check_eta(sampler, eta, steps=len(seq))
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        batches = [(b0, min(n, b0 + batch)) for b0 in range(0, n, batch)][rank::world]
+        all_batches = [(b0, min(n, b0 + batch)) for b0 in range(0, n, batch)]
+        manifest = {"made_by": MADE_BY, "complete": False, "format": fmt, "n": n, "seed": seed,
+                    "sampler": sampler, "steps": len(seq), "checkpoint": str(path.resolve())}
+        if rank == 0:
+            _start(out, fmt, n, manifest)
+        if world > 1:
+            barrier()                   # the previous run's files are gone
+        batches = all_batches[rank::world]
         mine = sum(b1 - b0 for b0, b1 in batches)
         kept = []
         # One tick per model call: the bar moves within a batch (a full chain is long).
@@ -198,13 +215,13 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
                             img_per_s=f"{done / (time.perf_counter() - t0):.2f}")
         bar.close()
         if fmt == "npz":
-            _save_parts(out, kept, rank, world, n)
+            _save_parts(out, kept, rank, world, min(world, len(all_batches)))
         if world > 1:
             barrier()
         if rank == 0:
-            if fmt == "png":
-                _remove_stale_pngs(out, n)
             _contact_sheet(out, fmt, min(n, 64))
+            write_text(out / MANIFEST_NAME, json.dumps({**manifest, "complete": True},
+                                                       indent=1) + "\n")
             if progress:
                 print(f"wrote {n} images to {out} ({fmt}) and {out / SHEET_NAME}")
         finished = True
@@ -213,25 +230,51 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
         teardown_processes(owns_group, finished)
 
 
-def _remove_stale_pngs(out: Path, n: int) -> None:
-    """Removes ``NNNNNN.png`` files numbered n or above, left by an earlier, larger run
-    into the same folder (FID would count them), and says how many."""
+def _start(out: Path, fmt: str, n: int, manifest: dict) -> None:
+    """Marks ``out`` unfinished (its manifest, written first), then removes what an
+    earlier run left that this one would not replace: ``NNNNNN.png`` numbered n or above
+    (said in a warning), an interrupted run's ``.part-R.npz``, and the sheet and
+    ``samples.npz``, written again at the end."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
     stale = [f for f in out.glob("[0-9]" * 6 + ".png") if int(f.stem) >= n]
-    for f in stale:
-        f.unlink()
+    for f in [*stale, *out.glob(".part-*.npz"), out / SHEET_NAME,
+              *([out / NPZ_NAME] if fmt == "npz" else [])]:
+        f.unlink(missing_ok=True)
     if stale:
         warnings.warn(f"out: removed {len(stale)} samples numbered {n} and above that an "
                       f"earlier run left in {out}", stacklevel=3)
 
 
-def _save_parts(out: Path, kept, rank: int, world: int, n: int) -> None:
+def read_manifest(folder) -> Optional[dict]:
+    """The manifest of a ``blurfast sample`` output folder (see :func:`generate`); None
+    where there is none (a ``samples.json`` that blurfast did not write is none: blurfast
+    writes its own whole, as JSON). ValueError naming it when it is blurfast's but lacks
+    what blurfast writes."""
+    p = Path(folder) / MANIFEST_NAME
+    if not p.is_file():
+        return None
+    try:
+        m = json.loads(p.read_text())
+    except ValueError:                 # not JSON, or not UTF-8
+        return None
+    if not isinstance(m, dict) or m.get("made_by") != MADE_BY:
+        return None
+    if not (isinstance(m.get("complete"), bool) and m.get("format") in ("png", "npz")
+            and type(m.get("n")) is int):
+        raise ValueError(f"samples: {p} lacks what blurfast sample writes (complete, format, "
+                         f"n); delete it to read the folder as plain images")
+    return m
+
+
+def _save_parts(out: Path, kept, rank: int, world: int, writers: int) -> None:
     """One ``samples.npz`` in index order; under torchrun each rank writes a part and
-    rank 0 merges them."""
+    rank 0 merges those of the ``writers`` ranks that had batches (ranks 0..writers-1)."""
     idx = np.concatenate([np.arange(b0, b0 + len(imgs)) for b0, imgs in kept]) if kept else \
         np.zeros(0, np.int64)
     arr = np.concatenate([imgs for _, imgs in kept]) if kept else None
     if world == 1:
-        save_npz(out / "samples.npz", images=arr)
+        save_npz(out / NPZ_NAME, images=arr)
         return
     from .distributed import barrier
     part = out / f".part-{rank}.npz"
@@ -239,15 +282,15 @@ def _save_parts(out: Path, kept, rank: int, world: int, n: int) -> None:
         save_npz(part, images=arr, index=idx)
     barrier()
     if rank == 0:
-        parts = [out / f".part-{r}.npz" for r in range(world)]
-        loaded = [np.load(p) for p in parts if p.exists()]
+        parts = [out / f".part-{r}.npz" for r in range(writers)]
+        loaded = [np.load(p) for p in parts]
         images = np.concatenate([z["images"] for z in loaded])
         order = np.argsort(np.concatenate([z["index"] for z in loaded]))
-        save_npz(out / "samples.npz", images=images[order])
+        save_npz(out / NPZ_NAME, images=images[order])
         for z in loaded:
             z.close()
         for p in parts:
-            p.unlink(missing_ok=True)
+            p.unlink()
 
 
 def _contact_sheet(out: Path, fmt: str, count: int) -> None:
@@ -255,7 +298,7 @@ def _contact_sheet(out: Path, fmt: str, count: int) -> None:
         from PIL import Image
         imgs = [np.asarray(Image.open(out / f"{i:06d}.png")) for i in range(count)]
     else:
-        with np.load(out / "samples.npz") as z:
+        with np.load(out / NPZ_NAME) as z:
             imgs = list(z["images"][:count])
     imgs = [i[..., None] if i.ndim == 2 else i for i in imgs]
     cols = math.ceil(math.sqrt(count))

@@ -109,14 +109,13 @@ def test_cli_train_sample_fid(run_dir, tmp_path, capsys, monkeypatch):
         independent_fid(imgs, folder_images(run_dir / "photos", 12)), rel=1e-4)
 
 
-def test_two_gloo_processes_give_the_same_images(run_dir, tmp_path):
-    kw = dict(n=7, steps=3, batch=2, seed=11, sampler="ancestral", progress=False, device="cpu")
-    generate(run_dir / "run", out=tmp_path / "one", **kw)
+def _generate_in_two_gloo_processes(ckpt, out, kw) -> None:
+    """generate(ckpt, out=out, **kw) as two ranks of a gloo process group."""
     script = textwrap.dedent(f"""
         import torch
         torch.set_num_threads(1)
         from blurfast.generate import generate
-        generate({str(run_dir / 'run')!r}, out={str(tmp_path / 'two')!r}, **{kw!r})
+        generate({str(ckpt)!r}, out={str(out)!r}, **{kw!r})
     """)
     port = str(free_port())
     procs = []
@@ -129,8 +128,28 @@ def test_two_gloo_processes_give_the_same_images(run_dir, tmp_path):
     for p in procs:
         log, _ = p.communicate(timeout=300)
         assert p.returncode == 0, log
+
+
+def test_two_gloo_processes_give_the_same_images(run_dir, tmp_path):
+    kw = dict(n=7, steps=3, batch=2, seed=11, sampler="ancestral", progress=False, device="cpu")
+    generate(run_dir / "run", out=tmp_path / "one", **kw)
+    _generate_in_two_gloo_processes(run_dir / "run", tmp_path / "two", kw)
     np.testing.assert_array_equal(_read_pngs(tmp_path / "two", 7), _read_pngs(tmp_path / "one", 7))
     assert (tmp_path / "two" / SHEET_NAME).is_file()
+
+
+def test_an_npz_run_merges_only_its_own_parts(run_dir, tmp_path):
+    # A crashed torchrun left rank 1's part; in this run rank 1 has no batch (2 images, one
+    # batch). Rank 0 merged every part there was: the stale image ended up in samples.npz.
+    kw = dict(n=2, steps=2, batch=2, seed=3, fmt="npz", progress=False, device="cpu")
+    generate(run_dir / "run", out=tmp_path / "one", **kw)
+    out = tmp_path / "two"
+    out.mkdir()
+    np.savez(out / ".part-1.npz", images=np.zeros((1, 16, 16, 3), np.uint8), index=np.array([2]))
+    _generate_in_two_gloo_processes(run_dir / "run", out, kw)
+    with np.load(out / "samples.npz") as two, np.load(tmp_path / "one" / "samples.npz") as one:
+        np.testing.assert_array_equal(two["images"], one["images"])
+    assert not list(out.glob(".part-*"))
 
 
 def test_compiled_model_gives_the_same_images(run_dir, tmp_path, monkeypatch):
@@ -182,6 +201,64 @@ def test_a_smaller_run_into_the_same_folder_removes_the_stale_samples(run_dir, t
         generate(run_dir / "run", 2, tmp_path, **kw)
     assert sorted(p.name for p in tmp_path.glob("*.png")) == \
         ["000000.png", "000001.png", SHEET_NAME, "notes.png"]
+
+
+def test_a_sample_folder_is_complete_only_with_its_manifest(run_dir, tmp_path, monkeypatch,
+                                                             capsys):
+    # An interrupted run over an older one of as many images leaves new images 0-1 beside
+    # the old 2-5: fid scored that mix as a complete set. It now refuses the folder; a
+    # finished run is scored on its own images only, and more is an error naming --n.
+    from blurfast import evaluation as ev
+    from blurfast.models import UNet
+    monkeypatch.setenv("BLURFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(os.path.dirname(__file__))
+    out, photos = tmp_path / "s", run_dir / "photos"
+    kw = dict(steps=2, batch=2, progress=False, device="cpu")
+    generate(run_dir / "run", 6, out, seed=1, **kw)
+    real, calls = UNet.forward, []
+
+    def interrupted(self, x, t):
+        calls.append(1)
+        if len(calls) > 2:                     # in the second batch (2 calls a batch)
+            raise KeyboardInterrupt
+        return real(self, x, t)
+    with monkeypatch.context() as m:
+        m.setattr(UNet, "forward", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            generate(run_dir / "run", 6, out, seed=2, **kw)
+    assert sorted(p.name for p in out.glob("0*.png")) == [f"{i:06d}.png" for i in range(6)]
+    fid_kw = dict(feature_extractor=mean_features, progress=False)
+    with pytest.raises(ValueError, match=r"^samples: .*s holds an unfinished `blurfast sample` "
+                                         r"run \(its samples.json says so\)"):
+        ev.fid(out, photos, n=6, **fid_kw)
+    # Finished, with 4 images: --n 6 is refused in one line; the run's 4 images are scored,
+    # not an image of the user's beside them.
+    with pytest.warns(UserWarning, match="removed 2 samples numbered 4 and above"):
+        generate(run_dir / "run", 4, out, seed=2, **kw)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(out / "notes.png")
+    fid = ["fid", "--samples", str(out), "--ref", str(photos), "--features",
+           "test_generate:mean_features", "--device", "cpu"]
+    capsys.readouterr()
+    assert cli.main(fid + ["--n", "6"]) == 2
+    assert capsys.readouterr().err == (f"blurfast fid: error: n (--n): expected at most 4, the "
+                                       f"images that `blurfast sample` made in {out}; got 6\n")
+    want = independent_fid(_read_pngs(out, 4), folder_images(photos, 24))
+    assert ev.fid(out, photos, n=None, **fid_kw) == pytest.approx(want, rel=1e-4)
+    # A plain folder of the same images reads as before: every image, --n above them
+    # allowed, a samples.json of its own no manifest.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for i, img in enumerate(_read_pngs(out, 4)):
+        Image.fromarray(img).save(plain / f"{i}.png")
+    (plain / "samples.json").write_text('{"labels": [1, 2]}')
+    assert ev.fid(plain, photos, n=100, **fid_kw) == ev.fid(out, photos, n=None, **fid_kw)
+    # An npz run: its folder reads as its samples.npz.
+    generate(run_dir / "run", 4, tmp_path / "z", seed=2, fmt="npz", **kw)
+    from_png = ev.fid(out, photos, n=4, **fid_kw)
+    assert ev.fid(tmp_path / "z", photos, n=4, **fid_kw) == from_png
+    assert ev.fid(tmp_path / "z" / "samples.npz", photos, n=4, **fid_kw) == from_png
+    with pytest.raises(ValueError, match=r"^n \(--n\): expected at most 4"):
+        ev.fid(tmp_path / "z" / "samples.npz", photos, n=5, **fid_kw)
 
 
 def test_cli_reports_file_system_errors_in_one_line(run_dir, tmp_path, capsys):
