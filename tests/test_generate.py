@@ -347,6 +347,30 @@ def test_the_bar_moves_with_every_model_call(run_dir, tmp_path, monkeypatch):
     assert "images=3/3" in str(bars[0].postfix)
 
 
+def test_sample_and_fid_flags_are_documented_as_help_gives_them():
+    # docs/training.md has a table for each command: every flag of its --help, with the
+    # default --help shows.
+    import re
+    from pathlib import Path
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    parser = cli.build_parser()
+    for cmd in ("sample", "fid"):
+        section = doc[doc.index(f"### `blurfast {cmd}`"):]
+        section = section[:re.search(r"\n#{2,3} ", section).start()]     # to the next heading
+        rows = {}
+        for line in section.splitlines():
+            if line.startswith("| `-"):
+                cells = [c.strip() for c in line.strip().strip("|").split("|")]
+                for flag in re.findall(r"`(--[a-z0-9-]+)", cells[0]):
+                    rows[flag] = cells[1].replace("`", "")
+        actions = [a for a in parser.commands[cmd]._actions if a.dest != "help"]
+        assert set(rows) == {f for a in actions for f in a.option_strings}, cmd
+        for a in actions:
+            if a.default not in (None, False):
+                got = rows[a.option_strings[0]]
+                assert got == str(a.default) or float(got) == a.default, (cmd, a.dest, got)
+
+
 def test_training_fid_every_keeps_the_best(run_dir, tmp_path, monkeypatch):
     from blurfast import checkpoint, evaluation, training
     monkeypatch.setenv("BLURFAST_CACHE", str(tmp_path / "cache"))
