@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .checks import check_int
-from .data import DEFAULT_RESIZE, _check_resize
+from .data import DEFAULT_RESIZE, check_resize
 from .fileio import check_writable, save_npz
 
 __all__ = ["INCEPTION_FILE", "default_inception_path", "inception_extractor", "features",
@@ -327,7 +327,7 @@ def _reference_statistics(ref, resolution, resize, n, extractor, device, batch_s
                           progress, channels):
     """:func:`reference_statistics` and the count of images behind them (None where a
     STATS .npz does not record it)."""
-    _check_resize(resize)
+    check_resize(resize)
     check_int("batch_size", batch_size, 1)
     p = Path(ref)
     if p.is_file() and p.suffix == ".npz":
@@ -392,7 +392,7 @@ def fid(samples, ref, n: Optional[int] = 10_000, resolution: Optional[int] = Non
     InceptionV3): its covariance is then singular and the FID biased high."""
     check_int("n", n, 2, none_ok=True)
     check_int("batch_size", batch_size, 1)
-    _check_resize(resize)
+    check_resize(resize)
     if save_stats is not None:
         check_writable(save_stats, "save_stats (--save-stats)")
     extractor = feature_extractor or inception_extractor(inception, device=device)
