@@ -3,9 +3,10 @@ was expected."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
-__all__ = ["check_bool", "check_int", "check_number"]
+__all__ = ["check_bool", "check_int", "check_number", "check_size"]
 
 
 def check_bool(name: str, v) -> bool:
@@ -15,30 +16,44 @@ def check_bool(name: str, v) -> bool:
     return v
 
 
-def check_int(name: str, v, lo: int = 1, hi: Optional[int] = None, none_ok: bool = False):
+def check_int(name: str, v, lo: int = 1, hi: Optional[int] = None, none_ok: bool = False,
+              numpy_ok: bool = False):
     """``v`` when it is an int (a bool is not) with ``lo <= v`` and, given ``hi``,
-    ``v <= hi`` (or None with ``none_ok``); else ValueError naming ``name``."""
+    ``v <= hi`` (or None with ``none_ok``); else ValueError naming ``name``. With
+    ``numpy_ok`` numpy's integers pass too and come back as an int."""
     if v is None and none_ok:
         return v
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+    is_int = isinstance(v, numbers.Integral if numpy_ok else int) and not isinstance(v, bool)
+    if not is_int or v < lo or (hi is not None and v > hi):
         want = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise ValueError(f"{name}: expected an int {want}{' or None' if none_ok else ''}, "
                          f"got {v!r}")
-    return v
+    return int(v) if numpy_ok else v
 
 
 def check_number(name: str, v, lo=None, lo_open: bool = False, hi=None, hi_open: bool = False,
                  none_ok: bool = False):
-    """``v`` when it is a finite int or float (a bool is not) within the bounds given
-    (open or closed at each end), or None with ``none_ok``; else ValueError naming it."""
+    """``v`` when it is a finite real number (numpy's scalars too, returned as an int or a
+    float; a bool is not) within the bounds given (open or closed at each end), or None
+    with ``none_ok``; else ValueError naming it."""
     if v is None and none_ok:
         return v
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+    # numpy's bool is no numbers.Real; Python's bool is an int
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) \
             or (lo is not None and (v <= lo if lo_open else v < lo)) \
             or (hi is not None and (v >= hi if hi_open else v > hi)):
-        bounds = [f"{'>' if lo_open else '>='} {lo}" if lo is not None else "",
-                  f"{'<' if hi_open else '<='} {hi}" if hi is not None else ""]
-        raise ValueError(f"{name}: expected a finite number "
-                         f"{' and '.join(b for b in bounds if b)}"
+        bounds = [f" {'>' if lo_open else '>='} {lo}" if lo is not None else "",
+                  f" {'<' if hi_open else '<='} {hi}" if hi is not None else ""]
+        raise ValueError(f"{name}: expected a finite number"
+                         f"{' and'.join(b for b in bounds if b)}"
                          f"{' or None' if none_ok else ''}, got {v!r}")
-    return v
+    return int(v) if isinstance(v, numbers.Integral) else float(v)
+
+
+def check_size(name: str, v) -> tuple:
+    """``(H, W)`` from ``v``, an int >= 1 (a square) or a pair of them; else ValueError
+    naming ``name``."""
+    hw = tuple(v) if isinstance(v, (list, tuple)) else (v, v)
+    if len(hw) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in hw):
+        raise ValueError(f"{name}: expected an int >= 1 or a pair (H, W) of them, got {v!r}")
+    return hw

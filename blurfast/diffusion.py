@@ -9,15 +9,15 @@ application is one call of the fused op :func:`blurfast.ops.spectral`.
 """
 from __future__ import annotations
 
-import math
 import operator
 from typing import Optional
 
+import numpy as np
 import torch
 
 from . import ops
 from . import schedules as S
-from .checks import check_int
+from .checks import check_int, check_number, check_size
 
 __all__ = ["BlurDiffusion", "TARGETS", "scales"]
 
@@ -29,10 +29,6 @@ def scales(lab: torch.Tensor):
     signal and noise maps (docs/process.md section 4); expm1 keeps 1 - Abar accurate
     where Abar is close to 1."""
     return torch.exp(0.5 * lab), torch.sqrt(-torch.expm1(lab))
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 class BlurDiffusion:
@@ -48,21 +44,14 @@ class BlurDiffusion:
                  noise_schedule="linear", beta_min=1e-4, beta_max=0.02,
                  blur_schedule="quartic", sigma=0.4, sigma_min=0.0, sigma_max=0.15,
                  kernel="discrete", coarse_to_fine=True):
-        if isinstance(resolution, (list, tuple)):
-            if len(resolution) != 2:
-                raise ValueError(f"resolution: expected an int or (H, W), got {resolution!r}")
-            h, w = resolution
-        else:
-            h = w = resolution
-        for v in (h, w):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"resolution: expected positive ints, got {resolution!r}")
+        h, w = check_size("resolution", resolution)
         check_int("channels", channels)
-        if not (_is_real(sigma) and sigma > 0):
-            raise ValueError(f"sigma: expected a finite number > 0, got {sigma!r}")
-        for nm, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
-            if not (_is_real(v) and v >= 0):
-                raise ValueError(f"{nm}: expected a finite number >= 0, got {v!r}")
+        sigma = check_number("sigma", sigma, 0, lo_open=True)
+        sigma_min = check_number("sigma_min", sigma_min, 0)
+        sigma_max = check_number("sigma_max", sigma_max, 0)
+        # The config is saved as JSON: numpy scalars (checked by noise_betas) as Python's.
+        beta_min, beta_max = (v.item() if isinstance(v, np.generic) else v
+                              for v in (beta_min, beta_max))
         if not isinstance(coarse_to_fine, bool):
             raise ValueError(f"coarse_to_fine: expected a bool, got {coarse_to_fine!r}")
         self.H, self.W = h, w

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .checks import check_int
+from .checks import check_int, check_number, check_size
 
 __all__ = ["gaussian_eigenvalues", "blur_eigenvalues_2d"]
 
@@ -21,16 +21,16 @@ def gaussian_eigenvalues(n: int, sigma: float, kind: str = "discrete",
     ``int(truncate*sigma + 0.5)`` with half-sample symmetric ("reflect")
     boundaries, exactly what ``scipy.ndimage.gaussian_filter(mode="reflect")``
     applies. ``kind="continuous"``: the heat equation, ``exp(-sigma^2 (pi k/n)^2 / 2)``.
+    ``truncate`` (> 0, in sigmas) is used by ``discrete`` only.
     """
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n: expected a positive int, got {n!r}")
-    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
-        raise ValueError(f"sigma: expected a finite number >= 0, got {sigma!r}")
+    check_int("n", n)
+    sigma = check_number("sigma", sigma, 0)
+    truncate = check_number("truncate", truncate, 0, lo_open=True)
+    if kind not in KERNELS:
+        raise ValueError(f"kind: expected one of {KERNELS}, got {kind!r}")
     k = torch.arange(n, dtype=torch.float64)
     if kind == "continuous":
         return torch.exp(-0.5 * (sigma * math.pi * k / n) ** 2)
-    if kind != "discrete":
-        raise ValueError(f"kind: expected 'discrete' or 'continuous', got {kind!r}")
     if sigma == 0:
         return torch.ones(n, dtype=torch.float64)
     r = int(truncate * sigma + 0.5)
@@ -43,9 +43,10 @@ def gaussian_eigenvalues(n: int, sigma: float, kind: str = "discrete",
 
 
 def blur_eigenvalues_2d(size, sigma, kind: str = "discrete") -> torch.Tensor:
-    """(H, W) float64 map ``lam_H[k] * lam_W[l]``; ``sigma`` a number or (sigma_h, sigma_w)."""
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    sh, sw = (sigma, sigma) if not isinstance(sigma, (tuple, list)) else tuple(sigma)
+    """(H, W) float64 map ``lam_H[k] * lam_W[l]``; ``size`` an int or (H, W), ``sigma`` a
+    number or (sigma_h, sigma_w)."""
+    h, w = check_size("size", size)
+    sh, sw = sigma if isinstance(sigma, (tuple, list)) and len(sigma) == 2 else (sigma, sigma)
     return gaussian_eigenvalues(h, sh, kind)[:, None] * gaussian_eigenvalues(w, sw, kind)[None, :]
 
 
@@ -75,17 +76,18 @@ def noise_betas(name: str, num_steps: int, beta_min: float = 1e-4,
     ``linear``: linspace(beta_min, beta_max, N). ``cosine``: Nichol & Dhariwal,
     ``1 - c(i/N)/c((i-1)/N)`` with ``c(t) = cos^2((t + 0.008)/1.008 * pi/2)``.
     ``exp``: ``1 - e(i)/e(i-1)`` with ``e(i) = 1 - g(i)/g(N)``,
-    ``g(i) = exp(5 i/N - 5) + 1e-4``. cosine and exp are capped at 0.999.
+    ``g(i) = exp(5 i/N - 5) + 1e-4``. cosine and exp are capped at 0.999. Only
+    ``linear`` uses beta_min and beta_max; every schedule checks them all the same (a
+    process's config keeps them).
     """
     _check_steps(num_steps)
+    beta_min = check_number("beta_min", beta_min, 0, hi=1, hi_open=True)
+    beta_max = check_number("beta_max", beta_max, 0, hi=1, hi_open=True)
+    if beta_min > beta_max:
+        raise ValueError(f"beta_min: expected <= beta_max ({beta_max}), got {beta_min}")
     n = num_steps
     i = torch.arange(1, n + 1, dtype=torch.float64)
     if name == "linear":
-        for nm, v in (("beta_min", beta_min), ("beta_max", beta_max)):
-            if not (isinstance(v, (int, float)) and 0 <= v < 1):
-                raise ValueError(f"{nm}: expected a number in [0, 1), got {v!r}")
-        if beta_min > beta_max:
-            raise ValueError(f"beta_min: expected <= beta_max ({beta_max}), got {beta_min}")
         b = torch.linspace(beta_min, beta_max, n, dtype=torch.float64)
     elif name == "cosine":
         def c(t):
@@ -104,6 +106,13 @@ def noise_betas(name: str, num_steps: int, beta_min: float = 1e-4,
 
 def log_alpha_bar(betas: torch.Tensor) -> torch.Tensor:
     """``log alpha_bar_i = sum_{j<=i} log(1 - beta_j)`` (same indexing as ``betas``)."""
+    if not isinstance(betas, torch.Tensor) or betas.dim() != 1 \
+            or not betas.dtype.is_floating_point:
+        raise ValueError(f"betas: expected a 1-D floating-point tensor, got "
+                         f"{getattr(betas, 'dtype', type(betas).__name__)} "
+                         f"{tuple(getattr(betas, 'shape', ()))}")
+    if not bool(((betas >= 0) & (betas < 1)).all()):
+        raise ValueError("betas: expected values in [0, 1)")
     return torch.cumsum(torch.log1p(-betas), 0)
 
 
@@ -114,6 +123,8 @@ def blur_f(name: str, num_steps: int, f_1: float, f_N: float) -> torch.Tensor:
     docs/process.md section 3 (the paper's code conventions).
     """
     _check_steps(num_steps)
+    f_1 = check_number("f_1", f_1, 0)
+    f_N = check_number("f_N", f_N, 0)
     n = num_steps
     i = torch.arange(1, n + 1, dtype=torch.float64)
 
@@ -145,10 +156,14 @@ def process_eigenvalues(size, sigma: float, kind: str = "discrete",
     """The (H, W) float64 map ``d`` of the process, floored at ``floor``.
 
     ``d = blur_eigenvalues_2d(size, sigma, kind)``; ``coarse_to_fine=False`` (the
-    fine-to-coarse ablation) uses ``1 - d``. Values are clamped to [floor, 1].
+    fine-to-coarse ablation) uses ``1 - d``. Values are clamped to [floor, 1], floor in
+    (0, 1].
     """
     if kind not in KERNELS:
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kind!r}")
+    if not isinstance(coarse_to_fine, bool):
+        raise ValueError(f"coarse_to_fine: expected a bool, got {coarse_to_fine!r}")
+    floor = check_number("floor", floor, 0, lo_open=True, hi=1)
     d = blur_eigenvalues_2d(size, sigma, kind)
     if not coarse_to_fine:
         d = 1 - d

@@ -331,6 +331,8 @@ def test_bad_arguments_raise_value_error_naming_them(diff):
     with pytest.raises(ValueError, match=r"^x0: expected a tensor of shape"):
         diff.x0_to_eps(x0, None, torch.tensor([5, 6]))
     for kw, name in [(dict(noise_schedule="sigmoid"), "noise_schedule"),
+                     (dict(noise_schedule="cosine", beta_min=-1.0), "beta_min"),
+                     (dict(noise_schedule="exp", beta_max=math.nan), "beta_max"),
                      (dict(blur_schedule="gauss"), "blur_schedule"),
                      (dict(kernel="box"), "kernel"),
                      (dict(resolution=0), "resolution"),
@@ -342,6 +344,17 @@ def test_bad_arguments_raise_value_error_naming_them(diff):
                      (dict(beta_min=0.0, sigma_max=0.0), "beta_min")]:
         with pytest.raises(ValueError, match=name):
             BlurDiffusion(**kw)
+
+
+def test_numpy_numbers_are_arguments_and_the_config_stays_json():
+    import json
+    d = BlurDiffusion(resolution=8, sigma=np.float32(0.5), sigma_max=np.float64(0.2),
+                      beta_max=np.float32(0.03))
+    assert d == BlurDiffusion(resolution=8, sigma=0.5, sigma_max=0.2,
+                              beta_max=float(np.float32(0.03)))
+    assert json.loads(json.dumps(d.config)) == d.config
+    assert torch.equal(d.prior_sample((1, 3, 8, 8), seed=np.int64(4)),
+                       d.prior_sample((1, 3, 8, 8), seed=4))
 
 
 def test_scales_keep_one_minus_abar_accurate_near_abar_one():

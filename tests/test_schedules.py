@@ -5,6 +5,8 @@ import pytest
 import scipy.fft
 import scipy.ndimage
 
+import torch
+
 from blurfast import schedules as S
 
 # docs/process.md section 2: "Eigenvalues are floored at EIG_FLOOR = 1e-3" (the documented
@@ -146,7 +148,36 @@ def test_paper_default_f_N():
     (S.noise_betas, ("linear", 1), "num_steps"),
     (S.noise_betas, ("linear", N, 0.03, 0.02), "beta_min"),
     (S.noise_betas, ("linear", N, 1e-4, 1.5), "beta_max"),
+    # unused by cosine and exp, but checked (a process's config keeps them)
+    (S.noise_betas, ("cosine", N, -1.0), "beta_min: expected a finite number >= 0 and < 1"),
+    (S.noise_betas, ("exp", N, 1e-4, np.nan), "beta_max: expected a finite number"),
+    (S.gaussian_eigenvalues, (8, 1.0, "discrete", -1), "truncate: expected a finite number > 0"),
+    (S.gaussian_eigenvalues, (8, 1.0, "discrete", np.nan), "truncate: expected a finite"),
+    (S.gaussian_eigenvalues, (8, True), "sigma: expected a finite number"),
+    (S.gaussian_eigenvalues, (8, np.bool_(True)), "sigma: expected a finite number"),
+    (S.gaussian_eigenvalues, (True, 1.0), "n: expected an int >= 1"),
+    (S.gaussian_eigenvalues, (8, 1.0, "box"), "kind: expected one of"),
+    (S.blur_eigenvalues_2d, ((8, 8, 8), 1.0), "size: expected an int >= 1 or a pair"),
+    (S.blur_eigenvalues_2d, (8, (1.0, np.inf)), "sigma: expected a finite number >= 0"),
+    (S.process_eigenvalues, (8, 1.0, "discrete", True, np.nan), "floor: expected a finite"),
+    (S.process_eigenvalues, (8, 1.0, "discrete", True, 0.0), "floor: expected a finite"),
+    (S.process_eigenvalues, (8, 1.0, "discrete", 1), "coarse_to_fine: expected a bool"),
+    (S.blur_f, ("linear", 10, np.nan, 1.0), "f_1: expected a finite number >= 0"),
+    (S.blur_f, ("linear", 10, 0.0, -1.0), "f_N: expected a finite number >= 0"),
+    (S.log_alpha_bar, ([0.0, 0.1],), "betas: expected a 1-D floating-point tensor"),
+    (S.log_alpha_bar, (torch.tensor([0.0, 1.5], dtype=torch.float64),), "betas: expected values"),
 ])
 def test_bad_arguments_name_themselves(fn, args, argname):
-    with pytest.raises(ValueError, match=argname):
+    with pytest.raises(ValueError, match=argname) as e:
         fn(*args)
+    assert str(e.value).startswith(argname.split(":")[0] + ":"), e.value
+
+
+def test_numpy_numbers_are_numbers():
+    # np.float32 was "expected a finite number"; numpy's numbers give Python's results
+    torch.testing.assert_close(S.gaussian_eigenvalues(8, np.float32(1.0)),
+                               S.gaussian_eigenvalues(8, 1.0), rtol=0, atol=0)
+    torch.testing.assert_close(S.process_eigenvalues(8, np.float64(0.5), floor=np.float32(0.25)),
+                               S.process_eigenvalues(8, 0.5, floor=0.25), rtol=0, atol=0)
+    torch.testing.assert_close(S.blur_f("cubic", 10, np.int64(0), np.float32(0.5)),
+                               S.blur_f("cubic", 10, 0, 0.5), rtol=0, atol=0)
