@@ -9,7 +9,6 @@ application is one call of the fused op :func:`blurfast.ops.spectral`.
 """
 from __future__ import annotations
 
-import operator
 from typing import Optional
 
 import numpy as np
@@ -122,7 +121,8 @@ class BlurDiffusion:
         return t if device is None else t.to(device)
 
     def check_x(self, x, name: str = "x0") -> None:
-        """ValueError unless ``x`` is a floating (B, C, H, W) tensor of this process."""
+        """ValueError unless ``x`` is a floating (B, C, H, W) tensor of this process (its
+        shape and dtype only: no host synchronization)."""
         if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
             raise ValueError(f"{name}: expected a floating-point tensor, got {type(x).__name__}"
                              f" {getattr(x, 'dtype', '')}")
@@ -195,36 +195,42 @@ class BlurDiffusion:
                 raise ValueError(f"noise: expected a tensor of shape {tuple(x0.shape)}, got "
                                  f"{tuple(getattr(noise, 'shape', ())) or type(noise).__name__}")
             return ops.spectral(x0, a, noise.to(x0.dtype), g), noise
-        if seed is not None:            # None: the op draws one from torch's generator
-            try:
-                seed = operator.index(seed)  # numpy ints too, not floats or strings
-            except TypeError:
-                raise TypeError(f"seed: expected an int or None, got {seed!r}") from None
+        # None: the op draws one from torch's generator; numpy ints too, not floats
+        seed = check_int("seed", seed, 0, none_ok=True, numpy_ok=True)
         return ops.spectral(x0, a, g=g, seed=seed, offset=offset, return_noise=True)
 
     def prior_sample(self, shape, t: Optional[int] = None, seed: int = 0, offset: int = 0,
                      dtype=torch.float32, device="cpu") -> torch.Tensor:
         """Draw of the prior at step t (default N-1, as the paper's sampler starts):
         ``x_t = idct2(sqrt(1 - Abar_t) zb)``, i.e. N(0, U diag(1 - Abar_t) U^T)."""
-        shape = tuple(shape)
-        if len(shape) != 4 or shape[1:] != self.shape:
+        got = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else shape
+        if not isinstance(got, tuple) or len(got) != 4 or got[1:] != self.shape:
             raise ValueError(f"shape: expected (B, {self.channels}, {self.H}, {self.W}), "
-                             f"got {shape}")
+                             f"got {got!r}")
+        check_int("shape[0]", got[0], 0)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
+        seed = check_int("seed", seed, 0, numpy_ok=True)
         t = self.num_steps - 1 if t is None else t
-        t = self.check_t(t, low=1, batch=shape[0])
-        z = torch.zeros(shape, dtype=dtype, device=device)
+        t = self.check_t(t, low=1, batch=got[0])
+        z = torch.zeros(got, dtype=dtype, device=device)
         g = self.cast(scales(self.log_abar(t[:1], device=device)[:, None])[1], z)
-        return ops.spectral(z, torch.zeros_like(g), g=g, seed=int(seed), offset=offset)
+        return ops.spectral(z, torch.zeros_like(g), g=g, seed=seed, offset=offset)
 
     # ---------------------------------------------------------- conversions
     # Each is one fused call; names say from -> to. x_t, eps, std, score are pixel space.
+    # Each tensor is checked (check_x) and named; the _at variants below are not.
     def eps_to_x0(self, x_t, eps, t) -> torch.Tensor:
         """``x0 = idct2((xb_t - sqrt(1 - Abar) eb) / sqrt(Abar))``; unstable where Abar is tiny."""
+        self.check_x(x_t, "x_t")
+        self.check_x(eps, "eps")
         lab = self._lab(t, x_t)
         return self.eps_to_x0_at(x_t, self._like("eps", eps, x_t), lab)
 
     def x0_to_eps(self, x_t, x0, t) -> torch.Tensor:
         """``eps = idct2((xb_t - sqrt(Abar) xb0) / sqrt(1 - Abar))``, t in 1..N."""
+        self.check_x(x_t, "x_t")
+        self.check_x(x0, "x0")
         t = self.check_t(t, low=1, batch=x_t.shape[0])
         return self.x0_to_eps_at(x_t, self._like("x0", x0, x_t), self._lab(t, x_t))
 
@@ -242,20 +248,24 @@ class BlurDiffusion:
 
     def eps_to_score(self, eps, t) -> torch.Tensor:
         """``score = -idct2((1 - Abar)^(-1/2) eb)`` (paper Eq. 15), t in 1..N."""
+        self.check_x(eps, "eps")
         t = self.check_t(t, low=1, batch=eps.shape[0])
         return ops.spectral(eps, self.cast(-1 / scales(self._lab(t, eps))[1], eps))
 
     def score_to_eps(self, score, t) -> torch.Tensor:
         """Inverse of :meth:`eps_to_score`: ``eps = -idct2(sqrt(1 - Abar) score_b)``."""
+        self.check_x(score, "score")
         t = self.check_t(t, low=1, batch=score.shape[0])
         return self._to_eps_unchecked(score, t, "score")
 
     def eps_to_std(self, eps, t) -> torch.Tensor:
         """``std = idct2(sqrt(1 - Abar) eb)``: the noise part of x_t."""
+        self.check_x(eps, "eps")
         return ops.spectral(eps, self.cast(scales(self._lab(t, eps))[1], eps))
 
     def std_to_eps(self, std, t) -> torch.Tensor:
         """Inverse of :meth:`eps_to_std`, t in 1..N."""
+        self.check_x(std, "std")
         t = self.check_t(t, low=1, batch=std.shape[0])
         return self._to_eps_unchecked(std, t, "std")
 
@@ -278,7 +288,9 @@ class BlurDiffusion:
 
     # ----------------------------------------------------------------- loss
     def sample_t(self, batch: int, device="cpu") -> torch.Tensor:
-        """Training steps, uniform on 1..N-1 (the paper's code), from torch's generator."""
+        """``batch`` training steps, uniform on 1..N-1 (the paper's code), from torch's
+        generator."""
+        check_int("batch", batch, 0)
         return torch.randint(1, self.num_steps, (batch,), dtype=torch.int64).to(device)
 
     def loss(self, model, x0, t=None, target: str = "eps", seed=None) -> torch.Tensor:

@@ -326,9 +326,9 @@ def test_bad_arguments_raise_value_error_naming_them(diff):
         diff.q_sample(x0, torch.tensor([5, 6]), noise=torch.zeros(2, C, H, W + 1))
     with pytest.raises(ValueError, match="target"):
         diff.loss(lambda x, t: x, x0, target="v")
-    with pytest.raises(ValueError, match=r"^eps: expected a tensor of shape"):
+    with pytest.raises(ValueError, match=r"^eps: expected shape"):
         diff.eps_to_x0(x0, torch.zeros(2, C, H, W + 1), torch.tensor([5, 6]))
-    with pytest.raises(ValueError, match=r"^x0: expected a tensor of shape"):
+    with pytest.raises(ValueError, match=r"^x0: expected a floating-point tensor"):
         diff.x0_to_eps(x0, None, torch.tensor([5, 6]))
     for kw, name in [(dict(noise_schedule="sigmoid"), "noise_schedule"),
                      (dict(noise_schedule="cosine", beta_min=-1.0), "beta_min"),
@@ -344,6 +344,39 @@ def test_bad_arguments_raise_value_error_naming_them(diff):
                      (dict(beta_min=0.0, sigma_max=0.0), "beta_min")]:
         with pytest.raises(ValueError, match=name):
             BlurDiffusion(**kw)
+
+
+X = torch.zeros(2, C, H, W)
+
+
+@pytest.mark.parametrize("call, words", [
+    # the public conversions check each tensor (check_x) and name it
+    (lambda d: d.eps_to_std(torch.zeros(2, 1, H, W), 5), "eps: expected shape (B, 3, 16, 12)"),
+    (lambda d: d.eps_to_x0(torch.zeros(2, C, H + 1, W), X, 5), "x_t: expected shape"),  # was 'a'
+    (lambda d: d.eps_to_x0(X, torch.zeros(2, C, H, W, dtype=torch.int64), 5),
+     "eps: expected a floating-point tensor"),
+    (lambda d: d.eps_to_score([1], 5), "eps: expected a floating-point tensor, got list"),
+    (lambda d: d.score_to_eps(torch.zeros(C, H, W), 5), "score: expected shape"),
+    (lambda d: d.std_to_eps(None, 5), "std: expected a floating-point tensor"),
+    (lambda d: d.x0_to_eps(torch.zeros(2, C, W, H), X, 5), "x_t: expected shape"),
+    (lambda d: d.x0_to_eps(X, torch.zeros(2, 1, H, W), 5), "x0: expected shape"),
+    (lambda d: d.x0_to_eps(X, torch.zeros(3, C, H, W), 5), "x0: expected a tensor of shape (2,"),
+    # seeds: 1.7 was truncated to 1, 'a' gave int()'s error
+    (lambda d: d.prior_sample((2, C, H, W), seed=1.7), "seed: expected an int >= 0, got 1.7"),
+    (lambda d: d.prior_sample((2, C, H, W), seed="a"), "seed: expected an int >= 0, got 'a'"),
+    (lambda d: d.prior_sample((2, C, H, W), seed=-3), "seed: expected an int >= 0, got -3"),
+    (lambda d: d.q_sample(X, 5, seed=1.5), "seed: expected an int >= 0 or None, got 1.5"),
+    (lambda d: d.prior_sample(None), "shape: expected (B, 3, 16, 12), got None"),
+    (lambda d: d.prior_sample((-1, C, H, W)), "shape[0]: expected an int >= 0, got -1"),
+    (lambda d: d.prior_sample((2, C, H, W), dtype=torch.int64),
+     "dtype: expected a floating-point torch.dtype"),
+    (lambda d: d.sample_t(-1), "batch: expected an int >= 0, got -1"),
+    (lambda d: d.sample_t(2.5), "batch: expected an int >= 0, got 2.5"),
+])
+def test_bad_arguments_of_the_methods_are_named(diff, call, words):
+    with pytest.raises((TypeError, ValueError)) as e:
+        call(diff)
+    assert str(e.value).startswith(words), e.value
 
 
 def test_numpy_numbers_are_arguments_and_the_config_stays_json():
