@@ -23,7 +23,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 from . import ops
-from .checks import check_int
+from .checks import check_int, check_number
 from .diffusion import BlurDiffusion
 
 __all__ = ["sample", "clip_x0", "timesteps", "reverse_sde", "ancestral", "ddim", "exp2m", "eta_first",
@@ -180,6 +180,10 @@ def _run(coefs: Callable, model, diff: BlurDiffusion, x: torch.Tensor, steps: Se
     etas = check_eta(desc, eta, steps=len(steps))          # desc: the sampler's name
     if x.numel() >= STEP_OFFSET:
         raise ValueError(f"x: at most {STEP_OFFSET - 1} elements per batch, got {x.numel()}")
+    seed = check_int("seed", seed, 0, numpy_ok=True)
+    # the last step's noise is at offset + len(steps) * STEP_OFFSET, below the op's limit
+    offset = check_int("offset", offset, 0, ops._SEED_LIMIT - 1 - len(steps) * STEP_OFFSET,
+                       numpy_ok=True)
     b, dev = x.shape[0], x.device
     lab = diff.log_abar(torch.tensor(steps + [0]), device=dev)[:, None, None]  # (S+1, 1, 1, H, W)
     eps_prev = None                            # multistep: dct2 of the previous eps
@@ -204,8 +208,8 @@ def _run(coefs: Callable, model, diff: BlurDiffusion, x: torch.Tensor, steps: Se
                     x_new = ops.spectral(x, diff.cast(ca, x), eps, diff.cast(ce, x))
                 else:
                     x_new = ops.spectral(x, diff.cast(ca, x), eps, diff.cast(ce, x),
-                                         diff.cast(cz, x), seed=int(seed),
-                                         offset=int(offset) + k * STEP_OFFSET)
+                                         diff.cast(cz, x), seed=seed,
+                                         offset=offset + k * STEP_OFFSET)
             # History only across deterministic steps (a noisy step breaks the ODE path).
             eps_prev = ops.dct2(eps) if (multistep and s > 0 and etas[k - 1] == 0) else None
             x = x_new
@@ -268,12 +272,26 @@ def eta_first(steps: int, fraction: float, eta: float = 1.0) -> List[float]:
 SAMPLERS = {"reverse_sde": reverse_sde, "ancestral": ancestral, "ddim": ddim, "exp2m": exp2m}
 
 
+def _clip_range(clip) -> tuple:
+    """``clip`` as ``(lo, hi)`` when it is a pair of finite numbers with lo < hi; else
+    ValueError naming clip."""
+    if not isinstance(clip, (tuple, list)) or len(clip) != 2:
+        raise ValueError(f"clip: expected None or a pair (lo, hi) of finite numbers, "
+                         f"got {clip!r}")
+    lo, hi = (check_number("clip", v) for v in clip)
+    if not lo < hi:
+        raise ValueError(f"clip: expected lo < hi, got {tuple(clip)!r}")
+    return lo, hi
+
+
 def clip_x0(model, diff: BlurDiffusion, lo: float = -1.0, hi: float = 1.0):
     """``model`` with its x0 estimate clamped to [lo, hi]: returns the eps of the clamped
     x0 (two more fused calls per step). A trained model's eps error is amplified by
     ``sqrt(Abar_s / Abar_t)``, huge at the high frequencies a blur process empties; the
     clamp keeps an imperfect model's samples in range. The exact model is unaffected
-    wherever its x0 estimate already lies in [lo, hi]."""
+    wherever its x0 estimate already lies in [lo, hi]. ``lo`` and ``hi`` are finite
+    numbers with lo < hi (ValueError naming ``clip`` otherwise)."""
+    lo, hi = _clip_range((lo, hi))
     def clipped(x, t):          # t as the samplers pass it: not checked (a host sync)
         eps = model(x, t).to(x.dtype)
         lab = diff.log_abar_unchecked(t.to(x.device))[:, None]
@@ -293,14 +311,14 @@ def sample(model, diff: BlurDiffusion, shape, sampler: str = "ddim", steps: Opti
     list of steps overrides ``steps``). Starts from
     the prior at the first step (``diff.prior_sample``) unless ``x_init`` (the state
     at the first step) is given. ``callback(step, x_t, x0_hat)`` is called before
-    each update. ``clip=(lo, hi)`` clamps the model's x0 estimate (:func:`clip_x0`;
-    the data range, e.g. (-1, 1), for trained models).
+    each update. ``clip=(lo, hi)``, finite numbers with lo < hi, clamps the model's x0
+    estimate (:func:`clip_x0`; the data range, e.g. (-1, 1), for trained models).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {tuple(SAMPLERS)}, got {sampler!r}")
     check_eta(sampler, eta)
     if clip is not None:
-        model = clip_x0(model, diff, *clip)
+        model = clip_x0(model, diff, *_clip_range(clip))
     seq = timesteps(diff, steps if isinstance(spacing, str) else None, spacing)
     if x_init is None:
         device = torch.device("cpu") if device is None else torch.device(device)

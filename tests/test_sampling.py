@@ -309,6 +309,56 @@ def test_bad_arguments(small):
         sample(toy_model, small, SHAPE, steps=5, x_init=torch.zeros(2, 3, 8, 6), **kw)
 
 
+@pytest.mark.parametrize("kw, words", [
+    # (1, -1) made every sample NaN, (-1,) was read as (-1, 1), 5 was a raw unpacking error
+    (dict(clip=(1.0, -1.0)), "clip: expected lo < hi, got (1.0, -1.0)"),
+    (dict(clip=(0.5, 0.5)), "clip: expected lo < hi"),
+    (dict(clip=(float("nan"), 1.0)), "clip: expected a finite number, got nan"),
+    (dict(clip=(-1.0, float("inf"))), "clip: expected a finite number, got inf"),
+    (dict(clip=(-1.0,)), "clip: expected None or a pair (lo, hi)"),
+    (dict(clip=5), "clip: expected None or a pair (lo, hi) of finite numbers, got 5"),
+    (dict(clip=("a", 1)), "clip: expected a finite number, got 'a'"),
+    # 1.5 was truncated to 1, 'a' gave int()'s error
+    (dict(seed=1.5), "seed: expected an int >= 0, got 1.5"),
+    (dict(seed="a"), "seed: expected an int >= 0, got 'a'"),
+    (dict(seed=-1), "seed: expected an int >= 0, got -1"),
+    (dict(seed=1.5, x_init=torch.zeros(SHAPE), sampler="ancestral"), "seed: expected an int"),
+])
+def test_bad_clip_and_seed_are_named(small, kw, words):
+    with pytest.raises(ValueError) as e:
+        sample(toy_model, small, SHAPE, steps=5, progress=False, **kw)
+    assert str(e.value).startswith(words), e.value
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(offset=-5, eta=1.0), "offset: expected an int in [0, "),    # was accepted
+    (dict(offset=2 ** 63 - 1, eta=1.0), "offset: expected an int in [0, "),  # past the op's
+    (dict(offset=0.5), "offset: expected an int"),
+    (dict(seed=2.7, eta=1.0), "seed: expected an int >= 0, got 2.7"),
+])
+def test_sampler_functions_check_seed_and_offset(small, kw, words):
+    x, calls = small.prior_sample(SHAPE), []
+
+    def model(x, t):
+        calls.append(t)
+        return toy_model(x, t)
+    with pytest.raises(ValueError) as e:
+        ddim(model, small, x, [30, 20, 10], progress=False, **kw)
+    assert str(e.value).startswith(words), e.value
+    assert not calls                                  # before the first model call
+
+
+def test_clip_x0_checks_its_range_and_takes_numpy_numbers(small):
+    from blurfast.sampling import clip_x0
+    with pytest.raises(ValueError, match=r"^clip: expected lo < hi, got \(1, -1\)"):
+        clip_x0(toy_model, small, 1, -1)
+    x = small.prior_sample(SHAPE, seed=np.int64(3))             # numpy ints are seeds too
+    got = sample(toy_model, small, SHAPE, steps=5, progress=False, x_init=x,
+                 clip=(np.float32(-1), np.float64(1)))
+    want = sample(toy_model, small, SHAPE, steps=5, progress=False, x_init=x, clip=(-1, 1))
+    assert torch.equal(got, want)
+
+
 # ------------------------------------------------------------ on the oracle
 @pytest.fixture(scope="module")
 def oracle_setup():
