@@ -3,8 +3,8 @@
 Residual blocks with GroupNorm and scale-shift timestep conditioning, multi-head
 self-attention through ``F.scaled_dot_product_attention`` at chosen resolutions,
 strided-conv downsampling, nearest + conv upsampling, and skip connections from
-every block of the encoder to the decoder. ``model(x, t)``: x (B, C, H, W), t the
-integer steps (B,).
+every block of the encoder to the decoder. ``model(x, t)``: x (B, C, H, W) floating, t
+the integer steps (B,) or one int for the whole batch.
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .checks import check_int
+from .checks import check_int, check_number
 
-__all__ = ["UNet", "PRESETS", "timestep_embedding"]
+__all__ = ["UNet", "PRESETS", "timestep_embedding", "check_resolution"]
 
 # Named configurations: paper64 is the model of Lee et al. (121.06 M parameters at 64 x 64;
 # the count changes with the sides that get attention); small (5.59 M at 64 x 64, 5.44 M at
@@ -35,8 +35,15 @@ _GROUPS = 32
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """(B, dim) sinusoidal embedding of the steps t (B,): [cos(t w_k), sin(t w_k)],
-    w_k = max_period^(-k / (dim/2))."""
+    """(B, dim) sinusoidal embedding of the steps t (B,) (a real tensor): [cos(t w_k),
+    sin(t w_k)], w_k = max_period^(-k / (dim/2)); ``dim`` >= 1, ``max_period`` > 0."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype.is_complex \
+            or t.dtype == torch.bool:
+        raise TypeError(f"t: expected a real tensor of shape (B,), got "
+                        f"{getattr(t, 'dtype', type(t).__name__)} "
+                        f"{tuple(getattr(t, 'shape', ()))}")
+    check_int("dim", dim)
+    check_number("max_period", max_period, 0, lo_open=True)
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) *
                       torch.arange(half, dtype=torch.float32, device=t.device) / half)
@@ -131,6 +138,18 @@ class _Level(nn.Module):
         return self.attn(x) if self.attn is not None else x
 
 
+def check_resolution(resolution, channel_mult: Sequence[int], name: str = "resolution") -> int:
+    """``resolution`` when a U-Net with levels ``channel_mult`` takes it: an int >= 1 that
+    each level but the last halves, so divisible by 2^(levels-1); else ValueError naming
+    ``name``."""
+    check_int(name, resolution)
+    levels = len(channel_mult)
+    if resolution % 2 ** (levels - 1):
+        raise ValueError(f"{name}: {resolution} is not divisible by 2^{levels - 1} "
+                         f"({levels} levels)")
+    return resolution
+
+
 class UNet(nn.Module):
     """ADM-style U-Net: eps_theta(x_t, t).
 
@@ -146,7 +165,6 @@ class UNet(nn.Module):
                  attention_resolutions: Sequence[int] = (16, 8), num_heads: int = 4,
                  dropout: float = 0.0, freq_input: bool = False):
         super().__init__()
-        check_int("resolution", resolution)
         check_int("channels", channels)
         check_int("base_channels", base_channels)
         check_int("num_res_blocks", num_res_blocks)
@@ -166,9 +184,7 @@ class UNet(nn.Module):
         attention_resolutions = tuple(attention_resolutions)
         for r in attention_resolutions:
             check_int("attention_resolutions", r)
-        if resolution % 2 ** (len(channel_mult) - 1):
-            raise ValueError(f"resolution: {resolution} is not divisible by "
-                             f"2^{len(channel_mult) - 1} ({len(channel_mult)} levels)")
+        check_resolution(resolution, channel_mult)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
                 or not 0 <= dropout < 1:
             raise ValueError(f"dropout: expected a number in [0, 1), got {dropout!r}")
@@ -232,7 +248,21 @@ class UNet(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+        """eps_theta of ``x`` (B, C, H, W), a floating tensor, at steps ``t``: an integer
+        tensor (B,) on x's device, or one int >= 0 for the whole batch. Type, dtype and
+        shape checks only (no host synchronization: the model runs in CUDA graphs and
+        under torch.compile); a tensor t's values are not checked."""
+        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+            raise TypeError(f"x: expected a floating-point tensor, got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
+        if isinstance(t, int):
+            t = torch.full((x.shape[0],), check_int("t", t, 0), dtype=torch.int64,
+                           device=x.device)
+        if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype.is_complex \
+                or t.dtype == torch.bool:
+            raise TypeError(f"t: expected an integer tensor or an int, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.channels, self.resolution, self.resolution):
             raise ValueError(f"x: expected shape (B, {self.channels}, {self.resolution}, "
                              f"{self.resolution}), got {tuple(x.shape)}")

@@ -149,6 +149,63 @@ def test_bad_preset_and_overrides():
         m(torch.zeros(2, 3, 16, 16), torch.tensor([1]))
 
 
+@pytest.mark.parametrize("call, error, words", [
+    (lambda m, x: m(x.long(), torch.tensor([1, 2])), TypeError,
+     "x: expected a floating-point tensor, got torch.int64"),
+    (lambda m, x: m([[0.0]], torch.tensor([1, 2])), TypeError,
+     "x: expected a floating-point tensor, got list"),
+    (lambda m, x: m(x, torch.tensor([1.0, 2.0])), TypeError,
+     "t: expected an integer tensor or an int, got torch.float32"),
+    (lambda m, x: m(x, torch.tensor([True, False])), TypeError, "t: expected an integer tensor"),
+    (lambda m, x: m(x, 2.0), TypeError, "t: expected an integer tensor or an int, got float"),
+    (lambda m, x: m(x, -1), ValueError, "t: expected an int >= 0, got -1"),
+    (lambda m, x: m(x, True), ValueError, "t: expected an int >= 0, got True"),
+    (lambda m, x: timestep_embedding(torch.tensor([1, 2]), -4), ValueError,
+     "dim: expected an int >= 1, got -4"),
+    (lambda m, x: timestep_embedding(torch.tensor([1, 2]), 8, 0.0), ValueError,
+     "max_period: expected a finite number > 0"),
+    (lambda m, x: timestep_embedding(3, 8), TypeError, "t: expected a real tensor of shape (B,)"),
+    (lambda m, x: timestep_embedding(torch.tensor([[1]]), 8), TypeError,
+     "t: expected a real tensor of shape (B,), got torch.int64 (1, 1)"),
+])
+def test_forward_names_bad_inputs(call, error, words):
+    m = UNet(resolution=16, **TINY)
+    with pytest.raises(error) as e:
+        call(m, torch.zeros(2, 3, 16, 16))
+    assert str(e.value).startswith(words), e.value
+
+
+def test_an_int_t_is_the_step_of_the_whole_batch():
+    torch.manual_seed(0)
+    m = UNet(resolution=16, channels=1, **TINY)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(2, 1, 16, 16)
+    torch.testing.assert_close(m(x, 7), m(x, torch.tensor([7, 7])), rtol=0, atol=0)
+
+
+def test_forward_checks_trace_in_one_graph():
+    # Dynamo (the front end of torch.compile; the eager back end keeps it quick) traces
+    # the input checks without a graph break, with a tensor t and with an int t.
+    torch.manual_seed(0)
+    m = UNet(resolution=16, channels=1, **TINY)
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 9])
+    compiled = torch.compile(m, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x, t), m(x, t))
+    torch.testing.assert_close(compiled(x, 5), m(x, 5))
+    with pytest.raises(Exception, match="x: expected a floating-point tensor"):
+        compiled(x.long(), t)       # fullgraph: dynamo's error, naming the TypeError
+
+
+def test_resolution_rule_is_the_models():
+    from blurfast.models import check_resolution
+    assert check_resolution(24, (1, 2, 2, 2)) == 24
+    with pytest.raises(ValueError, match=r"^--resolution: 20 is not divisible by 2\^3"):
+        check_resolution(20, (1, 2, 2, 2), "--resolution")
+    with pytest.raises(ValueError, match=r"^resolution: expected an int >= 1, got -1"):
+        check_resolution(-1, (1, 2))
+
+
 def test_attention_sides_the_model_never_has_are_named():
     # paper64's attention at 16 and 8 needs levels down to 8: at 256 with its 4 levels
     # (sides 256 .. 32) it would silently get none.
