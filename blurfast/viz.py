@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .checks import check_int
 from .diffusion import BlurDiffusion
 
 __all__ = ["to_uint8", "grid", "save_png", "forward_strip", "trajectory", "training_curves"]
@@ -29,7 +30,8 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 def grid(rows: Sequence[Sequence[torch.Tensor]], pad: int = 1) -> np.ndarray:
     """Tiles ``rows[r][c]`` (each (C, H, W), same shape) into one uint8 picture,
-    ``pad`` white pixels between tiles."""
+    ``pad`` (>= 0) white pixels between tiles."""
+    check_int("pad", pad, 0)
     if not rows or not rows[0]:
         raise ValueError("rows: expected at least one row of one image")
     tiles = [[to_uint8(t) for t in row] for row in rows]
@@ -62,7 +64,8 @@ def _batch(x0: torch.Tensor, diff: BlurDiffusion) -> torch.Tensor:
 
 def forward_strip(diff: BlurDiffusion, x0: torch.Tensor, path=None, seed: int = 0,
                   num: int = 10, pad: int = 1):
-    """x_i at i = 0, N/num, 2N/num, ..., N (the paper's forward-process figure).
+    """x_i at i = 0, N/num, 2N/num, ..., N (the paper's forward-process figure); ``num``
+    in [1, N].
 
     One row per image of ``x0`` ((C, H, W) or (B, C, H, W), values in [-1, 1]);
     all columns share the noise of ``seed``, as x_i = q_sample(x0, i, seed=seed).
@@ -70,6 +73,8 @@ def forward_strip(diff: BlurDiffusion, x0: torch.Tensor, path=None, seed: int = 
     """
     x0 = _batch(x0, diff)
     n = diff.num_steps
+    check_int("num", num, 1, n)
+    check_int("pad", pad, 0)
     steps = [round(k * n / num) for k in range(num + 1)]
     cols = [x0]
     for i in steps[1:]:
@@ -84,7 +89,8 @@ def forward_strip(diff: BlurDiffusion, x0: torch.Tensor, path=None, seed: int = 
 def trajectory(model, diff: BlurDiffusion, shape, path=None, sampler: str = "ddim",
                steps: Optional[int] = 100, num: int = 10, seed: int = 0, eta=0.0,
                spacing="uniform", pad: int = 1, **kw):
-    """A reverse run's x0_hat at ``num`` evenly spaced model calls, then the sample.
+    """A reverse run's x0_hat at ``num`` (>= 1) evenly spaced model calls (every call
+    where there are no more than ``num``), then the sample.
 
     One row per sample of ``shape`` (B, C, H, W); x0_hat shows the coarse-to-fine
     synthesis (clamped to [-1, 1] for display only). Returns ``(picture, steps)``
@@ -93,6 +99,8 @@ def trajectory(model, diff: BlurDiffusion, shape, path=None, sampler: str = "ddi
     from .sampling import sample, timesteps
 
     seq = timesteps(diff, steps if isinstance(spacing, str) else None, spacing)
+    check_int("num", num, 1)
+    check_int("pad", pad, 0)
     take = set(seq[round(k * (len(seq) - 1) / max(num - 1, 1))] for k in range(num))
     shown, cols = [], []
 

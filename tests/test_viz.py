@@ -56,6 +56,49 @@ def test_trajectory(diff, tmp_path):
         np.testing.assert_array_equal(tile(pic, b, 5), viz.to_uint8(final[b]))
 
 
+X0 = torch.zeros(2, 3, 16, 16)
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda d, m: viz.forward_strip(d, X0, num=0), "num: expected an int in [1, 1000], got 0"),
+    (lambda d, m: viz.forward_strip(d, X0, num=-2), "num: expected an int in [1, 1000]"),
+    (lambda d, m: viz.forward_strip(d, X0, num=1001), "num: expected an int in [1, 1000]"),
+    (lambda d, m: viz.forward_strip(d, X0, num=2.5), "num: expected an int in [1, 1000]"),
+    (lambda d, m: viz.forward_strip(d, X0, num=2, pad=-3), "pad: expected an int >= 0, got -3"),
+    (lambda d, m: viz.trajectory(m, d, (2, 3, 16, 16), steps=20, num=0),
+     "num: expected an int >= 1, got 0"),
+    (lambda d, m: viz.trajectory(m, d, (2, 3, 16, 16), steps=20, num=-1),
+     "num: expected an int >= 1, got -1"),
+    (lambda d, m: viz.trajectory(m, d, (2, 3, 16, 16), steps=20, pad=-1),
+     "pad: expected an int >= 0, got -1"),
+    (lambda d, m: viz.grid([[X0[0], X0[1]]], pad=-3), "pad: expected an int >= 0, got -3"),
+    (lambda d, m: viz.grid([[X0[0]]], pad=1.5), "pad: expected an int >= 0, got 1.5"),
+])
+def test_bad_num_and_pad_are_named_before_any_work(diff, call, words):
+    calls = []
+
+    def model(x, t):
+        calls.append(t)
+        return torch.zeros_like(x)
+    with pytest.raises(ValueError) as e:
+        call(diff, model)
+    assert str(e.value).startswith(words), e.value
+    assert not calls                                  # trajectory: before sampling
+
+
+def test_extreme_num_and_pad():
+    d = BlurDiffusion(resolution=16, channels=3, num_steps=4)
+    pic, steps = viz.forward_strip(d, X0, num=4, pad=0)       # every step, tiles abutting
+    assert steps == [0, 1, 2, 3, 4] and pic.shape == (32, 5 * 16, 3)
+    pic, steps = viz.forward_strip(d, X0, num=1)
+    assert steps == [0, 4] and pic.shape == (33, 33, 3)
+    model = example_oracle(d)
+    pic, shown = viz.trajectory(model, d, (1, 3, 16, 16), steps=3, num=10)   # every call
+    assert shown == [3, 2, 1, 0] and pic.shape == (16, 4 * 17 - 1, 3)
+    pic, shown = viz.trajectory(model, d, (1, 3, 16, 16), steps=3, num=1)
+    assert shown == [3, 0]
+
+
 def test_reverse_run_is_coarse_to_fine(diff):
     # x0_hat fixes low frequencies before high ones: half-way through a run, the low-band
     # part of x0_hat is already closer to the final sample than the high-band part.
