@@ -275,22 +275,38 @@ def open_dataset(path, resolution: Optional[int] = None, resize: str = DEFAULT_R
 def to_float(batch: torch.Tensor, flip: Optional[torch.Tensor] = None,
              pixel_range: str = "-1,1") -> torch.Tensor:
     """uint8 (B, H, W, C) -> float32 (B, C, H, W) in channels_last layout, scaled to
-    [-1, 1] or [0, 1]; images where ``flip`` (B,) bool is True are mirrored left-right."""
-    if pixel_range not in PIXEL_RANGES:
-        raise ValueError(f"pixel_range: expected one of {PIXEL_RANGES}, got {pixel_range!r}")
+    [-1, 1] or [0, 1]; images where ``flip`` (B,) bool is True are mirrored left-right.
+    Shapes and dtypes are checked, no values (no host synchronization)."""
+    _check_pixel_range(pixel_range)
+    if not isinstance(batch, torch.Tensor) or batch.dtype != torch.uint8 or batch.dim() != 4:
+        raise ValueError(f"batch: expected a uint8 tensor (B, H, W, C), got "
+                         f"{getattr(batch, 'dtype', type(batch).__name__)} "
+                         f"{tuple(getattr(batch, 'shape', ()))}")
+    if flip is not None and (not isinstance(flip, torch.Tensor) or flip.dtype != torch.bool
+                             or flip.shape != batch.shape[:1]):
+        raise ValueError(f"flip: expected None or a bool tensor ({batch.shape[0]},), got "
+                         f"{getattr(flip, 'dtype', type(flip).__name__)} "
+                         f"{tuple(getattr(flip, 'shape', ()))}")
     x = batch.permute(0, 3, 1, 2).float()
     if flip is not None:
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
     return x / 127.5 - 1 if pixel_range == "-1,1" else x / 255
 
 
+def _check_pixel_range(pixel_range) -> None:
+    if pixel_range not in PIXEL_RANGES:
+        raise ValueError(f"pixel_range: expected one of {PIXEL_RANGES}, got {pixel_range!r}")
+
+
 def data_range(pixel_range: str):
     """(lo, hi) of a run's pixel range: what :func:`blurfast.sampling.clip_x0` clamps to."""
+    _check_pixel_range(pixel_range)
     return (0.0, 1.0) if pixel_range == "0,1" else (-1.0, 1.0)
 
 
 def to_unit_range(x: torch.Tensor, pixel_range: str) -> torch.Tensor:
     """Images in a run's pixel range -> [-1, 1], where pictures are drawn."""
+    _check_pixel_range(pixel_range)
     return x * 2 - 1 if pixel_range == "0,1" else x
 
 
@@ -367,6 +383,7 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
     check_int("workers", workers, 0, none_ok=True)
     check_int("limit", limit, none_ok=True)
     check_int("resolution", resolution)
+    check_int("max_reported", max_reported, 0)
     check_resize(resize)
     p = Path(src)
     if not p.is_dir():
@@ -424,7 +441,8 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
         if bar is not None:
             bar.close()
     if skipped:
-        warnings.warn(f"prepare: skipped {skipped} unreadable image(s) of {n_alloc}; first: "
-                      f"{bad[0]}", stacklevel=2)
+        first = f"; first: {bad[0]}" if bad else ""      # none kept with max_reported=0
+        warnings.warn(f"prepare: skipped {skipped} unreadable image(s) of {n_alloc}{first}",
+                      stacklevel=2)
     return PrepareReport(path=str(out), written=written, skipped=skipped, bad=bad,
                          shape=(written,) + shape)

@@ -193,6 +193,44 @@ def test_prepare_bad_arguments(tmp_path):
     assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
 
 
+@pytest.mark.parametrize("max_reported", [-1, 1.5, None])
+def test_prepare_checks_max_reported_first(tmp_path, max_reported):
+    src = made_photos(tmp_path / "src", 2, size=8)
+    with pytest.raises(ValueError, match=r"^max_reported: expected an int >= 0, got "):
+        D.prepare(src, tmp_path / "o.npy", workers=0, progress=False,
+                  max_reported=max_reported)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]     # nothing written
+
+
+def test_prepare_with_max_reported_zero_names_no_image(tmp_path):
+    # The warning took bad[0] of an empty list: an IndexError after out.npy was written.
+    src = made_photos(tmp_path / "src", 3, size=8)
+    (src / "00001.jpg").write_bytes(b"junk")
+    with pytest.warns(UserWarning) as got:
+        r = D.prepare(src, tmp_path / "o.npy", resolution=8, workers=0, progress=False,
+                      max_reported=0)
+    assert [str(w.message) for w in got] == ["prepare: skipped 1 unreadable image(s) of 3"]
+    assert r["written"] == 2 and r["skipped"] == 1 and r["bad"] == []
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda: D.data_range("bogus"), "pixel_range: expected one of ('-1,1', '0,1'), got 'bogus'"),
+    (lambda: D.to_unit_range(torch.zeros(1), "0,255"), "pixel_range: expected one of"),
+    (lambda: D.to_float(torch.zeros(2, 3, 3, dtype=torch.uint8)),
+     "batch: expected a uint8 tensor (B, H, W, C), got torch.uint8 (2, 3, 3)"),
+    (lambda: D.to_float(torch.zeros(1, 2, 2, 3)), "batch: expected a uint8 tensor"),
+    (lambda: D.to_float(np.zeros((1, 2, 2, 3), np.uint8)), "batch: expected a uint8 tensor"),
+    (lambda: D.to_float(torch.zeros(2, 2, 2, 3, dtype=torch.uint8), torch.tensor([1, 0])),
+     "flip: expected None or a bool tensor (2,)"),
+    (lambda: D.to_float(torch.zeros(2, 2, 2, 3, dtype=torch.uint8), torch.tensor([True])),
+     "flip: expected None or a bool tensor (2,)"),
+])
+def test_pixel_conversions_name_bad_arguments(call, words):
+    with pytest.raises(ValueError) as e:
+        call()
+    assert str(e.value).startswith(words), e.value
+
+
 def test_prepared_array_batches_and_checks(tmp_path):
     a = np.random.default_rng(0).integers(0, 256, (7, 4, 4, 3), dtype=np.uint8)
     np.save(tmp_path / "a.npy", a)
