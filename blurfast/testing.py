@@ -17,6 +17,7 @@ import math
 import torch
 
 from . import ops
+from .checks import check_int, check_number
 from .evaluation import gaussian_frechet_distance
 from .diffusion import BlurDiffusion, scales
 
@@ -27,17 +28,19 @@ __all__ = ["GaussianMixtureOracle", "example_oracle", "frechet_distance",
 class GaussianMixtureOracle:
     """``oracle(x_t, t)`` returns the exact ``E[eps | x_t]`` (pixel space, x_t's dtype).
 
-    ``means``: (K, C, H, W) pixel-space mean images; ``variances``: (K, C, H, W)
-    per-frequency variances (> 0) in the DCT basis; ``weights``: (K,) positive,
-    normalized here (default uniform).
+    ``means``: (K, C, H, W) pixel-space mean images (finite, K >= 1); ``variances``:
+    (K, C, H, W) per-frequency variances (finite, > 0) in the DCT basis; ``weights``: (K,)
+    positive and finite, normalized here (default uniform).
     """
 
     def __init__(self, diff: BlurDiffusion, means, variances, weights=None):
         means = torch.as_tensor(means, dtype=torch.float64)
         variances = torch.as_tensor(variances, dtype=torch.float64)
-        if means.dim() != 4 or tuple(means.shape[1:]) != diff.shape:
+        if means.dim() != 4 or tuple(means.shape[1:]) != diff.shape or not len(means):
             raise ValueError(f"means: expected shape (K, {diff.channels}, {diff.H}, {diff.W}), "
-                             f"got {tuple(means.shape)}")
+                             f"K >= 1, got {tuple(means.shape)}")
+        if not bool(torch.isfinite(means).all()):
+            raise ValueError("means: expected finite values")
         if variances.shape != means.shape:
             raise ValueError(f"variances: expected shape {tuple(means.shape)}, got "
                              f"{tuple(variances.shape)}")
@@ -46,7 +49,7 @@ class GaussianMixtureOracle:
         k = means.shape[0]
         weights = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else \
             torch.as_tensor(weights, dtype=torch.float64)
-        if weights.shape != (k,) or not bool((weights > 0).all()):
+        if weights.shape != (k,) or not bool(((weights > 0) & torch.isfinite(weights)).all()):
             raise ValueError(f"weights: expected {k} positive numbers, got {weights.tolist()}")
         self.diff = diff
         self.means = means
@@ -83,6 +86,7 @@ class GaussianMixtureOracle:
 
     def responsibilities(self, x: torch.Tensor, t) -> torch.Tensor:
         """(B, K) posterior probabilities of the components given x_t (t=0: the data)."""
+        self.diff.check_x(x, "x")
         t = self.diff.check_t(t, batch=x.shape[0])
         lab = self.diff.log_abar(t, device=x.device)[:, None]
         return self._posterior(ops.dct2(x.to(torch.float64)), lab)[0]
@@ -97,8 +101,11 @@ class GaussianMixtureOracle:
 
     # ---------------------------------------------------------------- draws
     def sample(self, n: int, seed: int = 0, t: int = 0, return_labels: bool = False):
-        """Exact draws of x_t (t=0: the data), float64, from a torch generator seeded ``seed``."""
-        gen = torch.Generator().manual_seed(int(seed))
+        """``n`` (>= 1) exact draws of x_t, t an int in 0..N (0: the data), float64, from a
+        torch generator seeded ``seed``."""
+        check_int("n", n)
+        check_int("t", t, 0, self.diff.num_steps)
+        gen = torch.Generator().manual_seed(check_int("seed", seed, 0, numpy_ok=True))
         labels = torch.multinomial(self.weights, n, replacement=True, generator=gen)
         z0 = torch.randn((n,) + self.diff.shape, dtype=torch.float64, generator=gen)
         xb0 = self.mean_coefs[labels] + torch.sqrt(self.variances[labels]) * z0
@@ -165,9 +172,12 @@ def example_oracle(diff: BlurDiffusion, components: int = 3, seed: int = 0,
     default floor 0.01 is pixel noise of std 0.1). Default weights: 1 : 2 : ... : K.
     Samplers lose variance on coefficients whose variance is small (their last
     steps output posterior means): with the paper's process and 1000 steps,
-    ancestral keeps 93% of a variance of 0.01 and 98% of 0.2.
+    ancestral keeps 93% of a variance of 0.01 and 98% of 0.2. ``components`` >= 1,
+    ``floor`` > 0.
     """
-    gen = torch.Generator().manual_seed(int(seed))
+    check_int("components", components)
+    check_number("floor", floor, 0, lo_open=True)
+    gen = torch.Generator().manual_seed(check_int("seed", seed, 0, numpy_ok=True))
     c, h, w = diff.shape
     ky = torch.arange(h, dtype=torch.float64)[:, None] * 16 / h
     kx = torch.arange(w, dtype=torch.float64)[None, :] * 16 / w

@@ -198,3 +198,33 @@ def test_oracle_bad_arguments():
         GaussianMixtureOracle(d, torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4))
     with pytest.raises(ValueError, match="weights"):
         GaussianMixtureOracle(d, torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4), [1.0, -1.0])
+
+
+_D = BlurDiffusion(resolution=4, channels=1, num_steps=10)
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda o: example_oracle(_D, 0), "components: expected an int >= 1, got 0"),  # was empty
+    (lambda o: example_oracle(_D, -1), "components: expected an int >= 1, got -1"),
+    (lambda o: example_oracle(_D, 2.5), "components: expected an int >= 1"),
+    (lambda o: example_oracle(_D, 2, floor=0.0), "floor: expected a finite number > 0"),
+    (lambda o: example_oracle(_D, 2, seed=1.5), "seed: expected an int >= 0, got 1.5"),
+    (lambda o: GaussianMixtureOracle(_D, torch.zeros(0, 1, 4, 4), torch.ones(0, 1, 4, 4)),
+     "means: expected shape (K, 1, 4, 4), K >= 1, got (0, 1, 4, 4)"),
+    (lambda o: GaussianMixtureOracle(_D, torch.full((2, 1, 4, 4), math.nan),
+                                     torch.ones(2, 1, 4, 4)), "means: expected finite values"),
+    (lambda o: GaussianMixtureOracle(_D, torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4),
+                                     [1.0, math.inf]), "weights: expected 2 positive numbers"),
+    (lambda o: o.sample(0), "n: expected an int >= 1, got 0"),
+    (lambda o: o.sample(2, t=11), "t: expected an int in [0, 10], got 11"),
+    (lambda o: o.sample(2, seed="a"), "seed: expected an int >= 0, got 'a'"),
+    (lambda o: o.responsibilities(torch.zeros(2, 3, 4, 4), 1), "x: expected shape (B, 1, 4, 4)"),
+    (lambda o: o.responsibilities(torch.zeros(2, 1, 4, 4, dtype=torch.int64), 1),
+     "x: expected a floating-point tensor"),
+    (lambda o: frechet_distance([1.0, 2.0], torch.zeros(3, 2)), "x: expected a tensor (B, ...)"),
+    (lambda o: frechet_distance(torch.zeros(3, 2), torch.zeros(3)), "y: expected a tensor (B, ...)"),
+])
+def test_oracle_arguments_are_named(call, words):
+    with pytest.raises(ValueError) as e:
+        call(example_oracle(_D, 2))
+    assert str(e.value).startswith(words), e.value
