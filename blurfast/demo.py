@@ -6,7 +6,6 @@ reverse run, and runs the quick kernel benchmark.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
@@ -16,9 +15,27 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .checks import check_number
+
 # RGB photographs bundled in scikit-image's package data (no download).
 SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
                   "motorcycle_right.png", "hubble_deep_field.jpg", "retina.jpg", "ihc.png")
+
+
+# The demo's model: the small preset, and with --smoke these overrides.
+_PRESET = "small"
+_SMOKE_MODEL = dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1)
+
+
+def _check_args(minutes, resolution, smoke: bool, prefix: str = "") -> None:
+    """Checks what :func:`run` is given before it does any work: ``minutes`` finite and
+    > 0, ``resolution`` None or a side the demo's U-Net takes. Errors name ``prefix`` +
+    the argument (``--`` on the command line)."""
+    from .models import PRESETS, check_resolution
+    check_number(prefix + "minutes", minutes, 0, lo_open=True)
+    if resolution is not None:
+        levels = (_SMOKE_MODEL if smoke else PRESETS[_PRESET])["channel_mult"]
+        check_resolution(resolution, levels, prefix + "resolution")
 
 
 def skimage_crops(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -67,7 +84,10 @@ def run(out="blurfast-demo", minutes: float = 6.0, data: Optional[str] = None,
         resolution: Optional[int] = None, device: Optional[str] = None, smoke: bool = False,
         bench: bool = True) -> dict:
     """Runs the demo into ``out``; returns the paths it wrote. ``minutes`` is the training
-    budget; ``smoke`` shrinks everything to seconds (for tests)."""
+    budget (finite, > 0); ``resolution`` None (the default) or a side the U-Net takes
+    (divisible by 8, by 2 with ``smoke``); ``smoke`` shrinks everything to seconds (for
+    tests)."""
+    _check_args(minutes, resolution, smoke)
     from . import viz
     from .bench import main as bench_main
     from .checkpoint import load_model
@@ -98,12 +118,12 @@ def run(out="blurfast-demo", minutes: float = 6.0, data: Optional[str] = None,
     run_dir = out / "run"
     _clear_previous_run(run_dir)
     n_steps = 40 if smoke else 1000
-    kw = dict(data=str(data), out=str(run_dir), preset="small", resolution=res,
+    kw = dict(data=str(data), out=str(run_dir), preset=_PRESET, resolution=res,
               batch_size=16, lr=2e-4, ema_decay=0.99, device=device,
               diffusion=dict(num_steps=n_steps), save_every=10 ** 6, sample_every=10 ** 6,
               sample_count=16, sample_steps=10 if smoke else 25, log_every=10, keep=1)
     if smoke:
-        kw["model"] = dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1)
+        kw["model"] = dict(_SMOKE_MODEL)
     first = 2 if smoke else 20
     t0 = time.perf_counter()
     print(f"[demo] timing {first} training steps")
@@ -159,21 +179,24 @@ def run(out="blurfast-demo", minutes: float = 6.0, data: Optional[str] = None,
 
 def main(argv=None) -> int:
     # The docstring's first paragraph, without its reST quotes.
+    from .cli import _Parser
     description = " ".join(__doc__.split("\n\n")[0].split()).replace("``", "")
-    p = argparse.ArgumentParser(prog="blurfast demo", description=description)
+    p = _Parser(prog="blurfast demo", description=description)
     p.add_argument("--out", default="blurfast-demo", help="output folder (default blurfast-demo)")
     p.add_argument("--minutes", type=float, default=6.0,
                    help="training time budget in minutes (default 6)")
     p.add_argument("--data", default=None,
                    help="image folder, LSUN lmdb or prepared .npy (default: scikit-image's photos)")
     p.add_argument("--resolution", type=int, default=None,
-                   help="default 64 on a GPU, 32 on a CPU")
+                   help="default 64 on a GPU, 32 on a CPU; a multiple of 8 (of 2 with --smoke)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda if available")
     p.add_argument("--no-bench", action="store_true", help="skip the quick benchmark")
     p.add_argument("--smoke", action="store_true", help="tiny everything, seconds (for tests)")
     a = p.parse_args(argv)
-    if a.minutes <= 0:
-        p.error("--minutes: expected a positive number")
+    try:
+        _check_args(a.minutes, a.resolution, a.smoke, "--")
+    except ValueError as e:
+        p.error(str(e))
     run(a.out, a.minutes, a.data, a.resolution, a.device, a.smoke, not a.no_bench)
     return 0

@@ -182,6 +182,8 @@ def test_info_names_the_cpu_build_and_each_ops_backend(capsys, monkeypatch):
     (["sample", "--ckpt", "r", "--sampler", "foo"],
      "blurfast sample: error: argument --sampler: invalid choice: 'foo'"),
     (["nosuch"], "blurfast: error: argument COMMAND: invalid choice: 'nosuch'"),
+    (["demo", "--bogus"], "blurfast demo: error: unrecognized arguments: --bogus"),
+    (["demo", "--minutes", "x"], "blurfast demo: error: argument --minutes: invalid float"),
 ])
 def test_argument_errors_are_one_line_naming_the_command(argv, prefix, capsys):
     with pytest.raises(SystemExit) as e:
@@ -189,6 +191,31 @@ def test_argument_errors_are_one_line_naming_the_command(argv, prefix, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(prefix) and err.count("\n") == 1, err
     assert err.rstrip().endswith("--help lists the options)")
+
+
+@pytest.mark.parametrize("args, words", [
+    # nan passed the <= 0 check and failed after training, inf overflowed
+    (["--minutes", "nan"], "--minutes: expected a finite number > 0, got nan"),
+    (["--minutes", "inf"], "--minutes: expected a finite number > 0, got inf"),
+    (["--minutes", "0"], "--minutes: expected a finite number > 0, got 0.0"),
+    # -1 was a numpy error; 15 was rejected by the U-Net after the crops were written
+    (["--smoke", "--resolution", "-1"], "--resolution: expected an int >= 1, got -1"),
+    (["--smoke", "--resolution", "15"], "--resolution: 15 is not divisible by 2^1 (2 levels)"),
+    (["--resolution", "36"], "--resolution: 36 is not divisible by 2^3 (4 levels)"),
+])
+def test_demo_checks_its_numbers_before_any_work(args, words, tmp_path, capsys):
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--out", str(out), *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == f"blurfast demo: error: {words} (blurfast demo " \
+                                        f"--help lists the options)\n", err
+    assert not out.exists()
+    from blurfast import demo
+    with pytest.raises(ValueError, match="^" + words[2:].split(":")[0] + ":"):
+        demo.run(out, *([float(args[1])] if args[0] == "--minutes" else
+                        [6.0, None, int(args[-1])]), smoke="--smoke" in args)
+    assert not out.exists()
 
 
 def test_version(capsys):
