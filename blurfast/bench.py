@@ -358,10 +358,19 @@ def _parse_shape(s) -> tuple:
     return s
 
 
+def _ticked(items, bar, label):
+    """``items``, showing ``label(item)`` on the progress bar while each is worked on
+    and counting it done after."""
+    for item in items:
+        bar.set_postfix_str(label(item))
+        yield item
+        bar.update(1)
+
+
 def _time_impls(case, shape, dtype_name, impls, device, iters, warmup, copy_gbps,
-                skipped) -> list:
+                skipped, bar) -> list:
     """Rows for one (case, shape, dtype) across ``impls``; rows that cannot run are
-    appended to ``skipped``."""
+    appended to ``skipped``. ``bar`` (tqdm) counts each impl."""
     is_cuda = device.type == "cuda"
     dtype = getattr(torch, dtype_name)
     nbytes = traffic_bytes(case, shape, itemsize=dtype.itemsize)
@@ -374,7 +383,8 @@ def _time_impls(case, shape, dtype_name, impls, device, iters, warmup, copy_gbps
         skipped.append({"case": case, "shape": list(shape), "impl": impl_name,
                         "dtype": dtype_name, "reason": reason[:500], "error": error})
 
-    for impl_name in impls:
+    size = "x".join(map(str, shape))
+    for impl_name in _ticked(impls, bar, lambda i: f"{case} {size} {i} {dtype_name}"):
         impl = get_impl(impl_name)
         ok, why = impl.available(device)
         if ok and dtype_name not in impl.dtypes:
@@ -465,7 +475,8 @@ def run_header(device=None, quick: bool = False, iters: Optional[int] = None) ->
 
 def run(device=None, quick: bool = False, *, cases=None, impls=None, shapes=None,
         dtypes=None, iters: Optional[int] = None, warmup: Optional[int] = None,
-        json_path=None, print_table: bool = True, file=None) -> dict:
+        json_path=None, print_table: bool = True, file=None,
+        progress: bool = False) -> dict:
     """Time every (case, shape, impl); return (and optionally write) the results dict.
 
     ``device``: "cuda" (default when available) or "cpu". ``quick``: fewer
@@ -476,8 +487,10 @@ def run(device=None, quick: bool = False, *, cases=None, impls=None, shapes=None
     one-time check against the float64 truth, blurfast/bench_check.py) go to ``skipped``.
     ``json_path``: written (atomically) after every case and shape with the rows so far
     and ``"partial": true``, and at the end without it, so a run cut short by a time
-    limit still leaves its finished rows.
+    limit still leaves its finished rows. ``progress``: a progress bar (stderr) over the
+    (case, shape, dtype, impl) rows.
     """
+    from tqdm.auto import tqdm
     device = _resolve_device(device)
     is_cuda = device.type == "cuda"
 
@@ -508,12 +521,14 @@ def run(device=None, quick: bool = False, *, cases=None, impls=None, shapes=None
     torch.manual_seed(0)
     result = run_header(device, quick=quick, iters=iters)
     copy_gbps = result["copy_gbps"]
+    bar = tqdm(total=len(cases) * len(shapes) * len(dtypes) * len(impls), desc="bench",
+               unit="row", disable=not progress, leave=False)
     for case in cases:
         for shape in shapes:
             case_rows = []
             for dtype_name in dtypes:
                 case_rows += _time_impls(case, shape, dtype_name, impls, device, iters, warmup,
-                                         copy_gbps, result["skipped"])
+                                         copy_gbps, result["skipped"], bar)
             ref = next((r for r in case_rows
                         if r["impl"] == "torch_fp32" and r["dtype"] == "float32"), None)
             if ref is not None:
@@ -522,6 +537,7 @@ def run(device=None, quick: bool = False, *, cases=None, impls=None, shapes=None
             result["rows"].extend(case_rows)
             if json_path:
                 _write_json(json_path, dict(result, partial=True, targets=targets(result)))
+    bar.close()
     result["targets"] = targets(result)
 
     if json_path:
@@ -650,15 +666,21 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path) -> None:
-    """Bar chart of the median times (log scale): one group per case and shape, one bar
-    per implementation. Needs matplotlib."""
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend; ImportError saying how to install it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise ImportError("--plot needs matplotlib: pip install matplotlib") from e
+    return plt
+
+
+def plot(result: dict, path) -> None:
+    """Bar chart of the median times (log scale): one group per case and shape, one bar
+    per implementation. Needs matplotlib."""
+    plt = _pyplot()
     from .fileio import atomic_path
     rows = result["rows"]
 
@@ -694,8 +716,9 @@ def plot(result: dict, path) -> None:
 
 def main(argv=None) -> int:
     from .bench_steps import STEP_IMPLS, format_steps, run_steps
-    from .cli import nonnegative_int, positive_int
-    p = argparse.ArgumentParser(prog="blurfast bench", description=__doc__.splitlines()[0])
+    from .cli import _Parser, nonnegative_int, positive_int
+    from .fileio import check_writable
+    p = _Parser(prog="blurfast bench", description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda when available, else cpu")
     p.add_argument("--quick", action="store_true", help="fewer iterations and shapes")
@@ -738,14 +761,27 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's); 1 gives steadier CPU numbers "
                         "on a shared machine")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (shown on stderr when it is a terminal)")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
     if not (a.kernels or a.steps):
         p.error("nothing to time: --no-kernels needs --steps")
+    # Where the results go is checked before anything is timed (a GPU run takes minutes).
+    try:
+        for flag, path in (("--json", a.json_path), ("--plot", a.plot)):
+            if path:
+                check_writable(flag, path)
+        if a.plot:
+            _pyplot()
+    except (ValueError, ImportError) as e:
+        p.error(str(e))
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    progress = not a.no_progress and sys.stderr.isatty()
     if a.kernels:
         res = run(a.device, a.quick, cases=a.cases, impls=a.impls, shapes=a.shapes,
-                  dtypes=a.dtypes, iters=a.iters, warmup=a.warmup, json_path=a.json_path)
+                  dtypes=a.dtypes, iters=a.iters, warmup=a.warmup, json_path=a.json_path,
+                  progress=progress)
     else:
         res = run_header(a.device)
     if a.steps:
@@ -755,7 +791,7 @@ def main(argv=None) -> int:
         errors = []
         res["model_steps"] = run_steps(a.device, a.quick, batches=a.step_batches,
                                        impls=a.step_impls or ("blurfast",), errors=errors,
-                                       on_progress=save_partial)
+                                       on_progress=save_partial, progress=progress)
         res["skipped"] = res.get("skipped", []) + errors
         print(format_steps(res["model_steps"]))
     res["targets"] = targets(res)

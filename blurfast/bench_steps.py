@@ -99,7 +99,8 @@ class backend_flags:
 
 def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[str] = None,
               resolution: Optional[int] = None, iters: Optional[int] = None,
-              impls=("blurfast",), errors: Optional[list] = None, on_progress=None) -> list:
+              impls=("blurfast",), errors: Optional[list] = None, on_progress=None,
+              progress: bool = False) -> list:
     """Rows ``{case, preset, shape, impl, flags, ms_per_step, images_per_s,
     speedup_vs_torch_default, speedup_vs_torch_fp32}`` for cases ``train_step`` and
     ``sampler_step_model``. The two baselines are always timed: ``torch_default`` (torch's
@@ -113,7 +114,9 @@ def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[s
     ``errors``: a list; an exception of a blurfast configuration is then appended to it
     (``{case, impl, shape, reason, error}``) and the run goes on without its rows, where
     otherwise it is raised (a baseline's always is). ``on_progress(rows)``: called with
-    the rows so far after each configuration, so a run cut short keeps them."""
+    the rows so far after each configuration, so a run cut short keeps them.
+    ``progress``: a progress bar (stderr) over the (batch, configuration) pairs."""
+    from tqdm.auto import tqdm
     for impl in impls:
         if impl not in STEP_IMPLS:
             raise ValueError(f"impls: expected names from {STEP_IMPLS}, got {impl!r}")
@@ -127,6 +130,8 @@ def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[s
     iters = iters or ((20 if quick else 50) if cuda else 3)
     diff = BlurDiffusion(resolution=res)
     rows = []
+    bar = tqdm(total=len(batches) * len(impls), desc="model steps", unit="config",
+               disable=not progress, leave=False)
     for batch in batches:
         shape = [batch, 3, res, res]
         x_u8 = torch.randint(0, 256, (batch, res, res, 3), dtype=torch.uint8)
@@ -139,6 +144,7 @@ def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[s
                              _sampler_coefs(diff, batch, device))
         timed = {}
         for impl in impls:
+            bar.set_postfix_str(f"{impl} batch {batch}")
             try:
                 _time_impl(impl, timed, preset, diff, device, iters, inputs)
             except Exception as e:
@@ -150,7 +156,9 @@ def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[s
             done = _rows(timed, preset, shape, cuda)
             if on_progress is not None:
                 on_progress(rows + done)
+            bar.update(1)
         rows += done
+    bar.close()
     return rows
 
 

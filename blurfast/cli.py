@@ -136,7 +136,7 @@ def _fid(args) -> int:
     if args.n < 2:
         raise ValueError(f"--n: expected an int >= 2, got {args.n}")
     if args.save_stats:
-        check_writable(args.save_stats, "--save-stats")
+        check_writable("--save-stats", args.save_stats)
     ev.check_reference(args.ref, args.resolution, args.channels, name="--ref")
     if args.features:
         import importlib

@@ -394,7 +394,7 @@ def fid(samples, ref, n: Optional[int] = 10_000, resolution: Optional[int] = Non
     check_int("batch_size", batch_size, 1)
     check_resize(resize)
     if save_stats is not None:
-        check_writable(save_stats, "save_stats (--save-stats)")
+        check_writable("save_stats (--save-stats)", save_stats)
     extractor = feature_extractor or inception_extractor(inception, device=device)
     imgs = load_images(samples, n)
     imgs = iter(imgs)

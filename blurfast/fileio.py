@@ -4,11 +4,12 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_path", "check_writable", "save_npz", "write_text"]
+__all__ = ["atomic_path", "save_npz", "write_text", "check_writable"]
 
 
 @contextlib.contextmanager
@@ -29,20 +30,23 @@ def atomic_path(path, suffix: str = ".tmp"):
         raise
 
 
-def check_writable(path, name: str) -> None:
-    """Fails now, naming ``name``, where writing the file ``path`` later would: a folder
-    at ``path``, or a parent that cannot be made or written (a file in the way, no
-    permission). Creates nothing."""
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"{name}: {str(path)!r} is a folder; expected a file path")
-    parent = p.parent
-    while not parent.exists() and parent != parent.parent:   # the nearest that exists
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{name}: cannot write {str(path)!r}: {str(parent)!r} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{name}: cannot write {str(path)!r}: no permission in {str(parent)!r}")
+def check_writable(name: str, path) -> None:
+    """ValueError naming ``name`` unless :func:`atomic_path` can write ``path``: it is no
+    folder, and its nearest existing ancestor is a folder that takes a new file (tried:
+    a file made there and removed; the missing folders between are not made)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{name}: {str(path)!r} is a folder, expected a file path")
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{name}: cannot write {str(path)!r}: {str(folder)!r} is not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{name}: cannot write {str(path)!r}: {e.strerror or e}") from None
 
 
 def save_npz(path, **arrays) -> None:

@@ -29,9 +29,11 @@ def test_bench_quick_writes_json_and_png(tmp_path):
     _png(png)
 
 
-def test_model_steps_against_the_baseline():
+def test_model_steps_against_the_baseline(capsys):
     from blurfast.bench_steps import run_steps
-    rows = run_steps("cpu", batches=(2,), resolution=16, iters=1)
+    rows = run_steps("cpu", batches=(2,), resolution=16, iters=1, progress=True)
+    bar = capsys.readouterr().err                    # one count per configuration
+    assert "model steps:" in bar and "/3 [" in bar and "torch_fp32 batch 2" in bar, bar
     assert {(r["case"], r["impl"]) for r in rows} == {
         (c, i) for c in ("train_step", "sampler_step_model")
         for i in ("torch_default", "torch_fp32", "blurfast")}
@@ -182,6 +184,8 @@ def test_info_names_the_cpu_build_and_each_ops_backend(capsys, monkeypatch):
     (["sample", "--ckpt", "r", "--sampler", "foo"],
      "blurfast sample: error: argument --sampler: invalid choice: 'foo'"),
     (["nosuch"], "blurfast: error: argument COMMAND: invalid choice: 'nosuch'"),
+    (["bench", "--bogus"], "blurfast bench: error: unrecognized arguments: --bogus"),
+    (["bench", "--iters", "0"], "blurfast bench: error: argument --iters: expected a positive"),
     (["demo", "--bogus"], "blurfast demo: error: unrecognized arguments: --bogus"),
     (["demo", "--minutes", "x"], "blurfast demo: error: argument --minutes: invalid float"),
 ])
@@ -253,6 +257,47 @@ def test_bench_rejects_bad_numbers(args, words, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["bench", "--device", "cpu"] + args)
     assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+@pytest.mark.parametrize("where", ["under_a_file", "a_folder"])
+def test_bench_checks_where_results_go_before_timing(flag, where, tmp_path, capsys,
+                                                     monkeypatch):
+    # The path was used only after the whole benchmark (minutes on a GPU) had run.
+    from blurfast import bench
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("timed before the check"))
+    (tmp_path / "f").write_text("a file")
+    path = {"under_a_file": tmp_path / "f" / "b.out", "a_folder": tmp_path}[where]
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--device", "cpu", "--no-steps", flag, str(path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"blurfast bench: error: {flag}: "), err
+    assert err.count("\n") == 1 and err.rstrip().endswith("--help lists the options)")
+
+
+def test_bench_needs_matplotlib_for_plot_before_timing(tmp_path, capsys, monkeypatch):
+    import sys
+    from blurfast import bench
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("timed before the check"))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)            # import fails
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--device", "cpu", "--no-steps", "--plot", str(tmp_path / "b.png")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith(
+        "blurfast bench: error: --plot needs matplotlib: pip install matplotlib (")
+
+
+@pytest.mark.parametrize("tty, flags, shown", [(True, [], True), (True, ["--no-progress"], False),
+                                               (False, [], False)])
+def test_bench_progress_bar_on_a_terminal(tty, flags, shown, capsys, monkeypatch):
+    import sys
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+    assert cli.main(["bench", "--device", "cpu", "--no-steps", "--cases", "dct2", "--shapes",
+                     "2x3x8x8", "--impls", "blurfast", "torch_fp32", "--iters", "1",
+                     "--warmup", "0", *flags]) == 0
+    err = capsys.readouterr().err
+    assert ("bench:" in err and "/2 [" in err and "dct2 2x3x8x8 torch_fp32 float32" in err) \
+        == shown, err
 
 
 def test_bench_names_a_bad_shape(capsys):
