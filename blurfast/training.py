@@ -585,19 +585,21 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     check_int("channels", channels)
     check_int("batch_size", batch_size)
     check_int("steps", steps)
-    check_number("lr", lr, 0, lo_open=True)
+    # check_number returns numpy scalars as Python numbers: the config is written as JSON
+    args["lr"] = check_number("lr", lr, 0, lo_open=True)
     if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
         raise ValueError(f"betas: expected two numbers, got {betas!r}")
-    for b in betas:
-        check_number("betas", b, 0, hi=1, hi_open=True)
-    check_number("weight_decay", weight_decay, 0)
-    check_number("adam_eps", adam_eps, 0, lo_open=True)
+    args["betas"] = [check_number("betas", b, 0, hi=1, hi_open=True) for b in betas]
+    args["weight_decay"] = check_number("weight_decay", weight_decay, 0)
+    args["adam_eps"] = check_number("adam_eps", adam_eps, 0, lo_open=True)
     check_int("warmup", warmup, 0)
-    check_number("grad_clip", grad_clip, 0, lo_open=True, none_ok=True)
+    args["grad_clip"] = check_number("grad_clip", grad_clip, 0, lo_open=True, none_ok=True)
     if (ema_decay is None) == (ema_halflife_kimg is None):
         raise ValueError("ema_decay, ema_halflife_kimg: give exactly one")
-    check_number("ema_decay", ema_decay, 0, hi=1, hi_open=True, none_ok=True)
-    check_number("ema_halflife_kimg", ema_halflife_kimg, 0, lo_open=True, none_ok=True)
+    args["ema_decay"] = check_number("ema_decay", ema_decay, 0, hi=1, hi_open=True,
+                                     none_ok=True)
+    args["ema_halflife_kimg"] = check_number("ema_halflife_kimg", ema_halflife_kimg, 0,
+                                             lo_open=True, none_ok=True)
     for name in ("flip", "tf32", "compile", "progress"):
         if not isinstance(args[name], bool):
             raise TypeError(f"{name}: expected a bool, got {type(args[name]).__name__}")
@@ -673,7 +675,7 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
         config = {k: v for k, v in args.items() if k not in ("progress",)}
         config.update(data=str(data), out=str(out), resume=None if resume is None else str(resume),
                       fid_ref=None if fid_ref is None else str(fid_ref),
-                      betas=list(betas), precision=precision, channels_last=channels_last,
+                      precision=precision, channels_last=channels_last,
                       cuda_graphs=cuda_graphs,
                       model=net.config, diffusion=diff.config, world_size=world,
                       global_batch=global_batch, device=str(dev.type))

@@ -512,6 +512,16 @@ def test_sample_grids_of_a_short_chain(made16, tmp_path):
     assert res["step"] == 2 and (tmp_path / "r" / "samples" / "step_000000002.png").is_file()
 
 
+def test_numpy_scalars_are_taken_as_python_numbers(made16, tmp_path):
+    # check_number takes numpy's scalars; the run must store them as JSON numbers.
+    np_kw = dict(lr=np.float32(1e-3), betas=(np.float32(0.9), np.float64(0.999)),
+                 weight_decay=np.float32(0), grad_clip=np.float32(1), ema_decay=np.float32(0.9))
+    training.train(data=str(made16), out=str(tmp_path / "r"), steps=1, **{**KW, **np_kw})
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["lr"] == float(np.float32(1e-3)) and cfg["betas"] == [float(np.float32(0.9)), 0.999]
+    assert cfg["ema_decay"] == float(np.float32(0.9)) and cfg["grad_clip"] == 1.0
+
+
 def test_sample_grids_show_progress_and_stay_out_of_images_per_s(made16, tmp_path, capsys,
                                                                 monkeypatch):
     # A grid drawn mid-run shows a bar of its own, and log.csv's images_per_s of the next
