@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from .checks import check_int
+from .checks import check_bool, check_int
 
 __all__ = ["IMAGE_EXTENSIONS", "RESIZE_MODES", "DEFAULT_RESIZE", "PIXEL_RANGES", "ImageFolder",
            "LSUNLmdb", "PreparedArray", "open_dataset", "prepare", "to_float", "PrepareReport",
@@ -375,8 +375,7 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
     out = Path(out)
     if out.suffix != ".npy":
         raise ValueError(f"out: expected a path ending in .npy, got {str(out)!r}")
-    if not isinstance(overwrite, bool):
-        raise TypeError(f"overwrite: expected a bool, got {type(overwrite).__name__}")
+    check_bool("overwrite", overwrite)
     if out.exists() and not overwrite:
         raise ValueError(f"out: {str(out)!r} exists; pass overwrite=True (--overwrite) to "
                          f"replace it")

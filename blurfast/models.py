@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .checks import check_int, check_number
+from .checks import check_bool, check_int, check_number
 
 __all__ = ["UNet", "PRESETS", "timestep_embedding", "check_resolution"]
 
@@ -188,8 +188,7 @@ class UNet(nn.Module):
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
                 or not 0 <= dropout < 1:
             raise ValueError(f"dropout: expected a number in [0, 1), got {dropout!r}")
-        if not isinstance(freq_input, bool):
-            raise TypeError(f"freq_input: expected a bool, got {type(freq_input).__name__}")
+        check_bool("freq_input", freq_input)
         self.config = dict(resolution=resolution, channels=channels, base_channels=base_channels,
                            channel_mult=list(channel_mult), num_res_blocks=num_res_blocks,
                            attention_resolutions=list(attention_resolutions),

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import data as D
 from . import ops
-from .checks import check_int, check_number
+from .checks import check_bool, check_int, check_number
 from .distributed import setup_processes, teardown_processes
 from .fileio import write_text
 from .diffusion import TARGETS, BlurDiffusion, scales
@@ -601,8 +601,7 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     args["ema_halflife_kimg"] = check_number("ema_halflife_kimg", ema_halflife_kimg, 0,
                                              lo_open=True, none_ok=True)
     for name in ("flip", "tf32", "compile", "progress"):
-        if not isinstance(args[name], bool):
-            raise TypeError(f"{name}: expected a bool, got {type(args[name]).__name__}")
+        check_bool(name, args[name])
     for name in ("channels_last", "cuda_graphs"):
         if args[name] is not None and not isinstance(args[name], bool):
             raise TypeError(f"{name}: expected a bool or None, got {args[name]!r}")
