@@ -288,7 +288,7 @@ Plan make_plan(const Job& job, int64_t H, int64_t W, int dtype, int device) {
         // More groups than SMs: split 2 still wins when its last wave of blocks is the
         // fuller one (wave_cost below), e.g. 768 planes on 132 SMs, and on a tie: at
         // 256x3x64x64 the two-plane geometry measured 17.6 against 15.0 µs for dct2
-        // when a tie chose it (benchmarks/NOTES.md, version 4).
+        // when a tie chose it (benchmarks/LOG.md, version 4).
         const Plan one = plan_for<Geom<N, 2, true>, T>(job, device, prefetch);
         if (one.ok && (split || !plan.ok ||
                        wave_cost(job.planes, 1, one.per_sm, sms) <=
