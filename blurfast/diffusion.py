@@ -16,7 +16,7 @@ import torch
 
 from . import ops
 from . import schedules as S
-from .checks import check_int, check_number, check_size
+from .checks import check_bool, check_int, check_number, check_size
 
 __all__ = ["BlurDiffusion", "TARGETS", "scales"]
 
@@ -51,8 +51,7 @@ class BlurDiffusion:
         # The config is saved as JSON: numpy scalars (checked by noise_betas) as Python's.
         beta_min, beta_max = (v.item() if isinstance(v, np.generic) else v
                               for v in (beta_min, beta_max))
-        if not isinstance(coarse_to_fine, bool):
-            raise ValueError(f"coarse_to_fine: expected a bool, got {coarse_to_fine!r}")
+        check_bool("coarse_to_fine", coarse_to_fine)
         self.H, self.W = h, w
         self.channels = channels
         self.num_steps = num_steps

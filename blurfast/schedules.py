@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .checks import check_int, check_number, check_size
+from .checks import check_bool, check_int, check_number, check_size
 
 __all__ = ["gaussian_eigenvalues", "blur_eigenvalues_2d"]
 
@@ -161,8 +161,7 @@ def process_eigenvalues(size, sigma: float, kind: str = "discrete",
     """
     if kind not in KERNELS:
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kind!r}")
-    if not isinstance(coarse_to_fine, bool):
-        raise ValueError(f"coarse_to_fine: expected a bool, got {coarse_to_fine!r}")
+    check_bool("coarse_to_fine", coarse_to_fine)
     floor = check_number("floor", floor, 0, lo_open=True, hi=1)
     d = blur_eigenvalues_2d(size, sigma, kind)
     if not coarse_to_fine:

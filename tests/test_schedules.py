@@ -8,6 +8,7 @@ import scipy.ndimage
 import torch
 
 from blurfast import schedules as S
+from blurfast.diffusion import BlurDiffusion
 
 # docs/process.md section 2: "Eigenvalues are floored at EIG_FLOOR = 1e-3" (the documented
 # value, written here so that the truth does not follow the code).
@@ -161,7 +162,6 @@ def test_paper_default_f_N():
     (S.blur_eigenvalues_2d, (8, (1.0, np.inf)), "sigma: expected a finite number >= 0"),
     (S.process_eigenvalues, (8, 1.0, "discrete", True, np.nan), "floor: expected a finite"),
     (S.process_eigenvalues, (8, 1.0, "discrete", True, 0.0), "floor: expected a finite"),
-    (S.process_eigenvalues, (8, 1.0, "discrete", 1), "coarse_to_fine: expected a bool"),
     (S.blur_f, ("linear", 10, np.nan, 1.0), "f_1: expected a finite number >= 0"),
     (S.blur_f, ("linear", 10, 0.0, -1.0), "f_N: expected a finite number >= 0"),
     (S.log_alpha_bar, ([0.0, 0.1],), "betas: expected a 1-D floating-point tensor"),
@@ -171,6 +171,15 @@ def test_bad_arguments_name_themselves(fn, args, argname):
     with pytest.raises(ValueError, match=argname) as e:
         fn(*args)
     assert str(e.value).startswith(argname.split(":")[0] + ":"), e.value
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_coarse_to_fine_must_be_a_bool(value):
+    # a truthy string such as "no" would otherwise read as True
+    for call in (lambda: S.process_eigenvalues(8, 1.0, "discrete", value),
+                 lambda: BlurDiffusion(resolution=8, coarse_to_fine=value)):
+        with pytest.raises(TypeError, match=f"^coarse_to_fine: expected a bool, got {value!r}"):
+            call()
 
 
 def test_numpy_numbers_are_numbers():
