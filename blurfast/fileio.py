@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_path", "save_npz", "write_text", "check_writable"]
+__all__ = ["atomic_path", "save_npz", "write_text", "check_writable", "write_problem"]
 
 
 @contextlib.contextmanager
@@ -30,23 +30,32 @@ def atomic_path(path, suffix: str = ".tmp"):
         raise
 
 
-def check_writable(name: str, path) -> None:
-    """ValueError naming ``name`` unless :func:`atomic_path` can write ``path``: it is no
-    folder, and its nearest existing ancestor is a folder that takes a new file (tried:
-    a file made there and removed; the missing folders between are not made)."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{name}: {str(path)!r} is a folder, expected a file path")
-    folder = path.absolute().parent
+def write_problem(path):
+    """Why a file at ``path`` could not be made, or None: its nearest existing ancestor
+    must be a folder that takes a new file (tried: a file made there and removed; the
+    missing folders between are not made)."""
+    folder = Path(path).absolute().parent
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir():
-        raise ValueError(f"{name}: cannot write {str(path)!r}: {str(folder)!r} is not a folder")
+        return f"{str(folder)!r} is not a folder"
     try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".probe"):
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".blurfast-", suffix=".probe"):
             pass
     except OSError as e:
-        raise ValueError(f"{name}: cannot write {str(path)!r}: {e.strerror or e}") from None
+        return f"{e.strerror or e}: {str(folder)!r}"
+    return None
+
+
+def check_writable(name: str, path) -> None:
+    """ValueError naming ``name`` unless :func:`atomic_path` can write ``path``: it is no
+    folder, and :func:`write_problem` finds none."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{name}: {str(path)!r} is a folder, expected a file path")
+    problem = write_problem(path)
+    if problem:
+        raise ValueError(f"{name}: cannot write {str(path)!r}: {problem}")
 
 
 def save_npz(path, **arrays) -> None:

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import signal
-import tempfile
 import threading
 import time
 import warnings
@@ -46,7 +45,7 @@ from . import data as D
 from . import ops
 from .checks import check_bool, check_int, check_number
 from .distributed import setup_processes, teardown_processes
-from .fileio import write_text
+from .fileio import write_problem, write_text
 from .diffusion import TARGETS, BlurDiffusion, scales
 from .models import PRESETS, UNet
 
@@ -528,16 +527,11 @@ def _save_samples(ema, diff, path: Path, count: int, steps: int, pixel_range: st
 
 
 def _check_run_dir(out) -> None:
-    """ValueError naming ``out`` when the run directory cannot be created or written into,
-    with the system's reason: a folder is made and removed in the nearest existing folder
-    of its path, as the run would make its own."""
-    p = Path(out)
-    base = next(q for q in (p, *p.parents) if os.path.lexists(q))
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".blurfast-probe-", dir=base))
-    except OSError as e:
-        raise ValueError(f"out (--out): cannot create run directory {str(out)!r}: "
-                         f"{e.strerror}: {str(base)!r}") from None
+    """ValueError naming ``out`` when the run directory cannot be made or written into,
+    with the reason: the run's first file, ``config.json``, is probed."""
+    problem = write_problem(Path(out) / "config.json")
+    if problem:
+        raise ValueError(f"out (--out): cannot create run directory {str(out)!r}: {problem}")
 
 
 def train(*, data, out, preset: str = "small", resolution: int = 64, channels: int = 3,

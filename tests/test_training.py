@@ -988,7 +988,7 @@ def test_an_out_that_cannot_be_made_is_named_before_the_data_is_read(made16, tmp
     (tmp_path / "afile").write_text("")
     for out in (tmp_path / "afile" / "run", tmp_path / "afile"):
         with pytest.raises(ValueError, match=rf"^out \(--out\): cannot create run directory "
-                                             rf"'{out}': Not a directory: '.*afile'$"):
+                                             rf"'{out}': '.*afile' is not a folder$"):
             training.train(data=str(made16), out=str(out), steps=1, **KW)
     a = _parser().parse_args(["train", "--data", str(made16), "--out",
                               str(tmp_path / "afile" / "run"), "--device", "cpu"])
