@@ -6,6 +6,11 @@
 // output; running the threads of each phase in reverse order changes the result of any
 // phase in which one thread reads what another writes (a missing barrier); vector and
 // I/O accesses outside the call's buffers throw (line_passes.h, emu_check).
+//
+// An asynchronous copy (copy16_async) lands at once in forward runs, and only at its own
+// thread's next wait_async in reverse runs: a read before the wait, or a write to the
+// copy's destination between the two, gives another result in one of the runs. A copy
+// still pending when a block ends throws.
 #include <limits>
 #include <stdexcept>
 #include <vector>
@@ -23,14 +28,20 @@ struct EmuCtx {
   int64_t blk = 0, grd = 1;
   int threads = 0;
   bool reverse = false;
+  int cur = 0;                     // the thread phase() is running (its copies' owner)
+  struct Copy {
+    float* dst;
+    float v[4];
+  };
+  std::vector<std::vector<Copy>> pending;      // per thread; sized in reverse runs only
   int64_t block() const { return blk; }
   int64_t grid() const { return grd; }
   template <typename F>
   void phase(F&& f) {
     if (reverse)
-      for (int t = threads - 1; t >= 0; --t) f(t);
+      for (int t = threads - 1; t >= 0; --t) f(cur = t);
     else
-      for (int t = 0; t < threads; ++t) f(t);
+      for (int t = 0; t < threads; ++t) f(cur = t);
   }
   // State a thread keeps in registers from one phase to a later one: one copy per thread.
   template <typename T>
@@ -42,14 +53,27 @@ struct EmuCtx {
   PerThread<T> per_thread() const {
     return PerThread<T>{std::vector<T>(threads)};
   }
-  // An asynchronous copy lands at once here: the program may read it only after
-  // wait_async and a barrier anyway.
+  // The source is read when the copy is issued: it is the call's input, which no thread
+  // writes.
   void copy16_async(float* dst, const float* src) {
-    float v[4];
-    plane::ld4(src, v);
-    plane::st4(dst, v);
+    Copy c{dst, {}};
+    plane::ld4(src, c.v);
+    if (!reverse) {
+      plane::st4(dst, c.v);
+      return;
+    }
+    pending.at(cur).push_back(c);
   }
-  void wait_async() {}
+  void wait_async() {
+    if (pending.empty()) return;
+    for (const Copy& c : pending[cur]) plane::st4(c.dst, c.v);
+    pending[cur].clear();
+  }
+  // Called when the block's program returns.
+  void check_no_copy_pending() const {
+    for (const auto& p : pending)
+      if (!p.empty()) throw std::logic_error("emulator: an asynchronous copy was never waited for");
+  }
 };
 
 // Runs block_program(ctx, smem) for blocks 0 .. grid-1, shared memory poisoned first.
@@ -71,7 +95,9 @@ void run_blocks(int64_t smem_floats, int threads, int64_t grid, bool reverse,
     ctx.grd = grid;
     ctx.threads = threads;
     ctx.reverse = reverse;
+    if (reverse) ctx.pending.resize(threads);
     block_program(ctx, sm.data());
+    ctx.check_no_copy_pending();
   }
 }
 
@@ -128,8 +154,11 @@ struct ClusterEmuCtx : EmuCtx {
   template <typename F>
   void phase(F&& f) {
     for (int i = 0; i < ctas; ++i)
-      for (int t = 0; t < threads; ++t)
-        f(reverse ? ctas - 1 - i : i, reverse ? threads - 1 - t : t);
+      for (int t = 0; t < threads; ++t) {
+        const int j = reverse ? ctas - 1 - i : i, u = reverse ? threads - 1 - t : t;
+        cur = j * threads + u;
+        f(j, u);
+      }
   }
 };
 
@@ -153,7 +182,9 @@ void emulate_cluster(const plane::Job& job, int64_t clusters, bool reverse) {
     ctx.threads = G::kThreads;
     ctx.reverse = reverse;
     ctx.sms = &sms;
+    if (reverse) ctx.pending.resize((size_t)G::kCtas * G::kThreads);
     plane::run_cluster_program<G, float>(ctx, job);
+    ctx.check_no_copy_pending();
   }
 }
 
