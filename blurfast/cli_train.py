@@ -63,7 +63,7 @@ def _add_train(sub) -> None:
     g.add_argument("--flip", action=argparse.BooleanOptionalAction,
                    help="random horizontal flips")
     g.add_argument("--num-workers", dest="num_workers", type=int,
-                   help="DataLoader processes (default: 4 on CUDA, 0 on CPU)")
+                   help="DataLoader processes (default: min(4, CPUs) on CUDA, 0 on CPU)")
     g = p.add_argument_group("model")
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="named U-Net configuration; the flags below override its entries")

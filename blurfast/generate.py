@@ -233,17 +233,20 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
 def _start(out: Path, fmt: str, n: int, manifest: dict) -> None:
     """Marks ``out`` unfinished (its manifest, written first), then removes what an
     earlier run left that this one would not replace: ``NNNNNN.png`` numbered n or above
-    (said in a warning), an interrupted run's ``.part-R.npz``, and the sheet and
-    ``samples.npz``, written again at the end."""
+    (all of them when this run writes an npz), ``samples.npz`` (an npz run writes it
+    again at the end), an interrupted run's ``.part-R.npz`` and the sheet. Samples
+    removed that this run does not write again are said in a warning."""
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
-    stale = [f for f in out.glob("[0-9]" * 6 + ".png") if int(f.stem) >= n]
-    for f in [*stale, *out.glob(".part-*.npz"), out / SHEET_NAME,
-              *([out / NPZ_NAME] if fmt == "npz" else [])]:
+    stale = [f for f in out.glob("[0-9]" * 6 + ".png") if fmt == "npz" or int(f.stem) >= n]
+    old_npz = fmt != "npz" and (out / NPZ_NAME).is_file()
+    for f in [*stale, *out.glob(".part-*.npz"), out / SHEET_NAME, out / NPZ_NAME]:
         f.unlink(missing_ok=True)
-    if stale:
-        warnings.warn(f"out: removed {len(stale)} samples numbered {n} and above that an "
-                      f"earlier run left in {out}", stacklevel=3)
+    gone = ([f"{len(stale)} samples numbered {n} and above" if fmt != "npz" else
+             f"{len(stale)} PNG samples"] if stale else []) + ([NPZ_NAME] if old_npz else [])
+    if gone:
+        warnings.warn(f"out: removed {' and '.join(gone)} that an earlier run left in {out}",
+                      stacklevel=3)
 
 
 def read_manifest(folder) -> Optional[dict]:

@@ -203,6 +203,23 @@ def test_a_smaller_run_into_the_same_folder_removes_the_stale_samples(run_dir, t
         ["000000.png", "000001.png", SHEET_NAME, "notes.png"]
 
 
+def test_a_run_of_the_other_format_removes_the_earlier_runs_samples(run_dir, tmp_path):
+    # A png run over an npz run left samples.npz, which `fid --samples DIR/samples.npz`
+    # then scored as a plain npz; an npz run over a png run left the PNGs.
+    from blurfast import evaluation as ev
+    kw = dict(steps=2, seed=1, progress=False, device="cpu")
+    generate(run_dir / "run", 3, tmp_path, fmt="npz", **kw)
+    with pytest.warns(UserWarning, match=r"^out: removed samples.npz that an earlier run left"):
+        generate(run_dir / "run", 2, tmp_path, **kw)
+    assert not (tmp_path / "samples.npz").exists()
+    with pytest.raises(ValueError, match="samples.npz"):
+        list(ev.load_images(tmp_path / "samples.npz"))
+    with pytest.warns(UserWarning, match=r"^out: removed 2 PNG samples that an earlier run"):
+        generate(run_dir / "run", 3, tmp_path, fmt="npz", **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [SHEET_NAME, "samples.json",
+                                                           "samples.npz"]
+
+
 def test_a_sample_folder_is_complete_only_with_its_manifest(run_dir, tmp_path, monkeypatch,
                                                              capsys):
     # An interrupted run over an older one of as many images leaves new images 0-1 beside
