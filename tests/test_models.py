@@ -1,11 +1,14 @@
 import copy
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import blurfast as bf
-from blurfast.models import UNet, timestep_embedding
+from blurfast.models import Attention, ResBlock, UNet, Upsample, timestep_embedding
 
+from bfutil import rel_err
 from train_helpers import TINY, one_thread  # noqa: F401  (autouse fixture)
 
 
@@ -235,3 +238,97 @@ def test_attention_runs_on_the_fused_kernel(channels_last):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             flash_err = (m(x, t).double() - truth).abs().max()
     assert flash_err <= 2 * math_err
+
+
+# ------------------------------------------------- building blocks against float64 formulas
+#
+# Each block, in float64 with random weights (the zero-initialized output convs too, else
+# they hide everything before them), against its formula written here with functional ops
+# on the block's own weights. The two differ by float64 rounding only: measured rel_err
+# <= 6e-16; the bound 1e-12 leaves a wide margin and is far below any structural change.
+
+def _randomize(m: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """float64 m, every weight N(0, 1/fan_in), every bias and norm parameter N(0, 0.5^2)."""
+    g = torch.Generator().manual_seed(seed)
+    m = m.double()
+    with torch.no_grad():
+        for p in m.parameters():
+            std = 1 / math.sqrt(p[0].numel()) if p.dim() > 1 else 0.5
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * std)
+    return m
+
+
+def _group_norm(x, weight, bias, groups=32, eps=1e-5):
+    """GroupNorm written out: each group of channels standardized over (channels, H, W)."""
+    b, c = x.shape[:2]
+    xg = x.reshape(b, groups, -1)
+    mean = xg.mean(-1, keepdim=True)
+    var = ((xg - mean) ** 2).mean(-1, keepdim=True)
+    xn = ((xg - mean) / torch.sqrt(var + eps)).reshape(x.shape)
+    return xn * weight[None, :, None, None] + bias[None, :, None, None]
+
+
+@pytest.mark.parametrize("cin, cout", [(64, 32), (32, 32)])   # 1x1-conv and identity skips
+def test_resblock_is_the_scale_shift_formula(cin, cout):
+    # out = skip(x) + conv2(silu(GN2(h) * (1 + scale) + shift)), h = conv1(silu(GN1(x))),
+    # (scale, shift) = the two halves of Linear(emb); dropout 0. Fails on GN2(h) * scale
+    # (the 1 + dropped) and on a lost skip.
+    blk = _randomize(ResBlock(cin, cout, emb_dim=16, dropout=0.0), seed=1)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, cin, 5, 7, generator=g, dtype=torch.float64)
+    emb = torch.randn(2, 16, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        got = blk(x, emb)
+        h = F.conv2d(F.silu(_group_norm(x, blk.norm1.weight, blk.norm1.bias)),
+                     blk.conv1.weight, blk.conv1.bias, padding=1)
+        e = emb @ blk.emb.weight.T + blk.emb.bias
+        scale, shift = e[:, :cout, None, None], e[:, cout:, None, None]
+        assert scale.abs().min() > 1e-3           # the (1 + scale) factor is exercised
+        h = _group_norm(h, blk.norm2.weight, blk.norm2.bias) * (1 + scale) + shift
+        h = F.conv2d(F.silu(h), blk.conv2.weight, blk.conv2.bias, padding=1)
+        skip = x if cin == cout else F.conv2d(x, blk.skip.weight, blk.skip.bias)
+        want = skip + h
+    assert got.shape == (2, cout, 5, 7)
+    assert rel_err(got, want) <= 1e-12
+
+
+def test_attention_is_softmax_of_q_k_over_sqrt_d_per_head():
+    # x + proj(o), o the per-head softmax(q k^T / sqrt(d)) v over the H*W positions
+    # (row-major), q, k, v channels [0, C), [C, 2C), [2C, 3C) of qkv(GN(x)), head n their
+    # channels [n d, (n + 1) d). Written on the (y, x) indices, so each output is checked
+    # at its own pixel; a random non-square input is symmetric under no reordering of the
+    # pixels. Fails on SDPA's scale 1 for 1/sqrt(d), and on the positions of q, k, v
+    # reversed (the outputs then land at the mirrored pixels).
+    c, heads, hh, ww = 64, 4, 3, 5
+    d = c // heads
+    blk = _randomize(Attention(c, heads), seed=3)
+    with torch.no_grad():
+        blk.qkv.weight.mul_(2)                    # logits of std ~1.4: far from uniform
+    x = torch.randn(2, c, hh, ww, generator=torch.Generator().manual_seed(4),
+                    dtype=torch.float64)
+    with torch.no_grad():
+        got = blk(x)
+        qkv = F.conv2d(_group_norm(x, blk.norm.weight, blk.norm.bias), blk.qkv.weight,
+                       blk.qkv.bias)
+        o = torch.empty_like(x)
+        for n in range(heads):
+            q, k, v = (qkv[:, s * c + n * d: s * c + (n + 1) * d] for s in range(3))
+            logits = torch.einsum("bdyx,bdYX->byxYX", q, k) / math.sqrt(d)
+            a = torch.softmax(logits.reshape(2, hh, ww, hh * ww), -1).reshape(logits.shape)
+            o[:, n * d:(n + 1) * d] = torch.einsum("byxYX,bdYX->bdyx", a, v)
+        want = x + F.conv2d(o, blk.proj.weight, blk.proj.bias)
+        assert logits.std() > 1 and a.amax() > 0.5      # attention far from uniform (1/15)
+    assert rel_err(got, want) <= 1e-12
+
+
+def test_upsample_is_nearest_2x_then_conv():
+    # conv3x3(each pixel repeated into a 2x2 block). Fails on bilinear interpolation.
+    blk = _randomize(Upsample(8), seed=5)
+    x = torch.randn(2, 8, 3, 4, generator=torch.Generator().manual_seed(6),
+                    dtype=torch.float64)
+    with torch.no_grad():
+        got = blk(x)
+        up = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+        want = F.conv2d(up, blk.conv.weight, blk.conv.bias, padding=1)
+    assert got.shape == (2, 8, 6, 8)
+    assert rel_err(got, want) <= 1e-12
