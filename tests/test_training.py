@@ -285,6 +285,31 @@ def test_load_model_for_sampling(reference_run):
     _same_weights(raw, reference_run["model"])
 
 
+# ------------------------------------------------------------------------ randomness
+
+def test_step_draws_are_uniform_on_1_to_n_minus_1_and_ranks_slice_the_global_draw():
+    # t uniform on 1..N-1 (t = 0 is the clean image, N outside the chain), flips fair
+    # coins; rank r of k with local batch b gets slice [r b, (r + 1) b) of the global draw.
+    from scipy import stats
+    n, B, steps = 10, 512, 20
+    draws = [training.step_draws(7, s, B, n) for s in range(steps)]
+    t = torch.cat([d[0] for d in draws]).numpy()
+    flips = torch.cat([d[1] for d in draws]).numpy()
+    assert t.min() == 1 and t.max() == n - 1                  # both ends, nothing beyond
+    counts = np.bincount(t, minlength=n)[1:]
+    # uniformity: 10240 draws over 9 values; p of a fair draw is uniform on [0, 1]
+    assert stats.chisquare(counts).pvalue > 1e-4, counts
+    # flips: Binomial(10240, 1/2) has sd 51; 5 sd
+    assert abs(int(flips.sum()) - B * steps / 2) < 5 * 0.5 * np.sqrt(B * steps)
+    assert len({d[2] for d in draws}) == steps                # a noise seed per step
+    for k in (2, 4):
+        b = B // k
+        parts = [training.step_draws(7, 3, B, n, rank=r, local_batch=b) for r in range(k)]
+        assert torch.equal(torch.cat([p[0] for p in parts]), draws[3][0])
+        assert torch.equal(torch.cat([p[1] for p in parts]), draws[3][1])
+        assert {p[2] for p in parts} == {draws[3][2]}         # the noise seed is shared
+
+
 # ------------------------------------------------------------------------ DDP
 
 def test_ddp_two_gloo_processes_match_one_process(made16, tmp_path):
@@ -415,6 +440,48 @@ def test_resumed_step_keeps_its_own_optimizer_settings():
                        old.opt.state[old.params[0]]["exp_avg"])       # the moments are kept
 
 
+def test_ema_halflife_kimg_is_in_thousands_of_images(made16, tmp_path):
+    # ema_halflife_kimg = h: the EMA's weight halves every 1000 h images, so a step of B
+    # images has beta = 0.5 ** (B / (1000 h)). h = 0.004 with B = 4: beta = 0.5, and after
+    # one step ema = p0 + (1 - beta) (p1 - p0) with p0 the initial and p1 the trained weights.
+    res = training.train(data=str(made16), out=str(tmp_path / "run"), steps=1,
+                         **{**KW, "ema_decay": None, "ema_halflife_kimg": 0.004})
+    torch.manual_seed(KW_SEED)
+    p0 = UNet(**res["model"].config).state_dict()
+    p1, ema = res["model"].state_dict(), res["ema"].state_dict()
+    moved = 0.0
+    for k, e in ema.items():
+        want = p0[k].double() + 0.5 * (p1[k].double() - p0[k].double())
+        # one float32 lerp: measured error 0 (|p| <= 1); another beta is off by
+        # |beta - 0.5| |p1 - p0|, with |p1 - p0| up to lr = 1e-3 (Adam's first step)
+        torch.testing.assert_close(e.double(), want, rtol=1e-6, atol=1e-7, msg=k)
+        moved = max(moved, (p1[k] - p0[k]).abs().max().item())
+    assert moved > 5e-4                                  # the step did move the weights
+
+
+def test_warmup_ramps_lr_from_lr_over_warmup_at_the_first_step(made16, tmp_path, monkeypatch):
+    # warmup = 4: the optimizer steps s = 1, 2, 3, ... use lr * min(1, s / 4), so the first
+    # step already uses lr / 4 (never 0) and lr is reached at step 4; log.csv's row of step
+    # s shows the lr that step used.
+    used = []
+    real = training.TrainStep._body
+
+    def spy(self, *a):
+        used.append(self.opt.param_groups[0]["lr"])
+        return real(self, *a)
+
+    monkeypatch.setattr(training.TrainStep, "_body", spy)
+    lr = KW["lr"]
+    training.train(data=str(made16), out=str(tmp_path / "run"), steps=6,
+                   **{**KW, "warmup": 4, "save_every": 1000})
+    want = [lr * s / 4 for s in (1, 2, 3, 4)] + [lr, lr]
+    assert used == pytest.approx(want, rel=1e-12)
+    rows = [dict(zip(training.LOG_FIELDS, r.split(",")))
+            for r in (tmp_path / "run" / "log.csv").read_text().splitlines()[1:]]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [float(r["lr"]) for r in rows] == pytest.approx(want, rel=1e-6)   # "%.6g"
+
+
 def test_flat_parameters_keep_values_and_strides():
     torch.manual_seed(0)
     m = UNet(resolution=16, **TINY).to(memory_format=torch.channels_last)
@@ -479,6 +546,37 @@ def test_a_skipped_step_changes_nothing():
     assert not all(torch.equal(u, v) for u, v in zip(before[0], step.params))
     st = step.read_stats()
     assert st["skipped_total"] == 1 and st["consecutive_skipped"] == 0
+
+
+def test_logged_means_leave_a_skipped_step_out():
+    # One finite step, then one with a NaN loss (and gradient): read_stats' loss and grad
+    # norm are those of the finite step alone, not halved by counting the skipped one.
+    # The truth: the step's loss and gradient norm in float64, from q_sample's x_t and eps.
+    import copy
+    import torch.nn.functional as F
+    diff = BlurDiffusion(resolution=16)
+    torch.manual_seed(0)
+    model = UNet(resolution=16, **TINY)
+    ref = copy.deepcopy(model).double()
+    step = training.TrainStep(model, diff, device="cpu", lr=1e-3, flip=False)
+    x = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(1))
+    t, flip = torch.tensor([3, 40, 400, 990]), torch.zeros(4, dtype=torch.bool)
+    step(x, flip, t, 5, 0)
+    real = step.model.forward
+    step.model.forward = lambda x, t: real(x, t) * float("nan")
+    step(x, flip, t, 6, 0)
+    st = step.read_stats()
+    assert st["skipped_total"] == 1
+
+    x_t, eps = diff.q_sample(D.to_float(x), t, seed=5, offset=0)
+    loss = F.mse_loss(ref(x_t.double(), t), eps.double())
+    loss.backward()
+    norm = torch.stack([p.grad.pow(2).sum() for p in ref.parameters()]).sum().sqrt().item()
+    # float32 step against float64: measured rel. error 2e-8 (loss), 2e-7 (norm), bounds
+    # 50x that; a skipped step counted in the means would halve them
+    assert st["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    assert st["grad_norm"] == pytest.approx(norm, rel=1e-5)
 
 
 def test_non_finite_steps_are_counted_then_stop_the_run(made16, tmp_path, monkeypatch):
