@@ -137,6 +137,22 @@ def test_q_sample_generated_noise_is_the_returned_eps(diff):
     assert not torch.equal(diff.q_sample(x0, t, seed=12)[1], eps)
 
 
+def test_prior_sample_defaults_to_step_n_minus_1_and_equals_its_formula(diff):
+    # docs/process.md section 6: the samplers start at step N-1 from the prior
+    # x_{N-1} = idct2(sqrt(1 - Abar_{N-1}) zb), zb the op's Philox normals at (seed, offset).
+    # A default of N moves the draw by 2.3e-7 here (1 - Abar_{N-1} and 1 - Abar_N differ
+    # by ~1e-6 at DC), far above float64 rounding.
+    from blurfast.reference import philox_normal
+    shape = (2, C, H, W)
+    lab = log_abar_truth()
+    for t, offset in ((None, 0), (None, 5), (300, 0)):
+        got = diff.prior_sample(shape, t, seed=9, offset=offset, dtype=torch.float64)
+        z = philox_normal(shape, 9, offset, torch.float64).numpy()
+        want = idct2(np.sqrt(-np.expm1(lab[N - 1 if t is None else t])) * z)
+        # One scaled idct2 in float64: measured 1.9e-15 at |x| up to 3.6; 1e-14 is ~5x.
+        np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-14)
+
+
 @pytest.mark.parametrize("step", [50, 400, 900])
 def test_q_sample_per_frequency_moments(diff, step):
     # n draws of x_t for one fixed x0: per coefficient the mean is sqrt(Abar) xb0 and

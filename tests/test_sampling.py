@@ -28,10 +28,11 @@ def abar_of(diff, t):
     return np.exp(diff.log_abar(torch.tensor([t]))[0].numpy())      # (H, W)
 
 
-def reference_run(kind, diff, shape, steps, seed, eta=0.0):
+def reference_run(kind, diff, shape, steps, seed, eta=0.0, clip=None):
     """Samplers from docs/process.md section 6 written through x0 and the posterior, in numpy.
 
-    ``eta``: a number or one per step (ddim and exp2m)."""
+    ``eta``: a number or one per step (ddim and exp2m). ``clip=(lo, hi)``: each step's x0
+    estimate clamped in pixel space, and the step then takes the eps of the clamped x0."""
     etas = [eta] * len(steps) if np.isscalar(eta) else list(eta)
     x = idct2(np.sqrt(1 - abar_of(diff, steps[0])) * zb(shape, seed, 0))
     prev = None                                        # exp2m: (lambda_p, eb_p) of the last step
@@ -40,6 +41,9 @@ def reference_run(kind, diff, shape, steps, seed, eta=0.0):
         ai, as_ = abar_of(diff, i), abar_of(diff, s)
         xb, eb = dct2(x), dct2(e)
         x0b = (xb - np.sqrt(1 - ai) * eb) / np.sqrt(ai)
+        if clip is not None:
+            x0b = dct2(np.clip(idct2(x0b), *clip))
+            eb = (xb - np.sqrt(ai) * x0b) / np.sqrt(1 - ai)
         z = zb(shape, seed, k)
         a = ai / as_                                   # one step's A (from s to i)
         eta_k = etas[k - 1]
@@ -120,6 +124,56 @@ def test_samplers_equal_reference_formulas(small, kind, steps, eta):
     # its x0 carries 1/sqrt(Abar) ~ 1e4, so values reach ~1e3). Measured 3.5e-15 (7
     # steps) to 2.1e-14 (the 39-step full chains); 1e-13 is ~5x the largest.
     np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-13 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("kind,eta", [("ancestral", 0.0), ("ddim", 0.5), ("exp2m", 0.0)])
+def test_explicit_spacing_starts_the_prior_at_its_first_step(small, kind, eta):
+    # An explicit list of steps overrides steps: the prior is drawn at its first step
+    # (30 here), not at N-1 = 39, the first step of every integer `steps`.
+    seq = [30, 17, 5]
+    got = sample(toy_model, small, SHAPE, sampler=kind, steps=None, spacing=seq, eta=eta,
+                 seed=7, progress=False, dtype=torch.float64)
+    want = reference_run(kind, small, SHAPE, seq, 7, eta)
+    # As in test_samplers_equal_reference_formulas: measured at most 2.1e-15 of the
+    # largest value (~39); 1e-13 is that test's bound.
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-13 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("kind,steps,eta", [("ddim", 7, 0.0), ("ancestral", 5, 0.0),
+                                            ("exp2m", 6, 0.0), ("ddim", 6, 1.0)])
+def test_clip_to_an_asymmetric_range_equals_reference_formulas(small, kind, steps, eta):
+    # clip=(0, 1), the data range of a run with pixel_range "0,1": each step clamps the
+    # x0 estimate to [0, 1] (a clamp to [-1, 1] or [-hi, hi] differs: the toy model's x0
+    # estimates reach ~1e4, of both signs).
+    seq = timesteps(small, steps)
+    got = sample(toy_model, small, SHAPE, sampler=kind, steps=steps, eta=eta, seed=7,
+                 progress=False, dtype=torch.float64, clip=(0.0, 1.0))
+    want = reference_run(kind, small, SHAPE, seq, 7, eta, clip=(0.0, 1.0))
+    # The outputs lie near [0, 1], but each step's eps of the clamped x0 divides by
+    # sqrt(1 - Abar_i) (0.032 at DC at i = 1) and the earlier steps' values reach ~1e2:
+    # measured 2.6e-14 (ddim eta 1) to 1.2e-13 (exp2m) absolute; 1e-12 is ~8x the largest.
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-12)
+
+
+def test_clip_x0_clamps_the_estimate_to_an_asymmetric_range(small):
+    # clip_x0(model, diff, 0, 1) gives the eps whose x0 estimate is the model's clamped to
+    # [0, 1]: an x0 recomputed from it here (float64, the conversion of docs/process.md
+    # section 5) equals np.clip of the model's own, values inside [0, 1] unchanged.
+    from blurfast.sampling import clip_x0
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(SHAPE, generator=g, dtype=torch.float64) * 2 - 0.5     # [-0.5, 1.5]
+    t = torch.tensor([3, 20, 30])
+    x_t, eps = small.q_sample(x0, t, seed=1)
+    clipped = clip_x0(lambda x, tt: eps, small, 0.0, 1.0)(x_t, t)
+
+    def x0_of(e):
+        ab = np.exp(small.log_abar(t).numpy())[:, None]
+        return idct2((dct2(x_t.numpy()) - np.sqrt(1 - ab) * dct2(e.numpy())) / np.sqrt(ab))
+    before = x0_of(eps)
+    assert (before < -0.2).any() and (before > 1.2).any()         # out of range both ways
+    # Two float64 conversions, each dividing by sqrt(Abar) (>= 0.034 here) or sqrt(1 - Abar):
+    # measured 2.5e-14; 3e-13 is ~12x.
+    np.testing.assert_allclose(x0_of(clipped), np.clip(before, 0, 1), rtol=0, atol=3e-13)
 
 
 def test_float32_samplers_follow_float64(small):
