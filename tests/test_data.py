@@ -38,6 +38,44 @@ def test_decode_squash_and_center_crop():
     assert gray.shape == (8, 8, 1)
 
 
+@pytest.mark.parametrize("channels", [3, 1])
+def test_decode_resamples_as_pillows_bicubic(channels):
+    # The documented resampling (docs/training.md, decode's docstring): Pillow's bicubic,
+    # antialiased, of the whole image (squash) or of its central square (center-crop).
+    # On a non-smooth image other filters give other pixels (bilinear: up to 17 levels off
+    # at 8 x 8, 30 at 17 x 17). Pillow resizes the same pixels the same way: equal to the bit.
+    a = np.random.default_rng(5).integers(0, 256, (20, 13, 3), dtype=np.uint8)
+    mode = "RGB" if channels == 3 else "L"
+    img = Image.fromarray(a).convert(mode)
+
+    def pil(im, r):
+        b = np.asarray(im.resize((r, r), Image.BICUBIC))
+        return b[:, :, None] if b.ndim == 2 else b
+    for r in (8, 17):                                  # downscaled and upscaled
+        np.testing.assert_array_equal(D.decode(_png(a), r, "squash", channels), pil(img, r))
+        # the central 13 x 13 square: rows (20 - 13) // 2 = 3 to 16
+        crop = Image.fromarray(a[3:16]).convert(mode)
+        np.testing.assert_array_equal(D.decode(_png(a), r, "center-crop", channels),
+                                      pil(crop, r))
+
+
+def test_pixel_ranges_and_their_conversions():
+    # "0,1": data in [0, 1], clamped there by clip_x0, drawn as 2x - 1 in [-1, 1];
+    # "-1,1": data, clamp range and drawing all [-1, 1].
+    assert D.data_range("0,1") == (0.0, 1.0)
+    assert D.data_range("-1,1") == (-1.0, 1.0)
+    x = torch.rand(2, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    # 2x is exact and 2x - 1 one rounding: the float64 value rounded once to float32.
+    assert torch.equal(D.to_unit_range(x, "0,1"), (2 * x.double() - 1).float())
+    assert torch.equal(D.to_unit_range(x * 2 - 1, "-1,1"), x * 2 - 1)
+    # A "0,1" image drawn: pixel value c / 255 becomes 2c / 255 - 1 (float64 here), within
+    # float32 rounding (u8 / 255, then - 1: measured 6.0e-8; 2.4e-7 is 2 ulps of 1).
+    u8 = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16, 1)
+    got = D.to_unit_range(D.to_float(u8, pixel_range="0,1"), "0,1")
+    want = 2 * u8.permute(0, 3, 1, 2).double() / 255 - 1
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2.4e-7)
+
+
 def test_image_folder_is_recursive_and_sorted(tmp_path):
     made_photos(tmp_path / "a" / "b", 3, size=20)
     made_photos(tmp_path / "c", 2, size=20, seed=1)

@@ -430,6 +430,35 @@ def test_clip_x0_clamps_only_out_of_range_estimates():
     assert diff.eps_to_x0(x_t, eps * 3 + 1, t).abs().max() > 2     # which was out of range
 
 
+@pytest.mark.parametrize("pixel_range, lo", [("0,1", 0.0), ("-1,1", -1.0)])
+def test_sample_batches_clamp_to_the_runs_range_and_write_its_pixels(pixel_range, lo,
+                                                                     monkeypatch):
+    # A model whose x0 estimate is a fixed image c, out of range in places: sample's
+    # batches clamp it to the run's data range, [0, 1] for "0,1" and [-1, 1] for "-1,1"
+    # (clip_x0's arguments), and DDIM's last step returns that clamped x0, written as
+    # uint8 level k where c is level k of the range (c = k / 255, or 2k / 255 - 1).
+    from blurfast import generate as G
+    from blurfast.diffusion import BlurDiffusion
+    diff = BlurDiffusion(resolution=16, num_steps=40)
+    k = torch.arange(3 * 16 * 16).reshape(1, 3, 16, 16) % 300 - 20       # levels -20 .. 279
+    c = (k / 255 if pixel_range == "0,1" else 2 * k / 255 - 1).double()
+
+    def model(x, t):
+        return diff.x0_to_eps(x.double(), c.expand(x.shape[0], -1, -1, -1), t).to(x.dtype)
+    ranges, real = [], G.clip_x0
+    monkeypatch.setattr(G, "clip_x0", lambda m, d, *r: (ranges.append(r), real(m, d, *r))[1])
+    seq = G.timesteps(diff, 4)
+    [(b0, imgs)] = G.sample_batches(model, diff, [(0, 2)], sampler="ddim", seq=seq, eta=0.0,
+                                    seed=1, device="cpu", precision="fp32",
+                                    pixel_range=pixel_range)
+    assert ranges == [(lo, 1.0)]
+    # The float32 steps leave x within 5.1e-7 of the clamped c (measured): 1.3e-4 of a
+    # level, far inside the half level that rounding allows.
+    want = k.clamp(0, 255).permute(0, 2, 3, 1).numpy().astype(np.uint8)
+    assert b0 == 0 and imgs.dtype == np.uint8
+    np.testing.assert_array_equal(imgs, np.broadcast_to(want, (2, 16, 16, 3)))
+
+
 def test_a_grayscale_run_scores_against_its_grayscale_reference(run_dir, tmp_path, monkeypatch,
                                                                 capsys):
     # prepare --channels 1, train --channels 1 --fid-every, sample, fid: the reference is
