@@ -92,6 +92,32 @@ def test_missing_inception_offline_names_file_and_path(tmp_path, monkeypatch):
     assert ev.INCEPTION_FILE in msg and str(where / ev.INCEPTION_FILE) in msg
 
 
+def test_inception_input_is_normalized_as_clean_fid_does(tmp_path, monkeypatch):
+    # clean-fid (cleanfid/inception_torchscript.py, InceptionV3W.forward, resize_inside
+    # False) feeds the TorchScript network's layers (x - 128) / 128 of pixels x in
+    # [0, 255]. With a stand-in network whose layers return their input's first 2048
+    # values, blurfast's extractor gives what clean-fid's own wrapper gives, and both
+    # equal (x - 128) / 128 (exact in float32: integers minus 128, over a power of two).
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    class Layers(torch.nn.Module):
+        def forward(self, z):
+            return z.flatten(1)[:, :2048]
+
+    class StandIn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = Layers()
+    (tmp_path / ev.INCEPTION_FILE).write_bytes(b"stand-in")
+    monkeypatch.setattr(torch.jit, "load", lambda path, map_location=None: StandIn())
+    x = (torch.arange(2 * 3 * 299 * 299) % 256).reshape(2, 3, 299, 299).float()
+    got = ev.inception_extractor(tmp_path, download=False)(x)
+    with torch.no_grad():
+        clean = InceptionV3W(str(tmp_path), download=False)(x)
+    assert got.shape == (2, 2048) and torch.equal(got, clean)
+    assert torch.equal(got.double(), (x.double().flatten(1)[:, :2048] - 128) / 128)
+
+
 def test_bad_samples_path(tmp_path):
     with pytest.raises(ValueError, match="samples:"):
         list(ev.load_images(tmp_path / "nope"))
