@@ -1301,3 +1301,117 @@ def test_eval_fid10k_checks_inception_and_the_reference_before_sampling(tmp_path
     p, calls = _eval_fid10k_calls(tmp_path / "fail", {"FAIL_CHECK": "1"})
     assert p.returncode == 2 and "inception: weights not found" in p.stderr
     assert [c[:3] for c in calls] == [["blurfast", "fid", "--check"]]
+
+
+# ------------------------------------------------------------------------ step bookkeeping
+
+def test_dropout_is_seeded_from_seed_step_and_rank_before_every_step(made16, tmp_path,
+                                                                     monkeypatch):
+    # The documented contract (docs/training.md, "The step"): before every step train()
+    # seeds torch's generator (dropout; a captured step's noise) from (seed, step, rank),
+    # so it is a function of the step. The truth: NumPy's SeedSequence hash of
+    # (seed, step, 3, rank), 62 bits, written out here.
+    seen = []
+    real = training.TrainStep.__call__
+
+    def spy(self, *a, **k):
+        seen.append(torch.initial_seed())          # what the last manual_seed set
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(training.TrainStep, "__call__", spy)
+    seed = 7
+    training.train(data=str(made16), out=str(tmp_path / "r"), steps=3, seed=seed,
+                   **{**KW, "model": {**TINY, "dropout": 0.5}})
+
+    def expected(step, rank=0):
+        a, b = np.random.SeedSequence([seed, step, 3, rank]).generate_state(2, np.uint32)
+        return ((int(a) << 32) | int(b)) & (2 ** 62 - 1)
+
+    assert seen == [expected(s) for s in range(3)]
+    assert len(set(seen)) == 3                     # each step its own dropout masks
+
+
+def test_second_sigint_aborts_and_sigterms_only_set_the_flag():
+    # _Signals: SIGTERM or SIGINT sets `received` (the run saves and stops between
+    # steps); a second SIGINT raises KeyboardInterrupt (Ctrl-C twice aborts at once).
+    def send(sig):
+        os.kill(os.getpid(), sig)
+        time.sleep(0.05)            # the Python-level handler runs at the next bytecode
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with training._Signals() as s:
+        send(signal.SIGINT)
+        assert s.received == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            send(signal.SIGINT)
+    with training._Signals() as s:
+        send(signal.SIGTERM)
+        send(signal.SIGTERM)                       # no exception
+        assert s.received == "SIGTERM"
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_sample_grid_of_a_0_1_run_maps_mid_grey_to_level_128(made16, tmp_path, monkeypatch):
+    # A pixel_range="0,1" run samples in [0, 1]; its grid maps that range onto 0..255.
+    # With every sample 0.5 (mid-grey), each tile pixel is round(0.5 * 255) = 128 (127.5
+    # rounds to 128 both half-up and half-to-even); the 1-pixel gaps stay white (255).
+    from PIL import Image
+
+    from blurfast import sampling
+    monkeypatch.setattr(sampling, "sample",
+                        lambda model, diff, shape, *a, **k: torch.full(shape, 0.5))
+    out = tmp_path / "r"
+    training.train(data=str(made16), out=str(out), steps=1, pixel_range="0,1",
+                   **{**KW, "sample_every": 1, "sample_count": 4})
+    pic = np.asarray(Image.open(out / "samples" / "step_000000001.png"))
+    assert pic.shape == (33, 33, 3)                # 2x2 tiles of 16x16, 1-pixel gaps
+    tiles = np.delete(np.delete(pic, 16, axis=0), 16, axis=1)
+    assert (tiles == 128).all(), np.unique(tiles)
+    assert (pic[16] == 255).all() and (pic[:, 16] == 255).all()
+
+
+def test_read_stats_grad_norm_is_the_mean_since_the_last_read():
+    # step, read, step, read: the second grad_norm is step 2's own gradient norm (the
+    # read resets the sums and their counts), not over a count still holding step 1. The
+    # truth: step 2's loss and gradient norm in float64 from the weights after step 1 and
+    # q_sample's x_t and eps (as in test_logged_means_leave_a_skipped_step_out).
+    import copy
+    import torch.nn.functional as F
+    diff = BlurDiffusion(resolution=16)
+    torch.manual_seed(0)
+    step = training.TrainStep(UNet(resolution=16, **TINY), diff, device="cpu", lr=1e-2,
+                              flip=False)
+    x = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(1))
+    t, flip = torch.tensor([3, 40, 400, 990]), torch.zeros(4, dtype=torch.bool)
+    step(x, flip, t, 5, 0)
+    step.read_stats()
+    ref = copy.deepcopy(step.model).double()      # the weights step 2 starts from
+    step(x, flip, t, 6, 0)
+    second = step.read_stats()
+
+    x_t, eps = diff.q_sample(D.to_float(x), t, seed=6, offset=0)
+    loss = F.mse_loss(ref(x_t.double(), t), eps.double())
+    loss.backward()
+    norm = torch.stack([p.grad.pow(2).sum() for p in ref.parameters()]).sum().sqrt().item()
+    # float32 step against float64: measured rel. error 5e-8 (loss), 3e-8 (norm), bounds
+    # 20x and 30x that; a read that left step 1 in the count would halve the norm
+    assert second["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    assert second["grad_norm"] == pytest.approx(norm, rel=1e-6)
+
+
+@pytest.mark.parametrize("owns, finished, calls", [
+    (True, True, ["barrier", "destroy"]),   # ranks that finished meet, then tear down
+    (True, False, ["destroy"]),             # after an error: no barrier (peers may not come)
+    (False, True, []),                      # a group made by someone else is left alone
+    (False, False, []),
+])
+def test_teardown_barrier_only_after_a_finished_run(monkeypatch, owns, finished, calls):
+    import torch.distributed as dist
+
+    from blurfast import distributed
+    seen = []
+    monkeypatch.setattr(distributed, "barrier", lambda: seen.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: seen.append("destroy"))
+    distributed.teardown_processes(owns, finished)
+    assert seen == calls
