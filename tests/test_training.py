@@ -129,6 +129,102 @@ def test_resume_is_bit_exact(made16, reference_run, tmp_path):
     assert elapsed == sorted(elapsed) and elapsed[3] >= elapsed[2], elapsed
 
 
+def test_a_manifest_of_another_format_is_not_loaded(reference_run, tmp_path):
+    # checkpoint.FORMAT = 1 is the only format this reader knows: a manifest saying
+    # "format": 2 (files and hashes intact) is refused, and the search falls back.
+    import shutil
+    cks = tmp_path / "checkpoints"
+    shutil.copytree(Path(reference_run["checkpoint"]).parent, cks)
+    newest, older = cks / "step_000000006", cks / "step_000000004"
+    m = json.loads((newest / "manifest.json").read_text())
+    assert m["format"] == 1
+    (newest / "manifest.json").write_text(json.dumps({**m, "format": 2}))
+    with pytest.raises(ckpt.CheckpointError,
+                       match=r"manifest\.json is damaged or of an unknown format"):
+        ckpt.verify(newest)
+    with pytest.warns(UserWarning, match="skipping a damaged checkpoint"):
+        assert ckpt.latest_valid(cks)["path"] == str(older)
+
+
+def test_list_checkpoints_takes_only_finished_step_folders(tmp_path):
+    # A killed save's temporary folder (".tmp-step_<9 digits>-<pid>", as save() names it)
+    # and folders whose names merely contain a step name are not checkpoints.
+    for name in (".tmp-step_000000004-123", "step_000000002", "step_000000003.old",
+                 "old_step_000000005", "step_00000006"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "step_000000007").write_text("a file, not a folder")
+    assert ckpt.list_checkpoints(tmp_path) == [(2, tmp_path / "step_000000002")]
+
+
+def test_resume_refuses_another_target(made16, reference_run, tmp_path):
+    # The target is fixed by the checkpoint, as the model and the diffusion are.
+    with pytest.raises(ValueError, match=r"^resume: target 'std' differs from the "
+                                         r"checkpoint's 'eps' \("):
+        training.train(data=str(made16), out=str(tmp_path / "fork"), steps=7, target="std",
+                       resume=reference_run["checkpoint"], **KW)
+    assert not (tmp_path / "fork").exists()
+
+
+@pytest.mark.parametrize("fids, best_step", [((5.0, 3.0, 1.0), 3), ((1.0, 5.0, 7.0), 1)])
+def test_best_holds_only_the_lowest_fid_step(made16, tmp_path, monkeypatch, fids, best_step):
+    # FID monitor replaced by a fixed sequence (one value per step, fid_every=1).
+    from blurfast import evaluation
+    values = iter(fids)
+
+    class FixedFid:
+        def __init__(self, *a, **k):
+            pass
+
+        def __call__(self, model, diff, progress=False):
+            return next(values)
+    monkeypatch.setattr(evaluation, "FidMonitor", FixedFid)
+    out = tmp_path / "run"
+    training.train(data=str(made16), out=str(out), steps=3,
+                   **{**KW, "save_every": 1, "fid_every": 1, "fid_ref": str(made16)})
+    assert next(values, None) is None                      # one FID per step
+    [(step, best)] = ckpt.list_checkpoints(out / "best")
+    assert step == best_step
+    # the weights of that step: those of the run's own checkpoint at it
+    got = ckpt.load(best)
+    want = ckpt.load(out / "checkpoints" / f"step_{best_step:09d}")
+    assert got["step"] == best_step
+    for k in ("model", "ema"):
+        assert got[k].keys() == want[k].keys()
+        for name in want[k]:
+            assert torch.equal(got[k][name], want[k][name]), (k, name)
+    other = ckpt.load(out / "checkpoints" / f"step_{4 - best_step:09d}")["ema"]
+    assert any(not torch.equal(other[n], want["ema"][n]) for n in other)   # steps differ
+
+
+def test_cli_resume_with_a_new_preset_takes_the_presets_model(made16, tmp_path, capsys):
+    # A --preset given on resume defines the model anew (the saved run's model entries are
+    # dropped; model flags given with it still apply). Here the preset's model is not the
+    # checkpoint's, so the run is refused naming the entries that differ.
+    out = tmp_path / "r"
+    tiny64 = {**TINY, "attention_resolutions": (8,)}           # paper64, made tiny
+    training.train(data=str(made16), out=str(out), steps=1, preset="paper64",
+                   **{**KW, "model": tiny64})
+
+    def kwargs(*argv):
+        return cli_train.train_kwargs(_parser().parse_args(
+            ["train", "--out", str(out), "--resume", "auto", *argv]))
+    assert kwargs()["model"]["channel_mult"] == (1, 2)          # no preset: the saved model
+    kw = kwargs("--preset", "small")
+    assert kw["preset"] == "small" and "model" not in kw
+    kw = kwargs("--preset", "small", "--num-res-blocks", "1")
+    assert kw["model"] == {"num_res_blocks": 1}
+    capsys.readouterr()
+    a = _parser().parse_args(["train", "--out", str(out), "--resume", "auto", "--steps", "2",
+                              "--preset", "small"])
+    assert a.func(a) == 2
+    err = capsys.readouterr().err
+    # small's entries: channel_mult (1, 2, 3, 4), num_res_blocks 2 (models.PRESETS); the
+    # config is compared as JSON, so tuples read as lists
+    assert "model.channel_mult [1, 2, 3, 4] differs from the checkpoint's [1, 2]" in err, err
+    assert "model.num_res_blocks 2 differs from the checkpoint's 1" in err, err
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [1]
+
+
 def test_a_torn_log_row_is_dropped_on_resume(made16, tmp_path):
     # A crash while a row is appended leaves it torn: a bare "1" (of "1x,..."), or a row
     # cut inside its last number, which still parses (only the missing newline tells).
