@@ -6,6 +6,7 @@ compositions of q_sample and the sampler step, and cupyx.scipy.fft on CUDA.
 """
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -229,6 +230,54 @@ def test_bench_check_passes_the_cpu_impls(case, dtype):
             continue
         args = bench.make_inputs(case, (2, 3, 32, 32), "cpu", dtype=dtype)
         bench.check_impl(impl, case, bench.impl_function(impl, case), args, "cpu")
+
+
+@pytest.mark.parametrize("case", ["dct2", "idct2"])
+def test_bench_check_truth_is_float64(case):
+    # The float32 output that is scipy's float64 truth correctly rounded is off by at most
+    # one float32 rounding (2**-24 of max |truth|), so it passes a bound of two (2**-23).
+    # A truth computed in float32 is itself off by 2.3e-7..2.9e-7 at 64 x 64 (measured),
+    # about twice that bound, and would refuse it.
+    from blurfast.bench_check import check_output
+    (x,) = bench.make_inputs(case, (2, 3, 64, 64), "cpu")
+    exact = (_scipy_dct2 if case == "dct2" else _scipy_idct2)(x)
+    assert check_output(case, lambda t: exact.float(), (x,), 2 ** -23) is None
+    assert check_output(case, lambda t: (exact * (1 + 2 ** -20)).float(), (x,), 2 ** -23)
+
+
+@pytest.mark.parametrize("case", bench.CASES)
+def test_bench_check_builds_the_truth_in_float64_for_bfloat16_io(case, monkeypatch):
+    # bfloat16 rows: every transform of the truth gets float64 data (the module doc), not the
+    # row's bfloat16 (whose rounding, 2**-8, is a quarter of the bfloat16 bound itself).
+    from types import SimpleNamespace
+    from blurfast import bench_check
+    seen = []
+
+    def spy(f):
+        return lambda t: seen.append(t.dtype) or f(t)
+    monkeypatch.setattr(bench_check, "R", SimpleNamespace(dct2=spy(reference.dct2),
+                                                          idct2=spy(reference.idct2)))
+    args = bench.make_inputs(case, (2, 3, 16, 16), "cpu", dtype=torch.bfloat16)
+    bench.check_impl("blurfast", case, bench.impl_function("blurfast", case), args, "cpu")
+    assert seen and set(seen) == {torch.float64}, seen
+
+
+def test_time_call_cpu_reports_the_median_over_rotated_input_sets():
+    # fn sleeps 90 ms on input set 2 of 3 and returns at once otherwise: of the 4 timed calls
+    # (sets 0, 1, 2, 0) one is slow, so the median is a fast call (microseconds; 10 ms
+    # leaves room for a loaded machine) while the mean is at least 90 / 4 = 22.5 ms.
+    from blurfast.bench_timing import time_call
+    order = []
+
+    def fn(i):
+        order.append(i)
+        if i == 2:
+            time.sleep(0.09)
+    res = time_call(fn, [(0,), (1,), (2,)], "cpu", iters=4, warmup=2)
+    assert order == [0, 1] + [0, 1, 2, 0]               # warmup, then the calls i % 3
+    assert res["iters"] == 4
+    assert res["median_us"] < 10_000, res
+    assert res["wall_us"] >= 90_000 / 4, res
 
 
 def test_bench_run_does_not_time_a_wrong_impl_and_strict_fails(monkeypatch, capsys):

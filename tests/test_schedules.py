@@ -149,6 +149,7 @@ def test_paper_default_f_N():
     (S.noise_betas, ("linear", 1), "num_steps"),
     (S.noise_betas, ("linear", N, 0.03, 0.02), "beta_min"),
     (S.noise_betas, ("linear", N, 1e-4, 1.5), "beta_max"),
+    (S.noise_betas, ("linear", N, 1e-4, 1.0), "beta_max: expected a finite number >= 0 and < 1"),
     # unused by cosine and exp, but checked (a process's config keeps them)
     (S.noise_betas, ("cosine", N, -1.0), "beta_min: expected a finite number >= 0 and < 1"),
     (S.noise_betas, ("exp", N, 1e-4, np.nan), "beta_max: expected a finite number"),
