@@ -182,3 +182,27 @@ def test_pictures_are_written_whole_with_the_usual_permissions(tmp_path):
     with pytest.raises(TypeError):
         viz.save_png(np.zeros((4, 4, 5), np.uint8), tmp_path / "b.png")    # Pillow refuses
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "plain"]
+
+
+def test_grid_separators_and_missing_tiles_are_white():
+    # grid's docstring: `pad` white pixels between tiles. Black tiles (x = -1 -> 0), rows
+    # of 2 and 1 tiles, pad 2: every pixel outside a tile, the missing tile's place
+    # included, is 255.
+    black = -torch.ones(3, 4, 5)
+    pic = viz.grid([[black, black], [black]], pad=2)
+    assert pic.shape == (2 * 4 + 2, 2 * 5 + 2, 3)
+    in_tile = np.zeros(pic.shape[:2], bool)
+    for r, c in ((0, 0), (0, 1), (1, 0)):
+        in_tile[r * 6:r * 6 + 4, c * 7:c * 7 + 5] = True
+    assert (pic[in_tile] == 0).all()
+    assert (pic[~in_tile] == 255).all() and (~in_tile).sum() == 12 * 10 - 3 * 20
+
+
+def test_forward_strip_steps_round_to_the_nearest_step(diff):
+    # Columns at i = k N / num, rounded: N = 1000, num = 3 gives 333.3 -> 333 and
+    # 666.7 -> 667 (the other strips have N / num an integer).
+    x0 = torch.linspace(-1, 1, 3 * 16 * 16).reshape(1, 3, 16, 16)
+    pic, steps = viz.forward_strip(diff, x0, num=3, seed=2)
+    assert steps == [0, 333, 667, 1000]
+    xt = diff.q_sample(x0, torch.tensor([667]), seed=2)[0]
+    np.testing.assert_array_equal(tile(pic, 0, 2), viz.to_uint8(xt[0]))
