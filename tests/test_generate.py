@@ -498,3 +498,65 @@ def test_a_grayscale_run_scores_against_its_grayscale_reference(run_dir, tmp_pat
                      "--device", "cpu"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert float(line.split()[1]) == pytest.approx(want, rel=1e-4)
+
+
+def test_stochastic_samples_do_not_depend_on_the_batch_size(run_dir, tmp_path):
+    # Image i draws the prior and every step's noise at Philox positions fixed by
+    # (seed, i) (generate's docstring): ancestral sampling (noise at every step but the
+    # last) in batches of 2 and of 5 gives the same 5 images. Each batch's step noise
+    # drawn at offset 0 gave images 2-4 other noise in batches of 2.
+    kw = dict(n=5, steps=3, seed=7, sampler="ancestral", progress=False, device="cpu")
+    generate(run_dir / "run", out=tmp_path / "b2", batch=2, **kw)
+    generate(run_dir / "run", out=tmp_path / "b5", batch=5, **kw)
+    b2, b5 = _read_pngs(tmp_path / "b2", 5), _read_pngs(tmp_path / "b5", 5)
+    np.testing.assert_array_equal(b2, b5)
+    assert all((b5[i] != b5[0]).any() for i in range(1, 5))       # five different images
+
+
+def test_an_npz_run_in_two_gloo_processes_is_the_one_process_npz(run_dir, tmp_path):
+    # 7 images in batches of 2: rank 0 gets batches 0 and 2 (images 0-1, 4-5), rank 1
+    # batches 1 and 3 (2-3, 6). samples.npz holds the 7 images once each, in index order:
+    # the one-process npz, whose images are the PNGs of a png run.
+    kw = dict(n=7, steps=2, batch=2, seed=5, fmt="npz", progress=False, device="cpu")
+    generate(run_dir / "run", out=tmp_path / "png", **{**kw, "fmt": "png"})
+    generate(run_dir / "run", out=tmp_path / "one", **kw)
+    _generate_in_two_gloo_processes(run_dir / "run", tmp_path / "two", kw)
+    pngs = _read_pngs(tmp_path / "png", 7)
+    with np.load(tmp_path / "one" / "samples.npz") as one, \
+            np.load(tmp_path / "two" / "samples.npz") as two:
+        np.testing.assert_array_equal(one["images"], pngs)
+        assert two["images"].shape == (7, 16, 16, 3)
+        np.testing.assert_array_equal(two["images"], pngs)
+    assert not list((tmp_path / "two").glob(".part-*"))
+
+
+def test_the_contact_sheet_tiles_the_first_images_in_order(run_dir, tmp_path):
+    # 5 images: ceil(sqrt(5)) = 3 columns, 2 rows, 1 white pixel between tiles (viz.grid);
+    # tile (r, c) is image r * 3 + c, pixel for pixel; the sixth tile's place is white.
+    generate(run_dir / "run", 5, tmp_path, steps=2, seed=2, progress=False, device="cpu")
+    imgs = _read_pngs(tmp_path, 5)
+    sheet = np.asarray(Image.open(tmp_path / SHEET_NAME))
+    assert sheet.shape == (2 * 17 - 1, 3 * 17 - 1, 3)
+    white = np.ones(sheet.shape[:2], bool)
+    for i in range(5):
+        r, c = divmod(i, 3)
+        np.testing.assert_array_equal(sheet[r * 17:r * 17 + 16, c * 17:c * 17 + 16], imgs[i])
+        white[r * 17:r * 17 + 16, c * 17:c * 17 + 16] = False
+    assert (sheet[white] == 255).all()
+
+
+def test_the_manifest_records_the_model_calls_of_the_full_chain(run_dir, tmp_path,
+                                                                 monkeypatch):
+    # steps=None runs the full chain; the manifest's "steps" is the number of model calls
+    # made for the one batch (counted here), N - 1 = 39 for N = 40, not None.
+    import json
+    from blurfast.models import UNet
+    calls, real = [], UNet.forward
+    monkeypatch.setattr(UNet, "forward", lambda self, x, t: (calls.append(1), real(self, x, t))[1])
+    generate(run_dir / "run", 1, tmp_path, steps=None, seed=3, fmt="npz", progress=False,
+             device="cpu")
+    assert len(calls) == 39
+    ckpt = (run_dir / "run" / "checkpoints" / "step_000000003").resolve()
+    assert json.loads((tmp_path / "samples.json").read_text()) == {
+        "made_by": "blurfast sample", "complete": True, "format": "npz", "n": 1, "seed": 3,
+        "sampler": "ddim", "steps": 39, "checkpoint": str(ckpt)}
