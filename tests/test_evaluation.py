@@ -481,3 +481,43 @@ def test_cli_fid_save_stats_is_checked_first_and_the_statistics_are_reused(tmp_p
         np.testing.assert_array_equal(z["sigma"], sigma)
         assert int(z["n"]) == 15
     assert not list(tmp_path.glob("cache/fid/*"))
+
+
+def test_cached_statistics_of_fewer_images_are_not_served_for_all(tmp_path, monkeypatch):
+    # The cache key holds the image count: statistics of the first 6 of 24 images, cached,
+    # are not the answer for n=None (all 24). Truth: clean-fid's resizer, per-channel means
+    # (_mean_features) in float64, numpy's mean and cov.
+    from cleanfid.resize import build_resizer
+    monkeypatch.setenv("BLURFAST_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(11)
+    a = rng.integers(0, 256, size=(24, 16, 16, 3), dtype=np.uint8)
+    _write_images(tmp_path / "b", a)
+    rs = build_resizer("clean")
+    f = np.stack([np.asarray(rs(i), dtype=np.float64).mean(axis=(0, 1)) for i in a])
+    kw = dict(extractor=_mean_features, progress=False)
+    for n, k in ((6, 6), (None, 24)):
+        mu, sigma = ev.reference_statistics(tmp_path / "b", 16, n=n, **kw)
+        # float32 means of 299x299 pixels against float64: measured 2.0e-8 relative in mu
+        # and 2.1e-5 absolute in sigma (entries up to 29); ~10x margins. Statistics of the
+        # other count differ by more than 0.8 in every entry.
+        np.testing.assert_allclose(mu, f[:k].mean(0), rtol=2e-7)
+        np.testing.assert_allclose(sigma, np.cov(f[:k], rowvar=False), rtol=0, atol=2e-4)
+    assert len(list((tmp_path / "cache" / "fid").glob("*.npz"))) == 2
+
+
+def test_as_many_images_as_features_warn(tmp_path):
+    # N images give a covariance of rank N - 1: D images for D features is singular (the
+    # warning's condition is N <= D). 3 per-channel means, n images of each side: n = 3
+    # warns for both, n = 4 for neither.
+    import warnings
+    rng = np.random.default_rng(12)
+    _write_images(tmp_path / "ref", rng.integers(0, 256, size=(10, 16, 16, 3), dtype=np.uint8))
+    a = rng.integers(0, 256, size=(4, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "a.npz", images=a)
+    kw = dict(feature_extractor=_mean_features, cache=False, progress=False)
+    with pytest.warns(UserWarning, match=r"^fid: 3 samples and 3 reference images for 3 "
+                                         r"features: a covariance"):
+        ev.fid(tmp_path / "a.npz", tmp_path / "ref", n=3, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ev.fid(tmp_path / "a.npz", tmp_path / "ref", n=4, **kw)
