@@ -313,3 +313,43 @@ def test_step_batches_cover_each_epoch_and_split_the_global_batch():
         assert a + b == one.indices(s)
     assert list(StepBatches(n, B, B, 0, seed=3, start=3, stop=5)) == list(one)[3:]
     assert StepBatches(n, B, B, 0, seed=4, start=0, stop=1).indices(0) != one.indices(0)
+
+
+def test_image_extensions_match_in_any_case(tmp_path):
+    # IMAGE_EXTENSIONS are matched case-insensitively: A.JPG and b.PNG are images, for the
+    # folder reader (training, prepare, fid's reference) and for fid's samples alike.
+    from blurfast import evaluation as ev
+    rng = np.random.default_rng(5)
+    a, b = rng.integers(0, 256, size=(2, 16, 16, 3), dtype=np.uint8)
+    Image.fromarray(a).save(tmp_path / "A.JPG", format="JPEG", quality=95)
+    (tmp_path / "b.PNG").write_bytes(_png(b))
+    ds = D.ImageFolder(tmp_path, resolution=16)
+    assert [p.name for p in ds.files] == ["A.JPG", "b.PNG"]
+    np.testing.assert_array_equal(ds[1], b)                  # PNG: lossless, 16 -> 16
+    jpg = np.asarray(Image.open(tmp_path / "A.JPG").convert("RGB"))
+    np.testing.assert_array_equal(ds[0], jpg)
+    got = list(ev.load_images(tmp_path))
+    assert len(got) == 2
+    np.testing.assert_array_equal(got[0], jpg)
+    np.testing.assert_array_equal(got[1], b)
+
+
+def test_prepare_that_skips_an_image_leaves_no_bytes_past_the_array(tmp_path):
+    # The .npy holds exactly its header and written * R * R * C bytes: the space taken for
+    # the skipped image is cut off (numpy loads an over-long file without complaint).
+    src = made_photos(tmp_path / "src", 5, size=16)
+    (src / "00001.jpg").write_bytes(b"not a jpeg")
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        r = D.prepare(src, tmp_path / "out.npy", resolution=8, resize="squash", workers=0,
+                      progress=False)
+    assert r["written"] == 4
+    with open(tmp_path / "out.npy", "rb") as f:
+        version = np.lib.format.read_magic(f)
+        assert version == (1, 0)
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        header = f.tell()
+    assert (shape, fortran, dtype) == ((4, 8, 8, 3), False, np.uint8)
+    assert (tmp_path / "out.npy").stat().st_size == header + 4 * 8 * 8 * 3
+    want = [D.decode((src / f"{i:05d}.{'jpg' if i % 2 else 'png'}").read_bytes(), 8, "squash")
+            for i in (0, 2, 3, 4)]
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), np.stack(want))
