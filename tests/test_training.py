@@ -644,12 +644,23 @@ def test_a_skipped_step_changes_nothing():
     assert st["skipped_total"] == 1 and st["consecutive_skipped"] == 0
 
 
+def _float64_loss_and_norm(ref, diff, x, t, seed):
+    """The eps loss of one TrainStep call (uint8 batch x, steps t, noise seed) and its
+    gradient norm, in float64 on ``ref``, a float64 copy of the weights the step starts
+    from (unflipped, noise offset 0)."""
+    import torch.nn.functional as F
+    x_t, eps = diff.q_sample(D.to_float(x), t, seed=seed, offset=0)
+    loss = F.mse_loss(ref(x_t.double(), t), eps.double())
+    loss.backward()
+    norm = torch.stack([p.grad.pow(2).sum() for p in ref.parameters()]).sum().sqrt()
+    return loss.item(), norm.item()
+
+
 def test_logged_means_leave_a_skipped_step_out():
     # One finite step, then one with a NaN loss (and gradient): read_stats' loss and grad
     # norm are those of the finite step alone, not halved by counting the skipped one.
     # The truth: the step's loss and gradient norm in float64, from q_sample's x_t and eps.
     import copy
-    import torch.nn.functional as F
     diff = BlurDiffusion(resolution=16)
     torch.manual_seed(0)
     model = UNet(resolution=16, **TINY)
@@ -665,13 +676,10 @@ def test_logged_means_leave_a_skipped_step_out():
     st = step.read_stats()
     assert st["skipped_total"] == 1
 
-    x_t, eps = diff.q_sample(D.to_float(x), t, seed=5, offset=0)
-    loss = F.mse_loss(ref(x_t.double(), t), eps.double())
-    loss.backward()
-    norm = torch.stack([p.grad.pow(2).sum() for p in ref.parameters()]).sum().sqrt().item()
+    loss, norm = _float64_loss_and_norm(ref, diff, x, t, seed=5)
     # float32 step against float64: measured rel. error 2e-8 (loss), 2e-7 (norm), bounds
     # 50x that; a skipped step counted in the means would halve them
-    assert st["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    assert st["loss"] == pytest.approx(loss, rel=1e-6)
     assert st["grad_norm"] == pytest.approx(norm, rel=1e-5)
 
 
@@ -1472,7 +1480,6 @@ def test_read_stats_grad_norm_is_the_mean_since_the_last_read():
     # truth: step 2's loss and gradient norm in float64 from the weights after step 1 and
     # q_sample's x_t and eps (as in test_logged_means_leave_a_skipped_step_out).
     import copy
-    import torch.nn.functional as F
     diff = BlurDiffusion(resolution=16)
     torch.manual_seed(0)
     step = training.TrainStep(UNet(resolution=16, **TINY), diff, device="cpu", lr=1e-2,
@@ -1486,13 +1493,10 @@ def test_read_stats_grad_norm_is_the_mean_since_the_last_read():
     step(x, flip, t, 6, 0)
     second = step.read_stats()
 
-    x_t, eps = diff.q_sample(D.to_float(x), t, seed=6, offset=0)
-    loss = F.mse_loss(ref(x_t.double(), t), eps.double())
-    loss.backward()
-    norm = torch.stack([p.grad.pow(2).sum() for p in ref.parameters()]).sum().sqrt().item()
+    loss, norm = _float64_loss_and_norm(ref, diff, x, t, seed=6)
     # float32 step against float64: measured rel. error 5e-8 (loss), 3e-8 (norm), bounds
     # 20x and 30x that; a read that left step 1 in the count would halve the norm
-    assert second["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    assert second["loss"] == pytest.approx(loss, rel=1e-6)
     assert second["grad_norm"] == pytest.approx(norm, rel=1e-6)
 
 
