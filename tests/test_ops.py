@@ -52,6 +52,9 @@ ISAS = ["default", "baseline"]
 def cpu_isa(request, monkeypatch):
     if request.param == "baseline":
         monkeypatch.setenv("BLURFAST_CPU_KERNELS", "baseline")
+        # the switch must reach the dispatch, else these cases rerun the AVX2 code
+        from blurfast import _C
+        assert _C.cpu_build() in ("baseline", "portable")
     return request.param
 
 
@@ -240,6 +243,24 @@ def test_spectral_generated_noise_matches_reference(dtype):
     else:
         want, want_n = ref.spectral(x.double(), a, g=g, noise=zb, return_noise=True)
     peer, peer_n = torch_spectral(x, a, g=g, zb=zb, return_noise=True)
+    assert_within_twice_torch(out, want, peer, "out")
+    assert_within_twice_torch(npx, want_n, peer_n, "noise")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_noise_returned_without_g_is_drawn_but_not_added(dtype):
+    # spectral(x, a, return_noise=True) with no g: the noise is drawn and returned (its
+    # idct2), and out is idct2(a dct2(x)) alone; a ragged plane and an offset that is no
+    # multiple of 4. A CPU kernel that drew zb only for g left the noise output unwritten.
+    x = _rand(2, 3, 7, 12, dtype=dtype, seed=4)
+    a = _maps(2, 7, 12)[0]
+    out, npx = bf.spectral(x, a, seed=21, offset=5, return_noise=True)
+    zb = ref.philox_normal(x.shape, 21, 5, torch.float64)
+    if dtype == torch.float64:
+        want, want_n = truth_spectral(x, a, zb=zb, return_noise=True)
+    else:          # as above: the reference's float64 noise is the specification's
+        want, want_n = ref.spectral(x.double(), a, noise=zb, return_noise=True)
+    peer, peer_n = torch_spectral(x, a, zb=zb, return_noise=True)
     assert_within_twice_torch(out, want, peer, "out")
     assert_within_twice_torch(npx, want_n, peer_n, "noise")
 
