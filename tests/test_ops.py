@@ -301,16 +301,18 @@ def test_philox_known_answers(ctr, key, want):
     assert tuple(int(v) for v in ref.philox4x32(ctr, key)) == want
 
 
-def test_kernel_noise_equals_reference_noise():
+# 2^40 + 3: Philox block counters above 2^32 (the counter's high word), unaligned
+@pytest.mark.parametrize("offset", [5, 2 ** 40 + 3])
+def test_kernel_noise_equals_reference_noise(offset):
     x = torch.zeros(1000, 37)
     seed = 2 ** 40 + 17
-    k = normal_like(x.double(), seed=seed, offset=5)
-    r = ref.philox_normal(x.shape, seed, 5, torch.float64)
+    k = normal_like(x.double(), seed=seed, offset=offset)
+    r = ref.philox_normal(x.shape, seed, offset, torch.float64)
     assert (k - r).abs().max() <= 1e-12
     # float32: Box-Muller evaluated in float (common.h box_muller_f), a few roundings of
     # relative size 2^-24 each: within 4 * 2^-23 of the float64 value, relatively, also
     # for numbers near zero (small radius or an angle near a quarter turn).
-    k32 = normal_like(x, seed=seed, offset=5).double()
+    k32 = normal_like(x, seed=seed, offset=offset).double()
     assert ((k32 - r).abs() <= 4 * 2.0 ** -23 * r.abs()).all()
 
 
