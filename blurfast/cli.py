@@ -215,6 +215,10 @@ def _add_sample(sub) -> None:
                         "a whole 40-call small-model run)")
     s.add_argument("--no-clip", action="store_true",
                    help="do not clamp the model's x0 estimate to the data range")
+    s.add_argument("--resume", action="store_true",
+                   help="keep the images that an interrupted run with the same flags (--n "
+                        "aside) wrote into --out and sample only the rest: the images of an "
+                        "uninterrupted run; a folder made with other flags is refused")
     s.add_argument("--no-progress", action="store_true",
                    help="no progress bar (one tick per model call, images done beside it) and "
                         "no closing summary line")
@@ -238,7 +242,7 @@ def _sample(args) -> int:
              steps=None if args.steps == 0 else args.steps, eta=eta, spacing=args.spacing,
              batch=args.batch, seed=args.seed, fmt=args.fmt, device=args.device,
              ema=not args.raw_weights, precision=args.precision, cuda_graph=args.cuda_graph,
-             compile=args.compile, clip=not args.no_clip,
+             compile=args.compile, clip=not args.no_clip, resume=args.resume,
              progress=not args.no_progress)
     return 0
 

@@ -111,8 +111,8 @@ def load_images(path, n: Optional[int] = None) -> Iterable[np.ndarray]:
     if run is not None:
         if not run["complete"]:
             raise ValueError(f"samples: {folder} holds an unfinished `blurfast sample` run (its "
-                             f"{MANIFEST_NAME} says so): interrupted, or still running; run "
-                             f"it again to completion")
+                             f"{MANIFEST_NAME} says so): interrupted, or still running; finish "
+                             f"it with `blurfast sample --resume` and the same flags")
         if n is not None and n > run["n"]:
             raise ValueError(f"n (--n): expected at most {run['n']}, the images that "
                              f"`blurfast sample` made in {folder}; got {n}")

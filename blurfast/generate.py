@@ -3,14 +3,17 @@
 Image ``i`` of a run draws all its noise (the prior and every sampler step) at Philox
 positions fixed by ``(seed, i)``: its batch starts at ``offset = first_index * C*H*W``.
 Batches of ``batch`` consecutive indices are dealt to ranks round-robin, so one process
-and N processes under torchrun compute exactly the same batches.
+and N processes under torchrun compute exactly the same batches, and a resumed run
+(``resume=True``) computes only the images an interrupted one did not write.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import re
 import time
+import zipfile
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -22,7 +25,7 @@ from . import checkpoint as ckpt
 from . import viz
 from .checks import check_bool, check_int
 from .data import data_range, to_unit_range
-from .fileio import save_npz, write_text
+from .fileio import atomic_path, save_npz, write_text
 from .sampling import SAMPLERS, STEP_OFFSET, check_eta, clip_x0, timesteps
 
 __all__ = ["resolve_checkpoint", "generate", "sample_batches", "GraphedModel",
@@ -34,6 +37,13 @@ NPZ_NAME = "samples.npz"
 # interrupted (or is still running) says so.
 MANIFEST_NAME = "samples.json"
 MADE_BY = "blurfast sample"
+PNG_GLOB = "[0-9]" * 6 + ".png"
+# An npz run writes each finished batch as a chunk file; the last step merges them.
+_CHUNK = re.compile(r"\.chunk-(\d+)-(\d+)\.npy")
+# What must match for a run to resume another's images (the rest of the manifest: n,
+# complete and made_by).
+RESUME_KEYS = ("format", "seed", "sampler", "steps", "spacing", "eta", "ema", "clip",
+               "precision", "checkpoint")
 
 
 def resolve_checkpoint(path) -> Path:
@@ -133,7 +143,7 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
              eta=0.0, spacing="uniform", batch: int = 256, seed: int = 0,
              fmt: str = "png", device: Optional[str] = None, ema: bool = True,
              precision: Optional[str] = None, cuda_graph: bool = False, compile: bool = False,
-             clip: bool = True, progress: bool = True) -> Path:
+             clip: bool = True, resume: bool = False, progress: bool = True) -> Path:
     """Samples ``n`` images into ``out`` (PNG files ``NNNNNN.png`` or ``samples.npz`` with
     uint8 ``images`` (N, H, W, C)) plus ``contact_sheet.png``; returns ``out``.
     ``samples.json``, written before the first image with ``"complete": false`` and
@@ -145,8 +155,11 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
     the model call of each step from a CUDA graph; ``compile`` runs the model under
     ``torch.compile`` (one compilation per batch size, inside the graph when both are
     set); ``clip`` clamps the model's x0 estimate to the data range (default on).
-    Under torchrun every rank computes its share and rank 0 writes the sheet and the
-    manifest.
+    ``resume``: keep the images an earlier run with the same settings (the manifest's
+    :data:`RESUME_KEYS`; ``n`` may differ) wrote into ``out`` and sample only the others,
+    which gives the images of an uninterrupted run; a folder of other settings, or of
+    samples without a manifest, is refused. Under torchrun every rank computes its share
+    and rank 0 writes the sheet and the manifest.
     """
     from tqdm.auto import tqdm
 
@@ -160,7 +173,7 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
         raise ValueError(f"sampler: expected one of {tuple(SAMPLERS)}, got {sampler!r}")
     check_eta(sampler, eta)
     for name, v in (("ema", ema), ("cuda_graph", cuda_graph), ("compile", compile),
-                    ("clip", clip), ("progress", progress)):
+                    ("clip", clip), ("resume", resume), ("progress", progress)):
         check_bool(name, v)
     if precision not in (None, "bf16", "fp32"):
         raise ValueError(f"precision: expected 'bf16', 'fp32' or None, got {precision!r}")
@@ -187,16 +200,23 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
         seq = timesteps(diff, steps if isinstance(spacing, str) else None, spacing)
         check_eta(sampler, eta, steps=len(seq))
         out = Path(out)
-        all_batches = [(b0, min(n, b0 + batch)) for b0 in range(0, n, batch)]
         manifest = {"made_by": MADE_BY, "complete": False, "format": fmt, "n": n, "seed": seed,
-                    "sampler": sampler, "steps": len(seq), "checkpoint": str(path.resolve())}
+                    "sampler": sampler, "steps": len(seq),
+                    "spacing": spacing if isinstance(spacing, str) else [int(s) for s in spacing],
+                    "eta": eta if isinstance(eta, (int, float)) else [float(e) for e in eta],
+                    "ema": ema, "clip": clip, "precision": precision,
+                    "checkpoint": str(path.resolve())}
+        # Every rank reads the folder before any rank writes to it.
+        done = _resumable(out, manifest) if resume else []
         if rank == 0:
-            _start(out, fmt, n, manifest)
+            _start(out, fmt, n, manifest, resume)
+            kept = sum(i1 - i0 for i0, i1 in done)
+            if progress and resume:
+                print(f"resuming: {kept} of {n} images are in {out} already")
         if world > 1:
             barrier()                   # the previous run's files are gone
-        batches = all_batches[rank::world]
+        batches = _batches(n, batch, done)[rank::world]
         mine = sum(b1 - b0 for b0, b1 in batches)
-        kept = []
         # One tick per model call: the bar moves within a batch (a full chain is long).
         bar = tqdm(total=len(batches) * len(seq), unit="step", disable=not progress
                    or rank != 0, desc=f"{sampler} {len(seq)} steps x {len(batches)} batches")
@@ -209,16 +229,16 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
                 for i, img in enumerate(imgs):
                     viz.save_png(img, out / f"{b0 + i:06d}.png")
             else:
-                kept.append((b0, imgs))
+                _save_chunk(out, b0, imgs)
             done += len(imgs)
             bar.set_postfix(images=f"{done}/{mine}",
                             img_per_s=f"{done / (time.perf_counter() - t0):.2f}")
         bar.close()
-        if fmt == "npz":
-            _save_parts(out, kept, rank, world, min(world, len(all_batches)))
         if world > 1:
-            barrier()
+            barrier()                   # every rank's images are written
         if rank == 0:
+            if fmt == "npz":
+                _merge_chunks(out, n, (diff.H, diff.W, diff.channels))
             _contact_sheet(out, fmt, min(n, 64))
             write_text(out / MANIFEST_NAME, json.dumps({**manifest, "complete": True},
                                                        indent=1) + "\n")
@@ -230,23 +250,120 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
         teardown_processes(owns_group, finished)
 
 
-def _start(out: Path, fmt: str, n: int, manifest: dict) -> None:
+def _start(out: Path, fmt: str, n: int, manifest: dict, resume: bool) -> None:
     """Marks ``out`` unfinished (its manifest, written first), then removes what an
     earlier run left that this one would not replace: ``NNNNNN.png`` numbered n or above
     (all of them when this run writes an npz), ``samples.npz`` (an npz run writes it
-    again at the end), an interrupted run's ``.part-R.npz`` and the sheet. Samples
-    removed that this run does not write again are said in a warning."""
+    again at the end, from the one there when it resumes), an interrupted npz run's
+    chunks (when resuming, those at n and above) and the sheet. Samples removed that
+    this run does not write again are said in a warning."""
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
-    stale = [f for f in out.glob("[0-9]" * 6 + ".png") if fmt == "npz" or int(f.stem) >= n]
+    stale = [f for f in out.glob(PNG_GLOB) if fmt == "npz" or int(f.stem) >= n]
     old_npz = fmt != "npz" and (out / NPZ_NAME).is_file()
-    for f in [*stale, *out.glob(".part-*.npz"), out / SHEET_NAME, out / NPZ_NAME]:
+    chunks = [f for b0, _, f in _chunks(out) if not resume or b0 >= n]
+    keep_npz = resume and fmt == "npz"
+    for f in [*stale, *chunks, out / SHEET_NAME, *([] if keep_npz else [out / NPZ_NAME])]:
         f.unlink(missing_ok=True)
     gone = ([f"{len(stale)} samples numbered {n} and above" if fmt != "npz" else
              f"{len(stale)} PNG samples"] if stale else []) + ([NPZ_NAME] if old_npz else [])
     if gone:
         warnings.warn(f"out: removed {' and '.join(gone)} that an earlier run left in {out}",
                       stacklevel=3)
+
+
+def _resumable(out: Path, manifest: dict) -> list:
+    """Index ranges ``(i0, i1)`` below n whose images an earlier run with the same
+    settings left in ``out`` (none when ``out`` holds no samples); ValueError when its
+    samples came from other settings or from no ``blurfast sample`` run."""
+    if not out.is_dir():
+        return []
+    n = manifest["n"]
+    pngs = [int(f.stem) for f in out.glob(PNG_GLOB)]
+    chunks = _chunks(out)
+    npz = out / NPZ_NAME
+    old = read_manifest(out)
+    if old is None:
+        if pngs or chunks or npz.is_file():
+            raise ValueError(f"resume (--resume): {out} holds samples but no {MANIFEST_NAME} "
+                             f"of `blurfast sample`: the settings that made them are unknown")
+        return []
+    # eta and spacing as this run's would read back from JSON (lists, floats).
+    now = json.loads(json.dumps(manifest))
+    differ = [f"{k} {old.get(k)!r} there, {now[k]!r} now" for k in RESUME_KEYS
+              if old.get(k) != now[k]]
+    if differ:
+        raise ValueError(f"resume (--resume): the run in {out} has other settings: "
+                         f"{'; '.join(differ)}; sample into another folder, or leave out "
+                         f"resume to replace its images")
+    if manifest["format"] == "png":
+        return [(i, i + 1) for i in pngs if i < n]
+    done = [(b0, min(b1, n)) for b0, b1, _ in chunks if b0 < n]
+    if npz.is_file():
+        done.append((0, min(_npz_count(npz), n)))
+    return done
+
+
+def _batches(n: int, batch: int, done) -> list:
+    """Ranges of at most ``batch`` consecutive indices covering [0, n) less the ranges
+    ``done``, in order; with none done, ``[0, batch), [batch, 2 batch), ...``."""
+    todo = np.ones(n, bool)
+    for i0, i1 in done:
+        todo[i0:i1] = False
+    idx = np.flatnonzero(todo)
+    runs = np.split(idx, np.flatnonzero(np.diff(idx) != 1) + 1) if idx.size else []
+    return [(b0, min(b0 + batch, int(r[-1]) + 1))
+            for r in runs for b0 in range(int(r[0]), int(r[-1]) + 1, batch)]
+
+
+def _chunks(out: Path) -> list:
+    """``(b0, b1, path)`` of the npz chunk files in ``out`` (images b0..b1-1 each)."""
+    found = [(_CHUNK.fullmatch(f.name), f) for f in out.glob(".chunk-*.npy")]
+    return sorted((int(m[1]), int(m[2]), f) for m, f in found if m)
+
+
+def _save_chunk(out: Path, b0: int, imgs: np.ndarray) -> None:
+    with atomic_path(out / f".chunk-{b0:06d}-{b0 + len(imgs):06d}.npy", ".npy") as tmp, \
+            open(tmp, "wb") as f:
+        np.save(f, imgs)
+
+
+def _npz_count(path: Path) -> int:
+    """The number of images in a ``samples.npz``, from its array header alone."""
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open("images.npy") as f:
+            version = np.lib.format.read_magic(f)
+            header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                      else np.lib.format.read_array_header_2_0)
+            return int(header(f)[0][0])
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+        raise ValueError(f"resume (--resume): cannot read the image count of {path}: {e}") \
+            from None
+
+
+def _merge_chunks(out: Path, n: int, shape: tuple) -> None:
+    """``samples.npz`` of images 0..n-1 in index order, from the chunks in ``out`` and, in
+    a resumed run, the ``samples.npz`` there before; the chunks are removed after."""
+    images = np.empty((n, *shape), np.uint8)
+    have = np.zeros(n, bool)
+    npz = out / NPZ_NAME
+    if npz.is_file():                  # resumed: the others removed it at their start
+        with np.load(npz) as z:
+            old = z["images"][:n]
+        images[:len(old)], have[:len(old)] = old, True
+    chunks = _chunks(out)
+    for b0, b1, f in chunks:
+        if b0 < n:
+            a = np.load(f)
+            if a.shape != (b1 - b0, *shape):
+                raise ValueError(f"samples: {f} holds an array of shape {a.shape}, expected "
+                                 f"{(b1 - b0, *shape)}")
+            images[b0:min(b1, n)], have[b0:min(b1, n)] = a[:n - b0], True
+    if not have.all():
+        raise RuntimeError(f"samples: image {int(np.argmin(have))} is missing from {out}")
+    save_npz(npz, images=images)
+    for _, _, f in chunks:
+        f.unlink()
 
 
 def read_manifest(folder) -> Optional[dict]:
@@ -268,32 +385,6 @@ def read_manifest(folder) -> Optional[dict]:
         raise ValueError(f"samples: {p} lacks what blurfast sample writes (complete, format, "
                          f"n); delete it to read the folder as plain images")
     return m
-
-
-def _save_parts(out: Path, kept, rank: int, world: int, writers: int) -> None:
-    """One ``samples.npz`` in index order; under torchrun each rank writes a part and
-    rank 0 merges those of the ``writers`` ranks that had batches (ranks 0..writers-1)."""
-    idx = np.concatenate([np.arange(b0, b0 + len(imgs)) for b0, imgs in kept]) if kept else \
-        np.zeros(0, np.int64)
-    arr = np.concatenate([imgs for _, imgs in kept]) if kept else None
-    if world == 1:
-        save_npz(out / NPZ_NAME, images=arr)
-        return
-    from .distributed import barrier
-    part = out / f".part-{rank}.npz"
-    if arr is not None:
-        save_npz(part, images=arr, index=idx)
-    barrier()
-    if rank == 0:
-        parts = [out / f".part-{r}.npz" for r in range(writers)]
-        loaded = [np.load(p) for p in parts]
-        images = np.concatenate([z["images"] for z in loaded])
-        order = np.argsort(np.concatenate([z["index"] for z in loaded]))
-        save_npz(out / NPZ_NAME, images=images[order])
-        for z in loaded:
-            z.close()
-        for p in parts:
-            p.unlink()
 
 
 def _contact_sheet(out: Path, fmt: str, count: int) -> None:

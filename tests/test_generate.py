@@ -138,18 +138,18 @@ def test_two_gloo_processes_give_the_same_images(run_dir, tmp_path):
     assert (tmp_path / "two" / SHEET_NAME).is_file()
 
 
-def test_an_npz_run_merges_only_its_own_parts(run_dir, tmp_path):
-    # A crashed torchrun left rank 1's part; in this run rank 1 has no batch (2 images, one
-    # batch). Rank 0 merged every part there was: the stale image ended up in samples.npz.
+def test_an_npz_run_merges_only_its_own_chunks(run_dir, tmp_path):
+    # A crashed run left a chunk of image 1 (zeros here); a run that does not resume
+    # removes it at its start, so its merge does not lay it over its own images 0-1.
     kw = dict(n=2, steps=2, batch=2, seed=3, fmt="npz", progress=False, device="cpu")
     generate(run_dir / "run", out=tmp_path / "one", **kw)
     out = tmp_path / "two"
     out.mkdir()
-    np.savez(out / ".part-1.npz", images=np.zeros((1, 16, 16, 3), np.uint8), index=np.array([2]))
-    _generate_in_two_gloo_processes(run_dir / "run", out, kw)
+    np.save(out / ".chunk-000001-000002.npy", np.zeros((1, 16, 16, 3), np.uint8))
+    generate(run_dir / "run", out=out, **kw)
     with np.load(out / "samples.npz") as two, np.load(tmp_path / "one" / "samples.npz") as one:
         np.testing.assert_array_equal(two["images"], one["images"])
-    assert not list(out.glob(".part-*"))
+    assert not list(out.glob(".chunk-*"))
 
 
 def test_compiled_model_gives_the_same_images(run_dir, tmp_path, monkeypatch):
@@ -527,7 +527,7 @@ def test_an_npz_run_in_two_gloo_processes_is_the_one_process_npz(run_dir, tmp_pa
         np.testing.assert_array_equal(one["images"], pngs)
         assert two["images"].shape == (7, 16, 16, 3)
         np.testing.assert_array_equal(two["images"], pngs)
-    assert not list((tmp_path / "two").glob(".part-*"))
+    assert not list((tmp_path / "two").glob(".chunk-*"))
 
 
 def test_the_contact_sheet_tiles_the_first_images_in_order(run_dir, tmp_path):
@@ -559,4 +559,106 @@ def test_the_manifest_records_the_model_calls_of_the_full_chain(run_dir, tmp_pat
     ckpt = (run_dir / "run" / "checkpoints" / "step_000000003").resolve()
     assert json.loads((tmp_path / "samples.json").read_text()) == {
         "made_by": "blurfast sample", "complete": True, "format": "npz", "n": 1, "seed": 3,
-        "sampler": "ddim", "steps": 39, "checkpoint": str(ckpt)}
+        "sampler": "ddim", "steps": 39, "spacing": "uniform", "eta": 0.0, "ema": True,
+        "clip": True, "precision": "fp32", "checkpoint": str(ckpt)}
+
+
+def _interrupted(run_dir, out, monkeypatch, calls_before: int, **kw):
+    """generate(...) stopped by a KeyboardInterrupt in model call ``calls_before + 1``."""
+    from blurfast.models import UNet
+    real, calls = UNet.forward, []
+
+    def forward(self, x, t):
+        calls.append(1)
+        if len(calls) > calls_before:
+            raise KeyboardInterrupt
+        return real(self, x, t)
+    with monkeypatch.context() as m:
+        m.setattr(UNet, "forward", forward)
+        with pytest.raises(KeyboardInterrupt):
+            generate(run_dir / "run", out=out, **kw)
+
+
+def _spy_batches(monkeypatch) -> list:
+    """The index ranges each later generate() samples, in order."""
+    from blurfast import generate as gen
+    seen, real = [], gen.sample_batches
+
+    def spy(model, diff, batches, **kw):
+        seen.extend(batches)
+        return real(model, diff, batches, **kw)
+    monkeypatch.setattr(gen, "sample_batches", spy)
+    return seen
+
+
+def test_a_resumed_png_run_samples_only_the_missing_images(run_dir, tmp_path, monkeypatch,
+                                                          capsys):
+    # Ancestral sampling draws noise at every step: a resumed image with the wrong noise
+    # offset would differ. The interrupted run wrote images 0-2 (its first batch of 3);
+    # one of them is lost too. The resume, in batches of 2, samples 1, 3-4 and 5-6 only,
+    # and the folder then holds the uninterrupted run's images and reads as finished.
+    from blurfast import evaluation as ev
+    kw = dict(n=7, steps=2, seed=4, sampler="ancestral", progress=False, device="cpu")
+    generate(run_dir / "run", out=tmp_path / "whole", batch=3, **kw)
+    out = tmp_path / "resumed"
+    _interrupted(run_dir, out, monkeypatch, 3, batch=3, **kw)      # 2 calls a batch
+    assert sorted(f.name for f in out.glob("0*.png")) == ["000000.png", "000001.png",
+                                                          "000002.png"]
+    (out / "000001.png").unlink()
+    seen = _spy_batches(monkeypatch)
+    assert cli.main(["sample", "--ckpt", str(run_dir / "run"), "--n", "7", "--steps", "2",
+                     "--seed", "4", "--sampler", "ancestral", "--batch", "2", "--device",
+                     "cpu", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert seen == [(1, 2), (3, 5), (5, 7)]
+    np.testing.assert_array_equal(_read_pngs(out, 7), _read_pngs(tmp_path / "whole", 7))
+    assert len(list(ev.load_images(out))) == 7
+    # Resuming a finished run samples nothing; into a folder with nothing, everything.
+    seen.clear()
+    generate(run_dir / "run", out=out, batch=2, resume=True, **kw)
+    assert seen == []
+    generate(run_dir / "run", out=tmp_path / "new", batch=5, resume=True, **kw)
+    assert seen == [(0, 5), (5, 7)]
+
+
+def test_a_resumed_npz_run_merges_its_chunks_and_grows(run_dir, tmp_path, monkeypatch):
+    # Interrupted in its third batch, an npz run leaves chunks of images 0-1 and 2-3. The
+    # resume (batches of 3) samples 4-6 and merges all into the uninterrupted run's
+    # samples.npz, chunks gone. Resumed again with n = 9, it keeps samples.npz's 7 images
+    # and samples 7-8.
+    kw = dict(steps=2, seed=6, sampler="ancestral", progress=False, device="cpu")
+    generate(run_dir / "run", 9, tmp_path / "whole", batch=4, **kw)
+    want = _read_pngs(tmp_path / "whole", 9)
+    out = tmp_path / "z"
+    _interrupted(run_dir, out, monkeypatch, 4, n=7, batch=2, fmt="npz", **kw)
+    assert sorted(f.name for f in out.glob(".chunk-*")) == [".chunk-000000-000002.npy",
+                                                           ".chunk-000002-000004.npy"]
+    assert not (out / "samples.npz").exists()
+    seen = _spy_batches(monkeypatch)
+    generate(run_dir / "run", 7, out, batch=3, fmt="npz", resume=True, **kw)
+    assert seen == [(4, 7)]
+    with np.load(out / "samples.npz") as z:
+        np.testing.assert_array_equal(z["images"], want[:7])
+    assert not list(out.glob(".chunk-*"))
+    seen.clear()
+    generate(run_dir / "run", 9, out, batch=3, fmt="npz", resume=True, **kw)
+    assert seen == [(7, 9)]
+    with np.load(out / "samples.npz") as z:
+        np.testing.assert_array_equal(z["images"], want)
+
+
+def test_resume_refuses_a_folder_of_other_settings_and_leaves_it_alone(run_dir, tmp_path):
+    kw = dict(n=2, steps=2, batch=2, progress=False, device="cpu")
+    out = tmp_path / "s"
+    generate(run_dir / "run", out=out, seed=1, **kw)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    with pytest.raises(ValueError, match=r"^resume \(--resume\): the run in .* has other "
+                                         r"settings: seed 1 there, 2 now; sample into"):
+        generate(run_dir / "run", out=out, seed=2, resume=True, **kw)
+    with pytest.raises(ValueError, match=r"format 'png' there, 'npz' now; eta 0.0 there, "
+                                         r"0.5 now"):
+        generate(run_dir / "run", out=out, seed=1, resume=True, fmt="npz", eta=0.5, **kw)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    (out / "samples.json").unlink()
+    with pytest.raises(ValueError, match=r"holds samples but no samples.json of `blurfast "
+                                         r"sample`"):
+        generate(run_dir / "run", out=out, seed=1, resume=True, **kw)
