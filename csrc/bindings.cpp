@@ -123,6 +123,10 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     strip_emulate(cptr(in), mptr(out), planes, rows, L, inverse, grid, reverse_threads, fast);
   }, "CPU emulation of the strip CUDA kernel (tests only).");
+  m.def("emulator_selfcheck", [](const std::string& program, bool fixed, bool reverse) {
+    py::gil_scoped_release nogil;
+    return emulator_selfcheck(program, fixed, reverse);
+  }, "Runs a deliberately broken toy block program (or its fix) on the emulator (tests only).");
   m.def("normal_cpu", [](uintptr_t out, int64_t n, int dtype, uint64_t seed, uint64_t offset) {
     py::gil_scoped_release nogil;
     normal_cpu(mptr(out), n, dtype, seed, offset);

@@ -4,6 +4,8 @@
 // Transforms are the orthonormal 2-D DCT-II (forward) and DCT-III (inverse).
 #pragma once
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace blurfast {
 
@@ -63,6 +65,12 @@ void strip_emulate(const void* in, void* out, int64_t planes, int64_t rows, int6
 // Test hook: runs the CUDA path's frequency-space combine (combine.h) on the CPU, float32
 // or float64: x1 holds f1 and receives the result, x2 is f2, noise_out receives zb.
 void combine_emulate(const SpectralParams& p);
+// Test hook: checks the emulator's own checks. Runs the toy block program `program`
+// (missing_barrier, unwritten_read, async_read_before_wait, async_never_waited,
+// read_outside, write_input: each a deliberate bug; `fixed`: its corrected version) on
+// the emulator, threads in reverse order with `reverse`, and returns its output: input
+// 1, 2, ..., 64 copied, in missing_barrier shifted one thread left within each block.
+std::vector<float> emulator_selfcheck(const std::string& program, bool fixed, bool reverse);
 
 #ifdef BLURFAST_WITH_CUDA
 // CUDA (any DType). `workspace` holds at least workspace_elems(...) compute-type

@@ -11,8 +11,10 @@
 // thread's next wait_async in reverse runs: a read before the wait, or a write to the
 // copy's destination between the two, gives another result in one of the runs. A copy
 // still pending when a block ends throws.
+#include <array>
 #include <limits>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "blurfast.h"
@@ -285,6 +287,115 @@ void plane_emulate(const SpectralParams& p, int mode, int64_t grid, bool reverse
   if (n == 64 && split == 2) emulate<Geom<64, 2>>(job, grid, reverse_threads);
   if (n == 128 && split == 1) emulate<Geom<128>>(job, grid, reverse_threads);
   if (n == 128 && split == 2) emulate<Geom<128, 2>>(job, grid, reverse_threads);
+}
+
+// Self-check of the checks above: toy block programs, each with one deliberate bug of a
+// kind the emulator must catch, run through the same run_blocks and EmuCtx as the real
+// programs. `fixed` runs the corrected program instead, so a test that sees the bug caught
+// also sees that the correct program passes.
+namespace {
+
+constexpr int kToyThreads = 8;
+constexpr int64_t kToyGrid = 2;
+constexpr int64_t kToyFloats = kToyGrid * kToyThreads * 4;    // four floats per thread
+
+// Block b's thread t reads input floats [4 i, 4 i + 4), i = b * kToyThreads + t, into its
+// shared-memory slot t (floats [4 t, 4 t + 4)), and writes its output floats from there.
+template <typename F>
+void run_toy(const float* in, float* out, bool reverse, F&& program) {
+  std::vector<plane::EmuRange> memory;
+  add_range(memory, in, kToyFloats, false);
+  add_range(memory, out, kToyFloats, true);
+  run_blocks(kToyThreads * 4, kToyThreads, kToyGrid, reverse, memory,
+             [&](EmuCtx& ctx, float* sm) {
+               program(ctx, sm, ctx.block() * kToyThreads);   // the block's first thread index
+             });
+}
+
+}  // namespace
+
+std::vector<float> emulator_selfcheck(const std::string& program, bool fixed, bool reverse) {
+  // Input 1, 2, 3, ...; then a 4-float gap that belongs to no buffer; then the output.
+  std::vector<float> mem(2 * kToyFloats + 4, 0.f);
+  float* in = mem.data();
+  float* out = in + kToyFloats + 4;
+  for (int64_t i = 0; i < kToyFloats; ++i) in[i] = float(i + 1);
+  constexpr int T = kToyThreads;
+  auto slot = [](float* sm, int t) { return sm + 4 * t; };
+  auto load = [&](float* sm, int t, int64_t i0) {       // input -> slot t
+    float v[4];
+    plane::ld4(in + 4 * (i0 + t), v);
+    plane::st4(slot(sm, t), v);
+  };
+  auto store = [&](float* sm, int t, int64_t i0) {      // slot t -> output
+    float v[4];
+    plane::ld4(slot(sm, t), v);
+    plane::st4(out + 4 * (i0 + t), v);
+  };
+
+  if (program == "missing_barrier") {
+    // Shift left: slot t takes slot t + 1's value (mod T). The bug reads the neighbour's
+    // slot in the phase that overwrites it; the fix reads in one phase (into a register)
+    // and writes in the next.
+    run_toy(in, out, reverse, [&](EmuCtx& ctx, float* sm, int64_t i0) {
+      auto reg = ctx.per_thread<std::array<float, 4>>();
+      ctx.phase([&](int t) { load(sm, t, i0); });
+      if (fixed) {
+        ctx.phase([&](int t) { plane::ld4(slot(sm, (t + 1) % T), reg(t).data()); });
+        ctx.phase([&](int t) { plane::st4(slot(sm, t), reg(t).data()); });
+      } else {
+        ctx.phase([&](int t) {
+          plane::ld4(slot(sm, (t + 1) % T), reg(t).data());
+          plane::st4(slot(sm, t), reg(t).data());
+        });
+      }
+      ctx.phase([&](int t) { store(sm, t, i0); });
+    });
+  } else if (program == "unwritten_read") {
+    // Copy through shared memory. The bug: the last thread of the last block skips its
+    // write (the first block wrote that slot, so only a refill per block shows it).
+    run_toy(in, out, reverse, [&](EmuCtx& ctx, float* sm, int64_t i0) {
+      const bool skip = !fixed && ctx.block() == ctx.grid() - 1;
+      ctx.phase([&](int t) {
+        if (!(skip && t == T - 1)) load(sm, t, i0);
+      });
+      ctx.phase([&](int t) { store(sm, t, i0); });
+    });
+  } else if (program == "async_read_before_wait" || program == "async_never_waited") {
+    // Copy through shared memory with copy16_async; the fix waits, then reads. The first
+    // bug reads the slot before the thread's wait_async, the second never waits.
+    const bool early = program == "async_read_before_wait";
+    run_toy(in, out, reverse, [&](EmuCtx& ctx, float* sm, int64_t i0) {
+      ctx.phase([&](int t) {
+        ctx.copy16_async(slot(sm, t), in + 4 * (i0 + t));
+        if (fixed) {
+          ctx.wait_async();
+          store(sm, t, i0);
+        } else if (early) {
+          store(sm, t, i0);
+          ctx.wait_async();
+        }
+      });
+      if (!fixed && !early) ctx.phase([&](int t) { store(sm, t, i0); });
+    });
+  } else if (program == "read_outside" || program == "write_input") {
+    // Copy the input to the output with ld4 and st4. The bugs: reading one chunk further
+    // on (the last thread reads the gap after the input), and storing into the input.
+    const int64_t shift = !fixed && program == "read_outside" ? 4 : 0;
+    float* dst = !fixed && program == "write_input" ? in : out;
+    run_toy(in, out, reverse, [&](EmuCtx& ctx, float*, int64_t i0) {
+      ctx.phase([&](int t) {
+        float v[4];
+        plane::ld4(in + 4 * (i0 + t) + shift, v);
+        plane::st4(dst + 4 * (i0 + t), v);
+      });
+    });
+  } else {
+    throw std::invalid_argument(
+        "emulator_selfcheck: program must be missing_barrier, unwritten_read, "
+        "async_read_before_wait, async_never_waited, read_outside or write_input");
+  }
+  return std::vector<float>(out, out + kToyFloats);
 }
 
 }  // namespace blurfast
