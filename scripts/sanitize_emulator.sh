@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CPU code of blurfast._C under AddressSanitizer and UndefinedBehaviorSanitizer: the
-# block programs as the emulator runs them (tests/test_emulated_kernels.py) and the CPU
-# kernels (tests/test_ops.py). The emulator's own checks (emu_check) cover only ld4, st4
+# block programs as the emulator runs them (tests/test_emulated_kernels.py, with the
+# emulator's own checks: tests/test_emulator_selfcheck.py) and the CPU kernels
+# (tests/test_ops.py). The emulator's own checks (emu_check) cover only ld4, st4
 # and store1; ASan also sees plain indexing past the end of a block's shared memory (an
 # exact-size std::vector, one per block of a cluster) and of the call's tensors, and
 # out-of-bounds accesses to a thread's local arrays; UBSan sees shifts, signed overflow,
@@ -74,7 +75,8 @@ if [ "$got" != "$SO" ]; then
   exit 2
 fi
 "$PY" -m pytest -v --capture=sys -p no:cacheprovider --rootdir "$ROOT" \
-  "$ROOT/tests/test_emulated_kernels.py" "$ROOT/tests/test_ops.py" "$@" 2>&1 |
+  "$ROOT/tests/test_emulated_kernels.py" "$ROOT/tests/test_emulator_selfcheck.py" \
+  "$ROOT/tests/test_ops.py" "$@" 2>&1 |
   tee "$WORK/pytest.log"
 rc=${PIPESTATUS[0]}
 t2=$(date +%s)
