@@ -148,6 +148,34 @@ def test_spectral_given_noise_and_single_input(split, fast):
                               torch_spectral(x, a, g=g, zb=zb), "drawn")
 
 
+NOISE_WITHOUT_G = [(32, 1, False), (64, 2, False), (64, 1, True), (64, 2, True), (64, 4, True)]
+
+
+@pytest.mark.parametrize("n,split,fast", NOISE_WITHOUT_G,
+                         ids=[GEOMETRY_IDS[GEOMETRIES.index(g)] for g in NOISE_WITHOUT_G])
+def test_spectral_noise_returned_without_g(n, split, fast):
+    # return_noise without g: the noise is drawn and returned but not added. Every other
+    # call here that returns the noise has g, so a combine step that draws (and keeps in
+    # the third buffer) the noise only when g is given went unseen: the returned noise
+    # was then x2's transform, or unwritten shared memory. With x2 the noise is made in
+    # the combine step in every geometry (the wide one pairs its inverse transform with
+    # the result's); without x2, in the combine step where it is not made early (split 1;
+    # split 2 and 4 make it early). The step is shared, so the N = 64 geometries suffice.
+    x, x2 = _rand(3, n, n), _rand(3, n, n, seed=1)
+    a = torch.rand(3, n, n, generator=torch.Generator().manual_seed(2))
+    a2 = torch.rand(n, n, generator=torch.Generator().manual_seed(3))
+    zb = ref.philox_normal(x.shape, 13, 6, torch.float64)
+    peer_n = torch_dct2(zb.float(), inverse=True)
+    for x2_, a2_ in ((None, None), (x2, a2)):
+        out, npx = emulate_spectral(x, a, x2_, a2_, seed=13, offset=6, return_noise=True,
+                                    grid=2, reverse=True, split=split, fast=fast)
+        want = ref.spectral(x.double(), a, None if x2_ is None else x2_.double(), a2_)
+        what = "one input" if x2_ is None else "two inputs"
+        assert_within_twice_torch(out, want, torch_spectral(x, a, x2_, a2_), f"out, {what}")
+        assert_within_twice_torch(npx, ref.idct2(zb), peer_n, f"noise, {what}")
+
+
+
 @pytest.mark.parametrize("x2,noise", [(False, True), (True, False), (True, True)],
                          ids=["q_sample", "step", "step_noise"])
 def test_wide_geometry_pairs_transforms_bit_for_bit(x2, noise):
