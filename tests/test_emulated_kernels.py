@@ -406,6 +406,29 @@ def test_cluster_spectral_against_float64(ctas, offset):
     assert_within_twice_torch(npx, want_n, peer_n, "step, given noise: noise")
 
 
+def test_cluster_maps_broadcast_differently():
+    # The cluster program's combine step reads each map at its own plane offset. The
+    # other cluster tests broadcast a1 and g alike (per sample, one channel), so taking
+    # g's offset from a1's (or a1's from g's) went unseen. Here a1 is shared by every
+    # plane and g differs per plane (2 channels); noise drawn in the combine step, not
+    # returned. Then noise returned without g, with x2 (made in the combine step).
+    x, x2 = _rand(1, 2, 256, 256), _rand(1, 2, 256, 256, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    a = torch.rand(256, 256, generator=gen)
+    a2 = torch.rand(1, 2, 256, 256, generator=gen)
+    g = torch.rand(1, 2, 1, 1, generator=gen) + 0.5
+    zb = ref.philox_normal(x.shape, 4, 9, torch.float64)
+    got = emulate_cluster(x, SPECTRAL, a, g=g, seed=4, offset=9, clusters=2, ctas=8)
+    assert_within_twice_torch(got, ref.spectral(x.double(), a, g=g, noise=zb),
+                              torch_spectral(x, a, g=g, zb=zb), "a1 shared, g per plane")
+    out, npx = emulate_cluster(x, SPECTRAL, a, x2, a2, seed=4, offset=9, return_noise=True,
+                               clusters=1, reverse=True, ctas=8)
+    assert_within_twice_torch(out, ref.spectral(x.double(), a, x2.double(), a2),
+                              torch_spectral(x, a, x2, a2), "x2, no g")
+    assert_within_twice_torch(npx, ref.idct2(zb), torch_dct2(zb.float(), inverse=True),
+                              "noise returned without g")
+
+
 def test_cluster_emulator_rejects_unsupported_calls():
     with pytest.raises(ValueError, match="256"):
         emulate_cluster(torch.zeros(1, 128, 128), DCT2)
