@@ -46,8 +46,8 @@ const char* cpu_build();
 
 // Test hook: runs the fused whole-plane CUDA program (plane_program.h) on the CPU, for
 // float32 and H = W in {32, 64, 128}. mode: 0 dct2 (x1 -> out), 1 idct2, 2 spectral.
-// grid: number of blocks; reverse_threads: run each phase's threads last to first;
-// split: the work split (1; 2 at N = 64, and at 128 with the dense passes: one plane per
+// grid: number of blocks; reverse_threads: run the blocks, and each phase's threads,
+// last to first; split: the work split (1; 2 at N = 64, and at 128 with the dense passes: one plane per
 // block; 4 at N = 64 with the fast passes: the wide geometry); fast: the fast passes (two
 // threads per row, O(N log N)) instead of the dense ones; prefetch: copy the next plane
 // group's input while working on this one (prefetch_group in plane_program.h).
@@ -67,9 +67,12 @@ void strip_emulate(const void* in, void* out, int64_t planes, int64_t rows, int6
 void combine_emulate(const SpectralParams& p);
 // Test hook: checks the emulator's own checks. Runs the toy block program `program`
 // (missing_barrier, unwritten_read, async_read_before_wait, async_never_waited,
-// read_outside, write_input: each a deliberate bug; `fixed`: its corrected version) on
-// the emulator, threads in reverse order with `reverse`, and returns its output: input
-// 1, 2, ..., 64 copied, in missing_barrier shifted one thread left within each block.
+// write_other_block, read_outside, write_input, and on clusters of two blocks
+// cluster_missing_barrier, cluster_unwritten_read: each a deliberate bug; `fixed`: its
+// corrected version) on the emulator, threads and blocks in reverse order with
+// `reverse`, and returns its output: input 1, 2, ..., 64 copied, in missing_barrier
+// shifted one thread left within each block, in cluster_missing_barrier swapped between
+// the two blocks of each cluster.
 std::vector<float> emulator_selfcheck(const std::string& program, bool fixed, bool reverse);
 
 #ifdef BLURFAST_WITH_CUDA

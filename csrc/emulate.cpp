@@ -4,8 +4,10 @@
 // Runs the same phase code the kernel runs, one thread after another, block after block.
 // Shared memory starts as NaN, so a read of a value no thread wrote shows up in the
 // output; running the threads of each phase in reverse order changes the result of any
-// phase in which one thread reads what another writes (a missing barrier); vector and
-// I/O accesses outside the call's buffers throw (line_passes.h, emu_check).
+// phase in which one thread reads what another writes (a missing barrier), and running
+// the blocks in reverse order too shows a block that writes output another block owns
+// (hidden in forward runs whenever the owner runs later); vector and I/O accesses
+// outside the call's buffers throw (line_passes.h, emu_check).
 //
 // An asynchronous copy (copy16_async) lands at once in forward runs, and only at its own
 // thread's next wait_async in reverse runs: a read before the wait, or a write to the
@@ -90,10 +92,10 @@ void run_blocks(int64_t smem_floats, int threads, int64_t grid, bool reverse,
     explicit Scope(const std::vector<plane::EmuRange>* m) { plane::emu_memory = m; }
     ~Scope() { plane::emu_memory = nullptr; }
   } scope(&memory);
-  for (int64_t b = 0; b < grid; ++b) {
+  for (int64_t i = 0; i < grid; ++i) {
     std::fill(sm.begin(), sm.end(), std::numeric_limits<float>::quiet_NaN());
     EmuCtx ctx;
-    ctx.blk = b;
+    ctx.blk = reverse ? grid - 1 - i : i;
     ctx.grd = grid;
     ctx.threads = threads;
     ctx.reverse = reverse;
@@ -164,30 +166,38 @@ struct ClusterEmuCtx : EmuCtx {
   }
 };
 
-template <typename G>
-void emulate_cluster(const plane::Job& job, int64_t clusters, bool reverse) {
-  std::vector<std::vector<float>> sms(G::kCtas,
-                                      std::vector<float>(G::smem_floats(plane::cluster_buffers(job))));
-  std::vector<plane::EmuRange> memory = job_memory(job, (int64_t)G::N * G::N);
+// Runs cluster_program(ctx) for clusters 0 .. clusters-1 of `ctas` blocks, every
+// block's shared memory poisoned first; `memory` as in run_blocks.
+template <typename F>
+void run_clusters(int64_t smem_floats, int ctas, int threads, int64_t clusters, bool reverse,
+                  std::vector<plane::EmuRange> memory, F&& cluster_program) {
+  std::vector<std::vector<float>> sms(ctas, std::vector<float>(smem_floats));
   for (const auto& sm : sms)
     memory.push_back({(const char*)sm.data(), (const char*)(sm.data() + sm.size()), true});
   struct Scope {
     explicit Scope(const std::vector<plane::EmuRange>* m) { plane::emu_memory = m; }
     ~Scope() { plane::emu_memory = nullptr; }
   } scope(&memory);
-  for (int64_t c = 0; c < clusters; ++c) {
+  for (int64_t i = 0; i < clusters; ++i) {
     for (auto& sm : sms) std::fill(sm.begin(), sm.end(), std::numeric_limits<float>::quiet_NaN());
     ClusterEmuCtx ctx;
-    ctx.cl = c;
+    ctx.cl = reverse ? clusters - 1 - i : i;
     ctx.ncl = clusters;
-    ctx.ctas = G::kCtas;
-    ctx.threads = G::kThreads;
+    ctx.ctas = ctas;
+    ctx.threads = threads;
     ctx.reverse = reverse;
     ctx.sms = &sms;
-    if (reverse) ctx.pending.resize((size_t)G::kCtas * G::kThreads);
-    plane::run_cluster_program<G, float>(ctx, job);
+    if (reverse) ctx.pending.resize((size_t)ctas * threads);
+    cluster_program(ctx);
     ctx.check_no_copy_pending();
   }
+}
+
+template <typename G>
+void emulate_cluster(const plane::Job& job, int64_t clusters, bool reverse) {
+  run_clusters(G::smem_floats(plane::cluster_buffers(job)), G::kCtas, G::kThreads, clusters,
+               reverse, job_memory(job, (int64_t)G::N * G::N),
+               [&](ClusterEmuCtx& ctx) { plane::run_cluster_program<G, float>(ctx, job); });
 }
 
 template <typename C>
@@ -312,6 +322,17 @@ void run_toy(const float* in, float* out, bool reverse, F&& program) {
              });
 }
 
+// The same on clusters: kToyGrid clusters of 2 blocks of kToyThreads / 2 threads, so that
+// thread i of the grid is still thread i % 4 of block i / 4 % 2 of cluster i / 8.
+template <typename F>
+void run_toy_clusters(const float* in, float* out, bool reverse, F&& program) {
+  std::vector<plane::EmuRange> memory;
+  add_range(memory, in, kToyFloats, false);
+  add_range(memory, out, kToyFloats, true);
+  run_clusters(kToyThreads * 2, 2, kToyThreads / 2, kToyGrid, reverse, memory,
+               [&](ClusterEmuCtx& ctx) { program(ctx, ctx.cluster() * kToyThreads); });
+}
+
 }  // namespace
 
 std::vector<float> emulator_selfcheck(const std::string& program, bool fixed, bool reverse) {
@@ -378,6 +399,19 @@ std::vector<float> emulator_selfcheck(const std::string& program, bool fixed, bo
       });
       if (!fixed && !early) ctx.phase([&](int t) { store(sm, t, i0); });
     });
+  } else if (program == "write_other_block") {
+    // Copy through shared memory. The bug: block 0 also writes the output that block 1
+    // owns (zeros), which block 1's own stores hide when it runs later.
+    run_toy(in, out, reverse, [&](EmuCtx& ctx, float* sm, int64_t i0) {
+      ctx.phase([&](int t) { load(sm, t, i0); });
+      ctx.phase([&](int t) {
+        store(sm, t, i0);
+        if (!fixed && ctx.block() == 0) {
+          const float zero[4] = {0.f, 0.f, 0.f, 0.f};
+          plane::st4(out + 4 * (T + t), zero);
+        }
+      });
+    });
   } else if (program == "read_outside" || program == "write_input") {
     // Copy the input to the output with ld4 and st4. The bugs: reading one chunk further
     // on (the last thread reads the gap after the input), and storing into the input.
@@ -390,10 +424,48 @@ std::vector<float> emulator_selfcheck(const std::string& program, bool fixed, bo
         plane::st4(dst + 4 * (i0 + t), v);
       });
     });
+  } else if (program == "cluster_missing_barrier" || program == "cluster_unwritten_read") {
+    // Block j's thread t loads its input into slot t of its shared memory. Then each
+    // thread swaps with the other block: slot t takes the other block's slot t. The
+    // first bug reads the other block's slot in the phase in which that block overwrites
+    // it (the fix: read into a register, write in the next phase); the second leaves the
+    // last cluster's last thread's slot unwritten (the first cluster wrote it).
+    constexpr int U = kToyThreads / 2;
+    const bool swap_bug = !fixed && program == "cluster_missing_barrier";
+    const bool skip_bug = !fixed && program == "cluster_unwritten_read";
+    run_toy_clusters(in, out, reverse, [&](ClusterEmuCtx& ctx, int64_t i0) {
+      std::vector<std::array<float, 4>> reg(2 * U);      // registers of the cluster's threads
+      const bool skip = skip_bug && ctx.cluster() == ctx.clusters() - 1;
+      ctx.phase([&](int j, int t) {
+        if (!(skip && j == 1 && t == U - 1)) {
+          float v[4];
+          plane::ld4(in + 4 * (i0 + j * U + t), v);
+          plane::st4(ctx.smem(j, j) + 4 * t, v);
+        }
+      });
+      auto read_other = [&](int j, int t) {
+        plane::ld4(ctx.smem(j, 1 - j) + 4 * t, reg[j * U + t].data());
+      };
+      auto write_own = [&](int j, int t) {
+        plane::st4(ctx.smem(j, j) + 4 * t, reg[j * U + t].data());
+      };
+      if (swap_bug) {
+        ctx.phase([&](int j, int t) { read_other(j, t); write_own(j, t); });
+      } else {
+        ctx.phase(read_other);
+        ctx.phase(write_own);
+      }
+      ctx.phase([&](int j, int t) {
+        float v[4];
+        plane::ld4(ctx.smem(j, j) + 4 * t, v);
+        plane::st4(out + 4 * (i0 + j * U + t), v);
+      });
+    });
   } else {
     throw std::invalid_argument(
         "emulator_selfcheck: program must be missing_barrier, unwritten_read, "
-        "async_read_before_wait, async_never_waited, read_outside or write_input");
+        "async_read_before_wait, async_never_waited, write_other_block, read_outside, "
+        "write_input, cluster_missing_barrier or cluster_unwritten_read");
   }
   return std::vector<float>(out, out + kToyFloats);
 }

@@ -4,9 +4,10 @@ The emulator executes the kernels' own phase code (csrc/plane_program.h: the fus
 whole-plane kernel; csrc/strip_program.h: the strip pass) thread by thread, so these
 tests check their indexing, shared-memory layout, even/odd transform, plane grouping,
 persistent block loop, prefetching and noise numbering without a GPU. Shared memory
-starts as NaN (a read of an unwritten value poisons the output), and running each
-phase's threads in reverse order must give bit-identical results (a thread reading what
-another thread writes in the same phase would change them).
+starts as NaN (a read of an unwritten value poisons the output), and running the blocks
+and each phase's threads in reverse order must give bit-identical results (a thread
+reading what another thread writes in the same phase, or a block writing output that
+another block owns, would change them).
 """
 import numpy as np
 import pytest
