@@ -13,8 +13,8 @@ import json
 import math
 import re
 import time
-import zipfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -206,16 +206,17 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
                     "eta": eta if isinstance(eta, (int, float)) else [float(e) for e in eta],
                     "ema": ema, "clip": clip, "precision": precision,
                     "checkpoint": str(path.resolve())}
-        # Every rank reads the folder before any rank writes to it.
-        done = _resumable(out, manifest) if resume else []
+        # Each rank reads the folder before the barrier: rank 0's _start changes only what
+        # no rank counts (samples numbered n and above; the manifest, same settings).
+        have = _resumable(out, manifest) if resume else []
         if rank == 0:
             _start(out, fmt, n, manifest, resume)
-            kept = sum(i1 - i0 for i0, i1 in done)
             if progress and resume:
-                print(f"resuming: {kept} of {n} images are in {out} already")
+                print(f"resuming: {sum(i1 - i0 for i0, i1 in have)} of {n} images are in "
+                      f"{out} already")
         if world > 1:
             barrier()                   # the previous run's files are gone
-        batches = _batches(n, batch, done)[rank::world]
+        batches = _batches(n, batch, have)[rank::world]
         mine = sum(b1 - b0 for b0, b1 in batches)
         # One tick per model call: the bar moves within a batch (a full chain is long).
         bar = tqdm(total=len(batches) * len(seq), unit="step", disable=not progress
@@ -347,7 +348,7 @@ def _merge_chunks(out: Path, n: int, shape: tuple) -> None:
     images = np.empty((n, *shape), np.uint8)
     have = np.zeros(n, bool)
     npz = out / NPZ_NAME
-    if npz.is_file():                  # resumed: the others removed it at their start
+    if npz.is_file():                  # only a resumed run keeps one (_start)
         with np.load(npz) as z:
             old = z["images"][:n]
         images[:len(old)], have[:len(old)] = old, True
