@@ -119,9 +119,11 @@ PYBIND11_MODULE(_C, m) {
     combine_emulate(p);
   }, "CPU emulation of the CUDA path's frequency-space combine, in place in f1 (tests only).");
   m.def("strip_emulate", [](uintptr_t in, uintptr_t out, int64_t planes, int64_t rows, int64_t L,
-                            bool inverse, int64_t grid, bool reverse_threads, bool fast) {
+                            bool inverse, int64_t grid, bool reverse_threads, bool fast,
+                            int in_dtype, int out_dtype) {
     py::gil_scoped_release nogil;
-    strip_emulate(cptr(in), mptr(out), planes, rows, L, inverse, grid, reverse_threads, fast);
+    strip_emulate(cptr(in), mptr(out), planes, rows, L, inverse, grid, reverse_threads, fast,
+                  in_dtype, out_dtype);
   }, "CPU emulation of the strip CUDA kernel (tests only).");
   m.def("emulator_selfcheck", [](const std::string& program, bool fixed, bool reverse) {
     py::gil_scoped_release nogil;

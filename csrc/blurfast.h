@@ -45,23 +45,28 @@ void normal_cpu(void* out, int64_t n, int dtype, uint64_t seed, uint64_t offset)
 const char* cpu_build();
 
 // Test hook: runs the fused whole-plane CUDA program (plane_program.h) on the CPU, for
-// float32 and H = W in {32, 64, 128}. mode: 0 dct2 (x1 -> out), 1 idct2, 2 spectral.
+// float32 or bfloat16 I/O (p.dtype) and H = W in {32, 64, 128}. mode: 0 dct2 (x1 -> out), 1 idct2, 2 spectral.
 // grid: number of blocks; reverse_threads: run the blocks, and each phase's threads,
 // last to first; split: the work split (1; 2 at N = 64, and at 128 with the dense passes: one plane per
 // block; 4 at N = 64 with the fast passes: the wide geometry); fast: the fast passes (two
 // threads per row, O(N log N)) instead of the dense ones; prefetch: copy the next plane
-// group's input while working on this one (prefetch_group in plane_program.h).
+// group's input while working on this one (prefetch_group in plane_program.h); float32
+// only, ignored for bfloat16 as on the GPU.
 void plane_emulate(const SpectralParams& p, int mode, int64_t grid, bool reverse_threads,
                    int split, bool fast, bool prefetch);
 // Test hook: runs the cluster CUDA program for 256 x 256 planes (cluster_program.h) on the
-// CPU, float32: `clusters` clusters of `ctas` (4 or 8) blocks; mode as plane_emulate.
+// CPU, float32 or bfloat16 I/O: `clusters` clusters of `ctas` (4 or 8) blocks; mode as
+// plane_emulate.
 void cluster_emulate(const SpectralParams& p, int mode, int64_t clusters, bool reverse_threads,
                      int ctas);
-// Test hook: runs the strip CUDA programs (strip_program.h) on the CPU, float32:
+// Test hook: runs the strip CUDA programs (strip_program.h) on the CPU:
 // in (planes, rows, L) -> out (planes, L, rows), each row transformed, rows % 32 == 0;
-// fast: run_fast_strips, else run_strips (dense passes).
+// fast: run_fast_strips, else run_strips (dense passes). in_dtype, out_dtype: kF32 both,
+// or one of them kBF16 (the pairs the GPU runs: bfloat16 in the first pass of a 2-D
+// transform, in the second out).
 void strip_emulate(const void* in, void* out, int64_t planes, int64_t rows, int64_t L,
-                   bool inverse, int64_t grid, bool reverse_threads, bool fast);
+                   bool inverse, int64_t grid, bool reverse_threads, bool fast, int in_dtype,
+                   int out_dtype);
 // Test hook: runs the CUDA path's frequency-space combine (combine.h) on the CPU, float32
 // or float64: x1 holds f1 and receives the result, x2 is f2, noise_out receives zb.
 void combine_emulate(const SpectralParams& p);

@@ -1,5 +1,5 @@
 // CPU emulation of the CUDA programs (plane_program.h, strip_program.h, combine.h), for
-// tests.
+// tests, with float or bfloat16 I/O (EmuBf16, emu_bf16.h).
 //
 // Runs the same phase code the kernel runs, one thread after another, block after block.
 // Shared memory starts as NaN, so a read of a value no thread wrote shows up in the
@@ -17,11 +17,13 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "blurfast.h"
 #include "cluster_program.h"
 #include "combine.h"
+#include "emu_bf16.h"
 #include "plane_program.h"
 #include "strip_program.h"
 
@@ -105,45 +107,59 @@ void run_blocks(int64_t smem_floats, int threads, int64_t grid, bool reverse,
   }
 }
 
-// The buffer [p, p + floats) as a range (none for a null pointer).
-void add_range(std::vector<plane::EmuRange>& m, const void* p, int64_t floats, bool writable) {
-  if (p) m.push_back({(const char*)p, (const char*)p + floats * (int64_t)sizeof(float), writable});
+// The buffer [p, p + n elements of E) as a range (none for a null pointer).
+template <typename E = float>
+void add_range(std::vector<plane::EmuRange>& m, const void* p, int64_t n, bool writable) {
+  if (p) m.push_back({(const char*)p, (const char*)p + n * (int64_t)sizeof(E), writable});
 }
 
+// T: the I/O type of x1, x2, out and noise_out; maps and zb are float.
+template <typename T>
 std::vector<plane::EmuRange> job_memory(const plane::Job& job, int64_t hw) {
   std::vector<plane::EmuRange> m;
   const int64_t n = job.planes * hw;
-  add_range(m, job.x1, n, false);
-  add_range(m, job.x2, n, false);
+  add_range<T>(m, job.x1, n, false);
+  add_range<T>(m, job.x2, n, false);
   add_range(m, job.zb, n, false);
   for (const MapRef* a : {&job.a1, &job.a2, &job.g}) add_range(m, a->ptr, a->mod * hw, false);
-  add_range(m, job.out, n, true);
-  add_range(m, job.noise_out, n, true);
+  add_range<T>(m, job.out, n, true);
+  add_range<T>(m, job.noise_out, n, true);
   return m;
 }
 
-template <typename G>
-void emulate(const plane::Job& job, int64_t grid, bool reverse) {
-  run_blocks(G::smem_floats(plane::buffers_of<G>(job)), G::kThreads, grid, reverse,
-             job_memory(job, (int64_t)G::N * G::N),
-             [&](EmuCtx& ctx, float* sm) { plane::run_program<G, float>(ctx, job, sm); });
+// Calls f((T*)nullptr) for the emulated I/O type T of dtype: float or EmuBf16.
+template <typename F>
+void with_emu_io(int dtype, const char* who, F&& f) {
+  if (dtype == kF32)
+    f((float*)nullptr);
+  else if (dtype == kBF16)
+    f((plane::EmuBf16*)nullptr);
+  else
+    throw std::invalid_argument(std::string(who) + ": dtype must be float32 or bfloat16");
 }
 
-template <int L>
+template <typename G, typename T>
+void emulate(const plane::Job& job, int64_t grid, bool reverse) {
+  run_blocks(G::smem_floats(plane::buffers_of<G>(job)), G::kThreads, grid, reverse,
+             job_memory<T>(job, (int64_t)G::N * G::N),
+             [&](EmuCtx& ctx, float* sm) { plane::run_program<G, T>(ctx, job, sm); });
+}
+
+template <int L, typename Tin, typename Tout>
 void emulate_strips(const plane::StripJob& job, int64_t grid, bool reverse, bool fast) {
   std::vector<plane::EmuRange> memory;
-  add_range(memory, job.in, job.planes * job.rows * L, false);
-  add_range(memory, job.out, job.planes * job.rows * L, true);
+  add_range<Tin>(memory, job.in, job.planes * job.rows * L, false);
+  add_range<Tout>(memory, job.out, job.planes * job.rows * L, true);
   if (fast) {
     using G = plane::FastStripGeom<L>;
     run_blocks(G::kSmemFloats, G::kThreads, grid, reverse, memory, [&](EmuCtx& ctx, float* sm) {
-      plane::run_fast_strips<L, float, float>(ctx, job, sm);
+      plane::run_fast_strips<L, Tin, Tout>(ctx, job, sm);
     });
     return;
   }
   using G = plane::StripGeom<L>;
   run_blocks(G::kSmemFloats, G::kThreads, grid, reverse, memory,
-             [&](EmuCtx& ctx, float* sm) { plane::run_strips<L, float, float>(ctx, job, sm); });
+             [&](EmuCtx& ctx, float* sm) { plane::run_strips<L, Tin, Tout>(ctx, job, sm); });
 }
 
 // A cluster of `ctas` blocks: each phase runs every thread of every block (last to first
@@ -193,11 +209,11 @@ void run_clusters(int64_t smem_floats, int ctas, int threads, int64_t clusters, 
   }
 }
 
-template <typename G>
+template <typename G, typename T>
 void emulate_cluster(const plane::Job& job, int64_t clusters, bool reverse) {
   run_clusters(G::smem_floats(plane::cluster_buffers(job)), G::kCtas, G::kThreads, clusters,
-               reverse, job_memory(job, (int64_t)G::N * G::N),
-               [&](ClusterEmuCtx& ctx) { plane::run_cluster_program<G, float>(ctx, job); });
+               reverse, job_memory<T>(job, (int64_t)G::N * G::N),
+               [&](ClusterEmuCtx& ctx) { plane::run_cluster_program<G, T>(ctx, job); });
 }
 
 template <typename C>
@@ -237,41 +253,61 @@ void combine_emulate(const SpectralParams& p) {
 
 void cluster_emulate(const SpectralParams& p, int mode, int64_t clusters, bool reverse_threads,
                      int ctas) {
-  if (p.dtype != kF32) throw std::invalid_argument("cluster_emulate: float32 only");
+  with_emu_io(p.dtype, "cluster_emulate", [](auto*) {});
   if (p.H != 256 || p.W != 256) throw std::invalid_argument("cluster_emulate: H = W = 256 only");
   if (clusters < 1) throw std::invalid_argument("cluster_emulate: clusters must be >= 1");
+  if (ctas != 4 && ctas != 8) throw std::invalid_argument("cluster_emulate: ctas must be 4 or 8");
   const plane::Job job = plane::make_job(p, mode);
-  if (ctas == 4)
-    emulate_cluster<plane::ClusterGeom<4>>(job, clusters, reverse_threads);
-  else if (ctas == 8)
-    emulate_cluster<plane::ClusterGeom<8>>(job, clusters, reverse_threads);
-  else
-    throw std::invalid_argument("cluster_emulate: ctas must be 4 or 8");
+  with_emu_io(p.dtype, "cluster_emulate", [&](auto* t) {
+    using T = std::remove_pointer_t<decltype(t)>;
+    if (ctas == 4)
+      emulate_cluster<plane::ClusterGeom<4>, T>(job, clusters, reverse_threads);
+    else
+      emulate_cluster<plane::ClusterGeom<8>, T>(job, clusters, reverse_threads);
+  });
 }
 
 void strip_emulate(const void* in, void* out, int64_t planes, int64_t rows, int64_t L,
-                   bool inverse, int64_t grid, bool reverse_threads, bool fast) {
+                   bool inverse, int64_t grid, bool reverse_threads, bool fast, int in_dtype,
+                   int out_dtype) {
   if (rows % 32 != 0) throw std::invalid_argument("strip_emulate: rows must be a multiple of 32");
   if (grid < 1) throw std::invalid_argument("strip_emulate: grid must be >= 1");
+  if (L != 32 && L != 64 && L != 128 && L != 256)
+    throw std::invalid_argument("strip_emulate: L must be 32, 64, 128 or 256");
+  // The pairs the GPU instantiates for bfloat16 (cuda_fast_bf16.cu): one side float.
+  if (!(in_dtype == kF32 && out_dtype == kF32) && !(in_dtype == kBF16 && out_dtype == kF32) &&
+      !(in_dtype == kF32 && out_dtype == kBF16))
+    throw std::invalid_argument(
+        "strip_emulate: in_dtype, out_dtype must be float32, float32; bfloat16, float32; or "
+        "float32, bfloat16");
   plane::StripJob job;
   job.in = in;
   job.out = out;
   job.planes = planes;
   job.rows = rows;
   job.inverse = inverse;
-  switch (L) {
-    case 32: emulate_strips<32>(job, grid, reverse_threads, fast); break;
-    case 64: emulate_strips<64>(job, grid, reverse_threads, fast); break;
-    case 128: emulate_strips<128>(job, grid, reverse_threads, fast); break;
-    case 256: emulate_strips<256>(job, grid, reverse_threads, fast); break;
-    default: throw std::invalid_argument("strip_emulate: L must be 32, 64, 128 or 256");
-  }
+  auto run = [&](auto* tin, auto* tout) {
+    using Tin = std::remove_pointer_t<decltype(tin)>;
+    using Tout = std::remove_pointer_t<decltype(tout)>;
+    switch (L) {
+      case 32: emulate_strips<32, Tin, Tout>(job, grid, reverse_threads, fast); break;
+      case 64: emulate_strips<64, Tin, Tout>(job, grid, reverse_threads, fast); break;
+      case 128: emulate_strips<128, Tin, Tout>(job, grid, reverse_threads, fast); break;
+      default: emulate_strips<256, Tin, Tout>(job, grid, reverse_threads, fast); break;
+    }
+  };
+  if (in_dtype == kBF16)
+    run((plane::EmuBf16*)nullptr, (float*)nullptr);
+  else if (out_dtype == kBF16)
+    run((float*)nullptr, (plane::EmuBf16*)nullptr);
+  else
+    run((float*)nullptr, (float*)nullptr);
 }
 
 void plane_emulate(const SpectralParams& p, int mode, int64_t grid, bool reverse_threads,
                    int split, bool fast, bool prefetch) {
   using plane::Geom;
-  if (p.dtype != kF32) throw std::invalid_argument("plane_emulate: float32 only");
+  with_emu_io(p.dtype, "plane_emulate", [](auto*) {});
   if (p.H != p.W) throw std::invalid_argument("plane_emulate: square planes only");
   if (grid < 1) throw std::invalid_argument("plane_emulate: grid must be >= 1");
   if (p.H != 32 && p.H != 64 && p.H != 128)
@@ -282,21 +318,25 @@ void plane_emulate(const SpectralParams& p, int mode, int64_t grid, bool reverse
         "plane_emulate: split must be 1, or 2 for H = W = 64 (and 128 with dense passes), or "
         "4 for H = W = 64 with fast passes");
   plane::Job job = plane::make_job(p, mode);
-  job.prefetch = prefetch;
+  // As the GPU's plan_for: prefetch is for float I/O only, asked for or not.
+  job.prefetch = prefetch && p.dtype == kF32;
   const int64_t n = p.H;
-  if (fast) {
-    if (n == 32) emulate<Geom<32, 1, true>>(job, grid, reverse_threads);
-    if (n == 64 && split == 1) emulate<Geom<64, 1, true>>(job, grid, reverse_threads);
-    if (n == 64 && split == 2) emulate<Geom<64, 2, true>>(job, grid, reverse_threads);
-    if (n == 64 && split == 4) emulate<Geom<64, 4, true>>(job, grid, reverse_threads);
-    if (n == 128) emulate<Geom<128, 1, true>>(job, grid, reverse_threads);
-    return;
-  }
-  if (n == 32) emulate<Geom<32>>(job, grid, reverse_threads);
-  if (n == 64 && split == 1) emulate<Geom<64>>(job, grid, reverse_threads);
-  if (n == 64 && split == 2) emulate<Geom<64, 2>>(job, grid, reverse_threads);
-  if (n == 128 && split == 1) emulate<Geom<128>>(job, grid, reverse_threads);
-  if (n == 128 && split == 2) emulate<Geom<128, 2>>(job, grid, reverse_threads);
+  with_emu_io(p.dtype, "plane_emulate", [&](auto* t) {
+    using T = std::remove_pointer_t<decltype(t)>;
+    if (fast) {
+      if (n == 32) emulate<Geom<32, 1, true>, T>(job, grid, reverse_threads);
+      if (n == 64 && split == 1) emulate<Geom<64, 1, true>, T>(job, grid, reverse_threads);
+      if (n == 64 && split == 2) emulate<Geom<64, 2, true>, T>(job, grid, reverse_threads);
+      if (n == 64 && split == 4) emulate<Geom<64, 4, true>, T>(job, grid, reverse_threads);
+      if (n == 128) emulate<Geom<128, 1, true>, T>(job, grid, reverse_threads);
+      return;
+    }
+    if (n == 32) emulate<Geom<32>, T>(job, grid, reverse_threads);
+    if (n == 64 && split == 1) emulate<Geom<64>, T>(job, grid, reverse_threads);
+    if (n == 64 && split == 2) emulate<Geom<64, 2>, T>(job, grid, reverse_threads);
+    if (n == 128 && split == 1) emulate<Geom<128>, T>(job, grid, reverse_threads);
+    if (n == 128 && split == 2) emulate<Geom<128, 2>, T>(job, grid, reverse_threads);
+  });
 }
 
 // Self-check of the checks above: toy block programs, each with one deliberate bug of a

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from blurfast import reference as ref
-from blurfast._backend import _C
+from blurfast._backend import _C, DTYPE_CODES
 from blurfast.ops import spectral_kernel_args
 from bfutil import (assert_within_twice_torch, torch_dct2, torch_fft_dct2, torch_spectral,
                     truth_philox_normal)
@@ -36,9 +36,9 @@ def _rand(*shape, seed=0):
 def emulate_dct(x, inverse, grid=2, reverse=False, split=1, fast=False, prefetch=False):
     out = torch.empty_like(x)
     n = x.shape[-1]
-    _C.plane_emulate(x.numel() // (n * n), n, n, 0, x.data_ptr(), 0, None, None, None, 0, 0,
-                     0, out.data_ptr(), 0, IDCT2 if inverse else DCT2, grid, reverse, split,
-                     fast, prefetch)
+    _C.plane_emulate(x.numel() // (n * n), n, n, DTYPE_CODES[x.dtype], x.data_ptr(), 0, None,
+                     None, None, 0, 0, 0, out.data_ptr(), 0, IDCT2 if inverse else DCT2, grid,
+                     reverse, split, fast, prefetch)
     return out
 
 
@@ -247,11 +247,11 @@ def test_emulator_rejects_unsupported_calls():
         emulate_dct(torch.zeros(1, 64, 64), False, split=4, fast=False)
 
 
-def emulate_strips(x, inverse, grid=2, reverse=False, fast=False):
+def emulate_strips(x, inverse, grid=2, reverse=False, fast=False, out_dtype=torch.float32):
     planes, rows, length = x.shape
-    out = torch.empty(planes, length, rows)
+    out = torch.empty(planes, length, rows, dtype=out_dtype)
     _C.strip_emulate(x.data_ptr(), out.data_ptr(), planes, rows, length, inverse, grid, reverse,
-                     fast)
+                     fast, DTYPE_CODES[x.dtype], DTYPE_CODES[out_dtype])
     return out
 
 
@@ -435,3 +435,205 @@ def test_cluster_emulator_rejects_unsupported_calls():
         emulate_cluster(torch.zeros(1, 128, 128), DCT2)
     with pytest.raises(ValueError, match="ctas"):
         emulate_cluster(torch.zeros(1, 256, 256), DCT2, ctas=2)
+
+
+# ------------------------------------------------- bfloat16 I/O (csrc/emu_bf16.h)
+#
+# The programs' 16-bit I/O branches (plane_program.h: no prefetch; cluster_program.h:
+# load_rows through registers, a quarter of the chunks at a time; the strip programs with
+# bfloat16 on one side), run with the GPU's conversions: bfloat16 -> float exact, float ->
+# bfloat16 to nearest even. Two checks besides the reverse runs:
+# - against the float program on the same values: the arithmetic is float either way and
+#   bfloat16 -> float is exact, so the bfloat16 output is the float output rounded by
+#   torch (to nearest even), bit for bit: no rounding may flip (0 flips allowed);
+# - against the float64 truth rounded to bfloat16 (assert_bf16_near_truth).
+
+BF16 = torch.bfloat16
+
+
+def _bf16_ordered(t):
+    """bfloat16 bits as integers in the order of the values (+0 and -0 both 0), so that
+    adjacent values differ by 1."""
+    b = t.view(torch.int16).to(torch.int32)
+    return torch.where(b < 0, -(b & 0x7FFF), b)
+
+
+def assert_bf16_near_truth(got, truth, what=""):
+    """got (bfloat16) within one bfloat16 ulp of the float64 truth rounded to bfloat16: the
+    program's float error (about 2**-22 of the largest value M) can flip a rounding, no
+    more. Values under 2**-8 M have ulps small enough for that error to span several, so
+    there the bound is one ulp of the largest value under 2**-8 M: |got - truth| <=
+    2**-15 M. (torch rounds float64 via float32; that moves a value only off an exact
+    tie, within the ulp allowed.)"""
+    assert got.dtype == BF16, what
+    assert torch.isfinite(got).all(), what
+    big_ = truth.abs().max()
+    big = truth.abs() >= 2.0 ** -8 * big_
+    ulps = (_bf16_ordered(got) - _bf16_ordered(truth.to(BF16))).abs()
+    assert ulps[big].max() <= 1, f"{what}: {int(ulps[big].max())} bfloat16 ulps off the truth"
+    small_err = (got.double() - truth).abs()[~big]
+    assert small_err.numel() == 0 or small_err.max() <= 2.0 ** -15 * big_, (
+        f"{what}: small values {float(small_err.max() / big_):.3g} of the largest off the truth")
+
+
+def assert_bf16_is_rounded(got, got_float, what=""):
+    """The bfloat16 output is the float program's output rounded to nearest even."""
+    assert got.dtype == BF16 and got_float.dtype == torch.float32, what
+    assert torch.equal(got.view(torch.int16), got_float.to(BF16).view(torch.int16)), what
+
+
+def assert_same_bits(u, v, what=""):
+    assert torch.equal(u.view(torch.int16), v.view(torch.int16)), what
+
+
+def _rand_bf16(*shape, seed=0):
+    return _rand(*shape, seed=seed).to(BF16)
+
+
+@pytest.mark.parametrize("n,split,fast", GEOMETRIES, ids=GEOMETRY_IDS)
+def test_bf16_dct2_and_idct2(n, split, fast):
+    # 5 planes: a partial last plane group for every planes-per-block (4, 2, 1).
+    x = _rand_bf16(5, n, n)
+    for inverse in (False, True):
+        want = ref.idct2(x.double()) if inverse else ref.dct2(x.double())
+        y = emulate_dct(x, inverse, grid=2, split=split, fast=fast)
+        assert_bf16_near_truth(y, want, f"inverse={inverse}")
+        assert_bf16_is_rounded(y, emulate_dct(x.float(), inverse, grid=2, split=split,
+                                              fast=fast), f"inverse={inverse}")
+        assert_same_bits(y, emulate_dct(x, inverse, grid=3, reverse=True, split=split,
+                                        fast=fast), f"reverse, inverse={inverse}")
+
+
+@pytest.mark.parametrize("n,split,fast", GEOMETRIES, ids=GEOMETRY_IDS)
+def test_bf16_spectral_generated_noise(n, split, fast):
+    # q_sample (x1 only, noise returned: made early in the split geometries) and a sampler
+    # step with x2 (loaded through load_group too) and the noise returned; 5 planes.
+    x, x2 = _rand_bf16(5, n, n), _rand_bf16(5, n, n, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    a, a2 = torch.rand(5, n, n, generator=gen), torch.rand(n, n, generator=gen) - 0.5
+    g = torch.rand(5, 1, 1, generator=gen)
+    zb = ref.philox_normal(x.shape, 21, 7, torch.float64)
+    for args, what in (((x, a), "q_sample"), ((x, a, x2, a2), "step")):
+        kw = dict(g=g, seed=21, offset=7, return_noise=True, split=split, fast=fast)
+        out, npx = emulate_spectral(*args, grid=2, **kw)
+        out_r, npx_r = emulate_spectral(*args, grid=3, reverse=True, **kw)
+        assert_same_bits(out, out_r, f"{what}: reverse")
+        assert_same_bits(npx, npx_r, f"{what}: reverse noise")
+        out_f, npx_f = emulate_spectral(*(t.float() if t.dtype == BF16 else t for t in args),
+                                        grid=2, **kw)
+        assert_bf16_is_rounded(out, out_f, what)
+        assert_bf16_is_rounded(npx, npx_f, f"{what}: noise")
+        x2_ = None if len(args) == 2 else x2.double()
+        want, want_n = ref.spectral(x.double(), a, x2_, None if x2_ is None else a2, g=g,
+                                    noise=zb, return_noise=True)
+        assert_bf16_near_truth(out, want, what)
+        assert_bf16_near_truth(npx, want_n, f"{what}: noise")
+
+
+FAST_GEOMETRY_IDS = [i for i, g in zip(GEOMETRY_IDS, GEOMETRIES) if g[2]]
+
+
+@pytest.mark.parametrize("n,split,fast", FAST_GEOMETRIES, ids=FAST_GEOMETRY_IDS)
+def test_bf16_asked_to_prefetch_does_not(n, split, fast):
+    # Prefetch is float-only (prefetch_group copies floats): with bfloat16 I/O the GPU's
+    # plan leaves it off, and so does the emulator. Asked for, the results are those
+    # without, bit for bit, with one block looping over several plane groups (a block that
+    # believed its next x1 prefetched would transform unwritten, NaN, shared memory).
+    x = _rand_bf16(5, n, n)
+    a, g = torch.rand(n, n, generator=torch.Generator().manual_seed(2)), torch.rand(5, 1, 1)
+    for inverse in (False, True):
+        assert_same_bits(emulate_dct(x, inverse, grid=1, split=split, fast=fast, prefetch=True),
+                         emulate_dct(x, inverse, grid=1, split=split, fast=fast))
+    kw = dict(g=g, seed=5, offset=4, return_noise=True, grid=1, split=split, fast=fast)
+    for u, v in zip(emulate_spectral(x, a, prefetch=True, **kw), emulate_spectral(x, a, **kw)):
+        assert_same_bits(u, v)
+
+
+@pytest.mark.parametrize("ctas", [4, 8])
+def test_bf16_cluster(ctas):
+    # The cluster program's 16-bit branch (load_rows through registers, a quarter of the
+    # chunks at a time) has run nowhere else. 2 planes on one cluster: the cluster loops.
+    x, x2 = _rand_bf16(2, 256, 256), _rand_bf16(2, 256, 256, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    a, a2 = torch.rand(2, 256, 256, generator=gen), torch.rand(256, 256, generator=gen) - 0.5
+    g = torch.rand(2, 1, 1, generator=gen)
+    for mode, want in ((DCT2, ref.dct2(x.double())), (IDCT2, ref.idct2(x.double()))):
+        y = emulate_cluster(x, mode, clusters=1, ctas=ctas)
+        assert_bf16_near_truth(y, want, f"mode {mode}")
+        assert_bf16_is_rounded(y, emulate_cluster(x.float(), mode, clusters=1, ctas=ctas),
+                               f"mode {mode}")
+        assert_same_bits(y, emulate_cluster(x, mode, clusters=2, reverse=True, ctas=ctas),
+                         f"mode {mode}: reverse")
+    zb = ref.philox_normal(x.shape, 5, 6, torch.float64)
+    # q_sample (noise made while the loads are in flight) and a step with x2.
+    for args, what in (((x, SPECTRAL, a), "q_sample"), ((x, SPECTRAL, a, x2, a2), "step")):
+        kw = dict(g=g, seed=5, offset=6, return_noise=True, ctas=ctas)
+        out, npx = emulate_cluster(*args, clusters=1, **kw)
+        out_r, npx_r = emulate_cluster(*args, clusters=2, reverse=True, **kw)
+        assert_same_bits(out, out_r, f"{what}: reverse")
+        assert_same_bits(npx, npx_r, f"{what}: reverse noise")
+        out_f, npx_f = emulate_cluster(*(t.float() if isinstance(t, torch.Tensor) and
+                                         t.dtype == BF16 else t for t in args), clusters=1,
+                                       **kw)
+        assert_bf16_is_rounded(out, out_f, what)
+        assert_bf16_is_rounded(npx, npx_f, f"{what}: noise")
+        x2_ = None if len(args) == 3 else x2.double()
+        want, want_n = ref.spectral(x.double(), a, x2_, None if x2_ is None else a2, g=g,
+                                    noise=zb, return_noise=True)
+        assert_bf16_near_truth(out, want, what)
+        assert_bf16_near_truth(npx, want_n, f"{what}: noise")
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["dense", "fast"])
+@pytest.mark.parametrize("length", [32, 64, 128, 256])
+def test_bf16_strip_passes(length, fast):
+    # The GPU's bfloat16 pairs: bfloat16 in, float out (a 2-D transform's first pass) and
+    # float in, bfloat16 out (its second). Rows as in test_strip_pass_against_float64.
+    planes, rows = (3, 96) if not fast else (3, {32: 352, 64: 352, 128: 224, 256: 96}[length])
+    x = _rand(planes, rows, length)
+    xb = x.to(BF16)
+    c = ref.dct_matrix(length, torch.float64, "cpu")
+    for inverse in (False, True):
+        m = c.T if inverse else c
+        # bfloat16 in: the float program's output on the same values, bit for bit.
+        got = emulate_strips(xb, inverse, grid=2, fast=fast)
+        assert got.dtype == torch.float32
+        assert torch.equal(got, emulate_strips(xb.float(), inverse, grid=2, fast=fast))
+        assert torch.equal(got, emulate_strips(xb, inverse, grid=4, reverse=True, fast=fast))
+        assert_within_twice_torch(got, torch.einsum("kn,prn->pkr", m, xb.double()),
+                                  torch.einsum("kn,prn->pkr", m.float(), xb.float()),
+                                  f"bfloat16 in, inverse={inverse}")
+        # bfloat16 out.
+        got = emulate_strips(x, inverse, grid=2, fast=fast, out_dtype=BF16)
+        assert_bf16_is_rounded(got, emulate_strips(x, inverse, grid=2, fast=fast),
+                               f"inverse={inverse}")
+        assert_same_bits(got, emulate_strips(x, inverse, grid=4, reverse=True, fast=fast,
+                                             out_dtype=BF16), f"reverse, inverse={inverse}")
+        assert_bf16_near_truth(got, torch.einsum("kn,prn->pkr", m, x.double()),
+                               f"bfloat16 out, inverse={inverse}")
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["dense", "fast"])
+def test_bf16_two_strip_passes_make_dct2_of_256_planes(fast):
+    # As the GPU runs a bfloat16 dct2 / idct2 of 256 x 256 planes: bfloat16 -> float ->
+    # bfloat16.
+    x = _rand_bf16(1, 256, 256)
+    for inverse, want in ((False, ref.dct2(x.double())), (True, ref.idct2(x.double()))):
+        y = emulate_strips(emulate_strips(x, inverse, fast=fast), inverse, fast=fast,
+                           out_dtype=BF16)
+        assert_bf16_near_truth(y, want, f"inverse={inverse}")
+
+
+def test_bf16_emulator_rejects_other_types():
+    for dtype in (torch.float64, torch.float16):
+        x = torch.zeros(1, 32, 32, dtype=dtype)
+        with pytest.raises(ValueError, match="float32 or bfloat16"):
+            emulate_dct(x, False)
+        with pytest.raises(ValueError, match="float32 or bfloat16"):
+            emulate_cluster(torch.zeros(1, 256, 256, dtype=dtype), DCT2)
+    x = torch.zeros(1, 32, 32, dtype=BF16)
+    for out_dtype in (BF16, torch.float16):   # bfloat16 on both sides: no GPU kernel either
+        with pytest.raises(ValueError, match="in_dtype, out_dtype"):
+            emulate_strips(x, False, out_dtype=out_dtype)
+    with pytest.raises(ValueError, match="in_dtype, out_dtype"):
+        emulate_strips(x.double(), False)
