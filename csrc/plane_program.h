@@ -465,7 +465,10 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
   const int64_t groups = (job.planes + G::kPPB - 1) / G::kPPB;
   for (int64_t grp = ctx.block(); grp < groups; grp += ctx.grid()) {
     const int64_t p0 = grp * G::kPPB, next = p0 + ctx.grid() * G::kPPB;
-    const bool prefetched = job.prefetch && grp != ctx.block();   // x1 is in the spare slot
+    // x1 is in the spare slot (float I/O only: the other types never prefetch, whatever
+    // job.prefetch says)
+    const bool prefetched =
+        std::is_same<T, float>::value && job.prefetch && grp != ctx.block();
     if (prefetched) {
       const int t = first;
       first = spare;
