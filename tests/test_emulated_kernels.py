@@ -176,7 +176,6 @@ def test_spectral_noise_returned_without_g(n, split, fast):
         assert_within_twice_torch(npx, ref.idct2(zb), peer_n, f"noise, {what}")
 
 
-
 @pytest.mark.parametrize("x2,noise", [(False, True), (True, False), (True, True)],
                          ids=["q_sample", "step", "step_noise"])
 def test_wide_geometry_pairs_transforms_bit_for_bit(x2, noise):
