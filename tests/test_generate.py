@@ -662,3 +662,24 @@ def test_resume_refuses_a_folder_of_other_settings_and_leaves_it_alone(run_dir, 
     with pytest.raises(ValueError, match=r"holds samples but no samples.json of `blurfast "
                                          r"sample`"):
         generate(run_dir / "run", out=out, seed=1, resume=True, **kw)
+
+
+def test_a_run_interrupted_on_one_process_resumes_on_two(run_dir, tmp_path, monkeypatch):
+    # Both ranks count the chunks before rank 0 rewrites the manifest, deal the missing
+    # batches round-robin and write their own chunks; rank 0 merges all of them. The
+    # interrupted run's chunk (images 0-1) is marked (zeroed) to show it is kept, not
+    # sampled again.
+    kw = dict(n=7, steps=2, seed=8, sampler="ancestral", progress=False, device="cpu")
+    generate(run_dir / "run", out=tmp_path / "whole", batch=3, **kw)
+    want = _read_pngs(tmp_path / "whole", 7)
+    out = tmp_path / "z"
+    _interrupted(run_dir, out, monkeypatch, 2, batch=2, fmt="npz", **kw)
+    chunk = out / ".chunk-000000-000002.npy"
+    np.testing.assert_array_equal(np.load(chunk), want[:2])
+    np.save(chunk, np.zeros_like(want[:2]))
+    _generate_in_two_gloo_processes(run_dir / "run", out,
+                                    {**kw, "batch": 2, "fmt": "npz", "resume": True})
+    with np.load(out / "samples.npz") as z:
+        assert (z["images"][:2] == 0).all()
+        np.testing.assert_array_equal(z["images"][2:], want[2:])
+    assert not list(out.glob(".chunk-*"))
