@@ -485,6 +485,20 @@ def assert_same_bits(u, v, what=""):
     assert torch.equal(u.view(torch.int16), v.view(torch.int16)), what
 
 
+def check_bf16_spectral(emulate, args, fwd, rev, kw, truth, what):
+    """The bfloat16 checks of a fused-op call returning (out, noise): the reverse run
+    (``rev``) gives the same bits as ``fwd``; each output is the float program's output
+    rounded, and near its float64 truth (``truth``: (out, noise))."""
+    got = emulate(*args, **fwd, **kw)
+    floats = [t.float() if isinstance(t, torch.Tensor) and t.dtype == BF16 else t for t in args]
+    for u, u_rev, u_float, want, part in zip(got, emulate(*args, **rev, **kw),
+                                             emulate(*floats, **fwd, **kw), truth,
+                                             ("", ": noise")):
+        assert_same_bits(u, u_rev, f"{what}{part}: reverse")
+        assert_bf16_is_rounded(u, u_float, what + part)
+        assert_bf16_near_truth(u, want, what + part)
+
+
 def _rand_bf16(*shape, seed=0):
     return _rand(*shape, seed=seed).to(BF16)
 
@@ -514,19 +528,11 @@ def test_bf16_spectral_generated_noise(n, split, fast):
     zb = ref.philox_normal(x.shape, 21, 7, torch.float64)
     for args, what in (((x, a), "q_sample"), ((x, a, x2, a2), "step")):
         kw = dict(g=g, seed=21, offset=7, return_noise=True, split=split, fast=fast)
-        out, npx = emulate_spectral(*args, grid=2, **kw)
-        out_r, npx_r = emulate_spectral(*args, grid=3, reverse=True, **kw)
-        assert_same_bits(out, out_r, f"{what}: reverse")
-        assert_same_bits(npx, npx_r, f"{what}: reverse noise")
-        out_f, npx_f = emulate_spectral(*(t.float() if t.dtype == BF16 else t for t in args),
-                                        grid=2, **kw)
-        assert_bf16_is_rounded(out, out_f, what)
-        assert_bf16_is_rounded(npx, npx_f, f"{what}: noise")
         x2_ = None if len(args) == 2 else x2.double()
-        want, want_n = ref.spectral(x.double(), a, x2_, None if x2_ is None else a2, g=g,
-                                    noise=zb, return_noise=True)
-        assert_bf16_near_truth(out, want, what)
-        assert_bf16_near_truth(npx, want_n, f"{what}: noise")
+        truth = ref.spectral(x.double(), a, x2_, None if x2_ is None else a2, g=g, noise=zb,
+                             return_noise=True)
+        check_bf16_spectral(emulate_spectral, args, dict(grid=2), dict(grid=3, reverse=True),
+                            kw, truth, what)
 
 
 FAST_GEOMETRY_IDS = [i for i, g in zip(GEOMETRY_IDS, GEOMETRIES) if g[2]]
@@ -567,20 +573,11 @@ def test_bf16_cluster(ctas):
     # q_sample (noise made while the loads are in flight) and a step with x2.
     for args, what in (((x, SPECTRAL, a), "q_sample"), ((x, SPECTRAL, a, x2, a2), "step")):
         kw = dict(g=g, seed=5, offset=6, return_noise=True, ctas=ctas)
-        out, npx = emulate_cluster(*args, clusters=1, **kw)
-        out_r, npx_r = emulate_cluster(*args, clusters=2, reverse=True, **kw)
-        assert_same_bits(out, out_r, f"{what}: reverse")
-        assert_same_bits(npx, npx_r, f"{what}: reverse noise")
-        out_f, npx_f = emulate_cluster(*(t.float() if isinstance(t, torch.Tensor) and
-                                         t.dtype == BF16 else t for t in args), clusters=1,
-                                       **kw)
-        assert_bf16_is_rounded(out, out_f, what)
-        assert_bf16_is_rounded(npx, npx_f, f"{what}: noise")
         x2_ = None if len(args) == 3 else x2.double()
-        want, want_n = ref.spectral(x.double(), a, x2_, None if x2_ is None else a2, g=g,
-                                    noise=zb, return_noise=True)
-        assert_bf16_near_truth(out, want, what)
-        assert_bf16_near_truth(npx, want_n, f"{what}: noise")
+        truth = ref.spectral(x.double(), a, x2_, None if x2_ is None else a2, g=g, noise=zb,
+                             return_noise=True)
+        check_bf16_spectral(emulate_cluster, args, dict(clusters=1),
+                            dict(clusters=2, reverse=True), kw, truth, what)
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["dense", "fast"])
