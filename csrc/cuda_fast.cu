@@ -6,7 +6,8 @@
 // memory; blocks loop over plane groups (grid = resident blocks). Calls with fewer plane
 // groups than SMs take the split geometry (one plane per block). Serves float32, float16
 // and bfloat16 I/O with float arithmetic for H = W in {32, 64, 128} when the shared memory
-// fits (N = 128 with three buffers needs Hopper's 227 KiB).
+// fits (N = 128 with three buffers needs Hopper's 227 KiB). The fused op at N = 64 with
+// float I/O takes the wide geometry (256 threads per plane).
 // Passes (line_passes.h): fast by default; BLURFAST_CUDA_KERNELS=dense takes the dense
 // ones (tables in shared memory, built once per block), =simple no fused kernel at all.
 //
@@ -102,7 +103,8 @@ bool aligned(const void* p, size_t bytes) { return ((uintptr_t)p % bytes) == 0; 
 // this group is transformed; float I/O, where it fits) in calls with two buffers, where it
 // measured faster; "fast+prefetch" prefetches in every call and "fast+noprefetch" in none
 // (the A/B of benchmarks/NOTES.md). "fast+wide" serves every call at N = 64 with the fast
-// passes' wide geometry (256 threads per plane, one plane per block), on trial.
+// passes' wide geometry (256 threads per plane, one plane per block): the default for the
+// fused op with float I/O there, on trial for dct2, idct2 and the other types.
 // "fast+cluster" ("fast+cluster8") serves 256 x 256 planes with the cluster kernel
 // (cluster_program.h), 4 (8) blocks per cluster, on sm_90 and later, instead of the strip
 // passes: on trial. "fast+occ" serves every call at N = 64 with float I/O on the one-plane
@@ -265,14 +267,18 @@ Plan make_plan(const Job& job, int64_t H, int64_t W, int dtype, int device) {
     const int sms = sm_count(device);
     const int64_t groups = (job.planes + Geom<N>::kPPB - 1) / Geom<N>::kPPB;
     const bool split = N >= 64 && groups < sms;
-    // The fused op with fewer plane groups than SMs at N = 64 runs on the dense passes'
-    // split geometry, whose 256 threads per plane (against 128) measured faster there:
-    // 18.2 against 21.1 µs for q_sample at 16x3x64x64 on an H100 (benchmarks/NOTES.md).
+    // The fused op at N = 64 with float I/O runs on the wide geometry (256 threads per
+    // plane, the two transforms of a step side by side), which measured faster than every
+    // other geometry at 16 and 256 planes of 3 (H100, run v6: q_sample 16.3 against 18.4
+    // µs and 50.8 against 57.4 µs; benchmarks/NOTES.md). The other I/O types have not
+    // been timed on it: with fewer plane groups than SMs they keep the dense passes' split
+    // geometry (256 threads per plane too), measured faster than 128 in run v4.
+    const bool wide_fused = N == 64 && job.mode == kSpectral && std::is_same<T, float>::value;
     const bool small_fused = N == 64 && split && job.mode == kSpectral;
     if constexpr (N == 64) {
-      if (choice == Choice::kFast && opt.wide) {
+      if (choice == Choice::kFast && (opt.wide || (wide_fused && !opt.occ))) {
         plan = plan_for<Geom<N, 4, true>, T>(job, device, prefetch);
-        return true;
+        if (plan.ok || opt.wide) return true;
       }
       if constexpr (std::is_same<T, float>::value) {
         if (choice == Choice::kFast && opt.occ) {

