@@ -1157,6 +1157,9 @@ def test_type_errors_and_existing_runs(made16, tmp_path):
     with pytest.raises(TypeError, match="cuda_graphs"):
         training.train(data=str(made16), out=str(tmp_path / "r"), steps=1,
                        **{**KW, "cuda_graphs": "yes"})
+    with pytest.raises(TypeError, match="^compile: expected a bool or None"):
+        training.train(data=str(made16), out=str(tmp_path / "r"), steps=1,
+                       **{**KW, "compile": "yes"})
     with pytest.raises(TypeError, match="^out: expected a path, got None"):
         training.train(data=str(made16), out=None, steps=1, **KW)
     with pytest.raises(TypeError, match=r"^model: unknown UNet arguments \['widht'\]"):
@@ -1169,8 +1172,10 @@ def test_type_errors_and_existing_runs(made16, tmp_path):
         training.train(data=str(made16), out=str(tmp_path / "r"), steps=1,
                        **{**KW, "model": {**TINY, "channel_mult": 2}})
     training.train(data=str(made16), out=str(tmp_path / "r"), steps=2, **KW)
-    # cuda_graphs=None (the default) resolves to off on a CPU, and the config says so.
-    assert json.loads((tmp_path / "r" / "config.json").read_text())["cuda_graphs"] is False
+    # cuda_graphs=None and compile=None (the defaults) resolve to off on a CPU, and the
+    # config says so.
+    written = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert written["cuda_graphs"] is False and written["compile"] is False
     with pytest.raises(ValueError, match=r"already holds checkpoints; pass resume='auto' "
                                          r"\(--resume auto\)"):
         training.train(data=str(made16), out=str(tmp_path / "r"), steps=4, **KW)
