@@ -16,15 +16,19 @@ def photos(tmp_path_factory):
 
 @pytest.mark.parametrize("cuda_graphs", [False, True, None])
 def test_train_on_cuda_bf16(photos, tmp_path, cuda_graphs):
+    # None: train()'s defaults on one GPU, a CUDA graph of the compiled model (compiling
+    # takes a while, so the other cases don't compile).
     from blurfast import checkpoint, training
     r = training.train(data=str(photos), out=str(tmp_path / "run"), preset="small",
                        resolution=16, model=TINY, diffusion=dict(num_steps=40), batch_size=8,
                        steps=12, lr=1e-3, device="cuda", precision="bf16",
-                       cuda_graphs=cuda_graphs, log_every=4, save_every=12, sample_every=12,
+                       cuda_graphs=cuda_graphs, compile=None if cuda_graphs is None else False,
+                       log_every=4, save_every=12, sample_every=12,
                        sample_steps=3, sample_count=4, progress=False)
     assert r["step"] == 12 and np.isfinite(r["loss"]) and r["skipped"] == 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["cuda_graphs"] is (cuda_graphs is not False)     # None: on with one GPU
+    assert config["compile"] is (cuda_graphs is None)
     model, diff, _ = checkpoint.load_model(r["checkpoint"], device="cuda")
     assert next(model.parameters()).is_cuda
 
