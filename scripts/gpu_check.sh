@@ -64,7 +64,8 @@
 #                          and racecheck_cluster too when the first call's budget cut them
 #                          (every step together takes longer than one 600 s device call)
 #   PYTHONPATH=<repo> with GPU_CHECK_SKIP=build: test an extension built on another machine
-#                          for this Python and GPU (blurfast/_C.cpython-*.so carried along)
+#                          for this Python and GPU (scripts/prebuild_gpu_ext.sh; the
+#                          blurfast/_C.cpython-*.so it prints carried along)
 #   BLURFAST_CUDA_ARCHS    passed to the build; when unset, this script builds only
 #                          for the GPU present (e.g. "90" on an H100) to save time;
 #                          GPU_CHECK_ALL_ARCHS=1 keeps the package's default list.

@@ -2,6 +2,7 @@
 an impl name the bench does not know or a pytest selection that picks nothing must fail
 here, not there. Each Python command of the script is parsed by its own argument parser."""
 import argparse
+import os
 import re
 import runpy
 import shlex
@@ -118,3 +119,17 @@ def test_pytest_selections_split_the_cuda_tests():
     parts = [collected(sel[n]) for n in names]
     all_cuda = collected(["-m", "pytest", "tests", "-m", "cuda", "-p", "no:cacheprovider"])
     assert sum(map(len, parts)) == len(all_cuda) and set().union(*parts) == all_cuda
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"PYTHON": "/no/such/python3.12"}, "PYTHON: no Python 3.12 found"),
+    ({"PYTHON": sys.executable, "CUDA_HOME": "/no/such/cuda"}, "CUDA_HOME: no bin/nvcc"),
+])
+def test_prebuild_script_names_what_is_missing(env, says, tmp_path):
+    # scripts/prebuild_gpu_ext.sh stops before making a venv or building when the
+    # interpreter or nvcc is missing, and says which.
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "prebuild_gpu_ext.sh")],
+                       env={**os.environ, "VENV": str(tmp_path / "venv"), **env},
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and says in r.stderr
+    assert not (tmp_path / "venv").exists()
