@@ -27,8 +27,6 @@ def _info(args) -> int:
               "  =fast+wide: calls at 64 x 64 on the fast passes, 256 threads per plane;\n"
               "  =fast+occ: float32 calls at 64 x 64 on the one-plane geometry compiled\n"
               "  for 4 blocks per SM;\n"
-              "  =fast+cluster (=fast+cluster8): 256 x 256 planes in one launch on\n"
-              "  thread-block clusters of 4 (8) blocks (sm_90 and later);\n"
               "  =simple: the simple kernels only.")
     else:
         print("CUDA kernels: not compiled (CPU kernels only)")

@@ -98,16 +98,6 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     plane_emulate(p, mode, grid, reverse_threads, split, fast, prefetch);
   }, "CPU emulation of the fused whole-plane CUDA kernel (tests only).");
-  m.def("cluster_emulate", [](int64_t planes, int64_t H, int64_t W, int dtype, uintptr_t x1,
-                              uintptr_t x2, py::object a1, py::object a2, py::object g,
-                              uintptr_t zb, uint64_t seed, uint64_t offset, uintptr_t out,
-                              uintptr_t noise_out, int mode, int64_t clusters,
-                              bool reverse_threads, int ctas) {
-    SpectralParams p = spectral_params(planes, H, W, dtype, x1, x2, a1, a2, g, zb, seed, offset,
-                                       out, noise_out);
-    py::gil_scoped_release nogil;
-    cluster_emulate(p, mode, clusters, reverse_threads, ctas);
-  }, "CPU emulation of the cluster CUDA kernel for 256 x 256 planes (tests only).");
   m.def("combine_emulate", [](int64_t planes, int64_t H, int64_t W, int dtype, uintptr_t f1,
                               uintptr_t f2, py::object a1, py::object a2, py::object g,
                               uintptr_t zb, uint64_t seed, uint64_t offset, uintptr_t out,

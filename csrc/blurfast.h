@@ -54,11 +54,6 @@ const char* cpu_build();
 // only, ignored for bfloat16 as on the GPU.
 void plane_emulate(const SpectralParams& p, int mode, int64_t grid, bool reverse_threads,
                    int split, bool fast, bool prefetch);
-// Test hook: runs the cluster CUDA program for 256 x 256 planes (cluster_program.h) on the
-// CPU, float32 or bfloat16 I/O: `clusters` clusters of `ctas` (4 or 8) blocks; mode as
-// plane_emulate.
-void cluster_emulate(const SpectralParams& p, int mode, int64_t clusters, bool reverse_threads,
-                     int ctas);
 // Test hook: runs the strip CUDA programs (strip_program.h) on the CPU:
 // in (planes, rows, L) -> out (planes, L, rows), each row transformed, rows % 32 == 0;
 // fast: run_fast_strips, else run_strips (dense passes). in_dtype, out_dtype: kF32 both,
@@ -72,12 +67,10 @@ void strip_emulate(const void* in, void* out, int64_t planes, int64_t rows, int6
 void combine_emulate(const SpectralParams& p);
 // Test hook: checks the emulator's own checks. Runs the toy block program `program`
 // (missing_barrier, unwritten_read, async_read_before_wait, async_never_waited,
-// write_other_block, read_outside, write_input, and on clusters of two blocks
-// cluster_missing_barrier, cluster_unwritten_read: each a deliberate bug; `fixed`: its
+// write_other_block, read_outside, write_input: each a deliberate bug; `fixed`: its
 // corrected version) on the emulator, threads and blocks in reverse order with
 // `reverse`, and returns its output: input 1, 2, ..., 64 copied, in missing_barrier
-// shifted one thread left within each block, in cluster_missing_barrier swapped between
-// the two blocks of each cluster.
+// shifted one thread left within each block.
 std::vector<float> emulator_selfcheck(const std::string& program, bool fixed, bool reverse);
 
 #ifdef BLURFAST_WITH_CUDA

@@ -14,9 +14,6 @@
 // Strip kernels: one 1-D pass with transposed output (two make a 2-D transform); the
 // simple path (cuda_kernels.cu) uses them for rows of 32, 64, 128 or 256 elements, 256 x 256
 // planes included. Fast passes by default, dense with BLURFAST_CUDA_KERNELS=dense.
-//
-// Cluster kernel (on trial, BLURFAST_CUDA_KERNELS=fast+cluster): 256 x 256 planes in one
-// launch, each plane spread over the blocks of a thread-block cluster.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -105,10 +102,8 @@ bool aligned(const void* p, size_t bytes) { return ((uintptr_t)p % bytes) == 0; 
 // (the A/B of benchmarks/NOTES.md). "fast+wide" serves every call at N = 64 with the fast
 // passes' wide geometry (256 threads per plane, one plane per block): the default for the
 // fused op with float I/O there, on trial for dct2, idct2 and the other types.
-// "fast+cluster" ("fast+cluster8") serves 256 x 256 planes with the cluster kernel
-// (cluster_program.h), 4 (8) blocks per cluster, on sm_90 and later, instead of the strip
-// passes: on trial. "fast+occ" serves every call at N = 64 with float I/O on the one-plane
-// geometry compiled for 4 blocks per SM (128 registers, against 3 blocks), on trial.
+// "fast+occ" serves every call at N = 64 with float I/O on the one-plane geometry compiled
+// for 4 blocks per SM (128 registers, against 3 blocks), on trial.
 enum class Choice { kFast, kDense, kSimple };
 enum class Prefetch { kTwoBuffers, kAll, kNone };
 
@@ -117,7 +112,6 @@ struct Options {
   Prefetch prefetch = Prefetch::kTwoBuffers;
   bool wide = false;
   bool occ = false;
-  int cluster = 0;     // blocks per cluster of the 256 x 256 cluster kernel; 0: strip passes
 };
 
 Options options_from_env() {
@@ -131,8 +125,6 @@ Options options_from_env() {
   if (s == "fast+noprefetch") o.prefetch = Prefetch::kNone;
   o.wide = s == "fast+wide";
   o.occ = s == "fast+occ";
-  if (s == "fast+cluster") o.cluster = 4;
-  if (s == "fast+cluster8") o.cluster = 8;
   return o;
 }
 
@@ -184,42 +176,7 @@ struct Plan {
   bool capped = false;  // Capped<Geom, 4> (fast+occ)
   int64_t bytes = 0;
   int per_sm = 0;
-  int cluster = 0;      // > 0: the cluster kernel, this many blocks per cluster
-  int clusters = 0;     // clusters resident at once
 };
-
-// Clusters of ClusterKernel<G, T> resident at once with `bytes` per block, cached per
-// (device, kernel, bytes).
-template <typename G, typename T>
-int resident_clusters(int device, int64_t bytes) {
-  static std::mutex mu;
-  static std::map<std::tuple<int, const void*, int64_t>, int> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  const auto key = std::make_tuple(device, ClusterKernel<G, T>::ptr(), bytes);
-  auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
-  return cache[key] = ClusterKernel<G, T>::max_clusters((size_t)bytes);
-}
-
-// The cluster kernel for 256 x 256 planes with K blocks per cluster, where possible.
-template <typename T>
-Plan cluster_plan(const Job& job, int K, int device) {
-  Plan plan;
-  if (device_attr(device, cudaDevAttrComputeCapabilityMajor, "compute capability") < 9)
-    return plan;
-  auto plan_for = [&](auto geom) {
-    using G = decltype(geom);
-    plan.cluster = G::kCtas;
-    plan.bytes = G::smem_floats(cluster_buffers(job)) * (int64_t)sizeof(float);
-    plan.clusters = resident_clusters<G, T>(device, plan.bytes);
-  };
-  if (K == 8)
-    plan_for(ClusterGeom<8>{});
-  else
-    plan_for(ClusterGeom<4>{});
-  plan.ok = plan.clusters > 0;
-  return plan;
-}
 
 // With prefetch where asked for and it fits (float I/O, shared memory), else without.
 template <typename G, typename T>
@@ -250,13 +207,6 @@ Plan make_plan(const Job& job, int64_t H, int64_t W, int dtype, int device) {
   if (job.mode == kSpectral && !job.a1.ptr) return plan;
   for (const MapRef* m : {&job.a1, &job.a2, &job.g})   // 32-bit map offsets (GroupMaps)
     if (m->ptr && m->mod * H * W >= ((int64_t)1 << 31)) return plan;
-  if (H == 256 && choice == Choice::kFast && opt.cluster) {
-    with_io_type(dtype, [&](auto* t) {
-      plan = cluster_plan<std::remove_pointer_t<decltype(t)>>(job, opt.cluster, device);
-      return true;
-    });
-    return plan;
-  }
   const bool prefetch = opt.prefetch == Prefetch::kAll ||
                         (opt.prefetch == Prefetch::kTwoBuffers && buffers_needed(job) == 2);
   with_kernel(H, dtype, [&](auto size, auto* t) {
@@ -385,19 +335,6 @@ bool plane_launch(const Job& job, int64_t H, int64_t W, int dtype, int device,
                   cudaStream_t stream) {
   const Plan plan = make_plan(job, H, W, dtype, device);
   if (!plan.ok) return false;
-  if (plan.cluster) {
-    const unsigned clusters = (unsigned)(job.planes < plan.clusters ? job.planes : plan.clusters);
-    return with_io_type(dtype, [&](auto* t) {
-      using T = std::remove_pointer_t<decltype(t)>;
-      check(plan.cluster == 8
-                ? ClusterKernel<ClusterGeom<8>, T>::launch(clusters, (size_t)plan.bytes, stream,
-                                                           job)
-                : ClusterKernel<ClusterGeom<4>, T>::launch(clusters, (size_t)plan.bytes, stream,
-                                                           job),
-            "cluster launch");
-      return true;
-    });
-  }
   const int64_t resident = (int64_t)plan.per_sm * sm_count(device);
   Job run = job;
   run.prefetch = plan.prefetch;

@@ -5,7 +5,6 @@ namespace blurfast {
 namespace plane {
 
 BLURFAST_PLANE_KERNELS(__nv_bfloat16)
-BLURFAST_CLUSTER_KERNELS(__nv_bfloat16)
 BLURFAST_STRIP_KERNELS(__nv_bfloat16, float)
 BLURFAST_STRIP_KERNELS(float, __nv_bfloat16)
 

@@ -5,7 +5,6 @@ namespace blurfast {
 namespace plane {
 
 BLURFAST_PLANE_KERNELS(__half)
-BLURFAST_CLUSTER_KERNELS(__half)
 BLURFAST_STRIP_KERNELS(__half, float)
 BLURFAST_STRIP_KERNELS(float, __half)
 

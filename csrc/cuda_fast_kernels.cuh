@@ -5,7 +5,6 @@
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include "cuda_fast_kernels.h"
@@ -103,30 +102,6 @@ struct GpuCtx {
   }
 };
 
-// The Ctx of run_cluster_program: a cluster of blocks along x (cluster dimension (K, 1, 1),
-// so block rank = blockIdx.x % K).
-template <int K>
-struct ClusterCtx : GpuCtx {
-  float* sm;
-  __device__ int64_t cluster() const { return blockIdx.x / K; }
-  __device__ int64_t clusters() const { return gridDim.x / K; }
-  __device__ float* smem(int j, int rank) const {
-#if __CUDA_ARCH__ >= 900
-    return rank == j ? sm : cooperative_groups::this_cluster().map_shared_rank(sm, rank);
-#else
-    return sm;
-#endif
-  }
-  template <typename F>
-  __device__ void phase(F&& f) {
-#if __CUDA_ARCH__ >= 900
-    auto cluster = cooperative_groups::this_cluster();
-    f((int)cluster.block_rank(), (int)threadIdx.x);
-    cluster.sync();
-#endif
-  }
-};
-
 // Blocks per SM the register budget is sized for: 2 where the shared memory of a call
 // with three buffers allows 2 or more (N = 32, 64 with split 1), and for the wide
 // geometry (split 4: 2 blocks of 256 threads, its reason to be), else 1; a Capped
@@ -146,19 +121,6 @@ __global__ void __launch_bounds__(G::kThreads, MinBlocks<G>::value) plane_kernel
   extern __shared__ float4 smem4[];
   GpuCtx ctx;
   run_program<G, T>(ctx, job, reinterpret_cast<float*>(smem4));
-}
-
-// Compiled for sm_90 and later only; the host plans it only there.
-template <typename G, typename T>
-__global__ void __launch_bounds__(G::kThreads, 1) cluster_kernel(Job job) {
-#if __CUDA_ARCH__ >= 900
-  extern __shared__ float4 smem4[];
-  ClusterCtx<G::kCtas> ctx;
-  ctx.sm = reinterpret_cast<float*>(smem4);
-  run_cluster_program<G, T>(ctx, job);
-#else
-  __trap();
-#endif
 }
 
 template <int L, typename Tin, typename Tout>
@@ -185,64 +147,6 @@ const void* PlaneKernel<G, T>::ptr() {
 template <typename G, typename T>
 void PlaneKernel<G, T>::launch(unsigned grid, size_t bytes, cudaStream_t stream, const Job& job) {
   gpu::plane_kernel<G, T><<<grid, G::kThreads, bytes, stream>>>(job);
-}
-
-template <typename G, typename T>
-const void* ClusterKernel<G, T>::ptr() {
-  return reinterpret_cast<const void*>(&gpu::cluster_kernel<G, T>);
-}
-
-template <typename G>
-cudaLaunchConfig_t cluster_config(unsigned clusters, size_t bytes, cudaStream_t stream,
-                                  cudaLaunchAttribute* attr) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(clusters * G::kCtas);
-  cfg.blockDim = dim3(G::kThreads);
-  cfg.dynamicSmemBytes = bytes;
-  cfg.stream = stream;
-  attr->id = cudaLaunchAttributeClusterDimension;
-  attr->val.clusterDim.x = G::kCtas;
-  attr->val.clusterDim.y = 1;
-  attr->val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cfg;
-}
-
-template <typename G, typename T>
-int ClusterKernel<G, T>::max_clusters(size_t bytes) {
-  auto kernel = &gpu::cluster_kernel<G, T>;
-  // Compiled from PTX for an architecture below sm_90 (a build without sm_90 code, run
-  // on Hopper through the driver's JIT), the kernel's body is the trap: plan none.
-  cudaFuncAttributes fa;
-  if (cudaFuncGetAttributes(&fa, kernel) != cudaSuccess || fa.ptxVersion < 90) {
-    (void)cudaGetLastError();
-    return 0;
-  }
-  // The limit is the most any call uses (three buffers), so that a later call with more
-  // bytes than an earlier one still launches.
-  const int most = (int)(G::smem_floats(3) * sizeof(float));
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most) !=
-      cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
-  }
-  cudaLaunchAttribute attr;
-  const cudaLaunchConfig_t cfg = cluster_config<G>(1, bytes, nullptr, &attr);
-  int n = 0;
-  if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
-  }
-  return n;
-}
-
-template <typename G, typename T>
-cudaError_t ClusterKernel<G, T>::launch(unsigned clusters, size_t bytes, cudaStream_t stream,
-                                        const Job& job) {
-  cudaLaunchAttribute attr;
-  const cudaLaunchConfig_t cfg = cluster_config<G>(clusters, bytes, stream, &attr);
-  return cudaLaunchKernelEx(&cfg, gpu::cluster_kernel<G, T>, job);
 }
 
 template <int L, typename Tin, typename Tout, bool Fast>
@@ -274,10 +178,6 @@ void StripKernel<L, Tin, Tout, Fast>::launch(unsigned grid, size_t bytes, cudaSt
   template struct PlaneKernel<Geom<64, 2>, T>;          \
   template struct PlaneKernel<Geom<128>, T>;            \
   template struct PlaneKernel<Geom<128, 2>, T>;
-
-#define BLURFAST_CLUSTER_KERNELS(T)                    \
-  template struct ClusterKernel<ClusterGeom<4>, T>;     \
-  template struct ClusterKernel<ClusterGeom<8>, T>;
 
 // Both strip kernels for every row length, Tin -> Tout.
 #define BLURFAST_STRIP_KERNELS_L(L, Tin, Tout)          \

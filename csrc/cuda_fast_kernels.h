@@ -4,7 +4,6 @@
 #pragma once
 #include <cuda_runtime.h>
 
-#include "cluster_program.h"
 #include "plane_program.h"
 #include "strip_program.h"
 
@@ -23,18 +22,6 @@ template <typename G, typename T>
 struct PlaneKernel {
   static const void* ptr();     // for occupancy queries and attributes
   static void launch(unsigned grid, size_t bytes, cudaStream_t stream, const Job& job);
-};
-
-// The cluster kernel for 256 x 256 planes (G a ClusterGeom), sm_90 and later. `clusters`
-// clusters of G::kCtas blocks each.
-template <typename G, typename T>
-struct ClusterKernel {
-  static const void* ptr();
-  // Clusters that fit on the current device at once with `bytes` of shared memory per
-  // block (0: none); sets the kernel's shared-memory limit first.
-  static int max_clusters(size_t bytes);
-  static cudaError_t launch(unsigned clusters, size_t bytes, cudaStream_t stream,
-                            const Job& job);
 };
 
 // The strip kernel (fast or dense passes) for rows of L, Tin -> Tout.

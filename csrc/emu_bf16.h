@@ -1,8 +1,7 @@
 // bfloat16 I/O for the CPU emulator (emulate.cpp): a host-side stand-in for CUDA's
 // __nv_bfloat16, with the load4 / store4 / store1 of line_passes.h converting as
 // cuda_fast_kernels.cuh does on the GPU, so the emulator runs the programs' 16-bit I/O
-// branches (cluster_program.h's load_rows through registers, no prefetch in
-// plane_program.h, the strip programs' mixed in/out types).
+// branches (no prefetch in plane_program.h, the strip programs' mixed in/out types).
 //
 // - bfloat16 -> float is exact: the 16 bits are the float's high half.
 // - float -> bfloat16 rounds to nearest, ties to even, as __float2bfloat16_rn and

@@ -21,7 +21,6 @@
 #include <vector>
 
 #include "blurfast.h"
-#include "cluster_program.h"
 #include "combine.h"
 #include "emu_bf16.h"
 #include "plane_program.h"
@@ -162,60 +161,6 @@ void emulate_strips(const plane::StripJob& job, int64_t grid, bool reverse, bool
              [&](EmuCtx& ctx, float* sm) { plane::run_strips<L, Tin, Tout>(ctx, job, sm); });
 }
 
-// A cluster of `ctas` blocks: each phase runs every thread of every block (last to first
-// with `reverse`), as the cluster barrier after each phase on the GPU allows.
-struct ClusterEmuCtx : EmuCtx {
-  int64_t cl = 0, ncl = 1;
-  int ctas = 0;
-  std::vector<std::vector<float>>* sms = nullptr;
-  int64_t cluster() const { return cl; }
-  int64_t clusters() const { return ncl; }
-  float* smem(int, int rank) { return (*sms)[rank].data(); }
-  template <typename F>
-  void phase(F&& f) {
-    for (int i = 0; i < ctas; ++i)
-      for (int t = 0; t < threads; ++t) {
-        const int j = reverse ? ctas - 1 - i : i, u = reverse ? threads - 1 - t : t;
-        cur = j * threads + u;
-        f(j, u);
-      }
-  }
-};
-
-// Runs cluster_program(ctx) for clusters 0 .. clusters-1 of `ctas` blocks, every
-// block's shared memory poisoned first; `memory` as in run_blocks.
-template <typename F>
-void run_clusters(int64_t smem_floats, int ctas, int threads, int64_t clusters, bool reverse,
-                  std::vector<plane::EmuRange> memory, F&& cluster_program) {
-  std::vector<std::vector<float>> sms(ctas, std::vector<float>(smem_floats));
-  for (const auto& sm : sms)
-    memory.push_back({(const char*)sm.data(), (const char*)(sm.data() + sm.size()), true});
-  struct Scope {
-    explicit Scope(const std::vector<plane::EmuRange>* m) { plane::emu_memory = m; }
-    ~Scope() { plane::emu_memory = nullptr; }
-  } scope(&memory);
-  for (int64_t i = 0; i < clusters; ++i) {
-    for (auto& sm : sms) std::fill(sm.begin(), sm.end(), std::numeric_limits<float>::quiet_NaN());
-    ClusterEmuCtx ctx;
-    ctx.cl = reverse ? clusters - 1 - i : i;
-    ctx.ncl = clusters;
-    ctx.ctas = ctas;
-    ctx.threads = threads;
-    ctx.reverse = reverse;
-    ctx.sms = &sms;
-    if (reverse) ctx.pending.resize((size_t)ctas * threads);
-    cluster_program(ctx);
-    ctx.check_no_copy_pending();
-  }
-}
-
-template <typename G, typename T>
-void emulate_cluster(const plane::Job& job, int64_t clusters, bool reverse) {
-  run_clusters(G::smem_floats(plane::cluster_buffers(job)), G::kCtas, G::kThreads, clusters,
-               reverse, job_memory<T>(job, (int64_t)G::N * G::N),
-               [&](ClusterEmuCtx& ctx) { plane::run_cluster_program<G, T>(ctx, job); });
-}
-
 template <typename C>
 void emulate_combine(const SpectralParams& p) {
   const CombineJob<C> job = combine_job<C>(p, (C*)const_cast<void*>(p.x1), (const C*)p.x2,
@@ -249,22 +194,6 @@ void combine_emulate(const SpectralParams& p) {
     emulate_combine<double>(p);
   else
     throw std::invalid_argument("combine_emulate: float32 or float64 only");
-}
-
-void cluster_emulate(const SpectralParams& p, int mode, int64_t clusters, bool reverse_threads,
-                     int ctas) {
-  with_emu_io(p.dtype, "cluster_emulate", [](auto*) {});
-  if (p.H != 256 || p.W != 256) throw std::invalid_argument("cluster_emulate: H = W = 256 only");
-  if (clusters < 1) throw std::invalid_argument("cluster_emulate: clusters must be >= 1");
-  if (ctas != 4 && ctas != 8) throw std::invalid_argument("cluster_emulate: ctas must be 4 or 8");
-  const plane::Job job = plane::make_job(p, mode);
-  with_emu_io(p.dtype, "cluster_emulate", [&](auto* t) {
-    using T = std::remove_pointer_t<decltype(t)>;
-    if (ctas == 4)
-      emulate_cluster<plane::ClusterGeom<4>, T>(job, clusters, reverse_threads);
-    else
-      emulate_cluster<plane::ClusterGeom<8>, T>(job, clusters, reverse_threads);
-  });
 }
 
 void strip_emulate(const void* in, void* out, int64_t planes, int64_t rows, int64_t L,
@@ -362,17 +291,6 @@ void run_toy(const float* in, float* out, bool reverse, F&& program) {
              });
 }
 
-// The same on clusters: kToyGrid clusters of 2 blocks of kToyThreads / 2 threads, so that
-// thread i of the grid is still thread i % 4 of block i / 4 % 2 of cluster i / 8.
-template <typename F>
-void run_toy_clusters(const float* in, float* out, bool reverse, F&& program) {
-  std::vector<plane::EmuRange> memory;
-  add_range(memory, in, kToyFloats, false);
-  add_range(memory, out, kToyFloats, true);
-  run_clusters(kToyThreads * 2, 2, kToyThreads / 2, kToyGrid, reverse, memory,
-               [&](ClusterEmuCtx& ctx) { program(ctx, ctx.cluster() * kToyThreads); });
-}
-
 }  // namespace
 
 std::vector<float> emulator_selfcheck(const std::string& program, bool fixed, bool reverse) {
@@ -464,48 +382,11 @@ std::vector<float> emulator_selfcheck(const std::string& program, bool fixed, bo
         plane::st4(dst + 4 * (i0 + t), v);
       });
     });
-  } else if (program == "cluster_missing_barrier" || program == "cluster_unwritten_read") {
-    // Block j's thread t loads its input into slot t of its shared memory. Then each
-    // thread swaps with the other block: slot t takes the other block's slot t. The
-    // first bug reads the other block's slot in the phase in which that block overwrites
-    // it (the fix: read into a register, write in the next phase); the second leaves the
-    // last cluster's last thread's slot unwritten (the first cluster wrote it).
-    constexpr int U = kToyThreads / 2;
-    const bool swap_bug = !fixed && program == "cluster_missing_barrier";
-    const bool skip_bug = !fixed && program == "cluster_unwritten_read";
-    run_toy_clusters(in, out, reverse, [&](ClusterEmuCtx& ctx, int64_t i0) {
-      std::vector<std::array<float, 4>> reg(2 * U);      // registers of the cluster's threads
-      const bool skip = skip_bug && ctx.cluster() == ctx.clusters() - 1;
-      ctx.phase([&](int j, int t) {
-        if (!(skip && j == 1 && t == U - 1)) {
-          float v[4];
-          plane::ld4(in + 4 * (i0 + j * U + t), v);
-          plane::st4(ctx.smem(j, j) + 4 * t, v);
-        }
-      });
-      auto read_other = [&](int j, int t) {
-        plane::ld4(ctx.smem(j, 1 - j) + 4 * t, reg[j * U + t].data());
-      };
-      auto write_own = [&](int j, int t) {
-        plane::st4(ctx.smem(j, j) + 4 * t, reg[j * U + t].data());
-      };
-      if (swap_bug) {
-        ctx.phase([&](int j, int t) { read_other(j, t); write_own(j, t); });
-      } else {
-        ctx.phase(read_other);
-        ctx.phase(write_own);
-      }
-      ctx.phase([&](int j, int t) {
-        float v[4];
-        plane::ld4(ctx.smem(j, j) + 4 * t, v);
-        plane::st4(out + 4 * (i0 + j * U + t), v);
-      });
-    });
   } else {
     throw std::invalid_argument(
         "emulator_selfcheck: program must be missing_barrier, unwritten_read, "
-        "async_read_before_wait, async_never_waited, write_other_block, read_outside, "
-        "write_input, cluster_missing_barrier or cluster_unwritten_read");
+        "async_read_before_wait, async_never_waited, write_other_block, read_outside or "
+        "write_input");
   }
   return std::vector<float>(out, out + kToyFloats);
 }

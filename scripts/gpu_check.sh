@@ -10,9 +10,8 @@
 #   build      BLURFAST_CUDA=1 pip install --no-build-isolation --no-deps -v .
 #   ext        make the source tree import the built blurfast._C (tests run from here)
 #   info       python -m blurfast info
-#   tests      pytest tests -m cuda, but the cluster kernel's and test_gpu_paths.py's
-#              (log, one line per test, + junit xml)
-#   tests_cluster  the cluster kernel's CUDA tests, in their own process
+#   tests      pytest tests -m cuda, but test_gpu_paths.py's (log, one line per test,
+#              + junit xml)
 #   bench      kernel table of issue 6 (3 shapes, float32 + bfloat16, every impl):
 #              benchmarks/run.py --device cuda --quick --no-steps --strict -> bench.json
 #              (--strict: fails when blurfast or a torch peer raised, or any row's output
@@ -23,22 +22,17 @@
 #              (BLURFAST_CUDA_KERNELS=fast+prefetch, fast+noprefetch, fast+wide, fast+occ)
 #              beside blurfast, blurfast_dense and torch_fp32,
 #              float32, the plane-kernel shapes -> bench_variants.json
-#   bench_cluster  256 x 256 planes (float32, bfloat16) on the cluster kernel
-#              (fast+cluster, fast+cluster8) beside the strip passes and torch_fp32
-#              -> bench_cluster.json
 #   steps      issue 4's goal: the whole training step of paper64 at batch 16 against the
 #              paper-style fp32 baselines, blurfast with and without torch.compile inside
 #              the CUDA graph (compiling takes minutes; every finished configuration is in
 #              steps.json at once, and one that fails is recorded and skipped)
 #   memcheck   compute-sanitizer --tool memcheck  python scripts/sanitizer_case.py
-#   racecheck_cluster  compute-sanitizer --tool racecheck on the cluster kernel's cases
 #   --- the steps below rarely fit in the first 600 s call: run them in a second one
 #   tests_paths  tests/test_gpu_paths.py: train() end to end (CUDA graphs, bf16) and the
 #              sampler's graphed model
 #   steps64    the training and sampler steps at batch 64, baselines and blurfast
 #              -> steps64.json
-#   racecheck  compute-sanitizer --tool racecheck python scripts/sanitizer_case.py, but
-#              the cluster kernel's cases
+#   racecheck  compute-sanitizer --tool racecheck python scripts/sanitizer_case.py
 #   profile    training step of paper64 at batch 16 in several configurations, and the
 #              kernels taking the most GPU time (scripts/profile_step.py) -> profile_step.txt
 #   ncu        Nsight Compute (clocks left alone): speed of light, occupancy, stall reasons
@@ -61,7 +55,7 @@
 #   GPU_CHECK_ONLY         space-separated step names to run, the others skipped: a second
 #                          call on the machine where the first one built, e.g.
 #                          "env ext tests_paths steps64 ncu racecheck profile bench_extra", with memcheck
-#                          and racecheck_cluster too when the first call's budget cut them
+#                          too when the first call's budget cut it
 #                          (every step together takes longer than one 600 s device call)
 #   PYTHONPATH=<repo> with GPU_CHECK_SKIP=build: test an extension built on another machine
 #                          for this Python and GPU (scripts/prebuild_gpu_ext.sh; the
@@ -256,15 +250,10 @@ EOF
   log "$1 junit: $counts"
   echo "$1 junit: $counts" >> "$SUMMARY"
 }
-# The cluster kernel's tests run in a process of their own, after the others: a fault in
-# a kernel that has never run would leave the CUDA context unusable for every later test.
 # -v: a step cut by its timeout writes no junit file, but its log names each test's outcome.
-step tests 130 "$PY" -m pytest tests -m cuda -k "not cluster and not test_gpu_paths" \
+step tests 130 "$PY" -m pytest tests -m cuda -k "not test_gpu_paths" \
   -p no:cacheprovider -v -rs --durations=10 --junitxml="$OUT/junit-cuda.xml"
 junit_counts cuda
-step tests_cluster 40 "$PY" -m pytest tests -m cuda -k cluster -p no:cacheprovider -v -rs \
-  --junitxml="$OUT/junit-cluster.xml"
-junit_counts cluster
 step bench 90 "$PY" benchmarks/run.py --device cuda --quick --no-steps --strict \
   --json "$OUT/bench.json"
 step bench_variants 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
@@ -272,24 +261,17 @@ step bench_variants 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps 
   --impls blurfast blurfast_prefetch blurfast_noprefetch blurfast_wide blurfast_occ blurfast_dense \
   torch_fp32 \
   --json "$OUT/bench_variants.json"
-step bench_cluster 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
-  --shapes 64x3x256x256 16x3x256x256 --dtypes float32 bfloat16 \
-  --impls blurfast blurfast_cluster blurfast_cluster8 torch_fp32 \
-  --json "$OUT/bench_cluster.json"
 step steps 240 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps --strict \
   --step-batches 16 --step-impls blurfast blurfast_compile --json "$OUT/steps.json"
 step memcheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
   --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py
-step racecheck_cluster 40 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer \
-  --tool racecheck --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py \
-  --cluster only
 step tests_paths 120 "$PY" -m pytest tests -m cuda -k test_gpu_paths -p no:cacheprovider -v \
   -rs --durations=10 --junitxml="$OUT/junit-paths.xml"
 junit_counts paths
 step steps64 120 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps --strict \
   --step-batches 64 --json "$OUT/steps64.json"
 step racecheck 110 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck \
-  --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py --cluster exclude
+  --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py
 step profile 60 "$PY" scripts/profile_step.py --batch 16 --out "$OUT/profile_step.txt"
 step ncu 90 bash -c ncu_cases
 step bench_extra 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps \

@@ -10,8 +10,8 @@ exactly these launches. gpu_check.sh's ``ncu`` step profiles one case per ncu ru
         --section Occupancy --section WarpStateStats python scripts/ncu_case.py --case 0
 
 The cases are CASES below (float32; q_sample returns its noise), the most wanted first:
-the fused op on the default geometries at 64 x 64, dct2, and the 256 x 256 paths (strip
-passes with the combine step, and the cluster kernel). Exits 2 without a CUDA device.
+the fused op on the default geometries at 64 x 64, dct2, and the 256 x 256 path (strip
+passes with the combine step). Exits 2 without a CUDA device.
 """
 import os
 import sys
@@ -25,10 +25,8 @@ CASES = [
     ("q_sample 256x3x64x64", "q_sample", (256, 3, 64, 64), None),
     ("q_sample 16x3x64x64", "q_sample", (16, 3, 64, 64), None),
     ("dct2 256x3x64x64", "dct2", (256, 3, 64, 64), None),
-    ("q_sample 64x3x256x256 fast+cluster", "q_sample", (64, 3, 256, 256), "fast+cluster"),
     ("q_sample 64x3x256x256", "q_sample", (64, 3, 256, 256), None),
     ("q_sample 16x3x64x64 fast+wide", "q_sample", (16, 3, 64, 64), "fast+wide"),
-    ("dct2 64x3x256x256 fast+cluster", "dct2", (64, 3, 256, 256), "fast+cluster"),
 ]
 CASE_NAMES = [c[0] for c in CASES]
 

@@ -4,11 +4,11 @@
 # emulator's own checks: tests/test_emulator_selfcheck.py) and the CPU kernels
 # (tests/test_ops.py). The emulator's own checks (emu_check) cover only ld4, st4
 # and store1; ASan also sees plain indexing past the end of a block's shared memory (an
-# exact-size std::vector, one per block of a cluster) and of the call's tensors, and
+# exact-size std::vector) and of the call's tensors, and
 # out-of-bounds accesses to a thread's local arrays; UBSan sees shifts, signed overflow,
 # misaligned accesses and the like.
 #
-#   bash scripts/sanitize_emulator.sh [PYTEST ARGS...]      # e.g. -k cluster
+#   bash scripts/sanitize_emulator.sh [PYTEST ARGS...]      # e.g. -k strip
 #
 # Builds a sanitized copy of the extension (CMake, BLURFAST_SANITIZE=address,undefined,
 # CUDA off, -O0) into a temporary folder, leaving the source tree and any installed

@@ -3,10 +3,10 @@
 Calls blurfast.dct2 / idct2 / spectral on CUDA at a few sizes (the fused whole-plane
 kernel's squares 32, 64, 128 in float32 and bfloat16; the strip kernel at 256 x 256 and
 64 x 128; the same squares again with the dense passes and with the simple kernels; the
-prefetching fused op on many planes; the cluster kernel at 256 x 256 (fast+cluster, fast+cluster8); odd sizes, an empty batch, a
-non-contiguous input, broadcast maps, batches large enough for the throughput geometry
-and for blocks that loop over plane groups), copies the results back and compares them with blurfast.reference on the CPU
-in float64.
+prefetching fused op on many planes; odd sizes, an empty batch, a non-contiguous input,
+broadcast maps, batches large enough for the throughput geometry and for blocks that loop
+over plane groups), copies the results back and compares them with blurfast.reference on
+the CPU in float64.
 Exits 0 when every case ran and matched, 1 on a mismatch or an exception, 2
 when there is no CUDA device. Run it under the sanitizer with the caching
 allocator off, so out-of-bounds accesses land outside real allocations:
@@ -42,9 +42,6 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-hw", type=int, default=256, help="skip shapes with H or W above this")
     p.add_argument("--device", default="cuda", help="cuda (default); cpu only to test this script")
-    p.add_argument("--cluster", choices=["include", "exclude", "only"], default="include",
-                   help="the cluster kernel's cases (fast+cluster*): run them last (default), "
-                        "not at all, or alone")
     a = p.parse_args(argv)
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -70,8 +67,7 @@ def main(argv=None):
             print(f"FAIL {name}: exception", flush=True)
             traceback.print_exc()
 
-    # The variants first (racecheck is slow, and a time limit should cut the plain cases),
-    # but the cluster kernel's, at the end.
+    # The variants first (racecheck is slow, and a time limit should cut the plain cases).
     # Prefetching blocks looping over plane groups, in the fused op too (fast+prefetch).
     runs = [((400, 3, 32, 32), torch.float32, "fast+prefetch")]
     runs += [((300, 3, 64, 64), torch.float32, "fast+prefetch")]
@@ -85,15 +81,6 @@ def main(argv=None):
     runs += [((400, 3, 32, 32), torch.float32, "")]     # more plane groups than blocks
     runs += [((150, 3, 64, 64), torch.float32, "")]     # more plane groups than SMs
     runs += [((150, 3, 64, 64), torch.float32, "dense")]
-    # The cluster kernel last: a fault in it would end the process's CUDA context.
-    runs += [((3, 1, 256, 256), torch.float32, "fast+cluster")]
-    runs += [((1, 3, 256, 256), torch.float32, "fast+cluster8")]
-    runs += [((2, 1, 256, 256), torch.bfloat16, "fast+cluster")]
-    cluster = [r for r in runs if r[2].startswith("fast+cluster")]
-    if a.cluster == "exclude":
-        runs = [r for r in runs if r not in cluster]
-    elif a.cluster == "only":
-        runs = cluster
     for shape, dtype, kernels in runs:
         b, c, h, w = shape
         if max(h, w) > a.max_hw:

@@ -277,38 +277,6 @@ def test_strip_path_in_l2_sized_chunks(passes, monkeypatch):
     assert rel_err(out, want) <= 2e-6 and rel_err(eps, want_e) <= 2e-6
 
 
-@pytest.mark.parametrize("choice", ["fast+cluster", "fast+cluster8"])
-@pytest.mark.parametrize("shape,dtype", [((70, 1, 256, 256), torch.float32),
-                                         ((2, 3, 256, 256), torch.float32),
-                                         ((5, 1, 256, 256), torch.bfloat16)])
-def test_cluster_kernel_against_float64(shape, dtype, choice, monkeypatch):
-    # 70 planes: more than the clusters resident on any current GPU, so clusters loop over
-    # planes. On sm_90 and later the cluster kernel serves every call at 256 x 256 (one
-    # launch, no workspace); before it, the strip path does.
-    monkeypatch.setenv("BLURFAST_CUDA_KERNELS", choice)
-    b, c, h, w = shape
-    x, x2 = _rand(*shape, dtype=dtype).cuda(), _rand(*shape, dtype=dtype, seed=1).cuda()
-    a = torch.rand(b, 1, h, w).cuda()
-    a2, g = torch.rand(1, c, h, w).cuda() - 0.5, torch.rand(b, 1, 1, 1).cuda()
-    hopper = torch.cuda.get_device_capability(0)[0] >= 9
-    assert _kernel_names(x, a, x2, a2, g=g) == (("plane",) * 2 if hopper else ("simple",) * 2)
-    xd, x2d, ad, a2d, gd = (t.double() for t in (x, x2, a, a2, g))
-
-    def close(got, want):     # bfloat16: one rounding of the result dominates
-        bound = 2e-6 if dtype == torch.float32 else 2 * rel_err(want.to(dtype), want) + 2e-6
-        return got.dtype == dtype and rel_err(got, want) <= bound
-    assert close(bf.dct2(x), ref.dct2(xd))
-    assert close(bf.idct2(x), ref.idct2(xd))
-    out, eps = bf.spectral(x, a, g=g, seed=3, offset=6, return_noise=True)
-    want, want_e = ref.spectral(xd, ad, g=gd, seed=3, offset=6, return_noise=True)
-    assert close(out, want) and close(eps, want_e)
-    out = bf.spectral(x, a, x2, a2, g=g, seed=3)
-    assert close(out, ref.spectral(xd, ad, x2d, a2d, g=gd, seed=3))
-    out, eps = bf.spectral(x, a, x2, a2, g=g, seed=3, return_noise=True)
-    want, want_e = ref.spectral(xd, ad, x2d, a2d, g=gd, seed=3, return_noise=True)
-    assert close(out, want) and close(eps, want_e)
-
-
 @pytest.mark.parametrize("planes", [2, 192])
 def test_simple_path_workspace_is_one_chunk_plus_the_spectra(planes):
     # The transform-by-transform path (256 x 256 by default) holds one L2-sized chunk of

@@ -347,99 +347,9 @@ def test_combine_emulator_rejects_other_types():
         emulate_combine(x, torch.ones(4, 4))
 
 
-# ----------------------------------------------- the cluster program for 256 x 256 planes
-
-def emulate_cluster(x, mode, a=None, x2=None, a2=None, g=None, noise=None, *, seed=0,
-                    offset=0, return_noise=False, clusters=2, reverse=False, ctas=4):
-    out = torch.empty_like(x)
-    noise_px = torch.empty_like(x) if return_noise else None
-    args, keep = spectral_kernel_args(x, a if a is not None else torch.ones(()), x2, a2, g,
-                                      noise, seed, offset, out, noise_px)
-    if mode != SPECTRAL:
-        args = args[:6] + (None, None, None, 0, 0, 0) + args[12:]
-    _C.cluster_emulate(*args, mode, clusters, reverse, ctas)
-    del keep
-    return (out, noise_px) if return_noise else out
-
-
-@pytest.mark.parametrize("ctas", [4, 8])
-def test_cluster_dct2_and_idct2_against_float64(ctas):
-    # 3 planes on 2 clusters: the second cluster loops over no plane after its first.
-    x = _rand(3, 256, 256)
-    for mode, want in ((DCT2, ref.dct2(x.double())), (IDCT2, ref.idct2(x.double()))):
-        y = emulate_cluster(x, mode, ctas=ctas)
-        assert_within_twice_torch(y, want, torch_dct2(x, inverse=mode == IDCT2), mode)
-        # Every thread of every block in reverse order: a phase whose threads read what
-        # others write in that phase (a missing barrier) would change the bits.
-        assert torch.equal(y, emulate_cluster(x, mode, clusters=3, reverse=True, ctas=ctas))
-
-
-@pytest.mark.parametrize("ctas", [4, 8])
-@pytest.mark.parametrize("offset", [0, 6])
-def test_cluster_spectral_against_float64(ctas, offset):
-    b = 3                                           # 3 planes, maps broadcast per sample
-    x, x2 = _rand(b, 1, 256, 256), _rand(b, 1, 256, 256, seed=1)
-    gen = torch.Generator().manual_seed(2)
-    a = torch.rand(b, 1, 256, 256, generator=gen)
-    a2 = torch.rand(256, 256, generator=gen) - 0.5
-    g = torch.rand(b, 1, 1, 1, generator=gen)
-    # q_sample: noise drawn and returned (made while the loads are in flight).
-    out, npx = emulate_cluster(x, SPECTRAL, a, g=g, seed=5, offset=offset, return_noise=True,
-                               ctas=ctas)
-    zb = ref.philox_normal(x.shape, 5, offset, torch.float64)
-    want, want_n = ref.spectral(x.double(), a, g=g, noise=zb, return_noise=True)
-    peer, peer_n = torch_spectral(x, a, g=g, zb=zb, return_noise=True)
-    assert_within_twice_torch(out, want, peer, "q_sample")
-    assert_within_twice_torch(npx, want_n, peer_n, "q_sample noise")
-    # Sampler step: x2, noise drawn in the combine step and not returned; in reverse.
-    got = emulate_cluster(x, SPECTRAL, a, x2, a2, g, seed=5, offset=offset, clusters=1,
-                          reverse=True, ctas=ctas)
-    want = ref.spectral(x.double(), a, x2.double(), a2, g=g, noise=zb)
-    assert_within_twice_torch(got, want, torch_spectral(x, a, x2, a2, g, zb), "step")
-    # x2 and returned noise together (the third buffer is reused); given noise.
-    zb = _rand(b, 1, 256, 256, seed=3)
-    out, npx = emulate_cluster(x, SPECTRAL, a, x2, a2, g, zb, return_noise=True, ctas=ctas)
-    want, want_n = ref.spectral(x.double(), a, x2.double(), a2, g=g, noise=zb.double(),
-                                return_noise=True)
-    peer, peer_n = torch_spectral(x, a, x2, a2, g, zb, return_noise=True)
-    assert_within_twice_torch(out, want, peer, "step, given noise")
-    assert_within_twice_torch(npx, want_n, peer_n, "step, given noise: noise")
-
-
-def test_cluster_maps_broadcast_differently():
-    # The cluster program's combine step reads each map at its own plane offset. The
-    # other cluster tests broadcast a1 and g alike (per sample, one channel), so taking
-    # g's offset from a1's (or a1's from g's) went unseen. Here a1 is shared by every
-    # plane and g differs per plane (2 channels); noise drawn in the combine step, not
-    # returned. Then noise returned without g, with x2 (made in the combine step).
-    x, x2 = _rand(1, 2, 256, 256), _rand(1, 2, 256, 256, seed=1)
-    gen = torch.Generator().manual_seed(2)
-    a = torch.rand(256, 256, generator=gen)
-    a2 = torch.rand(1, 2, 256, 256, generator=gen)
-    g = torch.rand(1, 2, 1, 1, generator=gen) + 0.5
-    zb = ref.philox_normal(x.shape, 4, 9, torch.float64)
-    got = emulate_cluster(x, SPECTRAL, a, g=g, seed=4, offset=9, clusters=2, ctas=8)
-    assert_within_twice_torch(got, ref.spectral(x.double(), a, g=g, noise=zb),
-                              torch_spectral(x, a, g=g, zb=zb), "a1 shared, g per plane")
-    out, npx = emulate_cluster(x, SPECTRAL, a, x2, a2, seed=4, offset=9, return_noise=True,
-                               clusters=1, reverse=True, ctas=8)
-    assert_within_twice_torch(out, ref.spectral(x.double(), a, x2.double(), a2),
-                              torch_spectral(x, a, x2, a2), "x2, no g")
-    assert_within_twice_torch(npx, ref.idct2(zb), torch_dct2(zb.float(), inverse=True),
-                              "noise returned without g")
-
-
-def test_cluster_emulator_rejects_unsupported_calls():
-    with pytest.raises(ValueError, match="256"):
-        emulate_cluster(torch.zeros(1, 128, 128), DCT2)
-    with pytest.raises(ValueError, match="ctas"):
-        emulate_cluster(torch.zeros(1, 256, 256), DCT2, ctas=2)
-
-
 # ------------------------------------------------- bfloat16 I/O (csrc/emu_bf16.h)
 #
-# The programs' 16-bit I/O branches (plane_program.h: no prefetch; cluster_program.h:
-# load_rows through registers, a quarter of the chunks at a time; the strip programs with
+# The programs' 16-bit I/O branches (plane_program.h: no prefetch; the strip programs with
 # bfloat16 on one side), run with the GPU's conversions: bfloat16 -> float exact, float ->
 # bfloat16 to nearest even. Two checks besides the reverse runs:
 # - against the float program on the same values: the arithmetic is float either way and
@@ -554,32 +464,6 @@ def test_bf16_asked_to_prefetch_does_not(n, split, fast):
         assert_same_bits(u, v)
 
 
-@pytest.mark.parametrize("ctas", [4, 8])
-def test_bf16_cluster(ctas):
-    # The cluster program's 16-bit branch (load_rows through registers, a quarter of the
-    # chunks at a time) has run nowhere else. 2 planes on one cluster: the cluster loops.
-    x, x2 = _rand_bf16(2, 256, 256), _rand_bf16(2, 256, 256, seed=1)
-    gen = torch.Generator().manual_seed(2)
-    a, a2 = torch.rand(2, 256, 256, generator=gen), torch.rand(256, 256, generator=gen) - 0.5
-    g = torch.rand(2, 1, 1, generator=gen)
-    for mode, want in ((DCT2, ref.dct2(x.double())), (IDCT2, ref.idct2(x.double()))):
-        y = emulate_cluster(x, mode, clusters=1, ctas=ctas)
-        assert_bf16_near_truth(y, want, f"mode {mode}")
-        assert_bf16_is_rounded(y, emulate_cluster(x.float(), mode, clusters=1, ctas=ctas),
-                               f"mode {mode}")
-        assert_same_bits(y, emulate_cluster(x, mode, clusters=2, reverse=True, ctas=ctas),
-                         f"mode {mode}: reverse")
-    zb = ref.philox_normal(x.shape, 5, 6, torch.float64)
-    # q_sample (noise made while the loads are in flight) and a step with x2.
-    for args, what in (((x, SPECTRAL, a), "q_sample"), ((x, SPECTRAL, a, x2, a2), "step")):
-        kw = dict(g=g, seed=5, offset=6, return_noise=True, ctas=ctas)
-        x2_ = None if len(args) == 3 else x2.double()
-        truth = ref.spectral(x.double(), a, x2_, None if x2_ is None else a2, g=g, noise=zb,
-                             return_noise=True)
-        check_bf16_spectral(emulate_cluster, args, dict(clusters=1),
-                            dict(clusters=2, reverse=True), kw, truth, what)
-
-
 @pytest.mark.parametrize("fast", [False, True], ids=["dense", "fast"])
 @pytest.mark.parametrize("length", [32, 64, 128, 256])
 def test_bf16_strip_passes(length, fast):
@@ -625,8 +509,6 @@ def test_bf16_emulator_rejects_other_types():
         x = torch.zeros(1, 32, 32, dtype=dtype)
         with pytest.raises(ValueError, match="float32 or bfloat16"):
             emulate_dct(x, False)
-        with pytest.raises(ValueError, match="float32 or bfloat16"):
-            emulate_cluster(torch.zeros(1, 256, 256, dtype=dtype), DCT2)
     x = torch.zeros(1, 32, 32, dtype=BF16)
     for out_dtype in (BF16, torch.float16):   # bfloat16 on both sides: no GPU kernel either
         with pytest.raises(ValueError, match="in_dtype, out_dtype"):

@@ -1,13 +1,12 @@
 """The emulator's own checks (csrc/emulate.cpp), on toy block programs with planted bugs.
 
 _C.emulator_selfcheck runs a deliberately broken toy program, or its corrected version,
-through the emulator's run_blocks and EmuCtx (run_clusters and ClusterEmuCtx for the
-cluster programs), the code that runs the real kernels. Each test shows that a check
-catches its kind of bug and that the corrected program passes it, so that switching a
-check off (NaN fill, reverse thread and block order, late async copies, the pending copy
-check, the bounds check) fails a test here. The toy programs run 2 blocks of 8 threads
-(or 2 clusters of 2 blocks of 4); thread i of the grid handles input floats
-4 i .. 4 i + 3 of the input 1 .. 64.
+through the emulator's run_blocks and EmuCtx, the code that runs the real kernels. Each
+test shows that a check catches its kind of bug and that the corrected program passes it,
+so that switching a check off (NaN fill, reverse thread and block order, late async
+copies, the pending copy check, the bounds check) fails a test here. The toy programs run
+2 blocks of 8 threads; thread i of the grid handles input floats 4 i .. 4 i + 3 of the
+input 1 .. 64.
 """
 import numpy as np
 import pytest
@@ -72,29 +71,6 @@ def test_access_outside_the_call_buffers_throws(program, message, reverse):
 def test_unknown_program_is_refused():
     with pytest.raises(ValueError, match="emulator_selfcheck: program must be"):
         run("no_such_program", False, False)
-
-
-def test_cluster_missing_barrier_changes_the_reverse_run():
-    # On clusters of 2 blocks of 4 threads: a thread reads the other block's slot in the
-    # phase in which that block overwrites it (the cluster emulation's own thread order).
-    assert not same_bits(run("cluster_missing_barrier", False, False),
-                         run("cluster_missing_barrier", False, True))
-    want = INPUT.reshape(BLOCKS, 2, THREADS // 2, 4)[:, ::-1].ravel()   # blocks swapped
-    for reverse in (False, True):
-        assert same_bits(run("cluster_missing_barrier", True, reverse), want)
-
-
-def test_cluster_read_of_an_unwritten_slot_gives_nan():
-    # The last cluster's last thread does not write its slot, which the first cluster
-    # did: only a refill of every block's shared memory per cluster makes the read NaN.
-    # The swap moves that slot to the other block's last thread.
-    swapped = INPUT.reshape(BLOCKS, 2, THREADS // 2, 4)[:, ::-1].ravel()
-    for reverse in (False, True):
-        out = run("cluster_unwritten_read", False, reverse)
-        nan = np.zeros(out.size, bool)
-        nan[-4 * (THREADS // 2) - 4:-4 * (THREADS // 2)] = True
-        assert np.isnan(out[nan]).all() and same_bits(out[~nan], swapped[~nan])
-        assert same_bits(run("cluster_unwritten_read", True, reverse), swapped)
 
 
 def test_a_block_writing_another_blocks_output_changes_the_reverse_run():

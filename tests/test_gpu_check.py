@@ -87,8 +87,8 @@ def test_python_commands_parse(monkeypatch, tmp_path):
                 _parse_shape(shape)
         else:
             pytest.fail(f"step {name}: main returned without parsing its arguments")
-    assert {"bench", "bench_variants", "bench_cluster", "steps", "steps64", "memcheck",
-            "racecheck", "racecheck_cluster", "profile", "bench_extra"} <= set(parsed)
+    assert {"bench", "bench_variants", "steps", "steps64", "memcheck", "racecheck", "profile",
+            "bench_extra"} <= set(parsed)
 
 
 def test_ncu_cases_list():
@@ -99,8 +99,8 @@ def test_ncu_cases_list():
 
 
 def test_pytest_selections_split_the_cuda_tests():
-    # `tests`, `tests_cluster` and `tests_paths` together run every CUDA test, each once.
-    names = ("tests", "tests_cluster", "tests_paths")
+    # `tests` and `tests_paths` together run every CUDA test, each once.
+    names = ("tests", "tests_paths")
     sel = {n: w for n, w in _steps() if n in names}
     assert set(sel) == set(names)
 
