@@ -24,9 +24,8 @@ def _info(args) -> int:
               "  returned noise); strip passes for sides 32..256; simple kernels otherwise.\n"
               "  BLURFAST_CUDA_KERNELS=dense: the previous (dense) passes; =fast+prefetch or\n"
               "  =fast+noprefetch: prefetch the next plane group in every call or in none;\n"
-              "  =fast+wide: calls at 64 x 64 on the fast passes, 256 threads per plane;\n"
-              "  =fast+occ: float32 calls at 64 x 64 on the one-plane geometry compiled\n"
-              "  for 4 blocks per SM;\n"
+              "  =fast+wide: every call at 64 x 64 on the fast passes, 256 threads per plane\n"
+              "  (the default for float32 fused calls at 64 x 64);\n"
               "  =simple: the simple kernels only.")
     else:
         print("CUDA kernels: not compiled (CPU kernels only)")

@@ -102,8 +102,6 @@ bool aligned(const void* p, size_t bytes) { return ((uintptr_t)p % bytes) == 0; 
 // (the A/B of benchmarks/NOTES.md). "fast+wide" serves every call at N = 64 with the fast
 // passes' wide geometry (256 threads per plane, one plane per block): the default for the
 // fused op with float I/O there, on trial for dct2, idct2 and the other types.
-// "fast+occ" serves every call at N = 64 with float I/O on the one-plane geometry compiled
-// for 4 blocks per SM (128 registers, against 3 blocks), on trial.
 enum class Choice { kFast, kDense, kSimple };
 enum class Prefetch { kTwoBuffers, kAll, kNone };
 
@@ -111,7 +109,6 @@ struct Options {
   Choice choice = Choice::kFast;
   Prefetch prefetch = Prefetch::kTwoBuffers;
   bool wide = false;
-  bool occ = false;
 };
 
 Options options_from_env() {
@@ -124,7 +121,6 @@ Options options_from_env() {
   if (s == "fast+prefetch") o.prefetch = Prefetch::kAll;
   if (s == "fast+noprefetch") o.prefetch = Prefetch::kNone;
   o.wide = s == "fast+wide";
-  o.occ = s == "fast+occ";
   return o;
 }
 
@@ -173,7 +169,6 @@ struct Plan {
   int split = 1;        // Geom's kSplit
   bool fast = true;     // Geom's kFast
   bool prefetch = false;
-  bool capped = false;  // Capped<Geom, 4> (fast+occ)
   int64_t bytes = 0;
   int per_sm = 0;
 };
@@ -226,16 +221,9 @@ Plan make_plan(const Job& job, int64_t H, int64_t W, int dtype, int device) {
     const bool wide_fused = N == 64 && job.mode == kSpectral && std::is_same<T, float>::value;
     const bool small_fused = N == 64 && split && job.mode == kSpectral;
     if constexpr (N == 64) {
-      if (choice == Choice::kFast && (opt.wide || (wide_fused && !opt.occ))) {
+      if (choice == Choice::kFast && (opt.wide || wide_fused)) {
         plan = plan_for<Geom<N, 4, true>, T>(job, device, prefetch);
         if (plan.ok || opt.wide) return true;
-      }
-      if constexpr (std::is_same<T, float>::value) {
-        if (choice == Choice::kFast && opt.occ) {
-          plan = plan_for<Capped<Geom<N, 2, true>, 4>, T>(job, device, prefetch);
-          plan.capped = true;
-          return true;
-        }
       }
     }
     if (choice == Choice::kFast && !small_fused) {
@@ -351,9 +339,6 @@ bool plane_launch(const Job& job, int64_t H, int64_t W, int dtype, int device,
     constexpr int N = decltype(size)::value;
     if (plan.fast) {
       if constexpr (N == 64) {
-        if constexpr (std::is_same<std::remove_pointer_t<decltype(t)>, float>::value) {
-          if (plan.capped) return launch(Capped<Geom<N, 2, true>, 4>{}, t);
-        }
         if (plan.split == 2) return launch(Geom<N, 2, true>{}, t);
         if (plan.split == 4) return launch(Geom<N, 4, true>{}, t);
       }

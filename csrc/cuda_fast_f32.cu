@@ -5,8 +5,6 @@ namespace blurfast {
 namespace plane {
 
 BLURFAST_PLANE_KERNELS(float)
-// fast+occ (on trial): float I/O only, as the bench times it.
-template struct PlaneKernel<Capped<Geom<64, 2, true>, 4>, float>;
 BLURFAST_STRIP_KERNELS(float, float)
 
 }  // namespace plane

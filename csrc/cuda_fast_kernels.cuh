@@ -104,16 +104,12 @@ struct GpuCtx {
 
 // Blocks per SM the register budget is sized for: 2 where the shared memory of a call
 // with three buffers allows 2 or more (N = 32, 64 with split 1), and for the wide
-// geometry (split 4: 2 blocks of 256 threads, its reason to be), else 1; a Capped
-// geometry's own count (4 blocks at N = 64 split 2 timed another geometry in version 4,
-// so that cap is on trial again as fast+occ: benchmarks/NOTES.md).
+// geometry (split 4: 2 blocks of 256 threads, its reason to be), else 1. A cap for 4
+// blocks at N = 64 split 2 (fast+occ) was no faster in run v6 and is gone
+// (benchmarks/LOG.md, version 6).
 template <typename G>
 struct MinBlocks {
   static constexpr int value = G::kSplit == 4 ? 2 : G::N == 128 || G::kSplit >= 2 ? 1 : 2;
-};
-template <typename G, int Blocks>
-struct MinBlocks<Capped<G, Blocks>> {
-  static constexpr int value = Blocks;
 };
 
 template <typename G, typename T>

@@ -10,14 +10,7 @@
 namespace blurfast {
 namespace plane {
 
-// Geometry G compiled for `Blocks` resident blocks per SM, so under the register cap that
-// gives (65536 / (Blocks x threads)); the program is G's. On trial: fast+occ, cuda_fast.cu.
-template <typename G, int Blocks>
-struct Capped : G {
-  static constexpr int kBlocksPerSm = Blocks;
-};
-
-// The whole-plane kernel of geometry G (a Geom, or a Capped one) and I/O type T.
+// The whole-plane kernel of geometry G (a Geom) and I/O type T.
 template <typename G, typename T>
 struct PlaneKernel {
   static const void* ptr();     // for occupancy queries and attributes

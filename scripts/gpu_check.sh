@@ -17,11 +17,11 @@
 #              (--strict: fails when blurfast or a torch peer raised, or any row's output
 #              failed the check against a float64 truth made before timing it; the JSON is
 #              rewritten after every case and shape, so a timeout keeps finished rows)
-#   bench_variants  the fast kernel prefetching in every call or in none, its wide
-#              geometry and its one-plane geometry capped for 4 blocks per SM at 64 x 64
-#              (BLURFAST_CUDA_KERNELS=fast+prefetch, fast+noprefetch, fast+wide, fast+occ)
-#              beside blurfast, blurfast_dense and torch_fp32,
-#              float32, the plane-kernel shapes -> bench_variants.json
+#   bench_variants  the fast kernel prefetching in every call or in none, and its wide
+#              geometry for every call at 64 x 64 (BLURFAST_CUDA_KERNELS=fast+prefetch,
+#              fast+noprefetch, fast+wide) beside blurfast, blurfast_dense and torch_fp32,
+#              float32 and bfloat16 (wide is the default for float32 fused calls at 64
+#              only), the plane-kernel shapes -> bench_variants.json
 #   steps      issue 4's goal: the whole training step of paper64 at batch 16 against the
 #              paper-style fp32 baselines, blurfast with and without torch.compile inside
 #              the CUDA graph (compiling takes minutes; every finished configuration is in
@@ -33,8 +33,9 @@
 #   steps64    the training and sampler steps at batch 64, baselines and blurfast
 #              -> steps64.json
 #   racecheck  compute-sanitizer --tool racecheck python scripts/sanitizer_case.py
-#   profile    training step of paper64 at batch 16 in several configurations, and the
-#              kernels taking the most GPU time (scripts/profile_step.py) -> profile_step.txt
+#   profile    training step of paper64 at batch 16 in several configurations, compiled
+#              too, and the kernels taking the most GPU time in train()'s default step
+#              (compiled model in a CUDA graph; scripts/profile_step.py) -> profile_step.txt
 #   ncu        Nsight Compute (clocks left alone): speed of light, occupancy, stall reasons
 #              and their source lines for the kernels of scripts/ncu_case.py, one ncu run
 #              per case -> ncu.log, ncu-<case>.ncu-rep
@@ -256,9 +257,9 @@ step tests 130 "$PY" -m pytest tests -m cuda -k "not test_gpu_paths" \
 junit_counts cuda
 step bench 90 "$PY" benchmarks/run.py --device cuda --quick --no-steps --strict \
   --json "$OUT/bench.json"
-step bench_variants 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
-  --shapes 256x3x64x64 16x3x64x64 256x3x32x32 64x3x128x128 --dtypes float32 \
-  --impls blurfast blurfast_prefetch blurfast_noprefetch blurfast_wide blurfast_occ blurfast_dense \
+step bench_variants 50 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
+  --shapes 256x3x64x64 16x3x64x64 256x3x32x32 64x3x128x128 --dtypes float32 bfloat16 \
+  --impls blurfast blurfast_prefetch blurfast_noprefetch blurfast_wide blurfast_dense \
   torch_fp32 \
   --json "$OUT/bench_variants.json"
 step steps 240 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps --strict \
@@ -272,7 +273,7 @@ step steps64 120 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --st
   --step-batches 64 --json "$OUT/steps64.json"
 step racecheck 110 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck \
   --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py
-step profile 60 "$PY" scripts/profile_step.py --batch 16 --out "$OUT/profile_step.txt"
+step profile 240 "$PY" scripts/profile_step.py --batch 16 --compile --out "$OUT/profile_step.txt"
 step ncu 90 bash -c ncu_cases
 step bench_extra 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
   --shapes 256x3x32x32 64x3x128x128 --impls blurfast blurfast_dense blurfast_simple torch_fp32 \

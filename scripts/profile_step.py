@@ -5,8 +5,9 @@
 1. Times TrainStep (paper64 by default) in several configurations, same process: bf16
    autocast or fp32 (TF32), channels_last or NCHW, CUDA graph or eager, and with
    ``--compile`` torch.compile plus the graph, so the cost of each setting shows.
-2. Profiles a few eager steps of the default configuration (bf16, NCHW) with
-   torch.profiler and prints the kernels that take the most GPU time.
+2. Profiles a few steps with torch.profiler and prints the kernels that take the most
+   GPU time: of train()'s default on one GPU (bf16, NCHW, compiled model, CUDA graph)
+   with ``--compile``, else of eager bf16 steps (NCHW).
 """
 import argparse
 import os
@@ -58,8 +59,8 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--rows", type=int, default=30, help="kernels listed by the profiler")
     p.add_argument("--compile", action="store_true",
-                   help="also time torch.compile of the model with the CUDA graph (compiling "
-                        "paper64 takes minutes)")
+                   help="also time torch.compile of the model with the CUDA graph, and "
+                        "profile that step (compiling paper64 takes minutes)")
     p.add_argument("--out", help="also write the report here")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -76,16 +77,23 @@ def main(argv=None):
     if a.compile:
         configs["bf16 + compile + graph (NCHW)"] = dict(precision="bf16", compile=True,
                                                         cuda_graphs=True)
+    profiled = None        # (what, step): the compiled one, kept from its timing
     for name, kw in configs.items():
         fn = make_step(a.preset, a.resolution, a.batch, **kw)
         ms = ms_per_step(fn, warmup=5, iters=a.iters)
         lines.append(f"{name:32s} {ms:8.2f} ms/step  {a.batch / ms * 1e3:8.1f} images/s")
         print(lines[-1], flush=True)
+        if kw.get("compile"):
+            profiled = (f"3 steps of {name}, train()'s default on one GPU", fn)
         del fn
         torch.cuda.empty_cache()
 
     from torch.profiler import ProfilerActivity, profile
-    fn = make_step(a.preset, a.resolution, a.batch, precision="bf16", channels_last=False)
+    if profiled is None:
+        profiled = ("3 eager steps of bf16 (NCHW)",
+                    make_step(a.preset, a.resolution, a.batch, precision="bf16",
+                              channels_last=False))
+    what, fn = profiled
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -100,8 +108,7 @@ def main(argv=None):
             break
         except (AttributeError, KeyError, ValueError):
             table = None
-    lines += ["", "torch.profiler, 3 eager steps of bf16 (NCHW, the default), by GPU time:",
-              table or "?"]
+    lines += ["", f"torch.profiler, {what}, by GPU time:", table or "?"]
     print("\n".join(lines[-3:]), flush=True)
     if a.out:
         with open(a.out + ".tmp", "w") as f:

@@ -159,7 +159,7 @@ def _kernel_names(x, a, x2=None, a2=None, g=None, return_noise=False):
 
 # The kernel choices of BLURFAST_CUDA_KERNELS with a fused whole-plane kernel ("fast"
 # prefetches in two-buffer calls, "fast+prefetch" in all; cuda_fast.cu).
-PLANE_CHOICES = ["fast", "dense", "fast+prefetch", "fast+wide", "fast+occ"]
+PLANE_CHOICES = ["fast", "dense", "fast+prefetch", "fast+wide"]
 
 
 @pytest.mark.parametrize("passes", PLANE_CHOICES)
@@ -233,7 +233,7 @@ def test_prefetch_and_wide_change_no_bit(shape, monkeypatch):
         "step": lambda: (bf.spectral(x, a, x2, a, g=g, seed=8),),
     }
     got = {}
-    for choice in ("fast+noprefetch", "fast", "fast+prefetch", "fast+wide", "fast+occ"):
+    for choice in ("fast+noprefetch", "fast", "fast+prefetch", "fast+wide"):
         monkeypatch.setenv("BLURFAST_CUDA_KERNELS", choice)
         got[choice] = {k: f() for k, f in calls.items()}
     xd = x.double().cpu()
@@ -242,19 +242,17 @@ def test_prefetch_and_wide_change_no_bit(shape, monkeypatch):
             "step": (ref.spectral(xd, a.cpu(), x2.double().cpu(), a.cpu(), g=g.cpu(),
                                   seed=8),)}
     for k in calls:
-        same = ["fast", "fast+prefetch"]
-        # At 64 the wide and capped (fast+occ) geometries are kernels of their own: on
-        # the H100 (run v6) fast+wide's dct2 differed from the one-plane kernel's in some
-        # bits, though the emulator runs the same arithmetic in both
+        # dct2 and idct2 at 64 on the wide geometry are a kernel of their own: on the
+        # H100 (run v6) its dct2 differed from the one-plane kernel's in some bits, though
+        # the emulator runs the same arithmetic in both
         # (test_wide_geometry_pairs_transforms_bit_for_bit); nvcc's choice of fused
-        # multiply-adds in each kernel is the likely cause. There each is held to the
+        # multiply-adds in each kernel is the likely cause. There it is held to the
         # float64 truth instead.
-        own = {"fast+occ"} | ({"fast+wide"} if k in ("dct2", "idct2") else set())
-        same += [ch for ch in ("fast+wide", "fast+occ") if h != 64 or ch not in own]
-        for choice in same:
+        own = h == 64 and k in ("dct2", "idct2")
+        for choice in ["fast", "fast+prefetch"] + ([] if own else ["fast+wide"]):
             for u, v in zip(got["fast+noprefetch"][k], got[choice][k]):
                 assert torch.equal(u, v), (k, choice)
-        for choice in ["fast"] + sorted(own if h == 64 else ()):
+        for choice in ["fast"] + (["fast+wide"] if own else []):
             for u, w_ in zip(got[choice][k], want[k]):
                 assert rel_err(u, w_) <= 2e-6, (k, choice)
 

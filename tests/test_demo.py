@@ -80,7 +80,7 @@ def test_merge_results_of_two_device_calls(tmp_path):
     step = {"case": "train_step", "preset": "paper64", "impl": "torch_fp32",
             "ms_per_step": 100.0, "images_per_s": 160.0}
     files = {"bench.json": dict(head, rows=[row], skipped=[]),
-             "bench_variants.json": dict(head, rows=[dict(row, impl="blurfast_occ")],
+             "bench_variants.json": dict(head, rows=[dict(row, impl="blurfast_wide")],
                                          skipped=[{"impl": "x", "error": False}]),
              "steps.json": dict(head, rows=[], skipped=[], partial=True,
                                 model_steps=[dict(step, shape=[16, 3, 64, 64])]),
@@ -91,7 +91,7 @@ def test_merge_results_of_two_device_calls(tmp_path):
     name = merge(str(tmp_path))
     assert name == "nvidia-h100-80gb-hbm3-2026-11-26.json"
     got = json.loads((tmp_path / "results" / name).read_text())
-    assert [r["impl"] for r in got["rows"]] == ["torch_fp32", "blurfast_occ"]
+    assert [r["impl"] for r in got["rows"]] == ["torch_fp32", "blurfast_wide"]
     assert [(r["run"], r["shape"][0]) for r in got["model_steps"]] == [("steps", 16),
                                                                        ("steps64", 64)]
     assert got["partial"] is True and len(got["skipped"]) == 1 and got["driver"] == "580"
@@ -102,9 +102,8 @@ def test_kernel_names_in_bench_rows_are_short():
     # geometry actually served it (a tie in the plan once timed another one).
     from blurfast.bench_timing import short_kernel_name
     assert short_kernel_name(
-        "void blurfast::plane::gpu::plane_kernel<blurfast::plane::Capped<blurfast::plane::"
-        "Geom<64, 2, true>, 4>, float>(blurfast::plane::Job)") == \
-        "plane_kernel<Capped<Geom<64, 2, true>, 4>, float>"
+        "void blurfast::plane::gpu::plane_kernel<blurfast::plane::Geom<64, 4, true>, "
+        "float>(blurfast::plane::Job)") == "plane_kernel<Geom<64, 4, true>, float>"
     assert short_kernel_name("void at::native::elementwise_kernel<128, 2, at::native::"
                              "Functor<float> >(int, at::native::Functor<float>)") == \
         "elementwise_kernel<128, 2, Functor<float> >"
