@@ -28,7 +28,8 @@
 #              steps.json at once, and one that fails is recorded and skipped)
 #   memcheck   compute-sanitizer --tool memcheck  python scripts/sanitizer_case.py
 #   --- the steps below rarely fit in the first 600 s call: run them in a second one
-#   tests_paths  tests/test_gpu_paths.py: train() end to end (CUDA graphs, bf16) and the
+#   tests_paths  tests/test_gpu_paths.py: train() end to end (CUDA graphs, bf16, and its
+#              defaults: compiled model in the graph) and the
 #              sampler's graphed model
 #   steps64    the training and sampler steps at batch 64, baselines and blurfast
 #              -> steps64.json
@@ -266,7 +267,7 @@ step steps 240 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --step
   --step-batches 16 --step-impls blurfast blurfast_compile --json "$OUT/steps.json"
 step memcheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
   --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py
-step tests_paths 120 "$PY" -m pytest tests -m cuda -k test_gpu_paths -p no:cacheprovider -v \
+step tests_paths 180 "$PY" -m pytest tests -m cuda -k test_gpu_paths -p no:cacheprovider -v \
   -rs --durations=10 --junitxml="$OUT/junit-paths.xml"
 junit_counts paths
 step steps64 120 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps --strict \
