@@ -823,6 +823,9 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
             write_text(out / "config.json", text + "\n")
             if progress:
                 print(f"config (saved to {out / 'config.json'}):\n{text}", flush=True)
+                if cfg["compile"] and start < cfg["steps"]:
+                    print("compile: the first steps compile the model (minutes for paper64 "
+                          "on a GPU); the bar moves once that is done", flush=True)
             log = _Log(out, start)
         if fid is not None:
             fid_log = _FidLog(out / "fid.csv", start)

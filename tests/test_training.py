@@ -724,6 +724,18 @@ def test_numpy_scalars_are_taken_as_python_numbers(made16, tmp_path):
     assert cfg["ema_decay"] == float(np.float32(0.9)) and cfg["grad_clip"] == 1.0
 
 
+@pytest.mark.parametrize("compile", [True, False])
+def test_compiling_runs_say_the_first_steps_compile(made16, tmp_path, capsys, monkeypatch,
+                                                    compile):
+    # Compiling (train()'s default on one GPU) stalls the bar for minutes: the run says so
+    # before it starts. torch.compile is stubbed out: only the message is under test.
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: f)
+    training.train(data=str(made16), out=str(tmp_path / "r"), steps=1,
+                   **{**KW, "compile": compile, "progress": True})
+    said = "compile: the first steps compile the model" in capsys.readouterr().out
+    assert said is compile
+
+
 def test_sample_grids_show_progress_and_stay_out_of_images_per_s(made16, tmp_path, capsys,
                                                                 monkeypatch):
     # A grid drawn mid-run shows a bar of its own, and log.csv's images_per_s of the next
