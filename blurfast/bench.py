@@ -599,7 +599,7 @@ def targets(result: dict) -> list:
                 "met": bool(launches == 1 and r["median_us"] <= SMALL_BATCH[1]),
             })
     for r in result.get("model_steps", []):
-        if (r["case"] == "train_step" and r["impl"] in ("blurfast", "blurfast_compile")
+        if (r["case"] == "train_step" and r["impl"].startswith("blurfast")
                 and r["shape"][0] == 16 and r.get("preset") == "paper64"):
             # Against torch's default flags (TF32 convolutions) where the row has it; rows
             # of runs before that baseline existed have only the IEEE one.
@@ -732,7 +732,8 @@ def main(argv=None) -> int:
                    choices=STEP_IMPLS,
                    help="model-step configurations besides the two baselines, which are "
                         "always timed (default: blurfast; blurfast_compile adds torch.compile, "
-                        "which takes minutes to compile)")
+                        "which takes minutes to compile; a _cast_once variant casts the "
+                        "bf16 weights once per step, on a GPU)")
     p.add_argument("--cases", nargs="+", choices=CASES, default=None, metavar="CASE",
                    help=f"default: all of {', '.join(CASES)}")
     p.add_argument("--impls", nargs="+", choices=IMPLS + VARIANT_IMPLS, default=None,

@@ -63,7 +63,8 @@ def _sampler_coefs(diff: BlurDiffusion, batch: int, device):
     return [m.float().expand(batch, 1, diff.H, diff.W).contiguous() for m in (ca, ce, cz)]
 
 
-STEP_IMPLS = ("torch_default", "torch_fp32", "blurfast", "blurfast_compile")
+STEP_IMPLS = ("torch_default", "torch_fp32", "blurfast", "blurfast_cast_once",
+              "blurfast_compile", "blurfast_compile_cast_once")
 BASELINES = ("torch_default", "torch_fp32")
 
 # Backend flags of each configuration on CUDA: (matmul TF32, cuDNN TF32, cuDNN benchmark).
@@ -71,7 +72,7 @@ BASELINES = ("torch_default", "torch_fp32")
 # as a script that sets none of them runs; torch_fp32 is IEEE float32 throughout; blurfast
 # sets what train() sets.
 BACKEND_FLAGS = {"torch_default": (False, True, False), "torch_fp32": (False, False, False),
-                 "blurfast": TRAIN_FLAGS, "blurfast_compile": TRAIN_FLAGS}
+                 **{impl: TRAIN_FLAGS for impl in STEP_IMPLS[2:]}}
 
 
 class backend_flags:
@@ -105,9 +106,10 @@ def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[s
     speedup_vs_torch_default, speedup_vs_torch_fp32}`` for cases ``train_step`` and
     ``sampler_step_model``. The two baselines are always timed: ``torch_default`` (torch's
     default backend flags, TF32 convolutions) and ``torch_fp32`` (IEEE float32
-    throughout). Besides them, from ``impls``: ``blurfast`` and ``blurfast_compile`` (the
+    throughout). Besides them, from ``impls``: ``blurfast``, ``blurfast_compile`` (the
     model under ``torch.compile`` inside the same CUDA graph; training step only,
-    compiling takes minutes). ``flags`` records (matmul TF32, cuDNN TF32, cuDNN benchmark)
+    compiling takes minutes) and each with ``_cast_once`` (the bf16 weights cast once per
+    step, :class:`blurfast.training.Bf16Weights`; training step only). ``flags`` records (matmul TF32, cuDNN TF32, cuDNN benchmark)
     on CUDA. Defaults: paper64 at 64x64, batch 16 and 64 on a GPU (16 only with
     ``quick``); the small U-Net at 32x32, batch 8 on a CPU.
 
@@ -117,12 +119,15 @@ def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[s
     the rows so far after each configuration, so a run cut short keeps them.
     ``progress``: a progress bar (stderr) over the (batch, configuration) pairs."""
     from tqdm.auto import tqdm
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
     for impl in impls:
         if impl not in STEP_IMPLS:
             raise ValueError(f"impls: expected names from {STEP_IMPLS}, got {impl!r}")
+        if impl.endswith("cast_once") and not cuda:
+            raise ValueError(f"impls: {impl} casts bf16 weights, which the CPU rows (fp32) "
+                             f"do not use; it needs a CUDA device")
     impls = list(BASELINES) + [i for i in STEP_IMPLS if i in impls and i not in BASELINES]
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cuda = device.type == "cuda"
     preset = preset or ("paper64" if cuda else "small")
     res = resolution or (64 if cuda else 32)
     if batches is None:
@@ -198,7 +203,8 @@ def _time_impl(impl, timed, preset, diff, device, iters, inputs: _StepInputs) ->
             stepper = TrainStep(model, diff, device=device,
                                 precision="bf16" if cuda else "fp32",
                                 channels_last=False, cuda_graphs=cuda,
-                                compile=impl == "blurfast_compile")
+                                compile="compile" in impl,
+                                cast_once=impl.endswith("cast_once"))
 
             def train_fn(stepper=stepper):
                 stepper(x_u8, flip, t, 1, 0)
@@ -213,7 +219,7 @@ def _time_impl(impl, timed, preset, diff, device, iters, inputs: _StepInputs) ->
                     eps = net(x0, t_dev)
                 ops.spectral(x0, ca, eps.float(), ce, cz, seed=1)
         cases = [("train_step", train_fn), ("sampler_step_model", sample_fn)]
-        for case, fn in cases[:1] if impl == "blurfast_compile" else cases:
+        for case, fn in cases if impl in ("blurfast", *BASELINES) else cases[:1]:
             # A captured step's eager warm-up steps and its capture stay out of the timed
             # loop (they once counted there: the v3 rows).
             graph = cuda and case == "train_step" and impl not in BASELINES

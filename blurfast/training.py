@@ -49,7 +49,7 @@ from .fileio import write_problem, write_text
 from .diffusion import TARGETS, BlurDiffusion, scales
 from .models import PRESETS, UNet
 
-__all__ = ["train", "TrainStep", "step_draws", "StepBatches", "NonFiniteError"]
+__all__ = ["train", "TrainStep", "Bf16Weights", "step_draws", "StepBatches", "NonFiniteError"]
 
 _SEED_MASK = 2 ** 62 - 1
 _GRAPH_WARMUP = 3          # eager steps (on a side stream) before the capture
@@ -155,6 +155,53 @@ def flatten_params_(module: torch.nn.Module) -> Optional[torch.Tensor]:
     return flat
 
 
+class Bf16Weights:
+    """bfloat16 copies of a model's convolution and linear parameters, refreshed by one
+    cast of the flat float32 buffer per step, and a twin of the model that computes with
+    them (its other parameters, the norms', are the model's own).
+
+    Autocast casts each such parameter where it is used: inside a CUDA graph, where its
+    cast cache is off, one small kernel per parameter forward and one per gradient back
+    to float32 (298 each way for paper64). Here the forward casts are one kernel,
+    and :meth:`grads_to_float` widens the gradients in a few multi-tensor kernels. The
+    numbers are autocast's: the same float32 values rounded to bfloat16, the same
+    bfloat16 gradients widened (tests/test_training.py checks the bits)."""
+
+    def __init__(self, model: torch.nn.Module, flat: torch.Tensor):
+        self.flat = flat
+        self.flat16 = torch.empty(flat.shape, dtype=torch.bfloat16, device=flat.device)
+        self.grad_flat = torch.zeros_like(flat)
+        shared = {id(v): v for v in (*model.parameters(), *model.buffers())}
+        self.module = copy.deepcopy(model, shared)
+        self.masters, self.copies, self.master_grads = [], [], []
+        for mod in self.module.modules():
+            if not isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):  # autocast's bf16 ops
+                continue
+            for name, p in list(mod.named_parameters(recurse=False)):
+                where = (p.shape, p.stride(), p.storage_offset())   # p: a view of `flat`
+                copy16 = torch.nn.Parameter(self.flat16.as_strided(*where))
+                setattr(mod, name, copy16)
+                self.masters.append(p)
+                self.copies.append(copy16)
+                self.master_grads.append(self.grad_flat.as_strided(*where))
+
+    def refresh(self) -> None:
+        """Casts the model's current weights (one kernel)."""
+        self.flat16.copy_(self.flat)
+
+    def grads_to_float(self) -> None:
+        """Gives each master parameter its copy's gradient in float32 (None where the
+        copy has none, as autocast's master would)."""
+        dst, src = [], []
+        for p, c, g in zip(self.masters, self.copies, self.master_grads):
+            p.grad = None if c.grad is None else g
+            if c.grad is not None:
+                dst.append(g)
+                src.append(c.grad)
+        if dst:
+            torch._foreach_copy_(dst, src)
+
+
 def _collate(batch: torch.Tensor) -> torch.Tensor:
     """The datasets' ``__getitems__`` already returns the batch tensor."""
     return batch
@@ -176,7 +223,9 @@ class TrainStep:
     :meth:`read_stats`. ``ddp``: wrap the model in DistributedDataParallel (the
     process group must exist). ``cuda_graphs``: capture the whole step after
     ``_GRAPH_WARMUP`` eager steps; the noise then comes from torch's generator
-    (graph-safe) instead of the Philox stream.
+    (graph-safe) instead of the Philox stream. ``cast_once`` (bf16, one process): the
+    forward computes with :class:`Bf16Weights`, the same numbers as autocast's casts in
+    fewer kernels.
     """
 
     def __init__(self, model: UNet, diff: BlurDiffusion, *, device, target: str = "eps",
@@ -185,7 +234,7 @@ class TrainStep:
                  ema_beta: float = 0.9999, precision: str = "fp32",
                  channels_last: bool = False, compile: bool = False,
                  cuda_graphs: bool = False, flip: bool = True, pixel_range: str = "-1,1",
-                 ddp: bool = False):
+                 ddp: bool = False, cast_once: bool = False):
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
         if target not in TARGETS:
@@ -201,6 +250,8 @@ class TrainStep:
         if cuda_graphs and ddp:
             raise ValueError("cuda_graphs: not supported with several processes (DDP); use "
                              "compile=True there")
+        if cast_once and (precision != "bf16" or ddp):
+            raise ValueError("cast_once: needs precision='bf16' and one process (no ddp)")
         self.target, self.flip, self.pixel_range = target, flip, pixel_range
         self.cuda_graphs = cuda_graphs
         self.amp = precision == "bf16"
@@ -217,8 +268,14 @@ class TrainStep:
         self._ema_pairs = (([ema_flat], [flat]) if flat is not None and ema_flat is not None
                            else (self.ema_params, self.params))
         self.diff = diff
+        self._bf16 = None
+        if cast_once:
+            if flat is None:
+                raise ValueError("cast_once: needs the model's parameters in one dtype and "
+                                 "layout (contiguous or channels_last)")
+            self._bf16 = Bf16Weights(self.model, flat)
 
-        fwd = self.model
+        fwd = self.model if self._bf16 is None else self._bf16.module
         if ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
             fwd = DDP(self.model, device_ids=[self.device.index] if cuda else None,
@@ -267,6 +324,9 @@ class TrainStep:
 
     def _body(self, x_u8, flip, t, noise_seed: int, noise_offset: int) -> None:
         self.opt.zero_grad(set_to_none=True)
+        if self._bf16 is not None:
+            self._bf16.module.zero_grad(set_to_none=True)
+            self._bf16.refresh()
         x0 = D.to_float(x_u8, flip if self.flip else None, self.pixel_range)
         x_t, y = self.noised(x0, t, noise_seed, noise_offset)
         x_t = x_t.contiguous(memory_format=self.memory_format)
@@ -275,6 +335,8 @@ class TrainStep:
             pred = self.forward(x_t, t)
         loss = F.mse_loss(pred.float(), y)
         loss.backward()
+        if self._bf16 is not None:
+            self._bf16.grads_to_float()
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)
         skip = (~torch.isfinite(norm)).float()

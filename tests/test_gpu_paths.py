@@ -97,3 +97,44 @@ def test_graphed_model_under_autocast_outlives_the_callers_autocast_region():
         torch.testing.assert_close(got, plain, rtol=0, atol=1e-4 * plain.abs().max().item())
     finally:
         b.cudnn.benchmark, b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = flags
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_cast_once_on_cuda_matches_autocast(cuda_graphs):
+    # Bf16Weights on a GPU, eager and captured: the same losses and gradients as
+    # autocast's casts (bit for bit on a CPU, tests/test_training.py; here the attention's
+    # backward accumulates in an order of its own, so within bf16 rounding).
+    import copy
+    import torch
+    from blurfast import training
+    from blurfast.diffusion import BlurDiffusion
+    from blurfast.models import UNet
+    b = torch.backends
+    flags = b.cudnn.benchmark, b.cudnn.deterministic
+    b.cudnn.benchmark, b.cudnn.deterministic = False, True
+    try:
+        diff = BlurDiffusion(resolution=16)
+        torch.manual_seed(0)
+        model = UNet(resolution=16, **TINY)
+        steps = [training.TrainStep(copy.deepcopy(model), diff, device="cuda", lr=1e-3,
+                                    precision="bf16", cuda_graphs=cuda_graphs, cast_once=c)
+                 for c in (False, True)]
+        g = torch.Generator().manual_seed(2)
+        for k in range(training._GRAPH_WARMUP + 2):
+            x = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=g)
+            t = torch.randint(1, diff.num_steps, (4,), generator=g)
+            flip = torch.tensor([True, False, False, k % 2 == 1])
+            for s in steps:
+                torch.manual_seed(100 + k)          # a captured step's noise generator
+                s(x, flip, t, 9, 4 * k)
+        ref, new = steps
+        assert new._bf16.copies[0].dtype == torch.bfloat16
+        a, b_ = ref.read_stats(), new.read_stats()
+        assert a["skipped_total"] == b_["skipped_total"] == 0
+        assert b_["loss"] == pytest.approx(a["loss"], rel=1e-3)
+        assert b_["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-2)
+        ga = torch.cat([p.grad.flatten() for p in ref.params])
+        gb = torch.cat([p.grad.flatten() for p in new.params])
+        assert (ga - gb).norm() <= 2e-2 * ga.norm()     # the last step's gradients
+    finally:
+        b.cudnn.benchmark, b.cudnn.deterministic = flags

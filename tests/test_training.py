@@ -515,6 +515,50 @@ def test_step_is_clip_adam_and_ema_done_by_hand(grad_clip):
     assert step.read_stats()["grad_norm"] == pytest.approx(norm, rel=1e-4)
 
 
+def test_cast_once_gives_autocasts_bits():
+    # Bf16Weights against autocast's own casts: three bf16 steps from the same start give
+    # the same parameters, EMA, Adam moments and counters, bit for bit. TINY has
+    # convolutions, linear layers, attention and norms (float32 in both).
+    import copy
+    diff = BlurDiffusion(resolution=16)
+    torch.manual_seed(0)
+    model = UNet(resolution=16, **TINY)
+    steps = [training.TrainStep(copy.deepcopy(model), diff, device="cpu", lr=1e-3,
+                                precision="bf16", ema_beta=0.5, cast_once=c)
+             for c in (False, True)]
+    g = torch.Generator().manual_seed(2)
+    for k in range(3):
+        x = torch.randint(0, 256, (3, 16, 16, 3), dtype=torch.uint8, generator=g)
+        t = torch.randint(1, diff.num_steps, (3,), generator=g)
+        flip = torch.tensor([True, False, k % 2 == 1])
+        for s in steps:
+            s(x, flip, t, 9, 3 * k)
+    ref, new = steps
+    w = new._bf16
+    assert 0 < len(w.copies) < len(new.params)          # the norms' parameters stay shared
+    assert all(c.dtype == torch.bfloat16 for c in w.copies)
+    assert all(p.dtype == torch.float32 for p in new.model.parameters())
+    for a, b in zip([*ref.params, *ref.ema_params], [*new.params, *new.ema_params]):
+        assert torch.equal(a, b)
+    for a, b in zip(ref.params, new.params):
+        sa, sb = ref.opt.state[a], new.opt.state[b]
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+        assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    assert ref.read_stats() == new.read_stats()
+    # the copies are their own memory, and refresh() rounds the current weights into them
+    assert all(c.data_ptr() != p.data_ptr() for p, c in zip(w.masters, w.copies))
+    w.refresh()
+    assert all(torch.equal(c, p.to(torch.bfloat16)) for p, c in zip(w.masters, w.copies))
+
+
+@pytest.mark.parametrize("kw", [dict(precision="fp32"), dict(precision="bf16", ddp=True)])
+def test_cast_once_needs_bf16_and_one_process(kw):
+    diff = BlurDiffusion(resolution=16)
+    with pytest.raises(ValueError, match="cast_once: needs precision='bf16'"):
+        training.TrainStep(UNet(resolution=16, **TINY), diff, device="cpu", cast_once=True,
+                           **kw)
+
+
 def test_resumed_step_keeps_its_own_optimizer_settings():
     # Optimizer.load_state_dict restores the saved groups' settings; a resumed run's own
     # betas, eps, weight decay and capturable (CUDA graphs or not) must win.
