@@ -162,10 +162,11 @@ class Bf16Weights:
 
     Autocast casts each such parameter where it is used: inside a CUDA graph, where its
     cast cache is off, one small kernel per parameter forward and one per gradient back
-    to float32 (298 each way for paper64). Here the forward casts are one kernel,
-    and :meth:`grads_to_float` widens the gradients in a few multi-tensor kernels. The
-    numbers are autocast's: the same float32 values rounded to bfloat16, the same
-    bfloat16 gradients widened (tests/test_training.py checks the bits)."""
+    to float32 (298 each way for paper64, fewer under torch.compile, which merges some).
+    Here the forward casts are one kernel, and :meth:`grads_to_float` widens the
+    gradients in a few multi-tensor kernels. The numbers are autocast's: the same float32
+    values rounded to bfloat16, the same bfloat16 gradients widened
+    (tests/test_training.py checks the bits)."""
 
     def __init__(self, model: torch.nn.Module, flat: torch.Tensor):
         self.flat = flat
