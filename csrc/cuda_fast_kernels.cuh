@@ -29,7 +29,7 @@ template <> BF_HD void store4<__half>(__half* p, const float v[4]) {
   uint2 raw;
   raw.x = *reinterpret_cast<const unsigned*>(&lo);
   raw.y = *reinterpret_cast<const unsigned*>(&hi);
-  *reinterpret_cast<uint2*>(p) = raw;
+  stg_v2(p, raw.x, raw.y);
 #else
   for (int q = 0; q < 4; ++q) p[q] = __float2half_rn(v[q]);
 #endif
@@ -58,7 +58,7 @@ template <> BF_HD void store4<__nv_bfloat16>(__nv_bfloat16* p, const float v[4])
   uint2 raw;
   raw.x = *reinterpret_cast<const unsigned*>(&lo);
   raw.y = *reinterpret_cast<const unsigned*>(&hi);
-  *reinterpret_cast<uint2*>(p) = raw;
+  stg_v2(p, raw.x, raw.y);
 #else
   for (int q = 0; q < 4; ++q) p[q] = __float2bfloat16_rn(v[q]);
 #endif

@@ -82,13 +82,32 @@ BF_HD void st4(float* p, const float v[4]) {
 #endif
 }
 
+#ifdef __CUDA_ARCH__
+// One 16- or 8-byte store to global memory. nvcc 13 compiled the plain float4 and uint2
+// stores of store4 into 32-bit ones (PTX st.global.f32 / .u32: four STG.E per float4 in
+// every plane kernel); these keep one STG.E.128 / STG.E.64. The same bytes land.
+__device__ __forceinline__ void stg_v4(void* p, float a, float b, float c, float d) {
+  asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(a), "f"(b), "f"(c),
+               "f"(d) : "memory");
+}
+__device__ __forceinline__ void stg_v2(void* p, unsigned a, unsigned b) {
+  asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(a), "r"(b) : "memory");
+}
+#endif
+
 // Four consecutive I/O elements <-> float, and one float -> I/O element. float here;
-// cuda_fast.cu adds half, bfloat16.
+// cuda_fast.cu adds half, bfloat16. The pointers are global memory.
 template <typename T> BF_HD void load4(const T* p, float v[4]);
 template <typename T> BF_HD void store4(T* p, const float v[4]);
 template <typename T> BF_HD void store1(T* p, float v);
 template <> BF_HD void load4<float>(const float* p, float v[4]) { ld4(p, v); }
-template <> BF_HD void store4<float>(float* p, const float v[4]) { st4(p, v); }
+template <> BF_HD void store4<float>(float* p, const float v[4]) {
+#ifdef __CUDA_ARCH__
+  stg_v4(p, v[0], v[1], v[2], v[3]);
+#else
+  st4(p, v);
+#endif
+}
 template <> BF_HD void store1<float>(float* p, float v) {
 #ifndef __CUDA_ARCH__
   emu_check(p, sizeof(float), true);
