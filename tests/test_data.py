@@ -150,18 +150,33 @@ def test_prepare_from_lmdb_skips_a_corrupt_value(tmp_path):
     np.testing.assert_array_equal(arr, np.stack(good))
 
 
-def test_prepare_folder_with_one_corrupt_file(tmp_path):
-    src = made_photos(tmp_path / "src", 6, size=24)
-    (src / "00003.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+def _photo_name(i):
+    """made_photos' name for photo i."""
+    return f"{i:05d}.{'jpg' if i % 2 else 'png'}"
+
+
+def _prepare_one_bad_photo(tmp_path, n, size, bad, junk, resolution, workers):
+    """made_photos(n, size) in tmp_path/src with photo number `bad` overwritten by `junk`,
+    prepared (squash) to tmp_path/out.npy, which must warn of the one skip. Returns the
+    report and the array out.npy should hold: the other photos decoded, in order."""
+    src = made_photos(tmp_path / "src", n, size=size)
+    (src / _photo_name(bad)).write_bytes(junk)
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):
-        r = D.prepare(src, tmp_path / "out.npy", resolution=16, resize="squash", workers=2,
-                      progress=False)
+        r = D.prepare(src, tmp_path / "out.npy", resolution=resolution, resize="squash",
+                      workers=workers, progress=False)
+    want = [D.decode((src / _photo_name(i)).read_bytes(), resolution, "squash")
+            for i in range(n) if i != bad]
+    return r, np.stack(want)
+
+
+def test_prepare_folder_with_one_corrupt_file(tmp_path):
+    r, want = _prepare_one_bad_photo(tmp_path, 6, size=24, bad=3,
+                                     junk=b"\xff\xd8\xff\xe0 truncated jpeg",
+                                     resolution=16, workers=2)
     assert r["written"] == 5 and r["skipped"] == 1 and r["shape"] == (5, 16, 16, 3)
     assert "00003.jpg" in r["bad"][0]
     arr = np.load(tmp_path / "out.npy", mmap_mode="r")
-    want = [D.decode((src / f"{i:05d}.{'jpg' if i % 2 else 'png'}").read_bytes(), 16, "squash")
-            for i in (0, 1, 2, 4, 5)]
-    np.testing.assert_array_equal(arr, np.stack(want))
+    np.testing.assert_array_equal(arr, want)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npy", "src"]   # no temp left
     ds = D.open_dataset(tmp_path / "out.npy")
     assert isinstance(ds, D.PreparedArray) and len(ds) == 5 and ds.resolution == 16
@@ -337,11 +352,8 @@ def test_image_extensions_match_in_any_case(tmp_path):
 def test_prepare_that_skips_an_image_leaves_no_bytes_past_the_array(tmp_path):
     # The .npy holds exactly its header and written * R * R * C bytes: the space taken for
     # the skipped image is cut off (numpy loads an over-long file without complaint).
-    src = made_photos(tmp_path / "src", 5, size=16)
-    (src / "00001.jpg").write_bytes(b"not a jpeg")
-    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
-        r = D.prepare(src, tmp_path / "out.npy", resolution=8, resize="squash", workers=0,
-                      progress=False)
+    r, want = _prepare_one_bad_photo(tmp_path, 5, size=16, bad=1, junk=b"not a jpeg",
+                                     resolution=8, workers=0)
     assert r["written"] == 4
     with open(tmp_path / "out.npy", "rb") as f:
         version = np.lib.format.read_magic(f)
@@ -350,6 +362,4 @@ def test_prepare_that_skips_an_image_leaves_no_bytes_past_the_array(tmp_path):
         header = f.tell()
     assert (shape, fortran, dtype) == ((4, 8, 8, 3), False, np.uint8)
     assert (tmp_path / "out.npy").stat().st_size == header + 4 * 8 * 8 * 3
-    want = [D.decode((src / f"{i:05d}.{'jpg' if i % 2 else 'png'}").read_bytes(), 8, "squash")
-            for i in (0, 2, 3, 4)]
-    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), np.stack(want))
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), want)
