@@ -224,9 +224,10 @@ class TrainStep:
     :meth:`read_stats`. ``ddp``: wrap the model in DistributedDataParallel (the
     process group must exist). ``cuda_graphs``: capture the whole step after
     ``_GRAPH_WARMUP`` eager steps; the noise then comes from torch's generator
-    (graph-safe) instead of the Philox stream. ``cast_once`` (bf16, one process): the
-    forward computes with :class:`Bf16Weights`, the same numbers as autocast's casts in
-    fewer kernels.
+    (graph-safe) instead of the Philox stream. ``grad_clip``: the maximum global
+    gradient norm, a finite number > 0; None or 0: no clipping. ``cast_once`` (bf16, one
+    process): the forward computes with :class:`Bf16Weights`, the same numbers as
+    autocast's casts in fewer kernels.
     """
 
     def __init__(self, model: UNet, diff: BlurDiffusion, *, device, target: str = "eps",
@@ -246,6 +247,7 @@ class TrainStep:
             raise ValueError(f"optimizer: expected 'adam' or 'adamw', got {optimizer!r}")
         if pixel_range not in D.PIXEL_RANGES:
             raise ValueError(f"pixel_range: expected one of {D.PIXEL_RANGES}, got {pixel_range!r}")
+        grad_clip = check_number("grad_clip", grad_clip, 0, none_ok=True)
         if cuda_graphs and not cuda:
             raise ValueError("cuda_graphs: needs a CUDA device")
         if cuda_graphs and ddp:
@@ -256,7 +258,7 @@ class TrainStep:
         self.target, self.flip, self.pixel_range = target, flip, pixel_range
         self.cuda_graphs = cuda_graphs
         self.amp = precision == "bf16"
-        self.max_norm = float("inf") if not grad_clip else float(grad_clip)
+        self.max_norm = float(grad_clip) if grad_clip else math.inf     # None, 0: no clip
         self.ema_w = 1.0 - float(ema_beta)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
@@ -650,6 +652,8 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     args["weight_decay"] = check_number("weight_decay", weight_decay, 0)
     args["adam_eps"] = check_number("adam_eps", adam_eps, 0, lo_open=True)
     check_int("warmup", warmup, 0)
+    # TrainStep reads it (None: no clipping); 0, which TrainStep also takes for none, is
+    # refused here: a run turns clipping off with None alone (--grad-clip none)
     args["grad_clip"] = check_number("grad_clip", grad_clip, 0, lo_open=True, none_ok=True)
     if (ema_decay is None) == (ema_halflife_kimg is None):
         raise ValueError("ema_decay, ema_halflife_kimg: give exactly one")

@@ -559,6 +559,24 @@ def test_cast_once_needs_bf16_and_one_process(kw):
                            **kw)
 
 
+@pytest.mark.parametrize("grad_clip, max_norm", [(None, float("inf")), (0, float("inf")),
+                                                  (0.0, float("inf")), (0.5, 0.5),
+                                                  (np.float32(2), 2.0), (3, 3.0)])
+def test_step_takes_grad_clip_none_or_0_for_no_clipping(grad_clip, max_norm):
+    step = training.TrainStep(UNet(resolution=16, **TINY), BlurDiffusion(resolution=16),
+                              device="cpu", grad_clip=grad_clip)
+    assert step.max_norm == max_norm and type(step.max_norm) is float
+
+
+@pytest.mark.parametrize("grad_clip", [-1, -1e-9, float("nan"), float("inf"), True, "1",
+                                       [1.0]])
+def test_step_refuses_a_bad_grad_clip(grad_clip):
+    with pytest.raises(ValueError, match=r"^grad_clip: expected a finite number >= 0 or None, "
+                                         r"got "):
+        training.TrainStep(UNet(resolution=16, **TINY), BlurDiffusion(resolution=16),
+                           device="cpu", grad_clip=grad_clip)
+
+
 def test_resumed_step_keeps_its_own_optimizer_settings():
     # Optimizer.load_state_dict restores the saved groups' settings; a resumed run's own
     # betas, eps, weight decay and capturable (CUDA graphs or not) must win.
