@@ -23,6 +23,7 @@ import csv
 import inspect
 import json
 import math
+import numbers
 import os
 import signal
 import threading
@@ -65,8 +66,23 @@ class NonFiniteError(RuntimeError):
 
 
 def derive_seed(*ints: int) -> int:
-    """A 62-bit seed from a tuple of non-negative ints (NumPy's SeedSequence hash)."""
-    a, b = np.random.SeedSequence(list(ints)).generate_state(2, np.uint32)
+    """A 62-bit seed from a tuple of ints in [0, 2**64) (NumPy's SeedSequence hash);
+    ValueError naming the first that is not.
+
+    Distinct tuples give distinct seeds only if every int is < 2**32 and the tuples
+    differ at a position both have: SeedSequence hashes 32-bit words, an int >= 2**32
+    being two of them, and pads fewer than four words with zeros. So (2**32 + 1, 1, 0),
+    (1, 1, 1) and (1, 1, 1, 0) give one seed. The callers, (seed, epoch, 0),
+    (seed, step, 1 or 2) and (seed, step, 3, rank), differ in their third int while
+    seed, step and epoch are < 2**32. Beyond that they collide: within a run,
+    (5, 3 * 2**32 + 7, 1) is (5, 7, 3, 1); across runs, seed 2**32 + 1's epoch 1
+    permutation is seed 1's step 1 draws. Outputs are kept as they are: changing the
+    hash would change every run's draws.
+    """
+    for i, v in enumerate(ints):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v < 2 ** 64:
+            raise ValueError(f"ints[{i}]: expected an int in [0, 2**64), got {v!r}")
+    a, b = np.random.SeedSequence([int(v) for v in ints]).generate_state(2, np.uint32)
     return ((int(a) << 32) | int(b)) & _SEED_MASK
 
 

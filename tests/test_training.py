@@ -1,6 +1,7 @@
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -404,6 +405,22 @@ def test_step_draws_are_uniform_on_1_to_n_minus_1_and_ranks_slice_the_global_dra
         assert torch.equal(torch.cat([p[0] for p in parts]), draws[3][0])
         assert torch.equal(torch.cat([p[1] for p in parts]), draws[3][1])
         assert {p[2] for p in parts} == {draws[3][2]}         # the noise seed is shared
+
+
+def test_derive_seed_keeps_its_values_and_refuses_ints_outside_0_to_2_64():
+    # Every run's draws come from these values: pinned, as SeedSequence gave them before
+    # the range check.
+    assert [training.derive_seed(*t) for t in
+            [(0, 0, 0), (0, 7, 1), (12345, 99, 2), (3, 10, 3, 1), (2 ** 64 - 1, 0, 0)]] == \
+        [3527577169254209511, 2849028877725374000, 2299743542185214306, 3906225516791799033,
+         1336633463699972433]
+    assert training.derive_seed(np.int64(12345), 99, 2) == 2299743542185214306
+    for bad, at in ((-1, 0), (2 ** 64, 0), (1.0, 1), (True, 1), ("3", 2), (None, 2)):
+        ints = [7, 7, 7]
+        ints[at] = bad
+        with pytest.raises(ValueError, match=rf"^ints\[{at}\]: expected an int in \[0, 2\*\*64\), "
+                                             rf"got {re.escape(repr(bad))}$"):
+            training.derive_seed(*ints)
 
 
 # ------------------------------------------------------------------------ DDP
