@@ -7,7 +7,8 @@
 // phase in which one thread reads what another writes (a missing barrier), and running
 // the blocks in reverse order too shows a block that writes output another block owns
 // (hidden in forward runs whenever the owner runs later); vector and I/O accesses
-// outside the call's buffers throw (line_passes.h, emu_check).
+// outside the call's buffers, and writes that land in two overlapping buffers, throw
+// (line_passes.h, emu_check).
 //
 // An asynchronous copy (copy16_async) lands at once in forward runs, and only at its own
 // thread's next wait_async in reverse runs: a read before the wait, or a write to the
@@ -88,7 +89,8 @@ template <typename F>
 void run_blocks(int64_t smem_floats, int threads, int64_t grid, bool reverse,
                 std::vector<plane::EmuRange> memory, F&& block_program) {
   std::vector<float> sm(smem_floats);
-  memory.push_back({(const char*)sm.data(), (const char*)(sm.data() + sm.size()), true});
+  memory.push_back(
+      {(const char*)sm.data(), (const char*)(sm.data() + sm.size()), true, "shared memory"});
   struct Scope {                   // sets the checked list for this thread, always resets it
     explicit Scope(const std::vector<plane::EmuRange>* m) { plane::emu_memory = m; }
     ~Scope() { plane::emu_memory = nullptr; }
@@ -106,10 +108,12 @@ void run_blocks(int64_t smem_floats, int threads, int64_t grid, bool reverse,
   }
 }
 
-// The buffer [p, p + n elements of E) as a range (none for a null pointer).
+// The buffer [p, p + n elements of E), argument `name` of the call, as a range (none for a
+// null pointer).
 template <typename E = float>
-void add_range(std::vector<plane::EmuRange>& m, const void* p, int64_t n, bool writable) {
-  if (p) m.push_back({(const char*)p, (const char*)p + n * (int64_t)sizeof(E), writable});
+void add_range(std::vector<plane::EmuRange>& m, const char* name, const void* p, int64_t n,
+               bool writable) {
+  if (p) m.push_back({(const char*)p, (const char*)p + n * (int64_t)sizeof(E), writable, name});
 }
 
 // T: the I/O type of x1, x2, out and noise_out; maps and zb are float.
@@ -117,12 +121,14 @@ template <typename T>
 std::vector<plane::EmuRange> job_memory(const plane::Job& job, int64_t hw) {
   std::vector<plane::EmuRange> m;
   const int64_t n = job.planes * hw;
-  add_range<T>(m, job.x1, n, false);
-  add_range<T>(m, job.x2, n, false);
-  add_range(m, job.zb, n, false);
-  for (const MapRef* a : {&job.a1, &job.a2, &job.g}) add_range(m, a->ptr, a->mod * hw, false);
-  add_range<T>(m, job.out, n, true);
-  add_range<T>(m, job.noise_out, n, true);
+  add_range<T>(m, "x1", job.x1, n, false);
+  add_range<T>(m, "x2", job.x2, n, false);
+  add_range(m, "zb", job.zb, n, false);
+  add_range(m, "a1", job.a1.ptr, job.a1.mod * hw, false);
+  add_range(m, "a2", job.a2.ptr, job.a2.mod * hw, false);
+  add_range(m, "g", job.g.ptr, job.g.mod * hw, false);
+  add_range<T>(m, "out", job.out, n, true);
+  add_range<T>(m, "noise_out", job.noise_out, n, true);
   return m;
 }
 
@@ -147,8 +153,8 @@ void emulate(const plane::Job& job, int64_t grid, bool reverse) {
 template <int L, typename Tin, typename Tout>
 void emulate_strips(const plane::StripJob& job, int64_t grid, bool reverse, bool fast) {
   std::vector<plane::EmuRange> memory;
-  add_range<Tin>(memory, job.in, job.planes * job.rows * L, false);
-  add_range<Tout>(memory, job.out, job.planes * job.rows * L, true);
+  add_range<Tin>(memory, "in", job.in, job.planes * job.rows * L, false);
+  add_range<Tout>(memory, "out", job.out, job.planes * job.rows * L, true);
   if (fast) {
     using G = plane::FastStripGeom<L>;
     run_blocks(G::kSmemFloats, G::kThreads, grid, reverse, memory, [&](EmuCtx& ctx, float* sm) {
@@ -167,11 +173,13 @@ void emulate_combine(const SpectralParams& p) {
                                            (C*)p.noise_out);
   const int64_t hw = job.hw, n = job.planes * hw, w = sizeof(C) / sizeof(float);
   std::vector<plane::EmuRange> m;
-  add_range(m, job.f1, n * w, true);
-  add_range(m, job.f2, n * w, false);
-  add_range(m, job.zb, n * w, false);
-  for (const MapRef* a : {&job.a1, &job.a2, &job.g}) add_range(m, a->ptr, a->mod * hw * w, false);
-  add_range(m, job.zb_out, n * w, true);
+  add_range(m, "f1", job.f1, n * w, true);
+  add_range(m, "f2", job.f2, n * w, false);
+  add_range(m, "zb", job.zb, n * w, false);
+  add_range(m, "a1", job.a1.ptr, job.a1.mod * hw * w, false);
+  add_range(m, "a2", job.a2.ptr, job.a2.mod * hw * w, false);
+  add_range(m, "g", job.g.ptr, job.g.mod * hw * w, false);
+  add_range(m, "zb_out", job.zb_out, n * w, true);
   plane::emu_memory = &m;
   try {
     for (int64_t q = 0; q < job.planes; ++q) {
@@ -280,11 +288,13 @@ constexpr int64_t kToyFloats = kToyGrid * kToyThreads * 4;    // four floats per
 
 // Block b's thread t reads input floats [4 i, 4 i + 4), i = b * kToyThreads + t, into its
 // shared-memory slot t (floats [4 t, 4 t + 4)), and writes its output floats from there.
+// out2: a second output where the program has one.
 template <typename F>
-void run_toy(const float* in, float* out, bool reverse, F&& program) {
+void run_toy(const float* in, float* out, bool reverse, F&& program, float* out2 = nullptr) {
   std::vector<plane::EmuRange> memory;
-  add_range(memory, in, kToyFloats, false);
-  add_range(memory, out, kToyFloats, true);
+  add_range(memory, "in", in, kToyFloats, false);
+  add_range(memory, "out", out, kToyFloats, true);
+  add_range(memory, "out2", out2, kToyFloats, true);
   run_blocks(kToyThreads * 4, kToyThreads, kToyGrid, reverse, memory,
              [&](EmuCtx& ctx, float* sm) {
                program(ctx, sm, ctx.block() * kToyThreads);   // the block's first thread index
@@ -294,8 +304,9 @@ void run_toy(const float* in, float* out, bool reverse, F&& program) {
 }  // namespace
 
 std::vector<float> emulator_selfcheck(const std::string& program, bool fixed, bool reverse) {
-  // Input 1, 2, 3, ...; then a 4-float gap that belongs to no buffer; then the output.
-  std::vector<float> mem(2 * kToyFloats + 4, 0.f);
+  // Input 1, 2, 3, ...; then a 4-float gap that belongs to no buffer; then the output;
+  // another gap, and room for a second output.
+  std::vector<float> mem(3 * kToyFloats + 8, 0.f);
   float* in = mem.data();
   float* out = in + kToyFloats + 4;
   for (int64_t i = 0; i < kToyFloats; ++i) in[i] = float(i + 1);
@@ -382,11 +393,25 @@ std::vector<float> emulator_selfcheck(const std::string& program, bool fixed, bo
         plane::st4(dst + 4 * (i0 + t), v);
       });
     });
+  } else if (program == "outputs_overlap") {
+    // Copy the input to two outputs, out and out2, as the plane kernel writes out and
+    // noise_out. The bug: out2 starts one chunk into out. Each write to out2 lies whole in
+    // out, listed first; and in forward runs thread i + 1's store to out covers thread
+    // i's store to out2, so the output comes out right.
+    float* out2 = fixed ? out + kToyFloats + 4 : out + 4;
+    run_toy(in, out, reverse, [&](EmuCtx& ctx, float*, int64_t i0) {
+      ctx.phase([&](int t) {
+        float v[4];
+        plane::ld4(in + 4 * (i0 + t), v);
+        plane::st4(out + 4 * (i0 + t), v);
+        plane::st4(out2 + 4 * (i0 + t), v);
+      });
+    }, out2);
   } else {
     throw std::invalid_argument(
         "emulator_selfcheck: program must be missing_barrier, unwritten_read, "
-        "async_read_before_wait, async_never_waited, write_other_block, read_outside or "
-        "write_input");
+        "async_read_before_wait, async_never_waited, write_other_block, read_outside, "
+        "write_input or outputs_overlap");
   }
   return std::vector<float>(out, out + kToyFloats);
 }

@@ -43,23 +43,43 @@ BF_HD int sidx(int row, int col) {
 // (read only), its outputs and the block's shared memory. On the host, ld4, st4 and
 // store1 check every access against that list and throw outside it: an out-of-bounds
 // read whose values go unused would otherwise pass unseen. No list (nullptr): no checks.
+//
+// An access must lie whole in one buffer: one that runs from a buffer into the next
+// throws even where the two are adjacent. Inputs may overlap one another (x2 may be x1);
+// a write must lie in a writable buffer and touch no other, so an output that overlaps
+// an input or another output throws where a write lands in both, whatever the list's
+// order.
 struct EmuRange {
   const char* lo;
   const char* hi;
   bool writable;
+  const char* name;                // the call's argument, for messages
 };
 inline thread_local const std::vector<EmuRange>* emu_memory = nullptr;
 
 inline void emu_check(const void* p, size_t bytes, bool write) {
   if (!emu_memory) return;
-  const char* c = static_cast<const char*>(p);
+  const char* lo = static_cast<const char*>(p);
+  const char* hi = lo + bytes;
+  // A buffer holding the whole access (a read needs no more); for a write, a writable
+  // one where there is one.
+  const EmuRange* home = nullptr;
+  for (const EmuRange& r : *emu_memory) {
+    if (lo < r.lo || hi > r.hi) continue;
+    if (!write) return;
+    home = &r;
+    if (r.writable) break;
+  }
+  if (!home)
+    throw std::out_of_range(std::string("emulated kernel: ") + (write ? "write" : "read") +
+                            " outside every buffer of the call");
+  if (!home->writable)
+    throw std::out_of_range(std::string("emulated kernel: write to an input (") + home->name +
+                            ")");
   for (const EmuRange& r : *emu_memory)
-    if (c >= r.lo && c + bytes <= r.hi) {
-      if (write && !r.writable) throw std::out_of_range("emulated kernel: write to an input");
-      return;
-    }
-  throw std::out_of_range(std::string("emulated kernel: ") + (write ? "write" : "read") +
-                          " outside every buffer of the call");
+    if (&r != home && lo < r.hi && r.lo < hi)
+      throw std::out_of_range(std::string("emulated kernel: write to ") + home->name +
+                              " also writes " + r.name + " (the buffers overlap)");
 }
 #endif
 

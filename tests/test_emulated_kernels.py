@@ -303,6 +303,20 @@ def emulate_combine(f1, a, f2=None, a2=None, g=None, noise=None, *, seed=0, offs
     return f1, zb_out
 
 
+def test_combine_with_f2_overlapping_f1_throws():
+    # f2 starts one quad into f1, so the quad written at f1 + 4 k is f2's quad k - 1: a race
+    # on the GPU. Every access lies whole in a buffer and f1, which is writable, comes
+    # first in the emulator's list, so only the overlap check sees it.
+    buf = _rand(2 * 8 * 8 + 4)
+    f1, f2 = buf[:128].view(2, 8, 8), buf[4:].view(2, 8, 8)
+    a = torch.ones(8, 8, dtype=torch.float64)
+    args, keep = spectral_kernel_args(f1, a, f2, a, None, None, 0, 0, f1, None)
+    assert f2.data_ptr() == args[5]                         # f2 itself, not a copy
+    with pytest.raises(IndexError, match=r"write to f1 also writes f2 \(the buffers overlap\)"):
+        _C.combine_emulate(*args)
+    del keep
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("hw", [(8, 8), (5, 7)], ids=["quads", "ragged"])   # 35 % 4 = 3
 @pytest.mark.parametrize("offset", [0, 3])

@@ -4,7 +4,7 @@ _C.emulator_selfcheck runs a deliberately broken toy program, or its corrected v
 through the emulator's run_blocks and EmuCtx, the code that runs the real kernels. Each
 test shows that a check catches its kind of bug and that the corrected program passes it,
 so that switching a check off (NaN fill, reverse thread and block order, late async
-copies, the pending copy check, the bounds check) fails a test here. The toy programs run
+copies, the pending copy check, the bounds and overlap checks) fails a test here. The toy programs run
 2 blocks of 8 threads; thread i of the grid handles input floats 4 i .. 4 i + 3 of the
 input 1 .. 64.
 """
@@ -66,6 +66,15 @@ def test_access_outside_the_call_buffers_throws(program, message, reverse):
     with pytest.raises(IndexError, match=message):
         run(program, False, reverse)
     assert same_bits(run(program, True, reverse), INPUT)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_a_write_where_two_outputs_overlap_throws(reverse):
+    # out2 starts one chunk into out: each write to out2 lies whole in out, which is
+    # writable, and in forward runs the output even comes out right.
+    with pytest.raises(IndexError, match=r"write to out also writes out2 \(the buffers overlap\)"):
+        run("outputs_overlap", False, reverse)
+    assert same_bits(run("outputs_overlap", True, reverse), INPUT)
 
 
 def test_unknown_program_is_refused():
