@@ -74,10 +74,10 @@ def derive_seed(*ints: int) -> int:
     being two of them, and pads fewer than four words with zeros. So (2**32 + 1, 1, 0),
     (1, 1, 1) and (1, 1, 1, 0) give one seed. The callers, (seed, epoch, 0),
     (seed, step, 1 or 2) and (seed, step, 3, rank), differ in their third int while
-    seed, step and epoch are < 2**32. Beyond that they collide: within a run,
-    (5, 3 * 2**32 + 7, 1) is (5, 7, 3, 1); across runs, seed 2**32 + 1's epoch 1
-    permutation is seed 1's step 1 draws. Outputs are kept as they are: changing the
-    hash would change every run's draws.
+    seed, step and epoch are < 2**32 (train() refuses a larger seed). Beyond that they
+    collide: within a run, (5, 3 * 2**32 + 7, 1) is (5, 7, 3, 1); across runs, seed
+    2**32 + 1's epoch 1 permutation would be seed 1's step 1 draws. Outputs are kept as
+    they are: changing the hash would change every run's draws.
     """
     for i, v in enumerate(ints):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v < 2 ** 64:
@@ -689,7 +689,8 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     for name in ("log_every", "save_every", "keep", "sample_every", "sample_count",
                  "sample_steps", "max_nonfinite"):
         check_int(name, args[name])
-    check_int("seed", seed, 0)
+    # < 2**32: derive_seed keeps (seed, step, tag) tuples apart only below it
+    check_int("seed", seed, 0, 2 ** 32 - 1)
     # resize now, whatever the data: a folder fid_ref would read it only at the first FID
     D.check_resize(resize)
     if fid_every is not None:

@@ -1200,6 +1200,7 @@ def test_prepare_lsun_script_keeps_prepared_arrays(tmp_path):
     (dict(pixel_range="0,255"), "pixel_range"),
     (dict(betas=(0.9,)), "betas"),
     (dict(keep=0), "keep"),
+    (dict(seed=2 ** 32), r"^seed: expected an int in \[0, 4294967295\], got 4294967296"),
     (dict(resize="bogus"), r"^resize: expected one of \('squash', 'center-crop'\), got 'bogus'"),
     (dict(fid_every=2), r"^fid_ref \(--fid-ref\): needed with fid_every \(--fid-every\)"),
     (dict(fid_ref="ref.npz"), r"^fid_ref \(--fid-ref\): given without fid_every \(--fid-every\)"),
