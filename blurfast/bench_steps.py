@@ -9,13 +9,15 @@ goal is judged against it) and in IEEE float32 throughout (``torch_fp32``). blur
 :class:`blurfast.training.TrainStep` (bf16 autocast and one CUDA graph per step on a
 GPU, TF32 and cuDNN autotuning as :func:`blurfast.training.train` sets them; fp32 eager
 on a CPU) and a sampler step through the fused op (its model call replayed from a CUDA graph
-on a GPU, as ``blurfast sample --cuda-graph`` runs it; eager in the v3 and v4 results). Times
+on a GPU with its convolution and linear weights cast to bf16 once, as ``blurfast sample
+--cuda-graph`` runs it since session 15; eager in the v3 and v4 results). Times
 are host wall-clock per step of back-to-back steps (launch overhead included: at small
 batches that is what a run pays).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 from typing import NamedTuple, Optional
 
@@ -210,7 +212,10 @@ def _time_impl(impl, timed, preset, diff, device, iters, inputs: _StepInputs) ->
                 stepper(x_u8, flip, t, 1, 0)
 
             from .generate import GraphedModel
-            net = GraphedModel(model) if cuda else model     # captures on its first call
+            from .models import cast_for_autocast_
+            # On a GPU as `blurfast sample` runs it: bf16 weights cast once, the call
+            # captured on its first run.
+            net = GraphedModel(cast_for_autocast_(copy.deepcopy(model))) if cuda else model
 
             def sample_fn(net=net):
                 from . import ops

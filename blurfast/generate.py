@@ -26,6 +26,7 @@ from . import viz
 from .checks import check_bool, check_int
 from .data import data_range, to_unit_range
 from .fileio import atomic_path, save_npz, write_text
+from .models import cast_for_autocast_
 from .sampling import SAMPLERS, STEP_OFFSET, check_eta, clip_x0, timesteps
 
 __all__ = ["resolve_checkpoint", "generate", "sample_batches", "GraphedModel",
@@ -192,6 +193,8 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
         if cuda_graph and dev.type != "cuda":
             raise ValueError("cuda_graph: needs device cuda")
         precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
+        if precision == "bf16":
+            cast_for_autocast_(model)        # autocast's numbers, no casts per call
         net = torch.compile(model, dynamic=False) if compile else model
         net = GraphedModel(net) if cuda_graph else net
         # Samplers call eps; a std or score model's output is converted after the network

@@ -19,7 +19,8 @@ from torch import nn
 from . import ops
 from .checks import check_bool, check_int, check_number
 
-__all__ = ["UNet", "PRESETS", "timestep_embedding", "check_resolution"]
+__all__ = ["UNet", "PRESETS", "timestep_embedding", "check_resolution", "AUTOCAST_LAYERS",
+           "cast_for_autocast_"]
 
 # Named configurations: paper64 is the model of Lee et al. (121.06 M parameters at 64 x 64;
 # the count changes with the sides that get attention); small (5.59 M at 64 x 64, 5.44 M at
@@ -32,6 +33,22 @@ PRESETS = {
 }
 
 _GROUPS = 32
+
+# The layers whose parameters autocast casts to its low precision (bfloat16 here): the
+# convolutions and linear layers. The norms' parameters stay float32 under autocast.
+AUTOCAST_LAYERS = (nn.Conv2d, nn.Linear)
+
+
+def cast_for_autocast_(model: nn.Module, dtype=torch.bfloat16) -> nn.Module:
+    """Casts the parameters of ``model``'s :data:`AUTOCAST_LAYERS` to ``dtype`` in place
+    and returns ``model``. Under autocast to ``dtype`` it then computes the same numbers
+    as before, without casting those weights at every call (inside a CUDA graph, where
+    autocast's cache is off, one kernel per weight per call). For inference: the float32
+    weights are gone."""
+    for m in model.modules():
+        if isinstance(m, AUTOCAST_LAYERS):
+            m.to(dtype)
+    return model
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

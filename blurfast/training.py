@@ -48,7 +48,7 @@ from .checks import check_bool, check_int, check_number
 from .distributed import setup_processes, teardown_processes
 from .fileio import write_problem, write_text
 from .diffusion import TARGETS, BlurDiffusion, scales
-from .models import PRESETS, UNet
+from .models import AUTOCAST_LAYERS, PRESETS, UNet
 
 __all__ = ["train", "TrainStep", "Bf16Weights", "step_draws", "StepBatches", "NonFiniteError"]
 
@@ -192,7 +192,7 @@ class Bf16Weights:
         self.module = copy.deepcopy(model, shared)
         self.masters, self.copies, self.master_grads = [], [], []
         for mod in self.module.modules():
-            if not isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):  # autocast's bf16 ops
+            if not isinstance(mod, AUTOCAST_LAYERS):
                 continue
             for name, p in list(mod.named_parameters(recurse=False)):
                 where = (p.shape, p.stride(), p.storage_offset())   # p: a view of `flat`

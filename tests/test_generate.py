@@ -309,6 +309,47 @@ def test_bf16_on_the_cpu_is_bf16(run_dir, tmp_path, monkeypatch):
     assert np.abs(a - b).mean() < 8                 # bf16 rounding, not another image
 
 
+def test_bf16_sampling_casts_the_weights_once_with_autocasts_numbers(run_dir, tmp_path,
+                                                                     monkeypatch):
+    # generate() casts the convolution and linear weights to bf16 once (norms stay
+    # float32) instead of letting autocast cast them at every model call: the same
+    # images, byte for byte, as with autocast's own casts.
+    import blurfast.generate as G
+    import blurfast.models as M
+    kw = dict(n=3, steps=3, seed=6, fmt="npz", device="cpu", precision="bf16", progress=False)
+    dtypes = []
+    real = M.UNet.forward
+
+    def spy(self, x, t):
+        dtypes.append((self.input.weight.dtype, self.out[0].weight.dtype))
+        return real(self, x, t)
+    monkeypatch.setattr(M.UNet, "forward", spy)
+    generate(run_dir / "run", out=tmp_path / "once", **kw)
+    assert set(dtypes) == {(torch.bfloat16, torch.float32)}     # conv cast, GroupNorm not
+    monkeypatch.setattr(G, "cast_for_autocast_", lambda model: model)
+    generate(run_dir / "run", out=tmp_path / "per_call", **kw)
+    assert dtypes[-1] == (torch.float32, torch.float32)
+    a, b = (np.load(tmp_path / d / "samples.npz")["images"] for d in ("once", "per_call"))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_cast_for_autocast_keeps_autocasts_forward_bits():
+    from blurfast.models import UNet, cast_for_autocast_
+    torch.manual_seed(0)
+    model = UNet(resolution=16, base_channels=32, channel_mult=(1, 2), num_res_blocks=1)
+    for p in model.parameters():                       # the zero-initialized convs too
+        torch.nn.init.normal_(p, std=0.05)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(x, t)
+        got = cast_for_autocast_(model)(x, t)
+    assert torch.equal(got, want)
+    kinds = {type(m).__name__: {p.dtype for p in m.parameters(recurse=False)}
+             for m in model.modules() if list(m.parameters(recurse=False))}
+    assert kinds == {"Conv2d": {torch.bfloat16}, "Linear": {torch.bfloat16},
+                     "GroupNorm": {torch.float32}}
+
+
 def test_sample_rejects_bad_arguments(run_dir, tmp_path):
     with pytest.raises(ValueError, match="n:"):
         generate(run_dir / "run", 0, tmp_path)
