@@ -115,6 +115,21 @@ __device__ __forceinline__ void stg_v2(void* p, unsigned a, unsigned b) {
 }
 #endif
 
+// ld4 of shared memory for a caller that uses only some of the four floats. Compiled
+// from ld4, ptxas split such a 16-byte load into one 32-bit LDS per float used (even a
+// plain ld.shared.v4: only a volatile load stays whole): fast_inverse_row then made two
+// LDS per chunk, each 4 shared-memory wavefronts (the 32 lanes are 32 rows of one column,
+// which meet 8 banks), where one LDS.128 takes 4. Same values.
+BF_HD void lds4_whole(const float* p, float v[4]) {
+#ifdef __CUDA_ARCH__
+  const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ld.volatile.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
+               : "=f"(v[0]), "=f"(v[1]), "=f"(v[2]), "=f"(v[3]) : "r"(a) : "memory");
+#else
+  ld4(p, v);
+#endif
+}
+
 // Four consecutive I/O elements <-> float, and one float -> I/O element. float here;
 // cuda_fast.cu adds half, bfloat16. The pointers are global memory.
 template <typename T> BF_HD void load4(const T* p, float v[4]);
@@ -324,13 +339,18 @@ BF_HD void fast_forward_row(const float* S, int r, float* h) {
 // Inverse: Role 0: h = u = DCT-III_{L/2}(X[0], X[2], ..); Role 1: h = w =
 // DCT-IV_{L/2}(X[1], X[3], ..). The pixels are x[n] = u[n] + w[n], x[L-1-n] = u[n] - w[n]
 // (n < L/2): a butterfly across the two threads, left to the caller.
-template <int L, int Role>
+// kWhole: each chunk by one 16-byte load (lds4_whole), else by ld4 (which ptxas narrows
+// to two 4-byte loads, using fewer registers: plane_program.h, Geom::kWholeLoads).
+template <int L, int Role, bool kWhole = true>
 BF_HD void fast_inverse_row(const float* S, int r, float* h) {
   constexpr int H = L / 2, E = 1 - fastdct::log2i(L), E0 = -fastdct::log2i(L);
   fastdct::static_for<L / 4>([&](auto c_) {
     constexpr int c = decltype(c_)::value;
     float a[4];
-    ld4(S + sidx<L>(r, 4 * c), a);
+    if constexpr (kWhole)
+      lds4_whole(S + sidx<L>(r, 4 * c), a);
+    else
+      ld4(S + sidx<L>(r, 4 * c), a);
     h[2 * c] = a[Role];
     h[2 * c + 1] = a[Role + 2];
   });
@@ -365,12 +385,12 @@ BF_HD void fast_forward_pass(const float* S, float* D, int role, int r) {
 // Inverse, output in mirrored form: u at rows n < L/2 of D, w at rows L-1-n. The
 // butterfly commutes with the pass along the other axis, so after two passes
 // store_mirrored_group (plane_program.h) applies both axes' butterflies at once.
-template <int L, int DW>
+template <int L, int DW, bool kWhole = true>
 BF_HD void fast_inverse_pass(const float* S, float* D, int role, int r) {
   with_role(role, [&](auto role_) {
     constexpr int kRole = decltype(role_)::value;
     float h[L / 2];
-    fast_inverse_row<L, kRole>(S, r, h);
+    fast_inverse_row<L, kRole, kWhole>(S, r, h);
     BF_UNROLL for (int n = 0; n < L / 2; ++n) D[sidx<DW>(kRole == 0 ? n : L - 1 - n, r)] = h[n];
   });
 }

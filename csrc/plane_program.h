@@ -62,6 +62,10 @@ struct Geom {
   static constexpr int kPlane = N * N;
   static constexpr int kTables = Fast ? 0 : TableSize<N>::kFloats;
   static constexpr int kChunksPerThread = kPPB * kPlane / 4 / kThreads;
+  // Fast inverse passes load whole float4 chunks (fast_inverse_row), except at N = 64 with
+  // two planes per block: there ptxas spilled (104 bytes in float32; 144 -> 172 in 16-bit
+  // I/O), and without them it spills nothing (float32).
+  static constexpr bool kWholeLoads = !(Fast && N == 64 && Split == 1);
   static_assert(N == 32 || N == 64 || N == 128, "plane program: N must be 32, 64 or 128");
   static_assert(Split == 1 || (Split == 2 && N >= 64) || (Split == 4 && Fast && N == 64),
                 "plane program: split 2 needs N >= 64, split 4 the fast passes at N = 64");
@@ -391,7 +395,7 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
         const float* S = buf(src) + (q / N) * G::kPlane;
         float* D = buf(dst) + (q / N) * G::kPlane;
         if constexpr (inv)
-          fast_inverse_pass<N, N>(S, D, role, q % N);
+          fast_inverse_pass<N, N, G::kWholeLoads>(S, D, role, q % N);
         else
           fast_forward_pass<N, N>(S, D, role, q % N);
       } else {
@@ -428,7 +432,7 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
       const float* S = buf(second ? src2 : src) + (q / N) * G::kPlane;
       float* D = buf(second ? dst2 : dst) + (q / N) * G::kPlane;
       if constexpr (inv)
-        fast_inverse_pass<N, N>(S, D, role, q % N);
+        fast_inverse_pass<N, N, G::kWholeLoads>(S, D, role, q % N);
       else
         fast_forward_pass<N, N>(S, D, role, q % N);
     });
