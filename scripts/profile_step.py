@@ -58,6 +58,24 @@ def ms_per_step(fn, warmup, iters):
     return (time.perf_counter() - t0) / iters * 1e3
 
 
+def gpu_busy(prof, steps: int, wall_ms) -> str:
+    """Kernels per step and their summed GPU time against the step's wall-clock time: a
+    step that keeps the GPU busy for much less than its wall time waits on launches
+    and gaps between small kernels, not on the kernels themselves."""
+    try:
+        kernels = [e for e in prof.events()
+                   if str(getattr(e, "device_type", "")).endswith("CUDA")]
+        busy_us = sum(e.time_range.elapsed_us() for e in kernels)
+    except Exception as e:                 # the profiler's event API moves between releases
+        return f"GPU busy time: not available ({type(e).__name__}: {e})"
+    busy_ms = busy_us / steps / 1e3
+    text = (f"GPU activities (kernels, copies) per step: {len(kernels) / steps:.0f}, their "
+            f"summed time {busy_ms:.2f} ms per step")
+    if wall_ms:
+        text += f" against {wall_ms:.2f} ms of wall-clock time ({busy_ms / wall_ms:.0%})"
+    return text
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="paper64")
@@ -105,6 +123,7 @@ def main(argv=None):
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
+    lines += ["", gpu_busy(prof, steps=3, wall_ms=best if best < float("inf") else None)]
     ka = prof.key_averages()
     for key in ("self_device_time_total", "self_cuda_time_total"):
         try:
@@ -113,7 +132,7 @@ def main(argv=None):
         except (AttributeError, KeyError, ValueError):
             table = None
     lines += ["", f"torch.profiler, {what}, by GPU time:", table or "?"]
-    print("\n".join(lines[-3:]), flush=True)
+    print("\n".join(lines[-5:]), flush=True)
     if a.out:
         with open(a.out + ".tmp", "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -133,3 +133,19 @@ def test_prebuild_script_names_what_is_missing(env, says, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and says in r.stderr
     assert not (tmp_path / "venv").exists()
+
+
+def test_profile_step_sums_the_gpu_activities_per_step():
+    # profile_step.py's line that says whether the profiled step keeps the GPU busy: its
+    # device events (kernels, copies) counted and summed per step, CPU events left out.
+    from types import SimpleNamespace as NS
+    busy = runpy.run_path(str(ROOT / "scripts" / "profile_step.py"))["gpu_busy"]
+
+    def event(kind, us):
+        return NS(device_type=f"DeviceType.{kind}", time_range=NS(elapsed_us=lambda: us))
+    prof = NS(events=lambda: [event("CUDA", 1500.0)] * 6 + [event("CPU", 9e6)] * 4)
+    assert busy(prof, steps=3, wall_ms=12.0) == (
+        "GPU activities (kernels, copies) per step: 2, their summed time 3.00 ms per step "
+        "against 12.00 ms of wall-clock time (25%)")
+    assert busy(prof, steps=3, wall_ms=None).endswith("3.00 ms per step")
+    assert busy(NS(events=None), steps=3, wall_ms=None).startswith("GPU busy time: not available")
