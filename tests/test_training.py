@@ -1341,9 +1341,12 @@ def test_cli_config_that_does_not_parse_is_one_line_with_the_position(tmp_path, 
 
 
 @pytest.mark.slow
-def test_compiled_step_matches_eager():
+@pytest.mark.parametrize("precision, rel", [("fp32", 1e-5), ("bf16", 1e-3)])
+def test_compiled_step_matches_eager(precision, rel):
     # torch.compile of the model (with the dct2 custom op of freq_input) and channels_last
-    # change nothing but rounding. Minutes on CPU: compiling dominates.
+    # change nothing but rounding; in bf16 the compiled step also casts its weights once
+    # (cast_once), against autocast's casts in the eager one. Minutes on CPU: compiling
+    # dominates. (bf16 measured: loss 2e-6 and gradient norm 3e-4 apart, relative.)
     diff = BlurDiffusion(resolution=16)
     x = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8)
     t, flip = torch.tensor([5, 50, 500, 900]), torch.tensor([True, False, True, False])
@@ -1352,12 +1355,13 @@ def test_compiled_step_matches_eager():
         torch.manual_seed(0)
         step = training.TrainStep(UNet(resolution=16, freq_input=True, **TINY), diff,
                                   device="cpu", lr=1e-3, compile=compiled,
-                                  channels_last=compiled)
+                                  channels_last=compiled, precision=precision,
+                                  cast_once=compiled and precision == "bf16")
         for i in range(2):
             step(x, flip, t, i, 0)
         stats.append(step.read_stats())
-    assert stats[1]["loss"] == pytest.approx(stats[0]["loss"], rel=1e-5)
-    assert stats[1]["grad_norm"] == pytest.approx(stats[0]["grad_norm"], rel=1e-4)
+    assert stats[1]["loss"] == pytest.approx(stats[0]["loss"], rel=rel)
+    assert stats[1]["grad_norm"] == pytest.approx(stats[0]["grad_norm"], rel=10 * rel)
 
 
 # ------------------------------------------------------------------------ recipes
