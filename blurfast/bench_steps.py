@@ -111,9 +111,10 @@ def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[s
     throughout). Besides them, from ``impls``: ``blurfast``, ``blurfast_compile`` (the
     model under ``torch.compile`` inside the same CUDA graph; training step only,
     compiling takes minutes) and each with ``_cast_once`` (the bf16 weights cast once per
-    step, :class:`blurfast.training.Bf16Weights`; training step only). ``flags`` records (matmul TF32, cuDNN TF32, cuDNN benchmark)
-    on CUDA. Defaults: paper64 at 64x64, batch 16 and 64 on a GPU (16 only with
-    ``quick``); the small U-Net at 32x32, batch 8 on a CPU.
+    step, :class:`blurfast.training.Bf16Weights`; training step only, on CUDA).
+    ``flags`` records (matmul TF32, cuDNN TF32, cuDNN benchmark) on CUDA. Defaults:
+    paper64 at 64x64, batch 16 and 64 on a GPU (16 only with ``quick``); the small U-Net
+    at 32x32, batch 8 on a CPU.
 
     ``errors``: a list; an exception of a blurfast configuration is then appended to it
     (``{case, impl, shape, reason, error}``) and the run goes on without its rows, where

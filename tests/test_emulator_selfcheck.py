@@ -4,9 +4,9 @@ _C.emulator_selfcheck runs a deliberately broken toy program, or its corrected v
 through the emulator's run_blocks and EmuCtx, the code that runs the real kernels. Each
 test shows that a check catches its kind of bug and that the corrected program passes it,
 so that switching a check off (NaN fill, reverse thread and block order, late async
-copies, the pending copy check, the bounds and overlap checks) fails a test here. The toy programs run
-2 blocks of 8 threads; thread i of the grid handles input floats 4 i .. 4 i + 3 of the
-input 1 .. 64.
+copies, the pending copy check, the bounds and overlap checks) fails a test here. The toy
+programs run 2 blocks of 8 threads; thread i of the grid handles input floats 4 i .. 4 i + 3
+of the input 1 .. 64.
 """
 import numpy as np
 import pytest
