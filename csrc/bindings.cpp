@@ -110,11 +110,21 @@ PYBIND11_MODULE(_C, m) {
   }, "CPU emulation of the CUDA path's frequency-space combine, in place in f1 (tests only).");
   m.def("strip_emulate", [](uintptr_t in, uintptr_t out, int64_t planes, int64_t rows, int64_t L,
                             bool inverse, int64_t grid, bool reverse_threads, bool fast,
-                            int in_dtype, int out_dtype) {
+                            int in_dtype, int out_dtype, bool same_layout) {
     py::gil_scoped_release nogil;
     strip_emulate(cptr(in), mptr(out), planes, rows, L, inverse, grid, reverse_threads, fast,
-                  in_dtype, out_dtype);
+                  in_dtype, out_dtype, same_layout);
   }, "CPU emulation of the strip CUDA kernel (tests only).");
+  m.def("column_emulate", [](int64_t planes, int64_t H, int64_t W, int dtype, uintptr_t t1,
+                             uintptr_t t2, py::object a1, py::object a2, py::object g,
+                             uintptr_t zb, uint64_t seed, uint64_t offset, uintptr_t u1,
+                             uintptr_t u2, int64_t grid, bool reverse_threads,
+                             int64_t chunk) {
+    SpectralParams p = spectral_params(planes, H, W, dtype, t1, t2, a1, a2, g, zb, seed, offset,
+                                       u1, u2);
+    py::gil_scoped_release nogil;
+    column_emulate(p, grid, reverse_threads, chunk);
+  }, "CPU emulation of the column pass of the CUDA fused op at 256 x 256 (tests only).");
   m.def("emulator_selfcheck", [](const std::string& program, bool fixed, bool reverse) {
     py::gil_scoped_release nogil;
     return emulator_selfcheck(program, fixed, reverse);

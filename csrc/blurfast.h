@@ -59,9 +59,17 @@ void plane_emulate(const SpectralParams& p, int mode, int64_t grid, bool reverse
 // fast: run_fast_strips, else run_strips (dense passes). in_dtype, out_dtype: kF32 both,
 // or one of them kBF16 (the pairs the GPU runs: bfloat16 in the first pass of a 2-D
 // transform, in the second out).
+// same_layout (fast inverse passes only): out (planes, rows, L), rows kept in place.
 void strip_emulate(const void* in, void* out, int64_t planes, int64_t rows, int64_t L,
                    bool inverse, int64_t grid, bool reverse_threads, bool fast, int in_dtype,
-                   int out_dtype);
+                   int out_dtype, bool same_layout);
+// Test hook: runs the column pass of the fused op at 256 x 256 (column_program.h) on the
+// CPU, float32: p.x1 (and p.x2) hold the row passes of x1 (x2), (planes, W, H); p.out and
+// p.noise_out receive the inverse column passes of the result and the noise, (planes, H,
+// W); maps, zb, seed and offset are the call's. H in {32, 64, 128, 256}, W % 32 == 0.
+// chunk: planes per launch, as the GPU runs calls whose intermediates exceed its L2.
+void column_emulate(const SpectralParams& p, int64_t grid, bool reverse_threads,
+                    int64_t chunk);
 // Test hook: runs the CUDA path's frequency-space combine (combine.h) on the CPU, float32
 // or float64: x1 holds f1 and receives the result, x2 is f2, noise_out receives zb.
 void combine_emulate(const SpectralParams& p);

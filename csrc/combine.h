@@ -1,5 +1,6 @@
-// The frequency-space step of the transform-by-transform CUDA path (cuda_kernels.cu, the
-// calls the whole-plane kernel does not serve, 256 x 256 among them):
+// The frequency-space step of the transform-by-transform CUDA path (cuda_kernels.cu: the
+// calls neither the whole-plane kernel nor the column path serves, 256 x 256 with
+// BLURFAST_CUDA_KERNELS=fast+separate among them):
 //   f1 = a1 f1 + a2 f2 + g zb, in place;  zb_out = zb when asked.
 // A work item is a quad: four consecutive elements of one plane. Its elements share one
 // Philox block (when the stream position is a multiple of 4, as it is for planes whose

@@ -14,6 +14,10 @@
 // Strip kernels: one 1-D pass with transposed output (two make a 2-D transform); the
 // simple path (cuda_kernels.cu) uses them for rows of 32, 64, 128 or 256 elements, 256 x 256
 // planes included. Fast passes by default, dense with BLURFAST_CUDA_KERNELS=dense.
+//
+// Column path (column_program.h): the fused op on planes the whole-plane kernel does not
+// take (256 x 256), in three passes per chunk of planes: strip kernels for the rows, the
+// column kernel between them.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -102,6 +106,9 @@ bool aligned(const void* p, size_t bytes) { return ((uintptr_t)p % bytes) == 0; 
 // (the A/B of benchmarks/NOTES.md). "fast+wide" serves every call at N = 64 with the fast
 // passes' wide geometry (256 threads per plane, one plane per block): the default for the
 // fused op with float I/O there, on trial for dct2, idct2 and the other types.
+// "fast+separate" runs the fused op at 256 x 256 as version 5 did (six strip passes and a
+// separate combine kernel, cuda_kernels.cu) instead of the three passes of
+// column_program.h.
 enum class Choice { kFast, kDense, kSimple };
 enum class Prefetch { kTwoBuffers, kAll, kNone };
 
@@ -109,6 +116,7 @@ struct Options {
   Choice choice = Choice::kFast;
   Prefetch prefetch = Prefetch::kTwoBuffers;
   bool wide = false;
+  bool separate = false;
 };
 
 Options options_from_env() {
@@ -121,6 +129,7 @@ Options options_from_env() {
   if (s == "fast+prefetch") o.prefetch = Prefetch::kAll;
   if (s == "fast+noprefetch") o.prefetch = Prefetch::kNone;
   o.wide = s == "fast+wide";
+  o.separate = s == "fast+separate";
   return o;
 }
 
@@ -266,9 +275,11 @@ bool with_length(int64_t n, F&& f) {
 
 template <typename Tin, typename Tout>
 bool strip_launch(const void* in, void* out, int64_t planes, int64_t rows, int64_t L,
-                  bool inverse, int device, cudaStream_t stream) {
+                  bool inverse, int device, cudaStream_t stream, bool same_layout) {
   const Choice choice = choice_from_env();
   if (choice == Choice::kSimple || rows % 32 != 0 || planes * rows == 0) return false;
+  if (same_layout && !(inverse && choice == Choice::kFast && std::is_same<Tin, float>::value))
+    return false;
   if (!aligned(in, 4 * sizeof(Tin)) || !aligned(out, 4 * sizeof(Tout))) return false;
   StripJob job;
   job.in = in;
@@ -290,9 +301,13 @@ bool strip_launch(const void* in, void* out, int64_t planes, int64_t rows, int64
     constexpr int N = decltype(size)::value;
     if (choice == Choice::kFast) {
       using G = FastStripGeom<N>;
-      return launch(StripKernel<N, Tin, Tout, true>{}, G::kThreads,
-                    G::kSmemFloats * (int64_t)sizeof(float),
-                    (planes * rows + G::kRows - 1) / G::kRows);
+      const int64_t bytes = G::kSmemFloats * (int64_t)sizeof(float);
+      const int64_t items = (planes * rows + G::kRows - 1) / G::kRows;
+      if constexpr (std::is_same<Tin, float>::value) {
+        if (same_layout) return launch(StripKernel<N, float, Tout, true, true>{}, G::kThreads,
+                                       bytes, items);
+      }
+      return launch(StripKernel<N, Tin, Tout, true>{}, G::kThreads, bytes, items);
     }
     using G = StripGeom<N>;
     return launch(StripKernel<N, Tin, Tout, false>{}, G::kThreads,
@@ -301,18 +316,123 @@ bool strip_launch(const void* in, void* out, int64_t planes, int64_t rows, int64
 }
 
 template bool strip_launch<float, float>(const void*, void*, int64_t, int64_t, int64_t, bool, int,
-                                         cudaStream_t);
+                                         cudaStream_t, bool);
 template bool strip_launch<__half, float>(const void*, void*, int64_t, int64_t, int64_t, bool,
-                                          int, cudaStream_t);
+                                          int, cudaStream_t, bool);
 template bool strip_launch<__nv_bfloat16, float>(const void*, void*, int64_t, int64_t, int64_t,
-                                                 bool, int, cudaStream_t);
+                                                 bool, int, cudaStream_t, bool);
 template bool strip_launch<float, __half>(const void*, void*, int64_t, int64_t, int64_t, bool,
-                                          int, cudaStream_t);
+                                          int, cudaStream_t, bool);
 template bool strip_launch<float, __nv_bfloat16>(const void*, void*, int64_t, int64_t, int64_t,
-                                                 bool, int, cudaStream_t);
+                                                 bool, int, cudaStream_t, bool);
 
 int64_t l2_cache_bytes(int device) {
   return device_attr(device, cudaDevAttrL2CacheSize, "L2 size");
+}
+
+namespace {
+
+// Calls f(std::integral_constant<int, L>) for a column length of the column pass.
+template <typename F>
+bool with_column_length(int64_t n, F&& f) {
+  switch (n) {
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    case 256: return f(std::integral_constant<int, 256>{});
+    default: return false;
+  }
+}
+
+// The column path's plan for a call the whole-plane kernel does not serve: planes per
+// chunk (0: the path does not apply) and the intermediate arrays of a chunk (t1, t2 with
+// x2; u1, u2 with the noise returned).
+struct ColumnPlan {
+  int64_t chunk = 0;
+  int arrays = 0;
+};
+
+ColumnPlan column_plan(const SpectralParams& p, int device) {
+  ColumnPlan plan;
+  const Options opt = options_from_env();
+  if (opt.choice != Choice::kFast || opt.separate || p.planes <= 0 || !p.a1.ptr) return plan;
+  if (p.dtype != kF32 && p.dtype != kF16 && p.dtype != kBF16) return plan;
+  auto strip_len = [](int64_t n) { return n == 32 || n == 64 || n == 128 || n == 256; };
+  if (!strip_len(p.H) || !strip_len(p.W)) return plan;
+  const size_t io = p.dtype == kF32 ? 16 : 8;
+  for (const void* q : {p.x1, p.x2, (const void*)p.out, (const void*)p.noise_out})
+    if (q && !aligned(q, io)) return plan;
+  for (const void* q : {p.a1.ptr, p.a2.ptr, p.g.ptr, p.zb})
+    if (q && !aligned(q, 16)) return plan;
+  for (const MapRef* m : {&p.a1, &p.a2, &p.g})   // 32-bit map offsets (column_program.h)
+    if (m->ptr && m->mod * p.H * p.W >= ((int64_t)1 << 31)) return plan;
+  plan.arrays = (p.x2 ? 2 : 1) + (p.noise_out ? 2 : 1);
+  // A chunk's intermediates in half the L2 cache, so that each pass reads the previous
+  // one's output from L2; chunks of equal size (no small last one).
+  const int64_t plane_bytes = plan.arrays * p.H * p.W * (int64_t)sizeof(float);
+  const int64_t fit = std::max<int64_t>(1, l2_cache_bytes(device) / 2 / plane_bytes);
+  const int64_t chunks = (p.planes + fit - 1) / fit;
+  plan.chunk = (p.planes + chunks - 1) / chunks;
+  return plan;
+}
+
+}  // namespace
+
+int64_t column_workspace_floats(const SpectralParams& p, int device) {
+  const ColumnPlan plan = column_plan(p, device);
+  return plan.chunk * plan.arrays * p.H * p.W;
+}
+
+bool column_launch(const SpectralParams& p, float* ws, int device, cudaStream_t stream) {
+  const ColumnPlan plan = column_plan(p, device);
+  if (plan.chunk == 0) return false;
+  if (!ws) throw std::invalid_argument("blurfast CUDA: the column path needs a workspace");
+  const int64_t hw = p.H * p.W, n = plan.chunk * hw;
+  float* t1 = ws;
+  float* t2 = p.x2 ? t1 + n : nullptr;
+  float* u1 = (t2 ? t2 : t1) + n;
+  float* u2 = p.noise_out ? u1 + n : nullptr;
+  const size_t io = p.dtype == kF32 ? 4 : 2;
+  auto at = [&](const void* base, int64_t p0) { return (const char*)base + p0 * hw * io; };
+  // The row passes of every type pair are instantiated (strip_launch); one that does not
+  // launch now would leave the call half done.
+  auto rows = [&](const void* in, void* out, int64_t planes, bool inverse) {
+    bool ok = with_io_type(p.dtype, [&](auto* t) {
+      using T = std::remove_pointer_t<decltype(t)>;
+      return inverse ? strip_launch<float, T>(in, out, planes, p.H, p.W, true, device, stream, true)
+                     : strip_launch<T, float>(in, out, planes, p.H, p.W, false, device, stream);
+    });
+    if (!ok) throw std::runtime_error("blurfast CUDA: a row pass of the column path did not launch");
+  };
+  for (int64_t p0 = 0; p0 < p.planes; p0 += plan.chunk) {
+    const int64_t planes = std::min(plan.chunk, p.planes - p0);
+    rows(at(p.x1, p0), t1, planes, false);
+    if (p.x2) rows(at(p.x2, p0), t2, planes, false);
+    ColumnJob job;
+    job.spec = make_job(p, kSpectral);
+    job.t1 = t1;
+    job.t2 = t2;
+    job.u1 = u1;
+    job.u2 = u2;
+    job.plane0 = p0;
+    job.planes = planes;
+    job.W = (int)p.W;
+    with_column_length(p.H, [&](auto size) {
+      constexpr int L = decltype(size)::value;
+      using K = ColumnKernel<L>;
+      const int64_t bytes = ColumnGeom<L>::kSmemFloats * (int64_t)sizeof(float);
+      const int per_sm = blocks_per_sm(K::ptr(), ColumnGeom<L>::kThreads, device, bytes, bytes);
+      if (per_sm == 0) throw std::runtime_error("blurfast CUDA: the column pass does not fit");
+      const int64_t blocks = planes * (p.W / ColumnGeom<L>::kRows);
+      const int64_t resident = (int64_t)per_sm * sm_count(device);
+      K::launch((unsigned)std::min(blocks, resident), (size_t)bytes, stream, job);
+      check(cudaGetLastError(), "column launch");
+      return true;
+    });
+    rows(u1, (void*)at(p.out, p0), planes, true);
+    if (p.noise_out) rows(u2, (void*)at(p.noise_out, p0), planes, true);
+  }
+  return true;
 }
 
 bool plane_applies(const Job& job, int64_t H, int64_t W, int dtype, int device) {

@@ -19,9 +19,17 @@ bool plane_launch(const Job& job, int64_t H, int64_t W, int dtype, int device,
 // rows % 32 == 0, the pointers allow vector access and the shared memory fits; else
 // returns false and does nothing. Instantiated for (float, float) and for a 16-bit type
 // (__half, __nv_bfloat16) on one side with float on the other.
+// same_layout (fast inverse passes only; else returns false): out (planes, rows, L).
 template <typename Tin, typename Tout>
 bool strip_launch(const void* in, void* out, int64_t planes, int64_t rows, int64_t L,
-                  bool inverse, int device, cudaStream_t stream);
+                  bool inverse, int device, cudaStream_t stream, bool same_layout = false);
+
+// The fused op in three passes (column_program.h), for calls the whole-plane kernel does
+// not serve: H and W in {32, 64, 128, 256}, float32, float16 or bfloat16 I/O, the fast
+// kernels chosen (not "fast+separate"). The workspace it needs in floats (0: it does not
+// serve the call), and its launch (false, doing nothing, where it does not serve it).
+int64_t column_workspace_floats(const SpectralParams& p, int device);
+bool column_launch(const SpectralParams& p, float* ws, int device, cudaStream_t stream);
 
 // The L2 cache size of `device` in bytes (cached).
 int64_t l2_cache_bytes(int device);

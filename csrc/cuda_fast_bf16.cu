@@ -7,6 +7,7 @@ namespace plane {
 BLURFAST_PLANE_KERNELS(__nv_bfloat16)
 BLURFAST_STRIP_KERNELS(__nv_bfloat16, float)
 BLURFAST_STRIP_KERNELS(float, __nv_bfloat16)
+BLURFAST_SAME_LAYOUT_KERNELS(__nv_bfloat16)
 
 }  // namespace plane
 }  // namespace blurfast

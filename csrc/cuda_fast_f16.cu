@@ -7,6 +7,7 @@ namespace plane {
 BLURFAST_PLANE_KERNELS(__half)
 BLURFAST_STRIP_KERNELS(__half, float)
 BLURFAST_STRIP_KERNELS(float, __half)
+BLURFAST_SAME_LAYOUT_KERNELS(__half)
 
 }  // namespace plane
 }  // namespace blurfast

@@ -126,14 +126,32 @@ __global__ void __launch_bounds__(StripGeom<L>::kThreads) strip_kernel(StripJob 
   run_strips<L, Tin, Tout>(ctx, job, reinterpret_cast<float*>(smem4));
 }
 
-template <int L, typename Tin, typename Tout>
+template <int L, typename Tin, typename Tout, bool SameLayout>
 __global__ void __launch_bounds__(FastStripGeom<L>::kThreads) fast_strip_kernel(StripJob job) {
   extern __shared__ float4 smem4[];
   GpuCtx ctx;
-  run_fast_strips<L, Tin, Tout>(ctx, job, reinterpret_cast<float*>(smem4));
+  run_fast_strips<L, Tin, Tout, GpuCtx, SameLayout>(ctx, job, reinterpret_cast<float*>(smem4));
+}
+
+template <int L>
+__global__ void __launch_bounds__(ColumnGeom<L>::kThreads) column_kernel(ColumnJob job) {
+  extern __shared__ float4 smem4[];
+  GpuCtx ctx;
+  run_column_spectral<L>(ctx, job, reinterpret_cast<float*>(smem4));
 }
 
 }  // namespace gpu
+
+template <int L>
+const void* ColumnKernel<L>::ptr() {
+  return reinterpret_cast<const void*>(&gpu::column_kernel<L>);
+}
+
+template <int L>
+void ColumnKernel<L>::launch(unsigned grid, size_t bytes, cudaStream_t stream,
+                             const ColumnJob& job) {
+  gpu::column_kernel<L><<<grid, ColumnGeom<L>::kThreads, bytes, stream>>>(job);
+}
 
 template <typename G, typename T>
 const void* PlaneKernel<G, T>::ptr() {
@@ -145,19 +163,22 @@ void PlaneKernel<G, T>::launch(unsigned grid, size_t bytes, cudaStream_t stream,
   gpu::plane_kernel<G, T><<<grid, G::kThreads, bytes, stream>>>(job);
 }
 
-template <int L, typename Tin, typename Tout, bool Fast>
-const void* StripKernel<L, Tin, Tout, Fast>::ptr() {
+template <int L, typename Tin, typename Tout, bool Fast, bool SameLayout>
+const void* StripKernel<L, Tin, Tout, Fast, SameLayout>::ptr() {
+  static_assert(Fast || !SameLayout, "same layout: fast passes only");
   if constexpr (Fast)
-    return reinterpret_cast<const void*>(&gpu::fast_strip_kernel<L, Tin, Tout>);
+    return reinterpret_cast<const void*>(&gpu::fast_strip_kernel<L, Tin, Tout, SameLayout>);
   else
     return reinterpret_cast<const void*>(&gpu::strip_kernel<L, Tin, Tout>);
 }
 
-template <int L, typename Tin, typename Tout, bool Fast>
-void StripKernel<L, Tin, Tout, Fast>::launch(unsigned grid, size_t bytes, cudaStream_t stream,
-                                             const StripJob& job) {
+template <int L, typename Tin, typename Tout, bool Fast, bool SameLayout>
+void StripKernel<L, Tin, Tout, Fast, SameLayout>::launch(unsigned grid, size_t bytes,
+                                                         cudaStream_t stream,
+                                                         const StripJob& job) {
   if constexpr (Fast)
-    gpu::fast_strip_kernel<L, Tin, Tout><<<grid, FastStripGeom<L>::kThreads, bytes, stream>>>(job);
+    gpu::fast_strip_kernel<L, Tin, Tout, SameLayout>
+        <<<grid, FastStripGeom<L>::kThreads, bytes, stream>>>(job);
   else
     gpu::strip_kernel<L, Tin, Tout><<<grid, StripGeom<L>::kThreads, bytes, stream>>>(job);
 }
@@ -175,10 +196,16 @@ void StripKernel<L, Tin, Tout, Fast>::launch(unsigned grid, size_t bytes, cudaSt
   template struct PlaneKernel<Geom<128>, T>;            \
   template struct PlaneKernel<Geom<128, 2>, T>;
 
-// Both strip kernels for every row length, Tin -> Tout.
+// Both strip kernels for every row length, Tin -> Tout; the same-layout inverse pass of
+// the column path (float in).
 #define BLURFAST_STRIP_KERNELS_L(L, Tin, Tout)          \
   template struct StripKernel<L, Tin, Tout, true>;      \
   template struct StripKernel<L, Tin, Tout, false>;
+#define BLURFAST_SAME_LAYOUT_KERNELS(Tout)                \
+  template struct StripKernel<32, float, Tout, true, true>;  \
+  template struct StripKernel<64, float, Tout, true, true>;  \
+  template struct StripKernel<128, float, Tout, true, true>; \
+  template struct StripKernel<256, float, Tout, true, true>;
 #define BLURFAST_STRIP_KERNELS(Tin, Tout)               \
   BLURFAST_STRIP_KERNELS_L(32, Tin, Tout)               \
   BLURFAST_STRIP_KERNELS_L(64, Tin, Tout)               \

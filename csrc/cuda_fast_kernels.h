@@ -4,6 +4,7 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include "column_program.h"
 #include "plane_program.h"
 #include "strip_program.h"
 
@@ -17,11 +18,19 @@ struct PlaneKernel {
   static void launch(unsigned grid, size_t bytes, cudaStream_t stream, const Job& job);
 };
 
-// The strip kernel (fast or dense passes) for rows of L, Tin -> Tout.
-template <int L, typename Tin, typename Tout, bool Fast>
+// The strip kernel (fast or dense passes) for rows of L, Tin -> Tout; SameLayout: the fast
+// inverse pass that keeps the rows' layout (run_fast_strips).
+template <int L, typename Tin, typename Tout, bool Fast, bool SameLayout = false>
 struct StripKernel {
   static const void* ptr();
   static void launch(unsigned grid, size_t bytes, cudaStream_t stream, const StripJob& job);
+};
+
+// The column pass of the fused op at 256 x 256 (column_program.h), float in and out.
+template <int L>
+struct ColumnKernel {
+  static const void* ptr();
+  static void launch(unsigned grid, size_t bytes, cudaStream_t stream, const ColumnJob& job);
 };
 
 }  // namespace plane

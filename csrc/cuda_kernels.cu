@@ -214,6 +214,7 @@ int64_t spectral_workspace_elems(const SpectralParams& p, int device) {
   DeviceGuard guard(device);
   if (plane::plane_applies(plane::make_job(p, plane::kSpectral), p.H, p.W, p.dtype, device))
     return 0;
+  if (const int64_t floats = plane::column_workspace_floats(p, device)) return floats;
   const int64_t n = p.planes * p.H * p.W;   // spectral_typed's tmp, f1, f2, zb
   return chunk_planes(p.planes, p.H, p.W, compute_size(p.dtype), device) * p.H * p.W +
          (1 + (p.x2 ? 1 : 0) + (p.noise_out ? 1 : 0)) * n;
@@ -239,8 +240,10 @@ const char* dct2_kernel_name(const void* in, const void* out, int64_t planes, in
 }
 
 const char* spectral_kernel_name(const SpectralParams& p, int device) {
-  return spectral_workspace_elems(p, device) == 0 && p.planes * p.H * p.W > 0 ? "plane"
-                                                                                : "simple";
+  if (p.planes * p.H * p.W == 0) return "simple";
+  if (spectral_workspace_elems(p, device) == 0) return "plane";
+  DeviceGuard guard(device);
+  return plane::column_workspace_floats(p, device) > 0 ? "columns" : "simple";
 }
 
 void dct2_cuda(const void* in, void* out, void* workspace, int64_t planes, int64_t H, int64_t W,
@@ -261,6 +264,7 @@ void spectral_cuda(const SpectralParams& p, void* workspace, int device, void* s
   if (plane::plane_launch(plane::make_job(p, plane::kSpectral), p.H, p.W, p.dtype, device,
                           (cudaStream_t)stream))
     return;
+  if (plane::column_launch(p, (float*)workspace, device, (cudaStream_t)stream)) return;
   require_workspace(workspace, p.planes * p.H * p.W);
   dispatch(p.dtype, [&](auto types) {
     using T = typename decltype(types)::T;

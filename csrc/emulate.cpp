@@ -14,6 +14,7 @@
 // thread's next wait_async in reverse runs: a read before the wait, or a write to the
 // copy's destination between the two, gives another result in one of the runs. A copy
 // still pending when a block ends throws.
+#include <algorithm>
 #include <array>
 #include <limits>
 #include <stdexcept>
@@ -22,6 +23,7 @@
 #include <vector>
 
 #include "blurfast.h"
+#include "column_program.h"
 #include "combine.h"
 #include "emu_bf16.h"
 #include "plane_program.h"
@@ -151,20 +153,48 @@ void emulate(const plane::Job& job, int64_t grid, bool reverse) {
 }
 
 template <int L, typename Tin, typename Tout>
-void emulate_strips(const plane::StripJob& job, int64_t grid, bool reverse, bool fast) {
+void emulate_strips(const plane::StripJob& job, int64_t grid, bool reverse, bool fast,
+                    bool same_layout) {
   std::vector<plane::EmuRange> memory;
   add_range<Tin>(memory, "in", job.in, job.planes * job.rows * L, false);
   add_range<Tout>(memory, "out", job.out, job.planes * job.rows * L, true);
+  if (same_layout && !(fast && job.inverse && std::is_same<Tin, float>::value))
+    throw std::invalid_argument(
+        "strip_emulate: same_layout is for the fast inverse pass with float input only");
   if (fast) {
     using G = plane::FastStripGeom<L>;
     run_blocks(G::kSmemFloats, G::kThreads, grid, reverse, memory, [&](EmuCtx& ctx, float* sm) {
-      plane::run_fast_strips<L, Tin, Tout>(ctx, job, sm);
+      if (same_layout)
+        plane::run_fast_strips<L, Tin, Tout, EmuCtx, true>(ctx, job, sm);
+      else
+        plane::run_fast_strips<L, Tin, Tout>(ctx, job, sm);
     });
     return;
   }
   using G = plane::StripGeom<L>;
   run_blocks(G::kSmemFloats, G::kThreads, grid, reverse, memory,
              [&](EmuCtx& ctx, float* sm) { plane::run_strips<L, Tin, Tout>(ctx, job, sm); });
+}
+
+// `call_planes`: the whole call's, for the range of zb (indexed by the call's plane).
+template <int L>
+void emulate_columns(const plane::ColumnJob& job, int64_t call_planes, int64_t grid,
+                     bool reverse) {
+  using G = plane::ColumnGeom<L>;
+  const plane::Job& s = job.spec;
+  const int64_t n = job.planes * L * job.W, hw = (int64_t)L * job.W;
+  std::vector<plane::EmuRange> m;
+  add_range(m, "t1", job.t1, n, false);
+  add_range(m, "t2", job.t2, n, false);
+  add_range(m, "zb", s.zb, call_planes * hw, false);
+  add_range(m, "a1", s.a1.ptr, s.a1.mod * hw, false);
+  add_range(m, "a2", s.a2.ptr, s.a2.mod * hw, false);
+  add_range(m, "g", s.g.ptr, s.g.mod * hw, false);
+  add_range(m, "u1", job.u1, n, true);
+  add_range(m, "u2", job.u2, n, true);
+  run_blocks(G::kSmemFloats, G::kThreads, grid, reverse, m, [&](EmuCtx& ctx, float* sm) {
+    plane::run_column_spectral<L>(ctx, job, sm);
+  });
 }
 
 template <typename C>
@@ -204,9 +234,39 @@ void combine_emulate(const SpectralParams& p) {
     throw std::invalid_argument("combine_emulate: float32 or float64 only");
 }
 
+void column_emulate(const SpectralParams& p, int64_t grid, bool reverse_threads, int64_t chunk) {
+  if (p.dtype != kF32) throw std::invalid_argument("column_emulate: dtype must be float32");
+  if (p.H != 32 && p.H != 64 && p.H != 128 && p.H != 256)
+    throw std::invalid_argument("column_emulate: H must be 32, 64, 128 or 256");
+  if (p.W % plane::ColumnGeom<32>::kRows != 0 || p.W <= 0)
+    throw std::invalid_argument("column_emulate: W must be a positive multiple of 32");
+  if (grid < 1) throw std::invalid_argument("column_emulate: grid must be >= 1");
+  if (!p.a1.ptr) throw std::invalid_argument("column_emulate: a1 is required");
+  if (chunk < 1) throw std::invalid_argument("column_emulate: chunk must be >= 1");
+  const int64_t hw = p.H * p.W;
+  // As the GPU runs a call: launches on chunks of planes, each with its own pointers.
+  for (int64_t p0 = 0; p0 < p.planes; p0 += chunk) {
+    plane::ColumnJob job;
+    job.spec = plane::make_job(p, plane::kSpectral);
+    job.t1 = (const float*)p.x1 + p0 * hw;
+    job.t2 = p.x2 ? (const float*)p.x2 + p0 * hw : nullptr;
+    job.u1 = (float*)p.out + p0 * hw;
+    job.u2 = p.noise_out ? (float*)p.noise_out + p0 * hw : nullptr;
+    job.plane0 = p0;
+    job.planes = std::min(chunk, p.planes - p0);
+    job.W = (int)p.W;
+    switch (p.H) {
+      case 32: emulate_columns<32>(job, p.planes, grid, reverse_threads); break;
+      case 64: emulate_columns<64>(job, p.planes, grid, reverse_threads); break;
+      case 128: emulate_columns<128>(job, p.planes, grid, reverse_threads); break;
+      default: emulate_columns<256>(job, p.planes, grid, reverse_threads); break;
+    }
+  }
+}
+
 void strip_emulate(const void* in, void* out, int64_t planes, int64_t rows, int64_t L,
                    bool inverse, int64_t grid, bool reverse_threads, bool fast, int in_dtype,
-                   int out_dtype) {
+                   int out_dtype, bool same_layout) {
   if (rows % 32 != 0) throw std::invalid_argument("strip_emulate: rows must be a multiple of 32");
   if (grid < 1) throw std::invalid_argument("strip_emulate: grid must be >= 1");
   if (L != 32 && L != 64 && L != 128 && L != 256)
@@ -227,10 +287,10 @@ void strip_emulate(const void* in, void* out, int64_t planes, int64_t rows, int6
     using Tin = std::remove_pointer_t<decltype(tin)>;
     using Tout = std::remove_pointer_t<decltype(tout)>;
     switch (L) {
-      case 32: emulate_strips<32, Tin, Tout>(job, grid, reverse_threads, fast); break;
-      case 64: emulate_strips<64, Tin, Tout>(job, grid, reverse_threads, fast); break;
-      case 128: emulate_strips<128, Tin, Tout>(job, grid, reverse_threads, fast); break;
-      default: emulate_strips<256, Tin, Tout>(job, grid, reverse_threads, fast); break;
+      case 32: emulate_strips<32, Tin, Tout>(job, grid, reverse_threads, fast, same_layout); break;
+      case 64: emulate_strips<64, Tin, Tout>(job, grid, reverse_threads, fast, same_layout); break;
+      case 128: emulate_strips<128, Tin, Tout>(job, grid, reverse_threads, fast, same_layout); break;
+      default: emulate_strips<256, Tin, Tout>(job, grid, reverse_threads, fast, same_layout); break;
     }
   };
   if (in_dtype == kBF16)

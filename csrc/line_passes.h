@@ -360,6 +360,21 @@ BF_HD void fast_inverse_row(const float* S, int r, float* h) {
     fastdct::dct4<H, E>(h);
 }
 
+// fast_inverse_row of a line held as column q of S (rows of DW floats: element k of the
+// line at row k). Scalar loads; lanes on consecutive q meet 32 different banks (sidx).
+template <int L, int Role, int DW>
+BF_HD void fast_inverse_col(const float* S, int q, float* h) {
+  constexpr int H = L / 2, E = 1 - fastdct::log2i(L), E0 = -fastdct::log2i(L);
+  BF_UNROLL for (int c = 0; c < L / 4; ++c) {
+    h[2 * c] = S[sidx<DW>(4 * c + Role, q)];
+    h[2 * c + 1] = S[sidx<DW>(4 * c + 2 + Role, q)];
+  }
+  if constexpr (Role == 0)
+    fastdct::dct3<H, E, E0>(h);
+  else
+    fastdct::dct4<H, E>(h);
+}
+
 // f(std::integral_constant<int, role>{}) for role 0 or 1: each role's code is compiled
 // on its own (with the role a runtime value across shared code, ptxas spilled).
 template <typename F>

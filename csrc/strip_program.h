@@ -12,7 +12,8 @@
 // - run_fast_strips (fast passes): a block owns kRows consecutive rows in turn, two
 //   threads per row, and stores the results from registers straight to global memory
 //   (lanes on consecutive rows: coalesced). Blocks of 64 KiB of shared memory, several per
-//   SM, overlap one another's loads.
+//   SM, overlap one another's loads. Its inverse pass can also keep the rows' layout
+//   (kSameLayout), the last pass of column_program.h.
 #pragma once
 #include <cstdint>
 
@@ -109,7 +110,10 @@ struct HalfRow {
   float h[L / 2];
 };
 
-template <int L, typename Tin, typename Tout, typename Ctx>
+// kSameLayout (inverse jobs only): out keeps the input's layout, out[p][r][n] (the last
+// pass of column_program.h, whose rows are transposed already). A kernel of its own: as a
+// run-time branch, its store phase made ptxas spill in the others (440 bytes at L = 256).
+template <int L, typename Tin, typename Tout, typename Ctx, bool kSameLayout = false>
 BF_HD void run_fast_strips(Ctx& ctx, const StripJob& job, float* S) {
   using G = FastStripGeom<L>;
   constexpr int H = L / 2;
@@ -161,6 +165,29 @@ BF_HD void run_fast_strips(Ctx& ctx, const StripJob& job, float* S) {
       const int q = tid % G::kRows, role = tid / G::kRows;
       BF_UNROLL for (int n = 0; n < H; n += 4) st4(S + sidx<L>(q, role * H + n), keep(tid).h + n);
     });
+    if constexpr (kSameLayout) {
+      // Chunk c: row c / (H/4), elements n .. n+3 and their mirrors L-1-n .. L-4-n; a warp
+      // stores whole output rows (rows g0 .. g0 + nrows - 1 are contiguous).
+      ctx.phase([&](int tid) {
+        constexpr int kPerRow = H / 4, kPerThread = G::kRows * kPerRow / G::kThreads;
+        // Not unrolled: unrolled at L = 256, ptxas spilled 456 bytes.
+        BF_NO_UNROLL for (int i = 0; i < kPerThread; ++i) {
+          const int c = tid + i * G::kThreads, q = c / kPerRow, n = 4 * (c % kPerRow);
+          if (q >= nrows) continue;
+          float u[4], w[4], lo[4], hi[4];
+          ld4(S + sidx<L>(q, n), u);
+          ld4(S + sidx<L>(q, H + n), w);
+          BF_UNROLL for (int t = 0; t < 4; ++t) {
+            lo[t] = u[t] + w[t];                  // x[n + t]
+            hi[3 - t] = u[t] - w[t];              // x[L-1-n-t], at L-4-n + (3-t)
+          }
+          Tout* dst = (Tout*)job.out + (g0 + q) * L;
+          store4<Tout>(dst + n, lo);
+          store4<Tout>(dst + L - 4 - n, hi);
+        }
+      });
+      continue;
+    }
     ctx.phase([&](int tid) {
       const int q = tid % G::kRows, role = tid / G::kRows;
       if (q >= nrows) return;

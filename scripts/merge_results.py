@@ -1,5 +1,5 @@
-"""Merge gpu_check.sh's bench.json, bench_extra.json, bench_variants.json, steps.json and
-steps64.json (those of them in the folder given) into results/<card>-<date>.json there, in
+"""Merge gpu_check.sh's bench.json, bench_extra.json, bench_variants.json, bench_columns.json,
+steps.json and steps64.json (those of them in the folder given) into results/<card>-<date>.json there, in
 blurfast.bench's JSON shape, with the goals of issues 4 and 6 judged over all rows
 (``targets``); prints the name. A bench cut short by its time limit leaves the rows it
 finished, marked ``"partial": true``, which is kept."""
@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from blurfast.bench import dumps, targets  # noqa: E402
 
 
-KERNEL_FILES = ("bench.json", "bench_extra.json", "bench_variants.json")
+KERNEL_FILES = ("bench.json", "bench_extra.json", "bench_variants.json", "bench_columns.json")
 STEP_FILES = ("steps.json", "steps64.json")    # each with its own baseline rows
 
 

@@ -2,7 +2,7 @@
 
 Calls blurfast.dct2 / idct2 / spectral on CUDA at a few sizes (the fused whole-plane
 kernel's squares 32, 64, 128 in float32 and bfloat16; the strip kernel at 256 x 256 and
-64 x 128; the same squares again with the dense passes and with the simple kernels; the
+64 x 128, and the fused op's three passes there; the same squares again with the dense passes and with the simple kernels; the
 prefetching fused op on many planes; odd sizes, an empty batch, a non-contiguous input,
 broadcast maps, batches large enough for the throughput geometry and for blocks that loop
 over plane groups), copies the results back and compares them with blurfast.reference on
@@ -74,6 +74,10 @@ def main(argv=None):
     runs += [((150, 1, 128, 128), torch.float32, "fast+prefetch")]
     runs += [((16, 3, 64, 64), torch.float32, "fast+wide")]          # the wide geometry
     runs += [((150, 3, 64, 64), torch.float32, "fast+wide")]         # its blocks looping
+    # The fused op at 256 x 256 in three passes (the default; column_program.h), in
+    # bfloat16 too, and version 5's six passes and combine kernel.
+    runs += [((2, 3, 256, 256), torch.bfloat16, "")]
+    runs += [((1, 2, 256, 256), torch.float32, "fast+separate")]
     runs += [(shape, torch.float32, "") for shape in SHAPES]
     runs += [(shape, torch.bfloat16, "") for shape in SQUARES]
     runs += [(shape, torch.float32, "dense") for shape in SQUARES]

@@ -257,30 +257,62 @@ def test_prefetch_and_wide_change_no_bit(shape, monkeypatch):
                 assert rel_err(u, w_) <= 2e-6, (k, choice)
 
 
-@pytest.mark.parametrize("passes", ["fast", "dense"])
+@pytest.mark.parametrize("passes", ["fast", "dense", "fast+separate"])
 def test_strip_path_in_l2_sized_chunks(passes, monkeypatch):
     # More than a third of the L2 cache of 256 x 256 planes: transform2d goes in chunks of
-    # planes (cuda_kernels.cu), the last one partial; dct2, idct2 and the fused op.
+    # planes (cuda_kernels.cu), the last one partial; dct2, idct2 and the fused op, which
+    # "fast" runs in three passes (column_program.h), also in chunks of planes, and the
+    # others transform by transform.
     monkeypatch.setenv("BLURFAST_CUDA_KERNELS", passes)
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2 ** 20)
     planes = l2 // 3 // (256 * 256 * 4) * 2 + 3
-    x = _rand(planes, 256, 256).cuda()
+    x, x2 = _rand(planes, 256, 256).cuda(), _rand(planes, 256, 256, seed=1).cuda()
     a = torch.rand(planes, 1, 1).cuda()
+    a2 = torch.rand(256, 256).cuda() - 0.5
+    assert _kernel_names(x, a)[1] == ("columns" if passes == "fast" else "simple")
     xd = x.double()          # the reference on the GPU, in float64
     assert rel_err(bf.dct2(x), ref.dct2(xd)) <= 2e-6
     assert rel_err(bf.idct2(x), ref.idct2(xd)) <= 2e-6
-    out, eps = bf.spectral(x, a, g=(1 - a * a).sqrt(), seed=3, return_noise=True)
-    want, want_e = ref.spectral(xd, a.double(), g=(1 - a * a).sqrt().double(), seed=3,
+    g = (1 - a * a).sqrt()
+    out, eps = bf.spectral(x, a, g=g, seed=3, offset=2 ** 40 + 2, return_noise=True)
+    want, want_e = ref.spectral(xd, a.double(), g=g.double(), seed=3, offset=2 ** 40 + 2,
                                 return_noise=True)
     assert rel_err(out, want) <= 2e-6 and rel_err(eps, want_e) <= 2e-6
+    step = bf.spectral(x, a, x2, a2, g=g, seed=4)
+    want = ref.spectral(xd, a.double(), x2.double(), a2.double(), g=g.double(), seed=4)
+    assert rel_err(step, want) <= 2e-6
 
 
 @pytest.mark.parametrize("planes", [2, 192])
-def test_simple_path_workspace_is_one_chunk_plus_the_spectra(planes):
-    # The transform-by-transform path (256 x 256 by default) holds one L2-sized chunk of
-    # transposed planes, and one full spectrum per input and for the returned noise.
+def test_column_path_workspace_is_a_chunk_of_intermediates(planes):
+    # The fused op's three passes at 256 x 256 hold, per chunk of planes, the row passes of
+    # the inputs and the column passes of the result and the returned noise: chunks of
+    # equal size whose intermediates fill at most half the L2 cache.
     from blurfast._backend import _C
     from blurfast.ops import spectral_kernel_args
+    x = torch.zeros(planes, 256, 256, device="cuda")
+    hw = 256 * 256
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    a = torch.ones(256, 256, device="cuda")
+    for x2, noise_out, arrays in ((None, None, 2), (x, None, 3), (None, torch.empty_like(x), 3),
+                                  (x, torch.empty_like(x), 4)):
+        fit = max(1, l2 // 2 // (arrays * hw * 4))
+        chunks = -(-planes // fit)
+        chunk = -(-planes // chunks)
+        assert chunk * arrays * hw * 4 <= max(l2 // 2, arrays * hw * 4)
+        args, keep = spectral_kernel_args(x, a, x2, None if x2 is None else a, a, None, 1, 0,
+                                          torch.empty_like(x), noise_out)
+        assert _C.spectral_workspace_elems(*args, 0) == chunk * arrays * hw
+
+
+@pytest.mark.parametrize("planes", [2, 192])
+def test_simple_path_workspace_is_one_chunk_plus_the_spectra(planes, monkeypatch):
+    # The transform-by-transform path (256 x 256 with "fast+separate") holds one L2-sized
+    # chunk of transposed planes, and one full spectrum per input and for the returned
+    # noise.
+    from blurfast._backend import _C
+    from blurfast.ops import spectral_kernel_args
+    monkeypatch.setenv("BLURFAST_CUDA_KERNELS", "fast+separate")
     x = torch.zeros(planes, 256, 256, device="cuda")
     hw, n = 256 * 256, planes * 256 * 256
     l2 = torch.cuda.get_device_properties(0).L2_cache_size

@@ -246,11 +246,13 @@ def test_emulator_rejects_unsupported_calls():
         emulate_dct(torch.zeros(1, 64, 64), False, split=4, fast=False)
 
 
-def emulate_strips(x, inverse, grid=2, reverse=False, fast=False, out_dtype=torch.float32):
+def emulate_strips(x, inverse, grid=2, reverse=False, fast=False, out_dtype=torch.float32,
+                   same_layout=False):
     planes, rows, length = x.shape
-    out = torch.empty(planes, length, rows, dtype=out_dtype)
+    out = torch.empty((planes, rows, length) if same_layout else (planes, length, rows),
+                      dtype=out_dtype)
     _C.strip_emulate(x.data_ptr(), out.data_ptr(), planes, rows, length, inverse, grid, reverse,
-                     fast, DTYPE_CODES[x.dtype], DTYPE_CODES[out_dtype])
+                     fast, DTYPE_CODES[x.dtype], DTYPE_CODES[out_dtype], same_layout)
     return out
 
 
@@ -280,6 +282,116 @@ def test_two_strip_passes_make_dct2_of_256_planes(fast):
     assert_within_twice_torch(y, ref.dct2(x.double()), peer, "dct2")
     z = emulate_strips(emulate_strips(y, True, fast=fast), True, fast=fast)
     assert_within_twice_torch(z, x, torch_dct2(peer, inverse=True), "round trip")
+
+
+@pytest.mark.parametrize("length", [32, 64, 256])
+def test_inverse_strip_pass_in_the_same_layout(length):
+    # same_layout keeps each row where it was: out[p][r] = C^T in[p][r]. Rows are not a
+    # multiple of a block's, so the last block is partial.
+    x = _rand(3, 96, length)
+    c = ref.dct_matrix(length, torch.float64, "cpu")
+    want = torch.einsum("kn,prk->prn", c, x.double())
+    got = emulate_strips(x, True, grid=2, fast=True, same_layout=True)
+    assert_within_twice_torch(got, want, torch.einsum("kn,prk->prn", c.float(), x), "rows")
+    assert torch.equal(got, emulate_strips(x, True, grid=3, reverse=True, fast=True,
+                                           same_layout=True))
+    # the transposed pass's numbers, only placed differently
+    assert torch.equal(got, emulate_strips(x, True, grid=2, fast=True).transpose(1, 2))
+    with pytest.raises(ValueError, match="same_layout"):
+        emulate_strips(x, False, fast=True, same_layout=True)
+
+
+def emulate_three_passes(x, a, x2=None, a2=None, g=None, noise=None, *, seed=0, offset=0,
+                         return_noise=False, grid=2, reverse=False, chunk=None):
+    """The CUDA fused op's path at 256 x 256 (column_program.h), run on the CPU as
+    cuda_fast.cu chains it: row passes of x1 (and x2), the column pass with the
+    frequency-space step (launched on `chunk` planes at a time), the row passes back in
+    the same layout."""
+    planes = x.numel() // (x.shape[-2] * x.shape[-1])
+    h, w = x.shape[-2:]
+    rows = lambda t: emulate_strips(t.reshape(planes, h, w), False, grid=grid, reverse=reverse,
+                                    fast=True)
+    t1 = rows(x)
+    t2 = None if x2 is None else rows(x2)
+    u1 = torch.empty(planes, h, w)
+    u2 = torch.empty(planes, h, w) if return_noise else None
+    # the maps and the noise are indexed as the call's: (planes, H, W) in frequency space
+    args, keep = spectral_kernel_args(t1.view(x.shape), a, None if t2 is None else
+                                      t2.view(x.shape), a2, g, noise, seed, offset, u1, u2)
+    _C.column_emulate(*args, grid, reverse, chunk or planes)
+    del keep
+    back = lambda u: emulate_strips(u, True, grid=grid, reverse=reverse, fast=True,
+                                    same_layout=True).view(x.shape)
+    return (back(u1), back(u2)) if return_noise else back(u1)
+
+
+@pytest.mark.parametrize("hw", [(256, 256), (64, 64), (32, 64), (128, 32)],
+                         ids=["256", "64", "32x64", "128x32"])
+def test_three_pass_spectral_against_float64(hw):
+    # q_sample's form (generated noise, returned) and the sampler step's (two inputs,
+    # noise added, not returned); maps per sample and per channel, broadcast.
+    h, w = hw
+    b, c = 2, 3
+    x, x2 = _rand(b, c, h, w), _rand(b, c, h, w, seed=1)
+    a = torch.rand(b, 1, h, w, generator=torch.Generator().manual_seed(2))
+    a2 = torch.rand(1, c, h, w, generator=torch.Generator().manual_seed(3)) - 0.5
+    g = torch.rand(b, 1, h, w, generator=torch.Generator().manual_seed(4))
+    zb = ref.philox_normal(x.shape, 7, 2 ** 33, torch.float64)
+    out, npx = emulate_three_passes(x, a, g=g, seed=7, offset=2 ** 33, return_noise=True)
+    want, want_n = ref.spectral(x.double(), a, g=g, noise=zb, return_noise=True)
+    peer, peer_n = torch_spectral(x, a, g=g, zb=zb, return_noise=True)
+    assert_within_twice_torch(out, want, peer, "q_sample form: out")
+    assert_within_twice_torch(npx, want_n, peer_n, "q_sample form: noise")
+    out_r, npx_r = emulate_three_passes(x, a, g=g, seed=7, offset=2 ** 33, return_noise=True,
+                                        grid=3, reverse=True)
+    assert torch.equal(out, out_r) and torch.equal(npx, npx_r)
+    # in launches of 4 planes (6 planes: a partial last chunk): each finds its maps, noise
+    # and given zb by the call's plane index
+    out_c, npx_c = emulate_three_passes(x, a, g=g, seed=7, offset=2 ** 33, return_noise=True,
+                                        chunk=4)
+    assert torch.equal(out, out_c) and torch.equal(npx, npx_c)
+
+    step = emulate_three_passes(x, a, x2, a2, g, seed=7, offset=2 ** 33)
+    want = ref.spectral(x.double(), a, x2.double(), a2, g=g, noise=zb)
+    assert_within_twice_torch(step, want, torch_spectral(x, a, x2, a2, g, zb), "step form")
+    assert torch.equal(step, emulate_three_passes(x, a, x2, a2, g, seed=7, offset=2 ** 33,
+                                                  grid=5, reverse=True))
+
+
+def test_three_pass_spectral_given_noise_both_inputs_returned():
+    # x2 and the returned noise together: the column pass writes zb over x2's transform in
+    # the second buffer; a given zb; an offset that is not a multiple of four.
+    x, x2 = _rand(1, 2, 64, 64), _rand(1, 2, 64, 64, seed=1)
+    a, a2 = torch.rand(64, 64), torch.rand(1, 2, 64, 64) - 0.5
+    g = torch.full((1, 1, 1, 1), 0.3)
+    zb = _rand(1, 2, 64, 64, seed=5)
+    out, npx = emulate_three_passes(x, a, x2, a2, g, zb, return_noise=True)
+    want, want_n = ref.spectral(x.double(), a, x2.double(), a2, g=g, noise=zb.double(),
+                                return_noise=True)
+    peer, peer_n = torch_spectral(x, a, x2, a2, g, zb, return_noise=True)
+    assert_within_twice_torch(out, want, peer, "out")
+    assert_within_twice_torch(npx, want_n, peer_n, "noise")
+    chunked = emulate_three_passes(x, a, x2, a2, g, zb, return_noise=True, chunk=1)
+    assert torch.equal(out, chunked[0]) and torch.equal(npx, chunked[1])
+    out, npx = emulate_three_passes(x, a, x2, a2, g, seed=3, offset=5, return_noise=True)
+    zb = ref.philox_normal(x.shape, 3, 5, torch.float64)
+    want, want_n = ref.spectral(x.double(), a, x2.double(), a2, g=g, noise=zb,
+                                return_noise=True)
+    assert_within_twice_torch(npx, want_n, torch_dct2(zb.float(), inverse=True), "offset 5")
+    assert_within_twice_torch(out, want, torch_spectral(x, a, x2, a2, g, zb), "offset 5")
+
+
+def test_column_emulator_rejects_unsupported_calls():
+    t = torch.zeros(1, 48, 64)
+    args, keep = spectral_kernel_args(t, torch.ones(48, 64), None, None, None, None, 0, 0, t,
+                                      None)
+    with pytest.raises(ValueError, match="H must be"):
+        _C.column_emulate(*args, 1, False, 1)
+    t = torch.zeros(1, 64, 48)
+    args, keep = spectral_kernel_args(t, torch.ones(64, 48), None, None, None, None, 0, 0, t,
+                                      None)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        _C.column_emulate(*args, 1, False, 1)
 
 
 def test_strip_emulator_rejects_unsupported_calls():

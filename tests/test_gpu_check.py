@@ -87,8 +87,8 @@ def test_python_commands_parse(monkeypatch, tmp_path):
                 _parse_shape(shape)
         else:
             pytest.fail(f"step {name}: main returned without parsing its arguments")
-    assert {"bench", "bench_variants", "steps", "steps64", "memcheck", "racecheck", "profile",
-            "bench_extra"} <= set(parsed)
+    assert {"bench", "bench_variants", "bench_columns", "steps", "steps64", "memcheck",
+            "racecheck", "profile", "bench_extra"} <= set(parsed)
 
 
 def test_ncu_cases_list():
