@@ -26,7 +26,9 @@ Implementations (the peers are our own code, written from the mathematics, in
   ``blurfast_wide``: every call at 64 x 64 on the fast passes' wide geometry
   (``fast+wide``, 256 threads per plane; the default for float32 fused calls there).
   ``blurfast_separate``: the fused op at 256 x 256 as version 5 ran it, six strip passes
-  and a combine kernel (``fast+separate``), against the default three passes.
+  and a combine kernel (``fast+separate``), against the default three passes;
+  ``blurfast_fill``: the three passes in chunks of planes that fill the GPU rather than
+  half its L2 (``fast+fill``).
   CUDA only, run only when named in ``impls``: the A/B of benchmarks/NOTES.md.
 * ``blurfast_simple``: the same with the fused whole-plane CUDA kernel turned off
   (``BLURFAST_CUDA_KERNELS=simple``): the simple multi-launch kernels (CUDA only).
@@ -84,7 +86,7 @@ CASES = ("dct2", "idct2", "q_sample", "sampler_step")
 IMPLS = ("blurfast", "blurfast_dense", "blurfast_simple", "torch_fp32", "torch_tf32",
          "torch_fft", "cupy")
 VARIANT_IMPLS = ("blurfast_prefetch", "blurfast_noprefetch", "blurfast_wide",
-                 "blurfast_separate")
+                 "blurfast_separate", "blurfast_fill")
 # Timed and untimed calls per row: {device type: (full run, --quick)}.
 ITERS = {"cuda": (200, 30), "cpu": (20, 10)}
 WARMUP = {"cuda": (20, 5), "cpu": (3, 3)}
@@ -219,7 +221,7 @@ _IMPLS = {
                            dtypes=DTYPES, context=_kernels_env("dense")),
     **{f"blurfast_{v}": Impl(f"blurfast_{v}", _blurfast_functions, cuda_only=True,
                              dtypes=DTYPES, context=_kernels_env("fast+" + v))
-       for v in ("prefetch", "noprefetch", "wide", "separate")},
+       for v in ("prefetch", "noprefetch", "wide", "separate", "fill")},
     "blurfast_simple": Impl("blurfast_simple", _blurfast_functions, cuda_only=True,
                             dtypes=DTYPES, context=_kernels_env("simple")),
     "torch_fp32": Impl("torch_fp32", lambda: _torch_functions(matmul_dct2, matmul_idct2),

@@ -108,7 +108,8 @@ bool aligned(const void* p, size_t bytes) { return ((uintptr_t)p % bytes) == 0; 
 // fused op with float I/O there, on trial for dct2, idct2 and the other types.
 // "fast+separate" runs the fused op at 256 x 256 as version 5 did (six strip passes and a
 // separate combine kernel, cuda_kernels.cu) instead of the three passes of
-// column_program.h.
+// column_program.h; "fast+fill" runs the three passes in chunks large enough for two
+// strip blocks per SM in every launch, not in chunks whose intermediates fit in half the L2.
 enum class Choice { kFast, kDense, kSimple };
 enum class Prefetch { kTwoBuffers, kAll, kNone };
 
@@ -117,6 +118,7 @@ struct Options {
   Prefetch prefetch = Prefetch::kTwoBuffers;
   bool wide = false;
   bool separate = false;
+  bool fill = false;
 };
 
 Options options_from_env() {
@@ -130,6 +132,7 @@ Options options_from_env() {
   if (s == "fast+noprefetch") o.prefetch = Prefetch::kNone;
   o.wide = s == "fast+wide";
   o.separate = s == "fast+separate";
+  o.fill = s == "fast+fill";
   return o;
 }
 
@@ -275,11 +278,13 @@ bool with_length(int64_t n, F&& f) {
 
 template <typename Tin, typename Tout>
 bool strip_launch(const void* in, void* out, int64_t planes, int64_t rows, int64_t L,
-                  bool inverse, int device, cudaStream_t stream, bool same_layout) {
+                  bool inverse, int device, cudaStream_t stream, bool same_layout, void* out2,
+                  int64_t split_rows) {
   const Choice choice = choice_from_env();
   if (choice == Choice::kSimple || rows % 32 != 0 || planes * rows == 0) return false;
   if (same_layout && !(inverse && choice == Choice::kFast && std::is_same<Tin, float>::value))
     return false;
+  if (out2 && (!same_layout || !aligned(out2, 4 * sizeof(Tout)))) return false;
   if (!aligned(in, 4 * sizeof(Tin)) || !aligned(out, 4 * sizeof(Tout))) return false;
   StripJob job;
   job.in = in;
@@ -287,6 +292,8 @@ bool strip_launch(const void* in, void* out, int64_t planes, int64_t rows, int64
   job.planes = planes;
   job.rows = rows;
   job.inverse = inverse;
+  job.out2 = out2;
+  job.split_rows = split_rows;
   // Launches kernel K with grid = min(work items, resident blocks).
   auto launch = [&](auto kernel, int threads, int64_t bytes, int64_t items) {
     using K = decltype(kernel);
@@ -316,15 +323,15 @@ bool strip_launch(const void* in, void* out, int64_t planes, int64_t rows, int64
 }
 
 template bool strip_launch<float, float>(const void*, void*, int64_t, int64_t, int64_t, bool, int,
-                                         cudaStream_t, bool);
+                                         cudaStream_t, bool, void*, int64_t);
 template bool strip_launch<__half, float>(const void*, void*, int64_t, int64_t, int64_t, bool,
-                                          int, cudaStream_t, bool);
+                                          int, cudaStream_t, bool, void*, int64_t);
 template bool strip_launch<__nv_bfloat16, float>(const void*, void*, int64_t, int64_t, int64_t,
-                                                 bool, int, cudaStream_t, bool);
+                                                 bool, int, cudaStream_t, bool, void*, int64_t);
 template bool strip_launch<float, __half>(const void*, void*, int64_t, int64_t, int64_t, bool,
-                                          int, cudaStream_t, bool);
+                                          int, cudaStream_t, bool, void*, int64_t);
 template bool strip_launch<float, __nv_bfloat16>(const void*, void*, int64_t, int64_t, int64_t,
-                                                 bool, int, cudaStream_t, bool);
+                                                 bool, int, cudaStream_t, bool, void*, int64_t);
 
 int64_t l2_cache_bytes(int device) {
   return device_attr(device, cudaDevAttrL2CacheSize, "L2 size");
@@ -368,9 +375,17 @@ ColumnPlan column_plan(const SpectralParams& p, int device) {
     if (m->ptr && m->mod * p.H * p.W >= ((int64_t)1 << 31)) return plan;
   plan.arrays = (p.x2 ? 2 : 1) + (p.noise_out ? 2 : 1);
   // A chunk's intermediates in half the L2 cache, so that each pass reads the previous
-  // one's output from L2; chunks of equal size (no small last one).
+  // one's output from L2 (with fast+fill: enough planes for two row-pass blocks per SM,
+  // 66 planes of 256 x 256 on 132 SMs); chunks of equal size (no small last one).
   const int64_t plane_bytes = plan.arrays * p.H * p.W * (int64_t)sizeof(float);
-  const int64_t fit = std::max<int64_t>(1, l2_cache_bytes(device) / 2 / plane_bytes);
+  int64_t fit = std::max<int64_t>(1, l2_cache_bytes(device) / 2 / plane_bytes);
+  if (opt.fill) {
+    const int64_t rows_per_block = p.W == 256 ? FastStripGeom<256>::kRows
+                                   : p.W == 128 ? FastStripGeom<128>::kRows
+                                   : p.W == 64 ? FastStripGeom<64>::kRows
+                                               : FastStripGeom<32>::kRows;
+    fit = (2 * sm_count(device) * rows_per_block + p.H - 1) / p.H;
+  }
   const int64_t chunks = (p.planes + fit - 1) / fit;
   plan.chunk = (p.planes + chunks - 1) / chunks;
   return plan;
@@ -390,16 +405,18 @@ bool column_launch(const SpectralParams& p, float* ws, int device, cudaStream_t 
   const int64_t hw = p.H * p.W, n = plan.chunk * hw;
   float* t1 = ws;
   float* t2 = p.x2 ? t1 + n : nullptr;
-  float* u1 = (t2 ? t2 : t1) + n;
-  float* u2 = p.noise_out ? u1 + n : nullptr;
+  float* u1 = (t2 ? t2 : t1) + n;   // u2 follows the chunk's planes of u1 (see below)
   const size_t io = p.dtype == kF32 ? 4 : 2;
   auto at = [&](const void* base, int64_t p0) { return (const char*)base + p0 * hw * io; };
   // The row passes of every type pair are instantiated (strip_launch); one that does not
   // launch now would leave the call half done.
-  auto rows = [&](const void* in, void* out, int64_t planes, bool inverse) {
+  // The last pass takes u1 and u2 in one launch (twice the blocks of one array).
+  auto rows = [&](const void* in, void* out, int64_t planes, bool inverse, void* out2 = nullptr,
+                  int64_t split_rows = 0) {
     bool ok = with_io_type(p.dtype, [&](auto* t) {
       using T = std::remove_pointer_t<decltype(t)>;
-      return inverse ? strip_launch<float, T>(in, out, planes, p.H, p.W, true, device, stream, true)
+      return inverse ? strip_launch<float, T>(in, out, planes, p.H, p.W, true, device, stream,
+                                              true, out2, split_rows)
                      : strip_launch<T, float>(in, out, planes, p.H, p.W, false, device, stream);
     });
     if (!ok) throw std::runtime_error("blurfast CUDA: a row pass of the column path did not launch");
@@ -413,7 +430,7 @@ bool column_launch(const SpectralParams& p, float* ws, int device, cudaStream_t 
     job.t1 = t1;
     job.t2 = t2;
     job.u1 = u1;
-    job.u2 = u2;
+    job.u2 = p.noise_out ? u1 + planes * hw : nullptr;
     job.plane0 = p0;
     job.planes = planes;
     job.W = (int)p.W;
@@ -429,8 +446,10 @@ bool column_launch(const SpectralParams& p, float* ws, int device, cudaStream_t 
       check(cudaGetLastError(), "column launch");
       return true;
     });
-    rows(u1, (void*)at(p.out, p0), planes, true);
-    if (p.noise_out) rows(u2, (void*)at(p.noise_out, p0), planes, true);
+    if (p.noise_out)
+      rows(u1, (void*)at(p.out, p0), 2 * planes, true, (void*)at(p.noise_out, p0), planes * p.H);
+    else
+      rows(u1, (void*)at(p.out, p0), planes, true);
   }
   return true;
 }

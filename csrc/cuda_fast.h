@@ -19,10 +19,12 @@ bool plane_launch(const Job& job, int64_t H, int64_t W, int dtype, int device,
 // rows % 32 == 0, the pointers allow vector access and the shared memory fits; else
 // returns false and does nothing. Instantiated for (float, float) and for a 16-bit type
 // (__half, __nv_bfloat16) on one side with float on the other.
-// same_layout (fast inverse passes only; else returns false): out (planes, rows, L).
+// same_layout (fast inverse passes with float input only; else returns false): out
+// (planes, rows, L); with out2, rows from split_rows on go to out2 instead.
 template <typename Tin, typename Tout>
 bool strip_launch(const void* in, void* out, int64_t planes, int64_t rows, int64_t L,
-                  bool inverse, int device, cudaStream_t stream, bool same_layout = false);
+                  bool inverse, int device, cudaStream_t stream, bool same_layout = false,
+                  void* out2 = nullptr, int64_t split_rows = 0);
 
 // The fused op in three passes (column_program.h), for calls the whole-plane kernel does
 // not serve: H and W in {32, 64, 128, 256}, float32, float16 or bfloat16 I/O, the fast

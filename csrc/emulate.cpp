@@ -157,7 +157,13 @@ void emulate_strips(const plane::StripJob& job, int64_t grid, bool reverse, bool
                     bool same_layout) {
   std::vector<plane::EmuRange> memory;
   add_range<Tin>(memory, "in", job.in, job.planes * job.rows * L, false);
-  add_range<Tout>(memory, "out", job.out, job.planes * job.rows * L, true);
+  if (job.out2) {                  // rows past split_rows go to out2
+    add_range<Tout>(memory, "out", job.out, job.split_rows * L, true);
+    add_range<Tout>(memory, "out2", job.out2, (job.planes * job.rows - job.split_rows) * L,
+                    true);
+  } else {
+    add_range<Tout>(memory, "out", job.out, job.planes * job.rows * L, true);
+  }
   if (same_layout && !(fast && job.inverse && std::is_same<Tin, float>::value))
     throw std::invalid_argument(
         "strip_emulate: same_layout is for the fast inverse pass with float input only");
@@ -266,7 +272,7 @@ void column_emulate(const SpectralParams& p, int64_t grid, bool reverse_threads,
 
 void strip_emulate(const void* in, void* out, int64_t planes, int64_t rows, int64_t L,
                    bool inverse, int64_t grid, bool reverse_threads, bool fast, int in_dtype,
-                   int out_dtype, bool same_layout) {
+                   int out_dtype, bool same_layout, void* out2, int64_t split_rows) {
   if (rows % 32 != 0) throw std::invalid_argument("strip_emulate: rows must be a multiple of 32");
   if (grid < 1) throw std::invalid_argument("strip_emulate: grid must be >= 1");
   if (L != 32 && L != 64 && L != 128 && L != 256)
@@ -283,6 +289,11 @@ void strip_emulate(const void* in, void* out, int64_t planes, int64_t rows, int6
   job.planes = planes;
   job.rows = rows;
   job.inverse = inverse;
+  if (out2 && (!same_layout || split_rows < 0 || split_rows > planes * rows))
+    throw std::invalid_argument(
+        "strip_emulate: out2 needs same_layout and 0 <= split_rows <= planes * rows");
+  job.out2 = out2;
+  job.split_rows = split_rows;
   auto run = [&](auto* tin, auto* tout) {
     using Tin = std::remove_pointer_t<decltype(tin)>;
     using Tout = std::remove_pointer_t<decltype(tout)>;

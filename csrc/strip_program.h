@@ -40,6 +40,10 @@ struct StripJob {
   void* out = nullptr;
   int64_t planes = 0, rows = 0;
   bool inverse = false;
+  // The same-layout pass only: rows from split_rows on are written to out2 (from its
+  // start), so one launch takes two arrays that lie one after the other in the input.
+  void* out2 = nullptr;
+  int64_t split_rows = 0;
 };
 
 // One thread's prefetched strip chunks.
@@ -167,7 +171,7 @@ BF_HD void run_fast_strips(Ctx& ctx, const StripJob& job, float* S) {
     });
     if constexpr (kSameLayout) {
       // Chunk c: row c / (H/4), elements n .. n+3 and their mirrors L-1-n .. L-4-n; a warp
-      // stores whole output rows (rows g0 .. g0 + nrows - 1 are contiguous).
+      // stores whole output rows.
       ctx.phase([&](int tid) {
         constexpr int kPerRow = H / 4, kPerThread = G::kRows * kPerRow / G::kThreads;
         // Not unrolled: unrolled at L = 256, ptxas spilled 456 bytes.
@@ -181,7 +185,9 @@ BF_HD void run_fast_strips(Ctx& ctx, const StripJob& job, float* S) {
             lo[t] = u[t] + w[t];                  // x[n + t]
             hi[3 - t] = u[t] - w[t];              // x[L-1-n-t], at L-4-n + (3-t)
           }
-          Tout* dst = (Tout*)job.out + (g0 + q) * L;
+          const int64_t g = g0 + q;
+          Tout* dst = job.out2 && g >= job.split_rows ? (Tout*)job.out2 + (g - job.split_rows) * L
+                                                      : (Tout*)job.out + g * L;
           store4<Tout>(dst + n, lo);
           store4<Tout>(dst + L - 4 - n, hi);
         }

@@ -23,8 +23,9 @@
 #              float32 and bfloat16 (wide is the default for float32 fused calls at 64
 #              only), the plane-kernel shapes -> bench_variants.json
 #   bench_columns  the fused op at 256 x 256 in three passes (the default since version 8)
-#              against version 5's six passes and combine kernel (fast+separate),
-#              float32 and bfloat16 -> bench_columns.json
+#              against version 5's six passes and combine kernel (fast+separate), and
+#              in chunks that fill the GPU instead of half its L2 (fast+fill), float32
+#              and bfloat16 -> bench_columns.json
 #   steps      issue 4's goal: the whole training step of paper64 at batch 16 against the
 #              paper-style fp32 baselines, blurfast with and without torch.compile inside
 #              the CUDA graph, each with the bf16 weights cast per use (autocast) and once
@@ -270,7 +271,7 @@ step bench_variants 50 "$PY" benchmarks/run.py --device cuda --quick --no-steps 
   --json "$OUT/bench_variants.json"
 step bench_columns 25 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
   --shapes 64x3x256x256 --cases q_sample sampler_step --dtypes float32 bfloat16 \
-  --impls blurfast blurfast_separate torch_fp32 --json "$OUT/bench_columns.json"
+  --impls blurfast blurfast_separate blurfast_fill torch_fp32 --json "$OUT/bench_columns.json"
 step steps 330 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps --strict \
   --step-batches 16 --step-impls blurfast blurfast_cast_once blurfast_compile \
   blurfast_compile_cast_once --json "$OUT/steps.json"

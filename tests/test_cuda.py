@@ -257,7 +257,7 @@ def test_prefetch_and_wide_change_no_bit(shape, monkeypatch):
                 assert rel_err(u, w_) <= 2e-6, (k, choice)
 
 
-@pytest.mark.parametrize("passes", ["fast", "dense", "fast+separate"])
+@pytest.mark.parametrize("passes", ["fast", "dense", "fast+separate", "fast+fill"])
 def test_strip_path_in_l2_sized_chunks(passes, monkeypatch):
     # More than a third of the L2 cache of 256 x 256 planes: transform2d goes in chunks of
     # planes (cuda_kernels.cu), the last one partial; dct2, idct2 and the fused op, which
@@ -269,7 +269,8 @@ def test_strip_path_in_l2_sized_chunks(passes, monkeypatch):
     x, x2 = _rand(planes, 256, 256).cuda(), _rand(planes, 256, 256, seed=1).cuda()
     a = torch.rand(planes, 1, 1).cuda()
     a2 = torch.rand(256, 256).cuda() - 0.5
-    assert _kernel_names(x, a)[1] == ("columns" if passes == "fast" else "simple")
+    columns = passes in ("fast", "fast+fill")
+    assert _kernel_names(x, a)[1] == ("columns" if columns else "simple")
     xd = x.double()          # the reference on the GPU, in float64
     assert rel_err(bf.dct2(x), ref.dct2(xd)) <= 2e-6
     assert rel_err(bf.idct2(x), ref.idct2(xd)) <= 2e-6
@@ -303,6 +304,23 @@ def test_column_path_workspace_is_a_chunk_of_intermediates(planes):
         args, keep = spectral_kernel_args(x, a, x2, None if x2 is None else a, a, None, 1, 0,
                                           torch.empty_like(x), noise_out)
         assert _C.spectral_workspace_elems(*args, 0) == chunk * arrays * hw
+
+
+def test_column_path_fill_chunks_give_two_row_blocks_per_sm(monkeypatch):
+    # fast+fill: chunks of planes whose row passes (64 rows of 256 per block) have two
+    # blocks for every SM, made equal in size (192 planes on 132 SMs: 3 chunks of 64, 256
+    # blocks for 264 places).
+    from blurfast._backend import _C
+    from blurfast.ops import spectral_kernel_args
+    monkeypatch.setenv("BLURFAST_CUDA_KERNELS", "fast+fill")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    x = torch.zeros(192, 256, 256, device="cuda")
+    fit = -(-2 * sms * 64 // 256)
+    chunks = -(-192 // fit)
+    chunk = -(-192 // chunks)
+    args, keep = spectral_kernel_args(x, torch.ones(256, 256, device="cuda"), None, None, None,
+                                      None, 1, 0, torch.empty_like(x), torch.empty_like(x))
+    assert _C.spectral_workspace_elems(*args, 0) == chunk * 3 * 256 * 256
 
 
 @pytest.mark.parametrize("planes", [2, 192])

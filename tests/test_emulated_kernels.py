@@ -247,13 +247,21 @@ def test_emulator_rejects_unsupported_calls():
 
 
 def emulate_strips(x, inverse, grid=2, reverse=False, fast=False, out_dtype=torch.float32,
-                   same_layout=False):
+                   same_layout=False, split_planes=None):
+    """One strip pass; with split_planes (same layout only), the planes from split_planes
+    on go to a second output, returned as (out, out2)."""
     planes, rows, length = x.shape
-    out = torch.empty((planes, rows, length) if same_layout else (planes, length, rows),
-                      dtype=out_dtype)
+    if split_planes is not None:
+        out = torch.empty(split_planes, rows, length, dtype=out_dtype)
+        out2 = torch.empty(planes - split_planes, rows, length, dtype=out_dtype)
+        ptr2, split = out2.data_ptr(), split_planes * rows
+    else:
+        out = torch.empty((planes, rows, length) if same_layout else (planes, length, rows),
+                          dtype=out_dtype)
+        ptr2, split = 0, 0
     _C.strip_emulate(x.data_ptr(), out.data_ptr(), planes, rows, length, inverse, grid, reverse,
-                     fast, DTYPE_CODES[x.dtype], DTYPE_CODES[out_dtype], same_layout)
-    return out
+                     fast, DTYPE_CODES[x.dtype], DTYPE_CODES[out_dtype], same_layout, ptr2, split)
+    return out if split_planes is None else (out, out2)
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["dense", "fast"])
@@ -297,6 +305,10 @@ def test_inverse_strip_pass_in_the_same_layout(length):
                                            same_layout=True))
     # the transposed pass's numbers, only placed differently
     assert torch.equal(got, emulate_strips(x, True, grid=2, fast=True).transpose(1, 2))
+    # two outputs: the first plane to one, the rest to the other (a block of 256 rows at
+    # L = 32 straddles the split)
+    first, rest = emulate_strips(x, True, grid=2, fast=True, same_layout=True, split_planes=1)
+    assert torch.equal(first, got[:1]) and torch.equal(rest, got[1:])
     with pytest.raises(ValueError, match="same_layout"):
         emulate_strips(x, False, fast=True, same_layout=True)
 
@@ -320,9 +332,13 @@ def emulate_three_passes(x, a, x2=None, a2=None, g=None, noise=None, *, seed=0, 
                                       t2.view(x.shape), a2, g, noise, seed, offset, u1, u2)
     _C.column_emulate(*args, grid, reverse, chunk or planes)
     del keep
-    back = lambda u: emulate_strips(u, True, grid=grid, reverse=reverse, fast=True,
-                                    same_layout=True).view(x.shape)
-    return (back(u1), back(u2)) if return_noise else back(u1)
+    if not return_noise:
+        return emulate_strips(u1, True, grid=grid, reverse=reverse, fast=True,
+                              same_layout=True).view(x.shape)
+    # as column_launch: u1 and u2 one after the other, one launch with two outputs
+    out, npx = emulate_strips(torch.cat([u1, u2]), True, grid=grid, reverse=reverse, fast=True,
+                              same_layout=True, split_planes=planes)
+    return out.view(x.shape), npx.view(x.shape)
 
 
 @pytest.mark.parametrize("hw", [(256, 256), (64, 64), (32, 64), (128, 32)],
