@@ -111,10 +111,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("strip_emulate", [](uintptr_t in, uintptr_t out, int64_t planes, int64_t rows, int64_t L,
                             bool inverse, int64_t grid, bool reverse_threads, bool fast,
                             int in_dtype, int out_dtype, bool same_layout, uintptr_t out2,
-                            int64_t split_rows) {
+                            int64_t split_rows, uintptr_t in2) {
     py::gil_scoped_release nogil;
     strip_emulate(cptr(in), mptr(out), planes, rows, L, inverse, grid, reverse_threads, fast,
-                  in_dtype, out_dtype, same_layout, mptr(out2), split_rows);
+                  in_dtype, out_dtype, same_layout, mptr(out2), split_rows, cptr(in2));
   }, "CPU emulation of the strip CUDA kernel (tests only).");
   m.def("column_emulate", [](int64_t planes, int64_t H, int64_t W, int dtype, uintptr_t t1,
                              uintptr_t t2, py::object a1, py::object a2, py::object g,

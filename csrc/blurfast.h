@@ -60,10 +60,12 @@ void plane_emulate(const SpectralParams& p, int mode, int64_t grid, bool reverse
 // or one of them kBF16 (the pairs the GPU runs: bfloat16 in the first pass of a 2-D
 // transform, in the second out).
 // same_layout (fast inverse passes, float input): out (planes, rows, L), rows kept in
-// place; with out2 (not null), rows from split_rows on go to out2.
+// place; with out2 (not null), rows from split_rows on go to out2; with in2 (fast passes,
+// split_rows a multiple of a block's rows), rows from split_rows on come from in2.
 void strip_emulate(const void* in, void* out, int64_t planes, int64_t rows, int64_t L,
                    bool inverse, int64_t grid, bool reverse_threads, bool fast, int in_dtype,
-                   int out_dtype, bool same_layout, void* out2, int64_t split_rows);
+                   int out_dtype, bool same_layout, void* out2, int64_t split_rows,
+                   const void* in2);
 // Test hook: runs the column pass of the fused op at 256 x 256 (column_program.h) on the
 // CPU, float32: p.x1 (and p.x2) hold the row passes of x1 (x2), (planes, W, H); p.out and
 // p.noise_out receive the inverse column passes of the result and the noise, (planes, H,

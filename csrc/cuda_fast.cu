@@ -279,12 +279,15 @@ bool with_length(int64_t n, F&& f) {
 template <typename Tin, typename Tout>
 bool strip_launch(const void* in, void* out, int64_t planes, int64_t rows, int64_t L,
                   bool inverse, int device, cudaStream_t stream, bool same_layout, void* out2,
-                  int64_t split_rows) {
+                  int64_t split_rows, const void* in2) {
   const Choice choice = choice_from_env();
   if (choice == Choice::kSimple || rows % 32 != 0 || planes * rows == 0) return false;
   if (same_layout && !(inverse && choice == Choice::kFast && std::is_same<Tin, float>::value))
     return false;
   if (out2 && (!same_layout || !aligned(out2, 4 * sizeof(Tout)))) return false;
+  if (in2 && (choice != Choice::kFast || !aligned(in2, 4 * sizeof(Tin)) ||
+              split_rows % FastStripGeom<256>::kRows != 0 || L != 256))
+    return false;   // (the blocks of 64 rows at L = 256 never straddle split_rows)
   if (!aligned(in, 4 * sizeof(Tin)) || !aligned(out, 4 * sizeof(Tout))) return false;
   StripJob job;
   job.in = in;
@@ -292,6 +295,7 @@ bool strip_launch(const void* in, void* out, int64_t planes, int64_t rows, int64
   job.planes = planes;
   job.rows = rows;
   job.inverse = inverse;
+  job.in2 = in2;
   job.out2 = out2;
   job.split_rows = split_rows;
   // Launches kernel K with grid = min(work items, resident blocks).
@@ -323,15 +327,20 @@ bool strip_launch(const void* in, void* out, int64_t planes, int64_t rows, int64
 }
 
 template bool strip_launch<float, float>(const void*, void*, int64_t, int64_t, int64_t, bool, int,
-                                         cudaStream_t, bool, void*, int64_t);
+                                         cudaStream_t, bool, void*, int64_t,
+                                         const void*);
 template bool strip_launch<__half, float>(const void*, void*, int64_t, int64_t, int64_t, bool,
-                                          int, cudaStream_t, bool, void*, int64_t);
+                                          int, cudaStream_t, bool, void*, int64_t,
+                                         const void*);
 template bool strip_launch<__nv_bfloat16, float>(const void*, void*, int64_t, int64_t, int64_t,
-                                                 bool, int, cudaStream_t, bool, void*, int64_t);
+                                                 bool, int, cudaStream_t, bool, void*, int64_t,
+                                         const void*);
 template bool strip_launch<float, __half>(const void*, void*, int64_t, int64_t, int64_t, bool,
-                                          int, cudaStream_t, bool, void*, int64_t);
+                                          int, cudaStream_t, bool, void*, int64_t,
+                                         const void*);
 template bool strip_launch<float, __nv_bfloat16>(const void*, void*, int64_t, int64_t, int64_t,
-                                                 bool, int, cudaStream_t, bool, void*, int64_t);
+                                                 bool, int, cudaStream_t, bool, void*, int64_t,
+                                         const void*);
 
 int64_t l2_cache_bytes(int device) {
   return device_attr(device, cudaDevAttrL2CacheSize, "L2 size");
@@ -403,32 +412,39 @@ bool column_launch(const SpectralParams& p, float* ws, int device, cudaStream_t 
   if (plan.chunk == 0) return false;
   if (!ws) throw std::invalid_argument("blurfast CUDA: the column path needs a workspace");
   const int64_t hw = p.H * p.W, n = plan.chunk * hw;
+  // t2 follows the chunk's planes of t1, u2 those of u1 (see below).
   float* t1 = ws;
-  float* t2 = p.x2 ? t1 + n : nullptr;
-  float* u1 = (t2 ? t2 : t1) + n;   // u2 follows the chunk's planes of u1 (see below)
+  float* u1 = t1 + (p.x2 ? 2 : 1) * n;
   const size_t io = p.dtype == kF32 ? 4 : 2;
   auto at = [&](const void* base, int64_t p0) { return (const char*)base + p0 * hw * io; };
   // The row passes of every type pair are instantiated (strip_launch); one that does not
   // launch now would leave the call half done.
-  // The last pass takes u1 and u2 in one launch (twice the blocks of one array).
+  // Two arrays in one launch where the strips allow it (twice the blocks of one): x1's and
+  // x2's row passes into t1, t2; u1 and u2 (one after the other) into out and noise_out.
   auto rows = [&](const void* in, void* out, int64_t planes, bool inverse, void* out2 = nullptr,
-                  int64_t split_rows = 0) {
+                  int64_t split_rows = 0, const void* in2 = nullptr) {
     bool ok = with_io_type(p.dtype, [&](auto* t) {
       using T = std::remove_pointer_t<decltype(t)>;
       return inverse ? strip_launch<float, T>(in, out, planes, p.H, p.W, true, device, stream,
                                               true, out2, split_rows)
-                     : strip_launch<T, float>(in, out, planes, p.H, p.W, false, device, stream);
+                     : strip_launch<T, float>(in, out, planes, p.H, p.W, false, device, stream,
+                                              false, nullptr, split_rows, in2);
     });
     if (!ok) throw std::runtime_error("blurfast CUDA: a row pass of the column path did not launch");
   };
   for (int64_t p0 = 0; p0 < p.planes; p0 += plan.chunk) {
     const int64_t planes = std::min(plan.chunk, p.planes - p0);
-    rows(at(p.x1, p0), t1, planes, false);
-    if (p.x2) rows(at(p.x2, p0), t2, planes, false);
+    // (t2 follows the chunk's planes of t1)
+    if (p.x2 && p.W == 256 && (planes * p.H) % FastStripGeom<256>::kRows == 0) {
+      rows(at(p.x1, p0), t1, 2 * planes, false, nullptr, planes * p.H, at(p.x2, p0));
+    } else {
+      rows(at(p.x1, p0), t1, planes, false);
+      if (p.x2) rows(at(p.x2, p0), t1 + planes * hw, planes, false);
+    }
     ColumnJob job;
     job.spec = make_job(p, kSpectral);
     job.t1 = t1;
-    job.t2 = t2;
+    job.t2 = p.x2 ? t1 + planes * hw : nullptr;
     job.u1 = u1;
     job.u2 = p.noise_out ? u1 + planes * hw : nullptr;
     job.plane0 = p0;

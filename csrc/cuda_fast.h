@@ -20,11 +20,12 @@ bool plane_launch(const Job& job, int64_t H, int64_t W, int dtype, int device,
 // returns false and does nothing. Instantiated for (float, float) and for a 16-bit type
 // (__half, __nv_bfloat16) on one side with float on the other.
 // same_layout (fast inverse passes with float input only; else returns false): out
-// (planes, rows, L); with out2, rows from split_rows on go to out2 instead.
+// (planes, rows, L); with out2, rows from split_rows on go to out2 instead. in2 (fast
+// passes, L = 256, split_rows a multiple of 64): rows from split_rows on come from in2.
 template <typename Tin, typename Tout>
 bool strip_launch(const void* in, void* out, int64_t planes, int64_t rows, int64_t L,
                   bool inverse, int device, cudaStream_t stream, bool same_layout = false,
-                  void* out2 = nullptr, int64_t split_rows = 0);
+                  void* out2 = nullptr, int64_t split_rows = 0, const void* in2 = nullptr);
 
 // The fused op in three passes (column_program.h), for calls the whole-plane kernel does
 // not serve: H and W in {32, 64, 128, 256}, float32, float16 or bfloat16 I/O, the fast

@@ -156,7 +156,15 @@ template <int L, typename Tin, typename Tout>
 void emulate_strips(const plane::StripJob& job, int64_t grid, bool reverse, bool fast,
                     bool same_layout) {
   std::vector<plane::EmuRange> memory;
-  add_range<Tin>(memory, "in", job.in, job.planes * job.rows * L, false);
+  if (job.in2) {                   // rows past split_rows come from in2
+    if (!fast || job.split_rows % plane::FastStripGeom<L>::kRows != 0)
+      throw std::invalid_argument(
+          "strip_emulate: in2 needs the fast passes and split_rows a multiple of a block's rows");
+    add_range<Tin>(memory, "in", job.in, job.split_rows * L, false);
+    add_range<Tin>(memory, "in2", job.in2, (job.planes * job.rows - job.split_rows) * L, false);
+  } else {
+    add_range<Tin>(memory, "in", job.in, job.planes * job.rows * L, false);
+  }
   if (job.out2) {                  // rows past split_rows go to out2
     add_range<Tout>(memory, "out", job.out, job.split_rows * L, true);
     add_range<Tout>(memory, "out2", job.out2, (job.planes * job.rows - job.split_rows) * L,
@@ -272,7 +280,8 @@ void column_emulate(const SpectralParams& p, int64_t grid, bool reverse_threads,
 
 void strip_emulate(const void* in, void* out, int64_t planes, int64_t rows, int64_t L,
                    bool inverse, int64_t grid, bool reverse_threads, bool fast, int in_dtype,
-                   int out_dtype, bool same_layout, void* out2, int64_t split_rows) {
+                   int out_dtype, bool same_layout, void* out2, int64_t split_rows,
+                   const void* in2) {
   if (rows % 32 != 0) throw std::invalid_argument("strip_emulate: rows must be a multiple of 32");
   if (grid < 1) throw std::invalid_argument("strip_emulate: grid must be >= 1");
   if (L != 32 && L != 64 && L != 128 && L != 256)
@@ -292,6 +301,9 @@ void strip_emulate(const void* in, void* out, int64_t planes, int64_t rows, int6
   if (out2 && (!same_layout || split_rows < 0 || split_rows > planes * rows))
     throw std::invalid_argument(
         "strip_emulate: out2 needs same_layout and 0 <= split_rows <= planes * rows");
+  if (in2 && (split_rows < 0 || split_rows > planes * rows))
+    throw std::invalid_argument("strip_emulate: in2 needs 0 <= split_rows <= planes * rows");
+  job.in2 = in2;
   job.out2 = out2;
   job.split_rows = split_rows;
   auto run = [&](auto* tin, auto* tout) {

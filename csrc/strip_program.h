@@ -40,8 +40,10 @@ struct StripJob {
   void* out = nullptr;
   int64_t planes = 0, rows = 0;
   bool inverse = false;
-  // The same-layout pass only: rows from split_rows on are written to out2 (from its
-  // start), so one launch takes two arrays that lie one after the other in the input.
+  // Two arrays in one launch (fast strips only): rows from split_rows on are read from in2
+  // (from its start; split_rows a multiple of the block's rows), or, in the same-layout
+  // pass, written to out2. The other side is one array, the two one after the other.
+  const void* in2 = nullptr;
   void* out2 = nullptr;
   int64_t split_rows = 0;
 };
@@ -132,7 +134,9 @@ BF_HD void run_fast_strips(Ctx& ctx, const StripJob& job, float* S) {
     const int64_t g0 = b * G::kRows;
     const int nrows = (int)(total - g0 < G::kRows ? total - g0 : G::kRows);
     ctx.phase([&](int tid) {                         // rows g0 .. g0 + nrows - 1 -> S
-      const Tin* src = (const Tin*)job.in + g0 * L;
+      const Tin* src = job.in2 && g0 >= job.split_rows
+                           ? (const Tin*)job.in2 + (g0 - job.split_rows) * L
+                           : (const Tin*)job.in + g0 * L;
       float v[G::kChunks][4];
       BF_UNROLL for (int u = 0; u < G::kChunks; ++u) {
         const int f = 4 * (tid + u * G::kThreads);

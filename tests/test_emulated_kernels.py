@@ -247,10 +247,17 @@ def test_emulator_rejects_unsupported_calls():
 
 
 def emulate_strips(x, inverse, grid=2, reverse=False, fast=False, out_dtype=torch.float32,
-                   same_layout=False, split_planes=None):
+                   same_layout=False, split_planes=None, x2=None):
     """One strip pass; with split_planes (same layout only), the planes from split_planes
-    on go to a second output, returned as (out, out2)."""
+    on go to a second output, returned as (out, out2); with x2, the pass of x then x2 in
+    one launch (x2's planes read from x2, one output)."""
     planes, rows, length = x.shape
+    if x2 is not None:
+        out = torch.empty(planes + x2.shape[0], length, rows, dtype=out_dtype)
+        _C.strip_emulate(x.data_ptr(), out.data_ptr(), planes + x2.shape[0], rows, length,
+                         inverse, grid, reverse, fast, DTYPE_CODES[x.dtype],
+                         DTYPE_CODES[out_dtype], False, 0, planes * rows, x2.data_ptr())
+        return out
     if split_planes is not None:
         out = torch.empty(split_planes, rows, length, dtype=out_dtype)
         out2 = torch.empty(planes - split_planes, rows, length, dtype=out_dtype)
@@ -260,7 +267,8 @@ def emulate_strips(x, inverse, grid=2, reverse=False, fast=False, out_dtype=torc
                           dtype=out_dtype)
         ptr2, split = 0, 0
     _C.strip_emulate(x.data_ptr(), out.data_ptr(), planes, rows, length, inverse, grid, reverse,
-                     fast, DTYPE_CODES[x.dtype], DTYPE_CODES[out_dtype], same_layout, ptr2, split)
+                     fast, DTYPE_CODES[x.dtype], DTYPE_CODES[out_dtype], same_layout, ptr2, split,
+                     0)
     return out if split_planes is None else (out, out2)
 
 
@@ -309,6 +317,18 @@ def test_inverse_strip_pass_in_the_same_layout(length):
     # L = 32 straddles the split)
     first, rest = emulate_strips(x, True, grid=2, fast=True, same_layout=True, split_planes=1)
     assert torch.equal(first, got[:1]) and torch.equal(rest, got[1:])
+
+
+def test_strip_pass_of_two_inputs_in_one_launch():
+    # in2: the planes after the first array's come from a second input (blocks of 64 rows at
+    # L = 256 end at the split); the same numbers as two launches.
+    x, x2 = _rand(2, 64, 256), _rand(3, 64, 256, seed=1)
+    both = emulate_strips(x, False, grid=3, fast=True, x2=x2)
+    assert torch.equal(both, torch.cat([emulate_strips(x, False, fast=True),
+                                        emulate_strips(x2, False, fast=True)]))
+    assert torch.equal(both, emulate_strips(x, False, grid=2, reverse=True, fast=True, x2=x2))
+    with pytest.raises(ValueError, match="multiple of a block"):
+        emulate_strips(_rand(1, 32, 256), False, fast=True, x2=x2)
     with pytest.raises(ValueError, match="same_layout"):
         emulate_strips(x, False, fast=True, same_layout=True)
 
@@ -321,10 +341,14 @@ def emulate_three_passes(x, a, x2=None, a2=None, g=None, noise=None, *, seed=0, 
     the same layout."""
     planes = x.numel() // (x.shape[-2] * x.shape[-1])
     h, w = x.shape[-2:]
-    rows = lambda t: emulate_strips(t.reshape(planes, h, w), False, grid=grid, reverse=reverse,
-                                    fast=True)
-    t1 = rows(x)
-    t2 = None if x2 is None else rows(x2)
+    rows = lambda t, t2=None: emulate_strips(t.reshape(planes, h, w), False, grid=grid,
+                                             reverse=reverse, fast=True,
+                                             x2=None if t2 is None else t2.reshape(planes, h, w))
+    if x2 is not None and w == 256:      # as column_launch: x1 and x2 in one launch
+        t1, t2 = rows(x, x2).split(planes)
+    else:
+        t1 = rows(x)
+        t2 = None if x2 is None else rows(x2)
     u1 = torch.empty(planes, h, w)
     u2 = torch.empty(planes, h, w) if return_noise else None
     # the maps and the noise are indexed as the call's: (planes, H, W) in frequency space
