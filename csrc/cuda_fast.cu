@@ -348,18 +348,6 @@ int64_t l2_cache_bytes(int device) {
 
 namespace {
 
-// Calls f(std::integral_constant<int, L>) for a column length of the column pass.
-template <typename F>
-bool with_column_length(int64_t n, F&& f) {
-  switch (n) {
-    case 32: return f(std::integral_constant<int, 32>{});
-    case 64: return f(std::integral_constant<int, 64>{});
-    case 128: return f(std::integral_constant<int, 128>{});
-    case 256: return f(std::integral_constant<int, 256>{});
-    default: return false;
-  }
-}
-
 // The column path's plan for a call the whole-plane kernel does not serve: planes per
 // chunk (0: the path does not apply) and the intermediate arrays of a chunk (t1, t2 with
 // x2; u1, u2 with the noise returned).
@@ -373,8 +361,13 @@ ColumnPlan column_plan(const SpectralParams& p, int device) {
   const Options opt = options_from_env();
   if (opt.choice != Choice::kFast || opt.separate || p.planes <= 0 || !p.a1.ptr) return plan;
   if (p.dtype != kF32 && p.dtype != kF16 && p.dtype != kBF16) return plan;
-  auto strip_len = [](int64_t n) { return n == 32 || n == 64 || n == 128 || n == 256; };
-  if (!strip_len(p.H) || !strip_len(p.W)) return plan;
+  int64_t rows_per_block = 0;       // of the row passes (FastStripGeom)
+  if (!with_length(p.H, [](auto) { return true; }) ||
+      !with_length(p.W, [&](auto size) {
+        rows_per_block = FastStripGeom<decltype(size)::value>::kRows;
+        return true;
+      }))
+    return plan;
   const size_t io = p.dtype == kF32 ? 16 : 8;
   for (const void* q : {p.x1, p.x2, (const void*)p.out, (const void*)p.noise_out})
     if (q && !aligned(q, io)) return plan;
@@ -388,13 +381,7 @@ ColumnPlan column_plan(const SpectralParams& p, int device) {
   // 66 planes of 256 x 256 on 132 SMs); chunks of equal size (no small last one).
   const int64_t plane_bytes = plan.arrays * p.H * p.W * (int64_t)sizeof(float);
   int64_t fit = std::max<int64_t>(1, l2_cache_bytes(device) / 2 / plane_bytes);
-  if (opt.fill) {
-    const int64_t rows_per_block = p.W == 256 ? FastStripGeom<256>::kRows
-                                   : p.W == 128 ? FastStripGeom<128>::kRows
-                                   : p.W == 64 ? FastStripGeom<64>::kRows
-                                               : FastStripGeom<32>::kRows;
-    fit = (2 * sm_count(device) * rows_per_block + p.H - 1) / p.H;
-  }
+  if (opt.fill) fit = (2 * sm_count(device) * rows_per_block + p.H - 1) / p.H;
   const int64_t chunks = (p.planes + fit - 1) / fit;
   plan.chunk = (p.planes + chunks - 1) / chunks;
   return plan;
@@ -450,7 +437,7 @@ bool column_launch(const SpectralParams& p, float* ws, int device, cudaStream_t 
     job.plane0 = p0;
     job.planes = planes;
     job.W = (int)p.W;
-    with_column_length(p.H, [&](auto size) {
+    with_length(p.H, [&](auto size) {   // the column length
       constexpr int L = decltype(size)::value;
       using K = ColumnKernel<L>;
       const int64_t bytes = ColumnGeom<L>::kSmemFloats * (int64_t)sizeof(float);
