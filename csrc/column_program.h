@@ -1,5 +1,6 @@
-// The fused op on planes the whole-plane program cannot hold (256 x 256): three passes
-// through memory instead of six and a separate combine (version 8, benchmarks/LOG.md).
+// The fused op on planes the whole-plane program cannot hold (256 x 256, and other sides of
+// 32 to 256 it does not take): three passes through memory instead of six and a separate
+// combine (version 8, benchmarks/LOG.md).
 //
 //   1. row pass (run_fast_strips, forward): T[p][l][r] = sum_n C[l][n] x[p][r][n], for x1 and
 //      x2: rows of T are the columns l of a plane, transposed;
@@ -8,8 +9,8 @@
 //      plane_program.h: a1 X1 + a2 X2 + g zb, zb numbered as in every other path); the
 //      inverse column pass of the result and of zb, written transposed:
 //      U[p][r][l] = sum_k C[k][r] A[p][k][l];
-//   3. row pass (run_fast_strips, inverse, same_layout): out[p][r][n] = sum_l C[l][n] U[p][r][l],
-//      for the result and the noise.
+//   3. row pass (run_fast_strips, inverse, kSameLayout): out[p][r][n] =
+//      sum_l C[l][n] U[p][r][l], for the result and the noise.
 //
 // In pass 2 a block owns kRows consecutive rows of T (columns l0 .. l0 + kRows - 1 of one
 // plane; W % kRows == 0), two threads per row and buffer, like the fast strips; the

@@ -327,20 +327,17 @@ bool strip_launch(const void* in, void* out, int64_t planes, int64_t rows, int64
 }
 
 template bool strip_launch<float, float>(const void*, void*, int64_t, int64_t, int64_t, bool, int,
-                                         cudaStream_t, bool, void*, int64_t,
-                                         const void*);
+                                         cudaStream_t, bool, void*, int64_t, const void*);
 template bool strip_launch<__half, float>(const void*, void*, int64_t, int64_t, int64_t, bool,
-                                          int, cudaStream_t, bool, void*, int64_t,
-                                         const void*);
+                                          int, cudaStream_t, bool, void*, int64_t, const void*);
 template bool strip_launch<__nv_bfloat16, float>(const void*, void*, int64_t, int64_t, int64_t,
                                                  bool, int, cudaStream_t, bool, void*, int64_t,
-                                         const void*);
+                                                 const void*);
 template bool strip_launch<float, __half>(const void*, void*, int64_t, int64_t, int64_t, bool,
-                                          int, cudaStream_t, bool, void*, int64_t,
-                                         const void*);
+                                          int, cudaStream_t, bool, void*, int64_t, const void*);
 template bool strip_launch<float, __nv_bfloat16>(const void*, void*, int64_t, int64_t, int64_t,
                                                  bool, int, cudaStream_t, bool, void*, int64_t,
-                                         const void*);
+                                                 const void*);
 
 int64_t l2_cache_bytes(int device) {
   return device_attr(device, cudaDevAttrL2CacheSize, "L2 size");
@@ -404,13 +401,13 @@ bool column_launch(const SpectralParams& p, float* ws, int device, cudaStream_t 
   float* u1 = t1 + (p.x2 ? 2 : 1) * n;
   const size_t io = p.dtype == kF32 ? 4 : 2;
   auto at = [&](const void* base, int64_t p0) { return (const char*)base + p0 * hw * io; };
-  // The row passes of every type pair are instantiated (strip_launch); one that does not
-  // launch now would leave the call half done.
   // Two arrays in one launch where the strips allow it (twice the blocks of one): x1's and
   // x2's row passes into t1, t2; u1 and u2 (one after the other) into out and noise_out.
+  // Every type pair's row pass is instantiated: one that does not launch would leave the
+  // call half done.
   auto rows = [&](const void* in, void* out, int64_t planes, bool inverse, void* out2 = nullptr,
                   int64_t split_rows = 0, const void* in2 = nullptr) {
-    bool ok = with_io_type(p.dtype, [&](auto* t) {
+    const bool ok = with_io_type(p.dtype, [&](auto* t) {
       using T = std::remove_pointer_t<decltype(t)>;
       return inverse ? strip_launch<float, T>(in, out, planes, p.H, p.W, true, device, stream,
                                               true, out2, split_rows)
