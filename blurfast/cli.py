@@ -21,11 +21,14 @@ def _info(args) -> int:
         print(f"CUDA kernels: compiled for {describe_archs()}")
         print("  fused, one launch per call: square planes 32, 64, 128 with float32, float16 or\n"
               "  bfloat16 I/O (at 128: 128 KiB of shared memory per block, 192 KiB with x2 or\n"
-              "  returned noise); strip passes for sides 32..256; simple kernels otherwise.\n"
+              "  returned noise); strip passes for sides 32..256, the fused op there in three\n"
+              "  passes (row, column with the combine and noise, row); simple kernels otherwise.\n"
               "  BLURFAST_CUDA_KERNELS=dense: the previous (dense) passes; =fast+prefetch or\n"
               "  =fast+noprefetch: prefetch the next plane group in every call or in none;\n"
               "  =fast+wide: every call at 64 x 64 on the fast passes, 256 threads per plane\n"
-              "  (the default for float32 fused calls at 64 x 64);\n"
+              "  (the default for float32 fused calls at 64 x 64); =fast+separate: the fused\n"
+              "  op at 256 x 256 in six strip passes and a combine kernel; =fast+fill: its three\n"
+              "  passes in chunks that fill the GPU rather than half its L2;\n"
               "  =simple: the simple kernels only.")
     else:
         print("CUDA kernels: not compiled (CPU kernels only)")

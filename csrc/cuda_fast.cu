@@ -414,7 +414,8 @@ bool column_launch(const SpectralParams& p, float* ws, int device, cudaStream_t 
                      : strip_launch<T, float>(in, out, planes, p.H, p.W, false, device, stream,
                                               false, nullptr, split_rows, in2);
     });
-    if (!ok) throw std::runtime_error("blurfast CUDA: a row pass of the column path did not launch");
+    if (!ok)
+      throw std::runtime_error("blurfast CUDA: a row pass of the column path did not launch");
   };
   for (int64_t p0 = 0; p0 < p.planes; p0 += plan.chunk) {
     const int64_t planes = std::min(plan.chunk, p.planes - p0);

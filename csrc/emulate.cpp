@@ -309,11 +309,15 @@ void strip_emulate(const void* in, void* out, int64_t planes, int64_t rows, int6
   auto run = [&](auto* tin, auto* tout) {
     using Tin = std::remove_pointer_t<decltype(tin)>;
     using Tout = std::remove_pointer_t<decltype(tout)>;
+    auto go = [&](auto size) {
+      emulate_strips<decltype(size)::value, Tin, Tout>(job, grid, reverse_threads, fast,
+                                                       same_layout);
+    };
     switch (L) {
-      case 32: emulate_strips<32, Tin, Tout>(job, grid, reverse_threads, fast, same_layout); break;
-      case 64: emulate_strips<64, Tin, Tout>(job, grid, reverse_threads, fast, same_layout); break;
-      case 128: emulate_strips<128, Tin, Tout>(job, grid, reverse_threads, fast, same_layout); break;
-      default: emulate_strips<256, Tin, Tout>(job, grid, reverse_threads, fast, same_layout); break;
+      case 32: go(std::integral_constant<int, 32>{}); break;
+      case 64: go(std::integral_constant<int, 64>{}); break;
+      case 128: go(std::integral_constant<int, 128>{}); break;
+      default: go(std::integral_constant<int, 256>{}); break;
     }
   };
   if (in_dtype == kBF16)

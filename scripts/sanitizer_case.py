@@ -2,7 +2,8 @@
 
 Calls blurfast.dct2 / idct2 / spectral on CUDA at a few sizes (the fused whole-plane
 kernel's squares 32, 64, 128 in float32 and bfloat16; the strip kernel at 256 x 256 and
-64 x 128, and the fused op's three passes there; the same squares again with the dense passes and with the simple kernels; the
+64 x 128, and the fused op's three passes there (and its six with fast+separate); the same
+squares again with the dense passes and with the simple kernels; the
 prefetching fused op on many planes; odd sizes, an empty batch, a non-contiguous input,
 broadcast maps, batches large enough for the throughput geometry and for blocks that loop
 over plane groups), copies the results back and compares them with blurfast.reference on
