@@ -10,8 +10,9 @@ exactly these launches. gpu_check.sh's ``ncu`` step profiles one case per ncu ru
         --section Occupancy --section WarpStateStats python scripts/ncu_case.py --case 0
 
 The cases are CASES below (float32; q_sample returns its noise), the most wanted first:
-the fused op on the default geometries at 64 x 64, dct2, and the 256 x 256 path (strip
-passes with the combine step). Exits 2 without a CUDA device.
+the fused op on the default geometries at 64 x 64, dct2, and the 256 x 256 path (since
+version 8 three passes: row strips, the column kernel with the combine step, row strips).
+Exits 2 without a CUDA device.
 """
 import os
 import sys
