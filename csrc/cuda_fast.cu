@@ -374,11 +374,13 @@ ColumnPlan column_plan(const SpectralParams& p, int device) {
     if (m->ptr && m->mod * p.H * p.W >= ((int64_t)1 << 31)) return plan;
   plan.arrays = (p.x2 ? 2 : 1) + (p.noise_out ? 2 : 1);
   // A chunk's intermediates in half the L2 cache, so that each pass reads the previous
-  // one's output from L2 (with fast+fill: enough planes for two row-pass blocks per SM,
-  // 66 planes of 256 x 256 on 132 SMs); chunks of equal size (no small last one).
+  // one's output from L2, but at least one row-pass block per SM (GPUs with a small L2);
+  // with fast+fill two blocks per SM instead (66 planes of 256 x 256 on 132 SMs). Chunks
+  // of equal size (no small last one).
   const int64_t plane_bytes = plan.arrays * p.H * p.W * (int64_t)sizeof(float);
-  int64_t fit = std::max<int64_t>(1, l2_cache_bytes(device) / 2 / plane_bytes);
-  if (opt.fill) fit = (2 * sm_count(device) * rows_per_block + p.H - 1) / p.H;
+  const int64_t per_sm = (sm_count(device) * rows_per_block + p.H - 1) / p.H;  // planes
+  int64_t fit = std::max<int64_t>(per_sm, l2_cache_bytes(device) / 2 / plane_bytes);
+  if (opt.fill) fit = 2 * per_sm;
   const int64_t chunks = (p.planes + fit - 1) / fit;
   plan.chunk = (p.planes + chunks - 1) / chunks;
   return plan;
