@@ -343,6 +343,16 @@ int64_t l2_cache_bytes(int device) {
   return device_attr(device, cudaDevAttrL2CacheSize, "L2 size");
 }
 
+int64_t strip_min_planes(int64_t rows, int64_t L, int device) {
+  int64_t block_rows = 0;
+  if (rows <= 0 || !with_length(L, [&](auto size) {
+        block_rows = FastStripGeom<decltype(size)::value>::kRows;
+        return true;
+      }))
+    return 1;
+  return (sm_count(device) * block_rows + rows - 1) / rows;
+}
+
 namespace {
 
 // The column path's plan for a call the whole-plane kernel does not serve: planes per
@@ -358,12 +368,7 @@ ColumnPlan column_plan(const SpectralParams& p, int device) {
   const Options opt = options_from_env();
   if (opt.choice != Choice::kFast || opt.separate || p.planes <= 0 || !p.a1.ptr) return plan;
   if (p.dtype != kF32 && p.dtype != kF16 && p.dtype != kBF16) return plan;
-  int64_t rows_per_block = 0;       // of the row passes (FastStripGeom)
-  if (!with_length(p.H, [](auto) { return true; }) ||
-      !with_length(p.W, [&](auto size) {
-        rows_per_block = FastStripGeom<decltype(size)::value>::kRows;
-        return true;
-      }))
+  if (!with_length(p.H, [](auto) { return true; }) || !with_length(p.W, [](auto) { return true; }))
     return plan;
   const size_t io = p.dtype == kF32 ? 16 : 8;
   for (const void* q : {p.x1, p.x2, (const void*)p.out, (const void*)p.noise_out})
@@ -378,7 +383,7 @@ ColumnPlan column_plan(const SpectralParams& p, int device) {
   // with fast+fill two blocks per SM instead (66 planes of 256 x 256 on 132 SMs). Chunks
   // of equal size (no small last one).
   const int64_t plane_bytes = plan.arrays * p.H * p.W * (int64_t)sizeof(float);
-  const int64_t per_sm = (sm_count(device) * rows_per_block + p.H - 1) / p.H;  // planes
+  const int64_t per_sm = strip_min_planes(p.H, p.W, device);
   int64_t fit = std::max<int64_t>(per_sm, l2_cache_bytes(device) / 2 / plane_bytes);
   if (opt.fill) fit = 2 * per_sm;
   const int64_t chunks = (p.planes + fit - 1) / fit;

@@ -36,6 +36,9 @@ bool column_launch(const SpectralParams& p, float* ws, int device, cudaStream_t 
 
 // The L2 cache size of `device` in bytes (cached).
 int64_t l2_cache_bytes(int device);
+// Planes of `rows` rows of L whose fast strip pass has one block per SM of `device` (1
+// where L is not a strip length).
+int64_t strip_min_planes(int64_t rows, int64_t L, int device);
 
 }  // namespace plane
 }  // namespace blurfast

@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -90,11 +91,13 @@ void launch_axis(const void* in, void* out, int64_t P, int64_t R, int64_t N, boo
 
 // Planes per chunk of transform2d: about a third of the L2 cache, so that its tmp is
 // read back from L2 rather than from memory (64x3x256x256 float32: 3 chunks of 64 planes,
-// each still enough blocks to fill an H100); at most P. `csize`: bytes of the compute type.
+// each still enough blocks to fill an H100), but at least one fast strip block per SM
+// (GPUs with a small L2); at most P. `csize`: bytes of the compute type.
 int64_t chunk_planes(int64_t P, int64_t H, int64_t W, int64_t csize, int device) {
   const int64_t plane_bytes = H * W * csize;
   const int64_t budget = plane::l2_cache_bytes(device) / 3;
-  const int64_t chunk = budget == 0 ? P : (plane_bytes < budget ? budget / plane_bytes : 1);
+  int64_t chunk = budget == 0 ? P : (plane_bytes < budget ? budget / plane_bytes : 1);
+  chunk = std::max(chunk, plane::strip_min_planes(H, W, device));
   return chunk < P ? chunk : P;
 }
 

@@ -335,7 +335,8 @@ def test_simple_path_workspace_is_one_chunk_plus_the_spectra(planes, monkeypatch
     x = torch.zeros(planes, 256, 256, device="cuda")
     hw, n = 256 * 256, planes * 256 * 256
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    chunk = min(planes, max(1, (l2 // 3) // (hw * 4)))
+    per_sm = -(-torch.cuda.get_device_properties(0).multi_processor_count * 64 // 256)
+    chunk = min(planes, max(1, per_sm, (l2 // 3) // (hw * 4)))   # at least a block per SM
     a = torch.ones(256, 256, device="cuda")
     for x2, noise_out, spectra in ((None, None, 1), (x, None, 2), (None, torch.empty_like(x), 2),
                                    (x, torch.empty_like(x), 3)):
