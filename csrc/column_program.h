@@ -55,6 +55,22 @@ struct ColumnJob {
   int W = 0;
 };
 
+// The job of planes p0 .. p0 + planes - 1 of call p, whose intermediates for those planes
+// are at t1, u1 (and t2 with x2, u2 with the noise returned).
+inline ColumnJob column_job(const SpectralParams& p, const float* t1, const float* t2,
+                            float* u1, float* u2, int64_t p0, int64_t planes) {
+  ColumnJob job;
+  job.spec = make_job(p, kSpectral);
+  job.t1 = t1;
+  job.t2 = p.x2 ? t2 : nullptr;
+  job.u1 = u1;
+  job.u2 = p.noise_out ? u2 : nullptr;
+  job.plane0 = p0;
+  job.planes = planes;
+  job.W = (int)p.W;
+  return job;
+}
+
 // A thread's half of a line, kept from one phase to the next.
 template <int L>
 struct ColumnHalf {

@@ -383,9 +383,9 @@ ColumnPlan column_plan(const SpectralParams& p, int device) {
   // with fast+fill two blocks per SM instead (66 planes of 256 x 256 on 132 SMs). Chunks
   // of equal size (no small last one).
   const int64_t plane_bytes = plan.arrays * p.H * p.W * (int64_t)sizeof(float);
-  const int64_t per_sm = strip_min_planes(p.H, p.W, device);
-  int64_t fit = std::max<int64_t>(per_sm, l2_cache_bytes(device) / 2 / plane_bytes);
-  if (opt.fill) fit = 2 * per_sm;
+  const int64_t min_planes = strip_min_planes(p.H, p.W, device);
+  int64_t fit = std::max<int64_t>(min_planes, l2_cache_bytes(device) / 2 / plane_bytes);
+  if (opt.fill) fit = 2 * min_planes;
   const int64_t chunks = (p.planes + fit - 1) / fit;
   plan.chunk = (p.planes + chunks - 1) / chunks;
   return plan;
@@ -433,15 +433,7 @@ bool column_launch(const SpectralParams& p, float* ws, int device, cudaStream_t 
       rows(at(p.x1, p0), t1, planes, false);
       if (p.x2) rows(at(p.x2, p0), t1 + planes * hw, planes, false);
     }
-    ColumnJob job;
-    job.spec = make_job(p, kSpectral);
-    job.t1 = t1;
-    job.t2 = p.x2 ? t1 + planes * hw : nullptr;
-    job.u1 = u1;
-    job.u2 = p.noise_out ? u1 + planes * hw : nullptr;
-    job.plane0 = p0;
-    job.planes = planes;
-    job.W = (int)p.W;
+    const ColumnJob job = column_job(p, t1, t1 + planes * hw, u1, u1 + planes * hw, p0, planes);
     with_length(p.H, [&](auto size) {   // the column length
       constexpr int L = decltype(size)::value;
       using K = ColumnKernel<L>;

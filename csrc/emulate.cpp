@@ -260,15 +260,10 @@ void column_emulate(const SpectralParams& p, int64_t grid, bool reverse_threads,
   const int64_t hw = p.H * p.W;
   // As the GPU runs a call: launches on chunks of planes, each with its own pointers.
   for (int64_t p0 = 0; p0 < p.planes; p0 += chunk) {
-    plane::ColumnJob job;
-    job.spec = plane::make_job(p, plane::kSpectral);
-    job.t1 = (const float*)p.x1 + p0 * hw;
-    job.t2 = p.x2 ? (const float*)p.x2 + p0 * hw : nullptr;
-    job.u1 = (float*)p.out + p0 * hw;
-    job.u2 = p.noise_out ? (float*)p.noise_out + p0 * hw : nullptr;
-    job.plane0 = p0;
-    job.planes = std::min(chunk, p.planes - p0);
-    job.W = (int)p.W;
+    auto at = [&](const void* base) { return base ? (float*)base + p0 * hw : nullptr; };
+    const plane::ColumnJob job = plane::column_job(p, at(p.x1), at(p.x2), at(p.out),
+                                                   at(p.noise_out), p0,
+                                                   std::min(chunk, p.planes - p0));
     switch (p.H) {
       case 32: emulate_columns<32>(job, p.planes, grid, reverse_threads); break;
       case 64: emulate_columns<64>(job, p.planes, grid, reverse_threads); break;
