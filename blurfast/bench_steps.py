@@ -65,8 +65,9 @@ def _sampler_coefs(diff: BlurDiffusion, batch: int, device):
     return [m.float().expand(batch, 1, diff.H, diff.W).contiguous() for m in (ca, ce, cz)]
 
 
+# In the order they run: the compiled configurations last, the likelier winner first.
 STEP_IMPLS = ("torch_default", "torch_fp32", "blurfast", "blurfast_cast_once",
-              "blurfast_compile", "blurfast_compile_cast_once")
+              "blurfast_compile", "blurfast_compile_cl", "blurfast_compile_cast_once")
 BASELINES = ("torch_default", "torch_fp32")
 
 # Backend flags of each configuration on CUDA: (matmul TF32, cuDNN TF32, cuDNN benchmark).
@@ -111,7 +112,9 @@ def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[s
     throughout). Besides them, from ``impls``: ``blurfast``, ``blurfast_compile`` (the
     model under ``torch.compile`` inside the same CUDA graph; training step only,
     compiling takes minutes) and each with ``_cast_once`` (the bf16 weights cast once per
-    step, :class:`blurfast.training.Bf16Weights`; training step only, on CUDA).
+    step, :class:`blurfast.training.Bf16Weights`; training step only, on CUDA), and
+    ``blurfast_compile_cl``: the compiled step with the model and its input in
+    channels_last (training step only; run v4 timed channels_last uncompiled only).
     ``flags`` records (matmul TF32, cuDNN TF32, cuDNN benchmark) on CUDA. Defaults:
     paper64 at 64x64, batch 16 and 64 on a GPU (16 only with ``quick``); the small U-Net
     at 32x32, batch 8 on a CPU.
@@ -205,7 +208,7 @@ def _time_impl(impl, timed, preset, diff, device, iters, inputs: _StepInputs) ->
         else:
             stepper = TrainStep(model, diff, device=device,
                                 precision="bf16" if cuda else "fp32",
-                                channels_last=False, cuda_graphs=cuda,
+                                channels_last=impl.endswith("_cl"), cuda_graphs=cuda,
                                 compile="compile" in impl,
                                 cast_once=impl.endswith("cast_once"))
 
@@ -251,12 +254,12 @@ def _rows(timed: dict, preset: str, shape: list, cuda: bool) -> list:
 
 
 def format_steps(rows) -> str:
-    hdr = f"{'case':<20}{'model':<9}{'shape':<14}{'impl':<18}{'ms/step':>10}{'img/s':>10}" \
+    hdr = f"{'case':<20}{'model':<9}{'shape':<14}{'impl':<28}{'ms/step':>10}{'img/s':>10}" \
           f"{'vs default':>12}{'vs fp32':>9}"
     lines = [hdr, "-" * len(hdr)]
     for r in rows:
         lines.append(f"{r['case']:<20}{r['preset']:<9}{'x'.join(map(str, r['shape'])):<14}"
-                     f"{r['impl']:<18}{r['ms_per_step']:>10.2f}{r['images_per_s']:>10.1f}"
+                     f"{r['impl']:<28}{r['ms_per_step']:>10.2f}{r['images_per_s']:>10.1f}"
                      f"{r['speedup_vs_torch_default']:>11.2f}x"
                      f"{r['speedup_vs_torch_fp32']:>8.2f}x")
     return "\n".join(lines)

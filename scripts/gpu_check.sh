@@ -28,9 +28,10 @@
 #              and bfloat16 -> bench_columns.json
 #   steps      issue 4's goal: the whole training step of paper64 at batch 16 against the
 #              paper-style fp32 baselines, blurfast with and without torch.compile inside
-#              the CUDA graph, each with the bf16 weights cast per use (autocast) and once
-#              per step (_cast_once) (compiling takes minutes; every finished configuration
-#              is in steps.json at once, and one that fails is recorded and skipped)
+#              the CUDA graph; compiled also in channels_last (_cl) and with the bf16
+#              weights cast once per step (_cast_once) (each compile takes minutes, so the
+#              configurations run in that order; every finished one is in steps.json at
+#              once, and one that fails is recorded and skipped)
 #   memcheck   compute-sanitizer --tool memcheck  python scripts/sanitizer_case.py
 #   --- the steps below rarely fit in the first 600 s call: run them in a second one
 #   tests_paths  tests/test_gpu_paths.py: train() end to end (CUDA graphs, bf16, and its
@@ -39,10 +40,9 @@
 #   steps64    the training and sampler steps at batch 64, baselines and blurfast
 #              -> steps64.json
 #   racecheck  compute-sanitizer --tool racecheck python scripts/sanitizer_case.py
-#   profile    training step of paper64 at batch 16 in several configurations, compiled
-#              too, and the kernels taking the most GPU time in the faster compiled step
-#              (compiled model in a CUDA graph, weights cast per use or once;
-#              scripts/profile_step.py) -> profile_step.txt
+#   profile    training step of paper64 at batch 16 in its compiled configurations
+#              (Inductor's cache warm from steps), and the kernels taking the most GPU
+#              time in the fastest (scripts/profile_step.py) -> profile_step.txt
 #   ncu        Nsight Compute (clocks left alone): speed of light, occupancy, stall reasons
 #              and their source lines for the kernels of scripts/ncu_case.py, one ncu run
 #              per case -> ncu.log, ncu-<case>.ncu-rep
@@ -273,7 +273,7 @@ step bench_columns 25 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
   --shapes 64x3x256x256 --cases q_sample sampler_step --dtypes float32 bfloat16 \
   --impls blurfast blurfast_separate blurfast_fill torch_fp32 --json "$OUT/bench_columns.json"
 step steps 330 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps --strict \
-  --step-batches 16 --step-impls blurfast blurfast_cast_once blurfast_compile \
+  --step-batches 16 --step-impls blurfast blurfast_compile blurfast_compile_cl \
   blurfast_compile_cast_once --json "$OUT/steps.json"
 step memcheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
   --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py
@@ -284,7 +284,8 @@ step steps64 120 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --st
   --step-batches 64 --json "$OUT/steps64.json"
 step racecheck 110 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck \
   --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py
-step profile 300 "$PY" scripts/profile_step.py --batch 16 --compile --out "$OUT/profile_step.txt"
+step profile 300 "$PY" scripts/profile_step.py --batch 16 --compile --compiled-only \
+  --out "$OUT/profile_step.txt"
 step ncu 90 bash -c ncu_cases
 step bench_extra 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
   --shapes 256x3x32x32 64x3x128x128 --impls blurfast blurfast_dense blurfast_simple torch_fp32 \

@@ -68,6 +68,29 @@ def test_model_steps_go_on_past_a_failing_configuration(monkeypatch):
         run_steps("cpu", batches=(2,), resolution=16, iters=1)
 
 
+def test_model_step_configurations_reach_trainstep(monkeypatch):
+    # Each blurfast configuration of the bench is TrainStep with its own settings: compile
+    # and channels_last per the name (a stand-in TrainStep records them; nothing compiles).
+    from blurfast import training
+    from blurfast.bench_steps import run_steps
+    seen = {}
+
+    class Recorder:
+        def __init__(self, model, diff, **kw):
+            seen.setdefault(len(seen), kw)
+
+        def __call__(self, *args):
+            pass
+    monkeypatch.setattr(training, "TrainStep", Recorder)
+    for impl in ("blurfast", "blurfast_compile", "blurfast_compile_cl"):
+        seen.clear()
+        rows = run_steps("cpu", batches=(2,), resolution=16, iters=1, impls=(impl,))
+        assert (seen[0]["compile"], seen[0]["channels_last"]) == {
+            "blurfast": (False, False), "blurfast_compile": (True, False),
+            "blurfast_compile_cl": (True, True)}[impl]
+        assert ("train_step", impl) in {(r["case"], r["impl"]) for r in rows}
+
+
 def test_merge_results_of_two_device_calls(tmp_path):
     # gpu_check.sh's files of a first call (kernels, batch-16 steps cut short) and of a
     # second (batch 64) in one folder: one results file, every row once, step rows tagged
