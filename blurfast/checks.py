@@ -6,7 +6,7 @@ import math
 import numbers
 from typing import Optional
 
-__all__ = ["check_bool", "check_int", "check_number", "check_size"]
+__all__ = ["check_bool", "check_int", "check_number", "check_size", "compile_problem"]
 
 
 def check_bool(name: str, v) -> bool:
@@ -57,3 +57,21 @@ def check_size(name: str, v) -> tuple:
     if len(hw) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in hw):
         raise ValueError(f"{name}: expected an int >= 1 or a pair (H, W) of them, got {v!r}")
     return hw
+
+
+def compile_problem(device) -> Optional[str]:
+    """Why ``torch.compile`` cannot run a model on ``device`` (a torch.device), or None.
+    On CUDA, Inductor writes Triton kernels: it needs the triton package and a GPU of
+    compute capability 7.0 or newer, and otherwise fails only at the first call."""
+    if device.type != "cuda":
+        return None
+    import importlib.util
+
+    import torch
+    if importlib.util.find_spec("triton") is None:
+        return "torch.compile on CUDA needs the triton package, which is not installed"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 7:
+        return (f"torch.compile on CUDA needs a GPU of compute capability 7.0 or newer "
+                f"(Triton's minimum); {torch.cuda.get_device_name(device)} is {major}.{minor}")
+    return None

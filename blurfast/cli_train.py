@@ -129,8 +129,8 @@ def _add_train(sub) -> None:
     g.add_argument("--tf32", action=argparse.BooleanOptionalAction,
                    help="TF32 for fp32 matrix products and convolutions")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile the model (default: on with one GPU, off on CPU and "
-                        "under torchrun; compiling takes minutes)")
+                   help="torch.compile the model (default: on with one GPU that Triton "
+                        "supports, off on CPU and under torchrun; compiling takes minutes)")
     g.add_argument("--cuda-graphs", dest="cuda_graphs", action=argparse.BooleanOptionalAction,
                    help="capture the whole step in a CUDA graph (default: on with one GPU, "
                         "off on CPU and under torchrun)")

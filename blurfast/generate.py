@@ -23,7 +23,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import viz
-from .checks import check_bool, check_int
+from .checks import check_bool, check_int, compile_problem
 from .data import data_range, to_unit_range
 from .fileio import atomic_path, save_npz, write_text
 from .models import cast_for_autocast_
@@ -192,6 +192,9 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
             raise ValueError(f"n: at most {STEP_OFFSET // chw - 1} images of this size, got {n}")
         if cuda_graph and dev.type != "cuda":
             raise ValueError("cuda_graph: needs device cuda")
+        why_not = compile_problem(dev) if compile else None
+        if why_not:
+            raise ValueError(f"compile (--compile): {why_not}")
         precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
         if precision == "bf16":
             cast_for_autocast_(model)        # autocast's numbers, no casts per call

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import data as D
 from . import ops
-from .checks import check_bool, check_int, check_number
+from .checks import check_bool, check_int, check_number, compile_problem
 from .distributed import setup_processes, teardown_processes
 from .fileio import write_problem, write_text
 from .diffusion import TARGETS, BlurDiffusion, scales
@@ -748,8 +748,14 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
         # On by default on one GPU: on an H100 (paper64, batch 16, bf16, CUDA graph) a step
         # took 24.2 ms compiled against 38.0 without (benchmarks/results, run v6); compiling
         # takes minutes, once per run. Not timed under torchrun.
+        why_not = compile_problem(dev) if compile is not False else None
+        if compile and why_not:
+            raise ValueError(f"compile: {why_not}; train without it (compile=False, "
+                             f"--no-compile)")
         if compile is None:
-            compile = cuda and world == 1
+            compile = cuda and world == 1 and why_not is None
+            if cuda and world == 1 and why_not and rank == 0:
+                print(f"compile: off ({why_not})", flush=True)
         if cuda and tf32:
             b = torch.backends
             b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark = BACKEND_FLAGS

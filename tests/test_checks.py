@@ -30,3 +30,28 @@ def test_check_number_int_bounds_are_exact():
         check_number("n", 7, 3, lo_open=True, hi=7, hi_open=True)
     with pytest.raises(ValueError, match="^n: expected a finite number > 3 and < 7"):
         check_number("n", 3, 3, lo_open=True, hi=7, hi_open=True)
+
+
+def test_compile_problem_names_what_torch_compile_lacks(monkeypatch):
+    # On CUDA Inductor writes Triton kernels: the triton package and compute capability
+    # 7.0 are needed (a CPU needs neither). The GPU is a stand-in: no CUDA here.
+    import importlib.util
+
+    import torch
+
+    from blurfast.checks import compile_problem
+    gpu = torch.device("cuda", 0)
+    assert compile_problem(torch.device("cpu")) is None
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla P100")
+    for triton, capability, want in (
+            (True, (6, 0), "compute capability 7.0 or newer (Triton's minimum); Tesla P100 "
+                           "is 6.0"),
+            (False, (9, 0), "needs the triton package, which is not installed"),
+            (True, (7, 0), None), (True, (9, 0), None)):
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a, t=triton: (object() if t else None)
+                            if name == "triton" else real_find(name, *a))
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=capability: c)
+        got = compile_problem(gpu)
+        assert (got is None) if want is None else (want in got), got

@@ -166,6 +166,15 @@ def test_compiled_model_gives_the_same_images(run_dir, tmp_path, monkeypatch):
     assert np.abs(eager - zero).mean() > 5          # the model's output is in the images
 
 
+def test_compile_that_cannot_run_is_refused(run_dir, tmp_path, monkeypatch):
+    from blurfast import generate as G
+    monkeypatch.setattr(G, "compile_problem", lambda dev: "no triton here")
+    with pytest.raises(ValueError, match=r"^compile \(--compile\): no triton here$"):
+        generate(run_dir / "run", out=tmp_path / "c", n=2, steps=2, batch=2, compile=True,
+                 progress=False, device="cpu")
+    assert not list((tmp_path / "c").glob("*.png"))
+
+
 def test_a_std_model_is_sampled_through_its_eps(run_dir, tmp_path, monkeypatch):
     # A run trained on target "std" predicts idct2(sqrt(1 - Abar) eb); generate must turn
     # that into eps before a sampler sees it. The same function f, as the eps prediction of

@@ -1340,6 +1340,19 @@ def test_cli_config_that_does_not_parse_is_one_line_with_the_position(tmp_path, 
         f"(line 2, column 16)\n")
 
 
+def test_compile_that_cannot_run_is_refused_before_a_step(made16, tmp_path, monkeypatch):
+    # A GPU without Triton's support (compile_problem's reason, a stand-in here) refuses
+    # compile=True at once, not with Inductor's error at the first step; asked for
+    # nothing, the run goes on uncompiled (compile None, on a CPU off anyway).
+    monkeypatch.setattr(training, "compile_problem", lambda dev: "no triton here")
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"^compile: no triton here; train without it "
+                                         r"\(compile=False, --no-compile\)$"):
+        training.train(data=str(made16), out=str(out), steps=1, compile=True, **KW)
+    assert not (out / "checkpoints").exists()
+    assert training.train(data=str(made16), out=str(out), steps=1, **KW)["steps_run"] == 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("precision, rel", [("fp32", 1e-5), ("bf16", 1e-3)])
 def test_compiled_step_matches_eager(precision, rel):
