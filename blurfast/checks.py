@@ -1,12 +1,13 @@
-"""Argument checks used across the package; each error names the argument and says what
-was expected."""
+"""Argument checks used across the package (each error names the argument and says what
+was expected), and what a device supports: torch.compile, bf16."""
 from __future__ import annotations
 
 import math
 import numbers
 from typing import Optional
 
-__all__ = ["check_bool", "check_int", "check_number", "check_size", "compile_problem"]
+__all__ = ["check_bool", "check_int", "check_number", "check_size", "compile_problem",
+           "default_precision"]
 
 
 def check_bool(name: str, v) -> bool:
@@ -75,3 +76,12 @@ def compile_problem(device) -> Optional[str]:
         return (f"torch.compile on CUDA needs a GPU of compute capability 7.0 or newer "
                 f"(Triton's minimum); {torch.cuda.get_device_name(device)} is {major}.{minor}")
     return None
+
+
+def default_precision(device) -> str:
+    """"bf16" on a CUDA device with bfloat16 tensor cores (compute capability 8.0 or
+    newer), else "fp32": older GPUs would emulate bfloat16, slower than float32."""
+    import torch
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        return "bf16"
+    return "fp32"

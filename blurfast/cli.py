@@ -204,7 +204,7 @@ def _add_sample(sub) -> None:
     s.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda if available")
     s.add_argument("--precision", choices=["bf16", "fp32"], default=None,
-                   help="default: bf16 on CUDA, fp32 on CPU")
+                   help="default: bf16 on GPUs of compute capability 8.0 or newer, else fp32")
     s.add_argument("--raw-weights", action="store_true",
                    help="use the raw model weights instead of the EMA weights")
     s.add_argument("--cuda-graph", action="store_true",

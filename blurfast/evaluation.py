@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
-from .checks import check_int
+from .checks import check_int, default_precision
 from .data import DEFAULT_RESIZE, check_resize
 from .fileio import check_writable, save_npz
 
@@ -466,7 +466,7 @@ class FidMonitor:
                                                    progress=progress, channels=self.channels)
         seq = timesteps(diff, min(self.steps, diff.num_steps - 1))
         batches = [(b0, min(self.n, b0 + self.batch)) for b0 in range(0, self.n, self.batch)]
-        precision = "bf16" if torch.device(self.device).type == "cuda" else "fp32"
+        precision = default_precision(torch.device(self.device))
         imgs = (img for _, b in sample_batches(model, diff, batches, sampler=self.sampler,
                                                seq=seq, eta=0.0, seed=0, device=self.device,
                                                precision=precision,

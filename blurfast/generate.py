@@ -23,7 +23,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import viz
-from .checks import check_bool, check_int, compile_problem
+from .checks import check_bool, check_int, compile_problem, default_precision
 from .data import data_range, to_unit_range
 from .fileio import atomic_path, save_npz, write_text
 from .models import cast_for_autocast_
@@ -195,7 +195,7 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
         why_not = compile_problem(dev) if compile else None
         if why_not:
             raise ValueError(f"compile (--compile): {why_not}")
-        precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
+        precision = precision or default_precision(dev)
         if precision == "bf16":
             cast_for_autocast_(model)        # autocast's numbers, no casts per call
         net = torch.compile(model, dynamic=False) if compile else model

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import data as D
 from . import ops
-from .checks import check_bool, check_int, check_number, compile_problem
+from .checks import check_bool, check_int, check_number, compile_problem, default_precision
 from .distributed import setup_processes, teardown_processes
 from .fileio import write_problem, write_text
 from .diffusion import TARGETS, BlurDiffusion, scales
@@ -735,7 +735,7 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     cuda = dev.type == "cuda"
     finished = False
     try:
-        precision = precision or ("bf16" if cuda else "fp32")
+        precision = precision or default_precision(dev)
         # Off by default: on an H100 (paper64, batch 16, bf16, CUDA graph) channels_last
         # took 49.0 ms per step against 41.7 in NCHW (GroupNorm's layout copies);
         # benchmarks/results/logs/2026-11-26-v4-profile_step.txt.

@@ -55,3 +55,13 @@ def test_compile_problem_names_what_torch_compile_lacks(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=capability: c)
         got = compile_problem(gpu)
         assert (got is None) if want is None else (want in got), got
+
+
+def test_default_precision_is_bf16_where_the_gpu_has_it(monkeypatch):
+    import torch
+
+    from blurfast.checks import default_precision
+    assert default_precision(torch.device("cpu")) == "fp32"
+    for capability, want in (((7, 5), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=capability: c)
+        assert default_precision(torch.device("cuda", 0)) == want
