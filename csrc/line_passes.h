@@ -340,7 +340,7 @@ BF_HD void fast_forward_row(const float* S, int r, float* h) {
 // DCT-IV_{L/2}(X[1], X[3], ..). The pixels are x[n] = u[n] + w[n], x[L-1-n] = u[n] - w[n]
 // (n < L/2): a butterfly across the two threads, left to the caller.
 // kWhole: each chunk by one 16-byte load (lds4_whole), else by ld4 (which ptxas narrows
-// to two 4-byte loads, using fewer registers: plane_program.h, Geom::kWholeLoads).
+// to two 4-byte loads, using fewer registers: plane_program.h, Geom::whole_loads).
 template <int L, int Role, bool kWhole = true>
 BF_HD void fast_inverse_row(const float* S, int r, float* h) {
   constexpr int H = L / 2, E = 1 - fastdct::log2i(L), E0 = -fastdct::log2i(L);

@@ -62,10 +62,13 @@ struct Geom {
   static constexpr int kPlane = N * N;
   static constexpr int kTables = Fast ? 0 : TableSize<N>::kFloats;
   static constexpr int kChunksPerThread = kPPB * kPlane / 4 / kThreads;
-  // Fast inverse passes load whole float4 chunks (fast_inverse_row), except at N = 64 with
-  // two planes per block: there ptxas spilled (104 bytes in float32; 144 -> 172 in 16-bit
-  // I/O), and without them it spills nothing (float32).
-  static constexpr bool kWholeLoads = !(Fast && N == 64 && Split == 1);
+  // Fast inverse passes load whole float4 chunks (fast_inverse_row), except with 16-bit
+  // I/O at N = 64 with two planes per block, where ptxas spilled 8 bytes with them and
+  // none without.
+  template <typename T>
+  static constexpr bool whole_loads() {
+    return !(Fast && N == 64 && Split == 1 && sizeof(T) == 2);
+  }
   static_assert(N == 32 || N == 64 || N == 128, "plane program: N must be 32, 64 or 128");
   static_assert(Split == 1 || (Split == 2 && N >= 64) || (Split == 4 && Fast && N == 64),
                 "plane program: split 2 needs N >= 64, split 4 the fast passes at N = 64");
@@ -395,7 +398,7 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
         const float* S = buf(src) + (q / N) * G::kPlane;
         float* D = buf(dst) + (q / N) * G::kPlane;
         if constexpr (inv)
-          fast_inverse_pass<N, N, G::kWholeLoads>(S, D, role, q % N);
+          fast_inverse_pass<N, N, G::template whole_loads<T>()>(S, D, role, q % N);
         else
           fast_forward_pass<N, N>(S, D, role, q % N);
       } else {
@@ -410,8 +413,14 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
       }
     });
   };
-  auto forward = [&](int src, int dst) { pass(src, dst, std::false_type{}); };
-  auto inverse = [&](int src, int dst) { pass(src, dst, std::true_type{}); };
+  // A 2-D transform of buffer a, with s as scratch: the pass a -> s, then s -> a. A loop,
+  // not two inlined copies of the pass: ptxas then made each kernel a fifth to nearly half
+  // smaller, with fewer registers, and left no spill in any fast geometry.
+  auto transform = [&](int a, int s, auto inverse_) {
+    BF_NO_UNROLL for (int k = 0; k < 2; ++k) pass(k ? s : a, k ? a : s, inverse_);
+  };
+  auto forward = [&](int a, int s) { transform(a, s, std::false_type{}); };
+  auto inverse = [&](int a, int s) { transform(a, s, std::true_type{}); };
   // After two inverse passes: fast ones leave the mirrored form (store_mirrored_group).
   auto store_inverse = [&](int src, void* dst, int64_t p0) {
     ctx.phase([&](int tid) {
@@ -421,21 +430,26 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
         store_group<G, T>(buf(src), (T*)dst, p0, job.planes, tid);
     });
   };
-  // Wide geometry (pairs_transforms): a pass of src into dst on the pass threads, and of
-  // src2 into dst2 on the others; the two results' stores in one phase.
-  auto pass_pair = [&](int src, int dst, int src2, int dst2, auto inverse_) {
+  // Wide geometry (pairs_transforms): 2-D transforms of a and of a2 (scratch s, s2) side
+  // by side, a's passes on the pass threads and a2's on the others; the two results'
+  // stores in one phase.
+  auto transform_pair = [&](int a, int s, int a2, int s2, auto inverse_) {
     constexpr bool inv = decltype(inverse_)::value;
-    ctx.phase([&](int tid) {
-      const bool second = tid >= G::kPassThreads;
-      const int t = second ? tid - G::kPassThreads : tid;
-      const int q = t % kRowsPerBlock, role = t / kRowsPerBlock;
-      const float* S = buf(second ? src2 : src) + (q / N) * G::kPlane;
-      float* D = buf(second ? dst2 : dst) + (q / N) * G::kPlane;
-      if constexpr (inv)
-        fast_inverse_pass<N, N, G::kWholeLoads>(S, D, role, q % N);
-      else
-        fast_forward_pass<N, N>(S, D, role, q % N);
-    });
+    BF_NO_UNROLL for (int k = 0; k < 2; ++k) {
+      ctx.phase([&](int tid) {
+        const bool second = tid >= G::kPassThreads;
+        const int t = second ? tid - G::kPassThreads : tid;
+        const int q = t % kRowsPerBlock, role = t / kRowsPerBlock;
+        const int src = second ? (k ? s2 : a2) : (k ? s : a);
+        const int dst = second ? (k ? a2 : s2) : (k ? a : s);
+        const float* S = buf(src) + (q / N) * G::kPlane;
+        float* D = buf(dst) + (q / N) * G::kPlane;
+        if constexpr (inv)
+          fast_inverse_pass<N, N, G::template whole_loads<T>()>(S, D, role, q % N);
+        else
+          fast_forward_pass<N, N>(S, D, role, q % N);
+      });
+    }
   };
   auto store_pair = [&](int src, void* dst, int src2, void* dst2, int64_t p0) {
     ctx.phase([&](int tid) {
@@ -505,36 +519,27 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
     });
     if (job.mode == kIdct2) {
       inverse(0, 1);
-      inverse(1, 0);
       store_inverse(0, job.out, p0);
     } else if (kWide && pair && job.x2) {   // x1 and x2 side by side (3: x2's scratch)
-      pass_pair(0, 1, 2, 3, std::false_type{});
-      pass_pair(1, 0, 3, 2, std::false_type{});
+      transform_pair(0, 1, 2, 3, std::false_type{});
     } else {
       forward(0, 1);
-      forward(1, 0);
     }
     if (job.mode == kSpectral) {
-      if (job.x2 && !pair) {
-        forward(2, 1);
-        forward(1, 2);
-      }
+      if (job.x2 && !pair) forward(2, 1);
       combine(p0);
       if (kWide && pair && job.noise_out) {   // the result and the noise side by side
-        pass_pair(0, 1, 2, 3, std::true_type{});
-        pass_pair(1, 0, 3, 2, std::true_type{});
+        transform_pair(0, 1, 2, 3, std::true_type{});
         store_pair(0, job.out, 2, job.noise_out, p0);
         continue;
       }
       inverse(0, 1);
-      inverse(1, 0);
       store_inverse(0, job.out, p0);
     }
     if (job.mode == kDct2)
       ctx.phase([&](int tid) { store_group<G, T>(buf(0), (T*)job.out, p0, job.planes, tid); });
     if (job.mode == kSpectral && job.noise_out) {
       inverse(2, 1);
-      inverse(1, 2);
       store_inverse(2, job.noise_out, p0);
     }
   }

@@ -2,7 +2,8 @@
 
 The fast kernels are phase programs (docs/kernels.md): each phase ends at a block barrier
 (BAR.SYNC), so splitting a kernel's SASS at its barriers gives one segment per phase.
-The passes are straight-line code, so a pass's static count is what each thread runs.
+The passes are straight-line code, so a pass's static count is what each thread runs; a
+2-D transform's two passes are one segment in a loop, run twice.
 
     nvcc -std=c++17 -O3 -arch=sm_90 --expt-relaxed-constexpr -Icsrc -cubin \\
         -o /tmp/k.cubin csrc/cuda_fast_f32.cu
