@@ -389,18 +389,22 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
   constexpr int kRowsPerBlock = G::kPPB * N;
   constexpr bool kWide = G::kFast && G::kThreads > G::kPassThreads;
   // `inverse_`: std::true_type or std::false_type, so each phase holds one pass's code.
+  // A fast pass of buffer src into dst by pass thread t (< kPassThreads).
+  auto fast_rows = [&](int src, int dst, int t, auto inverse_) {
+    const int q = t % kRowsPerBlock, role = t / kRowsPerBlock;
+    const float* S = buf(src) + (q / N) * G::kPlane;
+    float* D = buf(dst) + (q / N) * G::kPlane;
+    if constexpr (decltype(inverse_)::value)
+      fast_inverse_pass<N, N, G::template whole_loads<T>()>(S, D, role, q % N);
+    else
+      fast_forward_pass<N, N>(S, D, role, q % N);
+  };
   auto pass = [&](int src, int dst, auto inverse_) {
     constexpr bool inv = decltype(inverse_)::value;
     ctx.phase([&](int tid) {
       if constexpr (G::kFast) {
         if (G::kThreads > G::kPassThreads && tid >= G::kPassThreads) return;   // wide
-        const int q = tid % kRowsPerBlock, role = tid / kRowsPerBlock;
-        const float* S = buf(src) + (q / N) * G::kPlane;
-        float* D = buf(dst) + (q / N) * G::kPlane;
-        if constexpr (inv)
-          fast_inverse_pass<N, N, G::template whole_loads<T>()>(S, D, role, q % N);
-        else
-          fast_forward_pass<N, N>(S, D, role, q % N);
+        fast_rows(src, dst, tid, inverse_);
       } else {
         const int w = tid / 32, wp = w % G::kWarpsPerPlane;
         const float* S = buf(src) + (w / G::kWarpsPerPlane) * G::kPlane;
@@ -434,20 +438,11 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
   // by side, a's passes on the pass threads and a2's on the others; the two results'
   // stores in one phase.
   auto transform_pair = [&](int a, int s, int a2, int s2, auto inverse_) {
-    constexpr bool inv = decltype(inverse_)::value;
     BF_NO_UNROLL for (int k = 0; k < 2; ++k) {
       ctx.phase([&](int tid) {
         const bool second = tid >= G::kPassThreads;
-        const int t = second ? tid - G::kPassThreads : tid;
-        const int q = t % kRowsPerBlock, role = t / kRowsPerBlock;
-        const int src = second ? (k ? s2 : a2) : (k ? s : a);
-        const int dst = second ? (k ? a2 : s2) : (k ? a : s);
-        const float* S = buf(src) + (q / N) * G::kPlane;
-        float* D = buf(dst) + (q / N) * G::kPlane;
-        if constexpr (inv)
-          fast_inverse_pass<N, N, G::template whole_loads<T>()>(S, D, role, q % N);
-        else
-          fast_forward_pass<N, N>(S, D, role, q % N);
+        fast_rows(second ? (k ? s2 : a2) : (k ? s : a), second ? (k ? a2 : s2) : (k ? a : s),
+                  second ? tid - G::kPassThreads : tid, inverse_);
       });
     }
   };
