@@ -152,10 +152,11 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
     ``fid`` refuses an unfinished folder, and more images than it holds.
 
     ``eta``: a number or one per step (ddim and exp2m); ``steps=None`` runs the full
-    chain; ``precision`` ``bf16`` (default on CUDA) or ``fp32``; ``cuda_graph`` replays
-    the model call of each step from a CUDA graph; ``compile`` runs the model under
-    ``torch.compile`` (one compilation per batch size, inside the graph when both are
-    set); ``clip`` clamps the model's x0 estimate to the data range (default on).
+    chain; ``precision`` ``bf16`` (default on GPUs of compute capability 8.0 or newer) or
+    ``fp32``; ``cuda_graph`` replays the model call of each step from a CUDA graph;
+    ``compile`` runs the model under ``torch.compile`` (one compilation per batch size,
+    inside the graph when both are set); ``clip`` clamps the model's x0 estimate to the
+    data range (default on).
     ``resume``: keep the images an earlier run with the same settings (the manifest's
     :data:`RESUME_KEYS`; ``n`` may differ) wrote into ``out`` and sample only the others,
     which gives the images of an uninterrupted run; a folder of other settings, or of
