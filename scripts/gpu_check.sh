@@ -26,12 +26,16 @@
 #              against version 5's six passes and combine kernel (fast+separate), and
 #              in chunks that fill the GPU instead of half its L2 (fast+fill), float32
 #              and bfloat16 -> bench_columns.json
+#   bench_extra  32x32 and 128x128 rows (blurfast, blurfast_dense, blurfast_simple, torch_fp32)
 #   steps      issue 4's goal: the whole training step of paper64 at batch 16 against the
 #              paper-style fp32 baselines, blurfast with and without torch.compile inside
 #              the CUDA graph; compiled also in channels_last (_cl) and with the bf16
 #              weights cast once per step (_cast_once) (each compile takes minutes, so the
 #              configurations run in that order; every finished one is in steps.json at
 #              once, and one that fails is recorded and skipped)
+#   ncu        Nsight Compute (clocks left alone): speed of light, occupancy, stall reasons
+#              and their source lines for the kernels of scripts/ncu_case.py, one ncu run
+#              per case -> ncu.log, ncu-<case>.ncu-rep
 #   memcheck   compute-sanitizer --tool memcheck  python scripts/sanitizer_case.py
 #   --- the steps below rarely fit in the first 600 s call: run them in a second one
 #   tests_paths  tests/test_gpu_paths.py: train() end to end (CUDA graphs, bf16, and its
@@ -43,10 +47,6 @@
 #   profile    training step of paper64 at batch 16 in its compiled configurations
 #              (Inductor's cache warm from steps), and the kernels taking the most GPU
 #              time in the fastest (scripts/profile_step.py) -> profile_step.txt
-#   ncu        Nsight Compute (clocks left alone): speed of light, occupancy, stall reasons
-#              and their source lines for the kernels of scripts/ncu_case.py, one ncu run
-#              per case -> ncu.log, ncu-<case>.ncu-rep
-#   bench_extra  32x32 and 128x128 rows (blurfast, blurfast_dense, blurfast_simple, torch_fp32)
 # Output in $OUT: <step>.log for each step, gpu_check.log (the running log),
 # summary.txt (PASS/FAIL per step), junit-cuda.xml, bench*.json, steps.json, and
 # results/<card>-<date>.json: all rows and model steps in one file (commit it to
@@ -62,9 +62,9 @@
 #   GPU_CHECK_SKIP         space-separated step names to skip, e.g. "build racecheck"
 #   GPU_CHECK_ONLY         space-separated step names to run, the others skipped: a second
 #                          call on the machine where the first one built, e.g.
-#                          "env ext tests_paths steps64 ncu racecheck profile bench_extra", with memcheck
-#                          too when the first call's budget cut it
-#                          (every step together takes longer than one 600 s device call)
+#                          "ext ncu memcheck racecheck" (benchmarks/NOTES.md has the order
+#                          of the next run; every step together takes longer than one
+#                          600 s device call)
 #   PYTHONPATH=<repo> with GPU_CHECK_SKIP=build: test an extension built on another machine
 #                          for this Python and GPU (scripts/prebuild_gpu_ext.sh; the
 #                          blurfast/_C.cpython-*.so it prints carried along)
@@ -272,9 +272,13 @@ step bench_variants 50 "$PY" benchmarks/run.py --device cuda --quick --no-steps 
 step bench_columns 25 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
   --shapes 64x3x256x256 --cases q_sample sampler_step --dtypes float32 bfloat16 \
   --impls blurfast blurfast_separate blurfast_fill torch_fp32 --json "$OUT/bench_columns.json"
+step bench_extra 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
+  --shapes 256x3x32x32 64x3x128x128 --impls blurfast blurfast_dense blurfast_simple torch_fp32 \
+  --json "$OUT/bench_extra.json"
 step steps 330 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps --strict \
   --step-batches 16 --step-impls blurfast blurfast_compile blurfast_compile_cl \
   blurfast_compile_cast_once --json "$OUT/steps.json"
+step ncu 90 bash -c ncu_cases
 step memcheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
   --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py
 step tests_paths 180 "$PY" -m pytest tests -m cuda -k test_gpu_paths -p no:cacheprovider -v \
@@ -286,10 +290,6 @@ step racecheck 110 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool
   --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py
 step profile 300 "$PY" scripts/profile_step.py --batch 16 --compile --compiled-only \
   --out "$OUT/profile_step.txt"
-step ncu 90 bash -c ncu_cases
-step bench_extra 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
-  --shapes 256x3x32x32 64x3x128x128 --impls blurfast blurfast_dense blurfast_simple torch_fp32 \
-  --json "$OUT/bench_extra.json"
 
 
 # One results file: the kernel rows of the bench runs and the model steps (of a second
