@@ -190,6 +190,18 @@ void emulate_strips(const plane::StripJob& job, int64_t grid, bool reverse, bool
              [&](EmuCtx& ctx, float* sm) { plane::run_strips<L, Tin, Tout>(ctx, job, sm); });
 }
 
+// f(std::integral_constant<int, L>{}) for a line length L already checked to be 32, 64, 128
+// or 256.
+template <typename F>
+void with_line_length(int64_t L, F&& f) {
+  switch (L) {
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    case 128: f(std::integral_constant<int, 128>{}); break;
+    default: f(std::integral_constant<int, 256>{}); break;
+  }
+}
+
 // `call_planes`: the whole call's, for the range of zb (indexed by the call's plane).
 template <int L>
 void emulate_columns(const plane::ColumnJob& job, int64_t call_planes, int64_t grid,
@@ -264,12 +276,9 @@ void column_emulate(const SpectralParams& p, int64_t grid, bool reverse_threads,
     const plane::ColumnJob job = plane::column_job(p, at(p.x1), at(p.x2), at(p.out),
                                                    at(p.noise_out), p0,
                                                    std::min(chunk, p.planes - p0));
-    switch (p.H) {
-      case 32: emulate_columns<32>(job, p.planes, grid, reverse_threads); break;
-      case 64: emulate_columns<64>(job, p.planes, grid, reverse_threads); break;
-      case 128: emulate_columns<128>(job, p.planes, grid, reverse_threads); break;
-      default: emulate_columns<256>(job, p.planes, grid, reverse_threads); break;
-    }
+    with_line_length(p.H, [&](auto size) {
+      emulate_columns<decltype(size)::value>(job, p.planes, grid, reverse_threads);
+    });
   }
 }
 
@@ -304,16 +313,10 @@ void strip_emulate(const void* in, void* out, int64_t planes, int64_t rows, int6
   auto run = [&](auto* tin, auto* tout) {
     using Tin = std::remove_pointer_t<decltype(tin)>;
     using Tout = std::remove_pointer_t<decltype(tout)>;
-    auto go = [&](auto size) {
+    with_line_length(L, [&](auto size) {
       emulate_strips<decltype(size)::value, Tin, Tout>(job, grid, reverse_threads, fast,
                                                        same_layout);
-    };
-    switch (L) {
-      case 32: go(std::integral_constant<int, 32>{}); break;
-      case 64: go(std::integral_constant<int, 64>{}); break;
-      case 128: go(std::integral_constant<int, 128>{}); break;
-      default: go(std::integral_constant<int, 256>{}); break;
-    }
+    });
   };
   if (in_dtype == kBF16)
     run((plane::EmuBf16*)nullptr, (float*)nullptr);

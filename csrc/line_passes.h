@@ -339,11 +339,20 @@ BF_HD void fast_forward_row(const float* S, int r, float* h) {
 // Inverse: Role 0: h = u = DCT-III_{L/2}(X[0], X[2], ..); Role 1: h = w =
 // DCT-IV_{L/2}(X[1], X[3], ..). The pixels are x[n] = u[n] + w[n], x[L-1-n] = u[n] - w[n]
 // (n < L/2): a butterfly across the two threads, left to the caller.
+// The half-length transform of a role, in place on h (its coefficients, gathered).
+template <int L, int Role>
+BF_HD void fast_inverse_half(float* h) {
+  constexpr int H = L / 2, E = 1 - fastdct::log2i(L), E0 = -fastdct::log2i(L);
+  if constexpr (Role == 0)
+    fastdct::dct3<H, E, E0>(h);
+  else
+    fastdct::dct4<H, E>(h);
+}
+
 // kWhole: each chunk by one 16-byte load (lds4_whole), else by ld4 (which ptxas narrows
 // to two 4-byte loads, using fewer registers: plane_program.h, Geom::whole_loads).
 template <int L, int Role, bool kWhole = true>
 BF_HD void fast_inverse_row(const float* S, int r, float* h) {
-  constexpr int H = L / 2, E = 1 - fastdct::log2i(L), E0 = -fastdct::log2i(L);
   fastdct::static_for<L / 4>([&](auto c_) {
     constexpr int c = decltype(c_)::value;
     float a[4];
@@ -354,25 +363,18 @@ BF_HD void fast_inverse_row(const float* S, int r, float* h) {
     h[2 * c] = a[Role];
     h[2 * c + 1] = a[Role + 2];
   });
-  if constexpr (Role == 0)
-    fastdct::dct3<H, E, E0>(h);
-  else
-    fastdct::dct4<H, E>(h);
+  fast_inverse_half<L, Role>(h);
 }
 
 // fast_inverse_row of a line held as column q of S (rows of DW floats: element k of the
 // line at row k). Scalar loads; lanes on consecutive q meet 32 different banks (sidx).
 template <int L, int Role, int DW>
 BF_HD void fast_inverse_col(const float* S, int q, float* h) {
-  constexpr int H = L / 2, E = 1 - fastdct::log2i(L), E0 = -fastdct::log2i(L);
   BF_UNROLL for (int c = 0; c < L / 4; ++c) {
     h[2 * c] = S[sidx<DW>(4 * c + Role, q)];
     h[2 * c + 1] = S[sidx<DW>(4 * c + 2 + Role, q)];
   }
-  if constexpr (Role == 0)
-    fastdct::dct3<H, E, E0>(h);
-  else
-    fastdct::dct4<H, E>(h);
+  fast_inverse_half<L, Role>(h);
 }
 
 // f(std::integral_constant<int, role>{}) for role 0 or 1: each role's code is compiled

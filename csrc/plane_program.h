@@ -400,7 +400,6 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
       fast_forward_pass<N, N>(S, D, role, q % N);
   };
   auto pass = [&](int src, int dst, auto inverse_) {
-    constexpr bool inv = decltype(inverse_)::value;
     ctx.phase([&](int tid) {
       if constexpr (G::kFast) {
         if (G::kThreads > G::kPassThreads && tid >= G::kPassThreads) return;   // wide
@@ -410,7 +409,7 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
         const float* S = buf(src) + (w / G::kWarpsPerPlane) * G::kPlane;
         float* D = buf(dst) + (w / G::kWarpsPerPlane) * G::kPlane;
         const int j = wp % G::kGroups, row0 = 32 * G::kRows * (wp / G::kGroups);
-        if constexpr (inv)
+        if constexpr (decltype(inverse_)::value)
           inverse_pass<N, G::kRows, N>(S, D, tab, j, row0, tid % 32);
         else
           forward_pass<N, G::kRows, N>(S, D, tab, j, row0, tid % 32);
