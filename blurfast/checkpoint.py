@@ -65,8 +65,9 @@ def _cpu_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 def save(ckpt_dir, step: int, model: torch.nn.Module, ema: torch.nn.Module,
          state: dict, config: dict, keep: Optional[int] = None) -> Path:
-    """Writes checkpoint ``step`` under ``ckpt_dir``; then deletes all but the newest
-    ``keep`` checkpoints (None: keep all). Returns the checkpoint's directory."""
+    """Writes checkpoint ``step`` under ``ckpt_dir``; then, given ``keep``, deletes the
+    checkpoints of later steps and all but the newest ``keep`` (this one included) of the
+    others (None: deletes nothing). Returns the checkpoint's directory."""
     from safetensors.torch import save_file
 
     check_int("step", step, 0, 10 ** 9 - 1)      # step_NNNNNNNNN: nine digits
@@ -97,8 +98,13 @@ def save(ckpt_dir, step: int, model: torch.nn.Module, ema: torch.nn.Module,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if keep is not None:
-        for old in list_checkpoints(ckpt_dir)[keep:]:
-            shutil.rmtree(old[1], ignore_errors=True)
+        # A later step's checkpoint is one that resume skipped as damaged, or one of the
+        # part of a run left when it was resumed from an earlier step: counted among the
+        # newest, it would push out the one just written, and resume='auto' would take it.
+        found = list_checkpoints(ckpt_dir)
+        later = [p for s, p in found if s > step]
+        for p in later + [p for s, p in found if s <= step][keep:]:
+            shutil.rmtree(p, ignore_errors=True)
     return final
 
 

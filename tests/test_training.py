@@ -157,6 +157,28 @@ def test_list_checkpoints_takes_only_finished_step_folders(tmp_path):
     assert ckpt.list_checkpoints(tmp_path) == [(2, tmp_path / "step_000000002")]
 
 
+def test_keep_never_prunes_the_checkpoint_just_saved(made16, tmp_path):
+    # keep=1; the run's only checkpoint (step 4) is damaged, so resume='auto' starts
+    # afresh: the save at step 3 is the run's checkpoint, not the damaged step 4.
+    out = tmp_path / "run"
+    training.train(data=str(made16), out=str(out), steps=4, keep=1, **KW)
+    f = out / "checkpoints" / "step_000000004" / "state.pt"
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.warns(UserWarning, match="skipping a damaged checkpoint"):
+        res = training.train(data=str(made16), out=str(out), steps=3, keep=1, resume="auto",
+                             **KW)
+    assert Path(res["checkpoint"]).is_dir()
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [3]
+    # A run resumed from an earlier step: the checkpoints of the part it left go, so
+    # resume='auto' continues the new part.
+    net, ema = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    for s in (2, 4, 6):
+        ckpt.save(tmp_path / "ck", s, net, ema, {}, {}, keep=3)
+    ckpt.save(tmp_path / "ck", 3, net, ema, {}, {}, keep=3)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "ck")] == [3, 2]
+    assert ckpt.latest_valid(tmp_path / "ck")["step"] == 3
+
+
 def test_resume_refuses_another_target(made16, reference_run, tmp_path):
     # The target is fixed by the checkpoint, as the model and the diffusion are.
     with pytest.raises(ValueError, match=r"^resume: target 'std' differs from the "
