@@ -307,6 +307,9 @@ class TrainStep:
         self._group_settings = dict(betas=tuple(betas), eps=adam_eps, weight_decay=weight_decay,
                                     capturable=cuda_graphs)
         self.opt = cls(self.params, lr=self._lr, fused=True, **self._group_settings)
+        # Adam's update reads it from the group (AdamW sets it True; not a constructor
+        # argument of AdamW): a loaded group of the other optimizer's must not keep its own.
+        self._group_settings["decoupled_weight_decay"] = optimizer == "adamw"
         # loss sum, finite losses, consecutive skipped steps, all skipped steps,
         # grad-norm sum, applied steps
         self._stats = torch.zeros(6, dtype=torch.float64, device=self.device)
@@ -434,7 +437,8 @@ class TrainStep:
         self.ema.load_state_dict(ema_sd)
         self.opt.load_state_dict(state["optimizer"])
         # load_state_dict restores the checkpoint's group settings; this run's win (a run
-        # saved without CUDA graphs resumed with them needs capturable, for one).
+        # saved without CUDA graphs resumed with them needs capturable, for one; an AdamW
+        # run resumed with Adam must not keep decoupled weight decay).
         for g in self.opt.param_groups:
             g.update(self._group_settings)
             if isinstance(self._lr, torch.Tensor):

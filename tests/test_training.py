@@ -1,4 +1,5 @@
 import argparse
+import copy
 import json
 import os
 import re
@@ -635,6 +636,34 @@ def test_resumed_step_keeps_its_own_optimizer_settings():
         ((0.8, 0.999), 1e-6, 0.01, False)
     assert torch.equal(new.opt.state[new.params[0]]["exp_avg"],
                        old.opt.state[old.params[0]]["exp_avg"])       # the moments are kept
+
+
+@pytest.mark.parametrize("saved, resumed", [("adamw", "adam"), ("adam", "adamw")])
+def test_resumed_step_takes_its_own_optimizers_weight_decay(saved, resumed):
+    # Adam's L2 weight decay or AdamW's decoupled one is the resumed run's optimizer's,
+    # whichever optimizer saved the moments: the truth is a step from a state that this
+    # optimizer saved itself (the same moments, its own group flag).
+    diff = BlurDiffusion(resolution=16)
+    x = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(3))
+    t, flip = torch.tensor([5, 50]), torch.zeros(2, dtype=torch.bool)
+
+    def stepper(optimizer):
+        torch.manual_seed(0)
+        return training.TrainStep(UNet(resolution=16, **TINY), diff, device="cpu", lr=1e-2,
+                                  optimizer=optimizer, weight_decay=0.5)
+    old = stepper(saved)
+    old(x, flip, t, 1, 0)
+    state = old.state_dict()
+    own = copy.deepcopy(state)
+    own["optimizer"]["param_groups"][0]["decoupled_weight_decay"] = resumed == "adamw"
+    got, want = stepper(resumed), stepper(resumed)
+    got.load_state_dict(state, old.model.state_dict(), old.ema.state_dict())
+    want.load_state_dict(own, old.model.state_dict(), old.ema.state_dict())
+    for s in (got, want):
+        s(x, flip, t, 2, 0)
+    for p, q in zip(got.params, want.params):
+        assert torch.equal(p, q)
 
 
 def test_ema_halflife_kimg_is_in_thousands_of_images(made16, tmp_path):
