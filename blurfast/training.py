@@ -311,8 +311,9 @@ class TrainStep:
         # argument of AdamW): a loaded group of the other optimizer's must not keep its own.
         self._group_settings["decoupled_weight_decay"] = optimizer == "adamw"
         # loss sum, finite losses, consecutive skipped steps, all skipped steps,
-        # grad-norm sum, applied steps
-        self._stats = torch.zeros(6, dtype=torch.float64, device=self.device)
+        # grad-norm sum, applied steps, longest run of consecutive skipped steps since the
+        # last read (a run that ends between reads is still seen)
+        self._stats = torch.zeros(7, dtype=torch.float64, device=self.device)
         self._graph = None
         self._warm = 0
         self._static = None
@@ -376,6 +377,7 @@ class TrainStep:
         s[3] += skip.double()
         s[4] += torch.where(skip.bool(), 0.0, norm.detach().double())
         s[5] += 1 - skip.double()
+        torch.maximum(s[6], s[2], out=s[6])
 
     def __call__(self, x_u8: torch.Tensor, flip: torch.Tensor, t: torch.Tensor,
                  noise_seed: int = 0, noise_offset: int = 0) -> None:
@@ -416,18 +418,20 @@ class TrainStep:
     def read_stats(self, all_reduce: bool = False) -> dict:
         """Means since the last read: the loss over finite losses (summed over the
         process group first when ``all_reduce``), the gradient norm over applied
-        steps; and the skipped-step counters. Synchronizes with the device."""
+        steps; and the skipped-step counters: ``longest_skipped``, the longest run of
+        consecutive skipped steps since the last read. Synchronizes with the device."""
         s = self._stats.clone()
         if all_reduce:
             import torch.distributed as dist
             part = s[:2].contiguous()
             dist.all_reduce(part)
             s[:2] = part
-        loss_sum, loss_n, consec, skipped, norm_sum, norm_n = s.tolist()
-        self._stats[[0, 1, 4, 5]] = 0
+        loss_sum, loss_n, consec, skipped, norm_sum, norm_n, longest = s.tolist()
+        self._stats[[0, 1, 4, 5, 6]] = 0
         return {"loss": loss_sum / loss_n if loss_n else float("nan"),
                 "grad_norm": norm_sum / norm_n if norm_n else float("nan"),
-                "consecutive_skipped": int(consec), "skipped_total": int(skipped)}
+                "consecutive_skipped": int(consec), "longest_skipped": int(longest),
+                "skipped_total": int(skipped)}
 
     def state_dict(self) -> dict:
         return {"optimizer": self.opt.state_dict(), "stats": self._stats.cpu()}
@@ -443,7 +447,8 @@ class TrainStep:
             g.update(self._group_settings)
             if isinstance(self._lr, torch.Tensor):
                 g["lr"] = self._lr
-        self._stats.copy_(state["stats"])
+        self._stats.zero_()
+        self._stats[:len(state["stats"])].copy_(state["stats"])  # 6 entries before the longest
 
 
 # ---------------------------------------------------------------------------- train()
@@ -961,12 +966,12 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                         if bar is not None:
                             bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{ips:.0f}",
                                             skipped=last["skipped_total"])
-                    if last["consecutive_skipped"] >= cfg["max_nonfinite"]:
+                    if last["longest_skipped"] >= cfg["max_nonfinite"]:
                         raise NonFiniteError(
                             f"the loss or gradient was non-finite in "
-                            f"{last['consecutive_skipped']} consecutive steps (up to step "
-                            f"{step}); stopping. Lower lr, check the data, or resume from an "
-                            f"earlier checkpoint in {ck_dir}")
+                            f"{last['longest_skipped']} consecutive steps (by step {step}); "
+                            f"stopping. Lower lr, check the data, or resume from an earlier "
+                            f"checkpoint in {ck_dir}")
                 if world > 1:
                     if at_log:           # every rank stops at the same step
                         import torch.distributed as dist

@@ -836,6 +836,32 @@ def test_non_finite_steps_are_counted_then_stop_the_run(made16, tmp_path, monkey
                        **{**KW, "max_nonfinite": 3})
 
 
+def test_a_non_finite_run_that_ends_between_log_points_still_stops_the_run(made16, tmp_path,
+                                                                           monkeypatch):
+    # Steps 2..8 non-finite (7 in a row, max_nonfinite 3), step 9 and 10 finite: the log
+    # point at step 10 sees the run of 7 although the count in a row is 0 again there.
+    real = UNet.forward
+    calls = []
+
+    def nan_2_to_8(self, x, t):
+        calls.append(1)
+        y = real(self, x, t)
+        return y * float("nan") if 2 <= len(calls) <= 8 else y
+
+    monkeypatch.setattr(UNet, "forward", nan_2_to_8)
+    with pytest.raises(training.NonFiniteError,
+                       match=r"non-finite in 7 consecutive steps \(by step 10\)"):
+        training.train(data=str(made16), out=str(tmp_path / "r"), steps=10,
+                       **{**KW, "log_every": 10, "save_every": 100, "max_nonfinite": 3})
+    # A checkpoint saved with the six counters of earlier versions still loads.
+    step = training.TrainStep(UNet(resolution=16, **TINY), BlurDiffusion(resolution=16),
+                              device="cpu")
+    state = step.state_dict()
+    state["stats"] = torch.arange(6, dtype=torch.float64)
+    step.load_state_dict(state, step.model.state_dict(), step.ema.state_dict())
+    assert step.read_stats()["skipped_total"] == 3 and step.read_stats()["longest_skipped"] == 0
+
+
 def test_sample_grids_of_a_short_chain(made16, tmp_path):
     # --sample-steps (default 100) beyond the chain's N - 1 = 19 calls: the grid takes 19.
     res = training.train(data=str(made16), out=str(tmp_path / "r"), steps=2,
