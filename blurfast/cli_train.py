@@ -52,7 +52,8 @@ def _add_train(sub) -> None:
     g.add_argument("--resume", metavar="auto|CKPT",
                    help="'auto': newest valid checkpoint of RUN_DIR; or a checkpoint "
                         "directory. The saved run's arguments are the base (all but "
-                        "--device, --precision, --cuda-graphs, --num-workers); what is given "
+                        "--device, --precision, --compile, --cuda-graphs, --num-workers); what "
+                        "is given "
                         "here overrides them")
     g.add_argument("--resolution", type=int, help="image side; must match a prepared array")
     g.add_argument("--channels", type=int, help="image channels")
@@ -269,8 +270,9 @@ def load_config(path) -> dict:
 
 
 # train() arguments that describe the machine rather than the run: a resumed run
-# defaults them anew instead of taking the saved ones.
-MACHINE_KEYS = ("device", "precision", "cuda_graphs", "num_workers")
+# defaults them anew instead of taking the saved ones (saved as resolved there: compile on
+# from one GPU would be an error on a GPU without triton, and compiles on a CPU).
+MACHINE_KEYS = ("device", "precision", "compile", "cuda_graphs", "num_workers")
 
 
 def saved_config(resume, out) -> dict:

@@ -1114,6 +1114,13 @@ def test_cli_resume_starts_from_the_saved_run(made16, tmp_path, capsys):
     assert kw["diffusion"]["sigma_max"] == 0.2 and "resolution" not in kw["diffusion"]
     assert (kw["ema_decay"], kw["ema_halflife_kimg"]) == (None, 0.5)
     assert "device" not in kw and "precision" not in kw        # this machine's defaults
+    # compile too: saved as resolved, on from a single-GPU run
+    (out / "config.json").write_text(json.dumps({**saved, "compile": True,
+                                                 "cuda_graphs": True}))
+    assert "compile" not in kwargs("--resume", "auto") and "cuda_graphs" not in kwargs(
+        "--resume", "auto")
+    assert kwargs("--resume", "auto", "--no-compile")["compile"] is False
+    (out / "config.json").write_text(json.dumps(saved))
     kw = kwargs("--resume", "auto", "--lr", "1e-3", "--ema-decay", "0.9")
     assert (kw["lr"], kw["ema_decay"], kw["ema_halflife_kimg"]) == (0.001, 0.9, None)
     (tmp_path / "c.yaml").write_text("lr: 5.0e-4\nbatch_size: 4\n")
