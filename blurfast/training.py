@@ -224,12 +224,14 @@ def _collate(batch: torch.Tensor) -> torch.Tensor:
     return batch
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    """A loader worker leaves Ctrl-C (sent to the terminal's whole process group) to the
-    training process, which saves and stops; a worker that died of it would fail the
-    batch the process still waits for. (Forked workers inherit the process's handler;
-    workers started by spawn or forkserver do not.)"""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A loader worker leaves Ctrl-C (SIGINT to the terminal's whole process group) and a
+    SIGTERM to the whole group (a batch system's preemption) to the training process,
+    which saves and stops; a worker that died of one would fail the batch the process
+    still waits for. Workers end with the process. (Forked workers inherit the process's
+    handlers; workers started by spawn or forkserver do not.)"""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
 
 
 class TrainStep:
@@ -900,7 +902,7 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                           cfg["seed"], start, cfg["steps"])
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                          collate_fn=_collate, pin_memory=cuda,
-                                         worker_init_fn=_ignore_sigint if workers else None,
+                                         worker_init_fn=_ignore_stop_signals if workers else None,
                                          prefetch_factor=4 if workers else None)
     noise_offset = rank * cfg["batch_size"] * int(np.prod(diff.shape))
 

@@ -941,18 +941,20 @@ def _parser():
     return p
 
 
-@pytest.mark.parametrize("how", ["sigterm", "ctrl_c"])
+@pytest.mark.parametrize("how", ["sigterm", "ctrl_c", "sigterm_group"])
 def test_a_signal_saves_a_checkpoint_and_exits(made16, tmp_path, how):
     # SIGTERM to the process; or a terminal's Ctrl-C: SIGINT to the whole process group,
     # the DataLoader's workers too, while the run waits on them (loading slower than a
-    # step). The run saves and exits either way.
+    # step); or SIGTERM to the whole group so (as a batch system's preemption sends it).
+    # The run saves and exits either way.
     out = tmp_path / "run"
-    workers = ["--num-workers", "2"] if how == "ctrl_c" else []
+    group = how != "sigterm"
+    workers = ["--num-workers", "2"] if group else []
     p = _child(f"""
         import argparse, sys, time, torch
         torch.set_num_threads(1)
         from blurfast import cli_train, data
-        if {how == "ctrl_c"!r}:
+        if {group!r}:
             get = data.PreparedArray.__getitems__
             data.PreparedArray.__getitems__ = lambda self, i: (time.sleep(0.3), get(self, i))[1]
         ap = argparse.ArgumentParser()
@@ -970,11 +972,11 @@ def test_a_signal_saves_a_checkpoint_and_exits(made16, tmp_path, how):
         if log.is_file() and len(log.read_text().splitlines()) > 3:
             break
         time.sleep(0.2)
-    if how == "ctrl_c":
-        os.killpg(p.pid, signal.SIGINT)
-    else:
-        p.send_signal(signal.SIGTERM)
     sig = signal.SIGINT if how == "ctrl_c" else signal.SIGTERM
+    if group:
+        os.killpg(p.pid, sig)
+    else:
+        p.send_signal(sig)
     text, _ = p.communicate(timeout=120)
     assert p.returncode == 128 + sig, text
     assert f"{sig.name}: saved" in text
