@@ -346,8 +346,11 @@ def normal_like(x: Tensor, seed: int, offset: int = 0) -> Tensor:
 
 @functools.lru_cache(maxsize=32)
 def _blur_map(h: int, w: int, sigma, kind: str, device: torch.device, dtype: torch.dtype):
-    # Kept on its device: a copy from the host in each call would wait for the GPU.
-    return blur_eigenvalues_2d((h, w), sigma, kind).to(device=device, dtype=dtype)
+    # Kept on its device: a copy from the host in each call would wait for the GPU. Made
+    # outside inference mode: an inference tensor cached by a first call under
+    # torch.inference_mode() could not be saved for a later call's backward.
+    with torch.inference_mode(False):
+        return blur_eigenvalues_2d((h, w), sigma, kind).to(device=device, dtype=dtype)
 
 
 def gaussian_blur(x: Tensor, sigma, kind: str = "discrete") -> Tensor:

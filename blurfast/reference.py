@@ -33,12 +33,15 @@ def _dct_matrix_cached(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     # The angle pi (2i+1) k / (2n) is reduced modulo 2 pi in integers before the cosine
     # (as csrc/common.h does): a float64 angle up to pi n would carry an error of about
     # 1e-16 pi n, 4e-14 in the DCT at n = 256.
-    k = torch.arange(n, dtype=torch.int64).unsqueeze(1)
-    i = torch.arange(n, dtype=torch.int64).unsqueeze(0)
-    m = ((2 * i + 1) * k) % (4 * n)
-    c = torch.cos(math.pi * m.to(torch.float64) / (2 * n)) * math.sqrt(2.0 / n)
-    c[0] = math.sqrt(1.0 / n)
-    return c.to(dtype=dtype, device=device)
+    # Made outside inference mode: a cached inference tensor could not be saved for the
+    # backward of a later call.
+    with torch.inference_mode(False):
+        k = torch.arange(n, dtype=torch.int64).unsqueeze(1)
+        i = torch.arange(n, dtype=torch.int64).unsqueeze(0)
+        m = ((2 * i + 1) * k) % (4 * n)
+        c = torch.cos(math.pi * m.to(torch.float64) / (2 * n)) * math.sqrt(2.0 / n)
+        c[0] = math.sqrt(1.0 / n)
+        return c.to(dtype=dtype, device=device)
 
 
 def dct_matrix(n: int, dtype=torch.float64, device="cpu") -> torch.Tensor:

@@ -512,6 +512,29 @@ def test_backward_to_x_alone_transforms_nothing_extra(monkeypatch):
     assert len(calls) == 2            # gz and dct2(x), for a's gradient
 
 
+def test_maps_cached_under_inference_mode_still_train():
+    # gaussian_blur's eigenvalue map and the reference's DCT matrices are cached; a first
+    # call under torch.inference_mode() must not leave an inference tensor in the cache,
+    # which a later call's backward could not save. The truth of each gradient with scipy:
+    # d<w, blur(x)>/dx = blur(w) (the reflect blur is symmetric), d<w, dct2(x)>/dx = idct2(w).
+    import blurfast.ops as ops
+    ops._blur_map.cache_clear()
+    ref._dct_matrix_cached.cache_clear()
+    x = _rand(2, 11, 13, dtype=torch.float64)
+    w = _rand(2, 11, 13, seed=1, dtype=torch.float64)
+    with torch.inference_mode():
+        bf.gaussian_blur(x, 1.3)
+        ref.dct2(x)
+    xg = x.clone().requires_grad_()
+    (bf.gaussian_blur(xg, 1.3) * w).sum().backward()
+    want = np.stack([scipy.ndimage.gaussian_filter(c, 1.3, mode="reflect") for c in w.numpy()])
+    assert rel_err(xg.grad, torch.from_numpy(want)) < 1e-12
+    xr = x.clone().requires_grad_()
+    (ref.dct2(xr) * w).sum().backward()
+    want = scipy.fft.idctn(w.numpy(), axes=(-2, -1), norm="ortho")
+    assert rel_err(xr.grad, torch.from_numpy(want)) < 1e-12
+
+
 # --------------------------------------------------------------- errors
 
 @pytest.mark.parametrize("call,exc,words", [
