@@ -204,6 +204,9 @@ def _(x, seed, offset):
 # The transforms are orthonormal: the adjoint of dct2 is idct2 and vice versa.
 _dct2_op.register_autograd(lambda ctx, grad: _idct2_op(grad))
 _idct2_op.register_autograd(lambda ctx, grad: _dct2_op(grad))
+# The noise depends on x's shape only, not its values (the backward of spectral calls this
+# on its saved x, which requires grad under create_graph).
+_normal_op.register_autograd(lambda ctx, grad: (None, None, None))
 
 
 def _spectral_setup(ctx, inputs, output):

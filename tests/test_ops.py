@@ -457,6 +457,20 @@ def test_backward_to_the_noise_alone_is_g_times_dct2_of_grad_out():
     assert torch.autograd.gradcheck(lambda z: bf.spectral(x, a, g=g, noise=z), (zb1,))
 
 
+def test_noise_has_no_gradient_and_spectral_twice_differentiable():
+    # normal_like's values do not depend on x: d<x, normal_like(x)>/dx is the noise itself.
+    # The backward of spectral with generated noise calls it on the saved x, so the second
+    # derivatives (checked numerically) go through it.
+    d = dict(dtype=torch.float64)
+    x = _rand(2, 3, 5, 4, **d).requires_grad_()
+    n = normal_like(x, 7, 3)
+    (n * x).sum().backward()
+    assert torch.equal(x.grad, n.detach())
+    a, g = torch.rand(2, 1, 5, 4, **d), torch.rand(5, 4, **d)
+    ins = [t.requires_grad_() for t in (x.detach(), a, g)]
+    assert torch.autograd.gradgradcheck(lambda x, a, g: bf.spectral(x, a, g=g, seed=3), ins)
+
+
 def test_opcheck():
     from torch.library import opcheck
     x = _rand(2, 3, 8, 8).requires_grad_()
