@@ -100,8 +100,11 @@ def philox_normal(shape, seed: int, offset: int = 0, dtype=torch.float32,
     """Standard normals for elements ``offset .. offset + numel - 1`` (see module doc)."""
     shape = tuple(shape)
     n = math.prod(shape)
-    e = torch.arange(n, dtype=torch.int64, device=device) + int(offset)
-    b, lane = e >> 2, e & 3
+    offset = int(offset)
+    # Element e = offset + i as block e // 4 and lane e % 4, in int64 for any offset below
+    # 2**64: e itself could pass 2**63, offset // 4 plus (offset % 4 + i) // 4 does not.
+    j = torch.arange(n, dtype=torch.int64, device=device) + (offset & 3)
+    b, lane = (offset >> 2) + (j >> 2), j & 3
     w = philox4x32((b & _M32, b >> 32, 0, 0), (seed & _M32, (seed >> 32) & _M32))
     u = [(wi.to(torch.float64) + 0.5) * 2.0 ** -32 for wi in w]
     z = []

@@ -301,8 +301,9 @@ def test_philox_known_answers(ctr, key, want):
     assert tuple(int(v) for v in ref.philox4x32(ctr, key)) == want
 
 
-# 2^40 + 3: Philox block counters above 2^32 (the counter's high word), unaligned
-@pytest.mark.parametrize("offset", [5, 2 ** 40 + 3])
+# 2^40 + 3: Philox block counters above 2^32 (the counter's high word), unaligned;
+# 2^63 - 7, the op's largest offsets: positions offset + i pass 2^63 within the tensor
+@pytest.mark.parametrize("offset", [5, 2 ** 40 + 3, 2 ** 63 - 7])
 def test_kernel_noise_equals_reference_noise(offset):
     x = torch.zeros(1000, 37)
     seed = 2 ** 40 + 17
