@@ -201,7 +201,8 @@ class BlurDiffusion:
     def prior_sample(self, shape, t: Optional[int] = None, seed: int = 0, offset: int = 0,
                      dtype=torch.float32, device="cpu") -> torch.Tensor:
         """Draw of the prior at step t (default N-1, as the paper's sampler starts):
-        ``x_t = idct2(sqrt(1 - Abar_t) zb)``, i.e. N(0, U diag(1 - Abar_t) U^T)."""
+        ``x_t = idct2(sqrt(1 - Abar_t) zb)``, i.e. N(0, U diag(1 - Abar_t) U^T). ``t`` an
+        int, or an int64 (B,) tensor of one step per sample."""
         got = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else shape
         if not isinstance(got, tuple) or len(got) != 4 or got[1:] != self.shape:
             raise ValueError(f"shape: expected (B, {self.channels}, {self.H}, {self.W}), "
@@ -211,9 +212,12 @@ class BlurDiffusion:
             raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
         seed = check_int("seed", seed, 0, numpy_ok=True)
         t = self.num_steps - 1 if t is None else t
+        per_sample = isinstance(t, torch.Tensor)
         t = self.check_t(t, low=1, batch=got[0])
         z = torch.zeros(got, dtype=dtype, device=device)
-        g = self.cast(scales(self.log_abar(t[:1], device=device)[:, None])[1], z)
+        # one (1, 1, H, W) map for an int step, (B, 1, H, W) for a tensor of steps
+        lab = self.log_abar(t if per_sample else t[:1], device=device)[:, None]
+        g = self.cast(scales(lab)[1], z)
         return ops.spectral(z, torch.zeros_like(g), g=g, seed=seed, offset=offset)
 
     # ---------------------------------------------------------- conversions

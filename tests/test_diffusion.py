@@ -145,10 +145,12 @@ def test_prior_sample_defaults_to_step_n_minus_1_and_equals_its_formula(diff):
     from blurfast.reference import philox_normal
     shape = (2, C, H, W)
     lab = log_abar_truth()
-    for t, offset in ((None, 0), (None, 5), (300, 0)):
+    # A tensor of steps: one per sample (each sample's own map, not the first's).
+    for t, offset in ((None, 0), (None, 5), (300, 0), (torch.tensor([300, 20]), 0)):
         got = diff.prior_sample(shape, t, seed=9, offset=offset, dtype=torch.float64)
         z = philox_normal(shape, 9, offset, torch.float64).numpy()
-        want = idct2(np.sqrt(-np.expm1(lab[N - 1 if t is None else t])) * z)
+        steps = N - 1 if t is None else t.numpy()[:, None] if torch.is_tensor(t) else t
+        want = idct2(np.sqrt(-np.expm1(lab[steps])) * z)
         # One scaled idct2 in float64: measured 1.9e-15 at |x| up to 3.6; 1e-14 is ~5x.
         np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-14)
 
