@@ -167,10 +167,13 @@ class BlurDiffusion:
 
     @staticmethod
     def _like(name: str, v, x: torch.Tensor) -> torch.Tensor:
-        """``v`` when it is a tensor of x's shape; else ValueError naming it."""
-        if not isinstance(v, torch.Tensor) or v.shape != x.shape:
-            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise ValueError(f"{name}: expected a tensor of shape {tuple(x.shape)}, got {got}")
+        """``v`` when it is a tensor of x's shape on x's device; else ValueError naming it
+        (the fused op would name it x2)."""
+        if not isinstance(v, torch.Tensor) or v.shape != x.shape or v.device != x.device:
+            got = (f"{tuple(v.shape)} on {v.device}" if isinstance(v, torch.Tensor)
+                   else type(v).__name__)
+            raise ValueError(f"{name}: expected a tensor of shape {tuple(x.shape)} on "
+                             f"{x.device}, got {got}")
         return v
 
     @staticmethod
@@ -190,10 +193,7 @@ class BlurDiffusion:
         t = self.check_t(t, low=1, batch=x0.shape[0])
         a, g = (self.cast(m, x0) for m in scales(self.log_abar(t, device=x0.device)[:, None]))
         if noise is not None:
-            if not isinstance(noise, torch.Tensor) or noise.shape != x0.shape:
-                raise ValueError(f"noise: expected a tensor of shape {tuple(x0.shape)}, got "
-                                 f"{tuple(getattr(noise, 'shape', ())) or type(noise).__name__}")
-            return ops.spectral(x0, a, noise.to(x0.dtype), g), noise
+            return ops.spectral(x0, a, self._like("noise", noise, x0).to(x0.dtype), g), noise
         # None: the op draws one from torch's generator; numpy ints too, not floats
         seed = check_int("seed", seed, 0, none_ok=True, numpy_ok=True)
         return ops.spectral(x0, a, g=g, seed=seed, offset=offset, return_noise=True)

@@ -379,6 +379,13 @@ X = torch.zeros(2, C, H, W)
     (lambda d: d.x0_to_eps(torch.zeros(2, C, W, H), X, 5), "x_t: expected shape"),
     (lambda d: d.x0_to_eps(X, torch.zeros(2, 1, H, W), 5), "x0: expected shape"),
     (lambda d: d.x0_to_eps(X, torch.zeros(3, C, H, W), 5), "x0: expected a tensor of shape (2,"),
+    # tensors on another device than x_t / x0 were named x2 (the fused op's argument)
+    (lambda d: d.x0_to_eps(X, torch.zeros(2, C, H, W, device="meta"), 5),
+     "x0: expected a tensor of shape (2, 3, 16, 12) on cpu, got (2, 3, 16, 12) on meta"),
+    (lambda d: d.eps_to_x0(X, torch.zeros(2, C, H, W, device="meta"), 5), "eps: expected a"),
+    (lambda d: d.q_sample(X, 5, noise=torch.zeros(2, C, H, W, device="meta")),
+     "noise: expected a tensor of shape (2, 3, 16, 12) on cpu, got (2, 3, 16, 12) on meta"),
+    (lambda d: d.q_sample(X, 5, noise=[0.0]), "noise: expected a tensor of shape"),
     # seeds: 1.7 was truncated to 1, 'a' gave int()'s error
     (lambda d: d.prior_sample((2, C, H, W), seed=1.7), "seed: expected an int >= 0, got 1.7"),
     (lambda d: d.prior_sample((2, C, H, W), seed="a"), "seed: expected an int >= 0, got 'a'"),
