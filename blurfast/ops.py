@@ -333,8 +333,10 @@ def spectral(x: Tensor, a: Tensor, x2: Optional[Tensor] = None, a2: Optional[Ten
             raise ValueError("noise: given but unused (pass g and/or return_noise=True)")
     generates = noise is None and (g is not None or return_noise)
     if seed is None:      # drawn only when noise is made: no host sync otherwise
+        # in range by construction: unchecked, for torch.compile (a data-dependent value)
         seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if generates else 0
-    seed = check_int("seed", seed, 0, _SEED_LIMIT - 1)
+    else:
+        seed = check_int("seed", seed, 0, _SEED_LIMIT - 1)
     offset = check_int("offset", offset, 0, _SEED_LIMIT - 1)
     out, noise_px = _spectral_op(x, a, x2, a2, g, noise, seed, offset, bool(return_noise))
     return (out, noise_px) if return_noise else out

@@ -500,6 +500,21 @@ def test_torch_compile_fullgraph():
     assert torch.allclose(xc.grad, xe.grad, atol=1e-4)
 
 
+def test_torch_compile_fullgraph_draws_the_seed():
+    # seed=None draws a seed from torch's generator (a data-dependent int under dynamo):
+    # it traced into a failed guard on the range check. Each call draws afresh, and the
+    # output is the formula on the returned noise (truth: scipy's DCTs in float64).
+    a, g = torch.rand(2, 1, 8, 8, dtype=torch.float64), torch.rand(8, 8, dtype=torch.float64)
+    x = _rand(2, 3, 8, 8, dtype=torch.float64)
+    step = torch.compile(lambda x: bf.spectral(x, a, g=g, return_noise=True), fullgraph=True,
+                         backend="eager")
+    (out, eps), (out2, eps2) = step(x), step(x)
+    assert not torch.equal(eps, eps2)
+    dct = lambda t: scipy.fft.dctn(t.numpy(), axes=(-2, -1), norm="ortho")
+    want = scipy.fft.idctn(a.numpy() * dct(x) + g.numpy() * dct(eps), axes=(-2, -1), norm="ortho")
+    assert rel_err(out, torch.from_numpy(want)) < 1e-12
+
+
 def test_training_backward_matches_reference():
     x = _rand(4, 3, 16, 16).requires_grad_()
     a = torch.rand(4, 1, 16, 16)
