@@ -372,5 +372,7 @@ def gaussian_blur(x: Tensor, sigma, kind: str = "discrete") -> Tensor:
         sig = None
     if sig is None or (pair and len(sig) != 2):
         raise ValueError(f"sigma: expected a number or (sigma_h, sigma_w), got {sigma!r}")
-    d = _blur_map(x.shape[-2], x.shape[-1], sig, kind, x.device, _compute_dtype(x.dtype))
+    # an empty side (0) takes a map of side 1, which broadcasts to it (sigma, kind checked)
+    h, w = (max(n, 1) for n in x.shape[-2:])
+    d = _blur_map(h, w, sig, kind, x.device, _compute_dtype(x.dtype))
     return spectral(x, d, seed=0)

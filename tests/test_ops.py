@@ -159,6 +159,12 @@ def test_non_contiguous_and_empty():
     e = torch.empty(0, 3, 8, 8)
     assert bf.dct2(e).shape == e.shape
     assert bf.spectral(e, torch.ones(8, 8), g=torch.ones(8, 8), seed=1).shape == e.shape
+    # empty planes too (gaussian_blur built a map of side 0: "size: expected an int >= 1")
+    for e in (torch.empty(2, 0, 8), torch.empty(3, 5, 0), torch.empty(0, 0)):
+        assert bf.gaussian_blur(e, 1.0).shape == e.shape
+        assert scipy.ndimage.gaussian_filter(e.numpy(), 1.0, mode="reflect").shape == e.shape
+    with pytest.raises(ValueError, match="sigma: expected"):
+        bf.gaussian_blur(torch.empty(2, 0, 8), -1.0)
 
 
 # --------------------------------------------------------------- the fused op
