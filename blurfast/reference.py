@@ -120,8 +120,9 @@ def spectral(x, a, x2=None, a2=None, g=None, noise=None, *, seed=None, offset=0,
              return_noise=False):
     """``idct2(a*dct2(x) + a2*dct2(x2) + g*zb)`` computed in float64.
 
-    ``zb`` is ``noise`` (frequency-space, shape of ``x``) when given, else Philox
-    normals from ``(seed, offset)``. With ``return_noise`` also returns ``idct2(zb)``.
+    ``zb`` is ``noise`` (frequency-space, broadcast to the shape of ``x``) when given, else
+    Philox normals from ``(seed, offset)``. With ``return_noise`` also returns ``idct2(zb)``
+    (the shape of ``x``).
     """
     f64 = torch.float64
     z = a.to(f64) * dct2(x.to(f64))
@@ -130,7 +131,7 @@ def spectral(x, a, x2=None, a2=None, g=None, noise=None, *, seed=None, offset=0,
     zb = None
     if g is not None or return_noise:
         if noise is not None:
-            zb = noise.to(f64)
+            zb = noise.to(f64).expand(x.shape)
         else:
             zb = philox_normal(x.shape, seed, offset, f64, x.device)
         if g is not None:

@@ -186,6 +186,19 @@ def test_spectral_two_inputs_given_noise(hw):
     assert_within_twice_torch(npx, want_n, peer_n, "noise")
 
 
+def test_reference_returns_broadcast_noise_in_x_shape():
+    # Broadcast noise (H, W): the returned idct2(zb) has x's shape, as the op's (the
+    # reference returned (H, W)). Truth: scipy's inverse DCT of the broadcast noise.
+    x, a = _rand(2, 3, 7, 12, dtype=torch.float64), torch.rand(7, 12, dtype=torch.float64)
+    zb = _rand(7, 12, seed=1, dtype=torch.float64)
+    want = torch.from_numpy(scipy.fft.idctn(zb.expand(x.shape).numpy(), axes=(-2, -1),
+                                            norm="ortho"))
+    for f in (ref.spectral, bf.spectral):
+        npx = f(x, a, g=a, noise=zb, return_noise=True)[1]
+        assert npx.shape == x.shape, f
+        assert rel_err(npx, want) < 1e-12, f
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_spectral_half_types(dtype):
     # Half inputs x, x2 with float32 maps and noise: ops._run_spectral runs the float32
