@@ -46,6 +46,18 @@ def check_resize(resize, name: str = "resize") -> str:
     return resize
 
 
+def eight_bit(im):
+    """A Pillow image with 8-bit channels: 16-bit grayscale (modes I;16*, and I, as which
+    Pillow may open it) scaled by 255 / 65535 and rounded to mode L, where Pillow's own
+    convert would clip it at 255; other images as they are."""
+    from PIL import Image
+
+    if im.mode != "I" and not im.mode.startswith("I;16"):
+        return im
+    a = np.asarray(im).astype(np.float64)
+    return Image.fromarray(np.clip(np.rint(a / 257), 0, 255).astype(np.uint8), "L")
+
+
 def decode(data: bytes, resolution: int, resize: str, channels: int = 3) -> np.ndarray:
     """Encoded image bytes -> uint8 (resolution, resolution, channels).
 
@@ -55,7 +67,7 @@ def decode(data: bytes, resolution: int, resize: str, channels: int = 3) -> np.n
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB" if channels == 3 else "L")
+        im = eight_bit(im).convert("RGB" if channels == 3 else "L")
         if resize == "center-crop":
             w, h = im.size
             s = min(w, h)

@@ -363,3 +363,18 @@ def test_prepare_that_skips_an_image_leaves_no_bytes_past_the_array(tmp_path):
     assert (shape, fortran, dtype) == ((4, 8, 8, 3), False, np.uint8)
     assert (tmp_path / "out.npy").stat().st_size == header + 4 * 8 * 8 * 3
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), want)
+
+
+def test_16_bit_grayscale_reads_as_its_8_bit_values(tmp_path):
+    # Pillow opens a 16-bit grayscale PNG in mode I;16 and its convert("L"/"RGB") clips
+    # at 255: every pixel above 255 of 65535 (all but the darkest) came out white. A 16-bit
+    # image of levels v * 257 is the 8-bit image of levels v, for training, prepare and
+    # fid's samples alike.
+    from blurfast import evaluation as ev
+    v = np.random.default_rng(9).integers(0, 256, size=(12, 12), dtype=np.uint8)
+    (tmp_path / "a16.png").write_bytes(_png(v.astype(np.uint16) * 257))
+    assert Image.open(tmp_path / "a16.png").mode.startswith("I")
+    for channels in (1, 3):
+        want = np.repeat(v[:, :, None], channels, axis=2)
+        np.testing.assert_array_equal(D.ImageFolder(tmp_path, 12, channels=channels)[0], want)
+    np.testing.assert_array_equal(list(ev.load_images(tmp_path))[0], v[:, :, None])
