@@ -198,7 +198,7 @@ def _add_sample(sub) -> None:
     s.add_argument("--out", required=True,
                    help="output folder; its samples.json, rewritten last, says whether the run "
                         "finished (fid refuses it until then); images of an earlier run "
-                        "numbered --n or above are removed")
+                        "are removed (with --resume: those numbered --n or above)")
     s.add_argument("--format", dest="fmt", choices=["png", "npz"], default="png",
                    help="one PNG per image, or one .npz of uint8 (N, H, W, C) (default png)")
     s.add_argument("--device", choices=["cpu", "cuda"], default=None,

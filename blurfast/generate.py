@@ -260,21 +260,23 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
 
 def _start(out: Path, fmt: str, n: int, manifest: dict, resume: bool) -> None:
     """Marks ``out`` unfinished (its manifest, written first), then removes what an
-    earlier run left that this one would not replace: ``NNNNNN.png`` numbered n or above
-    (all of them when this run writes an npz), ``samples.npz`` (an npz run writes it
-    again at the end, from the one there when it resumes), an interrupted npz run's
-    chunks (when resuming, those at n and above) and the sheet. Samples removed that
-    this run does not write again are said in a warning."""
+    earlier run left that this one does not keep: ``NNNNNN.png`` (when resuming, those
+    numbered n or above; without resume all, even those this run writes again: one
+    still there when it is interrupted would pass for its own), ``samples.npz`` (an npz
+    run writes it again at the end, from the one there when it resumes), an interrupted
+    npz run's chunks (when resuming, those at n and above) and the sheet. Samples
+    removed are said in a warning."""
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
-    stale = [f for f in out.glob(PNG_GLOB) if fmt == "npz" or int(f.stem) >= n]
+    stale = [f for f in out.glob(PNG_GLOB) if fmt == "npz" or not resume or int(f.stem) >= n]
     old_npz = fmt != "npz" and (out / NPZ_NAME).is_file()
     chunks = [f for b0, _, f in _chunks(out) if not resume or b0 >= n]
     keep_npz = resume and fmt == "npz"
     for f in [*stale, *chunks, out / SHEET_NAME, *([] if keep_npz else [out / NPZ_NAME])]:
         f.unlink(missing_ok=True)
-    gone = ([f"{len(stale)} samples numbered {n} and above" if fmt != "npz" else
-             f"{len(stale)} PNG samples"] if stale else []) + ([NPZ_NAME] if old_npz else [])
+    gone = ([f"{len(stale)} PNG samples" if fmt == "npz" else
+             f"{len(stale)} samples numbered {n} and above" if resume else
+             f"{len(stale)} samples"] if stale else []) + ([NPZ_NAME] if old_npz else [])
     if gone:
         warnings.warn(f"out: removed {' and '.join(gone)} that an earlier run left in {out}",
                       stacklevel=3)

@@ -206,7 +206,7 @@ def test_a_smaller_run_into_the_same_folder_removes_the_stale_samples(run_dir, t
     kw = dict(steps=2, seed=1, progress=False, device="cpu")
     generate(run_dir / "run", 4, tmp_path, **kw)
     (tmp_path / "notes.png").write_bytes(b"kept")
-    with pytest.warns(UserWarning, match="removed 2 samples numbered 2 and above"):
+    with pytest.warns(UserWarning, match="removed 4 samples that an earlier run left"):
         generate(run_dir / "run", 2, tmp_path, **kw)
     assert sorted(p.name for p in tmp_path.glob("*.png")) == \
         ["000000.png", "000001.png", SHEET_NAME, "notes.png"]
@@ -231,9 +231,10 @@ def test_a_run_of_the_other_format_removes_the_earlier_runs_samples(run_dir, tmp
 
 def test_a_sample_folder_is_complete_only_with_its_manifest(run_dir, tmp_path, monkeypatch,
                                                              capsys):
-    # An interrupted run over an older one of as many images leaves new images 0-1 beside
-    # the old 2-5: fid scored that mix as a complete set. It now refuses the folder; a
-    # finished run is scored on its own images only, and more is an error naming --n.
+    # An interrupted run over an older one of as many images left new images 0-1 beside
+    # the old 2-5: fid scored that mix as a complete set. The run now removes the old
+    # images at its start, and fid refuses the unfinished folder; a finished run is
+    # scored on its own images only, and more is an error naming --n.
     from blurfast import evaluation as ev
     from blurfast.models import UNet
     monkeypatch.setenv("BLURFAST_CACHE", str(tmp_path / "cache"))
@@ -250,16 +251,16 @@ def test_a_sample_folder_is_complete_only_with_its_manifest(run_dir, tmp_path, m
         return real(self, x, t)
     with monkeypatch.context() as m:
         m.setattr(UNet, "forward", interrupted)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="removed 6"):
             generate(run_dir / "run", 6, out, seed=2, **kw)
-    assert sorted(p.name for p in out.glob("0*.png")) == [f"{i:06d}.png" for i in range(6)]
+    assert sorted(p.name for p in out.glob("0*.png")) == [f"{i:06d}.png" for i in range(2)]
     fid_kw = dict(feature_extractor=mean_features, progress=False)
     with pytest.raises(ValueError, match=r"^samples: .*s holds an unfinished `blurfast sample` "
                                          r"run \(its samples.json says so\)"):
         ev.fid(out, photos, n=6, **fid_kw)
     # Finished, with 4 images: --n 6 is refused in one line; the run's 4 images are scored,
     # not an image of the user's beside them.
-    with pytest.warns(UserWarning, match="removed 2 samples numbered 4 and above"):
+    with pytest.warns(UserWarning, match="removed 2 samples that an earlier run left"):
         generate(run_dir / "run", 4, out, seed=2, **kw)
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(out / "notes.png")
     fid = ["fid", "--samples", str(out), "--ref", str(photos), "--features",
@@ -733,3 +734,23 @@ def test_a_run_interrupted_on_one_process_resumes_on_two(run_dir, tmp_path, monk
         assert (z["images"][:2] == 0).all()
         np.testing.assert_array_equal(z["images"][2:], want[2:])
     assert not list(out.glob(".chunk-*"))
+
+
+def test_a_resumed_run_over_an_earlier_runs_folder_keeps_none_of_its_images(run_dir, tmp_path,
+                                                                            monkeypatch):
+    # A run with new settings (seed 2) into a folder of 4 earlier images (seed 1) is
+    # interrupted after its first batch (images 0-1). Its --resume kept the earlier run's
+    # images 2-3 as its own: a folder that read as finished, half of it another run's.
+    kw = dict(n=4, steps=2, batch=2, progress=False, device="cpu")
+    generate(run_dir / "run", out=tmp_path / "whole", seed=2, **kw)
+    out = tmp_path / "s"
+    generate(run_dir / "run", out=out, seed=1, **kw)
+    with pytest.warns(UserWarning, match="removed 4 samples that an earlier run left"):
+        _interrupted(run_dir, out, monkeypatch, 2, seed=2, **kw)      # 2 calls a batch
+    assert sorted(f.name for f in out.glob("0*.png")) == ["000000.png", "000001.png"]
+    generate(run_dir / "run", out=out, seed=2, resume=True, **kw)
+    np.testing.assert_array_equal(_read_pngs(out, 4), _read_pngs(tmp_path / "whole", 4))
+    # Resumed with a smaller n, the images below it are kept, those above it removed.
+    with pytest.warns(UserWarning, match="removed 1 samples numbered 3 and above"):
+        generate(run_dir / "run", out=out, seed=2, resume=True, **{**kw, "n": 3})
+    np.testing.assert_array_equal(_read_pngs(out, 3), _read_pngs(tmp_path / "whole", 3))
