@@ -58,16 +58,30 @@ def eight_bit(im):
     return Image.fromarray(np.clip(np.rint(a / 257), 0, 255).astype(np.uint8), "L")
 
 
+def upright(im):
+    """A Pillow image as viewers show it: its EXIF orientation applied (a camera's
+    portrait photo is stored on its side); as stored where there is none, or where the
+    EXIF block cannot be read."""
+    from PIL import ImageOps
+
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:                  # a damaged EXIF block: the pixels as stored
+        return im
+    return im if orientation == 1 else ImageOps.exif_transpose(im)
+
+
 def decode(data: bytes, resolution: int, resize: str, channels: int = 3) -> np.ndarray:
     """Encoded image bytes -> uint8 (resolution, resolution, channels).
 
     ``squash`` resizes the whole image to a square (the paper's preprocessing);
-    ``center-crop`` takes the central square first. Bicubic, antialiased (Pillow).
+    ``center-crop`` takes the central square first. Bicubic, antialiased (Pillow). The
+    image is read upright (:func:`upright`) and with 8-bit channels (:func:`eight_bit`).
     """
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
-        im = eight_bit(im).convert("RGB" if channels == 3 else "L")
+        im = eight_bit(upright(im)).convert("RGB" if channels == 3 else "L")
         if resize == "center-crop":
             w, h = im.size
             s = min(w, h)

@@ -378,3 +378,23 @@ def test_16_bit_grayscale_reads_as_its_8_bit_values(tmp_path):
         want = np.repeat(v[:, :, None], channels, axis=2)
         np.testing.assert_array_equal(D.ImageFolder(tmp_path, 12, channels=channels)[0], want)
     np.testing.assert_array_equal(list(ev.load_images(tmp_path))[0], v[:, :, None])
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    # A camera stores a portrait photo as landscape pixels with EXIF orientation 6 (rotate
+    # 90 degrees clockwise to show): every viewer shows it upright, the reader trained on
+    # it lying on its side. Its pixels are now those Pillow's exif_transpose shows, for
+    # training, prepare and fid's samples alike.
+    from PIL import ImageOps
+    from blurfast import evaluation as ev
+    a = np.random.default_rng(3).integers(0, 256, size=(8, 16, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(a).save(tmp_path / "p.png", exif=exif)
+    with Image.open(tmp_path / "p.png") as im:
+        upright = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    # rotated clockwise: the stored left column is the top row, read right to left
+    np.testing.assert_array_equal(upright, np.rot90(a, -1))
+    np.testing.assert_array_equal(D.ImageFolder(tmp_path, 8, "center-crop")[0],
+                                  D.decode(_png(upright[4:12]), 8, "squash"))
+    np.testing.assert_array_equal(list(ev.load_images(tmp_path))[0], upright)
