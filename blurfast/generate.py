@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import re
 import time
 import warnings
@@ -210,7 +211,7 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
         manifest = {"made_by": MADE_BY, "complete": False, "format": fmt, "n": n, "seed": seed,
                     "sampler": sampler, "steps": len(seq),
                     "spacing": spacing if isinstance(spacing, str) else [int(s) for s in spacing],
-                    "eta": eta if isinstance(eta, (int, float)) else [float(e) for e in eta],
+                    "eta": float(eta) if isinstance(eta, numbers.Real) else [float(e) for e in eta],
                     "ema": ema, "clip": clip, "precision": precision,
                     "checkpoint": str(path.resolve())}
         # Each rank reads the folder before the barrier: rank 0's _start changes only what

@@ -754,3 +754,14 @@ def test_a_resumed_run_over_an_earlier_runs_folder_keeps_none_of_its_images(run_
     with pytest.warns(UserWarning, match="removed 1 samples numbered 3 and above"):
         generate(run_dir / "run", out=out, seed=2, resume=True, **{**kw, "n": 3})
     np.testing.assert_array_equal(_read_pngs(out, 3), _read_pngs(tmp_path / "whole", 3))
+
+
+def test_a_numpy_eta_is_a_number(run_dir, tmp_path):
+    # check_eta takes numpy's scalars as numbers; the manifest then tried to iterate one:
+    # TypeError: 'numpy.float32' object is not iterable, after the checkpoint was loaded.
+    import json
+    kw = dict(steps=2, seed=1, progress=False, device="cpu")
+    generate(run_dir / "run", 2, tmp_path / "py", eta=0.5, **kw)
+    generate(run_dir / "run", 2, tmp_path / "np", eta=np.float32(0.5), **kw)
+    np.testing.assert_array_equal(_read_pngs(tmp_path / "np", 2), _read_pngs(tmp_path / "py", 2))
+    assert json.loads((tmp_path / "np" / "samples.json").read_text())["eta"] == 0.5
