@@ -65,6 +65,10 @@ def test_every_step_is_listed_and_every_selection_names_steps():
     assert only, "no GPU_CHECK_ONLY example found"
     for s in only:
         assert set(s.split()) <= set(names), s
+        # A first call on a fresh machine: the command's GPU_CHECK_SKIP=build skips the
+        # build when the carried extension imports, and its `else` needs the build to run.
+        assert "build" in s.split(), f"{s}: without build, a carried extension that does " \
+            "not import leaves every later step without one"
 
 
 def test_python_commands_parse(monkeypatch, tmp_path):
