@@ -106,11 +106,16 @@ export PATH
 
 log() { echo "[gpu_check $(date -u +%H:%M:%S) +$((SECONDS - START))s] $*" | tee -a "$LOG"; }
 
+# selected NAME: whether step NAME runs (GPU_CHECK_SKIP, GPU_CHECK_ONLY).
+selected() {
+  [[ " $SKIP " != *" $1 "* && ( -z "$ONLY" || " $ONLY " == *" $1 "* ) ]]
+}
+
 # step NAME TIMEOUT_S CMD [ARGS...]: run CMD with stdout+stderr to $OUT/NAME.log.
 step() {
   local name=$1 limit=$2
   shift 2
-  if [[ " $SKIP " == *" $name "* || ( -n "$ONLY" && " $ONLY " != *" $name "* ) ]]; then
+  if ! selected "$name"; then
     log "SKIP $name (GPU_CHECK_SKIP / GPU_CHECK_ONLY)"
     echo "$name SKIPPED" >> "$SUMMARY"
     return 0
@@ -243,7 +248,11 @@ step env 40 bash -c env_info
 step build 170 bash -c build
 step ext 30 bash -c ext
 step info 40 "$PY" -m blurfast info
-rm -f "$OUT"/junit-*.xml "$OUT/bench.json"
+# A stale file of a step that runs now is removed; a second call with GPU_CHECK_ONLY into
+# the same folder keeps the first call's (bench.json among them, for merge_results.py).
+if selected tests; then rm -f "$OUT/junit-cuda.xml"; fi
+if selected tests_paths; then rm -f "$OUT/junit-paths.xml"; fi
+if selected bench; then rm -f "$OUT/bench.json"; fi
 # junit_counts NAME: the counts of $OUT/junit-NAME.xml into the log and the summary.
 junit_counts() {
   [[ -f "$OUT/junit-$1.xml" ]] || return 0
@@ -261,7 +270,7 @@ EOF
 # -v: a step cut by its timeout writes no junit file, but its log names each test's outcome.
 step tests 130 "$PY" -m pytest tests -m cuda -k "not test_gpu_paths" \
   -p no:cacheprovider -v -rs --durations=10 --junitxml="$OUT/junit-cuda.xml"
-junit_counts cuda
+if selected tests; then junit_counts cuda; fi
 step bench 90 "$PY" benchmarks/run.py --device cuda --quick --no-steps --strict \
   --json "$OUT/bench.json"
 step bench_variants 50 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
@@ -283,7 +292,7 @@ step memcheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool m
   --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py
 step tests_paths 180 "$PY" -m pytest tests -m cuda -k test_gpu_paths -p no:cacheprovider -v \
   -rs --durations=10 --junitxml="$OUT/junit-paths.xml"
-junit_counts paths
+if selected tests_paths; then junit_counts paths; fi
 step steps64 120 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps --strict \
   --step-batches 64 --json "$OUT/steps64.json"
 step racecheck 110 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck \

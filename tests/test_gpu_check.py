@@ -153,3 +153,26 @@ def test_profile_step_sums_the_gpu_activities_per_step():
         "against 12.00 ms of wall-clock time (25%)")
     assert busy(prof, steps=3, wall_ms=None).endswith("3.00 ms per step")
     assert busy(NS(events=None), steps=3, wall_ms=None).startswith("GPU busy time: not available")
+
+
+def test_a_second_call_keeps_the_first_calls_results(tmp_path):
+    # A second call into the same folder (GPU_CHECK_ONLY without the benches and tests)
+    # leaves the first call's bench.json and junit files alone, and its merge keeps the rows.
+    import json
+    out = tmp_path / "gc"
+    out.mkdir()
+    row = {"case": "dct2", "shape": [16, 3, 64, 64], "impl": "torch_fp32", "dtype": "float32",
+           "median_us": 10.0, "gbps": 1.0, "copy_fraction": 0.5, "speedup_vs_torch_fp32": 1.0}
+    (out / "bench.json").write_text(json.dumps(
+        {"gpu": "Test GPU", "driver": "1", "torch": "2", "date": "2026-01-02T00:00:00+00:00",
+         "copy_gbps": 2.0, "device": "cuda", "rows": [row], "skipped": []}))
+    (out / "junit-cuda.xml").write_text('<testsuite tests="1" failures="0" errors="0" '
+                                        'skipped="0"/>')
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "OUT": str(out),
+           "GPU_CHECK_ONLY": "info", "GPU_CHECK_BUDGET": "120"}
+    r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (out / "bench.json").exists() and (out / "junit-cuda.xml").exists()
+    assert "junit" not in (out / "summary.txt").read_text()    # tests did not run here
+    merged = json.loads((out / "results" / "test-gpu-2026-01-02.json").read_text())
+    assert [r["impl"] for r in merged["rows"]] == ["torch_fp32"]
