@@ -222,10 +222,15 @@ export -f ext
 # so a time limit loses only the cases it cuts; the text goes to ncu.log.
 ncu_cases() {
   set -uo pipefail
-  local n k rc=0
-  n=$("$PY" scripts/ncu_case.py --list | wc -l)
-  for ((k = 0; k < n; k++)); do
-    echo "== case $k: $("$PY" scripts/ncu_case.py --list | sed -n "$((k + 1))p")"
+  local k rc=0 names=()
+  # Listed once: each listing starts Python and imports torch, seconds of the step's limit.
+  mapfile -t names < <("$PY" scripts/ncu_case.py --list)
+  if [[ ${#names[@]} -eq 0 ]]; then
+    echo "scripts/ncu_case.py --list printed no case: nothing profiled"
+    return 1
+  fi
+  for ((k = 0; k < ${#names[@]}; k++)); do
+    echo "== case $k: ${names[k]}"
     ncu --profile-from-start off --clock-control none --nvtx \
       --section SpeedOfLight --section Occupancy --section LaunchStats \
       --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \

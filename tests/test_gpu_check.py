@@ -176,3 +176,39 @@ def test_a_second_call_keeps_the_first_calls_results(tmp_path):
     assert "junit" not in (out / "summary.txt").read_text()    # tests did not run here
     merged = json.loads((out / "results" / "test-gpu-2026-01-02.json").read_text())
     assert [r["impl"] for r in merged["rows"]] == ["torch_fp32"]
+
+
+def _fake_tool(path, body):
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.parametrize("lists", [True, False])
+def test_ncu_step_lists_the_cases_once_and_profiles_each(tmp_path, lists):
+    # The ncu step (with a stand-in ncu that records its arguments): ncu_case.py --list runs
+    # once (each run imports torch), then one ncu run per case with --case K; a --list that
+    # prints nothing fails the step instead of passing with nothing profiled.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.log"
+    _fake_tool(bin_dir / "ncu", f'echo "ncu $*" >> {calls}\n')
+    py = _fake_tool(tmp_path / "py", f'echo "py $*" >> {calls}\n'
+                    + (f'exec {sys.executable} "$@"\n' if lists else "exit 1\n"))
+    out = tmp_path / "gc"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(py),
+           "PYTHONPATH": str(ROOT), "OUT": str(out), "GPU_CHECK_ONLY": "ncu",
+           "GPU_CHECK_BUDGET": "120"}
+    subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True)
+    log = calls.read_text().splitlines()
+    assert [ln for ln in log if ln.endswith("--list")] == ["py scripts/ncu_case.py --list"]
+    summary = (out / "summary.txt").read_text()
+    if not lists:
+        assert "ncu FAIL" in summary and not [ln for ln in log if ln.startswith("ncu")]
+        return
+    names = subprocess.run([sys.executable, str(ROOT / "scripts" / "ncu_case.py"), "--list"],
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    runs = [ln for ln in log if ln.startswith("ncu --profile-from-start off")]
+    assert [r.split("--case ")[-1] for r in runs] == [str(k) for k in range(len(names))]
+    assert all(f"--export {out}/ncu-{k} " in r for k, r in enumerate(runs))
+    assert "ncu PASS" in summary
