@@ -787,10 +787,12 @@ def main(argv=None) -> int:
     else:
         res = run_header(a.device)
     if a.steps:
-        def save_partial(rows):      # a run cut short by a time limit keeps these rows
-            if a.json_path:
-                _write_json(a.json_path, dict(res, model_steps=rows, partial=True))
         errors = []
+
+        def save_partial(rows):      # a run cut short by a time limit keeps these rows
+            if a.json_path:          # and the errors of the configurations that failed
+                _write_json(a.json_path, dict(res, model_steps=rows, partial=True,
+                                              skipped=res.get("skipped", []) + errors))
         res["model_steps"] = run_steps(a.device, a.quick, batches=a.step_batches,
                                        impls=a.step_impls or ("blurfast",), errors=errors,
                                        on_progress=save_partial, progress=progress)

@@ -68,6 +68,29 @@ def test_model_steps_go_on_past_a_failing_configuration(monkeypatch):
         run_steps("cpu", batches=(2,), resolution=16, iters=1)
 
 
+def test_steps_json_of_a_cut_run_names_the_failed_configurations(tmp_path, monkeypatch):
+    # The steps JSON written after each configuration (a time limit may end the run there)
+    # holds the errors of the configurations that failed so far, not only at the end.
+    from blurfast import bench, bench_steps
+
+    class Cut(Exception):
+        pass
+
+    def run_steps(*args, errors, on_progress, **kwargs):
+        errors.append({"case": "train_step", "impl": "blurfast_compile_cl",
+                       "shape": [2, 3, 16, 16], "reason": "RuntimeError: no", "error": True})
+        on_progress([{"case": "train_step", "impl": "torch_default"}])
+        raise Cut()                       # the step's timeout, before the final write
+    monkeypatch.setattr(bench_steps, "run_steps", run_steps)
+    js = tmp_path / "steps.json"
+    with pytest.raises(Cut):
+        bench.main(["--device", "cpu", "--quick", "--no-kernels", "--steps",
+                    "--json", str(js)])
+    got = json.loads(js.read_text())
+    assert got["partial"] is True and [r["impl"] for r in got["model_steps"]] == ["torch_default"]
+    assert [s["impl"] for s in got["skipped"]] == ["blurfast_compile_cl"]
+
+
 def test_model_step_configurations_reach_trainstep(monkeypatch):
     # Each blurfast configuration of the bench is TrainStep with its own settings: compile
     # and channels_last per the name (a stand-in TrainStep records them; nothing compiles).
