@@ -2,7 +2,9 @@
 steps.json and steps64.json (those of them in the folder given) into results/<card>-<date>.json there, in
 blurfast.bench's JSON shape, with the goals of issues 4 and 6 judged over all rows
 (``targets``); prints the name. A bench cut short by its time limit leaves the rows it
-finished, marked ``"partial": true``, which is kept."""
+finished, marked ``"partial": true``, which is kept. Each row (kernel, skipped, model step)
+names its ``run`` (the file it came from: several runs time the same row), and ``runs``
+holds each run's ``copy_gbps``, which its rows' ``copy_fraction`` is measured against."""
 import json
 import os
 import re
@@ -23,13 +25,15 @@ def main(out: str) -> str:
     d = None
     for name in found:
         e = json.load(open(os.path.join(out, name)))
+        run = name[:-5]
         if d is None:            # the header (card, driver, torch, date) of the first file
-            d = dict(e, rows=[], skipped=[], model_steps=[])
+            d = dict(e, rows=[], skipped=[], model_steps=[], runs={})
             d.pop("partial", None)
-        d["rows"] += e.get("rows", [])
-        d["skipped"] += e.get("skipped", [])
+        d["runs"][run] = {"copy_gbps": e.get("copy_gbps")}
+        d["rows"] += [dict(r, run=run) for r in e.get("rows", [])]
+        d["skipped"] += [dict(r, run=run) for r in e.get("skipped", [])]
         if name in STEP_FILES:
-            d["model_steps"] += [dict(r, run=name[:-5]) for r in e.get("model_steps", [])]
+            d["model_steps"] += [dict(r, run=run) for r in e.get("model_steps", [])]
         if e.get("partial"):     # a run cut short by its time limit: the rows it finished
             d["partial"] = True
     d["targets"] = targets(d)

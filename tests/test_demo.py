@@ -140,6 +140,11 @@ def test_merge_results_of_two_device_calls(tmp_path):
     assert name == "nvidia-h100-80gb-hbm3-2026-11-26.json"
     got = json.loads((tmp_path / "results" / name).read_text())
     assert [r["impl"] for r in got["rows"]] == ["torch_fp32", "blurfast_wide"]
+    # Kernel rows name their run too (bench_variants times blurfast and torch_fp32 again,
+    # against its own copy measurement).
+    assert [r["run"] for r in got["rows"]] == ["bench", "bench_variants"]
+    assert [s["run"] for s in got["skipped"]] == ["bench_variants"]
+    assert got["runs"]["bench_variants"] == {"copy_gbps": 2960.0}
     assert [(r["run"], r["shape"][0]) for r in got["model_steps"]] == [("steps", 16),
                                                                        ("steps64", 64)]
     assert got["partial"] is True and len(got["skipped"]) == 1 and got["driver"] == "580"
