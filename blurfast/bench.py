@@ -785,7 +785,7 @@ def main(argv=None) -> int:
                   dtypes=a.dtypes, iters=a.iters, warmup=a.warmup, json_path=a.json_path,
                   progress=progress)
     else:
-        res = run_header(a.device)
+        res = run_header(a.device, quick=a.quick)
     if a.steps:
         errors = []
 

@@ -89,6 +89,7 @@ def test_steps_json_of_a_cut_run_names_the_failed_configurations(tmp_path, monke
     got = json.loads(js.read_text())
     assert got["partial"] is True and [r["impl"] for r in got["model_steps"]] == ["torch_default"]
     assert [s["impl"] for s in got["skipped"]] == ["blurfast_compile_cl"]
+    assert got["quick"] is True           # --no-kernels: the header says --quick too
 
 
 def test_model_step_configurations_reach_trainstep(monkeypatch):
