@@ -153,7 +153,8 @@ def run(out="blurfast-demo", minutes: float = 6.0, data: Optional[str] = None,
                progress=not smoke, device=device, clip=(-1.0, 1.0))
     paths["samples"] = out / "samples.png"
     viz.save_png(viz.grid([list(x[r * 4:(r + 1) * 4]) for r in range(4)]), paths["samples"])
-    photos = torch.from_numpy(np.stack([np.asarray(ds[i]) for i in range(4)]))
+    # Up to 4 rows: --data may hold fewer images.
+    photos = torch.from_numpy(np.stack([np.asarray(ds[i]) for i in range(min(4, len(ds)))]))
     x0 = photos.permute(0, 3, 1, 2).float() / 127.5 - 1
     paths["forward"] = out / "forward_strip.png"
     viz.forward_strip(diff, x0, path=paths["forward"])

@@ -374,3 +374,19 @@ def test_bench_scripts_report_a_missing_gpu_in_one_line(how, tmp_path):
     assert (p.returncode, p.stdout, p.stderr) == (
         2, "", "blurfast bench: error: device: 'cuda' requested but "
                "torch.cuda.is_available() is False\n")
+
+
+def test_demo_on_data_of_fewer_images_than_the_strip_has_rows(tmp_path, capsys):
+    # --data with 3 images: the forward strip draws the 3 (it indexed 4 after training:
+    # IndexError).
+    data = tmp_path / "few"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--smoke", "--no-bench", "--data", str(data), "--resolution", "8",
+                     "--out", str(out)]) == 0
+    strip = _png(out / "forward_strip.png")
+    assert strip.shape[0] == 3 * 8 + 2                # 3 rows of 8 pixels, 1-pixel gaps
+    _png(out / "samples.png")
