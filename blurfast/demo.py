@@ -84,9 +84,10 @@ def run(out="blurfast-demo", minutes: float = 6.0, data: Optional[str] = None,
         resolution: Optional[int] = None, device: Optional[str] = None, smoke: bool = False,
         bench: bool = True) -> dict:
     """Runs the demo into ``out``; returns the paths it wrote. ``minutes`` is the training
-    budget (finite, > 0); ``resolution`` None (the default) or a side the U-Net takes
-    (divisible by 8, by 2 with ``smoke``); ``smoke`` shrinks everything to seconds (for
-    tests)."""
+    budget (finite, > 0); ``resolution`` None (the default: a prepared array's side, else
+    64 on a GPU, 32 on a CPU) or a side the U-Net takes (divisible by 8, by 2 with
+    ``smoke``); a prepared array's channels are the model's. ``smoke`` shrinks everything
+    to seconds (for tests)."""
     _check_args(minutes, resolution, smoke)
     from . import viz
     from .bench import main as bench_main
@@ -99,10 +100,16 @@ def run(out="blurfast-demo", minutes: float = 6.0, data: Optional[str] = None,
 
     t_start = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device == "cuda"
     res = resolution or (16 if smoke else 64 if cuda else 32)
+    channels = 3
+    if data is not None and Path(data).is_file():
+        # A prepared array: its side (--resolution, when given, must match) and channels.
+        ds = open_dataset(data, resolution=resolution, channels=None)
+        res, channels = ds.resolution, ds.channels
+        _check_args(minutes, res, smoke)
+    out.mkdir(parents=True, exist_ok=True)
     paths = {}
 
     # 1. Data: the given dataset, or crops of scikit-image's photographs as a prepared array.
@@ -112,14 +119,14 @@ def run(out="blurfast-demo", minutes: float = 6.0, data: Optional[str] = None,
         with atomic_path(data, suffix=".npy") as tmp, open(tmp, "wb") as f:
             np.save(f, arr)
         print(f"[demo] data: {len(arr)} crops of scikit-image's photographs -> {data}")
-    ds = open_dataset(data, resolution=res)
+    ds = open_dataset(data, resolution=res, channels=channels)
 
     # 2. Train for the time budget: a few steps to time one, then the rest (resumed).
     run_dir = out / "run"
     _clear_previous_run(run_dir)
     n_steps = 40 if smoke else 1000
     kw = dict(data=str(data), out=str(run_dir), preset=_PRESET, resolution=res,
-              batch_size=16, lr=2e-4, ema_decay=0.99, device=device,
+              channels=channels, batch_size=16, lr=2e-4, ema_decay=0.99, device=device,
               diffusion=dict(num_steps=n_steps), save_every=10 ** 6, sample_every=10 ** 6,
               sample_count=16, sample_steps=10 if smoke else 25, log_every=10, keep=1)
     if smoke:
@@ -189,7 +196,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None,
                    help="image folder, LSUN lmdb or prepared .npy (default: scikit-image's photos)")
     p.add_argument("--resolution", type=int, default=None,
-                   help="default 64 on a GPU, 32 on a CPU; a multiple of 8 (of 2 with --smoke)")
+                   help="default: a prepared --data array's side, else 64 on a GPU, 32 on a "
+                        "CPU; a multiple of 8 (of 2 with --smoke)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda if available")
     p.add_argument("--no-bench", action="store_true", help="skip the quick benchmark")

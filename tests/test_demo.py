@@ -390,3 +390,21 @@ def test_demo_on_data_of_fewer_images_than_the_strip_has_rows(tmp_path, capsys):
     strip = _png(out / "forward_strip.png")
     assert strip.shape[0] == 3 * 8 + 2                # 3 rows of 8 pixels, 1-pixel gaps
     _png(out / "samples.png")
+
+
+def test_demo_takes_the_side_and_channels_of_a_prepared_array(tmp_path, capsys):
+    # --data of a prepared grayscale 8 x 8 array without --resolution: the demo trains at
+    # 8 x 8 on 1 channel (it asked for the default side and 3 channels, and advised to
+    # prepare the array again).
+    rng = np.random.default_rng(0)
+    data = tmp_path / "gray8.npy"
+    np.save(data, rng.integers(0, 256, (32, 8, 8, 1), dtype=np.uint8))
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--smoke", "--no-bench", "--data", str(data),
+                     "--out", str(out)]) == 0
+    config = json.loads((out / "run" / "config.json").read_text())
+    assert (config["resolution"], config["channels"]) == (8, 1)
+    assert np.asarray(Image.open(out / "forward_strip.png")).shape[0] == 4 * 8 + 3
+    assert cli.main(["demo", "--smoke", "--no-bench", "--data", str(data), "--resolution", "16",
+                     "--out", str(tmp_path / "other")]) == 2
+    assert "resolution: 16 differs from the prepared array's 8" in capsys.readouterr().err
