@@ -27,12 +27,15 @@ _PRESET = "small"
 _SMOKE_MODEL = dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1)
 
 
-def _check_args(minutes, resolution, smoke: bool, prefix: str = "") -> None:
+def _check_args(minutes, resolution, smoke: bool, prefix: str = "", device=None) -> None:
     """Checks what :func:`run` is given before it does any work: ``minutes`` finite and
-    > 0, ``resolution`` None or a side the demo's U-Net takes. Errors name ``prefix`` +
-    the argument (``--`` on the command line)."""
+    > 0, ``resolution`` None or a side the demo's U-Net takes, ``device`` 'cuda' only
+    where torch sees a GPU. Errors name ``prefix`` + the argument (``--`` on the command
+    line)."""
     from .models import PRESETS, check_resolution
     check_number(prefix + "minutes", minutes, 0, lo_open=True)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{prefix}device: 'cuda' was asked for but torch sees no GPU")
     if resolution is not None:
         levels = (_SMOKE_MODEL if smoke else PRESETS[_PRESET])["channel_mult"]
         check_resolution(resolution, levels, prefix + "resolution")
@@ -88,7 +91,7 @@ def run(out="blurfast-demo", minutes: float = 6.0, data: Optional[str] = None,
     64 on a GPU, 32 on a CPU) or a side the U-Net takes (divisible by 8, by 2 with
     ``smoke``); a prepared array's channels are the model's. ``smoke`` shrinks everything
     to seconds (for tests)."""
-    _check_args(minutes, resolution, smoke)
+    _check_args(minutes, resolution, smoke, device=device)
     from . import viz
     from .bench import main as bench_main
     from .checkpoint import load_model
@@ -204,7 +207,7 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny everything, seconds (for tests)")
     a = p.parse_args(argv)
     try:
-        _check_args(a.minutes, a.resolution, a.smoke, "--")
+        _check_args(a.minutes, a.resolution, a.smoke, "--", a.device)
     except ValueError as e:
         p.error(str(e))
     run(a.out, a.minutes, a.data, a.resolution, a.device, a.smoke, not a.no_bench)

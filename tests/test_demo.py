@@ -408,3 +408,20 @@ def test_demo_takes_the_side_and_channels_of_a_prepared_array(tmp_path, capsys):
     assert cli.main(["demo", "--smoke", "--no-bench", "--data", str(data), "--resolution", "16",
                      "--out", str(tmp_path / "other")]) == 2
     assert "resolution: 16 differs from the prepared array's 8" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_demo_checks_the_device_before_any_work(tmp_path, capsys):
+    # --device cuda without a GPU: refused before the crops are made (it failed in train()
+    # after writing them).
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--smoke", "--device", "cuda", "--out", str(out)])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith(
+        "blurfast demo: error: --device: 'cuda' was asked for but torch sees no GPU")
+    assert not out.exists()
+    from blurfast import demo
+    with pytest.raises(ValueError, match="^device: 'cuda' was asked for"):
+        demo.run(out, smoke=True, device="cuda")
+    assert not out.exists()
