@@ -1553,6 +1553,39 @@ def test_recipes_run_the_papers_settings(tmp_path, script, env, steps, batch, gr
     assert (kw["data"], kw["out"], kw["resume"]) == ("DATA.npy", "RUN", "auto")
 
 
+
+@pytest.mark.parametrize("visible, procs", [(None, 8), ("0,1", 2), ("GPU-3f2a,GPU-9c1b,2,3", 4),
+                                            ("", None)])
+def test_multigpu_recipe_counts_the_gpus_it_may_use(tmp_path, visible, procs):
+    # Without NGPUS: one process per GPU that CUDA_VISIBLE_DEVICES leaves visible, else per
+    # GPU line of nvidia-smi -L (here 8 GPUs, each with a MIG line); the global batch stays
+    # 16. It counted every line of nvidia-smi -L (16 here), whatever CUDA_VISIBLE_DEVICES
+    # said: processes for GPUs that are not there, which fail at set_device.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\n" + "".join(
+        f"echo 'GPU {i}: NVIDIA H100 (UUID: GPU-{i})'\necho '  MIG 3g.40gb Device 0: (x)'\n"
+        for i in range(8)))
+    (bin_dir / "torchrun").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{tmp_path}/argv"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("NGPUS", "CUDA_VISIBLE_DEVICES")}
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run(["bash", str(root / "scripts" / "train_lsun_church64_multigpu.sh"),
+                        "DATA.npy", "RUN"], env=env, capture_output=True, text=True)
+    if procs is None:
+        assert p.returncode == 2 and "NGPUS=0: expected the number of GPUs" in p.stderr
+        assert not (tmp_path / "argv").exists()
+        return
+    assert p.returncode == 0, p.stderr
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert f"--nproc_per_node={procs}" in argv
+    assert int(argv[argv.index("--batch-size") + 1]) * procs == 16
+
+
 def _eval_fid10k_calls(tmp_path: Path, env_extra: dict):
     """Runs scripts/eval_fid10k.sh with stand-ins for blurfast and torchrun that log each
     call (its arguments, tab-separated); the blurfast stand-in prints an FID and fails
