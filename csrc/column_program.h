@@ -133,7 +133,8 @@ BF_HD void run_column_spectral(Ctx& ctx, const ColumnJob& job, float* sm) {
           if (spec.g.ptr) ld4((const float*)spec.g.ptr + mg + f[i], cg[i]);
         }
         BF_UNROLL for (int i = 0; i < G::kBatch; ++i)
-          combine_chunk(spec, B(0), B(1), at[i], gp * hw + f[i], c1[i], c2[i], cg[i], false);
+          combine_chunk(spec, B(0), B(1), at[i], gp * hw + f[i], c1[i], c2[i], cg[i],
+                        NoiseAt::kMake);
       }
     });
     ctx.phase([&](int tid) {                              // inverse column pass

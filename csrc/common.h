@@ -84,6 +84,16 @@ BF_HD float fma_f(float a, float b, float c) {
 #endif
 }
 
+// a b, rounded: never merged with an addition into an fma (on the host a product that
+// feeds only fma_f's arguments or a store is not contracted either).
+BF_HD float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 // f / d for d in [1.70, 2.42] (the 2 + f of neg2_log_u), within an ulp, by fmas alone: a
 // linear first guess of 1/d (relative error under 0.015), two Newton steps, one correction
 // of the quotient. Unlike '/' it has no slow path to branch to, so on a GPU the compiler
@@ -185,13 +195,24 @@ BF_HD void philox_normal_block(uint64_t seed, uint64_t b, T z[4]) {
 }
 
 // z[q] = philox_normal<T>(seed, e + q) for q < 4: one Philox block when e is a multiple
-// of 4, else four.
+// of 4, else four, one per loop turn. The loop is kept (shifting z through registers, no
+// dynamic index): unrolled at every noise site of a fused kernel, the fallback's four
+// Philox blocks made up most of the kernel's code, for offsets that are rarely used.
 template <typename T>
 BF_HD void philox_normal4(uint64_t seed, uint64_t e, T z[4]) {
   if ((e & 3) == 0) {
     philox_normal_block<T>(seed, e >> 2, z);
-  } else {
-    for (int q = 0; q < 4; ++q) z[q] = philox_normal<T>(seed, e + (uint64_t)q);
+    return;
+  }
+#ifdef __CUDA_ARCH__
+#pragma unroll 1
+#endif
+  for (int q = 0; q < 4; ++q) {
+    const T v = philox_normal<T>(seed, e + (uint64_t)q);
+    z[0] = z[1];
+    z[1] = z[2];
+    z[2] = z[3];
+    z[3] = v;
   }
 }
 

@@ -206,29 +206,60 @@ BF_HD void noise_group(const Job& job, float* C, int64_t p0, int tid) {
   }
 }
 
-// One float4 chunk of the frequency-space step, at `at` in A and C: A = m1 A + m2 C + mg zb,
-// zb the noise of elements e .. e+3 of the call (from C when noise_in_c, else given or
-// Philox); C = zb when noise is returned. m2 is used with x2, mg with g.
+// The noise term g zb of the group's one plane (G::kPPB = 1), into dst where
+// copy_maps_async would put the map g (plain layout): the wide geometry's calls that do
+// not return the noise make it while the loads are in flight (NoiseAt::kInMaps).
+template <typename G>
+BF_HD void noise_term_group(const Job& job, float* dst, int64_t p, int tid) {
+  static_assert(G::kPPB == 1, "one plane per group");
+  using K = Chunks<G>;
+  if (p >= job.planes) return;
+  const float* g = (const float*)job.g.ptr + map_plane(p, job.g.div, job.g.mod) * G::kPlane;
+  // Unrolled by two, as noise_group; each chunk's map load waits behind its noise.
+#ifdef __CUDA_ARCH__
+#pragma unroll 2
+#endif
+  for (int u = 0; u < G::kChunksPerThread; ++u) {
+    const int f = K::elem(u, tid);
+    float m[4], n[4];
+    ld4(g + f, m);
+    noise4(job, p * G::kPlane + f, n);
+    BF_UNROLL for (int q = 0; q < 4; ++q) n[q] = mul_rn(m[q], n[q]);
+    st4(dst + f, n);
+  }
+}
+
+// Where combine_chunk finds the noise: it makes zb (given, or Philox: kMake); zb is in C
+// (noise_group, calls without x2: kInC); or the product g zb is in place of the map g
+// (noise_term_group, the wide geometry's calls that do not return the noise: kInMaps).
+enum class NoiseAt : int { kMake, kInC, kInMaps };
+
+// One float4 chunk of the frequency-space step, at `at` in A and C:
+//   A = fma(m1, A, fma(m2, C, g zb)),  g zb = mul_rn(mg, zb),
+// zb the noise of elements e .. e+3 of the call; C = zb when noise is returned (kMake).
+// m2 is used with x2, mg with g. Every product and sum is rounded as written (no
+// contraction to choose), so each geometry, made early or not, gives the same bits.
 BF_HD void combine_chunk(const Job& job, float* A, float* C, int at, int64_t e,
                          const float m1[4], const float m2[4], const float mg[4],
-                         bool noise_in_c) {
-  float x[4], z[4];
+                         NoiseAt noise) {
+  float x[4], n[4] = {0.f, 0.f, 0.f, 0.f}, t[4] = {0.f, 0.f, 0.f, 0.f};
+  if (noise == NoiseAt::kInC)
+    ld4(C + at, n);
+  else if (noise == NoiseAt::kMake && (job.g.ptr || job.noise_out))
+    noise4(job, e, n);
+  if (job.g.ptr) {
+    BF_UNROLL for (int q = 0; q < 4; ++q)
+      t[q] = noise == NoiseAt::kInMaps ? mg[q] : mul_rn(mg[q], n[q]);
+  }
+  if (job.x2) {                       // x2's spectrum is in C: read before the noise goes there
+    float y[4];
+    ld4(C + at, y);
+    BF_UNROLL for (int q = 0; q < 4; ++q) t[q] = fma_f(m2[q], y[q], t[q]);
+  }
+  if (job.noise_out && noise == NoiseAt::kMake) st4(C + at, n);
   ld4(A + at, x);
-  BF_UNROLL for (int q = 0; q < 4; ++q) z[q] = m1[q] * x[q];
-  if (job.x2) {
-    ld4(C + at, x);
-    BF_UNROLL for (int q = 0; q < 4; ++q) z[q] += m2[q] * x[q];
-  }
-  if (job.g.ptr || job.noise_out) {
-    float n[4];
-    if (noise_in_c)
-      ld4(C + at, n);
-    else
-      noise4(job, e, n);
-    if (job.g.ptr) BF_UNROLL for (int q = 0; q < 4; ++q) z[q] += mg[q] * n[q];
-    if (job.noise_out && !noise_in_c) st4(C + at, n);
-  }
-  st4(A + at, z);
+  BF_UNROLL for (int q = 0; q < 4; ++q) x[q] = fma_f(m1[q], x[q], t[q]);
+  st4(A + at, x);
 }
 
 // The early maps of a call: a1, a2 with x2, g when given, in that order (a buffer each:
@@ -237,14 +268,14 @@ BF_HD int early_g_index(const Job& job) { return job.x2 ? 2 : 1; }
 BF_HD int early_map_count(const Job& job) { return early_g_index(job) + (job.g.ptr ? 1 : 0); }
 
 // Frequency space, in place in A: A = a1 A + a2 C + g zb; C = zb when noise is returned.
-// noise_in_c: noise_group has already put zb in C (calls without x2).
+// `noise`: where combine_chunk finds it.
 // Chunks go in batches of kBatch: the batch's map loads are all issued before the first
 // is used, so the threads wait for global memory once per batch, not once per chunk.
 // kMapsIn: the maps of the group's one plane are in shared memory (copy_maps_async), in
-// plain layout: a1 at maps_in, then a2 (with x2), then g.
+// plain layout: a1 at maps_in, then a2 (with x2), then g (or g zb: NoiseAt::kInMaps).
 template <typename G, bool kMapsIn = false>
 BF_HD void combine_group(const Job& job, float* A, float* C, int64_t p0, int tid,
-                         bool noise_in_c, const float* maps_in = nullptr) {
+                         NoiseAt noise, const float* maps_in = nullptr) {
   constexpr int N = G::N, kU = G::kChunksPerThread, kBatch = kU < 4 ? kU : 4;
   static_assert(kU % kBatch == 0, "batches must divide the chunks");
   static_assert(!kMapsIn || G::kPPB == 1, "maps in shared memory: one plane per group");
@@ -276,7 +307,7 @@ BF_HD void combine_group(const Job& job, float* A, float* C, int64_t p0, int tid
       const int64_t p = p0 + s;
       if (p >= job.planes) continue;
       combine_chunk(job, A, C, s * G::kPlane + sidx<N>(f / N, f % N), p * G::kPlane + f,
-                    m1[b], m2[b], mg[b], noise_in_c);
+                    m1[b], m2[b], mg[b], noise);
     }
   }
 }
@@ -333,8 +364,10 @@ BF_HD int buffers_of(const Job& job) {
 
 // Starts copying plane p's maps (a1, then a2 with x2, then g) into dst, plain layout, one
 // 16-byte asynchronous copy per chunk; read only after ctx.wait_async() and a barrier.
+// Without `with_g` the map g's buffer is left to noise_term_group.
 template <typename G, typename Ctx>
-BF_HD void copy_maps_async(Ctx& ctx, const Job& job, float* dst, int64_t p, int tid) {
+BF_HD void copy_maps_async(Ctx& ctx, const Job& job, float* dst, int64_t p, int tid,
+                           bool with_g) {
   if (p >= job.planes) return;
   auto copy = [&](const MapRef& m, float* to) {
     const float* src = (const float*)m.ptr + map_plane(p, m.div, m.mod) * G::kPlane;
@@ -345,7 +378,7 @@ BF_HD void copy_maps_async(Ctx& ctx, const Job& job, float* dst, int64_t p, int 
   };
   copy(job.a1, dst);
   if (job.x2) copy(job.a2, dst + G::kPlane);
-  if (job.g.ptr) copy(job.g, dst + early_g_index(job) * G::kPlane);
+  if (job.g.ptr && with_g) copy(job.g, dst + early_g_index(job) * G::kPlane);
 }
 
 // Starts copying plane group p0's x1 (float I/O) into buf: one 16-byte asynchronous copy
@@ -462,16 +495,21 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
   // the early noise raising register spills.
   constexpr bool kEarlyNoiseFits = G::kSplit >= 2 && G::kThreads <= 256;
   const bool early_noise = kEarlyNoiseFits && job.mode == kSpectral && !job.x2 && job.noise_out;
+  // The wide geometry's calls with g that do not return the noise (sampler steps): g zb is
+  // made early, in place of the map g.
+  const bool early_term = early_maps && job.g.ptr && !job.noise_out;
+  const NoiseAt noise_at =
+      early_noise ? NoiseAt::kInC : early_term ? NoiseAt::kInMaps : NoiseAt::kMake;
   auto combine = [&](int64_t p0) {
     if constexpr (kWide) {
       if (early_maps) {
         ctx.phase([&](int tid) {
-          combine_group<G, true>(job, buf(0), buf(2), p0, tid, early_noise, buf(maps_at));
+          combine_group<G, true>(job, buf(0), buf(2), p0, tid, noise_at, buf(maps_at));
         });
         return;
       }
     }
-    ctx.phase([&](int tid) { combine_group<G>(job, buf(0), buf(2), p0, tid, early_noise); });
+    ctx.phase([&](int tid) { combine_group<G>(job, buf(0), buf(2), p0, tid, noise_at); });
   };
   if constexpr (!G::kFast) ctx.phase([&](int tid) { fill_tables<N>(tab, tid, G::kThreads); });
   const int64_t groups = (job.planes + G::kPPB - 1) / G::kPPB;
@@ -495,18 +533,34 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
             prefetch_group<G>(ctx, (const float*)job.x1, buf(spare_slot), next, job.planes, tid);
         }
         if (early_noise) noise_group<G>(job, buf(2), p0, tid);
+        if constexpr (kWide) {
+          if (early_term)
+            noise_term_group<G>(job, buf(maps_at) + early_g_index(job) * G::kPlane, p0, tid);
+        }
       };
       if constexpr (kWide) {
-        if (early_maps) copy_maps_async<G>(ctx, job, buf(maps_at), p0, tid);
+        if (early_maps) copy_maps_async<G>(ctx, job, buf(maps_at), p0, tid, !early_term);
       }
-      if (prefetched) {
-        ctx.wait_async();          // this thread's copies into buffer 0 have landed
-        meanwhile();
+      auto load_x1 = [&] {
+        if (prefetched) {
+          ctx.wait_async();        // this thread's copies into buffer 0 have landed
+          meanwhile();
+        } else {
+          load_group<G, T>((const T*)job.x1, buf(0), p0, job.planes, tid, meanwhile);
+        }
+      };
+      if (job.mode == kSpectral && job.x2) {
+        // x2's loads go out first and x1's before either lands: one wait for global
+        // memory, not two. Where both would not fit in registers, one after the other.
+        if constexpr (G::kChunksPerThread <= 4) {
+          load_group<G, T>((const T*)job.x2, buf(2), p0, job.planes, tid, load_x1);
+        } else {
+          load_x1();
+          load_group<G, T>((const T*)job.x2, buf(2), p0, job.planes, tid, [] {});
+        }
       } else {
-        load_group<G, T>((const T*)job.x1, buf(0), p0, job.planes, tid, meanwhile);
+        load_x1();
       }
-      if (job.mode == kSpectral && job.x2)
-        load_group<G, T>((const T*)job.x2, buf(2), p0, job.planes, tid, [] {});
       if constexpr (kWide) {
         if (early_maps) ctx.wait_async();      // the maps, before the phase's barrier
       }

@@ -200,6 +200,31 @@ def test_wide_geometry_pairs_transforms_bit_for_bit(x2, noise):
                               torch_spectral(x, a, xb, a2, g, zb))
 
 
+@pytest.mark.parametrize("two", [False, True], ids=["one_input", "two_inputs"])
+@pytest.mark.parametrize("given", [False, True], ids=["philox", "given"])
+def test_wide_geometry_noise_term_made_early(two, given):
+    # Calls with g that do not return the noise (sampler steps, prior draws): the wide
+    # geometry makes g zb while the loads are in flight, in place of the map g
+    # (noise_term_group), and the combine step adds it. Every product and sum of the step
+    # is rounded as written, so the bits are those of the one-plane geometry, which makes
+    # the noise in the combine step. Offset 5: the noise of a chunk straddles two Philox
+    # blocks; grid 2 over 7 planes: blocks loop over several planes.
+    n, b, c = 64, 7, 1
+    x, x2 = _rand(b, c, n, n), (_rand(b, c, n, n, seed=1) if two else None)
+    a = torch.rand(b, 1, n, n, generator=torch.Generator().manual_seed(2))
+    a2 = torch.rand(n, n, generator=torch.Generator().manual_seed(3)) if two else None
+    g = torch.rand(b, 1, n, n, generator=torch.Generator().manual_seed(4))
+    zb = (_rand(b, c, n, n, seed=5) if given
+          else ref.philox_normal(x.shape, 21, 5, torch.float64).float())
+    kw = dict(noise=zb if given else None, seed=21, offset=5)
+    wide = emulate_spectral(x, a, x2, a2, g, split=4, fast=True, grid=2, reverse=True, **kw)
+    one = emulate_spectral(x, a, x2, a2, g, split=2, fast=True, **kw)
+    assert torch.equal(wide, one)
+    want = ref.spectral(x.double(), a, None if x2 is None else x2.double(), a2, g=g,
+                        noise=zb.double())
+    assert_within_twice_torch(wide, want, torch_spectral(x, a, x2, a2, g, zb))
+
+
 FAST_GEOMETRIES = [(n, s, f) for n, s, f in GEOMETRIES if f]
 
 
