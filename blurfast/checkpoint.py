@@ -28,7 +28,7 @@ import torch
 from .checks import check_int
 
 __all__ = ["CheckpointError", "save", "load", "list_checkpoints", "latest_valid", "verify",
-           "load_model", "stored_config"]
+           "load_model", "stored_config", "read_config"]
 
 FORMAT = 1
 _NAME = re.compile(r"^step_(\d{9})$")
@@ -164,6 +164,16 @@ def verify(path) -> dict:
     return manifest
 
 
+def read_config(config):
+    """A stored run config as this version reads it: its model entry upgraded
+    (models.upgrade_config)."""
+    from .models import upgrade_config
+
+    if isinstance(config, dict) and "model" in config:
+        return {**config, "model": upgrade_config(config["model"])}
+    return config
+
+
 def _load_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], dict]:
     from safetensors import safe_open
 
@@ -175,7 +185,7 @@ def _load_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], dict]:
     except Exception as e:        # safetensors raises its own error types; re-raised clearly
         raise CheckpointError(f"{path}: cannot read the weights ({type(e).__name__}: {e})") \
             from None
-    return tensors, config
+    return tensors, read_config(config)
 
 
 def stored_config(path) -> dict:
@@ -197,7 +207,7 @@ def stored_config(path) -> dict:
                               f"{e})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{f}: the stored config is not a mapping")
-    return config
+    return read_config(config)
 
 
 def load(path) -> dict:
@@ -214,7 +224,8 @@ def load(path) -> dict:
                               f"({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path}: state.pt is not a blurfast checkpoint")
-    return {**state, "model": model, "ema": ema, "path": str(path)}
+    return {**state, "config": read_config(state.get("config")), "model": model, "ema": ema,
+            "path": str(path)}
 
 
 def latest_valid(ckpt_dir) -> Optional[dict]:

@@ -296,6 +296,7 @@ def saved_config(resume, out) -> dict:
                              f"({e})") from None
         if not isinstance(cfg, dict):
             raise ValueError(f"resume: {str(path)!r} does not hold a mapping of arguments")
+        cfg = ckpt.read_config(cfg)
     else:
         cfg = ckpt.stored_config(resume)
     allowed = set(inspect.signature(train).parameters) - {"out", "resume", *MACHINE_KEYS}

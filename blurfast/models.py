@@ -20,6 +20,7 @@ from . import ops
 from .checks import check_bool, check_int, check_number
 
 __all__ = ["UNet", "PRESETS", "timestep_embedding", "check_resolution", "AUTOCAST_LAYERS",
+           "upgrade_config",
            "cast_for_autocast_"]
 
 # Named configurations: paper64 is the model of Lee et al. (121.06 M parameters at 64 x 64;
@@ -167,6 +168,15 @@ def check_resolution(resolution, channel_mult: Sequence[int], name: str = "resol
     return resolution
 
 
+def upgrade_config(config: dict) -> dict:
+    """A stored model config (``UNet.config``) as this version builds it: one saved
+    before ``emb_act`` existed is a model without it (``emb_act=False``). Other values,
+    and anything that is not a dict, are returned as they are."""
+    if isinstance(config, dict) and "emb_act" not in config:
+        return {**config, "emb_act": False}
+    return config
+
+
 class UNet(nn.Module):
     """ADM-style U-Net: eps_theta(x_t, t).
 
@@ -174,13 +184,16 @@ class UNet(nn.Module):
     image channels; ``channel_mult``: width of each level in units of
     ``base_channels``; ``attention_resolutions``: feature-map sides that get
     self-attention; ``freq_input``: also feed ``dct2(x_t)`` as extra input channels
-    (the paper code's ``freq_feat``). ``UNet(**model.config)`` rebuilds the model.
+    (the paper code's ``freq_feat``); ``emb_act``: SiLU on the timestep embedding before
+    each block's scale-shift Linear, as ADM (False: the model of checkpoints saved before
+    this option, whose two Linears met with nothing between them; :func:`upgrade_config`).
+    ``UNet(**model.config)`` rebuilds the model.
     """
 
     def __init__(self, resolution: int = 64, channels: int = 3, base_channels: int = 128,
                  channel_mult: Sequence[int] = (1, 2, 3, 4), num_res_blocks: int = 3,
                  attention_resolutions: Sequence[int] = (16, 8), num_heads: int = 4,
-                 dropout: float = 0.0, freq_input: bool = False):
+                 dropout: float = 0.0, freq_input: bool = False, emb_act: bool = True):
         super().__init__()
         check_int("channels", channels)
         check_int("base_channels", base_channels)
@@ -206,11 +219,14 @@ class UNet(nn.Module):
                 or not 0 <= dropout < 1:
             raise ValueError(f"dropout: expected a number in [0, 1), got {dropout!r}")
         check_bool("freq_input", freq_input)
+        check_bool("emb_act", emb_act)
         self.config = dict(resolution=resolution, channels=channels, base_channels=base_channels,
                            channel_mult=list(channel_mult), num_res_blocks=num_res_blocks,
                            attention_resolutions=list(attention_resolutions),
-                           num_heads=num_heads, dropout=float(dropout), freq_input=freq_input)
+                           num_heads=num_heads, dropout=float(dropout), freq_input=freq_input,
+                           emb_act=emb_act)
         self.resolution, self.channels, self.freq_input = resolution, channels, freq_input
+        self.emb_act = emb_act
         self.base_channels = base_channels
         emb_dim = 4 * base_channels
         self.time_embed = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(),
@@ -256,7 +272,7 @@ class UNet(nn.Module):
         """A named configuration (``PRESETS``), any of its entries replaced by ``overrides``."""
         if name not in PRESETS:
             raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}")
-        unknown = set(overrides) - set(PRESETS[name]) - {"freq_input"}
+        unknown = set(overrides) - set(PRESETS[name]) - {"freq_input", "emb_act"}
         if unknown:
             raise TypeError(f"overrides: unknown UNet arguments {sorted(unknown)}")
         return cls(resolution=resolution, channels=channels, **{**PRESETS[name], **overrides})
@@ -285,6 +301,8 @@ class UNet(nn.Module):
         if t.shape != (x.shape[0],):
             raise ValueError(f"t: expected shape ({x.shape[0]},), got {tuple(t.shape)}")
         emb = self.time_embed(timestep_embedding(t, self.base_channels).to(x.dtype))
+        if self.emb_act:      # ADM's SiLU before each block's Linear, applied once here
+            emb = F.silu(emb)
         if self.freq_input:
             x = torch.cat([x, ops.dct2(x)], dim=1)
         h = self.input(x)

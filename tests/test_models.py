@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import blurfast as bf
-from blurfast.models import Attention, ResBlock, UNet, Upsample, timestep_embedding
+from blurfast.models import (Attention, ResBlock, UNet, Upsample, timestep_embedding,
+                             upgrade_config)
 
 from bfutil import rel_err
 from train_helpers import TINY, one_thread  # noqa: F401  (autouse fixture)
@@ -290,6 +291,36 @@ def test_resblock_is_the_scale_shift_formula(cin, cout):
         want = skip + h
     assert got.shape == (2, cout, 5, 7)
     assert rel_err(got, want) <= 1e-12
+
+
+@pytest.mark.parametrize("emb_act", [True, False])
+def test_blocks_read_the_timestep_embedding_through_a_silu(emb_act):
+    # ADM: each block's scale-shift Linear reads SiLU(time_embed(sinusoid(t))). emb_act=False
+    # (the model of checkpoints saved before the option) reads time_embed(...) itself.
+    model = _randomize(UNet(resolution=16, emb_act=emb_act, **TINY), seed=3)
+    blocks = [lv.res for lv in [*model.down, *model.mid, *model.up] if hasattr(lv, "res")]
+    seen = []
+    hooks = [b.emb.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].clone()))
+             for b in blocks]
+    t = torch.tensor([0, 7, 500])
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(4),
+                    dtype=torch.float64)
+    with torch.no_grad():
+        model(x, t)
+        e = model.time_embed(timestep_embedding(t, model.base_channels).double())
+    for h in hooks:
+        h.remove()
+    want = F.silu(e) if emb_act else e
+    assert len(seen) == len(blocks) and all(torch.equal(v, want) for v in seen)
+    assert model.config["emb_act"] is emb_act
+
+
+def test_upgrade_config_reads_a_config_without_emb_act_as_false():
+    cfg = UNet(resolution=16, **TINY).config
+    old = {k: v for k, v in cfg.items() if k != "emb_act"}
+    assert upgrade_config(old) == {**old, "emb_act": False}
+    assert upgrade_config(cfg) == cfg and cfg["emb_act"] is True
+    assert upgrade_config(None) is None
 
 
 def test_attention_is_softmax_of_q_k_over_sqrt_d_per_head():

@@ -396,6 +396,27 @@ def test_a_malformed_manifest_is_a_damaged_checkpoint(made16, tmp_path):
             assert resolve_checkpoint(out) == older
 
 
+def test_a_checkpoint_saved_before_emb_act_computes_what_it_did(tmp_path):
+    # Its stored config has no emb_act: every reader (load_model for sampling and FID, load
+    # for resume, stored_config and the CLI's saved arguments) rebuilds it without the SiLU.
+    from blurfast.cli_train import saved_config
+    torch.manual_seed(0)
+    net = UNet(resolution=16, emb_act=False, **TINY)
+    old = {k: v for k, v in net.config.items() if k != "emb_act"}
+    cfg = {"model": old, "diffusion": BlurDiffusion(resolution=16).config}
+    d = ckpt.save(tmp_path / "run" / "checkpoints", 1, net, net, {}, cfg)
+    (tmp_path / "run" / "config.json").write_text(json.dumps(cfg))
+    model, _, got = ckpt.load_model(d)
+    assert model.emb_act is False and got["model"]["emb_act"] is False
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 900])
+    with torch.no_grad():
+        assert torch.equal(model(x, t), net(x, t))
+    assert ckpt.load(d)["config"]["model"]["emb_act"] is False
+    assert ckpt.stored_config(d)["model"]["emb_act"] is False
+    assert saved_config("auto", tmp_path / "run")["model"]["emb_act"] is False
+    assert saved_config(d, tmp_path / "run")["model"]["emb_act"] is False
+
+
 def test_load_model_for_sampling(reference_run):
     model, diff, cfg = ckpt.load_model(reference_run["checkpoint"])
     _same_weights(model, reference_run["ema"])
@@ -1112,7 +1133,7 @@ def test_cli_resume_starts_from_the_saved_run(made16, tmp_path, capsys):
         (str(made16), 16, 2, 0.002, 3)
     assert kw["model"] == {"base_channels": 32, "channel_mult": (1, 2), "num_res_blocks": 1,
                            "attention_resolutions": (8,), "num_heads": 4, "dropout": 0.0,
-                           "freq_input": False}
+                           "freq_input": False, "emb_act": True}
     assert kw["diffusion"]["sigma_max"] == 0.2 and "resolution" not in kw["diffusion"]
     assert (kw["ema_decay"], kw["ema_halflife_kimg"]) == (None, 0.5)
     assert "device" not in kw and "precision" not in kw        # this machine's defaults
