@@ -28,7 +28,7 @@ mkdir -p "$OUT"
 
 # The run's own preprocessing of the reference (config.json holds every train() argument).
 run_config() {
-  python -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$RUN/config.json" "$1"
+  python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$RUN/config.json" "$1"
 }
 RESOLUTION=$(run_config resolution)
 RESIZE=$(run_config resize)
@@ -43,6 +43,7 @@ FID_ARGS=(--ref "$REF" --n "$N" --resolution "$RESOLUTION" --resize "$RESIZE"
 if [ -n "${INCEPTION:-}" ]; then FID_ARGS+=(--inception "$INCEPTION"); fi
 # InceptionV3's weights and REF, checked before the samples are made.
 blurfast fid --check "${FID_ARGS[@]}"
+: > "$OUT/fid10k.txt"          # this run's lines only (a rerun does not add to an earlier one's)
 
 for spec in "reverse_sde 0" "ddim 100"; do
   read -r sampler steps <<< "$spec"

@@ -1607,10 +1607,11 @@ def test_multigpu_recipe_counts_the_gpus_it_may_use(tmp_path, visible, procs):
     assert int(argv[argv.index("--batch-size") + 1]) * procs == 16
 
 
-def _eval_fid10k_calls(tmp_path: Path, env_extra: dict):
+def _eval_fid10k_calls(tmp_path: Path, env_extra: dict, earlier: str = ""):
     """Runs scripts/eval_fid10k.sh with stand-ins for blurfast and torchrun that log each
     call (its arguments, tab-separated); the blurfast stand-in prints an FID and fails
-    `fid --check` when FAIL_CHECK is set. Returns the process and the calls."""
+    `fid --check` when FAIL_CHECK is set. ``earlier``: the fid10k.txt an earlier run left.
+    Returns the process and the calls."""
     bin_dir, log = tmp_path / "bin", tmp_path / "calls"
     bin_dir.mkdir(parents=True)
     for name in ("blurfast", "torchrun"):
@@ -1627,6 +1628,9 @@ def _eval_fid10k_calls(tmp_path: Path, env_extra: dict):
     run.mkdir()
     (run / "config.json").write_text(json.dumps(dict(resolution=16, resize="center-crop",
                                                      channels=1, steps=5)))
+    if earlier:
+        (run / "fid10k").mkdir()
+        (run / "fid10k" / "fid10k.txt").write_text(earlier)
     root = Path(__file__).resolve().parents[1]
     path = os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ["PATH"]])
     p = subprocess.run(["bash", str(root / "scripts" / "eval_fid10k.sh"), str(run), "REF.npy"],
@@ -1640,7 +1644,8 @@ def test_eval_fid10k_checks_inception_and_the_reference_before_sampling(tmp_path
     from torch.distributed.run import get_args_parser
 
     from blurfast import cli
-    p, calls = _eval_fid10k_calls(tmp_path, {"NPROC": "2", "N": "12"})
+    p, calls = _eval_fid10k_calls(tmp_path, {"NPROC": "2", "N": "12"},
+                                  earlier="ddim steps=100 FID 9.9\n")
     assert p.returncode == 0, p.stderr
     fid_args = ["--ref", "REF.npy", "--n", "12", "--resolution", "16", "--resize",
                 "center-crop", "--channels", "1"]
@@ -1653,6 +1658,7 @@ def test_eval_fid10k_checks_inception_and_the_reference_before_sampling(tmp_path
         assert (t.training_script, a.command, a.n, a.sampler, a.steps, a.fmt) == \
             ("blurfast", "sample", 12, sampler, steps, "npz")
         assert fid[1:] == ["fid", "--samples", f"{a.out}/samples.npz", *fid_args]
+    # A rerun's file holds its own lines only, not an earlier run's too.
     assert (tmp_path / "RUN" / "fid10k" / "fid10k.txt").read_text() == \
         "reverse_sde steps=full FID 1.5\nddim steps=100 FID 1.5\n"
     # Weights missing: the script stops at the check, before any sample is made.
