@@ -372,6 +372,8 @@ def _train_main(args) -> int:
         print(f"blurfast train: {e}", file=sys.stderr)
         return 1
     except (ValueError, TypeError) as e:       # CheckpointError included
+        if os.environ.get("BLURFAST_DEBUG"):
+            raise
         print(f"blurfast train: error: {e}", file=sys.stderr)
         return 2
     if result["stopped_by"] == "SIGINT":
@@ -402,6 +404,8 @@ def _prepare_main(args) -> int:
                         channels=args.channels, workers=args.workers, progress=args.progress,
                         limit=args.limit, overwrite=args.overwrite)
     except (ValueError, TypeError) as e:
+        if os.environ.get("BLURFAST_DEBUG"):
+            raise
         print(f"blurfast prepare: error: {e}", file=sys.stderr)
         return 2
     finally:

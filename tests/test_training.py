@@ -1775,3 +1775,19 @@ def test_teardown_barrier_only_after_a_finished_run(monkeypatch, owns, finished,
     monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: seen.append("destroy"))
     distributed.teardown_processes(owns, finished)
     assert seen == calls
+
+
+def test_blurfast_debug_shows_the_traceback_of_train_and_prepare(tmp_path, monkeypatch, capsys):
+    # README: bad input is one line, exit code 2; BLURFAST_DEBUG=1 shows the traceback
+    # instead. train and prepare printed the line themselves, whatever BLURFAST_DEBUG said.
+    from blurfast import cli
+    missing = str(tmp_path / "none")
+    for argv in (["prepare", missing, str(tmp_path / "o.npy"), "--no-progress"],
+                 ["train", "--data", missing + ".npy", "--out", str(tmp_path / "r"),
+                  "--device", "cpu", "--no-progress"]):
+        monkeypatch.delenv("BLURFAST_DEBUG", raising=False)
+        assert cli.main(argv) == 2
+        assert capsys.readouterr().err.startswith(f"blurfast {argv[0]}: error: ")
+        monkeypatch.setenv("BLURFAST_DEBUG", "1")
+        with pytest.raises(ValueError):
+            cli.main(argv)
