@@ -238,7 +238,7 @@ class PreparedArray(torch.utils.data.Dataset):
         self.path = str(path)
         try:
             a = np.load(self.path, mmap_mode="r")
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError) as e:      # EOFError: an empty file
             raise ValueError(f"{arg}: {self.path!r} is not a readable .npy array ({e})") from None
         if a.dtype != np.uint8 or a.ndim != 4 or a.shape[1] != a.shape[2] \
                 or a.shape[3] not in (1, 3) or a.shape[0] == 0:

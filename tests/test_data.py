@@ -398,3 +398,13 @@ def test_exif_orientation_is_applied(tmp_path):
     np.testing.assert_array_equal(D.ImageFolder(tmp_path, 8, "center-crop")[0],
                                   D.decode(_png(upright[4:12]), 8, "squash"))
     np.testing.assert_array_equal(list(ev.load_images(tmp_path))[0], upright)
+
+
+def test_an_empty_file_as_data_is_one_line_naming_it(tmp_path):
+    # An empty file (a download cut short, a placeholder) raised numpy's EOFError, a
+    # traceback on the command line, where other unreadable files are a ValueError.
+    empty = tmp_path / "empty.npy"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"^data \(--data\): '.*empty\.npy' is not a "
+                                         r"readable \.npy array"):
+        D.open_dataset(empty, arg="data (--data)")
