@@ -10,8 +10,11 @@ import os
 import re
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from blurfast.bench import dumps, targets  # noqa: E402
+try:                  # the installed package (a source tree without its extension fails)
+    from blurfast.bench import dumps, targets
+except ImportError:   # none installed: the source tree this script is in
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from blurfast.bench import dumps, targets
 
 
 KERNEL_FILES = ("bench.json", "bench_extra.json", "bench_variants.json", "bench_columns.json")
