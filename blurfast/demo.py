@@ -107,9 +107,11 @@ def run(out="blurfast-demo", minutes: float = 6.0, data: Optional[str] = None,
     cuda = device == "cuda"
     res = resolution or (16 if smoke else 64 if cuda else 32)
     channels = 3
+    if data is not None and not Path(data).exists():      # before anything is written
+        raise ValueError(f"data: {str(data)!r} does not exist")
     if data is not None and Path(data).is_file():
         # A prepared array: its side (--resolution, when given, must match) and channels.
-        ds = open_dataset(data, resolution=resolution, channels=None)
+        ds = open_dataset(data, resolution=resolution, channels=None, arg="data")
         res, channels = ds.resolution, ds.channels
         _check_args(minutes, res, smoke)
     out.mkdir(parents=True, exist_ok=True)

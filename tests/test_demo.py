@@ -1,5 +1,6 @@
 """`blurfast demo` (shortened) and `blurfast bench --quick` end to end on the CPU."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -272,6 +273,20 @@ def test_demo_checks_its_numbers_before_any_work(args, words, tmp_path, capsys):
     with pytest.raises(ValueError, match="^" + words[2:].split(":")[0] + ":"):
         demo.run(out, *([float(args[1])] if args[0] == "--minutes" else
                         [6.0, None, int(args[-1])]), smoke="--smoke" in args)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty"])
+def test_demo_checks_its_data_before_any_work(kind, tmp_path):
+    # A --data that is not there, or not a readable array, named as data, with nothing
+    # written (the --out folder was made first, and an empty file was named "path").
+    from blurfast import demo
+    data, out = tmp_path / "d.npy", tmp_path / "demo"
+    if kind == "empty":
+        data.write_bytes(b"")
+    words = "does not exist" if kind == "missing" else "is not a readable .npy array"
+    with pytest.raises(ValueError, match=rf"^data: '{re.escape(str(data))}' {words}"):
+        demo.run(out, data=str(data), smoke=True, bench=False)
     assert not out.exists()
 
 
