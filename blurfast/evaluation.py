@@ -324,6 +324,24 @@ def _read_statistics(p: Path):
     return mu, sigma, None if n is None else int(n)
 
 
+def _extractor_key(extractor) -> Optional[str]:
+    """What names a feature extractor in the statistics cache: its ``name`` (InceptionV3's
+    extractor); for a function, its module, name and a hash of its source, so that the key
+    is the same in every process and an edited function gets its own; None where there is
+    no source to hash (its statistics are not cached)."""
+    name = getattr(extractor, "name", None)
+    if name is not None:
+        return str(name)
+    import inspect
+    try:
+        src = inspect.getsource(extractor)
+    except (OSError, TypeError):
+        return None
+    return (f"{getattr(extractor, '__module__', '?')}."
+            f"{getattr(extractor, '__qualname__', type(extractor).__qualname__)} "
+            f"{hashlib.sha1(src.encode()).hexdigest()}")
+
+
 def _reference_statistics(ref, resolution, resize, n, extractor, device, batch_size, cache,
                           progress, channels):
     """:func:`reference_statistics` and the count of images behind them (None where a
@@ -340,10 +358,11 @@ def _reference_statistics(ref, resolution, resize, n, extractor, device, batch_s
     extractor = extractor or inception_extractor(device=device)
     ds = open_dataset(p, resolution=resolution, resize=resize, channels=channels)
     count = len(ds) if n is None else min(n, len(ds))
+    named = _extractor_key(extractor)
+    cache = cache and named is not None
     key = json.dumps({"path": str(p.resolve()), "files": _fingerprint(p),
                       "resolution": resolution, "resize": resize, "channels": ds.channels,
-                      "n": count,
-                      "features": getattr(extractor, "name", repr(extractor))}, sort_keys=True)
+                      "n": count, "features": named}, sort_keys=True)
     cached = _cache_dir() / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".npz")
     if cache and cached.is_file():
         try:

@@ -82,6 +82,31 @@ def test_fid_folders_with_custom_extractor(tmp_path, monkeypatch):
     assert not np.allclose(mu2, mu)
 
 
+def test_a_custom_extractor_has_one_cache_key_in_every_process(tmp_path, monkeypatch):
+    # The cache keyed a function by its repr, which holds its address: every process (each
+    # `blurfast fid --features` run) missed the cache and added an entry. A copy of the
+    # function (another object, another address; the same module, name and source) stands
+    # in for the next process.
+    import types
+    f = _pool_features
+    g = types.FunctionType(f.__code__, f.__globals__, f.__name__)
+    g.__qualname__ = f.__qualname__
+    assert repr(f) != repr(g)
+    assert ev._extractor_key(f) == ev._extractor_key(g)
+    assert "0x" not in ev._extractor_key(f)
+    monkeypatch.setenv("BLURFAST_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(3)
+    _write_images(tmp_path / "ref", rng.integers(0, 256, size=(8, 16, 16, 3), dtype=np.uint8))
+    for ext in (f, g):
+        ev.reference_statistics(tmp_path / "ref", 16, n=None, extractor=ext, progress=False)
+    assert len(list((tmp_path / "cache" / "fid").glob("*.npz"))) == 1
+    # A function with no source to hash (made by eval) is not cached at all.
+    h = eval("lambda x: _pool_features(x)", f.__globals__)
+    assert ev._extractor_key(h) is None
+    ev.reference_statistics(tmp_path / "ref", 16, n=None, extractor=h, progress=False)
+    assert len(list((tmp_path / "cache" / "fid").glob("*.npz"))) == 1
+
+
 def test_missing_inception_offline_names_file_and_path(tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "_reachable", lambda url, timeout=3.0: False)
     where = tmp_path / "weights"
