@@ -211,8 +211,8 @@ def _add_sample(sub) -> None:
                    help="replay each step's model call from a CUDA graph")
     s.add_argument("--compile", action="store_true",
                    help="run the model under torch.compile: for long runs on a GPU (compiling "
-                        "takes a minute or more; on a 2-core CPU it took 90 s against 8 s for "
-                        "a whole 40-call small-model run)")
+                        "takes a minute or more; on a 2-core CPU, 48 s against 6 s for a "
+                        "40-call run of 16 small-model images)")
     s.add_argument("--no-clip", action="store_true",
                    help="do not clamp the model's x0 estimate to the data range")
     s.add_argument("--resume", action="store_true",
