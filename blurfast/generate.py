@@ -39,7 +39,13 @@ NPZ_NAME = "samples.npz"
 # interrupted (or is still running) says so.
 MANIFEST_NAME = "samples.json"
 MADE_BY = "blurfast sample"
-PNG_GLOB = "[0-9]" * 6 + ".png"
+# Sample i is f"{i:06d}.png": six digits, seven from the millionth on.
+_PNG_NAME = re.compile(r"^[0-9]{6,}\.png$")
+
+
+def _numbered_pngs(out: Path) -> list:
+    """The samples' PNG files in ``out`` (NNNNNN.png, six digits or more)."""
+    return [f for f in out.glob("*.png") if _PNG_NAME.match(f.name)]
 # An npz run writes each finished batch as a chunk file; the last step merges them.
 _CHUNK = re.compile(r"\.chunk-(\d+)-(\d+)\.npy")
 # What must match for a run to resume another's images (the rest of the manifest: n,
@@ -269,7 +275,7 @@ def _start(out: Path, fmt: str, n: int, manifest: dict, resume: bool) -> None:
     removed are said in a warning."""
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
-    stale = [f for f in out.glob(PNG_GLOB) if fmt == "npz" or not resume or int(f.stem) >= n]
+    stale = [f for f in _numbered_pngs(out) if fmt == "npz" or not resume or int(f.stem) >= n]
     old_npz = fmt != "npz" and (out / NPZ_NAME).is_file()
     chunks = [f for b0, _, f in _chunks(out) if not resume or b0 >= n]
     keep_npz = resume and fmt == "npz"
@@ -290,7 +296,7 @@ def _resumable(out: Path, manifest: dict) -> list:
     if not out.is_dir():
         return []
     n = manifest["n"]
-    pngs = [int(f.stem) for f in out.glob(PNG_GLOB)]
+    pngs = [int(f.stem) for f in _numbered_pngs(out)]
     chunks = _chunks(out)
     npz = out / NPZ_NAME
     old = read_manifest(out)

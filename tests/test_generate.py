@@ -772,3 +772,20 @@ def test_a_numpy_eta_is_a_number(run_dir, tmp_path):
     generate(run_dir / "run", 2, tmp_path / "np", eta=np.float32(0.5), **kw)
     np.testing.assert_array_equal(_read_pngs(tmp_path / "np", 2), _read_pngs(tmp_path / "py", 2))
     assert json.loads((tmp_path / "np" / "samples.json").read_text())["eta"] == 0.5
+
+
+def test_samples_from_the_millionth_on_count_as_samples(tmp_path):
+    # Sample i is written as f"{i:06d}.png": seven digits from i = 1,000,000. The files were
+    # found by a six-digit glob, so a resumed run did not see those it had made (it made
+    # them again), and a new run into the folder left them there.
+    from blurfast import generate as G
+    out = tmp_path / "s"
+    out.mkdir()
+    names = ["000001.png", "999999.png", "1000000.png", "1234567.png"]
+    for name in names + ["12345.png", SHEET_NAME, "1000000.jpg"]:
+        (out / name).write_bytes(b"")
+    assert sorted(f.name for f in G._numbered_pngs(out)) == sorted(names)
+    with pytest.warns(UserWarning, match="removed 4 samples"):
+        G._start(out, "png", 5, {"n": 5}, resume=False)
+    assert sorted(f.name for f in out.iterdir()) == sorted(
+        ["12345.png", "1000000.jpg", G.MANIFEST_NAME])
