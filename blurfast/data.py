@@ -402,6 +402,8 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
     if out.suffix != ".npy":
         raise ValueError(f"out: expected a path ending in .npy, got {str(out)!r}")
     check_bool("overwrite", overwrite)
+    if out.is_dir():                 # overwrite replaces a file, never a folder
+        raise ValueError(f"out: {str(out)!r} is a directory; give a file path ending in .npy")
     if out.exists() and not overwrite:
         raise ValueError(f"out: {str(out)!r} exists; pass overwrite=True (--overwrite) to "
                          f"replace it")

@@ -239,6 +239,11 @@ def test_prepare_bad_arguments(tmp_path):
     assert (tmp_path / "there.npy").read_bytes() == b"keep"
     with pytest.raises(TypeError, match="^overwrite: expected a bool"):
         D.prepare(src, tmp_path / "there.npy", workers=0, progress=False, overwrite=1)
+    # A folder named like the array: refused before any image is decoded (with overwrite
+    # it failed at the final rename, after all the work).
+    (tmp_path / "dir.npy").mkdir()
+    with pytest.raises(ValueError, match=r"^out: .*dir\.npy' is a directory"):
+        D.prepare(tmp_path / "none", tmp_path / "dir.npy", progress=False, overwrite=True)
     for f in src.iterdir():
         f.write_bytes(b"junk")
     with pytest.raises(ValueError, match="none of the 2 images"):
