@@ -2,8 +2,9 @@
 
 ``train`` takes flags and/or a YAML/JSON config file whose keys are the keyword
 arguments of :func:`blurfast.training.train` (``model`` and ``diffusion`` as
-nested mappings); flags given on the command line override the file. With
-``--resume``, the saved run's arguments come first and both override them.
+nested mappings), or a run's saved ``config.json``; flags given on the command line
+override the file. With ``--resume``, the saved run's arguments come first and both
+override them.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from .diffusion import TARGETS
 from .models import PRESETS
 from .schedules import BLUR_SCHEDULES, KERNELS, NOISE_SCHEDULES
 
-__all__ = ["register", "load_config", "saved_config", "train_kwargs"]
+__all__ = ["register", "load_config", "saved_config", "train_kwargs", "is_saved_config",
+           "MACHINE_KEYS", "DERIVED_KEYS"]
 
 _S = argparse.SUPPRESS
 
@@ -44,7 +46,9 @@ def _add_train(sub) -> None:
                     "--out RUN_DIR --resume auto` continues a run). The resolved config is "
                     "printed and saved as RUN_DIR/config.json.",
         argument_default=_S)
-    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of train() arguments")
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML or JSON file of train() arguments, or a run's saved "
+                        "config.json (its derived and machine keys dropped; give --out)")
     g = p.add_argument_group("data and run")
     g.add_argument("--data", metavar="PATH",
                    help="prepared .npy array, LSUN lmdb directory or image folder")
@@ -269,10 +273,40 @@ def load_config(path) -> dict:
     return cfg
 
 
-# train() arguments that describe the machine rather than the run: a resumed run
-# defaults them anew instead of taking the saved ones (saved as resolved there: compile on
-# from one GPU would be an error on a GPU without triton, and compiles on a CPU).
+# train() arguments that describe the machine rather than the run: a resumed run, and a
+# run started from a saved config.json, defaults them anew instead of taking the saved ones
+# (saved as resolved there: compile on from one GPU would be an error on a GPU without
+# triton, and compiles on a CPU).
 MACHINE_KEYS = ("device", "precision", "compile", "cuda_graphs", "num_workers")
+
+# Keys of a saved run config (RUN_DIR/config.json, a checkpoint's) that are not train()
+# arguments but what train() derived from them and the machine. Every saved config holds
+# them; they tell a saved config from a hand-written one.
+DERIVED_KEYS = ("world_size", "global_batch")
+
+
+def is_saved_config(cfg) -> bool:
+    """Whether the mapping ``cfg`` is a run config that train() saved (it holds every one
+    of :data:`DERIVED_KEYS`) rather than a hand-written one."""
+    return isinstance(cfg, dict) and all(k in cfg for k in DERIVED_KEYS)
+
+
+def _run_arguments(cfg: dict) -> dict:
+    """The train() arguments of a saved run config (as :func:`checkpoint.read_config`
+    reads it) that a new or resumed run takes over: all but ``out``, ``resume``,
+    :data:`MACHINE_KEYS` and the derived keys, and the model and diffusion entries less
+    their resolution and channels (the top-level ones hold them)."""
+    import inspect
+
+    from .training import train
+
+    allowed = set(inspect.signature(train).parameters) - {"out", "resume", *MACHINE_KEYS}
+    base = {k: v for k, v in cfg.items() if k in allowed}
+    for group in ("model", "diffusion"):
+        if isinstance(base.get(group), dict):
+            base[group] = {k: v for k, v in base[group].items()
+                           if k not in ("resolution", "channels")}
+    return base
 
 
 def saved_config(resume, out) -> dict:
@@ -280,10 +314,7 @@ def saved_config(resume, out) -> dict:
     ``resume='auto'`` (none when the file is absent), those stored in the checkpoint
     otherwise; less ``out``, ``resume`` and :data:`MACHINE_KEYS`, and less the resolution
     and channels of the model and diffusion entries (the top-level ones hold them)."""
-    import inspect
-
     from . import checkpoint as ckpt
-    from .training import train
 
     if str(resume) == "auto":
         path = Path(out) / "config.json"
@@ -299,13 +330,62 @@ def saved_config(resume, out) -> dict:
         cfg = ckpt.read_config(cfg)
     else:
         cfg = ckpt.stored_config(resume)
-    allowed = set(inspect.signature(train).parameters) - {"out", "resume", *MACHINE_KEYS}
-    base = {k: v for k, v in cfg.items() if k in allowed}
+    return _run_arguments(cfg)
+
+
+def _train_default(name: str):
+    import inspect
+
+    from .training import train
+    return inspect.signature(train).parameters[name].default
+
+
+def _saved_file_arguments(cfg: dict, path) -> dict:
+    """The train() arguments of a saved run config given as ``--config`` (see
+    :func:`_run_arguments`), after checking that its derived keys agree with the
+    arguments they derive from: the resolution and channels of its model and diffusion
+    entries with its own top-level ones, its global_batch with its batch_size x
+    world_size. A key that is neither a train() argument nor derived is refused, as in
+    any config file."""
+    import inspect
+
+    from . import checkpoint as ckpt
+    from .training import train
+
+    cfg = ckpt.read_config(cfg)          # one saved before newer keys: as resume reads it
+    where = f"config: {str(path)!r}"
+    unknown = sorted(set(cfg) - set(inspect.signature(train).parameters) - set(DERIVED_KEYS))
+    if unknown:
+        raise ValueError(f"config: unknown keys {unknown}; expected train() arguments (a "
+                         f"saved config.json may also hold {', '.join(DERIVED_KEYS)})")
     for group in ("model", "diffusion"):
-        if isinstance(base.get(group), dict):
-            base[group] = {k: v for k, v in base[group].items()
-                           if k not in ("resolution", "channels")}
-    return base
+        entries = cfg.get(group)
+        if not isinstance(entries, dict):
+            continue                     # train() names a group of the wrong type
+        for k in ("resolution", "channels"):
+            top = cfg.get(k, _train_default(k))
+            if k in entries and entries[k] != top:
+                raise ValueError(f"{where}: {group}.{k} {entries[k]!r} differs from {k} "
+                                 f"{top!r} of the same file; the {group} takes the "
+                                 f"top-level {k} (or --{k}): make them agree, or drop "
+                                 f"{group}.{k}")
+    batch = cfg.get("batch_size", _train_default("batch_size"))
+    world, total = cfg["world_size"], cfg["global_batch"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (batch, world, total)) \
+            or total != batch * world:
+        raise ValueError(f"{where}: global_batch {total!r} differs from its batch_size "
+                         f"{batch!r} x world_size {world!r}; the global batch is derived, "
+                         f"batch_size (per process) x the processes: set batch_size (or "
+                         f"--batch-size) instead")
+    return _run_arguments(cfg)
+
+
+def _is_run(out) -> bool:
+    """Whether the directory ``out`` holds a run: its config.json or a checkpoint."""
+    from . import checkpoint as ckpt
+
+    out = Path(out)
+    return (out / "config.json").is_file() or bool(ckpt.list_checkpoints(out / "checkpoints"))
 
 
 def _layer(kw: dict, layer: dict) -> None:
@@ -326,22 +406,45 @@ def _layer(kw: dict, layer: dict) -> None:
 def train_kwargs(args: argparse.Namespace) -> dict:
     """The keyword arguments of train(): the saved run's (with --resume, see
     :func:`saved_config`), then the config file's, then the flags given (argparse keeps
-    only those: the parser's default is SUPPRESS)."""
+    only those: the parser's default is SUPPRESS).
+
+    A config file that train() saved (a RUN_DIR/config.json, :func:`is_saved_config`)
+    gives its run's arguments as :func:`_saved_file_arguments` checks them: less its
+    derived keys, its machine keys (:data:`MACHINE_KEYS`, defaulted anew for this machine
+    unless given as flags), ``resume`` and ``out``. ``--out`` names the new run; without
+    it the file's ``out`` is taken only with ``--resume`` or when no run is there (a run
+    is never written into by accident). A global batch that differs from the file's
+    because the number of processes does (not because --batch-size is given) warns."""
     import inspect
 
     from .training import train
 
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
     file_cfg = load_config(args.config) if getattr(args, "config", None) else {}
-    allowed = set(inspect.signature(train).parameters)
-    unknown = sorted(set(file_cfg) - allowed)
-    if unknown:
-        raise ValueError(f"config: unknown keys {unknown}; expected train() arguments")
+    saved_file = is_saved_config(file_cfg)
+    if saved_file:
+        file_out, file_total = file_cfg.get("out"), file_cfg["global_batch"]
+        file_cfg = _saved_file_arguments(file_cfg, args.config)
+    else:
+        allowed = set(inspect.signature(train).parameters)
+        unknown = sorted(set(file_cfg) - allowed)
+        if unknown:
+            raise ValueError(f"config: unknown keys {unknown}; expected train() arguments")
     flags = {k: v for k, v in given.items() if k not in _MODEL_KEYS + _DIFFUSION_KEYS}
     for group, keys in (("model", _MODEL_KEYS), ("diffusion", _DIFFUSION_KEYS)):
         sub = {k: given[k] for k in keys if k in given}
         if sub:
             flags[group] = sub
+    if saved_file:
+        if "preset" in flags:     # a preset given anew defines the model anew, as on resume
+            file_cfg.pop("model", None)
+        if "out" not in flags and file_out is not None:
+            if flags.get("resume") is None and _is_run(file_out):
+                raise ValueError(
+                    f"config: {str(args.config)!r} is the saved config of the run "
+                    f"{file_out!r}, which exists; give --out NEW_DIR to train a new run "
+                    f"with its settings, or --resume auto to continue that run")
+            file_cfg["out"] = file_out
     explicit = {**file_cfg, **flags}
     base = {}
     if explicit.get("resume") is not None and "out" in explicit:
@@ -360,6 +463,18 @@ def train_kwargs(args: argparse.Namespace) -> dict:
     missing = [k for k in ("data", "out") if k not in kw]
     if missing:
         raise ValueError(f"{', '.join(missing)}: required (as --{missing[0]} or in --config)")
+    if saved_file and "batch_size" not in flags:
+        batch = kw.get("batch_size", _train_default("batch_size"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if batch * world != file_total and os.environ.get("RANK", "0") == "0":
+            import warnings
+            warnings.warn(
+                f"config: the global batch is {batch} x {world} process"
+                f"{'es' if world > 1 else ''} = {batch * world}, where the saved run of "
+                f"{str(args.config)!r} had {file_total}; give --batch-size "
+                f"{file_total // world if file_total % world == 0 else 'B'} for its global "
+                f"batch (--steps and --warmup count steps, not images)",
+                stacklevel=2)
     return kw
 
 

@@ -1186,6 +1186,86 @@ def test_cli_resume_starts_from_the_saved_run(made16, tmp_path, capsys):
     assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [3, 2]
 
 
+def test_cli_config_json_of_a_run_starts_a_new_run_with_its_settings(made16, tmp_path, capsys,
+                                                                   monkeypatch):
+    # A run's RUN_DIR/config.json given back as --config: its derived keys (world_size,
+    # global_batch, the resolution and channels of model and diffusion), its machine keys
+    # (defaulted anew), its resume and its out (--out names the new run) are dropped; the
+    # rest are the run's train() arguments, and the new run saves the same config.
+    import inspect
+    import warnings
+    old = tmp_path / "old"
+    training.train(data=str(made16), out=str(old), steps=1, **{
+        **KW, "ema_decay": None, "ema_halflife_kimg": 0.5, "grad_clip": None,
+        "diffusion": {"sigma_max": 0.2}})
+    saved = json.loads((old / "config.json").read_text())
+    cfg = str(old / "config.json")
+
+    def kwargs(*argv):
+        return cli_train.train_kwargs(_parser().parse_args(["train", "--config", cfg, *argv]))
+    new = tmp_path / "new"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # the same global batch: no warning
+        kw = kwargs("--out", str(new))
+    args = set(inspect.signature(training.train).parameters)
+    want = {k: v for k, v in saved.items()
+            if k in args and k not in ("resume", *cli_train.MACHINE_KEYS)}
+    want.update(out=str(new),
+                model={k: tuple(v) if isinstance(v, list) else v
+                       for k, v in saved["model"].items() if k not in ("resolution", "channels")},
+                diffusion={k: v for k, v in saved["diffusion"].items()
+                           if k not in ("resolution", "channels")})
+    assert kw == want
+    a = _parser().parse_args(["train", "--config", cfg, "--out", str(new), "--steps", "2",
+                              "--device", "cpu"])
+    assert a.func(a) == 0
+    again = json.loads((new / "config.json").read_text())
+    assert {k: v for k, v in again.items() if k not in ("out", "steps")} == \
+        {k: v for k, v in saved.items() if k not in ("out", "steps")}
+    # Machine keys and everything else given as flags override the file's.
+    kw = kwargs("--out", str(new), "--device", "cpu", "--num-workers", "0", "--lr", "1e-3")
+    assert (kw["device"], kw["num_workers"], kw["lr"]) == ("cpu", 0, 0.001)
+
+    # Without --out: the file's out, a run that exists, is refused, unless resumed.
+    capsys.readouterr()
+    a = _parser().parse_args(["train", "--config", cfg, "--device", "cpu"])
+    assert a.func(a) == 2
+    assert f"is the saved config of the run {str(old)!r}, which exists; give --out" in \
+        capsys.readouterr().err
+    assert [s for s, _ in ckpt.list_checkpoints(old / "checkpoints")] == [1]
+    assert kwargs("--resume", "auto")["out"] == str(old)
+
+    # Another number of processes: a warning saying how the global batch changes.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.warns(UserWarning, match=r"global batch is 4 x 2 processes = 8, where the "
+                                         r"saved run .* had 4; give --batch-size 2"):
+        assert kwargs("--out", str(new))["batch_size"] == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # a --batch-size given: as asked, silently
+        assert kwargs("--out", str(new), "--batch-size", "2")["batch_size"] == 2
+    monkeypatch.delenv("WORLD_SIZE")
+
+    # An edited config.json: a typo is still an unknown key; derived keys that disagree
+    # with what they derive from are named.
+    edited = tmp_path / "edited.json"
+    for change, msg in (({"lr_typo": 1}, r"unknown keys \['lr_typo'\]"),
+                        ({"global_batch": 64}, r"global_batch 64 differs from its batch_size "
+                                               r"4 x world_size 1"),
+                        ({"resolution": 32}, r"model\.resolution 16 differs from resolution 32"),
+                        ({"diffusion": {**saved["diffusion"], "channels": 1}},
+                         r"diffusion\.channels 1 differs from channels 3")):
+        edited.write_text(json.dumps({**saved, **change}))
+        with pytest.raises(ValueError, match=msg):
+            cli_train.train_kwargs(_parser().parse_args(
+                ["train", "--config", str(edited), "--out", str(new)]))
+    # A config.json saved before emb_act existed is read as resume reads it: without it.
+    edited.write_text(json.dumps({**saved, "model": {k: v for k, v in saved["model"].items()
+                                                     if k != "emb_act"}}))
+    kw = cli_train.train_kwargs(_parser().parse_args(
+        ["train", "--config", str(edited), "--out", str(new)]))
+    assert kw["model"]["emb_act"] is False
+
+
 def test_train_help_documents_every_flag_with_the_documented_default():
     # Every flag of `blurfast train --help` says what it does, and the default it shows
     # (read off train() and BlurDiffusion) is the one docs/training.md's tables give.
