@@ -4,8 +4,8 @@
 
 - ``model.safetensors`` and ``ema.safetensors``: the weights (the run's config as
   JSON in the metadata, so either file alone rebuilds the model);
-- ``state.pt``: optimizer state, step, counters and config, a plain torch file
-  that loads with ``weights_only=True``;
+- ``state.pt``: optimizer state, step, counters (the examples consumed, ``images``,
+  among them) and config, a plain torch file that loads with ``weights_only=True``;
 - ``manifest.json``, written last: size and SHA-256 of the three files.
 
 A checkpoint is written into a hidden temporary directory, synced, and renamed;

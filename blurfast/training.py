@@ -1,11 +1,13 @@
 """Training of blur diffusion models: :func:`train` and the step it repeats.
 
-Randomness is a function of ``(seed, step)`` alone: the data order (one
-permutation per epoch), the steps ``t``, the flips and the Philox noise of step
-``s`` are drawn for the whole global batch, and each rank takes its slice (the
-noise of rank r starts at Philox offset ``r * b * C*H*W``). So a resumed run
-retraces an uninterrupted one exactly, and k processes with per-process batch b
-draw the same examples, steps and noise as one process with batch k*b. A captured
+Randomness is a function of the seed and the step alone: the steps ``t``, the flips
+and the Philox noise of step ``s`` are seeded by ``(seed, s)``, and its examples are
+read on from those consumed before it (``s * B``, B the global batch, unless a resume
+changed B) in an endless sequence of permutations seeded by ``(seed, epoch)``. All are
+drawn for the whole global batch, and each rank takes its slice (the noise of rank r
+starts at Philox offset ``r * b * C*H*W``). So a resumed run retraces an uninterrupted
+one exactly, and k processes with per-process batch b draw the same examples, steps and
+noise as one process with batch k*b. A captured
 step (``cuda_graphs``, one process) draws its noise from torch's generator instead,
 seeded from ``(seed, step)``: still a function of the step, but other noise than an
 uncaptured or multi-process run's.
@@ -102,14 +104,20 @@ class StepBatches:
     """Batch sampler: dataset indices of this rank for steps ``start..stop-1``.
 
     The examples form an endless sequence of epochs, each a permutation seeded by
-    ``(seed, epoch)``; step s takes positions ``[s*B, (s+1)*B)`` of it (B the global
-    batch) and rank r the r-th slice of size b.
+    ``(seed, epoch)``. Step ``start`` begins at position ``images`` of it, the examples
+    the run has consumed before (default ``start * B``), and each step takes the next B
+    (the global batch), rank r the r-th slice of size b: so step s takes positions
+    ``[s*B, (s+1)*B)`` of a run whose global batch never changed, and a run resumed with
+    another global batch goes on where its earlier steps stopped, skipping and repeating
+    no example.
     """
 
     def __init__(self, n: int, global_batch: int, local_batch: int, rank: int, seed: int,
-                 start: int, stop: int):
+                 start: int, stop: int, images: Optional[int] = None):
         self.n, self.B, self.b, self.rank, self.seed = n, global_batch, local_batch, rank, seed
         self.start, self.stop = start, stop
+        self.images = start * global_batch if images is None else images
+        check_int("images", self.images, 0)
         self._perms = {}
 
     def _perm(self, epoch: int) -> torch.Tensor:
@@ -121,7 +129,8 @@ class StepBatches:
         return self._perms[epoch]
 
     def indices(self, step: int):
-        pos = step * self.B + self.rank * self.b + torch.arange(self.b)
+        first = self.images + (step - self.start) * self.B
+        pos = first + self.rank * self.b + torch.arange(self.b)
         epochs = pos // self.n
         return [int(self._perm(int(e))[int(p)]) for e, p in zip(epochs, pos % self.n)]
 
@@ -821,6 +830,15 @@ def _fixed_differences(old: dict, new: dict) -> list:
     return found
 
 
+def _images_done(state: dict) -> int:
+    """The examples a run had consumed by a checkpoint's step: its ``images``; for a
+    checkpoint saved before that was stored, the step times its run's global batch
+    (right unless an earlier resume changed the global batch)."""
+    if "images" in state:
+        return int(state["images"])
+    return int(state["step"]) * int(state["config"]["global_batch"])
+
+
 def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
          progress: bool) -> dict:
     cuda = dev.type == "cuda"
@@ -855,6 +873,9 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                           ", ".join(f"{k} {old.get(k)!r} -> {cfg[k]!r}" for k in changed),
                           stacklevel=3)
     start = 0 if state is None else int(state["step"])
+    # Examples consumed before step `start`: the data order and log.csv's images go on
+    # from it (a resume may change the global batch).
+    images0 = 0 if state is None else _images_done(state)
     if start > cfg["steps"]:
         raise ValueError(f"steps: {cfg['steps']} is below the resumed step {start} "
                          f"({state['path']}); give {start} or more")
@@ -899,7 +920,7 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
     if workers is None:
         workers = min(4, os.cpu_count() or 1) if cuda else 0
     sampler = StepBatches(len(dataset), cfg["global_batch"], cfg["batch_size"], rank,
-                          cfg["seed"], start, cfg["steps"])
+                          cfg["seed"], start, cfg["steps"], images=images0)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                          collate_fn=_collate, pin_memory=cuda,
                                          worker_init_fn=_ignore_stop_signals if workers else None,
@@ -909,9 +930,16 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
     def lr_at(step):
         return cfg["lr"] * min(1.0, (step + 1) / cfg["warmup"]) if cfg["warmup"] else cfg["lr"]
 
+    def images_at(step):
+        return images0 + (step - start) * cfg["global_batch"]
+
+    def state_at(step):
+        # No generator states: every random stream is a function of (config seed, step)
+        # and the data order of the examples consumed.
+        return {**stepper.state_dict(), "images": images_at(step)}
+
     def save(step):
-        # No generator states: every random stream is a function of (config seed, step).
-        return ckpt.save(ck_dir, step, stepper.model, stepper.ema, stepper.state_dict(), cfg,
+        return ckpt.save(ck_dir, step, stepper.model, stepper.ema, state_at(step), cfg,
                          keep=cfg["keep"])
 
     lock = _RunLock(out) if main else None      # before the first write into RUN_DIR
@@ -958,7 +986,7 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                            max(now - t_log - paused, 1e-9))       # training alone
                     t_log, step_log, paused = now, step, 0.0
                     if main:
-                        log.write({"step": step, "images": step * cfg["global_batch"],
+                        log.write({"step": step, "images": images_at(step),
                                    "loss": f"{last['loss']:.6g}",
                                    "grad_norm": f"{last['grad_norm']:.6g}",
                                    "lr": f"{lr_at(step - 1):.6g}",
@@ -993,7 +1021,7 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                                 progress=bar is not None)
                     if fid_log.add(step, value):          # the best so far
                         ckpt.save(out / "best", step, stepper.model, stepper.ema,
-                                  stepper.state_dict(), cfg, keep=1)
+                                  state_at(step), cfg, keep=1)
                     if bar is not None:
                         bar.write(f"step {step}: FID {value:.3f} (best {fid_log.best:.3f})")
                 if at_grid:

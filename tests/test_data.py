@@ -335,6 +335,22 @@ def test_step_batches_cover_each_epoch_and_split_the_global_batch():
     assert StepBatches(n, B, B, 0, seed=4, start=0, stop=1).indices(0) != one.indices(0)
 
 
+def test_step_batches_read_on_from_the_images_consumed():
+    # A run resumed with another global batch starts at the examples consumed (`images`):
+    # its steps read on in the sequence of permutations, across epochs, as if one example
+    # had been taken at a time; the default is start x B, a batch that never changed.
+    n = 10
+    whole = [i for b in StepBatches(n, 1, 1, 0, seed=3, start=0, stop=30) for i in b]
+    first = list(StepBatches(n, 4, 4, 0, seed=3, start=0, stop=3))            # 12 images
+    ranks = [StepBatches(n, 3, 1, r, seed=3, start=3, stop=6, images=12) for r in range(3)]
+    then = [a + b + c for a, b, c in zip(*ranks)]
+    assert [i for b in first + then for i in b] == whole[:21]
+    assert list(StepBatches(n, 4, 4, 0, seed=3, start=2, stop=4)) == \
+        list(StepBatches(n, 4, 4, 0, seed=3, start=2, stop=4, images=8))
+    with pytest.raises(ValueError, match="images"):
+        StepBatches(n, 4, 4, 0, seed=3, start=2, stop=4, images=-1)
+
+
 def test_image_extensions_match_in_any_case(tmp_path):
     # IMAGE_EXTENSIONS are matched case-insensitively: A.JPG and b.PNG are images, for the
     # folder reader (training, prepare, fid's reference) and for fid's samples alike.

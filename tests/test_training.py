@@ -131,6 +131,50 @@ def test_resume_is_bit_exact(made16, reference_run, tmp_path):
     assert elapsed == sorted(elapsed) and elapsed[3] >= elapsed[2], elapsed
 
 
+def test_resume_with_another_batch_counts_images_and_reads_on_in_the_permutation(
+        made16, tmp_path, monkeypatch):
+    # A run resumed with another global batch: log.csv's images is the running count of
+    # examples consumed (stored in the checkpoint; one saved before it was: step x its
+    # global batch), and the examples read go on in the epoch's permutation from there,
+    # none skipped or repeated.
+    read = []
+
+    class Recording(training.StepBatches):
+        def __iter__(self):
+            for batch in super().__iter__():
+                read.append(batch)
+                yield batch
+    monkeypatch.setattr(training, "StepBatches", Recording)
+    out = tmp_path / "run"
+    training.train(data=str(made16), out=str(out), steps=2, **KW)            # batch 4
+    d = out / "checkpoints" / "step_000000002"
+    st = ckpt.load(d)
+    assert st["images"] == 8
+    # As a checkpoint saved before `images` was stored: the fallback, 2 x 4
+    net, ema = UNet(**st["config"]["model"]), UNet(**st["config"]["model"])
+    net.load_state_dict(st["model"])
+    ema.load_state_dict(st["ema"])
+    ckpt.save(out / "checkpoints", 2, net, ema,
+              {"optimizer": st["optimizer"], "stats": st["stats"]}, st["config"])
+    assert "images" not in ckpt.load(d)
+    with pytest.warns(UserWarning, match="batch_size 4 -> 2"):
+        training.train(data=str(made16), out=str(out), steps=4, resume="auto",
+                       **{**KW, "batch_size": 2})
+    assert ckpt.load(out / "checkpoints" / "step_000000004")["images"] == 12
+    # the stored count, not step x the saved global batch (4 x 2 = 8)
+    with pytest.warns(UserWarning, match="batch_size 2 -> 3"):
+        training.train(data=str(made16), out=str(out), steps=5, resume="auto",
+                       **{**KW, "batch_size": 3})
+    rows = [dict(zip(training.LOG_FIELDS, r.split(",")))
+            for r in (out / "log.csv").read_text().splitlines()[1:]]
+    assert [(int(r["step"]), int(r["images"])) for r in rows] == \
+        [(1, 4), (2, 8), (3, 10), (4, 12), (5, 15)]
+    assert [len(b) for b in read] == [4, 4, 2, 2, 3]
+    # 15 of the 64 examples: the first 15 of epoch 0's permutation, in its order
+    want = training.StepBatches(64, 15, 15, 0, seed=KW_SEED, start=0, stop=1).indices(0)
+    assert [i for b in read for i in b] == want
+
+
 def test_a_manifest_of_another_format_is_not_loaded(reference_run, tmp_path):
     # checkpoint.FORMAT = 1 is the only format this reader knows: a manifest saying
     # "format": 2 (files and hashes intact) is refused, and the search falls back.
