@@ -30,6 +30,11 @@ Implementations (the peers are our own code, written from the mathematics, in
   ``blurfast_fill``: the three passes in chunks of planes that fill the GPU rather than
   half its L2 (``fast+fill``).
   CUDA only, run only when named in ``impls``: the A/B of benchmarks/NOTES.md.
+  ``blurfast_given_noise``: the fused cases with the frequency-space noise ``zb`` passed
+  in (``spectral(noise=zb)``, one float32 tensor per shape made before timing) instead of
+  made in the kernel: the row's difference from ``blurfast`` is what Philox and
+  Box-Muller cost on the kernel's critical path, less the time of reading ``zb`` (from L2
+  where it fits there). Not on CUDA only; run only when named.
 * ``blurfast_simple``: the same with the fused whole-plane CUDA kernel turned off
   (``BLURFAST_CUDA_KERNELS=simple``): the simple multi-launch kernels (CUDA only).
 * ``torch_fp32``: DCT as two matrix products with cached DCT matrices (the way
@@ -76,7 +81,7 @@ __all__ = [
     "CASES", "IMPLS", "VARIANT_IMPLS", "DTYPES", "CUDA_SHAPES", "CUDA_EXTRA_SHAPES", "CPU_SHAPES",
     "matmul_dct2", "matmul_idct2", "fft_dct2", "fft_idct2",
     "ref_q_sample", "ref_sampler_step", "tf32_matmul",
-    "get_impl", "impl_function", "check_impl", "CHECK_TOL", "WrongOutput", "make_inputs",
+    "get_impl", "impl_function", "given_noise", "check_impl", "CHECK_TOL", "WrongOutput", "make_inputs",
     "traffic_bytes", "targets", "TARGETS",
     "measure_copy_gbps", "time_call", "num_input_sets", "run", "run_header", "dumps", "format_table",
     "main",
@@ -86,7 +91,7 @@ CASES = ("dct2", "idct2", "q_sample", "sampler_step")
 IMPLS = ("blurfast", "blurfast_dense", "blurfast_simple", "torch_fp32", "torch_tf32",
          "torch_fft", "cupy")
 VARIANT_IMPLS = ("blurfast_prefetch", "blurfast_noprefetch", "blurfast_wide",
-                 "blurfast_separate", "blurfast_fill")
+                 "blurfast_separate", "blurfast_fill", "blurfast_given_noise")
 # Timed and untimed calls per row: {device type: (full run, --quick)}.
 ITERS = {"cuda": (200, 30), "cpu": (20, 10)}
 WARMUP = {"cuda": (20, 5), "cpu": (3, 3)}
@@ -142,6 +147,32 @@ def _blurfast_functions():
         "q_sample": lambda x0, a, g: bf.spectral(x0, a, g=g, seed=_SEED, return_noise=True),
         "sampler_step": lambda x_t, eps, c1, c2, sig: bf.spectral(x_t, c1, eps, c2, g=sig,
                                                                   seed=_SEED),
+    }
+
+
+def given_noise(shape, device) -> torch.Tensor:
+    """The noise ``zb`` that ``blurfast_given_noise`` passes in for inputs of ``shape`` on
+    ``device``: float32 standard normals from a generator seeded with the bench's seed."""
+    gen = torch.Generator(device=device).manual_seed(_SEED)
+    return torch.randn(tuple(shape), generator=gen, device=device, dtype=torch.float32)
+
+
+def _given_noise_functions():
+    """The fused cases of ``blurfast_given_noise``: :func:`given_noise`, made once per
+    shape and device at the first (untimed) call."""
+    import blurfast as bf
+    made = {}
+
+    def zb(x):
+        key = (tuple(x.shape), x.device)
+        if key not in made:
+            made[key] = given_noise(x.shape, x.device)
+        return made[key]
+
+    return {
+        "q_sample": lambda x0, a, g: bf.spectral(x0, a, g=g, noise=zb(x0), return_noise=True),
+        "sampler_step": lambda x_t, eps, c1, c2, sig: bf.spectral(x_t, c1, eps, c2, g=sig,
+                                                                  noise=zb(x_t)),
     }
 
 
@@ -222,6 +253,8 @@ _IMPLS = {
     **{f"blurfast_{v}": Impl(f"blurfast_{v}", _blurfast_functions, cuda_only=True,
                              dtypes=DTYPES, context=_kernels_env("fast+" + v))
        for v in ("prefetch", "noprefetch", "wide", "separate", "fill")},
+    "blurfast_given_noise": Impl("blurfast_given_noise", _given_noise_functions,
+                                 dtypes=DTYPES),
     "blurfast_simple": Impl("blurfast_simple", _blurfast_functions, cuda_only=True,
                             dtypes=DTYPES, context=_kernels_env("simple")),
     "torch_fp32": Impl("torch_fp32", lambda: _torch_functions(matmul_dct2, matmul_idct2),
@@ -639,13 +672,14 @@ def format_table(result: dict) -> str:
     lines = [f"{result['gpu']} | torch {result['torch']} | driver {result['driver']} | "
              f"{result['date']}",
              f"device copy: {result['copy_gbps']:.1f} GB/s (read + write)"]
-    hdr = f"{'case':<13}{'shape':<16}{'impl':<16}{'dtype':<9}{'median_us':>10}" \
+    iw = max([16] + [len(r["impl"]) + 2 for r in result["rows"]])    # the impl column
+    hdr = f"{'case':<13}{'shape':<16}{'impl':<{iw}}{'dtype':<9}{'median_us':>10}" \
           f"{'wall_us':>10}{'GB/s':>9}{'copy%':>8}{'vs fp32':>9}{'launch':>7}"
     lines += [hdr, "-" * len(hdr)]
     for r in result["rows"]:
         sp = r["speedup_vs_torch_fp32"]
         nl = r.get("launches")
-        lines.append(f"{r['case']:<13}{'x'.join(map(str, r['shape'])):<16}{r['impl']:<16}"
+        lines.append(f"{r['case']:<13}{'x'.join(map(str, r['shape'])):<16}{r['impl']:<{iw}}"
                      f"{r.get('dtype', 'float32'):<9}"
                      f"{r['median_us']:>10.1f}{r['wall_us']:>10.1f}{r['gbps']:>9.1f}"
                      f"{100 * r['copy_fraction']:>7.1f}%"

@@ -21,7 +21,8 @@
 #              geometry for every call at 64 x 64 (BLURFAST_CUDA_KERNELS=fast+prefetch,
 #              fast+noprefetch, fast+wide) beside blurfast, blurfast_dense and torch_fp32,
 #              float32 and bfloat16 (wide is the default for float32 fused calls at 64
-#              only), the plane-kernel shapes -> bench_variants.json
+#              only), and the fused cases with the noise given (blurfast_given_noise: the
+#              in-kernel noise's cost), the plane-kernel shapes -> bench_variants.json
 #   bench_columns  the fused op at 256 x 256 in three passes (the default since version 8)
 #              against version 5's six passes and combine kernel (fast+separate), and
 #              in chunks that fill the GPU instead of half its L2 (fast+fill), float32
@@ -281,7 +282,7 @@ step bench 90 "$PY" benchmarks/run.py --device cuda --quick --no-steps --strict 
 step bench_variants 50 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
   --shapes 256x3x64x64 16x3x64x64 256x3x32x32 64x3x128x128 --dtypes float32 bfloat16 \
   --impls blurfast blurfast_prefetch blurfast_noprefetch blurfast_wide blurfast_dense \
-  torch_fp32 \
+  blurfast_given_noise torch_fp32 \
   --json "$OUT/bench_variants.json"
 step bench_columns 25 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
   --shapes 64x3x256x256 --cases q_sample sampler_step --dtypes float32 bfloat16 \

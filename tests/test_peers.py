@@ -103,8 +103,8 @@ def test_ref_sampler_step_matches_reference_spectral():
 # --- every implementation the bench times on a CPU, every case, against float64 scipy ---
 
 def _cpu_impls():
-    """The impls the bench can time on a CPU (the blurfast_* variants and TF32 are CUDA only,
-    cupy needs CUDA): each is checked below."""
+    """The impls the bench can time on a CPU (TF32 and the blurfast_* variants other than
+    blurfast_given_noise are CUDA only, cupy needs CUDA): each is checked below."""
     return [i for i in bench.IMPLS + bench.VARIANT_IMPLS if bench.get_impl(i).available("cpu")[0]]
 
 
@@ -120,6 +120,9 @@ def _call_with_known_noise(impl, case, args):
     fn = bench.impl_function(impl, case)
     if case in ("dct2", "idct2"):
         return (fn(*args),), None
+    if impl == "blurfast_given_noise":
+        return fn(*args) if case == "q_sample" else (fn(*args),), \
+            bench.given_noise(args[0].shape, "cpu").double().numpy()
     if impl.startswith("blurfast"):
         out = fn(*args)
         zb = normal_like(args[0].double(), seed=bench._SEED)
@@ -167,6 +170,8 @@ def test_every_cpu_impl_computes_each_case(case, shape):
     args = bench.make_inputs(case, shape, "cpu")
     errs = {}
     for impl in impls:
+        if bench.impl_function(impl, case) is None:      # a variant of the fused cases only
+            continue
         outs, zb = _call_with_known_noise(impl, case, args)
         want = _truth(case, args, zb)
         assert len(outs) == len(want), impl
@@ -226,7 +231,8 @@ def test_bench_check_passes_the_cpu_impls(case, dtype):
     if dtype == torch.float32 and case in ("dct2", "q_sample"):
         return
     for impl in _cpu_impls():
-        if str(dtype).replace("torch.", "") not in bench.get_impl(impl).dtypes:
+        if str(dtype).replace("torch.", "") not in bench.get_impl(impl).dtypes or \
+                bench.impl_function(impl, case) is None:
             continue
         args = bench.make_inputs(case, (2, 3, 32, 32), "cpu", dtype=dtype)
         bench.check_impl(impl, case, bench.impl_function(impl, case), args, "cpu")
