@@ -1,8 +1,11 @@
 """The public ops: dct2, idct2, spectral (the fused frequency-space op), gaussian_blur.
 
 Three layers, as in flash-attention: ``torch.library`` custom ops (``blurfast::*``, with
-fake and autograd registrations) call the kernels through raw pointers; the plain
-functions at the bottom validate arguments and are what users call.
+fake and autograd registrations) call the kernels through raw pointers; an
+``autograd.Function`` per op (forward the custom op, backward and jvp the same formulas)
+serves torch.func's transforms and forward-mode AD, which the custom ops' generated
+Functions cannot; the plain functions at the bottom validate arguments and are what users
+call. They call the custom op directly unless a transform or forward AD is active.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 
 from .checks import check_int
 from ._backend import _C, DTYPE_CODES, HAS_CUDA_KERNELS, check_cuda_device
@@ -201,12 +205,64 @@ def _(x, seed, offset):
     return x.new_empty(x.shape)
 
 
+# ---------------------------------------------------------------- calls torch.func can transform
+
+# torch.func's transforms (grad, vjp, jacrev, jacfwd, jvp, vmap) refuse the autograd.Function
+# that register_autograd generates, for want of a setup_context staticmethod (pytorch/pytorch
+# issues 168393 and 179652): "In order to use an autograd.Function with functorch transforms
+# ... it must override the setup_context staticmethod". So under a transform, and under
+# forward-mode AD (which the custom ops lack), each op is called through its autograd.Function
+# below (_DCT2, _IDCT2, _Spectral, _NormalLike); elsewhere through the custom op itself, as
+# before. The gradient formulas, registered on the custom ops and called by the Functions
+# alike, call the ops through these functions too, so that a backward can itself be
+# transformed (hessians, gradients of per-sample gradients). The test costs 0.06 µs; a
+# Function's apply about 8 µs more than the custom op's call (28 µs for spectral, whose nine
+# arguments apply binds to forward's signature): measured on a 1 x 1 x 8 x 8 float32 tensor.
+
+def _through_function() -> bool:
+    """Whether an op call must go through its autograd.Function: a torch.func transform is
+    active (the one condition under which autograd.Function.apply needs setup_context), or a
+    forward-AD level is open (dual tensors exist only inside one)."""
+    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
+
+
+def _dct2_call(x: Tensor) -> Tensor:
+    return _DCT2.apply(x) if _through_function() else _dct2_op(x)
+
+
+def _idct2_call(x: Tensor) -> Tensor:
+    return _IDCT2.apply(x) if _through_function() else _idct2_op(x)
+
+
+def _spectral_call(x, a, x2, a2, g, noise, seed, offset, return_noise):
+    f = _Spectral.apply if _through_function() else _spectral_op
+    return f(x, a, x2, a2, g, noise, seed, offset, return_noise)
+
+
+def _normal_call(x: Tensor, seed: int, offset: int) -> Tensor:
+    return _NormalLike.apply(x, seed, offset) if _through_function() else _normal_op(x, seed, offset)
+
+
+# ---------------------------------------------------------------- gradient formulas
+
 # The transforms are orthonormal: the adjoint of dct2 is idct2 and vice versa.
-_dct2_op.register_autograd(lambda ctx, grad: _idct2_op(grad))
-_idct2_op.register_autograd(lambda ctx, grad: _dct2_op(grad))
+def _dct2_backward(ctx, grad):
+    return _idct2_call(grad)
+
+
+def _idct2_backward(ctx, grad):
+    return _dct2_call(grad)
+
+
 # The noise depends on x's shape only, not its values (the backward of spectral calls this
 # on its saved x, which requires grad under create_graph).
-_normal_op.register_autograd(lambda ctx, grad: (None, None, None))
+def _normal_backward(ctx, grad):
+    return None, None, None
+
+
+_dct2_op.register_autograd(_dct2_backward)
+_idct2_op.register_autograd(_idct2_backward)
+_normal_op.register_autograd(_normal_backward)
 
 
 def _spectral_setup(ctx, inputs, output):
@@ -229,28 +285,153 @@ def _spectral_backward(ctx, grad_out, grad_noise):
     x, a, x2, a2, g, noise = ctx.saved_tensors
     need = ctx.needs_input_grad
     # gz, the output gradient in frequency space, only for the maps' and noise's gradients
-    gz = _dct2_op(grad_out) if any(need[i] for i in (1, 3, 4, 5)) else None
+    gz = _dct2_call(grad_out) if any(need[i] for i in (1, 3, 4, 5)) else None
     grad = [None] * 9
     if need[0]:
-        grad[0] = _spectral_op(grad_out, a, None, None, None, None, 0, 0, False)[0]
+        grad[0] = _spectral_call(grad_out, a, None, None, None, None, 0, 0, False)[0]
     if need[1]:
-        grad[1] = _reduce_to(gz * _dct2_op(x), a)
+        grad[1] = _reduce_to(gz * _dct2_call(x), a)
     if x2 is not None and need[2]:
-        grad[2] = _spectral_op(grad_out, a2, None, None, None, None, 0, 0, False)[0]
+        grad[2] = _spectral_call(grad_out, a2, None, None, None, None, 0, 0, False)[0]
     if x2 is not None and need[3]:
-        grad[3] = _reduce_to(gz * _dct2_op(x2), a2)
+        grad[3] = _reduce_to(gz * _dct2_call(x2), a2)
     if g is not None and need[4]:
-        zb = noise if noise is not None else _normal_op(x, ctx.seed, ctx.offset)
+        zb = noise if noise is not None else _normal_call(x, ctx.seed, ctx.offset)
         grad[4] = _reduce_to(gz * zb, g)
     if noise is not None and need[5]:
         gn = (gz * g) if g is not None else torch.zeros_like(gz)
         if grad_noise is not None and grad_noise.numel():
-            gn = gn + _dct2_op(grad_noise)
+            gn = gn + _dct2_call(grad_noise)
         grad[5] = _reduce_to(gn, noise)
     return tuple(grad)
 
 
 _spectral_op.register_autograd(_spectral_backward, setup_context=_spectral_setup)
+
+
+def _spectral_jvp(ctx, tx, ta, tx2, ta2, tg, tnoise, *_):
+    """Forward mode: out = idct2(a*dct2(x) + a2*dct2(x2) + g*zb) is linear in each of x, a,
+    x2, a2, g and zb, so its tangent is the sum over the inputs with a tangent of the same
+    expression with that input replaced by its tangent (idct2(ta*dct2(x)) is spectral(x, ta)),
+    in fused calls of two data terms and one noise term each. Made noise has no tangent."""
+    x, a, x2, a2, g, noise = ctx.saved_tensors
+    data = [(d, m) for d, m in ((tx, a), (x, ta), (tx2, a2), (x2, ta2))
+            if d is not None and m is not None]
+    noisy = []                  # (map, noise); noise None: made from (seed, offset) as in forward
+    if g is not None and tg is not None:
+        noisy.append((tg, noise))
+    if g is not None and tnoise is not None:
+        noisy.append((g, tnoise))
+    t_out = None
+    while data or noisy:
+        d1, m1 = data.pop(0) if data else (x, torch.zeros((), dtype=x.dtype, device=x.device))
+        d2, m2 = data.pop(0) if data else (None, None)
+        gm, zb = noisy.pop(0) if noisy else (None, None)
+        term = _spectral_call(d1, m1, d2, m2, gm, zb, ctx.seed, ctx.offset, False)[0]
+        t_out = term if t_out is None else t_out + term
+    if t_out is None:
+        t_out = torch.zeros_like(x)
+    if ctx.return_noise and noise is not None and tnoise is not None:
+        # idct2(zb) in the compute dtype, rounded once to x's (as the kernel does)
+        t_noise = _idct2_call(tnoise.to(_compute_dtype(x.dtype)).expand(x.shape)).to(x.dtype)
+    else:       # made noise, or the empty second output of return_noise=False
+        t_noise = x.new_zeros(x.shape if ctx.return_noise else (0,))
+    return t_out, t_noise
+
+
+# ---------------------------------------------------------------- autograd.Functions
+
+# The layer between the custom ops and the public functions that torch.func can transform:
+# forward calls the custom op, setup_context, backward and jvp the formulas above (one
+# source of truth for each). dct2 and idct2 batch by moving vmap's dim in front (they
+# transform every leading dim alike); spectral and normal_like take torch's generated rule,
+# which runs the custom op once per sample (the same noise for each sample, as a loop of
+# single-sample calls would draw).
+
+class _DCT2(torch.autograd.Function):
+    @staticmethod
+    def forward(x):
+        return _dct2_op(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _dct2_backward(ctx, grad)
+
+    @staticmethod
+    def jvp(ctx, tx):
+        return _dct2_call(tx)
+
+    @staticmethod
+    def vmap(info, in_dims, x):
+        return _dct2_call(x.movedim(in_dims[0], 0)), 0
+
+
+class _IDCT2(torch.autograd.Function):
+    @staticmethod
+    def forward(x):
+        return _idct2_op(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _idct2_backward(ctx, grad)
+
+    @staticmethod
+    def jvp(ctx, tx):
+        return _idct2_call(tx)
+
+    @staticmethod
+    def vmap(info, in_dims, x):
+        return _idct2_call(x.movedim(in_dims[0], 0)), 0
+
+
+class _Spectral(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, a, x2, a2, g, noise, seed, offset, return_noise):
+        return _spectral_op(x, a, x2, a2, g, noise, seed, offset, return_noise)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _spectral_setup(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:6])
+        ctx.return_noise = inputs[8]
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_noise):
+        return _spectral_backward(ctx, grad_out, grad_noise)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        return _spectral_jvp(ctx, *tangents)
+
+
+class _NormalLike(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, seed, offset):
+        return _normal_op(x, seed, offset)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _normal_backward(ctx, grad)
+
+    @staticmethod
+    def jvp(ctx, tx, *_):
+        return torch.zeros_like(tx)
 
 
 # ---------------------------------------------------------------- validation and public API
@@ -292,13 +473,13 @@ def _check_map(name: str, m, x: Tensor) -> None:
 def dct2(x: Tensor) -> Tensor:
     """Orthonormal 2-D DCT-II over the last two dims (``scipy.fft.dctn(norm="ortho")``)."""
     _check_data("x", x)
-    return _dct2_op(x)
+    return _dct2_call(x)
 
 
 def idct2(X: Tensor) -> Tensor:
     """Inverse of :func:`dct2` (orthonormal 2-D DCT-III) over the last two dims."""
     _check_data("X", X)
-    return _idct2_op(X)
+    return _idct2_call(X)
 
 
 def spectral(x: Tensor, a: Tensor, x2: Optional[Tensor] = None, a2: Optional[Tensor] = None,
@@ -338,14 +519,14 @@ def spectral(x: Tensor, a: Tensor, x2: Optional[Tensor] = None, a2: Optional[Ten
     else:
         seed = check_int("seed", seed, 0, _SEED_LIMIT - 1)
     offset = check_int("offset", offset, 0, _SEED_LIMIT - 1)
-    out, noise_px = _spectral_op(x, a, x2, a2, g, noise, seed, offset, bool(return_noise))
+    out, noise_px = _spectral_call(x, a, x2, a2, g, noise, seed, offset, bool(return_noise))
     return (out, noise_px) if return_noise else out
 
 
 def normal_like(x: Tensor, seed: int, offset: int = 0) -> Tensor:
     """The in-kernel noise stream as a tensor shaped like ``x`` (element i: position offset+i)."""
     _check_data("x", x, min_dim=0)
-    return _normal_op(x, check_int("seed", seed, 0, _SEED_LIMIT - 1),
+    return _normal_call(x, check_int("seed", seed, 0, _SEED_LIMIT - 1),
                       check_int("offset", offset, 0, _SEED_LIMIT - 1))
 
 

@@ -559,6 +559,12 @@ def test_backward_to_x_alone_transforms_nothing_extra(monkeypatch):
     a = torch.rand(2, 1, 8, 8).requires_grad_()
     bf.spectral(x, a).sum().backward()
     assert len(calls) == 2            # gz and dct2(x), for a's gradient
+    # the same under torch.func.grad (through blurfast's autograd.Function)
+    g = torch.rand(2, 1, 1, 1)
+    torch.func.grad(lambda x: bf.spectral(x, a.detach(), g=g, seed=1).sum())(x.detach())
+    assert len(calls) == 2
+    torch.func.grad(lambda a: bf.spectral(x.detach(), a).sum())(a.detach())
+    assert len(calls) == 4
 
 
 def test_maps_cached_under_inference_mode_still_train():
@@ -582,6 +588,203 @@ def test_maps_cached_under_inference_mode_still_train():
     (ref.dct2(xr) * w).sum().backward()
     want = scipy.fft.idctn(w.numpy(), axes=(-2, -1), norm="ortho")
     assert rel_err(xr.grad, torch.from_numpy(want)) < 1e-12
+
+
+# --------------------------------------------------------------- torch.func
+
+# torch.func's transforms refuse the autograd.Function that register_autograd generates
+# (pytorch/pytorch 168393, 179652); the ops go through their own Functions under a transform.
+
+def _dct_kron(h, w):
+    """The (H W, H W) matrix of the orthonormal 2-D DCT-II on row-major planes: kron(C_H, C_W)
+    with C_n = scipy's orthonormal DCT-II of the identity (float64)."""
+    c = lambda n: scipy.fft.dct(np.eye(n), norm="ortho", axis=0)
+    return torch.from_numpy(np.kron(c(h), c(w)))
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (5, 7), (1, 6)])
+def test_func_jacobians_of_dct2_are_the_dct_matrix(hw):
+    # The transforms are linear: their Jacobian is the DCT matrix K (dct2) and K^T (idct2),
+    # by reverse mode (jacrev: vmap over vjp), forward mode (jacfwd: vmap over jvp) and the
+    # vjp/jvp of one vector. Float64 sums of <= 8 terms: measured <= 1.2e-15, bound 1e-14.
+    h, w = hw
+    k = _dct_kron(h, w)
+    x = _rand(h, w, dtype=torch.float64)
+    for f, want in ((bf.dct2, k), (bf.idct2, k.T)):
+        for jac in (torch.func.jacrev, torch.func.jacfwd):
+            got = jac(f)(x).reshape(h * w, h * w)
+            assert rel_err(got, want) < 1e-14, (f.__name__, jac.__name__)
+        v = _rand(h, w, seed=1, dtype=torch.float64)
+        out, vjp = torch.func.vjp(f, x)
+        assert rel_err(vjp(v)[0], (want.T @ v.reshape(-1)).reshape(h, w)) < 1e-14
+        _, tangent = torch.func.jvp(f, (x,), (v,))
+        assert rel_err(tangent, (want @ v.reshape(-1)).reshape(h, w)) < 1e-14
+
+
+def test_func_grad_of_dct2_and_its_second_derivative():
+    # grad of <w, dct2(x)>^2 / 2 is <w, dct2(x)> idct2(w) (K^T w); its Hessian is
+    # K^T w (K^T w)^T: second order through the backward, by grad of grad and by
+    # jacfwd of jacrev. Truth: scipy's DCT matrix in float64.
+    x = _rand(2, 3, 4, 5, dtype=torch.float64)
+    w = _rand(2, 3, 4, 5, seed=1, dtype=torch.float64)
+    f = lambda x: (w * bf.dct2(x)).sum() ** 2 / 2
+    ktw = torch.einsum("ij,bcj->bci", _dct_kron(4, 5).T, w.reshape(2, 3, 20)).reshape(x.shape)
+    s = (w * bf.dct2(x)).sum()
+    assert rel_err(torch.func.grad(f)(x), s * ktw) < 1e-13
+    hess = torch.func.jacfwd(torch.func.jacrev(f))(x).reshape(120, 120)
+    want = torch.outer(ktw.reshape(-1), ktw.reshape(-1))
+    assert rel_err(hess, want) < 1e-13
+    u = _rand(2, 3, 4, 5, seed=2, dtype=torch.float64)    # grad of a directional derivative
+    hu = torch.func.grad(lambda x: (torch.func.grad(f)(x) * u).sum())(x)
+    assert rel_err(hu, (want @ u.reshape(-1)).reshape(x.shape)) < 1e-13
+
+
+def _spectral_inputs(broadcast: bool):
+    d = dict(dtype=torch.float64)
+    x, x2 = _rand(2, 3, 6, 7, **d), _rand(2, 3, 6, 7, seed=1, **d)
+    if broadcast:   # the maps' gradients are summed back to their broadcast shapes
+        a, a2, g, zb = (torch.rand(2, 1, 6, 7, **d), torch.rand(6, 7, **d),
+                        torch.rand(1, 1, 6, 7, **d), _rand(1, 3, 6, 7, seed=2, **d))
+    else:
+        a, a2, g, zb = (torch.rand(2, 3, 6, 7, **d) for _ in range(4))
+    return x, a, x2, a2, g, zb
+
+
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_func_grad_of_spectral_matches_the_reference(broadcast):
+    # torch.func.grad with respect to x, every map and the noise, of a nonlinear loss of both
+    # outputs, against torch's autograd on the pure-PyTorch reference in float64 (its matrix
+    # DCTs). Measured <= 6e-16 relatively; bound 1e-13.
+    ins = _spectral_inputs(broadcast)
+    w = _rand(2, 3, 6, 7, seed=3, dtype=torch.float64)
+
+    def loss(f, x, a, x2, a2, g, zb):
+        out, npx = f(x, a, x2, a2, g, zb, return_noise=True)
+        return (w * out).sin().sum() + (out * npx).sum()
+    got = torch.func.grad(lambda *t: loss(bf.spectral, *t), argnums=tuple(range(6)))(*ins)
+    leaves = [t.clone().requires_grad_() for t in ins]
+    want = torch.autograd.grad(loss(ref.spectral, *leaves), leaves)
+    for name, gt, wt in zip(("x", "a", "x2", "a2", "g", "noise"), got, want):
+        assert gt.shape == wt.shape, name
+        assert rel_err(gt, wt) < 1e-13, name
+
+
+def test_func_grad_of_spectral_with_generated_noise():
+    # Noise made in the kernel from (seed, offset): the reference takes the same Philox
+    # normals as given noise. Gradients of x, a and g (whose gradient uses the regenerated
+    # stream), and the Hessian in g by jacfwd of jacrev (forward mode over the backward).
+    x, a, _, _, g, _ = _spectral_inputs(True)
+    zb = ref.philox_normal(x.shape, 11, 6, torch.float64)
+    w = _rand(2, 3, 6, 7, seed=3, dtype=torch.float64)
+    ours = lambda x, a, g: (w * bf.spectral(x, a, g=g, seed=11, offset=6)).sin().sum()
+    theirs = lambda x, a, g: (w * ref.spectral(x, a, g=g, noise=zb)).sin().sum()
+    got = torch.func.grad(ours, argnums=(0, 1, 2))(x, a, g)
+    leaves = [t.clone().requires_grad_() for t in (x, a, g)]
+    want = torch.autograd.grad(theirs(*leaves), leaves)
+    for name, gt, wt in zip("xag", got, want):
+        assert rel_err(gt, wt) < 1e-13, name
+    hess = torch.func.jacfwd(torch.func.jacrev(ours, argnums=2), argnums=2)(x, a, g)
+    want = torch.autograd.functional.hessian(lambda g: theirs(x, a, g), g)
+    assert rel_err(hess, want) < 1e-12
+
+
+def test_func_jvp_of_spectral_matches_the_reference():
+    # Forward mode: the op is linear in x, x2 and the noise and in each map, so its tangent is
+    # the sum of the op with one input replaced by its tangent at a time. Against the
+    # reference's jvp (torch's forward AD through its matrix DCTs), with every input and
+    # with a subset carrying a tangent; given noise (both outputs) and made noise.
+    ins = _spectral_inputs(True)
+    tans = [_rand(*t.shape, seed=10 + i, dtype=torch.float64) for i, t in enumerate(ins)]
+    for idx in ((0, 1, 2, 3, 4, 5), (1, 4), (5,), (2,)):
+        def call(f, *sub):
+            args = list(ins)
+            for i, t in zip(idx, sub):
+                args[i] = t
+            return f(*args, return_noise=True)
+        primals, tangents = tuple(ins[i] for i in idx), tuple(tans[i] for i in idx)
+        got = torch.func.jvp(lambda *s: call(bf.spectral, *s), primals, tangents)[1]
+        want = torch.func.jvp(lambda *s: call(ref.spectral, *s), primals, tangents)[1]
+        for name, gt, wt in zip(("out", "noise"), got, want):
+            assert rel_err(gt, wt) < 1e-13, (idx, name)
+    x, a, _, _, g, _ = ins
+    zb = ref.philox_normal(x.shape, 4, 1, torch.float64)
+    tx, ta, tg = tans[0], tans[1], tans[4]
+    got = torch.func.jvp(lambda x, a, g: bf.spectral(x, a, g=g, seed=4, offset=1, return_noise=True),
+                         (x, a, g), (tx, ta, tg))[1]
+    want = ref.spectral(tx, a) + ref.spectral(x, ta) + ref.idct2(tg * zb)
+    assert rel_err(got[0], want) < 1e-13
+    assert torch.equal(got[1], torch.zeros_like(x))      # made noise: no tangent
+
+
+def test_func_vmap_of_grad_gives_per_sample_gradients():
+    # Per-sample gradients (vmap of grad) equal a loop of single-sample gradients, through
+    # dct2, idct2, the fused op with made noise (each sample draws the same stream, as a
+    # single-sample call does) and gaussian_blur; float32 inputs, per-sample maps.
+    x = _rand(4, 3, 8, 8)
+    a = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    g = torch.rand(8, 8, generator=torch.Generator().manual_seed(2))
+
+    def loss(x, a):          # one sample: x (3, 8, 8), a (1, 8, 8)
+        y = bf.spectral(bf.idct2(bf.dct2(x) * 0.5), a, g=g, seed=7, offset=3)
+        return (bf.gaussian_blur(y, 1.0) ** 2).sum() + (a * bf.dct2(a)).sum()
+    per_sample = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)))(x, a)
+    for i in range(4):
+        one = torch.func.grad(loss, argnums=(0, 1))(x[i], a[i])
+        for got, want in zip(per_sample, one):
+            assert torch.allclose(got[i], want, rtol=1e-6, atol=1e-6), i
+    # and against autograd on the reference in float64, sample by sample
+    xr = x.double().requires_grad_()
+    zb = ref.philox_normal((3, 8, 8), 7, 3, torch.float64)
+    blur = bf.ops._blur_map(8, 8, 1.0, "discrete", torch.device("cpu"), torch.float64)
+    for i in range(4):
+        ar = a[i].double().requires_grad_()
+        y = ref.spectral(ref.idct2(ref.dct2(xr[i]) * 0.5), ar, g=g, noise=zb)
+        total = (ref.spectral(y, blur) ** 2).sum() + (ar * ref.dct2(ar)).sum()
+        gx, ga = torch.autograd.grad(total, (xr, ar))
+        assert rel_err(per_sample[0][i], gx[i]) < 1e-5, i
+        assert rel_err(per_sample[1][i], ga) < 1e-5, i
+
+
+def test_func_vmap_of_dct2_batches_in_one_call(monkeypatch):
+    # dct2 and idct2 move vmap's dimension in front and transform every plane in one call
+    # (not torch's loop of one call per sample): the same bits as a loop, at any in_dims.
+    import blurfast.ops as ops
+    calls = []
+    real = ops._dct2_op
+    monkeypatch.setattr(ops, "_dct2_op", lambda t: calls.append(t.shape) or real(t))
+    x = _rand(5, 3, 8, 12)
+    got = torch.func.vmap(bf.dct2, in_dims=2, out_dims=1)(x.permute(1, 2, 0, 3))
+    assert calls == [(5, 3, 8, 12)]
+    assert torch.equal(got.permute(1, 0, 2, 3), torch.stack([real(t) for t in x]))
+    assert torch.equal(torch.func.vmap(bf.idct2)(x), torch.stack([bf.idct2(t) for t in x]))
+
+
+def test_normal_like_under_func_transforms():
+    # The noise does not depend on x's values: zero gradient and tangent; under vmap each
+    # sample gets the stream of a single-sample call.
+    x = _rand(3, 2, 4, 5, dtype=torch.float64)
+    assert torch.equal(torch.func.grad(lambda x: (normal_like(x, 5) * x).sum())(x),
+                       normal_like(x, 5))
+    _, t = torch.func.jvp(lambda x: normal_like(x, 5), (x,), (torch.ones_like(x),))
+    assert torch.equal(t, torch.zeros_like(x))
+    got = torch.func.vmap(lambda x: normal_like(x, 5, 2))(x)
+    assert torch.equal(got, normal_like(x[0], 5, 2).expand(x.shape))
+
+
+def test_forward_ad_without_func():
+    # torch.autograd.forward_ad (dual tensors, no torch.func) takes the same jvp formulas;
+    # outside a dual level the custom ops are called as before (grad_fn names unchanged).
+    import torch.autograd.forward_ad as fwad
+    x, a = _rand(2, 6, 7, dtype=torch.float64), torch.rand(6, 7, dtype=torch.float64)
+    tx = _rand(2, 6, 7, seed=1, dtype=torch.float64)
+    with fwad.dual_level():
+        y = bf.spectral(fwad.make_dual(x, tx), a)
+        assert rel_err(fwad.unpack_dual(y).tangent, ref.spectral(tx, a)) < 1e-13
+        z = bf.idct2(fwad.make_dual(x, tx))
+        assert rel_err(fwad.unpack_dual(z).tangent, ref.idct2(tx)) < 1e-13
+    xg = x.clone().requires_grad_()
+    assert "blurfast_dct2" in type(bf.dct2(xg).grad_fn).__name__
+    assert "blurfast_spectral" in type(bf.spectral(xg, a).grad_fn).__name__
 
 
 # --------------------------------------------------------------- errors
