@@ -527,7 +527,7 @@ def normal_like(x: Tensor, seed: int, offset: int = 0) -> Tensor:
     """The in-kernel noise stream as a tensor shaped like ``x`` (element i: position offset+i)."""
     _check_data("x", x, min_dim=0)
     return _normal_call(x, check_int("seed", seed, 0, _SEED_LIMIT - 1),
-                      check_int("offset", offset, 0, _SEED_LIMIT - 1))
+                        check_int("offset", offset, 0, _SEED_LIMIT - 1))
 
 
 @functools.lru_cache(maxsize=32)
