@@ -339,14 +339,68 @@ def _spectral_jvp(ctx, tx, ta, tx2, ta2, tg, tnoise, *_):
     return t_out, t_noise
 
 
+def _sample_shape(t: Tensor, bdim: Optional[int]) -> tuple:
+    """The logical (per-sample) shape of an unwrapped tensor whose vmap dim is ``bdim``."""
+    return tuple(t.shape) if bdim is None else tuple(t.movedim(bdim, 0).shape[1:])
+
+
+def _spectral_vmap(info, in_dims, x, a, x2, a2, g, noise, seed, offset, return_noise):
+    """vmap's rule for spectral: one call of the op on the whole batch.
+
+    x and x2 become (V, *sample) (an unbatched one expanded when anything else is batched);
+    a batched map or noise becomes (V, 1, ..., 1, *its logical shape), padded to x's logical
+    rank so that it broadcasts from the right as in a single-sample call, and an unbatched one
+    broadcasts as it is. Noise the kernel would make from (seed, offset) is made once for one
+    sample's shape, in the compute dtype (the kernel's own noise, to the bit: normal_like),
+    and passed as given noise, unbatched: every sample takes stream positions offset + i of
+    its own flat index i, as a loop of single-sample calls draws. The call goes through
+    _spectral_call, so transforms outside this vmap (grad(vmap(f)), nested vmaps) see it.
+    """
+    v = info.batch_size
+    xd, ad, x2d, a2d, gd, nd = in_dims[:6]
+    sample = _sample_shape(x, xd)          # x2's too
+    n = len(sample)
+
+    def data(t, d):
+        if t is None:
+            return None
+        return t.expand((v,) + tuple(t.shape)) if d is None else t.movedim(d, 0)
+
+    def freq(t, d):
+        if t is None or d is None:
+            return t
+        t = t.movedim(d, 0)
+        return t.reshape((v,) + (1,) * (n + 1 - t.dim()) + tuple(t.shape[1:]))
+
+    if noise is None and (g is not None or return_noise):
+        ct = _compute_dtype(x.dtype)
+        noise = _normal_call(torch.empty(sample, dtype=ct, device=x.device), seed, offset)
+        nd = None
+    out, noise_px = _spectral_call(data(x, xd), freq(a, ad), data(x2, x2d), freq(a2, a2d),
+                                   freq(g, gd), freq(noise, nd), seed, offset, return_noise)
+    return (out, noise_px), (0, 0 if return_noise else None)
+
+
+def _normal_vmap(info, in_dims, x, seed, offset):
+    """vmap's rule for normal_like: the stream depends on x's shape alone, so it is one
+    sample's, unbatched (out_dim None: vmap expands it), as each single-sample call makes."""
+    d = in_dims[0]
+    if info.batch_size == 0:        # no sample to take the shape of: an empty batch
+        return _normal_call(x.movedim(d, 0), seed, offset), 0
+    return _normal_call(x.select(d, 0), seed, offset), None
+
+
 # ---------------------------------------------------------------- autograd.Functions
 
 # The layer between the custom ops and the public functions that torch.func can transform:
 # forward calls the custom op, setup_context, backward and jvp the formulas above (one
-# source of truth for each). dct2 and idct2 batch by moving vmap's dim in front (they
-# transform every leading dim alike); spectral and normal_like take torch's generated rule,
-# which runs the custom op once per sample (the same noise for each sample, as a loop of
-# single-sample calls would draw).
+# source of truth for each). Each has a vmap staticmethod that makes one call for the whole
+# batch (torch's generated rule, generate_vmap_rule, would run the custom op once per sample
+# through its fallback, with a performance warning each time): dct2 and idct2 move vmap's
+# dim in front (they transform every leading dim alike), spectral moves every batched
+# argument's (_spectral_vmap), and normal_like returns one sample's stream. Every sample
+# gets the noise a single-sample call makes, so that vmap(f)(xs)[k] is f(xs[k]) to the bit,
+# as in a loop of single-sample calls.
 
 class _DCT2(torch.autograd.Function):
     @staticmethod
@@ -393,8 +447,6 @@ class _IDCT2(torch.autograd.Function):
 
 
 class _Spectral(torch.autograd.Function):
-    generate_vmap_rule = True
-
     @staticmethod
     def forward(x, a, x2, a2, g, noise, seed, offset, return_noise):
         return _spectral_op(x, a, x2, a2, g, noise, seed, offset, return_noise)
@@ -413,10 +465,12 @@ class _Spectral(torch.autograd.Function):
     def jvp(ctx, *tangents):
         return _spectral_jvp(ctx, *tangents)
 
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _spectral_vmap(info, in_dims, *args)
+
 
 class _NormalLike(torch.autograd.Function):
-    generate_vmap_rule = True
-
     @staticmethod
     def forward(x, seed, offset):
         return _normal_op(x, seed, offset)
@@ -432,6 +486,10 @@ class _NormalLike(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, tx, *_):
         return torch.zeros_like(tx)
+
+    @staticmethod
+    def vmap(info, in_dims, x, seed, offset):
+        return _normal_vmap(info, in_dims, x, seed, offset)
 
 
 # ---------------------------------------------------------------- validation and public API

@@ -83,6 +83,25 @@ def test_noise_same_on_cpu_and_cuda():
     assert (z64.cpu() - ref.philox_normal(x.shape, 7, 0, torch.float64)).abs().max() <= 1e-12
 
 
+
+@pytest.mark.parametrize("hw", [(64, 64), (7, 12)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_vmap_of_spectral_cuda_is_the_loop(hw, dtype):
+    # vmap's rule passes normal_like of one sample (compute dtype) as given noise to one
+    # batched call: the kernel's own noise to the bit, and each sample's output that of a
+    # single-sample call (plane count changes only the launch geometry).
+    x = _rand(5, 3, *hw, dtype=dtype).cuda()
+    a, g = torch.rand(5, *hw).cuda(), torch.rand(3, 1, hw[1]).cuda()
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    zb = normal_like(torch.empty(x.shape[1:], dtype=ct, device="cuda"), seed=9, offset=2 ** 40)
+    one = lambda x, a: bf.spectral(x, a, g=g, seed=9, offset=2 ** 40, return_noise=True)
+    for made, given in zip(one(x[0], a[0]), bf.spectral(x[0], a[0], g=g, noise=zb,
+                                                         return_noise=True)):
+        assert torch.equal(made, given)
+    got = torch.func.vmap(one)(x, a)
+    for i in range(2):
+        assert torch.equal(got[i], torch.stack([one(x[k], a[k])[i] for k in range(5)])), i
+
 def test_cuda_non_contiguous_empty_and_stream():
     x = _rand(3, 32, 48).cuda().transpose(-1, -2)
     assert rel_err(bf.dct2(x), ref.dct2(x.double().cpu())) <= 2e-6

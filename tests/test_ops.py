@@ -1,5 +1,6 @@
 """The ops and CPU kernels against the float64 reference, and the reference against scipy."""
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -719,7 +720,8 @@ def test_func_jvp_of_spectral_matches_the_reference():
 def test_func_vmap_of_grad_gives_per_sample_gradients():
     # Per-sample gradients (vmap of grad) equal a loop of single-sample gradients, through
     # dct2, idct2, the fused op with made noise (each sample draws the same stream, as a
-    # single-sample call does) and gaussian_blur; float32 inputs, per-sample maps.
+    # single-sample call does) and gaussian_blur; float32 inputs, per-sample maps. No
+    # warning: every op batches in one call.
     x = _rand(4, 3, 8, 8)
     a = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     g = torch.rand(8, 8, generator=torch.Generator().manual_seed(2))
@@ -727,7 +729,9 @@ def test_func_vmap_of_grad_gives_per_sample_gradients():
     def loss(x, a):          # one sample: x (3, 8, 8), a (1, 8, 8)
         y = bf.spectral(bf.idct2(bf.dct2(x) * 0.5), a, g=g, seed=7, offset=3)
         return (bf.gaussian_blur(y, 1.0) ** 2).sum() + (a * bf.dct2(a)).sum()
-    per_sample = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)))(x, a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        per_sample = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)))(x, a)
     for i in range(4):
         one = torch.func.grad(loss, argnums=(0, 1))(x[i], a[i])
         for got, want in zip(per_sample, one):
@@ -757,6 +761,203 @@ def test_func_vmap_of_dct2_batches_in_one_call(monkeypatch):
     assert calls == [(5, 3, 8, 12)]
     assert torch.equal(got.permute(1, 0, 2, 3), torch.stack([real(t) for t in x]))
     assert torch.equal(torch.func.vmap(bf.idct2)(x), torch.stack([bf.idct2(t) for t in x]))
+
+
+# vmap of spectral and normal_like: one kernel call for the batch (their vmap staticmethods),
+# the same bits as a loop of single-sample calls, and no warning (torch's generated rule ran
+# the custom op once per sample, warning each time "There is a performance drop because we
+# have not yet implemented the batching rule for blurfast::spectral").
+
+V = 3          # vmap's batch size in these tests
+SAMPLE = (2, 3, 8, 8)
+
+# name: {argument: (logical shape, vmap dim or None)}; an argument left out is None
+VMAP_CASES = {
+    "x": dict(x=(SAMPLE, 0), a=((8, 8), None), g=((1, 3, 8, 8), None)),
+    "x batched at dim 2": dict(x=(SAMPLE, 2), a=((2, 1, 8, 8), None), g=((8, 8), None)),
+    "x2 only": dict(x=(SAMPLE, None), a=((8, 8), None), x2=(SAMPLE, 1), a2=((3, 8, 8), None),
+                    g=((8, 8), None)),
+    "a (H, W) against 4-D x, x unbatched": dict(x=(SAMPLE, None), a=((8, 8), 0),
+                                                g=((8, 8), None)),
+    "a (H, W) against 4-D x": dict(x=(SAMPLE, 0), a=((8, 8), 2), g=((3, 8, 8), None)),
+    "a2 (B, 1, H, W)": dict(x=(SAMPLE, 0), a=((8, 8), None), x2=(SAMPLE, 0),
+                            a2=((2, 1, 8, 8), 1)),
+    "g broadcast in H, x unbatched": dict(x=(SAMPLE, None), a=((1, 8), None),
+                                          g=((3, 1, 8), 3)),
+    "g (1, C, H, W), materialized": dict(x=(SAMPLE, 0), a=((8, 8), None), g=((1, 3, 8, 8), 0)),
+    "noise given, batched": dict(x=(SAMPLE, 0), a=((8, 8), None), g=((8, 8), None),
+                                 noise=((3, 8, 8), 1)),
+    "noise given, only it batched": dict(x=(SAMPLE, None), a=((8, 8), None),
+                                         g=((2, 1, 8, 8), None), noise=(SAMPLE, 4)),
+    "noise given, unbatched": dict(x=(SAMPLE, 0), a=((8, 8), 0), g=((8, 8), None),
+                                   noise=((1, 3, 8, 8), None)),
+    "no noise": dict(x=(SAMPLE, 1), a=((2, 3, 8, 8), 0)),
+    "everything": dict(x=(SAMPLE, 0), a=((3, 8, 8), 1), x2=(SAMPLE, 4), a2=((8, 1), 0),
+                       g=((2, 1, 8, 8), 2), noise=((8, 8), 0)),
+    "everything, made noise": dict(x=(SAMPLE, 3), a=((1, 1, 8, 8), 0), x2=(SAMPLE, None),
+                                   a2=((2, 3, 8, 8), 4), g=((1, 8), 1)),
+}
+
+
+def _count_kernel_runs(monkeypatch):
+    """The shapes of x that _run_spectral and _run_normal (the custom ops' bodies, the kernel
+    calls) are given, as they are called."""
+    import blurfast.ops as ops
+    runs = {"spectral": [], "normal": []}
+    real_s, real_n = ops._run_spectral, ops._run_normal
+    monkeypatch.setattr(ops, "_run_spectral",
+                        lambda x, *r: runs["spectral"].append(tuple(x.shape)) or real_s(x, *r))
+    monkeypatch.setattr(ops, "_run_normal",
+                        lambda x, *r: runs["normal"].append((tuple(x.shape), x.dtype)) or
+                        real_n(x, *r))
+    return runs
+
+
+def _vmap_args(case, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    args = {}
+    for name, (shape, bdim) in case.items():
+        if bdim is not None:
+            shape = shape[:bdim] + (V,) + shape[bdim:]
+        t = (torch.randn if name in ("x", "x2", "noise") else torch.rand)(
+            shape, generator=gen, dtype=torch.float64)
+        args[name] = t.to(dtype)
+    return args
+
+
+@pytest.mark.parametrize("return_noise", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", list(VMAP_CASES))
+def test_func_vmap_of_spectral_is_one_call_with_the_loops_bits(name, dtype, return_noise,
+                                                               monkeypatch):
+    case = VMAP_CASES[name]
+    args = _vmap_args(case, dtype)
+    batched = [n for n in args if case[n][1] is not None]
+    fixed = {n: t for n, t in args.items() if case[n][1] is None}
+
+    def one(*ts):
+        return bf.spectral(**fixed, **dict(zip(batched, ts)), seed=2 ** 40 + 9, offset=5,
+                           return_noise=return_noise)
+    runs = _count_kernel_runs(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        got = torch.func.vmap(one, in_dims=tuple(case[n][1] for n in batched))(
+            *(args[n] for n in batched))
+    made = "noise" not in case and ("g" in case or return_noise)
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    assert runs == {"spectral": [(V,) + SAMPLE], "normal": [(SAMPLE, ct)] if made else []}
+    loop = [one(*(args[n].select(case[n][1], k) for n in batched)) for k in range(V)]
+    if return_noise:
+        for i in range(2):
+            assert torch.equal(got[i], torch.stack([w[i] for w in loop])), i
+    else:
+        assert torch.equal(got, torch.stack(loop))
+
+
+def test_func_vmap_of_spectral_half_and_out_dims(monkeypatch):
+    # Half precision (float32 arithmetic and noise, rounded once to half), vmap over dim 1
+    # with out_dims=2, and an empty batch (which torch's fallback refused).
+    x = _rand(2, V, 8, 8, dtype=torch.float16)
+    g = torch.rand(8, 8)
+    one = lambda x: bf.spectral(x, g, g=g, seed=4, offset=1, return_noise=True)
+    runs = _count_kernel_runs(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        got = torch.func.vmap(one, in_dims=1, out_dims=2)(x)
+    # (on CPU the half runner runs itself again on float32 copies: every run sees the batch)
+    assert set(runs["spectral"]) == {(V, 2, 8, 8)}
+    assert runs["normal"] == [((2, 8, 8), torch.float32)]
+    for i in range(2):
+        assert torch.equal(got[i].movedim(2, 0), torch.stack([one(x[:, k])[i] for k in range(V)]))
+    empty = torch.func.vmap(one)(torch.zeros(0, 3, 8, 8))
+    assert empty[0].shape == empty[1].shape == (0, 3, 8, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_kernel_noise_is_normal_like_in_the_compute_dtype(dtype):
+    # The claim vmap's rule rests on: noise made in the kernel from (seed, offset) is
+    # normal_like(x) in x's compute dtype, to the bit (given as noise, the same outputs).
+    x, a, g = _rand(2, 3, 8, 8, dtype=dtype), torch.rand(8, 8), torch.rand(3, 8, 8)
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    zb = normal_like(torch.empty(x.shape, dtype=ct), seed=77, offset=2 ** 40 + 1)
+    made = bf.spectral(x, a, g=g, seed=77, offset=2 ** 40 + 1, return_noise=True)
+    given = bf.spectral(x, a, g=g, noise=zb, return_noise=True)
+    for m, gv in zip(made, given):
+        assert torch.equal(m, gv)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("in_dim", [0, 2, -1])
+def test_func_vmap_of_normal_like_is_one_call(dtype, in_dim, monkeypatch):
+    # One sample's stream, the same in every sample (unbatched: vmap expands it), made once.
+    x = _rand(4, 5, 6, dtype=dtype).movedim(0, in_dim)
+    runs = _count_kernel_runs(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        got = torch.func.vmap(lambda t: normal_like(t, 3, 7), in_dims=in_dim)(x)
+    assert runs["normal"] == [((5, 6), dtype)]
+    loop = torch.stack([normal_like(x.select(in_dim, k), 3, 7) for k in range(4)])
+    assert torch.equal(got, loop)
+    assert torch.func.vmap(lambda t: normal_like(t, 3))(torch.zeros(0, 2, 2)).shape == (0, 2, 2)
+
+
+def test_func_transforms_around_vmap_of_spectral():
+    # The batched call goes through _spectral_call: transforms outside vmap see it. grad of a
+    # sum over vmap is the sum of per-sample gradients; vmap of vmap is a loop of loops;
+    # jacrev (vmap over vjp) and jacfwd (vmap over jvp) of a vmapped function agree with the
+    # reference's Jacobians, and its Hessian in g; jvp of a vmap; torch's own autograd
+    # (.backward) through a vmap, whose batched call saves the one sample's noise it was
+    # given (made for the whole batch, g's gradient would take other stream positions).
+    # Float64, made noise throughout.
+    x = _rand(V, 2, 6, 7, dtype=torch.float64)
+    a = torch.rand(V, 6, 7, dtype=torch.float64)
+    g = torch.rand(6, 7, dtype=torch.float64)
+    w = _rand(2, 6, 7, seed=3, dtype=torch.float64)
+    zb = ref.philox_normal((2, 6, 7), 11, 4, torch.float64)
+    one = lambda x, a, g: bf.spectral(x, a, g=g, seed=11, offset=4)
+    per = lambda x, a, g: (w * one(x, a, g)).sin().sum()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        # grad(sum of vmap) against autograd on the reference
+        total = lambda x, a, g: torch.func.vmap(per, in_dims=(0, 0, None))(x, a, g).sum()
+        got = torch.func.grad(total, argnums=(0, 1, 2))(x, a, g)
+        leaves = [t.clone().requires_grad_() for t in (x, a, g)]
+        s = sum((w * ref.spectral(leaves[0][k], leaves[1][k], g=leaves[2], noise=zb)).sin().sum()
+                for k in range(V))
+        want_grad = torch.autograd.grad(s, leaves)
+        for n, gt, wt in zip("xag", got, want_grad):
+            assert rel_err(gt, wt) < 1e-13, n
+        # vmap of vmap (x batched twice, a once)
+        xx = _rand(2, V, 2, 6, 7, seed=5, dtype=torch.float64)
+        inner = torch.func.vmap(one, in_dims=(0, 0, None))
+        got = torch.func.vmap(inner, in_dims=(0, None, None))(xx, a, g)
+        assert torch.equal(got, torch.stack([torch.stack([one(xx[i, k], a[k], g)
+                                                          for k in range(V)]) for i in range(2)]))
+        # Jacobians of the batched op in g, by reverse and forward mode
+        f = lambda g: torch.func.vmap(one, in_dims=(0, 0, None))(x, a, g)
+        want = torch.autograd.functional.jacobian(
+            lambda g: torch.stack([ref.spectral(x[k], a[k], g=g, noise=zb) for k in range(V)]), g)
+        for jac in (torch.func.jacrev, torch.func.jacfwd):
+            assert rel_err(jac(f)(g), want) < 1e-13, jac.__name__
+        # jvp of a vmap, tangents in x and a
+        tx = _rand(*x.shape, seed=6, dtype=torch.float64)
+        ta = _rand(*a.shape, seed=7, dtype=torch.float64)
+        _, t = torch.func.jvp(lambda x, a: torch.func.vmap(one, in_dims=(0, 0, None))(x, a, g),
+                              (x, a), (tx, ta))
+        want = torch.stack([ref.spectral(tx[k], a[k]) + ref.spectral(x[k], ta[k])
+                            for k in range(V)])
+        assert rel_err(t, want) < 1e-13
+        # Hessian in g of the summed loss (forward over reverse over vmap)
+        hess = torch.func.hessian(total, argnums=2)(x, a, g)
+        want = torch.autograd.functional.hessian(
+            lambda g: sum((w * ref.spectral(x[k], a[k], g=g, noise=zb)).sin().sum()
+                          for k in range(V)), g)
+        assert rel_err(hess, want) < 1e-12
+        # .backward() through vmap, outside torch.func's grad
+        leaves = [t.clone().requires_grad_() for t in (x, a, g)]
+        torch.func.vmap(per, in_dims=(0, 0, None))(*leaves).sum().backward()
+        for n, leaf, wt in zip("xag", leaves, want_grad):
+            assert rel_err(leaf.grad, wt) < 1e-13, n
 
 
 def test_normal_like_under_func_transforms():
