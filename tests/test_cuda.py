@@ -83,7 +83,6 @@ def test_noise_same_on_cpu_and_cuda():
     assert (z64.cpu() - ref.philox_normal(x.shape, 7, 0, torch.float64)).abs().max() <= 1e-12
 
 
-
 @pytest.mark.parametrize("hw", [(64, 64), (7, 12)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_vmap_of_spectral_cuda_is_the_loop(hw, dtype):
@@ -101,6 +100,7 @@ def test_vmap_of_spectral_cuda_is_the_loop(hw, dtype):
     got = torch.func.vmap(one)(x, a)
     for i in range(2):
         assert torch.equal(got[i], torch.stack([one(x[k], a[k])[i] for k in range(5)])), i
+
 
 def test_cuda_non_contiguous_empty_and_stream():
     x = _rand(3, 32, 48).cuda().transpose(-1, -2)
