@@ -490,9 +490,10 @@ BF_HD void run_program(Ctx& ctx, const Job& job, float* sm) {
   const bool early_maps = maps_early<G>(job);
   const int maps_at = buffers_needed(job) + (pair ? 1 : 0);     // their buffer (early_maps)
 
-  // Only in the split geometry with 256 threads (N = 64): there the block is alone on its
-  // SM, nothing else hides the loads, and the registers suffice. Elsewhere ptxas showed
-  // the early noise raising register spills.
+  // Only in the geometries of one plane per block at N = 64 (split 2 and 4: the dense
+  // split one, 256 threads; the fast one, 128; the wide one, 256), chosen for calls with
+  // few planes per SM, where little else hides the loads; there the registers suffice.
+  // Elsewhere ptxas showed the early noise raising register spills.
   constexpr bool kEarlyNoiseFits = G::kSplit >= 2 && G::kThreads <= 256;
   const bool early_noise = kEarlyNoiseFits && job.mode == kSpectral && !job.x2 && job.noise_out;
   // The wide geometry's calls with g that do not return the noise (sampler steps): g zb is
