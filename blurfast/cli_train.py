@@ -388,6 +388,20 @@ def _is_run(out) -> bool:
     return (out / "config.json").is_file() or bool(ckpt.list_checkpoints(out / "checkpoints"))
 
 
+def _saved_out(path, out: str) -> str:
+    """The run directory that the ``out`` of the saved config file ``path`` names from
+    here: the directory holding the file, when it holds checkpoints (the file is that
+    run's config.json) and ``out`` does not name it from the current directory (``out``
+    relative to the directory the run was started from, or the run directory moved
+    since); else ``out``."""
+    from . import checkpoint as ckpt
+
+    here = Path(path).parent
+    if Path(out).resolve() != here.resolve() and ckpt.list_checkpoints(here / "checkpoints"):
+        return str(here)
+    return out
+
+
 def _layer(kw: dict, layer: dict) -> None:
     """Puts ``layer``'s arguments over ``kw``: ``model`` and ``diffusion`` merged entry by
     entry (one that is not a dict replaces the lower one, for train() to refuse); one of
@@ -439,6 +453,7 @@ def train_kwargs(args: argparse.Namespace) -> dict:
         if "preset" in flags:     # a preset given anew defines the model anew, as on resume
             file_cfg.pop("model", None)
         if "out" not in flags and file_out is not None:
+            file_out = _saved_out(args.config, file_out)
             if flags.get("resume") is None and _is_run(file_out):
                 raise ValueError(
                     f"config: {str(args.config)!r} is the saved config of the run "

@@ -1310,6 +1310,43 @@ def test_cli_config_json_of_a_run_starts_a_new_run_with_its_settings(made16, tmp
     assert kw["model"]["emb_act"] is False
 
 
+def test_cli_config_json_of_a_run_names_its_run_from_another_directory(made16, tmp_path,
+                                                                        monkeypatch, capsys):
+    # A run started with a relative --out saves that relative out: given back as --config
+    # from another directory (or after the run directory moved), the file's out named
+    # another directory, so --resume auto started a fresh run there and the refusal to
+    # write into an existing run did not see it. The run is the directory holding the file.
+    import shutil
+    monkeypatch.chdir(tmp_path)
+    training.train(data=str(made16), out="runs/a", steps=1, **KW)
+    assert json.loads((tmp_path / "runs/a/config.json").read_text())["out"] == "runs/a"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = "../runs/a/config.json"
+
+    def kwargs(*argv, config=cfg):
+        return cli_train.train_kwargs(_parser().parse_args(["train", "--config", config, *argv]))
+    assert Path(kwargs("--resume", "auto")["out"]).resolve() == tmp_path / "runs/a"
+    a = _parser().parse_args(["train", "--config", cfg, "--device", "cpu", "--no-progress"])
+    capsys.readouterr()
+    assert a.func(a) == 2
+    assert "which exists; give --out" in capsys.readouterr().err
+    a = _parser().parse_args(["train", "--config", cfg, "--resume", "auto", "--steps", "2",
+                              "--device", "cpu", "--no-progress"])
+    assert a.func(a) == 0                                   # continued, not started anew
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "runs/a/checkpoints")] == [2, 1]
+    assert not (elsewhere / "runs").exists()
+    # moved: the file's out (relative or not) names a directory that is gone
+    shutil.move(tmp_path / "runs/a", tmp_path / "moved")
+    assert kwargs("--resume", "auto", config="../moved/config.json")["out"] == "../moved"
+    # --out still names the run, and a file outside a run directory keeps its out
+    assert kwargs("--out", "new", config="../moved/config.json")["out"] == "new"
+    shutil.copy(tmp_path / "moved/config.json", elsewhere / "copy.json")
+    assert kwargs(config="copy.json")["out"] == \
+        json.loads((elsewhere / "copy.json").read_text())["out"]     # the resumed run's
+
+
 def test_train_help_documents_every_flag_with_the_documented_default():
     # Every flag of `blurfast train --help` says what it does, and the default it shows
     # (read off train() and BlurDiffusion) is the one docs/training.md's tables give.
