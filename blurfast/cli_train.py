@@ -374,9 +374,9 @@ def _saved_file_arguments(cfg: dict, path) -> dict:
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (batch, world, total)) \
             or total != batch * world:
         raise ValueError(f"{where}: global_batch {total!r} differs from its batch_size "
-                         f"{batch!r} x world_size {world!r}; the global batch is derived, "
-                         f"batch_size (per process) x the processes: set batch_size (or "
-                         f"--batch-size) instead")
+                         f"{batch!r} x world_size {world!r}; global_batch is derived "
+                         f"(batch_size per process x the processes), not read: make them "
+                         f"agree, or leave the file as saved and give --batch-size")
     return _run_arguments(cfg)
 
 

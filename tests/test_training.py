@@ -1302,6 +1302,16 @@ def test_cli_config_json_of_a_run_starts_a_new_run_with_its_settings(made16, tmp
         with pytest.raises(ValueError, match=msg):
             cli_train.train_kwargs(_parser().parse_args(
                 ["train", "--config", str(edited), "--out", str(new)]))
+    # An edited batch_size: the error says how to go on, and that way works (it said "set
+    # batch_size (or --batch-size) instead", which the edit had done).
+    edited.write_text(json.dumps({**saved, "batch_size": 8}))
+    with pytest.raises(ValueError, match=r"global_batch 4 differs from its batch_size 8 x "
+                                         r"world_size 1; .*make them agree, or leave the "
+                                         r"file as saved and give --batch-size$"):
+        cli_train.train_kwargs(_parser().parse_args(
+            ["train", "--config", str(edited), "--out", str(new)]))
+    assert cli_train.train_kwargs(_parser().parse_args(
+        ["train", "--config", cfg, "--out", str(new), "--batch-size", "8"]))["batch_size"] == 8
     # A config.json saved before emb_act existed is read as resume reads it: without it.
     edited.write_text(json.dumps({**saved, "model": {k: v for k, v in saved["model"].items()
                                                      if k != "emb_act"}}))
