@@ -1,4 +1,4 @@
-"""The ``blurfast`` command line: info, prepare, train, sample, fid, bench, demo.
+"""The ``blurfast`` command line: info, prepare, train, sample, fid, draw, bench, demo.
 
 Each command's options are documented by ``blurfast COMMAND --help``.
 """
@@ -275,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli_train.register(sub)
     _add_sample(sub)
     _add_fid(sub)
+    from . import cli_draw
+    cli_draw.register(sub)
     for name, (help_text, _) in _PASSTHROUGH.items():
         sub.add_parser(name, help=help_text, add_help=False)
     p.commands = sub.choices

@@ -27,7 +27,7 @@ _S = argparse.SUPPRESS
 # Flags that go into train()'s nested `model` and `diffusion` dicts.
 _MODEL_KEYS = ("base_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
                "num_heads", "dropout", "freq_input")
-_DIFFUSION_KEYS = ("num_steps", "noise_schedule", "beta_min", "beta_max", "blur_schedule",
+DIFFUSION_KEYS = ("num_steps", "noise_schedule", "beta_min", "beta_max", "blur_schedule",
                    "sigma", "sigma_min", "sigma_max", "kernel", "coarse_to_fine")
 
 
@@ -36,6 +36,29 @@ def _none_or(kind):
         return None if s.lower() == "none" else kind(s)
     parse.__name__ = kind.__name__
     return parse
+
+
+def add_diffusion_flags(g) -> None:
+    """The flags of :data:`DIFFUSION_KEYS` (BlurDiffusion's arguments but the image size),
+    on the argument group ``g`` (its parser's default should be SUPPRESS: only the flags
+    given are set)."""
+    g.add_argument("--num-steps", dest="num_steps", type=int, help="N, the diffusion steps")
+    g.add_argument("--noise-schedule", dest="noise_schedule", choices=NOISE_SCHEDULES,
+                   help="beta_i")
+    g.add_argument("--beta-min", dest="beta_min", type=float, help="first beta (linear)")
+    g.add_argument("--beta-max", dest="beta_max", type=float, help="last beta (linear)")
+    g.add_argument("--blur-schedule", dest="blur_schedule", choices=BLUR_SCHEDULES,
+                   help="f(i), the blur added at step i")
+    g.add_argument("--sigma", type=float, help="blur kernel width in pixels")
+    g.add_argument("--sigma-min", dest="sigma_min", type=float,
+                   help="blur width of step 1 in pixels: f(1) = (sigma_min / sigma)^2")
+    g.add_argument("--sigma-max", dest="sigma_max", type=float,
+                   help="blur width of step N in pixels: f(N) = (sigma_max / sigma)^2")
+    g.add_argument("--kernel", choices=KERNELS,
+                   help="sampled Gaussian (as scipy's gaussian_filter) or the heat equation")
+    g.add_argument("--coarse-to-fine", dest="coarse_to_fine",
+                   action=argparse.BooleanOptionalAction,
+                   help="off: the paper's fine-to-coarse ablation")
 
 
 def _add_train(sub) -> None:
@@ -86,23 +109,7 @@ def _add_train(sub) -> None:
     g.add_argument("--freq-input", dest="freq_input", action=argparse.BooleanOptionalAction,
                    help="also feed dct2(x_t) to the model")
     g = p.add_argument_group("diffusion (BlurDiffusion arguments)")
-    g.add_argument("--num-steps", dest="num_steps", type=int, help="N, the diffusion steps")
-    g.add_argument("--noise-schedule", dest="noise_schedule", choices=NOISE_SCHEDULES,
-                   help="beta_i")
-    g.add_argument("--beta-min", dest="beta_min", type=float, help="first beta (linear)")
-    g.add_argument("--beta-max", dest="beta_max", type=float, help="last beta (linear)")
-    g.add_argument("--blur-schedule", dest="blur_schedule", choices=BLUR_SCHEDULES,
-                   help="f(i), the blur added at step i")
-    g.add_argument("--sigma", type=float, help="blur kernel width in pixels")
-    g.add_argument("--sigma-min", dest="sigma_min", type=float,
-                   help="blur width of step 1 in pixels: f(1) = (sigma_min / sigma)^2")
-    g.add_argument("--sigma-max", dest="sigma_max", type=float,
-                   help="blur width of step N in pixels: f(N) = (sigma_max / sigma)^2")
-    g.add_argument("--kernel", choices=KERNELS,
-                   help="sampled Gaussian (as scipy's gaussian_filter) or the heat equation")
-    g.add_argument("--coarse-to-fine", dest="coarse_to_fine",
-                   action=argparse.BooleanOptionalAction,
-                   help="off: the paper's fine-to-coarse ablation")
+    add_diffusion_flags(g)
     g.add_argument("--target", choices=TARGETS, help="training target (docs/process.md section 5)")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", dest="batch_size", type=int,
@@ -179,7 +186,7 @@ def _show_defaults(parser) -> None:
     def defaults(fn, keys=None):
         return {k: v.default for k, v in inspect.signature(fn).parameters.items()
                 if v.default is not inspect.Parameter.empty and (keys is None or k in keys)}
-    known = {**defaults(train), **defaults(BlurDiffusion, _DIFFUSION_KEYS)}
+    known = {**defaults(train), **defaults(BlurDiffusion, DIFFUSION_KEYS)}
     in_presets = set().union(*PRESETS.values())
     for k, v in defaults(UNet, _MODEL_KEYS).items():
         known[k] = "the preset's" if k in in_presets else v
@@ -444,8 +451,8 @@ def train_kwargs(args: argparse.Namespace) -> dict:
         unknown = sorted(set(file_cfg) - allowed)
         if unknown:
             raise ValueError(f"config: unknown keys {unknown}; expected train() arguments")
-    flags = {k: v for k, v in given.items() if k not in _MODEL_KEYS + _DIFFUSION_KEYS}
-    for group, keys in (("model", _MODEL_KEYS), ("diffusion", _DIFFUSION_KEYS)):
+    flags = {k: v for k, v in given.items() if k not in _MODEL_KEYS + DIFFUSION_KEYS}
+    for group, keys in (("model", _MODEL_KEYS), ("diffusion", DIFFUSION_KEYS)):
         sub = {k: given[k] for k in keys if k in given}
         if sub:
             flags[group] = sub

@@ -1,6 +1,7 @@
-"""Pictures: the forward strip, a reverse run's x0_hat over time, a run's curves.
+"""Pictures: the forward strip, a reverse run over time, a run's curves.
 
-Images are (C, H, W) or (B, C, H, W) tensors with values in [-1, 1] (C = 1 or 3);
+Images are (C, H, W) or (B, C, H, W) tensors with values in [-1, 1] (C = 1 or 3; the
+process pictures also take a run's [0, 1] range);
 a picture is a uint8 (H', W', C) array, written as PNG through Pillow. The curves
 (:func:`training_curves`) are drawn with matplotlib.
 """
@@ -14,10 +15,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .checks import check_int
+from .checks import check_bool, check_int
 from .diffusion import BlurDiffusion
 
-__all__ = ["to_uint8", "grid", "save_png", "forward_strip", "trajectory", "training_curves"]
+__all__ = ["to_uint8", "grid", "save_png", "forward_strip", "trajectory", "TRAJECTORY_ROWS",
+           "training_curves"]
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -63,57 +65,87 @@ def _batch(x0: torch.Tensor, diff: BlurDiffusion) -> torch.Tensor:
 
 
 def forward_strip(diff: BlurDiffusion, x0: torch.Tensor, path=None, seed: int = 0,
-                  num: int = 10, pad: int = 1):
+                  num: int = 10, pad: int = 1, pixel_range: str = "-1,1", noise: bool = True):
     """x_i at i = 0, N/num, 2N/num, ..., N (the paper's forward-process figure); ``num``
     in [1, N].
 
-    One row per image of ``x0`` ((C, H, W) or (B, C, H, W), values in [-1, 1]);
-    all columns share the noise of ``seed``, as x_i = q_sample(x0, i, seed=seed).
+    One row per image of ``x0`` ((C, H, W) or (B, C, H, W), values in ``pixel_range``,
+    the range the process was trained on: "-1,1" or "0,1"); all columns share the noise
+    of ``seed``, as x_i = q_sample(x0, i, seed=seed). ``noise=False`` draws x_i's mean
+    instead (q_sample with zero noise: the blur and the fading of the signal alone).
     Returns ``(picture, steps)``; writes PNG to ``path`` when given.
     """
+    from .data import to_unit_range
     x0 = _batch(x0, diff)
     n = diff.num_steps
     check_int("num", num, 1, n)
     check_int("pad", pad, 0)
+    check_bool("noise", noise)
+    to_unit_range(x0[:0], pixel_range)              # checks pixel_range first
     steps = [round(k * n / num) for k in range(num + 1)]
     cols = [x0]
     for i in steps[1:]:
         t = torch.full((x0.shape[0],), i, dtype=torch.int64, device=x0.device)
-        cols.append(diff.q_sample(x0, t, seed=seed)[0])
+        zero = None if noise else torch.zeros_like(x0)
+        cols.append(diff.q_sample(x0, t, noise=zero, seed=None if zero is not None else seed)[0])
+    cols = [to_unit_range(c, pixel_range).clamp(-1, 1) for c in cols]
     pic = grid([[c[b] for c in cols] for b in range(x0.shape[0])], pad)
     if path is not None:
         save_png(pic, path)
     return pic, steps
 
 
+TRAJECTORY_ROWS = ("x0_hat", "x_t", "both")
+
+
 def trajectory(model, diff: BlurDiffusion, shape, path=None, sampler: str = "ddim",
                steps: Optional[int] = 100, num: int = 10, seed: int = 0, eta=0.0,
-               spacing="uniform", pad: int = 1, **kw):
-    """A reverse run's x0_hat at ``num`` (>= 1) evenly spaced model calls (every call
-    where there are no more than ``num``), then the sample.
+               spacing="uniform", pad: int = 1, show: str = "x0_hat",
+               pixel_range: str = "-1,1", **kw):
+    """A reverse run at ``num`` (>= 1) evenly spaced model calls (every call where there
+    are no more than ``num``), then the sample.
 
-    One row per sample of ``shape`` (B, C, H, W); x0_hat shows the coarse-to-fine
-    synthesis (clamped to [-1, 1] for display only). Returns ``(picture, steps)``
-    with the steps of the shown columns (0 for the final sample); PNG to ``path``.
+    ``show``: per sample of ``shape`` (B, C, H, W) a row of the model's estimate
+    ``"x0_hat"`` (the coarse-to-fine synthesis), of the state ``"x_t"`` it was made
+    from (noise and blur giving way), or ``"both"`` (x_t above x0_hat). Images are in
+    the model's ``pixel_range`` and clamped to it for display only. ``kw`` goes to
+    :func:`blurfast.sampling.sample` (``device``, ``clip``, ...). Returns
+    ``(picture, steps)`` with the steps of the shown columns (0 for the final sample);
+    PNG to ``path``.
     """
+    from .data import to_unit_range
     from .sampling import sample, timesteps
 
     seq = timesteps(diff, steps if isinstance(spacing, str) else None, spacing)
     check_int("num", num, 1)
     check_int("pad", pad, 0)
+    if show not in TRAJECTORY_ROWS:
+        raise ValueError(f"show: expected one of {TRAJECTORY_ROWS}, got {show!r}")
+    to_unit_range(torch.zeros(0), pixel_range)      # checks pixel_range before sampling
     take = set(seq[round(k * (len(seq) - 1) / max(num - 1, 1))] for k in range(num))
-    shown, cols = [], []
+    shown, states, estimates = [], [], []
+
+    def display(x):
+        return to_unit_range(x.float(), pixel_range).clamp(-1, 1).cpu()
 
     def keep(i, x_t, x0_hat):
         if i in take:
             shown.append(i)
-            cols.append(x0_hat.clamp(-1, 1))
+            states.append(display(x_t))
+            estimates.append(display(x0_hat))
 
-    out = sample(model, diff, shape, sampler=sampler, steps=steps, eta=eta, spacing=spacing,
-                 seed=seed, callback=keep, progress=False, **kw)
+    out = display(sample(model, diff, shape, sampler=sampler, steps=steps, eta=eta,
+                         spacing=spacing, seed=seed, callback=keep, progress=False, **kw))
     shown.append(0)
-    cols.append(out)
-    pic = grid([[c[b] for c in cols] for b in range(out.shape[0])], pad)
+    states.append(out)
+    estimates.append(out)
+    rows = []
+    for b in range(out.shape[0]):
+        if show in ("x_t", "both"):
+            rows.append([c[b] for c in states])
+        if show in ("x0_hat", "both"):
+            rows.append([c[b] for c in estimates])
+    pic = grid(rows, pad)
     if path is not None:
         save_png(pic, path)
     return pic, shown

@@ -1,0 +1,171 @@
+"""`blurfast draw`: each picture's tiles against what they claim to show: the images
+`blurfast sample` writes, the prior, the dataset's images, q_sample of the run's process."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from blurfast import cli, viz
+from blurfast.data import open_dataset, prepare, to_float, to_unit_range
+from blurfast.diffusion import BlurDiffusion
+from blurfast.generate import generate
+from blurfast.sampling import timesteps
+from train_helpers import TINY, made_photos, one_thread  # noqa: F401
+
+SIDE = 16
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny run on made photos, trained on [0, 1] pixels (so every picture converts)."""
+    from blurfast.training import train
+    root = tmp_path_factory.mktemp("draw")
+    data = made_photos(root / "photos", 9, size=SIDE)
+    train(data=str(data), out=str(root / "run"), preset="small", model=dict(TINY),
+          resolution=SIDE, batch_size=3, steps=2, lr=1e-2, ema_decay=0.0, device="cpu",
+          pixel_range="0,1", diffusion=dict(num_steps=30, blur_schedule="linear"),
+          save_every=2, sample_every=1000, progress=False)
+    return root
+
+
+def tiles(path, rows: int, cols: int) -> np.ndarray:
+    """A picture (pad 1) cut into (rows, cols, SIDE, SIDE, C) tiles."""
+    pic = np.asarray(Image.open(path))
+    pic = pic[..., None] if pic.ndim == 2 else pic
+    assert pic.shape[:2] == (rows * (SIDE + 1) - 1, cols * (SIDE + 1) - 1)
+    return np.stack([np.stack([pic[r * (SIDE + 1):r * (SIDE + 1) + SIDE,
+                                   c * (SIDE + 1):c * (SIDE + 1) + SIDE] for c in range(cols)])
+                     for r in range(rows)])
+
+
+def shown(x: torch.Tensor, pixel_range: str) -> np.ndarray:
+    """uint8 tiles (B, H, W, C) of images in a run's pixel range, as pictures show them."""
+    return np.stack([viz.to_uint8(t) for t in to_unit_range(x, pixel_range).clamp(-1, 1)])
+
+
+def test_trajectory_ends_in_the_images_of_sample_and_starts_at_the_prior(run, tmp_path,
+                                                                         capsys):
+    out = tmp_path / "traj.png"
+    argv = ["draw", "trajectory", "--ckpt", str(run / "run"), "--n", "3", "--steps", "6",
+            "--columns", "4", "--seed", "5", "--device", "cpu", "--out", str(out)]
+    assert cli.main(argv) == 0
+    from blurfast import checkpoint as ckpt
+    from blurfast.generate import resolve_checkpoint
+    _, diff, _ = ckpt.load_model(resolve_checkpoint(run / "run"))
+    seq = timesteps(diff, 6)
+    cols = [seq[round(k * 5 / 3)] for k in range(4)]
+    assert f"ddim at steps {', '.join(map(str, cols))}, then the sample" in capsys.readouterr().out
+    t = tiles(out, 6, 5)                          # x_t above x0_hat, per image
+    generate(run / "run", 3, tmp_path / "s", steps=6, seed=5, device="cpu", progress=False)
+    made = np.stack([np.asarray(Image.open(tmp_path / "s" / f"{i:06d}.png")) for i in range(3)])
+    np.testing.assert_array_equal(t[1::2, -1], made)          # the sample, in both rows
+    np.testing.assert_array_equal(t[0::2, -1], made)
+    prior = diff.prior_sample((3,) + diff.shape, seq[0], seed=5)
+    np.testing.assert_array_equal(t[0::2, 0], shown(prior, "0,1"))
+    assert not np.array_equal(t[1::2, 0], t[0::2, 0])         # x0_hat is not x_t
+
+    assert cli.main(argv[:-1] + [str(tmp_path / "one.png"), "--show", "x0_hat"]) == 0
+    np.testing.assert_array_equal(tiles(tmp_path / "one.png", 3, 5), t[1::2])
+
+
+def test_process_of_a_run_draws_its_data_through_its_process(run, tmp_path, capsys):
+    out = tmp_path / "process.png"
+    assert cli.main(["draw", "process", "--ckpt", str(run / "run"), "--n", "3",
+                     "--columns", "3", "--seed", "2", "--out", str(out)]) == 0
+    assert "(numbers 0, 4, 8), x_i at i = 0, 10, 20, 30 of N = 30" in capsys.readouterr().out
+    diff = BlurDiffusion(resolution=SIDE, num_steps=30, blur_schedule="linear")
+    ds = open_dataset(run / "photos", resolution=SIDE)
+    x0 = to_float(ds.__getitems__([0, 4, 8]), None, "0,1").contiguous()
+    t = tiles(out, 3, 4)
+    np.testing.assert_array_equal(t[:, 0], ds.__getitems__([0, 4, 8]).numpy())
+    for k, i in enumerate([10, 20, 30], start=1):
+        xi = diff.q_sample(x0, torch.full((3,), i), seed=2)[0]
+        np.testing.assert_array_equal(t[:, k], shown(xi, "0,1"))
+
+
+def test_process_from_flags_on_a_prepared_array(run, tmp_path):
+    npy = tmp_path / "photos.npy"
+    prepare(run / "photos", npy, resolution=SIDE, progress=False)
+    out = tmp_path / "p.png"
+    assert cli.main(["draw", "process", "--data", str(npy), "--num-steps", "8", "--sigma-max",
+                     "3", "--n", "2", "--columns", "2", "--out", str(out)]) == 0
+    diff = BlurDiffusion(resolution=SIDE, num_steps=8, sigma_max=3.0)   # the array's side
+    x0 = to_float(open_dataset(npy).__getitems__([0, 8]), None, "-1,1").contiguous()
+    t = tiles(out, 2, 3)
+    for k, i in enumerate([4, 8], start=1):
+        xi = diff.q_sample(x0, torch.full((2,), i), seed=0)[0]
+        np.testing.assert_array_equal(t[:, k], shown(xi, "-1,1"))
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["process", "--ckpt", "{run}", "--sigma", "2", "--resolution", "32"],
+     "--resolution, --sigma: the run's own are drawn with --ckpt"),
+    (["process"], "--data: required without --ckpt"),
+    (["process", "--data", "{photos}", "--resolution", "16", "--num-steps", "5",
+      "--columns", "6"], "--columns: expected at most N = 5, got 6"),
+    (["process", "--data", "{photos}", "--out", "{photos}"], "--out: "),
+    (["process", "--data", "{photos}", "--n", "0"], "--n: expected an int >= 1, got 0"),
+    (["trajectory", "--ckpt", "{run}", "--columns", "0"], "--columns: expected an int >= 1"),
+    (["trajectory", "--ckpt", "{run}", "--sampler", "ancestral", "--eta", "0.5"], "--eta"),
+    (["curves", "{photos}"], "run_dir: no log.csv in"),
+])
+def test_bad_arguments_are_named(run, tmp_path, capsys, argv, words):
+    argv = [a.format(run=run / "run", photos=run / "photos") for a in argv]
+    assert cli.main(["draw", *argv, *([] if "--out" in argv or argv[0] == "curves"
+                                      else ["--out", str(tmp_path / "x.png")])]) == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_curves(run, tmp_path):
+    out = tmp_path / "c.png"
+    assert cli.main(["draw", "curves", str(run / "run"), "--out", str(out)]) == 0
+    assert Image.open(out).format == "PNG"
+
+
+def test_flags_are_documented_as_help_gives_them():
+    # docs/training.md has a table for each picture: every flag of its --help, with the
+    # default --help shows.
+    import argparse
+    import re
+    from pathlib import Path
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    pictures = next(a for a in cli.build_parser().commands["draw"]._actions
+                    if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(pictures) == {"trajectory", "process", "curves"}
+    for pic, parser in pictures.items():
+        table = doc[doc.index(f"`blurfast draw {pic}`:\n"):].split("\n\n")[1]
+        rows = {}
+        for line in table.splitlines()[2:]:             # below the header
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            for flag in re.findall(r"(--[a-z0-9-]+|`[A-Z_]+`)", cells[0]):
+                flag = flag.strip("`")
+                rows[flag] = cells[1].replace("`", "")
+        actions = [a for a in parser._actions if a.dest != "help"]
+        assert set(rows) == {f for a in actions for f in (a.option_strings or [a.metavar])}, pic
+        for a in actions:
+            if a.default not in (None, False, argparse.SUPPRESS):
+                got = rows[a.option_strings[0]]
+                assert got == str(a.default), (pic, a.dest, got)
+
+
+def test_process_without_noise_draws_the_mean(run, tmp_path, capsys):
+    # The mean of x_i, computed here in float64: idct2(sqrt(Abar_i) * dct2(x0)), with Abar
+    # from the process's own per-frequency formula (scipy's DCT, not the library's).
+    import scipy.fft
+    out = tmp_path / "mean.png"
+    assert cli.main(["draw", "process", "--data", str(run / "photos"), "--resolution",
+                     str(SIDE), "--num-steps", "10", "--sigma-max", "2", "--n", "2",
+                     "--columns", "2", "--no-noise", "--out", str(out)]) == 0
+    assert "the mean of x_i at i = 0, 5, 10" in capsys.readouterr().out
+    diff = BlurDiffusion(resolution=SIDE, num_steps=10, sigma_max=2.0)
+    ds = open_dataset(run / "photos", resolution=SIDE)
+    x0 = to_float(ds.__getitems__([0, 8]), None, "-1,1").double().numpy()
+    t = tiles(out, 2, 3)
+    for k, i in enumerate([5, 10], start=1):
+        abar = np.exp(diff.log_abar(torch.tensor([i])).double().numpy())[0]
+        mean = scipy.fft.idctn(np.sqrt(abar) * scipy.fft.dctn(x0, axes=(-2, -1), norm="ortho"),
+                               axes=(-2, -1), norm="ortho")
+        assert np.abs(mean).max() > 0.1                          # not faded to nothing
+        np.testing.assert_allclose(t[:, k].astype(float), np.round(
+            (np.clip(mean, -1, 1) + 1) * 127.5).transpose(0, 2, 3, 1), atol=1)
