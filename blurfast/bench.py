@@ -76,6 +76,7 @@ from .bench_peers import (fft_dct2, fft_idct2, matmul_dct2, matmul_idct2, ref_q_
                           ref_sampler_step, tf32_matmul)
 from .bench_check import CHECK_TOL, WrongOutput, check_output
 from .bench_timing import launched_kernels, measure_copy_gbps, num_input_sets, time_call
+from .checks import check_gpu_seen
 
 __all__ = [
     "CASES", "IMPLS", "VARIANT_IMPLS", "DTYPES", "CUDA_SHAPES", "CUDA_EXTRA_SHAPES", "CPU_SHAPES",
@@ -470,8 +471,8 @@ def _resolve_device(device) -> torch.device:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: 'cuda' requested but torch.cuda.is_available() is False")
+    if device.type == "cuda":
+        check_gpu_seen("device")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device

@@ -6,8 +6,8 @@ import math
 import numbers
 from typing import Optional
 
-__all__ = ["check_bool", "check_int", "check_number", "check_size", "compile_problem",
-           "default_precision"]
+__all__ = ["check_bool", "check_int", "check_number", "check_size", "check_gpu_seen",
+           "compile_problem", "default_precision"]
 
 
 def check_bool(name: str, v) -> bool:
@@ -30,6 +30,14 @@ def check_int(name: str, v, lo: int = 1, hi: Optional[int] = None, none_ok: bool
         raise ValueError(f"{name}: expected an int {want}{' or None' if none_ok else ''}, "
                          f"got {v!r}")
     return int(v) if numpy_ok else v
+
+
+def check_gpu_seen(name: str) -> None:
+    """ValueError naming ``name`` (a device argument given as 'cuda') unless torch sees a
+    GPU."""
+    import torch
+    if not torch.cuda.is_available():
+        raise ValueError(f"{name}: 'cuda' was asked for but torch sees no GPU")
 
 
 def check_number(name: str, v, lo=None, lo_open: bool = False, hi=None, hi_open: bool = False,

@@ -129,10 +129,11 @@ def _fid(args) -> int:
     import torch
 
     from . import evaluation as ev
+    from .checks import check_gpu_seen
     from .fileio import check_writable
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device: 'cuda' was asked for but torch sees no GPU")
+    if device == "cuda":
+        check_gpu_seen("--device")
     if args.n < 2:
         raise ValueError(f"--n: expected an int >= 2, got {args.n}")
     if args.save_stats:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .checks import check_int
+from .checks import check_gpu_seen, check_int
 
 _S = argparse.SUPPRESS
 
@@ -138,8 +138,8 @@ def _trajectory(args) -> int:
     check_eta(args.sampler, args.eta, "--eta")
     out = _check_out(args.out)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device: cuda requested, but torch sees no GPU")
+    if device.type == "cuda":
+        check_gpu_seen("--device")
     path = resolve_checkpoint(args.ckpt)
     model, diff, config = ckpt.load_model(path, ema=not args.raw_weights, device=device)
     pixel_range = config.get("pixel_range", "-1,1")

@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .checks import check_number
+from .checks import check_gpu_seen, check_number
 
 # RGB photographs bundled in scikit-image's package data (no download).
 SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
@@ -34,8 +34,8 @@ def _check_args(minutes, resolution, smoke: bool, prefix: str = "", device=None)
     line)."""
     from .models import PRESETS, check_resolution
     check_number(prefix + "minutes", minutes, 0, lo_open=True)
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{prefix}device: 'cuda' was asked for but torch sees no GPU")
+    if device == "cuda":
+        check_gpu_seen(prefix + "device")
     if resolution is not None:
         levels = (_SMOKE_MODEL if smoke else PRESETS[_PRESET])["channel_mult"]
         check_resolution(resolution, levels, prefix + "resolution")

@@ -7,6 +7,8 @@ from typing import Optional
 
 import torch
 
+from .checks import check_gpu_seen
+
 __all__ = ["setup_processes", "teardown_processes"]
 
 
@@ -24,8 +26,7 @@ def setup_processes(device: Optional[str]):
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device: expected 'cpu', 'cuda' or None, got {device!r}")
     if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device: 'cuda' was asked for but torch sees no GPU")
+        check_gpu_seen("device")
         dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
         torch.cuda.set_device(dev)
     else:

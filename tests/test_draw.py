@@ -169,3 +169,10 @@ def test_process_without_noise_draws_the_mean(run, tmp_path, capsys):
         assert np.abs(mean).max() > 0.1                          # not faded to nothing
         np.testing.assert_allclose(t[:, k].astype(float), np.round(
             (np.clip(mean, -1, 1) + 1) * 127.5).transpose(0, 2, 3, 1), atol=1)
+
+
+def test_cuda_without_a_gpu_is_named(run, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["draw", "trajectory", "--ckpt", str(run / "run"), "--device", "cuda"]) == 2
+    assert capsys.readouterr().err == ("blurfast draw: error: --device: 'cuda' was asked for "
+                                       "but torch sees no GPU\n")
