@@ -114,6 +114,9 @@ def _add_train(sub) -> None:
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", dest="batch_size", type=int,
                    help="per process; the global batch is this times the processes")
+    g.add_argument("--grad-accum", dest="grad_accum", type=int, metavar="K",
+                   help="the batch in K equal rounds, gradients added before each step: a "
+                        "K-th of the activation memory, the same step")
     g.add_argument("--steps", type=int,
                    help="step to stop at (a resumed run goes on to it; one there already "
                         "says so and exits 0)")
@@ -501,12 +504,30 @@ def train_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _train_main(args) -> int:
+    import torch
+
     from .training import NonFiniteError, train
 
+    kw = {}
     try:
-        result = train(**train_kwargs(args))
+        kw = train_kwargs(args)
+        result = train(**kw)
     except NonFiniteError as e:
         print(f"blurfast train: {e}", file=sys.stderr)
+        return 1
+    except torch.cuda.OutOfMemoryError as e:
+        if os.environ.get("BLURFAST_DEBUG"):
+            raise
+        batch = kw.get("batch_size", _train_default("batch_size"))
+        rounds = kw.get("grad_accum", _train_default("grad_accum"))
+        more = [k for k in range(rounds + 1, batch + 1) if batch % k == 0][:1]
+        advice = (f"--grad-accum {more[0]} (the same step in {more[0]} rounds of "
+                  f"{batch // more[0]} images, a smaller share of the memory) or "
+                  if more else "")
+        print(f"blurfast train: error: the GPU ran out of memory with --batch-size {batch} "
+              f"in {rounds} round{'s' if rounds > 1 else ''}: try {advice}a smaller "
+              f"--batch-size (torch: {str(e).splitlines()[0] if str(e) else 'out of memory'})",
+              file=sys.stderr)
         return 1
     except (ValueError, TypeError) as e:       # CheckpointError included
         if os.environ.get("BLURFAST_DEBUG"):

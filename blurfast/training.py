@@ -20,6 +20,7 @@ captured once in a CUDA graph and replayed.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import inspect
@@ -215,17 +216,32 @@ class Bf16Weights:
         """Casts the model's current weights (one kernel)."""
         self.flat16.copy_(self.flat)
 
-    def grads_to_float(self) -> None:
+    def clear_copy_grads(self) -> None:
+        """Drops the bfloat16 copies' gradients, which :meth:`grads_to_float` has taken
+        over (the shared parameters' gradients add up across rounds, as the model's)."""
+        for c in self.copies:
+            c.grad = None
+
+    def grads_to_float(self, accumulate: bool = False) -> None:
         """Gives each master parameter its copy's gradient in float32 (None where the
-        copy has none, as autocast's master would)."""
-        dst, src = [], []
+        copy has none, as autocast's master would); with ``accumulate``, adds it to the
+        master's gradient, as autograd adds a later round's (TrainStep's grad_accum)."""
+        dst, src, add_to, add = [], [], [], []
         for p, c, g in zip(self.masters, self.copies, self.master_grads):
-            p.grad = None if c.grad is None else g
-            if c.grad is not None:
+            if c.grad is None:
+                if not accumulate:
+                    p.grad = None
+            elif accumulate and p.grad is not None:
+                add_to.append(g)
+                add.append(c.grad)
+            else:
+                p.grad = g
                 dst.append(g)
                 src.append(c.grad)
         if dst:
             torch._foreach_copy_(dst, src)
+        if add_to:
+            torch._foreach_add_(add_to, add)
 
 
 def _collate(batch: torch.Tensor) -> torch.Tensor:
@@ -254,7 +270,10 @@ class TrainStep:
     (graph-safe) instead of the Philox stream. ``grad_clip``: the maximum global
     gradient norm, a finite number > 0; None or 0: no clipping. ``cast_once`` (bf16, one
     process): the forward computes with :class:`Bf16Weights`, the same numbers as
-    autocast's casts in fewer kernels.
+    autocast's casts in fewer kernels. ``grad_accum``: the batch goes through the model in
+    that many equal rounds whose gradients add up before the one optimizer step (the
+    activations of one round in memory at a time); each round's Philox noise is the
+    whole batch's at its images, so only the summation order differs from one round.
     """
 
     def __init__(self, model: UNet, diff: BlurDiffusion, *, device, target: str = "eps",
@@ -263,7 +282,7 @@ class TrainStep:
                  ema_beta: float = 0.9999, precision: str = "fp32",
                  channels_last: bool = False, compile: bool = False,
                  cuda_graphs: bool = False, flip: bool = True, pixel_range: str = "-1,1",
-                 ddp: bool = False, cast_once: bool = False):
+                 ddp: bool = False, cast_once: bool = False, grad_accum: int = 1):
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
         if target not in TARGETS:
@@ -275,6 +294,7 @@ class TrainStep:
         if pixel_range not in D.PIXEL_RANGES:
             raise ValueError(f"pixel_range: expected one of {D.PIXEL_RANGES}, got {pixel_range!r}")
         grad_clip = check_number("grad_clip", grad_clip, 0, none_ok=True)
+        self.grad_accum = check_int("grad_accum", grad_accum)
         if cuda_graphs and not cuda:
             raise ValueError("cuda_graphs: needs a CUDA device")
         if cuda_graphs and ddp:
@@ -306,10 +326,11 @@ class TrainStep:
             self._bf16 = Bf16Weights(self.model, flat)
 
         fwd = self.model if self._bf16 is None else self._bf16.module
+        self._ddp = None
         if ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
-            fwd = DDP(self.model, device_ids=[self.device.index] if cuda else None,
-                      gradient_as_bucket_view=True)
+            fwd = self._ddp = DDP(self.model, device_ids=[self.device.index] if cuda else None,
+                                  gradient_as_bucket_view=True)
         self.forward = torch.compile(fwd) if compile else fwd
 
         # A tensor learning rate lets a captured step see updates of it.
@@ -356,11 +377,11 @@ class TrainStep:
         m = g if self.target == "std" else (-1 / g64).float()
         return x_t, ops.spectral(eps, m, seed=0)
 
-    def _body(self, x_u8, flip, t, noise_seed: int, noise_offset: int) -> None:
-        self.opt.zero_grad(set_to_none=True)
+    def _round(self, x_u8, flip, t, noise_seed: int, noise_offset: int) -> torch.Tensor:
+        """Forward and backward of one round of the batch; its mean loss. The gradients
+        add to the model's (scaled by 1 / grad_accum: the step's is the batch mean's)."""
         if self._bf16 is not None:
-            self._bf16.module.zero_grad(set_to_none=True)
-            self._bf16.refresh()
+            self._bf16.clear_copy_grads()
         x0 = D.to_float(x_u8, flip if self.flip else None, self.pixel_range)
         x_t, y = self.noised(x0, t, noise_seed, noise_offset)
         x_t = x_t.contiguous(memory_format=self.memory_format)
@@ -368,9 +389,32 @@ class TrainStep:
                             cache_enabled=not self.cuda_graphs):
             pred = self.forward(x_t, t)
         loss = F.mse_loss(pred.float(), y)
-        loss.backward()
+        (loss / self.grad_accum if self.grad_accum > 1 else loss).backward()
+        return loss
+
+    def _body(self, x_u8, flip, t, noise_seed: int, noise_offset: int) -> None:
+        self.opt.zero_grad(set_to_none=True)
         if self._bf16 is not None:
-            self._bf16.grads_to_float()
+            self._bf16.refresh()
+        k = self.grad_accum
+        if x_u8.shape[0] % k:
+            raise ValueError(f"grad_accum: {k} rounds do not divide a batch of "
+                             f"{x_u8.shape[0]} images")
+        m = x_u8.shape[0] // k
+        chw = x_u8[0].numel()
+        losses = []
+        for r in range(k):
+            rows = slice(r * m, (r + 1) * m)
+            # DDP all-reduces the gradients in the last round's backward only
+            sync = self._ddp.no_sync() if self._ddp is not None and r < k - 1 \
+                else contextlib.nullcontext()
+            with sync:
+                part = self._round(x_u8[rows], flip[rows], t[rows], noise_seed,
+                                   noise_offset + r * m * chw)
+            losses.append(part.detach())
+            if self._bf16 is not None:
+                self._bf16.grads_to_float(accumulate=r > 0)
+        loss = losses[0] if k == 1 else torch.stack(losses).mean()
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)
         skip = (~torch.isfinite(norm)).float()
@@ -637,7 +681,7 @@ def _check_run_dir(out) -> None:
 
 def train(*, data, out, preset: str = "small", resolution: int = 64, channels: int = 3,
           model: Optional[dict] = None, diffusion: Optional[dict] = None, target: str = "eps",
-          batch_size: int = 16, steps: int = 600_000, lr: float = 5e-5, optimizer: str = "adam",
+          batch_size: int = 16, grad_accum: int = 1, steps: int = 600_000, lr: float = 5e-5, optimizer: str = "adam",
           betas=(0.9, 0.999), weight_decay: float = 0.0, adam_eps: float = 1e-8,
           warmup: int = 0, grad_clip: Optional[float] = 1.0, ema_decay: Optional[float] = 0.9999,
           ema_halflife_kimg: Optional[float] = None, flip: bool = True,
@@ -656,7 +700,9 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     ``data``: a ``.npy`` from :func:`blurfast.data.prepare`, an LSUN lmdb directory
     or an image folder. ``out``: the run directory (``config.json``, ``log.csv``,
     ``checkpoints/``, ``samples/``). ``batch_size`` is per process; under torchrun
-    the global batch is ``batch_size * WORLD_SIZE``. ``steps``: the step to stop at
+    the global batch is ``batch_size * WORLD_SIZE``; ``grad_accum`` (a divisor of it) runs
+    each process's batch in that many rounds, the gradients added (see
+    :class:`TrainStep`). ``steps``: the step to stop at
     (a resumed run continues up to it). ``resume``: None (start fresh; the run
     directory must hold no checkpoint), ``"auto"`` (the newest valid checkpoint of
     ``out``, else start fresh) or a checkpoint directory.
@@ -679,6 +725,10 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     check_int("resolution", resolution)
     check_int("channels", channels)
     check_int("batch_size", batch_size)
+    check_int("grad_accum", grad_accum)
+    if batch_size % grad_accum:
+        raise ValueError(f"grad_accum: {grad_accum} rounds do not divide batch_size "
+                         f"{batch_size}; give a divisor of it")
     check_int("steps", steps)
     # check_number returns numpy scalars as Python numbers: the config is written as JSON
     args["lr"] = check_number("lr", lr, 0, lo_open=True)
@@ -866,8 +916,10 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                                        for k, was, new in fixed) +
                 f" ({state['path']}); a resumed run keeps the checkpoint's model, diffusion "
                 f"and target: leave these as they were, or train into a new directory")
+        # A key the checkpoint's version did not save had its default then.
+        defaults = {k: v.default for k, v in inspect.signature(train).parameters.items()}
         changed = sorted(k for k in cfg if k not in ("resume", "steps", "out") and
-                         old.get(k) != cfg[k])
+                         old.get(k, defaults.get(k)) != cfg[k])
         if changed and main:
             warnings.warn("resume: settings changed since the checkpoint: " +
                           ", ".join(f"{k} {old.get(k)!r} -> {cfg[k]!r}" for k in changed),
@@ -902,7 +954,8 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                         grad_clip=cfg["grad_clip"], ema_beta=ema_beta,
                         precision=cfg["precision"], channels_last=cfg["channels_last"],
                         compile=cfg["compile"], cuda_graphs=cfg["cuda_graphs"],
-                        flip=cfg["flip"], pixel_range=cfg["pixel_range"], ddp=world > 1)
+                        flip=cfg["flip"], pixel_range=cfg["pixel_range"], ddp=world > 1,
+                        grad_accum=cfg.get("grad_accum", 1))
     if state is not None:
         stepper.load_state_dict(state, state["model"], state["ema"])
         if main:

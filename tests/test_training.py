@@ -513,11 +513,15 @@ def test_derive_seed_keeps_its_values_and_refuses_ints_outside_0_to_2_64():
 
 # ------------------------------------------------------------------------ DDP
 
-def test_ddp_two_gloo_processes_match_one_process(made16, tmp_path):
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_ddp_two_gloo_processes_match_one_process(made16, tmp_path, grad_accum):
     # adam_eps = 1: the update lr m / (sqrt(v) + 1) is then smooth in the gradient. With
     # eps = 1e-8, a weight whose gradient is at rounding level gets a step of up to lr in
-    # either direction, so two correct runs could differ by that much.
-    kw = {**KW, "batch_size": 2, "save_every": 1000, "adam_eps": 1.0, "lr": 0.1}
+    # either direction, so two correct runs could differ by that much. grad_accum 2: each
+    # rank's batch in two rounds, all-reduced in the second's backward only (no_sync in
+    # the first; a rank that skipped the all-reduce would drift from the other).
+    kw = {**KW, "batch_size": 2, "save_every": 1000, "adam_eps": 1.0, "lr": 0.1,
+          "grad_accum": grad_accum}
     script = f"""
         import os, torch
         torch.set_num_threads(1)
@@ -539,7 +543,7 @@ def test_ddp_two_gloo_processes_match_one_process(made16, tmp_path):
     cfg = json.loads((tmp_path / "ddp" / "config.json").read_text())
     assert cfg["world_size"] == 2 and cfg["global_batch"] == 4
     one = training.train(data=str(made16), out=str(tmp_path / "one"), steps=4,
-                         **{**kw, "batch_size": 4})
+                         **{**kw, "batch_size": 4, "grad_accum": 1})
     # The same examples, steps and noise: the logged losses (all-reduced over the ranks)
     # agree to rounding, and so do the weights: gradients summed in another order differ
     # by about 1e-6 of their size (at most 1 here), which moves a weight by at most
@@ -654,6 +658,95 @@ def test_cast_once_gives_autocasts_bits():
     assert all(c.data_ptr() != p.data_ptr() for p, c in zip(w.masters, w.copies))
     w.refresh()
     assert all(torch.equal(c, p.to(torch.bfloat16)) for p, c in zip(w.masters, w.copies))
+
+
+@pytest.mark.parametrize("rounds", [2, 4])
+def test_grad_accum_rounds_give_the_batchs_gradient_in_float64(rounds):
+    # The gradient a step applies, with the batch in 1, 2 or 4 rounds, against the float64
+    # gradient of the whole batch's loss (q_sample's x_t and eps, the same Philox noise).
+    # Read before the update: Adam's moments after one step are (1 - beta1) g and
+    # (1 - beta2) g^2. A round given the wrong noise, images, scale or a lost round moves
+    # the gradient by far more than float32's rounding.
+    import copy
+    import torch.nn.functional as F
+    diff = BlurDiffusion(resolution=16)
+    torch.manual_seed(0)
+    model = UNet(resolution=16, **TINY)
+    ref = copy.deepcopy(model).double()
+    x = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(1))
+    t, flip = torch.tensor([3, 40, 400, 990]), torch.zeros(4, dtype=torch.bool)
+    x_t, eps = diff.q_sample(D.to_float(x), t, seed=5, offset=0)
+    loss = F.mse_loss(ref(x_t.double(), t), eps.double())
+    loss.backward()
+    want = torch.cat([p.grad.flatten() for p in ref.parameters()])
+    got = {}
+    for k in (1, rounds):
+        step = training.TrainStep(copy.deepcopy(model), diff, device="cpu", lr=1e-3,
+                                  flip=False, grad_clip=None, grad_accum=k)
+        step(x, flip, t, 5, 0)
+        got[k] = torch.cat([step.opt.state[q]["exp_avg"].double().flatten() / 0.1
+                            for q in step.params])
+        assert step.read_stats()["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    # float32 against float64 as whole vectors: the one-round step measured 3e-7
+    for k, g in got.items():
+        assert (g - want).norm() <= 3e-6 * want.norm(), k
+    assert (got[rounds] - got[1]).norm() <= 3e-6 * want.norm()
+
+
+def test_grad_accum_under_cast_once_adds_rounds_as_autocast_does():
+    # bf16 rounds: cast_once's float32 master gradients add each round's widened bf16
+    # gradient, as autograd adds autocast's: the same bits after two steps.
+    import copy
+    diff = BlurDiffusion(resolution=16)
+    torch.manual_seed(0)
+    model = UNet(resolution=16, **TINY)
+    steps = [training.TrainStep(copy.deepcopy(model), diff, device="cpu", lr=1e-3,
+                                precision="bf16", cast_once=c, grad_accum=2)
+             for c in (False, True)]
+    g = torch.Generator().manual_seed(3)
+    for k in range(2):
+        x = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=g)
+        t = torch.randint(1, diff.num_steps, (4,), generator=g)
+        for s in steps:
+            s(x, torch.tensor([True, False, False, True]), t, 9, 0)
+    ref, new = steps
+    for a, b in zip([*ref.params, *ref.ema_params], [*new.params, *new.ema_params]):
+        assert torch.equal(a, b)
+    assert ref.read_stats() == new.read_stats()
+
+
+def test_resuming_a_checkpoint_saved_before_a_new_setting_warns_of_no_change(made16, tmp_path,
+                                                                          recwarn):
+    # A checkpoint of a version without grad_accum: its run had the default, so resuming
+    # with the default changes no setting; resuming with another value says so.
+    out = tmp_path / "run"
+    training.train(data=str(made16), out=str(out), steps=2, **KW)
+    d = ckpt.list_checkpoints(out / "checkpoints")[-1][1]
+    state = ckpt.load(d)
+    old = {k: v for k, v in state["config"].items() if k != "grad_accum"}
+    extra = {k: state[k] for k in state if k not in ("format", "step", "config", "path")}
+    net = UNet(**old["model"])
+    ema = copy.deepcopy(net)
+    net.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    ckpt.save(out / "checkpoints", 2, net, ema, extra, old)
+    training.train(data=str(made16), out=str(out), steps=3, resume="auto", **KW)
+    assert not [w for w in recwarn if "settings changed" in str(w.message)]
+    with pytest.warns(UserWarning, match="settings changed since the checkpoint: grad_accum "
+                                         "1 -> 2"):
+        training.train(data=str(made16), out=str(out), steps=4, resume="auto",
+                       **{**KW, "grad_accum": 2})
+
+
+def test_grad_accum_must_divide_the_batch(made16, tmp_path):
+    with pytest.raises(ValueError, match="grad_accum: 3 rounds do not divide batch_size 4"):
+        training.train(data=str(made16), out=str(tmp_path / "r"), steps=1,
+                       **{**KW, "grad_accum": 3})
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ValueError, match="grad_accum: expected an int >= 1, got 0"):
+        training.TrainStep(UNet(resolution=16, **TINY), BlurDiffusion(resolution=16),
+                           device="cpu", grad_accum=0)
 
 
 @pytest.mark.parametrize("kw", [dict(precision="fp32"), dict(precision="bf16", ddp=True)])
@@ -1387,6 +1480,28 @@ def test_train_help_documents_every_flag_with_the_documented_default():
             assert want.split()[0] == got.split()[0], (flag, want, got)
         compared += 1
     assert compared >= 25, compared
+
+
+@pytest.mark.parametrize("flags, advice", [
+    ([], "try --grad-accum 2 (the same step in 2 rounds of 8 images, a smaller share of the "
+         "memory) or a smaller --batch-size"),
+    (["--batch-size", "6", "--grad-accum", "2"], "try --grad-accum 3 (the same step in 3 "
+                                                  "rounds of 2 images"),
+    (["--batch-size", "5", "--grad-accum", "5"], "try a smaller --batch-size"),
+])
+def test_cli_out_of_memory_names_the_flags_that_save_memory(made16, tmp_path, capsys,
+                                                           monkeypatch, flags, advice):
+    def oom(*args):        # where a step would run out
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\n"
+                                          "more lines")
+    monkeypatch.setattr(training, "_run", oom)
+    monkeypatch.delenv("BLURFAST_DEBUG", raising=False)
+    from blurfast import cli
+    assert cli.main(["train", "--data", str(made16), "--out", str(tmp_path / "r"), *flags]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("blurfast train: error: the GPU ran out of memory with --batch-size")
+    assert advice in err and err.endswith(
+        "(torch: CUDA out of memory. Tried to allocate 2.00 GiB)\n")
 
 
 def test_cli_prepare_reports_once_and_warnings_are_one_line(tmp_path, capsys):
