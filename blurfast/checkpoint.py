@@ -189,13 +189,14 @@ def _load_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], dict]:
 
 
 def stored_config(path) -> dict:
-    """The run config stored in the checkpoint directory ``path``, read from the metadata
-    of its ``model.safetensors`` (no weights loaded, no file checked against the
-    manifest); CheckpointError saying what is wrong otherwise."""
+    """The run config stored in the checkpoint directory ``path`` (or the ``.safetensors``
+    file ``path``), read from the metadata of its ``model.safetensors`` (no weights
+    loaded, no file checked against the manifest); CheckpointError saying what is wrong
+    otherwise."""
     from safetensors import safe_open
 
     path = Path(path)
-    f = path / "model.safetensors"
+    f = path if path.is_file() else path / "model.safetensors"
     if not f.is_file():
         verify(path)            # says why: a run directory, no checkpoint, incomplete
         raise CheckpointError(f"checkpoint {path}: model.safetensors is missing")

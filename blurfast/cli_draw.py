@@ -12,11 +12,29 @@ from pathlib import Path
 from .checks import check_gpu_seen, check_int
 
 _S = argparse.SUPPRESS
+_SEED_MAX = 2 ** 63 - 1          # what the noise ops take
+
+
+def _flag_errors(fn, *args, _run=False, **kwargs):
+    """``fn(*args, **kwargs)``, its ValueError about a keyword argument ``k`` reworded to
+    name the flag ``--k`` that set it (``_run``: the run set it; the error is --data's)."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as e:
+        name, sep, rest = str(e).partition(": ")
+        if sep and name in kwargs and name != "arg":
+            if _run:
+                raise ValueError(f"--data: the run's {name} {rest}") from None
+            raise ValueError(f"--{name.replace('_', '-')}: {rest}") from None
+        raise
 
 
 def _pixels(text: str) -> int:
     """argparse type: an image side of at least 8 pixels."""
-    v = int(text)
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an image side >= 8, got {text!r}") from None
     if v < 8:
         raise argparse.ArgumentTypeError(f"expected an image side >= 8, got {v}")
     return v
@@ -134,7 +152,7 @@ def _trajectory(args) -> int:
     check_int("--n", args.n, 1)
     check_int("--columns", args.columns, 1)
     check_int("--steps", args.steps, 0)
-    check_int("--seed", args.seed, 0)
+    check_int("--seed", args.seed, 0, _SEED_MAX)
     check_eta(args.sampler, args.eta, "--eta")
     out = _check_out(args.out)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -143,6 +161,9 @@ def _trajectory(args) -> int:
     path = resolve_checkpoint(args.ckpt)
     model, diff, config = ckpt.load_model(path, ema=not args.raw_weights, device=device)
     pixel_range = config.get("pixel_range", "-1,1")
+    if args.steps > diff.num_steps - 1:
+        raise ValueError(f"--steps: expected an int in [0, {diff.num_steps - 1}] for this "
+                         f"run's N = {diff.num_steps} (0 = the full chain), got {args.steps}")
     net = diff.eps_model(model, config.get("target", "eps"))
     with torch.no_grad():
         _, shown = viz.trajectory(
@@ -166,7 +187,7 @@ def _process(args) -> int:
 
     check_int("--n", args.n, 1)
     check_int("--columns", args.columns, 1)
-    check_int("--seed", args.seed, 0)
+    check_int("--seed", args.seed, 0, _SEED_MAX)
     given = vars(args)
     out = _check_out(args.out)
     flags = {k: given[k] for k in DIFFUSION_KEYS if k in given}
@@ -181,10 +202,14 @@ def _process(args) -> int:
         path = resolve_checkpoint(args.ckpt)
         config = ckpt.stored_config(path)
         diff = BlurDiffusion(**config["diffusion"])
-        data = given.get("data") or config.get("data")
-        if not data or not Path(data).exists():
-            raise ValueError(f"--data: the run's data {data!r} is not here; give --data PATH")
-        ds = open_dataset(data, resolution=diff.H, resize=config.get("resize", DEFAULT_RESIZE),
+        data = given.get("data")        # open_dataset says what is wrong with one given
+        if data is None:
+            data = config.get("data")
+            if not data or not Path(data).exists():
+                raise ValueError(f"--data: the run's data {data!r} is not here (a relative "
+                                 f"path is read from the current folder); give --data PATH")
+        ds = _flag_errors(open_dataset, data, resolution=diff.H, _run=True,
+                          resize=config.get("resize", DEFAULT_RESIZE),
                           channels=diff.channels, arg="--data")
         pixel_range = config.get("pixel_range", "-1,1")
     else:
@@ -192,10 +217,12 @@ def _process(args) -> int:
             raise ValueError("--data: required without --ckpt (or give --ckpt RUN_DIR)")
         data = args.data
         prepared = Path(data).is_file()       # a prepared array knows its own size
-        ds = open_dataset(data, resolution=given.get("resolution", None if prepared else 64),
+        ds = _flag_errors(open_dataset, data,
+                          resolution=given.get("resolution", None if prepared else 64),
                           resize=given.get("resize", DEFAULT_RESIZE),
                           channels=given.get("channels", None if prepared else 3), arg="--data")
-        diff = BlurDiffusion(resolution=ds.resolution, channels=ds.channels, **flags)
+        diff = _flag_errors(BlurDiffusion, resolution=ds.resolution, channels=ds.channels,
+                            **flags)
         pixel_range = given.get("pixel_range", "-1,1")
     if args.columns > diff.num_steps:
         raise ValueError(f"--columns: expected at most N = {diff.num_steps}, got {args.columns}")
@@ -217,6 +244,8 @@ def _curves(args) -> int:
     run = Path(args.run)
     if not run.is_dir():
         raise ValueError(f"RUN_DIR: {args.run!r} is not a directory")
+    if not (run / "log.csv").is_file():
+        raise ValueError(f"RUN_DIR: no log.csv in {args.run!r}")
     out = _check_out(args.out) if args.out is not None else None
     print(f"wrote {viz.training_curves(run, out)}")
     return 0

@@ -107,14 +107,52 @@ def test_process_from_flags_on_a_prepared_array(run, tmp_path):
     (["process", "--data", "{photos}", "--n", "0"], "--n: expected an int >= 1, got 0"),
     (["trajectory", "--ckpt", "{run}", "--columns", "0"], "--columns: expected an int >= 1"),
     (["trajectory", "--ckpt", "{run}", "--sampler", "ancestral", "--eta", "0.5"], "--eta"),
-    (["curves", "{photos}"], "run_dir: no log.csv in"),
+    (["curves", "{photos}"], "RUN_DIR: no log.csv in"),
+    # the flag, not BlurDiffusion's or open_dataset's argument, is named
+    (["process", "--data", "{photos}", "--sigma", "-1"], "--sigma: expected a finite number"),
+    (["process", "--data", "{photos}", "--num-steps", "1"], "--num-steps: expected an int >= 2"),
+    (["process", "--data", "{npy}", "--resolution", "8"], "--resolution: 8 differs from the "
+                                                          "prepared array's 16"),
+    (["process", "--data", "{photos}", "--seed", str(2 ** 64)], "--seed: expected an int in"),
+    (["trajectory", "--ckpt", "{run}", "--seed", str(2 ** 64)], "--seed: expected an int in"),
+    (["trajectory", "--ckpt", "{run}", "--steps", "30"],
+     "--steps: expected an int in [0, 29] for this run's N = 30"),
+    # a --data given is checked as given, not called the run's
+    (["process", "--ckpt", "{run}", "--data", "{photos}/missing"], "--data: '"),
+    (["process", "--ckpt", "{run}", "--data", "{npy8}"],
+     "--data: the run's resolution 16 differs from the prepared array's 8"),
 ])
 def test_bad_arguments_are_named(run, tmp_path, capsys, argv, words):
-    argv = [a.format(run=run / "run", photos=run / "photos") for a in argv]
+    npy, npy8 = tmp_path / "photos.npy", tmp_path / "photos8.npy"
+    prepare(run / "photos", npy, resolution=SIDE, progress=False)
+    prepare(run / "photos", npy8, resolution=8, progress=False)
+    argv = [a.format(run=run / "run", photos=run / "photos", npy=npy, npy8=npy8)
+            for a in argv]
     assert cli.main(["draw", *argv, *([] if "--out" in argv or argv[0] == "curves"
                                       else ["--out", str(tmp_path / "x.png")])]) == 2
     assert words in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_resolution_not_a_number_is_refused_as_an_image_side(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["draw", "process", "--data", str(tmp_path), "--resolution", "x"])
+    assert e.value.code == 2
+    assert "--resolution: expected an image side >= 8, got 'x'" in capsys.readouterr().err
+
+
+def test_process_takes_a_safetensors_file_as_ckpt(run, tmp_path, capsys):
+    # --help and the docs promise a run directory, checkpoint directory or .safetensors file
+    from blurfast.generate import resolve_checkpoint
+    step = resolve_checkpoint(run / "run")
+    pics = []
+    for i, ckpt in enumerate([step, step / "ema.safetensors", step / "model.safetensors"]):
+        out = tmp_path / f"p{i}.png"
+        assert cli.main(["draw", "process", "--ckpt", str(ckpt), "--n", "2", "--columns", "3",
+                         "--out", str(out)]) == 0, capsys.readouterr().err
+        pics.append(np.asarray(Image.open(out)))
+    np.testing.assert_array_equal(pics[1], pics[0])
+    np.testing.assert_array_equal(pics[2], pics[0])
 
 
 def test_curves(run, tmp_path):
