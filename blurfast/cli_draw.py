@@ -87,6 +87,8 @@ def register(sub) -> None:
                    help="default: cuda if available")
     t.add_argument("--raw-weights", action="store_true",
                    help="the raw model weights instead of the EMA weights")
+    t.add_argument("--no-progress", action="store_true",
+                   help="no progress bar over the model calls")
     t.set_defaults(func=_trajectory)
 
     p = what.add_parser(
@@ -136,6 +138,9 @@ def register(sub) -> None:
 
 def _check_out(out) -> Path:
     from .fileio import check_writable
+    if Path(out).suffix.lower() != ".png":
+        raise ValueError(f"--out: expected a .png file name (the picture is a PNG), got "
+                         f"{str(out)!r}")
     check_writable("--out", out)
     return Path(out)
 
@@ -170,7 +175,7 @@ def _trajectory(args) -> int:
             net, diff, (args.n,) + diff.shape, path=out, sampler=args.sampler,
             steps=None if args.steps == 0 else args.steps, num=args.columns, seed=args.seed,
             eta=args.eta, spacing=args.spacing, show=args.show, pixel_range=pixel_range,
-            device=device, clip=data_range(pixel_range))
+            device=device, clip=data_range(pixel_range), progress=not args.no_progress)
     rows = {"both": "x_t above x0_hat", "x_t": "x_t", "x0_hat": "x0_hat"}[args.show]
     print(f"wrote {out}: {args.n} image{'s' if args.n != 1 else ''} ({rows}) from {path}, "
           f"{args.sampler} at steps {', '.join(map(str, shown[:-1]))}, then the sample")

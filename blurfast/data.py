@@ -236,6 +236,9 @@ class PreparedArray(torch.utils.data.Dataset):
     def __init__(self, path, *, arg: str = "path"):
         # arg: the argument its errors name (a caller's own, e.g. "data (--data)")
         self.path = str(path)
+        if Path(path).suffix.lower() in IMAGE_EXTENSIONS:
+            raise ValueError(f"{arg}: {self.path!r} is one image; expected a prepared .npy "
+                             f"array, an LSUN lmdb directory or a folder of images")
         try:
             a = np.load(self.path, mmap_mode="r")
         except (OSError, ValueError, EOFError) as e:      # EOFError: an empty file

@@ -101,7 +101,7 @@ TRAJECTORY_ROWS = ("x0_hat", "x_t", "both")
 def trajectory(model, diff: BlurDiffusion, shape, path=None, sampler: str = "ddim",
                steps: Optional[int] = 100, num: int = 10, seed: int = 0, eta=0.0,
                spacing="uniform", pad: int = 1, show: str = "x0_hat",
-               pixel_range: str = "-1,1", **kw):
+               pixel_range: str = "-1,1", progress: bool = False, **kw):
     """A reverse run at ``num`` (>= 1) evenly spaced model calls (every call where there
     are no more than ``num``), then the sample.
 
@@ -109,7 +109,8 @@ def trajectory(model, diff: BlurDiffusion, shape, path=None, sampler: str = "ddi
     ``"x0_hat"`` (the coarse-to-fine synthesis), of the state ``"x_t"`` it was made
     from (noise and blur giving way), or ``"both"`` (x_t above x0_hat). Images are in
     the model's ``pixel_range`` and clamped to it for display only. ``kw`` goes to
-    :func:`blurfast.sampling.sample` (``device``, ``clip``, ...). Returns
+    :func:`blurfast.sampling.sample` (``device``, ``clip``, ...); ``progress``: its bar
+    over the model calls. Returns
     ``(picture, steps)`` with the steps of the shown columns (0 for the final sample);
     PNG to ``path``.
     """
@@ -135,7 +136,7 @@ def trajectory(model, diff: BlurDiffusion, shape, path=None, sampler: str = "ddi
             estimates.append(display(x0_hat))
 
     out = display(sample(model, diff, shape, sampler=sampler, steps=steps, eta=eta,
-                         spacing=spacing, seed=seed, callback=keep, progress=False, **kw))
+                         spacing=spacing, seed=seed, callback=keep, progress=progress, **kw))
     shown.append(0)
     states.append(out)
     estimates.append(out)

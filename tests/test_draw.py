@@ -121,12 +121,16 @@ def test_process_from_flags_on_a_prepared_array(run, tmp_path):
     (["process", "--ckpt", "{run}", "--data", "{photos}/missing"], "--data: '"),
     (["process", "--ckpt", "{run}", "--data", "{npy8}"],
      "--data: the run's resolution 16 differs from the prepared array's 8"),
+    (["process", "--data", "{photos}", "--out", "{tmp}/x.jpg"],
+     "--out: expected a .png file name (the picture is a PNG), got"),
+    (["process", "--data", "{photos}/00000.png"], "00000.png' is one image; expected a "
+                                                   "prepared .npy array, an LSUN lmdb"),
 ])
 def test_bad_arguments_are_named(run, tmp_path, capsys, argv, words):
     npy, npy8 = tmp_path / "photos.npy", tmp_path / "photos8.npy"
     prepare(run / "photos", npy, resolution=SIDE, progress=False)
     prepare(run / "photos", npy8, resolution=8, progress=False)
-    argv = [a.format(run=run / "run", photos=run / "photos", npy=npy, npy8=npy8)
+    argv = [a.format(run=run / "run", photos=run / "photos", npy=npy, npy8=npy8, tmp=tmp_path)
             for a in argv]
     assert cli.main(["draw", *argv, *([] if "--out" in argv or argv[0] == "curves"
                                       else ["--out", str(tmp_path / "x.png")])]) == 2
