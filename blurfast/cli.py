@@ -305,9 +305,34 @@ def main(argv=None) -> int:
         return _main(argv)
 
 
+def _leaf_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    """The parser of the (sub)command that ``args`` ran: ``draw process``'s, say."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, subs[0].dest, None) if subs else None
+        if name not in (subs[0].choices if subs else {}):
+            return parser
+        parser = subs[0].choices[name]
+
+
+def flag_named(parser: argparse.ArgumentParser, message: str) -> str:
+    """``message`` with a leading argument name (``sigma: ...``, as the library's checks
+    word it) replaced by the command's flag for it (``--sigma: ...``), where ``parser``
+    has one; otherwise as it is."""
+    name, sep, rest = message.partition(": ")
+    if not sep or not name.isidentifier():
+        return message
+    for a in parser._actions:
+        longs = [o for o in a.option_strings if o.startswith("--")]
+        if a.dest == name and longs:
+            return f"{longs[0]}: {rest}"
+    return message
+
+
 def _main(argv) -> int:
     import os
     argv = list(sys.argv[1:] if argv is None else argv)
+    leaf = None
     if argv and argv[0] in _PASSTHROUGH:
         import importlib
         run = lambda: importlib.import_module(_PASSTHROUGH[argv[0]][1]).main(argv[1:])  # noqa: E731
@@ -320,6 +345,7 @@ def _main(argv) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
+        leaf = _leaf_parser(parser, args)
         run = lambda: args.func(args)  # noqa: E731
     try:
         return run()
@@ -329,7 +355,8 @@ def _main(argv) -> int:
     except (ValueError, TypeError, OSError) as e:
         if os.environ.get("BLURFAST_DEBUG"):
             raise
-        print(f"blurfast {argv[0]}: error: {e}", file=sys.stderr)
+        message = str(e) if leaf is None else flag_named(leaf, str(e))
+        print(f"blurfast {argv[0]}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -15,17 +15,16 @@ _S = argparse.SUPPRESS
 _SEED_MAX = 2 ** 63 - 1          # what the noise ops take
 
 
-def _flag_errors(fn, *args, _run=False, **kwargs):
-    """``fn(*args, **kwargs)``, its ValueError about a keyword argument ``k`` reworded to
-    name the flag ``--k`` that set it (``_run``: the run set it; the error is --data's)."""
+def _run_set(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with keyword arguments a run's config set: a ValueError
+    about one of them is --data's (the run's value does not fit the data given), not the
+    flag's that the command line would otherwise name (cli.flag_named)."""
     try:
         return fn(*args, **kwargs)
     except ValueError as e:
         name, sep, rest = str(e).partition(": ")
         if sep and name in kwargs and name != "arg":
-            if _run:
-                raise ValueError(f"--data: the run's {name} {rest}") from None
-            raise ValueError(f"--{name.replace('_', '-')}: {rest}") from None
+            raise ValueError(f"--data: the run's {name} {rest}") from None
         raise
 
 
@@ -213,21 +212,19 @@ def _process(args) -> int:
             if not data or not Path(data).exists():
                 raise ValueError(f"--data: the run's data {data!r} is not here (a relative "
                                  f"path is read from the current folder); give --data PATH")
-        ds = _flag_errors(open_dataset, data, resolution=diff.H, _run=True,
-                          resize=config.get("resize", DEFAULT_RESIZE),
-                          channels=diff.channels, arg="--data")
+        ds = _run_set(open_dataset, data, resolution=diff.H,
+                      resize=config.get("resize", DEFAULT_RESIZE), channels=diff.channels,
+                      arg="--data")
         pixel_range = config.get("pixel_range", "-1,1")
     else:
         if "data" not in given:
             raise ValueError("--data: required without --ckpt (or give --ckpt RUN_DIR)")
         data = args.data
         prepared = Path(data).is_file()       # a prepared array knows its own size
-        ds = _flag_errors(open_dataset, data,
-                          resolution=given.get("resolution", None if prepared else 64),
+        ds = open_dataset(data, resolution=given.get("resolution", None if prepared else 64),
                           resize=given.get("resize", DEFAULT_RESIZE),
                           channels=given.get("channels", None if prepared else 3), arg="--data")
-        diff = _flag_errors(BlurDiffusion, resolution=ds.resolution, channels=ds.channels,
-                            **flags)
+        diff = BlurDiffusion(resolution=ds.resolution, channels=ds.channels, **flags)
         pixel_range = given.get("pixel_range", "-1,1")
     if args.columns > diff.num_steps:
         raise ValueError(f"--columns: expected at most N = {diff.num_steps}, got {args.columns}")

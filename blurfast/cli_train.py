@@ -532,6 +532,7 @@ def _train_main(args) -> int:
     except (ValueError, TypeError) as e:       # CheckpointError included
         if os.environ.get("BLURFAST_DEBUG"):
             raise
+        # train()'s argument names are also the --config file's keys: kept as they are
         print(f"blurfast train: error: {e}", file=sys.stderr)
         return 2
     if result["stopped_by"] == "SIGINT":

@@ -218,3 +218,22 @@ def test_cuda_without_a_gpu_is_named(run, capsys, monkeypatch):
     assert cli.main(["draw", "trajectory", "--ckpt", str(run / "run"), "--device", "cuda"]) == 2
     assert capsys.readouterr().err == ("blurfast draw: error: --device: 'cuda' was asked for "
                                        "but torch sees no GPU\n")
+
+
+def test_errors_name_the_flag_of_the_argument(tmp_path, capsys):
+    # cli.flag_named: the library's "name: ..." becomes the command's "--flag: ..." (the
+    # first long option where there are several), and stays as it is where no flag has
+    # that name.
+    parser = cli.build_parser()
+    sample, train = parser.commands["sample"], parser.commands["train"]
+    assert cli.flag_named(sample, "n: expected an int >= 1, got 0") == \
+        "--num-samples: expected an int >= 1, got 0"
+    assert cli.flag_named(train, "sigma_max: x") == "--sigma-max: x"
+    assert cli.flag_named(train, "model: unknown UNet arguments") == \
+        "model: unknown UNet arguments"
+    assert cli.flag_named(train, "data (--data): 'x' does not exist") == \
+        "data (--data): 'x' does not exist"
+    assert cli.main(["sample", "--ckpt", str(tmp_path), "--n", "0", "--out",
+                     str(tmp_path / "s")]) == 2
+    assert capsys.readouterr().err == ("blurfast sample: error: --num-samples: expected an int "
+                                       ">= 1, got 0\n")

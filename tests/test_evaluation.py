@@ -216,7 +216,7 @@ def test_cli_fid_check_loads_the_features_and_finds_the_reference(tmp_path, monk
     weights.mkdir()
     assert cli.main(["fid", "--check", "--inception", str(weights)] + ref) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith("blurfast fid: error: inception: ")
+    assert len(err) == 1 and err[0].startswith("blurfast fid: error: --inception: ")
     assert str(weights / ev.INCEPTION_FILE) in err[0]
     assert not list(weights.iterdir())
     features = ["--features", "test_evaluation:_pool_features"]
