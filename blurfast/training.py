@@ -918,11 +918,12 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                 f"and target: leave these as they were, or train into a new directory")
         # A key the checkpoint's version did not save had its default then.
         defaults = {k: v.default for k, v in inspect.signature(train).parameters.items()}
+        was = {k: old.get(k, defaults.get(k)) for k in cfg}
         changed = sorted(k for k in cfg if k not in ("resume", "steps", "out") and
-                         old.get(k, defaults.get(k)) != cfg[k])
+                         was[k] != cfg[k])
         if changed and main:
             warnings.warn("resume: settings changed since the checkpoint: " +
-                          ", ".join(f"{k} {old.get(k)!r} -> {cfg[k]!r}" for k in changed),
+                          ", ".join(f"{k} {was[k]!r} -> {cfg[k]!r}" for k in changed),
                           stacklevel=3)
     start = 0 if state is None else int(state["step"])
     # Examples consumed before step `start`: the data order and log.csv's images go on

@@ -3,6 +3,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -731,6 +732,13 @@ def test_resuming_a_checkpoint_saved_before_a_new_setting_warns_of_no_change(mad
     net.load_state_dict(state["model"])
     ema.load_state_dict(state["ema"])
     ckpt.save(out / "checkpoints", 2, net, ema, extra, old)
+    # The warning names the value the old run had (the default), not None: the step-2
+    # checkpoint, resumed in a copy of the run, with another value.
+    shutil.copytree(out, tmp_path / "copy")
+    with pytest.warns(UserWarning, match="settings changed since the checkpoint: grad_accum "
+                                         "1 -> 2"):
+        training.train(data=str(made16), out=str(tmp_path / "copy"), steps=3, resume="auto",
+                       **{**KW, "grad_accum": 2})
     training.train(data=str(made16), out=str(out), steps=3, resume="auto", **KW)
     assert not [w for w in recwarn if "settings changed" in str(w.message)]
     with pytest.warns(UserWarning, match="settings changed since the checkpoint: grad_accum "
