@@ -1027,7 +1027,11 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                                                  diff.num_steps, rank, cfg["batch_size"])
                 torch.manual_seed(derive_seed(cfg["seed"], step, 3, rank))   # dropout
                 stepper.set_lr(lr_at(step))
-                stepper(batch, flip, t, noise_seed, noise_offset)
+                try:
+                    stepper(batch, flip, t, noise_seed, noise_offset)
+                except torch.cuda.OutOfMemoryError as e:
+                    e.in_train_step = True     # blurfast train's advice: --grad-accum
+                    raise
                 step += 1
                 if bar is not None:
                     bar.update(1)

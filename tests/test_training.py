@@ -1490,26 +1490,52 @@ def test_train_help_documents_every_flag_with_the_documented_default():
     assert compared >= 25, compared
 
 
+# A tiny run on CPU whose step or sample grid the tests below make run out of memory.
+_OOM_ARGV = ["--resolution", "16", "--base-channels", "32", "--channel-mult", "1", "2",
+             "--num-res-blocks", "1", "--steps", "2", "--sample-count", "1", "--sample-steps",
+             "1", "--no-progress", "--device", "cpu"]
+
+
+def _oom(*args, **kw):
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\n"
+                                      "more lines")
+
+
 @pytest.mark.parametrize("flags, advice", [
-    ([], "try --grad-accum 2 (the same step in 2 rounds of 8 images, a smaller share of the "
-         "memory) or a smaller --batch-size"),
+    (["--batch-size", "16"], "try --grad-accum 2 (the same step in 2 rounds of 8 images, a "
+                             "smaller share of the memory) or a smaller --batch-size"),
     (["--batch-size", "6", "--grad-accum", "2"], "try --grad-accum 3 (the same step in 3 "
                                                   "rounds of 2 images"),
     (["--batch-size", "5", "--grad-accum", "5"], "try a smaller --batch-size"),
 ])
 def test_cli_out_of_memory_names_the_flags_that_save_memory(made16, tmp_path, capsys,
                                                            monkeypatch, flags, advice):
-    def oom(*args):        # where a step would run out
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\n"
-                                          "more lines")
-    monkeypatch.setattr(training, "_run", oom)
+    monkeypatch.setattr(training.TrainStep, "__call__", _oom)     # where a step runs out
     monkeypatch.delenv("BLURFAST_DEBUG", raising=False)
     from blurfast import cli
-    assert cli.main(["train", "--data", str(made16), "--out", str(tmp_path / "r"), *flags]) == 1
+    assert cli.main(["train", "--data", str(made16), "--out", str(tmp_path / "r"),
+                     *_OOM_ARGV, *flags]) == 1
     err = capsys.readouterr().err
     assert err.startswith("blurfast train: error: the GPU ran out of memory with --batch-size")
     assert advice in err and err.endswith(
         "(torch: CUDA out of memory. Tried to allocate 2.00 GiB)\n")
+
+
+def test_cli_out_of_memory_outside_a_step_does_not_advise_grad_accum(made16, tmp_path, capsys,
+                                                                    monkeypatch):
+    # The sample grid (--sample-count images at once) or FID (4 x --batch-size) ran out:
+    # rounds of the training batch would change nothing there.
+    monkeypatch.setattr(training, "_save_samples", _oom)
+    monkeypatch.delenv("BLURFAST_DEBUG", raising=False)
+    from blurfast import cli
+    assert cli.main(["train", "--data", str(made16), "--out", str(tmp_path / "r"),
+                     *_OOM_ARGV, "--batch-size", "4"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("blurfast train: error: the GPU ran out of memory outside a "
+                          "training step, where --grad-accum does not help")
+    assert "--sample-count 1 images at once" in err and "4 x --batch-size = 16" in err
+    assert "try --grad-accum" not in err
+    assert err.endswith("(torch: CUDA out of memory. Tried to allocate 2.00 GiB)\n")
 
 
 def test_cli_prepare_reports_once_and_warnings_are_one_line(tmp_path, capsys):
