@@ -273,7 +273,9 @@ class TrainStep:
     autocast's casts in fewer kernels. ``grad_accum``: the batch goes through the model in
     that many equal rounds whose gradients add up before the one optimizer step (the
     activations of one round in memory at a time); each round's Philox noise is the
-    whole batch's at its images, so only the summation order differs from one round.
+    whole batch's at its images, so only the summation order differs from one round, but
+    for what is drawn per round: dropout masks (a model with dropout) and, under
+    ``cuda_graphs``, the noise from torch's generator.
     """
 
     def __init__(self, model: UNet, diff: BlurDiffusion, *, device, target: str = "eps",
