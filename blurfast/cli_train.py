@@ -520,14 +520,22 @@ def _train_main(args) -> int:
             raise
         batch = kw.get("batch_size", _train_default("batch_size"))
         rounds = kw.get("grad_accum", _train_default("grad_accum"))
+        torch_says = f"(torch: {str(e).splitlines()[0] if str(e) else 'out of memory'})"
+        if not getattr(e, "in_train_step", False):
+            # sample grids, FID, the model itself: rounds of the batch would not help
+            count = kw.get("sample_count", _train_default("sample_count"))
+            print(f"blurfast train: error: the GPU ran out of memory outside a training step, "
+                  f"where --grad-accum does not help (a sample grid draws its --sample-count "
+                  f"{count} images at once; FID samples 4 x --batch-size = {4 * batch} at a "
+                  f"time) {torch_says}", file=sys.stderr)
+            return 1
         more = [k for k in range(rounds + 1, batch + 1) if batch % k == 0][:1]
         advice = (f"--grad-accum {more[0]} (the same step in {more[0]} rounds of "
                   f"{batch // more[0]} images, a smaller share of the memory) or "
                   if more else "")
         print(f"blurfast train: error: the GPU ran out of memory with --batch-size {batch} "
               f"in {rounds} round{'s' if rounds > 1 else ''}: try {advice}a smaller "
-              f"--batch-size (torch: {str(e).splitlines()[0] if str(e) else 'out of memory'})",
-              file=sys.stderr)
+              f"--batch-size {torch_says}", file=sys.stderr)
         return 1
     except (ValueError, TypeError) as e:       # CheckpointError included
         if os.environ.get("BLURFAST_DEBUG"):

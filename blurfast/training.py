@@ -273,7 +273,9 @@ class TrainStep:
     autocast's casts in fewer kernels. ``grad_accum``: the batch goes through the model in
     that many equal rounds whose gradients add up before the one optimizer step (the
     activations of one round in memory at a time); each round's Philox noise is the
-    whole batch's at its images, so only the summation order differs from one round.
+    whole batch's at its images, so only the summation order differs from one round, but
+    for what is drawn per round: dropout masks (a model with dropout) and, under
+    ``cuda_graphs``, the noise from torch's generator.
     """
 
     def __init__(self, model: UNet, diff: BlurDiffusion, *, device, target: str = "eps",
@@ -918,11 +920,12 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                 f"and target: leave these as they were, or train into a new directory")
         # A key the checkpoint's version did not save had its default then.
         defaults = {k: v.default for k, v in inspect.signature(train).parameters.items()}
+        was = {k: old.get(k, defaults.get(k)) for k in cfg}
         changed = sorted(k for k in cfg if k not in ("resume", "steps", "out") and
-                         old.get(k, defaults.get(k)) != cfg[k])
+                         was[k] != cfg[k])
         if changed and main:
             warnings.warn("resume: settings changed since the checkpoint: " +
-                          ", ".join(f"{k} {old.get(k)!r} -> {cfg[k]!r}" for k in changed),
+                          ", ".join(f"{k} {was[k]!r} -> {cfg[k]!r}" for k in changed),
                           stacklevel=3)
     start = 0 if state is None else int(state["step"])
     # Examples consumed before step `start`: the data order and log.csv's images go on
@@ -1026,7 +1029,11 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                                                  diff.num_steps, rank, cfg["batch_size"])
                 torch.manual_seed(derive_seed(cfg["seed"], step, 3, rank))   # dropout
                 stepper.set_lr(lr_at(step))
-                stepper(batch, flip, t, noise_seed, noise_offset)
+                try:
+                    stepper(batch, flip, t, noise_seed, noise_offset)
+                except torch.cuda.OutOfMemoryError as e:
+                    e.in_train_step = True     # blurfast train's advice: --grad-accum
+                    raise
                 step += 1
                 if bar is not None:
                     bar.update(1)

@@ -3,6 +3,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -672,6 +673,12 @@ def test_grad_accum_rounds_give_the_batchs_gradient_in_float64(rounds):
     diff = BlurDiffusion(resolution=16)
     torch.manual_seed(0)
     model = UNet(resolution=16, **TINY)
+    # The output conv (and each block's second conv) starts at zero: at initialization only
+    # the output conv has a gradient (867 of 769,027 numbers). Weights moved off zero give
+    # every parameter one, the norms' and the attention's included.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     ref = copy.deepcopy(model).double()
     x = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8,
                       generator=torch.Generator().manual_seed(1))
@@ -679,6 +686,7 @@ def test_grad_accum_rounds_give_the_batchs_gradient_in_float64(rounds):
     x_t, eps = diff.q_sample(D.to_float(x), t, seed=5, offset=0)
     loss = F.mse_loss(ref(x_t.double(), t), eps.double())
     loss.backward()
+    assert all(p.grad.abs().max() > 0 for p in ref.parameters())
     want = torch.cat([p.grad.flatten() for p in ref.parameters()])
     got = {}
     for k in (1, rounds):
@@ -688,7 +696,8 @@ def test_grad_accum_rounds_give_the_batchs_gradient_in_float64(rounds):
         got[k] = torch.cat([step.opt.state[q]["exp_avg"].double().flatten() / 0.1
                             for q in step.params])
         assert step.read_stats()["loss"] == pytest.approx(loss.item(), rel=1e-6)
-    # float32 against float64 as whole vectors: the one-round step measured 3e-7
+    # float32 against float64 as whole vectors: one, two and four rounds measured 1.1e-6,
+    # 1.06e-6 and 1.05e-6; two and four rounds from one, 1.1e-6 and 1.5e-6
     for k, g in got.items():
         assert (g - want).norm() <= 3e-6 * want.norm(), k
     assert (got[rounds] - got[1]).norm() <= 3e-6 * want.norm()
@@ -731,6 +740,13 @@ def test_resuming_a_checkpoint_saved_before_a_new_setting_warns_of_no_change(mad
     net.load_state_dict(state["model"])
     ema.load_state_dict(state["ema"])
     ckpt.save(out / "checkpoints", 2, net, ema, extra, old)
+    # The warning names the value the old run had (the default), not None: the step-2
+    # checkpoint, resumed in a copy of the run, with another value.
+    shutil.copytree(out, tmp_path / "copy")
+    with pytest.warns(UserWarning, match="settings changed since the checkpoint: grad_accum "
+                                         "1 -> 2"):
+        training.train(data=str(made16), out=str(tmp_path / "copy"), steps=3, resume="auto",
+                       **{**KW, "grad_accum": 2})
     training.train(data=str(made16), out=str(out), steps=3, resume="auto", **KW)
     assert not [w for w in recwarn if "settings changed" in str(w.message)]
     with pytest.warns(UserWarning, match="settings changed since the checkpoint: grad_accum "
@@ -1482,26 +1498,52 @@ def test_train_help_documents_every_flag_with_the_documented_default():
     assert compared >= 25, compared
 
 
+# A tiny run on CPU whose step or sample grid the tests below make run out of memory.
+_OOM_ARGV = ["--resolution", "16", "--base-channels", "32", "--channel-mult", "1", "2",
+             "--num-res-blocks", "1", "--steps", "2", "--sample-count", "1", "--sample-steps",
+             "1", "--no-progress", "--device", "cpu"]
+
+
+def _oom(*args, **kw):
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\n"
+                                      "more lines")
+
+
 @pytest.mark.parametrize("flags, advice", [
-    ([], "try --grad-accum 2 (the same step in 2 rounds of 8 images, a smaller share of the "
-         "memory) or a smaller --batch-size"),
+    (["--batch-size", "16"], "try --grad-accum 2 (the same step in 2 rounds of 8 images, a "
+                             "smaller share of the memory) or a smaller --batch-size"),
     (["--batch-size", "6", "--grad-accum", "2"], "try --grad-accum 3 (the same step in 3 "
                                                   "rounds of 2 images"),
     (["--batch-size", "5", "--grad-accum", "5"], "try a smaller --batch-size"),
 ])
 def test_cli_out_of_memory_names_the_flags_that_save_memory(made16, tmp_path, capsys,
                                                            monkeypatch, flags, advice):
-    def oom(*args):        # where a step would run out
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\n"
-                                          "more lines")
-    monkeypatch.setattr(training, "_run", oom)
+    monkeypatch.setattr(training.TrainStep, "__call__", _oom)     # where a step runs out
     monkeypatch.delenv("BLURFAST_DEBUG", raising=False)
     from blurfast import cli
-    assert cli.main(["train", "--data", str(made16), "--out", str(tmp_path / "r"), *flags]) == 1
+    assert cli.main(["train", "--data", str(made16), "--out", str(tmp_path / "r"),
+                     *_OOM_ARGV, *flags]) == 1
     err = capsys.readouterr().err
     assert err.startswith("blurfast train: error: the GPU ran out of memory with --batch-size")
     assert advice in err and err.endswith(
         "(torch: CUDA out of memory. Tried to allocate 2.00 GiB)\n")
+
+
+def test_cli_out_of_memory_outside_a_step_does_not_advise_grad_accum(made16, tmp_path, capsys,
+                                                                    monkeypatch):
+    # The sample grid (--sample-count images at once) or FID (4 x --batch-size) ran out:
+    # rounds of the training batch would change nothing there.
+    monkeypatch.setattr(training, "_save_samples", _oom)
+    monkeypatch.delenv("BLURFAST_DEBUG", raising=False)
+    from blurfast import cli
+    assert cli.main(["train", "--data", str(made16), "--out", str(tmp_path / "r"),
+                     *_OOM_ARGV, "--batch-size", "4"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("blurfast train: error: the GPU ran out of memory outside a "
+                          "training step, where --grad-accum does not help")
+    assert "--sample-count 1 images at once" in err and "4 x --batch-size = 16" in err
+    assert "try --grad-accum" not in err
+    assert err.endswith("(torch: CUDA out of memory. Tried to allocate 2.00 GiB)\n")
 
 
 def test_cli_prepare_reports_once_and_warnings_are_one_line(tmp_path, capsys):
