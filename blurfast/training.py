@@ -882,6 +882,13 @@ def _fixed_differences(old: dict, new: dict) -> list:
     return found
 
 
+def fid_batch(cfg: dict) -> int:
+    """Images per batch of the FID samples during training: 4 x a step's round (sampling
+    keeps no activations for a backward pass), so --grad-accum shrinks it too. Each image's
+    noise is its own (Philox offsets by index): the batch changes no image."""
+    return max(1, 4 * cfg["batch_size"] // cfg.get("grad_accum", 1))
+
+
 def _images_done(state: dict) -> int:
     """The examples a run had consumed by a checkpoint's step: its ``images``; for a
     checkpoint saved before that was stored, the step times its run's global batch
@@ -969,7 +976,7 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
         from .evaluation import FidMonitor
         fid = FidMonitor(cfg["fid_ref"], resolution=cfg["resolution"], resize=cfg["resize"],
                          channels=cfg["channels"],
-                         n=cfg["fid_n"], steps=cfg["fid_steps"], batch=4 * cfg["batch_size"],
+                         n=cfg["fid_n"], steps=cfg["fid_steps"], batch=fid_batch(cfg),
                          pixel_range=cfg["pixel_range"], inception=cfg["inception"], device=dev)
 
     workers = cfg["num_workers"]

@@ -755,6 +755,25 @@ def test_resuming_a_checkpoint_saved_before_a_new_setting_warns_of_no_change(mad
                        **{**KW, "grad_accum": 2})
 
 
+def test_fid_during_training_samples_in_batches_of_4_rounds(made16, tmp_path, monkeypatch):
+    # FidMonitor's batch: 4 x the step's round (batch_size / grad_accum), at least 1.
+    from blurfast import evaluation
+    assert training.fid_batch({"batch_size": 16}) == 64
+    assert training.fid_batch({"batch_size": 16, "grad_accum": 4}) == 16
+    assert training.fid_batch({"batch_size": 2, "grad_accum": 2}) == 4
+    seen = {}
+
+    class Monitor:
+        def __init__(self, ref, **kw):
+            seen.update(kw)
+            raise ValueError("stop here")
+    monkeypatch.setattr(evaluation, "FidMonitor", Monitor)
+    with pytest.raises(ValueError, match="stop here"):
+        training.train(data=str(made16), out=str(tmp_path / "r"), steps=1, fid_every=1,
+                       fid_ref=str(made16), **{**KW, "grad_accum": 2})
+    assert seen["batch"] == 4 * KW["batch_size"] // 2
+
+
 def test_grad_accum_must_divide_the_batch(made16, tmp_path):
     with pytest.raises(ValueError, match="grad_accum: 3 rounds do not divide batch_size 4"):
         training.train(data=str(made16), out=str(tmp_path / "r"), steps=1,
@@ -1531,8 +1550,8 @@ def test_cli_out_of_memory_names_the_flags_that_save_memory(made16, tmp_path, ca
 
 def test_cli_out_of_memory_outside_a_step_does_not_advise_grad_accum(made16, tmp_path, capsys,
                                                                     monkeypatch):
-    # The sample grid (--sample-count images at once) or FID (4 x --batch-size) ran out:
-    # rounds of the training batch would change nothing there.
+    # The sample grid (--sample-count images at once) or FID (4 x --batch-size / K) ran out:
+    # the step's advice (more rounds) is not given; the message names what sizes them.
     monkeypatch.setattr(training, "_save_samples", _oom)
     monkeypatch.delenv("BLURFAST_DEBUG", raising=False)
     from blurfast import cli
@@ -1540,8 +1559,8 @@ def test_cli_out_of_memory_outside_a_step_does_not_advise_grad_accum(made16, tmp
                      *_OOM_ARGV, "--batch-size", "4"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("blurfast train: error: the GPU ran out of memory outside a "
-                          "training step, where --grad-accum does not help")
-    assert "--sample-count 1 images at once" in err and "4 x --batch-size = 16" in err
+                          "training step (a sample grid")
+    assert "--sample-count 1 images at once" in err and "4 x --batch-size / --grad-accum = 16" in err
     assert "try --grad-accum" not in err
     assert err.endswith("(torch: CUDA out of memory. Tried to allocate 2.00 GiB)\n")
 
