@@ -506,7 +506,7 @@ def train_kwargs(args: argparse.Namespace) -> dict:
 def _train_main(args) -> int:
     import torch
 
-    from .training import NonFiniteError, fid_batch, train
+    from .training import NonFiniteError, sampling_batch, train
 
     kw = {}
     try:
@@ -523,12 +523,10 @@ def _train_main(args) -> int:
         torch_says = f"(torch: {str(e).splitlines()[0] if str(e) else 'out of memory'})"
         if not getattr(e, "in_train_step", False):
             # sample grids, FID, the model itself: the step's advice would not fit
-            count = kw.get("sample_count", _train_default("sample_count"))
             print(f"blurfast train: error: the GPU ran out of memory outside a training step "
-                  f"(a sample grid draws its --sample-count {count} images at once; FID "
-                  f"during training samples 4 x --batch-size / --grad-accum = "
-                  f"{fid_batch({'batch_size': batch, 'grad_accum': rounds})} at a time) "
-                  f"{torch_says}", file=sys.stderr)
+                  f"(its sample grids and FID sample 4 x --batch-size / --grad-accum = "
+                  f"{sampling_batch({'batch_size': batch, 'grad_accum': rounds})} images at "
+                  f"a time) {torch_says}", file=sys.stderr)
             return 1
         more = [k for k in range(rounds + 1, batch + 1) if batch % k == 0][:1]
         advice = (f"--grad-accum {more[0]} (the same step in {more[0]} rounds of "

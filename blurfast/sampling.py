@@ -302,7 +302,7 @@ def clip_x0(model, diff: BlurDiffusion, lo: float = -1.0, hi: float = 1.0):
 def sample(model, diff: BlurDiffusion, shape, sampler: str = "ddim", steps: Optional[int] = 100,
            eta: float = 0.0, spacing="uniform", seed: int = 0, callback=None,
            progress: bool = True, *, x_init: Optional[torch.Tensor] = None,
-           dtype=torch.float32, device=None, clip=None) -> torch.Tensor:
+           dtype=torch.float32, device=None, clip=None, offset: int = 0) -> torch.Tensor:
     """Samples (B, C, H, W) of ``model`` (eps in pixel space) under ``diff``.
 
     ``sampler``: ``reverse_sde`` | ``ancestral`` | ``ddim`` | ``exp2m``; ``eta``: ddim and
@@ -313,6 +313,8 @@ def sample(model, diff: BlurDiffusion, shape, sampler: str = "ddim", steps: Opti
     at the first step) is given. ``callback(step, x_t, x0_hat)`` is called before
     each update. ``clip=(lo, hi)``, finite numbers with lo < hi, clamps the model's x0
     estimate (:func:`clip_x0`; the data range, e.g. (-1, 1), for trained models).
+    ``offset``: the Philox offset of the first image's noise (image i's is at ``offset +
+    i * C*H*W``): ``offset=b0 * C*H*W`` samples images b0.. of a larger batch, the same.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {tuple(SAMPLERS)}, got {sampler!r}")
@@ -322,11 +324,12 @@ def sample(model, diff: BlurDiffusion, shape, sampler: str = "ddim", steps: Opti
     seq = timesteps(diff, steps if isinstance(spacing, str) else None, spacing)
     if x_init is None:
         device = torch.device("cpu") if device is None else torch.device(device)
-        x = diff.prior_sample(shape, seq[0], seed=seed, dtype=dtype, device=device)
+        x = diff.prior_sample(shape, seq[0], seed=seed, offset=offset, dtype=dtype,
+                              device=device)
     else:
         diff.check_x(x_init, "x_init")
         if tuple(x_init.shape) != tuple(shape):
             raise ValueError(f"x_init: expected shape {tuple(shape)}, got {tuple(x_init.shape)}")
         x = x_init
-    return SAMPLERS[sampler](model, diff, x, seq, eta=eta, seed=seed, callback=callback,
-                             progress=progress)
+    return SAMPLERS[sampler](model, diff, x, seq, eta=eta, seed=seed, offset=offset,
+                             callback=callback, progress=progress)

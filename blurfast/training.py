@@ -647,24 +647,31 @@ class _Log:
 
 
 def _save_samples(ema, diff, path: Path, count: int, steps: int, pixel_range: str, target: str,
-                  device, progress: bool = False):
-    """A grid of ``count`` DDIM samples of the EMA weights, written to ``path``; with
-    ``progress``, a bar over the model calls (cleared when done)."""
+                  device, progress: bool = False, batch: Optional[int] = None):
+    """A grid of ``count`` DDIM samples of the EMA weights, written to ``path``; made
+    ``batch`` images at a time (None: all at once), the same grid either way (image i's
+    noise sits at its own Philox offset); with ``progress``, a bar over the model calls
+    (cleared when done)."""
     from tqdm import tqdm
 
     from . import sampling, viz
 
     steps = min(steps, diff.num_steps - 1)
-    bar = tqdm(total=len(sampling.timesteps(diff, steps)), disable=not progress, leave=False,
-               desc=f"sample grid {path.name} ({count} images)", unit="call",
+    batch = count if batch is None else batch
+    chw = diff.channels * diff.H * diff.W
+    parts = [(b0, min(count, b0 + batch)) for b0 in range(0, count, batch)]
+    bar = tqdm(total=len(sampling.timesteps(diff, steps)) * len(parts), disable=not progress,
+               leave=False, desc=f"sample grid {path.name} ({count} images)", unit="call",
                dynamic_ncols=True)
     was_training = ema.training
     ema.eval()
     try:
-        x = sampling.sample(diff.eps_model(ema, target), diff, (count,) + diff.shape,
-                            sampler="ddim", steps=steps, seed=0, progress=False,
-                            callback=lambda *_: bar.update(1), device=device,
-                            clip=D.data_range(pixel_range))
+        x = torch.cat([sampling.sample(diff.eps_model(ema, target), diff,
+                                       (b1 - b0,) + diff.shape, sampler="ddim", steps=steps,
+                                       seed=0, offset=b0 * chw, progress=False,
+                                       callback=lambda *_: bar.update(1), device=device,
+                                       clip=D.data_range(pixel_range))
+                       for b0, b1 in parts])
     finally:
         bar.close()
         ema.train(was_training)
@@ -882,10 +889,10 @@ def _fixed_differences(old: dict, new: dict) -> list:
     return found
 
 
-def fid_batch(cfg: dict) -> int:
-    """Images per batch of the FID samples during training: 4 x a step's round (sampling
-    keeps no activations for a backward pass), so --grad-accum shrinks it too. Each image's
-    noise is its own (Philox offsets by index): the batch changes no image."""
+def sampling_batch(cfg: dict) -> int:
+    """Images per batch of what a run samples (its grids, its FID): 4 x a step's round
+    (sampling keeps no activations for a backward pass), so --grad-accum shrinks it too.
+    Each image's noise is its own (Philox offsets by index): the batch changes no image."""
     return max(1, 4 * cfg["batch_size"] // cfg.get("grad_accum", 1))
 
 
@@ -976,7 +983,7 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
         from .evaluation import FidMonitor
         fid = FidMonitor(cfg["fid_ref"], resolution=cfg["resolution"], resize=cfg["resize"],
                          channels=cfg["channels"],
-                         n=cfg["fid_n"], steps=cfg["fid_steps"], batch=fid_batch(cfg),
+                         n=cfg["fid_n"], steps=cfg["fid_steps"], batch=sampling_batch(cfg),
                          pixel_range=cfg["pixel_range"], inception=cfg["inception"], device=dev)
 
     workers = cfg["num_workers"]
@@ -1094,7 +1101,8 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                 if at_grid:
                     _save_samples(stepper.ema, diff, out / "samples" / f"step_{step:09d}.png",
                                   cfg["sample_count"], cfg["sample_steps"], cfg["pixel_range"],
-                                  cfg["target"], dev, progress=bar is not None)
+                                  cfg["target"], dev, progress=bar is not None,
+                                  batch=sampling_batch(cfg))
                 if at_fid or at_grid:
                     paused += time.perf_counter() - t_eval
                     if bar is not None:

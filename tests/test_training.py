@@ -758,9 +758,9 @@ def test_resuming_a_checkpoint_saved_before_a_new_setting_warns_of_no_change(mad
 def test_fid_during_training_samples_in_batches_of_4_rounds(made16, tmp_path, monkeypatch):
     # FidMonitor's batch: 4 x the step's round (batch_size / grad_accum), at least 1.
     from blurfast import evaluation
-    assert training.fid_batch({"batch_size": 16}) == 64
-    assert training.fid_batch({"batch_size": 16, "grad_accum": 4}) == 16
-    assert training.fid_batch({"batch_size": 2, "grad_accum": 2}) == 4
+    assert training.sampling_batch({"batch_size": 16}) == 64
+    assert training.sampling_batch({"batch_size": 16, "grad_accum": 4}) == 16
+    assert training.sampling_batch({"batch_size": 2, "grad_accum": 2}) == 4
     seen = {}
 
     class Monitor:
@@ -1550,7 +1550,7 @@ def test_cli_out_of_memory_names_the_flags_that_save_memory(made16, tmp_path, ca
 
 def test_cli_out_of_memory_outside_a_step_does_not_advise_grad_accum(made16, tmp_path, capsys,
                                                                     monkeypatch):
-    # The sample grid (--sample-count images at once) or FID (4 x --batch-size / K) ran out:
+    # A sample grid or FID (4 x --batch-size / K images at a time) ran out:
     # the step's advice (more rounds) is not given; the message names what sizes them.
     monkeypatch.setattr(training, "_save_samples", _oom)
     monkeypatch.delenv("BLURFAST_DEBUG", raising=False)
@@ -1559,8 +1559,8 @@ def test_cli_out_of_memory_outside_a_step_does_not_advise_grad_accum(made16, tmp
                      *_OOM_ARGV, "--batch-size", "4"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("blurfast train: error: the GPU ran out of memory outside a "
-                          "training step (a sample grid")
-    assert "--sample-count 1 images at once" in err and "4 x --batch-size / --grad-accum = 16" in err
+                          "training step (its sample grids and FID sample")
+    assert "4 x --batch-size / --grad-accum = 16 images at a time" in err
     assert "try --grad-accum" not in err
     assert err.endswith("(torch: CUDA out of memory. Tried to allocate 2.00 GiB)\n")
 
@@ -2138,3 +2138,19 @@ def test_blurfast_debug_shows_the_traceback_of_train_and_prepare(tmp_path, monke
         monkeypatch.setenv("BLURFAST_DEBUG", "1")
         with pytest.raises(ValueError):
             cli.main(argv)
+
+
+def test_sample_grids_in_batches_are_the_grid_at_once(tmp_path):
+    # A run's grid drawn 3 images at a time (the last batch of 1) is the grid drawn at once,
+    # bit for bit: image i's noise is at Philox offset i * C*H*W either way.
+    from PIL import Image
+    diff = BlurDiffusion(resolution=16, num_steps=20)
+    torch.manual_seed(0)
+    model = UNet(resolution=16, **TINY)
+    with torch.no_grad():                         # an output that is not zero
+        model.out[-1].weight.normal_(0, 0.05)
+    for batch in (None, 3):
+        training._save_samples(model, diff, tmp_path / f"{batch}.png", 7, 4, "-1,1", "eps",
+                               "cpu", batch=batch)
+    a, b = (np.asarray(Image.open(tmp_path / f"{k}.png")) for k in (None, 3))
+    assert np.array_equal(a, b) and a.std() > 10
