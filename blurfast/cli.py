@@ -305,6 +305,21 @@ def main(argv=None) -> int:
         return _main(argv)
 
 
+# What shrinks a command's GPU memory, for its out-of-memory error (train has its own).
+_OOM_ADVICE = {"sample": "--batch", "fid": "--batch", "draw": "--n"}
+
+
+def _out_of_memory(command: str, e: BaseException):
+    """The one-line error of a CUDA out-of-memory, or None for any other exception."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(e, torch.cuda.OutOfMemoryError):
+        return None
+    flag = _OOM_ADVICE.get(command)
+    advice = f"; try a smaller {flag}" if flag else ""
+    first = str(e).splitlines()[0] if str(e) else "out of memory"
+    return f"the GPU ran out of memory{advice} (torch: {first})"
+
+
 def _leaf_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
     """The parser of the (sub)command that ``args`` ran: ``draw process``'s, say."""
     while True:
@@ -358,6 +373,12 @@ def _main(argv) -> int:
         message = str(e) if leaf is None else flag_named(leaf, str(e))
         print(f"blurfast {argv[0]}: error: {message}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        message = _out_of_memory(argv[0], e)
+        if message is None or os.environ.get("BLURFAST_DEBUG"):
+            raise
+        print(f"blurfast {argv[0]}: error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

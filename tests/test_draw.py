@@ -237,3 +237,34 @@ def test_errors_name_the_flag_of_the_argument(tmp_path, capsys):
                      str(tmp_path / "s")]) == 2
     assert capsys.readouterr().err == ("blurfast sample: error: --num-samples: expected an int "
                                        ">= 1, got 0\n")
+
+
+@pytest.mark.parametrize("argv, advice", [
+    (["sample", "--ckpt", "R", "--out", "S"], "; try a smaller --batch (torch: "),
+    (["draw", "trajectory", "--ckpt", "R"], "; try a smaller --n (torch: "),
+    (["info"], " (torch: "),
+])
+def test_out_of_memory_is_one_line_naming_what_shrinks_it(monkeypatch, capsys, argv, advice):
+    def oom(args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB\nmore")
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    leaf = cli._leaf_parser(parser, parser.parse_known_args(argv)[0])
+    leaf.set_defaults(func=oom)
+    monkeypatch.delenv("BLURFAST_DEBUG", raising=False)
+    assert cli.main(argv) == 1
+    assert capsys.readouterr().err == (f"blurfast {argv[0]}: error: the GPU ran out of memory"
+                                       f"{advice}CUDA out of memory. Tried to allocate 9 GiB)\n")
+    monkeypatch.setenv("BLURFAST_DEBUG", "1")
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        cli.main(argv)
+
+
+def test_other_runtime_errors_keep_their_traceback(monkeypatch):
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser.commands["info"].set_defaults(func=lambda args: (_ for _ in ()).throw(
+        RuntimeError("a bug")))
+    monkeypatch.delenv("BLURFAST_DEBUG", raising=False)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["info"])
