@@ -368,10 +368,21 @@ def _saved_file_arguments(cfg: dict, path) -> dict:
     if unknown:
         raise ValueError(f"config: unknown keys {unknown}; expected train() arguments (a "
                          f"saved config.json may also hold {', '.join(DERIVED_KEYS)})")
-    for group in ("model", "diffusion"):
-        entries = cfg.get(group)
-        if not isinstance(entries, dict):
-            continue                     # train() names a group of the wrong type
+    groups = {g: cfg[g] for g in ("model", "diffusion") if isinstance(cfg.get(g), dict)}
+    for k in ("resolution", "channels"):
+        own = {g: e[k] for g, e in groups.items() if k in e}
+        if k in cfg or not own:
+            continue
+        # an edited file without the top-level key: the groups' value stands for it
+        # (train()'s default would replace the groups', which are dropped)
+        values = list(own.values())
+        if any(v != values[0] for v in values):
+            raise ValueError(f"{where}: " + " and ".join(f"{g}.{k} {v!r}" for g, v in
+                                                          own.items()) +
+                             f" differ, and the file has no top-level {k}: give it (or "
+                             f"--{k})")
+        cfg[k] = values[0]
+    for group, entries in groups.items():     # train() names a group of the wrong type
         for k in ("resolution", "channels"):
             top = cfg.get(k, _train_default(k))
             if k in entries and entries[k] != top:

@@ -1446,6 +1446,20 @@ def test_cli_config_json_of_a_run_starts_a_new_run_with_its_settings(made16, tmp
     kw = cli_train.train_kwargs(_parser().parse_args(
         ["train", "--config", str(edited), "--out", str(new)]))
     assert kw["model"]["emb_act"] is False
+    # An edited file without the top-level resolution: the model's and diffusion's own (16)
+    # stand for it, with or without --resolution 16 (train()'s default, 64, refused both);
+    # groups that disagree are named.
+    edited.write_text(json.dumps({k: v for k, v in saved.items() if k != "resolution"}))
+    for flags in ([], ["--resolution", "16"]):
+        kw = cli_train.train_kwargs(_parser().parse_args(
+            ["train", "--config", str(edited), "--out", str(new), *flags]))
+        assert kw["resolution"] == 16 and "resolution" not in kw["model"]
+    edited.write_text(json.dumps({**{k: v for k, v in saved.items() if k != "resolution"},
+                                  "diffusion": {**saved["diffusion"], "resolution": 32}}))
+    with pytest.raises(ValueError, match=r"model\.resolution 16 and diffusion\.resolution 32 "
+                                         r"differ, and the file has no top-level resolution"):
+        cli_train.train_kwargs(_parser().parse_args(
+            ["train", "--config", str(edited), "--out", str(new)]))
 
 
 def test_cli_config_json_of_a_run_names_its_run_from_another_directory(made16, tmp_path,
