@@ -73,8 +73,9 @@ def register(sub) -> None:
                         "(default both)")
     t.add_argument("--sampler", default="ddim", choices=list(SAMPLERS),
                    help="as blurfast sample (default ddim)")
-    t.add_argument("--steps", type=int, default=100,
-                   help="model calls (default 100; 0 = the full chain N-1..1)")
+    t.add_argument("--steps", type=int, default=None,
+                   help="model calls (default 100, or N-1 where the run's chain is shorter; "
+                        "0 = the full chain N-1..1)")
     t.add_argument("--eta", type=float, default=0.0,
                    help=f"DDIM eta in [0, 1] ({' and '.join(ETA_SAMPLERS)} only; default 0)")
     t.add_argument("--spacing", default="uniform", choices=["uniform", "quadratic"],
@@ -155,7 +156,7 @@ def _trajectory(args) -> int:
 
     check_int("--n", args.n, 1)
     check_int("--columns", args.columns, 1)
-    check_int("--steps", args.steps, 0)
+    check_int("--steps", args.steps, 0, none_ok=True)
     check_int("--seed", args.seed, 0, _SEED_MAX)
     check_eta(args.sampler, args.eta, "--eta")
     out = _check_out(args.out)
@@ -165,14 +166,15 @@ def _trajectory(args) -> int:
     path = resolve_checkpoint(args.ckpt)
     model, diff, config = ckpt.load_model(path, ema=not args.raw_weights, device=device)
     pixel_range = config.get("pixel_range", "-1,1")
-    if args.steps > diff.num_steps - 1:
+    steps = min(100, diff.num_steps - 1) if args.steps is None else args.steps
+    if steps > diff.num_steps - 1:
         raise ValueError(f"--steps: expected an int in [0, {diff.num_steps - 1}] for this "
-                         f"run's N = {diff.num_steps} (0 = the full chain), got {args.steps}")
+                         f"run's N = {diff.num_steps} (0 = the full chain), got {steps}")
     net = diff.eps_model(model, config.get("target", "eps"))
     with torch.no_grad():
         _, shown = viz.trajectory(
             net, diff, (args.n,) + diff.shape, path=out, sampler=args.sampler,
-            steps=None if args.steps == 0 else args.steps, num=args.columns, seed=args.seed,
+            steps=None if steps == 0 else steps, num=args.columns, seed=args.seed,
             eta=args.eta, spacing=args.spacing, show=args.show, pixel_range=pixel_range,
             device=device, clip=data_range(pixel_range), progress=not args.no_progress)
     rows = {"both": "x_t above x0_hat", "x_t": "x_t", "x0_hat": "x0_hat"}[args.show]

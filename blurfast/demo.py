@@ -187,6 +187,10 @@ def run(out="blurfast-demo", minutes: float = 6.0, data: Optional[str] = None,
     print(f"\n[demo] done in {(time.perf_counter() - t_start) / 60:.1f} min. Results:")
     for k, v in paths.items():
         print(f"  {k:<11} {v}")
+    print(f"[demo] more pictures of this run:\n"
+          f"  blurfast draw trajectory --ckpt {run_dir} --show both --out "
+          f"{out / 'trajectory_both.png'}\n"
+          f"  blurfast draw process --ckpt {run_dir} --no-noise --out {out / 'blur.png'}")
     return paths
 
 

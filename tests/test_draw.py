@@ -268,3 +268,12 @@ def test_other_runtime_errors_keep_their_traceback(monkeypatch):
     monkeypatch.delenv("BLURFAST_DEBUG", raising=False)
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["info"])
+
+
+def test_trajectory_default_steps_fit_a_short_chain(run, tmp_path, capsys):
+    # N = 30: the default of 100 calls becomes the run's whole chain, 29 calls.
+    assert cli.main(["draw", "trajectory", "--ckpt", str(run / "run"), "--n", "1",
+                     "--columns", "30", "--device", "cpu", "--no-progress",
+                     "--out", str(tmp_path / "t.png")]) == 0
+    assert "ddim at steps 29, 28, 27," in capsys.readouterr().out
+    assert tiles(tmp_path / "t.png", 2, 30).shape[:2] == (2, 30)
