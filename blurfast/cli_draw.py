@@ -10,9 +10,9 @@ import argparse
 from pathlib import Path
 
 from .checks import check_gpu_seen, check_int
+from .ops import _SEED_LIMIT                    # seeds the noise ops take: below it
 
 _S = argparse.SUPPRESS
-_SEED_MAX = 2 ** 63 - 1          # what the noise ops take
 
 
 def _run_set(fn, *args, **kwargs):
@@ -157,7 +157,7 @@ def _trajectory(args) -> int:
     check_int("--n", args.n, 1)
     check_int("--columns", args.columns, 1)
     check_int("--steps", args.steps, 0, none_ok=True)
-    check_int("--seed", args.seed, 0, _SEED_MAX)
+    check_int("--seed", args.seed, 0, _SEED_LIMIT - 1)
     check_eta(args.sampler, args.eta, "--eta")
     out = _check_out(args.out)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -193,7 +193,7 @@ def _process(args) -> int:
 
     check_int("--n", args.n, 1)
     check_int("--columns", args.columns, 1)
-    check_int("--seed", args.seed, 0, _SEED_MAX)
+    check_int("--seed", args.seed, 0, _SEED_LIMIT - 1)
     given = vars(args)
     out = _check_out(args.out)
     flags = {k: given[k] for k in DIFFUSION_KEYS if k in given}
