@@ -166,33 +166,50 @@ def _fid(args) -> int:
     return 0
 
 
+def add_reverse_run_flags(p) -> None:
+    """The flags of a reverse run of a trained model that `sample` and `draw trajectory`
+    share: the checkpoint, the sampler, eta, the spacing, the device and the weights."""
+    from .sampling import ETA_SAMPLERS, SAMPLERS
+    p.add_argument("--ckpt", required=True,
+                   help="run directory (its newest valid checkpoint), checkpoint directory, "
+                        "or .safetensors file")
+    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS),
+                   help="ddim (default), ancestral, reverse_sde (the paper's) or exp2m (second "
+                        "order, best at 25-100 steps)")
+    p.add_argument("--eta", type=float, default=0.0,
+                   help=f"DDIM eta in [0, 1] ({' and '.join(ETA_SAMPLERS)} only; default 0)")
+    p.add_argument("--spacing", default="uniform", choices=["uniform", "quadratic"],
+                   help="which steps of 1..N the model is called at (default uniform)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cuda if available")
+    p.add_argument("--raw-weights", action="store_true",
+                   help="use the raw model weights instead of the EMA weights")
+
+
+def out_of_memory_line(e: BaseException, advice: str = "") -> str:
+    """The one-line error of a CUDA out-of-memory ``e``; ``advice``: what to try."""
+    first = str(e).splitlines()[0] if str(e) else "out of memory"
+    return f"the GPU ran out of memory{advice} (torch: {first})"
+
+
 def _add_sample(sub) -> None:
     s = sub.add_parser("sample", help="sample images from a trained run (EMA weights)",
                        description="Samples images from a checkpoint. Image i's noise depends "
                        "only on (seed, i), so the same command gives the same images on one "
                        "process or several under torchrun (ranks split the batches).")
-    s.add_argument("--ckpt", required=True,
-                   help="run directory (its newest valid checkpoint), checkpoint directory, "
-                        "or .safetensors file")
+    add_reverse_run_flags(s)
     # --n is also a prefix of torchrun's --nnodes, --nproc-per-node, ...: torchrun rejects it
     # as ambiguous even after the module name, so the long name comes first.
     s.add_argument("--num-samples", "--n", dest="n", type=int, default=10_000,
                    help="number of images (default 10000); --n is short for it, but torchrun "
                         "refuses --n, so write --num-samples under torchrun")
-    from .sampling import ETA_SAMPLERS, SAMPLERS
-    s.add_argument("--sampler", default="ddim", choices=list(SAMPLERS),
-                   help="ddim (default), ancestral, reverse_sde (the paper's) or exp2m (second "
-                        "order, best at 25-100 steps)")
+    from .sampling import ETA_SAMPLERS
     s.add_argument("--steps", type=int, default=100,
                    help="model calls (default 100; 0 = the full chain N-1..1)")
     eta_samplers = " and ".join(ETA_SAMPLERS)
-    s.add_argument("--eta", type=float, default=0.0,
-                   help=f"DDIM eta in [0, 1] ({eta_samplers} only; default 0)")
     s.add_argument("--stochastic-first", type=float, default=0.0, metavar="FRACTION",
                    help=f"eta=1 on this first fraction of the steps, then --eta ({eta_samplers} "
                         "only; 0.3 corrects the prior's error, see docs/process.md)")
-    s.add_argument("--spacing", default="uniform", choices=["uniform", "quadratic"],
-                   help="which steps of 1..N the model is called at (default uniform)")
     s.add_argument("--batch", type=int, default=256, help="images per batch (default 256)")
     s.add_argument("--seed", type=int, default=0,
                    help="with the image index, fixes all of an image's noise (default 0)")
@@ -202,12 +219,8 @@ def _add_sample(sub) -> None:
                         "are removed (with --resume: those numbered --n or above)")
     s.add_argument("--format", dest="fmt", choices=["png", "npz"], default="png",
                    help="one PNG per image, or one .npz of uint8 (N, H, W, C) (default png)")
-    s.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                   help="default: cuda if available")
     s.add_argument("--precision", choices=["bf16", "fp32"], default=None,
                    help="default: bf16 on GPUs of compute capability 8.0 or newer, else fp32")
-    s.add_argument("--raw-weights", action="store_true",
-                   help="use the raw model weights instead of the EMA weights")
     s.add_argument("--cuda-graph", action="store_true",
                    help="replay each step's model call from a CUDA graph")
     s.add_argument("--compile", action="store_true",
@@ -315,9 +328,7 @@ def _out_of_memory(command: str, e: BaseException):
     if torch is None or not isinstance(e, torch.cuda.OutOfMemoryError):
         return None
     flag = _OOM_ADVICE.get(command)
-    advice = f"; try a smaller {flag}" if flag else ""
-    first = str(e).splitlines()[0] if str(e) else "out of memory"
-    return f"the GPU ran out of memory{advice} (torch: {first})"
+    return out_of_memory_line(e, f"; try a smaller {flag}" if flag else "")
 
 
 def _leaf_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:

@@ -41,9 +41,9 @@ def _pixels(text: str) -> int:
 
 def register(sub) -> None:
     from .data import DEFAULT_RESIZE, PIXEL_RANGES, RESIZE_MODES
-    from .sampling import ETA_SAMPLERS, SAMPLERS
-    from .viz import TRAJECTORY_ROWS
+    from .cli import add_reverse_run_flags
     from .cli_train import _show_defaults, add_diffusion_flags
+    from .viz import TRAJECTORY_ROWS
 
     d = sub.add_parser(
         "draw", help="pictures: a model's coarse-to-fine synthesis, the forward process, "
@@ -60,9 +60,7 @@ def register(sub) -> None:
                     "the model's x0 estimate (the image appearing coarse to fine), the "
                     "sample last. The last column is the image `blurfast sample` makes "
                     "with the same sampler, steps and seed in fp32.")
-    t.add_argument("--ckpt", required=True,
-                   help="run directory (its newest valid checkpoint), checkpoint directory, "
-                        "or .safetensors file")
+    add_reverse_run_flags(t)
     t.add_argument("--out", default="trajectory.png", help="PNG to write (default "
                    "trajectory.png)")
     t.add_argument("--n", type=int, default=4, help="images, one or two rows each (default 4)")
@@ -71,22 +69,12 @@ def register(sub) -> None:
     t.add_argument("--show", choices=TRAJECTORY_ROWS, default="both",
                    help="rows per image: the estimate x0_hat, the state x_t, or both "
                         "(default both)")
-    t.add_argument("--sampler", default="ddim", choices=list(SAMPLERS),
-                   help="as blurfast sample (default ddim)")
     t.add_argument("--steps", type=int, default=None,
                    help="model calls (default 100, or N-1 where the run's chain is shorter; "
                         "0 = the full chain N-1..1)")
-    t.add_argument("--eta", type=float, default=0.0,
-                   help=f"DDIM eta in [0, 1] ({' and '.join(ETA_SAMPLERS)} only; default 0)")
-    t.add_argument("--spacing", default="uniform", choices=["uniform", "quadratic"],
-                   help="which steps of 1..N the model is called at (default uniform)")
     t.add_argument("--seed", type=int, default=0,
                    help="the images of blurfast sample's indices 0..n-1 with this seed "
                         "(default 0)")
-    t.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                   help="default: cuda if available")
-    t.add_argument("--raw-weights", action="store_true",
-                   help="the raw model weights instead of the EMA weights")
     t.add_argument("--no-progress", action="store_true",
                    help="no progress bar over the model calls")
     t.set_defaults(func=_trajectory)

@@ -531,21 +531,22 @@ def _train_main(args) -> int:
             raise
         batch = kw.get("batch_size", _train_default("batch_size"))
         rounds = kw.get("grad_accum", _train_default("grad_accum"))
-        torch_says = f"(torch: {str(e).splitlines()[0] if str(e) else 'out of memory'})"
+        from .cli import out_of_memory_line
         if not getattr(e, "in_train_step", False):
             # sample grids, FID, the model itself: the step's advice would not fit
-            print(f"blurfast train: error: the GPU ran out of memory outside a training step "
-                  f"(its sample grids and FID sample 4 x --batch-size / --grad-accum = "
-                  f"{sampling_batch({'batch_size': batch, 'grad_accum': rounds})} images at "
-                  f"a time) {torch_says}", file=sys.stderr)
+            where = (f" outside a training step (its sample grids and FID sample 4 x "
+                     f"--batch-size / --grad-accum = "
+                     f"{sampling_batch({'batch_size': batch, 'grad_accum': rounds})} images at "
+                     f"a time)")
+            print(f"blurfast train: error: {out_of_memory_line(e, where)}", file=sys.stderr)
             return 1
         more = [k for k in range(rounds + 1, batch + 1) if batch % k == 0][:1]
         advice = (f"--grad-accum {more[0]} (the same step in {more[0]} rounds of "
                   f"{batch // more[0]} images, a smaller share of the memory) or "
                   if more else "")
-        print(f"blurfast train: error: the GPU ran out of memory with --batch-size {batch} "
-              f"in {rounds} round{'s' if rounds > 1 else ''}: try {advice}a smaller "
-              f"--batch-size {torch_says}", file=sys.stderr)
+        step = (f" with --batch-size {batch} in {rounds} round{'s' if rounds > 1 else ''}: "
+                f"try {advice}a smaller --batch-size")
+        print(f"blurfast train: error: {out_of_memory_line(e, step)}", file=sys.stderr)
         return 1
     except (ValueError, TypeError) as e:       # CheckpointError included
         if os.environ.get("BLURFAST_DEBUG"):
