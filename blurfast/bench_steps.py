@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import sys
 from typing import NamedTuple, Optional
 
@@ -66,7 +67,7 @@ def _sampler_coefs(diff: BlurDiffusion, batch: int, device):
 
 
 # In the order they run: the compiled configurations last, the likelier winner first.
-STEP_IMPLS = ("torch_default", "torch_fp32", "blurfast", "blurfast_cast_once",
+STEP_IMPLS = ("torch_default", "torch_fp32", "blurfast", "blurfast_cast_once", "blurfast_ckpt",
               "blurfast_compile", "blurfast_compile_cl", "blurfast_compile_cast_once")
 BASELINES = ("torch_default", "torch_fp32")
 
@@ -105,7 +106,7 @@ def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[s
               resolution: Optional[int] = None, iters: Optional[int] = None,
               impls=("blurfast",), errors: Optional[list] = None, on_progress=None,
               progress: bool = False) -> list:
-    """Rows ``{case, preset, shape, impl, flags, ms_per_step, images_per_s,
+    """Rows ``{case, preset, shape, impl, flags, ms_per_step, images_per_s, peak_mem_gb,
     speedup_vs_torch_default, speedup_vs_torch_fp32}`` for cases ``train_step`` and
     ``sampler_step_model``. The two baselines are always timed: ``torch_default`` (torch's
     default backend flags, TF32 convolutions) and ``torch_fp32`` (IEEE float32
@@ -114,7 +115,10 @@ def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[s
     compiling takes minutes) and each with ``_cast_once`` (the bf16 weights cast once per
     step, :class:`blurfast.training.Bf16Weights`; training step only, on CUDA), and
     ``blurfast_compile_cl``: the compiled step with the model and its input in
-    channels_last (training step only; run v4 timed channels_last uncompiled only).
+    channels_last (training step only; run v4 timed channels_last uncompiled only), and
+    ``blurfast_ckpt``: ``blurfast`` with activation checkpointing (training step only).
+    ``peak_mem_gb``: on CUDA, the most memory torch held for the configuration's training
+    step (its model, EMA and optimizer state included), None elsewhere.
     ``flags`` records (matmul TF32, cuDNN TF32, cuDNN benchmark) on CUDA. Defaults:
     paper64 at 64x64, batch 16 and 64 on a GPU (16 only with ``quick``); the small U-Net
     at 32x32, batch 8 on a CPU.
@@ -153,18 +157,18 @@ def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[s
             x_u8, flip, t = x_u8.pin_memory(), flip.pin_memory(), t.pin_memory()
         inputs = _StepInputs(x_u8, flip, t, x0, torch.full((batch,), 500, device=device),
                              _sampler_coefs(diff, batch, device))
-        timed = {}
+        timed, peaks = {}, {}
         for impl in impls:
             bar.set_postfix_str(f"{impl} batch {batch}")
             try:
-                _time_impl(impl, timed, preset, diff, device, iters, inputs)
+                _time_impl(impl, timed, peaks, preset, diff, device, iters, inputs)
             except Exception as e:
                 if errors is None or impl in BASELINES:
                     raise
                 errors.append({"case": "train_step", "impl": impl, "shape": shape,
                                "reason": f"{type(e).__name__}: {e}"[:500], "error": True})
                 print(f"{impl} at batch {batch}: {type(e).__name__}: {e}", file=sys.stderr)
-            done = _rows(timed, preset, shape, cuda)
+            done = _rows(timed, peaks, preset, shape, cuda)
             if on_progress is not None:
                 on_progress(rows + done)
             bar.update(1)
@@ -184,15 +188,21 @@ class _StepInputs(NamedTuple):
     coefs: list
 
 
-def _time_impl(impl, timed, preset, diff, device, iters, inputs: _StepInputs) -> None:
+def _time_impl(impl, timed, peaks, preset, diff, device, iters, inputs: _StepInputs) -> None:
     """Times configuration ``impl``'s training step (and sampler step) into ``timed``:
-    {(case, impl): ms}."""
+    {(case, impl): ms}; on CUDA the training step's peak memory into ``peaks``: {impl:
+    bytes}."""
     from .training import _GRAPH_WARMUP, TrainStep
     cuda = device.type == "cuda"
     x_u8, flip, t, x0, t_dev, (ca, ce, cz) = inputs
     batch, res = x0.shape[0], x0.shape[-1]
+    if cuda:            # the previous configuration's memory, CUDA graph pools included
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
     model = UNet.from_preset(preset, resolution=res, channels=3).to(device)
+    model.activation_checkpointing = impl.endswith("_ckpt")
     with backend_flags(impl) if cuda else contextlib.nullcontext():
         if impl in BASELINES:
             train = reference_train_step(model, diff, batch, device)
@@ -235,9 +245,11 @@ def _time_impl(impl, timed, preset, diff, device, iters, inputs: _StepInputs) ->
             warmup = _GRAPH_WARMUP + 2 if graph else (3 if cuda else 1)
             r = time_call(fn, [()], device, iters=iters, warmup=warmup)
             timed[(case, impl)] = r["wall_us"] / 1e3
+            if cuda and case == "train_step":
+                peaks[impl] = torch.cuda.max_memory_allocated(device)
 
 
-def _rows(timed: dict, preset: str, shape: list, cuda: bool) -> list:
+def _rows(timed: dict, peaks: dict, preset: str, shape: list, cuda: bool) -> list:
     """The rows of one batch's {(case, impl): ms}; a speedup is None where its baseline
     has no time (yet)."""
     rows = []
@@ -247,6 +259,8 @@ def _rows(timed: dict, preset: str, shape: list, cuda: bool) -> list:
                      "flags": list(BACKEND_FLAGS[impl]) if cuda else None,
                      "ms_per_step": round(ms, 3),
                      "images_per_s": round(batch / (ms / 1e3), 1),
+                     "peak_mem_gb": (round(peaks[impl] / 2 ** 30, 3)
+                                     if case == "train_step" and impl in peaks else None),
                      **{f"speedup_vs_{b}": (round(timed[(case, b)] / ms, 3)
                                             if (case, b) in timed else None)
                         for b in BASELINES}})
@@ -255,11 +269,13 @@ def _rows(timed: dict, preset: str, shape: list, cuda: bool) -> list:
 
 def format_steps(rows) -> str:
     hdr = f"{'case':<20}{'model':<9}{'shape':<14}{'impl':<28}{'ms/step':>10}{'img/s':>10}" \
-          f"{'vs default':>12}{'vs fp32':>9}"
+          f"{'vs default':>12}{'vs fp32':>9}{'peak GB':>9}"
     lines = [hdr, "-" * len(hdr)]
     for r in rows:
+        peak = r.get("peak_mem_gb")
         lines.append(f"{r['case']:<20}{r['preset']:<9}{'x'.join(map(str, r['shape'])):<14}"
                      f"{r['impl']:<28}{r['ms_per_step']:>10.2f}{r['images_per_s']:>10.1f}"
                      f"{r['speedup_vs_torch_default']:>11.2f}x"
-                     f"{r['speedup_vs_torch_fp32']:>8.2f}x")
+                     f"{r['speedup_vs_torch_fp32']:>8.2f}x"
+                     f"{'' if peak is None else f'{peak:.2f}':>9}")
     return "\n".join(lines)

@@ -117,6 +117,11 @@ def _add_train(sub) -> None:
     g.add_argument("--grad-accum", dest="grad_accum", type=int, metavar="K",
                    help="the batch in K equal rounds, gradients added before each step: a "
                         "K-th of the activation memory, the same step")
+    g.add_argument("--activation-checkpointing", dest="activation_checkpointing",
+                   action=argparse.BooleanOptionalAction,
+                   help="recompute each residual level's activations in the backward "
+                        "instead of keeping them: less memory, one more forward's compute, "
+                        "the same step (default: off)")
     g.add_argument("--steps", type=int,
                    help="step to stop at (a resumed run goes on to it; one there already "
                         "says so and exits 0)")
@@ -544,6 +549,10 @@ def _train_main(args) -> int:
         advice = (f"--grad-accum {more[0]} (the same step in {more[0]} rounds of "
                   f"{batch // more[0]} images, a smaller share of the memory) or "
                   if more else "")
+        if not kw.get("activation_checkpointing",
+                      _train_default("activation_checkpointing")):
+            advice = ("--activation-checkpointing (the same step, keeping a fraction of its "
+                      "activations), " + advice)
         step = (f" with --batch-size {batch} in {rounds} round{'s' if rounds > 1 else ''}: "
                 f"try {advice}a smaller --batch-size")
         print(f"blurfast train: error: {out_of_memory_line(e, step)}", file=sys.stderr)

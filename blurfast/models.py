@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .checks import check_bool, check_int, check_number
@@ -156,6 +157,12 @@ class _Level(nn.Module):
         return self.attn(x) if self.attn is not None else x
 
 
+def _level_call(layer: _Level, emb, *xs):
+    """``layer`` on the channel concatenation of ``xs`` (a decoder level's input and its
+    skip; one tensor in the encoder and the middle)."""
+    return layer(xs[0] if len(xs) == 1 else torch.cat(xs, dim=1), emb)
+
+
 def check_resolution(resolution, channel_mult: Sequence[int], name: str = "resolution") -> int:
     """``resolution`` when a U-Net with levels ``channel_mult`` takes it: an int >= 1 that
     each level but the last halves, so divisible by 2^(levels-1); else ValueError naming
@@ -188,6 +195,9 @@ class UNet(nn.Module):
     each block's scale-shift Linear, as ADM (False: the model of checkpoints saved before
     this option, whose two Linears met with nothing between them; :func:`upgrade_config`).
     ``UNet(**model.config)`` rebuilds the model.
+
+    :attr:`activation_checkpointing` (off when built; not part of ``config``, since it
+    changes no number) trades compute for memory in training.
     """
 
     def __init__(self, resolution: int = 64, channels: int = 3, base_channels: int = 128,
@@ -266,6 +276,30 @@ class UNet(nn.Module):
                 res *= 2
         self.out = nn.Sequential(nn.GroupNorm(_GROUPS, ch), nn.SiLU(),
                                  _zero(nn.Conv2d(ch, channels, 3, padding=1)))
+        self._checkpointing = False
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        """When True, a forward in training mode with gradients enabled keeps only each
+        residual level's input (and its skip) for the backward, which runs the level's
+        forward again to get the rest (``torch.utils.checkpoint``, non-reentrant): the
+        activations of the residual and attention blocks, most of a step's memory, are
+        not held between forward and backward, for about one more forward's compute. The
+        gradients are the same numbers (bit for bit on a CPU; dropout masks are replayed
+        from the saved random state)."""
+        return self._checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, on: bool) -> None:
+        self._checkpointing = check_bool("activation_checkpointing", on)
+
+    def _level(self, layer: _Level, emb, *xs):
+        if self._checkpointing and self.training and torch.is_grad_enabled():
+            # The random state is saved (and restored for the recomputation) only where a
+            # dropout draws from it: capturing a CUDA graph refuses to read it otherwise.
+            return checkpoint(_level_call, layer, emb, *xs, use_reentrant=False,
+                              preserve_rng_state=layer.res.dropout.p > 0)
+        return _level_call(layer, emb, *xs)
 
     @classmethod
     def from_preset(cls, name: str, resolution: int = 64, channels: int = 3, **overrides):
@@ -308,13 +342,10 @@ class UNet(nn.Module):
         h = self.input(x)
         hs = [h]
         for layer in self.down:
-            h = layer(h) if isinstance(layer, Downsample) else layer(h, emb)
+            h = layer(h) if isinstance(layer, Downsample) else self._level(layer, emb, h)
             hs.append(h)
         for layer in self.mid:
-            h = layer(h, emb)
+            h = self._level(layer, emb, h)
         for layer in self.up:
-            if isinstance(layer, Upsample):
-                h = layer(h)
-            else:
-                h = layer(torch.cat([h, hs.pop()], dim=1), emb)
+            h = layer(h) if isinstance(layer, Upsample) else self._level(layer, emb, h, hs.pop())
         return self.out(h)

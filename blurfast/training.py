@@ -690,7 +690,8 @@ def _check_run_dir(out) -> None:
 
 def train(*, data, out, preset: str = "small", resolution: int = 64, channels: int = 3,
           model: Optional[dict] = None, diffusion: Optional[dict] = None, target: str = "eps",
-          batch_size: int = 16, grad_accum: int = 1, steps: int = 600_000, lr: float = 5e-5, optimizer: str = "adam",
+          batch_size: int = 16, grad_accum: int = 1, activation_checkpointing: bool = False,
+          steps: int = 600_000, lr: float = 5e-5, optimizer: str = "adam",
           betas=(0.9, 0.999), weight_decay: float = 0.0, adam_eps: float = 1e-8,
           warmup: int = 0, grad_clip: Optional[float] = 1.0, ema_decay: Optional[float] = 0.9999,
           ema_halflife_kimg: Optional[float] = None, flip: bool = True,
@@ -711,7 +712,9 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     ``checkpoints/``, ``samples/``). ``batch_size`` is per process; under torchrun
     the global batch is ``batch_size * WORLD_SIZE``; ``grad_accum`` (a divisor of it) runs
     each process's batch in that many rounds, the gradients added (see
-    :class:`TrainStep`). ``steps``: the step to stop at
+    :class:`TrainStep`); ``activation_checkpointing`` recomputes each residual level's
+    activations in the backward instead of keeping them (:attr:`UNet.activation_checkpointing`:
+    less memory, the same numbers). ``steps``: the step to stop at
     (a resumed run continues up to it). ``resume``: None (start fresh; the run
     directory must hold no checkpoint), ``"auto"`` (the newest valid checkpoint of
     ``out``, else start fresh) or a checkpoint directory.
@@ -756,7 +759,7 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
                                      none_ok=True)
     args["ema_halflife_kimg"] = check_number("ema_halflife_kimg", ema_halflife_kimg, 0,
                                              lo_open=True, none_ok=True)
-    for name in ("flip", "tf32", "progress"):
+    for name in ("flip", "tf32", "progress", "activation_checkpointing"):
         check_bool(name, args[name])
     for name in ("channels_last", "cuda_graphs", "compile"):
         if args[name] is not None and not isinstance(args[name], bool):
@@ -808,6 +811,7 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     diff = BlurDiffusion(**{**(diffusion or {}), "resolution": resolution, "channels": channels})
     torch.manual_seed(seed)                  # the same initial weights on every rank
     net = UNet.from_preset(preset, resolution=resolution, channels=channels, **(model or {}))
+    net.activation_checkpointing = activation_checkpointing
 
     # ---------------------------------------------------------------- devices
     rank, world, dev, owns_group = setup_processes(device)

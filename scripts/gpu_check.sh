@@ -42,7 +42,8 @@
 #   tests_paths  tests/test_gpu_paths.py: train() end to end (CUDA graphs, bf16, and its
 #              defaults: compiled model in the graph), cast_once against autocast, and
 #              the sampler's graphed model
-#   steps64    the training and sampler steps at batch 64, baselines and blurfast
+#   steps64    the training and sampler steps at batch 64, baselines and blurfast, and
+#              blurfast_ckpt (activation checkpointing: its time and peak memory)
 #              -> steps64.json
 #   racecheck  compute-sanitizer --tool racecheck python scripts/sanitizer_case.py
 #   profile    training step of paper64 at batch 16 in its compiled configurations
@@ -302,7 +303,7 @@ step tests_paths 180 "$PY" -m pytest tests -m cuda -k test_gpu_paths -p no:cache
   -rs --durations=10 --junitxml="$OUT/junit-paths.xml"
 if selected tests_paths; then junit_counts paths; fi
 step steps64 120 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps --strict \
-  --step-batches 64 --json "$OUT/steps64.json"
+  --step-batches 64 --step-impls blurfast blurfast_ckpt --json "$OUT/steps64.json"
 step racecheck 110 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck \
   --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py
 step profile 300 "$PY" scripts/profile_step.py --batch 16 --compile --compiled-only \

@@ -40,6 +40,7 @@ def test_model_steps_against_the_baseline(capsys):
         for i in ("torch_default", "torch_fp32", "blurfast")}
     for r in rows:
         assert r["ms_per_step"] > 0 and r["shape"] == [2, 3, 16, 16]
+        assert r["peak_mem_gb"] is None                  # measured on CUDA only
         assert r["images_per_s"] == pytest.approx(2 / (r["ms_per_step"] / 1e3), rel=1e-3, abs=0.051)  # rounded to 0.1
     with pytest.raises(ValueError, match="impls"):
         run_steps("cpu", batches=(2,), resolution=16, iters=1, impls=("blurfast_eager",))
@@ -95,24 +96,26 @@ def test_steps_json_of_a_cut_run_names_the_failed_configurations(tmp_path, monke
 
 def test_model_step_configurations_reach_trainstep(monkeypatch):
     # Each blurfast configuration of the bench is TrainStep with its own settings: compile
-    # and channels_last per the name (a stand-in TrainStep records them; nothing compiles).
+    # and channels_last per the name, activation checkpointing for _ckpt (a stand-in
+    # TrainStep records them; nothing compiles).
     from blurfast import training
     from blurfast.bench_steps import run_steps
     seen = {}
 
     class Recorder:
         def __init__(self, model, diff, **kw):
-            seen.setdefault(len(seen), kw)
+            seen.setdefault(len(seen), {**kw, "ckpt": model.activation_checkpointing})
 
         def __call__(self, *args):
             pass
     monkeypatch.setattr(training, "TrainStep", Recorder)
-    for impl in ("blurfast", "blurfast_compile", "blurfast_compile_cl"):
+    for impl in ("blurfast", "blurfast_ckpt", "blurfast_compile", "blurfast_compile_cl"):
         seen.clear()
         rows = run_steps("cpu", batches=(2,), resolution=16, iters=1, impls=(impl,))
-        assert (seen[0]["compile"], seen[0]["channels_last"]) == {
-            "blurfast": (False, False), "blurfast_compile": (True, False),
-            "blurfast_compile_cl": (True, True)}[impl]
+        assert (seen[0]["compile"], seen[0]["channels_last"], seen[0]["ckpt"]) == {
+            "blurfast": (False, False, False), "blurfast_ckpt": (False, False, True),
+            "blurfast_compile": (True, False, False),
+            "blurfast_compile_cl": (True, True, False)}[impl]
         assert ("train_step", impl) in {(r["case"], r["impl"]) for r in rows}
 
 

@@ -363,3 +363,70 @@ def test_upsample_is_nearest_2x_then_conv():
         want = F.conv2d(up, blk.conv.weight, blk.conv.bias, padding=1)
     assert got.shape == (2, 8, 6, 8)
     assert rel_err(got, want) <= 1e-12
+
+
+def _saved_bytes(fn):
+    """fn()'s result and the bytes of the distinct storages autograd keeps for its
+    backward (each storage once, however many ops save a view of it)."""
+    held = {}
+
+    def pack(t):
+        held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(held.values())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_activation_checkpointing_gives_the_same_gradients_from_fewer_saved_activations(dropout):
+    # The same model with and without checkpointing: the output, the input's gradient and
+    # every parameter's gradient bit for bit (a dropout's masks replayed in the
+    # recomputation), while autograd keeps a fraction of the bytes between forward and
+    # backward (measured 71.4 MB against 10.9 MB here, 6.5x).
+    torch.manual_seed(0)
+    m = UNet.from_preset("small", resolution=32, dropout=dropout)
+    with torch.no_grad():         # off the zero init, so that every block has a gradient
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x0, t = torch.randn(4, 3, 32, 32), torch.tensor([1, 5, 90, 900])
+    got = {}
+    for on in (False, True):
+        m.activation_checkpointing = on
+        m.zero_grad()
+        x = x0.clone().requires_grad_()
+        torch.manual_seed(1)                          # the same dropout masks
+        out, held = _saved_bytes(lambda: m(x, t))
+        out.square().mean().backward()
+        got[on] = out.detach(), x.grad, [p.grad for p in m.parameters()], held
+    (o0, gx0, g0, held0), (o1, gx1, g1, held1) = got[False], got[True]
+    assert torch.equal(o0, o1) and torch.equal(gx0, gx1)
+    assert all(a is not None and torch.equal(a, b) for a, b in zip(g0, g1))
+    assert held1 < held0 / 4, (held0, held1)
+
+
+def test_activation_checkpointing_only_where_a_backward_will_run(monkeypatch):
+    # Checkpointing recomputes in a backward: in eval mode (the EMA, sampling) and under
+    # no_grad the forward runs as always. It is a setting of the module, not of its
+    # config: UNet(**config) and the state dict do not carry it.
+    from blurfast import models
+    calls = []
+    real = models.checkpoint
+    monkeypatch.setattr(models, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m = UNet(resolution=16, **TINY)
+    levels = sum(isinstance(x, models._Level) for x in m.modules())
+    assert m.activation_checkpointing is False
+    m.activation_checkpointing = True
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 7])
+    with torch.no_grad():
+        m(x, t)
+    m.eval()(x, t)
+    assert calls == []
+    m.train()(x, t)
+    assert len(calls) == levels
+    assert UNet(**m.config).activation_checkpointing is False
+    assert copy.deepcopy(m).activation_checkpointing is True
+    assert set(m.state_dict()) == set(UNet(**m.config).state_dict())
+    for bad in (1, "yes", None):
+        with pytest.raises(TypeError, match=r"^activation_checkpointing: expected a bool"):
+            m.activation_checkpointing = bad

@@ -514,15 +514,16 @@ def test_derive_seed_keeps_its_values_and_refuses_ints_outside_0_to_2_64():
 
 # ------------------------------------------------------------------------ DDP
 
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_ddp_two_gloo_processes_match_one_process(made16, tmp_path, grad_accum):
+@pytest.mark.parametrize("grad_accum, checkpointing", [(1, False), (2, False), (2, True)])
+def test_ddp_two_gloo_processes_match_one_process(made16, tmp_path, grad_accum, checkpointing):
     # adam_eps = 1: the update lr m / (sqrt(v) + 1) is then smooth in the gradient. With
     # eps = 1e-8, a weight whose gradient is at rounding level gets a step of up to lr in
     # either direction, so two correct runs could differ by that much. grad_accum 2: each
     # rank's batch in two rounds, all-reduced in the second's backward only (no_sync in
-    # the first; a rank that skipped the all-reduce would drift from the other).
+    # the first; a rank that skipped the all-reduce would drift from the other); with
+    # activation checkpointing, DDP's gradient hooks fire in the recomputing backward.
     kw = {**KW, "batch_size": 2, "save_every": 1000, "adam_eps": 1.0, "lr": 0.1,
-          "grad_accum": grad_accum}
+          "grad_accum": grad_accum, "activation_checkpointing": checkpointing}
     script = f"""
         import os, torch
         torch.set_num_threads(1)
@@ -544,7 +545,8 @@ def test_ddp_two_gloo_processes_match_one_process(made16, tmp_path, grad_accum):
     cfg = json.loads((tmp_path / "ddp" / "config.json").read_text())
     assert cfg["world_size"] == 2 and cfg["global_batch"] == 4
     one = training.train(data=str(made16), out=str(tmp_path / "one"), steps=4,
-                         **{**kw, "batch_size": 4, "grad_accum": 1})
+                         **{**kw, "batch_size": 4, "grad_accum": 1,
+                            "activation_checkpointing": False})
     # The same examples, steps and noise: the logged losses (all-reduced over the ranks)
     # agree to rounding, and so do the weights: gradients summed in another order differ
     # by about 1e-6 of their size (at most 1 here), which moves a weight by at most
@@ -772,6 +774,27 @@ def test_fid_during_training_samples_in_batches_of_4_rounds(made16, tmp_path, mo
         training.train(data=str(made16), out=str(tmp_path / "r"), steps=1, fid_every=1,
                        fid_ref=str(made16), **{**KW, "grad_accum": 2})
     assert seen["batch"] == 4 * KW["batch_size"] // 2
+
+
+def test_activation_checkpointing_trains_the_same_weights(made16, tmp_path):
+    # A run with activation checkpointing is the run without it, bit for bit on a CPU,
+    # dropout included (the recomputation replays the masks). The setting is saved in
+    # config.json and a resumed run keeps it.
+    kw = {**KW, "model": {**TINY, "dropout": 0.2}, "save_every": 3}
+    runs = {on: training.train(data=str(made16), out=str(tmp_path / f"r{on}"), steps=3,
+                               activation_checkpointing=on, **kw)
+            for on in (False, True)}
+    assert runs[True]["model"].activation_checkpointing is True
+    for name in ("model", "ema"):
+        a, b = runs[False][name].state_dict(), runs[True][name].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert json.loads((tmp_path / "rTrue" / "config.json").read_text())[
+        "activation_checkpointing"] is True
+    from blurfast.cli_train import saved_config
+    assert saved_config("auto", tmp_path / "rTrue")["activation_checkpointing"] is True
+    with pytest.raises(TypeError, match="^activation_checkpointing: expected a bool, got 1$"):
+        training.train(data=str(made16), out=str(tmp_path / "bad"), steps=1,
+                       activation_checkpointing=1, **KW)
 
 
 def test_grad_accum_must_divide_the_batch(made16, tmp_path):
@@ -1543,11 +1566,14 @@ def _oom(*args, **kw):
 
 
 @pytest.mark.parametrize("flags, advice", [
-    (["--batch-size", "16"], "try --grad-accum 2 (the same step in 2 rounds of 8 images, a "
-                             "smaller share of the memory) or a smaller --batch-size"),
-    (["--batch-size", "6", "--grad-accum", "2"], "try --grad-accum 3 (the same step in 3 "
-                                                  "rounds of 2 images"),
-    (["--batch-size", "5", "--grad-accum", "5"], "try a smaller --batch-size"),
+    (["--batch-size", "16"], "try --activation-checkpointing (the same step, keeping a "
+                             "fraction of its activations), --grad-accum 2 (the same step in "
+                             "2 rounds of 8 images, a smaller share of the memory) or a "
+                             "smaller --batch-size"),
+    (["--batch-size", "6", "--grad-accum", "2", "--activation-checkpointing"],
+     "try --grad-accum 3 (the same step in 3 rounds of 2 images"),
+    (["--batch-size", "5", "--grad-accum", "5", "--activation-checkpointing"],
+     "try a smaller --batch-size"),
 ])
 def test_cli_out_of_memory_names_the_flags_that_save_memory(made16, tmp_path, capsys,
                                                            monkeypatch, flags, advice):
