@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+from pathlib import Path
 import sys
 
 
@@ -183,7 +184,19 @@ def add_reverse_run_flags(p) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda if available")
     p.add_argument("--raw-weights", action="store_true",
-                   help="use the raw model weights instead of the EMA weights")
+                   help="use the raw model weights instead of the EMA weights (of a run "
+                        "or checkpoint directory; a .safetensors file is loaded as it is)")
+
+
+def ema_weights(args) -> bool:
+    """The ``ema`` of a loaded model under --raw-weights, which picks one of the two files
+    of a run's or checkpoint's directory; refused with a file, which is loaded as it is."""
+    if args.raw_weights and Path(args.ckpt).is_file():
+        raise ValueError(f"--raw-weights: picks model.safetensors over ema.safetensors in a "
+                         f"run or checkpoint directory; the file given ({args.ckpt}) is "
+                         f"loaded as it is: give the directory, or model.safetensors without "
+                         f"--raw-weights")
+    return not args.raw_weights
 
 
 def out_of_memory_line(e: BaseException, advice: str = "") -> str:
@@ -255,7 +268,7 @@ def _sample(args) -> int:
     generate(args.ckpt, args.n, args.out, sampler=args.sampler,
              steps=None if args.steps == 0 else args.steps, eta=eta, spacing=args.spacing,
              batch=args.batch, seed=args.seed, fmt=args.fmt, device=args.device,
-             ema=not args.raw_weights, precision=args.precision, cuda_graph=args.cuda_graph,
+             ema=ema_weights(args), precision=args.precision, cuda_graph=args.cuda_graph,
              compile=args.compile, clip=not args.no_clip, resume=args.resume,
              progress=not args.no_progress)
     return 0

@@ -138,6 +138,7 @@ def _trajectory(args) -> int:
 
     from . import checkpoint as ckpt
     from . import viz
+    from .cli import ema_weights
     from .data import data_range
     from .generate import resolve_checkpoint
     from .sampling import check_eta
@@ -152,7 +153,7 @@ def _trajectory(args) -> int:
     if device.type == "cuda":
         check_gpu_seen("--device")
     path = resolve_checkpoint(args.ckpt)
-    model, diff, config = ckpt.load_model(path, ema=not args.raw_weights, device=device)
+    model, diff, config = ckpt.load_model(path, ema=ema_weights(args), device=device)
     pixel_range = config.get("pixel_range", "-1,1")
     steps = min(100, diff.num_steps - 1) if args.steps is None else args.steps
     if steps > diff.num_steps - 1:
@@ -238,6 +239,9 @@ def _curves(args) -> int:
         raise ValueError(f"RUN_DIR: {args.run!r} is not a directory")
     if not (run / "log.csv").is_file():
         raise ValueError(f"RUN_DIR: no log.csv in {args.run!r}")
+    if not viz._read_columns(run / "log.csv", ["step"])["step"]:
+        raise ValueError(f"RUN_DIR: the log.csv of {args.run!r} has no rows yet (training "
+                         f"writes one every --log-every steps)")
     out = _check_out(args.out) if args.out is not None else None
     print(f"wrote {viz.training_curves(run, out)}")
     return 0

@@ -159,10 +159,31 @@ def test_process_takes_a_safetensors_file_as_ckpt(run, tmp_path, capsys):
     np.testing.assert_array_equal(pics[2], pics[0])
 
 
-def test_curves(run, tmp_path):
+@pytest.mark.parametrize("command", [["sample", "--n", "1"], ["draw", "trajectory", "--n", "1"]])
+def test_raw_weights_with_a_safetensors_file_is_refused(run, tmp_path, capsys, command):
+    # --raw-weights picks one of a directory's two files; a file given is loaded as it
+    # is, so the flag with one would be silently ignored: an error naming it instead.
+    from blurfast.generate import resolve_checkpoint
+    f = resolve_checkpoint(run / "run") / "ema.safetensors"
+    out = tmp_path / ("s" if command[0] == "sample" else "t.png")
+    assert cli.main([*command, "--ckpt", str(f), "--raw-weights", "--steps", "2",
+                     "--device", "cpu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--raw-weights: picks model.safetensors over ema.safetensors in a run or " \
+           f"checkpoint directory; the file given ({f}) is loaded as it is" in err
+    assert not out.exists()
+
+
+def test_curves(run, tmp_path, capsys):
     out = tmp_path / "c.png"
     assert cli.main(["draw", "curves", str(run / "run"), "--out", str(out)]) == 0
     assert Image.open(out).format == "PNG"
+    # A run that has not logged yet: said so, no picture of empty axes.
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "log.csv").write_text("step,loss,grad_norm,lr,images_per_s\n")
+    assert cli.main(["draw", "curves", str(tmp_path / "new"), "--out",
+                     str(tmp_path / "e.png")]) == 2
+    assert "log.csv of" in capsys.readouterr().err and not (tmp_path / "e.png").exists()
 
 
 def test_flags_are_documented_as_help_gives_them():
