@@ -286,8 +286,8 @@ class UNet(nn.Module):
         forward again to get the rest (``torch.utils.checkpoint``, non-reentrant): the
         activations of the residual and attention blocks, most of a step's memory, are
         not held between forward and backward, for about one more forward's compute. The
-        gradients are the same numbers (bit for bit on a CPU; dropout masks are replayed
-        from the saved random state)."""
+        gradients are the same numbers (bit for bit on a CPU, uncompiled; dropout masks
+        are replayed from the saved random state)."""
         return self._checkpointing
 
     @activation_checkpointing.setter
