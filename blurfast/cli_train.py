@@ -552,7 +552,7 @@ def _train_main(args) -> int:
         if not kw.get("activation_checkpointing",
                       _train_default("activation_checkpointing")):
             advice = ("--activation-checkpointing (the same step, keeping a fraction of its "
-                      "activations), " + advice)
+                      "activations)" + (", " if advice else " or ") + advice)
         step = (f" with --batch-size {batch} in {rounds} round{'s' if rounds > 1 else ''}: "
                 f"try {advice}a smaller --batch-size")
         print(f"blurfast train: error: {out_of_memory_line(e, step)}", file=sys.stderr)

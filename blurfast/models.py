@@ -280,13 +280,14 @@ class UNet(nn.Module):
 
     @property
     def activation_checkpointing(self) -> bool:
-        """When True, a forward in training mode with gradients enabled keeps only each
+        """When True, a forward in training mode with gradients enabled (outside
+        torch.func.grad, vjp and jacrev, which refuse its hooks) keeps only each
         residual level's input (and its skip) for the backward, which runs the level's
         forward again to get the rest (``torch.utils.checkpoint``, non-reentrant): the
         activations of the residual and attention blocks, most of a step's memory, are
         not held between forward and backward, for about one more forward's compute. The
-        gradients are the same numbers (bit for bit on a CPU; dropout masks are replayed
-        from the saved random state)."""
+        gradients are the same numbers (bit for bit on a CPU, uncompiled; dropout masks
+        are replayed from the saved random state)."""
         return self._checkpointing
 
     @activation_checkpointing.setter
@@ -294,7 +295,11 @@ class UNet(nn.Module):
         self._checkpointing = check_bool("activation_checkpointing", on)
 
     def _level(self, layer: _Level, emb, *xs):
-        if self._checkpointing and self.training and torch.is_grad_enabled():
+        # Not where saved-tensor hooks are off: torch.func.grad, vjp and jacrev refuse them
+        # (under torch.compile they are on, and dynamo cannot trace the query).
+        if self._checkpointing and self.training and torch.is_grad_enabled() and (
+                torch.compiler.is_compiling()
+                or torch._C._autograd._saved_tensors_hooks_is_enabled()):
             # The random state is saved (and restored for the recomputation) only where a
             # dropout draws from it: capturing a CUDA graph refuses to read it otherwise.
             return checkpoint(_level_call, layer, emb, *xs, use_reentrant=False,

@@ -1574,6 +1574,9 @@ def _oom(*args, **kw):
      "try --grad-accum 3 (the same step in 3 rounds of 2 images"),
     (["--batch-size", "5", "--grad-accum", "5", "--activation-checkpointing"],
      "try a smaller --batch-size"),
+    (["--batch-size", "5", "--grad-accum", "5"], "try --activation-checkpointing (the same "
+                                                  "step, keeping a fraction of its "
+                                                  "activations) or a smaller --batch-size"),
 ])
 def test_cli_out_of_memory_names_the_flags_that_save_memory(made16, tmp_path, capsys,
                                                            monkeypatch, flags, advice):
