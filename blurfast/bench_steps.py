@@ -227,15 +227,18 @@ def _time_impl(impl, timed, peaks, preset, diff, device, iters, inputs: _StepInp
 
             from .generate import GraphedModel
             from .models import cast_for_autocast_
-            # On a GPU as `blurfast sample` runs it: bf16 weights cast once, the call
-            # captured on its first run.
-            net = GraphedModel(cast_for_autocast_(copy.deepcopy(model))) if cuda else model
+            made = []
 
-            def sample_fn(net=net):
+            def sample_fn():
                 from . import ops
+                if not made:    # made here, after the training step's peak memory is read
+                    # On a GPU as `blurfast sample` runs it: bf16 weights cast once, the
+                    # call captured on its first run.
+                    made.append(GraphedModel(cast_for_autocast_(copy.deepcopy(model)))
+                                if cuda else model)
                 with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
                                                      enabled=cuda):
-                    eps = net(x0, t_dev)
+                    eps = made[0](x0, t_dev)
                 ops.spectral(x0, ca, eps.float(), ce, cz, seed=1)
         cases = [("train_step", train_fn), ("sampler_step_model", sample_fn)]
         for case, fn in cases if impl in ("blurfast", *BASELINES) else cases[:1]:
@@ -277,5 +280,5 @@ def format_steps(rows) -> str:
                      f"{r['impl']:<28}{r['ms_per_step']:>10.2f}{r['images_per_s']:>10.1f}"
                      f"{r['speedup_vs_torch_default']:>11.2f}x"
                      f"{r['speedup_vs_torch_fp32']:>8.2f}x"
-                     f"{'' if peak is None else f'{peak:.2f}':>9}")
+                     f"{'' if peak is None else f'{peak:.2f}':>9}".rstrip())
     return "\n".join(lines)

@@ -295,11 +295,13 @@ class UNet(nn.Module):
         self._checkpointing = check_bool("activation_checkpointing", on)
 
     def _level(self, layer: _Level, emb, *xs):
-        # Not where saved-tensor hooks are off: torch.func.grad, vjp and jacrev refuse them
-        # (under torch.compile they are on, and dynamo cannot trace the query).
+        # Not where saved-tensor hooks are off (the query: what torch's own
+        # disable_saved_tensors_hooks reads): torch.func.grad, vjp and jacrev refuse them.
+        # Under torch.compile they are on, and dynamo cannot trace the query.
         if self._checkpointing and self.training and torch.is_grad_enabled() and (
                 torch.compiler.is_compiling()
-                or torch._C._autograd._saved_tensors_hooks_is_enabled()):
+                or torch._C._autograd._saved_tensors_hooks_get_disabled_error_message()
+                is None):
             # The random state is saved (and restored for the recomputation) only where a
             # dropout draws from it: capturing a CUDA graph refuses to read it otherwise.
             return checkpoint(_level_call, layer, emb, *xs, use_reentrant=False,
