@@ -467,8 +467,21 @@ class TrainStep:
             # thread_local: the DataLoader's pin-memory thread queries CUDA events while
             # it pins the next batch, which the default ("global") mode counts as an
             # illegal call during this capture and invalidates it.
-            with torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
-                self._body(*self._static, 0, 0)
+            try:
+                with torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
+                    self._body(*self._static, 0, 0)
+            except RuntimeError as e:
+                self._graph = None
+                m = self.model
+                if getattr(m, "activation_checkpointing", False) and any(
+                        isinstance(d, torch.nn.Dropout) and d.p > 0 for d in m.modules()):
+                    raise RuntimeError(
+                        f"cuda_graphs: the step could not be captured with activation "
+                        f"checkpointing and dropout > 0, whose recomputation reads torch's "
+                        f"random state, which not every torch allows inside a capture "
+                        f"(torch: {e}); train without CUDA graphs (--no-cuda-graphs), or "
+                        f"without one of the two") from e
+                raise
         self._graph.replay()
 
     # ------------------------------------------------------------ bookkeeping
