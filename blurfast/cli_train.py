@@ -211,11 +211,15 @@ def _show_defaults(parser) -> None:
 
 def _add_prepare(sub) -> None:
     p = sub.add_parser(
-        "prepare", help="decode an image folder or LSUN lmdb into a uint8 .npy array",
+        "prepare", help="decode an image folder, LSUN lmdb or image archive into a uint8 "
+                        ".npy array",
         description="Decode every image of SRC once into OUT, a memory-mappable uint8 array "
                     "(N, R, R, C). Unreadable images are skipped and reported. An existing "
                     "OUT is kept unless --overwrite is given.")
-    p.add_argument("src", metavar="SRC", help="image folder or LSUN <category>_<split>_lmdb")
+    p.add_argument("src", metavar="SRC",
+                   help="image folder, LSUN <category>_<split>_lmdb, or an archive of "
+                        "images: .zip, .tar, .tar.gz/.tgz, .tar.bz2/.tbz2, .tar.xz/.txz "
+                        "(read front to back, in the archive's order)")
     p.add_argument("out", metavar="OUT", help="output .npy file")
     p.add_argument("--resolution", type=int, default=64, help="side of the square images (default 64)")
     p.add_argument("--resize", choices=RESIZE_MODES, default=DEFAULT_RESIZE,

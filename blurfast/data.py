@@ -24,7 +24,7 @@ import torch
 
 from .checks import check_bool, check_int
 
-__all__ = ["IMAGE_EXTENSIONS", "RESIZE_MODES", "DEFAULT_RESIZE", "PIXEL_RANGES", "ImageFolder",
+__all__ = ["IMAGE_EXTENSIONS", "ARCHIVE_SUFFIXES", "ImageArchive", "RESIZE_MODES", "DEFAULT_RESIZE", "PIXEL_RANGES", "ImageFolder",
            "LSUNLmdb", "PreparedArray", "open_dataset", "prepare", "to_float", "PrepareReport",
            "UnreadableImage", "data_range", "to_unit_range", "check_resize"]
 
@@ -93,6 +93,18 @@ def decode(data: bytes, resolution: int, resize: str, channels: int = 3) -> np.n
     return a[:, :, None] if a.ndim == 2 else a
 
 
+def decode_named(name: str, data: bytes, resolution: int, resize: str,
+                 channels: int = 3) -> np.ndarray:
+    """:func:`decode`, its failures raised as :class:`UnreadableImage` naming ``name``."""
+    try:
+        return decode(data, resolution, resize, channels)
+    except Exception as e:             # Pillow raises several kinds on bad data
+        # Pillow names the in-memory buffer it read from; name the image instead.
+        detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", repr(name), str(e))
+        raise UnreadableImage(f"{name}: cannot be decoded "
+                              f"({type(e).__name__}: {detail})") from None
+
+
 class _Decoded(torch.utils.data.Dataset):
     """Base of the sources that decode images on the fly."""
 
@@ -111,14 +123,17 @@ class _Decoded(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> np.ndarray:
         """Image i; :class:`UnreadableImage` when it cannot be decoded."""
-        try:
-            return decode(self.raw(i), self.resolution, self.resize, self.channels)
-        except Exception as e:             # Pillow raises several kinds on bad data
-            # Pillow names the in-memory buffer it read from; name the image instead.
-            detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", repr(self.name(i)),
-                            str(e))
-            raise UnreadableImage(f"{self.name(i)}: cannot be decoded "
-                                  f"({type(e).__name__}: {detail})") from None
+        return decode_named(self.name(i), self.raw(i), self.resolution, self.resize,
+                            self.channels)
+
+    def items(self, n: int):
+        """``(name, encoded bytes)`` of images 0 .. n-1 in order; an exception in place of
+        the bytes of one that cannot be read."""
+        for i in range(n):
+            try:
+                yield self.name(i), self.raw(i)
+            except Exception as e:         # a file gone or unreadable, a vanished key
+                yield self.name(i), e
 
     def readable(self, i: int) -> np.ndarray:
         """Image i, or where it cannot be decoded the next one that can (the same one
@@ -158,6 +173,76 @@ class ImageFolder(_Decoded):
 
     def name(self, i):
         return str(self.files[i])
+
+
+# Archives prepare reads: zip, and tar uncompressed or compressed as tarfile reads them.
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+
+
+def is_archive(path) -> bool:
+    p = Path(path)
+    return p.is_file() and p.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+class ImageArchive:
+    """The image files (:data:`IMAGE_EXTENSIONS`) of a zip or tar archive, in the
+    archive's order, for :func:`prepare`. A compressed tar has no random access, so the
+    images are read front to back (:meth:`items`): one pass to list them, one to read."""
+
+    def __init__(self, path, *, arg: str = "src"):
+        import tarfile
+        import zipfile
+
+        self.path = Path(path)
+        self.zip = self.path.name.lower().endswith(".zip")
+        try:
+            if self.zip:
+                with zipfile.ZipFile(self.path) as z:
+                    names = [i.filename for i in z.infolist() if not i.is_dir()]
+            else:
+                with tarfile.open(self.path, "r:*") as t:
+                    names = [m.name for m in t if m.isfile()]
+            # a name stored twice is read once, as its first copy
+            self.members = list(dict.fromkeys(
+                m for m in names if Path(m).suffix.lower() in IMAGE_EXTENSIONS))
+        except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError) as e:
+            raise ValueError(f"{arg}: {str(path)!r} cannot be read as a "
+                             f"{'zip' if self.zip else 'tar'} archive "
+                             f"({type(e).__name__}: {e})") from None
+        if not self.members:
+            raise ValueError(f"{arg}: no {'/'.join(IMAGE_EXTENSIONS)} files in the archive "
+                             f"{str(path)!r}")
+
+    def __len__(self):
+        return len(self.members)
+
+    def items(self, n: int):
+        """``(name, encoded bytes)`` of the first ``n`` images; an exception in place of
+        the bytes of one that cannot be read. Names are ``ARCHIVE:MEMBER``."""
+        import tarfile
+        import zipfile
+
+        want = self.members[:n]
+        if self.zip:
+            with zipfile.ZipFile(self.path) as z:
+                for m in want:
+                    try:
+                        yield f"{self.path}:{m}", z.read(m)
+                    except (OSError, zipfile.BadZipFile, EOFError) as e:  # a bad CRC, say
+                        yield f"{self.path}:{m}", e
+            return
+        wanted = set(want)
+        with tarfile.open(self.path, "r:*") as t:
+            for info in t:
+                if not wanted:
+                    break
+                if info.name not in wanted or not info.isfile():
+                    continue
+                wanted.discard(info.name)
+                try:
+                    yield f"{self.path}:{info.name}", t.extractfile(info).read()
+                except (OSError, EOFError, tarfile.TarError) as e:
+                    yield f"{self.path}:{info.name}", e
 
 
 _LMDB_ENVS = {}      # (path, pid) -> read-only environment opened by that process
@@ -284,6 +369,10 @@ def open_dataset(path, resolution: Optional[int] = None, resize: str = DEFAULT_R
     named = {} if arg is None else {"arg": arg}
     if not p.exists():
         raise ValueError(f"{arg or 'data'}: {str(path)!r} does not exist")
+    if is_archive(p):
+        raise ValueError(f"{arg or 'data'}: {str(path)!r} is an archive, which has no random "
+                         f"access for training; decode it once with `blurfast prepare "
+                         f"{path} OUT.npy --resolution R` and give OUT.npy")
     if p.is_file():
         ds = PreparedArray(p, **named)
         if resolution is not None and resolution != ds.resolution:
@@ -346,22 +435,44 @@ class PrepareReport(dict):
     errors of the first unreadable images), ``shape``, ``path``."""
 
 
-_worker_src = None
+_worker_args = None       # (resolution, resize, channels) of prepare's decoding processes
 
 
-def _init_worker(src):
-    global _worker_src
-    _worker_src = src
+def _init_worker(args):
+    global _worker_args
+    _worker_args = args
 
 
-def _decode_one(i: int):
-    """``(i, image, None)``, or ``(i, None, why)`` for an image that cannot be read."""
+def _decode_item(item):
+    """``(image, None)`` of a ``(name, encoded bytes)`` item, or ``(None, why)`` for an
+    image that cannot be read (its bytes an exception, or undecodable)."""
+    name, data = item
+    if isinstance(data, BaseException):
+        return None, f"{name}: {type(data).__name__}: {data}"
     try:
-        return i, _worker_src[i], None
+        return decode_named(name, data, *_worker_args), None
     except UnreadableImage as e:      # names the image already
-        return i, None, str(e)
+        return None, str(e)
     except Exception as e:            # any unreadable image is skipped and reported
-        return i, None, f"{_worker_src.name(i)}: {type(e).__name__}: {e}"
+        return None, f"{name}: {type(e).__name__}: {e}"
+
+
+def _decoded(items, pool, window: int):
+    """``_decode_item`` of each item, in order; with a pool, ``window`` items at a time,
+    the next window read while the workers decode the last (so at most two windows of
+    encoded bytes are held, however large the source)."""
+    if pool is None:
+        yield from map(_decode_item, items)
+        return
+    pending = None
+    while True:
+        chunk = [x for _, x in zip(range(window), items)]
+        job = pool.map_async(_decode_item, chunk, chunksize=16) if chunk else None
+        if pending is not None:
+            yield from pending.get()
+        if job is None:
+            return
+        pending = job
 
 
 def _npy_header(shape, length: Optional[int] = None) -> bytes:
@@ -393,8 +504,11 @@ def _shrink_npy(path: Path, n_alloc: int, n: int, shape) -> None:
 def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channels: int = 3,
             workers: Optional[int] = None, progress: bool = True, max_reported: int = 20,
             limit: Optional[int] = None, overwrite: bool = False) -> PrepareReport:
-    """Decodes every image of ``src`` (image folder or LSUN lmdb) into ``out``, a
-    ``.npy`` uint8 array (N, resolution, resolution, channels), in source order.
+    """Decodes every image of ``src`` (image folder, LSUN lmdb, or a zip or tar archive of
+    images, :data:`ARCHIVE_SUFFIXES`) into ``out``, a ``.npy`` uint8 array (N,
+    resolution, resolution, channels), in source order (sorted paths in a folder, keys in
+    an lmdb, the archive's order in an archive). This process reads the encoded images;
+    ``workers`` processes decode them.
 
     Unreadable images are skipped and counted (never a crash); the names of the first
     ``max_reported`` are returned. The array is written to ``out`` + ``.tmp`` and
@@ -416,10 +530,16 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
     check_int("max_reported", max_reported, 0)
     check_resize(resize)
     p = Path(src)
-    if not p.is_dir():
-        raise ValueError(f"src: {str(src)!r} is not a directory (image folder or lmdb)")
-    source = (LSUNLmdb(p, resolution, resize, channels, progress=progress, arg="src")
-              if is_lmdb(p) else ImageFolder(p, resolution, resize, channels, arg="src"))
+    if is_archive(p):
+        if channels not in (1, 3):
+            raise ValueError(f"channels: expected 1 or 3, got {channels!r}")
+        source = ImageArchive(p, arg="src")
+    elif not p.is_dir():
+        raise ValueError(f"src: {str(src)!r} is neither a directory (image folder or lmdb) "
+                         f"nor an archive ({', '.join(ARCHIVE_SUFFIXES)})")
+    else:
+        source = (LSUNLmdb(p, resolution, resize, channels, progress=progress, arg="src")
+                  if is_lmdb(p) else ImageFolder(p, resolution, resize, channels, arg="src"))
     n_alloc = len(source) if limit is None else min(limit, len(source))
     shape = (resolution, resolution, channels)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -433,15 +553,15 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
         from tqdm import tqdm
         bar = tqdm(total=n_alloc, desc=f"prepare {p.name}", unit="img")
     try:
+        args = (resolution, resize, channels)
         if workers > 0:
             ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(source,))
-            results = pool.imap(_decode_one, range(n_alloc), chunksize=64)
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(args,))
         else:
-            _init_worker(source)
-            pool, results = None, map(_decode_one, range(n_alloc))
+            _init_worker(args)
+            pool = None
         try:
-            for i, a, err in results:
+            for a, err in _decoded(source.items(n_alloc), pool, 256 * workers):
                 if err is None:
                     arr[written] = a
                     written += 1

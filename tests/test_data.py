@@ -429,3 +429,122 @@ def test_an_empty_file_as_data_is_one_line_naming_it(tmp_path):
     with pytest.raises(ValueError, match=r"^data \(--data\): '.*empty\.npy' is not a "
                                          r"readable \.npy array"):
         D.open_dataset(empty, arg="data (--data)")
+
+
+# ------------------------------------------------------------------ archives
+
+def _archive(path, files, kind):
+    """An archive at ``path`` of ``files`` [(member name, bytes)], in that order."""
+    import tarfile
+    import zipfile
+    if kind == "zip":
+        with zipfile.ZipFile(path, "w") as z:
+            for name, data in files:
+                z.writestr(name, data)
+        return path
+    with tarfile.open(path, {"tar": "w", "tar.gz": "w:gz", "tar.xz": "w:xz"}[kind]) as t:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar", "tar.gz", "tar.xz"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_prepare_from_an_archive_reads_its_images_in_order(tmp_path, kind, workers):
+    # The archive's images in its order, each decoded as from a file (Pillow on the
+    # member's bytes); other members (text, folders) left out, a corrupt image skipped
+    # and named ARCHIVE:MEMBER. The order is not the folder's sorted one: members are
+    # stored shuffled.
+    src = made_photos(tmp_path / "src", 7, size=20)
+    photos = sorted(src.iterdir())
+    order = [4, 0, 6, 2, 5, 1, 3]
+    files = [(f"imgs/{photos[i].name}", photos[i].read_bytes()) for i in order]
+    files.insert(2, ("imgs/README.txt", b"not an image"))
+    files.insert(5, ("imgs/broken.jpg", b"\xff\xd8\xff\xe0 truncated jpeg"))
+    arc = _archive(tmp_path / f"a.{kind}", files, kind)
+    with pytest.warns(UserWarning, match="skipped 1 unreadable image"):
+        r = D.prepare(arc, tmp_path / "o.npy", resolution=16, resize="squash",
+                      workers=workers, progress=False)
+    want = np.stack([np.asarray(Image.open(photos[i]).convert("RGB")
+                                .resize((16, 16), Image.BICUBIC)) for i in order])
+    np.testing.assert_array_equal(np.load(tmp_path / "o.npy"), want)
+    assert r["written"] == 7 and r["skipped"] == 1
+    assert r["bad"][0].startswith(f"{arc}:imgs/broken.jpg: cannot be decoded")
+    r = D.prepare(arc, tmp_path / "l.npy", resolution=16, resize="squash", workers=workers,
+                  progress=False, limit=2)
+    np.testing.assert_array_equal(np.load(tmp_path / "l.npy"), want[:2])
+
+
+def test_archive_members_stored_twice_are_read_once(tmp_path):
+    # tar appends: a name stored twice is listed once and read as its first copy.
+    src = made_photos(tmp_path / "src", 2, size=16)
+    a, b = (p.read_bytes() for p in sorted(src.iterdir()))
+    arc = _archive(tmp_path / "d.tar", [("x.png", a), ("y.jpg", b), ("x.png", b)], "tar")
+    assert D.ImageArchive(arc).members == ["x.png", "y.jpg"]
+    D.prepare(arc, tmp_path / "o.npy", resolution=16, workers=0, progress=False)
+    got = np.load(tmp_path / "o.npy")
+    np.testing.assert_array_equal(got[0], D.decode(a, 16, "center-crop"))
+    np.testing.assert_array_equal(got[1], D.decode(b, 16, "center-crop"))
+
+
+def test_decoding_in_windows_keeps_the_order():
+    # prepare's workers decode a window of items while the next is read: every item once,
+    # in order, whatever the window.
+    import multiprocessing
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 30)).save(png, format="PNG")
+    src = [(f"n{i}", b"junk" if i % 3 else png.getvalue()) for i in range(10)]
+    D._init_worker((8, "squash", 3))
+    want = [D._decode_item(x) for x in src]
+    with multiprocessing.get_context("fork").Pool(2, initializer=D._init_worker,
+                                                  initargs=((8, "squash", 3),)) as pool:
+        for window in (1, 3, 10, 64):
+            got = list(D._decoded(iter(src), pool, window))
+            assert [e for _, e in got] == [e for _, e in want]
+            assert all(a is None if b is None else np.array_equal(a, b)
+                       for (a, _), (b, _) in zip(got, want))
+    assert [w[1] is None for w in want] == [i % 3 == 0 for i in range(10)]
+    assert [w[1].split(":")[0] for w in want if w[1]] == [f"n{i}" for i in range(10) if i % 3]
+
+
+def test_archive_errors_name_src_and_train_asks_for_prepare(tmp_path):
+    (tmp_path / "bad.zip").write_bytes(b"not a zip at all")
+    with pytest.raises(ValueError, match=r"^src: .*bad.zip' cannot be read as a zip archive"):
+        D.prepare(tmp_path / "bad.zip", tmp_path / "o.npy", progress=False)
+    (tmp_path / "bad.tar.gz").write_bytes(b"\x1f\x8b not gzip")
+    with pytest.raises(ValueError, match=r"^src: .*bad.tar.gz' cannot be read as a tar"):
+        D.prepare(tmp_path / "bad.tar.gz", tmp_path / "o.npy", progress=False)
+    arc = _archive(tmp_path / "text.tar", [("a.txt", b"hello")], "tar")
+    with pytest.raises(ValueError, match=r"^src: no .jpg/.jpeg/.png/.webp/.bmp files in the "
+                                         r"archive"):
+        D.prepare(arc, tmp_path / "o.npy", progress=False)
+    (tmp_path / "plain.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"^src: .*plain.bin' is neither a directory \(image "
+                                         r"folder or lmdb\) nor an archive \(.zip, .tar"):
+        D.prepare(tmp_path / "plain.bin", tmp_path / "o.npy", progress=False)
+    with pytest.raises(ValueError, match=r"^data \(--data\): .*text.tar' is an archive, which "
+                                         r"has no random access for training; decode it once "
+                                         r"with `blurfast prepare"):
+        D.open_dataset(arc, 16, arg="data (--data)")
+    assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
+
+
+@pytest.mark.skipif(not CIFAR.exists(), reason=CIFAR_SKIP)
+def test_prepare_reads_the_cifar_archive_as_it_is(tmp_path):
+    # The shared CIFAR-10 tar.gz prepared directly (its first 300 images, 32 -> 32: the
+    # pixels as Pillow decodes them) against the same members read with tarfile.
+    import tarfile
+    from blurfast import cli
+    assert cli.main(["prepare", str(CIFAR), str(tmp_path / "c.npy"), "--resolution", "32",
+                     "--limit", "300", "--workers", "2", "--no-progress"]) == 0
+    got = np.load(tmp_path / "c.npy")
+    want = []
+    with tarfile.open(CIFAR, "r:gz") as t:
+        for m in t:
+            if m.isfile() and m.name.endswith(".jpg"):
+                want.append(np.asarray(Image.open(t.extractfile(m)).convert("RGB")))
+                if len(want) == 300:
+                    break
+    np.testing.assert_array_equal(got, np.stack(want))
