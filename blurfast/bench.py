@@ -812,6 +812,8 @@ def main(argv=None) -> int:
             _pyplot()
     except (ValueError, ImportError) as e:
         p.error(str(e))
+    if a.device == "cuda":           # named as the flag; run() names its argument
+        check_gpu_seen("--device")
     if a.threads:
         torch.set_num_threads(a.threads)
     progress = not a.no_progress and sys.stderr.isatty()

@@ -185,7 +185,8 @@ def add_reverse_run_flags(p) -> None:
                    help="default: cuda if available")
     p.add_argument("--raw-weights", action="store_true",
                    help="use the raw model weights instead of the EMA weights (of a run "
-                        "or checkpoint directory; a .safetensors file is loaded as it is)")
+                        "or checkpoint directory; a .safetensors file is loaded as it is, "
+                        "and the flag with one is an error)")
 
 
 def ema_weights(args) -> bool:

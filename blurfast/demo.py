@@ -196,7 +196,7 @@ def run(out="blurfast-demo", minutes: float = 6.0, data: Optional[str] = None,
 
 def main(argv=None) -> int:
     # The docstring's first paragraph, without its reST quotes.
-    from .cli import _Parser
+    from .cli import _Parser, flag_named
     description = " ".join(__doc__.split("\n\n")[0].split()).replace("``", "")
     p = _Parser(prog="blurfast demo", description=description)
     p.add_argument("--out", default="blurfast-demo", help="output folder (default blurfast-demo)")
@@ -216,5 +216,8 @@ def main(argv=None) -> int:
         _check_args(a.minutes, a.resolution, a.smoke, "--", a.device)
     except ValueError as e:
         p.error(str(e))
-    run(a.out, a.minutes, a.data, a.resolution, a.device, a.smoke, not a.no_bench)
+    try:
+        run(a.out, a.minutes, a.data, a.resolution, a.device, a.smoke, not a.no_bench)
+    except ValueError as e:          # run() names its argument (data: ...), this its flag
+        raise ValueError(flag_named(p, str(e))) from e
     return 0

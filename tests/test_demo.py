@@ -293,6 +293,17 @@ def test_demo_checks_its_data_before_any_work(kind, tmp_path):
     assert not out.exists()
 
 
+def test_demo_names_its_flags_on_the_command_line(tmp_path, capsys):
+    # run() names its argument (data: ...); the command line names the flag, as the
+    # other commands do, with nothing written.
+    data, out = tmp_path / "d.npy", tmp_path / "demo"
+    assert cli.main(["demo", "--smoke", "--no-bench", "--out", str(out),
+                     "--data", str(data)]) == 2
+    assert capsys.readouterr().err == \
+        f"blurfast demo: error: --data: {str(data)!r} does not exist\n"
+    assert not out.exists()
+
+
 def test_version(capsys):
     import blurfast
     with pytest.raises(SystemExit) as e:
@@ -390,7 +401,7 @@ def test_bench_scripts_report_a_missing_gpu_in_one_line(how, tmp_path):
     p = subprocess.run(cmd, env={**env, "CUDA_VISIBLE_DEVICES": ""}, cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
     assert (p.returncode, p.stdout, p.stderr) == (
-        2, "", "blurfast bench: error: device: 'cuda' was asked for but torch sees no GPU\n")
+        2, "", "blurfast bench: error: --device: 'cuda' was asked for but torch sees no GPU\n")
 
 
 def test_demo_on_data_of_fewer_images_than_the_strip_has_rows(tmp_path, capsys):
