@@ -379,7 +379,7 @@ def _blurfast_version() -> Optional[str]:
         return f"import failed: {e}"
 
 
-def _parse_shape(s) -> tuple:
+def _parse_shape(s, name: str = "shape") -> tuple:
     given = s
     try:
         if isinstance(s, str):
@@ -388,7 +388,7 @@ def _parse_shape(s) -> tuple:
     except (TypeError, ValueError):
         s = ()
     if len(s) != 4 or min(s) < 1:
-        raise ValueError(f"shape: expected four positive sizes B,C,H,W, got {given!r}")
+        raise ValueError(f"{name}: expected four positive sizes B,C,H,W, got {given!r}")
     return s
 
 
@@ -804,6 +804,8 @@ def main(argv=None) -> int:
     if not (a.kernels or a.steps):
         p.error("nothing to time: --no-kernels needs --steps")
     # Where the results go is checked before anything is timed (a GPU run takes minutes).
+    for shape in a.shapes or ():     # named as the flag; run() names its argument
+        _parse_shape(shape, "--shapes")
     try:
         for flag, path in (("--json", a.json_path), ("--plot", a.plot)):
             if path:
