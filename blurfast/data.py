@@ -210,6 +210,10 @@ class ImageArchive:
                              f"{'zip' if self.zip else 'tar'} archive "
                              f"({type(e).__name__}: {e})") from None
         if not self.members:
+            if any(Path(m).name == "data.mdb" for m in names):     # LSUN's zips hold lmdb
+                raise ValueError(f"{arg}: the archive {str(path)!r} holds an lmdb database "
+                                 f"(as LSUN distributes them); unpack it and give its "
+                                 f"directory, the one with data.mdb")
             raise ValueError(f"{arg}: no {'/'.join(IMAGE_EXTENSIONS)} files in the archive "
                              f"{str(path)!r}")
 

@@ -520,6 +520,12 @@ def test_archive_errors_name_src_and_train_asks_for_prepare(tmp_path):
     with pytest.raises(ValueError, match=r"^src: no .jpg/.jpeg/.png/.webp/.bmp files in the "
                                          r"archive"):
         D.prepare(arc, tmp_path / "o.npy", progress=False)
+    lsun = _archive(tmp_path / "church_outdoor_train_lmdb.zip",
+                    [("church_outdoor_train_lmdb/data.mdb", b"\0" * 64),
+                     ("church_outdoor_train_lmdb/lock.mdb", b"\0" * 8)], "zip")
+    with pytest.raises(ValueError, match=r"^src: the archive .* holds an lmdb database \(as "
+                                         r"LSUN distributes them\); unpack it"):
+        D.prepare(lsun, tmp_path / "o.npy", progress=False)
     (tmp_path / "plain.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match=r"^src: .*plain.bin' is neither a directory \(image "
                                          r"folder or lmdb\) nor an archive \(.zip, .tar"):
