@@ -374,9 +374,9 @@ def open_dataset(path, resolution: Optional[int] = None, resize: str = DEFAULT_R
     if not p.exists():
         raise ValueError(f"{arg or 'data'}: {str(path)!r} does not exist")
     if is_archive(p):
-        raise ValueError(f"{arg or 'data'}: {str(path)!r} is an archive, which has no random "
-                         f"access for training; decode it once with `blurfast prepare "
-                         f"{path} OUT.npy --resolution R` and give OUT.npy")
+        raise ValueError(f"{arg or 'data'}: {str(path)!r} is an archive, which datasets do "
+                         f"not read (no random access); decode it once with `blurfast "
+                         f"prepare {path} OUT.npy --resolution R` and give OUT.npy")
     if p.is_file():
         ds = PreparedArray(p, **named)
         if resolution is not None and resolution != ds.resolution:

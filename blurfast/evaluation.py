@@ -285,9 +285,10 @@ def check_reference(ref, resolution: int, channels: Optional[int] = None,
     if p.is_file() and p.suffix != ".npz":
         from .data import open_dataset
         try:
-            open_dataset(p, resolution=resolution, channels=channels)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
+            open_dataset(p, resolution=resolution, channels=channels, arg=name)
+        except ValueError as e:       # named already where it is about the path itself
+            raise ValueError(str(e) if str(e).startswith(f"{name}: ")
+                             else f"{name}: {e}") from None
 
 
 def reference_statistics(ref, resolution: int, resize: str = DEFAULT_RESIZE,

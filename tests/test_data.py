@@ -531,9 +531,12 @@ def test_archive_errors_name_src_and_train_asks_for_prepare(tmp_path):
                                          r"folder or lmdb\) nor an archive \(.zip, .tar"):
         D.prepare(tmp_path / "plain.bin", tmp_path / "o.npy", progress=False)
     with pytest.raises(ValueError, match=r"^data \(--data\): .*text.tar' is an archive, which "
-                                         r"has no random access for training; decode it once "
-                                         r"with `blurfast prepare"):
+                                         r"datasets do not read \(no random access\); decode "
+                                         r"it once with `blurfast prepare"):
         D.open_dataset(arc, 16, arg="data (--data)")
+    from blurfast.evaluation import check_reference
+    with pytest.raises(ValueError, match=r"^ref: .*text.tar' is an archive"):
+        check_reference(arc, 16)
     assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
 
 
