@@ -228,6 +228,10 @@ def _add_prepare(sub) -> None:
     p.add_argument("--channels", type=int, choices=[1, 3], default=3,
                    help="1: grayscale, 3: RGB (default 3)")
     p.add_argument("--workers", type=int, default=None, help="decoding processes")
+    p.add_argument("--match", metavar="GLOB", default=None,
+                   help="only the images of a folder or archive whose path (relative to the "
+                        "folder; the member's name) matches this shell-style pattern, '*' "
+                        "crossing folders: 'train/*' is everything under train/")
     p.add_argument("--limit", type=int, default=None, help="only the first N images")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-progress", dest="progress", action="store_false",
@@ -591,14 +595,10 @@ def _prepare_main(args) -> int:
     try:
         with warnings.catch_warnings():     # the report below says it all
             warnings.filterwarnings("ignore", "prepare: skipped", UserWarning)
+            # bad input: blurfast's handler prints it, naming the flag (cli.flag_named)
             r = prepare(args.src, args.out, resolution=args.resolution, resize=args.resize,
                         channels=args.channels, workers=args.workers, progress=args.progress,
-                        limit=args.limit, overwrite=args.overwrite)
-    except (ValueError, TypeError) as e:
-        if os.environ.get("BLURFAST_DEBUG"):
-            raise
-        print(f"blurfast prepare: error: {e}", file=sys.stderr)
-        return 2
+                        limit=args.limit, overwrite=args.overwrite, match=args.match)
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(f"wrote {r['path']}: {r['written']} images of shape {r['shape'][1:]}, "

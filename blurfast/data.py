@@ -154,16 +154,20 @@ class ImageFolder(_Decoded):
     """All .jpg/.jpeg/.png/.webp/.bmp files under ``root`` (recursive, sorted paths)."""
 
     def __init__(self, root, resolution: int = 64, resize: str = DEFAULT_RESIZE,
-                 channels: int = 3, *, arg: str = "root"):
-        # arg: the argument its errors name (a caller's own, e.g. "data (--data)")
+                 channels: int = 3, *, arg: str = "root", match: Optional[str] = None):
+        # arg: the argument its errors name (a caller's own, e.g. "data (--data)");
+        # match: see _matching
         super().__init__(resolution, resize, channels)
         self.root = Path(root)
         if not self.root.is_dir():
             raise ValueError(f"{arg}: {str(root)!r} is not a directory")
-        self.files = sorted(p for p in self.root.rglob("*")
-                            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        files = sorted(p for p in self.root.rglob("*")
+                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        keep = set(_matching([p.relative_to(self.root).as_posix() for p in files], match))
+        self.files = [p for p in files if p.relative_to(self.root).as_posix() in keep]
         if not self.files:
-            raise ValueError(f"{arg}: no {'/'.join(IMAGE_EXTENSIONS)} files under {str(root)!r}")
+            raise ValueError(f"{arg}: no {'/'.join(IMAGE_EXTENSIONS)} files "
+                             f"{_matched(match)}under {str(root)!r}")
 
     def __len__(self):
         return len(self.files)
@@ -173,6 +177,18 @@ class ImageFolder(_Decoded):
 
     def name(self, i):
         return str(self.files[i])
+
+
+def _matching(names: List[str], match: Optional[str]) -> List[str]:
+    """``names`` (paths relative to a folder, or archive members) that the shell-style
+    pattern ``match`` matches whole (``*`` crosses folders: ``train/*`` is everything under
+    ``train/``); all of them for None."""
+    import fnmatch
+    return names if match is None else [n for n in names if fnmatch.fnmatchcase(n, match)]
+
+
+def _matched(match: Optional[str]) -> str:
+    return "" if match is None else f"matching {match!r} "
 
 
 # Archives prepare reads: zip, and tar uncompressed or compressed as tarfile reads them.
@@ -189,7 +205,7 @@ class ImageArchive:
     archive's order, for :func:`prepare`. A compressed tar has no random access, so the
     images are read front to back (:meth:`items`): one pass to list them, one to read."""
 
-    def __init__(self, path, *, arg: str = "src"):
+    def __init__(self, path, *, arg: str = "src", match: Optional[str] = None):
         import tarfile
         import zipfile
 
@@ -203,8 +219,8 @@ class ImageArchive:
                 with tarfile.open(self.path, "r:*") as t:
                     names = [m.name for m in t if m.isfile()]
             # a name stored twice is read once, as its first copy
-            self.members = list(dict.fromkeys(
-                m for m in names if Path(m).suffix.lower() in IMAGE_EXTENSIONS))
+            self.members = _matching(list(dict.fromkeys(
+                m for m in names if Path(m).suffix.lower() in IMAGE_EXTENSIONS)), match)
         except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError) as e:
             raise ValueError(f"{arg}: {str(path)!r} cannot be read as a "
                              f"{'zip' if self.zip else 'tar'} archive "
@@ -214,8 +230,8 @@ class ImageArchive:
                 raise ValueError(f"{arg}: the archive {str(path)!r} holds an lmdb database "
                                  f"(as LSUN distributes them); unpack it and give its "
                                  f"directory, the one with data.mdb")
-            raise ValueError(f"{arg}: no {'/'.join(IMAGE_EXTENSIONS)} files in the archive "
-                             f"{str(path)!r}")
+            raise ValueError(f"{arg}: no {'/'.join(IMAGE_EXTENSIONS)} files "
+                             f"{_matched(match)}in the archive {str(path)!r}")
 
     def __len__(self):
         return len(self.members)
@@ -507,7 +523,8 @@ def _shrink_npy(path: Path, n_alloc: int, n: int, shape) -> None:
 
 def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channels: int = 3,
             workers: Optional[int] = None, progress: bool = True, max_reported: int = 20,
-            limit: Optional[int] = None, overwrite: bool = False) -> PrepareReport:
+            limit: Optional[int] = None, overwrite: bool = False,
+            match: Optional[str] = None) -> PrepareReport:
     """Decodes every image of ``src`` (image folder, LSUN lmdb, or a zip or tar archive of
     images, :data:`ARCHIVE_SUFFIXES`) into ``out``, a ``.npy`` uint8 array (N,
     resolution, resolution, channels), in source order (sorted paths in a folder, keys in
@@ -516,8 +533,10 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
 
     Unreadable images are skipped and counted (never a crash); the names of the first
     ``max_reported`` are returned. The array is written to ``out`` + ``.tmp`` and
-    renamed when complete. ``limit`` keeps only the first ``limit`` images. An existing
-    ``out`` is an error unless ``overwrite``.
+    renamed when complete. ``match``, a shell-style pattern, keeps the images of a folder
+    or archive whose path (relative to the folder; the member's name) it matches whole:
+    ``"train/*"`` takes everything under ``train/``. ``limit`` keeps only the first ``limit``
+    images. An existing ``out`` is an error unless ``overwrite``.
     """
     out = Path(out)
     if out.suffix != ".npy":
@@ -533,17 +552,23 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
     check_int("resolution", resolution)
     check_int("max_reported", max_reported, 0)
     check_resize(resize)
+    if match is not None and not isinstance(match, str):
+        raise TypeError(f"match: expected a pattern (str) or None, got {match!r}")
     p = Path(src)
+    if match is not None and is_lmdb(p):
+        raise ValueError(f"match: an lmdb database's keys are not paths; give match only "
+                         f"with an image folder or archive")
     if is_archive(p):
         if channels not in (1, 3):
             raise ValueError(f"channels: expected 1 or 3, got {channels!r}")
-        source = ImageArchive(p, arg="src")
+        source = ImageArchive(p, arg="src", match=match)
     elif not p.is_dir():
         raise ValueError(f"src: {str(src)!r} is neither a directory (image folder or lmdb) "
                          f"nor an archive ({', '.join(ARCHIVE_SUFFIXES)})")
     else:
         source = (LSUNLmdb(p, resolution, resize, channels, progress=progress, arg="src")
-                  if is_lmdb(p) else ImageFolder(p, resolution, resize, channels, arg="src"))
+                  if is_lmdb(p) else ImageFolder(p, resolution, resize, channels, arg="src",
+                                                 match=match))
     n_alloc = len(source) if limit is None else min(limit, len(source))
     shape = (resolution, resolution, channels)
     out.parent.mkdir(parents=True, exist_ok=True)

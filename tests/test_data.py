@@ -557,3 +557,40 @@ def test_prepare_reads_the_cifar_archive_as_it_is(tmp_path):
                 if len(want) == 300:
                     break
     np.testing.assert_array_equal(got, np.stack(want))
+
+
+def test_prepare_match_keeps_the_paths_a_pattern_matches(tmp_path, capsys):
+    # --match: a shell-style pattern on the whole relative path (folder) or member name
+    # (archive), '*' crossing folders; the same images either way, in each source's order.
+    from blurfast import cli
+    made = made_photos(tmp_path / "made", 6, size=12)
+    photos = sorted(made.iterdir())
+    root = tmp_path / "src"
+    for i, p in enumerate(photos):
+        d = root / ("train" if i % 2 else "test") / ("a" if i < 3 else "b")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / p.name).write_bytes(p.read_bytes())
+    files = sorted(x.relative_to(root).as_posix() for x in root.rglob("*.*"))
+    arc = _archive(tmp_path / "s.tar.gz", [(f, (root / f).read_bytes()) for f in files],
+                   "tar.gz")
+    want = np.stack([D.decode(p.read_bytes(), 12, "squash") for p in photos[1::2]])
+    for src in (root, arc):
+        assert cli.main(["prepare", str(src), str(tmp_path / "o.npy"), "--resolution", "12",
+                         "--resize", "squash", "--match", "train/*", "--workers", "0",
+                         "--no-progress", "--overwrite"]) == 0
+        np.testing.assert_array_equal(np.load(tmp_path / "o.npy"), want)
+        assert "3 images" in capsys.readouterr().out
+    r = D.prepare(root, tmp_path / "b.npy", resolution=12, match="*/b/*.png", workers=0,
+                  progress=False)
+    assert r["written"] == len([p for p in photos[3:] if p.suffix == ".png"])
+    for src in (root, arc):
+        assert cli.main(["prepare", str(src), str(tmp_path / "n.npy"), "--match", "val/*",
+                         "--no-progress"]) == 2
+        assert "files matching 'val/*' " in capsys.readouterr().err
+    db = tmp_path / "db_lmdb"
+    db.mkdir()
+    (db / "data.mdb").write_bytes(b"")
+    assert cli.main(["prepare", str(db), str(tmp_path / "l.npy"), "--match", "x*",
+                     "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith("blurfast prepare: error: --match: an lmdb "
+                                              "database's keys are not paths")
