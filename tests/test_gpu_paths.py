@@ -142,6 +142,16 @@ def test_cast_once_on_cuda_matches_autocast(cuda_graphs):
         b.cudnn.benchmark, b.cudnn.deterministic = flags
 
 
+def _ieee_and_deterministic(monkeypatch):
+    """float32 matrix products and convolutions without TF32, cuDNN's algorithms fixed,
+    for the test (so that two runs of one computation agree to rounding)."""
+    import torch
+    b = torch.backends
+    for obj, name, value in ((b.cudnn, "allow_tf32", False), (b.cuda.matmul, "allow_tf32", False),
+                             (b.cudnn, "benchmark", False), (b.cudnn, "deterministic", True)):
+        monkeypatch.setattr(obj, name, value)
+
+
 def test_grad_accum_in_a_captured_step_gives_the_one_round_gradient(monkeypatch):
     # Captured steps of 1 and 2 rounds, float32 (TF32 off), on the same batches: the same
     # gradient up to summation order (on a CPU, eagerly: 1.3e-6 of its norm after these 5
@@ -157,10 +167,7 @@ def test_grad_accum_in_a_captured_step_gives_the_one_round_gradient(monkeypatch)
     def fixed_noise(self, x0, t, noise_seed=0, noise_offset=0):
         return 0.8 * x0 + 0.01 * t[:, None, None, None], 0.5 * x0.flip(-1)
     monkeypatch.setattr(training.TrainStep, "noised", fixed_noise)
-    b = torch.backends
-    for obj, name, value in ((b.cudnn, "allow_tf32", False), (b.cuda.matmul, "allow_tf32", False),
-                             (b.cudnn, "benchmark", False), (b.cudnn, "deterministic", True)):
-        monkeypatch.setattr(obj, name, value)
+    _ieee_and_deterministic(monkeypatch)
     diff = BlurDiffusion(resolution=16)
     torch.manual_seed(0)
     model = UNet(resolution=16, **TINY)
@@ -196,10 +203,7 @@ def test_activation_checkpointing_in_a_captured_step(monkeypatch, dropout):
     from blurfast import training
     from blurfast.diffusion import BlurDiffusion
     from blurfast.models import UNet
-    b = torch.backends
-    for obj, name, value in ((b.cudnn, "allow_tf32", False), (b.cuda.matmul, "allow_tf32", False),
-                             (b.cudnn, "benchmark", False), (b.cudnn, "deterministic", True)):
-        monkeypatch.setattr(obj, name, value)
+    _ieee_and_deterministic(monkeypatch)
     diff = BlurDiffusion(resolution=16)
     torch.manual_seed(0)
     model = UNet(resolution=16, **{**TINY, "dropout": dropout})
