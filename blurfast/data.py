@@ -13,9 +13,11 @@ import io
 import multiprocessing
 import os
 import re
+import signal
 import struct
 import sys
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -463,6 +465,15 @@ def _init_worker(args):
     _worker_args = args
 
 
+def _init_pool_worker(args):
+    """:func:`_init_worker` in a decoding process: Ctrl-C is prepare's process's to handle
+    (it lets the workers finish what they run), and a SIGTERM ends a worker wherever it is
+    (a Python handler inherited from the CLI may never run in one blocked on a lock)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _init_worker(args)
+
+
 def _decode_item(item):
     """``(image, None)`` of a ``(name, encoded bytes)`` item, or ``(None, why)`` for an
     image that cannot be read (its bytes an exception, or undecodable)."""
@@ -478,18 +489,18 @@ def _decode_item(item):
 
 
 def _decoded(items, pool, window: int):
-    """``_decode_item`` of each item, in order; with a pool, ``window`` items at a time,
-    the next window read while the workers decode the last (so at most two windows of
-    encoded bytes are held, however large the source)."""
+    """``_decode_item`` of each item, in order; with a pool (a ProcessPoolExecutor),
+    ``window`` items at a time, the next window read while the workers decode the last (so
+    at most two windows of encoded bytes are held, however large the source)."""
     if pool is None:
         yield from map(_decode_item, items)
         return
     pending = None
     while True:
         chunk = [x for _, x in zip(range(window), items)]
-        job = pool.map_async(_decode_item, chunk, chunksize=16) if chunk else None
+        job = pool.map(_decode_item, chunk, chunksize=16) if chunk else None
         if pending is not None:
-            yield from pending.get()
+            yield from pending
         if job is None:
             return
         pending = job
@@ -585,7 +596,10 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
         args = (resolution, resize, channels)
         if workers > 0:
             ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(args,))
+            # not multiprocessing.Pool: its terminate() hangs where it kills a worker holding
+            # a queue's lock, and a worker that dies loses its task (prepare waited forever)
+            pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_pool_worker,
+                                       initargs=(args,))
         else:
             _init_worker(args)
             pool = None
@@ -603,8 +617,8 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
                     if skipped:
                         bar.set_postfix(skipped=skipped, refresh=False)
         finally:
-            if pool is not None:
-                pool.terminate()
+            if pool is not None:       # on Ctrl-C, after the tasks running (16 images each)
+                pool.shutdown(cancel_futures=True)
         if written == 0:
             raise ValueError(f"src: none of the {n_alloc} images of {str(src)!r} could be read "
                              f"(first: {bad[0] if bad else '-'})")

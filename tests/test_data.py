@@ -493,13 +493,14 @@ def test_decoding_in_windows_keeps_the_order():
     # prepare's workers decode a window of items while the next is read: every item once,
     # in order, whatever the window.
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
     png = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 10, 30)).save(png, format="PNG")
     src = [(f"n{i}", b"junk" if i % 3 else png.getvalue()) for i in range(10)]
     D._init_worker((8, "squash", 3))
     want = [D._decode_item(x) for x in src]
-    with multiprocessing.get_context("fork").Pool(2, initializer=D._init_worker,
-                                                  initargs=((8, "squash", 3),)) as pool:
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork"),
+                             initializer=D._init_worker, initargs=((8, "squash", 3),)) as pool:
         for window in (1, 3, 10, 64):
             got = list(D._decoded(iter(src), pool, window))
             assert [e for _, e in got] == [e for _, e in want]
@@ -594,3 +595,51 @@ def test_prepare_match_keeps_the_paths_a_pattern_matches(tmp_path, capsys):
                      "--no-progress"]) == 2
     assert capsys.readouterr().err.startswith("blurfast prepare: error: --match: an lmdb "
                                               "database's keys are not paths")
+
+
+def test_prepare_workers_leave_ctrl_c_and_sigterm_to_prepare(tmp_path, monkeypatch):
+    # The workers ignore Ctrl-C (prepare's process handles it, and lets them finish the
+    # images they decode) and keep SIGTERM's default: with the CLI's Python handler, a
+    # worker blocked on a lock could miss the SIGTERM that multiprocessing.Pool.terminate
+    # sent it (`blurfast prepare --workers 2` hung about one run in 40 at its end).
+    import signal
+
+    def dispositions(name, data, resolution, resize, channels=3):   # in the workers
+        ign = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        dfl = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        return np.full((resolution, resolution, channels), 1 + ign + 2 * dfl, np.uint8)
+    src = made_photos(tmp_path / "src", 4, size=8)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)   # as the CLI's
+    try:
+        monkeypatch.setattr(D, "decode_named", dispositions)
+        D.prepare(src, tmp_path / "o.npy", resolution=4, workers=2, progress=False)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (np.load(tmp_path / "o.npy") == 4).all()
+    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler  # this process's
+
+
+def test_prepare_with_a_worker_killed_ends_and_leaves_no_file(tmp_path):
+    # A decoding process killed midway (the OOM killer; `timeout` signals the whole process
+    # group): prepare ends with an error and removes OUT.tmp. multiprocessing.Pool lost the
+    # worker's task and waited for it forever; Ctrl-C at that point hung too.
+    import subprocess
+    import sys
+    src = made_photos(tmp_path / "src", 40, size=8)
+    script = (
+        "import os, signal, sys\n"
+        "from blurfast import data as D\n"
+        "decode = D.decode_named\n"
+        "def dies(name, *a):\n"
+        "    if name.endswith('00021.png') or name.endswith('00021.jpg'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return decode(name, *a)\n"
+        "D.decode_named = dies\n"
+        "D.prepare(sys.argv[1], sys.argv[2], resolution=4, workers=2, progress=False)\n")
+    try:
+        r = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "o.npy")],
+                           capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("prepare hung when a decoding process was killed")
+    assert r.returncode != 0 and "terminated abruptly" in r.stderr
+    assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
