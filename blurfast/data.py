@@ -250,7 +250,7 @@ class ImageArchive:
                 for m in want:
                     try:
                         yield f"{self.path}:{m}", z.read(m)
-                    except (OSError, zipfile.BadZipFile, EOFError) as e:  # a bad CRC, say
+                    except Exception as e:   # a bad CRC, an encrypted member (RuntimeError)
                         yield f"{self.path}:{m}", e
             return
         wanted = set(want)

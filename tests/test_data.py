@@ -1,5 +1,6 @@
 import io
 import pickle
+import zipfile
 
 import numpy as np
 import pytest
@@ -643,3 +644,24 @@ def test_prepare_with_a_worker_killed_ends_and_leaves_no_file(tmp_path):
         pytest.fail("prepare hung when a decoding process was killed")
     assert r.returncode != 0 and "terminated abruptly" in r.stderr
     assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
+
+
+def test_prepare_skips_the_zip_members_it_cannot_read(tmp_path):
+    # An encrypted member (zipfile: RuntimeError) is skipped and named, as one with a bad
+    # CRC is; it was a traceback.
+    src = made_photos(tmp_path / "src", 3, size=12)
+    a, b, c = (p.read_bytes() for p in sorted(src.iterdir()))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in (("a.png", a), ("b.jpg", b), ("c.png", c)):
+            z.writestr(name, data)
+    raw = bytearray(buf.getvalue())
+    k = raw.index(b"PK\x01\x02", raw.index(b"PK\x01\x02") + 4)   # b.jpg's central record
+    raw[k + 8] |= 0x1                                              # 'encrypted'
+    (tmp_path / "e.zip").write_bytes(raw)
+    with pytest.warns(UserWarning, match="skipped 1 unreadable image"):
+        r = D.prepare(tmp_path / "e.zip", tmp_path / "o.npy", resolution=12, workers=0,
+                      progress=False)
+    assert r["written"] == 2
+    assert r["bad"] == [f"{tmp_path / 'e.zip'}:b.jpg: RuntimeError: File 'b.jpg' is "
+                        f"encrypted, password required for extraction"]
