@@ -208,8 +208,10 @@ class ImageArchive:
     images are read front to back (:meth:`items`): one pass to list them, one to read."""
 
     def __init__(self, path, *, arg: str = "src", match: Optional[str] = None):
+        import lzma
         import tarfile
         import zipfile
+        import zlib
 
         self.path = Path(path)
         self.zip = self.path.name.lower().endswith(".zip")
@@ -220,10 +222,12 @@ class ImageArchive:
             else:
                 with tarfile.open(self.path, "r:*") as t:
                     names = [m.name for m in t if m.isfile()]
+                    _check_tar_end(t)
             # a name stored twice is read once, as its first copy
             self.members = _matching(list(dict.fromkeys(
                 m for m in names if Path(m).suffix.lower() in IMAGE_EXTENSIONS)), match)
-        except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError) as e:
+        except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, zlib.error,
+                lzma.LZMAError) as e:
             raise ValueError(f"{arg}: {str(path)!r} cannot be read as a "
                              f"{'zip' if self.zip else 'tar'} archive "
                              f"({type(e).__name__}: {e})") from None
@@ -265,6 +269,19 @@ class ImageArchive:
                     yield f"{self.path}:{info.name}", t.extractfile(info).read()
                 except (OSError, EOFError, tarfile.TarError) as e:
                     yield f"{self.path}:{info.name}", e
+
+
+def _check_tar_end(t) -> None:
+    """tarfile.ReadError where the tar ``t``, listed, stopped at a damaged header rather
+    than at its end (tarfile ends a listing there quietly); the rest of a compressed stream
+    is read, which checks it."""
+    import tarfile
+    t.fileobj.seek(t.offset)
+    if t.fileobj.read(tarfile.BLOCKSIZE).strip(b"\0"):
+        raise tarfile.ReadError(f"a damaged header at byte {t.offset}, after "
+                                f"{len(t.members)} members")
+    while t.fileobj.read(1 << 20):
+        pass
 
 
 _LMDB_ENVS = {}      # (path, pid) -> read-only environment opened by that process

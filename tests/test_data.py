@@ -1,5 +1,6 @@
 import io
 import pickle
+import re
 import zipfile
 
 import numpy as np
@@ -665,3 +666,30 @@ def test_prepare_skips_the_zip_members_it_cannot_read(tmp_path):
     assert r["written"] == 2
     assert r["bad"] == [f"{tmp_path / 'e.zip'}:b.jpg: RuntimeError: File 'b.jpg' is "
                         f"encrypted, password required for extraction"]
+
+
+@pytest.mark.parametrize("kind", ["tar", "tar.gz", "tar.xz"])
+def test_prepare_refuses_a_tar_damaged_midway(tmp_path, kind):
+    # tarfile ends its listing quietly at a damaged header: the images before it were
+    # prepared as the whole archive (20 of 40, no word), and a damaged .tar.xz was an
+    # LZMAError traceback. Now an error naming src, and no OUT.
+    import tarfile
+    src = made_photos(tmp_path / "src", 40, size=12)
+    files = [(p.name, p.read_bytes()) for p in sorted(src.iterdir())]
+    plain = _archive(tmp_path / "p.tar", files, "tar")
+    with tarfile.open(plain) as t:
+        offset = t.getmembers()[20].offset
+    raw = bytearray(plain.read_bytes())
+    raw[offset:offset + 100] = b"garbage!" * 12 + b"gar!"             # member 20's header
+    arc = tmp_path / f"d.{kind}"
+    if kind == "tar":
+        arc.write_bytes(raw)
+    else:                       # the stream itself damaged halfway
+        good = _archive(tmp_path / f"g.{kind}", files, kind).read_bytes()
+        raw = bytearray(good)
+        raw[len(raw) // 2:len(raw) // 2 + 64] = bytes(64)
+        arc.write_bytes(raw)
+    with pytest.raises(ValueError, match=rf"^src: .*d\.{re.escape(kind)}' cannot be read as "
+                                         rf"a tar archive"):
+        D.prepare(arc, tmp_path / "o.npy", resolution=12, workers=0, progress=False)
+    assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
