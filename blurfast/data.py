@@ -251,6 +251,8 @@ class ImageArchive:
         want = self.members[:n]
         if self.zip:
             with zipfile.ZipFile(self.path) as z:
+                for i in reversed(z.infolist()):    # a name stored twice: its first copy
+                    z.NameToInfo[i.filename] = i      # (zipfile's read(name): the last)
                 for m in want:
                     try:
                         yield f"{self.path}:{m}", z.read(m)
