@@ -230,8 +230,9 @@ def _add_prepare(sub) -> None:
     p.add_argument("--workers", type=int, default=None, help="decoding processes")
     p.add_argument("--match", metavar="GLOB", default=None,
                    help="only the images of a folder or archive whose path (relative to the "
-                        "folder; the member's name) matches this shell-style pattern, '*' "
-                        "crossing folders: 'train/*' is everything under train/")
+                        "folder; the member's name, less a leading ./) matches this "
+                        "shell-style pattern, '*' crossing folders: 'train/*' is everything "
+                        "under train/")
     p.add_argument("--limit", type=int, default=None, help="only the first N images")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-progress", dest="progress", action="store_false",

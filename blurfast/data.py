@@ -224,8 +224,11 @@ class ImageArchive:
                     names = [m.name for m in t if m.isfile()]
                     _check_tar_end(t)
             # a name stored twice is read once, as its first copy
-            self.members = _matching(list(dict.fromkeys(
-                m for m in names if Path(m).suffix.lower() in IMAGE_EXTENSIONS)), match)
+            images = list(dict.fromkeys(
+                m for m in names if Path(m).suffix.lower() in IMAGE_EXTENSIONS))
+            # `tar -C DIR -cf A .` names members ./PATH: matched as PATH, as under DIR
+            keep = set(_matching([m.removeprefix("./") for m in images], match))
+            self.members = [m for m in images if m.removeprefix("./") in keep]
         except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, zlib.error,
                 lzma.LZMAError) as e:
             raise ValueError(f"{arg}: {str(path)!r} cannot be read as a "
@@ -564,7 +567,8 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
     Unreadable images are skipped and counted (never a crash); the names of the first
     ``max_reported`` are returned. The array is written to ``out`` + ``.tmp`` and
     renamed when complete. ``match``, a shell-style pattern, keeps the images of a folder
-    or archive whose path (relative to the folder; the member's name) it matches whole:
+    or archive whose path (relative to the folder; the member's name, less a leading ``./``)
+    it matches whole:
     ``"train/*"`` takes everything under ``train/``. ``limit`` keeps only the first ``limit``
     images. An existing ``out`` is an error unless ``overwrite``.
     """

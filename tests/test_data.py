@@ -699,3 +699,20 @@ def test_prepare_refuses_a_tar_damaged_midway(tmp_path, kind):
                                          rf"a tar archive"):
         D.prepare(arc, tmp_path / "o.npy", resolution=12, workers=0, progress=False)
     assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
+
+
+def test_prepare_match_reads_member_names_without_a_leading_dot_slash(tmp_path):
+    # `tar -C DIR -czf A .` names its members ./train/...: --match 'train/*' takes the same
+    # images as from DIR (it matched none: 'no ... files matching').
+    src = made_photos(tmp_path / "src", 4, size=12)
+    photos = sorted(src.iterdir())
+    files = [(f"./{'train' if i % 2 else 'test'}/{p.name}", p.read_bytes())
+             for i, p in enumerate(photos)]
+    arc = _archive(tmp_path / "dot.tar.gz", files, "tar.gz")
+    r = D.prepare(arc, tmp_path / "o.npy", resolution=12, resize="squash", workers=0,
+                  progress=False, match="train/*")
+    assert r["written"] == 2
+    np.testing.assert_array_equal(np.load(tmp_path / "o.npy"),
+                                  np.stack([D.decode(photos[i].read_bytes(), 12, "squash")
+                                            for i in (1, 3)]))
+    assert D.ImageArchive(arc).members[0] == "./test/00000.png"    # read by its own name
