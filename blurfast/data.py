@@ -254,11 +254,14 @@ class ImageArchive:
         want = self.members[:n]
         if self.zip:
             with zipfile.ZipFile(self.path) as z:
-                for i in reversed(z.infolist()):    # a name stored twice: its first copy
-                    z.NameToInfo[i.filename] = i      # (zipfile's read(name): the last)
+                first = {}                 # a name stored twice: its first copy (zipfile's
+                for i in z.infolist():     # read(name) gives the last)
+                    first.setdefault(i.filename, i)
                 for m in want:
+                    # by name where it is stored once: zipfile's errors then name the member
+                    at = m if z.getinfo(m) is first[m] else first[m]
                     try:
-                        yield f"{self.path}:{m}", z.read(m)
+                        yield f"{self.path}:{m}", z.read(at)
                     except Exception as e:   # a bad CRC, an encrypted member (RuntimeError)
                         yield f"{self.path}:{m}", e
             return
