@@ -392,6 +392,11 @@ def _main(argv) -> int:
     except BrokenPipeError:          # output piped into e.g. `head`, which exited
         sys.stderr.close()           # nothing more can be written; exit quietly
         return 0
+    except KeyboardInterrupt:        # Ctrl-C: what was half-written is already removed
+        if os.environ.get("BLURFAST_DEBUG"):
+            raise
+        print(f"blurfast {argv[0]}: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, OSError) as e:
         if os.environ.get("BLURFAST_DEBUG"):
             raise

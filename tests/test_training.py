@@ -1656,6 +1656,25 @@ def test_prepare_keeps_an_existing_array_unless_told(tmp_path, capsys):
     assert np.load(out).shape == (2, 8, 8, 3)
 
 
+def test_ctrl_c_ends_a_command_in_one_line_with_130(tmp_path, capsys, monkeypatch):
+    # A KeyboardInterrupt out of a command (prepare, sample, fid, bench, ... after they
+    # removed what they had half-written) is one line and the shell's exit code for
+    # SIGINT; BLURFAST_DEBUG=1 shows the traceback.
+    from blurfast import cli
+    from blurfast import data as Dm
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Dm, "prepare", interrupted)
+    monkeypatch.delenv("BLURFAST_DEBUG", raising=False)
+    argv = ["prepare", str(tmp_path), str(tmp_path / "o.npy"), "--no-progress"]
+    assert cli.main(argv) == 130
+    assert capsys.readouterr().err == "blurfast prepare: interrupted\n"
+    monkeypatch.setenv("BLURFAST_DEBUG", "1")
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv)
+
+
 def test_prepare_lsun_script_keeps_prepared_arrays(tmp_path):
     # scripts/prepare_lsun.sh run again skips the arrays it made (a stand-in blurfast
     # records each call); OVERWRITE=1 decodes them again with --overwrite.
