@@ -617,6 +617,7 @@ def test_prepare_workers_leave_ctrl_c_and_sigterm_to_prepare(tmp_path, monkeypat
         dfl = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
         return np.full((resolution, resolution, channels), 1 + ign + 2 * dfl, np.uint8)
     src = made_photos(tmp_path / "src", 4, size=8)
+    int_before = signal.getsignal(signal.SIGINT)    # SIG_IGN where pytest runs in background
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)   # as the CLI's
     try:
         monkeypatch.setattr(D, "decode_named", dispositions)
@@ -624,7 +625,7 @@ def test_prepare_workers_leave_ctrl_c_and_sigterm_to_prepare(tmp_path, monkeypat
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert (np.load(tmp_path / "o.npy") == 4).all()
-    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler  # this process's
+    assert signal.getsignal(signal.SIGINT) == int_before        # this process's, unchanged
 
 
 def test_prepare_with_a_worker_killed_ends_and_leaves_no_file(tmp_path):
