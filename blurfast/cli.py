@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import argparse
 import platform
-from pathlib import Path
 import sys
+from pathlib import Path
 
 
 def _info(args) -> int:

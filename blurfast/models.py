@@ -303,7 +303,7 @@ class UNet(nn.Module):
                 or torch._C._autograd._saved_tensors_hooks_get_disabled_error_message()
                 is None):
             # The random state is saved (and restored for the recomputation) only where a
-            # dropout draws from it: capturing a CUDA graph refuses to read it otherwise.
+            # dropout draws from it: a CUDA graph capture may refuse to read it.
             return checkpoint(_level_call, layer, emb, *xs, use_reentrant=False,
                               preserve_rng_state=layer.res.dropout.p > 0)
         return _level_call(layer, emb, *xs)
