@@ -646,8 +646,10 @@ def test_prepare_with_a_worker_killed_ends_and_leaves_no_file(tmp_path):
         "D.decode_named = dies\n"
         "D.prepare(sys.argv[1], sys.argv[2], resolution=4, workers=2, progress=False)\n")
     try:
+        # cwd: not the repository root, whose blurfast/ (unbuilt in CI) would shadow the
+        # installed package
         r = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "o.npy")],
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
     except subprocess.TimeoutExpired:
         pytest.fail("prepare hung when a decoding process was killed")
     assert r.returncode != 0 and "terminated abruptly" in r.stderr
