@@ -121,11 +121,7 @@ def test_cast_once_on_cuda_matches_autocast(cuda_graphs):
         steps = [training.TrainStep(copy.deepcopy(model), diff, device="cuda", lr=1e-3,
                                     precision="bf16", cuda_graphs=cuda_graphs, cast_once=c)
                  for c in (False, True)]
-        g = torch.Generator().manual_seed(2)
-        for k in range(training._GRAPH_WARMUP + 2):
-            x = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=g)
-            t = torch.randint(1, diff.num_steps, (4,), generator=g)
-            flip = torch.tensor([True, False, False, k % 2 == 1])
+        for k, x, flip, t in _warmup_and_replay_batches(2, diff.num_steps):
             for s in steps:
                 torch.manual_seed(100 + k)          # a captured step's noise generator
                 s(x, flip, t, 9, 4 * k)
@@ -140,6 +136,18 @@ def test_cast_once_on_cuda_matches_autocast(cuda_graphs):
         assert (ga - gb).norm() <= 2e-2 * ga.norm()     # the last step's gradients
     finally:
         b.cudnn.benchmark, b.cudnn.deterministic = flags
+
+
+def _warmup_and_replay_batches(seed: int, num_steps: int):
+    """``(k, x, flip, t)`` for the eager warm-up steps of a captured TrainStep and two
+    replays: 4 uint8 16x16 images, flips, steps in [1, num_steps), from ``seed``."""
+    import torch
+    from blurfast import training
+    g = torch.Generator().manual_seed(seed)
+    for k in range(training._GRAPH_WARMUP + 2):
+        x = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=g)
+        t = torch.randint(1, num_steps, (4,), generator=g)
+        yield k, x, torch.tensor([True, False, False, k % 2 == 1]), t
 
 
 def _ieee_and_deterministic(monkeypatch):
@@ -173,11 +181,7 @@ def test_grad_accum_in_a_captured_step_gives_the_one_round_gradient(monkeypatch)
     model = UNet(resolution=16, **TINY)
     steps = [training.TrainStep(copy.deepcopy(model), diff, device="cuda", lr=1e-3,
                                 adam_eps=1.0, cuda_graphs=True, grad_accum=k) for k in (1, 2)]
-    g = torch.Generator().manual_seed(4)
-    for k in range(training._GRAPH_WARMUP + 2):
-        x = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=g)
-        t = torch.randint(1, diff.num_steps, (4,), generator=g)
-        flip = torch.tensor([True, False, False, k % 2 == 1])
+    for k, x, flip, t in _warmup_and_replay_batches(4, diff.num_steps):
         for s in steps:
             s(x, flip, t)
     one, two = steps
@@ -213,11 +217,7 @@ def test_activation_checkpointing_in_a_captured_step(monkeypatch, dropout):
         m.activation_checkpointing = on
         steps.append(training.TrainStep(m, diff, device="cuda", lr=1e-3, adam_eps=1.0,
                                         cuda_graphs=True))
-    g = torch.Generator().manual_seed(5)
-    for k in range(training._GRAPH_WARMUP + 2):
-        x = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=g)
-        t = torch.randint(1, diff.num_steps, (4,), generator=g)
-        flip = torch.tensor([True, False, False, k % 2 == 1])
+    for k, x, flip, t in _warmup_and_replay_batches(5, diff.num_steps):
         for s in steps:
             torch.manual_seed(200 + k)        # the captured step's noise and dropout masks
             s(x, flip, t)
