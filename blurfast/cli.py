@@ -94,8 +94,14 @@ def _add_fid(sub) -> None:
     s.add_argument("--batch", type=positive_int, default=64,
                    help="images per Inception batch (default 64)")
     s.add_argument("--save-stats", default=None, metavar="STATS.npz",
-                   help="also write the reference mu/sigma (and image count) here, for --ref; "
-                        "checked before any work")
+                   help="also write the reference mu/sigma (and image count; with --kid its "
+                        "features) here, for --ref; checked before any work")
+    s.add_argument("--kid", action="store_true",
+                   help="also the KID (kernel inception distance, unbiased in the image count: "
+                        "for comparing runs scored on few images): its mean and spread over "
+                        "100 random subsets of up to 1000 images of each side. Needs the "
+                        "reference's features: its images, or a STATS.npz that --save-stats "
+                        "wrote with --kid (the cache keeps them)")
     s.add_argument("--no-cache", action="store_true", help="do not read or write the stats cache")
     s.add_argument("--features", default=None, metavar="MODULE:FUNCTION",
                    help="a custom feature extractor instead of InceptionV3 (a function of float "
@@ -139,7 +145,7 @@ def _fid(args) -> int:
         raise ValueError(f"--n: expected an int >= 2, got {args.n}")
     if args.save_stats:
         check_writable("--save-stats", args.save_stats)
-    ev.check_reference(args.ref, args.resolution, args.channels, name="--ref")
+    ev.check_reference(args.ref, args.resolution, args.channels, name="--ref", kid=args.kid)
     if args.features:
         import importlib
         mod, _, fn = args.features.partition(":")
@@ -159,11 +165,14 @@ def _fid(args) -> int:
     value = ev.fid(args.samples, args.ref, n=args.n, resolution=args.resolution,
                    resize=args.resize, feature_extractor=extractor, device=device,
                    batch_size=args.batch, cache=not args.no_cache, channels=args.channels,
-                   save_stats=args.save_stats or None)
+                   save_stats=args.save_stats or None, kid=args.kid)
     print(f"samples: {value.samples} images from {args.samples}")
     print(f"reference: statistics of {args.ref} (image count not recorded)" if value.ref is None
           else f"reference: {value.ref} images from {args.ref}")
     print(f"FID {value:.4f}")
+    if args.kid:
+        print(f"KID {value.kid:.6f} (standard deviation {value.kid_std:.6f} over "
+              f"{ev.KID_SUBSETS} subsets of {value.kid_subset} images)")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""FID: clean-fid's resizing and InceptionV3 features, our own loop and statistics cache.
+"""FID and KID: clean-fid's resizing and InceptionV3 features, our own loop, statistics
+and cache.
 
 Only clean-fid's torchvision-free parts are used (its PIL bicubic "clean" resizer and
 the InceptionV3 TorchScript weights it downloads to ``/tmp/inception-2015-12-05.pt``),
@@ -25,6 +26,7 @@ from .fileio import check_writable, save_npz
 
 __all__ = ["INCEPTION_FILE", "default_inception_path", "inception_extractor", "features",
            "statistics", "save_statistics", "frechet_distance", "gaussian_frechet_distance",
+           "kernel_distance",
            "check_reference", "reference_statistics", "fid", "FidValue", "load_images"]
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -249,15 +251,64 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return _frechet((mu1, sigma1, mu2, sigma2), ("mu1", "sigma1", "mu2", "sigma2"))
 
 
+def _features_matrix(name: str, a) -> torch.Tensor:
+    """``a`` as float64 features (N, D), N >= 2, finite; else ValueError naming ``name``."""
+    try:
+        t = torch.as_tensor(np.asarray(a), dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name}: expected an array of numbers, got {type(a).__name__}") from None
+    if t.dim() != 2 or t.shape[0] < 2 or t.shape[1] < 1:
+        raise ValueError(f"{name}: expected features (N, D) of N >= 2 images, got shape "
+                         f"{tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name}: expected finite values")
+    return t
+
+
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000
+
+
+def kernel_distance(feats1, feats2, subsets: int = KID_SUBSETS,
+                    subset_size: int = KID_SUBSET_SIZE,
+                    seed: int = 0, device="cpu"):
+    """KID (Binkowski et al., 2018): the unbiased estimate of the squared maximum mean
+    discrepancy between two sets of features (N1, D) and (N2, D) under the kernel
+    ``k(x, y) = (x.y / D + 1)^3``, on ``subsets`` pairs of random subsets of
+    ``m = min(subset_size, N1, N2)`` images of each side (drawn without replacement,
+    ``seed``). Returns (mean, standard deviation) over the subsets, float64. Unlike the
+    FID it is unbiased in the image count, so it compares runs scored on few images."""
+    x, y = _features_matrix("feats1", feats1), _features_matrix("feats2", feats2)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"feats2: expected D = {x.shape[1]} features as feats1, got "
+                         f"{y.shape[1]}")
+    check_int("subsets", subsets, 1)
+    check_int("subset_size", subset_size, 2)
+    d, m = x.shape[1], min(subset_size, len(x), len(y))
+    x, y = x.to(device), y.to(device)
+    gen = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(subsets):
+        a = x[torch.randperm(len(x), generator=gen)[:m].to(device)]
+        b = y[torch.randperm(len(y), generator=gen)[:m].to(device)]
+        kxx, kyy, kxy = ((u @ v.T / d + 1) ** 3 for u, v in ((a, a), (b, b), (a, b)))
+        within = (kxx.sum() - kxx.diagonal().sum() + kyy.sum() - kyy.diagonal().sum())
+        values.append(within / (m * (m - 1)) - 2 * kxy.sum() / m ** 2)
+    v = torch.stack(values).cpu()
+    return float(v.mean()), float(v.std(correction=0))
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("BLURFAST_CACHE") or Path.home() / ".cache" / "blurfast"
     return Path(root) / "fid"
 
 
-def save_statistics(path, mu, sigma, n: Optional[int] = None) -> None:
-    """Writes (mu, sigma), and ``n`` the image count when given, as an .npz that ``--ref``
-    accepts (temp file + rename)."""
-    save_npz(path, mu=mu, sigma=sigma, **({} if n is None else {"n": np.array(n)}))
+def save_statistics(path, mu, sigma, n: Optional[int] = None, features=None) -> None:
+    """Writes (mu, sigma), and ``n`` the image count and ``features`` (N, D) when given
+    (float32, for KID), as an .npz that ``--ref`` accepts (temp file + rename)."""
+    extra = {} if n is None else {"n": np.array(n)}
+    if features is not None:
+        extra["features"] = np.asarray(features, dtype=np.float32)
+    save_npz(path, mu=mu, sigma=sigma, **extra)
 
 
 def _fingerprint(p: Path) -> str:
@@ -275,13 +326,19 @@ def _fingerprint(p: Path) -> str:
 
 
 def check_reference(ref, resolution: int, channels: Optional[int] = None,
-                    name: str = "ref") -> None:
+                    name: str = "ref", kid: bool = False) -> None:
     """Fails now, naming the argument (``name``), where :func:`reference_statistics` would
-    fail after the expensive work: a missing path, or a prepared array of another size or
-    channel count."""
+    fail after the expensive work: a missing path, a prepared array of another size or
+    channel count, or with ``kid`` a STATS .npz without features."""
     p = Path(ref)
     if not p.exists():
         raise ValueError(f"{name}: {str(ref)!r} does not exist")
+    if kid and p.is_file() and p.suffix == ".npz":
+        if _read_statistics_named(p, name)[3] is None:
+            raise ValueError(f"{name}: {p} holds statistics without features, and KID needs "
+                             f"the reference's features: give its images (folder, lmdb or "
+                             f"prepared array) or statistics saved with them (--save-stats "
+                             f"with --kid)")
     if p.is_file() and p.suffix != ".npz":
         from .data import open_dataset
         try:
@@ -306,23 +363,36 @@ def reference_statistics(ref, resolution: int, resize: str = DEFAULT_RESIZE,
 
 
 def _read_statistics(p: Path):
-    """(mu, sigma, n or None) from a statistics .npz; ValueError naming ``p`` and what is
-    wrong."""
+    """(mu, sigma, n or None, features or None) from a statistics .npz; ValueError naming
+    ``p`` and what is wrong."""
     try:
         with np.load(p) as z:
-            stats = {k: z[k] for k in ("mu", "sigma", "n") if k in z.files}
+            stats = {k: z[k] for k in ("mu", "sigma", "n", "features") if k in z.files}
     except Exception as e:       # a damaged archive
         raise ValueError(f"{p} is not a readable .npz ({type(e).__name__}: {e})") from None
     if "mu" not in stats or "sigma" not in stats:
         raise ValueError(f"{p} is an .npz without 'mu' and 'sigma'")
-    mu, sigma, n = stats["mu"], stats["sigma"], stats.get("n")
+    mu, sigma, n, feats = (stats.get(k) for k in ("mu", "sigma", "n", "features"))
     if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2 or not all(
             a.dtype.kind in "fiu" and np.isfinite(a).all() for a in (mu, sigma)):
         raise ValueError(f"{p} needs finite mu (D,) and sigma (D, D), got shapes "
                          f"{mu.shape} and {sigma.shape}")
     if n is not None and (n.shape != () or n.dtype.kind not in "iu"):
         raise ValueError(f"{p}: n is not an image count ({n.dtype} {n.shape})")
-    return mu, sigma, None if n is None else int(n)
+    if feats is not None and (feats.ndim != 2 or feats.shape[1] != mu.shape[0]
+                              or (n is not None and len(feats) != n)
+                              or feats.dtype.kind != "f" or not np.isfinite(feats).all()):
+        raise ValueError(f"{p}: features are not finite (n, {mu.shape[0]}) numbers "
+                         f"({feats.dtype} {feats.shape})")
+    return mu, sigma, None if n is None else int(n), feats
+
+
+def _read_statistics_named(p: Path, name: str):
+    """:func:`_read_statistics` with its errors prefixed by the argument's ``name``."""
+    try:
+        return _read_statistics(p)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
 
 
 def _extractor_key(extractor) -> Optional[str]:
@@ -344,17 +414,17 @@ def _extractor_key(extractor) -> Optional[str]:
 
 
 def _reference_statistics(ref, resolution, resize, n, extractor, device, batch_size, cache,
-                          progress, channels):
-    """:func:`reference_statistics` and the count of images behind them (None where a
-    STATS .npz does not record it)."""
+                          progress, channels, want_features=False):
+    """:func:`reference_statistics`, the count of images behind them (None where a STATS
+    .npz does not record it) and, with ``want_features``, their features as float32 (else
+    None)."""
     check_resize(resize)
     check_int("batch_size", batch_size, 1)
     p = Path(ref)
     if p.is_file() and p.suffix == ".npz":
-        try:
-            return _read_statistics(p)
-        except ValueError as e:
-            raise ValueError(f"ref: {e}") from None
+        if want_features:
+            check_reference(p, resolution, name="ref", kid=True)
+        return _read_statistics_named(p, "ref")
     from .data import UnreadableImage, open_dataset
     extractor = extractor or inception_extractor(device=device)
     ds = open_dataset(p, resolution=resolution, resize=resize, channels=channels)
@@ -367,11 +437,14 @@ def _reference_statistics(ref, resolution, resize, n, extractor, device, batch_s
     cached = _cache_dir() / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".npz")
     if cache and cached.is_file():
         try:
-            return _read_statistics(cached)
+            stats = _read_statistics(cached)
         except ValueError as e:
             cached.unlink(missing_ok=True)
             warnings.warn(f"fid: removed a damaged entry of the statistics cache, computing it "
                           f"again: {e}", stacklevel=3)
+        else:
+            if stats[3] is not None or not want_features:   # else computed again, with them
+                return stats
 
     def imgs():
         for i in range(count):
@@ -382,24 +455,31 @@ def _reference_statistics(ref, resolution, resize, n, extractor, device, batch_s
     feats = features(imgs(), extractor, batch_size, device, total=count, progress=progress,
                      desc="reference features")
     mu, sigma = statistics(feats)
+    feats32 = feats.astype(np.float32) if want_features else None
     if cache:
-        save_npz(cached, mu=mu, sigma=sigma, n=np.array(len(feats)), key=np.array(key))
-    return mu, sigma, len(feats)
+        save_npz(cached, mu=mu, sigma=sigma, n=np.array(len(feats)), key=np.array(key),
+                 **({} if feats32 is None else {"features": feats32}))
+    return mu, sigma, len(feats), feats32
 
 
 class FidValue(float):
     """An FID (a float) with the image counts behind it: ``samples``, and ``ref`` (None
-    for reference statistics that do not record theirs); ``channels``: the images'."""
+    for reference statistics that do not record theirs); ``channels``: the images';
+    ``kid`` and ``kid_std``: the KID's mean and spread over its subsets (None unless
+    asked for), ``kid_subset``: the images of each side in one subset."""
     samples: int
     ref: Optional[int]
     channels: int
+    kid: Optional[float] = None
+    kid_std: Optional[float] = None
+    kid_subset: Optional[int] = None
 
 
 def fid(samples, ref, n: Optional[int] = 10_000, resolution: Optional[int] = None,
         resize: str = DEFAULT_RESIZE, inception=None,
         feature_extractor: Optional[Callable] = None, device="cpu", batch_size: int = 64,
         cache: bool = True, progress: bool = True, channels: Optional[int] = None,
-        save_stats=None) -> FidValue:
+        save_stats=None, kid: bool = False) -> FidValue:
     """FID between generated ``samples`` (folder or .npz) and a reference (see
     :func:`reference_statistics`), on the first ``n`` images of each; a :class:`FidValue`
     (a float with the image counts). ``feature_extractor`` replaces InceptionV3 (a
@@ -407,8 +487,11 @@ def fid(samples, ref, n: Optional[int] = 10_000, resolution: Optional[int] = Non
     to the samples' own (a reference of other channels is refused, grayscale samples read
     a folder as grayscale); ``resolution``, ``resize`` and ``channels`` preprocess a
     reference dataset (see :func:`reference_statistics`); ``save_stats``: a path where the
-    reference statistics (and image count) are also written, as :func:`save_statistics`.
-    The arguments, the reference path and the ``save_stats`` folder are checked before any
+    reference statistics (and image count) are also written, as :func:`save_statistics`;
+    ``kid``: also the KID (:func:`kernel_distance` with its defaults, on the features as
+    float32, as InceptionV3 gives them), which needs the reference's features (its images,
+    or a STATS .npz saved with them: ``save_stats`` with ``kid`` writes them). The
+    arguments, the reference path and the ``save_stats`` folder are checked before any
     features are computed. Warns when a side has no more images than features (2048 for
     InceptionV3): its covariance is then singular and the FID biased high."""
     check_int("n", n, 2, none_ok=True)
@@ -428,7 +511,7 @@ def fid(samples, ref, n: Optional[int] = 10_000, resolution: Optional[int] = Non
         channels = own
     elif channels != own:
         raise ValueError(f"channels: {channels} differs from the samples' {own} ({samples})")
-    check_reference(ref, res, channels)
+    check_reference(ref, res, channels, kid=kid)
 
     def all_imgs():
         yield first
@@ -436,8 +519,9 @@ def fid(samples, ref, n: Optional[int] = 10_000, resolution: Optional[int] = Non
     feats = features(all_imgs(), extractor, batch_size, device, progress=progress,
                      desc="sample features")
     mu_s, sig_s = statistics(feats)
-    mu_r, sig_r, n_ref = _reference_statistics(ref, res, resize, n, extractor, device,
-                                               batch_size, cache, progress, channels)
+    mu_r, sig_r, n_ref, feats_r = _reference_statistics(
+        ref, res, resize, n, extractor, device, batch_size, cache, progress, channels,
+        want_features=kid)
     if mu_r.shape != mu_s.shape:
         raise ValueError(f"ref: statistics of {mu_r.shape[0]} features, samples give "
                          f"{mu_s.shape[0]}")
@@ -450,8 +534,12 @@ def fid(samples, ref, n: Optional[int] = 10_000, resolution: Optional[int] = Non
                       f"over {dim} (10000 is usual)", stacklevel=2)
     value = FidValue(frechet_distance(mu_s, sig_s, mu_r, sig_r))
     value.samples, value.ref, value.channels = len(feats), n_ref, channels
+    if kid:
+        value.kid, value.kid_std = kernel_distance(feats.astype(np.float32), feats_r,
+                                                   device=device)
+        value.kid_subset = min(KID_SUBSET_SIZE, len(feats), len(feats_r))
     if save_stats is not None:
-        save_statistics(save_stats, mu_r, sig_r, n_ref)
+        save_statistics(save_stats, mu_r, sig_r, n_ref, feats_r)
     return value
 
 
