@@ -154,7 +154,8 @@ def _add_train(sub) -> None:
                         "supports, off on CPU and under torchrun; compiling takes minutes)")
     g.add_argument("--cuda-graphs", dest="cuda_graphs", action=argparse.BooleanOptionalAction,
                    help="capture the whole step in a CUDA graph (default: on with one GPU, "
-                        "off on CPU and under torchrun)")
+                        "off on CPU and under torchrun, where it all-reduces the gradients "
+                        "inside the graph)")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-every", dest="log_every", type=int, help="steps between log rows")
     g.add_argument("--save-every", dest="save_every", type=int,

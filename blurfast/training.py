@@ -8,9 +8,9 @@ drawn for the whole global batch, and each rank takes its slice (the noise of ra
 starts at Philox offset ``r * b * C*H*W``). So a resumed run retraces an uninterrupted
 one exactly, and k processes with per-process batch b draw the same examples, steps and
 noise as one process with batch k*b. A captured
-step (``cuda_graphs``, one process) draws its noise from torch's generator instead,
-seeded from ``(seed, step)``: still a function of the step, but other noise than an
-uncaptured or multi-process run's.
+step (``cuda_graphs``) draws its noise from torch's generator instead, seeded from
+``(seed, step, rank)``: still a function of the step, but other noise than an
+uncaptured run's.
 
 :class:`TrainStep` is the complete step (process, forward, backward, gradient
 clipping, fused Adam, EMA) with no host synchronization: a non-finite gradient
@@ -264,8 +264,11 @@ class TrainStep:
 
     Call with a uint8 batch (b, H, W, C), flips (b,) bool, steps t (b,) and the
     Philox ``(noise_seed, noise_offset)``. Nothing is read back to the host; see
-    :meth:`read_stats`. ``ddp``: wrap the model in DistributedDataParallel (the
-    process group must exist). ``cuda_graphs``: capture the whole step after
+    :meth:`read_stats`. ``ddp`` (the process group must exist): True wraps the model in
+    DistributedDataParallel, whose all-reduces overlap the backward; ``"flat"``
+    all-reduces the gradients once after the backward, as one flat buffer that they are
+    views of (the parameters flattened; what a captured step of several processes does:
+    ``cuda_graphs`` with ``ddp=True`` takes it). ``cuda_graphs``: capture the whole step after
     ``_GRAPH_WARMUP`` eager steps; the noise then comes from torch's generator
     (graph-safe) instead of the Philox stream. ``grad_clip``: the maximum global
     gradient norm, a finite number > 0; None or 0: no clipping. ``cast_once`` (bf16, one
@@ -299,9 +302,10 @@ class TrainStep:
         self.grad_accum = check_int("grad_accum", grad_accum)
         if cuda_graphs and not cuda:
             raise ValueError("cuda_graphs: needs a CUDA device")
+        if ddp not in (False, True, "flat"):
+            raise ValueError(f"ddp: expected False, True or 'flat', got {ddp!r}")
         if cuda_graphs and ddp:
-            raise ValueError("cuda_graphs: not supported with several processes (DDP); use "
-                             "compile=True there")
+            ddp = "flat"          # DDP's bucket hooks are not captured; one all-reduce is
         if cast_once and (precision != "bf16" or ddp):
             raise ValueError("cast_once: needs precision='bf16' and one process (no ddp)")
         self.target, self.flip, self.pixel_range = target, flip, pixel_range
@@ -328,11 +332,24 @@ class TrainStep:
             self._bf16 = Bf16Weights(self.model, flat)
 
         fwd = self.model if self._bf16 is None else self._bf16.module
-        self._ddp = None
-        if ddp:
+        self._ddp = self._grad_flat = None
+        if ddp == "flat":
+            if flat is None or ema_flat is None:
+                raise ValueError("ddp: 'flat' needs the model's parameters in one dtype and "
+                                 "layout (contiguous or channels_last)")
+            import torch.distributed as dist
+            dist.broadcast(flat, 0)          # rank 0's initial weights everywhere, as DDP's
+            # Autograd adds each gradient into the view it finds, in place.
+            self._grad_flat = torch.zeros_like(flat)
+            for p in self.params:
+                p.grad = self._grad_flat.as_strided(p.shape, p.stride(), p.storage_offset())
+        elif ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
             fwd = self._ddp = DDP(self.model, device_ids=[self.device.index] if cuda else None,
                                   gradient_as_bucket_view=True)
+        if ddp:               # the EMA starts from the weights rank 0 gave every process
+            with torch.no_grad():
+                torch._foreach_copy_(self.ema_params, self.params)
         self.forward = torch.compile(fwd) if compile else fwd
 
         # A tensor learning rate lets a captured step see updates of it.
@@ -395,7 +412,10 @@ class TrainStep:
         return loss
 
     def _body(self, x_u8, flip, t, noise_seed: int, noise_offset: int) -> None:
-        self.opt.zero_grad(set_to_none=True)
+        if self._grad_flat is None:
+            self.opt.zero_grad(set_to_none=True)
+        else:
+            self._grad_flat.zero_()
         if self._bf16 is not None:
             self._bf16.refresh()
         k = self.grad_accum
@@ -417,6 +437,10 @@ class TrainStep:
             if self._bf16 is not None:
                 self._bf16.grads_to_float(accumulate=r > 0)
         loss = losses[0] if k == 1 else torch.stack(losses).mean()
+        if self._grad_flat is not None:        # the mean over the processes, as DDP's
+            import torch.distributed as dist
+            dist.all_reduce(self._grad_flat)
+            self._grad_flat.div_(dist.get_world_size())
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)
         skip = (~torch.isfinite(norm)).float()
@@ -837,8 +861,9 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
         # benchmarks/results/logs/2026-11-26-v4-profile_step.txt.
         channels_last = bool(channels_last)
         # On by default on one GPU: on an H100 (paper64, batch 16, bf16, channels_last) a
-        # step took 49.0 ms captured against 90.0 eager (the same log). DDP steps can't be
-        # captured whole.
+        # step took 49.0 ms captured against 90.0 eager (the same log). Asked for under
+        # torchrun, the gradients are all-reduced in the graph (TrainStep's ddp="flat"):
+        # not yet run on several GPUs, so not the default there.
         if cuda_graphs is None:
             cuda_graphs = cuda and world == 1
         # On by default on one GPU: on an H100 (paper64, batch 16, bf16, CUDA graph) a step

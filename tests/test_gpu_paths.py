@@ -245,3 +245,44 @@ def test_activation_checkpointing_in_a_captured_step(monkeypatch, dropout):
         held[on] = torch.cuda.max_memory_allocated() - base
         del s, m
     assert held[True] < 0.5 * held[False], held
+
+
+def test_a_captured_step_all_reduces_its_gradients_inside_the_graph(monkeypatch):
+    # The step of several processes under CUDA graphs (TrainStep's ddp="flat", which
+    # cuda_graphs with ddp=True takes): here one NCCL process, so the all-reduce in the
+    # graph sums one rank. Against the captured step without a process group, on the same
+    # batches, noise and dropout masks, float32 (TF32 off, deterministic cuDNN): the same
+    # gradients and weights, to rounding (the flat step adds each gradient into a zeroed
+    # view, 0 + g = g). Several GPUs are not tested here: the machine has one.
+    import copy
+    import torch
+    import torch.distributed as dist
+    from blurfast import training
+    from blurfast.diffusion import BlurDiffusion
+    from blurfast.models import UNet
+    from bfutil import free_port
+    _ieee_and_deterministic(monkeypatch)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    try:
+        diff = BlurDiffusion(resolution=16)
+        torch.manual_seed(0)
+        model = UNet(resolution=16, **{**TINY, "dropout": 0.1})
+        steps = [training.TrainStep(copy.deepcopy(model), diff, device="cuda", lr=1e-3,
+                                    adam_eps=1.0, cuda_graphs=True, ddp=ddp)
+                 for ddp in (False, True)]
+        for k, x, flip, t in _warmup_and_replay_batches(6, diff.num_steps):
+            for s in steps:
+                torch.manual_seed(300 + k)
+                s(x, flip, t)
+        ref, new = steps
+        assert new._graph is not None and new._grad_flat is not None and new._ddp is None
+        assert all(p.grad.data_ptr() >= new._grad_flat.data_ptr() for p in new.params)
+        assert new.read_stats()["loss"] == pytest.approx(ref.read_stats()["loss"], rel=1e-6)
+        ga = torch.cat([p.grad.flatten() for p in ref.params])
+        gb = torch.cat([p.grad.flatten() for p in new.params])
+        assert (ga - gb).norm() <= 1e-6 * ga.norm()
+        for a, b in zip(ref.params, new.params):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    finally:
+        dist.destroy_process_group()

@@ -564,6 +564,74 @@ def test_ddp_two_gloo_processes_match_one_process(made16, tmp_path, grad_accum, 
     assert moved > 1000 * atol                           # and training did move them
 
 
+def test_the_flat_all_reduce_is_ddps_step(tmp_path):
+    # TrainStep(ddp="flat") (what a captured step of several processes runs: the gradients
+    # views of one buffer, all-reduced once after the backward) against DDP's buckets,
+    # two gloo processes, grad_accum 2, dropout 0.1, no clipping (which would hide the
+    # gradients' scale). Each rank starts from other weights:
+    # both take rank 0's. The ranks end identical, and the two ways agree to rounding
+    # (DDP sums in buckets, in another order; adam_eps 1 keeps Adam's update smooth, see
+    # test_ddp_two_gloo_processes_match_one_process).
+    script = f"""
+        import torch, torch.distributed as dist
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+        from blurfast import training
+        from blurfast.diffusion import BlurDiffusion
+        from blurfast.models import UNet
+        diff = BlurDiffusion(resolution=16)
+        out = {{}}
+        for mode in (True, "flat"):
+            torch.manual_seed(100 + rank)
+            init = UNet.from_preset("small", resolution=16, dropout=0.1, **{TINY!r})
+            net = UNet(**init.config)
+            net.load_state_dict(init.state_dict())
+            step = training.TrainStep(net, diff, device="cpu", ddp=mode, lr=0.1, adam_eps=1.0,
+                                      grad_accum=2, grad_clip=None)
+            g = torch.Generator().manual_seed(7)
+            for i in range(3):
+                x = torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8, generator=g)
+                flip = torch.rand(8, generator=g) < 0.5
+                t = torch.randint(1, diff.num_steps, (8,), generator=g)
+                rows = slice(4 * rank, 4 * rank + 4)
+                torch.manual_seed(1000 + 10 * i + rank)             # dropout
+                step(x[rows], flip[rows], t[rows], i, rank * 4 * 3 * 16 * 16)
+            out[str(mode)] = dict(init=init.state_dict(), model=net.state_dict(),
+                                  ema=step.ema.state_dict(),
+                                  stats=step.read_stats(all_reduce=True))
+        torch.save(out, {str(tmp_path)!r} + f"/rank{{rank}}.pt")
+        dist.destroy_process_group()
+    """
+    port = str(free_port())
+    procs = [_child(script, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                             "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    for p in procs:
+        log, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, log
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    lr = 0.1
+    for mode in ("True", "flat"):
+        assert r0[mode]["stats"] == r1[mode]["stats"]
+        assert r0[mode]["stats"]["skipped_total"] == 0
+        for part in ("model", "ema"):
+            for k, v in r0[mode][part].items():
+                assert torch.equal(v, r1[mode][part][k]), (mode, part, k)
+    assert r0["flat"]["stats"]["loss"] == pytest.approx(r0["True"]["stats"]["loss"], rel=1e-5)
+    moved = 0.0
+    for k, v in r0["flat"]["model"].items():
+        # gradients summed in another order: about 1e-6 of their size, at most lr * 1e-6
+        # per step on a weight (3 steps)
+        torch.testing.assert_close(v, r0["True"]["model"][k], rtol=0, atol=4 * lr * 1e-6)
+        torch.testing.assert_close(r0["flat"]["ema"][k], r0["True"]["ema"][k], rtol=0,
+                                   atol=4 * lr * 1e-6)
+        moved = max(moved, (v - r0["flat"]["init"][k]).abs().max().item())
+    assert moved > 1000 * 4 * lr * 1e-6                 # the steps did move the weights
+    # The ranks began apart; rank 0's initial weights won.
+    assert any(not torch.equal(v, r1["flat"]["init"][k]) for k, v in r0["flat"]["init"].items())
+
+
 def test_cli_under_two_processes_prints_on_rank_0_only(made16, tmp_path):
     # `torchrun -m blurfast train` with two gloo processes: the closing line comes once.
     argv = ["train", "--data", str(made16), "--out", str(tmp_path / "r"), "--resolution", "16",
