@@ -18,6 +18,7 @@ import struct
 import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -28,7 +29,7 @@ from .checks import check_bool, check_int
 
 __all__ = ["IMAGE_EXTENSIONS", "ARCHIVE_SUFFIXES", "ImageArchive", "RESIZE_MODES", "DEFAULT_RESIZE", "PIXEL_RANGES", "ImageFolder",
            "LSUNLmdb", "PreparedArray", "open_dataset", "prepare", "to_float", "PrepareReport",
-           "UnreadableImage", "data_range", "to_unit_range", "check_resize"]
+           "UnreadableImage", "WorkerDied", "data_range", "to_unit_range", "check_resize"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 RESIZE_MODES = ("squash", "center-crop")
@@ -485,6 +486,24 @@ class PrepareReport(dict):
 _worker_args = None       # (resolution, resize, channels) of prepare's decoding processes
 
 
+class WorkerDied(BrokenProcessPool):
+    """A decoding process of :func:`prepare` ended abruptly (killed: the OOM killer, a
+    signal); the message says how, in one line."""
+
+
+def _death(processes) -> str:
+    """How one of the ended ``processes`` of a broken pool died: the pool sends SIGTERM to
+    the others, so another exit code is the cause where there is one."""
+    codes = [p.exitcode for p in processes if p.exitcode]
+    code = next((c for c in codes if c != -signal.SIGTERM), codes[0] if codes else None)
+    if code is None:
+        return "ended abruptly"
+    if code > 0:
+        return f"exited with code {code}"
+    oom = ", SIGKILL: out of memory?" if code == -signal.SIGKILL else ""
+    return f"killed by signal {-code}{oom}"
+
+
 def _init_worker(args):
     global _worker_args
     _worker_args = args
@@ -642,6 +661,11 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
                     bar.update(1)
                     if skipped:
                         bar.set_postfix(skipped=skipped, refresh=False)
+        except BrokenProcessPool as e:      # a worker killed; its exit code, once joined
+            processes = list(pool._processes.values())
+            pool.shutdown()
+            raise WorkerDied(f"a decoding process died ({_death(processes)}); nothing was "
+                             f"written") from e
         finally:
             if pool is not None:       # on Ctrl-C, after the tasks running (16 images each)
                 pool.shutdown(cancel_futures=True)

@@ -631,29 +631,40 @@ def test_prepare_workers_leave_ctrl_c_and_sigterm_to_prepare(tmp_path, monkeypat
 def test_prepare_with_a_worker_killed_ends_and_leaves_no_file(tmp_path):
     # A decoding process killed midway (the OOM killer; `timeout` signals the whole process
     # group): prepare ends with an error and removes OUT.tmp. multiprocessing.Pool lost the
-    # worker's task and waited for it forever; Ctrl-C at that point hung too.
+    # worker's task and waited for it forever; Ctrl-C at that point hung too. The command
+    # says so in one line (it printed BrokenProcessPool's traceback); BLURFAST_DEBUG=1 shows
+    # the traceback.
+    import os
     import subprocess
     import sys
     src = made_photos(tmp_path / "src", 40, size=8)
     script = (
         "import os, signal, sys\n"
-        "from blurfast import data as D\n"
+        "from blurfast import cli, data as D\n"
         "decode = D.decode_named\n"
         "def dies(name, *a):\n"
         "    if name.endswith('00021.png') or name.endswith('00021.jpg'):\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return decode(name, *a)\n"
         "D.decode_named = dies\n"
-        "D.prepare(sys.argv[1], sys.argv[2], resolution=4, workers=2, progress=False)\n")
-    try:
-        # cwd: not the repository root, whose blurfast/ (unbuilt in CI) would shadow the
-        # installed package
-        r = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "o.npy")],
-                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    except subprocess.TimeoutExpired:
-        pytest.fail("prepare hung when a decoding process was killed")
-    assert r.returncode != 0 and "terminated abruptly" in r.stderr
-    assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
+        "sys.exit(cli.main(['prepare', sys.argv[1], sys.argv[2], '--resolution', '4',\n"
+        "                   '--workers', '2', '--no-progress']))\n")
+    for debug in ("", "1"):
+        try:
+            # cwd: not the repository root, whose blurfast/ (unbuilt in CI) would shadow the
+            # installed package
+            r = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "o.npy")],
+                               capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                               env={**os.environ, "BLURFAST_DEBUG": debug})
+        except subprocess.TimeoutExpired:
+            pytest.fail("prepare hung when a decoding process was killed")
+        assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
+        if debug:
+            assert r.returncode != 0 and "Traceback" in r.stderr and "WorkerDied" in r.stderr
+        else:
+            assert r.returncode == 1 and "Traceback" not in r.stderr
+            assert r.stderr == ("blurfast prepare: error: a decoding process died (killed by "
+                                "signal 9, SIGKILL: out of memory?); nothing was written\n")
 
 
 def test_prepare_skips_the_zip_members_it_cannot_read(tmp_path):
