@@ -221,7 +221,7 @@ class ImageArchive:
                 with zipfile.ZipFile(self.path) as z:
                     names = [i.filename for i in z.infolist() if not i.is_dir()]
             else:
-                with tarfile.open(self.path, "r:*") as t:
+                with _open_tar(self.path) as t:
                     names = [m.name for m in t if m.isfile()]
                     _check_tar_end(t)
             # a name stored twice is read once, as its first copy
@@ -232,9 +232,10 @@ class ImageArchive:
             self.members = [m for m in images if m.removeprefix("./") in keep]
         except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, zlib.error,
                 lzma.LZMAError) as e:
+            # tarfile's "not a bzip2 file" is also a truncated one: its cause says which
+            why = "; ".join(f"{type(x).__name__}: {x}" for x in (e, e.__cause__) if x)
             raise ValueError(f"{arg}: {str(path)!r} cannot be read as a "
-                             f"{'zip' if self.zip else 'tar'} archive "
-                             f"({type(e).__name__}: {e})") from None
+                             f"{'zip' if self.zip else 'tar'} archive ({why})") from None
         if not self.members:
             if any(Path(m).name == "data.mdb" for m in names):     # LSUN's zips hold lmdb
                 raise ValueError(f"{arg}: the archive {str(path)!r} holds an lmdb database "
@@ -267,7 +268,7 @@ class ImageArchive:
                         yield f"{self.path}:{m}", e
             return
         wanted = set(want)
-        with tarfile.open(self.path, "r:*") as t:
+        with _open_tar(self.path) as t:
             for info in t:
                 if not wanted:
                     break
@@ -278,6 +279,20 @@ class ImageArchive:
                     yield f"{self.path}:{info.name}", t.extractfile(info).read()
                 except (OSError, EOFError, tarfile.TarError) as e:
                     yield f"{self.path}:{info.name}", e
+
+
+def _open_tar(path):
+    """tarfile.open of the tar at ``path``, compressed or not whatever its name (a .tar.gz
+    a browser unpacked is a plain tar); where none opens it, the error (one line) of the
+    compression its name says, not tarfile's list of them all."""
+    import tarfile
+    try:
+        return tarfile.open(path, "r:*")
+    except tarfile.ReadError:
+        name = path.name.lower()
+        how = next((c for c, ends in (("gz", (".gz", ".tgz")), ("bz2", (".bz2", ".tbz2")),
+                                      ("xz", (".xz", ".txz"))) if name.endswith(ends)), "")
+        return tarfile.open(path, f"r:{how}")
 
 
 def _check_tar_end(t) -> None:

@@ -445,7 +445,7 @@ def _archive(path, files, kind):
             for name, data in files:
                 z.writestr(name, data)
         return path
-    with tarfile.open(path, {"tar": "w", "tar.gz": "w:gz", "tar.xz": "w:xz"}[kind]) as t:
+    with tarfile.open(path, {"tar": "w", "tar.gz": "w:gz", "tar.bz2": "w:bz2", "tar.xz": "w:xz"}[kind]) as t:
         for name, data in files:
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -712,6 +712,31 @@ def test_prepare_refuses_a_tar_damaged_midway(tmp_path, kind):
     with pytest.raises(ValueError, match=rf"^src: .*d\.{re.escape(kind)}' cannot be read as "
                                          rf"a tar archive"):
         D.prepare(arc, tmp_path / "o.npy", resolution=12, workers=0, progress=False)
+    assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
+
+
+@pytest.mark.parametrize("kind", ["tar.bz2", "tar.gz", "tar.xz"])
+def test_a_corrupt_compressed_tar_is_one_line_naming_it(tmp_path, capsys, kind):
+    # tarfile tries each compression on a file it cannot open: its error listed them all,
+    # one line each. Now one line, the failure of the compression the name says (a garbage
+    # file; a truncated .tar.bz2 fails there too, its cause said); EOFError for a stream cut
+    # short that opens.
+    from blurfast import cli
+    src = made_photos(tmp_path / "src", 4, size=12)
+    good = _archive(tmp_path / f"g.{kind}", [(p.name, p.read_bytes())
+                                             for p in sorted(src.iterdir())], kind).read_bytes()
+    (tmp_path / f"garbage.{kind}").write_bytes(b"not an archive at all " * 20)
+    (tmp_path / f"cut.{kind}").write_bytes(good[:len(good) // 2])
+    wrong = {"tar.bz2": "not a bzip2 file", "tar.gz": "not a gzip file",
+             "tar.xz": "not an lzma file"}[kind]
+    for name, why in (("garbage", wrong),
+                      ("cut", "Compressed file ended before the end-of-stream marker")):
+        assert cli.main(["prepare", str(tmp_path / f"{name}.{kind}"), str(tmp_path / "o.npy"),
+                         "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert re.match(rf"blurfast prepare: error: src: '.*{name}\.{re.escape(kind)}' "
+                        rf"cannot be read as a tar archive \(.*{why}.*\)$", err), err
     assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
 
 
