@@ -12,11 +12,13 @@ from __future__ import annotations
 import io
 import multiprocessing
 import os
+import posixpath
 import re
 import signal
 import struct
 import sys
 import warnings
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -206,7 +208,8 @@ def is_archive(path) -> bool:
 class ImageArchive:
     """The image files (:data:`IMAGE_EXTENSIONS`) of a zip or tar archive, in the
     archive's order, for :func:`prepare`. A compressed tar has no random access, so the
-    images are read front to back (:meth:`items`): one pass to list them, one to read."""
+    images are read front to back (:meth:`items`): one pass to list them, one to read.
+    A tar's hardlinks and symlinks read as the regular member they point to."""
 
     def __init__(self, path, *, arg: str = "src", match: Optional[str] = None):
         import lzma
@@ -222,7 +225,7 @@ class ImageArchive:
                     names = [i.filename for i in z.infolist() if not i.is_dir()]
             else:
                 with _open_tar(self.path) as t:
-                    names = [m.name for m in t if m.isfile()]
+                    names, self._links, self._ahead = _tar_listing(t)
                     _check_tar_end(t)
             # a name stored twice is read once, as its first copy
             images = list(dict.fromkeys(
@@ -230,6 +233,9 @@ class ImageArchive:
             # `tar -C DIR -cf A .` names members ./PATH: matched as PATH, as under DIR
             keep = set(_matching([m.removeprefix("./") for m in images], match))
             self.members = [m for m in images if m.removeprefix("./") in keep]
+            if not self.zip:        # bytes read ahead for the links match left out
+                targets = {self._links.get(m) for m in self.members}
+                self._ahead = {k: v for k, v in self._ahead.items() if k in targets}
         except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, zlib.error,
                 lzma.LZMAError) as e:
             # tarfile's "not a bzip2 file" is also a truncated one: its cause says which
@@ -267,18 +273,70 @@ class ImageArchive:
                     except Exception as e:   # a bad CRC, an encrypted member (RuntimeError)
                         yield f"{self.path}:{m}", e
             return
+        links, cache = self._links, dict(self._ahead)
+        # the links to come to each target: its bytes are kept until the last is read
+        left = Counter(links[m] for m in want if isinstance(links.get(m), str))
         wanted = set(want)
         with _open_tar(self.path) as t:
+            def read(info):
+                try:
+                    return t.extractfile(info).read()
+                except (OSError, EOFError, tarfile.TarError) as e:
+                    return e
             for info in t:
                 if not wanted:
                     break
-                if info.name not in wanted or not info.isfile():
+                key = posixpath.normpath(info.name)
+                if info.isfile() and left[key] and key not in cache:
+                    cache[key] = read(info)
+                if info.name not in wanted or not (info.isfile() or info.islnk()
+                                                   or info.issym()):
                     continue
                 wanted.discard(info.name)
-                try:
-                    yield f"{self.path}:{info.name}", t.extractfile(info).read()
-                except (OSError, EOFError, tarfile.TarError) as e:
-                    yield f"{self.path}:{info.name}", e
+                target = links.get(info.name)
+                if target is None:
+                    data = cache[key] if key in cache else read(info)
+                elif isinstance(target, str):
+                    data = cache[target]
+                    left[target] -= 1
+                    if not left[target]:
+                        del cache[target]
+                else:                   # a LookupError: why the link has no target
+                    data = target
+                yield f"{self.path}:{info.name}", data
+
+
+def _tar_listing(t):
+    """The names of the regular and link members of the tar ``t``, read front to back;
+    each link's target (the normalized name of a regular member, else a LookupError
+    saying why there is none); and the bytes of the targets stored after a link to them,
+    read as they pass (a compressed tar is not read back). A name stored twice is its
+    first copy, and so is a target."""
+    names, links, files, later, ahead = {}, {}, set(), set(), {}
+    for m in t:
+        if m.isfile():
+            key = posixpath.normpath(m.name)
+            if key in later and key not in files:
+                ahead[key] = t.extractfile(m).read()
+            files.add(key)
+        elif not (m.islnk() or m.issym()):
+            continue
+        elif m.name not in names:
+            # a hardlink names a member; a symlink, a path from its folder
+            target = posixpath.normpath(m.linkname if m.islnk() else posixpath.join(
+                posixpath.dirname(m.name), m.linkname))
+            links[m.name] = target, m
+            later.add(target)
+        names.setdefault(m.name)
+    for name, (target, m) in links.items():
+        what = f"a {'hard' if m.islnk() else 'sym'}link to"
+        if target in files:
+            links[name] = target
+        elif target == ".." or target.startswith(("/", "../")):
+            links[name] = LookupError(f"{what} {m.linkname!r}, outside the archive")
+        else:
+            links[name] = LookupError(f"{what} {target!r}, not a regular file of the archive")
+    return list(names), links, ahead
 
 
 def _open_tar(path):

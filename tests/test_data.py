@@ -445,7 +445,8 @@ def _archive(path, files, kind):
             for name, data in files:
                 z.writestr(name, data)
         return path
-    with tarfile.open(path, {"tar": "w", "tar.gz": "w:gz", "tar.bz2": "w:bz2", "tar.xz": "w:xz"}[kind]) as t:
+    mode = {"tar": "w", "tar.gz": "w:gz", "tar.bz2": "w:bz2", "tar.xz": "w:xz"}[kind]
+    with tarfile.open(path, mode) as t:
         for name, data in files:
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -495,6 +496,48 @@ def test_archive_members_stored_twice_are_read_once(tmp_path, kind):
     got = np.load(tmp_path / "o.npy")
     np.testing.assert_array_equal(got[0], D.decode(a, 16, "center-crop"))
     np.testing.assert_array_equal(got[1], D.decode(b, 16, "center-crop"))
+
+
+@pytest.mark.parametrize("kind", ["tar", "tar.gz"])
+def test_tar_links_read_as_the_file_they_point_to(tmp_path, capsys, kind):
+    # Hardlinks and symlinks were left out silently, where an extracted folder has their
+    # images. A link to a regular member reads as it, in the link's place (a symlink
+    # stored before its target too: the archive is still read front to back); a dangling
+    # one, or one pointing outside the archive, is skipped and reported.
+    import tarfile
+    from blurfast import cli
+    src = made_photos(tmp_path / "src", 2, size=12)
+    a, b = (p.read_bytes() for p in sorted(src.iterdir()))
+    arc = tmp_path / f"l.{kind}"
+    with tarfile.open(arc, {"tar": "w", "tar.gz": "w:gz"}[kind]) as t:
+        sym, hard = tarfile.SYMTYPE, tarfile.LNKTYPE
+        for name, kind_, what in [("imgs/ahead.png", sym, "a.png"),      # before its target
+                                  ("imgs/a.png", tarfile.REGTYPE, a),
+                                  ("imgs/hard.png", hard, "imgs/a.png"),
+                                  ("imgs/sym.png", sym, "a.png"),
+                                  ("imgs/b.jpg", tarfile.REGTYPE, b),
+                                  ("imgs/dangling.png", sym, "missing.png"),
+                                  ("imgs/out.png", sym, "../../x.png"),
+                                  ("imgs/up.jpg", sym, "../imgs/b.jpg")]:
+            info = tarfile.TarInfo(name)
+            info.type = kind_
+            if kind_ == tarfile.REGTYPE:
+                info.size = len(what)
+                t.addfile(info, io.BytesIO(what))
+            else:
+                info.linkname = what
+                t.addfile(info)
+    assert cli.main(["prepare", str(arc), str(tmp_path / "o.npy"), "--resolution", "12",
+                     "--workers", "0", "--no-progress"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("6 images of shape (12, 12, 3), 2 unreadable skipped")
+    assert out[1:] == [f"  unreadable: {arc}:imgs/dangling.png: LookupError: a symlink to "
+                       f"'imgs/missing.png', not a regular file of the archive",
+                       f"  unreadable: {arc}:imgs/out.png: LookupError: a symlink to "
+                       f"'../../x.png', outside the archive"]
+    got = np.load(tmp_path / "o.npy")
+    want = [D.decode(x, 12, "center-crop") for x in (a, a, a, a, b, b)]
+    np.testing.assert_array_equal(got, np.stack(want))
 
 
 def test_decoding_in_windows_keeps_the_order():
