@@ -589,7 +589,7 @@ def _prepare_main(args) -> int:
     import signal
     import warnings
 
-    from .data import prepare
+    from .data import WorkerDied, prepare
 
     def terminate(signum, frame):      # as Ctrl-C: prepare removes its temporary file
         raise SystemExit(128 + signum)
@@ -601,6 +601,11 @@ def _prepare_main(args) -> int:
             r = prepare(args.src, args.out, resolution=args.resolution, resize=args.resize,
                         channels=args.channels, workers=args.workers, progress=args.progress,
                         limit=args.limit, overwrite=args.overwrite, match=args.match)
+    except WorkerDied as e:            # one line, as bad input is (cli.main)
+        if os.environ.get("BLURFAST_DEBUG"):
+            raise
+        print(f"blurfast prepare: error: {e}", file=sys.stderr)
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(f"wrote {r['path']}: {r['written']} images of shape {r['shape'][1:]}, "

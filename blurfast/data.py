@@ -12,12 +12,15 @@ from __future__ import annotations
 import io
 import multiprocessing
 import os
+import posixpath
 import re
 import signal
 import struct
 import sys
 import warnings
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -28,7 +31,7 @@ from .checks import check_bool, check_int
 
 __all__ = ["IMAGE_EXTENSIONS", "ARCHIVE_SUFFIXES", "ImageArchive", "RESIZE_MODES", "DEFAULT_RESIZE", "PIXEL_RANGES", "ImageFolder",
            "LSUNLmdb", "PreparedArray", "open_dataset", "prepare", "to_float", "PrepareReport",
-           "UnreadableImage", "data_range", "to_unit_range", "check_resize"]
+           "UnreadableImage", "WorkerDied", "data_range", "to_unit_range", "check_resize"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 RESIZE_MODES = ("squash", "center-crop")
@@ -205,7 +208,8 @@ def is_archive(path) -> bool:
 class ImageArchive:
     """The image files (:data:`IMAGE_EXTENSIONS`) of a zip or tar archive, in the
     archive's order, for :func:`prepare`. A compressed tar has no random access, so the
-    images are read front to back (:meth:`items`): one pass to list them, one to read."""
+    images are read front to back (:meth:`items`): one pass to list them, one to read.
+    A tar's hardlinks and symlinks read as the regular member they point to."""
 
     def __init__(self, path, *, arg: str = "src", match: Optional[str] = None):
         import lzma
@@ -220,8 +224,8 @@ class ImageArchive:
                 with zipfile.ZipFile(self.path) as z:
                     names = [i.filename for i in z.infolist() if not i.is_dir()]
             else:
-                with tarfile.open(self.path, "r:*") as t:
-                    names = [m.name for m in t if m.isfile()]
+                with _open_tar(self.path) as t:
+                    names, self._links, self._ahead = _tar_listing(t)
                     _check_tar_end(t)
             # a name stored twice is read once, as its first copy
             images = list(dict.fromkeys(
@@ -229,11 +233,15 @@ class ImageArchive:
             # `tar -C DIR -cf A .` names members ./PATH: matched as PATH, as under DIR
             keep = set(_matching([m.removeprefix("./") for m in images], match))
             self.members = [m for m in images if m.removeprefix("./") in keep]
+            if not self.zip:        # bytes read ahead for the links match left out
+                targets = {self._links.get(m) for m in self.members}
+                self._ahead = {k: v for k, v in self._ahead.items() if k in targets}
         except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, zlib.error,
                 lzma.LZMAError) as e:
+            # tarfile's "not a bzip2 file" is also a truncated one: its cause says which
+            why = "; ".join(f"{type(x).__name__}: {x}" for x in (e, e.__cause__) if x)
             raise ValueError(f"{arg}: {str(path)!r} cannot be read as a "
-                             f"{'zip' if self.zip else 'tar'} archive "
-                             f"({type(e).__name__}: {e})") from None
+                             f"{'zip' if self.zip else 'tar'} archive ({why})") from None
         if not self.members:
             if any(Path(m).name == "data.mdb" for m in names):     # LSUN's zips hold lmdb
                 raise ValueError(f"{arg}: the archive {str(path)!r} holds an lmdb database "
@@ -265,18 +273,84 @@ class ImageArchive:
                     except Exception as e:   # a bad CRC, an encrypted member (RuntimeError)
                         yield f"{self.path}:{m}", e
             return
+        links, cache = self._links, dict(self._ahead)
+        # the links to come to each target: its bytes are kept until the last is read
+        left = Counter(links[m] for m in want if isinstance(links.get(m), str))
         wanted = set(want)
-        with tarfile.open(self.path, "r:*") as t:
+        with _open_tar(self.path) as t:
+            def read(info):
+                try:
+                    return t.extractfile(info).read()
+                except (OSError, EOFError, tarfile.TarError) as e:
+                    return e
             for info in t:
                 if not wanted:
                     break
-                if info.name not in wanted or not info.isfile():
+                key = posixpath.normpath(info.name)
+                if info.isfile() and left[key] and key not in cache:
+                    cache[key] = read(info)
+                if info.name not in wanted or not (info.isfile() or info.islnk()
+                                                   or info.issym()):
                     continue
                 wanted.discard(info.name)
-                try:
-                    yield f"{self.path}:{info.name}", t.extractfile(info).read()
-                except (OSError, EOFError, tarfile.TarError) as e:
-                    yield f"{self.path}:{info.name}", e
+                target = links.get(info.name)
+                if target is None:
+                    data = cache[key] if key in cache else read(info)
+                elif isinstance(target, str):
+                    data = cache[target]
+                    left[target] -= 1
+                    if not left[target]:
+                        del cache[target]
+                else:                   # a LookupError: why the link has no target
+                    data = target
+                yield f"{self.path}:{info.name}", data
+
+
+def _tar_listing(t):
+    """The names of the regular and link members of the tar ``t``, read front to back;
+    each link's target (the normalized name of a regular member, else a LookupError
+    saying why there is none); and the bytes of the targets stored after a link to them,
+    read as they pass (a compressed tar is not read back). A name stored twice is its
+    first copy, and so is a target."""
+    names, links, files, later, ahead = {}, {}, set(), set(), {}
+    for m in t:
+        if m.isfile():
+            key = posixpath.normpath(m.name)
+            if key in later and key not in files:
+                ahead[key] = t.extractfile(m).read()
+            files.add(key)
+        elif not (m.islnk() or m.issym()):
+            continue
+        elif m.name not in names:
+            # a hardlink names a member; a symlink, a path from its folder
+            target = posixpath.normpath(m.linkname if m.islnk() else posixpath.join(
+                posixpath.dirname(m.name), m.linkname))
+            links[m.name] = target, m
+            later.add(target)
+        names.setdefault(m.name)
+    for name, (target, m) in links.items():
+        what = f"a {'hard' if m.islnk() else 'sym'}link to"
+        if target in files:
+            links[name] = target
+        elif target == ".." or target.startswith(("/", "../")):
+            links[name] = LookupError(f"{what} {m.linkname!r}, outside the archive")
+        else:
+            links[name] = LookupError(f"{what} {target!r}, not a regular file of the archive")
+    return list(names), links, ahead
+
+
+def _open_tar(path):
+    """tarfile.open of the tar at ``path``, compressed or not whatever its name (a .tar.gz
+    a browser unpacked is a plain tar); where none opens it, the error (one line) of the
+    compression its name says, not tarfile's list of them all."""
+    import tarfile
+    try:
+        return tarfile.open(path, "r:*")
+    except tarfile.ReadError:
+        name = path.name.lower()
+        how = next((c for c, ends in (("gz", (".gz", ".tgz")), ("bz2", (".bz2", ".tbz2")),
+                                      ("xz", (".xz", ".txz"))) if name.endswith(ends)), "")
+        return tarfile.open(path, f"r:{how}")
 
 
 def _check_tar_end(t) -> None:
@@ -485,6 +559,24 @@ class PrepareReport(dict):
 _worker_args = None       # (resolution, resize, channels) of prepare's decoding processes
 
 
+class WorkerDied(BrokenProcessPool):
+    """A decoding process of :func:`prepare` ended abruptly (killed: the OOM killer, a
+    signal); the message says how, in one line."""
+
+
+def _death(processes) -> str:
+    """How one of the ended ``processes`` of a broken pool died: the pool sends SIGTERM to
+    the others, so another exit code is the cause where there is one."""
+    codes = [p.exitcode for p in processes if p.exitcode]
+    code = next((c for c in codes if c != -signal.SIGTERM), codes[0] if codes else None)
+    if code is None:
+        return "ended abruptly"
+    if code > 0:
+        return f"exited with code {code}"
+    oom = ", SIGKILL: out of memory?" if code == -signal.SIGKILL else ""
+    return f"killed by signal {-code}{oom}"
+
+
 def _init_worker(args):
     global _worker_args
     _worker_args = args
@@ -642,6 +734,11 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
                     bar.update(1)
                     if skipped:
                         bar.set_postfix(skipped=skipped, refresh=False)
+        except BrokenProcessPool as e:      # a worker killed; its exit code, once joined
+            processes = list(pool._processes.values())
+            pool.shutdown()
+            raise WorkerDied(f"a decoding process died ({_death(processes)}); nothing was "
+                             f"written") from e
         finally:
             if pool is not None:       # on Ctrl-C, after the tasks running (16 images each)
                 pool.shutdown(cancel_futures=True)

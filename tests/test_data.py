@@ -445,7 +445,8 @@ def _archive(path, files, kind):
             for name, data in files:
                 z.writestr(name, data)
         return path
-    with tarfile.open(path, {"tar": "w", "tar.gz": "w:gz", "tar.xz": "w:xz"}[kind]) as t:
+    mode = {"tar": "w", "tar.gz": "w:gz", "tar.bz2": "w:bz2", "tar.xz": "w:xz"}[kind]
+    with tarfile.open(path, mode) as t:
         for name, data in files:
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -495,6 +496,48 @@ def test_archive_members_stored_twice_are_read_once(tmp_path, kind):
     got = np.load(tmp_path / "o.npy")
     np.testing.assert_array_equal(got[0], D.decode(a, 16, "center-crop"))
     np.testing.assert_array_equal(got[1], D.decode(b, 16, "center-crop"))
+
+
+@pytest.mark.parametrize("kind", ["tar", "tar.gz"])
+def test_tar_links_read_as_the_file_they_point_to(tmp_path, capsys, kind):
+    # Hardlinks and symlinks were left out silently, where an extracted folder has their
+    # images. A link to a regular member reads as it, in the link's place (a symlink
+    # stored before its target too: the archive is still read front to back); a dangling
+    # one, or one pointing outside the archive, is skipped and reported.
+    import tarfile
+    from blurfast import cli
+    src = made_photos(tmp_path / "src", 2, size=12)
+    a, b = (p.read_bytes() for p in sorted(src.iterdir()))
+    arc = tmp_path / f"l.{kind}"
+    with tarfile.open(arc, {"tar": "w", "tar.gz": "w:gz"}[kind]) as t:
+        sym, hard = tarfile.SYMTYPE, tarfile.LNKTYPE
+        for name, kind_, what in [("imgs/ahead.png", sym, "a.png"),      # before its target
+                                  ("imgs/a.png", tarfile.REGTYPE, a),
+                                  ("imgs/hard.png", hard, "imgs/a.png"),
+                                  ("imgs/sym.png", sym, "a.png"),
+                                  ("imgs/b.jpg", tarfile.REGTYPE, b),
+                                  ("imgs/dangling.png", sym, "missing.png"),
+                                  ("imgs/out.png", sym, "../../x.png"),
+                                  ("imgs/up.jpg", sym, "../imgs/b.jpg")]:
+            info = tarfile.TarInfo(name)
+            info.type = kind_
+            if kind_ == tarfile.REGTYPE:
+                info.size = len(what)
+                t.addfile(info, io.BytesIO(what))
+            else:
+                info.linkname = what
+                t.addfile(info)
+    assert cli.main(["prepare", str(arc), str(tmp_path / "o.npy"), "--resolution", "12",
+                     "--workers", "0", "--no-progress"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("6 images of shape (12, 12, 3), 2 unreadable skipped")
+    assert out[1:] == [f"  unreadable: {arc}:imgs/dangling.png: LookupError: a symlink to "
+                       f"'imgs/missing.png', not a regular file of the archive",
+                       f"  unreadable: {arc}:imgs/out.png: LookupError: a symlink to "
+                       f"'../../x.png', outside the archive"]
+    got = np.load(tmp_path / "o.npy")
+    want = [D.decode(x, 12, "center-crop") for x in (a, a, a, a, b, b)]
+    np.testing.assert_array_equal(got, np.stack(want))
 
 
 def test_decoding_in_windows_keeps_the_order():
@@ -631,29 +674,40 @@ def test_prepare_workers_leave_ctrl_c_and_sigterm_to_prepare(tmp_path, monkeypat
 def test_prepare_with_a_worker_killed_ends_and_leaves_no_file(tmp_path):
     # A decoding process killed midway (the OOM killer; `timeout` signals the whole process
     # group): prepare ends with an error and removes OUT.tmp. multiprocessing.Pool lost the
-    # worker's task and waited for it forever; Ctrl-C at that point hung too.
+    # worker's task and waited for it forever; Ctrl-C at that point hung too. The command
+    # says so in one line (it printed BrokenProcessPool's traceback); BLURFAST_DEBUG=1 shows
+    # the traceback.
+    import os
     import subprocess
     import sys
     src = made_photos(tmp_path / "src", 40, size=8)
     script = (
         "import os, signal, sys\n"
-        "from blurfast import data as D\n"
+        "from blurfast import cli, data as D\n"
         "decode = D.decode_named\n"
         "def dies(name, *a):\n"
         "    if name.endswith('00021.png') or name.endswith('00021.jpg'):\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return decode(name, *a)\n"
         "D.decode_named = dies\n"
-        "D.prepare(sys.argv[1], sys.argv[2], resolution=4, workers=2, progress=False)\n")
-    try:
-        # cwd: not the repository root, whose blurfast/ (unbuilt in CI) would shadow the
-        # installed package
-        r = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "o.npy")],
-                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    except subprocess.TimeoutExpired:
-        pytest.fail("prepare hung when a decoding process was killed")
-    assert r.returncode != 0 and "terminated abruptly" in r.stderr
-    assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
+        "sys.exit(cli.main(['prepare', sys.argv[1], sys.argv[2], '--resolution', '4',\n"
+        "                   '--workers', '2', '--no-progress']))\n")
+    for debug in ("", "1"):
+        try:
+            # cwd: not the repository root, whose blurfast/ (unbuilt in CI) would shadow the
+            # installed package
+            r = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "o.npy")],
+                               capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                               env={**os.environ, "BLURFAST_DEBUG": debug})
+        except subprocess.TimeoutExpired:
+            pytest.fail("prepare hung when a decoding process was killed")
+        assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
+        if debug:
+            assert r.returncode != 0 and "Traceback" in r.stderr and "WorkerDied" in r.stderr
+        else:
+            assert r.returncode == 1 and "Traceback" not in r.stderr
+            assert r.stderr == ("blurfast prepare: error: a decoding process died (killed by "
+                                "signal 9, SIGKILL: out of memory?); nothing was written\n")
 
 
 def test_prepare_skips_the_zip_members_it_cannot_read(tmp_path):
@@ -701,6 +755,31 @@ def test_prepare_refuses_a_tar_damaged_midway(tmp_path, kind):
     with pytest.raises(ValueError, match=rf"^src: .*d\.{re.escape(kind)}' cannot be read as "
                                          rf"a tar archive"):
         D.prepare(arc, tmp_path / "o.npy", resolution=12, workers=0, progress=False)
+    assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
+
+
+@pytest.mark.parametrize("kind", ["tar.bz2", "tar.gz", "tar.xz"])
+def test_a_corrupt_compressed_tar_is_one_line_naming_it(tmp_path, capsys, kind):
+    # tarfile tries each compression on a file it cannot open: its error listed them all,
+    # one line each. Now one line, the failure of the compression the name says (a garbage
+    # file; a truncated .tar.bz2 fails there too, its cause said); EOFError for a stream cut
+    # short that opens.
+    from blurfast import cli
+    src = made_photos(tmp_path / "src", 4, size=12)
+    good = _archive(tmp_path / f"g.{kind}", [(p.name, p.read_bytes())
+                                             for p in sorted(src.iterdir())], kind).read_bytes()
+    (tmp_path / f"garbage.{kind}").write_bytes(b"not an archive at all " * 20)
+    (tmp_path / f"cut.{kind}").write_bytes(good[:len(good) // 2])
+    wrong = {"tar.bz2": "not a bzip2 file", "tar.gz": "not a gzip file",
+             "tar.xz": "not an lzma file"}[kind]
+    for name, why in (("garbage", wrong),
+                      ("cut", "Compressed file ended before the end-of-stream marker")):
+        assert cli.main(["prepare", str(tmp_path / f"{name}.{kind}"), str(tmp_path / "o.npy"),
+                         "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert re.match(rf"blurfast prepare: error: src: '.*{name}\.{re.escape(kind)}' "
+                        rf"cannot be read as a tar archive \(.*{why}.*\)$", err), err
     assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
 
 
