@@ -735,7 +735,8 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
                     if skipped:
                         bar.set_postfix(skipped=skipped, refresh=False)
         except BrokenProcessPool as e:      # a worker killed; its exit code, once joined
-            processes = list(pool._processes.values())
+            # the pool's own list (private; without it the message says less)
+            processes = list((getattr(pool, "_processes", None) or {}).values())
             pool.shutdown()
             raise WorkerDied(f"a decoding process died ({_death(processes)}); nothing was "
                              f"written") from e

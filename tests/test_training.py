@@ -564,17 +564,21 @@ def test_ddp_two_gloo_processes_match_one_process(made16, tmp_path, grad_accum, 
     assert moved > 1000 * atol                           # and training did move them
 
 
-def test_the_flat_all_reduce_is_ddps_step(tmp_path):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_flat_all_reduce_is_ddps_step(tmp_path, compiled):
     # TrainStep(ddp="flat") (what a captured step of several processes runs: the gradients
     # views of one buffer, all-reduced once after the backward) against DDP's buckets,
     # two gloo processes, grad_accum 2, dropout 0.1, no clipping (which would hide the
     # gradients' scale). Each rank starts from other weights:
     # both take rank 0's. The ranks end identical, and the two ways agree to rounding
     # (DDP sums in buckets, in another order; adam_eps 1 keeps Adam's update smooth, see
-    # test_ddp_two_gloo_processes_match_one_process).
+    # test_ddp_two_gloo_processes_match_one_process). compiled: both under torch.compile
+    # (Inductor, drawing dropout masks as eager does; DDP's graph split at its buckets),
+    # against the same steps uncompiled.
     script = f"""
         import torch, torch.distributed as dist
         torch.set_num_threads(1)
+        torch._inductor.config.fallback_random = True     # eager's dropout masks
         dist.init_process_group("gloo")
         rank = dist.get_rank()
         from blurfast import training
@@ -582,13 +586,17 @@ def test_the_flat_all_reduce_is_ddps_step(tmp_path):
         from blurfast.models import UNet
         diff = BlurDiffusion(resolution=16)
         out = {{}}
-        for mode in (True, "flat"):
+        for mode in ("True", "flat", "compiled True", "compiled flat"):
+            if mode.startswith("compiled") and not {compiled!r}:
+                continue
             torch.manual_seed(100 + rank)
             init = UNet.from_preset("small", resolution=16, dropout=0.1, **{TINY!r})
             net = UNet(**init.config)
             net.load_state_dict(init.state_dict())
-            step = training.TrainStep(net, diff, device="cpu", ddp=mode, lr=0.1, adam_eps=1.0,
-                                      grad_accum=2, grad_clip=None)
+            ddp = {{"True": True, "flat": "flat"}}[mode.split()[-1]]
+            step = training.TrainStep(net, diff, device="cpu", ddp=ddp, lr=0.1, adam_eps=1.0,
+                                      grad_accum=2, grad_clip=None,
+                                      compile=mode.startswith("compiled"))
             g = torch.Generator().manual_seed(7)
             for i in range(3):
                 x = torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8, generator=g)
@@ -612,21 +620,23 @@ def test_the_flat_all_reduce_is_ddps_step(tmp_path):
         assert p.returncode == 0, log
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     lr = 0.1
-    for mode in ("True", "flat"):
+    modes = ["True", "flat"] + (["compiled True", "compiled flat"] if compiled else [])
+    for mode in modes:
         assert r0[mode]["stats"] == r1[mode]["stats"]
         assert r0[mode]["stats"]["skipped_total"] == 0
         for part in ("model", "ema"):
             for k, v in r0[mode][part].items():
                 assert torch.equal(v, r1[mode][part][k]), (mode, part, k)
-    assert r0["flat"]["stats"]["loss"] == pytest.approx(r0["True"]["stats"]["loss"], rel=1e-5)
-    moved = 0.0
-    for k, v in r0["flat"]["model"].items():
-        # gradients summed in another order: about 1e-6 of their size, at most lr * 1e-6
-        # per step on a weight (3 steps)
-        torch.testing.assert_close(v, r0["True"]["model"][k], rtol=0, atol=4 * lr * 1e-6)
-        torch.testing.assert_close(r0["flat"]["ema"][k], r0["True"]["ema"][k], rtol=0,
-                                   atol=4 * lr * 1e-6)
-        moved = max(moved, (v - r0["flat"]["init"][k]).abs().max().item())
+    moved, ref = 0.0, r0["True"]
+    for mode in modes[1:]:
+        assert r0[mode]["stats"]["loss"] == pytest.approx(ref["stats"]["loss"], rel=1e-5)
+        for k, v in r0[mode]["model"].items():
+            # gradients summed in another order: about 1e-6 of their size, at most
+            # lr * 1e-6 per step on a weight (3 steps)
+            torch.testing.assert_close(v, ref["model"][k], rtol=0, atol=4 * lr * 1e-6)
+            torch.testing.assert_close(r0[mode]["ema"][k], ref["ema"][k], rtol=0,
+                                       atol=4 * lr * 1e-6)
+            moved = max(moved, (v - r0[mode]["init"][k]).abs().max().item())
     assert moved > 1000 * 4 * lr * 1e-6                 # the steps did move the weights
     # The ranks began apart; rank 0's initial weights won.
     assert any(not torch.equal(v, r1["flat"]["init"][k]) for k, v in r0["flat"]["init"].items())
