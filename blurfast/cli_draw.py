@@ -61,8 +61,10 @@ def register(sub) -> None:
                     "sample last. The last column is the image `blurfast sample` makes "
                     "with the same sampler, steps and seed in fp32.")
     add_reverse_run_flags(t)
-    t.add_argument("--out", default="trajectory.png", help="PNG to write (default "
-                   "trajectory.png)")
+    t.add_argument("--out", default="trajectory.png",
+                   help="PNG to write (default trajectory.png); a .gif name writes an "
+                        "animation instead, a frame per model call (--columns unused), the "
+                        "sample held last")
     t.add_argument("--n", type=int, default=4, help="images, one or two rows each (default 4)")
     t.add_argument("--columns", type=int, default=10,
                    help="steps shown before the sample (default 10; every call if fewer)")
@@ -124,11 +126,12 @@ def register(sub) -> None:
     c.set_defaults(func=_curves)
 
 
-def _check_out(out) -> Path:
+def _check_out(out, gif: bool = False) -> Path:
     from .fileio import check_writable
-    if Path(out).suffix.lower() != ".png":
-        raise ValueError(f"--out: expected a .png file name (the picture is a PNG), got "
-                         f"{str(out)!r}")
+    if Path(out).suffix.lower() not in ((".png", ".gif") if gif else (".png",)):
+        what = "a .png or .gif file name (a picture or an animation)" if gif else \
+            "a .png file name (the picture is a PNG)"
+        raise ValueError(f"--out: expected {what}, got {str(out)!r}")
     check_writable("--out", out)
     return Path(out)
 
@@ -148,7 +151,7 @@ def _trajectory(args) -> int:
     check_int("--steps", args.steps, 0, none_ok=True)
     check_int("--seed", args.seed, 0, _SEED_LIMIT - 1)
     check_eta(args.sampler, args.eta, "--eta")
-    out = _check_out(args.out)
+    out = _check_out(args.out, gif=True)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         check_gpu_seen("--device")
@@ -160,15 +163,23 @@ def _trajectory(args) -> int:
         raise ValueError(f"--steps: expected an int in [0, {diff.num_steps - 1}] for this "
                          f"run's N = {diff.num_steps} (0 = the full chain), got {steps}")
     net = diff.eps_model(model, config.get("target", "eps"))
+    gif = out.suffix.lower() == ".gif"
+    kw = dict(path=out, sampler=args.sampler, steps=None if steps == 0 else steps,
+              seed=args.seed, eta=args.eta, spacing=args.spacing, show=args.show,
+              pixel_range=pixel_range, device=device, clip=data_range(pixel_range),
+              progress=not args.no_progress)
     with torch.no_grad():
-        _, shown = viz.trajectory(
-            net, diff, (args.n,) + diff.shape, path=out, sampler=args.sampler,
-            steps=None if steps == 0 else steps, num=args.columns, seed=args.seed,
-            eta=args.eta, spacing=args.spacing, show=args.show, pixel_range=pixel_range,
-            device=device, clip=data_range(pixel_range), progress=not args.no_progress)
+        if gif:
+            _, shown = viz.trajectory_frames(net, diff, (args.n,) + diff.shape, **kw)
+        else:
+            _, shown = viz.trajectory(net, diff, (args.n,) + diff.shape, num=args.columns,
+                                      **kw)
     rows = {"both": "x_t above x0_hat", "x_t": "x_t", "x0_hat": "x0_hat"}[args.show]
+    what = (f"{args.sampler}, a frame per model call ({len(shown) - 1}), then the sample "
+            f"held" if gif else
+            f"{args.sampler} at steps {', '.join(map(str, shown[:-1]))}, then the sample")
     print(f"wrote {out}: {args.n} image{'s' if args.n != 1 else ''} ({rows}) from {path}, "
-          f"{args.sampler} at steps {', '.join(map(str, shown[:-1]))}, then the sample")
+          f"{what}")
     return 0
 
 

@@ -306,6 +306,11 @@ class TrainStep:
             raise ValueError(f"ddp: expected False, True or 'flat', got {ddp!r}")
         if cuda_graphs and ddp:
             ddp = "flat"          # DDP's bucket hooks are not captured; one all-reduce is
+            nccl = torch.cuda.nccl.version()
+            if nccl < (2, 9, 6):
+                raise ValueError(f"cuda_graphs: several processes need NCCL 2.9.6 or newer "
+                                 f"to capture their all-reduce, this torch has "
+                                 f"{'.'.join(map(str, nccl))}; train without CUDA graphs")
         if cast_once and (precision != "bf16" or ddp):
             raise ValueError("cast_once: needs precision='bf16' and one process (no ddp)")
         self.target, self.flip, self.pixel_range = target, flip, pixel_range

@@ -1,8 +1,10 @@
-"""Pictures: the forward strip, a reverse run over time, a run's curves.
+"""Pictures: the forward strip, a reverse run over time (a grid or an animation), a
+run's curves.
 
 Images are (C, H, W) or (B, C, H, W) tensors with values in [-1, 1] (C = 1 or 3; the
 process pictures also take a run's [0, 1] range);
-a picture is a uint8 (H', W', C) array, written as PNG through Pillow. The curves
+a picture is a uint8 (H', W', C) array, written as PNG (an animation as GIF) through
+Pillow. The curves
 (:func:`training_curves`) are drawn with matplotlib.
 """
 from __future__ import annotations
@@ -18,8 +20,8 @@ import torch
 from .checks import check_bool, check_int
 from .diffusion import BlurDiffusion
 
-__all__ = ["to_uint8", "grid", "save_png", "forward_strip", "trajectory", "TRAJECTORY_ROWS",
-           "training_curves"]
+__all__ = ["to_uint8", "grid", "save_png", "save_gif", "forward_strip", "trajectory",
+           "trajectory_frames", "TRAJECTORY_ROWS", "training_curves"]
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -98,6 +100,38 @@ def forward_strip(diff: BlurDiffusion, x0: torch.Tensor, path=None, seed: int = 
 TRAJECTORY_ROWS = ("x0_hat", "x_t", "both")
 
 
+def _reverse_run(model, diff, shape, take, sampler, steps, seed, eta, spacing, pixel_range,
+                 progress, kw):
+    """One reverse run: ``(shown, states, estimates)``, the steps in ``take(seq)`` (a set
+    of the run's steps) and, at each, x_t and x0_hat on the CPU in [-1, 1] for display;
+    the sample last, at step 0, in both lists."""
+    from .data import to_unit_range
+    from .sampling import sample, timesteps
+
+    seq = timesteps(diff, steps if isinstance(spacing, str) else None, spacing)
+    wanted = take(seq)
+    to_unit_range(torch.zeros(0), pixel_range)      # checks pixel_range before sampling
+    shown, states, estimates = [], [], []
+
+    def display(x):
+        return to_unit_range(x.float(), pixel_range).clamp(-1, 1).cpu()
+
+    def keep(i, x_t, x0_hat):
+        if i in wanted:
+            shown.append(i)
+            states.append(display(x_t))
+            estimates.append(display(x0_hat))
+
+    out = display(sample(model, diff, shape, sampler=sampler, steps=steps, eta=eta,
+                         spacing=spacing, seed=seed, callback=keep, progress=progress, **kw))
+    return shown + [0], states + [out], estimates + [out]
+
+
+def _check_show(show: str) -> None:
+    if show not in TRAJECTORY_ROWS:
+        raise ValueError(f"show: expected one of {TRAJECTORY_ROWS}, got {show!r}")
+
+
 def trajectory(model, diff: BlurDiffusion, shape, path=None, sampler: str = "ddim",
                steps: Optional[int] = 100, num: int = 10, seed: int = 0, eta=0.0,
                spacing="uniform", pad: int = 1, show: str = "x0_hat",
@@ -114,34 +148,16 @@ def trajectory(model, diff: BlurDiffusion, shape, path=None, sampler: str = "ddi
     ``(picture, steps)`` with the steps of the shown columns (0 for the final sample);
     PNG to ``path``.
     """
-    from .data import to_unit_range
-    from .sampling import sample, timesteps
-
-    seq = timesteps(diff, steps if isinstance(spacing, str) else None, spacing)
     check_int("num", num, 1)
     check_int("pad", pad, 0)
-    if show not in TRAJECTORY_ROWS:
-        raise ValueError(f"show: expected one of {TRAJECTORY_ROWS}, got {show!r}")
-    to_unit_range(torch.zeros(0), pixel_range)      # checks pixel_range before sampling
-    take = set(seq[round(k * (len(seq) - 1) / max(num - 1, 1))] for k in range(num))
-    shown, states, estimates = [], [], []
+    _check_show(show)
 
-    def display(x):
-        return to_unit_range(x.float(), pixel_range).clamp(-1, 1).cpu()
-
-    def keep(i, x_t, x0_hat):
-        if i in take:
-            shown.append(i)
-            states.append(display(x_t))
-            estimates.append(display(x0_hat))
-
-    out = display(sample(model, diff, shape, sampler=sampler, steps=steps, eta=eta,
-                         spacing=spacing, seed=seed, callback=keep, progress=progress, **kw))
-    shown.append(0)
-    states.append(out)
-    estimates.append(out)
+    def take(seq):
+        return {seq[round(k * (len(seq) - 1) / max(num - 1, 1))] for k in range(num)}
+    shown, states, estimates = _reverse_run(model, diff, shape, take, sampler, steps, seed,
+                                            eta, spacing, pixel_range, progress, kw)
     rows = []
-    for b in range(out.shape[0]):
+    for b in range(len(states[0])):
         if show in ("x_t", "both"):
             rows.append([c[b] for c in states])
         if show in ("x0_hat", "both"):
@@ -150,6 +166,42 @@ def trajectory(model, diff: BlurDiffusion, shape, path=None, sampler: str = "ddi
     if path is not None:
         save_png(pic, path)
     return pic, shown
+
+
+def trajectory_frames(model, diff: BlurDiffusion, shape, path=None, sampler: str = "ddim",
+                      steps: Optional[int] = 100, seed: int = 0, eta=0.0, spacing="uniform",
+                      pad: int = 1, show: str = "both", pixel_range: str = "-1,1",
+                      progress: bool = False, frame_ms: int = 80, hold_ms: int = 2000, **kw):
+    """The reverse run of :func:`trajectory` as an animation: a frame per model call, the
+    sample last. A frame holds the images of ``shape`` side by side, each a column of
+    x_t above x0_hat (``show="both"``) or one of them. Returns ``(frames, steps)``, uint8
+    pictures and the step of each (0 for the sample); with ``path``, writes them as a
+    looping GIF (``frame_ms`` per frame, the sample held ``hold_ms``; Pillow reduces each
+    frame to 256 colours)."""
+    check_int("pad", pad, 0)
+    check_int("frame_ms", frame_ms, 1)
+    check_int("hold_ms", hold_ms, 1)
+    _check_show(show)
+    shown, states, estimates = _reverse_run(model, diff, shape, set, sampler, steps, seed,
+                                            eta, spacing, pixel_range, progress, kw)  # all
+    lists = {"x_t": [states], "x0_hat": [estimates], "both": [states, estimates]}[show]
+    frames = [grid([[c[k][b] for b in range(len(c[k]))] for c in lists], pad)
+              for k in range(len(shown))]
+    if path is not None:
+        save_gif(frames, path, [frame_ms] * (len(frames) - 1) + [hold_ms])
+    return frames, shown
+
+
+def save_gif(frames: Sequence[np.ndarray], path, durations_ms: Sequence[int]) -> None:
+    """Writes (H, W, 1 or 3) uint8 pictures as a looping GIF, ``durations_ms[k]`` for
+    frame k (temp file + rename)."""
+    from PIL import Image
+
+    from .fileio import atomic_path
+    images = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in frames]
+    with atomic_path(path, suffix=".gif") as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
+                       duration=list(durations_ms), loop=0)
 
 
 def _read_columns(path: Path, names: Sequence[str]) -> dict:

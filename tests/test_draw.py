@@ -298,3 +298,56 @@ def test_trajectory_default_steps_fit_a_short_chain(run, tmp_path, capsys):
                      "--out", str(tmp_path / "t.png")]) == 0
     assert "ddim at steps 29, 28, 27," in capsys.readouterr().out
     assert tiles(tmp_path / "t.png", 2, 30).shape[:2] == (2, 30)
+
+
+def test_trajectory_animation_is_the_trajectory_at_every_call(run, tmp_path, capsys):
+    # viz.trajectory_frames against viz.trajectory with a column per model call (its tiles
+    # are checked against `blurfast sample` and the prior above): frame k holds column k,
+    # image b's x_t above its x0_hat. Then the command's GIF: a frame per call and the
+    # sample, their durations, looping, each frame its picture up to Pillow's palette.
+    from PIL import ImageSequence
+    from blurfast import checkpoint as ckpt
+    from blurfast.generate import resolve_checkpoint
+    model, diff, config = ckpt.load_model(resolve_checkpoint(run / "run"))
+    net = diff.eps_model(model, config["target"])
+    kw = dict(steps=6, seed=5, pixel_range="0,1", clip=(0.0, 1.0))
+    with torch.no_grad():
+        grid_pic, cols = viz.trajectory(net, diff, (3,) + diff.shape, num=6, show="both",
+                                        path=tmp_path / "t.png", **kw)
+        frames, steps = viz.trajectory_frames(net, diff, (3,) + diff.shape, **kw)
+    assert steps == cols and len(cols) == 7 and steps[-1] == 0
+    t = tiles(tmp_path / "t.png", 6, 7)
+    for k, f in enumerate(frames):
+        assert f.shape == (2 * (SIDE + 1) - 1, 3 * (SIDE + 1) - 1, 3)
+        for b in range(3):
+            for r in range(2):
+                tile = f[r * (SIDE + 1):r * (SIDE + 1) + SIDE,
+                         b * (SIDE + 1):b * (SIDE + 1) + SIDE]
+                np.testing.assert_array_equal(tile, t[2 * b + r, k])
+    with torch.no_grad():
+        only, _ = viz.trajectory_frames(net, diff, (3,) + diff.shape, show="x0_hat", **kw)
+    np.testing.assert_array_equal(only[2], frames[2][SIDE + 1:])
+
+    out = tmp_path / "t.gif"
+    assert cli.main(["draw", "trajectory", "--ckpt", str(run / "run"), "--n", "3", "--steps",
+                     "6", "--seed", "5", "--device", "cpu", "--out", str(out),
+                     "--no-progress"]) == 0
+    assert capsys.readouterr().out.endswith(
+        "ddim, a frame per model call (6), then the sample held\n")
+    gif = Image.open(out)
+    assert gif.n_frames == 7 and gif.info["loop"] == 0
+    durations = []
+    for k, fr in enumerate(ImageSequence.Iterator(gif)):
+        durations.append(fr.info["duration"])
+        got = np.asarray(fr.convert("RGB")).astype(int)
+        # Pillow's 256-colour palette: 3.9 to 4.5 levels off on average here (up to ~110
+        # at single pixels of these noisy frames); the prior and the sample, the ends of
+        # the run, are further apart than that
+        err = np.abs(got - frames[k]).mean()
+        assert err < 6, k
+        if k in (0, 6):
+            assert 2 * err < np.abs(got - frames[6 - k]).mean(), k
+    assert durations == [80] * 6 + [2000]
+    assert cli.main(["draw", "trajectory", "--ckpt", str(run / "run"), "--device", "cpu",
+                     "--out", str(tmp_path / "t.jpg")]) == 2
+    assert "--out: expected a .png or .gif file name" in capsys.readouterr().err
