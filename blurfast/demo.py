@@ -173,6 +173,9 @@ def run(out="blurfast-demo", minutes: float = 6.0, data: Optional[str] = None,
     paths["trajectory"] = out / "trajectory.png"
     viz.trajectory(model, diff, (4,) + diff.shape, path=paths["trajectory"], steps=steps,
                    device=device, clip=(-1.0, 1.0))
+    paths["animation"] = out / "trajectory.gif"       # the same run, a frame per step
+    viz.trajectory_frames(model, diff, (4,) + diff.shape, path=paths["animation"],
+                          steps=steps, device=device, clip=(-1.0, 1.0))
 
     # 4. The quick benchmark.
     if bench:

@@ -176,6 +176,8 @@ def test_demo_smoke(tmp_path, capsys):
     for name in ("samples.png", "forward_strip.png", "trajectory.png", "bench.png"):
         _png(out / name)
     assert json.loads((out / "bench.json").read_text())["rows"]
+    from PIL import Image
+    assert Image.open(out / "trajectory.gif").n_frames == 6       # 5 steps, the sample
     assert list((out / "run" / "checkpoints").iterdir())
     strip = _png(out / "forward_strip.png")
     assert strip.shape[0] >= 4 * 16                   # one row per photograph
