@@ -171,7 +171,8 @@ def _add_train(sub) -> None:
                         "and the printed config")
     g = p.add_argument_group("FID during training")
     g.add_argument("--fid-every", dest="fid_every", type=int,
-                   help="FID every that many steps (and at the end); keeps RUN_DIR/best/")
+                   help="FID and KID every that many steps (and at the end), in "
+                        "RUN_DIR/fid.csv; keeps the best FID's checkpoint in RUN_DIR/best/")
     g.add_argument("--fid-ref", dest="fid_ref", metavar="PATH",
                    help="reference: image folder, lmdb, prepared .npy or STATS.npz")
     g.add_argument("--fid-n", dest="fid_n", type=int, help="samples per FID")

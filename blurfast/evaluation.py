@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import socket
 import tempfile
@@ -544,11 +545,14 @@ def fid(samples, ref, n: Optional[int] = 10_000, resolution: Optional[int] = Non
 
 
 class FidMonitor:
-    """FID of a model's samples during training: ``monitor(model, diff) -> float``.
+    """FID and KID of a model's samples during training: ``monitor(model, diff)`` gives a
+    :class:`FidValue` (its ``kid`` too: at the few images a run scores, 1000 by default,
+    the FID is biased high and the KID is not).
 
     ``n`` images from ``sampler`` with ``steps`` model calls (seed fixed, so successive
-    values compare the weights only) against the reference statistics of ``ref``,
-    computed once (``resolution``, ``resize``, ``channels``: the run's preprocessing).
+    values compare the weights only) against the reference statistics (and features) of
+    ``ref``, computed once (``resolution``, ``resize``, ``channels``: the run's
+    preprocessing); a STATS .npz without features gives the FID alone (``kid`` nan).
     ``feature_extractor`` replaces InceptionV3 (tests)."""
 
     def __init__(self, ref, *, resolution: int, resize: str, channels: int,
@@ -559,20 +563,25 @@ class FidMonitor:
         self.ref, self.resolution, self.resize, self.n = ref, resolution, resize, n
         self.channels = channels
         check_reference(ref, resolution, channels, name="fid_ref")
+        # KID too where the reference gives features (all but a STATS .npz without them)
+        p = Path(ref)
+        self.kid = not (p.is_file() and p.suffix == ".npz"
+                        and _read_statistics_named(p, "fid_ref")[3] is None)
         self.steps, self.sampler, self.batch, self.device = steps, sampler, batch, device
         self.pixel_range = pixel_range
         self.extractor = feature_extractor or inception_extractor(inception, device=device)
         self._ref_stats = None
 
-    def __call__(self, model, diff, progress: bool = False) -> float:
-        """The FID of ``model`` (eps) under ``diff``; ``progress``: bars over the reference's
-        features (the first call) and the samples (cleared when done)."""
+    def __call__(self, model, diff, progress: bool = False) -> FidValue:
+        """The FID of ``model`` (eps) under ``diff``, with its KID (``.kid``, nan where
+        ``self.kid`` is False); ``progress``: bars over the reference's features (the
+        first call) and the samples (cleared when done)."""
         from .generate import sample_batches
         from .sampling import timesteps
         if self._ref_stats is None:
-            self._ref_stats = reference_statistics(self.ref, self.resolution, self.resize,
-                                                   self.n, self.extractor, self.device,
-                                                   progress=progress, channels=self.channels)
+            self._ref_stats = _reference_statistics(
+                self.ref, self.resolution, self.resize, self.n, self.extractor, self.device,
+                64, True, progress, self.channels, want_features=self.kid)
         seq = timesteps(diff, min(self.steps, diff.num_steps - 1))
         batches = [(b0, min(self.n, b0 + self.batch)) for b0 in range(0, self.n, self.batch)]
         precision = default_precision(torch.device(self.device))
@@ -580,7 +589,12 @@ class FidMonitor:
                                                seq=seq, eta=0.0, seed=0, device=self.device,
                                                precision=precision,
                                                pixel_range=self.pixel_range) for img in b)
-        mu, sigma = statistics(features(imgs, self.extractor, self.batch, self.device,
-                                        total=self.n, progress=progress, leave=False,
-                                        desc=f"FID: sampling {self.n} images"))
-        return frechet_distance(mu, sigma, *self._ref_stats)
+        feats = features(imgs, self.extractor, self.batch, self.device, total=self.n,
+                         progress=progress, leave=False, desc=f"FID: sampling {self.n} images")
+        mu_r, sigma_r, n_ref, feats_r = self._ref_stats
+        value = FidValue(frechet_distance(*statistics(feats), mu_r, sigma_r))
+        value.samples, value.ref, value.channels = len(feats), n_ref, self.channels
+        value.kid, value.kid_std = (kernel_distance(feats.astype(np.float32), feats_r,
+                                                    device=self.device)
+                                    if self.kid else (math.nan, math.nan))
+        return value

@@ -61,7 +61,7 @@ _GRAPH_WARMUP = 3          # eager steps (on a side stream) before the capture
 BACKEND_FLAGS = (True, True, True)
 LOG_FIELDS = ["step", "images", "loss", "grad_norm", "lr", "nonfinite", "images_per_s",
               "elapsed_s"]
-FID_FIELDS = ["step", "fid"]
+FID_FIELDS = ["step", "fid", "kid"]
 
 
 class NonFiniteError(RuntimeError):
@@ -902,19 +902,24 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
 
 
 class _FidLog:
-    """``fid.csv`` (step, fid): appended line by line; on resume cut as log.csv is (to the
-    resumed step, torn rows dropped), the best value of the rows kept going on."""
+    """``fid.csv`` (step, fid, kid): appended line by line; on resume cut as log.csv is (to
+    the resumed step, torn rows dropped), the best FID of the rows kept going on. A log
+    of an older run (step, fid) gets the kid column, nan in its rows."""
 
     def __init__(self, path: Path, start: int):
         self.path = path
-        rows = _rows_up_to(path, FID_FIELDS, start) if start > 0 and path.is_file() else []
+        rows = []
+        if start > 0 and path.is_file():
+            old = path.read_text().startswith("step,fid\n")
+            rows = _rows_up_to(path, FID_FIELDS[:2] if old else FID_FIELDS, start)
         self.best = min((float(r["fid"]) for r in rows), default=float("inf"))
-        lines = [",".join(FID_FIELDS)] + [f"{r['step']},{r['fid']}" for r in rows]
+        lines = [",".join(FID_FIELDS)] + [f"{r['step']},{r['fid']},{r.get('kid', 'nan')}"
+                                          for r in rows]
         write_text(path, "".join(line + "\n" for line in lines))
 
-    def add(self, step: int, value: float) -> bool:
+    def add(self, step: int, value: float, kid: Optional[float] = None) -> bool:
         with open(self.path, "a") as f:
-            f.write(f"{step},{value:.6g}\n")
+            f.write(f"{step},{value:.6g},{math.nan if kid is None else kid:.6g}\n")
         if value < self.best:
             self.best = value
             return True
@@ -1140,11 +1145,14 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                 if at_fid:
                     value = fid(diff.eps_model(stepper.ema, cfg["target"]), diff,
                                 progress=bar is not None)
-                    if fid_log.add(step, value):          # the best so far
+                    kid = getattr(value, "kid", None)
+                    if fid_log.add(step, value, kid):          # the best FID so far
                         ckpt.save(out / "best", step, stepper.model, stepper.ema,
                                   state_at(step), cfg, keep=1)
                     if bar is not None:
-                        bar.write(f"step {step}: FID {value:.3f} (best {fid_log.best:.3f})")
+                        said = "" if kid is None or math.isnan(kid) else f", KID {kid:.5f}"
+                        bar.write(f"step {step}: FID {value:.3f} (best {fid_log.best:.3f})"
+                                  f"{said}")
                 if at_grid:
                     _save_samples(stepper.ema, diff, out / "samples" / f"step_{step:09d}.png",
                                   cfg["sample_count"], cfg["sample_steps"], cfg["pixel_range"],

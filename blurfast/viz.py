@@ -234,7 +234,7 @@ _MARKED_ROWS = 20       # log rows up to which the curves mark each point
 
 def training_curves(run_dir, path=None) -> Path:
     """``RUN_DIR/curves.png`` (or ``path``): loss (log scale, with a moving average),
-    gradient norm and images/s against the step, from ``log.csv``, and FID from
+    gradient norm and images/s against the step, from ``log.csv``, and FID and KID from
     ``fid.csv`` when the run scores itself. Needs matplotlib; returns the path."""
     try:        # a Figure of its own: no pyplot state, no backend switch in the caller
         from matplotlib.figure import Figure
@@ -248,10 +248,11 @@ def training_curves(run_dir, path=None) -> Path:
         raise ValueError(f"run_dir: no log.csv in {run_dir}")
     log = _read_columns(log_path, ["step", "loss", "grad_norm", "images_per_s"])
     fid_path = run_dir / "fid.csv"
-    fid = _read_columns(fid_path, ["step", "fid"]) if fid_path.is_file() else None
+    fid = _read_columns(fid_path, ["step", "fid", "kid"]) if fid_path.is_file() else None
     panels = [("loss", "loss (log scale)"), ("grad_norm", "gradient norm (before clipping)"),
               ("images_per_s", "images/s")]
-    n = len(panels) + (1 if fid and fid["step"] else 0)
+    scores = [k for k in ("fid", "kid") if fid and any(math.isfinite(v) for v in fid[k])]
+    n = len(panels) + len(scores)
     fig = Figure(figsize=(7, 2.2 * n))
     axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
     half_life = max(1, len(log["step"]) // 50)
@@ -267,10 +268,9 @@ def training_curves(run_dir, path=None) -> Path:
             ax.set_yscale("log")
         ax.set_ylabel(title, fontsize=8)
         ax.grid(alpha=0.3)
-    if n > len(panels):
-        ax = axes[-1]
-        ax.plot(fid["step"], fid["fid"], "o-", ms=3, color="C1")
-        ax.set_ylabel("FID", fontsize=8)
+    for ax, k in zip(axes[len(panels):], scores):
+        ax.plot(fid["step"], fid[k], "o-", ms=3, color="C1")
+        ax.set_ylabel(k.upper(), fontsize=8)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("step")
     rows = len(log["step"])

@@ -31,21 +31,22 @@ def folder_images(folder, n: int) -> list:
     return [np.asarray(Image.open(f).convert("RGB")) for f in files]
 
 
-def independent_fid(samples, refs) -> float:
-    """FID of mean_features between two lists of uint8 (H, W, 1 or 3) images, computed
-    here: grayscale as Pillow converts it to RGB, clean-fid's resizer, numpy statistics,
-    scipy's sqrtm."""
-    import scipy.linalg
+def independent_features(imgs) -> np.ndarray:
+    """mean_features of uint8 (H, W, 1 or 3) images, computed here: grayscale as Pillow
+    converts it to RGB, clean-fid's resizer, numpy's float64 means."""
     from cleanfid.resize import build_resizer
     rs = build_resizer("clean")
 
     def rgb(i):
         return np.asarray(Image.fromarray(i[:, :, 0]).convert("RGB")) if i.shape[2] == 1 else i
+    return np.stack([np.asarray(rs(rgb(i)), dtype=np.float64).mean(axis=(0, 1)) for i in imgs])
 
-    def feats(imgs):
-        return np.stack([np.asarray(rs(rgb(i)), dtype=np.float64).mean(axis=(0, 1))
-                         for i in imgs])
-    f1, f2 = feats(samples), feats(refs)
+
+def independent_fid(samples, refs) -> float:
+    """FID of mean_features between two lists of images (see independent_features), numpy
+    statistics, scipy's sqrtm."""
+    import scipy.linalg
+    f1, f2 = independent_features(samples), independent_features(refs)
     s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
     covmean = scipy.linalg.sqrtm(s1 @ s2).real
     return float(((f1.mean(0) - f2.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
@@ -469,6 +470,15 @@ def test_training_fid_every_keeps_the_best(run_dir, tmp_path, monkeypatch):
     with np.load(tmp_path / "again" / "samples.npz") as z:
         again = list(z["images"])
     assert min(values) == pytest.approx(independent_fid(again, folder_images(run_dir / "photos", 6)), rel=1e-4)
+    # Its KID too: subsets of all 6 images of each side, so the whole samples' unbiased
+    # squared MMD under (x.y / 3 + 1)^3, written out here in float64.
+    x = independent_features(again)
+    y = independent_features(folder_images(run_dir / "photos", 6))
+    kxx, kyy, kxy = ((a @ b.T / 3 + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    want = ((kxx.sum() - np.trace(kxx)) / 30 + (kyy.sum() - np.trace(kyy)) / 30
+            - 2 * kxy.mean())
+    kids = [float(r[2]) for r in rows]
+    assert kids[values.index(min(values))] == pytest.approx(want, rel=1e-4)
 
 
 def test_clip_x0_clamps_only_out_of_range_estimates():

@@ -339,6 +339,12 @@ def test_fid_log_is_cut_to_the_resumed_step_and_torn_rows_are_dropped(made16, tm
     assert [r[0] for r in rows] == ["2", "4"] and rows[0] == first[0].split(",")
     # the best so far after the resume: from the whole rows alone
     assert training._FidLog(fid_csv, 4).best == min(float(r[1]) for r in rows)
+    assert fid_csv.read_text().startswith("step,fid,kid\n")
+    assert all(np.isfinite(float(r[2])) for r in rows)           # KID of each point
+    # A log of an older run (step, fid) resumes with a kid column, nan in its rows.
+    fid_csv.write_text("step,fid\n2,51.5\n4,49.25\n6,48.5\n")
+    assert training._FidLog(fid_csv, 4).best == 49.25
+    assert fid_csv.read_text() == "step,fid,kid\n2,51.5,nan\n4,49.25,nan\n"
 
 
 def test_sigkill_during_save_resumes_from_the_last_good_checkpoint(made16, reference_run,

@@ -129,7 +129,7 @@ def test_smooth_has_the_half_life_and_skips_non_finite_values():
     assert np.isnan(viz._smooth([float("nan")], 3)[0])
 
 
-@pytest.mark.parametrize("with_fid", [False, True])
+@pytest.mark.parametrize("with_fid", [False, True, "kid"])
 def test_training_curves(tmp_path, with_fid):
     pytest.importorskip("matplotlib")
     rows = ["step,images,loss,grad_norm,lr,nonfinite,images_per_s,elapsed_s"]
@@ -137,18 +137,22 @@ def test_training_curves(tmp_path, with_fid):
         loss = "nan" if s == 7 else f"{1.0 / s:.6g}"
         rows.append(f"{s},{4 * s},{loss},{0.5 + 0.01 * s},1e-3,{int(s >= 7)},{100 + s},{s}")
     (tmp_path / "log.csv").write_text("\n".join(rows) + "\n")
-    if with_fid:
+    if with_fid == "kid":        # a log of this version: KID too (nan in a resumed old row)
+        (tmp_path / "fid.csv").write_text("step,fid,kid\n20,80.5,nan\n40,61.25,0.0312\n"
+                                          "60,50.5,0.0201\n")
+    elif with_fid:               # an older run's log: no KID
         (tmp_path / "fid.csv").write_text("step,fid\n20,80.5\n40,61.25\n")
     path = viz.training_curves(tmp_path)
     assert path == tmp_path / "curves.png"
+    panels = 3 + (with_fid is not False) + (with_fid == "kid")
     with Image.open(path) as im:
-        # One panel per curve, 2.2 inches each at 100 dpi: FID adds the fourth.
-        assert im.size == (700, 880 if with_fid else 660)
+        # One panel per curve, 2.2 inches each at 100 dpi: FID adds the fourth, KID a fifth.
+        assert im.size == (700, 220 * panels)
         pic = np.asarray(im.convert("RGB")).astype(int)
     # Each panel has its curve drawn: pixels of matplotlib's first colour (C0, the log's
-    # curves) in the first three panels, of C1 (FID) in the fourth.
-    bands = np.array_split(pic, 4 if with_fid else 3, axis=0)
-    colours = [(31, 119, 180)] * 3 + [(255, 127, 14)]
+    # curves) in the first three panels, of C1 (FID, KID) in the others.
+    bands = np.array_split(pic, panels, axis=0)
+    colours = [(31, 119, 180)] * 3 + [(255, 127, 14)] * 2
     for band, c in zip(bands, colours):
         assert (np.abs(band - np.array(c)).sum(-1) < 40).sum() > 100
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
