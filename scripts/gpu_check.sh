@@ -40,8 +40,9 @@
 #   memcheck   compute-sanitizer --tool memcheck  python scripts/sanitizer_case.py
 #   --- the steps below rarely fit in the first 600 s call: run them in a second one
 #   tests_paths  tests/test_gpu_paths.py: train() end to end (CUDA graphs, bf16, and its
-#              defaults: compiled model in the graph), cast_once against autocast, and
-#              the sampler's graphed model
+#              defaults: compiled model in the graph), cast_once against autocast, the
+#              sampler's graphed model, grad_accum and activation checkpointing in a
+#              captured step, and a captured step's in-graph NCCL all-reduce (one process)
 #   steps64    the training and sampler steps at batch 64, baselines and blurfast, and
 #              blurfast_ckpt (activation checkpointing: its time and peak memory)
 #              -> steps64.json
