@@ -2,8 +2,8 @@
 # LSUN church 64x64, the paper's settings (scripts/lsun64_paper.yaml) on several GPUs
 # of one machine: torchrun + DistributedDataParallel (NCCL). The global batch stays
 # the paper's 16 unless GLOBAL_BATCH is set; each GPU takes GLOBAL_BATCH / NGPUS (default:
-# the GPUs CUDA_VISIBLE_DEVICES leaves visible). torch.compile is on; CUDA graphs are for
-# one GPU only.
+# the GPUs CUDA_VISIBLE_DEVICES leaves visible). torch.compile is on; --cuda-graphs (as an
+# extra flag) captures each rank's step with its all-reduce, not yet run on several GPUs.
 #
 #   NGPUS=8 [GLOBAL_BATCH=64] scripts/train_lsun_church64_multigpu.sh DATA RUN_DIR [flags]
 #
