@@ -7,7 +7,7 @@ import numbers
 from typing import Optional
 
 __all__ = ["check_bool", "check_int", "check_number", "check_size", "check_gpu_seen",
-           "compile_problem", "default_precision"]
+           "compile_problem", "default_precision", "PRECISIONS", "autocast_dtype"]
 
 
 def check_bool(name: str, v) -> bool:
@@ -84,6 +84,16 @@ def compile_problem(device) -> Optional[str]:
         return (f"torch.compile on CUDA needs a GPU of compute capability 7.0 or newer "
                 f"(Triton's minimum); {torch.cuda.get_device_name(device)} is {major}.{minor}")
     return None
+
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+def autocast_dtype(precision: str):
+    """The autocast dtype of a precision (``PRECISIONS``): torch.bfloat16, torch.float16,
+    or None for "fp32" (no autocast)."""
+    import torch
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
 def default_precision(device) -> str:

@@ -242,8 +242,10 @@ def _add_sample(sub) -> None:
                         "are removed (with --resume: those numbered --n or above)")
     s.add_argument("--format", dest="fmt", choices=["png", "npz"], default="png",
                    help="one PNG per image, or one .npz of uint8 (N, H, W, C) (default png)")
-    s.add_argument("--precision", choices=["bf16", "fp32"], default=None,
-                   help="default: bf16 on GPUs of compute capability 8.0 or newer, else fp32")
+    s.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="bf16 or fp16 autocast (fp16: for GPUs without bfloat16, such as "
+                        "V100 and T4), or fp32 (default: bf16 on GPUs of compute capability "
+                        "8.0 or newer, else fp32)")
     s.add_argument("--cuda-graph", action="store_true",
                    help="replay each step's model call from a CUDA graph")
     s.add_argument("--compile", action="store_true",

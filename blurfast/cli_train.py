@@ -141,9 +141,10 @@ def _add_train(sub) -> None:
                    help="stop after this many non-finite losses in a row")
     g = p.add_argument_group("speed")
     g.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
-    g.add_argument("--precision", choices=["bf16", "fp32"],
-                   help="bf16 autocast or fp32 (default: bf16 on GPUs of compute capability "
-                        "8.0 or newer, else fp32)")
+    g.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
+                   help="bf16 autocast, fp16 autocast with a dynamic loss scale (for GPUs "
+                        "without bfloat16: V100, T4, RTX 20xx), or fp32 (default: bf16 on "
+                        "GPUs of compute capability 8.0 or newer, else fp32)")
     g.add_argument("--channels-last", dest="channels_last",
                    action=argparse.BooleanOptionalAction,
                    help="channels_last memory format (default off: NCHW measured faster)")

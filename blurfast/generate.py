@@ -24,7 +24,8 @@ import torch
 
 from . import checkpoint as ckpt
 from . import viz
-from .checks import check_bool, check_int, compile_problem, default_precision
+from .checks import (PRECISIONS, autocast_dtype, check_bool, check_int, compile_problem,
+                     default_precision)
 from .data import data_range, to_unit_range
 from .fileio import atomic_path, save_npz, write_text
 from .models import cast_for_autocast_
@@ -134,8 +135,8 @@ def sample_batches(model, diff, batches, *, sampler: str, seq, eta, seed: int, d
             on_step()
             return out
     chw = diff.channels * diff.H * diff.W
-    autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-                if precision == "bf16"
+    dtype = autocast_dtype(precision)
+    autocast = (torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None
                 else contextlib.nullcontext())
     for b0, b1 in batches:
         offset = b0 * chw
@@ -159,8 +160,8 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
     ``fid`` refuses an unfinished folder, and more images than it holds.
 
     ``eta``: a number or one per step (ddim and exp2m); ``steps=None`` runs the full
-    chain; ``precision`` ``bf16`` (default on GPUs of compute capability 8.0 or newer) or
-    ``fp32``; ``cuda_graph`` replays the model call of each step from a CUDA graph;
+    chain; ``precision`` ``bf16`` (default on GPUs of compute capability 8.0 or newer),
+    ``fp16`` (for GPUs without bfloat16) or ``fp32``; ``cuda_graph`` replays the model call of each step from a CUDA graph;
     ``compile`` runs the model under ``torch.compile`` (one compilation per batch size,
     inside the graph when both are set); ``clip`` clamps the model's x0 estimate to the
     data range (default on).
@@ -184,8 +185,8 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
     for name, v in (("ema", ema), ("cuda_graph", cuda_graph), ("compile", compile),
                     ("clip", clip), ("resume", resume), ("progress", progress)):
         check_bool(name, v)
-    if precision not in (None, "bf16", "fp32"):
-        raise ValueError(f"precision: expected 'bf16', 'fp32' or None, got {precision!r}")
+    if precision not in (None, *PRECISIONS):
+        raise ValueError(f"precision: expected one of {PRECISIONS} or None, got {precision!r}")
     if Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"out (--out): {str(out)!r} is a file; expected a folder for the "
                          f"images (made if missing)")
@@ -204,8 +205,8 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
         if why_not:
             raise ValueError(f"compile (--compile): {why_not}")
         precision = precision or default_precision(dev)
-        if precision == "bf16":
-            cast_for_autocast_(model)        # autocast's numbers, no casts per call
+        if precision != "fp32":
+            cast_for_autocast_(model, autocast_dtype(precision))  # autocast's numbers, once
         net = torch.compile(model, dynamic=False) if compile else model
         net = GraphedModel(net) if cuda_graph else net
         # Samplers call eps; a std or score model's output is converted after the network

@@ -47,7 +47,8 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import data as D
 from . import ops
-from .checks import check_bool, check_int, check_number, compile_problem, default_precision
+from .checks import (PRECISIONS, autocast_dtype, check_bool, check_int, check_number,
+                     compile_problem, default_precision)
 from .distributed import setup_processes, teardown_processes
 from .fileio import write_problem, write_text
 from .diffusion import TARGETS, BlurDiffusion, scales
@@ -57,6 +58,9 @@ __all__ = ["train", "TrainStep", "Bf16Weights", "step_draws", "StepBatches", "No
 
 _SEED_MASK = 2 ** 62 - 1
 _GRAPH_WARMUP = 3          # eager steps (on a side stream) before the capture
+# fp16's loss scale (torch's GradScaler's rule): from 2^16, halved at a non-finite
+# gradient (the step skipped), doubled after this many finite ones in a row.
+_SCALE_INIT, _SCALE_GROWTH = 2.0 ** 16, 2000
 # What train() sets on CUDA unless tf32=False: (matmul TF32, cuDNN TF32, cuDNN autotuning).
 BACKEND_FLAGS = (True, True, True)
 LOG_FIELDS = ["step", "images", "loss", "grad_norm", "lr", "nonfinite", "images_per_s",
@@ -292,8 +296,8 @@ class TrainStep:
         cuda = self.device.type == "cuda"
         if target not in TARGETS:
             raise ValueError(f"target: expected one of {TARGETS}, got {target!r}")
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision: expected 'fp32' or 'bf16', got {precision!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
         if optimizer not in ("adam", "adamw"):
             raise ValueError(f"optimizer: expected 'adam' or 'adamw', got {optimizer!r}")
         if pixel_range not in D.PIXEL_RANGES:
@@ -315,7 +319,11 @@ class TrainStep:
             raise ValueError("cast_once: needs precision='bf16' and one process (no ddp)")
         self.target, self.flip, self.pixel_range = target, flip, pixel_range
         self.cuda_graphs = cuda_graphs
-        self.amp = precision == "bf16"
+        self.amp_dtype = autocast_dtype(precision)
+        self._scale = self._good = None
+        if precision == "fp16":      # the loss scale and the finite steps since it changed
+            self._scale = torch.tensor(_SCALE_INIT, device=self.device)
+            self._good = torch.zeros((), device=self.device)
         self.max_norm = float(grad_clip) if grad_clip else math.inf     # None, 0: no clip
         self.ema_w = 1.0 - float(ema_beta)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -409,11 +417,13 @@ class TrainStep:
         x0 = D.to_float(x_u8, flip if self.flip else None, self.pixel_range)
         x_t, y = self.noised(x0, t, noise_seed, noise_offset)
         x_t = x_t.contiguous(memory_format=self.memory_format)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp,
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                            enabled=self.amp_dtype is not None,
                             cache_enabled=not self.cuda_graphs):
             pred = self.forward(x_t, t)
         loss = F.mse_loss(pred.float(), y)
-        (loss / self.grad_accum if self.grad_accum > 1 else loss).backward()
+        part = loss / self.grad_accum if self.grad_accum > 1 else loss
+        (part if self._scale is None else part * self._scale).backward()
         return loss
 
     def _body(self, x_u8, flip, t, noise_seed: int, noise_offset: int) -> None:
@@ -448,13 +458,23 @@ class TrainStep:
             self._grad_flat.div_(dist.get_world_size())
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if self._scale is not None:
+            norm = norm / self._scale          # the gradient's own (the scale: a power of 2)
         skip = (~torch.isfinite(norm)).float()
-        # Fused Adam reads the clipping as the gradient's divisor, so the gradients are
-        # not rewritten: clip_grad_norm_'s factor max_norm / (norm + 1e-6), at most 1.
-        self.opt.grad_scale = torch.clamp((norm + 1e-6) / self.max_norm, min=1.0)
+        # Fused Adam takes the clipping (and fp16's loss scale) as the gradient's divisor,
+        # applied in its own kernel (which leaves the divided gradients in .grad):
+        # clip_grad_norm_'s factor max_norm / (norm + 1e-6), at most 1.
+        clip = torch.clamp((norm + 1e-6) / self.max_norm, min=1.0)
+        self.opt.grad_scale = clip if self._scale is None else clip * self._scale
         self.opt.found_inf = skip            # fused Adam leaves params and state as they are
         self.opt.step()
         ema_update_(*self._ema_pairs, (1 - skip) * self.ema_w)
+        if self._scale is not None:
+            bad = skip.bool()
+            grow = ~bad & (self._good + 1 >= _SCALE_GROWTH)
+            self._scale.copy_(torch.where(bad, self._scale * 0.5,
+                                          torch.where(grow, self._scale * 2.0, self._scale)))
+            self._good.copy_(torch.where(bad | grow, 0.0, self._good + 1))
         ok = torch.isfinite(loss)
         s = self._stats
         s[0] += torch.where(ok, loss.detach().double(), 0.0)
@@ -533,7 +553,10 @@ class TrainStep:
                 "skipped_total": int(skipped)}
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.opt.state_dict(), "stats": self._stats.cpu()}
+        state = {"optimizer": self.opt.state_dict(), "stats": self._stats.cpu()}
+        if self._scale is not None:
+            state["loss_scale"] = torch.stack([self._scale, self._good]).cpu()
+        return state
 
     def load_state_dict(self, state: dict, model_sd: dict, ema_sd: dict) -> None:
         self.model.load_state_dict(model_sd)
@@ -548,6 +571,10 @@ class TrainStep:
                 g["lr"] = self._lr
         self._stats.zero_()
         self._stats[:len(state["stats"])].copy_(state["stats"])  # 6 entries before the longest
+        if self._scale is not None:     # a checkpoint of another precision has none: anew
+            scale, good = state.get("loss_scale", torch.tensor([_SCALE_INIT, 0.0])).tolist()
+            self._scale.fill_(scale)
+            self._good.fill_(good)
 
 
 # ---------------------------------------------------------------------------- train()
@@ -806,8 +833,8 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     for name in ("channels_last", "cuda_graphs", "compile"):
         if args[name] is not None and not isinstance(args[name], bool):
             raise TypeError(f"{name}: expected a bool or None, got {args[name]!r}")
-    if precision not in (None, "fp32", "bf16"):
-        raise ValueError(f"precision: expected 'bf16', 'fp32' or None, got {precision!r}")
+    if precision not in (None, *PRECISIONS):
+        raise ValueError(f"precision: expected one of {PRECISIONS} or None, got {precision!r}")
     if num_workers is not None:
         check_int("num_workers", num_workers, 0)
     for name in ("log_every", "save_every", "keep", "sample_every", "sample_count",

@@ -304,9 +304,13 @@ def test_cli_reports_file_system_errors_in_one_line(run_dir, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("blurfast sample: error:") and "a_file" in err[0]
 
 
-def test_bf16_on_the_cpu_is_bf16(run_dir, tmp_path, monkeypatch):
-    # --precision bf16 on a CPU runs the model under CPU autocast (it ran under CUDA's,
-    # which a CPU ignores with a warning): the model sees bf16 convolutions.
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16),
+                                              ("fp16", torch.float16)])
+def test_bf16_and_fp16_on_the_cpu_are_what_they_say(run_dir, tmp_path, monkeypatch, precision,
+                                                    dtype):
+    # --precision bf16 (fp16) on a CPU runs the model under CPU autocast to that dtype (it
+    # ran under CUDA's, which a CPU ignores with a warning), its convolution weights cast
+    # once: the model sees bf16 (fp16) convolutions.
     import warnings
     kw = dict(n=2, steps=2, seed=4, fmt="npz", device="cpu", progress=False)
     seen = []
@@ -314,17 +318,19 @@ def test_bf16_on_the_cpu_is_bf16(run_dir, tmp_path, monkeypatch):
     real = M.UNet.forward
 
     def spy(self, x, t):
-        seen.append(torch.is_autocast_enabled("cpu"))
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+                     self.input.weight.dtype))
         return real(self, x, t)
     monkeypatch.setattr(M.UNet, "forward", spy)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        generate(run_dir / "run", out=tmp_path / "bf16", precision="bf16", **kw)
-    assert seen and all(seen)
+        generate(run_dir / "run", out=tmp_path / precision, precision=precision, **kw)
+    assert seen and set(seen) == {(True, dtype, dtype)}
     generate(run_dir / "run", out=tmp_path / "fp32", precision="fp32", **kw)
-    assert seen[-1] is False
-    a, b = (np.load(tmp_path / d / "samples.npz")["images"].astype(int) for d in ("bf16", "fp32"))
-    assert np.abs(a - b).mean() < 8                 # bf16 rounding, not another image
+    assert seen[-1][0] is False
+    a, b = (np.load(tmp_path / d / "samples.npz")["images"].astype(int)
+            for d in (precision, "fp32"))
+    assert np.abs(a - b).mean() < 8        # rounding, not another image
 
 
 def test_bf16_sampling_casts_the_weights_once_with_autocasts_numbers(run_dir, tmp_path,
@@ -344,7 +350,7 @@ def test_bf16_sampling_casts_the_weights_once_with_autocasts_numbers(run_dir, tm
     monkeypatch.setattr(M.UNet, "forward", spy)
     generate(run_dir / "run", out=tmp_path / "once", **kw)
     assert set(dtypes) == {(torch.bfloat16, torch.float32)}     # conv cast, GroupNorm not
-    monkeypatch.setattr(G, "cast_for_autocast_", lambda model: model)
+    monkeypatch.setattr(G, "cast_for_autocast_", lambda model, dtype=None: model)
     generate(run_dir / "run", out=tmp_path / "per_call", **kw)
     assert dtypes[-1] == (torch.float32, torch.float32)
     a, b = (np.load(tmp_path / d / "samples.npz")["images"] for d in ("once", "per_call"))
