@@ -651,3 +651,38 @@ def test_fid_with_kid_uses_each_sides_features_cached_and_saved(tmp_path, monkey
     monkeypatch.setenv("BLURFAST_CACHE", str(tmp_path / "cache2"))
     ev.fid(tmp_path / "a", tmp_path / "b", **kw)
     assert ev.fid(tmp_path / "a", tmp_path / "b", kid=True, **kw).kid == want[0]
+
+
+def test_fid_without_kid_leaves_the_features_alone(tmp_path, monkeypatch):
+    # Without kid the reference's features are neither read nor written: --save-stats
+    # writes the same keys whatever the cache holds (a KID run before it cached them),
+    # and a STATS.npz whose own 'features' entry is something else scores as without it.
+    # With kid, integer features in a STATS.npz are features (kernel_distance's number).
+    monkeypatch.setenv("BLURFAST_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(22)
+    a = rng.integers(0, 256, size=(12, 16, 16, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, size=(10, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "a.npz", images=a)
+    _write_images(tmp_path / "b", b)
+    kw = dict(feature_extractor=_pool_features, progress=False)
+    fresh = ev.fid(tmp_path / "a.npz", tmp_path / "b", cache=False,
+                   save_stats=tmp_path / "fresh.npz", **kw)
+    ev.fid(tmp_path / "a.npz", tmp_path / "b", kid=True, **kw)       # caches the features
+    after = ev.fid(tmp_path / "a.npz", tmp_path / "b", save_stats=tmp_path / "after.npz", **kw)
+    assert float(after) == float(fresh)
+    with np.load(tmp_path / "fresh.npz") as f, np.load(tmp_path / "after.npz") as g:
+        assert sorted(g.files) == sorted(f.files) == ["mu", "n", "sigma"]
+    with np.load(tmp_path / "fresh.npz") as z:
+        mu, sigma = z["mu"], z["sigma"]
+    np.savez(tmp_path / "other.npz", mu=mu, sigma=sigma, features=np.zeros((5, 10)))
+    assert float(ev.fid(tmp_path / "a.npz", tmp_path / "other.npz", **kw)) == float(fresh)
+    with pytest.raises(ValueError, match=r"^ref: .*other\.npz: features are not"):
+        ev.fid(tmp_path / "a.npz", tmp_path / "other.npz", kid=True, **kw)
+    ints = rng.integers(0, 256, size=(10, 48))
+    np.savez(tmp_path / "ints.npz", mu=mu, sigma=sigma, features=ints)
+    got = ev.fid(tmp_path / "a.npz", tmp_path / "ints.npz", kid=True, **kw)
+    from cleanfid.resize import build_resizer
+    rs = build_resizer("clean")
+    x = torch.from_numpy(np.stack([rs(i) for i in a])).permute(0, 3, 1, 2)
+    want = ev.kernel_distance(_pool_features(x).numpy().astype(np.float32), ints)
+    assert (got.kid, got.kid_std) == pytest.approx(want, rel=1e-12)
