@@ -251,16 +251,20 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return _frechet((mu1, sigma1, mu2, sigma2), ("mu1", "sigma1", "mu2", "sigma2"))
 
 
-def _features_matrix(name: str, a) -> torch.Tensor:
-    """``a`` as float64 features (N, D), N >= 2, finite; else ValueError naming ``name``."""
+def _features_matrix(name: str, a) -> np.ndarray:
+    """``a`` as an array of features (N, D), N >= 2, of finite numbers, in its own dtype
+    (not copied: KID converts only its subsets to float64); else ValueError naming
+    ``name``."""
     try:
-        t = torch.as_tensor(np.asarray(a), dtype=torch.float64)
+        t = np.asarray(a)
     except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"{name}: expected an array of numbers, got {type(a).__name__}") from None
-    if t.dim() != 2 or t.shape[0] < 2 or t.shape[1] < 1:
+        t = None
+    if t is None or t.dtype.kind not in "biuf":
+        raise ValueError(f"{name}: expected an array of numbers, got {type(a).__name__}")
+    if t.ndim != 2 or t.shape[0] < 2 or t.shape[1] < 1:
         raise ValueError(f"{name}: expected features (N, D) of N >= 2 images, got shape "
                          f"{tuple(t.shape)}")
-    if not torch.isfinite(t).all():
+    if t.dtype.kind == "f" and not np.isfinite(t).all():
         raise ValueError(f"{name}: expected finite values")
     return t
 
@@ -284,12 +288,13 @@ def kernel_distance(feats1, feats2, subsets: int = KID_SUBSETS,
     check_int("subsets", subsets, 1)
     check_int("subset_size", subset_size, 2)
     d, m = x.shape[1], min(subset_size, len(x), len(y))
-    x, y = x.to(device), y.to(device)
     gen = torch.Generator().manual_seed(seed)
     values = []
     for _ in range(subsets):
-        a = x[torch.randperm(len(x), generator=gen)[:m].to(device)]
-        b = y[torch.randperm(len(y), generator=gen)[:m].to(device)]
+        # Each subset taken, then widened and moved: (N, D) float64 copies of 50000
+        # InceptionV3 features of each side would take 1.6 GB for nothing.
+        a, b = (torch.from_numpy(u[torch.randperm(len(u), generator=gen)[:m].numpy()]
+                                 .astype(np.float64)).to(device) for u in (x, y))
         kxx, kyy, kxy = ((u @ v.T / d + 1) ** 3 for u, v in ((a, a), (b, b), (a, b)))
         within = (kxx.sum() - kxx.diagonal().sum() + kyy.sum() - kyy.diagonal().sum())
         values.append(within / (m * (m - 1)) - 2 * kxy.sum() / m ** 2)
