@@ -252,16 +252,20 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return _frechet((mu1, sigma1, mu2, sigma2), ("mu1", "sigma1", "mu2", "sigma2"))
 
 
-def _features_matrix(name: str, a) -> torch.Tensor:
-    """``a`` as float64 features (N, D), N >= 2, finite; else ValueError naming ``name``."""
+def _features_matrix(name: str, a) -> np.ndarray:
+    """``a`` as an array of features (N, D), N >= 2, of finite numbers, in its own dtype
+    (not copied: KID converts only its subsets to float64); else ValueError naming
+    ``name``."""
     try:
-        t = torch.as_tensor(np.asarray(a), dtype=torch.float64)
+        t = np.asarray(a)
     except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"{name}: expected an array of numbers, got {type(a).__name__}") from None
-    if t.dim() != 2 or t.shape[0] < 2 or t.shape[1] < 1:
+        t = None
+    if t is None or t.dtype.kind not in "biuf":
+        raise ValueError(f"{name}: expected an array of numbers, got {type(a).__name__}")
+    if t.ndim != 2 or t.shape[0] < 2 or t.shape[1] < 1:
         raise ValueError(f"{name}: expected features (N, D) of N >= 2 images, got shape "
                          f"{tuple(t.shape)}")
-    if not torch.isfinite(t).all():
+    if t.dtype.kind == "f" and not np.isfinite(t).all():
         raise ValueError(f"{name}: expected finite values")
     return t
 
@@ -285,12 +289,13 @@ def kernel_distance(feats1, feats2, subsets: int = KID_SUBSETS,
     check_int("subsets", subsets, 1)
     check_int("subset_size", subset_size, 2)
     d, m = x.shape[1], min(subset_size, len(x), len(y))
-    x, y = x.to(device), y.to(device)
     gen = torch.Generator().manual_seed(seed)
     values = []
     for _ in range(subsets):
-        a = x[torch.randperm(len(x), generator=gen)[:m].to(device)]
-        b = y[torch.randperm(len(y), generator=gen)[:m].to(device)]
+        # Each subset taken, then widened and moved: (N, D) float64 copies of 50000
+        # InceptionV3 features of each side would take 1.6 GB for nothing.
+        a, b = (torch.from_numpy(u[torch.randperm(len(u), generator=gen)[:m].numpy()]
+                                 .astype(np.float64)).to(device) for u in (x, y))
         kxx, kyy, kxy = ((u @ v.T / d + 1) ** 3 for u, v in ((a, a), (b, b), (a, b)))
         within = (kxx.sum() - kxx.diagonal().sum() + kyy.sum() - kyy.diagonal().sum())
         values.append(within / (m * (m - 1)) - 2 * kxy.sum() / m ** 2)
@@ -335,7 +340,7 @@ def check_reference(ref, resolution: int, channels: Optional[int] = None,
     if not p.exists():
         raise ValueError(f"{name}: {str(ref)!r} does not exist")
     if kid and p.is_file() and p.suffix == ".npz":
-        if _read_statistics_named(p, name)[3] is None:
+        if _read_statistics_named(p, name, features=True)[3] is None:
             raise ValueError(f"{name}: {p} holds statistics without features, and KID needs "
                              f"the reference's features: give its images (folder, lmdb or "
                              f"prepared array) or statistics saved with them (--save-stats "
@@ -363,12 +368,14 @@ def reference_statistics(ref, resolution: int, resize: str = DEFAULT_RESIZE,
                                  cache, progress, channels)[:2]
 
 
-def _read_statistics(p: Path):
+def _read_statistics(p: Path, features: bool = False):
     """(mu, sigma, n or None, features or None) from a statistics .npz; ValueError naming
-    ``p`` and what is wrong."""
+    ``p`` and what is wrong. The features are read (and checked) only when asked for:
+    without KID they are not needed, and a file's other ``features`` must not fail it."""
+    keys = ("mu", "sigma", "n") + (("features",) if features else ())
     try:
         with np.load(p) as z:
-            stats = {k: z[k] for k in ("mu", "sigma", "n", "features") if k in z.files}
+            stats = {k: z[k] for k in keys if k in z.files}
     except Exception as e:       # a damaged archive
         raise ValueError(f"{p} is not a readable .npz ({type(e).__name__}: {e})") from None
     if "mu" not in stats or "sigma" not in stats:
@@ -382,16 +389,17 @@ def _read_statistics(p: Path):
         raise ValueError(f"{p}: n is not an image count ({n.dtype} {n.shape})")
     if feats is not None and (feats.ndim != 2 or feats.shape[1] != mu.shape[0]
                               or (n is not None and len(feats) != n)
-                              or feats.dtype.kind != "f" or not np.isfinite(feats).all()):
+                              or feats.dtype.kind not in "fiu"
+                              or not np.isfinite(feats).all()):
         raise ValueError(f"{p}: features are not finite (n, {mu.shape[0]}) numbers "
                          f"({feats.dtype} {feats.shape})")
     return mu, sigma, None if n is None else int(n), feats
 
 
-def _read_statistics_named(p: Path, name: str):
+def _read_statistics_named(p: Path, name: str, features: bool = False):
     """:func:`_read_statistics` with its errors prefixed by the argument's ``name``."""
     try:
-        return _read_statistics(p)
+        return _read_statistics(p, features)
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
 
@@ -425,7 +433,7 @@ def _reference_statistics(ref, resolution, resize, n, extractor, device, batch_s
     if p.is_file() and p.suffix == ".npz":
         if want_features:
             check_reference(p, resolution, name="ref", kid=True)
-        return _read_statistics_named(p, "ref")
+        return _read_statistics_named(p, "ref", features=want_features)
     from .data import UnreadableImage, open_dataset
     extractor = extractor or inception_extractor(device=device)
     ds = open_dataset(p, resolution=resolution, resize=resize, channels=channels)
@@ -438,7 +446,7 @@ def _reference_statistics(ref, resolution, resize, n, extractor, device, batch_s
     cached = _cache_dir() / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".npz")
     if cache and cached.is_file():
         try:
-            stats = _read_statistics(cached)
+            stats = _read_statistics(cached, features=want_features)
         except ValueError as e:
             cached.unlink(missing_ok=True)
             warnings.warn(f"fid: removed a damaged entry of the statistics cache, computing it "

@@ -352,10 +352,14 @@ class TrainStep:
                                  "layout (contiguous or channels_last)")
             import torch.distributed as dist
             dist.broadcast(flat, 0)          # rank 0's initial weights everywhere, as DDP's
-            # Autograd adds each gradient into the view it finds, in place.
+            # Autograd adds each gradient into the view it finds, in place. A frozen
+            # parameter keeps no gradient, as with DDP: Adam passes over it (a zero one
+            # would move it under weight decay).
             self._grad_flat = torch.zeros_like(flat)
             for p in self.params:
-                p.grad = self._grad_flat.as_strided(p.shape, p.stride(), p.storage_offset())
+                if p.requires_grad:
+                    p.grad = self._grad_flat.as_strided(p.shape, p.stride(),
+                                                        p.storage_offset())
         elif ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
             fwd = self._ddp = DDP(self.model, device_ids=[self.device.index] if cuda else None,

@@ -651,3 +651,76 @@ def test_fid_with_kid_uses_each_sides_features_cached_and_saved(tmp_path, monkey
     monkeypatch.setenv("BLURFAST_CACHE", str(tmp_path / "cache2"))
     ev.fid(tmp_path / "a", tmp_path / "b", **kw)
     assert ev.fid(tmp_path / "a", tmp_path / "b", kid=True, **kw).kid == want[0]
+
+
+def test_fid_without_kid_leaves_the_features_alone(tmp_path, monkeypatch):
+    # Without kid the reference's features are neither read nor written: --save-stats
+    # writes the same keys whatever the cache holds (a KID run before it cached them),
+    # and a STATS.npz whose own 'features' entry is something else scores as without it.
+    # With kid, integer features in a STATS.npz are features (kernel_distance's number).
+    monkeypatch.setenv("BLURFAST_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(22)
+    a = rng.integers(0, 256, size=(12, 16, 16, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, size=(10, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "a.npz", images=a)
+    _write_images(tmp_path / "b", b)
+    kw = dict(feature_extractor=_pool_features, progress=False)
+    fresh = ev.fid(tmp_path / "a.npz", tmp_path / "b", cache=False,
+                   save_stats=tmp_path / "fresh.npz", **kw)
+    ev.fid(tmp_path / "a.npz", tmp_path / "b", kid=True, **kw)       # caches the features
+    after = ev.fid(tmp_path / "a.npz", tmp_path / "b", save_stats=tmp_path / "after.npz", **kw)
+    assert float(after) == float(fresh)
+    with np.load(tmp_path / "fresh.npz") as f, np.load(tmp_path / "after.npz") as g:
+        assert sorted(g.files) == sorted(f.files) == ["mu", "n", "sigma"]
+    with np.load(tmp_path / "fresh.npz") as z:
+        mu, sigma = z["mu"], z["sigma"]
+    np.savez(tmp_path / "other.npz", mu=mu, sigma=sigma, features=np.zeros((5, 10)))
+    assert float(ev.fid(tmp_path / "a.npz", tmp_path / "other.npz", **kw)) == float(fresh)
+    with pytest.raises(ValueError, match=r"^ref: .*other\.npz: features are not"):
+        ev.fid(tmp_path / "a.npz", tmp_path / "other.npz", kid=True, **kw)
+    ints = rng.integers(0, 256, size=(10, 48))
+    np.savez(tmp_path / "ints.npz", mu=mu, sigma=sigma, features=ints)
+    got = ev.fid(tmp_path / "a.npz", tmp_path / "ints.npz", kid=True, **kw)
+    from cleanfid.resize import build_resizer
+    rs = build_resizer("clean")
+    x = torch.from_numpy(np.stack([rs(i) for i in a])).permute(0, 3, 1, 2)
+    want = ev.kernel_distance(_pool_features(x).numpy().astype(np.float32), ints)
+    assert (got.kid, got.kid_std) == pytest.approx(want, rel=1e-12)
+
+
+def test_kernel_distance_does_not_copy_all_the_features():
+    # Subsets of 1000 of 20000 x 2048 float32 features of each side (164 MB each): the
+    # peak memory grows by far less than a float64 copy of one side (328 MB), and the
+    # numbers are those of the subsets widened one by one, written out here. A child
+    # process: its peak is its own.
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+    script = textwrap.dedent("""
+        import resource, numpy as np, torch
+        torch.set_num_threads(1)
+        from blurfast import evaluation as ev
+        rng = np.random.default_rng(23)
+        x = rng.random((20000, 2048), dtype=np.float32)
+        y = rng.random((20000, 2048), dtype=np.float32) * 1.01
+        ev.kernel_distance(x[:10], y[:10], subsets=1)       # torch's own allocations first
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        mean, std = ev.kernel_distance(x, y, subsets=2)
+        grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+        gen, want = torch.Generator().manual_seed(0), []
+        for _ in range(2):
+            a = x[torch.randperm(20000, generator=gen)[:1000].numpy()].astype(np.float64)
+            b = y[torch.randperm(20000, generator=gen)[:1000].numpy()].astype(np.float64)
+            k = [(u @ v.T / 2048 + 1) ** 3 for u, v in ((a, a), (b, b), (a, b))]
+            want.append((k[0].sum() - np.trace(k[0]) + k[1].sum() - np.trace(k[1]))
+                        / (1000 * 999) - 2 * k[2].sum() / 1000 ** 2)
+        print(grown, abs(mean - np.mean(want)), abs(std - np.std(want)), np.mean(want))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=Path(__file__).parent, timeout=300)
+    assert out.returncode == 0, out.stderr
+    grown, dmean, dstd, want = map(float, out.stdout.split())
+    # float64 sums in numpy's order against torch's: measured 4e-16 on 2e-4; 1e-9 relative.
+    assert abs(want) > 1e-6 and dmean < 1e-9 * abs(want) and dstd < 1e-9 * abs(want)
+    assert grown < 164, grown                  # measured 0 (the arrays' own peak is before)

@@ -648,6 +648,52 @@ def test_the_flat_all_reduce_is_ddps_step(tmp_path, compiled):
     assert any(not torch.equal(v, r1["flat"]["init"][k]) for k, v in r0["flat"]["init"].items())
 
 
+def test_the_flat_all_reduce_leaves_frozen_parameters_alone(tmp_path):
+    # A parameter with requires_grad off has no gradient in one process and under DDP, so
+    # Adam passes over it; ddp="flat" must not give it one (a zero gradient that Adam's
+    # weight decay turns into a step). One gloo process: the three ways take the same
+    # steps, and the frozen weights stay as they were.
+    script = f"""
+        import torch, torch.distributed as dist
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo")
+        from blurfast import training
+        from blurfast.diffusion import BlurDiffusion
+        from blurfast.models import UNet
+        diff = BlurDiffusion(resolution=16)
+        out = {{}}
+        for mode in (False, True, "flat"):
+            torch.manual_seed(0)
+            net = UNet.from_preset("small", resolution=16, **{TINY!r})
+            net.out.requires_grad_(False)
+            out[str(mode) + " init"] = {{k: v.clone() for k, v in net.state_dict().items()}}
+            step = training.TrainStep(net, diff, device="cpu", ddp=mode, lr=0.01,
+                                      weight_decay=0.1)
+            g = torch.Generator().manual_seed(7)
+            for i in range(2):
+                x = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=g)
+                t = torch.randint(1, diff.num_steps, (4,), generator=g)
+                step(x, torch.zeros(4, dtype=torch.bool), t, i, 0)
+            out[str(mode)] = net.state_dict()
+        torch.save(out, {str(tmp_path)!r} + "/out.pt")
+        dist.destroy_process_group()
+    """
+    p = _child(script, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+                        "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"})
+    log, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, log
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    init = out["False init"]
+    frozen = [k for k in init if k.startswith("out.")]
+    assert any(init[k].abs().max() > 0 for k in frozen)        # weight decay would move it
+    for mode in ("False", "True", "flat"):
+        for k in frozen:
+            assert torch.equal(out[mode][k], init[k]), (mode, k)
+        for k, v in out[mode].items():
+            torch.testing.assert_close(v, out["False"][k], rtol=0, atol=1e-6)
+    assert any(not torch.equal(out["flat"][k], init[k]) for k in init)   # it did train
+
+
 def test_cli_under_two_processes_prints_on_rank_0_only(made16, tmp_path):
     # `torchrun -m blurfast train` with two gloo processes: the closing line comes once.
     argv = ["train", "--data", str(made16), "--out", str(tmp_path / "r"), "--resolution", "16",
