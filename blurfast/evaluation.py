@@ -574,7 +574,7 @@ class FidMonitor:
         # KID too where the reference gives features (all but a STATS .npz without them)
         p = Path(ref)
         self.kid = not (p.is_file() and p.suffix == ".npz"
-                        and _read_statistics_named(p, "fid_ref")[3] is None)
+                        and _read_statistics_named(p, "fid_ref", features=True)[3] is None)
         self.steps, self.sampler, self.batch, self.device = steps, sampler, batch, device
         self.pixel_range = pixel_range
         self.extractor = feature_extractor or inception_extractor(inception, device=device)

@@ -356,10 +356,9 @@ class TrainStep:
             # parameter keeps no gradient, as with DDP: Adam passes over it (a zero one
             # would move it under weight decay).
             self._grad_flat = torch.zeros_like(flat)
-            for p in self.params:
-                if p.requires_grad:
-                    p.grad = self._grad_flat.as_strided(p.shape, p.stride(),
-                                                        p.storage_offset())
+            self._grad_views = [(p, self._grad_flat.as_strided(p.shape, p.stride(),
+                                                               p.storage_offset()))
+                                for p in self.params if p.requires_grad]
         elif ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
             fwd = self._ddp = DDP(self.model, device_ids=[self.device.index] if cuda else None,
@@ -435,6 +434,9 @@ class TrainStep:
             self.opt.zero_grad(set_to_none=True)
         else:
             self._grad_flat.zero_()
+            for p, view in self._grad_views:   # again where other code replaced or dropped it
+                if p.grad is not view:
+                    p.grad = view
         if self._bf16 is not None:
             self._bf16.refresh()
         k = self.grad_accum

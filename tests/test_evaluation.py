@@ -724,3 +724,28 @@ def test_kernel_distance_does_not_copy_all_the_features():
     # float64 sums in numpy's order against torch's: measured 4e-16 on 2e-4; 1e-9 relative.
     assert abs(want) > 1e-6 and dmean < 1e-9 * abs(want) and dstd < 1e-9 * abs(want)
     assert grown < 164, grown                  # measured 0 (the arrays' own peak is before)
+
+
+def test_fid_monitor_gives_the_kid_where_the_reference_has_features(tmp_path, monkeypatch):
+    # Training's FID points carry the KID: from a reference folder, and from statistics
+    # saved with their features (the same numbers); statistics without them give nan.
+    import math
+    from blurfast import BlurDiffusion
+    monkeypatch.setenv("BLURFAST_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(6)
+    _write_images(tmp_path / "ref", rng.integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8))
+    _write_images(tmp_path / "s", rng.integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8))
+    ev.fid(tmp_path / "s", tmp_path / "ref", kid=True, feature_extractor=_mean_features,
+           save_stats=tmp_path / "with.npz", progress=False)
+    ev.fid(tmp_path / "s", tmp_path / "ref", feature_extractor=_mean_features,
+           save_stats=tmp_path / "bare.npz", progress=False, cache=False)
+    diff = BlurDiffusion(resolution=8, num_steps=10)
+    zero = lambda x, t: torch.zeros_like(x)           # noqa: E731
+    got = {}
+    for name in ("ref", "with.npz", "bare.npz"):
+        mon = ev.FidMonitor(tmp_path / name, resolution=8, resize="center-crop", channels=3,
+                            n=6, steps=2, batch=3, feature_extractor=_mean_features)
+        got[name] = mon(zero, diff)
+    assert math.isfinite(got["ref"].kid) and got["ref"].kid == got["with.npz"].kid
+    assert math.isnan(got["bare.npz"].kid)
+    assert float(got["bare.npz"]) == float(got["ref"])

@@ -580,7 +580,8 @@ def test_the_flat_all_reduce_is_ddps_step(tmp_path, compiled):
     # (DDP sums in buckets, in another order; adam_eps 1 keeps Adam's update smooth, see
     # test_ddp_two_gloo_processes_match_one_process). compiled: both under torch.compile
     # (Inductor, drawing dropout masks as eager does; DDP's graph split at its buckets),
-    # against the same steps uncompiled.
+    # against the same steps uncompiled. The gradients dropped by a zero_grad between
+    # steps: the flat step makes them views of its buffer again.
     script = f"""
         import torch, torch.distributed as dist
         torch.set_num_threads(1)
@@ -610,6 +611,8 @@ def test_the_flat_all_reduce_is_ddps_step(tmp_path, compiled):
                 t = torch.randint(1, diff.num_steps, (8,), generator=g)
                 rows = slice(4 * rank, 4 * rank + 4)
                 torch.manual_seed(1000 + 10 * i + rank)             # dropout
+                if i == 1:        # the flat step gives its gradients their views back
+                    net.zero_grad()
                 step(x[rows], flip[rows], t[rows], i, rank * 4 * 3 * 16 * 16)
             out[str(mode)] = dict(init=init.state_dict(), model=net.state_dict(),
                                   ema=step.ema.state_dict(),
