@@ -68,7 +68,8 @@ def _sampler_coefs(diff: BlurDiffusion, batch: int, device):
 
 # In the order they run: the compiled configurations last, the likelier winner first.
 STEP_IMPLS = ("torch_default", "torch_fp32", "blurfast", "blurfast_cast_once", "blurfast_ckpt",
-              "blurfast_compile", "blurfast_compile_cl", "blurfast_compile_cast_once")
+              "blurfast_fp16", "blurfast_compile", "blurfast_compile_cl",
+              "blurfast_compile_cast_once")
 BASELINES = ("torch_default", "torch_fp32")
 
 # Backend flags of each configuration on CUDA: (matmul TF32, cuDNN TF32, cuDNN benchmark).
@@ -115,8 +116,10 @@ def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[s
     compiling takes minutes) and each with ``_cast_once`` (the bf16 weights cast once per
     step, :class:`blurfast.training.Bf16Weights`; training step only, on CUDA), and
     ``blurfast_compile_cl``: the compiled step with the model and its input in
-    channels_last (training step only; run v4 timed channels_last uncompiled only), and
-    ``blurfast_ckpt``: ``blurfast`` with activation checkpointing (training step only).
+    channels_last (training step only; run v4 timed channels_last uncompiled only),
+    ``blurfast_ckpt``: ``blurfast`` with activation checkpointing (training step only), and
+    ``blurfast_fp16``: ``blurfast`` in float16 with its loss scale instead of bfloat16
+    (training step only, on CUDA).
     ``peak_mem_gb``: on CUDA, the most memory torch held for the configuration's training
     step (its model, EMA and optimizer state included), None elsewhere.
     ``flags`` records (matmul TF32, cuDNN TF32, cuDNN benchmark) on CUDA. Defaults:
@@ -134,9 +137,9 @@ def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[s
     for impl in impls:
         if impl not in STEP_IMPLS:
             raise ValueError(f"impls: expected names from {STEP_IMPLS}, got {impl!r}")
-        if impl.endswith("cast_once") and not cuda:
-            raise ValueError(f"impls: {impl} casts bf16 weights, which the CPU rows (fp32) "
-                             f"do not use; it needs a CUDA device")
+        if impl.endswith(("cast_once", "fp16")) and not cuda:
+            raise ValueError(f"impls: {impl} is a 16-bit configuration, and the CPU rows "
+                             f"are fp32; it needs a CUDA device")
     impls = list(BASELINES) + [i for i in STEP_IMPLS if i in impls and i not in BASELINES]
     preset = preset or ("paper64" if cuda else "small")
     res = resolution or (64 if cuda else 32)
@@ -216,8 +219,8 @@ def _time_impl(impl, timed, peaks, preset, diff, device, iters, inputs: _StepInp
                     R.idct2(ca * R.dct2(x0) + ce * R.dct2(eps)
                             + cz * R.dct2(torch.randn_like(x0)))
         else:
-            stepper = TrainStep(model, diff, device=device,
-                                precision="bf16" if cuda else "fp32",
+            precision = "fp16" if impl.endswith("fp16") else "bf16" if cuda else "fp32"
+            stepper = TrainStep(model, diff, device=device, precision=precision,
                                 channels_last=impl.endswith("_cl"), cuda_graphs=cuda,
                                 compile="compile" in impl,
                                 cast_once=impl.endswith("cast_once"))

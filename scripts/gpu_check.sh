@@ -295,7 +295,7 @@ step bench_extra 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
 # 400 s: run v6 took 208 s with one compiled configuration; the second (_cl) needs about as
 # much again as the first's compile. The budget caps it as every step.
 step steps 400 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps --strict \
-  --step-batches 16 --step-impls blurfast blurfast_compile blurfast_compile_cl \
+  --step-batches 16 --step-impls blurfast blurfast_fp16 blurfast_compile blurfast_compile_cl \
   blurfast_compile_cast_once --json "$OUT/steps.json"
 step ncu 90 bash -c ncu_cases
 step memcheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
@@ -304,7 +304,7 @@ step tests_paths 180 "$PY" -m pytest tests -m cuda -k test_gpu_paths -p no:cache
   -rs --durations=10 --junitxml="$OUT/junit-paths.xml"
 if selected tests_paths; then junit_counts paths; fi
 step steps64 120 "$PY" benchmarks/run.py --device cuda --quick --no-kernels --steps --strict \
-  --step-batches 64 --step-impls blurfast blurfast_ckpt --json "$OUT/steps64.json"
+  --step-batches 64 --step-impls blurfast blurfast_ckpt blurfast_fp16 --json "$OUT/steps64.json"
 step racecheck 110 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck \
   --error-exitcode 3 --print-limit 50 "$PY" scripts/sanitizer_case.py
 step profile 300 "$PY" scripts/profile_step.py --batch 16 --compile --compiled-only \

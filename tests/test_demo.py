@@ -44,8 +44,9 @@ def test_model_steps_against_the_baseline(capsys):
         assert r["images_per_s"] == pytest.approx(2 / (r["ms_per_step"] / 1e3), rel=1e-3, abs=0.051)  # rounded to 0.1
     with pytest.raises(ValueError, match="impls"):
         run_steps("cpu", batches=(2,), resolution=16, iters=1, impls=("blurfast_eager",))
-    with pytest.raises(ValueError, match="blurfast_cast_once .*needs a CUDA device"):
-        run_steps("cpu", batches=(2,), resolution=16, iters=1, impls=("blurfast_cast_once",))
+    for impl in ("blurfast_cast_once", "blurfast_fp16"):
+        with pytest.raises(ValueError, match=f"{impl} is a 16-bit .*needs a CUDA device"):
+            run_steps("cpu", batches=(2,), resolution=16, iters=1, impls=(impl,))
 
 
 def test_model_steps_go_on_past_a_failing_configuration(monkeypatch):
