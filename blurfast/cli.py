@@ -49,6 +49,8 @@ def _info(args) -> int:
             runs = archs_run_on(cap) if HAS_CUDA_KERNELS else None
             note = {True: "", None: "", False: "; this build has no code for it: rebuild with "
                     f"BLURFAST_CUDA_ARCHS={cap[0]}{cap[1]}"}[runs]
+            if cap[0] == 7:      # float16 tensor cores, no bfloat16: fp32 by default
+                note += "; no bfloat16: --precision fp16 uses its tensor cores"
             print(f"GPU {i}: {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]}{extra}{note})")
     else:
         print("GPU: none seen by torch")

@@ -328,7 +328,7 @@ def test_info_names_a_gpu_this_build_cannot_run_on(capsys, monkeypatch):
     assert cli.main(["info"]) == 0
     text = capsys.readouterr().out
     assert "GPU 0: Tesla T4 (sm_75; this build has no code for it: rebuild with " \
-           "BLURFAST_CUDA_ARCHS=75)" in text
+           "BLURFAST_CUDA_ARCHS=75; no bfloat16: --precision fp16 uses its tensor cores)" in text
     assert "GPU 1: H100 (sm_90)\n" in text
 
 
