@@ -76,17 +76,31 @@ def upright(im):
     return im if orientation == 1 else ImageOps.exif_transpose(im)
 
 
+def opaque(im):
+    """A Pillow image as viewers show it on white: one with transparency (an alpha
+    channel, or a palette or color marked transparent) composited over white, where
+    dropping the alpha would show the colors stored under transparent pixels (often
+    black); other images as they are."""
+    from PIL import Image
+
+    if im.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in im.info:
+        return im
+    rgba = im.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+
+
 def decode(data: bytes, resolution: int, resize: str, channels: int = 3) -> np.ndarray:
     """Encoded image bytes -> uint8 (resolution, resolution, channels).
 
     ``squash`` resizes the whole image to a square (the paper's preprocessing);
     ``center-crop`` takes the central square first. Bicubic, antialiased (Pillow). The
-    image is read upright (:func:`upright`) and with 8-bit channels (:func:`eight_bit`).
+    image is read upright (:func:`upright`), with 8-bit channels (:func:`eight_bit`) and
+    transparency over white (:func:`opaque`).
     """
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
-        im = eight_bit(upright(im)).convert("RGB" if channels == 3 else "L")
+        im = opaque(eight_bit(upright(im))).convert("RGB" if channels == 3 else "L")
         if resize == "center-crop":
             w, h = im.size
             s = min(w, h)

@@ -140,7 +140,7 @@ def load_images(path, n: Optional[int] = None) -> Iterable[np.ndarray]:
         return list(arr[:n])
     if p.is_dir():
         from PIL import Image
-        from .data import IMAGE_EXTENSIONS, eight_bit, upright
+        from .data import IMAGE_EXTENSIONS, eight_bit, opaque, upright
         if files is None:
             exts = set(IMAGE_EXTENSIONS)
             files = sorted(f for f in p.rglob("*") if f.suffix.lower() in exts)
@@ -153,7 +153,7 @@ def load_images(path, n: Optional[int] = None) -> Iterable[np.ndarray]:
                 try:
                     with Image.open(f) as im:     # grayscale kept as (H, W, 1)
                         gray = im.mode in ("1", "L", "I", "F") or im.mode.startswith("I;16")
-                        im = eight_bit(upright(im))
+                        im = opaque(eight_bit(upright(im)))
                         yield (np.asarray(im.convert("L"))[..., None] if gray
                                else np.asarray(im.convert("RGB")))
                 except Exception as e:     # Pillow raises several kinds on bad data

@@ -424,6 +424,37 @@ def test_exif_orientation_is_applied(tmp_path):
     np.testing.assert_array_equal(list(ev.load_images(tmp_path))[0], upright)
 
 
+def test_transparent_pixels_are_read_over_white(tmp_path):
+    # An RGBA image (an alpha channel) and a palette image with a transparent entry: a
+    # viewer shows them on white, where dropping the alpha showed the colors stored under
+    # transparent pixels (black here). Truth: a c + (1 - a) 255 per channel in float64,
+    # a = alpha / 255 (Pillow's integer compositing: within 1 of it). Training, prepare
+    # and fid's samples read them alike.
+    from blurfast import evaluation as ev
+    rng = np.random.default_rng(7)
+    rgb = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+    alpha = rng.choice(np.array([0, 64, 200, 255], np.uint8), size=(8, 8))
+    rgb[alpha == 0] = 0
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(tmp_path / "a.png")
+    a = alpha[..., None] / 255.0
+    want = a * rgb + (1 - a) * 255
+    got = D.ImageFolder(tmp_path, 8, "squash")[0].astype(float)
+    assert np.abs(got - want).max() <= 1
+    assert (got[alpha == 0] == 255).all()
+    assert np.abs(np.asarray(list(ev.load_images(tmp_path))[0], float) - want).max() <= 1
+    gray = D.ImageFolder(tmp_path, 8, "squash", channels=1)[0][..., 0].astype(float)
+    lum = (want * [0.299, 0.587, 0.114]).sum(-1)         # Pillow's L: ITU-R 601-2 luma
+    assert np.abs(gray - lum).max() <= 1.5
+    # A palette image whose entry 0 is transparent.
+    (tmp_path / "a.png").unlink()
+    idx = rng.integers(0, 3, size=(8, 8), dtype=np.uint8)
+    pal = Image.fromarray(idx, "P")
+    pal.putpalette([10, 20, 30, 200, 0, 0, 0, 200, 0] + [0] * 759)
+    pal.save(tmp_path / "p.png", transparency=0)
+    colors = np.array([[255, 255, 255], [200, 0, 0], [0, 200, 0]])
+    np.testing.assert_array_equal(D.ImageFolder(tmp_path, 8, "squash")[0], colors[idx])
+
+
 def test_an_empty_file_as_data_is_one_line_naming_it(tmp_path):
     # An empty file (a download cut short, a placeholder) raised numpy's EOFError, a
     # traceback on the command line, where other unreadable files are a ValueError.
