@@ -2,7 +2,8 @@
 
 ``draw trajectory`` shows a trained model's coarse-to-fine synthesis, ``draw process`` the
 forward process on real images (a run's, or one given by flags before any training),
-``draw curves`` a run's loss, gradient norm, speed and FID.
+``draw variations`` a trained model's variations of real images (SDEdit), ``draw curves``
+a run's loss, gradient norm, speed and FID.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def register(sub) -> None:
 
     d = sub.add_parser(
         "draw", help="pictures: a model's coarse-to-fine synthesis, the forward process, "
-                     "a run's curves",
+                     "variations of real images, a run's curves",
         description="Draws one picture as PNG (written whole, or not at all) and prints "
                     "what its columns show.")
     what = d.add_subparsers(dest="picture", metavar="PICTURE", required=True)
@@ -116,6 +117,37 @@ def register(sub) -> None:
     add_diffusion_flags(g)
     _show_defaults(p)
     p.set_defaults(func=_process)
+
+    v = what.add_parser(
+        "variations", help="a trained model's variations of real images: each image "
+                           "blurred and noised to a step, then run back from there",
+        description="Per image of a dataset (the run's, or --data) a row: the image, what "
+                    "the run's process keeps of it at step round(strength x (N-1)) (x_i's "
+                    "mean: blurred and faded; the reverse run starts from it plus noise), "
+                    "then variations of it, each run back from there with its own noise "
+                    "(SDEdit). A low --strength keeps the image's coarse layout and colours "
+                    "and draws its details anew; 1 keeps little more than a sample from the "
+                    "prior does.")
+    add_reverse_run_flags(v)
+    v.add_argument("--data", default=None, metavar="PATH",
+                   help="prepared .npy array, LSUN lmdb directory or image folder (default: "
+                        "the run's)")
+    v.add_argument("--out", default="variations.png",
+                   help="PNG to write (default variations.png)")
+    v.add_argument("--n", type=int, default=4,
+                   help="images, evenly spaced through the dataset, one row each (default 4)")
+    v.add_argument("--variations", type=int, default=4,
+                   help="variations of each image (default 4)")
+    v.add_argument("--strength", type=float, default=0.5,
+                   help="how far into the process the images go before the run back, in "
+                        "(0, 1]: the step round(strength x (N-1)) (default 0.5)")
+    v.add_argument("--steps", type=int, default=None,
+                   help="model calls from that step down (default: 100, or every step where "
+                        "there are fewer)")
+    v.add_argument("--seed", type=int, default=0, help="the noise (default 0)")
+    v.add_argument("--no-progress", action="store_true",
+                   help="no progress bar over the model calls")
+    v.set_defaults(func=_variations)
 
     c = what.add_parser(
         "curves", help="a run's loss, gradient norm, images/s and FID against the step",
@@ -208,15 +240,7 @@ def _process(args) -> int:
         path = resolve_checkpoint(args.ckpt)
         config = ckpt.stored_config(path)
         diff = BlurDiffusion(**config["diffusion"])
-        data = given.get("data")        # open_dataset says what is wrong with one given
-        if data is None:
-            data = config.get("data")
-            if not data or not Path(data).exists():
-                raise ValueError(f"--data: the run's data {data!r} is not here (a relative "
-                                 f"path is read from the current folder); give --data PATH")
-        ds = _run_set(open_dataset, data, resolution=diff.H,
-                      resize=config.get("resize", DEFAULT_RESIZE), channels=diff.channels,
-                      arg="--data")
+        data, ds = _run_data(given.get("data"), config, diff)
         pixel_range = config.get("pixel_range", "-1,1")
     else:
         if "data" not in given:
@@ -232,14 +256,83 @@ def _process(args) -> int:
         raise ValueError(f"--columns: expected at most N = {diff.num_steps}, got {args.columns}")
     if len(ds) == 0:
         raise ValueError(f"--data: no images in {data}")
-    n = min(args.n, len(ds))
-    picks = [round(k * (len(ds) - 1) / max(n - 1, 1)) for k in range(n)]
+    picks = _evenly(ds, args.n)
+    n = len(picks)
     x0 = to_float(ds.__getitems__(picks), None, pixel_range).contiguous()
     _, steps = viz.forward_strip(diff, x0, path=out, seed=args.seed, num=args.columns,
                                  pixel_range=pixel_range, noise=not args.no_noise)
     print(f"wrote {out}: {n} image{'s' if n != 1 else ''} of {data} (numbers "
           f"{', '.join(map(str, picks))}), {'the mean of x_i' if args.no_noise else 'x_i'} at "
           f"i = {', '.join(map(str, steps))} of N = {diff.num_steps}")
+    return 0
+
+
+def _run_data(data, config: dict, diff):
+    """``(path, dataset)`` of ``--data`` (default: the run's own data, from its
+    ``config``), read at the run's size, resize and channels."""
+    from .data import DEFAULT_RESIZE, open_dataset
+    if data is None:          # open_dataset says what is wrong with one given
+        data = config.get("data")
+        if not data or not Path(data).exists():
+            raise ValueError(f"--data: the run's data {data!r} is not here (a relative "
+                             f"path is read from the current folder); give --data PATH")
+    ds = _run_set(open_dataset, data, resolution=diff.H,
+                  resize=config.get("resize", DEFAULT_RESIZE), channels=diff.channels,
+                  arg="--data")
+    if len(ds) == 0:
+        raise ValueError(f"--data: no images in {data}")
+    return data, ds
+
+
+def _evenly(ds, n: int) -> list:
+    """The indices of ``n`` images spread evenly through ``ds`` (all, if it has fewer)."""
+    n = min(n, len(ds))
+    return [round(k * (len(ds) - 1) / max(n - 1, 1)) for k in range(n)]
+
+
+def _variations(args) -> int:
+    import torch
+
+    from . import checkpoint as ckpt
+    from . import viz
+    from .cli import ema_weights
+    from .data import data_range, to_float
+    from .generate import resolve_checkpoint
+    from .sampling import check_eta
+
+    check_int("--n", args.n, 1)
+    check_int("--variations", args.variations, 1)
+    check_int("--steps", args.steps, 1, none_ok=True)
+    check_int("--seed", args.seed, 0, _SEED_LIMIT - 1)
+    if not 0 < args.strength <= 1:
+        raise ValueError(f"--strength: expected a number in (0, 1], got {args.strength}")
+    check_eta(args.sampler, args.eta, "--eta")
+    out = _check_out(args.out)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        check_gpu_seen("--device")
+    path = resolve_checkpoint(args.ckpt)
+    model, diff, config = ckpt.load_model(path, ema=ema_weights(args), device=device)
+    data, ds = _run_data(args.data, config, diff)
+    start = max(1, round(args.strength * (diff.num_steps - 1)))
+    steps = min(100, start) if args.steps is None else args.steps
+    if steps > start:
+        raise ValueError(f"--steps: expected at most {start}, the start that --strength "
+                         f"{args.strength} gives (N = {diff.num_steps}), got {steps}")
+    pixel_range = config.get("pixel_range", "-1,1")
+    picks = _evenly(ds, args.n)
+    x0 = to_float(ds.__getitems__(picks), None, pixel_range).contiguous()
+    net = diff.eps_model(model, config.get("target", "eps"))
+    with torch.no_grad():
+        viz.variation_grid(net, diff, x0, start, path=out, count=args.variations,
+                           sampler=args.sampler, steps=steps, eta=args.eta,
+                           spacing=args.spacing, seed=args.seed, pixel_range=pixel_range,
+                           device=device, clip=data_range(pixel_range),
+                           progress=not args.no_progress)
+    print(f"wrote {out}: {len(picks)} image{'s' if len(picks) != 1 else ''} of {data} "
+          f"(numbers {', '.join(map(str, picks))}), each with its mean at step {start} of "
+          f"N = {diff.num_steps}, then {args.variations} variation"
+          f"{'s' if args.variations != 1 else ''} ({args.sampler}, {steps} model calls)")
     return 0
 
 

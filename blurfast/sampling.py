@@ -26,9 +26,8 @@ from . import ops
 from .checks import check_int, check_number
 from .diffusion import BlurDiffusion
 
-__all__ = ["sample", "clip_x0", "timesteps", "reverse_sde", "ancestral", "ddim", "exp2m", "eta_first",
-           "check_eta", "SAMPLERS", "ETA_SAMPLERS",
-           "STEP_OFFSET"]
+__all__ = ["sample", "variations", "clip_x0", "timesteps", "reverse_sde", "ancestral", "ddim",
+           "exp2m", "eta_first", "check_eta", "SAMPLERS", "ETA_SAMPLERS", "STEP_OFFSET"]
 
 # Philox counter distance between the noise of consecutive steps (elements per step < 2**40).
 STEP_OFFSET = 2 ** 40
@@ -59,15 +58,22 @@ def check_eta(sampler: str, eta, name: str = "eta", steps: Optional[int] = None)
 
 
 def timesteps(diff: BlurDiffusion, steps: Optional[int] = None,
-              spacing: Union[str, Sequence[int]] = "uniform") -> List[int]:
-    """Strictly decreasing model-call steps, from N-1 (the paper's start) down to 1.
+              spacing: Union[str, Sequence[int]] = "uniform",
+              start: Optional[int] = None) -> List[int]:
+    """Strictly decreasing model-call steps, from ``start`` (default N-1, the paper's
+    start; at most N-1) down to 1.
 
     ``spacing``: ``"uniform"`` (rounded linspace), ``"quadratic"`` (denser near 0,
-    ``1 + (N-2) (k/(S-1))^2``), or an explicit sequence of steps in 1..N
-    (strictly decreasing; ``steps`` must then be None or its length).
-    ``steps`` None means every step N-1..1 (the paper's full chain).
+    ``1 + (start-1) (k/(S-1))^2``), or an explicit sequence of steps in 1..N
+    (strictly decreasing; ``steps`` must then be None or its length, ``start`` None).
+    ``steps`` None means every step start..1 (the paper's full chain from N-1).
     """
     n = diff.num_steps
+    if start is not None:
+        if not isinstance(spacing, str):
+            raise ValueError("start: give None with an explicit spacing (its first step is "
+                             "the start)")
+        start = check_int("start", start, 1, n - 1)
     if not isinstance(spacing, str):
         try:
             seq = [int(s) for s in spacing]
@@ -82,20 +88,21 @@ def timesteps(diff: BlurDiffusion, steps: Optional[int] = None,
         if steps is not None and steps != len(seq):
             raise ValueError(f"steps: expected None or len(spacing) = {len(seq)}, got {steps!r}")
         return seq
+    top = n - 1 if start is None else start
     if steps is None:
-        steps = n - 1
-    check_int("steps", steps, 1, n - 1)
+        steps = top
+    check_int("steps", steps, 1, top)
     if steps == 1:
-        return [n - 1]
+        return [top]
     k = torch.arange(steps, dtype=torch.float64) / (steps - 1)
     if spacing == "uniform":
-        seq = torch.round(1 + (n - 2) * k).long().tolist()   # spacing >= 1: distinct
+        seq = torch.round(1 + (top - 1) * k).long().tolist()   # spacing >= 1: distinct
     elif spacing == "quadratic":
-        seq = torch.round(1 + (n - 2) * k ** 2).long().tolist()
+        seq = torch.round(1 + (top - 1) * k ** 2).long().tolist()
         for j in range(1, steps):                             # distinct near 0 ...
             seq[j] = max(seq[j], seq[j - 1] + 1)
-        seq[-1] = n - 1
-        for j in range(steps - 2, -1, -1):                    # ... and below N-1
+        seq[-1] = top
+        for j in range(steps - 2, -1, -1):                    # ... and below the start
             seq[j] = min(seq[j], seq[j + 1] - 1)
     else:
         raise ValueError(f"spacing: expected 'uniform', 'quadratic' or a list of ints, "
@@ -333,3 +340,32 @@ def sample(model, diff: BlurDiffusion, shape, sampler: str = "ddim", steps: Opti
         x = x_init
     return SAMPLERS[sampler](model, diff, x, seq, eta=eta, seed=seed, offset=offset,
                              callback=callback, progress=progress)
+
+
+def variations(model, diff: BlurDiffusion, x0: torch.Tensor, start: int,
+               sampler: str = "ddim", steps: Optional[int] = None, eta: float = 0.0,
+               spacing: str = "uniform", seed: int = 0, callback=None, progress: bool = True,
+               *, clip=None, offset: int = 0) -> torch.Tensor:
+    """Variations of images ``x0`` (B, C, H, W): each taken forward by the process to step
+    ``start`` in [1, N-1] (``diff.q_sample``: blurred, faded and noised) and run back from
+    there by ``sampler`` (SDEdit, Meng et al. 2022). In blur diffusion the high
+    frequencies go first, so a moderate ``start`` keeps an image's coarse layout and
+    colours and draws its details anew; the later the start, the less is kept (at N-1
+    little more than what the prior's start leaves of an image).
+    ``steps``: model calls from ``start`` down to 1 (None: every step); ``spacing``:
+    ``"uniform"`` or ``"quadratic"``; the other arguments as :func:`sample`'s. The forward
+    noise of image i is at Philox offset ``offset + i * C*H*W``, below every step's."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler: expected one of {tuple(SAMPLERS)}, got {sampler!r}")
+    check_eta(sampler, eta)
+    if not isinstance(spacing, str):
+        raise ValueError(f"spacing: expected 'uniform' or 'quadratic', got {spacing!r}")
+    diff.check_x(x0, "x0")
+    seq = timesteps(diff, steps, spacing, start=start)
+    if clip is not None:
+        model = clip_x0(model, diff, *_clip_range(clip))
+    t = torch.full((x0.shape[0],), seq[0], dtype=torch.int64, device=x0.device)
+    x = diff.q_sample(x0, t, seed=seed, offset=offset)[0]
+    return SAMPLERS[sampler](model, diff, x, seq, eta=eta, seed=seed, offset=offset,
+                             callback=callback, progress=progress)
+

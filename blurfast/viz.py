@@ -21,7 +21,7 @@ from .checks import check_bool, check_int
 from .diffusion import BlurDiffusion
 
 __all__ = ["to_uint8", "grid", "save_png", "save_gif", "forward_strip", "trajectory",
-           "trajectory_frames", "TRAJECTORY_ROWS", "training_curves"]
+           "trajectory_frames", "variation_grid", "TRAJECTORY_ROWS", "training_curves"]
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -190,6 +190,41 @@ def trajectory_frames(model, diff: BlurDiffusion, shape, path=None, sampler: str
     if path is not None:
         save_gif(frames, path, [frame_ms] * (len(frames) - 1) + [hold_ms])
     return frames, shown
+
+
+def variation_grid(model, diff: BlurDiffusion, x0: torch.Tensor, start: int, path=None,
+                   count: int = 4, sampler: str = "ddim", steps: Optional[int] = None,
+                   eta=0.0, spacing: str = "uniform", seed: int = 0, pad: int = 1,
+                   pixel_range: str = "-1,1", progress: bool = False, **kw):
+    """Per image of ``x0`` (B, C, H, W), in the model's ``pixel_range``, a row: the image,
+    what the process keeps of it at step ``start`` (the mean of x_start: blurred and
+    faded; the reverse run begins from it plus noise), then ``count`` (>= 1) variations
+    (:func:`blurfast.sampling.variations`; each its own noise, the image's copy k of the
+    batch of B x count). ``kw`` goes to ``variations`` (``clip``); ``device``: where to
+    run. Returns the picture; PNG to ``path``."""
+    from .data import to_unit_range
+    from .sampling import variations
+
+    check_int("count", count, 1)
+    check_int("pad", pad, 0)
+    to_unit_range(torch.zeros(0), pixel_range)      # checks pixel_range before sampling
+    x0 = _batch(x0, diff)
+    device = kw.pop("device", x0.device)
+    x0 = x0.to(device)
+    out = variations(model, diff, x0.repeat_interleave(count, 0), start, sampler=sampler,
+                     steps=steps, eta=eta, spacing=spacing, seed=seed, progress=progress,
+                     **kw)
+    t = torch.full((len(x0),), start, dtype=torch.int64, device=device)
+    kept = diff.q_sample(x0, t, noise=torch.zeros_like(x0))[0]
+
+    def display(v):
+        return to_unit_range(v.float().cpu(), pixel_range).clamp(-1, 1)
+    shown, kept, made = display(x0), display(kept), display(out)
+    pic = grid([[shown[b], kept[b], *made[b * count:(b + 1) * count]]
+                for b in range(len(x0))], pad)
+    if path is not None:
+        save_png(pic, path)
+    return pic
 
 
 def save_gif(frames: Sequence[np.ndarray], path, durations_ms: Sequence[int]) -> None:

@@ -83,6 +83,35 @@ def test_process_of_a_run_draws_its_data_through_its_process(run, tmp_path, caps
         np.testing.assert_array_equal(t[:, k], shown(xi, "0,1"))
 
 
+def test_variations_of_a_runs_images(run, tmp_path, capsys):
+    # Per image a row: the image, x_start's mean (q_sample without noise), then the
+    # variations that sampling.variations makes of the batch with each image repeated
+    # (its tests check it against the exact model).
+    from blurfast import checkpoint as ckpt
+    from blurfast.generate import resolve_checkpoint
+    from blurfast.sampling import variations
+    out = tmp_path / "v.png"
+    assert cli.main(["draw", "variations", "--ckpt", str(run / "run"), "--n", "2",
+                     "--variations", "3", "--strength", "0.5", "--seed", "4", "--device",
+                     "cpu", "--out", str(out), "--no-progress"]) == 0
+    assert capsys.readouterr().out.endswith(
+        "(numbers 0, 8), each with its mean at step 14 of N = 30, then 3 variations (ddim, "
+        "14 model calls)\n")
+    model, diff, config = ckpt.load_model(resolve_checkpoint(run / "run"))
+    ds = open_dataset(run / "photos", resolution=SIDE)
+    x0 = to_float(ds.__getitems__([0, 8]), None, "0,1").contiguous()
+    t = tiles(out, 2, 5)
+    np.testing.assert_array_equal(t[:, 0], ds.__getitems__([0, 8]).numpy())
+    mean = diff.q_sample(x0, torch.full((2,), 14), noise=torch.zeros_like(x0))[0]
+    np.testing.assert_array_equal(t[:, 1], shown(mean, "0,1"))
+    with torch.no_grad():
+        made = variations(diff.eps_model(model, config["target"]), diff,
+                          x0.repeat_interleave(3, 0), 14, steps=14, seed=4, clip=(0.0, 1.0),
+                          progress=False)
+    np.testing.assert_array_equal(t[:, 2:].reshape(6, SIDE, SIDE, 3), shown(made, "0,1"))
+    assert not np.array_equal(t[0, 2], t[0, 3])            # each its own noise
+
+
 def test_process_from_flags_on_a_prepared_array(run, tmp_path):
     npy = tmp_path / "photos.npy"
     prepare(run / "photos", npy, resolution=SIDE, progress=False)
@@ -125,6 +154,12 @@ def test_process_from_flags_on_a_prepared_array(run, tmp_path):
      "--out: expected a .png file name (the picture is a PNG), got"),
     (["process", "--data", "{photos}/00000.png"], "00000.png' is one image; expected a "
                                                    "prepared .npy array, an LSUN lmdb"),
+    (["variations", "--ckpt", "{run}", "--strength", "0"],
+     "--strength: expected a number in (0, 1], got 0.0"),
+    (["variations", "--ckpt", "{run}", "--strength", "0.2", "--steps", "7"],
+     "--steps: expected at most 6, the start that --strength 0.2 gives (N = 30), got 7"),
+    (["variations", "--ckpt", "{run}", "--variations", "0"],
+     "--variations: expected an int >= 1, got 0"),
 ])
 def test_bad_arguments_are_named(run, tmp_path, capsys, argv, words):
     npy, npy8 = tmp_path / "photos.npy", tmp_path / "photos8.npy"
@@ -195,7 +230,7 @@ def test_flags_are_documented_as_help_gives_them():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
     pictures = next(a for a in cli.build_parser().commands["draw"]._actions
                     if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(pictures) == {"trajectory", "process", "curves"}
+    assert set(pictures) == {"trajectory", "process", "variations", "curves"}
     for pic, parser in pictures.items():
         table = doc[doc.index(f"`blurfast draw {pic}`:\n"):].split("\n\n")[1]
         rows = {}

@@ -502,3 +502,49 @@ def test_fd_table_small():
     for kind in ("ddim", "ancestral"):
         assert all(keep[kind, a] < keep[kind, b] for a, b in zip(steps, steps[1:]))
         assert keep[kind, 250] < keep["exact", 0] + 0.05
+
+
+# ------------------------------------------------------------ variations (SDEdit)
+@pytest.mark.parametrize("start", [150, 600])
+def test_variations_keep_the_data_distribution_and_more_of_x0_the_earlier_they_start(
+        oracle_setup, start):
+    # Exact draws x0 of the mixture, taken forward to `start` and run back with the exact
+    # model: x_start is then an exact draw of the process at `start`, so the run back
+    # ends on the data's distribution (the same moment z-scores as sampling from the
+    # prior), while each image keeps what the process kept of it: its component, nearly
+    # always from step 150 (measured 1.000), less often from 600 (0.884; 5 standard
+    # errors above 0.8). Chance agreement: the sum of the squared weights, 0.39.
+    d, o = oracle_setup
+    from blurfast.sampling import variations
+    x0, labels = o.sample(500, seed=21, return_labels=True)
+    x = variations(o, d, x0.float(), start, sampler="ddim", steps=60, spacing="quadratic",
+                   seed=22, progress=False)
+    zw, zm, zv = moment_z_scores(o, x)
+    assert zw < 5 and zm < 5 and zv < 5
+    kept = (o.responsibilities(x, torch.zeros(500, dtype=torch.int64)).argmax(1)
+            == labels).double().mean().item()
+    chance = float((o.weights ** 2).sum())
+    print(f"\nstart {start}: component kept {kept:.3f} (chance {chance:.2f})")
+    assert chance < 0.5 and kept > (0.97 if start == 150 else 0.8)
+
+
+def test_variations_are_seeded_per_image_and_start_where_asked(small):
+    # The first state is q_sample(x0, start) at the images' Philox offsets; a run on a
+    # slice at its offset gives that slice of the whole batch's run; steps from `start`.
+    from blurfast.sampling import variations
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.rand((3,) + small.shape, generator=g) * 2 - 1
+    chw = x0[0].numel()
+    seen = []
+    out = variations(toy_model, small, x0, 7, sampler="ddim", steps=4, seed=3, progress=False,
+                     callback=lambda i, x, x0_hat: seen.append((i, x.clone())))
+    assert [i for i, _ in seen] == timesteps(small, 4, start=7) == [7, 5, 3, 1]
+    t = torch.full((3,), 7, dtype=torch.int64)
+    assert torch.equal(seen[0][1], small.q_sample(x0, t, seed=3)[0])
+    part = variations(toy_model, small, x0[1:], 7, steps=4, seed=3, offset=chw,
+                      progress=False)
+    torch.testing.assert_close(part, out[1:], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"^start: expected an int in \[1, "):
+        variations(toy_model, small, x0, small.num_steps, progress=False)
+    with pytest.raises(ValueError, match=r"^steps: expected an int in \[1, 7\]"):
+        variations(toy_model, small, x0, 7, steps=8, progress=False)
