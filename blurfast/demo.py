@@ -176,6 +176,9 @@ def run(out="blurfast-demo", minutes: float = 6.0, data: Optional[str] = None,
     paths["animation"] = out / "trajectory.gif"       # the same run, a frame per step
     viz.trajectory_frames(model, diff, (4,) + diff.shape, path=paths["animation"],
                           steps=steps, device=device, clip=(-1.0, 1.0))
+    paths["variations"] = out / "variations.png"      # the photographs, halfway and back
+    viz.variation_grid(model, diff, x0, diff.num_steps // 2, path=paths["variations"],
+                       steps=steps, device=device, clip=(-1.0, 1.0))
 
     # 4. The quick benchmark.
     if bench:

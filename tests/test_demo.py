@@ -174,7 +174,8 @@ def test_demo_smoke(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--smoke", "--out", str(out)]) == 0
     assert capsys.readouterr().out.count("config (saved to") == 1
-    for name in ("samples.png", "forward_strip.png", "trajectory.png", "bench.png"):
+    for name in ("samples.png", "forward_strip.png", "trajectory.png", "variations.png",
+                 "bench.png"):
         _png(out / name)
     assert json.loads((out / "bench.json").read_text())["rows"]
     from PIL import Image
