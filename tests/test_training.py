@@ -70,6 +70,21 @@ def _child(script: str, env_extra=None, **popen):
                             cwd=Path(__file__).parent, **popen)
 
 
+def _two_gloo_ranks(script: str) -> list:
+    """Runs ``script`` as ranks 0 and 1 of a two-process group (torchrun's environment
+    variables); their outputs, once both have succeeded."""
+    port = str(free_port())
+    procs = [_child(script, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                             "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    logs = []
+    for p in procs:
+        log, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, log
+        logs.append(log)
+    return logs
+
+
 # ------------------------------------------------------------------------ learning
 
 @pytest.mark.parametrize("photos", ["cifar16", "made16"])
@@ -537,13 +552,7 @@ def test_ddp_two_gloo_processes_match_one_process(made16, tmp_path, grad_accum, 
         r = training.train(data={str(made16)!r}, out={str(tmp_path / 'ddp')!r}, steps=4, **{kw!r})
         torch.save(r["model"].state_dict(), {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
     """
-    port = str(free_port())
-    procs = [_child(script, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                             "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)})
-             for r in range(2)]
-    for p in procs:
-        log, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, log
+    _two_gloo_ranks(script)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for k in r0:
@@ -620,13 +629,7 @@ def test_the_flat_all_reduce_is_ddps_step(tmp_path, compiled):
         torch.save(out, {str(tmp_path)!r} + f"/rank{{rank}}.pt")
         dist.destroy_process_group()
     """
-    port = str(free_port())
-    procs = [_child(script, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                             "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)})
-             for r in range(2)]
-    for p in procs:
-        log, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, log
+    _two_gloo_ranks(script)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     lr = 0.1
     modes = ["True", "flat"] + (["compiled True", "compiled flat"] if compiled else [])
@@ -709,15 +712,7 @@ def test_cli_under_two_processes_prints_on_rank_0_only(made16, tmp_path):
         from blurfast import cli
         sys.exit(cli.main({argv!r}))
     """
-    port = str(free_port())
-    procs = [_child(script, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                             "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)})
-             for r in range(2)]
-    logs = []
-    for p in procs:
-        log, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, log
-        logs.append(log)
+    logs = _two_gloo_ranks(script)
     assert logs[0].count("done: step 2, loss ") == 1
     assert "done:" not in logs[1]
 
