@@ -846,6 +846,40 @@ def test_fp16_steps_scale_the_loss_down_at_a_non_finite_gradient_and_up_after_go
     assert (ga - gb).norm() <= 4e-3 * ga.norm()
 
 
+def test_fp16_scale_stops_halving_at_1_so_a_run_goes_on_after_non_finite_steps(monkeypatch):
+    # 99 non-finite steps in a row (one fewer than train()'s max_nonfinite, so a run goes
+    # on) halve the scale 99 times from 2^16; below 1 it would shrink the gradients, which
+    # float16 flushes to zero (2^-83: every one of them; 0 after 166 halvings, where
+    # norm / scale is nan and every later step is skipped), and finite steps double it
+    # back only every 2000 steps. It stops at 1 (fp16 autocast unscaled): the next finite
+    # step is the float32 step's, within float16's rounding, as in the test above.
+    import copy
+    import math
+    diff = BlurDiffusion(resolution=16)
+    torch.manual_seed(0)
+    model = UNet(resolution=16, **TINY)
+    f32 = training.TrainStep(copy.deepcopy(model), diff, device="cpu", lr=1e-3)
+    step = training.TrainStep(model, diff, device="cpu", lr=1e-3, precision="fp16")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=g)
+    t = torch.randint(1, diff.num_steps, (4,), generator=g)
+    flip = torch.zeros(4, dtype=torch.bool)
+    real = step.forward
+    # a cheap non-finite step: an infinite prediction that every parameter feeds
+    step.forward = lambda x_t, t: x_t * 0 + sum(p.sum() for p in step.params) * math.inf
+    for k in range(99):
+        step(x, flip, t, 1, 0)
+    assert step.read_stats()["longest_skipped"] == 99
+    assert step._scale.item() == 1.0
+    step.forward = real
+    f32(x, flip, t, 7, 0)
+    step(x, flip, t, 7, 0)
+    assert step.read_stats()["skipped_total"] == 99          # this one applied
+    ga = torch.cat([p.grad.flatten() for p in f32.params])
+    gb = torch.cat([p.grad.flatten() for p in step.params])
+    assert (ga - gb).norm() <= 4e-3 * ga.norm()
+
+
 def test_cast_once_gives_autocasts_bits():
     # Bf16Weights against autocast's own casts: three bf16 steps from the same start give
     # the same parameters, EMA, Adam moments and counters, bit for bit. TINY has
