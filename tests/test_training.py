@@ -132,6 +132,26 @@ def test_resume_is_bit_exact(made16, reference_run, tmp_path):
     assert elapsed == sorted(elapsed) and elapsed[3] >= elapsed[2], elapsed
 
 
+def test_fp16_resume_is_bit_exact_with_its_loss_scale(made16, tmp_path, monkeypatch):
+    # test_resume_is_bit_exact under precision="fp16" (float16 autocast on the CPU), the
+    # scale doubling every 2 finite steps (_SCALE_GROWTH): stopped at step 3 (scale 2^17,
+    # one finite step counted), the resumed run takes up the saved scale and count, so
+    # its steps 4 and 5 scale as the uninterrupted run's and end on its weights.
+    monkeypatch.setattr(training, "_SCALE_GROWTH", 2)
+    kw = {**KW, "precision": "fp16"}
+    ref = training.train(data=str(made16), out=str(tmp_path / "ref"), steps=5, **kw)
+    out = tmp_path / "run"
+    training.train(data=str(made16), out=str(out), steps=3, **kw)
+    assert ckpt.load(out / "checkpoints" / "step_000000003")["loss_scale"].tolist() == \
+        [2.0 ** 17, 1.0]
+    res = training.train(data=str(made16), out=str(out), steps=5, resume="auto", **kw)
+    _same_weights(res["model"], ref["model"])
+    _same_weights(res["ema"], ref["ema"])
+    scales = [ckpt.load(p)["loss_scale"].tolist()
+              for d in (out, tmp_path / "ref") for s, p in ckpt.list_checkpoints(d / "checkpoints")
+              if s == 5]
+    assert scales == [[2.0 ** 18, 1.0]] * 2
+
 def test_resume_with_another_batch_counts_images_and_reads_on_in_the_permutation(
         made16, tmp_path, monkeypatch):
     # A run resumed with another global batch: log.csv's images is the running count of
