@@ -59,8 +59,11 @@ __all__ = ["train", "TrainStep", "Bf16Weights", "step_draws", "StepBatches", "No
 _SEED_MASK = 2 ** 62 - 1
 _GRAPH_WARMUP = 3          # eager steps (on a side stream) before the capture
 # fp16's loss scale (torch's GradScaler's rule): from 2^16, halved at a non-finite
-# gradient (the step skipped), doubled after this many finite ones in a row.
-_SCALE_INIT, _SCALE_GROWTH = 2.0 ** 16, 2000
+# gradient (the step skipped), doubled after this many finite ones in a row. Not halved
+# below _SCALE_MIN (DeepSpeed's and Megatron's floor): a smaller scale shrinks the
+# gradients, which float16 flushes to zero (a run that goes on after a stretch of
+# non-finite steps would then train on none), and at 0 every step is skipped.
+_SCALE_INIT, _SCALE_GROWTH, _SCALE_MIN = 2.0 ** 16, 2000, 1.0
 # What train() sets on CUDA unless tf32=False: (matmul TF32, cuDNN TF32, cuDNN autotuning).
 BACKEND_FLAGS = (True, True, True)
 LOG_FIELDS = ["step", "images", "loss", "grad_norm", "lr", "nonfinite", "images_per_s",
@@ -478,7 +481,8 @@ class TrainStep:
         if self._scale is not None:
             bad = skip.bool()
             grow = ~bad & (self._good + 1 >= _SCALE_GROWTH)
-            self._scale.copy_(torch.where(bad, self._scale * 0.5,
+            half = torch.clamp(self._scale * 0.5, min=_SCALE_MIN)
+            self._scale.copy_(torch.where(bad, half,
                                           torch.where(grow, self._scale * 2.0, self._scale)))
             self._good.copy_(torch.where(bad | grow, 0.0, self._good + 1))
         ok = torch.isfinite(loss)

@@ -147,6 +147,26 @@ def test_resume_is_bit_exact(made16, reference_run, tmp_path):
     assert elapsed == sorted(elapsed) and elapsed[3] >= elapsed[2], elapsed
 
 
+def test_fp16_resume_is_bit_exact_with_its_loss_scale(made16, tmp_path, monkeypatch):
+    # test_resume_is_bit_exact under precision="fp16" (float16 autocast on the CPU), the
+    # scale doubling every 2 finite steps (_SCALE_GROWTH): stopped at step 3 (scale 2^17,
+    # one finite step counted), the resumed run takes up the saved scale and count, so
+    # its steps 4 and 5 scale as the uninterrupted run's and end on its weights.
+    monkeypatch.setattr(training, "_SCALE_GROWTH", 2)
+    kw = {**KW, "precision": "fp16"}
+    ref = training.train(data=str(made16), out=str(tmp_path / "ref"), steps=5, **kw)
+    out = tmp_path / "run"
+    training.train(data=str(made16), out=str(out), steps=3, **kw)
+    assert ckpt.load(out / "checkpoints" / "step_000000003")["loss_scale"].tolist() == \
+        [2.0 ** 17, 1.0]
+    res = training.train(data=str(made16), out=str(out), steps=5, resume="auto", **kw)
+    _same_weights(res["model"], ref["model"])
+    _same_weights(res["ema"], ref["ema"])
+    scales = [ckpt.load(p)["loss_scale"].tolist()
+              for d in (out, tmp_path / "ref") for s, p in ckpt.list_checkpoints(d / "checkpoints")
+              if s == 5]
+    assert scales == [[2.0 ** 18, 1.0]] * 2
+
 def test_resume_with_another_batch_counts_images_and_reads_on_in_the_permutation(
         made16, tmp_path, monkeypatch):
     # A run resumed with another global batch: log.csv's images is the running count of
@@ -838,6 +858,40 @@ def test_fp16_steps_scale_the_loss_down_at_a_non_finite_gradient_and_up_after_go
     ga = torch.cat([p.grad.flatten() for p in f32.params])    # clipped and unscaled by
     gb = torch.cat([p.grad.flatten() for p in step.params])   # fused Adam, in place
     # measured 4e-4 of the norm (float16 keeps 11 significant bits: 4.9e-4 rounding)
+    assert (ga - gb).norm() <= 4e-3 * ga.norm()
+
+
+def test_fp16_scale_stops_halving_at_1_so_a_run_goes_on_after_non_finite_steps(monkeypatch):
+    # 99 non-finite steps in a row (one fewer than train()'s max_nonfinite, so a run goes
+    # on) halve the scale 99 times from 2^16; below 1 it would shrink the gradients, which
+    # float16 flushes to zero (2^-83: every one of them; 0 after 166 halvings, where
+    # norm / scale is nan and every later step is skipped), and finite steps double it
+    # back only every 2000 steps. It stops at 1 (fp16 autocast unscaled): the next finite
+    # step is the float32 step's, within float16's rounding, as in the test above.
+    import copy
+    import math
+    diff = BlurDiffusion(resolution=16)
+    torch.manual_seed(0)
+    model = UNet(resolution=16, **TINY)
+    f32 = training.TrainStep(copy.deepcopy(model), diff, device="cpu", lr=1e-3)
+    step = training.TrainStep(model, diff, device="cpu", lr=1e-3, precision="fp16")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=g)
+    t = torch.randint(1, diff.num_steps, (4,), generator=g)
+    flip = torch.zeros(4, dtype=torch.bool)
+    real = step.forward
+    # a cheap non-finite step: an infinite prediction that every parameter feeds
+    step.forward = lambda x_t, t: x_t * 0 + sum(p.sum() for p in step.params) * math.inf
+    for k in range(99):
+        step(x, flip, t, 1, 0)
+    assert step.read_stats()["longest_skipped"] == 99
+    assert step._scale.item() == 1.0
+    step.forward = real
+    f32(x, flip, t, 7, 0)
+    step(x, flip, t, 7, 0)
+    assert step.read_stats()["skipped_total"] == 99          # this one applied
+    ga = torch.cat([p.grad.flatten() for p in f32.params])
+    gb = torch.cat([p.grad.flatten() for p in step.params])
     assert (ga - gb).norm() <= 4e-3 * ga.norm()
 
 
