@@ -25,10 +25,12 @@ __all__ = ["to_uint8", "grid", "save_png", "save_gif", "forward_strip", "traject
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(C, H, W) in [-1, 1] -> (H, W, C) uint8, ``round((x + 1) * 127.5)`` clipped."""
+    """(C, H, W) in [-1, 1] -> (H, W, C) uint8, ``round((x + 1) * 127.5)`` clipped; NaN
+    as 0 (mid gray), infinities as the range's ends."""
     if x.dim() != 3 or x.shape[0] not in (1, 3):
         raise ValueError(f"x: expected (C, H, W) with C in (1, 3), got {tuple(x.shape)}")
-    a = torch.round((x.detach().to(torch.float64).cpu() + 1) * 127.5).clamp(0, 255)
+    a = torch.nan_to_num(x.detach().to(torch.float64).cpu(), nan=0.0)
+    a = torch.round((a + 1) * 127.5).clamp(0, 255)
     return a.to(torch.uint8).permute(1, 2, 0).numpy()
 
 

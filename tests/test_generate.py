@@ -805,3 +805,29 @@ def test_samples_from_the_millionth_on_count_as_samples(tmp_path):
         G._start(out, "png", 5, {"n": 5}, resume=False)
     assert sorted(f.name for f in out.iterdir()) == sorted(
         ["12345.png", "1000000.jpg", G.MANIFEST_NAME])
+
+
+def test_non_finite_samples_are_named_in_a_warning():
+    # A model whose float16 overflowed gives NaN for some images: they are written (NaN
+    # drawn mid gray, 128) and a warning names their numbers and, in fp16, what to do.
+    from blurfast.diffusion import BlurDiffusion
+    from blurfast.generate import sample_batches
+    from blurfast.sampling import timesteps
+    diff = BlurDiffusion(resolution=8, num_steps=10)
+
+    def model(x, t):
+        eps = torch.zeros_like(x)
+        eps[1::2] = float("nan")             # the odd images of each batch
+        return eps
+    kw = dict(sampler="ddim", seq=timesteps(diff, 3), eta=0.0, seed=0, device="cpu",
+              pixel_range="-1,1")
+    with pytest.warns(UserWarning) as seen:            # one warning per batch
+        got = dict(sample_batches(model, diff, [(2, 4), (4, 6)], precision="fp16", **kw))
+    assert [str(w.message) for w in seen] == [
+        f"1 image with non-finite values (numbers {i}); float16 overflowed in the model: "
+        f"--precision fp32 or bf16" for i in (3, 5)]
+    assert (got[2][1] == 128).all() and (got[4][1] == 128).all()
+    assert (got[2][0] != 128).any()                    # the others are images
+    with pytest.warns(UserWarning, match=r"^1 image with non-finite values \(numbers 1\)$"):
+        list(sample_batches(model, diff, [(0, 2)], precision="fp32", **kw))
+
