@@ -102,31 +102,28 @@ def forward_strip(diff: BlurDiffusion, x0: torch.Tensor, path=None, seed: int = 
 TRAJECTORY_ROWS = ("x0_hat", "x_t", "both")
 
 
-def _reverse_run(model, diff, shape, take, sampler, steps, seed, eta, spacing, pixel_range,
-                 progress, kw):
-    """One reverse run: ``(shown, states, estimates)``, the steps in ``take(seq)`` (a set
-    of the run's steps) and, at each, x_t and x0_hat on the CPU in [-1, 1] for display;
-    the sample last, at step 0, in both lists."""
+def _reverse_run(model, diff, shape, take, on_state, sampler, steps, seed, eta, spacing,
+                 pixel_range, progress, kw) -> None:
+    """One reverse run: ``on_state(i, x_t, x0_hat)`` at each step i in ``take(seq)`` (a
+    set of the run's steps), the images on the CPU in [-1, 1] for display; then
+    ``on_state(0, sample, sample)``."""
     from .data import to_unit_range
     from .sampling import sample, timesteps
 
     seq = timesteps(diff, steps if isinstance(spacing, str) else None, spacing)
     wanted = take(seq)
     to_unit_range(torch.zeros(0), pixel_range)      # checks pixel_range before sampling
-    shown, states, estimates = [], [], []
 
     def display(x):
         return to_unit_range(x.float(), pixel_range).clamp(-1, 1).cpu()
 
     def keep(i, x_t, x0_hat):
         if i in wanted:
-            shown.append(i)
-            states.append(display(x_t))
-            estimates.append(display(x0_hat))
+            on_state(i, display(x_t), display(x0_hat))
 
     out = display(sample(model, diff, shape, sampler=sampler, steps=steps, eta=eta,
                          spacing=spacing, seed=seed, callback=keep, progress=progress, **kw))
-    return shown + [0], states + [out], estimates + [out]
+    on_state(0, out, out)
 
 
 def _check_show(show: str) -> None:
@@ -156,8 +153,14 @@ def trajectory(model, diff: BlurDiffusion, shape, path=None, sampler: str = "ddi
 
     def take(seq):
         return {seq[round(k * (len(seq) - 1) / max(num - 1, 1))] for k in range(num)}
-    shown, states, estimates = _reverse_run(model, diff, shape, take, sampler, steps, seed,
-                                            eta, spacing, pixel_range, progress, kw)
+    shown, states, estimates = [], [], []
+
+    def on_state(i, x_t, x0_hat):
+        shown.append(i)
+        states.append(x_t)
+        estimates.append(x0_hat)
+    _reverse_run(model, diff, shape, take, on_state, sampler, steps, seed, eta, spacing,
+                 pixel_range, progress, kw)
     rows = []
     for b in range(len(states[0])):
         if show in ("x_t", "both"):
@@ -184,11 +187,14 @@ def trajectory_frames(model, diff: BlurDiffusion, shape, path=None, sampler: str
     check_int("frame_ms", frame_ms, 1)
     check_int("hold_ms", hold_ms, 1)
     _check_show(show)
-    shown, states, estimates = _reverse_run(model, diff, shape, set, sampler, steps, seed,
-                                            eta, spacing, pixel_range, progress, kw)  # all
-    lists = {"x_t": [states], "x0_hat": [estimates], "both": [states, estimates]}[show]
-    frames = [grid([[c[k][b] for b in range(len(c[k]))] for c in lists], pad)
-              for k in range(len(shown))]
+    frames, shown = [], []
+
+    def on_state(i, x_t, x0_hat):           # each frame made at once: uint8 kept only
+        rows = {"x_t": [x_t], "x0_hat": [x0_hat], "both": [x_t, x0_hat]}[show]
+        frames.append(grid([list(r) for r in rows], pad))
+        shown.append(i)
+    _reverse_run(model, diff, shape, set, on_state, sampler, steps, seed, eta, spacing,
+                 pixel_range, progress, kw)      # set: every step of the run
     if path is not None:
         save_gif(frames, path, [frame_ms] * (len(frames) - 1) + [hold_ms])
     return frames, shown
