@@ -362,6 +362,10 @@ def variations(model, diff: BlurDiffusion, x0: torch.Tensor, start: int,
         raise ValueError(f"spacing: expected 'uniform' or 'quadratic', got {spacing!r}")
     diff.check_x(x0, "x0")
     seq = timesteps(diff, steps, spacing, start=start)
+    # as _run takes them, before q_sample draws (it would take seed None, and any offset)
+    seed = check_int("seed", seed, 0, numpy_ok=True)
+    offset = check_int("offset", offset, 0, ops._SEED_LIMIT - 1 - len(seq) * STEP_OFFSET,
+                       numpy_ok=True)
     if clip is not None:
         model = clip_x0(model, diff, *_clip_range(clip))
     t = torch.full((x0.shape[0],), seq[0], dtype=torch.int64, device=x0.device)

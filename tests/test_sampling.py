@@ -6,6 +6,7 @@ import pytest
 import scipy.fft
 import torch
 
+from blurfast import ops
 from blurfast.diffusion import BlurDiffusion
 from blurfast.reference import philox_normal
 from blurfast.sampling import (ETA_SAMPLERS, SAMPLERS, STEP_OFFSET, ancestral, ddim, eta_first,
@@ -548,3 +549,24 @@ def test_variations_are_seeded_per_image_and_start_where_asked(small):
         variations(toy_model, small, x0, small.num_steps, progress=False)
     with pytest.raises(ValueError, match=r"^steps: expected an int in \[1, 7\]"):
         variations(toy_model, small, x0, 7, steps=8, progress=False)
+
+
+def test_variations_refuse_a_bad_seed_or_offset_as_the_sampler_would_before_any_draw(small):
+    # The run back takes a seed >= 0 (not None) and an offset whose last step's noise,
+    # at offset + S * STEP_OFFSET, stays below the op's limit: both are refused in those
+    # words before q_sample draws (seed None would draw from torch's generator first).
+    from blurfast.sampling import variations
+    x0 = torch.zeros((2,) + small.shape)
+    state = torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"^seed: expected an int >= 0, got None$"):
+        variations(toy_model, small, x0, 7, steps=4, seed=None, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    with pytest.raises(ValueError, match=r"^seed: expected an int >= 0, got -1$"):
+        variations(toy_model, small, x0, 7, steps=4, seed=-1, progress=False)
+    top = ops._SEED_LIMIT - 1 - 4 * STEP_OFFSET
+    assert torch.isfinite(variations(toy_model, small, x0, 7, steps=4, offset=top,
+                                     progress=False)).all()
+    for bad in (-1, top + 1):
+        with pytest.raises(ValueError, match=rf"^offset: expected an int in \[0, {top}\], "
+                                             rf"got {bad}$"):
+            variations(toy_model, small, x0, 7, steps=4, offset=bad, progress=False)
