@@ -302,7 +302,8 @@ def _variations(args) -> int:
 
     check_int("--n", args.n, 1)
     check_int("--variations", args.variations, 1)
-    check_int("--steps", args.steps, 1, none_ok=True)
+    if args.steps is not None:        # not given: the default below
+        check_int("--steps", args.steps, 1)
     check_int("--seed", args.seed, 0, _SEED_LIMIT - 1)
     if not 0 < args.strength <= 1:
         raise ValueError(f"--strength: expected a number in (0, 1], got {args.strength}")

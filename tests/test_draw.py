@@ -160,6 +160,7 @@ def test_process_from_flags_on_a_prepared_array(run, tmp_path):
      "--steps: expected at most 6, the start that --strength 0.2 gives (N = 30), got 7"),
     (["variations", "--ckpt", "{run}", "--variations", "0"],
      "--variations: expected an int >= 1, got 0"),
+    (["variations", "--ckpt", "{run}", "--steps", "0"], "--steps: expected an int >= 1, got 0"),
 ])
 def test_bad_arguments_are_named(run, tmp_path, capsys, argv, words):
     npy, npy8 = tmp_path / "photos.npy", tmp_path / "photos8.npy"
