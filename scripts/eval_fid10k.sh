@@ -10,11 +10,12 @@
 # NPROC (GPUs, through torchrun; default 1), BATCH (default 256), SEED (default 0),
 # N (default 10000), INCEPTION (path of inception-2015-12-05.pt; default clean-fid's /tmp
 # copy), OUT (default RUN_DIR/fid10k), SAMPLE_ARGS (more `blurfast sample` flags, for
-# example "--cuda-graph --compile"). Results: OUT/fid10k.txt, one line per sampler.
+# example "--cuda-graph --compile"), KID=1 (the KID too; REF then images, or a STATS.npz
+# saved with --kid). Results: OUT/fid10k.txt, one line per sampler.
 set -euo pipefail
 
 if [ $# -ne 2 ]; then
-  sed -n '2,13p' "$0"
+  sed -n '2,14p' "$0"
   exit 2
 fi
 RUN=$1
@@ -41,6 +42,7 @@ fi
 FID_ARGS=(--ref "$REF" --n "$N" --resolution "$RESOLUTION" --resize "$RESIZE"
           --channels "$CHANNELS")
 if [ -n "${INCEPTION:-}" ]; then FID_ARGS+=(--inception "$INCEPTION"); fi
+if [ -n "${KID:-}" ]; then FID_ARGS+=(--kid); fi
 # InceptionV3's weights and REF, checked before the samples are made.
 blurfast fid --check "${FID_ARGS[@]}"
 : > "$OUT/fid10k.txt"          # this run's lines only (a rerun does not add to an earlier one's)
@@ -50,6 +52,8 @@ for spec in "reverse_sde 0" "ddim 100"; do
   dir="$OUT/${sampler}_${steps}"
   "${SAMPLE[@]}" --ckpt "$RUN" --num-samples "$N" --sampler "$sampler" --steps "$steps" \
     --batch "$BATCH" --seed "$SEED" --format npz --out "$dir" ${SAMPLE_ARGS:-}
-  value=$(blurfast fid --samples "$dir/samples.npz" "${FID_ARGS[@]}" | tail -n 1)
+  # the score lines (FID, and KID with KID=1) as one
+  value=$(blurfast fid --samples "$dir/samples.npz" "${FID_ARGS[@]}" \
+    | grep -E '^(FID|KID) ' | paste -sd ';' - | sed 's/;/; /g')
   echo "$sampler steps=${steps/#0/full} $value" | tee -a "$OUT/fid10k.txt"
 done

@@ -2298,7 +2298,10 @@ def _eval_fid10k_calls(tmp_path: Path, env_extra: dict, earlier: str = ""):
             if [ "$1 $2" = "fid --check" ] && [ -n "${{FAIL_CHECK:-}}" ]; then
               echo "blurfast fid: error: inception: weights not found" >&2; exit 2
             fi
-            if [ "{name} $1" = "blurfast fid" ]; then echo "FID 1.5"; fi
+            if [ "{name} $1" = "blurfast fid" ] && [ "$2" != "--check" ]; then
+              echo "samples: 12 images from x"; echo "FID 1.5"
+              case "$*" in *--kid*) echo "KID 0.25 (standard deviation 0.01 over 100 subsets)";; esac
+            fi
             """))
         (bin_dir / name).chmod(0o755)
     run = tmp_path / "RUN"
@@ -2342,6 +2345,13 @@ def test_eval_fid10k_checks_inception_and_the_reference_before_sampling(tmp_path
     p, calls = _eval_fid10k_calls(tmp_path / "fail", {"FAIL_CHECK": "1"})
     assert p.returncode == 2 and "inception: weights not found" in p.stderr
     assert [c[:3] for c in calls] == [["blurfast", "fid", "--check"]]
+    # KID=1: checked and scored with --kid, both scores on each line.
+    p, calls = _eval_fid10k_calls(tmp_path / "kid", {"KID": "1", "N": "12"})
+    assert p.returncode == 0, p.stderr
+    assert calls[0][-1] == "--kid" and all(c[-1] == "--kid" for c in calls[2::2])
+    assert (tmp_path / "kid" / "RUN" / "fid10k" / "fid10k.txt").read_text() == "".join(
+        f"{s} FID 1.5; KID 0.25 (standard deviation 0.01 over 100 subsets)\n"
+        for s in ("reverse_sde steps=full", "ddim steps=100"))
 
 
 # ------------------------------------------------------------------------ step bookkeeping
