@@ -152,7 +152,8 @@ def load_images(path, n: Optional[int] = None) -> Iterable[np.ndarray]:
             for f in files[:n]:
                 try:
                     with Image.open(f) as im:     # grayscale kept as (H, W, 1)
-                        gray = im.mode in ("1", "L", "I", "F") or im.mode.startswith("I;16")
+                        gray = (im.mode in ("1", "L", "LA", "La", "I", "F")
+                                or im.mode.startswith("I;16"))
                         im = opaque(eight_bit(upright(im)))
                         yield (np.asarray(im.convert("L"))[..., None] if gray
                                else np.asarray(im.convert("RGB")))

@@ -455,6 +455,21 @@ def test_transparent_pixels_are_read_over_white(tmp_path):
     np.testing.assert_array_equal(D.ImageFolder(tmp_path, 8, "squash")[0], colors[idx])
 
 
+def test_a_grayscale_sample_with_alpha_is_read_as_grayscale_over_white(tmp_path):
+    # fid's sample folders: a grayscale PNG with an alpha channel (mode LA) is grayscale,
+    # (H, W, 1) as an L image is, composited over white; it was read as RGB, 3 channels,
+    # which a grayscale run's reference then refused.
+    from blurfast import evaluation as ev
+    rng = np.random.default_rng(3)
+    lum = rng.integers(0, 256, size=(8, 8), dtype=np.uint8)
+    alpha = rng.choice(np.array([0, 100, 255], np.uint8), size=(8, 8))
+    Image.fromarray(np.dstack([lum, alpha]), "LA").save(tmp_path / "g.png")
+    got = list(ev.load_images(tmp_path))[0]
+    a = alpha / 255.0
+    assert got.shape == (8, 8, 1)
+    assert np.abs(got[..., 0] - (a * lum + (1 - a) * 255)).max() <= 1
+
+
 def test_an_empty_file_as_data_is_one_line_naming_it(tmp_path):
     # An empty file (a download cut short, a placeholder) raised numpy's EOFError, a
     # traceback on the command line, where other unreadable files are a ValueError.
