@@ -42,7 +42,7 @@ fi
 FID_ARGS=(--ref "$REF" --n "$N" --resolution "$RESOLUTION" --resize "$RESIZE"
           --channels "$CHANNELS")
 if [ -n "${INCEPTION:-}" ]; then FID_ARGS+=(--inception "$INCEPTION"); fi
-if [ -n "${KID:-}" ]; then FID_ARGS+=(--kid); fi
+if [ -n "${KID:-}" ] && [ "$KID" != 0 ]; then FID_ARGS+=(--kid); fi   # KID=0: off
 # InceptionV3's weights and REF, checked before the samples are made.
 blurfast fid --check "${FID_ARGS[@]}"
 : > "$OUT/fid10k.txt"          # this run's lines only (a rerun does not add to an earlier one's)

@@ -2352,6 +2352,10 @@ def test_eval_fid10k_checks_inception_and_the_reference_before_sampling(tmp_path
     assert (tmp_path / "kid" / "RUN" / "fid10k" / "fid10k.txt").read_text() == "".join(
         f"{s} FID 1.5; KID 0.25 (standard deviation 0.01 over 100 subsets)\n"
         for s in ("reverse_sde steps=full", "ddim steps=100"))
+    # KID=0 is off, as KID unset (it asked for the KID as KID=1 does).
+    p, calls = _eval_fid10k_calls(tmp_path / "kid0", {"KID": "0", "N": "12"})
+    assert p.returncode == 0, p.stderr
+    assert not any("--kid" in c for c in calls)
 
 
 # ------------------------------------------------------------------------ step bookkeeping
