@@ -619,20 +619,41 @@ def _decode_item(item):
         return None, f"{name}: {type(e).__name__}: {e}"
 
 
+def _decode_items(items) -> list:
+    return [_decode_item(x) for x in items]
+
+
+def _finished(future, pool):
+    """The result of ``future``, waited for in steps of a second; BrokenProcessPool as
+    soon as a worker of ``pool`` has ended. The pool itself notices a dead worker, but not
+    one killed while it handed a result back: then its reader waits for the rest of the
+    message for ever (Python 3.11), and so would this."""
+    from concurrent.futures import TimeoutError as Waited
+    while True:
+        try:
+            return future.result(timeout=1.0)
+        except Waited:
+            procs = (getattr(pool, "_processes", None) or {}).values()
+            if any(p.exitcode is not None for p in procs):
+                raise BrokenProcessPool("a decoding process ended") from None
+
+
 def _decoded(items, pool, window: int):
     """``_decode_item`` of each item, in order; with a pool (a ProcessPoolExecutor),
-    ``window`` items at a time, the next window read while the workers decode the last (so
-    at most two windows of encoded bytes are held, however large the source)."""
+    ``window`` items at a time in tasks of 16, the next window read while the workers
+    decode the last (so at most two windows of encoded bytes are held, however large the
+    source)."""
     if pool is None:
         yield from map(_decode_item, items)
         return
     pending = None
     while True:
         chunk = [x for _, x in zip(range(window), items)]
-        job = pool.map(_decode_item, chunk, chunksize=16) if chunk else None
+        job = [pool.submit(_decode_items, chunk[i:i + 16]) for i in range(0, len(chunk), 16)]
         if pending is not None:
-            yield from pending
-        if job is None:
+            for future in pending:
+                yield from _finished(future, pool)
+        if not job:
             return
         pending = job
 
@@ -751,9 +772,16 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
         except BrokenProcessPool as e:      # a worker killed; its exit code, once joined
             # the pool's own list (private; without it the message says less)
             processes = list((getattr(pool, "_processes", None) or {}).values())
+            how = _death(processes)
+            # A reader stuck on a cut message is freed when every write end of the result
+            # pipe has closed: the other workers' (killed) and this process's own.
+            for proc in processes:
+                proc.kill()
+            writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)
+            if writer is not None:
+                writer.close()
             pool.shutdown()
-            raise WorkerDied(f"a decoding process died ({_death(processes)}); nothing was "
-                             f"written") from e
+            raise WorkerDied(f"a decoding process died ({how}); nothing was written") from e
         finally:
             if pool is not None:       # on Ctrl-C, after the tasks running (16 images each)
                 pool.shutdown(cancel_futures=True)

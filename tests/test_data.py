@@ -756,6 +756,44 @@ def test_prepare_with_a_worker_killed_ends_and_leaves_no_file(tmp_path):
                                 "signal 9, SIGKILL: out of memory?); nothing was written\n")
 
 
+def test_prepare_with_a_worker_killed_while_handing_back_ends_too(tmp_path):
+    # A worker killed while it writes its results leaves a cut message in the result pipe:
+    # the pool's reader waits for the rest for ever, and never notices the death (Python
+    # 3.11; one run in 8 of a random SIGKILL hung so). Here a worker writes such a message
+    # (a length of 10000, then 10 bytes) and kills itself; prepare sees the dead worker
+    # within its second of waiting, ends the others (which frees the reader) and fails
+    # in one line.
+    import subprocess
+    import sys
+    src = made_photos(tmp_path / "src", 40, size=8)
+    script = (
+        "import os, signal, struct, sys\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from blurfast import cli, data as D\n"
+        "made = []\n"
+        "class Recorded(ProcessPoolExecutor):\n"
+        "    def __init__(self, *a, **k):\n"
+        "        super().__init__(*a, **k)\n"
+        "        made.append(self)\n"
+        "D.ProcessPoolExecutor = Recorded\n"
+        "def cut(items):\n"
+        "    fd = made[0]._result_queue._writer.fileno()\n"
+        "    os.write(fd, struct.pack('!i', 10000) + b'x' * 10)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "D._decode_items = cut\n"
+        "sys.exit(cli.main(['prepare', sys.argv[1], sys.argv[2], '--resolution', '4',\n"
+        "                   '--workers', '2', '--no-progress']))\n")
+    try:
+        r = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "o.npy")],
+                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    except subprocess.TimeoutExpired:
+        pytest.fail("prepare hung on a cut message of a killed decoding process")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr == ("blurfast prepare: error: a decoding process died (killed by signal 9, "
+                        "SIGKILL: out of memory?); nothing was written\n")
+    assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
+
+
 def test_prepare_skips_the_zip_members_it_cannot_read(tmp_path):
     # An encrypted member (zipfile: RuntimeError) is skipped and named, as one with a bad
     # CRC is; it was a traceback.
