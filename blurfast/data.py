@@ -774,8 +774,9 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
             processes = list((getattr(pool, "_processes", None) or {}).values())
             how = _death(processes)
             # A reader stuck on a cut message is freed when every write end of the result
-            # pipe has closed: the other workers' (killed) and this process's own.
-            for proc in processes:
+            # pipe has closed: the other workers' (killed; every child, as the pool may
+            # have dropped its list already) and this process's own.
+            for proc in {*processes, *multiprocessing.active_children()}:
                 proc.kill()
             writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)
             if writer is not None:
