@@ -216,8 +216,6 @@ def _trajectory(args) -> int:
 
 
 def _process(args) -> int:
-    import torch
-
     from . import viz
     from .cli_train import DIFFUSION_KEYS
     from .data import DEFAULT_RESIZE, open_dataset, to_float

@@ -720,8 +720,8 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
         raise TypeError(f"match: expected a pattern (str) or None, got {match!r}")
     p = Path(src)
     if match is not None and is_lmdb(p):
-        raise ValueError(f"match: an lmdb database's keys are not paths; give match only "
-                         f"with an image folder or archive")
+        raise ValueError("match: an lmdb database's keys are not paths; give match only "
+                         "with an image folder or archive")
     if is_archive(p):
         if channels not in (1, 3):
             raise ValueError(f"channels: expected 1 or 3, got {channels!r}")

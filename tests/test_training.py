@@ -775,6 +775,21 @@ def test_step_is_clip_adam_and_ema_done_by_hand(grad_clip):
     assert step.read_stats()["grad_norm"] == pytest.approx(norm, rel=1e-4)
 
 
+def _fp32_and_fp16_steps():
+    """(diff, model, a float32 step of a copy of it, an fp16 step of it, a batch
+    (x, flip, t)) of TINY at 16 x 16, seeded."""
+    import copy
+    diff = BlurDiffusion(resolution=16)
+    torch.manual_seed(0)
+    model = UNet(resolution=16, **TINY)
+    f32 = training.TrainStep(copy.deepcopy(model), diff, device="cpu", lr=1e-3)
+    step = training.TrainStep(model, diff, device="cpu", lr=1e-3, precision="fp16")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=g)
+    t = torch.randint(1, diff.num_steps, (4,), generator=g)
+    return diff, model, f32, step, (x, torch.zeros(4, dtype=torch.bool), t)
+
+
 @pytest.mark.parametrize("grad_clip", [0.05, None])
 def test_a_loss_scale_leaves_the_update_as_it_was_bit_for_bit(grad_clip):
     # fp16's loss scale in float32 (the scale set by hand on an fp32 step): a power of two
@@ -817,15 +832,7 @@ def test_fp16_steps_scale_the_loss_down_at_a_non_finite_gradient_and_up_after_go
     # the float32 step's within float16's rounding.
     import copy
     monkeypatch.setattr(training, "_SCALE_GROWTH", 2)
-    diff = BlurDiffusion(resolution=16)
-    torch.manual_seed(0)
-    model = UNet(resolution=16, **TINY)
-    f32 = training.TrainStep(copy.deepcopy(model), diff, device="cpu", lr=1e-3)
-    step = training.TrainStep(model, diff, device="cpu", lr=1e-3, precision="fp16")
-    g = torch.Generator().manual_seed(4)
-    x = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=g)
-    t = torch.randint(1, diff.num_steps, (4,), generator=g)
-    flip = torch.zeros(4, dtype=torch.bool)
+    diff, model, f32, step, (x, flip, t) = _fp32_and_fp16_steps()
     normal = training.TrainStep.noised
 
     def huge(self, x0, t, noise_seed=0, noise_offset=0):
@@ -868,17 +875,8 @@ def test_fp16_scale_stops_halving_at_1_so_a_run_goes_on_after_non_finite_steps(m
     # norm / scale is nan and every later step is skipped), and finite steps double it
     # back only every 2000 steps. It stops at 1 (fp16 autocast unscaled): the next finite
     # step is the float32 step's, within float16's rounding, as in the test above.
-    import copy
     import math
-    diff = BlurDiffusion(resolution=16)
-    torch.manual_seed(0)
-    model = UNet(resolution=16, **TINY)
-    f32 = training.TrainStep(copy.deepcopy(model), diff, device="cpu", lr=1e-3)
-    step = training.TrainStep(model, diff, device="cpu", lr=1e-3, precision="fp16")
-    g = torch.Generator().manual_seed(4)
-    x = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=g)
-    t = torch.randint(1, diff.num_steps, (4,), generator=g)
-    flip = torch.zeros(4, dtype=torch.bool)
+    diff, model, f32, step, (x, flip, t) = _fp32_and_fp16_steps()
     real = step.forward
     # a cheap non-finite step: an infinite prediction that every parameter feeds
     step.forward = lambda x_t, t: x_t * 0 + sum(p.sum() for p in step.params) * math.inf
