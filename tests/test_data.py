@@ -717,43 +717,55 @@ def test_prepare_workers_leave_ctrl_c_and_sigterm_to_prepare(tmp_path, monkeypat
     assert signal.getsignal(signal.SIGINT) == int_before        # this process's, unchanged
 
 
+_DIED = ("blurfast prepare: error: a decoding process died (killed by signal 9, SIGKILL: "
+         "out of memory?); nothing was written\n")
+
+
+def _prepare_in_a_child(tmp_path, patch: str, hung: str, debug: str = ""):
+    """`blurfast prepare` of 40 made photos with 2 workers in a child process, after the
+    Python lines ``patch`` (which import os, signal, struct, sys and ``D``, blurfast.data);
+    ``hung``: the failure when it runs past 60 s. Checks that no output is left behind;
+    returns the finished process."""
+    import os
+    import subprocess
+    import sys
+    src = made_photos(tmp_path / "src", 40, size=8)
+    script = ("import os, signal, struct, sys\n"
+              "from blurfast import cli, data as D\n" + patch +
+              "sys.exit(cli.main(['prepare', sys.argv[1], sys.argv[2], '--resolution', '4',\n"
+              "                   '--workers', '2', '--no-progress']))\n")
+    try:
+        # cwd: not the repository root, whose blurfast/ (unbuilt in CI) would shadow the
+        # installed package
+        r = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "o.npy")],
+                           capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                           env={**os.environ, "BLURFAST_DEBUG": debug})
+    except subprocess.TimeoutExpired:
+        pytest.fail(hung)
+    assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
+    return r
+
+
 def test_prepare_with_a_worker_killed_ends_and_leaves_no_file(tmp_path):
     # A decoding process killed midway (the OOM killer; `timeout` signals the whole process
     # group): prepare ends with an error and removes OUT.tmp. multiprocessing.Pool lost the
     # worker's task and waited for it forever; Ctrl-C at that point hung too. The command
     # says so in one line (it printed BrokenProcessPool's traceback); BLURFAST_DEBUG=1 shows
     # the traceback.
-    import os
-    import subprocess
-    import sys
-    src = made_photos(tmp_path / "src", 40, size=8)
-    script = (
-        "import os, signal, sys\n"
-        "from blurfast import cli, data as D\n"
-        "decode = D.decode_named\n"
-        "def dies(name, *a):\n"
-        "    if name.endswith('00021.png') or name.endswith('00021.jpg'):\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    return decode(name, *a)\n"
-        "D.decode_named = dies\n"
-        "sys.exit(cli.main(['prepare', sys.argv[1], sys.argv[2], '--resolution', '4',\n"
-        "                   '--workers', '2', '--no-progress']))\n")
+    patch = ("decode = D.decode_named\n"
+             "def dies(name, *a):\n"
+             "    if name.endswith('00021.png') or name.endswith('00021.jpg'):\n"
+             "        os.kill(os.getpid(), signal.SIGKILL)\n"
+             "    return decode(name, *a)\n"
+             "D.decode_named = dies\n")
     for debug in ("", "1"):
-        try:
-            # cwd: not the repository root, whose blurfast/ (unbuilt in CI) would shadow the
-            # installed package
-            r = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "o.npy")],
-                               capture_output=True, text=True, timeout=60, cwd=tmp_path,
-                               env={**os.environ, "BLURFAST_DEBUG": debug})
-        except subprocess.TimeoutExpired:
-            pytest.fail("prepare hung when a decoding process was killed")
-        assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
+        r = _prepare_in_a_child(tmp_path, patch, "prepare hung when a decoding process was "
+                                                 "killed", debug)
         if debug:
             assert r.returncode != 0 and "Traceback" in r.stderr and "WorkerDied" in r.stderr
         else:
             assert r.returncode == 1 and "Traceback" not in r.stderr
-            assert r.stderr == ("blurfast prepare: error: a decoding process died (killed by "
-                                "signal 9, SIGKILL: out of memory?); nothing was written\n")
+            assert r.stderr == _DIED
 
 
 def test_prepare_with_a_worker_killed_while_handing_back_ends_too(tmp_path):
@@ -763,35 +775,22 @@ def test_prepare_with_a_worker_killed_while_handing_back_ends_too(tmp_path):
     # (a length of 10000, then 10 bytes) and kills itself; prepare sees the dead worker
     # within its second of waiting, ends the others (which frees the reader) and fails
     # in one line.
-    import subprocess
-    import sys
-    src = made_photos(tmp_path / "src", 40, size=8)
-    script = (
-        "import os, signal, struct, sys\n"
-        "from concurrent.futures import ProcessPoolExecutor\n"
-        "from blurfast import cli, data as D\n"
-        "made = []\n"
-        "class Recorded(ProcessPoolExecutor):\n"
-        "    def __init__(self, *a, **k):\n"
-        "        super().__init__(*a, **k)\n"
-        "        made.append(self)\n"
-        "D.ProcessPoolExecutor = Recorded\n"
-        "def cut(items):\n"
-        "    fd = made[0]._result_queue._writer.fileno()\n"
-        "    os.write(fd, struct.pack('!i', 10000) + b'x' * 10)\n"
-        "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "D._decode_items = cut\n"
-        "sys.exit(cli.main(['prepare', sys.argv[1], sys.argv[2], '--resolution', '4',\n"
-        "                   '--workers', '2', '--no-progress']))\n")
-    try:
-        r = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "o.npy")],
-                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    except subprocess.TimeoutExpired:
-        pytest.fail("prepare hung on a cut message of a killed decoding process")
+    patch = ("from concurrent.futures import ProcessPoolExecutor\n"
+             "made = []\n"
+             "class Recorded(ProcessPoolExecutor):\n"
+             "    def __init__(self, *a, **k):\n"
+             "        super().__init__(*a, **k)\n"
+             "        made.append(self)\n"
+             "D.ProcessPoolExecutor = Recorded\n"
+             "def cut(items):\n"
+             "    fd = made[0]._result_queue._writer.fileno()\n"
+             "    os.write(fd, struct.pack('!i', 10000) + b'x' * 10)\n"
+             "    os.kill(os.getpid(), signal.SIGKILL)\n"
+             "D._decode_items = cut\n")
+    r = _prepare_in_a_child(tmp_path, patch, "prepare hung on a cut message of a killed "
+                                             "decoding process")
     assert r.returncode == 1, r.stderr
-    assert r.stderr == ("blurfast prepare: error: a decoding process died (killed by signal 9, "
-                        "SIGKILL: out of memory?); nothing was written\n")
-    assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
+    assert r.stderr == _DIED
 
 
 def test_prepare_skips_the_zip_members_it_cannot_read(tmp_path):
