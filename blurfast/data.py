@@ -581,6 +581,16 @@ class WorkerDied(BrokenProcessPool):
 def _death(processes) -> str:
     """How one of the ended ``processes`` of a broken pool died: the pool sends SIGTERM to
     the others, so another exit code is the cause where there is one."""
+    import time
+    from multiprocessing.connection import wait
+    # A process's sentinel is ready while it exits, a moment before its exit code is, and
+    # the pool's thread may be reaping it at the same time (then our own look finds none
+    # until that thread has stored it): the ended ones are waited for, a second at most.
+    ended = set(wait([p.sentinel for p in processes], timeout=1.0)) if processes else set()
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline and any(
+            p.sentinel in ended and p.exitcode is None for p in processes):
+        time.sleep(0.01)
     codes = [p.exitcode for p in processes if p.exitcode]
     code = next((c for c in codes if c != -signal.SIGTERM), codes[0] if codes else None)
     if code is None:
@@ -623,36 +633,40 @@ def _decode_items(items) -> list:
     return [_decode_item(x) for x in items]
 
 
-def _finished(future, pool):
+def _finished(future, workers: list):
     """The result of ``future``, waited for in steps of a second; BrokenProcessPool as
-    soon as a worker of ``pool`` has ended. The pool itself notices a dead worker, but not
-    one killed while it handed a result back: then its reader waits for the rest of the
-    message for ever (Python 3.11), and so would this."""
+    soon as one of the pool's ``workers`` has ended. The pool itself notices a dead
+    worker, but not one killed while it handed a result back: then its reader waits for
+    the rest of the message for ever (Python 3.11), and so would this."""
     from concurrent.futures import TimeoutError as Waited
     while True:
         try:
             return future.result(timeout=1.0)
         except Waited:
-            procs = (getattr(pool, "_processes", None) or {}).values()
-            if any(p.exitcode is not None for p in procs):
+            if any(p.exitcode is not None for p in workers):
                 raise BrokenProcessPool("a decoding process ended") from None
 
 
-def _decoded(items, pool, window: int):
+def _decoded(items, pool, window: int, workers: Optional[list] = None):
     """``_decode_item`` of each item, in order; with a pool (a ProcessPoolExecutor),
     ``window`` items at a time in tasks of 16, the next window read while the workers
     decode the last (so at most two windows of encoded bytes are held, however large the
-    source)."""
+    source). ``workers``: a list that gets the pool's processes as tasks start them (the
+    pool drops its own list when it breaks; their exit codes then say how one died)."""
     if pool is None:
         yield from map(_decode_item, items)
         return
+    workers = [] if workers is None else workers
     pending = None
     while True:
         chunk = [x for _, x in zip(range(window), items)]
         job = [pool.submit(_decode_items, chunk[i:i + 16]) for i in range(0, len(chunk), 16)]
+        # the pool's private list (without it, a cut message is noticed no sooner)
+        workers.extend(p for p in (getattr(pool, "_processes", None) or {}).values()
+                       if p not in workers)
         if pending is not None:
             for future in pending:
-                yield from _finished(future, pool)
+                yield from _finished(future, workers)
         if not job:
             return
         pending = job
@@ -756,8 +770,9 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
         else:
             _init_worker(args)
             pool = None
+        started: list = []           # the pool's processes (as _decoded saw them)
         try:
-            for a, err in _decoded(source.items(n_alloc), pool, 256 * workers):
+            for a, err in _decoded(source.items(n_alloc), pool, 256 * workers, started):
                 if err is None:
                     arr[written] = a
                     written += 1
@@ -770,13 +785,11 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
                     if skipped:
                         bar.set_postfix(skipped=skipped, refresh=False)
         except BrokenProcessPool as e:      # a worker killed; its exit code, once joined
-            # the pool's own list (private; without it the message says less)
-            processes = list((getattr(pool, "_processes", None) or {}).values())
-            how = _death(processes)
+            how = _death(started)
             # A reader stuck on a cut message is freed when every write end of the result
-            # pipe has closed: the other workers' (killed; every child, as the pool may
-            # have dropped its list already) and this process's own.
-            for proc in {*processes, *multiprocessing.active_children()}:
+            # pipe has closed: the other workers' (killed; every child, in case a worker
+            # escaped the list) and this process's own.
+            for proc in {*started, *multiprocessing.active_children()}:
                 proc.kill()
             writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)
             if writer is not None:
