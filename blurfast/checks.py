@@ -40,6 +40,20 @@ def check_gpu_seen(name: str) -> None:
         raise ValueError(f"{name}: 'cuda' was asked for but torch sees no GPU")
 
 
+def check_device(name: str, v):
+    """``v`` (a str or torch.device) as a torch.device; ValueError naming ``name`` when it
+    is no device torch knows, or 'cuda' where torch sees no GPU."""
+    import torch
+    try:
+        dev = torch.device(v)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name}: expected a device such as 'cpu' or 'cuda', got {v!r}") \
+            from None
+    if dev.type == "cuda":
+        check_gpu_seen(name)
+    return dev
+
+
 def check_number(name: str, v, lo=None, lo_open: bool = False, hi=None, hi_open: bool = False,
                  none_ok: bool = False):
     """``v`` when it is a finite real number (numpy's scalars too, returned as an int or a

@@ -64,11 +64,14 @@ def register(sub) -> None:
     add_reverse_run_flags(t)
     t.add_argument("--out", default="trajectory.png",
                    help="PNG to write (default trajectory.png); a .gif name writes an "
-                        "animation instead, a frame per model call (--columns unused), the "
-                        "sample held last")
+                        "animation instead, a frame per model call up to --frames "
+                        "(--columns unused), the sample held last")
     t.add_argument("--n", type=int, default=4, help="images, one or two rows each (default 4)")
     t.add_argument("--columns", type=int, default=10,
                    help="steps shown before the sample (default 10; every call if fewer)")
+    t.add_argument("--frames", type=int, default=100,
+                   help="with a .gif --out: at most this many frames before the sample, "
+                        "evenly spaced model calls (default 100; every call if fewer)")
     t.add_argument("--show", choices=TRAJECTORY_ROWS, default="both",
                    help="rows per image: the estimate x0_hat, the state x_t, or both "
                         "(default both)")
@@ -176,10 +179,11 @@ def _trajectory(args) -> int:
     from .cli import ema_weights
     from .data import data_range
     from .generate import resolve_checkpoint
-    from .sampling import check_eta
+    from .sampling import check_eta, timesteps
 
     check_int("--n", args.n, 1)
     check_int("--columns", args.columns, 1)
+    check_int("--frames", args.frames, 1)
     check_int("--steps", args.steps, 0, none_ok=True)
     check_int("--seed", args.seed, 0, _SEED_LIMIT - 1)
     check_eta(args.sampler, args.eta, "--eta")
@@ -202,13 +206,15 @@ def _trajectory(args) -> int:
               progress=not args.no_progress)
     with torch.no_grad():
         if gif:
-            _, shown = viz.trajectory_frames(net, diff, (args.n,) + diff.shape, **kw)
+            _, shown = viz.trajectory_frames(net, diff, (args.n,) + diff.shape,
+                                             frames=args.frames, **kw)
         else:
             _, shown = viz.trajectory(net, diff, (args.n,) + diff.shape, num=args.columns,
                                       **kw)
     rows = {"both": "x_t above x0_hat", "x_t": "x_t", "x0_hat": "x0_hat"}[args.show]
-    what = (f"{args.sampler}, a frame per model call ({len(shown) - 1}), then the sample "
-            f"held" if gif else
+    calls = len(timesteps(diff, None if steps == 0 else steps, args.spacing))
+    what = (f"{args.sampler}, {len(shown) - 1} frames of {calls} model calls, then the "
+            f"sample held" if gif else
             f"{args.sampler} at steps {', '.join(map(str, shown[:-1]))}, then the sample")
     print(f"wrote {out}: {args.n} image{'s' if args.n != 1 else ''} ({rows}) from {path}, "
           f"{what}")
@@ -223,6 +229,7 @@ def _process(args) -> int:
 
     check_int("--n", args.n, 1)
     check_int("--columns", args.columns, 1)
+    check_int("--frames", args.frames, 1)
     check_int("--seed", args.seed, 0, _SEED_LIMIT - 1)
     given = vars(args)
     out = _check_out(args.out)

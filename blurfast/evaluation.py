@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
-from .checks import check_int, default_precision
+from .checks import check_device, check_int, default_precision
 from .data import DEFAULT_RESIZE, check_resize
 from .fileio import check_writable, save_npz
 
@@ -289,6 +289,7 @@ def kernel_distance(feats1, feats2, subsets: int = KID_SUBSETS,
                          f"{y.shape[1]}")
     check_int("subsets", subsets, 1)
     check_int("subset_size", subset_size, 2)
+    device = check_device("device", device)
     d, m = x.shape[1], min(subset_size, len(x), len(y))
     gen = torch.Generator().manual_seed(seed)
     values = []
@@ -365,6 +366,7 @@ def reference_statistics(ref, resolution: int, resize: str = DEFAULT_RESIZE,
     prepared array's own and decodes folders and lmdb as RGB; grayscale images are
     repeated to the 3 channels of InceptionV3, as samples are). Computed once, then cached
     as .npz under ``$BLURFAST_CACHE/fid`` (default ``~/.cache/blurfast/fid``)."""
+    device = check_device("device", device)
     return _reference_statistics(ref, resolution, resize, n, extractor, device, batch_size,
                                  cache, progress, channels)[:2]
 
@@ -507,6 +509,7 @@ def fid(samples, ref, n: Optional[int] = 10_000, resolution: Optional[int] = Non
     check_int("n", n, 2, none_ok=True)
     check_int("batch_size", batch_size, 1)
     check_resize(resize)
+    device = check_device("device", device)
     if save_stats is not None:
         check_writable("save_stats (--save-stats)", save_stats)
     extractor = feature_extractor or inception_extractor(inception, device=device)

@@ -941,7 +941,8 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
 class _FidLog:
     """``fid.csv`` (step, fid, kid): appended line by line; on resume cut as log.csv is (to
     the resumed step, torn rows dropped), the best FID of the rows kept going on. A log
-    of an older run (step, fid) gets the kid column, nan in its rows."""
+    of an older run (step, fid) gets the kid column, nan in its rows. A non-finite FID is
+    logged but never the best."""
 
     def __init__(self, path: Path, start: int):
         self.path = path
@@ -949,7 +950,8 @@ class _FidLog:
         if start > 0 and path.is_file():
             old = path.read_text().startswith("step,fid\n")
             rows = _rows_up_to(path, FID_FIELDS[:2] if old else FID_FIELDS, start)
-        self.best = min((float(r["fid"]) for r in rows), default=float("inf"))
+        self.best = min((v for v in (float(r["fid"]) for r in rows) if math.isfinite(v)),
+                        default=float("inf"))
         lines = [",".join(FID_FIELDS)] + [f"{r['step']},{r['fid']},{r.get('kid', 'nan')}"
                                           for r in rows]
         write_text(path, "".join(line + "\n" for line in lines))
@@ -957,7 +959,7 @@ class _FidLog:
     def add(self, step: int, value: float, kid: Optional[float] = None) -> bool:
         with open(self.path, "a") as f:
             f.write(f"{step},{value:.6g},{math.nan if kid is None else kid:.6g}\n")
-        if value < self.best:
+        if math.isfinite(value) and value < self.best:
             self.best = value
             return True
         return False

@@ -126,6 +126,14 @@ def _reverse_run(model, diff, shape, take, on_state, sampler, steps, seed, eta, 
     on_state(0, out, out)
 
 
+def _evenly_spaced(num: int):
+    """``take`` for :func:`_reverse_run`: ``num`` evenly spaced steps of a run, the first
+    and last included (every step where there are no more)."""
+    def take(seq):
+        return {seq[round(k * (len(seq) - 1) / max(num - 1, 1))] for k in range(num)}
+    return take
+
+
 def _check_show(show: str) -> None:
     if show not in TRAJECTORY_ROWS:
         raise ValueError(f"show: expected one of {TRAJECTORY_ROWS}, got {show!r}")
@@ -151,16 +159,14 @@ def trajectory(model, diff: BlurDiffusion, shape, path=None, sampler: str = "ddi
     check_int("pad", pad, 0)
     _check_show(show)
 
-    def take(seq):
-        return {seq[round(k * (len(seq) - 1) / max(num - 1, 1))] for k in range(num)}
     shown, states, estimates = [], [], []
 
     def on_state(i, x_t, x0_hat):
         shown.append(i)
         states.append(x_t)
         estimates.append(x0_hat)
-    _reverse_run(model, diff, shape, take, on_state, sampler, steps, seed, eta, spacing,
-                 pixel_range, progress, kw)
+    _reverse_run(model, diff, shape, _evenly_spaced(num), on_state, sampler, steps, seed, eta,
+                 spacing, pixel_range, progress, kw)
     rows = []
     for b in range(len(states[0])):
         if show in ("x_t", "both"):
@@ -176,9 +182,11 @@ def trajectory(model, diff: BlurDiffusion, shape, path=None, sampler: str = "ddi
 def trajectory_frames(model, diff: BlurDiffusion, shape, path=None, sampler: str = "ddim",
                       steps: Optional[int] = 100, seed: int = 0, eta=0.0, spacing="uniform",
                       pad: int = 1, show: str = "both", pixel_range: str = "-1,1",
-                      progress: bool = False, frame_ms: int = 80, hold_ms: int = 2000, **kw):
-    """The reverse run of :func:`trajectory` as an animation: a frame per model call, the
-    sample last. A frame holds the images of ``shape`` side by side, each a column of
+                      progress: bool = False, frame_ms: int = 80, hold_ms: int = 2000,
+                      frames: Optional[int] = 100, **kw):
+    """The reverse run of :func:`trajectory` as an animation: a frame per model call (at
+    most ``frames`` evenly spaced ones, the first and last included; None: every call),
+    the sample last. A frame holds the images of ``shape`` side by side, each a column of
     x_t above x0_hat (``show="both"``) or one of them. Returns ``(frames, steps)``, uint8
     pictures and the step of each (0 for the sample); with ``path``, writes them as a
     looping GIF (``frame_ms`` per frame, the sample held ``hold_ms``; Pillow reduces each
@@ -186,18 +194,20 @@ def trajectory_frames(model, diff: BlurDiffusion, shape, path=None, sampler: str
     check_int("pad", pad, 0)
     check_int("frame_ms", frame_ms, 1)
     check_int("hold_ms", hold_ms, 1)
+    check_int("frames", frames, 1, none_ok=True)
     _check_show(show)
-    frames, shown = [], []
+    pictures, shown = [], []
 
     def on_state(i, x_t, x0_hat):           # each frame made at once: uint8 kept only
         rows = {"x_t": [x_t], "x0_hat": [x0_hat], "both": [x_t, x0_hat]}[show]
-        frames.append(grid([list(r) for r in rows], pad))
+        pictures.append(grid([list(r) for r in rows], pad))
         shown.append(i)
-    _reverse_run(model, diff, shape, set, on_state, sampler, steps, seed, eta, spacing,
-                 pixel_range, progress, kw)      # set: every step of the run
+    take = set if frames is None else _evenly_spaced(frames)     # set: every step
+    _reverse_run(model, diff, shape, take, on_state, sampler, steps, seed, eta, spacing,
+                 pixel_range, progress, kw)
     if path is not None:
-        save_gif(frames, path, [frame_ms] * (len(frames) - 1) + [hold_ms])
-    return frames, shown
+        save_gif(pictures, path, [frame_ms] * (len(pictures) - 1) + [hold_ms])
+    return pictures, shown
 
 
 def variation_grid(model, diff: BlurDiffusion, x0: torch.Tensor, start: int, path=None,

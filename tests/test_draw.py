@@ -363,13 +363,19 @@ def test_trajectory_animation_is_the_trajectory_at_every_call(run, tmp_path, cap
     with torch.no_grad():
         only, _ = viz.trajectory_frames(net, diff, (3,) + diff.shape, show="x0_hat", **kw)
     np.testing.assert_array_equal(only[2], frames[2][SIDE + 1:])
+    # At most `frames` frames: evenly spaced calls, the first and last kept, then the sample
+    with torch.no_grad():
+        few, few_steps = viz.trajectory_frames(net, diff, (3,) + diff.shape, frames=3, **kw)
+    assert few_steps == [cols[0], cols[2], cols[5], 0]
+    for f, k in zip(few, (0, 2, 5, 6)):
+        np.testing.assert_array_equal(f, frames[k])
 
     out = tmp_path / "t.gif"
     assert cli.main(["draw", "trajectory", "--ckpt", str(run / "run"), "--n", "3", "--steps",
                      "6", "--seed", "5", "--device", "cpu", "--out", str(out),
                      "--no-progress"]) == 0
     assert capsys.readouterr().out.endswith(
-        "ddim, a frame per model call (6), then the sample held\n")
+        "ddim, 6 frames of 6 model calls, then the sample held\n")
     gif = Image.open(out)
     assert gif.n_frames == 7 and gif.info["loop"] == 0
     durations = []
@@ -384,6 +390,15 @@ def test_trajectory_animation_is_the_trajectory_at_every_call(run, tmp_path, cap
         if k in (0, 6):
             assert 2 * err < np.abs(got - frames[6 - k]).mean(), k
     assert durations == [80] * 6 + [2000]
+    assert cli.main(["draw", "trajectory", "--ckpt", str(run / "run"), "--n", "1", "--steps",
+                     "6", "--frames", "2", "--device", "cpu", "--out", str(out),
+                     "--no-progress"]) == 0
+    assert capsys.readouterr().out.endswith(
+        "ddim, 2 frames of 6 model calls, then the sample held\n")
+    assert Image.open(out).n_frames == 3
+    assert cli.main(["draw", "trajectory", "--ckpt", str(run / "run"), "--frames", "0",
+                     "--out", str(out)]) == 2
+    assert "--frames: expected an int >= 1, got 0" in capsys.readouterr().err
     assert cli.main(["draw", "trajectory", "--ckpt", str(run / "run"), "--device", "cpu",
                      "--out", str(tmp_path / "t.jpg")]) == 2
     assert "--out: expected a .png or .gif file name" in capsys.readouterr().err

@@ -598,6 +598,16 @@ def test_kernel_distance_names_bad_arguments():
                       ((x, x, 5, 1), r"^subset_size: expected")):
         with pytest.raises(ValueError, match=msg):
             ev.kernel_distance(*args)
+    with pytest.raises(ValueError, match=r"^device: expected a device such as 'cpu' or "
+                                         r"'cuda', got 'gpu'"):
+        ev.kernel_distance(x, x, device="gpu")
+    if not torch.cuda.is_available():
+        for call in (lambda: ev.kernel_distance(x, x, device="cuda"),
+                     lambda: ev.fid("nowhere", "nowhere", device="cuda"),
+                     lambda: ev.reference_statistics("nowhere", 16, device="cuda")):
+            with pytest.raises(ValueError, match=r"^device: 'cuda' was asked for but torch "
+                                                 r"sees no GPU"):
+                call()
 
 
 def test_fid_with_kid_uses_each_sides_features_cached_and_saved(tmp_path, monkeypatch, capsys):

@@ -380,6 +380,11 @@ def test_fid_log_is_cut_to_the_resumed_step_and_torn_rows_are_dropped(made16, tm
     fid_csv.write_text("step,fid\n2,51.5\n4,49.25\n6,48.5\n")
     assert training._FidLog(fid_csv, 4).best == 49.25
     assert fid_csv.read_text() == "step,fid,kid\n2,51.5,nan\n4,49.25,nan\n"
+    # A non-finite FID is logged but never the best, first row or not.
+    fid_csv.write_text("step,fid,kid\n2,nan,nan\n4,49.25,nan\n")
+    log = training._FidLog(fid_csv, 4)
+    assert log.best == 49.25
+    assert not log.add(6, float("nan")) and log.add(8, 49.0) and log.best == 49.0
 
 
 def test_sigkill_during_save_resumes_from_the_last_good_checkpoint(made16, reference_run,
