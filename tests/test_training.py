@@ -2109,6 +2109,23 @@ def test_cli_config_groups_of_the_wrong_type_name_the_key(tmp_path, capsys):
             f"blurfast train: error: {msg}\n"
 
 
+def test_cli_config_out_and_resume_of_the_wrong_type_name_the_key(tmp_path, capsys):
+    # With resume given, the saved run's arguments are read from out: a value that is no
+    # path is named as train() names it (it was a TypeError of pathlib's, naming neither).
+    cfg = tmp_path / "c.yaml"
+    for text, msg in (("resume: 5\n", "resume: expected None, 'auto' or a path, got 5"),
+                      ("resume: auto\nout: 5\n", "out: expected a path, got 5"),
+                      ("resume: auto\nout: null\n", "out: expected a path, got None")):
+        cfg.write_text(text)
+        argv = ["--config", str(cfg)] + (["--out", str(tmp_path / "r")] if "out" not in text
+                                         else [])
+        a = _parser().parse_args(["train", "--data", str(tmp_path / "none.npy"),
+                                  "--device", "cpu", *argv])
+        assert a.func(a) == 2
+        assert capsys.readouterr().err == f"blurfast train: error: {msg}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
 def test_cli_config_that_does_not_parse_is_one_line_with_the_position(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("lr: 1e-3\n  batch_size: 2\n")
