@@ -884,12 +884,15 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     if resume is not None and not isinstance(resume, (str, os.PathLike)):
         raise TypeError(f"resume: expected None, 'auto' or a path, got {resume!r}")
     _check_run_dir(out)
-    for k in ("resolution", "channels"):
-        if diffusion and k in diffusion and diffusion[k] != args[k]:
-            raise ValueError(f"diffusion: its {k} {diffusion[k]!r} differs from {k}={args[k]!r}")
-    diff = BlurDiffusion(**{**(diffusion or {}), "resolution": resolution, "channels": channels})
+    # a saved config's model and diffusion hold the image size too: the same, or an error
+    size = {"resolution": resolution, "channels": channels}
+    for name, given in (("model", model), ("diffusion", diffusion)):
+        for k in size:
+            if given and k in given and given[k] != size[k]:
+                raise ValueError(f"{name}: its {k} {given[k]!r} differs from {k}={size[k]!r}")
+    diff = BlurDiffusion(**{**(diffusion or {}), **size})
     torch.manual_seed(seed)                  # the same initial weights on every rank
-    net = UNet.from_preset(preset, resolution=resolution, channels=channels, **(model or {}))
+    net = UNet.from_preset(preset, **{**(model or {}), **size})
     net.activation_checkpointing = activation_checkpointing
 
     # ---------------------------------------------------------------- devices

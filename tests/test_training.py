@@ -1362,6 +1362,17 @@ def test_numpy_scalars_are_taken_as_python_numbers(made16, tmp_path):
     assert cfg["ema_decay"] == float(np.float32(0.9)) and cfg["grad_clip"] == 1.0
 
 
+def test_a_saved_configs_model_and_diffusion_train_a_run_of_the_same_model(reference_run,
+                                                                           made16, tmp_path):
+    # A checkpoint's config["model"] and config["diffusion"] hold the resolution and channels
+    # (UNet's arguments too): given to train() as they are, they name the same run (the
+    # model's were passed twice to from_preset, a TypeError naming neither).
+    _, _, config = ckpt.load_model(reference_run["checkpoint"])
+    res = training.train(data=str(made16), out=str(tmp_path / "r"), steps=1, **{
+        **KW, "model": config["model"], "diffusion": config["diffusion"]})
+    assert res["model"].config == config["model"]
+
+
 @pytest.mark.parametrize("compile", [True, False])
 def test_compiling_runs_say_the_first_steps_compile(made16, tmp_path, capsys, monkeypatch,
                                                     compile):
@@ -1977,6 +1988,9 @@ def test_prepare_lsun_script_keeps_prepared_arrays(tmp_path):
     (dict(lr=-1.0), "lr"),
     (dict(ema_halflife_kimg=10.0), "ema_decay, ema_halflife_kimg"),
     (dict(diffusion=dict(resolution=32)), "diffusion"),
+    (dict(model={**TINY, "resolution": 32}), r"^model: its resolution 32 differs from "
+                                             r"resolution=16"),
+    (dict(model={**TINY, "channels": 1}), r"^model: its channels 1 differs from channels=3"),
     (dict(device="tpu"), "device"),
     (dict(cuda_graphs=True), "cuda_graphs"),
     (dict(pixel_range="0,255"), "pixel_range"),
