@@ -1181,6 +1181,7 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                 at_fid = fid is not None and (step % cfg["fid_every"] == 0 or
                                               step == cfg["steps"])
                 at_grid = main and (step % cfg["sample_every"] == 0 or step == cfg["steps"])
+                at_draw = at_grid or (main and stop_now)
                 t_eval = time.perf_counter()
                 if at_fid:
                     value = fid(diff.eps_model(stepper.ema, cfg["target"]), diff,
@@ -1198,12 +1199,12 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                                   cfg["sample_count"], cfg["sample_steps"], cfg["pixel_range"],
                                   cfg["target"], dev, progress=bar is not None,
                                   batch=sampling_batch(cfg))
-                if at_fid or at_grid:
+                if at_draw:
+                    log.draw()
+                if at_fid or at_draw:
                     paused += time.perf_counter() - t_eval
                     if bar is not None:
                         bar.unpause()     # the step bar's rate: training steps alone
-                if main and (step % cfg["sample_every"] == 0 or step == cfg["steps"] or stop_now):
-                    log.draw()
                 if stop_now:
                     stopped_by = sig.received or "signal on another rank"
                     if main:

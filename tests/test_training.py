@@ -1385,18 +1385,21 @@ def test_compiling_runs_say_the_first_steps_compile(made16, tmp_path, capsys, mo
     assert said is compile
 
 
+@pytest.mark.parametrize("slowed", ["sample", "training_curves"])
 def test_sample_grids_show_progress_and_stay_out_of_images_per_s(made16, tmp_path, capsys,
-                                                                monkeypatch):
+                                                                monkeypatch, slowed):
     # A grid drawn mid-run shows a bar of its own, and log.csv's images_per_s of the next
-    # interval counts the training alone: the grid (slowed by 1.5 s here) is left out.
-    from blurfast import sampling
-    real, pause = sampling.sample, 1.5
+    # interval counts the training alone: the grid, and curves.png redrawn with it (one
+    # slowed by 1.5 s here), are left out.
+    from blurfast import sampling, viz
+    module = sampling if slowed == "sample" else viz
+    real, pause = getattr(module, slowed), 1.5
 
-    def slow_sample(*a, **k):
+    def slow(*a, **k):
         time.sleep(pause)
         return real(*a, **k)
 
-    monkeypatch.setattr(sampling, "sample", slow_sample)
+    monkeypatch.setattr(module, slowed, slow)
     out = tmp_path / "r"
     training.train(data=str(made16), out=str(out), steps=3, **{
         **KW, "sample_every": 2, "save_every": 1000, "progress": True})
