@@ -507,8 +507,11 @@ def train_kwargs(args: argparse.Namespace) -> dict:
     # paths only: train() names an argument of another type
     if _is_path(explicit.get("resume")) and _is_path(explicit.get("out")):
         base = saved_config(explicit["resume"], explicit["out"])
-        if "preset" in explicit:          # a preset given anew defines the model anew
-            base.pop("model", None)
+        if "preset" in explicit:          # a preset given anew defines the model anew,
+            model = base.pop("model", None)
+            if isinstance(model, dict) and "emb_act" in model:
+                # but for emb_act: the checkpoint's version of the model, which no flag gives
+                base["model"] = {"emb_act": model["emb_act"]}
     kw = {}
     for layer in (base, file_cfg, flags):
         _layer(kw, layer)

@@ -313,10 +313,10 @@ def test_cli_resume_with_a_new_preset_takes_the_presets_model(made16, tmp_path, 
         return cli_train.train_kwargs(_parser().parse_args(
             ["train", "--out", str(out), "--resume", "auto", *argv]))
     assert kwargs()["model"]["channel_mult"] == (1, 2)          # no preset: the saved model
-    kw = kwargs("--preset", "small")
-    assert kw["preset"] == "small" and "model" not in kw
+    kw = kwargs("--preset", "small")              # the saved emb_act alone kept
+    assert kw["preset"] == "small" and kw["model"] == {"emb_act": True}
     kw = kwargs("--preset", "small", "--num-res-blocks", "1")
-    assert kw["model"] == {"num_res_blocks": 1}
+    assert kw["model"] == {"emb_act": True, "num_res_blocks": 1}
     capsys.readouterr()
     a = _parser().parse_args(["train", "--out", str(out), "--resume", "auto", "--steps", "2",
                               "--preset", "small"])
@@ -327,6 +327,24 @@ def test_cli_resume_with_a_new_preset_takes_the_presets_model(made16, tmp_path, 
     assert "model.channel_mult [1, 2, 3, 4] differs from the checkpoint's [1, 2]" in err, err
     assert "model.num_res_blocks 2 differs from the checkpoint's 1" in err, err
     assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [1]
+
+
+def test_cli_resume_with_a_new_preset_keeps_a_run_saved_before_emb_act(made16, tmp_path):
+    # A recipe gives its preset on every run; a run saved before emb_act (no flag gives it)
+    # still resumes: the new preset drops the saved model entries but that one.
+    out = tmp_path / "r"
+    training.train(data=str(made16), out=str(out), steps=1,
+                   **{**KW, "model": {**TINY, "emb_act": False}})
+    saved = json.loads((out / "config.json").read_text())
+    del saved["model"]["emb_act"]
+    (out / "config.json").write_text(json.dumps(saved))
+    a = _parser().parse_args(["train", "--out", str(out), "--resume", "auto", "--steps", "2",
+                              "--preset", "small", "--channel-mult", "1", "2",
+                              "--num-res-blocks", "1"])
+    assert cli_train.train_kwargs(a)["model"] == {"emb_act": False, "channel_mult": (1, 2),
+                                                  "num_res_blocks": 1}
+    assert a.func(a) == 0
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [2, 1]
 
 
 def test_a_torn_log_row_is_dropped_on_resume(made16, tmp_path):
