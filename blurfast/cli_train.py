@@ -418,6 +418,10 @@ def _saved_file_arguments(cfg: dict, path) -> dict:
     return _run_arguments(cfg)
 
 
+def _is_path(v) -> bool:
+    return isinstance(v, (str, os.PathLike))
+
+
 def _is_run(out) -> bool:
     """Whether the directory ``out`` holds a run: its config.json or a checkpoint."""
     from . import checkpoint as ckpt
@@ -491,8 +495,8 @@ def train_kwargs(args: argparse.Namespace) -> dict:
         if "preset" in flags:     # a preset given anew defines the model anew, as on resume
             file_cfg.pop("model", None)
         if "out" not in flags and file_out is not None:
-            file_out = _saved_out(args.config, file_out)
-            if flags.get("resume") is None and _is_run(file_out):
+            file_out = _saved_out(args.config, file_out) if _is_path(file_out) else file_out
+            if flags.get("resume") is None and _is_path(file_out) and _is_run(file_out):
                 raise ValueError(
                     f"config: {str(args.config)!r} is the saved config of the run "
                     f"{file_out!r}, which exists; give --out NEW_DIR to train a new run "
@@ -500,10 +504,14 @@ def train_kwargs(args: argparse.Namespace) -> dict:
             file_cfg["out"] = file_out
     explicit = {**file_cfg, **flags}
     base = {}
-    if explicit.get("resume") is not None and "out" in explicit:
+    # paths only: train() names an argument of another type
+    if _is_path(explicit.get("resume")) and _is_path(explicit.get("out")):
         base = saved_config(explicit["resume"], explicit["out"])
-        if "preset" in explicit:          # a preset given anew defines the model anew
-            base.pop("model", None)
+        if "preset" in explicit:          # a preset given anew defines the model anew,
+            model = base.pop("model", None)
+            if isinstance(model, dict) and "emb_act" in model:
+                # but for emb_act: the checkpoint's version of the model, which no flag gives
+                base["model"] = {"emb_act": model["emb_act"]}
     kw = {}
     for layer in (base, file_cfg, flags):
         _layer(kw, layer)

@@ -884,12 +884,15 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     if resume is not None and not isinstance(resume, (str, os.PathLike)):
         raise TypeError(f"resume: expected None, 'auto' or a path, got {resume!r}")
     _check_run_dir(out)
-    for k in ("resolution", "channels"):
-        if diffusion and k in diffusion and diffusion[k] != args[k]:
-            raise ValueError(f"diffusion: its {k} {diffusion[k]!r} differs from {k}={args[k]!r}")
-    diff = BlurDiffusion(**{**(diffusion or {}), "resolution": resolution, "channels": channels})
+    # a saved config's model and diffusion hold the image size too: the same, or an error
+    size = {"resolution": resolution, "channels": channels}
+    for name, given in (("model", model), ("diffusion", diffusion)):
+        for k in size:
+            if given and k in given and given[k] != size[k]:
+                raise ValueError(f"{name}: its {k} {given[k]!r} differs from {k}={size[k]!r}")
+    diff = BlurDiffusion(**{**(diffusion or {}), **size})
     torch.manual_seed(seed)                  # the same initial weights on every rank
-    net = UNet.from_preset(preset, resolution=resolution, channels=channels, **(model or {}))
+    net = UNet.from_preset(preset, **{**(model or {}), **size})
     net.activation_checkpointing = activation_checkpointing
 
     # ---------------------------------------------------------------- devices
@@ -1180,6 +1183,7 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                 at_fid = fid is not None and (step % cfg["fid_every"] == 0 or
                                               step == cfg["steps"])
                 at_grid = main and (step % cfg["sample_every"] == 0 or step == cfg["steps"])
+                at_draw = at_grid or (main and stop_now)
                 t_eval = time.perf_counter()
                 if at_fid:
                     value = fid(diff.eps_model(stepper.ema, cfg["target"]), diff,
@@ -1197,12 +1201,12 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                                   cfg["sample_count"], cfg["sample_steps"], cfg["pixel_range"],
                                   cfg["target"], dev, progress=bar is not None,
                                   batch=sampling_batch(cfg))
-                if at_fid or at_grid:
+                if at_draw:
+                    log.draw()
+                if at_fid or at_draw:
                     paused += time.perf_counter() - t_eval
                     if bar is not None:
                         bar.unpause()     # the step bar's rate: training steps alone
-                if main and (step % cfg["sample_every"] == 0 or step == cfg["steps"] or stop_now):
-                    log.draw()
                 if stop_now:
                     stopped_by = sig.received or "signal on another rank"
                     if main:

@@ -313,10 +313,10 @@ def test_cli_resume_with_a_new_preset_takes_the_presets_model(made16, tmp_path, 
         return cli_train.train_kwargs(_parser().parse_args(
             ["train", "--out", str(out), "--resume", "auto", *argv]))
     assert kwargs()["model"]["channel_mult"] == (1, 2)          # no preset: the saved model
-    kw = kwargs("--preset", "small")
-    assert kw["preset"] == "small" and "model" not in kw
+    kw = kwargs("--preset", "small")              # the saved emb_act alone kept
+    assert kw["preset"] == "small" and kw["model"] == {"emb_act": True}
     kw = kwargs("--preset", "small", "--num-res-blocks", "1")
-    assert kw["model"] == {"num_res_blocks": 1}
+    assert kw["model"] == {"emb_act": True, "num_res_blocks": 1}
     capsys.readouterr()
     a = _parser().parse_args(["train", "--out", str(out), "--resume", "auto", "--steps", "2",
                               "--preset", "small"])
@@ -327,6 +327,24 @@ def test_cli_resume_with_a_new_preset_takes_the_presets_model(made16, tmp_path, 
     assert "model.channel_mult [1, 2, 3, 4] differs from the checkpoint's [1, 2]" in err, err
     assert "model.num_res_blocks 2 differs from the checkpoint's 1" in err, err
     assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [1]
+
+
+def test_cli_resume_with_a_new_preset_keeps_a_run_saved_before_emb_act(made16, tmp_path):
+    # A recipe gives its preset on every run; a run saved before emb_act (no flag gives it)
+    # still resumes: the new preset drops the saved model entries but that one.
+    out = tmp_path / "r"
+    training.train(data=str(made16), out=str(out), steps=1,
+                   **{**KW, "model": {**TINY, "emb_act": False}})
+    saved = json.loads((out / "config.json").read_text())
+    del saved["model"]["emb_act"]
+    (out / "config.json").write_text(json.dumps(saved))
+    a = _parser().parse_args(["train", "--out", str(out), "--resume", "auto", "--steps", "2",
+                              "--preset", "small", "--channel-mult", "1", "2",
+                              "--num-res-blocks", "1"])
+    assert cli_train.train_kwargs(a)["model"] == {"emb_act": False, "channel_mult": (1, 2),
+                                                  "num_res_blocks": 1}
+    assert a.func(a) == 0
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [2, 1]
 
 
 def test_a_torn_log_row_is_dropped_on_resume(made16, tmp_path):
@@ -1367,6 +1385,17 @@ def test_numpy_scalars_are_taken_as_python_numbers(made16, tmp_path):
     assert cfg["ema_decay"] == float(np.float32(0.9)) and cfg["grad_clip"] == 1.0
 
 
+def test_a_saved_configs_model_and_diffusion_train_a_run_of_the_same_model(reference_run,
+                                                                           made16, tmp_path):
+    # A checkpoint's config["model"] and config["diffusion"] hold the resolution and channels
+    # (UNet's arguments too): given to train() as they are, they name the same run (the
+    # model's were passed twice to from_preset, a TypeError naming neither).
+    _, _, config = ckpt.load_model(reference_run["checkpoint"])
+    res = training.train(data=str(made16), out=str(tmp_path / "r"), steps=1, **{
+        **KW, "model": config["model"], "diffusion": config["diffusion"]})
+    assert res["model"].config == config["model"]
+
+
 @pytest.mark.parametrize("compile", [True, False])
 def test_compiling_runs_say_the_first_steps_compile(made16, tmp_path, capsys, monkeypatch,
                                                     compile):
@@ -1379,18 +1408,21 @@ def test_compiling_runs_say_the_first_steps_compile(made16, tmp_path, capsys, mo
     assert said is compile
 
 
+@pytest.mark.parametrize("slowed", ["sample", "training_curves"])
 def test_sample_grids_show_progress_and_stay_out_of_images_per_s(made16, tmp_path, capsys,
-                                                                monkeypatch):
+                                                                monkeypatch, slowed):
     # A grid drawn mid-run shows a bar of its own, and log.csv's images_per_s of the next
-    # interval counts the training alone: the grid (slowed by 1.5 s here) is left out.
-    from blurfast import sampling
-    real, pause = sampling.sample, 1.5
+    # interval counts the training alone: the grid, and curves.png redrawn with it (one
+    # slowed by 1.5 s here), are left out.
+    from blurfast import sampling, viz
+    module = sampling if slowed == "sample" else viz
+    real, pause = getattr(module, slowed), 1.5
 
-    def slow_sample(*a, **k):
+    def slow(*a, **k):
         time.sleep(pause)
         return real(*a, **k)
 
-    monkeypatch.setattr(sampling, "sample", slow_sample)
+    monkeypatch.setattr(module, slowed, slow)
     out = tmp_path / "r"
     training.train(data=str(made16), out=str(out), steps=3, **{
         **KW, "sample_every": 2, "save_every": 1000, "progress": True})
@@ -1982,6 +2014,9 @@ def test_prepare_lsun_script_keeps_prepared_arrays(tmp_path):
     (dict(lr=-1.0), "lr"),
     (dict(ema_halflife_kimg=10.0), "ema_decay, ema_halflife_kimg"),
     (dict(diffusion=dict(resolution=32)), "diffusion"),
+    (dict(model={**TINY, "resolution": 32}), r"^model: its resolution 32 differs from "
+                                             r"resolution=16"),
+    (dict(model={**TINY, "channels": 1}), r"^model: its channels 1 differs from channels=3"),
     (dict(device="tpu"), "device"),
     (dict(cuda_graphs=True), "cuda_graphs"),
     (dict(pixel_range="0,255"), "pixel_range"),
@@ -2112,6 +2147,23 @@ def test_cli_config_groups_of_the_wrong_type_name_the_key(tmp_path, capsys):
         cfg.write_text(text)
         assert _cli_error(tmp_path, capsys, "--config", str(cfg)) == \
             f"blurfast train: error: {msg}\n"
+
+
+def test_cli_config_out_and_resume_of_the_wrong_type_name_the_key(tmp_path, capsys):
+    # With resume given, the saved run's arguments are read from out: a value that is no
+    # path is named as train() names it (it was a TypeError of pathlib's, naming neither).
+    cfg = tmp_path / "c.yaml"
+    for text, msg in (("resume: 5\n", "resume: expected None, 'auto' or a path, got 5"),
+                      ("resume: auto\nout: 5\n", "out: expected a path, got 5"),
+                      ("resume: auto\nout: null\n", "out: expected a path, got None")):
+        cfg.write_text(text)
+        argv = ["--config", str(cfg)] + (["--out", str(tmp_path / "r")] if "out" not in text
+                                         else [])
+        a = _parser().parse_args(["train", "--data", str(tmp_path / "none.npy"),
+                                  "--device", "cpu", *argv])
+        assert a.func(a) == 2
+        assert capsys.readouterr().err == f"blurfast train: error: {msg}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
 
 
 def test_cli_config_that_does_not_parse_is_one_line_with_the_position(tmp_path, capsys):
