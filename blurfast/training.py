@@ -678,15 +678,17 @@ class _Log:
     On resume the rows after the resumed step are dropped (they belong to the lost part
     of the run), and so are rows that a crash left torn."""
 
-    def __init__(self, out: Path, start: int):
+    def __init__(self, out: Path, start: int, elapsed: Optional[float] = None):
         self.out = out
         self.path = out / "log.csv"
         self.draw_curves = True
         rows = []
         if start > 0 and self.path.is_file():
             rows = _rows_up_to(self.path, LOG_FIELDS, start)
-        # elapsed_s goes on from the resumed step's row: the time of the run's earlier parts
-        self.elapsed0 = float(rows[-1]["elapsed_s"]) if rows else 0.0
+        # elapsed_s goes on from the time the checkpoint saved (``elapsed``), or from the
+        # resumed step's row for a checkpoint saved without it
+        self.elapsed0 = float(elapsed) if elapsed is not None else \
+            float(rows[-1]["elapsed_s"]) if rows else 0.0
         with open(self.path.with_name(".log.csv.tmp"), "w", newline="") as f:
             w = csv.DictWriter(f, LOG_FIELDS)
             w.writeheader()
@@ -1099,8 +1101,10 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
 
     def state_at(step):
         # No generator states: every random stream is a function of (config seed, step)
-        # and the data order of the examples consumed.
-        return {**stepper.state_dict(), "images": images_at(step)}
+        # and the data order of the examples consumed. elapsed_s: the wall time so far (rank
+        # 0 saves), for a run stopped between log rows to go on from it.
+        extra = {} if log is None else {"elapsed_s": log.elapsed0 + time.perf_counter() - t0}
+        return {**stepper.state_dict(), "images": images_at(step), **extra}
 
     def save(step):
         return ckpt.save(ck_dir, step, stepper.model, stepper.ema, state_at(step), cfg,
@@ -1119,7 +1123,7 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                 if cfg["compile"] and start < cfg["steps"]:
                     print("compile: the first steps compile the model (minutes for paper64 "
                           "on a GPU); the bar moves once that is done", flush=True)
-            log = _Log(out, start)
+            log = _Log(out, start, None if state is None else state.get("elapsed_s"))
         if fid is not None:
             fid_log = _FidLog(out / "fid.csv", start)
         if main and progress:

@@ -299,7 +299,8 @@ def test_prepared_array_batches_and_checks(tmp_path):
     np.testing.assert_array_equal(ds.__getitems__([5, 1, 5, 0]).numpy(), a[[5, 1, 5, 0]])
     ds2 = pickle.loads(pickle.dumps(ds))
     np.testing.assert_array_equal(ds2[6], a[6])
-    with pytest.raises(ValueError, match="resolution"):
+    with pytest.raises(ValueError, match=r"^resolution: 8 differs from the prepared array's 4 "
+                                         r".*; give resolution 4, or prepare it again at 8$"):
         D.open_dataset(tmp_path / "a.npy", resolution=8)
     np.save(tmp_path / "f.npy", a.astype(np.float32))
     with pytest.raises(ValueError, match="uint8"):

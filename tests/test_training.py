@@ -142,9 +142,28 @@ def test_resume_is_bit_exact(made16, reference_run, tmp_path):
     rows = [dict(zip(training.LOG_FIELDS, r.split(",")))
             for r in (out / "log.csv").read_text().splitlines()[1:]]
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
-    # elapsed_s goes on from the resumed step's row: it never falls
+    # elapsed_s goes on from the checkpoint's time: it never falls
     elapsed = [float(r["elapsed_s"]) for r in rows]
     assert elapsed == sorted(elapsed) and elapsed[3] >= elapsed[2], elapsed
+    assert ckpt.load(out / "checkpoints" / "step_000000006")["elapsed_s"] >= elapsed[-1]
+
+
+def test_a_resumed_runs_elapsed_time_goes_on_from_its_checkpoint(made16, tmp_path,
+                                                                 monkeypatch):
+    # A run stopped between log rows saves the time it had run; the resumed run's rows go
+    # on from that time, not from the last row's (which would lose the steps between).
+    out = tmp_path / "run"
+    training.train(data=str(made16), out=str(out), steps=3, **KW)
+    saved = ckpt.latest_valid(out / "checkpoints")
+    assert saved["elapsed_s"] > 0
+    real = ckpt.latest_valid
+    monkeypatch.setattr(training.ckpt, "latest_valid",
+                        lambda d: {**real(d), "elapsed_s": 1000.0})
+    training.train(data=str(made16), out=str(out), steps=5, resume="auto", **KW)
+    rows = [dict(zip(training.LOG_FIELDS, r.split(",")))
+            for r in (out / "log.csv").read_text().splitlines()[1:]]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
+    assert float(rows[2]["elapsed_s"]) < 1000 <= float(rows[3]["elapsed_s"]) < 1100
 
 
 def test_fp16_resume_is_bit_exact_with_its_loss_scale(made16, tmp_path, monkeypatch):
