@@ -76,7 +76,7 @@ from .bench_peers import (fft_dct2, fft_idct2, matmul_dct2, matmul_idct2, ref_q_
                           ref_sampler_step, tf32_matmul)
 from .bench_check import CHECK_TOL, WrongOutput, check_output
 from .bench_timing import launched_kernels, measure_copy_gbps, num_input_sets, time_call
-from .checks import check_gpu_seen
+from .checks import check_device, check_gpu_seen, check_int
 
 __all__ = [
     "CASES", "IMPLS", "VARIANT_IMPLS", "DTYPES", "CUDA_SHAPES", "CUDA_EXTRA_SHAPES", "CPU_SHAPES",
@@ -470,9 +470,7 @@ def _resolve_device(device) -> torch.device:
     """``device`` as a torch.device with an index on CUDA (default: cuda when available)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda":
-        check_gpu_seen("device")
+    device = check_device("device", device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
@@ -534,14 +532,18 @@ def run(device=None, quick: bool = False, *, cases=None, impls=None, shapes=None
         if c not in CASES:
             raise ValueError(f"cases: unknown case {c!r}; expected some of {CASES}")
     for i in impls:
-        get_impl(i)
+        if i not in _IMPLS:
+            raise ValueError(f"impls: unknown impl {i!r}; expected some of "
+                             f"{IMPLS + VARIANT_IMPLS}")
+    check_int("iters", iters, none_ok=True)
+    check_int("warmup", warmup, lo=0, none_ok=True)
     if dtypes is None:
         dtypes = DTYPES if is_cuda else ("float32",)
     for d in dtypes:
         if d not in DTYPES:
             raise ValueError(f"dtypes: unknown dtype {d!r}; expected some of {DTYPES}")
     if shapes:
-        shapes = tuple(_parse_shape(s) for s in shapes)
+        shapes = tuple(_parse_shape(s, "shapes") for s in shapes)
     elif is_cuda:
         shapes = CUDA_SHAPES if quick else CUDA_SHAPES + CUDA_EXTRA_SHAPES
     else:
