@@ -752,7 +752,7 @@ def plot(result: dict, path) -> None:
 
 
 def main(argv=None) -> int:
-    from .bench_steps import STEP_IMPLS, format_steps, run_steps
+    from .bench_steps import STEP_IMPLS, check_step_impls, format_steps, run_steps
     from .cli import _Parser, nonnegative_int, positive_int
     from .fileio import check_writable
     p = _Parser(prog="blurfast bench", description=__doc__.splitlines()[0])
@@ -814,6 +814,9 @@ def main(argv=None) -> int:
                 check_writable(flag, path)
         if a.plot:
             _pyplot()
+        if a.steps:
+            cuda = (a.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+            check_step_impls("--step-impls", a.step_impls or (), cuda)
     except (ValueError, ImportError) as e:
         p.error(str(e))
     if a.device == "cuda":           # named as the flag; run() names its argument

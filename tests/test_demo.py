@@ -386,6 +386,18 @@ def test_bench_progress_bar_on_a_terminal(tty, flags, shown, capsys, monkeypatch
         == shown, err
 
 
+@pytest.mark.parametrize("impl", ["blurfast_fp16", "blurfast_cast_once"])
+def test_bench_checks_step_impls_on_a_cpu_before_timing(impl, capsys, monkeypatch):
+    # Refused by run_steps only after the kernel rows were timed, as "impls: ...".
+    from blurfast import bench
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("timed before the check"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--device", "cpu", "--step-impls", "blurfast", impl])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(
+        f"blurfast bench: error: --step-impls: {impl} is a 16-bit configuration"), err
+
+
 def test_bench_names_a_bad_shape(capsys):
     assert cli.main(["bench", "--device", "cpu", "--no-steps", "--shapes", "axbxcxd"]) == 2
     err = capsys.readouterr().err                  # the flag, before anything is timed
