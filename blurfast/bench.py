@@ -760,7 +760,8 @@ def main(argv=None) -> int:
                    help="default: cuda when available, else cpu")
     p.add_argument("--quick", action="store_true", help="fewer iterations and shapes")
     p.add_argument("--json", dest="json_path", default=None, help="write the results here")
-    p.add_argument("--plot", default=None, help="write a bar chart (PNG) of the times here")
+    p.add_argument("--plot", default=None,
+                   help="write a bar chart (PNG) of the kernel rows' times here")
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="time the kernel cases (default on; --no-kernels with --steps times "
                         "only the model steps)")
@@ -805,6 +806,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if not (a.kernels or a.steps):
         p.error("nothing to time: --no-kernels needs --steps")
+    if a.plot and not a.kernels:
+        p.error("--plot: charts the kernel rows, and --no-kernels times none")
     # Where the results go is checked before anything is timed (a GPU run takes minutes).
     for shape in a.shapes or ():     # named as the flag; run() names its argument
         _parse_shape(shape, "--shapes")

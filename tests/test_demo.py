@@ -398,6 +398,19 @@ def test_bench_checks_step_impls_on_a_cpu_before_timing(impl, capsys, monkeypatc
         f"blurfast bench: error: --step-impls: {impl} is a 16-bit configuration"), err
 
 
+def test_bench_refuses_plot_without_kernel_rows(tmp_path, capsys, monkeypatch):
+    # --no-kernels --plot drew an empty chart (and matplotlib's "No artists" warning).
+    from blurfast import bench_steps
+    monkeypatch.setattr(bench_steps, "run_steps",
+                        lambda *a, **k: pytest.fail("timed before the check"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--device", "cpu", "--no-kernels", "--plot",
+                  str(tmp_path / "b.png")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("blurfast bench: error: --plot: ")
+    assert not (tmp_path / "b.png").exists()
+
+
 def test_bench_names_a_bad_shape(capsys):
     assert cli.main(["bench", "--device", "cpu", "--no-steps", "--shapes", "axbxcxd"]) == 2
     err = capsys.readouterr().err                  # the flag, before anything is timed
