@@ -840,6 +840,7 @@ def main(argv=None) -> int:
             if a.json_path:          # and the errors of the configurations that failed
                 _write_json(a.json_path, dict(res, model_steps=rows, partial=True,
                                               skipped=res.get("skipped", []) + errors))
+        save_partial([])             # the kernel rows: partial until the steps are done
         res["model_steps"] = run_steps(a.device, a.quick, batches=a.step_batches,
                                        impls=a.step_impls or ("blurfast",), errors=errors,
                                        on_progress=save_partial, progress=progress)

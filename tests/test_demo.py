@@ -411,6 +411,26 @@ def test_bench_refuses_plot_without_kernel_rows(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "b.png").exists()
 
 
+def test_bench_json_stays_partial_until_the_steps_are_done(tmp_path, monkeypatch):
+    # The kernel rows were written as a finished file before the model steps began: a run
+    # cut in its first step configuration left a file that did not say it was cut.
+    from blurfast import bench_steps
+
+    class Cut(Exception):
+        pass
+
+    def run_steps(*args, **kwargs):
+        raise Cut()                       # the time limit, before any configuration ended
+    monkeypatch.setattr(bench_steps, "run_steps", run_steps)
+    js = tmp_path / "bench.json"
+    with pytest.raises(Cut):
+        cli.main(["bench", "--device", "cpu", "--cases", "dct2", "--shapes", "1x3x8x8",
+                  "--impls", "blurfast", "--iters", "1", "--warmup", "0", "--json", str(js)])
+    got = json.loads(js.read_text())
+    assert got["partial"] is True and [r["impl"] for r in got["rows"]] == ["blurfast"]
+    assert got["model_steps"] == []
+
+
 def test_bench_names_a_bad_shape(capsys):
     assert cli.main(["bench", "--device", "cpu", "--no-steps", "--shapes", "axbxcxd"]) == 2
     err = capsys.readouterr().err                  # the flag, before anything is timed
