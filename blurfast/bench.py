@@ -76,7 +76,7 @@ from .bench_peers import (fft_dct2, fft_idct2, matmul_dct2, matmul_idct2, ref_q_
                           ref_sampler_step, tf32_matmul)
 from .bench_check import CHECK_TOL, WrongOutput, check_output
 from .bench_timing import launched_kernels, measure_copy_gbps, num_input_sets, time_call
-from .checks import check_gpu_seen
+from .checks import check_device, check_gpu_seen, check_int
 
 __all__ = [
     "CASES", "IMPLS", "VARIANT_IMPLS", "DTYPES", "CUDA_SHAPES", "CUDA_EXTRA_SHAPES", "CPU_SHAPES",
@@ -470,9 +470,7 @@ def _resolve_device(device) -> torch.device:
     """``device`` as a torch.device with an index on CUDA (default: cuda when available)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda":
-        check_gpu_seen("device")
+    device = check_device("device", device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
@@ -534,14 +532,18 @@ def run(device=None, quick: bool = False, *, cases=None, impls=None, shapes=None
         if c not in CASES:
             raise ValueError(f"cases: unknown case {c!r}; expected some of {CASES}")
     for i in impls:
-        get_impl(i)
+        if i not in _IMPLS:
+            raise ValueError(f"impls: unknown impl {i!r}; expected some of "
+                             f"{IMPLS + VARIANT_IMPLS}")
+    check_int("iters", iters, none_ok=True)
+    check_int("warmup", warmup, lo=0, none_ok=True)
     if dtypes is None:
         dtypes = DTYPES if is_cuda else ("float32",)
     for d in dtypes:
         if d not in DTYPES:
             raise ValueError(f"dtypes: unknown dtype {d!r}; expected some of {DTYPES}")
     if shapes:
-        shapes = tuple(_parse_shape(s) for s in shapes)
+        shapes = tuple(_parse_shape(s, "shapes") for s in shapes)
     elif is_cuda:
         shapes = CUDA_SHAPES if quick else CUDA_SHAPES + CUDA_EXTRA_SHAPES
     else:
@@ -750,7 +752,7 @@ def plot(result: dict, path) -> None:
 
 
 def main(argv=None) -> int:
-    from .bench_steps import STEP_IMPLS, format_steps, run_steps
+    from .bench_steps import STEP_IMPLS, check_step_impls, format_steps, run_steps
     from .cli import _Parser, nonnegative_int, positive_int
     from .fileio import check_writable
     p = _Parser(prog="blurfast bench", description=__doc__.splitlines()[0])
@@ -758,7 +760,8 @@ def main(argv=None) -> int:
                    help="default: cuda when available, else cpu")
     p.add_argument("--quick", action="store_true", help="fewer iterations and shapes")
     p.add_argument("--json", dest="json_path", default=None, help="write the results here")
-    p.add_argument("--plot", default=None, help="write a bar chart (PNG) of the times here")
+    p.add_argument("--plot", default=None,
+                   help="write a bar chart (PNG) of the kernel rows' times here")
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="time the kernel cases (default on; --no-kernels with --steps times "
                         "only the model steps)")
@@ -803,6 +806,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if not (a.kernels or a.steps):
         p.error("nothing to time: --no-kernels needs --steps")
+    if a.plot and not a.kernels:
+        p.error("--plot: charts the kernel rows, and --no-kernels times none")
     # Where the results go is checked before anything is timed (a GPU run takes minutes).
     for shape in a.shapes or ():     # named as the flag; run() names its argument
         _parse_shape(shape, "--shapes")
@@ -812,6 +817,9 @@ def main(argv=None) -> int:
                 check_writable(flag, path)
         if a.plot:
             _pyplot()
+        if a.steps:
+            cuda = (a.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+            check_step_impls("--step-impls", a.step_impls or (), cuda)
     except (ValueError, ImportError) as e:
         p.error(str(e))
     if a.device == "cuda":           # named as the flag; run() names its argument
@@ -832,6 +840,7 @@ def main(argv=None) -> int:
             if a.json_path:          # and the errors of the configurations that failed
                 _write_json(a.json_path, dict(res, model_steps=rows, partial=True,
                                               skipped=res.get("skipped", []) + errors))
+        save_partial([])             # the kernel rows: partial until the steps are done
         res["model_steps"] = run_steps(a.device, a.quick, batches=a.step_batches,
                                        impls=a.step_impls or ("blurfast",), errors=errors,
                                        on_progress=save_partial, progress=progress)

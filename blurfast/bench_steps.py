@@ -32,7 +32,7 @@ from .models import UNet
 from .training import BACKEND_FLAGS as TRAIN_FLAGS
 
 __all__ = ["reference_train_step", "run_steps", "format_steps", "EMA", "STEP_IMPLS",
-           "BASELINES", "BACKEND_FLAGS", "backend_flags"]
+           "BASELINES", "BACKEND_FLAGS", "backend_flags", "check_step_impls"]
 
 EMA = 0.9999
 
@@ -105,6 +105,17 @@ class backend_flags:
         self._set(self.prev)
 
 
+def check_step_impls(name: str, impls, cuda: bool) -> None:
+    """ValueError naming ``name`` unless every one of ``impls`` is in STEP_IMPLS and, where
+    not ``cuda``, none is a 16-bit configuration."""
+    for impl in impls:
+        if impl not in STEP_IMPLS:
+            raise ValueError(f"{name}: expected names from {STEP_IMPLS}, got {impl!r}")
+        if impl.endswith(("cast_once", "fp16")) and not cuda:
+            raise ValueError(f"{name}: {impl} is a 16-bit configuration, and the CPU rows "
+                             f"are fp32; it needs a CUDA device")
+
+
 def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[str] = None,
               resolution: Optional[int] = None, iters: Optional[int] = None,
               impls=("blurfast",), errors: Optional[list] = None, on_progress=None,
@@ -136,12 +147,7 @@ def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[s
     from tqdm.auto import tqdm
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
-    for impl in impls:
-        if impl not in STEP_IMPLS:
-            raise ValueError(f"impls: expected names from {STEP_IMPLS}, got {impl!r}")
-        if impl.endswith(("cast_once", "fp16")) and not cuda:
-            raise ValueError(f"impls: {impl} is a 16-bit configuration, and the CPU rows "
-                             f"are fp32; it needs a CUDA device")
+    check_step_impls("impls", impls, cuda)
     impls = list(BASELINES) + [i for i in STEP_IMPLS if i in impls and i not in BASELINES]
     preset = preset or ("paper64" if cuda else "small")
     res = resolution or (64 if cuda else 32)

@@ -386,6 +386,51 @@ def test_bench_progress_bar_on_a_terminal(tty, flags, shown, capsys, monkeypatch
         == shown, err
 
 
+@pytest.mark.parametrize("impl", ["blurfast_fp16", "blurfast_cast_once"])
+def test_bench_checks_step_impls_on_a_cpu_before_timing(impl, capsys, monkeypatch):
+    # Refused by run_steps only after the kernel rows were timed, as "impls: ...".
+    from blurfast import bench
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("timed before the check"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--device", "cpu", "--step-impls", "blurfast", impl])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(
+        f"blurfast bench: error: --step-impls: {impl} is a 16-bit configuration"), err
+
+
+def test_bench_refuses_plot_without_kernel_rows(tmp_path, capsys, monkeypatch):
+    # --no-kernels --plot drew an empty chart (and matplotlib's "No artists" warning).
+    from blurfast import bench_steps
+    monkeypatch.setattr(bench_steps, "run_steps",
+                        lambda *a, **k: pytest.fail("timed before the check"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--device", "cpu", "--no-kernels", "--plot",
+                  str(tmp_path / "b.png")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("blurfast bench: error: --plot: ")
+    assert not (tmp_path / "b.png").exists()
+
+
+def test_bench_json_stays_partial_until_the_steps_are_done(tmp_path, monkeypatch):
+    # The kernel rows were written as a finished file before the model steps began: a run
+    # cut in its first step configuration left a file that did not say it was cut.
+    from blurfast import bench_steps
+
+    class Cut(Exception):
+        pass
+
+    def run_steps(*args, **kwargs):
+        raise Cut()                       # the time limit, before any configuration ended
+    monkeypatch.setattr(bench_steps, "run_steps", run_steps)
+    js = tmp_path / "bench.json"
+    with pytest.raises(Cut):
+        cli.main(["bench", "--device", "cpu", "--cases", "dct2", "--shapes", "1x3x8x8",
+                  "--impls", "blurfast", "--iters", "1", "--warmup", "0", "--json", str(js)])
+    got = json.loads(js.read_text())
+    assert got["partial"] is True and [r["impl"] for r in got["rows"]] == ["blurfast"]
+    assert got["model_steps"] == []
+
+
 def test_bench_names_a_bad_shape(capsys):
     assert cli.main(["bench", "--device", "cpu", "--no-steps", "--shapes", "axbxcxd"]) == 2
     err = capsys.readouterr().err                  # the flag, before anything is timed

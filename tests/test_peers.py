@@ -310,6 +310,24 @@ def test_bench_run_does_not_time_a_wrong_impl_and_strict_fails(monkeypatch, caps
     assert bench.main(argv) == 0           # reported, but only --strict fails on it
 
 
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(iters=0), "iters: expected an int >= 1 or None, got 0"),
+    (dict(warmup=-1), "warmup: expected an int >= 0 or None, got -1"),
+    (dict(shapes=["1x3x8"]), "shapes: expected four positive sizes B,C,H,W, got '1x3x8'"),
+    (dict(impls=["torch_fp64"]), "impls: unknown impl 'torch_fp64'"),
+    (dict(device="tpu"), "device: expected a device such as 'cpu' or 'cuda', got 'tpu'"),
+])
+def test_bench_run_names_a_bad_argument_before_timing(kwargs, words, monkeypatch):
+    # iters=0 timed every row and listed each as an impl's error (StatisticsError: no median
+    # for empty data), which --strict failed on; the others named no argument of run().
+    monkeypatch.setattr(bench, "measure_copy_gbps",
+                        lambda device: pytest.fail("timed before the check"))
+    with pytest.raises(ValueError) as e:
+        bench.run(**{"device": "cpu", "cases": ["dct2"], "impls": ["blurfast"],
+                     "shapes": ["1x3x8x8"], **kwargs})
+    assert str(e.value).startswith(words), e.value
+
+
 def test_traffic_bytes():
     n = 256 * 3 * 64 * 64 * 4
     assert bench.traffic_bytes("dct2", (256, 3, 64, 64)) == 2 * n
