@@ -777,7 +777,8 @@ def main(argv=None) -> int:
                         "always timed (default: blurfast; blurfast_compile adds torch.compile, "
                         "which takes minutes to compile, blurfast_compile_cl the same in "
                         "channels_last; a _cast_once variant casts the bf16 weights once "
-                        "per step, on a GPU; blurfast_ckpt adds activation checkpointing)")
+                        "per step, on a GPU; blurfast_ckpt adds activation checkpointing; "
+                        "blurfast_fp16 is the step in float16 with its loss scale, on a GPU)")
     p.add_argument("--cases", nargs="+", choices=CASES, default=None, metavar="CASE",
                    help=f"default: all of {', '.join(CASES)}")
     p.add_argument("--impls", nargs="+", choices=IMPLS + VARIANT_IMPLS, default=None,

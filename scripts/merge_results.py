@@ -27,7 +27,8 @@ def main(out: str) -> str:
         raise SystemExit(f"no results in {out}: expected one of {KERNEL_FILES + STEP_FILES}")
     d = None
     for name in found:
-        e = json.load(open(os.path.join(out, name)))
+        with open(os.path.join(out, name)) as f:
+            e = json.load(f)
         run = name[:-5]
         if d is None:            # the header (card, driver, torch, date) of the first file
             d = dict(e, rows=[], skipped=[], model_steps=[], runs={})
