@@ -2471,6 +2471,24 @@ def test_teardown_barrier_only_after_a_finished_run(monkeypatch, owns, finished,
     assert seen == calls
 
 
+def test_more_processes_than_gpus_is_an_error_naming_the_process_count(monkeypatch):
+    # torchrun --nproc_per_node=4 on a machine with 2 GPUs: ranks 2 and 3 stop with a line
+    # that says so, before set_device (an invalid device ordinal) or the process group.
+    import torch.distributed as dist
+
+    from blurfast import distributed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("set_device called"))
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("group made"))
+    for k, v in {"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "2"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=r"^device: this process is LOCAL_RANK 2 of a machine "
+                                         r"where torch sees 2 GPUs; start at most 2 processes "
+                                         r"per machine \(torchrun --nproc_per_node=2\)$"):
+        distributed.setup_processes("cuda")
+
+
 def test_blurfast_debug_shows_the_traceback_of_train_and_prepare(tmp_path, monkeypatch, capsys):
     # README: bad input is one line, exit code 2; BLURFAST_DEBUG=1 shows the traceback
     # instead. train and prepare printed the line themselves, whatever BLURFAST_DEBUG said.
