@@ -742,6 +742,45 @@ def test_cli_under_two_processes_prints_on_rank_0_only(made16, tmp_path):
     assert "done:" not in logs[1]
 
 
+def test_sigterm_to_one_rank_stops_both_at_the_next_log_point_and_rank_0_saves(made16,
+                                                                               tmp_path):
+    # The ranks agree on a stop only at log points (no host synchronization between):
+    # SIGTERM to rank 1 alone stops both at the next multiple of --log-every, where rank 0
+    # saves; both exit with 143.
+    out = tmp_path / "r"
+    argv = ["train", "--data", str(made16), "--out", str(out), "--resolution", "16",
+            "--batch-size", "2", "--steps", "100000", "--log-every", "4", "--save-every",
+            "100000", "--base-channels", "32", "--channel-mult", "1", "2",
+            "--num-res-blocks", "1", "--no-progress", "--device", "cpu"]
+    script = f"""
+        import sys, torch
+        torch.set_num_threads(1)
+        from blurfast import cli
+        sys.exit(cli.main({argv!r}))
+    """
+    port = str(free_port())
+    procs = [_child(script, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                             "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "log.csv").is_file() or \
+                len((out / "log.csv").read_text().splitlines()) < 2:   # step 4 logged
+            assert time.monotonic() < deadline and procs[0].poll() is None, \
+                procs[0].communicate()[0]
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGTERM)
+        logs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [143, 143], logs
+    [(step, _)] = ckpt.list_checkpoints(out / "checkpoints")
+    assert step % 4 == 0 and step > 4
+    assert int((out / "log.csv").read_text().splitlines()[-1].split(",")[0]) == step
+    assert f"signal on another rank: saved {out / 'checkpoints' / f'step_{step:09d}'}" in logs[0]
+
+
 # ------------------------------------------------------------------------ the update
 
 @pytest.mark.parametrize("grad_clip", [0.05, None])
