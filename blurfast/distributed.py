@@ -27,6 +27,12 @@ def setup_processes(device: Optional[str]):
         raise ValueError(f"device: expected 'cpu', 'cuda' or None, got {device!r}")
     if device == "cuda":
         check_gpu_seen("device")
+        seen = torch.cuda.device_count()
+        if world > 1 and local >= seen:     # else set_device fails on an invalid ordinal
+            raise ValueError(f"device: this process is LOCAL_RANK {local} of a machine where "
+                             f"torch sees {seen} GPU{'s' if seen > 1 else ''}; start at most "
+                             f"{seen} process{'es' if seen > 1 else ''} per machine "
+                             f"(torchrun --nproc_per_node={seen})")
         dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
         torch.cuda.set_device(dev)
     else:

@@ -201,6 +201,13 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
     rank, world, dev, owns_group = setup_processes(device)
     finished = False
     try:
+        if world > 1:
+            # A run directory's newest checkpoint can change while the ranks start (the run
+            # saves): every rank samples the one rank 0 found, which the manifest names.
+            import torch.distributed as dist
+            found = [path]
+            dist.broadcast_object_list(found, src=0)
+            path = found[0]
         model, diff, config = ckpt.load_model(path, ema=ema, device=dev)
         pixel_range = config.get("pixel_range", "-1,1")
         chw = diff.channels * diff.H * diff.W

@@ -110,12 +110,15 @@ def test_cli_train_sample_fid(run_dir, tmp_path, capsys, monkeypatch):
         independent_fid(imgs, folder_images(run_dir / "photos", 12)), rel=1e-4)
 
 
-def _generate_in_two_gloo_processes(ckpt, out, kw) -> None:
-    """generate(ckpt, out=out, **kw) as two ranks of a gloo process group."""
-    script = textwrap.dedent(f"""
-        import torch
+def _generate_in_two_gloo_processes(ckpt, out, kw, before: str = "") -> None:
+    """generate(ckpt, out=out, **kw) as two ranks of a gloo process group; ``before``:
+    code each rank runs first (its rank in ``rank``)."""
+    script = textwrap.dedent("""
+        import os, torch
         torch.set_num_threads(1)
         from blurfast.generate import generate
+        rank = int(os.environ["RANK"])
+    """) + textwrap.dedent(before) + textwrap.dedent(f"""
         generate({str(ckpt)!r}, out={str(out)!r}, **{kw!r})
     """)
     port = str(free_port())
@@ -144,6 +147,38 @@ def test_two_gloo_processes_give_the_same_images(run_dir, tmp_path):
     _generate_in_two_gloo_processes(run_dir / "run", tmp_path / "two", kw)
     np.testing.assert_array_equal(_read_pngs(tmp_path / "two", 7), _read_pngs(tmp_path / "one", 7))
     assert (tmp_path / "two" / SHEET_NAME).is_file()
+
+
+def test_two_gloo_processes_sample_the_checkpoint_rank_0_found(run_dir, tmp_path):
+    # A run that saves while the ranks start: rank 0 found step 3 as the run's newest
+    # checkpoint, rank 1 (later) step 5. Both sample step 3's weights, as one process
+    # given step 3 does, and the manifest names it.
+    import json
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(run_dir / "run", run)
+    assert cli.main(["train", "--out", str(run), "--resume", "auto", "--steps", "5",
+                     "--save-every", "5", "--sample-count", "1", "--no-progress"]) == 0
+    step3 = run / "checkpoints" / "step_000000003"
+    kw = dict(n=4, steps=2, batch=1, seed=5, progress=False, device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generate(step3, out=tmp_path / "one", **kw)
+        generate(run, out=tmp_path / "newest", **kw)
+    finally:
+        torch.set_num_threads(threads)
+    want = _read_pngs(tmp_path / "one", 4)
+    assert (want != _read_pngs(tmp_path / "newest", 4)).any()     # the two steps differ
+    _generate_in_two_gloo_processes(run, tmp_path / "two", kw, before=f"""
+        import blurfast.generate as G
+        from pathlib import Path
+        if rank == 0:
+            G.resolve_checkpoint = lambda p: Path({str(step3)!r})
+    """)
+    np.testing.assert_array_equal(_read_pngs(tmp_path / "two", 4), want)
+    manifest = json.loads((tmp_path / "two" / "samples.json").read_text())
+    assert manifest["checkpoint"] == str(step3.resolve())
 
 
 def test_an_npz_run_merges_only_its_own_chunks(run_dir, tmp_path):

@@ -779,6 +779,45 @@ def test_cli_under_two_processes_prints_on_rank_0_only(made16, tmp_path):
     assert "done:" not in logs[1]
 
 
+def test_sigterm_to_one_rank_stops_both_at_the_next_log_point_and_rank_0_saves(made16,
+                                                                               tmp_path):
+    # The ranks agree on a stop only at log points (no host synchronization between):
+    # SIGTERM to rank 1 alone stops both at the next multiple of --log-every, where rank 0
+    # saves; both exit with 143.
+    out = tmp_path / "r"
+    argv = ["train", "--data", str(made16), "--out", str(out), "--resolution", "16",
+            "--batch-size", "2", "--steps", "100000", "--log-every", "4", "--save-every",
+            "100000", "--base-channels", "32", "--channel-mult", "1", "2",
+            "--num-res-blocks", "1", "--no-progress", "--device", "cpu"]
+    script = f"""
+        import sys, torch
+        torch.set_num_threads(1)
+        from blurfast import cli
+        sys.exit(cli.main({argv!r}))
+    """
+    port = str(free_port())
+    procs = [_child(script, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                             "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "log.csv").is_file() or \
+                len((out / "log.csv").read_text().splitlines()) < 2:   # step 4 logged
+            assert time.monotonic() < deadline and procs[0].poll() is None, \
+                procs[0].communicate()[0]
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGTERM)
+        logs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [143, 143], logs
+    [(step, _)] = ckpt.list_checkpoints(out / "checkpoints")
+    assert step % 4 == 0 and step > 4
+    assert int((out / "log.csv").read_text().splitlines()[-1].split(",")[0]) == step
+    assert f"signal on another rank: saved {out / 'checkpoints' / f'step_{step:09d}'}" in logs[0]
+
+
 # ------------------------------------------------------------------------ the update
 
 @pytest.mark.parametrize("grad_clip", [0.05, None])
@@ -2540,6 +2579,24 @@ def test_teardown_barrier_only_after_a_finished_run(monkeypatch, owns, finished,
     monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: seen.append("destroy"))
     distributed.teardown_processes(owns, finished)
     assert seen == calls
+
+
+def test_more_processes_than_gpus_is_an_error_naming_the_process_count(monkeypatch):
+    # torchrun --nproc_per_node=4 on a machine with 2 GPUs: ranks 2 and 3 stop with a line
+    # that says so, before set_device (an invalid device ordinal) or the process group.
+    import torch.distributed as dist
+
+    from blurfast import distributed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("set_device called"))
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("group made"))
+    for k, v in {"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "2"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=r"^device: this process is LOCAL_RANK 2 of a machine "
+                                         r"where torch sees 2 GPUs; start at most 2 processes "
+                                         r"per machine \(torchrun --nproc_per_node=2\)$"):
+        distributed.setup_processes("cuda")
 
 
 def test_blurfast_debug_shows_the_traceback_of_train_and_prepare(tmp_path, monkeypatch, capsys):
