@@ -1015,6 +1015,15 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
             raise ValueError(f"out: {out} already holds checkpoints; pass resume='auto' "
                              f"(--resume auto) to continue that run, or choose another "
                              f"directory")
+    elif cfg["resume"] == "auto" and world > 1:
+        # Rank 0 picks and every rank loads its pick: a run that saved while the ranks
+        # started would otherwise give them different weights and steps.
+        import torch.distributed as dist
+        state = ckpt.latest_valid(ck_dir) if main else None
+        found = [None if state is None else state["path"]]
+        dist.broadcast_object_list(found, src=0)
+        if not main and found[0] is not None:
+            state = ckpt.load(found[0])
     elif cfg["resume"] == "auto":
         state = ckpt.latest_valid(ck_dir)
     else:

@@ -641,6 +641,33 @@ def test_ddp_two_gloo_processes_match_one_process(made16, tmp_path, grad_accum, 
     assert moved > 1000 * atol                           # and training did move them
 
 
+def test_two_gloo_processes_resume_the_checkpoint_rank_0_found(made16, tmp_path):
+    # A run that saved while the ranks started: rank 0 found step 2 as the newest valid
+    # checkpoint, rank 1 (later) step 4. Both resume from step 2 (without this they ran
+    # different step counts: their all-reduces would not pair).
+    kw = {**KW, "batch_size": 2, "save_every": 2}
+    out = tmp_path / "run"
+    training.train(data=str(made16), out=str(out), steps=4, **{**kw, "batch_size": 4})
+    script = f"""
+        import os, torch
+        torch.set_num_threads(1)
+        from blurfast import checkpoint as ckpt, training
+        if os.environ["RANK"] == "0":
+            real = ckpt.load
+            ckpt.latest_valid = lambda d: real(d / "step_000000002")
+        r = training.train(data={str(made16)!r}, out={str(out)!r}, steps=6, resume="auto",
+                           **{kw!r})
+        torch.save(dict(model=r["model"].state_dict(), run=r["steps_run"]),
+                   {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
+    """
+    logs = _two_gloo_ranks(script)
+    assert "resuming from " in logs[0] and "step_000000002 (step 2)" in logs[0]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert r0["run"] == r1["run"] == 4
+    for k in r0["model"]:
+        assert torch.equal(r0["model"][k], r1["model"][k]), k
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_the_flat_all_reduce_is_ddps_step(tmp_path, compiled):
     # TrainStep(ddp="flat") (what a captured step of several processes runs: the gradients
