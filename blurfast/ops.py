@@ -163,6 +163,21 @@ def _run_normal(x: Tensor, seed: int, offset: int) -> Tensor:
 
 # ---------------------------------------------------------------- custom ops
 
+def _check_op_tensors(x, a, x2, a2, g, noise) -> None:
+    """What the spectral kernel trusts of a direct call of ``torch.ops.blurfast.spectral``
+    (which :func:`spectral` checks in full, naming each argument): an x2 without a2 (or the
+    reverse), an x2 of another shape or dtype, or a tensor on another device would have it
+    read through a null or foreign pointer, or past the end of a buffer."""
+    if (x2 is None) != (a2 is None):
+        raise ValueError("x2, a2: give both or neither")
+    if x2 is not None and (x2.shape != x.shape or x2.dtype != x.dtype):
+        raise ValueError(f"x2: expected x's shape {tuple(x.shape)} and dtype {x.dtype}, got "
+                         f"{tuple(x2.shape)} and {x2.dtype}")
+    for name, t in (("a", a), ("x2", x2), ("a2", a2), ("g", g), ("noise", noise)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name}: is on {t.device} but x is on {x.device}")
+
+
 @torch.library.custom_op("blurfast::dct2", mutates_args=())
 def _dct2_op(x: Tensor) -> Tensor:
     return _run_dct2(x, False)
@@ -177,6 +192,7 @@ def _idct2_op(x: Tensor) -> Tensor:
 def _spectral_op(x: Tensor, a: Tensor, x2: Optional[Tensor], a2: Optional[Tensor],
                  g: Optional[Tensor], noise: Optional[Tensor], seed: int, offset: int,
                  return_noise: bool) -> tuple[Tensor, Tensor]:
+    _check_op_tensors(x, a, x2, a2, g, noise)
     return _run_spectral(x, a, x2, a2, g, noise, seed, offset, return_noise)
 
 
@@ -197,6 +213,7 @@ def _(x):
 
 @_spectral_op.register_fake
 def _(x, a, x2, a2, g, noise, seed, offset, return_noise):
+    _check_op_tensors(x, a, x2, a2, g, noise)
     return x.new_empty(x.shape), x.new_empty(x.shape if return_noise else (0,))
 
 

@@ -1023,6 +1023,25 @@ def test_bad_input_names_the_argument(call, exc, words):
         call()
 
 
+@pytest.mark.parametrize("x2, a2, words", [
+    (torch.zeros(4, 8, 8), None, "x2, a2: give both"),                   # was a segfault
+    (None, torch.ones(8, 8), "x2, a2: give both"),                       # x2 silently dropped
+    (torch.zeros(1, 8, 8), torch.ones(8, 8), r"x2: expected x's shape"),  # read past its end
+    (torch.zeros(4, 8, 8, dtype=torch.float64), torch.ones(8, 8), "x2: expected"),  # NaN
+])
+def test_custom_op_called_directly_checks_what_the_kernel_trusts(x2, a2, words):
+    # torch.ops.blurfast.spectral is documented for direct calls, which skip spectral()'s
+    # checks: the kernel must not read through a null pointer or past a buffer's end.
+    x, a = torch.zeros(4, 8, 8), torch.ones(8, 8)
+    with pytest.raises(ValueError, match=words):
+        torch.ops.blurfast.spectral(x, a, x2, a2, None, None, 0, 0, False)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode, pytest.raises(ValueError,
+                                                                                match=words):
+        f = mode.from_tensor
+        torch.ops.blurfast.spectral(f(x), f(a), None if x2 is None else f(x2),
+                                    None if a2 is None else f(a2), None, None, 0, 0, False)
+
+
 def test_cuda_tensor_without_cuda_kernels(monkeypatch):
     import blurfast.ops as ops
     monkeypatch.setattr(ops, "HAS_CUDA_KERNELS", False)
