@@ -38,8 +38,9 @@ def archs_run_on(capability, archs=None) -> Optional[bool]:
     """Whether code built for CMake architecture entries ``archs`` runs on a GPU of compute
     capability (major, minor); None when an entry cannot be read ("native", "all").
 
-    Real code sm_XY runs on major X with minor >= Y (sm_XYa only on X.Y); PTX compute_XY
-    on any later GPU, compiled there by the driver.
+    Real code sm_XY runs on major X with minor >= Y; PTX compute_XY on any later GPU,
+    compiled there by the driver. The arch-specific sm_XYa and compute_XYa run on X.Y only,
+    the family-specific sm_XYf and compute_XYf on major X with minor >= Y only.
     """
     major, minor = capability
     cc = 10 * major + minor
@@ -50,6 +51,10 @@ def archs_run_on(capability, archs=None) -> Optional[bool]:
         num, suffix, kind = int(m.group(1)), m.group(2), m.group(3)
         if suffix == "a":
             if cc == num:
+                return True
+            continue
+        if suffix == "f":
+            if num // 10 == major and num % 10 <= minor:
                 return True
             continue
         if kind != "-virtual" and num // 10 == major and num % 10 <= minor:

@@ -1052,7 +1052,8 @@ def test_cuda_tensor_without_cuda_kernels(monkeypatch):
 
 
 # The rules of NVIDIA's CUDA compatibility guide, by hand: real code sm_XY runs on
-# capability X.y for y >= Y; PTX compute_XY on every capability >= X.Y; sm_XYa only on X.Y.
+# capability X.y for y >= Y; PTX compute_XY on every capability >= X.Y; sm_XYa only on X.Y;
+# sm_XYf and compute_XYf (family-specific) on X.y for y >= Y only.
 @pytest.mark.parametrize("cap,archs,runs", [
     ((7, 5), ["80-real", "86-real", "89-real", "90"], False),     # T4: default build
     ((8, 0), ["80-real", "86-real", "89-real", "90"], True),
@@ -1064,6 +1065,10 @@ def test_cuda_tensor_without_cuda_kernels(monkeypatch):
     ((9, 0), ["80-virtual"], True),
     ((10, 0), ["90a-real"], False),
     ((9, 0), ["90a-real"], True),
+    ((10, 3), ["100f"], True),
+    ((12, 0), ["100f"], False),                                    # was True: PTX taken as any
+    ((11, 0), ["100f-virtual"], False),
+    ((10, 0), ["103f"], False),
     ((9, 0), ["native"], None),                                    # unknown: not refused
 ])
 def test_archs_run_on(cap, archs, runs):
