@@ -23,11 +23,13 @@ DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloa
 
 
 def describe_archs(archs=None) -> str:
-    """CMake architecture entries as people read them: '80-real' -> sm_80, '90' -> sm_90 + PTX."""
+    """CMake architecture entries as people read them: '80-real' -> sm_80, '90-virtual' ->
+    PTX compute_90, '90' -> sm_90 + PTX."""
     out = []
     for a in CUDA_ARCHS if archs is None else archs:
         num = a.split("-")[0]
-        out.append(f"sm_{num}" if a.endswith("-real") else f"sm_{num} + PTX compute_{num}")
+        out.append(f"sm_{num}" if a.endswith("-real") else f"PTX compute_{num}"
+                   if a.endswith("-virtual") else f"sm_{num} + PTX compute_{num}")
     return ", ".join(out)
 
 

@@ -1076,6 +1076,12 @@ def test_archs_run_on(cap, archs, runs):
     assert archs_run_on(cap, archs) is runs
 
 
+def test_describe_archs_names_the_code_each_entry_holds():
+    from blurfast._backend import describe_archs
+    assert describe_archs(["80-real", "90-virtual", "90a"]) == \
+        "sm_80, PTX compute_90, sm_90a + PTX compute_90a"        # 90-virtual: was sm_90 + PTX
+
+
 def test_gpu_without_code_in_this_build_is_named(monkeypatch):
     import blurfast._backend as backend
     monkeypatch.setattr(backend, "CUDA_ARCHS", ["80-real", "90"])
