@@ -167,7 +167,9 @@ def _check_op_tensors(x, a, x2, a2, g, noise) -> None:
     """What the spectral kernel trusts of a direct call of ``torch.ops.blurfast.spectral``
     (which :func:`spectral` checks in full, naming each argument): an x2 without a2 (or the
     reverse), an x2 of another shape or dtype, or a tensor on another device would have it
-    read through a null or foreign pointer, or past the end of a buffer."""
+    read through a null or foreign pointer, or past the end of a buffer; a map or noise of
+    more dims than x, whose leading sizes happen to multiply to x's, would be read as x's
+    shape instead of broadcasting (other shapes fail in _map_arg's expand)."""
     if (x2 is None) != (a2 is None):
         raise ValueError("x2, a2: give both or neither")
     if x2 is not None and (x2.shape != x.shape or x2.dtype != x.dtype):
@@ -176,6 +178,9 @@ def _check_op_tensors(x, a, x2, a2, g, noise) -> None:
     for name, t in (("a", a), ("x2", x2), ("a2", a2), ("g", g), ("noise", noise)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name}: is on {t.device} but x is on {x.device}")
+        if t is not None and t.dim() > x.dim():
+            raise ValueError(f"{name}: shape {tuple(t.shape)} does not broadcast to x's shape "
+                             f"{tuple(x.shape)}")
 
 
 @torch.library.custom_op("blurfast::dct2", mutates_args=())

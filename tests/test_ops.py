@@ -1042,6 +1042,16 @@ def test_custom_op_called_directly_checks_what_the_kernel_trusts(x2, a2, words):
                                     None if a2 is None else f(a2), None, None, 0, 0, False)
 
 
+def test_custom_op_called_directly_refuses_maps_of_more_dims_than_x():
+    # (4, 1, 8, 8) against x (4, 8, 8) broadcasts to (4, 4, 8, 8): it was read as one map
+    # per plane of x, an output of x's shape.
+    x, a = torch.zeros(4, 8, 8), torch.ones(4, 1, 8, 8)
+    for args in ((x, a, None, None, None, None), (x, a[0, 0], None, None, a, None),
+                 (x, a[0, 0], None, None, a[0, 0], a)):
+        with pytest.raises(ValueError, match=r"does not broadcast to x's shape \(4, 8, 8\)"):
+            torch.ops.blurfast.spectral(*args, 0, 0, False)
+
+
 def test_cuda_tensor_without_cuda_kernels(monkeypatch):
     import blurfast.ops as ops
     monkeypatch.setattr(ops, "HAS_CUDA_KERNELS", False)
