@@ -10,6 +10,7 @@ call. They call the custom op directly unless a transform or forward AD is activ
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Optional
 
 import torch
@@ -617,12 +618,12 @@ def gaussian_blur(x: Tensor, sigma, kind: str = "discrete") -> Tensor:
     """
     _check_data("x", x)
     pair = isinstance(sigma, (tuple, list))
-    try:
-        sig = tuple(float(s) for s in sigma) if pair else float(sigma)
-    except (TypeError, ValueError):
-        sig = None
-    if sig is None or (pair and len(sig) != 2):
+    items = tuple(sigma) if pair else (sigma,)
+    # numbers only: float() would take True, "2" and a tensor (values checked by the maps)
+    if (pair and len(items) != 2) or any(isinstance(s, bool) or not isinstance(s, numbers.Real)
+                                         for s in items):
         raise ValueError(f"sigma: expected a number or (sigma_h, sigma_w), got {sigma!r}")
+    sig = tuple(float(s) for s in items) if pair else float(sigma)
     # an empty side (0) takes a map of side 1, which broadcasts to it (sigma, kind checked)
     h, w = (max(n, 1) for n in x.shape[-2:])
     d = _blur_map(h, w, sig, kind, x.device, _compute_dtype(x.dtype))

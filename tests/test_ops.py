@@ -1017,6 +1017,11 @@ def test_forward_ad_without_func():
     (lambda: bf.gaussian_blur(torch.zeros(8, 8), "abc"), ValueError, "sigma: expected"),
     (lambda: bf.gaussian_blur(torch.zeros(8, 8), (1.0, 2.0, 3.0)), ValueError, "sigma: expected"),
     (lambda: bf.gaussian_blur(torch.zeros(8, 8), None), ValueError, "sigma: expected"),
+    # float() took these as 1.0, 2.0 and 1.5
+    (lambda: bf.gaussian_blur(torch.zeros(8, 8), True), ValueError, "sigma: expected"),
+    (lambda: bf.gaussian_blur(torch.zeros(8, 8), (1.0, "2")), ValueError, "sigma: expected"),
+    (lambda: bf.gaussian_blur(torch.zeros(8, 8), torch.tensor(1.5)), ValueError,
+     "sigma: expected"),
 ])
 def test_bad_input_names_the_argument(call, exc, words):
     with pytest.raises(exc, match=words):
