@@ -23,11 +23,13 @@ DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloa
 
 
 def describe_archs(archs=None) -> str:
-    """CMake architecture entries as people read them: '80-real' -> sm_80, '90' -> sm_90 + PTX."""
+    """CMake architecture entries as people read them: '80-real' -> sm_80, '90-virtual' ->
+    PTX compute_90, '90' -> sm_90 + PTX."""
     out = []
     for a in CUDA_ARCHS if archs is None else archs:
         num = a.split("-")[0]
-        out.append(f"sm_{num}" if a.endswith("-real") else f"sm_{num} + PTX compute_{num}")
+        out.append(f"sm_{num}" if a.endswith("-real") else f"PTX compute_{num}"
+                   if a.endswith("-virtual") else f"sm_{num} + PTX compute_{num}")
     return ", ".join(out)
 
 
@@ -38,8 +40,9 @@ def archs_run_on(capability, archs=None) -> Optional[bool]:
     """Whether code built for CMake architecture entries ``archs`` runs on a GPU of compute
     capability (major, minor); None when an entry cannot be read ("native", "all").
 
-    Real code sm_XY runs on major X with minor >= Y (sm_XYa only on X.Y); PTX compute_XY
-    on any later GPU, compiled there by the driver.
+    Real code sm_XY runs on major X with minor >= Y; PTX compute_XY on any later GPU,
+    compiled there by the driver. The arch-specific sm_XYa and compute_XYa run on X.Y only,
+    the family-specific sm_XYf and compute_XYf on major X with minor >= Y only.
     """
     major, minor = capability
     cc = 10 * major + minor
@@ -50,6 +53,10 @@ def archs_run_on(capability, archs=None) -> Optional[bool]:
         num, suffix, kind = int(m.group(1)), m.group(2), m.group(3)
         if suffix == "a":
             if cc == num:
+                return True
+            continue
+        if suffix == "f":
+            if num // 10 == major and num % 10 <= minor:
                 return True
             continue
         if kind != "-virtual" and num // 10 == major and num % 10 <= minor:

@@ -61,8 +61,10 @@ def check_number(name: str, v, lo=None, lo_open: bool = False, hi=None, hi_open:
     with ``none_ok``; else ValueError naming it."""
     if v is None and none_ok:
         return v
-    # numpy's bool is no numbers.Real; Python's bool is an int
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) \
+    # numpy's bool is no numbers.Real; Python's bool is an int. An int is finite (isfinite
+    # would raise OverflowError beyond float's range)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) \
+            or not (isinstance(v, numbers.Integral) or math.isfinite(v)) \
             or (lo is not None and (v <= lo if lo_open else v < lo)) \
             or (hi is not None and (v >= hi if hi_open else v > hi)):
         bounds = [f" {'>' if lo_open else '>='} {lo}" if lo is not None else "",

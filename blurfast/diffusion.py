@@ -75,9 +75,15 @@ class BlurDiffusion:
         # frequency (Abar strictly decreasing, so 1 - Abar_i > 0 for i >= 1). It is
         # affine in log d, so its maximum is at the largest or the smallest log d.
         lb = torch.log1p(-self.betas[1:])
-        worst = torch.maximum(lb + 2 * self.f[1:] * self.log_d.max(),
-                              lb + 2 * self.f[1:] * self.log_d.min()).max().item()
-        if not worst < 0:
+        log_a = torch.maximum(lb + 2 * self.f[1:] * self.log_d.max(),
+                              lb + 2 * self.f[1:] * self.log_d.min())
+        i = int(log_a.argmax()) + 1
+        if not log_a[i - 1] < 0:
+            if self.f[i] < 0:       # d ** (2 f) > 1 where d < 1: triangular's f(N) = f_1 - ...
+                raise ValueError(f"blur_schedule: {blur_schedule!r} gives f({i}) = "
+                                 f"{self.f[i].item():.3g} < 0, a step with A_i >= 1 (it "
+                                 f"sharpens more than it adds noise); use another blur "
+                                 f"schedule or more steps")
             raise ValueError("beta_min: the schedules give a step with A_i >= 1 (neither "
                              "noise nor blur); use beta_min > 0")
 

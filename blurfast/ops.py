@@ -10,6 +10,7 @@ call. They call the custom op directly unless a transform or forward AD is activ
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Optional
 
 import torch
@@ -163,6 +164,26 @@ def _run_normal(x: Tensor, seed: int, offset: int) -> Tensor:
 
 # ---------------------------------------------------------------- custom ops
 
+def _check_op_tensors(x, a, x2, a2, g, noise) -> None:
+    """What the spectral kernel trusts of a direct call of ``torch.ops.blurfast.spectral``
+    (which :func:`spectral` checks in full, naming each argument): an x2 without a2 (or the
+    reverse), an x2 of another shape or dtype, or a tensor on another device would have it
+    read through a null or foreign pointer, or past the end of a buffer; a map or noise of
+    more dims than x, whose leading sizes happen to multiply to x's, would be read as x's
+    shape instead of broadcasting (other shapes fail in _map_arg's expand)."""
+    if (x2 is None) != (a2 is None):
+        raise ValueError("x2, a2: give both or neither")
+    if x2 is not None and (x2.shape != x.shape or x2.dtype != x.dtype):
+        raise ValueError(f"x2: expected x's shape {tuple(x.shape)} and dtype {x.dtype}, got "
+                         f"{tuple(x2.shape)} and {x2.dtype}")
+    for name, t in (("a", a), ("x2", x2), ("a2", a2), ("g", g), ("noise", noise)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name}: is on {t.device} but x is on {x.device}")
+        if t is not None and t.dim() > x.dim():
+            raise ValueError(f"{name}: shape {tuple(t.shape)} does not broadcast to x's shape "
+                             f"{tuple(x.shape)}")
+
+
 @torch.library.custom_op("blurfast::dct2", mutates_args=())
 def _dct2_op(x: Tensor) -> Tensor:
     return _run_dct2(x, False)
@@ -177,6 +198,7 @@ def _idct2_op(x: Tensor) -> Tensor:
 def _spectral_op(x: Tensor, a: Tensor, x2: Optional[Tensor], a2: Optional[Tensor],
                  g: Optional[Tensor], noise: Optional[Tensor], seed: int, offset: int,
                  return_noise: bool) -> tuple[Tensor, Tensor]:
+    _check_op_tensors(x, a, x2, a2, g, noise)
     return _run_spectral(x, a, x2, a2, g, noise, seed, offset, return_noise)
 
 
@@ -197,6 +219,7 @@ def _(x):
 
 @_spectral_op.register_fake
 def _(x, a, x2, a2, g, noise, seed, offset, return_noise):
+    _check_op_tensors(x, a, x2, a2, g, noise)
     return x.new_empty(x.shape), x.new_empty(x.shape if return_noise else (0,))
 
 
@@ -595,12 +618,12 @@ def gaussian_blur(x: Tensor, sigma, kind: str = "discrete") -> Tensor:
     """
     _check_data("x", x)
     pair = isinstance(sigma, (tuple, list))
-    try:
-        sig = tuple(float(s) for s in sigma) if pair else float(sigma)
-    except (TypeError, ValueError):
-        sig = None
-    if sig is None or (pair and len(sig) != 2):
+    items = tuple(sigma) if pair else (sigma,)
+    # numbers only: float() would take True, "2" and a tensor (values checked by the maps)
+    if (pair and len(items) != 2) or any(isinstance(s, bool) or not isinstance(s, numbers.Real)
+                                         for s in items):
         raise ValueError(f"sigma: expected a number or (sigma_h, sigma_w), got {sigma!r}")
+    sig = tuple(float(s) for s in items) if pair else float(sigma)
     # an empty side (0) takes a map of side 1, which broadcasts to it (sigma, kind checked)
     h, w = (max(n, 1) for n in x.shape[-2:])
     d = _blur_map(h, w, sig, kind, x.device, _compute_dtype(x.dtype))

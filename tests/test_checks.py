@@ -30,6 +30,10 @@ def test_check_number_int_bounds_are_exact():
         check_number("n", 7, 3, lo_open=True, hi=7, hi_open=True)
     with pytest.raises(ValueError, match="^n: expected a finite number > 3 and < 7"):
         check_number("n", 3, 3, lo_open=True, hi=7, hi_open=True)
+    # an int beyond float's range is compared exactly too (math.isfinite raised OverflowError)
+    with pytest.raises(ValueError, match="^n: expected a finite number >= 0 and < 1, got 1000"):
+        check_number("n", 10 ** 400, 0, hi=1, hi_open=True)
+    assert check_number("n", 10 ** 400, 0) == 10 ** 400
 
 
 def test_compile_problem_names_what_torch_compile_lacks(monkeypatch):

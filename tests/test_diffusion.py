@@ -442,6 +442,10 @@ def test_bad_arguments_raise_value_error_naming_them(diff):
                      (dict(beta_min=0.0, sigma_max=0.0), "beta_min")]:
         with pytest.raises(ValueError, match=name):
             BlurDiffusion(**kw)
+    # triangular's f(N) is the linear f(0) = f_1 - (f_N - f_1) / (N - 1) < 0: the last step
+    # sharpens; it was blamed on beta_min (1e-4 here), with "use beta_min > 0"
+    with pytest.raises(ValueError, match=r"^blur_schedule: 'triangular' gives f\(2\) = -0\.25 < 0"):
+        BlurDiffusion(num_steps=2, blur_schedule="triangular", sigma_max=0.2)
 
 
 X = torch.zeros(2, C, H, W)

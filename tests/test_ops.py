@@ -1017,10 +1017,44 @@ def test_forward_ad_without_func():
     (lambda: bf.gaussian_blur(torch.zeros(8, 8), "abc"), ValueError, "sigma: expected"),
     (lambda: bf.gaussian_blur(torch.zeros(8, 8), (1.0, 2.0, 3.0)), ValueError, "sigma: expected"),
     (lambda: bf.gaussian_blur(torch.zeros(8, 8), None), ValueError, "sigma: expected"),
+    # float() took these as 1.0, 2.0 and 1.5
+    (lambda: bf.gaussian_blur(torch.zeros(8, 8), True), ValueError, "sigma: expected"),
+    (lambda: bf.gaussian_blur(torch.zeros(8, 8), (1.0, "2")), ValueError, "sigma: expected"),
+    (lambda: bf.gaussian_blur(torch.zeros(8, 8), torch.tensor(1.5)), ValueError,
+     "sigma: expected"),
 ])
 def test_bad_input_names_the_argument(call, exc, words):
     with pytest.raises(exc, match=words):
         call()
+
+
+@pytest.mark.parametrize("x2, a2, words", [
+    (torch.zeros(4, 8, 8), None, "x2, a2: give both"),                   # was a segfault
+    (None, torch.ones(8, 8), "x2, a2: give both"),                       # x2 silently dropped
+    (torch.zeros(1, 8, 8), torch.ones(8, 8), r"x2: expected x's shape"),  # read past its end
+    (torch.zeros(4, 8, 8, dtype=torch.float64), torch.ones(8, 8), "x2: expected"),  # NaN
+])
+def test_custom_op_called_directly_checks_what_the_kernel_trusts(x2, a2, words):
+    # torch.ops.blurfast.spectral is documented for direct calls, which skip spectral()'s
+    # checks: the kernel must not read through a null pointer or past a buffer's end.
+    x, a = torch.zeros(4, 8, 8), torch.ones(8, 8)
+    with pytest.raises(ValueError, match=words):
+        torch.ops.blurfast.spectral(x, a, x2, a2, None, None, 0, 0, False)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode, pytest.raises(ValueError,
+                                                                                match=words):
+        f = mode.from_tensor
+        torch.ops.blurfast.spectral(f(x), f(a), None if x2 is None else f(x2),
+                                    None if a2 is None else f(a2), None, None, 0, 0, False)
+
+
+def test_custom_op_called_directly_refuses_maps_of_more_dims_than_x():
+    # (4, 1, 8, 8) against x (4, 8, 8) broadcasts to (4, 4, 8, 8): it was read as one map
+    # per plane of x, an output of x's shape.
+    x, a = torch.zeros(4, 8, 8), torch.ones(4, 1, 8, 8)
+    for args in ((x, a, None, None, None, None), (x, a[0, 0], None, None, a, None),
+                 (x, a[0, 0], None, None, a[0, 0], a)):
+        with pytest.raises(ValueError, match=r"does not broadcast to x's shape \(4, 8, 8\)"):
+            torch.ops.blurfast.spectral(*args, 0, 0, False)
 
 
 def test_cuda_tensor_without_cuda_kernels(monkeypatch):
@@ -1033,7 +1067,8 @@ def test_cuda_tensor_without_cuda_kernels(monkeypatch):
 
 
 # The rules of NVIDIA's CUDA compatibility guide, by hand: real code sm_XY runs on
-# capability X.y for y >= Y; PTX compute_XY on every capability >= X.Y; sm_XYa only on X.Y.
+# capability X.y for y >= Y; PTX compute_XY on every capability >= X.Y; sm_XYa only on X.Y;
+# sm_XYf and compute_XYf (family-specific) on X.y for y >= Y only.
 @pytest.mark.parametrize("cap,archs,runs", [
     ((7, 5), ["80-real", "86-real", "89-real", "90"], False),     # T4: default build
     ((8, 0), ["80-real", "86-real", "89-real", "90"], True),
@@ -1045,11 +1080,21 @@ def test_cuda_tensor_without_cuda_kernels(monkeypatch):
     ((9, 0), ["80-virtual"], True),
     ((10, 0), ["90a-real"], False),
     ((9, 0), ["90a-real"], True),
+    ((10, 3), ["100f"], True),
+    ((12, 0), ["100f"], False),                                    # was True: PTX taken as any
+    ((11, 0), ["100f-virtual"], False),
+    ((10, 0), ["103f"], False),
     ((9, 0), ["native"], None),                                    # unknown: not refused
 ])
 def test_archs_run_on(cap, archs, runs):
     from blurfast._backend import archs_run_on
     assert archs_run_on(cap, archs) is runs
+
+
+def test_describe_archs_names_the_code_each_entry_holds():
+    from blurfast._backend import describe_archs
+    assert describe_archs(["80-real", "90-virtual", "90a"]) == \
+        "sm_80, PTX compute_90, sm_90a + PTX compute_90a"        # 90-virtual: was sm_90 + PTX
 
 
 def test_gpu_without_code_in_this_build_is_named(monkeypatch):
