@@ -41,61 +41,74 @@ const DctTable<T>& dct_table(int64_t n) {
 }
 
 // y = Mh * x * Mw^T for one H x W plane of any size, as two passes of row updates (axpy
-// form, vectorizable without reassociation). row_m is Mw^T (W x W), col_m is Mh (H x H).
-// Rows are updated RB at a time so that each matrix row loaded serves RB rows.
+// form, vectorizable without reassociation). row_m is Mw^T (W x W), col_m is Mh (H x H),
+// both double. The sums are wider than T (Sum<T>: double for float; for double, x87's
+// 80-bit long double on x86-64, where it is hardware, double elsewhere), rounded to T
+// once: sums of up to 512 terms in order, in T, had up to 3x (float) and 2.3x (double)
+// the error of torch's blocked matrix products at sides such as 513 and 384. Rows are
+// updated RB at a time so that each matrix row loaded serves RB rows.
+// acc: H * W + RB * W sums (the first pass's result, then RB rows of the second's).
 constexpr int RB = 4;
+
+#if defined(__x86_64__)
+using WideDouble = long double;
+#else
+using WideDouble = double;
+#endif
+template <typename T>
+using Sum = std::conditional_t<std::is_same<T, float>::value, double, WideDouble>;
 
 template <typename T>
 __attribute__((always_inline)) inline void transform_plane_body(const T* x, T* y, int64_t H,
-                                                                int64_t W, const T* row_m,
-                                                                const T* col_m, T* tmp) {
+                                                                int64_t W, const double* row_m,
+                                                                const double* col_m,
+                                                                Sum<T>* acc) {
+  using A = Sum<T>;
   // Pass 1: tmp[r, :] = sum_i x[r, i] * row_m[i, :].
+  A* const tmp = acc;
   int64_t r = 0;
   for (; r + RB <= H; r += RB) {
-    T* t = tmp + r * W;
+    A* t = tmp + r * W;
     for (int64_t l = 0; l < RB * W; ++l) t[l] = 0;
     for (int64_t i = 0; i < W; ++i) {
-      const T* m = row_m + i * W;
-      T v[RB];
-      for (int j = 0; j < RB; ++j) v[j] = x[(r + j) * W + i];
+      const double* m = row_m + i * W;
+      A v[RB];
+      for (int j = 0; j < RB; ++j) v[j] = (A)x[(r + j) * W + i];
       for (int64_t l = 0; l < W; ++l) {
-        const T ml = m[l];
+        const A ml = m[l];
         for (int j = 0; j < RB; ++j) t[j * W + l] += v[j] * ml;
       }
     }
   }
   for (; r < H; ++r) {
-    T* t = tmp + r * W;
+    A* t = tmp + r * W;
     for (int64_t l = 0; l < W; ++l) t[l] = 0;
     for (int64_t i = 0; i < W; ++i) {
-      const T v = x[r * W + i];
-      const T* m = row_m + i * W;
+      const A v = (A)x[r * W + i];
+      const double* m = row_m + i * W;
       for (int64_t l = 0; l < W; ++l) t[l] += v * m[l];
     }
   }
-  // Pass 2: y[k, :] = sum_r col_m[k, r] * tmp[r, :].
-  int64_t k = 0;
-  for (; k + RB <= H; k += RB) {
-    T* yk = y + k * W;
-    for (int64_t l = 0; l < RB * W; ++l) yk[l] = 0;
+  // Pass 2: y[k, :] = sum_r col_m[k, r] * tmp[r, :], RB rows at a time in rows_k.
+  A* const rows_k = acc + H * W;
+  for (int64_t k = 0; k < H; k += RB) {
+    const int nb = (int)std::min<int64_t>(RB, H - k);
+    for (int64_t l = 0; l < nb * W; ++l) rows_k[l] = 0;
     for (int64_t rr = 0; rr < H; ++rr) {
-      const T* t = tmp + rr * W;
-      T c[RB];
-      for (int j = 0; j < RB; ++j) c[j] = col_m[(k + j) * H + rr];
-      for (int64_t l = 0; l < W; ++l) {
-        const T tl = t[l];
-        for (int j = 0; j < RB; ++j) yk[j * W + l] += c[j] * tl;
+      const A* t = tmp + rr * W;
+      A c[RB] = {};
+      for (int j = 0; j < nb; ++j) c[j] = col_m[(k + j) * H + rr];
+      if (nb == RB) {
+        for (int64_t l = 0; l < W; ++l) {
+          const A tl = t[l];
+          for (int j = 0; j < RB; ++j) rows_k[j * W + l] += c[j] * tl;
+        }
+      } else {
+        for (int j = 0; j < nb; ++j)
+          for (int64_t l = 0; l < W; ++l) rows_k[j * W + l] += c[j] * t[l];
       }
     }
-  }
-  for (; k < H; ++k) {
-    T* yk = y + k * W;
-    for (int64_t l = 0; l < W; ++l) yk[l] = 0;
-    for (int64_t rr = 0; rr < H; ++rr) {
-      const T v = col_m[k * H + rr];
-      const T* t = tmp + rr * W;
-      for (int64_t l = 0; l < W; ++l) yk[l] += v * t[l];
-    }
+    for (int64_t l = 0; l < nb * W; ++l) y[k * W + l] = (T)rows_k[l];
   }
 }
 
@@ -109,7 +122,7 @@ using PassFn = void (*)(const T*, T*, int64_t);
 template <typename T>
 struct PlaneArgs {
   int64_t H, W;
-  const T *row_m, *col_m;       // generic
+  const double *row_m, *col_m;  // generic
   PassFn<T> column, row;        // vector: along H, then along W
 };
 
@@ -127,7 +140,7 @@ void vector_plane(const T* x, T* y, const PlaneArgs<T>& a, T*) {
 #define BLURFAST_PLANE_FNS(SUFFIX, ATTR, FVEC, DVEC)                                       \
   template <typename T>                                                                    \
   ATTR void generic_plane##SUFFIX(const T* x, T* y, const PlaneArgs<T>& a, T* tmp) {       \
-    transform_plane_body<T>(x, y, a.H, a.W, a.row_m, a.col_m, tmp);                        \
+    transform_plane_body<T>(x, y, a.H, a.W, a.row_m, a.col_m, reinterpret_cast<Sum<T>*>(tmp)); \
   }                                                                                        \
   /* flatten: inlined here, so it is compiled for this function's target */               \
   ATTR __attribute__((flatten)) void normal_fill##SUFFIX(uint64_t seed, uint64_t e0,        \
@@ -231,13 +244,16 @@ struct Transform {
       return;
     }
     // forward: y = C_H x C_W^T; inverse: y = C_H^T x C_W.
-    const DctTable<T>& th = dct_table<T>(H);
-    const DctTable<T>& tw = dct_table<T>(W);
+    const DctTable<double>& th = dct_table<double>(H);
+    const DctTable<double>& tw = dct_table<double>(W);
     args.row_m = inverse ? tw.c.data() : tw.ct.data();
     args.col_m = inverse ? th.ct.data() : th.c.data();
     fn = generic_fn<T>();
-    ns = kNsPerMultiplyAdd * width * hw * (double)(H + W);
-    tmp_elems = 2 * H * W;
+    // wider sums: double for float (half the vector lanes), x87 (scalar) for double
+    ns = kNsPerMultiplyAdd * (sizeof(T) == 4 ? 2 : 8) * hw * (double)(H + W);
+    // transform_plane_body's sums, in T elements (a std::vector<T>'s data is aligned for
+    // them: operator new aligns to alignof(max_align_t), 16 bytes)
+    tmp_elems = (H * W + RB * W) * (int64_t)(sizeof(Sum<T>) / sizeof(T));
   }
   void operator()(const T* x, T* y, T* tmp) const { fn(x, y, args, tmp); }
 };
