@@ -29,6 +29,7 @@ from .checks import (PRECISIONS, autocast_dtype, check_bool, check_int, compile_
 from .data import data_range, to_unit_range
 from .fileio import atomic_path, save_npz, write_text
 from .models import cast_for_autocast_
+from .ops import _SEED_LIMIT
 from .sampling import SAMPLERS, STEP_OFFSET, check_eta, clip_x0, timesteps
 
 __all__ = ["resolve_checkpoint", "generate", "sample_batches", "GraphedModel",
@@ -182,8 +183,9 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
 
     from .distributed import barrier, setup_processes, teardown_processes
 
-    for name, v, lo in (("n", n, 1), ("batch", batch, 1), ("seed", seed, 0)):
+    for name, v, lo in (("n", n, 1), ("batch", batch, 1)):
         check_int(name, v, lo)
+    check_int("seed", seed, 0, _SEED_LIMIT - 1)     # as the noise ops take it
     if fmt not in ("png", "npz"):
         raise ValueError(f"fmt: expected 'png' or 'npz', got {fmt!r}")
     if sampler not in SAMPLERS:

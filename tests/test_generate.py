@@ -405,6 +405,20 @@ def test_eta_and_the_switches_are_checked_before_the_checkpoint_is_read(tmp_path
     assert not (tmp_path / "o").exists()
 
 
+def test_a_seed_the_noise_cannot_take_is_refused_before_the_folder_is_touched(run_dir, tmp_path,
+                                                                             capsys):
+    # --seed 2**63 passed generate's check (an int >= 0) and failed in the first batch's
+    # noise draw, after the start had removed the earlier run's images from --out.
+    out = tmp_path / "s"
+    generate(run_dir / "run", 2, out, steps=2, seed=1, progress=False, device="cpu")
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    assert cli.main(["sample", "--ckpt", str(run_dir / "run"), "--n", "2", "--steps", "2",
+                     "--seed", str(2 ** 63), "--out", str(out), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"blurfast sample: error: --seed: expected an int in "
+                                       f"[0, {2 ** 63 - 1}], got {2 ** 63}\n")
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
 def test_the_bar_moves_with_every_model_call(run_dir, tmp_path, monkeypatch):
     # The full chain (--steps 0) on a CPU: the bar counted finished batches, so it sat at 0
     # through the whole first batch. It now ticks once a model call, images in the postfix.
