@@ -335,8 +335,10 @@ def _fingerprint(p: Path) -> str:
 def check_reference(ref, resolution: int, channels: Optional[int] = None,
                     name: str = "ref", kid: bool = False) -> None:
     """Fails now, naming the argument (``name``), where :func:`reference_statistics` would
-    fail after the expensive work: a missing path, a prepared array of another size or
-    channel count, or with ``kid`` a STATS .npz without features."""
+    fail after the expensive work: a missing path, a folder without images, a prepared
+    array of another size or channel count, or with ``kid`` a STATS .npz without
+    features."""
+    from .data import ImageFolder, is_lmdb
     p = Path(ref)
     if not p.exists():
         raise ValueError(f"{name}: {str(ref)!r} does not exist")
@@ -346,6 +348,8 @@ def check_reference(ref, resolution: int, channels: Optional[int] = None,
                              f"the reference's features: give its images (folder, lmdb or "
                              f"prepared array) or statistics saved with them (--save-stats "
                              f"with --kid)")
+    if p.is_dir() and not is_lmdb(p):
+        ImageFolder(p, arg=name)          # it holds images (LSUN's parent folder does not)
     if p.is_file() and p.suffix != ".npz":
         from .data import open_dataset
         try:

@@ -1,4 +1,6 @@
 """FID: the statistics and distance against independent numpy/scipy computations."""
+import re
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -194,6 +196,7 @@ def test_damaged_inputs_name_themselves(tmp_path):
 
 def test_cli_fid_bad_options(tmp_path, capsys):
     from blurfast import cli
+    _write_images(tmp_path, np.zeros((2, 16, 16, 3), np.uint8))
     args = ["fid", "--samples", str(tmp_path), "--ref", str(tmp_path)]
     assert cli.main(args + ["--features", "no_such_module:f", "--device", "cpu"]) == 2
     assert "--features: cannot load 'no_such_module:f'" in capsys.readouterr().err
@@ -423,6 +426,26 @@ def test_fid_checks_resize_at_once(tmp_path):
         ev.fid(s, ref, resize="bogus", feature_extractor=_never, progress=False, cache=False)
     with pytest.raises(ValueError, match="^resize: "):
         ev.reference_statistics(ref, 16, resize="bogus", extractor=_never, cache=False)
+
+
+def test_a_reference_folder_without_images_is_refused_before_any_work(tmp_path, monkeypatch,
+                                                                      capsys):
+    # LSUN's parent folder (its lmdb databases in subfolders, no image files) as --ref:
+    # `fid --check` said ok, so eval_fid10k.sh went on to sample; fid() computed the
+    # samples' features, then failed naming 'root'. Both now fail at once, naming --ref.
+    import os
+    from blurfast import cli
+    monkeypatch.syspath_prepend(os.path.dirname(__file__))
+    s, _ = _samples_and_prepared_ref(tmp_path)
+    lsun = tmp_path / "lsun"
+    (lsun / "church_outdoor_train_lmdb").mkdir(parents=True)
+    (lsun / "church_outdoor_train_lmdb" / "data.mdb").write_bytes(b"")
+    words = f"no .jpg/.jpeg/.png/.webp/.bmp files under {str(lsun)!r}"
+    assert cli.main(["fid", "--check", "--ref", str(lsun), "--features",
+                     "test_evaluation:_never", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == f"blurfast fid: error: --ref: {words}\n"
+    with pytest.raises(ValueError, match=f"^ref: {re.escape(words)}$"):
+        ev.fid(s, lsun, feature_extractor=_never, progress=False, cache=False)
 
 
 def test_batch_size_and_the_features_of_statistics_are_checked(tmp_path):
