@@ -27,7 +27,7 @@ from . import viz
 from .checks import (PRECISIONS, autocast_dtype, check_bool, check_int, compile_problem,
                      default_precision)
 from .data import data_range, to_unit_range
-from .fileio import atomic_path, save_npz, write_text
+from .fileio import atomic_path, leftover_temporaries, save_npz, write_text
 from .models import cast_for_autocast_
 from .ops import _SEED_LIMIT
 from .sampling import SAMPLERS, STEP_OFFSET, check_eta, clip_x0, timesteps
@@ -281,15 +281,19 @@ def _start(out: Path, fmt: str, n: int, manifest: dict, resume: bool) -> None:
     numbered n or above; without resume all, even those this run writes again: one
     still there when it is interrupted would pass for its own), ``samples.npz`` (an npz
     run writes it again at the end, from the one there when it resumes), an interrupted
-    npz run's chunks (when resuming, those at n and above) and the sheet. Samples
-    removed are said in a warning."""
+    npz run's chunks (when resuming, those at n and above), the sheet, and the temporary
+    files of those that a killed run was writing. Samples removed are said in a
+    warning."""
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
     stale = [f for f in _numbered_pngs(out) if fmt == "npz" or not resume or int(f.stem) >= n]
     old_npz = fmt != "npz" and (out / NPZ_NAME).is_file()
     chunks = [f for b0, _, f in _chunks(out) if not resume or b0 >= n]
     keep_npz = resume and fmt == "npz"
-    for f in [*stale, *chunks, out / SHEET_NAME, *([] if keep_npz else [out / NPZ_NAME])]:
+    unfinished = [f for f, name in leftover_temporaries(out) if _PNG_NAME.match(name)
+                  or _CHUNK.fullmatch(name) or name in (NPZ_NAME, SHEET_NAME, MANIFEST_NAME)]
+    for f in [*stale, *chunks, *unfinished, out / SHEET_NAME,
+              *([] if keep_npz else [out / NPZ_NAME])]:
         f.unlink(missing_ok=True)
     gone = ([f"{len(stale)} PNG samples" if fmt == "npz" else
              f"{len(stale)} samples numbered {n} and above" if resume else

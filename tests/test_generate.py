@@ -734,6 +734,35 @@ def test_a_resumed_npz_run_merges_its_chunks_and_grows(run_dir, tmp_path, monkey
         np.testing.assert_array_equal(z["images"], want)
 
 
+def test_the_file_a_killed_run_was_writing_is_removed_by_the_next_run(run_dir, tmp_path):
+    # Killed (SIGKILL: a preempted job) while it wrote samples.npz, a run left the
+    # temporary file of that write, as large as samples.npz, and no later run removed it.
+    import signal
+    out = tmp_path / "z"
+    script = textwrap.dedent(f"""
+        import os, signal
+        import numpy as np
+        real = np.savez
+
+        def killed(f, **arrays):
+            real(f, **arrays)
+            os.kill(os.getpid(), signal.SIGKILL)
+        np.savez = killed
+        from blurfast.generate import generate
+        generate({str(run_dir / "run")!r}, 4, {str(out)!r}, steps=2, batch=2, fmt="npz",
+                 progress=False, device="cpu")
+    """)
+    p = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(__file__),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert len(list(out.glob(".samples.npz.*"))) == 1
+    (out / ".notes.txt").write_text("not the run's")
+    generate(run_dir / "run", 4, out, steps=2, batch=2, fmt="npz", resume=True,
+             progress=False, device="cpu")
+    assert sorted(f.name for f in out.iterdir()) == [".notes.txt", SHEET_NAME, "samples.json",
+                                                     "samples.npz"]
+
+
 def test_resume_refuses_a_folder_of_other_settings_and_leaves_it_alone(run_dir, tmp_path):
     kw = dict(n=2, steps=2, batch=2, progress=False, device="cpu")
     out = tmp_path / "s"
