@@ -228,7 +228,8 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
                     "sampler": sampler, "steps": len(seq),
                     "spacing": spacing if isinstance(spacing, str) else [int(s) for s in spacing],
                     "eta": float(eta) if isinstance(eta, numbers.Real) else [float(e) for e in eta],
-                    "ema": ema, "clip": clip, "precision": precision,
+                    "ema": ema if path.is_dir() else None,    # a file: loaded as it is
+                    "clip": clip, "precision": precision,
                     "checkpoint": str(path.resolve())}
         # Each rank reads the folder before the barrier: rank 0's _start changes only what
         # no rank counts (samples numbered n and above; the manifest, same settings).

@@ -651,6 +651,21 @@ def test_the_manifest_records_the_model_calls_of_the_full_chain(run_dir, tmp_pat
         "clip": True, "precision": "fp32", "checkpoint": str(ckpt)}
 
 
+def test_the_manifest_of_a_safetensors_file_claims_no_weights_it_did_not_pick(run_dir, tmp_path):
+    # A .safetensors file is loaded as it is: its samples.json said "ema": true for
+    # model.safetensors (the raw weights), and "ema": false for ema.safetensors with
+    # ema=False. It says null (the file as it is); a checkpoint directory's says which.
+    import json
+    from blurfast.generate import read_manifest, resolve_checkpoint
+    step = resolve_checkpoint(run_dir / "run")
+    kw = dict(steps=2, seed=1, progress=False, device="cpu")
+    for f, ema in (("model.safetensors", True), ("ema.safetensors", False)):
+        generate(step / f, 2, tmp_path / f, ema=ema, **kw)
+        assert read_manifest(tmp_path / f)["ema"] is None
+    generate(step, 2, tmp_path / "dir", ema=False, **kw)
+    assert json.loads((tmp_path / "dir" / "samples.json").read_text())["ema"] is False
+
+
 def _interrupted(run_dir, out, monkeypatch, calls_before: int, **kw):
     """generate(...) stopped by a KeyboardInterrupt in model call ``calls_before + 1``."""
     from blurfast.models import UNet
