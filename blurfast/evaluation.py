@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import socket
 import tempfile
 import warnings
@@ -77,9 +78,11 @@ def inception_extractor(path=None, device="cpu", download: bool = True) -> Calla
                 f"copy clean-fid's {INCEPTION_FILE} (from {url}) to {p}, or pass "
                 f"--inception PATH (a file or a folder holding {INCEPTION_FILE}).")
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(helper.check_download_inception(fpath=tempfile.mkdtemp(dir=p.parent)))
-        os.replace(tmp, p)
-        tmp.parent.rmdir()
+        folder = tempfile.mkdtemp(dir=p.parent)
+        try:
+            os.replace(helper.check_download_inception(fpath=folder), p)
+        finally:                     # with the part of a download cut off
+            shutil.rmtree(folder, ignore_errors=True)
     try:
         with warnings.catch_warnings():
             # clean-fid's weights exist only as TorchScript; newer torch deprecates loading it

@@ -1,5 +1,6 @@
 """FID: the statistics and distance against independent numpy/scipy computations."""
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,6 +118,23 @@ def test_missing_inception_offline_names_file_and_path(tmp_path, monkeypatch):
         ev.inception_extractor(where)
     msg = str(e.value)
     assert ev.INCEPTION_FILE in msg and str(where / ev.INCEPTION_FILE) in msg
+
+
+def test_an_interrupted_inception_download_leaves_nothing_behind(tmp_path, monkeypatch):
+    # clean-fid downloads into a temporary folder beside the weights' place; a download
+    # cut off (the network, Ctrl-C) left that folder and the part of the file in it.
+    from cleanfid import downloads_helper
+
+    def cut_off(fpath):
+        (Path(fpath) / ev.INCEPTION_FILE).write_bytes(b"part of the weights")
+        raise ConnectionResetError("connection reset by peer")
+    monkeypatch.setattr(ev, "_reachable", lambda url, timeout=3.0: True)
+    monkeypatch.setattr(downloads_helper, "check_download_inception", cut_off)
+    where = tmp_path / "weights"
+    where.mkdir()
+    with pytest.raises(ConnectionResetError):
+        ev.inception_extractor(where)
+    assert not list(where.iterdir())
 
 
 def test_inception_input_is_normalized_as_clean_fid_does(tmp_path, monkeypatch):
