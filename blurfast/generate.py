@@ -233,15 +233,15 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
                     "checkpoint": str(path.resolve())}
         # Each rank reads the folder before the barrier: rank 0's _start changes only what
         # no rank counts (samples numbered n and above; the manifest, same settings).
-        have = _resumable(out, manifest) if resume else []
+        todo = _batches(n, batch, _resumable(out, manifest) if resume else [])
         if rank == 0:
             _start(out, fmt, n, manifest, resume)
             if progress and resume:
-                print(f"resuming: {sum(i1 - i0 for i0, i1 in have)} of {n} images are in "
-                      f"{out} already")
+                print(f"resuming: {n - sum(b1 - b0 for b0, b1 in todo)} of {n} images are "
+                      f"in {out} already")
         if world > 1:
             barrier()                   # the previous run's files are gone
-        batches = _batches(n, batch, have)[rank::world]
+        batches = todo[rank::world]
         mine = sum(b1 - b0 for b0, b1 in batches)
         # One tick per model call: the bar moves within a batch (a full chain is long).
         bar = tqdm(total=len(batches) * len(seq), unit="step", disable=not progress

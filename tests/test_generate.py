@@ -778,6 +778,30 @@ def test_the_file_a_killed_run_was_writing_is_removed_by_the_next_run(run_dir, t
                                                      "samples.npz"]
 
 
+def test_a_resume_counts_each_image_it_keeps_once(run_dir, tmp_path, monkeypatch, capsys):
+    # An npz run killed after its merge wrote samples.npz, before it removed the chunks:
+    # the resume kept 4 images and said "resuming: 8 of 4 images" (each counted in
+    # samples.npz and in its chunk).
+    from blurfast import generate as G
+    kw = dict(steps=2, seed=3, batch=2, fmt="npz", device="cpu")
+    out = tmp_path / "z"
+    merge = G._merge_chunks
+
+    def merged_not_cleared(out, n, shape):
+        chunks = {f: f.read_bytes() for _, _, f in G._chunks(out)}
+        merge(out, n, shape)
+        for f, data in chunks.items():
+            f.write_bytes(data)
+    with monkeypatch.context() as m:
+        m.setattr(G, "_merge_chunks", merged_not_cleared)
+        generate(run_dir / "run", 4, out, progress=False, **kw)
+    assert len(G._chunks(out)) == 2 and (out / "samples.npz").is_file()
+    capsys.readouterr()
+    generate(run_dir / "run", 4, out, resume=True, **kw)
+    assert capsys.readouterr().out.splitlines()[0] == f"resuming: 4 of 4 images are in {out} " \
+                                                      f"already"
+
+
 def test_resume_refuses_a_folder_of_other_settings_and_leaves_it_alone(run_dir, tmp_path):
     kw = dict(n=2, steps=2, batch=2, progress=False, device="cpu")
     out = tmp_path / "s"
