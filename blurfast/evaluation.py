@@ -474,8 +474,13 @@ def _reference_statistics(ref, resolution, resize, n, extractor, device, batch_s
     mu, sigma = statistics(feats)
     feats32 = feats.astype(np.float32) if want_features else None
     if cache:
-        save_npz(cached, mu=mu, sigma=sigma, n=np.array(len(feats)), key=np.array(key),
-                 **({} if feats32 is None else {"features": feats32}))
+        try:
+            save_npz(cached, mu=mu, sigma=sigma, n=np.array(len(feats)), key=np.array(key),
+                     **({} if feats32 is None else {"features": feats32}))
+        except OSError as e:          # a read-only home, say: the statistics are still good
+            warnings.warn(f"fid: the statistics cache cannot be written, so they are computed "
+                          f"again next time ({e}); set BLURFAST_CACHE to a writable folder",
+                          stacklevel=3)
     return mu, sigma, len(feats), feats32
 
 

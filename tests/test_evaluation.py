@@ -515,6 +515,21 @@ def _counted_features(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=(2, 3))
 
 
+def test_a_cache_that_cannot_be_written_costs_the_cache_not_the_fid(tmp_path, monkeypatch):
+    # A read-only home (its ~/.cache): the FID was computed, then lost to the OSError of
+    # the cache's write (training's --fid-every stopped the run there).
+    s, ref = _samples_and_prepared_ref(tmp_path)
+    _write_images(s, np.random.default_rng(8).integers(0, 256, size=(4, 16, 16, 3),
+                                                         dtype=np.uint8))
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("BLURFAST_CACHE", str(tmp_path / "a_file"))
+    kw = dict(feature_extractor=_mean_features, progress=False)
+    with pytest.warns(UserWarning, match=r"^fid: the statistics cache cannot be written, "
+                                         r"so they are computed again next time \("):
+        value = ev.fid(s, ref, **kw)
+    assert value == ev.fid(s, ref, cache=False, **kw)
+
+
 def test_cli_fid_save_stats_is_checked_first_and_the_statistics_are_reused(tmp_path,
                                                                           monkeypatch, capsys):
     # --save-stats somewhere unwritable failed after every feature was computed; with
