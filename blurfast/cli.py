@@ -87,7 +87,8 @@ def _add_fid(sub) -> None:
                         f"used as it is)")
     s.add_argument("--channels", type=int, choices=[1, 3], default=None,
                    help="image channels (default: the samples' own); a reference folder or "
-                        "lmdb is read so, a prepared array or STATS.npz must match")
+                        "lmdb is read so, a prepared array must match (a STATS.npz, which "
+                        "does not record them, is used as it is)")
     s.add_argument("--inception", default=None,
                    help="clean-fid's inception-2015-12-05.pt (file or folder); default where "
                         "clean-fid keeps it (/tmp)")

@@ -463,6 +463,10 @@ class PreparedArray(torch.utils.data.Dataset):
             a = np.load(self.path, mmap_mode="r")
         except (OSError, ValueError, EOFError) as e:      # EOFError: an empty file
             raise ValueError(f"{arg}: {self.path!r} is not a readable .npy array ({e})") from None
+        if isinstance(a, np.lib.npyio.NpzFile):              # np.savez's, not np.save's
+            a.close()
+            raise ValueError(f"{arg}: {self.path!r} is an .npz archive; expected a prepared "
+                             f".npy array, an LSUN lmdb directory or a folder of images")
         if a.dtype != np.uint8 or a.ndim != 4 or a.shape[1] != a.shape[2] \
                 or a.shape[3] not in (1, 3) or a.shape[0] == 0:
             raise ValueError(f"{arg}: expected a non-empty uint8 array (N, R, R, 1 or 3), got "

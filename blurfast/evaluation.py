@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import socket
 import tempfile
 import warnings
@@ -77,9 +78,11 @@ def inception_extractor(path=None, device="cpu", download: bool = True) -> Calla
                 f"copy clean-fid's {INCEPTION_FILE} (from {url}) to {p}, or pass "
                 f"--inception PATH (a file or a folder holding {INCEPTION_FILE}).")
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(helper.check_download_inception(fpath=tempfile.mkdtemp(dir=p.parent)))
-        os.replace(tmp, p)
-        tmp.parent.rmdir()
+        folder = tempfile.mkdtemp(dir=p.parent)
+        try:
+            os.replace(helper.check_download_inception(fpath=folder), p)
+        finally:                     # with the part of a download cut off
+            shutil.rmtree(folder, ignore_errors=True)
     try:
         with warnings.catch_warnings():
             # clean-fid's weights exist only as TorchScript; newer torch deprecates loading it
@@ -336,8 +339,10 @@ def _fingerprint(p: Path) -> str:
 def check_reference(ref, resolution: int, channels: Optional[int] = None,
                     name: str = "ref", kid: bool = False) -> None:
     """Fails now, naming the argument (``name``), where :func:`reference_statistics` would
-    fail after the expensive work: a missing path, a prepared array of another size or
-    channel count, or with ``kid`` a STATS .npz without features."""
+    fail after the expensive work: a missing path, a folder without images, a prepared
+    array of another size or channel count, or with ``kid`` a STATS .npz without
+    features."""
+    from .data import ImageFolder, is_lmdb
     p = Path(ref)
     if not p.exists():
         raise ValueError(f"{name}: {str(ref)!r} does not exist")
@@ -347,6 +352,8 @@ def check_reference(ref, resolution: int, channels: Optional[int] = None,
                              f"the reference's features: give its images (folder, lmdb or "
                              f"prepared array) or statistics saved with them (--save-stats "
                              f"with --kid)")
+    if p.is_dir() and not is_lmdb(p):
+        ImageFolder(p, arg=name)          # it holds images (LSUN's parent folder does not)
     if p.is_file() and p.suffix != ".npz":
         from .data import open_dataset
         try:
@@ -469,8 +476,13 @@ def _reference_statistics(ref, resolution, resize, n, extractor, device, batch_s
     mu, sigma = statistics(feats)
     feats32 = feats.astype(np.float32) if want_features else None
     if cache:
-        save_npz(cached, mu=mu, sigma=sigma, n=np.array(len(feats)), key=np.array(key),
-                 **({} if feats32 is None else {"features": feats32}))
+        try:
+            save_npz(cached, mu=mu, sigma=sigma, n=np.array(len(feats)), key=np.array(key),
+                     **({} if feats32 is None else {"features": feats32}))
+        except OSError as e:          # a read-only home, say: the statistics are still good
+            warnings.warn(f"fid: the statistics cache cannot be written, so they are computed "
+                          f"again next time ({e}); set BLURFAST_CACHE to a writable folder",
+                          stacklevel=3)
     return mu, sigma, len(feats), feats32
 
 

@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_path", "save_npz", "write_text", "check_writable", "write_problem"]
+__all__ = ["atomic_path", "leftover_temporaries", "save_npz", "write_text", "check_writable",
+           "write_problem"]
+
+# atomic_path's temporary file for NAME: .NAME.PID.HEX, then its suffix.
+_TEMPORARY = re.compile(r"\.(.+)\.[0-9]+\.[0-9a-f]{8}(\.[A-Za-z0-9]+)?")
 
 
 @contextlib.contextmanager
@@ -28,6 +33,13 @@ def atomic_path(path, suffix: str = ".tmp"):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def leftover_temporaries(folder) -> list:
+    """``(path, name)`` of each temporary file of :func:`atomic_path` in ``folder``, with
+    the name of the file it was for: a process killed before its rename leaves one."""
+    found = [(_TEMPORARY.fullmatch(f.name), f) for f in Path(folder).glob(".*")]
+    return [(f, m[1]) for m, f in found if m and f.is_file()]
 
 
 def write_problem(path):

@@ -27,8 +27,9 @@ from . import viz
 from .checks import (PRECISIONS, autocast_dtype, check_bool, check_int, compile_problem,
                      default_precision)
 from .data import data_range, to_unit_range
-from .fileio import atomic_path, save_npz, write_text
+from .fileio import atomic_path, leftover_temporaries, save_npz, write_text
 from .models import cast_for_autocast_
+from .ops import _SEED_LIMIT
 from .sampling import SAMPLERS, STEP_OFFSET, check_eta, clip_x0, timesteps
 
 __all__ = ["resolve_checkpoint", "generate", "sample_batches", "GraphedModel",
@@ -182,8 +183,9 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
 
     from .distributed import barrier, setup_processes, teardown_processes
 
-    for name, v, lo in (("n", n, 1), ("batch", batch, 1), ("seed", seed, 0)):
+    for name, v, lo in (("n", n, 1), ("batch", batch, 1)):
         check_int(name, v, lo)
+    check_int("seed", seed, 0, _SEED_LIMIT - 1)     # as the noise ops take it
     if fmt not in ("png", "npz"):
         raise ValueError(f"fmt: expected 'png' or 'npz', got {fmt!r}")
     if sampler not in SAMPLERS:
@@ -233,19 +235,20 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
                     "sampler": sampler, "steps": len(seq),
                     "spacing": spacing if isinstance(spacing, str) else [int(s) for s in spacing],
                     "eta": float(eta) if isinstance(eta, numbers.Real) else [float(e) for e in eta],
-                    "ema": ema, "clip": clip, "precision": precision,
+                    "ema": ema if path.is_dir() else None,    # a file: loaded as it is
+                    "clip": clip, "precision": precision,
                     "checkpoint": str(path.resolve())}
         # Each rank reads the folder before the barrier: rank 0's _start changes only what
         # no rank counts (samples numbered n and above; the manifest, same settings).
-        have = _resumable(out, manifest) if resume else []
+        todo = _batches(n, batch, _resumable(out, manifest) if resume else [])
         if rank == 0:
             _start(out, fmt, n, manifest, resume)
             if progress and resume:
-                print(f"resuming: {sum(i1 - i0 for i0, i1 in have)} of {n} images are in "
-                      f"{out} already")
+                print(f"resuming: {n - sum(b1 - b0 for b0, b1 in todo)} of {n} images are "
+                      f"in {out} already")
         if world > 1:
             barrier()                   # the previous run's files are gone
-        batches = _batches(n, batch, have)[rank::world]
+        batches = todo[rank::world]
         mine = sum(b1 - b0 for b0, b1 in batches)
         # One tick per model call: the bar moves within a batch (a full chain is long).
         bar = tqdm(total=len(batches) * len(seq), unit="step", disable=not progress
@@ -286,15 +289,19 @@ def _start(out: Path, fmt: str, n: int, manifest: dict, resume: bool) -> None:
     numbered n or above; without resume all, even those this run writes again: one
     still there when it is interrupted would pass for its own), ``samples.npz`` (an npz
     run writes it again at the end, from the one there when it resumes), an interrupted
-    npz run's chunks (when resuming, those at n and above) and the sheet. Samples
-    removed are said in a warning."""
+    npz run's chunks (when resuming, those at n and above), the sheet, and the temporary
+    files of those that a killed run was writing. Samples removed are said in a
+    warning."""
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
     stale = [f for f in _numbered_pngs(out) if fmt == "npz" or not resume or int(f.stem) >= n]
     old_npz = fmt != "npz" and (out / NPZ_NAME).is_file()
     chunks = [f for b0, _, f in _chunks(out) if not resume or b0 >= n]
     keep_npz = resume and fmt == "npz"
-    for f in [*stale, *chunks, out / SHEET_NAME, *([] if keep_npz else [out / NPZ_NAME])]:
+    unfinished = [f for f, name in leftover_temporaries(out) if _PNG_NAME.match(name)
+                  or _CHUNK.fullmatch(name) or name in (NPZ_NAME, SHEET_NAME, MANIFEST_NAME)]
+    for f in [*stale, *chunks, *unfinished, out / SHEET_NAME,
+              *([] if keep_npz else [out / NPZ_NAME])]:
         f.unlink(missing_ok=True)
     gone = ([f"{len(stale)} PNG samples" if fmt == "npz" else
              f"{len(stale)} samples numbered {n} and above" if resume else

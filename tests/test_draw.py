@@ -161,13 +161,18 @@ def test_process_from_flags_on_a_prepared_array(run, tmp_path):
     (["variations", "--ckpt", "{run}", "--variations", "0"],
      "--variations: expected an int >= 1, got 0"),
     (["variations", "--ckpt", "{run}", "--steps", "0"], "--steps: expected an int >= 1, got 0"),
+    # `blurfast sample --format npz`'s file: np.load gives an archive (AttributeError: no
+    # dtype), not an array
+    (["variations", "--ckpt", "{run}", "--data", "{npz}"],
+     "samples.npz' is an .npz archive; expected a prepared .npy array, an LSUN lmdb"),
 ])
 def test_bad_arguments_are_named(run, tmp_path, capsys, argv, words):
     npy, npy8 = tmp_path / "photos.npy", tmp_path / "photos8.npy"
     prepare(run / "photos", npy, resolution=SIDE, progress=False)
     prepare(run / "photos", npy8, resolution=8, progress=False)
-    argv = [a.format(run=run / "run", photos=run / "photos", npy=npy, npy8=npy8, tmp=tmp_path)
-            for a in argv]
+    np.savez(tmp_path / "samples.npz", images=np.load(npy))
+    argv = [a.format(run=run / "run", photos=run / "photos", npy=npy, npy8=npy8, tmp=tmp_path,
+                     npz=tmp_path / "samples.npz") for a in argv]
     assert cli.main(["draw", *argv, *([] if "--out" in argv or argv[0] == "curves"
                                       else ["--out", str(tmp_path / "x.png")])]) == 2
     assert words in capsys.readouterr().err

@@ -1,4 +1,7 @@
 """FID: the statistics and distance against independent numpy/scipy computations."""
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -117,6 +120,23 @@ def test_missing_inception_offline_names_file_and_path(tmp_path, monkeypatch):
     assert ev.INCEPTION_FILE in msg and str(where / ev.INCEPTION_FILE) in msg
 
 
+def test_an_interrupted_inception_download_leaves_nothing_behind(tmp_path, monkeypatch):
+    # clean-fid downloads into a temporary folder beside the weights' place; a download
+    # cut off (the network, Ctrl-C) left that folder and the part of the file in it.
+    from cleanfid import downloads_helper
+
+    def cut_off(fpath):
+        (Path(fpath) / ev.INCEPTION_FILE).write_bytes(b"part of the weights")
+        raise ConnectionResetError("connection reset by peer")
+    monkeypatch.setattr(ev, "_reachable", lambda url, timeout=3.0: True)
+    monkeypatch.setattr(downloads_helper, "check_download_inception", cut_off)
+    where = tmp_path / "weights"
+    where.mkdir()
+    with pytest.raises(ConnectionResetError):
+        ev.inception_extractor(where)
+    assert not list(where.iterdir())
+
+
 def test_inception_input_is_normalized_as_clean_fid_does(tmp_path, monkeypatch):
     # clean-fid (cleanfid/inception_torchscript.py, InceptionV3W.forward, resize_inside
     # False) feeds the TorchScript network's layers (x - 128) / 128 of pixels x in
@@ -194,6 +214,7 @@ def test_damaged_inputs_name_themselves(tmp_path):
 
 def test_cli_fid_bad_options(tmp_path, capsys):
     from blurfast import cli
+    _write_images(tmp_path, np.zeros((2, 16, 16, 3), np.uint8))
     args = ["fid", "--samples", str(tmp_path), "--ref", str(tmp_path)]
     assert cli.main(args + ["--features", "no_such_module:f", "--device", "cpu"]) == 2
     assert "--features: cannot load 'no_such_module:f'" in capsys.readouterr().err
@@ -425,6 +446,26 @@ def test_fid_checks_resize_at_once(tmp_path):
         ev.reference_statistics(ref, 16, resize="bogus", extractor=_never, cache=False)
 
 
+def test_a_reference_folder_without_images_is_refused_before_any_work(tmp_path, monkeypatch,
+                                                                      capsys):
+    # LSUN's parent folder (its lmdb databases in subfolders, no image files) as --ref:
+    # `fid --check` said ok, so eval_fid10k.sh went on to sample; fid() computed the
+    # samples' features, then failed naming 'root'. Both now fail at once, naming --ref.
+    import os
+    from blurfast import cli
+    monkeypatch.syspath_prepend(os.path.dirname(__file__))
+    s, _ = _samples_and_prepared_ref(tmp_path)
+    lsun = tmp_path / "lsun"
+    (lsun / "church_outdoor_train_lmdb").mkdir(parents=True)
+    (lsun / "church_outdoor_train_lmdb" / "data.mdb").write_bytes(b"")
+    words = f"no .jpg/.jpeg/.png/.webp/.bmp files under {str(lsun)!r}"
+    assert cli.main(["fid", "--check", "--ref", str(lsun), "--features",
+                     "test_evaluation:_never", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == f"blurfast fid: error: --ref: {words}\n"
+    with pytest.raises(ValueError, match=f"^ref: {re.escape(words)}$"):
+        ev.fid(s, lsun, feature_extractor=_never, progress=False, cache=False)
+
+
 def test_batch_size_and_the_features_of_statistics_are_checked(tmp_path):
     # batch_size 0 and -3 were accepted (0: one batch of everything); statistics of a
     # vector returned scalars.
@@ -472,6 +513,21 @@ def _counted_features(x: torch.Tensor) -> torch.Tensor:
     """Per-channel means, the images of each call counted in _fed."""
     _fed.append(x.shape[0])
     return x.mean(dim=(2, 3))
+
+
+def test_a_cache_that_cannot_be_written_costs_the_cache_not_the_fid(tmp_path, monkeypatch):
+    # A read-only home (its ~/.cache): the FID was computed, then lost to the OSError of
+    # the cache's write (training's --fid-every stopped the run there).
+    s, ref = _samples_and_prepared_ref(tmp_path)
+    _write_images(s, np.random.default_rng(8).integers(0, 256, size=(4, 16, 16, 3),
+                                                         dtype=np.uint8))
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("BLURFAST_CACHE", str(tmp_path / "a_file"))
+    kw = dict(feature_extractor=_mean_features, progress=False)
+    with pytest.warns(UserWarning, match=r"^fid: the statistics cache cannot be written, "
+                                         r"so they are computed again next time \("):
+        value = ev.fid(s, ref, **kw)
+    assert value == ev.fid(s, ref, cache=False, **kw)
 
 
 def test_cli_fid_save_stats_is_checked_first_and_the_statistics_are_reused(tmp_path,

@@ -440,6 +440,20 @@ def test_eta_and_the_switches_are_checked_before_the_checkpoint_is_read(tmp_path
     assert not (tmp_path / "o").exists()
 
 
+def test_a_seed_the_noise_cannot_take_is_refused_before_the_folder_is_touched(run_dir, tmp_path,
+                                                                             capsys):
+    # --seed 2**63 passed generate's check (an int >= 0) and failed in the first batch's
+    # noise draw, after the start had removed the earlier run's images from --out.
+    out = tmp_path / "s"
+    generate(run_dir / "run", 2, out, steps=2, seed=1, progress=False, device="cpu")
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    assert cli.main(["sample", "--ckpt", str(run_dir / "run"), "--n", "2", "--steps", "2",
+                     "--seed", str(2 ** 63), "--out", str(out), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"blurfast sample: error: --seed: expected an int in "
+                                       f"[0, {2 ** 63 - 1}], got {2 ** 63}\n")
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
 def test_the_bar_moves_with_every_model_call(run_dir, tmp_path, monkeypatch):
     # The full chain (--steps 0) on a CPU: the bar counted finished batches, so it sat at 0
     # through the whole first batch. It now ticks once a model call, images in the postfix.
@@ -672,6 +686,21 @@ def test_the_manifest_records_the_model_calls_of_the_full_chain(run_dir, tmp_pat
         "clip": True, "precision": "fp32", "checkpoint": str(ckpt)}
 
 
+def test_the_manifest_of_a_safetensors_file_claims_no_weights_it_did_not_pick(run_dir, tmp_path):
+    # A .safetensors file is loaded as it is: its samples.json said "ema": true for
+    # model.safetensors (the raw weights), and "ema": false for ema.safetensors with
+    # ema=False. It says null (the file as it is); a checkpoint directory's says which.
+    import json
+    from blurfast.generate import read_manifest, resolve_checkpoint
+    step = resolve_checkpoint(run_dir / "run")
+    kw = dict(steps=2, seed=1, progress=False, device="cpu")
+    for f, ema in (("model.safetensors", True), ("ema.safetensors", False)):
+        generate(step / f, 2, tmp_path / f, ema=ema, **kw)
+        assert read_manifest(tmp_path / f)["ema"] is None
+    generate(step, 2, tmp_path / "dir", ema=False, **kw)
+    assert json.loads((tmp_path / "dir" / "samples.json").read_text())["ema"] is False
+
+
 def _interrupted(run_dir, out, monkeypatch, calls_before: int, **kw):
     """generate(...) stopped by a KeyboardInterrupt in model call ``calls_before + 1``."""
     from blurfast.models import UNet
@@ -753,6 +782,59 @@ def test_a_resumed_npz_run_merges_its_chunks_and_grows(run_dir, tmp_path, monkey
     assert seen == [(7, 9)]
     with np.load(out / "samples.npz") as z:
         np.testing.assert_array_equal(z["images"], want)
+
+
+def test_the_file_a_killed_run_was_writing_is_removed_by_the_next_run(run_dir, tmp_path):
+    # Killed (SIGKILL: a preempted job) while it wrote samples.npz, a run left the
+    # temporary file of that write, as large as samples.npz, and no later run removed it.
+    import signal
+    out = tmp_path / "z"
+    script = textwrap.dedent(f"""
+        import os, signal
+        import numpy as np
+        real = np.savez
+
+        def killed(f, **arrays):
+            real(f, **arrays)
+            os.kill(os.getpid(), signal.SIGKILL)
+        np.savez = killed
+        from blurfast.generate import generate
+        generate({str(run_dir / "run")!r}, 4, {str(out)!r}, steps=2, batch=2, fmt="npz",
+                 progress=False, device="cpu")
+    """)
+    p = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(__file__),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert len(list(out.glob(".samples.npz.*"))) == 1
+    (out / ".notes.txt").write_text("not the run's")
+    generate(run_dir / "run", 4, out, steps=2, batch=2, fmt="npz", resume=True,
+             progress=False, device="cpu")
+    assert sorted(f.name for f in out.iterdir()) == [".notes.txt", SHEET_NAME, "samples.json",
+                                                     "samples.npz"]
+
+
+def test_a_resume_counts_each_image_it_keeps_once(run_dir, tmp_path, monkeypatch, capsys):
+    # An npz run killed after its merge wrote samples.npz, before it removed the chunks:
+    # the resume kept 4 images and said "resuming: 8 of 4 images" (each counted in
+    # samples.npz and in its chunk).
+    from blurfast import generate as G
+    kw = dict(steps=2, seed=3, batch=2, fmt="npz", device="cpu")
+    out = tmp_path / "z"
+    merge = G._merge_chunks
+
+    def merged_not_cleared(out, n, shape):
+        chunks = {f: f.read_bytes() for _, _, f in G._chunks(out)}
+        merge(out, n, shape)
+        for f, data in chunks.items():
+            f.write_bytes(data)
+    with monkeypatch.context() as m:
+        m.setattr(G, "_merge_chunks", merged_not_cleared)
+        generate(run_dir / "run", 4, out, progress=False, **kw)
+    assert len(G._chunks(out)) == 2 and (out / "samples.npz").is_file()
+    capsys.readouterr()
+    generate(run_dir / "run", 4, out, resume=True, **kw)
+    assert capsys.readouterr().out.splitlines()[0] == f"resuming: 4 of 4 images are in {out} " \
+                                                      f"already"
 
 
 def test_resume_refuses_a_folder_of_other_settings_and_leaves_it_alone(run_dir, tmp_path):
