@@ -184,8 +184,9 @@ def add_reverse_run_flags(p) -> None:
     share: the checkpoint, the sampler, eta, the spacing, the device and the weights."""
     from .sampling import ETA_SAMPLERS, SAMPLERS
     p.add_argument("--ckpt", required=True,
-                   help="run directory (its newest valid checkpoint), checkpoint directory, "
-                        "or .safetensors file")
+                   help="run directory or folder of checkpoints (its newest valid checkpoint: "
+                        "RUN_DIR/best for the best FID), checkpoint directory, or "
+                        ".safetensors file")
     p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS),
                    help="ddim (default), ancestral, reverse_sde (the paper's) or exp2m (second "
                         "order, best at 25-100 steps)")

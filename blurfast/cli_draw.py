@@ -94,8 +94,9 @@ def register(sub) -> None:
                     "data (--data overrides it); without, the process the flags below "
                     "define (BlurDiffusion's defaults: the paper's), to choose one before "
                     "training.")
-    p.add_argument("--ckpt", help="a run directory, checkpoint directory or .safetensors "
-                                  "file whose process and data to draw")
+    p.add_argument("--ckpt", help="a run directory, folder of checkpoints, checkpoint "
+                                  "directory or .safetensors file whose process and data to "
+                                  "draw")
     p.add_argument("--data", metavar="PATH",
                    help="prepared .npy array, LSUN lmdb directory or image folder (default: "
                         "the run's)")

@@ -57,17 +57,20 @@ RESUME_KEYS = ("format", "seed", "sampler", "steps", "spacing", "eta", "ema", "c
 
 
 def resolve_checkpoint(path) -> Path:
-    """A run directory (its newest valid checkpoint), a checkpoint directory, or a
+    """A run directory (its newest valid checkpoint), a folder of checkpoints (a run's
+    ``checkpoints/`` or ``best/``: its newest valid one), a checkpoint directory, or a
     ``.safetensors`` file."""
     p = Path(path)
-    if (p / "checkpoints").is_dir():
-        for _, c in ckpt.list_checkpoints(p / "checkpoints"):
+    folder = p / "checkpoints" if (p / "checkpoints").is_dir() else \
+        p if ckpt.list_checkpoints(p) else None
+    if folder is not None:
+        for _, c in ckpt.list_checkpoints(folder):
             try:
                 ckpt.verify(c)
                 return c
             except ckpt.CheckpointError as e:
                 warnings.warn(f"skipping a damaged checkpoint: {e}", stacklevel=2)
-        raise ValueError(f"ckpt: no valid checkpoint under {p / 'checkpoints'}")
+        raise ValueError(f"ckpt: no valid checkpoint under {folder}")
     if not p.exists():
         raise ValueError(f"ckpt: {str(path)!r} does not exist")
     return p

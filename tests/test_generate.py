@@ -948,3 +948,24 @@ def test_non_finite_samples_are_named_in_a_warning():
     with pytest.warns(UserWarning, match=r"^1 image with non-finite values \(numbers 1\)$"):
         list(sample_batches(model, diff, [(0, 2)], precision="fp32", **kw))
 
+
+
+def test_a_folder_of_checkpoints_resolves_to_its_newest_valid_one(run_dir, tmp_path):
+    # A run's best/ (and checkpoints/ itself) hold step_* checkpoints: --ckpt takes the
+    # folder as it takes the run, its newest valid checkpoint, a damaged one skipped.
+    import shutil
+    from blurfast.generate import resolve_checkpoint
+    step = resolve_checkpoint(run_dir / "run")
+    assert resolve_checkpoint(run_dir / "run" / "checkpoints") == step
+    best = tmp_path / "best"
+    shutil.copytree(step, best / "step_000000002")
+    shutil.copytree(step, best / "step_000000009")
+    assert resolve_checkpoint(best) == best / "step_000000009"
+    (best / "step_000000009" / "ema.safetensors").write_bytes(b"cut")
+    with pytest.warns(UserWarning, match="skipping a damaged checkpoint"):
+        assert resolve_checkpoint(best) == best / "step_000000002"
+    (best / "step_000000002" / "ema.safetensors").write_bytes(b"cut")
+    with pytest.warns(UserWarning), pytest.raises(ValueError,
+                                                  match=f"^ckpt: no valid checkpoint under "
+                                                        f"{best}$"):
+        resolve_checkpoint(best)
