@@ -526,6 +526,9 @@ def run(device=None, quick: bool = False, *, cases=None, impls=None, shapes=None
     device = _resolve_device(device)
     is_cuda = device.type == "cuda"
 
+    # one name alone as a list of it (tuple("dct2") would be its letters)
+    cases, impls, shapes, dtypes = ((v,) if isinstance(v, str) else v
+                                    for v in (cases, impls, shapes, dtypes))
     cases = tuple(cases) if cases else CASES
     impls = tuple(impls) if impls else IMPLS
     for c in cases:

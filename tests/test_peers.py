@@ -328,6 +328,14 @@ def test_bench_run_names_a_bad_argument_before_timing(kwargs, words, monkeypatch
     assert str(e.value).startswith(words), e.value
 
 
+def test_bench_run_takes_one_name_alone():
+    # cases="dct2" was read as its letters ("unknown case 'd'")
+    res = bench.run("cpu", quick=True, cases="dct2", impls="blurfast", shapes="1x3x8x8",
+                    dtypes="float32", iters=2, warmup=0, print_table=False)
+    assert [(r["case"], r["impl"], r["shape"]) for r in res["rows"]] == \
+        [("dct2", "blurfast", [1, 3, 8, 8])]
+
+
 def test_traffic_bytes():
     n = 256 * 3 * 64 * 64 * 4
     assert bench.traffic_bytes("dct2", (256, 3, 64, 64)) == 2 * n
