@@ -230,7 +230,6 @@ def _process(args) -> int:
 
     check_int("--n", args.n, 1)
     check_int("--columns", args.columns, 1)
-    check_int("--frames", args.frames, 1)
     check_int("--seed", args.seed, 0, _SEED_LIMIT - 1)
     given = vars(args)
     out = _check_out(args.out)
