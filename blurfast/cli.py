@@ -360,6 +360,23 @@ def _out_of_memory(command: str, e: BaseException):
     return out_of_memory_line(e, f"; try a smaller {flag}" if flag else "")
 
 
+def _peer_lost(e: BaseException):
+    """The one-line error of a rank whose process group broke because another rank
+    stopped (gloo: "Connection closed by peer"; torch's DistError types), or None. The
+    rank that stopped prints its own error; this one's traceback would only bury it."""
+    import os
+    torch = sys.modules.get("torch")
+    if torch is None or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    dist_error = getattr(torch.distributed, "DistError", ())
+    text = str(e)
+    if not (isinstance(e, dist_error) or "closed by peer" in text or "reset by peer" in text):
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return (f"rank {os.environ.get('RANK', '?')}: another process of the group stopped, "
+            f"so this one cannot go on (the cause is in that process's output): {first}")
+
+
 def _leaf_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
     """The parser of the (sub)command that ``args`` ran: ``draw process``'s, say."""
     while True:
@@ -419,7 +436,7 @@ def _main(argv) -> int:
         print(f"blurfast {argv[0]}: error: {message}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        message = _out_of_memory(argv[0], e)
+        message = _out_of_memory(argv[0], e) or _peer_lost(e)
         if message is None or os.environ.get("BLURFAST_DEBUG"):
             raise
         print(f"blurfast {argv[0]}: error: {message}", file=sys.stderr)

@@ -806,6 +806,34 @@ def test_cli_under_two_processes_prints_on_rank_0_only(made16, tmp_path):
     assert "done:" not in logs[1]
 
 
+def test_a_rank_whose_peer_stopped_says_so_in_one_line(made16, tmp_path):
+    # Rank 0 fails as it starts writing the run (its own one-line error, exit 2); rank 1,
+    # in its first step's all-reduce, loses its peer: one line saying so (exit 1), not
+    # gloo's traceback.
+    argv = ["train", "--data", str(made16), "--out", str(tmp_path / "r"), "--resolution", "16",
+            "--batch-size", "2", "--steps", "2", "--base-channels", "32", "--channel-mult",
+            "1", "2", "--num-res-blocks", "1", "--no-progress", "--device", "cpu"]
+    script = f"""
+        import os, sys, torch
+        torch.set_num_threads(1)
+        from blurfast import cli, training
+        if os.environ["RANK"] == "0":
+            def broken(*a, **k):
+                raise ValueError("log: made to fail")
+            training._Log = broken
+        sys.exit(cli.main({argv!r}))
+    """
+    port = str(free_port())
+    procs = [_child(script, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                             "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [2, 1], logs
+    assert "blurfast train: error: log: made to fail" in logs[0]
+    assert "blurfast train: error: rank 1: another process of the group stopped" in logs[1]
+    assert "Traceback" not in logs[1], logs[1]
+
+
 def test_sigterm_to_one_rank_stops_both_at_the_next_log_point_and_rank_0_saves(made16,
                                                                                tmp_path):
     # The ranks agree on a stop only at log points (no host synchronization between):
