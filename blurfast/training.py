@@ -213,7 +213,9 @@ class Bf16Weights:
                 continue
             for name, p in list(mod.named_parameters(recurse=False)):
                 where = (p.shape, p.stride(), p.storage_offset())   # p: a view of `flat`
-                copy16 = torch.nn.Parameter(self.flat16.as_strided(*where))
+                # frozen as its master: no gradient, so Adam passes over a frozen master
+                copy16 = torch.nn.Parameter(self.flat16.as_strided(*where),
+                                            requires_grad=p.requires_grad)
                 setattr(mod, name, copy16)
                 self.masters.append(p)
                 self.copies.append(copy16)

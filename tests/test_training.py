@@ -1066,6 +1066,33 @@ def test_cast_once_gives_autocasts_bits():
     assert all(torch.equal(c, p.to(torch.bfloat16)) for p, c in zip(w.masters, w.copies))
 
 
+def test_cast_once_leaves_a_frozen_layer_as_autocast_does():
+    # A frozen convolution (requires_grad False) gets no gradient, so Adam with weight
+    # decay passes over it: under cast_once as under autocast, the same bits after two
+    # steps, the frozen weights untouched.
+    import copy
+    diff = BlurDiffusion(resolution=16)
+    torch.manual_seed(0)
+    model = UNet(resolution=16, **TINY)
+    model.input.requires_grad_(False)
+    frozen = model.input.weight.detach().clone()
+    steps = [training.TrainStep(copy.deepcopy(model), diff, device="cpu", lr=1e-2,
+                                precision="bf16", weight_decay=0.1, cast_once=c)
+             for c in (False, True)]
+    g = torch.Generator().manual_seed(2)
+    for k in range(2):
+        x = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8, generator=g)
+        t = torch.randint(1, diff.num_steps, (2,), generator=g)
+        for s in steps:
+            s(x, torch.tensor([True, False]), t, 9, 2 * k)
+    ref, new = steps
+    assert new.model.input.weight.grad is None
+    assert torch.equal(new.model.input.weight, frozen)
+    for a, b in zip([*ref.params, *ref.ema_params], [*new.params, *new.ema_params]):
+        assert torch.equal(a, b)
+    assert ref.read_stats() == new.read_stats()
+
+
 @pytest.mark.parametrize("rounds", [2, 4])
 def test_grad_accum_rounds_give_the_batchs_gradient_in_float64(rounds):
     # The gradient a step applies, with the batch in 1, 2 or 4 rounds, against the float64
