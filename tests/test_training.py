@@ -912,6 +912,78 @@ def test_step_is_clip_adam_and_ema_done_by_hand(grad_clip):
     assert step.read_stats()["grad_norm"] == pytest.approx(norm, rel=1e-4)
 
 
+class _Affine(torch.nn.Module):
+    """x * w + b per channel, and a frozen parameter the forward never reads."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w = torch.nn.Parameter(1 + 0.1 * torch.randn(3, 1, 1, generator=g))
+        self.b = torch.nn.Parameter(0.1 * torch.randn(3, 1, 1, generator=g))
+        self.frozen = torch.nn.Parameter(torch.randn(5, generator=g), requires_grad=False)
+
+    def forward(self, x, t):
+        return x * self.w + self.b
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_steps_are_adam_or_adamw_with_weight_decay_clipping_and_ema_done_by_hand(
+        optimizer, grad_accum):
+    # Three steps of a per-channel affine model (its gradient is far from 0, so Adam's
+    # update is no sign test) against torch's Adam and AdamW written out in float64: the
+    # gradient of the batch's mean loss divided by max(1, (norm + 1e-6) / clip), then
+    # Adam's L2 decay (g += wd p) or AdamW's decoupled one (p *= 1 - lr wd), the moments,
+    # the bias-corrected update, and ema += (1 - beta) (p - ema). The learning rate changes
+    # between steps (set_lr); the frozen parameter has no gradient and must not move.
+    diff = BlurDiffusion(resolution=16)
+    lr, betas, wd, eps, clip, beta = 1e-2, (0.8, 0.95), 0.1, 1e-8, 0.2, 0.75
+    step = training.TrainStep(_Affine(), diff, device="cpu", lr=lr, optimizer=optimizer,
+                              betas=betas, weight_decay=wd, adam_eps=eps, grad_clip=clip,
+                              ema_beta=beta, flip=False, grad_accum=grad_accum)
+    frozen = step.model.frozen.detach().clone()
+    p = {n: v.detach().double().clone() for n, v in step.model.named_parameters()
+         if v.requires_grad}
+    ema = {n: v.clone() for n, v in p.items()}
+    m = {n: torch.zeros_like(v) for n, v in p.items()}
+    v2 = {n: torch.zeros_like(v) for n, v in p.items()}
+    g = torch.Generator().manual_seed(1)
+    clipped = 0
+    for k in range(1, 4):
+        x = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=g)
+        t = torch.randint(1, diff.num_steps, (4,), generator=g)
+        lr_k = lr * k / 3
+        step.set_lr(lr_k)
+        step(x, torch.zeros(4, dtype=torch.bool), t, 10 + k, 0)
+
+        x_t, y = step.noised(D.to_float(x), t, 10 + k, 0)
+        q = {n: v.clone().requires_grad_() for n, v in p.items()}
+        loss = ((x_t.double() * q["w"] + q["b"] - y.double()) ** 2).mean()
+        grads = dict(zip(q, torch.autograd.grad(loss, list(q.values()))))
+        norm = torch.stack([gr.pow(2).sum() for gr in grads.values()]).sum().sqrt()
+        div = max(1.0, (norm.item() + 1e-6) / clip)
+        clipped += div > 1
+        for n in p:
+            gr = grads[n] / div
+            if optimizer == "adam":
+                gr = gr + wd * p[n]
+            else:
+                p[n] = p[n] * (1 - lr_k * wd)
+            m[n] = betas[0] * m[n] + (1 - betas[0]) * gr
+            v2[n] = betas[1] * v2[n] + (1 - betas[1]) * gr ** 2
+            mhat, vhat = m[n] / (1 - betas[0] ** k), v2[n] / (1 - betas[1] ** k)
+            p[n] = p[n] - lr_k * mhat / (vhat.sqrt() + eps)
+            ema[n] = ema[n] + (1 - beta) * (p[n] - ema[n])
+    assert 0 < clipped < 3        # norms near 0.2: the clip binds in some steps, not all
+    got = dict(step.model.named_parameters())
+    got_ema = dict(step.ema.named_parameters())
+    for n in p:
+        torch.testing.assert_close(got[n].double(), p[n], rtol=1e-5, atol=1e-7, msg=n)
+        torch.testing.assert_close(got_ema[n].double(), ema[n], rtol=1e-5, atol=1e-7, msg=n)
+    assert torch.equal(step.model.frozen, frozen)
+    assert torch.equal(step.ema.frozen, frozen)
+
+
 def _fp32_and_fp16_steps():
     """(diff, model, a float32 step of a copy of it, an fp16 step of it, a batch
     (x, flip, t)) of TINY at 16 x 16, seeded."""
