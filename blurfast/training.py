@@ -837,7 +837,9 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     # refused here: a run turns clipping off with None alone (--grad-clip none)
     args["grad_clip"] = check_number("grad_clip", grad_clip, 0, lo_open=True, none_ok=True)
     if (ema_decay is None) == (ema_halflife_kimg is None):
-        raise ValueError("ema_decay, ema_halflife_kimg: give exactly one")
+        raise ValueError(f"ema_decay, ema_halflife_kimg: give exactly one, the other None; got "
+                         f"{ema_decay!r} and {ema_halflife_kimg!r} (ema_decay is 0.9999 unless "
+                         f"given: pass ema_decay=None with ema_halflife_kimg)")
     args["ema_decay"] = check_number("ema_decay", ema_decay, 0, hi=1, hi_open=True,
                                      none_ok=True)
     args["ema_halflife_kimg"] = check_number("ema_halflife_kimg", ema_halflife_kimg, 0,

@@ -2247,6 +2247,20 @@ def test_bad_arguments_name_the_argument(made16, tmp_path, change, name):
         training.train(data=str(made16), out=str(tmp_path / "r"), **{**KW, "steps": 1, **change})
 
 
+def test_ema_halflife_kimg_alone_says_to_pass_ema_decay_none(made16, tmp_path):
+    # ema_decay defaults to 0.9999: ema_halflife_kimg given alone is both, and the error
+    # says what to pass instead of "give exactly one" to a call that gave one.
+    kw = {k: v for k, v in KW.items() if k != "ema_decay"}
+    with pytest.raises(ValueError, match=r"^ema_decay, ema_halflife_kimg: give exactly one, "
+                                         r"the other None; got 0\.9999 and 10\.0 \(.*pass "
+                                         r"ema_decay=None with ema_halflife_kimg\)$"):
+        training.train(data=str(made16), out=str(tmp_path / "r"), steps=1,
+                       ema_halflife_kimg=10.0, **kw)
+    with pytest.raises(ValueError, match=r"the other None; got None and None"):
+        training.train(data=str(made16), out=str(tmp_path / "r"), steps=1, ema_decay=None,
+                       **kw)
+
+
 def test_data_errors_name_the_flag_too(tmp_path, capsys):
     # An image folder with no images, given as train()'s data or as --data: the error
     # names both forms of the argument; prepare's names its SRC.
