@@ -116,7 +116,8 @@ def _add_train(sub) -> None:
                    help="per process; the global batch is this times the processes")
     g.add_argument("--grad-accum", dest="grad_accum", type=int, metavar="K",
                    help="the batch in K equal rounds, gradients added before each step: a "
-                        "K-th of the activation memory, the same step")
+                        "K-th of the activation memory, the same step (but for dropout "
+                        "masks)")
     g.add_argument("--activation-checkpointing", dest="activation_checkpointing",
                    action=argparse.BooleanOptionalAction,
                    help="recompute each residual level's activations in the backward "
