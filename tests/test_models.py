@@ -46,6 +46,59 @@ def test_larger_configs_in_the_docs_keep_attention_at_16_and_8():
         assert sorted(sides) == sorted([16] * 7 + [8] * 7 + [int(res) >> (len(mult) - 1)])
 
 
+def _count_by_hand(resolution, channels, base_channels, channel_mult, num_res_blocks,
+                   attention_resolutions, **_):
+    """ADM's parameter count written out: weights and biases of each conv, linear and
+    GroupNorm, the decoder's blocks taking each encoder output's channels as a skip."""
+    E = 4 * base_channels
+
+    def conv(a, b, k):
+        return a * b * k * k + b
+
+    def res(a, b):             # norm, conv, scale-shift Linear, norm, conv, 1x1 skip
+        return 2 * a + conv(a, b, 3) + E * 2 * b + 2 * b + 2 * b + conv(b, b, 3) + \
+            (conv(a, b, 1) if a != b else 0)
+
+    def attn(c):               # norm, qkv, proj
+        return 2 * c + conv(c, 3 * c, 1) + conv(c, c, 1)
+    n = conv(base_channels, E, 1) + conv(E, E, 1) + conv(channels, base_channels, 3)
+    ch, side, skips = base_channels, resolution, [base_channels]
+    for i, m in enumerate(channel_mult):
+        for _ in range(num_res_blocks):
+            c = m * base_channels
+            n += res(ch, c) + (attn(c) if side in attention_resolutions else 0)
+            ch = c
+            skips.append(ch)
+        if i < len(channel_mult) - 1:
+            n += conv(ch, ch, 3)
+            side //= 2
+            skips.append(ch)
+    n += 2 * res(ch, ch) + attn(ch)
+    for i, m in reversed(list(enumerate(channel_mult))):
+        for _ in range(num_res_blocks + 1):
+            c = m * base_channels
+            n += res(ch + skips.pop(), c) + (attn(c) if side in attention_resolutions else 0)
+            ch = c
+        if i:
+            n += conv(ch, ch, 3)
+            side *= 2
+    return n + 2 * ch + conv(ch, channels, 3)
+
+
+@pytest.mark.parametrize("preset, resolution, channels, millions", [
+    ("paper64", 64, 3, 121.06), ("small", 32, 3, 5.44), ("small", 64, 3, 5.59),
+    ("paper64", 32, 1, None), ("small", 16, 2, None)])
+def test_parameter_counts_are_the_hand_count_and_the_docs(preset, resolution, channels,
+                                                         millions):
+    # docs/training.md, section 2's table, and models.PRESETS' comment
+    with torch.device("meta"):
+        m = UNet.from_preset(preset, resolution=resolution, channels=channels)
+    n = _count_by_hand(resolution, channels, **bf.models.PRESETS[preset])
+    assert m.num_parameters() == n
+    if millions is not None:
+        assert round(n / 1e6, 2) == millions
+
+
 def test_small_has_a_few_million_parameters():
     with torch.device("meta"):
         m = UNet.from_preset("small", resolution=32)
