@@ -156,7 +156,8 @@ def register(sub) -> None:
     c = what.add_parser(
         "curves", help="a run's loss, gradient norm, images/s and FID against the step",
         description="The curves of a run from its log.csv (and fid.csv): what training "
-                    "writes as RUN_DIR/curves.png at each checkpoint, drawn now.")
+                    "writes as RUN_DIR/curves.png with each sample grid and at the end, "
+                    "drawn now.")
     c.add_argument("run", metavar="RUN_DIR", help="run directory")
     c.add_argument("--out", default=None, help="PNG to write (default RUN_DIR/curves.png)")
     c.set_defaults(func=_curves)
