@@ -360,6 +360,9 @@ def _out_of_memory(command: str, e: BaseException):
     return out_of_memory_line(e, f"; try a smaller {flag}" if flag else "")
 
 
+_lost_peer = False      # set when a command ended on _peer_lost's error (see entry)
+
+
 def _peer_lost(e: BaseException):
     """The one-line error of a rank whose process group broke because another rank
     stopped (gloo: "Connection closed by peer"; torch's DistError types), or None. The
@@ -436,12 +439,30 @@ def _main(argv) -> int:
         print(f"blurfast {argv[0]}: error: {message}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        message = _out_of_memory(argv[0], e) or _peer_lost(e)
+        lost = _peer_lost(e)
+        message = _out_of_memory(argv[0], e) or lost
         if message is None or os.environ.get("BLURFAST_DEBUG"):
             raise
+        if lost:
+            global _lost_peer
+            _lost_peer = True
         print(f"blurfast {argv[0]}: error: {message}", file=sys.stderr)
         return 1
 
 
+def entry() -> None:
+    """The console script and ``python -m blurfast``: :func:`main`, then the exit. A rank
+    whose process group broke (its error printed) leaves at once: gloo's threads, still
+    bound to the lost peer, could abort the interpreter's teardown ("terminate called
+    without an active exception", SIGABRT) after the one-line error."""
+    import os
+    code = main()
+    if _lost_peer:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
