@@ -74,7 +74,9 @@ def _add_fid(sub) -> None:
                         "A folder made by blurfast sample gives the images its samples.json "
                         "lists; an unfinished one is refused")
     s.add_argument("--ref", required=True,
-                   help="image folder, LSUN lmdb, prepared .npy array, or STATS.npz (mu, sigma)")
+                   help="image folder, LSUN lmdb, prepared .npy array, STATS.npz (mu, sigma), "
+                        "or another blurfast sample output (its folder or samples.npz: "
+                        "its images alone, at their own size)")
     s.add_argument("--n", type=int, default=10_000,
                    help="images used from each side (default 10000); more than a folder made "
                         "by blurfast sample holds is an error")

@@ -107,12 +107,10 @@ def load_images(path, n: Optional[int] = None) -> Iterable[np.ndarray]:
     output (its folder, or the ``samples.npz`` in it) is read as its manifest says: the
     images that run made, none other; an unfinished run, or ``n`` above its count, is
     refused."""
-    from .generate import MANIFEST_NAME, NPZ_NAME, SHEET_NAME, read_manifest
+    from .generate import MANIFEST_NAME, NPZ_NAME, SHEET_NAME
     p = Path(path)
-    folder = p if p.is_dir() else p.parent if p.name == NPZ_NAME else None
-    run = read_manifest(folder) if folder is not None else None
-    if run is not None and p.is_file() and run["format"] != "npz":
-        run = None                   # a samples.npz that the folder's last run did not write
+    run = _sample_run(p)
+    folder = p if p.is_dir() else p.parent
     files = None
     if run is not None:
         if not run["complete"]:
@@ -336,6 +334,17 @@ def _fingerprint(p: Path) -> str:
     return h.hexdigest()
 
 
+def _sample_run(p: Path) -> Optional[dict]:
+    """The manifest of the `blurfast sample` output that ``p`` is (its folder, or the
+    samples.npz its last run wrote), else None."""
+    from .generate import NPZ_NAME, read_manifest
+    folder = p if p.is_dir() else p.parent if p.name == NPZ_NAME else None
+    run = read_manifest(folder) if folder is not None else None
+    if run is not None and p.is_file() and run["format"] != "npz":
+        return None
+    return run
+
+
 def check_reference(ref, resolution: int, channels: Optional[int] = None,
                     name: str = "ref", kid: bool = False) -> None:
     """Fails now, naming the argument (``name``), where :func:`reference_statistics` would
@@ -346,13 +355,17 @@ def check_reference(ref, resolution: int, channels: Optional[int] = None,
     p = Path(ref)
     if not p.exists():
         raise ValueError(f"{name}: {str(ref)!r} does not exist")
-    if kid and p.is_file() and p.suffix == ".npz":
+    run = _sample_run(p)
+    if kid and p.is_file() and p.suffix == ".npz" and run is None:
         if _read_statistics_named(p, name, features=True)[3] is None:
             raise ValueError(f"{name}: {p} holds statistics without features, and KID needs "
                              f"the reference's features: give its images (folder, lmdb or "
                              f"prepared array) or statistics saved with them (--save-stats "
                              f"with --kid)")
-    if p.is_dir() and not is_lmdb(p):
+    if run is not None and not run["complete"]:
+        raise ValueError(f"{name}: {p} holds an unfinished `blurfast sample` run (its "
+                         f"samples.json says so); finish it with `blurfast sample --resume`")
+    if p.is_dir() and not is_lmdb(p) and run is None:
         ImageFolder(p, arg=name)          # it holds images (LSUN's parent folder does not)
     if p.is_file() and p.suffix != ".npz":
         from .data import open_dataset
@@ -440,18 +453,30 @@ def _reference_statistics(ref, resolution, resize, n, extractor, device, batch_s
     check_resize(resize)
     check_int("batch_size", batch_size, 1)
     p = Path(ref)
-    if p.is_file() and p.suffix == ".npz":
+    if p.is_file() and p.suffix == ".npz" and _sample_run(p) is None:
         if want_features:
             check_reference(p, resolution, name="ref", kid=True)
         return _read_statistics_named(p, "ref", features=want_features)
     from .data import UnreadableImage, open_dataset
     extractor = extractor or inception_extractor(device=device)
-    ds = open_dataset(p, resolution=resolution, resize=resize, channels=channels)
-    count = len(ds) if n is None else min(n, len(ds))
+    run = _sample_run(p)
+    if run is not None:
+        # another `blurfast sample` run (two models compared): its images as its manifest
+        # says, as the samples side reads them (not its contact sheet), at their own size
+        count = run["n"] if n is None else min(n, run["n"])
+        try:
+            ds = load_images(p, count)
+        except ValueError as e:
+            raise ValueError(f"ref: {str(e).partition(': ')[2]}") from None
+        ds_channels, resolution, resize = None, None, None
+    else:
+        ds = open_dataset(p, resolution=resolution, resize=resize, channels=channels)
+        count = len(ds) if n is None else min(n, len(ds))
+        ds_channels = ds.channels
     named = _extractor_key(extractor)
     cache = cache and named is not None
     key = json.dumps({"path": str(p.resolve()), "files": _fingerprint(p),
-                      "resolution": resolution, "resize": resize, "channels": ds.channels,
+                      "resolution": resolution, "resize": resize, "channels": ds_channels,
                       "n": count, "features": named}, sort_keys=True)
     cached = _cache_dir() / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".npz")
     if cache and cached.is_file():
@@ -466,6 +491,9 @@ def _reference_statistics(ref, resolution, resize, n, extractor, device, batch_s
                 return stats
 
     def imgs():
+        if run is not None:
+            yield from ds
+            return
         for i in range(count):
             try:
                 yield np.asarray(ds[i])
@@ -589,7 +617,7 @@ class FidMonitor:
         check_reference(ref, resolution, channels, name="fid_ref")
         # KID too where the reference gives features (all but a STATS .npz without them)
         p = Path(ref)
-        self.kid = not (p.is_file() and p.suffix == ".npz"
+        self.kid = not (p.is_file() and p.suffix == ".npz" and _sample_run(p) is None
                         and _read_statistics_named(p, "fid_ref", features=True)[3] is None)
         self.steps, self.sampler, self.batch, self.device = steps, sampler, batch, device
         self.pixel_range = pixel_range

@@ -969,3 +969,32 @@ def test_a_folder_of_checkpoints_resolves_to_its_newest_valid_one(run_dir, tmp_p
                                                   match=f"^ckpt: no valid checkpoint under "
                                                         f"{best}$"):
         resolve_checkpoint(best)
+
+
+def test_another_sample_run_as_the_reference_is_read_as_its_manifest_says(run_dir, tmp_path,
+                                                                          monkeypatch):
+    # Two models' samples compared: a `blurfast sample` output as --ref was read as a plain
+    # folder, its contact sheet an image among them (for an npz run the only one), and its
+    # samples.npz as statistics. Both formats now give their run's images alone: the FID of
+    # the images themselves, computed independently; an unfinished run is refused first.
+    from blurfast import evaluation as ev
+    monkeypatch.setenv("BLURFAST_CACHE", str(tmp_path / "cache"))
+    kw = dict(steps=2, batch=3, progress=False, device="cpu")
+    generate(run_dir / "run", 6, tmp_path / "a", seed=1, **kw)
+    generate(run_dir / "run", 5, tmp_path / "b", seed=2, **kw)
+    generate(run_dir / "run", 5, tmp_path / "c", seed=2, fmt="npz", **kw)
+    assert (tmp_path / "b" / SHEET_NAME).is_file()
+    want = independent_fid(_read_pngs(tmp_path / "a", 6), list(_read_pngs(tmp_path / "b", 5)))
+    fid_kw = dict(n=None, feature_extractor=mean_features, progress=False)
+    for ref in (tmp_path / "b", tmp_path / "c", tmp_path / "c" / "samples.npz"):
+        got = ev.fid(tmp_path / "a", ref, **fid_kw)
+        assert got == pytest.approx(want, rel=1e-4) and got.ref == 5, ref
+    assert ev.fid(tmp_path / "a", tmp_path / "b", kid=True, **fid_kw).kid == pytest.approx(
+        ev.kernel_distance(independent_features(_read_pngs(tmp_path / "a", 6)),
+                           independent_features(list(_read_pngs(tmp_path / "b", 5))))[0],
+        rel=1e-4, abs=1e-9)
+    manifest = tmp_path / "b" / "samples.json"
+    manifest.write_text(manifest.read_text().replace('"complete": true', '"complete": false'))
+    with pytest.raises(ValueError, match=r"^ref: .*b holds an unfinished `blurfast sample` "
+                                         r"run"):
+        ev.fid(tmp_path / "a", tmp_path / "b", **fid_kw)
