@@ -1105,25 +1105,30 @@ def test_fp16_scale_stops_halving_at_1_so_a_run_goes_on_after_non_finite_steps(m
     assert (ga - gb).norm() <= 4e-3 * ga.norm()
 
 
+def _autocast_and_cast_once(model, steps: int, batch: int, **kw):
+    """Two bf16 TrainSteps of copies of ``model``, autocast's casts and cast_once, after
+    ``steps`` steps on the same random batches of ``batch`` images (``kw``: TrainStep's)."""
+    import copy
+    diff = BlurDiffusion(resolution=16)
+    pair = [training.TrainStep(copy.deepcopy(model), diff, device="cpu", precision="bf16",
+                               cast_once=c, **kw) for c in (False, True)]
+    g = torch.Generator().manual_seed(2)
+    for k in range(steps):
+        x = torch.randint(0, 256, (batch, 16, 16, 3), dtype=torch.uint8, generator=g)
+        t = torch.randint(1, diff.num_steps, (batch,), generator=g)
+        flip = torch.arange(batch) % 2 == k % 2
+        for s in pair:
+            s(x, flip, t, 9, batch * k)
+    return pair
+
+
 def test_cast_once_gives_autocasts_bits():
     # Bf16Weights against autocast's own casts: three bf16 steps from the same start give
     # the same parameters, EMA, Adam moments and counters, bit for bit. TINY has
     # convolutions, linear layers, attention and norms (float32 in both).
-    import copy
-    diff = BlurDiffusion(resolution=16)
     torch.manual_seed(0)
-    model = UNet(resolution=16, **TINY)
-    steps = [training.TrainStep(copy.deepcopy(model), diff, device="cpu", lr=1e-3,
-                                precision="bf16", ema_beta=0.5, cast_once=c)
-             for c in (False, True)]
-    g = torch.Generator().manual_seed(2)
-    for k in range(3):
-        x = torch.randint(0, 256, (3, 16, 16, 3), dtype=torch.uint8, generator=g)
-        t = torch.randint(1, diff.num_steps, (3,), generator=g)
-        flip = torch.tensor([True, False, k % 2 == 1])
-        for s in steps:
-            s(x, flip, t, 9, 3 * k)
-    ref, new = steps
+    ref, new = _autocast_and_cast_once(UNet(resolution=16, **TINY), 3, 3, lr=1e-3,
+                                       ema_beta=0.5)
     w = new._bf16
     assert 0 < len(w.copies) < len(new.params)          # the norms' parameters stay shared
     assert all(c.dtype == torch.bfloat16 for c in w.copies)
@@ -1145,22 +1150,11 @@ def test_cast_once_leaves_a_frozen_layer_as_autocast_does():
     # A frozen convolution (requires_grad False) gets no gradient, so Adam with weight
     # decay passes over it: under cast_once as under autocast, the same bits after two
     # steps, the frozen weights untouched.
-    import copy
-    diff = BlurDiffusion(resolution=16)
     torch.manual_seed(0)
     model = UNet(resolution=16, **TINY)
     model.input.requires_grad_(False)
     frozen = model.input.weight.detach().clone()
-    steps = [training.TrainStep(copy.deepcopy(model), diff, device="cpu", lr=1e-2,
-                                precision="bf16", weight_decay=0.1, cast_once=c)
-             for c in (False, True)]
-    g = torch.Generator().manual_seed(2)
-    for k in range(2):
-        x = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8, generator=g)
-        t = torch.randint(1, diff.num_steps, (2,), generator=g)
-        for s in steps:
-            s(x, torch.tensor([True, False]), t, 9, 2 * k)
-    ref, new = steps
+    ref, new = _autocast_and_cast_once(model, 2, 2, lr=1e-2, weight_decay=0.1)
     assert new.model.input.weight.grad is None
     assert torch.equal(new.model.input.weight, frozen)
     for a, b in zip([*ref.params, *ref.ema_params], [*new.params, *new.ema_params]):
