@@ -9,7 +9,7 @@ import torch
 
 from .checks import check_gpu_seen
 
-__all__ = ["setup_processes", "teardown_processes"]
+__all__ = ["setup_processes", "teardown_processes", "from_rank0"]
 
 
 def setup_processes(device: Optional[str]):
@@ -60,6 +60,15 @@ def teardown_processes(owns: bool, finished: bool) -> None:
     if finished:
         barrier()
     dist.destroy_process_group()
+
+
+def from_rank0(value):
+    """``value`` as rank 0 has it, on every rank (pickled and broadcast): what rank 0
+    alone decides, such as which checkpoint a run resumes or samples."""
+    import torch.distributed as dist
+    found = [value]
+    dist.broadcast_object_list(found, src=0)
+    return found[0]
 
 
 def barrier() -> None:

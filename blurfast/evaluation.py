@@ -107,16 +107,14 @@ def load_images(path, n: Optional[int] = None) -> Iterable[np.ndarray]:
     output (its folder, or the ``samples.npz`` in it) is read as its manifest says: the
     images that run made, none other; an unfinished run, or ``n`` above its count, is
     refused."""
-    from .generate import MANIFEST_NAME, NPZ_NAME, SHEET_NAME
+    from .generate import NPZ_NAME, SHEET_NAME
     p = Path(path)
     run = _sample_run(p)
     folder = p if p.is_dir() else p.parent
     files = None
     if run is not None:
         if not run["complete"]:
-            raise ValueError(f"samples: {folder} holds an unfinished `blurfast sample` run (its "
-                             f"{MANIFEST_NAME} says so): interrupted, or still running; finish "
-                             f"it with `blurfast sample --resume` and the same flags")
+            raise _unfinished("samples", folder)
         if n is not None and n > run["n"]:
             raise ValueError(f"n (--n): expected at most {run['n']}, the images that "
                              f"`blurfast sample` made in {folder}; got {n}")
@@ -345,6 +343,14 @@ def _sample_run(p: Path) -> Optional[dict]:
     return run
 
 
+def _unfinished(name: str, folder: Path) -> ValueError:
+    """The error for an unfinished `blurfast sample` run in ``folder``, naming ``name``."""
+    from .generate import MANIFEST_NAME
+    return ValueError(f"{name}: {folder} holds an unfinished `blurfast sample` run (its "
+                      f"{MANIFEST_NAME} says so): interrupted, or still running; finish it "
+                      f"with `blurfast sample --resume` and the same flags")
+
+
 def check_reference(ref, resolution: int, channels: Optional[int] = None,
                     name: str = "ref", kid: bool = False) -> None:
     """Fails now, naming the argument (``name``), where :func:`reference_statistics` would
@@ -363,8 +369,7 @@ def check_reference(ref, resolution: int, channels: Optional[int] = None,
                              f"prepared array) or statistics saved with them (--save-stats "
                              f"with --kid)")
     if run is not None and not run["complete"]:
-        raise ValueError(f"{name}: {p} holds an unfinished `blurfast sample` run (its "
-                         f"samples.json says so); finish it with `blurfast sample --resume`")
+        raise _unfinished(name, p if p.is_dir() else p.parent)
     if p.is_dir() and not is_lmdb(p) and run is None:
         ImageFolder(p, arg=name)          # it holds images (LSUN's parent folder does not)
     if p.is_file() and p.suffix != ".npz":
@@ -453,13 +458,13 @@ def _reference_statistics(ref, resolution, resize, n, extractor, device, batch_s
     check_resize(resize)
     check_int("batch_size", batch_size, 1)
     p = Path(ref)
-    if p.is_file() and p.suffix == ".npz" and _sample_run(p) is None:
+    run = _sample_run(p)
+    if p.is_file() and p.suffix == ".npz" and run is None:
         if want_features:
             check_reference(p, resolution, name="ref", kid=True)
         return _read_statistics_named(p, "ref", features=want_features)
     from .data import UnreadableImage, open_dataset
     extractor = extractor or inception_extractor(device=device)
-    run = _sample_run(p)
     if run is not None:
         # another `blurfast sample` run (two models compared): its images as its manifest
         # says, as the samples side reads them (not its contact sheet), at their own size

@@ -184,7 +184,7 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
     """
     from tqdm.auto import tqdm
 
-    from .distributed import barrier, setup_processes, teardown_processes
+    from .distributed import barrier, from_rank0, setup_processes, teardown_processes
 
     for name, v, lo in (("n", n, 1), ("batch", batch, 1)):
         check_int(name, v, lo)
@@ -209,10 +209,7 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
         if world > 1:
             # A run directory's newest checkpoint can change while the ranks start (the run
             # saves): every rank samples the one rank 0 found, which the manifest names.
-            import torch.distributed as dist
-            found = [path]
-            dist.broadcast_object_list(found, src=0)
-            path = found[0]
+            path = from_rank0(path)
         model, diff, config = ckpt.load_model(path, ema=ema, device=dev)
         pixel_range = config.get("pixel_range", "-1,1")
         chw = diff.channels * diff.H * diff.W

@@ -49,7 +49,7 @@ from . import data as D
 from . import ops
 from .checks import (PRECISIONS, autocast_dtype, check_bool, check_int, check_number,
                      compile_problem, default_precision)
-from .distributed import setup_processes, teardown_processes
+from .distributed import from_rank0, setup_processes, teardown_processes
 from .fileio import write_problem, write_text
 from .diffusion import TARGETS, BlurDiffusion, scales
 from .models import AUTOCAST_LAYERS, PRESETS, UNet
@@ -1022,12 +1022,10 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
     elif cfg["resume"] == "auto" and world > 1:
         # Rank 0 picks and every rank loads its pick: a run that saved while the ranks
         # started would otherwise give them different weights and steps.
-        import torch.distributed as dist
         state = ckpt.latest_valid(ck_dir) if main else None
-        found = [None if state is None else state["path"]]
-        dist.broadcast_object_list(found, src=0)
-        if not main and found[0] is not None:
-            state = ckpt.load(found[0])
+        found = from_rank0(None if state is None else state["path"])
+        if not main and found is not None:
+            state = ckpt.load(found)
     elif cfg["resume"] == "auto":
         state = ckpt.latest_valid(ck_dir)
     else:
