@@ -5,6 +5,7 @@
 
 #include <array>
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -73,6 +74,18 @@ PYBIND11_MODULE(_C, m) {
     box_muller_f(w1, w2, &c, &s);
     return std::make_pair(c, s);
   }, "Float Box-Muller of two Philox words: (r cos, r sin) (for tests).");
+
+  m.def("dot_sum", [](const std::vector<double>& x, const std::vector<double>& m, bool in_float) {
+    if (x.size() != m.size()) throw std::invalid_argument("dot_sum: x and m differ in length");
+    if (in_float) {
+      DotSum<float> acc;
+      for (size_t i = 0; i < x.size(); ++i) acc.add((float)x[i], m[i]);
+      return (double)acc.value();
+    }
+    DotSum<double> acc;
+    for (size_t i = 0; i < x.size(); ++i) acc.add(x[i], m[i]);
+    return acc.value();
+  }, "The simple CUDA kernels' sum of x_i m_i (DotSum, x as float with in_float) (for tests).");
 
   m.def("dct2_cpu", [](uintptr_t in, uintptr_t out, int64_t planes, int64_t H, int64_t W,
                        int dtype, bool inverse, int num_threads) {

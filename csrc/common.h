@@ -94,6 +94,43 @@ BF_HD float mul_rn(float a, float b) {
 #endif
 }
 
+// a b in double, rounded: never merged with an addition into an fma (the TwoSum of
+// DotSum<double> needs the rounded product; the host's volatile store keeps GCC's
+// contraction out, for the tests' binding).
+BF_HD double mul_rn_d(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dmul_rn(a, b);
+#else
+  volatile double p = a * b;
+  return p;
+#endif
+}
+
+// Sum of products x_i m_i (m_i DCT matrix entries in double), rounded to C once at the end:
+// the simple CUDA kernels' sums (csrc/cuda_kernels.cu), which keep to the twice-torch
+// error rule at any length. C = float: a double sum, one fma per term. C = double: Ogita,
+// Rump and Oishi's Dot2, the exact error of each product (an fma) and of each addition
+// (TwoSum) gathered in a second double, about as accurate as summing in twice double's
+// precision.
+template <typename C>
+struct DotSum;
+template <>
+struct DotSum<float> {
+  double s = 0.0;
+  BF_HD void add(float x, double m) { s = fma((double)x, m, s); }
+  BF_HD float value() const { return (float)s; }
+};
+template <>
+struct DotSum<double> {
+  double s = 0.0, c = 0.0;
+  BF_HD void add(double x, double m) {
+    const double p = mul_rn_d(x, m), t = s + p, z = t - s;
+    c += ((s - (t - z)) + (p - z)) + fma(x, m, -p);
+    s = t;
+  }
+  BF_HD double value() const { return s + c; }
+};
+
 // f / d for d in [1.70, 2.42] (the 2 + f of neg2_log_u), within an ulp, by fmas alone: a
 // linear first guess of 1/d (relative error under 0.015), two Newton steps, one correction
 // of the quotient. Unlike '/' it has no slow path to branch to, so on a GPU the compiler

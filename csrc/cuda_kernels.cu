@@ -44,12 +44,13 @@ template <> __device__ __forceinline__ void store<__nv_bfloat16, float>(__nv_bfl
 
 constexpr int TS = 16;
 
-// out[p, l, r] = sum_n in[p, r, n] * M[l, n], M = C (forward) or C^T (inverse), C of size N.
+// out[p, l, r] = sum_n in[p, r, n] * M[l, n], M = C (forward) or C^T (inverse), C of size N,
+// summed by DotSum<C> (common.h) from M's entries in double.
 template <typename Tin, typename Tout, typename C>
 __global__ void axis_transform(const Tin* __restrict__ in, Tout* __restrict__ out, int64_t R,
                                int64_t N, bool inverse) {
   __shared__ C xs[TS][TS + 1];
-  __shared__ C ms[TS][TS + 1];
+  __shared__ double ms[TS][TS + 1];
   const int64_t tiles_r = (R + TS - 1) / TS, tiles_n = (N + TS - 1) / TS;
   int64_t b = blockIdx.x;
   const int64_t tn = b % tiles_n;
@@ -59,19 +60,18 @@ __global__ void axis_transform(const Tin* __restrict__ in, Tout* __restrict__ ou
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t r0 = tr * TS, l0 = tn * TS;
   const Tin* src = in + p * R * N;
-  C acc = 0;
+  DotSum<C> acc;
   for (int64_t n0 = 0; n0 < N; n0 += TS) {
     const int64_t rr = r0 + ty, nn = n0 + tx, ll = l0 + ty;
     xs[ty][tx] = (rr < R && nn < N) ? load<C>(src + rr * N + nn) : C(0);
-    ms[ty][tx] = (ll < N && nn < N) ? (C)(inverse ? dct_coef(nn, ll, N) : dct_coef(ll, nn, N))
-                                    : C(0);
+    ms[ty][tx] = (ll < N && nn < N) ? (inverse ? dct_coef(nn, ll, N) : dct_coef(ll, nn, N)) : 0.0;
     __syncthreads();
 #pragma unroll
-    for (int j = 0; j < TS; ++j) acc += xs[tx][j] * ms[ty][j];
+    for (int j = 0; j < TS; ++j) acc.add(xs[tx][j], ms[ty][j]);
     __syncthreads();
   }
   const int64_t r = r0 + tx, l = l0 + ty;
-  if (r < R && l < N) store(out + p * R * N + l * R + r, acc);
+  if (r < R && l < N) store(out + p * R * N + l * R + r, acc.value());
 }
 
 // One axis pass; the strip kernel (cuda_fast.cu) takes it where it applies.

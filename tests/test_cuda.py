@@ -29,16 +29,19 @@ def test_dct2_cuda_float32(hw):
 
 
 @pytest.mark.parametrize("hw", [(1, 513), (384, 50), (513, 31)])
-def test_dct2_cuda_long_generic_sides_within_twice_torchs_error(hw):
-    # The simple kernels' sums run in order in float (csrc/cuda_kernels.cu); on the CPU
-    # such sums had up to 3.3x the error of torch's matrix DCT at these sides (the CPU's
-    # now sum in double). Measures whether the GPU's keep to the twice-torch rule against
-    # cuBLAS's float32 product (TF32 off, torch's default for matmul).
-    from bfutil import assert_within_twice_torch, torch_dct2
-    x = _rand(2, *hw).cuda()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dct2_cuda_long_generic_sides_within_twice_torchs_error(hw, dtype):
+    # Sums of hundreds of terms in the simple kernels (csrc/cuda_kernels.cu, DotSum): in
+    # order in the input's precision, the CPU's such sums had up to 3.3x (float32) and 2.3x
+    # (float64) the error of torch's matrix DCT at these sides. Against cuBLAS's product in
+    # the same precision (TF32 off, torch's default for matmul); float64 against a long
+    # double truth.
+    from bfutil import assert_within_twice_torch, torch_dct2, truth_dct2
+    x = _rand(2, *hw, dtype=dtype)
     for inverse, fn, rfn in ((False, bf.dct2, ref.dct2), (True, bf.idct2, ref.idct2)):
-        assert_within_twice_torch(fn(x), rfn(x.double()), torch_dct2(x, inverse),
-                                  f"{hw} {fn.__name__}")
+        want = truth_dct2(x, inverse) if dtype == torch.float64 else rfn(x.double())
+        assert_within_twice_torch(fn(x.cuda()), want, torch_dct2(x.cuda(), inverse),
+                                  f"{hw} {dtype} {fn.__name__}")
 
 
 @pytest.mark.parametrize("hw", [(64, 64), (7, 12)])

@@ -119,6 +119,51 @@ def test_dct2_long_generic_sides_within_twice_torchs_error(hw, dtype, cpu_isa):
         _check_dct2(_rand(2, *hw, seed=seed, dtype=dtype), (hw, dtype, seed))
 
 
+def _ill_conditioned_dots(rng, n, in_float, trials=30):
+    """(x, m, exact) with terms x_i m_i spread over 2^-20..2^20 and a last term cancelling the
+    others' sum, so the exact result (a Fraction) is tiny against sum |x_i m_i|."""
+    from fractions import Fraction
+    for _ in range(trials):
+        x = rng.standard_normal(n) * 2.0 ** rng.integers(-20, 21, n)
+        m = rng.standard_normal(n)
+        head = sum(Fraction(a) * Fraction(b) for a, b in zip(x[:-1], m[:-1]))
+        x[-1] = float(-head / Fraction(m[-1]))
+        if in_float:
+            x = x.astype(np.float32).astype(np.float64)
+        yield x, m, sum(Fraction(a) * Fraction(b) for a, b in zip(x, m))
+
+
+@pytest.mark.parametrize("in_float", [True, False], ids=["float32", "float64"])
+def test_simple_cuda_kernels_sums_against_exact(in_float):
+    # DotSum (csrc/common.h): the sums of the simple CUDA kernels (sides that are not powers of
+    # two), run on the host through a test binding. Against exact rational sums of
+    # ill-conditioned products: float32, a double sum rounded once, within half a float ulp
+    # plus n 2^-53 sum |x m|; float64, Dot2's bound (Ogita, Rump, Oishi 2005),
+    # 2^-53 |exact| + g^2 sum |x m| with g = n 2^-53 / (1 - n 2^-53). Summing in order in the
+    # input's precision (what the kernels did) breaks the bound on these inputs.
+    from fractions import Fraction
+    from blurfast._backend import _C
+    n, u = 600, 2.0 ** -53
+    g = n * u / (1 - n * u)
+    naive_broke = 0
+    for x, m, exact in _ill_conditioned_dots(np.random.default_rng(7), n, in_float):
+        size = float(sum(abs(Fraction(a) * Fraction(b)) for a, b in zip(x, m)))
+        if in_float:
+            bound = 2.0 ** -24 * abs(float(exact)) + n * u * size
+            naive = np.float32(0)
+            for a, b in zip(x.astype(np.float32), m.astype(np.float32)):
+                naive = np.float32(naive + a * b)
+        else:
+            bound = u * abs(float(exact)) + g * g * size
+            naive = 0.0
+            for a, b in zip(x, m):
+                naive += a * b
+        got = _C.dot_sum(x.tolist(), m.tolist(), in_float)
+        assert abs(Fraction(got) - exact) <= Fraction(bound), (got, float(exact), bound)
+        naive_broke += abs(Fraction(float(naive)) - exact) > Fraction(bound)
+    assert naive_broke >= 20, naive_broke
+
+
 @pytest.mark.parametrize("hw", [(64, 64), (7, 12), (256, 256), (8, 256), (32, 16)])
 def test_dct2_float64(hw, cpu_isa):
     # The truth in long double (scipy's DCT of the same values in 64-bit mantissa arithmetic).
