@@ -54,13 +54,20 @@ def check_resize(resize, name: str = "resize") -> str:
 def eight_bit(im):
     """A Pillow image with 8-bit channels: 16-bit grayscale (modes I;16*, and I, as which
     Pillow may open it) scaled by 255 / 65535 and rounded to mode L, where Pillow's own
-    convert would clip it at 255; other images as they are."""
+    convert would clip it at 255; other images as they are. A 16-bit level marked
+    transparent (a PNG's tRNS) becomes an alpha channel (mode LA): its pixels are
+    transparent, not the 8-bit level it rounds to, which is shared with opaque ones."""
     from PIL import Image
 
     if im.mode != "I" and not im.mode.startswith("I;16"):
         return im
     a = np.asarray(im).astype(np.float64)
-    return Image.fromarray(np.clip(np.rint(a / 257), 0, 255).astype(np.uint8), "L")
+    lum = np.clip(np.rint(a / 257), 0, 255).astype(np.uint8)
+    key = im.info.get("transparency")
+    if not isinstance(key, int):
+        return Image.fromarray(lum, "L")
+    alpha = np.where(a == key, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.dstack([lum, alpha]), "LA")
 
 
 def upright(im):

@@ -405,6 +405,27 @@ def test_16_bit_grayscale_reads_as_its_8_bit_values(tmp_path):
     np.testing.assert_array_equal(list(ev.load_images(tmp_path))[0], v[:, :, None])
 
 
+def test_16_bit_grayscale_transparent_level_is_read_over_white(tmp_path):
+    # A 16-bit grayscale PNG whose tRNS chunk marks one level transparent: its pixels came
+    # out as that level's 8-bit value (black for level 0), as if opaque, where an 8-bit
+    # one's are white. Truth: white where the 16-bit value is the key, round(v / 257)
+    # elsewhere; 257 is opaque, though it rounds to the key's 8-bit level too.
+    from blurfast import evaluation as ev
+    key = 300
+    v = np.random.default_rng(5).integers(0, 65536, size=(6, 6)).astype(np.uint16)
+    v[0, :3] = key
+    v[1, :3] = 257
+    Image.fromarray(v).save(tmp_path / "t16.png", transparency=key)
+    with Image.open(tmp_path / "t16.png") as im:
+        assert im.mode.startswith("I") and im.info["transparency"] == key
+    want = np.where(v == key, 255, np.rint(v / 257)).astype(np.uint8)
+    assert (want[1, :3] == 1).all()
+    for channels in (1, 3):
+        np.testing.assert_array_equal(D.ImageFolder(tmp_path, 6, "squash", channels)[0],
+                                      np.repeat(want[:, :, None], channels, axis=2))
+    np.testing.assert_array_equal(list(ev.load_images(tmp_path))[0], want[:, :, None])
+
+
 def test_exif_orientation_is_applied(tmp_path):
     # A camera stores a portrait photo as landscape pixels with EXIF orientation 6 (rotate
     # 90 degrees clockwise to show): every viewer shows it upright, the reader trained on
