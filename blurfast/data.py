@@ -176,6 +176,38 @@ class _Decoded(torch.utils.data.Dataset):
         return torch.from_numpy(np.stack([self.readable(int(i)) for i in indices]))
 
 
+def files_under(root) -> List[Path]:
+    """Every file under the folder ``root``, recursively, symlinked folders followed as
+    their links show them (a link to a folder it is in is not: a cycle), sorted by path.
+    Folders that cannot be listed are passed over, as ``Path.rglob`` does."""
+    found = []
+
+    def walk(folder: Path, ancestors: frozenset) -> None:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return
+        for e in entries:
+            try:
+                is_dir = e.is_dir()            # through a symlink too
+            except OSError:
+                continue
+            if is_dir:
+                real = os.path.realpath(e.path)
+                if real not in ancestors:
+                    walk(Path(e.path), ancestors | {real})
+            elif e.is_file():
+                found.append(Path(e.path))
+    walk(Path(root), frozenset([os.path.realpath(root)]))
+    return sorted(found)
+
+
+def image_files(root) -> List[Path]:
+    """The files of :func:`files_under` ``root`` whose suffix, in any letter case, is one of
+    :data:`IMAGE_EXTENSIONS`."""
+    return [p for p in files_under(root) if p.suffix.lower() in IMAGE_EXTENSIONS]
+
+
 class ImageFolder(_Decoded):
     """All .jpg/.jpeg/.png/.webp/.bmp files under ``root`` (recursive, sorted paths)."""
 
@@ -187,8 +219,7 @@ class ImageFolder(_Decoded):
         self.root = Path(root)
         if not self.root.is_dir():
             raise ValueError(f"{arg}: {str(root)!r} is not a directory")
-        files = sorted(p for p in self.root.rglob("*")
-                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        files = image_files(self.root)
         keep = set(_matching([p.relative_to(self.root).as_posix() for p in files], match))
         self.files = [p for p in files if p.relative_to(self.root).as_posix() in keep]
         if not self.files:

@@ -97,6 +97,34 @@ def test_image_folder_is_recursive_and_sorted(tmp_path):
         D.ImageFolder(tmp_path / "empty", 16)
 
 
+def test_image_folder_follows_symlinked_folders(tmp_path):
+    # A dataset assembled from links to folders (train/ -> /mnt/...): pathlib's rglob does
+    # not enter a symlinked folder, so its images were left out without a word, while a
+    # symlinked file was read. Truth: the images os.walk(followlinks=True) lists. A link
+    # back to a folder it is in (a cycle) is not followed, and fid's sample folders read
+    # the same files.
+    import os
+    from blurfast import evaluation as ev
+    made_photos(tmp_path / "elsewhere", 2, size=12)
+    made_photos(tmp_path / "root" / "own", 1, size=12, seed=1)
+    (tmp_path / "root" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere" / "loop").symlink_to(tmp_path / "root", target_is_directory=True)
+    want = []
+    for folder, dirs, names in os.walk(tmp_path / "root", followlinks=True):
+        dirs[:] = [d for d in dirs if d != "loop"]
+        want += [os.path.relpath(os.path.join(folder, n), tmp_path / "root") for n in names]
+    assert len(want) == 3
+    ds = D.ImageFolder(tmp_path / "root", 12)
+    assert [p.relative_to(tmp_path / "root").as_posix() for p in ds.files] == sorted(want)
+    np.testing.assert_array_equal(ds[0], D.decode(
+        (tmp_path / "elsewhere" / ds.files[0].name).read_bytes(), 12, D.DEFAULT_RESIZE))
+    assert len(list(ev.load_images(tmp_path / "root"))) == 3
+    # a reference's cached statistics are dropped when a linked image changes
+    before = ev._fingerprint(tmp_path / "root")
+    (tmp_path / "elsewhere" / ds.files[0].name).write_bytes(_png(ds[1]))
+    assert ev._fingerprint(tmp_path / "root") != before
+
+
 def _build_lmdb(path, images, corrupt_at=None):
     import lmdb
 
