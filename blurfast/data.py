@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .checks import check_bool, check_int
+from .fileio import atomic_path, leftover_temporaries
 
 __all__ = ["IMAGE_EXTENSIONS", "ARCHIVE_SUFFIXES", "ImageArchive", "RESIZE_MODES", "DEFAULT_RESIZE", "PIXEL_RANGES", "ImageFolder",
            "LSUNLmdb", "PreparedArray", "open_dataset", "prepare", "to_float", "PrepareReport",
@@ -752,10 +753,10 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
     ``workers`` processes decode them.
 
     Unreadable images are skipped and counted (never a crash); the names of the first
-    ``max_reported`` are returned. The array is written to ``out`` + ``.tmp`` and
-    renamed when complete. ``match``, a shell-style pattern, keeps the images of a folder
-    or archive whose path (relative to the folder; the member's name, less a leading ``./``)
-    it matches whole:
+    ``max_reported`` are returned. The array is written to a temporary file of this run
+    beside ``out`` (:func:`blurfast.fileio.atomic_path`) and renamed when complete.
+    ``match``, a shell-style pattern, keeps the images of a folder or archive whose path
+    (relative to the folder; the member's name, less a leading ``./``) it matches whole:
     ``"train/*"`` takes everything under ``train/``. ``limit`` keeps only the first ``limit``
     images. An existing ``out`` is an error unless ``overwrite``.
     """
@@ -792,70 +793,74 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
                                                  match=match))
     n_alloc = len(source) if limit is None else min(limit, len(source))
     shape = (resolution, resolution, channels)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n_alloc,) + shape)
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     bad: List[str] = []
     skipped = written = 0
     bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=n_alloc, desc=f"prepare {p.name}", unit="img")
-    try:
-        args = (resolution, resize, channels)
-        if workers > 0:
-            ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-            # not multiprocessing.Pool: its terminate() hangs where it kills a worker holding
-            # a queue's lock, and a worker that dies loses its task (prepare waited forever)
-            pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_pool_worker,
-                                       initargs=(args,))
-        else:
-            _init_worker(args)
-            pool = None
-        started: list = []           # the pool's processes (as _decoded saw them)
+    left = leftover_temporaries(out.parent) if out.parent.is_dir() else []
+    for f in [f for f, name in left if name == out.name]:
+        warnings.warn(f"prepare: {str(f)!r} is the unfinished array of a prepare of "
+                      f"{str(out)!r} that was killed (or that runs now); remove it",
+                      stacklevel=2)
+    # A temporary file of its own (two runs for one OUT write two), renamed when complete.
+    with atomic_path(out) as tmp:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                        shape=(n_alloc,) + shape)
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=n_alloc, desc=f"prepare {p.name}", unit="img")
         try:
-            for a, err in _decoded(source.items(n_alloc), pool, 256 * workers, started):
-                if err is None:
-                    arr[written] = a
-                    written += 1
-                else:
-                    skipped += 1
-                    if len(bad) < max_reported:
-                        bad.append(err)
-                if bar is not None:
-                    bar.update(1)
-                    if skipped:
-                        bar.set_postfix(skipped=skipped, refresh=False)
-        except BrokenProcessPool as e:      # a worker killed; its exit code, once joined
-            how = _death(started)
-            # A reader stuck on a cut message is freed when every write end of the result
-            # pipe has closed: the other workers' (killed; every child, in case a worker
-            # escaped the list) and this process's own.
-            for proc in {*started, *multiprocessing.active_children()}:
-                proc.kill()
-            writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)
-            if writer is not None:
-                writer.close()
-            pool.shutdown()
-            raise WorkerDied(f"a decoding process died ({how}); nothing was written") from e
+            args = (resolution, resize, channels)
+            if workers > 0:
+                ctx = multiprocessing.get_context("fork" if sys.platform == "linux"
+                                                  else "spawn")
+                # not multiprocessing.Pool: its terminate() hangs where it kills a worker
+                # holding a queue's lock, and a worker that dies loses its task (prepare
+                # waited forever)
+                pool = ProcessPoolExecutor(workers, mp_context=ctx,
+                                           initializer=_init_pool_worker, initargs=(args,))
+            else:
+                _init_worker(args)
+                pool = None
+            started: list = []           # the pool's processes (as _decoded saw them)
+            try:
+                for a, err in _decoded(source.items(n_alloc), pool, 256 * workers, started):
+                    if err is None:
+                        arr[written] = a
+                        written += 1
+                    else:
+                        skipped += 1
+                        if len(bad) < max_reported:
+                            bad.append(err)
+                    if bar is not None:
+                        bar.update(1)
+                        if skipped:
+                            bar.set_postfix(skipped=skipped, refresh=False)
+            except BrokenProcessPool as e:      # a worker killed; its exit code, once joined
+                how = _death(started)
+                # A reader stuck on a cut message is freed when every write end of the result
+                # pipe has closed: the other workers' (killed; every child, in case a worker
+                # escaped the list) and this process's own.
+                for proc in {*started, *multiprocessing.active_children()}:
+                    proc.kill()
+                writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)
+                if writer is not None:
+                    writer.close()
+                pool.shutdown()
+                raise WorkerDied(f"a decoding process died ({how}); nothing was written") from e
+            finally:
+                if pool is not None:       # on Ctrl-C, after the tasks running (16 images each)
+                    pool.shutdown(cancel_futures=True)
+            if written == 0:
+                raise ValueError(f"src: none of the {n_alloc} images of {str(src)!r} could be "
+                                 f"read (first: {bad[0] if bad else '-'})")
+            arr.flush()
+            del arr
+            if written < n_alloc:
+                _shrink_npy(tmp, n_alloc, written, shape)
         finally:
-            if pool is not None:       # on Ctrl-C, after the tasks running (16 images each)
-                pool.shutdown(cancel_futures=True)
-        if written == 0:
-            raise ValueError(f"src: none of the {n_alloc} images of {str(src)!r} could be read "
-                             f"(first: {bad[0] if bad else '-'})")
-        arr.flush()
-        del arr
-        if written < n_alloc:
-            _shrink_npy(tmp, n_alloc, written, shape)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
+            if bar is not None:
+                bar.close()
     if skipped:
         first = f"; first: {bad[0]}" if bad else ""      # none kept with max_reported=0
         warnings.warn(f"prepare: skipped {skipped} unreadable image(s) of {n_alloc}{first}",

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from blurfast import data as D
+from blurfast.fileio import leftover_temporaries
 from blurfast.training import StepBatches
 
 from train_helpers import CIFAR, CIFAR_SKIP, cifar_photos, made_photos
@@ -279,7 +280,34 @@ def test_prepare_bad_arguments(tmp_path):
         f.write_bytes(b"junk")
     with pytest.raises(ValueError, match="none of the 2 images"):
         D.prepare(src, tmp_path / "o.npy", workers=0, progress=False)
-    assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
+    assert not (tmp_path / "o.npy").exists() and not leftover_temporaries(tmp_path)
+
+
+def test_two_prepares_of_one_out_each_write_a_whole_array(tmp_path, monkeypatch):
+    # Both wrote OUT.tmp: the second truncated the first's file and renamed it away, so
+    # the first's remaining images went into OUT under the second's header and its own
+    # rename failed (FileNotFoundError). Each now writes a temporary file of its own:
+    # OUT is the whole array of the run that ends last. Truth: decode of each image.
+    src_a = made_photos(tmp_path / "a", 3, size=10)
+    src_b = made_photos(tmp_path / "b", 2, size=10, seed=1)
+    out = tmp_path / "o.npy"
+
+    def truth(src):
+        return np.stack([D.decode(f.read_bytes(), 8, D.DEFAULT_RESIZE)
+                         for f in sorted(src.iterdir())])
+    decode, calls = D.decode_named, []
+
+    def first_lets_b_run(name, data, *args):       # A's first image: B runs to its end
+        calls.append(name)
+        if len(calls) == 1:
+            with pytest.warns(UserWarning, match=r"o\.npy' that was killed \(or that runs"):
+                D.prepare(src_b, out, resolution=8, workers=0, progress=False)
+            np.testing.assert_array_equal(np.load(out), truth(src_b))
+        return decode(name, data, *args)
+    monkeypatch.setattr(D, "decode_named", first_lets_b_run)
+    D.prepare(src_a, out, resolution=8, workers=0, progress=False, overwrite=True)
+    np.testing.assert_array_equal(np.load(out), truth(src_a))
+    assert len(calls) == 5 and not leftover_temporaries(tmp_path)
 
 
 @pytest.mark.parametrize("max_reported", [-1, 1.5, None])
@@ -685,7 +713,7 @@ def test_archive_errors_name_src_and_train_asks_for_prepare(tmp_path):
     from blurfast.evaluation import check_reference
     with pytest.raises(ValueError, match=r"^ref: .*text.tar' is an archive"):
         check_reference(arc, 16)
-    assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
+    assert not (tmp_path / "o.npy").exists() and not leftover_temporaries(tmp_path)
 
 
 @pytest.mark.skipif(not CIFAR.exists(), reason=CIFAR_SKIP)
@@ -792,7 +820,7 @@ def _prepare_in_a_child(tmp_path, patch: str, hung: str, debug: str = ""):
                            env={**os.environ, "BLURFAST_DEBUG": debug})
     except subprocess.TimeoutExpired:
         pytest.fail(hung)
-    assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
+    assert not (tmp_path / "o.npy").exists() and not leftover_temporaries(tmp_path)
     return r
 
 
@@ -888,7 +916,7 @@ def test_prepare_refuses_a_tar_damaged_midway(tmp_path, kind):
     with pytest.raises(ValueError, match=rf"^src: .*d\.{re.escape(kind)}' cannot be read as "
                                          rf"a tar archive"):
         D.prepare(arc, tmp_path / "o.npy", resolution=12, workers=0, progress=False)
-    assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
+    assert not (tmp_path / "o.npy").exists() and not leftover_temporaries(tmp_path)
 
 
 @pytest.mark.parametrize("kind", ["tar.bz2", "tar.gz", "tar.xz"])
@@ -913,7 +941,7 @@ def test_a_corrupt_compressed_tar_is_one_line_naming_it(tmp_path, capsys, kind):
         assert err.count("\n") == 1, err
         assert re.match(rf"blurfast prepare: error: src: '.*{name}\.{re.escape(kind)}' "
                         rf"cannot be read as a tar archive \(.*{why}.*\)$", err), err
-    assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
+    assert not (tmp_path / "o.npy").exists() and not leftover_temporaries(tmp_path)
 
 
 def test_prepare_match_reads_member_names_without_a_leading_dot_slash(tmp_path):
