@@ -225,7 +225,7 @@ class ImageFolder(_Decoded):
         self.files = [p for p in files if p.relative_to(self.root).as_posix() in keep]
         if not self.files:
             raise ValueError(f"{arg}: no {'/'.join(IMAGE_EXTENSIONS)} files "
-                             f"{_matched(match)}under {str(root)!r}")
+                             f"{_matched(match)}under {str(root)!r}{lmdb_hint(root)}")
 
     def __len__(self):
         return len(self.files)
@@ -439,6 +439,22 @@ def is_lmdb(path) -> bool:
     return (Path(path) / "data.mdb").is_file()
 
 
+def lmdb_hint(path) -> str:
+    """Where ``path`` is an lmdb database's data.mdb, or a folder of lmdb databases (LSUN's
+    downloads unpacked side by side): a clause naming what to give instead; else ""."""
+    p = Path(path)
+    if p.name == "data.mdb" and p.is_file():
+        return f"; it is an lmdb database's data file: give its folder {str(p.parent)!r}"
+    try:
+        found = sorted(str(d) for d in p.iterdir() if is_lmdb(d)) if p.is_dir() else []
+    except OSError:
+        found = []
+    if not found:
+        return ""
+    more = f" and {len(found) - 2} more" if len(found) > 2 else ""
+    return f"; it holds lmdb databases ({', '.join(map(repr, found[:2]))}{more}): give one"
+
+
 class LSUNLmdb(_Decoded):
     """An LSUN database as distributed (``<category>_<split>_lmdb``: keys are image
     ids, values encoded images). The environment is opened per process, read-only."""
@@ -495,6 +511,8 @@ class PreparedArray(torch.utils.data.Dataset):
     def __init__(self, path, *, arg: str = "path"):
         # arg: the argument its errors name (a caller's own, e.g. "data (--data)")
         self.path = str(path)
+        if lmdb_hint(path):
+            raise ValueError(f"{arg}: {self.path!r} is no prepared .npy array{lmdb_hint(path)}")
         if Path(path).suffix.lower() in IMAGE_EXTENSIONS:
             raise ValueError(f"{arg}: {self.path!r} is one image; expected a prepared .npy "
                              f"array, an LSUN lmdb directory or a folder of images")
@@ -786,7 +804,7 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
         source = ImageArchive(p, arg="src", match=match)
     elif not p.is_dir():
         raise ValueError(f"src: {str(src)!r} is neither a directory (image folder or lmdb) "
-                         f"nor an archive ({', '.join(ARCHIVE_SUFFIXES)})")
+                         f"nor an archive ({', '.join(ARCHIVE_SUFFIXES)}){lmdb_hint(p)}")
     else:
         source = (LSUNLmdb(p, resolution, resize, channels, progress=progress, arg="src")
                   if is_lmdb(p) else ImageFolder(p, resolution, resize, channels, arg="src",

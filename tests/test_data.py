@@ -167,6 +167,29 @@ def test_lsun_lmdb_reader(tmp_path):
         D.LSUNLmdb(bad, resolution=16)
 
 
+def test_an_lmdb_given_by_its_data_file_or_its_parent_folder_is_named(tmp_path):
+    # LSUN's downloads unpack to <category>_<split>_lmdb/data.mdb. Its data.mdb as --data
+    # was "not a readable .npy array (This file contains pickled (object) data ...)", and
+    # for prepare neither a folder nor an archive; the folder of the lmdb folders had "no
+    # .jpg/... files". Each now names the folder to give instead.
+    from blurfast import cli
+    rng = np.random.default_rng(2)
+    db = tmp_path / "lsun" / "church_outdoor_train_lmdb"
+    db.parent.mkdir()
+    _build_lmdb(db, [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)])
+    mdb = db / "data.mdb"
+    data_file = rf"; it is an lmdb database's data file: give its folder '{re.escape(str(db))}'$"
+    parent = rf"; it holds lmdb databases \('{re.escape(str(db))}'\): give one$"
+    for call in (lambda p: D.open_dataset(p, 8, arg="data (--data)"),
+                 lambda p: D.prepare(p, tmp_path / "o.npy", resolution=8, progress=False)):
+        with pytest.raises(ValueError, match=data_file):
+            call(mdb)
+        with pytest.raises(ValueError, match=parent):
+            call(tmp_path / "lsun")
+    assert cli.main(["prepare", str(db), str(tmp_path / "o.npy"), "--resolution", "8",
+                     "--workers", "0", "--no-progress"]) == 0      # the folder itself reads
+
+
 def test_prepare_from_lmdb_skips_a_corrupt_value(tmp_path):
     rng = np.random.default_rng(1)
     images = [rng.integers(0, 256, (12, 12, 3), dtype=np.uint8) for _ in range(4)]
