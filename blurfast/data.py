@@ -190,14 +190,14 @@ def files_under(root) -> List[Path]:
             return
         for e in entries:
             try:
-                is_dir = e.is_dir()            # through a symlink too
+                is_dir, is_file = e.is_dir(), e.is_file()      # through a symlink too
             except OSError:
                 continue
             if is_dir:
                 real = os.path.realpath(e.path)
                 if real not in ancestors:
                     walk(Path(e.path), ancestors | {real})
-            elif e.is_file():
+            elif is_file:
                 found.append(Path(e.path))
     walk(Path(root), frozenset([os.path.realpath(root)]))
     return sorted(found)
