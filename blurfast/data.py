@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .checks import check_bool, check_int
-from .fileio import atomic_path, leftover_temporaries
+from .fileio import atomic_path, check_writable, leftover_temporaries
 
 __all__ = ["IMAGE_EXTENSIONS", "ARCHIVE_SUFFIXES", "ImageArchive", "RESIZE_MODES", "DEFAULT_RESIZE", "PIXEL_RANGES", "ImageFolder",
            "LSUNLmdb", "PreparedArray", "open_dataset", "prepare", "to_float", "PrepareReport",
@@ -787,6 +787,7 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
     if out.exists() and not overwrite:
         raise ValueError(f"out: {str(out)!r} exists; pass overwrite=True (--overwrite) to "
                          f"replace it")
+    check_writable("out", out)
     check_int("workers", workers, 0, none_ok=True)
     check_int("limit", limit, none_ok=True)
     check_int("resolution", resolution)

@@ -268,6 +268,19 @@ def test_prepare_real_photos(tmp_path):
         np.testing.assert_array_equal(arr[7], np.asarray(im.convert("RGB")))   # 32 -> 32: as is
 
 
+def test_prepare_refuses_an_out_under_a_file_naming_out(capsys, tmp_path):
+    # OUT whose folder is a file: the error was "[Errno 17] File exists: 'x.txt'", naming
+    # no argument. Now out is named, before any image is decoded.
+    from blurfast import cli
+    src = made_photos(tmp_path / "src", 2, size=8)
+    (tmp_path / "x.txt").write_text("a file")
+    for out in (tmp_path / "x.txt" / "o.npy", tmp_path / "x.txt" / "sub" / "o.npy"):
+        assert cli.main(["prepare", str(src), str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"blurfast prepare: error: out: cannot write {str(out)!r}: "
+                       f"{str(tmp_path / 'x.txt')!r} is not a folder\n"), err
+
+
 def test_npy_header_padding_loads(tmp_path):
     a = np.arange(2 * 3 * 3 * 1, dtype=np.uint8).reshape(2, 3, 3, 1)
     h = D._npy_header(a.shape)
