@@ -819,8 +819,8 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
     left = leftover_temporaries(out.parent) if out.parent.is_dir() else []
     for f in [f for f, name in left if name == out.name]:
         warnings.warn(f"prepare: {str(f)!r} is the unfinished array of a prepare of "
-                      f"{str(out)!r} that was killed (or that runs now); remove it",
-                      stacklevel=2)
+                      f"{str(out)!r} that was killed (or that runs now); remove it "
+                      f"unless that one runs", stacklevel=2)
     # A temporary file of its own (two runs for one OUT write two), renamed when complete.
     with atomic_path(out) as tmp:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
