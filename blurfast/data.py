@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .checks import check_bool, check_int
+from .fileio import atomic_path, check_writable, leftover_temporaries
 
 __all__ = ["IMAGE_EXTENSIONS", "ARCHIVE_SUFFIXES", "ImageArchive", "RESIZE_MODES", "DEFAULT_RESIZE", "PIXEL_RANGES", "ImageFolder",
            "LSUNLmdb", "PreparedArray", "open_dataset", "prepare", "to_float", "PrepareReport",
@@ -54,13 +55,20 @@ def check_resize(resize, name: str = "resize") -> str:
 def eight_bit(im):
     """A Pillow image with 8-bit channels: 16-bit grayscale (modes I;16*, and I, as which
     Pillow may open it) scaled by 255 / 65535 and rounded to mode L, where Pillow's own
-    convert would clip it at 255; other images as they are."""
+    convert would clip it at 255; other images as they are. A 16-bit level marked
+    transparent (a PNG's tRNS) becomes an alpha channel (mode LA): its pixels are
+    transparent, not the 8-bit level it rounds to, which is shared with opaque ones."""
     from PIL import Image
 
     if im.mode != "I" and not im.mode.startswith("I;16"):
         return im
     a = np.asarray(im).astype(np.float64)
-    return Image.fromarray(np.clip(np.rint(a / 257), 0, 255).astype(np.uint8), "L")
+    lum = np.clip(np.rint(a / 257), 0, 255).astype(np.uint8)
+    key = im.info.get("transparency")
+    if not isinstance(key, int):
+        return Image.fromarray(lum, "L")
+    alpha = np.where(a == key, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.dstack([lum, alpha]), "LA")
 
 
 def upright(im):
@@ -169,6 +177,38 @@ class _Decoded(torch.utils.data.Dataset):
         return torch.from_numpy(np.stack([self.readable(int(i)) for i in indices]))
 
 
+def files_under(root) -> List[Path]:
+    """Every file under the folder ``root``, recursively, symlinked folders followed as
+    their links show them (a link to a folder it is in is not: a cycle), sorted by path.
+    Folders that cannot be listed are passed over, as ``Path.rglob`` does."""
+    found = []
+
+    def walk(folder: Path, ancestors: frozenset) -> None:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return
+        for e in entries:
+            try:
+                is_dir, is_file = e.is_dir(), e.is_file()      # through a symlink too
+            except OSError:
+                continue
+            if is_dir:
+                real = os.path.realpath(e.path)
+                if real not in ancestors:
+                    walk(Path(e.path), ancestors | {real})
+            elif is_file:
+                found.append(Path(e.path))
+    walk(Path(root), frozenset([os.path.realpath(root)]))
+    return sorted(found)
+
+
+def image_files(root) -> List[Path]:
+    """The files of :func:`files_under` ``root`` whose suffix, in any letter case, is one of
+    :data:`IMAGE_EXTENSIONS`."""
+    return [p for p in files_under(root) if p.suffix.lower() in IMAGE_EXTENSIONS]
+
+
 class ImageFolder(_Decoded):
     """All .jpg/.jpeg/.png/.webp/.bmp files under ``root`` (recursive, sorted paths)."""
 
@@ -180,13 +220,12 @@ class ImageFolder(_Decoded):
         self.root = Path(root)
         if not self.root.is_dir():
             raise ValueError(f"{arg}: {str(root)!r} is not a directory")
-        files = sorted(p for p in self.root.rglob("*")
-                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        files = image_files(self.root)
         keep = set(_matching([p.relative_to(self.root).as_posix() for p in files], match))
         self.files = [p for p in files if p.relative_to(self.root).as_posix() in keep]
         if not self.files:
             raise ValueError(f"{arg}: no {'/'.join(IMAGE_EXTENSIONS)} files "
-                             f"{_matched(match)}under {str(root)!r}")
+                             f"{_matched(match)}under {str(root)!r}{lmdb_hint(root)}")
 
     def __len__(self):
         return len(self.files)
@@ -400,6 +439,22 @@ def is_lmdb(path) -> bool:
     return (Path(path) / "data.mdb").is_file()
 
 
+def lmdb_hint(path) -> str:
+    """Where ``path`` is an lmdb database's data.mdb, or a folder of lmdb databases (LSUN's
+    downloads unpacked side by side): a clause naming what to give instead; else ""."""
+    p = Path(path)
+    if p.name == "data.mdb" and p.is_file():
+        return f"; it is an lmdb database's data file: give its folder {str(p.parent)!r}"
+    try:
+        found = sorted(str(d) for d in p.iterdir() if is_lmdb(d)) if p.is_dir() else []
+    except OSError:
+        found = []
+    if not found:
+        return ""
+    more = f" and {len(found) - 2} more" if len(found) > 2 else ""
+    return f"; it holds lmdb databases ({', '.join(map(repr, found[:2]))}{more}): give one"
+
+
 class LSUNLmdb(_Decoded):
     """An LSUN database as distributed (``<category>_<split>_lmdb``: keys are image
     ids, values encoded images). The environment is opened per process, read-only."""
@@ -456,6 +511,8 @@ class PreparedArray(torch.utils.data.Dataset):
     def __init__(self, path, *, arg: str = "path"):
         # arg: the argument its errors name (a caller's own, e.g. "data (--data)")
         self.path = str(path)
+        if lmdb_hint(path):
+            raise ValueError(f"{arg}: {self.path!r} is no prepared .npy array{lmdb_hint(path)}")
         if Path(path).suffix.lower() in IMAGE_EXTENSIONS:
             raise ValueError(f"{arg}: {self.path!r} is one image; expected a prepared .npy "
                              f"array, an LSUN lmdb directory or a folder of images")
@@ -714,10 +771,10 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
     ``workers`` processes decode them.
 
     Unreadable images are skipped and counted (never a crash); the names of the first
-    ``max_reported`` are returned. The array is written to ``out`` + ``.tmp`` and
-    renamed when complete. ``match``, a shell-style pattern, keeps the images of a folder
-    or archive whose path (relative to the folder; the member's name, less a leading ``./``)
-    it matches whole:
+    ``max_reported`` are returned. The array is written to a temporary file of this run
+    beside ``out`` (:func:`blurfast.fileio.atomic_path`) and renamed when complete.
+    ``match``, a shell-style pattern, keeps the images of a folder or archive whose path
+    (relative to the folder; the member's name, less a leading ``./``) it matches whole:
     ``"train/*"`` takes everything under ``train/``. ``limit`` keeps only the first ``limit``
     images. An existing ``out`` is an error unless ``overwrite``.
     """
@@ -730,6 +787,7 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
     if out.exists() and not overwrite:
         raise ValueError(f"out: {str(out)!r} exists; pass overwrite=True (--overwrite) to "
                          f"replace it")
+    check_writable("out", out)
     check_int("workers", workers, 0, none_ok=True)
     check_int("limit", limit, none_ok=True)
     check_int("resolution", resolution)
@@ -747,77 +805,81 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
         source = ImageArchive(p, arg="src", match=match)
     elif not p.is_dir():
         raise ValueError(f"src: {str(src)!r} is neither a directory (image folder or lmdb) "
-                         f"nor an archive ({', '.join(ARCHIVE_SUFFIXES)})")
+                         f"nor an archive ({', '.join(ARCHIVE_SUFFIXES)}){lmdb_hint(p)}")
     else:
         source = (LSUNLmdb(p, resolution, resize, channels, progress=progress, arg="src")
                   if is_lmdb(p) else ImageFolder(p, resolution, resize, channels, arg="src",
                                                  match=match))
     n_alloc = len(source) if limit is None else min(limit, len(source))
     shape = (resolution, resolution, channels)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n_alloc,) + shape)
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     bad: List[str] = []
     skipped = written = 0
     bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=n_alloc, desc=f"prepare {p.name}", unit="img")
-    try:
-        args = (resolution, resize, channels)
-        if workers > 0:
-            ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-            # not multiprocessing.Pool: its terminate() hangs where it kills a worker holding
-            # a queue's lock, and a worker that dies loses its task (prepare waited forever)
-            pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_pool_worker,
-                                       initargs=(args,))
-        else:
-            _init_worker(args)
-            pool = None
-        started: list = []           # the pool's processes (as _decoded saw them)
+    left = leftover_temporaries(out.parent) if out.parent.is_dir() else []
+    for f in [f for f, name in left if name == out.name]:
+        warnings.warn(f"prepare: {str(f)!r} is the unfinished array of a prepare of "
+                      f"{str(out)!r} that was killed (or that runs now); remove it "
+                      f"unless that one runs", stacklevel=2)
+    # A temporary file of its own (two runs for one OUT write two), renamed when complete.
+    with atomic_path(out) as tmp:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                        shape=(n_alloc,) + shape)
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=n_alloc, desc=f"prepare {p.name}", unit="img")
         try:
-            for a, err in _decoded(source.items(n_alloc), pool, 256 * workers, started):
-                if err is None:
-                    arr[written] = a
-                    written += 1
-                else:
-                    skipped += 1
-                    if len(bad) < max_reported:
-                        bad.append(err)
-                if bar is not None:
-                    bar.update(1)
-                    if skipped:
-                        bar.set_postfix(skipped=skipped, refresh=False)
-        except BrokenProcessPool as e:      # a worker killed; its exit code, once joined
-            how = _death(started)
-            # A reader stuck on a cut message is freed when every write end of the result
-            # pipe has closed: the other workers' (killed; every child, in case a worker
-            # escaped the list) and this process's own.
-            for proc in {*started, *multiprocessing.active_children()}:
-                proc.kill()
-            writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)
-            if writer is not None:
-                writer.close()
-            pool.shutdown()
-            raise WorkerDied(f"a decoding process died ({how}); nothing was written") from e
+            args = (resolution, resize, channels)
+            if workers > 0:
+                ctx = multiprocessing.get_context("fork" if sys.platform == "linux"
+                                                  else "spawn")
+                # not multiprocessing.Pool: its terminate() hangs where it kills a worker
+                # holding a queue's lock, and a worker that dies loses its task (prepare
+                # waited forever)
+                pool = ProcessPoolExecutor(workers, mp_context=ctx,
+                                           initializer=_init_pool_worker, initargs=(args,))
+            else:
+                _init_worker(args)
+                pool = None
+            started: list = []           # the pool's processes (as _decoded saw them)
+            try:
+                for a, err in _decoded(source.items(n_alloc), pool, 256 * workers, started):
+                    if err is None:
+                        arr[written] = a
+                        written += 1
+                    else:
+                        skipped += 1
+                        if len(bad) < max_reported:
+                            bad.append(err)
+                    if bar is not None:
+                        bar.update(1)
+                        if skipped:
+                            bar.set_postfix(skipped=skipped, refresh=False)
+            except BrokenProcessPool as e:      # a worker killed; its exit code, once joined
+                how = _death(started)
+                # A reader stuck on a cut message is freed when every write end of the result
+                # pipe has closed: the other workers' (killed; every child, in case a worker
+                # escaped the list) and this process's own.
+                for proc in {*started, *multiprocessing.active_children()}:
+                    proc.kill()
+                writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)
+                if writer is not None:
+                    writer.close()
+                pool.shutdown()
+                raise WorkerDied(f"a decoding process died ({how}); nothing was written") from e
+            finally:
+                if pool is not None:       # on Ctrl-C, after the tasks running (16 images each)
+                    pool.shutdown(cancel_futures=True)
+            if written == 0:
+                raise ValueError(f"src: none of the {n_alloc} images of {str(src)!r} could be "
+                                 f"read (first: {bad[0] if bad else '-'})")
+            arr.flush()
+            del arr
+            if written < n_alloc:
+                _shrink_npy(tmp, n_alloc, written, shape)
         finally:
-            if pool is not None:       # on Ctrl-C, after the tasks running (16 images each)
-                pool.shutdown(cancel_futures=True)
-        if written == 0:
-            raise ValueError(f"src: none of the {n_alloc} images of {str(src)!r} could be read "
-                             f"(first: {bad[0] if bad else '-'})")
-        arr.flush()
-        del arr
-        if written < n_alloc:
-            _shrink_npy(tmp, n_alloc, written, shape)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
+            if bar is not None:
+                bar.close()
     if skipped:
         first = f"; first: {bad[0]}" if bad else ""      # none kept with max_reported=0
         warnings.warn(f"prepare: skipped {skipped} unreadable image(s) of {n_alloc}{first}",

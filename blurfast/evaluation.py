@@ -139,10 +139,9 @@ def load_images(path, n: Optional[int] = None) -> Iterable[np.ndarray]:
         return list(arr[:n])
     if p.is_dir():
         from PIL import Image
-        from .data import IMAGE_EXTENSIONS, eight_bit, opaque, upright
+        from .data import eight_bit, image_files, opaque, upright
         if files is None:
-            exts = set(IMAGE_EXTENSIONS)
-            files = sorted(f for f in p.rglob("*") if f.suffix.lower() in exts)
+            files = image_files(p)
             files = [f for f in files if f.name != SHEET_NAME]
         if not files:
             raise ValueError(f"samples: no images in {p}")
@@ -325,10 +324,10 @@ def _fingerprint(p: Path) -> str:
         st = p.stat()
         return f"{st.st_size}:{st.st_mtime_ns}"
     h = hashlib.sha1()
-    for f in sorted(p.rglob("*")):
-        if f.is_file():
-            st = f.stat()
-            h.update(f"{f.relative_to(p).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    from .data import files_under
+    for f in files_under(p):       # linked folders too, as an ImageFolder of p reads them
+        st = f.stat()
+        h.update(f"{f.relative_to(p).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from blurfast import data as D
+from blurfast.fileio import leftover_temporaries
 from blurfast.training import StepBatches
 
 from train_helpers import CIFAR, CIFAR_SKIP, cifar_photos, made_photos
@@ -97,6 +98,34 @@ def test_image_folder_is_recursive_and_sorted(tmp_path):
         D.ImageFolder(tmp_path / "empty", 16)
 
 
+def test_image_folder_follows_symlinked_folders(tmp_path):
+    # A dataset assembled from links to folders (train/ -> /mnt/...): pathlib's rglob does
+    # not enter a symlinked folder, so its images were left out without a word, while a
+    # symlinked file was read. Truth: the images os.walk(followlinks=True) lists. A link
+    # back to a folder it is in (a cycle) is not followed, and fid's sample folders read
+    # the same files.
+    import os
+    from blurfast import evaluation as ev
+    made_photos(tmp_path / "elsewhere", 2, size=12)
+    made_photos(tmp_path / "root" / "own", 1, size=12, seed=1)
+    (tmp_path / "root" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere" / "loop").symlink_to(tmp_path / "root", target_is_directory=True)
+    want = []
+    for folder, dirs, names in os.walk(tmp_path / "root", followlinks=True):
+        dirs[:] = [d for d in dirs if d != "loop"]
+        want += [os.path.relpath(os.path.join(folder, n), tmp_path / "root") for n in names]
+    assert len(want) == 3
+    ds = D.ImageFolder(tmp_path / "root", 12)
+    assert [p.relative_to(tmp_path / "root").as_posix() for p in ds.files] == sorted(want)
+    np.testing.assert_array_equal(ds[0], D.decode(
+        (tmp_path / "elsewhere" / ds.files[0].name).read_bytes(), 12, D.DEFAULT_RESIZE))
+    assert len(list(ev.load_images(tmp_path / "root"))) == 3
+    # a reference's cached statistics are dropped when a linked image changes
+    before = ev._fingerprint(tmp_path / "root")
+    (tmp_path / "elsewhere" / ds.files[0].name).write_bytes(_png(ds[1]))
+    assert ev._fingerprint(tmp_path / "root") != before
+
+
 def _build_lmdb(path, images, corrupt_at=None):
     import lmdb
 
@@ -136,6 +165,29 @@ def test_lsun_lmdb_reader(tmp_path):
     (bad / "data.mdb").write_bytes(b"not an lmdb file" * 512)
     with pytest.raises(ValueError, match="cannot be read as an lmdb database"):
         D.LSUNLmdb(bad, resolution=16)
+
+
+def test_an_lmdb_given_by_its_data_file_or_its_parent_folder_is_named(tmp_path):
+    # LSUN's downloads unpack to <category>_<split>_lmdb/data.mdb. Its data.mdb as --data
+    # was "not a readable .npy array (This file contains pickled (object) data ...)", and
+    # for prepare neither a folder nor an archive; the folder of the lmdb folders had "no
+    # .jpg/... files". Each now names the folder to give instead.
+    from blurfast import cli
+    rng = np.random.default_rng(2)
+    db = tmp_path / "lsun" / "church_outdoor_train_lmdb"
+    db.parent.mkdir()
+    _build_lmdb(db, [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)])
+    mdb = db / "data.mdb"
+    data_file = rf"; it is an lmdb database's data file: give its folder '{re.escape(str(db))}'$"
+    parent = rf"; it holds lmdb databases \('{re.escape(str(db))}'\): give one$"
+    for call in (lambda p: D.open_dataset(p, 8, arg="data (--data)"),
+                 lambda p: D.prepare(p, tmp_path / "o.npy", resolution=8, progress=False)):
+        with pytest.raises(ValueError, match=data_file):
+            call(mdb)
+        with pytest.raises(ValueError, match=parent):
+            call(tmp_path / "lsun")
+    assert cli.main(["prepare", str(db), str(tmp_path / "o.npy"), "--resolution", "8",
+                     "--workers", "0", "--no-progress"]) == 0      # the folder itself reads
 
 
 def test_prepare_from_lmdb_skips_a_corrupt_value(tmp_path):
@@ -216,6 +268,19 @@ def test_prepare_real_photos(tmp_path):
         np.testing.assert_array_equal(arr[7], np.asarray(im.convert("RGB")))   # 32 -> 32: as is
 
 
+def test_prepare_refuses_an_out_under_a_file_naming_out(capsys, tmp_path):
+    # OUT whose folder is a file: the error was "[Errno 17] File exists: 'x.txt'", naming
+    # no argument. Now out is named, before any image is decoded.
+    from blurfast import cli
+    src = made_photos(tmp_path / "src", 2, size=8)
+    (tmp_path / "x.txt").write_text("a file")
+    for out in (tmp_path / "x.txt" / "o.npy", tmp_path / "x.txt" / "sub" / "o.npy"):
+        assert cli.main(["prepare", str(src), str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"blurfast prepare: error: out: cannot write {str(out)!r}: "
+                       f"{str(tmp_path / 'x.txt')!r} is not a folder\n"), err
+
+
 def test_npy_header_padding_loads(tmp_path):
     a = np.arange(2 * 3 * 3 * 1, dtype=np.uint8).reshape(2, 3, 3, 1)
     h = D._npy_header(a.shape)
@@ -251,7 +316,34 @@ def test_prepare_bad_arguments(tmp_path):
         f.write_bytes(b"junk")
     with pytest.raises(ValueError, match="none of the 2 images"):
         D.prepare(src, tmp_path / "o.npy", workers=0, progress=False)
-    assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
+    assert not (tmp_path / "o.npy").exists() and not leftover_temporaries(tmp_path)
+
+
+def test_two_prepares_of_one_out_each_write_a_whole_array(tmp_path, monkeypatch):
+    # Both wrote OUT.tmp: the second truncated the first's file and renamed it away, so
+    # the first's remaining images went into OUT under the second's header and its own
+    # rename failed (FileNotFoundError). Each now writes a temporary file of its own:
+    # OUT is the whole array of the run that ends last. Truth: decode of each image.
+    src_a = made_photos(tmp_path / "a", 3, size=10)
+    src_b = made_photos(tmp_path / "b", 2, size=10, seed=1)
+    out = tmp_path / "o.npy"
+
+    def truth(src):
+        return np.stack([D.decode(f.read_bytes(), 8, D.DEFAULT_RESIZE)
+                         for f in sorted(src.iterdir())])
+    decode, calls = D.decode_named, []
+
+    def first_lets_b_run(name, data, *args):       # A's first image: B runs to its end
+        calls.append(name)
+        if len(calls) == 1:
+            with pytest.warns(UserWarning, match=r"o\.npy' that was killed \(or that runs"):
+                D.prepare(src_b, out, resolution=8, workers=0, progress=False)
+            np.testing.assert_array_equal(np.load(out), truth(src_b))
+        return decode(name, data, *args)
+    monkeypatch.setattr(D, "decode_named", first_lets_b_run)
+    D.prepare(src_a, out, resolution=8, workers=0, progress=False, overwrite=True)
+    np.testing.assert_array_equal(np.load(out), truth(src_a))
+    assert len(calls) == 5 and not leftover_temporaries(tmp_path)
 
 
 @pytest.mark.parametrize("max_reported", [-1, 1.5, None])
@@ -403,6 +495,27 @@ def test_16_bit_grayscale_reads_as_its_8_bit_values(tmp_path):
         want = np.repeat(v[:, :, None], channels, axis=2)
         np.testing.assert_array_equal(D.ImageFolder(tmp_path, 12, channels=channels)[0], want)
     np.testing.assert_array_equal(list(ev.load_images(tmp_path))[0], v[:, :, None])
+
+
+def test_16_bit_grayscale_transparent_level_is_read_over_white(tmp_path):
+    # A 16-bit grayscale PNG whose tRNS chunk marks one level transparent: its pixels came
+    # out as that level's 8-bit value (black for level 0), as if opaque, where an 8-bit
+    # one's are white. Truth: white where the 16-bit value is the key, round(v / 257)
+    # elsewhere; 257 is opaque, though it rounds to the key's 8-bit level too.
+    from blurfast import evaluation as ev
+    key = 300
+    v = np.random.default_rng(5).integers(0, 65536, size=(6, 6)).astype(np.uint16)
+    v[0, :3] = key
+    v[1, :3] = 257
+    Image.fromarray(v).save(tmp_path / "t16.png", transparency=key)
+    with Image.open(tmp_path / "t16.png") as im:
+        assert im.mode.startswith("I") and im.info["transparency"] == key
+    want = np.where(v == key, 255, np.rint(v / 257)).astype(np.uint8)
+    assert (want[1, :3] == 1).all()
+    for channels in (1, 3):
+        np.testing.assert_array_equal(D.ImageFolder(tmp_path, 6, "squash", channels)[0],
+                                      np.repeat(want[:, :, None], channels, axis=2))
+    np.testing.assert_array_equal(list(ev.load_images(tmp_path))[0], want[:, :, None])
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -636,7 +749,7 @@ def test_archive_errors_name_src_and_train_asks_for_prepare(tmp_path):
     from blurfast.evaluation import check_reference
     with pytest.raises(ValueError, match=r"^ref: .*text.tar' is an archive"):
         check_reference(arc, 16)
-    assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
+    assert not (tmp_path / "o.npy").exists() and not leftover_temporaries(tmp_path)
 
 
 @pytest.mark.skipif(not CIFAR.exists(), reason=CIFAR_SKIP)
@@ -743,7 +856,7 @@ def _prepare_in_a_child(tmp_path, patch: str, hung: str, debug: str = ""):
                            env={**os.environ, "BLURFAST_DEBUG": debug})
     except subprocess.TimeoutExpired:
         pytest.fail(hung)
-    assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
+    assert not (tmp_path / "o.npy").exists() and not leftover_temporaries(tmp_path)
     return r
 
 
@@ -839,7 +952,7 @@ def test_prepare_refuses_a_tar_damaged_midway(tmp_path, kind):
     with pytest.raises(ValueError, match=rf"^src: .*d\.{re.escape(kind)}' cannot be read as "
                                          rf"a tar archive"):
         D.prepare(arc, tmp_path / "o.npy", resolution=12, workers=0, progress=False)
-    assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
+    assert not (tmp_path / "o.npy").exists() and not leftover_temporaries(tmp_path)
 
 
 @pytest.mark.parametrize("kind", ["tar.bz2", "tar.gz", "tar.xz"])
@@ -864,7 +977,7 @@ def test_a_corrupt_compressed_tar_is_one_line_naming_it(tmp_path, capsys, kind):
         assert err.count("\n") == 1, err
         assert re.match(rf"blurfast prepare: error: src: '.*{name}\.{re.escape(kind)}' "
                         rf"cannot be read as a tar archive \(.*{why}.*\)$", err), err
-    assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.npy.tmp").exists()
+    assert not (tmp_path / "o.npy").exists() and not leftover_temporaries(tmp_path)
 
 
 def test_prepare_match_reads_member_names_without_a_leading_dot_slash(tmp_path):

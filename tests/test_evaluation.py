@@ -458,7 +458,8 @@ def test_a_reference_folder_without_images_is_refused_before_any_work(tmp_path, 
     lsun = tmp_path / "lsun"
     (lsun / "church_outdoor_train_lmdb").mkdir(parents=True)
     (lsun / "church_outdoor_train_lmdb" / "data.mdb").write_bytes(b"")
-    words = f"no .jpg/.jpeg/.png/.webp/.bmp files under {str(lsun)!r}"
+    words = (f"no .jpg/.jpeg/.png/.webp/.bmp files under {str(lsun)!r}; it holds lmdb "
+             f"databases ({str(lsun / 'church_outdoor_train_lmdb')!r}): give one")
     assert cli.main(["fid", "--check", "--ref", str(lsun), "--features",
                      "test_evaluation:_never", "--device", "cpu"]) == 2
     assert capsys.readouterr().err == f"blurfast fid: error: --ref: {words}\n"
