@@ -9,7 +9,7 @@ import torch
 
 from .checks import check_gpu_seen
 
-__all__ = ["setup_processes", "teardown_processes", "from_rank0"]
+__all__ = ["setup_processes", "teardown_processes", "from_rank0", "any_rank"]
 
 
 def setup_processes(device: Optional[str]):
@@ -69,6 +69,15 @@ def from_rank0(value):
     found = [value]
     dist.broadcast_object_list(found, src=0)
     return found[0]
+
+
+def any_rank(flag: bool, device) -> bool:
+    """Whether ``flag`` is true on any rank (an all-reduce on ``device``: every rank calls
+    it at the same point)."""
+    import torch.distributed as dist
+    found = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(found)
+    return found.item() > 0
 
 
 def barrier() -> None:

@@ -877,6 +877,57 @@ def test_sigterm_to_one_rank_stops_both_at_the_next_log_point_and_rank_0_saves(m
     assert f"signal on another rank: saved {out / 'checkpoints' / f'step_{step:09d}'}" in logs[0]
 
 
+def test_sigterm_to_a_rank_waiting_for_rank_0s_last_save_ends_both_as_signalled(made16,
+                                                                                 tmp_path):
+    # Rank 1 is past the last log point, waiting while rank 0 draws its last grid, when
+    # SIGTERM reaches it: the run is saved (its last step), and both ranks end as a
+    # signalled run does (143), not rank 1 killed and rank 0 losing its peer (exit 1).
+    out = tmp_path / "r"
+    argv = ["train", "--data", str(made16), "--out", str(out), "--resolution", "16",
+            "--batch-size", "2", "--steps", "2", "--base-channels", "32", "--channel-mult",
+            "1", "2", "--num-res-blocks", "1", "--sample-count", "1", "--sample-steps", "1",
+            "--no-progress", "--device", "cpu"]
+    script = f"""
+        import os, sys, time, torch
+        torch.set_num_threads(1)
+        from pathlib import Path
+        from blurfast import cli, training
+        if os.environ["RANK"] == "0":
+            draw, marks = training._save_samples, Path({str(tmp_path)!r})
+            def held(*a, **k):          # the last grid waits until rank 1 is signalled
+                (marks / "drawing").touch()
+                deadline = time.monotonic() + 60
+                while not (marks / "signalled").exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                return draw(*a, **k)
+            training._save_samples = held
+        sys.exit(cli.main({argv!r}))
+    """
+    port = str(free_port())
+    procs = [_child(script, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                             "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "drawing").exists():
+            assert time.monotonic() < deadline and procs[0].poll() is None, \
+                procs[0].communicate()[0]
+            time.sleep(0.05)
+        time.sleep(1.0)                 # rank 1 reaches the ranks' last meeting
+        procs[1].send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        (tmp_path / "signalled").touch()
+        logs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [143, 143], logs
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [2]
+    assert (f"signal on another rank after the last step: saved "
+            f"{out / 'checkpoints' / 'step_000000002'}") in logs[0]
+    assert "done:" not in logs[0] and "Traceback" not in logs[0] + logs[1], logs
+
+
 # ------------------------------------------------------------------------ the update
 
 @pytest.mark.parametrize("grad_clip", [0.05, None])
