@@ -807,6 +807,31 @@ def test_cli_under_two_processes_prints_on_rank_0_only(made16, tmp_path):
     assert "done:" not in logs[1]
 
 
+def test_two_ranks_end_their_gloo_group_with_nothing_left_holding_it(made16, tmp_path):
+    # DistributedDataParallel sits in reference cycles, and its reducer holds the process
+    # group: left to Python, gloo's real teardown came at a later collection or the
+    # interpreter's exit, after the peer had gone (an abort, 'terminate called', in some
+    # runs). With automatic collection off, nothing of the group may outlive train(); each
+    # of two 2-rank runs exits 0.
+    kw = {**KW, "batch_size": 2}
+    for run in range(2):
+        script = f"""
+            import gc, torch
+            torch.set_num_threads(1)
+            import torch.distributed as dist
+            from torch.nn.parallel import DistributedDataParallel
+            from blurfast import training
+            gc.disable()
+            training.train(data={str(made16)!r}, out={str(tmp_path / f"run{run}")!r}, steps=2,
+                           **{kw!r})
+            assert not dist.is_initialized()
+            left = [o for o in gc.get_objects() if isinstance(o, DistributedDataParallel)]
+            print("DDP objects left:", len(left))
+        """
+        logs = _two_gloo_ranks(script)
+        assert all("DDP objects left: 0" in log for log in logs), logs
+
+
 def test_a_rank_whose_peer_stopped_says_so_in_one_line(made16, tmp_path):
     # Rank 0 fails as it starts writing the run (its own one-line error, exit 2); rank 1,
     # in its first step's all-reduce, loses its peer: one line saying so (exit 1), not
