@@ -858,9 +858,34 @@ def test_a_rank_whose_peer_stopped_says_so_in_one_line(made16, tmp_path):
              for r in range(2)]
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [2, 1], logs
-    assert "blurfast train: error: log: made to fail" in logs[0]
+    assert "blurfast train: error: rank 0: log: made to fail" in logs[0]
     assert "blurfast train: error: rank 1: another process of the group stopped" in logs[1]
     assert "Traceback" not in logs[1], logs[1]
+
+
+def test_the_same_error_on_two_ranks_says_whose_each_line_is(tmp_path):
+    # --data missing, found once the process group has started: each rank prints the
+    # error, once, under its own rank.
+    argv = ["train", "--data", str(tmp_path / "none.npy"), "--out", str(tmp_path / "r"),
+            "--resolution", "16", "--batch-size", "2", "--steps", "2", "--base-channels",
+            "32", "--channel-mult", "1", "2", "--num-res-blocks", "1", "--no-progress",
+            "--device", "cpu"]
+    script = f"""
+        import sys, torch
+        torch.set_num_threads(1)
+        from blurfast import cli
+        sys.exit(cli.main({argv!r}))
+    """
+    port = str(free_port())
+    procs = [_child(script, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                             "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], logs
+    for r, log in enumerate(logs):
+        errors = [line for line in log.splitlines() if "error" in line]
+        assert len(errors) == 1, log
+        assert errors[0].startswith(f"blurfast train: error: rank {r}: data (--data): "), log
 
 
 def test_sigterm_to_one_rank_stops_both_at_the_next_log_point_and_rank_0_saves(made16,
@@ -951,6 +976,35 @@ def test_sigterm_to_a_rank_waiting_for_rank_0s_last_save_ends_both_as_signalled(
     assert (f"signal on another rank after the last step: saved "
             f"{out / 'checkpoints' / 'step_000000002'}") in logs[0]
     assert "done:" not in logs[0] and "Traceback" not in logs[0] + logs[1], logs
+
+
+@pytest.mark.parametrize("command", [
+    ["prepare", "SRC", "OUT", "--resolution", "16", "--workers", "0", "--no-progress"],
+    ["fid", "--samples", "SRC", "--ref", "SRC", "--features", "no_such_module:f"],
+    ["draw", "process", "--data", "SRC", "--resolution", "16", "--n", "2", "--out",
+     "OUT.png"]])
+def test_one_process_commands_refuse_torchrun_once_before_any_work(command, tmp_path,
+                                                                   monkeypatch, capsys):
+    # Under torchrun every rank would run the whole command into the same files: each
+    # refuses with exit code 2 and writes nothing; rank 0 alone says why.
+    from blurfast import cli
+    src = made_photos(tmp_path / "src", 2, size=16)
+    argv = [{"SRC": str(src), "OUT": str(tmp_path / "out.npy"),
+             "OUT.png": str(tmp_path / "out.png")}.get(a, a) for a in command]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err == ("" if rank == "1" else
+                       f"blurfast {command[0]}: error: runs as one process, not under "
+                       f"torchrun (WORLD_SIZE=2: each process would do all of it and write "
+                       f"the same files); run blurfast {command[0]} without torchrun\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    monkeypatch.delenv("WORLD_SIZE")                 # one process: the command runs
+    monkeypatch.setenv("RANK", "0")
+    cli.main(argv)
+    assert "runs as one process" not in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------ the update
