@@ -1800,6 +1800,28 @@ def _parser():
     return p
 
 
+def test_a_signal_while_the_last_step_is_drawn_ends_the_run_as_signalled(made16, tmp_path,
+                                                                        monkeypatch):
+    # One process: SIGTERM after the last log point, while the last grid is drawn. The
+    # run is saved at its last step and ends as a signalled run (as every rank under
+    # torchrun does), not as a run that finished unsignalled.
+    import os as _os
+    draw = training._save_samples
+
+    def signalled(*a, **k):
+        _os.kill(_os.getpid(), signal.SIGTERM)
+        return draw(*a, **k)
+    monkeypatch.setattr(training, "_save_samples", signalled)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "run"
+    r = training.train(data=str(made16), out=str(out), steps=2,
+                       **{**KW, "sample_every": 2, "save_every": 1000})
+    assert r["stopped_by"] == "SIGTERM" and r["step"] == 2
+    assert r["checkpoint"] == str(out / "checkpoints" / "step_000000002")
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [2]
+    assert signal.getsignal(signal.SIGTERM) == before        # the handler given back
+
+
 @pytest.mark.parametrize("how", ["sigterm", "ctrl_c", "sigterm_group"])
 def test_a_signal_saves_a_checkpoint_and_exits(made16, tmp_path, how):
     # SIGTERM to the process; or a terminal's Ctrl-C: SIGINT to the whole process group,
