@@ -303,10 +303,12 @@ _PASSTHROUGH = {
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors, ``PROG: error: MESSAGE (PROG --help lists the
-    options)``, exit code 2; the commands' parsers are of this class too."""
+    options)`` (under torchrun with the rank, :func:`rank_prefix`), exit code 2; the
+    commands' parsers are of this class too."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+        self.exit(2, f"{self.prog}: error: {rank_prefix()}{message} ({self.prog} --help "
+                     f"lists the options)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -888,6 +888,18 @@ def test_the_same_error_on_two_ranks_says_whose_each_line_is(tmp_path):
         assert errors[0].startswith(f"blurfast train: error: rank {r}: data (--data): "), log
 
 
+def test_a_bad_flag_under_torchrun_says_whose_line_it_is(monkeypatch, capsys):
+    # argparse's one-line errors too: every rank parses the same command line.
+    from blurfast import cli
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--precision", "fp8"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith(
+        "blurfast train: error: rank 1: argument --precision: invalid choice: 'fp8'")
+
+
 def test_sigterm_to_one_rank_stops_both_at_the_next_log_point_and_rank_0_saves(made16,
                                                                                tmp_path):
     # The ranks agree on a stop only at log points (no host synchronization between):
