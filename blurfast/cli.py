@@ -303,10 +303,12 @@ _PASSTHROUGH = {
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors, ``PROG: error: MESSAGE (PROG --help lists the
-    options)``, exit code 2; the commands' parsers are of this class too."""
+    options)`` (under torchrun with the rank, :func:`rank_prefix`), exit code 2; the
+    commands' parsers are of this class too."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+        self.exit(2, f"{self.prog}: error: {rank_prefix()}{message} ({self.prog} --help "
+                     f"lists the options)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -364,6 +366,19 @@ def _out_of_memory(command: str, e: BaseException):
 
 _lost_peer = False      # set when a command ended on _peer_lost's error (see entry)
 
+# Commands that run as one process: under torchrun every rank would do all their work
+# and write the same files.
+_ONE_PROCESS = ("fid", "draw", "prepare")
+
+
+def rank_prefix() -> str:
+    """``"rank R: "`` under torchrun (WORLD_SIZE above 1), else ``""``: each rank prints
+    its own error, and the lines of several ranks must say whose they are."""
+    import os
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return ""
+    return f"rank {os.environ.get('RANK', '?')}: "
+
 
 def _peer_lost(e: BaseException):
     """The one-line error of a rank whose process group broke because another rank
@@ -378,8 +393,8 @@ def _peer_lost(e: BaseException):
     if not (isinstance(e, dist_error) or "closed by peer" in text or "reset by peer" in text):
         return None
     first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
-    return (f"rank {os.environ.get('RANK', '?')}: another process of the group stopped, "
-            f"so this one cannot go on (the cause is in that process's output): {first}")
+    return (f"another process of the group stopped, so this one cannot go on (the cause "
+            f"is in that process's output): {first}")
 
 
 def _leaf_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
@@ -409,6 +424,13 @@ def flag_named(parser: argparse.ArgumentParser, message: str) -> str:
 def _main(argv) -> int:
     import os
     argv = list(sys.argv[1:] if argv is None else argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if argv and argv[0] in _ONE_PROCESS and world > 1:
+        if os.environ.get("RANK", "0") == "0":      # every rank refuses alike: said once
+            print(f"blurfast {argv[0]}: error: runs as one process, not under torchrun "
+                  f"(WORLD_SIZE={world}: each process would do all of it and write the same "
+                  f"files); run blurfast {argv[0]} without torchrun", file=sys.stderr)
+        return 2
     leaf = None
     if argv and argv[0] in _PASSTHROUGH:
         import importlib
@@ -438,7 +460,7 @@ def _main(argv) -> int:
         if os.environ.get("BLURFAST_DEBUG"):
             raise
         message = str(e) if leaf is None else flag_named(leaf, str(e))
-        print(f"blurfast {argv[0]}: error: {message}", file=sys.stderr)
+        print(f"blurfast {argv[0]}: error: {rank_prefix()}{message}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         lost = _peer_lost(e)
@@ -448,7 +470,7 @@ def _main(argv) -> int:
         if lost:
             global _lost_peer
             _lost_peer = True
-        print(f"blurfast {argv[0]}: error: {message}", file=sys.stderr)
+        print(f"blurfast {argv[0]}: error: {rank_prefix()}{message}", file=sys.stderr)
         return 1
 
 

@@ -543,6 +543,7 @@ def train_kwargs(args: argparse.Namespace) -> dict:
 def _train_main(args) -> int:
     import torch
 
+    from .cli import out_of_memory_line, rank_prefix
     from .training import NonFiniteError, sampling_batch, train
 
     kw = {}
@@ -550,21 +551,21 @@ def _train_main(args) -> int:
         kw = train_kwargs(args)
         result = train(**kw)
     except NonFiniteError as e:
-        print(f"blurfast train: {e}", file=sys.stderr)
+        print(f"blurfast train: {rank_prefix()}{e}", file=sys.stderr)
         return 1
     except torch.cuda.OutOfMemoryError as e:
         if os.environ.get("BLURFAST_DEBUG"):
             raise
         batch = kw.get("batch_size", _train_default("batch_size"))
         rounds = kw.get("grad_accum", _train_default("grad_accum"))
-        from .cli import out_of_memory_line
         if not getattr(e, "in_train_step", False):
             # sample grids, FID, the model itself: the step's advice would not fit
             where = (f" outside a training step (its sample grids and FID sample 4 x "
                      f"--batch-size / --grad-accum = "
                      f"{sampling_batch({'batch_size': batch, 'grad_accum': rounds})} images at "
                      f"a time)")
-            print(f"blurfast train: error: {out_of_memory_line(e, where)}", file=sys.stderr)
+            print(f"blurfast train: error: {rank_prefix()}{out_of_memory_line(e, where)}",
+                  file=sys.stderr)
             return 1
         more = [k for k in range(rounds + 1, batch + 1) if batch % k == 0][:1]
         advice = (f"--grad-accum {more[0]} (the same step in {more[0]} rounds of "
@@ -576,13 +577,14 @@ def _train_main(args) -> int:
                       "activations)" + (", " if advice else " or ") + advice)
         step = (f" with --batch-size {batch} in {rounds} round{'s' if rounds > 1 else ''}: "
                 f"try {advice}a smaller --batch-size")
-        print(f"blurfast train: error: {out_of_memory_line(e, step)}", file=sys.stderr)
+        print(f"blurfast train: error: {rank_prefix()}{out_of_memory_line(e, step)}",
+              file=sys.stderr)
         return 1
     except (ValueError, TypeError) as e:       # CheckpointError included
         if os.environ.get("BLURFAST_DEBUG"):
             raise
         # train()'s argument names are also the --config file's keys: kept as they are
-        print(f"blurfast train: error: {e}", file=sys.stderr)
+        print(f"blurfast train: error: {rank_prefix()}{e}", file=sys.stderr)
         return 2
     if result["stopped_by"] == "SIGINT":
         return 130

@@ -9,7 +9,7 @@ import torch
 
 from .checks import check_gpu_seen
 
-__all__ = ["setup_processes", "teardown_processes", "from_rank0"]
+__all__ = ["setup_processes", "teardown_processes", "from_rank0", "any_rank"]
 
 
 def setup_processes(device: Optional[str]):
@@ -53,12 +53,19 @@ def teardown_processes(owns: bool, finished: bool) -> None:
     """Ends the process group that :func:`setup_processes` made (``owns``). Ranks that
     ``finished`` first meet at a barrier, so that none tears down while a peer still works
     (rank 0 saves and draws last): a gloo rank whose peer has closed its connections can
-    abort on the way out. After an error, no barrier: the others may never come."""
+    abort on the way out. After an error, no barrier: the others may never come.
+
+    What still holds the group is collected first: DistributedDataParallel (its reducer
+    holds the group) sits in reference cycles, which left gloo's real teardown to a later
+    collection or the interpreter's exit, after a peer had gone."""
     if not owns:
         return
+    import gc
+
     import torch.distributed as dist
     if finished:
         barrier()
+    gc.collect()
     dist.destroy_process_group()
 
 
@@ -69,6 +76,15 @@ def from_rank0(value):
     found = [value]
     dist.broadcast_object_list(found, src=0)
     return found[0]
+
+
+def any_rank(flag: bool, device) -> bool:
+    """Whether ``flag`` is true on any rank (an all-reduce on ``device``: every rank calls
+    it at the same point)."""
+    import torch.distributed as dist
+    found = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(found)
+    return found.item() > 0
 
 
 def barrier() -> None:

@@ -49,7 +49,7 @@ from . import data as D
 from . import ops
 from .checks import (PRECISIONS, autocast_dtype, check_bool, check_int, check_number,
                      compile_problem, default_precision)
-from .distributed import from_rank0, setup_processes, teardown_processes
+from .distributed import any_rank, barrier, from_rank0, setup_processes, teardown_processes
 from .fileio import write_problem, write_text
 from .diffusion import TARGETS, BlurDiffusion, scales
 from .models import AUTOCAST_LAYERS, PRESETS, UNet
@@ -905,46 +905,63 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     rank, world, dev, owns_group = setup_processes(device)
     cuda = dev.type == "cuda"
     finished = False
-    try:
-        precision = precision or default_precision(dev)
-        # Off by default: on an H100 (paper64, batch 16, bf16, CUDA graph) channels_last
-        # took 49.0 ms per step against 41.7 in NCHW (GroupNorm's layout copies);
-        # benchmarks/results/logs/2026-11-26-v4-profile_step.txt.
-        channels_last = bool(channels_last)
-        # On by default on one GPU: on an H100 (paper64, batch 16, bf16, channels_last) a
-        # step took 49.0 ms captured against 90.0 eager (the same log). Asked for under
-        # torchrun, the gradients are all-reduced in the graph (TrainStep's ddp="flat"):
-        # not yet run on several GPUs, so not the default there.
-        if cuda_graphs is None:
-            cuda_graphs = cuda and world == 1
-        # On by default on one GPU: on an H100 (paper64, batch 16, bf16, CUDA graph) a step
-        # took 24.2 ms compiled against 38.0 without (benchmarks/results, run v6); compiling
-        # takes minutes, once per run. Not timed under torchrun.
-        why_not = compile_problem(dev) if compile is not False else None
-        if compile and why_not:
-            raise ValueError(f"compile: {why_not}; train without it (compile=False, "
-                             f"--no-compile)")
-        if compile is None:
-            compile = cuda and world == 1 and why_not is None
-            if cuda and world == 1 and why_not and rank == 0:
-                print(f"compile: off ({why_not})", flush=True)
-        if cuda and tf32:
-            b = torch.backends
-            b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark = BACKEND_FLAGS
-        global_batch = batch_size * world
-        config = {k: v for k, v in args.items() if k not in ("progress",)}
-        config.update(data=str(data), out=str(out), resume=None if resume is None else str(resume),
-                      fid_ref=None if fid_ref is None else str(fid_ref),
-                      precision=precision, channels_last=channels_last,
-                      cuda_graphs=cuda_graphs, compile=compile,
-                      model=net.config, diffusion=diff.config, world_size=world,
-                      global_batch=global_batch, device=str(dev.type))
-        config = json.loads(json.dumps(config))    # plain JSON types, as stored
-        result = _run(config, net, diff, rank, world, dev, progress)
-        finished = True
-        return result
-    finally:
-        teardown_processes(owns_group, finished)
+    # SIGTERM/SIGINT caught until the process group's end: a signal stops the ranks at a
+    # log point (_run) or, after the last one, at their last meeting below; it never kills
+    # a rank while its peers wait for it.
+    with _Signals() as sig:
+        try:
+            precision = precision or default_precision(dev)
+            # Off by default: on an H100 (paper64, batch 16, bf16, CUDA graph) channels_last
+            # took 49.0 ms per step against 41.7 in NCHW (GroupNorm's layout copies);
+            # benchmarks/results/logs/2026-11-26-v4-profile_step.txt.
+            channels_last = bool(channels_last)
+            # On by default on one GPU: on an H100 (paper64, batch 16, bf16, channels_last) a
+            # step took 49.0 ms captured against 90.0 eager (the same log). Asked for under
+            # torchrun, the gradients are all-reduced in the graph (TrainStep's ddp="flat"):
+            # not yet run on several GPUs, so not the default there.
+            if cuda_graphs is None:
+                cuda_graphs = cuda and world == 1
+            # On by default on one GPU: on an H100 (paper64, batch 16, bf16, CUDA graph) a step
+            # took 24.2 ms compiled against 38.0 without (benchmarks/results, run v6); compiling
+            # takes minutes, once per run. Not timed under torchrun.
+            why_not = compile_problem(dev) if compile is not False else None
+            if compile and why_not:
+                raise ValueError(f"compile: {why_not}; train without it (compile=False, "
+                                 f"--no-compile)")
+            if compile is None:
+                compile = cuda and world == 1 and why_not is None
+                if cuda and world == 1 and why_not and rank == 0:
+                    print(f"compile: off ({why_not})", flush=True)
+            if cuda and tf32:
+                b = torch.backends
+                b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark = BACKEND_FLAGS
+            global_batch = batch_size * world
+            config = {k: v for k, v in args.items() if k not in ("progress",)}
+            config.update(data=str(data), out=str(out),
+                          resume=None if resume is None else str(resume),
+                          fid_ref=None if fid_ref is None else str(fid_ref),
+                          precision=precision, channels_last=channels_last,
+                          cuda_graphs=cuda_graphs, compile=compile,
+                          model=net.config, diffusion=diff.config, world_size=world,
+                          global_batch=global_batch, device=str(dev.type))
+            config = json.loads(json.dumps(config))    # plain JSON types, as stored
+            result = _run(config, net, diff, rank, world, dev, progress, sig)
+            # A signal since the last log point (rank 0 saved and drew the last step while
+            # the others waited): the run is saved; every rank ends as a signalled run does.
+            # The handler runs once a collective returns: the barrier's wait counts.
+            if world > 1:
+                barrier()
+            signalled = sig.received is not None
+            late = any_rank(signalled, dev) if world > 1 else signalled
+            if late and result["stopped_by"] is None:
+                result["stopped_by"] = sig.received or "signal on another rank"
+                if rank == 0:
+                    print(f"{result['stopped_by']} after the last step: saved "
+                          f"{result['checkpoint']}", flush=True)
+            finished = True
+            return result
+        finally:
+            teardown_processes(owns_group, finished)
 
 
 class _FidLog:
@@ -1006,7 +1023,7 @@ def _images_done(state: dict) -> int:
 
 
 def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
-         progress: bool) -> dict:
+         progress: bool, sig: "_Signals") -> dict:
     cuda = dev.type == "cuda"
     main = rank == 0
     out = Path(cfg["out"])
@@ -1146,89 +1163,85 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
         t0 = t_log
         paused = 0.0         # seconds of FID and sample grids since the last log row
         stopped_by = None
-        with _Signals() as sig:
-            for batch in loader:
-                t, flip, noise_seed = step_draws(cfg["seed"], step, cfg["global_batch"],
-                                                 diff.num_steps, rank, cfg["batch_size"])
-                torch.manual_seed(derive_seed(cfg["seed"], step, 3, rank))   # dropout
-                stepper.set_lr(lr_at(step))
-                try:
-                    stepper(batch, flip, t, noise_seed, noise_offset)
-                except torch.cuda.OutOfMemoryError as e:
-                    e.in_train_step = True     # blurfast train's advice: --grad-accum
-                    raise
-                step += 1
+        for batch in loader:
+            t, flip, noise_seed = step_draws(cfg["seed"], step, cfg["global_batch"],
+                                             diff.num_steps, rank, cfg["batch_size"])
+            torch.manual_seed(derive_seed(cfg["seed"], step, 3, rank))   # dropout
+            stepper.set_lr(lr_at(step))
+            try:
+                stepper(batch, flip, t, noise_seed, noise_offset)
+            except torch.cuda.OutOfMemoryError as e:
+                e.in_train_step = True     # blurfast train's advice: --grad-accum
+                raise
+            step += 1
+            if bar is not None:
+                bar.update(1)
+            at_log = step % cfg["log_every"] == 0 or step == cfg["steps"]
+            stop_now = False
+            if at_log:
+                last = stepper.read_stats(all_reduce=world > 1)
+                now = time.perf_counter()
+                ips = ((step - step_log) * cfg["global_batch"] /
+                       max(now - t_log - paused, 1e-9))       # training alone
+                t_log, step_log, paused = now, step, 0.0
+                if main:
+                    log.write({"step": step, "images": images_at(step),
+                               "loss": f"{last['loss']:.6g}",
+                               "grad_norm": f"{last['grad_norm']:.6g}",
+                               "lr": f"{lr_at(step - 1):.6g}",
+                               "nonfinite": last["skipped_total"],
+                               "images_per_s": f"{ips:.1f}",
+                               "elapsed_s": f"{log.elapsed0 + now - t0:.1f}"})
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{ips:.0f}",
+                                        skipped=last["skipped_total"])
+                if last["longest_skipped"] >= cfg["max_nonfinite"]:
+                    raise NonFiniteError(
+                        f"the loss or gradient was non-finite in "
+                        f"{last['longest_skipped']} consecutive steps (by step {step}); "
+                        f"stopping. Lower lr, check the data, or resume from an earlier "
+                        f"checkpoint in {ck_dir}")
+            if world > 1:
+                if at_log:           # every rank stops at the same step
+                    stop_now = any_rank(sig.received is not None, dev)
+            else:
+                stop_now = sig.received is not None
+            if main and (step % cfg["save_every"] == 0 or step == cfg["steps"] or stop_now):
+                last_path = save(step)
+            at_fid = fid is not None and (step % cfg["fid_every"] == 0 or
+                                          step == cfg["steps"])
+            at_grid = main and (step % cfg["sample_every"] == 0 or step == cfg["steps"])
+            at_draw = at_grid or (main and stop_now)
+            t_eval = time.perf_counter()
+            if at_fid:
+                value = fid(diff.eps_model(stepper.ema, cfg["target"]), diff,
+                            progress=bar is not None)
+                kid = getattr(value, "kid", None)
+                if fid_log.add(step, value, kid):          # the best FID so far
+                    ckpt.save(out / "best", step, stepper.model, stepper.ema,
+                              state_at(step), cfg, keep=1)
                 if bar is not None:
-                    bar.update(1)
-                at_log = step % cfg["log_every"] == 0 or step == cfg["steps"]
-                stop_now = False
-                if at_log:
-                    last = stepper.read_stats(all_reduce=world > 1)
-                    now = time.perf_counter()
-                    ips = ((step - step_log) * cfg["global_batch"] /
-                           max(now - t_log - paused, 1e-9))       # training alone
-                    t_log, step_log, paused = now, step, 0.0
-                    if main:
-                        log.write({"step": step, "images": images_at(step),
-                                   "loss": f"{last['loss']:.6g}",
-                                   "grad_norm": f"{last['grad_norm']:.6g}",
-                                   "lr": f"{lr_at(step - 1):.6g}",
-                                   "nonfinite": last["skipped_total"],
-                                   "images_per_s": f"{ips:.1f}",
-                                   "elapsed_s": f"{log.elapsed0 + now - t0:.1f}"})
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{ips:.0f}",
-                                            skipped=last["skipped_total"])
-                    if last["longest_skipped"] >= cfg["max_nonfinite"]:
-                        raise NonFiniteError(
-                            f"the loss or gradient was non-finite in "
-                            f"{last['longest_skipped']} consecutive steps (by step {step}); "
-                            f"stopping. Lower lr, check the data, or resume from an earlier "
-                            f"checkpoint in {ck_dir}")
-                if world > 1:
-                    if at_log:           # every rank stops at the same step
-                        import torch.distributed as dist
-                        flag = torch.tensor([float(sig.received is not None)], device=dev)
-                        dist.all_reduce(flag)
-                        stop_now = flag.item() > 0
-                else:
-                    stop_now = sig.received is not None
-                if main and (step % cfg["save_every"] == 0 or step == cfg["steps"] or stop_now):
-                    last_path = save(step)
-                at_fid = fid is not None and (step % cfg["fid_every"] == 0 or
-                                              step == cfg["steps"])
-                at_grid = main and (step % cfg["sample_every"] == 0 or step == cfg["steps"])
-                at_draw = at_grid or (main and stop_now)
-                t_eval = time.perf_counter()
-                if at_fid:
-                    value = fid(diff.eps_model(stepper.ema, cfg["target"]), diff,
-                                progress=bar is not None)
-                    kid = getattr(value, "kid", None)
-                    if fid_log.add(step, value, kid):          # the best FID so far
-                        ckpt.save(out / "best", step, stepper.model, stepper.ema,
-                                  state_at(step), cfg, keep=1)
-                    if bar is not None:
-                        said = "" if kid is None or math.isnan(kid) else f", KID {kid:.5f}"
-                        bar.write(f"step {step}: FID {value:.3f} (best {fid_log.best:.3f})"
-                                  f"{said}")
-                if at_grid:
-                    _save_samples(stepper.ema, diff, out / "samples" / f"step_{step:09d}.png",
-                                  cfg["sample_count"], cfg["sample_steps"], cfg["pixel_range"],
-                                  cfg["target"], dev, progress=bar is not None,
-                                  batch=sampling_batch(cfg))
-                if at_draw:
-                    log.draw()
-                if at_fid or at_draw:
-                    paused += time.perf_counter() - t_eval
-                    if bar is not None:
-                        bar.unpause()     # the step bar's rate: training steps alone
-                if stop_now:
-                    stopped_by = sig.received or "signal on another rank"
-                    if main:
-                        print(f"\n{stopped_by}: saved {last_path}; continue with "
-                              f"resume='auto' (blurfast train --out {out} --resume auto)",
-                              flush=True)
-                    break
+                    said = "" if kid is None or math.isnan(kid) else f", KID {kid:.5f}"
+                    bar.write(f"step {step}: FID {value:.3f} (best {fid_log.best:.3f})"
+                              f"{said}")
+            if at_grid:
+                _save_samples(stepper.ema, diff, out / "samples" / f"step_{step:09d}.png",
+                              cfg["sample_count"], cfg["sample_steps"], cfg["pixel_range"],
+                              cfg["target"], dev, progress=bar is not None,
+                              batch=sampling_batch(cfg))
+            if at_draw:
+                log.draw()
+            if at_fid or at_draw:
+                paused += time.perf_counter() - t_eval
+                if bar is not None:
+                    bar.unpause()     # the step bar's rate: training steps alone
+            if stop_now:
+                stopped_by = sig.received or "signal on another rank"
+                if main:
+                    print(f"\n{stopped_by}: saved {last_path}; continue with "
+                          f"resume='auto' (blurfast train --out {out} --resume auto)",
+                          flush=True)
+                break
     finally:
         if bar is not None:
             bar.close()

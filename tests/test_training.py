@@ -807,6 +807,31 @@ def test_cli_under_two_processes_prints_on_rank_0_only(made16, tmp_path):
     assert "done:" not in logs[1]
 
 
+def test_two_ranks_end_their_gloo_group_with_nothing_left_holding_it(made16, tmp_path):
+    # DistributedDataParallel sits in reference cycles, and its reducer holds the process
+    # group: left to Python, gloo's real teardown came at a later collection or the
+    # interpreter's exit, after the peer had gone (an abort, 'terminate called', in some
+    # runs). With automatic collection off, nothing of the group may outlive train(); each
+    # of two 2-rank runs exits 0.
+    kw = {**KW, "batch_size": 2}
+    for run in range(2):
+        script = f"""
+            import gc, torch
+            torch.set_num_threads(1)
+            import torch.distributed as dist
+            from torch.nn.parallel import DistributedDataParallel
+            from blurfast import training
+            gc.disable()
+            training.train(data={str(made16)!r}, out={str(tmp_path / f"run{run}")!r}, steps=2,
+                           **{kw!r})
+            assert not dist.is_initialized()
+            left = [o for o in gc.get_objects() if isinstance(o, DistributedDataParallel)]
+            print("DDP objects left:", len(left))
+        """
+        logs = _two_gloo_ranks(script)
+        assert all("DDP objects left: 0" in log for log in logs), logs
+
+
 def test_a_rank_whose_peer_stopped_says_so_in_one_line(made16, tmp_path):
     # Rank 0 fails as it starts writing the run (its own one-line error, exit 2); rank 1,
     # in its first step's all-reduce, loses its peer: one line saying so (exit 1), not
@@ -833,9 +858,46 @@ def test_a_rank_whose_peer_stopped_says_so_in_one_line(made16, tmp_path):
              for r in range(2)]
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [2, 1], logs
-    assert "blurfast train: error: log: made to fail" in logs[0]
+    assert "blurfast train: error: rank 0: log: made to fail" in logs[0]
     assert "blurfast train: error: rank 1: another process of the group stopped" in logs[1]
     assert "Traceback" not in logs[1], logs[1]
+
+
+def test_the_same_error_on_two_ranks_says_whose_each_line_is(tmp_path):
+    # --data missing, found once the process group has started: each rank prints the
+    # error, once, under its own rank.
+    argv = ["train", "--data", str(tmp_path / "none.npy"), "--out", str(tmp_path / "r"),
+            "--resolution", "16", "--batch-size", "2", "--steps", "2", "--base-channels",
+            "32", "--channel-mult", "1", "2", "--num-res-blocks", "1", "--no-progress",
+            "--device", "cpu"]
+    script = f"""
+        import sys, torch
+        torch.set_num_threads(1)
+        from blurfast import cli
+        sys.exit(cli.main({argv!r}))
+    """
+    port = str(free_port())
+    procs = [_child(script, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                             "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], logs
+    for r, log in enumerate(logs):
+        errors = [line for line in log.splitlines() if "error" in line]
+        assert len(errors) == 1, log
+        assert errors[0].startswith(f"blurfast train: error: rank {r}: data (--data): "), log
+
+
+def test_a_bad_flag_under_torchrun_says_whose_line_it_is(monkeypatch, capsys):
+    # argparse's one-line errors too: every rank parses the same command line.
+    from blurfast import cli
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--precision", "fp8"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith(
+        "blurfast train: error: rank 1: argument --precision: invalid choice: 'fp8'")
 
 
 def test_sigterm_to_one_rank_stops_both_at_the_next_log_point_and_rank_0_saves(made16,
@@ -875,6 +937,86 @@ def test_sigterm_to_one_rank_stops_both_at_the_next_log_point_and_rank_0_saves(m
     assert step % 4 == 0 and step > 4
     assert int((out / "log.csv").read_text().splitlines()[-1].split(",")[0]) == step
     assert f"signal on another rank: saved {out / 'checkpoints' / f'step_{step:09d}'}" in logs[0]
+
+
+def test_sigterm_to_a_rank_waiting_for_rank_0s_last_save_ends_both_as_signalled(made16,
+                                                                                 tmp_path):
+    # Rank 1 is past the last log point, waiting while rank 0 draws its last grid, when
+    # SIGTERM reaches it: the run is saved (its last step), and both ranks end as a
+    # signalled run does (143), not rank 1 killed and rank 0 losing its peer (exit 1).
+    out = tmp_path / "r"
+    argv = ["train", "--data", str(made16), "--out", str(out), "--resolution", "16",
+            "--batch-size", "2", "--steps", "2", "--base-channels", "32", "--channel-mult",
+            "1", "2", "--num-res-blocks", "1", "--sample-count", "1", "--sample-steps", "1",
+            "--no-progress", "--device", "cpu"]
+    script = f"""
+        import os, sys, time, torch
+        torch.set_num_threads(1)
+        from pathlib import Path
+        from blurfast import cli, training
+        if os.environ["RANK"] == "0":
+            draw, marks = training._save_samples, Path({str(tmp_path)!r})
+            def held(*a, **k):          # the last grid waits until rank 1 is signalled
+                (marks / "drawing").touch()
+                deadline = time.monotonic() + 60
+                while not (marks / "signalled").exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                return draw(*a, **k)
+            training._save_samples = held
+        sys.exit(cli.main({argv!r}))
+    """
+    port = str(free_port())
+    procs = [_child(script, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                             "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "drawing").exists():
+            assert time.monotonic() < deadline and procs[0].poll() is None, \
+                procs[0].communicate()[0]
+            time.sleep(0.05)
+        time.sleep(1.0)                 # rank 1 reaches the ranks' last meeting
+        procs[1].send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        (tmp_path / "signalled").touch()
+        logs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [143, 143], logs
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [2]
+    assert (f"signal on another rank after the last step: saved "
+            f"{out / 'checkpoints' / 'step_000000002'}") in logs[0]
+    assert "done:" not in logs[0] and "Traceback" not in logs[0] + logs[1], logs
+
+
+@pytest.mark.parametrize("command", [
+    ["prepare", "SRC", "OUT", "--resolution", "16", "--workers", "0", "--no-progress"],
+    ["fid", "--samples", "SRC", "--ref", "SRC", "--features", "no_such_module:f"],
+    ["draw", "process", "--data", "SRC", "--resolution", "16", "--n", "2", "--out",
+     "OUT.png"]])
+def test_one_process_commands_refuse_torchrun_once_before_any_work(command, tmp_path,
+                                                                   monkeypatch, capsys):
+    # Under torchrun every rank would run the whole command into the same files: each
+    # refuses with exit code 2 and writes nothing; rank 0 alone says why.
+    from blurfast import cli
+    src = made_photos(tmp_path / "src", 2, size=16)
+    argv = [{"SRC": str(src), "OUT": str(tmp_path / "out.npy"),
+             "OUT.png": str(tmp_path / "out.png")}.get(a, a) for a in command]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err == ("" if rank == "1" else
+                       f"blurfast {command[0]}: error: runs as one process, not under "
+                       f"torchrun (WORLD_SIZE=2: each process would do all of it and write "
+                       f"the same files); run blurfast {command[0]} without torchrun\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    monkeypatch.delenv("WORLD_SIZE")                 # one process: the command runs
+    monkeypatch.setenv("RANK", "0")
+    cli.main(argv)
+    assert "runs as one process" not in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------ the update
@@ -1668,6 +1810,28 @@ def _parser():
     p = argparse.ArgumentParser(prog="blurfast")
     cli_train.register(p.add_subparsers(dest="command"))
     return p
+
+
+def test_a_signal_while_the_last_step_is_drawn_ends_the_run_as_signalled(made16, tmp_path,
+                                                                        monkeypatch):
+    # One process: SIGTERM after the last log point, while the last grid is drawn. The
+    # run is saved at its last step and ends as a signalled run (as every rank under
+    # torchrun does), not as a run that finished unsignalled.
+    import os as _os
+    draw = training._save_samples
+
+    def signalled(*a, **k):
+        _os.kill(_os.getpid(), signal.SIGTERM)
+        return draw(*a, **k)
+    monkeypatch.setattr(training, "_save_samples", signalled)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "run"
+    r = training.train(data=str(made16), out=str(out), steps=2,
+                       **{**KW, "sample_every": 2, "save_every": 1000})
+    assert r["stopped_by"] == "SIGTERM" and r["step"] == 2
+    assert r["checkpoint"] == str(out / "checkpoints" / "step_000000002")
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [2]
+    assert signal.getsignal(signal.SIGTERM) == before        # the handler given back
 
 
 @pytest.mark.parametrize("how", ["sigterm", "ctrl_c", "sigterm_group"])
