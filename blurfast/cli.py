@@ -367,8 +367,8 @@ def _out_of_memory(command: str, e: BaseException):
 _lost_peer = False      # set when a command ended on _peer_lost's error (see entry)
 
 # Commands that run as one process: under torchrun every rank would do all their work
-# and write the same files.
-_ONE_PROCESS = ("fid", "draw", "prepare")
+# and write the same files (demo: train N times; bench: time one GPU N times at once).
+_ONE_PROCESS = ("fid", "draw", "prepare", "demo", "bench")
 
 
 def rank_prefix() -> str:
