@@ -5,7 +5,8 @@
 #   OUT=/some/dir bash scripts/gpu_check.sh
 #
 # Steps (each with its own timeout, all within GPU_CHECK_BUDGET seconds; a
-# failing step is logged and the next one runs):
+# failing step is logged and the next one runs, but when ext fails the steps after
+# info are not started: they would all fail for want of the extension):
 #   env        nvidia-smi, driver, python/torch/CUDA/tool versions, date
 #   build      BLURFAST_CUDA=1 pip install --no-build-isolation --no-deps -v .
 #   ext        make the source tree import the built blurfast._C (tests run from here)
@@ -63,6 +64,8 @@
 #                          at most 600 s; on an H100 the v4 run spent 149 s building,
 #                          66 s testing, 32 s in the benches and 29 s profiling)
 #   GPU_CHECK_SKIP         space-separated step names to skip, e.g. "build racecheck"
+#                          (here and in GPU_CHECK_ONLY, a name that is no step exits 2
+#                          before anything runs)
 #   GPU_CHECK_ONLY         space-separated step names to run, the others skipped: a second
 #                          call on the machine where the first one built, e.g.
 #                          "ext ncu memcheck racecheck" (benchmarks/NOTES.md has the order
@@ -76,6 +79,22 @@
 #                          GPU_CHECK_ALL_ARCHS=1 keeps the package's default list.
 set -euo pipefail
 
+# Every step, in the order the script runs them: what GPU_CHECK_ONLY and GPU_CHECK_SKIP
+# may name. A name outside it is refused before anything runs (a typo would otherwise
+# skip a step, or run every other one, unnoticed until the GPU time is spent).
+STEPS="env build ext info tests bench bench_variants bench_columns bench_extra steps ncu \
+memcheck tests_paths steps64 racecheck profile"
+for var in GPU_CHECK_ONLY GPU_CHECK_SKIP; do
+  read -ra names <<< "${!var:-}"
+  for name in "${names[@]}"; do
+    if [[ " $STEPS " != *" $name "* ]]; then
+      echo "gpu_check.sh: $var: unknown step '$name'; expected names from: $STEPS" >&2
+      exit 2
+    fi
+  done
+  printf -v "$var" '%s' "${names[*]}"    # the names single-spaced, "" when only blanks
+done
+
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -88,6 +107,7 @@ SKIP=${GPU_CHECK_SKIP:-}
 ONLY=${GPU_CHECK_ONLY:-}
 START=$SECONDS
 FAILED=0
+EXT_FAILED=0    # 1 once ext failed: the steps after info then have no extension to run
 LOG=$OUT/gpu_check.log
 SUMMARY=$OUT/summary.txt
 : > "$LOG"
@@ -118,6 +138,10 @@ selected() {
 step() {
   local name=$1 limit=$2
   shift 2
+  if [[ " $STEPS " != *" $name "* ]]; then
+    echo "gpu_check.sh: step $name is not in STEPS" >&2
+    exit 2
+  fi
   if ! selected "$name"; then
     log "SKIP $name (GPU_CHECK_SKIP / GPU_CHECK_ONLY)"
     echo "$name SKIPPED" >> "$SUMMARY"
@@ -128,6 +152,12 @@ step() {
   if [[ $limit -lt 10 ]]; then
     log "FAIL $name: not started, the ${BUDGET}s budget is spent"
     echo "$name FAIL not started (budget spent)" >> "$SUMMARY"
+    FAILED=1
+    return 0
+  fi
+  if [[ $EXT_FAILED -eq 1 && " env build ext info " != *" $name "* ]]; then
+    log "FAIL $name: not started, ext failed (no blurfast._C with CUDA kernels; ext.log)"
+    echo "$name FAIL not started (ext failed)" >> "$SUMMARY"
     FAILED=1
     return 0
   fi
@@ -145,6 +175,7 @@ step() {
     tail -n 20 "$OUT/$name.log" | sed 's/^/    /' | tee -a "$LOG"
     echo "$name FAIL $why ${dt}s" >> "$SUMMARY"
     FAILED=1
+    if [[ $name == ext ]]; then EXT_FAILED=1; fi
   fi
 }
 

@@ -29,6 +29,55 @@ def _steps():
     return out
 
 
+def _script_steps():
+    """The names of the script's STEPS, what GPU_CHECK_ONLY and GPU_CHECK_SKIP may name."""
+    text = re.sub(r"\\\n", "", SCRIPT.read_text())
+    return re.search(r'^STEPS="([^"]*)"', text, re.M).group(1).split()
+
+
+def test_steps_names_every_step_in_order():
+    assert _script_steps() == [n for n, _ in _steps()]
+
+
+@pytest.mark.parametrize("var, value, bad", [
+    ("GPU_CHECK_ONLY", "ext ncu memcheck racechek", "racechek"),    # a typo
+    ("GPU_CHECK_SKIP", "biuld", "biuld"),
+    ("GPU_CHECK_ONLY", "ext *", "*"),                               # not globbed
+])
+def test_an_unknown_step_name_is_refused_before_anything_runs(tmp_path, var, value, bad):
+    # Without the check a typo in GPU_CHECK_ONLY ran the other steps and skipped the
+    # mistyped one (or, in GPU_CHECK_SKIP, ran the step meant to be skipped): found only
+    # after the GPU time was spent.
+    out = tmp_path / "gc"
+    r = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": sys.executable, "OUT": str(out),
+                            var: value, "GPU_CHECK_BUDGET": "60"})
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"{var}: unknown step '{bad}'" in r.stderr and "racecheck profile" in r.stderr
+    assert not out.exists() and r.stdout == ""
+
+
+def test_a_failed_ext_starts_no_later_step(tmp_path):
+    # ext fails (the extension does not import, or torch sees no GPU): info still runs
+    # (it says what is installed), the steps after it are failed without starting, so
+    # the budget is not spent on a dozen imports that fail.
+    calls = tmp_path / "calls.log"
+    py = _fake_tool(tmp_path / "py", f'echo "py $*" >> {calls}\nexit 1\n')
+    out = tmp_path / "gc"
+    r = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": str(py), "OUT": str(out),
+                            "GPU_CHECK_ONLY": "ext info bench memcheck",
+                            "GPU_CHECK_BUDGET": "120"})
+    assert r.returncode == 1
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert summary[2].startswith("ext FAIL") and summary[3].startswith("info FAIL exit code")
+    assert "bench FAIL not started (ext failed)" in summary
+    assert "memcheck FAIL not started (ext failed)" in summary
+    ran = calls.read_text()
+    assert "-m blurfast info" in ran and "benchmarks/run.py" not in ran
+    assert "sanitizer_case" not in ran
+
+
 def _python_args(words, out_dir):
     """The words after `"$PY"`, with $OUT replaced; None for a command not run by Python."""
     if "$PY" not in words:
@@ -171,7 +220,7 @@ def test_a_second_call_keeps_the_first_calls_results(tmp_path):
     # No step runs; the merge imports the installed package (no PYTHONPATH: a source tree
     # without its built extension would shadow it).
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out),
-           "GPU_CHECK_ONLY": "none", "GPU_CHECK_BUDGET": "120"}
+           "GPU_CHECK_SKIP": " ".join(n for n, _ in _steps()), "GPU_CHECK_BUDGET": "120"}
     r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert (out / "bench.json").exists() and (out / "junit-cuda.xml").exists()
