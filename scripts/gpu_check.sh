@@ -345,10 +345,17 @@ step profile 300 "$PY" scripts/profile_step.py --batch 16 --compile --compiled-o
 # One results file: the kernel rows of the bench runs and the model steps (of a second
 # call too, when its files are copied into the first call's folder and this is rerun:
 # python scripts/merge_results.py FOLDER).
+# Its messages (a partial run, or why it refused) go to merge.log and the running log; a
+# refusal fails the script.
 if compgen -G "$OUT/bench*.json" > /dev/null || compgen -G "$OUT/steps*.json" > /dev/null; then
-  name=$("$PY" scripts/merge_results.py "$OUT" || true)
-  if [[ -n "$name" ]]; then
+  if name=$(timeout -k 5 60 "$PY" scripts/merge_results.py "$OUT" 2> "$OUT/merge.log"); then
     log "results: $OUT/results/$name (commit it under benchmarks/results/)"
+    sed 's/^/    /' "$OUT/merge.log" | tee -a "$LOG"
+  else
+    log "FAIL merge: python scripts/merge_results.py $OUT wrote no results file:"
+    tail -n 20 "$OUT/merge.log" | sed 's/^/    /' | tee -a "$LOG"
+    echo "merge FAIL" >> "$SUMMARY"
+    FAILED=1
   fi
 fi
 

@@ -263,3 +263,88 @@ def test_ncu_step_lists_the_cases_once_and_profiles_each(tmp_path, lists):
     assert [r.split("--case ")[-1] for r in runs] == [str(k) for k in range(len(names))]
     assert all(f"--export {out}/ncu-{k} " in r for k, r in enumerate(runs))
     assert "ncu PASS" in summary
+
+
+_HEADER = {"gpu": "NVIDIA H200", "driver": "580.1", "torch": "2.13.0",
+           "date": "2026-11-28T10:00:00+00:00", "copy_gbps": 4000.0, "device": "cuda"}
+_ROW = {"case": "q_sample", "shape": [256, 3, 64, 64], "impl": "blurfast", "dtype": "float32",
+        "median_us": 20.0, "gbps": 1887.4, "copy_fraction": 0.4719,
+        "speedup_vs_torch_fp32": 10.5, "wall_us": 25.0, "launches": 1}
+_STEP = {"case": "train_step", "preset": "paper64", "shape": [16, 3, 64, 64],
+         "impl": "blurfast", "ms_per_step": 20.0, "images_per_s": 800.0,
+         "speedup_vs_torch_default": 5.5, "speedup_vs_torch_fp32": 6.0}
+
+
+def _write_results(folder, **files):
+    import json
+    folder.mkdir(exist_ok=True)
+    for name, d in files.items():
+        (folder / f"{name}.json").write_text(d if isinstance(d, str) else json.dumps(d))
+    return folder
+
+
+def _merge():
+    return runpy.run_path(str(ROOT / "scripts" / "merge_results.py"), run_name="test")["main"]
+
+
+def test_merge_keeps_the_shape_and_names_the_partial_run(tmp_path, capsys):
+    import json
+    out = _write_results(
+        tmp_path / "gc",
+        bench=dict(_HEADER, partial=True, rows=[_ROW], skipped=[]),    # cut by its limit
+        bench_extra=dict(_HEADER, copy_gbps=3900.0,
+                         rows=[dict(_ROW, shape=[256, 3, 32, 32])], skipped=[]),
+        steps=dict(_HEADER, rows=[], skipped=[], model_steps=[_STEP]))
+    name = _merge()(str(out))
+    assert name == "nvidia-h200-2026-11-28.json"
+    m = json.loads((out / "results" / name).read_text())
+    assert {k: m[k] for k in _HEADER} == _HEADER                  # the first file's header
+    assert [(r["run"], r["shape"][-1]) for r in m["rows"]] == [("bench", 64), ("bench_extra", 32)]
+    assert all(set(_ROW) <= set(r) for r in m["rows"])
+    assert m["model_steps"] == [dict(_STEP, run="steps")]
+    # Which run was cut is kept (each run's rows are compared within that run's copy).
+    assert m["partial"] is True
+    assert m["runs"] == {"bench": {"copy_gbps": 4000.0, "partial": True},
+                         "bench_extra": {"copy_gbps": 3900.0}, "steps": {"copy_gbps": 4000.0}}
+    assert "partial: bench.json" in capsys.readouterr().err
+    assert [t["met"] for t in m["targets"]] == [False, True]       # 47% of copy; 6.0x
+
+
+@pytest.mark.parametrize("files, says", [
+    ({"bench": '{"gpu": "NVIDIA H200", "rows": ['}, "bench.json: not readable as JSON"),
+    ({"bench": {**_HEADER, "rows": [{k: v for k, v in _ROW.items() if k != "median_us"}]}},
+     "bench.json: rows[0] is not a row with the keys"),
+    ({"bench": {k: v for k, v in _HEADER.items() if k != "copy_gbps"} | {"rows": []}},
+     "bench.json: no copy_gbps"),
+    ({"steps": {**_HEADER, "rows": []}}, "steps.json: no model_steps"),
+    ({"steps": {**_HEADER, "rows": [], "model_steps": [{"case": "train_step"}]}},
+     "steps.json: model_steps[0] is not a row"),
+    # A stale file of another machine or torch in the folder of this run.
+    ({"bench": {**_HEADER, "rows": [_ROW]},
+      "bench_extra": {**_HEADER, "gpu": "NVIDIA H100 80GB HBM3", "rows": [_ROW]}},
+     "bench_extra.json has gpu 'NVIDIA H100 80GB HBM3', bench.json 'NVIDIA H200'"),
+    ({"bench": {**_HEADER, "rows": [_ROW]},
+      "steps": {**_HEADER, "torch": "2.11.0", "rows": [], "model_steps": []}},
+     "steps.json has torch '2.11.0', bench.json '2.13.0'"),
+])
+def test_merge_refuses_input_not_of_the_benchs_shape(tmp_path, files, says):
+    out = _write_results(tmp_path / "gc", **files)
+    with pytest.raises(SystemExit) as e:
+        _merge()(str(out))
+    assert says in str(e.value)
+    assert not (out / "results").exists()
+
+
+def test_a_refused_merge_fails_the_script_and_says_why(tmp_path):
+    # The script ran the merge with `|| true` and its stderr outside the logs: a refused
+    # merge left no results file, and the run still said PASS.
+    out = _write_results(tmp_path / "gc", bench='{"gpu": "NVIDIA H200", "rows": [')
+    r = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": sys.executable, "OUT": str(out),
+                            "PYTHONPATH": str(ROOT), "GPU_CHECK_BUDGET": "120",
+                            "GPU_CHECK_SKIP": " ".join(_script_steps())})
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "merge FAIL" in (out / "summary.txt").read_text().splitlines()
+    log = (out / "gpu_check.log").read_text()
+    assert "FAIL merge" in log and "bench.json: not readable as JSON" in log
+    assert "RESULT: FAIL" in log and not (out / "results").exists()
