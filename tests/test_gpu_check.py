@@ -348,3 +348,22 @@ def test_a_refused_merge_fails_the_script_and_says_why(tmp_path):
     log = (out / "gpu_check.log").read_text()
     assert "FAIL merge" in log and "bench.json: not readable as JSON" in log
     assert "RESULT: FAIL" in log and not (out / "results").exists()
+
+
+@pytest.mark.parametrize("script, args", [
+    ("sanitizer_case.py", ["--device", "cpu", "--max-hw", "8"]),
+    ("ncu_case.py", ["--list"]),
+])
+def test_the_scripts_the_steps_run_import_their_own_tree(tmp_path, script, args):
+    # memcheck and racecheck run `python scripts/sanitizer_case.py`: Python puts scripts/
+    # first on the path, so without PYTHONPATH it imported another installed blurfast (or
+    # none: ModuleNotFoundError under the sanitizer) instead of the tree being checked.
+    code = ("import runpy, sys; sys.argv = [sys.argv[1], *sys.argv[2:]]\n"
+            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "import blurfast; print(blurfast.__file__)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT / "scripts" / script), *args],
+                       cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stdout.splitlines()[-1] == str(ROOT / "blurfast" / "__init__.py")
