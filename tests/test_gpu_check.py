@@ -367,3 +367,21 @@ def test_the_scripts_the_steps_run_import_their_own_tree(tmp_path, script, args)
                        cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert r.stdout.splitlines()[-1] == str(ROOT / "blurfast" / "__init__.py")
+
+
+def test_the_script_ends_within_its_budget_when_the_merge_would_not(tmp_path):
+    # The merge ran after the steps with no limit: a last step cut by the budget, then the
+    # merge's imports, ran past GPU_CHECK_BUDGET into the device call's margin for the tar
+    # of $OUT (a call killed there returns nothing). Here every Python call hangs.
+    import time
+    py = _fake_tool(tmp_path / "py", "sleep 60\n")
+    out = _write_results(tmp_path / "gc", bench=dict(_HEADER, rows=[_ROW], skipped=[]))
+    t0 = time.monotonic()
+    r = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": str(py), "OUT": str(out),
+                            "GPU_CHECK_ONLY": "info", "GPU_CHECK_BUDGET": "16"})
+    took = time.monotonic() - t0
+    assert r.returncode == 1 and took < 16 + 3, (took, r.stdout[-2000:])
+    log = (out / "gpu_check.log").read_text()
+    assert "FAIL info: timed out after 13s" in log and "merge not run" in log
+    assert (out / "bench.json").exists() and not (out / "results").exists()
