@@ -15,9 +15,10 @@
 #              + junit xml)
 #   bench      kernel table of issue 6 (3 shapes, float32 + bfloat16, every impl):
 #              benchmarks/run.py --device cuda --quick --no-steps --strict -> bench.json
-#              (--strict: fails when blurfast or a torch peer raised, or any row's output
-#              failed the check against a float64 truth made before timing it; the JSON is
-#              rewritten after every case and shape, so a timeout keeps finished rows)
+#              (--strict, in every bench step: fails when blurfast or a torch peer raised,
+#              or any row's output failed the check against a float64 truth made before
+#              timing it; the JSON is rewritten after every case and shape, so a timeout
+#              keeps finished rows)
 #   bench_variants  the fast kernel prefetching in every call or in none, and its wide
 #              geometry for every call at 64 x 64 (BLURFAST_CUDA_KERNELS=fast+prefetch,
 #              fast+noprefetch, fast+wide) beside blurfast, blurfast_dense and torch_fp32,
@@ -312,15 +313,15 @@ step tests 130 "$PY" -m pytest tests -m cuda -k "not test_gpu_paths" \
 if selected tests; then junit_counts cuda; fi
 step bench 90 "$PY" benchmarks/run.py --device cuda --quick --no-steps --strict \
   --json "$OUT/bench.json"
-step bench_variants 50 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
+step bench_variants 50 "$PY" benchmarks/run.py --device cuda --quick --no-steps --strict \
   --shapes 256x3x64x64 16x3x64x64 256x3x32x32 64x3x128x128 --dtypes float32 bfloat16 \
   --impls blurfast blurfast_prefetch blurfast_noprefetch blurfast_wide blurfast_dense \
   blurfast_given_noise torch_fp32 \
   --json "$OUT/bench_variants.json"
-step bench_columns 25 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
+step bench_columns 25 "$PY" benchmarks/run.py --device cuda --quick --no-steps --strict \
   --shapes 64x3x256x256 --cases q_sample sampler_step --dtypes float32 bfloat16 \
   --impls blurfast blurfast_separate blurfast_fill torch_fp32 --json "$OUT/bench_columns.json"
-step bench_extra 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
+step bench_extra 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps --strict \
   --shapes 256x3x32x32 64x3x128x128 --impls blurfast blurfast_dense blurfast_simple torch_fp32 \
   --json "$OUT/bench_extra.json"
 # 400 s: run v6 took 208 s with one compiled configuration; the second (_cl) needs about as

@@ -385,3 +385,24 @@ def test_the_script_ends_within_its_budget_when_the_merge_would_not(tmp_path):
     log = (out / "gpu_check.log").read_text()
     assert "FAIL info: timed out after 13s" in log and "merge not run" in log
     assert (out / "bench.json").exists() and not (out / "results").exists()
+
+
+def test_a_wrong_output_fails_every_bench_step(monkeypatch, tmp_path):
+    # A row whose output fails the float64 check is not timed but listed in `skipped`;
+    # bench_variants, bench_columns and bench_extra (the wide geometry in bfloat16 and the
+    # 256 x 256 passes, on trial) ran without --strict and passed with such a row.
+    import blurfast.bench as bench
+    wrong = {"case": "q_sample", "shape": [16, 3, 64, 64], "impl": "blurfast_wide",
+             "dtype": "bfloat16", "reason": "WrongOutput: x_t ...", "error": True,
+             "wrong_output": True}
+
+    def fake_run(device, quick, **kw):            # the bench's result, one row wrong
+        return dict(_HEADER, rows=[_ROW], skipped=[wrong])
+    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(bench, "check_gpu_seen", lambda name: None)
+    benches = {n: w for n, w in _steps() if "benchmarks/run.py" in w and "--no-steps" in w}
+    assert {"bench", "bench_variants", "bench_columns", "bench_extra"} <= set(benches)
+    for name, words in benches.items():
+        args = _python_args(words, tmp_path)
+        main = runpy.run_path(str(ROOT / args[0]), run_name="gpu_check_test")["main"]
+        assert main(args[1:]) == 1, f"step {name} passes with a wrong output"
