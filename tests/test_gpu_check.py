@@ -406,3 +406,61 @@ def test_a_wrong_output_fails_every_bench_step(monkeypatch, tmp_path):
         args = _python_args(words, tmp_path)
         main = runpy.run_path(str(ROOT / args[0]), run_name="gpu_check_test")["main"]
         assert main(args[1:]) == 1, f"step {name} passes with a wrong output"
+
+
+def _profile_step_on_the_cpu(monkeypatch, steps):
+    """scripts/profile_step.py as a module whose CUDA calls are the CPU's, and whose
+    make_step(preset, res, batch, **kw) gives steps(kw): a step function, or raises."""
+    import importlib.util
+    import torch
+    spec = importlib.util.spec_from_file_location("profile_step_test",
+                                                  ROOT / "scripts" / "profile_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for name, value in (("is_available", lambda: True), ("get_device_name", lambda: "Fake"),
+                        ("synchronize", lambda: None), ("empty_cache", lambda: None)):
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(mod, "make_step", lambda preset, res, batch, **kw: steps(kw))
+    return mod
+
+
+def test_profile_step_goes_on_past_a_failed_configuration(monkeypatch, tmp_path):
+    # A compile that raised in one configuration (channels_last, new) ended the script:
+    # no profile of the compiled step, the step's 300 s spent for nothing.
+    import torch
+    from blurfast.bench_steps import backend_flags
+
+    def steps(kw):
+        if kw.get("channels_last"):
+            raise RuntimeError("Inductor: a compile error")
+        a = torch.randn(64, 64)
+        return lambda: a @ a
+    mod = _profile_step_on_the_cpu(monkeypatch, steps)
+    out = tmp_path / "profile_step.txt"
+    with backend_flags("torch_default"):          # restores the flags main() sets
+        rc = mod.main(["--compile", "--compiled-only", "--iters", "2", "--out", str(out)])
+    assert rc == 1
+    text = out.read_text()
+    assert "bf16 + compile + graph + channels_last failed: RuntimeError: Inductor: a compile " \
+        "error" in text.splitlines()
+    assert text.count(" ms/step ") == 2 and "the fastest compiled step, by GPU time" in text
+
+
+def test_profile_step_keeps_the_lines_of_a_run_cut_short(monkeypatch, tmp_path):
+    # --out was written only at the end: a run killed by its time limit (three compiles
+    # in 300 s) left no file.
+    import torch
+    from blurfast.bench_steps import backend_flags
+
+    def steps(kw):
+        if kw.get("channels_last"):
+            raise KeyboardInterrupt                # stands for the time limit's signal
+        a = torch.randn(64, 64)
+        return lambda: a @ a
+    mod = _profile_step_on_the_cpu(monkeypatch, steps)
+    out = tmp_path / "profile_step.txt"
+    with backend_flags("torch_default"), pytest.raises(KeyboardInterrupt):
+        mod.main(["--compile", "--compiled-only", "--iters", "2", "--out", str(out)])
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("Fake | torch") and len(lines) == 3
+    assert lines[1].startswith("bf16 + compile + graph ") and " ms/step " in lines[2]
