@@ -95,6 +95,10 @@ for var in GPU_CHECK_ONLY GPU_CHECK_SKIP; do
   done
   printf -v "$var" '%s' "${names[*]}"    # the names single-spaced, "" when only blanks
 done
+if [[ ! ${GPU_CHECK_BUDGET:-560} =~ ^[0-9]+$ ]]; then
+  echo "gpu_check.sh: GPU_CHECK_BUDGET: expected whole seconds, got '$GPU_CHECK_BUDGET'" >&2
+  exit 2
+fi
 
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"

@@ -43,6 +43,7 @@ def test_steps_names_every_step_in_order():
     ("GPU_CHECK_ONLY", "ext ncu memcheck racechek", "racechek"),    # a typo
     ("GPU_CHECK_SKIP", "biuld", "biuld"),
     ("GPU_CHECK_ONLY", "ext *", "*"),                               # not globbed
+    ("GPU_CHECK_BUDGET", "572s", None),     # it failed in the first step's arithmetic
 ])
 def test_an_unknown_step_name_is_refused_before_anything_runs(tmp_path, var, value, bad):
     # Without the check a typo in GPU_CHECK_ONLY ran the other steps and skipped the
@@ -51,9 +52,12 @@ def test_an_unknown_step_name_is_refused_before_anything_runs(tmp_path, var, val
     out = tmp_path / "gc"
     r = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
                        env={**os.environ, "PYTHON": sys.executable, "OUT": str(out),
-                            var: value, "GPU_CHECK_BUDGET": "60"})
+                            "GPU_CHECK_BUDGET": "60", var: value})
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
-    assert f"{var}: unknown step '{bad}'" in r.stderr and "racecheck profile" in r.stderr
+    if bad is None:
+        assert f"{var}: expected whole seconds, got '{value}'" in r.stderr
+    else:
+        assert f"{var}: unknown step '{bad}'" in r.stderr and "racecheck profile" in r.stderr
     assert not out.exists() and r.stdout == ""
 
 
