@@ -280,6 +280,9 @@ ncu_cases() {
     if [[ -f "$OUT/ncu-$k.ncu-rep" ]]; then
       ncu --import "$OUT/ncu-$k.ncu-rep" --page details || true
       ncu --import "$OUT/ncu-$k.ncu-rep" --page raw --csv > "$OUT/ncu-$k.csv" || true
+    else        # ncu can exit 0 with the program's status when it could not profile
+      echo "no report ncu-$k.ncu-rep: case $k was not profiled"
+      rc=1
     fi
   done
   return $rc

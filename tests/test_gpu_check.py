@@ -239,6 +239,26 @@ def _fake_tool(path, body):
     return path
 
 
+# A stand-in ncu's report: the file --export names, as ncu writes it (.ncu-rep added).
+_NCU_EXPORT = ('while [[ $# -gt 0 ]]; do [[ $1 == --export ]] && : > "$2.ncu-rep"; shift; '
+               'done\n')
+
+
+def test_ncu_step_fails_when_ncu_writes_no_report(tmp_path):
+    # ncu that cannot read the counters (seen on one runtime of the GPU machines) may run
+    # the program and exit 0: the step passed with nothing profiled.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake_tool(bin_dir / "ncu", 'echo "==ERROR== Failed to initialize the profiler"\n')
+    out = tmp_path / "gc"
+    subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
+                   env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                        "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "OUT": str(out),
+                        "GPU_CHECK_ONLY": "ncu", "GPU_CHECK_BUDGET": "120"})
+    assert "ncu FAIL exit code 1" in (out / "summary.txt").read_text()
+    assert "no report ncu-0.ncu-rep: case 0 was not profiled" in (out / "ncu.log").read_text()
+
+
 @pytest.mark.parametrize("lists", [True, False])
 def test_ncu_step_lists_the_cases_once_and_profiles_each(tmp_path, lists):
     # The ncu step (with a stand-in ncu that records its arguments): ncu_case.py --list runs
@@ -247,7 +267,7 @@ def test_ncu_step_lists_the_cases_once_and_profiles_each(tmp_path, lists):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "calls.log"
-    _fake_tool(bin_dir / "ncu", f'echo "ncu $*" >> {calls}\n')
+    _fake_tool(bin_dir / "ncu", f'echo "ncu $*" >> {calls}\n' + _NCU_EXPORT)
     py = _fake_tool(tmp_path / "py", f'echo "py $*" >> {calls}\n'
                     + (f'exec {sys.executable} "$@"\n' if lists else "exit 1\n"))
     out = tmp_path / "gc"
