@@ -56,7 +56,8 @@
 # summary.txt (PASS/FAIL per step), junit-cuda.xml, bench*.json, steps.json, and
 # results/<card>-<date>.json: all rows and model steps in one file (commit it to
 # benchmarks/results/).
-# Exit code 0 only when every step that ran passed (GPU_CHECK_SKIP skips steps).
+# Exit code 0 only when every step that ran passed (GPU_CHECK_SKIP skips steps) and the
+# merge, where it ran, wrote its file; 2 for a knob it cannot read.
 #
 # Environment knobs:
 #   OUT                    output folder (default gpu_results)
