@@ -5,7 +5,8 @@
 #   OUT=/some/dir bash scripts/gpu_check.sh
 #
 # Steps (each with its own timeout, all within GPU_CHECK_BUDGET seconds; a
-# failing step is logged and the next one runs):
+# failing step is logged and the next one runs, but when ext fails the steps after
+# info are not started: they would all fail for want of the extension):
 #   env        nvidia-smi, driver, python/torch/CUDA/tool versions, date
 #   build      BLURFAST_CUDA=1 pip install --no-build-isolation --no-deps -v .
 #   ext        make the source tree import the built blurfast._C (tests run from here)
@@ -14,9 +15,10 @@
 #              + junit xml)
 #   bench      kernel table of issue 6 (3 shapes, float32 + bfloat16, every impl):
 #              benchmarks/run.py --device cuda --quick --no-steps --strict -> bench.json
-#              (--strict: fails when blurfast or a torch peer raised, or any row's output
-#              failed the check against a float64 truth made before timing it; the JSON is
-#              rewritten after every case and shape, so a timeout keeps finished rows)
+#              (--strict, in every bench step: fails when blurfast or a torch peer raised,
+#              or any row's output failed the check against a float64 truth made before
+#              timing it; the JSON is rewritten after every case and shape, so a timeout
+#              keeps finished rows)
 #   bench_variants  the fast kernel prefetching in every call or in none, and its wide
 #              geometry for every call at 64 x 64 (BLURFAST_CUDA_KERNELS=fast+prefetch,
 #              fast+noprefetch, fast+wide) beside blurfast, blurfast_dense and torch_fp32,
@@ -54,7 +56,8 @@
 # summary.txt (PASS/FAIL per step), junit-cuda.xml, bench*.json, steps.json, and
 # results/<card>-<date>.json: all rows and model steps in one file (commit it to
 # benchmarks/results/).
-# Exit code 0 only when every step that ran passed (GPU_CHECK_SKIP skips steps).
+# Exit code 0 only when every step that ran passed (GPU_CHECK_SKIP skips steps) and the
+# merge, where it ran, wrote its file; 2 for a knob it cannot read.
 #
 # Environment knobs:
 #   OUT                    output folder (default gpu_results)
@@ -63,6 +66,8 @@
 #                          at most 600 s; on an H100 the v4 run spent 149 s building,
 #                          66 s testing, 32 s in the benches and 29 s profiling)
 #   GPU_CHECK_SKIP         space-separated step names to skip, e.g. "build racecheck"
+#                          (here and in GPU_CHECK_ONLY, a name that is no step exits 2
+#                          before anything runs)
 #   GPU_CHECK_ONLY         space-separated step names to run, the others skipped: a second
 #                          call on the machine where the first one built, e.g.
 #                          "ext ncu memcheck racecheck" (benchmarks/NOTES.md has the order
@@ -76,6 +81,26 @@
 #                          GPU_CHECK_ALL_ARCHS=1 keeps the package's default list.
 set -euo pipefail
 
+# Every step, in the order the script runs them: what GPU_CHECK_ONLY and GPU_CHECK_SKIP
+# may name. A name outside it is refused before anything runs (a typo would otherwise
+# skip a step, or run every other one, unnoticed until the GPU time is spent).
+STEPS="env build ext info tests bench bench_variants bench_columns bench_extra steps ncu \
+memcheck tests_paths steps64 racecheck profile"
+for var in GPU_CHECK_ONLY GPU_CHECK_SKIP; do
+  read -ra names <<< "${!var:-}"
+  for name in "${names[@]}"; do
+    if [[ " $STEPS " != *" $name "* ]]; then
+      echo "gpu_check.sh: $var: unknown step '$name'; expected names from: $STEPS" >&2
+      exit 2
+    fi
+  done
+  printf -v "$var" '%s' "${names[*]}"    # the names single-spaced, "" when only blanks
+done
+if [[ ! ${GPU_CHECK_BUDGET:-560} =~ ^[0-9]+$ ]]; then
+  echo "gpu_check.sh: GPU_CHECK_BUDGET: expected whole seconds, got '$GPU_CHECK_BUDGET'" >&2
+  exit 2
+fi
+
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -88,6 +113,7 @@ SKIP=${GPU_CHECK_SKIP:-}
 ONLY=${GPU_CHECK_ONLY:-}
 START=$SECONDS
 FAILED=0
+EXT_FAILED=0    # 1 once ext failed: the steps after info then have no extension to run
 LOG=$OUT/gpu_check.log
 SUMMARY=$OUT/summary.txt
 : > "$LOG"
@@ -118,6 +144,10 @@ selected() {
 step() {
   local name=$1 limit=$2
   shift 2
+  if [[ " $STEPS " != *" $name "* ]]; then
+    echo "gpu_check.sh: step $name is not in STEPS" >&2
+    exit 2
+  fi
   if ! selected "$name"; then
     log "SKIP $name (GPU_CHECK_SKIP / GPU_CHECK_ONLY)"
     echo "$name SKIPPED" >> "$SUMMARY"
@@ -128,6 +158,12 @@ step() {
   if [[ $limit -lt 10 ]]; then
     log "FAIL $name: not started, the ${BUDGET}s budget is spent"
     echo "$name FAIL not started (budget spent)" >> "$SUMMARY"
+    FAILED=1
+    return 0
+  fi
+  if [[ $EXT_FAILED -eq 1 && " env build ext info " != *" $name "* ]]; then
+    log "FAIL $name: not started, ext failed (no blurfast._C with CUDA kernels; ext.log)"
+    echo "$name FAIL not started (ext failed)" >> "$SUMMARY"
     FAILED=1
     return 0
   fi
@@ -145,6 +181,7 @@ step() {
     tail -n 20 "$OUT/$name.log" | sed 's/^/    /' | tee -a "$LOG"
     echo "$name FAIL $why ${dt}s" >> "$SUMMARY"
     FAILED=1
+    if [[ $name == ext ]]; then EXT_FAILED=1; fi
   fi
 }
 
@@ -244,6 +281,9 @@ ncu_cases() {
     if [[ -f "$OUT/ncu-$k.ncu-rep" ]]; then
       ncu --import "$OUT/ncu-$k.ncu-rep" --page details || true
       ncu --import "$OUT/ncu-$k.ncu-rep" --page raw --csv > "$OUT/ncu-$k.csv" || true
+    else        # ncu can exit 0 with the program's status when it could not profile
+      echo "no report ncu-$k.ncu-rep: case $k was not profiled"
+      rc=1
     fi
   done
   return $rc
@@ -281,15 +321,15 @@ step tests 130 "$PY" -m pytest tests -m cuda -k "not test_gpu_paths" \
 if selected tests; then junit_counts cuda; fi
 step bench 90 "$PY" benchmarks/run.py --device cuda --quick --no-steps --strict \
   --json "$OUT/bench.json"
-step bench_variants 50 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
+step bench_variants 50 "$PY" benchmarks/run.py --device cuda --quick --no-steps --strict \
   --shapes 256x3x64x64 16x3x64x64 256x3x32x32 64x3x128x128 --dtypes float32 bfloat16 \
   --impls blurfast blurfast_prefetch blurfast_noprefetch blurfast_wide blurfast_dense \
   blurfast_given_noise torch_fp32 \
   --json "$OUT/bench_variants.json"
-step bench_columns 25 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
+step bench_columns 25 "$PY" benchmarks/run.py --device cuda --quick --no-steps --strict \
   --shapes 64x3x256x256 --cases q_sample sampler_step --dtypes float32 bfloat16 \
   --impls blurfast blurfast_separate blurfast_fill torch_fp32 --json "$OUT/bench_columns.json"
-step bench_extra 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps \
+step bench_extra 40 "$PY" benchmarks/run.py --device cuda --quick --no-steps --strict \
   --shapes 256x3x32x32 64x3x128x128 --impls blurfast blurfast_dense blurfast_simple torch_fp32 \
   --json "$OUT/bench_extra.json"
 # 400 s: run v6 took 208 s with one compiled configuration; the second (_cl) needs about as
@@ -314,10 +354,23 @@ step profile 300 "$PY" scripts/profile_step.py --batch 16 --compile --compiled-o
 # One results file: the kernel rows of the bench runs and the model steps (of a second
 # call too, when its files are copied into the first call's folder and this is rerun:
 # python scripts/merge_results.py FOLDER).
-if compgen -G "$OUT/bench*.json" > /dev/null || compgen -G "$OUT/steps*.json" > /dev/null; then
-  name=$("$PY" scripts/merge_results.py "$OUT" || true)
-  if [[ -n "$name" ]]; then
+# Its messages (a partial run, or why it refused) go to merge.log and the running log; a
+# refusal fails the script. Within the budget like every step (the device call's time
+# past the budget is for the tar of $OUT); once it is spent the merge is left for later.
+left=$((BUDGET - (SECONDS - START) - 2))
+if ! compgen -G "$OUT/bench*.json" > /dev/null && ! compgen -G "$OUT/steps*.json" > /dev/null; then
+  :
+elif [[ $left -lt 10 ]]; then
+  log "merge not run: the ${BUDGET}s budget is spent (later: python scripts/merge_results.py FOLDER)"
+else
+  if name=$(timeout -k 2 "$left" "$PY" scripts/merge_results.py "$OUT" 2> "$OUT/merge.log"); then
     log "results: $OUT/results/$name (commit it under benchmarks/results/)"
+    sed 's/^/    /' "$OUT/merge.log" | tee -a "$LOG"
+  else
+    log "FAIL merge: python scripts/merge_results.py $OUT wrote no results file:"
+    tail -n 20 "$OUT/merge.log" | sed 's/^/    /' | tee -a "$LOG"
+    echo "merge FAIL" >> "$SUMMARY"
+    FAILED=1
   fi
 fi
 

@@ -4,7 +4,12 @@ blurfast.bench's JSON shape, with the goals of issues 4 and 6 judged over all ro
 (``targets``); prints the name. A bench cut short by its time limit leaves the rows it
 finished, marked ``"partial": true``, which is kept. Each row (kernel, skipped, model step)
 names its ``run`` (the file it came from: several runs time the same row), and ``runs``
-holds each run's ``copy_gbps``, which its rows' ``copy_fraction`` is measured against."""
+holds each run's ``copy_gbps``, which its rows' ``copy_fraction`` is measured against, and
+``"partial": true`` for a run cut short (also said on stderr).
+
+Input that is not of that shape is refused (exit 1, one line naming the file and what is
+wrong): a file that is not JSON, a header or a row without its keys, or files of another
+machine (gpu, driver, torch or device differ: a stale file of an earlier session)."""
 import json
 import os
 import re
@@ -19,6 +24,42 @@ except ImportError:   # none installed: the source tree this script is in
 
 KERNEL_FILES = ("bench.json", "bench_extra.json", "bench_variants.json", "bench_columns.json")
 STEP_FILES = ("steps.json", "steps64.json")    # each with its own baseline rows
+# The keys each file, kernel row and model-step row must have (blurfast.bench's shape).
+HEADER_KEYS = ("gpu", "driver", "torch", "date", "copy_gbps", "device", "rows")
+ROW_KEYS = ("case", "shape", "impl", "median_us", "gbps", "copy_fraction",
+            "speedup_vs_torch_fp32")
+STEP_KEYS = ("case", "preset", "shape", "impl", "ms_per_step", "images_per_s",
+             "speedup_vs_torch_fp32")
+SAME_MACHINE = ("gpu", "driver", "torch", "device")    # equal in every file merged
+
+
+def load(path: str) -> dict:
+    """The results dict of ``path``; SystemExit naming the file and what is wrong with it
+    where it is not blurfast.bench's shape (STEP_FILES need their ``model_steps`` too)."""
+    try:
+        with open(path) as f:
+            e = json.load(f)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"{path}: not readable as JSON ({err})")
+    if not isinstance(e, dict):
+        raise SystemExit(f"{path}: expected a JSON object, got {type(e).__name__}")
+    step_file = os.path.basename(path) in STEP_FILES
+    need = HEADER_KEYS + (("model_steps",) if step_file else ())
+    missing = [k for k in need if k not in e]
+    if missing:
+        raise SystemExit(f"{path}: no {', '.join(missing)}; expected the keys {need}")
+    if not isinstance(e["date"], str):
+        raise SystemExit(f"{path}: date: expected an ISO date string, got {e['date']!r}")
+    for key, keys in (("rows", ROW_KEYS), ("model_steps", STEP_KEYS), ("skipped", ())):
+        items = e.get(key, [])
+        if not isinstance(items, list):
+            raise SystemExit(f"{path}: {key}: expected a list, got {type(items).__name__}")
+        for i, r in enumerate(items):
+            lacks = [k for k in keys if k not in r] if isinstance(r, dict) else list(keys)
+            if not isinstance(r, dict) or lacks:
+                raise SystemExit(f"{path}: {key}[{i}] is not a row with the keys {keys}"
+                                 + (f" (no {', '.join(lacks)})" if lacks else ""))
+    return e
 
 
 def main(out: str) -> str:
@@ -27,19 +68,24 @@ def main(out: str) -> str:
         raise SystemExit(f"no results in {out}: expected one of {KERNEL_FILES + STEP_FILES}")
     d = None
     for name in found:
-        with open(os.path.join(out, name)) as f:
-            e = json.load(f)
+        e = load(os.path.join(out, name))
         run = name[:-5]
         if d is None:            # the header (card, driver, torch, date) of the first file
             d = dict(e, rows=[], skipped=[], model_steps=[], runs={})
             d.pop("partial", None)
-        d["runs"][run] = {"copy_gbps": e.get("copy_gbps")}
+            first = name
+        for k in SAME_MACHINE:
+            if e[k] != d[k]:
+                raise SystemExit(f"{out}: {name} has {k} {e[k]!r}, {first} {d[k]!r}: one "
+                                 "results file holds the runs of one machine and software")
+        d["runs"][run] = {"copy_gbps": e["copy_gbps"]}
         d["rows"] += [dict(r, run=run) for r in e.get("rows", [])]
         d["skipped"] += [dict(r, run=run) for r in e.get("skipped", [])]
         if name in STEP_FILES:
             d["model_steps"] += [dict(r, run=run) for r in e.get("model_steps", [])]
         if e.get("partial"):     # a run cut short by its time limit: the rows it finished
-            d["partial"] = True
+            d["partial"] = d["runs"][run]["partial"] = True
+            print(f"partial: {name} was cut short, its finished rows only", file=sys.stderr)
     d["targets"] = targets(d)
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", d.get("gpu", "gpu")).strip("-").lower()
     name = f"{gpu}-{d.get('date', '')[:10]}.json"

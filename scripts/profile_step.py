@@ -10,6 +10,10 @@
    GPU time: of the fastest compiled configuration (bf16, compiled model, CUDA graph;
    train()'s default on one GPU is NCHW and casts per use) with ``--compile``, else of
    eager bf16 steps (NCHW).
+
+A configuration that raises is reported on its line and the others go on (exit code 1
+at the end); ``--out`` is rewritten after each configuration, so a run cut short by a
+time limit keeps the lines it finished.
 """
 import argparse
 import os
@@ -20,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from blurfast.diffusion import BlurDiffusion  # noqa: E402
+from blurfast.fileio import atomic_path  # noqa: E402
 from blurfast.models import UNet  # noqa: E402
 from blurfast.training import TrainStep  # noqa: E402
 
@@ -109,13 +114,27 @@ def main(argv=None):
         p.error("--compiled-only: needs --compile")
     configs = {**({} if a.compiled_only else CONFIGS), **(COMPILED if a.compile else {})}
     profiled, best = None, float("inf")    # (what, step): the fastest compiled one
+    failed = 0
+
+    def write():               # after each configuration: a time limit keeps what ran
+        if a.out:
+            with atomic_path(a.out, suffix=".txt") as tmp:
+                tmp.write_text("\n".join(lines) + "\n")
+
     for name, kw in configs.items():
-        fn = make_step(a.preset, a.resolution, a.batch, **kw)
-        ms = ms_per_step(fn, warmup=5, iters=a.iters)
-        lines.append(f"{name:36s} {ms:8.2f} ms/step  {a.batch / ms * 1e3:8.1f} images/s")
+        try:
+            fn = make_step(a.preset, a.resolution, a.batch, **kw)
+            ms = ms_per_step(fn, warmup=5, iters=a.iters)
+        except Exception as e:             # one that fails (a compile) leaves the others
+            failed += 1
+            fn = None
+            lines.append(f"{name:36s} failed: {type(e).__name__}: {e}"[:500])
+        else:
+            lines.append(f"{name:36s} {ms:8.2f} ms/step  {a.batch / ms * 1e3:8.1f} images/s")
+            if kw.get("compile") and ms < best:
+                profiled, best = (f"3 steps of {name}, the fastest compiled step", fn), ms
         print(lines[-1], flush=True)
-        if kw.get("compile") and ms < best:
-            profiled, best = (f"3 steps of {name}, the fastest compiled step", fn), ms
+        write()
         del fn
         torch.cuda.empty_cache()
 
@@ -142,11 +161,8 @@ def main(argv=None):
             table = None
     lines += ["", f"torch.profiler, {what}, by GPU time:", table or "?"]
     print("\n".join(lines[-5:]), flush=True)
-    if a.out:
-        with open(a.out + ".tmp", "w") as f:
-            f.write("\n".join(lines) + "\n")
-        os.replace(a.out + ".tmp", a.out)
-    return 0
+    write()
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

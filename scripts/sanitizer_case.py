@@ -22,6 +22,10 @@ import traceback
 
 import torch
 
+# The blurfast of this tree (the one gpu_check.sh's ext step made importable), as
+# ncu_case.py and profile_step.py import it; run as a script, Python puts scripts/ first.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 SHAPES = [
     (2, 3, 8, 8), (2, 3, 16, 16), (2, 3, 32, 32), (2, 3, 64, 64), (1, 3, 128, 128),
     (1, 2, 256, 256), (1, 1, 1, 1), (2, 1, 7, 12), (1, 2, 33, 20), (0, 3, 16, 16),

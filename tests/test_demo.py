@@ -130,9 +130,11 @@ def test_merge_results_of_two_device_calls(tmp_path):
                            run_name="merge")["main"]
     head = {"gpu": "NVIDIA H100 80GB HBM3", "driver": "580", "torch": "2.11",
             "date": "2026-11-26T20:00:00+00:00", "device": "cuda", "copy_gbps": 2960.0}
-    row = {"case": "dct2", "shape": [2, 3, 64, 64], "impl": "torch_fp32", "median_us": 5.0}
+    row = {"case": "dct2", "shape": [2, 3, 64, 64], "impl": "torch_fp32", "median_us": 5.0,
+           "gbps": 1.0, "copy_fraction": 0.001, "speedup_vs_torch_fp32": 1.0}
     step = {"case": "train_step", "preset": "paper64", "impl": "torch_fp32",
-            "ms_per_step": 100.0, "images_per_s": 160.0}
+            "ms_per_step": 100.0, "images_per_s": 160.0, "speedup_vs_torch_default": 0.8,
+            "speedup_vs_torch_fp32": 1.0}
     files = {"bench.json": dict(head, rows=[row], skipped=[]),
              "bench_variants.json": dict(head, rows=[dict(row, impl="blurfast_wide")],
                                          skipped=[{"impl": "x", "error": False}]),
@@ -154,6 +156,7 @@ def test_merge_results_of_two_device_calls(tmp_path):
     assert [(r["run"], r["shape"][0]) for r in got["model_steps"]] == [("steps", 16),
                                                                        ("steps64", 64)]
     assert got["partial"] is True and len(got["skipped"]) == 1 and got["driver"] == "580"
+    assert got["runs"]["steps"] == {"copy_gbps": 2960.0, "partial": True}
 
 
 def test_kernel_names_in_bench_rows_are_short():

@@ -29,6 +29,59 @@ def _steps():
     return out
 
 
+def _script_steps():
+    """The names of the script's STEPS, what GPU_CHECK_ONLY and GPU_CHECK_SKIP may name."""
+    text = re.sub(r"\\\n", "", SCRIPT.read_text())
+    return re.search(r'^STEPS="([^"]*)"', text, re.M).group(1).split()
+
+
+def test_steps_names_every_step_in_order():
+    assert _script_steps() == [n for n, _ in _steps()]
+
+
+@pytest.mark.parametrize("var, value, bad", [
+    ("GPU_CHECK_ONLY", "ext ncu memcheck racechek", "racechek"),    # a typo
+    ("GPU_CHECK_SKIP", "biuld", "biuld"),
+    ("GPU_CHECK_ONLY", "ext *", "*"),                               # not globbed
+    ("GPU_CHECK_BUDGET", "572s", None),     # it failed in the first step's arithmetic
+])
+def test_an_unknown_step_name_is_refused_before_anything_runs(tmp_path, var, value, bad):
+    # Without the check a typo in GPU_CHECK_ONLY ran the other steps and skipped the
+    # mistyped one (or, in GPU_CHECK_SKIP, ran the step meant to be skipped): found only
+    # after the GPU time was spent.
+    out = tmp_path / "gc"
+    r = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": sys.executable, "OUT": str(out),
+                            "GPU_CHECK_BUDGET": "60", var: value})
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    if bad is None:
+        assert f"{var}: expected whole seconds, got '{value}'" in r.stderr
+    else:
+        assert f"{var}: unknown step '{bad}'" in r.stderr and "racecheck profile" in r.stderr
+    assert not out.exists() and r.stdout == ""
+
+
+def test_a_failed_ext_starts_no_later_step(tmp_path):
+    # ext fails (the extension does not import, or torch sees no GPU): info still runs
+    # (it says what is installed), the steps after it are failed without starting, so
+    # the budget is not spent on a dozen imports that fail.
+    calls = tmp_path / "calls.log"
+    py = _fake_tool(tmp_path / "py", f'echo "py $*" >> {calls}\nexit 1\n')
+    out = tmp_path / "gc"
+    r = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": str(py), "OUT": str(out),
+                            "GPU_CHECK_ONLY": "ext info bench memcheck",
+                            "GPU_CHECK_BUDGET": "120"})
+    assert r.returncode == 1
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert summary[2].startswith("ext FAIL") and summary[3].startswith("info FAIL exit code")
+    assert "bench FAIL not started (ext failed)" in summary
+    assert "memcheck FAIL not started (ext failed)" in summary
+    ran = calls.read_text()
+    assert "-m blurfast info" in ran and "benchmarks/run.py" not in ran
+    assert "sanitizer_case" not in ran
+
+
 def _python_args(words, out_dir):
     """The words after `"$PY"`, with $OUT replaced; None for a command not run by Python."""
     if "$PY" not in words:
@@ -171,7 +224,7 @@ def test_a_second_call_keeps_the_first_calls_results(tmp_path):
     # No step runs; the merge imports the installed package (no PYTHONPATH: a source tree
     # without its built extension would shadow it).
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out),
-           "GPU_CHECK_ONLY": "none", "GPU_CHECK_BUDGET": "120"}
+           "GPU_CHECK_SKIP": " ".join(n for n, _ in _steps()), "GPU_CHECK_BUDGET": "120"}
     r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert (out / "bench.json").exists() and (out / "junit-cuda.xml").exists()
@@ -186,6 +239,26 @@ def _fake_tool(path, body):
     return path
 
 
+# A stand-in ncu's report: the file --export names, as ncu writes it (.ncu-rep added).
+_NCU_EXPORT = ('while [[ $# -gt 0 ]]; do [[ $1 == --export ]] && : > "$2.ncu-rep"; shift; '
+               'done\n')
+
+
+def test_ncu_step_fails_when_ncu_writes_no_report(tmp_path):
+    # ncu that cannot read the counters (seen on one runtime of the GPU machines) may run
+    # the program and exit 0: the step passed with nothing profiled.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake_tool(bin_dir / "ncu", 'echo "==ERROR== Failed to initialize the profiler"\n')
+    out = tmp_path / "gc"
+    subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
+                   env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                        "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "OUT": str(out),
+                        "GPU_CHECK_ONLY": "ncu", "GPU_CHECK_BUDGET": "120"})
+    assert "ncu FAIL exit code 1" in (out / "summary.txt").read_text()
+    assert "no report ncu-0.ncu-rep: case 0 was not profiled" in (out / "ncu.log").read_text()
+
+
 @pytest.mark.parametrize("lists", [True, False])
 def test_ncu_step_lists_the_cases_once_and_profiles_each(tmp_path, lists):
     # The ncu step (with a stand-in ncu that records its arguments): ncu_case.py --list runs
@@ -194,7 +267,7 @@ def test_ncu_step_lists_the_cases_once_and_profiles_each(tmp_path, lists):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "calls.log"
-    _fake_tool(bin_dir / "ncu", f'echo "ncu $*" >> {calls}\n')
+    _fake_tool(bin_dir / "ncu", f'echo "ncu $*" >> {calls}\n' + _NCU_EXPORT)
     py = _fake_tool(tmp_path / "py", f'echo "py $*" >> {calls}\n'
                     + (f'exec {sys.executable} "$@"\n' if lists else "exit 1\n"))
     out = tmp_path / "gc"
@@ -214,3 +287,204 @@ def test_ncu_step_lists_the_cases_once_and_profiles_each(tmp_path, lists):
     assert [r.split("--case ")[-1] for r in runs] == [str(k) for k in range(len(names))]
     assert all(f"--export {out}/ncu-{k} " in r for k, r in enumerate(runs))
     assert "ncu PASS" in summary
+
+
+_HEADER = {"gpu": "NVIDIA H200", "driver": "580.1", "torch": "2.13.0",
+           "date": "2026-11-28T10:00:00+00:00", "copy_gbps": 4000.0, "device": "cuda"}
+_ROW = {"case": "q_sample", "shape": [256, 3, 64, 64], "impl": "blurfast", "dtype": "float32",
+        "median_us": 20.0, "gbps": 1887.4, "copy_fraction": 0.4719,
+        "speedup_vs_torch_fp32": 10.5, "wall_us": 25.0, "launches": 1}
+_STEP = {"case": "train_step", "preset": "paper64", "shape": [16, 3, 64, 64],
+         "impl": "blurfast", "ms_per_step": 20.0, "images_per_s": 800.0,
+         "speedup_vs_torch_default": 5.5, "speedup_vs_torch_fp32": 6.0}
+
+
+def _write_results(folder, **files):
+    import json
+    folder.mkdir(exist_ok=True)
+    for name, d in files.items():
+        (folder / f"{name}.json").write_text(d if isinstance(d, str) else json.dumps(d))
+    return folder
+
+
+def _merge():
+    return runpy.run_path(str(ROOT / "scripts" / "merge_results.py"), run_name="test")["main"]
+
+
+def test_merge_keeps_the_shape_and_names_the_partial_run(tmp_path, capsys):
+    import json
+    out = _write_results(
+        tmp_path / "gc",
+        bench=dict(_HEADER, partial=True, rows=[_ROW], skipped=[]),    # cut by its limit
+        bench_extra=dict(_HEADER, copy_gbps=3900.0,
+                         rows=[dict(_ROW, shape=[256, 3, 32, 32])], skipped=[]),
+        steps=dict(_HEADER, rows=[], skipped=[], model_steps=[_STEP]))
+    name = _merge()(str(out))
+    assert name == "nvidia-h200-2026-11-28.json"
+    m = json.loads((out / "results" / name).read_text())
+    assert {k: m[k] for k in _HEADER} == _HEADER                  # the first file's header
+    assert [(r["run"], r["shape"][-1]) for r in m["rows"]] == [("bench", 64), ("bench_extra", 32)]
+    assert all(set(_ROW) <= set(r) for r in m["rows"])
+    assert m["model_steps"] == [dict(_STEP, run="steps")]
+    # Which run was cut is kept (each run's rows are compared within that run's copy).
+    assert m["partial"] is True
+    assert m["runs"] == {"bench": {"copy_gbps": 4000.0, "partial": True},
+                         "bench_extra": {"copy_gbps": 3900.0}, "steps": {"copy_gbps": 4000.0}}
+    assert "partial: bench.json" in capsys.readouterr().err
+    assert [t["met"] for t in m["targets"]] == [False, True]       # 47% of copy; 6.0x
+
+
+@pytest.mark.parametrize("files, says", [
+    ({"bench": '{"gpu": "NVIDIA H200", "rows": ['}, "bench.json: not readable as JSON"),
+    ({"bench": {**_HEADER, "rows": [{k: v for k, v in _ROW.items() if k != "median_us"}]}},
+     "bench.json: rows[0] is not a row with the keys"),
+    ({"bench": {k: v for k, v in _HEADER.items() if k != "copy_gbps"} | {"rows": []}},
+     "bench.json: no copy_gbps"),
+    ({"steps": {**_HEADER, "rows": []}}, "steps.json: no model_steps"),
+    ({"steps": {**_HEADER, "rows": [], "model_steps": [{"case": "train_step"}]}},
+     "steps.json: model_steps[0] is not a row"),
+    # A stale file of another machine or torch in the folder of this run.
+    ({"bench": {**_HEADER, "rows": [_ROW]},
+      "bench_extra": {**_HEADER, "gpu": "NVIDIA H100 80GB HBM3", "rows": [_ROW]}},
+     "bench_extra.json has gpu 'NVIDIA H100 80GB HBM3', bench.json 'NVIDIA H200'"),
+    ({"bench": {**_HEADER, "rows": [_ROW]},
+      "steps": {**_HEADER, "torch": "2.11.0", "rows": [], "model_steps": []}},
+     "steps.json has torch '2.11.0', bench.json '2.13.0'"),
+])
+def test_merge_refuses_input_not_of_the_benchs_shape(tmp_path, files, says):
+    out = _write_results(tmp_path / "gc", **files)
+    with pytest.raises(SystemExit) as e:
+        _merge()(str(out))
+    assert says in str(e.value)
+    assert not (out / "results").exists()
+
+
+def test_a_refused_merge_fails_the_script_and_says_why(tmp_path):
+    # The script ran the merge with `|| true` and its stderr outside the logs: a refused
+    # merge left no results file, and the run still said PASS.
+    out = _write_results(tmp_path / "gc", bench='{"gpu": "NVIDIA H200", "rows": [')
+    r = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": sys.executable, "OUT": str(out),
+                            "PYTHONPATH": str(ROOT), "GPU_CHECK_BUDGET": "120",
+                            "GPU_CHECK_SKIP": " ".join(_script_steps())})
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "merge FAIL" in (out / "summary.txt").read_text().splitlines()
+    log = (out / "gpu_check.log").read_text()
+    assert "FAIL merge" in log and "bench.json: not readable as JSON" in log
+    assert "RESULT: FAIL" in log and not (out / "results").exists()
+
+
+@pytest.mark.parametrize("script, args", [
+    ("sanitizer_case.py", ["--device", "cpu", "--max-hw", "8"]),
+    ("ncu_case.py", ["--list"]),
+])
+def test_the_scripts_the_steps_run_import_their_own_tree(tmp_path, script, args):
+    # memcheck and racecheck run `python scripts/sanitizer_case.py`: Python puts scripts/
+    # first on the path, so without PYTHONPATH it imported another installed blurfast (or
+    # none: ModuleNotFoundError under the sanitizer) instead of the tree being checked.
+    code = ("import runpy, sys; sys.argv = [sys.argv[1], *sys.argv[2:]]\n"
+            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "import blurfast; print(blurfast.__file__)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT / "scripts" / script), *args],
+                       cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stdout.splitlines()[-1] == str(ROOT / "blurfast" / "__init__.py")
+
+
+def test_the_script_ends_within_its_budget_when_the_merge_would_not(tmp_path):
+    # The merge ran after the steps with no limit: a last step cut by the budget, then the
+    # merge's imports, ran past GPU_CHECK_BUDGET into the device call's margin for the tar
+    # of $OUT (a call killed there returns nothing). Here every Python call hangs.
+    import time
+    py = _fake_tool(tmp_path / "py", "sleep 60\n")
+    out = _write_results(tmp_path / "gc", bench=dict(_HEADER, rows=[_ROW], skipped=[]))
+    t0 = time.monotonic()
+    r = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": str(py), "OUT": str(out),
+                            "GPU_CHECK_ONLY": "info", "GPU_CHECK_BUDGET": "16"})
+    took = time.monotonic() - t0
+    assert r.returncode == 1 and took < 16 + 3, (took, r.stdout[-2000:])
+    log = (out / "gpu_check.log").read_text()
+    assert "FAIL info: timed out after 13s" in log and "merge not run" in log
+    assert (out / "bench.json").exists() and not (out / "results").exists()
+
+
+def test_a_wrong_output_fails_every_bench_step(monkeypatch, tmp_path):
+    # A row whose output fails the float64 check is not timed but listed in `skipped`;
+    # bench_variants, bench_columns and bench_extra (the wide geometry in bfloat16 and the
+    # 256 x 256 passes, on trial) ran without --strict and passed with such a row.
+    import blurfast.bench as bench
+    wrong = {"case": "q_sample", "shape": [16, 3, 64, 64], "impl": "blurfast_wide",
+             "dtype": "bfloat16", "reason": "WrongOutput: x_t ...", "error": True,
+             "wrong_output": True}
+
+    def fake_run(device, quick, **kw):            # the bench's result, one row wrong
+        return dict(_HEADER, rows=[_ROW], skipped=[wrong])
+    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(bench, "check_gpu_seen", lambda name: None)
+    benches = {n: w for n, w in _steps() if "benchmarks/run.py" in w and "--no-steps" in w}
+    assert {"bench", "bench_variants", "bench_columns", "bench_extra"} <= set(benches)
+    for name, words in benches.items():
+        args = _python_args(words, tmp_path)
+        main = runpy.run_path(str(ROOT / args[0]), run_name="gpu_check_test")["main"]
+        assert main(args[1:]) == 1, f"step {name} passes with a wrong output"
+
+
+def _profile_step_on_the_cpu(monkeypatch, steps):
+    """scripts/profile_step.py as a module whose CUDA calls are the CPU's, and whose
+    make_step(preset, res, batch, **kw) gives steps(kw): a step function, or raises."""
+    import importlib.util
+    import torch
+    spec = importlib.util.spec_from_file_location("profile_step_test",
+                                                  ROOT / "scripts" / "profile_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for name, value in (("is_available", lambda: True), ("get_device_name", lambda: "Fake"),
+                        ("synchronize", lambda: None), ("empty_cache", lambda: None)):
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(mod, "make_step", lambda preset, res, batch, **kw: steps(kw))
+    return mod
+
+
+def test_profile_step_goes_on_past_a_failed_configuration(monkeypatch, tmp_path):
+    # A compile that raised in one configuration (channels_last, new) ended the script:
+    # no profile of the compiled step, the step's 300 s spent for nothing.
+    import torch
+    from blurfast.bench_steps import backend_flags
+
+    def steps(kw):
+        if kw.get("channels_last"):
+            raise RuntimeError("Inductor: a compile error")
+        a = torch.randn(64, 64)
+        return lambda: a @ a
+    mod = _profile_step_on_the_cpu(monkeypatch, steps)
+    out = tmp_path / "profile_step.txt"
+    with backend_flags("torch_default"):          # restores the flags main() sets
+        rc = mod.main(["--compile", "--compiled-only", "--iters", "2", "--out", str(out)])
+    assert rc == 1
+    text = out.read_text()
+    assert "bf16 + compile + graph + channels_last failed: RuntimeError: Inductor: a compile " \
+        "error" in text.splitlines()
+    assert text.count(" ms/step ") == 2 and "the fastest compiled step, by GPU time" in text
+
+
+def test_profile_step_keeps_the_lines_of_a_run_cut_short(monkeypatch, tmp_path):
+    # --out was written only at the end: a run killed by its time limit (three compiles
+    # in 300 s) left no file.
+    import torch
+    from blurfast.bench_steps import backend_flags
+
+    def steps(kw):
+        if kw.get("channels_last"):
+            raise KeyboardInterrupt                # stands for the time limit's signal
+        a = torch.randn(64, 64)
+        return lambda: a @ a
+    mod = _profile_step_on_the_cpu(monkeypatch, steps)
+    out = tmp_path / "profile_step.txt"
+    with backend_flags("torch_default"), pytest.raises(KeyboardInterrupt):
+        mod.main(["--compile", "--compiled-only", "--iters", "2", "--out", str(out)])
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("Fake | torch") and len(lines) == 3
+    assert lines[1].startswith("bf16 + compile + graph ") and " ms/step " in lines[2]
