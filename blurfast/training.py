@@ -974,13 +974,20 @@ class _FidLog:
         return False
 
 
-def _fixed_differences(old: dict, new: dict) -> list:
-    """``(key, old value, new value)`` for each entry of the model, the diffusion and the
-    target that differs between a checkpoint's config ``old`` and a run's ``new``; nested
-    entries as ``model.base_channels``."""
+# What a checkpoint's weights mean: a resumed run may not change these (the image size
+# and channels are the model's and the diffusion's entries; pixel_range, the data range
+# the model was trained to predict and its samples are read back from).
+FIXED_ON_RESUME = ("model", "diffusion", "target", "pixel_range")
+
+
+def _fixed_differences(old: dict, new: dict, defaults: Optional[dict] = None) -> list:
+    """``(key, old value, new value)`` for each entry of :data:`FIXED_ON_RESUME` that
+    differs between a checkpoint's config ``old`` and a run's ``new``; nested entries as
+    ``model.base_channels``. ``defaults``: the values of keys ``old`` lacks (saved by a
+    version without them)."""
     found = []
-    for k in ("model", "diffusion", "target"):
-        a, b = old.get(k), new.get(k)
+    for k in FIXED_ON_RESUME:
+        a, b = old.get(k, (defaults or {}).get(k)), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             found += [(f"{k}.{e}", a.get(e), b.get(e)) for e in sorted(set(a) | set(b))
                       if a.get(e) != b.get(e)]
@@ -1032,15 +1039,16 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
         state = ckpt.load(cfg["resume"])
     if state is not None:
         old = state["config"]
-        fixed = _fixed_differences(old, cfg)
+        # A key the checkpoint's version did not save had its default then.
+        defaults = {k: v.default for k, v in inspect.signature(train).parameters.items()}
+        fixed = _fixed_differences(old, cfg, defaults)
         if fixed:
             raise ValueError(
                 "resume: " + "; ".join(f"{k} {new!r} differs from the checkpoint's {was!r}"
                                        for k, was, new in fixed) +
-                f" ({state['path']}); a resumed run keeps the checkpoint's model, diffusion "
-                f"and target: leave these as they were, or train into a new directory")
-        # A key the checkpoint's version did not save had its default then.
-        defaults = {k: v.default for k, v in inspect.signature(train).parameters.items()}
+                f" ({state['path']}); a resumed run keeps the checkpoint's model (its "
+                f"resolution and channels), diffusion, target and pixel_range: leave these "
+                f"as they were, or train into a new directory")
         was = {k: old.get(k, defaults.get(k)) for k in cfg}
         changed = sorted(k for k in cfg if k not in ("resume", "steps", "out") and
                          was[k] != cfg[k])

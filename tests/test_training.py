@@ -1226,6 +1226,37 @@ def test_grad_accum_under_cast_once_adds_rounds_as_autocast_does():
     assert ref.read_stats() == new.read_stats()
 
 
+def test_resuming_with_another_pixel_range_is_an_error_naming_both_values(made16, tmp_path):
+    # A model trained on [-1, 1] pixels predicts x0 there; resumed with pixel_range "0,1"
+    # it was trained on (and its samples read back from) [0, 1] with a warning only.
+    out = tmp_path / "run"
+    training.train(data=str(made16), out=str(out), steps=2, **KW)
+    with pytest.raises(ValueError, match=r"^resume: pixel_range '0,1' differs from the "
+                                         r"checkpoint's '-1,1' \("):
+        training.train(data=str(made16), out=str(out), steps=3, resume="auto",
+                       pixel_range="0,1", **KW)
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [2]
+    # A checkpoint saved without the key had the default, "-1,1": resumed with it, no error.
+    d = ckpt.list_checkpoints(out / "checkpoints")[0][1]
+    state = ckpt.load(d)
+    old = {k: v for k, v in state["config"].items() if k != "pixel_range"}
+    extra = {k: state[k] for k in state if k not in ("format", "step", "config", "path")}
+    net, ema = UNet(**old["model"]), UNet(**old["model"])
+    net.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    ckpt.save(out / "checkpoints", 2, net, ema, extra, old)
+    with pytest.raises(ValueError, match=r"^resume: pixel_range '0,1' differs from the "
+                                         r"checkpoint's '-1,1'"):
+        training.train(data=str(made16), out=str(out), steps=3, resume="auto",
+                       pixel_range="0,1", **KW)
+    # A harmless change (log_every) still trains on, with a warning.
+    with pytest.warns(UserWarning, match="settings changed since the checkpoint: log_every "
+                                         "1 -> 2"):
+        training.train(data=str(made16), out=str(out), steps=3, resume="auto",
+                       **{**KW, "log_every": 2})
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")][0] == 3
+
+
 def test_resuming_a_checkpoint_saved_before_a_new_setting_warns_of_no_change(made16, tmp_path,
                                                                           recwarn):
     # A checkpoint of a version without grad_accum: its run had the default, so resuming
