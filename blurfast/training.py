@@ -954,7 +954,10 @@ class _FidLog:
     of an older run (step, fid) gets the kid column, nan in its rows. A non-finite FID is
     logged but never the best."""
 
-    def __init__(self, path: Path, start: int, best_dir: Path, ck_dir: Path):
+    def __init__(self, path: Path, start: int, best_dir: Optional[Path] = None,
+                 ck_dir: Optional[Path] = None):
+        # best_dir, ck_dir: the run's best/ and checkpoints/, which _settle_best makes
+        # agree with the rows kept; None: the best of the rows alone.
         self.path = path
         rows = []
         if start > 0 and path.is_file():
@@ -963,7 +966,9 @@ class _FidLog:
         lines = [",".join(FID_FIELDS)] + [f"{r['step']},{r['fid']},{r.get('kid', 'nan')}"
                                           for r in rows]
         write_text(path, "".join(line + "\n" for line in lines))
-        self.best = _settle_best(best_dir, ck_dir, rows)
+        self.best = (min((v for v in (float(r["fid"]) for r in rows) if math.isfinite(v)),
+                         default=float("inf")) if best_dir is None
+                     else _settle_best(best_dir, ck_dir, rows))
 
     def add(self, step: int, value: float, kid: Optional[float] = None) -> bool:
         with open(self.path, "a") as f:
