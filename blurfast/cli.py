@@ -271,31 +271,43 @@ def _add_sample(sub) -> None:
     s.set_defaults(func=_sample)
 
 
+def _default_num_steps() -> int:
+    """BlurDiffusion's N where a stored config does not name one."""
+    import inspect
+
+    from .diffusion import BlurDiffusion
+    return inspect.signature(BlurDiffusion).parameters["num_steps"].default
+
+
 def _sample(args) -> int:
     from .checkpoint import stored_config
-    from .generate import generate, resolve_checkpoint
+    from .generate import check_arguments, generate, resolve_checkpoint
     from .sampling import check_eta, eta_first
     check_eta(args.sampler, args.eta, "--eta")
     if not 0 <= args.stochastic_first <= 1:
         raise ValueError(f"--stochastic-first: expected a fraction in [0, 1], got "
                          f"{args.stochastic_first}")
     check_eta(args.sampler, args.stochastic_first, "--stochastic-first")
+    kw = dict(sampler=args.sampler, batch=args.batch, seed=args.seed, fmt=args.fmt,
+              precision=args.precision, ema=ema_weights(args), cuda_graph=args.cuda_graph,
+              compile=args.compile, clip=not args.no_clip, resume=args.resume,
+              progress=not args.no_progress)
+    check_arguments(args.n, args.out, eta=args.eta, **kw)    # before the checkpoint is read
     # Resolved once here (generate takes the checkpoint directory as it is): its N bounds
     # --steps, and the full chain's length (N-1 calls) sizes --stochastic-first's etas.
     path = resolve_checkpoint(args.ckpt)
-    top = stored_config(path)["diffusion"]["num_steps"] - 1
+    diffusion = stored_config(path).get("diffusion")
+    if not isinstance(diffusion, dict):      # load_model says what is wrong with it
+        diffusion = {}
+    top = diffusion.get("num_steps", _default_num_steps()) - 1
     if not 0 <= args.steps <= top:
         raise ValueError(f"--steps: expected an int in [0, {top}] for this run's N = "
                          f"{top + 1} (0 = the full chain), got {args.steps}")
     eta = args.eta
     if args.stochastic_first:
         eta = [max(e, args.eta) for e in eta_first(args.steps or top, args.stochastic_first)]
-    generate(path, args.n, args.out, sampler=args.sampler,
-             steps=None if args.steps == 0 else args.steps, eta=eta, spacing=args.spacing,
-             batch=args.batch, seed=args.seed, fmt=args.fmt, device=args.device,
-             ema=ema_weights(args), precision=args.precision, cuda_graph=args.cuda_graph,
-             compile=args.compile, clip=not args.no_clip, resume=args.resume,
-             progress=not args.no_progress)
+    generate(path, args.n, args.out, steps=None if args.steps == 0 else args.steps, eta=eta,
+             spacing=args.spacing, device=args.device, **kw)
     return 0
 
 
