@@ -68,6 +68,7 @@ import platform
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -719,10 +720,13 @@ def _pyplot():
 
 def plot(result: dict, path) -> None:
     """Bar chart of the median times (log scale): one group per case and shape, one bar
-    per implementation. Needs matplotlib."""
+    per implementation. Needs matplotlib; ValueError where ``result`` has no timed row
+    (the chart would be empty)."""
+    rows = result["rows"]
+    if not rows:
+        raise ValueError("result: no timed rows to plot (every row was skipped)")
     plt = _pyplot()
     from .fileio import atomic_path
-    rows = result["rows"]
 
     def group(r):
         return f"{r['case']}\n{'x'.join(map(str, r['shape']))}"
@@ -764,7 +768,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer iterations and shapes")
     p.add_argument("--json", dest="json_path", default=None, help="write the results here")
     p.add_argument("--plot", default=None,
-                   help="write a bar chart (PNG) of the kernel rows' times here")
+                   help="write a bar chart (PNG) of the kernel rows' times here (not "
+                        "--json's path; nothing, with a warning, when every row is skipped)")
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="time the kernel cases (default on; --no-kernels with --steps times "
                         "only the model steps)")
@@ -812,6 +817,9 @@ def main(argv=None) -> int:
         p.error("nothing to time: --no-kernels needs --steps")
     if a.plot and not a.kernels:
         p.error("--plot: charts the kernel rows, and --no-kernels times none")
+    if a.plot and a.json_path and Path(a.plot).resolve() == Path(a.json_path).resolve():
+        p.error(f"--json, --plot: both name {a.plot!r}, and one would overwrite the other; "
+                f"give each its own file")
     # Where the results go is checked before anything is timed (a GPU run takes minutes).
     for shape in a.shapes or ():     # named as the flag; run() names its argument
         _parse_shape(shape, "--shapes")
@@ -853,7 +861,11 @@ def main(argv=None) -> int:
     res["targets"] = targets(res)
     if a.json_path:
         _write_json(a.json_path, res)
-    if a.plot:
+    if a.plot and not res["rows"]:
+        import warnings
+        warnings.warn(f"--plot: nothing written to {a.plot}: every kernel row was skipped "
+                      f"(see 'skipped' above), so the chart would be empty", stacklevel=1)
+    elif a.plot:
         plot(res, a.plot)
         print(f"plot: {a.plot}")
     errors = [s for s in res["skipped"] if s.get("error")]

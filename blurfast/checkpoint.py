@@ -27,8 +27,8 @@ import torch
 
 from .checks import check_int
 
-__all__ = ["CheckpointError", "save", "load", "list_checkpoints", "latest_valid", "verify",
-           "load_model", "stored_config", "read_config"]
+__all__ = ["CheckpointError", "save", "copy", "load", "list_checkpoints", "latest_valid",
+           "verify", "load_model", "stored_config", "read_config"]
 
 FORMAT = 1
 _NAME = re.compile(r"^step_(\d{9})$")
@@ -105,6 +105,32 @@ def save(ckpt_dir, step: int, model: torch.nn.Module, ema: torch.nn.Module,
         later = [p for s, p in found if s > step]
         for p in later + [p for s, p in found if s <= step][keep:]:
             shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def copy(src, ckpt_dir) -> Path:
+    """A copy of the checkpoint directory ``src`` (verified first) under ``ckpt_dir``, by
+    the same name, written as :func:`save` writes: into a temporary directory, synced,
+    renamed (replacing a checkpoint of that step there). Returns the copy's directory."""
+    src, ckpt_dir = Path(src), Path(ckpt_dir)
+    verify(src)
+    if not _NAME.match(src.name):
+        raise CheckpointError(f"checkpoint {src}: not named step_NNNNNNNNN")
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / src.name
+    tmp = ckpt_dir / f"{_TMP_PREFIX}{src.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(src, tmp)
+        for n in FILES + ("manifest.json",):
+            _fsync(tmp / n)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync(ckpt_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 

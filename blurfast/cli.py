@@ -234,11 +234,12 @@ def _add_sample(sub) -> None:
                         "refuses --n, so write --num-samples under torchrun")
     from .sampling import ETA_SAMPLERS
     s.add_argument("--steps", type=int, default=100,
-                   help="model calls (default 100; 0 = the full chain N-1..1)")
+                   help="model calls, 0..N-1 (default 100; 0 = the full chain N-1..1)")
     eta_samplers = " and ".join(ETA_SAMPLERS)
     s.add_argument("--stochastic-first", type=float, default=0.0, metavar="FRACTION",
-                   help=f"eta=1 on this first fraction of the steps, then --eta ({eta_samplers} "
-                        "only; 0.3 corrects the prior's error, see docs/process.md)")
+                   help=f"eta=1 on this first fraction of the model calls (of all N-1 "
+                        f"with --steps 0), then --eta ({eta_samplers} only; 0.3 corrects "
+                        "the prior's error, see docs/process.md)")
     s.add_argument("--batch", type=int, default=256, help="images per batch (default 256)")
     s.add_argument("--seed", type=int, default=0,
                    help="with the image index, fixes all of an image's noise (default 0)")
@@ -270,25 +271,43 @@ def _add_sample(sub) -> None:
     s.set_defaults(func=_sample)
 
 
+def _default_num_steps() -> int:
+    """BlurDiffusion's N where a stored config does not name one."""
+    import inspect
+
+    from .diffusion import BlurDiffusion
+    return inspect.signature(BlurDiffusion).parameters["num_steps"].default
+
+
 def _sample(args) -> int:
-    from .generate import generate
+    from .checkpoint import stored_config
+    from .generate import check_arguments, generate, resolve_checkpoint
     from .sampling import check_eta, eta_first
     check_eta(args.sampler, args.eta, "--eta")
     if not 0 <= args.stochastic_first <= 1:
         raise ValueError(f"--stochastic-first: expected a fraction in [0, 1], got "
                          f"{args.stochastic_first}")
     check_eta(args.sampler, args.stochastic_first, "--stochastic-first")
+    kw = dict(sampler=args.sampler, batch=args.batch, seed=args.seed, fmt=args.fmt,
+              precision=args.precision, ema=ema_weights(args), cuda_graph=args.cuda_graph,
+              compile=args.compile, clip=not args.no_clip, resume=args.resume,
+              progress=not args.no_progress)
+    check_arguments(args.n, args.out, eta=args.eta, **kw)    # before the checkpoint is read
+    # Resolved once here (generate takes the checkpoint directory as it is): its N bounds
+    # --steps, and the full chain's length (N-1 calls) sizes --stochastic-first's etas.
+    path = resolve_checkpoint(args.ckpt)
+    diffusion = stored_config(path).get("diffusion")
+    if not isinstance(diffusion, dict):      # load_model says what is wrong with it
+        diffusion = {}
+    top = diffusion.get("num_steps", _default_num_steps()) - 1
+    if not 0 <= args.steps <= top:
+        raise ValueError(f"--steps: expected an int in [0, {top}] for this run's N = "
+                         f"{top + 1} (0 = the full chain), got {args.steps}")
     eta = args.eta
     if args.stochastic_first:
-        if args.steps == 0:
-            raise ValueError("--stochastic-first: needs --steps > 0")
-        eta = [max(e, args.eta) for e in eta_first(args.steps, args.stochastic_first)]
-    generate(args.ckpt, args.n, args.out, sampler=args.sampler,
-             steps=None if args.steps == 0 else args.steps, eta=eta, spacing=args.spacing,
-             batch=args.batch, seed=args.seed, fmt=args.fmt, device=args.device,
-             ema=ema_weights(args), precision=args.precision, cuda_graph=args.cuda_graph,
-             compile=args.compile, clip=not args.no_clip, resume=args.resume,
-             progress=not args.no_progress)
+        eta = [max(e, args.eta) for e in eta_first(args.steps or top, args.stochastic_first)]
+    generate(path, args.n, args.out, steps=None if args.steps == 0 else args.steps, eta=eta,
+             spacing=args.spacing, device=args.device, **kw)
     return 0
 
 

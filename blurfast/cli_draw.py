@@ -98,8 +98,9 @@ def register(sub) -> None:
                                   "directory or .safetensors file whose process and data to "
                                   "draw")
     p.add_argument("--data", metavar="PATH",
-                   help="prepared .npy array, LSUN lmdb directory or image folder (default: "
-                        "the run's)")
+                   help="prepared .npy array, LSUN lmdb directory, image folder, or a "
+                        "blurfast sample output (its images alone, as fid reads it) "
+                        "(default: the run's)")
     p.add_argument("--out", default="process.png", help="PNG to write (default process.png)")
     p.add_argument("--n", type=int, default=4,
                    help="images, evenly spaced through the dataset (default 4)")
@@ -111,9 +112,11 @@ def register(sub) -> None:
                         "the noise that hides them at most steps")
     g = p.add_argument_group("without --ckpt")
     g.add_argument("--resolution", type=_pixels,
-                   help="image side (default: a prepared array's own, else 64)")
+                   help="image side (default: a prepared array's or sample run's own, "
+                        "else 64)")
     g.add_argument("--channels", type=int, choices=[1, 3],
-                   help="image channels (default: a prepared array's own, else 3)")
+                   help="image channels (default: a prepared array's or sample run's own, "
+                        "else 3)")
     g.add_argument("--resize", choices=RESIZE_MODES,
                    help=f"for image folders and lmdb (default {DEFAULT_RESIZE})")
     g.add_argument("--pixel-range", dest="pixel_range", choices=PIXEL_RANGES,
@@ -134,8 +137,9 @@ def register(sub) -> None:
                     "prior does.")
     add_reverse_run_flags(v)
     v.add_argument("--data", default=None, metavar="PATH",
-                   help="prepared .npy array, LSUN lmdb directory or image folder (default: "
-                        "the run's)")
+                   help="prepared .npy array, LSUN lmdb directory, image folder, or a "
+                        "blurfast sample output (its images alone, as fid reads it) "
+                        "(default: the run's)")
     v.add_argument("--out", default="variations.png",
                    help="PNG to write (default variations.png)")
     v.add_argument("--n", type=int, default=4,
@@ -226,7 +230,7 @@ def _trajectory(args) -> int:
 def _process(args) -> int:
     from . import viz
     from .cli_train import DIFFUSION_KEYS
-    from .data import DEFAULT_RESIZE, open_dataset, to_float
+    from .data import DEFAULT_RESIZE, to_float
     from .diffusion import BlurDiffusion
 
     check_int("--n", args.n, 1)
@@ -252,10 +256,12 @@ def _process(args) -> int:
         if "data" not in given:
             raise ValueError("--data: required without --ckpt (or give --ckpt RUN_DIR)")
         data = args.data
-        prepared = Path(data).is_file()       # a prepared array knows its own size
-        ds = open_dataset(data, resolution=given.get("resolution", None if prepared else 64),
-                          resize=given.get("resize", DEFAULT_RESIZE),
-                          channels=given.get("channels", None if prepared else 3), arg="--data")
+        # a prepared array or a `blurfast sample` run knows its own size
+        from .evaluation import _sample_run
+        own = Path(data).is_file() or (Path(data).is_dir() and _sample_run(Path(data)))
+        ds = _open_data(data, resolution=given.get("resolution", None if own else 64),
+                        resize=given.get("resize", DEFAULT_RESIZE),
+                        channels=given.get("channels", None if own else 3))
         diff = BlurDiffusion(resolution=ds.resolution, channels=ds.channels, **flags)
         pixel_range = given.get("pixel_range", "-1,1")
     if args.columns > diff.num_steps:
@@ -273,18 +279,35 @@ def _process(args) -> int:
     return 0
 
 
+def _open_data(data, resolution, resize: str, channels):
+    """``open_dataset(data, ...)`` naming --data; a `blurfast sample` output (its folder
+    or its samples.npz) gives the images its manifest lists, as fid reads them
+    (evaluation.load_images: never its contact sheet; an unfinished run is refused), at
+    ``resolution`` and ``channels`` (None: their own)."""
+    from .data import ImageArrays, open_dataset
+    from .evaluation import _sample_run, load_images
+    p = Path(data)
+    if not p.exists() or _sample_run(p) is None:
+        return open_dataset(data, resolution=resolution, resize=resize, channels=channels,
+                            arg="--data")
+    try:
+        images = list(load_images(p))
+    except ValueError as e:             # load_images names its argument "samples"
+        raise ValueError(f"--data: {str(e).partition(': ')[2]}") from None
+    return ImageArrays(images, resolution, resize, channels)
+
+
 def _run_data(data, config: dict, diff):
     """``(path, dataset)`` of ``--data`` (default: the run's own data, from its
     ``config``), read at the run's size, resize and channels."""
-    from .data import DEFAULT_RESIZE, open_dataset
+    from .data import DEFAULT_RESIZE
     if data is None:          # open_dataset says what is wrong with one given
         data = config.get("data")
         if not data or not Path(data).exists():
             raise ValueError(f"--data: the run's data {data!r} is not here (a relative "
                              f"path is read from the current folder); give --data PATH")
-    ds = _run_set(open_dataset, data, resolution=diff.H,
-                  resize=config.get("resize", DEFAULT_RESIZE), channels=diff.channels,
-                  arg="--data")
+    ds = _run_set(_open_data, data, resolution=diff.H,
+                  resize=config.get("resize", DEFAULT_RESIZE), channels=diff.channels)
     if len(ds) == 0:
         raise ValueError(f"--data: no images in {data}")
     return data, ds

@@ -80,8 +80,9 @@ def _add_train(sub) -> None:
                    help="'auto': newest valid checkpoint of RUN_DIR; or a checkpoint "
                         "directory. The saved run's arguments are the base (all but "
                         "--device, --precision, --compile, --cuda-graphs, --num-workers); what "
-                        "is given "
-                        "here overrides them")
+                        "is given here overrides them, except what the weights mean (model, "
+                        "resolution, channels, diffusion, target, pixel range): changing "
+                        "those is an error")
     g.add_argument("--resolution", type=int, help="image side; must match a prepared array")
     g.add_argument("--channels", type=int, help="image channels")
     g.add_argument("--resize", choices=RESIZE_MODES,

@@ -237,6 +237,33 @@ class ImageFolder(_Decoded):
         return str(self.files[i])
 
 
+class ImageArrays(_Decoded):
+    """uint8 (H, W, 1 or 3) images held in memory (a `blurfast sample` run's), read as a
+    folder's files are: encoded losslessly as PNG, then :func:`decode` at ``resolution``
+    and ``channels`` (None: the first image's)."""
+
+    def __init__(self, images, resolution: Optional[int] = None,
+                 resize: str = DEFAULT_RESIZE, channels: Optional[int] = None):
+        self.images = list(images)
+        if not self.images:
+            raise ValueError("images: expected at least one image, got none")
+        h, _, c = self.images[0].shape
+        super().__init__(resolution or h, resize, channels or c)
+
+    def __len__(self):
+        return len(self.images)
+
+    def raw(self, i):
+        from PIL import Image
+        a = self.images[i]
+        buf = io.BytesIO()
+        Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a).save(buf, format="PNG")
+        return buf.getvalue()
+
+    def name(self, i):
+        return f"image {i}"
+
+
 def _matching(names: List[str], match: Optional[str]) -> List[str]:
     """``names`` (paths relative to a folder, or archive members) that the shell-style
     pattern ``match`` matches whole (``*`` crosses folders: ``train/*`` is everything under

@@ -159,6 +159,26 @@ def sample_batches(model, diff, batches, *, sampler: str, seq, eta, seed: int, d
         yield b0, _images_uint8(x.float(), pixel_range)
 
 
+def check_arguments(n, out, *, sampler, eta, batch, seed, fmt, precision, **switches) -> None:
+    """The checks of :func:`generate`'s arguments that need no checkpoint, each error
+    naming its argument; ``switches``: its bools, by name."""
+    for name, v, lo in (("n", n, 1), ("batch", batch, 1)):
+        check_int(name, v, lo)
+    check_int("seed", seed, 0, _SEED_LIMIT - 1)     # as the noise ops take it
+    if fmt not in ("png", "npz"):
+        raise ValueError(f"fmt: expected 'png' or 'npz', got {fmt!r}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler: expected one of {tuple(SAMPLERS)}, got {sampler!r}")
+    check_eta(sampler, eta)
+    for name, v in switches.items():
+        check_bool(name, v)
+    if precision not in (None, *PRECISIONS):
+        raise ValueError(f"precision: expected one of {PRECISIONS} or None, got {precision!r}")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"out (--out): {str(out)!r} is a file; expected a folder for the "
+                         f"images (made if missing)")
+
+
 def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int] = 100,
              eta=0.0, spacing="uniform", batch: int = 256, seed: int = 0,
              fmt: str = "png", device: Optional[str] = None, ema: bool = True,
@@ -186,22 +206,9 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
 
     from .distributed import barrier, from_rank0, setup_processes, teardown_processes
 
-    for name, v, lo in (("n", n, 1), ("batch", batch, 1)):
-        check_int(name, v, lo)
-    check_int("seed", seed, 0, _SEED_LIMIT - 1)     # as the noise ops take it
-    if fmt not in ("png", "npz"):
-        raise ValueError(f"fmt: expected 'png' or 'npz', got {fmt!r}")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler: expected one of {tuple(SAMPLERS)}, got {sampler!r}")
-    check_eta(sampler, eta)
-    for name, v in (("ema", ema), ("cuda_graph", cuda_graph), ("compile", compile),
-                    ("clip", clip), ("resume", resume), ("progress", progress)):
-        check_bool(name, v)
-    if precision not in (None, *PRECISIONS):
-        raise ValueError(f"precision: expected one of {PRECISIONS} or None, got {precision!r}")
-    if Path(out).exists() and not Path(out).is_dir():
-        raise ValueError(f"out (--out): {str(out)!r} is a file; expected a folder for the "
-                         f"images (made if missing)")
+    check_arguments(n, out, sampler=sampler, eta=eta, batch=batch, seed=seed, fmt=fmt,
+                    precision=precision, ema=ema, cuda_graph=cuda_graph, compile=compile,
+                    clip=clip, resume=resume, progress=progress)
     path = resolve_checkpoint(ckpt_path)
     rank, world, dev, owns_group = setup_processes(device)
     finished = False

@@ -29,6 +29,7 @@ import math
 import numbers
 import os
 import signal
+import shutil
 import threading
 import time
 import warnings
@@ -970,17 +971,21 @@ class _FidLog:
     of an older run (step, fid) gets the kid column, nan in its rows. A non-finite FID is
     logged but never the best."""
 
-    def __init__(self, path: Path, start: int):
+    def __init__(self, path: Path, start: int, best_dir: Optional[Path] = None,
+                 ck_dir: Optional[Path] = None):
+        # best_dir, ck_dir: the run's best/ and checkpoints/, which _settle_best makes
+        # agree with the rows kept; None: the best of the rows alone.
         self.path = path
         rows = []
         if start > 0 and path.is_file():
             old = path.read_text().startswith("step,fid\n")
             rows = _rows_up_to(path, FID_FIELDS[:2] if old else FID_FIELDS, start)
-        self.best = min((v for v in (float(r["fid"]) for r in rows) if math.isfinite(v)),
-                        default=float("inf"))
         lines = [",".join(FID_FIELDS)] + [f"{r['step']},{r['fid']},{r.get('kid', 'nan')}"
                                           for r in rows]
         write_text(path, "".join(line + "\n" for line in lines))
+        self.best = (min((v for v in (float(r["fid"]) for r in rows) if math.isfinite(v)),
+                         default=float("inf")) if best_dir is None
+                     else _settle_best(best_dir, ck_dir, rows))
 
     def add(self, step: int, value: float, kid: Optional[float] = None) -> bool:
         with open(self.path, "a") as f:
@@ -991,13 +996,65 @@ class _FidLog:
         return False
 
 
-def _fixed_differences(old: dict, new: dict) -> list:
-    """``(key, old value, new value)`` for each entry of the model, the diffusion and the
-    target that differs between a checkpoint's config ``old`` and a run's ``new``; nested
-    entries as ``model.base_channels``."""
+# What a checkpoint's weights mean: a resumed run may not change these (the image size
+# and channels are the model's and the diffusion's entries; pixel_range, the data range
+# the model was trained to predict and its samples are read back from).
+FIXED_ON_RESUME = ("model", "diffusion", "target", "pixel_range")
+
+
+def _settle_best(best_dir: Path, ck_dir: Path, rows: list) -> float:
+    """Makes ``best_dir`` hold the checkpoint of the lowest finite FID of ``rows`` (the
+    fid.csv rows a run starts or resumes with; the earliest step of equal ones, as
+    _FidLog.add keeps it) and returns that FID. A checkpoint there of another step (of
+    steps a resume cut, or one a later best replaced) is removed; the best step's is
+    copied from ``ck_dir`` where ``best_dir`` lacks it (a run killed between the FID's row
+    and its save). Where neither holds it, the best is the lowest logged FID of a step
+    ``best_dir`` holds, with a warning; inf where there is none (the next FID is the
+    best)."""
+    fids = {}
+    for r in rows:
+        v = float(r["fid"])
+        if math.isfinite(v) and int(r["step"]) not in fids:
+            fids[int(r["step"])] = v
+    ranked = sorted(fids, key=lambda s: (fids[s], s))
+    held = {}
+    for s, p in ckpt.list_checkpoints(best_dir):
+        try:
+            ckpt.verify(p)
+            held[s] = p
+        except ckpt.CheckpointError:
+            shutil.rmtree(p, ignore_errors=True)          # no use: not loadable
+    keep = ranked[0] if ranked and ranked[0] in held else None
+    if ranked and keep is None:
+        src = dict((s, p) for s, p in ckpt.list_checkpoints(ck_dir)).get(ranked[0])
+        try:
+            if src is not None:
+                held[ranked[0]] = ckpt.copy(src, best_dir)
+                keep = ranked[0]
+        except ckpt.CheckpointError:
+            pass
+        if keep is None:
+            keep = next((s for s in ranked if s in held), None)
+            warnings.warn(f"fid: the checkpoint of the best FID's step {ranked[0]} "
+                          f"({fids[ranked[0]]:.6g}) is lost (the run stopped before saving "
+                          f"it to {best_dir}); the best is now " +
+                          ("none (the next FID)" if keep is None else
+                           f"step {keep} ({fids[keep]:.6g}), the best step kept there"),
+                          stacklevel=4)
+    for s, p in held.items():
+        if s != keep:
+            shutil.rmtree(p, ignore_errors=True)
+    return float("inf") if keep is None else fids[keep]
+
+
+def _fixed_differences(old: dict, new: dict, defaults: Optional[dict] = None) -> list:
+    """``(key, old value, new value)`` for each entry of :data:`FIXED_ON_RESUME` that
+    differs between a checkpoint's config ``old`` and a run's ``new``; nested entries as
+    ``model.base_channels``. ``defaults``: the values of keys ``old`` lacks (saved by a
+    version without them)."""
     found = []
-    for k in ("model", "diffusion", "target"):
-        a, b = old.get(k), new.get(k)
+    for k in FIXED_ON_RESUME:
+        a, b = old.get(k, (defaults or {}).get(k)), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             found += [(f"{k}.{e}", a.get(e), b.get(e)) for e in sorted(set(a) | set(b))
                       if a.get(e) != b.get(e)]
@@ -1049,15 +1106,16 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
         state = ckpt.load(cfg["resume"])
     if state is not None:
         old = state["config"]
-        fixed = _fixed_differences(old, cfg)
+        # A key the checkpoint's version did not save had its default then.
+        defaults = {k: v.default for k, v in inspect.signature(train).parameters.items()}
+        fixed = _fixed_differences(old, cfg, defaults)
         if fixed:
             raise ValueError(
                 "resume: " + "; ".join(f"{k} {new!r} differs from the checkpoint's {was!r}"
                                        for k, was, new in fixed) +
-                f" ({state['path']}); a resumed run keeps the checkpoint's model, diffusion "
-                f"and target: leave these as they were, or train into a new directory")
-        # A key the checkpoint's version did not save had its default then.
-        defaults = {k: v.default for k, v in inspect.signature(train).parameters.items()}
+                f" ({state['path']}); a resumed run keeps the checkpoint's model (its "
+                f"resolution and channels), diffusion, target and pixel_range: leave these "
+                f"as they were, or train into a new directory")
         was = {k: old.get(k, defaults.get(k)) for k in cfg}
         changed = sorted(k for k in cfg if k not in ("resume", "steps", "out") and
                          was[k] != cfg[k])
@@ -1153,7 +1211,7 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                           "on a GPU); the bar moves once that is done", flush=True)
             log = _Log(out, start, None if state is None else state.get("elapsed_s"))
         if fid is not None:
-            fid_log = _FidLog(out / "fid.csv", start)
+            fid_log = _FidLog(out / "fid.csv", start, out / "best", ck_dir)
         if main and progress:
             from tqdm import tqdm
             bar = tqdm(total=cfg["steps"], initial=start, desc="train", unit="step",

@@ -414,6 +414,37 @@ def test_bench_refuses_plot_without_kernel_rows(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "b.png").exists()
 
 
+def test_bench_refuses_json_and_plot_on_one_path_before_timing(tmp_path, capsys, monkeypatch):
+    # The chart overwrote the JSON (a PNG left under the .json name).
+    from blurfast import bench
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("timed before the check"))
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--device", "cpu", "--no-steps", "--json", str(tmp_path / "r.out"),
+                  "--plot", str(tmp_path / "sub" / ".." / "r.out")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("blurfast bench: error: --json, --plot: both "
+                                              "name ")
+    assert not (tmp_path / "r.out").exists()
+
+
+def test_bench_writes_no_empty_plot_when_every_row_is_skipped(tmp_path, capsys):
+    # cupy rows on a CPU are all skipped ("CUDA only"): an empty chart was written.
+    from blurfast import bench
+    js, png = tmp_path / "b.json", tmp_path / "b.png"
+    assert cli.main(["bench", "--device", "cpu", "--no-steps", "--cases", "dct2", "--shapes",
+                     "2x3x8x8", "--impls", "cupy", "--iters", "1", "--warmup", "0",
+                     "--json", str(js), "--plot", str(png), "--no-progress"]) == 0
+    res = json.loads(js.read_text())
+    assert res["rows"] == [] and [s["impl"] for s in res["skipped"]] == ["cupy"]
+    assert not png.exists()
+    assert f"blurfast: warning: --plot: nothing written to {png}: every kernel row was " \
+           f"skipped" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="^result: no timed rows to plot"):
+        bench.plot(res, png)
+    assert not png.exists()
+
+
 def test_bench_json_stays_partial_until_the_steps_are_done(tmp_path, monkeypatch):
     # The kernel rows were written as a finished file before the model steps began: a run
     # cut in its first step configuration left a file that did not say it was cut.

@@ -126,6 +126,34 @@ def test_process_from_flags_on_a_prepared_array(run, tmp_path):
         np.testing.assert_array_equal(t[:, k], shown(xi, "-1,1"))
 
 
+@pytest.mark.parametrize("fmt", ["png", "npz"])
+def test_process_of_a_sample_run_draws_its_images_not_its_contact_sheet(run, tmp_path, capsys,
+                                                                        fmt):
+    # --data of a `blurfast sample` folder was read as a plain image folder: its
+    # contact_sheet.png became one of the images (the only one of an npz run), at 64 x 64.
+    from blurfast.generate import SHEET_NAME
+    out = tmp_path / "s"
+    generate(run / "run", 3, out, steps=2, fmt=fmt, device="cpu", progress=False)
+    assert (out / SHEET_NAME).is_file()
+    if fmt == "png":
+        made = np.stack([np.asarray(Image.open(out / f"{i:06d}.png")) for i in range(3)])
+    else:
+        with np.load(out / "samples.npz") as z:
+            made = z["images"]
+    pic = tmp_path / "p.png"
+    assert cli.main(["draw", "process", "--data", str(out), "--n", "3", "--columns", "1",
+                     "--out", str(pic)]) == 0
+    assert "3 images of" in capsys.readouterr().out
+    np.testing.assert_array_equal(tiles(pic, 3, 2)[:, 0], made)    # the run's own size
+    # an unfinished run is refused, as fid refuses it
+    import json
+    manifest = out / "samples.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "complete": False}))
+    assert cli.main(["draw", "process", "--data", str(out), "--out", str(pic)]) == 2
+    assert capsys.readouterr().err.startswith(f"blurfast draw: error: --data: {out} holds an "
+                                              f"unfinished `blurfast sample` run")
+
+
 @pytest.mark.parametrize("argv, words", [
     (["process", "--ckpt", "{run}", "--sigma", "2", "--resolution", "32"],
      "--resolution, --sigma: the run's own are drawn with --ckpt"),

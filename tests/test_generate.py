@@ -440,6 +440,35 @@ def test_eta_and_the_switches_are_checked_before_the_checkpoint_is_read(tmp_path
     assert not (tmp_path / "o").exists()
 
 
+def test_steps_out_of_range_is_refused_naming_the_runs_range_with_0(run_dir, tmp_path, capsys):
+    # The message said "expected an int in [1, 39]" (timesteps' own check), hiding that
+    # 0, the full chain, is accepted too.
+    for steps in ("-1", "40"):
+        assert cli.main(["sample", "--ckpt", str(run_dir / "run"), "--n", "2", "--steps",
+                         steps, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+        assert capsys.readouterr().err == (
+            f"blurfast sample: error: --steps: expected an int in [0, 39] for this run's "
+            f"N = 40 (0 = the full chain), got {steps}\n")
+    assert not (tmp_path / "o").exists()
+
+
+def test_stochastic_first_with_the_full_chain_takes_its_fraction_of_n_minus_1_calls(
+        run_dir, tmp_path):
+    # --steps 0 --stochastic-first was refused ("needs --steps > 0"); the full chain is
+    # the N-1 = 39 calls 39..1, which --steps 39 (uniform spacing) names explicitly.
+    def images(name, *flags):
+        out = tmp_path / name
+        assert cli.main(["sample", "--ckpt", str(run_dir / "run"), "--n", "2", "--format",
+                         "npz", "--seed", "3", "--device", "cpu", "--out", str(out),
+                         "--no-progress", *flags]) == 0
+        with np.load(out / "samples.npz") as z:
+            return z["images"]
+    full = images("full", "--steps", "0", "--stochastic-first", "0.5")
+    np.testing.assert_array_equal(full, images("explicit", "--steps", "39",
+                                               "--stochastic-first", "0.5"))
+    assert (full != images("ode", "--steps", "0")).any()       # the etas reached the chain
+
+
 def test_a_seed_the_noise_cannot_take_is_refused_before_the_folder_is_touched(run_dir, tmp_path,
                                                                              capsys):
     # --seed 2**63 passed generate's check (an int >= 0) and failed in the first batch's

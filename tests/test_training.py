@@ -320,6 +320,71 @@ def test_best_holds_only_the_lowest_fid_step(made16, tmp_path, monkeypatch, fids
     assert any(not torch.equal(other[n], want["ema"][n]) for n in other)   # steps differ
 
 
+def _fids(monkeypatch, values):
+    """FidMonitor replaced by the FIDs ``values`` gives, one per call."""
+    from blurfast import evaluation
+    values = iter(values)
+
+    class FixedFid:
+        def __init__(self, *a, **k):
+            pass
+
+        def __call__(self, model, diff, progress=False):
+            return next(values)
+    monkeypatch.setattr(evaluation, "FidMonitor", FixedFid)
+
+
+def _assert_best_is(out, step):
+    """best/ holds one loadable checkpoint: the run's own of ``step``, whose FID is the
+    lowest of fid.csv."""
+    [(held, best)] = ckpt.list_checkpoints(out / "best")
+    assert held == step
+    rows = [r.split(",") for r in (out / "fid.csv").read_text().splitlines()[1:]]
+    assert min(rows, key=lambda r: float(r[1]))[0] == str(step)
+    got, want = ckpt.load(best), ckpt.load(out / "checkpoints" / f"step_{step:09d}")
+    for k in ("model", "ema"):
+        assert all(torch.equal(got[k][n], want[k][n]) for n in want[k]), k
+
+
+def test_best_of_a_resumed_run_drops_the_steps_the_resume_cut(made16, tmp_path, monkeypatch):
+    # FIDs 5 (step 2), 1 (step 4): best/ holds step 4. Resumed from step 2, fid.csv is cut
+    # to step 2, but best/ kept step 4, of the part the resume cut: a worse FID at step 3
+    # (6) left it there, the newest checkpoint of best/ and sampled as the best.
+    out = tmp_path / "run"
+    kw = {**KW, "save_every": 1, "keep": 10, "fid_every": 2, "fid_ref": str(made16)}
+    _fids(monkeypatch, [5.0, 1.0])
+    training.train(data=str(made16), out=str(out), steps=4, **kw)
+    _assert_best_is(out, 4)
+    _fids(monkeypatch, [6.0])
+    training.train(data=str(made16), out=str(out), steps=3,
+                   resume=str(out / "checkpoints" / "step_000000002"), **kw)
+    _assert_best_is(out, 2)
+
+
+def test_best_of_a_run_killed_before_its_save_is_copied_on_resume(made16, tmp_path,
+                                                                  monkeypatch):
+    # Killed between fid.csv's row of a new best (step 4: 1) and its save into best/:
+    # best/ held step 2 (FID 5) while fid.csv's best was step 4's 1, and a resumed run
+    # compared against 1, so best/ kept step 2 for good.
+    out = tmp_path / "run"
+    kw = {**KW, "save_every": 2, "fid_every": 2, "fid_ref": str(made16)}
+    real = ckpt.save
+
+    def killed(ckpt_dir, step, *a, **k):
+        if Path(ckpt_dir).name == "best" and step == 4:
+            raise KeyboardInterrupt
+        return real(ckpt_dir, step, *a, **k)
+    monkeypatch.setattr(ckpt, "save", killed)
+    _fids(monkeypatch, [5.0, 1.0])
+    with pytest.raises(KeyboardInterrupt):
+        training.train(data=str(made16), out=str(out), steps=4, **kw)
+    monkeypatch.setattr(ckpt, "save", real)
+    assert [s for s, _ in ckpt.list_checkpoints(out / "best")] == [2]
+    _fids(monkeypatch, [2.0])
+    training.train(data=str(made16), out=str(out), steps=5, resume="auto", **kw)
+    _assert_best_is(out, 4)
+
+
 def test_cli_resume_with_a_new_preset_takes_the_presets_model(made16, tmp_path, capsys):
     # A --preset given on resume defines the model anew (the saved run's model entries are
     # dropped; model flags given with it still apply). Here the preset's model is not the
@@ -1372,6 +1437,37 @@ def test_grad_accum_under_cast_once_adds_rounds_as_autocast_does():
     for a, b in zip([*ref.params, *ref.ema_params], [*new.params, *new.ema_params]):
         assert torch.equal(a, b)
     assert ref.read_stats() == new.read_stats()
+
+
+def test_resuming_with_another_pixel_range_is_an_error_naming_both_values(made16, tmp_path):
+    # A model trained on [-1, 1] pixels predicts x0 there; resumed with pixel_range "0,1"
+    # it was trained on (and its samples read back from) [0, 1] with a warning only.
+    out = tmp_path / "run"
+    training.train(data=str(made16), out=str(out), steps=2, **KW)
+    with pytest.raises(ValueError, match=r"^resume: pixel_range '0,1' differs from the "
+                                         r"checkpoint's '-1,1' \("):
+        training.train(data=str(made16), out=str(out), steps=3, resume="auto",
+                       pixel_range="0,1", **KW)
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [2]
+    # A checkpoint saved without the key had the default, "-1,1": resumed with it, no error.
+    d = ckpt.list_checkpoints(out / "checkpoints")[0][1]
+    state = ckpt.load(d)
+    old = {k: v for k, v in state["config"].items() if k != "pixel_range"}
+    extra = {k: state[k] for k in state if k not in ("format", "step", "config", "path")}
+    net, ema = UNet(**old["model"]), UNet(**old["model"])
+    net.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    ckpt.save(out / "checkpoints", 2, net, ema, extra, old)
+    with pytest.raises(ValueError, match=r"^resume: pixel_range '0,1' differs from the "
+                                         r"checkpoint's '-1,1'"):
+        training.train(data=str(made16), out=str(out), steps=3, resume="auto",
+                       pixel_range="0,1", **KW)
+    # A harmless change (log_every) still trains on, with a warning.
+    with pytest.warns(UserWarning, match="settings changed since the checkpoint: log_every "
+                                         "1 -> 2"):
+        training.train(data=str(made16), out=str(out), steps=3, resume="auto",
+                       **{**KW, "log_every": 2})
+    assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")][0] == 3
 
 
 def test_resuming_a_checkpoint_saved_before_a_new_setting_warns_of_no_change(made16, tmp_path,
