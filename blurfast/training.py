@@ -32,6 +32,7 @@ import signal
 import threading
 import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -253,6 +254,68 @@ class Bf16Weights:
             torch._foreach_add_(add_to, add)
 
 
+# A module of a live TrainStep's model or EMA -> its _ParamWatch: a parameter registered on
+# one (load_state_dict(assign=True), setattr) replaces a parameter the step holds.
+_WATCHED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_REGISTRATION_HOOK = []
+
+
+def _param_registered(module, name, param) -> None:
+    watch = _WATCHED.get(module)
+    if watch is not None:
+        watch.replaced = True
+
+
+class _ParamWatch:
+    """Keeps the parameters of a module (a TrainStep's model or EMA) those its step uses:
+    the objects its optimizer and EMA update, each a view of the flat buffer (``flat``,
+    when there is one) that the EMA and cast_once read. A parameter replaced since
+    (``load_state_dict(assign=True)``, ``setattr``) or given new storage
+    (``p.data = ...``) would leave the step with old weights: :meth:`repair` copies its
+    values into the step's parameter, put back in its place. Weights changed in place
+    (``load_state_dict``, ``p.copy_``) need nothing."""
+
+    def __init__(self, module: torch.nn.Module, flat: Optional[torch.Tensor]):
+        self.replaced = False
+        self.entries = []           # (module, name, parameter, its view of flat or None)
+        for mod in module.modules():
+            for name, p in mod.named_parameters(recurse=False):
+                view = None if flat is None else flat.as_strided(p.shape, p.stride(),
+                                                                 p.storage_offset())
+                self.entries.append((mod, name, p, view))
+            _WATCHED[mod] = self
+        self._ptrs = [p.data_ptr() for *_, p, _ in self.entries] if flat is not None else None
+        if not _REGISTRATION_HOOK:
+            _REGISTRATION_HOOK.append(
+                torch.nn.modules.module.register_module_parameter_registration_hook(
+                    _param_registered))
+
+    def stale(self) -> bool:
+        """Whether a parameter was replaced or given new storage (no device work)."""
+        return self.replaced or (self._ptrs is not None and
+                                 [p.data_ptr() for *_, p, _ in self.entries] != self._ptrs)
+
+    def repair(self, what: str) -> None:
+        with torch.no_grad():
+            for mod, name, p, view in self.entries:
+                cur = mod._parameters.get(name)
+                if cur is not p:
+                    if cur is None or cur.shape != p.shape:
+                        raise ValueError(
+                            f"{what}: parameter {name!r} was replaced by "
+                            f"{None if cur is None else tuple(cur.shape)}, expected shape "
+                            f"{tuple(p.shape)}; load weights of this model's shapes")
+                    p.copy_(cur)
+                    mod._parameters[name] = p
+                if view is not None and p.data_ptr() != view.data_ptr():
+                    if p.shape != view.shape:
+                        raise ValueError(f"{what}: parameter {name!r} was given shape "
+                                         f"{tuple(p.shape)}, expected {tuple(view.shape)}")
+                    view.copy_(p.data)
+                    p.data = view
+        self.replaced = False
+
+
 def _collate(batch: torch.Tensor) -> torch.Tensor:
     """The datasets' ``__getitems__`` already returns the batch tensor."""
     return batch
@@ -333,7 +396,8 @@ class TrainStep:
         self.ema_w = 1.0 - float(ema_beta)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-        self.model = model.to(self.device, memory_format=self.memory_format)
+        # train mode (dropout): set again by a call that finds the model in eval mode
+        self.model = model.to(self.device, memory_format=self.memory_format).train()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.params = list(self.model.parameters())
         self.ema_params = list(self.ema.parameters())
@@ -341,6 +405,7 @@ class TrainStep:
         flat, ema_flat = flatten_params_(self.model), flatten_params_(self.ema)
         self._ema_pairs = (([ema_flat], [flat]) if flat is not None and ema_flat is not None
                            else (self.ema_params, self.params))
+        self._watches = (_ParamWatch(self.model, flat), _ParamWatch(self.ema, ema_flat))
         self.diff = diff
         self._bf16 = None
         if cast_once:
@@ -374,6 +439,7 @@ class TrainStep:
         self.forward = torch.compile(fwd) if compile else fwd
 
         # A tensor learning rate lets a captured step see updates of it.
+        lr = check_number("lr", lr, 0)
         self._lr = torch.tensor(float(lr), device=self.device) if cuda_graphs else float(lr)
         cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
         self._group_settings = dict(betas=tuple(betas), eps=adam_eps, weight_decay=weight_decay,
@@ -392,12 +458,14 @@ class TrainStep:
 
     # ------------------------------------------------------------------ the step
     def set_lr(self, lr: float) -> None:
+        """The learning rate of the steps from now on (kept by :meth:`load_state_dict`)."""
+        lr = float(check_number("lr", lr, 0))
+        if isinstance(self._lr, torch.Tensor):
+            self._lr.fill_(lr)
+        else:
+            self._lr = lr
         for g in self.opt.param_groups:
-            if isinstance(self._lr, torch.Tensor):
-                g["lr"] = self._lr
-                self._lr.fill_(lr)
-            else:
-                g["lr"] = float(lr)
+            g["lr"] = self._lr
 
     def noised(self, x0, t, noise_seed: int = 0, noise_offset: int = 0):
         """``(x_t, target)`` of clean images x0 at steps t (device tensors): x_t =
@@ -500,6 +568,13 @@ class TrainStep:
     def __call__(self, x_u8: torch.Tensor, flip: torch.Tensor, t: torch.Tensor,
                  noise_seed: int = 0, noise_offset: int = 0) -> None:
         nb = self.device.type == "cuda"
+        if not self.model.training:        # the caller's model.eval(): dropout on again
+            self.model.train()
+            if self._bf16 is not None:
+                self._bf16.module.train()
+        for watch, what in zip(self._watches, ("model", "ema")):
+            if watch.stale():
+                watch.repair(what)
         if not self.cuda_graphs:
             self._body(x_u8.to(self.device, non_blocking=nb), flip.to(self.device, non_blocking=nb),
                        t.to(self.device, non_blocking=nb), noise_seed, noise_offset)
@@ -576,11 +651,11 @@ class TrainStep:
         self.opt.load_state_dict(state["optimizer"])
         # load_state_dict restores the checkpoint's group settings; this run's win (a run
         # saved without CUDA graphs resumed with them needs capturable, for one; an AdamW
-        # run resumed with Adam must not keep decoupled weight decay).
+        # run resumed with Adam must not keep decoupled weight decay), the learning rate
+        # (the constructor's or set_lr's) included.
         for g in self.opt.param_groups:
             g.update(self._group_settings)
-            if isinstance(self._lr, torch.Tensor):
-                g["lr"] = self._lr
+            g["lr"] = self._lr
         self._stats.zero_()
         self._stats[:len(state["stats"])].copy_(state["stats"])  # 6 entries before the longest
         if self._scale is not None:     # a checkpoint of another precision has none: anew
