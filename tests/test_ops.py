@@ -1067,6 +1067,27 @@ def test_custom_op_called_directly_refuses_maps_of_more_dims_than_x():
             torch.ops.blurfast.spectral(*args, 0, 0, False)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool,
+                                   torch.complex64])
+def test_custom_ops_called_directly_name_x_and_the_dtypes_they_take(dtype):
+    # An integer (or bool, complex) x reached the kernels' dtype table: a KeyError naming
+    # the dtype alone. Eagerly and under FakeTensorMode (torch.compile's tracing) alike.
+    x, a = torch.zeros(2, 8, 8, dtype=dtype), torch.ones(8, 8)
+    calls = [lambda x: torch.ops.blurfast.dct2(x), lambda x: torch.ops.blurfast.idct2(x),
+             lambda x: torch.ops.blurfast.spectral(x, a, None, None, None, None, 0, 0, False),
+             lambda x: torch.ops.blurfast.normal_like(x, 0, 0),
+             lambda x: bf.dct2(x), lambda x: bf.spectral(x, a)]
+    words = rf"^x: expected dtype float32, float64, float16 or bfloat16, got {dtype}$"
+    for call in calls:
+        with pytest.raises(TypeError, match=words):
+            call(x)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fx, a = mode.from_tensor(x), mode.from_tensor(a)
+        for call in calls[:4]:
+            with pytest.raises(TypeError, match=words):
+                call(fx)
+
+
 def test_cuda_tensor_without_cuda_kernels(monkeypatch):
     import blurfast.ops as ops
     monkeypatch.setattr(ops, "HAS_CUDA_KERNELS", False)
