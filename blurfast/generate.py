@@ -186,9 +186,8 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
 
     from .distributed import barrier, from_rank0, setup_processes, teardown_processes
 
-    for name, v, lo in (("n", n, 1), ("batch", batch, 1)):
-        check_int(name, v, lo)
-    check_int("seed", seed, 0, _SEED_LIMIT - 1)     # as the noise ops take it
+    n, batch = check_int("n", n), check_int("batch", batch)
+    seed = check_int("seed", seed, 0, _SEED_LIMIT - 1)     # as the noise ops take it
     if fmt not in ("png", "npz"):
         raise ValueError(f"fmt: expected 'png' or 'npz', got {fmt!r}")
     if sampler not in SAMPLERS:

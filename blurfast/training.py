@@ -26,7 +26,6 @@ import csv
 import inspect
 import json
 import math
-import numbers
 import os
 import signal
 import threading
@@ -49,7 +48,7 @@ from . import checkpoint as ckpt
 from . import data as D
 from . import ops
 from .checks import (PRECISIONS, autocast_dtype, check_bool, check_int, check_number,
-                     compile_problem, default_precision)
+                     compile_problem, default_precision, is_int)
 from .distributed import from_rank0, setup_processes, teardown_processes
 from .fileio import write_problem, write_text
 from .diffusion import TARGETS, BlurDiffusion, scales
@@ -91,7 +90,7 @@ def derive_seed(*ints: int) -> int:
     they are: changing the hash would change every run's draws.
     """
     for i, v in enumerate(ints):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v < 2 ** 64:
+        if not is_int(v) or not 0 <= v < 2 ** 64:
             raise ValueError(f"ints[{i}]: expected an int in [0, 2**64), got {v!r}")
     a, b = np.random.SeedSequence([int(v) for v in ints]).generate_state(2, np.uint32)
     return ((int(a) << 32) | int(b)) & _SEED_MASK
@@ -126,7 +125,7 @@ class StepBatches:
         self.n, self.B, self.b, self.rank, self.seed = n, global_batch, local_batch, rank, seed
         self.start, self.stop = start, stop
         self.images = start * global_batch if images is None else images
-        check_int("images", self.images, 0)
+        self.images = check_int("images", self.images, 0)
         self._perms = {}
 
     def _perm(self, epoch: int) -> torch.Tensor:
@@ -892,14 +891,15 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     # ---------------------------------------------------------------- arguments
     if preset not in PRESETS:
         raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
-    check_int("resolution", resolution)
-    check_int("channels", channels)
-    check_int("batch_size", batch_size)
-    check_int("grad_accum", grad_accum)
+    # checked ints (numpy's too) go into args as Python ints: the config is written as JSON
+    resolution = args["resolution"] = check_int("resolution", resolution)
+    args["channels"] = check_int("channels", channels)
+    batch_size = args["batch_size"] = check_int("batch_size", batch_size)
+    grad_accum = args["grad_accum"] = check_int("grad_accum", grad_accum)
     if batch_size % grad_accum:
         raise ValueError(f"grad_accum: {grad_accum} rounds do not divide batch_size "
                          f"{batch_size}; give a divisor of it")
-    check_int("steps", steps)
+    steps = args["steps"] = check_int("steps", steps)
     # check_number returns numpy scalars as Python numbers: the config is written as JSON
     args["lr"] = check_number("lr", lr, 0, lo_open=True)
     if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
@@ -907,7 +907,7 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     args["betas"] = [check_number("betas", b, 0, hi=1, hi_open=True) for b in betas]
     args["weight_decay"] = check_number("weight_decay", weight_decay, 0)
     args["adam_eps"] = check_number("adam_eps", adam_eps, 0, lo_open=True)
-    check_int("warmup", warmup, 0)
+    args["warmup"] = check_int("warmup", warmup, 0)
     # TrainStep reads it (None: no clipping); 0, which TrainStep also takes for none, is
     # refused here: a run turns clipping off with None alone (--grad-clip none)
     args["grad_clip"] = check_number("grad_clip", grad_clip, 0, lo_open=True, none_ok=True)
@@ -927,18 +927,18 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     if precision not in (None, *PRECISIONS):
         raise ValueError(f"precision: expected one of {PRECISIONS} or None, got {precision!r}")
     if num_workers is not None:
-        check_int("num_workers", num_workers, 0)
+        args["num_workers"] = check_int("num_workers", num_workers, 0)
     for name in ("log_every", "save_every", "keep", "sample_every", "sample_count",
                  "sample_steps", "max_nonfinite"):
-        check_int(name, args[name])
+        args[name] = check_int(name, args[name])
     # < 2**32: derive_seed keeps (seed, step, tag) tuples apart only below it
-    check_int("seed", seed, 0, 2 ** 32 - 1)
+    seed = args["seed"] = check_int("seed", seed, 0, 2 ** 32 - 1)
     # resize now, whatever the data: a folder fid_ref would read it only at the first FID
     D.check_resize(resize)
     if fid_every is not None:
-        check_int("fid_every", fid_every)
-        check_int("fid_n", fid_n, 2)
-        check_int("fid_steps", fid_steps)
+        args["fid_every"] = check_int("fid_every", fid_every)
+        args["fid_n"] = check_int("fid_n", fid_n, 2)
+        args["fid_steps"] = check_int("fid_steps", fid_steps)
         if fid_ref is None:
             raise ValueError("fid_ref (--fid-ref): needed with fid_every (--fid-every): "
                              "reference data or STATS.npz")

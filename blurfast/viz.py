@@ -37,7 +37,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 def grid(rows: Sequence[Sequence[torch.Tensor]], pad: int = 1) -> np.ndarray:
     """Tiles ``rows[r][c]`` (each (C, H, W), same shape) into one uint8 picture,
     ``pad`` (>= 0) white pixels between tiles."""
-    check_int("pad", pad, 0)
+    pad = check_int("pad", pad, 0)
     if not rows or not rows[0]:
         raise ValueError("rows: expected at least one row of one image")
     tiles = [[to_uint8(t) for t in row] for row in rows]
@@ -82,8 +82,8 @@ def forward_strip(diff: BlurDiffusion, x0: torch.Tensor, path=None, seed: int = 
     from .data import to_unit_range
     x0 = _batch(x0, diff)
     n = diff.num_steps
-    check_int("num", num, 1, n)
-    check_int("pad", pad, 0)
+    num = check_int("num", num, 1, n)
+    pad = check_int("pad", pad, 0)
     check_bool("noise", noise)
     to_unit_range(x0[:0], pixel_range)              # checks pixel_range first
     steps = [round(k * n / num) for k in range(num + 1)]
@@ -155,8 +155,8 @@ def trajectory(model, diff: BlurDiffusion, shape, path=None, sampler: str = "ddi
     ``(picture, steps)`` with the steps of the shown columns (0 for the final sample);
     PNG to ``path``.
     """
-    check_int("num", num, 1)
-    check_int("pad", pad, 0)
+    num = check_int("num", num, 1)
+    pad = check_int("pad", pad, 0)
     _check_show(show)
 
     shown, states, estimates = [], [], []
@@ -191,10 +191,10 @@ def trajectory_frames(model, diff: BlurDiffusion, shape, path=None, sampler: str
     pictures and the step of each (0 for the sample); with ``path``, writes them as a
     looping GIF (``frame_ms`` per frame, the sample held ``hold_ms``; Pillow reduces each
     frame to 256 colours)."""
-    check_int("pad", pad, 0)
-    check_int("frame_ms", frame_ms, 1)
-    check_int("hold_ms", hold_ms, 1)
-    check_int("frames", frames, 1, none_ok=True)
+    pad = check_int("pad", pad, 0)
+    frame_ms = check_int("frame_ms", frame_ms, 1)
+    hold_ms = check_int("hold_ms", hold_ms, 1)
+    frames = check_int("frames", frames, 1, none_ok=True)
     _check_show(show)
     pictures, shown = [], []
 
@@ -223,8 +223,8 @@ def variation_grid(model, diff: BlurDiffusion, x0: torch.Tensor, start: int, pat
     from .data import to_unit_range
     from .sampling import variations
 
-    check_int("count", count, 1)
-    check_int("pad", pad, 0)
+    count = check_int("count", count, 1)
+    pad = check_int("pad", pad, 0)
     to_unit_range(torch.zeros(0), pixel_range)      # checks pixel_range before sampling
     x0 = _batch(x0, diff)
     device = kw.pop("device", x0.device)
