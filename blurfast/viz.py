@@ -247,14 +247,24 @@ def variation_grid(model, diff: BlurDiffusion, x0: torch.Tensor, start: int, pat
 
 def save_gif(frames: Sequence[np.ndarray], path, durations_ms: Sequence[int]) -> None:
     """Writes (H, W, 1 or 3) uint8 pictures as a looping GIF, ``durations_ms[k]`` for
-    frame k (temp file + rename)."""
-    from PIL import Image
+    frame k (temp file + rename), every frame kept: Pillow's ``save(save_all=True)`` drops
+    a frame identical to the one before (adding its duration to it), with no option to
+    keep it, so the file is put together from Pillow's header and frame writers. Each
+    frame carries its own palette (256 colours at most, as Pillow's save gives it)."""
+    from PIL import GifImagePlugin, Image
 
     from .fileio import atomic_path
-    images = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in frames]
-    with atomic_path(path, suffix=".gif") as tmp:
-        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
-                       duration=list(durations_ms), loop=0)
+    if len(durations_ms) != len(frames) or not frames:
+        raise ValueError(f"durations_ms: expected one per frame ({len(frames)}, at least "
+                         f"one), got {len(durations_ms)}")
+    images = [Image.fromarray(f[..., 0]) if f.shape[-1] == 1 else
+              Image.fromarray(f).convert("P", palette=Image.Palette.ADAPTIVE) for f in frames]
+    header, _ = GifImagePlugin.getheader(images[0], info={"loop": 0})
+    with atomic_path(path, suffix=".gif") as tmp, open(tmp, "wb") as f:
+        f.writelines(header)
+        for im, ms in zip(images, durations_ms):
+            f.writelines(GifImagePlugin.getdata(im, duration=int(ms), include_color_table=True))
+        f.write(b";")                  # the GIF trailer
 
 
 def _read_columns(path: Path, names: Sequence[str]) -> dict:
