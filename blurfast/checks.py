@@ -67,9 +67,10 @@ def check_number(name: str, v, lo=None, lo_open: bool = False, hi=None, hi_open:
     if v is None and none_ok:
         return v
     # numpy's bool is no numbers.Real; Python's bool is an int. An int is finite (isfinite
-    # would raise OverflowError beyond float's range)
+    # would raise OverflowError beyond float's range). Comparisons, not math.isfinite: a
+    # symbolic float of torch.compile (dynamic=True) takes them, isfinite broke the graph.
     if isinstance(v, bool) or not isinstance(v, numbers.Real) \
-            or not (isinstance(v, numbers.Integral) or math.isfinite(v)) \
+            or not (isinstance(v, numbers.Integral) or -math.inf < v < math.inf) \
             or (lo is not None and (v <= lo if lo_open else v < lo)) \
             or (hi is not None and (v >= hi if hi_open else v > hi)):
         bounds = [f" {'>' if lo_open else '>='} {lo}" if lo is not None else "",

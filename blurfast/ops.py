@@ -639,5 +639,7 @@ def gaussian_blur(x: Tensor, sigma, kind: str = "discrete") -> Tensor:
     sig = tuple(float(s) for s in items) if pair else float(sigma)
     # an empty side (0) takes a map of side 1, which broadcasts to it (sigma, kind checked)
     h, w = (max(n, 1) for n in x.shape[-2:])
-    d = _blur_map(h, w, sig, kind, x.device, _compute_dtype(x.dtype))
+    # traced under torch.compile (Dynamo bypasses lru_cache, warning that it does)
+    make = _blur_map.__wrapped__ if torch.compiler.is_compiling() else _blur_map
+    d = make(h, w, sig, kind, x.device, _compute_dtype(x.dtype))
     return spectral(x, d, seed=0)

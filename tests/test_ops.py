@@ -530,6 +530,26 @@ def test_torch_compile_fullgraph():
     assert torch.allclose(xc.grad, xe.grad, atol=1e-4)
 
 
+def test_gaussian_blur_compiles_once_for_dynamic_sizes_and_sigmas():
+    # torch.compile(dynamic=True): the blur map's argument check (math.isfinite of a
+    # symbolic float) broke the graph (fullgraph=True failed), and Dynamo bypassed the
+    # map's lru_cache with a warning. Now one graph serves every size and sigma, and each
+    # call is scipy's blur (the truth: gaussian_filter, reflect).
+    import warnings
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    blur = torch.compile(lambda x, s: bf.gaussian_blur(x, s), dynamic=True, fullgraph=True,
+                         backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # the lru_cache warning among them
+        for hw, s in (((8, 10), 1.5), ((9, 12), 1.5), ((9, 12), 2.25), ((11, 7), 0.8)):
+            x = _rand(2, 3, *hw, dtype=torch.float64)
+            want = scipy.ndimage.gaussian_filter(x.numpy(), (0, 0, s, s), mode="reflect")
+            np.testing.assert_allclose(blur(x, s).numpy(), want, atol=1e-12)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_torch_compile_fullgraph_draws_the_seed():
     # seed=None draws a seed from torch's generator (a data-dependent int under dynamo):
     # it traced into a failed guard on the range check. Each call draws afresh, and the
