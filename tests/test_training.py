@@ -2894,3 +2894,18 @@ def test_step_trains_a_model_left_in_eval_mode_with_dropout():
             got.model.eval()                # switched off between steps
         assert all(torch.equal(p, q) for p, q in zip(want.params, got.params))
         assert not all(torch.equal(p, q) for p, q in zip(want.params, off.params))
+
+
+def test_train_takes_numpy_integers_and_writes_them_as_json_ints(made16, tmp_path):
+    # numpy integers pass where ints do (they were refused) and go into config.json as
+    # the ints they are; a numpy bool is still no bool.
+    n = np.int64
+    res = training.train(data=str(made16), out=str(tmp_path / "run"),
+                         **{**KW, "steps": n(1), "batch_size": n(4), "seed": n(3),
+                            "save_every": n(1), "log_every": n(1), "warmup": n(0)})
+    assert res["step"] == 1
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (cfg["steps"], cfg["batch_size"], cfg["seed"], cfg["warmup"]) == (1, 4, 3, 0)
+    with pytest.raises(TypeError, match="^flip: expected a bool"):
+        training.train(data=str(made16), out=str(tmp_path / "run2"),
+                       **{**KW, "steps": 1, "flip": np.bool_(True)})
