@@ -253,14 +253,16 @@ class Bf16Weights:
             torch._foreach_add_(add_to, add)
 
 
-# A module of a live TrainStep's model or EMA -> its _ParamWatch: a parameter registered on
-# one (load_state_dict(assign=True), setattr) replaces a parameter the step holds.
+# A module of a live TrainStep's model or EMA -> a weak reference to its _ParamWatch (a strong
+# one would keep the module alive: the watch holds it): a parameter registered on one
+# (load_state_dict(assign=True), setattr) replaces a parameter the step holds.
 _WATCHED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _REGISTRATION_HOOK = []
 
 
 def _param_registered(module, name, param) -> None:
-    watch = _WATCHED.get(module)
+    ref = _WATCHED.get(module)
+    watch = None if ref is None else ref()
     if watch is not None:
         watch.replaced = True
 
@@ -282,7 +284,7 @@ class _ParamWatch:
                 view = None if flat is None else flat.as_strided(p.shape, p.stride(),
                                                                  p.storage_offset())
                 self.entries.append((mod, name, p, view))
-            _WATCHED[mod] = self
+            _WATCHED[mod] = weakref.ref(self)
         self._ptrs = [p.data_ptr() for *_, p, _ in self.entries] if flat is not None else None
         if not _REGISTRATION_HOOK:
             _REGISTRATION_HOOK.append(

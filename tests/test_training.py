@@ -2909,3 +2909,16 @@ def test_train_takes_numpy_integers_and_writes_them_as_json_ints(made16, tmp_pat
     with pytest.raises(TypeError, match="^flip: expected a bool"):
         training.train(data=str(made16), out=str(tmp_path / "run2"),
                        **{**KW, "steps": 1, "flip": np.bool_(True)})
+
+
+def test_a_dropped_step_leaves_no_module_behind():
+    # The registry of watched modules (weak keys) held its watches, which hold the
+    # modules: every submodule of a dropped step's model and EMA stayed alive.
+    import gc
+    import weakref
+    step = training.TrainStep(UNet(resolution=16, **TINY), BlurDiffusion(resolution=16),
+                              device="cpu")
+    refs = [weakref.ref(m) for m in (*step.model.modules(), *step.ema.modules())]
+    del step
+    gc.collect()
+    assert all(r() is None for r in refs)
