@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad as _forward_ad
 
-from .checks import check_int
+from .checks import check_bool, check_int
 from ._backend import _C, DTYPE_CODES, HAS_CUDA_KERNELS, check_cuda_device
 from .schedules import blur_eigenvalues_2d
 
@@ -580,6 +580,7 @@ def spectral(x: Tensor, a: Tensor, x2: Optional[Tensor] = None, a2: Optional[Ten
     """
     _check_data("x", x)
     _check_map("a", a, x)
+    check_bool("return_noise", return_noise)      # bool() took 1, "no", np.bool_
     if (x2 is None) != (a2 is None):
         raise ValueError("x2, a2: give both or neither")
     if x2 is not None:
@@ -603,7 +604,7 @@ def spectral(x: Tensor, a: Tensor, x2: Optional[Tensor] = None, a2: Optional[Ten
     else:
         seed = check_int("seed", seed, 0, _SEED_LIMIT - 1)
     offset = check_int("offset", offset, 0, _SEED_LIMIT - 1)
-    out, noise_px = _spectral_call(x, a, x2, a2, g, noise, seed, offset, bool(return_noise))
+    out, noise_px = _spectral_call(x, a, x2, a2, g, noise, seed, offset, return_noise)
     return (out, noise_px) if return_noise else out
 
 

@@ -126,3 +126,13 @@ def test_public_api_takes_numpy_integers_as_ints():
         assert torch.equal(m(x, 7), m2(x, n(7)))
     assert torch.equal(sample(m, a, (2, 3, 16, 16), steps=3, seed=4, progress=False),
                        sample(m, a, (n(2), 3, 16, 16), steps=n(3), seed=n(4), progress=False))
+
+
+def test_spectral_takes_a_python_bool_for_return_noise_only():
+    # bool(return_noise) took anything: "no" returned the noise.
+    x, a = torch.zeros(1, 8, 8), torch.ones(8, 8)
+    out, eps = ops.spectral(x, a, g=a, seed=1, return_noise=True)
+    assert torch.equal(out, eps)              # x = 0, a = g = 1: the output is the noise
+    for v in (np.bool_(True), 1, "no"):
+        with pytest.raises(TypeError, match="^return_noise: expected a bool"):
+            ops.spectral(x, a, g=a, seed=1, return_noise=v)
