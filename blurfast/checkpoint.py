@@ -70,8 +70,8 @@ def save(ckpt_dir, step: int, model: torch.nn.Module, ema: torch.nn.Module,
     others (None: deletes nothing). Returns the checkpoint's directory."""
     from safetensors.torch import save_file
 
-    check_int("step", step, 0, 10 ** 9 - 1)      # step_NNNNNNNNN: nine digits
-    check_int("keep", keep, none_ok=True)
+    step = check_int("step", step, 0, 10 ** 9 - 1)      # step_NNNNNNNNN: nine digits
+    keep = check_int("keep", keep, none_ok=True)
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     for stale in ckpt_dir.glob(_TMP_PREFIX + "*"):       # left by a save that was killed

@@ -6,30 +6,35 @@ import math
 import numbers
 from typing import Optional
 
-__all__ = ["check_bool", "check_int", "check_number", "check_size", "check_gpu_seen",
+__all__ = ["is_int", "check_bool", "check_int", "check_number", "check_size", "check_gpu_seen",
            "compile_problem", "default_precision", "PRECISIONS", "autocast_dtype"]
 
 
+def is_int(v) -> bool:
+    """Whether ``v`` is an integer scalar: a Python int or a numpy integer (np.int64 ...).
+    A bool is not, Python's (an int subclass) or numpy's (no numbers.Integral)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def check_bool(name: str, v) -> bool:
-    """``v`` when it is a bool; else TypeError naming ``name``."""
+    """``v`` when it is a Python bool; else TypeError naming ``name`` (numpy's bool, an
+    int, 0 or 1 are not)."""
     if not isinstance(v, bool):
         raise TypeError(f"{name}: expected a bool, got {v!r}")
     return v
 
 
-def check_int(name: str, v, lo: int = 1, hi: Optional[int] = None, none_ok: bool = False,
-              numpy_ok: bool = False):
-    """``v`` when it is an int (a bool is not) with ``lo <= v`` and, given ``hi``,
-    ``v <= hi`` (or None with ``none_ok``); else ValueError naming ``name``. With
-    ``numpy_ok`` numpy's integers pass too and come back as an int."""
+def check_int(name: str, v, lo: int = 1, hi: Optional[int] = None, none_ok: bool = False):
+    """``v`` as a Python int when it is an integer (:func:`is_int`: numpy's too, a bool
+    not) with ``lo <= v`` and, given ``hi``, ``v <= hi`` (or None with ``none_ok``); else
+    ValueError naming ``name``."""
     if v is None and none_ok:
         return v
-    is_int = isinstance(v, numbers.Integral if numpy_ok else int) and not isinstance(v, bool)
-    if not is_int or v < lo or (hi is not None and v > hi):
+    if not is_int(v) or v < lo or (hi is not None and v > hi):
         want = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise ValueError(f"{name}: expected an int {want}{' or None' if none_ok else ''}, "
                          f"got {v!r}")
-    return int(v) if numpy_ok else v
+    return int(v)
 
 
 def check_gpu_seen(name: str) -> None:
@@ -62,9 +67,10 @@ def check_number(name: str, v, lo=None, lo_open: bool = False, hi=None, hi_open:
     if v is None and none_ok:
         return v
     # numpy's bool is no numbers.Real; Python's bool is an int. An int is finite (isfinite
-    # would raise OverflowError beyond float's range)
+    # would raise OverflowError beyond float's range). Comparisons, not math.isfinite: a
+    # symbolic float of torch.compile (dynamic=True) takes them, isfinite broke the graph.
     if isinstance(v, bool) or not isinstance(v, numbers.Real) \
-            or not (isinstance(v, numbers.Integral) or math.isfinite(v)) \
+            or not (isinstance(v, numbers.Integral) or -math.inf < v < math.inf) \
             or (lo is not None and (v <= lo if lo_open else v < lo)) \
             or (hi is not None and (v >= hi if hi_open else v > hi)):
         bounds = [f" {'>' if lo_open else '>='} {lo}" if lo is not None else "",
@@ -76,12 +82,12 @@ def check_number(name: str, v, lo=None, lo_open: bool = False, hi=None, hi_open:
 
 
 def check_size(name: str, v) -> tuple:
-    """``(H, W)`` from ``v``, an int >= 1 (a square) or a pair of them; else ValueError
-    naming ``name``."""
+    """``(H, W)`` (Python ints) from ``v``, an int >= 1 (a square) or a pair of them (numpy's
+    integers too); else ValueError naming ``name``."""
     hw = tuple(v) if isinstance(v, (list, tuple)) else (v, v)
-    if len(hw) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in hw):
+    if len(hw) != 2 or any(not is_int(s) or s < 1 for s in hw):
         raise ValueError(f"{name}: expected an int >= 1 or a pair (H, W) of them, got {v!r}")
-    return hw
+    return tuple(int(s) for s in hw)
 
 
 def compile_problem(device) -> Optional[str]:

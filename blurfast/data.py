@@ -815,10 +815,10 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
         raise ValueError(f"out: {str(out)!r} exists; pass overwrite=True (--overwrite) to "
                          f"replace it")
     check_writable("out", out)
-    check_int("workers", workers, 0, none_ok=True)
-    check_int("limit", limit, none_ok=True)
-    check_int("resolution", resolution)
-    check_int("max_reported", max_reported, 0)
+    workers = check_int("workers", workers, 0, none_ok=True)
+    limit = check_int("limit", limit, none_ok=True)
+    resolution = check_int("resolution", resolution)
+    max_reported = check_int("max_reported", max_reported, 0)
     check_resize(resize)
     if match is not None and not isinstance(match, str):
         raise TypeError(f"match: expected a pattern (str) or None, got {match!r}")

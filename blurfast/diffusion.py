@@ -16,7 +16,7 @@ import torch
 
 from . import ops
 from . import schedules as S
-from .checks import check_bool, check_int, check_number, check_size
+from .checks import check_bool, check_int, check_number, check_size, is_int
 
 __all__ = ["BlurDiffusion", "TARGETS", "scales"]
 
@@ -44,7 +44,7 @@ class BlurDiffusion:
                  blur_schedule="quartic", sigma=0.4, sigma_min=0.0, sigma_max=0.15,
                  kernel="discrete", coarse_to_fine=True):
         h, w = check_size("resolution", resolution)
-        check_int("channels", channels)
+        channels = check_int("channels", channels)
         sigma = check_number("sigma", sigma, 0, lo_open=True)
         sigma_min = check_number("sigma_min", sigma_min, 0)
         sigma_max = check_number("sigma_max", sigma_max, 0)
@@ -52,6 +52,7 @@ class BlurDiffusion:
         beta_min, beta_max = (v.item() if isinstance(v, np.generic) else v
                               for v in (beta_min, beta_max))
         check_bool("coarse_to_fine", coarse_to_fine)
+        num_steps = S._check_steps(num_steps)
         self.H, self.W = h, w
         self.channels = channels
         self.num_steps = num_steps
@@ -111,7 +112,7 @@ class BlurDiffusion:
     def check_t(self, t, name: str = "t", low: int = 0, batch: Optional[int] = None,
                 device=None) -> torch.Tensor:
         """``t`` as an int64 (B,) tensor with ``low <= t <= N``; ValueError otherwise."""
-        if isinstance(t, int) and not isinstance(t, bool):
+        if is_int(t):
             t = torch.tensor([t] if batch is None else [t] * batch, dtype=torch.int64)
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype.is_floating_point \
                 or t.dtype.is_complex or t.dtype == torch.bool:
@@ -201,7 +202,7 @@ class BlurDiffusion:
         if noise is not None:
             return ops.spectral(x0, a, self._like("noise", noise, x0).to(x0.dtype), g), noise
         # None: the op draws one from torch's generator; numpy ints too, not floats
-        seed = check_int("seed", seed, 0, none_ok=True, numpy_ok=True)
+        seed = check_int("seed", seed, 0, none_ok=True)
         return ops.spectral(x0, a, g=g, seed=seed, offset=offset, return_noise=True)
 
     def prior_sample(self, shape, t: Optional[int] = None, seed: int = 0, offset: int = 0,
@@ -216,7 +217,7 @@ class BlurDiffusion:
         check_int("shape[0]", got[0], 0)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
-        seed = check_int("seed", seed, 0, numpy_ok=True)
+        seed = check_int("seed", seed, 0)
         t = self.num_steps - 1 if t is None else t
         per_sample = isinstance(t, torch.Tensor)
         t = self.check_t(t, low=1, batch=got[0])
@@ -299,7 +300,7 @@ class BlurDiffusion:
     def sample_t(self, batch: int, device="cpu") -> torch.Tensor:
         """``batch`` training steps, uniform on 1..N-1 (the paper's code), from torch's
         generator."""
-        check_int("batch", batch, 0)
+        batch = check_int("batch", batch, 0)
         return torch.randint(1, self.num_steps, (batch,), dtype=torch.int64).to(device)
 
     def loss(self, model, x0, t=None, target: str = "eps", seed=None) -> torch.Tensor:

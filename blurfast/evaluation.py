@@ -168,7 +168,7 @@ def features(images: Iterable[np.ndarray], extractor: Callable, batch_size: int 
     """Features (N, D) float64 of uint8 (H, W, C) images, resized as clean-fid does;
     ``progress``: a bar over the images (``leave``: kept when done)."""
     from tqdm.auto import tqdm
-    check_int("batch_size", batch_size, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
     _, resize = _cleanfid()
     resizer = resize.build_resizer("clean")
     feats, batch = [], []
@@ -285,8 +285,8 @@ def kernel_distance(feats1, feats2, subsets: int = KID_SUBSETS,
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"feats2: expected D = {x.shape[1]} features as feats1, got "
                          f"{y.shape[1]}")
-    check_int("subsets", subsets, 1)
-    check_int("subset_size", subset_size, 2)
+    subsets = check_int("subsets", subsets, 1)
+    subset_size = check_int("subset_size", subset_size, 2)
     device = check_device("device", device)
     d, m = x.shape[1], min(subset_size, len(x), len(y))
     gen = torch.Generator().manual_seed(seed)
@@ -455,7 +455,7 @@ def _reference_statistics(ref, resolution, resize, n, extractor, device, batch_s
     .npz does not record it) and, with ``want_features``, their features as float32 (else
     None)."""
     check_resize(resize)
-    check_int("batch_size", batch_size, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
     p = Path(ref)
     run = _sample_run(p)
     if p.is_file() and p.suffix == ".npz" and run is None:
@@ -550,8 +550,8 @@ def fid(samples, ref, n: Optional[int] = 10_000, resolution: Optional[int] = Non
     arguments, the reference path and the ``save_stats`` folder are checked before any
     features are computed. Warns when a side has no more images than features (2048 for
     InceptionV3): its covariance is then singular and the FID biased high."""
-    check_int("n", n, 2, none_ok=True)
-    check_int("batch_size", batch_size, 1)
+    n = check_int("n", n, 2, none_ok=True)
+    batch_size = check_int("batch_size", batch_size, 1)
     check_resize(resize)
     device = check_device("device", device)
     if save_stats is not None:
@@ -615,7 +615,7 @@ class FidMonitor:
                  n: int = 1000, steps: int = 100, sampler: str = "ddim", batch: int = 64,
                  pixel_range: str = "-1,1", inception=None,
                  feature_extractor: Optional[Callable] = None, device="cpu"):
-        check_int("fid_n", n, 2)
+        n = check_int("fid_n", n, 2)
         self.ref, self.resolution, self.resize, self.n = ref, resolution, resize, n
         self.channels = channels
         check_reference(ref, resolution, channels, name="fid_ref")

@@ -159,12 +159,12 @@ def sample_batches(model, diff, batches, *, sampler: str, seq, eta, seed: int, d
         yield b0, _images_uint8(x.float(), pixel_range)
 
 
-def check_arguments(n, out, *, sampler, eta, batch, seed, fmt, precision, **switches) -> None:
+def check_arguments(n, out, *, sampler, eta, batch, seed, fmt, precision, **switches):
     """The checks of :func:`generate`'s arguments that need no checkpoint, each error
-    naming its argument; ``switches``: its bools, by name."""
-    for name, v, lo in (("n", n, 1), ("batch", batch, 1)):
-        check_int(name, v, lo)
-    check_int("seed", seed, 0, _SEED_LIMIT - 1)     # as the noise ops take it
+    naming its argument; ``switches``: its bools, by name. Returns ``(n, batch, seed)`` as
+    Python ints (numpy's taken too)."""
+    n, batch = check_int("n", n), check_int("batch", batch)
+    seed = check_int("seed", seed, 0, _SEED_LIMIT - 1)     # as the noise ops take it
     if fmt not in ("png", "npz"):
         raise ValueError(f"fmt: expected 'png' or 'npz', got {fmt!r}")
     if sampler not in SAMPLERS:
@@ -177,6 +177,7 @@ def check_arguments(n, out, *, sampler, eta, batch, seed, fmt, precision, **swit
     if Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"out (--out): {str(out)!r} is a file; expected a folder for the "
                          f"images (made if missing)")
+    return n, batch, seed
 
 
 def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int] = 100,
@@ -206,9 +207,10 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
 
     from .distributed import barrier, from_rank0, setup_processes, teardown_processes
 
-    check_arguments(n, out, sampler=sampler, eta=eta, batch=batch, seed=seed, fmt=fmt,
-                    precision=precision, ema=ema, cuda_graph=cuda_graph, compile=compile,
-                    clip=clip, resume=resume, progress=progress)
+    n, batch, seed = check_arguments(n, out, sampler=sampler, eta=eta, batch=batch, seed=seed,
+                                     fmt=fmt, precision=precision, ema=ema,
+                                     cuda_graph=cuda_graph, compile=compile, clip=clip,
+                                     resume=resume, progress=progress)
     path = resolve_checkpoint(ckpt_path)
     rank, world, dev, owns_group = setup_processes(device)
     finished = False

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import ops
-from .checks import check_bool, check_int, check_number
+from .checks import check_bool, check_int, check_number, is_int
 
 __all__ = ["UNet", "PRESETS", "timestep_embedding", "check_resolution", "AUTOCAST_LAYERS",
            "upgrade_config",
@@ -61,7 +61,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
         raise TypeError(f"t: expected a real tensor of shape (B,), got "
                         f"{getattr(t, 'dtype', type(t).__name__)} "
                         f"{tuple(getattr(t, 'shape', ()))}")
-    check_int("dim", dim)
+    dim = check_int("dim", dim)
     check_number("max_period", max_period, 0, lo_open=True)
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) *
@@ -167,7 +167,7 @@ def check_resolution(resolution, channel_mult: Sequence[int], name: str = "resol
     """``resolution`` when a U-Net with levels ``channel_mult`` takes it: an int >= 1 that
     each level but the last halves, so divisible by 2^(levels-1); else ValueError naming
     ``name``."""
-    check_int(name, resolution)
+    resolution = check_int(name, resolution)
     levels = len(channel_mult)
     if resolution % 2 ** (levels - 1):
         raise ValueError(f"{name}: {resolution} is not divisible by 2^{levels - 1} "
@@ -205,10 +205,10 @@ class UNet(nn.Module):
                  attention_resolutions: Sequence[int] = (16, 8), num_heads: int = 4,
                  dropout: float = 0.0, freq_input: bool = False, emb_act: bool = True):
         super().__init__()
-        check_int("channels", channels)
-        check_int("base_channels", base_channels)
-        check_int("num_res_blocks", num_res_blocks)
-        check_int("num_heads", num_heads)
+        channels = check_int("channels", channels)
+        base_channels = check_int("base_channels", base_channels)
+        num_res_blocks = check_int("num_res_blocks", num_res_blocks)
+        num_heads = check_int("num_heads", num_heads)
         if base_channels % _GROUPS:
             raise ValueError(f"base_channels: expected a multiple of {_GROUPS}, "
                              f"got {base_channels}")
@@ -219,12 +219,10 @@ class UNet(nn.Module):
         channel_mult = tuple(channel_mult)
         if not channel_mult:
             raise ValueError("channel_mult: expected at least one level")
-        for m in channel_mult:
-            check_int("channel_mult", m)
-        attention_resolutions = tuple(attention_resolutions)
-        for r in attention_resolutions:
-            check_int("attention_resolutions", r)
-        check_resolution(resolution, channel_mult)
+        channel_mult = tuple(check_int("channel_mult", m) for m in channel_mult)
+        attention_resolutions = tuple(check_int("attention_resolutions", r)
+                                      for r in attention_resolutions)
+        resolution = check_resolution(resolution, channel_mult)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
                 or not 0 <= dropout < 1:
             raise ValueError(f"dropout: expected a number in [0, 1), got {dropout!r}")
@@ -329,7 +327,7 @@ class UNet(nn.Module):
         if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
             raise TypeError(f"x: expected a floating-point tensor, got "
                             f"{getattr(x, 'dtype', type(x).__name__)}")
-        if isinstance(t, int):
+        if is_int(t) or isinstance(t, bool):     # a bool: check_int names it
             t = torch.full((x.shape[0],), check_int("t", t, 0), dtype=torch.int64,
                            device=x.device)
         if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype.is_complex \

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad as _forward_ad
 
-from .checks import check_int
+from .checks import check_bool, check_int
 from ._backend import _C, DTYPE_CODES, HAS_CUDA_KERNELS, check_cuda_device
 from .schedules import blur_eigenvalues_2d
 
@@ -164,6 +164,13 @@ def _run_normal(x: Tensor, seed: int, offset: int) -> Tensor:
 
 # ---------------------------------------------------------------- custom ops
 
+def _check_dtype(name: str, t: Tensor) -> None:
+    """TypeError naming ``name`` unless ``t`` has a dtype the kernels take (DTYPE_CODES);
+    the ops called directly reached DTYPE_CODES[t.dtype], a KeyError, first."""
+    if t.dtype not in DTYPE_CODES:
+        raise TypeError(f"{name}: expected dtype {_DTYPE_NAMES}, got {t.dtype}")
+
+
 def _check_op_tensors(x, a, x2, a2, g, noise) -> None:
     """What the spectral kernel trusts of a direct call of ``torch.ops.blurfast.spectral``
     (which :func:`spectral` checks in full, naming each argument): an x2 without a2 (or the
@@ -171,6 +178,7 @@ def _check_op_tensors(x, a, x2, a2, g, noise) -> None:
     read through a null or foreign pointer, or past the end of a buffer; a map or noise of
     more dims than x, whose leading sizes happen to multiply to x's, would be read as x's
     shape instead of broadcasting (other shapes fail in _map_arg's expand)."""
+    _check_dtype("x", x)
     if (x2 is None) != (a2 is None):
         raise ValueError("x2, a2: give both or neither")
     if x2 is not None and (x2.shape != x.shape or x2.dtype != x.dtype):
@@ -186,11 +194,13 @@ def _check_op_tensors(x, a, x2, a2, g, noise) -> None:
 
 @torch.library.custom_op("blurfast::dct2", mutates_args=())
 def _dct2_op(x: Tensor) -> Tensor:
+    _check_dtype("x", x)
     return _run_dct2(x, False)
 
 
 @torch.library.custom_op("blurfast::idct2", mutates_args=())
 def _idct2_op(x: Tensor) -> Tensor:
+    _check_dtype("x", x)
     return _run_dct2(x, True)
 
 
@@ -204,16 +214,19 @@ def _spectral_op(x: Tensor, a: Tensor, x2: Optional[Tensor], a2: Optional[Tensor
 
 @torch.library.custom_op("blurfast::normal_like", mutates_args=())
 def _normal_op(x: Tensor, seed: int, offset: int) -> Tensor:
+    _check_dtype("x", x)
     return _run_normal(x, seed, offset)
 
 
 @_dct2_op.register_fake
 def _(x):
+    _check_dtype("x", x)
     return x.new_empty(x.shape)
 
 
 @_idct2_op.register_fake
 def _(x):
+    _check_dtype("x", x)
     return x.new_empty(x.shape)
 
 
@@ -225,6 +238,7 @@ def _(x, a, x2, a2, g, noise, seed, offset, return_noise):
 
 @_normal_op.register_fake
 def _(x, seed, offset):
+    _check_dtype("x", x)
     return x.new_empty(x.shape)
 
 
@@ -513,8 +527,7 @@ _DTYPE_NAMES = "float32, float64, float16 or bfloat16"
 def _check_data(name: str, t, min_dim: int = 2) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in DTYPE_CODES:
-        raise TypeError(f"{name}: expected dtype {_DTYPE_NAMES}, got {t.dtype}")
+    _check_dtype(name, t)
     if t.dim() < min_dim:
         raise ValueError(f"{name}: expected at least {min_dim} dims (..., H, W), got shape "
                          f"{tuple(t.shape)}")
@@ -567,6 +580,7 @@ def spectral(x: Tensor, a: Tensor, x2: Optional[Tensor] = None, a2: Optional[Ten
     """
     _check_data("x", x)
     _check_map("a", a, x)
+    check_bool("return_noise", return_noise)      # bool() took 1, "no", np.bool_
     if (x2 is None) != (a2 is None):
         raise ValueError("x2, a2: give both or neither")
     if x2 is not None:
@@ -590,7 +604,7 @@ def spectral(x: Tensor, a: Tensor, x2: Optional[Tensor] = None, a2: Optional[Ten
     else:
         seed = check_int("seed", seed, 0, _SEED_LIMIT - 1)
     offset = check_int("offset", offset, 0, _SEED_LIMIT - 1)
-    out, noise_px = _spectral_call(x, a, x2, a2, g, noise, seed, offset, bool(return_noise))
+    out, noise_px = _spectral_call(x, a, x2, a2, g, noise, seed, offset, return_noise)
     return (out, noise_px) if return_noise else out
 
 
@@ -626,5 +640,7 @@ def gaussian_blur(x: Tensor, sigma, kind: str = "discrete") -> Tensor:
     sig = tuple(float(s) for s in items) if pair else float(sigma)
     # an empty side (0) takes a map of side 1, which broadcasts to it (sigma, kind checked)
     h, w = (max(n, 1) for n in x.shape[-2:])
-    d = _blur_map(h, w, sig, kind, x.device, _compute_dtype(x.dtype))
+    # traced under torch.compile (Dynamo bypasses lru_cache, warning that it does)
+    make = _blur_map.__wrapped__ if torch.compiler.is_compiling() else _blur_map
+    d = make(h, w, sig, kind, x.device, _compute_dtype(x.dtype))
     return spectral(x, d, seed=0)

@@ -91,7 +91,7 @@ def timesteps(diff: BlurDiffusion, steps: Optional[int] = None,
     top = n - 1 if start is None else start
     if steps is None:
         steps = top
-    check_int("steps", steps, 1, top)
+    steps = check_int("steps", steps, 1, top)
     if steps == 1:
         return [top]
     k = torch.arange(steps, dtype=torch.float64) / (steps - 1)
@@ -187,10 +187,9 @@ def _run(coefs: Callable, model, diff: BlurDiffusion, x: torch.Tensor, steps: Se
     etas = check_eta(desc, eta, steps=len(steps))          # desc: the sampler's name
     if x.numel() >= STEP_OFFSET:
         raise ValueError(f"x: at most {STEP_OFFSET - 1} elements per batch, got {x.numel()}")
-    seed = check_int("seed", seed, 0, numpy_ok=True)
+    seed = check_int("seed", seed, 0)
     # the last step's noise is at offset + len(steps) * STEP_OFFSET, below the op's limit
-    offset = check_int("offset", offset, 0, ops._SEED_LIMIT - 1 - len(steps) * STEP_OFFSET,
-                       numpy_ok=True)
+    offset = check_int("offset", offset, 0, ops._SEED_LIMIT - 1 - len(steps) * STEP_OFFSET)
     b, dev = x.shape[0], x.device
     lab = diff.log_abar(torch.tensor(steps + [0]), device=dev)[:, None, None]  # (S+1, 1, 1, H, W)
     eps_prev = None                            # multistep: dct2 of the previous eps
@@ -269,7 +268,7 @@ def eta_first(steps: int, fraction: float, eta: float = 1.0) -> List[float]:
     Stochastic first steps let DDIM / exp2m correct the prior's error (it ignores
     ``sqrt(Abar) x0``, which matters at low frequencies) before the ODE takes over.
     """
-    check_int("steps", steps)
+    steps = check_int("steps", steps)
     if not 0 <= fraction <= 1:
         raise ValueError(f"fraction: expected a number in [0, 1], got {fraction!r}")
     k = math.ceil(fraction * steps - 1e-9)
@@ -363,9 +362,8 @@ def variations(model, diff: BlurDiffusion, x0: torch.Tensor, start: int,
     diff.check_x(x0, "x0")
     seq = timesteps(diff, steps, spacing, start=start)
     # as _run takes them, before q_sample draws (it would take seed None, and any offset)
-    seed = check_int("seed", seed, 0, numpy_ok=True)
-    offset = check_int("offset", offset, 0, ops._SEED_LIMIT - 1 - len(seq) * STEP_OFFSET,
-                       numpy_ok=True)
+    seed = check_int("seed", seed, 0)
+    offset = check_int("offset", offset, 0, ops._SEED_LIMIT - 1 - len(seq) * STEP_OFFSET)
     if clip is not None:
         model = clip_x0(model, diff, *_clip_range(clip))
     t = torch.full((x0.shape[0],), seq[0], dtype=torch.int64, device=x0.device)

@@ -23,7 +23,7 @@ def gaussian_eigenvalues(n: int, sigma: float, kind: str = "discrete",
     applies. ``kind="continuous"``: the heat equation, ``exp(-sigma^2 (pi k/n)^2 / 2)``.
     ``truncate`` (> 0, in sigmas) is used by ``discrete`` only.
     """
-    check_int("n", n)
+    n = check_int("n", n)
     sigma = check_number("sigma", sigma, 0)
     truncate = check_number("truncate", truncate, 0, lo_open=True)
     if kind not in KERNELS:
@@ -65,8 +65,8 @@ __all__ += ["NOISE_SCHEDULES", "BLUR_SCHEDULES", "KERNELS", "MAX_BETA", "EIG_FLO
             "noise_betas", "log_alpha_bar", "blur_f", "process_eigenvalues"]
 
 
-def _check_steps(num_steps):
-    check_int("num_steps", num_steps, 2)
+def _check_steps(num_steps) -> int:
+    return check_int("num_steps", num_steps, 2)
 
 
 def noise_betas(name: str, num_steps: int, beta_min: float = 1e-4,
@@ -80,7 +80,7 @@ def noise_betas(name: str, num_steps: int, beta_min: float = 1e-4,
     ``linear`` uses beta_min and beta_max; every schedule checks them all the same (a
     process's config keeps them).
     """
-    _check_steps(num_steps)
+    num_steps = _check_steps(num_steps)
     beta_min = check_number("beta_min", beta_min, 0, hi=1, hi_open=True)
     beta_max = check_number("beta_max", beta_max, 0, hi=1, hi_open=True)
     if beta_min > beta_max:
@@ -122,7 +122,7 @@ def blur_f(name: str, num_steps: int, f_1: float, f_N: float) -> torch.Tensor:
     ``f_1 = (sigma_min/sigma)^2``, ``f_N = (sigma_max/sigma)^2``; the f-types of
     docs/process.md section 3 (the paper's code conventions).
     """
-    _check_steps(num_steps)
+    num_steps = _check_steps(num_steps)
     f_1 = check_number("f_1", f_1, 0)
     f_N = check_number("f_N", f_N, 0)
     n = num_steps

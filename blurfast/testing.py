@@ -103,9 +103,9 @@ class GaussianMixtureOracle:
     def sample(self, n: int, seed: int = 0, t: int = 0, return_labels: bool = False):
         """``n`` (>= 1) exact draws of x_t, t an int in 0..N (0: the data), float64, from a
         torch generator seeded ``seed``."""
-        check_int("n", n)
-        check_int("t", t, 0, self.diff.num_steps)
-        gen = torch.Generator().manual_seed(check_int("seed", seed, 0, numpy_ok=True))
+        n = check_int("n", n)
+        t = check_int("t", t, 0, self.diff.num_steps)
+        gen = torch.Generator().manual_seed(check_int("seed", seed, 0))
         labels = torch.multinomial(self.weights, n, replacement=True, generator=gen)
         z0 = torch.randn((n,) + self.diff.shape, dtype=torch.float64, generator=gen)
         xb0 = self.mean_coefs[labels] + torch.sqrt(self.variances[labels]) * z0
@@ -175,9 +175,9 @@ def example_oracle(diff: BlurDiffusion, components: int = 3, seed: int = 0,
     ancestral keeps 93% of a variance of 0.01 and 98% of 0.2. ``components`` >= 1,
     ``floor`` > 0.
     """
-    check_int("components", components)
+    components = check_int("components", components)
     check_number("floor", floor, 0, lo_open=True)
-    gen = torch.Generator().manual_seed(check_int("seed", seed, 0, numpy_ok=True))
+    gen = torch.Generator().manual_seed(check_int("seed", seed, 0))
     c, h, w = diff.shape
     ky = torch.arange(h, dtype=torch.float64)[:, None] * 16 / h
     kx = torch.arange(w, dtype=torch.float64)[None, :] * 16 / w

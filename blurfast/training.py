@@ -26,13 +26,13 @@ import csv
 import inspect
 import json
 import math
-import numbers
 import os
 import signal
 import shutil
 import threading
 import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -49,7 +49,7 @@ from . import checkpoint as ckpt
 from . import data as D
 from . import ops
 from .checks import (PRECISIONS, autocast_dtype, check_bool, check_int, check_number,
-                     compile_problem, default_precision)
+                     compile_problem, default_precision, is_int)
 from .distributed import any_rank, barrier, from_rank0, setup_processes, teardown_processes
 from .fileio import write_problem, write_text
 from .diffusion import TARGETS, BlurDiffusion, scales
@@ -91,7 +91,7 @@ def derive_seed(*ints: int) -> int:
     they are: changing the hash would change every run's draws.
     """
     for i, v in enumerate(ints):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v < 2 ** 64:
+        if not is_int(v) or not 0 <= v < 2 ** 64:
             raise ValueError(f"ints[{i}]: expected an int in [0, 2**64), got {v!r}")
     a, b = np.random.SeedSequence([int(v) for v in ints]).generate_state(2, np.uint32)
     return ((int(a) << 32) | int(b)) & _SEED_MASK
@@ -126,7 +126,7 @@ class StepBatches:
         self.n, self.B, self.b, self.rank, self.seed = n, global_batch, local_batch, rank, seed
         self.start, self.stop = start, stop
         self.images = start * global_batch if images is None else images
-        check_int("images", self.images, 0)
+        self.images = check_int("images", self.images, 0)
         self._perms = {}
 
     def _perm(self, epoch: int) -> torch.Tensor:
@@ -254,6 +254,70 @@ class Bf16Weights:
             torch._foreach_add_(add_to, add)
 
 
+# A module of a live TrainStep's model or EMA -> a weak reference to its _ParamWatch (a strong
+# one would keep the module alive: the watch holds it): a parameter registered on one
+# (load_state_dict(assign=True), setattr) replaces a parameter the step holds.
+_WATCHED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_REGISTRATION_HOOK = []
+
+
+def _param_registered(module, name, param) -> None:
+    ref = _WATCHED.get(module)
+    watch = None if ref is None else ref()
+    if watch is not None:
+        watch.replaced = True
+
+
+class _ParamWatch:
+    """Keeps the parameters of a module (a TrainStep's model or EMA) those its step uses:
+    the objects its optimizer and EMA update, each a view of the flat buffer (``flat``,
+    when there is one) that the EMA and cast_once read. A parameter replaced since
+    (``load_state_dict(assign=True)``, ``setattr``) or given new storage
+    (``p.data = ...``) would leave the step with old weights: :meth:`repair` copies its
+    values into the step's parameter, put back in its place. Weights changed in place
+    (``load_state_dict``, ``p.copy_``) need nothing."""
+
+    def __init__(self, module: torch.nn.Module, flat: Optional[torch.Tensor]):
+        self.replaced = False
+        self.entries = []           # (module, name, parameter, its view of flat or None)
+        for mod in module.modules():
+            for name, p in mod.named_parameters(recurse=False):
+                view = None if flat is None else flat.as_strided(p.shape, p.stride(),
+                                                                 p.storage_offset())
+                self.entries.append((mod, name, p, view))
+            _WATCHED[mod] = weakref.ref(self)
+        self._ptrs = [p.data_ptr() for *_, p, _ in self.entries] if flat is not None else None
+        if not _REGISTRATION_HOOK:
+            _REGISTRATION_HOOK.append(
+                torch.nn.modules.module.register_module_parameter_registration_hook(
+                    _param_registered))
+
+    def stale(self) -> bool:
+        """Whether a parameter was replaced or given new storage (no device work)."""
+        return self.replaced or (self._ptrs is not None and
+                                 [p.data_ptr() for *_, p, _ in self.entries] != self._ptrs)
+
+    def repair(self, what: str) -> None:
+        with torch.no_grad():
+            for mod, name, p, view in self.entries:
+                cur = mod._parameters.get(name)
+                if cur is not p:
+                    if cur is None or cur.shape != p.shape:
+                        raise ValueError(
+                            f"{what}: parameter {name!r} was replaced by "
+                            f"{None if cur is None else tuple(cur.shape)}, expected shape "
+                            f"{tuple(p.shape)}; load weights of this model's shapes")
+                    p.copy_(cur)
+                    mod._parameters[name] = p
+                if view is not None and p.data_ptr() != view.data_ptr():
+                    if p.shape != view.shape:
+                        raise ValueError(f"{what}: parameter {name!r} was given shape "
+                                         f"{tuple(p.shape)}, expected {tuple(view.shape)}")
+                    view.copy_(p.data)
+                    p.data = view
+        self.replaced = False
+
+
 def _collate(batch: torch.Tensor) -> torch.Tensor:
     """The datasets' ``__getitems__`` already returns the batch tensor."""
     return batch
@@ -334,7 +398,8 @@ class TrainStep:
         self.ema_w = 1.0 - float(ema_beta)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-        self.model = model.to(self.device, memory_format=self.memory_format)
+        # train mode (dropout): set again by a call that finds the model in eval mode
+        self.model = model.to(self.device, memory_format=self.memory_format).train()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.params = list(self.model.parameters())
         self.ema_params = list(self.ema.parameters())
@@ -342,6 +407,7 @@ class TrainStep:
         flat, ema_flat = flatten_params_(self.model), flatten_params_(self.ema)
         self._ema_pairs = (([ema_flat], [flat]) if flat is not None and ema_flat is not None
                            else (self.ema_params, self.params))
+        self._watches = (_ParamWatch(self.model, flat), _ParamWatch(self.ema, ema_flat))
         self.diff = diff
         self._bf16 = None
         if cast_once:
@@ -375,6 +441,7 @@ class TrainStep:
         self.forward = torch.compile(fwd) if compile else fwd
 
         # A tensor learning rate lets a captured step see updates of it.
+        lr = check_number("lr", lr, 0)
         self._lr = torch.tensor(float(lr), device=self.device) if cuda_graphs else float(lr)
         cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
         self._group_settings = dict(betas=tuple(betas), eps=adam_eps, weight_decay=weight_decay,
@@ -393,12 +460,14 @@ class TrainStep:
 
     # ------------------------------------------------------------------ the step
     def set_lr(self, lr: float) -> None:
+        """The learning rate of the steps from now on (kept by :meth:`load_state_dict`)."""
+        lr = float(check_number("lr", lr, 0))
+        if isinstance(self._lr, torch.Tensor):
+            self._lr.fill_(lr)
+        else:
+            self._lr = lr
         for g in self.opt.param_groups:
-            if isinstance(self._lr, torch.Tensor):
-                g["lr"] = self._lr
-                self._lr.fill_(lr)
-            else:
-                g["lr"] = float(lr)
+            g["lr"] = self._lr
 
     def noised(self, x0, t, noise_seed: int = 0, noise_offset: int = 0):
         """``(x_t, target)`` of clean images x0 at steps t (device tensors): x_t =
@@ -501,6 +570,13 @@ class TrainStep:
     def __call__(self, x_u8: torch.Tensor, flip: torch.Tensor, t: torch.Tensor,
                  noise_seed: int = 0, noise_offset: int = 0) -> None:
         nb = self.device.type == "cuda"
+        if not self.model.training:        # the caller's model.eval(): dropout on again
+            self.model.train()
+            if self._bf16 is not None:
+                self._bf16.module.train()
+        for watch, what in zip(self._watches, ("model", "ema")):
+            if watch.stale():
+                watch.repair(what)
         if not self.cuda_graphs:
             self._body(x_u8.to(self.device, non_blocking=nb), flip.to(self.device, non_blocking=nb),
                        t.to(self.device, non_blocking=nb), noise_seed, noise_offset)
@@ -577,11 +653,11 @@ class TrainStep:
         self.opt.load_state_dict(state["optimizer"])
         # load_state_dict restores the checkpoint's group settings; this run's win (a run
         # saved without CUDA graphs resumed with them needs capturable, for one; an AdamW
-        # run resumed with Adam must not keep decoupled weight decay).
+        # run resumed with Adam must not keep decoupled weight decay), the learning rate
+        # (the constructor's or set_lr's) included.
         for g in self.opt.param_groups:
             g.update(self._group_settings)
-            if isinstance(self._lr, torch.Tensor):
-                g["lr"] = self._lr
+            g["lr"] = self._lr
         self._stats.zero_()
         self._stats[:len(state["stats"])].copy_(state["stats"])  # 6 entries before the longest
         if self._scale is not None:     # a checkpoint of another precision has none: anew
@@ -818,14 +894,15 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     # ---------------------------------------------------------------- arguments
     if preset not in PRESETS:
         raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
-    check_int("resolution", resolution)
-    check_int("channels", channels)
-    check_int("batch_size", batch_size)
-    check_int("grad_accum", grad_accum)
+    # checked ints (numpy's too) go into args as Python ints: the config is written as JSON
+    resolution = args["resolution"] = check_int("resolution", resolution)
+    args["channels"] = check_int("channels", channels)
+    batch_size = args["batch_size"] = check_int("batch_size", batch_size)
+    grad_accum = args["grad_accum"] = check_int("grad_accum", grad_accum)
     if batch_size % grad_accum:
         raise ValueError(f"grad_accum: {grad_accum} rounds do not divide batch_size "
                          f"{batch_size}; give a divisor of it")
-    check_int("steps", steps)
+    steps = args["steps"] = check_int("steps", steps)
     # check_number returns numpy scalars as Python numbers: the config is written as JSON
     args["lr"] = check_number("lr", lr, 0, lo_open=True)
     if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
@@ -833,7 +910,7 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     args["betas"] = [check_number("betas", b, 0, hi=1, hi_open=True) for b in betas]
     args["weight_decay"] = check_number("weight_decay", weight_decay, 0)
     args["adam_eps"] = check_number("adam_eps", adam_eps, 0, lo_open=True)
-    check_int("warmup", warmup, 0)
+    args["warmup"] = check_int("warmup", warmup, 0)
     # TrainStep reads it (None: no clipping); 0, which TrainStep also takes for none, is
     # refused here: a run turns clipping off with None alone (--grad-clip none)
     args["grad_clip"] = check_number("grad_clip", grad_clip, 0, lo_open=True, none_ok=True)
@@ -853,18 +930,18 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     if precision not in (None, *PRECISIONS):
         raise ValueError(f"precision: expected one of {PRECISIONS} or None, got {precision!r}")
     if num_workers is not None:
-        check_int("num_workers", num_workers, 0)
+        args["num_workers"] = check_int("num_workers", num_workers, 0)
     for name in ("log_every", "save_every", "keep", "sample_every", "sample_count",
                  "sample_steps", "max_nonfinite"):
-        check_int(name, args[name])
+        args[name] = check_int(name, args[name])
     # < 2**32: derive_seed keeps (seed, step, tag) tuples apart only below it
-    check_int("seed", seed, 0, 2 ** 32 - 1)
+    seed = args["seed"] = check_int("seed", seed, 0, 2 ** 32 - 1)
     # resize now, whatever the data: a folder fid_ref would read it only at the first FID
     D.check_resize(resize)
     if fid_every is not None:
-        check_int("fid_every", fid_every)
-        check_int("fid_n", fid_n, 2)
-        check_int("fid_steps", fid_steps)
+        args["fid_every"] = check_int("fid_every", fid_every)
+        args["fid_n"] = check_int("fid_n", fid_n, 2)
+        args["fid_steps"] = check_int("fid_steps", fid_steps)
         if fid_ref is None:
             raise ValueError("fid_ref (--fid-ref): needed with fid_every (--fid-every): "
                              "reference data or STATS.npz")

@@ -37,7 +37,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 def grid(rows: Sequence[Sequence[torch.Tensor]], pad: int = 1) -> np.ndarray:
     """Tiles ``rows[r][c]`` (each (C, H, W), same shape) into one uint8 picture,
     ``pad`` (>= 0) white pixels between tiles."""
-    check_int("pad", pad, 0)
+    pad = check_int("pad", pad, 0)
     if not rows or not rows[0]:
         raise ValueError("rows: expected at least one row of one image")
     tiles = [[to_uint8(t) for t in row] for row in rows]
@@ -82,8 +82,8 @@ def forward_strip(diff: BlurDiffusion, x0: torch.Tensor, path=None, seed: int = 
     from .data import to_unit_range
     x0 = _batch(x0, diff)
     n = diff.num_steps
-    check_int("num", num, 1, n)
-    check_int("pad", pad, 0)
+    num = check_int("num", num, 1, n)
+    pad = check_int("pad", pad, 0)
     check_bool("noise", noise)
     to_unit_range(x0[:0], pixel_range)              # checks pixel_range first
     steps = [round(k * n / num) for k in range(num + 1)]
@@ -155,8 +155,8 @@ def trajectory(model, diff: BlurDiffusion, shape, path=None, sampler: str = "ddi
     ``(picture, steps)`` with the steps of the shown columns (0 for the final sample);
     PNG to ``path``.
     """
-    check_int("num", num, 1)
-    check_int("pad", pad, 0)
+    num = check_int("num", num, 1)
+    pad = check_int("pad", pad, 0)
     _check_show(show)
 
     shown, states, estimates = [], [], []
@@ -191,10 +191,10 @@ def trajectory_frames(model, diff: BlurDiffusion, shape, path=None, sampler: str
     pictures and the step of each (0 for the sample); with ``path``, writes them as a
     looping GIF (``frame_ms`` per frame, the sample held ``hold_ms``; Pillow reduces each
     frame to 256 colours)."""
-    check_int("pad", pad, 0)
-    check_int("frame_ms", frame_ms, 1)
-    check_int("hold_ms", hold_ms, 1)
-    check_int("frames", frames, 1, none_ok=True)
+    pad = check_int("pad", pad, 0)
+    frame_ms = check_int("frame_ms", frame_ms, 1)
+    hold_ms = check_int("hold_ms", hold_ms, 1)
+    frames = check_int("frames", frames, 1, none_ok=True)
     _check_show(show)
     pictures, shown = [], []
 
@@ -223,8 +223,8 @@ def variation_grid(model, diff: BlurDiffusion, x0: torch.Tensor, start: int, pat
     from .data import to_unit_range
     from .sampling import variations
 
-    check_int("count", count, 1)
-    check_int("pad", pad, 0)
+    count = check_int("count", count, 1)
+    pad = check_int("pad", pad, 0)
     to_unit_range(torch.zeros(0), pixel_range)      # checks pixel_range before sampling
     x0 = _batch(x0, diff)
     device = kw.pop("device", x0.device)
@@ -247,14 +247,24 @@ def variation_grid(model, diff: BlurDiffusion, x0: torch.Tensor, start: int, pat
 
 def save_gif(frames: Sequence[np.ndarray], path, durations_ms: Sequence[int]) -> None:
     """Writes (H, W, 1 or 3) uint8 pictures as a looping GIF, ``durations_ms[k]`` for
-    frame k (temp file + rename)."""
-    from PIL import Image
+    frame k (temp file + rename), every frame kept: Pillow's ``save(save_all=True)`` drops
+    a frame identical to the one before (adding its duration to it), with no option to
+    keep it, so the file is put together from Pillow's header and frame writers. Each
+    frame carries its own palette (256 colours at most, as Pillow's save gives it)."""
+    from PIL import GifImagePlugin, Image
 
     from .fileio import atomic_path
-    images = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in frames]
-    with atomic_path(path, suffix=".gif") as tmp:
-        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
-                       duration=list(durations_ms), loop=0)
+    if len(durations_ms) != len(frames) or not frames:
+        raise ValueError(f"durations_ms: expected one per frame ({len(frames)}, at least "
+                         f"one), got {len(durations_ms)}")
+    images = [Image.fromarray(f[..., 0]) if f.shape[-1] == 1 else
+              Image.fromarray(f).convert("P", palette=Image.Palette.ADAPTIVE) for f in frames]
+    header, _ = GifImagePlugin.getheader(images[0], info={"loop": 0})
+    with atomic_path(path, suffix=".gif") as tmp, open(tmp, "wb") as f:
+        f.writelines(header)
+        for im, ms in zip(images, durations_ms):
+            f.writelines(GifImagePlugin.getdata(im, duration=int(ms), include_color_table=True))
+        f.write(b";")                  # the GIF trailer
 
 
 def _read_columns(path: Path, names: Sequence[str]) -> dict:

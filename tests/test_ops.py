@@ -575,6 +575,26 @@ def test_torch_compile_fullgraph():
     assert torch.allclose(xc.grad, xe.grad, atol=1e-4)
 
 
+def test_gaussian_blur_compiles_once_for_dynamic_sizes_and_sigmas():
+    # torch.compile(dynamic=True): the blur map's argument check (math.isfinite of a
+    # symbolic float) broke the graph (fullgraph=True failed), and Dynamo bypassed the
+    # map's lru_cache with a warning. Now one graph serves every size and sigma, and each
+    # call is scipy's blur (the truth: gaussian_filter, reflect).
+    import warnings
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    blur = torch.compile(lambda x, s: bf.gaussian_blur(x, s), dynamic=True, fullgraph=True,
+                         backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # the lru_cache warning among them
+        for hw, s in (((8, 10), 1.5), ((9, 12), 1.5), ((9, 12), 2.25), ((11, 7), 0.8)):
+            x = _rand(2, 3, *hw, dtype=torch.float64)
+            want = scipy.ndimage.gaussian_filter(x.numpy(), (0, 0, s, s), mode="reflect")
+            np.testing.assert_allclose(blur(x, s).numpy(), want, atol=1e-12)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_torch_compile_fullgraph_draws_the_seed():
     # seed=None draws a seed from torch's generator (a data-dependent int under dynamo):
     # it traced into a failed guard on the range check. Each call draws afresh, and the
@@ -1110,6 +1130,27 @@ def test_custom_op_called_directly_refuses_maps_of_more_dims_than_x():
                  (x, a[0, 0], None, None, a[0, 0], a)):
         with pytest.raises(ValueError, match=r"does not broadcast to x's shape \(4, 8, 8\)"):
             torch.ops.blurfast.spectral(*args, 0, 0, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool,
+                                   torch.complex64])
+def test_custom_ops_called_directly_name_x_and_the_dtypes_they_take(dtype):
+    # An integer (or bool, complex) x reached the kernels' dtype table: a KeyError naming
+    # the dtype alone. Eagerly and under FakeTensorMode (torch.compile's tracing) alike.
+    x, a = torch.zeros(2, 8, 8, dtype=dtype), torch.ones(8, 8)
+    calls = [lambda x: torch.ops.blurfast.dct2(x), lambda x: torch.ops.blurfast.idct2(x),
+             lambda x: torch.ops.blurfast.spectral(x, a, None, None, None, None, 0, 0, False),
+             lambda x: torch.ops.blurfast.normal_like(x, 0, 0),
+             lambda x: bf.dct2(x), lambda x: bf.spectral(x, a)]
+    words = rf"^x: expected dtype float32, float64, float16 or bfloat16, got {dtype}$"
+    for call in calls:
+        with pytest.raises(TypeError, match=words):
+            call(x)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fx, a = mode.from_tensor(x), mode.from_tensor(a)
+        for call in calls[:4]:
+            with pytest.raises(TypeError, match=words):
+                call(fx)
 
 
 def test_cuda_tensor_without_cuda_kernels(monkeypatch):

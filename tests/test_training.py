@@ -3061,3 +3061,130 @@ def test_sample_grids_in_batches_are_the_grid_at_once(tmp_path):
                                "cpu", batch=batch)
     a, b = (np.asarray(Image.open(tmp_path / f"{k}.png")) for k in (None, 3))
     assert np.array_equal(a, b) and a.std() > 10
+
+
+def test_loaded_step_keeps_its_own_learning_rate():
+    # Optimizer.load_state_dict restores the saved groups' lr; a TrainStep keeps its own
+    # (the constructor's, or set_lr's), with or without CUDA graphs. Truth: a step from the
+    # same state whose saved lr is the new one.
+    diff = BlurDiffusion(resolution=16)
+    x = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(3))
+    t, flip = torch.tensor([5, 50]), torch.zeros(2, dtype=torch.bool)
+
+    def stepper(lr):
+        torch.manual_seed(0)
+        return training.TrainStep(UNet(resolution=16, **TINY), diff, device="cpu", lr=lr)
+    old = stepper(1e-3)
+    old(x, flip, t, 1, 0)
+    state = old.state_dict()
+    for lr, set_lr in ((0.05, None), (1e-3, 0.02)):
+        got, want = stepper(lr), stepper(lr)
+        if set_lr is not None:
+            got.set_lr(set_lr)
+            want.set_lr(set_lr)
+        own = copy.deepcopy(state)
+        own["optimizer"]["param_groups"][0]["lr"] = set_lr or lr
+        got.load_state_dict(state, old.model.state_dict(), old.ema.state_dict())
+        want.opt.load_state_dict(own["optimizer"])
+        want.model.load_state_dict(old.model.state_dict())
+        want.ema.load_state_dict(old.ema.state_dict())
+        assert got.opt.param_groups[0]["lr"] == (set_lr or lr)
+        for s in (got, want):
+            s(x, flip, t, 2, 0)
+        for p, q in zip(got.params, want.params):
+            assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("cast_once", [False, True])
+@pytest.mark.parametrize("how", ["assign", "data", "in_place"])
+def test_step_trains_the_weights_given_to_its_model_afterwards(cast_once, how):
+    # Weights put into step.model after the step was built, however, are the ones the next
+    # step trains (cast_once's bf16 twin and the EMA included): the same bits as a step
+    # built on those weights. A replaced parameter (assign=True) or one given new storage
+    # (p.data = ...) left the step with the old ones.
+    diff = BlurDiffusion(resolution=16)
+    x = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(3))
+    t, flip = torch.tensor([5, 50]), torch.zeros(2, dtype=torch.bool)
+    torch.manual_seed(0)
+    m0 = UNet(resolution=16, **TINY)
+    torch.manual_seed(1)
+    m1 = UNet(resolution=16, **TINY)
+    kw = dict(device="cpu", lr=1e-3, ema_beta=0.5, precision="bf16" if cast_once else "fp32")
+    want = training.TrainStep(copy.deepcopy(m1), diff, **kw)
+    got = training.TrainStep(copy.deepcopy(m0), diff, cast_once=cast_once, **kw)
+    new = copy.deepcopy(m1.state_dict())
+    if how == "assign":
+        got.model.load_state_dict(new, assign=True)
+        got.ema.load_state_dict(copy.deepcopy(new), assign=True)
+    elif how == "data":
+        for (name, p), q in zip(got.model.named_parameters(), m1.parameters()):
+            p.data = q.detach().clone()
+        for p, q in zip(got.ema.parameters(), m1.parameters()):
+            p.data = q.detach().clone()
+    else:
+        got.model.load_state_dict(new)
+        got.ema.load_state_dict(new)
+    for s in (want, got):
+        s(x, flip, t, 1, 0)
+    for a, b in ((want.model, got.model), (want.ema, got.ema)):
+        for (name, p), q in zip(a.named_parameters(), b.parameters()):
+            assert torch.equal(p, q), name
+    assert all(p is q for p, q in zip(got.model.parameters(), got.params))
+
+
+def test_step_trains_a_model_left_in_eval_mode_with_dropout():
+    # A model handed over (or switched) in eval mode trains in train mode, dropout on:
+    # the same bits as the step of the same model in train mode, from the same seed.
+    diff = BlurDiffusion(resolution=16)
+    x = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(3))
+    t, flip = torch.tensor([5, 50]), torch.zeros(2, dtype=torch.bool)
+    torch.manual_seed(0)
+    model = UNet(resolution=16, dropout=0.5, **TINY)
+    for cast_once in (False, True):
+        kw = dict(device="cpu", lr=1e-2, precision="bf16", cast_once=cast_once)
+        want = training.TrainStep(copy.deepcopy(model).train(), diff, **kw)
+        no_dropout = copy.deepcopy(model)
+        for m in no_dropout.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        off = training.TrainStep(no_dropout, diff, **kw)
+        got = training.TrainStep(copy.deepcopy(model).eval(), diff, **kw)
+        for _ in range(2):
+            for s in (want, off, got):
+                torch.manual_seed(7)
+                s(x, flip, t, 1, 0)
+            assert got.model.training
+            got.model.eval()                # switched off between steps
+        assert all(torch.equal(p, q) for p, q in zip(want.params, got.params))
+        assert not all(torch.equal(p, q) for p, q in zip(want.params, off.params))
+
+
+def test_train_takes_numpy_integers_and_writes_them_as_json_ints(made16, tmp_path):
+    # numpy integers pass where ints do (they were refused) and go into config.json as
+    # the ints they are; a numpy bool is still no bool.
+    n = np.int64
+    res = training.train(data=str(made16), out=str(tmp_path / "run"),
+                         **{**KW, "steps": n(1), "batch_size": n(4), "seed": n(3),
+                            "save_every": n(1), "log_every": n(1), "warmup": n(0)})
+    assert res["step"] == 1
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (cfg["steps"], cfg["batch_size"], cfg["seed"], cfg["warmup"]) == (1, 4, 3, 0)
+    with pytest.raises(TypeError, match="^flip: expected a bool"):
+        training.train(data=str(made16), out=str(tmp_path / "run2"),
+                       **{**KW, "steps": 1, "flip": np.bool_(True)})
+
+
+def test_a_dropped_step_leaves_no_module_behind():
+    # The registry of watched modules (weak keys) held its watches, which hold the
+    # modules: every submodule of a dropped step's model and EMA stayed alive.
+    import gc
+    import weakref
+    step = training.TrainStep(UNet(resolution=16, **TINY), BlurDiffusion(resolution=16),
+                              device="cpu")
+    refs = [weakref.ref(m) for m in (*step.model.modules(), *step.ema.modules())]
+    del step
+    gc.collect()
+    assert all(r() is None for r in refs)

@@ -210,3 +210,25 @@ def test_forward_strip_steps_round_to_the_nearest_step(diff):
     assert steps == [0, 333, 667, 1000]
     xt = diff.q_sample(x0, torch.tensor([667]), seed=2)[0]
     np.testing.assert_array_equal(tile(pic, 0, 2), viz.to_uint8(xt[0]))
+
+
+def test_save_gif_keeps_every_frame_and_its_duration(tmp_path):
+    # Pillow's save(save_all=True) dropped a frame equal to the one before it and added its
+    # duration to that one: [a, a, a, b, b] came back as 2 frames of 240 and 2080 ms. Read
+    # back: every frame, its duration, its pixels (<= 256 colours: exact), looping.
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 256, (12, 16, 3), dtype=np.uint8) for _ in range(2))
+    for frames in ([a, a, a, b, b], [a[..., :1], a[..., :1], b[..., :1]]):
+        durations = [80, 120, 30, 50, 2000][:len(frames) - 1] + [2000]
+        path = tmp_path / "t.gif"
+        viz.save_gif(frames, path, durations)
+        with Image.open(path) as gif:
+            assert gif.n_frames == len(frames) and gif.info["loop"] == 0
+            for k in range(gif.n_frames):
+                gif.seek(k)
+                assert gif.info["duration"] == durations[k], k
+                want = np.repeat(frames[k], 3, -1) if frames[k].shape[-1] == 1 else frames[k]
+                np.testing.assert_array_equal(np.asarray(gif.convert("RGB")), want)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.gif"]     # no temp file left
+    with pytest.raises(ValueError, match="^durations_ms: expected one per frame"):
+        viz.save_gif([a, b], tmp_path / "u.gif", [80])
