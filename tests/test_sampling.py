@@ -315,6 +315,20 @@ def test_an_eta_the_sampler_has_not_is_an_error(small, kind, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_stochastic_first_then_eta(tmp_path, monkeypatch):
+    # docs/training.md: --stochastic-first F is eta = 1 on the first ceil(F * steps) steps,
+    # then --eta. 10 steps, F = 0.3: 3 steps at 1, then 7 at --eta (0.2, or 0 by default).
+    from blurfast import cli, generate as G
+    got = {}
+    monkeypatch.setattr(G, "generate", lambda *a, **kw: got.update(kw))
+    base = ["sample", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "out"),
+            "--sampler", "ddim", "--steps", "10", "--stochastic-first", "0.3"]
+    assert cli.main(base + ["--eta", "0.2"]) == 0
+    assert got["eta"] == [1.0] * 3 + [0.2] * 7
+    assert cli.main(base) == 0
+    assert got["eta"] == [1.0] * 3 + [0.0] * 7
+
+
 def test_cli_stochastic_first_out_of_range_names_the_flag(tmp_path, capsys):
     from blurfast import cli
     assert cli.main(["sample", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "out"),
