@@ -63,6 +63,17 @@ def test_decode_resamples_as_pillows_bicubic(channels):
                                       pil(crop, r))
 
 
+def test_center_crop_of_a_wide_image_takes_its_central_columns():
+    # A wide image is cut in its columns. With an odd margin the left one is rounded down:
+    # 20 wide, 13 high, the central square is columns (20 - 13) // 2 = 3 to 15 (the wide
+    # image of test_decode_squash_and_center_crop has an even margin, 16). At 13 x 13
+    # nothing is resampled: decode gives that slice to the bit.
+    a = np.random.default_rng(6).integers(0, 256, (13, 20, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(D.decode(_png(a), 13, "center-crop"), a[:, 3:16])
+    want = np.asarray(Image.fromarray(a[:, 3:16]).resize((8, 8), Image.BICUBIC))
+    np.testing.assert_array_equal(D.decode(_png(a), 8, "center-crop"), want)
+
+
 def test_pixel_ranges_and_their_conversions():
     # "0,1": data in [0, 1], clamped there by clip_x0, drawn as 2x - 1 in [-1, 1];
     # "-1,1": data, clamp range and drawing all [-1, 1].

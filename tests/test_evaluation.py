@@ -642,6 +642,20 @@ def test_kernel_distance_is_the_unbiased_mmd_written_out():
     assert ev.kernel_distance(x, y, 20, 4, seed=2) != ev.kernel_distance(x, y, 20, 4, seed=3)
 
 
+def test_kernel_distance_subsets_take_the_size_of_the_smaller_side_either_way():
+    # subset_size above both sides: m = min(N1, N2) = 6, all of the 6-image side and 6 of
+    # the 11-image one, whichever is feats1. The estimate is a U-statistic, so its mean over
+    # random subsets is the whole samples' estimate: 2000 subsets, within 4 standard errors.
+    # (Subsets of 11 of the larger side would pair unequal sides over the wrong counts.)
+    rng = np.random.default_rng(21)
+    x = rng.normal(size=(11, 5))
+    y = rng.normal(size=(6, 5)) * 1.3 + 0.4
+    want = _mmd2_written_out(x, y, 5)
+    for a, b in ((x, y), (y, x)):
+        mean, std = ev.kernel_distance(a, b, subsets=2000, subset_size=50, seed=4)
+        assert 0 < std and abs(mean - want) < 4 * std / np.sqrt(2000)
+
+
 def test_kernel_distance_names_bad_arguments():
     x = np.zeros((4, 3))
     for args, msg in (((np.zeros(3), x), r"^feats1: expected features \(N, D\) of N >= 2 "

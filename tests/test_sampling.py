@@ -271,6 +271,17 @@ def test_timesteps():
     assert eta_first(10, 0.3) == [1.0] * 3 + [0.0] * 7
 
 
+def test_eta_first_rounds_a_fractional_count_of_steps_up():
+    # ceil(fraction * steps) stochastic steps, counted by hand: 0.3 * 12 = 3.6 -> 4,
+    # 0.5 * 7 = 3.5 -> 4; where the product is a whole number in exact arithmetic but
+    # not in binary (0.28 * 25 = 7.000000000000001) it is that number, 7, not 8.
+    assert eta_first(12, 0.3) == [1.0] * 4 + [0.0] * 8
+    assert eta_first(7, 0.5, 0.4) == [0.4] * 4 + [0.0] * 3
+    assert 0.28 * 25 > 7 and eta_first(25, 0.28) == [1.0] * 7 + [0.0] * 18
+    assert eta_first(5, 0.01) == [1.0] + [0.0] * 4
+    assert eta_first(5, 0.0) == [0.0] * 5 and eta_first(5, 1.0) == [1.0] * 5
+
+
 def test_same_seed_same_images(small):
     for kind in ("reverse_sde", "ancestral", "ddim", "exp2m"):
         kw = dict(sampler=kind, steps=8, eta=0.5 if kind in ETA_SAMPLERS else 0.0,
@@ -302,6 +313,20 @@ def test_an_eta_the_sampler_has_not_is_an_error(small, kind, tmp_path, capsys):
         assert capsys.readouterr().err == (f"blurfast sample: error: {flag}: only ddim and "
                                            f"exp2m take it, not {kind}; got 0.3\n")
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_stochastic_first_then_eta(tmp_path, monkeypatch):
+    # docs/training.md: --stochastic-first F is eta = 1 on the first ceil(F * steps) steps,
+    # then --eta. 10 steps, F = 0.3: 3 steps at 1, then 7 at --eta (0.2, or 0 by default).
+    from blurfast import cli, generate as G
+    got = {}
+    monkeypatch.setattr(G, "generate", lambda *a, **kw: got.update(kw))
+    base = ["sample", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "out"),
+            "--sampler", "ddim", "--steps", "10", "--stochastic-first", "0.3"]
+    assert cli.main(base + ["--eta", "0.2"]) == 0
+    assert got["eta"] == [1.0] * 3 + [0.2] * 7
+    assert cli.main(base) == 0
+    assert got["eta"] == [1.0] * 3 + [0.0] * 7
 
 
 def test_cli_stochastic_first_out_of_range_names_the_flag(tmp_path, capsys):

@@ -1705,6 +1705,35 @@ def test_ema_update_formula_and_no_host_read():
     training.ema_update_(meta, [t.to("meta") for t in params], torch.tensor(0.3, device="meta"))
 
 
+def test_flip_false_ignores_the_drawn_flips_and_flip_true_mirrors_those_images():
+    # flip=True: an image drawn with flip True trains as its mirror image (the uint8 batch
+    # mirrored here by hand, along W); flip=False (--no-flip): the flips drawn are ignored.
+    # One step each from the same weights, steps and noise: the same weights after, to the
+    # bit, wherever the model saw the same images.
+    diff = BlurDiffusion(resolution=16)
+    torch.manual_seed(0)
+    model = UNet(resolution=16, **TINY)
+    x = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([3, 40, 400, 990])
+    some, none = torch.tensor([True, False, True, False]), torch.zeros(4, dtype=torch.bool)
+    mirrored = torch.where(some[:, None, None, None], x.flip(2), x)
+
+    def weights_after(flip_on, images, flips):
+        step = training.TrainStep(copy.deepcopy(model), diff, device="cpu", lr=1e-3,
+                                  flip=flip_on)
+        step(images, flips, t, 5, 0)
+        return [p.detach().clone() for p in step.params]
+
+    def same(u, v):
+        return all(torch.equal(a, b) for a, b in zip(u, v))
+    plain = weights_after(False, x, none)
+    assert same(weights_after(False, x, some), plain)
+    flipped = weights_after(True, x, some)
+    assert same(flipped, weights_after(True, mirrored, none))
+    assert not same(flipped, plain)                       # the mirror images did differ
+
+
 def test_a_skipped_step_changes_nothing():
     diff = BlurDiffusion(resolution=16)
     torch.manual_seed(0)

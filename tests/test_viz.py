@@ -202,6 +202,18 @@ def test_grid_separators_and_missing_tiles_are_white():
     assert (pic[~in_tile] == 255).all() and (~in_tile).sum() == 12 * 10 - 3 * 20
 
 
+def test_grid_is_as_wide_as_its_longest_row_wherever_that_row_is():
+    # Rows of 1 then 3 tiles, pad 1: 3 columns wide, each tile at (r (h + 1), c (w + 1)),
+    # the two places the first row lacks white. Tiles of distinct grey levels show where
+    # each one went.
+    tiles = [torch.full((3, 2, 3), v) for v in (-1.0, -0.5, 0.0, 0.5)]
+    pic = viz.grid([[tiles[0]], tiles[1:]], pad=1)
+    want = np.full((2 * 2 + 1, 3 * 3 + 2, 3), 255, np.uint8)
+    for (r, c), t in zip(((0, 0), (1, 0), (1, 1), (1, 2)), tiles):
+        want[r * 3:r * 3 + 2, c * 4:c * 4 + 3] = viz.to_uint8(t)
+    np.testing.assert_array_equal(pic, want)
+
+
 def test_forward_strip_steps_round_to_the_nearest_step(diff):
     # Columns at i = k N / num, rounded: N = 1000, num = 3 gives 333.3 -> 333 and
     # 666.7 -> 667 (the other strips have N / num an integer).
