@@ -120,13 +120,21 @@ struct DotSum<float> {
   BF_HD void add(float x, double m) { s = fma((double)x, m, s); }
   BF_HD float value() const { return (float)s; }
 };
+// Dot2's step: s + c gathers p + e, the rounded product p and its exact error e
+// (TwoProduct); TwoSum's exact error of s + p joins e in c. p must reach the addition
+// rounded (not merged into an fma with it). Also the CPU's float64 dense passes
+// (cpu_kernels.cpp).
+BF_HD void dot2_step(double& s, double& c, double p, double e) {
+  const double t = s + p, z = t - s;
+  c += ((s - (t - z)) + (p - z)) + e;
+  s = t;
+}
 template <>
 struct DotSum<double> {
   double s = 0.0, c = 0.0;
   BF_HD void add(double x, double m) {
-    const double p = mul_rn_d(x, m), t = s + p, z = t - s;
-    c += ((s - (t - z)) + (p - z)) + fma(x, m, -p);
-    s = t;
+    const double p = mul_rn_d(x, m);
+    dot2_step(s, c, p, fma(x, m, -p));
   }
   BF_HD double value() const { return s + c; }
 };

@@ -42,28 +42,25 @@ const DctTable<T>& dct_table(int64_t n) {
 
 // y = Mh * x * Mw^T for one H x W plane of any size, as two passes of row updates (axpy
 // form, vectorizable without reassociation). row_m is Mw^T (W x W), col_m is Mh (H x H),
-// both double. The sums are wider than T (Sum<T>: double for float; for double, x87's
-// 80-bit long double on x86-64, where it is hardware, double elsewhere), rounded to T
-// once: sums of up to 512 terms in order, in T, had up to 3x (float) and 2.3x (double)
-// the error of torch's blocked matrix products at sides such as 513 and 384. Rows are
-// updated RB at a time so that each matrix row loaded serves RB rows.
-// acc: H * W + RB * W sums (the first pass's result, then RB rows of the second's).
+// both double. Sums of up to 512 terms in order, in T, had up to 3x (float) and 2.3x
+// (double) the error of torch's blocked matrix products at sides such as 513 and 384, so
+// the sums are wider than T, rounded to T once: for float a double sum
+// (transform_plane_body); for double Ogita, Rump and Oishi's Dot2, as the CUDA simple
+// kernels' DotSum<double> (common.h), in two arrays, sums s and error terms c
+// (transform_plane_dot2; the first pass's s + c feeds the second whole). Dot2 replaced
+// x87 long double sums (scalar) at the same accuracy: float64 16x3x100x100 dct2 5 to 8
+// times faster in the AVX2 build, 1.8 to 2.3 times in the baseline (benchmarks/LOG.md,
+// session 24). The float sums update rows RB at a time, so that each matrix row loaded
+// serves RB rows.
 constexpr int RB = 4;
 
-#if defined(__x86_64__)
-using WideDouble = long double;
-#else
-using WideDouble = double;
-#endif
-template <typename T>
-using Sum = std::conditional_t<std::is_same<T, float>::value, double, WideDouble>;
-
+// acc: H * W + RB * W sums (the first pass's result, then RB rows of the second's).
 template <typename T>
 __attribute__((always_inline)) inline void transform_plane_body(const T* x, T* y, int64_t H,
                                                                 int64_t W, const double* row_m,
                                                                 const double* col_m,
-                                                                Sum<T>* acc) {
-  using A = Sum<T>;
+                                                                double* acc) {
+  using A = double;
   // Pass 1: tmp[r, :] = sum_i x[r, i] * row_m[i, :].
   A* const tmp = acc;
   int64_t r = 0;
@@ -112,6 +109,79 @@ __attribute__((always_inline)) inline void transform_plane_body(const T* x, T* y
   }
 }
 
+// a = h + l exactly, h with at most 26 significant bits (Veltkamp's split; for |a| near
+// 2^997 and above, 134217729 a overflows and h, l are not finite).
+struct Halves {
+  double h, l;
+};
+__attribute__((always_inline)) inline Halves split_halves(double a) {
+  const double t = 134217729.0 * a, h = t - (t - a);  // 2^27 + 1
+  return {h, a - h};
+}
+
+// e = a b - p exactly, p = a b rounded: by an fma (Fma), else Dekker's product of the
+// halves (the baseline x86-64 has no fma instruction: std::fma would be a libm call per
+// term). Both need p uncontracted (the callers are compiled with fp-contract=off).
+template <bool Fma>
+__attribute__((always_inline)) inline double product_error(double a, double b, double p,
+                                                           const Halves& ah, const Halves& bh) {
+  if constexpr (Fma) return std::fma(a, b, -p);
+  return ((ah.h * bh.h - p) + ah.h * bh.l + ah.l * bh.h) + ah.l * bh.l;
+}
+
+template <bool Fma>
+__attribute__((always_inline)) inline Halves halves_if_dekker(double a) {
+  if constexpr (Fma) return {a, 0.0};
+  return split_halves(a);
+}
+
+// (s + c)[l] = sum_i v[i] (m + mc)[i, l] for l < W by Dot2: the products v[i] m[i, l],
+// rounded, and their exact errors; the error terms mc (the first pass's c, when MC) by
+// plain products, their own errors being second order. m, mc: n x W, row-major. One
+// output row at a time, so that the loop over l vectorizes (with RB rows interleaved as
+// in transform_plane_body, GCC 12 left it scalar).
+template <bool Fma, bool MC>
+__attribute__((always_inline)) inline void dot2_row(const double* v, int64_t n, int64_t W,
+                                                    const double* m, const double* mc,
+                                                    double* s, double* c) {
+  for (int64_t l = 0; l < W; ++l) s[l] = c[l] = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double vi = v[i];
+    const Halves vh = halves_if_dekker<Fma>(vi);
+    const double* mi = m + i * W;
+    const double* mci = MC ? mc + i * W : nullptr;
+    for (int64_t l = 0; l < W; ++l) {
+      const double ml = mi[l], p = vi * ml;
+      double e = product_error<Fma>(vi, ml, p, vh, halves_if_dekker<Fma>(ml));
+      if constexpr (MC) e += vi * mci[l];
+      dot2_step(s[l], c[l], p, e);
+    }
+  }
+}
+
+// transform_plane_body for double with Dot2 sums (Fma: how the products' errors are
+// found). acc: the first pass's sums ts and errors tc (H * W each), then one row of the
+// second's, ks and kc (W each). Callers are compiled with fp-contract=off.
+template <bool Fma>
+__attribute__((always_inline)) inline void transform_plane_dot2(const double* x, double* y,
+                                                                int64_t H, int64_t W,
+                                                                const double* row_m,
+                                                                const double* col_m,
+                                                                double* acc) {
+  double* const ts = acc;
+  double* const tc = acc + H * W;
+  // Pass 1: (ts + tc)[r, :] = sum_i x[r, i] row_m[i, :].
+  for (int64_t r = 0; r < H; ++r)
+    dot2_row<Fma, false>(x + r * W, W, W, row_m, nullptr, ts + r * W, tc + r * W);
+  // Pass 2: y[k, :] = sum_r col_m[k, r] (ts + tc)[r, :], rounded once.
+  double* const ks = acc + 2 * H * W;
+  double* const kc = ks + W;
+  for (int64_t k = 0; k < H; ++k) {
+    dot2_row<Fma, true>(col_m + k * H, H, W, ts, tc, ks, kc);
+    for (int64_t l = 0; l < W; ++l) y[k * W + l] = ks[l] + kc[l];
+  }
+}
+
 // Plane transforms. Vector: planes whose sides are powers of two 8..256, a column pass
 // then a row pass (cpu_vector_passes.h). Generic: dense products (any other H, W). Both
 // are compiled twice: for the baseline x86-64 (SSE2) and, chosen at run time where the
@@ -137,10 +207,18 @@ void vector_plane(const T* x, T* y, const PlaneArgs<T>& a, T*) {
 }
 
 // FVEC, DVEC: the build's float and double vector types (16 bytes baseline, 32 AVX2).
-#define BLURFAST_PLANE_FNS(SUFFIX, ATTR, FVEC, DVEC)                                       \
+// FMA: whether Dot2 finds the products' errors by fmas (else Dekker's product).
+#define BLURFAST_PLANE_FNS(SUFFIX, ATTR, FMA, FVEC, DVEC)                                  \
   template <typename T>                                                                    \
   ATTR void generic_plane##SUFFIX(const T* x, T* y, const PlaneArgs<T>& a, T* tmp) {       \
-    transform_plane_body<T>(x, y, a.H, a.W, a.row_m, a.col_m, reinterpret_cast<Sum<T>*>(tmp)); \
+    transform_plane_body<T>(x, y, a.H, a.W, a.row_m, a.col_m, reinterpret_cast<double*>(tmp)); \
+  }                                                                                        \
+  /* fp-contract=off: a rounded product merged into the addition after it, an fma, would */ \
+  /* break Dot2's exact error terms (GCC contracts by default in gnu++17) */                \
+  template <>                                                                              \
+  ATTR __attribute__((optimize("fp-contract=off"))) void generic_plane##SUFFIX<double>(    \
+      const double* x, double* y, const PlaneArgs<double>& a, double* tmp) {               \
+    transform_plane_dot2<FMA>(x, y, a.H, a.W, a.row_m, a.col_m, tmp);                      \
   }                                                                                        \
   /* flatten: inlined here, so it is compiled for this function's target */               \
   ATTR __attribute__((flatten)) void normal_fill##SUFFIX(uint64_t seed, uint64_t e0,        \
@@ -159,10 +237,15 @@ void vector_plane(const T* x, T* y, const PlaneArgs<T>& a, T*) {
     cpuvec::row_pass<Vec##SUFFIX<T>, N, Inverse>(in, out, rows);                           \
   }
 
-BLURFAST_PLANE_FNS(, , F4, D2)
+// The baseline build has fmas in hardware only where the compiler was told so (-mfma).
+#ifdef __FP_FAST_FMA
+BLURFAST_PLANE_FNS(, , true, F4, D2)
+#else
+BLURFAST_PLANE_FNS(, , false, F4, D2)
+#endif
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define BLURFAST_AVX2_CLONES 1
-BLURFAST_PLANE_FNS(_avx2, __attribute__((target("avx2,fma"))), F8, D4)
+BLURFAST_PLANE_FNS(_avx2, __attribute__((target("avx2,fma"))), true, F8, D4)
 
 // BLURFAST_CPU_KERNELS=baseline turns the AVX2 code off (read per call, for tests).
 bool use_avx2_fma() {
@@ -249,11 +332,13 @@ struct Transform {
     args.row_m = inverse ? tw.c.data() : tw.ct.data();
     args.col_m = inverse ? th.ct.data() : th.c.data();
     fn = generic_fn<T>();
-    // wider sums: double for float (half the vector lanes), x87 (scalar) for double
+    // wider sums: double for float (half the vector lanes), Dot2 for double (about 4x
+    // float's time)
     ns = kNsPerMultiplyAdd * (sizeof(T) == 4 ? 2 : 8) * hw * (double)(H + W);
-    // transform_plane_body's sums, in T elements (a std::vector<T>'s data is aligned for
-    // them: operator new aligns to alignof(max_align_t), 16 bytes)
-    tmp_elems = (H * W + RB * W) * (int64_t)(sizeof(Sum<T>) / sizeof(T));
+    // the sums in T elements: H * W + RB * W doubles for float (transform_plane_body),
+    // twice that for double (transform_plane_dot2); a std::vector<T>'s data is aligned
+    // for doubles
+    tmp_elems = 2 * (H * W + RB * W);
   }
   void operator()(const T* x, T* y, T* tmp) const { fn(x, y, args, tmp); }
 };

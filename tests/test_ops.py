@@ -114,18 +114,21 @@ def test_dct2_generic_sizes_float32(hw, cpu_isa):
 def test_dct2_long_generic_sides_within_twice_torchs_error(hw, dtype, cpu_isa):
     # Sums of hundreds of terms: in order and in the input's precision they had up to 3.3x
     # (float32) and 2.3x (float64) torch's error, which blocks its sums; the dense passes
-    # sum in a wider type (csrc/cpu_kernels.cpp, transform_plane_body).
+    # sum wider: double for float32, Dot2 for float64 (csrc/cpu_kernels.cpp,
+    # transform_plane_body and transform_plane_dot2).
     for seed in range(3):
         _check_dct2(_rand(2, *hw, seed=seed, dtype=dtype), (hw, dtype, seed))
 
 
-def _ill_conditioned_dots(rng, n, in_float, trials=30):
+def _ill_conditioned_dots(rng, n, in_float, trials=30, m=None):
     """(x, m, exact) with terms x_i m_i spread over 2^-20..2^20 and a last term cancelling the
-    others' sum, so the exact result (a Fraction) is tiny against sum |x_i m_i|."""
+    others' sum, so the exact result (a Fraction) is tiny against sum |x_i m_i|. m: the
+    factors m_i (standard normals if None)."""
     from fractions import Fraction
+    given = m
     for _ in range(trials):
         x = rng.standard_normal(n) * 2.0 ** rng.integers(-20, 21, n)
-        m = rng.standard_normal(n)
+        m = rng.standard_normal(n) if given is None else given
         head = sum(Fraction(a) * Fraction(b) for a, b in zip(x[:-1], m[:-1]))
         x[-1] = float(-head / Fraction(m[-1]))
         if in_float:
@@ -162,6 +165,33 @@ def test_simple_cuda_kernels_sums_against_exact(in_float):
         assert abs(Fraction(got) - exact) <= Fraction(bound), (got, float(exact), bound)
         naive_broke += abs(Fraction(float(naive)) - exact) > Fraction(bound)
     assert naive_broke >= 20, naive_broke
+
+
+@pytest.mark.parametrize("column", [False, True], ids=["row_pass", "column_pass"])
+def test_dct2_float64_dense_passes_within_dot2_bound(column, cpu_isa):
+    # float64 planes with a side that is not a power of two from 8 to 256 take the dense
+    # passes, which sum by Dot2 as the simple CUDA kernels' DotSum (csrc/cpu_kernels.cpp,
+    # transform_plane_dot2). A 1 x n plane (n x 1: column) is one pass, each output a sum of
+    # n products x_i C[k, i] (the other pass multiplies by C of size 1, exactly 1). The
+    # kernel's own matrix entries, read off one-hot planes (one exact product each), give
+    # the exact rational sums of ill-conditioned products; the result must keep to Dot2's
+    # bound, 2^-53 |exact| + g^2 sum |x m| with g = n 2^-53 / (1 - n 2^-53). x87 long
+    # double sums (session 23's) miss it by far, and so does Dot2 with a rounded product
+    # contracted into its TwoSum's addition.
+    from fractions import Fraction
+    n, u = 601, 2.0 ** -53
+    g = n * u / (1 - n * u)
+    shape = (n, 1) if column else (1, n)
+    c = bf.dct2(torch.eye(n, dtype=torch.float64).reshape(n, *shape)).reshape(n, n).T
+    assert torch.allclose(c, ref.dct_matrix(n), rtol=0, atol=1e-15)
+    rng = np.random.default_rng(11)
+    for k in (7, 600):
+        m = c[k].numpy()
+        for x, m, exact in _ill_conditioned_dots(rng, n, False, trials=8, m=m):
+            got = bf.dct2(torch.from_numpy(x).reshape(shape)).reshape(n)[k].item()
+            size = float(sum(abs(Fraction(a) * Fraction(b)) for a, b in zip(x, m)))
+            bound = u * abs(float(exact)) + g * g * size
+            assert abs(Fraction(got) - exact) <= Fraction(bound), (k, got, float(exact), bound)
 
 
 @pytest.mark.parametrize("hw", [(64, 64), (7, 12), (256, 256), (8, 256), (32, 16)])
