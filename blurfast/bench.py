@@ -539,8 +539,9 @@ def run(device=None, quick: bool = False, *, cases=None, impls=None, shapes=None
         if i not in _IMPLS:
             raise ValueError(f"impls: unknown impl {i!r}; expected some of "
                              f"{IMPLS + VARIANT_IMPLS}")
-    check_int("iters", iters, none_ok=True)
-    check_int("warmup", warmup, lo=0, none_ok=True)
+    # as Python ints (numpy's taken too): iters goes into the JSON
+    iters = check_int("iters", iters, none_ok=True)
+    warmup = check_int("warmup", warmup, lo=0, none_ok=True)
     if dtypes is None:
         dtypes = DTYPES if is_cuda else ("float32",)
     for d in dtypes:

@@ -537,3 +537,14 @@ def test_demo_checks_the_device_before_any_work(tmp_path, capsys):
     with pytest.raises(ValueError, match="^device: 'cuda' was asked for"):
         demo.run(out, smoke=True, device="cuda")
     assert not out.exists()
+
+
+def test_bench_run_with_numpy_ints_writes_its_json(tmp_path):
+    # iters and warmup as numpy integers (taken wherever ints are): the result's iters
+    # went into the JSON as np.int64, a TypeError of json.dumps after the first case.
+    from blurfast import bench
+    js = tmp_path / "b.json"
+    res = bench.run(device="cpu", cases=["dct2"], impls=["blurfast"], shapes=["1x1x8x8"],
+                    iters=np.int64(2), warmup=np.int64(0), json_path=str(js),
+                    print_table=False, progress=False)
+    assert type(res["iters"]) is int and json.loads(js.read_text())["iters"] == 2
