@@ -17,9 +17,11 @@ import sys
 
 try:                  # the installed package (a source tree without its extension fails)
     from blurfast.bench import dumps, targets
+    from blurfast.fileio import atomic_path
 except ImportError:   # none installed: the source tree this script is in
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from blurfast.bench import dumps, targets
+    from blurfast.fileio import atomic_path
 
 
 KERNEL_FILES = ("bench.json", "bench_extra.json", "bench_variants.json", "bench_columns.json")
@@ -89,11 +91,8 @@ def main(out: str) -> str:
     d["targets"] = targets(d)
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", d.get("gpu", "gpu")).strip("-").lower()
     name = f"{gpu}-{d.get('date', '')[:10]}.json"
-    os.makedirs(os.path.join(out, "results"), exist_ok=True)
-    path = os.path.join(out, "results", name)
-    with open(path + ".tmp", "w") as f:
-        f.write(dumps(d))
-    os.replace(path + ".tmp", path)
+    with atomic_path(os.path.join(out, "results", name), suffix=".json") as tmp:
+        tmp.write_text(dumps(d))
     return name
 
 

@@ -334,6 +334,16 @@ def test_merge_keeps_the_shape_and_names_the_partial_run(tmp_path, capsys):
     assert [t["met"] for t in m["targets"]] == [False, True]       # 47% of copy; 6.0x
 
 
+def test_merge_that_cannot_rename_leaves_no_temporary_file(tmp_path):
+    # The merged file was written to a fixed NAME.json.tmp and renamed without a cleanup:
+    # a rename that failed (here a folder of that name) left the .tmp in results/.
+    out = _write_results(tmp_path / "gc", bench=dict(_HEADER, rows=[_ROW], skipped=[]))
+    (out / "results" / "nvidia-h200-2026-11-28.json").mkdir(parents=True)
+    with pytest.raises(OSError):
+        _merge()(str(out))
+    assert [p.name for p in (out / "results").iterdir()] == ["nvidia-h200-2026-11-28.json"]
+
+
 @pytest.mark.parametrize("files, says", [
     ({"bench": '{"gpu": "NVIDIA H200", "rows": ['}, "bench.json: not readable as JSON"),
     ({"bench": {**_HEADER, "rows": [{k: v for k, v in _ROW.items() if k != "median_us"}]}},
