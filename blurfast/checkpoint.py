@@ -88,12 +88,7 @@ def save(ckpt_dir, step: int, model: torch.nn.Module, ema: torch.nn.Module,
                     "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)}
                               for n in FILES}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        for n in FILES + ("manifest.json",):
-            _fsync(tmp / n)
-        if final.exists():                                 # same step saved again
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync(ckpt_dir)
+        _publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -106,6 +101,18 @@ def save(ckpt_dir, step: int, model: torch.nn.Module, ema: torch.nn.Module,
         for p in later + [p for s, p in found if s <= step][keep:]:
             shutil.rmtree(p, ignore_errors=True)
     return final
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """The checkpoint written whole in the folder ``tmp`` made ``final`` (its sibling):
+    its files synced, ``tmp`` renamed (replacing a checkpoint of that step), the folder
+    synced."""
+    for n in FILES + ("manifest.json",):
+        _fsync(tmp / n)
+    if final.exists():                                 # same step saved again
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(final.parent)
 
 
 def copy(src, ckpt_dir) -> Path:
@@ -122,12 +129,7 @@ def copy(src, ckpt_dir) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         shutil.copytree(src, tmp)
-        for n in FILES + ("manifest.json",):
-            _fsync(tmp / n)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync(ckpt_dir)
+        _publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
