@@ -254,16 +254,19 @@ def save_gif(frames: Sequence[np.ndarray], path, durations_ms: Sequence[int]) ->
     from PIL import GifImagePlugin, Image
 
     from .fileio import atomic_path
-    if len(durations_ms) != len(frames) or not frames:
-        raise ValueError(f"durations_ms: expected one per frame ({len(frames)}, at least "
-                         f"one), got {len(durations_ms)}")
+    if not frames:
+        raise ValueError("frames: expected at least one picture, got none")
+    if len(durations_ms) != len(frames):
+        raise ValueError(f"durations_ms: expected one per frame ({len(frames)}), got "
+                         f"{len(durations_ms)}")
+    durations_ms = [check_int(f"durations_ms[{k}]", ms, 1) for k, ms in enumerate(durations_ms)]
     images = [Image.fromarray(f[..., 0]) if f.shape[-1] == 1 else
               Image.fromarray(f).convert("P", palette=Image.Palette.ADAPTIVE) for f in frames]
     header, _ = GifImagePlugin.getheader(images[0], info={"loop": 0})
     with atomic_path(path, suffix=".gif") as tmp, open(tmp, "wb") as f:
         f.writelines(header)
         for im, ms in zip(images, durations_ms):
-            f.writelines(GifImagePlugin.getdata(im, duration=int(ms), include_color_table=True))
+            f.writelines(GifImagePlugin.getdata(im, duration=ms, include_color_table=True))
         f.write(b";")                  # the GIF trailer
 
 

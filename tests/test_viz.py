@@ -244,3 +244,15 @@ def test_save_gif_keeps_every_frame_and_its_duration(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.gif"]     # no temp file left
     with pytest.raises(ValueError, match="^durations_ms: expected one per frame"):
         viz.save_gif([a, b], tmp_path / "u.gif", [80])
+
+
+def test_save_gif_names_the_argument_that_is_wrong(tmp_path):
+    # No frames was said of durations_ms; a fractional or negative duration was int()'d or
+    # handed to Pillow unchecked.
+    a = np.zeros((4, 4, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="^frames: expected at least one picture, got none"):
+        viz.save_gif([], tmp_path / "e.gif", [])
+    for bad in (80.5, -10, 0):
+        with pytest.raises(ValueError, match=r"^durations_ms\[1\]: expected an int >= 1"):
+            viz.save_gif([a, a], tmp_path / "d.gif", [80, bad])
+    assert list(tmp_path.iterdir()) == []
