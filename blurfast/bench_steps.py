@@ -27,8 +27,9 @@ import torch.nn.functional as F
 
 from . import reference as R
 from .bench_timing import time_call
+from .checks import check_bool, check_device, check_int
 from .diffusion import BlurDiffusion, scales
-from .models import UNet
+from .models import PRESETS, UNet, check_resolution
 from .training import BACKEND_FLAGS as TRAIN_FLAGS
 
 __all__ = ["reference_train_step", "run_steps", "format_steps", "EMA", "STEP_IMPLS",
@@ -145,15 +146,31 @@ def run_steps(device=None, quick: bool = False, batches=None, preset: Optional[s
     the rows so far after each configuration, so a run cut short keeps them.
     ``progress``: a progress bar (stderr) over the (batch, configuration) pairs."""
     from tqdm.auto import tqdm
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device("device", device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
+    quick, progress = check_bool("quick", quick), check_bool("progress", progress)
     check_step_impls("impls", impls, cuda)
     impls = list(BASELINES) + [i for i in STEP_IMPLS if i in impls and i not in BASELINES]
     preset = preset or ("paper64" if cuda else "small")
-    res = resolution or (64 if cuda else 32)
+    if preset not in PRESETS:
+        raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
+    # Python ints (numpy's taken too): batch and resolution go into the rows' JSON shape
+    res = check_resolution((64 if cuda else 32) if resolution is None else resolution,
+                           PRESETS[preset]["channel_mult"])
     if batches is None:
         batches = ((16,) if quick else (16, 64)) if cuda else (8,)
-    iters = iters or ((20 if quick else 50) if cuda else 3)
+    if isinstance(batches, (str, bytes)) or not hasattr(batches, "__iter__"):
+        raise ValueError(f"batches: expected a sequence of ints >= 1, got {batches!r}")
+    batches = [check_int(f"batches[{k}]", b) for k, b in enumerate(batches)]
+    if not batches:
+        raise ValueError("batches: expected a sequence of ints >= 1, got an empty one")
+    iters = check_int("iters", iters, none_ok=True)
+    if iters is None:
+        iters = (20 if quick else 50) if cuda else 3
+    if errors is not None and not isinstance(errors, list):
+        raise TypeError(f"errors: expected a list or None, got {type(errors).__name__}")
+    if on_progress is not None and not callable(on_progress):
+        raise TypeError(f"on_progress: expected a callable or None, got {on_progress!r}")
     diff = BlurDiffusion(resolution=res)
     rows = []
     bar = tqdm(total=len(batches) * len(impls), desc="model steps", unit="config",

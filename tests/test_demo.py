@@ -49,6 +49,33 @@ def test_model_steps_against_the_baseline(capsys):
             run_steps("cpu", batches=(2,), resolution=16, iters=1, impls=(impl,))
 
 
+def test_model_steps_check_their_arguments():
+    # numpy's integers are taken as Python ints: the rows' shape goes into the JSON
+    from blurfast.bench_steps import run_steps
+    rows = run_steps("cpu", batches=(np.int64(2),), resolution=np.int64(16),
+                     iters=np.int32(1))
+    assert rows and all(r["shape"] == [2, 3, 16, 16] for r in rows)
+    assert all(type(s) is int for r in json.loads(json.dumps(rows)) for s in r["shape"])
+    ok = dict(batches=(2,), resolution=16, iters=1)
+    for bad, match in [(dict(batches=(0,)), r"batches\[0\]: expected an int >= 1"),
+                       (dict(batches=(2, 1.5)), r"batches\[1\]: expected an int >= 1"),
+                       (dict(batches=2), "batches: expected a sequence"),
+                       (dict(batches=()), "batches: expected a sequence .* empty"),
+                       (dict(resolution=0), "resolution: expected an int >= 1"),
+                       (dict(resolution=20), r"resolution: 20 is not divisible by 2\^3"),
+                       (dict(iters=0), "iters: expected an int >= 1"),
+                       (dict(iters=1.5), "iters: expected an int >= 1"),
+                       (dict(preset="huge"), "preset: expected one of"),
+                       (dict(device="tpu"), "device: expected a device")]:
+        with pytest.raises(ValueError, match=match):
+            run_steps("cpu" if "device" not in bad else bad["device"],
+                      **{**ok, **{k: v for k, v in bad.items() if k != "device"}})
+    with pytest.raises(TypeError, match="quick: expected a bool"):
+        run_steps("cpu", quick=1, **ok)
+    with pytest.raises(TypeError, match="errors: expected a list"):
+        run_steps("cpu", errors=(), **ok)
+
+
 def test_model_steps_go_on_past_a_failing_configuration(monkeypatch):
     # A configuration that raises (a compile or capture failure on a GPU) is recorded and
     # the baselines' rows are kept; every finished configuration is handed on at once.
