@@ -393,19 +393,18 @@ _ONE_PROCESS = ("fid", "draw", "prepare", "demo", "bench")
 def rank_prefix() -> str:
     """``"rank R: "`` under torchrun (WORLD_SIZE above 1), else ``""``: each rank prints
     its own error, and the lines of several ranks must say whose they are."""
-    import os
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        return ""
-    return f"rank {os.environ.get('RANK', '?')}: "
+    from .distributed import env_world_rank
+    world, rank = env_world_rank()       # _main checked it first: no error here
+    return "" if world < 2 else f"rank {rank}: "
 
 
 def _peer_lost(e: BaseException):
     """The one-line error of a rank whose process group broke because another rank
     stopped (gloo: "Connection closed by peer"; torch's DistError types), or None. The
     rank that stopped prints its own error; this one's traceback would only bury it."""
-    import os
+    from .distributed import env_world_rank
     torch = sys.modules.get("torch")
-    if torch is None or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+    if torch is None or env_world_rank()[0] < 2:
         return None
     dist_error = getattr(torch.distributed, "DistError", ())
     text = str(e)
@@ -443,9 +442,14 @@ def flag_named(parser: argparse.ArgumentParser, message: str) -> str:
 def _main(argv) -> int:
     import os
     argv = list(sys.argv[1:] if argv is None else argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    from .distributed import env_world_rank
+    try:
+        world, rank = env_world_rank()
+    except ValueError as e:                         # a malformed WORLD_SIZE or RANK
+        print(f"blurfast{' ' + argv[0] if argv else ''}: error: {e}", file=sys.stderr)
+        return 2
     if argv and argv[0] in _ONE_PROCESS and world > 1:
-        if os.environ.get("RANK", "0") == "0":      # every rank refuses alike: said once
+        if rank == 0:                               # every rank refuses alike: said once
             print(f"blurfast {argv[0]}: error: runs as one process, not under torchrun "
                   f"(WORLD_SIZE={world}: each process would do all of it and write the same "
                   f"files); run blurfast {argv[0]} without torchrun", file=sys.stderr)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .data import DEFAULT_RESIZE, PIXEL_RANGES, RESIZE_MODES
 from .diffusion import TARGETS
+from .distributed import env_world_rank
 from .models import PRESETS
 from .schedules import BLUR_SCHEDULES, KERNELS, NOISE_SCHEDULES
 
@@ -528,8 +529,8 @@ def train_kwargs(args: argparse.Namespace) -> dict:
         raise ValueError(f"{', '.join(missing)}: required (as --{missing[0]} or in --config)")
     if saved_file and "batch_size" not in flags:
         batch = kw.get("batch_size", _train_default("batch_size"))
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if batch * world != file_total and os.environ.get("RANK", "0") == "0":
+        world, rank = env_world_rank()
+        if batch * world != file_total and rank == 0:
             import warnings
             warnings.warn(
                 f"config: the global batch is {batch} x {world} process"
@@ -593,7 +594,7 @@ def _train_main(args) -> int:
         return 143
     if result["steps_run"] == 0:         # already at its final step; train() said so
         return 0
-    if os.environ.get("RANK", "0") == "0":       # torchrun's other ranks stay quiet
+    if env_world_rank()[1] == 0:                  # torchrun's other ranks stay quiet
         print(f"done: step {result['step']}, loss {result['loss']:.4f}, "
               f"checkpoint {result['checkpoint']}")
     return 0

@@ -9,7 +9,38 @@ import torch
 
 from .checks import check_gpu_seen
 
-__all__ = ["setup_processes", "teardown_processes", "from_rank0", "any_rank"]
+__all__ = ["setup_processes", "teardown_processes", "from_rank0", "any_rank", "env_int",
+           "env_world_rank"]
+
+
+def env_int(name: str, default: int, lo: int = 0) -> int:
+    """Environment variable ``name`` (torchrun's WORLD_SIZE, RANK, LOCAL_RANK) as an int
+    >= ``lo``, ``default`` where it is unset; else ValueError naming it."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        v = None
+    if v is None or v < lo:
+        raise ValueError(f"{name}: expected an int >= {lo} in the environment (as torchrun "
+                         f"sets it), got {raw!r}")
+    return v
+
+
+def env_world_rank() -> tuple:
+    """(WORLD_SIZE, RANK) of torchrun's environment: (1, 0) where WORLD_SIZE is unset or 1
+    (RANK is then not read: one process is rank 0), RANK 0 where unset; ValueError naming
+    the one that is no int, or a RANK outside [0, WORLD_SIZE - 1]."""
+    world = env_int("WORLD_SIZE", 1, lo=1)
+    if world == 1:
+        return 1, 0
+    rank = env_int("RANK", 0)
+    if rank >= world:
+        raise ValueError(f"RANK: expected an int in [0, {world - 1}] (WORLD_SIZE={world}) "
+                         f"in the environment, got {os.environ['RANK']!r}")
+    return world, rank
 
 
 def setup_processes(device: Optional[str]):
@@ -17,10 +48,10 @@ def setup_processes(device: Optional[str]):
     LOCAL_RANK) or an existing process group; NCCL on CUDA, gloo on CPU."""
     import torch.distributed as dist
 
-    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    env_world = env_world_rank()[0]
     initialized = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if initialized else env_world
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    local = env_int("LOCAL_RANK", 0)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda"):

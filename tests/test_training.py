@@ -965,6 +965,30 @@ def test_a_bad_flag_under_torchrun_says_whose_line_it_is(monkeypatch, capsys):
         "blurfast train: error: rank 1: argument --precision: invalid choice: 'fp8'")
 
 
+@pytest.mark.parametrize("env, named", [({"WORLD_SIZE": "two"}, "WORLD_SIZE"),
+                                        ({"WORLD_SIZE": "0"}, "WORLD_SIZE"),
+                                        ({"WORLD_SIZE": "2", "RANK": "one"}, "RANK"),
+                                        ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK")])
+def test_a_malformed_torchrun_environment_is_one_error_line(monkeypatch, capsys, env, named):
+    # WORLD_SIZE and RANK are read before any command runs: one line naming the variable,
+    # exit 2, for every command (a one-process one and one that runs under torchrun).
+    from blurfast import cli, distributed
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    for argv in (["fid"], ["train", "--precision", "fp8"]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"blurfast {argv[0]}: error: {named}: expected an int ") \
+            and err.endswith(f"got {env[named]!r}\n") and err.count("\n") == 1, err
+    monkeypatch.setenv("LOCAL_RANK", "-1")
+    with pytest.raises(ValueError, match=r"^(WORLD_SIZE|RANK): expected an int "):
+        distributed.setup_processes("cpu")
+    for k in env:
+        monkeypatch.delenv(k)
+    with pytest.raises(ValueError, match=r"^LOCAL_RANK: expected an int >= 0 .* got '-1'$"):
+        distributed.setup_processes("cpu")
+
+
 def test_sigterm_to_one_rank_stops_both_at_the_next_log_point_and_rank_0_saves(made16,
                                                                                tmp_path):
     # The ranks agree on a stop only at log points (no host synchronization between):
