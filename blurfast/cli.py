@@ -233,8 +233,9 @@ def _add_sample(sub) -> None:
                    help="number of images (default 10000); --n is short for it, but torchrun "
                         "refuses --n, so write --num-samples under torchrun")
     from .sampling import ETA_SAMPLERS
-    s.add_argument("--steps", type=int, default=100,
-                   help="model calls, 0..N-1 (default 100; 0 = the full chain N-1..1)")
+    s.add_argument("--steps", type=int, default=None,
+                   help="model calls, 0..N-1 (default 100, or the full chain N-1 where the "
+                        "run's N-1 < 100; 0 = the full chain N-1..1)")
     eta_samplers = " and ".join(ETA_SAMPLERS)
     s.add_argument("--stochastic-first", type=float, default=0.0, metavar="FRACTION",
                    help=f"eta=1 on this first fraction of the model calls (of all N-1 "
@@ -300,13 +301,14 @@ def _sample(args) -> int:
     if not isinstance(diffusion, dict):      # load_model says what is wrong with it
         diffusion = {}
     top = diffusion.get("num_steps", _default_num_steps()) - 1
-    if not 0 <= args.steps <= top:
+    steps = min(100, top) if args.steps is None else args.steps     # not given: the default
+    if not 0 <= steps <= top:
         raise ValueError(f"--steps: expected an int in [0, {top}] for this run's N = "
-                         f"{top + 1} (0 = the full chain), got {args.steps}")
+                         f"{top + 1} (0 = the full chain), got {steps}")
     eta = args.eta
     if args.stochastic_first:
-        eta = [max(e, args.eta) for e in eta_first(args.steps or top, args.stochastic_first)]
-    generate(path, args.n, args.out, steps=None if args.steps == 0 else args.steps, eta=eta,
+        eta = [max(e, args.eta) for e in eta_first(steps or top, args.stochastic_first)]
+    generate(path, args.n, args.out, steps=None if steps == 0 else steps, eta=eta,
              spacing=args.spacing, device=args.device, **kw)
     return 0
 

@@ -452,6 +452,31 @@ def test_steps_out_of_range_is_refused_naming_the_runs_range_with_0(run_dir, tmp
     assert not (tmp_path / "o").exists()
 
 
+def test_sample_defaults_to_100_steps_or_the_full_chain_of_a_shorter_run(run_dir, tmp_path,
+                                                                         monkeypatch):
+    # The default --steps 100 was refused on this run (N = 40); it is now the full chain of
+    # N-1 = 39 calls, the images of --steps 39.
+    def images(name, *flags):
+        out = tmp_path / name
+        assert cli.main(["sample", "--ckpt", str(run_dir / "run"), "--n", "2", "--format",
+                         "npz", "--seed", "3", "--device", "cpu", "--out", str(out),
+                         "--no-progress", *flags]) == 0
+        with np.load(out / "samples.npz") as z:
+            return z["images"]
+    np.testing.assert_array_equal(images("default"), images("explicit", "--steps", "39"))
+    # A run of N = 101 or more: 100 calls.
+    import blurfast.checkpoint
+    import blurfast.generate
+    asked = []
+    monkeypatch.setattr(blurfast.generate, "generate", lambda *a, **k: asked.append(k["steps"]))
+    for n, want in ((101, 100), (100, 99), (1000, 100)):
+        monkeypatch.setattr(blurfast.checkpoint, "stored_config",
+                            lambda path, n=n: {"diffusion": {"num_steps": n}})
+        assert cli.main(["sample", "--ckpt", str(run_dir / "run"), "--n", "2", "--out",
+                         str(tmp_path / "o"), "--no-progress"]) == 0
+        assert asked.pop() == want, n
+
+
 def test_stochastic_first_with_the_full_chain_takes_its_fraction_of_n_minus_1_calls(
         run_dir, tmp_path):
     # --steps 0 --stochastic-first was refused ("needs --steps > 0"); the full chain is
