@@ -223,15 +223,14 @@ class UNet(nn.Module):
         attention_resolutions = tuple(check_int("attention_resolutions", r)
                                       for r in attention_resolutions)
         resolution = check_resolution(resolution, channel_mult)
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
-                or not 0 <= dropout < 1:
-            raise ValueError(f"dropout: expected a number in [0, 1), got {dropout!r}")
+        # a Python number (numpy's floats taken too): it goes into the JSON config
+        dropout = float(check_number("dropout", dropout, lo=0, hi=1, hi_open=True))
         check_bool("freq_input", freq_input)
         check_bool("emb_act", emb_act)
         self.config = dict(resolution=resolution, channels=channels, base_channels=base_channels,
                            channel_mult=list(channel_mult), num_res_blocks=num_res_blocks,
                            attention_resolutions=list(attention_resolutions),
-                           num_heads=num_heads, dropout=float(dropout), freq_input=freq_input,
+                           num_heads=num_heads, dropout=dropout, freq_input=freq_input,
                            emb_act=emb_act)
         self.resolution, self.channels, self.freq_input = resolution, channels, freq_input
         self.emb_act = emb_act

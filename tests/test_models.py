@@ -1,6 +1,7 @@
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -177,6 +178,20 @@ def test_config_rebuilds_the_model():
     m2 = UNet(**m.config)
     assert m2.config == m.config
     m2.load_state_dict(m.state_dict())
+
+
+@pytest.mark.parametrize("dropout", [np.float32(0.25), np.float64(0.1), np.int64(0)])
+def test_numpy_numbers_are_taken_as_python_floats(dropout):
+    # np.float32(0.1) was refused ("expected a number in [0, 1)") where 0.1 is taken.
+    import json
+    m = UNet(**{**dict(resolution=16, **TINY), "dropout": dropout})
+    assert type(m.config["dropout"]) is float and m.config["dropout"] == float(dropout)
+    assert json.loads(json.dumps(m.config)) == m.config
+    ps = {mod.p for mod in m.modules() if isinstance(mod, torch.nn.Dropout)}
+    assert ps == {float(dropout)} and all(type(p) is float for p in ps)
+    for bad in (np.float32(1.0), np.float64(-0.1), np.float64("nan"), np.bool_(False)):
+        with pytest.raises(ValueError, match="^dropout: expected a finite number >= 0 and < 1"):
+            UNet(**{**dict(resolution=16, **TINY), "dropout": bad})
 
 
 @pytest.mark.parametrize("kwargs, name", [
