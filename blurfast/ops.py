@@ -173,17 +173,22 @@ def _check_dtype(name: str, t: Tensor) -> None:
 
 def _check_op_tensors(x, a, x2, a2, g, noise) -> None:
     """What the spectral kernel trusts of a direct call of ``torch.ops.blurfast.spectral``
-    (which :func:`spectral` checks in full, naming each argument): an x2 without a2 (or the
-    reverse), an x2 of another shape or dtype, or a tensor on another device would have it
-    read through a null or foreign pointer, or past the end of a buffer; a map or noise of
-    more dims than x, whose leading sizes happen to multiply to x's, would be read as x's
-    shape instead of broadcasting (other shapes fail in _map_arg's expand)."""
+    (which :func:`spectral` checks in full, naming each argument): a map or noise that is
+    not floating-point is refused as spectral() refuses it (the kernel converted it); an x2
+    without a2 (or the reverse), an x2 of another shape or dtype, or a tensor on another
+    device would have it read through a null or foreign pointer, or past the end of a
+    buffer; a map or noise of more dims than x, whose leading sizes happen to multiply to
+    x's, would be read as x's shape instead of broadcasting (other shapes fail in
+    _map_arg's expand)."""
     _check_dtype("x", x)
     if (x2 is None) != (a2 is None):
         raise ValueError("x2, a2: give both or neither")
     if x2 is not None and (x2.shape != x.shape or x2.dtype != x.dtype):
         raise ValueError(f"x2: expected x's shape {tuple(x.shape)} and dtype {x.dtype}, got "
                          f"{tuple(x2.shape)} and {x2.dtype}")
+    for name, t in (("a", a), ("a2", a2), ("g", g), ("noise", noise)):
+        if t is not None:
+            _check_map_dtype(name, t)
     for name, t in (("a", a), ("x2", x2), ("a2", a2), ("g", g), ("noise", noise)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name}: is on {t.device} but x is on {x.device}")
@@ -538,11 +543,17 @@ def _check_data(name: str, t, min_dim: int = 2) -> None:
         raise ValueError(f"{name}: expected a CPU or CUDA tensor, got device {t.device}")
 
 
+def _check_map_dtype(name: str, m: Tensor) -> None:
+    """TypeError naming ``name`` unless the map (or noise) ``m`` is floating-point (the
+    kernel would convert an integer or bool one to its compute dtype without a word)."""
+    if not m.dtype.is_floating_point:
+        raise TypeError(f"{name}: expected a floating-point map, got {m.dtype}")
+
+
 def _check_map(name: str, m, x: Tensor) -> None:
     if not isinstance(m, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(m).__name__}")
-    if not (m.dtype.is_floating_point):
-        raise TypeError(f"{name}: expected a floating-point map, got {m.dtype}")
+    _check_map_dtype(name, m)
     if m.device != x.device:
         raise ValueError(f"{name}: is on {m.device} but x is on {x.device}")
     # Broadcasts to x's shape: no more dims, and each trailing dim 1 or x's. (Plain Python:

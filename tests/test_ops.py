@@ -1162,6 +1162,27 @@ def test_custom_op_called_directly_refuses_maps_of_more_dims_than_x():
             torch.ops.blurfast.spectral(*args, 0, 0, False)
 
 
+@pytest.mark.parametrize("name", ["a", "a2", "g", "noise"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
+def test_custom_op_called_directly_refuses_the_maps_spectral_refuses(name, dtype):
+    # An integer map or noise was converted by the direct op, refused by spectral(): now
+    # both refuse it alike, eagerly and under FakeTensorMode (torch.compile's tracing).
+    x, m = torch.zeros(2, 8, 8), torch.ones(8, 8)
+    kw = dict(x=x, a=m, x2=None, a2=None, g=None, noise=None)
+    if name == "a2":
+        kw["x2"] = x
+    kw[name] = torch.ones(x.shape if name == "noise" else m.shape, dtype=dtype)
+    words = rf"^{name}: expected a floating-point map, got {dtype}$"
+    with pytest.raises(TypeError, match=words):
+        bf.spectral(**kw)
+    with pytest.raises(TypeError, match=words):
+        torch.ops.blurfast.spectral(*kw.values(), 0, 0, False)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode, pytest.raises(TypeError,
+                                                                                match=words):
+        torch.ops.blurfast.spectral(*(None if t is None else mode.from_tensor(t)
+                                      for t in kw.values()), 0, 0, False)
+
+
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool,
                                    torch.complex64])
 def test_custom_ops_called_directly_name_x_and_the_dtypes_they_take(dtype):
