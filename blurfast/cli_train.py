@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .data import DEFAULT_RESIZE, PIXEL_RANGES, RESIZE_MODES
+from .checks import is_int
 from .diffusion import TARGETS
 from .distributed import env_world_rank
 from .models import PRESETS
@@ -412,7 +413,7 @@ def _saved_file_arguments(cfg: dict, path) -> dict:
                                  f"{group}.{k}")
     batch = cfg.get("batch_size", _train_default("batch_size"))
     world, total = cfg["world_size"], cfg["global_batch"]
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (batch, world, total)) \
+    if not all(is_int(v) for v in (batch, world, total)) \
             or total != batch * world:
         raise ValueError(f"{where}: global_batch {total!r} differs from its batch_size "
                          f"{batch!r} x world_size {world!r}; global_batch is derived "

@@ -27,7 +27,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from .checks import check_bool, check_int
+from .checks import check_bool, check_int, is_int
 from .fileio import atomic_path, check_writable, leftover_temporaries
 
 __all__ = ["IMAGE_EXTENSIONS", "ARCHIVE_SUFFIXES", "ImageArchive", "RESIZE_MODES", "DEFAULT_RESIZE", "PIXEL_RANGES", "ImageFolder",
@@ -65,7 +65,7 @@ def eight_bit(im):
     a = np.asarray(im).astype(np.float64)
     lum = np.clip(np.rint(a / 257), 0, 255).astype(np.uint8)
     key = im.info.get("transparency")
-    if not isinstance(key, int):
+    if not is_int(key):               # a level; Pillow gives a tuple or bytes in other modes
         return Image.fromarray(lum, "L")
     alpha = np.where(a == key, 0, 255).astype(np.uint8)
     return Image.fromarray(np.dstack([lum, alpha]), "LA")

@@ -529,6 +529,25 @@ def test_16_bit_grayscale_transparent_level_is_read_over_white(tmp_path):
     np.testing.assert_array_equal(list(ev.load_images(tmp_path))[0], want[:, :, None])
 
 
+def test_16_bit_transparent_level_given_as_a_numpy_integer_is_the_same_key():
+    # eight_bit read the key as a level only when it was a Python int: np.uint16(300) set
+    # on the image was dropped (mode L, the key's pixels opaque); now checks.is_int's.
+    key = 300
+    v = np.random.default_rng(6).integers(0, 65536, size=(4, 5)).astype(np.uint16)
+    v[0, :2] = key
+    want_alpha = np.where(v == key, 0, 255).astype(np.uint8)
+    for k in (key, np.uint16(key), np.int64(key)):
+        im = Image.fromarray(v)
+        im.info["transparency"] = k
+        out = D.eight_bit(im)
+        assert out.mode == "LA", k
+        np.testing.assert_array_equal(np.asarray(out)[:, :, 1], want_alpha)
+        np.testing.assert_array_equal(np.asarray(out)[:, :, 0], np.rint(v / 257))
+    im = Image.fromarray(v)
+    im.info["transparency"] = (key, key, key)          # not a level: no alpha
+    assert D.eight_bit(im).mode == "L"
+
+
 def test_exif_orientation_is_applied(tmp_path):
     # A camera stores a portrait photo as landscape pixels with EXIF orientation 6 (rotate
     # 90 degrees clockwise to show): every viewer shows it upright, the reader trained on
