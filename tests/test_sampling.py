@@ -318,9 +318,13 @@ def test_an_eta_the_sampler_has_not_is_an_error(small, kind, tmp_path, capsys):
 def test_cli_stochastic_first_then_eta(tmp_path, monkeypatch):
     # docs/training.md: --stochastic-first F is eta = 1 on the first ceil(F * steps) steps,
     # then --eta. 10 steps, F = 0.3: 3 steps at 1, then 7 at --eta (0.2, or 0 by default).
-    from blurfast import cli, generate as G
+    from blurfast import checkpoint, cli, generate as G
     got = {}
     monkeypatch.setattr(G, "generate", lambda *a, **kw: got.update(kw))
+    # a run of N = 1000 without one: sample reads the checkpoint's N before generate
+    monkeypatch.setattr(G, "resolve_checkpoint", lambda p: p)
+    monkeypatch.setattr(checkpoint, "stored_config",
+                        lambda p: {"diffusion": {"num_steps": 1000}})
     base = ["sample", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "out"),
             "--sampler", "ddim", "--steps", "10", "--stochastic-first", "0.3"]
     assert cli.main(base + ["--eta", "0.2"]) == 0
