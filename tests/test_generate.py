@@ -452,17 +452,20 @@ def test_steps_out_of_range_is_refused_naming_the_runs_range_with_0(run_dir, tmp
     assert not (tmp_path / "o").exists()
 
 
+def _two_sampled_images(run, out, *flags):
+    """The two images (seed 3, npz, CPU) that `blurfast sample` with ``flags`` writes."""
+    assert cli.main(["sample", "--ckpt", str(run), "--n", "2", "--format", "npz", "--seed",
+                     "3", "--device", "cpu", "--out", str(out), "--no-progress", *flags]) == 0
+    with np.load(out / "samples.npz") as z:
+        return z["images"]
+
+
 def test_sample_defaults_to_100_steps_or_the_full_chain_of_a_shorter_run(run_dir, tmp_path,
                                                                          monkeypatch):
     # The default --steps 100 was refused on this run (N = 40); it is now the full chain of
     # N-1 = 39 calls, the images of --steps 39.
     def images(name, *flags):
-        out = tmp_path / name
-        assert cli.main(["sample", "--ckpt", str(run_dir / "run"), "--n", "2", "--format",
-                         "npz", "--seed", "3", "--device", "cpu", "--out", str(out),
-                         "--no-progress", *flags]) == 0
-        with np.load(out / "samples.npz") as z:
-            return z["images"]
+        return _two_sampled_images(run_dir / "run", tmp_path / name, *flags)
     np.testing.assert_array_equal(images("default"), images("explicit", "--steps", "39"))
     # A run of N = 101 or more: 100 calls.
     import blurfast.checkpoint
@@ -482,12 +485,7 @@ def test_stochastic_first_with_the_full_chain_takes_its_fraction_of_n_minus_1_ca
     # --steps 0 --stochastic-first was refused ("needs --steps > 0"); the full chain is
     # the N-1 = 39 calls 39..1, which --steps 39 (uniform spacing) names explicitly.
     def images(name, *flags):
-        out = tmp_path / name
-        assert cli.main(["sample", "--ckpt", str(run_dir / "run"), "--n", "2", "--format",
-                         "npz", "--seed", "3", "--device", "cpu", "--out", str(out),
-                         "--no-progress", *flags]) == 0
-        with np.load(out / "samples.npz") as z:
-            return z["images"]
+        return _two_sampled_images(run_dir / "run", tmp_path / name, *flags)
     full = images("full", "--steps", "0", "--stochastic-first", "0.5")
     np.testing.assert_array_equal(full, images("explicit", "--steps", "39",
                                                "--stochastic-first", "0.5"))

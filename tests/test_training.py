@@ -70,13 +70,19 @@ def _child(script: str, env_extra=None, **popen):
                             cwd=Path(__file__).parent, **popen)
 
 
-def _two_gloo_ranks(script: str) -> list:
-    """Runs ``script`` as ranks 0 and 1 of a two-process group (torchrun's environment
-    variables); their outputs, once both have succeeded."""
+def _start_two_ranks(script: str) -> list:
+    """``script`` started as ranks 0 and 1 of a two-process group (torchrun's environment
+    variables): the two processes."""
     port = str(free_port())
-    procs = [_child(script, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                             "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)})
-             for r in range(2)]
+    return [_child(script, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                            "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)})
+            for r in range(2)]
+
+
+def _two_gloo_ranks(script: str) -> list:
+    """Runs ``script`` as ranks 0 and 1 of a two-process group; their outputs, once both
+    have succeeded."""
+    procs = _start_two_ranks(script)
     logs = []
     for p in procs:
         log, _ = p.communicate(timeout=300)
@@ -917,10 +923,7 @@ def test_a_rank_whose_peer_stopped_says_so_in_one_line(made16, tmp_path):
         sys.argv = ["blurfast"] + {argv!r}
         runpy.run_module("blurfast", run_name="__main__")
     """
-    port = str(free_port())
-    procs = [_child(script, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                             "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)})
-             for r in range(2)]
+    procs = _start_two_ranks(script)
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [2, 1], logs
     assert "blurfast train: error: rank 0: log: made to fail" in logs[0]
@@ -941,10 +944,7 @@ def test_the_same_error_on_two_ranks_says_whose_each_line_is(tmp_path):
         from blurfast import cli
         sys.exit(cli.main({argv!r}))
     """
-    port = str(free_port())
-    procs = [_child(script, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                             "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)})
-             for r in range(2)]
+    procs = _start_two_ranks(script)
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [2, 2], logs
     for r, log in enumerate(logs):
@@ -1005,10 +1005,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_next_log_point_and_rank_0_saves(m
         from blurfast import cli
         sys.exit(cli.main({argv!r}))
     """
-    port = str(free_port())
-    procs = [_child(script, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                             "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)})
-             for r in range(2)]
+    procs = _start_two_ranks(script)
     try:
         deadline = time.monotonic() + 120
         while not (out / "log.csv").is_file() or \
@@ -1054,10 +1051,7 @@ def test_sigterm_to_a_rank_waiting_for_rank_0s_last_save_ends_both_as_signalled(
             training._save_samples = held
         sys.exit(cli.main({argv!r}))
     """
-    port = str(free_port())
-    procs = [_child(script, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                             "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)})
-             for r in range(2)]
+    procs = _start_two_ranks(script)
     try:
         deadline = time.monotonic() + 120
         while not (tmp_path / "drawing").exists():
