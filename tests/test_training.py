@@ -298,16 +298,7 @@ def test_resume_refuses_another_target(made16, reference_run, tmp_path):
 @pytest.mark.parametrize("fids, best_step", [((5.0, 3.0, 1.0), 3), ((1.0, 5.0, 7.0), 1)])
 def test_best_holds_only_the_lowest_fid_step(made16, tmp_path, monkeypatch, fids, best_step):
     # FID monitor replaced by a fixed sequence (one value per step, fid_every=1).
-    from blurfast import evaluation
-    values = iter(fids)
-
-    class FixedFid:
-        def __init__(self, *a, **k):
-            pass
-
-        def __call__(self, model, diff, progress=False):
-            return next(values)
-    monkeypatch.setattr(evaluation, "FidMonitor", FixedFid)
+    values = _fids(monkeypatch, fids)
     out = tmp_path / "run"
     training.train(data=str(made16), out=str(out), steps=3,
                    **{**KW, "save_every": 1, "fid_every": 1, "fid_ref": str(made16)})
@@ -327,7 +318,8 @@ def test_best_holds_only_the_lowest_fid_step(made16, tmp_path, monkeypatch, fids
 
 
 def _fids(monkeypatch, values):
-    """FidMonitor replaced by the FIDs ``values`` gives, one per call."""
+    """FidMonitor replaced by the FIDs ``values`` gives, one per call; the iterator they
+    are taken from."""
     from blurfast import evaluation
     values = iter(values)
 
@@ -338,6 +330,7 @@ def _fids(monkeypatch, values):
         def __call__(self, model, diff, progress=False):
             return next(values)
     monkeypatch.setattr(evaluation, "FidMonitor", FixedFid)
+    return values
 
 
 def _assert_best_is(out, step):
