@@ -299,6 +299,21 @@ _STEP = {"case": "train_step", "preset": "paper64", "shape": [16, 3, 64, 64],
          "speedup_vs_torch_default": 5.5, "speedup_vs_torch_fp32": 6.0}
 
 
+def _tree_with_extension(dest: Path) -> Path:
+    """``dest`` holding copies of the repository's blurfast/ and scripts/, with the
+    compiled extension in blurfast/ (CI installs the package, so its source tree has none;
+    the GPU machine's tree has one after the `ext` step)."""
+    import shutil
+
+    import blurfast._C
+    skip = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(ROOT / "blurfast", dest / "blurfast", ignore=skip)
+    shutil.copytree(ROOT / "scripts", dest / "scripts", ignore=skip)
+    if not list((dest / "blurfast").glob("_C.*")):
+        shutil.copy2(blurfast._C.__file__, dest / "blurfast")
+    return dest
+
+
 def _write_results(folder, **files):
     import json
     folder.mkdir(exist_ok=True)
@@ -373,9 +388,11 @@ def test_a_refused_merge_fails_the_script_and_says_why(tmp_path):
     # The script ran the merge with `|| true` and its stderr outside the logs: a refused
     # merge left no results file, and the run still said PASS.
     out = _write_results(tmp_path / "gc", bench='{"gpu": "NVIDIA H200", "rows": [')
+    # the merge imports the installed blurfast (this source tree has no extension in CI)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
-                       env={**os.environ, "PYTHON": sys.executable, "OUT": str(out),
-                            "PYTHONPATH": str(ROOT), "GPU_CHECK_BUDGET": "120",
+                       env={**env, "PYTHON": sys.executable, "OUT": str(out),
+                            "GPU_CHECK_BUDGET": "120",
                             "GPU_CHECK_SKIP": " ".join(_script_steps())})
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     assert "merge FAIL" in (out / "summary.txt").read_text().splitlines()
@@ -392,15 +409,18 @@ def test_the_scripts_the_steps_run_import_their_own_tree(tmp_path, script, args)
     # memcheck and racecheck run `python scripts/sanitizer_case.py`: Python puts scripts/
     # first on the path, so without PYTHONPATH it imported another installed blurfast (or
     # none: ModuleNotFoundError under the sanitizer) instead of the tree being checked.
+    # The tree: a copy with its extension, as the GPU machine's after `ext` (so it is not
+    # the package this Python has installed).
+    tree = _tree_with_extension(tmp_path / "tree")
     code = ("import runpy, sys; sys.argv = [sys.argv[1], *sys.argv[2:]]\n"
             "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
             "except SystemExit as e:\n    assert not e.code, e.code\n"
             "import blurfast; print(blurfast.__file__)")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, "-c", code, str(ROOT / "scripts" / script), *args],
+    r = subprocess.run([sys.executable, "-c", code, str(tree / "scripts" / script), *args],
                        cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert r.stdout.splitlines()[-1] == str(ROOT / "blurfast" / "__init__.py")
+    assert r.stdout.splitlines()[-1] == str(tree / "blurfast" / "__init__.py")
 
 
 def test_the_script_ends_within_its_budget_when_the_merge_would_not(tmp_path):
