@@ -110,7 +110,8 @@ __attribute__((always_inline)) inline void transform_plane_body(const T* x, T* y
 }
 
 // a = h + l exactly, h with at most 26 significant bits (Veltkamp's split; for |a| near
-// 2^997 and above, 134217729 a overflows and h, l are not finite).
+// 2^997 and above, 134217729 a overflows and h, l are not finite, so transform_plane_dot2
+// scales such planes down).
 struct Halves {
   double h, l;
 };
@@ -143,10 +144,10 @@ __attribute__((always_inline)) inline Halves halves_if_dekker(double a) {
 template <bool Fma, bool MC>
 __attribute__((always_inline)) inline void dot2_row(const double* v, int64_t n, int64_t W,
                                                     const double* m, const double* mc,
-                                                    double* s, double* c) {
+                                                    double* s, double* c, double v_scale) {
   for (int64_t l = 0; l < W; ++l) s[l] = c[l] = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const double vi = v[i];
+    const double vi = v[i] * v_scale;
     const Halves vh = halves_if_dekker<Fma>(vi);
     const double* mi = m + i * W;
     const double* mci = MC ? mc + i * W : nullptr;
@@ -170,15 +171,25 @@ __attribute__((always_inline)) inline void transform_plane_dot2(const double* x,
                                                                 double* acc) {
   double* const ts = acc;
   double* const tc = acc + H * W;
+  // Dekker's splits overflow from 2^996: a plane reaching 2^980 (its first pass's sums
+  // reaching 2^980 sqrt(W)) is transformed as x 2^-100 and its result scaled back. Exact
+  // but for inputs under 2^-922, whose rounding to subnormals stays far below the error
+  // bound that the large entries set.
+  double scale = 1.0, unscale = 1.0;
+  if constexpr (!Fma) {
+    double big = 0.0;
+    for (int64_t i = 0; i < H * W; ++i) big = std::fmax(big, std::fabs(x[i]));
+    if (big >= 0x1p980) scale = 0x1p-100, unscale = 0x1p100;
+  }
   // Pass 1: (ts + tc)[r, :] = sum_i x[r, i] row_m[i, :].
   for (int64_t r = 0; r < H; ++r)
-    dot2_row<Fma, false>(x + r * W, W, W, row_m, nullptr, ts + r * W, tc + r * W);
+    dot2_row<Fma, false>(x + r * W, W, W, row_m, nullptr, ts + r * W, tc + r * W, scale);
   // Pass 2: y[k, :] = sum_r col_m[k, r] (ts + tc)[r, :], rounded once.
   double* const ks = acc + 2 * H * W;
   double* const kc = ks + W;
   for (int64_t k = 0; k < H; ++k) {
-    dot2_row<Fma, true>(col_m + k * H, H, W, ts, tc, ks, kc);
-    for (int64_t l = 0; l < W; ++l) y[k * W + l] = ks[l] + kc[l];
+    dot2_row<Fma, true>(col_m + k * H, H, W, ts, tc, ks, kc, 1.0);
+    for (int64_t l = 0; l < W; ++l) y[k * W + l] = (ks[l] + kc[l]) * unscale;
   }
 }
 

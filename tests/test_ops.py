@@ -194,6 +194,20 @@ def test_dct2_float64_dense_passes_within_dot2_bound(column, cpu_isa):
             assert abs(Fraction(got) - exact) <= Fraction(bound), (k, got, float(exact), bound)
 
 
+@pytest.mark.parametrize("hw", [(100, 100), (1, 513), (7, 12)])
+def test_dct2_float64_dense_passes_scale_exactly_up_to_the_largest_doubles(hw, cpu_isa):
+    # The transforms are linear and Dot2's steps commute exactly with powers of two, so
+    # scaling a plane by 2^k scales its result by 2^k, bit for bit, until the result
+    # itself overflows. The baseline build's Dekker splits overflowed from 2^996 (NaN).
+    x = _rand(2, *hw, dtype=torch.float64)
+    for op in (bf.dct2, bf.idct2):
+        y = op(x)
+        for k in (900, 975, 985, 1000):
+            got = op(x * 2.0 ** k)
+            assert torch.isfinite(got).all(), (op.__name__, k)
+            assert torch.equal(got, y * 2.0 ** k), (op.__name__, k)
+
+
 @pytest.mark.parametrize("hw", [(64, 64), (7, 12), (256, 256), (8, 256), (32, 16)])
 def test_dct2_float64(hw, cpu_isa):
     # The truth in long double (scipy's DCT of the same values in 64-bit mantissa arithmetic).
