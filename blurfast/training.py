@@ -286,7 +286,10 @@ class _ParamWatch:
                                                                  p.storage_offset())
                 self.entries.append((mod, name, p, view))
             _WATCHED[mod] = weakref.ref(self)
-        self._ptrs = [p.data_ptr() for *_, p, _ in self.entries] if flat is not None else None
+        # With a flat buffer, the parameters' data pointers (each its view's) as one tuple:
+        # p.data = ... calls no hook; stale() compares them in one map over the parameters.
+        self._params = tuple(p for *_, p, _ in self.entries)
+        self._ptrs = tuple(map(torch.Tensor.data_ptr, self._params)) if flat is not None else None
         if not _REGISTRATION_HOOK:
             _REGISTRATION_HOOK.append(
                 torch.nn.modules.module.register_module_parameter_registration_hook(
@@ -295,7 +298,7 @@ class _ParamWatch:
     def stale(self) -> bool:
         """Whether a parameter was replaced or given new storage (no device work)."""
         return self.replaced or (self._ptrs is not None and
-                                 [p.data_ptr() for *_, p, _ in self.entries] != self._ptrs)
+                                 tuple(map(torch.Tensor.data_ptr, self._params)) != self._ptrs)
 
     def repair(self, what: str) -> None:
         with torch.no_grad():

@@ -3174,6 +3174,26 @@ def test_step_trains_the_weights_given_to_its_model_afterwards(cast_once, how):
     assert all(p is q for p, q in zip(got.model.parameters(), got.params))
 
 
+def test_step_sees_new_storage_given_to_any_one_parameter():
+    # p.data = ... calls no hook: the step compares every parameter's data pointer with
+    # its view of the flat buffer. One parameter given new storage, first, middle or last
+    # (model or EMA), is found, its values put back into the buffer the EMA reads.
+    diff = BlurDiffusion(resolution=16)
+    torch.manual_seed(0)
+    step = training.TrainStep(UNet(resolution=16, **TINY), diff, device="cpu")
+    for watch, module in zip(step._watches, (step.model, step.ema)):
+        params = list(module.parameters())
+        assert not watch.stale()
+        for i in (0, len(params) // 2, len(params) - 1):
+            p = params[i]
+            at, values = p.data_ptr(), p.detach().clone()
+            p.data = torch.full_like(p, 0.5)
+            assert watch.stale(), i
+            watch.repair("model")
+            assert not watch.stale() and p.data_ptr() == at
+            assert torch.equal(p, torch.full_like(p, 0.5)) and not torch.equal(p, values)
+
+
 def test_step_trains_a_model_left_in_eval_mode_with_dropout():
     # A model handed over (or switched) in eval mode trains in train mode, dropout on:
     # the same bits as the step of the same model in train mode, from the same seed.
