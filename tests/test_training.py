@@ -3194,6 +3194,60 @@ def test_step_sees_new_storage_given_to_any_one_parameter():
             assert torch.equal(p, torch.full_like(p, 0.5)) and not torch.equal(p, values)
 
 
+@pytest.mark.parametrize("how", ["assign", "data"])
+def test_every_step_sharing_a_model_trains_the_weights_assigned_to_it(how):
+    # Two steps built on one model, the first stepped once: parameters then replaced in
+    # the model (assign=True) or given new storage are the ones the first step trains
+    # next, the same bits as a step whose model took those weights in place. The
+    # registration hook told only the step built last: the first trained its old
+    # parameters and left the assigned ones untouched.
+    diff = BlurDiffusion(resolution=16)
+    x = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(3))
+    t, flip = torch.tensor([5, 50]), torch.zeros(2, dtype=torch.bool)
+    torch.manual_seed(0)
+    m0 = UNet(resolution=16, **TINY)
+    torch.manual_seed(1)
+    m1 = UNet(resolution=16, **TINY)
+    kw = dict(device="cpu", lr=1e-3)
+    shared = copy.deepcopy(m0)
+    first = training.TrainStep(shared, diff, **kw)
+    training.TrainStep(shared, diff, **kw)             # kept alive, built last
+    want = training.TrainStep(copy.deepcopy(m0), diff, **kw)
+    for s in (want, first):
+        s(x, flip, t, 1, 0)
+    if how == "assign":
+        shared.load_state_dict(copy.deepcopy(m1.state_dict()), assign=True)
+    else:
+        for p, q in zip(shared.parameters(), m1.parameters()):
+            p.data = q.detach().clone()
+    want.model.load_state_dict(m1.state_dict())
+    for s in (want, first):
+        s(x, flip, t, 2, 0)
+    assert not all(map(torch.equal, want.model.parameters(), m1.parameters()))    # trained
+    for (name, p), q in zip(want.model.named_parameters(), shared.parameters()):
+        assert torch.equal(p, q), name
+    assert all(p is q for p, q in zip(shared.parameters(), first.params))
+
+
+def test_a_dropped_step_is_not_kept_by_its_models_watch():
+    # The watch of a model's parameters holds its steps weakly: a step dropped is freed
+    # (with its optimizer state), and a later replacement tells the steps still alive.
+    import gc
+    import weakref
+    diff = BlurDiffusion(resolution=16)
+    torch.manual_seed(0)
+    model = UNet(resolution=16, **TINY)
+    kept = training.TrainStep(model, diff, device="cpu")
+    dropped = training.TrainStep(model, diff, device="cpu")
+    gone = weakref.ref(dropped)
+    del dropped
+    gc.collect()
+    assert gone() is None
+    model.load_state_dict(copy.deepcopy(model.state_dict()), assign=True)
+    assert kept._watches[0].stale()
+
+
 def test_step_trains_a_model_left_in_eval_mode_with_dropout():
     # A model handed over (or switched) in eval mode trains in train mode, dropout on:
     # the same bits as the step of the same model in train mode, from the same seed.
