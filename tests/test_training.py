@@ -1101,6 +1101,34 @@ def test_one_process_commands_refuse_torchrun_once_before_any_work(command, tmp_
     assert "runs as one process" not in capsys.readouterr().err
 
 
+def test_info_under_torchrun_prints_each_ranks_lines_after_its_rank():
+    # Under torchrun every rank printed info's lines unmarked, N copies interleaved: each
+    # rank's lines now say whose they are, and end with the rank's device.
+    script = """
+        import sys
+        from blurfast import cli
+        sys.exit(cli.main(["info"]))
+    """
+    procs = _start_two_ranks(script)
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    one = _child(script)                                 # one process
+    alone = one.communicate(timeout=120)[0]
+    assert one.returncode == 0 and not alone.startswith("rank"), alone
+    for rank, log in enumerate(logs):
+        lines = log.splitlines()
+        assert all(line.startswith(f"rank {rank}: ") for line in lines), log
+        body = "".join(line[len(f"rank {rank}: "):] + "\n" for line in lines[:-1])
+        assert body == alone
+        seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if rank < seen:
+            assert lines[-1] == f"rank {rank}: device: cuda:{rank} (LOCAL_RANK {rank})"
+        elif not seen:
+            assert lines[-1] == f"rank {rank}: device: cpu (torch sees no GPU)"
+        else:
+            assert lines[-1].startswith(f"rank {rank}: device: none: LOCAL_RANK {rank}, ")
+
+
 # ------------------------------------------------------------------------ the update
 
 @pytest.mark.parametrize("grad_clip", [0.05, None])
