@@ -11,6 +11,34 @@ from pathlib import Path
 
 
 def _info(args) -> int:
+    """Prints :func:`_print_info`'s lines. Under torchrun each rank prints them, and the
+    device it trains and samples on, each line after its rank (``rank 1: ...``): ranks on
+    other machines may see other GPUs and builds."""
+    import contextlib
+    import io
+
+    from .distributed import env_int, env_world_rank
+    world = env_world_rank()[0]
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        _print_info()
+    lines = text.getvalue().splitlines()
+    if world > 1:
+        import torch
+        local = env_int("LOCAL_RANK", 0)
+        seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        # setup_processes's choice where no --device is given
+        lines.append(f"device: cuda:{local} (LOCAL_RANK {local})" if local < seen else
+                     "device: cpu (torch sees no GPU)" if not seen else
+                     f"device: none: LOCAL_RANK {local}, torch sees {seen} "
+                     f"GPU{'s' if seen > 1 else ''} (--device cpu runs on the CPU)")
+    prefix = rank_prefix()
+    sys.stdout.write("".join(f"{prefix}{line}\n" for line in lines))   # one write per rank
+    sys.stdout.flush()
+    return 0
+
+
+def _print_info() -> None:
     import torch
 
     from . import __version__
@@ -58,7 +86,6 @@ def _info(args) -> int:
     for op in ("dct2", "idct2", "spectral", "gaussian_blur"):
         where = ", ".join(f"{d}: {backend_for(d)}" for d in devices)
         print(f"op {op:<14} {where}")
-    return 0
 
 
 def _add_fid(sub) -> None:

@@ -254,17 +254,16 @@ class Bf16Weights:
             torch._foreach_add_(add_to, add)
 
 
-# A module of a live TrainStep's model or EMA -> a weak reference to its _ParamWatch (a strong
-# one would keep the module alive: the watch holds it): a parameter registered on one
-# (load_state_dict(assign=True), setattr) replaces a parameter the step holds.
+# A module of a live TrainStep's model or EMA -> the _ParamWatch of every live step that
+# holds it (several steps may share one model), weakly (a strong reference would keep the
+# module alive: a watch holds it): a parameter registered on one
+# (load_state_dict(assign=True), setattr) replaces a parameter each of those steps holds.
 _WATCHED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _REGISTRATION_HOOK = []
 
 
 def _param_registered(module, name, param) -> None:
-    ref = _WATCHED.get(module)
-    watch = None if ref is None else ref()
-    if watch is not None:
+    for watch in _WATCHED.get(module, ()):
         watch.replaced = True
 
 
@@ -285,8 +284,11 @@ class _ParamWatch:
                 view = None if flat is None else flat.as_strided(p.shape, p.stride(),
                                                                  p.storage_offset())
                 self.entries.append((mod, name, p, view))
-            _WATCHED[mod] = weakref.ref(self)
-        self._ptrs = [p.data_ptr() for *_, p, _ in self.entries] if flat is not None else None
+            _WATCHED.setdefault(mod, weakref.WeakSet()).add(self)
+        # With a flat buffer, the parameters' data pointers (each its view's) as one tuple:
+        # p.data = ... calls no hook; stale() compares them in one map over the parameters.
+        self._params = tuple(p for *_, p, _ in self.entries)
+        self._ptrs = tuple(map(torch.Tensor.data_ptr, self._params)) if flat is not None else None
         if not _REGISTRATION_HOOK:
             _REGISTRATION_HOOK.append(
                 torch.nn.modules.module.register_module_parameter_registration_hook(
@@ -295,7 +297,7 @@ class _ParamWatch:
     def stale(self) -> bool:
         """Whether a parameter was replaced or given new storage (no device work)."""
         return self.replaced or (self._ptrs is not None and
-                                 [p.data_ptr() for *_, p, _ in self.entries] != self._ptrs)
+                                 tuple(map(torch.Tensor.data_ptr, self._params)) != self._ptrs)
 
     def repair(self, what: str) -> None:
         with torch.no_grad():

@@ -363,6 +363,29 @@ def test_info_names_a_gpu_this_build_cannot_run_on(capsys, monkeypatch):
     assert "GPU 1: H100 (sm_90)\n" in text
 
 
+@pytest.mark.parametrize("local, seen, last", [
+    ("1", 2, "device: cuda:1 (LOCAL_RANK 1)"),
+    ("2", 2, "device: none: LOCAL_RANK 2, torch sees 2 GPUs (--device cpu runs on the CPU)"),
+    ("0", 0, "device: cpu (torch sees no GPU)")])
+def test_info_under_torchrun_names_the_rank_and_its_device(local, seen, last, capsys,
+                                                           monkeypatch):
+    # Each rank's lines after its rank; the last one, the device it trains and samples
+    # on: LOCAL_RANK's GPU (setup_processes's), the CPU where torch sees none.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: seen > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: seen)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "H100")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: object())
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", local)
+    assert cli.main(["info"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("rank 2: blurfast ") and lines[-1] == "rank 2: " + last
+    assert all(line.startswith("rank 2: ") for line in lines)
+    assert ("rank 2: GPU 1: H100 (sm_90)" in lines) == (seen == 2)
+
+
 @pytest.mark.parametrize("args, words", [
     (["--iters", "0"], "argument --iters: expected a positive int, got '0'"),
     (["--threads", "-1"], "argument --threads: expected a positive int"),

@@ -1101,6 +1101,34 @@ def test_one_process_commands_refuse_torchrun_once_before_any_work(command, tmp_
     assert "runs as one process" not in capsys.readouterr().err
 
 
+def test_info_under_torchrun_prints_each_ranks_lines_after_its_rank():
+    # Under torchrun every rank printed info's lines unmarked, N copies interleaved: each
+    # rank's lines now say whose they are, and end with the rank's device.
+    script = """
+        import sys
+        from blurfast import cli
+        sys.exit(cli.main(["info"]))
+    """
+    procs = _start_two_ranks(script)
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    one = _child(script)                                 # one process
+    alone = one.communicate(timeout=120)[0]
+    assert one.returncode == 0 and not alone.startswith("rank"), alone
+    for rank, log in enumerate(logs):
+        lines = log.splitlines()
+        assert all(line.startswith(f"rank {rank}: ") for line in lines), log
+        body = "".join(line[len(f"rank {rank}: "):] + "\n" for line in lines[:-1])
+        assert body == alone
+        seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if rank < seen:
+            assert lines[-1] == f"rank {rank}: device: cuda:{rank} (LOCAL_RANK {rank})"
+        elif not seen:
+            assert lines[-1] == f"rank {rank}: device: cpu (torch sees no GPU)"
+        else:
+            assert lines[-1].startswith(f"rank {rank}: device: none: LOCAL_RANK {rank}, ")
+
+
 # ------------------------------------------------------------------------ the update
 
 @pytest.mark.parametrize("grad_clip", [0.05, None])
@@ -3172,6 +3200,80 @@ def test_step_trains_the_weights_given_to_its_model_afterwards(cast_once, how):
         for (name, p), q in zip(a.named_parameters(), b.parameters()):
             assert torch.equal(p, q), name
     assert all(p is q for p, q in zip(got.model.parameters(), got.params))
+
+
+def test_step_sees_new_storage_given_to_any_one_parameter():
+    # p.data = ... calls no hook: the step compares every parameter's data pointer with
+    # its view of the flat buffer. One parameter given new storage, first, middle or last
+    # (model or EMA), is found, its values put back into the buffer the EMA reads.
+    diff = BlurDiffusion(resolution=16)
+    torch.manual_seed(0)
+    step = training.TrainStep(UNet(resolution=16, **TINY), diff, device="cpu")
+    for watch, module in zip(step._watches, (step.model, step.ema)):
+        params = list(module.parameters())
+        assert not watch.stale()
+        for i in (0, len(params) // 2, len(params) - 1):
+            p = params[i]
+            at, values = p.data_ptr(), p.detach().clone()
+            p.data = torch.full_like(p, 0.5)
+            assert watch.stale(), i
+            watch.repair("model")
+            assert not watch.stale() and p.data_ptr() == at
+            assert torch.equal(p, torch.full_like(p, 0.5)) and not torch.equal(p, values)
+
+
+@pytest.mark.parametrize("how", ["assign", "data"])
+def test_every_step_sharing_a_model_trains_the_weights_assigned_to_it(how):
+    # Two steps built on one model, the first stepped once: parameters then replaced in
+    # the model (assign=True) or given new storage are the ones the first step trains
+    # next, the same bits as a step whose model took those weights in place. The
+    # registration hook told only the step built last: the first trained its old
+    # parameters and left the assigned ones untouched.
+    diff = BlurDiffusion(resolution=16)
+    x = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(3))
+    t, flip = torch.tensor([5, 50]), torch.zeros(2, dtype=torch.bool)
+    torch.manual_seed(0)
+    m0 = UNet(resolution=16, **TINY)
+    torch.manual_seed(1)
+    m1 = UNet(resolution=16, **TINY)
+    kw = dict(device="cpu", lr=1e-3)
+    shared = copy.deepcopy(m0)
+    first = training.TrainStep(shared, diff, **kw)
+    training.TrainStep(shared, diff, **kw)             # kept alive, built last
+    want = training.TrainStep(copy.deepcopy(m0), diff, **kw)
+    for s in (want, first):
+        s(x, flip, t, 1, 0)
+    if how == "assign":
+        shared.load_state_dict(copy.deepcopy(m1.state_dict()), assign=True)
+    else:
+        for p, q in zip(shared.parameters(), m1.parameters()):
+            p.data = q.detach().clone()
+    want.model.load_state_dict(m1.state_dict())
+    for s in (want, first):
+        s(x, flip, t, 2, 0)
+    assert not all(map(torch.equal, want.model.parameters(), m1.parameters()))    # trained
+    for (name, p), q in zip(want.model.named_parameters(), shared.parameters()):
+        assert torch.equal(p, q), name
+    assert all(p is q for p, q in zip(shared.parameters(), first.params))
+
+
+def test_a_dropped_step_is_not_kept_by_its_models_watch():
+    # The watch of a model's parameters holds its steps weakly: a step dropped is freed
+    # (with its optimizer state), and a later replacement tells the steps still alive.
+    import gc
+    import weakref
+    diff = BlurDiffusion(resolution=16)
+    torch.manual_seed(0)
+    model = UNet(resolution=16, **TINY)
+    kept = training.TrainStep(model, diff, device="cpu")
+    dropped = training.TrainStep(model, diff, device="cpu")
+    gone = weakref.ref(dropped)
+    del dropped
+    gc.collect()
+    assert gone() is None
+    model.load_state_dict(copy.deepcopy(model.state_dict()), assign=True)
+    assert kept._watches[0].stale()
 
 
 def test_step_trains_a_model_left_in_eval_mode_with_dropout():
