@@ -9,7 +9,9 @@
 # info are not started: they would all fail for want of the extension):
 #   env        nvidia-smi, driver, python/torch/CUDA/tool versions, date
 #   build      BLURFAST_CUDA=1 pip install --no-build-isolation --no-deps -v .
-#   ext        make the source tree import the built blurfast._C (tests run from here)
+#   ext        make the source tree import the built blurfast._C (tests run from here),
+#              and run each op once on the GPU against blurfast.reference
+#              (scripts/sanitizer_case.py --quick: a kernel built for another GPU fails here)
 #   info       python -m blurfast info
 #   tests      pytest tests -m cuda, but test_gpu_paths.py's (log, one line per test,
 #              + junit xml)
@@ -255,6 +257,13 @@ assert torch.cuda.is_available(), 'torch sees no CUDA device'
 assert getattr(c, 'has_cuda', True), 'blurfast._C was built without CUDA kernels'
 print('CUDA kernels:', getattr(c, 'cuda_archs', '?'), 'GPU:', torch.cuda.get_device_name())
 "
+  # Importing runs no kernel: an extension built for another architecture, or a broken
+  # CUDA build, fails here and not in every later step. Each op once, float32 and
+  # bfloat16, fast kernels (64 x 64) and simple ones (7 x 12), against blurfast.reference.
+  if ! "$PY" scripts/sanitizer_case.py --quick; then
+    echo "ext: blurfast's CUDA kernels failed or gave wrong results on this GPU (lines above)"
+    return 1
+  fi
 }
 export -f ext
 
@@ -294,7 +303,7 @@ log "blurfast GPU check: repo $ROOT, output $OUT, budget ${BUDGET}s, python $PY"
 
 step env 40 bash -c env_info
 step build 170 bash -c build
-step ext 30 bash -c ext
+step ext 60 bash -c ext
 step info 40 "$PY" -m blurfast info
 # A stale file of a step that runs now is removed; a second call with GPU_CHECK_ONLY into
 # the same folder keeps the first call's (bench.json among them, for merge_results.py).

@@ -82,6 +82,44 @@ def test_a_failed_ext_starts_no_later_step(tmp_path):
     assert "sanitizer_case" not in ran
 
 
+def test_a_failing_kernel_check_fails_ext_and_starts_no_later_step(tmp_path):
+    # ext only imported the extension and read has_cuda: one built for another GPU's
+    # architecture passed, and every later step failed. Here everything imports, and
+    # only the kernel check (sanitizer_case.py --quick) fails.
+    calls = tmp_path / "calls.log"
+    py = _fake_tool(tmp_path / "py", f'echo "py $*" >> {calls}\n'
+                    'if [[ "$*" == *"sanitizer_case.py --quick"* ]]; then\n'
+                    '  echo "FAIL dct2 2x3x64x64: exception"; exit 1\nfi\n')
+    out = tmp_path / "gc"
+    r = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": str(py), "OUT": str(out),
+                            "GPU_CHECK_ONLY": "ext info bench memcheck",
+                            "GPU_CHECK_BUDGET": "120"})
+    assert r.returncode == 1
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert summary[2].startswith("ext FAIL exit code 1") and summary[3].startswith("info PASS")
+    assert "bench FAIL not started (ext failed)" in summary
+    ext_log = (out / "ext.log").read_text()
+    assert "FAIL dct2 2x3x64x64" in ext_log and "failed or gave wrong results" in ext_log
+    ran = calls.read_text()
+    assert "benchmarks/run.py" not in ran and ran.count("sanitizer_case") == 1
+
+
+def test_the_quick_kernel_check_fails_on_a_wrong_result(monkeypatch, capsys):
+    # ext's check, on the CPU kernels: passes as they are, fails when one op is off by a
+    # relative 1e-5 (five times the float32 bound of tests/test_cuda.py, within bfloat16's).
+    import blurfast
+    main = runpy.run_path(str(ROOT / "scripts" / "sanitizer_case.py"), run_name="t")["main"]
+    assert main(["--quick", "--device", "cpu"]) == 0
+    right = blurfast.idct2
+    monkeypatch.setattr(blurfast, "idct2", lambda x: right(x) * (1 + 1e-5))
+    assert main(["--quick", "--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL idct2 2x3x64x64:" in out and "ok   dct2 2x3x64x64:" in out
+    assert "FAIL idct2 2x1x7x12:" in out and "ok   idct2 2x1x7x12 bfloat16:" in out
+    assert out.rstrip().endswith("\n2 failure(s)")
+
+
 def _python_args(words, out_dir):
     """The words after `"$PY"`, with $OUT replaced; None for a command not run by Python."""
     if "$PY" not in words:
