@@ -127,11 +127,15 @@ CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 for d in "$CUDA_HOME/bin" "$CUDA_HOME/compute-sanitizer"; do
   if [[ -d "$d" && ":$PATH:" != *":$d:"* ]]; then PATH="$PATH:$d"; fi
 done
-# ncu: Nsight Compute's own folder when it is not on PATH.
+# ncu: Nsight Compute's own folder when it is not on PATH, the newest version where
+# several are installed (by version, not name: 2025.10 after 2025.3).
 if ! command -v ncu > /dev/null; then
-  for d in /opt/nvidia/nsight-compute/* "$CUDA_HOME"/nsight-compute*; do
-    if [[ -x "$d/ncu" ]]; then PATH="$PATH:$d"; break; fi
-  done
+  ncu_dir=$(for d in /opt/nvidia/nsight-compute/* "$CUDA_HOME"/nsight-compute*; do
+              if [[ -x "$d/ncu" ]]; then
+                v=${d##*/}; v=${v#nsight-compute}; printf '%s\t%s\n' "${v#-}" "$d"
+              fi
+            done | sort -t $'\t' -k1,1V | tail -n 1 | cut -f 2)
+  if [[ -n "$ncu_dir" ]]; then PATH="$PATH:$ncu_dir"; fi
 fi
 export PATH
 

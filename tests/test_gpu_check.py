@@ -120,6 +120,24 @@ def test_the_quick_kernel_check_fails_on_a_wrong_result(monkeypatch, capsys):
     assert out.rstrip().endswith("\n2 failure(s)")
 
 
+def test_ncu_off_path_is_the_newest_installed_version(tmp_path):
+    # Without ncu on PATH the script took the first Nsight Compute folder by name:
+    # nsight-compute-2025.1.0 before 2025.3.1 and 2025.10.0.
+    cuda = tmp_path / "cuda"
+    for v in ("2025.1.0", "2025.10.0", "2025.3.1"):
+        (cuda / f"nsight-compute-{v}").mkdir(parents=True)
+        _fake_tool(cuda / f"nsight-compute-{v}" / "ncu", f'echo "Version {v} (build 1)"\n')
+    path = os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep)
+                           if not os.access(os.path.join(d, "ncu"), os.X_OK))
+    py = _fake_tool(tmp_path / "py", "exit 0\n")
+    out = tmp_path / "gc"
+    subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
+                   env={**os.environ, "PATH": path, "CUDA_HOME": str(cuda),
+                        "PYTHON": str(py), "OUT": str(out), "GPU_CHECK_ONLY": "env",
+                        "GPU_CHECK_BUDGET": "60"})
+    assert "ncu: Version 2025.10.0 (build 1)" in (out / "env.log").read_text()
+
+
 def _python_args(words, out_dir):
     """The words after `"$PY"`, with $OUT replaced; None for a command not run by Python."""
     if "$PY" not in words:
