@@ -138,6 +138,65 @@ def test_ncu_off_path_is_the_newest_installed_version(tmp_path):
     assert "ncu: Version 2025.10.0 (build 1)" in (out / "env.log").read_text()
 
 
+_SLOW_BENCH = """import json, os, runpy, sys, time
+import blurfast.bench as bench
+json_path = sys.argv[sys.argv.index("--json") + 1]
+timed = bench._time_impls
+
+def slow(case, shape, *args):     # the second shape hangs until the step's time limit
+    if shape[0] == 4:
+        time.sleep(120)
+    return timed(case, shape, *args)
+bench._time_impls = slow
+main = runpy.run_path(os.path.join(os.environ["ROOT"], "benchmarks", "run.py"))["main"]
+sys.exit(main(["--device", "cpu", "--quick", "--no-steps", "--cases", "dct2", "--shapes",
+               "2x3x8x8", "4x3x8x8", "--impls", "blurfast", "torch_fp32", "--iters", "2",
+               "--warmup", "0", "--json", json_path]))
+"""
+
+
+def test_a_bench_step_cut_by_its_limit_keeps_the_finished_rows_in_its_log(tmp_path):
+    # The bench printed its table only at the end (and its bar only on a terminal): a
+    # step killed by its limit left an empty bench.log though bench.json had its rows.
+    # Here `bench` runs the CPU bench, whose second shape hangs past the budget.
+    import json
+    driver = tmp_path / "slow_bench.py"
+    driver.write_text(_SLOW_BENCH)
+    py = _fake_tool(tmp_path / "py", f'exec {shlex.quote(sys.executable)} {driver} "$@"\n')
+    out = tmp_path / "gc"
+    subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
+                   env={**os.environ, "PYTHON": str(py), "PYTHONPATH": str(ROOT),
+                        "OUT": str(out), "GPU_CHECK_ONLY": "bench", "GPU_CHECK_BUDGET": "25"})
+    assert "bench FAIL timed out" in (out / "summary.txt").read_text()
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert json.loads((out / "bench.json").read_text())["partial"] is True
+    log = (out / "bench.log").read_text().splitlines()
+    assert sorted(r["impl"] for r in rows) == ["blurfast", "torch_fp32"]
+    for r in rows:                  # each finished row as its line of the table
+        assert [ln for ln in log if ln.split()[:4] == ["dct2", "2x3x8x8", r["impl"], "float32"]]
+
+
+def test_the_bench_logs_each_finished_model_step_once(monkeypatch, capsys, tmp_path):
+    # The model steps too (steps64 was cut with an empty log in run v6): each row once,
+    # as it is finished, on stderr when it is no terminal.
+    import blurfast.bench as bench
+    import blurfast.bench_steps as bench_steps
+    rows = [dict(_STEP, impl=i, speedup_vs_torch_default=1.0) for i in ("torch_default",
+                                                                        "blurfast")]
+
+    def run_steps(device, quick, on_progress, **kw):
+        on_progress(rows[:1])
+        on_progress(rows)
+        raise KeyboardInterrupt                   # stands for the time limit's signal
+    monkeypatch.setattr(bench_steps, "run_steps", run_steps)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--device", "cpu", "--no-kernels", "--steps", "--json",
+                    str(tmp_path / "s.json")])
+    err = capsys.readouterr().err.splitlines()
+    assert err == [bench_steps.step_line(r) for r in rows]
+    assert err[1].split()[:4] == ["train_step", "paper64", "16x3x64x64", "blurfast"]
+
+
 def _python_args(words, out_dir):
     """The words after `"$PY"`, with $OUT replaced; None for a command not run by Python."""
     if "$PY" not in words:
