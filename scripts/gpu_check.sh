@@ -313,7 +313,9 @@ step info 40 "$PY" -m blurfast info
 # the same folder keeps the first call's (bench.json among them, for merge_results.py).
 if selected tests; then rm -f "$OUT/junit-cuda.xml"; fi
 if selected tests_paths; then rm -f "$OUT/junit-paths.xml"; fi
-if selected bench; then rm -f "$OUT/bench.json"; fi
+for s in bench bench_variants bench_columns bench_extra steps steps64; do
+  if selected "$s"; then rm -f "$OUT/$s.json"; fi
+done
 # junit_counts NAME: the counts of $OUT/junit-NAME.xml into the log and the summary.
 junit_counts() {
   [[ -f "$OUT/junit-$1.xml" ]] || return 0
