@@ -307,6 +307,31 @@ def test_prebuild_script_names_what_is_missing(env, says, tmp_path):
     assert not (tmp_path / "venv").exists()
 
 
+def test_prebuild_completes_a_venv_whose_install_failed(tmp_path):
+    # The venv was made once, when it had no bin/python: a pip install that failed
+    # (no network) left a venv without pybind11 that every later run used as it was.
+    calls, fail = tmp_path / "calls.log", tmp_path / "pip_fails"
+    py = _fake_tool(tmp_path / "py", f"""[[ $1 == -m && $2 == venv ]] || exit 0
+mkdir -p "$3/bin"
+printf '#!/usr/bin/env bash\\nexit 0\\n' > "$3/bin/python"
+printf '#!/usr/bin/env bash\\necho pip >> {calls}\\n[[ ! -e {fail} ]]\\n' > "$3/bin/pip"
+chmod +x "$3/bin/python" "$3/bin/pip"
+""")
+    (tmp_path / "cuda" / "bin").mkdir(parents=True)
+    _fake_tool(tmp_path / "cuda" / "bin" / "nvcc", "exit 0\n")
+    env = {**os.environ, "PYTHON": str(py), "VENV": str(tmp_path / "venv"),
+           "CUDA_HOME": str(tmp_path / "cuda")}
+    script = ["bash", str(ROOT / "scripts" / "prebuild_gpu_ext.sh")]
+    fail.touch()
+    assert subprocess.run(script, env=env, capture_output=True).returncode != 0
+    fail.unlink()
+    r = subprocess.run(script, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert calls.read_text().split() == ["pip", "pip"]       # installed again, then used
+    assert subprocess.run(script, env=env, capture_output=True).returncode == 0
+    assert calls.read_text().split() == ["pip", "pip"]
+
+
 def test_profile_step_sums_the_gpu_activities_per_step():
     # profile_step.py's line that says whether the profiled step keeps the GPU busy: its
     # device events (kernels, copies) counted and summed per step, CPU events left out.
