@@ -543,6 +543,17 @@ def test_merge_refuses_input_not_of_the_benchs_shape(tmp_path, files, says):
     assert not (out / "results").exists()
 
 
+@pytest.mark.parametrize("args", [[], ["a", "b"], ["no/such/folder"]])
+def test_merge_names_its_argument_when_not_given_one_folder(args, tmp_path):
+    # No argument was an IndexError traceback; a folder that is not there said only
+    # "no results in ...".
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "merge_results.py"), *args],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == (f"FOLDER: expected one folder (gpu_check.sh's OUT), got {args}; "
+                        "usage: python scripts/merge_results.py FOLDER\n")
+
+
 def test_a_refused_merge_fails_the_script_and_says_why(tmp_path):
     # The script ran the merge with `|| true` and its stderr outside the logs: a refused
     # merge left no results file, and the run still said PASS.
