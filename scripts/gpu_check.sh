@@ -20,7 +20,7 @@
 #              (--strict, in every bench step: fails when blurfast or a torch peer raised,
 #              or any row's output failed the check against a float64 truth made before
 #              timing it; the JSON is rewritten after every case and shape, so a timeout
-#              keeps finished rows)
+#              keeps finished rows, which are also in the step's log, a line each)
 #   bench_variants  the fast kernel prefetching in every call or in none, and its wide
 #              geometry for every call at 64 x 64 (BLURFAST_CUDA_KERNELS=fast+prefetch,
 #              fast+noprefetch, fast+wide) beside blurfast, blurfast_dense and torch_fp32,
