@@ -509,7 +509,7 @@ def run_header(device=None, quick: bool = False, iters: Optional[int] = None) ->
 def run(device=None, quick: bool = False, *, cases=None, impls=None, shapes=None,
         dtypes=None, iters: Optional[int] = None, warmup: Optional[int] = None,
         json_path=None, print_table: bool = True, file=None,
-        progress: bool = False) -> dict:
+        progress: bool = False, row_log=None) -> dict:
     """Time every (case, shape, impl); return (and optionally write) the results dict.
 
     ``device``: "cuda" (default when available) or "cpu". ``quick``: fewer
@@ -521,7 +521,9 @@ def run(device=None, quick: bool = False, *, cases=None, impls=None, shapes=None
     ``json_path``: written (atomically) after every case and shape with the rows so far
     and ``"partial": true``, and at the end without it, so a run cut short by a time
     limit still leaves its finished rows. ``progress``: a progress bar (stderr) over the
-    (case, shape, dtype, impl) rows.
+    (case, shape, dtype, impl) rows. ``row_log``: a text stream that gets each finished
+    row (timed or skipped) as one line, flushed, after every case and shape (a log that
+    a time limit cuts keeps them; the table is printed only at the end).
     """
     from tqdm.auto import tqdm
     device = _resolve_device(device)
@@ -566,7 +568,7 @@ def run(device=None, quick: bool = False, *, cases=None, impls=None, shapes=None
                unit="row", disable=not progress, leave=False)
     for case in cases:
         for shape in shapes:
-            case_rows = []
+            case_rows, n_skipped = [], len(result["skipped"])
             for dtype_name in dtypes:
                 case_rows += _time_impls(case, shape, dtype_name, impls, device, iters, warmup,
                                          copy_gbps, result["skipped"], bar)
@@ -578,6 +580,13 @@ def run(device=None, quick: bool = False, *, cases=None, impls=None, shapes=None
             result["rows"].extend(case_rows)
             if json_path:
                 _write_json(json_path, dict(result, partial=True, targets=targets(result)))
+            if row_log is not None:
+                for r in case_rows:
+                    print(row_line(r), file=row_log)
+                for r in result["skipped"][n_skipped:]:
+                    print(f"skipped {r['case']} {'x'.join(map(str, r['shape']))} {r['impl']} "
+                          f"{r['dtype']}: {r['reason']}", file=row_log)
+                row_log.flush()
     bar.close()
     result["targets"] = targets(result)
 
@@ -676,6 +685,18 @@ def dumps(result: dict) -> str:
     return "".join(parts) + "\n}\n"
 
 
+def row_line(r: dict, iw: int = 16) -> str:
+    """One kernel row as a line of :func:`format_table` (``iw``: the impl column's width)."""
+    sp = r["speedup_vs_torch_fp32"]
+    nl = r.get("launches")
+    return (f"{r['case']:<13}{'x'.join(map(str, r['shape'])):<16}{r['impl']:<{iw}}"
+            f"{r.get('dtype', 'float32'):<9}"
+            f"{r['median_us']:>10.1f}{r['wall_us']:>10.1f}{r['gbps']:>9.1f}"
+            f"{100 * r['copy_fraction']:>7.1f}%"
+            f"{(f'{sp:.2f}x' if sp is not None else '-'):>9}"
+            f"{(str(nl) if nl is not None else '-'):>7}")
+
+
 def format_table(result: dict) -> str:
     lines = [f"{result['gpu']} | torch {result['torch']} | driver {result['driver']} | "
              f"{result['date']}",
@@ -684,15 +705,7 @@ def format_table(result: dict) -> str:
     hdr = f"{'case':<13}{'shape':<16}{'impl':<{iw}}{'dtype':<9}{'median_us':>10}" \
           f"{'wall_us':>10}{'GB/s':>9}{'copy%':>8}{'vs fp32':>9}{'launch':>7}"
     lines += [hdr, "-" * len(hdr)]
-    for r in result["rows"]:
-        sp = r["speedup_vs_torch_fp32"]
-        nl = r.get("launches")
-        lines.append(f"{r['case']:<13}{'x'.join(map(str, r['shape'])):<16}{r['impl']:<{iw}}"
-                     f"{r.get('dtype', 'float32'):<9}"
-                     f"{r['median_us']:>10.1f}{r['wall_us']:>10.1f}{r['gbps']:>9.1f}"
-                     f"{100 * r['copy_fraction']:>7.1f}%"
-                     f"{(f'{sp:.2f}x' if sp is not None else '-'):>9}"
-                     f"{(str(nl) if nl is not None else '-'):>7}")
+    lines += [row_line(r, iw) for r in result["rows"]]
     seen = {}
     for s in result["skipped"]:
         seen.setdefault((s["impl"], s["reason"]), []).append(
@@ -760,7 +773,7 @@ def plot(result: dict, path) -> None:
 
 
 def main(argv=None) -> int:
-    from .bench_steps import STEP_IMPLS, check_step_impls, format_steps, run_steps
+    from .bench_steps import STEP_IMPLS, check_step_impls, format_steps, run_steps, step_line
     from .cli import _Parser, nonnegative_int, positive_int
     from .fileio import check_writable
     p = _Parser(prog="blurfast bench", description=__doc__.splitlines()[0])
@@ -812,7 +825,8 @@ def main(argv=None) -> int:
                    help="torch CPU threads (default: torch's); 1 gives steadier CPU numbers "
                         "on a shared machine")
     p.add_argument("--no-progress", action="store_true",
-                   help="no progress bars (shown on stderr when it is a terminal)")
+                   help="no progress bars (shown on stderr when it is a terminal; "
+                        "elsewhere a line per finished row instead)")
     a = p.parse_args(argv)
     if not (a.kernels or a.steps):
         p.error("nothing to time: --no-kernels needs --steps")
@@ -840,19 +854,27 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     progress = not a.no_progress and sys.stderr.isatty()
+    # No bar (stderr is a file or pipe, as in gpu_check.sh's logs): a line per finished
+    # row instead, so a run killed by a time limit leaves more than an empty log.
+    row_log = sys.stderr if not (a.no_progress or progress) else None
     if a.kernels:
         res = run(a.device, a.quick, cases=a.cases, impls=a.impls, shapes=a.shapes,
                   dtypes=a.dtypes, iters=a.iters, warmup=a.warmup, json_path=a.json_path,
-                  progress=progress)
+                  progress=progress, row_log=row_log)
     else:
         res = run_header(a.device, quick=a.quick)
     if a.steps:
-        errors = []
+        errors, logged = [], set()
 
         def save_partial(rows):      # a run cut short by a time limit keeps these rows
             if a.json_path:          # and the errors of the configurations that failed
                 _write_json(a.json_path, dict(res, model_steps=rows, partial=True,
                                               skipped=res.get("skipped", []) + errors))
+            for r in rows if row_log is not None else ():
+                key = (r["case"], r["impl"], tuple(r["shape"]))
+                if key not in logged:
+                    logged.add(key)
+                    print(step_line(r), file=row_log, flush=True)
         save_partial([])             # the kernel rows: partial until the steps are done
         res["model_steps"] = run_steps(a.device, a.quick, batches=a.step_batches,
                                        impls=a.step_impls or ("blurfast",), errors=errors,

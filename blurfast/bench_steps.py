@@ -301,12 +301,14 @@ def _rows(timed: dict, peaks: dict, preset: str, shape: list, cuda: bool) -> lis
 def format_steps(rows) -> str:
     hdr = f"{'case':<20}{'model':<9}{'shape':<14}{'impl':<28}{'ms/step':>10}{'img/s':>10}" \
           f"{'vs default':>12}{'vs fp32':>9}{'peak GB':>9}"
-    lines = [hdr, "-" * len(hdr)]
-    for r in rows:
-        peak = r.get("peak_mem_gb")
-        lines.append(f"{r['case']:<20}{r['preset']:<9}{'x'.join(map(str, r['shape'])):<14}"
-                     f"{r['impl']:<28}{r['ms_per_step']:>10.2f}{r['images_per_s']:>10.1f}"
-                     f"{r['speedup_vs_torch_default']:>11.2f}x"
-                     f"{r['speedup_vs_torch_fp32']:>8.2f}x"
-                     f"{'' if peak is None else f'{peak:.2f}':>9}".rstrip())
-    return "\n".join(lines)
+    return "\n".join([hdr, "-" * len(hdr)] + [step_line(r) for r in rows])
+
+
+def step_line(r: dict) -> str:
+    """One model-step row as a line of :func:`format_steps`."""
+    peak = r.get("peak_mem_gb")
+    return (f"{r['case']:<20}{r['preset']:<9}{'x'.join(map(str, r['shape'])):<14}"
+            f"{r['impl']:<28}{r['ms_per_step']:>10.2f}{r['images_per_s']:>10.1f}"
+            f"{r['speedup_vs_torch_default']:>11.2f}x"
+            f"{r['speedup_vs_torch_fp32']:>8.2f}x"
+            f"{'' if peak is None else f'{peak:.2f}':>9}".rstrip())

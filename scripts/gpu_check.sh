@@ -9,7 +9,9 @@
 # info are not started: they would all fail for want of the extension):
 #   env        nvidia-smi, driver, python/torch/CUDA/tool versions, date
 #   build      BLURFAST_CUDA=1 pip install --no-build-isolation --no-deps -v .
-#   ext        make the source tree import the built blurfast._C (tests run from here)
+#   ext        make the source tree import the built blurfast._C (tests run from here),
+#              and run each op once on the GPU against blurfast.reference
+#              (scripts/sanitizer_case.py --quick: a kernel built for another GPU fails here)
 #   info       python -m blurfast info
 #   tests      pytest tests -m cuda, but test_gpu_paths.py's (log, one line per test,
 #              + junit xml)
@@ -18,7 +20,7 @@
 #              (--strict, in every bench step: fails when blurfast or a torch peer raised,
 #              or any row's output failed the check against a float64 truth made before
 #              timing it; the JSON is rewritten after every case and shape, so a timeout
-#              keeps finished rows)
+#              keeps finished rows, which are also in the step's log, a line each)
 #   bench_variants  the fast kernel prefetching in every call or in none, and its wide
 #              geometry for every call at 64 x 64 (BLURFAST_CUDA_KERNELS=fast+prefetch,
 #              fast+noprefetch, fast+wide) beside blurfast, blurfast_dense and torch_fp32,
@@ -125,11 +127,15 @@ CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 for d in "$CUDA_HOME/bin" "$CUDA_HOME/compute-sanitizer"; do
   if [[ -d "$d" && ":$PATH:" != *":$d:"* ]]; then PATH="$PATH:$d"; fi
 done
-# ncu: Nsight Compute's own folder when it is not on PATH.
+# ncu: Nsight Compute's own folder when it is not on PATH, the newest version where
+# several are installed (by version, not name: 2025.10 after 2025.3).
 if ! command -v ncu > /dev/null; then
-  for d in /opt/nvidia/nsight-compute/* "$CUDA_HOME"/nsight-compute*; do
-    if [[ -x "$d/ncu" ]]; then PATH="$PATH:$d"; break; fi
-  done
+  ncu_dir=$(for d in /opt/nvidia/nsight-compute/* "$CUDA_HOME"/nsight-compute*; do
+              if [[ -x "$d/ncu" ]]; then
+                v=${d##*/}; v=${v#nsight-compute}; printf '%s\t%s\n' "${v#-}" "$d"
+              fi
+            done | sort -t $'\t' -k1,1V | tail -n 1 | cut -f 2)
+  if [[ -n "$ncu_dir" ]]; then PATH="$PATH:$ncu_dir"; fi
 fi
 export PATH
 
@@ -255,6 +261,13 @@ assert torch.cuda.is_available(), 'torch sees no CUDA device'
 assert getattr(c, 'has_cuda', True), 'blurfast._C was built without CUDA kernels'
 print('CUDA kernels:', getattr(c, 'cuda_archs', '?'), 'GPU:', torch.cuda.get_device_name())
 "
+  # Importing runs no kernel: an extension built for another architecture, or a broken
+  # CUDA build, fails here and not in every later step. Each op once, float32 and
+  # bfloat16, fast kernels (64 x 64) and simple ones (7 x 12), against blurfast.reference.
+  if ! "$PY" scripts/sanitizer_case.py --quick; then
+    echo "ext: blurfast's CUDA kernels failed or gave wrong results on this GPU (lines above)"
+    return 1
+  fi
 }
 export -f ext
 
@@ -294,13 +307,15 @@ log "blurfast GPU check: repo $ROOT, output $OUT, budget ${BUDGET}s, python $PY"
 
 step env 40 bash -c env_info
 step build 170 bash -c build
-step ext 30 bash -c ext
+step ext 60 bash -c ext
 step info 40 "$PY" -m blurfast info
 # A stale file of a step that runs now is removed; a second call with GPU_CHECK_ONLY into
 # the same folder keeps the first call's (bench.json among them, for merge_results.py).
 if selected tests; then rm -f "$OUT/junit-cuda.xml"; fi
 if selected tests_paths; then rm -f "$OUT/junit-paths.xml"; fi
-if selected bench; then rm -f "$OUT/bench.json"; fi
+for s in bench bench_variants bench_columns bench_extra steps steps64; do
+  if selected "$s"; then rm -f "$OUT/$s.json"; fi
+done
 # junit_counts NAME: the counts of $OUT/junit-NAME.xml into the log and the summary.
 junit_counts() {
   [[ -f "$OUT/junit-$1.xml" ]] || return 0

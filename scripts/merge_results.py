@@ -97,4 +97,7 @@ def main(out: str) -> str:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2 or not os.path.isdir(sys.argv[1]):
+        raise SystemExit(f"FOLDER: expected one folder (gpu_check.sh's OUT), got "
+                         f"{sys.argv[1:]}; usage: python scripts/merge_results.py FOLDER")
     print(main(sys.argv[1]))

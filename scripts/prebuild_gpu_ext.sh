@@ -28,9 +28,12 @@ CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 
 [[ -n "$PY" ]] && "$PY" -c "" || { echo "PYTHON: no Python 3.12 found; name one" >&2; exit 2; }
 [[ -x "$CUDA_HOME/bin/nvcc" ]] || { echo "CUDA_HOME: no bin/nvcc under $CUDA_HOME" >&2; exit 2; }
-if [[ ! -x "$VENV/bin/python" ]]; then
+# Marked ready only once its packages are in: a venv whose pip install failed (no
+# network) is completed on the next run, not used without pybind11.
+if [[ ! -f "$VENV/.blurfast-ready" ]]; then
   "$PY" -m venv "$VENV"
   "$VENV/bin/pip" install -q setuptools pybind11 cmake ninja
+  : > "$VENV/.blurfast-ready"
 fi
 cd "$ROOT"
 # build_ext --inplace keeps each interpreter's CMake tree apart

@@ -35,6 +35,12 @@ SHAPES = [
 SQUARES = [(2, 3, 32, 32), (2, 3, 64, 64), (1, 3, 128, 128)]
 REL_TOL = 1e-5          # float32 kernels vs float64 reference, relative to max |ref|
 BF16_TOL = 1e-2         # bfloat16 I/O: one rounding of the result
+# --quick (gpu_check.sh's ext step): every op once at 64 x 64 (the fused whole-plane
+# kernel) and at 7 x 12 (the simple kernels), float32 and bfloat16, held to
+# tests/test_cuda.py's bounds (2e-6 float32, 1e-2 bfloat16).
+QUICK_RUNS = [((2, 3, 64, 64), torch.float32), ((2, 3, 64, 64), torch.bfloat16),
+              ((2, 1, 7, 12), torch.float32), ((2, 1, 7, 12), torch.bfloat16)]
+QUICK_TOL = {torch.float32: 2e-6, torch.bfloat16: BF16_TOL}
 
 
 def _rel_err(got, want):
@@ -47,6 +53,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-hw", type=int, default=256, help="skip shapes with H or W above this")
     p.add_argument("--device", default="cuda", help="cuda (default); cpu only to test this script")
+    p.add_argument("--quick", action="store_true",
+                   help="only QUICK_RUNS, to the tests' bounds: does each kernel family "
+                        "run on this GPU and give the right result (a few seconds)")
     a = p.parse_args(argv)
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -90,6 +99,8 @@ def main(argv=None):
     runs += [((400, 3, 32, 32), torch.float32, "")]     # more plane groups than blocks
     runs += [((150, 3, 64, 64), torch.float32, "")]     # more plane groups than SMs
     runs += [((150, 3, 64, 64), torch.float32, "dense")]
+    if a.quick:
+        runs = [(shape, dtype, "") for shape, dtype in QUICK_RUNS]
     for shape, dtype, kernels in runs:
         b, c, h, w = shape
         if max(h, w) > a.max_hw:
@@ -98,7 +109,7 @@ def main(argv=None):
             os.environ["BLURFAST_CUDA_KERNELS"] = kernels
         else:
             os.environ.pop("BLURFAST_CUDA_KERNELS", None)
-        tol = BF16_TOL if dtype == torch.bfloat16 else REL_TOL
+        tol = QUICK_TOL[dtype] if a.quick else BF16_TOL if dtype == torch.bfloat16 else REL_TOL
         tag = "x".join(map(str, shape)) + (" bfloat16" if dtype == torch.bfloat16 else "") + \
             (f" (BLURFAST_CUDA_KERNELS={kernels})" if kernels else "")
         x = torch.randn(*shape, generator=gen)
@@ -135,12 +146,12 @@ def main(argv=None):
         check(f"spectral given noise {tag}", given_noise, tol)
     os.environ.pop("BLURFAST_CUDA_KERNELS", None)
 
-    # Non-contiguous input (a transposed view) and a rank-2 input.
-    xt = torch.randn(2, 3, 32, 16, generator=gen)
-    check("dct2 non-contiguous", lambda: _rel_err(bf.dct2(xt.to(dev).transpose(-1, -2)),
-                                                  ref.dct2(xt.double().transpose(-1, -2))))
-    x2d = torch.randn(64, 64, generator=gen)
-    check("idct2 rank 2", lambda: _rel_err(bf.idct2(x2d.to(dev)), ref.idct2(x2d.double())))
+    if not a.quick:       # a non-contiguous input (a transposed view) and a rank-2 input
+        xt = torch.randn(2, 3, 32, 16, generator=gen)
+        check("dct2 non-contiguous", lambda: _rel_err(bf.dct2(xt.to(dev).transpose(-1, -2)),
+                                                      ref.dct2(xt.double().transpose(-1, -2))))
+        x2d = torch.randn(64, 64, generator=gen)
+        check("idct2 rank 2", lambda: _rel_err(bf.idct2(x2d.to(dev)), ref.idct2(x2d.double())))
 
     sync()
     print(f"{failures} failure(s)")

@@ -109,7 +109,9 @@ def test_steps_json_of_a_cut_run_names_the_failed_configurations(tmp_path, monke
     def run_steps(*args, errors, on_progress, **kwargs):
         errors.append({"case": "train_step", "impl": "blurfast_compile_cl",
                        "shape": [2, 3, 16, 16], "reason": "RuntimeError: no", "error": True})
-        on_progress([{"case": "train_step", "impl": "torch_default"}])
+        on_progress([{"case": "train_step", "preset": "small", "shape": [2, 3, 16, 16],
+                      "impl": "torch_default", "ms_per_step": 5.0, "images_per_s": 400.0,
+                      "speedup_vs_torch_default": 1.0, "speedup_vs_torch_fp32": 1.0}])
         raise Cut()                       # the step's timeout, before the final write
     monkeypatch.setattr(bench_steps, "run_steps", run_steps)
     js = tmp_path / "steps.json"

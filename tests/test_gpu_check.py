@@ -82,6 +82,122 @@ def test_a_failed_ext_starts_no_later_step(tmp_path):
     assert "sanitizer_case" not in ran
 
 
+def test_a_failing_kernel_check_fails_ext_and_starts_no_later_step(tmp_path):
+    # ext only imported the extension and read has_cuda: one built for another GPU's
+    # architecture passed, and every later step failed. Here everything imports, and
+    # only the kernel check (sanitizer_case.py --quick) fails.
+    calls = tmp_path / "calls.log"
+    py = _fake_tool(tmp_path / "py", f'echo "py $*" >> {calls}\n'
+                    'if [[ "$*" == *"sanitizer_case.py --quick"* ]]; then\n'
+                    '  echo "FAIL dct2 2x3x64x64: exception"; exit 1\nfi\n')
+    out = tmp_path / "gc"
+    r = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": str(py), "OUT": str(out),
+                            "GPU_CHECK_ONLY": "ext info bench memcheck",
+                            "GPU_CHECK_BUDGET": "120"})
+    assert r.returncode == 1
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert summary[2].startswith("ext FAIL exit code 1") and summary[3].startswith("info PASS")
+    assert "bench FAIL not started (ext failed)" in summary
+    ext_log = (out / "ext.log").read_text()
+    assert "FAIL dct2 2x3x64x64" in ext_log and "failed or gave wrong results" in ext_log
+    ran = calls.read_text()
+    assert "benchmarks/run.py" not in ran and ran.count("sanitizer_case") == 1
+
+
+def test_the_quick_kernel_check_fails_on_a_wrong_result(monkeypatch, capsys):
+    # ext's check, on the CPU kernels: passes as they are, fails when one op is off by a
+    # relative 1e-5 (five times the float32 bound of tests/test_cuda.py, within bfloat16's).
+    import blurfast
+    main = runpy.run_path(str(ROOT / "scripts" / "sanitizer_case.py"), run_name="t")["main"]
+    assert main(["--quick", "--device", "cpu"]) == 0
+    right = blurfast.idct2
+    monkeypatch.setattr(blurfast, "idct2", lambda x: right(x) * (1 + 1e-5))
+    assert main(["--quick", "--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL idct2 2x3x64x64:" in out and "ok   dct2 2x3x64x64:" in out
+    assert "FAIL idct2 2x1x7x12:" in out and "ok   idct2 2x1x7x12 bfloat16:" in out
+    assert out.rstrip().endswith("\n2 failure(s)")
+
+
+def test_ncu_off_path_is_the_newest_installed_version(tmp_path):
+    # Without ncu on PATH the script took the first Nsight Compute folder by name:
+    # nsight-compute-2025.1.0 before 2025.3.1 and 2025.10.0.
+    cuda = tmp_path / "cuda"
+    for v in ("2025.1.0", "2025.10.0", "2025.3.1"):
+        (cuda / f"nsight-compute-{v}").mkdir(parents=True)
+        _fake_tool(cuda / f"nsight-compute-{v}" / "ncu", f'echo "Version {v} (build 1)"\n')
+    path = os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep)
+                           if not os.access(os.path.join(d, "ncu"), os.X_OK))
+    py = _fake_tool(tmp_path / "py", "exit 0\n")
+    out = tmp_path / "gc"
+    subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
+                   env={**os.environ, "PATH": path, "CUDA_HOME": str(cuda),
+                        "PYTHON": str(py), "OUT": str(out), "GPU_CHECK_ONLY": "env",
+                        "GPU_CHECK_BUDGET": "60"})
+    assert "ncu: Version 2025.10.0 (build 1)" in (out / "env.log").read_text()
+
+
+_SLOW_BENCH = """import json, os, runpy, sys, time
+import blurfast.bench as bench
+json_path = sys.argv[sys.argv.index("--json") + 1]
+timed = bench._time_impls
+
+def slow(case, shape, *args):     # the second shape hangs until the step's time limit
+    if shape[0] == 4:
+        time.sleep(120)
+    return timed(case, shape, *args)
+bench._time_impls = slow
+main = runpy.run_path(os.path.join(os.environ["ROOT"], "benchmarks", "run.py"))["main"]
+sys.exit(main(["--device", "cpu", "--quick", "--no-steps", "--cases", "dct2", "--shapes",
+               "2x3x8x8", "4x3x8x8", "--impls", "blurfast", "torch_fp32", "--iters", "2",
+               "--warmup", "0", "--json", json_path]))
+"""
+
+
+def test_a_bench_step_cut_by_its_limit_keeps_the_finished_rows_in_its_log(tmp_path):
+    # The bench printed its table only at the end (and its bar only on a terminal): a
+    # step killed by its limit left an empty bench.log though bench.json had its rows.
+    # Here `bench` runs the CPU bench, whose second shape hangs past the budget (40 s:
+    # the first rows are in long before, on a busy machine too).
+    import json
+    driver = tmp_path / "slow_bench.py"
+    driver.write_text(_SLOW_BENCH)
+    py = _fake_tool(tmp_path / "py", f'exec {shlex.quote(sys.executable)} {driver} "$@"\n')
+    out = tmp_path / "gc"
+    subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
+                   env={**os.environ, "PYTHON": str(py), "PYTHONPATH": str(ROOT),
+                        "OUT": str(out), "GPU_CHECK_ONLY": "bench", "GPU_CHECK_BUDGET": "40"})
+    assert "bench FAIL timed out" in (out / "summary.txt").read_text()
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert json.loads((out / "bench.json").read_text())["partial"] is True
+    log = (out / "bench.log").read_text().splitlines()
+    assert sorted(r["impl"] for r in rows) == ["blurfast", "torch_fp32"]
+    for r in rows:                  # each finished row as its line of the table
+        assert [ln for ln in log if ln.split()[:4] == ["dct2", "2x3x8x8", r["impl"], "float32"]]
+
+
+def test_the_bench_logs_each_finished_model_step_once(monkeypatch, capsys, tmp_path):
+    # The model steps too (steps64 was cut with an empty log in run v6): each row once,
+    # as it is finished, on stderr when it is no terminal.
+    import blurfast.bench as bench
+    import blurfast.bench_steps as bench_steps
+    rows = [dict(_STEP, impl=i, speedup_vs_torch_default=1.0) for i in ("torch_default",
+                                                                        "blurfast")]
+
+    def run_steps(device, quick, on_progress, **kw):
+        on_progress(rows[:1])
+        on_progress(rows)
+        raise KeyboardInterrupt                   # stands for the time limit's signal
+    monkeypatch.setattr(bench_steps, "run_steps", run_steps)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--device", "cpu", "--no-kernels", "--steps", "--json",
+                    str(tmp_path / "s.json")])
+    err = capsys.readouterr().err.splitlines()
+    assert err == [bench_steps.step_line(r) for r in rows]
+    assert err[1].split()[:4] == ["train_step", "paper64", "16x3x64x64", "blurfast"]
+
+
 def _python_args(words, out_dir):
     """The words after `"$PY"`, with $OUT replaced; None for a command not run by Python."""
     if "$PY" not in words:
@@ -192,6 +308,31 @@ def test_prebuild_script_names_what_is_missing(env, says, tmp_path):
     assert not (tmp_path / "venv").exists()
 
 
+def test_prebuild_completes_a_venv_whose_install_failed(tmp_path):
+    # The venv was made once, when it had no bin/python: a pip install that failed
+    # (no network) left a venv without pybind11 that every later run used as it was.
+    calls, fail = tmp_path / "calls.log", tmp_path / "pip_fails"
+    py = _fake_tool(tmp_path / "py", f"""[[ $1 == -m && $2 == venv ]] || exit 0
+mkdir -p "$3/bin"
+printf '#!/usr/bin/env bash\\nexit 0\\n' > "$3/bin/python"
+printf '#!/usr/bin/env bash\\necho pip >> {calls}\\n[[ ! -e {fail} ]]\\n' > "$3/bin/pip"
+chmod +x "$3/bin/python" "$3/bin/pip"
+""")
+    (tmp_path / "cuda" / "bin").mkdir(parents=True)
+    _fake_tool(tmp_path / "cuda" / "bin" / "nvcc", "exit 0\n")
+    env = {**os.environ, "PYTHON": str(py), "VENV": str(tmp_path / "venv"),
+           "CUDA_HOME": str(tmp_path / "cuda")}
+    script = ["bash", str(ROOT / "scripts" / "prebuild_gpu_ext.sh")]
+    fail.touch()
+    assert subprocess.run(script, env=env, capture_output=True).returncode != 0
+    fail.unlink()
+    r = subprocess.run(script, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert calls.read_text().split() == ["pip", "pip"]       # installed again, then used
+    assert subprocess.run(script, env=env, capture_output=True).returncode == 0
+    assert calls.read_text().split() == ["pip", "pip"]
+
+
 def test_profile_step_sums_the_gpu_activities_per_step():
     # profile_step.py's line that says whether the profiled step keeps the GPU busy: its
     # device events (kernels, copies) counted and summed per step, CPU events left out.
@@ -231,6 +372,25 @@ def test_a_second_call_keeps_the_first_calls_results(tmp_path):
     assert "junit" not in (out / "summary.txt").read_text()    # tests did not run here
     merged = json.loads((out / "results" / "test-gpu-2026-01-02.json").read_text())
     assert [r["impl"] for r in merged["rows"]] == ["torch_fp32"]
+
+
+def test_a_step_that_runs_again_leaves_no_stale_results(tmp_path):
+    # Only bench.json was removed before its step ran: a bench_extra or steps step that
+    # ran again and failed before writing left the earlier file, merged as this run's.
+    import json
+    out = _write_results(tmp_path / "gc", bench=dict(_HEADER, rows=[_ROW], skipped=[]),
+                         bench_extra=dict(_HEADER, rows=[_ROW], skipped=[]),
+                         steps=dict(_HEADER, rows=[], skipped=[], model_steps=[_STEP]))
+    py = _fake_tool(tmp_path / "py", '[[ "$*" == *merge_results* ]] && exec '
+                    f'{shlex.quote(sys.executable)} "$@"\nexit 1\n')
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
+                       env={**env, "PYTHON": str(py), "OUT": str(out),
+                            "GPU_CHECK_ONLY": "bench_extra steps", "GPU_CHECK_BUDGET": "120"})
+    assert r.returncode == 1
+    assert not (out / "bench_extra.json").exists() and not (out / "steps.json").exists()
+    (merged,) = (out / "results").iterdir()          # the first call's bench.json only
+    assert list(json.loads(merged.read_text())["runs"]) == ["bench"]
 
 
 def _fake_tool(path, body):
@@ -382,6 +542,17 @@ def test_merge_refuses_input_not_of_the_benchs_shape(tmp_path, files, says):
         _merge()(str(out))
     assert says in str(e.value)
     assert not (out / "results").exists()
+
+
+@pytest.mark.parametrize("args", [[], ["a", "b"], ["no/such/folder"]])
+def test_merge_names_its_argument_when_not_given_one_folder(args, tmp_path):
+    # No argument was an IndexError traceback; a folder that is not there said only
+    # "no results in ...".
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "merge_results.py"), *args],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == (f"FOLDER: expected one folder (gpu_check.sh's OUT), got {args}; "
+                        "usage: python scripts/merge_results.py FOLDER\n")
 
 
 def test_a_refused_merge_fails_the_script_and_says_why(tmp_path):
