@@ -36,11 +36,13 @@ SQUARES = [(2, 3, 32, 32), (2, 3, 64, 64), (1, 3, 128, 128)]
 REL_TOL = 1e-5          # float32 kernels vs float64 reference, relative to max |ref|
 BF16_TOL = 1e-2         # bfloat16 I/O: one rounding of the result
 # --quick (gpu_check.sh's ext step): every op once at 64 x 64 (the fused whole-plane
-# kernel) and at 7 x 12 (the simple kernels), float32 and bfloat16, held to
-# tests/test_cuda.py's bounds (2e-6 float32, 1e-2 bfloat16).
+# kernel) and at 7 x 12 (the simple kernels), float32 and bfloat16, to this script's
+# bounds: a gate for kernels that do not run or are plainly wrong (another GPU's build),
+# which would waste every later step. Only an op that raises fails it (exit 1); a wrong
+# result is printed (FAIL) and the run goes on: the benches skip that row and time the
+# rest, and the tests step holds every kernel to tests/test_cuda.py's tighter bounds.
 QUICK_RUNS = [((2, 3, 64, 64), torch.float32), ((2, 3, 64, 64), torch.bfloat16),
               ((2, 1, 7, 12), torch.float32), ((2, 1, 7, 12), torch.bfloat16)]
-QUICK_TOL = {torch.float32: 2e-6, torch.bfloat16: BF16_TOL}
 
 
 def _rel_err(got, want):
@@ -54,8 +56,8 @@ def main(argv=None):
     p.add_argument("--max-hw", type=int, default=256, help="skip shapes with H or W above this")
     p.add_argument("--device", default="cuda", help="cuda (default); cpu only to test this script")
     p.add_argument("--quick", action="store_true",
-                   help="only QUICK_RUNS, to the tests' bounds: does each kernel family "
-                        "run on this GPU and give the right result (a few seconds)")
+                   help="only QUICK_RUNS: does each kernel family run on this GPU and give "
+                        "the right result, to this script's bounds (a few seconds)")
     a = p.parse_args(argv)
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -66,10 +68,10 @@ def main(argv=None):
     from blurfast import reference as ref
 
     gen = torch.Generator().manual_seed(0)
-    failures = 0
+    failures = raised = 0
 
     def check(name, fn, tol=REL_TOL):
-        nonlocal failures
+        nonlocal failures, raised
         try:
             err = fn()
             sync()
@@ -78,6 +80,7 @@ def main(argv=None):
             failures += not ok
         except Exception:
             failures += 1
+            raised += 1
             print(f"FAIL {name}: exception", flush=True)
             traceback.print_exc()
 
@@ -109,7 +112,7 @@ def main(argv=None):
             os.environ["BLURFAST_CUDA_KERNELS"] = kernels
         else:
             os.environ.pop("BLURFAST_CUDA_KERNELS", None)
-        tol = QUICK_TOL[dtype] if a.quick else BF16_TOL if dtype == torch.bfloat16 else REL_TOL
+        tol = BF16_TOL if dtype == torch.bfloat16 else REL_TOL
         tag = "x".join(map(str, shape)) + (" bfloat16" if dtype == torch.bfloat16 else "") + \
             (f" (BLURFAST_CUDA_KERNELS={kernels})" if kernels else "")
         x = torch.randn(*shape, generator=gen)
@@ -155,6 +158,13 @@ def main(argv=None):
 
     sync()
     print(f"{failures} failure(s)")
+    if a.quick:
+        # Only an op that raised (no kernel image for this GPU, a launch error) fails the
+        # gate: the benches skip a wrong row (wrong_output) and time the others, and the
+        # tests step names it.
+        if failures and not raised:
+            print("wrong results but every op ran: the run goes on", flush=True)
+        return 1 if raised else 0
     return 1 if failures else 0
 
 
