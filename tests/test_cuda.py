@@ -390,6 +390,47 @@ def test_plane_kernel_misaligned_input_falls_back():
     assert rel_err(bf.dct2(xv), ref.dct2(flat[1:].view(3, 64, 64).double().cpu())) <= 2e-6
 
 
+def _one_element_in(t):
+    """t's values in a contiguous view one element into its storage: 4 bytes off 16 for
+    float32, 2 bytes off 8 for the 16-bit types, so no vector access fits it."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    v = flat[1:].view(t.shape)
+    v.copy_(t)
+    return v
+
+
+@pytest.mark.parametrize("which", ["x", "x2", "a", "a2", "g", "noise"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [64, 256])
+def test_fused_op_with_one_misaligned_input_takes_the_simple_kernels(n, dtype, which):
+    # Every pointer of a fused call is checked before the whole-plane kernel (64: "plane")
+    # or the column path (256: "columns") serves it (cuda_fast.cu, make_plan and
+    # column_plan: 16 bytes for float32 data, maps and noise, 8 for 16-bit data); one
+    # input that fails the check sends the call to the simple kernels, which read it
+    # element by element.
+    from blurfast._backend import _C
+    from blurfast.ops import spectral_kernel_args
+    t = {"x": _rand(2, 3, n, n, dtype=dtype), "x2": _rand(2, 3, n, n, dtype=dtype, seed=1),
+         "a": torch.rand(2, 1, n, n), "a2": torch.rand(1, 3, n, n) - 0.5,
+         "g": torch.rand(n, n), "noise": _rand(2, 3, n, n, seed=2)}
+    cu = {k: v.cuda() for k, v in t.items()}
+
+    def name(c):
+        args, keep = spectral_kernel_args(c["x"], c["a"], c["x2"], c["a2"], c["g"], c["noise"],
+                                          1, 0, torch.empty_like(c["x"]), None)
+        return _C.spectral_kernel_name(*args, 0)
+
+    assert name(cu) in ("plane", "columns")     # (64: "plane" where its shared memory fits)
+    cu[which] = _one_element_in(cu[which])
+    assert cu[which].data_ptr() % 8 != 0
+    assert name(cu) == "simple"     # (the misaligned tensor reached the kernel uncopied)
+    got = bf.spectral(cu["x"], cu["a"], cu["x2"], cu["a2"], g=cu["g"], noise=cu["noise"])
+    want = ref.spectral(t["x"].double(), t["a"], t["x2"].double(), t["a2"], g=t["g"],
+                        noise=t["noise"].double())
+    bound = 2e-6 if dtype == torch.float32 else 2 * rel_err(want.to(dtype), want) + 2e-6
+    assert got.dtype == dtype and rel_err(got, want) <= bound
+
+
 def test_plane_kernel_first_call_inside_cuda_graph_capture():
     # float16 at 128 with a second input and returned noise: no other test plans this
     # kernel, so its first plan (shared-memory attribute, occupancy query) happens
