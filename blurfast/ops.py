@@ -587,7 +587,9 @@ def spectral(x: Tensor, a: Tensor, x2: Optional[Tensor] = None, a2: Optional[Ten
     broadcastable to ``x``) when given, else standard normals made in the kernel from
     ``(seed, offset)`` by Philox4x32-10: element ``i`` (flat index) of ``x`` takes stream
     position ``offset + i``, on CPU and CUDA alike. ``seed=None`` draws one from torch's
-    global generator. With ``return_noise=True`` returns ``(out, idct2(zb))``.
+    global generator, once per call: inside a CUDA graph capture it would be replayed, so
+    there it is refused (a given seed is replayed too: pass ``noise`` for fresh noise per
+    replay). With ``return_noise=True`` returns ``(out, idct2(zb))``.
     """
     _check_data("x", x)
     _check_map("a", a, x)
@@ -609,6 +611,11 @@ def spectral(x: Tensor, a: Tensor, x2: Optional[Tensor] = None, a2: Optional[Ten
         if g is None and not return_noise:
             raise ValueError("noise: given but unused (pass g and/or return_noise=True)")
     generates = noise is None and (g is not None or return_noise)
+    if seed is None and generates and x.device.type == "cuda" \
+            and torch.cuda.is_current_stream_capturing():
+        raise ValueError("seed: None inside a CUDA graph capture draws one seed now, which "
+                         "every replay repeats (the same noise each time); pass noise "
+                         "(e.g. torch.randn_like(x), which replays advance), or a seed")
     if seed is None:      # drawn only when noise is made: no host sync otherwise
         # in range by construction: unchecked, for torch.compile (a data-dependent value)
         seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if generates else 0

@@ -446,6 +446,23 @@ def test_plane_kernel_first_call_inside_cuda_graph_capture():
     assert torch.equal(out, want) and torch.equal(eps, want_e)
 
 
+def test_drawn_seed_is_refused_inside_a_cuda_graph_capture():
+    # seed=None draws a host seed at capture time; every replay would repeat its noise.
+    x, a, g = _rand(2, 3, 64, 64).cuda(), torch.rand(2, 1, 64, 64).cuda(), torch.rand(64, 64).cuda()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match="seed: None inside a CUDA graph capture"):
+        with torch.cuda.graph(graph):
+            bf.spectral(x, a, g=g)
+    torch.cuda.synchronize()
+    eps = torch.randn_like(x)        # given noise, and no noise at all, capture as before
+    with torch.cuda.graph(graph):
+        out = bf.spectral(x, a, eps, g)
+        y = bf.spectral(x, a)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, bf.spectral(x, a, eps, g)) and torch.equal(y, bf.spectral(x, a))
+
+
 def test_plane_kernel_buffer_counts_in_any_order():
     # One kernel serves two- and three-buffer calls with different shared memory sizes;
     # alternating them must keep working (its shared-memory limit covers the larger).
