@@ -72,8 +72,8 @@ BF_HD void load_quad(const C* p, C v[4], int n, bool vec) {
     return;
   }
 #else
-  (void)vec;
   plane::emu_check(p, n * sizeof(C), false);
+  if (vec) plane::emu_check_aligned(p, 16);
 #endif
   BF_UNROLL for (int q = 0; q < 4; ++q) v[q] = q < n ? p[q] : C(0);
 }
@@ -91,8 +91,8 @@ BF_HD void store_quad(C* p, const C v[4], int n, bool vec) {
     return;
   }
 #else
-  (void)vec;
   plane::emu_check(p, n * sizeof(C), true);
+  if (vec) plane::emu_check_aligned(p, 16);
 #endif
   BF_UNROLL for (int q = 0; q < 4; ++q)
     if (q < n) p[q] = v[q];

@@ -8,8 +8,8 @@
 //   __floats2bfloat162_rn; overflow rounds to infinity. A NaN becomes 0x7fff, the
 //   canonical NaN the CUDA conversion gives (sign and payload dropped).
 // - Every access goes through emu_check with its true size: 8 bytes for four elements,
-//   2 for one. What the emulator cannot show is the GPU's 8-byte vector access itself
-//   (its alignment): these read and write element by element.
+//   2 for one; four elements also through emu_check_aligned (the GPU's 8-byte vector
+//   access needs an 8-byte address). They read and write element by element.
 //
 // Host only: emulate.cpp is the one file that includes it.
 #pragma once
@@ -48,11 +48,13 @@ inline EmuBf16 float_to_bf16_rn(float f) {
 
 template <> inline void load4<EmuBf16>(const EmuBf16* p, float v[4]) {
   emu_check(p, 4 * sizeof(EmuBf16), false);
+  emu_check_aligned(p, 4 * sizeof(EmuBf16));
   for (int q = 0; q < 4; ++q) v[q] = bf16_to_float(p[q]);
 }
 
 template <> inline void store4<EmuBf16>(EmuBf16* p, const float v[4]) {
   emu_check(p, 4 * sizeof(EmuBf16), true);
+  emu_check_aligned(p, 4 * sizeof(EmuBf16));
   for (int q = 0; q < 4; ++q) p[q] = float_to_bf16_rn(v[q]);
 }
 

@@ -81,6 +81,17 @@ inline void emu_check(const void* p, size_t bytes, bool write) {
       throw std::out_of_range(std::string("emulated kernel: write to ") + home->name +
                               " also writes " + r.name + " (the buffers overlap)");
 }
+
+// A vector access on the GPU needs an address that is a multiple of its size (a float4
+// at 16 bytes, four 16-bit values at 8), or the kernel faults; the emulator's are
+// memcpy, so it checks that here (the dispatch's fallbacks to the element-wise kernels
+// keep misaligned calls away from the programs).
+inline void emu_check_aligned(const void* p, size_t bytes) {
+  if (emu_memory && reinterpret_cast<uintptr_t>(p) % bytes != 0)
+    throw std::out_of_range("emulated kernel: a " + std::to_string(bytes) +
+                            "-byte vector access at an address that is not a multiple of " +
+                            std::to_string(bytes));
+}
 #endif
 
 BF_HD void ld4(const float* p, float v[4]) {
@@ -89,6 +100,7 @@ BF_HD void ld4(const float* p, float v[4]) {
   v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
 #else
   emu_check(p, 4 * sizeof(float), false);
+  emu_check_aligned(p, 4 * sizeof(float));
   std::memcpy(v, p, 4 * sizeof(float));
 #endif
 }
@@ -98,6 +110,7 @@ BF_HD void st4(float* p, const float v[4]) {
   *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
 #else
   emu_check(p, 4 * sizeof(float), true);
+  emu_check_aligned(p, 4 * sizeof(float));
   std::memcpy(p, v, 4 * sizeof(float));
 #endif
 }

@@ -256,6 +256,31 @@ def test_prefetch_of_the_next_plane_group(n, split, fast):
                               torch_spectral(x, a, g=g, zb=zb))
 
 
+def test_emulator_refuses_vector_access_at_a_misaligned_address():
+    # On the GPU a float4 access at an address that is not a multiple of 16 bytes faults;
+    # the dispatch sends such calls to the element-wise kernels. The emulator's accesses
+    # are memcpy, so it checks the alignment itself: an input or output one float into its
+    # storage (every access then 4 bytes off) throws, for the plane program and the combine.
+    buf = _rand(2 * 32 * 32 + 1)
+    x, x_off = buf[:-1].view(2, 32, 32), buf[1:].view(2, 32, 32)
+    emulate_dct(x_off.clone(), False)                 # its aligned copy runs
+    with pytest.raises(IndexError, match="16-byte vector access at an address"):
+        emulate_dct(x_off, False)
+    out = torch.empty(2 * 32 * 32 + 1)[1:]
+    with pytest.raises(IndexError, match="16-byte vector access at an address"):
+        _C.plane_emulate(2, 32, 32, DTYPE_CODES[torch.float32], x.data_ptr(), 0, None, None,
+                         None, 0, 0, 0, out.data_ptr(), 0, DCT2, 2, False, 1, False, False)
+    a = torch.ones(32, 32)
+    f1 = buf[1:].view(2, 32, 32)
+    args, keep = spectral_kernel_args(f1, a, None, None, None, None, 0, 0, f1, None)
+    _C.combine_emulate(*args)            # misaligned: the combine's element-wise path
+    f1 = torch.empty(2 * 32 * 32 + 4)[4:].view(2, 32, 32).copy_(x)
+    args, keep = spectral_kernel_args(f1, 2 * a, None, None, None, None, 0, 0, f1, None)
+    _C.combine_emulate(*args)            # aligned: its quads
+    assert torch.equal(f1, 2 * x)
+    del keep
+
+
 def test_emulator_rejects_unsupported_calls():
     x = torch.zeros(1, 48, 48)
     with pytest.raises(ValueError, match="32, 64 or 128"):
