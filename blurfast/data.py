@@ -32,7 +32,8 @@ from .fileio import atomic_path, check_writable, leftover_temporaries
 
 __all__ = ["IMAGE_EXTENSIONS", "ARCHIVE_SUFFIXES", "ImageArchive", "RESIZE_MODES", "DEFAULT_RESIZE", "PIXEL_RANGES", "ImageFolder",
            "LSUNLmdb", "PreparedArray", "open_dataset", "prepare", "to_float", "PrepareReport",
-           "UnreadableImage", "WorkerDied", "data_range", "to_unit_range", "check_resize"]
+           "UnreadableImage", "WorkerDied", "data_range", "to_unit_range", "check_resize",
+           "decode", "decode_array"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 RESIZE_MODES = ("squash", "center-crop")
@@ -108,15 +109,37 @@ def decode(data: bytes, resolution: int, resize: str, channels: int = 3) -> np.n
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
-        im = opaque(eight_bit(upright(im))).convert("RGB" if channels == 3 else "L")
-        if resize == "center-crop":
-            w, h = im.size
-            s = min(w, h)
-            left, top = (w - s) // 2, (h - s) // 2
-            im = im.crop((left, top, left + s, top + s))
-        if im.size != (resolution, resolution):
-            im = im.resize((resolution, resolution), Image.BICUBIC)
-        a = np.asarray(im, dtype=np.uint8)
+        return _conform(opaque(eight_bit(upright(im))), resolution, resize, channels)
+
+
+def decode_array(a: np.ndarray, resolution: int, resize: str, channels: int = 3) -> np.ndarray:
+    """A uint8 (H, W, 1 or 3) image array -> uint8 (resolution, resolution, channels), as
+    :func:`decode` reads the same pixels from a file (its resize and channel conversion);
+    ValueError naming ``a`` for another dtype or shape."""
+    if not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.ndim != 3 \
+            or a.shape[2] not in (1, 3):
+        raise ValueError(f"a: expected a uint8 array (H, W, 1 or 3), got "
+                         f"{getattr(a, 'dtype', type(a).__name__)} "
+                         f"{tuple(getattr(a, 'shape', ()))}")
+    from PIL import Image
+    return _conform(Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a), resolution,
+                    resize, channels)
+
+
+def _conform(im, resolution: int, resize: str, channels: int) -> np.ndarray:
+    """A Pillow image (8-bit, opaque) -> uint8 (resolution, resolution, channels): the
+    :func:`decode` conversion, resize and crop."""
+    from PIL import Image
+
+    im = im.convert("RGB" if channels == 3 else "L")
+    if resize == "center-crop":
+        w, h = im.size
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        im = im.crop((left, top, left + s, top + s))
+    if im.size != (resolution, resolution):
+        im = im.resize((resolution, resolution), Image.BICUBIC)
+    a = np.asarray(im, dtype=np.uint8)
     return a[:, :, None] if a.ndim == 2 else a
 
 
@@ -239,8 +262,8 @@ class ImageFolder(_Decoded):
 
 class ImageArrays(_Decoded):
     """uint8 (H, W, 1 or 3) images held in memory (a `blurfast sample` run's), read as a
-    folder's files are: encoded losslessly as PNG, then :func:`decode` at ``resolution``
-    and ``channels`` (None: the first image's)."""
+    folder's files are (:func:`decode_array`) at ``resolution`` and ``channels`` (None:
+    the first image's)."""
 
     def __init__(self, images, resolution: Optional[int] = None,
                  resize: str = DEFAULT_RESIZE, channels: Optional[int] = None):
@@ -253,12 +276,8 @@ class ImageArrays(_Decoded):
     def __len__(self):
         return len(self.images)
 
-    def raw(self, i):
-        from PIL import Image
-        a = self.images[i]
-        buf = io.BytesIO()
-        Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a).save(buf, format="PNG")
-        return buf.getvalue()
+    def __getitem__(self, i: int) -> np.ndarray:
+        return decode_array(self.images[i], self.resolution, self.resize, self.channels)
 
     def name(self, i):
         return f"image {i}"

@@ -63,6 +63,34 @@ def test_decode_resamples_as_pillows_bicubic(channels):
                                       pil(crop, r))
 
 
+def test_image_arrays_read_the_arrays_pixels_without_encoding_them(monkeypatch):
+    # `blurfast draw --data` on a sample run: the in-memory images are resized from their
+    # own pixels (no PNG written and read back). At the image's own short side nothing
+    # is resampled: the central square to the bit, and to_float's [-1, 1] of it is
+    # pixel / 127.5 - 1.
+    def no_encoding(*a, **k):
+        raise AssertionError("an in-memory image was encoded")
+    monkeypatch.setattr(Image.Image, "save", no_encoding)
+    rng = np.random.default_rng(7)
+    rgb = rng.integers(0, 256, (20, 13, 3), dtype=np.uint8)
+    gray = rng.integers(0, 256, (20, 13, 1), dtype=np.uint8)
+    ds = D.ImageArrays([rgb, gray], 13, "center-crop", None)
+    assert ds.channels == 3
+    np.testing.assert_array_equal(ds[0], rgb[3:16])
+    x = D.to_float(ds.__getitems__([0]))
+    want = rgb[3:16].transpose(2, 0, 1).astype(np.float64) / 127.5 - 1
+    np.testing.assert_allclose(x[0].numpy(), want, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(D.ImageArrays([gray], 13, "center-crop")[0], gray[3:16])
+    # resampled, an array reads as the same pixels in an image file do
+    monkeypatch.undo()
+    for resize in ("squash", "center-crop"):
+        for c in (1, 3):
+            np.testing.assert_array_equal(D.ImageArrays([rgb], 8, resize, c)[0],
+                                          D.decode(_png(rgb), 8, resize, c))
+    with pytest.raises(ValueError, match=r"^a: expected a uint8 array"):
+        D.decode_array(rgb.astype(np.float32), 8, "squash")
+
+
 def test_center_crop_of_a_wide_image_takes_its_central_columns():
     # A wide image is cut in its columns. With an odd margin the left one is rounded down:
     # 20 wide, 13 high, the central square is columns (20 - 13) // 2 = 3 to 15 (the wide
