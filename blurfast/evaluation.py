@@ -460,6 +460,9 @@ def _reference_statistics(ref, resolution, resize, n, extractor, device, batch_s
     None)."""
     check_resize(resize)
     batch_size = check_int("batch_size", batch_size, 1)
+    # Python ints: they go into the cache key's JSON
+    resolution = check_int("resolution", resolution, none_ok=True)
+    channels = check_int("channels", channels, 1, 3, none_ok=True)
     p = Path(ref)
     run = sample_run(p)
     if p.is_file() and p.suffix == ".npz" and run is None:
@@ -556,6 +559,8 @@ def fid(samples, ref, n: Optional[int] = 10_000, resolution: Optional[int] = Non
     InceptionV3): its covariance is then singular and the FID biased high."""
     n = check_int("n", n, 2, none_ok=True)
     batch_size = check_int("batch_size", batch_size, 1)
+    resolution = check_int("resolution", resolution, none_ok=True)
+    channels = check_int("channels", channels, 1, 3, none_ok=True)
     check_resize(resize)
     device = check_device("device", device)
     if save_stats is not None:
