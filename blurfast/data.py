@@ -10,6 +10,8 @@ which :class:`PreparedArray` memory-maps: an epoch then costs no image decoding.
 from __future__ import annotations
 
 import io
+import json
+import math
 import multiprocessing
 import os
 import posixpath
@@ -28,12 +30,12 @@ import numpy as np
 import torch
 
 from .checks import check_bool, check_int, is_int
-from .fileio import atomic_path, check_writable, leftover_temporaries
+from .fileio import atomic_path, check_writable, leftover_temporaries, write_text
 
 __all__ = ["IMAGE_EXTENSIONS", "ARCHIVE_SUFFIXES", "ImageArchive", "RESIZE_MODES", "DEFAULT_RESIZE", "PIXEL_RANGES", "ImageFolder",
            "LSUNLmdb", "PreparedArray", "open_dataset", "prepare", "to_float", "PrepareReport",
            "UnreadableImage", "WorkerDied", "data_range", "to_unit_range", "check_resize",
-           "decode", "decode_array"]
+           "decode", "decode_array", "prepared_meta_path"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 RESIZE_MODES = ("squash", "center-crop")
@@ -550,9 +552,31 @@ class LSUNLmdb(_Decoded):
         return f"{self.path}:{self.keys[i].decode(errors='replace')}"
 
 
+def prepared_meta_path(path) -> Path:
+    """Where :func:`prepare` records how it made the array at ``path``: ``OUT.npy.json``."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def _prepared_resize(path, shape) -> Optional[str]:
+    """The resize mode :func:`prepare` recorded for the array at ``path`` of ``shape``;
+    None where nothing is recorded (an array of an older blurfast, or of another program),
+    or the record is unreadable or of another shape (not this array's)."""
+    try:
+        meta = json.loads(prepared_meta_path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("shape") != list(shape) \
+            or meta.get("resize") not in RESIZE_MODES:
+        return None
+    return meta["resize"]
+
+
 class PreparedArray(torch.utils.data.Dataset):
     """A ``.npy`` uint8 array (N, H, W, C) written by :func:`prepare`, memory-mapped
-    (opened lazily in each process, so DataLoader workers share the page cache)."""
+    (opened lazily in each process, so DataLoader workers share the page cache).
+    ``resize``: the mode it was prepared with (:func:`prepared_meta_path`), None where
+    that is not recorded."""
 
     def __init__(self, path, *, arg: str = "path"):
         # arg: the argument its errors name (a caller's own, e.g. "data (--data)")
@@ -575,6 +599,7 @@ class PreparedArray(torch.utils.data.Dataset):
             raise ValueError(f"{arg}: expected a non-empty uint8 array (N, R, R, 1 or 3), got "
                              f"{a.dtype} {a.shape} in {self.path!r}")
         self.length, self.resolution, _, self.channels = a.shape
+        self.resize = _prepared_resize(path, a.shape)
         self._a, self._pid = a, os.getpid()
 
     def array(self) -> np.ndarray:
@@ -806,6 +831,22 @@ def _shrink_npy(path: Path, n_alloc: int, n: int, shape) -> None:
         f.truncate(old + n * int(np.prod(shape)))
 
 
+def _check_space(out: Path, n: int, shape) -> None:
+    """ValueError naming ``out`` unless its filesystem has room for the .npy array of ``n``
+    images of ``shape``: the header and the pixels (a memory-mapped write to a full disk
+    would end the process with SIGBUS)."""
+    import shutil
+    need = len(_npy_header((n,) + shape)) + n * math.prod(shape)
+    folder = out.absolute().parent
+    while not folder.exists():            # atomic_path makes the missing folders
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise ValueError(f"out: {str(out)!r} needs {need} bytes ({n} images of "
+                         f"{'x'.join(map(str, shape))}), and its filesystem has {free} bytes "
+                         f"free")
+
+
 def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channels: int = 3,
             workers: Optional[int] = None, progress: bool = True, max_reported: int = 20,
             limit: Optional[int] = None, overwrite: bool = False,
@@ -858,6 +899,7 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
                                                  match=match))
     n_alloc = len(source) if limit is None else min(limit, len(source))
     shape = (resolution, resolution, channels)
+    _check_space(out, n_alloc, shape)
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     bad: List[str] = []
     skipped = written = 0
@@ -923,9 +965,14 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
             del arr
             if written < n_alloc:
                 _shrink_npy(tmp, n_alloc, written, shape)
+            # the old array's record goes before the new array takes its name
+            prepared_meta_path(out).unlink(missing_ok=True)
         finally:
             if bar is not None:
                 bar.close()
+    write_text(prepared_meta_path(out), json.dumps(
+        {"made_by": "blurfast prepare", "shape": [written, *shape], "resolution": resolution,
+         "channels": channels, "resize": resize}, indent=1) + "\n")
     if skipped:
         first = f"; first: {bad[0]}" if bad else ""      # none kept with max_reported=0
         warnings.warn(f"prepare: skipped {skipped} unreadable image(s) of {n_alloc}{first}",

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -2520,6 +2521,20 @@ def test_prepare_lsun_script_keeps_prepared_arrays(tmp_path):
     assert (tmp_path / "calls").read_text().splitlines() == [
         f"prepare {src} {out} --resolution 64 --resize squash",
         f"prepare {src} {out} --resolution 64 --resize squash --overwrite"]
+
+
+def test_a_run_on_an_array_prepared_with_another_resize_warns(tmp_path):
+    # Its --fid-ref and `blurfast draw` read folders with the run's resize: a run on a
+    # squashed array with the default center-crop would compare other crops.
+    data = tmp_path / "sq.npy"
+    D.prepare(made_photos(tmp_path / "src", 8), data, resolution=16, resize="squash",
+              workers=0, progress=False)
+    with pytest.warns(UserWarning, match=rf"^resize: {re.escape(str(data))} was prepared with "
+                                         rf"--resize squash, this run has center-crop"):
+        training.train(data=str(data), out=str(tmp_path / "a"), steps=1, **KW)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="resize: ")
+        training.train(data=str(data), out=str(tmp_path / "b"), steps=1, resize="squash", **KW)
 
 
 # ------------------------------------------------------------------------ arguments
