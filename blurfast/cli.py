@@ -13,7 +13,10 @@ from pathlib import Path
 def _info(args) -> int:
     """Prints :func:`_print_info`'s lines. Under torchrun each rank prints them, and the
     device it trains and samples on, each line after its rank (``rank 1: ...``): ranks on
-    other machines may see other GPUs and builds."""
+    other machines may see other GPUs and builds. ``blurfast info DATA``: a prepared
+    array instead (:func:`_info_data`)."""
+    if args.data is not None:
+        return _info_data(args.data)
     import contextlib
     import io
 
@@ -86,6 +89,16 @@ def _print_info() -> None:
     for op in ("dct2", "idct2", "spectral", "gaussian_blur"):
         where = ", ".join(f"{d}: {backend_for(d)}" for d in devices)
         print(f"op {op:<14} {where}")
+
+
+def _info_data(path) -> int:
+    """``blurfast info DATA``: a prepared array's shape and resize mode."""
+    from .data import PreparedArray
+    ds = PreparedArray(path, arg="DATA")
+    how = ds.resize or "not recorded (prepared by an older blurfast, or not by prepare)"
+    print(f"{path}: prepared array of {ds.length} images, {ds.resolution}x{ds.resolution}, "
+          f"{ds.channels} channel{'s' if ds.channels != 1 else ''}, resize {how}")
+    return 0
 
 
 def _add_fid(sub) -> None:
@@ -364,7 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="blurfast", description="Blur diffusion toolkit.")
     p.add_argument("--version", action="version", version=f"blurfast {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    s = sub.add_parser("info", help="version, compiled kernels, GPUs and the backend of each op")
+    s = sub.add_parser("info", help="version, compiled kernels, GPUs and the backend of each "
+                                    "op; or, given DATA, what a prepared array holds")
+    s.add_argument("data", nargs="?", default=None, metavar="DATA",
+                   help="a prepared .npy array: its image count, size, channels and the "
+                        "--resize it was prepared with")
     s.set_defaults(func=_info)
     from . import cli_train
     cli_train.register(sub)

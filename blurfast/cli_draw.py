@@ -257,8 +257,8 @@ def _process(args) -> int:
             raise ValueError("--data: required without --ckpt (or give --ckpt RUN_DIR)")
         data = args.data
         # a prepared array or a `blurfast sample` run knows its own size
-        from .evaluation import _sample_run
-        own = Path(data).is_file() or (Path(data).is_dir() and _sample_run(Path(data)))
+        from .evaluation import sample_run
+        own = Path(data).is_file() or (Path(data).is_dir() and sample_run(Path(data)))
         ds = _open_data(data, resolution=given.get("resolution", None if own else 64),
                         resize=given.get("resize", DEFAULT_RESIZE),
                         channels=given.get("channels", None if own else 3))
@@ -285,9 +285,9 @@ def _open_data(data, resolution, resize: str, channels):
     (evaluation.load_images: never its contact sheet; an unfinished run is refused), at
     ``resolution`` and ``channels`` (None: their own)."""
     from .data import ImageArrays, open_dataset
-    from .evaluation import _sample_run, load_images
+    from .evaluation import load_images, sample_run
     p = Path(data)
-    if not p.exists() or _sample_run(p) is None:
+    if not p.exists() or sample_run(p) is None:
         return open_dataset(data, resolution=resolution, resize=resize, channels=channels,
                             arg="--data")
     try:

@@ -624,8 +624,8 @@ def _prepare_main(args) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
-    print(f"wrote {r['path']}: {r['written']} images of shape {r['shape'][1:]}, "
-          f"{r['skipped']} unreadable skipped")
+    print(f"wrote {r['path']}: {r['written']} images of shape {r['shape'][1:]} "
+          f"(--resize {args.resize}), {r['skipped']} unreadable skipped")
     for line in r["bad"]:
         print(f"  unreadable: {line}")
     return 0

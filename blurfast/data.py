@@ -10,6 +10,8 @@ which :class:`PreparedArray` memory-maps: an epoch then costs no image decoding.
 from __future__ import annotations
 
 import io
+import json
+import math
 import multiprocessing
 import os
 import posixpath
@@ -28,11 +30,12 @@ import numpy as np
 import torch
 
 from .checks import check_bool, check_int, is_int
-from .fileio import atomic_path, check_writable, leftover_temporaries
+from .fileio import atomic_path, check_writable, leftover_temporaries, write_text
 
 __all__ = ["IMAGE_EXTENSIONS", "ARCHIVE_SUFFIXES", "ImageArchive", "RESIZE_MODES", "DEFAULT_RESIZE", "PIXEL_RANGES", "ImageFolder",
            "LSUNLmdb", "PreparedArray", "open_dataset", "prepare", "to_float", "PrepareReport",
-           "UnreadableImage", "WorkerDied", "data_range", "to_unit_range", "check_resize"]
+           "UnreadableImage", "WorkerDied", "data_range", "to_unit_range", "check_resize",
+           "decode", "decode_array", "prepared_meta_path"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 RESIZE_MODES = ("squash", "center-crop")
@@ -108,15 +111,37 @@ def decode(data: bytes, resolution: int, resize: str, channels: int = 3) -> np.n
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
-        im = opaque(eight_bit(upright(im))).convert("RGB" if channels == 3 else "L")
-        if resize == "center-crop":
-            w, h = im.size
-            s = min(w, h)
-            left, top = (w - s) // 2, (h - s) // 2
-            im = im.crop((left, top, left + s, top + s))
-        if im.size != (resolution, resolution):
-            im = im.resize((resolution, resolution), Image.BICUBIC)
-        a = np.asarray(im, dtype=np.uint8)
+        return _conform(opaque(eight_bit(upright(im))), resolution, resize, channels)
+
+
+def decode_array(a: np.ndarray, resolution: int, resize: str, channels: int = 3) -> np.ndarray:
+    """A uint8 (H, W, 1 or 3) image array -> uint8 (resolution, resolution, channels), as
+    :func:`decode` reads the same pixels from a file (its resize and channel conversion);
+    ValueError naming ``a`` for another dtype or shape."""
+    if not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.ndim != 3 \
+            or a.shape[2] not in (1, 3):
+        raise ValueError(f"a: expected a uint8 array (H, W, 1 or 3), got "
+                         f"{getattr(a, 'dtype', type(a).__name__)} "
+                         f"{tuple(getattr(a, 'shape', ()))}")
+    from PIL import Image
+    return _conform(Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a), resolution,
+                    resize, channels)
+
+
+def _conform(im, resolution: int, resize: str, channels: int) -> np.ndarray:
+    """A Pillow image (8-bit, opaque) -> uint8 (resolution, resolution, channels): the
+    :func:`decode` conversion, resize and crop."""
+    from PIL import Image
+
+    im = im.convert("RGB" if channels == 3 else "L")
+    if resize == "center-crop":
+        w, h = im.size
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        im = im.crop((left, top, left + s, top + s))
+    if im.size != (resolution, resolution):
+        im = im.resize((resolution, resolution), Image.BICUBIC)
+    a = np.asarray(im, dtype=np.uint8)
     return a[:, :, None] if a.ndim == 2 else a
 
 
@@ -239,8 +264,8 @@ class ImageFolder(_Decoded):
 
 class ImageArrays(_Decoded):
     """uint8 (H, W, 1 or 3) images held in memory (a `blurfast sample` run's), read as a
-    folder's files are: encoded losslessly as PNG, then :func:`decode` at ``resolution``
-    and ``channels`` (None: the first image's)."""
+    folder's files are (:func:`decode_array`) at ``resolution`` and ``channels`` (None:
+    the first image's)."""
 
     def __init__(self, images, resolution: Optional[int] = None,
                  resize: str = DEFAULT_RESIZE, channels: Optional[int] = None):
@@ -253,12 +278,8 @@ class ImageArrays(_Decoded):
     def __len__(self):
         return len(self.images)
 
-    def raw(self, i):
-        from PIL import Image
-        a = self.images[i]
-        buf = io.BytesIO()
-        Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a).save(buf, format="PNG")
-        return buf.getvalue()
+    def __getitem__(self, i: int) -> np.ndarray:
+        return decode_array(self.images[i], self.resolution, self.resize, self.channels)
 
     def name(self, i):
         return f"image {i}"
@@ -531,9 +552,31 @@ class LSUNLmdb(_Decoded):
         return f"{self.path}:{self.keys[i].decode(errors='replace')}"
 
 
+def prepared_meta_path(path) -> Path:
+    """Where :func:`prepare` records how it made the array at ``path``: ``OUT.npy.json``."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def _prepared_resize(path, shape) -> Optional[str]:
+    """The resize mode :func:`prepare` recorded for the array at ``path`` of ``shape``;
+    None where nothing is recorded (an array of an older blurfast, or of another program),
+    or the record is unreadable or of another shape (not this array's)."""
+    try:
+        meta = json.loads(prepared_meta_path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("shape") != list(shape) \
+            or meta.get("resize") not in RESIZE_MODES:
+        return None
+    return meta["resize"]
+
+
 class PreparedArray(torch.utils.data.Dataset):
     """A ``.npy`` uint8 array (N, H, W, C) written by :func:`prepare`, memory-mapped
-    (opened lazily in each process, so DataLoader workers share the page cache)."""
+    (opened lazily in each process, so DataLoader workers share the page cache).
+    ``resize``: the mode it was prepared with (:func:`prepared_meta_path`), None where
+    that is not recorded."""
 
     def __init__(self, path, *, arg: str = "path"):
         # arg: the argument its errors name (a caller's own, e.g. "data (--data)")
@@ -556,6 +599,7 @@ class PreparedArray(torch.utils.data.Dataset):
             raise ValueError(f"{arg}: expected a non-empty uint8 array (N, R, R, 1 or 3), got "
                              f"{a.dtype} {a.shape} in {self.path!r}")
         self.length, self.resolution, _, self.channels = a.shape
+        self.resize = _prepared_resize(path, a.shape)
         self._a, self._pid = a, os.getpid()
 
     def array(self) -> np.ndarray:
@@ -787,6 +831,22 @@ def _shrink_npy(path: Path, n_alloc: int, n: int, shape) -> None:
         f.truncate(old + n * int(np.prod(shape)))
 
 
+def _check_space(out: Path, n: int, shape) -> None:
+    """ValueError naming ``out`` unless its filesystem has room for the .npy array of ``n``
+    images of ``shape``: the header and the pixels (a memory-mapped write to a full disk
+    would end the process with SIGBUS)."""
+    import shutil
+    need = len(_npy_header((n,) + shape)) + n * math.prod(shape)
+    folder = out.absolute().parent
+    while not folder.exists():            # atomic_path makes the missing folders
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise ValueError(f"out: {str(out)!r} needs {need} bytes ({n} images of "
+                         f"{'x'.join(map(str, shape))}), and its filesystem has {free} bytes "
+                         f"free")
+
+
 def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channels: int = 3,
             workers: Optional[int] = None, progress: bool = True, max_reported: int = 20,
             limit: Optional[int] = None, overwrite: bool = False,
@@ -839,6 +899,7 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
                                                  match=match))
     n_alloc = len(source) if limit is None else min(limit, len(source))
     shape = (resolution, resolution, channels)
+    _check_space(out, n_alloc, shape)
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     bad: List[str] = []
     skipped = written = 0
@@ -904,9 +965,14 @@ def prepare(src, out, resolution: int = 64, resize: str = DEFAULT_RESIZE, channe
             del arr
             if written < n_alloc:
                 _shrink_npy(tmp, n_alloc, written, shape)
+            # the old array's record goes before the new array takes its name
+            prepared_meta_path(out).unlink(missing_ok=True)
         finally:
             if bar is not None:
                 bar.close()
+    write_text(prepared_meta_path(out), json.dumps(
+        {"made_by": "blurfast prepare", "shape": [written, *shape], "resolution": resolution,
+         "channels": channels, "resize": resize}, indent=1) + "\n")
     if skipped:
         first = f"; first: {bad[0]}" if bad else ""      # none kept with max_reported=0
         warnings.warn(f"prepare: skipped {skipped} unreadable image(s) of {n_alloc}{first}",

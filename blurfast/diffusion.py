@@ -214,7 +214,7 @@ class BlurDiffusion:
         if not isinstance(got, tuple) or len(got) != 4 or got[1:] != self.shape:
             raise ValueError(f"shape: expected (B, {self.channels}, {self.H}, {self.W}), "
                              f"got {got!r}")
-        check_int("shape[0]", got[0], 0)
+        got = (check_int("shape[0]", got[0], 0),) + got[1:]
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
         seed = check_int("seed", seed, 0)

@@ -29,7 +29,8 @@ from .fileio import check_writable, save_npz
 __all__ = ["INCEPTION_FILE", "default_inception_path", "inception_extractor", "features",
            "statistics", "save_statistics", "frechet_distance", "gaussian_frechet_distance",
            "kernel_distance",
-           "check_reference", "reference_statistics", "fid", "FidValue", "load_images"]
+           "check_reference", "reference_statistics", "fid", "FidValue", "load_images",
+           "sample_run"]
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 
@@ -109,7 +110,7 @@ def load_images(path, n: Optional[int] = None) -> Iterable[np.ndarray]:
     refused."""
     from .generate import NPZ_NAME, SHEET_NAME
     p = Path(path)
-    run = _sample_run(p)
+    run = sample_run(p)
     folder = p if p.is_dir() else p.parent
     files = None
     if run is not None:
@@ -331,10 +332,13 @@ def _fingerprint(p: Path) -> str:
     return h.hexdigest()
 
 
-def _sample_run(p: Path) -> Optional[dict]:
-    """The manifest of the `blurfast sample` output that ``p`` is (its folder, or the
-    samples.npz its last run wrote), else None."""
+def sample_run(p) -> Optional[dict]:
+    """The manifest (``generate.read_manifest``) of the `blurfast sample` output that
+    ``p`` (a path) is: its folder, or the samples.npz its last run wrote; else None (also
+    for a samples.npz beside a run that wrote PNGs). Readers of samples (fid,
+    ``blurfast draw --data``) use it to read a run as its manifest says."""
     from .generate import NPZ_NAME, read_manifest
+    p = Path(p)
     folder = p if p.is_dir() else p.parent if p.name == NPZ_NAME else None
     run = read_manifest(folder) if folder is not None else None
     if run is not None and p.is_file() and run["format"] != "npz":
@@ -360,7 +364,7 @@ def check_reference(ref, resolution: int, channels: Optional[int] = None,
     p = Path(ref)
     if not p.exists():
         raise ValueError(f"{name}: {str(ref)!r} does not exist")
-    run = _sample_run(p)
+    run = sample_run(p)
     if kid and p.is_file() and p.suffix == ".npz" and run is None:
         if _read_statistics_named(p, name, features=True)[3] is None:
             raise ValueError(f"{name}: {p} holds statistics without features, and KID needs "
@@ -456,8 +460,11 @@ def _reference_statistics(ref, resolution, resize, n, extractor, device, batch_s
     None)."""
     check_resize(resize)
     batch_size = check_int("batch_size", batch_size, 1)
+    # Python ints: they go into the cache key's JSON
+    resolution = check_int("resolution", resolution, none_ok=True)
+    channels = check_int("channels", channels, 1, 3, none_ok=True)
     p = Path(ref)
-    run = _sample_run(p)
+    run = sample_run(p)
     if p.is_file() and p.suffix == ".npz" and run is None:
         if want_features:
             check_reference(p, resolution, name="ref", kid=True)
@@ -552,6 +559,8 @@ def fid(samples, ref, n: Optional[int] = 10_000, resolution: Optional[int] = Non
     InceptionV3): its covariance is then singular and the FID biased high."""
     n = check_int("n", n, 2, none_ok=True)
     batch_size = check_int("batch_size", batch_size, 1)
+    resolution = check_int("resolution", resolution, none_ok=True)
+    channels = check_int("channels", channels, 1, 3, none_ok=True)
     check_resize(resize)
     device = check_device("device", device)
     if save_stats is not None:
@@ -621,7 +630,7 @@ class FidMonitor:
         check_reference(ref, resolution, channels, name="fid_ref")
         # KID too where the reference gives features (all but a STATS .npz without them)
         p = Path(ref)
-        self.kid = not (p.is_file() and p.suffix == ".npz" and _sample_run(p) is None
+        self.kid = not (p.is_file() and p.suffix == ".npz" and sample_run(p) is None
                         and _read_statistics_named(p, "fid_ref", features=True)[3] is None)
         self.steps, self.sampler, self.batch, self.device = steps, sampler, batch, device
         self.pixel_range = pixel_range

@@ -242,7 +242,7 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
         out = Path(out)
         manifest = {"made_by": MADE_BY, "complete": False, "format": fmt, "n": n, "seed": seed,
                     "sampler": sampler, "steps": len(seq),
-                    "spacing": spacing if isinstance(spacing, str) else [int(s) for s in spacing],
+                    "spacing": spacing if isinstance(spacing, str) else seq,
                     "eta": float(eta) if isinstance(eta, numbers.Real) else [float(e) for e in eta],
                     "ema": ema if path.is_dir() else None,    # a file: loaded as it is
                     "clip": clip, "precision": precision,

@@ -23,7 +23,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 from . import ops
-from .checks import check_int, check_number
+from .checks import check_int, check_number, is_int
 from .diffusion import BlurDiffusion
 
 __all__ = ["sample", "variations", "clip_x0", "timesteps", "reverse_sde", "ancestral", "ddim",
@@ -75,16 +75,7 @@ def timesteps(diff: BlurDiffusion, steps: Optional[int] = None,
                              "the start)")
         start = check_int("start", start, 1, n - 1)
     if not isinstance(spacing, str):
-        try:
-            seq = [int(s) for s in spacing]
-            ok = all(float(s) == int(s) for s in spacing)
-        except (TypeError, ValueError):
-            raise ValueError(f"spacing: expected 'uniform', 'quadratic' or a list of ints, "
-                             f"got {spacing!r}") from None
-        if not ok or not seq or any(not 1 <= s <= n for s in seq) or \
-                any(a <= b for a, b in zip(seq, seq[1:])):
-            raise ValueError(f"spacing: expected strictly decreasing steps in [1, {n}], "
-                             f"got {list(spacing)!r}")
+        seq = _step_list("spacing", spacing, n)
         if steps is not None and steps != len(seq):
             raise ValueError(f"steps: expected None or len(spacing) = {len(seq)}, got {steps!r}")
         return seq
@@ -108,6 +99,26 @@ def timesteps(diff: BlurDiffusion, steps: Optional[int] = None,
         raise ValueError(f"spacing: expected 'uniform', 'quadratic' or a list of ints, "
                          f"got {spacing!r}")
     return seq[::-1]
+
+
+def _step_list(name: str, seq, n: int) -> List[int]:
+    """``seq`` as Python ints: strictly decreasing steps in [1, n], each an int
+    (:func:`~blurfast.checks.is_int`: Python's or numpy's, a bool not), or a 1-D integer
+    tensor of them; else ValueError naming ``name`` (a float such as 5.0 too)."""
+    if isinstance(seq, torch.Tensor):
+        integer = not (seq.dtype.is_floating_point or seq.dtype.is_complex
+                       or seq.dtype == torch.bool)
+        items = seq.tolist() if seq.dim() == 1 and integer else None
+    else:
+        try:
+            items = list(seq)
+        except TypeError:              # not a sequence
+            items = None
+    if items is None or not items or not all(is_int(s) and 1 <= s <= n for s in items) \
+            or any(a <= b for a, b in zip(items, items[1:])):
+        raise ValueError(f"{name}: expected strictly decreasing integer steps in [1, {n}], "
+                         f"got {seq!r}")
+    return [int(s) for s in items]
 
 
 # ----------------------------------------------------------------------------
@@ -179,11 +190,7 @@ def _run(coefs: Callable, model, diff: BlurDiffusion, x: torch.Tensor, steps: Se
     from tqdm.auto import tqdm
 
     diff.check_x(x, "x")
-    steps = list(steps)
-    n = diff.num_steps
-    if not steps or any(not 1 <= int(s) <= n for s in steps) or \
-            any(a <= b for a, b in zip(steps, steps[1:])):
-        raise ValueError(f"timesteps: expected strictly decreasing steps in [1, {n}], got {steps!r}")
+    steps = _step_list("timesteps", steps, diff.num_steps)
     etas = check_eta(desc, eta, steps=len(steps))          # desc: the sampler's name
     if x.numel() >= STEP_OFFSET:
         raise ValueError(f"x: at most {STEP_OFFSET - 1} elements per batch, got {x.numel()}")

@@ -1221,6 +1221,11 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                 "stopped_by": None, "model": net.to(dev), "ema": ema.to(dev)}
     dataset = D.open_dataset(cfg["data"], cfg["resolution"], cfg["resize"], cfg["channels"],
                              progress=main and progress, arg="data (--data)")
+    prepared = dataset.resize if isinstance(dataset, D.PreparedArray) else None
+    if main and prepared not in (None, cfg["resize"]):
+        warnings.warn(f"resize: {cfg['data']} was prepared with --resize {prepared}, this run "
+                      f"has {cfg['resize']}, with which --fid-ref and `blurfast draw` read "
+                      f"folders and lmdb; give --resize {prepared}", stacklevel=2)
 
     if cfg["ema_decay"] is not None:
         ema_beta = cfg["ema_decay"]

@@ -1,8 +1,10 @@
 import io
+import json
 import pickle
 import re
 import warnings
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,6 +63,34 @@ def test_decode_resamples_as_pillows_bicubic(channels):
         crop = Image.fromarray(a[3:16]).convert(mode)
         np.testing.assert_array_equal(D.decode(_png(a), r, "center-crop", channels),
                                       pil(crop, r))
+
+
+def test_image_arrays_read_the_arrays_pixels_without_encoding_them(monkeypatch):
+    # `blurfast draw --data` on a sample run: the in-memory images are resized from their
+    # own pixels (no PNG written and read back). At the image's own short side nothing
+    # is resampled: the central square to the bit, and to_float's [-1, 1] of it is
+    # pixel / 127.5 - 1.
+    def no_encoding(*a, **k):
+        raise AssertionError("an in-memory image was encoded")
+    monkeypatch.setattr(Image.Image, "save", no_encoding)
+    rng = np.random.default_rng(7)
+    rgb = rng.integers(0, 256, (20, 13, 3), dtype=np.uint8)
+    gray = rng.integers(0, 256, (20, 13, 1), dtype=np.uint8)
+    ds = D.ImageArrays([rgb, gray], 13, "center-crop", None)
+    assert ds.channels == 3
+    np.testing.assert_array_equal(ds[0], rgb[3:16])
+    x = D.to_float(ds.__getitems__([0]))
+    want = rgb[3:16].transpose(2, 0, 1).astype(np.float64) / 127.5 - 1
+    np.testing.assert_allclose(x[0].numpy(), want, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(D.ImageArrays([gray], 13, "center-crop")[0], gray[3:16])
+    # resampled, an array reads as the same pixels in an image file do
+    monkeypatch.undo()
+    for resize in ("squash", "center-crop"):
+        for c in (1, 3):
+            np.testing.assert_array_equal(D.ImageArrays([rgb], 8, resize, c)[0],
+                                          D.decode(_png(rgb), 8, resize, c))
+    with pytest.raises(ValueError, match=r"^a: expected a uint8 array"):
+        D.decode_array(rgb.astype(np.float32), 8, "squash")
 
 
 def test_center_crop_of_a_wide_image_takes_its_central_columns():
@@ -243,9 +273,81 @@ def test_prepare_folder_with_one_corrupt_file(tmp_path):
     assert "00003.jpg" in r["bad"][0]
     arr = np.load(tmp_path / "out.npy", mmap_mode="r")
     np.testing.assert_array_equal(arr, want)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npy", "src"]   # no temp left
+    # no temp left; the record of how the array was made beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npy", "out.npy.json", "src"]
     ds = D.open_dataset(tmp_path / "out.npy")
     assert isinstance(ds, D.PreparedArray) and len(ds) == 5 and ds.resolution == 16
+
+
+def test_prepare_records_its_resize_and_an_array_without_the_record_still_reads(tmp_path):
+    # The resize mode was recorded nowhere (the .npy header holds the shape alone): it is
+    # now beside the array, OUT.npy.json, and a PreparedArray gives it; --overwrite
+    # replaces it with the new array's.
+    src = made_photos(tmp_path / "src", 3, size=20)
+    out = tmp_path / "out.npy"
+    for resize in ("squash", "center-crop"):
+        D.prepare(src, out, resolution=8, resize=resize, workers=0, progress=False,
+                  overwrite=True)
+        ds = D.PreparedArray(out)
+        assert ds.resize == resize
+        assert json.loads((tmp_path / "out.npy.json").read_text()) == {
+            "made_by": "blurfast prepare", "shape": [3, 8, 8, 3], "resolution": 8,
+            "channels": 3, "resize": resize}
+    pixels = np.load(out)
+    # a record of another array (another shape) is not this array's
+    np.save(out, pixels[:2])
+    assert D.PreparedArray(out).resize is None
+    # an array of an older blurfast (no record) reads as before, its resize unknown
+    np.save(out, pixels)
+    assert D.PreparedArray(out).resize == "center-crop"
+    (tmp_path / "out.npy.json").unlink()
+    ds = D.open_dataset(out)
+    assert ds.resize is None and len(ds) == 3
+    np.testing.assert_array_equal(ds.__getitems__([0, 1, 2]).numpy(), pixels)
+
+
+def test_prepare_and_info_show_the_resize_of_a_prepared_array(tmp_path, capsys):
+    from blurfast import cli
+    src = made_photos(tmp_path / "src", 2, size=20)
+    out = tmp_path / "o.npy"
+    assert cli.main(["prepare", str(src), str(out), "--resolution", "8", "--resize", "squash",
+                     "--workers", "0", "--no-progress"]) == 0
+    assert f"wrote {out}: 2 images of shape (8, 8, 3) (--resize squash)" \
+        in capsys.readouterr().out
+    assert cli.main(["info", str(out)]) == 0
+    assert capsys.readouterr().out == (f"{out}: prepared array of 2 images, 8x8, 3 channels, "
+                                       f"resize squash\n")
+    D.prepared_meta_path(out).unlink()
+    assert cli.main(["info", str(out)]) == 0
+    assert "resize not recorded" in capsys.readouterr().out
+    assert cli.main(["info", str(src)]) == 2
+    assert "DATA: " in capsys.readouterr().err
+
+
+def test_prepare_refuses_an_out_whose_filesystem_lacks_the_room(tmp_path, monkeypatch):
+    # The array's size, as np.save writes it (header and pixels), against the free space
+    # of OUT's filesystem (asked for the nearest existing folder: OUT's own is made later).
+    import shutil
+    src = made_photos(tmp_path / "src", 3, size=20)
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((3, 8, 8, 3), np.uint8))
+    need = len(buf.getvalue())
+    asked = []
+
+    def usage(free):
+        def disk_usage(path):
+            asked.append(Path(path))
+            return shutil._ntuple_diskusage(10 ** 12, 10 ** 12 - free, free)
+        return disk_usage
+    out = tmp_path / "new" / "out.npy"
+    monkeypatch.setattr(shutil, "disk_usage", usage(need - 1))
+    with pytest.raises(ValueError, match=rf"^out: .*out\.npy' needs {need} bytes .*has "
+                                         rf"{need - 1} bytes free"):
+        D.prepare(src, out, resolution=8, workers=0, progress=False)
+    assert asked == [tmp_path] and not out.parent.exists()
+    monkeypatch.setattr(shutil, "disk_usage", usage(need))
+    D.prepare(src, out, resolution=8, workers=0, progress=False)
+    assert out.stat().st_size == need
 
 
 def test_a_folder_with_unreadable_images_trains_on_the_others(tmp_path):
@@ -720,7 +822,8 @@ def test_tar_links_read_as_the_file_they_point_to(tmp_path, capsys, kind):
     assert cli.main(["prepare", str(arc), str(tmp_path / "o.npy"), "--resolution", "12",
                      "--workers", "0", "--no-progress"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].endswith("6 images of shape (12, 12, 3), 2 unreadable skipped")
+    assert out[0].endswith("6 images of shape (12, 12, 3) (--resize center-crop), "
+                           "2 unreadable skipped")
     assert out[1:] == [f"  unreadable: {arc}:imgs/dangling.png: LookupError: a symlink to "
                        f"'imgs/missing.png', not a regular file of the archive",
                        f"  unreadable: {arc}:imgs/out.png: LookupError: a symlink to "

@@ -110,6 +110,27 @@ def test_a_custom_extractor_has_one_cache_key_in_every_process(tmp_path, monkeyp
     assert len(list((tmp_path / "cache" / "fid").glob("*.npz"))) == 1
 
 
+def test_numpy_ints_for_the_reference_size_give_the_fid_of_python_ints(tmp_path, monkeypatch):
+    # resolution and channels went into the statistics cache's JSON key as given: a numpy
+    # int (np.int64(16)) raised "Object of type int64 is not JSON serializable".
+    monkeypatch.setenv("BLURFAST_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(4)
+    _write_images(tmp_path / "ref", rng.integers(0, 256, size=(60, 20, 20, 3), dtype=np.uint8))
+    np.savez(tmp_path / "s.npz", images=rng.integers(0, 256, size=(60, 16, 16, 3),
+                                                      dtype=np.uint8))
+    kw = dict(n=None, feature_extractor=_pool_features, progress=False)
+    want = ev.fid(tmp_path / "s.npz", tmp_path / "ref", resolution=16, channels=3, **kw)
+    got = ev.fid(tmp_path / "s.npz", tmp_path / "ref", resolution=np.int64(16),
+                 channels=np.int64(3), **kw)
+    assert float(got) == float(want)
+    mu, _ = ev.reference_statistics(tmp_path / "ref", np.int32(16), n=None,
+                                    extractor=_pool_features, progress=False,
+                                    channels=np.int64(3))[:2]
+    np.testing.assert_array_equal(mu, ev.reference_statistics(
+        tmp_path / "ref", 16, n=None, extractor=_pool_features, progress=False)[0])
+    assert len(list((tmp_path / "cache" / "fid").glob("*.npz"))) == 1   # one key
+
+
 def test_missing_inception_offline_names_file_and_path(tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "_reachable", lambda url, timeout=3.0: False)
     where = tmp_path / "weights"

@@ -271,6 +271,28 @@ def test_timesteps():
     assert eta_first(10, 0.3) == [1.0] * 3 + [0.0] * 7
 
 
+def test_step_lists_refuse_non_integers_and_take_every_kind_of_int(small):
+    # A float step (5.0 as much as 5.7, or a float tensor), or a bool, is refused naming
+    # the argument: spacing of timesteps, timesteps of a sampler (not t, an argument the
+    # caller never gave). Python and numpy ints and 1-D integer tensors are read as the
+    # same steps: the same list, the same images.
+    x = small.prior_sample(SHAPE, 7, seed=1)
+    for bad in ([7.0, 4, 1], [7.5, 4, 1], np.array([7.0, 4.0, 1.0]),
+                torch.tensor([7.0, 4.0, 1.0]), [True], torch.tensor([[7, 4, 1]])):
+        with pytest.raises(ValueError, match=r"^spacing: expected strictly decreasing "
+                                             r"integer steps"):
+            timesteps(small, spacing=bad)
+        with pytest.raises(ValueError, match=r"^timesteps: expected strictly decreasing "
+                                             r"integer steps"):
+            ddim(toy_model, small, x, bad, progress=False)
+    want = ddim(toy_model, small, x, [7, 4, 1], progress=False)
+    for good in ((7, 4, 1), [np.int64(7), np.int32(4), 1], np.array([7, 4, 1]),
+                 torch.tensor([7, 4, 1])):
+        seq = timesteps(small, spacing=good)
+        assert seq == [7, 4, 1] and all(type(s) is int for s in seq)
+        assert torch.equal(ddim(toy_model, small, x, good, progress=False), want)
+
+
 def test_eta_first_rounds_a_fractional_count_of_steps_up():
     # ceil(fraction * steps) stochastic steps, counted by hand: 0.3 * 12 = 3.6 -> 4,
     # 0.5 * 7 = 3.5 -> 4; where the product is a whole number in exact arithmetic but

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -1615,15 +1616,23 @@ def test_step_refuses_a_bad_grad_clip(grad_clip):
                            device="cpu", grad_clip=grad_clip)
 
 
+def _step_setup():
+    """The short TrainStep tests' setup: ``(diff, x, t, flip)``, a 16 x 16 BlurDiffusion
+    and one batch of two uint8 images (a fixed seed), their steps and flips (none)."""
+    diff = BlurDiffusion(resolution=16)
+    x = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(3))
+    return diff, x, torch.tensor([5, 50]), torch.zeros(2, dtype=torch.bool)
+
+
 def test_resumed_step_keeps_its_own_optimizer_settings():
     # Optimizer.load_state_dict restores the saved groups' settings; a resumed run's own
     # betas, eps, weight decay and capturable (CUDA graphs or not) must win.
-    diff = BlurDiffusion(resolution=16)
+    diff, x, t, flip = _step_setup()
     torch.manual_seed(0)
     old = training.TrainStep(UNet(resolution=16, **TINY), diff, device="cpu", lr=1e-3,
                              betas=(0.9, 0.99), adam_eps=1e-8, weight_decay=0.0)
-    x = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8)
-    old(x, torch.zeros(2, dtype=torch.bool), torch.tensor([5, 50]), 1, 0)
+    old(x, flip, t, 1, 0)
     state = old.state_dict()
     state["optimizer"]["param_groups"][0]["capturable"] = True     # as saved by a graphed run
     new = training.TrainStep(UNet(resolution=16, **TINY), diff, device="cpu", lr=1e-3,
@@ -1641,10 +1650,7 @@ def test_resumed_step_takes_its_own_optimizers_weight_decay(saved, resumed):
     # Adam's L2 weight decay or AdamW's decoupled one is the resumed run's optimizer's,
     # whichever optimizer saved the moments: the truth is a step from a state that this
     # optimizer saved itself (the same moments, its own group flag).
-    diff = BlurDiffusion(resolution=16)
-    x = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8,
-                      generator=torch.Generator().manual_seed(3))
-    t, flip = torch.tensor([5, 50]), torch.zeros(2, dtype=torch.bool)
+    diff, x, t, flip = _step_setup()
 
     def stepper(optimizer):
         torch.manual_seed(0)
@@ -2550,6 +2556,20 @@ def test_prepare_lsun_script_keeps_prepared_arrays(tmp_path):
         f"prepare {src} {out} --resolution 64 --resize squash --overwrite"]
 
 
+def test_a_run_on_an_array_prepared_with_another_resize_warns(tmp_path):
+    # Its --fid-ref and `blurfast draw` read folders with the run's resize: a run on a
+    # squashed array with the default center-crop would compare other crops.
+    data = tmp_path / "sq.npy"
+    D.prepare(made_photos(tmp_path / "src", 8), data, resolution=16, resize="squash",
+              workers=0, progress=False)
+    with pytest.warns(UserWarning, match=rf"^resize: {re.escape(str(data))} was prepared with "
+                                         rf"--resize squash, this run has center-crop"):
+        training.train(data=str(data), out=str(tmp_path / "a"), steps=1, **KW)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="resize: ")
+        training.train(data=str(data), out=str(tmp_path / "b"), steps=1, resize="squash", **KW)
+
+
 # ------------------------------------------------------------------------ arguments
 
 @pytest.mark.parametrize("change, name", [
@@ -3135,10 +3155,7 @@ def test_loaded_step_keeps_its_own_learning_rate():
     # Optimizer.load_state_dict restores the saved groups' lr; a TrainStep keeps its own
     # (the constructor's, or set_lr's), with or without CUDA graphs. Truth: a step from the
     # same state whose saved lr is the new one.
-    diff = BlurDiffusion(resolution=16)
-    x = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8,
-                      generator=torch.Generator().manual_seed(3))
-    t, flip = torch.tensor([5, 50]), torch.zeros(2, dtype=torch.bool)
+    diff, x, t, flip = _step_setup()
 
     def stepper(lr):
         torch.manual_seed(0)
@@ -3171,10 +3188,7 @@ def test_step_trains_the_weights_given_to_its_model_afterwards(cast_once, how):
     # step trains (cast_once's bf16 twin and the EMA included): the same bits as a step
     # built on those weights. A replaced parameter (assign=True) or one given new storage
     # (p.data = ...) left the step with the old ones.
-    diff = BlurDiffusion(resolution=16)
-    x = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8,
-                      generator=torch.Generator().manual_seed(3))
-    t, flip = torch.tensor([5, 50]), torch.zeros(2, dtype=torch.bool)
+    diff, x, t, flip = _step_setup()
     torch.manual_seed(0)
     m0 = UNet(resolution=16, **TINY)
     torch.manual_seed(1)
@@ -3279,10 +3293,7 @@ def test_a_dropped_step_is_not_kept_by_its_models_watch():
 def test_step_trains_a_model_left_in_eval_mode_with_dropout():
     # A model handed over (or switched) in eval mode trains in train mode, dropout on:
     # the same bits as the step of the same model in train mode, from the same seed.
-    diff = BlurDiffusion(resolution=16)
-    x = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8,
-                      generator=torch.Generator().manual_seed(3))
-    t, flip = torch.tensor([5, 50]), torch.zeros(2, dtype=torch.bool)
+    diff, x, t, flip = _step_setup()
     torch.manual_seed(0)
     model = UNet(resolution=16, dropout=0.5, **TINY)
     for cast_once in (False, True):
