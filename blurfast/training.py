@@ -29,6 +29,7 @@ import math
 import os
 import signal
 import shutil
+import sys
 import threading
 import time
 import warnings
@@ -671,11 +672,14 @@ class TrainStep:
 # ---------------------------------------------------------------------------- train()
 
 class _Signals:
-    """SIGTERM/SIGINT set a flag (checked between steps); a second SIGINT aborts."""
+    """SIGTERM/SIGINT set a flag (checked between steps); a second SIGINT aborts.
+    ``announce``: said on stderr at the first signal (a step can take minutes, its first
+    compiling: the run shows it heard), None: nothing."""
 
-    def __init__(self):
+    def __init__(self, announce: Optional[str] = None):
         self.received = None
         self._old = {}
+        self._announce = announce
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -686,7 +690,11 @@ class _Signals:
     def _handle(self, signum, frame):
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        first = self.received is None
         self.received = signal.Signals(signum).name
+        if first and self._announce:
+            again = "; Ctrl-C again stops at once, unsaved" if signum == signal.SIGINT else ""
+            print(f"\n{self.received}: {self._announce}{again}", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
@@ -988,7 +996,9 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
     # SIGTERM/SIGINT caught until the process group's end: a signal stops the ranks at a
     # log point (_run) or, after the last one, at their last meeting below; it never kills
     # a rank while its peers wait for it.
-    with _Signals() as sig:
+    said = None if rank != 0 else ("stopping after this step, which is saved" if world == 1
+                                   else "stopping at the next log step, which is saved")
+    with _Signals(said) as sig:
         try:
             precision = precision or default_precision(dev)
             # Off by default: on an H100 (paper64, batch 16, bf16, CUDA graph) channels_last

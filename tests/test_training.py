@@ -2048,6 +2048,7 @@ def test_a_signal_saves_a_checkpoint_and_exits(made16, tmp_path, how):
         p.send_signal(sig)
     text, _ = p.communicate(timeout=120)
     assert p.returncode == 128 + sig, text
+    assert f"{sig.name}: stopping after this step, which is saved" in text
     assert f"{sig.name}: saved" in text
     assert f"continue with resume='auto' (blurfast train --out {out} --resume auto)" in text
     (step, path), = ckpt.list_checkpoints(out / "checkpoints")
@@ -3037,6 +3038,25 @@ def test_second_sigint_aborts_and_sigterms_only_set_the_flag():
         send(signal.SIGTERM)                       # no exception
         assert s.received == "SIGTERM"
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_the_first_signal_is_announced_once(capsys):
+    # A step can take minutes (the first compiles): the run says at once that it heard.
+    def send(sig):
+        os.kill(os.getpid(), sig)
+        time.sleep(0.05)
+
+    with training._Signals("stopping after this step") as s:
+        send(signal.SIGTERM)
+        send(signal.SIGTERM)
+    assert capsys.readouterr().err == "\nSIGTERM: stopping after this step\n"
+    with training._Signals("stopping after this step"):
+        send(signal.SIGINT)
+    assert capsys.readouterr().err == ("\nSIGINT: stopping after this step; Ctrl-C again "
+                                       "stops at once, unsaved\n")
+    with training._Signals():                       # a rank other than 0 says nothing
+        send(signal.SIGTERM)
+    assert capsys.readouterr().err == ""
 
 
 def test_sample_grid_of_a_0_1_run_maps_mid_grey_to_level_128(made16, tmp_path, monkeypatch):
