@@ -694,7 +694,11 @@ class _Signals:
         self.received = signal.Signals(signum).name
         if first and self._announce:
             again = "; Ctrl-C again stops at once, unsaved" if signum == signal.SIGINT else ""
-            print(f"\n{self.received}: {self._announce}{again}", file=sys.stderr, flush=True)
+            try:           # best effort: the signal may have come inside a write to stderr
+                print(f"\n{self.received}: {self._announce}{again}", file=sys.stderr,
+                      flush=True)
+            except (RuntimeError, OSError, ValueError):     # reentrant, closed
+                pass
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
