@@ -526,6 +526,11 @@ def train_kwargs(args: argparse.Namespace) -> dict:
         if isinstance(kw.get("model"), dict) and isinstance(kw["model"].get(k), list):
             kw["model"][k] = tuple(kw["model"][k])
     missing = [k for k in ("data", "out") if k not in kw]
+    if missing == ["data"] and str(kw.get("resume")) == "auto" and not base:
+        # --resume auto takes data from OUT/config.json: none there (a mistyped run name?)
+        raise ValueError(f"data: required (as --data or in --config): resume 'auto' found "
+                         f"no run to continue in {str(kw['out'])!r} (no config.json); give "
+                         f"the run's directory as --out, or --data to start a new run")
     if missing:
         raise ValueError(f"{', '.join(missing)}: required (as --{missing[0]} or in --config)")
     if saved_file and "batch_size" not in flags:

@@ -3228,3 +3228,20 @@ def test_a_dropped_step_leaves_no_module_behind():
     del step
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+def test_resume_auto_into_a_folder_with_no_run_says_no_run_was_found(tmp_path, capsys):
+    # `blurfast train --out MISTYPED --resume auto` said only "data: required (as --data
+    # or in --config)": that --resume found no run there to take the data from went unsaid.
+    from blurfast import cli
+    for out in (tmp_path / "no_such_run", tmp_path):
+        assert cli.main(["train", "--out", str(out), "--resume", "auto"]) == 2
+        assert capsys.readouterr().err == (
+            f"blurfast train: error: data: required (as --data or in --config): resume "
+            f"'auto' found no run to continue in {str(out)!r} (no config.json); give the "
+            f"run's directory as --out, or --data to start a new run\n")
+    assert list(tmp_path.iterdir()) == []
+    # without --resume the message stays as it was
+    assert cli.main(["train", "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err == ("blurfast train: error: data: required (as --data or "
+                                       "in --config)\n")
