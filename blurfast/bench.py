@@ -761,7 +761,7 @@ def plot(result: dict, path) -> None:
 
 def main(argv=None) -> int:
     from .bench_steps import STEP_IMPLS, check_step_impls, format_steps, run_steps
-    from .cli import _Parser, nonnegative_int, positive_int
+    from .cli import _Parser, bars_on, nonnegative_int, positive_int
     from .fileio import check_writable
     p = _Parser(prog="blurfast bench", description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
@@ -839,7 +839,7 @@ def main(argv=None) -> int:
         check_gpu_seen("--device")
     if a.threads:
         torch.set_num_threads(a.threads)
-    progress = not a.no_progress and sys.stderr.isatty()
+    progress = bars_on(a.no_progress)
     if a.kernels:
         res = run(a.device, a.quick, cases=a.cases, impls=a.impls, shapes=a.shapes,
                   dtypes=a.dtypes, iters=a.iters, warmup=a.warmup, json_path=a.json_path,

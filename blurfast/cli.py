@@ -117,6 +117,12 @@ def _add_fid(sub) -> None:
     s.set_defaults(func=_fid)
 
 
+def bars_on(no_progress: bool) -> bool:
+    """Whether a command draws its progress bars: unless --no-progress, and only on a
+    terminal (stderr), so that a log file gets no redrawn bar."""
+    return not no_progress and sys.stderr.isatty()
+
+
 def positive_int(text: str) -> int:
     """argparse type: an int >= 1."""
     return _int_at_least(text, 1, "a positive int")
