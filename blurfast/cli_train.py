@@ -362,6 +362,8 @@ def saved_config(resume, out) -> dict:
             raise ValueError(f"resume: {str(path)!r} does not hold a mapping of arguments")
         cfg = ckpt.read_config(cfg)
     else:
+        from .training import check_resume_path
+        check_resume_path(resume)
         cfg = ckpt.stored_config(resume)
     return _run_arguments(cfg)
 

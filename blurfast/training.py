@@ -848,6 +848,13 @@ def _check_run_dir(out) -> None:
         raise ValueError(f"out (--out): cannot create run directory {str(out)!r}: {problem}")
 
 
+def check_resume_path(resume) -> None:
+    """A ``resume`` path (not ``'auto'``) that does not exist: ValueError naming it."""
+    if resume is not None and str(resume) != "auto" and not Path(resume).exists():
+        raise ValueError(f"resume: {str(resume)!r} does not exist; give 'auto' (the run's "
+                         f"newest valid checkpoint) or a checkpoint directory")
+
+
 def train(*, data, out, preset: str = "small", resolution: int = 64, channels: int = 3,
           model: Optional[dict] = None, diffusion: Optional[dict] = None, target: str = "eps",
           batch_size: int = 16, grad_accum: int = 1, activation_checkpointing: bool = False,
@@ -967,6 +974,7 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
             raise TypeError(f"{name}: unknown {cls.__name__} arguments {unknown}")
     if resume is not None and not isinstance(resume, (str, os.PathLike)):
         raise TypeError(f"resume: expected None, 'auto' or a path, got {resume!r}")
+    check_resume_path(resume)
     _check_run_dir(out)
     # a saved config's model and diffusion hold the image size too: the same, or an error
     size = {"resolution": resolution, "channels": channels}

@@ -3245,3 +3245,19 @@ def test_resume_auto_into_a_folder_with_no_run_says_no_run_was_found(tmp_path, c
     assert cli.main(["train", "--out", str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err == ("blurfast train: error: data: required (as --data or "
                                        "in --config)\n")
+
+
+def test_resume_from_a_path_that_does_not_exist_names_resume(made16, tmp_path, capsys):
+    # A mistyped --resume CKPT said "checkpoint PATH: not a directory", naming neither
+    # the argument nor what it takes.
+    from blurfast import cli
+    missing = tmp_path / "run" / "checkpoints" / "step_000000007"
+    words = (f"resume: {str(missing)!r} does not exist; give 'auto' (the run's newest valid "
+             f"checkpoint) or a checkpoint directory")
+    assert cli.main(["train", "--data", str(made16), "--out", str(tmp_path / "run"),
+                     "--resume", str(missing)]) == 2
+    assert capsys.readouterr().err == f"blurfast train: error: {words}\n"
+    with pytest.raises(ValueError, match=f"^{re.escape(words)}$"):
+        training.train(data=str(made16), out=str(tmp_path / "run"), resume=str(missing),
+                       steps=1, device="cpu")
+    assert list(tmp_path.iterdir()) == []
