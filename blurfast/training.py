@@ -1328,15 +1328,16 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                        max(now - t_log - paused, 1e-9))       # training alone
                 t_log, step_log, paused = now, step, 0.0
                 if main:
-                    log.write({"step": step, "images": images_at(step),
-                               "loss": f"{last['loss']:.6g}",
-                               "grad_norm": f"{last['grad_norm']:.6g}",
-                               "lr": f"{lr_at(step - 1):.6g}",
-                               "nonfinite": last["skipped_total"],
-                               "images_per_s": f"{ips:.1f}",
-                               "elapsed_s": f"{log.elapsed0 + now - t0:.1f}"})
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{ips:.0f}",
+                    row = {"step": step, "images": images_at(step),
+                           "loss": f"{last['loss']:.6g}",
+                           "grad_norm": f"{last['grad_norm']:.6g}",
+                           "lr": f"{lr_at(step - 1):.6g}",
+                           "nonfinite": last["skipped_total"],
+                           "images_per_s": f"{ips:.1f}",
+                           "elapsed_s": f"{log.elapsed0 + now - t0:.1f}"}
+                    log.write(row)
+                    if bar is not None:       # the log's rate (was rounded to 0 below 0.5)
+                        bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=row["images_per_s"],
                                         skipped=last["skipped_total"])
                 if last["longest_skipped"] >= cfg["max_nonfinite"]:
                     raise NonFiniteError(

@@ -3261,3 +3261,16 @@ def test_resume_from_a_path_that_does_not_exist_names_resume(made16, tmp_path, c
         training.train(data=str(made16), out=str(tmp_path / "run"), resume=str(missing),
                        steps=1, device="cpu")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_bar_shows_the_logs_images_per_second(made16, tmp_path, capsys):
+    # The bar rounded images/s to an int: a CPU run of under half an image a second
+    # showed img_s=0 beside a log.csv row of 0.4. It shows the log's value now.
+    import csv
+    out = tmp_path / "r"
+    training.train(data=str(made16), out=str(out), steps=2, **{**KW, "progress": True})
+    err = capsys.readouterr().err
+    shown = re.findall(r"img_s=([0-9.e+]+)", err)
+    with open(out / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert shown and shown[-1] == rows[-1]["images_per_s"], (shown, rows[-1])
