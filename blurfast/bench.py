@@ -774,7 +774,7 @@ def plot(result: dict, path) -> None:
 
 def main(argv=None) -> int:
     from .bench_steps import STEP_IMPLS, check_step_impls, format_steps, run_steps, step_line
-    from .cli import _Parser, nonnegative_int, positive_int
+    from .cli import _Parser, bars_on, nonnegative_int, positive_int
     from .fileio import check_writable
     p = _Parser(prog="blurfast bench", description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
@@ -853,7 +853,7 @@ def main(argv=None) -> int:
         check_gpu_seen("--device")
     if a.threads:
         torch.set_num_threads(a.threads)
-    progress = not a.no_progress and sys.stderr.isatty()
+    progress = bars_on(a.no_progress)
     # No bar (stderr is a file or pipe, as in gpu_check.sh's logs): a line per finished
     # row instead, so a run killed by a time limit leaves more than an empty log.
     row_log = sys.stderr if not (a.no_progress or progress) else None

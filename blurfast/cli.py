@@ -154,7 +154,16 @@ def _add_fid(sub) -> None:
     s.add_argument("--check", action="store_true",
                    help="only load the feature extractor (InceptionV3: its weights, found or "
                         "downloaded) and check --ref, then exit: run it before making samples")
+    s.add_argument("--no-progress", action="store_true",
+                   help="no progress bars over the images (drawn only when stderr is a "
+                        "terminal)")
     s.set_defaults(func=_fid)
+
+
+def bars_on(no_progress: bool) -> bool:
+    """Whether a command draws its progress bars: unless --no-progress, and only on a
+    terminal (stderr), so that a log file gets no redrawn bar."""
+    return not no_progress and sys.stderr.isatty()
 
 
 def positive_int(text: str) -> int:
@@ -210,7 +219,8 @@ def _fid(args) -> int:
     value = ev.fid(args.samples, args.ref, n=args.n, resolution=args.resolution,
                    resize=args.resize, feature_extractor=extractor, device=device,
                    batch_size=args.batch, cache=not args.no_cache, channels=args.channels,
-                   save_stats=args.save_stats or None, kid=args.kid)
+                   save_stats=args.save_stats or None, kid=args.kid,
+                   progress=bars_on(args.no_progress))
     print(f"samples: {value.samples} images from {args.samples}")
     print(f"reference: statistics of {args.ref} (image count not recorded)" if value.ref is None
           else f"reference: {value.ref} images from {args.ref}")

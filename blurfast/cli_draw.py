@@ -82,7 +82,8 @@ def register(sub) -> None:
                    help="the images of blurfast sample's indices 0..n-1 with this seed "
                         "(default 0)")
     t.add_argument("--no-progress", action="store_true",
-                   help="no progress bar over the model calls")
+                   help="no progress bar over the model calls (drawn only when stderr is a "
+                        "terminal)")
     t.set_defaults(func=_trajectory)
 
     p = what.add_parser(
@@ -154,7 +155,8 @@ def register(sub) -> None:
                         "there are fewer)")
     v.add_argument("--seed", type=int, default=0, help="the noise (default 0)")
     v.add_argument("--no-progress", action="store_true",
-                   help="no progress bar over the model calls")
+                   help="no progress bar over the model calls (drawn only when stderr is a "
+                        "terminal)")
     v.set_defaults(func=_variations)
 
     c = what.add_parser(
@@ -182,7 +184,7 @@ def _trajectory(args) -> int:
 
     from . import checkpoint as ckpt
     from . import viz
-    from .cli import ema_weights
+    from .cli import bars_on, ema_weights
     from .data import data_range
     from .generate import resolve_checkpoint
     from .sampling import check_eta, timesteps
@@ -209,7 +211,7 @@ def _trajectory(args) -> int:
     kw = dict(path=out, sampler=args.sampler, steps=None if steps == 0 else steps,
               seed=args.seed, eta=args.eta, spacing=args.spacing, show=args.show,
               pixel_range=pixel_range, device=device, clip=data_range(pixel_range),
-              progress=not args.no_progress)
+              progress=bars_on(args.no_progress))
     with torch.no_grad():
         if gif:
             _, shown = viz.trajectory_frames(net, diff, (args.n,) + diff.shape,
@@ -324,7 +326,7 @@ def _variations(args) -> int:
 
     from . import checkpoint as ckpt
     from . import viz
-    from .cli import ema_weights
+    from .cli import bars_on, ema_weights
     from .data import data_range, to_float
     from .generate import resolve_checkpoint
     from .sampling import check_eta
@@ -358,7 +360,7 @@ def _variations(args) -> int:
                            sampler=args.sampler, steps=steps, eta=args.eta,
                            spacing=args.spacing, seed=args.seed, pixel_range=pixel_range,
                            device=device, clip=data_range(pixel_range),
-                           progress=not args.no_progress)
+                           progress=bars_on(args.no_progress))
     print(f"wrote {out}: {len(picks)} image{'s' if len(picks) != 1 else ''} of {data} "
           f"(numbers {', '.join(map(str, picks))}), each with its mean at step {start} of "
           f"N = {diff.num_steps}, then {args.variations} variation"

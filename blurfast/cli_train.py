@@ -234,7 +234,9 @@ def _add_prepare(sub) -> None:
                         f"(default {DEFAULT_RESIZE}, as train and fid)")
     p.add_argument("--channels", type=int, choices=[1, 3], default=3,
                    help="1: grayscale, 3: RGB (default 3)")
-    p.add_argument("--workers", type=int, default=None, help="decoding processes")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decoding processes (default min(8, CPUs)); 0 decodes in the main "
+                        "process")
     p.add_argument("--match", metavar="GLOB", default=None,
                    help="only the images of a folder or archive whose path (relative to the "
                         "folder; the member's name, less a leading ./) matches this "
@@ -243,7 +245,7 @@ def _add_prepare(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N images")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bar")
+                   help="no progress bar (drawn only when stderr is a terminal)")
     p.set_defaults(func=_prepare_main)
 
 
@@ -360,6 +362,8 @@ def saved_config(resume, out) -> dict:
             raise ValueError(f"resume: {str(path)!r} does not hold a mapping of arguments")
         cfg = ckpt.read_config(cfg)
     else:
+        from .training import check_resume_path
+        check_resume_path(resume)
         cfg = ckpt.stored_config(resume)
     return _run_arguments(cfg)
 
@@ -526,6 +530,11 @@ def train_kwargs(args: argparse.Namespace) -> dict:
         if isinstance(kw.get("model"), dict) and isinstance(kw["model"].get(k), list):
             kw["model"][k] = tuple(kw["model"][k])
     missing = [k for k in ("data", "out") if k not in kw]
+    if missing == ["data"] and str(kw.get("resume")) == "auto" and not base:
+        # --resume auto takes data from OUT/config.json: none there (a mistyped run name?)
+        raise ValueError(f"data: required (as --data or in --config): resume 'auto' found "
+                         f"no run to continue in {str(kw['out'])!r} (no config.json); give "
+                         f"the run's directory as --out, or --data to start a new run")
     if missing:
         raise ValueError(f"{', '.join(missing)}: required (as --{missing[0]} or in --config)")
     if saved_file and "batch_size" not in flags:
@@ -605,6 +614,7 @@ def _prepare_main(args) -> int:
     import signal
     import warnings
 
+    from .cli import bars_on
     from .data import WorkerDied, prepare
 
     def terminate(signum, frame):      # as Ctrl-C: prepare removes its temporary file
@@ -615,7 +625,8 @@ def _prepare_main(args) -> int:
             warnings.filterwarnings("ignore", "prepare: skipped", UserWarning)
             # bad input: blurfast's handler prints it, naming the flag (cli.flag_named)
             r = prepare(args.src, args.out, resolution=args.resolution, resize=args.resize,
-                        channels=args.channels, workers=args.workers, progress=args.progress,
+                        channels=args.channels, workers=args.workers,
+                        progress=bars_on(not args.progress),
                         limit=args.limit, overwrite=args.overwrite, match=args.match)
     except WorkerDied as e:            # one line, as bad input is (cli.main)
         if os.environ.get("BLURFAST_DEBUG"):

@@ -114,6 +114,8 @@ def run(out="blurfast-demo", minutes: float = 6.0, data: Optional[str] = None,
         ds = open_dataset(data, resolution=resolution, channels=None, arg="data")
         res, channels = ds.resolution, ds.channels
         _check_args(minutes, res, smoke)
+    elif data is not None:          # a folder or lmdb: one with no images stops here too
+        ds = open_dataset(data, resolution=res, channels=channels, arg="data")
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
 
@@ -124,7 +126,7 @@ def run(out="blurfast-demo", minutes: float = 6.0, data: Optional[str] = None,
         with atomic_path(data, suffix=".npy") as tmp, open(tmp, "wb") as f:
             np.save(f, arr)
         print(f"[demo] data: {len(arr)} crops of scikit-image's photographs -> {data}")
-    ds = open_dataset(data, resolution=res, channels=channels)
+        ds = open_dataset(data, resolution=res, channels=channels)
 
     # 2. Train for the time budget: a few steps to time one, then the rest (resumed).
     run_dir = out / "run"

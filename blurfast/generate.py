@@ -73,6 +73,12 @@ def resolve_checkpoint(path) -> Path:
         raise ValueError(f"ckpt: no valid checkpoint under {folder}")
     if not p.exists():
         raise ValueError(f"ckpt: {str(path)!r} does not exist")
+    # a folder with no checkpoint file: a run not yet saved, or not a run at all
+    if p.is_dir() and not any((p / f).exists() for f in ("manifest.json",) + ckpt.FILES):
+        what = ("a run directory with no checkpoint yet" if (p / "config.json").is_file()
+                else "not a run directory, folder of checkpoints or checkpoint directory")
+        raise ValueError(f"ckpt: {str(path)!r} is {what}; give a run directory with "
+                         f"checkpoints/step_*, a checkpoint directory or a .safetensors file")
     return p
 
 

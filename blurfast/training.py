@@ -862,6 +862,13 @@ def _check_run_dir(out) -> None:
         raise ValueError(f"out (--out): cannot create run directory {str(out)!r}: {problem}")
 
 
+def check_resume_path(resume) -> None:
+    """A ``resume`` path (not ``'auto'``) that does not exist: ValueError naming it."""
+    if resume is not None and str(resume) != "auto" and not Path(resume).exists():
+        raise ValueError(f"resume: {str(resume)!r} does not exist; give 'auto' (the run's "
+                         f"newest valid checkpoint) or a checkpoint directory")
+
+
 def train(*, data, out, preset: str = "small", resolution: int = 64, channels: int = 3,
           model: Optional[dict] = None, diffusion: Optional[dict] = None, target: str = "eps",
           batch_size: int = 16, grad_accum: int = 1, activation_checkpointing: bool = False,
@@ -981,6 +988,7 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
             raise TypeError(f"{name}: unknown {cls.__name__} arguments {unknown}")
     if resume is not None and not isinstance(resume, (str, os.PathLike)):
         raise TypeError(f"resume: expected None, 'auto' or a path, got {resume!r}")
+    check_resume_path(resume)
     _check_run_dir(out)
     # a saved config's model and diffusion hold the image size too: the same, or an error
     size = {"resolution": resolution, "channels": channels}
@@ -1341,15 +1349,16 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                        max(now - t_log - paused, 1e-9))       # training alone
                 t_log, step_log, paused = now, step, 0.0
                 if main:
-                    log.write({"step": step, "images": images_at(step),
-                               "loss": f"{last['loss']:.6g}",
-                               "grad_norm": f"{last['grad_norm']:.6g}",
-                               "lr": f"{lr_at(step - 1):.6g}",
-                               "nonfinite": last["skipped_total"],
-                               "images_per_s": f"{ips:.1f}",
-                               "elapsed_s": f"{log.elapsed0 + now - t0:.1f}"})
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{ips:.0f}",
+                    row = {"step": step, "images": images_at(step),
+                           "loss": f"{last['loss']:.6g}",
+                           "grad_norm": f"{last['grad_norm']:.6g}",
+                           "lr": f"{lr_at(step - 1):.6g}",
+                           "nonfinite": last["skipped_total"],
+                           "images_per_s": f"{ips:.1f}",
+                           "elapsed_s": f"{log.elapsed0 + now - t0:.1f}"}
+                    log.write(row)
+                    if bar is not None:       # the log's rate (was rounded to 0 below 0.5)
+                        bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=row["images_per_s"],
                                         skipped=last["skipped_total"])
                 if last["longest_skipped"] >= cfg["max_nonfinite"]:
                     raise NonFiniteError(

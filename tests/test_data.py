@@ -1128,3 +1128,23 @@ def test_prepare_match_reads_member_names_without_a_leading_dot_slash(tmp_path):
                                   np.stack([D.decode(photos[i].read_bytes(), 12, "squash")
                                             for i in (1, 3)]))
     assert D.ImageArchive(arc).members[0] == "./test/00000.png"    # read by its own name
+
+
+def test_prepare_draws_its_bar_on_a_terminal_only(tmp_path, capsys, monkeypatch):
+    # The bar was drawn whatever stderr was: a log file of `blurfast prepare ... 2>log`
+    # got every redraw of it. Now, as bench's: only on a terminal, and not with
+    # --no-progress.
+    import sys
+
+    from blurfast import cli
+    from train_helpers import made_photos
+    src = made_photos(tmp_path / "photos", 4, size=8)
+    for tty, flags, drawn in ((False, [], False), (True, [], True),
+                              (True, ["--no-progress"], False)):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+        out = tmp_path / f"o{tty}{len(flags)}.npy"
+        assert cli.main(["prepare", str(src), str(out), "--resolution", "8",
+                         "--workers", "0"] + flags) == 0
+        err = capsys.readouterr().err
+        assert ("prepare photos: 100%" in err) == drawn, (tty, flags, err)
+        assert np.load(out).shape == (4, 8, 8, 3)

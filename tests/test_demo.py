@@ -340,6 +340,20 @@ def test_demo_names_its_flags_on_the_command_line(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_demo_data_folder_with_no_images_is_refused_naming_data_before_writing(tmp_path,
+                                                                               capsys):
+    # A --data folder with no images was opened after --out was made, and refused as
+    # "root: no .jpg/... files under ...", naming no argument of the demo.
+    data, out = tmp_path / "photos", tmp_path / "demo"
+    data.mkdir()
+    (data / "notes.txt").write_text("no images here\n")
+    assert cli.main(["demo", "--smoke", "--no-bench", "--out", str(out),
+                     "--data", str(data)]) == 2
+    assert capsys.readouterr().err == (f"blurfast demo: error: --data: no .jpg/.jpeg/.png/"
+                                       f".webp/.bmp files under {str(data)!r}\n")
+    assert not out.exists()
+
+
 def test_version(capsys):
     import blurfast
     with pytest.raises(SystemExit) as e:

@@ -435,3 +435,18 @@ def test_trajectory_animation_is_the_trajectory_at_every_call(run, tmp_path, cap
     assert cli.main(["draw", "trajectory", "--ckpt", str(run / "run"), "--device", "cpu",
                      "--out", str(tmp_path / "t.jpg")]) == 2
     assert "--out: expected a .png or .gif file name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("picture", ["trajectory", "variations"])
+def test_draw_shows_its_bar_on_a_terminal_only(run, tmp_path, capsys, monkeypatch, picture):
+    # The bar over the model calls was drawn into a log file too (stderr not a terminal);
+    # now only on a terminal, and not with --no-progress.
+    import sys
+    for tty, flags, drawn in ((False, [], False), (True, [], True),
+                              (True, ["--no-progress"], False)):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+        assert cli.main(["draw", picture, "--ckpt", str(run / "run"), "--n", "1",
+                         "--steps", "2", "--device", "cpu", "--out",
+                         str(tmp_path / "p.png")] + flags) == 0
+        err = capsys.readouterr().err
+        assert ("ddim:" in err) == drawn, (tty, flags, err)

@@ -851,3 +851,28 @@ def test_fid_monitor_gives_the_kid_where_the_reference_has_features(tmp_path, mo
     assert math.isfinite(got["ref"].kid) and got["ref"].kid == got["with.npz"].kid
     assert math.isnan(got["bare.npz"].kid)
     assert float(got["bare.npz"]) == float(got["ref"])
+
+
+def test_cli_fid_shows_its_bars_on_a_terminal_only(tmp_path, monkeypatch, capsys):
+    # The feature bars were drawn into a log file too, and fid had no --no-progress: now
+    # only on a terminal, and not with --no-progress.
+    import os
+    import sys
+    from blurfast import cli
+    monkeypatch.syspath_prepend(os.path.dirname(__file__))
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "ref.npy", rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8))
+    np.savez(tmp_path / "s.npz", rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8))
+    argv = ["fid", "--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npy"),
+            "--features", "test_evaluation:_mean_features", "--device", "cpu", "--no-cache",
+            "--n", "6"]
+    fids = set()
+    for tty, flags, drawn in ((False, [], False), (True, [], True),
+                              (True, ["--no-progress"], False)):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+        assert cli.main(argv + flags) == 0
+        out, err = capsys.readouterr()
+        assert ("sample features:" in err and "reference features:" in err) == drawn, \
+            (tty, flags, err)
+        fids.add(out.splitlines()[-1])
+    assert len(fids) == 1 and next(iter(fids)).startswith("FID ")

@@ -1050,3 +1050,27 @@ def test_another_sample_run_as_the_reference_is_read_as_its_manifest_says(run_di
     with pytest.raises(ValueError, match=r"^ref: .*b holds an unfinished `blurfast sample` "
                                          r"run"):
         ev.fid(tmp_path / "a", tmp_path / "b", **fid_kw)
+
+
+@pytest.mark.parametrize("command", [["sample", "--out", "S"], ["draw", "trajectory"],
+                                     ["draw", "process"], ["draw", "variations"]])
+def test_ckpt_folder_with_no_checkpoint_is_refused_naming_ckpt(tmp_path, capsys, command,
+                                                                monkeypatch):
+    # An empty folder, or a run that has saved no checkpoint yet, was reported as
+    # "checkpoint DIR: not a checkpoint directory (none of manifest.json, ...)", naming
+    # neither --ckpt nor what a run directory is.
+    monkeypatch.chdir(tmp_path)
+    empty = tmp_path / "not_a_run"
+    empty.mkdir()
+    fresh = tmp_path / "fresh_run"
+    fresh.mkdir()
+    (fresh / "config.json").write_text("{}\n")
+    for folder, what in ((empty, "is not a run directory, folder of checkpoints or "
+                                 "checkpoint directory"),
+                         (fresh, "is a run directory with no checkpoint yet")):
+        assert cli.main(command + ["--ckpt", str(folder)]) == 2
+        assert capsys.readouterr().err == (
+            f"blurfast {command[0]}: error: --ckpt: {str(folder)!r} {what}; give a run "
+            f"directory with checkpoints/step_*, a checkpoint directory or a .safetensors "
+            f"file\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh_run", "not_a_run"]

@@ -3361,3 +3361,49 @@ def test_a_dropped_step_leaves_no_module_behind():
     del step
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+def test_resume_auto_into_a_folder_with_no_run_says_no_run_was_found(tmp_path, capsys):
+    # `blurfast train --out MISTYPED --resume auto` said only "data: required (as --data
+    # or in --config)": that --resume found no run there to take the data from went unsaid.
+    from blurfast import cli
+    for out in (tmp_path / "no_such_run", tmp_path):
+        assert cli.main(["train", "--out", str(out), "--resume", "auto"]) == 2
+        assert capsys.readouterr().err == (
+            f"blurfast train: error: data: required (as --data or in --config): resume "
+            f"'auto' found no run to continue in {str(out)!r} (no config.json); give the "
+            f"run's directory as --out, or --data to start a new run\n")
+    assert list(tmp_path.iterdir()) == []
+    # without --resume the message stays as it was
+    assert cli.main(["train", "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err == ("blurfast train: error: data: required (as --data or "
+                                       "in --config)\n")
+
+
+def test_resume_from_a_path_that_does_not_exist_names_resume(made16, tmp_path, capsys):
+    # A mistyped --resume CKPT said "checkpoint PATH: not a directory", naming neither
+    # the argument nor what it takes.
+    from blurfast import cli
+    missing = tmp_path / "run" / "checkpoints" / "step_000000007"
+    words = (f"resume: {str(missing)!r} does not exist; give 'auto' (the run's newest valid "
+             f"checkpoint) or a checkpoint directory")
+    assert cli.main(["train", "--data", str(made16), "--out", str(tmp_path / "run"),
+                     "--resume", str(missing)]) == 2
+    assert capsys.readouterr().err == f"blurfast train: error: {words}\n"
+    with pytest.raises(ValueError, match=f"^{re.escape(words)}$"):
+        training.train(data=str(made16), out=str(tmp_path / "run"), resume=str(missing),
+                       steps=1, device="cpu")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_bar_shows_the_logs_images_per_second(made16, tmp_path, capsys):
+    # The bar rounded images/s to an int: a CPU run of under half an image a second
+    # showed img_s=0 beside a log.csv row of 0.4. It shows the log's value now.
+    import csv
+    out = tmp_path / "r"
+    training.train(data=str(made16), out=str(out), steps=2, **{**KW, "progress": True})
+    err = capsys.readouterr().err
+    shown = re.findall(r"img_s=([0-9.e+]+)", err)
+    with open(out / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert shown and shown[-1] == rows[-1]["images_per_s"], (shown, rows[-1])
