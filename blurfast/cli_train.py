@@ -173,7 +173,8 @@ def _add_train(sub) -> None:
                    help="DDIM steps of the grids")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction,
                    help="progress bars (training steps, each sample grid and FID point) "
-                        "and the printed config")
+                        "and the printed config; off a terminal a line per log row instead "
+                        "of the bars")
     g = p.add_argument_group("FID during training")
     g.add_argument("--fid-every", dest="fid_every", type=int,
                    help="FID and KID every that many steps (and at the end), in "

@@ -1318,7 +1318,10 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
             log = _Log(out, start, None if state is None else state.get("elapsed_s"))
         if fid is not None:
             fid_log = _FidLog(out / "fid.csv", start, out / "best", ck_dir)
-        if main and progress:
+        # progress: a bar on a terminal; elsewhere (a batch job's log file, where a bar's
+        # redraws pile up) a line per log row
+        lines = main and progress and not sys.stderr.isatty()
+        if main and progress and not lines:
             from tqdm import tqdm
             bar = tqdm(total=cfg["steps"], initial=start, desc="train", unit="step",
                        dynamic_ncols=True)
@@ -1360,6 +1363,10 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                     if bar is not None:       # the log's rate (was rounded to 0 below 0.5)
                         bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=row["images_per_s"],
                                         skipped=last["skipped_total"])
+                    elif lines:
+                        print(f"step {step}/{cfg['steps']}: loss {last['loss']:.4f}, "
+                              f"{row['images_per_s']} images/s, skipped "
+                              f"{last['skipped_total']}, {row['elapsed_s']} s", flush=True)
                 if last["longest_skipped"] >= cfg["max_nonfinite"]:
                     raise NonFiniteError(
                         f"the loss or gradient was non-finite in "
@@ -1385,10 +1392,10 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
                 if fid_log.add(step, value, kid):          # the best FID so far
                     ckpt.save(out / "best", step, stepper.model, stepper.ema,
                               state_at(step), cfg, keep=1)
-                if bar is not None:
+                if bar is not None or lines:
                     said = "" if kid is None or math.isnan(kid) else f", KID {kid:.5f}"
-                    bar.write(f"step {step}: FID {value:.3f} (best {fid_log.best:.3f})"
-                              f"{said}")
+                    (bar.write if bar is not None else print)(
+                        f"step {step}: FID {value:.3f} (best {fid_log.best:.3f}){said}")
             if at_grid:
                 _save_samples(stepper.ema, diff, out / "samples" / f"step_{step:09d}.png",
                               cfg["sample_count"], cfg["sample_steps"], cfg["pixel_range"],

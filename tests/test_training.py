@@ -3396,14 +3396,32 @@ def test_resume_from_a_path_that_does_not_exist_names_resume(made16, tmp_path, c
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_bar_shows_the_logs_images_per_second(made16, tmp_path, capsys):
+def test_the_bar_shows_the_logs_images_per_second(made16, tmp_path, capsys, monkeypatch):
     # The bar rounded images/s to an int: a CPU run of under half an image a second
     # showed img_s=0 beside a log.csv row of 0.4. It shows the log's value now.
     import csv
     out = tmp_path / "r"
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     training.train(data=str(made16), out=str(out), steps=2, **{**KW, "progress": True})
     err = capsys.readouterr().err
     shown = re.findall(r"img_s=([0-9.e+]+)", err)
     with open(out / "log.csv") as f:
         rows = list(csv.DictReader(f))
     assert shown and shown[-1] == rows[-1]["images_per_s"], (shown, rows[-1])
+
+
+def test_off_a_terminal_train_prints_a_line_per_log_row_not_a_bar(made16, tmp_path, capsys):
+    # A batch job's log file got every redraw of the bar; it gets one line per log row,
+    # with log.csv's values.
+    import csv
+    out = tmp_path / "r"
+    training.train(data=str(made16), out=str(out), steps=3,
+                   **{**KW, "progress": True, "log_every": 2})
+    got = capsys.readouterr()
+    assert "train:" not in got.err and "\r" not in got.err      # no bar
+    with open(out / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    said = [line for line in got.out.splitlines() if line.startswith("step ")]
+    assert said == [f"step {r['step']}/3: loss {float(r['loss']):.4f}, {r['images_per_s']} "
+                    f"images/s, skipped {r['nonfinite']}, {r['elapsed_s']} s" for r in rows]
+    assert [r["step"] for r in rows] == ["2", "3"]
