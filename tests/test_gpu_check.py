@@ -61,12 +61,11 @@ def test_an_unknown_step_name_is_refused_before_anything_runs(tmp_path, var, val
     assert not out.exists() and r.stdout == ""
 
 
-def test_a_failed_ext_starts_no_later_step(tmp_path):
-    # ext fails (the extension does not import, or torch sees no GPU): info still runs
-    # (it says what is installed), the steps after it are failed without starting, so
-    # the budget is not spent on a dozen imports that fail.
+def _ext_fails(tmp_path, fake_python: str):
+    """gpu_check.sh's ext, info, bench and memcheck with a fake python whose script is
+    ``fake_python`` (each call logged): (summary lines, ext.log, the logged calls)."""
     calls = tmp_path / "calls.log"
-    py = _fake_tool(tmp_path / "py", f'echo "py $*" >> {calls}\nexit 1\n')
+    py = _fake_tool(tmp_path / "py", f'echo "py $*" >> {calls}\n' + fake_python)
     out = tmp_path / "gc"
     r = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
                        env={**os.environ, "PYTHON": str(py), "OUT": str(out),
@@ -74,10 +73,17 @@ def test_a_failed_ext_starts_no_later_step(tmp_path):
                             "GPU_CHECK_BUDGET": "120"})
     assert r.returncode == 1
     summary = (out / "summary.txt").read_text().splitlines()
-    assert summary[2].startswith("ext FAIL") and summary[3].startswith("info FAIL exit code")
     assert "bench FAIL not started (ext failed)" in summary
     assert "memcheck FAIL not started (ext failed)" in summary
-    ran = calls.read_text()
+    return summary, (out / "ext.log").read_text(), calls.read_text()
+
+
+def test_a_failed_ext_starts_no_later_step(tmp_path):
+    # ext fails (the extension does not import, or torch sees no GPU): info still runs
+    # (it says what is installed), the steps after it are failed without starting, so
+    # the budget is not spent on a dozen imports that fail.
+    summary, _, ran = _ext_fails(tmp_path, "exit 1\n")
+    assert summary[2].startswith("ext FAIL") and summary[3].startswith("info FAIL exit code")
     assert "-m blurfast info" in ran and "benchmarks/run.py" not in ran
     assert "sanitizer_case" not in ran
 
@@ -86,22 +92,11 @@ def test_a_failing_kernel_check_fails_ext_and_starts_no_later_step(tmp_path):
     # ext only imported the extension and read has_cuda: one built for another GPU's
     # architecture passed, and every later step failed. Here everything imports, and
     # only the kernel check (sanitizer_case.py --quick) fails.
-    calls = tmp_path / "calls.log"
-    py = _fake_tool(tmp_path / "py", f'echo "py $*" >> {calls}\n'
-                    'if [[ "$*" == *"sanitizer_case.py --quick"* ]]; then\n'
-                    '  echo "FAIL dct2 2x3x64x64: exception"; exit 1\nfi\n')
-    out = tmp_path / "gc"
-    r = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
-                       env={**os.environ, "PYTHON": str(py), "OUT": str(out),
-                            "GPU_CHECK_ONLY": "ext info bench memcheck",
-                            "GPU_CHECK_BUDGET": "120"})
-    assert r.returncode == 1
-    summary = (out / "summary.txt").read_text().splitlines()
+    summary, ext_log, ran = _ext_fails(
+        tmp_path, 'if [[ "$*" == *"sanitizer_case.py --quick"* ]]; then\n'
+                  '  echo "FAIL dct2 2x3x64x64: exception"; exit 1\nfi\n')
     assert summary[2].startswith("ext FAIL exit code 1") and summary[3].startswith("info PASS")
-    assert "bench FAIL not started (ext failed)" in summary
-    ext_log = (out / "ext.log").read_text()
     assert "FAIL dct2 2x3x64x64" in ext_log and "does not run on this GPU" in ext_log
-    ran = calls.read_text()
     assert "benchmarks/run.py" not in ran and ran.count("sanitizer_case") == 1
 
 
