@@ -1074,3 +1074,28 @@ def test_ckpt_folder_with_no_checkpoint_is_refused_naming_ckpt(tmp_path, capsys,
             f"directory with checkpoints/step_*, a checkpoint directory or a .safetensors "
             f"file\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh_run", "not_a_run"]
+
+
+def test_off_a_terminal_sample_prints_a_line_per_batch_not_a_bar(run_dir, tmp_path, capsys,
+                                                                 monkeypatch):
+    # A batch job's log file got every redraw of the bar; it gets one line per finished
+    # batch (batches of 2, 2 and 1 here) and the closing summary. On a terminal: the bar.
+    import re
+    out = tmp_path / "o"
+    argv = ["sample", "--ckpt", str(run_dir / "run"), "--n", "5", "--steps", "2", "--batch",
+            "2", "--device", "cpu", "--out", str(out)]
+    assert cli.main(argv) == 0
+    got = capsys.readouterr()
+    assert "\r" not in got.err and "steps x" not in got.err         # no bar
+    said = got.out.splitlines()
+    assert [re.sub(r"[0-9.]+ images/s, [0-9.]+ s$", "R", s) for s in said[:-1]] == [
+        "images 2/5: R", "images 4/5: R", "images 5/5: R"]
+    assert said[-1].startswith(f"wrote 5 images to {out}")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert cli.main(argv) == 0
+    got = capsys.readouterr()
+    assert "ddim 2 steps x 3 batches" in got.err                     # the bar
+    assert [s for s in got.out.splitlines() if not s.startswith("wrote ")] == []
+    assert cli.main(argv + ["--no-progress"]) == 0
+    got = capsys.readouterr()
+    assert got.out == "" and "steps x" not in got.err
