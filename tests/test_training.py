@@ -1951,6 +1951,7 @@ def test_sample_grids_show_progress_and_stay_out_of_images_per_s(made16, tmp_pat
         return real(*a, **k)
 
     monkeypatch.setattr(module, slowed, slow)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)      # bars: on a terminal only
     out = tmp_path / "r"
     training.train(data=str(made16), out=str(out), steps=3, **{
         **KW, "sample_every": 2, "save_every": 1000, "progress": True})
