@@ -524,6 +524,7 @@ def test_the_bar_moves_with_every_model_call(run_dir, tmp_path, monkeypatch):
         return real(self, x, t)
     monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
     monkeypatch.setattr(UNet, "forward", spy)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)      # the bar: on a terminal only
     generate(run_dir / "run", 3, tmp_path, steps=None, batch=2, fmt="npz", device="cpu")
     assert seen == list(range(2 * 39))          # 2 batches of N - 1 = 39 model calls
     assert bars[0].n == bars[0].total == 2 * 39
