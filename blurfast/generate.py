@@ -161,7 +161,8 @@ def sample_batches(model, diff, batches, *, sampler: str, seq, eta, seed: int, d
             hint = ("; float16 overflowed in the model: --precision fp32 or bf16"
                     if precision == "fp16" else "")
             warnings.warn(f"{len(bad)} image{'s' if len(bad) != 1 else ''} with non-finite "
-                          f"values (numbers {', '.join(str(b0 + i) for i in bad[:10])}"
+                          f"values (number{'s' if len(bad) != 1 else ''} "
+                          f"{', '.join(str(b0 + i) for i in bad[:10])}"
                           f"{', ...' if len(bad) > 10 else ''}){hint}", stacklevel=2)
         yield b0, _images_uint8(x.float(), pixel_range)
 

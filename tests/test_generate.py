@@ -994,11 +994,11 @@ def test_non_finite_samples_are_named_in_a_warning():
     with pytest.warns(UserWarning) as seen:            # one warning per batch
         got = dict(sample_batches(model, diff, [(2, 4), (4, 6)], precision="fp16", **kw))
     assert [str(w.message) for w in seen] == [
-        f"1 image with non-finite values (numbers {i}); float16 overflowed in the model: "
+        f"1 image with non-finite values (number {i}); float16 overflowed in the model: "
         f"--precision fp32 or bf16" for i in (3, 5)]
     assert (got[2][1] == 128).all() and (got[4][1] == 128).all()
     assert (got[2][0] != 128).any()                    # the others are images
-    with pytest.warns(UserWarning, match=r"^1 image with non-finite values \(numbers 1\)$"):
+    with pytest.warns(UserWarning, match=r"^1 image with non-finite values \(number 1\)$"):
         list(sample_batches(model, diff, [(0, 2)], precision="fp32", **kw))
 
 
