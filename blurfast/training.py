@@ -1259,8 +1259,8 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
     prepared = dataset.resize if isinstance(dataset, D.PreparedArray) else None
     if main and prepared not in (None, cfg["resize"]):
         warnings.warn(f"resize: {cfg['data']} was prepared with --resize {prepared}, this run "
-                      f"has {cfg['resize']}, with which --fid-ref and `blurfast draw` read "
-                      f"folders and lmdb; give --resize {prepared}", stacklevel=2)
+                      f"has {cfg['resize']}, with which fid_ref (--fid-ref) and `blurfast draw` "
+                      f"read folders and lmdb; give resize (--resize) {prepared}", stacklevel=2)
 
     if cfg["ema_decay"] is not None:
         ema_beta = cfg["ema_decay"]

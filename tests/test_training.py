@@ -2564,8 +2564,12 @@ def test_a_run_on_an_array_prepared_with_another_resize_warns(tmp_path):
     data = tmp_path / "sq.npy"
     D.prepare(made_photos(tmp_path / "src", 8), data, resolution=16, resize="squash",
               workers=0, progress=False)
+    # Worded for train() and the CLI alike: the argument, its flag in brackets.
     with pytest.warns(UserWarning, match=rf"^resize: {re.escape(str(data))} was prepared with "
-                                         rf"--resize squash, this run has center-crop"):
+                                         rf"--resize squash, this run has center-crop, with "
+                                         rf"which fid_ref \(--fid-ref\) and `blurfast draw` "
+                                         rf"read folders and lmdb; give resize \(--resize\) "
+                                         rf"squash$"):
         training.train(data=str(data), out=str(tmp_path / "a"), steps=1, **KW)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="resize: ")
