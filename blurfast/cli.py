@@ -317,8 +317,9 @@ def _add_sample(sub) -> None:
                         "aside) wrote into --out and sample only the rest: the images of an "
                         "uninterrupted run; a folder made with other flags is refused")
     s.add_argument("--no-progress", action="store_true",
-                   help="no progress bar (one tick per model call, images done beside it) and "
-                        "no closing summary line")
+                   help="no progress bar (on a terminal: one tick per model call, images "
+                        "done beside it; elsewhere a line per finished batch) and no closing "
+                        "summary line")
     s.set_defaults(func=_sample)
 
 

@@ -275,9 +275,10 @@ def _process(args) -> int:
     x0 = to_float(ds.__getitems__(picks), None, pixel_range).contiguous()
     _, steps = viz.forward_strip(diff, x0, path=out, seed=args.seed, num=args.columns,
                                  pixel_range=pixel_range, noise=not args.no_noise)
-    print(f"wrote {out}: {n} image{'s' if n != 1 else ''} of {data} (numbers "
-          f"{', '.join(map(str, picks))}), {'the mean of x_i' if args.no_noise else 'x_i'} at "
-          f"i = {', '.join(map(str, steps))} of N = {diff.num_steps}")
+    print(f"wrote {out}: {n} image{'s' if n != 1 else ''} of {data} (number"
+          f"{'s' if n != 1 else ''} {', '.join(map(str, picks))}), "
+          f"{'the mean of x_i' if args.no_noise else 'x_i'} at i = "
+          f"{', '.join(map(str, steps))} of N = {diff.num_steps}")
     return 0
 
 
@@ -362,8 +363,9 @@ def _variations(args) -> int:
                            device=device, clip=data_range(pixel_range),
                            progress=bars_on(args.no_progress))
     print(f"wrote {out}: {len(picks)} image{'s' if len(picks) != 1 else ''} of {data} "
-          f"(numbers {', '.join(map(str, picks))}), each with its mean at step {start} of "
-          f"N = {diff.num_steps}, then {args.variations} variation"
+          f"(number{'s' if len(picks) != 1 else ''} {', '.join(map(str, picks))}), each "
+          f"with its mean at step {start} of N = {diff.num_steps}, then {args.variations} "
+          f"variation"
           f"{'s' if args.variations != 1 else ''} ({args.sampler}, {steps} model calls)")
     return 0
 

@@ -168,9 +168,10 @@ def _add_train(sub) -> None:
     g.add_argument("--keep", type=int, help="checkpoints kept")
     g.add_argument("--sample-every", dest="sample_every", type=int,
                    help="steps between sample grids of the EMA weights")
-    g.add_argument("--sample-count", dest="sample_count", type=int, help="images per grid")
+    g.add_argument("--sample-count", dest="sample_count", type=int,
+                   help="images per grid (default 64, 16 on a CPU)")
     g.add_argument("--sample-steps", dest="sample_steps", type=int,
-                   help="DDIM steps of the grids")
+                   help="DDIM steps of the grids (default 100, 25 on a CPU)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction,
                    help="progress bars (training steps, each sample grid and FID point) "
                         "and the printed config; off a terminal a line per log row instead "

@@ -644,7 +644,7 @@ def open_dataset(path, resolution: Optional[int] = None, resize: str = DEFAULT_R
         ds = PreparedArray(p, **named)
         if resolution is not None and resolution != ds.resolution:
             raise ValueError(f"resolution: {resolution} differs from the prepared array's "
-                             f"{ds.resolution} ({p}); give resolution {ds.resolution}, or "
+                             f"{ds.resolution} ({p}); give {ds.resolution}, or "
                              f"prepare it again at {resolution}")
         if channels is not None and channels != ds.channels:
             raise ValueError(f"channels: {channels} differs from the prepared array's "

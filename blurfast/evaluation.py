@@ -74,10 +74,14 @@ def inception_extractor(path=None, device="cpu", download: bool = True) -> Calla
         helper, _ = _cleanfid()
         url = helper.inception_url
         if not (download and _reachable(url)):
+            # a path given names the file already: the advice is another path, not a copy
+            where = (f"copy it to {p} (clean-fid's place), or give inception (--inception) "
+                     f"the path of a copy" if path is None else "give the path of a copy")
             raise FileNotFoundError(
-                f"inception: InceptionV3 weights not found at {p}. Without network access, "
-                f"copy clean-fid's {INCEPTION_FILE} (from {url}) to {p}, or pass "
-                f"--inception PATH (a file or a folder holding {INCEPTION_FILE}).")
+                f"inception: InceptionV3 weights not found at {p}, and "
+                f"{'no network access to download them' if download else 'download is off'}"
+                f": they are clean-fid's {INCEPTION_FILE} (from {url}); {where} (the file, or "
+                f"a folder holding it)")
         p.parent.mkdir(parents=True, exist_ok=True)
         folder = tempfile.mkdtemp(dir=p.parent)
         try:

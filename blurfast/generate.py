@@ -13,6 +13,7 @@ import json
 import math
 import numbers
 import re
+import sys
 import time
 import warnings
 import zipfile
@@ -160,7 +161,8 @@ def sample_batches(model, diff, batches, *, sampler: str, seq, eta, seed: int, d
             hint = ("; float16 overflowed in the model: --precision fp32 or bf16"
                     if precision == "fp16" else "")
             warnings.warn(f"{len(bad)} image{'s' if len(bad) != 1 else ''} with non-finite "
-                          f"values (numbers {', '.join(str(b0 + i) for i in bad[:10])}"
+                          f"values (number{'s' if len(bad) != 1 else ''} "
+                          f"{', '.join(str(b0 + i) for i in bad[:10])}"
                           f"{', ...' if len(bad) > 10 else ''}){hint}", stacklevel=2)
         yield b0, _images_uint8(x.float(), pixel_range)
 
@@ -202,7 +204,8 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
     ``fp16`` (for GPUs without bfloat16) or ``fp32``; ``cuda_graph`` replays the model call of each step from a CUDA graph;
     ``compile`` runs the model under ``torch.compile`` (one compilation per batch size,
     inside the graph when both are set); ``clip`` clamps the model's x0 estimate to the
-    data range (default on).
+    data range (default on). ``progress``: a bar when stderr is a terminal, else a line
+    per finished batch, and the printed summary.
     ``resume``: keep the images an earlier run with the same settings (the manifest's
     :data:`RESUME_KEYS`; ``n`` may differ) wrote into ``out`` and sample only the others,
     which gives the images of an uninterrupted run; a folder of other settings, or of
@@ -265,9 +268,13 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
             barrier()                   # the previous run's files are gone
         batches = todo[rank::world]
         mine = sum(b1 - b0 for b0, b1 in batches)
-        # One tick per model call: the bar moves within a batch (a full chain is long).
-        bar = tqdm(total=len(batches) * len(seq), unit="step", disable=not progress
-                   or rank != 0, desc=f"{sampler} {len(seq)} steps x {len(batches)} batches")
+        # progress: on a terminal a bar, one tick per model call (it moves within a batch: a
+        # full chain is long); elsewhere (a batch job's log file, where a bar's redraws pile
+        # up) a line per finished batch
+        lines = progress and rank == 0 and not sys.stderr.isatty()
+        bar = tqdm(total=len(batches) * len(seq), unit="step",
+                   disable=not progress or rank != 0 or lines,
+                   desc=f"{sampler} {len(seq)} steps x {len(batches)} batches")
         done, t0 = 0, time.perf_counter()
         for b0, imgs in sample_batches(net, diff, batches, sampler=sampler, seq=seq, eta=eta,
                                        seed=seed, device=dev, precision=precision,
@@ -279,8 +286,11 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
             else:
                 _save_chunk(out, b0, imgs)
             done += len(imgs)
-            bar.set_postfix(images=f"{done}/{mine}",
-                            img_per_s=f"{done / (time.perf_counter() - t0):.2f}")
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(images=f"{done}/{mine}", img_per_s=f"{done / elapsed:.2f}")
+            if lines:
+                print(f"images {done}/{mine}: {done / elapsed:.2f} images/s, "
+                      f"{elapsed:.1f} s", flush=True)
         bar.close()
         if world > 1:
             barrier()                   # every rank's images are written

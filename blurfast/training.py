@@ -882,7 +882,8 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
           cuda_graphs: Optional[bool] = None, num_workers: Optional[int] = None,
           log_every: int = 100,
           save_every: int = 5000, keep: int = 3, sample_every: int = 10_000,
-          sample_count: int = 64, sample_steps: int = 100, resume: Optional[str] = None,
+          sample_count: Optional[int] = None, sample_steps: Optional[int] = None,
+          resume: Optional[str] = None,
           max_nonfinite: int = 100, fid_every: Optional[int] = None, fid_ref=None,
           fid_n: int = 1000, fid_steps: int = 100, inception: Optional[str] = None,
           progress: bool = True) -> dict:
@@ -954,7 +955,8 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
         args["num_workers"] = check_int("num_workers", num_workers, 0)
     for name in ("log_every", "save_every", "keep", "sample_every", "sample_count",
                  "sample_steps", "max_nonfinite"):
-        args[name] = check_int(name, args[name])
+        if args[name] is not None or name not in ("sample_count", "sample_steps"):
+            args[name] = check_int(name, args[name])
     # < 2**32: derive_seed keeps (seed, step, tag) tuples apart only below it
     seed = args["seed"] = check_int("seed", seed, 0, 2 ** 32 - 1)
     # resize now, whatever the data: a folder fid_ref would read it only at the first FID
@@ -1037,6 +1039,12 @@ def train(*, data, out, preset: str = "small", resolution: int = 64, channels: i
             if cuda and tf32:
                 b = torch.backends
                 b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark = BACKEND_FLAGS
+            # The grids' defaults per device, saved as resolved (a resumed run keeps them):
+            # on a 2-core CPU one grid of 64 images x 100 steps took over 10 minutes.
+            grid = SAMPLE_GRID_CPU if dev.type == "cpu" else SAMPLE_GRID
+            for name, default in zip(("sample_count", "sample_steps"), grid):
+                if args[name] is None:
+                    args[name] = default
             global_batch = batch_size * world
             config = {k: v for k, v in args.items() if k not in ("progress",)}
             config.update(data=str(data), out=str(out),
@@ -1095,6 +1103,11 @@ class _FidLog:
             self.best = value
             return True
         return False
+
+
+# train()'s default (sample_count, sample_steps) of the sample grids: on a CPU, and elsewhere.
+SAMPLE_GRID_CPU = (16, 25)
+SAMPLE_GRID = (64, 100)
 
 
 # What a checkpoint's weights mean: a resumed run may not change these (the image size
@@ -1246,8 +1259,8 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
     prepared = dataset.resize if isinstance(dataset, D.PreparedArray) else None
     if main and prepared not in (None, cfg["resize"]):
         warnings.warn(f"resize: {cfg['data']} was prepared with --resize {prepared}, this run "
-                      f"has {cfg['resize']}, with which --fid-ref and `blurfast draw` read "
-                      f"folders and lmdb; give --resize {prepared}", stacklevel=2)
+                      f"has {cfg['resize']}, with which fid_ref (--fid-ref) and `blurfast draw` "
+                      f"read folders and lmdb; give resize (--resize) {prepared}", stacklevel=2)
 
     if cfg["ema_decay"] is not None:
         ema_beta = cfg["ema_decay"]

@@ -505,7 +505,7 @@ def test_prepared_array_batches_and_checks(tmp_path):
     ds2 = pickle.loads(pickle.dumps(ds))
     np.testing.assert_array_equal(ds2[6], a[6])
     with pytest.raises(ValueError, match=r"^resolution: 8 differs from the prepared array's 4 "
-                                         r".*; give resolution 4, or prepare it again at 8$"):
+                                         r".*; give 4, or prepare it again at 8$"):
         D.open_dataset(tmp_path / "a.npy", resolution=8)
     np.save(tmp_path / "f.npy", a.astype(np.float32))
     with pytest.raises(ValueError, match="uint8"):
@@ -1148,3 +1148,17 @@ def test_prepare_draws_its_bar_on_a_terminal_only(tmp_path, capsys, monkeypatch)
         err = capsys.readouterr().err
         assert ("prepare photos: 100%" in err) == drawn, (tty, flags, err)
         assert np.load(out).shape == (4, 8, 8, 3)
+
+
+def test_a_prepared_arrays_other_resolution_is_refused_in_the_words_of_the_cli(tmp_path,
+                                                                             capsys):
+    # The CLI names the flag (--resolution): the advice "give resolution 4" named the
+    # Python argument beside it; it gives the value alone.
+    from blurfast import cli
+    np.save(tmp_path / "a.npy", np.zeros((3, 4, 4, 3), np.uint8))
+    assert cli.main(["draw", "process", "--data", str(tmp_path / "a.npy"), "--resolution", "8",
+                     "--out", str(tmp_path / "p.png")]) == 2
+    assert capsys.readouterr().err == (
+        f"blurfast draw: error: --resolution: 8 differs from the prepared array's 4 "
+        f"({tmp_path / 'a.npy'}); give 4, or prepare it again at 8\n")
+    assert not (tmp_path / "p.png").exists()

@@ -450,3 +450,14 @@ def test_draw_shows_its_bar_on_a_terminal_only(run, tmp_path, capsys, monkeypatc
                          str(tmp_path / "p.png")] + flags) == 0
         err = capsys.readouterr().err
         assert ("ddim:" in err) == drawn, (tty, flags, err)
+
+
+def test_one_image_is_said_as_number_0(run, tmp_path, capsys):
+    # "1 image of ... (numbers 0)": one picked image is said in the singular.
+    assert cli.main(["draw", "process", "--ckpt", str(run / "run"), "--n", "1", "--columns",
+                     "2", "--out", str(tmp_path / "p.png")]) == 0
+    assert f"1 image of {run / 'photos'} (number 0), x_i at i = " in capsys.readouterr().out
+    assert cli.main(["draw", "variations", "--ckpt", str(run / "run"), "--n", "1",
+                     "--variations", "1", "--strength", "0.1", "--device", "cpu", "--out",
+                     str(tmp_path / "v.png"), "--no-progress"]) == 0
+    assert " (number 0), each with its mean at step " in capsys.readouterr().out

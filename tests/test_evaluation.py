@@ -141,6 +141,33 @@ def test_missing_inception_offline_names_file_and_path(tmp_path, monkeypatch):
     assert ev.INCEPTION_FILE in msg and str(where / ev.INCEPTION_FILE) in msg
 
 
+def test_missing_inception_advice_fits_the_path_given_or_the_default(tmp_path, monkeypatch,
+                                                                     capsys):
+    # `fid --inception /missing.pt` advised "copy ... to /missing.pt, or pass --inception
+    # PATH": the flag given already. A path given asks for another path; the default place
+    # (no path given) is where a copy goes.
+    from blurfast import cli
+    monkeypatch.setattr(ev, "_reachable", lambda url, timeout=3.0: False)
+    np.save(tmp_path / "ref.npy", np.zeros((2, 8, 8, 3), np.uint8))
+    missing = tmp_path / "missing.pt"
+    assert cli.main(["fid", "--check", "--inception", str(missing), "--ref",
+                     str(tmp_path / "ref.npy"), "--device", "cpu"]) == 2
+    url = ev._cleanfid()[0].inception_url
+    assert capsys.readouterr().err == (
+        f"blurfast fid: error: --inception: InceptionV3 weights not found at {missing}, and "
+        f"no network access to download them: they are clean-fid's {ev.INCEPTION_FILE} "
+        f"(from {url}); give the path of a copy (the file, or a folder holding it)\n")
+    default = tmp_path / "tmp" / ev.INCEPTION_FILE
+    monkeypatch.setattr(ev, "default_inception_path", lambda: default)
+    with pytest.raises(FileNotFoundError) as e:
+        ev.inception_extractor(download=False)
+    assert str(e.value) == (
+        f"inception: InceptionV3 weights not found at {default}, and download is off: they "
+        f"are clean-fid's {ev.INCEPTION_FILE} (from {url}); copy it to {default} (clean-fid's "
+        f"place), or give inception (--inception) the path of a copy (the file, or a folder "
+        f"holding it)")
+
+
 def test_an_interrupted_inception_download_leaves_nothing_behind(tmp_path, monkeypatch):
     # clean-fid downloads into a temporary folder beside the weights' place; a download
     # cut off (the network, Ctrl-C) left that folder and the part of the file in it.

@@ -524,6 +524,7 @@ def test_the_bar_moves_with_every_model_call(run_dir, tmp_path, monkeypatch):
         return real(self, x, t)
     monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
     monkeypatch.setattr(UNet, "forward", spy)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)      # the bar: on a terminal only
     generate(run_dir / "run", 3, tmp_path, steps=None, batch=2, fmt="npz", device="cpu")
     assert seen == list(range(2 * 39))          # 2 batches of N - 1 = 39 model calls
     assert bars[0].n == bars[0].total == 2 * 39
@@ -993,11 +994,11 @@ def test_non_finite_samples_are_named_in_a_warning():
     with pytest.warns(UserWarning) as seen:            # one warning per batch
         got = dict(sample_batches(model, diff, [(2, 4), (4, 6)], precision="fp16", **kw))
     assert [str(w.message) for w in seen] == [
-        f"1 image with non-finite values (numbers {i}); float16 overflowed in the model: "
+        f"1 image with non-finite values (number {i}); float16 overflowed in the model: "
         f"--precision fp32 or bf16" for i in (3, 5)]
     assert (got[2][1] == 128).all() and (got[4][1] == 128).all()
     assert (got[2][0] != 128).any()                    # the others are images
-    with pytest.warns(UserWarning, match=r"^1 image with non-finite values \(numbers 1\)$"):
+    with pytest.warns(UserWarning, match=r"^1 image with non-finite values \(number 1\)$"):
         list(sample_batches(model, diff, [(0, 2)], precision="fp32", **kw))
 
 
@@ -1074,3 +1075,28 @@ def test_ckpt_folder_with_no_checkpoint_is_refused_naming_ckpt(tmp_path, capsys,
             f"directory with checkpoints/step_*, a checkpoint directory or a .safetensors "
             f"file\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh_run", "not_a_run"]
+
+
+def test_off_a_terminal_sample_prints_a_line_per_batch_not_a_bar(run_dir, tmp_path, capsys,
+                                                                 monkeypatch):
+    # A batch job's log file got every redraw of the bar; it gets one line per finished
+    # batch (batches of 2, 2 and 1 here) and the closing summary. On a terminal: the bar.
+    import re
+    out = tmp_path / "o"
+    argv = ["sample", "--ckpt", str(run_dir / "run"), "--n", "5", "--steps", "2", "--batch",
+            "2", "--device", "cpu", "--out", str(out)]
+    assert cli.main(argv) == 0
+    got = capsys.readouterr()
+    assert "\r" not in got.err and "steps x" not in got.err         # no bar
+    said = got.out.splitlines()
+    assert [re.sub(r"[0-9.]+ images/s, [0-9.]+ s$", "R", s) for s in said[:-1]] == [
+        "images 2/5: R", "images 4/5: R", "images 5/5: R"]
+    assert said[-1].startswith(f"wrote 5 images to {out}")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert cli.main(argv) == 0
+    got = capsys.readouterr()
+    assert "ddim 2 steps x 3 batches" in got.err                     # the bar
+    assert [s for s in got.out.splitlines() if not s.startswith("wrote ")] == []
+    assert cli.main(argv + ["--no-progress"]) == 0
+    got = capsys.readouterr()
+    assert got.out == "" and "steps x" not in got.err

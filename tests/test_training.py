@@ -1951,6 +1951,7 @@ def test_sample_grids_show_progress_and_stay_out_of_images_per_s(made16, tmp_pat
         return real(*a, **k)
 
     monkeypatch.setattr(module, slowed, slow)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)      # bars: on a terminal only
     out = tmp_path / "r"
     training.train(data=str(made16), out=str(out), steps=3, **{
         **KW, "sample_every": 2, "save_every": 1000, "progress": True})
@@ -2563,8 +2564,12 @@ def test_a_run_on_an_array_prepared_with_another_resize_warns(tmp_path):
     data = tmp_path / "sq.npy"
     D.prepare(made_photos(tmp_path / "src", 8), data, resolution=16, resize="squash",
               workers=0, progress=False)
+    # Worded for train() and the CLI alike: the argument, its flag in brackets.
     with pytest.warns(UserWarning, match=rf"^resize: {re.escape(str(data))} was prepared with "
-                                         rf"--resize squash, this run has center-crop"):
+                                         rf"--resize squash, this run has center-crop, with "
+                                         rf"which fid_ref \(--fid-ref\) and `blurfast draw` "
+                                         rf"read folders and lmdb; give resize \(--resize\) "
+                                         rf"squash$"):
         training.train(data=str(data), out=str(tmp_path / "a"), steps=1, **KW)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="resize: ")
@@ -3425,3 +3430,21 @@ def test_off_a_terminal_train_prints_a_line_per_log_row_not_a_bar(made16, tmp_pa
     assert said == [f"step {r['step']}/3: loss {float(r['loss']):.4f}, {r['images_per_s']} "
                     f"images/s, skipped {r['nonfinite']}, {r['elapsed_s']} s" for r in rows]
     assert [r["step"] for r in rows] == ["2", "3"]
+
+
+def test_sample_grids_default_to_16_images_of_25_steps_on_a_cpu(made16, tmp_path, monkeypatch):
+    # 64 images x 100 DDIM steps (the GPU default) made a 1-step CPU run's final grid take
+    # over 10 minutes; on a CPU the default is 16 x 25, saved as the run used it.
+    import json
+    made = []
+    real = training._save_samples
+    monkeypatch.setattr(training, "_save_samples", lambda ema, diff, path, count, steps, *a, **k:
+                        made.append((count, steps)) or real(ema, diff, path, count, steps,
+                                                            *a, **k))
+    kw = {k: v for k, v in KW.items() if k not in ("sample_count", "sample_steps")}
+    out = tmp_path / "r"
+    training.train(data=str(made16), out=str(out), steps=1, **kw)
+    assert made == [(16, 25)]
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["sample_count"], cfg["sample_steps"]) == (16, 25)
+    assert (out / "samples" / "step_000000001.png").is_file()
