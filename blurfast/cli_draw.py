@@ -375,11 +375,6 @@ def _curves(args) -> int:
     run = Path(args.run)
     if not run.is_dir():
         raise ValueError(f"RUN_DIR: {args.run!r} is not a directory")
-    if not (run / "log.csv").is_file():
-        raise ValueError(f"RUN_DIR: no log.csv in {args.run!r}")
-    if not viz._read_columns(run / "log.csv", ["step"])["step"]:
-        raise ValueError(f"RUN_DIR: the log.csv of {args.run!r} has no rows yet (training "
-                         f"writes one every --log-every steps)")
     out = _check_out(args.out) if args.out is not None else None
-    print(f"wrote {viz.training_curves(run, out)}")
+    print(f"wrote {viz.training_curves(run, out, arg='RUN_DIR')}")
     return 0

@@ -298,21 +298,25 @@ def _smooth(values: Sequence[float], rows: int) -> list:
 _MARKED_ROWS = 20       # log rows up to which the curves mark each point
 
 
-def training_curves(run_dir, path=None) -> Path:
+def training_curves(run_dir, path=None, *, arg: str = "run_dir") -> Path:
     """``RUN_DIR/curves.png`` (or ``path``): loss (log scale, with a moving average),
     gradient norm and images/s against the step, from ``log.csv``, and FID and KID from
-    ``fid.csv`` when the run scores itself. Needs matplotlib; returns the path."""
+    ``fid.csv`` when the run scores itself. Needs matplotlib; returns the path. A run
+    without log.csv or without rows in it: ValueError naming ``arg`` (a caller's own)."""
+    run_dir = Path(run_dir)
+    log_path = run_dir / "log.csv"
+    if not log_path.is_file():
+        raise ValueError(f"{arg}: no log.csv in {str(run_dir)!r}")
+    log = _read_columns(log_path, ["step", "loss", "grad_norm", "images_per_s"])
+    if not log["step"]:
+        raise ValueError(f"{arg}: the log.csv of {str(run_dir)!r} has no rows yet (training "
+                         f"writes one every log_every steps)")
     try:        # a Figure of its own: no pyplot state, no backend switch in the caller
         from matplotlib.figure import Figure
     except ImportError as e:
         raise ImportError("training_curves needs matplotlib: pip install matplotlib") from e
     from .fileio import atomic_path
 
-    run_dir = Path(run_dir)
-    log_path = run_dir / "log.csv"
-    if not log_path.is_file():
-        raise ValueError(f"run_dir: no log.csv in {run_dir}")
-    log = _read_columns(log_path, ["step", "loss", "grad_norm", "images_per_s"])
     fid_path = run_dir / "fid.csv"
     fid = _read_columns(fid_path, ["step", "fid", "kid"]) if fid_path.is_file() else None
     panels = [("loss", "loss (log scale)"), ("grad_norm", "gradient norm (before clipping)"),

@@ -171,10 +171,14 @@ def test_training_curves_of_a_single_log_row_show_its_point(tmp_path):
         assert (np.abs(band - np.array(c)).sum(-1) < 40).sum() > 10
 
 
-def test_training_curves_needs_a_log(tmp_path):
-    pytest.importorskip("matplotlib")
+def test_training_curves_needs_a_log_with_rows(tmp_path):
     with pytest.raises(ValueError, match="run_dir: no log.csv"):
         viz.training_curves(tmp_path)
+    # a run that has not logged yet: an empty plot was written
+    (tmp_path / "log.csv").write_text("step,loss,grad_norm,images_per_s\n")
+    with pytest.raises(ValueError, match="^RUN_DIR: the log.csv of .* has no rows yet"):
+        viz.training_curves(tmp_path, arg="RUN_DIR")
+    assert not (tmp_path / "curves.png").exists()
 
 
 def test_pictures_are_written_whole_with_the_usual_permissions(tmp_path):
