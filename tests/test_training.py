@@ -1017,6 +1017,8 @@ def test_sigterm_to_one_rank_stops_both_at_the_next_log_point_and_rank_0_saves(m
     assert step % 4 == 0 and step > 4
     assert int((out / "log.csv").read_text().splitlines()[-1].split(",")[0]) == step
     assert f"signal on another rank: saved {out / 'checkpoints' / f'step_{step:09d}'}" in logs[0]
+    # only rank 0 announces a signal (_Signals(announce)); rank 1, signalled, says nothing
+    assert "SIGTERM: stopping" not in logs[1], logs[1]
 
 
 def test_sigterm_to_a_rank_waiting_for_rank_0s_last_save_ends_both_as_signalled(made16,
@@ -3430,6 +3432,18 @@ def test_off_a_terminal_train_prints_a_line_per_log_row_not_a_bar(made16, tmp_pa
     assert said == [f"step {r['step']}/3: loss {float(r['loss']):.4f}, {r['images_per_s']} "
                     f"images/s, skipped {r['nonfinite']}, {r['elapsed_s']} s" for r in rows]
     assert [r["step"] for r in rows] == ["2", "3"]
+
+
+def test_off_a_terminal_train_prints_each_fid_as_a_line(made16, tmp_path, capsys,
+                                                       monkeypatch):
+    # Without a bar (stderr no terminal) the FID points are printed too, as the bar
+    # would have written them, the best so far beside each.
+    _fids(monkeypatch, (5.0, 3.0, 4.0))
+    training.train(data=str(made16), out=str(tmp_path / "r"), steps=3,
+                   **{**KW, "progress": True, "fid_every": 1, "fid_ref": str(made16)})
+    said = [line for line in capsys.readouterr().out.splitlines() if "FID" in line]
+    assert said == ["step 1: FID 5.000 (best 5.000)", "step 2: FID 3.000 (best 3.000)",
+                    "step 3: FID 4.000 (best 3.000)"]
 
 
 def test_sample_grids_default_to_16_images_of_25_steps_on_a_cpu(made16, tmp_path, monkeypatch):
