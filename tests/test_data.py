@@ -91,6 +91,12 @@ def test_image_arrays_read_the_arrays_pixels_without_encoding_them(monkeypatch):
                                           D.decode(_png(rgb), 8, resize, c))
     with pytest.raises(ValueError, match=r"^a: expected a uint8 array"):
         D.decode_array(rgb.astype(np.float32), 8, "squash")
+    # another shape: RGBA (its alpha would be dropped unseen), two channels, a plane
+    for bad in (np.zeros((8, 8, 4), np.uint8), np.zeros((8, 8, 2), np.uint8),
+                np.zeros((8, 8), np.uint8)):
+        with pytest.raises(ValueError, match=rf"^a: expected a uint8 array \(H, W, 1 or 3\), "
+                                             rf"got uint8 {re.escape(str(bad.shape))}$"):
+            D.decode_array(bad, 8, "squash")
 
 
 def test_center_crop_of_a_wide_image_takes_its_central_columns():
@@ -297,6 +303,12 @@ def test_prepare_records_its_resize_and_an_array_without_the_record_still_reads(
     # a record of another array (another shape) is not this array's
     np.save(out, pixels[:2])
     assert D.PreparedArray(out).resize is None
+    # a record of no known resize mode (edited by hand, a newer blurfast's) is not read
+    record = json.loads((tmp_path / "out.npy.json").read_text())
+    (tmp_path / "out.npy.json").write_text(json.dumps(dict(record, shape=[2, 8, 8, 3],
+                                                           resize="stretch")))
+    assert D.PreparedArray(out).resize is None
+    (tmp_path / "out.npy.json").write_text(json.dumps(record))
     # an array of an older blurfast (no record) reads as before, its resize unknown
     np.save(out, pixels)
     assert D.PreparedArray(out).resize == "center-crop"
@@ -304,6 +316,26 @@ def test_prepare_records_its_resize_and_an_array_without_the_record_still_reads(
     ds = D.open_dataset(out)
     assert ds.resize is None and len(ds) == 3
     np.testing.assert_array_equal(ds.__getitems__([0, 1, 2]).numpy(), pixels)
+
+
+def test_an_overwrite_cut_before_its_record_leaves_no_record_of_the_old_array(tmp_path,
+                                                                            monkeypatch):
+    # --overwrite of an array of the same shape, another resize, stopped after the new
+    # array took its name but before its record was written: the old array's record
+    # (same shape, so it would pass as this array's) must be gone, the resize unknown.
+    src = made_photos(tmp_path / "src", 3, size=20)
+    out = tmp_path / "out.npy"
+    D.prepare(src, out, resolution=8, resize="squash", workers=0, progress=False)
+    assert D.PreparedArray(out).resize == "squash"
+
+    def cut(*a, **k):
+        raise KeyboardInterrupt                   # stands for Ctrl-C or a kill
+    monkeypatch.setattr(D, "write_text", cut)
+    with pytest.raises(KeyboardInterrupt):
+        D.prepare(src, out, resolution=8, resize="center-crop", workers=0, progress=False,
+                  overwrite=True)
+    assert not D.prepared_meta_path(out).exists()
+    assert D.PreparedArray(out).resize is None
 
 
 def test_prepare_and_info_show_the_resize_of_a_prepared_array(tmp_path, capsys):
