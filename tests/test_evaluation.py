@@ -123,6 +123,10 @@ def test_numpy_ints_for_the_reference_size_give_the_fid_of_python_ints(tmp_path,
     got = ev.fid(tmp_path / "s.npz", tmp_path / "ref", resolution=np.int64(16),
                  channels=np.int64(3), **kw)
     assert float(got) == float(want)
+    assert type(got.channels) is int and got.channels == 3    # as given by a Python int
+    with pytest.raises(ValueError, match=r"^channels: expected an int in \[1, 3\] or None, "
+                                         r"got 4$"):
+        ev.fid(tmp_path / "s.npz", tmp_path / "ref", resolution=16, channels=4, **kw)
     mu, _ = ev.reference_statistics(tmp_path / "ref", np.int32(16), n=None,
                                     extractor=_pool_features, progress=False,
                                     channels=np.int64(3))[:2]

@@ -752,6 +752,10 @@ def test_the_manifest_of_a_safetensors_file_claims_no_weights_it_did_not_pick(ru
         assert read_manifest(tmp_path / f)["ema"] is None
     generate(step, 2, tmp_path / "dir", ema=False, **kw)
     assert json.loads((tmp_path / "dir" / "samples.json").read_text())["ema"] is False
+    # evaluation.sample_run (public) reads the same manifest given the folder as a str
+    from blurfast.evaluation import sample_run
+    assert sample_run(str(tmp_path / "dir")) == read_manifest(tmp_path / "dir") is not None
+    assert sample_run(str(tmp_path)) is None                 # no run
 
 
 def _interrupted(run_dir, out, monkeypatch, calls_before: int, **kw):
@@ -1075,6 +1079,18 @@ def test_ckpt_folder_with_no_checkpoint_is_refused_naming_ckpt(tmp_path, capsys,
             f"directory with checkpoints/step_*, a checkpoint directory or a .safetensors "
             f"file\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh_run", "not_a_run"]
+
+
+def test_a_checkpoint_directory_with_only_its_manifest_goes_on_to_the_checkpoint_check(
+        tmp_path):
+    # manifest.json alone marks a checkpoint directory (its weights lost or never written):
+    # resolve_checkpoint hands it on, for the checkpoint loader to name what is missing,
+    # instead of calling it no checkpoint directory at all.
+    from blurfast.generate import resolve_checkpoint
+    step = tmp_path / "step_000000002"
+    step.mkdir()
+    (step / "manifest.json").write_text("{}\n")
+    assert resolve_checkpoint(step) == step
 
 
 def test_off_a_terminal_sample_prints_a_line_per_batch_not_a_bar(run_dir, tmp_path, capsys,

@@ -275,10 +275,12 @@ def test_step_lists_refuse_non_integers_and_take_every_kind_of_int(small):
     # A float step (5.0 as much as 5.7, or a float tensor), or a bool, is refused naming
     # the argument: spacing of timesteps, timesteps of a sampler (not t, an argument the
     # caller never gave). Python and numpy ints and 1-D integer tensors are read as the
-    # same steps: the same list, the same images.
+    # same steps: the same list, the same images. A repeated step, and a 0-d tensor (not
+    # a list of steps), are refused too.
     x = small.prior_sample(SHAPE, 7, seed=1)
     for bad in ([7.0, 4, 1], [7.5, 4, 1], np.array([7.0, 4.0, 1.0]),
-                torch.tensor([7.0, 4.0, 1.0]), [True], torch.tensor([[7, 4, 1]])):
+                torch.tensor([7.0, 4.0, 1.0]), [True], torch.tensor([[7, 4, 1]]),
+                torch.tensor(7), [7, 7, 1], torch.tensor([7, 4, 4])):
         with pytest.raises(ValueError, match=r"^spacing: expected strictly decreasing "
                                              r"integer steps"):
             timesteps(small, spacing=bad)
