@@ -605,6 +605,36 @@ def test_demo_checks_the_device_before_any_work(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flags, lines", [([], True), (["--no-progress"], False)])
+def test_bench_off_a_terminal_logs_its_rows_unless_no_progress(flags, lines, capsys,
+                                                              monkeypatch):
+    import sys
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert cli.main(["bench", "--device", "cpu", "--no-steps", "--cases", "dct2", "--shapes",
+                     "2x3x8x8", "--impls", "torch_fp32", "--iters", "1", "--warmup", "0",
+                     *flags]) == 0
+    err = capsys.readouterr().err.splitlines()
+    rows = [ln for ln in err if ln.split()[:4] == ["dct2", "2x3x8x8", "torch_fp32", "float32"]]
+    assert len(rows) == (1 if lines else 0), err
+
+
+def test_bench_row_log_has_each_row_and_each_skip_once():
+    # row_log: a line per timed row (its line of the table) and per skipped one, each
+    # once, as its case and shape finish (cupy on a CPU: skipped, "CUDA only").
+    import io
+
+    from blurfast import bench
+    log = io.StringIO()
+    res = bench.run(device="cpu", cases=["dct2"], impls=["torch_fp32", "cupy"],
+                    shapes=["1x1x8x8", "1x1x16x16"], iters=1, warmup=0, print_table=False,
+                    row_log=log)
+    assert [r["impl"] for r in res["rows"]] == ["torch_fp32"] * 2
+    assert log.getvalue().splitlines() == [
+        line for r, s in zip(res["rows"], res["skipped"])
+        for line in (bench.row_line(r), f"skipped dct2 {'x'.join(map(str, s['shape']))} "
+                                        f"cupy {s['dtype']}: {s['reason']}")]
+
+
 def test_bench_run_with_numpy_ints_writes_its_json(tmp_path):
     # iters and warmup as numpy integers (taken wherever ints are): the result's iters
     # went into the JSON as np.int64, a TypeError of json.dumps after the first case.

@@ -381,17 +381,21 @@ def test_a_step_that_runs_again_leaves_no_stale_results(tmp_path):
     # Only bench.json was removed before its step ran: a bench_extra or steps step that
     # ran again and failed before writing left the earlier file, merged as this run's.
     import json
+    # every step that writes a JSON of its own, bench's kept as not selected
+    kernels = ("bench_variants", "bench_columns", "bench_extra")
     out = _write_results(tmp_path / "gc", bench=dict(_HEADER, rows=[_ROW], skipped=[]),
-                         bench_extra=dict(_HEADER, rows=[_ROW], skipped=[]),
-                         steps=dict(_HEADER, rows=[], skipped=[], model_steps=[_STEP]))
+                         **{s: dict(_HEADER, rows=[_ROW], skipped=[]) for s in kernels},
+                         **{s: dict(_HEADER, rows=[], skipped=[], model_steps=[_STEP])
+                            for s in ("steps", "steps64")})
     py = _fake_tool(tmp_path / "py", '[[ "$*" == *merge_results* ]] && exec '
                     f'{shlex.quote(sys.executable)} "$@"\nexit 1\n')
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
                        env={**env, "PYTHON": str(py), "OUT": str(out),
-                            "GPU_CHECK_ONLY": "bench_extra steps", "GPU_CHECK_BUDGET": "120"})
+                            "GPU_CHECK_ONLY": " ".join(kernels + ("steps", "steps64")),
+                            "GPU_CHECK_BUDGET": "120"})
     assert r.returncode == 1
-    assert not (out / "bench_extra.json").exists() and not (out / "steps.json").exists()
+    assert sorted(p.name for p in out.glob("*.json")) == ["bench.json"]
     (merged,) = (out / "results").iterdir()          # the first call's bench.json only
     assert list(json.loads(merged.read_text())["runs"]) == ["bench"]
 
