@@ -774,7 +774,8 @@ def plot(result: dict, path) -> None:
 
 def main(argv=None) -> int:
     from .bench_steps import STEP_IMPLS, check_step_impls, format_steps, run_steps, step_line
-    from .cli import _Parser, bars_on, nonnegative_int, positive_int
+    from .cli import _Parser, nonnegative_int, positive_int
+    from .console import bars_on
     from .fileio import check_writable
     p = _Parser(prog="blurfast bench", description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,

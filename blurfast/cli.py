@@ -9,6 +9,8 @@ import platform
 import sys
 from pathlib import Path
 
+from .console import bars_on, plural
+
 
 def _info(args) -> int:
     """Prints :func:`_print_info`'s lines. Under torchrun each rank prints them, and the
@@ -20,21 +22,20 @@ def _info(args) -> int:
     import contextlib
     import io
 
-    from .distributed import env_int, env_world_rank
+    from .distributed import env_world_rank, rank_device
     world = env_world_rank()[0]
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
         _print_info()
     lines = text.getvalue().splitlines()
-    if world > 1:
-        import torch
-        local = env_int("LOCAL_RANK", 0)
-        seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        # setup_processes's choice where no --device is given
-        lines.append(f"device: cuda:{local} (LOCAL_RANK {local})" if local < seen else
-                     "device: cpu (torch sees no GPU)" if not seen else
-                     f"device: none: LOCAL_RANK {local}, torch sees {seen} "
-                     f"GPU{'s' if seen > 1 else ''} (--device cpu runs on the CPU)")
+    if world > 1:           # the device train and sample take where no --device is given
+        try:
+            dev = rank_device(None, world)
+            lines.append(f"device: {dev} (LOCAL_RANK {dev.index})" if dev.type == "cuda"
+                         else "device: cpu (torch sees no GPU)")
+        except ValueError as e:
+            lines.append(f"device: none: {str(e).removeprefix('device: ')}, or --device cpu "
+                         f"(runs on the CPU)")
     prefix = rank_prefix()
     sys.stdout.write("".join(f"{prefix}{line}\n" for line in lines))   # one write per rank
     sys.stdout.flush()
@@ -97,7 +98,7 @@ def _info_data(path) -> int:
     ds = PreparedArray(path, arg="DATA")
     how = ds.resize or "not recorded (prepared by an older blurfast, or not by prepare)"
     print(f"{path}: prepared array of {ds.length} images, {ds.resolution}x{ds.resolution}, "
-          f"{ds.channels} channel{'s' if ds.channels != 1 else ''}, resize {how}")
+          f"{ds.channels} {plural(ds.channels, 'channel')}, resize {how}")
     return 0
 
 
@@ -158,12 +159,6 @@ def _add_fid(sub) -> None:
                    help="no progress bars over the images (drawn only when stderr is a "
                         "terminal)")
     s.set_defaults(func=_fid)
-
-
-def bars_on(no_progress: bool) -> bool:
-    """Whether a command draws its progress bars: unless --no-progress, and only on a
-    terminal (stderr), so that a log file gets no redrawn bar."""
-    return not no_progress and sys.stderr.isatty()
 
 
 def positive_int(text: str) -> int:
@@ -318,8 +313,8 @@ def _add_sample(sub) -> None:
                         "uninterrupted run; a folder made with other flags is refused")
     s.add_argument("--no-progress", action="store_true",
                    help="no progress bar (on a terminal: one tick per model call, images "
-                        "done beside it; elsewhere a line per finished batch) and no closing "
-                        "summary line")
+                        "done beside it; elsewhere a line per finished batch); the closing line "
+                        "saying what was written stays")
     s.set_defaults(func=_sample)
 
 
@@ -359,8 +354,13 @@ def _sample(args) -> int:
     eta = args.eta
     if args.stochastic_first:
         eta = [max(e, args.eta) for e in eta_first(steps or top, args.stochastic_first)]
-    generate(path, args.n, args.out, steps=None if steps == 0 else steps, eta=eta,
-             spacing=args.spacing, device=args.device, **kw)
+    out = generate(path, args.n, args.out, steps=None if steps == 0 else steps, eta=eta,
+                   spacing=args.spacing, device=args.device, **kw)
+    from .distributed import env_world_rank
+    from .generate import SHEET_NAME
+    if env_world_rank()[1] == 0:        # also with --no-progress: what was done, and where
+        print(f"wrote {args.n} {plural(args.n, 'image')} to {out} ({args.fmt}) and "
+              f"{out / SHEET_NAME}")
     return 0
 
 

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from .checks import check_gpu_seen, check_int
+from .console import plural
 from .ops import _SEED_LIMIT                    # seeds the noise ops take: below it
 
 _S = argparse.SUPPRESS
@@ -184,7 +185,8 @@ def _trajectory(args) -> int:
 
     from . import checkpoint as ckpt
     from . import viz
-    from .cli import bars_on, ema_weights
+    from .cli import ema_weights
+    from .console import bars_on
     from .data import data_range
     from .generate import resolve_checkpoint
     from .sampling import check_eta, timesteps
@@ -224,8 +226,7 @@ def _trajectory(args) -> int:
     what = (f"{args.sampler}, {len(shown) - 1} frames of {calls} model calls, then the "
             f"sample held" if gif else
             f"{args.sampler} at steps {', '.join(map(str, shown[:-1]))}, then the sample")
-    print(f"wrote {out}: {args.n} image{'s' if args.n != 1 else ''} ({rows}) from {path}, "
-          f"{what}")
+    print(f"wrote {out}: {args.n} {plural(args.n, 'image')} ({rows}) from {path}, {what}")
     return 0
 
 
@@ -260,7 +261,7 @@ def _process(args) -> int:
         data = args.data
         # a prepared array or a `blurfast sample` run knows its own size
         from .evaluation import sample_run
-        own = Path(data).is_file() or (Path(data).is_dir() and sample_run(Path(data)))
+        own = Path(data).is_file() or (Path(data).is_dir() and sample_run(data))
         ds = _open_data(data, resolution=given.get("resolution", None if own else 64),
                         resize=given.get("resize", DEFAULT_RESIZE),
                         channels=given.get("channels", None if own else 3))
@@ -275,8 +276,8 @@ def _process(args) -> int:
     x0 = to_float(ds.__getitems__(picks), None, pixel_range).contiguous()
     _, steps = viz.forward_strip(diff, x0, path=out, seed=args.seed, num=args.columns,
                                  pixel_range=pixel_range, noise=not args.no_noise)
-    print(f"wrote {out}: {n} image{'s' if n != 1 else ''} of {data} (number"
-          f"{'s' if n != 1 else ''} {', '.join(map(str, picks))}), "
+    print(f"wrote {out}: {n} {plural(n, 'image')} of {data} ({plural(n, 'number')} "
+          f"{', '.join(map(str, picks))}), "
           f"{'the mean of x_i' if args.no_noise else 'x_i'} at i = "
           f"{', '.join(map(str, steps))} of N = {diff.num_steps}")
     return 0
@@ -327,7 +328,8 @@ def _variations(args) -> int:
 
     from . import checkpoint as ckpt
     from . import viz
-    from .cli import bars_on, ema_weights
+    from .cli import ema_weights
+    from .console import bars_on
     from .data import data_range, to_float
     from .generate import resolve_checkpoint
     from .sampling import check_eta
@@ -362,11 +364,11 @@ def _variations(args) -> int:
                            spacing=args.spacing, seed=args.seed, pixel_range=pixel_range,
                            device=device, clip=data_range(pixel_range),
                            progress=bars_on(args.no_progress))
-    print(f"wrote {out}: {len(picks)} image{'s' if len(picks) != 1 else ''} of {data} "
-          f"(number{'s' if len(picks) != 1 else ''} {', '.join(map(str, picks))}), each "
-          f"with its mean at step {start} of N = {diff.num_steps}, then {args.variations} "
-          f"variation"
-          f"{'s' if args.variations != 1 else ''} ({args.sampler}, {steps} model calls)")
+    n = len(picks)
+    print(f"wrote {out}: {n} {plural(n, 'image')} of {data} ({plural(n, 'number')} "
+          f"{', '.join(map(str, picks))}), each with its mean at step {start} of "
+          f"N = {diff.num_steps}, then {args.variations} "
+          f"{plural(args.variations, 'variation')} ({args.sampler}, {steps} model calls)")
     return 0
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .data import DEFAULT_RESIZE, PIXEL_RANGES, RESIZE_MODES
 from .checks import is_int
+from .console import plural
 from .diffusion import TARGETS
 from .distributed import env_world_rank
 from .models import PRESETS
@@ -589,7 +590,7 @@ def _train_main(args) -> int:
                       _train_default("activation_checkpointing")):
             advice = ("--activation-checkpointing (the same step, keeping a fraction of its "
                       "activations)" + (", " if advice else " or ") + advice)
-        step = (f" with --batch-size {batch} in {rounds} round{'s' if rounds > 1 else ''}: "
+        step = (f" with --batch-size {batch} in {rounds} {plural(rounds, 'round')}: "
                 f"try {advice}a smaller --batch-size")
         print(f"blurfast train: error: {rank_prefix()}{out_of_memory_line(e, step)}",
               file=sys.stderr)
@@ -616,7 +617,7 @@ def _prepare_main(args) -> int:
     import signal
     import warnings
 
-    from .cli import bars_on
+    from .console import bars_on
     from .data import WorkerDied, prepare
 
     def terminate(signum, frame):      # as Ctrl-C: prepare removes its temporary file

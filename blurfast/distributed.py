@@ -8,9 +8,10 @@ from typing import Optional
 import torch
 
 from .checks import check_gpu_seen
+from .console import plural
 
 __all__ = ["setup_processes", "teardown_processes", "from_rank0", "any_rank", "env_int",
-           "env_world_rank"]
+           "env_world_rank", "rank_device"]
 
 
 def env_int(name: str, default: int, lo: int = 0) -> int:
@@ -51,33 +52,42 @@ def setup_processes(device: Optional[str]):
     env_world = env_world_rank()[0]
     initialized = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if initialized else env_world
-    local = env_int("LOCAL_RANK", 0)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device: expected 'cpu', 'cuda' or None, got {device!r}")
-    if device == "cuda":
-        check_gpu_seen("device")
-        seen = torch.cuda.device_count()
-        if world > 1 and local >= seen:     # else set_device fails on an invalid ordinal
-            raise ValueError(f"device: this process is LOCAL_RANK {local} of a machine where "
-                             f"torch sees {seen} GPU{'s' if seen > 1 else ''}; start at most "
-                             f"{seen} process{'es' if seen > 1 else ''} per machine "
-                             f"(torchrun --nproc_per_node={seen})")
-        dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
+    dev = rank_device(device, world)
+    if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
     owns = False
     if world > 1 and not initialized:
         # Rank 0 alone samples for FID, draws grids and saves checkpoints while the others
         # wait in the next step's all-reduce: NCCL's default 10-minute watchdog would
         # abort a run whose FID takes longer.
-        dist.init_process_group("nccl" if device == "cuda" else "gloo",
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(hours=2))
         owns = True
     rank = dist.get_rank() if world > 1 else 0
     return rank, world, dev, owns
+
+
+def rank_device(device: Optional[str], world: int) -> torch.device:
+    """The device this process trains and samples on: ``device`` 'cpu' or 'cuda', or None
+    for CUDA where torch sees a GPU, else the CPU. CUDA under torchrun (``world`` > 1) is
+    LOCAL_RANK's GPU, in one process the current GPU; ValueError naming ``device`` where
+    LOCAL_RANK has no GPU (set_device would fail on an invalid ordinal)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cpu', 'cuda' or None, got {device!r}")
+    if device == "cpu":
+        return torch.device("cpu")
+    check_gpu_seen("device")
+    if world == 1:
+        return torch.device("cuda", torch.cuda.current_device())
+    local, seen = env_int("LOCAL_RANK", 0), torch.cuda.device_count()
+    if local >= seen:
+        raise ValueError(f"device: this process is LOCAL_RANK {local} of a machine where "
+                         f"torch sees {seen} {plural(seen, 'GPU')}; start at most {seen} "
+                         f"{plural(seen, 'process', 'processes')} per machine "
+                         f"(torchrun --nproc_per_node={seen})")
+    return torch.device("cuda", local)
 
 
 def teardown_processes(owns: bool, finished: bool) -> None:

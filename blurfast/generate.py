@@ -13,7 +13,6 @@ import json
 import math
 import numbers
 import re
-import sys
 import time
 import warnings
 import zipfile
@@ -27,6 +26,7 @@ from . import checkpoint as ckpt
 from . import viz
 from .checks import (PRECISIONS, autocast_dtype, check_bool, check_int, compile_problem,
                      default_precision)
+from .console import on_terminal, plural
 from .data import data_range, to_unit_range
 from .fileio import atomic_path, leftover_temporaries, save_npz, write_text
 from .models import cast_for_autocast_
@@ -160,8 +160,8 @@ def sample_batches(model, diff, batches, *, sampler: str, seq, eta, seed: int, d
         if bad:             # written anyway (NaN drawn mid gray), and named
             hint = ("; float16 overflowed in the model: --precision fp32 or bf16"
                     if precision == "fp16" else "")
-            warnings.warn(f"{len(bad)} image{'s' if len(bad) != 1 else ''} with non-finite "
-                          f"values (number{'s' if len(bad) != 1 else ''} "
+            warnings.warn(f"{len(bad)} {plural(len(bad), 'image')} with non-finite "
+                          f"values ({plural(len(bad), 'number')} "
                           f"{', '.join(str(b0 + i) for i in bad[:10])}"
                           f"{', ...' if len(bad) > 10 else ''}){hint}", stacklevel=2)
         yield b0, _images_uint8(x.float(), pixel_range)
@@ -205,7 +205,7 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
     ``compile`` runs the model under ``torch.compile`` (one compilation per batch size,
     inside the graph when both are set); ``clip`` clamps the model's x0 estimate to the
     data range (default on). ``progress``: a bar when stderr is a terminal, else a line
-    per finished batch, and the printed summary.
+    per finished batch.
     ``resume``: keep the images an earlier run with the same settings (the manifest's
     :data:`RESUME_KEYS`; ``n`` may differ) wrote into ``out`` and sample only the others,
     which gives the images of an uninterrupted run; a folder of other settings, or of
@@ -271,7 +271,7 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
         # progress: on a terminal a bar, one tick per model call (it moves within a batch: a
         # full chain is long); elsewhere (a batch job's log file, where a bar's redraws pile
         # up) a line per finished batch
-        lines = progress and rank == 0 and not sys.stderr.isatty()
+        lines = progress and rank == 0 and not on_terminal()
         bar = tqdm(total=len(batches) * len(seq), unit="step",
                    disable=not progress or rank != 0 or lines,
                    desc=f"{sampler} {len(seq)} steps x {len(batches)} batches")
@@ -300,8 +300,6 @@ def generate(ckpt_path, n: int, out, sampler: str = "ddim", steps: Optional[int]
             _contact_sheet(out, fmt, min(n, 64))
             write_text(out / MANIFEST_NAME, json.dumps({**manifest, "complete": True},
                                                        indent=1) + "\n")
-            if progress:
-                print(f"wrote {n} images to {out} ({fmt}) and {out / SHEET_NAME}")
         finished = True
         return out
     finally:

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import data as D
 from . import ops
+from .console import on_terminal
 from .checks import (PRECISIONS, autocast_dtype, check_bool, check_int, check_number,
                      compile_problem, default_precision, is_int)
 from .distributed import any_rank, barrier, from_rank0, setup_processes, teardown_processes
@@ -1333,7 +1334,7 @@ def _run(cfg: dict, net: UNet, diff: BlurDiffusion, rank: int, world: int, dev,
             fid_log = _FidLog(out / "fid.csv", start, out / "best", ck_dir)
         # progress: a bar on a terminal; elsewhere (a batch job's log file, where a bar's
         # redraws pile up) a line per log row
-        lines = main and progress and not sys.stderr.isatty()
+        lines = main and progress and not on_terminal()
         if main and progress and not lines:
             from tqdm import tqdm
             bar = tqdm(total=cfg["steps"], initial=start, desc="train", unit="step",

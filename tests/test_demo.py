@@ -381,7 +381,9 @@ def test_info_names_a_gpu_this_build_cannot_run_on(capsys, monkeypatch):
 
 @pytest.mark.parametrize("local, seen, last", [
     ("1", 2, "device: cuda:1 (LOCAL_RANK 1)"),
-    ("2", 2, "device: none: LOCAL_RANK 2, torch sees 2 GPUs (--device cpu runs on the CPU)"),
+    ("2", 2, "device: none: this process is LOCAL_RANK 2 of a machine where torch sees 2 "
+             "GPUs; start at most 2 processes per machine (torchrun --nproc_per_node=2), or "
+             "--device cpu (runs on the CPU)"),
     ("0", 0, "device: cpu (torch sees no GPU)")])
 def test_info_under_torchrun_names_the_rank_and_its_device(local, seen, last, capsys,
                                                            monkeypatch):

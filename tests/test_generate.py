@@ -1113,6 +1113,15 @@ def test_off_a_terminal_sample_prints_a_line_per_batch_not_a_bar(run_dir, tmp_pa
     got = capsys.readouterr()
     assert "ddim 2 steps x 3 batches" in got.err                     # the bar
     assert [s for s in got.out.splitlines() if not s.startswith("wrote ")] == []
-    assert cli.main(argv + ["--no-progress"]) == 0
+
+
+def test_sample_no_progress_still_says_what_it_wrote(run_dir, tmp_path, capsys):
+    # --no-progress hid the closing summary too: a script's log had no word of where the
+    # images went. It hides the bar and the per-batch lines only.
+    out = tmp_path / "o"
+    assert cli.main(["sample", "--ckpt", str(run_dir / "run"), "--n", "1", "--steps", "2",
+                     "--device", "cpu", "--format", "npz", "--out", str(out),
+                     "--no-progress"]) == 0
     got = capsys.readouterr()
-    assert got.out == "" and "steps x" not in got.err
+    assert got.out == f"wrote 1 image to {out} (npz) and {out / 'contact_sheet.png'}\n"
+    assert got.err == ""

@@ -1129,7 +1129,8 @@ def test_info_under_torchrun_prints_each_ranks_lines_after_its_rank():
         elif not seen:
             assert lines[-1] == f"rank {rank}: device: cpu (torch sees no GPU)"
         else:
-            assert lines[-1].startswith(f"rank {rank}: device: none: LOCAL_RANK {rank}, ")
+            assert lines[-1].startswith(f"rank {rank}: device: none: this process is "
+                                       f"LOCAL_RANK {rank} of a machine ")
 
 
 # ------------------------------------------------------------------------ the update
