@@ -71,7 +71,9 @@ def rank_device(device: Optional[str], world: int) -> torch.device:
     """The device this process trains and samples on: ``device`` 'cpu' or 'cuda', or None
     for CUDA where torch sees a GPU, else the CPU. CUDA under torchrun (``world`` > 1) is
     LOCAL_RANK's GPU, in one process the current GPU; ValueError naming ``device`` where
-    LOCAL_RANK has no GPU (set_device would fail on an invalid ordinal)."""
+    LOCAL_RANK has no GPU (set_device would fail on an invalid ordinal), or a LOCAL_RANK
+    that is no int >= 0 (checked on every device)."""
+    local = env_int("LOCAL_RANK", 0)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda"):
@@ -81,7 +83,7 @@ def rank_device(device: Optional[str], world: int) -> torch.device:
     check_gpu_seen("device")
     if world == 1:
         return torch.device("cuda", torch.cuda.current_device())
-    local, seen = env_int("LOCAL_RANK", 0), torch.cuda.device_count()
+    seen = torch.cuda.device_count()
     if local >= seen:
         raise ValueError(f"device: this process is LOCAL_RANK {local} of a machine where "
                          f"torch sees {seen} {plural(seen, 'GPU')}; start at most {seen} "
