@@ -354,13 +354,13 @@ def _sample(args) -> int:
     eta = args.eta
     if args.stochastic_first:
         eta = [max(e, args.eta) for e in eta_first(steps or top, args.stochastic_first)]
-    out = generate(path, args.n, args.out, steps=None if steps == 0 else steps, eta=eta,
-                   spacing=args.spacing, device=args.device, **kw)
+    generate(path, args.n, args.out, steps=None if steps == 0 else steps, eta=eta,
+             spacing=args.spacing, device=args.device, **kw)
     from .distributed import env_world_rank
     from .generate import SHEET_NAME
     if env_world_rank()[1] == 0:        # also with --no-progress: what was done, and where
-        print(f"wrote {args.n} {plural(args.n, 'image')} to {out} ({args.fmt}) and "
-              f"{out / SHEET_NAME}")
+        print(f"wrote {args.n} {plural(args.n, 'image')} to {args.out} ({args.fmt}) and "
+              f"{Path(args.out) / SHEET_NAME}")
     return 0
 
 
