@@ -685,6 +685,45 @@ def dumps(result: dict) -> str:
     return "".join(parts) + "\n}\n"
 
 
+# The keys a results file, its kernel rows and its model-step rows have (issue 6's JSON
+# shape, and issue 4's step rows).
+RESULT_KEYS = ("gpu", "driver", "torch", "date", "copy_gbps", "device", "rows")
+ROW_KEYS = ("case", "shape", "impl", "median_us", "gbps", "copy_fraction",
+            "speedup_vs_torch_fp32")
+STEP_KEYS = ("case", "preset", "shape", "impl", "ms_per_step", "images_per_s",
+             "speedup_vs_torch_fp32")
+
+
+def read_result(path, arg: str, steps: bool = False) -> dict:
+    """The results dict in the JSON file ``path`` (``blurfast bench --json``, a merged GPU
+    run); ValueError naming ``arg`` and what is wrong where the file is not readable JSON
+    or not of this shape: a header or a row without its keys (``steps``: the file must
+    have ``model_steps``)."""
+    try:
+        with open(path) as f:
+            e = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{arg}: not readable as JSON ({err})") from None
+    if not isinstance(e, dict):
+        raise ValueError(f"{arg}: expected a JSON object, got {type(e).__name__}")
+    need = RESULT_KEYS + (("model_steps",) if steps else ())
+    missing = [k for k in need if k not in e]
+    if missing:
+        raise ValueError(f"{arg}: no {', '.join(missing)}; expected the keys {need}")
+    if not isinstance(e["date"], str):
+        raise ValueError(f"{arg}: date: expected an ISO date string, got {e['date']!r}")
+    for key, keys in (("rows", ROW_KEYS), ("model_steps", STEP_KEYS), ("skipped", ())):
+        items = e.get(key, [])
+        if not isinstance(items, list):
+            raise ValueError(f"{arg}: {key}: expected a list, got {type(items).__name__}")
+        for i, r in enumerate(items):
+            lacks = [k for k in keys if k not in r] if isinstance(r, dict) else list(keys)
+            if not isinstance(r, dict) or lacks:
+                raise ValueError(f"{arg}: {key}[{i}] is not a row with the keys {keys}"
+                                 + (f" (no {', '.join(lacks)})" if lacks else ""))
+    return e
+
+
 def row_line(r: dict, iw: int = 16) -> str:
     """One kernel row as a line of :func:`format_table` (``iw``: the impl column's width)."""
     sp = r["speedup_vs_torch_fp32"]
@@ -721,59 +760,9 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _pyplot():
-    """matplotlib.pyplot on the Agg backend; ImportError saying how to install it."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise ImportError("--plot needs matplotlib: pip install matplotlib") from e
-    return plt
-
-
-def plot(result: dict, path) -> None:
-    """Bar chart of the median times (log scale): one group per case and shape, one bar
-    per implementation. Needs matplotlib; ValueError where ``result`` has no timed row
-    (the chart would be empty)."""
-    rows = result["rows"]
-    if not rows:
-        raise ValueError("result: no timed rows to plot (every row was skipped)")
-    plt = _pyplot()
-    from .fileio import atomic_path
-
-    def group(r):
-        return f"{r['case']}\n{'x'.join(map(str, r['shape']))}"
-
-    def label(r):                           # bfloat16 rows get their own bars
-        d = r.get("dtype", "float32")
-        return r["impl"] if d == "float32" else f"{r['impl']} {d}"
-
-    groups = list(dict.fromkeys(group(r) for r in rows))
-    impls = list(dict.fromkeys(label(r) for r in rows))
-    width = 0.8 / max(1, len(impls))
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups)), 4.5))
-    for j, impl in enumerate(impls):
-        xs, ys = [], []
-        for r in rows:
-            if label(r) == impl:
-                xs.append(groups.index(group(r)) + (j - (len(impls) - 1) / 2) * width)
-                ys.append(r["median_us"])
-        ax.bar(xs, ys, width, label=impl)
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels(groups, fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel("median time per call (µs, log scale)")
-    ax.set_title(f"blurfast bench on {result.get('gpu') or result.get('device')}", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-
-
 def main(argv=None) -> int:
     from .bench_steps import STEP_IMPLS, check_step_impls, format_steps, run_steps, step_line
+    from .bench_chart import figure_class, plot
     from .cli import _Parser, nonnegative_int, positive_int
     from .console import bars_on
     from .fileio import check_writable
@@ -844,7 +833,7 @@ def main(argv=None) -> int:
             if path:
                 check_writable(flag, path)
         if a.plot:
-            _pyplot()
+            figure_class("--plot")
         if a.steps:
             cuda = (a.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
             check_step_impls("--step-impls", a.step_impls or (), cuda)

@@ -536,7 +536,7 @@ def _main(argv) -> int:
             raise
         print(f"blurfast {argv[0]}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError) as e:
+    except (ValueError, TypeError, OSError, ImportError) as e:   # ImportError: a missing extra
         if os.environ.get("BLURFAST_DEBUG"):
             raise
         message = str(e) if leaf is None else flag_named(leaf, str(e))

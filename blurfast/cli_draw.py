@@ -3,7 +3,8 @@
 ``draw trajectory`` shows a trained model's coarse-to-fine synthesis, ``draw process`` the
 forward process on real images (a run's, or one given by flags before any training),
 ``draw variations`` a trained model's variations of real images (SDEdit), ``draw curves``
-a run's loss, gradient norm, speed and FID.
+a run's loss, gradient norm, speed and FID, ``draw bench`` a GPU bench result against the
+goals of issues 6 and 4.
 """
 from __future__ import annotations
 
@@ -168,6 +169,21 @@ def register(sub) -> None:
     c.add_argument("run", metavar="RUN_DIR", help="run directory")
     c.add_argument("--out", default=None, help="PNG to write (default RUN_DIR/curves.png)")
     c.set_defaults(func=_curves)
+
+    from .bench_chart import CHART_IMPLS
+    b = what.add_parser(
+        "bench", help="a GPU bench result against the kernel and training-step goals",
+        description="A results JSON of a GPU run (blurfast bench --json, or a merged run "
+                    "under benchmarks/results/) against the goals of issues 6 and 4: the "
+                    "float32 kernels' share of a device copy's bandwidth, every op's time "
+                    "at the paper's batch of 16, and paper64's training step, each goal a "
+                    "dashed line.")
+    b.add_argument("result", metavar="RESULT", help="results JSON of a GPU run")
+    b.add_argument("--out", default=None, help="PNG to write (default: RESULT with .png)")
+    b.add_argument("--impl", dest="impls", action="append", default=None, metavar="IMPL",
+                   help=f"a kernel implementation to draw, repeatable (default: those of "
+                        f"{', '.join(CHART_IMPLS)} that RESULT has)")
+    b.set_defaults(func=_bench)
 
 
 def _check_out(out, gif: bool = False) -> Path:
@@ -379,4 +395,17 @@ def _curves(args) -> int:
         raise ValueError(f"RUN_DIR: {args.run!r} is not a directory")
     out = _check_out(args.out) if args.out is not None else None
     print(f"wrote {viz.training_curves(run, out, arg='RUN_DIR')}")
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench import read_result
+    from .bench_chart import CHART_IMPLS, goals_chart
+    result = read_result(args.result, "RESULT")
+    out = _check_out(args.out if args.out is not None else
+                     Path(args.result).with_suffix(".png"))
+    panels = goals_chart(result, out, impls=args.impls or CHART_IMPLS, arg="RESULT")
+    print(f"wrote {out}: {result['gpu']}, {str(result['date'])[:10]}; "
+          + "; ".join(f"{p['title']} ({len(p['groups'])} {plural(len(p['groups']), 'group')})"
+                      for p in panels))
     return 0

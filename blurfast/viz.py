@@ -298,6 +298,18 @@ def _smooth(values: Sequence[float], rows: int) -> list:
 _MARKED_ROWS = 20       # log rows up to which the curves mark each point
 
 
+def figure_class(what: str):
+    """matplotlib's ``Figure`` (a figure of its own: no pyplot state, no backend switch in
+    the caller); ImportError saying that ``what`` needs matplotlib."""
+    import importlib
+    try:
+        importlib.import_module("matplotlib")    # the package first: where it is absent
+        from matplotlib.figure import Figure       # (or stubbed out) this says so
+    except ImportError as e:
+        raise ImportError(f"{what} needs matplotlib: pip install matplotlib") from e
+    return Figure
+
+
 def training_curves(run_dir, path=None, *, arg: str = "run_dir") -> Path:
     """``RUN_DIR/curves.png`` (or ``path``): loss (log scale, with a moving average),
     gradient norm and images/s against the step, from ``log.csv``, and FID and KID from
@@ -311,10 +323,7 @@ def training_curves(run_dir, path=None, *, arg: str = "run_dir") -> Path:
     if not log["step"]:
         raise ValueError(f"{arg}: the log.csv of {str(run_dir)!r} has no rows yet (training "
                          f"writes one every log_every steps)")
-    try:        # a Figure of its own: no pyplot state, no backend switch in the caller
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise ImportError("training_curves needs matplotlib: pip install matplotlib") from e
+    Figure = figure_class("training_curves")
     from .fileio import atomic_path
 
     fid_path = run_dir / "fid.csv"

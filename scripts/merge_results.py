@@ -10,28 +10,21 @@ holds each run's ``copy_gbps``, which its rows' ``copy_fraction`` is measured ag
 Input that is not of that shape is refused (exit 1, one line naming the file and what is
 wrong): a file that is not JSON, a header or a row without its keys, or files of another
 machine (gpu, driver, torch or device differ: a stale file of an earlier session)."""
-import json
 import os
 import re
 import sys
 
 try:                  # the installed package (a source tree without its extension fails)
-    from blurfast.bench import dumps, targets
+    from blurfast.bench import dumps, read_result, targets
     from blurfast.fileio import atomic_path
 except ImportError:   # none installed: the source tree this script is in
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from blurfast.bench import dumps, targets
+    from blurfast.bench import dumps, read_result, targets
     from blurfast.fileio import atomic_path
 
 
 KERNEL_FILES = ("bench.json", "bench_extra.json", "bench_variants.json", "bench_columns.json")
 STEP_FILES = ("steps.json", "steps64.json")    # each with its own baseline rows
-# The keys each file, kernel row and model-step row must have (blurfast.bench's shape).
-HEADER_KEYS = ("gpu", "driver", "torch", "date", "copy_gbps", "device", "rows")
-ROW_KEYS = ("case", "shape", "impl", "median_us", "gbps", "copy_fraction",
-            "speedup_vs_torch_fp32")
-STEP_KEYS = ("case", "preset", "shape", "impl", "ms_per_step", "images_per_s",
-             "speedup_vs_torch_fp32")
 SAME_MACHINE = ("gpu", "driver", "torch", "device")    # equal in every file merged
 
 
@@ -39,29 +32,9 @@ def load(path: str) -> dict:
     """The results dict of ``path``; SystemExit naming the file and what is wrong with it
     where it is not blurfast.bench's shape (STEP_FILES need their ``model_steps`` too)."""
     try:
-        with open(path) as f:
-            e = json.load(f)
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"{path}: not readable as JSON ({err})")
-    if not isinstance(e, dict):
-        raise SystemExit(f"{path}: expected a JSON object, got {type(e).__name__}")
-    step_file = os.path.basename(path) in STEP_FILES
-    need = HEADER_KEYS + (("model_steps",) if step_file else ())
-    missing = [k for k in need if k not in e]
-    if missing:
-        raise SystemExit(f"{path}: no {', '.join(missing)}; expected the keys {need}")
-    if not isinstance(e["date"], str):
-        raise SystemExit(f"{path}: date: expected an ISO date string, got {e['date']!r}")
-    for key, keys in (("rows", ROW_KEYS), ("model_steps", STEP_KEYS), ("skipped", ())):
-        items = e.get(key, [])
-        if not isinstance(items, list):
-            raise SystemExit(f"{path}: {key}: expected a list, got {type(items).__name__}")
-        for i, r in enumerate(items):
-            lacks = [k for k in keys if k not in r] if isinstance(r, dict) else list(keys)
-            if not isinstance(r, dict) or lacks:
-                raise SystemExit(f"{path}: {key}[{i}] is not a row with the keys {keys}"
-                                 + (f" (no {', '.join(lacks)})" if lacks else ""))
-    return e
+        return read_result(path, path, steps=os.path.basename(path) in STEP_FILES)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def main(out: str) -> str:

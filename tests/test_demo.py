@@ -498,7 +498,7 @@ def test_bench_refuses_json_and_plot_on_one_path_before_timing(tmp_path, capsys,
 
 def test_bench_writes_no_empty_plot_when_every_row_is_skipped(tmp_path, capsys):
     # cupy rows on a CPU are all skipped ("CUDA only"): an empty chart was written.
-    from blurfast import bench
+    from blurfast import bench_chart
     js, png = tmp_path / "b.json", tmp_path / "b.png"
     assert cli.main(["bench", "--device", "cpu", "--no-steps", "--cases", "dct2", "--shapes",
                      "2x3x8x8", "--impls", "cupy", "--iters", "1", "--warmup", "0",
@@ -509,7 +509,7 @@ def test_bench_writes_no_empty_plot_when_every_row_is_skipped(tmp_path, capsys):
     assert f"blurfast: warning: --plot: nothing written to {png}: every kernel row was " \
            f"skipped" in capsys.readouterr().err
     with pytest.raises(ValueError, match="^result: no timed rows to plot"):
-        bench.plot(res, png)
+        bench_chart.plot(res, png)
     assert not png.exists()
 
 

@@ -1,5 +1,7 @@
 """`blurfast draw`: each picture's tiles against what they claim to show: the images
 `blurfast sample` writes, the prior, the dataset's images, q_sample of the run's process."""
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -264,7 +266,7 @@ def test_flags_are_documented_as_help_gives_them():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
     pictures = next(a for a in cli.build_parser().commands["draw"]._actions
                     if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(pictures) == {"trajectory", "process", "variations", "curves"}
+    assert set(pictures) == {"trajectory", "process", "variations", "curves", "bench"}
     for pic, parser in pictures.items():
         table = doc[doc.index(f"`blurfast draw {pic}`:\n"):].split("\n\n")[1]
         rows = {}
@@ -461,3 +463,14 @@ def test_one_image_is_said_as_number_0(run, tmp_path, capsys):
                      "--variations", "1", "--strength", "0.1", "--device", "cpu", "--out",
                      str(tmp_path / "v.png"), "--no-progress"]) == 0
     assert " (number 0), each with its mean at step " in capsys.readouterr().out
+
+
+def test_draw_without_matplotlib_says_so_in_one_line(tmp_path, capsys, monkeypatch):
+    # A missing optional package was a traceback from `draw curves`; it is the command's
+    # one-line error, exit 2, with the pip command.
+    (tmp_path / "log.csv").write_text("step,loss,grad_norm,images_per_s\n10,0.5,1.0,20.0\n")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)            # import fails
+    assert cli.main(["draw", "curves", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ("blurfast draw: error: training_curves needs "
+                                       "matplotlib: pip install matplotlib\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["log.csv"]
