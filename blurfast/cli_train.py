@@ -330,14 +330,24 @@ def is_saved_config(cfg) -> bool:
 def _run_arguments(cfg: dict) -> dict:
     """The train() arguments of a saved run config (as :func:`checkpoint.read_config`
     reads it) that a new or resumed run takes over: all but ``out``, ``resume``,
-    :data:`MACHINE_KEYS` and the derived keys, and the model and diffusion entries less
-    their resolution and channels (the top-level ones hold them)."""
+    :data:`MACHINE_KEYS`, the derived keys and sample grid sizes equal to their default on
+    the saved run's device, and the model and diffusion entries less their resolution and
+    channels (the top-level ones hold them)."""
     import inspect
 
     from .training import train
 
     allowed = set(inspect.signature(train).parameters) - {"out", "resume", *MACHINE_KEYS}
     base = {k: v for k, v in cfg.items() if k in allowed}
+    # The sample grids' sizes as train() defaults them on the saved run's device are
+    # defaulted anew for this one, as the machine keys are: a CPU trial's config reused on
+    # a GPU draws the GPU's grids (a size given equal to that default is taken alike).
+    from .training import SAMPLE_GRID, SAMPLE_GRID_CPU
+    if cfg.get("device") in ("cpu", "cuda"):
+        grid = SAMPLE_GRID_CPU if cfg["device"] == "cpu" else SAMPLE_GRID
+        for k, default in zip(("sample_count", "sample_steps"), grid):
+            if base.get(k) == default:
+                del base[k]
     for group in ("model", "diffusion"):
         if isinstance(base.get(group), dict):
             base[group] = {k: v for k, v in base[group].items()

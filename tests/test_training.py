@@ -2239,6 +2239,42 @@ def test_cli_resume_starts_from_the_saved_run(made16, tmp_path, capsys):
     assert [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")] == [3, 2]
 
 
+def test_a_saved_configs_default_grid_sizes_are_defaulted_anew_on_another_device(made16,
+                                                                                tmp_path):
+    # A CPU trial's config.json reused with --config on a GPU kept the CPU's small sample
+    # grids (16 images of 25 steps), resolved before the config was saved: sizes equal to
+    # the saved device's defaults are now defaulted anew, as the machine keys are.
+    from blurfast.training import SAMPLE_GRID, SAMPLE_GRID_CPU
+    old = tmp_path / "old"
+    training.train(data=str(made16), out=str(old), steps=1,
+                   **{**KW, "sample_count": None, "sample_steps": None})
+    saved = json.loads((old / "config.json").read_text())
+    assert (saved["device"], saved["sample_count"], saved["sample_steps"]) == \
+        ("cpu", *SAMPLE_GRID_CPU) == ("cpu", 16, 25)
+
+    def kwargs(cfg, *argv):
+        path = tmp_path / "c.json"
+        path.write_text(json.dumps(cfg))
+        return cli_train.train_kwargs(_parser().parse_args(
+            ["train", "--config", str(path), "--out", str(tmp_path / "new"), *argv]))
+    kw = kwargs(saved)
+    assert "sample_count" not in kw and "sample_steps" not in kw
+    assert kwargs(saved, "--sample-count", "16")["sample_count"] == 16     # a flag stands
+    # Other sizes are the run's own; a GPU run's defaults are dropped the same way.
+    kw = kwargs({**saved, "sample_count": 9})
+    assert kw["sample_count"] == 9 and "sample_steps" not in kw
+    assert SAMPLE_GRID == (64, 100)
+    kw = kwargs({**saved, "device": "cuda", "sample_count": 64, "sample_steps": 25})
+    assert "sample_count" not in kw and kw["sample_steps"] == 25
+    # Resumed on the same device, the run draws the grids it drew.
+    a = _parser().parse_args(["train", "--resume", "auto", "--out", str(old), "--steps", "2",
+                              "--no-progress"])
+    assert a.func(a) == 0
+    again = json.loads((old / "config.json").read_text())
+    assert again["steps"] == 2
+    assert (again["sample_count"], again["sample_steps"]) == (16, 25)
+
+
 def test_cli_config_json_of_a_run_starts_a_new_run_with_its_settings(made16, tmp_path, capsys,
                                                                    monkeypatch):
     # A run's RUN_DIR/config.json given back as --config: its derived keys (world_size,
