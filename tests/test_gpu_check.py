@@ -618,7 +618,9 @@ def test_the_script_ends_within_its_budget_when_the_merge_would_not(tmp_path):
     took = time.monotonic() - t0
     assert r.returncode == 1 and took < 16 + 3, (took, r.stdout[-2000:])
     log = (out / "gpu_check.log").read_text()
-    assert "FAIL info: timed out after 13s" in log and "merge not run" in log
+    # the step's limit is what the budget has left when it starts (13 s on an idle
+    # machine, less where the script's start took longer)
+    assert re.search(r"FAIL info: timed out after 1[0-3]s", log) and "merge not run" in log
     assert (out / "bench.json").exists() and not (out / "results").exists()
 
 
