@@ -734,6 +734,30 @@ def test_two_gloo_processes_resume_the_checkpoint_rank_0_found(made16, tmp_path)
         assert torch.equal(r0["model"][k], r1["model"][k]), k
 
 
+def _compiled_dropout_is_eagers() -> bool:
+    """Whether torch.compile (Inductor, fallback_random) draws the dropout masks that eager
+    draws from the same seed: a small conv net's output and gradient, compiled and not."""
+    import unittest.mock
+
+    import torch._inductor.config
+    import torch.nn as nn
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.SiLU(),
+                        nn.Dropout(0.1), nn.Conv2d(8, 3, 3, padding=1))
+    x = torch.randn(2, 3, 8, 8)
+
+    def run(f):
+        net.zero_grad()
+        torch.manual_seed(0)
+        y = f(x)
+        y.square().mean().backward()
+        return y.detach(), net[0].weight.grad.clone()
+    with unittest.mock.patch.object(torch._inductor.config, "fallback_random", True):
+        eager, compiled = run(net), run(torch.compile(net))
+    torch._dynamo.reset()
+    return all(torch.allclose(a, b, rtol=0, atol=1e-5) for a, b in zip(eager, compiled))
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_the_flat_all_reduce_is_ddps_step(tmp_path, compiled):
     # TrainStep(ddp="flat") (what a captured step of several processes runs: the gradients
@@ -794,15 +818,23 @@ def test_the_flat_all_reduce_is_ddps_step(tmp_path, compiled):
         for part in ("model", "ema"):
             for k, v in r0[mode][part].items():
                 assert torch.equal(v, r1[mode][part][k]), (mode, part, k)
-    moved, ref = 0.0, r0["True"]
+    moved = 0.0
+    # Compiled against eager needs Inductor to draw eager's dropout masks; torch 2.11 does
+    # not, even with fallback_random (its compiled steps differ from eager's by 1e-4 with
+    # dropout, by 1e-8 without). There the flat step is held to DDP's, both compiled.
+    same_masks = not compiled or _compiled_dropout_is_eagers()
     for mode in modes[1:]:
+        if mode == "compiled True" and not same_masks:
+            continue
+        ref = r0["compiled True" if mode == "compiled flat" else "True"]
         assert r0[mode]["stats"]["loss"] == pytest.approx(ref["stats"]["loss"], rel=1e-5)
         for k, v in r0[mode]["model"].items():
             # gradients summed in another order: about 1e-6 of their size, at most
             # lr * 1e-6 per step on a weight (3 steps)
-            torch.testing.assert_close(v, ref["model"][k], rtol=0, atol=4 * lr * 1e-6)
+            torch.testing.assert_close(v, ref["model"][k], rtol=0, atol=4 * lr * 1e-6,
+                                       msg=lambda m: f"{mode}, model {k}: {m}")
             torch.testing.assert_close(r0[mode]["ema"][k], ref["ema"][k], rtol=0,
-                                       atol=4 * lr * 1e-6)
+                                       atol=4 * lr * 1e-6, msg=lambda m: f"{mode}, ema {k}: {m}")
             moved = max(moved, (v - r0[mode]["init"][k]).abs().max().item())
     assert moved > 1000 * 4 * lr * 1e-6                 # the steps did move the weights
     # The ranks began apart; rank 0's initial weights won.
