@@ -335,14 +335,13 @@ def _run_arguments(cfg: dict) -> dict:
     channels (the top-level ones hold them)."""
     import inspect
 
-    from .training import train
+    from .training import SAMPLE_GRID, SAMPLE_GRID_CPU, train
 
     allowed = set(inspect.signature(train).parameters) - {"out", "resume", *MACHINE_KEYS}
     base = {k: v for k, v in cfg.items() if k in allowed}
     # The sample grids' sizes as train() defaults them on the saved run's device are
     # defaulted anew for this one, as the machine keys are: a CPU trial's config reused on
     # a GPU draws the GPU's grids (a size given equal to that default is taken alike).
-    from .training import SAMPLE_GRID, SAMPLE_GRID_CPU
     if cfg.get("device") in ("cpu", "cuda"):
         grid = SAMPLE_GRID_CPU if cfg["device"] == "cpu" else SAMPLE_GRID
         for k, default in zip(("sample_count", "sample_steps"), grid):
