@@ -71,7 +71,7 @@ def _first(rows, impl: str, shape: tuple, case: Optional[str] = None,
     return None
 
 
-def goal_panels(result: dict, impls=CHART_IMPLS, *, arg: str = "result") -> list:
+def goal_panels(result: dict, impls=None, *, arg: str = "result") -> list:
     """The numbers :func:`goals_chart` draws, one dict per panel that has any:
     ``{title, ylabel, groups, series: {impl: [value or None per group]}, goals, log}``.
 
@@ -82,18 +82,19 @@ def goal_panels(result: dict, impls=CHART_IMPLS, *, arg: str = "result") -> list
        configuration timed (goal at batch 16: a fifth of the paper-style baseline's time,
        ``torch_default`` or, in runs before it existed, ``torch_fp32``).
 
-    ``impls``: the kernel rows drawn in panels 1 and 2. ValueError naming ``arg`` for a
+    ``impls``: the kernel rows drawn in panels 1 and 2 (None: those of
+    :data:`CHART_IMPLS` the result has). ValueError naming ``arg`` for a
     CPU result (the goals are a GPU's) or one without any row of the goals' cases, and
     naming ``impls`` for an implementation the result has no row of."""
     if result.get("device") != "cuda":
         raise ValueError(f"{arg}: a run on {result.get('device')!r}; the goals are for GPU runs "
                          f"(device cuda)")
-    impls = list(impls)
     have = list(dict.fromkeys(r["impl"] for r in result["rows"]))
+    if impls is None:
+        impls = [i for i in CHART_IMPLS if i in have]
     absent = [i for i in impls if i not in have]
-    if absent and impls != list(CHART_IMPLS):      # the default takes the peers present
+    if absent:
         raise ValueError(f"impls: no rows of {absent} in {arg}; it has {have}")
-    impls = [i for i in impls if i in have]
     rows = result["rows"]
     panels = []
     kernel_panels = (
@@ -141,7 +142,7 @@ def goal_panels(result: dict, impls=CHART_IMPLS, *, arg: str = "result") -> list
     return panels
 
 
-def goals_chart(result: dict, path, impls=CHART_IMPLS, *, arg: str = "result") -> list:
+def goals_chart(result: dict, path, impls=None, *, arg: str = "result") -> list:
     """A PNG at ``path`` of :func:`goal_panels`: grouped bars, each value written on its
     bar, each goal a dashed line across its group; titled with the card, torch and date.
     Returns the panels drawn. Needs matplotlib."""
@@ -165,11 +166,12 @@ def goals_chart(result: dict, path, impls=CHART_IMPLS, *, arg: str = "result") -
                           color=colour[name])
             ax.bar_label(bars, labels=[_value(v, p["ylabel"]) for _, v in pts], fontsize=6,
                          padding=1)
+        label = "goal"                      # in the legend once
         for g, goal in enumerate(p["goals"]):
             if goal is not None:
                 ax.hlines(goal, g - 0.45, g + 0.45, colors="k", linestyles="--", lw=1.2,
-                          label="goal" if g == next(k for k, v in enumerate(p["goals"])
-                                                    if v is not None) else None)
+                          label=label)
+                label = None
         ax.set_xticks(range(len(p["groups"])))
         ax.set_xticklabels(p["groups"], fontsize=8)
         ax.set_ylabel(p["ylabel"], fontsize=8)

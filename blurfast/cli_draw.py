@@ -400,11 +400,11 @@ def _curves(args) -> int:
 
 def _bench(args) -> int:
     from .bench import read_result
-    from .bench_chart import CHART_IMPLS, goals_chart
+    from .bench_chart import goals_chart
     result = read_result(args.result, "RESULT")
     out = _check_out(args.out if args.out is not None else
                      Path(args.result).with_suffix(".png"))
-    panels = goals_chart(result, out, impls=args.impls or CHART_IMPLS, arg="RESULT")
+    panels = goals_chart(result, out, impls=args.impls, arg="RESULT")
     print(f"wrote {out}: {result['gpu']}, {str(result['date'])[:10]}; "
           + "; ".join(f"{p['title']} ({len(p['groups'])} {plural(len(p['groups']), 'group')})"
                       for p in panels))
